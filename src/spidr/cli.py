@@ -1,0 +1,47 @@
+"""``spidr`` command line: thin subcommands, each parsing arguments and calling one library function.
+
+Each area of the library owns its subcommands in a ``commands.py`` module exposing ``register(subparsers)``;
+heavy imports happen inside the handlers so ``spidr --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from spidr.corpus import commands as corpus_commands
+from spidr.data import commands as data_commands
+from spidr.eval import commands as eval_commands
+from spidr.models import commands as model_commands
+from spidr.train import commands as train_commands
+
+AREAS = (data_commands, train_commands, model_commands, eval_commands, corpus_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spidr",
+        description="SpidR / DinoSR self-supervised speech models: pretrain, load, extract, evaluate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for area in AREAS:
+        area.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except ValueError as error:
+        # User errors (bad config, bad file, bad argument) get one clear line, not a traceback.
+        print(f"spidr {args.command}: error: {error}", file=sys.stderr)
+        return 2

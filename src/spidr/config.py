@@ -1,0 +1,524 @@
+"""Run configuration: one frozen dataclass per TOML section, loading, ``--set`` overrides and validation.
+
+Field names and defaults follow the official SpidR code (spec §8.4) so an official TOML runs as is; the fairseq
+name of a model field is given in its comment. Fields that the official code lacks are marked "(spidr addition)"
+and default to the official behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ConvLayer = tuple[int, int, int]  # (channels, kernel, stride)
+
+DEFAULT_CONV_LAYERS: tuple[ConvLayer, ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+ModelType = Literal["dinosr", "spidr"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation machinery shared by every section
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_describe(args[0])})"
+        return "a list [" + ", ".join(_describe(a) for a in args) + "]"
+    if origin is dict:
+        return "a table"
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0911, PLR0912
+    """Return ``value`` converted to ``annotation`` (lists to tuples, ints to floats) or raise ``ValueError``."""
+    origin = typing.get_origin(annotation)
+    expected = _describe(annotation)
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where} = {value!r} is invalid: expected {expected}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{where} = {value!r} is invalid: expected none")
+    if origin is Literal:
+        if value in typing.get_args(annotation) and type(value) is not bool:
+            return value
+        raise ValueError(f"{where} = {value!r} is invalid: expected {expected}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} = {value!r} is invalid: expected {expected}")
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where} = {value!r} is invalid: expected {expected}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} = {value!r} is invalid: expected true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{where} = {value!r} is invalid: expected an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where} = {value!r} is invalid: expected a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where} = {value!r} is invalid: expected a string")
+    raise TypeError(f"no coercion rule for {annotation!r} ({where})")
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Coerce every field of a frozen dataclass in place to its annotated type (names the field on error)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = _coerce(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
+        object.__setattr__(obj, f.name, value)
+
+
+def _require(condition: bool, message: str) -> None:  # noqa: FBT001
+    if not condition:
+        raise ValueError(message)
+
+
+def _from_mapping(cls: type, data: dict[str, Any], section: str) -> Any:
+    """Build ``cls`` from a mapping, refusing unknown keys with the list of allowed ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"[{section}] must be a table, got {data!r}")
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(
+            f"[{section}] has unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(sorted(allowed))}"
+        )
+    return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Span masking of student input frames (fairseq ``compute_mask_indices`` semantics, spec §5)."""
+
+    mask_prob: float = 0.8
+    mask_selection: Literal["static", "uniform", "normal", "poisson"] = "static"
+    mask_other: float = 0.0
+    mask_length: int = 10
+    no_mask_overlap: bool = False
+    mask_min_space: int = 1
+    # Channel masking is accepted for config compatibility; the official collator drops it and so do we
+    # (a non-zero probability is refused rather than silently ignored).
+    mask_channel_prob: float = 0.0
+    mask_channel_selection: Literal["static", "uniform", "normal", "poisson"] = "static"
+    mask_channel_other: float = 0.0
+    mask_channel_length: int = 10
+    no_mask_channel_overlap: bool = False
+    mask_channel_min_space: int = 1
+    min_masks: int = 2  # (spidr addition) hard-coded to 2 in the official code, 1 in fairseq DinoSR
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "masking")
+        _require(0.0 <= self.mask_prob <= 1.0, f"masking.mask_prob = {self.mask_prob} must be in [0, 1]")
+        _require(self.mask_length >= 1, f"masking.mask_length = {self.mask_length} must be >= 1")
+        _require(self.mask_min_space >= 0, f"masking.mask_min_space = {self.mask_min_space} must be >= 0")
+        _require(self.min_masks >= 0, f"masking.min_masks = {self.min_masks} must be >= 0")
+        _require(
+            self.mask_channel_prob == 0.0,
+            f"masking.mask_channel_prob = {self.mask_channel_prob} is not supported: channel masking is never "
+            "applied by SpidR/DinoSR; set it to 0",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields shared by DinoSR and SpidR (spec §8.4). Use ``DinoSRConfig`` or ``SpidRConfig``."""
+
+    extractor_mode: Literal["layer_norm", "group_norm"] = "layer_norm"  # fairseq extractor_mode ("default"=group)
+    extractor_conv_bias: bool = False  # conv_bias
+    extractor_conv_layer_config: tuple[ConvLayer, ...] = DEFAULT_CONV_LAYERS  # conv_feature_layers
+    encoder_embed_dim: int = 768
+    encoder_projection_dropout: float = 0.0  # dropout_input
+    encoder_pos_conv_kernel: int = 95  # conv_pos
+    encoder_pos_conv_groups: int = 16  # conv_pos_groups
+    encoder_pos_conv_depth: int = 5  # pos_conv_depth
+    encoder_num_layers: int = 12  # encoder_layers
+    encoder_num_heads: int = 12  # encoder_attention_heads
+    encoder_attention_dropout: float = 0.1  # attention_dropout
+    encoder_ff_interm_features: int = 3072  # encoder_ffn_embed_dim
+    encoder_ff_interm_dropout: float = 0.0  # activation_dropout
+    encoder_dropout: float = 0.1  # dropout
+    encoder_layer_norm_first: bool = False  # layer_norm_first
+    encoder_layer_drop: float = 0.05  # encoder_layerdrop
+    encoder_qkv_bias: bool = False  # True for the original fairseq DinoSR
+    codebook_size: int = 256
+    codebook_decay: float = 0.9  # codebook_init_decay
+    num_codebooks: int = 8  # average_top_k_layers
+    ema_start_decay: float = 0.999  # ema_decay
+    ema_final_decay: float = 0.9999  # ema_end_decay (DinoSR schedule)
+    ema_final_step: int = 30000  # ema_anneal_end_step (DinoSR schedule)
+    ema_exclude_layers: tuple[str, ...] = ("pos_conv_embed",)
+    freeze_step: int = 200000  # freeze_teacher_step (official fairseq: 200 001)
+    # (spidr additions, off by default so the official numerics are untouched)
+    feature_grad_mult: float = 1.0  # scales gradients reaching the conv extractor (wav2vec 2.0 uses 0.1)
+    codebook_reseed_dead: bool = False  # re-seed codewords unused for a step from the current batch
+
+    def __post_init__(self) -> None:
+        section = "model"
+        _check_fields(self, section)
+        for i, (channels, kernel, stride) in enumerate(self.extractor_conv_layer_config):
+            _require(
+                channels >= 1 and kernel >= 1 and stride >= 1,
+                f"{section}.extractor_conv_layer_config[{i}] = {[channels, kernel, stride]} must hold positive "
+                "[channels, kernel, stride]",
+            )
+        _require(
+            len(self.extractor_conv_layer_config) >= 1,
+            f"{section}.extractor_conv_layer_config is empty; expected at least one [channels, kernel, stride]",
+        )
+        for name in ("encoder_embed_dim", "encoder_num_layers", "encoder_num_heads", "encoder_ff_interm_features",
+                     "codebook_size", "num_codebooks", "encoder_pos_conv_depth", "encoder_pos_conv_groups",
+                     "encoder_pos_conv_kernel"):
+            value = getattr(self, name)
+            _require(value >= 1, f"{section}.{name} = {value} must be >= 1")
+        _require(
+            self.encoder_embed_dim % self.encoder_num_heads == 0,
+            f"{section}.encoder_embed_dim = {self.encoder_embed_dim} must be divisible by "
+            f"{section}.encoder_num_heads = {self.encoder_num_heads}",
+        )
+        _require(
+            self.encoder_embed_dim % self.encoder_pos_conv_groups == 0,
+            f"{section}.encoder_embed_dim = {self.encoder_embed_dim} must be divisible by "
+            f"{section}.encoder_pos_conv_groups = {self.encoder_pos_conv_groups}",
+        )
+        _require(
+            self.num_codebooks <= self.encoder_num_layers,
+            f"{section}.num_codebooks = {self.num_codebooks} must be <= {section}.encoder_num_layers = "
+            f"{self.encoder_num_layers} (one codebook per top layer)",
+        )
+        _require(self.codebook_size >= 2, f"{section}.codebook_size = {self.codebook_size} must be >= 2")
+        for name in ("encoder_projection_dropout", "encoder_attention_dropout", "encoder_ff_interm_dropout",
+                     "encoder_dropout", "encoder_layer_drop", "codebook_decay", "ema_start_decay",
+                     "ema_final_decay"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"{section}.{name} = {value} must be in [0, 1]")
+        _require(self.ema_final_step >= 1, f"{section}.ema_final_step = {self.ema_final_step} must be >= 1")
+        _require(self.freeze_step >= 0, f"{section}.freeze_step = {self.freeze_step} must be >= 0")
+        _require(
+            self.feature_grad_mult >= 0.0, f"{section}.feature_grad_mult = {self.feature_grad_mult} must be >= 0"
+        )
+
+    @property
+    def model_type(self) -> ModelType:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DinoSRConfig(ModelConfig):
+    """DinoSR as reproduced in the official SpidR code: all heads read the student's final layer."""
+
+    @property
+    def model_type(self) -> ModelType:
+        return "dinosr"
+
+
+@dataclass(frozen=True)
+class SpidRConfig(ModelConfig):
+    """SpidR: student layer k predicts teacher layer k; exponential teacher-EMA schedule; no layer drop."""
+
+    encoder_layer_drop: float = 0.0
+    ema_timescale: int = 20000
+    ema_threshold: float = 1e-7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.ema_timescale >= 1, f"model.ema_timescale = {self.ema_timescale} must be >= 1")
+        _require(self.ema_threshold >= 0.0, f"model.ema_threshold = {self.ema_threshold} must be >= 0")
+
+    @property
+    def model_type(self) -> ModelType:
+        return "spidr"
+
+
+def model_config_class(model_type: ModelType) -> type[ModelConfig]:
+    match model_type:
+        case "dinosr":
+            return DinoSRConfig
+        case "spidr":
+            return SpidRConfig
+    raise ValueError(f"run.model_type = {model_type!r} is invalid: expected 'dinosr' or 'spidr'")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW, LR schedule, precision and clipping (spec §7)."""
+
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    eps: float = 1e-6
+    max_norm: float = 10.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    init_lr_scale: float = 0.01
+    final_lr_scale: float = 0.01
+    max_steps: int = 400000
+    warmup_steps: int = 12000
+    hold_steps: int = 188000
+    decay_steps: int = 200000
+    rsqrt_timescale: int = 10000
+    rsqrt_shift: int = 0
+    scheduler: Literal["tristage", "cosine", "rsqrt", "constant"] = "tristage"
+    exclude_from_optimizer: tuple[str, ...] = ("teacher",)
+    to_freeze: tuple[str, ...] = ("feature_extractor", "feature_projection")
+    grad_accum_steps: int = 1  # (spidr addition) micro-batches per optimizer step
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "optimizer")
+        _require(self.lr > 0, f"optimizer.lr = {self.lr} must be > 0")
+        for i, beta in enumerate(self.betas):
+            _require(0.0 <= beta < 1.0, f"optimizer.betas[{i}] = {beta} must be in [0, 1)")
+        _require(self.eps > 0, f"optimizer.eps = {self.eps} must be > 0")
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay = {self.weight_decay} must be >= 0")
+        _require(self.max_norm > 0, f"optimizer.max_norm = {self.max_norm} must be > 0")
+        for name in ("max_steps", "grad_accum_steps", "rsqrt_timescale"):
+            _require(getattr(self, name) >= 1, f"optimizer.{name} = {getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "hold_steps", "decay_steps", "rsqrt_shift"):
+            _require(getattr(self, name) >= 0, f"optimizer.{name} = {getattr(self, name)} must be >= 0")
+        for name in ("init_lr_scale", "final_lr_scale"):
+            value = getattr(self, name)
+            _require(0.0 < value <= 1.0, f"optimizer.{name} = {value} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Manifest, decoding, bucketing and loading (spec §6)."""
+
+    manifest: str = ""
+    enable_padding: bool = False
+    rand_crop: bool = True
+    normalize: bool = True
+    num_buckets: int = 1000
+    min_sample_size: int = 2000
+    max_sample_size: int = 320000
+    max_batch_length: int = 3800000
+    drop_last: bool = False
+    num_workers: int = 10  # clamped to the CPUs this process may use
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    random_seed: int = 0
+    bucket_method: Literal["uniform", "percentile"] = "uniform"
+    alignments_path: str | None = None  # unused (official field)
+    max_bad_fraction: float = 0.05  # (spidr addition) stop when more of the manifest than this is unreadable
+
+    def __post_init__(self) -> None:
+        section = "data"
+        _check_fields(self, section)
+        for name in ("num_buckets", "min_sample_size", "max_sample_size", "max_batch_length"):
+            _require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
+        _require(self.num_workers >= 0, f"{section}.num_workers = {self.num_workers} must be >= 0")
+        _require(self.prefetch_factor >= 1, f"{section}.prefetch_factor = {self.prefetch_factor} must be >= 1")
+        _require(
+            self.min_sample_size <= self.max_sample_size,
+            f"{section}.min_sample_size = {self.min_sample_size} must be <= {section}.max_sample_size = "
+            f"{self.max_sample_size}",
+        )
+        _require(
+            self.max_batch_length >= self.min_sample_size,
+            f"{section}.max_batch_length = {self.max_batch_length} must be >= {section}.min_sample_size = "
+            f"{self.min_sample_size} (no utterance would fit in a batch)",
+        )
+        _require(
+            0.0 <= self.max_bad_fraction <= 1.0,
+            f"{section}.max_bad_fraction = {self.max_bad_fraction} must be in [0, 1]",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run lives and how it is driven (spec §8.4)."""
+
+    workdir: str = ""
+    wandb_project: str = ""
+    wandb_name: str = ""
+    # The official default is "offline" (W&B always on); wandb is an optional extra here, used only when asked.
+    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    random_seed: int = 0
+    use_deterministic: bool = False
+    log_interval: int = 200
+    save_interval: int = 2500
+    init_ckpt: str | None = None
+    compile: bool = True  # torch.compile on CUDA only; ignored on CPU
+    keep_latest: int = -1
+    model_type: ModelType = "dinosr"
+    slurm_validation: dict[str, Any] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # (spidr addition)
+    max_consecutive_nonfinite: int = 10  # (spidr addition) stop (with a checkpoint) after this many NaN/Inf steps
+
+    def __post_init__(self) -> None:
+        section = "run"
+        for f in dataclasses.fields(self):
+            if f.name == "slurm_validation":
+                continue
+            hints = typing.get_type_hints(type(self))
+            object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{section}.{f.name}"))
+        if self.slurm_validation is not None and not isinstance(self.slurm_validation, dict):
+            raise ValueError(f"{section}.slurm_validation = {self.slurm_validation!r} must be a table")
+        for name in ("log_interval", "save_interval", "max_consecutive_nonfinite"):
+            _require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
+        _require(
+            self.keep_latest == -1 or self.keep_latest >= 1,
+            f"{section}.keep_latest = {self.keep_latest} must be -1 (keep all) or >= 1",
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        """``<workdir>/<wandb_project>/<wandb_name>``: checkpoints, logs and ``config.json`` live here."""
+        return Path(self.workdir) / self.wandb_project / self.wandb_name
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole pretraining run."""
+
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    validation: dict[str, DataConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("workdir", "wandb_project", "wandb_name"):
+            _require(bool(getattr(self.run, name)), f"run.{name} is required (the run directory is "
+                     "<workdir>/<wandb_project>/<wandb_name>)")
+        _require(bool(self.data.manifest), "data.manifest is required (a .csv, .tsv or .jsonl manifest)")
+        _require(
+            self.model.model_type == self.run.model_type,
+            f"run.model_type = {self.run.model_type!r} does not match the model section's class "
+            f"{type(self.model).__name__}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that ``config_from_dict`` turns back into an equal ``Config``."""
+        out = dataclasses.asdict(self)
+        out["model"] = dataclasses.asdict(self.model)
+        return json.loads(json.dumps(out))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+_SECTIONS = ("run", "data", "model", "optimizer", "masking", "validation")
+
+
+def model_config_from_dict(data: dict[str, Any], model_type: ModelType) -> ModelConfig:
+    """Build a model config from a dict (e.g. a fixture JSON; a ``__class__`` entry is ignored)."""
+    data = {k: v for k, v in data.items() if k != "__class__"}
+    return _from_mapping(model_config_class(model_type), data, "model")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a full run config from a nested dict with the sections ``run, data, model, optimizer, masking,
+    validation``; every key is checked."""
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; allowed sections: {', '.join(_SECTIONS)}")
+    run = _from_mapping(RunConfig, data.get("run", {}), "run")
+    validation_tables = data.get("validation", {})
+    if not isinstance(validation_tables, dict):
+        raise ValueError(f"[validation] must be a table of named data sets, got {validation_tables!r}")
+    validation = {
+        name: _from_mapping(DataConfig, table, f"validation.{name}") for name, table in validation_tables.items()
+    }
+    return Config(
+        run=run,
+        data=_from_mapping(DataConfig, data.get("data", {}), "data"),
+        model=model_config_from_dict(data.get("model", {}), run.model_type),
+        optimizer=_from_mapping(OptimizerConfig, data.get("optimizer", {}), "optimizer"),
+        masking=_from_mapping(MaskingConfig, data.get("masking", {}), "masking"),
+        validation=validation,
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as a TOML value, else kept as a plain string."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    path = [p.strip() for p in dotted.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise ValueError(f"override {text!r} must name a section and a key, e.g. optimizer.lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``section.key=value`` override applied."""
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {key!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON file into a dict (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: "
+                         f"{error}") from error
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a run config from TOML/JSON and apply ``--set section.key=value`` overrides; validates everything."""
+    data = apply_overrides(read_config_file(path), list(overrides))
+    try:
+        return config_from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error

@@ -1,0 +1,1 @@
+"""Audio decoding, manifests, bucketed sampling, span masking and collation for pretraining."""

@@ -1,0 +1,1 @@
+"""Evaluation: feature and unit extraction, ABX, unit quality (PNMI), reports."""

@@ -1,0 +1,1 @@
+"""Model building blocks, SpidR and DinoSR, checkpoint loading and conversion."""

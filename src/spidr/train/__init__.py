@@ -1,0 +1,1 @@
+"""Pretraining: optimiser and schedules, checkpointing, the training loop, distributed launch."""
