@@ -46,7 +46,7 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0911, PLR0912
+def _coerce(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0912
     """Return ``value`` converted to ``annotation`` (lists to tuples, ints to floats) or raise ``ValueError``."""
     origin = typing.get_origin(annotation)
     expected = _describe(annotation)
