@@ -1,9 +1,51 @@
-"""Subcommands of this area (see ``spidr.cli``)."""
+"""Subcommands of this area (see ``spidr.cli``): ``spidr manifest``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from spidr.data.manifest import MANIFEST_SUFFIXES, scan, write_manifest
+
+    out = Path(args.out)
+    if not args.fairseq and out.suffix not in MANIFEST_SUFFIXES:
+        raise ValueError(f"output {out} has suffix {out.suffix!r}; expected one of {', '.join(MANIFEST_SUFFIXES)} "
+                         "(or pass --fairseq for a TSV)")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"output {out} already exists; pass --overwrite to replace it")
+    exts = tuple(e.strip() for e in args.ext.split(",") if e.strip())
+    if not exts:
+        raise ValueError(f"--ext {args.ext!r} names no extension; expected e.g. .wav,.flac")
+    result = scan(args.source, exts, progress=not args.no_progress)
+    if not result.entries:
+        raise ValueError(f"no readable audio with extension(s) {', '.join(exts)} found in {args.source}")
+    write_manifest(result.entries, out, fairseq=args.fairseq)
+    hours = sum(e.num_samples for e in result.entries) / 16_000 / 3600
+    print(f"wrote {len(result.entries)} utterances ({hours:.2f} h at 16 kHz) to {out}")
+    if result.failures:
+        print(f"{len(result.failures)} unreadable file(s) left out:")
+        for location, reason in result.failures:
+            print(f"  {location}: {reason}")
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
+    parser = subparsers.add_parser(
+        "manifest",
+        help="list the audio files of a directory or uncompressed tar into a manifest",
+        description="Scan DIR_OR_TAR (recursively) for audio files and write a manifest whose format follows OUT's "
+        "suffix: .csv (fileid,path,num_samples; tar members add archive,byte_offset,byte_size), .jsonl (same "
+        "fields) or .tsv (fairseq: root directory, then relative_path<TAB>num_samples). num_samples is the length "
+        "at 16 kHz. Unreadable files are listed and left out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("source", metavar="DIR_OR_TAR", help="directory to scan recursively, or an uncompressed .tar")
+    parser.add_argument("out", metavar="OUT", help="manifest to write (.csv, .tsv or .jsonl)")
+    parser.add_argument("--ext", default=".wav,.flac", help="comma-separated audio file extensions to include")
+    parser.add_argument("--fairseq", action="store_true", help="write the fairseq TSV layout whatever OUT's suffix")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=_manifest)

@@ -1,0 +1,102 @@
+"""Decoding: any soundfile-readable file or byte string → 16 kHz mono float32, standardised per utterance.
+
+The released models expect each utterance standardised over its whole length (zero mean, unit biased variance,
+eps 1e-5: ``F.layer_norm`` without affine, spec §3.1); ``standardize`` is that operation, shared with evaluation.
+Unlike the official loader, other sample rates are resampled (soxr) and multi-channel audio is averaged to mono.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+import torch.nn.functional as F
+
+from spidr.data.manifest import SAMPLE_RATE, ManifestEntry, read_member
+
+STANDARDIZE_EPS = 1e-5
+
+
+class AudioError(ValueError):
+    """An utterance that cannot be used: missing, corrupt, empty, too short or not finite."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def standardize(wave: torch.Tensor) -> torch.Tensor:
+    """Standardise over the last dimension exactly as ``F.layer_norm(x, x.shape)`` does for a 1-D ``x``.
+
+    wave: (..., S) float → (..., S), each row with mean 0 and biased variance 1 (eps 1e-5).
+    """
+    return F.layer_norm(wave, wave.shape[-1:], eps=STANDARDIZE_EPS)
+
+
+def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
+    """(S, C) float32 samples and the sample rate; every decoder failure becomes an ``AudioError``."""
+    if isinstance(source, str) and not Path(source).is_file():
+        raise AudioError(name, "file does not exist")
+    try:
+        samples, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
+                                always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as error:
+        raise AudioError(name, f"cannot be decoded ({error})") from error
+    return samples, int(rate)
+
+
+def decode(source: str | Path | bytes, *, name: str | None = None) -> torch.Tensor:
+    """Decode to a mono 16 kHz float32 waveform (S,): channels are averaged, other rates resampled with soxr.
+
+    ``name`` labels errors for byte input. Raises ``AudioError`` for missing, undecodable, empty or non-finite audio.
+    """
+    if isinstance(source, Path):
+        source = str(source)
+    name = name or (source if isinstance(source, str) else "<bytes>")
+    samples, rate = _read(source, name)
+    if samples.shape[0] == 0 or samples.shape[1] == 0:
+        raise AudioError(name, "contains no audio samples")
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    # Check before resampling: soxr would smear a single NaN over its filter length.
+    if not np.isfinite(mono).all():
+        raise AudioError(name, "contains NaN or Inf samples")
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE).astype(np.float32, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(mono))
+
+
+def load_audio(
+    source: str | Path | bytes | ManifestEntry, *, normalize: bool = True, min_samples: int = 0
+) -> torch.Tensor:
+    """Load one utterance as a (S,) float32 tensor at 16 kHz, standardised if ``normalize``.
+
+    ``source`` is a path, encoded bytes or a manifest entry (archive entries are read from their tar's memory map).
+    Raises ``AudioError(path, reason)`` if the audio is missing, corrupt, empty, shorter than ``min_samples`` (after
+    resampling) or contains NaN/Inf.
+    """
+    if isinstance(source, ManifestEntry):
+        name = source.location
+        if source.in_archive:
+            try:
+                data: str | bytes = read_member(source)
+            except OSError as error:
+                raise AudioError(name, f"cannot read archive member ({error})") from error
+        else:
+            data = source.path
+        wave = decode(data, name=name)
+    else:
+        name = str(source) if not isinstance(source, bytes) else "<bytes>"
+        wave = decode(source, name=name)
+    if wave.numel() < min_samples:
+        raise AudioError(name, f"too short: {wave.numel()} samples at 16 kHz, fewer than the minimum {min_samples}")
+    if not normalize:
+        return wave
+    wave = standardize(wave)
+    if not torch.isfinite(wave).all():  # huge finite samples can overflow the variance
+        raise AudioError(name, "is not finite after standardisation (samples too large)")
+    return wave

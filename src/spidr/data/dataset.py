@@ -1,0 +1,103 @@
+"""Manifest entries → waveforms, where a bad file becomes a ``Skipped`` record instead of an exception.
+
+A corrupt file deep inside a 960 h corpus must not kill a multi-day run, nor be silently ignored: the dataset turns
+each ``AudioError`` into a ``Skipped`` item, the collator moves it to ``Batch.skipped``, and the loader (in the main
+process, so each file is reported once whatever the worker count) feeds ``BadFileTracker``, which logs every bad
+file once, keeps the tally and stops the run when too large a share of the data is unusable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from spidr.data.audio import AudioError, load_audio
+from spidr.data.manifest import ManifestEntry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Utterance:
+    index: int  # position in the manifest
+    fileid: str
+    waveform: torch.Tensor  # (S,) float32 at 16 kHz
+
+
+@dataclass(frozen=True)
+class Skipped:
+    index: int
+    location: str
+    reason: str
+
+
+class AudioDataset(Dataset):
+    """Item ``i`` is manifest entry ``i`` decoded (and standardised if ``normalize``), or ``Skipped`` if unusable."""
+
+    def __init__(self, entries: Sequence[ManifestEntry], *, normalize: bool = True, min_samples: int = 0) -> None:
+        self.entries = list(entries)
+        self.normalize = normalize
+        self.min_samples = min_samples
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Utterance | Skipped:
+        entry = self.entries[index]
+        try:
+            waveform = load_audio(entry, normalize=self.normalize, min_samples=self.min_samples)
+        except AudioError as error:
+            return Skipped(index, error.path, error.reason)
+        return Utterance(index, entry.fileid, waveform)
+
+
+class BadFileTracker:
+    """Counts utterances read and unusable ones; logs each bad file once; raises when too many are bad.
+
+    The share is checked once ``min_seen`` utterances were read (so one early bad file cannot stop a run) and by
+    ``check()`` at the end of every epoch.
+    """
+
+    def __init__(self, max_bad_fraction: float, *, source: str = "the manifest", min_seen: int = 200) -> None:
+        self.max_bad_fraction = max_bad_fraction
+        self.source = source
+        self.min_seen = min_seen
+        self.seen = 0
+        self.bad = 0
+        self.reasons: dict[str, str] = {}  # location → reason, first occurrence only
+
+    def record(self, *, num_good: int, skipped: Sequence[tuple[str, str]]) -> None:
+        """Account for one batch: ``num_good`` usable utterances and the ``(location, reason)`` of skipped ones."""
+        self.seen += num_good + len(skipped)
+        self.bad += len(skipped)
+        for location, reason in skipped:
+            if location not in self.reasons:
+                self.reasons[location] = reason
+                logger.warning("skipping unusable audio %s: %s", location, reason)
+        if self.seen >= self.min_seen:
+            self.check()
+
+    @property
+    def fraction(self) -> float:
+        return self.bad / self.seen if self.seen else 0.0
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if more than ``max_bad_fraction`` of the utterances read so far were unusable."""
+        if self.fraction <= self.max_bad_fraction:
+            return
+        examples = "; ".join(f"{loc}: {why}" for loc, why in list(self.reasons.items())[:5])
+        raise ValueError(
+            f"{self.bad} of {self.seen} utterances read from {self.source} were unusable ({self.fraction:.1%}, more "
+            f"than data.max_bad_fraction = {self.max_bad_fraction:.1%}); e.g. {examples}. Fix or remove these files "
+            "from the manifest, or raise data.max_bad_fraction"
+        )
+
+    def summary(self) -> str:
+        if not self.reasons:
+            return f"all {self.seen} utterances read from {self.source} were usable"
+        return (f"{len(self.reasons)} distinct unusable file(s) in {self.source}; {self.bad} of {self.seen} reads "
+                f"skipped ({self.fraction:.2%})")

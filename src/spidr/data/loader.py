@@ -1,0 +1,167 @@
+"""``build_dataloader``: manifest → dataset → bucketed batches → collated ``Batch`` objects, reproducibly.
+
+Crops and masks are drawn from a generator seeded per batch with a hash of (data seed, rank, epoch, batch
+position), not from worker RNG state: the same batch always gets the same crops and masks, whatever the number of
+workers and after a mid-epoch resume. The loader runs in the main process the parts that must see every batch once:
+it marks consumed batches on the sampler (the DataLoader reads the sampler ahead), reports unusable files once and
+skips batches left empty by them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from spidr.config import ConvLayer, DataConfig, MaskingConfig
+from spidr.data.collate import Batch, Collator
+from spidr.data.dataset import AudioDataset, BadFileTracker, Skipped, Utterance
+from spidr.data.manifest import read_manifest
+from spidr.data.sampler import BucketBatchSampler
+
+logger = logging.getLogger(__name__)
+
+
+def batch_seed(seed: int, rank: int, epoch: int, position: int) -> int:
+    """A 63-bit generator seed for one batch, decorrelated across all four inputs."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{epoch}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What the batch sampler hands to the dataset for one item: its index and its batch's identity."""
+
+    index: int
+    epoch: int
+    position: int
+    seed: int
+
+
+class _KeyedBatches:
+    """Batch sampler for the DataLoader: the bucket sampler's batches, each item tagged with its batch's seed."""
+
+    def __init__(self, sampler: BucketBatchSampler, seed: int, rank: int, *, fixed: bool) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.fixed = fixed  # same seeds every epoch (validation)
+
+    def __iter__(self) -> Iterator[list[_Key]]:
+        for epoch, position, indices in self.sampler.iter_planned():
+            seed = batch_seed(self.seed, self.rank, 0 if self.fixed else epoch, position)
+            yield [_Key(index, epoch, position, seed) for index in indices]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _KeyedDataset(Dataset):
+    def __init__(self, dataset: AudioDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: _Key) -> tuple[_Key, Utterance | Skipped]:
+        return key, self.dataset[key.index]
+
+
+class _KeyedCollate:
+    def __init__(self, collator: Collator) -> None:
+        self.collator = collator
+
+    def __call__(self, pairs: Sequence[tuple[_Key, Utterance | Skipped]]) -> Batch:
+        key = pairs[0][0]
+        generator = torch.Generator().manual_seed(key.seed)
+        return self.collator([item for _, item in pairs], generator=generator, epoch=key.epoch,
+                             position=key.position)
+
+
+class PretrainingLoader(DataLoader):
+    """A DataLoader yielding ``Batch`` objects; see the module docstring for what it adds."""
+
+    def __init__(self, *args: Any, bucket_sampler: BucketBatchSampler, tracker: BadFileTracker, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bucket_sampler = bucket_sampler
+        self.tracker = tracker
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        for batch in super().__iter__():
+            self.bucket_sampler.mark_consumed(batch.epoch, batch.position)
+            self.tracker.record(num_good=len(batch), skipped=batch.skipped)
+            if len(batch) == 0:
+                logger.warning("batch %d of epoch %d is empty (all its utterances were unusable); skipped",
+                               batch.position, batch.epoch)
+                continue
+            yield batch
+        self.tracker.check()
+        logger.info("%s", self.tracker.summary())
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` clamped to the CPUs this process may run on."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(0, min(requested, available))
+
+
+def build_dataloader(
+    data_cfg: DataConfig,
+    masking_cfg: MaskingConfig,
+    *,
+    conv_layers: Sequence[ConvLayer],
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    deterministic_crops: bool = False,
+) -> tuple[PretrainingLoader, BucketBatchSampler]:
+    """The pretraining (or validation) loader of one rank, and its sampler (for ``set_epoch`` and resume state).
+
+    The data seed is ``data_cfg.random_seed + seed``. ``deterministic_crops`` (validation) turns off shuffling and
+    makes crops and masks identical every epoch, so scores compare across checkpoints. Utterances are clipped to
+    ``min(max_sample_size, max_batch_length)`` samples so no batch exceeds ``max_batch_length``.
+    """
+    entries = read_manifest(data_cfg.manifest)
+    data_seed = data_cfg.random_seed + seed
+    longest = min(data_cfg.max_sample_size, data_cfg.max_batch_length)
+    sampler = BucketBatchSampler(
+        [e.num_samples for e in entries],
+        max_batch_length=data_cfg.max_batch_length,
+        min_sample_size=data_cfg.min_sample_size,
+        max_sample_size=longest,
+        num_buckets=data_cfg.num_buckets,
+        bucket_method=data_cfg.bucket_method,
+        seed=data_seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=not deterministic_crops,
+        drop_last=data_cfg.drop_last,
+        padded=data_cfg.enable_padding,
+    )
+    sampler.set_epoch(epoch)
+    dataset = AudioDataset(entries, normalize=data_cfg.normalize, min_samples=data_cfg.min_sample_size)
+    collator = Collator(masking_cfg, conv_layers, max_sample_size=longest, enable_padding=data_cfg.enable_padding,
+                        rand_crop=data_cfg.rand_crop)
+    workers = usable_workers(data_cfg.num_workers)
+    loader = PretrainingLoader(
+        _KeyedDataset(dataset),
+        batch_sampler=_KeyedBatches(sampler, data_seed, rank, fixed=deterministic_crops),
+        collate_fn=_KeyedCollate(collator),
+        num_workers=workers,
+        pin_memory=data_cfg.pin_memory,
+        prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
+        persistent_workers=data_cfg.persistent_workers and workers > 0,
+        bucket_sampler=sampler,
+        tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest),
+    )
+    return loader, sampler

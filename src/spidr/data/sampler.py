@@ -1,0 +1,193 @@
+"""Length-bucketed batch sampler with rank sharding and an exact, mid-epoch resumable position (spec §6.3–6.4).
+
+For epoch ``e`` all ranks build the same global batch list from one generator seeded ``seed + e``:
+
+1. utterances shorter than ``min_sample_size`` are dropped; longer than ``max_sample_size`` count as clipped;
+2. shuffle inside each length bucket, walk buckets from short to long and pack greedily while the batch cost stays
+   ≤ ``max_batch_length`` (cost = sum of clipped lengths, or rows × longest when batches are padded). A batch never
+   exceeds the budget, except a single utterance longer than the budget on its own (the loader clips utterances to
+   ``min(max_sample_size, max_batch_length)`` so that cannot happen in training);
+3. shuffle the batch order, then pad the list by repeating its first batches until its length is a multiple of the
+   world size (or drop the remainder with ``drop_last``) — nothing is added when it already divides, unlike the
+   reference (spec §14.11); rank ``r`` takes batches r, r + world, r + 2·world, …
+
+So within an epoch every kept utterance lands in exactly one batch of one rank, apart from the padding repeats.
+The sampler remembers (epoch, position): ``state_dict()`` after consuming k batches and ``load_state_dict`` in a
+fresh process continue with batch k + 1 of the same epoch. A pass that finishes an epoch is followed, on the next
+``iter()``, by the next epoch, so a training loop may call ``set_epoch`` or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _bucket_ids(lengths: np.ndarray, num_buckets: int, method: Literal["uniform", "percentile"]) -> np.ndarray:
+    """Bucket index of each length; bucket b holds lengths in (edge_b, edge_b+1]."""
+    if method == "uniform":
+        edges = np.linspace(lengths.min() - 1, lengths.max() + 1, num_buckets + 1)
+    elif method == "percentile":
+        edges = np.percentile(lengths, np.linspace(0, 100, num_buckets + 1))
+    else:
+        raise ValueError(f"data.bucket_method = {method!r} is invalid: expected 'uniform' or 'percentile'")
+    return np.minimum(np.searchsorted(edges[1:], lengths, side="left"), num_buckets - 1)
+
+
+class BucketBatchSampler:
+    """Yields lists of dataset indices; see the module docstring for the batching rules.
+
+    ``lengths`` holds every dataset item's length in samples (the manifest's ``num_samples``).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        *,
+        max_batch_length: int,
+        min_sample_size: int = 0,
+        max_sample_size: int | None = None,
+        num_buckets: int = 1000,
+        bucket_method: Literal["uniform", "percentile"] = "uniform",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        padded: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size = {world_size})")
+        all_lengths = np.asarray(lengths, dtype=np.int64)
+        self.indices = np.flatnonzero(all_lengths >= min_sample_size)
+        if len(self.indices) == 0:
+            raise ValueError(f"none of the {len(all_lengths)} utterances is at least data.min_sample_size = "
+                             f"{min_sample_size} samples long")
+        dropped = len(all_lengths) - len(self.indices)
+        if dropped:
+            logger.info("dropped %d of %d utterances shorter than %d samples", dropped, len(all_lengths),
+                        min_sample_size)
+        clip = max_sample_size if max_sample_size is not None else int(all_lengths.max())
+        self.clipped = np.minimum(all_lengths[self.indices], clip)
+        self.buckets = _bucket_ids(self.clipped, num_buckets, bucket_method)
+        self.max_batch_length = max_batch_length
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.padded = padded
+        self.epoch = 0
+        self.position = 0  # batches of ``epoch`` already handed out (consumed)
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The batches of one epoch
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        """Greedy packing of kept items (positions into ``self.indices``) in ``order``."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        total = longest = 0
+        for item in order.tolist():
+            length = int(self.clipped[item])
+            cost = (len(current) + 1) * max(longest, length) if self.padded else total + length
+            if current and cost > self.max_batch_length:
+                batches.append(current)
+                current, total, longest = [], 0, 0
+            current.append(int(self.indices[item]))
+            total += length
+            longest = max(longest, length)
+        if current:
+            batches.append(current)
+        return batches
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's batches of ``epoch`` in order, padded (or cut) to a multiple of the world size."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.shuffle:
+            keys = torch.rand(len(self.indices), generator=generator, dtype=torch.float64).numpy()
+            order = np.lexsort((keys, self.buckets))  # by bucket, shuffled inside each bucket
+        else:
+            order = np.lexsort((np.arange(len(self.indices)), self.clipped))
+        batches = self._pack(order)
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        remainder = len(batches) % self.world_size
+        if remainder and self.drop_last:
+            batches = batches[: len(batches) - remainder]
+        elif remainder:
+            batches += [batches[i % len(batches)] for i in range(self.world_size - remainder)]
+        if not batches:
+            raise ValueError(f"epoch {epoch} has fewer batches than the {self.world_size} ranks and data.drop_last "
+                             "is true; set drop_last = false or use more data / smaller batches")
+        return batches
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``."""
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self.global_batches(epoch)[self.rank :: self.world_size])
+        return self._cache[1]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Iteration and resumable position
+    # ----------------------------------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch`` from its start; calling it with the current epoch keeps the position (so a resumed
+        run that calls ``set_epoch`` at the top of its epoch loop continues mid-epoch)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.position = 0
+
+    def iter_planned(self) -> Iterator[tuple[int, int, list[int]]]:
+        """Yield (epoch, position, indices) from the current position to the end of the epoch."""
+        if self.position >= len(self.batches(self.epoch)):
+            self.epoch, self.position = self.epoch + 1, 0
+        epoch = self.epoch
+        batches = self.batches(epoch)
+        for position in range(self.position, len(batches)):
+            self.position = position + 1  # a direct consumer has taken it; the loader corrects for read-ahead
+            yield epoch, position, batches[position]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, _, indices in self.iter_planned():
+            yield indices
+
+    def mark_consumed(self, epoch: int, position: int) -> None:
+        """Record that batch ``position`` of ``epoch`` was consumed (the DataLoader reads the sampler ahead)."""
+        self.epoch, self.position = epoch, position + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_items": len(self.indices),
+            "num_batches": len(self.batches(self.epoch)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; if the data or the world size changed, restart the saved epoch."""
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        mine = self.state_dict()
+        changed = [k for k in ("seed", "world_size", "num_items", "num_batches") if state.get(k) != mine[k]]
+        if changed:
+            logger.warning(
+                "sampler state does not match this run (%s differ: saved %s, now %s); restarting epoch %d from its "
+                "first batch", ", ".join(changed), {k: state.get(k) for k in changed}, {k: mine[k] for k in changed},
+                self.epoch,
+            )
+            self.position = 0

@@ -1,0 +1,321 @@
+"""Per-layer features and codebook units from a model, for every utterance of a manifest or a folder.
+
+Audio is standardised per utterance exactly as in pretraining (spec §3.1). Utterances are batched by length with
+padding and a frame padding mask, so a padded batch gives the same features as one file at a time. Files longer
+than ``max_seconds`` are processed in overlapping windows whose memory is bounded by the window size: the audio is
+read from disk window by window (16 kHz files; others are decoded whole first) and the features are written into a
+memory-mapped ``.npy`` as they come.
+
+Output layout (ZeroSpeech style): ``OUT/layer_LL/<tree>/<stem>.npy`` with (T, D) float32 per utterance, the tree
+mirroring the audio tree, plus ``OUT/metadata.json``; with codebook units, ``OUT/codebook_units/layer_LL.jsonl``
+rows ``{"audio": path, "units": [...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from spidr.data.audio import AudioError, load_audio
+from spidr.data.manifest import ManifestEntry
+from spidr.models.frames import num_frames, padding_mask_from_lengths
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+HOP = 320  # samples per frame of the default conv front end (20 ms)
+STANDARDIZE_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """What to extract and how. ``layers`` are 1-based; ``batch_seconds`` caps padded audio per batch."""
+
+    layers: tuple[int, ...]
+    before_residual: bool = True
+    codebooks: bool = False
+    batch_seconds: float = 60.0
+    max_seconds: float = 60.0  # longer files are processed in windows
+    window_seconds: float = 30.0  # frames kept from each window
+    context_seconds: float = 5.0  # extra audio on each side of a window, dropped from the output
+    dtype: str = "float32"  # "bfloat16" runs the model under autocast
+
+
+def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """Parse ``"1-12"``, ``"6"`` or ``"1,5-7"`` into sorted 1-based layer numbers, checked against the model."""
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                first, last = (int(p) for p in part.split("-", 1))
+                layers.update(range(first, last + 1))
+            else:
+                layers.add(int(part))
+        except ValueError as error:
+            raise ValueError(f"--layers {text!r} is invalid: expected e.g. 1-12, 6 or 1,5-7") from error
+    bad = sorted(layer for layer in layers if not 1 <= layer <= num_layers)
+    if bad or not layers:
+        raise ValueError(f"--layers {text!r} is invalid: the model has layers 1..{num_layers} (1-based)")
+    return tuple(sorted(layers))
+
+
+def _autocast(device: torch.device, dtype: str):  # noqa: ANN202
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batched extraction of short utterances
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def extract_batch(
+    model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings
+) -> list[dict[str, np.ndarray]]:
+    """Features of standardised waveforms [(S_i,)] run as one padded batch.
+
+    Returns one dict per utterance: ``"layer_LL"`` → (T_i, D) float32 and, with codebooks, ``"units_LL"`` → (T_i,)
+    int64 arg-max of layer LL's head. T_i = frames of S_i alone, so padding never changes a result.
+    """
+    device = next(model.parameters()).device
+    conv_layers = model.cfg.extractor_conv_layer_config
+    lengths = torch.tensor([w.shape[0] for w in waveforms])
+    batch = torch.zeros(len(waveforms), int(lengths.max()))
+    for row, wave in enumerate(waveforms):
+        batch[row, : wave.shape[0]] = wave
+    batch = batch.to(device)
+    padding_mask = padding_mask_from_lengths(lengths, conv_layers).to(device)
+    if not bool(padding_mask.any()):
+        padding_mask = None
+    frames = num_frames(lengths, conv_layers).tolist()
+    results: list[dict[str, np.ndarray]] = [{} for _ in waveforms]
+    with _autocast(device, settings.dtype):
+        outputs = model.get_intermediate_outputs(
+            batch,
+            padding_mask=padding_mask,
+            before_residual=settings.before_residual,
+            num_layers=max(settings.layers),
+        )
+        for layer in settings.layers:
+            values = outputs[layer - 1].float().cpu().numpy()
+            for row, count in enumerate(frames):
+                results[row][f"layer_{layer:02d}"] = values[row, :count]
+        if settings.codebooks:
+            for layer, probs in enumerate(model.get_codebooks(batch, padding_mask=padding_mask), start=1):
+                if probs is None:
+                    continue
+                units = probs.argmax(-1).cpu().numpy()
+                for row, count in enumerate(frames):
+                    results[row][f"units_{layer:02d}"] = units[row, :count]
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Windowed extraction of long files
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LongAudio:
+    """A 16 kHz file read window by window, standardised with statistics of the whole file (two passes)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        info = sf.info(path)
+        if info.samplerate != SAMPLE_RATE:
+            # Resampling window by window would need a streaming resampler; decode whole instead.
+            self._wave: torch.Tensor | None = load_audio(path, normalize=True)
+            self.num_samples = self._wave.shape[0]
+            return
+        self._wave = None
+        self.num_samples = info.frames
+        total, total_sq = 0.0, 0.0
+        for block in sf.blocks(path, blocksize=SAMPLE_RATE * 60, dtype="float64", always_2d=True):
+            mono = block.mean(axis=1)
+            total += float(mono.sum())
+            total_sq += float(np.square(mono).sum())
+        if self.num_samples == 0:
+            raise AudioError(path, "contains no audio samples")
+        self.mean = total / self.num_samples
+        self.std = float(np.sqrt(max(total_sq / self.num_samples - self.mean**2, 0.0) + STANDARDIZE_EPS))
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Standardised samples [start, stop) as (stop − start,) float32."""
+        if self._wave is not None:
+            return self._wave[start:stop]
+        block, _ = sf.read(self.path, start=start, stop=stop, dtype="float64", always_2d=True)
+        return torch.from_numpy(((block.mean(axis=1) - self.mean) / self.std).astype(np.float32))
+
+
+def windows(total_frames: int, window_frames: int, context_frames: int) -> Iterator[tuple[int, int, int, int]]:
+    """Split frames [0, total) into kept ranges [keep_start, keep_end) run with context [run_start, run_end)."""
+    for keep_start in range(0, total_frames, window_frames):
+        keep_end = min(keep_start + window_frames, total_frames)
+        yield keep_start, keep_end, max(keep_start - context_frames, 0), min(keep_end + context_frames, total_frames)
+
+
+def extract_long(
+    model: torch.nn.Module, audio: LongAudio, settings: ExtractionSettings, sinks: dict[str, np.ndarray]
+) -> None:
+    """Fill ``sinks`` ("layer_LL" → (T, D) arrays, "units_LL" → (T,)) window by window.
+
+    A window running frames [a, b) reads samples [a·hop, (b − 1)·hop + receptive field); since every window starts
+    on the frame grid, its frames are frames a..b − 1 of the whole file. Only frames away from the window's edges
+    are kept, so the stitched output matches whole-file extraction up to the attention context lost at the cut.
+    """
+    conv_layers = model.cfg.extractor_conv_layer_config
+    hop = int(np.prod([stride for _, _, stride in conv_layers]))
+    receptive_field = num_samples_for_frames(1, conv_layers)
+    total = num_frames(audio.num_samples, conv_layers)
+    window_frames = max(int(settings.window_seconds * SAMPLE_RATE / hop), 1)
+    context_frames = int(settings.context_seconds * SAMPLE_RATE / hop)
+    for keep_start, keep_end, run_start, run_end in windows(total, window_frames, context_frames):
+        wave = audio.read(run_start * hop, (run_end - 1) * hop + receptive_field)
+        (result,) = extract_batch(model, [wave], settings)
+        for key, values in result.items():
+            sinks[key][keep_start:keep_end] = values[keep_start - run_start : keep_end - run_start]
+
+
+def num_samples_for_frames(frames: int, conv_layers: Sequence[tuple[int, int, int]]) -> int:
+    """Fewest samples giving ``frames`` frames: inverts floor((L − k)/s) + 1 layer by layer from the top."""
+    length = frames
+    for _, kernel, stride in reversed(conv_layers):
+        length = (length - 1) * stride + kernel
+    return length
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Whole collections → files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
+    """Output path (without suffix) of each entry: its audio path relative to the deepest common folder."""
+    paths = [Path(e.path) for e in entries]
+    parents = [str(p.parent) for p in paths]
+    root = Path(os.path.commonpath(parents)) if len(set(parents)) > 1 else Path(parents[0]) if parents else Path()
+    stems = [p.relative_to(root).with_name(e.fileid) for p, e in zip(paths, entries, strict=True)]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two utterances map to the same output file; give them distinct file ids")
+    return stems
+
+
+def _length_batches(entries: Sequence[ManifestEntry], batch_samples: int) -> Iterator[list[int]]:
+    order = sorted(range(len(entries)), key=lambda i: entries[i].num_samples)
+    batch: list[int] = []
+    for index in order:
+        longest = max([entries[i].num_samples for i in batch] + [entries[index].num_samples])
+        if batch and longest * (len(batch) + 1) > batch_samples:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+def extract_to_directory(
+    model: torch.nn.Module,
+    entries: Sequence[ManifestEntry],
+    out_dir: str | Path,
+    settings: ExtractionSettings,
+    *,
+    checkpoint: str = "",
+    progress: bool = True,
+) -> dict[str, object]:
+    """Extract every entry and write features (and units) under ``out_dir``; returns the metadata written.
+
+    Unreadable files are skipped, listed in the metadata and logged once each.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    model.eval()
+    stems = relative_stems(entries)
+    feature_keys = [f"layer_{layer:02d}" for layer in settings.layers]
+    units: dict[str, list[dict[str, object]]] = {}
+    skipped: dict[str, str] = {}
+    max_samples = int(settings.max_seconds * SAMPLE_RATE)
+    short = [i for i, e in enumerate(entries) if e.num_samples <= max_samples or e.in_archive]
+    long = [i for i, e in enumerate(entries) if i not in set(short)]
+
+    def write(index: int, result: dict[str, np.ndarray]) -> None:
+        for key, values in result.items():
+            if key.startswith("layer_"):
+                path = out_dir / key / stems[index].with_suffix(".npy")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, values.astype(np.float32, copy=False))
+            else:
+                units.setdefault(key, []).append({"audio": entries[index].path, "units": values.tolist()})
+
+    bar = tqdm(total=len(entries), desc="extract", unit="file", disable=not progress)
+    for batch in _length_batches([entries[i] for i in short], int(settings.batch_seconds * SAMPLE_RATE)):
+        indices = [short[i] for i in batch]
+        waves, kept = [], []
+        for index in indices:
+            try:
+                waves.append(load_audio(entries[index], normalize=True))
+                kept.append(index)
+            except AudioError as error:
+                skipped[entries[index].location] = error.reason
+                logger.warning("skipping %s: %s", entries[index].location, error.reason)
+        if waves:
+            for index, result in zip(kept, extract_batch(model, waves, settings), strict=True):
+                write(index, result)
+        bar.update(len(indices))
+    for index in long:
+        try:
+            audio = LongAudio(entries[index].path)
+        except (AudioError, sf.LibsndfileError, RuntimeError) as error:
+            skipped[entries[index].location] = str(error)
+            logger.warning("skipping %s: %s", entries[index].location, error)
+            bar.update(1)
+            continue
+        total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
+        sinks: dict[str, np.ndarray] = {}
+        for key in feature_keys:
+            path = out_dir / key / stems[index].with_suffix(".npy")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sinks[key] = np.lib.format.open_memmap(
+                path, mode="w+", dtype=np.float32, shape=(total, model.cfg.encoder_embed_dim)
+            )
+        head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
+        for layer in head_layers if settings.codebooks else ():
+            sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
+        extract_long(model, audio, settings, sinks)
+        for key, values in sinks.items():
+            if key.startswith("units_"):
+                units.setdefault(key, []).append({"audio": entries[index].path, "units": values.tolist()})
+            else:
+                values.flush()
+        bar.update(1)
+    bar.close()
+    for key, rows in units.items():
+        path = out_dir / "codebook_units" / f"layer_{key.removeprefix('units_')}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    metadata: dict[str, object] = {
+        "checkpoint": checkpoint,
+        "model_type": model.cfg.model_type,
+        "layers": list(settings.layers),
+        "layer_indexing": "1-based (layer l is list index l - 1 of get_intermediate_outputs)",
+        "before_residual": settings.before_residual,
+        "frame_rate_hz": SAMPLE_RATE / int(np.prod([s for _, _, s in model.cfg.extractor_conv_layer_config])),
+        "normalisation": "per-utterance standardisation (zero mean, unit biased variance, eps 1e-5)",
+        "settings": asdict(settings),
+        "num_files": len(entries) - len(skipped),
+        "skipped": skipped,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1), encoding="utf-8")
+    return metadata

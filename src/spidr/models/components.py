@@ -1,0 +1,414 @@
+"""Building blocks shared by SpidR and DinoSR, in the order data flows through them (spec §3).
+
+waveform (B, S) → ``ConvFeatureExtractor`` (B, T, C) → ``FeatureProjection`` (B, T, D) → ``Transformer``:
+``ConvPositionalEmbedding`` added once, encoder LayerNorm, then ``TransformerLayer`` × L, each made of
+``SelfAttention`` and ``FeedForward``.
+
+Module and attribute names give the official state-dict keys (spec §9.1); the order in which modules are created
+reproduces the official random-number consumption, so a seeded build draws the official initial weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spidr.config import ConvLayer
+
+# --------------------------------------------------------------------------------------------------------------
+# Padding: one normalised form of the two mask conventions
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FrameMasks(NamedTuple):
+    """Padding information in the two forms the encoder needs; both None when no frame is padded.
+
+    ``attention``: boolean mask for ``scaled_dot_product_attention``, True where a key may be attended,
+    (B, 1, 1, T) or the caller's own (B, 1, T, T). ``valid``: (B, T) bool, True on real frames (zeroes padding
+    around every positional conv).
+    """
+
+    attention: torch.Tensor | None
+    valid: torch.Tensor | None
+
+
+NO_PADDING = FrameMasks(None, None)
+
+
+def frame_masks(
+    x: torch.Tensor, *, attention_mask: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None
+) -> FrameMasks:
+    """Normalise the official ``attention_mask`` (B, 1, T, T) bool, True = key may be attended, or the simpler
+    ``padding_mask`` (B, T) bool, True = padded frame, for frames ``x`` (B, T, D).
+
+    A batch without padding gives ``NO_PADDING``, so attention runs without a mask and can use the fastest kernel
+    (the official code always passes a dense mask, spec §14.19). Checking costs one device sync per call.
+    """
+    batch, frames = x.shape[:2]
+    if attention_mask is not None and padding_mask is not None:
+        raise ValueError("pass either attention_mask (B, 1, T, T) or padding_mask (B, T), not both")
+    if padding_mask is not None:
+        if padding_mask.shape != (batch, frames) or padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"padding_mask must be a bool tensor of shape (B, T) = ({batch}, {frames}) with True on padded "
+                f"frames; got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+            )
+        if not bool(padding_mask.any()):
+            return NO_PADDING
+        valid = ~padding_mask
+        return FrameMasks(valid[:, None, None, :], valid)
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool or attention_mask.shape != (batch, 1, frames, frames):
+            raise ValueError(
+                f"attention_mask must be a bool tensor of shape (B, 1, T, T) = ({batch}, 1, {frames}, {frames}) with "
+                f"True where a key frame may be attended; got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+            )
+        if bool(attention_mask.all()):
+            return NO_PADDING
+        # The official positional conv reads the padding from the first query row.
+        return FrameMasks(attention_mask, attention_mask[:, 0, 0, :])
+    return NO_PADDING
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conv feature extractor and projection
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ConvLayerBlock(nn.Module):
+    """Conv1d (no padding) → optional norm → GELU. (B, C_in, L) → (B, C_out, L')."""
+
+    def __init__(self, conv: nn.Conv1d, norm: nn.LayerNorm | nn.GroupNorm | None) -> None:
+        super().__init__()
+        # Registration order (norm before conv) gives the official key order.
+        self.layer_norm = norm
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if isinstance(self.layer_norm, nn.LayerNorm):
+            # LayerNorm over channels: move channels last and back.
+            x = self.layer_norm(x.transpose(-2, -1)).transpose(-2, -1)
+        elif self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return F.gelu(x)
+
+
+class ConvFeatureExtractor(nn.Module):
+    """wav2vec 2.0 conv front end: (B, S) waveform → (B, T, C) frames (spec §3.2).
+
+    ``mode="layer_norm"``: an affine LayerNorm over channels after every conv (all released models).
+    ``mode="group_norm"``: a GroupNorm with one group per channel after the first conv only (wav2vec 2.0 base).
+    """
+
+    def __init__(
+        self,
+        conv_layers: Sequence[ConvLayer],
+        *,
+        mode: Literal["layer_norm", "group_norm"] = "layer_norm",
+        conv_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        blocks = []
+        in_channels = 1
+        for i, (channels, kernel, stride) in enumerate(conv_layers):
+            conv = nn.Conv1d(in_channels, channels, kernel, stride=stride, bias=conv_bias)
+            nn.init.kaiming_normal_(conv.weight)
+            if mode == "layer_norm":
+                norm = nn.LayerNorm(channels)
+            elif i == 0:
+                norm = nn.GroupNorm(channels, channels)
+            else:
+                norm = None
+            blocks.append(ConvLayerBlock(conv, norm))
+            in_channels = channels
+        self.conv_layers = nn.ModuleList(blocks)
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(B, S) float waveforms → (B, T, C); T = ``num_frames(S)``. Padding is not treated specially."""
+        if waveforms.ndim != 2:
+            raise ValueError(f"waveforms must have shape (B, S); got {tuple(waveforms.shape)}")
+        x = waveforms[:, None, :]
+        for block in self.conv_layers:
+            x = block(x)
+        return x.transpose(1, 2)
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm(C) → Linear(C → D): (B, T, C) → (B, T, D). Default PyTorch Linear init (spec §3.3)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_features)
+        self.projection = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.layer_norm(x))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale`` (wav2vec 2.0's GradMultiply)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged, with its gradient multiplied by ``scale`` on the way back (identity when 1)."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transformer encoder
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """Stack of grouped convs, each → (trim if even kernel) → non-affine LayerNorm → GELU (spec §3.5).
+
+    (B, T, D) → (B, T, D), to be added to the input. Padded frames are zeroed before every conv and at the end.
+    """
+
+    def __init__(self, dim: int, kernel: int, groups: int, depth: int) -> None:
+        super().__init__()
+        self.kernel = max(3, kernel // depth)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dim, dim, self.kernel, padding=self.kernel // 2, groups=groups) for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D); valid: (B, T) bool, True on real frames, or None when nothing is padded."""
+        time_mask = None if valid is None else valid[:, None, :].to(x.dtype)  # (B, 1, T)
+        x = x.transpose(1, 2)  # (B, D, T)
+        for conv in self.convs:
+            if time_mask is not None:
+                x = x * time_mask
+            x = conv(x)
+            if self.kernel % 2 == 0:
+                x = x[..., :-1]  # padding k // 2 on both sides makes one frame too many
+            x = F.layer_norm(x.transpose(1, 2), (x.shape[1],)).transpose(1, 2)
+            x = F.gelu(x)
+        if time_mask is not None:
+            x = x * time_mask
+        return x.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (rows q, k, v) and an output projection ``proj``.
+
+    ``dropout`` is the attention-probability dropout, applied in training mode only.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, dropout: float = 0.0, qkv_bias: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D); attention_mask: bool, True = may attend, broadcastable to (B, H, T, T), or None."""
+        batch, frames, dim = x.shape
+        # (B, T, 3D) → 3 × (B, H, T, D/H)
+        q, k, v = self.qkv(x).view(batch, frames, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(out.transpose(1, 2).reshape(batch, frames, dim))
+
+
+class FeedForward(nn.Module):
+    """Linear(D → F) → GELU → Dropout → Linear(F → D)."""
+
+    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.intermediate_dense = nn.Linear(dim, hidden)
+        self.intermediate_dropout = nn.Dropout(dropout)
+        self.output_dense = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_dense(self.intermediate_dropout(F.gelu(self.intermediate_dense(x))))
+
+
+class TransformerLayer(nn.Module):
+    """One encoder layer (spec §3.7), post-norm by default.
+
+    post-norm: x₁ = LN(x + Drop(Attn(x))); f = FFN(x₁); out = LN_final(x₁ + Drop(f)).
+    pre-norm:  x₁ = x + Drop(Attn(LN(x))); f = FFN(LN_final(x₁)); out = x₁ + Drop(f).
+    """
+
+    def __init__(
+        self, attention: SelfAttention, feed_forward: FeedForward, *, dropout: float, layer_norm_first: bool
+    ) -> None:
+        super().__init__()
+        dim = attention.proj.out_features
+        self.attention = attention
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(dim)
+        self.feed_forward = feed_forward
+        self.final_layer_norm = nn.LayerNorm(dim)
+        self.layer_norm_first = layer_norm_first
+
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D) → (layer output (B, T, D), FFN output before dropout/residual/LN (B, T, D))."""
+        if self.layer_norm_first:
+            x = x + self.dropout(self.attention(self.layer_norm(x), attention_mask))
+            ffn = self.feed_forward(self.final_layer_norm(x))
+            return x + self.dropout(ffn), ffn
+        x = self.layer_norm(x + self.dropout(self.attention(x, attention_mask)))
+        ffn = self.feed_forward(x)
+        return self.final_layer_norm(x + self.dropout(ffn)), ffn
+
+
+class Transformer(nn.Module):
+    """Positional conv, encoder LayerNorm, dropout and the layer stack (spec §3.6).
+
+    ``norm_at_input`` places the encoder LayerNorm: True (post-norm layers, the default) applies it right after
+    adding the positional embedding and none at the end; False (pre-norm layers) applies it after the last layer.
+    (The official code reaches this by passing ``not encoder_layer_norm_first`` to a flag named
+    ``layer_norm_first``: the "double negation".)
+    """
+
+    def __init__(
+        self,
+        pos_conv_embed: ConvPositionalEmbedding,
+        layers: Sequence[TransformerLayer],
+        *,
+        dropout: float,
+        layer_drop: float,
+        norm_at_input: bool,
+    ) -> None:
+        super().__init__()
+        dim = layers[0].layer_norm.normalized_shape[0]
+        self.pos_conv_embed = pos_conv_embed
+        self.layer_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(layers)
+        self.layer_drop = layer_drop
+        self.norm_at_input = norm_at_input
+
+    def _preprocess(self, x: torch.Tensor, masks: FrameMasks) -> torch.Tensor:
+        x = x + self.pos_conv_embed(x, masks.valid)
+        if self.norm_at_input:
+            x = self.layer_norm(x)
+        return self.dropout(x)
+
+    def _drop_layer(self) -> bool:
+        """A fresh draw per layer in training: skip it with probability ``layer_drop``."""
+        return self.training and self.layer_drop > 0 and float(torch.rand(())) <= self.layer_drop
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        masks: FrameMasks | None = None,
+    ) -> torch.Tensor:
+        """(B, T, D) → final output (B, T, D). Padding: ``attention_mask`` (B, 1, T, T), ``padding_mask`` (B, T),
+        or already normalised ``masks`` (see ``frame_masks``)."""
+        if masks is None:
+            masks = frame_masks(x, attention_mask=attention_mask, padding_mask=padding_mask)
+        x = self._preprocess(x, masks)
+        for layer in self.layers:
+            if not self._drop_layer():
+                x, _ = layer(x, masks.attention)
+        if not self.norm_at_input:
+            x = self.layer_norm(x)
+        return x
+
+    def get_intermediate_outputs(
+        self,
+        x: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        masks: FrameMasks | None = None,
+        num_layers: int | None = None,
+        before_residual: bool = True,
+    ) -> list[torch.Tensor]:
+        """Per-layer outputs for the first ``num_layers`` layers (all by default): a list of (B, T, D).
+
+        ``before_residual=True``: each layer's FFN output before dropout, residual and final LayerNorm (the
+        features SpidR is trained on and that downstream tasks use); False: each layer's full output. No final
+        encoder LayerNorm in either mode. A layer skipped by layer drop is still computed and recorded, but the
+        running state passes it by.
+        """
+        if num_layers is not None and not 1 <= num_layers <= len(self.layers):
+            raise ValueError(f"num_layers = {num_layers} must be in [1, {len(self.layers)}]")
+        if masks is None:
+            masks = frame_masks(x, attention_mask=attention_mask, padding_mask=padding_mask)
+        x = self._preprocess(x, masks)
+        outputs = []
+        for layer in self.layers[:num_layers]:
+            out, ffn = layer(x, masks.attention)
+            if not self._drop_layer():
+                x = out
+            outputs.append(ffn if before_residual else out)
+        return outputs
+
+
+def build_transformer(
+    dim: int,
+    *,
+    num_layers: int,
+    num_heads: int,
+    ff_dim: int,
+    pos_conv_kernel: int,
+    pos_conv_groups: int,
+    pos_conv_depth: int,
+    dropout: float,
+    attention_dropout: float,
+    ff_dropout: float,
+    layer_drop: float,
+    layer_norm_first: bool,
+    qkv_bias: bool,
+) -> Transformer:
+    """The encoder from its hyper-parameters (``layer_norm_first`` as in the config: False = post-norm), with the
+    official initialisation applied (``init_transformer_``)."""
+    pos_conv = ConvPositionalEmbedding(dim, pos_conv_kernel, pos_conv_groups, pos_conv_depth)
+    layers = [
+        TransformerLayer(
+            SelfAttention(dim, num_heads, dropout=attention_dropout, qkv_bias=qkv_bias),
+            FeedForward(dim, ff_dim, dropout=ff_dropout),
+            dropout=dropout,
+            layer_norm_first=layer_norm_first,
+        )
+        for _ in range(num_layers)
+    ]
+    transformer = Transformer(
+        pos_conv, layers, dropout=dropout, layer_drop=layer_drop, norm_at_input=not layer_norm_first
+    )
+    init_transformer_(transformer)
+    return transformer
+
+
+def init_transformer_(transformer: Transformer) -> None:
+    """The encoder initialisation (spec §3.8): every Linear N(0, 0.02²) with zero bias, then each attention block's
+    qkv Xavier-uniform (gain 1/√2) and output projection Xavier-uniform with zero bias. Modules are visited children
+    first, so the attention rule wins. Positional convs and LayerNorms are left untouched."""
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        if isinstance(module, SelfAttention):
+            nn.init.xavier_uniform_(module.qkv.weight, gain=1 / math.sqrt(2))
+            nn.init.xavier_uniform_(module.proj.weight)
+            module.proj.bias.data.zero_()
+
+    transformer.apply(init)

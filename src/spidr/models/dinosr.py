@@ -1,0 +1,364 @@
+"""DinoSR as reproduced by the official SpidR code (spec §4.2): all prediction heads read the student's final layer.
+
+Data flow of one training forward:
+waveforms (B, S) → conv extractor + projection → feats (B, T, D)
+  ├─ student: feats with masked frames replaced by ``mask_embedding`` → head inputs (one per codebook)
+  └─ teacher (EMA copy, no grad): feats → top-K layer outputs, instance-normalised → codebook labels
+loss per masked frame = mean over codebooks of the cross-entropy between head i and codebook i's label.
+The codebooks are updated inside the forward (training mode only); the teacher by ``update_ema`` after the
+optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spidr import distributed
+from spidr.config import DinoSRConfig, ModelConfig
+from spidr.models.codebook import Codebook
+from spidr.models.components import (
+    ConvFeatureExtractor,
+    FeatureProjection,
+    FrameMasks,
+    build_transformer,
+    frame_masks,
+    init_transformer_,
+    scale_grad,
+)
+from spidr.models.schedules import dinosr_ema_decay
+
+logger = logging.getLogger(__name__)
+
+
+class LogSoftmaxFp32(nn.Module):
+    """Log-softmax over the last dim, always in fp32 (under bf16 autocast too). No parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().log_softmax(dim=-1)
+
+
+class DinoSR(nn.Module):
+    """Student–teacher model with online codebooks; ``cfg`` defaults to ``DinoSRConfig()`` (spec §3–§4).
+
+    The state dict has the official keys, shapes and order (spec §9.1), so official checkpoints load strictly.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = DinoSRConfig() if cfg is None else cfg
+        self.cfg = cfg
+        dim, num_codebooks = cfg.encoder_embed_dim, cfg.num_codebooks
+        # Creation order matters: extractor, projection, student, heads, codebooks, teacher, mask embedding
+        # reproduces the official random draws, so a seeded build equals the official initial weights.
+        self.feature_extractor = ConvFeatureExtractor(
+            cfg.extractor_conv_layer_config, mode=cfg.extractor_mode, conv_bias=cfg.extractor_conv_bias
+        )
+        self.feature_projection = FeatureProjection(cfg.extractor_conv_layer_config[-1][0], dim)
+        self.projection_dropout = nn.Dropout(cfg.encoder_projection_dropout)
+        self.student = build_transformer(
+            dim,
+            num_layers=cfg.encoder_num_layers,
+            num_heads=cfg.encoder_num_heads,
+            ff_dim=cfg.encoder_ff_interm_features,
+            pos_conv_kernel=cfg.encoder_pos_conv_kernel,
+            pos_conv_groups=cfg.encoder_pos_conv_groups,
+            pos_conv_depth=cfg.encoder_pos_conv_depth,
+            dropout=cfg.encoder_dropout,
+            attention_dropout=cfg.encoder_attention_dropout,
+            ff_dropout=cfg.encoder_ff_interm_dropout,
+            layer_drop=cfg.encoder_layer_drop,
+            layer_norm_first=cfg.encoder_layer_norm_first,
+            qkv_bias=cfg.encoder_qkv_bias,
+        )
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, cfg.codebook_size), LogSoftmaxFp32()) for _ in range(num_codebooks)
+        )
+        self.codebooks = nn.ModuleList(
+            Codebook(dim, cfg.codebook_size, decay=cfg.codebook_decay) for _ in range(num_codebooks)
+        )
+        # The teacher starts as a re-initialised copy of the student encoder (not an exact copy: spec §4.1).
+        self.teacher = copy.deepcopy(self.student).float()
+        init_transformer_(self.teacher)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())  # U[0, 1)
+        self.register_buffer("current_step", torch.zeros(1, dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward pieces, in data-flow order
+    # ----------------------------------------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.student.layers)
+
+    @property
+    def num_codebooks(self) -> int:
+        return len(self.codebooks)
+
+    def features(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """Projected conv features (B, T, D) of waveforms (B, S); no dropout, no masking."""
+        if waveforms.ndim != 2 or not waveforms.is_floating_point():
+            raise ValueError(f"waveforms must be a float tensor of shape (B, S); got {waveforms.dtype} "
+                             f"{tuple(waveforms.shape)}")
+        grad_mult = self.cfg.feature_grad_mult
+        if grad_mult == 0.0:
+            with torch.no_grad():
+                x = self.feature_extractor(waveforms)
+        else:
+            x = scale_grad(self.feature_extractor(waveforms), grad_mult)
+        if x.shape[1] == 0:
+            raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the conv "
+                             "extractor (400 samples with the default config)")
+        return self.feature_projection(x)
+
+    def _student_outputs(self, x: torch.Tensor, masks: FrameMasks) -> list[torch.Tensor]:
+        """The inputs (B, T, D) of the K heads: DinoSR feeds the student's final output to every head."""
+        return [self.student(x, masks=masks)] * self.num_codebooks
+
+    @torch.no_grad()
+    def _teacher_targets(self, feats: torch.Tensor, masks: FrameMasks) -> list[torch.Tensor]:
+        """The teacher's top-K before-residual layer outputs, each instance-normalised over time per channel in
+        fp32: K × (B, T, D). Padded frames count in the statistics, as in the official code."""
+        outputs = self.teacher.get_intermediate_outputs(feats, masks=masks, before_residual=True)
+        with torch.autocast(feats.device.type, enabled=False):
+            return [F.instance_norm(y.float().transpose(1, 2)).transpose(1, 2) for y in outputs[-self.num_codebooks:]]
+
+    def forward(
+        self,
+        waveforms: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Masked-prediction loss of waveforms (B, S).
+
+        ``mask`` (B, T) bool: frames to mask and score. Without it nothing is masked and every (non-padded) frame
+        is scored. Padding: ``attention_mask`` (B, 1, T, T) bool, True = key may be attended (official form), or
+        ``padding_mask`` (B, T) bool, True = padded.
+
+        Returns the per-scored-frame loss (N,), the mean over codebooks of the cross-entropy, in row-major
+        (batch, frame) order, and detached metrics: ``target_ppl``, ``pred_ppl`` (means over codebooks),
+        ``loss_per_codebook``, ``target_ppl_per_codebook``, ``pred_ppl_per_codebook``, ``active_codewords`` (all
+        (K,), global over ranks), and ``num_frames`` (N on this rank, int64).
+        In training mode the codebooks are updated from this batch (after their labels were taken).
+        """
+        feats = self.features(waveforms)
+        masks = frame_masks(feats, attention_mask=attention_mask, padding_mask=padding_mask)
+        x = self.projection_dropout(feats)
+        if mask is None:
+            scored = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+            if masks.valid is not None:
+                scored = masks.valid
+        else:
+            if mask.shape != feats.shape[:2] or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be a bool tensor of shape (B, T) = {tuple(feats.shape[:2])}; got "
+                                 f"{mask.dtype} {tuple(mask.shape)}")
+            x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
+            scored = mask
+        predictions = self._student_outputs(x, masks)
+        targets = self._teacher_targets(feats, masks)
+
+        log_probs, labels = [], []
+        for head, codebook, prediction, target in zip(self.heads, self.codebooks, predictions, targets, strict=True):
+            log_probs.append(head(prediction[scored]))  # (N, V) fp32
+            labels.append(codebook.assign(target[scored]))  # (N,)
+        # Per-frame cross-entropy with one-hot targets, summed over codebooks, then averaged.
+        frame_losses = torch.stack([-lp.gather(-1, lab[:, None])[:, 0] for lp, lab in zip(log_probs, labels,
+                                                                                          strict=True)])  # (K, N)
+        losses = frame_losses.sum(0) / self.num_codebooks
+        if self.training:
+            self._update_codebooks([t[scored] for t in targets], labels)
+        return losses, self._metrics(log_probs, labels, frame_losses)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Codebook update and metrics (no gradients)
+    # ----------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _update_codebooks(self, targets: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
+        """EMA step of every codebook from this batch's assignments, summed over ranks in one collective."""
+        if self.cfg.codebook_decay >= 1.0:
+            return
+        size = self.cfg.codebook_size
+        stats = torch.stack([
+            codebook.statistics(z, F.one_hot(lab, size))
+            for codebook, z, lab in zip(self.codebooks, targets, labels, strict=True)
+        ])  # (K, V, 1 + D)
+        distributed.all_reduce_sum(stats)
+        unused = [codebook.update(s) for codebook, s in zip(self.codebooks, stats, strict=True)]
+        if self.cfg.codebook_reseed_dead:
+            self._reseed_codebooks(targets, unused)
+
+    @torch.no_grad()
+    def _reseed_codebooks(self, targets: list[torch.Tensor], unused: list[torch.Tensor]) -> None:
+        """Restart codewords nobody used at random frames of rank 0's batch (broadcast as a sum with zeros from
+        the other ranks, so the codebooks stay identical everywhere)."""
+        size = self.cfg.codebook_size
+        candidates = torch.stack([
+            z[torch.randint(len(z), (size,), device=z.device)].float() if len(z) else z.new_zeros(size, z.shape[1])
+            for z in targets
+        ])  # (K, V, D)
+        if distributed.rank() != 0:
+            candidates.zero_()
+        distributed.all_reduce_sum(candidates)
+        for codebook, dead, cand in zip(self.codebooks, unused, candidates, strict=True):
+            if bool(dead.any()):
+                codebook.reseed(dead, cand)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _metrics(
+        self, log_probs: list[torch.Tensor], labels: list[torch.Tensor], frame_losses: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Codebook-usage and prediction perplexities (spec §4.5) and per-codebook losses, as global frame-weighted
+        means over ranks (one collective)."""
+        size, k = self.cfg.codebook_size, self.num_codebooks
+        target_sums = torch.stack([F.one_hot(lab, size).sum(0).float() for lab in labels])  # (K, V)
+        pred_sums = torch.stack([lp.exp().sum(0) for lp in log_probs])  # (K, V)
+        num_frames = frame_losses.shape[1]
+        packed = torch.cat([
+            target_sums.flatten(),
+            pred_sums.flatten(),
+            frame_losses.detach().float().sum(1),
+            frame_losses.new_full((1,), num_frames, dtype=torch.float32),
+        ])
+        distributed.all_reduce_sum(packed)
+        target_sums, pred_sums = packed[: k * size].view(k, size), packed[k * size : 2 * k * size].view(k, size)
+        loss_sums, total = packed[2 * k * size : 2 * k * size + k], packed[-1].clamp(min=1)
+        target_ppl, pred_ppl = perplexity(target_sums / total), perplexity(pred_sums / total)
+        return {
+            "target_ppl": target_ppl.mean(),
+            "pred_ppl": pred_ppl.mean(),
+            "loss_per_codebook": loss_sums / total,
+            "target_ppl_per_codebook": target_ppl,
+            "pred_ppl_per_codebook": pred_ppl,
+            "active_codewords": (target_sums > 0).sum(-1),
+            "num_frames": torch.tensor(num_frames, dtype=torch.long),
+        }
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Inference API
+    # ----------------------------------------------------------------------------------------------------------
+
+    def get_intermediate_outputs(
+        self,
+        waveforms: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        before_residual: bool = True,
+        num_layers: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Student layer outputs for waveforms (B, S): a list of (B, T, D), layer l (1-based) at index l − 1.
+
+        ``before_residual=True`` (default, the official features): each layer's FFN output before its residual add
+        and final LayerNorm; False: each layer's full output. ``num_layers`` stops early. Call ``eval()`` first:
+        in training mode dropout is active.
+        """
+        feats = self.features(waveforms)
+        return self.student.get_intermediate_outputs(
+            feats,
+            attention_mask=attention_mask,
+            padding_mask=padding_mask,
+            num_layers=num_layers,
+            before_residual=before_residual,
+        )
+
+    def get_codebooks(
+        self,
+        waveforms: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        onehot: bool = False,
+    ) -> list[torch.Tensor | None]:
+        """Codebook predictions per layer for waveforms (B, S): a list of ``num_layers`` entries, None for layers
+        without a head, then (B, T, V) fp32 probabilities, or with ``onehot=True`` the int64 one-hot of their
+        arg-max. Never squeezed (the official output loses its batch dim for B = 1)."""
+        feats = self.features(waveforms)
+        masks = frame_masks(feats, attention_mask=attention_mask, padding_mask=padding_mask)
+        outputs: list[torch.Tensor | None] = [None] * (self.num_layers - self.num_codebooks)
+        for head, prediction in zip(self.heads, self._student_outputs(feats, masks), strict=True):
+            log_probs = head(prediction)
+            if onehot:
+                outputs.append(F.one_hot(log_probs.argmax(-1), log_probs.shape[-1]))
+            else:
+                outputs.append(log_probs.exp())
+        return outputs
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training state: teacher EMA, extractor freeze, train/eval
+    # ----------------------------------------------------------------------------------------------------------
+
+    def ema_decay(self, step: int) -> float:
+        """Teacher EMA decay after optimizer step ``step`` (1-based); 1 means frozen."""
+        cfg = self.cfg
+        return dinosr_ema_decay(
+            step,
+            start_decay=cfg.ema_start_decay,
+            final_decay=cfg.ema_final_decay,
+            final_step=cfg.ema_final_step,
+            freeze_step=cfg.freeze_step,
+        )
+
+    @property
+    def feature_encoder_frozen(self) -> bool:
+        """True once the conv extractor and projection stopped training (``freeze_step``)."""
+        return not any(p.requires_grad for p in self._feature_encoder_parameters())
+
+    def _feature_encoder_parameters(self) -> list[nn.Parameter]:
+        return [*self.feature_extractor.parameters(), *self.feature_projection.parameters()]
+
+    def freeze_feature_encoder(self) -> None:
+        """Stop training the conv extractor and the feature projection (done by ``update_ema`` at
+        ``freeze_step``; call it after loading a checkpoint whose ``current_step`` is past it)."""
+        if not self.feature_encoder_frozen:
+            logger.info("freezing the conv feature extractor and projection at step %d", int(self.current_step))
+            for p in self._feature_encoder_parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> float:
+        """After optimizer step ``step`` (1-based): record it in ``current_step``, freeze the feature encoder once
+        ``step >= freeze_step``, and move the teacher toward the student with the scheduled decay β
+        (teacher ← β·teacher + (1 − β)·student) when 0 < β < 1; parameters under ``ema_exclude_layers`` are copied
+        instead. Returns β."""
+        self.current_step.fill_(step)
+        decay = self.ema_decay(step)
+        if step >= self.cfg.freeze_step:
+            self.freeze_feature_encoder()
+        if 0.0 < decay < 1.0:
+            averaged_t, averaged_s, copied_t, copied_s = [], [], [], []
+            student = dict(self.student.named_parameters())
+            for name, param in self.teacher.named_parameters():
+                excluded = any(name.startswith(prefix) for prefix in self.cfg.ema_exclude_layers)
+                (copied_t if excluded else averaged_t).append(param)
+                (copied_s if excluded else averaged_s).append(student[name])
+            if averaged_t:
+                # Weight 1 − β taken in fp32, as the official update does (bit-identical teacher weights).
+                weight = float(1 - torch.tensor(decay, dtype=torch.float32))
+                torch._foreach_lerp_(averaged_t, [p.to(torch.float32) for p in averaged_s], weight)
+            for t, s in zip(copied_t, copied_s, strict=True):
+                t.copy_(s)
+            student_buffers = dict(self.student.named_buffers())
+            for name, buffer in self.teacher.named_buffers():
+                buffer.copy_(student_buffers[name])
+        return decay
+
+    def train(self, mode: bool = True) -> DinoSR:  # noqa: FBT001, FBT002 (nn.Module's signature)
+        """As ``nn.Module.train``, but the teacher always stays in eval mode (no dropout, no layer drop)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+
+def perplexity(probs: torch.Tensor) -> torch.Tensor:
+    """2^entropy (bits) of each mean distribution in (..., V) → (...): 2^(−Σ p log₂(p + 1e-8))."""
+    return torch.exp2(-(probs * torch.log2(probs + 1e-8)).sum(-1))

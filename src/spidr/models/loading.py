@@ -1,0 +1,290 @@
+"""Load any SpidR / DinoSR checkpoint into a ready model, and export weights to safetensors.
+
+Recognised files:
+- official checkpoints ``{"model": state_dict}`` (``spidr_base.pt``, ``dinosr_base_reproduced.pt``, the official
+  trainer's ``step_N.pt``); the config comes from the ``config`` argument, else a ``config.json`` beside the file,
+  else the base defaults of ``model_type``;
+- original fairseq DinoSR checkpoints (``dinosr.ckpt``), converted by ``spidr.models.convert``;
+- our training checkpoints ``{"model": state_dict, "config": Config.to_dict(), ...}``;
+- safetensors exports written by ``export_safetensors`` (config in the metadata).
+
+Files are opened with ``torch.load(weights_only=True)``, which cannot run code. A file that holds other pickled
+Python objects (fairseq stores argparse/omegaconf configs) is refused unless the caller passes ``trust=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from spidr.config import (
+    DinoSRConfig,
+    ModelConfig,
+    ModelType,
+    SpidRConfig,
+    model_config_class,
+    model_config_from_dict,
+    read_config_file,
+)
+from spidr.models.build import build_model
+from spidr.models.convert import (
+    convert_fairseq_state_dict,
+    fairseq_model_config,
+    fairseq_model_settings,
+    fairseq_step,
+    is_fairseq_checkpoint,
+)
+from spidr.models.dinosr import DinoSR
+
+logger = logging.getLogger(__name__)
+
+CheckpointFormat = Literal["official", "fairseq", "training", "safetensors"]
+_METADATA_KEY = "spidr_config"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint file holds, resolved: the model config, our state dict, where it came from, its step."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    format: CheckpointFormat
+    step: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path, *, trust: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not trust:
+            raise ValueError(
+                f"{path} contains pickled Python objects besides tensors (fairseq checkpoints store argparse or "
+                "omegaconf configs this way); unpickling them can run arbitrary code, so it is refused. If you trust "
+                f"the file's origin, pass trust=True (CLI: --trust). Details: {str(error).splitlines()[0]}"
+            ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    logger.warning("loading %s with full unpickling (trust=True)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"{path} needs the Python package {error.name!r} to unpickle its config objects; install "
+                         "it (e.g. pip install omegaconf for fairseq checkpoints)") from error
+
+
+def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Drop the wrappers' key prefixes (DDP ``module.``, torch.compile ``_orig_mod.``)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def _model_type_of(data: Mapping[str, Any]) -> ModelType | None:
+    """The model type a config dict declares: a run config's ``run.model_type`` (official default "dinosr"), a
+    bare model config's ``__class__``, or SpidR-only fields; None when it cannot tell."""
+    if isinstance(data.get("model"), Mapping):
+        run = data.get("run") or {}
+        return run.get("model_type", "dinosr")
+    declared = {"SpidRConfig": "spidr", "DinoSRConfig": "dinosr"}.get(str(data.get("__class__")))
+    if declared is not None:
+        return declared
+    if any(name in data for name in ("ema_timescale", "ema_threshold")):
+        return "spidr"
+    return None
+
+
+def _resolve_type(declared: str | None, requested: str | None, where: str) -> ModelType:
+    if declared is not None and requested is not None and declared != requested:
+        raise ValueError(f"{where} describes a {declared!r} model but model_type={requested!r} was requested")
+    model_type = declared or requested
+    if model_type is None:
+        raise ValueError(f"cannot tell whether {where} is a SpidR or a DinoSR model (both have the same weights): "
+                         "pass model_type='spidr' or 'dinosr' (CLI: --model-type)")
+    if model_type not in ("spidr", "dinosr"):
+        raise ValueError(f"model_type = {model_type!r} is invalid: expected 'spidr' or 'dinosr'")
+    return model_type
+
+
+def _config_from_data(data: Mapping[str, Any], model_type: str | None, where: str) -> ModelConfig:
+    """Model config from a run config dict (with a "model" section) or a bare model config dict."""
+    resolved = _resolve_type(_model_type_of(data), model_type, where)
+    section = data["model"] if isinstance(data.get("model"), Mapping) else data
+    try:
+        return model_config_from_dict(dict(section), resolved)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+
+
+def _explicit_config(config: ModelConfig | str | Path, model_type: str | None) -> ModelConfig:
+    if isinstance(config, ModelConfig):
+        _resolve_type(config.model_type, model_type, f"the given {type(config).__name__}")
+        return config
+    return _config_from_data(read_config_file(config), model_type, str(config))
+
+
+def _official_config(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> ModelConfig:
+    """Config for an official checkpoint: the argument, else ``config.json`` beside it, else the defaults."""
+    if config is not None:
+        return _explicit_config(config, model_type)
+    beside = path.parent / "config.json"
+    if beside.is_file():
+        logger.info("reading the model config of %s from %s", path, beside)
+        return _config_from_data(read_config_file(beside), model_type, str(beside))
+    resolved = _resolve_type(None, model_type, str(path))
+    logger.info("no config.json beside %s: using the default %s config", path, resolved)
+    return model_config_class(resolved)()
+
+
+def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    if config is not None:
+        model_config = _explicit_config(config, model_type)
+    elif _METADATA_KEY in metadata:
+        model_config = _config_from_data(json.loads(metadata[_METADATA_KEY]), model_type, f"{path} metadata")
+    else:
+        model_config = _official_config(path, None, model_type)
+    step = int(state["current_step"][0]) if "current_step" in state else 0
+    return Checkpoint(model_config, state, "safetensors", step)
+
+
+def read_checkpoint(
+    path: str | Path,
+    *,
+    trust: bool = False,
+    config: ModelConfig | str | Path | None = None,
+    model_type: ModelType | None = None,
+) -> Checkpoint:
+    """Read a checkpoint of any recognised format (see the module docstring) without building the model.
+
+    ``config`` (a model config, or a run/model config file) overrides what the file or a ``config.json`` beside it
+    says; ``model_type`` is needed only when nothing else tells SpidR from DinoSR.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, config, model_type)
+    data = _torch_load(path, trust=trust)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict (a checkpoint or a state dict)")
+
+    if is_fairseq_checkpoint(data):
+        if model_type not in (None, "dinosr"):
+            raise ValueError(f"{path} is an original fairseq DinoSR checkpoint; model_type={model_type!r} is invalid")
+        step = fairseq_step(data)
+        model_config = (
+            _explicit_config(config, "dinosr") if config is not None
+            else fairseq_model_config(fairseq_model_settings(data))
+        )
+        return Checkpoint(model_config, convert_fairseq_state_dict(data["model"], step=step), "fairseq", step)
+
+    state = data.get("model", data)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a SpidR/DinoSR checkpoint: expected a 'model' state dict of tensors")
+    state = _strip_prefixes(state)
+    step = int(state["current_step"][0]) if "current_step" in state else 0
+
+    if isinstance(data.get("config"), Mapping):  # one of our training checkpoints
+        model_config = (
+            _explicit_config(config, model_type) if config is not None
+            else _config_from_data(data["config"], model_type, f"{path} config")
+        )
+        if "step" in data:
+            step = int(torch.as_tensor(data["step"]).reshape(-1)[0])
+        return Checkpoint(model_config, state, "training", step)
+    return Checkpoint(_official_config(path, config, model_type), state, "official", step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, *, where: str = "checkpoint") -> DinoSR:
+    """Build the model of ``checkpoint.config`` and load its state strictly; eval mode."""
+    with torch.device("meta"):
+        model = build_model(checkpoint.config)
+    # fp32 weights and an int64 step whatever the file stored (assign=True below keeps the given dtypes).
+    state = {k: v.float() if v.is_floating_point() else v.long() for k, v in checkpoint.state_dict.items()}
+    try:
+        # assign=True swaps the meta tensors for the loaded ones: no wasted random initialisation.
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{where} does not fit a {checkpoint.config.model_type} model with this config (wrong config.json or "
+            f"--config?): {str(error).strip()[:2000]}"
+        ) from None
+    return model.eval()
+
+
+def load_model(
+    path: str | Path,
+    *,
+    trust: bool = False,
+    config: ModelConfig | str | Path | None = None,
+    model_type: ModelType | None = None,
+) -> DinoSR:
+    """A ready ``SpidR`` or ``DinoSR`` in eval mode, on CPU, from any recognised checkpoint (module docstring).
+
+    Args:
+        path: ``.pt`` / ``.ckpt`` checkpoint, or ``.safetensors`` export.
+        trust: allow full unpickling for files that need it (original fairseq checkpoints). Only for trusted files.
+        config: model config (object, or a run/model config file) overriding what the file says.
+        model_type: "spidr" or "dinosr"; required only for an official checkpoint without a config.
+    """
+    return model_from_checkpoint(
+        read_checkpoint(path, trust=trust, config=config, model_type=model_type), where=str(path)
+    )
+
+
+def export_safetensors(model: DinoSR, path: str | Path) -> None:
+    """Write the full state dict (student, heads, codebooks, teacher) to ``path`` with the model config as JSON in
+    the metadata, so ``load_model(path)`` rebuilds the same model without any pickle."""
+    from safetensors.torch import save_file
+
+    data = dataclasses.asdict(model.cfg) | {"__class__": type(model.cfg).__name__}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={_METADATA_KEY: json.dumps(data), "format": "pt"})
+
+
+def spidr_base(path: str | Path) -> DinoSR:
+    """Released SpidR base (spec §9.2) from a local copy of
+    https://dl.fbaipublicfiles.com/shared/devai/assets/models/spidr_base.pt (CC BY-NC 4.0). Eval mode."""
+    return load_model(path, config=SpidRConfig())
+
+
+def dinosr_base_reproduced(path: str | Path) -> DinoSR:
+    """DinoSR base as reproduced by the SpidR authors, from a local copy of
+    https://dl.fbaipublicfiles.com/shared/devai/assets/models/dinosr_base_reproduced.pt (CC BY-NC 4.0). Eval mode."""
+    return load_model(path, config=DinoSRConfig())
+
+
+def dinosr_base_original(path: str | Path, *, trust: bool = False) -> DinoSR:
+    """The original fairseq DinoSR base, from a local copy of https://data.csail.mit.edu/placesaudio/dinosr/dinosr.ckpt,
+    converted to our layout (qkv bias included). The file pickles its fairseq config, so it loads only with
+    ``trust=True`` (and the ``omegaconf`` package installed). Eval mode."""
+    return load_model(path, trust=trust, model_type="dinosr")

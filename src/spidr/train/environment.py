@@ -1,0 +1,148 @@
+"""Where this process sits in a job: torchrun, SLURM or a single process, as one frozen description.
+
+Detection order (spec §8.3): torchrun variables (``LOCAL_RANK`` present), then a SLURM task launched by ``srun``
+(``SLURM_PROCID`` and ``SLURM_NTASKS``), else a single process. A process group is created only when there is
+more than one rank: gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+SLURM_PORT_RANGE = (20000, 60000)
+
+
+@dataclass(frozen=True)
+class DistributedEnvironment:
+    """Rank, world and rendezvous address of this process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: Literal["torchrun", "slurm", "single"] = "single"
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that writes checkpoints and logs."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect_environment(environ: Mapping[str, str] | None = None) -> DistributedEnvironment:
+    """Read the launcher's variables (``os.environ`` by default) into a :class:`DistributedEnvironment`."""
+    env = os.environ if environ is None else environ
+    if "LOCAL_RANK" in env:
+        return DistributedEnvironment(
+            rank=_int(env, "RANK"),
+            local_rank=_int(env, "LOCAL_RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_world_size=_int(env, "LOCAL_WORLD_SIZE", default=_int(env, "WORLD_SIZE")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", default=29500),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job_id = env.get("SLURM_JOB_ID", "0")
+        return DistributedEnvironment(
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID", default=0),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_world_size=_leading_int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"])),
+            master_addr=first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))),
+            master_port=slurm_port(job_id),
+            launcher="slurm",
+        )
+    return DistributedEnvironment()
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a compressed SLURM node list: ``"gpu[003-005,9],cpu1"`` → ``"gpu003"``."""
+    first = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if first is None:
+        raise ValueError(f"SLURM_JOB_NODELIST = {nodelist!r} is not a SLURM node list")
+    prefix, ranges = first.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port that every task of the job derives identically from the job id."""
+    seed = int(job_id) if job_id.isdigit() else sum(job_id.encode())
+    return random.Random(seed).randint(*SLURM_PORT_RANGE)
+
+
+def resolve_device(requested: str, denv: DistributedEnvironment) -> torch.device:
+    """``run.device``: "auto" picks this rank's GPU when CUDA is available, else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device = 'cuda' but CUDA is not available; set run.device = 'cpu' or 'auto'")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", denv.local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def init_distributed(denv: DistributedEnvironment, device: torch.device) -> None:
+    """Create the process group when the job has several ranks (gloo on CPU, NCCL on CUDA); no-op otherwise."""
+    if not denv.is_distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+        rank=denv.rank,
+        world_size=denv.world_size,
+        timeout=datetime.timedelta(minutes=30),
+        device_id=device if device.type == "cuda" else None,
+    )
+    logger.info("rank %d/%d joined a %s process group (%s)", denv.rank, denv.world_size, backend, denv.launcher)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_to_all(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    if name not in env:
+        if default is None:
+            raise ValueError(f"environment variable {name} is required by the launcher but is not set")
+        return default
+    try:
+        return int(env[name])
+    except ValueError as error:
+        raise ValueError(f"environment variable {name} = {env[name]!r} is not an integer") from error
+
+
+def _leading_int(text: str) -> int:
+    """``SLURM_NTASKS_PER_NODE`` may read ``"4(x2)"`` or ``"4,2"``: the first number."""
+    match = re.match(r"\d+", text)
+    return int(match.group()) if match else 1

@@ -1,0 +1,489 @@
+"""The training loop: ``train(cfg)`` sets a run up and drives ``train_step``, the one place where the order of
+operations of a step lives (spec §4.8):
+
+forward under autocast (per micro-batch) → global masked-frame count → loss = sum × world / count → backward →
+clip → NaN/Inf guard → optimizer step → zero grads → scheduler step → step += 1 → teacher EMA (``update_ema``).
+
+The codebooks are updated inside the training-mode forward (online clustering, spec §3.10), which is why a
+skipped step restores them from a snapshot taken before the forward.
+
+Resume is exact: a checkpoint holds the model (teacher and codebooks included), optimizer, scheduler, scaler, step,
+every rank's sampler position and RNG states; the data pipeline derives crops and masks from (seed, rank, epoch,
+batch index). A run killed at any point and resumed from its latest checkpoint replays the same steps and ends, on
+CPU, bitwise identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from spidr.config import Config, RunConfig
+from spidr.data.loader import build_dataloader
+from spidr.distributed import all_reduce_sum, world_size
+from spidr.models.build import build_model
+from spidr.train.checkpoint import (
+    Checkpointer,
+    capture_rng_state,
+    int_tensor,
+    read_int,
+    restore_rng_state,
+)
+from spidr.train.environment import (
+    DistributedEnvironment,
+    destroy_distributed,
+    detect_environment,
+    gather_to_all,
+    init_distributed,
+    resolve_device,
+)
+from spidr.train.metrics import MetricsLogger, RunningMeans
+from spidr.train.optim import build_optimizer, build_scheduler, remove_frozen_group
+from spidr.train.precision import Precision, resolve_precision
+from spidr.train.validate import validate
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # kill/time-out/pre-emption notices: save, then exit
+Outcome = Literal["completed", "interrupted"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient (a checkpoint was saved first)."""
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports (all values global over ranks)."""
+
+    skipped: bool  # non-finite loss or gradient somewhere: nothing was updated
+    stop_requested: bool  # some rank received a stop signal
+    metrics: dict[str, float | list[float]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_step(
+    model: nn.Module,
+    batches: Sequence[Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    step: int,
+    precision: Precision,
+    scaler: torch.amp.GradScaler | None,
+    max_norm: float,
+    stop_requested: bool = False,
+) -> StepOutput:
+    """One optimizer step over the micro-batches ``batches`` of this rank (``optimizer.grad_accum_steps`` of them).
+
+    ``model`` may be wrapped in DistributedDataParallel; ``step`` is the number of optimizer steps done so far,
+    and the teacher is moved with ``update_ema(step + 1)`` when the step is taken. ``stop_requested`` is this
+    rank's stop flag, agreed with the other ranks in the step's last collective.
+    """
+    raw = unwrap(model)
+    world = world_size()
+    device = batches[0].waveforms.device
+    # Codebooks move inside the forward; keep a copy so that a skipped step leaves them untouched.
+    codebooks = {name: buffer.clone() for name, buffer in raw.named_buffers() if name.startswith("codebooks.")}
+
+    # Global masked-frame count over micro-batches and ranks, needed before the first backward.
+    local = torch.tensor(
+        [sum(float(b.mask.sum()) for b in batches), sum(float(b.lengths.sum()) for b in batches),
+         sum(len(b) for b in batches)],
+        dtype=torch.float64, device=device,
+    )
+    num_frames, num_samples, num_utterances = all_reduce_sum(local).tolist()
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    forward_metrics = RunningMeans()
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        # DDP averages gradients only on the final micro-batch; earlier ones accumulate locally.
+        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        with sync:
+            with precision.autocast():
+                losses, metrics = model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask)
+            if losses.numel() != int(batch.mask.sum()):
+                raise RuntimeError(f"the model scored {losses.numel()} frames but the batch masks "
+                                   f"{int(batch.mask.sum())}")
+            # DDP averages over ranks, so × world makes the gradient that of the global per-frame mean.
+            loss = losses.float().sum() * (world / num_frames)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += losses.detach().double().sum()
+        forward_metrics.add(_metric_values(metrics))
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    # NaN/Inf guard: every rank must take the same decision.
+    finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+    flags = torch.tensor([loss_sum.item(), float(not finite), float(stop_requested)], dtype=torch.float64,
+                         device=device)
+    global_loss_sum, nonfinite, stop = all_reduce_sum(flags).tolist()
+    lr = optimizer.param_groups[0]["lr"]
+    output = StepOutput(skipped=nonfinite > 0, stop_requested=stop > 0)
+    output.metrics = {
+        "loss": global_loss_sum / num_frames,
+        "grad_norm": float(grad_norm),
+        "lr": lr,
+        "num_frames": num_frames,
+        "audio_seconds": num_samples / SAMPLE_RATE,
+        "batch_size": num_utterances,
+        **forward_metrics.means(),
+    }
+    if output.skipped:
+        optimizer.zero_grad(set_to_none=True)
+        for name, buffer in raw.named_buffers():
+            if name in codebooks:
+                buffer.copy_(codebooks[name])
+        if scaler is not None:
+            scaler.update()  # lowers the float16 loss scale after an overflow
+        return output
+
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    output.metrics["ema_decay"] = float(raw.update_ema(step + 1))
+    return output
+
+
+def _metric_values(metrics: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
+    out: dict[str, float | list[float]] = {}
+    for key in ("target_ppl", "pred_ppl"):
+        out[key] = float(metrics[key].float().mean())
+    for key in ("loss_per_codebook", "target_ppl_per_codebook", "pred_ppl_per_codebook", "active_codewords"):
+        if key in metrics:
+            out[key] = metrics[key].float().reshape(-1).tolist()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on one screen, in order
+    """Pretrain ``cfg.model`` on ``cfg.data`` until ``cfg.optimizer.max_steps``, resuming from the latest complete
+    checkpoint in ``cfg.run.run_dir`` if there is one.
+
+    Returns "completed", or "interrupted" when a stop signal arrived (a checkpoint was saved first). Raises
+    ``TrainingDivergedError`` after ``run.max_consecutive_nonfinite`` non-finite steps in a row.
+    """
+    denv = detect_environment()
+    if cfg.run.use_deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    device = resolve_device(cfg.run.device, denv)
+    init_distributed(denv, device)
+    outcome: Outcome = "completed"
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(destroy_distributed)
+        _configure_numerics(cfg.run, device)
+        run_dir = cfg.run.run_dir
+        if denv.is_main:
+            _write_config(cfg, run_dir)
+
+        # Identical initial weights on every rank (seeded with the run seed), then one RNG stream per rank.
+        torch.manual_seed(cfg.run.random_seed)
+        raw_model = build_model(cfg.model).to(device)
+        _seed_everything(cfg.run.random_seed + denv.rank)
+        precision = resolve_precision(cfg.optimizer.dtype, device)
+        scaler = precision.make_scaler()
+        loader, sampler = build_dataloader(
+            cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config,
+            rank=denv.rank, world_size=denv.world_size,
+        )
+
+        checkpointer = Checkpointer(run_dir, save_interval=cfg.run.save_interval, keep_latest=cfg.run.keep_latest)
+        latest = checkpointer.load_latest()
+        step, nonfinite_streak = 0, 0
+        if latest is None:
+            _load_initial_weights(raw_model, cfg.run.init_ckpt)
+            optimizer = build_optimizer(raw_model, cfg.optimizer, device=device)
+            scheduler = build_scheduler(optimizer, cfg.optimizer)
+        else:
+            path, state = latest
+            logger.info("resuming from %s", path)
+            raw_model.load_state_dict(state["model"])
+            if int(raw_model.current_step) >= cfg.model.freeze_step:
+                raw_model.freeze_feature_encoder()
+            # Rebuild the optimizer with the groups it was saved with (group 1 may already be removed).
+            with_frozen = len(state["optimizer"]["param_groups"]) > 1
+            optimizer = build_optimizer(raw_model, cfg.optimizer, device=device, include_frozen=with_frozen)
+            scheduler = build_scheduler(optimizer, cfg.optimizer)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step = read_int(state["step"])
+            nonfinite_streak = int(state.get("nonfinite_streak", 0))
+            _restore_rank_state(state, sampler, denv)
+            del state  # the optimizer and model hold copies; free the loaded tensors
+
+        metrics_logger = MetricsLogger(cfg, enabled=denv.is_main, start_step=step)
+        cleanup.callback(metrics_logger.close)
+        validation = _validation_loaders(cfg, denv)
+
+        def save(*, final: bool = False) -> None:
+            # Collective (gathers every rank's sampler and RNG state); only the main rank writes.
+            state = _training_state(cfg, model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                    sampler=sampler, step=step, nonfinite_streak=nonfinite_streak)
+            if denv.is_main:
+                checkpointer.save(state, step=None if final else step)
+
+        def run_validation() -> None:
+            for name, val_loader in validation.items():
+                metrics_logger.log(step, name, validate(raw_model, val_loader, device=device, precision=precision))
+
+        if latest is None:
+            save()  # step_0.pt: the exact initial state, before any wrapper
+            run_validation()
+        if step >= cfg.optimizer.max_steps:
+            logger.info("step %d >= optimizer.max_steps = %d: nothing to do", step, cfg.optimizer.max_steps)
+            return outcome
+
+        model = _wrap(raw_model, cfg, denv, device)
+        stop = _StopFlag()
+        cleanup.enter_context(stop.installed())
+        batches = _batches(loader)
+        interval = RunningMeans()
+        interval_start, interval_audio = time.perf_counter(), 0.0
+        while step < cfg.optimizer.max_steps:
+            if step >= cfg.model.freeze_step and len(optimizer.param_groups) > 1:
+                remove_frozen_group(optimizer, scheduler)  # the extractor froze in update_ema (spec §4.7)
+            micro_batches = [next(batches).to(device, non_blocking=True)
+                             for _ in range(cfg.optimizer.grad_accum_steps)]
+            out = train_step(
+                model, micro_batches, optimizer, scheduler, step=step, precision=precision, scaler=scaler,
+                max_norm=cfg.optimizer.max_norm, stop_requested=stop.requested,
+            )
+            saved = False
+            if out.skipped:
+                nonfinite_streak += 1
+                logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                               step + 1, out.metrics["loss"], out.metrics["grad_norm"], nonfinite_streak)
+                if nonfinite_streak >= cfg.run.max_consecutive_nonfinite:
+                    save()
+                    raise TrainingDivergedError(
+                        f"{nonfinite_streak} consecutive steps had a non-finite loss or gradient (limit "
+                        f"run.max_consecutive_nonfinite = {cfg.run.max_consecutive_nonfinite}); stopped at step "
+                        f"{step} with a checkpoint in {run_dir}"
+                    )
+            else:
+                nonfinite_streak = 0
+                step += 1
+                interval.add({k: v for k, v in out.metrics.items() if k not in ("lr", "ema_decay")})
+                interval_audio += float(out.metrics["audio_seconds"])
+                if step % cfg.run.log_interval == 0 or step == cfg.optimizer.max_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    values = {**interval.means(), "lr": out.metrics["lr"], "ema_decay": out.metrics["ema_decay"],
+                              "epoch": sampler.epoch, "audio_seconds_per_s": interval_audio / max(elapsed, 1e-9)}
+                    metrics_logger.log(step, "train", values)
+                    metrics_logger.progress(step, {"loss": values["loss"], "lr": values["lr"],
+                                                   "audio_s/s": values["audio_seconds_per_s"]})
+                    interval.reset()
+                    interval_start, interval_audio = time.perf_counter(), 0.0
+                if checkpointer.should_save(step) and step < cfg.optimizer.max_steps:
+                    save()
+                    saved = True
+                    run_validation()
+            if out.stop_requested:
+                if not saved:
+                    save()
+                logger.info("stopped by a signal at step %d; checkpoint saved", step)
+                outcome = "interrupted"
+                break
+        else:
+            save(final=True)
+            if not checkpointer.should_save(step):
+                run_validation()
+    return outcome
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under a DistributedDataParallel wrapper (``torch.compile`` is applied in place)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Set-up helpers, in the order ``train`` uses them
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _configure_numerics(run: RunConfig, device: torch.device) -> None:
+    """Full-precision fp32 matmuls (no TF32), as the reference; optional deterministic algorithms."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False  # variable shapes: autotuning would never pay off
+    torch.set_float32_matmul_precision("highest")
+    if run.use_deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def _write_config(cfg: Config, run_dir: Path) -> None:
+    """``<run_dir>/config.json``; a different existing one (a resumed run with edited settings) is reported."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    new = cfg.to_dict()
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+        changed = sorted(_diff(old, new))
+        if changed:
+            logger.warning("config differs from the run's previous config.json in: %s", ", ".join(changed))
+    path.write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in set(old) | set(new) for d in _diff(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 -- code may use the legacy global RNG; seed it too
+    torch.manual_seed(seed)
+
+
+def _load_initial_weights(model: nn.Module, path: str | None) -> None:
+    """``run.init_ckpt``: start a fresh run from the weights of a checkpoint (its ``"model"`` entry)."""
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise ValueError(f"run.init_ckpt = {path!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weights = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(f"run.init_ckpt = {path!r} does not fit the [model] config: {error}") from error
+    model.current_step.zero_()  # a new run: schedules restart from step 0
+    logger.info("initialised the model from %s", path)
+
+
+def _restore_rank_state(state: dict[str, Any], sampler: Any, denv: DistributedEnvironment) -> None:
+    """This rank's sampler position and RNG states; with another world size only the epoch carries over."""
+    per_rank = state["ranks"]
+    if len(per_rank) == denv.world_size:
+        sampler.load_state_dict(per_rank[denv.rank]["sampler"])
+        restore_rng_state(per_rank[denv.rank]["rng"])
+        return
+    logger.warning("the checkpoint was saved by %d ranks, this run has %d: fresh RNG states and the saved epoch "
+                   "restarts (not an exact resume)", len(per_rank), denv.world_size)
+    sampler.load_state_dict(per_rank[0]["sampler"])  # the sampler sees the world size changed and restarts
+
+
+def _training_state(
+    cfg: Config,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    sampler: Any,
+    step: int,
+    nonfinite_streak: int,
+) -> dict[str, Any]:
+    """Everything an exact resume needs, in weights_only-loadable types (collective over ranks)."""
+    ranks = gather_to_all({"sampler": sampler.state_dict(), "rng": capture_rng_state()})
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": int_tensor(step),
+        "epoch": int_tensor(sampler.epoch),
+        "nonfinite_streak": nonfinite_streak,
+        "ranks": ranks,
+        "config": cfg.to_dict(),
+    }
+
+
+def _validation_loaders(cfg: Config, denv: DistributedEnvironment) -> dict[str, Any]:
+    return {
+        name: build_dataloader(
+            data_cfg, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config, rank=denv.rank,
+            world_size=denv.world_size, deterministic_crops=True,
+        )[0]
+        for name, data_cfg in cfg.validation.items()
+    }
+
+
+def _wrap(model: nn.Module, cfg: Config, denv: DistributedEnvironment, device: torch.device) -> nn.Module:
+    """Compile in place (CUDA only) and wrap in DDP when there are several ranks."""
+    if cfg.run.compile and device.type == "cuda":
+        model.compile(dynamic=True)
+    if not denv.is_distributed:
+        return model
+    # Unused parameters are the rule here: SpidR never uses its last layer's final LayerNorm, DinoSR drops layers,
+    # and the extractor stops training at freeze_step. Buffers (codebooks) are broadcast from rank 0 every
+    # forward, a guard on top of the identical all-reduced codebook updates.
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+        broadcast_buffers=True,
+    )
+
+
+def _batches(loader: Any) -> Iterator[Any]:
+    """This rank's batches, epoch after epoch (the loader marks each consumed batch for resume)."""
+    while True:
+        # Starting an iterator draws worker seeds from the global torch RNG; fork it so that the dropout stream
+        # does not depend on where epochs (or a resume) begin.
+        with torch.random.fork_rng(devices=[]):
+            iterator = iter(loader)
+        yield from iterator
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1 / SIGUSR2; the loop saves a checkpoint and returns at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        logger.warning("received %s: will save a checkpoint and stop after this step", signal.Signals(signum).name)
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+        previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,84 @@
+"""``spidr plot-training RUN_DIR``: PNG curves of loss, perplexities and active codewords from metrics.jsonl."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from spidr.train.metrics import METRICS_FILE, read_metrics
+
+logger = logging.getLogger(__name__)
+
+# (file stem, title, [(metric, label)]) — one figure per entry, one line per group (train, each validation set).
+FIGURES = (
+    ("loss", "loss (cross-entropy, nats)", [("loss", "")]),
+    ("perplexity", "codebook perplexity", [("target_ppl", "target"), ("pred_ppl", "prediction")]),
+)
+PER_CODEBOOK = (
+    ("target_ppl_per_codebook", "target perplexity per codebook"),
+    ("active_codewords", "active codewords per codebook"),
+    ("loss_per_codebook", "loss per codebook"),
+)
+
+
+def series_by_group(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """group → step → record; when a resumed run logged a step again, its last record wins."""
+    out: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for record in records:
+        if "step" in record and "group" in record:
+            out[record["group"]][int(record["step"])] = record
+    return out
+
+
+def plot_training(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write ``loss.png``, ``perplexity.png`` and per-codebook PNGs for the run; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise ValueError(f"{metrics_path} does not exist: is {run_dir} a training run directory?")
+    groups = series_by_group(read_metrics(metrics_path))
+    if not groups:
+        raise ValueError(f"{metrics_path} holds no metric records")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, title, metrics in FIGURES:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for group, by_step in sorted(groups.items()):
+            for metric, label in metrics:
+                steps = [s for s in sorted(by_step) if isinstance(by_step[s].get(metric), (int, float))]
+                if steps:
+                    name = f"{group} {label}".strip()
+                    ax.plot(steps, [by_step[s][metric] for s in steps], label=name, marker="." if
+                            len(steps) < 50 else None)
+        written.append(_finish(fig, ax, title, out_dir / f"{stem}.png"))
+    for metric, title in PER_CODEBOOK:
+        for group, by_step in sorted(groups.items()):
+            steps = [s for s in sorted(by_step) if isinstance(by_step[s].get(metric), list)]
+            if not steps:
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for k in range(len(by_step[steps[0]][metric])):
+                ax.plot(steps, [by_step[s][metric][k] for s in steps], label=f"codebook {k}")
+            written.append(_finish(fig, ax, f"{title} ({group})", out_dir / f"{metric}_{group}.png"))
+    plt.close("all")
+    logger.info("wrote %d plots to %s", len(written), out_dir)
+    return written
+
+
+def _finish(fig: Any, ax: Any, title: str, path: Path) -> Path:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,121 @@
+"""``spidr submit``: launch pretraining on SLURM through submitit (an optional extra, imported lazily).
+
+One SLURM task per GPU; each task finds its rank from the SLURM variables (``spidr.train.environment``). The
+submitted callable is checkpointable: on a time-out or pre-emption signal the training loop saves a checkpoint
+at the next step boundary and returns "interrupted", and the job requeues itself; the requeued job resumes from
+that checkpoint. Should submitit's own handler fire first, ``checkpoint`` resubmits the same callable, which
+resumes from the latest periodic checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from spidr.config import Config, config_from_dict
+
+logger = logging.getLogger(__name__)
+
+SIGNAL_DELAY_S = 120  # SLURM warns this long before the time limit, time enough to save a checkpoint
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Resources of one training job."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    time_min: int = 1200
+    constraint: str | None = None
+    cpus_per_task: int = 10
+    mem_per_gpu: str | None = None
+    dump_dir: str = "submitit"
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node", "time_min", "cpus_per_task"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)} must be >= 1")
+
+
+class TrainJob:
+    """The submitted callable: ``train(config)`` on every task, requeued when interrupted by a signal."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config  # a plain dict (Config.to_dict()): later edits of the TOML do not change the job
+
+    def __call__(self) -> str:
+        from spidr.train.environment import detect_environment
+        from spidr.train.loop import train
+
+        outcome = train(config_from_dict(self.config))
+        if outcome == "interrupted" and detect_environment().is_main and "SLURM_JOB_ID" in os.environ:
+            requeue(os.environ["SLURM_JOB_ID"])
+        return outcome
+
+    def checkpoint(self) -> Any:
+        """Called by submitit on pre-emption: resubmit the same job (it resumes from the latest checkpoint)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config))
+
+
+def requeue(job_id: str) -> None:
+    """Put this SLURM job back in the queue (it restarts from its latest checkpoint)."""
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        logger.info("requeued SLURM job %s", job_id)
+    else:
+        logger.warning("could not requeue SLURM job %s: %s", job_id, result.stderr.strip())
+
+
+def submit(configs: list[Config], options: SlurmOptions, *, cluster: str | None = None) -> list[Any]:
+    """Submit one job per config; returns the submitit jobs. ``cluster="debug"`` runs in this process (tests)."""
+    try:
+        import submitit
+    except ImportError as error:
+        raise ValueError("spidr submit needs submitit: pip install 'spidr[slurm]'") from error
+    jobs = []
+    for cfg in configs:
+        name = f"{cfg.run.wandb_project}-{cfg.run.wandb_name}"
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        folder = Path(options.dump_dir) / f"{name}_{stamp}"
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        executor.update_parameters(
+            name=name,
+            nodes=options.nodes,
+            tasks_per_node=options.gpus_per_node,
+            gpus_per_node=options.gpus_per_node,
+            cpus_per_task=options.cpus_per_task,
+            timeout_min=options.time_min,
+            slurm_signal_delay_s=SIGNAL_DELAY_S,
+            **{f"slurm_{key}": value for key, value in (
+                ("account", options.account), ("partition", options.partition), ("qos", options.qos),
+                ("constraint", options.constraint), ("mem_per_gpu", options.mem_per_gpu),
+            ) if value is not None},
+        )
+        job = executor.submit(TrainJob(cfg.to_dict()))
+        _write_job_info(folder, job.job_id, cfg, options)
+        logger.info("submitted %s as job %s (logs in %s)", name, job.job_id, folder)
+        jobs.append(job)
+    return jobs
+
+
+def _write_job_info(folder: Path, job_id: str, cfg: Config, options: SlurmOptions) -> None:
+    """``job-info.json`` plus the code version (``git-info.txt``, ``git-diff.patch``) beside the job's logs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"job_id": job_id, "run_dir": str(cfg.run.run_dir), "options": asdict(options), "config": cfg.to_dict()}
+    (folder / "job-info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    source = Path(__file__).resolve().parent
+    for args, out in ((["log", "-1", "--format=%H %s"], "git-info.txt"), (["diff", "HEAD"], "git-diff.patch")):
+        result = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            (folder / out).write_text(result.stdout, encoding="utf-8")

@@ -1,0 +1,109 @@
+"""Decoding, down-mixing, resampling, standardisation and the errors of ``spidr.data.audio``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from spidr.data.audio import AudioError, decode, load_audio, standardize
+from spidr.data.manifest import ManifestEntry
+
+
+def sine(num_samples: int, rate: int, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(num_samples) / rate)).astype(np.float32)
+
+
+def test_standardize_is_layer_norm_over_the_whole_utterance() -> None:
+    x = torch.randn(1234, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    assert torch.equal(standardize(x), F.layer_norm(x, x.shape))
+    # Hand-computed: mean 2.5, biased variance 1.25.
+    small = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    expected = (small - 2.5) / math.sqrt(1.25 + 1e-5)
+    torch.testing.assert_close(standardize(small), expected)
+    # Batched rows are standardised independently.
+    rows = torch.stack([x, 2 * x + 7])
+    torch.testing.assert_close(standardize(rows)[1], standardize(rows[1]))
+
+
+def test_path_and_bytes_decode_identically(tmp_path: Path) -> None:
+    path = tmp_path / "a.flac"
+    sf.write(path, sine(5000, 16_000), 16_000)
+    from_path = load_audio(path, normalize=False)
+    from_bytes = load_audio(path.read_bytes(), normalize=False)
+    assert from_path.dtype == torch.float32 and from_path.shape == (5000,)
+    assert torch.equal(from_path, from_bytes)
+    np.testing.assert_allclose(from_path.numpy(), sine(5000, 16_000), atol=1e-4)  # 16-bit FLAC quantisation
+    normalised = load_audio(path)
+    assert abs(float(normalised.mean())) < 1e-5 and abs(float(normalised.var(unbiased=False)) - 1) < 1e-3
+
+
+def test_stereo_is_averaged_to_mono(tmp_path: Path) -> None:
+    left, right = sine(3000, 16_000, 300), sine(3000, 16_000, 500, 0.2)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.stack([left, right], axis=1), 16_000, subtype="FLOAT")
+    np.testing.assert_allclose(decode(path).numpy(), (left + right) / 2, atol=1e-7)
+
+
+def test_other_rates_are_resampled_to_16k(tmp_path: Path) -> None:
+    path = tmp_path / "cd.wav"
+    sf.write(path, sine(44_100, 44_100, 440), 44_100, subtype="FLOAT")
+    wave = decode(path)
+    assert wave.shape == (16_000,)
+    spectrum = np.abs(np.fft.rfft(wave.numpy()))
+    assert int(np.argmax(spectrum)) == 440  # one-second signal: bin k is k Hz, so the tone kept its pitch
+
+
+def test_ogg_vorbis(tmp_path: Path) -> None:
+    path = tmp_path / "a.ogg"
+    sf.write(path, sine(16_000, 16_000), 16_000, format="OGG", subtype="VORBIS")
+    wave = decode(path)
+    assert abs(wave.shape[0] - 16_000) < 100
+
+
+def test_manifest_entry_source(tmp_path: Path) -> None:
+    path = tmp_path / "a.wav"
+    sf.write(path, sine(4000, 16_000), 16_000)
+    assert torch.equal(load_audio(ManifestEntry("a", str(path), 4000)), load_audio(path))
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("missing", "does not exist"),
+        ("corrupt", "cannot be decoded"),
+        ("empty", "no audio samples"),
+        ("short", "too short: 300 samples"),
+        ("nan", "NaN or Inf"),
+        ("inf", "NaN or Inf"),
+    ],
+)
+def test_bad_audio_raises_audio_error(tmp_path: Path, kind: str, reason: str) -> None:
+    path = tmp_path / f"{kind}.wav"
+    match kind:
+        case "corrupt":
+            path.write_bytes(b"RIFF" + bytes(range(256)) * 4)
+        case "empty":
+            sf.write(path, np.zeros(0, dtype=np.float32), 16_000)
+        case "short":
+            sf.write(path, sine(300, 16_000), 16_000)
+        case "nan" | "inf":
+            wave = sine(4000, 16_000)
+            wave[1234] = np.nan if kind == "nan" else np.inf
+            sf.write(path, wave, 16_000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=reason) as info:
+        load_audio(path, min_samples=400)
+    assert info.value.path == str(path) and reason in info.value.reason
+    assert isinstance(info.value, ValueError)  # the CLI prints it as a user error
+
+
+def test_archive_member_out_of_range(tmp_path: Path) -> None:
+    archive = tmp_path / "x.tar"
+    archive.write_bytes(b"\0" * 1024)
+    with pytest.raises(AudioError, match="beyond the end"):
+        load_audio(ManifestEntry("a", "a.wav", 10, str(archive), 512, 4096))

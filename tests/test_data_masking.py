@@ -1,0 +1,164 @@
+"""Span masking: exact expectations on small cases, invariants, determinism and the reference statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from conftest import REFERENCE, requires_shared
+
+from spidr.config import MaskingConfig
+from spidr.data.masking import compute_mask_indices, span_mask, span_mask_from_lengths
+
+
+def runs(row: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of every run of True in a 1-D bool tensor."""
+    out, start = [], None
+    for i, value in enumerate([*row.tolist(), False]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            out.append((start, i - start))
+            start = None
+    return out
+
+
+def no_padding(batch: int, frames: int) -> torch.Tensor:
+    return torch.zeros(batch, frames, dtype=torch.bool)
+
+
+def test_expected_coverage_matches_the_closed_form() -> None:
+    """One row of 500 frames: exactly n = 40 spans of 10 with distinct starts uniform in [0, 490), so frame t stays
+    unmasked with the hypergeometric probability C(490 − k_t, 40) / C(490, 40), k_t = starts covering t."""
+    frames, length, spans, slots = 500, 10, 40, 490
+    expected = 0.0
+    for t in range(frames):
+        covering = min(t, slots - 1) - max(0, t - length + 1) + 1
+        expected += 1 - math.comb(slots - covering, spans) / math.comb(slots, spans)
+    expected /= frames  # ≈ 0.56, the "1 − (1 − p/l)^l" fraction before equalisation
+
+    generator = torch.Generator().manual_seed(123)
+    fractions = torch.tensor([
+        span_mask(MaskingConfig(), no_padding(1, frames), generator=generator).float().mean().item()
+        for _ in range(300)
+    ])
+    tolerance = 5 * fractions.std().item() / math.sqrt(len(fractions))
+    assert abs(fractions.mean().item() - expected) < tolerance, (fractions.mean().item(), expected)
+    assert 0.55 < expected < 0.58
+
+
+def test_two_spans_in_twenty_frames_hand_computed() -> None:
+    """T = 20, l = 10, p = 0.8: n = int(1.6 + u) ≤ 2, raised to min_masks = 2; starts a ≠ b uniform in [0, 10), so
+    the row masks 10 + |a − b| frames, with P(|a − b| = d) = 2 (10 − d) / 90."""
+    generator = torch.Generator().manual_seed(7)
+    draws = 1500
+    counts = Counter(
+        int(span_mask(MaskingConfig(), no_padding(1, 20), generator=generator).sum()) - 10 for _ in range(draws)
+    )
+    assert set(counts) <= set(range(1, 10))
+    for d in range(1, 10):
+        p = 2 * (10 - d) / 90
+        sigma = math.sqrt(p * (1 - p) / draws)
+        assert abs(counts[d] / draws - p) < 5 * sigma, (d, counts[d] / draws, p)
+
+
+def test_min_masks_without_overlap_gives_exact_runs() -> None:
+    """p·T/l = 0.67 → n ∈ {0, 1}, raised to min_masks = 3: exactly 3 separate runs of 3 frames (each placement
+    uses at most 3 + 2 spacing + 2·2 discarded fragment frames, so all three always fit in 40 frames)."""
+    cfg = MaskingConfig(mask_prob=0.05, mask_length=3, min_masks=3, no_mask_overlap=True, mask_min_space=1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        (row,) = span_mask(cfg, no_padding(1, 40), generator=generator)
+        assert [length for _, length in runs(row)] == [3, 3, 3]
+
+
+def test_no_overlap_keeps_min_space_between_spans() -> None:
+    cfg = MaskingConfig(mask_prob=0.5, mask_length=4, no_mask_overlap=True, mask_min_space=2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        (row,) = span_mask(cfg, no_padding(1, 120), generator=generator)
+        found = runs(row)
+        assert all(length == 4 for _, length in found)
+        gaps = [s2 - (s1 + l1) for (s1, l1), (s2, _) in zip(found, found[1:], strict=False)]
+        assert len(found) >= 2 and all(gap >= 2 for gap in gaps)
+
+
+def test_without_min_masks_a_tiny_probability_can_mask_nothing() -> None:
+    cfg = MaskingConfig(mask_prob=0.01, min_masks=0)
+    generator = torch.Generator().manual_seed(0)
+    totals = {int(span_mask(cfg, no_padding(1, 50), generator=generator).sum()) for _ in range(40)}
+    assert 0 in totals and totals <= {0, 10}
+
+
+@pytest.mark.parametrize("selection", ["static", "uniform", "normal", "poisson"])
+@pytest.mark.parametrize("no_overlap", [False, True])
+def test_rows_are_equalised_and_padding_is_never_masked(selection: str, no_overlap: bool) -> None:
+    cfg = MaskingConfig(mask_selection=selection, mask_other=2.0, no_mask_overlap=no_overlap)
+    lengths = torch.tensor([200, 57, 133, 90])
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        mask = span_mask_from_lengths(cfg, lengths, 200, generator=generator)
+        assert mask.shape == (4, 200) and mask.dtype == torch.bool
+        counts = mask.sum(dim=1)
+        assert torch.all(counts == counts[0]) and counts[0] >= 1
+        padding = torch.arange(200)[None, :] >= lengths[:, None]
+        assert not (mask & padding).any()
+
+
+def test_uniform_span_lengths_stay_in_range() -> None:
+    cfg = MaskingConfig(mask_selection="uniform", mask_other=3.0, mask_length=5, no_mask_overlap=True,
+                        mask_min_space=1, mask_prob=0.3)
+    generator = torch.Generator().manual_seed(5)
+    seen = set()
+    for _ in range(40):
+        (row,) = span_mask(cfg, no_padding(1, 300), generator=generator)
+        seen |= {length for _, length in runs(row)}
+    assert seen <= set(range(3, 11)) and len(seen) > 4
+
+
+def test_same_generator_state_same_mask() -> None:
+    cfg = MaskingConfig(no_mask_overlap=True, mask_selection="poisson")  # the path that ignored the seed (§14.13)
+    padding = torch.arange(150)[None, :] >= torch.tensor([150, 120, 80])[:, None]
+    first = span_mask(cfg, padding, generator=torch.Generator().manual_seed(11))
+    again = span_mask(cfg, padding, generator=torch.Generator().manual_seed(11))
+    other = span_mask(cfg, padding, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_shared_count_without_padding_mask() -> None:
+    """Without a padding mask every row gets the same number of spans (one shared draw); counts stay equal."""
+    generator = torch.Generator().manual_seed(0)
+    mask = compute_mask_indices((5, 100), None, mask_prob=0.8, mask_length=10, min_masks=2, generator=generator)
+    assert mask.shape == (5, 100) and len(set(mask.sum(dim=1).tolist())) == 1
+
+
+def test_zero_rows() -> None:
+    assert span_mask(MaskingConfig(), no_padding(0, 10), generator=torch.Generator()).shape == (0, 10)
+
+
+@requires_shared
+def test_mean_masked_fraction_matches_reference_stats() -> None:
+    stats = json.loads((REFERENCE / "reference_facts.json").read_text())["mask_stats"]
+    generator = torch.Generator().manual_seed(0)
+    fractions = [span_mask(MaskingConfig(), no_padding(4, 200), generator=generator).float().mean().item()
+                 for _ in range(200)]
+    mean = sum(fractions) / len(fractions)
+    # Two independent 200-call means differ by about √2 · std / √200; allow four of those.
+    tolerance = 4 * math.sqrt(2) * stats["std_fraction"] / math.sqrt(200)
+    assert abs(mean - stats["mean_fraction"]) < tolerance, (mean, stats["mean_fraction"])
+    assert stats["min_fraction"] - 0.05 <= min(fractions) and max(fractions) <= stats["max_fraction"] + 0.05
+
+
+@requires_shared
+def test_reference_masks_reproduced_exactly() -> None:
+    """Same generator seed, same draws in the same order: the fixture masks come out bit for bit."""
+    io = torch.load(REFERENCE / "spidr_small_io.pt", weights_only=True)
+    mask = span_mask(MaskingConfig(), no_padding(2, 99), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, io["mask"])
+    padded = io["padded"]
+    mask = span_mask(MaskingConfig(), padded["padding_mask"], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(mask, padded["mask"])

@@ -1,0 +1,145 @@
+"""Bucketed batch sampler: batch budget, coverage across ranks, epoch seeding and exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spidr.data.sampler import BucketBatchSampler
+
+
+def random_lengths(n: int = 300, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(1000, 60_000, size=n).tolist()
+
+
+def make(lengths: list[int], **kwargs: object) -> BucketBatchSampler:
+    defaults: dict[str, object] = {"max_batch_length": 150_000, "min_sample_size": 2000, "max_sample_size": 40_000,
+                                   "num_buckets": 20}
+    return BucketBatchSampler(lengths, **(defaults | kwargs))  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 50_000), min_size=1, max_size=80),
+    budget=st.integers(2000, 120_000),
+    padded=st.booleans(),
+    method=st.sampled_from(["uniform", "percentile"]),
+)
+def test_batches_never_exceed_the_budget(lengths: list[int], budget: int, padded: bool, method: str) -> None:
+    if max(lengths) < 1000:
+        lengths = [*lengths, 1000]
+    sampler = BucketBatchSampler(lengths, max_batch_length=budget, min_sample_size=1000, max_sample_size=30_000,
+                                 num_buckets=7, bucket_method=method, padded=padded)  # type: ignore[arg-type]
+    for batch in sampler.batches(0):
+        clipped = [min(lengths[i], 30_000) for i in batch]
+        cost = len(batch) * max(clipped) if padded else sum(clipped)
+        assert cost <= budget or len(batch) == 1  # only a lone over-budget utterance may exceed it
+
+
+def test_short_dropped_long_clipped() -> None:
+    lengths = [500, 1999, 2000, 100_000, 30_000]
+    sampler = make(lengths, max_batch_length=40_000 + 30_000)
+    seen = sorted(i for batch in sampler.batches(0) for i in batch)
+    assert seen == [2, 3, 4]  # 500 and 1999 are below min_sample_size
+    # 100 000 counts as 40 000: it fits with the 30 000 one, but not with both others.
+    assert all(sum(min(lengths[i], 40_000) for i in b) <= 70_000 for b in sampler.batches(0))
+
+
+def test_unshuffled_batches_are_contiguous_in_length() -> None:
+    lengths = random_lengths()
+    sampler = make(lengths, shuffle=False)
+    flat = [min(lengths[i], 40_000) for batch in sampler.batches(0) for i in batch]
+    assert flat == sorted(flat)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_utterance_once_per_epoch_across_ranks(world_size: int) -> None:
+    lengths = random_lengths()
+    kept = {i for i, n in enumerate(lengths) if n >= 2000}
+    for epoch in (0, 1):
+        samplers = [make(lengths, rank=r, world_size=world_size) for r in range(world_size)]
+        per_rank = [s.batches(epoch) for s in samplers]
+        assert len({len(b) for b in per_rank}) == 1  # every rank steps the same number of times
+        global_batches = samplers[0].global_batches(epoch)
+        unpadded = make(lengths).global_batches(epoch)  # world 1 never pads
+        padding = len(global_batches) - len(unpadded)
+        assert 0 <= padding < world_size  # no extra world of batches when it already divides (spec §14.11)
+        assert global_batches[: len(unpadded)] == unpadded
+        assert global_batches[len(unpadded):] == unpadded[:padding]
+        counts = Counter(i for batches in per_rank for b in batches for i in b)
+        assert set(counts) == kept
+        repeated = Counter(i for b in unpadded[:padding] for i in b)
+        assert all(counts[i] == 1 + repeated[i] for i in kept)
+
+
+def test_drop_last_drops_the_remainder() -> None:
+    lengths = random_lengths()
+    full = make(lengths).global_batches(0)
+    samplers = [make(lengths, rank=r, world_size=4, drop_last=True) for r in range(4)]
+    assert samplers[0].global_batches(0) == full[: len(full) - len(full) % 4]
+    assert sum(len(s) for s in samplers) == len(full) - len(full) % 4
+
+
+def test_epochs_are_seeded_with_seed_plus_epoch() -> None:
+    lengths = random_lengths()
+    a, b = make(lengths, seed=5), make(lengths, seed=5)
+    assert a.batches(0) == b.batches(0)
+    assert a.batches(0) != a.batches(1)
+    a.set_epoch(1)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b)  # not cumulative: epoch 2 does not depend on the epochs before
+    assert make(lengths, seed=7).batches(0) == make(lengths, seed=5).batches(2)  # seed + epoch
+
+
+def test_resume_mid_epoch_continues_with_the_same_batches() -> None:
+    lengths = random_lengths()
+    uninterrupted = make(lengths, world_size=2, rank=1, seed=3)
+    uninterrupted.set_epoch(4)
+    expected = list(uninterrupted)
+    interrupted = make(lengths, world_size=2, rank=1, seed=3)
+    interrupted.set_epoch(4)
+    iterator = iter(interrupted)
+    consumed = [next(iterator) for _ in range(5)]
+    state = interrupted.state_dict()
+    assert state["epoch"] == 4 and state["position"] == 5
+
+    resumed = make(lengths, world_size=2, rank=1, seed=3)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(4)  # a loop calling set_epoch(current) keeps the position
+    assert consumed + list(resumed) == expected
+    # The next pass is the next epoch, as for the uninterrupted run.
+    uninterrupted.set_epoch(5)
+    assert list(resumed) == list(uninterrupted)
+
+
+def test_a_finished_epoch_is_followed_by_the_next() -> None:
+    sampler = make(random_lengths())
+    first, second = list(sampler), list(sampler)
+    assert sampler.epoch == 1 and first == sampler.batches(0) and second == sampler.batches(1)
+
+
+def test_state_from_another_world_size_restarts_the_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    lengths = random_lengths()
+    old = make(lengths, world_size=2)
+    iterator = iter(old)
+    next(iterator)
+    new = make(lengths, world_size=3)
+    with caplog.at_level(logging.WARNING):
+        new.load_state_dict(old.state_dict())
+    assert "world_size" in caplog.text
+    assert (new.epoch, new.position) == (0, 0)
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="min_sample_size"):
+        make([100, 200])
+    with pytest.raises(ValueError, match="rank"):
+        make(random_lengths(), rank=2, world_size=2)
+    with pytest.raises(ValueError, match="drop_last"):
+        make([50_000], world_size=2, rank=0, drop_last=True).batches(0)

@@ -1,0 +1,144 @@
+"""Feature extraction: padding invariance, windowed long files, layer and residual choices, files written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from spidr.config import SpidRConfig
+from spidr.data.audio import load_audio
+from spidr.data.manifest import ManifestEntry
+from spidr.eval.features import (
+    ExtractionSettings,
+    LongAudio,
+    extract_batch,
+    extract_long,
+    extract_to_directory,
+    num_samples_for_frames,
+    parse_layers,
+    windows,
+)
+from spidr.models.build import build_model
+from spidr.models.frames import num_frames
+
+TINY = {
+    "extractor_conv_layer_config": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
+    "encoder_embed_dim": 32,
+    "encoder_num_layers": 3,
+    "encoder_num_heads": 2,
+    "encoder_ff_interm_features": 64,
+    "encoder_pos_conv_groups": 4,
+    "num_codebooks": 2,
+    "codebook_size": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(SpidRConfig(**TINY)).eval()
+
+
+def speech_like(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    f0 = rng.uniform(100, 250)
+    wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6)) * (1 + np.sin(2 * np.pi * 4 * t))
+    return (0.1 * wave + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def test_parse_layers():
+    assert parse_layers("1-3", 3) == (1, 2, 3)
+    assert parse_layers("3,1", 3) == (1, 3)
+    with pytest.raises(ValueError, match=r"layers 1\.\.3"):
+        parse_layers("0-2", 3)
+    with pytest.raises(ValueError, match="expected"):
+        parse_layers("a", 3)
+
+
+def test_padded_batch_equals_one_file_at_a_time(model):
+    waves = [torch.from_numpy(speech_like(s, i)) for i, s in enumerate((1.0, 0.37, 0.71))]
+    settings = ExtractionSettings(layers=(1, 3), codebooks=True)
+    batched = extract_batch(model, waves, settings)
+    for wave, result in zip(waves, batched, strict=True):
+        (alone,) = extract_batch(model, [wave], settings)
+        assert result.keys() == alone.keys() == {"layer_01", "layer_03", "units_02", "units_03"}
+        assert result["layer_01"].shape == (num_frames(wave.shape[0], TINY["extractor_conv_layer_config"]), 32)
+        for key in result:
+            np.testing.assert_allclose(result[key], alone[key], atol=1e-5)
+
+
+def test_layers_and_residual_choice_are_honoured(model):
+    wave = torch.from_numpy(speech_like(0.5, 3))
+    before = extract_batch(model, [wave], ExtractionSettings(layers=(2,)))[0]["layer_02"]
+    after = extract_batch(model, [wave], ExtractionSettings(layers=(2,), before_residual=False))[0]["layer_02"]
+    with torch.inference_mode():
+        reference = model.get_intermediate_outputs(wave[None])
+        reference_after = model.get_intermediate_outputs(wave[None], before_residual=False)
+    np.testing.assert_allclose(before, reference[1][0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(after, reference_after[1][0].numpy(), atol=1e-6)
+    assert not np.allclose(before, after)
+
+
+def test_windows_cover_every_frame_once():
+    kept = [(a, b) for a, b, _, _ in windows(103, 10, 4)]
+    assert kept[0] == (0, 10)
+    assert kept[-1] == (100, 103)
+    assert sum(b - a for a, b in kept) == 103
+    for a, b, start, end in windows(103, 10, 4):
+        assert start == max(a - 4, 0)
+        assert end == min(b + 4, 103)
+
+
+def test_num_samples_for_frames_inverts_the_frame_count():
+    layers = TINY["extractor_conv_layer_config"]
+    for frames in (1, 2, 49, 500):
+        samples = num_samples_for_frames(frames, layers)
+        assert num_frames(samples, layers) == frames
+        assert num_frames(samples - 1, layers) == frames - 1
+
+
+def test_windowed_long_file_matches_whole_file_away_from_edges(model, tmp_path):
+    path = tmp_path / "long.wav"
+    sf.write(path, speech_like(12.0, 7), 16000, subtype="FLOAT")
+    settings = ExtractionSettings(layers=(1, 3), window_seconds=3.0, context_seconds=1.0)
+    whole = extract_batch(model, [load_audio(str(path))], settings)[0]
+    audio = LongAudio(str(path))
+    sinks = {key: np.zeros_like(value) for key, value in whole.items()}
+    extract_long(model, audio, settings, sinks)
+    # Streamed standardisation equals whole-file standardisation.
+    np.testing.assert_allclose(audio.read(0, audio.num_samples).numpy(), load_audio(str(path)).numpy(), atol=1e-5)
+    for key in whole:
+        # Global attention sees less context inside a window: compare relative error, which stays small.
+        error = np.abs(sinks[key] - whole[key]).mean() / np.abs(whole[key]).mean()
+        assert error < 0.05, (key, error)
+        assert np.abs(sinks[key]).sum(axis=1).min() > 0  # every frame was written
+
+
+def test_extract_to_directory_writes_mirrored_tree_and_metadata(model, tmp_path):
+    entries = []
+    for speaker in ("a", "b"):
+        for i in range(2):
+            path = tmp_path / "audio" / speaker / f"{speaker}{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            wave = speech_like(0.5 + 0.2 * i, i)
+            sf.write(path, wave, 16000)
+            entries.append(ManifestEntry(fileid=path.stem, path=str(path), num_samples=len(wave)))
+    entries.append(ManifestEntry(fileid="broken", path=str(tmp_path / "audio" / "missing.wav"), num_samples=9000))
+    settings = ExtractionSettings(layers=(2,), codebooks=True)
+    metadata = extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
+    assert metadata["num_files"] == 4
+    assert list(metadata["skipped"]) == [str(tmp_path / "audio" / "missing.wav")]
+    features = np.load(tmp_path / "out" / "layer_02" / "a" / "a1.npy")
+    assert features.shape == (num_frames(entries[1].num_samples, TINY["extractor_conv_layer_config"]), 32)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "codebook_units" / "layer_03.jsonl").open()]
+    assert len(rows) == 4
+    assert all(0 <= u < 16 for row in rows for u in row["units"])
+    saved = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert saved["before_residual"] is True
+    assert saved["layers"] == [2]
+    assert saved["frame_rate_hz"] == 50
