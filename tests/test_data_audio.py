@@ -36,11 +36,13 @@ def test_path_and_bytes_decode_identically(tmp_path: Path) -> None:
     sf.write(path, sine(5000, 16_000), 16_000)
     from_path = load_audio(path, normalize=False)
     from_bytes = load_audio(path.read_bytes(), normalize=False)
-    assert from_path.dtype == torch.float32 and from_path.shape == (5000,)
+    assert from_path.dtype == torch.float32
+    assert from_path.shape == (5000,)
     assert torch.equal(from_path, from_bytes)
     np.testing.assert_allclose(from_path.numpy(), sine(5000, 16_000), atol=1e-4)  # 16-bit FLAC quantisation
     normalised = load_audio(path)
-    assert abs(float(normalised.mean())) < 1e-5 and abs(float(normalised.var(unbiased=False)) - 1) < 1e-3
+    assert abs(float(normalised.mean())) < 1e-5
+    assert abs(float(normalised.var(unbiased=False)) - 1) < 1e-3
 
 
 def test_stereo_is_averaged_to_mono(tmp_path: Path) -> None:
@@ -98,7 +100,8 @@ def test_bad_audio_raises_audio_error(tmp_path: Path, kind: str, reason: str) ->
             sf.write(path, wave, 16_000, subtype="FLOAT")
     with pytest.raises(AudioError, match=reason) as info:
         load_audio(path, min_samples=400)
-    assert info.value.path == str(path) and reason in info.value.reason
+    assert info.value.path == str(path)
+    assert reason in info.value.reason
     assert isinstance(info.value, ValueError)  # the CLI prints it as a user error
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
 
 import pytest
 import torch
-from conftest import REFERENCE, requires_shared
 
+from conftest import REFERENCE, requires_shared
 from spidr.config import MaskingConfig
 from spidr.data.masking import compute_mask_indices, span_mask, span_mask_from_lengths
 
@@ -82,15 +83,17 @@ def test_no_overlap_keeps_min_space_between_spans() -> None:
         (row,) = span_mask(cfg, no_padding(1, 120), generator=generator)
         found = runs(row)
         assert all(length == 4 for _, length in found)
-        gaps = [s2 - (s1 + l1) for (s1, l1), (s2, _) in zip(found, found[1:], strict=False)]
-        assert len(found) >= 2 and all(gap >= 2 for gap in gaps)
+        gaps = [s2 - (s1 + l1) for (s1, l1), (s2, _) in itertools.pairwise(found)]
+        assert len(found) >= 2
+        assert all(gap >= 2 for gap in gaps)
 
 
 def test_without_min_masks_a_tiny_probability_can_mask_nothing() -> None:
     cfg = MaskingConfig(mask_prob=0.01, min_masks=0)
     generator = torch.Generator().manual_seed(0)
     totals = {int(span_mask(cfg, no_padding(1, 50), generator=generator).sum()) for _ in range(40)}
-    assert 0 in totals and totals <= {0, 10}
+    assert 0 in totals
+    assert totals <= {0, 10}
 
 
 @pytest.mark.parametrize("selection", ["static", "uniform", "normal", "poisson"])
@@ -101,9 +104,11 @@ def test_rows_are_equalised_and_padding_is_never_masked(selection: str, no_overl
     generator = torch.Generator().manual_seed(3)
     for _ in range(10):
         mask = span_mask_from_lengths(cfg, lengths, 200, generator=generator)
-        assert mask.shape == (4, 200) and mask.dtype == torch.bool
+        assert mask.shape == (4, 200)
+        assert mask.dtype == torch.bool
         counts = mask.sum(dim=1)
-        assert torch.all(counts == counts[0]) and counts[0] >= 1
+        assert torch.all(counts == counts[0])
+        assert counts[0] >= 1
         padding = torch.arange(200)[None, :] >= lengths[:, None]
         assert not (mask & padding).any()
 
@@ -116,7 +121,8 @@ def test_uniform_span_lengths_stay_in_range() -> None:
     for _ in range(40):
         (row,) = span_mask(cfg, no_padding(1, 300), generator=generator)
         seen |= {length for _, length in runs(row)}
-    assert seen <= set(range(3, 11)) and len(seen) > 4
+    assert seen <= set(range(3, 11))
+    assert len(seen) > 4
 
 
 def test_same_generator_state_same_mask() -> None:
@@ -133,7 +139,8 @@ def test_shared_count_without_padding_mask() -> None:
     """Without a padding mask every row gets the same number of spans (one shared draw); counts stay equal."""
     generator = torch.Generator().manual_seed(0)
     mask = compute_mask_indices((5, 100), None, mask_prob=0.8, mask_length=10, min_masks=2, generator=generator)
-    assert mask.shape == (5, 100) and len(set(mask.sum(dim=1).tolist())) == 1
+    assert mask.shape == (5, 100)
+    assert len(set(mask.sum(dim=1).tolist())) == 1
 
 
 def test_zero_rows() -> None:
@@ -150,7 +157,8 @@ def test_mean_masked_fraction_matches_reference_stats() -> None:
     # Two independent 200-call means differ by about √2 · std / √200; allow four of those.
     tolerance = 4 * math.sqrt(2) * stats["std_fraction"] / math.sqrt(200)
     assert abs(mean - stats["mean_fraction"]) < tolerance, (mean, stats["mean_fraction"])
-    assert stats["min_fraction"] - 0.05 <= min(fractions) and max(fractions) <= stats["max_fraction"] + 0.05
+    assert stats["min_fraction"] - 0.05 <= min(fractions)
+    assert max(fractions) <= stats["max_fraction"] + 0.05
 
 
 @requires_shared

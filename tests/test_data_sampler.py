@@ -107,7 +107,8 @@ def test_resume_mid_epoch_continues_with_the_same_batches() -> None:
     iterator = iter(interrupted)
     consumed = [next(iterator) for _ in range(5)]
     state = interrupted.state_dict()
-    assert state["epoch"] == 4 and state["position"] == 5
+    assert state["epoch"] == 4
+    assert state["position"] == 5
 
     resumed = make(lengths, world_size=2, rank=1, seed=3)
     resumed.load_state_dict(state)
@@ -121,7 +122,9 @@ def test_resume_mid_epoch_continues_with_the_same_batches() -> None:
 def test_a_finished_epoch_is_followed_by_the_next() -> None:
     sampler = make(random_lengths())
     first, second = list(sampler), list(sampler)
-    assert sampler.epoch == 1 and first == sampler.batches(0) and second == sampler.batches(1)
+    assert sampler.epoch == 1
+    assert first == sampler.batches(0)
+    assert second == sampler.batches(1)
 
 
 def test_state_from_another_world_size_restarts_the_epoch(caplog: pytest.LogCaptureFixture) -> None:

@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
-from conftest import REFERENCE, requires_shared
 from torch import nn
 
+from conftest import REFERENCE, requires_shared
 from spidr.config import model_config_from_dict
 from spidr.models import DinoSR, SpidR
 from spidr.models.components import SelfAttention, Transformer

@@ -93,7 +93,12 @@ class PretrainingLoader(DataLoader):
         self.tracker = tracker
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
-        for batch in super().__iter__():
+        # Start the DataLoader iterator now, not at the first ``next``: callers may fence this call (e.g. with
+        # ``torch.random.fork_rng``) and expect any setup to happen inside it.
+        return self._deliver(super().__iter__())
+
+    def _deliver(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in batches:
             self.bucket_sampler.mark_consumed(batch.epoch, batch.position)
             self.tracker.record(num_good=len(batch), skipped=batch.skipped)
             if len(batch) == 0:
@@ -161,6 +166,8 @@ def build_dataloader(
         pin_memory=data_cfg.pin_memory,
         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=data_cfg.persistent_workers and workers > 0,
+        # Only worker seeds come from it (crops and masks have their own); it keeps the global RNG untouched.
+        generator=torch.Generator().manual_seed(data_seed + rank),
         bucket_sampler=sampler,
         tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest),
     )

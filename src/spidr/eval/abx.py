@@ -45,6 +45,7 @@ speaker of it) whose DTWs are batched across units, and no whole-dataset distanc
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import defaultdict
@@ -64,7 +65,8 @@ from spidr.eval.items import (
     PREV_COLUMN,
     SPEAKER_COLUMN,
     Items,
-    check_bounds,
+    check_nonempty,
+    check_within,
     frame_bounds,
     read_items,
 )
@@ -197,7 +199,7 @@ def _cap(value: int | None, name: str) -> int | None:
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value < 0):
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-        raise ValueError(f"{name} = {value!r} is invalid: expected an integer ≥ 2, or a negative value/None to disable")
+        raise ValueError(f"{name} = {value!r} is invalid: expected an integer ≥ 2, or None / a negative value")
     return value
 
 
@@ -228,6 +230,7 @@ class FrameStore:
         *,
         distance: DistanceName,
     ) -> FrameStore:
+        check_nonempty(items, starts, ends)
         by_file: dict[str, list[int]] = defaultdict(list)
         for index, name in enumerate(items.files):
             by_file[name].append(index)
@@ -244,15 +247,15 @@ class FrameStore:
         position = 0
         for name, rows in by_file.items():
             array = _as_frames(features[name], name)
-            check_bounds_rows = np.asarray(rows)
-            _check_file_bounds(items, check_bounds_rows, starts, ends, name, array.shape[0])
+            rows = np.asarray(rows)
+            check_within(items, rows, starts, ends, array.shape[0])
             if frames is None:
                 frames = torch.empty((total, array.shape[1]), dtype=torch.float32)
             elif array.shape[1] != frames.shape[1]:
                 raise ValueError(f"features of {name!r} have dimension {array.shape[1]}, others {frames.shape[1]}")
             start, end = spans[name]
             frames[position : position + end - start] = array[start:end]
-            offsets[check_bounds_rows] = position + starts[check_bounds_rows] - start
+            offsets[rows] = position + starts[rows] - start
             position += end - start
         assert frames is not None  # items are never empty
         return cls(frames=prepare_frames(frames, distance), offsets=offsets, lengths=ends - starts)
@@ -268,12 +271,6 @@ def _as_frames(value: object, name: str) -> torch.Tensor:
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"features of {name!r} contain non-finite values")
     return tensor
-
-
-def _check_file_bounds(
-    items: Items, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, name: str, num_frames: int
-) -> None:
-    check_bounds(items, starts[rows], ends[rows], {name: num_frames}, rows=rows)
 
 
 def prepare_frames(frames: torch.Tensor, distance: DistanceName) -> torch.Tensor:
@@ -498,7 +495,7 @@ class _CellScorer:
             end = int(np.searchsorted(cumulative, base + budget, side="right"))
             bounds.append(min(max(end, bounds[-1] + 1), unit.rows.size))
         unit.pending = len(bounds) - 1
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        for start, end in itertools.pairwise(bounds):
             elements = int(row_frames[start:end].sum()) * col_frames
             if self.pool and self.pool_elements + elements > FLUSH_ELEMENTS:
                 self.flush()
@@ -550,8 +547,8 @@ class _CellScorer:
             base += frame_matrix.numel()
         lattices.append(torch.full((1,), float("inf")))  # the padding cell, at index `base`
         buffer = torch.cat(lattices)
-        start, width, num_rows, num_cols = (np.concatenate(parts) for parts in zip(*pair_parts, strict=True))
-        distances = _batched_dtw(buffer, base, start, width, num_rows, num_cols)
+        pairs = _Pairs(*(np.concatenate(parts) for parts in zip(*pair_parts, strict=True)))
+        distances = _batched_dtw(buffer, base, pairs)
         position = 0
         for chunk in chunks:
             shape = (chunk.row_slice.stop - chunk.row_slice.start, chunk.unit.cols.size)
@@ -627,60 +624,52 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(shifts + np.arange(total))
 
 
-def _batched_dtw(
-    buffer: torch.Tensor,
-    pad_index: int,
-    start: np.ndarray,
-    width: np.ndarray,
-    num_rows: np.ndarray,
-    num_cols: np.ndarray,
-) -> torch.Tensor:
-    """DTW of every pair whose lattice is ``buffer[start + i·width + j]`` (i < num_rows, j < num_cols).
+@dataclass(frozen=True)
+class _Pairs:
+    """Item pairs whose lattice is ``buffer[start + i·width + j]`` for i < num_rows, j < num_cols."""
+
+    start: np.ndarray
+    width: np.ndarray
+    num_rows: np.ndarray
+    num_cols: np.ndarray
+
+
+def _batched_dtw(buffer: torch.Tensor, pad_index: int, pairs: _Pairs) -> torch.Tensor:
+    """DTW of every pair; ``buffer[pad_index]`` is +inf, the value of padding cells.
 
     Pairs are sorted by lattice shape and cut into batches of similar shapes so that padding stays small.
     """
-    num_pairs = start.size
+    num_pairs = pairs.start.size
     out = torch.empty(num_pairs, dtype=torch.float32)
-    order = np.lexsort((num_cols, num_rows))
+    order = np.lexsort((pairs.num_cols, pairs.num_rows))
+    sorted_rows, sorted_cols = pairs.num_rows[order], pairs.num_cols[order]
     position = 0
     while position < num_pairs:
-        # Grow the batch while its padded size stays within budget.
-        rows_max = int(num_rows[order[position]])
-        end = position
-        cols_max = 0
+        # Grow the batch while its padded size (pairs × max rows × max cols) stays within budget.
+        end, cols_max = position, 0
         while end < num_pairs:
-            candidate_cols = max(cols_max, int(num_cols[order[end]]))
-            candidate_rows = int(num_rows[order[end]])
-            if end > position and (end - position + 1) * candidate_rows * candidate_cols > BATCH_ELEMENTS:
+            grown = max(cols_max, int(sorted_cols[end]))
+            if end > position and (end - position + 1) * int(sorted_rows[end]) * grown > BATCH_ELEMENTS:
                 break
-            rows_max, cols_max = candidate_rows, candidate_cols
-            end += 1
-        batch = torch.from_numpy(order[position:end])
-        out[batch] = _dtw_of(buffer, pad_index, batch, start, width, num_rows, num_cols, rows_max, cols_max)
+            cols_max, end = grown, end + 1
+        batch = order[position:end]
+        out[torch.from_numpy(batch)] = _dtw_of(
+            buffer, pad_index, pairs, batch, rows_max=int(sorted_rows[end - 1]), cols_max=cols_max
+        )
         position = end
     return out
 
 
 def _dtw_of(
-    buffer: torch.Tensor,
-    pad_index: int,
-    batch: torch.Tensor,
-    start: np.ndarray,
-    width: np.ndarray,
-    num_rows: np.ndarray,
-    num_cols: np.ndarray,
-    rows_max: int,
-    cols_max: int,
+    buffer: torch.Tensor, pad_index: int, pairs: _Pairs, batch: np.ndarray, *, rows_max: int, cols_max: int
 ) -> torch.Tensor:
-    index = batch.numpy()
-    rows, cols = torch.from_numpy(num_rows[index]), torch.from_numpy(num_cols[index])
+    rows, cols = torch.from_numpy(pairs.num_rows[batch]), torch.from_numpy(pairs.num_cols[batch])
     i = torch.arange(rows_max)[None, :, None]
     j = torch.arange(cols_max)[None, None, :]
-    flat = (
-        torch.from_numpy(start[index])[:, None, None] + i * torch.from_numpy(width[index])[:, None, None] + j
-    )
+    start = torch.from_numpy(pairs.start[batch])[:, None, None]
+    width = torch.from_numpy(pairs.width[batch])[:, None, None]
     valid = (i < rows[:, None, None]) & (j < cols[:, None, None])
-    lattices = buffer[torch.where(valid, flat, pad_index)]
+    lattices = buffer[torch.where(valid, start + i * width + j, pad_index)]
     return dtw_batch(lattices, rows, cols)
 
 

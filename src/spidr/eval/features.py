@@ -69,7 +69,7 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-def _autocast(device: torch.device, dtype: str):  # noqa: ANN202
+def _autocast(device: torch.device, dtype: str):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -242,7 +242,6 @@ def extract_to_directory(
     out_dir = Path(out_dir)
     model.eval()
     stems = relative_stems(entries)
-    feature_keys = [f"layer_{layer:02d}" for layer in settings.layers]
     units: dict[str, list[dict[str, object]]] = {}
     skipped: dict[str, str] = {}
     max_samples = int(settings.max_seconds * SAMPLE_RATE)
@@ -275,29 +274,11 @@ def extract_to_directory(
         bar.update(len(indices))
     for index in long:
         try:
-            audio = LongAudio(entries[index].path)
+            _extract_long_file(model, entries[index], out_dir=out_dir, stem=stems[index], settings=settings,
+                               units=units)
         except (AudioError, sf.LibsndfileError, RuntimeError) as error:
             skipped[entries[index].location] = str(error)
             logger.warning("skipping %s: %s", entries[index].location, error)
-            bar.update(1)
-            continue
-        total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
-        sinks: dict[str, np.ndarray] = {}
-        for key in feature_keys:
-            path = out_dir / key / stems[index].with_suffix(".npy")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sinks[key] = np.lib.format.open_memmap(
-                path, mode="w+", dtype=np.float32, shape=(total, model.cfg.encoder_embed_dim)
-            )
-        head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
-        for layer in head_layers if settings.codebooks else ():
-            sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
-        extract_long(model, audio, settings, sinks)
-        for key, values in sinks.items():
-            if key.startswith("units_"):
-                units.setdefault(key, []).append({"audio": entries[index].path, "units": values.tolist()})
-            else:
-                values.flush()
         bar.update(1)
     bar.close()
     for key, rows in units.items():
@@ -319,3 +300,33 @@ def extract_to_directory(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1), encoding="utf-8")
     return metadata
+
+
+def _extract_long_file(
+    model: torch.nn.Module,
+    entry: ManifestEntry,
+    *,
+    out_dir: Path,
+    stem: Path,
+    settings: ExtractionSettings,
+    units: dict[str, list[dict[str, object]]],
+) -> None:
+    """Window a long file into memory-mapped ``out_dir/layer_LL/<stem>.npy`` outputs; units go into ``units``."""
+    audio = LongAudio(entry.path)
+    total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
+    sinks: dict[str, np.ndarray] = {}
+    for layer in settings.layers:
+        path = out_dir / f"layer_{layer:02d}" / stem.with_suffix(".npy")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sinks[f"layer_{layer:02d}"] = np.lib.format.open_memmap(
+            path, mode="w+", dtype=np.float32, shape=(total, model.cfg.encoder_embed_dim)
+        )
+    head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
+    for layer in head_layers if settings.codebooks else ():
+        sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
+    extract_long(model, audio, settings, sinks)
+    for key, values in sinks.items():
+        if key.startswith("units_"):
+            units.setdefault(key, []).append({"audio": entry.path, "units": values.tolist()})
+        else:
+            values.flush()

@@ -176,7 +176,7 @@ def frame_bounds(
     """First frame and one-past-last frame of every item: two int64 arrays of shape (num_items,).
 
     ``start = ceil(onset·f − ½)`` and ``end = floor(offset·f − ½) + 1`` (exclusive), or without the ``+ 1`` in
-    Libri-light bug mode. Bounds are not checked here; see ``check_bounds``.
+    Libri-light bug mode. Bounds are not checked here; see ``check_nonempty`` and ``check_within``.
     """
     rate = decimal_frequency(frequency)
     starts = [int((onset * rate - HALF).to_integral_value(rounding=ROUND_CEILING)) for onset in items.onsets]
@@ -185,23 +185,25 @@ def frame_bounds(
     return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
 
 
-def check_bounds(items: Items, starts: np.ndarray, ends: np.ndarray, num_frames: Mapping[str, int]) -> None:
-    """Raise ``ValueError`` for items that select no frame or run past their file's features."""
+def check_nonempty(items: Items, starts: np.ndarray, ends: np.ndarray) -> None:
+    """Raise ``ValueError`` listing the items that select no frame at all."""
     empty = np.flatnonzero(ends <= starts)
     if empty.size:
-        shown = ", ".join(
-            f"{items.files[i]} [{items.onsets[i]}, {items.offsets[i]}]" for i in empty[:5].tolist()
-        )
+        shown = ", ".join(f"{items.files[i]} [{items.onsets[i]}, {items.offsets[i]}]" for i in empty[:5].tolist())
         raise ValueError(
             f"{items.source}: {empty.size} item(s) are shorter than one frame at this frequency (check the frequency; "
             f"remove such items to evaluate units this large): {shown}{', ...' if empty.size > 5 else ''}"
         )
-    for i in range(len(items)):
-        available = num_frames[items.files[i]]
-        if starts[i] < 0 or ends[i] > available:
-            raise ValueError(
-                f"features of {items.files[i]!r} have {available} frames but item {i + 1} of {items.source} "
-                f"([{items.onsets[i]}, {items.offsets[i]}] s) needs frames [{starts[i]}, {ends[i]}): usually the "
-                "model drops the last frame (convolutions without padding) and the item ends with the file; pad "
-                "the audio with a little trailing silence or the convolutions"
-            )
+
+
+def check_within(items: Items, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, num_frames: int) -> None:
+    """Raise ``ValueError`` if an item of ``rows`` (all of one file) runs past that file's ``num_frames`` frames."""
+    bad = rows[(starts[rows] < 0) | (ends[rows] > num_frames)]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"features of {items.files[i]!r} have {num_frames} frames but item {i + 1} of {items.source} "
+            f"([{items.onsets[i]}, {items.offsets[i]}] s) needs frames [{starts[i]}, {ends[i]}): usually the "
+            "model drops the last frame (convolutions without padding) and the item ends with the file; pad "
+            "the audio with a little trailing silence or the convolutions"
+        )

@@ -1,0 +1,142 @@
+"""Subcommands that run a model over audio: ``spidr extract`` and ``spidr evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``extract`` and ``evaluate`` to the ``spidr`` parser."""
+    extract = subparsers.add_parser(
+        "extract",
+        help="per-layer features (and codebook units) of every utterance",
+        description="Write one (T, D) float32 .npy per utterance and layer under OUT/layer_LL/, mirroring the audio "
+        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl.",
+        formatter_class=FORMATTER,
+    )
+    _add_model_arguments(extract)
+    extract.add_argument("--manifest", required=True, help="manifest (.csv/.tsv/.jsonl) or a folder of audio")
+    extract.add_argument("--layers", default="1-12", help="1-based layers, e.g. 1-12, 6 or 1,5-7")
+    extract.add_argument("--out", required=True, help="output folder")
+    extract.add_argument("--after-residual", action="store_true",
+                         help="each layer's full output instead of the FFN output before the residual (official)")
+    extract.add_argument("--codebooks", action="store_true", help="also write codebook units (arg-max of each head)")
+    extract.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch")
+    extract.add_argument("--max-seconds", type=float, default=60.0,
+                         help="files longer than this are processed in overlapping windows (bounded memory)")
+    extract.set_defaults(handler=run_extract)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="per-layer ABX, codebook-unit ABX and PNMI report, with baselines",
+        description="Extract every layer, score it (continuous ABX within/across speaker, codebook-unit ABX, "
+        "PNMI/purity/perplexity/bitrate of codebook units) and write report.md, report.json and PNG plots.",
+        formatter_class=FORMATTER,
+    )
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--manifest", required=True, help="manifest (.csv/.tsv/.jsonl) or a folder of audio")
+    evaluate.add_argument("--item", required=True, help="ABX item file (#file = utterance id)")
+    evaluate.add_argument("--alignments", help="phone alignments for PNMI (SpidR JSONL or TSV intervals, .gz ok)")
+    evaluate.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
+    evaluate.add_argument("--layers", default="1-12", help="1-based layers to evaluate")
+    evaluate.add_argument("--out", required=True, help="report folder")
+    evaluate.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
+                          help="add a baseline (repeatable)")
+    evaluate.add_argument("--name", default=None, help="model name in the report (default: checkpoint stem)")
+    evaluate.add_argument("--context", choices=["within", "any"], default="within", help="ABX context condition")
+    evaluate.add_argument("--distance", choices=["angular", "euclidean", "kl_symmetric"], default="angular",
+                          help="frame distance for continuous features")
+    evaluate.add_argument("--max-size-group", type=int, default=10, help="ABX cap on items per group")
+    evaluate.add_argument("--max-x-across", type=int, default=5, help="ABX cap on X speakers (across)")
+    evaluate.add_argument("--seed", type=int, default=0, help="ABX subsampling seed and random-init seed")
+    evaluate.set_defaults(handler=run_evaluate)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="official, fairseq, training or safetensors checkpoint")
+    parser.add_argument("--model-type", choices=["spidr", "dinosr"], default=None,
+                        help="needed only for an official checkpoint without config.json beside it")
+    parser.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16 runs the model under autocast")
+
+
+def _entries(source: str):
+    from spidr.data.manifest import read_manifest, scan
+
+    path = Path(source)
+    if path.is_dir() or path.suffix == ".tar":
+        return scan(path).entries
+    return read_manifest(path)
+
+
+def _model(args: argparse.Namespace):
+    import torch
+
+    from spidr.models.loading import load_model
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    return load_model(args.checkpoint, trust=args.trust, model_type=args.model_type).to(args.device)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from spidr.eval.features import ExtractionSettings, extract_to_directory, parse_layers
+
+    model = _model(args)
+    settings = ExtractionSettings(
+        layers=parse_layers(args.layers, model.num_layers),
+        before_residual=not args.after_residual,
+        codebooks=args.codebooks,
+        batch_seconds=args.batch_seconds,
+        max_seconds=args.max_seconds,
+        dtype=args.dtype,
+    )
+    metadata = extract_to_directory(model, _entries(args.manifest), args.out, settings, checkpoint=args.checkpoint)
+    print(f"wrote features of {metadata['num_files']} files to {args.out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from spidr.eval.features import parse_layers
+    from spidr.eval.items import read_items
+    from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, load_alignments, write_report
+    from spidr.models.build import build_model
+
+    model = _model(args)
+    entries = _entries(args.manifest)
+    items = read_items(args.item)
+    alignments = load_alignments(args.alignments)
+    layers = parse_layers(args.layers, model.num_layers)
+    abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
+                      max_x_across=args.max_x_across, seed=args.seed)
+    out = Path(args.out)
+    name = args.name or Path(args.checkpoint).stem
+    common = {"items": items, "alignments": alignments, "layers": layers, "abx": abx,
+              "alignment_rate_hz": args.alignment_rate}
+    rows = evaluate_model(model, name, entries, work_dir=out / "features" / "model", **common)
+    for baseline in args.baseline or ():
+        if baseline == "mfcc":
+            rows.append(evaluate_mfcc(entries, items, abx=abx))
+        else:
+            torch.manual_seed(args.seed)
+            random_model = build_model(copy.deepcopy(model.cfg)).to(args.device).eval()
+            rows += evaluate_model(random_model, f"{name} (random init)", entries,
+                                   work_dir=out / "features" / "random_init", **common)
+    path = write_report(rows, out, title=f"Evaluation of {name}",
+                        notes=[f"ABX: context {abx.context}, distance {abx.distance}, max_size_group "
+                               f"{abx.max_size_group}, max_x_across {abx.max_x_across}, seed {abx.seed}; "
+                               "error rates in %."])
+    print(path.read_text(encoding="utf-8"))
+    print(f"report written to {path}")
+    return 0

@@ -1,0 +1,258 @@
+"""Per-layer evaluation report: continuous ABX, codebook-unit ABX and unit quality, beside baselines.
+
+checkpoint → features and codebook units per layer (``features.py``) → ABX within/across speaker
+(``abx.py``) and PNMI & co. (``unit_quality.py``) → ``report.json``, ``report.md`` and PNG plots in the style of the
+paper's per-layer figures. Baselines (MFCC, the same model at random initialisation) go in the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spidr.data.audio import AudioError, load_audio
+from spidr.data.manifest import ManifestEntry
+from spidr.eval.abx import abx_error_rate
+from spidr.eval.feature_dir import FeatureDirectory
+from spidr.eval.features import ExtractionSettings, extract_to_directory
+from spidr.eval.items import Items, read_items
+from spidr.eval.mfcc import mfcc
+from spidr.eval.unit_quality import read_alignments, unit_quality
+
+logger = logging.getLogger(__name__)
+
+SPEAKER_CONDITIONS = ("within", "across")
+
+
+@dataclass(frozen=True)
+class AbxSettings:
+    """The ABX condition shared by every row of a report (ZeroSpeech defaults)."""
+
+    context: str = "within"
+    distance: str = "angular"
+    max_size_group: int = 10
+    max_x_across: int = 5
+    seed: int = 0
+
+
+@dataclass
+class LayerRow:
+    """One line of the report: a representation (model + layer, or a baseline) and its scores (ABX in %)."""
+
+    model: str
+    layer: int | None
+    abx_within: float | None = None
+    abx_across: float | None = None
+    unit_abx_within: float | None = None
+    unit_abx_across: float | None = None
+    quality: dict[str, float] = field(default_factory=dict)
+
+
+class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
+    """A feature directory keyed by file stem, for item files whose ``#file`` is the utterance id."""
+
+    def __init__(self, directory: FeatureDirectory) -> None:
+        self.directory = directory
+        self.keys_by_stem = {Path(key).name: key for key in directory}
+        if len(self.keys_by_stem) != len(directory):
+            raise ValueError(f"{directory.root}: two feature files share a stem; use item #file paths instead")
+
+    def __getitem__(self, stem: str) -> np.ndarray | torch.Tensor:
+        return self.directory[self.keys_by_stem[stem]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_by_stem)
+
+    def __len__(self) -> int:
+        return len(self.keys_by_stem)
+
+
+def _abx_percent(features: Mapping, items: Items, speaker: str, settings: AbxSettings, *, distance: str) -> float:
+    rate = abx_error_rate(
+        features,
+        items,
+        speaker=speaker,
+        context=settings.context,
+        distance=distance,
+        max_size_group=settings.max_size_group,
+        max_x_across=settings.max_x_across,
+        seed=settings.seed,
+    )
+    return 100.0 * rate
+
+
+def _items_for(items: Items, available: Mapping) -> Items:
+    """Keep the items whose file has features (files the extractor skipped drop out, with a warning)."""
+    keep = [i for i, name in enumerate(items.files) if name in available]
+    if len(keep) == len(items):
+        return items
+    logger.warning("%d of %d ABX items refer to files without features; they are left out",
+                   len(items) - len(keep), len(items))
+    return Items(
+        files=tuple(items.files[i] for i in keep),
+        onsets=tuple(items.onsets[i] for i in keep),
+        offsets=tuple(items.offsets[i] for i in keep),
+        labels={name: tuple(values[i] for i in keep) for name, values in items.labels.items()},
+        source=items.source,
+    )
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    name: str,
+    entries: Sequence[ManifestEntry],
+    *,
+    items: Items,
+    alignments: Mapping[str, Sequence[str]] | None,
+    layers: Sequence[int],
+    work_dir: Path,
+    abx: AbxSettings = AbxSettings(),
+    alignment_rate_hz: int = 100,
+    progress: bool = True,
+) -> list[LayerRow]:
+    """Extract ``layers`` (and codebook units) of ``model`` for ``entries`` into ``work_dir`` and score them."""
+    settings = ExtractionSettings(layers=tuple(layers), codebooks=True)
+    extract_to_directory(model, entries, work_dir, settings, progress=progress)
+    head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
+    rows = []
+    for layer in layers:
+        features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"))
+        layer_items = _items_for(items, features)
+        row = LayerRow(model=name, layer=layer)
+        row.abx_within = _abx_percent(features, layer_items, "within", abx, distance=abx.distance)
+        row.abx_across = _abx_percent(features, layer_items, "across", abx, distance=abx.distance)
+        if layer in head_layers:
+            units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
+            units = {Path(row_["audio"]).stem: row_["units"] for row_ in map(json.loads, units_path.open())}
+            unit_features = {stem: np.asarray(seq, dtype=np.int64) for stem, seq in units.items()}
+            row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical")
+            row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical")
+            if alignments is not None:
+                row.quality = unit_quality(
+                    units, alignments, unit_rate_hz=50, alignment_rate_hz=alignment_rate_hz,
+                    num_units=model.cfg.codebook_size,
+                )
+        logger.info("%s layer %d: ABX within %.2f %%, across %.2f %%", name, layer, row.abx_within, row.abx_across)
+        rows.append(row)
+    return rows
+
+
+def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSettings = AbxSettings()) -> LayerRow:
+    """The MFCC baseline (13 + Δ + ΔΔ at 50 Hz, per-utterance standardised input) on the same items."""
+    features = {}
+    for entry in entries:
+        try:
+            features[entry.fileid] = mfcc(load_audio(entry, normalize=True).numpy())
+        except AudioError as error:
+            logger.warning("MFCC baseline: skipping %s: %s", entry.location, error.reason)
+    layer_items = _items_for(items, features)
+    return LayerRow(
+        model="MFCC",
+        layer=None,
+        abx_within=_abx_percent(features, layer_items, "within", abx, distance=abx.distance),
+        abx_across=_abx_percent(features, layer_items, "across", abx, distance=abx.distance),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing the report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[LayerRow]) -> str:
+    """The report table: one line per representation."""
+    header = ("| model | layer | ABX within % | ABX across % | unit ABX within % | unit ABX across % | PNMI | "
+              "phone purity | codebook ppl | active |")
+    lines = [header, "|" + "---|" * 10]
+    for row in rows:
+        q = row.quality
+        lines.append(
+            f"| {row.model} | {row.layer if row.layer is not None else '–'} | {_fmt(row.abx_within)} | "
+            f"{_fmt(row.abx_across)} | {_fmt(row.unit_abx_within)} | {_fmt(row.unit_abx_across)} | "
+            f"{_fmt(q.get('pnmi'), 3)} | {_fmt(q.get('phone_purity'), 3)} | {_fmt(q.get('codebook_perplexity'), 1)} | "
+            f"{q.get('active_codewords', '–')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
+    """Per-layer curves: ABX within/across (continuous, and codebook units) and PNMI; baselines as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row.model for row in rows if row.layer is not None))
+    baselines = [row for row in rows if row.layer is None]
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, speaker in zip(axes, SPEAKER_CONDITIONS, strict=True):
+        for model in models:
+            layer_rows = [r for r in rows if r.model == model and r.layer is not None]
+            ax.plot([r.layer for r in layer_rows], [getattr(r, f"abx_{speaker}") for r in layer_rows], "o-",
+                    label=model)
+            unit_rows = [r for r in layer_rows if getattr(r, f"unit_abx_{speaker}") is not None]
+            if unit_rows:
+                ax.plot([r.layer for r in unit_rows], [getattr(r, f"unit_abx_{speaker}") for r in unit_rows], "s--",
+                        label=f"{model} (codebook units)")
+        for baseline in baselines:
+            ax.axhline(getattr(baseline, f"abx_{speaker}"), linestyle=":", color="grey", label=baseline.model)
+        ax.axhline(50, color="black", linewidth=0.5)
+        ax.set_title(f"ABX {speaker} speaker")
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("error rate (%)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "abx_per_layer.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    quality_rows = [r for r in rows if r.quality]
+    if quality_rows:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for model in models:
+            model_rows = [r for r in quality_rows if r.model == model]
+            ax.plot([r.layer for r in model_rows], [r.quality["pnmi"] for r in model_rows], "o-", label=model)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("PNMI (codebook units)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "pnmi_per_layer.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, notes: Sequence[str] = ()) -> Path:
+    """Write ``report.json``, ``report.md`` and the plots; returns the markdown path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=1), encoding="utf-8")
+    plots = plot_report(rows, out_dir)
+    text = [f"# {title}", "", *notes, "", markdown_table(rows), ""]
+    text += [f"![{p.stem}]({p.name})" for p in plots]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path
+
+
+def load_items(path: str | Path) -> Items:
+    return read_items(path)
+
+
+def load_alignments(path: str | Path | None) -> dict[str, list[str]] | None:
+    return None if path is None else read_alignments(path)

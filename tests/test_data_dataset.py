@@ -1,0 +1,114 @@
+"""Unusable files: skipped, reported once, counted; too many of them stop the run with a clear error."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
+from spidr.data.dataset import AudioDataset, BadFileTracker, Skipped, Utterance
+from spidr.data.loader import build_dataloader
+from spidr.data.manifest import ManifestEntry, write_manifest
+
+GOOD = {"good1": 6000, "good2": 7000, "stereo": 6500, "cd": 8000}  # samples at 16 kHz
+BAD = {"corrupt": "cannot be decoded", "empty": "no audio samples", "short": "too short", "nan": "NaN or Inf",
+       "missing": "does not exist"}
+
+
+def tone(num_samples: int, rate: int) -> np.ndarray:
+    return (0.4 * np.sin(2 * np.pi * 200 * np.arange(num_samples) / rate)).astype(np.float32)
+
+
+@pytest.fixture
+def messy_manifest(tmp_path: Path) -> Path:
+    """Four usable files (one stereo, one at 44.1 kHz) and five unusable ones, in one CSV manifest."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    sf.write(root / "good1.wav", tone(6000, 16_000), 16_000)
+    sf.write(root / "good2.flac", tone(7000, 16_000), 16_000)
+    sf.write(root / "stereo.wav", np.stack([tone(6500, 16_000), -tone(6500, 16_000) * 0.5], axis=1), 16_000)
+    sf.write(root / "cd.wav", tone(22_050, 44_100), 44_100)  # 0.5 s → 8000 samples at 16 kHz
+    (root / "corrupt.wav").write_bytes(b"RIFF" + b"\x07" * 3000)
+    sf.write(root / "empty.wav", np.zeros(0, dtype=np.float32), 16_000)
+    sf.write(root / "short.wav", tone(900, 16_000), 16_000)
+    nan = tone(6000, 16_000)
+    nan[100] = np.nan
+    sf.write(root / "nan.wav", nan, 16_000, subtype="FLOAT")
+    suffix = {"good2": ".flac"}
+    # Manifest lengths are what a (stale) manifest claims: all long enough to pass the sampler's length filter.
+    entries = [ManifestEntry(name, str(root / f"{name}{suffix.get(name, '.wav')}"), n) for name, n in GOOD.items()]
+    entries += [ManifestEntry(name, str(root / f"{name}.wav"), 6000) for name in BAD]
+    return write_manifest(entries, tmp_path / "messy.csv")
+
+
+def data_config(manifest: Path, **kwargs: object) -> DataConfig:
+    defaults: dict[str, object] = {"manifest": str(manifest), "num_workers": 0, "min_sample_size": 1000,
+                                   "max_sample_size": 16_000, "max_batch_length": 200_000, "max_bad_fraction": 0.9}
+    return DataConfig(**(defaults | kwargs))  # type: ignore[arg-type]
+
+
+def test_dataset_items(messy_manifest: Path) -> None:
+    from spidr.data.manifest import read_manifest
+
+    dataset = AudioDataset(read_manifest(messy_manifest), min_samples=1000)
+    items = {dataset.entries[i].fileid: dataset[i] for i in range(len(dataset))}
+    for name, n in GOOD.items():
+        item = items[name]
+        assert isinstance(item, Utterance), name
+        assert item.waveform.shape == (n,), name
+    for name, reason in BAD.items():
+        item = items[name]
+        assert isinstance(item, Skipped), name
+        assert reason in item.reason, name
+        assert item.location.endswith(f"{name}.wav")
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_loader_runs_through_bad_files_and_reports_each_once(
+    messy_manifest: Path, caplog: pytest.LogCaptureFixture, padding: bool
+) -> None:
+    cfg = data_config(messy_manifest, enable_padding=padding, max_batch_length=16_000 if not padding else 200_000)
+    loader, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    with caplog.at_level(logging.WARNING, logger="spidr.data"):
+        for _ in range(2):  # two epochs: still one report per file
+            seen = {}
+            for batch in loader:
+                assert len(batch) > 0  # batches emptied by bad files never reach the caller
+                for row, fileid in enumerate(batch.ids):
+                    seen[fileid] = int(batch.lengths[row])
+            assert set(seen) == set(GOOD)
+    reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unusable audio")]
+    assert len(reports) == len(BAD)
+    for name, reason in BAD.items():
+        assert sum(f"{name}.wav" in message and reason in message for message in reports) == 1, name
+    if padding:  # padded rows keep their true length: stereo down-mixed, 44.1 kHz resampled
+        assert seen == GOOD
+    else:  # two-utterance batches: with seed 0 some hold only bad files, and are skipped without a crash
+        assert any("is empty" in r.getMessage() for r in caplog.records)
+    assert loader.tracker.bad == 2 * len(BAD)
+    assert loader.tracker.seen == 2 * (len(BAD) + len(GOOD))
+
+
+def test_too_many_bad_files_stop_the_run(messy_manifest: Path) -> None:
+    loader, _ = build_dataloader(data_config(messy_manifest, max_bad_fraction=0.05), MaskingConfig(),
+                                 conv_layers=DEFAULT_CONV_LAYERS)
+    with pytest.raises(ValueError, match=r"5 of 9 utterances .* data.max_bad_fraction = 5.0%") as info:
+        list(loader)
+    assert "corrupt.wav" in str(info.value)
+
+
+def test_tracker_waits_for_enough_reads_before_judging() -> None:
+    tracker = BadFileTracker(0.04, min_seen=20)
+    tracker.record(num_good=1, skipped=[("a.wav", "broken")])  # 50 % bad after 2 reads: too early to judge
+    tracker.record(num_good=17, skipped=[])  # 19 reads, still below min_seen
+    with pytest.raises(ValueError, match="1 of 19"):
+        tracker.check()  # the end-of-epoch check judges whatever was read
+    tracker.record(num_good=6, skipped=[])  # 25 reads, 4 %: not more than the limit
+    assert tracker.fraction == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="3 of 27"):
+        tracker.record(num_good=0, skipped=[("b.wav", "x"), ("c.wav", "y")])
+    assert "3 distinct unusable file(s)" in tracker.summary()

@@ -1,0 +1,303 @@
+"""Encoder building blocks: masks, conv extractor, positional conv, attention, layers, init (spec §3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spidr.models.components import (
+    NO_PADDING,
+    ConvFeatureExtractor,
+    ConvPositionalEmbedding,
+    SelfAttention,
+    build_transformer,
+    frame_masks,
+    scale_grad,
+)
+
+
+def _transformer(*, layer_norm_first: bool = False, layer_drop: float = 0.0, num_layers: int = 3):
+    return build_transformer(
+        32,
+        num_layers=num_layers,
+        num_heads=4,
+        ff_dim=64,
+        pos_conv_kernel=95,
+        pos_conv_groups=16,
+        pos_conv_depth=5,
+        dropout=0.0,
+        attention_dropout=0.0,
+        ff_dropout=0.0,
+        layer_drop=layer_drop,
+        layer_norm_first=layer_norm_first,
+        qkv_bias=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_frame_masks_normalise_both_conventions() -> None:
+    x = torch.zeros(2, 5, 8)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    attention = (~padding)[:, None, None, :].expand(2, 1, 5, 5)
+    from_padding = frame_masks(x, padding_mask=padding)
+    from_attention = frame_masks(x, attention_mask=attention)
+    assert torch.equal(from_padding.valid, ~padding)
+    assert torch.equal(from_attention.valid, ~padding)
+    assert torch.equal(from_padding.attention.expand(2, 1, 5, 5), from_attention.attention)
+    # nothing padded → no mask at all, whatever the form
+    assert frame_masks(x) == NO_PADDING
+    assert frame_masks(x, padding_mask=torch.zeros(2, 5, dtype=torch.bool)) == NO_PADDING
+    assert frame_masks(x, attention_mask=torch.ones(2, 1, 5, 5, dtype=torch.bool)) == NO_PADDING
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"padding_mask": torch.zeros(2, 4, dtype=torch.bool)},  # wrong T
+        {"padding_mask": torch.zeros(2, 5)},  # not bool
+        {"attention_mask": torch.ones(2, 5, 5, dtype=torch.bool)},  # missing head dim
+        {"attention_mask": torch.ones(2, 1, 5, 5, dtype=torch.bool), "padding_mask": torch.zeros(2, 5).bool()},
+    ],
+)
+def test_frame_masks_reject_bad_input(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="mask"):
+        frame_masks(torch.zeros(2, 5, 8), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conv extractor
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_extractor_modes_and_keys() -> None:
+    layers = [(8, 10, 5), (8, 3, 2), (8, 2, 2)]
+    layer_norm = ConvFeatureExtractor(layers, mode="layer_norm")
+    group_norm = ConvFeatureExtractor(layers, mode="group_norm", conv_bias=True)
+    assert list(layer_norm.state_dict()) == [
+        f"conv_layers.{i}.{name}" for i in range(3) for name in ("layer_norm.weight", "layer_norm.bias", "conv.weight")
+    ]
+    # group norm (one group per channel) after the first conv only; conv biases on request
+    assert isinstance(group_norm.conv_layers[0].layer_norm, torch.nn.GroupNorm)
+    assert group_norm.conv_layers[0].layer_norm.num_groups == 8
+    assert group_norm.conv_layers[1].layer_norm is None
+    assert "conv_layers.2.conv.bias" in group_norm.state_dict()
+    waveforms = torch.randn(3, 1000)
+    assert layer_norm(waveforms).shape == group_norm(waveforms).shape == (3, 49, 8)  # 1000 → 199 → 99 → 49
+    with pytest.raises(ValueError, match=r"\(B, S\)"):
+        layer_norm(torch.randn(1000))
+
+
+def test_extractor_uses_no_future_samples_beyond_its_receptive_field() -> None:
+    # frame t of the default extractor sees samples [320 t, 320 t + 400): changing sample 4000 changes frames 12
+    # (covers 3840..4239) only.
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([(4, k, s) for _, k, s in ((0, 10, 5), *((0, 3, 2),) * 4, *((0, 2, 2),) * 2)])
+    waveforms = torch.randn(1, 8000)
+    changed = waveforms.clone()
+    changed[0, 4000] += 1.0
+    diff = (extractor(changed) - extractor(waveforms)).abs().amax(-1)[0]
+    assert diff.nonzero().flatten().tolist() == [12]
+
+
+def test_scale_grad() -> None:
+    x = torch.ones(3, requires_grad=True)
+    (scale_grad(x, 0.25) * 2).sum().backward()
+    assert x.grad.tolist() == [0.5, 0.5, 0.5]
+    assert scale_grad(x, 1.0) is x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Positional conv
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kernel", "reach"), [(5, (-2, 2)), (4, (-2, 1))])
+def test_positional_conv_reach_and_even_kernel_trim(kernel: int, reach: tuple[int, int]) -> None:
+    """One conv of kernel k with padding k // 2: odd k sees frames t − k//2 … t + k//2; an even k makes one frame too
+    many and the last is dropped, so output t sees inputs t − k/2 … t + k/2 − 1."""
+    torch.manual_seed(0)
+    pos_conv = ConvPositionalEmbedding(16, kernel, groups=4, depth=1)
+    assert pos_conv.kernel == kernel
+    x = torch.randn(1, 20, 16)
+    out = pos_conv(x)
+    assert out.shape == x.shape
+    changed = x.clone()
+    changed[0, 10] += 1.0
+    moved = (pos_conv(changed) - out).abs().amax(-1)[0].nonzero().flatten().tolist()
+    # input frame 10 reaches outputs 10 − reach[1] … 10 − reach[0]
+    assert moved == list(range(10 - reach[1], 10 - reach[0] + 1))
+
+
+def test_positional_conv_kernel_per_layer() -> None:
+    assert ConvPositionalEmbedding(32, 95, groups=16, depth=5).kernel == 19
+    assert ConvPositionalEmbedding(32, 10, groups=16, depth=5).kernel == 3  # max(3, 95 // depth)
+    assert ConvPositionalEmbedding(32, 95, groups=16, depth=5).convs[0].weight.shape == (32, 2, 19)
+
+
+def test_positional_conv_padding_behaves_like_a_shorter_input() -> None:
+    """Padded frames are zeroed around every conv, so valid frames equal those of the unpadded sequence."""
+    torch.manual_seed(0)
+    pos_conv = ConvPositionalEmbedding(16, 15, groups=4, depth=3)
+    short = torch.randn(1, 12, 16)
+    padded = torch.cat([short, torch.randn(1, 8, 16) * 100], dim=1)
+    valid = torch.arange(20)[None] < 12
+    out = pos_conv(padded, valid)
+    torch.testing.assert_close(out[:, :12], pos_conv(short), atol=1e-6, rtol=0)
+    assert torch.equal(out[:, 12:], torch.zeros(1, 8, 16))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention and layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _reference_attention(attention: SelfAttention, x: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Plain softmax(Q Kᵀ / √d) V per head, written out."""
+    batch, frames, dim = x.shape
+    heads = attention.num_heads
+    q, k, v = attention.qkv(x).split(dim, dim=-1)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, frames, heads, dim // heads).transpose(1, 2)
+
+    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(dim // heads)
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    out = scores.softmax(-1) @ split(v)
+    return attention.proj(out.transpose(1, 2).reshape(batch, frames, dim))
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_attention_matches_the_written_out_formula(qkv_bias: bool) -> None:
+    torch.manual_seed(0)
+    attention = SelfAttention(24, 3, qkv_bias=qkv_bias)
+    assert attention.qkv.weight.shape == (72, 24)
+    assert (attention.qkv.bias is not None) == qkv_bias
+    x = torch.randn(2, 7, 24)
+    key_valid = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    torch.testing.assert_close(attention(x), _reference_attention(attention, x, None), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        attention(x, key_valid[:, None, None, :]), _reference_attention(attention, x, key_valid), atol=1e-5, rtol=0
+    )
+
+
+def test_attention_dropout_only_in_training() -> None:
+    torch.manual_seed(0)
+    attention = SelfAttention(16, 2, dropout=0.5)
+    x = torch.randn(1, 6, 16)
+    attention.eval()
+    assert torch.equal(attention(x), attention(x))
+    attention.train()
+    assert not torch.equal(attention(x), attention(x))
+
+
+def test_post_norm_transformer_has_no_final_layer_norm() -> None:
+    torch.manual_seed(0)
+    transformer = _transformer().eval()
+    x = torch.randn(2, 9, 32)
+    after = transformer.get_intermediate_outputs(x, before_residual=False)
+    torch.testing.assert_close(transformer(x), after[-1], atol=0, rtol=0)
+    # each layer's full output is LN_final(x₁ + FFN output): the FFN output is its before-residual output
+    before = transformer.get_intermediate_outputs(x, before_residual=True)
+    assert len(before) == 3
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def test_pre_norm_transformer_normalises_at_the_end() -> None:
+    torch.manual_seed(0)
+    transformer = _transformer(layer_norm_first=True).eval()
+    assert not transformer.norm_at_input
+    x = torch.randn(2, 9, 32)
+    after = transformer.get_intermediate_outputs(x, before_residual=False)
+    torch.testing.assert_close(transformer(x), transformer.layer_norm(after[-1]), atol=0, rtol=0)
+    layer = transformer.layers[0]
+    h = x + transformer.pos_conv_embed(x)  # pre-norm: no LN at the input
+    x1 = h + layer.attention(layer.layer_norm(h))
+    ffn = layer.feed_forward(layer.final_layer_norm(x1))
+    torch.testing.assert_close(after[0], x1 + ffn, atol=1e-6, rtol=0)
+    torch.testing.assert_close(transformer.get_intermediate_outputs(x)[0], ffn, atol=1e-6, rtol=0)
+
+
+def test_post_norm_layer_written_out() -> None:
+    torch.manual_seed(0)
+    transformer = _transformer().eval()
+    x = torch.randn(2, 9, 32)
+    layer = transformer.layers[0]
+    h = transformer.layer_norm(x + transformer.pos_conv_embed(x))  # encoder LN right after the positional conv
+    x1 = layer.layer_norm(h + layer.attention(h))
+    ffn = layer.feed_forward(x1)
+    torch.testing.assert_close(transformer.get_intermediate_outputs(x)[0], ffn, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        transformer.get_intermediate_outputs(x, before_residual=False)[0],
+        layer.final_layer_norm(x1 + ffn),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_num_layers_stops_early() -> None:
+    transformer = _transformer().eval()
+    x = torch.randn(1, 5, 32)
+    two = transformer.get_intermediate_outputs(x, num_layers=2)
+    assert len(two) == 2
+    torch.testing.assert_close(two, transformer.get_intermediate_outputs(x)[:2], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        transformer.get_intermediate_outputs(x, num_layers=4)
+
+
+def test_layer_drop_skips_layers_only_in_training() -> None:
+    torch.manual_seed(0)
+    transformer = _transformer(layer_drop=1.0)  # every layer dropped in training
+    x = torch.randn(1, 5, 32)
+    preprocessed = transformer.layer_norm(x + transformer.pos_conv_embed(x))
+    torch.testing.assert_close(transformer.train()(x), preprocessed, atol=0, rtol=0)
+    # intermediate outputs: every layer is still computed, each on the unchanged running state
+    outputs = transformer.get_intermediate_outputs(x)
+    for layer, output in zip(transformer.layers, outputs, strict=True):
+        torch.testing.assert_close(output, layer(preprocessed)[1], atol=0, rtol=0)
+    assert not torch.equal(transformer.eval()(x), preprocessed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initialisation (spec §3.8)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_encoder_initialisation() -> None:
+    torch.manual_seed(0)
+    transformer = build_transformer(
+        256, num_layers=2, num_heads=4, ff_dim=1024, pos_conv_kernel=95, pos_conv_groups=16, pos_conv_depth=5,
+        dropout=0.1, attention_dropout=0.1, ff_dropout=0.0, layer_drop=0.0, layer_norm_first=False, qkv_bias=True,
+    )
+    layer = transformer.layers[0]
+    for linear in (layer.feed_forward.intermediate_dense, layer.feed_forward.output_dense):
+        assert linear.weight.std().item() == pytest.approx(0.02, rel=0.02)
+        assert not linear.bias.any()
+    # Xavier-uniform: bound gain·√(6 / (fan_in + fan_out)); qkv gain 1/√2
+    qkv_bound = math.sqrt(6 / (256 + 768)) / math.sqrt(2)
+    assert layer.attention.qkv.weight.abs().max().item() <= qkv_bound
+    assert layer.attention.qkv.weight.abs().max().item() > 0.99 * qkv_bound
+    assert layer.attention.proj.weight.abs().max().item() <= math.sqrt(6 / 512)
+    assert layer.attention.proj.weight.abs().max().item() > 0.99 * math.sqrt(6 / 512)
+    assert not layer.attention.proj.bias.any()
+    assert not layer.attention.qkv.bias.any()
+    assert torch.equal(layer.layer_norm.weight, torch.ones(256))
+    # positional convs keep PyTorch's default (Kaiming-uniform, a = √5): bound 1/√fan_in
+    fan_in = 16 * 19
+    assert transformer.pos_conv_embed.convs[0].weight.abs().max().item() <= 1 / math.sqrt(fan_in)
+
+
+def test_gelu_is_the_exact_erf_form() -> None:
+    extractor = ConvFeatureExtractor([(1, 1, 1)], mode="group_norm")
+    extractor.conv_layers[0].layer_norm = None
+    extractor.conv_layers[0].conv.weight.data.fill_(1.0)
+    x = torch.linspace(-3, 3, 13)[None]
+    torch.testing.assert_close(extractor(x)[0, :, 0], F.gelu(x[0], approximate="none"), atol=0, rtol=0)
+    assert not torch.allclose(extractor(x)[0, :, 0], F.gelu(x[0], approximate="tanh"), atol=1e-6, rtol=0)

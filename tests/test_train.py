@@ -1,0 +1,310 @@
+"""The training loop end to end on a tiny SpidR and a synthetic speech-like corpus (CPU):
+
+* exact resume: a run stopped by SIGTERM, then killed by SIGKILL, then resumed ends bitwise identical to an
+  uninterrupted run, with identical logged losses and validation metrics;
+* the NaN/Inf guard skips a step without touching weights or codebooks, and stops with a checkpoint;
+* a short run learns (loss falls from ≈ ln V, codebooks stay in use);
+* checkpoint contents, precision choice, plots and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spidr.cli import main as cli_main
+from spidr.config import config_from_dict
+from spidr.data.loader import build_dataloader
+from spidr.models.build import build_model
+from spidr.train import loop
+from spidr.train.checkpoint import Checkpointer, read_int
+from spidr.train.loop import TrainingDivergedError, train, train_step
+from spidr.train.metrics import read_metrics
+from spidr.train.optim import build_optimizer, build_scheduler
+from spidr.train.plot import plot_training
+from spidr.train.precision import Precision, cpu_has_native_bf16, resolve_precision
+from train_fixtures import tiny_config, tiny_config_dict, write_corpus, write_toml
+
+FP32 = Precision("cpu", None)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"), num_files=12, seconds=(0.5, 1.0))
+
+
+def _first_batch(cfg):
+    loader, _ = build_dataloader(cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config)
+    return next(iter(loader))
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["group"] == "train"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exact resume through real processes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _launch(config: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "spidr", "train", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+
+
+def _signal_when(process: subprocess.Popen, run_dir: Path, *, min_step: int, sig: int, log: Path) -> None:
+    """Send ``sig`` as soon as metrics.jsonl shows a training step >= ``min_step``."""
+    deadline = time.monotonic() + 240
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the run ended before step {min_step}:\n{log.read_text()[-3000:]}"
+        if metrics.is_file() and any(r["group"] == "train" and r["step"] >= min_step for r in read_metrics(metrics)):
+            process.send_signal(sig)
+            return
+        time.sleep(0.005)
+    process.kill()
+    pytest.fail(f"no step {min_step} within the deadline:\n{log.read_text()[-3000:]}")
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, corpus):
+    sections = {
+        "optimizer": {"max_steps": 20},
+        "data": {"num_workers": 1},  # a worker process reads ahead of the consumed position
+        "validation": {"dev": {"manifest": str(corpus), "max_batch_length": 32000, "max_sample_size": 16000,
+                               "min_sample_size": 4000, "num_buckets": 4, "num_workers": 0}},
+    }
+    # Dropout stays on (the model defaults): the resumed run must restore the global RNG stream too.
+    reference = tiny_config_dict(tmp_path / "a", corpus, **sections)
+    interrupted = tiny_config_dict(tmp_path / "b", corpus, **sections)
+    run_a = config_from_dict(reference).run.run_dir
+    run_b = config_from_dict(interrupted).run.run_dir
+    config_a = write_toml(reference, tmp_path / "a.toml")
+    config_b = write_toml(interrupted, tmp_path / "b.toml")
+    log = tmp_path / "b.log"
+
+    assert subprocess.run([sys.executable, "-m", "spidr", "train", str(config_a)], check=False, capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300).returncode == 0
+
+    # 1. SIGTERM: a checkpoint at the current step boundary, exit status 3.
+    process = _launch(config_b, log)
+    _signal_when(process, run_b, min_step=4, sig=signal.SIGTERM, log=log)
+    assert process.wait(timeout=120) == 3, log.read_text()[-3000:]
+    stopped_at = read_int(Checkpointer(run_b, save_interval=3).load_latest()[1]["step"])
+    assert stopped_at >= 4
+    # 2. Resume, then SIGKILL somewhere after the next periodic checkpoint: no chance to save anything.
+    process = _launch(config_b, log)
+    _signal_when(process, run_b, min_step=stopped_at + 4, sig=signal.SIGKILL, log=log)
+    assert process.wait(timeout=120) == -signal.SIGKILL
+    assert not (run_b / "final.pt").exists()
+    # 3. Resume to the end.
+    process = _launch(config_b, log)
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+    final_a = torch.load(run_a / "final.pt", weights_only=True)
+    final_b = torch.load(run_b / "final.pt", weights_only=True)
+    assert final_a["model"].keys() == final_b["model"].keys()
+    for key, value in final_a["model"].items():
+        assert torch.equal(value, final_b["model"][key]), key
+    for pid, state in final_a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, final_b["optimizer"]["state"][pid][name]), (pid, name)
+    assert read_int(final_b["step"]) == 20
+
+    # Every step logged by the interrupted run (replayed steps included) matches the uninterrupted one.
+    expected = {r["step"]: r for r in _train_records(run_a)}
+    got = _train_records(run_b)
+    assert {r["step"] for r in got} == set(expected)
+    assert len(got) > len(expected)  # steps after the last checkpoint were replayed
+    for record in got:
+        for key in ("loss", "grad_norm", "target_ppl", "pred_ppl", "lr"):
+            assert record[key] == expected[record["step"]][key], (record["step"], key)
+    validation_a = {r["step"]: r["loss"] for r in read_metrics(run_a / "metrics.jsonl") if r["group"] == "dev"}
+    validation_b = [r for r in read_metrics(run_b / "metrics.jsonl") if r["group"] == "dev"]
+    assert validation_a
+    assert sorted(validation_a) == [0, 3, 6, 9, 12, 15, 18, 20]
+    for record in validation_b:
+        assert record["loss"] == validation_a[record["step"]]
+
+
+def test_checkpoint_contents_are_official_and_weights_only(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 3})
+    assert train(cfg) == "completed"
+    run_dir = cfg.run.run_dir
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["final.pt", "step_0.pt", "step_3.pt"]
+    state = torch.load(run_dir / "final.pt", weights_only=True)
+    model = build_model(cfg.model)
+    assert list(state["model"]) == list(model.state_dict())  # unwrapped: no module./_orig_mod. prefix
+    model.load_state_dict(state["model"])  # strict
+    assert int(state["model"]["current_step"]) == 3
+    assert state["step"].dtype == torch.int64
+    assert state["step"].shape == (1,)
+    assert read_int(state["epoch"]) == 0
+    assert config_from_dict(state["config"]) == cfg
+    assert json.loads((run_dir / "config.json").read_text()) == cfg.to_dict()
+    assert len(state["ranks"]) == 1
+    assert state["ranks"][0]["sampler"]["position"] == 3
+    assert set(state["ranks"][0]["rng"]) == {"python", "numpy", "torch"}
+    assert len(state["optimizer"]["param_groups"]) == 2
+    # Starting again with the same config finds the run finished.
+    assert train(cfg) == "completed"
+    assert read_int(Checkpointer(run_dir, save_interval=1).load_latest()[1]["step"]) == 3
+
+
+def test_grad_accumulation_and_freeze_step_in_a_run(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 4, "grad_accum_steps": 2},
+                      model={"freeze_step": 2})
+    assert train(cfg) == "completed"
+    state = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)
+    per_epoch = len(build_dataloader(cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config)[1])
+    assert per_epoch < 8  # so that the 8 micro-batches of 4 steps run into a second epoch
+    assert read_int(state["epoch"]) == 1
+    assert state["ranks"][0]["sampler"]["position"] == 8 - per_epoch
+    assert len(state["optimizer"]["param_groups"]) == 1  # the extractor/projection group went at step 2
+    before = torch.load(cfg.run.run_dir / "step_3.pt", weights_only=True)["model"]
+    for key, value in state["model"].items():
+        if key.startswith(("feature_extractor", "feature_projection")):
+            assert torch.equal(value, before[key]), key
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NaN / Inf guard
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _poison(model, monkeypatch) -> None:
+    forward = model.forward
+
+    def poisoned(*args, **kwargs):
+        losses, metrics = forward(*args, **kwargs)  # the codebooks have already moved at this point
+        return losses * float("inf"), metrics
+
+    monkeypatch.setattr(model, "forward", poisoned)
+
+
+def test_a_non_finite_step_leaves_weights_codebooks_and_optimizer_untouched(tmp_path, corpus, monkeypatch):
+    cfg = tiny_config(tmp_path, corpus)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optimizer, device=torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, cfg.optimizer)
+    batch = _first_batch(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    _poison(model, monkeypatch)
+    out = train_step(model, [batch], optimizer, scheduler, step=0, precision=FP32, scaler=None, max_norm=10.0)
+    assert out.skipped
+    assert not math.isfinite(out.metrics["loss"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not optimizer.state
+    assert scheduler.last_epoch == 0
+    assert all(p.grad is None for p in model.parameters())
+
+    monkeypatch.undo()
+    out = train_step(model, [batch], optimizer, scheduler, step=0, precision=FP32, scaler=None, max_norm=10.0)
+    assert not out.skipped
+    after = model.state_dict()
+    assert int(after["current_step"]) == 1
+    assert scheduler.last_epoch == 1
+    assert not torch.equal(after["codebooks.0.codebook"], before["codebooks.0.codebook"])
+    assert not torch.equal(after["student.layers.0.attention.qkv.weight"],
+                           before["student.layers.0.attention.qkv.weight"])
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path, corpus, monkeypatch):
+    cfg = tiny_config(tmp_path, corpus, run={"max_consecutive_nonfinite": 3})
+
+    def poisoned_model(model_cfg):
+        model = build_model(model_cfg)
+        _poison(model, monkeypatch)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", poisoned_model)
+    with pytest.raises(TrainingDivergedError, match="3 consecutive steps"):
+        train(cfg)
+    path, state = Checkpointer(cfg.run.run_dir, save_interval=1).load_latest()
+    assert path.name == "step_0.pt"
+    assert read_int(state["step"]) == 0
+    assert state["nonfinite_streak"] == 3
+    assert state["ranks"][0]["sampler"]["position"] == 3  # the three bad batches were consumed
+    torch.manual_seed(cfg.run.random_seed)
+    initial = build_model(cfg.model).state_dict()
+    for key, value in state["model"].items():
+        assert torch.equal(value, initial[key]), key
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning, precision, plots, command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_tiny_spidr_run_learns_and_keeps_its_codebooks_in_use(tmp_path):
+    manifest = write_corpus(tmp_path / "corpus", num_files=24, seconds=(1.0, 1.0), seed=1)
+    cfg = tiny_config(tmp_path, manifest, run={"save_interval": 1000},
+                      optimizer={"max_steps": 100, "lr": 3e-3, "warmup_steps": 10, "hold_steps": 50,
+                                 "decay_steps": 40},
+                      model={"ema_timescale": 100}, data={"max_batch_length": 64000})
+    torch.set_num_threads(1)
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    records = _train_records(cfg.run.run_dir)
+    losses = [r["loss"] for r in records]
+    assert abs(losses[0] - math.log(16)) < 0.1  # uniform predictions over V = 16 codewords at the start
+    assert sum(losses[-10:]) / 10 < losses[0] - 0.4
+    for ppl in records[-1]["target_ppl_per_codebook"]:
+        assert ppl > 4.0  # no collapse onto one or two codewords
+    assert min(records[-1]["active_codewords"]) >= 6
+    assert all(math.isfinite(r["grad_norm"]) for r in records)
+
+    plots = plot_training(cfg.run.run_dir)
+    names = {p.name for p in plots}
+    assert {"loss.png", "perplexity.png", "target_ppl_per_codebook_train.png", "active_codewords_train.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in plots)
+
+
+def test_precision_choice():
+    assert resolve_precision("float32", torch.device("cpu")).dtype is None
+    bf16 = resolve_precision("bfloat16", torch.device("cpu"))
+    assert bf16.dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert bf16.make_scaler() is None
+    with pytest.raises(ValueError, match="float16' needs CUDA"):
+        resolve_precision("float16", torch.device("cpu"))
+
+
+def test_bfloat16_training_step_runs_under_cpu_autocast(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optimizer, device=torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, cfg.optimizer)
+    out = train_step(model, [_first_batch(cfg)], optimizer, scheduler, step=0,
+                     precision=Precision("cpu", torch.bfloat16), scaler=None, max_norm=10.0)
+    assert not out.skipped
+    assert abs(out.metrics["loss"] - math.log(16)) < 0.2
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_command_line_errors_and_help(tmp_path, corpus, capsys):
+    assert cli_main(["train", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml does not exist" in capsys.readouterr().err
+    config = write_toml(tiny_config_dict(tmp_path, corpus), tmp_path / "run.toml")
+    assert cli_main(["train", str(config), "--set", "optimizer.lr=-1"]) == 2
+    assert "optimizer.lr = -1" in capsys.readouterr().err
+    assert cli_main(["plot-training", str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    assert "Resumes automatically" in capsys.readouterr().out
