@@ -138,7 +138,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
 
 
 def test_checkpoint_contents_are_official_and_weights_only(tmp_path, corpus):
-    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 3})
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 4})
     assert train(cfg) == "completed"
     run_dir = cfg.run.run_dir
     assert sorted(p.name for p in run_dir.glob("*.pt")) == ["final.pt", "step_0.pt", "step_3.pt"]
@@ -146,19 +146,19 @@ def test_checkpoint_contents_are_official_and_weights_only(tmp_path, corpus):
     model = build_model(cfg.model)
     assert list(state["model"]) == list(model.state_dict())  # unwrapped: no module./_orig_mod. prefix
     model.load_state_dict(state["model"])  # strict
-    assert int(state["model"]["current_step"]) == 3
+    assert int(state["model"]["current_step"]) == 4
     assert state["step"].dtype == torch.int64
     assert state["step"].shape == (1,)
     assert read_int(state["epoch"]) == 0
     assert config_from_dict(state["config"]) == cfg
     assert json.loads((run_dir / "config.json").read_text()) == cfg.to_dict()
     assert len(state["ranks"]) == 1
-    assert state["ranks"][0]["sampler"]["position"] == 3
+    assert state["ranks"][0]["sampler"]["position"] == 4
     assert set(state["ranks"][0]["rng"]) == {"python", "numpy", "torch"}
     assert len(state["optimizer"]["param_groups"]) == 2
     # Starting again with the same config finds the run finished.
     assert train(cfg) == "completed"
-    assert read_int(Checkpointer(run_dir, save_interval=1).load_latest()[1]["step"]) == 3
+    assert read_int(Checkpointer(run_dir, save_interval=1).load_latest()[1]["step"]) == 4
 
 
 def test_grad_accumulation_and_freeze_step_in_a_run(tmp_path, corpus):
@@ -308,3 +308,27 @@ def test_command_line_errors_and_help(tmp_path, corpus, capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--help"])
     assert "Resumes automatically" in capsys.readouterr().out
+
+
+def test_the_data_stream_never_moves_the_global_rng_and_spans_epochs():
+    class DrawingLoader:
+        """Draws from the global RNG when an epoch starts and per batch, like a DataLoader without a generator."""
+
+        def __iter__(self):
+            torch.rand(1)
+            for i in range(3):
+                torch.rand(1)
+                yield i
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    stream = loop._batches(DrawingLoader())
+    assert [next(stream) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert torch.equal(torch.get_rng_state(), state)
+
+    class EmptyLoader:
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(ValueError, match="no batch in a whole epoch"):
+        next(loop._batches(EmptyLoader()))

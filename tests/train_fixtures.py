@@ -97,13 +97,19 @@ def tiny_config(workdir: Path, manifest: Path, **sections: dict[str, Any]) -> Co
 
 
 def write_toml(data: dict[str, Any], path: Path) -> Path:
-    """A minimal TOML writer for the flat tables of a run config."""
-    lines = []
-    for section, table in data.items():
-        lines.append(f"[{section}]")
-        for key, value in table.items():
-            lines.append(f"{key} = {_toml(value)}")
+    """A minimal TOML writer for run configs: tables of scalars and lists, nested tables as [a.b]."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml(value)}" for key, value in values.items() if not isinstance(value, dict))
         lines.append("")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                table(f"{name}.{key}", value)
+
+    for section, values in data.items():
+        table(section, values)
     path.write_text("\n".join(lines))
     return path
 

@@ -1,9 +1,82 @@
-"""Subcommands of this area (see ``spidr.cli``)."""
+"""Subcommands of this area (see ``spidr.cli``): ``spidr synth-corpus``."""
 
 from __future__ import annotations
 
 import argparse
 
 
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _factors(value: str) -> list[float]:
+    try:
+        return [float(factor) for factor in _names(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.9,1.1, got {value!r}") from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
+    parser = subparsers.add_parser(
+        "synth-corpus",
+        help="synthesise a phone-aligned multi-speaker English corpus (flite, festival, espeak-ng)",
+        description="Synthesise 16 kHz speech from several voices with exact ARPAbet-39 phone alignments, ABX item "
+        "files and frame labels. Needs the Debian packages flite, festival (+ festlex-cmu festlex-poslex "
+        "festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts) and espeak-ng (+ espeak-ng-data libespeak-ng1).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("out", nargs="?", help="output directory (reused as is if it holds a corpus made with the "
+                        "same parameters)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--hours", type=float, help="approximate total hours of audio (all voices together)")
+    size.add_argument("-n", "--num-utterances", type=int,
+                      help="utterances per voice; 20 when neither this nor --hours is given")
+    parser.add_argument("--voices", type=_names, default=None,
+                        help="comma-separated voice names, a warped voice as NAME_wFACTOR (e.g. awb_w0.9); "
+                        "default: the 7 natural voices and 4 espeak variants (see --list-voices)")
+    parser.add_argument("--warp", type=_factors, default=[],
+                        help="comma-separated speed factors (e.g. 0.9,1.1): adds a warped copy, a new speaker, of "
+                        "every selected voice per factor")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sentences and speaking rates")
+    parser.add_argument("--same-text-fraction", type=float, default=0.25,
+                        help="fraction of each voice's sentences that every voice reads")
+    parser.add_argument("--rate-jitter", type=float, default=0.1,
+                        help="each utterance's speed varies uniformly within 1 ± this fraction")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: all CPUs); never "
+                        "changes the output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a corpus in OUT that was made with other parameters")
+    parser.add_argument("--list-voices", action="store_true", help="list the voices and whether each is installed, "
+                        "then exit")
+    parser.set_defaults(handler=_synth_corpus)
+
+
+def _synth_corpus(args: argparse.Namespace) -> int:
+    from spidr.corpus import voices
+    from spidr.corpus.synth import synthesize_corpus
+
+    if args.list_voices:
+        installed = set(voices.available_voices())
+        for voice in voices.CATALOGUE:
+            default = "default" if voice.name in voices.DEFAULT_VOICES else ""
+            state = "installed" if voice.name in installed else f"missing ({' '.join(voice.packages)})"
+            print(f"{voice.name:14} {voice.speaker:14} {state:10} {default:8} {voice.description}")
+        return 0
+    if args.out is None:
+        raise ValueError("synth-corpus needs an output directory OUT (or --list-voices)")
+    info = synthesize_corpus(
+        args.out,
+        voices=args.voices,
+        num_utterances_per_voice=args.num_utterances,
+        hours=args.hours,
+        seed=args.seed,
+        same_text_fraction=args.same_text_fraction,
+        warps=args.warp,
+        rate_jitter=args.rate_jitter,
+        jobs=args.jobs,
+        overwrite=args.overwrite,
+    )
+    print(f"{info.num_utterances} utterances ({info.hours:.3f} h, {len(set(info.speakers.values()))} speakers, "
+          f"{info.num_dropped} dropped) in {info.out_dir}; manifest: {info.manifest}")
+    return 0

@@ -45,6 +45,7 @@ speaker of it) whose DTWs are batched across units, and no whole-dataset distanc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -58,7 +59,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from spidr.eval.dtw import dtw_batch
+from spidr.eval.dtw import dtw_from_buffer
 from spidr.eval.items import (
     NEXT_COLUMN,
     PHONE_COLUMN,
@@ -268,7 +269,8 @@ def _as_frames(value: object, name: str) -> torch.Tensor:
     if tensor.ndim != 2:
         raise ValueError(f"features of {name!r} have shape {tuple(tensor.shape)}: expected (T, D) or (T,)")
     tensor = tensor.to(torch.float32)
-    if not bool(torch.isfinite(tensor).all()):
+    # One cheap reduction first; the element-wise check only runs when the sum is not finite (possibly by overflow).
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"features of {name!r} contain non-finite values")
     return tensor
 
@@ -288,13 +290,17 @@ def prepare_frames(frames: torch.Tensor, distance: DistanceName) -> torch.Tensor
     return frames
 
 
-def frame_distances(x: torch.Tensor, y: torch.Tensor, distance: DistanceName) -> torch.Tensor:
-    """All frame-to-frame distances between prepared frames x (n, D) and y (m, D) → (n, m) float32."""
+def frame_distances(
+    x: torch.Tensor, y: torch.Tensor, distance: DistanceName, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """All frame-to-frame distances between prepared frames x (n, D) and y (m, D) → (n, m) float32 (into ``out``)."""
+    if out is None:
+        out = torch.empty((x.shape[0], y.shape[0]), dtype=torch.float32)
     match distance:
         case "angular" | "cosine":
-            return torch.mm(x, y.T).clamp_(-1.0, 1.0).acos_().div_(math.pi)
+            return torch.mm(x, y.T, out=out).clamp_(-1.0, 1.0).acos_().div_(math.pi)
         case "euclidean":
-            return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+            return out.copy_(torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist"))
         case "kl_symmetric":
             log_x, log_y = (x + KL_EPS).log(), (y + KL_EPS).log()
             # Centring each log row changes nothing for probability vectors and keeps float32 precision near 0.
@@ -302,9 +308,9 @@ def frame_distances(x: torch.Tensor, y: torch.Tensor, distance: DistanceName) ->
             log_y -= log_y.mean(1, keepdim=True)
             self_x = (x * log_x).sum(1, keepdim=True)
             self_y = (y * log_y).sum(1, keepdim=True).T
-            return 0.5 * (self_x + self_y - x @ log_y.T - log_x @ y.T)
+            return out.copy_(0.5 * (self_x + self_y - x @ log_y.T - log_x @ y.T))
         case "identical":
-            return (x[:, 0, None] != y[None, :, 0]).to(torch.float32)
+            return out.copy_(x[:, 0, None] != y[None, :, 0])
     raise ValueError(f"distance = {distance!r} is invalid: expected one of {', '.join(DISTANCES)}")
 
 
@@ -519,36 +525,41 @@ class _CellScorer:
         self.pool, self.pool_elements = [], 0
 
     def _compute_distances(self, chunks: list[_Chunk]) -> None:
-        """Fill ``chunk.distances`` (rows × cols item DTW distances, X on the lattice rows) for every chunk."""
+        """Fill ``chunk.distances`` (rows × cols item DTW distances, X on the lattice rows) for every chunk.
+
+        The frame distances of every chunk are written into one flat buffer (one row-major block per chunk); the
+        lattice of a pair is then a (rows × cols) window of its chunk's block.
+        """
         store = self.store
-        lattices, pair_parts = [], []
-        base = 0
+        layouts = []
         for chunk in chunks:
-            rows = chunk.unit.rows[chunk.row_slice]
-            cols = chunk.unit.cols
-            row_len, col_len = store.lengths[rows], store.lengths[cols]
-            row_off = np.concatenate([[0], np.cumsum(row_len)[:-1]])
-            col_off = np.concatenate([[0], np.cumsum(col_len)[:-1]])
+            rows, cols = chunk.unit.rows[chunk.row_slice], chunk.unit.cols
+            layouts.append((rows, cols, store.lengths[rows], store.lengths[cols]))
+        max_rows = max(int(row_len.max()) for _, _, row_len, _ in layouts)
+        max_cols = max(int(col_len.max()) for _, _, _, col_len in layouts)
+        max_width = max(int(col_len.sum()) for _, _, _, col_len in layouts)
+        sizes = [int(row_len.sum()) * int(col_len.sum()) for _, _, row_len, col_len in layouts]
+        # dtw_from_buffer reads up to max_rows × width + max_cols cells past a lattice's start: finite padding.
+        head, tail = 0, max_rows * max_width + max_cols
+        buffer = torch.empty(sum(sizes) + tail)
+        buffer[sum(sizes) :] = 0.0
+        pair_parts = []
+        base = head
+        for (rows, cols, row_len, col_len), size in zip(layouts, sizes, strict=True):
             x = store.frames[_ranges(store.offsets[rows], row_len)]
             y = store.frames[_ranges(store.offsets[cols], col_len)]
-            frame_matrix = frame_distances(x, y, self.distance)
-            lattices.append(frame_matrix.reshape(-1))
+            frame_distances(x, y, self.distance, out=buffer[base : base + size].view(x.shape[0], y.shape[0]))
             width = y.shape[0]
+            row_off = np.cumsum(row_len) - row_len
+            col_off = np.cumsum(col_len) - col_len
             # One entry per (row item, col item) pair, row-major: where its lattice starts, its row stride, sizes.
-            start = base + (row_off[:, None] * width + col_off[None, :])
+            start = base + row_off[:, None] * width + col_off[None, :]
             pair_parts.append(
-                (
-                    start.ravel(),
-                    np.full(start.size, width),
-                    np.repeat(row_len, cols.size),
-                    np.tile(col_len, rows.size),
-                )
+                (start.ravel(), np.full(start.size, width), np.repeat(row_len, cols.size), np.tile(col_len, rows.size))
             )
-            base += frame_matrix.numel()
-        lattices.append(torch.full((1,), float("inf")))  # the padding cell, at index `base`
-        buffer = torch.cat(lattices)
+            base += size
         pairs = _Pairs(*(np.concatenate(parts) for parts in zip(*pair_parts, strict=True)))
-        distances = _batched_dtw(buffer, base, pairs)
+        distances = _batched_dtw(buffer, pairs)
         position = 0
         for chunk in chunks:
             shape = (chunk.row_slice.stop - chunk.row_slice.start, chunk.unit.cols.size)
@@ -634,43 +645,47 @@ class _Pairs:
     num_cols: np.ndarray
 
 
-def _batched_dtw(buffer: torch.Tensor, pad_index: int, pairs: _Pairs) -> torch.Tensor:
-    """DTW of every pair; ``buffer[pad_index]`` is +inf, the value of padding cells.
+def _batched_dtw(buffer: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
+    """DTW of every pair; ``buffer`` holds the lattices, padded as ``dtw_from_buffer`` requires.
 
-    Pairs are sorted by lattice shape and cut into batches of similar shapes so that padding stays small.
+    Pairs are batched by their number of rows (X frames), ordered by columns within a batch, and each batch is cut
+    so that its padded size (pairs × rows × max cols) stays within ``BATCH_ELEMENTS``.
     """
-    num_pairs = pairs.start.size
-    out = torch.empty(num_pairs, dtype=torch.float32)
+    out = torch.empty(pairs.start.size, dtype=torch.float32)
     order = np.lexsort((pairs.num_cols, pairs.num_rows))
     sorted_rows, sorted_cols = pairs.num_rows[order], pairs.num_cols[order]
-    position = 0
-    while position < num_pairs:
-        # Grow the batch while its padded size (pairs × max rows × max cols) stays within budget.
-        end, cols_max = position, 0
-        while end < num_pairs:
-            grown = max(cols_max, int(sorted_cols[end]))
-            if end > position and (end - position + 1) * int(sorted_rows[end]) * grown > BATCH_ELEMENTS:
-                break
-            cols_max, end = grown, end + 1
-        batch = order[position:end]
-        out[torch.from_numpy(batch)] = _dtw_of(
-            buffer, pad_index, pairs, batch, rows_max=int(sorted_rows[end - 1]), cols_max=cols_max
-        )
-        position = end
+    starts = torch.from_numpy(pairs.start[order])
+    widths = torch.from_numpy(pairs.width[order])
+    row_counts = torch.from_numpy(sorted_rows)
+    col_counts = torch.from_numpy(sorted_cols)
+    runs = np.flatnonzero(np.diff(sorted_rows)) + 1
+    with _single_thread():
+        for run_start, run_end in itertools.pairwise([0, *runs.tolist(), order.size]):
+            rows = int(sorted_rows[run_start])
+            position = run_start
+            while position < run_end:
+                # Columns grow along the run: take pairs while pairs × rows × (cols of the last one) fits.
+                fits = np.flatnonzero(
+                    np.arange(1, run_end - position + 1) * rows * sorted_cols[position:run_end] <= BATCH_ELEMENTS
+                )
+                end = position + (int(fits[-1]) + 1 if fits.size else 1)
+                batch = slice(position, end)
+                distances = dtw_from_buffer(buffer, starts[batch], widths[batch], row_counts[batch], col_counts[batch])
+                out[torch.from_numpy(order[batch])] = distances
+                position = end
     return out
 
 
-def _dtw_of(
-    buffer: torch.Tensor, pad_index: int, pairs: _Pairs, batch: np.ndarray, *, rows_max: int, cols_max: int
-) -> torch.Tensor:
-    rows, cols = torch.from_numpy(pairs.num_rows[batch]), torch.from_numpy(pairs.num_cols[batch])
-    i = torch.arange(rows_max)[None, :, None]
-    j = torch.arange(cols_max)[None, None, :]
-    start = torch.from_numpy(pairs.start[batch])[:, None, None]
-    width = torch.from_numpy(pairs.width[batch])[:, None, None]
-    valid = (i < rows[:, None, None]) & (j < cols[:, None, None])
-    lattices = buffer[torch.where(valid, start + i * width + j, pad_index)]
-    return dtw_batch(lattices, rows, cols)
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run the DTW wavefront on one thread: its many small element-wise ops only pay OpenMP overhead otherwise,
+    which on a busy machine costs 100× (threads spin waiting for cores that other processes hold)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _collapse(cells: _Cells, *, context: Context) -> tuple[float, int]:

@@ -169,12 +169,13 @@ def _parse_conv_layers(text: Any) -> list[list[int]]:
 
 
 def _literal(node: ast.AST) -> Any:
-    """Evaluate a literal, allowing list concatenation (+) and repetition (*) by an integer, nothing else."""
+    """Evaluate a literal, allowing list concatenation (+) and repetition (*) by an integer up to 1000, nothing
+    else (no names, calls or attribute access)."""
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
         left, right = _literal(node.left), _literal(node.right)
         if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
             return left + right
-        if isinstance(node.op, ast.Mult) and isinstance(left, list) and isinstance(right, int) and right >= 0:
+        if isinstance(node.op, ast.Mult) and isinstance(left, list) and isinstance(right, int) and 0 <= right <= 1000:
             return left * right
         raise ValueError("unsupported operands")
     return ast.literal_eval(node)

@@ -30,6 +30,7 @@ from spidr.models.components import (
     init_transformer_,
     scale_grad,
 )
+from spidr.models.frames import num_frames
 from spidr.models.schedules import dinosr_ema_decay
 
 logger = logging.getLogger(__name__)
@@ -106,15 +107,15 @@ class DinoSR(nn.Module):
         if waveforms.ndim != 2 or not waveforms.is_floating_point():
             raise ValueError(f"waveforms must be a float tensor of shape (B, S); got {waveforms.dtype} "
                              f"{tuple(waveforms.shape)}")
+        if num_frames(waveforms.shape[1], self.cfg.extractor_conv_layer_config) == 0:
+            raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the conv "
+                             "extractor (400 samples with the default config)")
         grad_mult = self.cfg.feature_grad_mult
         if grad_mult == 0.0:
             with torch.no_grad():
                 x = self.feature_extractor(waveforms)
         else:
             x = scale_grad(self.feature_extractor(waveforms), grad_mult)
-        if x.shape[1] == 0:
-            raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the conv "
-                             "extractor (400 samples with the default config)")
         return self.feature_projection(x)
 
     def _student_outputs(self, x: torch.Tensor, masks: FrameMasks) -> list[torch.Tensor]:

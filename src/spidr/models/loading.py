@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +71,15 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if not trust:
+            # The weights-only unpickler names the first class it refused; any other failure means a broken file.
+            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+            if refused is None:
+                reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+                raise ValueError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
             raise ValueError(
-                f"{path} contains pickled Python objects besides tensors (fairseq checkpoints store argparse or "
-                "omegaconf configs this way); unpickling them can run arbitrary code, so it is refused. If you trust "
-                f"the file's origin, pass trust=True (CLI: --trust). Details: {str(error).splitlines()[0]}"
+                f"{path} contains pickled Python objects besides tensors (first one: {refused[1]}; fairseq "
+                "checkpoints store their argparse or omegaconf configs this way). Unpickling them can run arbitrary "
+                "code, so it is refused: if you trust the file's origin, pass trust=True (CLI: --trust)."
             ) from None
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
@@ -83,6 +89,8 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
     except ModuleNotFoundError as error:
         raise ValueError(f"{path} needs the Python package {error.name!r} to unpickle its config objects; install "
                          "it (e.g. pip install omegaconf for fairseq checkpoints)") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -284,7 +292,8 @@ def dinosr_base_reproduced(path: str | Path) -> DinoSR:
 
 
 def dinosr_base_original(path: str | Path, *, trust: bool = False) -> DinoSR:
-    """The original fairseq DinoSR base, from a local copy of https://data.csail.mit.edu/placesaudio/dinosr/dinosr.ckpt,
-    converted to our layout (qkv bias included). The file pickles its fairseq config, so it loads only with
-    ``trust=True`` (and the ``omegaconf`` package installed). Eval mode."""
+    """The original fairseq DinoSR base, from a local copy of
+    https://data.csail.mit.edu/placesaudio/dinosr/dinosr.ckpt, converted to our layout (qkv bias included).
+    The file pickles its fairseq config, so it loads only with ``trust=True`` (and the ``omegaconf`` package
+    installed). Eval mode."""
     return load_model(path, trust=trust, model_type="dinosr")

@@ -456,13 +456,25 @@ def _wrap(model: nn.Module, cfg: Config, denv: DistributedEnvironment, device: t
 
 
 def _batches(loader: Any) -> Iterator[Any]:
-    """This rank's batches, epoch after epoch (the loader marks each consumed batch for resume)."""
+    """This rank's batches, epoch after epoch (the loader marks each consumed batch for resume).
+
+    Whatever the data pipeline draws from the global torch RNG in this process (a DataLoader without its own
+    generator draws worker seeds when an epoch starts) is forked away, so the dropout stream that checkpoints
+    save and restore depends only on the training steps taken.
+    """
+    iterator = iter(loader)
+    fresh = True
     while True:
-        # Starting an iterator draws worker seeds from the global torch RNG; fork it so that the dropout stream
-        # does not depend on where epochs (or a resume) begin.
         with torch.random.fork_rng(devices=[]):
-            iterator = iter(loader)
-        yield from iterator
+            batch = next(iterator, None)
+        if batch is None:
+            if fresh:
+                raise ValueError("the training data yielded no batch in a whole epoch: are all its audio files "
+                                 "unreadable or shorter than data.min_sample_size?")
+            iterator, fresh = iter(loader), True
+            continue
+        fresh = False
+        yield batch
 
 
 class _StopFlag:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ def plot_training(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
             fig, ax = plt.subplots(figsize=(7, 4))
             for k in range(len(by_step[steps[0]][metric])):
                 ax.plot(steps, [by_step[s][metric][k] for s in steps], label=f"codebook {k}")
-            written.append(_finish(fig, ax, f"{title} ({group})", out_dir / f"{metric}_{group}.png"))
+            safe_group = re.sub(r"[^A-Za-z0-9_.-]", "_", group)
+            written.append(_finish(fig, ax, f"{title} ({group})", out_dir / f"{metric}_{safe_group}.png"))
     plt.close("all")
     logger.info("wrote %d plots to %s", len(written), out_dir)
     return written

@@ -1,0 +1,161 @@
+"""Run one engine on a batch of sentences: raw audio plus the engine's own phone labels with their times.
+
+* flite: ``flite -voice V -psdur -t TEXT -o out.wav`` prints ``phone:end_time`` for every segment.
+* festival: one batch-mode Scheme script per batch (a festival start costs ~0.3 s) that synthesises each
+  sentence with ``(eval (list 'Utterance 'Text ...))`` and saves the wave and the segment end times. festival keeps
+  no state between utterances, so batching does not change any output.
+* espeak-ng: phoneme start samples from the library's phoneme events (``spidr.corpus.espeak``).
+
+Phone labels stay in the engine's phone set here (``"radio"`` for flite/festival, ``"espeak"``); mapping to
+ARPAbet is the alignment step's job.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import soundfile as sf
+
+from spidr.corpus import espeak
+from spidr.corpus.voices import Voice
+
+
+@dataclass(frozen=True)
+class Request:
+    utt_id: str
+    text: str
+    rate: float  # speaking speed relative to the voice's default (1.1 = 10 % faster)
+
+
+@dataclass(frozen=True)
+class RawUtterance:
+    audio: np.ndarray  # (num_samples,) float32 in [-1, 1]
+    sample_rate: int
+    labels: list[tuple[float, float, str]]  # (onset s, offset s, engine phone label), contiguous from 0
+    phone_set: Literal["radio", "espeak"]
+
+
+class SynthesisError(RuntimeError):
+    """The engine produced no usable output for one utterance."""
+
+
+def synthesize(voice: Voice, requests: list[Request]) -> list[RawUtterance | SynthesisError]:
+    """Speak every request with ``voice``; a failed utterance gives its ``SynthesisError`` in its place."""
+    match voice.engine:
+        case "flite":
+            return [_flite(voice.engine_voice, request) for request in requests]
+        case "festival":
+            return _festival(voice.engine_voice, requests)
+        case "espeak":
+            return [_espeak(voice.engine_voice, request) for request in requests]
+    raise ValueError(f"unknown engine {voice.engine!r}")
+
+
+def _labels_from_end_times(end_times: list[tuple[float, str]]) -> list[tuple[float, float, str]]:
+    labels, onset = [], 0.0
+    for offset, label in end_times:
+        labels.append((onset, offset, label))
+        onset = offset
+    return labels
+
+
+def _read_wav(path: Path) -> tuple[np.ndarray, int]:
+    audio, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+    return audio[:, 0], sample_rate
+
+
+# flite --------------------------------------------------------------------------------------------------------
+
+
+def _flite(engine_voice: str, request: Request) -> RawUtterance | SynthesisError:
+    with tempfile.TemporaryDirectory(prefix="spidr-flite-") as tmp:
+        wav = Path(tmp) / "out.wav"
+        command = ["flite", "-voice", engine_voice, "-psdur", "--setf", f"duration_stretch={1 / request.rate:.4f}",
+                   "-t", request.text, "-o", str(wav)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not wav.is_file():
+            return SynthesisError(f"flite failed (exit {result.returncode}): {result.stderr.strip()[-300:]}")
+        audio, sample_rate = _read_wav(wav)
+    end_times = []
+    for token in result.stdout.split():
+        label, _, time = token.rpartition(":")
+        end_times.append((float(time), label))
+    return RawUtterance(audio, sample_rate, _labels_from_end_times(end_times), "radio")
+
+
+# festival -----------------------------------------------------------------------------------------------------
+
+
+def _scheme_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _festival_script(engine_voice: str, requests: list[Request], folder: Path) -> str:
+    lines = [f"(voice_{engine_voice})"]
+    is_hts = engine_voice.endswith("_hts")
+    for i, request in enumerate(requests):
+        if is_hts:  # HTS ignores Duration_Stretch: its speed goes to hts_engine's -r option
+            lines.append(f"(set! hts_engine_params (append {engine_voice}::hts_engine_params "
+                         f'(list (list "-r" {request.rate:.4f}))))')
+        else:
+            lines.append(f"(Parameter.set 'Duration_Stretch {1 / request.rate:.4f})")
+        # (Utterance Text var) would say "var": the text must be evaluated into the form.
+        lines.append(f"(set! utt (eval (list 'Utterance 'Text {_scheme_string(request.text)})))")
+        lines.append("(utt.synth utt)")
+        lines.append(f"(utt.save.wave utt {_scheme_string(str(folder / f'{i}.wav'))} 'riff)")
+        lines.append(f"(utt.save.segs utt {_scheme_string(str(folder / f'{i}.segs'))})")
+    return "\n".join(lines) + "\n"
+
+
+def _read_segs(path: Path) -> list[tuple[float, str]]:
+    """festival's segment file: a ``#`` line, then ``end_time 100 phone`` per segment."""
+    end_times = []
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 3:
+            end_times.append((float(fields[0]), fields[2]))
+    return end_times
+
+
+def _festival(engine_voice: str, requests: list[Request]) -> list[RawUtterance | SynthesisError]:
+    with tempfile.TemporaryDirectory(prefix="spidr-festival-") as tmp:
+        folder = Path(tmp)
+        script = folder / "batch.scm"
+        script.write_text(_festival_script(engine_voice, requests, folder))
+        result = subprocess.run(["festival", "-b", str(script)], capture_output=True, text=True, check=False)
+        outputs: list[RawUtterance | SynthesisError] = []
+        for i in range(len(requests)):
+            wav, segs = folder / f"{i}.wav", folder / f"{i}.segs"
+            if not (wav.is_file() and segs.is_file()):
+                outputs.append(SynthesisError(
+                    f"festival wrote no output (exit {result.returncode}): {result.stderr.strip()[-300:]}"
+                ))
+                continue
+            audio, sample_rate = _read_wav(wav)
+            outputs.append(RawUtterance(audio, sample_rate, _labels_from_end_times(_read_segs(segs)), "radio"))
+    return outputs
+
+
+# espeak-ng ----------------------------------------------------------------------------------------------------
+
+
+def _espeak(engine_voice: str, request: Request) -> RawUtterance | SynthesisError:
+    try:
+        output = espeak.synthesize(request.text, engine_voice, rate=request.rate)
+    except RuntimeError as error:
+        return SynthesisError(str(error))
+    num_samples = len(output.audio)
+    if num_samples == 0 or not output.phonemes:
+        return SynthesisError("espeak-ng produced no audio or no phoneme events")
+    starts = [(min(sample, num_samples), label) for sample, label in output.phonemes]
+    if starts[0][0] > 0:  # the first event comes after a few ms of lead-in silence
+        starts.insert(0, (0, "_"))
+    bounds = [sample for sample, _ in starts[1:]] + [num_samples]
+    labels = [(start / output.sample_rate, end / output.sample_rate, label)
+              for (start, label), end in zip(starts, bounds, strict=True)]
+    return RawUtterance(output.audio.astype(np.float32) / 32768.0, output.sample_rate, labels, "espeak")

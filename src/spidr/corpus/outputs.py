@@ -1,0 +1,91 @@
+"""The corpus files that downstream tools read, written from the synthesised utterances.
+
+Every file lists utterances in the same order (voices as given, then utterance index) and prints times in
+seconds with 4 decimals, so equal inputs give byte-identical files. Each file is written to a temporary name and
+renamed, so a reader never sees half a file.
+
+| file | content |
+|---|---|
+| ``manifest.csv`` | ``fileid,path,num_samples`` (absolute wav paths; the training manifest format) |
+| ``alignments.tsv`` | header, then ``utt_id onset offset phone speaker`` per phone (tab-separated) |
+| ``alignments.jsonl`` | ``{"name": utt_id, "phones": [...]}``, one phone per 10 ms frame (SpidR's format) |
+| ``frame_labels_20ms.jsonl`` | the same at 20 ms, the models' frame rate (for PNMI) |
+| ``phoneme.item`` / ``triphone.item`` | Libri-light ABX item files: the centre phone's span / the whole triphone |
+| ``utterances.tsv`` | ``fileid voice speaker num_samples text`` |
+| ``speakers.tsv`` | one row per speaker: person, gender, warp, voices, utterance count, seconds |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from spidr.corpus import alignment
+from spidr.corpus.utterance import SAMPLE_RATE, Utterance
+from spidr.corpus.voices import Voice
+
+MANIFEST = "manifest.csv"
+ALIGNMENTS_TSV = "alignments.tsv"
+ALIGNMENTS_JSONL = "alignments.jsonl"
+FRAME_LABELS_20MS = "frame_labels_20ms.jsonl"
+PHONEME_ITEM = "phoneme.item"
+TRIPHONE_ITEM = "triphone.item"
+UTTERANCES_TSV = "utterances.tsv"
+SPEAKERS_TSV = "speakers.tsv"
+INFO_JSON = "info.json"
+ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
+
+
+def seconds(samples: int) -> str:
+    return f"{samples / SAMPLE_RATE:.4f}"
+
+
+def write_text(path: Path, lines: Iterable[str]) -> None:
+    """Write ``lines`` (newline-terminated) through a temporary file and an atomic rename."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8", newline="\n") as out:
+        out.writelines(line + "\n" for line in lines)
+    os.replace(temporary, path)
+
+
+def write_all(out_dir: Path, utterances: list[Utterance], voices: list[Voice]) -> None:
+    """Write every file of the table above into ``out_dir`` (``info.json`` is the driver's)."""
+    write_text(out_dir / MANIFEST, ["fileid,path,num_samples",
+                                    *(f"{u.utt_id},{u.path},{u.num_samples}" for u in utterances)])
+    write_text(out_dir / ALIGNMENTS_TSV, ["utt_id\tonset\toffset\tphone\tspeaker", *(
+        f"{u.utt_id}\t{seconds(onset)}\t{seconds(offset)}\t{phone}\t{u.speaker}"
+        for u in utterances for onset, offset, phone in u.segments
+    )])
+    for name, frame_ms in ((ALIGNMENTS_JSONL, 10), (FRAME_LABELS_20MS, 20)):
+        frame_samples = SAMPLE_RATE * frame_ms // 1000
+        write_text(out_dir / name, (
+            json.dumps({"name": u.utt_id, "phones": alignment.frame_labels(u.segments, u.num_samples, frame_samples)})
+            for u in utterances
+        ))
+    rows = [(u, item) for u in utterances for item in alignment.items(u.segments)]
+    write_text(out_dir / PHONEME_ITEM, [ITEM_HEADER, *(
+        f"{u.utt_id} {seconds(i.onset)} {seconds(i.offset)} {i.phone} {i.previous} {i.next} {u.speaker}"
+        for u, i in rows
+    )])
+    write_text(out_dir / TRIPHONE_ITEM, [ITEM_HEADER, *(
+        f"{u.utt_id} {seconds(i.context_onset)} {seconds(i.context_offset)} {i.phone} {i.previous} {i.next} "
+        f"{u.speaker}"
+        for u, i in rows
+    )])
+    write_text(out_dir / UTTERANCES_TSV, ["fileid\tvoice\tspeaker\tnum_samples\ttext", *(
+        f"{u.utt_id}\t{u.voice}\t{u.speaker}\t{u.num_samples}\t{u.text}" for u in utterances
+    )])
+    write_text(out_dir / SPEAKERS_TSV, ["speaker\tperson\tgender\twarp\tvoices\tnum_utterances\tseconds",
+                                        *_speaker_rows(utterances, voices)])
+
+
+def _speaker_rows(utterances: list[Utterance], voices: list[Voice]) -> list[str]:
+    rows = []
+    for speaker in dict.fromkeys(voice.speaker for voice in voices):
+        own = [voice for voice in voices if voice.speaker == speaker]
+        spoken = [u for u in utterances if u.speaker == speaker]
+        rows.append(f"{speaker}\t{own[0].person}\t{own[0].gender}\t{own[0].warp:g}\t"
+                    f"{','.join(v.name for v in own)}\t{len(spoken)}\t{seconds(sum(u.num_samples for u in spoken))}")
+    return rows

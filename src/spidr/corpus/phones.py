@@ -1,0 +1,55 @@
+"""The corpus phone inventory (ARPAbet-39 without stress, plus ``SIL``) and the engines' phone tables.
+
+flite and festival label segments with the CMU "radio" phone set, one ARPAbet phone per segment. espeak-ng uses
+its own mnemonics: most map to one phone, r-coloured vowels and syllabic l split into two phones by a fixed share
+of the duration, and stress/length modifiers carry no duration of their own (they are merged into the previous
+phone). The tables live in ``phone_maps.json`` beside this file: a copy of the project's ``phone-maps.json`` plus
+``espeak_to_arpabet_additions``, the few mnemonics espeak-ng emits for our word lists that the copy lacks.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+
+SILENCE = "SIL"
+
+
+class UnmappedPhoneError(ValueError):
+    """An engine produced a phone label that the tables do not cover."""
+
+
+@cache
+def _tables() -> dict:
+    tables = json.loads(resources.files("spidr.corpus").joinpath("phone_maps.json").read_text(encoding="utf-8"))
+    additions = {k: v for k, v in tables.pop("espeak_to_arpabet_additions").items() if not k.startswith("_")}
+    tables["espeak_to_arpabet"] = {**tables["espeak_to_arpabet"], **additions}
+    return tables
+
+
+@cache
+def phone_inventory() -> tuple[str, ...]:
+    """The 39 ARPAbet phones (upper case, no stress) followed by ``SIL``: every label the corpus may contain."""
+    return (*_tables()["arpabet39"], SILENCE)
+
+
+def radio_to_arpabet(label: str) -> str:
+    """Map one flite/festival segment label (e.g. ``"ax"``, ``"pau"``) to ARPAbet-39 or ``SIL``."""
+    try:
+        return _tables()["radio_to_arpabet"][label]
+    except KeyError:
+        raise UnmappedPhoneError(f"flite/festival phone {label!r} has no ARPAbet mapping") from None
+
+
+def is_espeak_modifier(label: str) -> bool:
+    """Whether an espeak-ng phoneme event is a stress/length modifier, merged into the previous phone."""
+    return label in _tables()["espeak_modifiers_merged_into_previous"]
+
+
+def espeak_to_arpabet(label: str) -> list[tuple[str, float]]:
+    """Map one espeak-ng phoneme mnemonic to ``[(phone, share of the duration), ...]`` (shares sum to 1)."""
+    try:
+        return [(phone, float(share)) for phone, share in _tables()["espeak_to_arpabet"][label]]
+    except KeyError:
+        raise UnmappedPhoneError(f"espeak-ng phoneme {label!r} has no ARPAbet mapping") from None

@@ -1,0 +1,450 @@
+"""The built-in synthetic corpus: phone mapping, alignment checks, files, determinism, caching, errors.
+
+Synthesis tests use a few utterances of a handful of voices; a voice whose engine is not installed is skipped
+(CI installs them all).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import wave
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED, requires_shared
+from spidr.cli import main as cli_main
+from spidr.corpus import alignment, engines, espeak, phones, synth, text, utterance, voices
+from spidr.corpus.alignment import AlignmentError
+from spidr.corpus.phones import UnmappedPhoneError
+from spidr.corpus.synth import CorpusInfo, synthesize_corpus
+
+ARPABET39 = ["AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH", "IH", "IY",
+             "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW", "V", "W", "Y",
+             "Z", "ZH"]
+LABELS = {*ARPABET39, "SIL"}
+CORPUS_VOICES = ("awb", "kal16", "kal_diphone", "slt_hts", "espeak_m1", "awb_w0.9")
+SR = 16000
+
+
+def installed(*names: str) -> list[str]:
+    return [name for name in names if voices.is_available(voices.parse_voice(name))]
+
+
+def need(*names: str) -> None:
+    missing = [name for name in names if name not in installed(name)]
+    if missing:
+        pytest.skip(f"voice(s) {', '.join(missing)} not installed")
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def phones_by_utterance(corpus: Path) -> dict[str, list[tuple[float, float, str, str]]]:
+    table: dict[str, list[tuple[float, float, str, str]]] = {}
+    for row in read_tsv(corpus / "alignments.tsv"):
+        table.setdefault(row["utt_id"], []).append(
+            (float(row["onset"]), float(row["offset"]), row["phone"], row["speaker"])
+        )
+    return table
+
+
+def manifest(corpus: Path) -> dict[str, tuple[str, int]]:
+    with (corpus / "manifest.csv").open(newline="") as f:
+        return {row["fileid"]: (row["path"], int(row["num_samples"])) for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    names = installed(*CORPUS_VOICES)
+    if len(names) < 2:
+        pytest.skip("fewer than two corpus voices are installed")
+    out = tmp_path_factory.mktemp("corpus") / "c"
+    synthesize_corpus(out, voices=names, num_utterances_per_voice=4, seed=3, same_text_fraction=0.5, jobs=1)
+    return out
+
+
+# Phone tables -------------------------------------------------------------------------------------------------
+
+
+def test_inventory_is_arpabet39_plus_sil() -> None:
+    assert phones.phone_inventory() == (*ARPABET39, "SIL")
+
+
+def test_radio_and_espeak_mapping() -> None:
+    assert phones.radio_to_arpabet("ax") == "AH"
+    assert phones.radio_to_arpabet("pau") == "SIL"
+    assert phones.espeak_to_arpabet("A@") == [("AA", 0.6), ("R", 0.4)]
+    assert phones.espeak_to_arpabet("O2") == [("AO", 1.0)]  # one of our additions
+    with pytest.raises(UnmappedPhoneError, match="'zz'"):
+        phones.radio_to_arpabet("zz")
+    with pytest.raises(UnmappedPhoneError, match="'Q9'"):
+        phones.espeak_to_arpabet("Q9")
+    # Every table value is in the inventory and every espeak split sums to 1.
+    tables = phones._tables()
+    assert set(tables["radio_to_arpabet"].values()) <= LABELS
+    for label, parts in tables["espeak_to_arpabet"].items():
+        assert {phone for phone, _ in parts} <= LABELS, label
+        assert sum(share for _, share in parts) == pytest.approx(1.0), label
+
+
+@requires_shared
+def test_phone_tables_copy_the_spec() -> None:
+    spec = json.loads((SHARED / "spec" / "phone-maps.json").read_text())
+    ours = json.loads(Path(phones.__file__).with_name("phone_maps.json").read_text())
+    for key, value in spec.items():
+        assert ours[key] == value, key
+    assert not set(ours["espeak_to_arpabet_additions"]) & set(spec["espeak_to_arpabet"])
+
+
+# Alignment (hand-made cases) ------------------------------------------------------------------------------------
+
+
+def test_to_arpabet_splits_and_merges_espeak_labels() -> None:
+    labels = [(0.0, 0.1, "_"), (0.1, 0.2, "@L"), (0.2, 0.25, "'"), (0.25, 0.5, "A@"), (0.5, 0.6, ";")]
+    mapped = alignment.to_arpabet(labels, "espeak")
+    expected = [(0.0, 0.1, "SIL"), (0.1, 0.15, "AH"), (0.15, 0.25, "L"), (0.25, 0.4, "AA"), (0.4, 0.6, "R")]
+    assert len(mapped) == len(expected)
+    for (on, off, phone), (e_on, e_off, e_phone) in zip(mapped, expected, strict=True):
+        assert (on, off, phone) == (pytest.approx(e_on), pytest.approx(e_off), e_phone)
+    with pytest.raises(UnmappedPhoneError):
+        alignment.to_arpabet([(0.0, 0.1, "Q9")], "espeak")
+
+
+def test_finalise_clips_and_extends_the_last_silence() -> None:
+    labels = [(0.0, 0.1, "SIL"), (0.1, 0.2, "AH"), (0.2, 0.5, "SIL")]
+    assert alignment.finalise(labels, 4000) == [(0, 1600, "SIL"), (1600, 3200, "AH"), (3200, 4000, "SIL")]
+    assert alignment.finalise(labels, 9000)[-1] == (3200, 9000, "SIL")
+    # No final silence: one is appended to reach the end of the audio.
+    assert alignment.finalise([(0.0, 0.1, "SIL"), (0.1, 0.2, "AH")], 4000)[-1] == (3200, 4000, "SIL")
+
+
+def test_finalise_refuses_phones_past_the_audio() -> None:
+    labels = [(0.0, 0.1, "SIL"), (0.1, 0.2, "AH"), (0.2, 0.3, "SIL")]
+    # The last phone ends 0.2 s; 19 ms over is clipped, 21 ms over is refused.
+    clipped = alignment.finalise(labels, 3200 - 19 * 16)
+    assert clipped[-1] == (1600, 3200 - 19 * 16, "AH")
+    with pytest.raises(AlignmentError, match="after the audio"):
+        alignment.finalise(labels, 3200 - 21 * 16)
+
+
+def test_finalise_merges_silences_and_absorbs_tiny_segments() -> None:
+    labels = [(0.0, 0.1, "SIL"), (0.1, 0.2, "SIL"), (0.2, 0.3, "AH"), (0.3, 0.3003, "T"), (0.3003, 0.4, "B")]
+    # T lasts 0.3 ms (< 1 ms): it joins AH; the two silences become one.
+    assert alignment.finalise(labels, 6400) == [
+        (0, 3200, "SIL"), (3200, 4805, "AH"), (4805, 6400, "B"),
+    ]
+    with pytest.raises(AlignmentError, match="not contiguous"):
+        alignment.finalise([(0.0, 0.1, "SIL"), (0.2, 0.3, "AH")], 4800)
+
+
+def test_check_rejects_bad_alignments() -> None:
+    alignment.check([(0, 10, "SIL"), (10, 20, "AH")], 20)
+    for segments, message in (
+        ([(0, 10, "SIL"), (12, 20, "AH")], "previous ended"),
+        ([(0, 10, "SIL"), (10, 19, "AH")], "expected"),
+        ([(0, 10, "SIL"), (10, 10, "AH"), (10, 20, "B")], "onset"),
+        ([(0, 10, "SIL"), (10, 20, "SIL")], "consecutive"),
+        ([(0, 10, "ax"), (10, 20, "SIL")], "not in ARPAbet"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            alignment.check(segments, 20)
+
+
+def test_frame_labels_take_the_phone_at_each_frame_centre() -> None:
+    segments = [(0, 500, "SIL"), (500, 700, "AH"), (700, 1000, "B")]
+    # 20 ms = 320 samples: centres at 160, 480, 800 -> SIL, SIL, B; 1000 // 320 = 3 frames.
+    assert alignment.frame_labels(segments, 1000, 320) == ["SIL", "SIL", "B"]
+    # 10 ms = 160 samples: centres 80, 240, 400, 560, 720, 880.
+    assert alignment.frame_labels(segments, 1000, 160) == ["SIL", "SIL", "SIL", "AH", "B", "B"]
+
+
+def test_items_skip_phones_next_to_silence() -> None:
+    segments = [(0, 10, "SIL"), (10, 20, "AH"), (20, 30, "B"), (30, 40, "IY"), (40, 50, "SIL"), (50, 60, "K")]
+    assert alignment.items(segments) == [alignment.Item(20, 30, 10, 40, "B", "AH", "IY")]
+
+
+# Text, voices, planning -----------------------------------------------------------------------------------------
+
+
+def test_sentences_are_seeded_and_varied() -> None:
+    first = text.sentences("7:awb", 200)
+    assert first == text.sentences("7:awb", 200)
+    assert first != text.sentences("8:awb", 200)
+    assert len(set(first)) > 190
+    assert all(s[0].isupper() and s[-1] in ".?!" and "  " not in s for s in first)
+
+
+def test_parse_voice() -> None:
+    assert voices.parse_voice("kal_diphone").speaker == "kal"
+    assert voices.parse_voice("slt_hts").speaker == voices.parse_voice("slt").speaker == "slt"
+    warped = voices.parse_voice("awb_w0.90")
+    assert (warped.name, warped.speaker, warped.warp, warped.engine_voice) == ("awb_w0.9", "awb_w0.9", 0.9, "awb")
+    assert voices.parse_voice("espeak_f1_w1.1").speaker == "espeak_f1_w1.1"
+    with pytest.raises(ValueError, match=r"unknown voice 'bob'.*awb"):
+        voices.parse_voice("bob")
+    with pytest.raises(ValueError, match="warp factor 3"):
+        voices.parse_voice("awb_w3")
+    assert all("-" not in voice.name for voice in voices.CATALOGUE)  # "-" separates voice and index in ids
+
+
+def test_plan_shares_sentences_and_keeps_each_voice_independent() -> None:
+    awb, rms = voices.parse_voice("awb"), voices.parse_voice("rms")
+    both = synth.plan([awb, rms], 8, seed=1, same_text_fraction=0.5, rate_jitter=0.1)
+    alone = synth.plan([awb], 8, seed=1, same_text_fraction=0.5, rate_jitter=0.1)
+    assert both["awb"] == alone["awb"]
+    awb_texts = [r.text for r in both["awb"]]
+    rms_texts = [r.text for r in both["rms"]]
+    assert awb_texts[:4] == rms_texts[:4]
+    assert not set(awb_texts[4:]) & set(rms_texts[4:])
+    assert [r.utt_id for r in both["rms"]] == [f"rms-{i:05d}" for i in range(8)]
+    assert all(0.9 <= r.rate <= 1.1 for r in both["awb"])
+    assert synth.resolve_voices(["awb"], [0.9, 1.1]) == [awb, voices.parse_voice("awb_w0.9"),
+                                                        voices.parse_voice("awb_w1.1")]
+
+
+# Engines --------------------------------------------------------------------------------------------------------
+
+
+def test_warp_scales_audio_and_phone_times(tmp_path: Path) -> None:
+    need("awb")
+    request = [engines.Request("x-0", "The quick brown fox jumps over the lazy dog.", 1.0)]
+    plain = utterance.synthesize_batch(voices.parse_voice("awb"), request, tmp_path)[0]
+    slow = utterance.synthesize_batch(voices.parse_voice("awb_w0.8"), request, tmp_path)[0]
+    assert slow.num_samples == pytest.approx(plain.num_samples / 0.8, abs=2)
+    assert [p for *_, p in slow.segments] == [p for *_, p in plain.segments]
+    for (on, off, _), (w_on, w_off, _) in zip(plain.segments[:-1], slow.segments[:-1], strict=True):
+        assert w_on == pytest.approx(on / 0.8, abs=2)
+        assert w_off == pytest.approx(off / 0.8, abs=2)
+    assert (tmp_path / "awb_w0.8" / "x-0.wav").is_file()
+
+
+def test_espeak_output_does_not_depend_on_what_was_said_before() -> None:
+    need("espeak_m1")
+    sentence = "Seven bright yellow chairs arrived on Monday."
+    alone = espeak.synthesize(sentence, "en-us+m1")
+    espeak.synthesize("Something else entirely, to change the library's state.", "en-us+f3")
+    after = espeak.synthesize(sentence, "en-us+m1")
+    assert alone.audio.tobytes() == after.audio.tobytes()
+    assert alone.phonemes == after.phonemes
+    assert alone.sample_rate == 22050
+    starts = [sample for sample, _ in alone.phonemes]
+    assert starts == sorted(starts)
+    assert starts[-1] <= len(alone.audio)
+
+
+# The corpus files -----------------------------------------------------------------------------------------------
+
+
+def test_wavs_and_manifest(corpus: Path) -> None:
+    rows = manifest(corpus)
+    info = json.loads((corpus / "info.json").read_text())
+    assert len(rows) == info["num_utterances"] == 4 * len(info["voices"]) - info["num_dropped"]
+    for fileid, (path, num_samples) in rows.items():
+        assert Path(path).is_absolute()
+        assert Path(path).stem == fileid
+        with wave.open(path) as w:
+            assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, SR)
+            assert w.getnframes() == num_samples
+        assert Path(path).parent.name == info["voices"][fileid.rsplit("-", 1)[0]]["speaker"]
+    assert info["hours"] == pytest.approx(sum(n for _, n in rows.values()) / SR / 3600, abs=1e-6)
+
+
+def test_alignments_cover_each_wav_without_gaps(corpus: Path) -> None:
+    rows = manifest(corpus)
+    table = phones_by_utterance(corpus)
+    assert set(table) == set(rows)
+    for fileid, segments in table.items():
+        assert segments[0][0] == 0.0
+        assert segments[-1][1] == pytest.approx(rows[fileid][1] / SR, abs=1e-4)
+        for (on, off, phone, _), nxt in zip(segments, [*segments[1:], None], strict=True):
+            assert on < off
+            assert phone in LABELS
+            if nxt is not None:
+                assert nxt[0] == off  # printed from the same boundary: exactly equal
+                assert not (phone == "SIL" and nxt[2] == "SIL")
+    assert {"SIL"} < {phone for segments in table.values() for _, _, phone, _ in segments}
+
+
+def test_speakers_are_persons(corpus: Path) -> None:
+    info = json.loads((corpus / "info.json").read_text())
+    speakers = {name: voice["speaker"] for name, voice in info["voices"].items()}
+    expected = {"awb": "awb", "kal16": "kal", "kal_diphone": "kal", "slt_hts": "slt", "espeak_m1": "espeak_m1",
+                "awb_w0.9": "awb_w0.9"}
+    assert speakers == {name: expected[name] for name in speakers}
+    for fileid, segments in phones_by_utterance(corpus).items():
+        assert {speaker for *_, speaker in segments} == {speakers[fileid.rsplit("-", 1)[0]]}
+    speaker_rows = read_tsv(corpus / "speakers.tsv")
+    assert [row["speaker"] for row in speaker_rows] == info["speakers"] == list(dict.fromkeys(speakers.values()))
+
+
+def test_item_files(corpus: Path) -> None:
+    # Expected rows rebuilt from alignments.tsv: every phone whose neighbours and itself are not SIL.
+    expected_phoneme, expected_triphone = [], []
+    for fileid, segments in phones_by_utterance(corpus).items():
+        for prev, centre, nxt in zip(segments, segments[1:], segments[2:], strict=False):
+            if "SIL" not in (prev[2], centre[2], nxt[2]):
+                context = [centre[2], prev[2], nxt[2], centre[3]]
+                expected_phoneme.append([fileid, centre[0], centre[1], *context])
+                expected_triphone.append([fileid, prev[0], nxt[1], *context])
+    assert expected_phoneme
+    for name, expected in (("phoneme.item", expected_phoneme), ("triphone.item", expected_triphone)):
+        lines = (corpus / name).read_text().splitlines()
+        assert lines[0] == "#file onset offset #phone prev-phone next-phone speaker"
+        rows = [line.split(" ") for line in lines[1:]]
+        assert all(len(row) == 7 for row in rows)
+        parsed = [[r[0], float(r[1]), float(r[2]), *r[3:]] for r in rows]
+        assert parsed == expected
+        assert all(row[1] < row[2] for row in parsed)
+    for phoneme_row, triphone_row in zip(expected_phoneme, expected_triphone, strict=True):
+        assert triphone_row[1] < phoneme_row[1] < phoneme_row[2] < triphone_row[2]
+
+
+def test_frame_labels_match_wav_lengths_and_alignments(corpus: Path) -> None:
+    rows = manifest(corpus)
+    table = phones_by_utterance(corpus)
+    for name, frame_s in (("alignments.jsonl", 0.01), ("frame_labels_20ms.jsonl", 0.02)):
+        lines = [json.loads(line) for line in (corpus / name).read_text().splitlines()]
+        assert [line["name"] for line in lines] == list(rows)
+        for line in lines:
+            num_samples = rows[line["name"]][1]
+            assert len(line["phones"]) == num_samples // round(frame_s * SR)
+            if frame_s == 0.02:  # the models' frame count differs by at most one frame
+                assert abs(len(line["phones"]) - ((num_samples - 400) // 320 + 1)) <= 1
+            for k in range(0, len(line["phones"]), 7):
+                centre = (k + 0.5) * frame_s
+                phone = next(p for on, off, p, _ in table[line["name"]] if on <= centre < off)
+                assert line["phones"][k] == phone
+
+
+def test_info_lists_parameters_and_phones(corpus: Path) -> None:
+    info = CorpusInfo.load(corpus)
+    assert info.parameters["seed"] == 3
+    assert info.parameters["num_utterances_per_voice"] == 4
+    raw = json.loads((corpus / "info.json").read_text())
+    assert raw["phone_inventory"] == [*ARPABET39, "SIL"]
+    segments = [p for s in phones_by_utterance(corpus).values() for p in s]
+    assert sum(raw["phone_counts"].values()) == len(segments)
+
+
+# Determinism, caching -------------------------------------------------------------------------------------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes_whatever_the_jobs(corpus: Path, tmp_path: Path) -> None:
+    info = CorpusInfo.load(corpus)
+    again = tmp_path / "again"
+    synthesize_corpus(again, voices=info.parameters["voices"], num_utterances_per_voice=4, seed=3,
+                      same_text_fraction=0.5, jobs=2)
+    first, second = _files(corpus), _files(again)
+    assert first.keys() == second.keys()
+    for name in first:
+        if name == "manifest.csv":  # absolute paths differ by the directory only
+            assert first[name].replace(bytes(str(corpus), "utf-8"), b"") == \
+                second[name].replace(bytes(str(again), "utf-8"), b""), name
+        else:
+            assert first[name] == second[name], name
+
+
+def test_other_seed_gives_other_corpus(tmp_path: Path) -> None:
+    need("kal16")
+    a = synthesize_corpus(tmp_path / "a", voices=["kal16"], num_utterances_per_voice=2, seed=1, jobs=1)
+    b = synthesize_corpus(tmp_path / "b", voices=["kal16"], num_utterances_per_voice=2, seed=2, jobs=1)
+    assert (a.out_dir / "utterances.tsv").read_text() != (b.out_dir / "utterances.tsv").read_text()
+    wav = "wavs/kal/kal16-00000.wav"
+    assert (a.out_dir / wav).read_bytes() != (b.out_dir / wav).read_bytes()
+
+
+def test_cache_is_reused_and_other_parameters_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    need("kal16")
+    out = tmp_path / "c"
+    first = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    monkeypatch.setattr(synth, "_run", lambda *a: pytest.fail("re-synthesised a cached corpus"))
+    assert synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1) == first
+    with pytest.raises(ValueError, match=r"other parameters.*num_utterances_per_voice"):
+        synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=3, jobs=1)
+    assert (out / "info.json").is_file()  # nothing was lost
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        synthesize_corpus(stranger, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+
+
+def test_unmapped_phone_drops_the_utterance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    need("kal16")
+    real = phones.radio_to_arpabet
+
+    def without_dh(label: str) -> str:
+        if label == "dh":
+            raise UnmappedPhoneError("flite/festival phone 'dh' has no ARPAbet mapping")
+        return real(label)
+
+    monkeypatch.setattr(alignment, "radio_to_arpabet", without_dh)
+    info = synthesize_corpus(tmp_path / "c", voices=["kal16"], num_utterances_per_voice=6, seed=5, jobs=1)
+    raw = json.loads((info.out_dir / "info.json").read_text())
+    texts = {row["fileid"]: row["text"] for row in read_tsv(info.out_dir / "utterances.tsv")}
+    dropped = {d["utt_id"] for d in raw["dropped"]}
+    assert dropped
+    assert raw["num_dropped"] == len(dropped) == 6 - len(texts)
+    assert all("'dh'" in d["reason"] for d in raw["dropped"])
+    assert not dropped & set(manifest(info.out_dir))
+    assert all(" the " not in f" {t.lower()} " for t in texts.values())  # "the" has DH: never kept
+
+
+# Missing engines, bad arguments ---------------------------------------------------------------------------------
+
+
+def test_missing_programs_name_the_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no flite, no festival
+    voices._flite_voices.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"awb \(flite awb\).*apt-get install.*\bflite\b"):
+            synthesize_corpus(tmp_path / "c", voices=["awb", "ked_diphone"], num_utterances_per_voice=1)
+        with pytest.raises(ValueError, match="festvox-kdlpc16k"):
+            synthesize_corpus(tmp_path / "c", voices=["ked_diphone"], num_utterances_per_voice=1)
+    finally:
+        monkeypatch.undo()
+        voices._flite_voices.cache_clear()
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_espeak_library_names_the_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(espeak, "library_path", lambda: None)
+    espeak.variants.cache_clear()
+    try:
+        assert not any(name.startswith("espeak") for name in voices.available_voices())
+        with pytest.raises(ValueError, match="libespeak-ng1"):
+            synthesize_corpus(tmp_path / "c", voices=["espeak_m1"], num_utterances_per_voice=1)
+    finally:
+        monkeypatch.undo()
+        espeak.variants.cache_clear()
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    for kwargs, message in (
+        ({"num_utterances_per_voice": 2, "hours": 1.0}, "not both"),
+        ({"same_text_fraction": 1.5}, "same_text_fraction"),
+        ({"hours": -1.0}, "hours"),
+        ({"voices": ["awb_w0.3"]}, "warp factor"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            synthesize_corpus(tmp_path / "c", **kwargs)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["synth-corpus", "--list-voices"]) == 0
+    listing = capsys.readouterr().out
+    assert all(voice.name in listing for voice in voices.CATALOGUE)
+    assert cli_main(["synth-corpus", str(tmp_path / "c"), "--voices", "nobody"]) == 2
+    assert "unknown voice 'nobody'" in capsys.readouterr().err
+    need("kal16")
+    assert cli_main(["synth-corpus", str(tmp_path / "c"), "--voices", "kal16", "-n", "1", "--jobs", "1"]) == 0
+    assert len(manifest(tmp_path / "c")) == 1

@@ -1,0 +1,237 @@
+"""Launch environments, and data parallelism on CPU with gloo:
+
+* environment detection for torchrun, SLURM and single processes;
+* 2 DDP ranks with one utterance each match 1 process with both utterances in one batch (losses and parameters
+  within 1e-5), with bitwise identical codebooks on both ranks;
+* gradient accumulation over micro-batches matches one big batch;
+* ``torchrun --nproc-per-node 2 -m spidr train`` runs, checkpoints both ranks' state, and resumes;
+* the SLURM launcher's checkpointable job (submitit's in-process "debug" executor).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from spidr.config import MaskingConfig, OptimizerConfig, SpidRConfig
+from spidr.data.audio import standardize
+from spidr.data.collate import Batch
+from spidr.data.loader import build_dataloader
+from spidr.data.masking import span_mask
+from spidr.models.build import build_model
+from spidr.train import loop
+from spidr.train.checkpoint import read_int
+from spidr.train.environment import DistributedEnvironment, detect_environment, first_slurm_host, slurm_port
+from spidr.train.optim import build_optimizer, build_scheduler
+from spidr.train.precision import Precision
+from train_fixtures import TINY_MODEL, speech_like, tiny_config, tiny_config_dict, write_corpus, write_toml
+
+FP32 = Precision("cpu", None)
+STEPS = 3
+NO_DROPOUT = {"encoder_dropout": 0.0, "encoder_attention_dropout": 0.0, "encoder_layer_drop": 0.0}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Environment detection
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_single_process_environment():
+    denv = detect_environment({})
+    assert denv == DistributedEnvironment()
+    assert denv.is_main
+    assert not denv.is_distributed
+
+
+def test_torchrun_environment():
+    env = {"LOCAL_RANK": "1", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node7",
+           "MASTER_PORT": "29400", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}  # torchrun wins inside SLURM
+    denv = detect_environment(env)
+    assert denv == DistributedEnvironment(rank=5, local_rank=1, world_size=8, local_world_size=4,
+                                          master_addr="node7", master_port=29400, launcher="torchrun")
+    assert not denv.is_main
+    with pytest.raises(ValueError, match="RANK is required"):
+        detect_environment({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="WORLD_SIZE = 'two' is not an integer"):
+        detect_environment({"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_slurm_environment():
+    env = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8(x2)",
+           "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
+    denv = detect_environment(env)
+    assert (denv.rank, denv.local_rank, denv.world_size, denv.local_world_size) == (9, 1, 16, 8)
+    assert denv.master_addr == "gpu007"
+    assert denv.launcher == "slurm"
+    assert denv.master_port == slurm_port("123456")  # every task derives the same port
+    assert 20000 <= denv.master_port <= 60000
+    assert slurm_port("123456") != slurm_port("123457")
+
+
+def test_first_host_of_a_slurm_node_list():
+    assert first_slurm_host("node1") == "node1"
+    assert first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert first_slurm_host("a-b[10,12]") == "a-b10"
+    assert first_slurm_host("cpu1,gpu[1-2]") == "cpu1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DDP equivalence, with train_step itself
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _model_config(**overrides) -> SpidRConfig:
+    return SpidRConfig(**{**TINY_MODEL, **NO_DROPOUT, **overrides})
+
+
+def _global_batches() -> list[Batch]:
+    """STEPS two-utterance batches of 0.5 s speech-like audio with span masks."""
+    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(STEPS):
+        waveforms = torch.stack([standardize(torch.from_numpy(speech_like(8000, rng))) for _ in range(2)])
+        frames = 49  # 8000 samples through the (10, 5), (8, 4), (8, 8) front end
+        mask = span_mask(MaskingConfig(mask_prob=0.65, mask_length=5), torch.zeros(2, frames, dtype=torch.bool),
+                         generator=generator)
+        batches.append(Batch(waveforms, torch.full((2,), 8000), None, mask, ["a", "b"]))
+    return batches
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return Batch(batch.waveforms[rows], batch.lengths[rows], None, batch.mask[rows], batch.ids[rows])
+
+
+def _run_steps(model, batches_per_step: list[list[Batch]]) -> list[float]:
+    optim_cfg = OptimizerConfig(lr=2e-3, dtype="float32", warmup_steps=0)
+    optimizer = build_optimizer(loop.unwrap(model), optim_cfg, device=torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, optim_cfg)
+    losses = []
+    for step, batches in enumerate(batches_per_step):
+        out = loop.train_step(model, batches, optimizer, scheduler, step=step, precision=FP32, scaler=None,
+                              max_norm=10.0)
+        assert not out.skipped
+        losses.append(out.metrics["loss"])
+    return losses
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    denv = DistributedEnvironment(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
+                                  master_port=port, launcher="torchrun")
+    loop.init_distributed(denv, torch.device("cpu"))
+    try:
+        torch.manual_seed(0)
+        raw = build_model(_model_config())
+        cfg = tiny_config(Path(out_dir), Path(out_dir) / "unused.csv")
+        model = loop._wrap(raw, cfg, denv, torch.device("cpu"))
+        losses = _run_steps(model, [[_rows(b, slice(rank, rank + 1))] for b in _global_batches()])
+        torch.save({"losses": losses, "state": raw.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        loop.destroy_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    torch.manual_seed(0)
+    single = build_model(_model_config())
+    single_losses = _run_steps(single, [[b] for b in _global_batches()])
+
+    for r in ranks:
+        assert r["losses"] == pytest.approx(single_losses, abs=1e-5)
+    assert single_losses[-1] != pytest.approx(single_losses[0], abs=1e-4)  # the model did move
+    expected = single.state_dict()
+    for key, value in ranks[0]["state"].items():
+        # Every rank holds the same model, teacher and codebooks (all-reduced statistics, bitwise equal)...
+        assert torch.equal(value, ranks[1]["state"][key]), key
+        # ...which is the model one process trains on the whole global batch.
+        if value.is_floating_point():
+            torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-5, msg=key)
+        else:
+            assert torch.equal(value, expected[key]), key
+
+
+def test_gradient_accumulation_matches_one_batch():
+    # Codebooks frozen (decay 1): with updates, the second micro-batch would see the first one's codebook move.
+    cfg = _model_config(codebook_decay=1.0)
+    torch.manual_seed(0)
+    whole = build_model(cfg)
+    torch.manual_seed(0)
+    accumulated = build_model(cfg)
+    batches = _global_batches()
+    losses_whole = _run_steps(whole, [[b] for b in batches])
+    losses_accumulated = _run_steps(accumulated, [[_rows(b, slice(0, 1)), _rows(b, slice(1, 2))] for b in batches])
+    assert losses_accumulated == pytest.approx(losses_whole, abs=1e-6)
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(accumulated.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Real launches
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", num_files=12)
+    data = tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 4})
+    config = write_toml(data, tmp_path / "run.toml")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr",
+               "train", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "test" / "tiny"
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    assert read_int(final["step"]) == 4
+    assert len(final["ranks"]) == 2  # both ranks' sampler positions and RNG states
+    cfg = tiny_config(tmp_path, corpus)
+    per_rank = len(build_dataloader(cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config,
+                                    rank=0, world_size=2)[1])
+
+    def consumed(state: dict) -> list[int]:
+        return [r["sampler"]["epoch"] * per_rank + r["sampler"]["position"] for r in state["ranks"]]
+
+    assert consumed(final) == [4, 4]
+    assert not torch.equal(final["ranks"][0]["rng"]["torch"], final["ranks"][1]["rng"]["torch"])
+    # Raise max_steps and run again: both ranks resume from final.pt and go on.
+    command[-1:] = [str(config), "--set", "optimizer.max_steps=6"]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    assert read_int(final["step"]) == 6
+    assert consumed(final) == [6, 6]
+
+
+def test_slurm_job_is_checkpointable_and_runs(tmp_path):
+    pytest.importorskip("submitit")
+    from spidr.train.slurm import SlurmOptions, TrainJob, submit
+
+    corpus = write_corpus(tmp_path / "corpus", num_files=6)
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2})
+    job = TrainJob(cfg.to_dict())
+    resubmission = job.checkpoint()
+    assert isinstance(resubmission.function, TrainJob)
+    assert resubmission.function.config == cfg.to_dict()
+    with pytest.raises(ValueError, match="--nodes = 0 must be >= 1"):
+        SlurmOptions(nodes=0)
+    (submitted,) = submit([cfg], SlurmOptions(gpus_per_node=1, dump_dir=str(tmp_path / "jobs")), cluster="debug")
+    assert submitted.result() == "completed"
+    assert (cfg.run.run_dir / "final.pt").is_file()
+    assert list((tmp_path / "jobs").glob("*/job-info.json"))

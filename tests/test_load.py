@@ -1,0 +1,169 @@
+"""``spidr.load_model``: every checkpoint format, configs beside or inside the file, safe loading, export, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import spidr
+from spidr import cli
+from spidr.config import Config, DataConfig, RunConfig
+from spidr.models import DinoSR, SpidR, export_safetensors, load_model, num_frames, read_checkpoint, spidr_base
+from test_models_dinosr import (
+    random_mask,
+    single_thread,  # noqa: F401 (autouse: one intra-op thread)
+    tiny_model,
+    waveforms,
+)
+
+
+@pytest.fixture(scope="module")
+def source() -> DinoSR:
+    model = tiny_model("spidr")
+    with torch.no_grad():
+        model.current_step.fill_(777)
+    return model.eval()
+
+
+def _run_config(model: DinoSR) -> dict:
+    return Config(
+        run=RunConfig(workdir="w", wandb_project="p", wandb_name="n", model_type=model.cfg.model_type),
+        data=DataConfig(manifest="train.csv"),
+        model=model.cfg,
+    ).to_dict()
+
+
+def _assert_same(loaded: DinoSR, model: DinoSR) -> None:
+    assert type(loaded) is type(model)
+    assert loaded.cfg == model.cfg
+    assert not loaded.training
+    expected = model.state_dict()
+    state = loaded.state_dict()
+    assert list(state) == list(expected)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    wave, mask = waveforms(4000, 4000), random_mask(2, num_frames(4000))
+    with torch.no_grad():
+        assert torch.equal(loaded(wave, mask=mask)[0], model.eval()(wave, mask=mask)[0])
+
+
+def test_official_checkpoint_with_a_run_config_beside_it(tmp_path, source) -> None:
+    torch.save({"model": source.state_dict()}, tmp_path / "step_2500.pt")
+    (tmp_path / "config.json").write_text(json.dumps(_run_config(source)))
+    loaded = load_model(tmp_path / "step_2500.pt")
+    _assert_same(loaded, source)
+    assert int(loaded.current_step) == 777
+
+
+def test_official_checkpoint_with_a_bare_model_config_beside_it(tmp_path) -> None:
+    model = tiny_model("dinosr").eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "final.pt")
+    bare = dataclasses.asdict(model.cfg) | {"__class__": "DinoSRConfig"}
+    (tmp_path / "config.json").write_text(json.dumps(bare))
+    _assert_same(load_model(tmp_path / "final.pt"), model)
+
+
+def test_official_checkpoint_without_any_config(tmp_path, source) -> None:
+    path = tmp_path / "spidr_base.pt"
+    torch.save({"model": source.state_dict()}, path)
+    with pytest.raises(ValueError, match="model_type"):
+        load_model(path)
+    # with a type, the base defaults are used: these tiny weights do not fit them
+    with pytest.raises(ValueError, match="does not fit a spidr model"):
+        load_model(path, model_type="spidr")
+    with pytest.raises(ValueError, match="does not fit"):
+        spidr_base(path)
+    _assert_same(load_model(path, config=source.cfg), source)
+
+
+def test_conflicting_model_type_is_an_error(tmp_path, source) -> None:
+    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pt")
+    (tmp_path / "config.json").write_text(json.dumps(_run_config(source)))
+    with pytest.raises(ValueError, match="'dinosr' was requested"):
+        load_model(tmp_path / "ckpt.pt", model_type="dinosr")
+
+
+def test_config_file_argument_and_wrapper_prefixes(tmp_path, source) -> None:
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # saved from a DDP wrapper
+    torch.save(state, tmp_path / "bare_state.pt")  # no "model" entry: the dict itself is the state
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(_run_config(source)))
+    _assert_same(load_model(tmp_path / "bare_state.pt", config=config), source)
+
+
+def test_training_checkpoint(tmp_path, source) -> None:
+    path = tmp_path / "step_10.pt"
+    torch.save({"model": source.state_dict(), "config": _run_config(source), "step": torch.tensor([10]),
+                "optimizer": {"state": {}, "param_groups": []}}, path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.format == "training"
+    assert checkpoint.step == 10
+    _assert_same(load_model(path), source)
+
+
+@pytest.mark.parametrize("model_type", ["spidr", "dinosr"])
+def test_safetensors_round_trip(tmp_path, model_type: str) -> None:
+    model = tiny_model(model_type).eval()
+    path = tmp_path / "model.safetensors"
+    export_safetensors(model, path)
+    assert read_checkpoint(path).format == "safetensors"
+    _assert_same(load_model(path), model)
+    assert b"pickle" not in path.read_bytes()[:64]
+
+
+def test_pickle_payload_is_refused_without_trust(tmp_path, source) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"model": source.state_dict(), "args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(ValueError, match=r"argparse\.Namespace.*trust=True"):
+        load_model(path, config=source.cfg)
+    _assert_same(load_model(path, config=source.cfg, trust=True), source)
+
+
+def test_unreadable_files(tmp_path, source) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    for trust in (False, True):  # a broken file is never blamed on pickled objects
+        with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+            load_model(tmp_path / "garbage.pt", trust=trust)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="expected a dict"):
+        load_model(tmp_path / "tensor.pt")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="safetensors"):
+        load_model(tmp_path / "garbage.safetensors")
+    state = dict(source.state_dict())
+    del state["heads.0.0.weight"]
+    torch.save({"model": state}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"heads\.0\.0\.weight"):
+        load_model(tmp_path / "partial.pt", config=source.cfg)
+
+
+def test_top_level_exports() -> None:
+    assert spidr.SpidR is SpidR
+    assert spidr.load_model is load_model
+    assert spidr.num_frames(16000) == 49
+    assert callable(spidr.dinosr_base_original)
+    assert callable(spidr.dinosr_base_reproduced)
+    assert callable(spidr.build_model)
+
+
+def test_cli_export_and_info(tmp_path, source, capsys) -> None:
+    checkpoint = tmp_path / "step_0.pt"
+    torch.save({"model": source.state_dict()}, checkpoint)
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["export", str(checkpoint), str(out), "--model-type", "spidr"]) == 2  # base config: no fit
+    assert "does not fit" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps(_run_config(source)))
+    assert cli.main(["export", str(checkpoint), str(out)]) == 0
+    _assert_same(load_model(out), source)
+    assert cli.main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "spidr (SpidR)" in printed
+    assert "step:            777" in printed
+    assert f"{sum(p.numel() for k, p in source.named_parameters() if k.startswith('teacher')):,} teacher" in printed
+    assert cli.main(["export", str(checkpoint), str(tmp_path / "out.pt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err

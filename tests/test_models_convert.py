@@ -1,0 +1,227 @@
+"""Original fairseq DinoSR checkpoints → our model (spec §9.3).
+
+The test writes fairseq-format checkpoints itself, from a tiny model's state dict, by the inverse of the §9.3
+renaming rules (written out independently below), and checks that loading them gives back the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+import torch
+
+from spidr.config import DEFAULT_CONV_LAYERS, DinoSRConfig
+from spidr.models import DinoSR, load_model, num_frames
+from spidr.models.convert import _parse_conv_layers, fairseq_model_config
+from test_models_dinosr import (
+    random_mask,
+    single_thread,  # noqa: F401 (autouse: one intra-op thread)
+    waveforms,
+)
+
+CONV_STRING = "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2"
+
+
+def _fairseq_settings(extractor_mode: str) -> dict:
+    """fairseq option names (spec §8.4), plus options that do not change the network."""
+    return {
+        "_name": "dinosr",
+        "extractor_mode": extractor_mode,
+        "conv_feature_layers": CONV_STRING,
+        "conv_bias": False,
+        "encoder_embed_dim": 32,
+        "encoder_layers": 3,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_embed_dim": 64,
+        "layer_norm_first": False,
+        "dropout": 0.1,
+        "attention_dropout": 0.1,
+        "activation_dropout": 0.0,
+        "dropout_input": 0.0,
+        "encoder_layerdrop": 0.05,
+        "conv_pos": 95,
+        "conv_pos_groups": 16,
+        "pos_conv_depth": 5,
+        "average_top_k_layers": 2,
+        "codebook_size": 16,
+        "codebook_init_decay": 0.9,
+        "ema_decay": 0.999,
+        "ema_end_decay": 0.9999,
+        "ema_anneal_end_step": 30000,
+        "freeze_teacher_step": 200001,
+        "mask_prob": 0.8,  # masking options live in the model section in fairseq; they are ignored here
+        "mask_length": 10,
+        "ema_layers_only": True,
+    }
+
+
+def _layer_key(ours: str) -> list[str]:
+    """Our per-layer suffix → fairseq suffix(es); qkv splits into three."""
+    if ours.startswith("attention.qkv."):
+        kind = ours.rsplit(".", 1)[1]
+        return [f"self_attn.{p}_proj.{kind}" for p in "qkv"]
+    for a, b in [("attention.proj.", "self_attn.out_proj."), ("layer_norm.", "self_attn_layer_norm."),
+                 ("feed_forward.intermediate_dense.", "fc1."), ("feed_forward.output_dense.", "fc2."),
+                 ("final_layer_norm.", "final_layer_norm.")]:
+        if ours.startswith(a):
+            return [b + ours[len(a):]]
+    raise AssertionError(ours)
+
+
+# Our key (after a "student."/"teacher." prefix is removed) → fairseq key, for everything but the layers.
+_INVERSE_RULES = [
+    (r"mask_embedding", "mask_emb"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(\w+)", r"feature_extractor.conv_layers.\1.0.\2"),
+    (r"feature_projection\.layer_norm\.(\w+)", r"layer_norm.\1"),
+    (r"feature_projection\.projection\.(\w+)", r"post_extract_proj.\1"),
+    (r"heads\.(\d+)\.0\.(\w+)", r"heads.\1.\2"),
+    (r"codebooks\.(\d+)\.codebook", r"_codebook\1"),
+    (r"codebooks\.(\d+)\.counts", r"_codebook_cnts\1"),
+    (r"layer_norm\.(\w+)", r"{prefix}layer_norm.\1"),
+    (r"pos_conv_embed\.convs\.(\d+)\.(\w+)", r"{prefix}pos_conv.\1.0.\2"),
+]
+
+
+def _fairseq_names(rest: str, prefix: str, *, group_norm: bool) -> list[str]:
+    if m := re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(\w+)", rest):
+        # layer_norm mode: Sequential(conv, dropout, Sequential(T, LayerNorm, T), GELU); group norm: (…, GroupNorm, …)
+        return [f"feature_extractor.conv_layers.{m[1]}.2.{m[2]}" if group_norm
+                else f"feature_extractor.conv_layers.{m[1]}.2.1.{m[2]}"]
+    if m := re.fullmatch(r"layers\.(\d+)\.(.+)", rest):
+        return [f"{prefix}layers.{m[1]}.{suffix}" for suffix in _layer_key(m[2])]
+    for pattern, template in _INVERSE_RULES:
+        if re.fullmatch(pattern, rest):
+            return [re.sub(pattern, template.replace("{prefix}", prefix), rest)]
+    raise AssertionError(rest)
+
+
+def to_fairseq(state: dict[str, torch.Tensor], *, group_norm: bool) -> dict:
+    """Inverse of spec §9.3: our state dict → fairseq ``model`` dict with an ``_ema`` teacher dict."""
+    model: dict = {}
+    ema: dict = {}
+    for key, value in state.items():
+        if key == "current_step":  # fairseq keeps the step in the optimizer state
+            continue
+        if key.startswith("teacher."):
+            target, rest, prefix = ema, key.removeprefix("teacher."), ""
+        elif key.startswith("student."):
+            target, rest, prefix = model, key.removeprefix("student."), "encoder."
+        else:
+            target, rest, prefix = model, key, ""
+        names = _fairseq_names(rest, prefix, group_norm=group_norm)
+        for name, part in zip(names, value.chunk(len(names), dim=0), strict=True):  # qkv → q, k, v
+            target[name] = part.clone()
+    model["_ema"] = ema
+    return model
+
+
+def tiny_original(extractor_mode: str = "layer_norm") -> DinoSR:
+    cfg = DinoSRConfig(
+        extractor_mode="group_norm" if extractor_mode == "default" else "layer_norm",
+        extractor_conv_layer_config=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2,
+        encoder_embed_dim=32, encoder_num_layers=3, encoder_num_heads=2, encoder_ff_interm_features=64,
+        num_codebooks=2, codebook_size=16, encoder_qkv_bias=True, freeze_step=200001,
+    )
+    torch.manual_seed(0)
+    model = DinoSR(cfg)
+    with torch.no_grad():  # non-trivial values everywhere, so a swapped or zeroed entry cannot go unnoticed
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for codebook in model.codebooks:
+            codebook.counts.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def write_fairseq(path, model: DinoSR, *, extractor_mode: str = "layer_norm", namespace: bool = False) -> None:
+    settings = _fairseq_settings(extractor_mode)
+    checkpoint = {
+        "model": to_fairseq(model.state_dict(), group_norm=extractor_mode == "default"),
+        "last_optimizer_state": {"state": {0: {"step": torch.tensor(1234.0)}}, "param_groups": []},
+        "extra_state": {"epoch": 3},
+    }
+    if namespace:  # argparse-era fairseq: pickled Namespace (needs trust)
+        checkpoint["args"] = argparse.Namespace(**settings)
+    else:
+        checkpoint["cfg"] = {"model": settings, "task": {"_name": "audio_pretraining"}}
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("extractor_mode", ["layer_norm", "default"])
+def test_fairseq_checkpoint_loads_to_identical_outputs(tmp_path, extractor_mode: str) -> None:
+    original = tiny_original(extractor_mode)
+    path = tmp_path / "dinosr.ckpt"
+    write_fairseq(path, original, extractor_mode=extractor_mode)
+    loaded = load_model(path)  # plain dicts only: no trust needed
+    assert type(loaded) is DinoSR
+    assert loaded.cfg == original.cfg
+    assert int(loaded.current_step) == 1234
+    expected = original.state_dict()
+    for key, value in loaded.state_dict().items():
+        if key != "current_step":
+            assert torch.equal(value, expected[key]), key
+    wave = waveforms(5000, 5000)
+    mask = random_mask(2, num_frames(5000))
+    with torch.no_grad():
+        for a, b in zip(loaded.get_intermediate_outputs(wave), original.get_intermediate_outputs(wave), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(loaded(wave, mask=mask)[0], original(wave, mask=mask)[0])
+
+
+def test_fairseq_namespace_checkpoint_needs_trust(tmp_path) -> None:
+    original = tiny_original()
+    path = tmp_path / "old.ckpt"
+    write_fairseq(path, original, namespace=True)
+    with pytest.raises(ValueError, match="trust=True"):
+        load_model(path)
+    loaded = load_model(path, trust=True)
+    assert loaded.cfg == original.cfg
+    assert torch.equal(loaded.state_dict()["student.layers.1.attention.qkv.bias"],
+                       original.state_dict()["student.layers.1.attention.qkv.bias"])
+
+
+def test_unknown_key_is_an_error(tmp_path) -> None:
+    original = tiny_original()
+    path = tmp_path / "dinosr.ckpt"
+    write_fairseq(path, original)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"]["encoder.layers.0.self_attn.rel_pos_bias.weight"] = torch.zeros(3)
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="rel_pos_bias"):
+        load_model(path)
+    del checkpoint["model"]["encoder.layers.0.self_attn.rel_pos_bias.weight"]
+    del checkpoint["model"]["_ema"]["layers.2.self_attn.v_proj.weight"]
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="lacks the v projection"):
+        load_model(path)
+
+
+def test_wrong_model_type_is_an_error(tmp_path) -> None:
+    path = tmp_path / "dinosr.ckpt"
+    write_fairseq(path, tiny_original())
+    with pytest.raises(ValueError, match="fairseq DinoSR"):
+        load_model(path, model_type="spidr")
+
+
+def test_conv_feature_layers_are_parsed_without_eval() -> None:
+    default = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
+    assert tuple(tuple(layer) for layer in _parse_conv_layers(default)) == DEFAULT_CONV_LAYERS
+    assert _parse_conv_layers([(1, 2, 3)]) == [[1, 2, 3]]
+    hostile = ["__import__('os').system('true')", "[(1, 2, 3)] * (10 ** 10 ** 10)", "[(1, 2, 3)] * 1000000000",
+               "open('x')", "[x]", "[(1, 2, 3)].__class__"]
+    for text in hostile:
+        with pytest.raises(ValueError, match="conv_feature_layers"):
+            _parse_conv_layers(text)
+
+
+def test_fairseq_settings_map_to_our_config() -> None:
+    cfg = fairseq_model_config(_fairseq_settings("default"))
+    assert cfg.extractor_mode == "group_norm"
+    assert cfg.encoder_qkv_bias
+    assert cfg.freeze_step == 200001
+    assert cfg.num_codebooks == 2
+    assert cfg.encoder_layer_drop == 0.05
+    assert fairseq_model_config({}) == DinoSRConfig(encoder_qkv_bias=True)
+    with pytest.raises(ValueError, match="encoder_num_heads"):
+        fairseq_model_config({"encoder_embed_dim": 32, "encoder_attention_heads": 5})

@@ -1,0 +1,420 @@
+"""Model-level behaviour shared by DinoSR and SpidR: invariances, loss and metrics, codebook and teacher updates.
+
+Self-contained (no ../shared): a tiny config, random weights, random audio.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spidr.config import DinoSRConfig, SpidRConfig
+from spidr.models import DinoSR, SpidR, build_model, num_frames, padding_mask_from_lengths
+from spidr.models.codebook import Codebook
+from spidr.models.components import SelfAttention
+
+CONV = ((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2
+TYPES = ["spidr", "dinosr"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread for these tiny models: on a loaded 2-core machine two threads wait on each other at
+    every op (~100× slower). Restored afterwards; other test modules import this fixture to use it too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> DinoSR:
+    cls = SpidRConfig if model_type == "spidr" else DinoSRConfig
+    cfg = cls(
+        extractor_conv_layer_config=CONV,
+        encoder_embed_dim=32,
+        encoder_num_layers=3,
+        encoder_num_heads=2,
+        encoder_ff_interm_features=64,
+        num_codebooks=2,
+        codebook_size=16,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def waveforms(*lengths: int, seed: int = 0) -> torch.Tensor:
+    """Standardised noise, zero-padded to the longest length: (B, S)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(lengths), max(lengths))
+    for i, length in enumerate(lengths):
+        out[i, :length] = F.layer_norm(torch.randn(length, generator=generator), (length,))
+    return out
+
+
+def random_mask(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, frames, generator=generator) < 0.5
+    mask[:, 0] = True
+    return mask
+
+
+def teacher_labels(model: DinoSR, wave: torch.Tensor, scored: torch.Tensor) -> list[torch.Tensor]:
+    """Codebook labels written out from public pieces: teacher top-K before-residual outputs, instance-normalised
+    over time, nearest centroid."""
+    with torch.no_grad():
+        outputs = model.teacher.get_intermediate_outputs(model.features(wave))[-model.num_codebooks :]
+        normed = [(y - y.mean(1, keepdim=True)) / (y.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+                  for y in outputs]
+    return [codebook.assign(z[scored]) for codebook, z in zip(model.codebooks, normed, strict=True)]
+
+
+def perplexity_of(probs: torch.Tensor) -> torch.Tensor:
+    mean = probs.double().mean(0)
+    return torch.exp2(-(mean * torch.log2(mean + 1e-8)).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Invariances
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_padded_batch_equals_per_utterance_runs(model_type: str) -> None:
+    model = tiny_model(model_type).eval()
+    lengths = [8000, 5000, 3100]
+    batch = waveforms(*lengths)
+    padding = padding_mask_from_lengths(torch.tensor(lengths))
+    batched_after = model.get_intermediate_outputs(batch, padding_mask=padding, before_residual=False)
+    batched_before = model.get_intermediate_outputs(batch, padding_mask=padding)
+    batched_codes = model.get_codebooks(batch, padding_mask=padding)
+    for i, length in enumerate(lengths):
+        single = batch[i : i + 1, :length]
+        frames = num_frames(length)
+        for batched, alone in [
+            (batched_after, model.get_intermediate_outputs(single, before_residual=False)),
+            (batched_before, model.get_intermediate_outputs(single)),
+            (batched_codes[-2:], model.get_codebooks(single)[-2:]),
+        ]:
+            for b, a in zip(batched, alone, strict=True):
+                torch.testing.assert_close(b[i : i + 1, :frames], a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_batch_of_one_equals_batch_of_many(model_type: str) -> None:
+    model = tiny_model(model_type).eval()
+    batch = waveforms(6000, 6000, 6000)
+    mask = random_mask(3, num_frames(6000))
+    losses, _ = model(batch, mask=mask)
+    outputs = model.get_intermediate_outputs(batch)
+    start = 0
+    for i in range(3):
+        single_losses, _ = model(batch[i : i + 1], mask=mask[i : i + 1])
+        n = int(mask[i].sum())
+        # losses come in row-major (batch, frame) order
+        torch.testing.assert_close(losses[start : start + n], single_losses, atol=1e-5, rtol=0)
+        start += n
+        for b, a in zip(outputs, model.get_intermediate_outputs(batch[i : i + 1]), strict=True):
+            torch.testing.assert_close(b[i : i + 1], a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_no_mask_equals_an_all_valid_padding_mask(model_type: str) -> None:
+    model = tiny_model(model_type).eval()
+    batch = waveforms(5000, 5000)
+    frames = num_frames(5000)
+    mask = random_mask(2, frames)
+    all_valid = torch.zeros(2, frames, dtype=torch.bool)
+    dense = torch.ones(2, 1, frames, frames, dtype=torch.bool)
+    plain_losses, plain_metrics = model(batch, mask=mask)
+    for padding in ({"padding_mask": all_valid}, {"attention_mask": dense}):
+        losses, metrics = model(batch, mask=mask, **padding)
+        assert torch.equal(losses, plain_losses)
+        assert torch.equal(metrics["target_ppl"], plain_metrics["target_ppl"])
+        for a, b in zip(model.get_intermediate_outputs(batch, **padding), model.get_intermediate_outputs(batch),
+                        strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_attention_runs_without_a_mask_when_nothing_is_padded(model_type: str, monkeypatch) -> None:
+    calls: list[torch.Tensor | None] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        calls.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = tiny_model(model_type).eval()
+    batch = waveforms(5000, 5000)
+    frames = num_frames(5000)
+    with torch.no_grad():
+        model(batch, attention_mask=torch.ones(2, 1, frames, frames, dtype=torch.bool))
+        assert calls
+        assert all(mask is None for mask in calls)
+        calls.clear()
+        model(waveforms(5000, 3000), padding_mask=padding_mask_from_lengths(torch.tensor([5000, 3000])))
+        assert calls
+        assert all(mask is not None for mask in calls)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_deterministic_under_a_seed(model_type: str) -> None:
+    def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        model = tiny_model(model_type, seed=0).train()  # dropout and layer drop active
+        torch.manual_seed(seed)
+        losses, _ = model(waveforms(4000, 4000), mask=random_mask(2, num_frames(4000)))
+        return losses.detach(), model.codebooks[0].codebook.clone()
+
+    first, second, other = run(1), run(1), run(2)
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], other[0])  # dropout draws changed
+    a, b = tiny_model(model_type, seed=0).state_dict(), tiny_model(model_type, seed=1).state_dict()
+    assert not torch.equal(a["student.layers.0.attention.qkv.weight"], b["student.layers.0.attention.qkv.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss and metrics, from public pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_unmasked_loss_and_metrics_by_hand(model_type: str) -> None:
+    """Without a mask every frame is scored and the student sees the plain features, so the heads' outputs are
+    exactly ``get_codebooks``: loss = mean over codebooks of −log p(teacher label)."""
+    model = tiny_model(model_type).eval()
+    batch = waveforms(6000, 6000)
+    losses, metrics = model(batch)
+    scored = torch.ones(2, num_frames(6000), dtype=torch.bool)
+    labels = teacher_labels(model, batch, scored)
+    probs = [p[scored] for p in model.get_codebooks(batch)[-2:]]
+    cross_entropy = [-p.log().gather(1, lab[:, None])[:, 0] for p, lab in zip(probs, labels, strict=True)]
+    torch.testing.assert_close(losses, torch.stack(cross_entropy).mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        metrics["loss_per_codebook"], torch.stack([ce.mean() for ce in cross_entropy]), atol=1e-5, rtol=0
+    )
+    target_ppl = torch.stack([perplexity_of(F.one_hot(lab, 16).float()) for lab in labels]).float()
+    pred_ppl = torch.stack([perplexity_of(p) for p in probs]).float()
+    torch.testing.assert_close(metrics["target_ppl_per_codebook"], target_ppl, atol=1e-4, rtol=0)
+    torch.testing.assert_close(metrics["pred_ppl_per_codebook"], pred_ppl, atol=1e-4, rtol=0)
+    torch.testing.assert_close(metrics["target_ppl"], target_ppl.mean(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(metrics["pred_ppl"], pred_ppl.mean(), atol=1e-4, rtol=0)
+    assert metrics["active_codewords"].tolist() == [len(lab.unique()) for lab in labels]
+    assert int(metrics["num_frames"]) == losses.numel() == scored.sum()
+    assert not any(value.requires_grad for value in metrics.values())
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_masked_frames_are_scored_in_row_major_order(model_type: str) -> None:
+    model = tiny_model(model_type).eval()
+    batch = waveforms(6000, 6000)
+    mask = random_mask(2, num_frames(6000))
+    losses, metrics = model(batch, mask=mask)
+    assert losses.shape == (int(mask.sum()),)
+    assert int(metrics["num_frames"]) == int(mask.sum())
+    # the student sees the mask embedding at masked frames: the loss differs from the unmasked one there
+    unmasked, _ = model(batch)
+    assert not torch.allclose(losses, unmasked[mask.flatten()])
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_unmasked_forward_skips_padded_frames(model_type: str) -> None:
+    model = tiny_model(model_type).eval()
+    lengths = torch.tensor([6000, 3000])
+    losses, metrics = model(waveforms(6000, 3000), padding_mask=padding_mask_from_lengths(lengths))
+    assert losses.numel() == int(metrics["num_frames"]) == int(num_frames(lengths).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Codebook updates
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_codebooks_update_in_training_only(model_type: str) -> None:
+    model = tiny_model(model_type)
+    batch, mask = waveforms(6000, 6000), random_mask(2, num_frames(6000))
+    before = [c.codebook.clone() for c in model.codebooks]
+    with torch.no_grad():
+        model.eval()(batch, mask=mask)
+    assert all(torch.equal(b, c.codebook) for b, c in zip(before, model.codebooks, strict=True))
+    labels = teacher_labels(model, batch, mask)
+    model.train()(batch, mask=mask)
+    for codebook, old, lab in zip(model.codebooks, before, labels, strict=True):
+        used = torch.zeros(16, dtype=torch.bool)
+        used[lab] = True
+        assert not torch.equal(codebook.codebook[used], old[used])
+        assert torch.equal(codebook.codebook[~used], old[~used])
+        assert codebook.codebook.dtype == torch.float32
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_dead_codewords_are_reseeded_from_the_batch_when_asked(model_type: str) -> None:
+    model = tiny_model(model_type, codebook_reseed_dead=True).train()
+    batch, mask = waveforms(3000, 3000), random_mask(2, num_frames(3000))
+    labels = teacher_labels(model, batch, mask)
+    with torch.no_grad():
+        outputs = model.teacher.get_intermediate_outputs(model.features(batch))[-2:]
+        targets = [F.instance_norm(y.transpose(1, 2)).transpose(1, 2)[mask] for y in outputs]
+    model(batch, mask=mask)
+    for codebook, lab, z in zip(model.codebooks, labels, targets, strict=True):
+        unused = torch.ones(16, dtype=torch.bool)
+        unused[lab] = False
+        assert unused.any()
+        assert torch.equal(codebook.counts[unused], torch.ones(int(unused.sum())))
+        # every re-seeded codeword is one of this batch's target vectors
+        distances = torch.cdist(codebook.codebook[unused], z)
+        assert distances.min(1).values.max().item() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher, EMA, freezing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_teacher_is_a_frozen_reinitialised_copy(model_type: str) -> None:
+    model = tiny_model(model_type)
+    assert not model.teacher.training
+    model.train()
+    assert model.student.training
+    assert not model.teacher.training
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    student, teacher = model.student.state_dict(), model.teacher.state_dict()
+    assert list(student) == list(teacher)
+    for key in student:
+        same = torch.equal(student[key], teacher[key])
+        # pos-conv and LayerNorms are copied; Linear weights are re-drawn (their biases are zero in both: §4.1)
+        assert same == ("pos_conv_embed" in key or "layer_norm" in key or key.endswith(".bias")), key
+    losses, _ = model(waveforms(4000, 4000), mask=random_mask(2, num_frames(4000)))
+    losses.mean().backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_update_ema(model_type: str) -> None:
+    model = tiny_model(model_type)
+    for p in model.student.parameters():  # make the student differ from the teacher everywhere
+        p.add_(torch.randn_like(p) * 0.1)
+    student = {k: v.clone() for k, v in model.student.state_dict().items()}
+    teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    decay = model.update_ema(1000)
+    assert decay == model.ema_decay(1000)
+    assert 0 < decay < 1
+    assert int(model.current_step) == 1000
+    for key, value in model.teacher.state_dict().items():
+        if key.startswith("pos_conv_embed"):
+            assert torch.equal(value, student[key]), key
+        else:
+            expected = decay * teacher[key].double() + (1 - decay) * student[key].double()
+            torch.testing.assert_close(value.double(), expected, atol=1e-6, rtol=0)
+    assert not model.feature_encoder_frozen
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_freeze_step_freezes_the_feature_encoder_and_the_teacher(model_type: str) -> None:
+    model = tiny_model(model_type, freeze_step=50)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    decay = model.update_ema(50)
+    assert model.feature_encoder_frozen
+    if model_type == "dinosr":  # DinoSR's teacher freezes at freeze_step too; SpidR's follows its own threshold
+        assert decay == 1.0
+        assert all(torch.equal(v, teacher[k]) for k, v in model.teacher.state_dict().items())
+    else:
+        assert 0 < decay < 1
+    losses, _ = model.train()(waveforms(4000, 4000), mask=random_mask(2, num_frames(4000)))
+    losses.mean().backward()
+    assert all(p.grad is None for p in model.feature_extractor.parameters())
+    assert all(p.grad is None for p in model.feature_projection.parameters())
+    assert model.mask_embedding.grad is not None
+
+
+@pytest.mark.parametrize("mult", [0.5, 0.0])
+def test_feature_grad_mult(mult: float) -> None:
+    def extractor_grads(model: DinoSR) -> list[torch.Tensor | None]:
+        losses, _ = model.eval()(waveforms(4000, 4000), mask=random_mask(2, num_frames(4000)))
+        losses.mean().backward()
+        return [p.grad for p in model.feature_extractor.parameters()]
+
+    reference = extractor_grads(tiny_model("spidr"))
+    scaled = extractor_grads(tiny_model("spidr", feature_grad_mult=mult))
+    for ref, got in zip(reference, scaled, strict=True):
+        if mult == 0.0:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, ref * mult, atol=1e-7, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixed precision, API shapes, errors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_bf16_autocast_keeps_targets_and_loss_in_fp32(model_type: str, monkeypatch) -> None:
+    model = tiny_model(model_type).train()
+    for module in model.modules():  # no dropout: compare with the fp32 run
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, SelfAttention):
+            module.dropout = 0.0
+    assign_dtypes = []
+    assign = Codebook.assign
+
+    def recording(self, z):
+        assign_dtypes.append(z.dtype)
+        return assign(self, z)
+
+    monkeypatch.setattr(Codebook, "assign", recording)
+    batch, mask = waveforms(6000, 6000), random_mask(2, num_frames(6000))
+    reference, _ = model.eval()(batch, mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, metrics = model.train()(batch, mask=mask)
+    assert losses.dtype == torch.float32
+    assert set(assign_dtypes) == {torch.float32}
+    assert all(c.codebook.dtype == torch.float32 for c in model.codebooks)
+    assert torch.isfinite(losses).all()
+    assert metrics["target_ppl"].dtype == torch.float32
+    torch.testing.assert_close(losses.mean(), reference.mean(), atol=0.05, rtol=0)
+    losses.mean().backward()
+    assert model.mask_embedding.grad is not None
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_get_codebooks_shapes(model_type: str) -> None:
+    model = tiny_model(model_type).eval()
+    frames = num_frames(4000)
+    probs = model.get_codebooks(waveforms(4000))
+    assert probs[0] is None
+    assert [p.shape for p in probs[1:]] == [(1, frames, 16)] * 2  # batch dim kept for B = 1
+    torch.testing.assert_close(probs[-1].sum(-1), torch.ones(1, frames))
+    onehot = model.get_codebooks(waveforms(4000), onehot=True)
+    assert onehot[-1].dtype == torch.int64
+    assert torch.equal(onehot[-1].argmax(-1), probs[-1].argmax(-1))
+    assert torch.equal(onehot[-1].sum(-1), torch.ones(1, frames, dtype=torch.int64))
+
+
+def test_bad_input_is_rejected() -> None:
+    model = tiny_model("spidr").eval()
+    with pytest.raises(ValueError, match=r"\(B, S\)"):
+        model(torch.randn(4000))
+    with pytest.raises(ValueError, match="shorter than one frame"):
+        model(torch.randn(2, 399))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        model(waveforms(4000), mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="SpidRConfig"):
+        SpidR(DinoSRConfig())
