@@ -366,6 +366,7 @@ def test_cache_is_reused_and_other_parameters_refused(tmp_path: Path, monkeypatc
     out = tmp_path / "c"
     first = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
     monkeypatch.setattr(synth, "_run", lambda *a: pytest.fail("re-synthesised a cached corpus"))
+    monkeypatch.setattr(voices, "is_available", lambda voice: False)  # reuse needs no engine
     assert synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1) == first
     with pytest.raises(ValueError, match=r"other parameters.*num_utterances_per_voice"):
         synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=3, jobs=1)
@@ -430,6 +431,8 @@ def test_missing_espeak_library_names_the_packages(tmp_path: Path, monkeypatch: 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     for kwargs, message in (
         ({"num_utterances_per_voice": 2, "hours": 1.0}, "not both"),
+        ({"num_utterances_per_voice": 0}, ">= 1"),
+        ({"jobs": 0}, "jobs"),
         ({"same_text_fraction": 1.5}, "same_text_fraction"),
         ({"hours": -1.0}, "hours"),
         ({"voices": ["awb_w0.3"]}, "warp factor"),

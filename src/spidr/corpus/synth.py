@@ -169,12 +169,11 @@ def _default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _prepare(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> CorpusInfo | None:
-    """Return the cached corpus if ``out_dir`` holds one made with ``parameters``; else make way for a new one."""
-    info_path = out_dir / outputs.INFO_JSON
+def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> CorpusInfo | None:
+    """The corpus in ``out_dir`` if it was made with ``parameters``; ``None`` if a new one may be made there."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory; choose a directory for the corpus")
-    if info_path.is_file():
+    if (out_dir / outputs.INFO_JSON).is_file():
         existing = CorpusInfo.load(out_dir)
         if existing.parameters == parameters and all((out_dir / name).is_file() for name in _OUTPUT_NAMES):
             logger.info("reusing the corpus in %s (same parameters)", out_dir)
@@ -188,14 +187,17 @@ def _prepare(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> C
             )
     elif out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / IN_PROGRESS).exists() and not overwrite:
         raise ValueError(f"{out_dir} is not empty and holds no corpus; choose a new or empty directory")
+    return None
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove what a previous (possibly interrupted) run wrote; anything else in ``out_dir`` is left alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / IN_PROGRESS).touch()
-    # Remove only what this function writes; anything else in the directory is left alone.
-    info_path.unlink(missing_ok=True)
+    (out_dir / outputs.INFO_JSON).unlink(missing_ok=True)
     shutil.rmtree(out_dir / WAV_DIR, ignore_errors=True)
     for name in _OUTPUT_NAMES:
         (out_dir / name).unlink(missing_ok=True)
-    return None
 
 
 def synthesize_corpus(
@@ -224,33 +226,37 @@ def synthesize_corpus(
         raise ValueError(f"output directory {str(out_dir)!r} contains a comma, tab or newline, which the CSV/TSV "
                          "files cannot hold; choose another path")
     selected = resolve_voices(voices, warps)
-    require_available(selected)
     if num_utterances_per_voice is not None and hours is not None:
         raise ValueError("give either num_utterances_per_voice or hours, not both")
-    count = utterances_per_voice(hours, len(selected)) if hours is not None else (num_utterances_per_voice or 20)
+    if hours is not None:
+        count = utterances_per_voice(hours, len(selected))
+    else:
+        count = 20 if num_utterances_per_voice is None else num_utterances_per_voice
     if count < 1:
         raise ValueError(f"num_utterances_per_voice = {count} must be >= 1")
     if not 0.0 <= same_text_fraction <= 1.0:
         raise ValueError(f"same_text_fraction = {same_text_fraction} must be in [0, 1]")
     if not 0.0 <= rate_jitter < 0.5:
         raise ValueError(f"rate_jitter = {rate_jitter} must be in [0, 0.5)")
-    jobs = jobs or _default_jobs()
+    jobs = _default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs = {jobs} must be >= 1")
     parameters = {"format": FORMAT_VERSION, "voices": [voice.name for voice in selected],
                   "num_utterances_per_voice": count, "seed": seed, "same_text_fraction": same_text_fraction,
                   "rate_jitter": rate_jitter}
-    cached = _prepare(out_dir, parameters, overwrite=overwrite)
+    cached = _reuse(out_dir, parameters, overwrite=overwrite)
     if cached is not None:
-        return cached
+        return cached  # made before: the engines need not even be installed
+    require_available(selected)
+    _clear(out_dir)
 
     started = time.perf_counter()
     requests = plan(selected, count, seed=seed, same_text_fraction=same_text_fraction, rate_jitter=rate_jitter)
     tasks = [(voice, requests[voice.name][i:i + BATCH_SIZE], out_dir / WAV_DIR)
              for i in range(0, count, BATCH_SIZE) for voice in selected]  # voices interleaved: balances slow ones
     results = _run(tasks, jobs)
-    order = {voice.name: v for v, voice in enumerate(selected)}
-    records = sorted((r for batch in results for r in batch), key=lambda r: (order[r.voice], r.utt_id))
+    by_id = {record.utt_id: record for batch in results for record in batch}
+    records = [by_id[request.utt_id] for voice in selected for request in requests[voice.name]]  # plan order
     kept = [r for r in records if isinstance(r, Utterance)]
     dropped = [r for r in records if isinstance(r, Dropped)]
     if dropped:

@@ -83,7 +83,7 @@ MIN_A_LEN = 2  # within-speaker cells need two A items: one of them is X, compar
 
 # Work sizes: frame distances of one flush (float32 elements), and lattice cells of one DTW batch.
 FLUSH_ELEMENTS = 24_000_000
-BATCH_ELEMENTS = 1_500_000
+BATCH_ELEMENTS = 6_000_000
 
 
 @dataclass(frozen=True)

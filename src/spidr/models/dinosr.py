@@ -126,7 +126,8 @@ class DinoSR(nn.Module):
     def _teacher_targets(self, feats: torch.Tensor, masks: FrameMasks) -> list[torch.Tensor]:
         """The teacher's top-K before-residual layer outputs, each instance-normalised over time per channel in
         fp32: K × (B, T, D). Padded frames count in the statistics, as in the official code."""
-        outputs = self.teacher.get_intermediate_outputs(feats, masks=masks, before_residual=True)
+        # Detached: the teacher takes no gradient (and no-grad modules fed grad-requiring tensors confuse hooks).
+        outputs = self.teacher.get_intermediate_outputs(feats.detach(), masks=masks, before_residual=True)
         with torch.autocast(feats.device.type, enabled=False):
             return [F.instance_norm(y.float().transpose(1, 2)).transpose(1, 2) for y in outputs[-self.num_codebooks:]]
 

@@ -102,20 +102,18 @@ def train_step(
     """
     raw = unwrap(model)
     world = world_size()
-    device = batches[0].waveforms.device
     # Codebooks move inside the forward; keep a copy so that a skipped step leaves them untouched.
     codebooks = {name: buffer.clone() for name, buffer in raw.named_buffers() if name.startswith("codebooks.")}
 
-    # Global masked-frame count over micro-batches and ranks, needed before the first backward.
-    local = torch.tensor(
-        [sum(float(b.mask.sum()) for b in batches), sum(float(b.lengths.sum()) for b in batches),
-         sum(len(b) for b in batches)],
-        dtype=torch.float64, device=device,
-    )
-    num_frames, num_samples, num_utterances = all_reduce_sum(local).tolist()
+    # Global masked-frame count over micro-batches and ranks, needed before the first backward. Counts stay on
+    # the device: the step's only host synchronisation is the NaN/Inf guard's.
+    totals = all_reduce_sum(torch.stack([
+        torch.stack([b.mask.sum(), b.lengths.sum(), b.lengths.new_tensor(len(b))]) for b in batches
+    ]).sum(0).double())  # (masked frames, audio samples, utterances)
+    num_frames = totals[0]
 
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    forward_metrics = RunningMeans()
+    loss_sum = totals.new_zeros(())
+    metric_sums = None
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # DDP averages gradients only on the final micro-batch; earlier ones accumulate locally.
@@ -123,35 +121,32 @@ def train_step(
         with sync:
             with precision.autocast():
                 losses, metrics = model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask)
-            if losses.numel() != int(batch.mask.sum()):
-                raise RuntimeError(f"the model scored {losses.numel()} frames but the batch masks "
-                                   f"{int(batch.mask.sum())}")
             # DDP averages over ranks, so × world makes the gradient that of the global per-frame mean.
-            loss = losses.float().sum() * (world / num_frames)
+            loss = losses.float().sum() * world / num_frames
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += losses.detach().double().sum()
-        forward_metrics.add(_metric_values(metrics))
+        packed = _pack_metrics(metrics)
+        metric_sums = packed if metric_sums is None else metric_sums + packed
 
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    # NaN/Inf guard: every rank must take the same decision.
-    finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
-    flags = torch.tensor([loss_sum.item(), float(not finite), float(stop_requested)], dtype=torch.float64,
-                         device=device)
-    global_loss_sum, nonfinite, stop = all_reduce_sum(flags).tolist()
-    lr = optimizer.param_groups[0]["lr"]
-    output = StepOutput(skipped=nonfinite > 0, stop_requested=stop > 0)
+    # NaN/Inf guard: every rank takes the same decision, from one all-reduce and one host synchronisation.
+    nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_tensor(float(stop_requested))]))
+    host = torch.cat([flags, grad_norm.double().reshape(1), totals, metric_sums / len(batches)]).tolist()
+    global_loss_sum, num_nonfinite, num_stop, norm, frames, samples, utterances = host[:7]
+    output = StepOutput(skipped=num_nonfinite > 0, stop_requested=num_stop > 0)
     output.metrics = {
-        "loss": global_loss_sum / num_frames,
-        "grad_norm": float(grad_norm),
-        "lr": lr,
-        "num_frames": num_frames,
-        "audio_seconds": num_samples / SAMPLE_RATE,
-        "batch_size": num_utterances,
-        **forward_metrics.means(),
+        "loss": global_loss_sum / frames,
+        "grad_norm": norm,
+        "lr": optimizer.param_groups[0]["lr"],
+        "num_frames": frames,
+        "audio_seconds": samples / SAMPLE_RATE,
+        "batch_size": utterances,
+        **_unpack_metrics(host[7:]),
     }
     if output.skipped:
         optimizer.zero_grad(set_to_none=True)
@@ -173,13 +168,20 @@ def train_step(
     return output
 
 
-def _metric_values(metrics: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
-    out: dict[str, float | list[float]] = {}
-    for key in ("target_ppl", "pred_ppl"):
-        out[key] = float(metrics[key].float().mean())
-    for key in ("loss_per_codebook", "target_ppl_per_codebook", "pred_ppl_per_codebook", "active_codewords"):
-        if key in metrics:
-            out[key] = metrics[key].float().reshape(-1).tolist()
+PER_CODEBOOK = ("loss_per_codebook", "target_ppl_per_codebook", "pred_ppl_per_codebook", "active_codewords")
+
+
+def _pack_metrics(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The forward's logged metrics as one fp64 vector: target_ppl, pred_ppl, then the (K,) per-codebook ones."""
+    return torch.cat([metrics["target_ppl"].reshape(1), metrics["pred_ppl"].reshape(1),
+                      *(metrics[name].reshape(-1) for name in PER_CODEBOOK)]).double()
+
+
+def _unpack_metrics(values: list[float]) -> dict[str, float | list[float]]:
+    k = (len(values) - 2) // len(PER_CODEBOOK)
+    out: dict[str, float | list[float]] = {"target_ppl": values[0], "pred_ppl": values[1]}
+    for i, name in enumerate(PER_CODEBOOK):
+        out[name] = values[2 + i * k : 2 + (i + 1) * k]
     return out
 
 
