@@ -7,6 +7,10 @@ element-wise work is not counted), MFU = FLOPs / (step time × the measured dens
 the same dtype), the peak resident memory of the process after the training steps, and the inference time for 10 s
 of audio (all layers, batch 1).
 
+The matmul rate is measured again right after every timed step and MFU is the median of the per-step ratios: on a
+machine shared with other work, load changes from minute to minute, and this keeps numerator and denominator under
+the same load.
+
 Each (config, dtype) runs in its own subprocess so that its peak RSS is its own.
 
     python benchmarks/train_step.py                       # base + bench-small, fp32 + bf16, 3 timed steps
@@ -63,7 +67,7 @@ def autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
-def matmul_flops_per_second(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+def matmul_flops_per_second(dtype: torch.dtype, *, size: int = 2048, repeats: int = 5) -> float:
     """Best-of dense square matmul throughput in ``dtype`` (the MFU denominator)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up (oneDNN / MKL kernel selection)
@@ -96,7 +100,7 @@ def measure(cfg: ModelConfig, dtype: torch.dtype, *, batch: int, seconds: float,
             {"params": [p for k, p in trainable if not k.startswith(encoder)]},
             {"params": [p for k, p in trainable if k.startswith(encoder)]},
         ],
-        lr=5e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01,
+        lr=5e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01, fused=True,  # as the official trainer
     )
     samples = int(seconds * 16000)
     waveforms = F.layer_norm(torch.randn(batch, samples, generator=generator), (samples,))
@@ -122,7 +126,10 @@ def measure(cfg: ModelConfig, dtype: torch.dtype, *, batch: int, seconds: float,
     flops = counter.get_total_flops()
     for i in range(warmup):
         step(i + 1)
-    times = [step(warmup + i + 1) for i in range(steps)]
+    times, rates = [], []
+    for i in range(steps):
+        times.append(step(warmup + i + 1))
+        rates.append(matmul_flops_per_second(dtype, repeats=2))
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     model.eval()
@@ -136,14 +143,13 @@ def measure(cfg: ModelConfig, dtype: torch.dtype, *, batch: int, seconds: float,
             inference.append(time.perf_counter() - start)
 
     step_time = statistics.median(times)
-    peak = matmul_flops_per_second(dtype)
     return {
         "step_s": step_time,
         "step_times": times,
         "audio_s_per_s": batch * seconds / step_time,
         "gflop_per_step": flops / 1e9,
-        "matmul_gflops": peak / 1e9,
-        "mfu": flops / (step_time * peak),
+        "matmul_gflops": statistics.median(rates) / 1e9,
+        "mfu": statistics.median(flops / (t * r) for t, r in zip(times, rates, strict=True)),
         "peak_rss_gib": peak_rss / 2**30,
         "infer_s_per_10s": statistics.median(inference),
     }

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from spidr.config import MaskingConfig, OptimizerConfig, SpidRConfig
+from spidr.config import MaskingConfig, OptimizerConfig, SpidRConfig, config_from_dict
 from spidr.data.audio import standardize
 from spidr.data.collate import Batch
 from spidr.data.loader import build_dataloader
@@ -180,6 +181,38 @@ def test_gradient_accumulation_matches_one_batch():
     assert losses_accumulated == pytest.approx(losses_whole, abs=1e-6)
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(accumulated.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+def _resume_worker(rank: int, world_size: int, port: int, config: dict) -> None:
+    torch.set_num_threads(1)
+    os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if rank == 1:
+        # Rank 1 has a stale view of the run directory (say, a network file system's cached listing)...
+        loop.Checkpointer.checkpoints = lambda self: []
+
+        def fresh_start(*args, **kwargs):
+            raise AssertionError("rank 1 started afresh while rank 0 resumed")
+
+        # ...yet it must resume from the checkpoint rank 0 chose, not start a run of its own.
+        loop._load_initial_weights = fresh_start
+    assert loop.train(config_from_dict(config)) == "completed"
+
+
+def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", num_files=12)
+    assert loop.train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 2})) == "completed"
+    config = tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 4})
+    context = mp.spawn(_resume_worker, args=(2, _free_port(), config), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks deadlocked: they disagreed on whether to resume")
+    final = torch.load(tmp_path / "test" / "tiny" / "final.pt", weights_only=True)
+    assert read_int(final["step"]) == 4
+    assert len(final["ranks"]) == 2
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ Cells (fastabx ``Task`` with ON ``#phone``; "A", "B", "X" are the sets of items 
   or X (fastabx shuffles every cell with one seed, which has exactly this property). ``max_x_across`` keeps, for
   each A group, at most that many X speakers, again by a seeded size-only permutation of the candidate speakers in
   sorted order. The selection is deterministic under ``seed`` but not the one polars' RNG draws in fastabx, so
-  subsampled scores agree with fastabx's only statistically (to a few hundredths of a percent on real data);
-  without subsampling they agree up to float rounding.
+  subsampled scores agree with fastabx's statistically, not item for item; without subsampling they agree up to
+  float rounding (GEMM summation order; cell scores are averaged in float64 where fastabx keeps float32).
 * Collapse (ZeroSpeech order): average the cell error rates over contexts (and X speakers), then over speakers,
   then take the plain mean over (A phone, B phone) pairs.
 
@@ -46,6 +46,7 @@ speaker of it) whose DTWs are batched across units, and no whole-dataset distanc
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -59,7 +60,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from spidr.eval.dtw import dtw_from_buffer
+from spidr.eval.dtw import accumulated_costs, backtrack_lengths, cost_table_size, last_cells
 from spidr.eval.items import (
     NEXT_COLUMN,
     PHONE_COLUMN,
@@ -82,8 +83,9 @@ KL_EPS = 1e-6
 MIN_A_LEN = 2  # within-speaker cells need two A items: one of them is X, compared with the others
 
 # Work sizes: frame distances of one flush (float32 elements), and lattice cells of one DTW batch.
-FLUSH_ELEMENTS = 24_000_000
-BATCH_ELEMENTS = 6_000_000
+FLUSH_ELEMENTS = 12_000_000
+BATCH_ELEMENTS = 4_000_000
+PARALLEL_MIN_WORK = 200_000_000  # multiply-adds of a frame-distance block worth running on several threads
 
 
 @dataclass(frozen=True)
@@ -177,16 +179,20 @@ def abx(
         if speaker == "within"
         else _across_units(groups, max_x_across=max_x_across, seed=seed)
     )
-    scorer = _CellScorer(store, groups, distance=distance)
-    for unit in units:
-        scorer.add(unit)
-    cells = scorer.finish()
+    threads = torch.get_num_threads()
+    with _threads(1):  # see _threads: only large frame-distance blocks use the caller's threads
+        scorer = _CellScorer(store, groups, distance=distance, threads=threads)
+        for unit in units:
+            scorer.add(unit)
+        cells = scorer.finish()
     if cells.score.size == 0:
         raise ValueError(
             f"{items.source}: no ABX cell for speaker={speaker}, context={context}: every phone needs a second "
             "phone with the same BY labels (and, within speaker, ≥ 2 items; across speaker, another speaker)"
         )
     error_rate, num_pairs = _collapse(cells, context=context)
+    logger.info("ABX %s speaker, %s context, %s: %.3f%% over %d cells, %d triplets", speaker, context, distance,
+                100 * error_rate, cells.score.size, int(cells.size.sum()))
     return AbxResult(
         error_rate=error_rate,
         num_cells=int(cells.score.size),
@@ -367,15 +373,10 @@ class _Groups:
         return cls(unique[:, 0], unique[:, 1], unique[:, 2], sizes, members)
 
 
-_PERMUTATIONS: dict[tuple[int, int], np.ndarray] = {}
-
-
+@functools.cache
 def _permutation(size: int, seed: int) -> np.ndarray:
     """The seeded permutation used for every group of ``size`` elements (same size, same choice, as in fastabx)."""
-    key = (size, seed)
-    if key not in _PERMUTATIONS:
-        _PERMUTATIONS[key] = np.random.default_rng(seed).permutation(size)
-    return _PERMUTATIONS[key]
+    return np.random.default_rng(seed).permutation(size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,7 +441,7 @@ def _across_units(groups: _Groups, *, max_x_across: int | None, seed: int) -> It
             continue  # no B phone
         row_groups, row_a = [], []
         for a_local, a in enumerate(members):
-            candidates = [g for g in same_phone[groups.phone[a], groups.context[a]] if g != a]
+            candidates = [g for g in same_phone[int(groups.phone[a]), int(groups.context[a])] if g != a]
             if max_x_across is not None and len(candidates) > max_x_across:
                 chosen = np.sort(_permutation(len(candidates), seed)[:max_x_across])
                 candidates = [candidates[c] for c in chosen]
@@ -477,15 +478,30 @@ class _Cells:
     size: np.ndarray
 
 
+class _Workspace:
+    """Reusable float32 scratch buffers: fresh multi-megabyte allocations cost a page fault per 4 KiB on first use."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, size: int) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[name] = torch.empty(size + size // 4)
+        return buffer[:size]
+
+
 class _CellScorer:
     """Streams units: batches their DTWs, scores their cells, keeps only per-cell results."""
 
-    def __init__(self, store: FrameStore, groups: _Groups, *, distance: DistanceName) -> None:
+    def __init__(self, store: FrameStore, groups: _Groups, *, distance: DistanceName, threads: int) -> None:
         self.store = store
         self.groups = groups
         self.distance = distance
         self.pool: list[_Chunk] = []
         self.pool_elements = 0
+        self.workspace = _Workspace()
+        self.threads = threads
         self.results: list[tuple[np.ndarray, ...]] = []
 
     def add(self, unit: _Unit) -> None:
@@ -540,15 +556,17 @@ class _CellScorer:
         max_width = max(int(col_len.sum()) for _, _, _, col_len in layouts)
         sizes = [int(row_len.sum()) * int(col_len.sum()) for _, _, row_len, col_len in layouts]
         # dtw_from_buffer reads up to max_rows × width + max_cols cells past a lattice's start: finite padding.
-        head, tail = 0, max_rows * max_width + max_cols
-        buffer = torch.empty(sum(sizes) + tail)
+        tail = max_rows * max_width + max_cols
+        buffer = self.workspace.get("lattices", sum(sizes) + tail)
         buffer[sum(sizes) :] = 0.0
         pair_parts = []
-        base = head
+        base = 0
         for (rows, cols, row_len, col_len), size in zip(layouts, sizes, strict=True):
             x = store.frames[_ranges(store.offsets[rows], row_len)]
             y = store.frames[_ranges(store.offsets[cols], col_len)]
-            frame_distances(x, y, self.distance, out=buffer[base : base + size].view(x.shape[0], y.shape[0]))
+            parallel = size * x.shape[1] >= PARALLEL_MIN_WORK
+            with _threads(self.threads if parallel else 1):
+                frame_distances(x, y, self.distance, out=buffer[base : base + size].view(x.shape[0], y.shape[0]))
             width = y.shape[0]
             row_off = np.cumsum(row_len) - row_len
             col_off = np.cumsum(col_len) - col_len
@@ -559,7 +577,7 @@ class _CellScorer:
             )
             base += size
         pairs = _Pairs(*(np.concatenate(parts) for parts in zip(*pair_parts, strict=True)))
-        distances = _batched_dtw(buffer, pairs)
+        distances = _batched_dtw(buffer, pairs, self.workspace)
         position = 0
         for chunk in chunks:
             shape = (chunk.row_slice.stop - chunk.row_slice.start, chunk.unit.cols.size)
@@ -645,47 +663,70 @@ class _Pairs:
     num_cols: np.ndarray
 
 
-def _batched_dtw(buffer: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
+def _batched_dtw(buffer: torch.Tensor, pairs: _Pairs, workspace: _Workspace) -> torch.Tensor:
     """DTW of every pair; ``buffer`` holds the lattices, padded as ``dtw_from_buffer`` requires.
 
     Pairs are batched by their number of rows (X frames), ordered by columns within a batch, and each batch is cut
-    so that its padded size (pairs × rows × max cols) stays within ``BATCH_ELEMENTS``.
+    so that its padded size (pairs × rows × max cols) stays within ``BATCH_ELEMENTS``. The accumulated costs of all
+    batches go into one table so that a single greedy backtrack traces every path at once.
     """
-    out = torch.empty(pairs.start.size, dtype=torch.float32)
     order = np.lexsort((pairs.num_cols, pairs.num_rows))
     sorted_rows, sorted_cols = pairs.num_rows[order], pairs.num_cols[order]
+    batches = []  # (first, end, rows, max cols)
+    runs = np.flatnonzero(np.diff(sorted_rows)) + 1
+    for run_start, run_end in itertools.pairwise([0, *runs.tolist(), order.size]):
+        rows = int(sorted_rows[run_start])
+        position = run_start
+        while position < run_end:
+            # Columns grow along the run: take pairs while pairs × rows × (cols of the last one) fits.
+            fits = np.flatnonzero(
+                np.arange(1, run_end - position + 1) * rows * sorted_cols[position:run_end] <= BATCH_ELEMENTS
+            )
+            end = position + (int(fits[-1]) + 1 if fits.size else 1)
+            batches.append((position, end, rows, int(sorted_cols[end - 1])))
+            position = end
+    sizes = [cost_table_size(end - first, rows, cols) for first, end, rows, cols in batches]
+    table = workspace.get("costs", sum(sizes))
     starts = torch.from_numpy(pairs.start[order])
     widths = torch.from_numpy(pairs.width[order])
-    row_counts = torch.from_numpy(sorted_rows)
-    col_counts = torch.from_numpy(sorted_cols)
-    runs = np.flatnonzero(np.diff(sorted_rows)) + 1
-    with _single_thread():
-        for run_start, run_end in itertools.pairwise([0, *runs.tolist(), order.size]):
-            rows = int(sorted_rows[run_start])
-            position = run_start
-            while position < run_end:
-                # Columns grow along the run: take pairs while pairs × rows × (cols of the last one) fits.
-                fits = np.flatnonzero(
-                    np.arange(1, run_end - position + 1) * rows * sorted_cols[position:run_end] <= BATCH_ELEMENTS
-                )
-                end = position + (int(fits[-1]) + 1 if fits.size else 1)
-                batch = slice(position, end)
-                distances = dtw_from_buffer(buffer, starts[batch], widths[batch], row_counts[batch], col_counts[batch])
-                out[torch.from_numpy(order[batch])] = distances
-                position = end
+    row_counts = torch.from_numpy(sorted_rows).to(torch.int64)
+    col_counts = torch.from_numpy(sorted_cols).to(torch.int64)
+    last = torch.empty(order.size, dtype=torch.int64)
+    row_stride = torch.empty(order.size, dtype=torch.int64)
+    diagonal_stride = torch.empty(order.size, dtype=torch.int64)
+    offset = 0
+    for (first, end, rows, cols), size in zip(batches, sizes, strict=True):
+        costs = accumulated_costs(
+            buffer, starts[first:end], widths[first:end], rows, cols, out=table[offset : offset + size]
+        )
+        position, row_stride[first:end], diagonal_stride[first:end] = last_cells(
+            costs, row_counts[first:end], col_counts[first:end]
+        )
+        last[first:end] = position + offset
+        offset += size
+    lengths = backtrack_lengths(
+        table, last, row_counts, col_counts, row_stride=row_stride, diagonal_stride=diagonal_stride
+    )
+    out = torch.empty(order.size, dtype=torch.float32)
+    out[torch.from_numpy(order)] = table[last] / lengths.to(torch.float32)
     return out
 
 
 @contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run the DTW wavefront on one thread: its many small element-wise ops only pay OpenMP overhead otherwise,
-    which on a busy machine costs 100× (threads spin waiting for cores that other processes hold)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(count: int) -> Iterator[None]:
+    """Run a block with ``count`` torch threads.
+
+    ABX scoring is mostly many small operations (a diagonal of a DTW batch, a few hundred frames' distances), where
+    OpenMP only adds overhead, and on a busy machine threads spin-waiting for cores held by other processes make them
+    up to 100× slower. So scoring runs on one thread, and only frame-distance blocks of at least
+    ``PARALLEL_MIN_WORK`` multiply-adds use the caller's ``torch.get_num_threads()``.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 def _collapse(cells: _Cells, *, context: Context) -> tuple[float, int]:

@@ -1,9 +1,184 @@
-"""Subcommands of this area (see ``spidr.cli``)."""
+"""Subcommands of this area (see ``spidr.cli``): ``abx``, ``units-quality``, ``kmeans``, ``units``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+
+def _is_units_file(path: Path) -> bool:
+    return path.is_file() and path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
+
+
+def _abx(args: argparse.Namespace) -> int:
+    from spidr.eval.abx import abx
+    from spidr.eval.feature_dir import FeatureDirectory
+    from spidr.eval.units import read_units
+
+    source = Path(args.features)
+    if _is_units_file(source):
+        features = read_units(source)
+        distance = args.distance or "identical"
+        if distance != "identical":
+            raise ValueError(f"{source} holds discrete units: use --distance identical, not {distance!r}")
+    elif source.is_dir():
+        features = FeatureDirectory(source)
+        distance = args.distance or "angular"
+    else:
+        raise ValueError(f"FEATURES {source} is neither a directory of .npy/.pt files nor a units .jsonl file")
+    result = abx(
+        features,
+        args.item_file,
+        speaker=args.speaker,
+        context=args.context,
+        distance=distance,
+        frequency=args.frequency,
+        max_size_group=args.max_size_group,
+        max_x_across=args.max_x_across,
+        seed=args.seed,
+        librilight_bug=args.librilight_bug,
+    )
+    percent = 100.0 * result.error_rate
+    if args.json:
+        print(json.dumps({
+            "abx_error_rate": percent,
+            "speaker": args.speaker,
+            "context": args.context,
+            "distance": distance,
+            "cells": result.num_cells,
+            "triplets": result.num_triplets,
+            "phone_pairs": result.num_pairs,
+            "items": result.num_items,
+        }))
+    else:
+        print(f"ABX error rate: {percent:.3f}% ({args.speaker} speaker, {args.context} context, {distance}; "
+              f"{result.num_cells} cells, {result.num_triplets} triplets)")
+    return 0
+
+
+def _units_quality(args: argparse.Namespace) -> int:
+    from spidr.eval.unit_quality import read_alignments, unit_quality
+    from spidr.eval.units import read_units
+
+    metrics = unit_quality(
+        read_units(args.units),
+        read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate),
+        unit_rate_hz=args.unit_rate,
+        alignment_rate_hz=args.alignment_rate,
+        num_units=args.num_units,
+    )
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for name, value in metrics.items():
+            print(f"{name:>20}: {value:.6g}" if isinstance(value, float) else f"{name:>20}: {value}")
+    return 0
+
+
+def _kmeans(args: argparse.Namespace) -> int:
+    from spidr.eval.feature_dir import FeatureDirectory
+    from spidr.eval.kmeans import fit_kmeans, sample_frames, save_centroids
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out} must end in .safetensors")
+    max_frames = args.max_frames if args.max_frames > 0 else None
+    frames = sample_frames(FeatureDirectory(args.features_dir), max_frames=max_frames, seed=args.seed)
+    centroids = fit_kmeans(frames, args.num_units, seed=args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"num_units": str(args.num_units), "seed": str(args.seed), "num_frames": str(frames.shape[0]),
+                "features": str(args.features_dir)}
+    save_centroids(out, centroids, metadata=metadata)
+    print(f"wrote {args.num_units} centroids of dimension {centroids.shape[1]} (fitted on {frames.shape[0]} frames) "
+          f"to {out}")
+    return 0
+
+
+def _units(args: argparse.Namespace) -> int:
+    from spidr.eval.feature_dir import FeatureDirectory
+    from spidr.eval.kmeans import assign_directory, load_centroids
+    from spidr.eval.units import write_units
+
+    features = FeatureDirectory(args.features_dir)
+    centroids = load_centroids(args.centroids)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    count = write_units(out, assign_directory(features, centroids), dedup=args.dedup)
+    print(f"wrote units of {count} utterances to {out}{' (deduplicated)' if args.dedup else ''}")
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+
+    parser = subparsers.add_parser(
+        "abx",
+        help="ABX phone discriminability error rate (fastabx / ZeroSpeech 2021 semantics)",
+        description="Compute the ABX error rate of per-utterance features on an item file. FEATURES is a directory "
+        "of .npy/.pt (T, D) files (relative path minus extension = the item file's #file) or a units JSONL file "
+        '({"name" or "audio": ..., "units": [...]}, compared with the identical distance).',
+        formatter_class=formatter,
+    )
+    parser.add_argument("features", metavar="FEATURES", help="feature directory or units .jsonl(.gz) file")
+    parser.add_argument("item_file", metavar="ITEM_FILE", help="item file (.item, .csv or .jsonl)")
+    parser.add_argument("--speaker", choices=("within", "across"), default="within", help="speaker condition")
+    parser.add_argument("--context", choices=("within", "any"), default="within",
+                        help="context condition ('within' for triphone items)")
+    parser.add_argument("--distance", choices=("angular", "cosine", "euclidean", "kl_symmetric", "identical"),
+                        default=None, help="frame distance (default: angular for features, identical for units)")
+    parser.add_argument("--frequency", default="50", help="feature rate in Hz")
+    parser.add_argument("--max-size-group", type=int, default=10,
+                        help="at most this many items per (phone, context, speaker) group; negative disables")
+    parser.add_argument("--max-x-across", type=int, default=5,
+                        help="at most this many X speakers per A group (across speaker); negative disables")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling")
+    parser.add_argument("--librilight-bug", action="store_true",
+                        help="slice items as Libri-light / ZeroSpeech 2021 did, dropping each item's last frame")
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
+    parser.set_defaults(handler=_abx)
+
+    parser = subparsers.add_parser(
+        "units-quality",
+        help="phone purity, cluster purity, PNMI, perplexity, active codewords and bitrate of discrete units",
+        description="Compare discrete units with frame-level phone alignments (SpidR JSONL with one label per "
+        "frame, or a TSV of utterance<TAB>onset<TAB>offset<TAB>phone intervals in seconds; .gz read transparently).",
+        formatter_class=formatter,
+    )
+    parser.add_argument("units", metavar="UNITS", help="units .jsonl(.gz) file")
+    parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl(.gz) or .tsv(.gz) file")
+    parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
+    parser.add_argument("--unit-rate", type=int, default=50, help="unit rate in Hz")
+    parser.add_argument("--num-units", type=int, default=256, help="size of the unit vocabulary")
+    parser.add_argument("--json", action="store_true", help="print the six metrics as a JSON object")
+    parser.set_defaults(handler=_units_quality)
+
+    parser = subparsers.add_parser(
+        "kmeans",
+        help="fit k-means centroids on a directory of features",
+        description="Fit MiniBatchKMeans on a seeded uniform sample of the frames of FEATURES_DIR (.npy/.pt files) "
+        "and save the centroids as a safetensors file.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("features_dir", metavar="FEATURES_DIR", help="directory of .npy/.pt (T, D) feature files")
+    parser.add_argument("--num-units", type=int, default=256, help="number of centroids")
+    parser.add_argument("--out", required=True, help="centroids file to write (.safetensors)")
+    parser.add_argument("--max-frames", type=int, default=1_000_000,
+                        help="fit on a uniform sample of at most this many frames; 0 or negative uses all")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of k-means")
+    parser.set_defaults(handler=_kmeans)
+
+    parser = subparsers.add_parser(
+        "units",
+        help="assign every frame of a feature directory to its nearest k-means centroid",
+        description="Write one JSONL row {\"name\": <relative path without extension>, \"units\": [...]} per "
+        "feature file of FEATURES_DIR.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("features_dir", metavar="FEATURES_DIR", help="directory of .npy/.pt (T, D) feature files")
+    parser.add_argument("--centroids", required=True, help="centroids file from 'spidr kmeans'")
+    parser.add_argument("--out", required=True, help="units file to write (.jsonl, or .jsonl.gz to compress)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="collapse consecutive repeated units (loses the time alignment: not for ABX/PNMI)")
+    parser.set_defaults(handler=_units)

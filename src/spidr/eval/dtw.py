@@ -43,32 +43,44 @@ def dtw_from_buffer(
     Returns:
         (P,) float32: accumulated cost at (rows − 1, cols − 1) divided by the greedy path length.
     """
-    num = start.shape[0]
-    if num == 0:
+    if start.shape[0] == 0:
         return buffer.new_zeros(0)
-    rows64, cols64 = rows.to(torch.int64), cols.to(torch.int64)
-    max_rows, max_cols = int(rows64.max()), int(cols64.max())
-    costs = accumulated_costs(buffer, start.to(torch.int64), width.to(torch.int64), max_rows, max_cols)
-    row_stride = num
-    diagonal_stride = (max_rows + 1) * num
-    pair = torch.arange(num, device=buffer.device)
-    final_position = (rows64 + cols64 - 1) * diagonal_stride + rows64 * row_stride + pair  # cell (rows − 1, cols − 1)
-    lengths = backtrack_lengths(costs, rows64, cols64)
-    return costs.reshape(-1)[final_position] / lengths.to(torch.float32)
+    rows, cols = rows.to(torch.int64), cols.to(torch.int64)
+    costs = accumulated_costs(buffer, start.to(torch.int64), width.to(torch.int64), int(rows.max()), int(cols.max()))
+    position, row_stride, diagonal_stride = last_cells(costs, rows, cols)
+    flat = costs.reshape(-1)
+    lengths = backtrack_lengths(flat, position, rows, cols, row_stride=row_stride, diagonal_stride=diagonal_stride)
+    return flat[position] / lengths.to(torch.float32)
+
+
+def cost_table_size(num: int, max_rows: int, max_cols: int) -> int:
+    """Number of floats ``accumulated_costs`` needs for P = ``num`` lattices of at most max_rows × max_cols."""
+    return (max_rows + max_cols) * (max_rows + 1) * num
 
 
 def accumulated_costs(
-    buffer: torch.Tensor, start: torch.Tensor, width: torch.Tensor, max_rows: int, max_cols: int
+    buffer: torch.Tensor,
+    start: torch.Tensor,
+    width: torch.Tensor,
+    max_rows: int,
+    max_cols: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Accumulated costs (K + 1, max_rows + 1, P) of the lattices, laid out as in the module docstring.
 
     Diagonal k only has cells for ``max(0, k − max_cols + 1) ≤ i ≤ min(k, max_rows − 1)``, and only those are
     computed. Every other cell that a later step reads is a +inf sentinel: row 0 (i = −1), diagonal −1, and the cell
-    just past the end of each diagonal (i = k + 1, i.e. j = −1), set explicitly.
+    just past the end of each diagonal (i = k + 1, i.e. j = −1), set explicitly. ``out`` (``cost_table_size``
+    floats) avoids an allocation.
     """
     num = start.shape[0]
     diagonals = max_rows + max_cols - 1
-    costs = torch.empty((diagonals + 1, max_rows + 1, num), dtype=torch.float32, device=buffer.device)
+    shape = (diagonals + 1, max_rows + 1, num)
+    if out is None:
+        costs = torch.empty(shape, dtype=torch.float32, device=buffer.device)
+    else:
+        costs = out.view(shape)
     costs[0] = INF
     costs[:, 0] = INF
     # Lattice p's cell (i, k − i) is buffer[start + i·(width − 1) + k]: one base index per (i, p), shifted by k.
@@ -81,44 +93,63 @@ def accumulated_costs(
         distances = torch.index_select(
             buffer.narrow(0, k, buffer.shape[0] - k), 0, base[low * num : (high + 1) * num], out=frames[:size]
         ).view(high - low + 1, num)
-        out = costs[k + 1, low + 1 : high + 2]
+        diagonal = costs[k + 1, low + 1 : high + 2]
         if k == 0:
-            out.copy_(distances)
+            diagonal.copy_(distances)
         else:
             minimum = best[:size].view(high - low + 1, num)
             torch.minimum(costs[k, low : high + 1], costs[k, low + 1 : high + 2], out=minimum)  # ↑, ←
             torch.minimum(minimum, costs[k - 1, low : high + 1], out=minimum)  # ↖
-            torch.add(distances, minimum, out=out)
+            torch.add(distances, minimum, out=diagonal)
         if high + 1 < max_rows:
             costs[k + 1, high + 2] = INF  # cell (k + 1, −1), read as ← and ↖ by the next two diagonals
     return costs
 
 
-def backtrack_lengths(costs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Length of the greedy backtracked path of each lattice (int64, shape (P,)); see the module docstring."""
+def last_cells(
+    costs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, int, int]:
+    """Flat position of each lattice's last cell (rows − 1, cols − 1) in ``costs``, with the table's strides."""
     _, stride_rows, num = costs.shape
-    flat = costs.reshape(-1)
     diagonal_stride = stride_rows * num
+    pair = torch.arange(num, device=costs.device)
+    return (rows + cols - 1) * diagonal_stride + rows * num + pair, num, diagonal_stride
+
+
+def backtrack_lengths(
+    flat: torch.Tensor,
+    position: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    *,
+    row_stride: torch.Tensor | int,
+    diagonal_stride: torch.Tensor | int,
+) -> torch.Tensor:
+    """Length of the greedy backtracked path of each lattice (int64, shape (P,)); see the module docstring.
+
+    ``position`` is the flat index of each lattice's last cell in ``flat`` (one or several concatenated cost tables);
+    from cell (i, j), the cell (i, j − 1) is ``diagonal_stride`` before, (i − 1, j) a further ``row_stride`` before.
+    Strides may differ per lattice, so the paths of several batches are traced together.
+    """
     i, j = rows - 1, cols - 1
-    # Flat position of the current cell (i, j); its neighbours are fixed offsets from it.
-    position = (i + j + 1) * diagonal_stride + (i + 1) * num + torch.arange(num, device=costs.device)
-    parked = diagonal_stride + num  # cell (0, 0): an in-range place for finished paths, whose reads are unused
-    length = torch.ones(num, dtype=torch.int64, device=costs.device)
+    position = position.clone()
+    parked = position - (i + j) * diagonal_stride - i * row_stride  # cell (0, 0): finished paths read there, unused
+    length = torch.ones_like(position)
     while True:
         active = (i > 0) & (j > 0)
         if not bool(active.any()):
             break
         left_position = torch.where(active, position - diagonal_stride, parked)  # (i, j − 1)
         left = flat[left_position]
-        up = flat[left_position - num]  # (i − 1, j)
-        diagonal = flat[left_position - diagonal_stride - num]  # (i − 1, j − 1)
+        up = flat[left_position - row_stride]  # (i − 1, j)
+        diagonal = flat[left_position - diagonal_stride - row_stride]  # (i − 1, j − 1)
         go_diagonal = (diagonal <= left) & (diagonal <= up)
         go_left = ~go_diagonal & (left <= up)
         step_i = (active & ~go_left).to(torch.int64)  # ↖ or ↑
         step_j = (active & (go_diagonal | go_left)).to(torch.int64)  # ↖ or ←
         i -= step_i
         j -= step_j
-        position -= (step_i + step_j) * diagonal_stride + step_i * num
+        position -= (step_i + step_j) * diagonal_stride + step_i * row_stride
         length += active.to(torch.int64)
     return length + i + j  # the remaining straight run along the first row or column
 

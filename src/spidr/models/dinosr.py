@@ -167,16 +167,21 @@ class DinoSR(nn.Module):
         predictions = self._student_outputs(x, masks)
         targets = self._teacher_targets(feats, masks)
 
-        log_probs, labels = [], []
-        for head, codebook, prediction, target in zip(self.heads, self.codebooks, predictions, targets, strict=True):
-            log_probs.append(head(prediction[scored]))  # (N, V) fp32
-            labels.append(codebook.assign(target[scored]))  # (N,)
-        # Per-frame cross-entropy with one-hot targets, summed over codebooks, then averaged.
-        frame_losses = torch.stack([-lp.gather(-1, lab[:, None])[:, 0] for lp, lab in zip(log_probs, labels,
-                                                                                          strict=True)])  # (K, N)
-        losses = frame_losses.sum(0) / self.num_codebooks
+        target_frames = [t[scored] for t in targets]  # K × (N, D)
+        log_probs, labels, cross_entropies = [], [], []
+        gathered: dict[int, torch.Tensor] = {}  # DinoSR's heads share one input: gather its scored frames once
+        for head, codebook, prediction, z in zip(self.heads, self.codebooks, predictions, target_frames, strict=True):
+            if id(prediction) not in gathered:
+                gathered[id(prediction)] = prediction[scored]  # (N, D)
+            log_prob = head(gathered[id(prediction)])  # (N, V) fp32
+            label = codebook.assign(z)  # (N,)
+            cross_entropies.append(-log_prob.gather(-1, label[:, None]).squeeze(-1))  # against a one-hot target
+            log_probs.append(log_prob)
+            labels.append(label)
+        frame_losses = torch.stack(cross_entropies)  # (K, N)
+        losses = frame_losses.sum(0) / self.num_codebooks  # (N,)
         if self.training:
-            self._update_codebooks([t[scored] for t in targets], labels)
+            self._update_codebooks(target_frames, labels)
         return losses, self._metrics(log_probs, labels, frame_losses)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -222,7 +227,7 @@ class DinoSR(nn.Module):
         """Codebook-usage and prediction perplexities (spec §4.5) and per-codebook losses, as global frame-weighted
         means over ranks (one collective)."""
         size, k = self.cfg.codebook_size, self.num_codebooks
-        target_sums = torch.stack([F.one_hot(lab, size).sum(0).float() for lab in labels])  # (K, V)
+        target_sums = torch.stack([torch.bincount(lab, minlength=size).float() for lab in labels])  # (K, V)
         pred_sums = torch.stack([lp.exp().sum(0) for lp in log_probs])  # (K, V)
         num_frames = frame_losses.shape[1]
         packed = torch.cat([

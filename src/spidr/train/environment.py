@@ -117,9 +117,19 @@ def init_distributed(denv: DistributedEnvironment, device: torch.device) -> None
     logger.info("rank %d/%d joined a %s process group (%s)", denv.rank, denv.world_size, backend, denv.launcher)
 
 
-def destroy_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_distributed(*, wait: bool = True) -> None:
+    """Tear the process group down; with ``wait``, after a barrier.
+
+    The barrier matters with gloo: a finished collective whose tensors Python has already dropped is released by
+    a gloo worker thread, which needs the GIL for it; a group destroyed from a Python object's deallocator (e.g.
+    a DDP reducer) joins those threads while holding the GIL, and deadlocks if one of them is still waiting for it
+    (pytorch/pytorch#56297). Waiting in a barrier releases the GIL and lets them finish.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def gather_to_all(obj: Any) -> list[Any]:
@@ -129,6 +139,15 @@ def gather_to_all(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:

@@ -46,6 +46,7 @@ from spidr.train.checkpoint import (
 )
 from spidr.train.environment import (
     DistributedEnvironment,
+    broadcast_from_main,
     destroy_distributed,
     detect_environment,
     gather_to_all,
@@ -204,7 +205,8 @@ def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on
     init_distributed(denv, device)
     outcome: Outcome = "completed"
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(destroy_distributed)
+        # After an error, other ranks may never reach a barrier: tear down without one.
+        cleanup.push(lambda error_type, *_: destroy_distributed(wait=error_type is None))
         _configure_numerics(cfg.run, device)
         run_dir = cfg.run.run_dir
         if denv.is_main:
@@ -222,7 +224,7 @@ def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on
         )
 
         checkpointer = Checkpointer(run_dir, save_interval=cfg.run.save_interval, keep_latest=cfg.run.keep_latest)
-        latest = checkpointer.load_latest()
+        latest = _load_agreed_checkpoint(checkpointer, denv)
         step, nonfinite_streak = 0, 0
         if latest is None:
             _load_initial_weights(raw_model, cfg.run.init_ckpt)
@@ -392,6 +394,18 @@ def _load_initial_weights(model: nn.Module, path: str | None) -> None:
     logger.info("initialised the model from %s", path)
 
 
+def _load_agreed_checkpoint(
+    checkpointer: Checkpointer, denv: DistributedEnvironment
+) -> tuple[Path, dict[str, Any]] | None:
+    """The latest checkpoint as rank 0 sees it, loaded on every rank. Ranks must agree: a slow rank looking for
+    itself could find the step_0.pt a fast rank 0 has just written and take another path through the run."""
+    latest = checkpointer.load_latest() if denv.is_main else None
+    path = broadcast_from_main(None if latest is None else str(latest[0]))
+    if path is None or denv.is_main:
+        return latest
+    return Path(path), torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _restore_rank_state(state: dict[str, Any], sampler: Any, denv: DistributedEnvironment) -> None:
     """This rank's sampler position and RNG states; with another world size only the epoch carries over."""
     per_rank = state["ranks"]
@@ -447,13 +461,12 @@ def _wrap(model: nn.Module, cfg: Config, denv: DistributedEnvironment, device: t
     if not denv.is_distributed:
         return model
     # Unused parameters are the rule here: SpidR never uses its last layer's final LayerNorm, DinoSR drops layers,
-    # and the extractor stops training at freeze_step. Buffers (codebooks) are broadcast from rank 0 every
-    # forward, a guard on top of the identical all-reduced codebook updates.
+    # and the extractor stops training at freeze_step. Buffers (codebooks) are broadcast from rank 0 on every
+    # forward (DDP's default), a guard on top of the identical all-reduced codebook updates.
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=True,
-        broadcast_buffers=True,
     )
 
 

@@ -1,0 +1,223 @@
+"""Unit quality against frame-level phone alignments: purity, PNMI, perplexity, active codewords, bitrate.
+
+Definitions (HuBERT §IV, SpidR ``units_quality``; spec/spidr.md §10.4). Units are repeated to the alignment rate
+(``alignment_rate / unit_rate`` times: 2 for 20 ms units on 10 ms labels), each utterance's two sequences must then
+differ in length by at most 2 frames, and are zipped (the longer one truncated). Over all frames, the count matrix
+C (phones × units) gives the joint distribution P = C / ΣC, and
+
+* phone purity = Σ_units max_phone P (frame accuracy of labelling each unit with its majority phone);
+* cluster purity = Σ_phones max_unit P;
+* PNMI = I(phone; unit) / H(phone), natural logs, with SpidR's ε = 1e-10 inside the logs:
+  I = Σ P·log(P / (p_phone·p_unit + ε) + ε), H = −Σ p_phone·log(p_phone + ε);
+* codebook perplexity = 2^H(unit marginal) with H in bits (same ε);
+* active codewords = number of units that occur at least once;
+* bitrate = log₂(num_units) × (units left after collapsing repeats) / (duration at 1/unit_rate per unit), in bits/s,
+  over the original (unrepeated, untruncated) unit sequences.
+
+Computed in float64 (SpidR uses float32; the two agree to ~1e-7). The phone inventory is every phone of the
+alignment file, SIL included, whether or not it occurs in the evaluated utterances.
+
+Alignments are read from SpidR's JSONL (``{"name": ..., "phones": [one label per frame]}``) or from a TSV of
+intervals, one line per phone: ``utterance<TAB>onset<TAB>offset<TAB>phone`` in seconds (an optional header line is
+skipped). Intervals become frame labels at the alignment rate: frame i takes the phone whose interval holds its centre
+``(i + ½) / rate``; frames that no interval covers raise an error. ``.gz`` files are read transparently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import numpy as np
+
+from spidr.eval.units import open_text, utterance_key
+
+logger = logging.getLogger(__name__)
+
+EPS = 1e-10
+MAX_LENGTH_MISMATCH = 2
+METRICS = ("phone_purity", "cluster_purity", "pnmi", "codebook_perplexity", "active_codewords", "bitrate")
+
+
+def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> dict[str, list[str]]:
+    """``{utterance: per-frame phone labels}`` from a JSONL or interval-TSV alignment file (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"alignment file {path} does not exist")
+    name = path.name.removesuffix(".gz")
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        alignments = _read_jsonl_alignments(path)
+    elif name.endswith((".tsv", ".txt")):
+        alignments = _read_interval_alignments(path, alignment_rate_hz)
+    else:
+        raise ValueError(f"alignment file {path}: expected a .jsonl (SpidR format) or .tsv (intervals) file")
+    if not alignments:
+        raise ValueError(f"alignment file {path} has no utterance")
+    return alignments
+
+
+def _read_jsonl_alignments(path: Path) -> dict[str, list[str]]:
+    alignments: dict[str, list[str]] = {}
+    with open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where} is not valid JSON ({error})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("phones"), list):
+                raise ValueError(f"{where}: expected an object with a 'phones' list")
+            key = utterance_key(row, where=where)
+            if key in alignments:
+                raise ValueError(f"{where}: utterance {key!r} appears twice")
+            alignments[key] = [str(phone) for phone in row["phones"]]
+    return alignments
+
+
+def _read_interval_alignments(path: Path, rate: int) -> dict[str, list[str]]:
+    intervals: dict[str, list[tuple[Decimal, Decimal, str]]] = defaultdict(list)
+    with open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split("\t") if "\t" in line else line.split()
+            fields = [f.strip() for f in fields]
+            if not any(fields):
+                continue
+            if len(fields) != 4:
+                raise ValueError(f"{path}: line {number} has {len(fields)} fields; expected utterance, onset, "
+                                 "offset, phone")
+            utterance, onset, offset, phone = fields
+            try:
+                times = Decimal(onset), Decimal(offset)
+            except InvalidOperation:
+                if number == 1:
+                    continue  # a header line
+                raise ValueError(f"{path}: line {number}: {onset!r}, {offset!r} are not times in seconds") from None
+            if not times[0] < times[1]:
+                raise ValueError(f"{path}: line {number}: onset {onset} is not before offset {offset}")
+            intervals[utterance].append((*times, phone))
+    step = Decimal(1) / Decimal(rate)
+    alignments = {}
+    for utterance, rows in intervals.items():
+        rows.sort()
+        end = max(offset for _, offset, _ in rows)
+        labels: list[str] = []
+        row = 0
+        frame = 0
+        while (centre := (frame + Decimal("0.5")) * step) < end:
+            while row < len(rows) and rows[row][1] <= centre:
+                row += 1
+            if row == len(rows) or rows[row][0] > centre:
+                raise ValueError(f"{path}: utterance {utterance!r} has no phone at {centre} s (frame {frame})")
+            labels.append(rows[row][2])
+            frame += 1
+        alignments[utterance] = labels
+    return alignments
+
+
+def count_matrix(
+    units: Mapping[str, Sequence[int] | np.ndarray],
+    phones: Mapping[str, Sequence[str]],
+    *,
+    repeat: int,
+    num_units: int,
+    inventory: Sequence[str],
+) -> np.ndarray:
+    """Frame counts (len(inventory), num_units) over the utterances present in both mappings.
+
+    Each unit is repeated ``repeat`` times to reach the alignment rate; the two sequences of an utterance must then
+    differ by at most 2 frames and are zipped.
+    """
+    index = {phone: i for i, phone in enumerate(inventory)}
+    counts = np.zeros(len(inventory) * num_units, dtype=np.int64)
+    for name, sequence in units.items():
+        if name not in phones:
+            continue
+        unit_array = np.repeat(np.asarray(sequence, dtype=np.int64), repeat)
+        labels = phones[name]
+        if abs(len(labels) - unit_array.size) > MAX_LENGTH_MISMATCH:
+            raise ValueError(
+                f"utterance {name!r}: {unit_array.size // repeat} units (× {repeat} = {unit_array.size} frames) but "
+                f"{len(labels)} aligned frames; they may differ by at most {MAX_LENGTH_MISMATCH} (check the rates)"
+            )
+        if unit_array.size and (unit_array.min() < 0 or unit_array.max() >= num_units):
+            raise ValueError(f"utterance {name!r}: units must lie in [0, {num_units}), found {unit_array.min()}.."
+                             f"{unit_array.max()} (check --num-units)")
+        length = min(len(labels), unit_array.size)
+        phone_array = np.fromiter((index[p] for p in labels[:length]), dtype=np.int64, count=length)
+        counts += np.bincount(phone_array * num_units + unit_array[:length], minlength=counts.size)
+    return counts.reshape(len(inventory), num_units)
+
+
+def unit_quality(
+    units: Mapping[str, Sequence[int] | np.ndarray],
+    phones: Mapping[str, Sequence[str]],
+    *,
+    unit_rate_hz: int = 50,
+    alignment_rate_hz: int = 100,
+    num_units: int = 256,
+    inventory: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """The six unit-quality metrics (module docstring) of ``units`` against frame-level ``phones``.
+
+    Args:
+        units: ``{utterance: unit sequence}`` at ``unit_rate_hz``.
+        phones: ``{utterance: per-frame phone labels}`` at ``alignment_rate_hz``.
+        inventory: phone classes (rows of the count matrix); by default every phone occurring in ``phones``.
+
+    Returns:
+        ``{"phone_purity", "cluster_purity", "pnmi", "codebook_perplexity", "active_codewords", "bitrate"}``.
+    """
+    if unit_rate_hz <= 0 or alignment_rate_hz <= 0 or alignment_rate_hz % unit_rate_hz:
+        raise ValueError(
+            f"alignment rate {alignment_rate_hz} Hz must be a positive multiple of the unit rate {unit_rate_hz} Hz"
+        )
+    if num_units < 1:
+        raise ValueError(f"num_units = {num_units} is invalid: expected ≥ 1")
+    used = [name for name in units if name in phones]
+    missing = len(units) - len(used)
+    if not used:
+        raise ValueError("no utterance of the units file is in the alignment file (check the utterance names)")
+    if missing:
+        logger.warning("%d of %d utterances have no alignment and are left out", missing, len(units))
+    if inventory is None:
+        inventory = sorted({phone for labels in phones.values() for phone in labels})
+    counts = count_matrix(
+        {name: units[name] for name in used},
+        phones,
+        repeat=alignment_rate_hz // unit_rate_hz,
+        num_units=num_units,
+        inventory=inventory,
+    )
+    if counts.sum() == 0:
+        raise ValueError("the units and alignments share no frame")
+    metrics = quality_from_counts(counts)
+    num_kept = sum(1 + int(np.count_nonzero(np.diff(np.asarray(units[name])))) for name in used if len(units[name]))
+    num_frames = sum(len(units[name]) for name in used)
+    metrics["bitrate"] = math.log2(num_units) * num_kept / (num_frames / unit_rate_hz)
+    return metrics
+
+
+def quality_from_counts(counts: np.ndarray) -> dict[str, float]:
+    """Purities, PNMI, perplexity and active codewords of a (phones, units) count matrix."""
+    joint = counts / counts.sum()
+    p_phone = joint.sum(axis=1, keepdims=True)
+    p_unit = joint.sum(axis=0, keepdims=True)
+    mutual_information = float((joint * np.log(joint / (p_phone * p_unit + EPS) + EPS)).sum())
+    phone_entropy = float(-(p_phone * np.log(p_phone + EPS)).sum())
+    if phone_entropy <= 0:
+        raise ValueError("PNMI is undefined when the evaluated frames hold a single phone class")
+    unit_entropy_bits = float(-(p_unit * np.log2(p_unit + EPS)).sum())
+    return {
+        "phone_purity": float(joint.max(axis=0).sum()),
+        "cluster_purity": float(joint.max(axis=1).sum()),
+        "pnmi": mutual_information / phone_entropy,
+        "codebook_perplexity": 2.0**unit_entropy_bits,
+        "active_codewords": int(np.count_nonzero(counts.sum(axis=0))),
+    }

@@ -1,0 +1,92 @@
+"""Discrete-unit files: one JSON object per utterance, ``{"name": ..., "units": [...]}``.
+
+This is the layout of SpidR's shipped unit files (``name`` = LibriSpeech utterance id) and, with ``audio`` instead of
+``name``, the one fastabx's ``Dataset.from_item_and_units`` reads (the key is then the audio file's stem). Reading
+accepts either key and ``.gz`` files; writing uses ``name`` (pass ``audio_key="name"`` to fastabx).
+
+Units are at the model's frame rate (50 Hz) unless written deduplicated, in which case consecutive repeats are
+collapsed and the time alignment is lost (fine for a unit language model, not for ABX or unit quality).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+
+def open_text(path: str | Path, mode: str = "r") -> IO[str]:
+    """Open a text file, gzip-compressed when its name ends in ``.gz``."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return path.open(mode, encoding="utf-8")
+
+
+def utterance_key(row: Mapping[str, object], *, where: str) -> str:
+    """The utterance a JSONL row describes: its ``name``, else the stem of its ``audio`` path."""
+    if "name" in row:
+        return str(row["name"])
+    if "audio" in row:
+        return Path(str(row["audio"])).stem
+    raise ValueError(f"{where}: row has neither a 'name' nor an 'audio' key (keys: {sorted(row)})")
+
+
+def read_units(path: str | Path) -> dict[str, np.ndarray]:
+    """``{utterance: int64 array of units}`` from a units JSONL file (``.gz`` read transparently)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"units file {path} does not exist")
+    units: dict[str, np.ndarray] = {}
+    with open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where} is not valid JSON ({error})") from None
+            if not isinstance(row, dict) or "units" not in row:
+                raise ValueError(f"{where}: expected an object with a 'units' list")
+            key = utterance_key(row, where=where)
+            if key in units:
+                raise ValueError(f"{where}: utterance {key!r} appears twice")
+            values = row["units"]
+            if not isinstance(values, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in values):
+                raise ValueError(f"{where}: 'units' of {key!r} must be a list of integers")
+            units[key] = np.asarray(values, dtype=np.int64)
+    if not units:
+        raise ValueError(f"units file {path} has no utterance")
+    return units
+
+
+def deduplicate(units: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Collapse runs of repeated units: ``[3, 3, 5, 5, 5, 3] → [3, 5, 3]``."""
+    array = np.asarray(units)
+    if array.size == 0:
+        return array
+    keep = np.ones(array.size, dtype=bool)
+    keep[1:] = array[1:] != array[:-1]
+    return array[keep]
+
+
+def write_units(
+    path: str | Path,
+    units: Mapping[str, Sequence[int] | np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    *,
+    dedup: bool = False,
+) -> int:
+    """Write ``{"name": utterance, "units": [...]}`` rows (gzip when ``path`` ends in ``.gz``); returns the count."""
+    items = units.items() if isinstance(units, Mapping) else units
+    count = 0
+    with open_text(path, "w") as handle:
+        for name, values in items:
+            array = deduplicate(values) if dedup else np.asarray(values)
+            handle.write(json.dumps({"name": name, "units": array.astype(np.int64).tolist()}) + "\n")
+            count += 1
+    return count

@@ -1,0 +1,377 @@
+"""ABX: hand-computed cells, collapse order, subsampling caps, slicing, invariances, and a brute-force reference."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spidr import cli
+from spidr.eval.abx import abx, abx_error_rate, frame_distances, prepare_frames
+from spidr.eval.feature_dir import FeatureDirectory
+from spidr.eval.items import Items, frame_bounds
+from test_dtw import reference_dtw
+
+RATE = 50
+
+
+def frame_time(frame: int) -> str:
+    """Centre of a 50 Hz frame, in seconds, written exactly."""
+    return f"{(2 * frame + 1) / 100:.2f}"
+
+
+def make_items(rows: list[tuple]) -> Items:
+    """Rows (file, first frame, last frame, phone, speaker[, prev, next]) → Items; times are the frame centres."""
+    columns: dict[str, list[str]] = defaultdict(list)
+    for file, first, last, phone, speaker, *context in rows:
+        prev, nxt = context or ("x", "y")
+        for name, value in zip(
+            ("#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"),
+            (file, frame_time(first), frame_time(last), phone, prev, nxt, speaker),
+            strict=True,
+        ):
+            columns[name].append(value)
+    return Items.from_columns(columns)
+
+
+def scalar_task(values: dict[str, list[float]], rows: list[tuple]) -> tuple[dict[str, np.ndarray], Items]:
+    return {name: np.asarray(v, dtype=np.float32)[:, None] for name, v in values.items()}, make_items(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frame distances
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_angular_distance_values() -> None:
+    frames = prepare_frames(torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]]), "angular")
+    got = frame_distances(frames, frames, "angular")
+    expected = torch.tensor([[0.0, 0.5, 1.0, 0.25], [0.5, 0.0, 0.5, 0.25], [1.0, 0.5, 0.0, 0.75],
+                             [0.25, 0.25, 0.75, 0.0]])
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)  # float32 arccos near 1 is only ~1e-3 exact
+
+
+def test_zero_frames_follow_the_singularity_rule() -> None:
+    # fastabx replaces an all-zero frame by the uniform unit vector: two zero frames are at distance 0, and a zero
+    # frame sits at the angle between the other frame and the diagonal (here 45° = 0.25, and 135° = 0.75).
+    frames = prepare_frames(torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]), "angular")
+    got = frame_distances(frames, frames, "angular")
+    assert got[0, 1].item() == pytest.approx(0.0, abs=1e-3)
+    assert got[0, 2].item() == pytest.approx(0.25, abs=1e-6)
+    assert got[0, 3].item() == pytest.approx(0.75, abs=1e-6)
+
+
+def test_other_distances() -> None:
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    torch.testing.assert_close(frame_distances(x, x, "euclidean"), torch.tensor([[0.0, 5.0], [5.0, 0.0]]))
+    units = torch.tensor([[1.0], [2.0], [1.0]])
+    torch.testing.assert_close(frame_distances(units, units, "identical"),
+                               torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    got = frame_distances(p, p, "kl_symmetric")
+    direct = 0.5 * ((p[0] - p[1]) * ((p[0] + 1e-6).log() - (p[1] + 1e-6).log())).sum()
+    torch.testing.assert_close(got, torch.tensor([[0.0, direct], [direct, 0.0]]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="discrete units"):
+        prepare_frames(torch.zeros(3, 2), "identical")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hand-computed scores
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_hand_computed_within_cell_with_a_tie() -> None:
+    # One cell (A = a, B = b; b has a single item so it is never A). X = a1 = 0: d(a1, a2) = 1 = d(a1, b1), a tie
+    # worth ½; X = a2 = 1: d(a2, a1) = 1 > d(a2, b1) = 0, wrong. Score ¼, error ¾, over 2·1·1 triplets.
+    features, items = scalar_task({"f": [0.0, 1.0, 1.0]}, [("f", 0, 0, "a", "s"), ("f", 1, 1, "a", "s"),
+                                                          ("f", 2, 2, "b", "s")])
+    result = abx(features, items, distance="euclidean", frequency=RATE)
+    assert result.error_rate == 0.75
+    assert (result.num_cells, result.num_triplets, result.num_pairs) == (1, 2, 1)
+
+
+def test_identical_features_give_chance_and_orthogonal_give_zero() -> None:
+    rows = [("f", i, i + 1, "ab"[i // 2 % 2], "s") for i in range(0, 16, 2)]
+    same = {"f": np.ones((16, 4), dtype=np.float32)}
+    assert abx_error_rate(same, make_items(rows)) == 0.5  # every comparison is a tie
+    one_hot = np.zeros((16, 4), dtype=np.float32)
+    for i in range(0, 16, 2):
+        one_hot[i : i + 2, i // 2 % 2] = 1.0  # phone a on axis 0, phone b on axis 1
+    assert abx_error_rate({"f": one_hot}, make_items(rows)) == 0.0
+
+
+def test_collapse_averages_contexts_then_speakers_then_pairs() -> None:
+    # Pair (a, b) has three cells: speaker s1 / context c1 → error 0, s1 / c2 → 1, s2 / c1 → 1. Averaging contexts,
+    # then speakers gives (½ + 1) / 2 = ¾, not the cell mean ⅔.
+    values = {"f": [0.0, 0.1, 5.0, 0.0, 1.0, 0.5], "g": [0.0, 1.0, 0.5]}
+    rows = [
+        ("f", 0, 0, "a", "s1", "c1", "c1"), ("f", 1, 1, "a", "s1", "c1", "c1"), ("f", 2, 2, "b", "s1", "c1", "c1"),
+        ("f", 3, 3, "a", "s1", "c2", "c2"), ("f", 4, 4, "a", "s1", "c2", "c2"), ("f", 5, 5, "b", "s1", "c2", "c2"),
+        ("g", 0, 0, "a", "s2", "c1", "c1"), ("g", 1, 1, "a", "s2", "c1", "c1"), ("g", 2, 2, "b", "s2", "c1", "c1"),
+    ]
+    features, items = scalar_task(values, rows)
+    result = abx(features, items, distance="euclidean", frequency=RATE)
+    assert result.num_cells == 3
+    assert result.error_rate == pytest.approx(0.75)
+
+
+def test_hand_computed_across_speaker() -> None:
+    # s1: a1 = 0, b1 = 1; s2: a2 = 0.2, b2 = 0.1. Cells (A, B, X): (a s1, b s1, a s2): x = 0.2 is nearer a1 (0.2)
+    # than b1 (0.8): right. (b s1, a s1, b s2): x = 0.1, d(b1) = 0.9 > d(a1) = 0.1: wrong. (a s2, b s2, a s1):
+    # x = 0, d(a2) = 0.2 > d(b2) = 0.1: wrong. (b s2, a s2, b s1): x = 1, d(b2) = 0.9 > d(a2) = 0.8: wrong.
+    # Pairs: (a, b) → (0 + 1) / 2, (b, a) → 1; mean ¾.
+    features, items = scalar_task({"f": [0.0, 1.0], "g": [0.2, 0.1]}, [
+        ("f", 0, 0, "a", "s1"), ("f", 1, 1, "b", "s1"), ("g", 0, 0, "a", "s2"), ("g", 1, 1, "b", "s2")])
+    for context in ("within", "any"):
+        result = abx(features, items, speaker="across", context=context, distance="euclidean", frequency=RATE)
+        assert result.error_rate == pytest.approx(0.75)
+        assert (result.num_cells, result.num_triplets) == (4, 4)
+    # Within speaker no cell exists: every group has a single item.
+    with pytest.raises(ValueError, match="no ABX cell"):
+        abx(features, items, speaker="within", distance="euclidean", frequency=RATE)
+
+
+def test_dtw_is_used_with_x_on_the_rows() -> None:
+    # Multi-frame items: x = [0, 0, 3], a = [0, 3], b = [0, 0, 0]. d(x, a) = DTW(|x_i − a_j|) = 0 (path of 3 cells);
+    # d(x, b) = 3 / 3 = 1. Within cell (A = a-phone: items x and a): both X choices are right, error 0.
+    values = {"f": [0.0, 0.0, 3.0, 0.0, 3.0, 0.0, 0.0, 0.0]}
+    features, items = scalar_task(values, [("f", 0, 2, "a", "s"), ("f", 3, 4, "a", "s"), ("f", 5, 7, "b", "s")])
+    assert abx_error_rate(features, items, distance="euclidean", frequency=RATE) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subsampling and slicing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_max_size_group_caps_a_b_and_x() -> None:
+    rng = np.random.default_rng(0)
+    rows = [("f", i, i, "a", "s") for i in range(5)] + [("f", i, i, "b", "s") for i in range(5, 8)]
+    features = {"f": rng.normal(size=(8, 3)).astype(np.float32)}
+    items = make_items(rows)
+    full = abx(features, items, max_size_group=None)
+    assert (full.num_cells, full.num_triplets) == (2, 5 * 4 * 3 + 3 * 2 * 5)
+    capped = abx(features, items, max_size_group=2)
+    assert (capped.num_cells, capped.num_triplets) == (2, 2 * 1 * 2 + 2 * 1 * 2)
+    assert abx(features, items, max_size_group=2, seed=0) == capped  # deterministic under the seed
+    assert abx(features, items, max_size_group=-1) == full  # negative disables, as in the fastabx CLI
+    with pytest.raises(ValueError, match="max_size_group"):
+        abx(features, items, max_size_group=1)
+
+
+def test_max_x_across_caps_x_speakers() -> None:
+    rng = np.random.default_rng(0)
+    rows = [(f"f{s}", k, k, "ab"[k], f"s{s}") for s in range(4) for k in range(2)]
+    features = {f"f{s}": rng.normal(size=(2, 3)).astype(np.float32) for s in range(4)}
+    items = make_items(rows)
+    # 4 speakers × 2 A phones, each with 3 candidate X speakers, or 2 when capped.
+    assert abx(features, items, speaker="across", max_x_across=None).num_cells == 4 * 2 * 3
+    assert abx(features, items, speaker="across", max_x_across=2).num_cells == 4 * 2 * 2
+
+
+def test_librilight_bug_drops_the_last_frame() -> None:
+    # Two-frame items whose first frames are all 0: only the last frame tells a from b. Sliced [start, end] they
+    # are perfectly discriminated; sliced [start, end) like Libri-light, every comparison is a tie.
+    values = {"f": [0.0, 1.0, 0.0, 1.0, 0.0, 5.0, 0.0, 5.0]}
+    rows = [("f", 0, 1, "a", "s"), ("f", 2, 3, "a", "s"), ("f", 4, 5, "b", "s"), ("f", 6, 7, "b", "s")]
+    features, items = scalar_task(values, rows)
+    assert abx_error_rate(features, items, distance="euclidean") == 0.0
+    assert abx_error_rate(features, items, distance="euclidean", librilight_bug=True) == 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Invariances and statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def random_task(seed: int, *, num_items: int = 60, speakers: int = 3, phones: str = "abc", dim: int = 4,
+                discrete: bool = False) -> tuple[dict[str, np.ndarray], Items]:
+    rng = np.random.default_rng(seed)
+    features, rows = {}, []
+    for s in range(speakers):
+        name = f"spk{s}/utt"
+        features[name] = (rng.integers(0, 3, 80) if discrete else rng.normal(size=(80, dim))).astype(np.float32)
+        features[name][rng.random(80) < 0.05] = 0.0  # a few all-zero frames
+    for _ in range(num_items):
+        s, first = int(rng.integers(speakers)), int(rng.integers(0, 75))
+        rows.append((f"spk{s}/utt", first, first + int(rng.integers(0, 4)), str(rng.choice(list(phones))), f"s{s}",
+                     str(rng.choice(["p", "q"])), "n"))
+    return features, make_items(rows)
+
+
+def reference_abx(features: dict[str, np.ndarray], items: Items, *, speaker: str, context: str,
+                  distance: str) -> tuple[float, int]:
+    """fastabx's definition written triplet by triplet (no subsampling)."""
+    starts, ends = frame_bounds(items, RATE)
+    seqs = []
+    for i in range(len(items)):
+        array = np.asarray(features[items.files[i]], dtype=np.float32)
+        seqs.append((array[:, None] if array.ndim == 1 else array)[starts[i] : ends[i]])
+
+    def frames(x: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.where(norms == 0, 1 / np.sqrt(x.shape[1]), x / np.where(norms == 0, 1, norms))
+
+    def d(i: int, j: int) -> float:
+        x, y = seqs[i], seqs[j]
+        if distance == "angular":
+            lattice = np.arccos(np.clip(frames(x) @ frames(y).T, -1, 1)) / np.pi
+        elif distance == "euclidean":
+            lattice = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
+        else:
+            lattice = (x[:, None, 0] != y[None, :, 0]).astype(np.float32)
+        return reference_dtw(lattice)
+
+    phone, spk = items.column("#phone"), items.column("speaker")
+    ctx = list(zip(items.column("prev-phone"), items.column("next-phone"), strict=True)) if context == "within" \
+        else [0] * len(items)
+    groups = defaultdict(list)
+    for i in range(len(items)):
+        groups[phone[i], ctx[i], spk[i]].append(i)
+    cells = []
+    for (pa, ca, sa), a_items in groups.items():
+        for (pb, cb, sb), b_items in groups.items():
+            if pb == pa or cb != ca or sb != sa:
+                continue
+            if speaker == "within":
+                x_sets = [a_items] if len(a_items) >= 2 else []
+            else:
+                x_sets = [g for (px, cx, sx), g in groups.items() if px == pa and cx == ca and sx != sa]
+            for x_items in x_sets:
+                score = [1.0 if d(x, a) < d(x, b) else 0.5 if d(x, a) == d(x, b) else 0.0
+                         for x in x_items for a in a_items if a != x for b in b_items]
+                cells.append((pa, pb, sa, 1 - np.mean(score)))
+    by_speaker = defaultdict(list)
+    for pa, pb, sa, error in cells:
+        by_speaker[pa, pb, sa if context == "within" else 0].append(error)
+    by_pair = defaultdict(list)
+    for (pa, pb, _), errors in by_speaker.items():
+        by_pair[pa, pb].append(np.mean(errors))
+    return float(np.mean([np.mean(v) for v in by_pair.values()])), len(cells)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("speaker", "context"), [("within", "within"), ("within", "any"), ("across", "within"),
+                                                  ("across", "any")])
+@pytest.mark.parametrize("distance", ["angular", "euclidean", "identical"])
+def test_matches_brute_force_reference(seed: int, speaker: str, context: str, distance: str) -> None:
+    features, items = random_task(seed, discrete=distance == "identical")
+    result = abx(features, items, speaker=speaker, context=context, distance=distance, max_size_group=None,
+                 max_x_across=None)
+    expected, num_cells = reference_abx(features, items, speaker=speaker, context=context, distance=distance)
+    assert result.num_cells == num_cells
+    assert result.error_rate == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("speaker", ["within", "across"])
+def test_invariant_to_speaker_names_and_row_order(speaker: str) -> None:
+    features, items = random_task(3, num_items=80)
+    baseline = abx_error_rate(features, items, speaker=speaker, max_size_group=None, max_x_across=None)
+    names = {"s0": "zz", "s1": "aa", "s2": "mm"}
+    renamed = {**items.labels, "speaker": tuple(names[s] for s in items.labels["speaker"])}
+    relabelled = Items(items.files, items.onsets, items.offsets, renamed)
+    assert abx_error_rate(features, relabelled, speaker=speaker, max_size_group=None, max_x_across=None) == \
+        pytest.approx(baseline, abs=1e-12)
+    order = np.random.default_rng(0).permutation(len(items))
+    shuffled = Items(
+        tuple(items.files[i] for i in order), tuple(items.onsets[i] for i in order),
+        tuple(items.offsets[i] for i in order), {k: tuple(v[i] for i in order) for k, v in items.labels.items()},
+    )
+    assert abx_error_rate(features, shuffled, speaker=speaker, max_size_group=None, max_x_across=None) == \
+        pytest.approx(baseline, abs=1e-12)
+    # With caps the kept items depend only on each group's size and order, not on speaker names.
+    capped = abx_error_rate(features, items, speaker=speaker, max_size_group=3)
+    assert abx_error_rate(features, relabelled, speaker=speaker, max_size_group=3) == pytest.approx(capped, abs=1e-12)
+
+
+@pytest.mark.parametrize(("speaker", "context"), [("within", "within"), ("within", "any"), ("across", "within"),
+                                                  ("across", "any")])
+def test_perfect_features_give_zero_and_random_features_give_chance(speaker: str, context: str) -> None:
+    features, items = random_task(4, num_items=240, speakers=4, dim=16)
+    starts, ends = frame_bounds(items, RATE)
+    # Perfect: every frame of an item is the one-hot vector of its phone (items never overlap in this layout).
+    perfect, rows = {}, []
+    for i, phone in enumerate(items.column("#phone")):
+        vector = np.zeros((ends[i] - starts[i], 3), dtype=np.float32)
+        vector[:, "abc".index(phone)] = 1.0
+        perfect[f"item{i}"] = vector
+        rows.append((f"item{i}", 0, ends[i] - starts[i] - 1, phone, items.column("speaker")[i],
+                     items.column("prev-phone")[i], "n"))
+    assert abx_error_rate(perfect, make_items(rows), speaker=speaker, context=context) == 0.0
+    random_rate = abx_error_rate(features, items, speaker=speaker, context=context, max_size_group=None)
+    assert abs(random_rate - 0.5) < 0.06
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors, feature directories and the command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_input_errors() -> None:
+    features, items = scalar_task({"f": [0.0, 1.0, 1.0]}, [("f", 0, 0, "a", "s"), ("f", 1, 1, "a", "s"),
+                                                          ("f", 2, 3, "b", "s")])
+    with pytest.raises(ValueError, match="have 3 frames but item 3"):
+        abx(features, items, distance="euclidean")
+    with pytest.raises(ValueError, match="no features"):
+        abx({}, items)
+    with pytest.raises(ValueError, match="non-finite"):
+        abx({"f": np.array([[0.0], [np.nan], [1.0], [1.0]])}, items)
+    with pytest.raises(ValueError, match="discrete units"):
+        abx({"f": np.zeros((4, 2))}, items, distance="identical")
+    with pytest.raises(ValueError, match="speaker"):
+        abx(features, items, speaker="both")  # type: ignore[arg-type]
+
+
+def write_feature_tree(root: Path, features: dict[str, np.ndarray]) -> None:
+    for index, (name, array) in enumerate(features.items()):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if index % 2:
+            torch.save(torch.from_numpy(array), path.with_suffix(".pt"))
+        else:
+            np.save(path.with_suffix(".npy"), array)
+
+
+def test_feature_directory(tmp_path: Path) -> None:
+    write_feature_tree(tmp_path, {"spk0/a": np.zeros((3, 2), np.float32), "spk1/b": np.ones((4, 2), np.float32)})
+    directory = FeatureDirectory(tmp_path)
+    assert sorted(directory) == ["spk0/a", "spk1/b"]
+    assert tuple(directory["spk1/b"].shape) == (4, 2)
+    np.save(tmp_path / "spk0" / "b.npy", np.zeros(2))
+    torch.save(torch.zeros(2), tmp_path / "spk0" / "b.pt")
+    with pytest.raises(ValueError, match="both"):
+        FeatureDirectory(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        FeatureDirectory(tmp_path / "spk0" / "missing")
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    features, items = random_task(5, num_items=50)
+    write_feature_tree(tmp_path / "features", features)
+    item_file = tmp_path / "task.item"
+    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
+    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
+                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
+    item_file.write_text("\n".join(lines) + "\n")
+    assert cli.main(["abx", str(tmp_path / "features"), str(item_file), "--json", "--max-size-group", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["abx_error_rate"] == pytest.approx(100 * abx_error_rate(features, items, max_size_group=4))
+    assert report["distance"] == "angular"
+
+    # Units JSONL rows are keyed by the stem of their audio path, as fastabx's from_item_and_units does.
+    units = {name.replace("/", "-"): values for name, values in random_task(5, discrete=True)[0].items()}
+    units_file = tmp_path / "units.jsonl"
+    units_file.write_text("".join(json.dumps({"audio": f"/corpus/{name}.wav", "units": values.astype(int).tolist()})
+                                  + "\n" for name, values in units.items()))
+    unit_items = Items(tuple(f.replace("/", "-") for f in items.files), items.onsets, items.offsets, items.labels)
+    item_file.write_text("\n".join(line.replace("/", "-") for line in lines) + "\n")
+    assert cli.main(["abx", str(units_file), str(item_file), "--speaker", "across", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = abx_error_rate(units, unit_items, speaker="across", distance="identical")
+    assert (report["distance"], report["abx_error_rate"]) == ("identical", pytest.approx(100 * expected))
+    assert cli.main(["abx", str(units_file), str(item_file), "--distance", "angular"]) == 2
+    assert "use --distance identical" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""Item files: the three encodings, exact Decimal times, and frame slicing (with and without the Libri-light bug)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spidr.eval.items import Items, check_nonempty, check_within, frame_bounds, read_items
+
+HEADER = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
+ROWS = [
+    ["84-121123-0000", "0.07", "0.3", "AH", "B", "T", "84"],
+    ["84-121123-0000", "0.315", "0.5", "T", "AH", "SIL", "84"],
+]
+
+
+def write_all_formats(directory: Path) -> list[Path]:
+    item = directory / "a.item"
+    item.write_text("\n".join(" ".join(row) for row in [HEADER, *ROWS]) + "\n")
+    csv = directory / "a.csv"
+    csv.write_text("\n".join(",".join(row) for row in [HEADER, *ROWS]) + "\n")
+    jsonl = directory / "a.jsonl"
+    # Times as JSON numbers: they must still be parsed exactly.
+    jsonl.write_text("\n".join(
+        json.dumps(dict(zip(HEADER, row, strict=True))).replace(f'"{row[1]}"', row[1]).replace(f'"{row[2]}"', row[2])
+        for row in ROWS
+    ) + "\n")
+    return [item, csv, jsonl]
+
+
+def test_three_formats_read_the_same(tmp_path: Path) -> None:
+    for path in write_all_formats(tmp_path):
+        items = read_items(path)
+        assert items.files == ("84-121123-0000", "84-121123-0000")
+        assert items.onsets == (Decimal("0.07"), Decimal("0.315"))
+        assert items.offsets == (Decimal("0.3"), Decimal("0.5"))
+        assert items.column("#phone") == ("AH", "T")
+        assert items.column("speaker") == ("84", "84")
+
+
+def test_frame_bounds_are_exact() -> None:
+    items = Items.from_columns({"#file": ["f", "f", "f"], "onset": ["0.07", "0.03", "0.315"],
+                                "offset": ["0.09", "0.07", "0.5"]})
+    starts, ends = frame_bounds(items, 50)
+    # 0.07 s · 50 = 3.5 exactly, so frame 3 (centre 0.07 s) starts the item; in binary floating point 0.07·50 − 0.5
+    # is 3.0000000000000004 and the ceiling would wrongly be 4.
+    assert starts.tolist() == [3, 1, 16]
+    # Inclusive last frames floor(0.09·50 − ½) = 4, floor(0.07·50 − ½) = 3 and floor(0.5·50 − ½) = 24, plus one.
+    assert ends.tolist() == [5, 4, 25]
+    bug_starts, bug_ends = frame_bounds(items, 50, librilight_bug=True)
+    assert bug_starts.tolist() == starts.tolist()
+    assert bug_ends.tolist() == (ends - 1).tolist()
+
+
+def test_frame_centres_inside_the_interval() -> None:
+    # Property: frame i (centre (i + ½)/f) is kept iff onset ≤ centre ≤ offset.
+    rng = np.random.default_rng(0)
+    onsets = rng.integers(0, 2000, 200) / 1000
+    offsets = onsets + rng.integers(20, 300, 200) / 1000
+    items = Items.from_columns({"#file": ["f"] * 200, "onset": [f"{x:.3f}" for x in onsets],
+                                "offset": [f"{x:.3f}" for x in offsets]})
+    starts, ends = frame_bounds(items, 100)
+    for onset, offset, start, end in zip(items.onsets, items.offsets, starts, ends, strict=True):
+        kept = [i for i in range(400) if onset <= (Decimal(i) + Decimal("0.5")) / 100 <= offset]
+        assert list(range(start, end)) == kept
+
+
+def test_frequency_must_be_exact() -> None:
+    items = Items.from_columns({"#file": ["f"], "onset": ["0"], "offset": ["1"]})
+    with pytest.raises(ValueError, match="string"):
+        frame_bounds(items, 12.5)
+    assert frame_bounds(items, "12.5")[1].tolist() == [13]  # floor(1 · 12.5 − ½) + 1
+    assert frame_bounds(items, 50.0)[1].tolist() == [50]
+
+
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        read_items(tmp_path / "missing.item")
+    bad = tmp_path / "bad.item"
+    bad.write_text(" ".join(HEADER) + "\nf 0.1 0.2 AH B\n")
+    with pytest.raises(ValueError, match="line 2 has 5 fields"):
+        read_items(bad)
+    bad.write_text(" ".join(HEADER) + "\nf zero 0.2 AH B T s\n")
+    with pytest.raises(ValueError, match="onset = 'zero'"):
+        read_items(bad)
+    with pytest.raises(ValueError, match="not supported"):
+        read_items(tmp_path / "x.txt") if (tmp_path / "x.txt").write_text("a") else None
+    with pytest.raises(ValueError, match="missing column"):
+        Items.from_columns({"#file": ["f"], "onset": ["0"]})
+
+
+def test_bound_checks() -> None:
+    items = Items.from_columns({"#file": ["f", "f"], "onset": ["0.00", "0.90"], "offset": ["0.015", "1.0"]})
+    starts, ends = frame_bounds(items, 50)
+    check_nonempty(items, starts, ends)
+    with pytest.raises(ValueError, match="features of 'f' have 49 frames but item 2"):
+        check_within(items, np.array([0, 1]), starts, ends, 49)
+    check_within(items, np.array([0, 1]), starts, ends, 50)
+    # With the Libri-light slicing the first item (one frame) becomes empty.
+    bug_starts, bug_ends = frame_bounds(items, 50, librilight_bug=True)
+    with pytest.raises(ValueError, match="1 item"):
+        check_nonempty(items, bug_starts, bug_ends)

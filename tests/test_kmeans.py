@@ -1,0 +1,98 @@
+"""K-means units: seeded sampling and fitting, centroid files, assignment, and the kmeans/units commands."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spidr import cli
+from spidr.eval.kmeans import assign_units, fit_kmeans, load_centroids, sample_frames, save_centroids
+from spidr.eval.units import read_units
+
+
+def clustered_features(seed: int = 0, files: int = 6) -> dict[str, np.ndarray]:
+    """Frames around 4 well-separated centres in 8 dimensions."""
+    rng = np.random.default_rng(seed)
+    centres = 10.0 * np.eye(4, 8, dtype=np.float32)
+    features = {}
+    for f in range(files):
+        labels = rng.integers(0, 4, 50)
+        features[f"spk{f % 2}/utt{f}"] = centres[labels] + 0.1 * rng.normal(size=(50, 8)).astype(np.float32)
+    return features
+
+
+def test_sample_is_seeded_bounded_and_uniform() -> None:
+    features = clustered_features()
+    sample = sample_frames(features, max_frames=120, seed=3)
+    assert sample.shape == (120, 8)
+    np.testing.assert_array_equal(sample, sample_frames(features, max_frames=120, seed=3))
+    assert not np.array_equal(sample, sample_frames(features, max_frames=120, seed=4))
+    # Every kept frame is a real frame, and all frames are kept when the cap is large.
+    every = np.concatenate([features[k] for k in sorted(features)])
+    assert {row.tobytes() for row in sample} <= {row.tobytes() for row in every}
+    np.testing.assert_array_equal(sample_frames(features, max_frames=None), every)
+    # The streaming selection (pruned every few files) equals keeping the 120 smallest seeded keys in one go.
+    keys = np.random.default_rng(3).random(every.shape[0])
+    np.testing.assert_array_equal(sample, every[np.sort(np.argsort(keys)[:120])])
+
+
+def test_fit_is_reproducible_and_finds_the_clusters() -> None:
+    frames = sample_frames(clustered_features(), max_frames=None)
+    first = fit_kmeans(frames, 4, seed=0, max_iter=20)
+    np.testing.assert_array_equal(first, fit_kmeans(frames, 4, seed=0, max_iter=20))
+    # Each true centre has a centroid within the noise level.
+    centres = 10.0 * np.eye(4, 8, dtype=np.float32)
+    distances = np.linalg.norm(centres[:, None] - first[None], axis=-1)
+    assert distances.min(axis=1).max() < 0.2
+    with pytest.raises(ValueError, match="num_units"):
+        fit_kmeans(frames[:3], 4)
+
+
+def test_centroids_round_trip(tmp_path: Path) -> None:
+    centroids = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    save_centroids(tmp_path / "c.safetensors", centroids, metadata={"seed": "0"})
+    np.testing.assert_array_equal(load_centroids(tmp_path / "c.safetensors").numpy(), centroids)
+    np.save(tmp_path / "c.npy", centroids)
+    np.testing.assert_array_equal(load_centroids(tmp_path / "c.npy").numpy(), centroids)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_centroids(tmp_path / "bad.safetensors")
+
+
+def test_assignment_is_the_nearest_centroid() -> None:
+    centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    frames = np.array([[1.0, 1.0], [9.0, -1.0], [-1.0, 8.0], [6.0, 0.0]], dtype=np.float32)
+    np.testing.assert_array_equal(assign_units(frames, centroids, batch_size=3), [0, 1, 2, 1])
+    with pytest.raises(ValueError, match="dimension"):
+        assign_units(np.zeros((2, 3)), centroids)
+
+
+def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    features = clustered_features()
+    for name, array in features.items():
+        (tmp_path / "features" / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "features" / f"{name}.npy", array)
+    centroids = tmp_path / "km" / "centroids.safetensors"
+    assert cli.main(["kmeans", str(tmp_path / "features"), "--num-units", "4", "--out", str(centroids),
+                     "--max-frames", "200", "--seed", "1"]) == 0
+    assert cli.main(["units", str(tmp_path / "features"), "--centroids", str(centroids), "--out",
+                     str(tmp_path / "units.jsonl")]) == 0
+    capsys.readouterr()
+    units = read_units(tmp_path / "units.jsonl")
+    assert sorted(units) == sorted(features)
+    # Frames of the same true cluster share a unit, and the 4 clusters get 4 different units.
+    centres = 10.0 * np.eye(4, 8, dtype=np.float32)
+    for name, array in features.items():
+        truth = np.linalg.norm(array[:, None] - centres[None], axis=-1).argmin(1)
+        pairs = set(zip(truth.tolist(), units[name].tolist(), strict=True))
+        assert len(pairs) == len({t for t, _ in pairs}) == len({u for _, u in pairs})
+    assert cli.main(["units", str(tmp_path / "features"), "--centroids", str(centroids), "--out",
+                     str(tmp_path / "dedup.jsonl"), "--dedup"]) == 0
+    first = json.loads((tmp_path / "dedup.jsonl").read_text().splitlines()[0])["units"]
+    assert all(a != b for a, b in itertools.pairwise(first))
+    assert cli.main(["kmeans", str(tmp_path / "features"), "--out", str(tmp_path / "c.pkl")]) == 2

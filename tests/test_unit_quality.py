@@ -1,0 +1,104 @@
+"""Unit quality: the golden SpidR numbers, hand-computed small cases, length and rate rules, alignment formats."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import GOLDEN, requires_shared
+from spidr import cli
+from spidr.eval.unit_quality import METRICS, quality_from_counts, read_alignments, unit_quality
+from spidr.eval.units import read_units
+
+
+@requires_shared
+def test_golden_spidr_kmeans_layer6() -> None:
+    spec = json.loads((GOLDEN / "expected.json").read_text())
+    metrics = unit_quality(
+        read_units(GOLDEN / spec["units_file"]),
+        read_alignments(GOLDEN / spec["alignments_file"]),
+        unit_rate_hz=spec["unit_rate_hz"],
+        alignment_rate_hz=spec["alignment_rate_hz"],
+        num_units=spec["num_units"],
+    )
+    assert list(metrics) == list(METRICS)
+    for name, expected in spec["expected"].items():
+        # The reference values were computed in float32; ours in float64 agree to ~1e-7 relative.
+        assert metrics[name] == pytest.approx(expected, rel=1e-6, abs=1e-6), name
+
+
+def test_perfect_and_independent_units() -> None:
+    perfect = quality_from_counts(np.array([[3, 0], [0, 1]]))
+    assert perfect["phone_purity"] == pytest.approx(1.0)
+    assert perfect["cluster_purity"] == pytest.approx(1.0)
+    assert perfect["pnmi"] == pytest.approx(1.0, abs=1e-8)
+    independent = quality_from_counts(np.array([[1, 1], [1, 1]]))
+    assert independent["pnmi"] == pytest.approx(0.0, abs=1e-8)
+    assert independent["phone_purity"] == independent["cluster_purity"] == pytest.approx(0.5)
+    assert independent["codebook_perplexity"] == pytest.approx(2.0)
+    assert independent["active_codewords"] == 2
+
+
+def test_hand_computed_mixed_case() -> None:
+    # Counts [[2, 1], [0, 1]] → P = [[½, ¼], [0, ¼]], p(phone) = (¾, ¼), p(unit) = (½, ½).
+    metrics = quality_from_counts(np.array([[2, 1], [0, 1], [0, 0]]))  # a third phone that never occurs
+    assert metrics["phone_purity"] == pytest.approx(0.5 + 0.25)
+    assert metrics["cluster_purity"] == pytest.approx(0.5 + 0.25)
+    mutual = 0.5 * math.log(0.5 / 0.375) + 0.25 * math.log(0.25 / 0.375) + 0.25 * math.log(0.25 / 0.125)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert metrics["pnmi"] == pytest.approx(mutual / entropy, rel=1e-8)
+    assert metrics["codebook_perplexity"] == pytest.approx(2.0)
+    assert metrics["active_codewords"] == 2
+
+
+def test_units_are_repeated_and_zipped() -> None:
+    # 50 Hz units [0, 1] → 10 ms frames 0 0 1 1, against 5 labels (one extra frame is allowed and dropped).
+    metrics = unit_quality({"u": [0, 1]}, {"u": ["A", "A", "B", "B", "B"]}, num_units=2)
+    assert metrics["phone_purity"] == pytest.approx(1.0)
+    assert metrics["pnmi"] == pytest.approx(1.0, abs=1e-8)
+    # Labels at 20 ms: no repetition.
+    same_rate = unit_quality({"u": [0, 1, 1]}, {"u": ["A", "B", "A"]}, alignment_rate_hz=50, num_units=2)
+    assert same_rate["phone_purity"] == pytest.approx(2 / 3)
+
+
+def test_length_mismatch_names_the_utterance() -> None:
+    with pytest.raises(ValueError, match=r"'utt-7'.*may differ by at most 2"):
+        unit_quality({"utt-7": [0, 1]}, {"utt-7": ["A"] * 7}, num_units=2)
+    with pytest.raises(ValueError, match="multiple of the unit rate"):
+        unit_quality({"u": [0]}, {"u": ["A"]}, alignment_rate_hz=75)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        unit_quality({"u": [0, 2]}, {"u": ["A"] * 4}, num_units=2)
+    with pytest.raises(ValueError, match="no utterance"):
+        unit_quality({"u": [0]}, {"v": ["A", "A"]})
+
+
+def test_bitrate_on_a_tiny_sequence() -> None:
+    # 6 units at 50 Hz = 0.12 s, 3 left after collapsing repeats, log2(4) = 2 bits each: 2 · 3 / 0.12 = 50 bit/s.
+    units = {"u": [1, 1, 2, 2, 2, 3]}
+    metrics = unit_quality(units, {"u": ["A", "B"] * 6}, num_units=4)
+    assert metrics["bitrate"] == pytest.approx(50.0)
+
+
+def test_interval_alignments(tmp_path: Path) -> None:
+    path = tmp_path / "ali.tsv"
+    path.write_text("utterance\tonset\toffset\tphone\nu\t0.0\t0.025\tSIL\nu\t0.025\t0.05\tAH\n")
+    # Frame centres 5, 15, 25, 35, 45 ms: SIL, SIL, then AH (25 ms is the onset of AH).
+    assert read_alignments(path) == {"u": ["SIL", "SIL", "AH", "AH", "AH"]}
+    gapped = tmp_path / "gap.tsv"
+    gapped.write_text("u\t0.0\t0.01\tSIL\nu\t0.02\t0.04\tAH\n")
+    with pytest.raises(ValueError, match=r"no phone at 0\.015"):
+        read_alignments(gapped)
+
+
+def test_command_line_prints_the_six_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "units.jsonl").write_text(json.dumps({"audio": "x/u.wav", "units": [0, 1, 1]}) + "\n")
+    (tmp_path / "ali.jsonl").write_text(json.dumps({"name": "u", "phones": ["A", "A", "B", "B", "B", "B"]}) + "\n")
+    assert cli.main(["units-quality", str(tmp_path / "units.jsonl"), str(tmp_path / "ali.jsonl"), "--num-units", "2",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report) == list(METRICS)
+    assert report["pnmi"] == pytest.approx(1.0, abs=1e-8)

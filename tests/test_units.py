@@ -1,0 +1,65 @@
+"""Units JSONL files: round trip, gzip, keys, deduplication and errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spidr.eval.units import deduplicate, read_units, write_units
+
+
+def test_round_trip_plain_and_gzip(tmp_path: Path) -> None:
+    units = {"84-121123-0000": np.array([3, 3, 5, 0]), "84-121123-0001": np.array([7])}
+    for name in ("units.jsonl", "units.jsonl.gz"):
+        path = tmp_path / name
+        assert write_units(path, units) == 2
+        back = read_units(path)
+        assert list(back) == list(units)
+        for key, values in units.items():
+            np.testing.assert_array_equal(back[key], values)
+    with gzip.open(tmp_path / "units.jsonl.gz", "rt") as handle:
+        assert json.loads(handle.readline()) == {"name": "84-121123-0000", "units": [3, 3, 5, 0]}
+
+
+def test_deduplicate() -> None:
+    np.testing.assert_array_equal(deduplicate([3, 3, 5, 5, 5, 3]), [3, 5, 3])
+    np.testing.assert_array_equal(deduplicate([1]), [1])
+    assert deduplicate([]).size == 0
+
+
+def test_write_deduplicated(tmp_path: Path) -> None:
+    write_units(tmp_path / "u.jsonl", [("a", np.array([1, 1, 2, 1, 1]))], dedup=True)
+    np.testing.assert_array_equal(read_units(tmp_path / "u.jsonl")["a"], [1, 2, 1])
+
+
+def test_audio_key_is_the_stem(tmp_path: Path) -> None:
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"audio": "/data/dev-clean/84/121123/84-121123-0000.flac", "units": [1, 2]}) + "\n")
+    assert list(read_units(path)) == ["84-121123-0000"]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"name": "a", "units": [1, 2.5]}', "list of integers"),
+    ('{"units": [1]}', "neither a 'name' nor an 'audio'"),
+    ('{"name": "a"}', "'units' list"),
+    ("not json", "not valid JSON"),
+])
+def test_bad_rows_name_the_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"name": "ok", "units": [0]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message) as error:
+        read_units(path)
+    assert "line 2" in str(error.value)
+
+
+def test_duplicate_and_missing(tmp_path: Path) -> None:
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"name": "a", "units": [0]}\n{"name": "a", "units": [1]}\n')
+    with pytest.raises(ValueError, match="appears twice"):
+        read_units(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_units(tmp_path / "missing.jsonl")
