@@ -16,5 +16,5 @@ GOLDEN = SHARED / "golden"
 # A user's clone has no ../shared: tests that read it skip cleanly there.
 requires_shared = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"{REFERENCE} is absent (no ../shared)")
 
-# Two cores: keep intra-op threads fixed so timings and results do not depend on the machine's load.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Test models are tiny: one intra-op thread is fastest and keeps results independent of the machine's load.
+torch.set_num_threads(1)

@@ -259,7 +259,8 @@ def test_codebooks_update_in_training_only(model_type: str) -> None:
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_dead_codewords_are_reseeded_from_the_batch_when_asked(model_type: str) -> None:
-    model = tiny_model(model_type, codebook_reseed_dead=True).train()
+    # Counts start at 1 and decay by 0.9 when unused: a threshold of 0.95 marks exactly this step's unused ones.
+    model = tiny_model(model_type, codebook_reseed_dead=True, codebook_dead_threshold=0.95).train()
     batch, mask = waveforms(3000, 3000), random_mask(2, num_frames(3000))
     labels = teacher_labels(model, batch, mask)
     with torch.no_grad():
@@ -418,3 +419,40 @@ def test_bad_input_is_rejected() -> None:
         model(waveforms(4000), mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="SpidRConfig"):
         SpidR(DinoSRConfig())
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_decaying_unused_codewords_keeps_their_centroids(model_type: str) -> None:
+    model = tiny_model(model_type, codebook_reseed_dead=True, codebook_dead_threshold=0.0).train()
+    batch, mask = waveforms(3000, 3000), random_mask(2, num_frames(3000))
+    labels = teacher_labels(model, batch, mask)
+    before = [(c.centroids.clone(), c.counts.clone()) for c in model.codebooks]
+    model(batch, mask=mask)
+    for codebook, (centroids, counts), lab in zip(model.codebooks, before, labels, strict=True):
+        unused = torch.ones(16, dtype=torch.bool)
+        unused[lab] = False
+        torch.testing.assert_close(codebook.centroids[unused], centroids[unused], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(codebook.counts[unused], 0.9 * counts[unused])
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_codebooks_initialised_from_data_at_the_first_training_step_only(model_type: str) -> None:
+    model = tiny_model(model_type, codebook_init="data").train()
+    batch, mask = waveforms(3000, 3000), random_mask(2, num_frames(3000))
+    with torch.no_grad():
+        outputs = model.teacher.get_intermediate_outputs(model.features(batch))[-2:]
+        targets = [F.instance_norm(y.transpose(1, 2)).transpose(1, 2)[mask] for y in outputs]
+    model.eval()(batch, mask=mask)  # evaluation never initialises
+    assert not model._codebooks_from_data
+    model.train()
+    _, metrics = model(batch, mask=mask)
+    for codebook, z in zip(model.codebooks, targets, strict=True):
+        # after one EMA step every centroid is still within the batch's span: far closer than the random init
+        assert torch.cdist(codebook.centroids, z).min(1).values.max() < 0.5 * z.norm(dim=1).mean()
+    # the first-step targets used the data codebook: many distinct codewords, not a handful
+    assert (metrics["active_codewords"] >= 8).all()
+    snapshot = [c.codebook.clone() for c in model.codebooks]
+    model.update_ema(1)
+    model(batch, mask=mask)
+    assert any(not torch.equal(s, c.codebook) for s, c in zip(snapshot, model.codebooks, strict=True))
+    assert model._codebooks_from_data

@@ -190,7 +190,12 @@ class ModelConfig:
     freeze_step: int = 200000  # freeze_teacher_step (official fairseq: 200 001)
     # (spidr additions, off by default so the official numerics are untouched)
     feature_grad_mult: float = 1.0  # scales gradients reaching the conv extractor (wav2vec 2.0 uses 0.1)
-    codebook_reseed_dead: bool = False  # re-seed codewords unused for a step from the current batch
+    # Re-seed dead codewords at random frames of the current batch. A codeword is dead when its EMA count, which
+    # then decays for unused codewords too (their centroids are unchanged), falls below codebook_dead_threshold.
+    codebook_reseed_dead: bool = False
+    codebook_dead_threshold: float = 0.01
+    # "data": the first training step sets every centroid to a random target frame of its batch (k-means style)
+    codebook_init: Literal["random", "data"] = "random"
 
     def __post_init__(self) -> None:
         section = "model"
@@ -235,6 +240,10 @@ class ModelConfig:
         _require(self.freeze_step >= 0, f"{section}.freeze_step = {self.freeze_step} must be >= 0")
         _require(
             self.feature_grad_mult >= 0.0, f"{section}.feature_grad_mult = {self.feature_grad_mult} must be >= 0"
+        )
+        _require(
+            self.codebook_dead_threshold >= 0.0,
+            f"{section}.codebook_dead_threshold = {self.codebook_dead_threshold} must be >= 0",
         )
 
     @property

@@ -38,7 +38,7 @@ class DemoSettings:
     jobs: int | None = None
 
 
-def synthesise_corpora(settings: DemoSettings):  # noqa: ANN201
+def synthesise_corpora(settings: DemoSettings):
     """Train and test corpora (cached: an existing corpus with the same parameters is reused)."""
     from spidr.corpus.synth import synthesize_corpus
 
@@ -84,7 +84,7 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
     return final
 
 
-def evaluate(settings: DemoSettings, checkpoint: Path, test) -> Path:  # noqa: ANN001
+def evaluate(settings: DemoSettings, checkpoint: Path, test) -> Path:
     """Score every layer of the trained and the random-init model, and MFCC, on the test corpus."""
     import torch
 

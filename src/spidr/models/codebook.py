@@ -48,13 +48,18 @@ class Codebook(nn.Module):
             return torch.cat([onehot.sum(0)[:, None], onehot.T @ z.float()], dim=1)
 
     @torch.no_grad()
-    def update(self, stats: torch.Tensor) -> torch.Tensor:
-        """EMA step from (global) ``statistics``; codewords assigned nothing stay as they are. Returns the (V,)
-        bool mask of those unused codewords."""
+    def update(self, stats: torch.Tensor, *, decay_unused: bool = False) -> torch.Tensor:
+        """EMA step from (global) ``statistics``. Officially, codewords assigned nothing stay as they are; with
+        ``decay_unused`` their sum and count both decay, which leaves their centroid unchanged but lets the count
+        tell how recently a codeword was used. Returns the (V,) bool mask of the codewords unused in this step."""
         counts, sums = stats[:, 0], stats[:, 1:]
         used = counts > 0
         # The decay as an fp32 tensor (not a Python float) rounds exactly as the official update does.
         tau = torch.tensor(self.decay, dtype=torch.float32, device=counts.device)
+        if decay_unused:
+            self.counts.mul_(tau).add_((1 - tau) * counts)
+            self.codebook.mul_(tau).add_((1 - tau) * sums)
+            return ~used
         self.counts.copy_(torch.where(used, tau * self.counts + (1 - tau) * counts, self.counts))
         self.codebook.copy_(torch.where(used[:, None], tau * self.codebook + (1 - tau) * sums, self.codebook))
         return ~used

@@ -89,6 +89,7 @@ class DinoSR(nn.Module):
         self.teacher.eval()
         self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())  # U[0, 1)
         self.register_buffer("current_step", torch.zeros(1, dtype=torch.long))
+        self._codebooks_from_data = False  # codebook_init = "data" happens once, in the first training forward
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward pieces, in data-flow order
@@ -168,6 +169,9 @@ class DinoSR(nn.Module):
         targets = self._teacher_targets(feats, masks)
 
         target_frames = [t[scored] for t in targets]  # K × (N, D)
+        if (self.training and self.cfg.codebook_init == "data" and not self._codebooks_from_data
+                and int(self.current_step) == 0):
+            self._initialise_codebooks_from_data(target_frames)
         log_probs, labels, cross_entropies = [], [], []
         gathered: dict[int, torch.Tensor] = {}  # DinoSR's heads share one input: gather its scored frames once
         for head, codebook, prediction, z in zip(self.heads, self.codebooks, predictions, target_frames, strict=True):
@@ -199,25 +203,33 @@ class DinoSR(nn.Module):
             for codebook, z, lab in zip(self.codebooks, targets, labels, strict=True)
         ])  # (K, V, 1 + D)
         distributed.all_reduce_sum(stats)
-        unused = [codebook.update(s) for codebook, s in zip(self.codebooks, stats, strict=True)]
-        if self.cfg.codebook_reseed_dead:
-            self._reseed_codebooks(targets, unused)
+        reseed = self.cfg.codebook_reseed_dead
+        for codebook, codebook_stats in zip(self.codebooks, stats, strict=True):
+            codebook.update(codebook_stats, decay_unused=reseed)
+        if reseed:
+            threshold = self.cfg.codebook_dead_threshold
+            self._reseed_codebooks(targets, [codebook.counts < threshold for codebook in self.codebooks])
 
     @torch.no_grad()
     def _reseed_codebooks(self, targets: list[torch.Tensor], unused: list[torch.Tensor]) -> None:
         """Restart codewords nobody used at random frames of rank 0's batch (broadcast as a sum with zeros from
         the other ranks, so the codebooks stay identical everywhere)."""
         size = self.cfg.codebook_size
-        candidates = torch.stack([
-            z[torch.randint(len(z), (size,), device=z.device)].float() if len(z) else z.new_zeros(size, z.shape[1])
-            for z in targets
-        ])  # (K, V, D)
+        candidates = torch.stack([_random_rows(z, size) for z in targets])  # (K, V, D)
         if distributed.rank() != 0:
             candidates.zero_()
         distributed.all_reduce_sum(candidates)
         for codebook, dead, cand in zip(self.codebooks, unused, candidates, strict=True):
             if bool(dead.any()):
                 codebook.reseed(dead, cand)
+
+    @torch.no_grad()
+    def _initialise_codebooks_from_data(self, targets: list[torch.Tensor]) -> None:
+        """``codebook_init = "data"``: centroids := distinct random target frames of the first training batch (a
+        random codebook on few frames makes a handful of codewords win everything; spec §3.10 init is kept
+        otherwise)."""
+        self._reseed_codebooks(targets, [torch.ones_like(c.counts, dtype=torch.bool) for c in self.codebooks])
+        self._codebooks_from_data = True
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -369,3 +381,14 @@ class DinoSR(nn.Module):
 def perplexity(probs: torch.Tensor) -> torch.Tensor:
     """2^entropy (bits) of each mean distribution in (..., V) → (...): 2^(−Σ p log₂(p + 1e-8))."""
     return torch.exp2(-(probs * torch.log2(probs + 1e-8)).sum(-1))
+
+
+def _random_rows(z: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows of z (N, D) drawn at random, distinct while N allows (fp32; zeros if z is empty)."""
+    if len(z) == 0:
+        return z.new_zeros(count, z.shape[1], dtype=torch.float32)
+    if len(z) >= count:
+        index = torch.randperm(len(z), device=z.device)[:count]
+    else:
+        index = torch.randint(len(z), (count,), device=z.device)
+    return z[index].float()

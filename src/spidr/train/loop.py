@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,7 +75,7 @@ class StepOutput:
 
     skipped: bool  # non-finite loss or gradient somewhere: nothing was updated
     stop_requested: bool  # some rank received a stop signal
-    metrics: dict[str, float | list[float]] = field(default_factory=dict)
+    metrics: dict[str, float | list[float]]  # loss (global per-frame mean), grad_norm, lr, model metrics, ...
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,8 +139,7 @@ def train_step(
     flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_tensor(float(stop_requested))]))
     host = torch.cat([flags, grad_norm.double().reshape(1), totals, metric_sums / len(batches)]).tolist()
     global_loss_sum, num_nonfinite, num_stop, norm, frames, samples, utterances = host[:7]
-    output = StepOutput(skipped=num_nonfinite > 0, stop_requested=num_stop > 0)
-    output.metrics = {
+    output = StepOutput(skipped=num_nonfinite > 0, stop_requested=num_stop > 0, metrics={
         "loss": global_loss_sum / frames,
         "grad_norm": norm,
         "lr": optimizer.param_groups[0]["lr"],
@@ -148,7 +147,7 @@ def train_step(
         "audio_seconds": samples / SAMPLE_RATE,
         "batch_size": utterances,
         **_unpack_metrics(host[7:]),
-    }
+    })
     if output.skipped:
         optimizer.zero_grad(set_to_none=True)
         for name, buffer in raw.named_buffers():
@@ -397,8 +396,9 @@ def _load_initial_weights(model: nn.Module, path: str | None) -> None:
 def _load_agreed_checkpoint(
     checkpointer: Checkpointer, denv: DistributedEnvironment
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The latest checkpoint as rank 0 sees it, loaded on every rank. Ranks must agree: a slow rank looking for
-    itself could find the step_0.pt a fast rank 0 has just written and take another path through the run."""
+    """The latest checkpoint as rank 0 sees it, loaded on every rank. Ranks must agree: one with a stale view of
+    a shared file system (a cached directory listing) would otherwise start afresh while the others resume, and
+    their collectives would no longer match."""
     latest = checkpointer.load_latest() if denv.is_main else None
     path = broadcast_from_main(None if latest is None else str(latest[0]))
     if path is None or denv.is_main:
