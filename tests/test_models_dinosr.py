@@ -259,9 +259,11 @@ def test_codebooks_update_in_training_only(model_type: str) -> None:
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_dead_codewords_are_reseeded_from_the_batch_when_asked(model_type: str) -> None:
-    # Counts start at 1 and decay by 0.9 when unused: a threshold of 0.95 marks exactly this step's unused ones.
-    model = tiny_model(model_type, codebook_reseed_dead=True, codebook_dead_threshold=0.95).train()
+    # Counts start at 1; after one step unused ones hold 0.9 and used ones ≥ 1, with a known mean over the 16
+    # codewords: a threshold putting the cut at 0.95 marks exactly this step's unused codewords.
     batch, mask = waveforms(3000, 3000), random_mask(2, num_frames(3000))
+    mean_count = 0.9 + 0.1 * int(mask.sum()) / 16
+    model = tiny_model(model_type, codebook_reseed_dead=True, codebook_dead_threshold=0.95 / mean_count).train()
     labels = teacher_labels(model, batch, mask)
     with torch.no_grad():
         outputs = model.teacher.get_intermediate_outputs(model.features(batch))[-2:]

@@ -208,7 +208,8 @@ class DinoSR(nn.Module):
             codebook.update(codebook_stats, decay_unused=reseed)
         if reseed:
             threshold = self.cfg.codebook_dead_threshold
-            self._reseed_codebooks(targets, [codebook.counts < threshold for codebook in self.codebooks])
+            dead = [codebook.counts < threshold * codebook.counts.mean() for codebook in self.codebooks]
+            self._reseed_codebooks(targets, dead)
 
     @torch.no_grad()
     def _reseed_codebooks(self, targets: list[torch.Tensor], unused: list[torch.Tensor]) -> None:

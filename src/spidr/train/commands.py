@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("-C", "--constraint", default=None, help="SLURM node constraint, e.g. a GPU type")
     submit.add_argument("-c", "--cpus-per-task", type=int, default=10, help="CPUs per task (data-loading workers)")
     submit.add_argument("--mem-per-gpu", default=None, help="memory per GPU, e.g. 80G")
-    submit.add_argument("--dump", default="submitit", help="folder for submitit logs and job information")
+    submit.add_argument("--dump", default=os.environ.get("SPIDR_SUBMITIT_FOLDER", "submitit"),
+                        help="folder for submitit logs and job information (env SPIDR_SUBMITIT_FOLDER)")
     submit.set_defaults(handler=_submit)
 
     plot = subparsers.add_parser(
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=formatter,
     )
     plot.add_argument("run_dir", help="run directory holding metrics.jsonl")
-    plot.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
+    plot.add_argument("--out", default=None, help="output folder; RUN_DIR/plots when not given")
     plot.set_defaults(handler=_plot)
 
 
