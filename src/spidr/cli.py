@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from spidr import demo
 from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
 from spidr.eval import commands as eval_commands
@@ -17,7 +18,7 @@ from spidr.eval import pipeline_commands
 from spidr.models import commands as model_commands
 from spidr.train import commands as train_commands
 
-AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands)
+AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

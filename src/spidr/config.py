@@ -197,6 +197,8 @@ class ModelConfig:
     codebook_dead_threshold: float = 0.05
     # "data": the first training step sets every centroid to a random target frame of its batch (k-means style)
     codebook_init: Literal["random", "data"] = "random"
+    # "cosine": assign each target to the codeword of most similar direction instead of the nearest (official)
+    codebook_distance: Literal["euclidean", "cosine"] = "euclidean"
 
     def __post_init__(self) -> None:
         section = "model"

@@ -29,6 +29,7 @@ from spidr.eval.unit_quality import read_alignments, unit_quality
 logger = logging.getLogger(__name__)
 
 SPEAKER_CONDITIONS = ("within", "across")
+SAMPLE_RATE = 16000
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,16 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
         return len(self.keys_by_stem)
 
 
-def _abx_percent(features: Mapping, items: Items, speaker: str, settings: AbxSettings, *, distance: str) -> float:
+def _abx_percent(
+    features: Mapping, items: Items, speaker: str, settings: AbxSettings, *, distance: str, frequency: int = 50
+) -> float:
     rate = abx_error_rate(
         features,
         items,
         speaker=speaker,
         context=settings.context,
         distance=distance,
+        frequency=frequency,
         max_size_group=settings.max_size_group,
         max_x_across=settings.max_x_across,
         seed=settings.seed,
@@ -121,22 +125,28 @@ def evaluate_model(
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True)
     extract_to_directory(model, entries, work_dir, settings, progress=progress)
     head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
+    hop = math.prod(stride for _, _, stride in model.cfg.extractor_conv_layer_config)
+    if SAMPLE_RATE % hop:
+        raise ValueError(f"the model's frame rate {SAMPLE_RATE}/{hop} Hz is not an integer; ABX needs one")
+    rate = SAMPLE_RATE // hop
     rows = []
     for layer in layers:
         features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"))
         layer_items = _items_for(items, features)
         row = LayerRow(model=name, layer=layer)
-        row.abx_within = _abx_percent(features, layer_items, "within", abx, distance=abx.distance)
-        row.abx_across = _abx_percent(features, layer_items, "across", abx, distance=abx.distance)
+        row.abx_within = _abx_percent(features, layer_items, "within", abx, distance=abx.distance, frequency=rate)
+        row.abx_across = _abx_percent(features, layer_items, "across", abx, distance=abx.distance, frequency=rate)
         if layer in head_layers:
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
             units = {Path(row_["audio"]).stem: row_["units"] for row_ in map(json.loads, units_path.open())}
             unit_features = {stem: np.asarray(seq, dtype=np.int64) for stem, seq in units.items()}
-            row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical")
-            row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical")
+            row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical",
+                                               frequency=rate)
+            row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical",
+                                               frequency=rate)
             if alignments is not None:
                 row.quality = unit_quality(
-                    units, alignments, unit_rate_hz=50, alignment_rate_hz=alignment_rate_hz,
+                    units, alignments, unit_rate_hz=rate, alignment_rate_hz=alignment_rate_hz,
                     num_units=model.cfg.codebook_size,
                 )
         logger.info("%s layer %d: ABX within %.2f %%, across %.2f %%", name, layer, row.abx_within, row.abx_across)

@@ -8,6 +8,8 @@ model can sum the statistics of all its codebooks over ranks in one collective: 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,9 +18,17 @@ from torch import nn
 class Codebook(nn.Module):
     """``codebook_size`` (V) codewords of dimension ``dim`` (D), updated by EMA with ``decay``."""
 
-    def __init__(self, dim: int, codebook_size: int, *, decay: float = 0.9) -> None:
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        decay: float = 0.9,
+        distance: Literal["euclidean", "cosine"] = "euclidean",
+    ) -> None:
         super().__init__()
         self.decay = decay
+        self.distance = distance
         # N(0, 1) draws, standardised per feature across codewords: with counts = 1 these are the centroids.
         init = F.instance_norm(torch.randn(dim, codebook_size)[None])[0]
         self.register_buffer("codebook", init.T.contiguous())
@@ -35,6 +45,10 @@ class Codebook(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             z = z.float()
             centroids = self.centroids
+            if self.distance == "cosine":
+                # Not official: a centroid averaging a broad cluster shrinks towards the origin and, in Euclidean
+                # distance, then wins ever more frames; comparing directions removes that rich-get-richer pull.
+                return (z @ F.normalize(centroids, dim=-1).T).argmax(-1)
             # argmin_v ‖z − c_v‖² = argmin_v (‖c_v‖² − 2 z·c_v): the ‖z‖² term is the same for every codeword.
             distances = centroids.square().sum(-1) - 2 * z @ centroids.T  # (N, V)
             return distances.argmin(-1)

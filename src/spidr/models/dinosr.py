@@ -80,7 +80,8 @@ class DinoSR(nn.Module):
             nn.Sequential(nn.Linear(dim, cfg.codebook_size), LogSoftmaxFp32()) for _ in range(num_codebooks)
         )
         self.codebooks = nn.ModuleList(
-            Codebook(dim, cfg.codebook_size, decay=cfg.codebook_decay) for _ in range(num_codebooks)
+            Codebook(dim, cfg.codebook_size, decay=cfg.codebook_decay, distance=cfg.codebook_distance)
+            for _ in range(num_codebooks)
         )
         # The teacher starts as a re-initialised copy of the student encoder (not an exact copy: spec §4.1).
         self.teacher = copy.deepcopy(self.student).float()

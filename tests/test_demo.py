@@ -1,0 +1,140 @@
+"""End-to-end smoke run of the main job: synthesise → train a few steps → extract → ABX → PNMI → report.
+
+Uses the real demo driver with a tiny model and a few utterances per voice, and the README's evaluation commands
+(`spidr extract`, `spidr evaluate`) on the checkpoint it produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spidr.cli import main
+from spidr.config import load_config
+from spidr.demo import HELD_OUT_VOICES, TRAIN_VOICES, DemoSettings, run_demo
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = ("flite", "festival", "espeak-ng")
+
+TINY_DEMO = """
+[run]
+workdir = "unused"
+wandb_project = "demo"
+wandb_name = "smoke"
+model_type = "spidr"
+device = "cpu"
+log_interval = 2
+save_interval = 4
+compile = false
+
+[data]
+manifest = "unused"
+max_batch_length = 64000
+max_sample_size = 16000
+min_sample_size = 8000
+num_buckets = 4
+num_workers = 0
+
+[model]
+extractor_conv_layer_config = [[16, 10, 5], [16, 3, 2], [32, 3, 2], [32, 3, 2], [32, 3, 2], [32, 2, 2], [32, 2, 2]]
+encoder_embed_dim = 32
+encoder_num_layers = 2
+encoder_num_heads = 2
+encoder_ff_interm_features = 64
+encoder_pos_conv_groups = 4
+num_codebooks = 2
+codebook_size = 16
+codebook_init = "data"
+codebook_reseed_dead = true
+
+[optimizer]
+lr = 1e-3
+dtype = "float32"
+max_steps = 6
+warmup_steps = 2
+hold_steps = 2
+decay_steps = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    missing = [engine for engine in ENGINES if shutil.which(engine) is None]
+    if missing:
+        pytest.skip(f"speech engines {missing} are not installed (make apt)")
+    out = tmp_path_factory.mktemp("demo")
+    config = out / "tiny-demo.toml"
+    config.write_text(TINY_DEMO)
+    settings = DemoSettings(out_dir=out, config=config, train_utterances_per_voice=2, test_utterances_per_voice=3)
+    report = run_demo(settings)
+    return settings, report
+
+
+@pytest.mark.slow
+def test_demo_writes_a_report_with_every_layer_and_both_baselines(demo_run):
+    settings, report = demo_run
+    rows = json.loads((report.parent / "report.json").read_text())
+    names = {row["model"] for row in rows}
+    assert names == {"SpidR (trained)", "SpidR (random init)", "MFCC"}
+    for name in ("SpidR (trained)", "SpidR (random init)"):
+        layers = [row for row in rows if row["model"] == name]
+        assert [row["layer"] for row in layers] == [1, 2]
+        for row in layers:
+            assert 0.0 <= row["abx_within"] <= 100.0
+            assert 0.0 <= row["abx_across"] <= 100.0
+        # codebook layers (the top 2 of 2) carry unit ABX and the six unit-quality numbers
+        for row in layers:
+            assert set(row["quality"]) == {"phone_purity", "cluster_purity", "pnmi", "codebook_perplexity",
+                                           "active_codewords", "bitrate"}
+            assert -1e-6 <= row["quality"]["pnmi"] <= 1.0  # MI of a one-unit code is 0 up to the eps
+    text = report.read_text()
+    assert "| MFCC |" in text
+    for plot in ("abx_per_layer.png", "pnmi_per_layer.png", "training/loss.png"):
+        assert (report.parent / plot).stat().st_size > 1000
+    # the test corpus holds a voice never heard in training
+    test_speakers = {line.split("\t")[1] for line in
+                     (settings.out_dir / "corpus" / "test" / "utterances.tsv").read_text().splitlines()[1:]}
+    assert set(HELD_OUT_VOICES) <= test_speakers
+    assert not set(HELD_OUT_VOICES) & set(TRAIN_VOICES)
+
+
+@pytest.mark.slow
+def test_demo_rerun_reuses_corpus_and_model(demo_run):
+    settings, report = demo_run
+    final = next((settings.out_dir / "runs").rglob("final.pt"))
+    stamp = final.stat().st_mtime_ns
+    manifest_stamp = (settings.out_dir / "corpus" / "train" / "manifest.csv").stat().st_mtime_ns
+    run_demo(settings)
+    assert final.stat().st_mtime_ns == stamp
+    assert (settings.out_dir / "corpus" / "train" / "manifest.csv").stat().st_mtime_ns == manifest_stamp
+
+
+@pytest.mark.slow
+def test_readme_extract_and_evaluate_commands_on_the_demo_checkpoint(demo_run, tmp_path):
+    settings, _ = demo_run
+    final = next((settings.out_dir / "runs").rglob("final.pt"))
+    test = settings.out_dir / "corpus" / "test"
+    assert main(["extract", "--checkpoint", str(final), "--manifest", str(test / "manifest.csv"), "--layers", "1-2",
+                 "--codebooks", "--out", str(tmp_path / "feats")]) == 0
+    metadata = json.loads((tmp_path / "feats" / "metadata.json").read_text())
+    assert metadata["layers"] == [1, 2]
+    first = next((tmp_path / "feats" / "layer_02").rglob("*.npy"))
+    assert np.load(first).shape[1] == 32
+    assert main(["evaluate", "--checkpoint", str(final), "--manifest", str(test / "manifest.csv"), "--item",
+                 str(test / "triphone.item"), "--alignments", str(test / "alignments.jsonl"), "--layers", "2",
+                 "--baseline", "mfcc", "--out", str(tmp_path / "report")]) == 0
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [row["model"] for row in rows] == [final.stem, "MFCC"]
+
+
+def test_shipped_demo_configs_are_valid():
+    for name in ("demo.toml", "demo-long.toml"):
+        cfg = load_config(REPO / "configs" / name, ["data.manifest=x.csv"])
+        assert cfg.run.model_type == "spidr"
+        assert cfg.model.extractor_conv_layer_config  # parsed and validated
+        assert os.fspath(cfg.run.run_dir)
