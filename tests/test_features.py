@@ -142,3 +142,35 @@ def test_extract_to_directory_writes_mirrored_tree_and_metadata(model, tmp_path)
     assert saved["before_residual"] is True
     assert saved["layers"] == [2]
     assert saved["frame_rate_hz"] == 50
+
+
+def test_long_files_go_through_windows_and_match_the_short_path(model, tmp_path):
+    path = tmp_path / "audio" / "long.wav"
+    path.parent.mkdir()
+    sf.write(path, speech_like(8.0, 11), 16000, subtype="FLOAT")
+    entry = ManifestEntry(fileid="long", path=str(path), num_samples=8 * 16000)
+    whole = extract_to_directory(model, [entry], tmp_path / "whole", ExtractionSettings(layers=(2,), codebooks=True),
+                                 progress=False)
+    windowed = extract_to_directory(
+        model, [entry], tmp_path / "windowed",
+        ExtractionSettings(layers=(2,), codebooks=True, max_seconds=2.0, window_seconds=2.0, context_seconds=1.0),
+        progress=False,
+    )
+    assert whole["num_files"] == windowed["num_files"] == 1
+    a = np.load(tmp_path / "whole" / "layer_02" / "long.npy")
+    b = np.load(tmp_path / "windowed" / "layer_02" / "long.npy")
+    assert a.shape == b.shape == (num_frames(8 * 16000, TINY["extractor_conv_layer_config"]), 32)
+    assert np.abs(a - b).mean() / np.abs(a).mean() < 0.05
+    units = [json.loads(line) for line in (tmp_path / "windowed" / "codebook_units" / "layer_03.jsonl").open()]
+    assert len(units[0]["units"]) == a.shape[0]
+
+
+def test_npy_appender_refuses_out_of_order_or_short_writes(tmp_path):
+    from spidr.eval.features import NpyAppender
+
+    appender = NpyAppender(tmp_path / "x.npy", 4, 2)
+    appender[0:2] = np.ones((2, 2))
+    with pytest.raises(RuntimeError, match="in order"):
+        appender[3:4] = np.ones((1, 2))
+    with pytest.raises(RuntimeError, match="wrote 2 of 4"):
+        appender.close()

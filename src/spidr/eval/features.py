@@ -3,8 +3,8 @@
 Audio is standardised per utterance exactly as in pretraining (spec §3.1). Utterances are batched by length with
 padding and a frame padding mask, so a padded batch gives the same features as one file at a time. Files longer
 than ``max_seconds`` are processed in overlapping windows whose memory is bounded by the window size: the audio is
-read from disk window by window (16 kHz files; others are decoded whole first) and the features are written into a
-memory-mapped ``.npy`` as they come.
+read from disk window by window (16 kHz files; others are decoded whole first) and the features are written into the
+``.npy`` files as they come.
 
 Output layout (ZeroSpeech style): ``OUT/layer_LL/<tree>/<stem>.npy`` with (T, D) float32 per utterance, the tree
 mirroring the audio tree, plus ``OUT/metadata.json``; with codebook units, ``OUT/codebook_units/layer_LL.jsonl``
@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -166,9 +167,10 @@ def windows(total_frames: int, window_frames: int, context_frames: int) -> Itera
 
 
 def extract_long(
-    model: torch.nn.Module, audio: LongAudio, settings: ExtractionSettings, sinks: dict[str, np.ndarray]
+    model: torch.nn.Module, audio: LongAudio, settings: ExtractionSettings, sinks: Mapping[str, Any]
 ) -> None:
-    """Fill ``sinks`` ("layer_LL" → (T, D) arrays, "units_LL" → (T,)) window by window.
+    """Fill ``sinks`` ("layer_LL" → (T, D), "units_LL" → (T,): arrays or ``NpyAppender``) window by window, in
+    order.
 
     A window running frames [a, b) reads samples [a·hop, (b − 1)·hop + receptive field); since every window starts
     on the frame grid, its frames are frames a..b − 1 of the whole file. Only frames away from the window's edges
@@ -302,6 +304,32 @@ def extract_to_directory(
     return metadata
 
 
+class NpyAppender:
+    """A (rows, cols) float32 ``.npy`` file written front to back, slice by slice (``appender[a:b] = values``).
+
+    Unlike a memory map, written rows leave memory at once, so writing a 1-hour file costs no more than a window.
+    """
+
+    def __init__(self, path: Path, rows: int, cols: int) -> None:
+        self.path, self.rows, self.written = path, rows, 0
+        self.file = path.open("wb")
+        np.lib.format.write_array_header_1_0(
+            self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                        "shape": (rows, cols)}
+        )
+
+    def __setitem__(self, rows: slice, values: np.ndarray) -> None:
+        if rows.start != self.written:
+            raise RuntimeError(f"{self.path}: rows must be written in order (next {self.written}, got {rows.start})")
+        self.file.write(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+        self.written = rows.stop
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != self.rows:
+            raise RuntimeError(f"{self.path}: wrote {self.written} of {self.rows} rows")
+
+
 def _extract_long_file(
     model: torch.nn.Module,
     entry: ManifestEntry,
@@ -311,16 +339,15 @@ def _extract_long_file(
     settings: ExtractionSettings,
     units: dict[str, list[dict[str, object]]],
 ) -> None:
-    """Window a long file into memory-mapped ``out_dir/layer_LL/<stem>.npy`` outputs; units go into ``units``."""
+    """Window a long file into ``out_dir/layer_LL/<stem>.npy`` files written as they come; units go into
+    ``units``."""
     audio = LongAudio(entry.path)
     total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
-    sinks: dict[str, np.ndarray] = {}
+    sinks: dict[str, NpyAppender | np.ndarray] = {}
     for layer in settings.layers:
         path = out_dir / f"layer_{layer:02d}" / stem.with_suffix(".npy")
         path.parent.mkdir(parents=True, exist_ok=True)
-        sinks[f"layer_{layer:02d}"] = np.lib.format.open_memmap(
-            path, mode="w+", dtype=np.float32, shape=(total, model.cfg.encoder_embed_dim)
-        )
+        sinks[f"layer_{layer:02d}"] = NpyAppender(path, total, model.cfg.encoder_embed_dim)
     head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
     for layer in head_layers if settings.codebooks else ():
         sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
@@ -329,4 +356,4 @@ def _extract_long_file(
         if key.startswith("units_"):
             units.setdefault(key, []).append({"audio": entry.path, "units": values.tolist()})
         else:
-            values.flush()
+            values.close()
