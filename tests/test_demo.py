@@ -105,7 +105,7 @@ def test_demo_writes_a_report_with_every_layer_and_both_baselines(demo_run):
 
 @pytest.mark.slow
 def test_demo_rerun_reuses_corpus_and_model(demo_run):
-    settings, report = demo_run
+    settings, _ = demo_run
     final = next((settings.out_dir / "runs").rglob("final.pt"))
     stamp = final.stat().st_mtime_ns
     manifest_stamp = (settings.out_dir / "corpus" / "train" / "manifest.csv").stat().st_mtime_ns

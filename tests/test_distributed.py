@@ -38,13 +38,6 @@ from train_fixtures import TINY_MODEL, speech_like, tiny_config, tiny_config_dic
 FP32 = Precision("cpu", None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds spin-waiting under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 STEPS = 3
 NO_DROPOUT = {"encoder_dropout": 0.0, "encoder_attention_dropout": 0.0, "encoder_layer_drop": 0.0}
 

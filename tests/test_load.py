@@ -15,7 +15,6 @@ from spidr.config import Config, DataConfig, RunConfig
 from spidr.models import DinoSR, SpidR, export_safetensors, load_model, num_frames, read_checkpoint, spidr_base
 from test_models_dinosr import (
     random_mask,
-    single_thread,  # noqa: F401 (autouse: one intra-op thread)
     tiny_model,
     waveforms,
 )

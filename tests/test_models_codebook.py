@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from spidr.models.codebook import Codebook
-from test_models_dinosr import single_thread  # noqa: F401 (autouse: one intra-op thread)
 
 
 def test_initial_centroids_are_standardised_per_feature() -> None:

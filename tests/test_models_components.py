@@ -17,7 +17,6 @@ from spidr.models.components import (
     frame_masks,
     scale_grad,
 )
-from test_models_dinosr import single_thread  # noqa: F401 (autouse: one intra-op thread)
 
 
 def _transformer(*, layer_norm_first: bool = False, layer_drop: float = 0.0, num_layers: int = 3):

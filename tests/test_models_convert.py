@@ -17,7 +17,6 @@ from spidr.models import DinoSR, load_model, num_frames
 from spidr.models.convert import _parse_conv_layers, fairseq_model_config
 from test_models_dinosr import (
     random_mask,
-    single_thread,  # noqa: F401 (autouse: one intra-op thread)
     waveforms,
 )
 

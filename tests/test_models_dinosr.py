@@ -18,16 +18,6 @@ CONV = ((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2
 TYPES = ["spidr", "dinosr"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread for these tiny models: on a loaded 2-core machine two threads wait on each other at
-    every op (~100× slower). Restored afterwards; other test modules import this fixture to use it too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> DinoSR:
     cls = SpidRConfig if model_type == "spidr" else DinoSRConfig
     cfg = cls(

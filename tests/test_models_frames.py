@@ -13,7 +13,6 @@ from conftest import REFERENCE, requires_shared
 from spidr.config import DEFAULT_CONV_LAYERS
 from spidr.models import attention_mask_from_padding, num_frames, padding_mask_from_lengths
 from spidr.models.components import ConvFeatureExtractor
-from test_models_dinosr import single_thread  # noqa: F401 (autouse: one intra-op thread)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ from conftest import REFERENCE, requires_shared
 from spidr.config import model_config_from_dict
 from spidr.models import DinoSR, SpidR
 from spidr.models.components import SelfAttention, Transformer
-from test_models_dinosr import single_thread  # noqa: F401 (autouse: one intra-op thread)
 
 pytestmark = requires_shared
 

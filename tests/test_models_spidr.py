@@ -9,7 +9,6 @@ from spidr.config import SpidRConfig
 from spidr.models import num_frames
 from test_models_dinosr import (
     random_mask,
-    single_thread,  # noqa: F401 (autouse: one intra-op thread)
     tiny_model,
     waveforms,
 )

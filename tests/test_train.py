@@ -37,13 +37,6 @@ from train_fixtures import tiny_config, tiny_config_dict, write_corpus, write_to
 FP32 = Precision("cpu", None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds spin-waiting under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ skipped). Intervals become frame labels at the alignment rate: frame i takes the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import defaultdict
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spidr.eval.units import open_text, utterance_key
+from spidr.eval.units import open_text, read_jsonl_rows
 
 logger = logging.getLogger(__name__)
 
@@ -62,23 +61,7 @@ def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> dict[s
 
 
 def _read_jsonl_alignments(path: Path) -> dict[str, list[str]]:
-    alignments: dict[str, list[str]] = {}
-    with open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where} is not valid JSON ({error})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("phones"), list):
-                raise ValueError(f"{where}: expected an object with a 'phones' list")
-            key = utterance_key(row, where=where)
-            if key in alignments:
-                raise ValueError(f"{where}: utterance {key!r} appears twice")
-            alignments[key] = [str(phone) for phone in row["phones"]]
-    return alignments
+    return {key: [str(phone) for phone in phones] for key, _, phones in read_jsonl_rows(path, field="phones")}
 
 
 def _read_interval_alignments(path: Path, rate: int) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -36,12 +36,11 @@ def utterance_key(row: Mapping[str, object], *, where: str) -> str:
     raise ValueError(f"{where}: row has neither a 'name' nor an 'audio' key (keys: {sorted(row)})")
 
 
-def read_units(path: str | Path) -> dict[str, np.ndarray]:
-    """``{utterance: int64 array of units}`` from a units JSONL file (``.gz`` read transparently)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"units file {path} does not exist")
-    units: dict[str, np.ndarray] = {}
+def read_jsonl_rows(path: str | Path, *, field: str) -> Iterator[tuple[str, str, list]]:
+    """``(utterance, where, row[field])`` for every row of a JSONL file keyed by ``name`` or ``audio``
+    (``.gz`` read transparently); ``where`` names the file and line for error messages. Refuses bad JSON, rows
+    without a ``field`` list and repeated utterances."""
+    seen: set[str] = set()
     with open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -51,15 +50,25 @@ def read_units(path: str | Path) -> dict[str, np.ndarray]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not valid JSON ({error})") from None
-            if not isinstance(row, dict) or "units" not in row:
-                raise ValueError(f"{where}: expected an object with a 'units' list")
+            if not isinstance(row, dict) or not isinstance(row.get(field), list):
+                raise ValueError(f"{where}: expected an object with a {field!r} list")
             key = utterance_key(row, where=where)
-            if key in units:
+            if key in seen:
                 raise ValueError(f"{where}: utterance {key!r} appears twice")
-            values = row["units"]
-            if not isinstance(values, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in values):
-                raise ValueError(f"{where}: 'units' of {key!r} must be a list of integers")
-            units[key] = np.asarray(values, dtype=np.int64)
+            seen.add(key)
+            yield key, where, row[field]
+
+
+def read_units(path: str | Path) -> dict[str, np.ndarray]:
+    """``{utterance: int64 array of units}`` from a units JSONL file (``.gz`` read transparently)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"units file {path} does not exist")
+    units: dict[str, np.ndarray] = {}
+    for key, where, values in read_jsonl_rows(path, field="units"):
+        if not all(isinstance(u, int) and not isinstance(u, bool) for u in values):
+            raise ValueError(f"{where}: 'units' of {key!r} must be a list of integers")
+        units[key] = np.asarray(values, dtype=np.int64)
     if not units:
         raise ValueError(f"units file {path} has no utterance")
     return units
