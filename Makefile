@@ -37,7 +37,7 @@ demo: venv apt
 	$(BIN)/spidr demo --out runs/demo
 
 demo-long: venv apt
-	$(BIN)/spidr demo --out runs/demo-long --long
+	$(BIN)/spidr demo --out runs/demo-long --config configs/demo-long.toml
 
 lint: venv
 	$(BIN)/ruff check .
