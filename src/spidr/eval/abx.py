@@ -55,7 +55,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -103,32 +103,9 @@ class AbxResult:
     num_items: int
 
 
-def abx_error_rate(
-    features: Mapping[str, object],
-    items: Items | str | Path,
-    *,
-    speaker: Speaker = "within",
-    context: Context = "within",
-    distance: DistanceName = "angular",
-    frequency: int | str | Decimal = 50,
-    max_size_group: int | None = 10,
-    max_x_across: int | None = 5,
-    seed: int = 0,
-    librilight_bug: bool = False,
-) -> float:
-    """ABX error rate (a fraction in [0, 1]) of ``features`` on ``items``; see ``abx`` and the module docstring."""
-    return abx(
-        features,
-        items,
-        speaker=speaker,
-        context=context,
-        distance=distance,
-        frequency=frequency,
-        max_size_group=max_size_group,
-        max_x_across=max_x_across,
-        seed=seed,
-        librilight_bug=librilight_bug,
-    ).error_rate
+def abx_error_rate(features: Mapping[str, object], items: Items | str | Path, **options: Any) -> float:
+    """ABX error rate (a fraction in [0, 1]) of ``features`` on ``items``: ``abx(...).error_rate``, same options."""
+    return abx(features, items, **options).error_rate
 
 
 def abx(
