@@ -66,3 +66,10 @@ def test_padding_and_attention_masks() -> None:
     # every query row says which keys are valid
     assert torch.equal(attention[:, 0, 5, :], ~padding)
     assert torch.equal(attention[:, 0, 0, :], attention[:, 0, 48, :])
+
+
+def test_hop_length_is_the_product_of_strides():
+    from spidr.models.frames import hop_length
+
+    assert hop_length() == 320
+    assert hop_length([(32, 10, 5), (32, 8, 4), (32, 8, 8)]) == 160

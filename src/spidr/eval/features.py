@@ -28,7 +28,7 @@ import torch
 
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
-from spidr.models.frames import num_frames, padding_mask_from_lengths
+from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def extract_long(
     are kept, so the stitched output matches whole-file extraction up to the attention context lost at the cut.
     """
     conv_layers = model.cfg.extractor_conv_layer_config
-    hop = int(np.prod([stride for _, _, stride in conv_layers]))
+    hop = hop_length(conv_layers)
     receptive_field = num_samples_for_frames(1, conv_layers)
     total = num_frames(audio.num_samples, conv_layers)
     window_frames = max(int(settings.window_seconds * SAMPLE_RATE / hop), 1)
@@ -293,7 +293,7 @@ def extract_to_directory(
         "layers": list(settings.layers),
         "layer_indexing": "1-based (layer l is list index l - 1 of get_intermediate_outputs)",
         "before_residual": settings.before_residual,
-        "frame_rate_hz": SAMPLE_RATE / int(np.prod([s for _, _, s in model.cfg.extractor_conv_layer_config])),
+        "frame_rate_hz": SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config),
         "normalisation": "per-utterance standardisation (zero mean, unit biased variance, eps 1e-5)",
         "settings": asdict(settings),
         "num_files": len(entries) - len(skipped),

@@ -110,13 +110,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from spidr.eval.features import parse_layers
     from spidr.eval.items import read_items
-    from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, load_alignments, write_report
+    from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, write_report
+    from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import build_model
 
     model = _model(args)
     entries = _entries(args.manifest)
     items = read_items(args.item)
-    alignments = load_alignments(args.alignments)
+    alignments = None if args.alignments is None else read_alignments(args.alignments)
     layers = parse_layers(args.layers, model.num_layers)
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)

@@ -22,9 +22,10 @@ from spidr.data.manifest import ManifestEntry
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory
 from spidr.eval.features import ExtractionSettings, extract_to_directory
-from spidr.eval.items import Items, read_items
+from spidr.eval.items import Items
 from spidr.eval.mfcc import mfcc
-from spidr.eval.unit_quality import read_alignments, unit_quality
+from spidr.eval.unit_quality import unit_quality
+from spidr.models.frames import hop_length
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def evaluate_model(
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True)
     extract_to_directory(model, entries, work_dir, settings, progress=progress)
     head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
-    hop = math.prod(stride for _, _, stride in model.cfg.extractor_conv_layer_config)
+    hop = hop_length(model.cfg.extractor_conv_layer_config)
     if SAMPLE_RATE % hop:
         raise ValueError(f"the model's frame rate {SAMPLE_RATE}/{hop} Hz is not an integer; ABX needs one")
     rate = SAMPLE_RATE // hop
@@ -259,10 +260,3 @@ def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, n
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
 
-
-def load_items(path: str | Path) -> Items:
-    return read_items(path)
-
-
-def load_alignments(path: str | Path | None) -> dict[str, list[str]] | None:
-    return None if path is None else read_alignments(path)

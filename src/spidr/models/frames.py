@@ -6,6 +6,7 @@ seven layers that is T = floor((S − 400) / 320) + 1 for S ≥ 400 samples, els
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import overload
 
@@ -34,6 +35,11 @@ def num_frames(
     for _, kernel, stride in conv_layers:
         length = max((length - kernel) // stride + 1, 0)
     return length
+
+
+def hop_length(conv_layers: Sequence[ConvLayer] = DEFAULT_CONV_LAYERS) -> int:
+    """Samples between consecutive frames: the product of the strides (320 = 20 ms with the default config)."""
+    return math.prod(stride for _, _, stride in conv_layers)
 
 
 def padding_mask_from_lengths(
