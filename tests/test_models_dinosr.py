@@ -448,3 +448,89 @@ def test_codebooks_initialised_from_data_at_the_first_training_step_only(model_t
     model(batch, mask=mask)
     assert any(not torch.equal(s, c.codebook) for s, c in zip(snapshot, model.codebooks, strict=True))
     assert model._codebooks_from_data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# teacher_feature_encoder = "ema": the teacher's own EMA front end
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _front_end(model: DinoSR, *, teacher: bool) -> list[torch.Tensor]:
+    if teacher:
+        modules = (model.teacher_feature_extractor, model.teacher_feature_projection)
+    else:
+        modules = (model.feature_extractor, model.feature_projection)
+    return [p for module in modules for p in module.parameters()]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_ema_front_end_starts_as_the_shared_one(model_type):
+    """Same seed: identical weights and an identical first loss as the official shared front end; the extra modules
+    are teacher-only (no gradients, left out of the optimizer by the "teacher" prefix)."""
+    shared = tiny_model(model_type).train()
+    own = tiny_model(model_type, teacher_feature_encoder="ema").train()
+    shared_state = shared.state_dict()
+    own_state = own.state_dict()
+    assert set(own_state) - set(shared_state) == {k for k in own_state if k.startswith("teacher_feature_")}
+    for key, value in shared_state.items():
+        assert torch.equal(value, own_state[key]), key
+    assert all(not p.requires_grad for p in _front_end(own, teacher=True))
+    wave = waveforms(16000, 12000)
+    mask = random_mask(2, num_frames(16000))
+    torch.manual_seed(1)
+    loss_shared, _ = shared(wave, mask=mask)
+    torch.manual_seed(1)
+    loss_own, _ = own(wave, mask=mask)
+    torch.testing.assert_close(loss_own, loss_shared, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_ema_front_end_shields_the_targets_from_the_student_front_end(model_type):
+    """Perturbing the student's conv front end changes the targets with a shared front end, not with an EMA one."""
+    wave = waveforms(16000)
+    scored = torch.ones(1, num_frames(16000), dtype=torch.bool)
+    for mode, should_change in (("shared", True), ("ema", False)):
+        model = tiny_model(model_type, teacher_feature_encoder=mode).eval()
+        with torch.no_grad():
+            before = model._teacher_targets(model._teacher_features(wave, model.features(wave)), _no_padding(wave))
+            for p in _front_end(model, teacher=False):
+                p.add_(torch.randn_like(p) * 0.5)
+            after = model._teacher_targets(model._teacher_features(wave, model.features(wave)), _no_padding(wave))
+        changed = any(not torch.equal(a[scored], b[scored]) for a, b in zip(after, before, strict=True))
+        assert changed == should_change, mode
+
+
+def _no_padding(wave: torch.Tensor):
+    from spidr.models.components import frame_masks
+
+    return frame_masks(torch.zeros(wave.shape[0], num_frames(wave.shape[1]), 1))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_ema_front_end_follows_the_student_with_the_teacher_decay(model_type):
+    model = tiny_model(model_type, teacher_feature_encoder="ema").train()
+    with torch.no_grad():
+        for p in _front_end(model, teacher=False):
+            p.add_(torch.randn_like(p))
+    teacher_before = [p.clone() for p in _front_end(model, teacher=True)]
+    student = [p.detach().clone() for p in _front_end(model, teacher=False)]
+    decay = model.update_ema(1)
+    assert 0 < decay < 1
+    weight = float(1 - torch.tensor(decay, dtype=torch.float32))
+    for after, before, target in zip(_front_end(model, teacher=True), teacher_before, student, strict=True):
+        torch.testing.assert_close(after, before + weight * (target - before))
+    assert not torch.equal(_front_end(model, teacher=True)[0], student[0])
+
+
+def test_ema_front_end_survives_a_safetensors_round_trip(tmp_path):
+    from spidr.models.loading import export_safetensors, load_model
+
+    model = tiny_model("spidr", teacher_feature_encoder="ema")
+    with torch.no_grad():
+        for p in _front_end(model, teacher=True):
+            p.add_(1.0)  # make the teacher's copy differ from the student's
+    export_safetensors(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.cfg.teacher_feature_encoder == "ema"
+    for a, b in zip(_front_end(loaded, teacher=True), _front_end(model, teacher=True), strict=True):
+        assert torch.equal(a, b)

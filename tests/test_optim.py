@@ -182,3 +182,35 @@ def test_the_scheduler_applies_the_multiplier_step_by_step_to_every_group():
             assert group["lr"] == pytest.approx(1e-3 * lr_multiplier(step, cfg)), step
         optimizer.step()
         scheduler.step()
+
+
+def test_feature_encoder_lr_scale_scales_group_1_at_every_step():
+    cfg = OptimizerConfig(lr=1e-3, warmup_steps=4, hold_steps=2, decay_steps=4, feature_encoder_lr_scale=0.1)
+    optimizer = build_optimizer(Toy(), cfg, device=torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, cfg)
+    for step in range(12):
+        rest, feature_encoder = optimizer.param_groups
+        assert rest["lr"] == pytest.approx(1e-3 * lr_multiplier(step, cfg)), step
+        assert feature_encoder["lr"] == pytest.approx(1e-4 * lr_multiplier(step, cfg)), step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_feature_encoder_lr_scale_zero_leaves_the_front_end_untouched():
+    torch.manual_seed(0)
+    model = Toy()
+    cfg = OptimizerConfig(feature_encoder_lr_scale=0.0, warmup_steps=0)
+    optimizer = build_optimizer(model, cfg, device=torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for _ in range(3):
+        model(torch.randn(2, 3)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        frozen = name.startswith(("feature_extractor", "feature_projection", "teacher"))
+        assert torch.equal(p, before[name]) == frozen, name
+
+
+def test_negative_feature_encoder_lr_scale_is_refused():
+    with pytest.raises(ValueError, match="feature_encoder_lr_scale"):
+        OptimizerConfig(feature_encoder_lr_scale=-0.1)

@@ -199,6 +199,10 @@ class ModelConfig:
     codebook_init: Literal["random", "data"] = "random"
     # "cosine": assign each target to the codeword of most similar direction instead of the nearest (official)
     codebook_distance: Literal["euclidean", "cosine"] = "euclidean"
+    # "ema": the teacher computes its input from its own EMA copy of the conv extractor and projection (as in
+    # BYOL/DINO) instead of sharing the student's (official): the student's front end can no longer reshape the
+    # targets at once, so collapsing it to a constant stops making the targets trivially predictable.
+    teacher_feature_encoder: Literal["shared", "ema"] = "shared"
 
     def __post_init__(self) -> None:
         section = "model"
@@ -312,6 +316,9 @@ class OptimizerConfig:
     exclude_from_optimizer: tuple[str, ...] = ("teacher",)
     to_freeze: tuple[str, ...] = ("feature_extractor", "feature_projection")
     grad_accum_steps: int = 1  # (spidr addition) micro-batches per optimizer step
+    # (spidr addition) the conv extractor and projection (the to_freeze group) learn at lr × this factor. Adam
+    # normalises gradients, so this, not feature_grad_mult, is what slows the front end down.
+    feature_encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_fields(self, "optimizer")
@@ -328,6 +335,8 @@ class OptimizerConfig:
         for name in ("init_lr_scale", "final_lr_scale"):
             value = getattr(self, name)
             _require(0.0 < value <= 1.0, f"optimizer.{name} = {value} must be in (0, 1]")
+        _require(self.feature_encoder_lr_scale >= 0.0,
+                 f"optimizer.feature_encoder_lr_scale = {self.feature_encoder_lr_scale} must be >= 0")
 
 
 @dataclass(frozen=True)

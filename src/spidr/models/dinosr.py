@@ -90,6 +90,11 @@ class DinoSR(nn.Module):
         self.teacher.eval()
         self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())  # U[0, 1)
         self.register_buffer("current_step", torch.zeros(1, dtype=torch.long))
+        if cfg.teacher_feature_encoder == "ema":
+            # An exact copy at step 0, then EMA-averaged with the teacher's decay; named "teacher_*" so the
+            # optimizer's exclude_from_optimizer prefix ("teacher") leaves it out.
+            self.teacher_feature_extractor = copy.deepcopy(self.feature_extractor).float().requires_grad_(False)
+            self.teacher_feature_projection = copy.deepcopy(self.feature_projection).float().requires_grad_(False)
         self._codebooks_from_data = False  # codebook_init = "data" happens once, in the first training forward
 
     # ----------------------------------------------------------------------------------------------------------
@@ -125,9 +130,18 @@ class DinoSR(nn.Module):
         return [self.student(x, masks=masks)] * self.num_codebooks
 
     @torch.no_grad()
+    def _teacher_features(self, waveforms: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The teacher's input (B, T, D): the student's ``feats`` (official, shared front end), or with
+        ``teacher_feature_encoder = "ema"`` the output of the teacher's own EMA front end on ``waveforms``."""
+        if self.cfg.teacher_feature_encoder == "shared":
+            return feats
+        return self.teacher_feature_projection(self.teacher_feature_extractor(waveforms))
+
+    @torch.no_grad()
     def _teacher_targets(self, feats: torch.Tensor, masks: FrameMasks) -> list[torch.Tensor]:
-        """The teacher's top-K before-residual layer outputs, each instance-normalised over time per channel in
-        fp32: K × (B, T, D). Padded frames count in the statistics, as in the official code."""
+        """The teacher's top-K before-residual layer outputs for its input ``feats`` (B, T, D), each
+        instance-normalised over time per channel in fp32: K × (B, T, D). Padded frames count in the statistics,
+        as in the official code."""
         # Detached: the teacher takes no gradient (and no-grad modules fed grad-requiring tensors confuse hooks).
         outputs = self.teacher.get_intermediate_outputs(feats.detach(), masks=masks, before_residual=True)
         with torch.autocast(feats.device.type, enabled=False):
@@ -167,7 +181,7 @@ class DinoSR(nn.Module):
             x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
             scored = mask
         predictions = self._student_outputs(x, masks)
-        targets = self._teacher_targets(feats, masks)
+        targets = self._teacher_targets(self._teacher_features(waveforms, feats), masks)
 
         target_frames = [t[scored] for t in targets]  # K × (N, D)
         if (self.training and self.cfg.codebook_init == "data" and not self._codebooks_from_data
@@ -362,6 +376,10 @@ class DinoSR(nn.Module):
                 excluded = any(name.startswith(prefix) for prefix in self.cfg.ema_exclude_layers)
                 (copied_t if excluded else averaged_t).append(param)
                 (copied_s if excluded else averaged_s).append(student[name])
+            if self.cfg.teacher_feature_encoder == "ema":
+                averaged_t += [*self.teacher_feature_extractor.parameters(),
+                               *self.teacher_feature_projection.parameters()]
+                averaged_s += self._feature_encoder_parameters()
             if averaged_t:
                 # Weight 1 − β taken in fp32, as the official update does (bit-identical teacher weights).
                 weight = float(1 - torch.tensor(decay, dtype=torch.float32))

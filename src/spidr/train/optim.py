@@ -49,12 +49,17 @@ def param_groups(
 def build_optimizer(
     model: nn.Module, cfg: OptimizerConfig, *, device: torch.device, include_frozen: bool = True
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with identical hyper-parameters in both groups (fused on CUDA only).
+    """AdamW over :func:`param_groups`, identical hyper-parameters in both groups except group 1's peak lr,
+    ``lr × feature_encoder_lr_scale`` (fused on CUDA only).
 
     Weight decay applies to every optimised parameter, biases and norms included, as in the official code.
     ``include_frozen=False`` builds the optimizer of a run already past the freeze step.
     """
-    groups = [{"params": [p for _, p in group]} for group in param_groups(model, cfg, include_frozen=include_frozen)]
+    lr_scales = [1.0, cfg.feature_encoder_lr_scale]
+    groups = [
+        {"params": [p for _, p in group], "lr": cfg.lr * scale}
+        for group, scale in zip(param_groups(model, cfg, include_frozen=include_frozen), lr_scales, strict=False)
+    ]
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,
@@ -113,8 +118,8 @@ def lr_multiplier(step: int, cfg: OptimizerConfig) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> LambdaLR:
-    """A LambdaLR whose ``step()`` count is the optimizer step, so the lr in use is ``cfg.lr ×
-    lr_multiplier(step)``; the same schedule for every group."""
+    """A LambdaLR whose ``step()`` count is the optimizer step, so the lr in use is each group's peak lr ×
+    ``lr_multiplier(step)``; the same schedule for every group."""
     return LambdaLR(optimizer, [lambda step: lr_multiplier(step, cfg)] * len(optimizer.param_groups))
 
 
