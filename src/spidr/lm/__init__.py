@@ -1,0 +1,7 @@
+"""Spoken language modelling on discrete units: unit LMs, ZeroSpeech-2021 scoring and the correlation study.
+
+The modules follow the data: ``tokens`` (unit files → token sequences) → ``models`` (LSTM / GPT unit LMs) →
+``train`` (``spidr lm-train``) → ``score`` (``spidr lm-score``: per-item log-likelihoods, ZeroSpeech submission
+files) → ``zerospeech`` (gold and submission formats) → ``evaluate`` (``spidr lm-eval``: pair accuracies exactly as
+the ZeroSpeech 2021 toolkit) → ``correlate`` (``spidr lm-correlate``: unit quality vs LM accuracy).
+"""
