@@ -1,0 +1,189 @@
+"""ZeroSpeech 2021 / StoryCloze formats: gold and submission round trips, StoryCloze names, and every refusal."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spidr.lm.zerospeech import (
+    LexicalItem,
+    StoryClozeItem,
+    SyntacticItem,
+    check_complete,
+    read_lexical_gold,
+    read_storycloze_gold,
+    read_submission,
+    read_syntactic_gold,
+    storycloze_gold_from_filenames,
+    write_lexical_gold,
+    write_storycloze_gold,
+    write_submission,
+    write_syntactic_gold,
+)
+
+LEXICAL = [
+    LexicalItem("1", "aAAfmkmQpVz", "Alex", 12, "brick", "b ɹ ɪ k", 4, correct=True),
+    LexicalItem("1", "bXtqzzLmjkk", "Alex", 12, "brilk", "b ɹ ɪ l k", 5, correct=False),
+    LexicalItem("2", "cQqoWmEExPk", "Alex", None, "zap", "z æ p", 3, correct=True),
+    LexicalItem("2", "dHsaPPqmMml", "Alex", None, "zep", "z ɛ p", 3, correct=False),
+]
+SYNTACTIC = [
+    SyntacticItem("7", "s1", "Bob", "island_effects", "adjunct_island", "who did you leave after seeing", True),
+    SyntacticItem("7", "s2", "Bob", "island_effects", "adjunct_island", "who did you leave after seeing it", False),
+]
+STORIES = [
+    StoryClozeItem("a1b2", "0_a1b2_correct", "", "tsc", "Tom ran. He was tired.", True),
+    StoryClozeItem("a1b2", "0_a1b2_incorrect", "", "tsc", "Tom ran. The cake baked.", False),
+]
+
+
+def test_gold_round_trips(tmp_path: Path) -> None:
+    write_lexical_gold(tmp_path / "lexical" / "gold.csv", LEXICAL)
+    write_syntactic_gold(tmp_path / "syntactic" / "gold.csv", SYNTACTIC)
+    write_storycloze_gold(tmp_path / "tsc" / "gold.csv", STORIES)
+    assert read_lexical_gold(tmp_path / "lexical" / "gold.csv") == LEXICAL
+    assert read_syntactic_gold(tmp_path / "syntactic" / "gold.csv") == SYNTACTIC
+    assert read_storycloze_gold(tmp_path / "tsc" / "gold.csv") == STORIES
+    # Unknown frequency is an empty field, booleans are 1/0, as in the released files.
+    lines = (tmp_path / "lexical" / "gold.csv").read_text().splitlines()
+    assert lines[0] == "id,filename,voice,frequency,word,phones,length,correct"
+    assert lines[3] == "2,cQqoWmEExPk,Alex,,zap,z æ p,3,1"
+
+
+def test_gold_tolerates_extra_and_reordered_columns(tmp_path: Path) -> None:
+    path = tmp_path / "gold.csv"
+    path.write_text("correct,length,phones,word,frequency,voice,filename,id,comment\n"
+                    "1,4,b r i k,brick,0,Alex,w1,1,seen once\n0,4,b r i l,bril,0,Alex,n1,1,\n")
+    items = read_lexical_gold(path)
+    assert items[0] == LexicalItem("1", "w1", "Alex", 0, "brick", "b r i k", 4, correct=True)
+    assert not items[1].correct
+    path.write_text("id,filename,voice,type,transcription,correct\n1,a,,t,x,1\n", encoding="utf-8-sig")
+    assert read_storycloze_gold(path)[0].id == "1"  # a byte-order mark does not hide the 'id' column
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("1,w2,Alex,-3,brick,b r,2,1", r"line 3, column 'frequency': expected a non-negative integer, found '-3'"),
+        ("1,w2,Alex,3,brick,b r,two,1", r"line 3, column 'length': expected a non-negative integer"),
+        ("1,w2,Alex,3,brick,b r,2,yes", r"line 3, column 'correct': expected 1 \(correct\) or 0"),
+        ("1,w 2,Alex,3,brick,b r,2,1", r"line 3, column 'filename': expected a wav stem"),
+        (",w2,Alex,3,brick,b r,2,1", r"line 3, column 'id': expected a non-empty value"),
+        ("1,w1,Alex,3,brick,b r,2,1", r"line 3: filename 'w1' already on line 2"),
+        ("1,w2,Alex", r"line 3: has fewer fields than the header"),
+    ],
+)
+def test_gold_field_errors_name_file_line_and_column(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "gold.csv"
+    path.write_text(f"id,filename,voice,frequency,word,phones,length,correct\n1,w1,Alex,3,brick,b r,2,1\n{line}\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
+        read_lexical_gold(path)
+
+
+def test_gold_header_errors(tmp_path: Path) -> None:
+    path = tmp_path / "gold.csv"
+    path.write_text("id,filename,voice,type,transcription,correct\n1,a,v,t,x,1\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: header .* lacks the column\(s\) subtype"):
+        read_syntactic_gold(path)
+    path.write_text("id,filename,voice,type,transcription,correct\n")
+    with pytest.raises(ValueError, match="has no row"):
+        read_storycloze_gold(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_lexical_gold(tmp_path / "absent.csv")
+
+
+def test_storycloze_pairs_from_filenames(tmp_path: Path) -> None:
+    for name in ["10_b_2_correct", "10_b_2_incorrect", "2_a-c_incorrect", "2_a-c_correct"]:
+        (tmp_path / f"{name}.wav").touch()
+    (tmp_path / "notes.txt").touch()  # not a wav: ignored
+    items = storycloze_gold_from_filenames(tmp_path)
+    # Sorted by n numerically (2 before 10), correct first; the prefix id may hold underscores.
+    assert items == [
+        StoryClozeItem("a-c", "2_a-c_correct", "", "", "", correct=True),
+        StoryClozeItem("a-c", "2_a-c_incorrect", "", "", "", correct=False),
+        StoryClozeItem("b_2", "10_b_2_correct", "", "", "", correct=True),
+        StoryClozeItem("b_2", "10_b_2_incorrect", "", "", "", correct=False),
+    ]
+
+
+def test_storycloze_names_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no \.wav file"):
+        storycloze_gold_from_filenames(tmp_path)
+    (tmp_path / "3_x_correct.wav").touch()
+    with pytest.raises(ValueError, match=r"prefix id 'x' has 1 correct and 0 incorrect wavs \(3_x_correct\)"):
+        storycloze_gold_from_filenames(tmp_path)
+    (tmp_path / "3_x_incorrect.wav").touch()
+    (tmp_path / "4_x_incorrect.wav").touch()
+    with pytest.raises(ValueError, match="prefix id 'x' has 1 correct and 2 incorrect"):
+        storycloze_gold_from_filenames(tmp_path)
+    (tmp_path / "4_x_incorrect.wav").unlink()
+    (tmp_path / "story_7.wav").touch()
+    with pytest.raises(ValueError, match=r"story_7.wav: expected a name of the form"):
+        storycloze_gold_from_filenames(tmp_path)
+
+
+def test_submission_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    scores = {f"stem{i}": float(value) for i, value in enumerate(rng.normal(-300, 50, size=50))}
+    scores |= {"tiny": 5e-324, "third": 1 / 3, "minus_inf": -math.inf, "int_like": np.float64(-2.0)}
+    path = tmp_path / "lexical" / "dev.txt"
+    write_submission(path, scores)
+    back = read_submission(path)
+    assert back == scores
+    assert all(math.copysign(1, back[stem]) == math.copysign(1, scores[stem]) for stem in scores)
+    lines = path.read_text().splitlines()
+    assert lines == sorted(lines)  # sorted by stem
+    assert "int_like -2.0" in lines  # a numpy scalar is written as a plain float
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a 1.0\nb 2.0 3.0\n", r"line 2: expected '<stem> <score>', found 'b 2.0 3.0'"),
+        ("a 1.0\nb\n", r"line 2: expected '<stem> <score>'"),
+        ("a 1.0\nb one\n", r"line 2: score 'one' of 'b' is not a float"),
+        ("a nan\n", r"line 1: score of 'a' is NaN"),
+        ("a 1.0\n\nb 2\na 3\n", r"line 4: stem 'a' already on line 1"),
+    ],
+)
+def test_submission_errors_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "dev.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
+        read_submission(path)
+
+
+def test_empty_or_absent_submission(tmp_path: Path) -> None:
+    path = tmp_path / "dev.txt"
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match=rf"submission file {re.escape(str(path))} has no line"):
+        read_submission(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_submission(tmp_path / "test.txt")
+
+
+def test_write_submission_refuses_nan_and_bad_stems(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="NaN score of 'a'"):
+        write_submission(tmp_path / "dev.txt", {"a": math.nan})
+    with pytest.raises(ValueError, match="stems must be non-empty"):
+        write_submission(tmp_path / "dev.txt", {"a b": 1.0})
+
+
+def test_check_complete_names_missing_and_extra(tmp_path: Path) -> None:
+    gold = LEXICAL
+    complete = {item.filename: 0.0 for item in gold}
+    check_complete(complete, gold, tmp_path / "dev.txt")
+    missing = dict.fromkeys(list(complete)[1:], 0.0)
+    where = re.escape(str(tmp_path / "dev.txt"))
+    with pytest.raises(ValueError, match=rf"{where}: 1 stem\(s\) of the gold file missing "
+                       r"\('aAAfmkmQpVz'\); expected exactly one line per wav \(4 in all\)"):
+        check_complete(missing, gold, tmp_path / "dev.txt")
+    extra = complete | {f"x{i}": 0.0 for i in range(5)}
+    with pytest.raises(ValueError, match=r"5 stem\(s\) not in the gold file \('x0', 'x1', 'x2', \.\.\.\)"):
+        check_complete(extra, gold, "sub.txt")
+    with pytest.raises(ValueError, match=r"1 stem\(s\) of the gold file missing .* and 5 stem\(s\) not in"):
+        check_complete({stem: 0.0 for stem in extra if stem != "aAAfmkmQpVz"}, gold, "sub.txt")
