@@ -15,10 +15,12 @@ from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
 from spidr.eval import commands as eval_commands
 from spidr.eval import pipeline_commands
+from spidr.lm import eval_commands as lm_eval_commands
 from spidr.models import commands as model_commands
 from spidr.train import commands as train_commands
 
-AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands, demo)
+AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands, demo,
+         lm_eval_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,518 @@
+"""Zero-shot pair accuracies of a spoken LM (sWUGGY, sBLIMP, tSC, sSC), computed as the ZeroSpeech 2021 toolkit does.
+
+The rule (zerospeech2021 ``lexical.py`` / ``syntactic.py``, zerospeech/benchmarks ``_score_invocab``):
+
+1. **Pair score** per (id, voice): 1 if score(correct) > score(incorrect), ½ on a tie, else 0. A lexical (id, voice)
+   with several nonwords (BabySLM) scores the mean over its nonwords. Rows are paired by key, never by file order.
+2. **Per pair id:** the mean over voices, keyed by ``id`` (lexical, StoryCloze) or ``(type, subtype, id)`` (sBLIMP).
+3. **Headline:** the mean over pair ids: ``swuggy_all``, ``sblimp``, ``tsc``, ``ssc``. ``swuggy_invocab`` is the
+   count-weighted mean of the frequency bands other than ``oov``, i.e. the mean over ids with frequency ≥ 1.
+4. **Breakdowns** (``n``, mean ``score`` and ``std`` with ddof = 1 over pair ids, as pandas' ``agg``): lexical by
+   frequency band and by length, sBLIMP by type and by (type, subtype), StoryCloze by type. Every task also has a
+   ``by_voice`` table (the mean of the (id, voice) pair scores per voice), which the toolkit does not have.
+
+The frequency bands are the toolkit's ``pandas.cut(frequency, [0, 1, 5, 20, 100, inf], right=False)``: [0, 1)
+``oov``, [1, 5) ``1-5``, [5, 20) ``6-20``, [20, 100) ``21-100``, [100, ∞) ``>100``; so a word seen 5 times is in
+``6-20`` despite the label. Ids of unknown frequency count in ``swuggy_all`` and in no band.
+
+Each headline number also gets its number of pair ids, a 95 % percentile-bootstrap confidence interval over pair ids
+(1,000 resamples, seeded ``numpy.random.default_rng``) and a two-sided exact binomial test against chance:
+``scipy.stats.binomtest(k, m)`` with k = ids scoring > ½ and m = ids scoring ≠ ½ (ids at exactly ½, e.g. a tie
+or one voice right and one wrong, are left out of the test; they still count in the accuracy).
+
+Units: the library functions return fractions in [0, 1]. :func:`evaluate_benchmark` returns (and writes to
+``results.json``) **percentages** for every score, CI and std; the CSV tables it writes keep the toolkit's fractions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from spidr.lm.zerospeech import (
+    GoldItem,
+    LexicalItem,
+    StoryClozeItem,
+    SyntacticItem,
+    check_complete,
+    read_lexical_gold,
+    read_storycloze_gold,
+    read_submission,
+    read_syntactic_gold,
+    storycloze_gold_from_filenames,
+)
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("lexical", "syntactic", "tsc", "ssc")
+HEADLINES = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc", "ssc")
+FREQUENCY_BANDS = (("oov", 0.0, 1.0), ("1-5", 1.0, 5.0), ("6-20", 5.0, 20.0), ("21-100", 20.0, 100.0),
+                   (">100", 100.0, math.inf))
+NUM_RESAMPLES = 1000
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Result types
+
+
+@dataclass(frozen=True)
+class LexicalPair:
+    """One sWUGGY pair id: its word, nonword(s), the word's frequency and length, and the score over voices."""
+
+    id: str
+    word: str
+    nonwords: tuple[str, ...]
+    frequency: int | None
+    length: int
+    score: float
+
+
+@dataclass(frozen=True)
+class SyntacticPair:
+    """One sBLIMP pair id within its (type, subtype), and its score over voices."""
+
+    type: str
+    subtype: str
+    id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class StoryClozePair:
+    """One StoryCloze pair id, and its score over voices."""
+
+    id: str
+    type: str
+    score: float
+
+
+Pair = LexicalPair | SyntacticPair | StoryClozePair
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """One line of a breakdown: the group's key (one value per column of its :class:`Breakdown`), the number of
+    values, their mean and their standard deviation (ddof = 1; None under 2 values, as pandas' NaN)."""
+
+    group: tuple[str | int, ...]
+    n: int
+    score: float | None
+    std: float | None
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """A table ``columns + (n, score, std)``: the toolkit's ``groupby(columns).agg(n='count', score='mean',
+    std='std')``."""
+
+    columns: tuple[str, ...]
+    rows: tuple[GroupScore, ...]
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """A headline number (a fraction), the number of pair ids it averages, a 95 % bootstrap CI and the binomial
+    p-value against 50 %."""
+
+    score: float
+    n: int
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Everything one task yields: ``accuracies`` by headline name, the per-id table and the breakdowns by name
+    (``by_frequency``, ``by_length``, ``by_type``, ``by_subtype``, ``by_voice``)."""
+
+    task: str
+    accuracies: dict[str, Accuracy]
+    by_pair: tuple[Pair, ...]
+    breakdowns: dict[str, Breakdown]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def pair_score(correct: float, incorrect: float) -> float:
+    """1 if the correct item scores higher, ½ on a tie, else 0 (the toolkit's ``0.5*(w == nw) + (w > nw)``)."""
+    return 0.5 * (correct == incorrect) + (correct > incorrect)
+
+
+def frequency_band(frequency: float | None) -> str | None:
+    """The toolkit's band of a word frequency (intervals closed on the left), None when unknown."""
+    if frequency is None:
+        return None
+    for label, low, high in FREQUENCY_BANDS:
+        if low <= frequency < high:
+            return label
+    return None
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, num_resamples: int = NUM_RESAMPLES, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (resampled with replacement, seeded)."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("cannot bootstrap an empty set of values")
+    rng = np.random.default_rng(seed)
+    means = np.empty(num_resamples)
+    # Resample in chunks so that 40,000 pair ids × 1,000 resamples never sit in memory at once.
+    chunk = max(1, 4_000_000 // array.size)
+    for start in range(0, num_resamples, chunk):
+        stop = min(start + chunk, num_resamples)
+        means[start:stop] = array[rng.integers(0, array.size, size=(stop - start, array.size))].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def accuracy(per_id_scores: Sequence[float] | np.ndarray, *, seed: int = 0) -> Accuracy:
+    """Mean, bootstrap CI and two-sided exact binomial p-value of per-pair-id scores in [0, 1]."""
+    from scipy.stats import binomtest
+
+    array = np.asarray(per_id_scores, dtype=np.float64)
+    low, high = bootstrap_ci(array, seed=seed)
+    decided = int(np.count_nonzero(array != 0.5))
+    wins = int(np.count_nonzero(array > 0.5))
+    p_value = float(binomtest(wins, decided, 0.5).pvalue) if decided else 1.0
+    return Accuracy(score=float(array.mean()), n=int(array.size), ci_low=low, ci_high=high, p_value=p_value)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
+
+
+def breakdown(columns: Sequence[str], keyed_values: Iterable[tuple[tuple[str | int, ...], float]],
+              *, groups: Sequence[tuple[str | int, ...]] | None = None) -> Breakdown:
+    """Group ``(key, value)`` pairs by key; rows sorted by key, or in the order of ``groups`` (which may name groups
+    without any value: they get ``n = 0``)."""
+    values: dict[tuple[str | int, ...], list[float]] = {}
+    for key, value in keyed_values:
+        values.setdefault(key, []).append(value)
+    order = list(groups) if groups is not None else sorted(values, key=lambda key: tuple(map(_sort_key, key)))
+    rows = []
+    for key in order:
+        mean, std = _mean_std(values.get(key, []))
+        rows.append(GroupScore(group=key, n=len(values.get(key, [])), score=mean, std=std))
+    return Breakdown(columns=tuple(columns), rows=tuple(rows))
+
+
+def _sort_key(value: str | int) -> tuple[int, int, str]:
+    # Numeric ids sort as numbers (2 before 10), the others as text after them.
+    if isinstance(value, int):
+        return 0, value, ""
+    if value.isascii() and value.isdigit():  # not str.isdigit alone: int() refuses '²', which isdigit accepts
+        return 0, int(value), value
+    return 1, 0, value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pairing
+
+
+def _score_voices(
+    gold: Sequence[GoldItem],
+    scores: Mapping[str, float],
+    pair_key: Callable[[GoldItem], tuple[str, ...]],
+    *,
+    several_incorrect: bool,
+) -> dict[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]]:
+    """``{(*pair_key, voice): (correct row, incorrect rows, pair score)}``; the score is the mean over the incorrect
+    rows. Each (key, voice) needs exactly one correct row and one incorrect row (or more with
+    ``several_incorrect``)."""
+    groups: dict[tuple[str, ...], tuple[list[GoldItem], list[GoldItem]]] = {}
+    for row in gold:
+        correct, incorrect = groups.setdefault((*pair_key(row), row.voice), ([], []))
+        (correct if row.correct else incorrect).append(row)
+    scored = {}
+    for key, (correct, incorrect) in groups.items():
+        if len(correct) != 1 or not incorrect or (len(incorrect) > 1 and not several_incorrect):
+            expected = "one correct and " + ("at least one incorrect" if several_incorrect else "one incorrect")
+            names = ", ".join(row.filename for row in correct + incorrect)
+            raise ValueError(f"pair {_describe(key)} has {len(correct)} correct and {len(incorrect)} incorrect "
+                             f"row(s) ({names}); expected {expected}")
+        mean = float(np.mean([pair_score(scores[correct[0].filename], scores[row.filename]) for row in incorrect]))
+        scored[key] = (correct[0], incorrect, mean)
+    return scored
+
+
+def _describe(key: tuple[str, ...]) -> str:
+    *pair, voice = key
+    return f"{'/'.join(pair)!r} (voice {voice!r})"
+
+
+def _group_over_voices(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]],
+                       ) -> dict[tuple[str, ...], list[tuple[GoldItem, list[GoldItem], float]]]:
+    per_id: dict[tuple[str, ...], list[tuple[GoldItem, list[GoldItem], float]]] = {}
+    for (*pair, _voice), value in scored.items():
+        per_id.setdefault(tuple(pair), []).append(value)
+    return per_id
+
+
+def _sorted_keys(keys: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    return sorted(keys, key=lambda key: tuple(map(_sort_key, key)))
+
+
+def _by_voice(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]]) -> Breakdown:
+    return breakdown(("voice",), (((key[-1],), value[2]) for key, value in scored.items()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *, where: str | Path = "submission",
+                     seed: int = 0) -> TaskResult:
+    """sWUGGY: ``swuggy_all`` and ``swuggy_invocab`` (absent when no id has a frequency ≥ 1), by frequency band,
+    by length and by voice. ``scores`` must score every wav of ``gold`` and nothing else (``where`` names it in
+    errors)."""
+    check_complete(scores, gold, where)
+    scored = _score_voices(gold, scores, lambda row: (row.id,), several_incorrect=True)
+    pairs = []
+    for (pair_id,), voices in _group_over_voices(scored).items():
+        words = {(word.word, word.frequency, word.length) for word, _, _ in voices}
+        if len(words) != 1:
+            raise ValueError(f"pair id {pair_id!r}: the word rows of its voices disagree on (word, frequency, "
+                             f"length): {sorted(words, key=str)}")
+        word, frequency, length = words.pop()
+        nonwords = tuple(sorted({row.word for _, incorrect, _ in voices for row in incorrect}))
+        score = float(np.mean([value for _, _, value in voices]))
+        pairs.append(LexicalPair(pair_id, word, nonwords, frequency, length, score))
+    pairs.sort(key=lambda pair: _sort_key(pair.id))
+
+    by_frequency = breakdown(("frequency",), (((band,), pair.score) for pair in pairs
+                                              if (band := frequency_band(pair.frequency)) is not None),
+                             groups=[(label,) for label, _, _ in FREQUENCY_BANDS])
+    accuracies = {"swuggy_all": accuracy([pair.score for pair in pairs], seed=seed)}
+    in_vocab = [pair.score for pair in pairs if frequency_band(pair.frequency) not in {None, "oov"}]
+    if in_vocab:
+        # The toolkit's count-weighted mean of the non-oov band means is the mean over these ids (tested); the ids
+        # themselves are needed for the CI and the test.
+        accuracies["swuggy_invocab"] = accuracy(in_vocab, seed=seed)
+    else:
+        logger.warning("%s: no word has a known frequency ≥ 1: swuggy_invocab is undefined", where)
+    return TaskResult(
+        task="lexical",
+        accuracies=accuracies,
+        by_pair=tuple(pairs),
+        breakdowns={
+            "by_frequency": by_frequency,
+            "by_length": breakdown(("length",), (((pair.length,), pair.score) for pair in pairs)),
+            "by_voice": _by_voice(scored),
+        },
+    )
+
+
+def evaluate_syntactic(gold: Sequence[SyntacticItem], scores: Mapping[str, float], *,
+                       where: str | Path = "submission", seed: int = 0) -> TaskResult:
+    """sBLIMP: ``sblimp`` (the mean over (type, subtype, id)), by type, by (type, subtype) and by voice."""
+    check_complete(scores, gold, where)
+    scored = _score_voices(gold, scores, lambda row: (row.type, row.subtype, row.id), several_incorrect=False)
+    per_id = _group_over_voices(scored)
+    pairs = []
+    for key in _sorted_keys(per_id):
+        syntactic_type, subtype, pair_id = key
+        pairs.append(SyntacticPair(syntactic_type, subtype, pair_id, float(np.mean([v for _, _, v in per_id[key]]))))
+    return TaskResult(
+        task="syntactic",
+        accuracies={"sblimp": accuracy([pair.score for pair in pairs], seed=seed)},
+        by_pair=tuple(pairs),
+        breakdowns={
+            "by_type": breakdown(("type",), (((pair.type,), pair.score) for pair in pairs)),
+            "by_subtype": breakdown(("type", "subtype"), (((pair.type, pair.subtype), pair.score) for pair in pairs)),
+            "by_voice": _by_voice(scored),
+        },
+    )
+
+
+def evaluate_storycloze(gold: Sequence[StoryClozeItem], scores: Mapping[str, float], *, task: str = "tsc",
+                        where: str | Path = "submission", seed: int = 0) -> TaskResult:
+    """tSC or sSC (``task``): the mean over story ids, by type and by voice."""
+    if task not in {"tsc", "ssc"}:
+        raise ValueError(f"StoryCloze task must be 'tsc' or 'ssc', not {task!r}")
+    check_complete(scores, gold, where)
+    scored = _score_voices(gold, scores, lambda row: (row.id,), several_incorrect=False)
+    pairs = []
+    for (pair_id,), voices in _group_over_voices(scored).items():
+        types = {correct.type for correct, _, _ in voices}
+        if len(types) != 1:
+            raise ValueError(f"story id {pair_id!r}: its voices disagree on the type: {sorted(types)}")
+        pairs.append(StoryClozePair(pair_id, types.pop(), float(np.mean([value for _, _, value in voices]))))
+    pairs.sort(key=lambda pair: _sort_key(pair.id))
+    return TaskResult(
+        task=task,
+        accuracies={task: accuracy([pair.score for pair in pairs], seed=seed)},
+        by_pair=tuple(pairs),
+        breakdowns={
+            "by_type": breakdown(("type",), (((pair.type,), pair.score) for pair in pairs)),
+            "by_voice": _by_voice(scored),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Benchmark folders
+
+
+def _find_gold(task: str, gold_dir: Path) -> tuple[list[GoldItem], Path] | None:
+    """The task's gold rows and the file (or folder) they come from; None when the benchmark lacks the task."""
+    gold_file = gold_dir / "gold.csv"
+    if task == "lexical":
+        return (read_lexical_gold(gold_file), gold_file) if gold_file.is_file() else None
+    if task == "syntactic":
+        return (read_syntactic_gold(gold_file), gold_file) if gold_file.is_file() else None
+    if gold_file.is_file():
+        return read_storycloze_gold(gold_file), gold_file
+    if gold_dir.is_dir() and (any(gold_dir.glob("*_correct.wav")) or any(gold_dir.glob("*_incorrect.wav"))):
+        return storycloze_gold_from_filenames(gold_dir), gold_dir
+    return None
+
+
+def evaluate_task(task: str, gold: Sequence[GoldItem], scores: Mapping[str, float], *,
+                  where: str | Path = "submission", seed: int = 0) -> TaskResult:
+    """Dispatch to :func:`evaluate_lexical`, :func:`evaluate_syntactic` or :func:`evaluate_storycloze`."""
+    match task:
+        case "lexical":
+            return evaluate_lexical(gold, scores, where=where, seed=seed)
+        case "syntactic":
+            return evaluate_syntactic(gold, scores, where=where, seed=seed)
+        case "tsc" | "ssc":
+            return evaluate_storycloze(gold, scores, task=task, where=where, seed=seed)
+        case _:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kind: str = "dev",
+                       out_dir: str | Path | None = None, seed: int = 0) -> dict:
+    """Score every task of a ZeroSpeech-2021-style benchmark that has both a gold and a submission file.
+
+    Looks for ``bench_dir/{lexical,syntactic}/{kind}/gold.csv`` and ``bench_dir/{tsc,ssc}/{kind}/`` (a ``gold.csv``
+    or ``*_correct.wav`` / ``*_incorrect.wav`` files), scored by ``submission_dir/{task}/{kind}.txt``. A task whose
+    submission is absent is skipped with a warning; an incomplete submission is an error.
+
+    Returns a JSON-serialisable dict: the headline numbers in percent at the top level (``swuggy_all``,
+    ``swuggy_invocab``, ``sblimp``, ``tsc``, ``ssc``, each only when computed) and ``details``, one entry per scored
+    task (see :func:`task_details`). With ``out_dir``, also writes the toolkit's ``score_{task}_{kind}_by_*.csv``
+    tables and ``results.json`` there.
+    """
+    if kind not in {"dev", "test"}:
+        raise ValueError(f"kind must be 'dev' or 'test', not {kind!r}")
+    bench_dir, submission_dir = Path(bench_dir), Path(submission_dir)
+    results: list[TaskResult] = []
+    details: dict[str, dict] = {}
+    looked_for = []
+    for task in TASKS:
+        gold_dir = bench_dir / task / kind
+        submission = submission_dir / task / f"{kind}.txt"
+        looked_for.append(f"{gold_dir / 'gold.csv'} + {submission}")
+        found = _find_gold(task, gold_dir)
+        if found is None:
+            continue
+        gold, gold_source = found
+        if not submission.is_file():
+            logger.warning("%s: the benchmark has %s but there is no submission %s; skipping the task",
+                           task, gold_source, submission)
+            continue
+        scores = read_submission(submission)
+        check_complete(scores, gold, submission)
+        try:
+            result = evaluate_task(task, gold, scores, where=submission, seed=seed)
+        except ValueError as error:
+            raise ValueError(f"{gold_source}: {error}") from None
+        for name, value in result.accuracies.items():
+            logger.info("%s %s: %.2f%% over %d pairs (95%% CI %.2f–%.2f)", kind, name, 100 * value.score, value.n,
+                        100 * value.ci_low, 100 * value.ci_high)
+        results.append(result)
+        details[task] = task_details(result, gold=gold_source, submission=submission, kind=kind)
+    if not results:
+        raise ValueError(f"no task to score: looked for {'; '.join(looked_for)}")
+
+    summary: dict[str, object] = {}
+    for name in HEADLINES:
+        for result in results:
+            if name in result.accuracies:
+                summary[name] = 100.0 * result.accuracies[name].score
+    summary["details"] = details
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for result in results:
+            write_task_tables(result, out_dir, kind=kind)
+        (out_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n",
+                                              encoding="utf-8")
+    return summary
+
+
+def breakdown_records(table: Breakdown, *, scale: float = 100.0) -> list[dict[str, object]]:
+    """``[{column: value, ..., "n": n, "score": score × scale, "std": std × scale}]`` (None where undefined)."""
+    records = []
+    for row in table.rows:
+        record: dict[str, object] = dict(zip(table.columns, row.group, strict=True))
+        record |= {"n": row.n, "score": None if row.score is None else scale * row.score,
+                   "std": None if row.std is None else scale * row.std}
+        records.append(record)
+    return records
+
+
+def task_details(result: TaskResult, *, gold: str | Path, submission: str | Path, kind: str) -> dict[str, object]:
+    """The JSON ``details`` entry of a task, in percent: files, number of pair ids, one ``{score, n, ci95,
+    p_value}`` per headline number, and every breakdown as a list of records."""
+    details: dict[str, object] = {
+        "kind": kind,
+        "gold": str(gold),
+        "submission": str(submission),
+        "n_pairs": len(result.by_pair),
+        "accuracy": {
+            name: {"score": 100.0 * value.score, "n": value.n, "ci95": [100.0 * value.ci_low, 100.0 * value.ci_high],
+                   "p_value": value.p_value}
+            for name, value in result.accuracies.items()
+        },
+    }
+    for name, table in result.breakdowns.items():
+        details[name] = breakdown_records(table)
+    return details
+
+
+def write_task_tables(result: TaskResult, out_dir: str | Path, *, kind: str) -> list[Path]:
+    """Write ``score_{task}_{kind}_by_pair.csv`` and one ``score_{task}_{kind}_{breakdown}.csv`` per breakdown, in
+    the toolkit's fractions (empty cells where pandas would write NaN); returns the paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    path = out_dir / f"score_{result.task}_{kind}_by_pair.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        columns = [field.name for field in fields(type(result.by_pair[0]))]
+        writer.writerow(["nonword" if column == "nonwords" else column for column in columns])
+        for pair in result.by_pair:
+            writer.writerow([_cell(getattr(pair, column)) for column in columns])
+    paths.append(path)
+    for name, table in result.breakdowns.items():
+        path = out_dir / f"score_{result.task}_{kind}_{name}.csv"
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow([*table.columns, "n", "score", "std"])
+            for row in table.rows:
+                writer.writerow([*row.group, row.n, _cell(row.score), _cell(row.std)])
+        paths.append(path)
+    return paths
+
+
+def _cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, tuple):  # several nonwords of one word (BabySLM)
+        return ";".join(value)
+    return value

@@ -1,0 +1,519 @@
+"""ZeroSpeech 2021 pair accuracies: hand-computed cases, a naive re-implementation on random sets, the benchmark
+layout, the CLI, and the errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from spidr import cli
+from spidr.lm.evaluate import (
+    accuracy,
+    bootstrap_ci,
+    evaluate_benchmark,
+    evaluate_lexical,
+    evaluate_storycloze,
+    evaluate_syntactic,
+    frequency_band,
+    pair_score,
+)
+from spidr.lm.zerospeech import (
+    LexicalItem,
+    StoryClozeItem,
+    SyntacticItem,
+    write_lexical_gold,
+    write_storycloze_gold,
+    write_submission,
+    write_syntactic_gold,
+)
+
+
+def lexical_pair(pair_id: str, voice: str, word_score: float, nonword_scores: list[float], *,
+                 frequency: int | None = 10, length: int = 4, word: str = "word") -> tuple[list[LexicalItem], dict]:
+    """Gold rows and scores of one (id, voice): a word and its nonword(s)."""
+    stem = f"{pair_id}-{voice}"
+    rows = [LexicalItem(pair_id, f"{stem}-w", voice, frequency, word, "w o r d", length, correct=True)]
+    scores = {f"{stem}-w": word_score}
+    for index, score in enumerate(nonword_scores):
+        rows.append(LexicalItem(pair_id, f"{stem}-n{index}", voice, frequency, f"{word}{index}", "n", length,
+                                correct=False))
+        scores[f"{stem}-n{index}"] = score
+    return rows, scores
+
+
+def build(*pairs: tuple[list, dict]) -> tuple[list, dict]:
+    rows, scores = [], {}
+    for pair_rows, pair_scores in pairs:
+        rows += pair_rows
+        scores |= pair_scores
+    return rows, scores
+
+
+def table(result, name: str) -> dict:
+    return {row.group: (row.n, row.score, row.std) for row in result.breakdowns[name].rows}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hand-computed cases
+
+
+def test_pair_score_and_tie() -> None:
+    assert pair_score(-1.0, -2.0) == 1.0
+    assert pair_score(-2.0, -1.0) == 0.0
+    assert pair_score(-1.5, -1.5) == 0.5
+    assert pair_score(-math.inf, -math.inf) == 0.5
+    rows, scores = build(lexical_pair("1", "A", -3.0, [-3.0]), lexical_pair("2", "A", -1.0, [-2.0]))
+    result = evaluate_lexical(rows, scores)
+    assert [pair.score for pair in result.by_pair] == [0.5, 1.0]
+    assert result.accuracies["swuggy_all"].score == 0.75
+
+
+def test_voices_are_averaged_per_id() -> None:
+    # id 1: voice A right, voice B wrong → 0.5; id 2: both right → 1. Mean over ids = 0.75, not 2/3 over voices.
+    rows, scores = build(lexical_pair("1", "A", 0.0, [-1.0]), lexical_pair("1", "B", -1.0, [0.0]),
+                         lexical_pair("2", "A", 0.0, [-1.0]), lexical_pair("2", "B", 0.0, [-1.0]))
+    result = evaluate_lexical(rows, scores)
+    assert [(pair.id, pair.score) for pair in result.by_pair] == [("1", 0.5), ("2", 1.0)]
+    assert result.accuracies["swuggy_all"].score == 0.75
+    assert result.accuracies["swuggy_all"].n == 2
+    assert table(result, "by_voice") == {("A",): (2, 1.0, 0.0), ("B",): (2, 0.5, pytest.approx(math.sqrt(0.5)))}
+
+
+def test_numeric_ids_sort_as_numbers_and_others_as_text() -> None:
+    rows, scores = build(*(lexical_pair(pair_id, "A", 0.0, [-1.0]) for pair_id in ("10", "b", "2", "²", "a")))
+    assert [pair.id for pair in evaluate_lexical(rows, scores).by_pair] == ["2", "10", "a", "b", "²"]
+
+
+def test_rows_are_paired_by_key_not_by_order() -> None:
+    rows, scores = build(lexical_pair("1", "A", 0.0, [-1.0]), lexical_pair("2", "A", -1.0, [0.0]))
+    shuffled = [rows[3], rows[0], rows[2], rows[1]]
+    assert evaluate_lexical(shuffled, scores).by_pair == evaluate_lexical(rows, scores).by_pair
+
+
+def test_several_nonwords_per_word() -> None:
+    # BabySLM: a word and three nonwords; win, tie, loss → (1 + ½ + 0) / 3 = ½ for this voice.
+    rows, scores = build(lexical_pair("1", "A", -5.0, [-6.0, -5.0, -4.0], word="hello"),
+                         lexical_pair("1", "B", -5.0, [-6.0, -7.0, -8.0], word="hello"))
+    result = evaluate_lexical(rows, scores)
+    (pair,) = result.by_pair
+    assert pair.score == pytest.approx((0.5 + 1.0) / 2)
+    assert pair.word == "hello"
+    assert pair.nonwords == ("hello0", "hello1", "hello2")
+
+
+def test_frequency_bands_follow_pandas_cut_with_the_5_quirk() -> None:
+    assert [frequency_band(f) for f in (0, 0.5, 1, 4, 4.99, 5, 19, 20, 99, 100, 10**6)] == [
+        "oov", "oov", "1-5", "1-5", "1-5", "6-20", "6-20", "21-100", "21-100", ">100", ">100"]
+    assert frequency_band(None) is None
+    assert frequency_band(-1) is None  # pandas.cut gives NaN below the first edge
+    rows, scores = build(lexical_pair("1", "A", 0.0, [-1.0], frequency=5), lexical_pair("2", "A", 0.0, [1.0],
+                                                                                          frequency=4))
+    result = evaluate_lexical(rows, scores)
+    assert table(result, "by_frequency")[("6-20",)] == (1, 1.0, None)
+    assert table(result, "by_frequency")[("1-5",)] == (1, 0.0, None)
+
+
+def test_in_vocab_excludes_oov_and_weights_by_count() -> None:
+    rows, scores = build(
+        lexical_pair("1", "A", 0.0, [1.0], frequency=0),  # oov, wrong
+        lexical_pair("2", "A", 0.0, [1.0], frequency=0),  # oov, wrong
+        lexical_pair("3", "A", 0.0, [-1.0], frequency=2),  # 1-5: 1, 1, 0
+        lexical_pair("4", "A", 0.0, [-1.0], frequency=3),
+        lexical_pair("5", "A", 0.0, [1.0], frequency=1),
+        lexical_pair("6", "A", 0.0, [-1.0], frequency=500),  # >100: 1
+        lexical_pair("7", "A", 0.0, [-1.0], frequency=None),  # unknown: in "all", in no band
+    )
+    result = evaluate_lexical(rows, scores)
+    assert result.accuracies["swuggy_all"].score == pytest.approx(4 / 7)
+    # Count-weighted: (3 · ⅔ + 1 · 1) / 4 = ¾, not the unweighted mean of the band means (⅔ + 1) / 2.
+    assert result.accuracies["swuggy_invocab"].score == pytest.approx(0.75)
+    assert result.accuracies["swuggy_invocab"].n == 4
+    bands = table(result, "by_frequency")
+    assert list(bands) == [("oov",), ("1-5",), ("6-20",), ("21-100",), (">100",)]
+    assert bands[("oov",)] == (2, 0.0, 0.0)
+    assert bands[("1-5",)] == (3, pytest.approx(2 / 3), pytest.approx(statistics.stdev([1, 1, 0])))
+    assert bands[("6-20",)] == (0, None, None)
+    assert sum(n for n, _, _ in bands.values()) == 6  # the unknown-frequency id is in no band
+    assert table(result, "by_length") == {(4,): (7, pytest.approx(4 / 7), pytest.approx(statistics.stdev(
+        [0, 0, 1, 1, 0, 1, 1])))}
+
+
+def test_no_in_vocab_word_leaves_invocab_out(caplog: pytest.LogCaptureFixture) -> None:
+    rows, scores = build(lexical_pair("1", "A", 0.0, [-1.0], frequency=0), lexical_pair("2", "A", 0.0, [1.0],
+                                                                                          frequency=None))
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_lexical(rows, scores)
+    assert set(result.accuracies) == {"swuggy_all"}
+    assert "swuggy_invocab is undefined" in caplog.text
+
+
+def syntactic_pair(kind: str, subtype: str, pair_id: str, voice: str, *scores: float) -> tuple[list, dict]:
+    """Gold rows and scores (grammatical, ungrammatical) of one sBLIMP (type, subtype, id, voice)."""
+    good, bad = scores
+    stem = f"{kind}-{subtype}-{pair_id}-{voice}"
+    return ([SyntacticItem(pair_id, f"{stem}-g", voice, kind, subtype, "good", True),
+             SyntacticItem(pair_id, f"{stem}-b", voice, kind, subtype, "bad", False)],
+            {f"{stem}-g": good, f"{stem}-b": bad})
+
+
+def test_sblimp_averages_per_type_subtype_id_then_by_type() -> None:
+    rows, scores = build(
+        # Pair id "1" exists in two subtypes: they are two different pairs.
+        syntactic_pair("binding", "a", "1", "V1", 0.0, -1.0),
+        syntactic_pair("binding", "a", "1", "V2", -1.0, 0.0),  # voices: 1 and 0 → ½
+        syntactic_pair("binding", "b", "1", "V1", 0.0, -1.0),  # 1
+        syntactic_pair("ellipsis", "c", "2", "V1", 0.0, 0.0),  # tie → ½
+        syntactic_pair("ellipsis", "c", "3", "V1", -2.0, 0.0),  # 0
+    )
+    result = evaluate_syntactic(rows, scores)
+    assert [(pair.type, pair.subtype, pair.id, pair.score) for pair in result.by_pair] == [
+        ("binding", "a", "1", 0.5), ("binding", "b", "1", 1.0),
+        ("ellipsis", "c", "2", 0.5), ("ellipsis", "c", "3", 0.0)]
+    assert result.accuracies["sblimp"].score == pytest.approx(0.5)
+    assert result.accuracies["sblimp"].n == 4
+    by_type = table(result, "by_type")
+    assert by_type[("binding",)] == (2, 0.75, pytest.approx(statistics.stdev([0.5, 1.0])))
+    assert by_type[("ellipsis",)] == (2, 0.25, pytest.approx(statistics.stdev([0.5, 0.0])))
+    assert table(result, "by_subtype")[("binding", "b")] == (1, 1.0, None)
+    assert table(result, "by_voice") == {("V1",): (4, pytest.approx(0.625), pytest.approx(statistics.stdev(
+        [1, 1, 0.5, 0]))), ("V2",): (1, 0.0, None)}
+
+
+def story_pair(pair_id: str, voice: str, good: float, bad: float, kind: str = "") -> tuple[list, dict]:
+    return ([StoryClozeItem(pair_id, f"{pair_id}{voice}_correct", voice, kind, "", True),
+             StoryClozeItem(pair_id, f"{pair_id}{voice}_incorrect", voice, kind, "", False)],
+            {f"{pair_id}{voice}_correct": good, f"{pair_id}{voice}_incorrect": bad})
+
+
+def test_storycloze_pairs_and_types() -> None:
+    rows, scores = build(story_pair("s1", "a", -1.0, -2.0, "x"), story_pair("s1", "b", -2.0, -1.0, "x"),
+                         story_pair("s2", "a", -1.0, -1.0, "y"), story_pair("s3", "a", -1.0, -3.0, "y"))
+    result = evaluate_storycloze(rows, scores, task="ssc")
+    assert set(result.accuracies) == {"ssc"}
+    assert [(pair.id, pair.score) for pair in result.by_pair] == [("s1", 0.5), ("s2", 0.5), ("s3", 1.0)]
+    assert result.accuracies["ssc"].score == pytest.approx(2 / 3)
+    assert table(result, "by_type") == {("x",): (1, 0.5, None), ("y",): (2, 0.75, pytest.approx(math.sqrt(0.125)))}
+    with pytest.raises(ValueError, match="'tsc' or 'ssc'"):
+        evaluate_storycloze(rows, scores, task="sc")
+
+
+def test_accuracy_ci_and_binomial_test() -> None:
+    perfect = accuracy([1.0] * 20)
+    assert (perfect.score, perfect.n, perfect.ci_low, perfect.ci_high) == (1.0, 20, 1.0, 1.0)
+    assert perfect.p_value == pytest.approx(2 * 0.5**20)
+    # Ids at exactly ½ are left out of the test (3 wins out of 3 decided), not of the accuracy.
+    mixed = accuracy([1.0, 1.0, 0.75, 0.5, 0.5])
+    assert mixed.score == pytest.approx(0.75)
+    assert mixed.p_value == pytest.approx(binomtest(3, 3).pvalue) == pytest.approx(0.25)
+    assert accuracy([0.5, 0.5]).p_value == 1.0
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 2, size=2000).astype(float)
+    low, high = bootstrap_ci(values, seed=3)
+    assert low < values.mean() < high
+    # The normal approximation of the percentile interval: ± 1.96 · σ / √n, within bootstrap noise.
+    half = 1.96 * values.std() / math.sqrt(values.size)
+    assert high - low == pytest.approx(2 * half, rel=0.1)
+    assert bootstrap_ci(values, seed=3) == (low, high)  # seeded
+    assert bootstrap_ci(values, seed=4) != (low, high)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A naive re-implementation on random sets: quadratic scans and explicit if-chains instead of dictionaries of groups.
+
+
+def naive_band(frequency: int | None) -> str | None:
+    if frequency is None:
+        return None
+    if frequency < 1:
+        return "oov"
+    if frequency < 5:
+        return "1-5"
+    if frequency < 20:
+        return "6-20"
+    if frequency < 100:
+        return "21-100"
+    return ">100"
+
+
+def naive_compare(a: float, b: float) -> float:
+    if a > b:
+        return 1.0
+    if a == b:
+        return 0.5
+    return 0.0
+
+
+def naive_summary(values: list[float]) -> tuple[int, float, float | None]:
+    return len(values), sum(values) / len(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def naive_lexical(rows: list[LexicalItem], scores: dict[str, float]) -> dict:
+    per_voice = []  # (id, voice, score)
+    for word in rows:
+        if not word.correct:
+            continue
+        outcomes = [naive_compare(scores[word.filename], scores[other.filename]) for other in rows
+                    if not other.correct and other.id == word.id and other.voice == word.voice]
+        per_voice.append((word.id, word.voice, sum(outcomes) / len(outcomes)))
+    ids = sorted({pair_id for pair_id, _, _ in per_voice})
+    id_score = {}
+    for pair_id in ids:
+        values = [score for other, _, score in per_voice if other == pair_id]
+        id_score[pair_id] = sum(values) / len(values)
+    word_row = {row.id: row for row in rows if row.correct}
+    bands: dict[str, list[float]] = {}
+    lengths: dict[int, list[float]] = {}
+    for pair_id in ids:
+        band = naive_band(word_row[pair_id].frequency)
+        if band is not None:
+            bands.setdefault(band, []).append(id_score[pair_id])
+        lengths.setdefault(word_row[pair_id].length, []).append(id_score[pair_id])
+    band_summary = {band: naive_summary(values) for band, values in bands.items()}
+    # The toolkit's _score_invocab: np.average of the non-oov band scores weighted by their n.
+    weights = [(n, mean) for band, (n, mean, _) in band_summary.items() if band != "oov"]
+    voices = {}
+    for _, voice, score in per_voice:
+        voices.setdefault(voice, []).append(score)
+    return {
+        "by_pair": id_score,
+        "all": sum(id_score.values()) / len(id_score),
+        "invocab": sum(n * mean for n, mean in weights) / sum(n for n, _ in weights) if weights else None,
+        "bands": band_summary,
+        "lengths": {length: naive_summary(values) for length, values in lengths.items()},
+        "voices": {voice: naive_summary(values) for voice, values in voices.items()},
+    }
+
+
+def random_lexicon(seed: int) -> tuple[list[LexicalItem], dict[str, float]]:
+    generator = random.Random(seed)
+    rows, scores = [], {}
+    voices = ["v1", "v2", "v3"][: generator.randint(1, 3)]
+    for pair_id in range(generator.randint(1, 40)):
+        frequency = generator.choice([None, 0, 0, 1, 4, 5, 6, 19, 20, 21, 99, 100, 101, 3000])
+        length = generator.randint(3, 6)
+        num_nonwords = generator.choice([1, 1, 1, 2, 3])
+        for voice in voices:
+            stem = f"w{seed}_{pair_id}_{voice}"
+            rows.append(LexicalItem(str(pair_id), stem, voice, frequency, f"word{pair_id}", "p", length, True))
+            scores[stem] = float(generator.randint(-4, 0))  # a small range: many ties
+            for index in range(num_nonwords):
+                rows.append(LexicalItem(str(pair_id), f"{stem}_{index}", voice, frequency, f"non{pair_id}_{index}",
+                                        "p", length, False))
+                scores[f"{stem}_{index}"] = float(generator.randint(-4, 0))
+    generator.shuffle(rows)
+    return rows, scores
+
+
+def close(a: tuple, b: tuple) -> bool:
+    return all(x == y if x is None or y is None else math.isclose(x, y, abs_tol=1e-12) for x, y in zip(a, b,
+                                                                                                          strict=True))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_lexical_matches_a_naive_implementation(seed: int) -> None:
+    rows, scores = random_lexicon(seed)
+    expected = naive_lexical(rows, scores)
+    result = evaluate_lexical(rows, scores)
+    assert {pair.id: pair.score for pair in result.by_pair} == pytest.approx(expected["by_pair"])
+    assert result.accuracies["swuggy_all"].score == pytest.approx(expected["all"])
+    if expected["invocab"] is None:
+        assert "swuggy_invocab" not in result.accuracies
+    else:
+        assert result.accuracies["swuggy_invocab"].score == pytest.approx(expected["invocab"])
+    bands = {group[0]: value for group, value in table(result, "by_frequency").items() if value[0] > 0}
+    assert bands.keys() == expected["bands"].keys()
+    assert all(close(bands[band], expected["bands"][band]) for band in bands)
+    lengths = {group[0]: value for group, value in table(result, "by_length").items()}
+    assert lengths.keys() == expected["lengths"].keys()
+    assert all(close(lengths[length], expected["lengths"][length]) for length in lengths)
+    voices = {group[0]: value for group, value in table(result, "by_voice").items()}
+    assert voices.keys() == expected["voices"].keys()
+    assert all(close(voices[voice], expected["voices"][voice]) for voice in voices)
+
+
+def naive_syntactic(rows: list[SyntacticItem], scores: dict[str, float]) -> tuple[dict, float, dict]:
+    per_voice = []
+    for good in rows:
+        if good.correct:
+            (bad,) = [row for row in rows if not row.correct and (row.id, row.voice, row.type, row.subtype)
+                      == (good.id, good.voice, good.type, good.subtype)]
+            per_voice.append(((good.type, good.subtype, good.id), naive_compare(scores[good.filename],
+                                                                                 scores[bad.filename])))
+    by_pair = {}
+    for key in {key for key, _ in per_voice}:
+        values = [score for other, score in per_voice if other == key]
+        by_pair[key] = sum(values) / len(values)
+    types = {}
+    for (kind, _, _), score in by_pair.items():
+        types.setdefault(kind, []).append(score)
+    return by_pair, sum(by_pair.values()) / len(by_pair), {kind: naive_summary(v) for kind, v in types.items()}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_syntactic_matches_a_naive_implementation(seed: int) -> None:
+    generator = random.Random(seed)
+    rows, scores = [], {}
+    for index in range(generator.randint(1, 40)):
+        kind, subtype = generator.choice([("binding", "a"), ("binding", "b"), ("ellipsis", "c"), ("npi", "d")])
+        pair_id = str(generator.randint(0, 9))  # ids repeat across subtypes on purpose
+        for voice in generator.sample(["v1", "v2", "v3"], generator.randint(1, 3)):
+            pair_rows, pair_scores = syntactic_pair(kind, subtype, pair_id, voice, generator.randint(-3, 0),
+                                                    generator.randint(-3, 0))
+            if pair_rows[0].filename in scores:  # the same (type, subtype, id, voice) drawn twice
+                continue
+            rows += pair_rows
+            scores |= pair_scores
+        del index
+    generator.shuffle(rows)
+    by_pair, mean, types = naive_syntactic(rows, scores)
+    result = evaluate_syntactic(rows, scores)
+    assert {(pair.type, pair.subtype, pair.id): pair.score for pair in result.by_pair} == pytest.approx(by_pair)
+    assert result.accuracies["sblimp"].score == pytest.approx(mean)
+    measured = {group[0]: value for group, value in table(result, "by_type").items()}
+    assert measured.keys() == types.keys()
+    assert all(close(measured[kind], types[kind]) for kind in types)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Benchmark layout, CLI, errors
+
+
+def write_benchmark(root: Path, *, kind: str = "dev") -> tuple[Path, Path, dict]:
+    """A mini sLM21 + StoryCloze benchmark with a submission; returns (bench, submission, gold rows by task)."""
+    bench, submission = root / "bench", root / "submission"
+    lexical, lexical_scores = build(
+        lexical_pair("1", "A", -1.0, [-2.0], frequency=0), lexical_pair("1", "B", -2.0, [-1.0], frequency=0),
+        lexical_pair("2", "A", -1.0, [-2.0], frequency=5), lexical_pair("2", "B", -1.0, [-2.0], frequency=5),
+        lexical_pair("3", "A", -1.0, [-1.0, -3.0], frequency=150, length=6),
+        lexical_pair("3", "B", -1.0, [-2.0, -3.0], frequency=150, length=6))
+    syntactic, syntactic_scores = build(syntactic_pair("binding", "a", "1", "A", 0.0, -1.0),
+                                        syntactic_pair("binding", "a", "2", "A", -1.0, 0.0),
+                                        syntactic_pair("quantifiers", "q", "3", "A", 0.0, 0.0))
+    tsc, tsc_scores = build(story_pair("t1", "", -1.0, -2.0), story_pair("t2", "", -1.0, -2.0))
+    write_lexical_gold(bench / "lexical" / kind / "gold.csv", lexical)
+    write_syntactic_gold(bench / "syntactic" / kind / "gold.csv", syntactic)
+    write_storycloze_gold(bench / "tsc" / kind / "gold.csv", tsc)
+    write_submission(submission / "lexical" / f"{kind}.txt", lexical_scores)
+    write_submission(submission / "syntactic" / f"{kind}.txt", syntactic_scores)
+    write_submission(submission / "tsc" / f"{kind}.txt", tsc_scores)
+    # sSC as in the real release: wav names only, no gold.csv.
+    (bench / "ssc" / kind).mkdir(parents=True)
+    ssc_scores = {"0_p1_correct": -1.0, "0_p1_incorrect": -2.0, "1_p2_correct": -3.0, "1_p2_incorrect": -2.0}
+    for stem in ssc_scores:
+        (bench / "ssc" / kind / f"{stem}.wav").touch()
+    write_submission(submission / "ssc" / f"{kind}.txt", ssc_scores)
+    return bench, submission, {"lexical": lexical, "syntactic": syntactic}
+
+
+def test_evaluate_benchmark_over_the_layout(tmp_path: Path) -> None:
+    bench, submission, _ = write_benchmark(tmp_path)
+    out = tmp_path / "scores"
+    summary = evaluate_benchmark(bench, submission, kind="dev", out_dir=out)
+    assert list(summary) == ["swuggy_all", "swuggy_invocab", "sblimp", "tsc", "ssc", "details"]
+    # lexical: id 1 (oov) ½, id 2 (5 → 6-20) 1, id 3 (>100) mean over voices of (½ + 1)/2 and 1 → ⅞.
+    assert summary["swuggy_all"] == pytest.approx(100 * (0.5 + 1 + 0.875) / 3)
+    assert summary["swuggy_invocab"] == pytest.approx(100 * (1 + 0.875) / 2)
+    assert summary["sblimp"] == pytest.approx(100 * 0.5)
+    assert summary["tsc"] == pytest.approx(100.0)
+    assert summary["ssc"] == pytest.approx(50.0)
+    details = summary["details"]
+    assert details["lexical"]["accuracy"]["swuggy_all"]["n"] == 3
+    assert details["lexical"]["by_frequency"][2] == {"frequency": "6-20", "n": 1, "score": 100.0, "std": None}
+    assert details["ssc"]["gold"] == str(bench / "ssc" / "dev")
+    low, high = details["syntactic"]["accuracy"]["sblimp"]["ci95"]
+    assert 0.0 <= low <= 50.0 <= high <= 100.0
+    assert json.loads((out / "results.json").read_text()) == summary
+    expected_files = {f"score_lexical_dev_{name}.csv" for name in ("by_pair", "by_frequency", "by_length", "by_voice")}
+    expected_files |= {f"score_syntactic_dev_{name}.csv" for name in ("by_pair", "by_type", "by_subtype", "by_voice")}
+    expected_files |= {f"score_{task}_dev_{name}.csv" for task in ("tsc", "ssc") for name in ("by_pair", "by_type",
+                                                                                             "by_voice")}
+    assert {path.name for path in out.glob("*.csv")} == expected_files
+    # CSV tables keep the toolkit's fractions and write pandas' NaN as an empty cell.
+    with (out / "score_lexical_dev_by_pair.csv").open() as handle:
+        by_pair = list(csv.DictReader(handle))
+    assert by_pair[2] == {"id": "3", "word": "word", "nonword": "word0;word1", "frequency": "150", "length": "6",
+                          "score": "0.875"}
+    with (out / "score_lexical_dev_by_frequency.csv").open() as handle:
+        assert list(csv.reader(handle))[:3] == [["frequency", "n", "score", "std"], ["oov", "1", "0.5", ""],
+                                                ["1-5", "0", "", ""]]
+
+
+def test_cli_json_prints_one_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench, submission, _ = write_benchmark(tmp_path)
+    assert cli.main(["lm-eval", str(bench), str(submission), "--kind", "dev", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    report = json.loads(out)
+    assert {"swuggy_all", "swuggy_invocab", "sblimp"} <= report.keys()
+    assert report["sblimp"] == pytest.approx(50.0)
+
+
+def test_cli_readable_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench, submission, _ = write_benchmark(tmp_path, kind="test")
+    assert cli.main(["lm-eval", str(bench), str(submission), "--kind", "test", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^swuggy_all\s+79\.17\s+3\s+\[", out, flags=re.MULTILINE)
+    assert "lexical by frequency (test)" in out
+    assert re.search(r"^\s+6-20\s+1\s+100\.00\s+–$", out, flags=re.MULTILINE)
+    assert "syntactic by type" in out
+    assert (tmp_path / "o" / "score_syntactic_test_by_type.csv").is_file()
+
+
+def test_missing_submission_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bench, submission, _ = write_benchmark(tmp_path)
+    (submission / "syntactic" / "dev.txt").unlink()
+    with caplog.at_level(logging.WARNING):
+        summary = evaluate_benchmark(bench, submission)
+    assert "sblimp" not in summary
+    assert "syntactic" not in summary["details"]
+    assert f"no submission {submission / 'syntactic' / 'dev.txt'}" in caplog.text
+
+
+def test_incomplete_submission_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench, submission, _ = write_benchmark(tmp_path)
+    path = submission / "lexical" / "dev.txt"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[1:]))
+    assert cli.main(["lm-eval", str(bench), str(submission), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"spidr lm-eval: error: {path}: 1 stem(s) of the gold file missing ('1-A-n0')" in captured.err
+
+
+def test_no_task_names_the_paths(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "b" / "lexical" / "test" / "gold.csv")) + ".*"
+                       + re.escape(str(tmp_path / "s" / "ssc" / "test.txt"))):
+        evaluate_benchmark(tmp_path / "b", tmp_path / "s", kind="test")
+    with pytest.raises(ValueError, match="'dev' or 'test'"):
+        evaluate_benchmark(tmp_path / "b", tmp_path / "s", kind="train")
+
+
+def test_pairing_errors_name_the_gold_file(tmp_path: Path) -> None:
+    bench, submission, gold = write_benchmark(tmp_path)
+    rows = gold["lexical"]
+    # A second word in (id 2, voice A): the nonword row becomes a word.
+    broken = [row if row.filename != "2-A-n0" else LexicalItem(row.id, row.filename, row.voice, row.frequency,
+                                                                row.word, row.phones, row.length, correct=True)
+              for row in rows]
+    write_lexical_gold(bench / "lexical" / "dev" / "gold.csv", broken)
+    with pytest.raises(ValueError, match=re.escape(str(bench / "lexical" / "dev" / "gold.csv")) +
+                       r": pair '2' \(voice 'A'\) has 2 correct and 0 incorrect row\(s\) \(2-A-w, 2-A-n0\)"):
+        evaluate_benchmark(bench, submission)
+    rows, scores = build(syntactic_pair("t", "s", "1", "A", 0.0, 1.0))
+    extra = SyntacticItem("1", "other", "A", "t", "s", "bad too", False)
+    with pytest.raises(ValueError, match=r"has 1 correct and 2 incorrect row.*expected one correct and one incorrect"):
+        evaluate_syntactic([*rows, extra], scores | {"other": 0.0})
+    # A word whose voices disagree on its frequency.
+    rows, scores = build(lexical_pair("1", "A", 0.0, [1.0], frequency=1), lexical_pair("1", "B", 0.0, [1.0],
+                                                                                        frequency=2))
+    with pytest.raises(ValueError, match="pair id '1': the word rows of its voices disagree"):
+        evaluate_lexical(rows, scores)
