@@ -1,9 +1,11 @@
-"""Subcommands of this area (see ``spidr.cli``): ``lm-eval`` (ZeroSpeech 2021 pair accuracies of a submission)."""
+"""Subcommands of this area (see ``spidr.cli``): ``lm-eval`` (ZeroSpeech 2021 pair accuracies of a submission) and
+``lm-correlate`` (unit quality vs LM accuracy)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
@@ -52,8 +54,52 @@ def _lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _columns(text: str, flag: str) -> list[str]:
+    columns = [column.strip() for column in text.split(",") if column.strip()]
+    if not columns:
+        raise ValueError(f"{flag} needs at least one column name")
+    return columns
+
+
+def _plot_path(args: argparse.Namespace, x: str, y: str, *, several: bool) -> Path | None:
+    table = Path(args.table)
+    if args.plot is None:
+        return None if args.json else table.with_name(f"{table.stem}_{y}_vs_{x}.png")
+    plot = Path(args.plot)
+    # With several pairs, --plot is a name pattern: corr.png → corr_<y>_vs_<x>.png.
+    return plot.with_name(f"{plot.stem}_{y}_vs_{x}{plot.suffix or '.png'}") if several else plot
+
+
+def _lm_correlate(args: argparse.Namespace) -> int:
+    from spidr.lm.correlate import correlate, plot_scatter, read_table
+
+    pairs = [(x, y) for y in _columns(args.y, "--y") for x in _columns(args.x, "--x")]
+    # Read every pair's rows first, so that a wrong column name fails before any plot is written.
+    tables = [read_table(args.table, [x, y]) for x, y in pairs]
+    results = []
+    for (x, y), rows in zip(pairs, tables, strict=True):
+        result = {"x": x, "y": y} | correlate([row[x] for row in rows], [row[y] for row in rows], seed=args.seed)
+        plot = _plot_path(args, x, y, several=len(pairs) > 1)
+        if plot is not None:
+            result["plot"] = str(plot_scatter(rows, x, y, plot, result=result))
+        results.append(result)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, allow_nan=False))
+        return 0
+    print(f"{'y':<16}{'x':<16}{'n':>4}{'pearson r':>11}{'p':>10}{'spearman ρ':>12}{'p':>10}{'r 95% CI':>18}")
+    for result in results:
+        low, high = result["pearson_r_ci95"]
+        print(f"{result['y']:<16}{result['x']:<16}{result['n']:>4}{result['pearson_r']:>+11.3f}"
+              f"{result['pearson_p']:>10.2g}{result['spearman_rho']:>+12.3f}{result['spearman_p']:>10.2g}"
+              f"   [{low:+.3f}, {high:+.3f}]")
+    for result in results:
+        if "plot" in result:
+            print(f"wrote {result['plot']}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``lm-eval`` to the ``spidr`` parser."""
+    """Add ``lm-eval`` and ``lm-correlate`` to the ``spidr`` parser."""
     parser = subparsers.add_parser(
         "lm-eval",
         help="sWUGGY / sBLIMP / tSC / sSC accuracies of a ZeroSpeech-2021-style submission",
@@ -71,3 +117,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="also write score_*_by_*.csv tables and results.json here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.set_defaults(handler=_lm_eval)
+
+    parser = subparsers.add_parser(
+        "lm-correlate",
+        help="Pearson / Spearman correlation of unit-quality and LM metrics across representations",
+        description="Correlate metric columns of TABLE (a CSV with one row per model/layer; non-numeric columns "
+        "are labels, rows with an empty or non-numeric value in the chosen columns are dropped). --x and --y take "
+        "comma-separated lists: every (x, y) pair is computed. Without --json, writes a scatter plot per pair.",
+        formatter_class=FORMATTER,
+    )
+    parser.add_argument("table", metavar="TABLE", help="CSV table, e.g. model,layer,abx_discrete,pnmi,swuggy_all")
+    parser.add_argument("--x", required=True, help="x column(s), e.g. abx_discrete,pnmi")
+    parser.add_argument("--y", required=True, help="y column(s), e.g. swuggy_all,sblimp")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (a list of objects for several pairs); no plot unless --plot")
+    parser.add_argument("--plot", default=None,
+                        help="scatter plot path (default: TABLE's folder, <stem>_<y>_vs_<x>.png); with several "
+                        "pairs, _<y>_vs_<x> is inserted before the suffix")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CI of r")
+    parser.set_defaults(handler=_lm_correlate)

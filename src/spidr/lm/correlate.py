@@ -1,0 +1,160 @@
+"""Correlation of unit quality with spoken-LM accuracy, as in the SpidR paper's §4.4 (figures 13 and 14).
+
+Input: a CSV table with one row per representation (typically ``model,layer,...``) and metric columns, e.g.
+``abx_discrete``, ``pnmi``, ``swuggy_all``. Columns whose values are not numbers (``model``) are kept as labels.
+The paper's notebook pivots its result CSVs to exactly this shape (32 (model, layer) points at 6,000 h, V = 256)
+and applies ``scipy.stats.pearsonr`` and ``linregress``; :func:`correlate` adds Spearman's ρ and a bootstrap CI of r.
+
+ABX is an error rate, so it is expected to correlate negatively with LM accuracy, and PNMI positively.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+NUM_RESAMPLES = 1000
+
+Row = dict[str, str | float]
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of every row of ``x`` (R, N) with the same row of ``y``; NaN for a constant row."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (x * y).sum(axis=1) / np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+
+
+def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *,
+              num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> dict[str, object]:
+    """Pearson and Spearman correlation, least-squares line and a 95 % bootstrap CI of Pearson's r.
+
+    Returns ``{"n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p", "slope", "intercept",
+    "pearson_r_ci95": [low, high]}``; the CI is the percentile bootstrap over points (resampled with replacement,
+    ``numpy.random.default_rng(seed)``), leaving out the resamples in which x or y is constant.
+    """
+    from scipy.stats import linregress, pearsonr, spearmanr
+
+    x_array = np.asarray(x, dtype=np.float64)
+    y_array = np.asarray(y, dtype=np.float64)
+    if x_array.ndim != 1 or x_array.shape != y_array.shape:
+        raise ValueError(f"x and y must be two sequences of the same length, got shapes {x_array.shape} and "
+                         f"{y_array.shape}")
+    if x_array.size < 3:
+        raise ValueError(f"a correlation needs at least 3 points, got {x_array.size}")
+    if not (np.isfinite(x_array).all() and np.isfinite(y_array).all()):
+        raise ValueError("x and y must be finite numbers")
+    for name, array in (("x", x_array), ("y", y_array)):
+        if np.ptp(array) == 0:
+            raise ValueError(f"{name} is constant ({array[0]!r}): its correlation is undefined")
+
+    pearson = pearsonr(x_array, y_array)
+    spearman = spearmanr(x_array, y_array)
+    line = linregress(x_array, y_array)
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, x_array.size, size=(num_resamples, x_array.size))
+    resampled = _pearson_rows(x_array[index], y_array[index])
+    resampled = resampled[np.isfinite(resampled)]
+    low, high = np.percentile(resampled, [2.5, 97.5]) if resampled.size else (math.nan, math.nan)
+    return {
+        "n": int(x_array.size),
+        "pearson_r": float(pearson.statistic),
+        "pearson_p": float(pearson.pvalue),
+        "spearman_rho": float(spearman.statistic),
+        "spearman_p": float(spearman.pvalue),
+        "slope": float(line.slope),
+        "intercept": float(line.intercept),
+        "pearson_r_ci95": [float(low), float(high)],
+    }
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
+    """Rows of a CSV table, as ``{column: float or str}`` (text that parses as a finite number becomes a float).
+
+    ``columns`` are the metrics to correlate: they must be in the header, and a row whose value in one of them is
+    empty or not a finite number is dropped with a warning. Fewer than 3 rows left is an error.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ValueError(f"table {csv_path} does not exist")
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or [])
+        missing = [column for column in columns if column not in header]
+        if missing:
+            raise ValueError(f"{csv_path}: no column {', '.join(map(repr, missing))}; the columns are "
+                             f"{', '.join(header)}")
+        rows: list[Row] = []
+        dropped: list[str] = []
+        for record in reader:
+            values = {column: (record[column] or "").strip() for column in header}
+            bad = [column for column in columns if _number(values[column]) is None]
+            if bad:
+                dropped.append(f"line {reader.line_num} ({', '.join(bad)})")
+                continue
+            row: Row = {}
+            for column, text in values.items():
+                number = _number(text)
+                row[column] = text if number is None else number
+            rows.append(row)
+    if dropped:
+        logger.warning("%s: dropped %d row(s) with an empty or non-numeric value: %s", csv_path, len(dropped),
+                       "; ".join(dropped))
+    if len(rows) < 3:
+        raise ValueError(f"{csv_path}: {len(rows)} usable row(s) for {', '.join(columns)}; a correlation needs "
+                         f"at least 3")
+    return rows
+
+
+def plot_scatter(rows: Sequence[Mapping[str, str | float]], x: str, y: str, path: str | Path, *,
+                 result: Mapping[str, object] | None = None) -> Path:
+    """Scatter plot of ``y`` against ``x`` with the least-squares line and r and p in the title; points are coloured
+    by their ``model`` column and annotated with their ``layer`` when the table has them. Writes a PNG to ``path``
+    without touching matplotlib's global backend (a ``Figure`` with its own Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x_values = np.array([float(row[x]) for row in rows])
+    y_values = np.array([float(row[y]) for row in rows])
+    result = result if result is not None else correlate(x_values, y_values)
+    figure = Figure(figsize=(6.0, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    models = [str(row.get("model", "")) for row in rows]
+    for model in dict.fromkeys(models):  # first-seen order, so colours follow the table
+        chosen = [index for index, name in enumerate(models) if name == model]
+        axes.scatter(x_values[chosen], y_values[chosen], label=model or None, s=28)
+    if all("layer" in row for row in rows):
+        for row, x_value, y_value in zip(rows, x_values, y_values, strict=True):
+            layer = row["layer"]
+            text = f"{int(layer)}" if isinstance(layer, float) and layer.is_integer() else str(layer)
+            axes.annotate(text, (x_value, y_value), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ends = np.array([x_values.min(), x_values.max()])
+    axes.plot(ends, float(result["intercept"]) + float(result["slope"]) * ends, color="black", linewidth=1)
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    axes.set_title(f"{y} vs {x}: r = {float(result['pearson_r']):.3f}, p = {float(result['pearson_p']):.2g} "
+                   f"(n = {result['n']})")
+    if any(models):
+        axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path

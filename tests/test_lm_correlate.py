@@ -1,0 +1,181 @@
+"""Correlation study: statistics against numpy's own formulas, the table reader, the plot, the CLI, and the paper's
+32-point correlations recomputed from ``../shared/spec/paper-results``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from scipy.stats import t as student_t
+
+from conftest import SHARED
+from spidr import cli
+from spidr.lm.correlate import correlate, plot_scatter, read_table
+
+PAPER_RESULTS = SHARED / "spec" / "paper-results"
+requires_paper_results = pytest.mark.skipif(not (PAPER_RESULTS / "spoken-lm.csv").is_file(),
+                                             reason=f"{PAPER_RESULTS} is absent (no ../shared)")
+
+
+def test_pearson_spearman_and_line_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=25)
+    y = 0.7 * x + rng.normal(scale=0.5, size=25)
+    result = correlate(x, y)
+    r = np.corrcoef(x, y)[0, 1]
+    assert result["n"] == 25
+    assert result["pearson_r"] == pytest.approx(r, rel=1e-12)
+    # p of r under H0: t = r √((n − 2) / (1 − r²)) with n − 2 degrees of freedom, two-sided.
+    t = r * math.sqrt(23 / (1 - r * r))
+    assert result["pearson_p"] == pytest.approx(2 * student_t.sf(abs(t), 23), rel=1e-6)
+    ranks_x, ranks_y = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))  # no ties in continuous data
+    assert result["spearman_rho"] == pytest.approx(np.corrcoef(ranks_x, ranks_y)[0, 1], rel=1e-12)
+    slope, intercept = np.polyfit(x, y, 1)
+    assert result["slope"] == pytest.approx(slope, rel=1e-9)
+    assert result["intercept"] == pytest.approx(intercept, rel=1e-9, abs=1e-12)
+    low, high = result["pearson_r_ci95"]
+    assert -1 <= low < r < high <= 1
+    assert correlate(x, y)["pearson_r_ci95"] == [low, high]  # seeded
+    assert correlate(x, y, seed=1)["pearson_r_ci95"] != [low, high]
+
+
+def test_hand_made_perfect_and_monotone_cases() -> None:
+    result = correlate([1, 2, 3, 4], [10, 8, 6, 4])
+    assert result["pearson_r"] == pytest.approx(-1.0)
+    assert result["spearman_rho"] == pytest.approx(-1.0)
+    assert (result["slope"], result["intercept"]) == (pytest.approx(-2.0), pytest.approx(12.0))
+    # Monotone but not linear: ρ = 1 while r < 1.
+    cubic = correlate([1, 2, 3, 4, 5], [1, 8, 27, 64, 125])
+    assert cubic["spearman_rho"] == pytest.approx(1.0)
+    assert cubic["pearson_r"] == pytest.approx(np.corrcoef([1, 2, 3, 4, 5], [1, 8, 27, 64, 125])[0, 1])
+    assert cubic["pearson_r"] < 0.99
+
+
+def test_correlate_refuses_degenerate_input() -> None:
+    with pytest.raises(ValueError, match="at least 3 points, got 2"):
+        correlate([1, 2], [3, 4])
+    with pytest.raises(ValueError, match="same length"):
+        correlate([1, 2, 3], [3, 4])
+    with pytest.raises(ValueError, match="x is constant"):
+        correlate([1, 1, 1], [3, 4, 5])
+    with pytest.raises(ValueError, match="finite"):
+        correlate([1, 2, math.nan], [3, 4, 5])
+
+
+def write_table(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_read_table_keeps_labels_and_drops_bad_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_table(tmp_path / "t.csv", ["model", "layer", "abx", "pnmi", "note"], [
+        ["spidr", 1, 5.0, 0.5, "x"], ["spidr", 2, "", 0.6, ""], ["hubert", 3, 4.0, "n/a", ""],
+        ["hubert", 4, 3.0, 0.7, ""], ["hubert", 5, 2.0, 0.8, ""], ["wavlm", 6, 1.0, "", ""]])
+    with caplog.at_level(logging.WARNING):
+        rows = read_table(path, ["abx", "pnmi"])
+    assert rows[0] == {"model": "spidr", "layer": 1.0, "abx": 5.0, "pnmi": 0.5, "note": "x"}
+    assert [row["layer"] for row in rows] == [1.0, 4.0, 5.0]
+    assert "dropped 3 row(s)" in caplog.text
+    assert "line 3 (abx); line 4 (pnmi); line 7 (pnmi)" in caplog.text
+    assert len(read_table(path, ["abx"])) == 5  # only the chosen columns matter
+    with pytest.raises(ValueError, match=r"no column 'swuggy'; the columns are model, layer, abx, pnmi, note"):
+        read_table(path, ["abx", "swuggy"])
+    small = write_table(tmp_path / "small.csv", ["abx", "pnmi"], [[1, 2], [2, ""], [3, 4]])
+    with pytest.raises(ValueError, match="2 usable row"):
+        read_table(small, ["abx", "pnmi"])
+
+
+def test_plot_leaves_the_backend_alone(tmp_path: Path) -> None:
+    backend = matplotlib.get_backend()
+    rows = [{"model": model, "layer": float(layer), "abx": float(layer), "lm": 60.0 - layer + (layer % 2)}
+            for model in ("a", "b") for layer in range(1, 6)]
+    path = plot_scatter(rows, "abx", "lm", tmp_path / "plots" / "lm_vs_abx.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == backend
+    plot_scatter([{"abx": 1.0, "lm": 2.0}, {"abx": 2.0, "lm": 1.0}, {"abx": 3.0, "lm": 3.5}], "abx", "lm",
+                 tmp_path / "plain.png")  # no model or layer column
+    assert (tmp_path / "plain.png").is_file()
+
+
+def test_cli_single_and_several_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_table(tmp_path / "runs.csv", ["model", "layer", "abx", "pnmi", "lm", "slm"],
+                       [["m", layer, 10 - layer, 0.1 * layer, 50 + 2 * layer + (layer % 3), 50 + (layer % 4)]
+                        for layer in range(1, 9)])
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert isinstance(single, dict)
+    assert {"n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p", "slope", "intercept"} <= single.keys()
+    assert single["n"] == 8
+    assert single["pearson_r"] < -0.9
+    assert not list(tmp_path.glob("*.png"))  # --json alone writes no plot
+    assert cli.main(["lm-correlate", str(path), "--x", "abx,pnmi", "--y", "lm,slm", "--json"]) == 0
+    several = json.loads(capsys.readouterr().out)
+    assert [(entry["x"], entry["y"]) for entry in several] == [("abx", "lm"), ("pnmi", "lm"), ("abx", "slm"),
+                                                               ("pnmi", "slm")]
+    assert several[0]["pearson_r"] == single["pearson_r"]
+    # Without --json: a table, and a plot next to the table.
+    assert cli.main(["lm-correlate", str(path), "--x", "pnmi", "--y", "lm"]) == 0
+    out = capsys.readouterr().out
+    assert "pearson r" in out
+    assert (tmp_path / "runs_lm_vs_pnmi.png").is_file()
+    assert cli.main(["lm-correlate", str(path), "--x", "abx,pnmi", "--y", "lm", "--plot",
+                     str(tmp_path / "p" / "corr.png")]) == 0
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"corr_lm_vs_abx.png", "corr_lm_vs_pnmi.png"}
+    capsys.readouterr()
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "missing"]) == 2
+    assert "spidr lm-correlate: error:" in capsys.readouterr().err
+
+
+def paper_points() -> list[dict[str, object]]:
+    """The paper's 32 (model, layer) points at 6,000 h and V = 256, with discrete ABX averaged over its four rows
+    (dev-clean/dev-other × within/across) and PNMI."""
+    wanted = [("spidr_codebooks", layer) for layer in range(5, 13)]
+    wanted += [(model, layer) for model in ("spidr_kmeans", "hubert_kmeans") for layer in range(1, 13)]
+    with (PAPER_RESULTS / "spoken-lm.csv").open() as handle:
+        lm = {(row["model"], int(row["layer"]), row["metric"]): float(row["score"]) for row in csv.DictReader(handle)
+              if row["hours"] == "6000" and row["num_units"] == "256"}
+    abx = defaultdict(list)
+    with (PAPER_RESULTS / "abx-discrete.csv").open() as handle:
+        for row in csv.DictReader(handle):
+            abx[row["model"], int(row["layer"])].append((row["dataset"], row["speaker"], float(row["score"])))
+    with (PAPER_RESULTS / "units-quality.csv").open() as handle:
+        pnmi = {(row["model"], int(row["layer"])): float(row["score"]) for row in csv.DictReader(handle)
+                if row["metric"] == "pnmi"}
+    points = []
+    for model, layer in wanted:
+        conditions = abx[model, layer]
+        assert sorted((dataset, speaker) for dataset, speaker, _ in conditions) == [
+            ("dev-clean", "across"), ("dev-clean", "within"), ("dev-other", "across"), ("dev-other", "within")]
+        points.append({"model": model, "layer": layer,
+                       "abx_discrete": float(np.mean([score for _, _, score in conditions])),
+                       "pnmi": pnmi[model, layer], "swuggy_all": lm[model, layer, "swuggy_all"]})
+    return points
+
+
+@requires_paper_results
+def test_paper_correlations_from_the_result_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    points = paper_points()
+    path = write_table(tmp_path / "paper.csv", list(points[0]), [list(point.values()) for point in points])
+    assert cli.main(["lm-correlate", str(path), "--x", "abx_discrete", "--y", "swuggy_all", "--json"]) == 0
+    abx = json.loads(capsys.readouterr().out)
+    assert abx["n"] == 32
+    assert abx["pearson_r"] == pytest.approx(-0.85, abs=0.005)  # measured −0.8487
+    assert abx["pearson_p"] < 1e-6
+    assert abx["spearman_rho"] == pytest.approx(-0.90, abs=0.005)
+    assert cli.main(["lm-correlate", str(path), "--x", "pnmi", "--y", "swuggy_all", "--json"]) == 0
+    pnmi = json.loads(capsys.readouterr().out)
+    assert pnmi["n"] == 32
+    assert pnmi["pearson_r"] == pytest.approx(0.845, abs=0.005)  # measured +0.8454
+    assert pnmi["spearman_rho"] == pytest.approx(0.91, abs=0.005)
+    low, high = pnmi["pearson_r_ci95"]
+    assert 0 < low < pnmi["pearson_r"] < high < 1
