@@ -365,7 +365,7 @@ def test_cache_is_reused_and_other_parameters_refused(tmp_path: Path, monkeypatc
     need("kal16")
     out = tmp_path / "c"
     first = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
-    monkeypatch.setattr(synth, "_run", lambda *a: pytest.fail("re-synthesised a cached corpus"))
+    monkeypatch.setattr(synth, "run_tasks", lambda *a: pytest.fail("re-synthesised a cached corpus"))
     monkeypatch.setattr(voices, "is_available", lambda voice: False)  # reuse needs no engine
     assert synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1) == first
     with pytest.raises(ValueError, match=r"other parameters.*num_utterances_per_voice"):

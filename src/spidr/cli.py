@@ -15,18 +15,20 @@ from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
 from spidr.eval import commands as eval_commands
 from spidr.eval import pipeline_commands
+from spidr.lm import commands as lm_commands
 from spidr.lm import eval_commands as lm_eval_commands
 from spidr.models import commands as model_commands
 from spidr.train import commands as train_commands
 
-AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands, demo,
-         lm_eval_commands)
+AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands,
+         lm_commands, lm_eval_commands, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spidr",
-        description="SpidR / DinoSR self-supervised speech models: pretrain, load, extract, evaluate.",
+        description="SpidR / DinoSR self-supervised speech models: pretrain, load, extract, evaluate, and model "
+        "spoken language on their units.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

@@ -95,7 +95,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0912
     raise TypeError(f"no coercion rule for {annotation!r} ({where})")
 
 
-def _check_fields(obj: Any, section: str) -> None:
+def check_fields(obj: Any, section: str) -> None:
     """Coerce every field of a frozen dataclass in place to its annotated type (names the field on error)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -103,12 +103,12 @@ def _check_fields(obj: Any, section: str) -> None:
         object.__setattr__(obj, f.name, value)
 
 
-def _require(condition: bool, message: str) -> None:  # noqa: FBT001
+def require(condition: bool, message: str) -> None:  # noqa: FBT001
     if not condition:
         raise ValueError(message)
 
 
-def _from_mapping(cls: type, data: dict[str, Any], section: str) -> Any:
+def from_mapping(cls: type, data: dict[str, Any], section: str) -> Any:
     """Build ``cls`` from a mapping, refusing unknown keys with the list of allowed ones."""
     if not isinstance(data, dict):
         raise ValueError(f"[{section}] must be a table, got {data!r}")
@@ -147,12 +147,12 @@ class MaskingConfig:
     min_masks: int = 2  # (spidr addition) hard-coded to 2 in the official code, 1 in fairseq DinoSR
 
     def __post_init__(self) -> None:
-        _check_fields(self, "masking")
-        _require(0.0 <= self.mask_prob <= 1.0, f"masking.mask_prob = {self.mask_prob} must be in [0, 1]")
-        _require(self.mask_length >= 1, f"masking.mask_length = {self.mask_length} must be >= 1")
-        _require(self.mask_min_space >= 0, f"masking.mask_min_space = {self.mask_min_space} must be >= 0")
-        _require(self.min_masks >= 0, f"masking.min_masks = {self.min_masks} must be >= 0")
-        _require(
+        check_fields(self, "masking")
+        require(0.0 <= self.mask_prob <= 1.0, f"masking.mask_prob = {self.mask_prob} must be in [0, 1]")
+        require(self.mask_length >= 1, f"masking.mask_length = {self.mask_length} must be >= 1")
+        require(self.mask_min_space >= 0, f"masking.mask_min_space = {self.mask_min_space} must be >= 0")
+        require(self.min_masks >= 0, f"masking.min_masks = {self.min_masks} must be >= 0")
+        require(
             self.mask_channel_prob == 0.0,
             f"masking.mask_channel_prob = {self.mask_channel_prob} is not supported: channel masking is never "
             "applied by SpidR/DinoSR; set it to 0",
@@ -206,14 +206,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         section = "model"
-        _check_fields(self, section)
+        check_fields(self, section)
         for i, (channels, kernel, stride) in enumerate(self.extractor_conv_layer_config):
-            _require(
+            require(
                 channels >= 1 and kernel >= 1 and stride >= 1,
                 f"{section}.extractor_conv_layer_config[{i}] = {[channels, kernel, stride]} must hold positive "
                 "[channels, kernel, stride]",
             )
-        _require(
+        require(
             len(self.extractor_conv_layer_config) >= 1,
             f"{section}.extractor_conv_layer_config is empty; expected at least one [channels, kernel, stride]",
         )
@@ -221,34 +221,34 @@ class ModelConfig:
                      "codebook_size", "num_codebooks", "encoder_pos_conv_depth", "encoder_pos_conv_groups",
                      "encoder_pos_conv_kernel"):
             value = getattr(self, name)
-            _require(value >= 1, f"{section}.{name} = {value} must be >= 1")
-        _require(
+            require(value >= 1, f"{section}.{name} = {value} must be >= 1")
+        require(
             self.encoder_embed_dim % self.encoder_num_heads == 0,
             f"{section}.encoder_embed_dim = {self.encoder_embed_dim} must be divisible by "
             f"{section}.encoder_num_heads = {self.encoder_num_heads}",
         )
-        _require(
+        require(
             self.encoder_embed_dim % self.encoder_pos_conv_groups == 0,
             f"{section}.encoder_embed_dim = {self.encoder_embed_dim} must be divisible by "
             f"{section}.encoder_pos_conv_groups = {self.encoder_pos_conv_groups}",
         )
-        _require(
+        require(
             self.num_codebooks <= self.encoder_num_layers,
             f"{section}.num_codebooks = {self.num_codebooks} must be <= {section}.encoder_num_layers = "
             f"{self.encoder_num_layers} (one codebook per top layer)",
         )
-        _require(self.codebook_size >= 2, f"{section}.codebook_size = {self.codebook_size} must be >= 2")
+        require(self.codebook_size >= 2, f"{section}.codebook_size = {self.codebook_size} must be >= 2")
         for name in ("encoder_projection_dropout", "encoder_attention_dropout", "encoder_ff_interm_dropout",
                      "encoder_dropout", "encoder_layer_drop", "codebook_decay", "ema_start_decay",
                      "ema_final_decay"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"{section}.{name} = {value} must be in [0, 1]")
-        _require(self.ema_final_step >= 1, f"{section}.ema_final_step = {self.ema_final_step} must be >= 1")
-        _require(self.freeze_step >= 0, f"{section}.freeze_step = {self.freeze_step} must be >= 0")
-        _require(
+            require(0.0 <= value <= 1.0, f"{section}.{name} = {value} must be in [0, 1]")
+        require(self.ema_final_step >= 1, f"{section}.ema_final_step = {self.ema_final_step} must be >= 1")
+        require(self.freeze_step >= 0, f"{section}.freeze_step = {self.freeze_step} must be >= 0")
+        require(
             self.feature_grad_mult >= 0.0, f"{section}.feature_grad_mult = {self.feature_grad_mult} must be >= 0"
         )
-        _require(
+        require(
             self.codebook_dead_threshold >= 0.0,
             f"{section}.codebook_dead_threshold = {self.codebook_dead_threshold} must be >= 0",
         )
@@ -277,8 +277,8 @@ class SpidRConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.ema_timescale >= 1, f"model.ema_timescale = {self.ema_timescale} must be >= 1")
-        _require(self.ema_threshold >= 0.0, f"model.ema_threshold = {self.ema_threshold} must be >= 0")
+        require(self.ema_timescale >= 1, f"model.ema_timescale = {self.ema_timescale} must be >= 1")
+        require(self.ema_threshold >= 0.0, f"model.ema_threshold = {self.ema_threshold} must be >= 0")
 
     @property
     def model_type(self) -> ModelType:
@@ -321,21 +321,21 @@ class OptimizerConfig:
     feature_encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_fields(self, "optimizer")
-        _require(self.lr > 0, f"optimizer.lr = {self.lr} must be > 0")
+        check_fields(self, "optimizer")
+        require(self.lr > 0, f"optimizer.lr = {self.lr} must be > 0")
         for i, beta in enumerate(self.betas):
-            _require(0.0 <= beta < 1.0, f"optimizer.betas[{i}] = {beta} must be in [0, 1)")
-        _require(self.eps > 0, f"optimizer.eps = {self.eps} must be > 0")
-        _require(self.weight_decay >= 0, f"optimizer.weight_decay = {self.weight_decay} must be >= 0")
-        _require(self.max_norm > 0, f"optimizer.max_norm = {self.max_norm} must be > 0")
+            require(0.0 <= beta < 1.0, f"optimizer.betas[{i}] = {beta} must be in [0, 1)")
+        require(self.eps > 0, f"optimizer.eps = {self.eps} must be > 0")
+        require(self.weight_decay >= 0, f"optimizer.weight_decay = {self.weight_decay} must be >= 0")
+        require(self.max_norm > 0, f"optimizer.max_norm = {self.max_norm} must be > 0")
         for name in ("max_steps", "grad_accum_steps", "rsqrt_timescale"):
-            _require(getattr(self, name) >= 1, f"optimizer.{name} = {getattr(self, name)} must be >= 1")
+            require(getattr(self, name) >= 1, f"optimizer.{name} = {getattr(self, name)} must be >= 1")
         for name in ("warmup_steps", "hold_steps", "decay_steps", "rsqrt_shift"):
-            _require(getattr(self, name) >= 0, f"optimizer.{name} = {getattr(self, name)} must be >= 0")
+            require(getattr(self, name) >= 0, f"optimizer.{name} = {getattr(self, name)} must be >= 0")
         for name in ("init_lr_scale", "final_lr_scale"):
             value = getattr(self, name)
-            _require(0.0 < value <= 1.0, f"optimizer.{name} = {value} must be in (0, 1]")
-        _require(self.feature_encoder_lr_scale >= 0.0,
+            require(0.0 < value <= 1.0, f"optimizer.{name} = {value} must be in (0, 1]")
+        require(self.feature_encoder_lr_scale >= 0.0,
                  f"optimizer.feature_encoder_lr_scale = {self.feature_encoder_lr_scale} must be >= 0")
 
 
@@ -363,22 +363,22 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         section = "data"
-        _check_fields(self, section)
+        check_fields(self, section)
         for name in ("num_buckets", "min_sample_size", "max_sample_size", "max_batch_length"):
-            _require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
-        _require(self.num_workers >= 0, f"{section}.num_workers = {self.num_workers} must be >= 0")
-        _require(self.prefetch_factor >= 1, f"{section}.prefetch_factor = {self.prefetch_factor} must be >= 1")
-        _require(
+            require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
+        require(self.num_workers >= 0, f"{section}.num_workers = {self.num_workers} must be >= 0")
+        require(self.prefetch_factor >= 1, f"{section}.prefetch_factor = {self.prefetch_factor} must be >= 1")
+        require(
             self.min_sample_size <= self.max_sample_size,
             f"{section}.min_sample_size = {self.min_sample_size} must be <= {section}.max_sample_size = "
             f"{self.max_sample_size}",
         )
-        _require(
+        require(
             self.max_batch_length >= self.min_sample_size,
             f"{section}.max_batch_length = {self.max_batch_length} must be >= {section}.min_sample_size = "
             f"{self.min_sample_size} (no utterance would fit in a batch)",
         )
-        _require(
+        require(
             0.0 <= self.max_bad_fraction <= 1.0,
             f"{section}.max_bad_fraction = {self.max_bad_fraction} must be in [0, 1]",
         )
@@ -415,8 +415,8 @@ class RunConfig:
         if self.slurm_validation is not None and not isinstance(self.slurm_validation, dict):
             raise ValueError(f"{section}.slurm_validation = {self.slurm_validation!r} must be a table")
         for name in ("log_interval", "save_interval", "max_consecutive_nonfinite"):
-            _require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
-        _require(
+            require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
+        require(
             self.keep_latest == -1 or self.keep_latest >= 1,
             f"{section}.keep_latest = {self.keep_latest} must be -1 (keep all) or >= 1",
         )
@@ -440,10 +440,10 @@ class Config:
 
     def __post_init__(self) -> None:
         for name in ("workdir", "wandb_project", "wandb_name"):
-            _require(bool(getattr(self.run, name)), f"run.{name} is required (the run directory is "
+            require(bool(getattr(self.run, name)), f"run.{name} is required (the run directory is "
                      "<workdir>/<wandb_project>/<wandb_name>)")
-        _require(bool(self.data.manifest), "data.manifest is required (a .csv, .tsv or .jsonl manifest)")
-        _require(
+        require(bool(self.data.manifest), "data.manifest is required (a .csv, .tsv or .jsonl manifest)")
+        require(
             self.model.model_type == self.run.model_type,
             f"run.model_type = {self.run.model_type!r} does not match the model section's class "
             f"{type(self.model).__name__}",
@@ -466,7 +466,7 @@ _SECTIONS = ("run", "data", "model", "optimizer", "masking", "validation")
 def model_config_from_dict(data: dict[str, Any], model_type: ModelType) -> ModelConfig:
     """Build a model config from a dict (e.g. a fixture JSON; a ``__class__`` entry is ignored)."""
     data = {k: v for k, v in data.items() if k != "__class__"}
-    return _from_mapping(model_config_class(model_type), data, "model")
+    return from_mapping(model_config_class(model_type), data, "model")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -475,19 +475,19 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(unknown)}; allowed sections: {', '.join(_SECTIONS)}")
-    run = _from_mapping(RunConfig, data.get("run", {}), "run")
+    run = from_mapping(RunConfig, data.get("run", {}), "run")
     validation_tables = data.get("validation", {})
     if not isinstance(validation_tables, dict):
         raise ValueError(f"[validation] must be a table of named data sets, got {validation_tables!r}")
     validation = {
-        name: _from_mapping(DataConfig, table, f"validation.{name}") for name, table in validation_tables.items()
+        name: from_mapping(DataConfig, table, f"validation.{name}") for name, table in validation_tables.items()
     }
     return Config(
         run=run,
-        data=_from_mapping(DataConfig, data.get("data", {}), "data"),
+        data=from_mapping(DataConfig, data.get("data", {}), "data"),
         model=model_config_from_dict(data.get("model", {}), run.model_type),
-        optimizer=_from_mapping(OptimizerConfig, data.get("optimizer", {}), "optimizer"),
-        masking=_from_mapping(MaskingConfig, data.get("masking", {}), "masking"),
+        optimizer=from_mapping(OptimizerConfig, data.get("optimizer", {}), "optimizer"),
+        masking=from_mapping(MaskingConfig, data.get("masking", {}), "masking"),
         validation=validation,
     )
 

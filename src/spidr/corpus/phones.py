@@ -14,6 +14,7 @@ from functools import cache
 from importlib import resources
 
 SILENCE = "SIL"
+PAUSE = "_"  # a pause inside a pronunciation given to an engine (between the words of a word list)
 
 
 class UnmappedPhoneError(ValueError):
@@ -40,6 +41,31 @@ def radio_to_arpabet(label: str) -> str:
         return _tables()["radio_to_arpabet"][label]
     except KeyError:
         raise UnmappedPhoneError(f"flite/festival phone {label!r} has no ARPAbet mapping") from None
+
+
+# ARPAbet → espeak-ng mnemonic, for speaking a pronunciation through espeak's phoneme input. Vowels map by stress:
+# (stressed, unstressed); espeak reads the stress from a "'" (primary) or "," (secondary) mark before the vowel.
+ARPABET_TO_ESPEAK = {
+    "AA": ("A:", "A:"), "AE": ("a", "a"), "AH": ("V", "@"), "AO": ("O:", "O:"), "AW": ("aU", "aU"),
+    "AY": ("aI", "aI"), "EH": ("E", "E"), "ER": ("3:", "3"), "EY": ("eI", "eI"), "IH": ("I", "I"),
+    "IY": ("i:", "i"), "OW": ("oU", "oU"), "OY": ("OI", "OI"), "UH": ("U", "U"), "UW": ("u:", "u:"),
+    "B": "b", "CH": "tS", "D": "d", "DH": "D", "F": "f", "G": "g", "HH": "h", "JH": "dZ", "K": "k", "L": "l",
+    "M": "m", "N": "n", "NG": "N", "P": "p", "R": "r", "S": "s", "SH": "S", "T": "t", "TH": "T", "V": "v",
+    "W": "w", "Y": "j", "Z": "z", "ZH": "Z",
+}
+
+
+def arpabet_to_espeak(phone: str) -> str:
+    """One ARPAbet phone with an optional stress digit (``"AE1"``) as espeak-ng phoneme input (``"'a"``)."""
+    base, stress = phone.rstrip("012"), phone[len(phone.rstrip("012")):]
+    try:
+        mapped = ARPABET_TO_ESPEAK[base]
+    except KeyError:
+        raise UnmappedPhoneError(f"ARPAbet phone {phone!r} has no espeak-ng mnemonic") from None
+    if isinstance(mapped, str):
+        return mapped
+    stressed, unstressed = mapped
+    return {"1": "'" + stressed, "2": "," + stressed}.get(stress, unstressed)
 
 
 def is_espeak_modifier(label: str) -> bool:

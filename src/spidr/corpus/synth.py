@@ -142,8 +142,9 @@ def _run_batch(task: tuple[Voice, list[Request], Path]) -> list[Utterance | Drop
     return synthesize_batch(*task)
 
 
-def _run(tasks: list[tuple[Voice, list[Request], Path]], jobs: int) -> list[list[Utterance | Dropped]]:
-    """Run every task, in worker processes when ``jobs > 1``; results come back in task order."""
+def run_tasks(tasks: list[Any], jobs: int, worker: Any = _run_batch) -> list[list[Utterance | Dropped]]:
+    """Run ``worker`` (a module-level function) on every task, in worker processes when ``jobs > 1``; results come
+    back in task order."""
     from tqdm import tqdm
 
     progress = tqdm(total=len(tasks), desc="synthesising", unit="batch", disable=None)
@@ -151,13 +152,13 @@ def _run(tasks: list[tuple[Voice, list[Request], Path]], jobs: int) -> list[list
         if jobs == 1:
             results = []
             for task in tasks:
-                results.append(_run_batch(task))
+                results.append(worker(task))
                 progress.update()
             return results
         # spawn: workers start clean (no inherited torch threads), and espeak-ng state is per process anyway.
         with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
             results = []
-            for result in pool.imap(_run_batch, tasks):
+            for result in pool.imap(worker, tasks):
                 results.append(result)
                 progress.update()
             return results
@@ -165,7 +166,7 @@ def _run(tasks: list[tuple[Voice, list[Request], Path]], jobs: int) -> list[list
         progress.close()
 
 
-def _default_jobs() -> int:
+def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -238,7 +239,7 @@ def synthesize_corpus(
         raise ValueError(f"same_text_fraction = {same_text_fraction} must be in [0, 1]")
     if not 0.0 <= rate_jitter < 0.5:
         raise ValueError(f"rate_jitter = {rate_jitter} must be in [0, 0.5)")
-    jobs = _default_jobs() if jobs is None else jobs
+    jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs = {jobs} must be >= 1")
     parameters = {"format": FORMAT_VERSION, "voices": [voice.name for voice in selected],
@@ -254,7 +255,7 @@ def synthesize_corpus(
     requests = plan(selected, count, seed=seed, same_text_fraction=same_text_fraction, rate_jitter=rate_jitter)
     tasks = [(voice, requests[voice.name][i:i + BATCH_SIZE], out_dir / WAV_DIR)
              for i in range(0, count, BATCH_SIZE) for voice in selected]  # voices interleaved: balances slow ones
-    results = _run(tasks, jobs)
+    results = run_tasks(tasks, jobs)
     by_id = {record.utt_id: record for batch in results for record in batch}
     records = [by_id[request.utt_id] for voice in selected for request in requests[voice.name]]  # plan order
     kept = [r for r in records if isinstance(r, Utterance)]

@@ -83,8 +83,10 @@ def _finish(raw: engines.RawUtterance, voice: Voice) -> tuple[np.ndarray, list[S
     return samples, alignment.finalise(labels, len(samples), sample_rate=SAMPLE_RATE)
 
 
-def synthesize_batch(voice: Voice, requests: list[engines.Request], wav_dir: Path) -> list[Utterance | Dropped]:
-    """Synthesise ``requests`` with ``voice`` into ``wav_dir/<speaker>/<utt_id>.wav``; one record per request."""
+def synthesize_batch(voice: Voice, requests: list[engines.Request], wav_dir: Path, *,
+                     speaker_folders: bool = True) -> list[Utterance | Dropped]:
+    """Synthesise ``requests`` with ``voice`` into ``wav_dir/<speaker>/<utt_id>.wav`` (``wav_dir/<utt_id>.wav``
+    without ``speaker_folders``, the ZeroSpeech test-set layout); one record per request."""
     records: list[Utterance | Dropped] = []
     for request, raw in zip(requests, engines.synthesize(voice, requests), strict=True):
         try:
@@ -95,7 +97,8 @@ def synthesize_batch(voice: Voice, requests: list[engines.Request], wav_dir: Pat
             logger.debug("dropping %s (%s): %s", request.utt_id, request.text, error)
             records.append(Dropped(request.utt_id, voice.name, request.text, str(error)))
             continue
-        path = (wav_dir / voice.speaker / f"{request.utt_id}.wav").resolve()
+        folder = wav_dir / voice.speaker if speaker_folders else wav_dir
+        path = (folder / f"{request.utt_id}.wav").resolve()
         write_wav(path, samples)
         records.append(Utterance(request.utt_id, voice.name, voice.speaker, request.text, path, len(samples),
                                  segments))

@@ -213,7 +213,8 @@ def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
     return stems
 
 
-def _length_batches(entries: Sequence[ManifestEntry], batch_samples: int) -> Iterator[list[int]]:
+def length_batches(entries: Sequence[ManifestEntry], batch_samples: int) -> Iterator[list[int]]:
+    """Indices of ``entries`` in batches of similar length holding at most ``batch_samples`` padded samples."""
     order = sorted(range(len(entries)), key=lambda i: entries[i].num_samples)
     batch: list[int] = []
     for index in order:
@@ -260,7 +261,7 @@ def extract_to_directory(
                 units.setdefault(key, []).append({"audio": entries[index].path, "units": values.tolist()})
 
     bar = tqdm(total=len(entries), desc="extract", unit="file", disable=not progress)
-    for batch in _length_batches([entries[i] for i in short], int(settings.batch_seconds * SAMPLE_RATE)):
+    for batch in length_batches([entries[i] for i in short], int(settings.batch_seconds * SAMPLE_RATE)):
         indices = [short[i] for i in batch]
         waves, kept = [], []
         for index in indices:
@@ -302,6 +303,52 @@ def extract_to_directory(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1), encoding="utf-8")
     return metadata
+
+
+def iter_units(
+    model: torch.nn.Module,
+    entries: Sequence[ManifestEntry],
+    *,
+    layers: Sequence[int],
+    centroids: Mapping[int, torch.Tensor] | None = None,
+    batch_seconds: float = 60.0,
+    dtype: str = "float32",
+    skipped: dict[str, str] | None = None,
+) -> Iterator[tuple[ManifestEntry, dict[int, np.ndarray]]]:
+    """Discrete units of ``layers`` for every readable entry, batch by batch (nothing else is kept in memory).
+
+    A layer's units are the nearest of ``centroids[layer]`` (k-means) when given, else the arg-max of that layer's
+    prediction head (codebook units). Yields ``(entry, {layer: (T,) int64})``; unreadable files go to ``skipped``.
+    """
+    from spidr.eval.kmeans import assign_units
+
+    centroids = dict(centroids or {})
+    head_layers = set(range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1))
+    missing = sorted(layer for layer in layers if layer not in centroids and layer not in head_layers)
+    if missing:
+        raise ValueError(f"layer(s) {missing} have no codebook head (heads: {sorted(head_layers)}); give k-means "
+                         "centroids for them")
+    settings = ExtractionSettings(layers=tuple(sorted({*layers})), codebooks=any(l not in centroids for l in layers),
+                                  batch_seconds=batch_seconds, dtype=dtype)
+    model.eval()
+    for batch in length_batches(entries, int(batch_seconds * SAMPLE_RATE)):
+        waves, kept = [], []
+        for index in batch:
+            try:
+                waves.append(load_audio(entries[index], normalize=True))
+                kept.append(entries[index])
+            except AudioError as error:
+                logger.warning("skipping %s: %s", entries[index].location, error.reason)
+                if skipped is not None:
+                    skipped[entries[index].location] = error.reason
+        if not waves:
+            continue
+        for entry, result in zip(kept, extract_batch(model, waves, settings), strict=True):
+            yield entry, {
+                layer: assign_units(result[f"layer_{layer:02d}"], centroids[layer]) if layer in centroids
+                else result[f"units_{layer:02d}"].astype(np.int64)
+                for layer in layers
+            }
 
 
 class NpyAppender:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,11 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from spidr.lm.zerospeech import (
+    FREQUENCY_BANDS,
     GoldItem,
     LexicalItem,
     StoryClozeItem,
     SyntacticItem,
     check_complete,
+    frequency_band,
     read_lexical_gold,
     read_storycloze_gold,
     read_submission,
@@ -53,8 +54,6 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("lexical", "syntactic", "tsc", "ssc")
 HEADLINES = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc", "ssc")
-FREQUENCY_BANDS = (("oov", 0.0, 1.0), ("1-5", 1.0, 5.0), ("6-20", 5.0, 20.0), ("21-100", 20.0, 100.0),
-                   (">100", 100.0, math.inf))
 NUM_RESAMPLES = 1000
 
 
@@ -146,16 +145,6 @@ class TaskResult:
 def pair_score(correct: float, incorrect: float) -> float:
     """1 if the correct item scores higher, ½ on a tie, else 0 (the toolkit's ``0.5*(w == nw) + (w > nw)``)."""
     return 0.5 * (correct == incorrect) + (correct > incorrect)
-
-
-def frequency_band(frequency: float | None) -> str | None:
-    """The toolkit's band of a word frequency (intervals closed on the left), None when unknown."""
-    if frequency is None:
-        return None
-    for label, low, high in FREQUENCY_BANDS:
-        if low <= frequency < high:
-            return label
-    return None
 
 
 def bootstrap_ci(values: Sequence[float] | np.ndarray, *, num_resamples: int = NUM_RESAMPLES, seed: int = 0,

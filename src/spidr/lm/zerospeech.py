@@ -33,8 +33,23 @@ LEXICAL_COLUMNS = ("id", "filename", "voice", "frequency", "word", "phones", "le
 SYNTACTIC_COLUMNS = ("id", "filename", "voice", "type", "subtype", "transcription", "correct")
 STORYCLOZE_COLUMNS = ("id", "filename", "voice", "type", "transcription", "correct")
 
+# The toolkit's frequency bands, ``pandas.cut(frequency, [0, 1, 5, 20, 100, inf], right=False)``: a word seen 5 times
+# is in "6-20" despite the label.
+FREQUENCY_BANDS = (("oov", 0.0, 1.0), ("1-5", 1.0, 5.0), ("6-20", 5.0, 20.0), ("21-100", 20.0, 100.0),
+                   (">100", 100.0, math.inf))
+
 # ``{n}_{prefix_id}_{correct|incorrect}``: n is an integer, the prefix id may itself hold underscores.
 STORYCLOZE_STEM = re.compile(r"(?P<n>\d+)_(?P<prefix>.+)_(?P<label>correct|incorrect)")
+
+
+def frequency_band(frequency: float | None) -> str | None:
+    """The toolkit's band of a word frequency (intervals closed on the left), None when unknown."""
+    if frequency is None:
+        return None
+    for label, low, high in FREQUENCY_BANDS:
+        if low <= frequency < high:
+            return label
+    return None
 
 
 @dataclass(frozen=True)

@@ -16,24 +16,19 @@ CPU, bitwise identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import random
-import signal
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from spidr.config import Config, RunConfig
+from spidr.config import Config
 from spidr.data.loader import build_dataloader
 from spidr.distributed import all_reduce_sum, world_size
 from spidr.models.build import build_model
@@ -56,12 +51,12 @@ from spidr.train.environment import (
 from spidr.train.metrics import MetricsLogger, RunningMeans
 from spidr.train.optim import build_optimizer, build_scheduler, remove_frozen_group
 from spidr.train.precision import Precision, resolve_precision
+from spidr.train.runtime import StopFlag, configure_numerics, seed_everything, write_config
 from spidr.train.validate import validate
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # kill/time-out/pre-emption notices: save, then exit
 Outcome = Literal["completed", "interrupted"]
 
 
@@ -206,15 +201,15 @@ def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on
     with contextlib.ExitStack() as cleanup:
         # After an error, other ranks may never reach a barrier: tear down without one.
         cleanup.push(lambda error_type, *_: destroy_distributed(wait=error_type is None))
-        _configure_numerics(cfg.run, device)
+        configure_numerics(device, deterministic=cfg.run.use_deterministic)
         run_dir = cfg.run.run_dir
         if denv.is_main:
-            _write_config(cfg, run_dir)
+            write_config(cfg.to_dict(), run_dir)
 
         # Identical initial weights on every rank (seeded with the run seed), then one RNG stream per rank.
         torch.manual_seed(cfg.run.random_seed)
         raw_model = build_model(cfg.model).to(device)
-        _seed_everything(cfg.run.random_seed + denv.rank)
+        seed_everything(cfg.run.random_seed + denv.rank)
         precision = resolve_precision(cfg.optimizer.dtype, device)
         scaler = precision.make_scaler()
         loader, sampler = build_dataloader(
@@ -248,7 +243,7 @@ def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on
             _restore_rank_state(state, sampler, denv)
             del state  # the optimizer and model hold copies; free the loaded tensors
 
-        metrics_logger = MetricsLogger(cfg, enabled=denv.is_main, start_step=step)
+        metrics_logger = MetricsLogger.for_pretraining(cfg, enabled=denv.is_main, start_step=step)
         cleanup.callback(metrics_logger.close)
         validation = _validation_loaders(cfg, denv)
 
@@ -271,7 +266,7 @@ def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on
             return outcome
 
         model = _wrap(raw_model, cfg, denv, device)
-        stop = _StopFlag()
+        stop = StopFlag()
         cleanup.enter_context(stop.installed())
         batches = _batches(loader)
         interval = RunningMeans()
@@ -336,45 +331,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 # Set-up helpers, in the order ``train`` uses them
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _configure_numerics(run: RunConfig, device: torch.device) -> None:
-    """Full-precision fp32 matmuls (no TF32), as the reference; optional deterministic algorithms."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.benchmark = False  # variable shapes: autotuning would never pay off
-    torch.set_float32_matmul_precision("highest")
-    if run.use_deterministic:
-        torch.use_deterministic_algorithms(True)
-
-
-def _write_config(cfg: Config, run_dir: Path) -> None:
-    """``<run_dir>/config.json``; a different existing one (a resumed run with edited settings) is reported."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.json"
-    new = cfg.to_dict()
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            old = {}
-        changed = sorted(_diff(old, new))
-        if changed:
-            logger.warning("config differs from the run's previous config.json in: %s", ", ".join(changed))
-    path.write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in set(old) | set(new) for d in _diff(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 -- code may use the legacy global RNG; seed it too
-    torch.manual_seed(seed)
 
 
 def _load_initial_weights(model: nn.Module, path: str | None) -> None:
@@ -490,27 +446,3 @@ def _batches(loader: Any) -> Iterator[Any]:
             continue
         fresh = False
         yield batch
-
-
-class _StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGUSR2; the loop saves a checkpoint and returns at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        logger.warning("received %s: will save a checkpoint and stop after this step", signal.Signals(signum).name)
-        self.requested = True
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        signals = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-        previous = {sig: signal.signal(sig, self._handle) for sig in signals}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

@@ -60,12 +60,16 @@ def collapsed_codebooks(target_ppl_per_codebook: list[float], codebook_size: int
 
 
 class MetricsLogger:
-    """The main rank's sinks; on other ranks (``enabled=False``) every method is a no-op."""
+    """The main rank's sinks; on other ranks (``enabled=False``) every method is a no-op.
 
-    def __init__(self, cfg: Config, *, enabled: bool, start_step: int) -> None:
+    ``codebook_size`` turns on the collapse warning; ``wandb_cfg`` (a pretraining config) the W&B sink.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, max_steps: int,
+                 codebook_size: int | None = None, wandb_cfg: Config | None = None) -> None:
         self.enabled = enabled
-        self.codebook_size = cfg.model.codebook_size
-        self.path = cfg.run.run_dir / METRICS_FILE
+        self.codebook_size = codebook_size
+        self.path = Path(run_dir) / METRICS_FILE
         self._tensorboard = None
         self._wandb = None
         self._bar = None
@@ -75,10 +79,15 @@ class MetricsLogger:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # disable=None: a bar on terminals only; batch logs get the periodic log lines instead.
-        self._bar = tqdm(total=cfg.optimizer.max_steps, initial=start_step, unit="step", disable=None)
-        self._tensorboard = _open_tensorboard(cfg.run.run_dir / "tensorboard")
-        if cfg.run.wandb_mode != "disabled":
-            self._wandb = _open_wandb(cfg)
+        self._bar = tqdm(total=max_steps, initial=start_step, unit="step", disable=None)
+        self._tensorboard = _open_tensorboard(Path(run_dir) / "tensorboard")
+        if wandb_cfg is not None and wandb_cfg.run.wandb_mode != "disabled":
+            self._wandb = _open_wandb(wandb_cfg)
+
+    @classmethod
+    def for_pretraining(cls, cfg: Config, *, enabled: bool, start_step: int) -> MetricsLogger:
+        return cls(cfg.run.run_dir, enabled=enabled, start_step=start_step, max_steps=cfg.optimizer.max_steps,
+                   codebook_size=cfg.model.codebook_size, wandb_cfg=cfg)
 
     def progress(self, step: int, postfix: dict[str, float]) -> None:
         """Advance the bar to ``step`` with a short postfix (loss, lr, throughput)."""
@@ -104,7 +113,7 @@ class MetricsLogger:
                            and not k.startswith("active_codewords_"))
         logger.info("step %d [%s] %s", step, group, summary)
         per_codebook = values.get("target_ppl_per_codebook")
-        if isinstance(per_codebook, list):
+        if isinstance(per_codebook, list) and self.codebook_size is not None:
             collapsed = collapsed_codebooks(per_codebook, self.codebook_size)
             if collapsed:
                 logger.warning(

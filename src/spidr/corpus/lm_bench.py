@@ -1,0 +1,409 @@
+"""The synthetic spoken-LM benchmark: an LM training corpus and sWUGGY / sBLIMP / tSC stand-ins in ZeroSpeech layouts.
+
+``generate_lm_bench(out_dir, settings) -> LmBenchInfo`` plans everything from the grammar (``spidr.corpus.language``),
+draws balanced nonwords (``nonwords``) and minimal pairs (``minimal_pairs``), speaks every item *from its
+pronunciation* (flite ``-p`` / espeak-ng phoneme input, so a word and its nonword take the same path), and writes:
+
+    out_dir/train/wavs/<speaker>/<utt>.wav + manifest.csv, alignments.jsonl, frame_labels_20ms.jsonl, ...
+        (the LM training corpus, spoken by the training voices; the files of ``spidr synth-corpus``)
+    out_dir/lexical/<split>/<name>.wav + gold.csv    (id,filename,voice,frequency,word,phones,length,correct)
+    out_dir/syntactic/<split>/<name>.wav + gold.csv  (id,filename,voice,type,subtype,transcription,correct)
+    out_dir/tsc/<split>/<n>_<id>_<correct|incorrect>.wav + gold.csv  (id,filename,voice,type,transcription,correct)
+    out_dir/info.json   parameters, counts, the voices and engine versions; written last (a cache marker)
+
+Each test folder also holds ``manifest.csv`` and the frame-label files, so units (or the phone oracle) can be
+extracted from it like from any corpus. Test items are spoken by held-out voices (``test_voices``), never by a
+training voice. ``frequency`` is the word's count in the training corpus (0: out of vocabulary). The dev and test
+splits draw their own nonwords, minimal pairs and stories from the same grammar. Everything depends only on the
+settings: the same settings give byte-identical files, whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import string
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spidr import __version__
+from spidr.corpus.language import (
+    Lexicon,
+    TrainingUtterance,
+    join_with_pauses,
+    lexicon,
+    pronounce_utterance,
+    strip_stress,
+    training_utterances,
+    utterance_phones,
+)
+from spidr.corpus.minimal_pairs import story_pairs, syntactic_pairs
+from spidr.corpus.nonwords import LexicalPair, PhoneNgrams, balance, candidates, cmudict_pronunciations
+from spidr.lm.zerospeech import (
+    GoldItem,
+    LexicalItem,
+    StoryClozeItem,
+    SyntacticItem,
+    write_lexical_gold,
+    write_storycloze_gold,
+    write_syntactic_gold,
+)
+
+if TYPE_CHECKING:  # the synthesis modules (numpy, soxr, espeak) load only when a benchmark is made
+    from spidr.corpus.engines import Request
+    from spidr.corpus.utterance import Dropped, Utterance
+    from spidr.corpus.voices import Voice
+
+logger = logging.getLogger(__name__)
+
+GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold}
+
+FORMAT_VERSION = 1
+TRAIN_VOICES = ("awb", "slt", "kal16", "espeak_m1", "espeak_m3", "espeak_f1", "espeak_f3")
+TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor of the demo's SpidR
+TASKS = ("lexical", "syntactic", "tsc")
+MEAN_TRAIN_UTTERANCE_S = 5.5  # measured over the default voices; turns --train-hours into utterances
+INFO_JSON = "info.json"
+NAME_LENGTH = 11  # random file names, as in ZeroSpeech 2021 (the name must not give the answer away)
+
+
+@dataclass(frozen=True)
+class LmBenchSettings:
+    """What to generate; the defaults make the full benchmark (≈ 2 h of training speech)."""
+
+    train_utterances: int = 1300
+    train_voices: tuple[str, ...] = TRAIN_VOICES
+    test_voices: tuple[str, ...] = TEST_VOICES
+    tsc_voices: tuple[str, ...] = TEST_VOICES[:1]
+    splits: tuple[str, ...] = ("dev", "test")
+    nonwords_per_word: int = 1
+    min_word_phones: int = 3
+    syntactic_pairs_per_type: int = 40
+    tsc_pairs: int = 100
+    seed: int = 0
+    rate_jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.train_utterances < 1:
+            raise ValueError(f"train_utterances = {self.train_utterances} must be >= 1")
+        for name in ("train_voices", "test_voices", "tsc_voices", "splits"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        shared = sorted(set(self.train_voices) & (set(self.test_voices) | set(self.tsc_voices)))
+        if shared:
+            raise ValueError(f"voice(s) {', '.join(shared)} are both training and test voices; test items must be "
+                             "spoken by held-out voices")
+        unknown = sorted(set(self.splits) - {"dev", "test"})
+        if unknown:
+            raise ValueError(f"splits {unknown} are invalid: expected dev and/or test")
+        if self.nonwords_per_word < 1 or self.min_word_phones < 2 or self.tsc_pairs < 0:
+            raise ValueError("nonwords_per_word must be >= 1, min_word_phones >= 2 and tsc_pairs >= 0")
+        if not 0.0 <= self.rate_jitter < 0.5:
+            raise ValueError(f"rate_jitter = {self.rate_jitter} must be in [0, 0.5)")
+
+    def voices(self) -> list[Voice]:
+        """Every voice used, training voices first; refuses voices that cannot speak a pronunciation."""
+        from spidr.corpus.engines import PHONE_INPUT_ENGINES
+        from spidr.corpus.voices import parse_voice
+
+        names = list(dict.fromkeys([*self.train_voices, *self.test_voices, *self.tsc_voices]))
+        voices = [parse_voice(name) for name in names]
+        bad = [v.name for v in voices if v.engine not in PHONE_INPUT_ENGINES]
+        if bad:
+            raise ValueError(f"voice(s) {', '.join(bad)} cannot speak a pronunciation (festival takes text only); "
+                             "use flite or espeak-ng voices")
+        return voices
+
+
+@dataclass(frozen=True)
+class LmBenchInfo:
+    """A generated benchmark: where its parts are (``info.json`` has the rest)."""
+
+    out_dir: Path
+    parameters: dict[str, Any]
+    counts: dict[str, Any]
+
+    @property
+    def train_dir(self) -> Path:
+        return self.out_dir / "train"
+
+    def task_dir(self, task: str, split: str) -> Path:
+        return self.out_dir / task / split
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.parameters["splits"])
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> LmBenchInfo:
+        out_dir = Path(out_dir).resolve()
+        path = out_dir / INFO_JSON
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            return cls(out_dir, info["parameters"], info["counts"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} is not an info file written by spidr synth-lm-bench: {error}") from None
+
+
+def train_utterances_for_hours(hours: float) -> int:
+    """How many training utterances make about ``hours`` hours of speech."""
+    if hours <= 0:
+        raise ValueError(f"--train-hours = {hours} must be > 0")
+    return max(1, round(hours * 3600 / MEAN_TRAIN_UTTERANCE_S))
+
+
+# Planning: what every file will hold ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One wav to make: its file name, voice, what is said (label and pronunciation) and its gold row."""
+
+    filename: str
+    voice: str
+    text: str
+    pronunciation: tuple[tuple[str, ...], ...]  # an engine request's input (``engines.Request``)
+    row: GoldItem
+
+
+def _names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
+    names = []
+    while len(names) < count:
+        name = "".join(rng.choices(string.ascii_letters, k=NAME_LENGTH))
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def _training_plan(settings: LmBenchSettings, utterances: list[TrainingUtterance]) -> dict[str, list[Request]]:
+    """Training utterances dealt to the training voices in turn, each at a seeded speed."""
+    from spidr.corpus.engines import Request
+
+    voices = list(settings.train_voices)
+    speeds = {voice: random.Random(f"{settings.seed}:{voice}:rate") for voice in voices}
+    requests: dict[str, list[Request]] = {voice: [] for voice in voices}
+    for i, utterance in enumerate(utterances):
+        voice = voices[i % len(voices)]
+        rate = round(1 + speeds[voice].uniform(-settings.rate_jitter, settings.rate_jitter), 3)
+        requests[voice].append(Request(f"{voice}-{i:05d}", utterance.text, rate,
+                                       pronounce_utterance(utterance.words)))
+    return requests
+
+
+def _lexical_items(settings: LmBenchSettings, split: str, pairs: Sequence[LexicalPair],
+                   taken: set[str]) -> list[Item]:
+    rng = random.Random(f"{settings.seed}:{split}:lexical:names")
+    items = []
+    for number, pair in enumerate(pairs, start=1):
+        for voice in settings.test_voices:
+            # A nonword is spelt with its phones ("blihk"): it has no orthography.
+            prons = [(pair.word, pair.word_phones, True)] + [
+                ("".join(strip_stress(p).lower() for p in nonword), nonword, False) for nonword in pair.nonwords]
+            for (spelling, pron, correct), name in zip(prons, _names(rng, len(prons), taken), strict=True):
+                bare = [strip_stress(p) for p in pron]
+                row = LexicalItem(str(number), name, voice, pair.frequency, spelling, " ".join(bare), len(bare),
+                                  correct)
+                items.append(Item(name, voice, spelling, (pron,), row))
+    return items
+
+
+def _syntactic_items(settings: LmBenchSettings, split: str, seen: set[tuple[str, str, str]],
+                     taken: set[str]) -> list[Item]:
+    rng = random.Random(f"{settings.seed}:{split}:syntactic:names")
+    items = []
+    pairs = syntactic_pairs(f"{settings.seed}:{split}", settings.syntactic_pairs_per_type, seen_triples=seen)
+    for number, pair in enumerate(pairs, start=1):
+        for voice in settings.test_voices:
+            for words, correct, name in zip((pair.good, pair.bad), (True, False), _names(rng, 2, taken), strict=True):
+                row = SyntacticItem(str(number), name, voice, pair.type, pair.subtype, " ".join(words), correct)
+                items.append(Item(name, voice, row.transcription, pronounce_utterance(words), row))
+    return items
+
+
+def _tsc_items(settings: LmBenchSettings, split: str, seen: set[tuple[str, str, str]], lex: Lexicon) -> list[Item]:
+    def phone_count(words: tuple[str, ...]) -> int:
+        return sum(len(lex.phones(w)) for w in words)
+
+    pairs = story_pairs(f"{settings.seed}:{split}", settings.tsc_pairs, seen_triples=seen, phone_count=phone_count)
+    items = []
+    file_number = 0
+    for number, pair in enumerate(pairs, start=1):
+        for voice in settings.tsc_voices:
+            for ending, correct in ((pair.correct_ending, True), (pair.incorrect_ending, False)):
+                words = join_with_pauses([*pair.prefix, ending])
+                # The spoken StoryCloze release's naming: <n>_<story id>_<correct|incorrect>.
+                name = f"{file_number}_{number}_{'correct' if correct else 'incorrect'}"
+                file_number += 1
+                text = ". ".join(" ".join(sentence) for sentence in (*pair.prefix, ending))
+                row = StoryClozeItem(str(number), name, voice, "tsc", text, correct)
+                items.append(Item(name, voice, text, pronounce_utterance(words), row))
+    return items
+
+
+def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance], lex: Lexicon) -> dict[str, list[LexicalPair]]:
+    """Each split's words with their balanced nonwords (test nonwords differ from dev ones)."""
+    ngrams = PhoneNgrams(utterance_phones(u.words, lex) for u in utterances)
+    counts = Counter(word for u in utterances for word in u.words)
+    forbidden = set(cmudict_pronunciations()) | {lex.phones(w) for w in lex.pronunciations}
+    words = [w for w in (*lex.content_words(), *lex.oov_words) if len(lex.pronounce(w)) >= settings.min_word_phones]
+    chosen = {}
+    for split in settings.splits:
+        per_word = {}
+        for word in words:
+            rng = random.Random(f"{settings.seed}:{split}:nonwords:{word}")
+            per_word[word] = candidates(lex.pronounce(word), rng, ngrams=ngrams, forbidden=forbidden)
+        pairs = balance([(w, lex.pronounce(w), counts[w]) for w in words], per_word, ngrams,
+                        nonwords_per_word=settings.nonwords_per_word)
+        chosen[split] = pairs
+        forbidden |= {tuple(strip_stress(p) for p in nonword) for pair in pairs for nonword in pair.nonwords}
+    return chosen
+
+
+# Writing --------------------------------------------------------------------------------------------------------
+
+
+def _synthesise_items(items: list[Item], folder: Path, voices: dict[str, Voice],
+                      jobs: int) -> tuple[list[Utterance], list[GoldItem], int]:
+    """Speak each distinct (voice, pronunciation) once into ``folder``, copy it to every file that says the same, and
+    return the utterances and gold rows that survived: a pair that lost one file loses its partners too."""
+    from spidr.corpus.engines import Request
+    from spidr.corpus.synth import BATCH_SIZE, run_tasks
+    from spidr.corpus.utterance import Utterance
+
+    folder.mkdir(parents=True, exist_ok=True)
+    first: dict[tuple[str, tuple], Item] = {}
+    for item in items:
+        first.setdefault((item.voice, item.pronunciation), item)
+    requests: dict[str, list[Request]] = {}
+    for item in first.values():
+        requests.setdefault(item.voice, []).append(Request(item.filename, item.text, 1.0, item.pronunciation))
+    tasks = [(voices[v], reqs[i:i + BATCH_SIZE], folder, False) for v, reqs in requests.items()
+             for i in range(0, len(reqs), BATCH_SIZE)]
+    made = {r.utt_id: r for batch in run_tasks(tasks, jobs, _synthesise_task) for r in batch}
+    spoken: dict[str, Utterance] = {}
+    for item in items:
+        source = made[first[(item.voice, item.pronunciation)].filename]
+        if isinstance(source, Utterance):
+            path = (folder / f"{item.filename}.wav").resolve()
+            if path != source.path:
+                shutil.copyfile(source.path, path)
+            spoken[item.filename] = Utterance(item.filename, source.voice, source.speaker, item.text, path,
+                                              source.num_samples, source.segments)
+    size = Counter((item.row.id, item.voice) for item in items)
+    alive = Counter((item.row.id, item.voice) for item in items if item.filename in spoken)
+    kept = [item for item in items if alive[(item.row.id, item.voice)] == size[(item.row.id, item.voice)]]
+    for item in items:
+        if item.filename in spoken and alive[(item.row.id, item.voice)] != size[(item.row.id, item.voice)]:
+            spoken.pop(item.filename).path.unlink()
+    return [spoken[item.filename] for item in kept], [item.row for item in kept], len(items) - len(kept)
+
+
+def _synthesise_task(task: tuple[Voice, list[Request], Path, bool]) -> list[Utterance | Dropped]:
+    from spidr.corpus.utterance import synthesize_batch
+
+    voice, requests, folder, speaker_folders = task
+    return synthesize_batch(voice, requests, folder, speaker_folders=speaker_folders)
+
+
+def _engine_versions() -> dict[str, str]:
+    versions = {}
+    for name, command in (("flite", ["flite", "--version"]), ("espeak-ng", ["espeak-ng", "--version"])):
+        try:
+            versions[name] = subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            versions[name] = "missing"
+    return versions
+
+
+def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSettings(), *, jobs: int | None = None,
+                      overwrite: bool = False) -> LmBenchInfo:
+    """Make the benchmark in ``out_dir`` (or reuse the one made there with the same settings)."""
+    from spidr.corpus import outputs
+    from spidr.corpus.synth import BATCH_SIZE, default_jobs, run_tasks
+    from spidr.corpus.utterance import Utterance
+    from spidr.corpus.voices import require_available
+
+    out_dir = Path(out_dir).resolve()
+    if any(char in str(out_dir) for char in ",\t\n"):
+        raise ValueError(f"output directory {str(out_dir)!r} contains a comma, tab or newline; choose another path")
+    parameters = {"format": FORMAT_VERSION, **json.loads(json.dumps(asdict(settings)))}
+    cached = _reuse(out_dir, parameters, overwrite=overwrite)
+    if cached is not None:
+        return cached
+    voices = {voice.name: voice for voice in settings.voices()}
+    require_available(list(voices.values()))
+    jobs = default_jobs() if jobs is None else jobs
+    started = time.perf_counter()
+    for name in ("train", *TASKS, INFO_JSON):
+        path = out_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    lex = lexicon()
+    utterances = training_utterances(str(settings.seed), settings.train_utterances, lex)
+    seen = {triple for u in utterances for triple in u.triples}
+    lexical = plan_lexical(settings, utterances, lex)
+    counts: dict[str, Any] = {}
+
+    train_requests = _training_plan(settings, utterances)
+    train_dir = out_dir / "train"
+    tasks = [(voices[v], reqs[i:i + BATCH_SIZE], train_dir / "wavs", True) for v, reqs in train_requests.items()
+             for i in range(0, len(reqs), BATCH_SIZE)]
+    records = [r for batch in run_tasks(tasks, jobs, _synthesise_task) for r in batch]
+    kept = [r for r in records if isinstance(r, Utterance)]
+    outputs.write_all(train_dir, kept, [voices[v] for v in settings.train_voices])
+    counts["train"] = {"utterances": len(kept), "dropped": len(records) - len(kept),
+                       "hours": round(sum(u.num_samples for u in kept) / 16000 / 3600, 4),
+                       "word_tokens": sum(1 for u in utterances for w in u.words if w in lex.pronunciations)}
+
+    taken: set[str] = set()
+    for split in settings.splits:
+        plans = {
+            "lexical": (_lexical_items(settings, split, lexical[split], taken), settings.test_voices),
+            "syntactic": (_syntactic_items(settings, split, seen, taken), settings.test_voices),
+            "tsc": (_tsc_items(settings, split, seen, lex), settings.tsc_voices),
+        }
+        for task, (items, task_voices) in plans.items():
+            if not items:
+                continue
+            folder = out_dir / task / split
+            made, rows, dropped = _synthesise_items(items, folder, voices, jobs)
+            outputs.write_all(folder, made, [voices[v] for v in task_voices])
+            GOLD_WRITERS[task](folder / "gold.csv", rows)
+            counts[f"{task}/{split}"] = {"files": len(rows), "pairs": len({r.id for r in rows}),
+                                         "dropped_files": dropped,
+                                         "hours": round(sum(u.num_samples for u in made) / 16000 / 3600, 4)}
+            if dropped:
+                logger.warning("%s/%s: %d files left out (a synthesis failed in their pair)", task, split, dropped)
+
+    info = {"format": FORMAT_VERSION, "spidr_version": __version__, "parameters": parameters, "counts": counts,
+            "engines": _engine_versions(),
+            "voices": {v.name: {"engine": v.engine, "speaker": v.speaker, "person": v.person} for v in voices.values()}}
+    outputs.write_text(out_dir / INFO_JSON, [json.dumps(info, indent=1)])
+    logger.info("made the spoken-LM benchmark in %s in %.0f s: %s", out_dir, time.perf_counter() - started,
+                json.dumps(counts))
+    return LmBenchInfo.load(out_dir)
+
+
+def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmBenchInfo | None:
+    if (out_dir / INFO_JSON).is_file():
+        existing = LmBenchInfo.load(out_dir)
+        if existing.parameters == parameters:
+            logger.info("reusing the spoken-LM benchmark in %s (same settings)", out_dir)
+            return existing
+        if not overwrite:
+            changed = sorted(k for k in {*parameters, *existing.parameters}
+                             if parameters.get(k) != existing.parameters.get(k))
+            raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: {', '.join(changed)}); "
+                             "choose another directory, or pass --overwrite to replace it")
+    elif out_dir.is_dir() and any(p.name not in ("train", *TASKS) for p in out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory")
+    return None

@@ -1,0 +1,187 @@
+"""Test items of the spoken-LM benchmark built from the grammar: syntactic minimal pairs and topic StoryCloze pairs.
+
+Syntactic phenomena (BabySLM's six; the ``type`` column of the syntactic ``gold.csv``):
+
+* agreement types come in counterbalanced blocks of four pairs over four strings A, B, C, D, e.g. for
+  ``noun_verb_agreement``: A = "the dog chases the cat" ✓, B = "the dog chase the cat" ✗, C = "the dogs chase the cat"
+  ✓, D = "the dogs chases the cat" ✗, paired (A, B), (C, D), (A, D), (C, B). Across a block the good and the bad
+  sides hold the same words the same number of times, so a model of word (or phone) frequencies cannot prefer
+  either side; only the relation between the words decides. ``subtype`` names what differs inside the pair;
+* order types (``adjective_noun_order``, ``noun_verb_order``) pair a sentence with its scrambled version, which holds
+  exactly the same words.
+
+Every test sentence uses a (subject, verb, object) triple that never occurs in the training corpus, so a model cannot
+win by having memorised the sentence.
+
+Topic StoryCloze (tSC): a prefix of three sentences of topic t, then either a fresh sentence of topic t (correct) or a
+sentence of another topic (incorrect) whose phone count is within ±15 % of the correct ending's.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+
+from spidr.corpus.language import REFLEXIVES, Grammar, Lexicon, NounPhrase, Sentence, lexicon
+
+AGREEMENT_TYPES = ("noun_verb_agreement", "determiner_noun_agreement", "anaphor_gender_agreement",
+                   "anaphor_number_agreement")
+ORDER_TYPES = ("adjective_noun_order", "noun_verb_order")
+SYNTACTIC_TYPES = AGREEMENT_TYPES + ORDER_TYPES
+PAIRS_PER_BLOCK = 4
+MAX_ATTEMPTS = 200
+ENDING_LENGTH_TOLERANCE = 0.15
+
+
+@dataclass(frozen=True)
+class MinimalPair:
+    type: str
+    subtype: str
+    good: tuple[str, ...]  # words
+    bad: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StoryPair:
+    topic: str
+    prefix: tuple[tuple[str, ...], ...]  # sentences, as words
+    correct_ending: tuple[str, ...]
+    incorrect_ending: tuple[str, ...]
+    incorrect_topic: str
+
+
+def _the(noun_phrase: NounPhrase) -> NounPhrase:
+    """The same noun phrase with the number-neutral determiner "the" and no adjective."""
+    return replace(noun_phrase, determiner="the", adjective=None)
+
+
+class _Builder:
+    def __init__(self, rng: random.Random, lex: Lexicon, seen_triples: Collection[tuple[str, str, str]]) -> None:
+        self.rng = rng
+        self.lex = lex
+        self.grammar = Grammar(rng, lex)
+        self.seen = seen_triples
+
+    def novel(self, make: Callable[[], list[Sentence]]) -> list[Sentence]:
+        """Draw ``make()`` until none of its sentences reuses a training triple."""
+        for _ in range(MAX_ATTEMPTS):
+            sentences = make()
+            if not any(s.triple in self.seen for s in sentences):
+                return sentences
+        raise RuntimeError("could not draw a test sentence with an unseen (subject, verb, object) triple; the "
+                           "training corpus covers the grammar too densely for this lexicon")
+
+    def topic(self) -> str:
+        return self.grammar.pick(self.lex.topics)
+
+    def human(self, gender: str | None = None) -> NounPhrase:
+        humans = [h for h in self.lex.humans if gender is None or h.gender == gender]
+        return NounPhrase(self.grammar.pick(humans), plural=False, determiner="the")
+
+    # Agreement blocks: the four strings A (✓), B (✗), C (✓), D (✗) --------------------------------------------
+    def noun_verb_agreement(self) -> list[Sentence]:
+        topic = self.topic()
+        subject = _the(self.grammar.noun_phrase(topic, plural=False))
+        a = Sentence(subject, self.grammar.zipf(self.lex.verbs[topic]), obj=_the(self.grammar.noun_phrase(topic)))
+        c = replace(a, subject=replace(subject, plural=True))
+        return [a, replace(a, verb_plural=True), c, replace(c, verb_plural=False)]
+
+    def determiner_noun_agreement(self) -> list[Sentence]:
+        topic = self.topic()
+        base = self.grammar.sentence(topic)
+        while base.obj is None:
+            base = self.grammar.sentence(topic)
+        obj = replace(base.obj, adjective=None)
+        a = replace(base, obj=replace(obj, plural=False, determiner="this"))
+        c = replace(base, obj=replace(obj, plural=True, determiner="these"))
+        return [a, replace(a, obj=replace(a.obj, determiner="these")), c, replace(c, obj=replace(c.obj, determiner="this"))]
+
+    def anaphor_gender_agreement(self) -> list[Sentence]:
+        verb = self.grammar.zipf(self.lex.verbs[self.topic()])
+        a = Sentence(self.human("male"), verb, reflexive="himself")
+        c = Sentence(self.human("female"), verb, reflexive="herself")
+        return [a, replace(a, reflexive="herself"), c, replace(c, reflexive="himself")]
+
+    def anaphor_number_agreement(self) -> list[Sentence]:
+        verb = self.grammar.zipf(self.lex.verbs[self.topic()])
+        subject = self.human()
+        singular = REFLEXIVES[(subject.noun.gender, False)]
+        a = Sentence(subject, verb, reflexive=singular)
+        c = Sentence(replace(subject, plural=True), verb, reflexive="themselves")
+        return [a, replace(a, reflexive="themselves"), c, replace(c, reflexive=singular)]
+
+    # Order pairs -----------------------------------------------------------------------------------------------
+    def adjective_noun_order(self) -> list[Sentence]:
+        # "the": "a" would turn into "an" before a vowel in one order only, a cue besides the order itself.
+        topic = self.topic()
+        subject = replace(_the(self.grammar.noun_phrase(topic)), adjective=self.grammar.zipf(self.lex.adjectives[topic]))
+        obj = replace(_the(self.grammar.noun_phrase(topic)), adjective=self.grammar.zipf(self.lex.adjectives[topic]))
+        good = Sentence(subject, self.grammar.zipf(self.lex.verbs[topic]), obj=obj)
+        return [good, replace(good, obj=replace(obj, adjective_after=True)),
+                good, replace(good, subject=replace(subject, adjective_after=True))]
+
+    def noun_verb_order(self) -> list[Sentence]:
+        topic = self.topic()
+        transitive = Sentence(self.grammar.noun_phrase(topic), self.grammar.zipf(self.lex.verbs[topic]),
+                              obj=self.grammar.noun_phrase(topic))
+        subject = self.human()
+        reflexive = Sentence(subject, self.grammar.zipf(self.lex.verbs[self.topic()]),
+                             reflexive=REFLEXIVES[(subject.noun.gender, False)])
+        return [transitive, replace(transitive, verb_last=True), reflexive, replace(reflexive, verb_last=True)]
+
+
+_SUBTYPES = {
+    "noun_verb_agreement": ("singular_subject", "plural_subject", "singular_verb", "plural_verb"),
+    "determiner_noun_agreement": ("singular_noun", "plural_noun", "this", "these"),
+    "anaphor_gender_agreement": ("male_subject", "female_subject", "himself", "herself"),
+    "anaphor_number_agreement": ("singular_subject", "plural_subject", "singular_reflexive", "plural_reflexive"),
+    "adjective_noun_order": ("object", "subject"),
+    "noun_verb_order": ("transitive", "reflexive"),
+}
+
+
+def syntactic_pairs(seed: str, pairs_per_type: int, *, seen_triples: Collection[tuple[str, str, str]] = (),
+                    lex: Lexicon | None = None) -> list[MinimalPair]:
+    """``pairs_per_type`` pairs (a multiple of 4) of each of the six types, in blocks of four."""
+    if pairs_per_type < PAIRS_PER_BLOCK or pairs_per_type % PAIRS_PER_BLOCK:
+        raise ValueError(f"syntactic pairs per type = {pairs_per_type} must be a positive multiple of 4 (blocks)")
+    lex = lex or lexicon()
+    pairs = []
+    for kind in SYNTACTIC_TYPES:
+        builder = _Builder(random.Random(f"{seed}:{kind}"), lex, seen_triples)
+        for _ in range(pairs_per_type // PAIRS_PER_BLOCK):
+            a, b, c, d = (s.words() for s in builder.novel(getattr(builder, kind)))
+            if kind in AGREEMENT_TYPES:
+                block = [(a, b), (c, d), (a, d), (c, b)]
+                subtypes = _SUBTYPES[kind]
+            else:
+                block = [(a, b), (c, d)]
+                subtypes = _SUBTYPES[kind]
+                extra = builder.novel(getattr(builder, kind))
+                block += [(extra[0].words(), extra[1].words()), (extra[2].words(), extra[3].words())]
+                subtypes = subtypes * 2
+            pairs += [MinimalPair(kind, subtype, good, bad) for subtype, (good, bad) in zip(subtypes, block, strict=True)]
+    return pairs
+
+
+def story_pairs(seed: str, count: int, *, seen_triples: Collection[tuple[str, str, str]] = (),
+                lex: Lexicon | None = None, phone_count: Callable[[tuple[str, ...]], int]) -> list[StoryPair]:
+    """``count`` tSC pairs; ``phone_count(words)`` measures endings for the ±15 % length match."""
+    lex = lex or lexicon()
+    builder = _Builder(random.Random(f"{seed}:tsc"), lex, seen_triples)
+    pairs = []
+    for _ in range(count):
+        topic = builder.topic()
+        prefix = builder.grammar.story(topic, 3)
+        (correct,) = builder.novel(lambda topic=topic: [builder.grammar.sentence(topic)])
+        target = phone_count(correct.words())
+        for _ in range(MAX_ATTEMPTS):
+            other = builder.grammar.pick([t for t in lex.topics if t != topic])
+            incorrect = builder.grammar.sentence(other)
+            if abs(phone_count(incorrect.words()) - target) <= ENDING_LENGTH_TOLERANCE * target:
+                break
+        else:
+            raise RuntimeError(f"no ending of another topic within ±15 % of {target} phones")
+        pairs.append(StoryPair(topic, tuple(s.words() for s in prefix), correct.words(), incorrect.words(), other))
+    return pairs

@@ -1,0 +1,120 @@
+"""``spidr lm-units``: the unit files of a whole spoken-LM benchmark, ready for ``lm-train`` and ``lm-score``.
+
+A benchmark folder (``spidr synth-lm-bench``, or your own in the same layout) holds sets of audio: ``train/`` (the LM
+training corpus) and ``<task>/<split>/`` (test items), each with a ``manifest.csv`` (else its wavs are scanned). This
+writes, for every set, one units file:
+
+    OUT/train.jsonl, OUT/<task>/<split>.jsonl                   with ``--oracle`` (the sets' 20 ms phone labels)
+    OUT/layer_LL/train.jsonl, OUT/layer_LL/<task>/<split>.jsonl  from a model: codebook or k-means units per layer
+
+so that ``lm-train --set data.train=OUT/layer_LL/train.jsonl`` and ``lm-score CKPT OUT/layer_LL SUB`` read them. One
+forward pass per file gives every requested layer. k-means centroids are fitted on a seeded sample of the training
+set's frames (``--kmeans K``), or read from ``--centroids`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spidr.lm.score import SPLITS, TASKS
+
+logger = logging.getLogger(__name__)
+
+FRAME_LABELS = "frame_labels_20ms.jsonl"
+MAX_KMEANS_FRAMES = 200_000
+
+
+def benchmark_sets(bench_dir: str | Path) -> dict[str, Path]:
+    """``"train"`` and ``"<task>/<split>"`` → folder, for the sets present in ``bench_dir``."""
+    bench_dir = Path(bench_dir)
+    sets = {}
+    if (bench_dir / "train").is_dir():
+        sets["train"] = bench_dir / "train"
+    for task in TASKS:
+        for split in SPLITS:
+            if (bench_dir / task / split).is_dir():
+                sets[f"{task}/{split}"] = bench_dir / task / split
+    if not sets:
+        raise ValueError(f"{bench_dir} holds no benchmark set: expected train/ and/or <task>/<split>/ folders "
+                         f"(task in {', '.join(TASKS)}, split dev or test)")
+    return sets
+
+
+def _entries(folder: Path):
+    from spidr.data.manifest import read_manifest, scan
+
+    manifest = folder / "manifest.csv"
+    return read_manifest(manifest) if manifest.is_file() else scan(folder, progress=False).entries
+
+
+def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Copy each set's 20 ms phone labels to ``out_dir/<set>.jsonl`` (the phone-oracle topline's units)."""
+    out_dir = Path(out_dir)
+    written = {}
+    for name, folder in benchmark_sets(bench_dir).items():
+        source = folder / FRAME_LABELS
+        if not source.is_file():
+            raise ValueError(f"{source} does not exist: the oracle needs each set's frame labels")
+        target = out_dir / f"{name}.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        written[name] = target
+    return written
+
+
+def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[int], *, num_units: int, seed: int = 0,
+                  dtype: str = "float32", max_frames: int = MAX_KMEANS_FRAMES) -> dict[int, torch.Tensor]:
+    """k-means centroids per layer, fitted on a seeded sample of at most ``max_frames`` frames of ``entries``."""
+    from spidr.eval.features import ExtractionSettings, extract_batch, length_batches
+    from spidr.data.audio import load_audio
+    from spidr.eval.kmeans import fit_kmeans
+
+    rng = np.random.default_rng(seed)
+    total = sum(entry.num_samples for entry in entries) // 320 + 1
+    keep = min(1.0, max_frames / total)
+    samples: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    settings = ExtractionSettings(layers=tuple(sorted(layers)), dtype=dtype)
+    for batch in length_batches(entries, 60 * 16000):
+        waves = [load_audio(entries[i], normalize=True) for i in batch]
+        for result in extract_batch(model, waves, settings):
+            for layer in layers:
+                frames = result[f"layer_{layer:02d}"]
+                samples[layer].append(frames[rng.random(frames.shape[0]) < keep])
+    return {layer: fit_kmeans(np.concatenate(parts), num_units, seed=seed) for layer, parts in samples.items()}
+
+
+def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: str | Path, *, layers: Sequence[int],
+                      centroids: Mapping[int, torch.Tensor] | None = None, dtype: str = "float32",
+                      batch_seconds: float = 60.0) -> dict[str, Path]:
+    """Units of every set and layer → ``out_dir/layer_LL/<set>.jsonl``; returns ``{"layer_LL/<set>": path}``."""
+    from spidr.eval.features import iter_units
+
+    out_dir = Path(out_dir)
+    written = {}
+    for name, folder in benchmark_sets(bench_dir).items():
+        handles = {}
+        try:
+            for layer in layers:
+                path = out_dir / f"layer_{layer:02d}" / f"{name}.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handles[layer] = path.with_name(path.name + ".tmp").open("w", encoding="utf-8")
+                written[f"layer_{layer:02d}/{name}"] = path
+            for entry, units in iter_units(model, _entries(folder), layers=layers, centroids=centroids,
+                                           dtype=dtype, batch_seconds=batch_seconds):
+                for layer, values in units.items():
+                    handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")
+        finally:
+            for handle in handles.values():
+                handle.close()
+        for layer in layers:  # complete files only: a killed run leaves no truncated units file behind
+            path = written[f"layer_{layer:02d}/{name}"]
+            path.with_name(path.name + ".tmp").replace(path)
+        logger.info("wrote units of %s for layers %s", name, list(layers))
+    return written

@@ -1,0 +1,146 @@
+"""Subcommands of this area (see ``spidr.cli``): ``lm-units``, ``lm-train``, ``lm-score``.
+
+(``lm-eval`` and ``lm-correlate`` live in ``spidr.lm.eval_commands``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+SET_HELP = "override a config value, e.g. --set optimizer.max_steps=2000 (repeatable; the value is read as TOML)"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this area's subcommands to the ``spidr`` parser."""
+    units = subparsers.add_parser(
+        "lm-units",
+        help="unit files of every set of a spoken-LM benchmark (train and test), from a model or the phone oracle",
+        description="For BENCH_DIR/train and every BENCH_DIR/<task>/<split> folder (manifest.csv, else its wavs), "
+        "write OUT/layer_LL/<set>.jsonl units of a model's layers (codebook arg-max, or k-means with --kmeans / "
+        "--centroids), or with --oracle OUT/<set>.jsonl holding the sets' 20 ms phone labels.",
+        formatter_class=FORMATTER,
+    )
+    units.add_argument("bench_dir", metavar="BENCH_DIR", help="benchmark folder (spidr synth-lm-bench)")
+    units.add_argument("out", metavar="OUT", help="output folder")
+    source = units.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="SpidR/DinoSR checkpoint (official, fairseq, training or safetensors)")
+    source.add_argument("--oracle", action="store_true", help="gold phone labels instead of a model's units")
+    units.add_argument("--layers", default=None, help="1-based layers, e.g. 6 or 3-6 (default: every head's layer)")
+    units.add_argument("--kmeans", type=int, default=0, metavar="K",
+                       help="k-means units with K centroids fitted on the training set (0: codebook units)")
+    units.add_argument("--centroids", action="append", default=[], metavar="LAYER=FILE",
+                       help="k-means centroids of a layer from 'spidr kmeans' (repeatable)")
+    units.add_argument("--random-init", action="store_true",
+                       help="use the checkpoint's architecture at random initialisation (seeded by --seed)")
+    units.add_argument("--seed", type=int, default=0, help="seed of k-means and of --random-init")
+    units.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
+    units.add_argument("--device", default="cpu", help="cpu or cuda")
+    units.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="bfloat16 runs the model under autocast")
+    units.set_defaults(handler=_units)
+
+    train = subparsers.add_parser(
+        "lm-train",
+        help="train a unit language model (LSTM, GPT/OPT-shaped Transformer or n-gram) from a TOML config",
+        description="Train on units (spidr extract --codebooks / spidr units / spidr lm-units JSONL) or frame labels "
+        "(the phone oracle). Resumes exactly from the latest checkpoint in <workdir>/<name>. Several processes: "
+        "torchrun --nproc-per-node N -m spidr lm-train CONFIG. Exit status: 0 done, 1 diverged, 3 stopped by a "
+        "signal after saving a checkpoint.",
+        formatter_class=FORMATTER,
+    )
+    train.add_argument("config", help="LM config (.toml or .json), e.g. configs/lm-lstm.toml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help=SET_HELP)
+    train.set_defaults(handler=_train)
+
+    score = subparsers.add_parser(
+        "lm-score",
+        help="score every test item with a trained unit LM; writes ZeroSpeech 2021 submission files",
+        description="Read UNITS_DIR/<task>/<split>.jsonl (task lexical, syntactic, tsc or ssc) and write "
+        "SUBMISSION_DIR/<task>/<split>.txt ('<stem> <score>' per item) plus scores.jsonl with both normalisations.",
+        formatter_class=FORMATTER,
+    )
+    score.add_argument("checkpoint", metavar="CKPT", help="LM checkpoint (<run dir>/final.pt)")
+    score.add_argument("units_dir", metavar="UNITS_DIR", help="folder of <task>/<split>.jsonl units files")
+    score.add_argument("submission", metavar="SUBMISSION_DIR", help="output folder")
+    score.add_argument("--norm", choices=["mean", "sum"], default="mean",
+                       help="log-likelihood per predicted token (the paper's choice) or summed")
+    score.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per scoring batch")
+    score.add_argument("--device", default="cpu", help="cpu or cuda")
+    score.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="bfloat16 runs the LM under autocast")
+    score.set_defaults(handler=_score)
+
+
+def _units(args: argparse.Namespace) -> int:
+    from spidr.lm.bench_units import write_oracle_units
+
+    if args.oracle:
+        written = write_oracle_units(args.bench_dir, args.out)
+        print(f"wrote oracle phone labels of {len(written)} sets to {args.out}")
+        return 0
+    import torch
+
+    from spidr.data.manifest import read_manifest
+    from spidr.eval.features import parse_layers
+    from spidr.eval.kmeans import load_centroids
+    from spidr.lm.bench_units import benchmark_sets, fit_centroids, write_model_units
+    from spidr.models.build import build_model
+    from spidr.models.loading import load_model
+
+    model = load_model(args.checkpoint, trust=args.trust)
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        model = build_model(model.cfg)
+    model = model.to(args.device).eval()
+    heads = f"{model.num_layers - model.num_codebooks + 1}-{model.num_layers}"
+    layers = parse_layers(args.layers or heads, model.num_layers)
+    centroids = {}
+    for text in args.centroids:
+        layer, _, path = text.partition("=")
+        if not layer.strip().isdigit() or not path:
+            raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
+        centroids[int(layer)] = load_centroids(path)
+    if args.kmeans:
+        train = benchmark_sets(args.bench_dir).get("train")
+        if train is None:
+            raise ValueError(f"--kmeans fits on {args.bench_dir}/train, which does not exist; pass --centroids")
+        todo = [layer for layer in layers if layer not in centroids]
+        centroids |= fit_centroids(model, read_manifest(train / "manifest.csv"), todo, num_units=args.kmeans,
+                                   seed=args.seed, dtype=args.dtype)
+    written = write_model_units(model, args.bench_dir, args.out, layers=layers, centroids=centroids or None,
+                                dtype=args.dtype)
+    print(f"wrote {len(written)} units files (layers {', '.join(map(str, layers))}) to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from spidr.lm.config import load_lm_config
+    from spidr.lm.train import LmTrainingDivergedError, train_lm
+
+    cfg = load_lm_config(args.config, args.overrides)
+    try:
+        outcome = train_lm(cfg)
+    except LmTrainingDivergedError as error:
+        logger.error("%s", error)
+        return 1
+    if outcome == "completed":
+        print(f"trained LM: {Path(cfg.run.run_dir) / 'final.pt'}")
+        return 0
+    return 3
+
+
+def _score(args: argparse.Namespace) -> int:
+    from spidr.lm.score import find_unit_files, score_benchmark
+
+    counts = score_benchmark(args.checkpoint, find_unit_files(args.units_dir), args.submission, norm=args.norm,
+                             device=args.device, batch_tokens=args.batch_tokens, dtype=args.dtype)
+    for name, count in counts.items():
+        print(f"{name}: {count} items")
+    print(f"submission written to {args.submission}")
+    return 0

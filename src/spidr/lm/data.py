@@ -1,0 +1,77 @@
+"""Training data of a unit LM: one token stream, random windows drawn from (seed, step), a held-out split.
+
+The training utterances, each encoded as ``BOS u … EOS``, are concatenated in stem order into one stream; a training
+sample is a window of ``context + 1`` tokens starting anywhere in it (fairseq's ``--sample-break-mode none``). The
+windows of optimizer step ``s`` are drawn from a generator seeded with ``(seed, s)`` for the *global* batch, and rank
+``r`` of ``W`` takes rows ``r·B/W … (r+1)·B/W − 1``. So the data of a step depends on nothing but the step: a resumed
+run sees the same windows as an uninterrupted one, and W ranks see together what one process sees alone.
+
+Held-out utterances (``val_fraction``) are chosen by a hash of their stem, so the split does not depend on file order
+or on the other utterances; validation reads the held-out stream in consecutive windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spidr.lm.tokens import Vocabulary
+
+
+def is_held_out(stem: str, fraction: float, seed: int) -> bool:
+    """Deterministic per-stem choice of the validation utterances."""
+    digest = hashlib.sha256(f"{seed}:{stem}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def token_stream(sequences: Mapping[str, np.ndarray], vocab: Vocabulary) -> torch.Tensor:
+    """(N,) int64: every sequence as ``BOS u … EOS``, in stem order."""
+    if not sequences:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.from_numpy(np.concatenate([vocab.encode(sequences[stem]) for stem in sorted(sequences)]))
+
+
+@dataclass(frozen=True)
+class WindowSampler:
+    """The (rows, context + 1) windows of one rank's micro-batch at one step."""
+
+    stream: torch.Tensor
+    context: int
+    batch_size: int  # global, per optimizer step
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.stream.numel() < self.context + 2:
+            raise ValueError(f"the training data has {self.stream.numel()} tokens, fewer than one window of "
+                             f"model.context + 1 = {self.context + 1}; lower model.context or add data")
+
+    def windows(self, step: int, *, rank: int = 0, world_size: int = 1, micro: int = 0,
+                num_micro: int = 1) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, self.stream.numel() - self.context, (self.batch_size,), generator=generator)
+        per_rank = self.batch_size // world_size
+        per_micro = per_rank // num_micro
+        first = rank * per_rank + micro * per_micro
+        mine = starts[first:first + per_micro]
+        offsets = torch.arange(self.context + 1)
+        return self.stream[mine[:, None] + offsets[None, :]]
+
+
+def validation_windows(stream: torch.Tensor, context: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive non-overlapping windows of ``context + 1`` tokens (sharing one token), ``batch_size`` at a time;
+    the last, shorter window is padded with -1 (ignored)."""
+    if stream.numel() < 2:
+        return
+    starts = list(range(0, stream.numel() - 1, context))
+    for i in range(0, len(starts), batch_size):
+        rows = []
+        for start in starts[i:i + batch_size]:
+            window = stream[start:start + context + 1]
+            if window.numel() < context + 1:
+                window = torch.cat([window, window.new_full((context + 1 - window.numel(),), -1)])
+            rows.append(window)
+        yield torch.stack(rows)

@@ -1,0 +1,122 @@
+"""``spidr lm-score``: log-likelihood of every test item under a trained unit LM, as ZeroSpeech submission files.
+
+The score of an item with units u_1 … u_n (deduplicated when the LM was trained so) is
+log p(u_1 … u_n, EOS | BOS) = Σ_t log p(token_t | tokens_<t) over the n + 1 predicted tokens: ``sum`` is that total
+and ``mean`` divides it by n + 1 (the SpidR paper's and slamkit's length normalisation, the default). Items are
+scored in padded batches sorted by length, both normalisations in one pass.
+
+Input layout: ``UNITS_DIR/<task>/<split>.jsonl`` (task ``lexical``, ``syntactic``, ``tsc`` or ``ssc``; split ``dev`` or
+``test``), each a units or frame-label file of that test set. Output: ``SUBMISSION_DIR/<task>/<split>.txt`` with one
+``<stem> <score>`` line per item (what ``spidr lm-eval`` and the ZeroSpeech toolkit read) and
+``SUBMISSION_DIR/scores.jsonl`` with both normalisations and the token count of every item.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from spidr.lm.models import token_log_likelihoods
+from spidr.lm.tokens import Vocabulary
+from spidr.lm.train import load_lm, read_lm_units
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("lexical", "syntactic", "tsc", "ssc")
+SPLITS = ("dev", "test")
+
+
+@dataclass(frozen=True)
+class ItemScore:
+    logprob: float  # natural-log probability of the units and EOS given BOS
+    num_tokens: int  # predicted tokens: units + EOS
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / self.num_tokens
+
+
+@torch.inference_mode()
+def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str, np.ndarray], *,
+                    context: int | None = None, batch_tokens: int = 32768, dtype: str = "float32") -> dict[str, ItemScore]:
+    """Score every (n,) unit sequence; a padded batch gives the same scores as one sequence at a time."""
+    device = next(iter(model.state_dict().values())).device
+    stems = sorted(sequences, key=lambda s: (len(sequences[s]), s))
+    scores: dict[str, ItemScore] = {}
+    i = 0
+    while i < len(stems):
+        longest = len(sequences[stems[i]]) + 2
+        batch = [stems[i]]
+        while i + len(batch) < len(stems):
+            longest = len(sequences[stems[i + len(batch)]]) + 2
+            if longest * (len(batch) + 1) > batch_tokens:
+                break
+            batch.append(stems[i + len(batch)])
+        encoded = [vocab.encode(sequences[stem]) for stem in batch]
+        width = max(len(e) for e in encoded)
+        tokens = torch.full((len(batch), width), vocab.pad, dtype=torch.int64)
+        for row, values in enumerate(encoded):
+            tokens[row, :len(values)] = torch.from_numpy(values)
+        lengths = torch.tensor([len(e) for e in encoded])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            values = token_log_likelihoods(model, tokens.to(device), lengths.to(device), context=context)
+        totals = values.double().sum(1).cpu().tolist()
+        for stem, total, length in zip(batch, totals, lengths.tolist(), strict=True):
+            scores[stem] = ItemScore(total, length - 1)
+        i += len(batch)
+    return scores
+
+
+def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
+    """``(task, split) → UNITS_DIR/<task>/<split>.jsonl`` for the files that exist (``.jsonl.gz`` too)."""
+    units_dir = Path(units_dir)
+    found = {}
+    for task in TASKS:
+        for split in SPLITS:
+            for suffix in (".jsonl", ".jsonl.gz"):
+                path = units_dir / task / f"{split}{suffix}"
+                if path.is_file():
+                    found[(task, split)] = path
+    return found
+
+
+def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Path], out_dir: str | Path, *,
+                    norm: str = "mean", device: str = "cpu", batch_tokens: int = 32768,
+                    dtype: str = "float32") -> dict[str, int]:
+    """Score each (task, split) units file and write the submission; returns the number of items per file."""
+    from spidr.lm.zerospeech import write_submission
+
+    if norm not in ("mean", "sum"):
+        raise ValueError(f"--norm {norm!r} is invalid: expected 'mean' or 'sum'")
+    if not inputs:
+        raise ValueError("no units file to score: expected UNITS_DIR/<task>/<split>.jsonl with task in "
+                         f"{', '.join(TASKS)} and split dev or test")
+    model, info, labels = load_lm(checkpoint, device=device)
+    vocab = Vocabulary(info["num_units"])
+    context = info["context"] if info["arch"] == "gpt" else None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as rows:
+        for (task, split), path in sorted(inputs.items()):
+            units = read_lm_units(path, info, labels)
+            scores = score_sequences(model, vocab, units.sequences, context=context, batch_tokens=batch_tokens,
+                                     dtype=dtype)
+            write_submission(out_dir / task / f"{split}.txt",
+                             {stem: s.mean if norm == "mean" else s.logprob for stem, s in scores.items()})
+            for stem in sorted(scores):
+                s = scores[stem]
+                rows.write(json.dumps({"task": task, "split": split, "name": stem, "sum": s.logprob, "mean": s.mean,
+                                       "num_tokens": s.num_tokens}) + "\n")
+            counts[f"{task}/{split}"] = len(scores)
+            logger.info("scored %d items of %s/%s (%s)", len(scores), task, split, path)
+    (out_dir / "meta.json").write_text(json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": info,
+                                                   "items": counts}, indent=1), encoding="utf-8")
+    return counts

@@ -1,0 +1,211 @@
+"""The spoken-LM study on the synthetic benchmark: units → unit LMs → ZeroSpeech scores → correlation with unit quality.
+
+``run_study(models, out_dir, ...)`` is the downstream half of ``make demo`` and of ``spidr lm-study``:
+
+1. make (or reuse) the benchmark (``spidr.corpus.lm_bench``) in ``out_dir/bench``;
+2. write the units of every set: the phone oracle (gold 20 ms phone labels) and each model's layers (codebook units);
+3. train one LM per units source with the same config and budget — the oracle (the topline), every (model, layer),
+   and a phone-bigram model on the oracle units (the baseline that balanced nonwords pin near 50 %);
+4. score every test item (``lm-score``, mean log-likelihood per token) and compute the accuracies (``lm-eval``);
+5. correlate LM accuracy with the unit quality given per (model, layer) — codebook-unit ABX and PNMI — over the
+   points scored (``lm-correlate``), and write ``spoken_lm.md`` / ``spoken_lm.json``, the per-point table
+   ``points.csv`` and scatter plots.
+
+Every stage caches its output (a rerun resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spidr.corpus.lm_bench import LmBenchInfo, LmBenchSettings, generate_lm_bench
+from spidr.lm.bench_units import write_model_units, write_oracle_units
+
+logger = logging.getLogger(__name__)
+
+LM_METRICS = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc")
+QUALITY_METRICS = ("unit_abx_within", "unit_abx_across", "pnmi")
+
+
+@dataclass(frozen=True)
+class StudyModel:
+    """A model whose units are studied: its layers and, per layer, unit-quality figures (e.g. from the report)."""
+
+    name: str
+    model: torch.nn.Module
+    layers: tuple[int, ...]
+    quality: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    bench: LmBenchSettings = LmBenchSettings()
+    lm_config: Path | None = None  # None: the default LM (configs/lm-lstm.toml)
+    lm_overrides: tuple[str, ...] = ()
+    kind: str = "dev"
+    dtype: str = "float32"  # of unit extraction
+    jobs: int | None = None
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _train_and_score(name: str, units_dir: Path, out_dir: Path, bench: LmBenchInfo, settings: StudySettings,
+                     extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Train (or reuse) the LM on ``units_dir/train.jsonl``, score the test sets, evaluate; returns lm-eval's dict."""
+    from spidr.lm.config import load_lm_config
+    from spidr.lm.evaluate import evaluate_benchmark
+    from spidr.lm.score import find_unit_files, score_benchmark
+    from spidr.lm.train import train_lm
+
+    cfg = load_lm_config(settings.lm_config, [*settings.lm_overrides, *extra,
+                                              f'data.train="{units_dir / "train.jsonl"}"',
+                                              f'run.workdir="{out_dir / "lms"}"', f'run.name="{_slug(name)}"'])
+    final = cfg.run.run_dir / "final.pt"
+    started = time.perf_counter()
+    if not final.is_file():
+        outcome = train_lm(cfg)
+        if outcome != "completed":
+            raise RuntimeError(f"training of the {name} LM stopped ({outcome}); run again to resume it")
+    submission = out_dir / "submissions" / _slug(name)
+    score_benchmark(final, find_unit_files(units_dir), submission)
+    results = evaluate_benchmark(bench.out_dir, submission, kind=settings.kind, out_dir=out_dir / "scores" / _slug(name))
+    logger.info("%s: %s (%.0f s)", name, {k: round(v, 1) for k, v in results.items() if k in LM_METRICS},
+                time.perf_counter() - started)
+    return results
+
+
+def _row(name: str, model: str, layer: int | None, results: dict[str, Any],
+         quality: Mapping[str, float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "model": model, "layer": layer}
+    row |= {metric: quality.get(metric) for metric in QUALITY_METRICS}
+    row |= {metric: results.get(metric) for metric in LM_METRICS}
+    for task, details in results.get("details", {}).items():
+        for metric, value in details["accuracy"].items():
+            row[f"{metric}_ci95"] = value["ci95"]
+            row[f"{metric}_n"] = value["n"]
+            row[f"{metric}_p"] = value["p_value"]
+        row[f"{task}_by_type"] = details.get("by_type")
+    return row
+
+
+def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: StudySettings = StudySettings()) -> Path:
+    """The whole study (see the module docstring); returns the path of ``spoken_lm.md``."""
+    out_dir = Path(out_dir)
+    bench = generate_lm_bench(out_dir / "bench", settings.bench, jobs=settings.jobs)
+    units_root = out_dir / "units"
+    rows = []
+    oracle_dir = units_root / "oracle"
+    if not (oracle_dir / "train.jsonl").is_file():
+        write_oracle_units(bench.out_dir, oracle_dir)
+    rows.append(_row("phone oracle (LSTM)", "oracle", None,
+                     _train_and_score("phone oracle", oracle_dir, out_dir, bench, settings), {}))
+    rows.append(_row("phone bigram", "bigram", None,
+                     _train_and_score("phone bigram", oracle_dir, out_dir, bench, settings,
+                                      extra=('model.arch="ngram"', "model.ngram_order=2")), {}))
+    for study_model in models:
+        model_dir = units_root / _slug(study_model.name)
+        done = model_dir / ".complete"
+        if not done.is_file():
+            write_model_units(study_model.model, bench.out_dir, model_dir, layers=study_model.layers,
+                              dtype=settings.dtype)
+            done.touch()
+        for layer in study_model.layers:
+            name = f"{study_model.name} L{layer}"
+            results = _train_and_score(name, model_dir / f"layer_{layer:02d}", out_dir, bench, settings)
+            rows.append(_row(name, study_model.name, layer, results, study_model.quality.get(layer, {})))
+    return write_study_report(rows, out_dir, bench)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def correlations(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Pearson / Spearman of every (quality metric, LM metric) over the rows that have both (≥ 3 points)."""
+    from spidr.lm.correlate import correlate
+
+    out = []
+    for x in QUALITY_METRICS:
+        for y in LM_METRICS:
+            points = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
+            if len(points) < 3 or len({p[0] for p in points}) < 2 or len({p[1] for p in points}) < 2:
+                continue
+            out.append({"x": x, "y": y, **correlate([p[0] for p in points], [p[1] for p in points])})
+    return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _with_ci(row: Mapping[str, Any], metric: str) -> str:
+    value, ci = row.get(metric), row.get(f"{metric}_ci95")
+    if value is None:
+        return "–"
+    return f"{value:.1f} [{ci[0]:.0f}–{ci[1]:.0f}]" if ci else f"{value:.1f}"
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]], bench: LmBenchInfo,
+             kind: str) -> str:
+    counts = {task: bench.counts.get(f"{task}/{kind}", {}).get("pairs") for task in ("lexical", "syntactic", "tsc")}
+    lines = [
+        "| units | unit ABX across % | PNMI | sWUGGY all % | sWUGGY in-vocab % | sBLIMP % | tSC % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['name']} | {_fmt(row.get('unit_abx_across'))} | {_fmt(row.get('pnmi'), 3)} | "
+                     f"{_with_ci(row, 'swuggy_all')} | {_with_ci(row, 'swuggy_invocab')} | "
+                     f"{_with_ci(row, 'sblimp')} | {_with_ci(row, 'tsc')} |")
+    text = [
+        f"Synthetic benchmark `{bench.out_dir}`, split {kind}: {counts['lexical']} lexical pairs (words vs balanced "
+        f"nonwords), {counts['syntactic']} syntactic minimal pairs, {counts['tsc']} tSC story pairs, spoken by the "
+        f"held-out voice(s) {', '.join(bench.parameters['test_voices'])}; the LM training set is "
+        f"{bench.counts['train']['hours']:.2f} h. Accuracies in %, with 95 % bootstrap intervals over pairs; "
+        "chance is 50 %. Every LM has the same config and budget; scores are mean log-likelihoods per token.",
+        "",
+        *lines,
+    ]
+    if corr:
+        text += ["", "Correlation over the (model, layer) points scored:", "",
+                 "| unit quality | LM accuracy | n | Pearson r | p | Spearman ρ | p |", "|---|---|---|---|---|---|---|"]
+        text += [f"| {c['x']} | {c['y']} | {c['n']} | {c['pearson_r']:+.2f} | {c['pearson_p']:.2g} | "
+                 f"{c['spearman_rho']:+.2f} | {c['spearman_p']:.2g} |" for c in corr]
+    return "\n".join(text)
+
+
+def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: LmBenchInfo,
+                       kind: str = "dev") -> Path:
+    from spidr.lm.correlate import plot_scatter
+
+    corr = correlations(rows)
+    (out_dir / "spoken_lm.json").write_text(json.dumps({"rows": list(rows), "correlations": corr}, indent=1,
+                                                       allow_nan=True), encoding="utf-8")
+    columns = ["name", "model", "layer", *QUALITY_METRICS, *LM_METRICS]
+    with open(out_dir / "points.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
+    plots = []
+    points = [dict(r) for r in rows if r.get("pnmi") is not None]
+    for c in corr:
+        if c["y"] == "swuggy_invocab" and c["x"] in ("unit_abx_across", "pnmi"):
+            plots.append(plot_scatter([p for p in points if p.get(c["y"]) is not None], c["x"], c["y"],
+                                      out_dir / f"{c['y']}_vs_{c['x']}.png"))
+    path = out_dir / "spoken_lm.md"
+    body = markdown(rows, corr, bench, kind)
+    path.write_text("# Spoken language modelling on the units\n\n" + body + "\n\n" +
+                    "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n", encoding="utf-8")
+    return path

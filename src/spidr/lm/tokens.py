@@ -1,0 +1,163 @@
+"""Unit files → token sequences for a unit language model.
+
+Two kinds of input, one JSON object per utterance (``.gz`` read transparently):
+
+* discrete units, as ``spidr extract --codebooks`` and ``spidr units`` write them: ``{"name" | "audio": ...,
+  "units": [int, ...]}``;
+* frame labels (the phone "oracle" topline): ``{"name": ..., "phones": [label, ...]}``, e.g. the corpus's
+  ``frame_labels_20ms.jsonl`` or SpidR's LibriSpeech alignments. Labels become integers through a
+  ``LabelVocabulary`` fixed at training time and stored with the LM.
+
+Utterances are keyed by file stem (``"spk/utt"`` and ``"/data/spk/utt.wav"`` are both ``"utt"``), the key of the
+ZeroSpeech submission files. With ``dedup`` (the default, as in GSLM, textlesslib and slamkit), runs of a repeated unit
+collapse to one token, at training and at scoring time alike. The LM sees ``BOS u_1 … u_n EOS`` per utterance; the
+token ids are the units ``0 … V − 1`` followed by BOS = V, EOS = V + 1 and PAD = V + 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spidr.eval.units import deduplicate, open_text, utterance_key
+
+UnitsKind = str  # "units" or "labels"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Token ids of an LM: ``num_units`` units, then BOS, EOS and PAD."""
+
+    num_units: int
+
+    @property
+    def bos(self) -> int:
+        return self.num_units
+
+    @property
+    def eos(self) -> int:
+        return self.num_units + 1
+
+    @property
+    def pad(self) -> int:
+        return self.num_units + 2
+
+    @property
+    def size(self) -> int:
+        return self.num_units + 3
+
+    def encode(self, units: np.ndarray) -> np.ndarray:
+        """``[BOS, *units, EOS]`` as int64."""
+        return np.concatenate([[self.bos], np.asarray(units, dtype=np.int64), [self.eos]]).astype(np.int64)
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, str, str, list]]:
+    """``(stem, kind, where, values)`` per row, kind "units" or "labels"; refuses bad JSON and repeated stems."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"units file {path} does not exist")
+    seen: set[str] = set()
+    with open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where} is not valid JSON ({error})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            if isinstance(row.get("units"), list):
+                kind, values = "units", row["units"]
+            elif isinstance(row.get("phones"), list):
+                kind, values = "labels", row["phones"]
+            else:
+                raise ValueError(f"{where}: expected a 'units' list of integers or a 'phones' list of labels")
+            stem = Path(utterance_key(row, where=where)).name.removesuffix(".wav").removesuffix(".flac")
+            if stem in seen:
+                raise ValueError(f"{where}: utterance {stem!r} appears twice (utterances are keyed by file stem)")
+            seen.add(stem)
+            yield stem, kind, where, values
+
+
+@dataclass(frozen=True)
+class LabelVocabulary:
+    """Frame labels (phones) ↔ unit ids, sorted, fixed when the LM is trained."""
+
+    labels: tuple[str, ...]
+
+    def ids(self, values: Sequence[str], where: str) -> np.ndarray:
+        index = {label: i for i, label in enumerate(self.labels)}
+        try:
+            return np.asarray([index[str(v)] for v in values], dtype=np.int64)
+        except KeyError as error:
+            raise ValueError(f"{where}: label {error.args[0]!r} is not in the LM's label set "
+                             f"({', '.join(self.labels)})") from None
+
+
+@dataclass(frozen=True)
+class UnitSequences:
+    """Every utterance of one file as a unit-id array, with what they are."""
+
+    sequences: dict[str, np.ndarray]  # stem → (n,) int64, deduplicated when ``dedup``
+    kind: UnitsKind
+    dedup: bool
+    labels: LabelVocabulary | None  # for kind "labels"
+    source: str
+
+    @property
+    def max_unit(self) -> int:
+        return max((int(s.max()) for s in self.sequences.values() if s.size), default=-1)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.size for s in self.sequences.values())
+
+
+def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabulary | None = None,
+                        num_units: int | None = None) -> UnitSequences:
+    """Read a units or frame-label file. For labels without a given ``labels`` vocabulary, the vocabulary is the
+    sorted set of labels in the file. Units ≥ ``num_units`` (when given) are refused, naming the utterance."""
+    rows = list(read_rows(path))
+    if not rows:
+        raise ValueError(f"units file {path} has no utterance")
+    kinds = {kind for _, kind, _, _ in rows}
+    if len(kinds) > 1:
+        raise ValueError(f"{path} mixes 'units' and 'phones' rows; give one kind per file")
+    kind = kinds.pop()
+    sequences: dict[str, np.ndarray] = {}
+    if kind == "labels":
+        labels = labels or LabelVocabulary(tuple(sorted({str(v) for _, _, _, values in rows for v in values})))
+        for stem, _, where, values in rows:
+            sequences[stem] = labels.ids(values, where)
+    else:
+        if labels is not None:
+            raise ValueError(f"{path} holds discrete units, but the LM was trained on frame labels "
+                             f"({', '.join(labels.labels[:5])}, ...)")
+        for stem, _, where, values in rows:
+            if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in values):
+                raise ValueError(f"{where}: 'units' of {stem!r} must be non-negative integers")
+            array = np.asarray(values, dtype=np.int64)
+            if num_units is not None and array.size and int(array.max()) >= num_units:
+                raise ValueError(f"{where}: unit {int(array.max())} of {stem!r} is out of range: the LM has "
+                                 f"{num_units} units")
+            sequences[stem] = array
+    if dedup:
+        sequences = {stem: deduplicate(seq) for stem, seq in sequences.items()}
+    return UnitSequences(sequences, kind, dedup, labels if kind == "labels" else None, str(path))
+
+
+def fingerprint(sequences: Mapping[str, np.ndarray]) -> str:
+    """A short hash of the sequences (stems and values), recorded with the LM to identify its training data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for stem in sorted(sequences):
+        digest.update(stem.encode())
+        digest.update(np.ascontiguousarray(sequences[stem], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,377 @@
+"""``spidr lm-train``: train a unit LM with the pretraining loop's guarantees.
+
+``train_lm(cfg)`` reads the unit file(s), holds out a validation split, builds the model from the run seed, and
+drives ``lm_train_step``, where the order of a step lives:
+
+forward under autocast (per micro-batch) → cross-entropy (mean over the global batch's tokens) → backward → clip →
+NaN/Inf guard (one all-reduce) → AdamW step → zero grads → scheduler step.
+
+Exact resume: a checkpoint holds the model, optimizer, scheduler, step and every rank's RNG state, and a step's
+windows depend only on (seed, step) (``spidr.lm.data``), so a run killed at any point (even SIGKILL) and resumed from
+its latest complete checkpoint ends bitwise identical, on CPU, to one never interrupted. Under torchrun each rank
+trains on its slice of the same global batch (DDP, gloo on CPU / NCCL on GPU). An ``ngram`` model is fitted by
+counting and saved at once.
+
+The run directory ``<workdir>/<name>`` holds ``step_<N>.pt``, ``final.pt`` (what ``spidr lm-score`` loads),
+``config.json`` and ``metrics.jsonl`` (``spidr plot-training`` draws it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from spidr.distributed import all_reduce_sum, world_size
+from spidr.lm.config import LmConfig, LmModelSection
+from spidr.lm.data import WindowSampler, is_held_out, token_stream, validation_windows
+from spidr.lm.models import NgramLM, build_lm, token_log_likelihoods
+from spidr.lm.tokens import LabelVocabulary, UnitSequences, Vocabulary, fingerprint, read_unit_sequences
+from spidr.train.checkpoint import Checkpointer, capture_rng_state, int_tensor, read_int, restore_rng_state
+from spidr.train.environment import (
+    broadcast_from_main,
+    destroy_distributed,
+    detect_environment,
+    gather_to_all,
+    init_distributed,
+    resolve_device,
+)
+from spidr.train.metrics import MetricsLogger, RunningMeans
+from spidr.train.precision import Precision, resolve_precision
+from spidr.train.runtime import StopFlag, configure_numerics, seed_everything, write_config
+
+logger = logging.getLogger(__name__)
+
+Outcome = Literal["completed", "interrupted"]
+CHECKPOINT_FORMAT = "spidr-unit-lm-1"
+
+
+class LmTrainingDivergedError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient (a checkpoint was saved first)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LmData:
+    vocab: Vocabulary
+    train: torch.Tensor  # (N,) token stream
+    valid: torch.Tensor  # (M,) token stream, may be empty
+    info: dict[str, Any]  # what the LM was trained on: stored in its checkpoints
+
+
+def prepare_data(cfg: LmConfig) -> LmData:
+    """Read ``data.train`` (and ``data.valid``), split off the validation utterances, encode both streams."""
+    data = cfg.data
+    units = read_unit_sequences(data.train, dedup=data.dedup)
+    num_units = data.num_units or (len(units.labels.labels) if units.labels else units.max_unit + 1)
+    if units.max_unit >= num_units:
+        raise ValueError(f"data.num_units = {num_units} but {data.train} holds unit {units.max_unit}")
+    if data.valid:
+        valid = read_unit_sequences(data.valid, dedup=data.dedup, labels=units.labels, num_units=num_units)
+        train_seqs, valid_seqs = units.sequences, valid.sequences
+    else:
+        held_out = {stem for stem in units.sequences if is_held_out(stem, data.val_fraction, cfg.run.seed)}
+        train_seqs = {s: v for s, v in units.sequences.items() if s not in held_out}
+        valid_seqs = {s: v for s, v in units.sequences.items() if s in held_out}
+    if not train_seqs:
+        raise ValueError(f"{data.train}: no training utterance left after holding out data.val_fraction")
+    vocab = Vocabulary(num_units)
+    info = {
+        "kind": units.kind,
+        "labels": list(units.labels.labels) if units.labels else None,
+        "num_units": num_units,
+        "dedup": data.dedup,
+        "train_file": str(data.train),
+        "train_utterances": len(train_seqs),
+        "valid_utterances": len(valid_seqs),
+        "train_fingerprint": fingerprint(train_seqs),
+    }
+    return LmData(vocab, token_stream(train_seqs, vocab), token_stream(valid_seqs, vocab), info)
+
+
+def build_model_for(model_cfg: LmModelSection, vocab_size: int) -> nn.Module:
+    m = model_cfg
+    return build_lm(m.arch, vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
+                    ffn_dim=m.ffn_dim, context=m.context, dropout=m.dropout, activation=m.activation,
+                    tie_embeddings=m.tie_embeddings, ngram_order=m.ngram_order, ngram_add_k=m.ngram_add_k)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------------------------
+
+
+def lr_scale(step: int, *, warmup_steps: int, max_steps: int, min_lr_scale: float) -> float:
+    """Linear warm-up from 0 to 1 over ``warmup_steps``, then a cosine from 1 to ``min_lr_scale`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
+    return min_lr_scale + (1 - min_lr_scale) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: LmConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings' positions (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    o = cfg.optimizer
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=o.betas, eps=o.eps, fused=fused, foreach=None if fused else True,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LmConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    o = cfg.optimizer
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_scale(
+        step, warmup_steps=o.warmup_steps, max_steps=o.max_steps, min_lr_scale=o.min_lr_scale))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One step
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LmStepOutput:
+    skipped: bool
+    stop_requested: bool
+    loss: float  # global mean cross-entropy per token (nats)
+    grad_norm: float
+    tokens: int
+
+
+def lm_train_step(model: nn.Module, windows: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, *, precision: Precision, max_norm: float,
+                  stop_requested: bool = False) -> LmStepOutput:
+    """One optimizer step over this rank's micro-batches ``windows`` [(b, context + 1) int64]."""
+    world = world_size()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=windows[0].device)
+    for i, batch in enumerate(windows):
+        sync = (contextlib.nullcontext() if i == len(windows) - 1 or not isinstance(model, DistributedDataParallel)
+                else model.no_sync())
+        with sync:
+            with precision.autocast():
+                logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            (loss / len(windows)).backward()  # DDP averages over ranks: the gradient of the global mean
+        loss_sum += loss.detach().double()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    flags = all_reduce_sum(torch.stack([loss_sum / len(windows), nonfinite.double(),
+                                        loss_sum.new_tensor(float(stop_requested))]))
+    mean_loss, num_nonfinite, num_stop = (flags / torch.tensor([world, 1, 1], dtype=flags.dtype,
+                                                               device=flags.device)).tolist()
+    tokens = sum(b[:, 1:].numel() for b in windows) * world
+    out = LmStepOutput(num_nonfinite > 0, num_stop > 0, mean_loss, float(grad_norm), tokens)
+    if out.skipped:
+        optimizer.zero_grad(set_to_none=True)
+        return out
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return out
+
+
+@torch.inference_mode()
+def validate_lm(model: nn.Module, stream: torch.Tensor, *, context: int, precision: Precision,
+                batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean per-token cross-entropy and perplexity of ``stream`` in consecutive windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for rows in validation_windows(stream, context, batch_size):
+        rows = rows.to(device)
+        lengths = (rows >= 0).sum(1)
+        with precision.autocast():
+            values = token_log_likelihoods(model, rows.clamp(min=0), lengths)
+        total -= float(values.double().sum())
+        count += int((lengths - 1).clamp(min=0).sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0915 -- the whole run on one screen, in order
+    """Train (or resume) the LM of ``cfg`` in ``cfg.run.run_dir``; returns "completed" or "interrupted"."""
+    denv = detect_environment()
+    device = resolve_device(cfg.run.device, denv)
+    init_distributed(denv, device)
+    o = cfg.optimizer
+    if o.batch_size % (denv.world_size * o.grad_accum_steps):
+        raise ValueError(f"optimizer.batch_size = {o.batch_size} must be a multiple of ranks × grad_accum_steps = "
+                         f"{denv.world_size} × {o.grad_accum_steps}")
+    with contextlib.ExitStack() as cleanup:
+        cleanup.push(lambda error_type, *_: destroy_distributed(wait=error_type is None))
+        configure_numerics(device, deterministic=cfg.run.use_deterministic)
+        run_dir = cfg.run.run_dir
+        data = prepare_data(cfg)
+        if denv.is_main:
+            write_config(cfg.to_dict(), run_dir)
+        logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens, vocabulary %d",
+                    data.train.numel(), data.info["train_utterances"], data.valid.numel(), data.vocab.size)
+        torch.manual_seed(cfg.run.seed)
+        raw = build_model_for(cfg.model, data.vocab.size).to(device)
+        seed_everything(cfg.run.seed + denv.rank)
+        precision = resolve_precision(o.dtype, device)
+        checkpointer = Checkpointer(run_dir, save_interval=cfg.run.save_interval, keep_latest=cfg.run.keep_latest)
+        metrics = MetricsLogger(run_dir, enabled=denv.is_main, start_step=0, max_steps=o.max_steps)
+        cleanup.callback(metrics.close)
+
+        def state(step: int) -> dict[str, Any]:
+            return {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "config": cfg.to_dict(),
+                    "lm": data.info, "step": int_tensor(step), "ranks": gather_to_all({"rng": capture_rng_state()}),
+                    **({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                       if optimizer is not None else {})}
+
+        if isinstance(raw, NgramLM):
+            raw.fit(data.train.to(device))
+            optimizer = None
+            metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
+                                                          precision=precision, batch_size=o.batch_size, device=device))
+            if denv.is_main:
+                checkpointer.save(state(o.max_steps), step=None)
+            return "completed"
+
+        optimizer = build_optimizer(raw, cfg, device)
+        scheduler = build_scheduler(optimizer, cfg)
+        step, streak = 0, 0
+        latest = checkpointer.load_latest() if denv.is_main else None
+        path = broadcast_from_main(None if latest is None else str(latest[0]))
+        if path is not None:
+            saved = latest[1] if latest is not None else torch.load(path, map_location="cpu", weights_only=True)
+            _check_resumable(saved, data, path)
+            raw.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            step = read_int(saved["step"])
+            if len(saved["ranks"]) == denv.world_size:
+                restore_rng_state(saved["ranks"][denv.rank]["rng"])
+            else:
+                logger.warning("the checkpoint was saved by %d ranks, this run has %d: fresh dropout RNG states",
+                               len(saved["ranks"]), denv.world_size)
+            logger.info("resuming from %s at step %d", path, step)
+            del saved, latest
+        elif denv.is_main:
+            checkpointer.save(state(0), step=0)
+
+        sampler = WindowSampler(data.train, cfg.model.context, o.batch_size, cfg.run.seed)
+        model = raw
+        if cfg.run.compile and device.type == "cuda":
+            model.compile()
+        if denv.is_distributed:
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        stop = StopFlag()
+        cleanup.enter_context(stop.installed())
+        interval = RunningMeans()
+        interval_start, interval_tokens = time.perf_counter(), 0
+
+        def run_validation() -> None:
+            if data.valid.numel():
+                metrics.log(step, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
+                                                       precision=precision, batch_size=o.batch_size, device=device))
+
+        while step < o.max_steps:
+            windows = [sampler.windows(step, rank=denv.rank, world_size=denv.world_size, micro=m,
+                                       num_micro=o.grad_accum_steps).to(device, non_blocking=True)
+                       for m in range(o.grad_accum_steps)]
+            out = lm_train_step(model, windows, optimizer, scheduler, precision=precision, max_norm=o.max_norm,
+                                stop_requested=stop.requested)
+            if out.skipped:
+                streak += 1
+                logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                               step + 1, out.loss, out.grad_norm, streak)
+                if streak >= cfg.run.max_consecutive_nonfinite:
+                    if denv.is_main:
+                        checkpointer.save(state(step), step=step)
+                    raise LmTrainingDivergedError(f"{streak} consecutive non-finite steps; stopped at step {step}")
+            else:
+                streak = 0
+                step += 1
+                interval.add({"loss": out.loss, "grad_norm": out.grad_norm})
+                interval_tokens += out.tokens
+                if step % cfg.run.log_interval == 0 or step == o.max_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    values = {**interval.means(), "lr": optimizer.param_groups[0]["lr"],
+                              "tokens_per_s": interval_tokens / max(elapsed, 1e-9)}
+                    values["ppl"] = math.exp(min(values["loss"], 700.0))
+                    metrics.log(step, "train", values)
+                    metrics.progress(step, {"loss": values["loss"], "tok/s": values["tokens_per_s"]})
+                    interval.reset()
+                    interval_start, interval_tokens = time.perf_counter(), 0
+                if step % cfg.run.validate_interval == 0 and step < o.max_steps:
+                    run_validation()
+                if checkpointer.should_save(step) and step < o.max_steps:
+                    snapshot = state(step)
+                    if denv.is_main:
+                        checkpointer.save(snapshot, step=step)
+            if out.stop_requested:
+                snapshot = state(step)
+                if denv.is_main:
+                    checkpointer.save(snapshot, step=step)
+                logger.info("stopped by a signal at step %d; checkpoint saved", step)
+                return "interrupted"
+        run_validation()
+        snapshot = state(step)
+        if denv.is_main:
+            checkpointer.save(snapshot, step=None)
+    return "completed"
+
+
+def _check_resumable(saved: dict[str, Any], data: LmData, path: str) -> None:
+    if saved.get("format") != CHECKPOINT_FORMAT or "optimizer" not in saved:
+        raise ValueError(f"{path} is not a unit-LM training checkpoint; choose another run.name or run.workdir")
+    old = saved["lm"]
+    if old["train_fingerprint"] != data.info["train_fingerprint"] or old["dedup"] != data.info["dedup"]:
+        raise ValueError(f"{path} was trained on other data ({old['train_file']}, dedup {old['dedup']}); resuming "
+                         "it on this data would not be an exact resume: choose another run.name")
+
+
+def lm_checkpoint_summary(path: str | Path) -> dict[str, Any]:
+    """What ``spidr lm-score`` needs from a checkpoint, after checking it is one (raises ``ValueError``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"LM checkpoint {path} does not exist") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a unit-LM checkpoint written by spidr lm-train")
+    return state
+
+
+def load_lm(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any],
+                                                                                LabelVocabulary | None]:
+    """The trained LM (eval mode), its ``lm`` info and, for frame-label LMs, the label vocabulary."""
+    from spidr.lm.config import lm_config_from_dict
+
+    state = lm_checkpoint_summary(path)
+    cfg = lm_config_from_dict(state["config"])
+    info = state["lm"]
+    model = build_model_for(cfg.model, Vocabulary(info["num_units"]).size)
+    model.load_state_dict(state["model"])
+    labels = LabelVocabulary(tuple(info["labels"])) if info["labels"] else None
+    info = {**info, "arch": cfg.model.arch, "context": cfg.model.context, "step": read_int(state["step"])}
+    return model.to(device).eval(), info, labels
+
+
+def read_lm_units(path: str | Path, info: dict[str, Any], labels: LabelVocabulary | None) -> UnitSequences:
+    """A units file read the way the LM was trained (same dedup, same labels, units in range)."""
+    return read_unit_sequences(path, dedup=info["dedup"], labels=labels, num_units=info["num_units"])

@@ -1,0 +1,83 @@
+"""Process-level set-up shared by the trainers (pretraining and the unit LM): numerics, seeding, ``config.json``
+and the stop signals that make a run save a checkpoint and exit cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # kill/time-out/pre-emption notices: save, then exit
+
+
+def configure_numerics(device: torch.device, *, deterministic: bool) -> None:
+    """Full-precision fp32 matmuls (no TF32), as the reference; optional deterministic algorithms."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False  # variable shapes: autotuning would never pay off
+    torch.set_float32_matmul_precision("highest")
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def write_config(config: dict[str, Any], run_dir: Path) -> None:
+    """``<run_dir>/config.json``; a different existing one (a resumed run with edited settings) is reported."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+        changed = sorted(_diff(old, config))
+        if changed:
+            logger.warning("config differs from the run's previous config.json in: %s", ", ".join(changed))
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in set(old) | set(new) for d in _diff(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 -- code may use the legacy global RNG; seed it too
+    torch.manual_seed(seed)
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 / SIGUSR2; the loop saves a checkpoint and returns at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        logger.warning("received %s: will save a checkpoint and stop after this step", signal.Signals(signum).name)
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+        previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
