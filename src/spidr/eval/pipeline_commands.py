@@ -60,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="official, fairseq, training or safetensors checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="official, fairseq, training or safetensors checkpoint, or Hugging Face data2vec-audio "
+                        "directory")
     parser.add_argument("--model-type", choices=["spidr", "dinosr"], default=None,
                         help="needed only for an official checkpoint without config.json beside it")
     parser.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
@@ -92,6 +94,9 @@ def run_extract(args: argparse.Namespace) -> int:
     from spidr.eval.features import ExtractionSettings, extract_to_directory, parse_layers
 
     model = _model(args)
+    if args.codebooks and model.num_codebooks == 0:
+        raise ValueError(f"--codebooks: {args.checkpoint} is an exported student without prediction heads or "
+                         "codebooks; codebook units need the full spidr checkpoint")
     settings = ExtractionSettings(
         layers=parse_layers(args.layers, model.num_layers),
         before_residual=not args.after_residual,

@@ -8,7 +8,8 @@ import argparse
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
-        help="official .pt, original fairseq DinoSR .ckpt, spidr training checkpoint, or .safetensors export",
+        help="official .pt, original fairseq DinoSR .ckpt, spidr training checkpoint, .safetensors export, or "
+        "Hugging Face data2vec-audio directory (an exported student)",
     )
     parser.add_argument(
         "--model-type",
@@ -32,13 +33,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
     export = subparsers.add_parser(
         "export",
-        help="convert any loadable checkpoint to a safetensors file",
-        description="Load a checkpoint of any recognised format and write its full state dict to safetensors, "
-        "with the model config in the metadata (loadable with spidr.load_model, no pickle).",
+        help="convert any loadable checkpoint to safetensors, Hugging Face transformers or s3prl",
+        description="Load a checkpoint of any recognised format and write it as: a safetensors file of the full "
+        "state dict with the model config in the metadata (--format safetensors); a Hugging Face transformers "
+        "Data2VecAudioModel directory of the student, loadable with AutoModel.from_pretrained and spidr.load_model "
+        "(--format hf); or an s3prl data2vec_custom checkpoint of the student (--format s3prl). The hf and s3prl "
+        "exports compute the same features as spidr on unpadded or equal-length batches; they hold no teacher, "
+        "heads or codebooks. No format needs unpickling of Python objects (the s3prl file holds only tensors, "
+        "strings and numbers).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_checkpoint_arguments(export)
-    export.add_argument("output", help="output path, ending in .safetensors")
+    export.add_argument(
+        "output",
+        help="output path: a .safetensors file (safetensors), a directory (hf; created if missing), or a .pt file "
+        "(s3prl)",
+    )
+    export.add_argument(
+        "--format",
+        choices=["safetensors", "hf", "s3prl"],
+        default="safetensors",
+        help="output format",
+    )
     export.set_defaults(handler=_export)
 
     info = subparsers.add_parser(
@@ -53,16 +69,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from spidr.models.hf_export import export_hf
     from spidr.models.loading import export_safetensors, load_model
+    from spidr.models.s3prl_export import export_s3prl
 
     output = Path(args.output)
-    if output.suffix != ".safetensors":
-        raise ValueError(f"output {output} must end in .safetensors")
+    suffix = {"safetensors": ".safetensors", "s3prl": ".pt"}.get(args.format)
+    if suffix is not None and output.suffix != suffix:
+        raise ValueError(f"output {output} must end in {suffix} for --format {args.format}")
+    if args.format == "hf" and output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} exists and is not a directory (--format hf writes a directory)")
     if not output.parent.is_dir():
         raise ValueError(f"output directory {output.parent} does not exist")
     model = load_model(args.checkpoint, trust=args.trust, config=args.config, model_type=args.model_type)
-    export_safetensors(model, output)
-    print(f"wrote {output} ({model.cfg.model_type}, step {int(model.current_step)})")
+    match args.format:
+        case "safetensors":
+            export_safetensors(model, output)
+        case "hf":
+            export_hf(model, output)
+        case "s3prl":
+            export_s3prl(model, output)
+    print(f"wrote {output} ({args.format}; {model.cfg.model_type}, step {int(model.current_step)})")
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spidr.config import ConvLayer
+from spidr.config import ConvLayer, ModelConfig
 
 # --------------------------------------------------------------------------------------------------------------
 # Padding: one normalised form of the two mask conventions
@@ -394,6 +394,25 @@ def build_transformer(
     )
     init_transformer_(transformer)
     return transformer
+
+
+def build_encoder(cfg: ModelConfig) -> Transformer:
+    """The student encoder of ``cfg`` (``build_transformer`` with the config's encoder fields)."""
+    return build_transformer(
+        cfg.encoder_embed_dim,
+        num_layers=cfg.encoder_num_layers,
+        num_heads=cfg.encoder_num_heads,
+        ff_dim=cfg.encoder_ff_interm_features,
+        pos_conv_kernel=cfg.encoder_pos_conv_kernel,
+        pos_conv_groups=cfg.encoder_pos_conv_groups,
+        pos_conv_depth=cfg.encoder_pos_conv_depth,
+        dropout=cfg.encoder_dropout,
+        attention_dropout=cfg.encoder_attention_dropout,
+        ff_dropout=cfg.encoder_ff_interm_dropout,
+        layer_drop=cfg.encoder_layer_drop,
+        layer_norm_first=cfg.encoder_layer_norm_first,
+        qkv_bias=cfg.encoder_qkv_bias,
+    )
 
 
 def init_transformer_(transformer: Transformer) -> None:

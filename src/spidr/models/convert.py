@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from spidr.config import DinoSRConfig, model_config_from_dict
+from spidr.models.keymap import fuse_qkv
 
 # Renaming rules, tried in order: (fairseq pattern, our key template). Per-layer rules are shared by the student
 # (fairseq prefix "encoder.layers.") and the teacher ("_ema" dict, prefix "layers.").
@@ -88,25 +89,6 @@ def _rename(key: str, rules: list[tuple[str, str]], prefix: str, layer_prefix: s
     raise ValueError(f"{where} key {key!r} has no conversion rule: not an original fairseq DinoSR checkpoint?")
 
 
-def _fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Concatenate the temporary ``attention.{q,k,v}.{weight,bias}`` entries into ``attention.qkv.*`` (q, k, v)."""
-    out: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[str, torch.Tensor]] = {}  # "<layer>.attention.qkv.<kind>" → {"q": ..., "k": ..., "v": ...}
-    for key, value in state.items():
-        match = re.fullmatch(r"(.+\.attention)\.([qkv])\.(weight|bias)", key)
-        if match is None:
-            out[key] = value
-        else:
-            base, part, kind = match.groups()
-            parts.setdefault(f"{base}.qkv.{kind}", {})[part] = value
-    for key, found in parts.items():
-        if set(found) != {"q", "k", "v"}:
-            raise ValueError(f"fairseq checkpoint lacks the {'/'.join(sorted(set('qkv') - set(found)))} projection "
-                             f"for {key}")
-        out[key] = torch.cat([found["q"], found["k"], found["v"]], dim=0)
-    return out
-
-
 def convert_fairseq_state_dict(model_state: Mapping[str, Any], *, step: int = 0) -> dict[str, torch.Tensor]:
     """Our state dict from a fairseq DinoSR ``ckpt["model"]`` (with its ``"_ema"`` teacher dict). ``step`` becomes
     ``current_step``."""
@@ -119,7 +101,7 @@ def convert_fairseq_state_dict(model_state: Mapping[str, Any], *, step: int = 0)
         state[_rename(key, _STUDENT_RULES, "student.", "encoder.layers.", "fairseq model")] = value
     for key, value in model_state["_ema"].items():
         state[_rename(key, _TEACHER_RULES, "teacher.", "layers.", "fairseq _ema")] = value
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in _fuse_qkv(state).items()}
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in fuse_qkv(state).items()}
     state["current_step"] = torch.tensor([step], dtype=torch.long)
     return state
 

@@ -25,7 +25,7 @@ from spidr.models.components import (
     ConvFeatureExtractor,
     FeatureProjection,
     FrameMasks,
-    build_transformer,
+    build_encoder,
     frame_masks,
     init_transformer_,
     scale_grad,
@@ -61,21 +61,7 @@ class DinoSR(nn.Module):
         )
         self.feature_projection = FeatureProjection(cfg.extractor_conv_layer_config[-1][0], dim)
         self.projection_dropout = nn.Dropout(cfg.encoder_projection_dropout)
-        self.student = build_transformer(
-            dim,
-            num_layers=cfg.encoder_num_layers,
-            num_heads=cfg.encoder_num_heads,
-            ff_dim=cfg.encoder_ff_interm_features,
-            pos_conv_kernel=cfg.encoder_pos_conv_kernel,
-            pos_conv_groups=cfg.encoder_pos_conv_groups,
-            pos_conv_depth=cfg.encoder_pos_conv_depth,
-            dropout=cfg.encoder_dropout,
-            attention_dropout=cfg.encoder_attention_dropout,
-            ff_dropout=cfg.encoder_ff_interm_dropout,
-            layer_drop=cfg.encoder_layer_drop,
-            layer_norm_first=cfg.encoder_layer_norm_first,
-            qkv_bias=cfg.encoder_qkv_bias,
-        )
+        self.student = build_encoder(cfg)
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, cfg.codebook_size), LogSoftmaxFp32()) for _ in range(num_codebooks)
         )

@@ -6,7 +6,9 @@ Recognised files:
   else the base defaults of ``model_type``;
 - original fairseq DinoSR checkpoints (``dinosr.ckpt``), converted by ``spidr.models.convert``;
 - our training checkpoints ``{"model": state_dict, "config": Config.to_dict(), ...}``;
-- safetensors exports written by ``export_safetensors`` (config in the metadata).
+- safetensors exports written by ``export_safetensors`` (config in the metadata);
+- Hugging Face ``transformers`` data2vec-audio directories (``config.json`` + ``model.safetensors``), written by
+  ``spidr.models.hf_export.export_hf`` or by ``save_pretrained``: an inference-only ``Student``.
 
 Files are opened with ``torch.load(weights_only=True)``, which cannot run code. A file that holds other pickled
 Python objects (fairseq stores argparse/omegaconf configs) is refused unless the caller passes ``trust=True``.
@@ -44,21 +46,26 @@ from spidr.models.convert import (
     is_fairseq_checkpoint,
 )
 from spidr.models.dinosr import DinoSR
+from spidr.models.hf_export import CONFIG_FILE, MODEL_TYPE, is_hf_directory, read_hf_directory
+from spidr.models.student import Student
 
 logger = logging.getLogger(__name__)
 
-CheckpointFormat = Literal["official", "fairseq", "training", "safetensors"]
+CheckpointFormat = Literal["official", "fairseq", "training", "safetensors", "hf"]
 _METADATA_KEY = "spidr_config"
+_STUDENT_ONLY_KEY = "spidr_student_only"  # safetensors metadata of a Student's export
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a checkpoint file holds, resolved: the model config, our state dict, where it came from, its step."""
+    """What a checkpoint file holds, resolved: the model config, our state dict, where it came from, its step, and
+    whether it holds only the inference student (no teacher, heads or codebooks)."""
 
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     format: CheckpointFormat
     step: int
+    student_only: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +183,14 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
     else:
         model_config = _official_config(path, None, model_type)
     step = int(state["current_step"][0]) if "current_step" in state else 0
-    return Checkpoint(model_config, state, "safetensors", step)
+    return Checkpoint(model_config, state, "safetensors", step, student_only=metadata.get(_STUDENT_ONLY_KEY) == "true")
+
+
+def _read_hf(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> Checkpoint:
+    model_config, state, step = read_hf_directory(path, model_type=model_type)
+    if config is not None:
+        model_config = _explicit_config(config, model_type)
+    return Checkpoint(model_config, state, "hf", step, student_only=True)
 
 
 def read_checkpoint(
@@ -192,6 +206,11 @@ def read_checkpoint(
     says; ``model_type`` is needed only when nothing else tells SpidR from DinoSR.
     """
     path = Path(path)
+    if path.is_dir():
+        if not is_hf_directory(path):
+            raise ValueError(f"checkpoint {path} is a directory without a {CONFIG_FILE} declaring model_type "
+                             f"{MODEL_TYPE!r}: not an exported Hugging Face model")
+        return _read_hf(path, config, model_type)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -232,18 +251,20 @@ def read_checkpoint(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, *, where: str = "checkpoint") -> DinoSR:
-    """Build the model of ``checkpoint.config`` and load its state strictly; eval mode."""
+def model_from_checkpoint(checkpoint: Checkpoint, *, where: str = "checkpoint") -> DinoSR | Student:
+    """Build the model of ``checkpoint.config`` (a ``Student`` when it holds only that) and load its state
+    strictly; eval mode."""
     with torch.device("meta"):
-        model = build_model(checkpoint.config)
+        model = Student(checkpoint.config) if checkpoint.student_only else build_model(checkpoint.config)
     # fp32 weights and an int64 step whatever the file stored (assign=True below keeps the given dtypes).
     state = {k: v.float() if v.is_floating_point() else v.long() for k, v in checkpoint.state_dict.items()}
     try:
         # assign=True swaps the meta tensors for the loaded ones: no wasted random initialisation.
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
+        kind = "student" if checkpoint.student_only else "model"
         raise ValueError(
-            f"{where} does not fit a {checkpoint.config.model_type} model with this config (wrong config.json or "
+            f"{where} does not fit a {checkpoint.config.model_type} {kind} with this config (wrong config.json or "
             f"--config?): {str(error).strip()[:2000]}"
         ) from None
     return model.eval()
@@ -255,11 +276,12 @@ def load_model(
     trust: bool = False,
     config: ModelConfig | str | Path | None = None,
     model_type: ModelType | None = None,
-) -> DinoSR:
-    """A ready ``SpidR`` or ``DinoSR`` in eval mode, on CPU, from any recognised checkpoint (module docstring).
+) -> DinoSR | Student:
+    """A ready ``SpidR`` or ``DinoSR`` in eval mode, on CPU, from any recognised checkpoint (module docstring); from
+    an exported student (a Hugging Face directory) the inference-only ``Student``.
 
     Args:
-        path: ``.pt`` / ``.ckpt`` checkpoint, or ``.safetensors`` export.
+        path: ``.pt`` / ``.ckpt`` checkpoint, ``.safetensors`` export, or Hugging Face data2vec-audio directory.
         trust: allow full unpickling for files that need it (original fairseq checkpoints). Only for trusted files.
         config: model config (object, or a run/model config file) overriding what the file says.
         model_type: "spidr" or "dinosr"; required only for an official checkpoint without a config.
@@ -269,14 +291,17 @@ def load_model(
     )
 
 
-def export_safetensors(model: DinoSR, path: str | Path) -> None:
-    """Write the full state dict (student, heads, codebooks, teacher) to ``path`` with the model config as JSON in
-    the metadata, so ``load_model(path)`` rebuilds the same model without any pickle."""
+def export_safetensors(model: DinoSR | Student, path: str | Path) -> None:
+    """Write the full state dict (student, heads, codebooks, teacher; a ``Student``'s own) to ``path`` with the
+    model config as JSON in the metadata, so ``load_model(path)`` rebuilds the same model without any pickle."""
     from safetensors.torch import save_file
 
     data = dataclasses.asdict(model.cfg) | {"__class__": type(model.cfg).__name__}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={_METADATA_KEY: json.dumps(data), "format": "pt"})
+    metadata = {_METADATA_KEY: json.dumps(data), "format": "pt"}
+    if isinstance(model, Student):
+        metadata[_STUDENT_ONLY_KEY] = "true"
+    save_file(state, str(path), metadata=metadata)
 
 
 def spidr_base(path: str | Path) -> DinoSR:

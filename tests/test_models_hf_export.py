@@ -1,0 +1,373 @@
+"""Export to Hugging Face ``Data2VecAudioModel`` directories and back: the key/shape mapping, without ``transformers``.
+
+The expected Hugging Face layout below is written out independently of ``spidr.models.hf_export``, from the
+documented ``Data2VecAudioModel`` module tree. Comparisons of outputs with ``transformers`` itself are in
+``test_models_hf_transformers.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from spidr import cli
+from spidr.config import SpidRConfig
+from spidr.eval.features import ExtractionSettings, extract_batch
+from spidr.models import Student, export_hf, export_safetensors, load_model, read_checkpoint
+from spidr.models.hf_export import hf_config, is_hf_directory
+from spidr.models.hf_features import before_residual_features
+from test_models_dinosr import tiny_model, waveforms
+
+TRAINING_ONLY = ("teacher.", "heads.", "codebooks.")
+
+
+def perturbed(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial values in every parameter (LayerNorm weights ≠ 1, biases ≠ 0), so a swapped or dropped entry
+    changes the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def expected_hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every Data2VecAudioModel weight and its shape, for a spidr config (q/k/v always have a bias there)."""
+    dim, ff = cfg.encoder_embed_dim, cfg.encoder_ff_interm_features
+    depth = cfg.encoder_pos_conv_depth
+    kernel = max(3, cfg.encoder_pos_conv_kernel // depth)
+    shapes: dict[str, tuple[int, ...]] = {"masked_spec_embed": (dim,)}
+    channels_in = 1
+    for i, (channels, conv_kernel, _) in enumerate(cfg.extractor_conv_layer_config):
+        shapes[f"feature_extractor.conv_layers.{i}.conv.weight"] = (channels, channels_in, conv_kernel)
+        if cfg.extractor_conv_bias:
+            shapes[f"feature_extractor.conv_layers.{i}.conv.bias"] = (channels,)
+        shapes[f"feature_extractor.conv_layers.{i}.layer_norm.weight"] = (channels,)
+        shapes[f"feature_extractor.conv_layers.{i}.layer_norm.bias"] = (channels,)
+        channels_in = channels
+    shapes |= {
+        "feature_projection.layer_norm.weight": (channels_in,),
+        "feature_projection.layer_norm.bias": (channels_in,),
+        "feature_projection.projection.weight": (dim, channels_in),
+        "feature_projection.projection.bias": (dim,),
+        "encoder.layer_norm.weight": (dim,),
+        "encoder.layer_norm.bias": (dim,),
+    }
+    for i in range(depth):
+        shapes[f"encoder.pos_conv_embed.layers.{i}.conv.weight"] = (dim, dim // cfg.encoder_pos_conv_groups, kernel)
+        shapes[f"encoder.pos_conv_embed.layers.{i}.conv.bias"] = (dim,)
+    for i in range(cfg.encoder_num_layers):
+        layer = f"encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{layer}attention.{proj}.weight"] = (dim, dim)
+            shapes[f"{layer}attention.{proj}.bias"] = (dim,)
+        for norm in ("layer_norm", "final_layer_norm"):
+            shapes[f"{layer}{norm}.weight"] = (dim,)
+            shapes[f"{layer}{norm}.bias"] = (dim,)
+        shapes[f"{layer}feed_forward.intermediate_dense.weight"] = (ff, dim)
+        shapes[f"{layer}feed_forward.intermediate_dense.bias"] = (ff,)
+        shapes[f"{layer}feed_forward.output_dense.weight"] = (dim, ff)
+        shapes[f"{layer}feed_forward.output_dense.bias"] = (dim,)
+    return shapes
+
+
+def _student_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY)}
+
+
+def _assert_same_student(loaded: nn.Module, model: nn.Module) -> None:
+    assert isinstance(loaded, Student)
+    assert not loaded.training
+    expected = _student_state(model)
+    state = loaded.state_dict()
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    wave = waveforms(4000, 4000)
+    with torch.no_grad():
+        for before in (True, False):
+            for a, b in zip(loaded.get_intermediate_outputs(wave, before_residual=before),
+                            model.get_intermediate_outputs(wave, before_residual=before), strict=True):
+                assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# spidr → Hugging Face files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_config_json_maps_every_field(tmp_path) -> None:
+    model = tiny_model("spidr", encoder_pos_conv_depth=2, encoder_pos_conv_kernel=17, encoder_pos_conv_groups=4,
+                       extractor_conv_bias=True, encoder_dropout=0.2, encoder_attention_dropout=0.15,
+                       encoder_ff_interm_dropout=0.05, encoder_projection_dropout=0.01, encoder_layer_drop=0.02)
+    with torch.no_grad():
+        model.current_step.fill_(42)
+    export_hf(model, tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"
+    ]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "data2vec-audio"
+    assert config["architectures"] == ["Data2VecAudioModel"]
+    expected = {
+        "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
+        "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+        "conv_bias": True, "num_conv_pos_embeddings": 2, "conv_pos_kernel_size": 8, "num_conv_pos_embedding_groups": 4,
+        "hidden_dropout": 0.2, "attention_dropout": 0.15, "activation_dropout": 0.05, "feat_proj_dropout": 0.01,
+        "layerdrop": 0.02, "hidden_act": "gelu", "feat_extract_activation": "gelu", "layer_norm_eps": 1e-5,
+        "add_adapter": False,
+    }
+    assert {k: config[k] for k in expected} == expected
+    assert config["mask_time_prob"] > 0  # transformers keeps masked_spec_embed only then
+    assert config["spidr"]["model_type"] == "spidr"
+    assert config["spidr"]["step"] == 42
+    assert config["spidr"]["model"]["encoder_pos_conv_kernel"] == 17
+    preprocessor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert preprocessor["feature_extractor_type"] == "Wav2Vec2FeatureExtractor"
+    assert preprocessor["do_normalize"] is True
+    assert preprocessor["sampling_rate"] == 16000
+    assert preprocessor["return_attention_mask"] is True
+    base = hf_config(SpidRConfig())
+    assert (base["num_conv_pos_embeddings"], base["conv_pos_kernel_size"], base["hidden_size"]) == (5, 19, 768)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_weights_have_the_data2vec_audio_keys_and_shapes(tmp_path, qkv_bias: bool) -> None:
+    model = perturbed(tiny_model("dinosr", encoder_qkv_bias=qkv_bias, encoder_pos_conv_depth=3))
+    export_hf(model, tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == expected_hf_shapes(model.cfg)
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    state = model.state_dict()
+    assert torch.equal(weights["masked_spec_embed"], state["mask_embedding"])
+    assert torch.equal(weights["encoder.pos_conv_embed.layers.2.conv.weight"],
+                       state["student.pos_conv_embed.convs.2.weight"])
+    for layer in range(3):
+        prefix = f"encoder.layers.{layer}.attention."
+        q, k, v = state[f"student.layers.{layer}.attention.qkv.weight"].chunk(3)
+        assert torch.equal(weights[prefix + "q_proj.weight"], q)
+        assert torch.equal(weights[prefix + "k_proj.weight"], k)
+        assert torch.equal(weights[prefix + "v_proj.weight"], v)
+        biases = torch.cat([weights[prefix + f"{p}_proj.bias"] for p in "qkv"])
+        if qkv_bias:
+            assert torch.equal(biases, state[f"student.layers.{layer}.attention.qkv.bias"])
+        else:
+            assert not biases.any()
+        assert torch.equal(weights[prefix + "out_proj.bias"], state[f"student.layers.{layer}.attention.proj.bias"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face files → spidr
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), [
+    ("spidr", {}),
+    ("dinosr", {"encoder_qkv_bias": True, "extractor_conv_bias": True}),
+    ("spidr", {"encoder_pos_conv_depth": 1, "encoder_pos_conv_kernel": 16}),
+    ("spidr", {"encoder_pos_conv_depth": 4, "encoder_pos_conv_kernel": 23, "encoder_pos_conv_groups": 8}),
+])
+def test_spidr_hf_spidr_round_trip_is_exact(tmp_path, model_type: str, overrides: dict) -> None:
+    model = perturbed(tiny_model(model_type, **overrides))
+    with torch.no_grad():
+        model.current_step.fill_(1234)
+    export_hf(model, tmp_path / "a")
+    assert is_hf_directory(tmp_path / "a")
+    checkpoint = read_checkpoint(tmp_path / "a")
+    assert (checkpoint.format, checkpoint.step, checkpoint.student_only) == ("hf", 1234, True)
+    assert checkpoint.config == model.cfg  # the "spidr" entry restores every field, e.g. the total kernel 23
+    loaded = load_model(tmp_path / "a")
+    _assert_same_student(loaded, model)
+    assert loaded.get_codebooks(waveforms(4000)) == [None] * model.num_layers
+    export_hf(loaded, tmp_path / "b")  # and back: the same files
+    for name in ("config.json", "preprocessor_config.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_directory_written_by_other_tools(tmp_path) -> None:
+    """Without the "spidr" entry (a data2vec-audio model from elsewhere) the architecture alone defines the model;
+    a task model's weights (``data2vec_audio.*`` plus a head) load too."""
+    model = perturbed(tiny_model("spidr", encoder_qkv_bias=True, encoder_pos_conv_depth=2,
+                                 encoder_pos_conv_kernel=17))
+    export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["spidr"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    task = {f"data2vec_audio.{k}": v for k, v in weights.items()} | {"lm_head.weight": torch.zeros(32, 32)}
+    save_file(task, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_model(tmp_path)
+    assert loaded.cfg.model_type == "spidr"
+    assert loaded.cfg.encoder_pos_conv_kernel == 16  # 2 layers × kernel 8: the same convs as 17
+    assert loaded.cfg.encoder_qkv_bias
+    assert int(loaded.current_step) == 0
+    wave = waveforms(4000)
+    with torch.no_grad():
+        for a, b in zip(loaded.get_intermediate_outputs(wave), model.get_intermediate_outputs(wave), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_model_type_is_kept_and_checked(tmp_path) -> None:
+    export_hf(tiny_model("dinosr"), tmp_path)
+    assert load_model(tmp_path).cfg.model_type == "dinosr"
+    with pytest.raises(ValueError, match="'dinosr' model but model_type='spidr'"):
+        load_model(tmp_path, model_type="spidr")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("hidden_act", "relu", "hidden_act = 'relu'"),
+    ("feat_extract_activation", "gelu_new", "feat_extract_activation"),
+    ("layer_norm_eps", 1e-12, "layer_norm_eps"),
+    ("add_adapter", True, "add_adapter"),
+    ("conv_pos_kernel_size", 2, "conv_pos_kernel_size = 2"),
+    ("num_conv_pos_embeddings", 0, "num_conv_pos_embeddings = 0"),
+    ("conv_stride", [5, 2], "differ in length"),
+    ("num_attention_heads", 5, "encoder_num_heads"),
+])
+def test_unrepresentable_hf_configs_are_refused(tmp_path, field: str, value, message: str) -> None:
+    export_hf(tiny_model("spidr"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path)
+
+
+def test_unreadable_hf_directories(tmp_path) -> None:
+    with pytest.raises(ValueError, match="not an exported Hugging Face model"):
+        load_model(tmp_path)  # an empty directory
+    export_hf(tiny_model("spidr"), tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file(weights | {"encoder.layers.0.attention.rel_attn_embed.weight": torch.zeros(3)},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="rel_attn_embed"):
+        load_model(tmp_path)
+    del weights["encoder.layers.1.attention.k_proj.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks the k projection"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"no model\.safetensors.*never pickles"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"extractor_mode": "group_norm"}, "model.extractor_mode = 'group_norm'"),
+    ({"encoder_layer_norm_first": True}, "model.encoder_layer_norm_first = true"),
+])
+def test_inexact_exports_are_refused(tmp_path, overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        export_hf(tiny_model("spidr", **overrides), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exported student inside spidr: safetensors, extraction, CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_student_only_safetensors_and_extraction(tmp_path) -> None:
+    model = perturbed(tiny_model("spidr"))
+    export_hf(model, tmp_path / "hf")
+    student = load_model(tmp_path / "hf")
+    export_safetensors(student, tmp_path / "student.safetensors")
+    _assert_same_student(load_model(tmp_path / "student.safetensors"), model)
+    # what `spidr evaluate` runs: features, plus codebook units for the layers with a head (none here)
+    wave = waveforms(4000)[0]
+    (result,) = extract_batch(student, [wave], ExtractionSettings(layers=(1, 3), codebooks=True))
+    (expected,) = extract_batch(model, [wave], ExtractionSettings(layers=(1, 3)))
+    assert sorted(result) == ["layer_01", "layer_03"]
+    assert all((result[k] == expected[k]).all() for k in expected)
+
+
+def test_cli_export_formats(tmp_path, capsys) -> None:
+    model = perturbed(tiny_model("spidr"))
+    export_safetensors(model, tmp_path / "model.safetensors")
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(tmp_path / "model.safetensors"), str(out), "--format", "hf"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    _assert_same_student(load_model(out), model)
+    assert cli.main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(hf format)" in printed
+    assert "spidr (Student)" in printed
+    assert "\n                 0 teacher" in printed
+    assert cli.main(["export", str(out), str(tmp_path / "s3prl.pt"), "--format", "s3prl"]) == 0
+    assert "(s3prl;" in capsys.readouterr().out
+    assert set(torch.load(tmp_path / "s3prl.pt", weights_only=True)) == {"task_cfg", "model_cfg", "model_weight"}
+    source = str(tmp_path / "model.safetensors")
+    for argv, message in [
+        ([source, str(tmp_path / "x.pt"), "--format", "safetensors"], "must end in .safetensors"),
+        ([source, str(tmp_path / "x.bin"), "--format", "s3prl"], "must end in .pt"),
+        ([source, str(tmp_path / "s3prl.pt"), "--format", "hf"], "is not a directory"),
+    ]:
+        assert cli.main(["export", *argv]) == 2
+        assert message in capsys.readouterr().err
+    code = cli.main(["extract", "--checkpoint", str(out), "--manifest", str(tmp_path / "missing.csv"),
+                     "--layers", "1", "--codebooks", "--out", str(tmp_path / "feats")])
+    assert code == 2
+    assert "without prediction heads" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hook helper, on stand-ins with the transformers and the fairseq module trees
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Layer(nn.Module):
+    def __init__(self, *, fairseq: bool) -> None:
+        super().__init__()
+        self.fairseq = fairseq
+        if fairseq:
+            self.fc2 = nn.Linear(4, 4)
+        else:
+            self.feed_forward = nn.Module()
+            self.feed_forward.output_dense = nn.Linear(4, 4)
+
+    def linear(self) -> nn.Linear:
+        return self.fc2 if self.fairseq else self.feed_forward.output_dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear()(x)
+
+
+class _Model(nn.Module):
+    def __init__(self, *, fairseq: bool) -> None:
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(_Layer(fairseq=fairseq) for _ in range(3))
+        self.fairseq = fairseq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+        x = x.transpose(0, 1) if self.fairseq else x  # fairseq layers run time-major
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("fairseq", [False, True])
+def test_before_residual_hooks(fairseq: bool) -> None:
+    torch.manual_seed(0)
+    model = _Model(fairseq=fairseq)
+    wrapped = nn.Module()  # a task model (.data2vec_audio) or an s3prl upstream (.model) around it
+    setattr(wrapped, "model" if fairseq else "data2vec_audio", model)
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad(), before_residual_features(wrapped) as features:
+        assert features == [None, None, None]
+        model(x)
+        state = x
+        for layer, feature in zip(model.encoder.layers, features, strict=True):
+            assert torch.equal(feature, layer.linear()(state))  # (B, T, D) in both layouts
+            state = state + layer.linear()(state)
+    first = features[0]
+    model(x * 2)  # the hooks are gone after the block
+    assert features[0] is first
+    with pytest.raises(ValueError, match=r"no encoder\.layers"), before_residual_features(nn.Linear(2, 2)):
+        pass
