@@ -85,6 +85,7 @@ class LmBenchSettings:
     splits: tuple[str, ...] = ("dev", "test")
     nonwords_per_word: int = 1
     min_word_phones: int = 3
+    max_lexical_words: int = 0  # > 0: only the first this many vocabulary words and a quarter as many OOV words
     syntactic_pairs_per_type: int = 40
     tsc_pairs: int = 100
     seed: int = 0
@@ -103,8 +104,10 @@ class LmBenchSettings:
         unknown = sorted(set(self.splits) - {"dev", "test"})
         if unknown:
             raise ValueError(f"splits {unknown} are invalid: expected dev and/or test")
-        if self.nonwords_per_word < 1 or self.min_word_phones < 2 or self.tsc_pairs < 0:
-            raise ValueError("nonwords_per_word must be >= 1, min_word_phones >= 2 and tsc_pairs >= 0")
+        if (self.nonwords_per_word < 1 or self.min_word_phones < 2 or self.tsc_pairs < 0
+                or self.max_lexical_words < 0):
+            raise ValueError("nonwords_per_word must be >= 1, min_word_phones >= 2, tsc_pairs >= 0 and "
+                             "max_lexical_words >= 0")
         if not 0.0 <= self.rate_jitter < 0.5:
             raise ValueError(f"rate_jitter = {self.rate_jitter} must be in [0, 0.5)")
 
@@ -253,7 +256,11 @@ def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance],
     ngrams = PhoneNgrams(utterance_phones(u.words, lex) for u in utterances)
     counts = Counter(word for u in utterances for word in u.words)
     forbidden = set(cmudict_pronunciations()) | {lex.phones(w) for w in lex.pronunciations}
-    words = [w for w in (*lex.content_words(), *lex.oov_words) if len(lex.pronounce(w)) >= settings.min_word_phones]
+    long_enough = [w for w in lex.content_words() if len(lex.pronounce(w)) >= settings.min_word_phones]
+    oov = [w for w in lex.oov_words if len(lex.pronounce(w)) >= settings.min_word_phones]
+    if settings.max_lexical_words:
+        long_enough, oov = long_enough[:settings.max_lexical_words], oov[:max(settings.max_lexical_words // 4, 1)]
+    words = long_enough + oov
     chosen = {}
     for split in settings.splits:
         per_word = {}

@@ -13,8 +13,13 @@ Syntactic phenomena (BabySLM's six; the ``type`` column of the syntactic ``gold.
 Every test sentence uses a (subject, verb, object) triple that never occurs in the training corpus, so a model cannot
 win by having memorised the sentence.
 
-Topic StoryCloze (tSC): a prefix of three sentences of topic t, then either a fresh sentence of topic t (correct) or a
-sentence of another topic (incorrect) whose phone count is within ±15 % of the correct ending's.
+Topic StoryCloze (tSC): a prefix of three sentences of topic t, then either a fresh sentence of topic t (correct) or
+the same sentence moved to another topic (incorrect): every topic word is replaced by the word of the same frequency
+rank and part of speech in topic t′ (determiners, number, adjective slot and the topic-neutral human nouns stay), with
+a phone count within ±15 % of the correct ending's. Both endings are then about equally probable on their own, so
+the pair asks whether the model links the ending to the story's topic — not which of two random sentences has the
+more frequent words. (With random endings from another topic, a phone LSTM that prefers the true ending given the
+prefix in 98 % of pairs scored only 78 % on the whole stories: the endings' own probabilities drowned the topic.)
 """
 
 from __future__ import annotations
@@ -165,23 +170,42 @@ def syntactic_pairs(seed: str, pairs_per_type: int, *, seen_triples: Collection[
     return pairs
 
 
+def move_to_topic(sentence: Sentence, topic: str, lex: Lexicon) -> Sentence:
+    """``sentence`` with each topic word replaced by the same-rank word of the same part of speech in ``topic``."""
+    source = sentence.topic
+
+    def noun_phrase(phrase: NounPhrase) -> NounPhrase:
+        noun = phrase.noun
+        if noun.topic is not None:
+            noun = lex.nouns[topic][lex.nouns[source].index(noun)]
+        adjective = phrase.adjective
+        if adjective is not None:
+            adjective = lex.adjectives[topic][lex.adjectives[source].index(adjective)]
+        return replace(phrase, noun=noun, adjective=adjective)
+
+    return replace(sentence, subject=noun_phrase(sentence.subject),
+                   verb=lex.verbs[topic][lex.verbs[source].index(sentence.verb)],
+                   obj=None if sentence.obj is None else noun_phrase(sentence.obj))
+
+
 def story_pairs(seed: str, count: int, *, seen_triples: Collection[tuple[str, str, str]] = (),
                 lex: Lexicon | None = None, phone_count: Callable[[tuple[str, ...]], int]) -> list[StoryPair]:
     """``count`` tSC pairs; ``phone_count(words)`` measures endings for the ±15 % length match."""
     lex = lex or lexicon()
     builder = _Builder(random.Random(f"{seed}:tsc"), lex, seen_triples)
     pairs = []
-    for _ in range(count):
+    while len(pairs) < count:
         topic = builder.topic()
         prefix = builder.grammar.story(topic, 3)
         (correct,) = builder.novel(lambda topic=topic: [builder.grammar.sentence(topic)])
         target = phone_count(correct.words())
-        for _ in range(MAX_ATTEMPTS):
-            other = builder.grammar.pick([t for t in lex.topics if t != topic])
-            incorrect = builder.grammar.sentence(other)
-            if abs(phone_count(incorrect.words()) - target) <= ENDING_LENGTH_TOLERANCE * target:
+        others = [t for t in lex.topics if t != topic]
+        builder.rng.shuffle(others)
+        for other in others:
+            incorrect = move_to_topic(correct, other, lex)
+            if (abs(phone_count(incorrect.words()) - target) <= ENDING_LENGTH_TOLERANCE * target
+                    and incorrect.triple not in builder.seen):
+                pairs.append(StoryPair(topic, tuple(s.words() for s in prefix), correct.words(), incorrect.words(),
+                                       other))
                 break
-        else:
-            raise RuntimeError(f"no ending of another topic within ±15 % of {target} phones")
-        pairs.append(StoryPair(topic, tuple(s.words() for s in prefix), correct.words(), incorrect.words(), other))
     return pairs
