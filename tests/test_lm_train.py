@@ -1,0 +1,241 @@
+"""Unit-LM training: the loss falls, exact resume after SIGKILL, 2 gloo ranks = 1 process, NaN steps skipped, the
+n-gram baseline, config errors; and ``lm-score`` → ``lm-eval`` through the CLI on a toy benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spidr.cli import main
+from spidr.lm.config import load_lm_config
+from spidr.lm.models import LstmLM
+from spidr.lm.score import score_sequences
+from spidr.lm.tokens import Vocabulary
+from spidr.lm.train import lm_train_step, load_lm, train_lm
+from spidr.lm.zerospeech import (
+    LexicalItem,
+    SyntacticItem,
+    check_complete,
+    read_lexical_gold,
+    read_submission,
+    write_lexical_gold,
+    write_syntactic_gold,
+)
+from spidr.train.precision import Precision
+
+FP32 = Precision("cpu", None)
+
+
+def _toy_units(path: Path, count: int = 60, seed: int = 0) -> Path:
+    """Utterances that count up from a random start modulo 10: a pattern an LM learns quickly."""
+    rng = np.random.default_rng(seed)
+    with path.open("w") as handle:
+        for i in range(count):
+            start, length = rng.integers(0, 10), rng.integers(8, 20)
+            handle.write(json.dumps({"name": f"u{i:03d}", "units": [int((start + k) % 10) for k in range(length)]})
+                         + "\n")
+    return path
+
+
+def _config(tmp_path: Path, name: str, **sections) -> Path:
+    base = {
+        "run": {"workdir": str(tmp_path / "runs"), "name": name, "device": "cpu", "log_interval": 5,
+                "save_interval": 10, "validate_interval": 10, "keep_latest": -1},
+        "data": {"train": str(_toy_units(tmp_path / "units.jsonl")), "dedup": False, "val_fraction": 0.1},
+        "model": {"arch": "lstm", "dim": 32, "num_layers": 1, "context": 16, "dropout": 0.1},
+        "optimizer": {"lr": 1e-2, "warmup_steps": 5, "max_steps": 40, "batch_size": 8, "dtype": "float32"},
+    }
+    for section, values in sections.items():
+        base[section] = {**base[section], **values}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(base))
+    return path
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_validation_perplexity_is_logged(tmp_path):
+    torch.set_num_threads(1)
+    cfg = load_lm_config(_config(tmp_path, "falls"))
+    assert train_lm(cfg) == "completed"
+    records = _metrics(cfg.run.run_dir)
+    train = [r["loss"] for r in records if r["group"] == "train"]
+    valid = [r for r in records if r["group"] == "valid"]
+    assert train[-1] < 0.5 * train[0]
+    assert valid and valid[-1]["ppl"] < valid[0]["ppl"] and valid[-1]["ppl"] == pytest.approx(
+        np.exp(valid[-1]["loss"]))
+    model, info, labels = load_lm(cfg.run.run_dir / "final.pt")
+    assert labels is None and info["num_units"] == 10 and info["step"] == 40 and info["dedup"] is False
+    scores = score_sequences(model, Vocabulary(10), {"up": np.arange(3, 9), "random": np.array([3, 7, 1, 8, 0, 5])})
+    assert scores["up"].mean > scores["random"].mean  # it learned to count
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared (exit {process.poll()})")
+        time.sleep(0.05)
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = _config(tmp_path, "killed", optimizer={"max_steps": 30})
+    process = subprocess.Popen([sys.executable, "-m", "spidr", "lm-train", str(killed)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(tmp_path / "runs" / "killed" / "step_10.pt", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "runs" / "killed" / "final.pt").exists()
+    subprocess.run([sys.executable, "-m", "spidr", "lm-train", str(killed)], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "spidr", "lm-train", str(_config(tmp_path, "straight",
+                    optimizer={"max_steps": 30}))], env=env, check=True, capture_output=True)
+    resumed = torch.load(tmp_path / "runs" / "killed" / "final.pt", weights_only=True)
+    straight = torch.load(tmp_path / "runs" / "straight" / "final.pt", weights_only=True)
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert resumed["optimizer"]["state"][0]["exp_avg"].equal(straight["optimizer"]["state"][0]["exp_avg"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_train_the_model_one_process_trains(tmp_path):
+    no_dropout = {"dropout": 0.0}
+    two = _config(tmp_path, "two", model=no_dropout, optimizer={"max_steps": 12})
+    one = _config(tmp_path, "one", model=no_dropout, optimizer={"max_steps": 12})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr",
+                    "lm-train", str(two)], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "spidr", "lm-train", str(one)], env=env, check=True, capture_output=True)
+    ranks = torch.load(tmp_path / "runs" / "two" / "final.pt", weights_only=True)
+    single = torch.load(tmp_path / "runs" / "one" / "final.pt", weights_only=True)
+    assert len(ranks["ranks"]) == 2
+    start = torch.load(tmp_path / "runs" / "one" / "step_0.pt", weights_only=True)["model"]
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ranks["model"][key], value, atol=2e-5, rtol=2e-5, msg=key)
+        assert not torch.equal(value, start[key]) or "bias" in key  # the model did move
+    two_losses = [r["loss"] for r in _metrics(tmp_path / "runs" / "two") if r["group"] == "train"]
+    one_losses = [r["loss"] for r in _metrics(tmp_path / "runs" / "one") if r["group"] == "train"]
+    assert two_losses == pytest.approx(one_losses, abs=1e-5)
+
+
+class _Poisoned(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = LstmLM(13, dim=8, num_layers=1, dropout=0.0, tie_embeddings=True)
+        self.poison = False
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(tokens)
+        return logits * float("nan") if self.poison else logits
+
+
+def test_a_non_finite_step_is_skipped():
+    torch.manual_seed(0)
+    model = _Poisoned()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    windows = [torch.randint(0, 13, (4, 9))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.poison = True
+    out = lm_train_step(model, windows, optimizer, scheduler, precision=FP32, max_norm=1.0)
+    assert out.skipped and scheduler.last_epoch == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    model.poison = False
+    out = lm_train_step(model, windows, optimizer, scheduler, precision=FP32, max_norm=1.0)
+    assert not out.skipped and scheduler.last_epoch == 1 and np.isfinite(out.loss)
+
+
+def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
+    cfg = load_lm_config(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 2}))
+    assert train_lm(cfg) == "completed"
+    model, info, _ = load_lm(cfg.run.run_dir / "final.pt")
+    counts = model.counts
+    assert counts.shape == (13, 13) and counts.sum() > 0
+    vocab = Vocabulary(10)
+    # after unit 4 the toy data always goes on with 5 (or ends the utterance)
+    assert counts[4, 5] > 0 and counts[4, 6] == 0 and counts[vocab.bos].sum() == info["train_utterances"]
+
+
+def test_resuming_on_other_data_is_refused(tmp_path):
+    path = _config(tmp_path, "data", optimizer={"max_steps": 10})
+    train_lm(load_lm_config(path))
+    other = _toy_units(tmp_path / "other.jsonl", seed=5)
+    with pytest.raises(ValueError, match="other data"):
+        train_lm(load_lm_config(path, [f'data.train="{other}"', "optimizer.max_steps=20"]))
+
+
+def test_config_errors_name_the_field(tmp_path):
+    path = _config(tmp_path, "bad")
+    with pytest.raises(ValueError, match=r"\[model\] has unknown key\(s\) depth"):
+        load_lm_config(path, ["model.depth=3"])
+    with pytest.raises(ValueError, match="model.arch"):
+        load_lm_config(path, ['model.arch="rnn"'])
+    with pytest.raises(ValueError, match="optimizer.batch_size = 6 must be a multiple"):
+        load_lm_config(path, ["optimizer.batch_size=6", "optimizer.grad_accum_steps=4"])
+    with pytest.raises(ValueError, match="model.dim = 30 must be a multiple of model.num_heads = 4"):
+        load_lm_config(path, ['model.arch="gpt"', "model.dim=30"])
+    with pytest.raises(ValueError, match="data.train is required"):
+        load_lm_config(path, ['data.train=""'])
+    assert main(["lm-train", str(path), "--set", "optimizer.lr=-1"]) == 2
+
+
+def test_lm_score_writes_a_valid_submission_that_lm_eval_reads(tmp_path, capsys):
+    cfg_path = _config(tmp_path, "scorer", optimizer={"max_steps": 30}, model={"dropout": 0.0})
+    assert main(["lm-train", str(cfg_path)]) == 0
+    bench, units = tmp_path / "bench", tmp_path / "units"
+    # a lexical set: counting words (the LM's "language") against scrambled ones of the same length
+    lexical, syntactic, lexical_units, syntactic_units = [], [], [], []
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        start = int(rng.integers(0, 10))
+        word = [(start + k) % 10 for k in range(6)]
+        nonword = [int(u) for u in rng.permutation(word)]
+        for voice in ("a", "b"):
+            lexical += [LexicalItem(str(i), f"w{i}{voice}", voice, 3 if i % 2 else 0, "w", "x", 6, True),
+                        LexicalItem(str(i), f"n{i}{voice}", voice, 3 if i % 2 else 0, "n", "x", 6, False)]
+            lexical_units += [{"name": f"w{i}{voice}", "units": word}, {"name": f"n{i}{voice}", "units": nonword}]
+            syntactic += [SyntacticItem(str(i), f"g{i}{voice}", voice, "count", "up", "g", True),
+                          SyntacticItem(str(i), f"b{i}{voice}", voice, "count", "up", "b", False)]
+            syntactic_units += [{"name": f"g{i}{voice}", "units": word + word[:3]},
+                                {"name": f"b{i}{voice}", "units": word + nonword[:3]}]
+    write_lexical_gold(bench / "lexical" / "dev" / "gold.csv", lexical)
+    write_syntactic_gold(bench / "syntactic" / "dev" / "gold.csv", syntactic)
+    for task, rows in (("lexical", lexical_units), ("syntactic", syntactic_units)):
+        (units / task).mkdir(parents=True)
+        (units / task / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = tmp_path / "runs" / "scorer" / "final.pt"
+    for norm in ("mean", "sum"):
+        assert main(["lm-score", str(final), str(units), str(tmp_path / norm), "--norm", norm]) == 0
+        scores = read_submission(tmp_path / norm / "lexical" / "dev.txt")
+        check_complete(scores, read_lexical_gold(bench / "lexical" / "dev" / "gold.csv"), "submission")
+    mean = read_submission(tmp_path / "mean" / "lexical" / "dev.txt")
+    total = read_submission(tmp_path / "sum" / "lexical" / "dev.txt")
+    for i in range(12):  # equal lengths: the two normalisations take the same decisions
+        assert (mean[f"w{i}a"] > mean[f"n{i}a"]) == (total[f"w{i}a"] > total[f"n{i}a"])
+    rows = [json.loads(line) for line in (tmp_path / "mean" / "scores.jsonl").read_text().splitlines()]
+    assert {r["num_tokens"] for r in rows if r["task"] == "lexical"} == {7}  # 6 units (no repeats) + EOS
+    capsys.readouterr()
+    assert main(["lm-eval", str(bench), str(tmp_path / "mean"), "--kind", "dev", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["swuggy_all"] > 80 and results["sblimp"] > 80
+    assert set(results) >= {"swuggy_all", "swuggy_invocab", "sblimp"}
