@@ -16,6 +16,7 @@ import pytest
 
 from spidr.cli import main
 from spidr.config import load_config
+from spidr.corpus.lm_bench import LmBenchSettings
 from spidr.demo import HELD_OUT_VOICES, TRAIN_VOICES, DemoSettings, run_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,13 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     config = out / "tiny-demo.toml"
     config.write_text(TINY_DEMO)
-    settings = DemoSettings(out_dir=out, config=config, train_utterances_per_voice=2, test_utterances_per_voice=3)
+    settings = DemoSettings(
+        out_dir=out, config=config, train_utterances_per_voice=2, test_utterances_per_voice=3,
+        lm_bench=LmBenchSettings(train_utterances=14, splits=("dev",), syntactic_pairs_per_type=4, tsc_pairs=2,
+                                 max_lexical_words=6),
+        lm_overrides=("optimizer.max_steps=3", "optimizer.warmup_steps=1", "optimizer.batch_size=4", "model.dim=16",
+                      "model.num_layers=1", "model.context=32", "optimizer.dtype=\"float32\""),
+    )
     report = run_demo(settings)
     return settings, report
 
@@ -96,6 +103,19 @@ def test_demo_writes_a_report_with_every_layer_and_both_baselines(demo_run):
     assert "| MFCC |" in text
     for plot in ("abx_per_layer.png", "pnmi_per_layer.png", "training/loss.png"):
         assert (report.parent / plot).stat().st_size > 1000
+    # the spoken-LM stage: the oracle, the bigram, both head layers of the trained model, the random init's best
+    assert "## Spoken language modelling" in text
+    study = json.loads((settings.out_dir / "spoken_lm" / "spoken_lm.json").read_text())
+    names = [row["name"] for row in study["rows"]]
+    assert names[:2] == ["phone oracle (LSTM)", "phone bigram"]
+    assert names[2:4] == ["SpidR (trained) L1", "SpidR (trained) L2"]
+    assert names[4].startswith("SpidR (random init) L")
+    for row in study["rows"]:
+        for metric in ("swuggy_all", "sblimp", "tsc"):
+            assert 0.0 <= row[metric] <= 100.0
+    trained = [row for row in study["rows"] if row["model"] == "SpidR (trained)"]
+    assert all(row["unit_abx_across"] is not None and row["pnmi"] is not None for row in trained)
+    assert (settings.out_dir / "spoken_lm" / "points.csv").is_file()
     # the test corpus holds a voice never heard in training
     test_speakers = {line.split("\t")[1] for line in
                      (settings.out_dir / "corpus" / "test" / "utterances.tsv").read_text().splitlines()[1:]}

@@ -91,7 +91,8 @@ def test_every_word_has_a_pronunciation_and_number_forms_differ():
             assert verb.base != verb.third_person
     inventory = set(phone_inventory()) - {SILENCE}
     for word, pron in LEX.pronunciations.items():
-        assert pron and {strip_stress(p) for p in pron} <= inventory, word
+        assert pron, word
+        assert {strip_stress(p) for p in pron} <= inventory, word
     assert not set(LEX.oov_words) & set(LEX.content_words())
 
 
@@ -167,15 +168,16 @@ def test_tsc_endings_differ_in_topic_only():
     pairs = story_pairs("0:dev", 40, seen_triples=SEEN, phone_count=phones)
     assert len(pairs) == 40
     topic_of = {w: t for t in LEX.topics for w in (
-        *(f for n in LEX.nouns[t] for f in (n.singular, n.plural)), *(f for v in LEX.verbs[t] for f in (v.base, v.third_person)),
-        *LEX.adjectives[t])}
+        *(f for n in LEX.nouns[t] for f in (n.singular, n.plural)),
+        *(f for v in LEX.verbs[t] for f in (v.base, v.third_person)), *LEX.adjectives[t])}
     for pair in pairs:
         assert pair.incorrect_topic != pair.topic
         assert {topic_of[w] for s in pair.prefix for w in s if w in topic_of} == {pair.topic}
         assert {topic_of[w] for w in pair.correct_ending if w in topic_of} == {pair.topic}
         assert {topic_of[w] for w in pair.incorrect_ending if w in topic_of} == {pair.incorrect_topic}
         assert len(pair.correct_ending) == len(pair.incorrect_ending)
-        assert _is_grammatical(pair.correct_ending) and _is_grammatical(pair.incorrect_ending)
+        assert _is_grammatical(pair.correct_ending)
+        assert _is_grammatical(pair.incorrect_ending)
         assert abs(phones(pair.incorrect_ending) - phones(pair.correct_ending)) <= 0.15 * phones(pair.correct_ending)
 
 
@@ -185,8 +187,10 @@ def test_moving_a_sentence_keeps_its_frame():
         sentence = grammar.sentence("farm")
         moved = move_to_topic(sentence, "music", LEX)
         assert moved.topic == "music"
-        assert moved.subject.plural == sentence.subject.plural and moved.subject.determiner == sentence.subject.determiner
-        assert (moved.obj is None) == (sentence.obj is None) and moved.reflexive == sentence.reflexive
+        assert moved.subject.plural == sentence.subject.plural
+        assert moved.subject.determiner == sentence.subject.determiner
+        assert (moved.obj is None) == (sentence.obj is None)
+        assert moved.reflexive == sentence.reflexive
 
 
 def test_nonword_candidates_obey_the_constraints():

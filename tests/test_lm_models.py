@@ -32,7 +32,8 @@ def test_models_are_causal(model):
     changed = tokens.clone()
     changed[:, 6:] = (changed[:, 6:] + 1) % V
     logits, logits_changed = model(tokens), model(changed)
-    assert logits.shape == (2, 10, V) and logits.dtype == torch.float32
+    assert logits.shape == (2, 10, V)
+    assert logits.dtype == torch.float32
     torch.testing.assert_close(logits[:, :6], logits_changed[:, :6])
     assert not torch.allclose(logits[:, 6:], logits_changed[:, 6:])
 
@@ -60,7 +61,8 @@ def test_bigram_probabilities_by_hand():
     table = lm.log_probabilities().exp()
     # after 0: counts (0, 2, 0, 0) + 0.5 → 2.5 / 4 for token 1
     assert table[0, 1].item() == pytest.approx(2.5 / 4.0)
-    assert table[1, 2].item() == pytest.approx(1.5 / 4.0) and table[1, 3].item() == pytest.approx(1.5 / 4.0)
+    assert table[1, 2].item() == pytest.approx(1.5 / 4.0)
+    assert table[1, 3].item() == pytest.approx(1.5 / 4.0)
     assert table[3].sum().item() == pytest.approx(1.0)
     values = token_log_likelihoods(lm, torch.tensor([[0, 1, 3]]), torch.tensor([3]))
     assert values.sum().item() == pytest.approx(math.log(2.5 / 4) + math.log(1.5 / 4), abs=1e-6)
@@ -108,7 +110,8 @@ def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
     units.write_text(json.dumps({"audio": "/data/spk/a.wav", "units": [3, 3, 1, 1, 1, 3]}) + "\n"
                      + json.dumps({"name": "spk/b", "units": [2]}) + "\n")
     read = read_unit_sequences(units, dedup=True)
-    assert read.kind == "units" and sorted(read.sequences) == ["a", "b"]
+    assert read.kind == "units"
+    assert sorted(read.sequences) == ["a", "b"]
     assert read.sequences["a"].tolist() == [3, 1, 3]
     assert read_unit_sequences(units, dedup=False).sequences["a"].tolist() == [3, 3, 1, 1, 1, 3]
     with pytest.raises(ValueError, match="out of range"):
@@ -116,7 +119,8 @@ def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
     labels = tmp_path / "labels.jsonl"
     labels.write_text(json.dumps({"name": "x", "phones": ["SIL", "K", "K", "AE", "SIL"]}) + "\n")
     read = read_unit_sequences(labels, dedup=True)
-    assert read.labels == LabelVocabulary(("AE", "K", "SIL")) and read.sequences["x"].tolist() == [2, 1, 0, 2]
+    assert read.labels == LabelVocabulary(("AE", "K", "SIL"))
+    assert read.sequences["x"].tolist() == [2, 1, 0, 2]
     with pytest.raises(ValueError, match="not in the LM's label set"):
         read_unit_sequences(labels, dedup=True, labels=LabelVocabulary(("K", "SIL")))
     with pytest.raises(ValueError, match="discrete units"):

@@ -74,10 +74,15 @@ def test_loss_falls_and_validation_perplexity_is_logged(tmp_path):
     train = [r["loss"] for r in records if r["group"] == "train"]
     valid = [r for r in records if r["group"] == "valid"]
     assert train[-1] < 0.5 * train[0]
-    assert valid and valid[-1]["ppl"] < valid[0]["ppl"] and valid[-1]["ppl"] == pytest.approx(
+    assert valid
+    assert valid[-1]["ppl"] < valid[0]["ppl"]
+    assert valid[-1]["ppl"] == pytest.approx(
         np.exp(valid[-1]["loss"]))
     model, info, labels = load_lm(cfg.run.run_dir / "final.pt")
-    assert labels is None and info["num_units"] == 10 and info["step"] == 40 and info["dedup"] is False
+    assert labels is None
+    assert info["num_units"] == 10
+    assert info["step"] == 40
+    assert info["dedup"] is False
     scores = score_sequences(model, Vocabulary(10), {"up": np.arange(3, 9), "random": np.array([3, 7, 1, 8, 0, 5])})
     assert scores["up"].mean > scores["random"].mean  # it learned to count
 
@@ -157,12 +162,15 @@ def test_a_non_finite_step_is_skipped():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.poison = True
     out = lm_train_step(model, windows, optimizer, scheduler, precision=FP32, max_norm=1.0)
-    assert out.skipped and scheduler.last_epoch == 0
+    assert out.skipped
+    assert scheduler.last_epoch == 0
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
     model.poison = False
     out = lm_train_step(model, windows, optimizer, scheduler, precision=FP32, max_norm=1.0)
-    assert not out.skipped and scheduler.last_epoch == 1 and np.isfinite(out.loss)
+    assert not out.skipped
+    assert scheduler.last_epoch == 1
+    assert np.isfinite(out.loss)
 
 
 def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
@@ -170,10 +178,13 @@ def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
     assert train_lm(cfg) == "completed"
     model, info, _ = load_lm(cfg.run.run_dir / "final.pt")
     counts = model.counts
-    assert counts.shape == (13, 13) and counts.sum() > 0
+    assert counts.shape == (13, 13)
+    assert counts.sum() > 0
     vocab = Vocabulary(10)
     # after unit 4 the toy data always goes on with 5 (or ends the utterance)
-    assert counts[4, 5] > 0 and counts[4, 6] == 0 and counts[vocab.bos].sum() == info["train_utterances"]
+    assert counts[4, 5] > 0
+    assert counts[4, 6] == 0
+    assert counts[vocab.bos].sum() == info["train_utterances"]
 
 
 def test_resuming_on_other_data_is_refused(tmp_path):
@@ -188,13 +199,13 @@ def test_config_errors_name_the_field(tmp_path):
     path = _config(tmp_path, "bad")
     with pytest.raises(ValueError, match=r"\[model\] has unknown key\(s\) depth"):
         load_lm_config(path, ["model.depth=3"])
-    with pytest.raises(ValueError, match="model.arch"):
+    with pytest.raises(ValueError, match=r"model\.arch"):
         load_lm_config(path, ['model.arch="rnn"'])
-    with pytest.raises(ValueError, match="optimizer.batch_size = 6 must be a multiple"):
+    with pytest.raises(ValueError, match=r"optimizer\.batch_size = 6 must be a multiple"):
         load_lm_config(path, ["optimizer.batch_size=6", "optimizer.grad_accum_steps=4"])
-    with pytest.raises(ValueError, match="model.dim = 30 must be a multiple of model.num_heads = 4"):
+    with pytest.raises(ValueError, match=r"model\.dim = 30 must be a multiple of model\.num_heads = 4"):
         load_lm_config(path, ['model.arch="gpt"', "model.dim=30"])
-    with pytest.raises(ValueError, match="data.train is required"):
+    with pytest.raises(ValueError, match=r"data\.train is required"):
         load_lm_config(path, ['data.train=""'])
     assert main(["lm-train", str(path), "--set", "optimizer.lr=-1"]) == 2
 
@@ -237,5 +248,6 @@ def test_lm_score_writes_a_valid_submission_that_lm_eval_reads(tmp_path, capsys)
     capsys.readouterr()
     assert main(["lm-eval", str(bench), str(tmp_path / "mean"), "--kind", "dev", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
-    assert results["swuggy_all"] > 80 and results["sblimp"] > 80
+    assert results["swuggy_all"] > 80
+    assert results["sblimp"] > 80
     assert set(results) >= {"swuggy_all", "swuggy_invocab", "sblimp"}

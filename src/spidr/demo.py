@@ -148,7 +148,8 @@ def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
 
     def quality(name: str) -> dict[int, dict[str, float]]:
         return {row.layer: {"unit_abx_within": row.unit_abx_within, "unit_abx_across": row.unit_abx_across,
-                            "pnmi": row.quality.get("pnmi")} for row in rows if row.model == name and row.layer in heads}
+                            "pnmi": row.quality.get("pnmi")}
+                for row in rows if row.model == name and row.layer in heads}
 
     trained = quality("SpidR (trained)")
     best = min(heads, key=lambda layer: trained[layer]["unit_abx_across"])

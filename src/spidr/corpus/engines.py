@@ -45,7 +45,8 @@ class Request:
 def flite_phones(pronunciation: tuple[tuple[str, ...], ...]) -> str:
     """flite ``-p`` input: lower-case phones between pauses (``pau k ae1 t pau``). flite's phone set knows stress
     0 and 1 only (an unknown "ow2" would come back as an unmappable segment): secondary stress is spoken as 1."""
-    phones = ["pau" if word == (PAUSE,) else phone.lower().replace("2", "1") for word in pronunciation for phone in word]
+    phones = ["pau" if word == (PAUSE,) else phone.lower().replace("2", "1")
+              for word in pronunciation for phone in word]
     return " ".join(["pau", *phones, "pau"])
 
 

@@ -251,7 +251,8 @@ def _tsc_items(settings: LmBenchSettings, split: str, seen: set[tuple[str, str, 
     return items
 
 
-def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance], lex: Lexicon) -> dict[str, list[LexicalPair]]:
+def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance],
+                 lex: Lexicon) -> dict[str, list[LexicalPair]]:
     """Each split's words with their balanced nonwords (test nonwords differ from dev ones)."""
     ngrams = PhoneNgrams(utterance_phones(u.words, lex) for u in utterances)
     counts = Counter(word for u in utterances for word in u.words)
@@ -393,7 +394,8 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
 
     info = {"format": FORMAT_VERSION, "spidr_version": __version__, "parameters": parameters, "counts": counts,
             "engines": _engine_versions(),
-            "voices": {v.name: {"engine": v.engine, "speaker": v.speaker, "person": v.person} for v in voices.values()}}
+            "voices": {v.name: {"engine": v.engine, "speaker": v.speaker, "person": v.person}
+                       for v in voices.values()}}
     outputs.write_text(out_dir / INFO_JSON, [json.dumps(info, indent=1)])
     logger.info("made the spoken-LM benchmark in %s in %.0f s: %s", out_dir, time.perf_counter() - started,
                 json.dumps(counts))
@@ -409,8 +411,8 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
         if not overwrite:
             changed = sorted(k for k in {*parameters, *existing.parameters}
                              if parameters.get(k) != existing.parameters.get(k))
-            raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: {', '.join(changed)}); "
-                             "choose another directory, or pass --overwrite to replace it")
+            raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: "
+                             f"{', '.join(changed)}); choose another directory, or pass --overwrite to replace it")
     elif out_dir.is_dir() and any(p.name not in ("train", *TASKS) for p in out_dir.iterdir()) and not overwrite:
         raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory")
     return None

@@ -100,7 +100,8 @@ class _Builder:
         obj = replace(base.obj, adjective=None)
         a = replace(base, obj=replace(obj, plural=False, determiner="this"))
         c = replace(base, obj=replace(obj, plural=True, determiner="these"))
-        return [a, replace(a, obj=replace(a.obj, determiner="these")), c, replace(c, obj=replace(c.obj, determiner="this"))]
+        return [a, replace(a, obj=replace(a.obj, determiner="these")),
+                c, replace(c, obj=replace(c.obj, determiner="this"))]
 
     def anaphor_gender_agreement(self) -> list[Sentence]:
         verb = self.grammar.zipf(self.lex.verbs[self.topic()])
@@ -120,8 +121,9 @@ class _Builder:
     def adjective_noun_order(self) -> list[Sentence]:
         # "the": "a" would turn into "an" before a vowel in one order only, a cue besides the order itself.
         topic = self.topic()
-        subject = replace(_the(self.grammar.noun_phrase(topic)), adjective=self.grammar.zipf(self.lex.adjectives[topic]))
-        obj = replace(_the(self.grammar.noun_phrase(topic)), adjective=self.grammar.zipf(self.lex.adjectives[topic]))
+        adjectives = self.lex.adjectives[topic]
+        subject = replace(_the(self.grammar.noun_phrase(topic)), adjective=self.grammar.zipf(adjectives))
+        obj = replace(_the(self.grammar.noun_phrase(topic)), adjective=self.grammar.zipf(adjectives))
         good = Sentence(subject, self.grammar.zipf(self.lex.verbs[topic]), obj=obj)
         return [good, replace(good, obj=replace(obj, adjective_after=True)),
                 good, replace(good, subject=replace(subject, adjective_after=True))]
@@ -166,7 +168,8 @@ def syntactic_pairs(seed: str, pairs_per_type: int, *, seen_triples: Collection[
                 extra = builder.novel(getattr(builder, kind))
                 block += [(extra[0].words(), extra[1].words()), (extra[2].words(), extra[3].words())]
                 subtypes = subtypes * 2
-            pairs += [MinimalPair(kind, subtype, good, bad) for subtype, (good, bad) in zip(subtypes, block, strict=True)]
+            pairs += [MinimalPair(kind, subtype, good, bad)
+                      for subtype, (good, bad) in zip(subtypes, block, strict=True)]
     return pairs
 
 

@@ -328,7 +328,8 @@ def iter_units(
     if missing:
         raise ValueError(f"layer(s) {missing} have no codebook head (heads: {sorted(head_layers)}); give k-means "
                          "centroids for them")
-    settings = ExtractionSettings(layers=tuple(sorted({*layers})), codebooks=any(l not in centroids for l in layers),
+    settings = ExtractionSettings(layers=tuple(sorted({*layers})),
+                                  codebooks=any(layer not in centroids for layer in layers),
                                   batch_seconds=batch_seconds, dtype=dtype)
     model.eval()
     for batch in length_batches(entries, int(batch_seconds * SAMPLE_RATE)):

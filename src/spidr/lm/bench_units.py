@@ -72,8 +72,8 @@ def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, 
 def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[int], *, num_units: int, seed: int = 0,
                   dtype: str = "float32", max_frames: int = MAX_KMEANS_FRAMES) -> dict[int, torch.Tensor]:
     """k-means centroids per layer, fitted on a seeded sample of at most ``max_frames`` frames of ``entries``."""
-    from spidr.eval.features import ExtractionSettings, extract_batch, length_batches
     from spidr.data.audio import load_audio
+    from spidr.eval.features import ExtractionSettings, extract_batch, length_batches
     from spidr.eval.kmeans import fit_kmeans
 
     rng = np.random.default_rng(seed)

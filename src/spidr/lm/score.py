@@ -45,7 +45,8 @@ class ItemScore:
 
 @torch.inference_mode()
 def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str, np.ndarray], *,
-                    context: int | None = None, batch_tokens: int = 32768, dtype: str = "float32") -> dict[str, ItemScore]:
+                    context: int | None = None, batch_tokens: int = 32768,
+                    dtype: str = "float32") -> dict[str, ItemScore]:
     """Score every (n,) unit sequence; a padded batch gives the same scores as one sequence at a time."""
     device = next(iter(model.state_dict().values())).device
     stems = sorted(sequences, key=lambda s: (len(sequences[s]), s))

@@ -1,4 +1,4 @@
-"""The spoken-LM study on the synthetic benchmark: units → unit LMs → ZeroSpeech scores → correlation with unit quality.
+"""The spoken-LM study on the synthetic benchmark: units → unit LMs → ZeroSpeech scores → correlation with quality.
 
 ``run_study(models, out_dir, ...)`` is the downstream half of ``make demo`` and of ``spidr lm-study``:
 
@@ -48,7 +48,7 @@ class StudyModel:
 
 @dataclass(frozen=True)
 class StudySettings:
-    bench: LmBenchSettings = LmBenchSettings()
+    bench: LmBenchSettings = field(default_factory=LmBenchSettings)
     lm_config: Path | None = None  # None: the default LM (configs/lm-lstm.toml)
     lm_overrides: tuple[str, ...] = ()
     kind: str = "dev"
@@ -60,7 +60,7 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-def _train_and_score(name: str, units_dir: Path, out_dir: Path, bench: LmBenchInfo, settings: StudySettings,
+def _train_and_score(name: str, units_dir: Path, out_dir: Path, *, bench: LmBenchInfo, settings: StudySettings,
                      extra: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or reuse) the LM on ``units_dir/train.jsonl``, score the test sets, evaluate; returns lm-eval's dict."""
     from spidr.lm.config import load_lm_config
@@ -79,7 +79,8 @@ def _train_and_score(name: str, units_dir: Path, out_dir: Path, bench: LmBenchIn
             raise RuntimeError(f"training of the {name} LM stopped ({outcome}); run again to resume it")
     submission = out_dir / "submissions" / _slug(name)
     score_benchmark(final, find_unit_files(units_dir), submission)
-    results = evaluate_benchmark(bench.out_dir, submission, kind=settings.kind, out_dir=out_dir / "scores" / _slug(name))
+    results = evaluate_benchmark(bench.out_dir, submission, kind=settings.kind,
+                                 out_dir=out_dir / "scores" / _slug(name))
     logger.info("%s: %s (%.0f s)", name, {k: round(v, 1) for k, v in results.items() if k in LM_METRICS},
                 time.perf_counter() - started)
     return results
@@ -109,9 +110,9 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     if not (oracle_dir / "train.jsonl").is_file():
         write_oracle_units(bench.out_dir, oracle_dir)
     rows.append(_row("phone oracle (LSTM)", "oracle", None,
-                     _train_and_score("phone oracle", oracle_dir, out_dir, bench, settings), {}))
+                     _train_and_score("phone oracle", oracle_dir, out_dir, bench=bench, settings=settings), {}))
     rows.append(_row("phone bigram", "bigram", None,
-                     _train_and_score("phone bigram", oracle_dir, out_dir, bench, settings,
+                     _train_and_score("phone bigram", oracle_dir, out_dir, bench=bench, settings=settings,
                                       extra=('model.arch="ngram"', "model.ngram_order=2")), {}))
     for study_model in models:
         model_dir = units_root / _slug(study_model.name)
@@ -122,7 +123,8 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
             done.touch()
         for layer in study_model.layers:
             name = f"{study_model.name} L{layer}"
-            results = _train_and_score(name, model_dir / f"layer_{layer:02d}", out_dir, bench, settings)
+            results = _train_and_score(name, model_dir / f"layer_{layer:02d}", out_dir, bench=bench,
+                                       settings=settings)
             rows.append(_row(name, study_model.name, layer, results, study_model.quality.get(layer, {})))
     return write_study_report(rows, out_dir, bench)
 
@@ -147,7 +149,7 @@ def correlations(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    return "–" if value is None else f"{value + 0.0:.{digits}f}".replace("-0.000", "0.000")
 
 
 def _with_ci(row: Mapping[str, Any], metric: str) -> str:
@@ -164,10 +166,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]
         "| units | unit ABX across % | PNMI | sWUGGY all % | sWUGGY in-vocab % | sBLIMP % | tSC % |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        lines.append(f"| {row['name']} | {_fmt(row.get('unit_abx_across'))} | {_fmt(row.get('pnmi'), 3)} | "
-                     f"{_with_ci(row, 'swuggy_all')} | {_with_ci(row, 'swuggy_invocab')} | "
-                     f"{_with_ci(row, 'sblimp')} | {_with_ci(row, 'tsc')} |")
+    lines += [f"| {row['name']} | {_fmt(row.get('unit_abx_across'))} | {_fmt(row.get('pnmi'), 3)} | "
+              f"{_with_ci(row, 'swuggy_all')} | {_with_ci(row, 'swuggy_invocab')} | "
+              f"{_with_ci(row, 'sblimp')} | {_with_ci(row, 'tsc')} |" for row in rows]
     text = [
         f"Synthetic benchmark `{bench.out_dir}`, split {kind}: {counts['lexical']} lexical pairs (words vs balanced "
         f"nonwords), {counts['syntactic']} syntactic minimal pairs, {counts['tsc']} tSC story pairs, spoken by the "
@@ -179,7 +180,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]
     ]
     if corr:
         text += ["", "Correlation over the (model, layer) points scored:", "",
-                 "| unit quality | LM accuracy | n | Pearson r | p | Spearman ρ | p |", "|---|---|---|---|---|---|---|"]
+                 "| unit quality | LM accuracy | n | Pearson r | p | Spearman ρ | p |",
+                 "|---|---|---|---|---|---|---|"]
         text += [f"| {c['x']} | {c['y']} | {c['n']} | {c['pearson_r']:+.2f} | {c['pearson_p']:.2g} | "
                  f"{c['spearman_rho']:+.2f} | {c['spearman_p']:.2g} |" for c in corr]
     return "\n".join(text)
@@ -198,12 +200,9 @@ def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: 
         writer.writerow(columns)
         for row in rows:
             writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
-    plots = []
-    points = [dict(r) for r in rows if r.get("pnmi") is not None]
-    for c in corr:
-        if c["y"] == "swuggy_invocab" and c["x"] in ("unit_abx_across", "pnmi"):
-            plots.append(plot_scatter([p for p in points if p.get(c["y"]) is not None], c["x"], c["y"],
-                                      out_dir / f"{c['y']}_vs_{c['x']}.png"))
+    points = [dict(r) for r in rows if r.get("pnmi") is not None and r.get("swuggy_invocab") is not None]
+    plots = [plot_scatter(points, c["x"], c["y"], out_dir / f"{c['y']}_vs_{c['x']}.png") for c in corr
+             if c["y"] == "swuggy_invocab" and c["x"] in ("unit_abx_across", "pnmi")]
     path = out_dir / "spoken_lm.md"
     body = markdown(rows, corr, bench, kind)
     path.write_text("# Spoken language modelling on the units\n\n" + body + "\n\n" +

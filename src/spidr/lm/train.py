@@ -38,6 +38,7 @@ from spidr.lm.models import NgramLM, build_lm, token_log_likelihoods
 from spidr.lm.tokens import LabelVocabulary, UnitSequences, Vocabulary, fingerprint, read_unit_sequences
 from spidr.train.checkpoint import Checkpointer, capture_rng_state, int_tensor, read_int, restore_rng_state
 from spidr.train.environment import (
+    DistributedEnvironment,
     broadcast_from_main,
     destroy_distributed,
     detect_environment,
@@ -211,7 +212,7 @@ def validate_lm(model: nn.Module, stream: torch.Tensor, *, context: int, precisi
 # --------------------------------------------------------------------------------------------------------------
 
 
-def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0915 -- the whole run on one screen, in order
+def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on one screen, in order
     """Train (or resume) the LM of ``cfg`` in ``cfg.run.run_dir``; returns "completed" or "interrupted"."""
     denv = detect_environment()
     device = resolve_device(cfg.run.device, denv)
@@ -237,45 +238,31 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0915 -- the whole run on one
         metrics = MetricsLogger(run_dir, enabled=denv.is_main, start_step=0, max_steps=o.max_steps)
         cleanup.callback(metrics.close)
 
-        def state(step: int) -> dict[str, Any]:
-            return {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "config": cfg.to_dict(),
-                    "lm": data.info, "step": int_tensor(step), "ranks": gather_to_all({"rng": capture_rng_state()}),
-                    **({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-                       if optimizer is not None else {})}
+        def save(step: int, *, final: bool = False) -> None:
+            # Collective: every rank's RNG state goes in; only the main rank writes.
+            snapshot = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "config": cfg.to_dict(),
+                        "lm": data.info, "step": int_tensor(step),
+                        "ranks": gather_to_all({"rng": capture_rng_state()}),
+                        **({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                           if optimizer is not None else {})}
+            if denv.is_main:
+                checkpointer.save(snapshot, step=None if final else step)
 
         if isinstance(raw, NgramLM):
             raw.fit(data.train.to(device))
             optimizer = None
             metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
                                                           precision=precision, batch_size=o.batch_size, device=device))
-            snapshot = state(o.max_steps)
-            if denv.is_main:
-                checkpointer.save(snapshot, step=None)
+            save(o.max_steps, final=True)
             return "completed"
 
         optimizer = build_optimizer(raw, cfg, device)
         scheduler = build_scheduler(optimizer, cfg)
-        step, streak = 0, 0
-        latest = checkpointer.load_latest() if denv.is_main else None
-        path = broadcast_from_main(None if latest is None else str(latest[0]))
-        if path is not None:
-            saved = latest[1] if latest is not None else torch.load(path, map_location="cpu", weights_only=True)
-            _check_resumable(saved, data, path)
-            raw.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            step = read_int(saved["step"])
-            if len(saved["ranks"]) == denv.world_size:
-                restore_rng_state(saved["ranks"][denv.rank]["rng"])
-            else:
-                logger.warning("the checkpoint was saved by %d ranks, this run has %d: fresh dropout RNG states",
-                               len(saved["ranks"]), denv.world_size)
-            logger.info("resuming from %s at step %d", path, step)
-            del saved, latest
-        else:
-            snapshot = state(0)  # collective: every rank's RNG state goes in
-            if denv.is_main:
-                checkpointer.save(snapshot, step=0)
+        streak = 0
+        step = _resume(checkpointer, denv, data, model=raw, optimizer=optimizer, scheduler=scheduler)
+        if step is None:
+            step = 0
+            save(0)
 
         sampler = WindowSampler(data.train, cfg.model.context, o.batch_size, cfg.run.seed)
         model = raw
@@ -304,9 +291,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0915 -- the whole run on one
                 logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
                                step + 1, out.loss, out.grad_norm, streak)
                 if streak >= cfg.run.max_consecutive_nonfinite:
-                    snapshot = state(step)
-                    if denv.is_main:
-                        checkpointer.save(snapshot, step=step)
+                    save(step)
                     raise LmTrainingDivergedError(f"{streak} consecutive non-finite steps; stopped at step {step}")
             else:
                 streak = 0
@@ -325,20 +310,36 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0915 -- the whole run on one
                 if step % cfg.run.validate_interval == 0 and step < o.max_steps:
                     run_validation()
                 if checkpointer.should_save(step) and step < o.max_steps:
-                    snapshot = state(step)
-                    if denv.is_main:
-                        checkpointer.save(snapshot, step=step)
+                    save(step)
             if out.stop_requested:
-                snapshot = state(step)
-                if denv.is_main:
-                    checkpointer.save(snapshot, step=step)
+                save(step)
                 logger.info("stopped by a signal at step %d; checkpoint saved", step)
                 return "interrupted"
         run_validation()
-        snapshot = state(step)
-        if denv.is_main:
-            checkpointer.save(snapshot, step=None)
+        save(step, final=True)
     return "completed"
+
+
+def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmData, *, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> int | None:
+    """Load the latest checkpoint rank 0 sees into every rank; returns its step, or None for a fresh run."""
+    latest = checkpointer.load_latest() if denv.is_main else None
+    path = broadcast_from_main(None if latest is None else str(latest[0]))
+    if path is None:
+        return None
+    saved = latest[1] if latest is not None else torch.load(path, map_location="cpu", weights_only=True)
+    _check_resumable(saved, data, path)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if len(saved["ranks"]) == denv.world_size:
+        restore_rng_state(saved["ranks"][denv.rank]["rng"])
+    else:
+        logger.warning("the checkpoint was saved by %d ranks, this run has %d: fresh dropout RNG states",
+                       len(saved["ranks"]), denv.world_size)
+    step = read_int(saved["step"])
+    logger.info("resuming from %s at step %d", path, step)
+    return step
 
 
 def _check_resumable(saved: dict[str, Any], data: LmData, path: str) -> None:
