@@ -251,3 +251,34 @@ def test_lm_score_writes_a_valid_submission_that_lm_eval_reads(tmp_path, capsys)
     assert results["swuggy_all"] > 80
     assert results["sblimp"] > 80
     assert set(results) >= {"swuggy_all", "swuggy_invocab", "sblimp"}
+
+
+@pytest.mark.slow
+def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
+    """The fuller study command end to end (synthesis included): it measures unit quality itself."""
+    import shutil
+
+    from spidr.config import SpidRConfig
+    from spidr.models.build import build_model
+    from spidr.models.loading import export_safetensors
+
+    if shutil.which("flite") is None or shutil.which("espeak-ng") is None:
+        pytest.skip("flite / espeak-ng are not installed (make apt)")
+    torch.manual_seed(0)
+    cfg = SpidRConfig(extractor_conv_layer_config=((16, 10, 5), (16, 3, 2), (16, 3, 2), (16, 3, 2), (16, 3, 2),
+                                                   (16, 2, 2), (16, 2, 2)),
+                      encoder_embed_dim=32, encoder_num_layers=2, encoder_num_heads=2, encoder_ff_interm_features=64,
+                      encoder_pos_conv_groups=4, num_codebooks=2, codebook_size=16)
+    export_safetensors(build_model(cfg), tmp_path / "tiny.safetensors")
+    lm = ["--set", "optimizer.max_steps=2", "--set", "optimizer.batch_size=2", "--set", "model.dim=8",
+          "--set", "model.num_layers=1", "--set", "model.context=16", "--set", 'optimizer.dtype="float32"']
+    assert main(["lm-study", "--checkpoint", f"tiny={tmp_path / 'tiny.safetensors'}", "--random-init", "--layers", "2",
+                 "--out", str(tmp_path / "study"), "--train-utterances", "10", "--syntactic-pairs", "4",
+                 "--tsc-pairs", "2", "--lexical-words", "4", "--jobs", "2", *lm]) == 0
+    study = json.loads((tmp_path / "study" / "spoken_lm.json").read_text())
+    assert [row["name"] for row in study["rows"]] == ["phone oracle (LSTM)", "phone bigram", "tiny L2",
+                                                       "tiny (random init) L2"]
+    for row in study["rows"][2:]:
+        assert -1e-6 <= row["pnmi"] <= 1.0  # a one-unit code has MI 0 up to the eps
+        assert 0.0 <= row["unit_abx_across"] <= 100.0
+    assert "| tiny L2 |" in capsys.readouterr().out

@@ -156,7 +156,8 @@ def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     models = [StudyModel("SpidR (trained)", model, heads, trained),
               StudyModel("SpidR (random init)", random_init_model(model.cfg), (best,), quality("SpidR (random init)"))]
     study = StudySettings(bench=settings.lm_bench, lm_overrides=settings.lm_overrides, jobs=settings.jobs,
-                          dtype="bfloat16")
+                          dtype="bfloat16", quality_source="codebook-unit ABX across speaker and PNMI from the "
+                          "report above (the demo's test corpus)")
     return run_study(models, settings.out_dir / "spoken_lm", study)
 
 

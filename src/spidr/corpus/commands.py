@@ -77,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--splits", type=_names, default=list(defaults.splits), help="dev and/or test")
     bench.add_argument("--nonwords-per-word", type=int, default=defaults.nonwords_per_word,
                        help="nonwords per word (the word's score is the mean over them, as in BabySLM)")
+    bench.add_argument("--lexical-words", type=int, default=defaults.max_lexical_words,
+                       help="only this many vocabulary words (and a quarter as many OOV words); 0: all")
     bench.add_argument("--syntactic-pairs", type=int, default=defaults.syntactic_pairs_per_type,
                        help="minimal pairs per syntactic type (a multiple of 4)")
     bench.add_argument("--tsc-pairs", type=int, default=defaults.tsc_pairs, help="tSC story pairs")
@@ -130,6 +132,7 @@ def _synth_lm_bench(args: argparse.Namespace) -> int:
         tsc_voices=tuple(args.tsc_voices),
         splits=tuple(args.splits),
         nonwords_per_word=args.nonwords_per_word,
+        max_lexical_words=args.lexical_words,
         syntactic_pairs_per_type=args.syntactic_pairs,
         tsc_pairs=args.tsc_pairs,
         seed=args.seed,

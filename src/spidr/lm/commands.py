@@ -1,4 +1,4 @@
-"""Subcommands of this area (see ``spidr.cli``): ``lm-units``, ``lm-train``, ``lm-score``.
+"""Subcommands of this area (see ``spidr.cli``): ``lm-units``, ``lm-train``, ``lm-score``, ``lm-study``.
 
 (``lm-eval`` and ``lm-correlate`` live in ``spidr.lm.eval_commands``.)
 """
@@ -76,6 +76,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="bfloat16 runs the LM under autocast")
     score.set_defaults(handler=_score)
 
+    study = subparsers.add_parser(
+        "lm-study",
+        help="the spoken-LM study on the synthetic benchmark: unit LMs per (model, layer), accuracies, correlation",
+        description="Synthesise (or reuse) the spoken-LM benchmark in OUT/bench, write the codebook units of every "
+        "layer of every checkpoint, train one unit LM per (model, layer) plus the phone-oracle topline and a "
+        "phone-bigram baseline, score sWUGGY / sBLIMP / tSC, measure unit quality (PNMI, unit ABX) on the "
+        "benchmark and correlate it with LM accuracy: OUT/spoken_lm.md, spoken_lm.json, points.csv, plots.",
+        formatter_class=FORMATTER,
+    )
+    study.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]CKPT",
+                       help="a SpidR / DinoSR checkpoint, optionally named (repeatable)")
+    study.add_argument("--layers", default=None, help="1-based layers with codebook heads (default: all heads)")
+    study.add_argument("--random-init", action="store_true",
+                       help="add the first checkpoint's architecture at random initialisation (seed 0)")
+    study.add_argument("--out", required=True, help="output folder (the benchmark goes in OUT/bench)")
+    study.add_argument("--train-utterances", type=int, default=None, help="LM training utterances of the benchmark")
+    study.add_argument("--syntactic-pairs", type=int, default=None, help="minimal pairs per syntactic type")
+    study.add_argument("--tsc-pairs", type=int, default=None, help="tSC story pairs")
+    study.add_argument("--lexical-words", type=int, default=None,
+                       help="only this many vocabulary words (and a quarter as many OOV words) in the lexical task")
+    study.add_argument("--kind", choices=["dev", "test"], default="dev", help="split to score")
+    study.add_argument("--lm-config", default=None, help="LM config (default: the built-in LSTM of "
+                       "configs/lm-lstm.toml)")
+    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help=SET_HELP + "; applied to every LM")
+    study.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
+    study.add_argument("--jobs", type=int, default=None, help="synthesis processes (default: all CPUs)")
+    study.set_defaults(handler=_study)
+
 
 def _units(args: argparse.Namespace) -> int:
     from spidr.lm.bench_units import write_oracle_units
@@ -143,4 +172,39 @@ def _score(args: argparse.Namespace) -> int:
     for name, count in counts.items():
         print(f"{name}: {count} items")
     print(f"submission written to {args.submission}")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from spidr.corpus.lm_bench import LmBenchSettings
+    from spidr.eval.features import parse_layers
+    from spidr.lm.study import StudyModel, StudySettings, run_study
+    from spidr.models.build import build_model
+    from spidr.models.loading import load_model
+
+    models = []
+    for text in args.checkpoint:
+        name, _, path = text.rpartition("=") if "=" in text else ("", "", text)
+        model = load_model(path, trust=args.trust).eval()
+        heads = f"{model.num_layers - model.num_codebooks + 1}-{model.num_layers}"
+        layers = parse_layers(args.layers or heads, model.num_layers)
+        models.append(StudyModel(name or Path(path).stem, model, layers))
+    if args.random_init:
+        import torch
+
+        torch.manual_seed(0)
+        first = models[0]
+        models.append(StudyModel(f"{first.name} (random init)", build_model(first.model.cfg).eval(), first.layers))
+    sizes = {key: value for key, value in (("train_utterances", args.train_utterances),
+                                             ("syntactic_pairs_per_type", args.syntactic_pairs),
+                                             ("tsc_pairs", args.tsc_pairs),
+                                             ("max_lexical_words", args.lexical_words)) if value is not None}
+    bench = replace(LmBenchSettings(), splits=(args.kind,), **sizes)
+    settings = StudySettings(bench=bench, lm_config=Path(args.lm_config) if args.lm_config else None,
+                             lm_overrides=tuple(args.overrides), kind=args.kind, jobs=args.jobs)
+    report = run_study(models, args.out, settings)
+    print(report.read_text(encoding="utf-8"))
+    print(f"report: {report}")
     return 0

@@ -122,7 +122,8 @@ class UnitSequences:
 def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabulary | None = None,
                         num_units: int | None = None) -> UnitSequences:
     """Read a units or frame-label file. For labels without a given ``labels`` vocabulary, the vocabulary is the
-    sorted set of labels in the file. Units ≥ ``num_units`` (when given) are refused, naming the utterance."""
+    sorted union of the labels in the file and the corpus's phone inventory (ARPAbet-39 + SIL), so that a test item
+    may hold a phone the training file lacks. Units ≥ ``num_units`` (when given) are refused, naming the utterance."""
     rows = list(read_rows(path))
     if not rows:
         raise ValueError(f"units file {path} has no utterance")
@@ -132,7 +133,11 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
     kind = kinds.pop()
     sequences: dict[str, np.ndarray] = {}
     if kind == "labels":
-        labels = labels or LabelVocabulary(tuple(sorted({str(v) for _, _, _, values in rows for v in values})))
+        if labels is None:
+            from spidr.corpus.phones import phone_inventory
+
+            found = {str(v) for _, _, _, values in rows for v in values}
+            labels = LabelVocabulary(tuple(sorted(found | set(phone_inventory()))))
         for stem, _, where, values in rows:
             sequences[stem] = labels.ids(values, where)
     else:
