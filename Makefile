@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[eval,train,slurm,hf,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[eval,train,slurm,hf,lm,dev]"
 	touch $@
 
 venv: $(BIN)/.installed

@@ -87,7 +87,8 @@ def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[in
             for layer in layers:
                 frames = result[f"layer_{layer:02d}"]
                 samples[layer].append(frames[rng.random(frames.shape[0]) < keep])
-    return {layer: fit_kmeans(np.concatenate(parts), num_units, seed=seed) for layer, parts in samples.items()}
+    return {layer: torch.as_tensor(fit_kmeans(np.concatenate(parts), num_units, seed=seed), dtype=torch.float32)
+            for layer, parts in samples.items()}
 
 
 def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: str | Path, *, layers: Sequence[int],

@@ -1,0 +1,117 @@
+"""``spidr lm-units``: unit files of every set of a benchmark folder, from a model (codebook / k-means) or the oracle."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spidr.cli import main
+from spidr.config import SpidRConfig
+from spidr.eval.features import ExtractionSettings, extract_batch
+from spidr.eval.kmeans import load_centroids
+from spidr.lm.bench_units import write_model_units
+from spidr.models.build import build_model
+from spidr.models.loading import export_safetensors
+
+CFG = SpidRConfig(extractor_conv_layer_config=((16, 10, 5), (16, 3, 2), (16, 3, 2), (16, 3, 2), (16, 3, 2),
+                                               (16, 2, 2), (16, 2, 2)),
+                  encoder_embed_dim=32, encoder_num_layers=3, encoder_num_heads=2, encoder_ff_interm_features=64,
+                  encoder_pos_conv_groups=4, num_codebooks=2, codebook_size=16)
+
+
+def _wav(path: Path, seconds: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    signal = np.sin(2 * np.pi * (150 + 100 * rng.random()) * t) + 0.1 * rng.standard_normal(t.size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes((signal / np.abs(signal).max() * 20000).astype("<i2").tobytes())
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    for name, count in (("train", 4), ("lexical/dev", 3), ("tsc/dev", 2)):
+        folder = root / name
+        rows = ["fileid,path,num_samples"]
+        labels = []
+        for i in range(count):
+            stem = f"{name.replace('/', '-')}-{i}"
+            seconds = 0.6 + 0.3 * i
+            _wav(folder / f"{stem}.wav", seconds, seed=hash(stem) % 1000)
+            rows.append(f"{stem},{folder / f'{stem}.wav'},{int(16000 * seconds)}")
+            labels.append(json.dumps({"name": stem, "phones": ["SIL"] * int(50 * seconds)}))
+        if name != "tsc/dev":  # a set without manifest.csv is scanned
+            (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+        (folder / "frame_labels_20ms.jsonl").write_text("\n".join(labels) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    export_safetensors(build_model(CFG), path)
+    return path
+
+
+def _read(path: Path) -> dict[str, list[int]]:
+    return {row["name"]: row["units"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def test_codebook_and_oracle_units_of_every_set(bench, checkpoint, tmp_path):
+    assert main(["lm-units", str(bench), str(tmp_path / "cb"), "--checkpoint", str(checkpoint)]) == 0
+    from spidr.models.loading import load_model
+
+    model = load_model(checkpoint).eval()
+    for layer in (2, 3):  # the two heads' layers
+        for name in ("train", "lexical/dev", "tsc/dev"):
+            units = _read(tmp_path / "cb" / f"layer_{layer:02d}" / f"{name}.jsonl")
+            assert len(units) == {"train": 4, "lexical/dev": 3, "tsc/dev": 2}[name]
+        # the same as extracting one file alone and taking the head's arg-max
+        from spidr.data.audio import load_audio
+
+        stem = "train-2"
+        wave_ = load_audio(str(bench / "train" / f"{stem}.wav"), normalize=True)
+        (alone,) = extract_batch(model, [wave_], ExtractionSettings(layers=(layer,), codebooks=True))
+        assert _read(tmp_path / "cb" / f"layer_{layer:02d}" / "train.jsonl")[stem] == alone[f"units_{layer:02d}"].tolist()
+    assert main(["lm-units", str(bench), str(tmp_path / "oracle"), "--oracle"]) == 0
+    assert (tmp_path / "oracle" / "lexical" / "dev.jsonl").read_text() == (
+        bench / "lexical" / "dev" / "frame_labels_20ms.jsonl").read_text()
+    with pytest.raises(ValueError, match="no codebook head"):
+        write_model_units(model, bench, tmp_path / "x", layers=(1,))
+
+
+def test_kmeans_units_are_the_nearest_centroid(bench, checkpoint, tmp_path):
+    assert main(["lm-units", str(bench), str(tmp_path / "km"), "--checkpoint", str(checkpoint), "--layers", "1",
+                 "--kmeans", "4"]) == 0
+    units = _read(tmp_path / "km" / "layer_01" / "lexical" / "dev.jsonl")
+    assert {u for seq in units.values() for u in seq} <= set(range(4))
+    # the centroids are fitted again from the same seeded sample: assign one file by hand
+    from spidr.data.audio import load_audio
+    from spidr.data.manifest import read_manifest
+    from spidr.lm.bench_units import fit_centroids
+    from spidr.models.loading import load_model
+
+    model = load_model(checkpoint).eval()
+    centroids = fit_centroids(model, read_manifest(bench / "train" / "manifest.csv"), [1], num_units=4, seed=0)[1]
+    wave_ = load_audio(str(bench / "lexical" / "dev" / "lexical-dev-1.wav"), normalize=True)
+    (features,) = extract_batch(model, [wave_], ExtractionSettings(layers=(1,)))
+    distances = torch.cdist(torch.from_numpy(features["layer_01"]), centroids)
+    assert units["lexical-dev-1"] == distances.argmin(1).tolist()
+    path = tmp_path / "c.safetensors"
+    from spidr.eval.kmeans import save_centroids
+
+    save_centroids(path, centroids, metadata={})
+    assert main(["lm-units", str(bench), str(tmp_path / "given"), "--checkpoint", str(checkpoint), "--layers", "1",
+                 "--centroids", f"1={path}"]) == 0
+    assert _read(tmp_path / "given" / "layer_01" / "lexical" / "dev.jsonl") == units
+    assert torch.equal(load_centroids(path), centroids)
