@@ -1,4 +1,4 @@
-"""``spidr lm-units``: unit files of every set of a benchmark folder, from a model (codebook / k-means) or the oracle."""
+"""``spidr lm-units``: the unit files of every set of a benchmark, from a model (codebook, k-means) or the oracle."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def test_codebook_and_oracle_units_of_every_set(bench, checkpoint, tmp_path):
         stem = "train-2"
         wave_ = load_audio(str(bench / "train" / f"{stem}.wav"), normalize=True)
         (alone,) = extract_batch(model, [wave_], ExtractionSettings(layers=(layer,), codebooks=True))
-        assert _read(tmp_path / "cb" / f"layer_{layer:02d}" / "train.jsonl")[stem] == alone[f"units_{layer:02d}"].tolist()
+        written = _read(tmp_path / "cb" / f"layer_{layer:02d}" / "train.jsonl")[stem]
+        assert written == alone[f"units_{layer:02d}"].tolist()
     assert main(["lm-units", str(bench), str(tmp_path / "oracle"), "--oracle"]) == 0
     assert (tmp_path / "oracle" / "lexical" / "dev.jsonl").read_text() == (
         bench / "lexical" / "dev" / "frame_labels_20ms.jsonl").read_text()
