@@ -119,8 +119,13 @@ def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
     labels = tmp_path / "labels.jsonl"
     labels.write_text(json.dumps({"name": "x", "phones": ["SIL", "K", "K", "AE", "SIL"]}) + "\n")
     read = read_unit_sequences(labels, dedup=True)
-    assert read.labels == LabelVocabulary(("AE", "K", "SIL"))
-    assert read.sequences["x"].tolist() == [2, 1, 0, 2]
+    # the file's labels and the ARPAbet-39 + SIL inventory, sorted
+    assert len(read.labels.labels) == 40
+    index = {label: i for i, label in enumerate(read.labels.labels)}
+    assert read.sequences["x"].tolist() == [index["SIL"], index["K"], index["AE"], index["SIL"]]
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text(json.dumps({"name": "y", "phones": ["spn", "K"]}) + "\n")
+    assert "spn" in read_unit_sequences(custom, dedup=True).labels.labels
     with pytest.raises(ValueError, match="not in the LM's label set"):
         read_unit_sequences(labels, dedup=True, labels=LabelVocabulary(("K", "SIL")))
     with pytest.raises(ValueError, match="discrete units"):

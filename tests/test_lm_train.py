@@ -276,9 +276,9 @@ def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
                  "--out", str(tmp_path / "study"), "--train-utterances", "10", "--syntactic-pairs", "4",
                  "--tsc-pairs", "2", "--lexical-words", "4", "--jobs", "2", *lm]) == 0
     study = json.loads((tmp_path / "study" / "spoken_lm.json").read_text())
-    assert [row["name"] for row in study["rows"]] == ["phone oracle (LSTM)", "phone bigram", "tiny L2",
-                                                       "tiny (random init) L2"]
-    for row in study["rows"][2:]:
+    assert [row["name"] for row in study["rows"]] == ["phone oracle (LSTM)", "untrained LSTM (phones)",
+                                                       "phone bigram", "tiny L2", "tiny (random init) L2"]
+    for row in study["rows"][3:]:
         assert -1e-6 <= row["pnmi"] <= 1.0  # a one-unit code has MI 0 up to the eps
         assert 0.0 <= row["unit_abx_across"] <= 100.0
     assert "| tiny L2 |" in capsys.readouterr().out

@@ -61,7 +61,7 @@ def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> dict[s
 
 
 def _read_jsonl_alignments(path: Path) -> dict[str, list[str]]:
-    return {key: [str(phone) for phone in phones] for key, _, phones in read_jsonl_rows(path, field="phones")}
+    return {key: [str(phone) for phone in phones] for key, _, _, phones in read_jsonl_rows(path, field="phones")}
 
 
 def _read_interval_alignments(path: Path, rate: int) -> dict[str, list[str]]:

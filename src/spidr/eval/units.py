@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -36,10 +36,13 @@ def utterance_key(row: Mapping[str, object], *, where: str) -> str:
     raise ValueError(f"{where}: row has neither a 'name' nor an 'audio' key (keys: {sorted(row)})")
 
 
-def read_jsonl_rows(path: str | Path, *, field: str) -> Iterator[tuple[str, str, list]]:
-    """``(utterance, where, row[field])`` for every row of a JSONL file keyed by ``name`` or ``audio``
-    (``.gz`` read transparently); ``where`` names the file and line for error messages. Refuses bad JSON, rows
-    without a ``field`` list and repeated utterances."""
+def read_jsonl_rows(path: str | Path, *, field: str | tuple[str, ...],
+                    key: Callable[[str], str] = str) -> Iterator[tuple[str, str, str, list]]:
+    """``(utterance, where, found, row[found])`` for every row of a JSONL file keyed by ``name`` or ``audio``
+    (``.gz`` read transparently), ``found`` being the first of the ``field`` names the row holds as a list;
+    ``where`` names the file and line for error messages. ``key`` maps the row's name to the utterance key (e.g. to
+    a file stem). Refuses bad JSON, rows without such a list and repeated utterances."""
+    fields = (field,) if isinstance(field, str) else field
     seen: set[str] = set()
     with open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
@@ -50,13 +53,14 @@ def read_jsonl_rows(path: str | Path, *, field: str) -> Iterator[tuple[str, str,
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not valid JSON ({error})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), list):
-                raise ValueError(f"{where}: expected an object with a {field!r} list")
-            key = utterance_key(row, where=where)
-            if key in seen:
-                raise ValueError(f"{where}: utterance {key!r} appears twice")
-            seen.add(key)
-            yield key, where, row[field]
+            found = next((f for f in fields if isinstance(row, dict) and isinstance(row.get(f), list)), None)
+            if found is None:
+                raise ValueError(f"{where}: expected an object with a {' or '.join(map(repr, fields))} list")
+            name = key(utterance_key(row, where=where))
+            if name in seen:
+                raise ValueError(f"{where}: utterance {name!r} appears twice")
+            seen.add(name)
+            yield name, where, found, row[found]
 
 
 def read_units(path: str | Path) -> dict[str, np.ndarray]:
@@ -65,7 +69,7 @@ def read_units(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"units file {path} does not exist")
     units: dict[str, np.ndarray] = {}
-    for key, where, values in read_jsonl_rows(path, field="units"):
+    for key, where, _, values in read_jsonl_rows(path, field="units"):
         if not all(isinstance(u, int) and not isinstance(u, bool) for u in values):
             raise ValueError(f"{where}: 'units' of {key!r} must be a list of integers")
         units[key] = np.asarray(values, dtype=np.int64)

@@ -5,7 +5,8 @@
 1. make (or reuse) the benchmark (``spidr.corpus.lm_bench``) in ``out_dir/bench``;
 2. write the units of every set: the phone oracle (gold 20 ms phone labels) and each model's layers (codebook units);
 3. train one LM per units source with the same config and budget — the oracle (the topline), every (model, layer),
-   and a phone-bigram model on the oracle units (the baseline that balanced nonwords pin near 50 %);
+   and a phone-bigram model on the oracle units (the baseline that balanced nonwords pin near 50 %); the oracle LM
+   before training (its step-0 checkpoint) is the chance reference;
 4. score every test item (``lm-score``, mean log-likelihood per token) and compute the accuracies (``lm-eval``);
 5. correlate LM accuracy with unit quality per (model, layer) — unit ABX and PNMI — over the points scored
    (``lm-correlate``), and write ``spoken_lm.md`` / ``spoken_lm.json``, the per-point table ``points.csv`` and
@@ -64,29 +65,34 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-def _train_and_score(name: str, units_dir: Path, out_dir: Path, *, bench: LmBenchInfo, settings: StudySettings,
-                     extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Train (or reuse) the LM on ``units_dir/train.jsonl``, score the test sets, evaluate; returns lm-eval's dict."""
+def _train(name: str, units_dir: Path, out_dir: Path, settings: StudySettings, extra: Sequence[str] = ()) -> Path:
+    """Train (or reuse) the LM of ``name`` on ``units_dir/train.jsonl``; returns its run directory."""
     from spidr.lm.config import load_lm_config
-    from spidr.lm.evaluate import evaluate_benchmark
-    from spidr.lm.score import find_unit_files, score_benchmark
     from spidr.lm.train import train_lm
 
     cfg = load_lm_config(settings.lm_config, [*settings.lm_overrides, *extra,
                                               f'data.train="{units_dir / "train.jsonl"}"',
                                               f'run.workdir="{out_dir / "lms"}"', f'run.name="{_slug(name)}"'])
-    final = cfg.run.run_dir / "final.pt"
-    started = time.perf_counter()
-    if not final.is_file():
+    if not (cfg.run.run_dir / "final.pt").is_file():
+        started = time.perf_counter()
         outcome = train_lm(cfg)
         if outcome != "completed":
             raise RuntimeError(f"training of the {name} LM stopped ({outcome}); run again to resume it")
+        logger.info("trained the %s LM in %.0f s", name, time.perf_counter() - started)
+    return cfg.run.run_dir
+
+
+def _score(name: str, checkpoint: Path, units_dir: Path, out_dir: Path, *, bench: LmBenchInfo,
+           settings: StudySettings) -> dict[str, Any]:
+    """Score the test sets with ``checkpoint`` and evaluate them; returns lm-eval's dict."""
+    from spidr.lm.evaluate import evaluate_benchmark
+    from spidr.lm.score import find_unit_files, score_benchmark
+
     submission = out_dir / "submissions" / _slug(name)
-    score_benchmark(final, find_unit_files(units_dir), submission)
+    score_benchmark(checkpoint, find_unit_files(units_dir), submission)
     results = evaluate_benchmark(bench.out_dir, submission, kind=settings.kind,
                                  out_dir=out_dir / "scores" / _slug(name))
-    logger.info("%s: %s (%.0f s)", name, {k: round(v, 1) for k, v in results.items() if k in LM_METRICS},
-                time.perf_counter() - started)
+    logger.info("%s: %s", name, {k: round(v, 1) for k, v in results.items() if k in LM_METRICS})
     return results
 
 
@@ -135,11 +141,15 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     oracle_dir = units_root / "oracle"
     if not (oracle_dir / "train.jsonl").is_file():
         write_oracle_units(bench.out_dir, oracle_dir)
+    common = {"bench": bench, "settings": settings}
+    oracle_run = _train("phone oracle", oracle_dir, out_dir, settings)
     rows.append(_row("phone oracle (LSTM)", "oracle", None,
-                     _train_and_score("phone oracle", oracle_dir, out_dir, bench=bench, settings=settings), {}))
+                     _score("phone oracle", oracle_run / "final.pt", oracle_dir, out_dir, **common), {}))
+    rows.append(_row("untrained LSTM (phones)", "untrained", None,
+                     _score("untrained", oracle_run / "step_0.pt", oracle_dir, out_dir, **common), {}))
+    bigram_run = _train("phone bigram", oracle_dir, out_dir, settings, ('model.arch="ngram"', "model.ngram_order=2"))
     rows.append(_row("phone bigram", "bigram", None,
-                     _train_and_score("phone bigram", oracle_dir, out_dir, bench=bench, settings=settings,
-                                      extra=('model.arch="ngram"', "model.ngram_order=2")), {}))
+                     _score("phone bigram", bigram_run / "final.pt", oracle_dir, out_dir, **common), {}))
     for study_model in models:
         model_dir = units_root / _slug(study_model.name)
         done = model_dir / ".complete"
@@ -150,7 +160,8 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
         for layer in study_model.layers:
             name = f"{study_model.name} L{layer}"
             layer_dir = model_dir / f"layer_{layer:02d}"
-            results = _train_and_score(name, layer_dir, out_dir, bench=bench, settings=settings)
+            run = _train(name, layer_dir, out_dir, settings)
+            results = _score(name, run / "final.pt", layer_dir, out_dir, **common)
             quality = study_model.quality.get(layer) or measure_quality(
                 layer_dir, bench, num_units=study_model.model.cfg.codebook_size, kind=settings.kind)
             rows.append(_row(name, study_model.name, layer, results, quality))

@@ -16,16 +16,16 @@ token ids are the units ``0 … V − 1`` followed by BOS = V, EOS = V + 1 and P
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from spidr.eval.units import deduplicate, open_text, utterance_key
+from spidr.eval.units import deduplicate, read_jsonl_rows
 
-UnitsKind = str  # "units" or "labels"
+UnitsKind = Literal["units", "labels"]
 
 
 @dataclass(frozen=True)
@@ -55,34 +55,18 @@ class Vocabulary:
         return np.concatenate([[self.bos], np.asarray(units, dtype=np.int64), [self.eos]]).astype(np.int64)
 
 
+def file_stem(name: str) -> str:
+    """``"spk/utt"``, ``"/data/spk/utt.wav"`` → ``"utt"``: the key of a ZeroSpeech submission line."""
+    return Path(name).name.removesuffix(".wav").removesuffix(".flac")
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[str, str, str, list]]:
     """``(stem, kind, where, values)`` per row, kind "units" or "labels"; refuses bad JSON and repeated stems."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"units file {path} does not exist")
-    seen: set[str] = set()
-    with open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where} is not valid JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            if isinstance(row.get("units"), list):
-                kind, values = "units", row["units"]
-            elif isinstance(row.get("phones"), list):
-                kind, values = "labels", row["phones"]
-            else:
-                raise ValueError(f"{where}: expected a 'units' list of integers or a 'phones' list of labels")
-            stem = Path(utterance_key(row, where=where)).name.removesuffix(".wav").removesuffix(".flac")
-            if stem in seen:
-                raise ValueError(f"{where}: utterance {stem!r} appears twice (utterances are keyed by file stem)")
-            seen.add(stem)
-            yield stem, kind, where, values
+    for stem, where, found, values in read_jsonl_rows(path, field=("units", "phones"), key=file_stem):
+        yield stem, "units" if found == "units" else "labels", where, values
 
 
 @dataclass(frozen=True)
