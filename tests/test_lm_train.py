@@ -282,3 +282,17 @@ def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
         assert -1e-6 <= row["pnmi"] <= 1.0  # a one-unit code has MI 0 up to the eps
         assert 0.0 <= row["unit_abx_across"] <= 100.0
     assert "| tiny L2 |" in capsys.readouterr().out
+
+
+def test_the_untrained_copy_holds_the_initial_weights(tmp_path):
+    from spidr.lm.train import write_untrained
+
+    cfg = load_lm_config(_config(tmp_path, "init", optimizer={"max_steps": 10}))
+    train_lm(cfg)
+    untrained = torch.load(write_untrained(cfg.run.run_dir / "final.pt", tmp_path / "untrained.pt"), weights_only=True)
+    step_0 = torch.load(cfg.run.run_dir / "step_0.pt", weights_only=True)
+    final = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)
+    for key, value in step_0["model"].items():
+        assert torch.equal(untrained["model"][key], value), key
+        assert not torch.equal(final["model"][key], value) or "bias" in key
+    assert load_lm(tmp_path / "untrained.pt")[1]["step"] == 0

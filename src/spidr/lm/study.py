@@ -32,6 +32,7 @@ import torch
 
 from spidr.corpus.lm_bench import LmBenchInfo, LmBenchSettings, generate_lm_bench
 from spidr.lm.bench_units import write_model_units, write_oracle_units
+from spidr.lm.train import write_untrained
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +146,9 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     oracle_run = _train("phone oracle", oracle_dir, out_dir, settings)
     rows.append(_row("phone oracle (LSTM)", "oracle", None,
                      _score("phone oracle", oracle_run / "final.pt", oracle_dir, out_dir, **common), {}))
+    untrained = write_untrained(oracle_run / "final.pt", oracle_run / "untrained.pt")
     rows.append(_row("untrained LSTM (phones)", "untrained", None,
-                     _score("untrained", oracle_run / "step_0.pt", oracle_dir, out_dir, **common), {}))
+                     _score("untrained", untrained, oracle_dir, out_dir, **common), {}))
     bigram_run = _train("phone bigram", oracle_dir, out_dir, settings, ('model.arch="ngram"', "model.ngram_order=2"))
     rows.append(_row("phone bigram", "bigram", None,
                      _score("phone bigram", bigram_run / "final.pt", oracle_dir, out_dir, **common), {}))
