@@ -276,7 +276,7 @@ def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
                  "--out", str(tmp_path / "study"), "--train-utterances", "10", "--syntactic-pairs", "4",
                  "--tsc-pairs", "2", "--lexical-words", "4", "--jobs", "2", *lm]) == 0
     study = json.loads((tmp_path / "study" / "spoken_lm.json").read_text())
-    assert [row["name"] for row in study["rows"]] == ["phone oracle (LSTM)", "untrained LSTM (phones)",
+    assert [row["name"] for row in study["rows"]] == ["phone oracle (LSTM)", "untrained LSTM (phones, 5 seeds)",
                                                        "phone bigram", "tiny L2", "tiny (random init) L2"]
     for row in study["rows"][3:]:
         assert -1e-6 <= row["pnmi"] <= 1.0  # a one-unit code has MI 0 up to the eps

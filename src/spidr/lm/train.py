@@ -362,15 +362,15 @@ def lm_checkpoint_summary(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def write_untrained(checkpoint: str | Path, out: str | Path) -> Path:
+def write_untrained(checkpoint: str | Path, out: str | Path, *, seed: int | None = None) -> Path:
     """A copy of an LM checkpoint with the weights the run started from (its seed rebuilds them exactly, as in its
-    ``step_0.pt``): the same model before training, for a chance-level reference."""
+    ``step_0.pt``), or those another ``seed`` draws: the same model before training, a chance-level reference."""
     from spidr.lm.config import lm_config_from_dict
     from spidr.train.checkpoint import atomic_torch_save
 
     state = lm_checkpoint_summary(checkpoint)
     cfg = lm_config_from_dict(state["config"])
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed if seed is None else seed)
     model = build_model_for(cfg.model, Vocabulary(state["lm"]["num_units"]).size)
     out = Path(out)
     atomic_torch_save({**{k: v for k, v in state.items() if k not in ("optimizer", "scheduler")},
