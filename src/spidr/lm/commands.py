@@ -87,7 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     study.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]CKPT",
                        help="a SpidR / DinoSR checkpoint, optionally named (repeatable)")
-    study.add_argument("--layers", default=None, help="1-based layers with codebook heads (default: all heads)")
+    study.add_argument("--layers", default=None, help="1-based layers (default: every head's layer)")
+    study.add_argument("--kmeans", type=int, default=0, metavar="K",
+                       help="k-means units with K centroids fitted on the benchmark's training set (0: codebooks)")
     study.add_argument("--random-init", action="store_true",
                        help="add the first checkpoint's architecture at random initialisation (seed 0)")
     study.add_argument("--out", required=True, help="output folder (the benchmark goes in OUT/bench)")
@@ -203,7 +205,7 @@ def _study(args: argparse.Namespace) -> int:
                                              ("max_lexical_words", args.lexical_words)) if value is not None}
     bench = replace(LmBenchSettings(), splits=(args.kind,), **sizes)
     settings = StudySettings(bench=bench, lm_config=Path(args.lm_config) if args.lm_config else None,
-                             lm_overrides=tuple(args.overrides), kind=args.kind, jobs=args.jobs)
+                             lm_overrides=tuple(args.overrides), kind=args.kind, jobs=args.jobs, kmeans=args.kmeans)
     report = run_study(models, args.out, settings)
     print(report.read_text(encoding="utf-8"))
     print(f"report: {report}")

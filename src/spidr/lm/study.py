@@ -3,7 +3,8 @@
 ``run_study(models, out_dir, ...)`` is the downstream half of ``make demo`` and of ``spidr lm-study``:
 
 1. make (or reuse) the benchmark (``spidr.corpus.lm_bench``) in ``out_dir/bench``;
-2. write the units of every set: the phone oracle (gold 20 ms phone labels) and each model's layers (codebook units);
+2. write the units of every set: the phone oracle (gold 20 ms phone labels) and each model's layers (codebook units,
+   or k-means units fitted on the benchmark's training set);
 3. train one LM per units source with the same config and budget — the oracle (the topline), every (model, layer),
    and a phone-bigram model on the oracle units (the baseline that balanced nonwords pin near 50 %); the oracle LM
    before training (its step-0 checkpoint) is the chance reference;
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from spidr.corpus.lm_bench import LmBenchInfo, LmBenchSettings, generate_lm_bench
-from spidr.lm.bench_units import write_model_units, write_oracle_units
+from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
 from spidr.lm.train import write_untrained
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class StudySettings:
     dtype: str = "float32"  # of unit extraction
     jobs: int | None = None
     quality_source: str = ""  # where given unit-quality figures come from (for the report)
+    kmeans: int = 0  # > 0: k-means units, this many centroids per layer fitted on the training set (not codebooks)
 
 
 def _slug(text: str) -> str:
@@ -177,8 +179,14 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
         model_dir = units_root / _slug(study_model.name)
         done = model_dir / ".complete"
         if not done.is_file():
+            centroids = None
+            if settings.kmeans:
+                from spidr.data.manifest import read_manifest
+
+                centroids = fit_centroids(study_model.model, read_manifest(bench.train_dir / "manifest.csv"),
+                                          study_model.layers, num_units=settings.kmeans, dtype=settings.dtype)
             write_model_units(study_model.model, bench.out_dir, model_dir, layers=study_model.layers,
-                              dtype=settings.dtype)
+                              centroids=centroids, dtype=settings.dtype)
             done.touch()
         for layer in study_model.layers:
             name = f"{study_model.name} L{layer}"
@@ -186,7 +194,8 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
             run = _train(name, layer_dir, out_dir, settings)
             results = _score(name, run / "final.pt", layer_dir, out_dir, **common)
             quality = study_model.quality.get(layer) or measure_quality(
-                layer_dir, bench, num_units=study_model.model.cfg.codebook_size, kind=settings.kind)
+                layer_dir, bench, num_units=settings.kmeans or study_model.model.cfg.codebook_size,
+                kind=settings.kind)
             rows.append(_row(name, study_model.name, layer, results, quality))
     source = settings.quality_source or ("PNMI of the benchmark's training units; unit ABX (triphones, context "
                                          f"within) on its syntactic {settings.kind} split")
