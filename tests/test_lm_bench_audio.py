@@ -1,0 +1,105 @@
+"""``spidr synth-lm-bench`` with the speech engines: layout, gold files, alignments, determinism, caching."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from spidr.cli import main
+from spidr.corpus.language import lexicon, split_at_pauses, training_utterances
+from spidr.corpus.lm_bench import LmBenchInfo, LmBenchSettings, generate_lm_bench, plan_lexical
+from spidr.lm.zerospeech import read_lexical_gold, read_storycloze_gold, read_syntactic_gold
+
+pytestmark = pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
+                                reason="flite / espeak-ng are not installed (make apt)")
+
+TINY = LmBenchSettings(train_utterances=21, splits=("dev",), syntactic_pairs_per_type=4, tsc_pairs=3,
+                       max_lexical_words=8)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Every file's hash; manifests name absolute paths, so the folder is written out of them first."""
+    def content(path: Path) -> bytes:
+        data = path.read_bytes()
+        return data.replace(str(folder).encode(), b"ROOT") if path.name == "manifest.csv" else data
+
+    return {str(p.relative_to(folder)): hashlib.sha256(content(p)).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "info.json"}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> LmBenchInfo:
+    return generate_lm_bench(tmp_path_factory.mktemp("bench") / "b", TINY, jobs=2)
+
+
+def test_layout_and_gold_files(bench):
+    lexical = read_lexical_gold(bench.task_dir("lexical", "dev") / "gold.csv")
+    syntactic = read_syntactic_gold(bench.task_dir("syntactic", "dev") / "gold.csv")
+    tsc = read_storycloze_gold(bench.task_dir("tsc", "dev") / "gold.csv")
+    for task, rows in (("lexical", lexical), ("syntactic", syntactic), ("tsc", tsc)):
+        wavs = {p.stem for p in bench.task_dir(task, "dev").glob("*.wav")}
+        assert wavs == {row.filename for row in rows}, task
+    assert {row.voice for row in lexical + syntactic} == set(TINY.test_voices)
+    assert {row.voice for row in tsc} == set(TINY.tsc_voices)
+    assert not {row.voice for row in lexical} & set(TINY.train_voices)
+    # the planned words (of the 8 vocabulary and 2 OOV words, those with a valid nonword in so small a corpus), each
+    # a word and a nonword for each test voice
+    planned = plan_lexical(TINY, training_utterances(str(TINY.seed), TINY.train_utterances), lexicon())["dev"]
+    assert 6 <= len(planned) <= 10
+    assert len({row.id for row in lexical}) == len(planned)
+    assert Counter(row.correct for row in lexical) == {True: 2 * len(planned), False: 2 * len(planned)}
+    assert {row.word for row in lexical if row.correct} == {pair.word for pair in planned}
+    assert len(syntactic) == 6 * 4 * 2 * 2
+    assert len(tsc) == 3 * 2
+    assert all(row.filename.endswith("_correct" if row.correct else "_incorrect") for row in tsc)
+    # frequency = the word's count in the training text
+    text = (bench.train_dir / "utterances.tsv").read_text().splitlines()[1:]
+    counts = Counter(w for line in text for part in line.split("\t")[4].replace(".", ",").split(",")
+                     for w in part.split())
+    for row in lexical:
+        if row.correct:
+            assert row.frequency == counts[row.word], row.word
+            assert row.length == len(row.phones.split())
+
+
+def test_flite_speaks_the_given_phones_exactly(bench):
+    """The alignment of an rms (flite) item holds exactly the gold phones between silences."""
+    folder = bench.task_dir("lexical", "dev")
+    rows = [row for row in read_lexical_gold(folder / "gold.csv") if row.voice == "rms"]
+    aligned: dict[str, list[str]] = {}
+    for line in (folder / "alignments.tsv").read_text().splitlines()[1:]:
+        utterance, _, _, phone, _ = line.split("\t")
+        aligned.setdefault(utterance, []).append(phone)
+    for row in rows:
+        assert [p for p in aligned[row.filename] if p != "SIL"] == row.phones.split(), row
+
+
+def test_same_settings_same_files_whatever_the_workers(bench, tmp_path):
+    again = generate_lm_bench(tmp_path / "again", TINY, jobs=1)
+    assert _digest(again.out_dir) == _digest(bench.out_dir)
+    info = json.loads((bench.out_dir / "info.json").read_text())
+    assert info["counts"]["train"]["utterances"] == 21
+    # a second call with the same settings reuses the folder; other settings are refused
+    assert generate_lm_bench(tmp_path / "again", TINY).counts == again.counts
+    with pytest.raises(ValueError, match="other settings"):
+        generate_lm_bench(tmp_path / "again", LmBenchSettings(train_utterances=22, splits=("dev",)))
+
+
+def test_training_stories_are_spoken_with_pauses_between_sentences(bench):
+    text = (bench.train_dir / "utterances.tsv").read_text().splitlines()[1:]
+    stories = [line.split("\t")[4] for line in text if "." in line.split("\t")[4]]
+    assert stories
+    assert all(len(split_at_pauses(tuple(s.replace(".", " _ ").split()))) >= 3 for s in stories)
+
+
+def test_refusals_name_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="both training and test voices"):
+        LmBenchSettings(test_voices=("slt",))
+    with pytest.raises(ValueError, match="festival takes text only"):
+        LmBenchSettings(train_voices=("kal_diphone",)).voices()
+    assert main(["synth-lm-bench", str(tmp_path / "x"), "--splits", "dev,val"]) == 2
