@@ -15,8 +15,11 @@ from spidr.corpus.language import lexicon, split_at_pauses, training_utterances
 from spidr.corpus.lm_bench import LmBenchInfo, LmBenchSettings, generate_lm_bench, plan_lexical
 from spidr.lm.zerospeech import read_lexical_gold, read_storycloze_gold, read_syntactic_gold
 
-pytestmark = pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
-                                reason="flite / espeak-ng are not installed (make apt)")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
+                       reason="flite / espeak-ng are not installed (make apt)"),
+    pytest.mark.slow,  # synthesises two small benchmarks (≈ 20 s on 2 idle cores)
+]
 
 TINY = LmBenchSettings(train_utterances=21, splits=("dev",), syntactic_pairs_per_type=4, tsc_pairs=3,
                        max_lexical_words=8)
