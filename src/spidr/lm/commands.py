@@ -104,6 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help=SET_HELP + "; applied to every LM")
     study.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
+    study.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="bfloat16 runs the speech models under autocast when extracting units")
     study.add_argument("--jobs", type=int, default=None, help="synthesis processes (default: all CPUs)")
     study.set_defaults(handler=_study)
 
@@ -205,7 +207,8 @@ def _study(args: argparse.Namespace) -> int:
                                              ("max_lexical_words", args.lexical_words)) if value is not None}
     bench = replace(LmBenchSettings(), splits=(args.kind,), **sizes)
     settings = StudySettings(bench=bench, lm_config=Path(args.lm_config) if args.lm_config else None,
-                             lm_overrides=tuple(args.overrides), kind=args.kind, jobs=args.jobs, kmeans=args.kmeans)
+                             lm_overrides=tuple(args.overrides), kind=args.kind, jobs=args.jobs, kmeans=args.kmeans,
+                             dtype=args.dtype)
     report = run_study(models, args.out, settings)
     print(report.read_text(encoding="utf-8"))
     print(f"report: {report}")
