@@ -6,8 +6,8 @@
 2. write the units of every set: the phone oracle (gold 20 ms phone labels) and each model's layers (codebook units,
    or k-means units fitted on the benchmark's training set);
 3. train one LM per units source with the same config and budget — the oracle (the topline), every (model, layer),
-   and a phone-bigram model on the oracle units (the baseline that balanced nonwords pin near 50 %); the oracle LM
-   before training (its step-0 checkpoint) is the chance reference;
+   and a phone-bigram model on the oracle units (the baseline that balanced nonwords pin near 50 %); the oracle's LSTM
+   before training (at 5 random initialisations) is the chance reference;
 4. score every test item (``lm-score``, mean log-likelihood per token) and compute the accuracies (``lm-eval``);
 5. correlate LM accuracy with unit quality per (model, layer) — unit ABX and PNMI — over the points scored
    (``lm-correlate``), and write ``spoken_lm.md`` / ``spoken_lm.json``, the per-point table ``points.csv`` and
