@@ -103,13 +103,14 @@ def test_demo_writes_a_report_with_every_layer_and_both_baselines(demo_run):
     assert "| MFCC |" in text
     for plot in ("abx_per_layer.png", "pnmi_per_layer.png", "training/loss.png"):
         assert (report.parent / plot).stat().st_size > 1000
-    # the spoken-LM stage: the oracle, the bigram, both head layers of the trained model, the random init's best
+    # the spoken-LM stage: the oracle, the untrained reference, the bigram, both head layers of the trained model,
+    # the random init's best
     assert "## Spoken language modelling" in text
     study = json.loads((settings.out_dir / "spoken_lm" / "spoken_lm.json").read_text())
     names = [row["name"] for row in study["rows"]]
-    assert names[:2] == ["phone oracle (LSTM)", "phone bigram"]
-    assert names[2:4] == ["SpidR (trained) L1", "SpidR (trained) L2"]
-    assert names[4].startswith("SpidR (random init) L")
+    assert names[:3] == ["phone oracle (LSTM)", "untrained LSTM (phones, 5 seeds)", "phone bigram"]
+    assert names[3:5] == ["SpidR (trained) L1", "SpidR (trained) L2"]
+    assert names[5].startswith("SpidR (random init) L")
     for row in study["rows"]:
         for metric in ("swuggy_all", "sblimp", "tsc"):
             assert 0.0 <= row[metric] <= 100.0
