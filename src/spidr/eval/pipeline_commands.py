@@ -122,7 +122,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model = _model(args)
     entries = _entries(args.manifest)
     items = read_items(args.item)
-    alignments = None if args.alignments is None else read_alignments(args.alignments)
+    alignments = (None if args.alignments is None
+                  else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
     layers = parse_layers(args.layers, model.num_layers)
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
