@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spidr.extras import import_extra
+
 logger = logging.getLogger(__name__)
 
 CENTROIDS_KEY = "centroids"
@@ -79,14 +81,14 @@ def fit_kmeans(
     n_init: int = 3,
 ) -> np.ndarray:
     """K-means centroids (num_units, D) float32 of (N, D) frames with ``MiniBatchKMeans`` (reproducible under seed)."""
-    from sklearn.cluster import MiniBatchKMeans
+    cluster = import_extra("sklearn.cluster", extra="eval", purpose="k-means")
 
     if frames.ndim != 2:
         raise ValueError(f"frames must be (N, D), got shape {frames.shape}")
     if not 1 <= num_units <= frames.shape[0]:
         raise ValueError(f"num_units = {num_units} is invalid: expected 1 ≤ num_units ≤ number of frames "
                          f"({frames.shape[0]}); sample more frames or ask for fewer units")
-    model = MiniBatchKMeans(
+    model = cluster.MiniBatchKMeans(
         n_clusters=num_units,
         init="k-means++",
         batch_size=batch_size,
