@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from spidr.config import Config
+from spidr.config import Config, OptimizerConfig, unused_settings
 from spidr.data.loader import build_dataloader
 from spidr.distributed import all_reduce_sum, world_size
 from spidr.models.build import build_model
@@ -205,6 +206,8 @@ def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on
         run_dir = cfg.run.run_dir
         if denv.is_main:
             write_config(cfg.to_dict(), run_dir)
+            for note in unused_settings(cfg):
+                logger.warning("%s", note)
 
         # Identical initial weights on every rank (seeded with the run seed), then one RNG stream per rank.
         torch.manual_seed(cfg.run.random_seed)
@@ -236,6 +239,8 @@ def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on
             scheduler = build_scheduler(optimizer, cfg.optimizer)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if denv.is_main:
+                _warn_about_kept_learning_rates(cfg.optimizer, scheduler.base_lrs)
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             step = read_int(state["step"])
@@ -360,6 +365,22 @@ def _load_agreed_checkpoint(
     if path is None or denv.is_main:
         return latest
     return Path(path), torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _warn_about_kept_learning_rates(cfg: OptimizerConfig, base_lrs: Sequence[float]) -> None:
+    """A resumed run keeps the peak learning rates of its checkpoint (optimizer and scheduler state): say so when
+    the config asks for others."""
+    kept = {"optimizer.lr": base_lrs[0]}
+    if len(base_lrs) > 1:  # the front-end group is still there (before the freeze step)
+        kept["optimizer.feature_encoder_lr_scale"] = base_lrs[1] / base_lrs[0]
+    asked = {"optimizer.lr": cfg.lr, "optimizer.feature_encoder_lr_scale": cfg.feature_encoder_lr_scale}
+    for name, value in kept.items():
+        if not math.isclose(value, asked[name], rel_tol=1e-9, abs_tol=1e-15):
+            logger.warning(
+                "%s = %g in the config, but the run resumes from a checkpoint trained with %g: the checkpoint's "
+                "optimizer and scheduler state are restored, so %g stays in use. To change it, start a new run "
+                "directory from this checkpoint (run.init_ckpt)", name, asked[name], value, value,
+            )
 
 
 def _restore_rank_state(state: dict[str, Any], sampler: Any, denv: DistributedEnvironment) -> None:
