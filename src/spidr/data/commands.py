@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from spidr.data.manifest import MANIFEST_SUFFIXES, scan, write_manifest
+    from spidr.data.manifest import MANIFEST_SUFFIXES, SAMPLE_RATE, scan, write_manifest
 
     out = Path(args.out)
     if not args.fairseq and out.suffix not in MANIFEST_SUFFIXES:
@@ -22,7 +22,7 @@ def _manifest(args: argparse.Namespace) -> int:
     if not result.entries:
         raise ValueError(f"no readable audio with extension(s) {', '.join(exts)} found in {args.source}")
     write_manifest(result.entries, out, fairseq=args.fairseq)
-    hours = sum(e.num_samples for e in result.entries) / 16_000 / 3600
+    hours = int(result.entries.num_samples.sum()) / SAMPLE_RATE / 3600
     print(f"wrote {len(result.entries)} utterances ({hours:.2f} h at 16 kHz) to {out}")
     if result.failures:
         print(f"{len(result.failures)} unreadable file(s) left out:")
