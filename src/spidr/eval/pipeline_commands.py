@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "extract",
         help="per-layer features (and codebook units) of every utterance",
         description="Write one (T, D) float32 .npy per utterance and layer under OUT/layer_LL/, mirroring the audio "
-        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl.",
+        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl, appended as "
+        "batches finish. Resumable: rerunning the same command after a kill continues where it stopped and never "
+        "rewrites a finished file (progress in OUT/.extract/); feature files are written atomically.",
         formatter_class=FORMATTER,
     )
     _add_model_arguments(extract)
@@ -31,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch")
     extract.add_argument("--max-seconds", type=float, default=60.0,
                          help="files longer than this are processed in overlapping windows (bounded memory)")
+    extract.add_argument("--restart", action="store_true",
+                         help="start over instead of resuming a killed extraction into OUT (and replace one of "
+                         "another model, manifest or settings)")
     extract.set_defaults(handler=run_extract)
 
     evaluate = subparsers.add_parser(
@@ -105,7 +110,8 @@ def run_extract(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         dtype=args.dtype,
     )
-    metadata = extract_to_directory(model, _entries(args.manifest), args.out, settings, checkpoint=args.checkpoint)
+    metadata = extract_to_directory(model, _entries(args.manifest), args.out, settings, checkpoint=args.checkpoint,
+                                    restart=args.restart)
     print(f"wrote features of {metadata['num_files']} files to {args.out}")
     return 0
 

@@ -126,7 +126,7 @@ def evaluate_model(
 ) -> list[LayerRow]:
     """Extract ``layers`` (and codebook units) of ``model`` for ``entries`` into ``work_dir`` and score them."""
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True)
-    extract_to_directory(model, entries, work_dir, settings, progress=progress)
+    extract_to_directory(model, entries, work_dir, settings, progress=progress, replace_other=True)
     head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
     hop = hop_length(model.cfg.extractor_conv_layer_config)
     if SAMPLE_RATE % hop:
