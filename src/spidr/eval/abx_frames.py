@@ -4,6 +4,8 @@ frame distances themselves (definitions in ``spidr.eval.abx``)."""
 from __future__ import annotations
 
 import math
+import mmap
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,17 +21,44 @@ DISTANCES = ("angular", "cosine", "euclidean", "kl_symmetric", "identical")
 KL_EPS = 1e-6
 
 
+# A frame store larger than this lives in an unlinked scratch file (in TMPDIR) mapped into memory, whose pages are
+# handed back to the page cache after every block of work: the process then holds about this much, not the whole
+# store (350k triphone items of 768-dimensional features at 50 Hz take ≈ 5 GB).
+MAX_RESIDENT_BYTES = 1 << 30
+
+
+class _ScratchFrames:
+    """An (N, D) float32 array in a memory-mapped temporary file (deleted as soon as it is created)."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        size = max(rows * dim * 4, 1)
+        with tempfile.TemporaryFile(prefix="spidr-abx-") as handle:
+            handle.truncate(size)
+            self.map = mmap.mmap(handle.fileno(), size)
+        self.tensor = torch.frombuffer(self.map, dtype=torch.float32, count=rows * dim).view(rows, dim)
+
+    def release(self) -> None:
+        """Drop this process's mapping of the pages (they stay in the page cache and fault back in on use)."""
+        self.map.madvise(mmap.MADV_DONTNEED)
+
+
 @dataclass(frozen=True)
 class FrameStore:
     """Frames of all items, prepared for the distance.
 
     ``frames`` (N, D) float32 holds, file after file, the span of each file that its items cover; item ``i`` is
-    ``frames[offsets[i] : offsets[i] + lengths[i]]``.
+    ``frames[offsets[i] : offsets[i] + lengths[i]]``. Above ``MAX_RESIDENT_BYTES`` the frames are a scratch-file
+    map and ``release()`` (called between blocks of work) keeps the resident part small.
     """
 
     frames: torch.Tensor
     offsets: np.ndarray
     lengths: np.ndarray
+    scratch: _ScratchFrames | None = None
+
+    def release(self) -> None:
+        if self.scratch is not None:
+            self.scratch.release()
 
     @classmethod
     def build(
@@ -55,21 +84,34 @@ class FrameStore:
         total = sum(max(end - start, 0) for start, end in spans.values())
         offsets = np.zeros(len(items), dtype=np.int64)
         frames: torch.Tensor | None = None
-        position = 0
+        scratch: _ScratchFrames | None = None
+        position = unreleased = 0
         for name, rows in by_file.items():
             array = _as_frames(features[name], name)
             rows = np.asarray(rows)
             check_within(items, rows, starts, ends, array.shape[0])
             if frames is None:
-                frames = torch.empty((total, array.shape[1]), dtype=torch.float32)
+                if total * array.shape[1] * 4 > MAX_RESIDENT_BYTES:
+                    scratch = _ScratchFrames(total, array.shape[1])
+                    frames = scratch.tensor
+                else:
+                    frames = torch.empty((total, array.shape[1]), dtype=torch.float32)
             elif array.shape[1] != frames.shape[1]:
                 raise ValueError(f"features of {name!r} have dimension {array.shape[1]}, others {frames.shape[1]}")
             start, end = spans[name]
-            frames[position : position + end - start] = array[start:end]
+            block = frames[position : position + end - start]
+            block.copy_(array[start:end])
+            prepare_frames(block, distance)  # row by row, so per file is the same as all at once
             offsets[rows] = position + starts[rows] - start
             position += end - start
+            unreleased += block.numel() * 4
+            if scratch is not None and unreleased > MAX_RESIDENT_BYTES // 4:
+                scratch.release()
+                unreleased = 0
         assert frames is not None  # items are never empty
-        return cls(frames=prepare_frames(frames, distance), offsets=offsets, lengths=ends - starts)
+        store = cls(frames=frames, offsets=offsets, lengths=ends - starts, scratch=scratch)
+        store.release()
+        return store
 
 
 def _as_frames(value: object, name: str) -> torch.Tensor:

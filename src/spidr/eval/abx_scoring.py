@@ -104,6 +104,7 @@ class CellScorer:
         if not self.pool:
             return
         self._compute_distances(self.pool)
+        self.store.release()  # a spilled frame store: hand its pages back between flushes
         for chunk in self.pool:
             self._count(chunk)
         self.pool, self.pool_elements = [], 0
