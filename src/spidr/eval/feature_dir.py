@@ -37,6 +37,17 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
     def __getitem__(self, key: str) -> np.ndarray | torch.Tensor:
         return load_feature_file(self.paths[key])
 
+    def frame_count(self, key: str) -> int:
+        """T of one file without reading its data (``.npy`` header; a ``.pt`` is loaded)."""
+        path = self.paths[key]
+        if path.suffix != ".npy":
+            return int(self[key].shape[0])
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape  # maps the file: reads the header only
+        except ValueError as error:
+            raise ValueError(f"{path}: not a plain numeric .npy array ({error})") from None
+        return int(shape[0]) if shape else 0
+
     def __contains__(self, key: object) -> bool:
         return key in self.paths
 
