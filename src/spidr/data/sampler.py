@@ -103,7 +103,8 @@ class BucketBatchSampler:
                         min_sample_size)
         clip = max_sample_size if max_sample_size is not None else int(all_lengths.max())
         self.clipped = np.minimum(all_lengths[self.indices], clip)
-        self.buckets = _bucket_ids(self.clipped, num_buckets, bucket_method)
+        buckets = _bucket_ids(self.clipped, num_buckets, bucket_method)
+        self.buckets = buckets.astype(np.int16 if num_buckets <= np.iinfo(np.int16).max else np.int64)
         self.max_batch_length = max_batch_length
         self.seed = seed
         self.rank = rank
@@ -136,10 +137,13 @@ class BucketBatchSampler:
                 bounds.append(begin + max(int(np.searchsorted(costs, budget, side="right")), 1))
         else:
             totals = np.concatenate([[0], np.cumsum(lengths)])  # cost of items s..e−1 = totals[e] − totals[s]
-            while bounds[-1] < lengths.size:
-                begin = bounds[-1]
-                end = int(np.searchsorted(totals, totals[begin] + budget, side="right")) - 1
-                bounds.append(min(max(end, begin + 1), lengths.size))
+            # Where a batch starting at each item would end (all at once), then follow the chain from item 0.
+            ends = np.searchsorted(totals, totals[:-1] + budget, side="right") - 1
+            ends = np.maximum(ends, np.arange(1, lengths.size + 1))
+            begin = 0
+            while begin < lengths.size:
+                begin = int(ends[begin])
+                bounds.append(begin)
         return self.indices[order], np.asarray(bounds, dtype=np.int64)
 
     def _plan(self, epoch: int) -> Batches:
@@ -147,7 +151,10 @@ class BucketBatchSampler:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         if self.shuffle:
             keys = torch.rand(len(self.indices), generator=generator, dtype=torch.float64).numpy()
-            order = np.lexsort((keys, self.buckets))  # by bucket, shuffled inside each bucket
+            # By bucket, shuffled inside each bucket: lexsort((keys, buckets)) as two stable sorts, the second a
+            # radix sort of the small bucket ids.
+            order = np.argsort(keys, kind="stable")
+            order = order[np.argsort(self.buckets[order], kind="stable")]
         else:
             order = np.lexsort((np.arange(len(self.indices)), self.clipped))
         flat, bounds = self._pack(order)
