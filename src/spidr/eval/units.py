@@ -40,6 +40,11 @@ def read_jsonl_rows(path: str | Path, *, field: str) -> Iterator[tuple[str, str,
     """``(utterance, where, row[field])`` for every row of a JSONL file keyed by ``name`` or ``audio``
     (``.gz`` read transparently); ``where`` names the file and line for error messages. Refuses bad JSON, rows
     without a ``field`` list and repeated utterances."""
+    for key, where, values, _ in _jsonl_rows(path, field=field):
+        yield key, where, values
+
+
+def _jsonl_rows(path: str | Path, *, field: str) -> Iterator[tuple[str, str, list, str]]:
     seen: set[str] = set()
     with open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
@@ -56,19 +61,27 @@ def read_jsonl_rows(path: str | Path, *, field: str) -> Iterator[tuple[str, str,
             if key in seen:
                 raise ValueError(f"{where}: utterance {key!r} appears twice")
             seen.add(key)
-            yield key, where, row[field]
+            yield key, where, row[field], line
 
 
 def read_units(path: str | Path) -> dict[str, np.ndarray]:
-    """``{utterance: int64 array of units}`` from a units JSONL file (``.gz`` read transparently)."""
+    """``{utterance: int32 array of units}`` from a units JSONL file (``.gz`` read transparently).
+
+    Each row's list becomes an array in one numpy call; a row is checked element by element only when its text
+    holds ``true`` or ``false`` (a JSON boolean would otherwise pass as an integer).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"units file {path} does not exist")
     units: dict[str, np.ndarray] = {}
-    for key, where, values in read_jsonl_rows(path, field="units"):
-        if not all(isinstance(u, int) and not isinstance(u, bool) for u in values):
+    for key, where, values, line in _jsonl_rows(path, field="units"):
+        array = np.asarray(values)
+        if (array.size and array.dtype.kind not in "iu") or (
+                ("true" in line or "false" in line) and any(type(u) is bool for u in values)):
             raise ValueError(f"{where}: 'units' of {key!r} must be a list of integers")
-        units[key] = np.asarray(values, dtype=np.int64)
+        if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{where}: 'units' of {key!r} do not fit in 32 bits")
+        units[key] = array.astype(np.int32)
     if not units:
         raise ValueError(f"units file {path} has no utterance")
     return units
