@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from spidr.data.manifest import MANIFEST_SUFFIXES, SAMPLE_RATE, scan, write_manifest
+    from spidr.data import SAMPLE_RATE
+    from spidr.data.manifest import MANIFEST_SUFFIXES, scan, write_manifest
 
     out = Path(args.out)
     if not args.fairseq and out.suffix not in MANIFEST_SUFFIXES:

@@ -35,9 +35,10 @@ from typing import IO
 import numpy as np
 import soundfile as sf
 
+from spidr.data import SAMPLE_RATE
+
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 AUDIO_EXTENSIONS = (".wav", ".flac")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
 _BASE_COLUMNS = ("fileid", "path", "num_samples")

@@ -26,6 +26,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings
 from spidr.eval.journal import write_atomically
@@ -33,7 +34,6 @@ from spidr.models.frames import hop_length, num_frames, padding_mask_from_length
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 HOP = 320  # samples per frame of the default conv front end (20 ms)
 STANDARDIZE_EPS = 1e-5
 PARTIAL = ".partial"  # suffix of a feature file being written; renamed away once complete

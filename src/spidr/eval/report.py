@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
 from spidr.eval.abx import abx_error_rate
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 SPEAKER_CONDITIONS = ("within", "across")
 PLOT_PURPOSE = "the evaluation report's plots"
-SAMPLE_RATE = 16000
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spidr.config import Config, OptimizerConfig, unused_settings
+from spidr.data import SAMPLE_RATE
 from spidr.data.loader import build_dataloader
 from spidr.distributed import all_reduce_sum, world_size
 from spidr.models.build import build_model
@@ -57,7 +58,6 @@ from spidr.train.validate import validate
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 Outcome = Literal["completed", "interrupted"]
 
 
