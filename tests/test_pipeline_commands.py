@@ -66,3 +66,24 @@ def test_evaluate_reads_interval_alignments_at_the_given_rate(corpus, tmp_path):
     quality = {row["layer"]: row["quality"] for row in rows}
     assert set(quality[3]) >= {"pnmi", "phone_purity"}
     assert 0.0 <= quality[3]["pnmi"] <= 1.0
+
+
+def test_abx_options_are_declared_once_with_every_distance(corpus, tmp_path, capsys):
+    import argparse
+
+    from spidr.cli import build_parser
+    from spidr.eval.abx_frames import DISTANCES
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    options = {}
+    for name in ("abx", "evaluate"):
+        options[name] = {a.dest: a.choices for a in commands[name]._actions
+                         if a.dest in ("context", "distance", "max_size_group", "max_x_across", "seed")}
+    assert options["abx"] == options["evaluate"]
+    assert tuple(options["abx"]["distance"]) == DISTANCES
+    code = main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--distance", "identical",
+                 "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "--distance identical compares discrete units" in capsys.readouterr().err

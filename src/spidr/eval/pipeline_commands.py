@@ -7,6 +7,8 @@ import copy
 import logging
 from pathlib import Path
 
+from spidr.eval.commands import add_abx_options
+
 logger = logging.getLogger(__name__)
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
@@ -55,12 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
                           help="add a baseline (repeatable)")
     evaluate.add_argument("--name", default=None, help="model name in the report (default: checkpoint stem)")
-    evaluate.add_argument("--context", choices=["within", "any"], default="within", help="ABX context condition")
-    evaluate.add_argument("--distance", choices=["angular", "euclidean", "kl_symmetric"], default="angular",
-                          help="frame distance for continuous features")
-    evaluate.add_argument("--max-size-group", type=int, default=10, help="ABX cap on items per group")
-    evaluate.add_argument("--max-x-across", type=int, default=5, help="ABX cap on X speakers (across)")
-    evaluate.add_argument("--seed", type=int, default=0, help="ABX subsampling seed and random-init seed")
+    add_abx_options(evaluate, distance_default="angular",
+                    seed_help="seed of the ABX subsampling and of the random-init baseline")
     evaluate.set_defaults(handler=run_evaluate)
 
 
@@ -125,6 +123,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import build_model
 
+    if args.distance == "identical":
+        raise ValueError("--distance identical compares discrete units; evaluate scores continuous features with "
+                         "angular, cosine, euclidean or kl_symmetric (its codebook units always use identical)")
     model = _model(args)
     entries = _entries(args.manifest)
     items = read_items(args.item)
