@@ -181,3 +181,13 @@ def test_length_batches_is_the_greedy_rule():
     # a batch is only cut when the next utterance does not fit
     for batch, following in itertools.pairwise(batches):
         assert (len(batch) + 1) * lengths[following[0]] > 12_000
+
+
+def test_output_stems_mirror_the_tree_and_refuse_duplicates():
+    entries = [ManifestEntry("a", "/c/s1/x/a.wav", 10), ManifestEntry("b", "/c/s2/b.flac", 10),
+               ManifestEntry("renamed", "/c/s1/x/c.wav", 10)]
+    assert list(output_stems(entries)) == ["s1/x/a", "s2/b", "s1/x/renamed"]
+    members = [ManifestEntry("t", "top.wav", 5, "/x.tar", 0, 5), ManifestEntry("u", "d/u.wav", 5, "/x.tar", 5, 5)]
+    assert list(output_stems(members)) == ["t", "d/u"]
+    with pytest.raises(ValueError, match="utterances 1 and 3 both map to the output file 's1/x/a'"):
+        output_stems([*entries[:2], ManifestEntry("a", "/c/s1/x/other.wav", 10)])

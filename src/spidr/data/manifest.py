@@ -119,6 +119,10 @@ class PackedStrings(Sequence[str]):
             return [self[i] for i in range(*index.indices(len(self)))]
         return self.data[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
 
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), ITER_CHUNK):
+            yield from self.strings(start, min(start + ITER_CHUNK, len(self)))
+
     def strings(self, start: int = 0, stop: int | None = None) -> list[str]:
         """Strings ``start..stop`` as a list, decoded in one go when they are ASCII (the common case)."""
         stop = len(self) if stop is None else stop

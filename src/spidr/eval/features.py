@@ -212,7 +212,7 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
     for start in range(0, len(manifest), ITER_CHUNK):
         parents.update(os.path.dirname(p) for p in _paths(manifest, start, min(start + ITER_CHUNK, len(manifest))))
     root = os.path.commonpath(sorted(parents)) if len(parents) > 1 else next(iter(parents), "")
-    cut = len(root.rstrip("/")) + 1
+    cut = len(root.rstrip("/")) + 1 if root else 0  # "" when archive members sit at the top level
     parts = []
     for start in range(0, len(manifest), ITER_CHUNK):
         stop = min(start + ITER_CHUNK, len(manifest))
