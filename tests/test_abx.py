@@ -392,3 +392,16 @@ def test_a_store_spilled_to_a_scratch_file_gives_the_same_result(speaker: str, m
     spilled = abx(features, items, speaker=speaker, max_size_group=None)
     assert spilled == in_memory
     assert len(releases) > 3
+
+
+def test_feature_directory_keys_are_packed_and_found_by_bisection(tmp_path: Path) -> None:
+    features = {f"spk{s}/sub/utt{u}": np.zeros((3, 2), dtype=np.float32) for s in range(3) for u in range(5)}
+    write_feature_tree(tmp_path, features)
+    directory = FeatureDirectory(tmp_path)
+    assert list(directory) == sorted(features)
+    assert all(key in directory for key in features)
+    assert "spk0/sub/utt9" not in directory
+    assert 3 not in directory
+    assert directory.frame_count("spk2/sub/utt4") == 3
+    with pytest.raises(KeyError):
+        directory["nope"]
