@@ -22,8 +22,9 @@ KL_EPS = 1e-6
 
 
 # A frame store larger than this lives in an unlinked scratch file (in TMPDIR) mapped into memory, whose pages are
-# handed back to the page cache after every block of work: the process then holds about this much, not the whole
-# store (350k triphone items of 768-dimensional features at 50 Hz take ≈ 5 GB).
+# handed back to the page cache after every block of work (every 256 MB written, every gather of a scoring chunk):
+# the process then maps little of it at a time instead of holding the whole store (350k triphone items of
+# 768-dimensional features at 50 Hz take ≈ 5 GB). Gathers map whole page-cache folios, hence the frequent release.
 MAX_RESIDENT_BYTES = 1 << 30
 
 

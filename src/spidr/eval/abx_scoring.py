@@ -104,7 +104,6 @@ class CellScorer:
         if not self.pool:
             return
         self._compute_distances(self.pool)
-        self.store.release()  # a spilled frame store: hand its pages back between flushes
         for chunk in self.pool:
             self._count(chunk)
         self.pool, self.pool_elements = [], 0
@@ -133,6 +132,7 @@ class CellScorer:
         for (rows, cols, row_len, col_len), size in zip(layouts, sizes, strict=True):
             x = store.frames[_ranges(store.offsets[rows], row_len)]
             y = store.frames[_ranges(store.offsets[cols], col_len)]
+            store.release()  # a spilled store: gathers map whole page-cache folios; hand them back at once
             parallel = size * x.shape[1] >= PARALLEL_MIN_WORK
             with torch_threads(self.threads if parallel else 1):
                 frame_distances(x, y, self.distance, out=buffer[base : base + size].view(x.shape[0], y.shape[0]))
