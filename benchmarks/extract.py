@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 16000
+from spidr.data import SAMPLE_RATE
 
 
 def write_audio(path: Path, seconds: float) -> None:

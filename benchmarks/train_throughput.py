@@ -29,12 +29,12 @@ import soundfile as sf
 import torch
 
 from spidr.config import Config, config_from_dict
+from spidr.data import SAMPLE_RATE
 from spidr.data.loader import build_dataloader
 from spidr.train import loop
 from spidr.train.loop import train
 from spidr.train.metrics import read_metrics
 
-SAMPLE_RATE = 16000
 BENCH_SMALL = {
     "extractor_conv_layer_config": [[256, 10, 5]] + [[256, 3, 2]] * 4 + [[256, 2, 2]] * 2,
     "encoder_embed_dim": 256,

@@ -375,3 +375,33 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert (report["distance"], report["abx_error_rate"]) == ("identical", pytest.approx(100 * expected))
     assert cli.main(["abx", str(units_file), str(item_file), "--distance", "angular"]) == 2
     assert "use --distance identical" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("speaker", ["within", "across"])
+def test_a_store_spilled_to_a_scratch_file_gives_the_same_result(speaker: str, monkeypatch) -> None:
+    """Above MAX_RESIDENT_BYTES the frames live in a memory-mapped scratch file, released between flushes."""
+    from spidr.eval import abx_frames, abx_scoring
+
+    features, items = random_task(3, num_items=80, dim=6)
+    in_memory = abx(features, items, speaker=speaker, max_size_group=None)
+    monkeypatch.setattr(abx_frames, "MAX_RESIDENT_BYTES", 256)  # every store spills
+    monkeypatch.setattr(abx_scoring, "FLUSH_ELEMENTS", 2000)  # many flushes, each followed by a release
+    releases = []
+    real_release = abx_frames._ScratchFrames.release
+    monkeypatch.setattr(abx_frames._ScratchFrames, "release", lambda self: (releases.append(1), real_release(self)))
+    spilled = abx(features, items, speaker=speaker, max_size_group=None)
+    assert spilled == in_memory
+    assert len(releases) > 3
+
+
+def test_feature_directory_keys_are_packed_and_found_by_bisection(tmp_path: Path) -> None:
+    features = {f"spk{s}/sub/utt{u}": np.zeros((3, 2), dtype=np.float32) for s in range(3) for u in range(5)}
+    write_feature_tree(tmp_path, features)
+    directory = FeatureDirectory(tmp_path)
+    assert list(directory) == sorted(features)
+    assert all(key in directory for key in features)
+    assert "spk0/sub/utt9" not in directory
+    assert 3 not in directory
+    assert directory.frame_count("spk2/sub/utt4") == 3
+    with pytest.raises(KeyError):
+        directory["nope"]

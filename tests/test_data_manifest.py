@@ -183,3 +183,49 @@ def test_cli_tar_and_refusals(corpus: Path, tmp_path: Path, capsys: pytest.Captu
     assert "--overwrite" in capsys.readouterr().err
     assert main(["manifest", str(corpus), str(tmp_path / "m.parquet"), "--no-progress"]) == 2
     assert main(["manifest", str(tmp_path / "empty"), str(tmp_path / "e.csv"), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "fileid,path,num_samples\na,x/a.wav,10\nb,/abs/b.flac,007\n",  # relative and absolute, leading zeros
+        "fileid,path,num_samples\r\na,a.wav,1\r\n\r\nb,b.wav,2",  # CRLF, a blank line, no final newline
+        'fileid,path,num_samples\n"a,1",a.wav,3\n',  # quoted field
+        "fileid,path,num_samples\n,sub/c.wav,4\n",  # empty id: the stem
+        "path,num_samples,fileid\nq.wav,5,q\n",  # other column order
+    ],
+)
+def test_fast_csv_reading_agrees_with_the_csv_module(tmp_path: Path, text: str) -> None:
+    import csv
+
+    path = tmp_path / "m.csv"
+    path.write_bytes(text.encode())
+    rows = list(csv.DictReader(io.StringIO(text.replace("\r\n", "\n"))))
+    expected = [ManifestEntry(r["fileid"] or Path(r["path"]).stem, str(tmp_path / r["path"]), int(r["num_samples"]))
+                for r in rows if r]
+    manifest = read_manifest(path)
+    assert list(manifest) == expected
+    assert [manifest[i] for i in range(len(manifest))] == expected
+    assert manifest.num_samples.tolist() == [e.num_samples for e in expected]
+    out = write_manifest(manifest, tmp_path / "again.csv")
+    assert read_manifest(out) == expected
+
+
+@pytest.mark.parametrize(("row", "message"), [("a,a.wav,12x", "m.csv:3: num_samples = '12x' is not an integer"),
+                                              ("a,a.wav,-4", "m.csv:3: num_samples = -4 must be >= 0"),
+                                              ("a,a.wav", "m.csv:3: expected 3 fields")])
+def test_csv_errors_name_the_line(tmp_path: Path, row: str, message: str) -> None:
+    (tmp_path / "m.csv").write_text(f"fileid,path,num_samples\nok,ok.wav,3\n{row}\n")
+    with pytest.raises(ValueError, match=message):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_manifest_is_columnar(tmp_path: Path) -> None:
+    entries = [ManifestEntry(f"u{i}", f"/d/s{i % 3}/u{i}.flac", 1000 + i) for i in range(1000)]
+    manifest = read_manifest(write_manifest(entries, tmp_path / "m.csv"))
+    assert manifest == entries
+    assert manifest.num_samples.dtype == np.int64
+    text_bytes = sum(len(e.fileid) + len(e.path) for e in entries)
+    assert manifest.nbytes <= text_bytes + 24 * len(entries) + 16  # string bytes, 2 offsets and 1 length per row
+    assert list(manifest[10:13]) == entries[10:13]
+    assert list(manifest.take(np.array([5, 2]))) == [entries[5], entries[2]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 
@@ -146,3 +147,38 @@ def test_invalid_arguments() -> None:
         make(random_lengths(), rank=2, world_size=2)
     with pytest.raises(ValueError, match="drop_last"):
         make([50_000], world_size=2, rank=0, drop_last=True).batches(0)
+
+
+def _greedy(lengths: list[int], order: np.ndarray, budget: int, *, padded: bool) -> list[list[int]]:
+    """The packing rule item by item: add an utterance while the batch cost stays within the budget."""
+    batches, current, total, longest = [], [], 0, 0
+    for item in order.tolist():
+        length = lengths[item]
+        cost = (len(current) + 1) * max(longest, length) if padded else total + length
+        if current and cost > budget:
+            batches.append(current)
+            current, total, longest = [], 0, 0
+        current.append(item)
+        total += length
+        longest = max(longest, length)
+    return [*batches, current] if current else batches
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, 50_000), min_size=1, max_size=120), budget=st.integers(1, 150_000),
+       padded=st.booleans(), seed=st.integers(0, 3))
+def test_vectorised_packing_is_the_greedy_rule(lengths: list[int], budget: int, padded: bool, seed: int) -> None:
+    sampler = BucketBatchSampler(lengths, max_batch_length=budget, num_buckets=5, padded=padded)
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    flat, bounds = sampler._pack(order)
+    packed = [flat[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+    assert packed == _greedy(lengths, order, budget, padded=padded)
+
+
+def test_large_epochs_are_planned_without_a_list_per_batch() -> None:
+    lengths = np.random.default_rng(0).integers(16_000, 560_000, size=200_000)
+    sampler = BucketBatchSampler(lengths, max_batch_length=3_800_000, world_size=64, rank=5)
+    batches = sampler.batches(0)
+    assert isinstance(batches.flat, np.ndarray)
+    assert batches.flat.size == lengths.size  # every utterance once (padding repeats batch ids, not indices)
+    assert sum(len(b) for b in batches) == sum(len(b) for b in sampler.global_batches(0)[5::64])

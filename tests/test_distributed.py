@@ -148,6 +148,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -201,6 +202,7 @@ def _resume_worker(rank: int, world_size: int, port: int, config: dict) -> None:
     assert loop.train(config_from_dict(config)) == "completed"
 
 
+@pytest.mark.slow
 def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", num_files=12)
     assert loop.train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 2})) == "completed"
@@ -222,6 +224,7 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", num_files=12)
     data = tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 4})

@@ -96,3 +96,25 @@ def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[s
     first = json.loads((tmp_path / "dedup.jsonl").read_text().splitlines()[0])["units"]
     assert all(a != b for a, b in itertools.pairwise(first))
     assert cli.main(["kmeans", str(tmp_path / "features"), "--out", str(tmp_path / "c.pkl")]) == 2
+
+
+def test_sampling_reads_only_the_files_it_draws_from(tmp_path: Path) -> None:
+    """With frame counts known up front (FeatureDirectory reads .npy headers), a file is loaded only when a frame
+    of it is in the sample, once; the sample equals the one drawn from the loaded arrays."""
+    from spidr.eval.feature_dir import FeatureDirectory
+
+    features = clustered_features(files=40)
+    for name, array in features.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / f"{name}.npy", array)
+    directory = FeatureDirectory(tmp_path)
+    assert directory.frame_count("spk0/utt0") == 50
+    loads = []
+    real = FeatureDirectory.__getitem__
+    FeatureDirectory.__getitem__ = lambda self, key: (loads.append(key), real(self, key))[1]
+    try:
+        sample = sample_frames(directory, max_frames=5, seed=1)
+    finally:
+        FeatureDirectory.__getitem__ = real
+    np.testing.assert_array_equal(sample, sample_frames(features, max_frames=5, seed=1))
+    assert len(loads) == len(set(loads)) <= 5

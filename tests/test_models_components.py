@@ -265,6 +265,52 @@ def test_layer_drop_skips_layers_only_in_training() -> None:
     assert not torch.equal(transformer.eval()(x), preprocessed)
 
 
+def _dropout_transformer(layer_drop: float):
+    return build_transformer(
+        32, num_layers=3, num_heads=4, ff_dim=64, pos_conv_kernel=95, pos_conv_groups=16, pos_conv_depth=5,
+        dropout=0.1, attention_dropout=0.1, ff_dropout=0.1, layer_drop=layer_drop, layer_norm_first=False,
+        qkv_bias=False,
+    ).train()
+
+
+def _official_loops(transformer, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The official ``Transformer.forward`` and ``get_intermediate_outputs`` loops (facebookresearch/spidr
+    ``models/components.py``), written out: one ``torch.rand(1)`` per layer in training whatever ``layer_drop``,
+    before the layer in ``forward`` and after it in ``get_intermediate_outputs``."""
+    def preprocess(x):
+        return transformer.dropout(transformer.layer_norm(x + transformer.pos_conv_embed(x)))
+
+    final = preprocess(x)
+    for layer in transformer.layers:
+        if not (transformer.training and torch.rand(1) <= transformer.layer_drop):
+            final, _ = layer(final)
+    state, outputs = preprocess(x), []
+    for layer in transformer.layers:
+        out, ffn = layer(state)
+        if not (transformer.training and torch.rand(1) <= transformer.layer_drop):
+            state = out.clone()
+        outputs.append(ffn)
+    return final, outputs
+
+
+@pytest.mark.parametrize("layer_drop", [0.0, 0.5])
+def test_layer_drop_draws_like_the_official_loop_so_dropout_masks_match(layer_drop: float) -> None:
+    """From one seed, a training forward with dropout on is bit-identical to the official loop, layer drop 0
+    included (the official code draws then too; skipping the draw shifted every later dropout mask)."""
+    torch.manual_seed(0)
+    transformer = _dropout_transformer(layer_drop)
+    x = torch.randn(2, 7, 32)
+    torch.manual_seed(1)
+    expected_final, expected_outputs = _official_loops(transformer, x)
+    expected_rng = torch.get_rng_state()
+    torch.manual_seed(1)
+    final = transformer(x)
+    outputs = transformer.get_intermediate_outputs(x)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    torch.testing.assert_close(final, expected_final, atol=0, rtol=0)
+    torch.testing.assert_close(outputs, expected_outputs, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Initialisation (spec §3.8)
 # ----------------------------------------------------------------------------------------------------------------

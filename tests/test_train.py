@@ -79,6 +79,7 @@ def _signal_when(process: subprocess.Popen, run_dir: Path, *, min_step: int, sig
     pytest.fail(f"no step {min_step} within the deadline:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, corpus):
     sections = {
         "optimizer": {"max_steps": 20},

@@ -102,3 +102,20 @@ def test_command_line_prints_the_six_keys(tmp_path: Path, capsys: pytest.Capture
     report = json.loads(capsys.readouterr().out)
     assert list(report) == list(METRICS)
     assert report["pnmi"] == pytest.approx(1.0, abs=1e-8)
+
+
+def test_alignments_are_codes_and_intervals_are_placed_per_interval(tmp_path: Path) -> None:
+    """Interval TSVs: frame i takes the first interval reaching past its centre (i + ½)/rate, with exact times;
+    alignments keep int16 codes in sorted phone order and give the labels back."""
+    path = tmp_path / "a.tsv"
+    path.write_text("u\t0\t0.015\tSIL\nu\t0.015\t0.04\tK\nu\t0.04\t0.0601\tAE\nv\t0\t0.02\tAE\n")
+    alignments = read_alignments(path, alignment_rate_hz=100)
+    # centres 0.005 0.015 0.025 0.035 0.045 0.055 | 0.0601 ends before the centre 0.065
+    assert alignments["u"] == ["SIL", "K", "K", "K", "AE", "AE"]
+    assert alignments.phones == ("AE", "K", "SIL")
+    assert alignments.codes["u"].dtype == np.int16
+    assert alignments == {"u": ["SIL", "K", "K", "K", "AE", "AE"], "v": ["AE", "AE"]}
+    at_50 = read_alignments(path, alignment_rate_hz=50)  # centres 0.01 0.03 0.05
+    assert at_50["u"] == ["SIL", "K", "AE"]
+    metrics = unit_quality({"u": [0, 1, 1]}, at_50, unit_rate_hz=50, alignment_rate_hz=50, num_units=2)
+    assert metrics["phone_purity"] == pytest.approx(2 / 3)

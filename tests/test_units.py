@@ -63,3 +63,19 @@ def test_duplicate_and_missing(tmp_path: Path) -> None:
         read_units(path)
     with pytest.raises(ValueError, match="does not exist"):
         read_units(tmp_path / "missing.jsonl")
+
+
+def test_read_units_is_strict_about_integers_and_compact(tmp_path):
+    from spidr.eval.units import read_units
+
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"name": "a", "units": [3, 1, 2]}\n{"name": "untrue", "units": []}\n')
+    units = read_units(path)
+    assert units["a"].dtype == np.int32
+    assert units["a"].tolist() == [3, 1, 2]
+    assert units["untrue"].size == 0
+    for bad in ('{"name": "b", "units": [1, true]}', '{"name": "b", "units": ["1"]}',
+                '{"name": "b", "units": [4294967296]}'):
+        path.write_text(bad + "\n")
+        with pytest.raises(ValueError, match="'units' of 'b'"):
+            read_units(path)

@@ -10,8 +10,8 @@ import numpy as np
 import soundfile as sf
 
 from spidr.config import Config, config_from_dict
+from spidr.data import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 # Formant pairs (Hz) of a few vowel-like sounds: what makes the corpus have learnable, phone-like structure.
 VOWELS = ((730, 1090), (270, 2290), (300, 870), (530, 1840), (640, 1190), (490, 1350), (400, 2000), (600, 900))
 

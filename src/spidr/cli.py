@@ -15,6 +15,7 @@ from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
 from spidr.eval import commands as eval_commands
 from spidr.eval import pipeline_commands
+from spidr.extras import MissingExtraError
 from spidr.lm import commands as lm_commands
 from spidr.lm import eval_commands as lm_eval_commands
 from spidr.models import commands as model_commands
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except ValueError as error:
+    except (ValueError, MissingExtraError) as error:
         # User errors (bad config, bad file, bad argument) get one clear line, not a traceback.
         print(f"spidr {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -358,7 +358,7 @@ class DataConfig:
     persistent_workers: bool = True
     random_seed: int = 0
     bucket_method: Literal["uniform", "percentile"] = "uniform"
-    alignments_path: str | None = None  # unused (official field)
+    alignments_path: str | None = None  # official field, unused by pretraining there too: warned about when set
     max_bad_fraction: float = 0.05  # (spidr addition) stop when more of the manifest than this is unreadable
 
     def __post_init__(self) -> None:
@@ -401,6 +401,8 @@ class RunConfig:
     compile: bool = True  # torch.compile on CUDA only; ignored on CPU
     keep_latest: int = -1
     model_type: ModelType = "dinosr"
+    # Official field: a SLURM table for the separate validation jobs the official trainer launches. spidr scores
+    # the [validation] sets in-process at every checkpoint instead, so a table given here is warned about.
     slurm_validation: dict[str, Any] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"  # (spidr addition)
     max_consecutive_nonfinite: int = 10  # (spidr addition) stop (with a checkpoint) after this many NaN/Inf steps
@@ -454,6 +456,29 @@ class Config:
         out = dataclasses.asdict(self)
         out["model"] = dataclasses.asdict(self.model)
         return json.loads(json.dumps(out))
+
+
+def unused_settings(cfg: Config) -> list[str]:
+    """One sentence per field that ``cfg`` sets but that has no effect (official fields kept so that official TOMLs
+    load): the training entry points log them as warnings."""
+    notes = []
+    if cfg.run.slurm_validation is not None:
+        where = (f"the [validation] sets ({', '.join(cfg.validation)}) are scored in-process at every checkpoint"
+                 if cfg.validation else "and no [validation] set is configured, so nothing is validated")
+        notes.append(f"run.slurm_validation = {cfg.run.slurm_validation!r} is not used: spidr launches no SLURM "
+                     f"validation jobs; {where}")
+    for section, data in (("data", cfg.data), *((f"validation.{n}", d) for n, d in cfg.validation.items())):
+        if data.alignments_path is not None:
+            notes.append(f"{section}.alignments_path = {data.alignments_path!r} is not used by pretraining (as in "
+                         "the official code); phone alignments go to spidr evaluate / units-quality")
+    if cfg.model.model_type == "spidr":
+        defaults = ModelConfig()
+        for name in ("ema_final_decay", "ema_final_step"):
+            value = getattr(cfg.model, name)
+            if value != getattr(defaults, name):
+                notes.append(f"model.{name} = {value!r} has no effect on SpidR (a DinoSR field): SpidR's teacher "
+                             "EMA follows the exponential schedule of model.ema_timescale and model.ema_threshold")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,10 +19,10 @@ from spidr.corpus import alignment, engines
 from spidr.corpus.alignment import AlignmentError, Segment
 from spidr.corpus.phones import UnmappedPhoneError
 from spidr.corpus.voices import Voice
+from spidr.data import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 PEAK_DB = -3.0  # peak normalisation level, as sox "gain -n -3"
 
 

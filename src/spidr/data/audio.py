@@ -16,7 +16,8 @@ import soxr
 import torch
 import torch.nn.functional as F
 
-from spidr.data.manifest import SAMPLE_RATE, ManifestEntry, read_member
+from spidr.data import SAMPLE_RATE
+from spidr.data.manifest import ManifestEntry, read_member
 
 STANDARDIZE_EPS = 1e-5
 

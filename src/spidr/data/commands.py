@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def _manifest(args: argparse.Namespace) -> int:
+    from spidr.data import SAMPLE_RATE
     from spidr.data.manifest import MANIFEST_SUFFIXES, scan, write_manifest
 
     out = Path(args.out)
@@ -22,7 +23,7 @@ def _manifest(args: argparse.Namespace) -> int:
     if not result.entries:
         raise ValueError(f"no readable audio with extension(s) {', '.join(exts)} found in {args.source}")
     write_manifest(result.entries, out, fairseq=args.fairseq)
-    hours = sum(e.num_samples for e in result.entries) / 16_000 / 3600
+    hours = int(result.entries.num_samples.sum()) / SAMPLE_RATE / 3600
     print(f"wrote {len(result.entries)} utterances ({hours:.2f} h at 16 kHz) to {out}")
     if result.failures:
         print(f"{len(result.failures)} unreadable file(s) left out:")

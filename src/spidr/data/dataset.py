@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from spidr.data.audio import AudioError, load_audio
-from spidr.data.manifest import ManifestEntry
+from spidr.data.manifest import Manifest, ManifestEntry
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ class AudioDataset(Dataset):
     """Item ``i`` is manifest entry ``i`` decoded (and standardised if ``normalize``), or ``Skipped`` if unusable."""
 
     def __init__(self, entries: Sequence[ManifestEntry], *, normalize: bool = True, min_samples: int = 0) -> None:
-        self.entries = list(entries)
+        # A columnar Manifest: forked DataLoader workers share it without copying (no per-row Python objects).
+        self.entries = entries if isinstance(entries, Manifest) else Manifest.from_entries(entries)
         self.normalize = normalize
         self.min_samples = min_samples
 

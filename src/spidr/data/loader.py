@@ -140,7 +140,7 @@ def build_dataloader(
     data_seed = data_cfg.random_seed + seed
     longest = min(data_cfg.max_sample_size, data_cfg.max_batch_length)
     sampler = BucketBatchSampler(
-        [e.num_samples for e in entries],
+        entries.num_samples,
         max_batch_length=data_cfg.max_batch_length,
         min_sample_size=data_cfg.min_sample_size,
         max_sample_size=longest,

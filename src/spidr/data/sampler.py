@@ -40,6 +40,34 @@ def _bucket_ids(lengths: np.ndarray, num_buckets: int, method: Literal["uniform"
     return np.minimum(np.searchsorted(edges[1:], lengths, side="left"), num_buckets - 1)
 
 
+class Batches(Sequence[list[int]]):
+    """An epoch's batches without a Python list per batch: item ``k`` is batch ``sequence[k]``, the dataset
+    indices ``flat[bounds[b] : bounds[b + 1]]``. Compares equal to any sequence of the same index lists."""
+
+    def __init__(self, flat: np.ndarray, bounds: np.ndarray, sequence: np.ndarray) -> None:
+        self.flat, self.bounds, self.sequence = flat, bounds, sequence
+
+    def __len__(self) -> int:
+        return self.sequence.size
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        batch = int(self.sequence[index])
+        return self.flat[self.bounds[batch] : self.bounds[batch + 1]].tolist()
+
+    def every(self, start: int, step: int) -> Batches:
+        """Batches start, start + step, ... (one rank's share)."""
+        return Batches(self.flat, self.bounds, self.sequence[start::step])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == list(b) for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class BucketBatchSampler:
     """Yields lists of dataset indices; see the module docstring for the batching rules.
 
@@ -75,7 +103,8 @@ class BucketBatchSampler:
                         min_sample_size)
         clip = max_sample_size if max_sample_size is not None else int(all_lengths.max())
         self.clipped = np.minimum(all_lengths[self.indices], clip)
-        self.buckets = _bucket_ids(self.clipped, num_buckets, bucket_method)
+        buckets = _bucket_ids(self.clipped, num_buckets, bucket_method)
+        self.buckets = buckets.astype(np.int16 if num_buckets <= np.iinfo(np.int16).max else np.int64)
         self.max_batch_length = max_batch_length
         self.seed = seed
         self.rank = rank
@@ -85,55 +114,70 @@ class BucketBatchSampler:
         self.padded = padded
         self.epoch = 0
         self.position = 0  # batches of ``epoch`` already handed out (consumed)
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, Batches] | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # The batches of one epoch
     # ----------------------------------------------------------------------------------------------------------
 
-    def _pack(self, order: np.ndarray) -> list[list[int]]:
-        """Greedy packing of kept items (positions into ``self.indices``) in ``order``."""
-        batches: list[list[int]] = []
-        current: list[int] = []
-        total = longest = 0
-        for item in order.tolist():
-            length = int(self.clipped[item])
-            cost = (len(current) + 1) * max(longest, length) if self.padded else total + length
-            if current and cost > self.max_batch_length:
-                batches.append(current)
-                current, total, longest = [], 0, 0
-            current.append(int(self.indices[item]))
-            total += length
-            longest = max(longest, length)
-        if current:
-            batches.append(current)
-        return batches
+    def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy packing of kept items (positions into ``self.indices``) in ``order``: a batch takes items while
+        its cost stays within ``max_batch_length`` (always at least one). Returns (dataset indices in batch order,
+        batch bounds), computed with one ``searchsorted`` per batch instead of a Python step per utterance."""
+        lengths = self.clipped[order]
+        budget = self.max_batch_length
+        bounds = [0]
+        if self.padded:
+            # cost of items s..e−1 = (e − s) · max(lengths[s:e]), nondecreasing in e; at most budget // lengths[s]
+            # items fit, so the running max is only needed over that window.
+            while bounds[-1] < lengths.size:
+                begin = bounds[-1]
+                window = lengths[begin : begin + budget // max(int(lengths[begin]), 1) + 1]
+                costs = np.maximum.accumulate(window) * np.arange(1, window.size + 1)
+                bounds.append(begin + max(int(np.searchsorted(costs, budget, side="right")), 1))
+        else:
+            totals = np.concatenate([[0], np.cumsum(lengths)])  # cost of items s..e−1 = totals[e] − totals[s]
+            # Where a batch starting at each item would end (all at once), then follow the chain from item 0.
+            ends = np.searchsorted(totals, totals[:-1] + budget, side="right") - 1
+            ends = np.maximum(ends, np.arange(1, lengths.size + 1))
+            begin = 0
+            while begin < lengths.size:
+                begin = int(ends[begin])
+                bounds.append(begin)
+        return self.indices[order], np.asarray(bounds, dtype=np.int64)
 
-    def global_batches(self, epoch: int) -> list[list[int]]:
+    def _plan(self, epoch: int) -> Batches:
         """Every rank's batches of ``epoch`` in order, padded (or cut) to a multiple of the world size."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         if self.shuffle:
             keys = torch.rand(len(self.indices), generator=generator, dtype=torch.float64).numpy()
-            order = np.lexsort((keys, self.buckets))  # by bucket, shuffled inside each bucket
+            # By bucket, shuffled inside each bucket: lexsort((keys, buckets)) as two stable sorts, the second a
+            # radix sort of the small bucket ids.
+            order = np.argsort(keys, kind="stable")
+            order = order[np.argsort(self.buckets[order], kind="stable")]
         else:
             order = np.lexsort((np.arange(len(self.indices)), self.clipped))
-        batches = self._pack(order)
-        if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        remainder = len(batches) % self.world_size
+        flat, bounds = self._pack(order)
+        count = bounds.size - 1
+        sequence = torch.randperm(count, generator=generator).numpy() if self.shuffle else np.arange(count)
+        remainder = count % self.world_size
         if remainder and self.drop_last:
-            batches = batches[: len(batches) - remainder]
+            sequence = sequence[: count - remainder]
         elif remainder:
-            batches += [batches[i % len(batches)] for i in range(self.world_size - remainder)]
-        if not batches:
+            sequence = np.concatenate([sequence, sequence[np.arange(self.world_size - remainder) % count]])
+        if sequence.size == 0:
             raise ValueError(f"epoch {epoch} has fewer batches than the {self.world_size} ranks and data.drop_last "
                              "is true; set drop_last = false or use more data / smaller batches")
-        return batches
+        return Batches(flat, bounds, sequence)
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of ``epoch``."""
+    def global_batches(self, epoch: int) -> Batches:
+        """Every rank's batches of ``epoch`` in order, padded (or cut) to a multiple of the world size."""
+        return self._plan(epoch)
+
+    def batches(self, epoch: int) -> Batches:
+        """This rank's batches of ``epoch`` (global batches rank, rank + world, ...)."""
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, self.global_batches(epoch)[self.rank :: self.world_size])
+            self._cache = (epoch, self._plan(epoch).every(self.rank, self.world_size))
         return self._cache[1]
 
     def __len__(self) -> int:

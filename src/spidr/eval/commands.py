@@ -6,6 +6,24 @@ import argparse
 import json
 from pathlib import Path
 
+# The frame distances of spidr.eval.abx_frames.DISTANCES (spelled out: the CLI must not import torch).
+ABX_DISTANCES = ("angular", "cosine", "euclidean", "kl_symmetric", "identical")
+
+
+def add_abx_options(parser: argparse.ArgumentParser, *, distance_default: str | None,
+                    seed_help: str = "seed of the subsampling") -> None:
+    """The ABX options shared by ``spidr abx`` and ``spidr evaluate``: one declaration, the same choices."""
+    parser.add_argument("--context", choices=("within", "any"), default="within",
+                        help="context condition ('within' for triphone items)")
+    parser.add_argument("--distance", choices=ABX_DISTANCES, default=distance_default,
+                        help="frame distance" + (" (default: angular for features, identical for units)"
+                                                 if distance_default is None else ""))
+    parser.add_argument("--max-size-group", type=int, default=10,
+                        help="at most this many items per (phone, context, speaker) group; negative disables")
+    parser.add_argument("--max-x-across", type=int, default=5,
+                        help="at most this many X speakers per A group (across speaker); negative disables")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
 
 def _is_units_file(path: Path) -> bool:
     return path.is_file() and path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
@@ -124,16 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("features", metavar="FEATURES", help="feature directory or units .jsonl(.gz) file")
     parser.add_argument("item_file", metavar="ITEM_FILE", help="item file (.item, .csv or .jsonl)")
     parser.add_argument("--speaker", choices=("within", "across"), default="within", help="speaker condition")
-    parser.add_argument("--context", choices=("within", "any"), default="within",
-                        help="context condition ('within' for triphone items)")
-    parser.add_argument("--distance", choices=("angular", "cosine", "euclidean", "kl_symmetric", "identical"),
-                        default=None, help="frame distance (default: angular for features, identical for units)")
+    add_abx_options(parser, distance_default=None)
     parser.add_argument("--frequency", default="50", help="feature rate in Hz")
-    parser.add_argument("--max-size-group", type=int, default=10,
-                        help="at most this many items per (phone, context, speaker) group; negative disables")
-    parser.add_argument("--max-x-across", type=int, default=5,
-                        help="at most this many X speakers per A group (across speaker); negative disables")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling")
     parser.add_argument("--librilight-bug", action="store_true",
                         help="slice items as Libri-light / ZeroSpeech 2021 did, dropping each item's last frame")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")

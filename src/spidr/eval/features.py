@@ -26,15 +26,17 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
-from spidr.data.manifest import ManifestEntry
+from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings
+from spidr.eval.journal import write_atomically
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 HOP = 320  # samples per frame of the default conv front end (20 ms)
 STANDARDIZE_EPS = 1e-5
+PARTIAL = ".partial"  # suffix of a feature file being written; renamed away once complete
 
 
 @dataclass(frozen=True)
@@ -202,29 +204,102 @@ def num_samples_for_frames(frames: int, conv_layers: Sequence[tuple[int, int, in
 # --------------------------------------------------------------------------------------------------------------
 
 
-def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
-    """Output path (without suffix) of each entry: its audio path relative to the deepest common folder."""
-    paths = [Path(e.path) for e in entries]
-    parents = [str(p.parent) for p in paths]
-    root = Path(os.path.commonpath(parents)) if len(set(parents)) > 1 else Path(parents[0]) if parents else Path()
-    stems = [p.relative_to(root).with_name(e.fileid) for p, e in zip(paths, entries, strict=True)]
-    if len(set(stems)) != len(stems):
-        raise ValueError("two utterances map to the same output file; give them distinct file ids")
+def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
+    """Output path (without suffix) of each entry, as packed strings: its audio path relative to the deepest common
+    folder, with the file name replaced by the file id. Two passes over the paths, no Path object per entry."""
+    manifest = _as_manifest(entries)
+    parents: set[str] = set()
+    for start in range(0, len(manifest), ITER_CHUNK):
+        parents.update(os.path.dirname(p) for p in _paths(manifest, start, min(start + ITER_CHUNK, len(manifest))))
+    root = os.path.commonpath(sorted(parents)) if len(parents) > 1 else next(iter(parents), "")
+    cut = len(root.rstrip("/")) + 1 if root else 0  # "" when archive members sit at the top level
+    parts = []
+    for start in range(0, len(manifest), ITER_CHUNK):
+        stop = min(start + ITER_CHUNK, len(manifest))
+        ids = manifest.fileids.strings(start, stop)
+        parts.append(PackedStrings.from_strings(
+            (f"{parent[cut:]}/{fileid}" if parent != root else fileid)
+            for parent, fileid in zip(map(os.path.dirname, _paths(manifest, start, stop)), ids, strict=True)
+        ))
+    stems = PackedStrings.concatenate(parts)
+    _refuse_duplicates(stems)
     return stems
 
 
-def length_batches(entries: Sequence[ManifestEntry], batch_samples: int) -> Iterator[list[int]]:
-    """Indices of ``entries`` in batches of similar length holding at most ``batch_samples`` padded samples."""
-    order = sorted(range(len(entries)), key=lambda i: entries[i].num_samples)
-    batch: list[int] = []
-    for index in order:
-        longest = max([entries[i].num_samples for i in batch] + [entries[index].num_samples])
-        if batch and longest * (len(batch) + 1) > batch_samples:
-            yield batch
-            batch = []
-        batch.append(index)
-    if batch:
-        yield batch
+def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
+    """``output_stems`` as a list of paths (convenient for a few files)."""
+    return [Path(stem) for stem in output_stems(entries)]
+
+
+def _as_manifest(entries: Sequence[ManifestEntry]) -> Manifest:
+    return entries if isinstance(entries, Manifest) else Manifest.from_entries(entries)
+
+
+def _paths(manifest: Manifest, start: int, stop: int) -> list[str]:
+    """Paths of rows start..stop as their entries hold them (resolved; member names for archive rows)."""
+    return [manifest.resolve(p) if manifest.archive_index is None or manifest.archive_index[start + k] < 0 else p
+            for k, p in enumerate(manifest.paths.strings(start, stop))]
+
+
+def _refuse_duplicates(stems: PackedStrings) -> None:
+    """Raise if two stems are equal: 64-bit hashes sorted in numpy, candidates then compared as strings."""
+    hashes = np.fromiter((hash(stem) for stem in stems), dtype=np.int64, count=len(stems))
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    for k in same.tolist():
+        a, b = int(order[k]), int(order[k + 1])
+        if stems[a] == stems[b]:
+            raise ValueError(f"utterances {a + 1} and {b + 1} both map to the output file {stems[a]!r}; give them "
+                             "distinct file ids")
+
+
+def length_batches(entries: Sequence[ManifestEntry] | np.ndarray, batch_samples: int) -> Iterator[list[int]]:
+    """Indices of ``entries`` (or of an array of lengths) in batches of similar length holding at most
+    ``batch_samples`` padded samples: sorted by length, each batch takes entries while (count × longest) fits,
+    found with one ``searchsorted`` per batch."""
+    if isinstance(entries, np.ndarray):
+        lengths = entries.astype(np.int64, copy=False)
+    elif isinstance(entries, Manifest):
+        lengths = entries.num_samples
+    else:
+        lengths = np.fromiter((e.num_samples for e in entries), dtype=np.int64, count=len(entries))
+    order = np.argsort(lengths, kind="stable")
+    ordered = lengths[order]
+    begin = 0
+    while begin < order.size:
+        # costs (k + 1) · ordered[begin + k] grow with k; at most batch_samples // ordered[begin] entries fit
+        window = ordered[begin : begin + batch_samples // max(int(ordered[begin]), 1) + 1]
+        costs = window * np.arange(1, window.size + 1)
+        end = begin + max(int(np.searchsorted(costs, batch_samples, side="right")), 1)
+        yield order[begin:end].tolist()
+        begin = end
+
+
+class _Outputs:
+    """Where features and unit rows go: atomic ``.npy`` writes into ``OUT/layer_LL/<stem>.npy``."""
+
+    def __init__(self, out_dir: Path, stems: PackedStrings) -> None:
+        self.out_dir = out_dir
+        self.stems = stems
+        self.folders: set[Path] = set()
+
+    def path(self, key: str, index: int) -> Path:
+        path = self.out_dir / key / f"{self.stems[index]}.npy"
+        if path.parent not in self.folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.folders.add(path.parent)
+        return path
+
+    def save(self, key: str, index: int, values: np.ndarray) -> None:
+        path = self.path(key, index)
+        tmp = path.with_name(path.name + PARTIAL)
+        with tmp.open("wb") as handle:
+            np.save(handle, values.astype(np.float32, copy=False))
+        os.replace(tmp, path)
+
+
+def _unit_row(path: str, units: np.ndarray) -> str:
+    return json.dumps({"audio": path, "units": units.tolist()}) + "\n"
 
 
 def extract_to_directory(
@@ -235,60 +310,97 @@ def extract_to_directory(
     *,
     checkpoint: str = "",
     progress: bool = True,
+    restart: bool = False,
+    replace_other: bool = False,
 ) -> dict[str, object]:
     """Extract every entry and write features (and units) under ``out_dir``; returns the metadata written.
 
+    Resumable: an extraction that was killed continues where it stopped, skipping every finished utterance (see
+    ``spidr.eval.journal``); ``restart=True`` starts over. A folder holding another extraction (other model,
+    utterances or settings) is refused, or started over with ``replace_other=True``. Each ``.npy`` is written
+    under a temporary name and renamed, so no truncated feature file is ever left; unit rows are appended to their
+    JSONL batch by batch.
     Unreadable files are skipped, listed in the metadata and logged once each.
     """
     from tqdm import tqdm
 
+    from spidr.eval.journal import ExtractionJournal, UnitsFiles, entries_fingerprint, model_fingerprint
+
     out_dir = Path(out_dir)
     model.eval()
-    stems = relative_stems(entries)
-    units: dict[str, list[dict[str, object]]] = {}
-    skipped: dict[str, str] = {}
+    manifest = _as_manifest(entries)
+    outputs = _Outputs(out_dir, output_stems(manifest))
+    identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
+                "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest)}
+    journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
+                                replace_other=replace_other)
+    units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None
     max_samples = int(settings.max_seconds * SAMPLE_RATE)
-    short = [i for i, e in enumerate(entries) if e.num_samples <= max_samples or e.in_archive]
-    long = [i for i, e in enumerate(entries) if i not in set(short)]
+    archived = manifest.archive_index >= 0 if manifest.archive_index is not None else np.zeros(len(manifest), bool)
+    is_long = (manifest.num_samples > max_samples) & ~archived
+    short = np.flatnonzero(~journal.done & ~is_long)
+    long = np.flatnonzero(~journal.done & is_long)
 
-    def write(index: int, result: dict[str, np.ndarray]) -> None:
+    def finish(indices: np.ndarray, rows: dict[str, list[str]], skipped: dict[str, str]) -> None:
+        if units is not None:
+            for key, lines in rows.items():
+                units.append(key, lines)
+        journal.record(indices, skipped, units.sizes() if units is not None else {})
+
+    bar = tqdm(total=len(manifest), initial=int(journal.done.sum()), desc="extract", unit="file",
+               disable=not progress)
+    try:
+        for batch in length_batches(manifest.num_samples[short], int(settings.batch_seconds * SAMPLE_RATE)):
+            indices = short[batch]
+            finish(indices, *_extract_short_batch(model, manifest, indices, outputs, settings))
+            bar.update(len(indices))
+        for index in long.tolist():
+            entry, rows, skipped = manifest[index], {}, {}
+            try:
+                rows = _extract_long_file(model, entry, outputs=outputs, index=index, settings=settings)
+            except (AudioError, sf.LibsndfileError, RuntimeError) as error:
+                skipped[entry.location] = str(error)
+                logger.warning("skipping %s: %s", entry.location, error)
+            finish(np.asarray([index]), rows, skipped)
+            bar.update(1)
+    finally:
+        bar.close()
+        journal.close()
+        if units is not None:
+            units.close()
+    metadata = _metadata(model, settings, checkpoint=checkpoint, num_files=len(manifest) - len(journal.skipped),
+                         skipped=journal.skipped)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(out_dir / "metadata.json", json.dumps(metadata, indent=1))
+    return metadata
+
+
+def _extract_short_batch(
+    model: torch.nn.Module, manifest: Manifest, indices: np.ndarray, outputs: _Outputs, settings: ExtractionSettings
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Load and run one padded batch, save its features; returns its unit rows by layer and its skipped files."""
+    waves, kept, skipped = [], [], {}
+    for index in indices.tolist():
+        entry = manifest[index]
+        try:
+            waves.append(load_audio(entry, normalize=True))
+            kept.append((index, entry))
+        except AudioError as error:
+            skipped[entry.location] = error.reason
+            logger.warning("skipping %s: %s", entry.location, error.reason)
+    rows: dict[str, list[str]] = {}
+    for (index, entry), result in zip(kept, extract_batch(model, waves, settings) if waves else [], strict=True):
         for key, values in result.items():
             if key.startswith("layer_"):
-                path = out_dir / key / stems[index].with_suffix(".npy")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, values.astype(np.float32, copy=False))
+                outputs.save(key, index, values)
             else:
-                units.setdefault(key, []).append({"audio": entries[index].path, "units": values.tolist()})
+                rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(_unit_row(entry.path, values))
+    return rows, skipped
 
-    bar = tqdm(total=len(entries), desc="extract", unit="file", disable=not progress)
-    for batch in length_batches([entries[i] for i in short], int(settings.batch_seconds * SAMPLE_RATE)):
-        indices = [short[i] for i in batch]
-        waves, kept = [], []
-        for index in indices:
-            try:
-                waves.append(load_audio(entries[index], normalize=True))
-                kept.append(index)
-            except AudioError as error:
-                skipped[entries[index].location] = error.reason
-                logger.warning("skipping %s: %s", entries[index].location, error.reason)
-        if waves:
-            for index, result in zip(kept, extract_batch(model, waves, settings), strict=True):
-                write(index, result)
-        bar.update(len(indices))
-    for index in long:
-        try:
-            _extract_long_file(model, entries[index], out_dir=out_dir, stem=stems[index], settings=settings,
-                               units=units)
-        except (AudioError, sf.LibsndfileError, RuntimeError) as error:
-            skipped[entries[index].location] = str(error)
-            logger.warning("skipping %s: %s", entries[index].location, error)
-        bar.update(1)
-    bar.close()
-    for key, rows in units.items():
-        path = out_dir / "codebook_units" / f"layer_{key.removeprefix('units_')}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    metadata: dict[str, object] = {
+
+def _metadata(model: torch.nn.Module, settings: ExtractionSettings, *, checkpoint: str, num_files: int,
+              skipped: dict[str, str]) -> dict[str, object]:
+    return {
         "checkpoint": checkpoint,
         "model_type": model.cfg.model_type,
         "layers": list(settings.layers),
@@ -297,12 +409,9 @@ def extract_to_directory(
         "frame_rate_hz": SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config),
         "normalisation": "per-utterance standardisation (zero mean, unit biased variance, eps 1e-5)",
         "settings": asdict(settings),
-        "num_files": len(entries) - len(skipped),
+        "num_files": num_files,
         "skipped": skipped,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1), encoding="utf-8")
-    return metadata
 
 
 def iter_units(
@@ -356,11 +465,14 @@ class NpyAppender:
     """A (rows, cols) float32 ``.npy`` file written front to back, slice by slice (``appender[a:b] = values``).
 
     Unlike a memory map, written rows leave memory at once, so writing a 1-hour file costs no more than a window.
+    Rows go to ``<name>.partial``, renamed to ``path`` by ``close`` once every row is written: a killed process
+    never leaves a truncated ``.npy``.
     """
 
     def __init__(self, path: Path, rows: int, cols: int) -> None:
         self.path, self.rows, self.written = path, rows, 0
-        self.file = path.open("wb")
+        self.partial = path.with_name(path.name + PARTIAL)
+        self.file = self.partial.open("wb")
         np.lib.format.write_array_header_1_0(
             self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                         "shape": (rows, cols)}
@@ -375,33 +487,36 @@ class NpyAppender:
     def close(self) -> None:
         self.file.close()
         if self.written != self.rows:
+            self.partial.unlink(missing_ok=True)
             raise RuntimeError(f"{self.path}: wrote {self.written} of {self.rows} rows")
+        os.replace(self.partial, self.path)
 
 
 def _extract_long_file(
-    model: torch.nn.Module,
-    entry: ManifestEntry,
-    *,
-    out_dir: Path,
-    stem: Path,
-    settings: ExtractionSettings,
-    units: dict[str, list[dict[str, object]]],
-) -> None:
-    """Window a long file into ``out_dir/layer_LL/<stem>.npy`` files written as they come; units go into
-    ``units``."""
+    model: torch.nn.Module, entry: ManifestEntry, *, outputs: _Outputs, index: int, settings: ExtractionSettings
+) -> dict[str, list[str]]:
+    """Window a long file into its ``layer_LL/<stem>.npy`` files, written as they come; returns its unit rows."""
     audio = LongAudio(entry.path)
     total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
     sinks: dict[str, NpyAppender | np.ndarray] = {}
     for layer in settings.layers:
-        path = out_dir / f"layer_{layer:02d}" / stem.with_suffix(".npy")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sinks[f"layer_{layer:02d}"] = NpyAppender(path, total, model.cfg.encoder_embed_dim)
+        key = f"layer_{layer:02d}"
+        sinks[key] = NpyAppender(outputs.path(key, index), total, model.cfg.encoder_embed_dim)
     head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
     for layer in head_layers if settings.codebooks else ():
         sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
-    extract_long(model, audio, settings, sinks)
+    try:
+        extract_long(model, audio, settings, sinks)
+    except BaseException:
+        for sink in sinks.values():
+            if isinstance(sink, NpyAppender):
+                sink.file.close()
+                sink.partial.unlink(missing_ok=True)
+        raise
+    rows = {}
     for key, values in sinks.items():
         if key.startswith("units_"):
-            units.setdefault(key, []).append({"audio": entry.path, "units": values.tolist()})
+            rows[f"layer_{key.removeprefix('units_')}"] = [_unit_row(entry.path, values)]
         else:
             values.close()
+    return rows

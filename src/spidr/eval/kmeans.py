@@ -1,11 +1,11 @@
 """K-means units: fit centroids on a seeded sample of frames, save/load them, assign frames to units.
 
 Fitting uses scikit-learn's ``MiniBatchKMeans`` (k-means++ init, seeded, so a given sample and seed always give the
-same centroids). The sample is a uniform random subset of at most ``max_frames`` frames over all files, drawn in one
-streaming pass (every frame gets a seeded random key and the smallest keys are kept), so memory stays bounded by
-``max_frames`` whatever the corpus size. Centroids are saved as a safetensors file (tensor ``centroids``, (K, D)
-float32, plus string metadata), never as a pickle. Assignment is the nearest centroid in Euclidean distance,
-computed in batches as ``argmin_k ‖c_k‖² − 2·x·c_k``.
+same centroids). The sample is a uniform random subset of at most ``max_frames`` frames over all files (every
+frame gets a seeded random key and the smallest keys are kept), drawn in two streaming passes so that memory is
+the sample itself whatever the corpus size. Centroids are saved as a safetensors file (tensor ``centroids``,
+(K, D) float32, plus string metadata), never as a pickle. Assignment is the nearest centroid in Euclidean
+distance, computed in batches as ``argmin_k ‖c_k‖² − 2·x·c_k``, one file in memory at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spidr.extras import import_extra
+
 logger = logging.getLogger(__name__)
 
 CENTROIDS_KEY = "centroids"
@@ -26,43 +28,61 @@ def sample_frames(features: Mapping[str, object], *, max_frames: int | None, see
     """Uniform seeded sample of at most ``max_frames`` frames (all of them if None) → (N, D) float32.
 
     Files are visited in sorted key order, so the sample depends only on the data, ``max_frames`` and ``seed``.
+    Two passes: the first draws a key per frame and keeps the ``max_frames`` smallest (16 bytes per kept frame;
+    a mapping with a ``frame_count(key)`` method, such as ``FeatureDirectory``, is not even read), the second reads
+    the chosen frames of each file into the output. Memory is the sample plus one file, whatever the corpus size.
     """
     rng = np.random.default_rng(seed)
-    parts: list[np.ndarray] = []
-    part_keys: list[np.ndarray] = []
-    buffered = 0
-    for name in sorted(features):
-        frames = _as_array(features[name], name)
-        if parts and frames.shape[1] != parts[0].shape[1]:
-            raise ValueError(f"features of {name!r} have dimension {frames.shape[1]}, others {parts[0].shape[1]}")
-        parts.append(frames)
-        part_keys.append(rng.random(frames.shape[0]))
-        buffered += frames.shape[0]
+    names = sorted(features)
+    count = getattr(features, "frame_count", None)
+    keys, where = np.zeros(0), np.zeros((0, 2), dtype=np.int64)  # kept keys, and their (file, frame)
+    parts_keys, parts_where, buffered, total = [], [], 0, 0
+    for index, name in enumerate(names):
+        frames = count(name) if count is not None else _as_array(features[name], name).shape[0]
+        parts_keys.append(rng.random(frames))
+        parts_where.append(np.stack([np.full(frames, index), np.arange(frames)], axis=1))
+        buffered += frames
+        total += frames
         if max_frames is not None and buffered > 2 * max_frames:  # prune now and then: linear time, bounded memory
-            parts, part_keys = _smallest_keys(parts, part_keys, max_frames)
-            buffered = parts[0].shape[0]
-    if not parts or buffered == 0:
+            keys, where = _smallest_keys([keys, *parts_keys], [where, *parts_where], max_frames)
+            parts_keys, parts_where, buffered = [], [], keys.size
+    keys, where = _smallest_keys([keys, *parts_keys], [where, *parts_where], max_frames)
+    if total == 0:
         raise ValueError("no frame to fit k-means on")
-    if max_frames is not None:
-        parts, part_keys = _smallest_keys(parts, part_keys, max_frames)
-    return np.concatenate(parts)
+    where = where[np.lexsort((where[:, 1], where[:, 0]))]  # file order, then frame order
+    out: np.ndarray | None = None
+    files, starts = np.unique(where[:, 0], return_index=True)
+    for file, begin, end in zip(files.tolist(), starts.tolist(), [*starts[1:].tolist(), where.shape[0]],
+                                strict=True):
+        name = names[file]
+        chosen = _as_array(features[name], name, rows=where[begin:end, 1])
+        if out is None:
+            out = np.empty((where.shape[0], chosen.shape[1]), dtype=np.float32)
+        elif chosen.shape[1] != out.shape[1]:
+            raise ValueError(f"features of {name!r} have dimension {chosen.shape[1]}, others {out.shape[1]}")
+        out[begin:end] = chosen
+    assert out is not None
+    return out
 
 
 def _smallest_keys(
-    parts: list[np.ndarray], part_keys: list[np.ndarray], count: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Keep the ``count`` frames with the smallest keys, in their original order."""
-    frames, keys = np.concatenate(parts), np.concatenate(part_keys)
-    if keys.size > count:
-        keep = np.sort(np.argpartition(keys, count - 1)[:count])
-        frames, keys = frames[keep], keys[keep]
-    return [frames], [keys]
+    keys: list[np.ndarray], where: list[np.ndarray], count: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` smallest keys (all when None) and their (file, frame) rows."""
+    all_keys, all_where = np.concatenate(keys), np.concatenate(where)
+    if count is not None and all_keys.size > count:
+        keep = np.argpartition(all_keys, count - 1)[:count]
+        all_keys, all_where = all_keys[keep], all_where[keep]
+    return all_keys, all_where
 
 
-def _as_array(value: object, name: str) -> np.ndarray:
+def _as_array(value: object, name: str, *, rows: np.ndarray | None = None) -> np.ndarray:
+    """(T, D) float32 features of one file (only ``rows`` of them when given), checked finite."""
     array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     if array.ndim != 2:
         raise ValueError(f"features of {name!r} have shape {array.shape}: expected (T, D)")
+    if rows is not None:
+        array = array[rows]
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         raise ValueError(f"features of {name!r} contain non-finite values")
@@ -79,14 +99,14 @@ def fit_kmeans(
     n_init: int = 3,
 ) -> np.ndarray:
     """K-means centroids (num_units, D) float32 of (N, D) frames with ``MiniBatchKMeans`` (reproducible under seed)."""
-    from sklearn.cluster import MiniBatchKMeans
+    cluster = import_extra("sklearn.cluster", extra="eval", purpose="k-means")
 
     if frames.ndim != 2:
         raise ValueError(f"frames must be (N, D), got shape {frames.shape}")
     if not 1 <= num_units <= frames.shape[0]:
         raise ValueError(f"num_units = {num_units} is invalid: expected 1 ≤ num_units ≤ number of frames "
                          f"({frames.shape[0]}); sample more frames or ask for fewer units")
-    model = MiniBatchKMeans(
+    model = cluster.MiniBatchKMeans(
         n_clusters=num_units,
         init="k-means++",
         batch_size=batch_size,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.fft import dct
 
-SAMPLE_RATE = 16000
+from spidr.data import SAMPLE_RATE
+
 WINDOW = 400
 HOP = 320
 N_FFT = 512

@@ -7,6 +7,8 @@ import copy
 import logging
 from pathlib import Path
 
+from spidr.eval.commands import add_abx_options
+
 logger = logging.getLogger(__name__)
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
@@ -18,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "extract",
         help="per-layer features (and codebook units) of every utterance",
         description="Write one (T, D) float32 .npy per utterance and layer under OUT/layer_LL/, mirroring the audio "
-        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl.",
+        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl, appended as "
+        "batches finish. Resumable: rerunning the same command after a kill continues where it stopped and never "
+        "rewrites a finished file (progress in OUT/.extract/); feature files are written atomically.",
         formatter_class=FORMATTER,
     )
     _add_model_arguments(extract)
@@ -31,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch")
     extract.add_argument("--max-seconds", type=float, default=60.0,
                          help="files longer than this are processed in overlapping windows (bounded memory)")
+    extract.add_argument("--restart", action="store_true",
+                         help="start over instead of resuming a killed extraction into OUT (and replace one of "
+                         "another model, manifest or settings)")
     extract.set_defaults(handler=run_extract)
 
     evaluate = subparsers.add_parser(
@@ -50,12 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
                           help="add a baseline (repeatable)")
     evaluate.add_argument("--name", default=None, help="model name in the report (default: checkpoint stem)")
-    evaluate.add_argument("--context", choices=["within", "any"], default="within", help="ABX context condition")
-    evaluate.add_argument("--distance", choices=["angular", "euclidean", "kl_symmetric"], default="angular",
-                          help="frame distance for continuous features")
-    evaluate.add_argument("--max-size-group", type=int, default=10, help="ABX cap on items per group")
-    evaluate.add_argument("--max-x-across", type=int, default=5, help="ABX cap on X speakers (across)")
-    evaluate.add_argument("--seed", type=int, default=0, help="ABX subsampling seed and random-init seed")
+    add_abx_options(evaluate, distance_default="angular",
+                    seed_help="seed of the ABX subsampling and of the random-init baseline")
     evaluate.set_defaults(handler=run_evaluate)
 
 
@@ -105,7 +108,8 @@ def run_extract(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         dtype=args.dtype,
     )
-    metadata = extract_to_directory(model, _entries(args.manifest), args.out, settings, checkpoint=args.checkpoint)
+    metadata = extract_to_directory(model, _entries(args.manifest), args.out, settings, checkpoint=args.checkpoint,
+                                    restart=args.restart)
     print(f"wrote features of {metadata['num_files']} files to {args.out}")
     return 0
 
@@ -119,10 +123,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import build_model
 
+    if args.distance == "identical":
+        raise ValueError("--distance identical compares discrete units; evaluate scores continuous features with "
+                         "angular, cosine, euclidean or kl_symmetric (its codebook units always use identical)")
     model = _model(args)
     entries = _entries(args.manifest)
     items = read_items(args.item)
-    alignments = None if args.alignments is None else read_alignments(args.alignments)
+    alignments = (None if args.alignments is None
+                  else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
     layers = parse_layers(args.layers, model.num_layers)
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)

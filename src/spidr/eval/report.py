@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
 from spidr.eval.abx import abx_error_rate
@@ -25,12 +26,13 @@ from spidr.eval.features import ExtractionSettings, extract_to_directory
 from spidr.eval.items import Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
+from spidr.extras import figure
 from spidr.models.frames import hop_length
 
 logger = logging.getLogger(__name__)
 
 SPEAKER_CONDITIONS = ("within", "across")
-SAMPLE_RATE = 16000
+PLOT_PURPOSE = "the evaluation report's plots"
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def evaluate_model(
 ) -> list[LayerRow]:
     """Extract ``layers`` (and codebook units) of ``model`` for ``entries`` into ``work_dir`` and score them."""
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True)
-    extract_to_directory(model, entries, work_dir, settings, progress=progress)
+    extract_to_directory(model, entries, work_dir, settings, progress=progress, replace_other=True)
     head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
     hop = hop_length(model.cfg.extractor_conv_layer_config)
     if SAMPLE_RATE % hop:
@@ -199,15 +201,10 @@ def markdown_table(rows: Sequence[LayerRow]) -> str:
 
 def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
     """Per-layer curves: ABX within/across (continuous, and codebook units) and PNMI; baselines as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(row.model for row in rows if row.layer is not None))
     baselines = [row for row in rows if row.layer is None]
     written = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = figure(figsize=(10, 4), purpose=PLOT_PURPOSE, ncols=2, sharey=True)
     for ax, speaker in zip(axes, SPEAKER_CONDITIONS, strict=True):
         for model in models:
             layer_rows = [r for r in rows if r.model == model and r.layer is not None]
@@ -228,11 +225,10 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
     fig.tight_layout()
     path = out_dir / "abx_per_layer.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     written.append(path)
     quality_rows = [r for r in rows if r.quality]
     if quality_rows:
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig, ax = figure(figsize=(5, 4), purpose=PLOT_PURPOSE)
         for model in models:
             model_rows = [r for r in quality_rows if r.model == model]
             ax.plot([r.layer for r in model_rows], [r.quality["pnmi"] for r in model_rows], "o-", label=model)
@@ -243,7 +239,6 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         path = out_dir / "pnmi_per_layer.png"
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         written.append(path)
     return written
 

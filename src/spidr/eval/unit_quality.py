@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from decimal import Decimal, InvalidOperation
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
@@ -43,28 +43,67 @@ MAX_LENGTH_MISMATCH = 2
 METRICS = ("phone_purity", "cluster_purity", "pnmi", "codebook_perplexity", "active_codewords", "bitrate")
 
 
-def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> dict[str, list[str]]:
+class Alignments(Mapping[str, list[str]]):
+    """Frame-level phone labels of many utterances, stored as codes: ``phones`` (sorted names) and, per utterance,
+    an int16 array of indices into it (2 bytes a frame instead of a Python string reference and list slot).
+    ``alignments[name]`` gives the labels back as strings."""
+
+    def __init__(self, phones: Sequence[str], codes: dict[str, np.ndarray]) -> None:
+        self.phones = tuple(phones)
+        self.codes = codes
+
+    @classmethod
+    def from_labels(cls, labels: Iterable[tuple[str, Sequence[str]]]) -> Alignments:
+        """Build from ``(utterance, per-frame labels)`` pairs (codes are numbered in sorted phone order)."""
+        index: dict[str, int] = {}
+        codes: dict[str, np.ndarray] = {}
+        for name, frames in labels:
+            for phone in set(frames):
+                index.setdefault(phone, len(index))
+            codes[name] = np.fromiter(map(index.__getitem__, frames), dtype=np.int32, count=len(frames))
+        phones = sorted(index)
+        if len(phones) > np.iinfo(np.int16).max:
+            raise ValueError(f"{len(phones)} distinct phone labels: more than {np.iinfo(np.int16).max}")
+        renumber = np.empty(len(phones), dtype=np.int16)
+        renumber[[index[p] for p in phones]] = np.arange(len(phones), dtype=np.int16)
+        return cls(phones, {name: renumber[array] for name, array in codes.items()})
+
+    def __getitem__(self, name: str) -> list[str]:
+        return [self.phones[c] for c in self.codes[name].tolist()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.codes
+
+
+def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> Alignments:
     """``{utterance: per-frame phone labels}`` from a JSONL or interval-TSV alignment file (see module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"alignment file {path} does not exist")
     name = path.name.removesuffix(".gz")
     if name.endswith((".jsonl", ".ndjson", ".json")):
-        alignments = _read_jsonl_alignments(path)
+        rows = ((key, [str(p) for p in phones]) for key, _, _, phones in read_jsonl_rows(path, field="phones"))
     elif name.endswith((".tsv", ".txt")):
-        alignments = _read_interval_alignments(path, alignment_rate_hz)
+        rows = _read_interval_alignments(path, alignment_rate_hz)
     else:
         raise ValueError(f"alignment file {path}: expected a .jsonl (SpidR format) or .tsv (intervals) file")
+    alignments = Alignments.from_labels(rows)
     if not alignments:
         raise ValueError(f"alignment file {path} has no utterance")
     return alignments
 
 
-def _read_jsonl_alignments(path: Path) -> dict[str, list[str]]:
-    return {key: [str(phone) for phone in phones] for key, _, _, phones in read_jsonl_rows(path, field="phones")}
-
-
-def _read_interval_alignments(path: Path, rate: int) -> dict[str, list[str]]:
+def _read_interval_alignments(path: Path, rate: int) -> Iterator[tuple[str, list[str]]]:
+    """Frame labels of each utterance of an interval TSV. Frame i takes the first interval (sorted) whose offset
+    is past its centre (i + ½)/rate, which must have started by then. With exact (Decimal) times the frames are
+    found per interval, not per frame: interval r reaches the frames i < ceil(offset_r·rate − ½) and starts at
+    frame ceil(onset_r·rate − ½)."""
     intervals: dict[str, list[tuple[Decimal, Decimal, str]]] = defaultdict(list)
     with open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
@@ -85,23 +124,35 @@ def _read_interval_alignments(path: Path, rate: int) -> dict[str, list[str]]:
             if not times[0] < times[1]:
                 raise ValueError(f"{path}: line {number}: onset {onset} is not before offset {offset}")
             intervals[utterance].append((*times, phone))
-    step = Decimal(1) / Decimal(rate)
-    alignments = {}
+    half, scale = Decimal("0.5"), Decimal(rate)
+
+    def frame(time: Decimal) -> int:  # the first frame whose centre is at or after ``time``
+        return int((time * scale - half).to_integral_value(rounding=ROUND_CEILING))
+
     for utterance, rows in intervals.items():
         rows.sort()
-        end = max(offset for _, offset, _ in rows)
-        labels: list[str] = []
-        row = 0
-        frame = 0
-        while (centre := (frame + Decimal("0.5")) * step) < end:
-            while row < len(rows) and rows[row][1] <= centre:
-                row += 1
-            if row == len(rows) or rows[row][0] > centre:
-                raise ValueError(f"{path}: utterance {utterance!r} has no phone at {centre} s (frame {frame})")
-            labels.append(rows[row][2])
-            frame += 1
-        alignments[utterance] = labels
-    return alignments
+        first = np.array([frame(onset) for onset, _, _ in rows], dtype=np.int64)
+        reach = np.maximum.accumulate(np.array([frame(offset) for _, offset, _ in rows], dtype=np.int64))
+        frames = np.arange(max(int(reach[-1]), 0))
+        chosen = np.searchsorted(reach, frames, side="right")  # first interval reaching past each frame
+        gaps = np.flatnonzero(first[chosen] > frames)
+        if gaps.size:
+            i = int(gaps[0])
+            raise ValueError(f"{path}: utterance {utterance!r} has no phone at {(i + half) / scale} s (frame {i})")
+        names = [phone for _, _, phone in rows]
+        yield utterance, [names[r] for r in chosen.tolist()]
+
+
+def _codes(phones: Mapping[str, Sequence[str]], name: str, index: Mapping[str, int], length: int) -> np.ndarray:
+    """The first ``length`` labels of utterance ``name`` as row indices of the count matrix."""
+    if isinstance(phones, Alignments):
+        table = np.asarray([index.get(p, -1) for p in phones.phones], dtype=np.int64)
+        codes = table[phones.codes[name][:length]]
+        if codes.size and codes.min() < 0:
+            missing = phones.phones[int(phones.codes[name][:length][int(np.argmin(codes))])]
+            raise ValueError(f"utterance {name!r}: phone {missing!r} is not in the phone inventory")
+        return codes
+    return np.fromiter((index[p] for p in phones[name][:length]), dtype=np.int64, count=length)
 
 
 def count_matrix(
@@ -123,7 +174,7 @@ def count_matrix(
         if name not in phones:
             continue
         unit_array = np.repeat(np.asarray(sequence, dtype=np.int64), repeat)
-        labels = phones[name]
+        labels = phones.codes[name] if isinstance(phones, Alignments) else phones[name]
         if abs(len(labels) - unit_array.size) > MAX_LENGTH_MISMATCH:
             raise ValueError(
                 f"utterance {name!r}: {unit_array.size // repeat} units (× {repeat} = {unit_array.size} frames) but "
@@ -133,7 +184,7 @@ def count_matrix(
             raise ValueError(f"utterance {name!r}: units must lie in [0, {num_units}), found {unit_array.min()}.."
                              f"{unit_array.max()} (check --num-units)")
         length = min(len(labels), unit_array.size)
-        phone_array = np.fromiter((index[p] for p in labels[:length]), dtype=np.int64, count=length)
+        phone_array = _codes(phones, name, index, length)
         counts += np.bincount(phone_array * num_units + unit_array[:length], minlength=counts.size)
     return counts.reshape(len(inventory), num_units)
 
@@ -170,7 +221,8 @@ def unit_quality(
     if missing:
         logger.warning("%d of %d utterances have no alignment and are left out", missing, len(units))
     if inventory is None:
-        inventory = sorted({phone for labels in phones.values() for phone in labels})
+        inventory = phones.phones if isinstance(phones, Alignments) else sorted(
+            {phone for labels in phones.values() for phone in labels})
     counts = count_matrix(
         {name: units[name] for name in used},
         phones,

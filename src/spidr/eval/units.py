@@ -42,6 +42,13 @@ def read_jsonl_rows(path: str | Path, *, field: str | tuple[str, ...],
     (``.gz`` read transparently), ``found`` being the first of the ``field`` names the row holds as a list;
     ``where`` names the file and line for error messages. ``key`` maps the row's name to the utterance key (e.g. to
     a file stem). Refuses bad JSON, rows without such a list and repeated utterances."""
+    for name, where, found, values, _ in _jsonl_rows(path, field=field, key=key):
+        yield name, where, found, values
+
+
+def _jsonl_rows(path: str | Path, *, field: str | tuple[str, ...],
+                key: Callable[[str], str] = str) -> Iterator[tuple[str, str, str, list, str]]:
+    """:func:`read_jsonl_rows` plus the raw line (lets :func:`read_units` skip a per-value type check)."""
     fields = (field,) if isinstance(field, str) else field
     seen: set[str] = set()
     with open_text(path) as handle:
@@ -60,19 +67,27 @@ def read_jsonl_rows(path: str | Path, *, field: str | tuple[str, ...],
             if name in seen:
                 raise ValueError(f"{where}: utterance {name!r} appears twice")
             seen.add(name)
-            yield name, where, found, row[found]
+            yield name, where, found, row[found], line
 
 
 def read_units(path: str | Path) -> dict[str, np.ndarray]:
-    """``{utterance: int64 array of units}`` from a units JSONL file (``.gz`` read transparently)."""
+    """``{utterance: int32 array of units}`` from a units JSONL file (``.gz`` read transparently).
+
+    Each row's list becomes an array in one numpy call; a row is checked element by element only when its text
+    holds ``true`` or ``false`` (a JSON boolean would otherwise pass as an integer).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"units file {path} does not exist")
     units: dict[str, np.ndarray] = {}
-    for key, where, _, values in read_jsonl_rows(path, field="units"):
-        if not all(isinstance(u, int) and not isinstance(u, bool) for u in values):
+    for key, where, _, values, line in _jsonl_rows(path, field="units"):
+        array = np.asarray(values)
+        if (array.size and array.dtype.kind not in "iu") or (
+                ("true" in line or "false" in line) and any(type(u) is bool for u in values)):
             raise ValueError(f"{where}: 'units' of {key!r} must be a list of integers")
-        units[key] = np.asarray(values, dtype=np.int64)
+        if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{where}: 'units' of {key!r} do not fit in 32 bits")
+        units[key] = array.astype(np.int32)
     if not units:
         raise ValueError(f"units file {path} has no utterance")
     return units

@@ -307,8 +307,13 @@ class Transformer(nn.Module):
         return self.dropout(x)
 
     def _drop_layer(self) -> bool:
-        """A fresh draw per layer in training: skip it with probability ``layer_drop``."""
-        return self.training and self.layer_drop > 0 and float(torch.rand(())) <= self.layer_drop
+        """A fresh draw per layer in training: skip it with probability ``layer_drop``.
+
+        The official transformer draws ``torch.rand(1)`` for every layer in training even when ``layer_drop`` is 0
+        (before the layer in ``forward``, after it in ``get_intermediate_outputs``); drawing the same way keeps the
+        global RNG stream, hence every later dropout mask, identical to the official one.
+        """
+        return self.training and bool(torch.rand(1) <= self.layer_drop)
 
     def forward(
         self,

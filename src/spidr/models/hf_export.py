@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from spidr.config import ModelConfig, ModelType, SpidRConfig, model_config_from_dict
+from spidr.data import SAMPLE_RATE
 from spidr.models.keymap import KeyMap, fuse_qkv, split_qkv
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 SPIDR_KEY = "spidr"  # our model config and step inside config.json
-SAMPLE_RATE = 16000
 
 # (Data2VecAudioModel key, our key); placeholders as in spidr.models.keymap.
 KEYS = KeyMap(

@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit = subparsers.add_parser(
         "submit",
         help="submit pretraining jobs to SLURM through submitit (one task per GPU, requeued on pre-emption)",
+        description="Check every CONFIG (fields, manifests, run.init_ckpt), then submit one SLURM job each. Refuses "
+        "when SLURM (sbatch, srun) is not installed here, unless --local is given.",
         formatter_class=formatter,
     )
     submit.add_argument("configs", nargs="+", metavar="CONFIG", help="run config(s); one job each")
@@ -48,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--mem-per-gpu", default=None, help="memory per GPU, e.g. 80G")
     submit.add_argument("--dump", default=os.environ.get("SPIDR_SUBMITIT_FOLDER", "submitit"),
                         help="folder for submitit logs and job information (env SPIDR_SUBMITIT_FOLDER)")
+    submit.add_argument("--local", action="store_true",
+                        help="run the job on this machine with submitit's local executor instead of SLURM (testing)")
     submit.set_defaults(handler=_submit)
 
     plot = subparsers.add_parser(
@@ -89,7 +93,8 @@ def _submit(args: argparse.Namespace) -> int:
         mem_per_gpu=args.mem_per_gpu,
         dump_dir=args.dump,
     )
-    jobs = submit([load_config(path, args.overrides) for path in args.configs], options)
+    jobs = submit([load_config(path, args.overrides) for path in args.configs], options,
+                  cluster="local" if args.local else "slurm")
     for job in jobs:
         print(job.job_id)
     return 0

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from spidr.config import Config
+from spidr.config import Config, OptimizerConfig, unused_settings
+from spidr.data import SAMPLE_RATE
 from spidr.data.loader import build_dataloader
 from spidr.distributed import all_reduce_sum, world_size
 from spidr.models.build import build_model
@@ -56,7 +58,6 @@ from spidr.train.validate import validate
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 Outcome = Literal["completed", "interrupted"]
 
 
@@ -185,7 +186,27 @@ def _unpack_metrics(values: list[float]) -> dict[str, float | list[float]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on one screen, in order
+@dataclass
+class _Run:
+    """What a run's steps change, and what a checkpoint saves of it."""
+
+    cfg: Config
+    model: nn.Module  # unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    sampler: Any
+    step: int = 0
+    nonfinite_streak: int = 0
+
+    def state(self) -> dict[str, Any]:
+        """Everything an exact resume needs (collective: gathers every rank's sampler and RNG states)."""
+        return _training_state(self.cfg, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               scaler=self.scaler, sampler=self.sampler, step=self.step,
+                               nonfinite_streak=self.nonfinite_streak)
+
+
+def train(cfg: Config) -> Outcome:
     """Pretrain ``cfg.model`` on ``cfg.data`` until ``cfg.optimizer.max_steps``, resuming from the latest complete
     checkpoint in ``cfg.run.run_dir`` if there is one.
 
@@ -197,130 +218,159 @@ def train(cfg: Config) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
     device = resolve_device(cfg.run.device, denv)
     init_distributed(denv, device)
-    outcome: Outcome = "completed"
     with contextlib.ExitStack() as cleanup:
         # After an error, other ranks may never reach a barrier: tear down without one.
         cleanup.push(lambda error_type, *_: destroy_distributed(wait=error_type is None))
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
-        run_dir = cfg.run.run_dir
         if denv.is_main:
-            write_config(cfg.to_dict(), run_dir)
+            write_config(cfg.to_dict(), cfg.run.run_dir)
+            for note in unused_settings(cfg):
+                logger.warning("%s", note)
 
         # Identical initial weights on every rank (seeded with the run seed), then one RNG stream per rank.
         torch.manual_seed(cfg.run.random_seed)
         raw_model = build_model(cfg.model).to(device)
         seed_everything(cfg.run.random_seed + denv.rank)
         precision = resolve_precision(cfg.optimizer.dtype, device)
-        scaler = precision.make_scaler()
         loader, sampler = build_dataloader(
             cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config,
             rank=denv.rank, world_size=denv.world_size,
         )
+        checkpointer = Checkpointer(cfg.run.run_dir, save_interval=cfg.run.save_interval,
+                                    keep_latest=cfg.run.keep_latest)
+        run, fresh = _start_or_resume(cfg, raw_model, sampler=sampler, scaler=precision.make_scaler(),
+                                      checkpointer=checkpointer, denv=denv, device=device)
 
-        checkpointer = Checkpointer(run_dir, save_interval=cfg.run.save_interval, keep_latest=cfg.run.keep_latest)
-        latest = _load_agreed_checkpoint(checkpointer, denv)
-        step, nonfinite_streak = 0, 0
-        if latest is None:
-            _load_initial_weights(raw_model, cfg.run.init_ckpt)
-            optimizer = build_optimizer(raw_model, cfg.optimizer, device=device)
-            scheduler = build_scheduler(optimizer, cfg.optimizer)
-        else:
-            path, state = latest
-            logger.info("resuming from %s", path)
-            raw_model.load_state_dict(state["model"])
-            if int(raw_model.current_step) >= cfg.model.freeze_step:
-                raw_model.freeze_feature_encoder()
-            # Rebuild the optimizer with the groups it was saved with (group 1 may already be removed).
-            with_frozen = len(state["optimizer"]["param_groups"]) > 1
-            optimizer = build_optimizer(raw_model, cfg.optimizer, device=device, include_frozen=with_frozen)
-            scheduler = build_scheduler(optimizer, cfg.optimizer)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            step = read_int(state["step"])
-            nonfinite_streak = int(state.get("nonfinite_streak", 0))
-            _restore_rank_state(state, sampler, denv)
-            del state  # the optimizer and model hold copies; free the loaded tensors
-
-        metrics_logger = MetricsLogger.for_pretraining(cfg, enabled=denv.is_main, start_step=step)
+        metrics_logger = MetricsLogger.for_pretraining(cfg, enabled=denv.is_main, start_step=run.step)
         cleanup.callback(metrics_logger.close)
         validation = _validation_loaders(cfg, denv)
 
         def save(*, final: bool = False) -> None:
-            # Collective (gathers every rank's sampler and RNG state); only the main rank writes.
-            state = _training_state(cfg, model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                    sampler=sampler, step=step, nonfinite_streak=nonfinite_streak)
+            state = run.state()  # collective; only the main rank writes
             if denv.is_main:
-                checkpointer.save(state, step=None if final else step)
+                checkpointer.save(state, step=None if final else run.step)
 
         def run_validation() -> None:
             for name, val_loader in validation.items():
-                metrics_logger.log(step, name, validate(raw_model, val_loader, device=device, precision=precision))
+                metrics_logger.log(run.step, name, validate(raw_model, val_loader, device=device,
+                                                            precision=precision))
 
-        if latest is None:
+        if fresh:
             save()  # step_0.pt: the exact initial state, before any wrapper
             run_validation()
-        if step >= cfg.optimizer.max_steps:
-            logger.info("step %d >= optimizer.max_steps = %d: nothing to do", step, cfg.optimizer.max_steps)
-            return outcome
-
-        model = _wrap(raw_model, cfg, denv, device)
+        if run.step >= cfg.optimizer.max_steps:
+            logger.info("step %d >= optimizer.max_steps = %d: nothing to do", run.step, cfg.optimizer.max_steps)
+            return "completed"
         stop = StopFlag()
         cleanup.enter_context(stop.installed())
-        batches = _batches(loader)
-        interval = RunningMeans()
-        interval_start, interval_audio = time.perf_counter(), 0.0
-        while step < cfg.optimizer.max_steps:
-            if step >= cfg.model.freeze_step and len(optimizer.param_groups) > 1:
-                remove_frozen_group(optimizer, scheduler)  # the extractor froze in update_ema (spec §4.7)
-            micro_batches = [next(batches).to(device, non_blocking=True)
-                             for _ in range(cfg.optimizer.grad_accum_steps)]
-            out = train_step(
-                model, micro_batches, optimizer, scheduler, step=step, precision=precision, scaler=scaler,
-                max_norm=cfg.optimizer.max_norm, stop_requested=stop.requested,
-            )
-            saved = False
-            if out.skipped:
-                nonfinite_streak += 1
-                logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
-                               step + 1, out.metrics["loss"], out.metrics["grad_norm"], nonfinite_streak)
-                if nonfinite_streak >= cfg.run.max_consecutive_nonfinite:
-                    save()
-                    raise TrainingDivergedError(
-                        f"{nonfinite_streak} consecutive steps had a non-finite loss or gradient (limit "
-                        f"run.max_consecutive_nonfinite = {cfg.run.max_consecutive_nonfinite}); stopped at step "
-                        f"{step} with a checkpoint in {run_dir}"
-                    )
-            else:
-                nonfinite_streak = 0
-                step += 1
-                interval.add({k: v for k, v in out.metrics.items() if k not in ("lr", "ema_decay")})
-                interval_audio += float(out.metrics["audio_seconds"])
-                if step % cfg.run.log_interval == 0 or step == cfg.optimizer.max_steps:
-                    elapsed = time.perf_counter() - interval_start
-                    values = {**interval.means(), "lr": out.metrics["lr"], "ema_decay": out.metrics["ema_decay"],
-                              "epoch": sampler.epoch, "audio_seconds_per_s": interval_audio / max(elapsed, 1e-9)}
-                    metrics_logger.log(step, "train", values)
-                    metrics_logger.progress(step, {"loss": values["loss"], "lr": values["lr"],
-                                                   "audio_s/s": values["audio_seconds_per_s"]})
-                    interval.reset()
-                    interval_start, interval_audio = time.perf_counter(), 0.0
-                if checkpointer.should_save(step) and step < cfg.optimizer.max_steps:
-                    save()
-                    saved = True
-                    run_validation()
-            if out.stop_requested:
-                if not saved:
-                    save()
-                logger.info("stopped by a signal at step %d; checkpoint saved", step)
-                outcome = "interrupted"
-                break
+        return _steps(run, _wrap(raw_model, cfg, denv, device), loader, stop=stop, precision=precision,
+                      device=device, checkpointer=checkpointer, metrics_logger=metrics_logger, save=save,
+                      run_validation=run_validation)
+
+
+def _start_or_resume(
+    cfg: Config,
+    model: nn.Module,
+    *,
+    sampler: Any,
+    scaler: torch.amp.GradScaler | None,
+    checkpointer: Checkpointer,
+    denv: DistributedEnvironment,
+    device: torch.device,
+) -> tuple[_Run, bool]:
+    """A fresh run (initial weights, new optimizer), or the state of the latest checkpoint; and whether fresh."""
+    latest = _load_agreed_checkpoint(checkpointer, denv)
+    if latest is None:
+        _load_initial_weights(model, cfg.run.init_ckpt)
+        optimizer = build_optimizer(model, cfg.optimizer, device=device)
+        return _Run(cfg, model, optimizer, build_scheduler(optimizer, cfg.optimizer), scaler, sampler), True
+    path, state = latest
+    logger.info("resuming from %s", path)
+    model.load_state_dict(state["model"])
+    if int(model.current_step) >= cfg.model.freeze_step:
+        model.freeze_feature_encoder()
+    # Rebuild the optimizer with the groups it was saved with (group 1 may already be removed).
+    with_frozen = len(state["optimizer"]["param_groups"]) > 1
+    optimizer = build_optimizer(model, cfg.optimizer, device=device, include_frozen=with_frozen)
+    scheduler = build_scheduler(optimizer, cfg.optimizer)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if denv.is_main:
+        _warn_about_kept_learning_rates(cfg.optimizer, scheduler.base_lrs)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _restore_rank_state(state, sampler, denv)
+    run = _Run(cfg, model, optimizer, scheduler, scaler, sampler, step=read_int(state["step"]),
+               nonfinite_streak=int(state.get("nonfinite_streak", 0)))
+    return run, False
+
+
+def _steps(
+    run: _Run,
+    model: nn.Module,
+    loader: Any,
+    *,
+    stop: StopFlag,
+    precision: Precision,
+    device: torch.device,
+    checkpointer: Checkpointer,
+    metrics_logger: MetricsLogger,
+    save: Callable[..., None],
+    run_validation: Callable[[], None],
+) -> Outcome:
+    """The step loop up to ``optimizer.max_steps``: train steps, NaN/Inf streaks, logging, checkpoints, validation
+    and stop signals. ``model`` is the (possibly DDP-wrapped) model whose unwrapped module is ``run.model``."""
+    cfg = run.cfg
+    batches = _batches(loader)
+    interval = RunningMeans()
+    interval_start, interval_audio = time.perf_counter(), 0.0
+    while run.step < cfg.optimizer.max_steps:
+        if run.step >= cfg.model.freeze_step and len(run.optimizer.param_groups) > 1:
+            remove_frozen_group(run.optimizer, run.scheduler)  # the extractor froze in update_ema (spec §4.7)
+        micro_batches = [next(batches).to(device, non_blocking=True) for _ in range(cfg.optimizer.grad_accum_steps)]
+        out = train_step(
+            model, micro_batches, run.optimizer, run.scheduler, step=run.step, precision=precision,
+            scaler=run.scaler, max_norm=cfg.optimizer.max_norm, stop_requested=stop.requested,
+        )
+        saved = False
+        if out.skipped:
+            run.nonfinite_streak += 1
+            logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                           run.step + 1, out.metrics["loss"], out.metrics["grad_norm"], run.nonfinite_streak)
+            if run.nonfinite_streak >= cfg.run.max_consecutive_nonfinite:
+                save()
+                raise TrainingDivergedError(
+                    f"{run.nonfinite_streak} consecutive steps had a non-finite loss or gradient (limit "
+                    f"run.max_consecutive_nonfinite = {cfg.run.max_consecutive_nonfinite}); stopped at step "
+                    f"{run.step} with a checkpoint in {cfg.run.run_dir}"
+                )
         else:
-            save(final=True)
-            if not checkpointer.should_save(step):
+            run.nonfinite_streak = 0
+            run.step += 1
+            interval.add({k: v for k, v in out.metrics.items() if k not in ("lr", "ema_decay")})
+            interval_audio += float(out.metrics["audio_seconds"])
+            if run.step % cfg.run.log_interval == 0 or run.step == cfg.optimizer.max_steps:
+                elapsed = time.perf_counter() - interval_start
+                values = {**interval.means(), "lr": out.metrics["lr"], "ema_decay": out.metrics["ema_decay"],
+                          "epoch": run.sampler.epoch, "audio_seconds_per_s": interval_audio / max(elapsed, 1e-9)}
+                metrics_logger.log(run.step, "train", values)
+                metrics_logger.progress(run.step, {"loss": values["loss"], "lr": values["lr"],
+                                                   "audio_s/s": values["audio_seconds_per_s"]})
+                interval.reset()
+                interval_start, interval_audio = time.perf_counter(), 0.0
+            if checkpointer.should_save(run.step) and run.step < cfg.optimizer.max_steps:
+                save()
+                saved = True
                 run_validation()
-    return outcome
+        if out.stop_requested:
+            if not saved:
+                save()
+            logger.info("stopped by a signal at step %d; checkpoint saved", run.step)
+            return "interrupted"
+    save(final=True)
+    if not checkpointer.should_save(run.step):
+        run_validation()
+    return "completed"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -360,6 +410,22 @@ def _load_agreed_checkpoint(
     if path is None or denv.is_main:
         return latest
     return Path(path), torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _warn_about_kept_learning_rates(cfg: OptimizerConfig, base_lrs: Sequence[float]) -> None:
+    """A resumed run keeps the peak learning rates of its checkpoint (optimizer and scheduler state): say so when
+    the config asks for others."""
+    kept = {"optimizer.lr": base_lrs[0]}
+    if len(base_lrs) > 1:  # the front-end group is still there (before the freeze step)
+        kept["optimizer.feature_encoder_lr_scale"] = base_lrs[1] / base_lrs[0]
+    asked = {"optimizer.lr": cfg.lr, "optimizer.feature_encoder_lr_scale": cfg.feature_encoder_lr_scale}
+    for name, value in kept.items():
+        if not math.isclose(value, asked[name], rel_tol=1e-9, abs_tol=1e-15):
+            logger.warning(
+                "%s = %g in the config, but the run resumes from a checkpoint trained with %g: the checkpoint's "
+                "optimizer and scheduler state are restored, so %g stays in use. To change it, start a new run "
+                "directory from this checkpoint (run.init_ckpt)", name, asked[name], value, value,
+            )
 
 
 def _restore_rank_state(state: dict[str, Any], sampler: Any, denv: DistributedEnvironment) -> None:

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from spidr.extras import figure
 from spidr.train.metrics import METRICS_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,6 @@ def series_by_group(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[s
 
 def plot_training(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write ``loss.png``, ``perplexity.png`` and per-codebook PNGs for the run; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
@@ -51,7 +47,7 @@ def plot_training(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, title, metrics in FIGURES:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = figure(figsize=(7, 4), purpose="spidr plot-training")
         for group, by_step in sorted(groups.items()):
             for metric, label in metrics:
                 steps = [s for s in sorted(by_step) if isinstance(by_step[s].get(metric), (int, float))]
@@ -65,12 +61,11 @@ def plot_training(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
             steps = [s for s in sorted(by_step) if isinstance(by_step[s].get(metric), list)]
             if not steps:
                 continue
-            fig, ax = plt.subplots(figsize=(7, 4))
+            fig, ax = figure(figsize=(7, 4), purpose="spidr plot-training")
             for k in range(len(by_step[steps[0]][metric])):
                 ax.plot(steps, [by_step[s][metric][k] for s in steps], label=f"codebook {k}")
             safe_group = re.sub(r"[^A-Za-z0-9_.-]", "_", group)
             written.append(_finish(fig, ax, f"{title} ({group})", out_dir / f"{metric}_{safe_group}.png"))
-    plt.close("all")
     logger.info("wrote %d plots to %s", len(written), out_dir)
     return written
 

@@ -13,12 +13,13 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from spidr.config import Config, config_from_dict
+from spidr.config import Config, config_from_dict, unused_settings
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,60 @@ def requeue(job_id: str) -> None:
         logger.warning("could not requeue SLURM job %s: %s", job_id, result.stderr.strip())
 
 
-def submit(configs: list[Config], options: SlurmOptions, *, cluster: str | None = None) -> list[Any]:
-    """Submit one job per config; returns the submitit jobs. ``cluster="debug"`` runs in this process (tests)."""
+SLURM_COMMANDS = ("sbatch", "srun")  # what submitting (sbatch) and submitit's SLURM detection (srun) need
+Cluster = Literal["slurm", "local", "debug"]
+
+
+def check_slurm_available() -> None:
+    """Raise ``ValueError`` unless the SLURM client commands are on PATH.
+
+    Without them submitit's ``AutoExecutor`` silently falls back to its local executor: "submitted ... as job N",
+    then a background process on this machine whose failure only its log shows.
+    """
+    missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+    if missing:
+        raise ValueError(
+            f"SLURM is not available on this machine: {' and '.join(missing)} not found on PATH "
+            f"({os.environ.get('PATH', '')}). Submit from a SLURM login node, or train here with 'spidr train CONFIG' "
+            "(torchrun for several GPUs); --local runs the job with submitit's local executor (for testing)"
+        )
+
+
+def check_before_submitting(cfg: Config) -> None:
+    """What a job would otherwise discover only in its log: every manifest must exist and parse, and
+    ``run.init_ckpt`` must exist (the config's fields are already validated by loading it)."""
+    from spidr.data.manifest import read_manifest
+
+    manifests = {"data.manifest": cfg.data.manifest}
+    manifests |= {f"validation.{name}.manifest": data.manifest for name, data in cfg.validation.items()}
+    for field_name, path in manifests.items():
+        if not path:
+            raise ValueError(f"{field_name} is empty")
+        try:
+            read_manifest(path)
+        except ValueError as error:
+            raise ValueError(f"{field_name} = {path!r}: {error}") from None
+    if cfg.run.init_ckpt is not None and not Path(cfg.run.init_ckpt).is_file():
+        raise ValueError(f"run.init_ckpt = {cfg.run.init_ckpt!r} does not exist")
+
+
+def submit(configs: list[Config], options: SlurmOptions, *, cluster: Cluster = "slurm") -> list[Any]:
+    """Submit one job per config; returns the submitit jobs.
+
+    Every config is checked (manifests, initial checkpoint) before anything is submitted. ``cluster="slurm"``
+    refuses to run where SLURM is absent; ``"local"`` (submitit's local executor: a background process here) and
+    ``"debug"`` (this process) are for testing.
+    """
     try:
         import submitit
     except ImportError as error:
         raise ValueError("spidr submit needs submitit: pip install 'spidr[slurm]'") from error
+    for cfg in configs:
+        check_before_submitting(cfg)
+        for note in unused_settings(cfg):
+            logger.warning("%s: %s", cfg.run.run_dir, note)
+    if cluster == "slurm":
+        check_slurm_available()
     jobs = []
     for cfg in configs:
         name = f"{cfg.run.wandb_project}-{cfg.run.wandb_name}"

@@ -1,0 +1,169 @@
+"""ABX features: every referenced span of every file stored once, prepared for the frame distance, and the
+frame distances themselves (definitions in ``spidr.eval.abx``)."""
+
+from __future__ import annotations
+
+import math
+import mmap
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from spidr.eval.items import Items, check_nonempty, check_within
+
+DistanceName = Literal["angular", "cosine", "euclidean", "kl_symmetric", "identical"]
+DISTANCES = ("angular", "cosine", "euclidean", "kl_symmetric", "identical")
+KL_EPS = 1e-6
+
+
+# A frame store larger than this lives in an unlinked scratch file (in TMPDIR) mapped into memory, whose pages are
+# handed back to the page cache after every block of work (every 256 MB written, every gather of a scoring chunk):
+# the process then maps little of it at a time instead of holding the whole store (350k triphone items of
+# 768-dimensional features at 50 Hz take ≈ 5 GB). Gathers map whole page-cache folios, hence the frequent release.
+MAX_RESIDENT_BYTES = 1 << 30
+
+
+class _ScratchFrames:
+    """An (N, D) float32 array in a memory-mapped temporary file (deleted as soon as it is created)."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        size = max(rows * dim * 4, 1)
+        with tempfile.TemporaryFile(prefix="spidr-abx-") as handle:
+            handle.truncate(size)
+            self.map = mmap.mmap(handle.fileno(), size)
+        self.tensor = torch.frombuffer(self.map, dtype=torch.float32, count=rows * dim).view(rows, dim)
+
+    def release(self) -> None:
+        """Drop this process's mapping of the pages (they stay in the page cache and fault back in on use)."""
+        self.map.madvise(mmap.MADV_DONTNEED)
+
+
+@dataclass(frozen=True)
+class FrameStore:
+    """Frames of all items, prepared for the distance.
+
+    ``frames`` (N, D) float32 holds, file after file, the span of each file that its items cover; item ``i`` is
+    ``frames[offsets[i] : offsets[i] + lengths[i]]``. Above ``MAX_RESIDENT_BYTES`` the frames are a scratch-file
+    map and ``release()`` (called between blocks of work) keeps the resident part small.
+    """
+
+    frames: torch.Tensor
+    offsets: np.ndarray
+    lengths: np.ndarray
+    scratch: _ScratchFrames | None = None
+
+    def release(self) -> None:
+        if self.scratch is not None:
+            self.scratch.release()
+
+    @classmethod
+    def build(
+        cls,
+        features: Mapping[str, object],
+        items: Items,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        *,
+        distance: DistanceName,
+    ) -> FrameStore:
+        check_nonempty(items, starts, ends)
+        by_file: dict[str, list[int]] = defaultdict(list)
+        for index, name in enumerate(items.files):
+            by_file[name].append(index)
+        missing = [name for name in by_file if name not in features]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of the {len(by_file)} files of {items.source} have no features "
+                f"(first: {missing[:3]}); for a directory, #file must be the path relative to it without extension"
+            )
+        spans = {name: (int(starts[rows].min()), int(ends[rows].max())) for name, rows in by_file.items()}
+        total = sum(max(end - start, 0) for start, end in spans.values())
+        offsets = np.zeros(len(items), dtype=np.int64)
+        frames: torch.Tensor | None = None
+        scratch: _ScratchFrames | None = None
+        position = unreleased = 0
+        for name, rows in by_file.items():
+            array = _as_frames(features[name], name)
+            rows = np.asarray(rows)
+            check_within(items, rows, starts, ends, array.shape[0])
+            if frames is None:
+                if total * array.shape[1] * 4 > MAX_RESIDENT_BYTES:
+                    scratch = _ScratchFrames(total, array.shape[1])
+                    frames = scratch.tensor
+                else:
+                    frames = torch.empty((total, array.shape[1]), dtype=torch.float32)
+            elif array.shape[1] != frames.shape[1]:
+                raise ValueError(f"features of {name!r} have dimension {array.shape[1]}, others {frames.shape[1]}")
+            start, end = spans[name]
+            block = frames[position : position + end - start]
+            block.copy_(array[start:end])
+            prepare_frames(block, distance)  # row by row, so per file is the same as all at once
+            offsets[rows] = position + starts[rows] - start
+            position += end - start
+            unreleased += block.numel() * 4
+            if scratch is not None and unreleased > MAX_RESIDENT_BYTES // 4:
+                scratch.release()
+                unreleased = 0
+        assert frames is not None  # items are never empty
+        store = cls(frames=frames, offsets=offsets, lengths=ends - starts, scratch=scratch)
+        store.release()
+        return store
+
+
+def _as_frames(value: object, name: str) -> torch.Tensor:
+    tensor = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+    if tensor.ndim == 1:
+        tensor = tensor[:, None]  # a sequence of discrete units
+    if tensor.ndim != 2:
+        raise ValueError(f"features of {name!r} have shape {tuple(tensor.shape)}: expected (T, D) or (T,)")
+    tensor = tensor.to(torch.float32)
+    # One cheap reduction first; the element-wise check only runs when the sum is not finite (possibly by overflow).
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"features of {name!r} contain non-finite values")
+    return tensor
+
+
+def prepare_frames(frames: torch.Tensor, distance: DistanceName) -> torch.Tensor:
+    """Per-frame preprocessing of (N, D) frames, in place where possible (angular: L2 normalisation)."""
+    if distance in ("angular", "cosine"):
+        norms = frames.norm(dim=1, keepdim=True)
+        zero = norms[:, 0] == 0
+        frames.div_(norms.masked_fill_(zero[:, None], 1.0))
+        frames[zero] = 1.0 / math.sqrt(frames.shape[1])  # fastabx's singularity rule, see the module docstring
+    elif distance == "identical" and frames.shape[1] != 1:
+        raise ValueError(
+            f"the 'identical' distance compares discrete units: features must be (T,) or (T, 1), got dimension "
+            f"{frames.shape[1]}"
+        )
+    return frames
+
+
+def frame_distances(
+    x: torch.Tensor, y: torch.Tensor, distance: DistanceName, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """All frame-to-frame distances between prepared frames x (n, D) and y (m, D) → (n, m) float32 (into ``out``)."""
+    if out is None:
+        out = torch.empty((x.shape[0], y.shape[0]), dtype=torch.float32)
+    match distance:
+        case "angular" | "cosine":
+            return torch.mm(x, y.T, out=out).clamp_(-1.0, 1.0).acos_().div_(math.pi)
+        case "euclidean":
+            return out.copy_(torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist"))
+        case "kl_symmetric":
+            log_x, log_y = (x + KL_EPS).log(), (y + KL_EPS).log()
+            # Centring each log row changes nothing for probability vectors and keeps float32 precision near 0.
+            log_x -= log_x.mean(1, keepdim=True)
+            log_y -= log_y.mean(1, keepdim=True)
+            self_x = (x * log_x).sum(1, keepdim=True)
+            self_y = (y * log_y).sum(1, keepdim=True).T
+            return out.copy_(0.5 * (self_x + self_y - x @ log_y.T - log_x @ y.T))
+        case "identical":
+            return out.copy_(x[:, 0, None] != y[None, :, 0])
+    raise ValueError(f"distance = {distance!r} is invalid: expected one of {', '.join(DISTANCES)}")
+
+

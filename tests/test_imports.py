@@ -1,0 +1,61 @@
+"""Import costs: ``spidr --help`` and the data pipeline must not pull in torch or the model code they do not use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+HEAVY = ("torch", "numpy", "scipy", "sklearn", "matplotlib", "soundfile", "soxr", "safetensors", "submitit")
+MODEL_CODE = ("spidr.models.dinosr", "spidr.models.spidr", "spidr.models.loading", "spidr.models.convert",
+              "spidr.models.hf_export", "spidr.models.s3prl_export", "spidr.models.build")
+SUBCOMMANDS = ["manifest", "train", "submit", "plot-training", "export", "info", "extract", "evaluate", "abx",
+               "units-quality", "kmeans", "units", "synth-corpus", "synth-lm-bench", "lm-units", "lm-train",
+               "lm-score", "lm-eval", "lm-correlate", "demo"]
+
+
+def _modules_after(code: str) -> dict:
+    """Run ``code`` in a fresh interpreter; return its JSON-printed result (``loaded`` = sys.modules names)."""
+    script = textwrap.dedent(code) + "\nimport json, sys\nprint(json.dumps({'loaded': sorted(sys.modules), **extra}))"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env,
+                            timeout=120)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _top_level(names: list[str]) -> set[str]:
+    return {name.split(".")[0] for name in names}
+
+
+def test_cli_help_imports_no_heavy_dependency():
+    out = _modules_after("""
+        import argparse
+        import spidr.cli
+        parser = spidr.cli.build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        extra = {'commands': list(sub.choices), 'help': parser.format_help()}
+    """)
+    assert not _top_level(out["loaded"]) & set(HEAVY), sorted(_top_level(out["loaded"]) & set(HEAVY))
+    assert out["commands"] == SUBCOMMANDS
+    for command in SUBCOMMANDS:
+        assert command in out["help"]
+
+
+def test_collate_does_not_import_the_models_or_the_checkpoint_code():
+    out = _modules_after("import spidr.data.collate\nextra = {}")
+    loaded = set(out["loaded"])
+    assert "torch" in loaded  # collation builds tensors
+    assert not loaded & set(MODEL_CODE), sorted(loaded & set(MODEL_CODE))
+
+
+def test_lazy_package_attributes_resolve():
+    out = _modules_after("""
+        import spidr
+        from spidr.models import DinoSR, load_model
+        extra = {'same': spidr.DinoSR is DinoSR and spidr.load_model is load_model}
+    """)
+    assert out["same"]

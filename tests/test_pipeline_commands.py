@@ -1,0 +1,89 @@
+"""``spidr extract`` and ``spidr evaluate`` end to end on a tiny random model and a few synthetic files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from spidr.cli import main
+from spidr.config import SpidRConfig
+from spidr.models.build import build_model
+from spidr.models.loading import export_safetensors
+
+TINY = {
+    "extractor_conv_layer_config": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
+    "encoder_embed_dim": 32,
+    "encoder_num_layers": 3,
+    "encoder_num_heads": 2,
+    "encoder_ff_interm_features": 64,
+    "encoder_pos_conv_groups": 4,
+    "num_codebooks": 2,
+    "codebook_size": 16,
+}
+PHONES = ("a", "b", "a", "b")  # four 0.25 s phones per 1 s file
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny model checkpoint, 4 one-second files from 2 speakers, an item file and 50 Hz TSV alignments."""
+    root = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    checkpoint = root / "tiny.safetensors"
+    export_safetensors(build_model(SpidRConfig(**TINY)).eval(), checkpoint)
+    rng = np.random.default_rng(0)
+    items = ["#file onset offset #phone prev-phone next-phone speaker"]
+    alignments = ["utterance\tonset\toffset\tphone"]
+    manifest = ["fileid,path,num_samples"]
+    for speaker in ("s1", "s2"):
+        for k in range(2):
+            name = f"{speaker}_{k}"
+            t = np.arange(16000) / 16000
+            wave = np.concatenate([np.sin(2 * np.pi * (200 if p == "a" else 450) * t[:4000]) for p in PHONES])
+            wave = (0.1 * wave + 0.02 * rng.standard_normal(16000)).astype(np.float32)
+            sf.write(root / f"{name}.wav", wave, 16000)
+            manifest.append(f"{name},{name}.wav,16000")
+            for i, phone in enumerate(PHONES):
+                items.append(f"{name} {0.25 * i + 0.02:.2f} {0.25 * i + 0.23:.2f} {phone} x y {speaker}")
+                alignments.append(f"{name}\t{0.25 * i:.2f}\t{0.25 * (i + 1):.2f}\t{phone}")
+    (root / "manifest.csv").write_text("\n".join(manifest) + "\n")
+    (root / "test.item").write_text("\n".join(items) + "\n")
+    (root / "align50.tsv").write_text("\n".join(alignments) + "\n")
+    return root
+
+
+def test_evaluate_reads_interval_alignments_at_the_given_rate(corpus, tmp_path):
+    """--alignment-rate 50 must reach read_alignments: read at 100 Hz, the 50 Hz units would not line up."""
+    out = tmp_path / "report"
+    code = main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--alignments",
+                 str(corpus / "align50.tsv"), "--alignment-rate", "50", "--layers", "2-3", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "report.json").read_text())
+    quality = {row["layer"]: row["quality"] for row in rows}
+    assert set(quality[3]) >= {"pnmi", "phone_purity"}
+    assert 0.0 <= quality[3]["pnmi"] <= 1.0
+
+
+def test_abx_options_are_declared_once_with_every_distance(corpus, tmp_path, capsys):
+    import argparse
+
+    from spidr.cli import build_parser
+    from spidr.eval.abx_frames import DISTANCES
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    options = {}
+    for name in ("abx", "evaluate"):
+        options[name] = {a.dest: a.choices for a in commands[name]._actions
+                         if a.dest in ("context", "distance", "max_size_group", "max_x_across", "seed")}
+    assert options["abx"] == options["evaluate"]
+    assert tuple(options["abx"]["distance"]) == DISTANCES
+    code = main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--distance", "identical",
+                 "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "--distance identical compares discrete units" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""Settings that are accepted but have no effect are named in warnings, never silently ignored."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from spidr.config import config_from_dict, load_config, unused_settings
+from spidr.train.loop import train
+from train_fixtures import tiny_config, tiny_config_dict, write_corpus
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"), num_files=6, seconds=(0.5, 1.0))
+
+
+def test_official_fields_without_effect_are_named(tmp_path, corpus):
+    data = tiny_config_dict(tmp_path, corpus, run={"slurm_validation": {"account": "a", "nodes": 1,
+                                                                        "gpus_per_node": 1}},
+                            data={"alignments_path": "/data/align.jsonl"},
+                            model={"ema_final_decay": 0.99999, "ema_final_step": 50000})
+    notes = unused_settings(config_from_dict(data))
+    assert len(notes) == 4
+    assert "run.slurm_validation" in notes[0]
+    assert "no [validation] set" in notes[0]
+    assert "data.alignments_path = '/data/align.jsonl' is not used" in notes[1]
+    assert "model.ema_final_decay = 0.99999 has no effect on SpidR" in notes[2]
+    assert "model.ema_final_step = 50000 has no effect on SpidR" in notes[3]
+    # DinoSR uses its linear schedule: nothing to say; the shipped configs set nothing useless
+    data["run"]["model_type"] = "dinosr"
+    del data["run"]["slurm_validation"], data["data"]["alignments_path"]
+    assert unused_settings(config_from_dict(data)) == []
+    for path in sorted(CONFIGS.glob("*.toml")):
+        if not path.name.startswith("lm-"):
+            assert unused_settings(load_config(path)) == [], path
+
+
+def test_resume_warns_when_the_learning_rates_changed(tmp_path, corpus, caplog):
+    train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 2},
+                      run={"slurm_validation": {"account": "a", "nodes": 1, "gpus_per_node": 1}}))
+    assert "run.slurm_validation" in caplog.text  # logged by the run
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spidr.train.loop"):
+        train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 3, "lr": 1e-3, "feature_encoder_lr_scale": 0.1}))
+    assert ("optimizer.lr = 0.001 in the config, but the run resumes from a checkpoint trained with 0.002"
+            in caplog.text)
+    assert ("optimizer.feature_encoder_lr_scale = 0.1 in the config, but the run resumes from a checkpoint trained "
+            "with 1" in caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spidr.train.loop"):
+        train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 4}))  # the original rates: nothing to say
+    assert "resumes from a checkpoint trained with" not in caplog.text
