@@ -15,7 +15,7 @@ MODEL_CODE = ("spidr.models.dinosr", "spidr.models.spidr", "spidr.models.loading
               "spidr.models.hf_export", "spidr.models.s3prl_export", "spidr.models.build")
 SUBCOMMANDS = ["manifest", "train", "submit", "plot-training", "export", "info", "extract", "evaluate", "abx",
                "units-quality", "kmeans", "units", "synth-corpus", "synth-lm-bench", "lm-units", "lm-train",
-               "lm-score", "lm-eval", "lm-correlate", "demo"]
+               "lm-score", "lm-study", "lm-eval", "lm-correlate", "demo"]
 
 
 def _modules_after(code: str) -> dict:
@@ -59,3 +59,20 @@ def test_lazy_package_attributes_resolve():
         extra = {'same': spidr.DinoSR is DinoSR and spidr.load_model is load_model}
     """)
     assert out["same"]
+
+
+def test_help_names_a_default_once_and_only_when_it_informs():
+    import argparse
+
+    from spidr.help_format import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--layers", default=None, help="layers (default: every head's layer)")
+    parser.add_argument("--out", default=None, help="output folder")
+    parser.add_argument("--trust", action="store_true", help="allow unpickling")
+    text = " ".join(parser.format_help().split())
+    assert "training steps (default: 300)" in text
+    assert text.count("(default:") == 2  # --steps, and --layers's own words
+    assert "output folder --trust" in text
+    assert "(default: False)" not in text

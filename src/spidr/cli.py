@@ -16,6 +16,7 @@ from spidr.data import commands as data_commands
 from spidr.eval import commands as eval_commands
 from spidr.eval import pipeline_commands
 from spidr.extras import MissingExtraError
+from spidr.help_format import HelpFormatter
 from spidr.lm import commands as lm_commands
 from spidr.lm import eval_commands as lm_eval_commands
 from spidr.models import commands as model_commands
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spidr",
         description="SpidR / DinoSR self-supervised speech models: pretrain, load, extract, evaluate, and model "
         "spoken language on their units.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spidr.corpus.lm_bench import LmBenchSettings
+from spidr.help_format import HelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="synthesise a phone-aligned corpus, pretrain a small SpidR and evaluate every layer",
         description="The end-to-end demo on the built-in corpus. Corpora and the trained model are cached in OUT; "
         "re-running reuses them (and resumes an interrupted training).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", default="runs/demo", help="folder for corpora, runs and the report")
     parser.add_argument("--config", default="configs/demo.toml", help="training config of the demo model")

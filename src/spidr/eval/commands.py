@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from spidr.help_format import HelpFormatter
+
 # The frame distances of spidr.eval.abx_frames.DISTANCES (spelled out: the CLI must not import torch).
 ABX_DISTANCES = ("angular", "cosine", "euclidean", "kl_symmetric", "identical")
 
@@ -129,7 +131,7 @@ def _units(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
 
     parser = subparsers.add_parser(
         "abx",

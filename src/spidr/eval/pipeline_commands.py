@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 from spidr.eval.commands import add_abx_options
+from spidr.help_format import HelpFormatter
 
 logger = logging.getLogger(__name__)
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+FORMATTER = HelpFormatter
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

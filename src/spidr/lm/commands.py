@@ -9,9 +9,11 @@ import argparse
 import logging
 from pathlib import Path
 
+from spidr.help_format import HelpFormatter
+
 logger = logging.getLogger(__name__)
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+FORMATTER = HelpFormatter
 SET_HELP = "override a config value, e.g. --set optimizer.max_steps=2000 (repeatable; the value is read as TOML)"
 
 

@@ -7,7 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+from spidr.help_format import HelpFormatter
+
+FORMATTER = HelpFormatter
 
 # The breakdowns shown by the readable lm-eval report, per task (the JSON output and --out have all of them).
 SHOWN_BREAKDOWNS = {"lexical": ("by_frequency",), "syntactic": ("by_type",), "tsc": ("by_type",),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spidr.help_format import HelpFormatter
+
 
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -41,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "exports compute the same features as spidr on unpadded or equal-length batches; they hold no teacher, "
         "heads or codebooks. No format needs unpickling of Python objects (the s3prl file holds only tensors, "
         "strings and numbers).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_checkpoint_arguments(export)
     export.add_argument(
@@ -60,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info = subparsers.add_parser(
         "info",
         help="describe a checkpoint: model type, config, parameter counts, step",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_checkpoint_arguments(info)
     info.set_defaults(handler=_info)

@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+from spidr.help_format import HelpFormatter
+
 logger = logging.getLogger(__name__)
 
 SET_HELP = "override a config value, e.g. --set optimizer.lr=1e-4 (repeatable; the value is read as TOML)"
@@ -13,7 +15,7 @@ SET_HELP = "override a config value, e.g. --set optimizer.lr=1e-4 (repeatable; t
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
 
     train = subparsers.add_parser(
         "train",

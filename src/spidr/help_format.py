@@ -1,0 +1,16 @@
+"""The help formatter of every spidr command: argparse's defaults formatter, minus the noise it adds."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only where it informs: not to a help text that already names its default, not for
+    ``None`` (an option left unset) and not for a switch's ``False``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
