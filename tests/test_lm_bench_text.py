@@ -3,6 +3,7 @@ topic StoryCloze pairs and the balanced nonwords."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 
@@ -159,6 +160,30 @@ def test_test_sentences_reuse_no_training_triple():
         assert _triple(pair.incorrect_ending) not in SEEN
     with pytest.raises(ValueError, match="multiple of 4"):
         syntactic_pairs("0", 6)
+
+
+class _EveryTriple:
+    """A training set that has used every (subject, verb, object) triple of the grammar."""
+
+    def __contains__(self, triple: object) -> bool:
+        return True
+
+
+def test_a_fully_covered_grammar_still_gives_counterbalanced_blocks(caplog):
+    with caplog.at_level(logging.WARNING, logger="spidr.corpus.minimal_pairs"):
+        pairs = syntactic_pairs("0:dev", 8, seen_triples=_EveryTriple())
+    assert Counter(p.type for p in pairs) == dict.fromkeys(SYNTACTIC_TYPES, 8)
+    for start in range(0, len(pairs), 4):
+        block = pairs[start:start + 4]
+        if block[0].type in AGREEMENT_TYPES:
+            assert Counter(w for p in block for w in p.good) == Counter(w for p in block for w in p.bad)
+    warned = {r.getMessage().split(":")[0] for r in caplog.records}
+    assert warned == {f"syntactic {kind}" for kind in SYNTACTIC_TYPES}
+    # With the training set of the tests, nothing is reused and nothing is said.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spidr.corpus.minimal_pairs"):
+        syntactic_pairs("0:dev", 8, seen_triples=SEEN)
+    assert not caplog.records
 
 
 def test_tsc_endings_differ_in_topic_only():
