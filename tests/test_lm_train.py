@@ -31,6 +31,7 @@ from spidr.lm.zerospeech import (
     write_lexical_gold,
     write_syntactic_gold,
 )
+from spidr.train.plot import plot_training
 from spidr.train.precision import Precision
 
 FP32 = Precision("cpu", None)
@@ -78,6 +79,10 @@ def test_loss_falls_and_validation_perplexity_is_logged(tmp_path):
     assert valid[-1]["ppl"] < valid[0]["ppl"]
     assert valid[-1]["ppl"] == pytest.approx(
         np.exp(valid[-1]["loss"]))
+    # the curves: loss and token perplexity, train and valid; no (empty) codebook figure for an LM run
+    plots = {p.name: p for p in plot_training(cfg.run.run_dir, tmp_path / "plots")}
+    assert set(plots) == {"loss.png", "lm_perplexity.png"}
+    assert all(p.stat().st_size > 1000 for p in plots.values())
     model, info, labels = load_lm(cfg.run.run_dir / "final.pt")
     assert labels is None
     assert info["num_units"] == 10

@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     plot = subparsers.add_parser(
         "plot-training",
-        help="plot loss, perplexity and active-codeword curves of a run (PNG files)",
+        help="plot loss, perplexity and active-codeword curves of a pretraining or unit-LM run (PNG files)",
         formatter_class=formatter,
     )
     plot.add_argument("run_dir", help="run directory holding metrics.jsonl")

@@ -1,4 +1,7 @@
-"""``spidr plot-training RUN_DIR``: PNG curves of loss, perplexities and active codewords from metrics.jsonl."""
+"""``spidr plot-training RUN_DIR``: PNG curves of loss, perplexities and active codewords from metrics.jsonl.
+
+The same command reads pretraining runs (codebook perplexities, per-codebook curves) and unit-LM runs of
+``spidr lm-train`` (token perplexity); a figure whose metrics the run never logged is not drawn."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ logger = logging.getLogger(__name__)
 FIGURES = (
     ("loss", "loss (cross-entropy, nats)", [("loss", "")]),
     ("perplexity", "codebook perplexity", [("target_ppl", "target"), ("pred_ppl", "prediction")]),
+    ("lm_perplexity", "unit-LM perplexity (exp of the loss per token)", [("ppl", "")]),
 )
 PER_CODEBOOK = (
     ("target_ppl_per_codebook", "target perplexity per codebook"),
@@ -35,7 +39,8 @@ def series_by_group(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[s
 
 
 def plot_training(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write ``loss.png``, ``perplexity.png`` and per-codebook PNGs for the run; returns the files written."""
+    """Write ``loss.png`` and, for what the run logged, ``perplexity.png`` (codebooks), ``lm_perplexity.png``
+    (unit LM) and per-codebook PNGs; returns the files written."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
@@ -47,14 +52,14 @@ def plot_training(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, title, metrics in FIGURES:
+        lines = [(f"{group} {label}".strip(), steps, [by_step[s][metric] for s in steps])
+                 for group, by_step in sorted(groups.items()) for metric, label in metrics
+                 if (steps := [s for s in sorted(by_step) if isinstance(by_step[s].get(metric), (int, float))])]
+        if not lines:
+            continue
         fig, ax = figure(figsize=(7, 4), purpose="spidr plot-training")
-        for group, by_step in sorted(groups.items()):
-            for metric, label in metrics:
-                steps = [s for s in sorted(by_step) if isinstance(by_step[s].get(metric), (int, float))]
-                if steps:
-                    name = f"{group} {label}".strip()
-                    ax.plot(steps, [by_step[s][metric] for s in steps], label=name, marker="." if
-                            len(steps) < 50 else None)
+        for name, steps, values in lines:
+            ax.plot(steps, values, label=name, marker="." if len(steps) < 50 else None)
         written.append(_finish(fig, ax, title, out_dir / f"{stem}.png"))
     for metric, title in PER_CODEBOOK:
         for group, by_step in sorted(groups.items()):
