@@ -7,10 +7,10 @@ import argparse
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` only where it informs: not to a help text that already names its default, not for
-    ``None`` (an option left unset) and not for a switch's ``False``."""
+    ``None`` (an option left unset), a switch's ``False`` or an empty list (a repeatable option)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "(default" in text or action.default is None or action.default is False:
+        if "(default" in text or action.default is None or action.default is False or action.default == []:
             return text
         return super()._get_help_string(action)
