@@ -116,3 +116,12 @@ def test_kmeans_units_are_the_nearest_centroid(bench, checkpoint, tmp_path):
                  "--centroids", f"1={path}"]) == 0
     assert _read(tmp_path / "given" / "layer_01" / "lexical" / "dev.jsonl") == units
     assert torch.equal(load_centroids(path), centroids)
+
+
+def test_study_table_brackets_hold_their_value():
+    from spidr.lm.study import _with_ci
+
+    assert _with_ci({"tsc": 99.9, "tsc_ci95": [99.6, 100.0]}, "tsc") == "99.9 [99–100]"
+    assert _with_ci({"tsc": 50.0, "tsc_ci95": [44.5, 55.5]}, "tsc") == "50.0 [44–56]"
+    assert _with_ci({"tsc": 50.0}, "tsc") == "50.0"
+    assert _with_ci({}, "tsc") == "–"

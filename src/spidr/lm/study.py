@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -229,7 +230,8 @@ def _with_ci(row: Mapping[str, Any], metric: str) -> str:
     value, ci = row.get(metric), row.get(f"{metric}_ci95")
     if value is None:
         return "–"
-    return f"{value:.1f} [{ci[0]:.0f}–{ci[1]:.0f}]" if ci else f"{value:.1f}"
+    # whole percents rounded outwards, so that the bracket always holds the value (99.9 [99–100], not [100–100])
+    return f"{value:.1f} [{math.floor(ci[0])}–{math.ceil(ci[1])}]" if ci else f"{value:.1f}"
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]], bench: LmBenchInfo,
