@@ -103,8 +103,8 @@ def test_demo_writes_a_report_with_every_layer_and_both_baselines(demo_run):
     assert "| MFCC |" in text
     for plot in ("abx_per_layer.png", "pnmi_per_layer.png", "training/loss.png"):
         assert (report.parent / plot).stat().st_size > 1000
-    # the spoken-LM stage: the oracle, the untrained reference, the bigram, both head layers of the trained model,
-    # the random init's best
+    # the spoken-LM stage: the oracle, the untrained reference, the bigram, the trained model's two best head layers
+    # (both of the 2 here), the random init at the best
     assert "## Spoken language modelling" in text
     study = json.loads((settings.out_dir / "spoken_lm" / "spoken_lm.json").read_text())
     names = [row["name"] for row in study["rows"]]

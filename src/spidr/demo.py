@@ -6,9 +6,9 @@
 3. every layer of the trained model, the same model at random initialisation and MFCC features are scored on the
    test corpus (continuous ABX within/across speaker, codebook-unit ABX, PNMI);
 4. the downstream claim (``spidr.lm.study``): the synthetic spoken-LM benchmark is synthesised, unit LMs are trained
-   on the codebook units of every head layer of the trained model, of the random-init model's best layer, and on
-   gold phones (the topline), beside a phone-bigram baseline; their sWUGGY / sBLIMP / tSC accuracies and the
-   correlation with unit ABX and PNMI across layers are reported;
+   on the codebook units of the trained model's two best head layers, of the random-init model at the best of
+   them, and on gold phones (the topline), beside a phone-bigram baseline and untrained LMs; their sWUGGY /
+   sBLIMP / tSC accuracies and the correlation with unit ABX and PNMI across layers are reported;
 5. ``report.md``, ``report.json``, PNG plots and the training curves are written, and the tables are printed.
 """
 
@@ -33,7 +33,7 @@ HELD_OUT_VOICES = ("rms",)
 
 # The demo's spoken-LM stage, sized to fit ``make demo``'s 30 minutes (measured ≈ 10 min with 650 utterances, batches
 # of 16 and all four head layers; ≈ 5 min like this): ≈ 0.8 h of LM training speech, the dev split only, LMs of
-# 300 steps of 8 × 256 tokens, units of the trained model's two best head layers and of the random init's best.
+# 300 steps of 8 × 256 tokens, units of the trained model's two best head layers and of the random init at the best.
 DEMO_LM_BENCH = LmBenchSettings(train_utterances=450, splits=("dev",), syntactic_pairs_per_type=16, tsc_pairs=60)
 DEMO_LM_OVERRIDES = ("optimizer.max_steps=300", "optimizer.batch_size=8", "run.save_interval=100",
                      "run.validate_interval=100")
@@ -145,7 +145,7 @@ def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list
 
 def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     """Unit LMs on the codebook units of the trained model's best head layers (by unit ABX across speaker) and of
-    the random-init model's best layer."""
+    the random-init model at the best of them."""
     from spidr.lm.study import StudyModel, StudySettings, run_study
     from spidr.models.loading import load_model
 
@@ -199,7 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """``spidr demo``: the README's main job."""
     parser = subparsers.add_parser(
         "demo",
-        help="synthesise a phone-aligned corpus, pretrain a small SpidR and evaluate every layer",
+        help="synthesise a phone-aligned corpus, pretrain a small SpidR, evaluate every layer, train unit LMs",
         description="The end-to-end demo on the built-in corpus. Corpora and the trained model are cached in OUT; "
         "re-running reuses them (and resumes an interrupted training).",
         formatter_class=HelpFormatter,
