@@ -21,19 +21,10 @@ from spidr.data.manifest import Manifest, ManifestEntry, read_manifest
 from spidr.eval import features
 from spidr.eval.features import ExtractionSettings, extract_to_directory, length_batches, output_stems
 from spidr.models.build import build_model
+from train_fixtures import EXTRACTION_MODEL as TINY
 from train_fixtures import write_corpus
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TINY = {
-    "extractor_conv_layer_config": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
-    "encoder_embed_dim": 32,
-    "encoder_num_layers": 3,
-    "encoder_num_heads": 2,
-    "encoder_ff_interm_features": 64,
-    "encoder_pos_conv_groups": 4,
-    "num_codebooks": 2,
-    "codebook_size": 16,
-}
 # batch_seconds below every file's length: one file per batch, so a resumed run batches exactly as a fresh one
 SETTINGS = {"layers": (1, 3), "codebooks": True, "batch_seconds": 0.3}
 

@@ -24,17 +24,7 @@ from spidr.eval.features import (
 )
 from spidr.models.build import build_model
 from spidr.models.frames import num_frames
-
-TINY = {
-    "extractor_conv_layer_config": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
-    "encoder_embed_dim": 32,
-    "encoder_num_layers": 3,
-    "encoder_num_heads": 2,
-    "encoder_ff_interm_features": 64,
-    "encoder_pos_conv_groups": 4,
-    "num_codebooks": 2,
-    "codebook_size": 16,
-}
+from train_fixtures import EXTRACTION_MODEL as TINY
 
 
 @pytest.fixture(scope="module")

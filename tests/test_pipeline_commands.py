@@ -13,17 +13,8 @@ from spidr.cli import main
 from spidr.config import SpidRConfig
 from spidr.models.build import build_model
 from spidr.models.loading import export_safetensors
+from train_fixtures import EXTRACTION_MODEL as TINY
 
-TINY = {
-    "extractor_conv_layer_config": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
-    "encoder_embed_dim": 32,
-    "encoder_num_layers": 3,
-    "encoder_num_heads": 2,
-    "encoder_ff_interm_features": 64,
-    "encoder_pos_conv_groups": 4,
-    "num_codebooks": 2,
-    "codebook_size": 16,
-}
 PHONES = ("a", "b", "a", "b")  # four 0.25 s phones per 1 s file
 
 

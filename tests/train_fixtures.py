@@ -16,6 +16,19 @@ from spidr.data import SAMPLE_RATE
 VOWELS = ((730, 1090), (270, 2290), (300, 870), (530, 1840), (640, 1190), (490, 1350), (400, 2000), (600, 900))
 
 
+# A 3-layer, 32-dim SpidR with 2 codebooks of 16 codewords: the model of the extraction and pipeline tests.
+EXTRACTION_MODEL = {
+    "extractor_conv_layer_config": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
+    "encoder_embed_dim": 32,
+    "encoder_num_layers": 3,
+    "encoder_num_heads": 2,
+    "encoder_ff_interm_features": 64,
+    "encoder_pos_conv_groups": 4,
+    "num_codebooks": 2,
+    "codebook_size": 16,
+}
+
+
 def speech_like(num_samples: int, rng: np.random.Generator) -> np.ndarray:
     """A sequence of 60–150 ms vowel-like segments (harmonics of a gliding f0 shaped by two formants), with
     short noise bursts between some of them, a syllabic amplitude envelope and a little background noise."""
