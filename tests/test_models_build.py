@@ -92,3 +92,17 @@ def test_reference_parameter_counts() -> None:
         assert counts["trainable_non_teacher"] == expected["trainable_non_teacher"], name
         assert counts["teacher"] == expected["teacher"], name
         assert counts["buffers"] == expected["buffers"], name
+
+
+def test_random_init_model_is_the_seeded_build_in_eval_mode():
+    from spidr.models.build import random_init_model
+    from train_fixtures import EXTRACTION_MODEL
+
+    cfg = SpidRConfig(**EXTRACTION_MODEL)
+    torch.manual_seed(3)
+    expected = build_model(cfg).state_dict()
+    model = random_init_model(cfg, seed=3)
+    assert not model.training
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    other = random_init_model(cfg, seed=4).state_dict()
+    assert not all(torch.equal(value, other[key]) for key, value in model.state_dict().items())

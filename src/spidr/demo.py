@@ -103,22 +103,13 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
     return final
 
 
-def random_init_model(cfg):
-    """The demo model's architecture at random initialisation (seed 0: the same model every time)."""
-    import torch
-
-    from spidr.models.build import build_model
-
-    torch.manual_seed(0)
-    return build_model(cfg).eval()
-
-
 def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list]:
     """Score every layer of the trained and the random-init model, and MFCC, on the test corpus."""
     from spidr.data.manifest import read_manifest
     from spidr.eval.items import read_items
     from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, write_report
     from spidr.eval.unit_quality import read_alignments
+    from spidr.models.build import random_init_model
     from spidr.models.loading import load_model
 
     model = load_model(checkpoint)
@@ -147,6 +138,7 @@ def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     """Unit LMs on the codebook units of the trained model's best head layers (by unit ABX across speaker) and of
     the random-init model at the best of them."""
     from spidr.lm.study import StudyModel, StudySettings, run_study
+    from spidr.models.build import random_init_model
     from spidr.models.loading import load_model
 
     model = load_model(checkpoint)

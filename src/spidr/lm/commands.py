@@ -119,19 +119,17 @@ def _units(args: argparse.Namespace) -> int:
         written = write_oracle_units(args.bench_dir, args.out)
         print(f"wrote oracle phone labels of {len(written)} sets to {args.out}")
         return 0
-    import torch
 
     from spidr.data.manifest import read_manifest
     from spidr.eval.features import parse_layers
     from spidr.eval.kmeans import load_centroids
     from spidr.lm.bench_units import benchmark_sets, fit_centroids, write_model_units
-    from spidr.models.build import build_model
+    from spidr.models.build import random_init_model
     from spidr.models.loading import load_model
 
     model = load_model(args.checkpoint, trust=args.trust)
     if args.random_init:
-        torch.manual_seed(args.seed)
-        model = build_model(model.cfg)
+        model = random_init_model(model.cfg, seed=args.seed)
     model = model.to(args.device).eval()
     heads = f"{model.num_layers - model.num_codebooks + 1}-{model.num_layers}"
     layers = parse_layers(args.layers or heads, model.num_layers)
@@ -187,7 +185,7 @@ def _study(args: argparse.Namespace) -> int:
     from spidr.corpus.lm_bench import LmBenchSettings
     from spidr.eval.features import parse_layers
     from spidr.lm.study import StudyModel, StudySettings, run_study
-    from spidr.models.build import build_model
+    from spidr.models.build import random_init_model
     from spidr.models.loading import load_model
 
     models = []
@@ -198,11 +196,8 @@ def _study(args: argparse.Namespace) -> int:
         layers = parse_layers(args.layers or heads, model.num_layers)
         models.append(StudyModel(name or Path(path).stem, model, layers))
     if args.random_init:
-        import torch
-
-        torch.manual_seed(0)
         first = models[0]
-        models.append(StudyModel(f"{first.name} (random init)", build_model(first.model.cfg).eval(), first.layers))
+        models.append(StudyModel(f"{first.name} (random init)", random_init_model(first.model.cfg), first.layers))
     sizes = {key: value for key, value in (("train_utterances", args.train_utterances),
                                              ("syntactic_pairs_per_type", args.syntactic_pairs),
                                              ("tsc_pairs", args.tsc_pairs),

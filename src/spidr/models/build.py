@@ -20,3 +20,12 @@ def build_model(cfg: ModelConfig) -> DinoSR:
         case "dinosr":
             return DinoSR(cfg)
     raise ValueError(f"model type {cfg.model_type!r} is invalid: expected 'dinosr' or 'spidr'")
+
+
+def random_init_model(cfg: ModelConfig, *, seed: int = 0) -> DinoSR:
+    """The architecture of ``cfg`` at random initialisation, in eval mode: the untrained baseline of the demo and of
+    ``spidr lm-study`` (seeds the global generator, so a given seed always gives the same weights)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
