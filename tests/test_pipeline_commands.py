@@ -78,3 +78,25 @@ def test_abx_options_are_declared_once_with_every_distance(corpus, tmp_path, cap
                  "--out", str(tmp_path / "r")])
     assert code == 2
     assert "--distance identical compares discrete units" in capsys.readouterr().err
+
+
+def test_probe_separates_the_two_tones_from_mfcc_and_reports_every_representation(corpus, tmp_path):
+    """The files alternate a 200 Hz and a 450 Hz tone: MFCC frames tell them apart almost everywhere (an independent
+    truth for the probe), and the model rows cover the front end, the projection and each layer."""
+    out = tmp_path / "probe"
+    code = main(["probe", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+                 "--alignments", str(corpus / "align50.tsv"), "--alignment-rate", "50", "--test-fraction", "0.25",
+                 "--baseline", "mfcc", "--baseline", "random-init", "--epochs", "20", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "probe.json").read_text())
+    by_model = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["representation"]] = row
+    assert set(by_model) == {"tiny", "MFCC", "tiny (random init)"}
+    assert list(by_model["tiny"]) == ["conv", "projection", "layer_01", "layer_02", "layer_03"]
+    mfcc = by_model["MFCC"]["mfcc"]
+    assert mfcc["num_test_utterances"] == 1
+    assert mfcc["num_train_frames"] == 3 * 49
+    assert mfcc["frame_accuracy"] >= 90.0
+    assert (out / "probe.png").stat().st_size > 0
+    assert "| MFCC | mfcc |" in (out / "probe.md").read_text()

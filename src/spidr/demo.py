@@ -5,17 +5,20 @@
 2. a small SpidR is pretrained from the shipped config (exact resume: re-running continues an interrupted run);
 3. every layer of the trained model, the same model at random initialisation and MFCC features are scored on the
    test corpus (continuous ABX within/across speaker, codebook-unit ABX, PNMI);
-4. the downstream claim (``spidr.lm.study``): the synthetic spoken-LM benchmark is synthesised, unit LMs are trained
+4. a phone probe (``spidr.eval.probe``) on the front end, the projection and every layer of both models and on MFCC,
+   trained on part of the training corpus and scored on the test corpus;
+5. the downstream claim (``spidr.lm.study``): the synthetic spoken-LM benchmark is synthesised, unit LMs are trained
    on the codebook units of the trained model's two best head layers, of the random-init model at the best of
    them, and on gold phones (the topline), beside a phone-bigram baseline and untrained LMs; their sWUGGY /
    sBLIMP / tSC accuracies and the correlation with unit ABX and PNMI across layers are reported;
-5. ``report.md``, ``report.json``, PNG plots and the training curves are written, and the tables are printed.
+6. ``report.md``, ``report.json``, PNG plots and the training curves are written, and the tables are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,8 @@ DEMO_LM_BENCH = LmBenchSettings(train_utterances=450, splits=("dev",), syntactic
 DEMO_LM_OVERRIDES = ("optimizer.max_steps=300", "optimizer.batch_size=8", "run.save_interval=100",
                      "run.validate_interval=100")
 DEMO_LM_LAYERS = 2
+# The probes see ≈ 20 min of the training corpus (60k frames at 50 Hz) per representation.
+DEMO_PROBE_FRAMES = 60_000
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,38 @@ def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list
     return report, rows
 
 
+def probe(settings: DemoSettings, checkpoint: Path, train, test) -> Path:
+    """Phone probes of the trained and the random-init model (front end, projection, every layer) and of MFCC:
+    trained on the training corpus, scored on the test corpus; returns ``probe.md``."""
+    from spidr.data.manifest import read_manifest
+    from spidr.eval.probe import (
+        MfccFeaturizer,
+        ModelFeaturizer,
+        ProbeSettings,
+        run_probe,
+        write_probe_report,
+    )
+    from spidr.eval.unit_quality import read_alignments
+    from spidr.models.build import random_init_model
+    from spidr.models.loading import load_model
+
+    model = load_model(checkpoint)
+    train_entries, test_entries = read_manifest(train.manifest), read_manifest(test.manifest)
+    alignments = {"alignments": read_alignments(train.alignments_jsonl),
+                  "test_alignments": read_alignments(test.alignments_jsonl)}
+    probe_settings = ProbeSettings(max_train_frames=DEMO_PROBE_FRAMES)
+    rows = []
+    for name, featurizer in (("SpidR (trained)", ModelFeaturizer(model)),
+                             ("SpidR (random init)", ModelFeaturizer(random_init_model(model.cfg))),
+                             ("MFCC", MfccFeaturizer())):
+        rows += run_probe(featurizer, name, train_entries, test_entries, **alignments, settings=probe_settings)
+    notes = [f"Linear frame phone classifiers trained on {rows[0].num_train_frames} frames of the training corpus "
+             f"and scored on the test corpus ({rows[0].num_test_utterances} utterances, {rows[0].num_test_frames} "
+             "frames). PER: edit distance of the run-collapsed frame predictions to the reference phones, silence "
+             "removed. conv: the front end's output; projection: the Transformer's input."]
+    return write_probe_report(rows, settings.out_dir / "report" / "probe", title="Phone probe", notes=notes)
+
+
 def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     """Unit LMs on the codebook units of the trained model's best head layers (by unit ABX across speaker) and of
     the random-init model at the best of them."""
@@ -171,16 +208,22 @@ def run_demo(settings: DemoSettings) -> Path:
     logger.info("training done after %.0f s", time.monotonic() - started)
     plots = plot_training(checkpoint.parent, settings.out_dir / "report" / "training")
     report, rows = evaluate(settings, checkpoint, test_corpus)
+    probe_report = probe(settings, checkpoint, train_corpus, test_corpus)
+    _append_section(report, "Phone probe", probe_report)
     logger.info("evaluation done after %.0f s", time.monotonic() - started)
     if settings.spoken_lm:
-        study = spoken_lm(settings, checkpoint, rows)
-        body = study.read_text(encoding="utf-8").split("\n", 2)[2]  # without its title
-        relative = Path("..") / study.parent.name
-        with report.open("a", encoding="utf-8") as handle:
-            handle.write("\n## Spoken language modelling\n\n" + body.replace("](", f"]({relative}/"))
+        _append_section(report, "Spoken language modelling", spoken_lm(settings, checkpoint, rows))
     logger.info("demo done after %.0f s; training curves: %s", time.monotonic() - started,
                 ", ".join(str(p) for p in plots))
     return report
+
+
+def _append_section(report: Path, title: str, part: Path) -> None:
+    """Append the markdown file ``part`` (without its title) to ``report`` as a section, images relinked."""
+    body = part.read_text(encoding="utf-8").split("\n", 2)[2]
+    relative = Path(os.path.relpath(part.parent, report.parent))
+    with report.open("a", encoding="utf-8") as handle:
+        handle.write(f"\n## {title}\n\n" + body.replace("](", f"]({relative.as_posix()}/"))
 
 
 def _toml_string(path: Path) -> str:

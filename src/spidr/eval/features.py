@@ -85,12 +85,15 @@ def _autocast(device: torch.device, dtype: str):
 
 @torch.inference_mode()
 def extract_batch(
-    model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings
+    model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *,
+    front_end: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """Features of standardised waveforms [(S_i,)] run as one padded batch.
 
     Returns one dict per utterance: ``"layer_LL"`` → (T_i, D) float32 and, with codebooks, ``"units_LL"`` → (T_i,)
-    int64 arg-max of layer LL's head. T_i = frames of S_i alone, so padding never changes a result.
+    int64 arg-max of layer LL's head. T_i = frames of S_i alone, so padding never changes a result. With
+    ``front_end``, also ``"conv"`` → (T_i, C), the conv front end's output, and ``"projection"`` → (T_i, D), the
+    Transformer's input (before its positional convolution), from the same forward pass.
     """
     device = next(model.parameters()).device
     conv_layers = model.cfg.extractor_conv_layer_config
@@ -104,13 +107,26 @@ def extract_batch(
         padding_mask = None
     frames = num_frames(lengths, conv_layers).tolist()
     results: list[dict[str, np.ndarray]] = [{} for _ in waveforms]
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [] if not front_end else [
+        module.register_forward_hook(lambda _m, _i, output, key=key: captured.__setitem__(key, output))
+        for key, module in (("conv", model.feature_extractor), ("projection", model.feature_projection))
+    ]
     with _autocast(device, settings.dtype):
-        outputs = model.get_intermediate_outputs(
-            batch,
-            padding_mask=padding_mask,
-            before_residual=settings.before_residual,
-            num_layers=max(settings.layers),
-        )
+        try:
+            outputs = model.get_intermediate_outputs(
+                batch,
+                padding_mask=padding_mask,
+                before_residual=settings.before_residual,
+                num_layers=max(settings.layers),
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for key, values in captured.items():
+            values = values.float().cpu().numpy()
+            for row, count in enumerate(frames):
+                results[row][key] = values[row, :count]
         for layer in settings.layers:
             values = outputs[layer - 1].float().cpu().numpy()
             for row, count in enumerate(frames):

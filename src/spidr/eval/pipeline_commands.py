@@ -1,4 +1,4 @@
-"""Subcommands that run a model over audio: ``spidr extract`` and ``spidr evaluate``."""
+"""Subcommands that run a model over audio: ``spidr extract``, ``spidr evaluate`` and ``spidr probe``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ FORMATTER = HelpFormatter
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``extract`` and ``evaluate`` to the ``spidr`` parser."""
+    """Add ``extract``, ``evaluate`` and ``probe`` to the ``spidr`` parser."""
     extract = subparsers.add_parser(
         "extract",
         help="per-layer features (and codebook units) of every utterance",
@@ -61,6 +61,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_abx_options(evaluate, distance_default="angular",
                     seed_help="seed of the ABX subsampling and of the random-init baseline")
     evaluate.set_defaults(handler=run_evaluate)
+
+    probe = subparsers.add_parser(
+        "probe",
+        help="phone probes per layer: frame accuracy and phone error rate of a classifier on frozen features",
+        description="Train a linear (or one-hidden-layer) frame phone classifier on each representation of the model "
+        "— the conv front end's output, the projection that feeds the Transformer, every layer — and score it on "
+        "held-out utterances: frame accuracy and phone error rate (run-collapsed frame predictions, silence removed). "
+        "Writes probe.md, probe.json and probe.png.",
+        formatter_class=FORMATTER,
+    )
+    _add_model_arguments(probe)
+    probe.add_argument("--manifest", required=True, help="training utterances (.csv/.tsv/.jsonl or a folder)")
+    probe.add_argument("--alignments", required=True,
+                       help="phone alignments of the training (and, by default, held-out) utterances")
+    probe.add_argument("--test-manifest", help="held-out utterances (default: --test-fraction of --manifest)")
+    probe.add_argument("--test-alignments", help="alignments of the held-out utterances (default: --alignments)")
+    probe.add_argument("--test-fraction", type=float, default=0.2,
+                       help="share of --manifest held out when there is no --test-manifest")
+    probe.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
+    probe.add_argument("--layers", default=None, help="1-based layers to probe (default: all)")
+    probe.add_argument("--out", required=True, help="report folder")
+    probe.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
+                       help="add a baseline (repeatable)")
+    probe.add_argument("--name", default=None, help="model name in the report (default: checkpoint stem)")
+    probe.add_argument("--hidden", type=int, default=0, help="hidden ReLU units (0: a linear probe)")
+    probe.add_argument("--epochs", type=int, default=10, help="passes over the training frames")
+    probe.add_argument("--max-train-frames", type=int, default=200_000,
+                       help="training utterances are drawn at random until this many frames")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the utterance draw, the probe and random init")
+    probe.set_defaults(handler=run_probe)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,4 +184,53 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                "error rates in %."])
     print(path.read_text(encoding="utf-8"))
     print(f"report written to {path}")
+    return 0
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from spidr.eval.features import parse_layers
+    from spidr.eval.probe import (
+        MfccFeaturizer,
+        ModelFeaturizer,
+        ProbeSettings,
+        split_entries,
+        write_probe_report,
+    )
+    from spidr.eval.probe import run_probe as probe_rows
+    from spidr.eval.unit_quality import read_alignments
+    from spidr.models.build import random_init_model
+
+    if args.hidden < 0 or args.epochs < 1 or args.max_train_frames < 1:
+        raise ValueError(f"--hidden {args.hidden}, --epochs {args.epochs}, --max-train-frames "
+                         f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")
+    model = _model(args)
+    train_entries = _entries(args.manifest)
+    if args.test_manifest:
+        test_entries = _entries(args.test_manifest)
+    else:
+        train_entries, test_entries = split_entries(train_entries, args.test_fraction, seed=args.seed)
+    alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate)
+    test_alignments = (read_alignments(args.test_alignments, alignment_rate_hz=args.alignment_rate)
+                       if args.test_alignments else None)
+    layers = parse_layers(args.layers, model.num_layers) if args.layers else None
+    settings = ProbeSettings(hidden=args.hidden, epochs=args.epochs, max_train_frames=args.max_train_frames,
+                             seed=args.seed, dtype=args.dtype)
+    name = args.name or Path(args.checkpoint).stem
+    common = {"test_alignments": test_alignments, "alignment_rate": args.alignment_rate, "settings": settings}
+    featurizer = ModelFeaturizer(model, layers=layers, dtype=args.dtype)
+    rows = probe_rows(featurizer, name, train_entries, test_entries, alignments, **common)
+    for baseline in args.baseline or ():
+        if baseline == "mfcc":
+            rows += probe_rows(MfccFeaturizer(), "MFCC", train_entries, test_entries, alignments, **common)
+        else:
+            random_model = random_init_model(model.cfg, seed=args.seed).to(args.device)
+            rows += probe_rows(ModelFeaturizer(random_model, layers=layers, dtype=args.dtype), f"{name} (random init)",
+                               train_entries, test_entries, alignments, **common)
+    kind = f"one hidden layer of {args.hidden}" if args.hidden else "linear"
+    path = write_probe_report(rows, args.out, title=f"Phone probe of {name}", notes=[
+        f"{kind.capitalize()} frame classifiers, {args.epochs} epochs, trained on ≤ {args.max_train_frames} frames "
+        f"of {args.manifest}; scored on {args.test_manifest or f'{args.test_fraction:.0%} of it held out'}. "
+        "PER: edit distance of run-collapsed frame predictions to the reference phones, silence removed."])
+    print(path.read_text(encoding="utf-8"))
+    print(f"probe report written to {path}")
     return 0

@@ -1,0 +1,417 @@
+"""Phone probes: where a model keeps (or loses) phonetic information, layer by layer.
+
+A frame classifier — linear, or one hidden layer — is trained on frozen features of each representation against
+frame phone labels, and scored on held-out utterances (SUPERB's phone-recognition convention, with a frame
+classifier in place of its CTC head). The representations of a model are its conv front end's output (``conv``),
+the projection that feeds the Transformer (``projection``) and every Transformer layer (``layer_LL``, before the
+residual like ``spidr extract``); the same probe runs on MFCC and on the model at random initialisation, so a table
+shows where information appears and where it goes.
+
+audio → representations of every utterance (``ModelFeaturizer`` / ``MfccFeaturizer``, one forward pass gives all of
+a model's) → training frames with labels (``collect_training_frames``, bounded by ``max_train_frames``) →
+standardise + fit one classifier per representation (``fit_probe``) → score the held-out utterances, streamed
+(``score_probes``): frame accuracy, and phone error rate = edit distance between the run-collapsed predicted and
+reference phone sequences (silence labels removed) over the reference length.
+
+Labels: feature frame t (at ``frame_rate`` Hz) takes the alignment frame that holds its centre, index
+⌊(t + ½) · alignment_rate / frame_rate⌋; the two sequences may differ by at most 2 alignment frames beyond that
+rounding, and the longer one is truncated (as in ``unit_quality``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from spidr.data import SAMPLE_RATE
+from spidr.data.audio import AudioError, load_audio
+from spidr.data.manifest import ManifestEntry
+from spidr.eval.features import ExtractionSettings, extract_batch, length_batches
+from spidr.eval.mfcc import mfcc
+from spidr.eval.unit_quality import MAX_LENGTH_MISMATCH, Alignments
+from spidr.extras import figure, import_extra
+from spidr.models.frames import hop_length
+
+logger = logging.getLogger(__name__)
+
+SILENCE_LABELS = ("SIL", "sil", "sp", "spn", "<sil>", "")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+PLOT_PURPOSE = "the phone probe's plot"
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the probes are trained and scored."""
+
+    hidden: int = 0  # 0: a linear probe; N > 0: one hidden layer of N ReLU units
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 5e-3  # Adam, decayed linearly to 0
+    weight_decay: float = 0.0
+    dropout: float = 0.0  # on the hidden layer
+    max_train_frames: int = 200_000  # whole training utterances are drawn (seeded) until this many frames
+    seed: int = 0
+    silence_labels: tuple[str, ...] = SILENCE_LABELS  # removed from both phone sequences before the PER
+    batch_seconds: float = 60.0  # padded audio per forward pass
+    dtype: str = "float32"  # "bfloat16": the model runs under autocast
+
+
+@dataclass
+class ProbeRow:
+    """One representation's probe result (accuracy and PER in %)."""
+
+    model: str
+    representation: str
+    frame_accuracy: float
+    phone_error_rate: float
+    num_train_frames: int
+    num_test_frames: int
+    num_test_utterances: int
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Representations
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _audio_batches(entries: Sequence[ManifestEntry], batch_seconds: float
+                   ) -> Iterator[list[tuple[ManifestEntry, torch.Tensor]]]:
+    """Standardised waveforms in length-sorted padded batches; unreadable files are skipped with a warning."""
+    for batch in length_batches(entries, int(batch_seconds * SAMPLE_RATE)):
+        loaded = []
+        for index in batch:
+            entry = entries[index]
+            try:
+                loaded.append((entry, load_audio(entry, normalize=True)))
+            except AudioError as error:
+                logger.warning("probe: skipping %s: %s", entry.location, error.reason)
+        if loaded:
+            yield loaded
+
+
+class ModelFeaturizer:
+    """All representations of a SpidR / DinoSR model (or an exported student) from one forward pass per batch."""
+
+    def __init__(self, model: torch.nn.Module, *, layers: Sequence[int] | None = None, dtype: str = "float32",
+                 batch_seconds: float = 60.0) -> None:
+        self.model = model.eval()
+        layers = tuple(layers) if layers is not None else tuple(range(1, model.num_layers + 1))
+        self.settings = ExtractionSettings(layers=layers, dtype=dtype)
+        self.batch_seconds = batch_seconds
+        self.representations = ("conv", "projection", *(f"layer_{layer:02d}" for layer in layers))
+        self.frame_rate = SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config)
+
+    def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
+        """``(entry, {representation: (T, D) float32})`` for every readable entry (in length order)."""
+        device = next(self.model.parameters()).device
+        for batch in _audio_batches(entries, self.batch_seconds):
+            waves = [wave.to(device) for _, wave in batch]
+            results = extract_batch(self.model, waves, self.settings, front_end=True)
+            for (entry, _), result in zip(batch, results, strict=True):
+                yield entry, {key: result[key] for key in self.representations}
+
+
+class MfccFeaturizer:
+    """MFCC 13 + Δ + ΔΔ on the 50 Hz grid of the conv front end (``spidr.eval.mfcc``)."""
+
+    representations = ("mfcc",)
+    frame_rate = 50.0
+
+    def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
+        for batch in _audio_batches(entries, 60.0):
+            for entry, wave in batch:
+                yield entry, {"mfcc": mfcc(wave.numpy()).astype(np.float32)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------------------------
+
+
+def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, alignment_rate: float, name: str = ""
+                 ) -> np.ndarray:
+    """Label codes (T',) of the first T' ≤ ``num_frames`` feature frames: frame t takes alignment frame
+    ⌊(t + ½) · alignment_rate / frame_rate⌋ of ``codes`` (A,). Raises if the lengths disagree by more than the
+    rounding plus 2 alignment frames."""
+    ratio = alignment_rate / frame_rate
+    expected = num_frames * ratio
+    if abs(len(codes) - expected) > MAX_LENGTH_MISMATCH + max(ratio, 1.0):
+        raise ValueError(
+            f"utterance {name!r}: {num_frames} feature frames at {frame_rate:g} Hz span {expected:g} alignment "
+            f"frames, but the alignment has {len(codes)} at {alignment_rate:g} Hz (check --alignment-rate)"
+        )
+    index = np.floor((np.arange(num_frames) + 0.5) * ratio).astype(np.int64)
+    return codes[index[index < len(codes)]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training frames
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingFrames:
+    """Frames of the training utterances: per representation (N, D) float16, and their labels (N,) int64."""
+
+    features: dict[str, np.ndarray]
+    labels: np.ndarray
+    num_utterances: int
+
+
+def draw_utterances(entries: Sequence[ManifestEntry], alignments: Alignments, *, frame_rate: float,
+                    max_frames: int, seed: int) -> list[ManifestEntry]:
+    """Aligned entries in a seeded random order, as many as fit in ``max_frames`` feature frames (at least one)."""
+    aligned = [entry for entry in entries if entry.fileid in alignments]
+    if not aligned:
+        raise ValueError("no training utterance has an alignment (the alignment file names utterances by file id)")
+    order = np.random.default_rng(seed).permutation(len(aligned))
+    chosen, total = [], 0
+    for index in order.tolist():
+        frames = int(aligned[index].num_samples / SAMPLE_RATE * frame_rate)
+        if chosen and total + frames > max_frames:
+            continue
+        chosen.append(aligned[index])
+        total += frames
+    return chosen
+
+
+def collect_training_frames(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments,
+                            *, alignment_rate: float) -> TrainingFrames:
+    """Run ``featurizer`` over ``entries`` and keep every labelled frame (features stored as float16, clipped to its
+    range: the probe standardises them anyway)."""
+    chunks: dict[str, list[np.ndarray]] = {key: [] for key in featurizer.representations}
+    labels, count = [], 0
+    for entry, representations in featurizer(entries):
+        first = representations[featurizer.representations[0]]
+        codes = frame_labels(alignments.codes[entry.fileid], first.shape[0], frame_rate=featurizer.frame_rate,
+                             alignment_rate=alignment_rate, name=entry.fileid)
+        for key, values in representations.items():
+            chunks[key].append(np.clip(values[: len(codes)], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
+        labels.append(codes.astype(np.int64))
+        count += 1
+    if not labels:
+        raise ValueError("no training utterance could be read")
+    return TrainingFrames({key: np.concatenate(values) for key, values in chunks.items()}, np.concatenate(labels),
+                          count)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The classifier
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PhoneProbe(nn.Module):
+    """Standardisation (training-set mean / std per dimension) → linear, or linear → ReLU → linear: (N, D) → (N, V)."""
+
+    def __init__(self, dim: int, num_classes: int, *, hidden: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        if hidden:
+            self.classifier = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                            nn.Linear(hidden, num_classes))
+        else:
+            self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier((features.float() - self.mean) / self.scale)
+
+    @torch.inference_mode()
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class indices (N,) of features (N, D)."""
+        return self(torch.from_numpy(np.ascontiguousarray(features))).argmax(-1).numpy()
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, settings: ProbeSettings = ProbeSettings()
+              ) -> PhoneProbe:
+    """Train a probe on features (N, D) and labels (N,) in [0, num_classes): minibatch Adam with the learning rate
+    decayed linearly to 0 over ``epochs``; deterministic for a given ``settings.seed``."""
+    if features.ndim != 2 or len(features) != len(labels) or not len(labels):
+        raise ValueError(f"probe training needs features (N, D) and N labels; got {features.shape} and "
+                         f"{labels.shape}")
+    generator = torch.Generator().manual_seed(settings.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        probe = PhoneProbe(features.shape[1], num_classes, hidden=settings.hidden, dropout=settings.dropout)
+    data = torch.from_numpy(np.ascontiguousarray(features))
+    targets = torch.from_numpy(labels.astype(np.int64))
+    mean = torch.zeros(features.shape[1], dtype=torch.float64)
+    square = torch.zeros_like(mean)
+    for start in range(0, len(data), 65536):  # float64 sums in chunks: no float32 copy of the whole set
+        chunk = data[start : start + 65536].double()
+        mean += chunk.sum(0)
+        square += chunk.square().sum(0)
+    mean /= len(data)
+    probe.mean.copy_(mean.float())
+    probe.scale.copy_((square / len(data) - mean.square()).clamp_min(0).sqrt().clamp_min(1e-5).float())
+    optimizer = torch.optim.Adam(probe.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * math.ceil(len(data) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    probe.train()
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for start in range(0, len(data), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            loss = nn.functional.cross_entropy(probe(data[batch]), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return probe.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------
+
+
+def phone_sequence(codes: np.ndarray, silence: np.ndarray) -> list[int]:
+    """Frame label codes → the phone sequence: runs collapsed, then silence codes removed."""
+    if not len(codes):
+        return []
+    keep = np.concatenate([[True], codes[1:] != codes[:-1]])
+    runs = codes[keep]
+    return runs[~np.isin(runs, silence)].tolist()
+
+
+def score_probes(featurizer, probes: dict[str, PhoneProbe], entries: Sequence[ManifestEntry],
+                 alignments: Alignments, *, alignment_rate: float, silence: np.ndarray
+                 ) -> dict[str, tuple[float, float, int, int]]:
+    """Per representation: (frame accuracy %, PER %, frames, utterances) on ``entries``, streamed."""
+    editdistance = import_extra("editdistance", extra="eval", purpose="the phone probe's error rate")
+    correct = dict.fromkeys(probes, 0)
+    errors = dict.fromkeys(probes, 0)
+    frames = reference_length = utterances = 0
+    for entry, representations in featurizer(entries):
+        if entry.fileid not in alignments:
+            continue
+        first = representations[featurizer.representations[0]]
+        codes = frame_labels(alignments.codes[entry.fileid], first.shape[0], frame_rate=featurizer.frame_rate,
+                             alignment_rate=alignment_rate, name=entry.fileid).astype(np.int64)
+        reference = phone_sequence(codes, silence)
+        for key, probe in probes.items():
+            predicted = probe.predict(representations[key][: len(codes)])
+            correct[key] += int((predicted == codes).sum())
+            errors[key] += editdistance.eval(phone_sequence(predicted, silence), reference)
+        frames += len(codes)
+        reference_length += len(reference)
+        utterances += 1
+    if not frames:
+        raise ValueError("no held-out utterance has an alignment (the alignment file names utterances by file id)")
+    return {key: (100.0 * correct[key] / frames, 100.0 * errors[key] / max(reference_length, 1), frames, utterances)
+            for key in probes}
+
+
+def run_probe(
+    featurizer,
+    name: str,
+    train_entries: Sequence[ManifestEntry],
+    test_entries: Sequence[ManifestEntry],
+    alignments: Alignments,
+    *,
+    test_alignments: Alignments | None = None,
+    alignment_rate: float = 100.0,
+    settings: ProbeSettings = ProbeSettings(),
+) -> list[ProbeRow]:
+    """Train a probe per representation of ``featurizer`` on ``train_entries`` labelled by ``alignments`` and score
+    it on ``test_entries`` labelled by ``test_alignments`` (default: the same file)."""
+    if test_alignments is not None:
+        alignments, test_alignments = common_inventory(alignments, test_alignments)
+    else:
+        test_alignments = alignments
+    chosen = draw_utterances(train_entries, alignments, frame_rate=featurizer.frame_rate,
+                             max_frames=settings.max_train_frames, seed=settings.seed)
+    frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate)
+    logger.info("%s: probes trained on %d frames of %d utterances", name, len(frames.labels), frames.num_utterances)
+    probes = {key: fit_probe(values, frames.labels, len(alignments.phones), settings)
+              for key, values in frames.features.items()}
+    silence = np.asarray([i for i, phone in enumerate(alignments.phones) if phone in settings.silence_labels])
+    scores = score_probes(featurizer, probes, test_entries, test_alignments, alignment_rate=alignment_rate,
+                          silence=silence)
+    rows = [ProbeRow(name, key, accuracy, per, len(frames.labels), count, utterances)
+            for key, (accuracy, per, count, utterances) in scores.items()]
+    for row in rows:
+        logger.info("%s %s: frame accuracy %.1f %%, PER %.1f %%", name, row.representation, row.frame_accuracy,
+                    row.phone_error_rate)
+    return rows
+
+
+def split_entries(entries: Sequence[ManifestEntry], test_fraction: float, *, seed: int
+                  ) -> tuple[list[ManifestEntry], list[ManifestEntry]]:
+    """(training, held-out) utterances: a seeded random ``test_fraction`` of ``entries`` held out (at least one)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"--test-fraction {test_fraction} is invalid: expected a fraction strictly between 0 and 1")
+    if len(entries) < 2:
+        raise ValueError(f"{len(entries)} utterance(s): holding some out for the probe needs at least 2")
+    order = np.random.default_rng(seed + 1).permutation(len(entries))
+    held_out = max(1, round(test_fraction * len(entries)))
+    return [entries[i] for i in sorted(order[held_out:])], [entries[i] for i in sorted(order[:held_out])]
+
+
+def common_inventory(*alignments: Alignments) -> tuple[Alignments, ...]:
+    """The alignment files re-coded on one phone inventory (the union of theirs, sorted), so that the training and
+    held-out utterances — which may reuse utterance names — get the same class indices."""
+    phones = sorted(set().union(*(a.phones for a in alignments)))
+    index = {phone: i for i, phone in enumerate(phones)}
+    recoded = []
+    for each in alignments:
+        table = np.asarray([index[p] for p in each.phones], dtype=np.int16)
+        recoded.append(Alignments(phones, {name: table[codes] for name, codes in each.codes.items()}))
+    return tuple(recoded)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: Sequence[ProbeRow]) -> str:
+    lines = ["| model | representation | frame accuracy % | PER % |", "|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.representation} | {r.frame_accuracy:.1f} | {r.phone_error_rate:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_probe(rows: Sequence[ProbeRow], path: Path) -> Path:
+    """Frame accuracy and PER along each model's representations; single-representation baselines as lines."""
+    models = list(dict.fromkeys(row.model for row in rows))
+    fig, axes = figure(figsize=(10, 4), purpose=PLOT_PURPOSE, ncols=2)
+    for ax, field, label in zip(axes, ("frame_accuracy", "phone_error_rate"), ("frame accuracy (%)", "PER (%)"),
+                                strict=True):
+        ticks: list[str] = []
+        for model in models:
+            model_rows = [r for r in rows if r.model == model]
+            values = [getattr(r, field) for r in model_rows]
+            if len(model_rows) == 1:
+                ax.axhline(values[0], linestyle=":", color="grey", label=model)
+                continue
+            names = [r.representation.replace("layer_", "L").replace("projection", "proj") for r in model_rows]
+            ticks = names if len(names) > len(ticks) else ticks
+            ax.plot(range(len(values)), values, "o-", label=model)
+        ax.set_xticks(range(len(ticks)), ticks)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_probe_report(rows: Sequence[ProbeRow], out_dir: str | Path, *, title: str, notes: Sequence[str] = ()
+                       ) -> Path:
+    """``probe.json``, ``probe.md`` and ``probe.png`` in ``out_dir``; returns the markdown path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in rows], indent=1), encoding="utf-8")
+    plot = plot_probe(rows, out_dir / "probe.png")
+    path = out_dir / "probe.md"
+    path.write_text("\n".join([f"# {title}", "", *notes, "", markdown_table(rows), "", f"![probe]({plot.name})"])
+                    + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,122 @@
+"""Phone probes: label placement, phone sequences, the classifier against planted and shuffled labels, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spidr.config import SpidRConfig
+from spidr.data.manifest import ManifestEntry
+from spidr.eval.features import ExtractionSettings, extract_batch
+from spidr.eval.probe import (
+    ProbeSettings,
+    common_inventory,
+    fit_probe,
+    frame_labels,
+    phone_sequence,
+    split_entries,
+)
+from spidr.eval.unit_quality import Alignments
+from spidr.models.build import build_model
+from train_fixtures import EXTRACTION_MODEL
+
+
+def test_frame_labels_take_the_alignment_frame_at_each_frame_centre():
+    codes = np.arange(6)
+    # 50 Hz features on 100 Hz labels: centres at 10, 30, 50 ms → alignment frames 1, 3, 5
+    np.testing.assert_array_equal(frame_labels(codes, 3, frame_rate=50, alignment_rate=100), [1, 3, 5])
+    np.testing.assert_array_equal(frame_labels(codes, 6, frame_rate=50, alignment_rate=50), codes)
+    # 100 Hz features (MFCC-like) on 50 Hz labels: each label covers two frames
+    np.testing.assert_array_equal(frame_labels(np.arange(3), 6, frame_rate=100, alignment_rate=50),
+                                  [0, 0, 1, 1, 2, 2])
+    # one frame more than the alignment covers is truncated, not an error
+    np.testing.assert_array_equal(frame_labels(codes, 4, frame_rate=50, alignment_rate=100), [1, 3, 5])
+
+
+def test_frame_labels_refuse_a_rate_mismatch_with_the_utterance_named():
+    with pytest.raises(ValueError, match=r"utterance 'u1'.*alignment-rate"):
+        frame_labels(np.arange(100), 100, frame_rate=50, alignment_rate=100, name="u1")
+
+
+def test_phone_sequence_collapses_runs_and_drops_silence():
+    silence = np.asarray([0])
+    assert phone_sequence(np.asarray([0, 0, 1, 1, 0, 2, 2, 1]), silence) == [1, 2, 1]
+    assert phone_sequence(np.asarray([1, 0, 1]), silence) == [1, 1]  # a pause separates two equal phones
+    assert phone_sequence(np.asarray([], dtype=np.int64), silence) == []
+
+
+def _planted(num: int, rng: np.random.Generator, num_classes: int = 4, dim: int = 12):
+    labels = rng.integers(num_classes, size=num)
+    features = rng.normal(0, 1, (num, dim)).astype(np.float32)
+    features[np.arange(num), labels] += 6.0  # class c lifts dimension c: linearly separable with a margin
+    return features, labels
+
+
+def test_a_linear_probe_finds_a_planted_linearly_separable_feature():
+    rng = np.random.default_rng(0)
+    train, train_labels = _planted(3000, rng)
+    test, test_labels = _planted(1000, rng)
+    probe = fit_probe(train.astype(np.float16), train_labels, 4, ProbeSettings(epochs=20, batch_size=256))
+    assert (probe.predict(test) == test_labels).mean() == 1.0
+
+
+def test_shuffled_labels_leave_the_probe_at_chance():
+    rng = np.random.default_rng(1)
+    train, train_labels = _planted(3000, rng)
+    test, test_labels = _planted(1000, rng)
+    for hidden in (0, 64):
+        probe = fit_probe(train, rng.permutation(train_labels), 4,
+                          ProbeSettings(hidden=hidden, epochs=5, batch_size=256))
+        accuracy = (probe.predict(test) == test_labels).mean()
+        assert accuracy < 0.33, (hidden, accuracy)  # 4 balanced classes: chance is 25 %
+
+
+def test_fit_probe_is_deterministic_for_a_seed():
+    rng = np.random.default_rng(2)
+    train, labels = _planted(500, rng)
+    first = fit_probe(train, labels, 4, ProbeSettings(epochs=2, hidden=16))
+    second = fit_probe(train, labels, 4, ProbeSettings(epochs=2, hidden=16))
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_front_end_outputs_are_the_same_in_a_padded_batch_and_alone():
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
+    waves = [torch.randn(8000), torch.randn(4000)]
+    settings = ExtractionSettings(layers=(1, 3))
+    batched = extract_batch(model, waves, settings, front_end=True)
+    for wave, together in zip(waves, batched, strict=True):
+        alone = extract_batch(model, [wave], settings, front_end=True)[0]
+        assert set(together) == {"conv", "projection", "layer_01", "layer_03"}
+        assert together["conv"].shape == (alone["conv"].shape[0], 32)
+        for key in together:
+            np.testing.assert_allclose(together[key], alone[key], atol=1e-5)
+    # the projection is what the Transformer reads: the model's own feature function agrees
+    expected = model.features(waves[0][None])[0].detach().numpy()
+    np.testing.assert_allclose(batched[0]["projection"], expected, atol=1e-5)
+
+
+def test_split_entries_holds_out_a_disjoint_seeded_share():
+    entries = [ManifestEntry(f"u{i}", f"u{i}.wav", 16000) for i in range(10)]
+    train, test = split_entries(entries, 0.2, seed=0)
+    assert len(test) == 2
+    assert len(train) == 8
+    assert {e.fileid for e in train} | {e.fileid for e in test} == {e.fileid for e in entries}
+    assert not {e.fileid for e in train} & {e.fileid for e in test}
+    assert split_entries(entries, 0.2, seed=0) == (train, test)
+    with pytest.raises(ValueError, match="test-fraction"):
+        split_entries(entries, 1.0, seed=0)
+
+
+def test_common_inventory_recodes_both_files_on_one_phone_list():
+    # the two files may reuse an utterance name for different speech (the demo's train and test corpora do)
+    first = Alignments.from_labels([("a", ["x", "y", "y"])])
+    second = Alignments.from_labels([("b", ["z", "x"]), ("a", ["z", "z", "x"])])
+    one, two = common_inventory(first, second)
+    assert one.phones == two.phones == ("x", "y", "z")
+    assert one["a"] == ["x", "y", "y"]
+    assert two["a"] == ["z", "z", "x"]
+    assert two["b"] == ["z", "x"]
+    np.testing.assert_array_equal(two.codes["a"], [2, 2, 0])
