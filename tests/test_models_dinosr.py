@@ -248,6 +248,30 @@ def test_codebooks_update_in_training_only(model_type: str) -> None:
 
 
 @pytest.mark.parametrize("model_type", TYPES)
+def test_codebooks_can_learn_from_every_frame_while_the_loss_scores_the_masked_ones(model_type: str) -> None:
+    # Two utterances, the second padded. With every count decayed (re-seeding on, threshold 0: nothing re-seeded)
+    # an EMA step sums to 0.9 · 16 + 0.1 · frames read, which tells whether the update read the masked frames
+    # (official) or every non-padded one.
+    lengths = (4000, 3000)
+    batch = waveforms(*lengths)
+    frames = num_frames(torch.tensor(lengths))
+    padding = padding_mask_from_lengths(torch.tensor(lengths))
+    mask = random_mask(2, int(frames.max())) & ~padding
+    counted = {}
+    for mode in ("masked", "all"):
+        model = tiny_model(model_type, codebook_update_frames=mode, codebook_reseed_dead=True,
+                           codebook_dead_threshold=0.0).train()
+        losses, _ = model(batch, mask=mask, padding_mask=padding)
+        assert losses.shape == (int(mask.sum()),)
+        counted[mode] = [round((float(c.counts.sum()) - 0.9 * 16) / 0.1) for c in model.codebooks]
+        if mode == "masked":
+            reference = losses
+        else:
+            torch.testing.assert_close(losses, reference, rtol=0, atol=0)  # same loss, same scored frames
+    assert counted == {"masked": [int(mask.sum())] * 2, "all": [int(frames.sum())] * 2}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
 def test_dead_codewords_are_reseeded_from_the_batch_when_asked(model_type: str) -> None:
     # Counts start at 1; after one step unused ones hold 0.9 and used ones ≥ 1, with a known mean over the 16
     # codewords: a threshold putting the cut at 0.95 marks exactly this step's unused codewords.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import editdistance
 import numpy as np
 import pytest
 import torch
@@ -10,8 +13,12 @@ from spidr.config import SpidRConfig
 from spidr.data.manifest import ManifestEntry
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.eval.probe import (
+    PhoneProbe,
     ProbeSettings,
     common_inventory,
+    ctc_greedy,
+    ctc_targets,
+    fit_ctc_probe,
     fit_probe,
     frame_labels,
     phone_sequence,
@@ -120,3 +127,46 @@ def test_common_inventory_recodes_both_files_on_one_phone_list():
     assert two["a"] == ["z", "z", "x"]
     assert two["b"] == ["z", "x"]
     np.testing.assert_array_equal(two.codes["a"], [2, 2, 0])
+
+
+def test_ctc_greedy_collapses_repeats_and_drops_blanks():
+    probe = PhoneProbe(4, 4)
+    with torch.no_grad():
+        probe.classifier.weight.copy_(torch.eye(4))
+        probe.classifier.bias.zero_()
+    best = [0, 2, 2, 0, 2, 1, 1, 3, 0]  # class 0 is the blank
+    assert ctc_greedy(probe, np.eye(4, dtype=np.float32)[best]) == [1, 1, 0, 2]
+
+
+def _utterances(num: int, rng: np.random.Generator, num_phones: int = 5, dim: int = 10):
+    """Phone sequences (code 0 = silence at both ends; no phone twice in a row, which a frame-wise head could not
+    split) at 3-6 frames a phone, and noisy one-hot frame features."""
+    labels, lengths = [], []
+    for _ in range(num):
+        phones = [0]
+        for _ in range(int(rng.integers(4, 9))):
+            phones.append(int(rng.choice([p for p in range(1, num_phones) if p != phones[-1]])))
+        phones.append(0)
+        frames = np.concatenate([[p] * int(rng.integers(3, 7)) for p in phones])
+        labels.append(frames)
+        lengths.append(len(frames))
+    labels = np.concatenate(labels)
+    features = rng.normal(0, 0.3, (len(labels), dim)).astype(np.float32)
+    features[np.arange(len(labels)), labels] += 3.0
+    return features, labels, np.asarray(lengths)
+
+
+def test_a_ctc_head_on_phone_identity_features_recognises_held_out_phone_sequences():
+    rng = np.random.default_rng(3)
+    silence = np.asarray([0])
+    features, labels, lengths = _utterances(200, rng)
+    start = fit_probe(features, labels, 5)  # as run_probe does: the head starts from the frame classifier
+    head = fit_ctc_probe(features, lengths, ctc_targets(labels, lengths, silence), 5, start=start, silence=silence)
+    test, test_labels, test_lengths = _utterances(30, rng)
+    errors = total = 0
+    for start, stop in itertools.pairwise(np.concatenate([[0], np.cumsum(test_lengths)])):
+        reference = phone_sequence(test_labels[start:stop], silence)
+        hypothesis = ctc_greedy(head, test[start:stop])
+        errors += editdistance.eval(hypothesis, reference)
+        total += len(reference)
+    assert errors / total < 0.05, errors / total

@@ -166,7 +166,7 @@ def probe(settings: DemoSettings, checkpoint: Path, train, test) -> Path:
         rows += run_probe(featurizer, name, train_entries, test_entries, **alignments, settings=probe_settings)
     notes = [f"Linear frame phone classifiers trained on {rows[0].num_train_frames} frames of the training corpus "
              f"and scored on the test corpus ({rows[0].num_test_utterances} utterances, {rows[0].num_test_frames} "
-             "frames). PER: edit distance of the run-collapsed frame predictions to the reference phones, silence "
+             "frames). PER: a linear CTC head's greedy phone sequence against the reference phones, silence "
              "removed. conv: the front end's output; projection: the Transformer's input."]
     return write_probe_report(rows, settings.out_dir / "report" / "probe", title="Phone probe", notes=notes)
 

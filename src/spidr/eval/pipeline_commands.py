@@ -67,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="phone probes per layer: frame accuracy and phone error rate of a classifier on frozen features",
         description="Train a linear (or one-hidden-layer) frame phone classifier on each representation of the model "
         "— the conv front end's output, the projection that feeds the Transformer, every layer — and score it on "
-        "held-out utterances: frame accuracy and phone error rate (run-collapsed frame predictions, silence removed). "
+        "held-out utterances by frame accuracy, and a linear CTC head on each by phone error rate (greedy decoding, "
+        "silence removed; SUPERB's phone-recognition convention). "
         "Writes probe.md, probe.json and probe.png.",
         formatter_class=FORMATTER,
     )
@@ -230,7 +231,7 @@ def run_probe(args: argparse.Namespace) -> int:
     path = write_probe_report(rows, args.out, title=f"Phone probe of {name}", notes=[
         f"{kind.capitalize()} frame classifiers, {args.epochs} epochs, trained on ≤ {args.max_train_frames} frames "
         f"of {args.manifest}; scored on {args.test_manifest or f'{args.test_fraction:.0%} of it held out'}. "
-        "PER: edit distance of run-collapsed frame predictions to the reference phones, silence removed."])
+        "PER: a linear CTC head's greedy phone sequence against the reference phones, silence removed."])
     print(path.read_text(encoding="utf-8"))
     print(f"probe report written to {path}")
     return 0

@@ -1,17 +1,18 @@
 """Phone probes: where a model keeps (or loses) phonetic information, layer by layer.
 
 A frame classifier — linear, or one hidden layer — is trained on frozen features of each representation against
-frame phone labels, and scored on held-out utterances (SUPERB's phone-recognition convention, with a frame
-classifier in place of its CTC head). The representations of a model are its conv front end's output (``conv``),
-the projection that feeds the Transformer (``projection``) and every Transformer layer (``layer_LL``, before the
-residual like ``spidr extract``); the same probe runs on MFCC and on the model at random initialisation, so a table
-shows where information appears and where it goes.
+frame phone labels, and scored on held-out utterances by its frame accuracy; beside it a linear CTC head (SUPERB's
+phone-recognition task: linear head, CTC over the phone sequence, greedy decoding) gives the phone error rate. The
+representations of a model are its conv front end's output (``conv``), the projection that feeds the Transformer
+(``projection``) and every Transformer layer (``layer_LL``, before the residual like ``spidr extract``); the same
+probes run on MFCC and on the model at random initialisation, so a table shows where information appears and where
+it goes.
 
 audio → representations of every utterance (``ModelFeaturizer`` / ``MfccFeaturizer``, one forward pass gives all of
 a model's) → training frames with labels (``collect_training_frames``, bounded by ``max_train_frames``) →
-standardise + fit one classifier per representation (``fit_probe``) → score the held-out utterances, streamed
-(``score_probes``): frame accuracy, and phone error rate = edit distance between the run-collapsed predicted and
-reference phone sequences (silence labels removed) over the reference length.
+standardise + fit a frame classifier (``fit_probe``) and a CTC head (``fit_ctc_probe``) per representation → score
+the held-out utterances, streamed (``score_probes``): frame accuracy, and PER = edit distance between the CTC head's
+greedy phone sequence and the reference (run-collapsed frame labels, silence removed) over the reference length.
 
 Labels: feature frame t (at ``frame_rate`` Hz) takes the alignment frame that holds its centre, index
 ⌊(t + ½) · alignment_rate / frame_rate⌋; the two sequences may differ by at most 2 alignment frames beyond that
@@ -20,11 +21,12 @@ rounding, and the longer one is truncated (as in ``unit_quality``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +61,10 @@ class ProbeSettings:
     dropout: float = 0.0  # on the hidden layer
     max_train_frames: int = 200_000  # whole training utterances are drawn (seeded) until this many frames
     seed: int = 0
-    silence_labels: tuple[str, ...] = SILENCE_LABELS  # removed from both phone sequences before the PER
+    silence_labels: tuple[str, ...] = SILENCE_LABELS  # not in the phone sequences of the PER
+    ctc_epochs: int = 40  # passes of the CTC head over the training utterances
+    ctc_lr: float = 5e-2  # a linear CTC head needs a higher rate than the frame classifier to converge in 40 passes
+    ctc_batch_utterances: int = 8
     batch_seconds: float = 60.0  # padded audio per forward pass
     dtype: str = "float32"  # "bfloat16": the model runs under autocast
 
@@ -163,7 +168,11 @@ class TrainingFrames:
 
     features: dict[str, np.ndarray]
     labels: np.ndarray
-    num_utterances: int
+    lengths: np.ndarray  # (U,) frames of each utterance, in order
+
+    @property
+    def num_utterances(self) -> int:
+        return len(self.lengths)
 
 
 def draw_utterances(entries: Sequence[ManifestEntry], alignments: Alignments, *, frame_rate: float,
@@ -188,7 +197,7 @@ def collect_training_frames(featurizer, entries: Sequence[ManifestEntry], alignm
     """Run ``featurizer`` over ``entries`` and keep every labelled frame (features stored as float16, clipped to its
     range: the probe standardises them anyway)."""
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in featurizer.representations}
-    labels, count = [], 0
+    labels = []
     for entry, representations in featurizer(entries):
         first = representations[featurizer.representations[0]]
         codes = frame_labels(alignments.codes[entry.fileid], first.shape[0], frame_rate=featurizer.frame_rate,
@@ -196,11 +205,10 @@ def collect_training_frames(featurizer, entries: Sequence[ManifestEntry], alignm
         for key, values in representations.items():
             chunks[key].append(np.clip(values[: len(codes)], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
         labels.append(codes.astype(np.int64))
-        count += 1
     if not labels:
         raise ValueError("no training utterance could be read")
     return TrainingFrames({key: np.concatenate(values) for key, values in chunks.items()}, np.concatenate(labels),
-                          count)
+                          np.asarray([len(codes) for codes in labels]))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,20 +246,9 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, settin
         raise ValueError(f"probe training needs features (N, D) and N labels; got {features.shape} and "
                          f"{labels.shape}")
     generator = torch.Generator().manual_seed(settings.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        probe = PhoneProbe(features.shape[1], num_classes, hidden=settings.hidden, dropout=settings.dropout)
+    probe = _new_probe(features, num_classes, settings)
     data = torch.from_numpy(np.ascontiguousarray(features))
     targets = torch.from_numpy(labels.astype(np.int64))
-    mean = torch.zeros(features.shape[1], dtype=torch.float64)
-    square = torch.zeros_like(mean)
-    for start in range(0, len(data), 65536):  # float64 sums in chunks: no float32 copy of the whole set
-        chunk = data[start : start + 65536].double()
-        mean += chunk.sum(0)
-        square += chunk.square().sum(0)
-    mean /= len(data)
-    probe.mean.copy_(mean.float())
-    probe.scale.copy_((square / len(data) - mean.square()).clamp_min(0).sqrt().clamp_min(1e-5).float())
     optimizer = torch.optim.Adam(probe.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * math.ceil(len(data) / settings.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
@@ -268,6 +265,90 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, settin
     return probe.eval()
 
 
+def _new_probe(features: np.ndarray, num_classes: int, settings: ProbeSettings, *, hidden: int | None = None
+               ) -> PhoneProbe:
+    """A seeded probe standardising with the mean and std of ``features`` (N, D), summed in float64 by chunks (no
+    float32 copy of the whole set)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        probe = PhoneProbe(features.shape[1], num_classes, hidden=settings.hidden if hidden is None else hidden,
+                           dropout=settings.dropout)
+    mean = np.zeros(features.shape[1])
+    square = np.zeros(features.shape[1])
+    for start in range(0, len(features), 65536):
+        chunk = features[start : start + 65536].astype(np.float64)
+        mean += chunk.sum(0)
+        square += np.square(chunk).sum(0)
+    mean /= len(features)
+    std = np.sqrt(np.clip(square / len(features) - np.square(mean), 0, None))
+    probe.mean.copy_(torch.from_numpy(mean).float())
+    probe.scale.copy_(torch.from_numpy(np.maximum(std, 1e-5)).float())
+    return probe
+
+
+def ctc_targets(labels: np.ndarray, lengths: np.ndarray, silence: np.ndarray) -> list[list[int]]:
+    """Each utterance's phone sequence (``phone_sequence``) as CTC targets: phone code + 1, 0 being the blank."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [[c + 1 for c in phone_sequence(labels[a:b], silence)] for a, b in itertools.pairwise(offsets.tolist())]
+
+
+def fit_ctc_probe(features: np.ndarray, lengths: np.ndarray, targets: Sequence[Sequence[int]], num_classes: int,
+                  settings: ProbeSettings = ProbeSettings(), *, start: PhoneProbe | None = None,
+                  silence: np.ndarray | None = None) -> PhoneProbe:
+    """A linear CTC head on the utterances of features (N, D), split by ``lengths`` (U,), with ``targets`` in
+    [1, num_classes] (0 = blank): minibatches of ``ctc_batch_utterances`` utterances, Adam with the learning rate
+    decayed linearly to 0; utterances shorter than their target are left out (CTC cannot align them).
+
+    ``start``, a linear frame classifier of the same features, initialises the head: phone c's row from its row c,
+    the blank's from the mean of its ``silence`` rows. From a random start the head often settles where a phone's
+    frames give the blank (a phone run is as likely emitted once as not), and greedy decoding then drops it."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    usable = [u for u in range(len(lengths)) if targets[u] and lengths[u] >= len(targets[u])]
+    if not usable:
+        raise ValueError("no training utterance has a phone sequence the CTC head can align")
+    generator = torch.Generator().manual_seed(settings.seed)
+    probe = _new_probe(features, num_classes + 1, settings, hidden=0)
+    if start is not None:
+        if not isinstance(start.classifier, nn.Linear):
+            raise ValueError("the CTC head starts from a linear frame classifier (hidden = 0)")
+        with torch.no_grad():
+            probe.mean.copy_(start.mean)
+            probe.scale.copy_(start.scale)
+            for name in ("weight", "bias"):
+                source, target = getattr(start.classifier, name), getattr(probe.classifier, name)
+                target[1:] = source
+                target[0] = source[torch.as_tensor(silence)].mean(0) if silence is not None and len(silence) else 0
+    optimizer = torch.optim.Adam(probe.parameters(), lr=settings.ctc_lr)
+    steps = settings.ctc_epochs * math.ceil(len(usable) / settings.ctc_batch_utterances)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    ctc = nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
+    probe.train()
+    for _ in range(settings.ctc_epochs):
+        order = torch.randperm(len(usable), generator=generator).tolist()
+        for first in range(0, len(order), settings.ctc_batch_utterances):
+            batch = [usable[i] for i in order[first : first + settings.ctc_batch_utterances]]
+            frames = torch.from_numpy(np.concatenate([features[offsets[u] : offsets[u + 1]] for u in batch]))
+            log_probs = probe(frames).log_softmax(-1)
+            pieces = torch.split(log_probs, [int(lengths[u]) for u in batch])
+            padded = nn.utils.rnn.pad_sequence(list(pieces))  # (T, B, V)
+            flat = torch.tensor([c for u in batch for c in targets[u]])
+            loss = ctc(padded, flat, torch.tensor([int(lengths[u]) for u in batch]),
+                       torch.tensor([len(targets[u]) for u in batch])) / sum(len(targets[u]) for u in batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return probe.eval()
+
+
+def ctc_greedy(probe: PhoneProbe, features: np.ndarray) -> list[int]:
+    """Greedy CTC decoding of one utterance's features (T, D): arg-max per frame, repeats collapsed, blanks
+    dropped; returns phone codes (the head's class − 1)."""
+    best = probe.predict(features)
+    keep = np.concatenate([[True], best[1:] != best[:-1]]) if len(best) else np.zeros(0, bool)
+    return [int(c) - 1 for c in best[keep] if c != 0]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------------------------
@@ -282,10 +363,11 @@ def phone_sequence(codes: np.ndarray, silence: np.ndarray) -> list[int]:
     return runs[~np.isin(runs, silence)].tolist()
 
 
-def score_probes(featurizer, probes: dict[str, PhoneProbe], entries: Sequence[ManifestEntry],
+def score_probes(featurizer, probes: dict[str, tuple[PhoneProbe, PhoneProbe]], entries: Sequence[ManifestEntry],
                  alignments: Alignments, *, alignment_rate: float, silence: np.ndarray
                  ) -> dict[str, tuple[float, float, int, int]]:
-    """Per representation: (frame accuracy %, PER %, frames, utterances) on ``entries``, streamed."""
+    """Per representation, from its (frame classifier, CTC head): (frame accuracy %, PER %, frames, utterances) on
+    ``entries``, streamed."""
     editdistance = import_extra("editdistance", extra="eval", purpose="the phone probe's error rate")
     correct = dict.fromkeys(probes, 0)
     errors = dict.fromkeys(probes, 0)
@@ -297,10 +379,10 @@ def score_probes(featurizer, probes: dict[str, PhoneProbe], entries: Sequence[Ma
         codes = frame_labels(alignments.codes[entry.fileid], first.shape[0], frame_rate=featurizer.frame_rate,
                              alignment_rate=alignment_rate, name=entry.fileid).astype(np.int64)
         reference = phone_sequence(codes, silence)
-        for key, probe in probes.items():
-            predicted = probe.predict(representations[key][: len(codes)])
-            correct[key] += int((predicted == codes).sum())
-            errors[key] += editdistance.eval(phone_sequence(predicted, silence), reference)
+        for key, (classifier, ctc_head) in probes.items():
+            values = representations[key][: len(codes)]
+            correct[key] += int((classifier.predict(values) == codes).sum())
+            errors[key] += editdistance.eval(ctc_greedy(ctc_head, values), reference)
         frames += len(codes)
         reference_length += len(reference)
         utterances += 1
@@ -321,8 +403,8 @@ def run_probe(
     alignment_rate: float = 100.0,
     settings: ProbeSettings = ProbeSettings(),
 ) -> list[ProbeRow]:
-    """Train a probe per representation of ``featurizer`` on ``train_entries`` labelled by ``alignments`` and score
-    it on ``test_entries`` labelled by ``test_alignments`` (default: the same file)."""
+    """Train the probes of each representation of ``featurizer`` on ``train_entries`` labelled by ``alignments``
+    and score them on ``test_entries`` labelled by ``test_alignments`` (default: the same file)."""
     if test_alignments is not None:
         alignments, test_alignments = common_inventory(alignments, test_alignments)
     else:
@@ -331,9 +413,17 @@ def run_probe(
                              max_frames=settings.max_train_frames, seed=settings.seed)
     frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate)
     logger.info("%s: probes trained on %d frames of %d utterances", name, len(frames.labels), frames.num_utterances)
-    probes = {key: fit_probe(values, frames.labels, len(alignments.phones), settings)
-              for key, values in frames.features.items()}
-    silence = np.asarray([i for i, phone in enumerate(alignments.phones) if phone in settings.silence_labels])
+    silence = np.asarray([i for i, phone in enumerate(alignments.phones) if phone in settings.silence_labels],
+                         dtype=np.int64)
+    targets = ctc_targets(frames.labels, frames.lengths, silence)
+    num_classes = len(alignments.phones)
+    probes = {}
+    for key, values in frames.features.items():
+        classifier = fit_probe(values, frames.labels, num_classes, settings)
+        linear = classifier if not settings.hidden else fit_probe(values, frames.labels, num_classes,
+                                                                  replace(settings, hidden=0))
+        probes[key] = classifier, fit_ctc_probe(values, frames.lengths, targets, num_classes, settings,
+                                                start=linear, silence=silence)
     scores = score_probes(featurizer, probes, test_entries, test_alignments, alignment_rate=alignment_rate,
                           silence=silence)
     rows = [ProbeRow(name, key, accuracy, per, len(frames.labels), count, utterances)

@@ -186,7 +186,13 @@ class DinoSR(nn.Module):
         frame_losses = torch.stack(cross_entropies)  # (K, N)
         losses = frame_losses.sum(0) / self.num_codebooks  # (N,)
         if self.training:
-            self._update_codebooks(target_frames, labels)
+            if self.cfg.codebook_update_frames == "all":
+                valid = masks.valid if masks.valid is not None else torch.ones_like(scored)
+                every_frame = [t[valid] for t in targets]
+                self._update_codebooks(every_frame, [c.assign(z) for c, z in zip(self.codebooks, every_frame,
+                                                                                 strict=True)])
+            else:
+                self._update_codebooks(target_frames, labels)
         return losses, self._metrics(log_probs, labels, frame_losses)
 
     # ----------------------------------------------------------------------------------------------------------
