@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spidr.data.sampler import BucketBatchSampler
+from spidr.data import sampler as sampler_module
+from spidr.data.sampler import BucketBatchSampler, _bucket_ids
 
 
 def random_lengths(n: int = 300, seed: int = 0) -> list[int]:
@@ -170,9 +171,24 @@ def _greedy(lengths: list[int], order: np.ndarray, budget: int, *, padded: bool)
 def test_vectorised_packing_is_the_greedy_rule(lengths: list[int], budget: int, padded: bool, seed: int) -> None:
     sampler = BucketBatchSampler(lengths, max_batch_length=budget, num_buckets=5, padded=padded)
     order = np.random.default_rng(seed).permutation(len(lengths))
-    flat, bounds = sampler._pack(order)
-    packed = [flat[a:b].tolist() for a, b in itertools.pairwise(bounds)]
-    assert packed == _greedy(lengths, order, budget, padded=padded)
+    expected = _greedy(lengths, order, budget, padded=padded)
+    for block in (sampler_module.SEARCH_BLOCK, 1, 7):  # blocked search: blocks of one or a few starts too
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sampler_module, "SEARCH_BLOCK", block)
+            flat, bounds = sampler._pack(order)
+        assert [flat[a:b].tolist() for a, b in itertools.pairwise(bounds)] == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 400_000), min_size=1, max_size=200), num_buckets=st.integers(1, 1000))
+def test_uniform_buckets_by_division_match_the_edges(lengths: list[int], num_buckets: int) -> None:
+    array = np.asarray(lengths, dtype=np.int64)
+    edges = np.linspace(array.min() - 1, array.max() + 1, num_buckets + 1)
+    # lengths that fall exactly on inner edges, where a rounding error would pick the neighbour bucket
+    on_edges = np.unique(np.round(edges[1:-1])[np.round(edges[1:-1]) == edges[1:-1]].astype(np.int64))
+    array = np.concatenate([array, on_edges[(on_edges >= array.min()) & (on_edges <= array.max())]])
+    expected = np.minimum(np.searchsorted(edges[1:], array, side="left"), num_buckets - 1)
+    np.testing.assert_array_equal(_bucket_ids(array, num_buckets, "uniform"), expected)
 
 
 def test_large_epochs_are_planned_without_a_list_per_batch() -> None:

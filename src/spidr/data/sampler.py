@@ -29,15 +29,53 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+# Queries per block of the packing's searchsorted: each block searches only the slice of the cumulative lengths its
+# batches can end in, which stays in cache (one search over 4.5M sorted values cost 46x the 281k one, not 16x).
+SEARCH_BLOCK = 1 << 16
+
+
 def _bucket_ids(lengths: np.ndarray, num_buckets: int, method: Literal["uniform", "percentile"]) -> np.ndarray:
     """Bucket index of each length; bucket b holds lengths in (edge_b, edge_b+1]."""
     if method == "uniform":
         edges = np.linspace(lengths.min() - 1, lengths.max() + 1, num_buckets + 1)
-    elif method == "percentile":
+        # Equal widths: the bucket follows from a division (linear, where a search costs log(buckets) per length);
+        # the float estimate is then corrected by at most one bucket against the exact edges.
+        # Computed block by block so the temporaries stay in cache (fresh full-size arrays cost more in page faults
+        # than the arithmetic).
+        width = (edges[-1] - edges[0]) / num_buckets
+        ids = np.empty(lengths.size, dtype=np.int64)
+        for first in range(0, lengths.size, SEARCH_BLOCK):
+            block = lengths[first : first + SEARCH_BLOCK]
+            guess = np.clip(np.ceil((block - edges[0]) / width).astype(np.int64) - 1, 0, num_buckets - 1)
+            guess -= (guess > 0) & (block <= edges[guess])
+            guess += (guess < num_buckets - 1) & (block > edges[guess + 1])
+            ids[first : first + SEARCH_BLOCK] = guess
+        return ids
+    if method == "percentile":
         edges = np.percentile(lengths, np.linspace(0, 100, num_buckets + 1))
     else:
         raise ValueError(f"data.bucket_method = {method!r} is invalid: expected 'uniform' or 'percentile'")
     return np.minimum(np.searchsorted(edges[1:], lengths, side="left"), num_buckets - 1)
+
+
+def _greedy_bounds(lengths: np.ndarray, order: np.ndarray, budget: int, longest_batch: int) -> list[int]:
+    """Batch bounds of the greedy unpadded packing of ``lengths[order]``: from item s a batch ends at the largest e
+    with sum(lengths[order[s:e]]) ≤ budget (at least s + 1), and batches chain from item 0. Worked block by block:
+    each block of starts gathers its lengths, their running sums and its searches in cache-sized arrays (a batch
+    holds at most ``longest_batch`` items, so a block needs that many beyond its end)."""
+    size = order.size
+    bounds, begin = [0], 0
+    while begin < size:
+        first, last = begin, min(begin + SEARCH_BLOCK, size)
+        block = lengths[order[first : min(last + longest_batch, size)]]
+        totals = np.zeros(block.size + 1, dtype=np.int64)  # cost of block items s..e−1 = totals[e] − totals[s]
+        np.cumsum(block, out=totals[1:])
+        found = np.searchsorted(totals, totals[: last - first] + budget, side="right") - 1
+        ends = first + np.maximum(found, np.arange(1, last - first + 1))
+        while begin < last:
+            begin = int(ends[begin - first])
+            bounds.append(begin)
+    return bounds
 
 
 class Batches(Sequence[list[int]]):
@@ -124,10 +162,10 @@ class BucketBatchSampler:
         """Greedy packing of kept items (positions into ``self.indices``) in ``order``: a batch takes items while
         its cost stays within ``max_batch_length`` (always at least one). Returns (dataset indices in batch order,
         batch bounds), computed with one ``searchsorted`` per batch instead of a Python step per utterance."""
-        lengths = self.clipped[order]
         budget = self.max_batch_length
-        bounds = [0]
         if self.padded:
+            lengths = self.clipped[order]
+            bounds = [0]
             # cost of items s..e−1 = (e − s) · max(lengths[s:e]), nondecreasing in e; at most budget // lengths[s]
             # items fit, so the running max is only needed over that window.
             while bounds[-1] < lengths.size:
@@ -136,14 +174,7 @@ class BucketBatchSampler:
                 costs = np.maximum.accumulate(window) * np.arange(1, window.size + 1)
                 bounds.append(begin + max(int(np.searchsorted(costs, budget, side="right")), 1))
         else:
-            totals = np.concatenate([[0], np.cumsum(lengths)])  # cost of items s..e−1 = totals[e] − totals[s]
-            # Where a batch starting at each item would end (all at once), then follow the chain from item 0.
-            ends = np.searchsorted(totals, totals[:-1] + budget, side="right") - 1
-            ends = np.maximum(ends, np.arange(1, lengths.size + 1))
-            begin = 0
-            while begin < lengths.size:
-                begin = int(ends[begin])
-                bounds.append(begin)
+            bounds = _greedy_bounds(self.clipped, order, budget, budget // max(int(self.clipped.min()), 1) + 1)
         return self.indices[order], np.asarray(bounds, dtype=np.int64)
 
     def _plan(self, epoch: int) -> Batches:
