@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 HEAVY = ("torch", "numpy", "scipy", "sklearn", "matplotlib", "soundfile", "soxr", "safetensors", "submitit")
 MODEL_CODE = ("spidr.models.dinosr", "spidr.models.spidr", "spidr.models.loading", "spidr.models.convert",
               "spidr.models.hf_export", "spidr.models.s3prl_export", "spidr.models.build")
-SUBCOMMANDS = ["manifest", "train", "submit", "plot-training", "export", "info", "extract", "evaluate", "abx",
+SUBCOMMANDS = ["manifest", "train", "submit", "plot-training", "export", "info", "extract", "evaluate", "probe", "abx",
                "units-quality", "kmeans", "units", "synth-corpus", "synth-lm-bench", "lm-units", "lm-train",
                "lm-score", "lm-study", "lm-eval", "lm-correlate", "demo"]
 
