@@ -162,6 +162,18 @@ def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, align
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _labelled(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments, alignment_rate: float
+              ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """``(representations, label codes (T',) int64)`` of every readable entry that has an alignment."""
+    for entry, representations in featurizer(entries):
+        if entry.fileid not in alignments:
+            continue
+        first = representations[featurizer.representations[0]]
+        yield representations, frame_labels(alignments.codes[entry.fileid], first.shape[0],
+                                            frame_rate=featurizer.frame_rate, alignment_rate=alignment_rate,
+                                            name=entry.fileid).astype(np.int64)
+
+
 @dataclass
 class TrainingFrames:
     """Frames of the training utterances: per representation (N, D) float16, and their labels (N,) int64."""
@@ -198,13 +210,10 @@ def collect_training_frames(featurizer, entries: Sequence[ManifestEntry], alignm
     range: the probe standardises them anyway)."""
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in featurizer.representations}
     labels = []
-    for entry, representations in featurizer(entries):
-        first = representations[featurizer.representations[0]]
-        codes = frame_labels(alignments.codes[entry.fileid], first.shape[0], frame_rate=featurizer.frame_rate,
-                             alignment_rate=alignment_rate, name=entry.fileid)
+    for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate):
         for key, values in representations.items():
             chunks[key].append(np.clip(values[: len(codes)], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
-        labels.append(codes.astype(np.int64))
+        labels.append(codes)
     if not labels:
         raise ValueError("no training utterance could be read")
     return TrainingFrames({key: np.concatenate(values) for key, values in chunks.items()}, np.concatenate(labels),
@@ -372,12 +381,7 @@ def score_probes(featurizer, probes: dict[str, tuple[PhoneProbe, PhoneProbe]], e
     correct = dict.fromkeys(probes, 0)
     errors = dict.fromkeys(probes, 0)
     frames = reference_length = utterances = 0
-    for entry, representations in featurizer(entries):
-        if entry.fileid not in alignments:
-            continue
-        first = representations[featurizer.representations[0]]
-        codes = frame_labels(alignments.codes[entry.fileid], first.shape[0], frame_rate=featurizer.frame_rate,
-                             alignment_rate=alignment_rate, name=entry.fileid).astype(np.int64)
+    for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate):
         reference = phone_sequence(codes, silence)
         for key, (classifier, ctc_head) in probes.items():
             values = representations[key][: len(codes)]
