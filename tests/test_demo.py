@@ -6,6 +6,7 @@ Uses the real demo driver with a tiny model and a few utterances per voice, and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 from spidr.cli import main
 from spidr.config import load_config
 from spidr.corpus.lm_bench import LmBenchSettings
-from spidr.demo import HELD_OUT_VOICES, TRAIN_VOICES, DemoSettings, run_demo
+from spidr.demo import HELD_OUT_VOICES, TRAIN_VOICES, DemoSettings, pretrain, run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("flite", "festival", "espeak-ng")
@@ -42,7 +43,8 @@ num_buckets = 4
 num_workers = 0
 
 [model]
-extractor_conv_layer_config = [[16, 10, 5], [16, 3, 2], [32, 3, 2], [32, 3, 2], [32, 3, 2], [32, 2, 2], [32, 2, 2]]
+extractor_type = "log_mel"  # as the shipped demo
+extractor_conv_layer_config = [[16, 400, 320]]
 encoder_embed_dim = 32
 encoder_num_layers = 2
 encoder_num_heads = 2
@@ -136,6 +138,15 @@ def test_demo_rerun_reuses_corpus_and_model(demo_run):
 
 
 @pytest.mark.slow
+def test_demo_refuses_to_reuse_a_model_trained_with_another_config(demo_run):
+    settings, _ = demo_run
+    corpus = settings.out_dir / "corpus"
+    edited = dataclasses.replace(settings, overrides=("model.codebook_size=8", "model.ema_start_decay=0.99"))
+    with pytest.raises(RuntimeError, match=r"model\.codebook_size, model\.ema_start_decay differ.*delete"):
+        pretrain(edited, corpus / "train" / "manifest.csv", corpus / "test" / "manifest.csv")
+
+
+@pytest.mark.slow
 def test_readme_extract_and_evaluate_commands_on_the_demo_checkpoint(demo_run, tmp_path):
     settings, _ = demo_run
     final = next((settings.out_dir / "runs").rglob("final.pt"))
@@ -154,7 +165,7 @@ def test_readme_extract_and_evaluate_commands_on_the_demo_checkpoint(demo_run, t
 
 
 def test_shipped_demo_configs_are_valid():
-    for name in ("demo.toml", "demo-long.toml"):
+    for name in ("demo.toml", "demo-long.toml", "demo-waveform.toml"):
         cfg = load_config(REPO / "configs" / name, ["data.manifest=x.csv"])
         assert cfg.run.model_type == "spidr"
         assert cfg.model.extractor_conv_layer_config  # parsed and validated

@@ -20,16 +20,16 @@ TYPES = ["spidr", "dinosr"]
 
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> DinoSR:
     cls = SpidRConfig if model_type == "spidr" else DinoSRConfig
-    cfg = cls(
-        extractor_conv_layer_config=CONV,
-        encoder_embed_dim=32,
-        encoder_num_layers=3,
-        encoder_num_heads=2,
-        encoder_ff_interm_features=64,
-        num_codebooks=2,
-        codebook_size=16,
+    cfg = cls(**{
+        "extractor_conv_layer_config": CONV,
+        "encoder_embed_dim": 32,
+        "encoder_num_layers": 3,
+        "encoder_num_heads": 2,
+        "encoder_ff_interm_features": 64,
+        "num_codebooks": 2,
+        "codebook_size": 16,
         **overrides,
-    )
+    })
     torch.manual_seed(seed)
     return build_model(cfg)
 

@@ -261,6 +261,8 @@ def test_unreadable_hf_directories(tmp_path) -> None:
 @pytest.mark.parametrize(("overrides", "field"), [
     ({"extractor_mode": "group_norm"}, "model.extractor_mode = 'group_norm'"),
     ({"encoder_layer_norm_first": True}, "model.encoder_layer_norm_first = true"),
+    ({"extractor_type": "log_mel", "extractor_conv_layer_config": ((40, 400, 320),)},
+     "model.extractor_type = 'log_mel'"),
 ])
 def test_inexact_exports_are_refused(tmp_path, overrides: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):

@@ -111,6 +111,13 @@ def test_single_positional_conv_is_refused(tmp_path) -> None:
     assert not (tmp_path / "spidr.pt").exists()
 
 
+def test_log_mel_front_end_is_refused(tmp_path) -> None:
+    model = tiny_model("spidr", extractor_type="log_mel", extractor_conv_layer_config=((40, 400, 320),))
+    with pytest.raises(ValueError, match=r"model\.extractor_type = 'log_mel'"):
+        export_s3prl(model, tmp_path / "spidr.pt")
+    assert not (tmp_path / "spidr.pt").exists()
+
+
 def _upstream_expert():
     try:
         from s3prl.upstream.data2vec.expert import UpstreamExpert

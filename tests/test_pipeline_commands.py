@@ -93,7 +93,7 @@ def test_probe_separates_the_two_tones_from_mfcc_and_reports_every_representatio
     for row in rows:
         by_model.setdefault(row["model"], {})[row["representation"]] = row
     assert set(by_model) == {"tiny", "MFCC", "tiny (random init)"}
-    assert list(by_model["tiny"]) == ["conv", "projection", "layer_01", "layer_02", "layer_03"]
+    assert list(by_model["tiny"]) == ["front_end", "projection", "layer_01", "layer_02", "layer_03"]
     mfcc = by_model["MFCC"]["mfcc"]
     assert mfcc["num_test_utterances"] == 1
     assert mfcc["num_train_frames"] == 3 * 49

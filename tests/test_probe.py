@@ -96,8 +96,8 @@ def test_front_end_outputs_are_the_same_in_a_padded_batch_and_alone():
     batched = extract_batch(model, waves, settings, front_end=True)
     for wave, together in zip(waves, batched, strict=True):
         alone = extract_batch(model, [wave], settings, front_end=True)[0]
-        assert set(together) == {"conv", "projection", "layer_01", "layer_03"}
-        assert together["conv"].shape == (alone["conv"].shape[0], 32)
+        assert set(together) == {"front_end", "projection", "layer_01", "layer_03"}
+        assert together["front_end"].shape == (alone["front_end"].shape[0], 32)
         for key in together:
             np.testing.assert_allclose(together[key], alone[key], atol=1e-5)
     # the projection is what the Transformer reads: the model's own feature function agrees

@@ -166,6 +166,9 @@ class ModelConfig:
     extractor_mode: Literal["layer_norm", "group_norm"] = "layer_norm"  # fairseq extractor_mode ("default"=group)
     extractor_conv_bias: bool = False  # conv_bias
     extractor_conv_layer_config: tuple[ConvLayer, ...] = DEFAULT_CONV_LAYERS  # conv_feature_layers
+    # (spidr addition) "log_mel": the first extractor_conv_layer_config entry [num_mels, window, hop] is a fixed
+    # log-mel filterbank (the MFCC baseline's, before its DCT) instead of a learned conv; later entries stay convs.
+    extractor_type: Literal["conv", "log_mel"] = "conv"
     encoder_embed_dim: int = 768
     encoder_projection_dropout: float = 0.0  # dropout_input
     encoder_pos_conv_kernel: int = 95  # conv_pos
@@ -207,6 +210,10 @@ class ModelConfig:
     # frame instead of only the masked, scored ones (official). At small batch sizes a codeword sees ~2.5x more
     # frames per step, so its centroid is less noisy; the loss still scores the masked frames only.
     codebook_update_frames: Literal["masked", "all"] = "masked"
+    # > 0 (needs extractor_type = "log_mel"): in training the student's input spectrum is warped per utterance by a
+    # factor drawn from [1 − w, 1 + w] (VTLP: formants and pitch move as for another speaker) while the teacher reads
+    # the clean input, so the targets the student must predict do not change with the speaker.
+    student_frequency_warp: float = 0.0
 
     def __post_init__(self) -> None:
         section = "model"
@@ -221,6 +228,15 @@ class ModelConfig:
             len(self.extractor_conv_layer_config) >= 1,
             f"{section}.extractor_conv_layer_config is empty; expected at least one [channels, kernel, stride]",
         )
+        if self.extractor_type == "log_mel":
+            num_mels, window, _ = self.extractor_conv_layer_config[0]
+            num_bins = (1 << (window - 1).bit_length()) // 2 + 1
+            require(
+                window >= 2 and num_mels <= num_bins,
+                f"{section}.extractor_conv_layer_config[0] = {list(self.extractor_conv_layer_config[0])} must be "
+                f"[num_mels, window, hop] of a log-mel filterbank (extractor_type = 'log_mel'): window >= 2 samples "
+                f"and num_mels <= {num_bins} frequency bins",
+            )
         for name in ("encoder_embed_dim", "encoder_num_layers", "encoder_num_heads", "encoder_ff_interm_features",
                      "codebook_size", "num_codebooks", "encoder_pos_conv_depth", "encoder_pos_conv_groups",
                      "encoder_pos_conv_kernel"):
@@ -251,6 +267,16 @@ class ModelConfig:
         require(self.freeze_step >= 0, f"{section}.freeze_step = {self.freeze_step} must be >= 0")
         require(
             self.feature_grad_mult >= 0.0, f"{section}.feature_grad_mult = {self.feature_grad_mult} must be >= 0"
+        )
+        require(
+            0.0 <= self.student_frequency_warp < 0.25,
+            f"{section}.student_frequency_warp = {self.student_frequency_warp} must be in [0, 0.25) (a relative "
+            "frequency change; 0 turns the warp off)",
+        )
+        require(
+            self.student_frequency_warp == 0.0 or self.extractor_type == "log_mel",
+            f"{section}.student_frequency_warp = {self.student_frequency_warp} needs {section}.extractor_type = "
+            f"'log_mel' (the warp acts on the filterbank); got {section}.extractor_type = {self.extractor_type!r}",
         )
         require(
             self.codebook_dead_threshold >= 0.0,

@@ -100,12 +100,28 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
     cfg = load_config(settings.config, overrides)
     final = cfg.run.run_dir / "final.pt"
     if final.is_file():
+        _check_same_model(final, cfg.model, settings.config)
         logger.info("reusing the trained model %s (delete it to train again)", final)
         return final
     outcome = train(cfg)
     if outcome != "completed" or not final.is_file():
         raise RuntimeError(f"training stopped before the end ({outcome}); run the demo again to resume it")
     return final
+
+
+def _check_same_model(final: Path, model_cfg, config: Path) -> None:
+    """Refuse to reuse a model trained with another architecture or recipe (e.g. before the config changed)."""
+    from dataclasses import fields
+
+    from spidr.models.loading import read_checkpoint
+
+    trained = read_checkpoint(final).config
+    changed = [f.name for f in fields(model_cfg) if getattr(trained, f.name) != getattr(model_cfg, f.name)]
+    if changed:
+        raise RuntimeError(
+            f"{final} was trained with another model config than {config} (model.{', model.'.join(changed)} "
+            f"differ); delete {final.parent} to train the demo model again, or pass another --out"
+        )
 
 
 def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list]:

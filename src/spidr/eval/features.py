@@ -92,8 +92,9 @@ def extract_batch(
 
     Returns one dict per utterance: ``"layer_LL"`` → (T_i, D) float32 and, with codebooks, ``"units_LL"`` → (T_i,)
     int64 arg-max of layer LL's head. T_i = frames of S_i alone, so padding never changes a result. With
-    ``front_end``, also ``"conv"`` → (T_i, C), the conv front end's output, and ``"projection"`` → (T_i, D), the
-    Transformer's input (before its positional convolution), from the same forward pass.
+    ``front_end``, also ``"front_end"`` → (T_i, C), the front end's output (conv stack or log-mel), and
+    ``"projection"`` → (T_i, D), the Transformer's input (before its positional convolution), from the same forward
+    pass.
     """
     device = next(model.parameters()).device
     conv_layers = model.cfg.extractor_conv_layer_config
@@ -110,7 +111,7 @@ def extract_batch(
     captured: dict[str, torch.Tensor] = {}
     hooks = [] if not front_end else [
         module.register_forward_hook(lambda _m, _i, output, key=key: captured.__setitem__(key, output))
-        for key, module in (("conv", model.feature_extractor), ("projection", model.feature_projection))
+        for key, module in (("front_end", model.feature_extractor), ("projection", model.feature_projection))
     ]
     with _autocast(device, settings.dtype):
         try:

@@ -29,11 +29,17 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
 
 
+def mel_edges_hz(num_mels: int = NUM_MELS, sample_rate: int = SAMPLE_RATE, fmin: float = 20.0) -> np.ndarray:
+    """The num_mels + 2 corner frequencies (Hz) of the triangular filters, equally spaced on the HTK mel scale:
+    filter m rises from edge m to edge m + 1 and falls to edge m + 2."""
+    return _mel_to_hz(np.linspace(_hz_to_mel(np.array(fmin)), _hz_to_mel(np.array(sample_rate / 2)), num_mels + 2))
+
+
 def mel_filterbank(
     num_mels: int = NUM_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE, fmin: float = 20.0
 ) -> np.ndarray:
     """Triangular HTK-mel filters, shape (num_mels, n_fft // 2 + 1)."""
-    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(np.array(fmin)), _hz_to_mel(np.array(sample_rate / 2)), num_mels + 2))
+    edges_hz = mel_edges_hz(num_mels, sample_rate, fmin)
     bins_hz = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
     lower, centre, upper = edges_hz[:-2, None], edges_hz[1:-1, None], edges_hz[2:, None]
     rising = (bins_hz[None] - lower) / (centre - lower)

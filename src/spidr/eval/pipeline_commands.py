@@ -66,9 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "probe",
         help="phone probes per layer: frame accuracy and phone error rate of a classifier on frozen features",
         description="Train a linear (or one-hidden-layer) frame phone classifier on each representation of the model "
-        "— the conv front end's output, the projection that feeds the Transformer, every layer — and score it on "
-        "held-out utterances by frame accuracy, and a linear CTC head on each by phone error rate (greedy decoding, "
-        "silence removed; SUPERB's phone-recognition convention). "
+        "— the front end's output (conv stack or log-mel), the projection that feeds the Transformer, every layer — "
+        "and score it on held-out utterances by frame accuracy, and a linear CTC head on each by phone error rate "
+        "(greedy decoding, silence removed; SUPERB's phone-recognition convention). "
         "Writes probe.md, probe.json and probe.png.",
         formatter_class=FORMATTER,
     )

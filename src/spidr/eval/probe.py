@@ -3,10 +3,10 @@
 A frame classifier — linear, or one hidden layer — is trained on frozen features of each representation against
 frame phone labels, and scored on held-out utterances by its frame accuracy; beside it a linear CTC head (SUPERB's
 phone-recognition task: linear head, CTC over the phone sequence, greedy decoding) gives the phone error rate. The
-representations of a model are its conv front end's output (``conv``), the projection that feeds the Transformer
-(``projection``) and every Transformer layer (``layer_LL``, before the residual like ``spidr extract``); the same
-probes run on MFCC and on the model at random initialisation, so a table shows where information appears and where
-it goes.
+representations of a model are its front end's output (``front_end``: the conv stack or log-mel filterbank), the
+projection that feeds the Transformer (``projection``) and every Transformer layer (``layer_LL``, before the
+residual like ``spidr extract``); the same probes run on MFCC and on the model at random initialisation, so a table
+shows where information appears and where it goes.
 
 audio → representations of every utterance (``ModelFeaturizer`` / ``MfccFeaturizer``, one forward pass gives all of
 a model's) → training frames with labels (``collect_training_frames``, bounded by ``max_train_frames``) →
@@ -111,7 +111,7 @@ class ModelFeaturizer:
         layers = tuple(layers) if layers is not None else tuple(range(1, model.num_layers + 1))
         self.settings = ExtractionSettings(layers=layers, dtype=dtype)
         self.batch_seconds = batch_seconds
-        self.representations = ("conv", "projection", *(f"layer_{layer:02d}" for layer in layers))
+        self.representations = ("front_end", "projection", *(f"layer_{layer:02d}" for layer in layers))
         self.frame_rate = SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config)
 
     def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:

@@ -120,7 +120,7 @@ def _info(args: argparse.Namespace) -> int:
     print(
         f"architecture:    {cfg.encoder_num_layers} layers, dim {cfg.encoder_embed_dim}, "
         f"{cfg.encoder_num_heads} heads, FFN {cfg.encoder_ff_interm_features}, "
-        f"{len(cfg.extractor_conv_layer_config)} conv layers ({cfg.extractor_mode}), "
+        f"{_front_end(cfg)}, "
         f"{cfg.num_codebooks} codebooks × {cfg.codebook_size}, qkv bias {cfg.encoder_qkv_bias}"
     )
     print(f"non-default:     {changed if changed else 'none (base config)'}")
@@ -130,3 +130,13 @@ def _info(args: argparse.Namespace) -> int:
     print(f"                 {count(('teacher',)):,} teacher")
     print(f"                 {sum(b.numel() for b in model.buffers()):,} buffer values (codebooks, step)")
     return 0
+
+
+def _front_end(cfg) -> str:
+    """'7 conv layers (layer_norm)', or '80-band log-mel filterbank + 1 conv layer (layer_norm)'."""
+    layers = len(cfg.extractor_conv_layer_config)
+    if cfg.extractor_type == "log_mel":
+        convs = layers - 1
+        mels = f"{cfg.extractor_conv_layer_config[0][0]}-band log-mel filterbank"
+        return mels if convs == 0 else f"{mels} + {convs} conv layer{'s' * (convs > 1)} ({cfg.extractor_mode})"
+    return f"{layers} conv layers ({cfg.extractor_mode})"

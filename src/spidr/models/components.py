@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spidr.config import ConvLayer, ModelConfig
+from spidr.models.log_mel import LogMelFilterbank
 
 # --------------------------------------------------------------------------------------------------------------
 # Padding: one normalised form of the two mask conventions
@@ -104,6 +105,8 @@ class ConvFeatureExtractor(nn.Module):
 
     ``mode="layer_norm"``: an affine LayerNorm over channels after every conv (all released models).
     ``mode="group_norm"``: a GroupNorm with one group per channel after the first conv only (wav2vec 2.0 base).
+    ``log_mel=True``: the first layer [num_mels, window, hop] is a fixed log-mel filterbank
+    (``spidr.models.log_mel``) instead of a conv; the layers after it are convs as usual.
     """
 
     def __init__(
@@ -112,11 +115,16 @@ class ConvFeatureExtractor(nn.Module):
         *,
         mode: Literal["layer_norm", "group_norm"] = "layer_norm",
         conv_bias: bool = False,
+        log_mel: bool = False,
     ) -> None:
         super().__init__()
-        blocks = []
+        blocks: list[nn.Module] = []
         in_channels = 1
         for i, (channels, kernel, stride) in enumerate(conv_layers):
+            if log_mel and i == 0:
+                blocks.append(LogMelFilterbank(channels, kernel, stride))
+                in_channels = channels
+                continue
             conv = nn.Conv1d(in_channels, channels, kernel, stride=stride, bias=conv_bias)
             nn.init.kaiming_normal_(conv.weight)
             if mode == "layer_norm":
@@ -129,14 +137,31 @@ class ConvFeatureExtractor(nn.Module):
             in_channels = channels
         self.conv_layers = nn.ModuleList(blocks)
 
-    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """(B, S) float waveforms → (B, T, C); T = ``num_frames(S)``. Padding is not treated specially."""
+    def forward(self, waveforms: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) float waveforms → (B, T, C); T = ``num_frames(S)``. Padding is not treated specially.
+
+        ``warp``: per-utterance frequency-warp factors (B,) for a log-mel first layer (``LogMelFilterbank``)."""
         if waveforms.ndim != 2:
             raise ValueError(f"waveforms must have shape (B, S); got {tuple(waveforms.shape)}")
         x = waveforms[:, None, :]
-        for block in self.conv_layers:
-            x = block(x)
+        for i, block in enumerate(self.conv_layers):
+            if i == 0 and isinstance(block, LogMelFilterbank):
+                x = block(x, warp)
+            elif i == 0 and warp is not None:
+                raise ValueError("a frequency warp needs a log-mel first layer (model.extractor_type = 'log_mel')")
+            else:
+                x = block(x)
         return x.transpose(1, 2)
+
+
+def build_feature_extractor(cfg: ModelConfig) -> ConvFeatureExtractor:
+    """The front end of ``cfg``: conv layers, or a log-mel filterbank and convs (``extractor_type``)."""
+    return ConvFeatureExtractor(
+        cfg.extractor_conv_layer_config,
+        mode=cfg.extractor_mode,
+        conv_bias=cfg.extractor_conv_bias,
+        log_mel=cfg.extractor_type == "log_mel",
+    )
 
 
 class FeatureProjection(nn.Module):

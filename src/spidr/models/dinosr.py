@@ -22,10 +22,10 @@ from spidr import distributed
 from spidr.config import DinoSRConfig, ModelConfig
 from spidr.models.codebook import Codebook
 from spidr.models.components import (
-    ConvFeatureExtractor,
     FeatureProjection,
     FrameMasks,
     build_encoder,
+    build_feature_extractor,
     frame_masks,
     init_transformer_,
     scale_grad,
@@ -56,9 +56,7 @@ class DinoSR(nn.Module):
         dim, num_codebooks = cfg.encoder_embed_dim, cfg.num_codebooks
         # Creation order matters: extractor, projection, student, heads, codebooks, teacher, mask embedding
         # reproduces the official random draws, so a seeded build equals the official initial weights.
-        self.feature_extractor = ConvFeatureExtractor(
-            cfg.extractor_conv_layer_config, mode=cfg.extractor_mode, conv_bias=cfg.extractor_conv_bias
-        )
+        self.feature_extractor = build_feature_extractor(cfg)
         self.feature_projection = FeatureProjection(cfg.extractor_conv_layer_config[-1][0], dim)
         self.projection_dropout = nn.Dropout(cfg.encoder_projection_dropout)
         self.student = build_encoder(cfg)
@@ -95,8 +93,9 @@ class DinoSR(nn.Module):
     def num_codebooks(self) -> int:
         return len(self.codebooks)
 
-    def features(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """Projected conv features (B, T, D) of waveforms (B, S); no dropout, no masking."""
+    def features(self, waveforms: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected conv features (B, T, D) of waveforms (B, S); no dropout, no masking. ``warp``: per-utterance
+        frequency-warp factors (B,) of a log-mel front end (``student_frequency_warp``), None for none."""
         if waveforms.ndim != 2 or not waveforms.is_floating_point():
             raise ValueError(f"waveforms must be a float tensor of shape (B, S); got {waveforms.dtype} "
                              f"{tuple(waveforms.shape)}")
@@ -106,21 +105,31 @@ class DinoSR(nn.Module):
         grad_mult = self.cfg.feature_grad_mult
         if grad_mult == 0.0:
             with torch.no_grad():
-                x = self.feature_extractor(waveforms)
+                x = self.feature_extractor(waveforms, warp)
         else:
-            x = scale_grad(self.feature_extractor(waveforms), grad_mult)
+            x = scale_grad(self.feature_extractor(waveforms, warp), grad_mult)
         return self.feature_projection(x)
 
     def _student_outputs(self, x: torch.Tensor, masks: FrameMasks) -> list[torch.Tensor]:
         """The inputs (B, T, D) of the K heads: DinoSR feeds the student's final output to every head."""
         return [self.student(x, masks=masks)] * self.num_codebooks
 
+    def _student_warp(self, waveforms: torch.Tensor) -> torch.Tensor | None:
+        """Per-utterance frequency-warp factors (B,) drawn from [1 − w, 1 + w] in training, else None."""
+        width = self.cfg.student_frequency_warp
+        if not self.training or width == 0.0:
+            return None
+        return 1.0 + width * (2.0 * torch.rand(waveforms.shape[0], device=waveforms.device) - 1.0)
+
     @torch.no_grad()
-    def _teacher_features(self, waveforms: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """The teacher's input (B, T, D): the student's ``feats`` (official, shared front end), or with
-        ``teacher_feature_encoder = "ema"`` the output of the teacher's own EMA front end on ``waveforms``."""
+    def _teacher_features(
+        self, waveforms: torch.Tensor, feats: torch.Tensor, *, student_warped: bool = False
+    ) -> torch.Tensor:
+        """The teacher's input (B, T, D): the student's ``feats`` (official, shared front end; recomputed from the
+        clean ``waveforms`` when the student's were warped), or with ``teacher_feature_encoder = "ema"`` the output
+        of the teacher's own EMA front end on ``waveforms``."""
         if self.cfg.teacher_feature_encoder == "shared":
-            return feats
+            return self.features(waveforms) if student_warped else feats
         return self.teacher_feature_projection(self.teacher_feature_extractor(waveforms))
 
     @torch.no_grad()
@@ -153,7 +162,8 @@ class DinoSR(nn.Module):
         (K,), global over ranks), and ``num_frames`` (N on this rank, int64).
         In training mode the codebooks are updated from this batch (after their labels were taken).
         """
-        feats = self.features(waveforms)
+        warp = self._student_warp(waveforms)
+        feats = self.features(waveforms, warp)
         masks = frame_masks(feats, attention_mask=attention_mask, padding_mask=padding_mask)
         x = self.projection_dropout(feats)
         if mask is None:
@@ -167,7 +177,9 @@ class DinoSR(nn.Module):
             x = torch.where(mask[..., None], self.mask_embedding.to(x.dtype), x)
             scored = mask
         predictions = self._student_outputs(x, masks)
-        targets = self._teacher_targets(self._teacher_features(waveforms, feats), masks)
+        targets = self._teacher_targets(
+            self._teacher_features(waveforms, feats, student_warped=warp is not None), masks
+        )
 
         target_frames = [t[scored] for t in targets]  # K × (N, D)
         if (self.training and self.cfg.codebook_init == "data" and not self._codebooks_from_data

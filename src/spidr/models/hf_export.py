@@ -102,6 +102,11 @@ _HF_DEFAULTS: dict[str, Any] = {
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Raise ``ValueError`` naming the field if ``Data2VecAudioModel`` cannot compute ``cfg``'s student exactly."""
+    if cfg.extractor_type != "conv":
+        raise ValueError(
+            f"model.extractor_type = {cfg.extractor_type!r} cannot be exported to Hugging Face: Data2VecAudio's "
+            "front end is a stack of learned convs on the waveform, with no log-mel filterbank"
+        )
     if cfg.extractor_mode != "layer_norm":
         raise ValueError(
             f"model.extractor_mode = {cfg.extractor_mode!r} cannot be exported to Hugging Face exactly: "

@@ -57,6 +57,11 @@ def keymap(cfg: ModelConfig) -> KeyMap:
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Raise ``ValueError`` naming the field if s3prl's data2vec model cannot compute ``cfg``'s student exactly."""
+    if cfg.extractor_type != "conv":
+        raise ValueError(
+            f"model.extractor_type = {cfg.extractor_type!r} cannot be exported to s3prl: its data2vec front end is "
+            "a stack of learned convs on the waveform, with no log-mel filterbank"
+        )
     if cfg.encoder_pos_conv_depth == 1:
         raise ValueError(
             "model.encoder_pos_conv_depth = 1 cannot be exported to s3prl exactly: with pos_conv_depth 1 fairseq's "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from spidr.config import ModelConfig
-from spidr.models.components import ConvFeatureExtractor, FeatureProjection, build_encoder
+from spidr.models.components import FeatureProjection, build_encoder, build_feature_extractor
 from spidr.models.frames import num_frames
 
 
@@ -21,9 +21,7 @@ class Student(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.feature_extractor = ConvFeatureExtractor(
-            cfg.extractor_conv_layer_config, mode=cfg.extractor_mode, conv_bias=cfg.extractor_conv_bias
-        )
+        self.feature_extractor = build_feature_extractor(cfg)
         self.feature_projection = FeatureProjection(cfg.extractor_conv_layer_config[-1][0], cfg.encoder_embed_dim)
         self.student = build_encoder(cfg)
         # Unused at inference; kept so an export back to Hugging Face carries it (its masked_spec_embed).

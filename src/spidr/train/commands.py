@@ -58,11 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     plot = subparsers.add_parser(
         "plot-training",
-        help="plot loss, perplexity and active-codeword curves of a pretraining or unit-LM run (PNG files)",
+        help="plot loss, perplexity and active-codeword curves of pretraining or unit-LM runs (PNG files)",
+        description="Plot the curves of one run, or of several runs in the same figures (e.g. SpidR vs DinoSR: "
+        "codebook perplexity and active codewords per codebook over training), labelled by run directory name.",
         formatter_class=formatter,
     )
-    plot.add_argument("run_dir", help="run directory holding metrics.jsonl")
-    plot.add_argument("--out", default=None, help="output folder; RUN_DIR/plots when not given")
+    plot.add_argument("run_dir", nargs="+", help="run directory holding metrics.jsonl (several to compare them)")
+    plot.add_argument("--out", default=None, help="output folder; RUN_DIR/plots for one run, required for several")
     plot.set_defaults(handler=_plot)
 
 
