@@ -58,6 +58,15 @@ def test_hand_made_perfect_and_monotone_cases() -> None:
     assert cubic["pearson_r"] < 0.99
 
 
+def test_spearman_p_is_exact_for_few_points() -> None:
+    """Counted by hand: of the n! pairings, 2 reach |ρ| = 1, so a perfect ρ has p = 2 / n! (two-sided)."""
+    assert correlate([1, 2, 3], [5, 6, 9])["spearman_p"] == pytest.approx(2 / 6)
+    assert correlate([1, 2, 3, 4], [10, 8, 6, 4])["spearman_p"] == pytest.approx(2 / 24)
+    # ρ = 0.8 on 4 points: |ρ| >= 0.8 for 2 × (1 + 3) = 8 of the 24 pairings (ρ = ±1 and the three ρ = ±0.8).
+    assert correlate([1, 2, 3, 4], [1, 3, 2, 4])["spearman_rho"] == pytest.approx(0.8)
+    assert correlate([1, 2, 3, 4], [1, 3, 2, 4])["spearman_p"] == pytest.approx(8 / 24)
+
+
 def test_correlate_refuses_degenerate_input() -> None:
     with pytest.raises(ValueError, match="at least 3 points, got 2"):
         correlate([1, 2], [3, 4])

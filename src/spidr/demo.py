@@ -183,7 +183,8 @@ def probe(settings: DemoSettings, checkpoint: Path, train, test) -> Path:
     notes = [f"Linear frame phone classifiers trained on {rows[0].num_train_frames} frames of the training corpus "
              f"and scored on the test corpus ({rows[0].num_test_utterances} utterances, {rows[0].num_test_frames} "
              "frames). PER: a linear CTC head's greedy phone sequence against the reference phones, silence "
-             "removed. conv: the front end's output; projection: the Transformer's input."]
+             "removed. front_end: the front end's output (conv stack or log-mel filterbank); projection: the "
+             "Transformer's input."]
     return write_probe_report(rows, settings.out_dir / "report" / "probe", title="Phone probe", notes=notes)
 
 

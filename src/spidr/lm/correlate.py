@@ -11,6 +11,7 @@ ABX is an error rate, so it is expected to correlate negatively with LM accuracy
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,16 @@ logger = logging.getLogger(__name__)
 NUM_RESAMPLES = 1000
 
 Row = dict[str, str | float]
+
+
+EXACT_SPEARMAN_MAX_POINTS = 8  # up to 8! = 40,320 pairings: Spearman's p by exact permutation
+
+
+def _pearson_along(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pearson r of a and b along ``axis``."""
+    a = a - a.mean(axis=axis, keepdims=True)
+    b = b - b.mean(axis=axis, keepdims=True)
+    return (a * b).sum(axis=axis) / np.sqrt((a * a).sum(axis=axis) * (b * b).sum(axis=axis))
 
 
 def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -41,7 +52,7 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     "pearson_r_ci95": [low, high]}``; the CI is the percentile bootstrap over points (resampled with replacement,
     ``numpy.random.default_rng(seed)``), leaving out the resamples in which x or y is constant.
     """
-    from scipy.stats import linregress, pearsonr, spearmanr
+    from scipy.stats import linregress, pearsonr, rankdata, spearmanr
 
     x_array = np.asarray(x, dtype=np.float64)
     y_array = np.asarray(y, dtype=np.float64)
@@ -58,6 +69,14 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
 
     pearson = pearsonr(x_array, y_array)
     spearman = spearmanr(x_array, y_array)
+    spearman_p = float(spearman.pvalue)
+    if x_array.size <= EXACT_SPEARMAN_MAX_POINTS:
+        # scipy's p for ρ uses a t approximation that says p = 0 for a perfect ρ on 3 points; with few points the
+        # exact permutation p (all n! pairings) is cheap and honest: 1/3 for a perfect ρ on 3 points.
+        ranks_x, ranks_y = rankdata(x_array), rankdata(y_array)
+        pairings = np.array(list(itertools.permutations(range(x_array.size))))  # (n!, n)
+        rhos = _pearson_along(np.broadcast_to(ranks_x, pairings.shape), ranks_y[pairings])
+        spearman_p = float(np.mean(np.abs(rhos) >= abs(float(spearman.statistic)) - 1e-12))
     line = linregress(x_array, y_array)
     rng = np.random.default_rng(seed)
     index = rng.integers(0, x_array.size, size=(num_resamples, x_array.size))
@@ -69,7 +88,7 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
         "pearson_r": float(pearson.statistic),
         "pearson_p": float(pearson.pvalue),
         "spearman_rho": float(spearman.statistic),
-        "spearman_p": float(spearman.pvalue),
+        "spearman_p": spearman_p,
         "slope": float(line.slope),
         "intercept": float(line.intercept),
         "pearson_r_ci95": [float(low), float(high)],
