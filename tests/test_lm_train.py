@@ -97,12 +97,14 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> 
     while not path.is_file():
         if process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"{path} never appeared (exit {process.poll()})")
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = _config(tmp_path, "killed", optimizer={"max_steps": 30})
+    # 200 steps: the kill, sent once step 10 is saved, must land before the end even on a fast machine (with 30
+    # steps a CI machine once finished the run between the poll and the signal).
+    killed = _config(tmp_path, "killed", optimizer={"max_steps": 200})
     process = subprocess.Popen([sys.executable, "-m", "spidr", "lm-train", str(killed)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(tmp_path / "runs" / "killed" / "step_10.pt", process)
@@ -112,7 +114,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     subprocess.run([sys.executable, "-m", "spidr", "lm-train", str(killed)], env=env, check=True,
                    capture_output=True)
     subprocess.run([sys.executable, "-m", "spidr", "lm-train", str(_config(tmp_path, "straight",
-                    optimizer={"max_steps": 30}))], env=env, check=True, capture_output=True)
+                    optimizer={"max_steps": 200}))], env=env, check=True, capture_output=True)
     resumed = torch.load(tmp_path / "runs" / "killed" / "final.pt", weights_only=True)
     straight = torch.load(tmp_path / "runs" / "straight" / "final.pt", weights_only=True)
     for key, value in straight["model"].items():
