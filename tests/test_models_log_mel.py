@@ -16,10 +16,10 @@ from spidr.models.log_mel import LogMelFilterbank
 LOG_MEL = ((40, 400, 320),)
 
 
-def log_mel_model(seed: int = 0, conv=LOG_MEL):
+def log_mel_model(seed: int = 0, conv=LOG_MEL, **overrides):
     cfg = SpidRConfig(extractor_type="log_mel", extractor_conv_layer_config=conv, encoder_embed_dim=32,
                       encoder_num_layers=2, encoder_num_heads=2, encoder_ff_interm_features=64,
-                      encoder_pos_conv_groups=4, num_codebooks=2, codebook_size=16)
+                      encoder_pos_conv_groups=4, num_codebooks=2, codebook_size=16, **overrides)
     torch.manual_seed(seed)
     return build_model(cfg).eval()
 
@@ -134,12 +134,7 @@ def test_warp_map_fixes_zero_and_nyquist_and_is_monotonic() -> None:
 
 
 def test_in_training_the_student_reads_warped_input_and_the_teacher_the_clean_one() -> None:
-    cfg = SpidRConfig(extractor_type="log_mel", extractor_conv_layer_config=LOG_MEL, encoder_embed_dim=32,
-                      encoder_num_layers=2, encoder_num_heads=2, encoder_ff_interm_features=64,
-                      encoder_pos_conv_groups=4, num_codebooks=2, codebook_size=16, student_frequency_warp=0.2,
-                      encoder_dropout=0.0, encoder_attention_dropout=0.0)
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
+    model = log_mel_model(student_frequency_warp=0.2, encoder_dropout=0.0, encoder_attention_dropout=0.0).train()
     seen = {}
 
     def spy(name: str, method):

@@ -29,13 +29,6 @@ Row = dict[str, str | float]
 EXACT_SPEARMAN_MAX_POINTS = 8  # up to 8! = 40,320 pairings: Spearman's p by exact permutation
 
 
-def _pearson_along(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Pearson r of a and b along ``axis``."""
-    a = a - a.mean(axis=axis, keepdims=True)
-    b = b - b.mean(axis=axis, keepdims=True)
-    return (a * b).sum(axis=axis) / np.sqrt((a * a).sum(axis=axis) * (b * b).sum(axis=axis))
-
-
 def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Pearson r of every row of ``x`` (R, N) with the same row of ``y``; NaN for a constant row."""
     x = x - x.mean(axis=1, keepdims=True)
@@ -75,7 +68,7 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
         # exact permutation p (all n! pairings) is cheap and honest: 1/3 for a perfect ρ on 3 points.
         ranks_x, ranks_y = rankdata(x_array), rankdata(y_array)
         pairings = np.array(list(itertools.permutations(range(x_array.size))))  # (n!, n)
-        rhos = _pearson_along(np.broadcast_to(ranks_x, pairings.shape), ranks_y[pairings])
+        rhos = _pearson_rows(np.broadcast_to(ranks_x, pairings.shape), ranks_y[pairings])
         spearman_p = float(np.mean(np.abs(rhos) >= abs(float(spearman.statistic)) - 1e-12))
     line = linregress(x_array, y_array)
     rng = np.random.default_rng(seed)
