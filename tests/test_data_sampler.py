@@ -198,3 +198,28 @@ def test_large_epochs_are_planned_without_a_list_per_batch() -> None:
     assert isinstance(batches.flat, np.ndarray)
     assert batches.flat.size == lengths.size  # every utterance once (padding repeats batch ids, not indices)
     assert sum(len(b) for b in batches) == sum(len(b) for b in sampler.global_batches(0)[5::64])
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(2000, 50_000), min_size=1, max_size=150), num_buckets=st.integers(1, 30),
+       seed=st.integers(0, 5))
+def test_shuffled_epochs_walk_buckets_from_short_to_long(lengths: list[int], num_buckets: int, seed: int) -> None:
+    sampler = make(lengths, num_buckets=num_buckets, max_sample_size=None, seed=seed, max_batch_length=10**9)
+    flat = sampler.global_batches(0).flat  # one batch holds the epoch's whole order
+    buckets = dict(zip(sampler.indices.tolist(), sampler.buckets.tolist(), strict=True))
+    order = [buckets[index] for index in flat.tolist()]
+    assert order == sorted(order)
+    assert sorted(flat.tolist()) == sampler.indices.tolist()
+
+
+def test_each_bucket_is_shuffled_uniformly() -> None:
+    """Two buckets of three utterances: over 3,600 epochs every one of the 6 × 6 joint orders is about equally
+    frequent (expected 100 each) and the short bucket always comes first."""
+    from scipy.stats import chisquare
+
+    lengths = [20_000, 20_000, 20_000, 40_000, 40_000, 40_000]
+    sampler = make(lengths, num_buckets=2, max_sample_size=None, max_batch_length=10**9)
+    counts = Counter(tuple(sampler.global_batches(epoch).flat.tolist()) for epoch in range(3600))
+    assert all(set(order[:3]) == {0, 1, 2} for order in counts)
+    assert len(counts) == 36
+    assert chisquare(list(counts.values())).pvalue > 1e-3
