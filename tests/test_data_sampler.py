@@ -175,8 +175,8 @@ def test_vectorised_packing_is_the_greedy_rule(lengths: list[int], budget: int, 
     for block in (sampler_module.SEARCH_BLOCK, 1, 7):  # blocked search: blocks of one or a few starts too
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(sampler_module, "SEARCH_BLOCK", block)
-            flat, bounds = sampler._pack(order)
-        assert [flat[a:b].tolist() for a, b in itertools.pairwise(bounds)] == expected
+            bounds = sampler._bounds(sampler.clipped[order])  # nothing dropped or clipped: positions = indices
+        assert [order[a:b].tolist() for a, b in itertools.pairwise(bounds)] == expected
 
 
 @settings(max_examples=60, deadline=None)

@@ -166,11 +166,6 @@ class BucketBatchSampler:
     # The batches of one epoch
     # ----------------------------------------------------------------------------------------------------------
 
-    def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy packing of kept items (positions into ``self.indices``) in ``order``; returns (dataset indices in
-        batch order, batch bounds)."""
-        return self.indices[order], self._bounds(self.clipped[order])
-
     def _bounds(self, lengths: np.ndarray) -> np.ndarray:
         """Batch bounds of the greedy packing of ``lengths`` (clipped, in batch order): a batch takes items while its
         cost stays within ``max_batch_length`` (always at least one); one ``searchsorted`` per block or batch
