@@ -147,10 +147,12 @@ class BucketBatchSampler:
         # every group, so its permutations and gathers stay within one bucket's slice, in cache. One permutation of
         # all items followed by a sort by bucket (the earlier way, same distribution) cost 30× the time at 16× the
         # utterances, its random accesses missing the cache once the arrays outgrow it.
+        # The kept items are stored in that grouped order only (dataset indices ascending inside each bucket), so
+        # the sampler holds one copy of its per-item arrays.
         grouping = np.argsort(self.buckets, kind="stable")
         self._group_bounds = np.concatenate([[0], np.cumsum(np.bincount(self.buckets, minlength=num_buckets))])
-        self._grouped_indices = self.indices[grouping]
-        self._grouped_lengths = self.clipped[grouping]
+        self.indices, self.clipped = self.indices[grouping], self.clipped[grouping]
+        self.buckets = self.buckets[grouping]
         self.max_batch_length = max_batch_length
         self.seed = seed
         self.rank = rank
@@ -187,11 +189,11 @@ class BucketBatchSampler:
     def _shuffled_by_bucket(self, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(dataset indices, clipped lengths) of the kept items, bucket by bucket from short to long, each bucket in
         a uniformly random order."""
-        positions = np.empty(self._grouped_indices.size, dtype=np.int64)
+        positions = np.empty(self.indices.size, dtype=np.int64)
         starts, ends = self._group_bounds[:-1], self._group_bounds[1:]
         for start, end in zip(starts[ends > starts].tolist(), ends[ends > starts].tolist(), strict=True):
             positions[start:end] = torch.randperm(end - start, generator=generator).numpy() + start
-        return self._grouped_indices[positions], self._grouped_lengths[positions]
+        return self.indices[positions], self.clipped[positions]
 
     def _plan(self, epoch: int) -> Batches:
         """Every rank's batches of ``epoch`` in order, padded (or cut) to a multiple of the world size."""
@@ -199,7 +201,7 @@ class BucketBatchSampler:
         if self.shuffle:
             flat, lengths = self._shuffled_by_bucket(generator)
         else:
-            order = np.lexsort((np.arange(len(self.indices)), self.clipped))
+            order = np.lexsort((self.indices, self.clipped))  # by clipped length, ties by dataset index
             flat, lengths = self.indices[order], self.clipped[order]
         bounds = self._bounds(lengths)
         count = bounds.size - 1
