@@ -379,6 +379,19 @@ def run_child(stage: str, scale: float, work: Path) -> list[dict[str, Any]]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def median_rows(repeats: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The first run's rows with seconds and CPU seconds replaced by their medians over the repeats."""
+    rows = [dict(row) for row in repeats[0]]
+    for k, row in enumerate(rows):
+        for key in ("seconds", "cpu_seconds"):
+            values = [run[k][key] for run in repeats if k < len(run) and key in run[k]]
+            if values:
+                row[key] = float(np.median(values))
+        if len(repeats) > 1 and "seconds" in row:
+            row["runs"] = len(repeats)
+    return rows
+
+
 def print_table(stage: str, results: dict[float, list[dict[str, Any]]]) -> None:
     first = results[min(results)]
     print(f"\n### {stage}\n")
@@ -407,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stages", nargs="*", choices=[*STAGES, []], help="stages to run (default: all)")
     parser.add_argument("--scales", default="1,4,16", help="comma-separated multiples of the 1× size")
     parser.add_argument("--work", default="/tmp/spidr-scale", help="scratch folder (ABX features are cached here)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="fresh-process runs per (stage, scale), interleaved over the scales; the table shows "
+                             "each part's median seconds and CPU seconds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-abx", type=float, help=argparse.SUPPRESS)
@@ -425,8 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
     for stage in args.stages or STAGES:
-        results = {scale: run_child(stage, scale, work) for scale in map(float, args.scales.split(","))}
-        print_table(stage, results)
+        scales = [float(scale) for scale in args.scales.split(",")]
+        runs: dict[float, list[list[dict[str, Any]]]] = {scale: [] for scale in scales}
+        for _ in range(args.repeat):  # round-robin, so that a noisy spell of the machine hits every scale
+            for scale in scales:
+                runs[scale].append(run_child(stage, scale, work))
+        print_table(stage, {scale: median_rows(repeats) for scale, repeats in runs.items()})
     return 0
 
 
