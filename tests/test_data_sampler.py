@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spidr.data import sampler as sampler_module
-from spidr.data.sampler import BucketBatchSampler, _bucket_ids
+from spidr.data.sampler import BucketBatchSampler, _bucket_ids, _group_by_bucket
 
 
 def random_lengths(n: int = 300, seed: int = 0) -> list[int]:
@@ -189,6 +189,19 @@ def test_uniform_buckets_by_division_match_the_edges(lengths: list[int], num_buc
     array = np.concatenate([array, on_edges[(on_edges >= array.min()) & (on_edges <= array.max())]])
     expected = np.minimum(np.searchsorted(edges[1:], array, side="left"), num_buckets - 1)
     np.testing.assert_array_equal(_bucket_ids(array, num_buckets, "uniform"), expected)
+
+
+@given(buckets=st.lists(st.integers(0, 40), min_size=1, max_size=300),
+       block_size=st.sampled_from([1, 2, 7, 64, 1 << 15]))
+def test_blocked_grouping_is_the_stable_sort_by_bucket(buckets: list[int], block_size: int) -> None:
+    keys = np.asarray(buckets, dtype=np.int16)
+    values = np.random.default_rng(len(buckets)).integers(0, 10**6, size=keys.size).astype(np.int32)
+    (indices, grouped), bounds = _group_by_bucket(keys, 41, (np.arange(keys.size), values), block_size=block_size)
+    order = np.argsort(keys, kind="stable")  # the independent truth: numpy's stable sort
+    np.testing.assert_array_equal(indices, order)
+    np.testing.assert_array_equal(grouped, values[order])
+    assert grouped.dtype == np.int32
+    np.testing.assert_array_equal(bounds, np.searchsorted(keys[order], np.arange(42), side="left"))
 
 
 def test_large_epochs_are_planned_without_a_list_per_batch() -> None:

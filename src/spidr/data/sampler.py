@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 # Queries per block of the packing's searchsorted: each block searches only the slice of the cumulative lengths its
 # batches can end in, which stays in cache (one search over 4.5M sorted values cost 46x the 281k one, not 16x).
 SEARCH_BLOCK = 1 << 16
+# Items per block of the grouping by bucket: each block is sorted in cache and then copied out in runs, one per
+# bucket (a stable sort of all items at once, then gathers through it, cost 50x the 281k time at 16x the items).
+GROUP_BLOCK = 1 << 15
 
 
 def _bucket_ids(lengths: np.ndarray, num_buckets: int, method: Literal["uniform", "percentile"]) -> np.ndarray:
@@ -43,7 +46,7 @@ def _bucket_ids(lengths: np.ndarray, num_buckets: int, method: Literal["uniform"
         # Computed block by block so the temporaries stay in cache (fresh full-size arrays cost more in page faults
         # than the arithmetic).
         width = (edges[-1] - edges[0]) / num_buckets
-        ids = np.empty(lengths.size, dtype=np.int64)
+        ids = np.empty(lengths.size, dtype=_bucket_type(num_buckets))
         for first in range(0, lengths.size, SEARCH_BLOCK):
             block = lengths[first : first + SEARCH_BLOCK]
             guess = np.clip(np.ceil((block - edges[0]) / width).astype(np.int64) - 1, 0, num_buckets - 1)
@@ -55,7 +58,36 @@ def _bucket_ids(lengths: np.ndarray, num_buckets: int, method: Literal["uniform"
         edges = np.percentile(lengths, np.linspace(0, 100, num_buckets + 1))
     else:
         raise ValueError(f"data.bucket_method = {method!r} is invalid: expected 'uniform' or 'percentile'")
-    return np.minimum(np.searchsorted(edges[1:], lengths, side="left"), num_buckets - 1)
+    ids = np.minimum(np.searchsorted(edges[1:], lengths, side="left"), num_buckets - 1)
+    return ids.astype(_bucket_type(num_buckets))
+
+
+def _bucket_type(num_buckets: int) -> type[np.signedinteger]:
+    """int16 bucket ids where they fit: numpy's stable argsort of 16-bit keys is a radix sort."""
+    return np.int16 if num_buckets <= np.iinfo(np.int16).max else np.int64
+
+
+def _group_by_bucket(buckets: np.ndarray, num_buckets: int, columns: Sequence[np.ndarray], *,
+                     block_size: int = GROUP_BLOCK) -> tuple[list[np.ndarray], np.ndarray]:
+    """``columns`` (each (N,), aligned with ``buckets``) reordered by bucket, stably (item order kept inside a bucket),
+    and the (num_buckets + 1,) bounds of each bucket's slice. The same result as gathering every column through
+    ``np.argsort(buckets, kind="stable")``, computed block by block: each block's stable sort runs in cache, and its
+    items of bucket k go to one contiguous run after the earlier blocks' items of bucket k."""
+    size = buckets.size
+    firsts = range(0, size, block_size)
+    counts = np.stack([np.bincount(buckets[first : first + block_size], minlength=num_buckets) for first in firsts])
+    bounds = np.concatenate([[0], np.cumsum(counts.sum(0))])
+    run_starts = bounds[:-1] + np.cumsum(counts, axis=0) - counts  # (blocks, buckets): where each block's run goes
+    outputs = [np.empty(size, dtype=column.dtype) for column in columns]
+    for block, first in enumerate(firsts):
+        keys = buckets[first : first + block_size]
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        start_in_block = np.cumsum(counts[block]) - counts[block]
+        destination = run_starts[block][sorted_keys] + (np.arange(order.size) - start_in_block[sorted_keys])
+        for output, column in zip(outputs, columns, strict=True):
+            output[destination] = column[first : first + block_size][order]
+    return outputs, bounds
 
 
 def _greedy_bounds(lengths: np.ndarray, budget: int, longest_batch: int) -> list[int]:
@@ -131,28 +163,34 @@ class BucketBatchSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size = {world_size})")
         all_lengths = np.asarray(lengths, dtype=np.int64)
-        self.indices = np.flatnonzero(all_lengths >= min_sample_size)
-        if len(self.indices) == 0:
+        kept = all_lengths >= min_sample_size
+        num_kept = int(np.count_nonzero(kept))
+        if num_kept == 0:
             raise ValueError(f"none of the {len(all_lengths)} utterances is at least data.min_sample_size = "
                              f"{min_sample_size} samples long")
-        dropped = len(all_lengths) - len(self.indices)
+        dropped = len(all_lengths) - num_kept
         if dropped:
             logger.info("dropped %d of %d utterances shorter than %d samples", dropped, len(all_lengths),
                         min_sample_size)
         clip = max_sample_size if max_sample_size is not None else int(all_lengths.max())
-        self.clipped = np.minimum(all_lengths[self.indices], clip)
-        buckets = _bucket_ids(self.clipped, num_buckets, bucket_method)
-        self.buckets = buckets.astype(np.int16 if num_buckets <= np.iinfo(np.int16).max else np.int64)
-        # Kept items grouped by bucket once (a stable radix sort of the small ids): each epoch then shuffles inside
-        # every group, so its permutations and gathers stay within one bucket's slice, in cache. One permutation of
-        # all items followed by a sort by bucket (the earlier way, same distribution) cost 30× the time at 16× the
-        # utterances, its random accesses missing the cache once the arrays outgrow it.
-        # The kept items are stored in that grouped order only (dataset indices ascending inside each bucket), so
-        # the sampler holds one copy of its per-item arrays.
-        grouping = np.argsort(self.buckets, kind="stable")
-        self._group_bounds = np.concatenate([[0], np.cumsum(np.bincount(self.buckets, minlength=num_buckets))])
-        self.indices, self.clipped = self.indices[grouping], self.clipped[grouping]
-        self.buckets = self.buckets[grouping]
+        # Per-item arrays in 32 bits where they fit: the grouping below and each epoch's shuffle move half the bytes.
+        index_type = np.int32 if len(all_lengths) <= np.iinfo(np.int32).max else np.int64
+        length_type = np.int32 if clip <= np.iinfo(np.int32).max else np.int64
+        if dropped:
+            kept_indices = np.flatnonzero(kept).astype(index_type)
+            clipped = np.minimum(all_lengths[kept_indices], clip).astype(length_type)
+        else:
+            kept_indices = np.arange(num_kept, dtype=index_type)
+            clipped = np.minimum(all_lengths, clip).astype(length_type)
+        buckets = _bucket_ids(clipped, num_buckets, bucket_method)
+        # Kept items grouped by bucket once, stably: each epoch then shuffles inside every group, so its permutations
+        # and gathers stay within one bucket's slice, in cache. One permutation of all items followed by a sort by
+        # bucket (the earlier way, same distribution) cost 30× the time at 16× the utterances, its random accesses
+        # missing the cache once the arrays outgrow it. The kept items are stored in that grouped order only
+        # (dataset indices ascending inside each bucket), so the sampler holds one copy of its per-item arrays.
+        (self.indices, self.clipped), self._group_bounds = _group_by_bucket(buckets, num_buckets,
+                                                                           (kept_indices, clipped))
+        del buckets, kept_indices, clipped
         self.max_batch_length = max_batch_length
         self.seed = seed
         self.rank = rank
@@ -163,6 +201,12 @@ class BucketBatchSampler:
         self.epoch = 0
         self.position = 0  # batches of ``epoch`` already handed out (consumed)
         self._cache: tuple[int, Batches] | None = None
+
+    @property
+    def buckets(self) -> np.ndarray:
+        """(num kept,) bucket id of each kept item, in the stored (grouped) order."""
+        counts = np.diff(self._group_bounds)
+        return np.repeat(np.arange(counts.size, dtype=_bucket_type(counts.size)), counts)
 
     # ----------------------------------------------------------------------------------------------------------
     # The batches of one epoch
