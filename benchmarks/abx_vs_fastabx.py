@@ -7,7 +7,9 @@ scores them (triphone, context within, angular distance, max_size_group 10, max_
 within every round, so that a noisy machine slows both alike; the table gives the median over rounds and the ratio.
 
 fastabx needs Python ≥ 3.12 on PyPI; point ``--fastabx-python`` at any interpreter that imports it (a venv of its
-own). Without it, only spidr is timed.
+own). Without it, only spidr is timed. (The README's figures used fastabx and torchdtw built from source on Python
+3.11 with torch 2.13: their PEP 695 type aliases rewritten as plain assignments, and the DTW lengths passed as int64,
+which that torchdtw build reads.)
 
     .venv/bin/python benchmarks/abx_vs_fastabx.py --hours 1 --rounds 3 --fastabx-python /path/to/venv/bin/python
 """

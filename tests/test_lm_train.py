@@ -285,6 +285,10 @@ def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
     study = json.loads((tmp_path / "study" / "spoken_lm.json").read_text())
     assert [row["name"] for row in study["rows"]] == ["phone oracle (LSTM)", "untrained LSTM (phones, 5 seeds)",
                                                        "phone bigram", "tiny L2", "tiny (random init) L2"]
+    for name in ("tiny-l2", "tiny--random-init--l2"):
+        # the vocabulary is the codebook, also where the training units leave codewords unused
+        info = torch.load(tmp_path / "study" / "lms" / name / "final.pt", weights_only=True)["lm"]
+        assert info["num_units"] == cfg.codebook_size
     for row in study["rows"][3:]:
         assert -1e-6 <= row["pnmi"] <= 1.0  # a one-unit code has MI 0 up to the eps
         assert 0.0 <= row["unit_abx_across"] <= 100.0

@@ -189,14 +189,16 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
             write_model_units(study_model.model, bench.out_dir, model_dir, layers=study_model.layers,
                               centroids=centroids, dtype=settings.dtype)
             done.touch()
+        # The LM's vocabulary is the unit inventory, not the units its training set happens to use: a test item
+        # may hold a codeword that no training utterance does.
+        num_units = settings.kmeans or study_model.model.cfg.codebook_size
         for layer in study_model.layers:
             name = f"{study_model.name} L{layer}"
             layer_dir = model_dir / f"layer_{layer:02d}"
-            run = _train(name, layer_dir, out_dir, settings)
+            run = _train(name, layer_dir, out_dir, settings, (f"data.num_units={num_units}",))
             results = _score(name, run / "final.pt", layer_dir, out_dir, **common)
-            quality = study_model.quality.get(layer) or measure_quality(
-                layer_dir, bench, num_units=settings.kmeans or study_model.model.cfg.codebook_size,
-                kind=settings.kind)
+            quality = study_model.quality.get(layer) or measure_quality(layer_dir, bench, num_units=num_units,
+                                                                        kind=settings.kind)
             rows.append(_row(name, study_model.name, layer, results, quality))
     source = settings.quality_source or ("PNMI of the benchmark's training units; unit ABX (triphones, context "
                                          f"within) on its syntactic {settings.kind} split")

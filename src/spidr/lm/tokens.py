@@ -134,7 +134,9 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
             array = np.asarray(values, dtype=np.int64)
             if num_units is not None and array.size and int(array.max()) >= num_units:
                 raise ValueError(f"{where}: unit {int(array.max())} of {stem!r} is out of range: the LM has "
-                                 f"{num_units} units")
+                                 f"{num_units} units (when data.num_units is 0, lm-train takes 1 + the largest "
+                                 "unit of its training file; set it to the inventory size, e.g. the codebook size "
+                                 "or k of k-means)")
             sequences[stem] = array
     if dedup:
         sequences = {stem: deduplicate(seq) for stem, seq in sequences.items()}
