@@ -307,3 +307,16 @@ def test_the_untrained_copy_holds_the_initial_weights(tmp_path):
         assert torch.equal(untrained["model"][key], value), key
         assert not torch.equal(final["model"][key], value) or "bias" in key
     assert load_lm(tmp_path / "untrained.pt")[1]["step"] == 0
+
+
+def test_the_study_reuses_an_lm_only_when_its_config_is_the_same(tmp_path):
+    from spidr.lm.study import _check_reusable
+
+    path = _config(tmp_path, "reuse", optimizer={"max_steps": 5})
+    cfg = load_lm_config(path)
+    train_lm(cfg)
+    final = cfg.run.run_dir / "final.pt"
+    _check_reusable(final, cfg.to_dict())  # same config: reused
+    other = load_lm_config(path, ["data.num_units=12"])
+    with pytest.raises(ValueError, match=r"data\.num_units: 0 → 12.*delete"):
+        _check_reusable(final, other.to_dict())

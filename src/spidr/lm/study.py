@@ -77,13 +77,30 @@ def _train(name: str, units_dir: Path, out_dir: Path, settings: StudySettings, e
     cfg = load_lm_config(settings.lm_config, [*settings.lm_overrides, *extra,
                                               f'data.train="{units_dir / "train.jsonl"}"',
                                               f'run.workdir="{out_dir / "lms"}"', f'run.name="{_slug(name)}"'])
-    if not (cfg.run.run_dir / "final.pt").is_file():
+    final = cfg.run.run_dir / "final.pt"
+    if final.is_file():
+        _check_reusable(final, cfg.to_dict())
+    else:
         started = time.perf_counter()
         outcome = train_lm(cfg)
         if outcome != "completed":
             raise RuntimeError(f"training of the {name} LM stopped ({outcome}); run again to resume it")
         logger.info("trained the %s LM in %.0f s", name, time.perf_counter() - started)
     return cfg.run.run_dir
+
+
+def _check_reusable(final: Path, config: Mapping[str, Any]) -> None:
+    """Refuse to reuse a trained LM whose config differs from the one this study would train (e.g. a study folder
+    from an earlier spidr, or other ``--set`` overrides), naming the fields that differ."""
+    from spidr.lm.train import lm_checkpoint_summary
+
+    saved = lm_checkpoint_summary(final)["config"]
+    changed = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} → {value!r}"
+               for section, values in config.items() for key, value in values.items()
+               if saved.get(section, {}).get(key) != value]
+    if changed:
+        raise ValueError(f"{final} was trained with another config ({'; '.join(changed)}); delete "
+                         f"{final.parent} to train it again, or give the study another --out")
 
 
 def _score(name: str, checkpoint: Path, units_dir: Path, out_dir: Path, *, bench: LmBenchInfo,
