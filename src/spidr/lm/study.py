@@ -93,11 +93,10 @@ def _check_reusable(final: Path, config: Mapping[str, Any]) -> None:
     """Refuse to reuse a trained LM whose config differs from the one this study would train (e.g. a study folder
     from an earlier spidr, or other ``--set`` overrides), naming the fields that differ."""
     from spidr.lm.train import lm_checkpoint_summary
+    from spidr.train.runtime import config_diff
 
-    saved = lm_checkpoint_summary(final)["config"]
-    changed = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} → {value!r}"
-               for section, values in config.items() for key, value in values.items()
-               if saved.get(section, {}).get(key) != value]
+    changed = [f"{name}: {old!r} → {new!r}"
+               for name, old, new in sorted(config_diff(lm_checkpoint_summary(final)["config"], config))]
     if changed:
         raise ValueError(f"{final} was trained with another config ({'; '.join(changed)}); delete "
                          f"{final.parent} to train it again, or give the study another --out")

@@ -41,16 +41,18 @@ def write_config(config: dict[str, Any], run_dir: Path) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             old = {}
-        changed = sorted(_diff(old, config))
+        changed = sorted(name for name, _, _ in config_diff(old, config))
         if changed:
             logger.warning("config differs from the run's previous config.json in: %s", ", ".join(changed))
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted name, old value, new value) of every setting that differs between two nested config dicts (a key
+    missing on one side counts as None there)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in set(old) | set(new) for d in _diff(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
+        return [d for key in set(old) | set(new) for d in config_diff(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def seed_everything(seed: int) -> None:
