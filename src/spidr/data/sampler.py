@@ -176,12 +176,8 @@ class BucketBatchSampler:
         # Per-item arrays in 32 bits where they fit: the grouping below and each epoch's shuffle move half the bytes.
         index_type = np.int32 if len(all_lengths) <= np.iinfo(np.int32).max else np.int64
         length_type = np.int32 if clip <= np.iinfo(np.int32).max else np.int64
-        if dropped:
-            kept_indices = np.flatnonzero(kept).astype(index_type)
-            clipped = np.minimum(all_lengths[kept_indices], clip).astype(length_type)
-        else:
-            kept_indices = np.arange(num_kept, dtype=index_type)
-            clipped = np.minimum(all_lengths, clip).astype(length_type)
+        kept_indices = np.flatnonzero(kept).astype(index_type)
+        clipped = np.minimum(all_lengths[kept_indices], clip).astype(length_type)
         buckets = _bucket_ids(clipped, num_buckets, bucket_method)
         # Kept items grouped by bucket once, stably: each epoch then shuffles inside every group, so its permutations
         # and gathers stay within one bucket's slice, in cache. One permutation of all items followed by a sort by
