@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ pytestmark = [
 ]
 
 TINY = LmBenchSettings(train_utterances=21, splits=("dev",), syntactic_pairs_per_type=4, tsc_pairs=3,
-                       max_lexical_words=8)
+                       max_lexical_words=8, seen_voices=("awb",))
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -70,6 +71,30 @@ def test_layout_and_gold_files(bench):
             assert row.length == len(row.phones.split())
 
 
+def test_seen_voices_speak_the_same_lexical_pairs(bench):
+    """lexical_seen/ holds the lexical pairs (same ids, words, nonwords, frequencies) spoken by the seen training
+    voice instead of the held-out ones, under file names of its own."""
+    held_out = read_lexical_gold(bench.task_dir("lexical", "dev") / "gold.csv")
+    seen = read_lexical_gold(bench.out_dir / "lexical_seen" / "dev" / "gold.csv")
+    assert {row.voice for row in seen} == {"awb"}
+    def pairs(rows):
+        return {(row.id, row.word, row.phones, row.frequency, row.correct) for row in rows}
+
+    assert pairs(seen) == pairs(held_out)
+    assert not {row.filename for row in seen} & {row.filename for row in held_out}
+    assert {p.stem for p in (bench.out_dir / "lexical_seen" / "dev").glob("*.wav")} == {row.filename for row in seen}
+    assert (bench.out_dir / "lexical_seen" / "dev" / "frame_labels_20ms.jsonl").is_file()
+
+
+def test_seen_voices_change_no_other_file(bench, tmp_path):
+    """The diagnostic only adds lexical_seen/: every other file is the one a benchmark without it has."""
+    plain = generate_lm_bench(tmp_path / "plain", replace(TINY, seen_voices=()), jobs=2)
+    without_seen = {name: digest for name, digest in _digest(bench.out_dir).items()
+                    if not name.startswith("lexical_seen/")}
+    assert _digest(plain.out_dir) == without_seen
+    assert "seen_voices" not in plain.parameters  # benchmarks made before the option stay reusable
+
+
 def test_flite_speaks_the_given_phones_exactly(bench):
     """The alignment of an rms (flite) item holds exactly the gold phones between silences."""
     folder = bench.task_dir("lexical", "dev")
@@ -103,6 +128,8 @@ def test_training_stories_are_spoken_with_pauses_between_sentences(bench):
 def test_refusals_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="both training and test voices"):
         LmBenchSettings(test_voices=("slt",))
+    with pytest.raises(ValueError, match=r"seen voice\(s\) rms are not training voices"):
+        LmBenchSettings(seen_voices=("rms",))
     with pytest.raises(ValueError, match="festival takes text only"):
         LmBenchSettings(train_voices=("kal_diphone",)).voices()
     assert main(["synth-lm-bench", str(tmp_path / "x"), "--splits", "dev,val"]) == 2

@@ -448,6 +448,23 @@ def test_evaluate_benchmark_over_the_layout(tmp_path: Path) -> None:
                                                 ["1-5", "0", "", ""]]
 
 
+def test_seen_voice_lexical_is_scored_as_lexical_under_its_own_names(tmp_path: Path) -> None:
+    """lexical_seen/ (synth-lm-bench --seen-voices) follows the lexical rules exactly: the same gold rows and scores
+    placed there give the lexical numbers, reported as swuggy_seen_*, beside the held-out ones."""
+    bench, submission, gold = write_benchmark(tmp_path)
+    seen_scores = {row.filename: -float(i % 3) for i, row in enumerate(gold["lexical"])}  # another scoring
+    write_lexical_gold(bench / "lexical_seen" / "dev" / "gold.csv", gold["lexical"])
+    write_submission(submission / "lexical_seen" / "dev.txt", seen_scores)
+    summary = evaluate_benchmark(bench, submission, kind="dev", out_dir=tmp_path / "scores")
+    alone = evaluate_lexical(gold["lexical"], seen_scores)
+    assert summary["swuggy_seen_all"] == pytest.approx(100 * alone.accuracies["swuggy_all"].score)
+    assert summary["swuggy_seen_invocab"] == pytest.approx(100 * alone.accuracies["swuggy_invocab"].score)
+    assert summary["swuggy_all"] == pytest.approx(100 * (0.5 + 1 + 0.875) / 3)  # the held-out task is untouched
+    assert summary["swuggy_seen_all"] != summary["swuggy_all"]
+    assert set(summary["details"]["lexical_seen"]["accuracy"]) == {"swuggy_seen_all", "swuggy_seen_invocab"}
+    assert (tmp_path / "scores" / "score_lexical_seen_dev_by_frequency.csv").is_file()
+
+
 def test_cli_json_prints_one_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench, submission, _ = write_benchmark(tmp_path)
     assert cli.main(["lm-eval", str(bench), str(submission), "--kind", "dev", "--json"]) == 0

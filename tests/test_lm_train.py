@@ -292,7 +292,11 @@ def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
     for row in study["rows"][3:]:
         assert -1e-6 <= row["pnmi"] <= 1.0  # a one-unit code has MI 0 up to the eps
         assert 0.0 <= row["unit_abx_across"] <= 100.0
-    assert "| tiny L2 |" in capsys.readouterr().out
+    # the seen-voice diagnostic (on by default): the lexical pairs spoken by training voices, scored for every LM
+    assert all(0.0 <= row["swuggy_seen_invocab"] <= 100.0 for row in study["rows"])
+    out = capsys.readouterr().out
+    assert "| tiny L2 |" in out
+    assert "sWUGGY in-vocab, training voices % |" in out
 
 
 def test_the_untrained_copy_holds_the_initial_weights(tmp_path):
@@ -320,3 +324,34 @@ def test_the_study_reuses_an_lm_only_when_its_config_is_the_same(tmp_path):
     other = load_lm_config(path, ["data.num_units=12"])
     with pytest.raises(ValueError, match=r"data\.num_units: 0 → 12.*delete"):
         _check_reusable(final, other.to_dict())
+
+
+def test_a_demo_study_remakes_a_stale_benchmark_and_drops_what_came_from_it(tmp_path, monkeypatch):
+    """A study folder whose benchmark was made with other settings: the demo (rebuild_stale) makes it again and
+    deletes the units, LMs and scores derived from the old one; lm-study (the default) leaves it to the generator,
+    which refuses it."""
+    from spidr.corpus.lm_bench import INFO_JSON, LmBenchSettings, bench_parameters
+    from spidr.lm import study
+
+    calls = []
+    monkeypatch.setattr(study, "generate_lm_bench", lambda path, settings, jobs=None, overwrite=False:
+                        calls.append((path, settings, overwrite)))
+    wanted = LmBenchSettings(train_utterances=10, seen_voices=("awb",))
+    old = {"format": 1, **{k: v for k, v in bench_parameters(wanted).items() if k != "seen_voices"}}
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / INFO_JSON).write_text(json.dumps({"parameters": old, "counts": {}}))
+    for name in (*study.DERIVED, "keep"):
+        (tmp_path / name).mkdir()
+    study._benchmark(tmp_path, study.StudySettings(bench=wanted))
+    assert calls.pop() == (tmp_path / "bench", wanted, False)  # not stale-tolerant: the generator decides (refuses)
+    assert all((tmp_path / name).is_dir() for name in study.DERIVED)
+    study._benchmark(tmp_path, study.StudySettings(bench=wanted, rebuild_stale=True))
+    assert calls.pop() == (tmp_path / "bench", wanted, True)
+    assert not any((tmp_path / name).exists() for name in study.DERIVED)
+    assert (tmp_path / "keep").is_dir()
+    # the same settings: reused as they are, derived files kept
+    (tmp_path / "units").mkdir()
+    (tmp_path / "bench" / INFO_JSON).write_text(json.dumps({"parameters": bench_parameters(wanted), "counts": {}}))
+    study._benchmark(tmp_path, study.StudySettings(bench=wanted, rebuild_stale=True))
+    assert calls.pop() == (tmp_path / "bench", wanted, False)
+    assert (tmp_path / "units").is_dir()

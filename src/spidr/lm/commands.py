@@ -19,6 +19,8 @@ SET_HELP = "override a config value, e.g. --set optimizer.max_steps=2000 (repeat
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
+    from spidr.corpus.lm_bench import SEEN_VOICES
+
     units = subparsers.add_parser(
         "lm-units",
         help="unit files of every set of a spoken-LM benchmark (train and test), from a model or the phone oracle",
@@ -63,8 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score = subparsers.add_parser(
         "lm-score",
         help="score every test item with a trained unit LM; writes ZeroSpeech 2021 submission files",
-        description="Read UNITS_DIR/<task>/<split>.jsonl (task lexical, syntactic, tsc or ssc) and write "
-        "SUBMISSION_DIR/<task>/<split>.txt ('<stem> <score>' per item) plus scores.jsonl with both normalisations.",
+        description="Read UNITS_DIR/<task>/<split>.jsonl (task lexical, syntactic, tsc, ssc or lexical_seen) and "
+        "write SUBMISSION_DIR/<task>/<split>.txt ('<stem> <score>' per item) plus scores.jsonl with both "
+        "normalisations.",
         formatter_class=FORMATTER,
     )
     score.add_argument("checkpoint", metavar="CKPT", help="LM checkpoint (<run dir>/final.pt)")
@@ -100,6 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--tsc-pairs", type=int, default=None, help="tSC story pairs")
     study.add_argument("--lexical-words", type=int, default=None,
                        help="only this many vocabulary words (and a quarter as many OOV words) in the lexical task")
+    study.add_argument("--seen-voices", default=",".join(SEEN_VOICES),
+                       help="training voices that also speak the lexical pairs (sWUGGY on voices the LM heard: did "
+                       "it learn words at all, whatever its units do on a new voice); '' for none")
     study.add_argument("--kind", choices=["dev", "test"], default="dev", help="split to score")
     study.add_argument("--lm-config", default=None, help="LM config (default: the built-in LSTM of "
                        "configs/lm-lstm.toml)")
@@ -202,7 +208,8 @@ def _study(args: argparse.Namespace) -> int:
                                              ("syntactic_pairs_per_type", args.syntactic_pairs),
                                              ("tsc_pairs", args.tsc_pairs),
                                              ("max_lexical_words", args.lexical_words)) if value is not None}
-    bench = replace(LmBenchSettings(), splits=(args.kind,), **sizes)
+    seen_voices = tuple(name.strip() for name in args.seen_voices.split(",") if name.strip())
+    bench = replace(LmBenchSettings(), splits=(args.kind,), seen_voices=seen_voices, **sizes)
     settings = StudySettings(bench=bench, lm_config=Path(args.lm_config) if args.lm_config else None,
                              lm_overrides=tuple(args.overrides), kind=args.kind, jobs=args.jobs, kmeans=args.kmeans,
                              dtype=args.dtype)

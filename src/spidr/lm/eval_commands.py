@@ -13,7 +13,7 @@ FORMATTER = HelpFormatter
 
 # The breakdowns shown by the readable lm-eval report, per task (the JSON output and --out have all of them).
 SHOWN_BREAKDOWNS = {"lexical": ("by_frequency",), "syntactic": ("by_type",), "tsc": ("by_type",),
-                    "ssc": ("by_type",)}
+                    "ssc": ("by_type",), "lexical_seen": ("by_frequency",)}
 
 
 def _format(value: object, digits: int = 2) -> str:
@@ -109,7 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "BENCH_DIR/{lexical,syntactic}/KIND/gold.csv and BENCH_DIR/{tsc,ssc}/KIND/ (gold.csv or "
         "{n}_{id}_{correct|incorrect}.wav names), exactly as the ZeroSpeech 2021 toolkit: tie = 1/2, mean over "
         "voices per pair id, then over ids; in-vocab = the frequency bands other than oov. Scores are in percent, "
-        "with 95% bootstrap CIs over pair ids and binomial p-values against chance.",
+        "with 95% bootstrap CIs over pair ids and binomial p-values against chance. A benchmark made with "
+        "spidr synth-lm-bench --seen-voices also has lexical_seen/ (the lexical pairs spoken by training voices), "
+        "reported as swuggy_seen_all / swuggy_seen_invocab.",
         formatter_class=FORMATTER,
     )
     parser.add_argument("bench_dir", metavar="BENCH_DIR", help="benchmark root (lexical/, syntactic/, tsc/, ssc/)")

@@ -30,7 +30,7 @@ import csv
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,10 @@ from spidr.lm.zerospeech import (
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("lexical", "syntactic", "tsc", "ssc")
-HEADLINES = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc", "ssc")
+# lexical_seen: the synthetic benchmark's lexical pairs spoken by voices the LM was trained on (a diagnostic with no
+# ZeroSpeech counterpart), scored as lexical with its headlines renamed swuggy_seen_*.
+TASKS = ("lexical", "syntactic", "tsc", "ssc", "lexical_seen")
+HEADLINES = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc", "ssc", "swuggy_seen_all", "swuggy_seen_invocab")
 NUM_RESAMPLES = 1000
 
 
@@ -359,7 +361,7 @@ def evaluate_storycloze(gold: Sequence[StoryClozeItem], scores: Mapping[str, flo
 def _find_gold(task: str, gold_dir: Path) -> tuple[list[GoldItem], Path] | None:
     """The task's gold rows and the file (or folder) they come from; None when the benchmark lacks the task."""
     gold_file = gold_dir / "gold.csv"
-    if task == "lexical":
+    if task in ("lexical", "lexical_seen"):
         return (read_lexical_gold(gold_file), gold_file) if gold_file.is_file() else None
     if task == "syntactic":
         return (read_syntactic_gold(gold_file), gold_file) if gold_file.is_file() else None
@@ -376,6 +378,10 @@ def evaluate_task(task: str, gold: Sequence[GoldItem], scores: Mapping[str, floa
     match task:
         case "lexical":
             return evaluate_lexical(gold, scores, where=where, seed=seed)
+        case "lexical_seen":
+            result = evaluate_lexical(gold, scores, where=where, seed=seed)
+            accuracies = {name.replace("swuggy_", "swuggy_seen_"): value for name, value in result.accuracies.items()}
+            return replace(result, task=task, accuracies=accuracies)
         case "syntactic":
             return evaluate_syntactic(gold, scores, where=where, seed=seed)
         case "tsc" | "ssc":
@@ -388,9 +394,9 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
                        out_dir: str | Path | None = None, seed: int = 0) -> dict:
     """Score every task of a ZeroSpeech-2021-style benchmark that has both a gold and a submission file.
 
-    Looks for ``bench_dir/{lexical,syntactic}/{kind}/gold.csv`` and ``bench_dir/{tsc,ssc}/{kind}/`` (a ``gold.csv``
-    or ``*_correct.wav`` / ``*_incorrect.wav`` files), scored by ``submission_dir/{task}/{kind}.txt``. A task whose
-    submission is absent is skipped with a warning; an incomplete submission is an error.
+    Looks for ``bench_dir/{lexical,syntactic,lexical_seen}/{kind}/gold.csv`` and ``bench_dir/{tsc,ssc}/{kind}/``
+    (a ``gold.csv`` or ``*_correct.wav`` / ``*_incorrect.wav`` files), scored by ``submission_dir/{task}/{kind}.txt``.
+    A task whose submission is absent is skipped with a warning; an incomplete submission is an error.
 
     Returns a JSON-serialisable dict: the headline numbers in percent at the top level (``swuggy_all``,
     ``swuggy_invocab``, ``sblimp``, ``tsc``, ``ssc``, each only when computed) and ``details``, one entry per scored

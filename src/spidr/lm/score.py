@@ -5,10 +5,11 @@ log p(u_1 … u_n, EOS | BOS) = Σ_t log p(token_t | tokens_<t) over the n + 1 p
 and ``mean`` divides it by n + 1 (the SpidR paper's and slamkit's length normalisation, the default). Items are
 scored in padded batches sorted by length, both normalisations in one pass.
 
-Input layout: ``UNITS_DIR/<task>/<split>.jsonl`` (task ``lexical``, ``syntactic``, ``tsc`` or ``ssc``; split ``dev`` or
-``test``), each a units or frame-label file of that test set. Output: ``SUBMISSION_DIR/<task>/<split>.txt`` with one
-``<stem> <score>`` line per item (what ``spidr lm-eval`` and the ZeroSpeech toolkit read) and
-``SUBMISSION_DIR/scores.jsonl`` with both normalisations and the token count of every item.
+Input layout: ``UNITS_DIR/<task>/<split>.jsonl`` (task ``lexical``, ``syntactic``, ``tsc``, ``ssc`` or
+``lexical_seen``; split ``dev`` or ``test``), each a units or frame-label file of that test set. Output:
+``SUBMISSION_DIR/<task>/<split>.txt`` with one ``<stem> <score>`` line per item (what ``spidr lm-eval`` and the
+ZeroSpeech toolkit read) and ``SUBMISSION_DIR/scores.jsonl`` with both normalisations and the token count of every
+item.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from spidr.lm.train import load_lm, read_lm_units
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("lexical", "syntactic", "tsc", "ssc")
+TASKS = ("lexical", "syntactic", "tsc", "ssc", "lexical_seen")  # lexical_seen: spidr synth-lm-bench --seen-voices
 SPLITS = ("dev", "test")
 
 

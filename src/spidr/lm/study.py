@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,13 +33,15 @@ from typing import Any
 
 import torch
 
-from spidr.corpus.lm_bench import LmBenchInfo, LmBenchSettings, generate_lm_bench
+from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
 from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
 from spidr.lm.train import write_untrained
 
 logger = logging.getLogger(__name__)
 
-LM_METRICS = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc")
+# swuggy_seen_invocab: sWUGGY on voices the LM was trained on (a benchmark made with seen_voices), the lexical
+# number that does not also need units that carry over to a new voice.
+LM_METRICS = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc", "swuggy_seen_invocab")
 QUALITY_METRICS = ("unit_abx_within", "unit_abx_across", "pnmi")
 
 
@@ -63,6 +66,9 @@ class StudySettings:
     jobs: int | None = None
     quality_source: str = ""  # where given unit-quality figures come from (for the report)
     kmeans: int = 0  # > 0: k-means units, this many centroids per layer fitted on the training set (not codebooks)
+    # True (the demo, whose study folder is a cache): a benchmark made with other settings is made again, and every
+    # unit file, LM and score derived from it is deleted first. False: such a folder is refused.
+    rebuild_stale: bool = False
 
 
 def _slug(text: str) -> str:
@@ -175,10 +181,27 @@ def _row(name: str, model: str, layer: int | None, results: dict[str, Any],
     return row
 
 
+DERIVED = ("units", "lms", "submissions", "scores")  # what the study makes from its benchmark
+
+
+def _benchmark(out_dir: Path, settings: StudySettings) -> LmBenchInfo:
+    """The study's benchmark in ``out_dir/bench``, made or reused; see ``StudySettings.rebuild_stale``."""
+    bench_dir = out_dir / "bench"
+    stale = ((bench_dir / INFO_JSON).is_file()
+             and LmBenchInfo.load(bench_dir).parameters != bench_parameters(settings.bench))
+    if stale and settings.rebuild_stale:
+        logger.warning("%s was made with other settings: making it again, with every unit file and LM of %s",
+                       bench_dir, out_dir)
+        for name in DERIVED:
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+        return generate_lm_bench(bench_dir, settings.bench, jobs=settings.jobs, overwrite=True)
+    return generate_lm_bench(bench_dir, settings.bench, jobs=settings.jobs)
+
+
 def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: StudySettings = StudySettings()) -> Path:
     """The whole study (see the module docstring); returns the path of ``spoken_lm.md``."""
     out_dir = Path(out_dir)
-    bench = generate_lm_bench(out_dir / "bench", settings.bench, jobs=settings.jobs)
+    bench = _benchmark(out_dir, settings)
     units_root = out_dir / "units"
     rows = []
     oracle_dir = units_root / "oracle"
@@ -255,13 +278,16 @@ def _with_ci(row: Mapping[str, Any], metric: str) -> str:
 def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]], bench: LmBenchInfo,
              kind: str, quality_source: str) -> str:
     counts = {task: bench.counts.get(f"{task}/{kind}", {}).get("pairs") for task in ("lexical", "syntactic", "tsc")}
+    seen = bench.parameters.get("seen_voices") or []
+    seen_header, seen_rule = (" sWUGGY in-vocab, training voices % |", "---|") if seen else ("", "")
     lines = [
-        "| units | unit ABX across % | PNMI | sWUGGY all % | sWUGGY in-vocab % | sBLIMP % | tSC % |",
-        "|---|---|---|---|---|---|---|",
+        "| units | unit ABX across % | PNMI | sWUGGY all % | sWUGGY in-vocab % | sBLIMP % | tSC % |" + seen_header,
+        "|---|---|---|---|---|---|---|" + seen_rule,
     ]
     lines += [f"| {row['name']} | {_fmt(row.get('unit_abx_across'))} | {_fmt(row.get('pnmi'), 3)} | "
               f"{_with_ci(row, 'swuggy_all')} | {_with_ci(row, 'swuggy_invocab')} | "
-              f"{_with_ci(row, 'sblimp')} | {_with_ci(row, 'tsc')} |" for row in rows]
+              f"{_with_ci(row, 'sblimp')} | {_with_ci(row, 'tsc')} |"
+              + (f" {_with_ci(row, 'swuggy_seen_invocab')} |" if seen else "") for row in rows]
     text = [
         f"Synthetic benchmark `{bench.out_dir}`, split {kind}: {counts['lexical']} lexical pairs (words vs balanced "
         f"nonwords), {counts['syntactic']} syntactic minimal pairs, {counts['tsc']} tSC story pairs, spoken by the "
@@ -269,7 +295,10 @@ def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]
         f"{bench.counts['train']['hours']:.2f} h. Accuracies in %, with 95 % bootstrap intervals over pairs; "
         f"chance is 50 %. Every LM has the same config and budget; scores are mean log-likelihoods per token. "
         f"Unit quality: {quality_source}. The untrained row averages {UNTRAINED_SEEDS} random initialisations of "
-        "the oracle's LSTM; its brackets give their range.",
+        "the oracle's LSTM; its brackets give their range."
+        + (f" The last column scores the same lexical pairs spoken by {', '.join(seen)}, voices of the LM's "
+           "training set: an LM that learnt words wins there even when its units do not carry over to a new voice."
+           if seen else ""),
         "",
         *lines,
     ]
@@ -297,7 +326,7 @@ def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: 
             writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
     points = [dict(r) for r in rows if r.get("pnmi") is not None and r.get("swuggy_invocab") is not None]
     plots = [plot_scatter(points, c["x"], c["y"], out_dir / f"{c['y']}_vs_{c['x']}.png") for c in corr
-             if c["y"] == "swuggy_invocab" and c["x"] in ("unit_abx_across", "pnmi")]
+             if c["y"] in ("swuggy_invocab", "swuggy_seen_invocab") and c["x"] in ("unit_abx_across", "pnmi")]
     path = out_dir / "spoken_lm.md"
     body = markdown(rows, corr, bench, kind, quality_source)
     path.write_text("# Spoken language modelling on the units\n\n" + body + "\n\n" +

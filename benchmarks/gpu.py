@@ -1,0 +1,646 @@
+"""One-shot GPU benchmark of the SpidR trainer: per-GPU training speed, MFU and memory, and the data loader's speed.
+
+    bash benchmarks/gpu.sh [JSON_PATH]              # on a GPU machine: every job, ≈ 5 minutes at most
+    python benchmarks/gpu.py --smoke                # on a CPU: a tiny model, to check the script itself
+
+Jobs (each in a fresh process with its own time limit, so that a crash, an out-of-memory error or a compilation that
+runs too long costs only its own row):
+
+* ``spidr``, ``dinosr``: the base model (``SpidRConfig()`` / ``DinoSRConfig()``) trained with bf16 autocast;
+* ``spidr-compile``, ``dinosr-compile``: the same with ``run.compile`` (``torch.compile(dynamic=True)``, in place);
+* ``loader``: the training DataLoader (``spidr.data.loader.build_dataloader`` with the training data settings)
+  alone, over a synthetic corpus of audio files, as the training loop consumes it.
+
+A model job times exactly what ``spidr train`` runs per step: ``spidr.train.loop.train_step`` (forward with the
+codebook update, backward, clipping, AdamW step, scheduler step, teacher EMA) with the model, optimizer, scheduler,
+precision and compilation that ``train()`` sets up from the same config. Its batches are the first ``--batches``
+batches the training DataLoader makes from the synthetic corpus (bucketed, cropped to ``data.max_sample_size``,
+at most ``data.max_batch_length`` = 3.8 M samples each, span-masked), moved to the GPU beforehand; timed steps
+cycle through them.
+
+The synthetic corpus: utterance lengths drawn LibriSpeech-960-shaped (``workload.librispeech_lengths``: 0.8-35 s,
+mean 12.3 s, most 12-17 s), white noise written as 16-bit files; each file is listed ``--copies`` times in the
+manifest, so that length buckets hold many utterances of nearly the same length, as in the real corpus, and
+batches waste little audio to cropping.
+
+Per job: audio seconds trained per second on this GPU (all timed steps' audio ÷ their wall time), the median step
+time (CUDA events between steps), MFU = achieved FLOP/s ÷ ``--peak-tflops`` with the issue's 56.7 GFLOP per
+audio second for a base training step, and with the FLOPs counted by ``torch.utils.flop_counter`` over one eager
+pass of the batches (a cross-check of that figure), the peak GPU memory (``torch.cuda.max_memory_allocated``) and,
+for compiled jobs, the compilation time (the warm-up's wall time beyond that of as many steady steps). Warm-up
+steps (one pass over the batches, so that every batch shape is compiled before timing) are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# train_step and workload are sibling benchmark modules (this folder is sys.path[0] when the script runs): the first
+# registers the FLOP formulas of PyTorch's CPU attention kernels on import (the CUDA ones are known to the counter),
+# the second draws LibriSpeech-shaped lengths.
+import numpy as np
+import soundfile as sf
+import torch
+import train_step as _cpu_attention_flop_formulas  # noqa: F401
+from torch.utils.flop_counter import FlopCounterMode
+from workload import librispeech_lengths
+
+from spidr.config import Config, DataConfig, DinoSRConfig, MaskingConfig, ModelConfig, RunConfig, SpidRConfig
+from spidr.data import SAMPLE_RATE
+from spidr.data.collate import Batch
+from spidr.data.loader import build_dataloader, usable_workers
+from spidr.data.manifest import ManifestEntry, write_manifest
+from spidr.models.build import build_model
+from spidr.train import loop
+from spidr.train.environment import DistributedEnvironment
+from spidr.train.optim import build_optimizer, build_scheduler
+from spidr.train.precision import Precision, resolve_precision
+from spidr.train.runtime import configure_numerics, seed_everything
+
+ISSUE_GFLOP_PER_AUDIO_SECOND = 56.7  # issue 10: one base training step (forward + backward) per second of audio
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 tensor cores
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # as in the table
+    model: str  # "spidr" / "dinosr", or "" for the loader
+    compile: bool = False
+
+
+JOBS = {
+    "spidr": Job("SpidR base, bf16", "spidr"),
+    "spidr-compile": Job("SpidR base, bf16 + compile", "spidr", compile=True),
+    "dinosr": Job("DinoSR base, bf16", "dinosr"),
+    "dinosr-compile": Job("DinoSR base, bf16 + compile", "dinosr", compile=True),
+    "loader": Job("data loader alone", ""),
+}
+# The order jobs run in: cheap and sure first, so that slow compilations take only what time is left.
+RUN_ORDER = ("spidr", "dinosr", "loader", "spidr-compile", "dinosr-compile")
+# Shares of the remaining time limit: a compiled job has its compilation to fit in too.
+TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "spidr-compile": 2.5, "dinosr-compile": 2.5}
+
+# --smoke: a tiny model (2 layers × 64 dims, 32-channel extractor with the base strides, so the same frame rate) on
+# 2-row batches of 2 s crops; everything else is the base recipe.
+SMOKE_MODEL = {
+    "extractor_conv_layer_config": ((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2,
+    "encoder_embed_dim": 64,
+    "encoder_num_layers": 2,
+    "encoder_num_heads": 2,
+    "encoder_ff_interm_features": 128,
+    "num_codebooks": 2,
+    "codebook_size": 32,
+}
+SMOKE_DATA = {"max_sample_size": 2 * SAMPLE_RATE, "max_batch_length": 4 * SAMPLE_RATE, "num_workers": 1}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs: the training recipe, with the synthetic corpus as data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def model_config(model: str, *, smoke: bool) -> ModelConfig:
+    """The base config of ``model`` ("spidr" or "dinosr"), or its tiny ``--smoke`` version."""
+    cfg = SpidRConfig() if model == "spidr" else DinoSRConfig()
+    return dataclasses.replace(cfg, **SMOKE_MODEL) if smoke else cfg
+
+
+def data_config(manifest: str, *, smoke: bool, **changes: Any) -> DataConfig:
+    """The training data settings (``DataConfig()`` defaults: ≤ 3.8 M samples per batch, 20 s crops, 10 workers) over
+    ``manifest``."""
+    return DataConfig(manifest=manifest, **(SMOKE_DATA if smoke else {}), **changes)
+
+
+def run_config(job: str, manifest: str, workdir: str, *, smoke: bool, device: torch.device) -> Config:
+    """A whole training config for ``job``: what ``train()`` would be given (optimizer defaults: bf16 autocast)."""
+    model = model_config(JOBS[job].model, smoke=smoke)
+    return Config(
+        run=RunConfig(workdir=workdir, wandb_project="gpu-benchmark", wandb_name=job, model_type=model.model_type,
+                      compile=JOBS[job].compile, device=device.type),
+        data=data_config(manifest, smoke=smoke),
+        model=model,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The synthetic corpus (written once by the parent process, read by every job)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_corpus(directory: Path, *, files: int, copies: int, audio_format: str, seed: int = 0) -> Path:
+    """``files`` noise files of LibriSpeech-shaped lengths in ``directory``, and a CSV manifest listing each file
+    ``copies`` times (distinct file ids). Returns the manifest's path."""
+    rng = np.random.default_rng(seed)
+    entries = []
+    for i, num_samples in enumerate(librispeech_lengths(files, seed=seed).tolist()):
+        path = directory / f"u{i:05d}.{audio_format}"
+        noise = rng.normal(0.0, 0.1, num_samples).astype(np.float32)
+        sf.write(path, noise, SAMPLE_RATE, subtype="PCM_16")
+        entries += [ManifestEntry(f"u{i:05d}-{c}", str(path), num_samples) for c in range(copies)]
+    return write_manifest(entries, directory / "manifest.csv")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A model job: set up as train() does, count FLOPs, warm up, time train_step
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """What ``train()`` builds before its step loop (single process)."""
+
+    model: torch.nn.Module  # unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    precision: Precision
+    step: int = 0  # optimizer steps taken
+
+
+def build_trainer(cfg: Config, device: torch.device) -> Trainer:
+    """The model, optimizer (fused AdamW on CUDA), scheduler and precision of a fresh run, in ``train()``'s order."""
+    configure_numerics(device, deterministic=cfg.run.use_deterministic)
+    torch.manual_seed(cfg.run.random_seed)
+    model = build_model(cfg.model).to(device)
+    seed_everything(cfg.run.random_seed)
+    precision = resolve_precision(cfg.optimizer.dtype, device)
+    optimizer = build_optimizer(model, cfg.optimizer, device=device)
+    return Trainer(model, optimizer, build_scheduler(optimizer, cfg.optimizer), precision.make_scaler(), precision)
+
+
+def first_batches(cfg: Config, count: int, device: torch.device) -> list[Batch]:
+    """The first ``count`` batches of the training DataLoader (read in this process), on ``device``.
+
+    Each batch: waveforms (B, S) float32 with B × S ≤ data.max_batch_length, mask (B, T) bool.
+    """
+    loader, _ = build_dataloader(dataclasses.replace(cfg.data, num_workers=0), cfg.masking,
+                                 conv_layers=cfg.model.extractor_conv_layer_config)
+    batches = loop._batches(loader)
+    return [next(batches).to(device) for _ in range(count)]
+
+
+def wrap_like_trainer(trainer: Trainer, cfg: Config, device: torch.device, backend: str) -> torch.nn.Module:
+    """The model as ``train()`` steps it (``loop._wrap``: compiled in place with dynamic shapes when run.compile is
+    set, on CUDA). The trainer compiles on CUDA only; on a CPU, or with another backend than inductor (``--smoke``
+    uses "eager" to test this path quickly), the same call is made here."""
+    if cfg.run.compile and (device.type != "cuda" or backend != "inductor"):
+        trainer.model.compile(dynamic=True, backend=backend)
+        return trainer.model
+    return loop._wrap(trainer.model, cfg, DistributedEnvironment(), device)
+
+
+def run_steps(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], count: int, *, max_norm: float,
+              start: int = 0) -> Iterator[loop.StepOutput]:
+    """``count`` training steps exactly as the training loop takes them, cycling through ``batches`` from index
+    ``start``; a step skipped for a non-finite loss does not count as taken, as in the loop."""
+    for i in range(start, start + count):
+        out = loop.train_step(model, [batches[i % len(batches)]], trainer.optimizer, trainer.scheduler,
+                              step=trainer.step, precision=trainer.precision, scaler=trainer.scaler,
+                              max_norm=max_norm)
+        if not out.skipped:
+            trainer.step += 1
+        yield out
+
+
+def count_flops(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], *, max_norm: float) -> float:
+    """FLOPs per second of audio of a training step, counted over one eager step per batch (matmuls, convolutions
+    and attention, forward and backward; the optimizer's element-wise work is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        audio = sum(float(out.metrics["audio_seconds"]) for out in run_steps(model, trainer, batches, len(batches),
+                                                                            max_norm=max_norm))
+    return counter.get_total_flops() / audio
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compiled_graphs() -> int | None:
+    """Graphs compiled so far by torch.compile in this process (a private counter: None if it moved)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError, TypeError):
+        return None
+
+
+def time_steps(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], *, steps: int, warmup: int,
+               max_norm: float, device: torch.device, deadline: float, report: dict[str, Any]) -> None:
+    """Warm up, then time up to ``steps`` steps (at least 2; fewer once ``deadline``, a ``time.time()`` value,
+    has passed); fills ``report``.
+
+    Step times come from CUDA events recorded on the stream before the first step and after each one (the GPU time
+    each step's work spans, without any extra host synchronisation; the step itself synchronises once, for its NaN
+    guard); the throughput from the wall time of the whole block, between two ``torch.cuda.synchronize``.
+    """
+    report["stage"] = "warm-up (compilation)" if report["compile"] else "warm-up"
+    synchronize(device)
+    began = time.perf_counter()
+    for i, _ in enumerate(run_steps(model, trainer, batches, warmup, max_norm=max_norm)):
+        if i == 0:
+            synchronize(device)
+            report["first_step_s"] = time.perf_counter() - began
+            print(f"  {report['job']}: first step {report['first_step_s']:.1f} s", file=sys.stderr)
+    synchronize(device)
+    report["warmup_s"] = time.perf_counter() - began
+
+    report["stage"] = "timed steps"
+    graphs_before = compiled_graphs()
+    cuda = device.type == "cuda"
+    audio, rows, skipped = 0.0, 0.0, 0
+    synchronize(device)
+    began = time.perf_counter()
+    marks = [_mark(cuda=cuda)]  # then one at the end of each step: CUDA events, or perf_counter values on a CPU
+    for out in run_steps(model, trainer, batches, steps, max_norm=max_norm, start=warmup):
+        marks.append(_mark(cuda=cuda))
+        audio += float(out.metrics["audio_seconds"])
+        rows += float(out.metrics["batch_size"])
+        skipped += out.skipped
+        if len(marks) > 2 and time.time() > deadline:
+            break
+    synchronize(device)
+    wall = time.perf_counter() - began
+    timed = len(marks) - 1
+    step_times = [a.elapsed_time(b) / 1000 if cuda else b - a for a, b in itertools.pairwise(marks)]
+    graphs_after = compiled_graphs()
+    report.update({
+        "timed_steps": timed,
+        "skipped_steps": skipped,
+        "audio_s_per_s": audio / wall,
+        "median_step_s": statistics.median(step_times),
+        "step_times_s": step_times,
+        "audio_s_per_step": audio / timed,
+        "rows_per_step": rows / timed,
+        "graphs_compiled_while_timed": (None if graphs_before is None or graphs_after is None
+                                        else graphs_after - graphs_before),
+    })
+    # Compilation (and other one-off work) = warm-up time beyond that of as many steady steps.
+    report["compile_s"] = max(0.0, report["warmup_s"] - warmup * report["median_step_s"])
+
+
+def _mark(*, cuda: bool) -> Any:
+    """A point in time: a CUDA event recorded on the current stream, or a perf_counter value."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def model_job(job: str, args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
+    """Build as ``train()`` does, read the batches, count FLOPs, then warm up and time; fills ``report``."""
+    with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-run-") as workdir:
+        cfg = run_config(job, args.manifest, workdir, smoke=args.smoke, device=device)
+        report["stage"] = "set-up"
+        trainer = build_trainer(cfg, device)
+        report["dtype"] = trainer.precision.name
+        batches = first_batches(cfg, args.batches, device)
+        max_norm = cfg.optimizer.max_norm
+
+        report["stage"] = "counting FLOPs"
+        report["gflop_per_audio_s_counted"] = count_flops(trainer.model, trainer, batches, max_norm=max_norm) / 1e9
+
+        if device.type == "cuda":  # the peak of the steps measured, not of the eager FLOP count before compilation
+            torch.cuda.reset_peak_memory_stats(device)
+        model = wrap_like_trainer(trainer, cfg, device, args.compile_backend)
+        warmup = max(args.warmup, len(batches) if cfg.run.compile else 0)  # every batch shape compiled before timing
+        time_steps(model, trainer, batches, steps=args.steps, warmup=warmup, max_norm=max_norm, device=device,
+                   deadline=args.stop_at, report=report)
+
+    report.update(peak_memory(device))
+    peak = args.peak_tflops * 1e12
+    report["mfu_issue"] = report["audio_s_per_s"] * ISSUE_GFLOP_PER_AUDIO_SECOND * 1e9 / peak
+    report["mfu_counted"] = report["audio_s_per_s"] * report["gflop_per_audio_s_counted"] * 1e9 / peak
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory in GiB: the GPU's allocated peak since the warm-up started, or on a CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+                "peak_mem_kind": "torch.cuda.max_memory_allocated"}
+    return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+            "peak_mem_kind": "process peak RSS (CPU)"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loader job
+# --------------------------------------------------------------------------------------------------------------
+
+
+def loader_job(args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
+    """The training DataLoader over the synthetic corpus, consumed as the training loop does (``loop._batches``,
+    then ``Batch.to(device, non_blocking=True)``) and timed; fills ``report``.
+
+    The first ``workers × prefetch_factor`` batches are made while the workers start and are then handed out at
+    once, so the throughput counts only the batches after them (all of them when the epoch is too short).
+    """
+    model = model_config("spidr", smoke=args.smoke)
+    data = data_config(args.manifest, smoke=args.smoke)
+    report["stage"] = "set-up"
+    began = time.perf_counter()
+    loader, sampler = build_dataloader(data, MaskingConfig(), conv_layers=model.extractor_conv_layer_config)
+    count = args.loader_batches or len(sampler)
+    workers = usable_workers(data.num_workers)
+    report["stage"] = "reading batches"
+    batches = loop._batches(loader)
+    arrivals, audio = [], []
+    for _ in range(count):
+        batch = next(batches).to(device, non_blocking=True)
+        synchronize(device)
+        arrivals.append(time.perf_counter())
+        audio.append(float(batch.lengths.sum()) / SAMPLE_RATE)
+        if len(arrivals) > 2 and time.time() > args.stop_at:
+            break
+    del batches, loader  # stops the workers
+    skip = workers * data.prefetch_factor if len(arrivals) > 2 * workers * data.prefetch_factor else 1
+    intervals = np.diff(arrivals[skip - 1:])
+    report.update({
+        "stage": "done",
+        "dtype": "–",
+        "workers": workers,
+        "batches_read": len(arrivals),
+        "batches_timed": len(intervals),
+        "first_batch_s": arrivals[0] - began,
+        "audio_s_per_s": sum(audio[skip:]) / float(intervals.sum()),
+        "audio_s_per_s_with_start_up": sum(audio) / (arrivals[-1] - began),
+        "median_step_s": float(np.median(intervals)),  # seconds between batches
+        "audio_s_per_step": sum(audio) / len(audio),
+    })
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running the jobs: a worker process per job, a time limit each, a table at the end
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_job_here(job: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one job in this process; an exception becomes the row's ``error``. Progress is written to
+    ``args.result`` (if set) at every stage, so that a job killed at its time limit still says where it was."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report: dict[str, Any] = {"job": job, "name": JOBS[job].name, "compile": JOBS[job].compile, "stage": "start",
+                              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+                              "torch": torch.__version__}
+    writer = _ProgressWriter(report, args.result)
+    began = time.perf_counter()
+    try:
+        with writer.watching():
+            if job == "loader":
+                loader_job(args, device, report)
+            else:
+                model_job(job, args, device, report)
+    except Exception as error:  # any failure becomes the row's note; the other jobs still run
+        report["error"] = f"{type(error).__name__} during {report['stage']}: {str(error).splitlines()[0][:300]}"
+        traceback.print_exc()
+    report["wall_s"] = time.perf_counter() - began
+    writer.write()
+    return report
+
+
+class _ProgressWriter:
+    """Writes the report to a JSON file whenever its stage changes (checked twice a second) and at the end."""
+
+    def __init__(self, report: dict[str, Any], path: str | None) -> None:
+        self.report, self.path = report, path
+
+    def write(self) -> None:
+        if not self.path:
+            return
+        try:
+            text = json.dumps(self.report, default=str)
+        except RuntimeError:  # the job changed the report meanwhile: the next tick writes it
+            return
+        partial = Path(f"{self.path}.partial")  # then renamed: a job killed while writing leaves no half file
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(self.path)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        if not self.path:
+            yield
+            return
+        stop = threading.Event()
+
+        def watch() -> None:
+            seen = None
+            while not stop.wait(0.5):
+                if self.report.get("stage") != seen:
+                    seen = self.report.get("stage")
+                    self.write()
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+def run_job_isolated(job: str, argv: list[str], manifest: Path, timeout: float) -> dict[str, Any]:
+    """Run one job in a fresh process (its own CUDA context and memory peak) and kill it, with every process it
+    started (DataLoader workers, compile workers), after ``timeout`` seconds."""
+    with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-job-") as scratch:
+        result = Path(scratch) / "result.json"
+        # The worker stops timing in time to report before it is killed.
+        stop_at = time.time() + timeout - max(3.0, 0.1 * timeout)
+        command = [sys.executable, __file__, *argv, "--worker", job, "--manifest", str(manifest),
+                   "--result", str(result), "--stop-at", f"{stop_at:.3f}"]
+        process = subprocess.Popen(command, start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            code = None
+        report = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else {"stage": "start-up"}
+    report.setdefault("job", job)
+    report.setdefault("name", JOBS[job].name)
+    if code is None:
+        report["error"] = f"killed at its {timeout:.0f} s time limit during {report.get('stage')}"
+    elif code != 0 and "error" not in report:
+        report["error"] = f"worker exited with code {code} during {report.get('stage')} (its stderr is above)"
+    return report
+
+
+def write_corpus_for(args: argparse.Namespace, directory: Path) -> Path:
+    began = time.perf_counter()
+    manifest = write_corpus(directory, files=args.corpus_files, copies=args.copies, audio_format=args.audio_format)
+    print(f"[{time.perf_counter() - began:.1f} s] wrote {args.corpus_files} {args.audio_format} files "
+          f"(each listed {args.copies} times) to {directory}", file=sys.stderr)
+    return manifest
+
+
+def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
+    """Every job of ``args.jobs``, in ``RUN_ORDER``, within ``args.deadline`` seconds in all (isolated), or one
+    after the other in this process (``--no-isolate``). Rows come back in the table's order."""
+    began = time.perf_counter()
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-corpus-") as directory:
+        args.manifest = str(write_corpus_for(args, Path(directory)))
+        todo = [job for job in RUN_ORDER if job in args.jobs]
+        for i, job in enumerate(todo):
+            left = args.deadline - (time.perf_counter() - began)
+            share = left * TIME_WEIGHTS[job] / sum(TIME_WEIGHTS[j] for j in todo[i:])
+            print(f"[{time.perf_counter() - began:.0f} s] {job}: "
+                  f"{f'time limit {share:.0f} s' if args.isolate else 'in this process'}", file=sys.stderr)
+            if args.isolate and share < 10:
+                rows[job] = {"job": job, "name": JOBS[job].name,
+                             "error": f"not run: the {args.deadline:.0f} s deadline left {share:.0f} s"}
+                continue
+            if args.isolate:
+                rows[job] = run_job_isolated(job, argv, Path(args.manifest), share)
+            else:
+                args.stop_at = time.time() + share
+                rows[job] = run_job_here(job, args)
+            status = rows[job].get("error") or f"{rows[job]['audio_s_per_s']:.1f} audio-s/s"
+            print(f"[{time.perf_counter() - began:.0f} s] {job}: {status}", file=sys.stderr)
+    return [rows[job] for job in JOBS if job in rows]
+
+
+def _number(value: float | None, *, percent: bool = False) -> str:
+    """Three significant digits without exponents for the usual ranges; '–' for a missing value."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    value = 100 * value if percent else value
+    suffix = " %" if percent else ""
+    if abs(value) >= 100:
+        return f"{value:.0f}{suffix}"
+    if abs(value) >= 1:
+        return f"{value:.3g}{suffix}"
+    return f"{value:.2g}{suffix}"
+
+
+def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The markdown table, with the lines that say what it was measured on and with which constants."""
+    done = [row for row in rows if "error" not in row]
+    device = done[0].get("device", "?") if done else "?"
+    source = "given with --peak-tflops" if args.peak_tflops != DEFAULT_PEAK_TFLOPS else \
+        "the --peak-tflops default: H100/H200 SXM dense bf16"
+    lines = [
+        f"device: {device}; torch {done[0].get('torch', '?') if done else '?'}"
+        f"{'; --smoke (tiny model, not the base recipe)' if args.smoke else ''}",
+        f"MFU peak: {args.peak_tflops:g} TFLOP/s ({source}); MFU (issue) uses {ISSUE_GFLOP_PER_AUDIO_SECOND} GFLOP "
+        "per audio second (base training step), MFU (counted) the FLOPs counted by torch.utils.flop_counter",
+        f"model jobs: {args.batches} batches of the training DataLoader, {args.warmup}+ warm-up steps, up to "
+        f"{args.steps} timed steps; compile backend {args.compile_backend}",
+        "",
+        "| job | dtype | audio-s/s per GPU | median step s | audio s per step | MFU (issue) | MFU (counted) | "
+        "counted GFLOP/audio-s | peak GPU mem GiB | compile s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            error = row["error"].replace("|", "/")  # a '|' would end the table cell
+            lines.append(f"| {row['name']} | – | – | – | – | – | – | – | – | – | failed: {error} |")
+            continue
+        notes = []
+        if row["job"] == "loader":
+            notes.append(f"DataLoader workers: {row['workers']}; {row['batches_timed']} intervals timed; first "
+                         f"batch after {row['first_batch_s']:.1f} s; median step = time between batches")
+        else:
+            notes.append(f"{row['timed_steps']} steps, {row['rows_per_step']:.1f} rows each")
+            if row.get("skipped_steps"):
+                notes.append(f"{row['skipped_steps']} steps skipped (non-finite)")
+            if row.get("compile") and row.get("graphs_compiled_while_timed"):
+                notes.append(f"{row['graphs_compiled_while_timed']} graphs compiled while timed")
+            if row.get("peak_mem_kind", "").startswith("process"):
+                notes.append("memory: process peak RSS")
+        lines.append(
+            f"| {row['name']} | {row['dtype']} | {_number(row['audio_s_per_s'])} | {_number(row['median_step_s'])} "
+            f"| {_number(row['audio_s_per_step'])} | {_number(row.get('mfu_issue'), percent=True)} "
+            f"| {_number(row.get('mfu_counted'), percent=True)} | {_number(row.get('gflop_per_audio_s_counted'))} "
+            f"| {_number(row.get('peak_mem_gib'))} | {_number(row['compile_s']) if row.get('compile') else '–'} "
+            f"| {'; '.join(notes)} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS), help="jobs to run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model and batches, short runs, compile with the 'eager' backend (for a CPU)")
+    parser.add_argument("--batches", type=int, help="distinct training batches cycled by model jobs (8; smoke 2)")
+    parser.add_argument("--warmup", type=int,
+                        help="untimed steps first (8; smoke 1); compiled jobs take at least one per batch")
+    parser.add_argument("--steps", type=int, help="timed steps at most (24; smoke 2)")
+    parser.add_argument("--loader-batches", type=int, default=0,
+                        help="batches the loader job reads (0: one epoch of the corpus)")
+    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                        help="the GPU's dense bf16 peak, the MFU denominator (989: H100/H200 SXM)")
+    parser.add_argument("--deadline", type=float, help="seconds for all jobs together (270; smoke 120)")
+    parser.add_argument("--compile-backend", help="torch.compile backend of the compiled jobs (inductor; smoke "
+                        "eager)")
+    parser.add_argument("--corpus-files", type=int, help="distinct synthetic audio files (160; smoke 8)")
+    parser.add_argument("--copies", type=int, help="manifest rows per file (8; smoke 2)")
+    parser.add_argument("--audio-format", default="wav", choices=["wav", "flac"],
+                        help="file format of the synthetic corpus (LibriSpeech itself is FLAC)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each job in its own process with a time limit (default; --smoke: no)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (0: torch's default; smoke 1, which a shared CPU slows least)")
+    parser.add_argument("--json", help="also write every measurement to this JSON file")
+    # Set by the parent for a worker process.
+    parser.add_argument("--worker", choices=list(JOBS), help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--stop-at", type=float, default=math.inf, help=argparse.SUPPRESS)  # time.time() value
+    args = parser.parse_args(argv)
+    defaults = {"batches": (8, 2), "warmup": (8, 1), "steps": (24, 2), "deadline": (270.0, 120.0),
+                "compile_backend": ("inductor", "eager"), "corpus_files": (160, 8), "copies": (8, 2),
+                "isolate": (True, False), "threads": (0, 1)}
+    for name, (full, smoke) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:  # a child process: one job, its report in args.result
+        report = run_job_here(args.worker, args)
+        return 1 if "error" in report else 0
+    if not args.smoke and not torch.cuda.is_available():
+        print("warning: no GPU; the base jobs will run out of time on a CPU (use --smoke)", file=sys.stderr)
+    rows = run_all(args, argv)
+    table = format_table(rows, args)
+    print(table)
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "manifest", "result", "stop_at")}
+        Path(args.json).write_text(json.dumps({
+            "peak_tflops": args.peak_tflops,
+            "issue_gflop_per_audio_second": ISSUE_GFLOP_PER_AUDIO_SECOND,
+            "settings": settings,
+            "table": table,
+            "jobs": rows,
+        }, indent=1, default=str) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

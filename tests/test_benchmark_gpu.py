@@ -1,0 +1,96 @@
+"""benchmarks/gpu.py, the one-shot GPU benchmark, in its ``--smoke`` mode on the CPU: every job's row holds finite
+positive numbers, a failing job leaves the others running, and a job past its time limit is killed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+MODEL_FIELDS = ("audio_s_per_s", "median_step_s", "audio_s_per_step", "mfu_issue", "mfu_counted",
+                "gflop_per_audio_s_counted", "peak_mem_gib")
+LOADER_FIELDS = ("audio_s_per_s", "median_step_s", "audio_s_per_step", "first_batch_s")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """benchmarks/gpu.py as a module (it imports its sibling benchmark modules, hence the path)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARKS / "gpu.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def check_row(row: dict) -> None:
+    assert "error" not in row, row.get("error")
+    fields = LOADER_FIELDS if row["job"] == "loader" else MODEL_FIELDS + (("compile_s",) if row["compile"] else ())
+    for name in fields:
+        assert math.isfinite(row[name]), (row["job"], name, row[name])
+        assert row[name] > 0, (row["job"], name, row[name])
+
+
+def run_smoke(gpu, tmp_path: Path, capsys, jobs: list[str]) -> tuple[list[dict], str]:
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--smoke", "--jobs", *jobs, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    return json.loads(out.read_text())["jobs"], table
+
+
+def test_smoke_eager_jobs_and_loader(gpu, tmp_path, capsys):
+    rows, table = run_smoke(gpu, tmp_path, capsys, ["spidr", "dinosr", "loader"])
+    assert [row["job"] for row in rows] == ["spidr", "dinosr", "loader"]
+    for row in rows:
+        check_row(row)
+        assert f"| {row['name']} | " in table
+    assert "989 TFLOP/s" in table  # the peak used is printed
+    spidr = rows[0]
+    assert spidr["timed_steps"] == 2
+    assert spidr["audio_s_per_step"] == pytest.approx(4.0)  # 2 rows × 2 s crops (the smoke batch limit)
+
+
+@pytest.mark.slow  # ≈ 20 s on 2 busy cores: torch.compile traces both models (with the 'eager' backend)
+def test_smoke_compiled_jobs(gpu, tmp_path, capsys):
+    try:
+        rows, table = run_smoke(gpu, tmp_path, capsys, ["spidr-compile", "dinosr-compile"])
+    finally:
+        torch._dynamo.reset()  # no compiled code left behind for the other tests
+    assert [row["job"] for row in rows] == ["spidr-compile", "dinosr-compile"]
+    for row in rows:
+        check_row(row)
+        assert f"| {row['name']} | " in table
+
+
+def test_a_failing_job_leaves_the_others_running(gpu, tmp_path, capsys, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu, "model_job", boom)
+    rows, table = run_smoke(gpu, tmp_path, capsys, ["spidr", "loader"])
+    assert "RuntimeError" in rows[0]["error"]
+    assert "out of memory" in rows[0]["error"]
+    check_row(rows[1])
+    assert "| SpidR base, bf16 | – |" in table
+    assert "failed: RuntimeError" in table
+
+
+def test_isolated_job(gpu, tmp_path):
+    manifest = gpu.write_corpus(tmp_path, files=4, copies=2, audio_format="wav")
+    row = gpu.run_job_isolated("loader", ["--smoke"], manifest, timeout=120)
+    check_row(row)
+
+
+def test_isolated_job_is_killed_at_its_time_limit(gpu, tmp_path):
+    row = gpu.run_job_isolated("spidr", ["--smoke"], tmp_path / "absent.csv", timeout=1.0)
+    assert row["error"].startswith("killed at its 1 s time limit")
