@@ -72,6 +72,7 @@ TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor 
 SEEN_VOICES = ("awb", "espeak_m1")  # training voices, one per engine, for lexical_seen (lm-study, the demo)
 TASKS = ("lexical", "syntactic", "tsc")
 SEEN_TASK = "lexical_seen"  # the lexical pairs spoken by training voices (``LmBenchSettings.seen_voices``)
+FOLDERS = ("train", *TASKS, SEEN_TASK)  # what a benchmark writes besides info.json
 GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold,
                 SEEN_TASK: write_lexical_gold}
 MEAN_TRAIN_UTTERANCE_S = 6.7  # measured (650 utterances of the default voices: 1.21 h); --train-hours → utterances
@@ -372,7 +373,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     require_available(list(voices.values()))
     jobs = default_jobs() if jobs is None else jobs
     started = time.perf_counter()
-    for name in ("train", *TASKS, SEEN_TASK, INFO_JSON):
+    for name in (*FOLDERS, INFO_JSON):
         path = out_dir / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -437,7 +438,6 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
                              if parameters.get(k) != existing.parameters.get(k))
             raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: "
                              f"{', '.join(changed)}); choose another directory, or pass --overwrite to replace it")
-    elif (out_dir.is_dir() and any(p.name not in ("train", *TASKS, SEEN_TASK) for p in out_dir.iterdir())
-          and not overwrite):
+    elif out_dir.is_dir() and any(p.name not in FOLDERS for p in out_dir.iterdir()) and not overwrite:
         raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory")
     return None

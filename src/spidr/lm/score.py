@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from spidr.lm.evaluate import TASKS  # every task lm-eval scores has its units file and submission here
 from spidr.lm.models import token_log_likelihoods
 from spidr.lm.tokens import Vocabulary
 from spidr.lm.train import load_lm, read_lm_units
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("lexical", "syntactic", "tsc", "ssc", "lexical_seen")  # lexical_seen: spidr synth-lm-bench --seen-voices
 SPLITS = ("dev", "test")
 
 
