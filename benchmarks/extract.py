@@ -1,11 +1,19 @@
-"""Feature-extraction speed and memory: real-time factor and peak RSS for a short file and a long file.
+"""Feature-extraction speed and memory: real-time factor and peak RSS for a short file and a long file, or for a
+LibriSpeech-length mix in float32 and bf16 side by side.
 
 Each case runs in a fresh subprocess (so peak RSS is its own) extracting every layer of a randomly initialised
-model with `extract_to_directory`. The long file goes through the windowed path; its peak RSS should not grow with
-the file's length. Prints a table.
+model with `extract_to_directory`, audio decoding included. The long file goes through the windowed path; its peak
+RSS should not grow with the file's length. Prints a table.
+
+``--mix N`` instead writes N FLAC files whose lengths follow LibriSpeech 960 h's shape (`workload.py`) clipped to
+2-35 s, and extracts them in float32 and in bf16 autocast, alternating over ``--rounds`` rounds. It prints each
+precision's audio seconds per second (best round), the median over rounds of the bf16 / fp32 speed ratio, and how
+far the bf16 features are from the fp32 ones: the largest relative error ||bf16 - fp32|| / ||fp32|| over files and
+layers.
 
     python benchmarks/extract.py                      # base config, 10 s and 1 h files
     python benchmarks/extract.py --long-seconds 600 --dtype bfloat16
+    python benchmarks/extract.py --mix 12 --rounds 3  # base config, ~2.5 min of LibriSpeech-like files
 """
 
 from __future__ import annotations
@@ -36,11 +44,13 @@ def write_audio(path: Path, seconds: float) -> None:
             remaining -= block
 
 
-def worker(path: str, config: str, dtype: str, threads: int) -> None:
+def worker(path: str, config: str, dtype: str, threads: int, out_dir: str | None = None) -> None:
+    """Extract every layer of the file ``path``, or of every file listed in the manifest ``path`` (a .csv), into a
+    temporary folder or ``out_dir``; prints wall time, audio seconds and peak RSS as JSON."""
     import torch
 
     from spidr.config import SpidRConfig
-    from spidr.data.manifest import ManifestEntry
+    from spidr.data.manifest import ManifestEntry, read_manifest
     from spidr.eval.features import ExtractionSettings, extract_to_directory
     from spidr.models.build import build_model
 
@@ -50,16 +60,83 @@ def worker(path: str, config: str, dtype: str, threads: int) -> None:
         encoder_embed_dim=256, encoder_num_layers=6, encoder_num_heads=4, encoder_ff_interm_features=1024,
         num_codebooks=4,
     )
+    torch.manual_seed(0)
     model = build_model(cfg).eval()
-    info = sf.info(path)
-    entry = ManifestEntry(fileid=Path(path).stem, path=path, num_samples=info.frames)
+    if path.endswith(".csv"):
+        entries = list(read_manifest(path))
+    else:
+        entries = [ManifestEntry(fileid=Path(path).stem, path=path, num_samples=sf.info(path).frames)]
     settings = ExtractionSettings(layers=tuple(range(1, model.num_layers + 1)), dtype=dtype)
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        extract_to_directory(model, [entry], out, settings, progress=False)
+        extract_to_directory(model, entries, out_dir or tmp, settings, progress=False)
         elapsed = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"seconds": elapsed, "audio_seconds": info.frames / SAMPLE_RATE, "peak_rss_gib": peak_gib}))
+    audio = sum(e.num_samples for e in entries) / SAMPLE_RATE
+    print(json.dumps({"seconds": elapsed, "audio_seconds": audio, "peak_rss_gib": peak_gib}))
+
+
+def write_mix(directory: Path, files: int) -> Path:
+    """``files`` FLAC files of LibriSpeech-shaped lengths clipped to 2-35 s, speech-like noise; returns a manifest."""
+    from workload import librispeech_lengths
+
+    lengths = np.clip(librispeech_lengths(files, seed=0), 2 * SAMPLE_RATE, 35 * SAMPLE_RATE)
+    rng = np.random.default_rng(0)
+    lines = ["fileid,path,num_samples"]
+    for i, length in enumerate(lengths):
+        path = directory / f"utt{i:04d}.flac"
+        envelope = np.repeat(rng.random(length // 1600 + 1), 1600)[:length]  # 0.1 s loudness changes
+        sf.write(path, (0.1 * envelope * rng.standard_normal(length)).astype(np.float32), SAMPLE_RATE,
+                 subtype="PCM_16")
+        lines.append(f"utt{i:04d},{path},{length}")
+    manifest = directory / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def relative_errors(reference: Path, other: Path) -> list[float]:
+    """||other - reference|| / ||reference|| for every feature file of every layer."""
+    import torch
+
+    from spidr.eval.feature_dir import FeatureDirectory
+
+    errors = []
+    for layer in sorted(p for p in reference.iterdir() if p.is_dir() and p.name.startswith("layer_")):
+        ours, theirs = FeatureDirectory(layer), FeatureDirectory(other / layer.name)
+        for key in ours:
+            a = torch.as_tensor(np.asarray(ours[key]), dtype=torch.float64)
+            b = torch.as_tensor(np.asarray(theirs[key]), dtype=torch.float64)
+            errors.append(float(torch.linalg.norm(b - a) / torch.linalg.norm(a)))
+    return errors
+
+
+def run_mix(args: argparse.Namespace) -> None:
+    import statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_mix(Path(tmp), args.mix)
+        runs: dict[str, list[dict]] = {"float32": [], "bfloat16": []}
+        for round_ in range(args.rounds):
+            for dtype, rows in runs.items():
+                out = Path(tmp) / f"{dtype}-{round_}"
+                result = subprocess.run(
+                    [sys.executable, __file__, "--worker", str(manifest), args.config, dtype, str(args.threads),
+                     str(out)], check=True, capture_output=True, text=True,
+                )
+                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        errors = relative_errors(Path(tmp) / "float32-0", Path(tmp) / "bfloat16-0")
+    audio = runs["float32"][0]["audio_seconds"]
+    ratios = [f["seconds"] / b["seconds"] for f, b in zip(runs["float32"], runs["bfloat16"], strict=True)]
+    print(f"config {args.config}, {args.threads} threads, {args.mix} files, {audio:.0f} s of audio (2-35 s each, "
+          f"FLAC), all layers, decoding included; {args.rounds} interleaved round(s)")
+    print(f"{'dtype':>9} | {'audio s/s (best)':>16} | {'peak RSS GiB':>12}")
+    for dtype, rows in runs.items():
+        best = min(r["seconds"] for r in rows)
+        print(f"{dtype:>9} | {audio / best:>16.2f} | {max(r['peak_rss_gib'] for r in rows):>12.2f}")
+    print(f"bf16 speed / fp32 speed: {statistics.median(ratios):.2f} (median of per-round ratios "
+          f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"bf16 vs fp32 features: relative error max {max(errors):.2e}, median {statistics.median(errors):.2e} "
+          f"over {len(errors)} (file, layer) pairs")
 
 
 def main() -> None:
@@ -69,10 +146,16 @@ def main() -> None:
     parser.add_argument("--short-seconds", type=float, default=10.0)
     parser.add_argument("--long-seconds", type=float, default=3600.0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--mix", type=int, default=0,
+                        help="instead: this many LibriSpeech-length FLAC files, in float32 and bf16 side by side")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the --mix comparison")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.worker[2], int(args.worker[3]))
+        worker(args.worker[0], args.worker[1], args.worker[2], int(args.worker[3]), *args.worker[4:])
+        return
+    if args.mix:
+        run_mix(args)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,23 +1,23 @@
 """Training-step and inference speed of SpidR on this machine's CPU: prints a table (not a test).
 
-For each model config and precision: the median time of a full training step (forward with codebook update,
-backward, grad clip, AdamW, teacher EMA) on a batch of ``--batch`` × ``--seconds`` s of audio, the audio seconds
-trained per second, the model FLOPs of one step (``torch.utils.flop_counter``, forward + backward; the optimizer's
-element-wise work is not counted), MFU = FLOPs / (step time × the measured dense-matmul FLOP/s of this machine in
-the same dtype), the peak resident memory of the process after the training steps, and the inference time for 10 s
-of audio (all layers, batch 1).
+For each model config, precision and AdamW implementation: the median time of the trainer's own step,
+``spidr.train.loop.train_step`` (forward with codebook update, backward, clip at 10, NaN/Inf guard, AdamW, scheduler,
+teacher EMA; the optimizer, schedule and precision that ``train()`` builds), timed back to back on a batch of
+``--batch`` × ``--seconds`` s of audio; the audio seconds trained per second; the FLOPs of one step
+(``torch.utils.flop_counter``: matmuls, convolutions and attention, forward and backward; element-wise work is not
+counted); MFU = FLOPs / (step time × this machine's dense-matmul FLOP/s in the same dtype, measured just before and
+just after the timed steps); the peak resident memory of the process; and the inference time for 10 s of audio
+(all layers, batch 1).
 
-The matmul rate is measured again right after every timed step and MFU is the median of the per-step ratios: on a
-machine shared with other work, load changes from minute to minute, and this keeps numerator and denominator under
-the same load.
-
-Each (config, dtype) runs in its own subprocess so that its peak RSS is its own. By default the subprocess gets
+Each job runs in its own subprocess so that its peak RSS is its own. By default the subprocess gets
 ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then returns every freed block over 128 KiB to the OS at once, so the peak
 RSS is the peak of live memory. With glibc's default adaptive threshold (``--default-malloc``) freed activation
-buffers stay in the heap and the same base training step peaks about 0.6 GiB higher.
+buffers stay in the heap and the same base training step peaks about 0.6 GiB higher. On a noisy machine use
+``--rounds``: the jobs run interleaved, round after round, and each job's time relative to the first job of its
+config is the median of the per-round ratios.
 
     python benchmarks/train_step.py                       # base + bench-small, fp32 + bf16, 3 timed steps
-    python benchmarks/train_step.py --configs base --dtypes float32 --steps 10 --warmup 2
+    python benchmarks/train_step.py --configs base --adamw for-loop fused --rounds 3 --steps 5
 """
 
 from __future__ import annotations
@@ -31,14 +31,20 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from itertools import product
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from spidr.config import DinoSRConfig, ModelConfig, SpidRConfig
+from spidr.config import DinoSRConfig, ModelConfig, OptimizerConfig, SpidRConfig, load_config
+from spidr.data.collate import Batch
 from spidr.models import build_model, num_frames
+from spidr.train import loop
+from spidr.train.optim import build_optimizer, build_scheduler
+from spidr.train.precision import resolve_precision
 
 CONFIGS = {
     "base": SpidRConfig(),
@@ -51,6 +57,8 @@ CONFIGS = {
         num_codebooks=4,
     ),
     "dinosr-base": DinoSRConfig(),
+    # The model of configs/demo.toml (log-mel front end), read from it; its own batch is 8 crops of 2 s.
+    "demo": load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml").model,
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -92,53 +100,53 @@ def span_mask(batch: int, frames: int, generator: torch.Generator) -> torch.Tens
     return mask
 
 
-def measure(cfg: ModelConfig, dtype: torch.dtype, *, batch: int, seconds: float, warmup: int, steps: int) -> dict:
+def trainer_parts(model: torch.nn.Module, dtype: str, adamw: str) -> tuple:
+    """The optimizer, scheduler and precision that ``train()`` builds on this CPU (official schedule and
+    hyper-parameters), with the fused AdamW kernel (``adamw="fused"``, the trainer's and the official trainer's
+    choice) or torch's per-parameter loop (``"for-loop"``)."""
+    cfg = OptimizerConfig(dtype=dtype)
+    optimizer = build_optimizer(model, cfg, device=torch.device("cpu"))
+    for group in optimizer.param_groups:  # set either way, so that older trees of spidr can be timed alike
+        group["fused"], group["foreach"] = adamw == "fused", False
+    return optimizer, build_scheduler(optimizer, cfg), resolve_precision(dtype, torch.device("cpu")), cfg.max_norm
+
+
+def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float, warmup: int,
+            steps: int) -> dict:
+    """Times ``spidr.train.loop.train_step``, the trainer's own step (forward with codebook update, backward, clip,
+    NaN guard, AdamW, scheduler, teacher EMA), back to back with nothing between the timed steps."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_model(cfg).train()
-    trainable = [(k, p) for k, p in model.named_parameters() if not k.startswith("teacher")]
-    encoder = ("feature_extractor", "feature_projection")
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for k, p in trainable if not k.startswith(encoder)]},
-            {"params": [p for k, p in trainable if k.startswith(encoder)]},
-        ],
-        lr=5e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.01, fused=True,  # as the official trainer
-    )
+    optimizer, scheduler, precision, max_norm = trainer_parts(model, dtype, adamw)
     samples = int(seconds * 16000)
     waveforms = F.layer_norm(torch.randn(batch, samples, generator=generator), (samples,))
     mask = span_mask(batch, num_frames(samples, cfg.extractor_conv_layer_config), generator)
+    one_batch = Batch(waveforms=waveforms, lengths=torch.full((batch,), samples), padding_mask=None, mask=mask,
+                      ids=[str(i) for i in range(batch)])
 
-    def forward_backward() -> None:
-        with autocast(dtype):
-            losses, _ = model(waveforms, mask=mask)
-        (losses.sum() / losses.numel()).backward()
-
-    def step(number: int) -> float:
-        start = time.perf_counter()
-        forward_backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 10.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_ema(number)
-        return time.perf_counter() - start
+    def step(number: int) -> None:
+        loop.train_step(model, [one_batch], optimizer, scheduler, step=number, precision=precision, scaler=None,
+                        max_norm=max_norm)
 
     with FlopCounterMode(display=False) as counter:
-        forward_backward()
-    optimizer.zero_grad(set_to_none=True)
+        step(0)
     flops = counter.get_total_flops()
     for i in range(warmup):
         step(i + 1)
-    times, rates = [], []
+    rate_before = matmul_flops_per_second(DTYPES[dtype], repeats=3)
+    times = []
     for i in range(steps):
-        times.append(step(warmup + i + 1))
-        rates.append(matmul_flops_per_second(dtype, repeats=2))
+        start = time.perf_counter()
+        step(warmup + i + 1)
+        times.append(time.perf_counter() - start)
+    rate = statistics.median([rate_before, matmul_flops_per_second(DTYPES[dtype], repeats=3)])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     model.eval()
     ten_seconds = F.layer_norm(torch.randn(1, 160000, generator=generator), (160000,))
     inference = []
-    with torch.inference_mode(), autocast(dtype):
+    with torch.inference_mode(), autocast(DTYPES[dtype]):
         model.get_intermediate_outputs(ten_seconds)
         for _ in range(max(steps, 1)):
             start = time.perf_counter()
@@ -151,8 +159,8 @@ def measure(cfg: ModelConfig, dtype: torch.dtype, *, batch: int, seconds: float,
         "step_times": times,
         "audio_s_per_s": batch * seconds / step_time,
         "gflop_per_step": flops / 1e9,
-        "matmul_gflops": statistics.median(rates) / 1e9,
-        "mfu": statistics.median(flops / (t * r) for t, r in zip(times, rates, strict=True)),
+        "matmul_gflops": rate / 1e9,
+        "mfu": flops / (step_time * rate),
         "peak_rss_gib": peak_rss / 2**30,
         "infer_s_per_10s": statistics.median(inference),
     }
@@ -164,29 +172,36 @@ def main() -> int:
                         help="model configs to measure")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES),
                         help="float32, or bfloat16 autocast")
+    parser.add_argument("--adamw", nargs="+", default=["fused"], choices=["fused", "for-loop"],
+                        help="AdamW implementation: the trainer's fused kernel, or torch's per-parameter loop (the "
+                             "trainer's CPU choice until 2026-12-04)")
     parser.add_argument("--batch", type=int, default=2, help="utterances per batch")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per utterance")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds over all jobs, interleaved; the best round's median is reported, and each "
+                             "job's time relative to the first job of its config is the median of per-round ratios")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all CPUs)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's adaptive mmap threshold (peak RSS then includes freed heap memory)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DTYPE", "ADAMW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     if args.worker:  # one measurement, printed as JSON for the parent
-        config, dtype = args.worker
-        result = measure(CONFIGS[config], DTYPES[dtype], batch=args.batch, seconds=args.seconds,
+        config, dtype, adamw = args.worker
+        result = measure(CONFIGS[config], dtype, adamw, batch=args.batch, seconds=args.seconds,
                          warmup=args.warmup, steps=args.steps)
         print(json.dumps(result))
         return 0
 
-    rows = []
-    for config in args.configs:
-        for dtype in args.dtypes:
-            command = [sys.executable, __file__, "--worker", config, dtype, "--batch", str(args.batch),
+    jobs = list(product(args.configs, args.dtypes, args.adamw))
+    runs: dict[tuple[str, str, str], list[dict]] = {job: [] for job in jobs}
+    for _ in range(args.rounds):
+        for job in jobs:
+            command = [sys.executable, __file__, "--worker", *job, "--batch", str(args.batch),
                        "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--steps", str(args.steps),
                        "--threads", str(args.threads)]
             env = dict(os.environ)
@@ -194,22 +209,31 @@ def main() -> int:
                 env["MALLOC_MMAP_THRESHOLD_"] = "131072"
             done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
             if done.returncode != 0:
-                print(f"{config} {dtype} failed:\n{done.stderr}", file=sys.stderr)
-                continue
-            rows.append({"config": config, "dtype": dtype, **json.loads(done.stdout.strip().splitlines()[-1])})
+                print(f"{' '.join(job)} failed:\n{done.stderr}", file=sys.stderr)
+                return 1
+            runs[job].append(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    rows = []
+    for job in jobs:
+        first = next(j for j in jobs if j[0] == job[0])
+        ratios = [mine["step_s"] / theirs["step_s"] for mine, theirs in zip(runs[job], runs[first], strict=True)]
+        best = min(runs[job], key=lambda r: r["step_s"])
+        rows.append({"config": job[0], "dtype": job[1], "adamw": job[2], **best,
+                     "time_vs_first": statistics.median(ratios), "rounds": runs[job]})
 
     print(f"CPU: {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} × {args.seconds} s, "
-          f"median of {args.steps} steps after {args.warmup} warm-up, load average {os.getloadavg()[0]:.1f}")
+          f"best of {args.rounds} round(s) of the median of {args.steps} steps after {args.warmup} warm-up, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("malloc: glibc default (peak RSS includes freed heap)" if args.default_malloc
           else "malloc: MALLOC_MMAP_THRESHOLD_=131072 (peak RSS = peak live memory)")
-    header = ("config", "dtype", "step s", "audio s/s", "GFLOP/step", "matmul GFLOP/s", "MFU", "peak RSS GiB",
-              "infer s/10 s")
+    header = ("config", "dtype", "AdamW", "step s", "× time of first", "audio s/s", "GFLOP/step", "matmul GFLOP/s",
+              "MFU", "peak RSS GiB", "infer s/10 s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['config']} | {r['dtype']} | {r['step_s']:.2f} | {r['audio_s_per_s']:.2f} | "
-              f"{r['gflop_per_step']:.0f} | {r['matmul_gflops']:.0f} | {100 * r['mfu']:.0f}% | "
-              f"{r['peak_rss_gib']:.2f} | {r['infer_s_per_10s']:.2f} |")
+        print(f"| {r['config']} | {r['dtype']} | {r['adamw']} | {r['step_s']:.2f} | {r['time_vs_first']:.2f} | "
+              f"{r['audio_s_per_s']:.2f} | {r['gflop_per_step']:.0f} | {r['matmul_gflops']:.0f} | "
+              f"{100 * r['mfu']:.0f}% | {r['peak_rss_gib']:.2f} | {r['infer_s_per_10s']:.2f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(rows, file, indent=1)

@@ -188,6 +188,29 @@ def test_attention_matches_the_written_out_formula(qkv_bias: bool) -> None:
     )
 
 
+def test_cpu_bf16_autocast_attention_takes_fp32_between_bf16_projections() -> None:
+    """Under CPU bf16 autocast the projections run in bf16 and the attention itself in fp32: the output equals the
+    written-out formula on the bf16 q, k, v (in float64), rounded to bf16 (bf16 attention misses it on ~45 % of
+    the outputs)."""
+    torch.manual_seed(0)
+    attention = SelfAttention(64, 4).eval()
+    x = torch.randn(2, 30, 64)
+    key_valid = torch.tensor([[True] * 30, [True] * 20 + [False] * 10])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(x, key_valid[:, None, None, :])
+        qkv = attention.qkv(x)  # bf16, as the module computes it
+    assert out.dtype == torch.bfloat16
+    q, k, v = (t.double().view(2, 30, 4, 16).transpose(1, 2) for t in qkv.split(64, dim=-1))
+    scores = (q @ k.transpose(-1, -2) / 4.0).masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    heads = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 30, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attention.proj(heads)
+    differing = (out != expected).float().mean().item()
+    assert differing <= 0.01, differing
+    # The fp32 path is untouched (and stays within bf16 error of it).
+    torch.testing.assert_close(out.float(), attention(x, key_valid[:, None, None, :]), atol=0.05, rtol=0.05)
+
+
 def test_attention_dropout_only_in_training() -> None:
     torch.manual_seed(0)
     attention = SelfAttention(16, 2, dropout=0.5)
@@ -347,3 +370,27 @@ def test_gelu_is_the_exact_erf_form() -> None:
     x = torch.linspace(-3, 3, 13)[None]
     torch.testing.assert_close(extractor(x)[0, :, 0], F.gelu(x[0], approximate="none"), atol=0, rtol=0)
     assert not torch.allclose(extractor(x)[0, :, 0], F.gelu(x[0], approximate="tanh"), atol=1e-6, rtol=0)
+
+
+def test_training_mode_layout_changes_rounding_only() -> None:
+    """Training mode keeps the layers after a channel LayerNorm dense (a faster backward); values and gradients
+    agree with eval mode's official layout to rounding, in the conv front end and the positional convs."""
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([(32, 10, 5), (32, 3, 2), (32, 2, 2)], mode="layer_norm")
+    positional = ConvPositionalEmbedding(32, 16, 4, 2)
+    waveforms = torch.randn(2, 4000)
+    results = []
+    for training in (True, False):
+        extractor.train(training)
+        positional.train(training)
+        extractor.zero_grad()
+        positional.zero_grad()
+        features = extractor(waveforms)
+        out = positional(features)
+        out.pow(2).sum().backward()
+        grads = [p.grad.clone() for p in [*extractor.parameters(), *positional.parameters()]]
+        results.append((out.detach(), grads))
+    (train_out, train_grads), (eval_out, eval_grads) = results
+    torch.testing.assert_close(train_out, eval_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(train_grads, eval_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())  # sums in another order

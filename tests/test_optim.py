@@ -65,7 +65,30 @@ def test_optimizer_hyper_parameters_are_identical_in_both_groups():
         assert group["betas"] == (0.9, 0.95)
         assert group["eps"] == 1e-6
         assert group["weight_decay"] == 0.01
-        assert not group["fused"]  # fused AdamW is for CUDA only
+        assert group["fused"]  # the official trainer's choice, and far faster than the loop on CPU too
+
+
+def test_fused_adamw_takes_the_steps_of_the_reference_loop():
+    """The fused kernel that the trainer picks on CPU updates like torch's per-parameter loop (to rounding)."""
+    torch.manual_seed(0)
+    fused_model, loop_model = Toy(), Toy()
+    loop_model.load_state_dict(fused_model.state_dict())
+    initial = {name: p.detach().clone() for name, p in fused_model.named_parameters()}
+    fused = build_optimizer(fused_model, DEFAULT, device=torch.device("cpu"))
+    loop = build_optimizer(loop_model, DEFAULT, device=torch.device("cpu"))
+    for group in loop.param_groups:
+        group["fused"] = False
+        group["foreach"] = False
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in fused_model.parameters()]
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
+        if a.requires_grad:
+            assert not torch.equal(a, initial[name]), name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_removing_the_frozen_group_drops_its_adam_state_and_stops_its_updates():

@@ -47,6 +47,7 @@ from spidr.train.environment import (
     resolve_device,
 )
 from spidr.train.metrics import MetricsLogger, RunningMeans
+from spidr.train.optim import adamw_implementation
 from spidr.train.precision import Precision, resolve_precision
 from spidr.train.runtime import StopFlag, configure_numerics, seed_everything, write_config
 
@@ -129,10 +130,9 @@ def build_optimizer(model: nn.Module, cfg: LmConfig, device: torch.device) -> to
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     o = cfg.optimizer
-    fused = device.type == "cuda"
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=o.betas, eps=o.eps, fused=fused, foreach=None if fused else True,
+        lr=o.lr, betas=o.betas, eps=o.eps, **adamw_implementation(device),
     )
 
 

@@ -1,0 +1,34 @@
+"""benchmarks/extract.py --mix: LibriSpeech-length FLAC files extracted in float32 and bf16 in separate processes;
+the bf16 features stay within a few percent of the fp32 ones, and the table reports both precisions."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "extract.py"
+
+
+def test_mix_compares_float32_and_bf16() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--config", "bench-small", "--mix", "2", "--rounds", "1", "--threads", "1"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    files = re.search(r"2 files, (\d+) s of audio", out)
+    assert files, out
+    assert 4 <= int(files.group(1)) <= 70, out
+    for dtype in ("float32", "bfloat16"):
+        row = re.search(rf"{dtype} \|\s+([\d.]+) \|\s+([\d.]+)", out)
+        assert row, out
+        assert float(row.group(1)) > 0, out
+        assert float(row.group(2)) > 0, out
+    ratio = re.search(r"bf16 speed / fp32 speed: ([\d.]+)", out)
+    assert ratio, out
+    assert float(ratio.group(1)) > 0, out
+    error = re.search(r"relative error max ([\d.e+-]+), median ([\d.e+-]+) over 12 ", out)  # 2 files x 6 layers
+    assert error, out
+    assert 0 < float(error.group(2)) <= float(error.group(1)) < 0.1, out

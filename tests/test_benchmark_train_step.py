@@ -1,0 +1,35 @@
+"""benchmarks/train_step.py, the CPU step benchmark: each job runs the trainer's step in its own process and its row
+holds finite positive numbers; the FLOP count does not depend on the AdamW implementation; ratios are per config."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+
+
+def test_rows_of_two_adamw_implementations(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--configs", "bench-small", "--dtypes", "float32", "--adamw", "for-loop",
+         "fused", "--batch", "1", "--seconds", "1", "--warmup", "0", "--steps", "1", "--threads", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["config"], r["dtype"], r["adamw"]) for r in rows] == [
+        ("bench-small", "float32", "for-loop"), ("bench-small", "float32", "fused")]
+    for row in rows:
+        for name in ("step_s", "audio_s_per_s", "gflop_per_step", "matmul_gflops", "mfu", "peak_rss_gib",
+                     "infer_s_per_10s", "time_vs_first"):
+            assert math.isfinite(row[name]), (row["adamw"], name, row[name])
+            assert row[name] > 0, (row["adamw"], name, row[name])
+        assert row["audio_s_per_s"] == 1.0 / row["step_s"]
+    assert rows[0]["time_vs_first"] == 1.0
+    assert rows[0]["gflop_per_step"] == rows[1]["gflop_per_step"]
+    assert "| bench-small | float32 | fused |" in done.stdout
