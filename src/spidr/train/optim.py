@@ -29,6 +29,7 @@ def adamw_implementation(device: torch.device) -> dict[str, bool | None]:
     available (as the official trainer does), torch's default elsewhere."""
     return {"fused": True} if device.type in FUSED_ADAMW_DEVICES else {"fused": None}
 
+
 FROZEN_GROUP = 1  # index of the extractor/projection group, removed at the freeze step
 
 
