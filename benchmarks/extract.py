@@ -48,20 +48,15 @@ def worker(path: str, config: str, dtype: str, threads: int, out_dir: str | None
     """Extract every layer of the file ``path``, or of every file listed in the manifest ``path`` (a .csv), into a
     temporary folder or ``out_dir``; prints wall time, audio seconds and peak RSS as JSON."""
     import torch
+    from train_step import CONFIGS  # a sibling script: the benchmarks' model configs are named there
 
-    from spidr.config import SpidRConfig
     from spidr.data.manifest import ManifestEntry, read_manifest
     from spidr.eval.features import ExtractionSettings, extract_to_directory
     from spidr.models.build import build_model
 
     torch.set_num_threads(threads)
-    cfg = SpidRConfig() if config == "base" else SpidRConfig(
-        extractor_conv_layer_config=[[256, 10, 5]] + [[256, 3, 2]] * 4 + [[256, 2, 2]] * 2,
-        encoder_embed_dim=256, encoder_num_layers=6, encoder_num_heads=4, encoder_ff_interm_features=1024,
-        num_codebooks=4,
-    )
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = build_model(CONFIGS[config]).eval()
     if path.endswith(".csv"):
         entries = list(read_manifest(path))
     else:

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from itertools import product
 from pathlib import Path
 
@@ -72,10 +71,6 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
 def _cpu_sdpa_backward_flops(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return flop_counter.sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
-
-
-def autocast(dtype: torch.dtype):
-    return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def matmul_flops_per_second(dtype: torch.dtype, *, size: int = 2048, repeats: int = 5) -> float:
@@ -146,7 +141,7 @@ def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: fl
     model.eval()
     ten_seconds = F.layer_norm(torch.randn(1, 160000, generator=generator), (160000,))
     inference = []
-    with torch.inference_mode(), autocast(DTYPES[dtype]):
+    with torch.inference_mode(), precision.autocast():
         model.get_intermediate_outputs(ten_seconds)
         for _ in range(max(steps, 1)):
             start = time.perf_counter()
