@@ -8,6 +8,8 @@ runs too long costs only its own row):
 
 * ``spidr``, ``dinosr``: the base model (``SpidRConfig()`` / ``DinoSRConfig()``) trained with bf16 autocast;
 * ``spidr-compile``, ``dinosr-compile``: the same with ``run.compile`` (``torch.compile(dynamic=True)``, in place);
+* ``spidr-host-reads``: ``spidr`` with the host reading each step (``run.host_sync = "step"``, and the masked-frame
+  count found on the GPU rather than taken from the loader): what the GPU loses to the two reads per step;
 * ``loader``: the training DataLoader (``spidr.data.loader.build_dataloader`` with the training data settings)
   alone, over a synthetic corpus of audio files, as the training loop consumes it.
 
@@ -85,6 +87,8 @@ class Job:
     name: str  # as in the table
     model: str  # "spidr" / "dinosr", or "" for the loader
     compile: bool = False
+    host_sync: str = "auto"  # run.host_sync ("auto" is "log" on CUDA: no host read between log steps)
+    mask_count: bool = True  # pass the loader's masked-frame count to the model (else one nonzero per step)
 
 
 JOBS = {
@@ -92,12 +96,14 @@ JOBS = {
     "spidr-compile": Job("SpidR base, bf16 + compile", "spidr", compile=True),
     "dinosr": Job("DinoSR base, bf16", "dinosr"),
     "dinosr-compile": Job("DinoSR base, bf16 + compile", "dinosr", compile=True),
+    "spidr-host-reads": Job("SpidR base, bf16, 2 host reads per step", "spidr", host_sync="step", mask_count=False),
     "loader": Job("data loader alone", ""),
 }
 # The order jobs run in: cheap and sure first, so that slow compilations take only what time is left.
-RUN_ORDER = ("spidr", "dinosr", "loader", "spidr-compile", "dinosr-compile")
+RUN_ORDER = ("spidr", "dinosr", "loader", "spidr-host-reads", "spidr-compile", "dinosr-compile")
 # Shares of the remaining time limit: a compiled job has its compilation to fit in too.
-TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "spidr-compile": 2.5, "dinosr-compile": 2.5}
+TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "spidr-host-reads": 1.0, "spidr-compile": 2.5,
+                "dinosr-compile": 2.5}
 
 # --smoke: a tiny model (2 layers × 64 dims, 32-channel extractor with the base strides, so the same frame rate) on
 # 2-row batches of 2 s crops; everything else is the base recipe.
@@ -135,7 +141,7 @@ def run_config(job: str, manifest: str, workdir: str, *, smoke: bool, device: to
     model = model_config(JOBS[job].model, smoke=smoke)
     return Config(
         run=RunConfig(workdir=workdir, wandb_project="gpu-benchmark", wandb_name=job, model_type=model.model_type,
-                      compile=JOBS[job].compile, device=device.type),
+                      compile=JOBS[job].compile, device=device.type, host_sync=JOBS[job].host_sync),
         data=data_config(manifest, smoke=smoke),
         model=model,
     )
@@ -173,6 +179,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     precision: Precision
+    skip_on_device: bool  # run.host_sync resolved: the NaN/Inf verdict stays on the device (CUDA default)
     step: int = 0  # optimizer steps taken
 
 
@@ -184,7 +191,9 @@ def build_trainer(cfg: Config, device: torch.device) -> Trainer:
     seed_everything(cfg.run.random_seed)
     precision = resolve_precision(cfg.optimizer.dtype, device)
     optimizer = build_optimizer(model, cfg.optimizer, device=device)
-    return Trainer(model, optimizer, build_scheduler(optimizer, cfg.optimizer), precision.make_scaler(), precision)
+    scaler = precision.make_scaler()
+    return Trainer(model, optimizer, build_scheduler(optimizer, cfg.optimizer), scaler, precision,
+                   skip_on_device=loop.skips_on_device(cfg.run.host_sync, device, scaler=scaler))
 
 
 def first_batches(cfg: Config, count: int, device: torch.device) -> list[Batch]:
@@ -211,12 +220,13 @@ def wrap_like_trainer(trainer: Trainer, cfg: Config, device: torch.device, backe
 def run_steps(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], count: int, *, max_norm: float,
               start: int = 0) -> Iterator[loop.StepOutput]:
     """``count`` training steps exactly as the training loop takes them, cycling through ``batches`` from index
-    ``start``; a step skipped for a non-finite loss does not count as taken, as in the loop."""
+    ``start``. As in the loop, a step skipped for a non-finite loss counts as taken only when the verdict stays
+    on the device (``trainer.skip_on_device``); otherwise reading it is the step's host synchronisation."""
     for i in range(start, start + count):
         out = loop.train_step(model, [batches[i % len(batches)]], trainer.optimizer, trainer.scheduler,
                               step=trainer.step, precision=trainer.precision, scaler=trainer.scaler,
-                              max_norm=max_norm)
-        if not out.skipped:
+                              max_norm=max_norm, skip_on_device=trainer.skip_on_device)
+        if trainer.skip_on_device or not out.skipped:
             trainer.step += 1
         yield out
 
@@ -251,8 +261,9 @@ def time_steps(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], *
     has passed); fills ``report``.
 
     Step times come from CUDA events recorded on the stream before the first step and after each one (the GPU time
-    each step's work spans, without any extra host synchronisation; the step itself synchronises once, for its NaN
-    guard); the throughput from the wall time of the whole block, between two ``torch.cuda.synchronize``.
+    each step's work spans, without any extra host synchronisation; with ``run.host_sync = "log"``, the CUDA
+    default, the step itself makes none, and the steps' metrics are read after the block); the throughput from the
+    wall time of the whole block, between two ``torch.cuda.synchronize``.
     """
     report["stage"] = "warm-up (compilation)" if report["compile"] else "warm-up"
     synchronize(device)
@@ -272,15 +283,19 @@ def time_steps(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], *
     synchronize(device)
     began = time.perf_counter()
     marks = [_mark(cuda=cuda)]  # then one at the end of each step: CUDA events, or perf_counter values on a CPU
+    outputs = []
     for out in run_steps(model, trainer, batches, steps, max_norm=max_norm, start=warmup):
         marks.append(_mark(cuda=cuda))
-        audio += float(out.metrics["audio_seconds"])
-        rows += float(out.metrics["batch_size"])
-        skipped += out.skipped
+        outputs.append(out)
         if len(marks) > 2 and time.time() > deadline:
             break
     synchronize(device)
     wall = time.perf_counter() - began
+    loop.read_step_outputs(outputs)
+    for out in outputs:
+        audio += float(out.metrics["audio_seconds"])
+        rows += float(out.metrics["batch_size"])
+        skipped += out.skipped
     timed = len(marks) - 1
     step_times = [a.elapsed_time(b) / 1000 if cuda else b - a for a, b in itertools.pairwise(marks)]
     graphs_after = compiled_graphs()
@@ -316,6 +331,8 @@ def model_job(job: str, args: argparse.Namespace, device: torch.device, report: 
         trainer = build_trainer(cfg, device)
         report["dtype"] = trainer.precision.name
         batches = first_batches(cfg, args.batches, device)
+        if not JOBS[job].mask_count:
+            batches = [dataclasses.replace(batch, mask_count=None) for batch in batches]
         max_norm = cfg.optimizer.max_norm
 
         report["stage"] = "counting FLOPs"

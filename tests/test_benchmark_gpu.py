@@ -49,8 +49,8 @@ def run_smoke(gpu, tmp_path: Path, capsys, jobs: list[str]) -> tuple[list[dict],
 
 
 def test_smoke_eager_jobs_and_loader(gpu, tmp_path, capsys):
-    rows, table = run_smoke(gpu, tmp_path, capsys, ["spidr", "dinosr", "loader"])
-    assert [row["job"] for row in rows] == ["spidr", "dinosr", "loader"]
+    rows, table = run_smoke(gpu, tmp_path, capsys, ["spidr", "dinosr", "loader", "spidr-host-reads"])
+    assert [row["job"] for row in rows] == ["spidr", "dinosr", "spidr-host-reads", "loader"]
     for row in rows:
         check_row(row)
         assert f"| {row['name']} | " in table

@@ -59,6 +59,8 @@ def test_crop_mode_batch_fields() -> None:
     counts = batch.mask.sum(dim=1)
     assert torch.all(counts == counts[0])
     assert counts[0] > 0
+    assert batch.mask_count == int(counts.sum())
+    assert batch.to("cpu").mask_count == batch.mask_count
 
 
 def test_padding_mode_masks() -> None:
@@ -84,6 +86,7 @@ def test_padding_mode_masks() -> None:
         for query in (0, 20, 48):  # every query row is the key-validity vector
             assert torch.equal(attention[row, 0, query], ~expected_padding[row])
     assert not (batch.mask & batch.padding_mask).any()
+    assert batch.mask_count == int(batch.mask.sum())
     counts = batch.mask.sum(dim=1)
     assert torch.all(counts == counts[0])
 

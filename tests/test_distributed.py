@@ -225,9 +225,11 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path):
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path, host_sync):
     corpus = write_corpus(tmp_path / "corpus", num_files=12)
-    data = tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 4})
+    data = tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 4}, run={"host_sync": host_sync,
+                                                                               "log_interval": 3})
     config = write_toml(data, tmp_path / "run.toml")
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr",

@@ -80,8 +80,12 @@ def _signal_when(process: subprocess.Popen, run_dir: Path, *, min_step: int, sig
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, corpus):
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, corpus, host_sync):
+    # "log": the host reads the steps at log and checkpoint steps (every 3rd) and on SIGTERM only.
+    log_interval = 1 if host_sync == "step" else 3
     sections = {
+        "run": {"host_sync": host_sync, "log_interval": log_interval},
         "optimizer": {"max_steps": 20},
         "data": {"num_workers": 1},  # a worker process reads ahead of the consumed position
         "validation": {"dev": {"manifest": str(corpus), "max_batch_length": 32000, "max_sample_size": 16000,
@@ -128,8 +132,12 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
     expected = {r["step"]: r for r in _train_records(run_a)}
     got = _train_records(run_b)
     assert {r["step"] for r in got} == set(expected)
-    assert len(got) > len(expected)  # steps after the last checkpoint were replayed
-    for record in got:
+    if host_sync == "step":
+        assert len(got) > len(expected)  # steps after the last checkpoint were replayed
+    # A run resumed from the SIGTERM checkpoint in the middle of a logging interval logs that interval's mean over
+    # the steps it took itself: the one record that cannot match.
+    partial = -(-stopped_at // log_interval) * log_interval if stopped_at % log_interval else None
+    for record in (r for r in got if r["step"] != partial):
         for key in ("loss", "grad_norm", "target_ppl", "pred_ppl", "lr"):
             assert record[key] == expected[record["step"]][key], (record["step"], key)
     validation_a = {r["step"]: r["loss"] for r in read_metrics(run_a / "metrics.jsonl") if r["group"] == "dev"}
@@ -245,6 +253,107 @@ def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path, corp
     initial = build_model(cfg.model).state_dict()
     for key, value in state["model"].items():
         assert torch.equal(value, initial[key]), key
+
+
+def _adam_state(optimizer) -> dict:
+    return {(pid, name): value.clone() for pid, state in enumerate(optimizer.state.values())
+            for name, value in state.items()}
+
+
+def test_a_non_finite_step_skipped_on_the_device_changes_nothing_but_the_step_count(tmp_path, corpus, monkeypatch):
+    """run.host_sync = "log": the NaN/Inf verdict gates AdamW (found_inf), the codebooks and the teacher on the
+    device; the step counts, as a GradScaler skip does in the official trainer."""
+    cfg = tiny_config(tmp_path, corpus)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optimizer, device=torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, cfg.optimizer)
+    batch = _first_batch(cfg)
+    train_step(model, [batch], optimizer, scheduler, step=0, precision=FP32, scaler=None, max_norm=10.0,
+               skip_on_device=True)
+    before, adam_before = {k: v.clone() for k, v in model.state_dict().items()}, _adam_state(optimizer)
+    assert 0 < model.ema_decay(2) < 1  # the teacher would move on a taken step
+
+    _poison(model, monkeypatch)
+    out = train_step(model, [batch], optimizer, scheduler, step=1, precision=FP32, scaler=None, max_norm=10.0,
+                     skip_on_device=True)
+    assert out.skipped
+    for key, value in model.state_dict().items():
+        if key != "current_step":
+            assert torch.equal(value, before[key]), key
+    assert int(model.current_step) == 2
+    assert scheduler.last_epoch == 2
+    adam_after = _adam_state(optimizer)
+    for key, value in adam_before.items():
+        assert torch.equal(value, adam_after[key]), key  # moments and AdamW's own step count
+    assert all(p.grad is None for p in model.parameters())
+
+    monkeypatch.undo()
+    train_step(model, [batch], optimizer, scheduler, step=2, precision=FP32, scaler=None, max_norm=10.0,
+               skip_on_device=True)
+    after = model.state_dict()
+    for key in ("codebooks.0.codebook", "student.layers.0.attention.qkv.weight",
+                "teacher.layers.0.attention.qkv.weight"):
+        assert not torch.equal(after[key], before[key]), key
+
+
+def test_reading_the_guard_at_log_steps_only_gives_the_same_run(tmp_path, corpus):
+    """run.host_sync "log" against "step" on a run without a bad step: the same weights, AdamW state, checkpoints
+    and logged metrics, bit for bit (log_interval 3 and save_interval 4 make the host read at both)."""
+    finals, records = [], []
+    for mode in ("step", "log"):
+        cfg = tiny_config(tmp_path / mode, corpus, run={"host_sync": mode, "log_interval": 3, "save_interval": 4},
+                          optimizer={"max_steps": 10})
+        assert train(cfg) == "completed"
+        finals.append(torch.load(cfg.run.run_dir / "final.pt", weights_only=True))
+        records.append(_train_records(cfg.run.run_dir))
+        assert sorted(p.name for p in cfg.run.run_dir.glob("step_*.pt")) == ["step_0.pt", "step_4.pt", "step_8.pt"]
+    for key, value in finals[0]["model"].items():
+        assert torch.equal(value, finals[1]["model"][key]), key
+    for pid, state in finals[0]["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, finals[1]["optimizer"]["state"][pid][name]), (pid, name)
+    assert [r["step"] for r in records[1]] == [3, 6, 9, 10]
+    for a, b in zip(*records, strict=True):
+        for key in ("step", "loss", "grad_norm", "target_ppl", "pred_ppl_per_codebook", "lr", "ema_decay",
+                    "audio_seconds", "skipped_steps"):
+            assert a[key] == b[key], (a["step"], key)
+
+
+def test_non_finite_steps_read_at_log_steps_stop_the_run_there(tmp_path, corpus, monkeypatch):
+    cfg = tiny_config(tmp_path, corpus, run={"host_sync": "log", "max_consecutive_nonfinite": 3, "log_interval": 2,
+                                             "save_interval": 100})
+
+    def poisoned_model(model_cfg):
+        model = build_model(model_cfg)
+        _poison(model, monkeypatch)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", poisoned_model)
+    with pytest.raises(TrainingDivergedError, match="4 consecutive steps"):
+        train(cfg)  # read at step 2 (2 in a row), then at step 4
+    path, state = Checkpointer(cfg.run.run_dir, save_interval=100).load_latest()
+    assert path.name == "step_4.pt"
+    assert state["nonfinite_streak"] == 4
+    torch.manual_seed(cfg.run.random_seed)
+    initial = build_model(cfg.model).state_dict()
+    for key, value in state["model"].items():
+        if key != "current_step":
+            assert torch.equal(value, initial[key]), key
+
+
+def test_host_sync_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not loop.skips_on_device("auto", cpu, scaler=None)
+    assert loop.skips_on_device("auto", cuda, scaler=None)
+    assert loop.skips_on_device("log", cpu, scaler=None)
+    assert not loop.skips_on_device("step", cuda, scaler=None)
+    scaler = object()  # float16: a GradScaler decides its skips on the host
+    assert not loop.skips_on_device("auto", cuda, scaler=scaler)
+    with pytest.raises(ValueError, match=r"run\.host_sync = 'log' needs bfloat16 or float32"):
+        loop.skips_on_device("log", cuda, scaler=scaler)
+    with pytest.raises(ValueError, match=r"run\.host_sync"):
+        tiny_config(Path("/tmp"), Path("/tmp/m.csv"), run={"host_sync": "sometimes"})
 
 
 # --------------------------------------------------------------------------------------------------------------

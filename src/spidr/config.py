@@ -436,6 +436,13 @@ class RunConfig:
     slurm_validation: dict[str, Any] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"  # (spidr addition)
     max_consecutive_nonfinite: int = 10  # (spidr addition) stop (with a checkpoint) after this many NaN/Inf steps
+    # (spidr addition) When the host reads a step's NaN/Inf guard and metrics. "step": after every step, and a
+    # non-finite step is not counted. "log": only at log and checkpoint steps, so that a GPU never waits for the
+    # host in between; a non-finite step is then skipped on the device (weights, AdamW state, codebooks and teacher
+    # stay as they were) but counts toward the step number and the schedules, as a GradScaler skip does in the
+    # official trainer. Needs fused AdamW without a GradScaler (not float16). "auto": "log" on CUDA in bf16 or
+    # fp32, else "step".
+    host_sync: Literal["auto", "step", "log"] = "auto"
 
     def __post_init__(self) -> None:
         section = "run"

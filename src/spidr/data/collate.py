@@ -30,6 +30,9 @@ class Batch:
     epoch: int = 0
     position: int = 0  # index of this batch in its epoch (this rank's order)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (location, reason) of unusable utterances
+    # True frames in ``mask``, counted on the host where the mask is made: the model can then gather the masked
+    # frames without reading their count back from the GPU. None when unknown.
+    mask_count: int | None = None
 
     def __len__(self) -> int:
         return self.waveforms.shape[0]
@@ -133,4 +136,5 @@ class Collator:
             epoch=epoch,
             position=position,
             skipped=skipped,
+            mask_count=int(mask.sum()),
         )

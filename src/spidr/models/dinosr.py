@@ -149,12 +149,15 @@ class DinoSR(nn.Module):
         mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        mask_count: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Masked-prediction loss of waveforms (B, S).
 
         ``mask`` (B, T) bool: frames to mask and score. Without it nothing is masked and every (non-padded) frame
         is scored. Padding: ``attention_mask`` (B, 1, T, T) bool, True = key may be attended (official form), or
-        ``padding_mask`` (B, T) bool, True = padded.
+        ``padding_mask`` (B, T) bool, True = padded. ``mask_count``: the number of True in ``mask`` when the caller
+        knows it without reading the device (the data loader counts it); the masked frames are then gathered with
+        no host synchronisation. A wrong count gives wrong results: leave it None when unsure.
 
         Returns the per-scored-frame loss (N,), the mean over codebooks of the cross-entropy, in row-major
         (batch, frame) order, and detached metrics: ``target_ppl``, ``pred_ppl`` (means over codebooks),
@@ -181,15 +184,20 @@ class DinoSR(nn.Module):
             self._teacher_features(waveforms, feats, student_warped=warp is not None), masks
         )
 
-        target_frames = [t[scored] for t in targets]  # K × (N, D)
-        if (self.training and self.cfg.codebook_init == "data" and not self._codebooks_from_data
-                and int(self.current_step) == 0):
-            self._initialise_codebooks_from_data(target_frames)
+        # The scored frames' row-major positions (N,), found once: boolean indexing would look for them again in
+        # each of the K targets and K predictions, each time reading their count back from the device (a
+        # synchronisation on GPU). With the count known on the host there is no read at all.
+        scored_index = _positions(scored, count=mask_count if mask is not None else None)
+        target_frames = [_rows_at(t, scored_index) for t in targets]  # K × (N, D)
+        if self.training and self.cfg.codebook_init == "data" and not self._codebooks_from_data:
+            if int(self.current_step) == 0:
+                self._initialise_codebooks_from_data(target_frames)
+            self._codebooks_from_data = True  # past step 0 they come from a checkpoint: no need to read the step again
         log_probs, labels, cross_entropies = [], [], []
         gathered: dict[int, torch.Tensor] = {}  # DinoSR's heads share one input: gather its scored frames once
         for head, codebook, prediction, z in zip(self.heads, self.codebooks, predictions, target_frames, strict=True):
             if id(prediction) not in gathered:
-                gathered[id(prediction)] = prediction[scored]  # (N, D)
+                gathered[id(prediction)] = _rows_at(prediction, scored_index)  # (N, D)
             log_prob = head(gathered[id(prediction)])  # (N, V) fp32
             label = codebook.assign(z)  # (N,)
             cross_entropies.append(-log_prob.gather(-1, label[:, None]).squeeze(-1))  # against a one-hot target
@@ -200,7 +208,8 @@ class DinoSR(nn.Module):
         if self.training:
             if self.cfg.codebook_update_frames == "all":
                 valid = masks.valid if masks.valid is not None else torch.ones_like(scored)
-                every_frame = [t[valid] for t in targets]
+                valid_index = _positions(valid)
+                every_frame = [_rows_at(t, valid_index) for t in targets]
                 self._update_codebooks(every_frame, [c.assign(z) for c, z in zip(self.codebooks, every_frame,
                                                                                  strict=True)])
             else:
@@ -218,7 +227,7 @@ class DinoSR(nn.Module):
             return
         size = self.cfg.codebook_size
         stats = torch.stack([
-            codebook.statistics(z, F.one_hot(lab, size))
+            codebook.statistics(z, _one_hot(lab, size))
             for codebook, z, lab in zip(self.codebooks, targets, labels, strict=True)
         ])  # (K, V, 1 + D)
         distributed.all_reduce_sum(stats)
@@ -240,8 +249,7 @@ class DinoSR(nn.Module):
             candidates.zero_()
         distributed.all_reduce_sum(candidates)
         for codebook, dead, cand in zip(self.codebooks, unused, candidates, strict=True):
-            if bool(dead.any()):
-                codebook.reseed(dead, cand)
+            codebook.reseed(dead, cand)  # a no-op where nothing is dead; asking first would cost a device sync
 
     @torch.no_grad()
     def _initialise_codebooks_from_data(self, targets: list[torch.Tensor]) -> None:
@@ -259,7 +267,7 @@ class DinoSR(nn.Module):
         """Codebook-usage and prediction perplexities (spec §4.5) and per-codebook losses, as global frame-weighted
         means over ranks (one collective)."""
         size, k = self.cfg.codebook_size, self.num_codebooks
-        target_sums = torch.stack([torch.bincount(lab, minlength=size).float() for lab in labels])  # (K, V)
+        target_sums = torch.stack([_one_hot(lab, size).sum(0).float() for lab in labels])  # (K, V)
         pred_sums = torch.stack([lp.exp().sum(0) for lp in log_probs])  # (K, V)
         num_frames = frame_losses.shape[1]
         packed = torch.cat([
@@ -364,11 +372,14 @@ class DinoSR(nn.Module):
                 p.requires_grad_(False)
 
     @torch.no_grad()
-    def update_ema(self, step: int) -> float:
+    def update_ema(self, step: int, *, skipped: torch.Tensor | None = None) -> float:
         """After optimizer step ``step`` (1-based): record it in ``current_step``, freeze the feature encoder once
         ``step >= freeze_step``, and move the teacher toward the student with the scheduled decay β
         (teacher ← β·teacher + (1 − β)·student) when 0 < β < 1; parameters under ``ema_exclude_layers`` are copied
-        instead. Returns β."""
+        instead. Returns β.
+
+        ``skipped``: a () bool tensor on the model's device, True when the step was skipped on the device (the
+        trainer's ``run.host_sync = "log"``); the teacher then stays where it is, decided without a host read."""
         self.current_step.fill_(step)
         decay = self.ema_decay(step)
         if step >= self.cfg.freeze_step:
@@ -387,7 +398,12 @@ class DinoSR(nn.Module):
             if averaged_t:
                 # Weight 1 − β taken in fp32, as the official update does (bit-identical teacher weights).
                 weight = float(1 - torch.tensor(decay, dtype=torch.float32))
-                torch._foreach_lerp_(averaged_t, [p.to(torch.float32) for p in averaged_s], weight)
+                students = [p.to(torch.float32) for p in averaged_s]
+                if skipped is None:
+                    torch._foreach_lerp_(averaged_t, students, weight)
+                else:
+                    weights = torch.where(skipped, 0.0, weight).to(torch.float32)  # lerp by 0 leaves the teacher
+                    torch._foreach_lerp_(averaged_t, students, [weights] * len(averaged_t))
             for t, s in zip(copied_t, copied_s, strict=True):
                 t.copy_(s)
             student_buffers = dict(self.student.named_buffers())
@@ -405,6 +421,25 @@ class DinoSR(nn.Module):
 def perplexity(probs: torch.Tensor) -> torch.Tensor:
     """2^entropy (bits) of each mean distribution in (..., V) → (...): 2^(−Σ p log₂(p + 1e-8))."""
     return torch.exp2(-(probs * torch.log2(probs + 1e-8)).sum(-1))
+
+
+def _one_hot(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Bool one-hot (N, V) of labels (N,) in [0, size). Built by comparison: ``F.one_hot`` checks the labels' range
+    and ``bincount`` their maximum with a read-back to the host (a device synchronisation on GPU)."""
+    return labels[:, None] == torch.arange(size, device=labels.device)
+
+
+def _positions(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Row-major positions (N,) of the True entries of mask (B, T). With ``count``, their number known on the host,
+    they are found without reading anything back from the device."""
+    flat = mask.flatten()
+    return (flat.nonzero() if count is None else torch.nonzero_static(flat, size=count)).squeeze(1)
+
+
+def _rows_at(frames: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The frames (B, T, D) at row-major positions ``index`` (N,) → (N, D): ``frames[mask]`` for
+    ``index = _positions(mask)``, with the same values, order and gradient."""
+    return frames.flatten(0, 1)[index]
 
 
 def _random_rows(z: torch.Tensor, count: int) -> torch.Tensor:

@@ -7,6 +7,10 @@ clip → NaN/Inf guard → optimizer step → zero grads → scheduler step → 
 The codebooks are updated inside the training-mode forward (online clustering, spec §3.10), which is why a
 skipped step restores them from a snapshot taken before the forward.
 
+``run.host_sync`` says when the host reads a step's NaN/Inf verdict and metrics: after every step ("step", the
+CPU default), or only at log and checkpoint steps ("log", the CUDA default), the verdict then gating the update on
+the device so that the GPU never waits for the host in between.
+
 Resume is exact: a checkpoint holds the model (teacher and codebooks included), optimizer, scheduler, scaler, step,
 every rank's sampler position and RNG states; the data pipeline derives crops and masks from (seed, rank, epoch,
 batch index). A run killed at any point and resumed from its latest checkpoint replays the same steps and ends, on
@@ -67,11 +71,53 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class StepOutput:
-    """What one optimizer step reports (all values global over ranks)."""
+    """What one optimizer step reports (all values global over ranks).
 
-    skipped: bool  # non-finite loss or gradient somewhere: nothing was updated
-    stop_requested: bool  # some rank received a stop signal
-    metrics: dict[str, float | list[float]]  # loss (global per-frame mean), grad_norm, lr, model metrics, ...
+    ``values`` stays on the device until read: the first access to ``skipped``, ``stop_requested`` or ``metrics``
+    (or :func:`read_step_outputs` for several steps at once) copies it to the host, which waits for the device.
+    """
+
+    values: torch.Tensor  # (7 + M,) fp64: loss sum, ranks non-finite, ranks stopping, grad norm, frames, samples,
+    # utterances, then the forward's packed metrics (_pack_metrics)
+    lr: float  # the learning rate of this step (group 0)
+    ema_decay: float | None  # the teacher's decay after it; None when the step was skipped on the host
+    _host: list[float] | None = None
+
+    def _read(self) -> list[float]:
+        if self._host is None:
+            self._host = self.values.tolist()
+        return self._host
+
+    @property
+    def skipped(self) -> bool:
+        """A non-finite loss or gradient on some rank: nothing was updated."""
+        return self._read()[1] > 0
+
+    @property
+    def stop_requested(self) -> bool:
+        """Some rank received a stop signal before this step."""
+        return self._read()[2] > 0
+
+    @property
+    def metrics(self) -> dict[str, float | list[float]]:
+        """loss (global per-frame mean), grad_norm, lr, num_frames, audio_seconds, batch_size, the model's
+        metrics, and ema_decay when the teacher was updated."""
+        loss_sum, _, _, norm, frames, samples, utterances = self._read()[:7]
+        out: dict[str, float | list[float]] = {
+            "loss": loss_sum / frames, "grad_norm": norm, "lr": self.lr, "num_frames": frames,
+            "audio_seconds": samples / SAMPLE_RATE, "batch_size": utterances, **_unpack_metrics(self._read()[7:]),
+        }
+        if self.ema_decay is not None:
+            out["ema_decay"] = self.ema_decay
+        return out
+
+
+def read_step_outputs(outputs: Sequence[StepOutput]) -> None:
+    """Copy the values of several steps to the host at once: one wait for the device instead of one per step."""
+    pending = [out for out in outputs if out._host is None]
+    if pending:
+        for out, host in zip(pending, torch.stack([out.values for out in pending]).tolist(), strict=True):
+            out._host = host
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,20 +136,28 @@ def train_step(
     scaler: torch.amp.GradScaler | None,
     max_norm: float,
     stop_requested: bool = False,
+    skip_on_device: bool = False,
 ) -> StepOutput:
     """One optimizer step over the micro-batches ``batches`` of this rank (``optimizer.grad_accum_steps`` of them).
 
     ``model`` may be wrapped in DistributedDataParallel; ``step`` is the number of optimizer steps done so far,
-    and the teacher is moved with ``update_ema(step + 1)`` when the step is taken. ``stop_requested`` is this
-    rank's stop flag, agreed with the other ranks in the step's last collective.
+    and the teacher is moved with ``update_ema(step + 1)``. ``stop_requested`` is this rank's stop flag, agreed
+    with the other ranks in the step's last collective.
+
+    A step whose loss or gradient is non-finite on some rank updates nothing (weights, AdamW state, codebooks,
+    teacher). By default the host reads that verdict (one synchronisation) and returns early: the step is not
+    counted. With ``skip_on_device`` (fused AdamW, no GradScaler) nothing is read: the verdict gates every update
+    on the device, and the scheduler and ``update_ema(step + 1)`` advance as for any step (``run.host_sync``).
     """
+    if skip_on_device and scaler is not None:
+        raise ValueError("skip_on_device needs a step without a GradScaler (float16 training uses one)")
     raw = unwrap(model)
     world = world_size()
     # Codebooks move inside the forward; keep a copy so that a skipped step leaves them untouched.
-    codebooks = {name: buffer.clone() for name, buffer in raw.named_buffers() if name.startswith("codebooks.")}
+    codebooks = [(buffer, buffer.clone()) for name, buffer in raw.named_buffers() if name.startswith("codebooks.")]
 
     # Global masked-frame count over micro-batches and ranks, needed before the first backward. Counts stay on
-    # the device: the step's only host synchronisation is the NaN/Inf guard's.
+    # the device.
     totals = all_reduce_sum(torch.stack([
         torch.stack([b.mask.sum(), b.lengths.sum(), b.lengths.new_tensor(len(b))]) for b in batches
     ]).sum(0).double())  # (masked frames, audio samples, utterances)
@@ -117,7 +171,8 @@ def train_step(
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
             with precision.autocast():
-                losses, metrics = model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask)
+                losses, metrics = model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask,
+                                        mask_count=batch.mask_count)
             # DDP averages over ranks, so × world makes the gradient that of the global per-frame mean.
             loss = losses.float().sum() * world / num_frames
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -130,29 +185,51 @@ def train_step(
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    # NaN/Inf guard: every rank takes the same decision, from one all-reduce and one host synchronisation.
+    # NaN/Inf guard: every rank takes the same decision, from one all-reduce.
     nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
     flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_tensor(float(stop_requested))]))
-    host = torch.cat([flags, grad_norm.double().reshape(1), totals, metric_sums / len(batches)]).tolist()
-    global_loss_sum, num_nonfinite, num_stop, norm, frames, samples, utterances = host[:7]
-    output = StepOutput(skipped=num_nonfinite > 0, stop_requested=num_stop > 0, metrics={
-        "loss": global_loss_sum / frames,
-        "grad_norm": norm,
-        "lr": optimizer.param_groups[0]["lr"],
-        "num_frames": frames,
-        "audio_seconds": samples / SAMPLE_RATE,
-        "batch_size": utterances,
-        **_unpack_metrics(host[7:]),
-    })
-    if output.skipped:
+    output = StepOutput(torch.cat([flags, grad_norm.double().reshape(1), totals, metric_sums / len(batches)]),
+                        lr=optimizer.param_groups[0]["lr"], ema_decay=None)
+    # The verdict stays on the device, or the host reads it (with the metrics: the step's one read of the device).
+    skipped = flags[1] > 0 if skip_on_device else output.skipped
+    output.ema_decay = _update(raw, optimizer, scheduler, scaler, codebooks=codebooks, step=step, skipped=skipped)
+    return output
+
+
+def _update(
+    raw: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    *,
+    codebooks: list[tuple[torch.Tensor, torch.Tensor]],
+    step: int,
+    skipped: bool | torch.Tensor,
+) -> float | None:
+    """The update half of a step, once the gradients are clipped: optimizer, codebooks, scheduler, teacher EMA.
+
+    ``codebooks``: (buffer, its value before the forward) pairs. ``skipped`` is the NaN/Inf verdict: a bool read by
+    the host, or a () bool tensor that gates every update on the device with no host read (fused AdamW's
+    ``found_inf``). Returns the teacher's EMA decay, None when the host skipped the step.
+    """
+    if isinstance(skipped, torch.Tensor):
+        for buffer, before in codebooks:
+            buffer.copy_(torch.where(skipped, before, buffer))
+        optimizer.found_inf = skipped.float()  # fused AdamW then leaves weights, moments and step count alone
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
         optimizer.zero_grad(set_to_none=True)
-        for name, buffer in raw.named_buffers():
-            if name in codebooks:
-                buffer.copy_(codebooks[name])
+        scheduler.step()
+        return float(raw.update_ema(step + 1, skipped=skipped))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+        for buffer, before in codebooks:
+            buffer.copy_(before)
         if scaler is not None:
             scaler.update()  # lowers the float16 loss scale after an overflow
-        return output
-
+        return None
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -160,8 +237,7 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    output.metrics["ema_decay"] = float(raw.update_ema(step + 1))
-    return output
+    return float(raw.update_ema(step + 1))
 
 
 PER_CODEBOOK = ("loss_per_codebook", "target_ppl_per_codebook", "pred_ppl_per_codebook", "active_codewords")
@@ -265,7 +341,19 @@ def train(cfg: Config) -> Outcome:
         cleanup.enter_context(stop.installed())
         return _steps(run, _wrap(raw_model, cfg, denv, device), loader, stop=stop, precision=precision,
                       device=device, checkpointer=checkpointer, metrics_logger=metrics_logger, save=save,
-                      run_validation=run_validation)
+                      run_validation=run_validation,
+                      skip_on_device=skips_on_device(cfg.run.host_sync, device, scaler=run.scaler))
+
+
+def skips_on_device(host_sync: str, device: torch.device, *, scaler: torch.amp.GradScaler | None) -> bool:
+    """Whether ``run.host_sync`` asks the steps to skip non-finite updates on the device ("log"), which needs a
+    step without a GradScaler; "auto" picks it on CUDA, where every host read stalls the GPU."""
+    if host_sync == "log" and scaler is not None:
+        raise ValueError("run.host_sync = 'log' needs bfloat16 or float32 training: optimizer.dtype = 'float16' "
+                         "uses a GradScaler, whose skips the host must read; use run.host_sync = 'step' or 'auto'")
+    if host_sync == "auto":
+        return device.type == "cuda" and scaler is None
+    return host_sync == "log"
 
 
 def _start_or_resume(
@@ -317,13 +405,19 @@ def _steps(
     metrics_logger: MetricsLogger,
     save: Callable[..., None],
     run_validation: Callable[[], None],
+    skip_on_device: bool,
 ) -> Outcome:
     """The step loop up to ``optimizer.max_steps``: train steps, NaN/Inf streaks, logging, checkpoints, validation
-    and stop signals. ``model`` is the (possibly DDP-wrapped) model whose unwrapped module is ``run.model``."""
+    and stop signals. ``model`` is the (possibly DDP-wrapped) model whose unwrapped module is ``run.model``.
+
+    With ``skip_on_device`` (``run.host_sync = "log"``) every step counts and the host reads the steps' guards and
+    metrics only where it must act: at log and checkpoint steps, at the last step, and (with one process) when a
+    stop signal arrived; a streak of non-finite steps and other ranks' stop signals are noticed there.
+    """
     cfg = run.cfg
     batches = _batches(loader)
-    interval = RunningMeans()
-    interval_start, interval_audio = time.perf_counter(), 0.0
+    interval = _Interval()
+    unread: list[StepOutput] = []  # skip_on_device: the steps the host has not read yet
     while run.step < cfg.optimizer.max_steps:
         if run.step >= cfg.model.freeze_step and len(run.optimizer.param_groups) > 1:
             remove_frozen_group(run.optimizer, run.scheduler)  # the extractor froze in update_ema (spec §4.7)
@@ -331,38 +425,39 @@ def _steps(
         out = train_step(
             model, micro_batches, run.optimizer, run.scheduler, step=run.step, precision=precision,
             scaler=run.scaler, max_norm=cfg.optimizer.max_norm, stop_requested=stop.requested,
+            skip_on_device=skip_on_device,
         )
-        saved = False
-        if out.skipped:
-            run.nonfinite_streak += 1
-            logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
-                           run.step + 1, out.metrics["loss"], out.metrics["grad_norm"], run.nonfinite_streak)
-            if run.nonfinite_streak >= cfg.run.max_consecutive_nonfinite:
-                save()
-                raise TrainingDivergedError(
-                    f"{run.nonfinite_streak} consecutive steps had a non-finite loss or gradient (limit "
-                    f"run.max_consecutive_nonfinite = {cfg.run.max_consecutive_nonfinite}); stopped at step "
-                    f"{run.step} with a checkpoint in {cfg.run.run_dir}"
-                )
-        else:
-            run.nonfinite_streak = 0
+        if skip_on_device:
             run.step += 1
-            interval.add({k: v for k, v in out.metrics.items() if k not in ("lr", "ema_decay")})
-            interval_audio += float(out.metrics["audio_seconds"])
-            if run.step % cfg.run.log_interval == 0 or run.step == cfg.optimizer.max_steps:
-                elapsed = time.perf_counter() - interval_start
-                values = {**interval.means(), "lr": out.metrics["lr"], "ema_decay": out.metrics["ema_decay"],
-                          "epoch": run.sampler.epoch, "audio_seconds_per_s": interval_audio / max(elapsed, 1e-9)}
-                metrics_logger.log(run.step, "train", values)
-                metrics_logger.progress(run.step, {"loss": values["loss"], "lr": values["lr"],
-                                                   "audio_s/s": values["audio_seconds_per_s"]})
-                interval.reset()
-                interval_start, interval_audio = time.perf_counter(), 0.0
-            if checkpointer.should_save(run.step) and run.step < cfg.optimizer.max_steps:
-                save()
-                saved = True
-                run_validation()
-        if out.stop_requested:
+            unread.append(out)
+            if not (run.step % cfg.run.log_interval == 0 or run.step == cfg.optimizer.max_steps
+                    or checkpointer.should_save(run.step) or (stop.requested and world_size() == 1)):
+                continue
+            read_step_outputs(unread)
+            outputs, unread = unread, []
+            _account(run, outputs, first_step=run.step - len(outputs) + 1, interval=interval, save=save)
+        else:
+            outputs = [out]
+            _account(run, outputs, first_step=run.step + 1, interval=interval, save=save)
+            if out.skipped:
+                if out.stop_requested:
+                    save()
+                    logger.info("stopped by a signal at step %d; checkpoint saved", run.step)
+                    return "interrupted"
+                continue
+            run.step += 1
+        saved = False
+        if run.step % cfg.run.log_interval == 0 or run.step == cfg.optimizer.max_steps:
+            values = interval.close(lr=out.lr, ema_decay=out.ema_decay, epoch=run.sampler.epoch)
+            metrics_logger.log(run.step, "train", values)
+            metrics_logger.progress(run.step, {"loss": values.get("loss", math.nan), "lr": values["lr"],
+                                               "audio_s/s": values["audio_seconds_per_s"]})
+        if checkpointer.should_save(run.step) and run.step < cfg.optimizer.max_steps:
+            save()
+            saved = True
+            run_validation()
+        if any(output.stop_requested for output in outputs) or (skip_on_device and stop.requested
+                                                                  and world_size() == 1):
             if not saved:
                 save()
             logger.info("stopped by a signal at step %d; checkpoint saved", run.step)
@@ -371,6 +466,57 @@ def _steps(
     if not checkpointer.should_save(run.step):
         run_validation()
     return "completed"
+
+
+class _Interval:
+    """Running means of the taken steps' metrics over one logging interval, with its audio and skipped steps."""
+
+    def __init__(self) -> None:
+        self.means = RunningMeans()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.means.reset()
+        self.start, self.audio, self.skipped = time.perf_counter(), 0.0, 0
+
+    def add(self, output: StepOutput) -> None:
+        if output.skipped:
+            self.skipped += 1
+            return
+        self.means.add({k: v for k, v in output.metrics.items() if k not in ("lr", "ema_decay")})
+        self.audio += float(output.metrics["audio_seconds"])
+
+    def close(self, *, lr: float, ema_decay: float | None, epoch: int) -> dict[str, Any]:
+        """The interval's record (means, the last step's lr and EMA decay, throughput), then start a new one."""
+        elapsed = time.perf_counter() - self.start
+        values = {**self.means.means(), "lr": lr, "ema_decay": ema_decay, "epoch": epoch,
+                  "audio_seconds_per_s": self.audio / max(elapsed, 1e-9), "skipped_steps": self.skipped}
+        self._reset()
+        return values
+
+
+def _account(run: _Run, outputs: Sequence[StepOutput], *, first_step: int, interval: _Interval,
+             save: Callable[..., None]) -> None:
+    """Read steps ``first_step``, ``first_step + 1``, ... into the interval and the run's non-finite streak. A streak
+    that reached ``run.max_consecutive_nonfinite`` among them saves a checkpoint and raises
+    ``TrainingDivergedError`` (read at log steps only, the run may have gone on past it: every step is read first)."""
+    limit = run.cfg.run.max_consecutive_nonfinite
+    longest = 0
+    for number, output in enumerate(outputs, start=first_step):
+        interval.add(output)
+        if not output.skipped:
+            run.nonfinite_streak = 0
+            continue
+        run.nonfinite_streak += 1
+        longest = max(longest, run.nonfinite_streak)
+        logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                       number, output.metrics["loss"], output.metrics["grad_norm"], run.nonfinite_streak)
+    if longest >= limit:
+        save()
+        raise TrainingDivergedError(
+            f"{longest} consecutive steps had a non-finite loss or gradient (limit run.max_consecutive_nonfinite = "
+            f"{limit}); stopped at step {run.step} with a checkpoint in {run.cfg.run.run_dir}"
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

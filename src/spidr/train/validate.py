@@ -46,7 +46,8 @@ def validate(
                 continue
             batch = batch.to(device)
             with precision.autocast():
-                losses, metrics = model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask)
+                losses, metrics = model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask,
+                                        mask_count=batch.mask_count)
             row = torch.cat([
                 torch.stack([losses.float().mean(), metrics["target_ppl"].float().reshape(()),
                              metrics["pred_ppl"].float().reshape(()), torch.ones((), device=losses.device)]),
