@@ -203,13 +203,27 @@ def _poison(model, monkeypatch) -> None:
     monkeypatch.setattr(model, "forward", poisoned)
 
 
-def test_a_non_finite_step_leaves_weights_codebooks_and_optimizer_untouched(tmp_path, corpus, monkeypatch):
-    cfg = tiny_config(tmp_path, corpus)
+def _poison_every_model(monkeypatch) -> None:
+    """Every model that train() builds returns an infinite loss."""
+
+    def poisoned_model(model_cfg):
+        model = build_model(model_cfg)
+        _poison(model, monkeypatch)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", poisoned_model)
+
+
+def _one_step_set_up(cfg):
+    """A seeded model with its optimizer and scheduler, and the first training batch of ``cfg``."""
     torch.manual_seed(0)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg.optimizer, device=torch.device("cpu"))
-    scheduler = build_scheduler(optimizer, cfg.optimizer)
-    batch = _first_batch(cfg)
+    return model, optimizer, build_scheduler(optimizer, cfg.optimizer), _first_batch(cfg)
+
+
+def test_a_non_finite_step_leaves_weights_codebooks_and_optimizer_untouched(tmp_path, corpus, monkeypatch):
+    model, optimizer, scheduler, batch = _one_step_set_up(tiny_config(tmp_path, corpus))
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     _poison(model, monkeypatch)
@@ -235,13 +249,7 @@ def test_a_non_finite_step_leaves_weights_codebooks_and_optimizer_untouched(tmp_
 
 def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path, corpus, monkeypatch):
     cfg = tiny_config(tmp_path, corpus, run={"max_consecutive_nonfinite": 3})
-
-    def poisoned_model(model_cfg):
-        model = build_model(model_cfg)
-        _poison(model, monkeypatch)
-        return model
-
-    monkeypatch.setattr(loop, "build_model", poisoned_model)
+    _poison_every_model(monkeypatch)
     with pytest.raises(TrainingDivergedError, match="3 consecutive steps"):
         train(cfg)
     path, state = Checkpointer(cfg.run.run_dir, save_interval=1).load_latest()
@@ -263,12 +271,7 @@ def _adam_state(optimizer) -> dict:
 def test_a_non_finite_step_skipped_on_the_device_changes_nothing_but_the_step_count(tmp_path, corpus, monkeypatch):
     """run.host_sync = "log": the NaN/Inf verdict gates AdamW (found_inf), the codebooks and the teacher on the
     device; the step counts, as a GradScaler skip does in the official trainer."""
-    cfg = tiny_config(tmp_path, corpus)
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg.optimizer, device=torch.device("cpu"))
-    scheduler = build_scheduler(optimizer, cfg.optimizer)
-    batch = _first_batch(cfg)
+    model, optimizer, scheduler, batch = _one_step_set_up(tiny_config(tmp_path, corpus))
     train_step(model, [batch], optimizer, scheduler, step=0, precision=FP32, scaler=None, max_norm=10.0,
                skip_on_device=True)
     before, adam_before = {k: v.clone() for k, v in model.state_dict().items()}, _adam_state(optimizer)
@@ -323,13 +326,7 @@ def test_reading_the_guard_at_log_steps_only_gives_the_same_run(tmp_path, corpus
 def test_non_finite_steps_read_at_log_steps_stop_the_run_there(tmp_path, corpus, monkeypatch):
     cfg = tiny_config(tmp_path, corpus, run={"host_sync": "log", "max_consecutive_nonfinite": 3, "log_interval": 2,
                                              "save_interval": 100})
-
-    def poisoned_model(model_cfg):
-        model = build_model(model_cfg)
-        _poison(model, monkeypatch)
-        return model
-
-    monkeypatch.setattr(loop, "build_model", poisoned_model)
+    _poison_every_model(monkeypatch)
     with pytest.raises(TrainingDivergedError, match="4 consecutive steps"):
         train(cfg)  # read at step 2 (2 in a row), then at step 4
     path, state = Checkpointer(cfg.run.run_dir, save_interval=100).load_latest()

@@ -129,6 +129,27 @@ def _units(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_reports(args: argparse.Namespace) -> int:
+    from spidr.eval.report import merge_reports, read_report, write_report
+
+    names = args.name or [_report_name(Path(path)) for path in args.reports]
+    if len(names) != len(args.reports):
+        raise ValueError(f"--name was given {len(names)} times for {len(args.reports)} reports; give it once per "
+                         "report, in the same order, or not at all")
+    rows = merge_reports([(name, read_report(path)) for name, path in zip(names, args.reports, strict=True)])
+    sources = [f"{name}: {path}" for name, path in zip(names, args.reports, strict=True)]
+    path = write_report(rows, args.out, title="Comparison of evaluation reports", notes=["Reports: " + "; ".join(
+        sources) + ". ABX error rates in %; compare only reports made on the same test set with the same settings."])
+    print(path.read_text(encoding="utf-8"))
+    print(f"comparison written to {path}")
+    return 0
+
+
+def _report_name(path: Path) -> str:
+    """A report's default name: its folder's name (``runs/a/report.json`` and ``runs/a`` are both ``a``)."""
+    return (path.parent if path.suffix == ".json" else path).resolve().name
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
     formatter = HelpFormatter
@@ -194,3 +215,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dedup", action="store_true",
                         help="collapse consecutive repeated units (loses the time alignment: not for ABX/PNMI)")
     parser.set_defaults(handler=_units)
+
+    parser = subparsers.add_parser(
+        "compare-reports",
+        help="one table and per-layer plots out of several evaluation reports (e.g. SpidR vs DinoSR)",
+        description="Merge the report.json files of 'spidr evaluate' or 'spidr demo' runs into one report.md, "
+        "report.json and per-layer ABX / PNMI plots, each model's curves labelled by its report's name; a "
+        "baseline that every report shares (MFCC) is drawn once.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("reports", metavar="REPORT", nargs="+", help="report.json, or the folder that holds it")
+    parser.add_argument("--out", required=True, help="folder for the merged report.md, report.json and plots")
+    parser.add_argument("--name", action="append", default=None,
+                        help="label of a report's curves, once per REPORT in order (default: its folder's name)")
+    parser.set_defaults(handler=_compare_reports)

@@ -208,12 +208,12 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
     for ax, speaker in zip(axes, SPEAKER_CONDITIONS, strict=True):
         for model in models:
             layer_rows = [r for r in rows if r.model == model and r.layer is not None]
-            ax.plot([r.layer for r in layer_rows], [getattr(r, f"abx_{speaker}") for r in layer_rows], "o-",
-                    label=model)
+            (line,) = ax.plot([r.layer for r in layer_rows], [getattr(r, f"abx_{speaker}") for r in layer_rows],
+                              "o-", label=model)
             unit_rows = [r for r in layer_rows if getattr(r, f"unit_abx_{speaker}") is not None]
-            if unit_rows:
+            if unit_rows:  # the model's colour, dashed: several models stay told apart
                 ax.plot([r.layer for r in unit_rows], [getattr(r, f"unit_abx_{speaker}") for r in unit_rows], "s--",
-                        label=f"{model} (codebook units)")
+                        color=line.get_color(), label=f"{model} (codebook units)")
         for baseline in baselines:
             ax.axhline(getattr(baseline, f"abx_{speaker}"), linestyle=":", color="grey", label=baseline.model)
         ax.axhline(50, color="black", linewidth=0.5)
@@ -255,3 +255,55 @@ def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, n
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
 
+
+
+# Comparing reports ----------------------------------------------------------------------------------------------
+
+
+def read_report(path: str | Path) -> list[LayerRow]:
+    """The rows of a ``report.json`` written by :func:`write_report` (``path`` is the file or its folder)."""
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{file}: no such report (spidr evaluate and spidr demo write report.json)")
+    try:
+        records = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not a report.json: {error}") from error
+    if not isinstance(records, list):
+        raise ValueError(f"{file} is not a report.json: expected a list of rows, found {type(records).__name__}")
+    rows = []
+    for index, record in enumerate(records):
+        try:
+            rows.append(LayerRow(**record))
+        except TypeError as error:
+            raise ValueError(f"{file}: row {index} is not a report row ({error})") from error
+    return rows
+
+
+def merge_reports(reports: Sequence[tuple[str, Sequence[LayerRow]]]) -> list[LayerRow]:
+    """One table out of several ``(name, rows)`` reports, e.g. two models evaluated on the same test set.
+
+    A report's per-layer rows are renamed ``name`` when it holds one model, ``"name: model"`` when it holds several
+    (a trained and a random-init model). A baseline (a row without layer, such as MFCC) is kept once when every
+    report has the same one, and per report, prefixed, when they differ (other test sets or ABX settings).
+    """
+    names = [name for name, _ in reports]
+    if len(set(names)) != len(names):
+        raise ValueError(f"report names must differ to tell the curves apart, got {names}")
+    merged: list[LayerRow] = []
+    baselines: dict[str, list[tuple[str, LayerRow]]] = {}
+    for name, rows in reports:
+        models = list(dict.fromkeys(row.model for row in rows if row.layer is not None))
+        for row in rows:
+            if row.layer is None:
+                baselines.setdefault(row.model, []).append((name, row))
+            else:
+                model = name if len(models) == 1 else f"{name}: {row.model}"
+                merged.append(LayerRow(**{**asdict(row), "model": model}))
+    for model, found in baselines.items():
+        if all(asdict(row) == asdict(found[0][1]) for _, row in found):
+            merged.append(found[0][1])
+        else:
+            merged += [LayerRow(**{**asdict(row), "model": f"{name}: {model}"}) for name, row in found]
+    return merged

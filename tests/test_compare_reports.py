@@ -1,0 +1,82 @@
+"""``spidr compare-reports``: several evaluation reports in one table and one set of per-layer plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from spidr.cli import main
+from spidr.eval.report import LayerRow, merge_reports, read_report, write_report
+
+MFCC = LayerRow("MFCC", None, abx_within=4.0, abx_across=16.0)
+
+
+def _rows(model: str, offset: float) -> list[LayerRow]:
+    return [LayerRow(model, layer, abx_within=10.0 + offset + layer, abx_across=20.0 + offset - layer,
+                     unit_abx_across=35.0 + layer, quality={"pnmi": 0.1 * layer, "active_codewords": 32})
+            for layer in (1, 2, 3)]
+
+
+def test_read_report_gives_back_what_write_report_wrote(tmp_path):
+    rows = [*_rows("SpidR (trained)", 0.0), *_rows("SpidR (random init)", 5.0), MFCC]
+    write_report(rows, tmp_path / "a", title="t")
+    assert read_report(tmp_path / "a") == rows
+    assert read_report(tmp_path / "a" / "report.json") == rows
+
+
+def test_merge_names_models_by_report_and_keeps_a_shared_baseline_once():
+    merged = merge_reports([("spidr", [*_rows("final", 0.0), MFCC]), ("dinosr", [*_rows("final", 1.0), MFCC])])
+    assert [(r.model, r.layer) for r in merged] == [
+        ("spidr", 1), ("spidr", 2), ("spidr", 3), ("dinosr", 1), ("dinosr", 2), ("dinosr", 3), ("MFCC", None)]
+    # scores travel unchanged with their rows
+    assert [r.abx_across for r in merged[3:6]] == [r.abx_across for r in _rows("x", 1.0)]
+    assert merged[-1] == MFCC
+
+
+def test_merge_keeps_differing_baselines_apart_and_prefixes_several_models():
+    other_mfcc = LayerRow("MFCC", None, abx_within=4.4, abx_across=17.8)  # another test set
+    merged = merge_reports([("demo", [*_rows("trained", 0.0), *_rows("random init", 3.0), MFCC]),
+                            ("conf", [*_rows("final", 2.0), other_mfcc])])
+    models = list(dict.fromkeys(r.model for r in merged))
+    assert models == ["demo: trained", "demo: random init", "conf", "demo: MFCC", "conf: MFCC"]
+    assert {r.model: r.abx_across for r in merged if r.layer is None} == {"demo: MFCC": 16.0, "conf: MFCC": 17.8}
+
+
+def test_merge_refuses_two_reports_of_one_name():
+    with pytest.raises(ValueError, match="names must differ"):
+        merge_reports([("run", _rows("a", 0.0)), ("run", _rows("b", 0.0))])
+
+
+def test_command_writes_the_merged_report_and_plots(tmp_path, capsys):
+    write_report([*_rows("final", 0.0), MFCC], tmp_path / "spidr-s0", title="a")
+    write_report([*_rows("final", 1.0), MFCC], tmp_path / "dinosr-s0", title="b")
+    out = tmp_path / "cmp"
+    assert main(["compare-reports", str(tmp_path / "spidr-s0"), str(tmp_path / "dinosr-s0" / "report.json"),
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "report.json").read_text())
+    assert [(r["model"], r["layer"]) for r in rows][:4] == [("spidr-s0", 1), ("spidr-s0", 2), ("spidr-s0", 3),
+                                                           ("dinosr-s0", 1)]
+    assert (out / "abx_per_layer.png").stat().st_size > 0
+    assert "| dinosr-s0 | 2 |" in (out / "report.md").read_text()
+
+    assert main(["compare-reports", str(tmp_path / "spidr-s0"), str(tmp_path / "dinosr-s0"), "--out",
+                 str(tmp_path / "named"), "--name", "SpidR", "--name", "DinoSR"]) == 0
+    assert {r["model"] for r in json.loads((tmp_path / "named" / "report.json").read_text())} == {
+        "SpidR", "DinoSR", "MFCC"}
+
+
+def test_command_errors_name_the_problem(tmp_path, capsys):
+    write_report(_rows("final", 0.0), tmp_path / "a", title="a")
+    missing = tmp_path / "missing"
+    assert main(["compare-reports", str(tmp_path / "a"), str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert "missing: no such report" in capsys.readouterr().err
+    assert main(["compare-reports", str(tmp_path / "a"), "--name", "x", "--name", "y", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "--name was given 2 times for 1 reports" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([asdict(_rows("m", 0.0)[0]), {"model": "m", "layr": 2}]))
+    assert main(["compare-reports", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.json: row 1 is not a report row" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing half-written
