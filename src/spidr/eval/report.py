@@ -256,7 +256,6 @@ def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, n
     return path
 
 
-
 # Comparing reports ----------------------------------------------------------------------------------------------
 
 
@@ -285,12 +284,13 @@ def merge_reports(reports: Sequence[tuple[str, Sequence[LayerRow]]]) -> list[Lay
     """One table out of several ``(name, rows)`` reports, e.g. two models evaluated on the same test set.
 
     A report's per-layer rows are renamed ``name`` when it holds one model, ``"name: model"`` when it holds several
-    (a trained and a random-init model). A baseline (a row without layer, such as MFCC) is kept once when every
-    report has the same one, and per report, prefixed, when they differ (other test sets or ABX settings).
+    (a trained and a random-init model). A baseline (a row without layer, such as MFCC) is kept once when the reports
+    that have it agree on its scores, and per report, prefixed, when they differ (other test sets or ABX settings).
     """
     names = [name for name, _ in reports]
     if len(set(names)) != len(names):
-        raise ValueError(f"report names must differ to tell the curves apart, got {names}")
+        raise ValueError(f"report names must differ to tell the curves apart, got {names} (two folders of the same "
+                         "name? label each report with --name)")
     merged: list[LayerRow] = []
     baselines: dict[str, list[tuple[str, LayerRow]]] = {}
     for name, rows in reports:
