@@ -427,11 +427,13 @@ def _steps(
             scaler=run.scaler, max_norm=cfg.optimizer.max_norm, stop_requested=stop.requested,
             skip_on_device=skip_on_device,
         )
+        # A single process acts on its own stop signal at once; with several, the step's collective agrees on it.
+        stop_here = skip_on_device and stop.requested and world_size() == 1
         if skip_on_device:
             run.step += 1
             unread.append(out)
             if not (run.step % cfg.run.log_interval == 0 or run.step == cfg.optimizer.max_steps
-                    or checkpointer.should_save(run.step) or (stop.requested and world_size() == 1)):
+                    or checkpointer.should_save(run.step) or stop_here):
                 continue
             read_step_outputs(unread)
             outputs, unread = unread, []
@@ -456,8 +458,7 @@ def _steps(
             save()
             saved = True
             run_validation()
-        if any(output.stop_requested for output in outputs) or (skip_on_device and stop.requested
-                                                                  and world_size() == 1):
+        if stop_here or any(output.stop_requested for output in outputs):
             if not saved:
                 save()
             logger.info("stopped by a signal at step %d; checkpoint saved", run.step)
@@ -483,8 +484,9 @@ class _Interval:
         if output.skipped:
             self.skipped += 1
             return
-        self.means.add({k: v for k, v in output.metrics.items() if k not in ("lr", "ema_decay")})
-        self.audio += float(output.metrics["audio_seconds"])
+        metrics = output.metrics  # built from the host copy on each access
+        self.means.add({k: v for k, v in metrics.items() if k not in ("lr", "ema_decay")})
+        self.audio += float(metrics["audio_seconds"])
 
     def close(self, *, lr: float, ema_decay: float | None, epoch: int) -> dict[str, Any]:
         """The interval's record (means, the last step's lr and EMA decay, throughput), then start a new one."""
