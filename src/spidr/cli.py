@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from spidr import demo
+from spidr import demo, learning_curve
 from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
 from spidr.eval import commands as eval_commands
@@ -23,7 +23,7 @@ from spidr.models import commands as model_commands
 from spidr.train import commands as train_commands
 
 AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands,
-         lm_commands, lm_eval_commands, demo)
+         lm_commands, lm_eval_commands, demo, learning_curve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,555 @@
+"""The learning curve of a recipe on the built-in corpus: quality against audio-hours seen, per corpus size.
+
+Each point of the grid (training hours × steps × seed) is one pretraining run of the recipe (``configs/demo.toml`` by
+default) on a synthetic corpus of the demo's ten training voices, its learning-rate schedule stretched to the step
+count, scored like the demo on the demo's test corpus (new sentences and a held-out voice):
+
+1. corpora: one training corpus per size and the test corpus, synthesised once and cached (sizes are hours, the
+   corpus of 1 h is the demo's own);
+2. points: each run is trained (or resumed, or reused when finished) and scored: ABX within / across speaker of every
+   layer, codebook-unit ABX and PNMI of the head layers, and a linear phone probe per layer (``point.json`` and a
+   ``report.md`` per point); several points can run side by side (``--parallel``);
+3. baselines: MFCC and the same network at random initialisation, scored once;
+4. ``curve.md``, ``curve.json`` and ``curve.png`` summarise every point found in the output folder, so runs made by
+   separate invocations (two shells, two machines sharing a disk) end up in one curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from spidr.data import SAMPLE_RATE
+from spidr.help_format import HelpFormatter
+
+logger = logging.getLogger(__name__)
+
+PLOT_PURPOSE = "the learning curve's plot"
+# The demo's probe size: ≈ 20 min of the training corpus per representation.
+PROBE_FRAMES = 60_000
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One pretraining run of the grid."""
+
+    hours: float  # training corpus size
+    steps: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.hours:g}h-{self.steps}steps-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """The grid and where it lives; the defaults are the issue's 1 / 4 / 16 h × 1 / 4 / 16 × the demo's steps."""
+
+    out_dir: Path
+    config: Path = Path("configs/demo.toml")
+    hours: tuple[float, ...] = (1.0, 4.0, 16.0)
+    steps: tuple[int, ...] = (2200, 8800, 35200)
+    seeds: tuple[int, ...] = (0,)
+    test_hours: float = 0.2
+    overrides: tuple[str, ...] = ()
+    probe_frames: int = PROBE_FRAMES  # 0: no probe
+    parallel: int = 1  # points trained side by side, each in its own process
+    jobs: int | None = None  # synthesis processes
+
+    def __post_init__(self) -> None:
+        for name in ("hours", "steps", "seeds"):
+            if not getattr(self, name):
+                raise ValueError(f"the learning curve needs at least one value of {name}")
+        if any(hours <= 0 for hours in self.hours):
+            raise ValueError(f"training hours must be > 0, got {self.hours}")
+        if any(steps < 1 for steps in self.steps):
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.parallel < 1:
+            raise ValueError(f"parallel = {self.parallel} must be >= 1")
+
+    @property
+    def points(self) -> list[CurvePoint]:
+        return [CurvePoint(h, s, seed) for h in self.hours for s in self.steps for seed in self.seeds]
+
+
+# 1. Schedule ------------------------------------------------------------------------------------------------------
+
+
+def stretched_schedule(max_steps: int, warmup: int, hold: int, decay: int, steps: int) -> dict[str, int]:
+    """The tri-stage schedule ``warmup + hold + decay = max_steps`` stretched to ``steps``, each phase keeping its
+    share (rounded to 100 steps when ``steps`` ≥ 1,000, so 2,200 → 10,000 gives 3,200 / 3,600 / 3,200); the hold
+    takes the rounding so the phases still add up to ``steps``."""
+    if warmup + hold + decay != max_steps:
+        raise ValueError(f"the config's schedule (warmup {warmup} + hold {hold} + decay {decay}) does not add up to "
+                         f"max_steps = {max_steps}; the learning curve stretches a schedule that does")
+    grain = 100 if steps >= 1000 else 1
+    new_warmup = round(warmup * steps / max_steps / grain) * grain
+    new_decay = round(decay * steps / max_steps / grain) * grain
+    new_hold = steps - new_warmup - new_decay
+    if new_hold < 0:
+        new_decay += new_hold
+        new_hold = 0
+    return {"max_steps": steps, "warmup_steps": new_warmup, "hold_steps": new_hold, "decay_steps": new_decay}
+
+
+def point_overrides(settings: CurveSettings, point: CurvePoint) -> tuple[str, ...]:
+    """The config overrides of one point: its seed and stretched schedule, then the user's own."""
+    from spidr.config import load_config
+
+    optimizer = load_config(settings.config, settings.overrides).optimizer
+    schedule = stretched_schedule(optimizer.max_steps, optimizer.warmup_steps, optimizer.hold_steps,
+                                  optimizer.decay_steps, point.steps)
+    return (f"run.random_seed={point.seed}", *(f"optimizer.{key}={value}" for key, value in schedule.items()),
+            *settings.overrides)
+
+
+# 2. Corpora -------------------------------------------------------------------------------------------------------
+
+
+def corpus_dir(settings: CurveSettings, hours: float | None) -> Path:
+    """Where the training corpus of ``hours`` (or, for ``None``, the test corpus) is kept."""
+    return settings.out_dir / "corpora" / ("test" if hours is None else f"train-{hours:g}h")
+
+
+def synthesise(settings: CurveSettings, hours: float | None):
+    """The training corpus of ``hours`` hours (the demo's voices and seed), or the demo's test corpus for ``None``."""
+    from spidr.corpus.synth import synthesize_corpus
+    from spidr.demo import HELD_OUT_VOICES, TRAIN_VOICES
+
+    if hours is None:
+        return synthesize_corpus(corpus_dir(settings, None), voices=TRAIN_VOICES + HELD_OUT_VOICES,
+                                 hours=settings.test_hours, seed=1, jobs=settings.jobs)
+    return synthesize_corpus(corpus_dir(settings, hours), voices=TRAIN_VOICES, hours=hours, seed=0,
+                             jobs=settings.jobs)
+
+
+# 3. Points --------------------------------------------------------------------------------------------------------
+
+
+def point_dir(settings: CurveSettings, point: CurvePoint) -> Path:
+    return settings.out_dir / "points" / point.name
+
+
+def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
+    """Train (or resume, or reuse) one point and score it; returns its ``point.json`` (kept: a rerun is free)."""
+    from spidr.data.manifest import read_manifest
+    from spidr.demo import DemoSettings, pretrain
+    from spidr.eval.items import read_items
+    from spidr.eval.report import evaluate_model, write_report
+    from spidr.eval.unit_quality import read_alignments
+    from spidr.models.loading import load_model
+
+    out = point_dir(settings, point)
+    result = out / "point.json"
+    if result.is_file():
+        return result
+    train, test = synthesise(settings, point.hours), synthesise(settings, None)
+    started = time.monotonic()
+    checkpoint = pretrain(DemoSettings(out_dir=out, config=settings.config,
+                                       overrides=point_overrides(settings, point)),
+                          train.manifest, test.manifest)
+    training_s = time.monotonic() - started
+    model = load_model(checkpoint)
+    entries = read_manifest(test.manifest)
+    rows = evaluate_model(model, point.name, entries, items=read_items(test.triphone_item),
+                          alignments=read_alignments(test.alignments_jsonl),
+                          layers=range(1, model.num_layers + 1), work_dir=out / "features", progress=False)
+    write_report(rows, out / "report", title=f"learning curve point {point.name}",
+                 notes=[f"Model: {checkpoint}; test corpus {test.out_dir}."])
+    probe = _probe(settings, model, point.name, train, test)
+    record = {
+        **asdict(point),
+        "train_hours": train.hours,
+        "audio_hours_seen": audio_hours_seen(checkpoint.parent / "config.json", point.steps),
+        "training_seconds": training_s,
+        "checkpoint": str(checkpoint),
+        "rows": [asdict(row) for row in rows],
+        "probe": [asdict(row) for row in probe],
+    }
+    _write_json(result, record)
+    return result
+
+
+def audio_hours_seen(run_config: Path, steps: int) -> float:
+    """Hours of audio the run's batches hold at most (``steps × data.max_batch_length`` samples); ``run_config`` is
+    the ``config.json`` that training writes beside its checkpoints."""
+    max_batch_length = json.loads(run_config.read_text(encoding="utf-8"))["data"]["max_batch_length"]
+    return steps * max_batch_length / SAMPLE_RATE / 3600
+
+
+def _probe(settings: CurveSettings, model, name: str, train, test) -> list:
+    if settings.probe_frames <= 0:
+        return []
+    from spidr.data.manifest import read_manifest
+    from spidr.eval.probe import ModelFeaturizer, ProbeSettings, run_probe
+    from spidr.eval.unit_quality import read_alignments
+
+    return run_probe(ModelFeaturizer(model), name, read_manifest(train.manifest), read_manifest(test.manifest),
+                     read_alignments(train.alignments_jsonl), test_alignments=read_alignments(test.alignments_jsonl),
+                     settings=ProbeSettings(max_train_frames=settings.probe_frames))
+
+
+def run_baselines(settings: CurveSettings) -> Path:
+    """MFCC and the recipe's network at random initialisation, scored on the test corpus once (``baselines.json``)."""
+    from spidr.config import load_config
+    from spidr.data.manifest import read_manifest
+    from spidr.eval.items import read_items
+    from spidr.eval.report import evaluate_mfcc, evaluate_model
+    from spidr.eval.unit_quality import read_alignments
+    from spidr.models.build import random_init_model
+
+    result = settings.out_dir / "baselines.json"
+    if result.is_file():
+        return result
+    test, train = synthesise(settings, None), synthesise(settings, min(settings.hours))
+    model = random_init_model(load_config(settings.config, settings.overrides).model)
+    entries, items = read_manifest(test.manifest), read_items(test.triphone_item)
+    rows = evaluate_model(model, "random init", entries, items=items,
+                          alignments=read_alignments(test.alignments_jsonl), layers=range(1, model.num_layers + 1),
+                          work_dir=settings.out_dir / "baseline-features", progress=False)
+    rows.append(evaluate_mfcc(entries, items))
+    probe = _probe(settings, model, "random init", train, test)
+    if probe:
+        from spidr.eval.probe import MfccFeaturizer, ProbeSettings, run_probe
+
+        probe += run_probe(MfccFeaturizer(), "MFCC", read_manifest(train.manifest), entries,
+                           read_alignments(train.alignments_jsonl),
+                           test_alignments=read_alignments(test.alignments_jsonl),
+                           settings=ProbeSettings(max_train_frames=settings.probe_frames))
+    _write_json(result, {"rows": [asdict(row) for row in rows], "probe": [asdict(row) for row in probe]})
+    return result
+
+
+def _write_json(path: Path, record: dict) -> None:
+    """Written whole or not at all: a killed run leaves no half file that a rerun would take as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
+    """Every point of the grid: in this process, or ``settings.parallel`` at a time in child processes (``argv`` is
+    this command's arguments, rerun with ``--only``), the CPU threads shared out between them."""
+    todo = [point for point in settings.points if not (point_dir(settings, point) / "point.json").is_file()]
+    if settings.parallel == 1 or len(todo) <= 1:
+        for point in todo:
+            logger.info("learning curve: point %s", point.name)
+            run_point(settings, point)
+        return
+    threads = max(1, (os.cpu_count() or 1) // settings.parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    waiting, running, failed = list(todo), [], []
+    while waiting or running:
+        while waiting and len(running) < settings.parallel:
+            point = waiting.pop(0)
+            log = point_dir(settings, point) / "run.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "spidr", "learning-curve", *argv, "--only", _point_arg(point)]
+            logger.info("learning curve: point %s in a child process (%d threads), log %s", point.name, threads, log)
+            with log.open("a", encoding="utf-8") as handle:
+                running.append((point, log, subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                                             env=env)))
+        time.sleep(1.0)
+        for entry in [entry for entry in running if entry[2].poll() is not None]:
+            running.remove(entry)
+            point, log, process = entry
+            if process.returncode:
+                failed.append(f"{point.name} (exit {process.returncode}, see {log})")
+    if failed:
+        raise RuntimeError(f"learning-curve points failed: {', '.join(failed)}")
+
+
+def _point_arg(point: CurvePoint) -> str:
+    return f"{point.hours:g}:{point.steps}:{point.seed}"
+
+
+def parse_point(text: str) -> CurvePoint:
+    """``HOURS:STEPS:SEED`` (``--only``)."""
+    parts = text.split(":")
+    try:
+        hours, steps, seed = float(parts[0]), int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        raise ValueError(f"--only {text!r}: expected HOURS:STEPS:SEED, e.g. 4:8800:0") from None
+    if len(parts) != 3:
+        raise ValueError(f"--only {text!r}: expected HOURS:STEPS:SEED, e.g. 4:8800:0")
+    return CurvePoint(hours, steps, seed)
+
+
+# 4. Summary -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointSummary:
+    """The numbers one point contributes to the curve (ABX and probe accuracy in %)."""
+
+    name: str
+    hours: float
+    steps: int
+    seed: int
+    audio_hours_seen: float
+    best_within: float
+    best_within_layer: int
+    best_across: float
+    best_across_layer: int
+    middle_across: float | None  # the best of the middle layers (layers 3-5 of 6)
+    middle_across_layer: int | None
+    unit_pnmi: tuple[float, float] | None  # lowest and highest over the head layers
+    unit_abx_across: tuple[float, float] | None
+    probe_accuracy: float | None  # the best layer's frame accuracy
+    probe_layer: int | None
+
+
+def middle_layers(num_layers: int) -> range:
+    """The middle of the stack: above the lowest third, below the top layer (3-5 of 6, 5-11 of 12)."""
+    return range(num_layers // 3 + 1, num_layers)
+
+
+def summarise(record: dict) -> PointSummary:
+    """One ``point.json`` record as the curve's numbers."""
+    layers = [row for row in record["rows"] if row["layer"] is not None]
+    within = min(layers, key=lambda row: row["abx_within"])
+    across = min(layers, key=lambda row: row["abx_across"])
+    middle = [row for row in layers if row["layer"] in middle_layers(len(layers))]
+    middle_best = min(middle, key=lambda row: row["abx_across"]) if middle else None
+    heads = [row for row in layers if row["unit_abx_across"] is not None]
+    pnmi = [row["quality"]["pnmi"] for row in heads if "pnmi" in row["quality"]]
+    unit_across = [row["unit_abx_across"] for row in heads]
+    probe_layers = [row for row in record.get("probe", []) if row["representation"].startswith("layer_")]
+    probe_best = max(probe_layers, key=lambda row: row["frame_accuracy"]) if probe_layers else None
+    return PointSummary(
+        name=CurvePoint(record["hours"], record["steps"], record["seed"]).name,
+        hours=record["hours"], steps=record["steps"], seed=record["seed"],
+        audio_hours_seen=record["audio_hours_seen"],
+        best_within=within["abx_within"], best_within_layer=within["layer"],
+        best_across=across["abx_across"], best_across_layer=across["layer"],
+        middle_across=middle_best["abx_across"] if middle_best else None,
+        middle_across_layer=middle_best["layer"] if middle_best else None,
+        unit_pnmi=(min(pnmi), max(pnmi)) if pnmi else None,
+        unit_abx_across=(min(unit_across), max(unit_across)) if unit_across else None,
+        probe_accuracy=probe_best["frame_accuracy"] if probe_best else None,
+        probe_layer=int(probe_best["representation"].removeprefix("layer_")) if probe_best else None,
+    )
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """Reference levels drawn across the curve (best layer of the random network; MFCC)."""
+
+    random_within: float
+    random_across: float
+    mfcc_within: float
+    mfcc_across: float
+    random_probe: float | None
+    mfcc_probe: float | None
+
+
+def baseline_levels(record: dict) -> Baselines:
+    layers = [row for row in record["rows"] if row["layer"] is not None]
+    mfcc = next(row for row in record["rows"] if row["layer"] is None)
+    mfcc_probe = [row["frame_accuracy"] for row in record.get("probe", []) if row["representation"] == "mfcc"]
+    random_probe = [row["frame_accuracy"] for row in record.get("probe", [])
+                    if row["model"] == "random init" and row["representation"].startswith("layer_")]
+    return Baselines(
+        random_within=min(row["abx_within"] for row in layers), random_across=min(row["abx_across"] for row in layers),
+        mfcc_within=mfcc["abx_within"], mfcc_across=mfcc["abx_across"],
+        random_probe=max(random_probe) if random_probe else None,
+        mfcc_probe=mfcc_probe[0] if mfcc_probe else None,
+    )
+
+
+def read_points(out_dir: Path) -> list[PointSummary]:
+    """Every finished point under ``out_dir/points``, in (hours, steps, seed) order."""
+    summaries = []
+    for path in sorted((Path(out_dir) / "points").glob("*/point.json")):
+        try:
+            summaries.append(summarise(json.loads(path.read_text(encoding="utf-8"))))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a learning-curve point ({error!r}); delete it to score the point "
+                             "again") from error
+    return sorted(summaries, key=lambda s: (s.hours, s.steps, s.seed))
+
+
+def _span(values: tuple[float, float] | None, digits: int) -> str:
+    if values is None:
+        return "–"
+    low, high = values
+    return f"{low:.{digits}f}" if round(low, digits) == round(high, digits) else f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def markdown_table(points: Sequence[PointSummary], baselines: Baselines | None) -> str:
+    lines = ["| training audio (h) | steps | audio seen (h) | seed | best ABX within % | best ABX across % | middle "
+             "across % | codebook-unit PNMI | codebook-unit ABX across % | probe frame accuracy % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        middle = f"{p.middle_across:.2f} (L{p.middle_across_layer})" if p.middle_across is not None else "–"
+        probe = f"{p.probe_accuracy:.1f} (L{p.probe_layer})" if p.probe_accuracy is not None else "–"
+        lines.append(f"| {p.hours:g} | {p.steps:,} | {p.audio_hours_seen:.1f} | {p.seed} | {p.best_within:.2f} "
+                     f"(L{p.best_within_layer}) | {p.best_across:.2f} (L{p.best_across_layer}) | {middle} | "
+                     f"{_span(p.unit_pnmi, 3)} | {_span(p.unit_abx_across, 1)} | {probe} |")
+    if baselines is not None:
+        def probe_text(value: float | None) -> str:
+            return "–" if value is None else f"{value:.1f}"
+        lines.append(f"| random init | – | – | – | {baselines.random_within:.2f} | {baselines.random_across:.2f} | – "
+                     f"| – | – | {probe_text(baselines.random_probe)} |")
+        lines.append(f"| MFCC | – | – | – | {baselines.mfcc_within:.2f} | {baselines.mfcc_across:.2f} | – | – | – | "
+                     f"{probe_text(baselines.mfcc_probe)} |")
+    return "\n".join(lines)
+
+
+CURVE_PANELS = (  # (title, PointSummary field or a function of it, baseline fields)
+    ("best ABX within speaker (%)", "best_within", ("random_within", "mfcc_within")),
+    ("best ABX across speaker (%)", "best_across", ("random_across", "mfcc_across")),
+    ("middle layers, ABX across (%)", "middle_across", ("random_across", "mfcc_across")),
+    ("codebook-unit ABX across, best head (%)", "unit_abx_across", ()),
+    ("codebook-unit PNMI, best head", "unit_pnmi", ()),
+    ("probe frame accuracy, best layer (%)", "probe_accuracy", ("random_probe", "mfcc_probe")),
+)
+
+
+def _panel_value(point: PointSummary, field: str) -> float | None:
+    value = getattr(point, field)
+    if isinstance(value, tuple):  # ranges over the heads: the best head
+        return value[1] if field == "unit_pnmi" else value[0]
+    return value
+
+
+def plot_curve(points: Sequence[PointSummary], baselines: Baselines | None, path: Path) -> Path:
+    """Six panels against audio-hours seen (log scale): one line per training-corpus size through the seeds' mean,
+    each seed a dot; the random network and MFCC as horizontal lines."""
+    from spidr.extras import figure
+
+    fig, axes = figure(figsize=(13, 7), purpose=PLOT_PURPOSE, nrows=2, ncols=3)
+    for ax, (title, field, levels) in zip(axes.flat, CURVE_PANELS, strict=True):
+        for hours in sorted({p.hours for p in points}):
+            at_size = [p for p in points if p.hours == hours and _panel_value(p, field) is not None]
+            if not at_size:
+                continue
+            seen = sorted({p.audio_hours_seen for p in at_size})
+            means = [sum(_panel_value(p, field) for p in at_size if p.audio_hours_seen == x)
+                     / sum(1 for p in at_size if p.audio_hours_seen == x) for x in seen]
+            (line,) = ax.plot(seen, means, "o-", label=f"{hours:g} h of training audio")
+            ax.plot([p.audio_hours_seen for p in at_size], [_panel_value(p, field) for p in at_size], ".",
+                    color=line.get_color(), alpha=0.6)
+        if baselines is not None:
+            for level, style in zip(levels, (":", "--"), strict=False):
+                value = getattr(baselines, level)
+                if value is not None:
+                    ax.axhline(value, linestyle=style, color="grey",
+                               label="random init" if level.startswith("random") else "MFCC")
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("audio seen in training (h)")
+        ax.grid(alpha=0.3)
+    axes.flat[1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_curve(out_dir: Path, *, title: str = "Learning curve") -> Path:
+    """``curve.md``, ``curve.json`` and ``curve.png`` from every finished point (and the baselines, if scored)."""
+    out_dir = Path(out_dir)
+    points = read_points(out_dir)
+    if not points:
+        raise ValueError(f"{out_dir / 'points'} holds no finished point (point.json)")
+    baseline_file = out_dir / "baselines.json"
+    baselines = (baseline_levels(json.loads(baseline_file.read_text(encoding="utf-8")))
+                 if baseline_file.is_file() else None)
+    _write_json(out_dir / "curve.json", {"points": [asdict(p) for p in points],
+                                         "baselines": asdict(baselines) if baselines else None})
+    plot = plot_curve(points, baselines, out_dir / "curve.png")
+    text = [f"# {title}", "",
+            "Each point: a pretraining run on a synthetic corpus of the demo's ten training voices, scored on the "
+            "demo's test corpus (new sentences, a held-out voice). Audio seen: steps × the batch's audio. Middle: "
+            "the best of the middle layers across speaker. Probe: linear frame phone classifier, best layer.", "",
+            markdown_table(points, baselines), "", f"![learning curve]({plot.name})", ""]
+    path = out_dir / "curve.md"
+    path.write_text("\n".join(text), encoding="utf-8")
+    return path
+
+
+def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
+    """The whole curve: corpora, points, baselines, summary; returns ``curve.md``."""
+    for hours in (None, *settings.hours):  # synthesis uses every CPU: before the points, not beside them
+        synthesise(settings, hours)
+    run_points(settings, argv)
+    run_baselines(settings)
+    return write_curve(settings.out_dir)
+
+
+# CLI --------------------------------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``spidr learning-curve``."""
+    parser = subparsers.add_parser(
+        "learning-curve",
+        help="train a recipe at several corpus sizes and step counts on the built-in corpus; plot quality against "
+        "audio seen",
+        description="The learning curve of a recipe on the built-in corpus: one pretraining run per (training hours, "
+        "steps, seed), its schedule stretched to the steps, each scored on the demo's test corpus (ABX within / "
+        "across per layer, codebook-unit ABX and PNMI, phone probe); then curve.md / curve.json / curve.png. "
+        "Everything is cached in OUT: a rerun resumes unfinished runs and adds new points to the same curve.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--out", default="runs/learning-curve", help="folder for corpora, runs and the curve")
+    parser.add_argument("--config", default="configs/demo.toml", help="the recipe (a training config)")
+    parser.add_argument("--hours", type=_floats, default=(1.0, 4.0, 16.0),
+                        help="training-corpus sizes in hours, comma-separated (default: 1,4,16)")
+    parser.add_argument("--steps", type=_ints, default=(2200, 8800, 35200),
+                        help="training steps, comma-separated (default: 2200,8800,35200: 1, 4 and 16 times the demo)")
+    parser.add_argument("--seeds", type=_ints, default=(0,), help="training seeds, comma-separated (default: 0)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a field of the recipe for every point (repeatable), e.g. run.device=\"cuda\"")
+    parser.add_argument("--probe-frames", type=int, default=PROBE_FRAMES,
+                        help="training frames of each layer's phone probe; 0 skips the probe")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="points trained at once, each in its own process with its share of the CPU threads")
+    parser.add_argument("--jobs", type=int, default=None, help="synthesis processes (default: all CPUs)")
+    parser.add_argument("--only", type=parse_point, default=None, metavar="HOURS:STEPS:SEED",
+                        help="train and score this one point only (what --parallel runs in each child process)")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = CurveSettings(out_dir=Path(args.out), config=Path(args.config), hours=args.hours, steps=args.steps,
+                             seeds=args.seeds, overrides=tuple(args.overrides), probe_frames=args.probe_frames,
+                             parallel=args.parallel, jobs=args.jobs)
+    if args.only is not None:
+        print(run_point(settings, args.only))
+        return 0
+    argv = _child_argv(args)
+    report = run_curve(settings, argv)
+    print(report.read_text(encoding="utf-8"))
+    print(f"curve: {report} (plot beside it; each point's report in {settings.out_dir / 'points'})")
+    return 0
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """The arguments a child process needs to rebuild the same settings (``--only`` is added per point)."""
+    argv = ["--out", str(Path(args.out).resolve()), "--config", str(Path(args.config).resolve()),
+            "--hours", ",".join(f"{h:g}" for h in args.hours), "--steps", ",".join(map(str, args.steps)),
+            "--seeds", ",".join(map(str, args.seeds)), "--probe-frames", str(args.probe_frames),
+            "--jobs", str(args.jobs or 1)]
+    for override in args.overrides:
+        argv += ["--set", override]
+    return argv

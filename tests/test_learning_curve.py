@@ -1,0 +1,156 @@
+"""``spidr learning-curve``: the stretched schedule, the per-point summary against hand-built records, and a tiny
+grid end to end (child processes, cached points, a point added by a rerun)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from spidr.cli import main
+from spidr.learning_curve import (
+    CurvePoint,
+    CurveSettings,
+    baseline_levels,
+    markdown_table,
+    middle_layers,
+    parse_point,
+    plot_curve,
+    read_points,
+    stretched_schedule,
+    summarise,
+)
+from test_demo import ENGINES, TINY_DEMO
+
+
+def test_stretched_schedule_keeps_each_phase_share():
+    # 2,200 → 10,000 is configs/demo-long.toml's schedule, 4× and 16× the demo's are exact multiples.
+    assert stretched_schedule(2200, 700, 800, 700, 10000) == {
+        "max_steps": 10000, "warmup_steps": 3200, "hold_steps": 3600, "decay_steps": 3200}
+    assert stretched_schedule(2200, 700, 800, 700, 8800) == {
+        "max_steps": 8800, "warmup_steps": 2800, "hold_steps": 3200, "decay_steps": 2800}
+    assert stretched_schedule(2200, 700, 800, 700, 2200)["hold_steps"] == 800
+    for steps in (1, 2, 7, 999, 1001, 12345):
+        schedule = stretched_schedule(2200, 700, 800, 700, steps)
+        assert schedule["warmup_steps"] + schedule["hold_steps"] + schedule["decay_steps"] == steps
+        assert min(schedule.values()) >= 0
+
+
+def test_stretched_schedule_refuses_a_schedule_that_does_not_add_up():
+    with pytest.raises(ValueError, match="does not add up to max_steps = 2000"):
+        stretched_schedule(2000, 700, 800, 700, 4000)
+
+
+def test_point_names_and_parsing():
+    assert CurvePoint(4.0, 8800, 1).name == "4h-8800steps-seed1"
+    assert CurvePoint(0.5, 10, 0).name == "0.5h-10steps-seed0"
+    assert parse_point("4:8800:1") == CurvePoint(4.0, 8800, 1)
+    for bad in ("4:8800", "4:x:0", "4:1:0:2"):
+        with pytest.raises(ValueError, match="expected HOURS:STEPS:SEED"):
+            parse_point(bad)
+    with pytest.raises(ValueError, match="at least one value of seeds"):
+        CurveSettings(out_dir=Path("x"), seeds=())
+    assert len(CurveSettings(out_dir=Path("x"), hours=(1, 4), steps=(10, 20, 30), seeds=(0, 1)).points) == 12
+
+
+def test_middle_layers_are_the_issues_three_to_five_of_six():
+    assert list(middle_layers(6)) == [3, 4, 5]
+    assert list(middle_layers(12)) == [5, 6, 7, 8, 9, 10, 11]
+
+
+def _row(layer, within, across, *, unit_across=None, pnmi=None, model="m"):
+    return {"model": model, "layer": layer, "abx_within": within, "abx_across": across, "unit_abx_within": None,
+            "unit_abx_across": unit_across, "quality": {} if pnmi is None else {"pnmi": pnmi}}
+
+
+def _probe(representation, accuracy, model="m"):
+    return {"model": model, "representation": representation, "frame_accuracy": accuracy, "phone_error_rate": 50.0,
+            "num_train_frames": 10, "num_test_frames": 10, "num_test_utterances": 1}
+
+
+RECORD = {
+    "hours": 4.0, "steps": 8800, "seed": 1, "audio_hours_seen": 39.1,
+    "rows": [_row(1, 3.0, 18.0), _row(2, 2.5, 17.5), _row(3, 2.9, 17.0), _row(4, 3.1, 16.5),
+             _row(5, 4.0, 19.0, unit_across=34.0, pnmi=0.26), _row(6, 4.2, 20.0, unit_across=36.0, pnmi=0.24)],
+    "probe": [_probe("front_end", 70.0), _probe("layer_01", 58.0), _probe("layer_02", 60.5), _probe("layer_06", 48.0)],
+}
+
+
+def test_summary_of_a_hand_built_point():
+    summary = summarise(RECORD)
+    assert (summary.best_within, summary.best_within_layer) == (2.5, 2)
+    assert (summary.best_across, summary.best_across_layer) == (16.5, 4)
+    assert (summary.middle_across, summary.middle_across_layer) == (16.5, 4)  # layer 4 is in the middle
+    assert summary.unit_pnmi == (0.24, 0.26)
+    assert summary.unit_abx_across == (34.0, 36.0)
+    # the front end's 70 % is not a layer: the best layer is layer 2
+    assert (summary.probe_accuracy, summary.probe_layer) == (60.5, 2)
+    table = markdown_table([summary], None)
+    row = "| 4 | 8,800 | 39.1 | 1 | 2.50 (L2) | 16.50 (L4) | 16.50 (L4) | 0.240–0.260 | 34.0–36.0 | 60.5 (L2) |"
+    assert row in table
+
+
+def test_baseline_levels_and_plot(tmp_path):
+    baselines = baseline_levels({
+        "rows": [_row(1, 5.7, 24.0, model="random init"), _row(2, 6.0, 23.8, model="random init"),
+                 _row(None, 3.96, 16.25, model="MFCC")],
+        "probe": [_probe("layer_01", 49.0, "random init"), _probe("layer_02", 50.2, "random init"),
+                  _probe("front_end", 52.0, "random init"), _probe("mfcc", 50.9, "MFCC")],
+    })
+    assert (baselines.random_within, baselines.random_across) == (5.7, 23.8)
+    assert (baselines.mfcc_within, baselines.mfcc_across) == (3.96, 16.25)
+    assert (baselines.random_probe, baselines.mfcc_probe) == (50.2, 50.9)
+    other = summarise({**RECORD, "hours": 1.0, "seed": 0, "probe": [], "rows": RECORD["rows"][:4]})
+    assert other.unit_pnmi is None
+    assert other.probe_accuracy is None
+    path = plot_curve([summarise(RECORD), other], baselines, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| MFCC | – | – | – | 3.96 | 16.25 |" in markdown_table([other], baselines)
+
+
+def test_a_damaged_point_is_named(tmp_path):
+    bad = tmp_path / "points" / "1h-10steps-seed0" / "point.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"hours": 1')
+    with pytest.raises(ValueError, match=r"1h-10steps-seed0/point\.json is not a learning-curve point"):
+        read_points(tmp_path)
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end(tmp_path):
+    missing = [engine for engine in ENGINES if shutil.which(engine) is None]
+    if missing:
+        pytest.skip(f"speech engines {missing} are not installed (make apt)")
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_DEMO)
+    out = tmp_path / "curve"
+    common = ["learning-curve", "--out", str(out), "--config", str(config), "--seeds", "0", "--probe-frames", "2000",
+              "--jobs", "2"]
+    # two corpus sizes at one step count, in two child processes
+    assert main([*common, "--hours", "0.01,0.02", "--steps", "4", "--parallel", "2"]) == 0
+    points = read_points(out)
+    assert [(p.hours, p.steps) for p in points] == [(0.01, 4), (0.02, 4)]
+    for point in points:
+        record = json.loads((out / "points" / point.name / "point.json").read_text())
+        assert [row["layer"] for row in record["rows"]] == [1, 2]  # the tiny model's two layers, both heads
+        assert all(row["unit_abx_across"] is not None and "pnmi" in row["quality"] for row in record["rows"])
+        assert {row["representation"] for row in record["probe"]} == {"front_end", "projection", "layer_01",
+                                                                        "layer_02"}
+        assert record["audio_hours_seen"] == pytest.approx(4 * 64000 / 16000 / 3600)
+    corpora = json.loads((out / "corpora" / "train-0.02h" / "info.json").read_text())
+    assert corpora["num_utterances"] > json.loads((out / "corpora" / "train-0.01h" / "info.json").read_text())[
+        "num_utterances"]
+    first = (out / "points" / "0.01h-4steps-seed0" / "point.json").stat().st_mtime_ns
+    # a rerun with one more step count adds that point only, with its schedule stretched; the others are reused
+    assert main([*common, "--hours", "0.01", "--steps", "4,6"]) == 0
+    assert (out / "points" / "0.01h-4steps-seed0" / "point.json").stat().st_mtime_ns == first
+    assert [(p.hours, p.steps) for p in read_points(out)] == [(0.01, 4), (0.01, 6), (0.02, 4)]
+    trained = json.loads((out / "points" / "0.01h-6steps-seed0" / "point.json").read_text())["checkpoint"]
+    schedule = json.loads((Path(trained).parent / "config.json").read_text())["optimizer"]
+    assert [schedule[key] for key in ("max_steps", "warmup_steps", "hold_steps", "decay_steps")] == [6, 2, 2, 2]
+    text = (out / "curve.md").read_text()
+    for row in ("| 0.01 | 6 |", "| MFCC |", "| random init |"):
+        assert row in text
+    assert (out / "curve.png").is_file()
