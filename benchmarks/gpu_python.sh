@@ -1,0 +1,22 @@
+# Sourced by the one-shot GPU scripts (gpu.sh, learning_curve_gpu.sh) from the repository root: sets $python and
+# PYTHONPATH so that spidr is imported from src/ with no network. $PYTHON, else the project's virtualenv, else
+# python3 (e.g. a GPU image's Python that holds a CUDA PyTorch); when soundfile or soxr is missing (a GPU machine's
+# image may lack them) the wheels carried in .whl/ are installed into a temporary folder first.
+python=${PYTHON:-}
+if [[ -z $python ]]; then
+  if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+
+if ! "$python" -c 'import soundfile, soxr' 2>/dev/null; then
+  if ! compgen -G '.whl/*.whl' >/dev/null; then
+    echo "$0: $python cannot import soundfile/soxr and .whl/ holds no wheels (see docs/performance.md)" >&2
+    exit 1
+  fi
+  site=$(mktemp -d)
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+  export PYTHONPATH=$PYTHONPATH:$site
+fi
+
+"$python" -c 'import torch; gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpu}")' >&2

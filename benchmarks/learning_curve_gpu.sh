@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The long end of the learning curve (docs/demo-recipe.md, "The learning curve of v7") on a lent GPU machine:
+#
+#   bash benchmarks/learning_curve_gpu.sh [spidr learning-curve options...]
+#   bash benchmarks/learning_curve_gpu.sh --fetch-debs     # here, on Debian 12: the voice packages into .debs/
+#
+# Default grid: 4 h and 16 h of training audio × 8,800 and 35,200 steps (4× and 16× the demo), seed 0, the four
+# runs side by side on the one GPU, in runs/curve-gpu (kept between calls while the machine stays warm: a rerun
+# resumes). curve.md / curve.json / curve.png are copied to $OUT when it is set. The corpus voices (flite, festival,
+# espeak-ng) must be on that machine: installed, or Debian packages carried in .debs/ (name it in the run's carry),
+# unpacked into / first. Not run on a GPU yet.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+voice_packages=(flite libflite1 festival libestools2.5 festlex-cmu festlex-poslex festvox-kallpc16k festvox-kdlpc16k
+                festvox-us-slt-hts espeak-ng espeak-ng-data libespeak-ng1 libpcaudio0 libsonic0)
+if [[ ${1:-} == --fetch-debs ]]; then
+  mkdir -p .debs
+  (cd .debs && apt-get download "${voice_packages[@]}")
+  du -sh .debs
+  exit 0
+fi
+if ! command -v flite >/dev/null || ! command -v festival >/dev/null || ! command -v espeak-ng >/dev/null; then
+  if ! compgen -G '.debs/*.deb' >/dev/null; then
+    echo "$0: flite / festival / espeak-ng are missing and .debs/ holds no packages (--fetch-debs)" >&2
+    exit 1
+  fi
+  for deb in .debs/*.deb; do dpkg -x "$deb" /; done
+  ldconfig
+fi
+# shellcheck source=benchmarks/gpu_python.sh
+source benchmarks/gpu_python.sh
+work=runs/curve-gpu
+"$python" -m spidr learning-curve --out "$work" --hours 4,16 --steps 8800,35200 --parallel 4 \
+  --set 'run.device="cuda"' "$@"
+if [[ -n ${OUT:-} ]]; then cp "$work"/curve.md "$work"/curve.json "$work"/curve.png "$OUT"/; fi
