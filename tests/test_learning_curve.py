@@ -151,6 +151,8 @@ def test_tiny_grid_end_to_end(tmp_path):
     schedule = json.loads((Path(trained).parent / "config.json").read_text())["optimizer"]
     assert [schedule[key] for key in ("max_steps", "warmup_steps", "hold_steps", "decay_steps")] == [6, 2, 2, 2]
     text = (out / "curve.md").read_text()
-    for row in ("| 0.01 | 6 |", "| MFCC |", "| random init |"):
+    smallest = json.loads((out / "corpora" / "train-0.01h" / "info.json").read_text())["hours"]
+    for row in ("| 0.01 | 6 |", "| MFCC |", "| random init |",
+                f"the baselines' probes were trained on {smallest:.2g} h"):
         assert row in text
     assert (out / "curve.png").is_file()

@@ -225,7 +225,8 @@ def run_baselines(settings: CurveSettings) -> Path:
                            read_alignments(train.alignments_jsonl),
                            test_alignments=read_alignments(test.alignments_jsonl),
                            settings=ProbeSettings(max_train_frames=settings.probe_frames))
-    _write_json(result, {"rows": [asdict(row) for row in rows], "probe": [asdict(row) for row in probe]})
+    _write_json(result, {"rows": [asdict(row) for row in rows], "probe": [asdict(row) for row in probe],
+                         "probe_train_hours": train.hours})
     return result
 
 
@@ -464,15 +465,18 @@ def write_curve(out_dir: Path, *, title: str = "Learning curve") -> Path:
     if not points:
         raise ValueError(f"{out_dir / 'points'} holds no finished point (point.json)")
     baseline_file = out_dir / "baselines.json"
-    baselines = (baseline_levels(json.loads(baseline_file.read_text(encoding="utf-8")))
-                 if baseline_file.is_file() else None)
+    baseline_record = json.loads(baseline_file.read_text(encoding="utf-8")) if baseline_file.is_file() else None
+    baselines = baseline_levels(baseline_record) if baseline_record else None
+    probe_hours = baseline_record.get("probe_train_hours") if baseline_record else None
     _write_json(out_dir / "curve.json", {"points": [asdict(p) for p in points],
                                          "baselines": asdict(baselines) if baselines else None})
     plot = plot_curve(points, baselines, out_dir / "curve.png")
     text = [f"# {title}", "",
             "Each point: a pretraining run on a synthetic corpus of the demo's ten training voices, scored on the "
             "demo's test corpus (new sentences, a held-out voice). Audio seen: steps × the batch's audio. Middle: "
-            "the best of the middle layers across speaker. Probe: linear frame phone classifier, best layer.", "",
+            "the best of the middle layers across speaker. Probe: linear frame phone classifier, best layer"
+            + (f"; the baselines' probes were trained on {probe_hours:.2g} h of training audio." if probe_hours
+               else "."), "",
             markdown_table(points, baselines), "", f"![learning curve]({plot.name})", ""]
     path = out_dir / "curve.md"
     path.write_text("\n".join(text), encoding="utf-8")
