@@ -37,7 +37,9 @@ demo: venv apt
 	$(BIN)/spidr demo --out runs/demo
 
 demo-long: venv apt
-	$(BIN)/spidr demo --out runs/demo-long --config configs/demo-long.toml
+# 16 h of training audio (1.9 GB, ~4 min to synthesise): trained 4.5x longer, the demo recipe gains from more
+# audio where on the demo's 1 h it loses (docs/demo-recipe.md, "The learning curve of v7").
+	$(BIN)/spidr demo --out runs/demo-long --config configs/demo-long.toml --train-hours 16
 
 lint: venv
 	$(BIN)/ruff check .
