@@ -144,6 +144,7 @@ def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
     from spidr.data.manifest import read_manifest
     from spidr.demo import DemoSettings, pretrain
     from spidr.eval.items import read_items
+    from spidr.eval.probe import ModelFeaturizer
     from spidr.eval.report import evaluate_model, write_report
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.loading import load_model
@@ -159,13 +160,13 @@ def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
                           train.manifest, test.manifest)
     training_s = time.monotonic() - started
     model = load_model(checkpoint)
-    entries = read_manifest(test.manifest)
+    entries, test_alignments = read_manifest(test.manifest), read_alignments(test.alignments_jsonl)
     rows = evaluate_model(model, point.name, entries, items=read_items(test.triphone_item),
-                          alignments=read_alignments(test.alignments_jsonl),
-                          layers=range(1, model.num_layers + 1), work_dir=out / "features", progress=False)
+                          alignments=test_alignments, layers=range(1, model.num_layers + 1),
+                          work_dir=out / "features", progress=False)
     write_report(rows, out / "report", title=f"learning curve point {point.name}",
                  notes=[f"Model: {checkpoint}; test corpus {test.out_dir}."])
-    probe = _probe(settings, model, point.name, train, test)
+    probe = _probe(settings, {point.name: ModelFeaturizer(model)}, train, entries, test_alignments)
     record = {
         **asdict(point),
         "train_hours": train.hours,
@@ -186,16 +187,19 @@ def audio_hours_seen(run_config: Path, steps: int) -> float:
     return steps * max_batch_length / SAMPLE_RATE / 3600
 
 
-def _probe(settings: CurveSettings, model, name: str, train, test) -> list:
+def _probe(settings: CurveSettings, featurizers: dict, train, test_entries, test_alignments) -> list:
+    """Phone probes of each ``{name: featurizer}``, trained on the ``train`` corpus (read once for all of them)."""
     if settings.probe_frames <= 0:
         return []
     from spidr.data.manifest import read_manifest
-    from spidr.eval.probe import ModelFeaturizer, ProbeSettings, run_probe
+    from spidr.eval.probe import ProbeSettings, run_probe
     from spidr.eval.unit_quality import read_alignments
 
-    return run_probe(ModelFeaturizer(model), name, read_manifest(train.manifest), read_manifest(test.manifest),
-                     read_alignments(train.alignments_jsonl), test_alignments=read_alignments(test.alignments_jsonl),
-                     settings=ProbeSettings(max_train_frames=settings.probe_frames))
+    train_entries, train_alignments = read_manifest(train.manifest), read_alignments(train.alignments_jsonl)
+    probe_settings = ProbeSettings(max_train_frames=settings.probe_frames)
+    return [row for name, featurizer in featurizers.items()
+            for row in run_probe(featurizer, name, train_entries, test_entries, train_alignments,
+                                 test_alignments=test_alignments, settings=probe_settings)]
 
 
 def run_baselines(settings: CurveSettings) -> Path:
@@ -203,6 +207,7 @@ def run_baselines(settings: CurveSettings) -> Path:
     from spidr.config import load_config
     from spidr.data.manifest import read_manifest
     from spidr.eval.items import read_items
+    from spidr.eval.probe import MfccFeaturizer, ModelFeaturizer
     from spidr.eval.report import evaluate_mfcc, evaluate_model
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import random_init_model
@@ -213,18 +218,13 @@ def run_baselines(settings: CurveSettings) -> Path:
     test, train = synthesise(settings, None), synthesise(settings, min(settings.hours))
     model = random_init_model(load_config(settings.config, settings.overrides).model)
     entries, items = read_manifest(test.manifest), read_items(test.triphone_item)
-    rows = evaluate_model(model, "random init", entries, items=items,
-                          alignments=read_alignments(test.alignments_jsonl), layers=range(1, model.num_layers + 1),
-                          work_dir=settings.out_dir / "baseline-features", progress=False)
+    test_alignments = read_alignments(test.alignments_jsonl)
+    rows = evaluate_model(model, "random init", entries, items=items, alignments=test_alignments,
+                          layers=range(1, model.num_layers + 1), work_dir=settings.out_dir / "baseline-features",
+                          progress=False)
     rows.append(evaluate_mfcc(entries, items))
-    probe = _probe(settings, model, "random init", train, test)
-    if probe:
-        from spidr.eval.probe import MfccFeaturizer, ProbeSettings, run_probe
-
-        probe += run_probe(MfccFeaturizer(), "MFCC", read_manifest(train.manifest), entries,
-                           read_alignments(train.alignments_jsonl),
-                           test_alignments=read_alignments(test.alignments_jsonl),
-                           settings=ProbeSettings(max_train_frames=settings.probe_frames))
+    probe = _probe(settings, {"random init": ModelFeaturizer(model), "MFCC": MfccFeaturizer()}, train, entries,
+                   test_alignments)
     _write_json(result, {"rows": [asdict(row) for row in rows], "probe": [asdict(row) for row in probe],
                          "probe_train_hours": train.hours})
     return result
