@@ -160,27 +160,18 @@ def probe(settings: DemoSettings, checkpoint: Path, train, test) -> Path:
     """Phone probes of the trained and the random-init model (front end, projection, every layer) and of MFCC:
     trained on the training corpus, scored on the test corpus; returns ``probe.md``."""
     from spidr.data.manifest import read_manifest
-    from spidr.eval.probe import (
-        MfccFeaturizer,
-        ModelFeaturizer,
-        ProbeSettings,
-        run_probe,
-        write_probe_report,
-    )
+    from spidr.eval.probe import MfccFeaturizer, ModelFeaturizer, ProbeSettings, run_probes, write_probe_report
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import random_init_model
     from spidr.models.loading import load_model
 
     model = load_model(checkpoint)
-    train_entries, test_entries = read_manifest(train.manifest), read_manifest(test.manifest)
-    alignments = {"alignments": read_alignments(train.alignments_jsonl),
-                  "test_alignments": read_alignments(test.alignments_jsonl)}
-    probe_settings = ProbeSettings(max_train_frames=DEMO_PROBE_FRAMES)
-    rows = []
-    for name, featurizer in (("SpidR (trained)", ModelFeaturizer(model)),
-                             ("SpidR (random init)", ModelFeaturizer(random_init_model(model.cfg))),
-                             ("MFCC", MfccFeaturizer())):
-        rows += run_probe(featurizer, name, train_entries, test_entries, **alignments, settings=probe_settings)
+    featurizers = {"SpidR (trained)": ModelFeaturizer(model),
+                   "SpidR (random init)": ModelFeaturizer(random_init_model(model.cfg)),
+                   "MFCC": MfccFeaturizer()}
+    rows = run_probes(featurizers, read_manifest(train.manifest), read_manifest(test.manifest),
+                      read_alignments(train.alignments_jsonl), test_alignments=read_alignments(test.alignments_jsonl),
+                      settings=ProbeSettings(max_train_frames=DEMO_PROBE_FRAMES))
     notes = [f"Linear frame phone classifiers trained on {rows[0].num_train_frames} frames of the training corpus "
              f"and scored on the test corpus ({rows[0].num_test_utterances} utterances, {rows[0].num_test_frames} "
              "frames). PER: a linear CTC head's greedy phone sequence against the reference phones, silence "

@@ -192,14 +192,12 @@ def _probe(settings: CurveSettings, featurizers: dict, train, test_entries, test
     if settings.probe_frames <= 0:
         return []
     from spidr.data.manifest import read_manifest
-    from spidr.eval.probe import ProbeSettings, run_probe
+    from spidr.eval.probe import ProbeSettings, run_probes
     from spidr.eval.unit_quality import read_alignments
 
-    train_entries, train_alignments = read_manifest(train.manifest), read_alignments(train.alignments_jsonl)
-    probe_settings = ProbeSettings(max_train_frames=settings.probe_frames)
-    return [row for name, featurizer in featurizers.items()
-            for row in run_probe(featurizer, name, train_entries, test_entries, train_alignments,
-                                 test_alignments=test_alignments, settings=probe_settings)]
+    return run_probes(featurizers, read_manifest(train.manifest), test_entries,
+                      read_alignments(train.alignments_jsonl), test_alignments=test_alignments,
+                      settings=ProbeSettings(max_train_frames=settings.probe_frames))
 
 
 def run_baselines(settings: CurveSettings) -> Path:

@@ -194,10 +194,10 @@ def run_probe(args: argparse.Namespace) -> int:
         MfccFeaturizer,
         ModelFeaturizer,
         ProbeSettings,
+        run_probes,
         split_entries,
         write_probe_report,
     )
-    from spidr.eval.probe import run_probe as probe_rows
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import random_init_model
 
@@ -218,15 +218,14 @@ def run_probe(args: argparse.Namespace) -> int:
                              seed=args.seed, dtype=args.dtype)
     name = args.name or Path(args.checkpoint).stem
     common = {"test_alignments": test_alignments, "alignment_rate": args.alignment_rate, "settings": settings}
-    featurizer = ModelFeaturizer(model, layers=layers, dtype=args.dtype)
-    rows = probe_rows(featurizer, name, train_entries, test_entries, alignments, **common)
+    featurizers = {name: ModelFeaturizer(model, layers=layers, dtype=args.dtype)}
     for baseline in args.baseline or ():
         if baseline == "mfcc":
-            rows += probe_rows(MfccFeaturizer(), "MFCC", train_entries, test_entries, alignments, **common)
+            featurizers["MFCC"] = MfccFeaturizer()
         else:
             random_model = random_init_model(model.cfg, seed=args.seed).to(args.device)
-            rows += probe_rows(ModelFeaturizer(random_model, layers=layers, dtype=args.dtype), f"{name} (random init)",
-                               train_entries, test_entries, alignments, **common)
+            featurizers[f"{name} (random init)"] = ModelFeaturizer(random_model, layers=layers, dtype=args.dtype)
+    rows = run_probes(featurizers, train_entries, test_entries, alignments, **common)
     kind = f"one hidden layer of {args.hidden}" if args.hidden else "linear"
     path = write_probe_report(rows, args.out, title=f"Phone probe of {name}", notes=[
         f"{kind.capitalize()} frame classifiers, {args.epochs} epochs, trained on ≤ {args.max_train_frames} frames "

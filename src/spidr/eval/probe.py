@@ -25,7 +25,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -436,6 +436,13 @@ def run_probe(
         logger.info("%s %s: frame accuracy %.1f %%, PER %.1f %%", name, row.representation, row.frame_accuracy,
                     row.phone_error_rate)
     return rows
+
+
+def run_probes(featurizers: Mapping[str, object], train_entries: Sequence[ManifestEntry],
+               test_entries: Sequence[ManifestEntry], alignments: Alignments, **options) -> list[ProbeRow]:
+    """``run_probe`` for each ``{name: featurizer}`` on the same data and ``options``; the rows in that order."""
+    return [row for name, featurizer in featurizers.items()
+            for row in run_probe(featurizer, name, train_entries, test_entries, alignments, **options)]
 
 
 def split_entries(entries: Sequence[ManifestEntry], test_fraction: float, *, seed: int
