@@ -22,6 +22,7 @@ from spidr.eval.probe import (
     fit_probe,
     frame_labels,
     phone_sequence,
+    run_probe,
     split_entries,
 )
 from spidr.eval.unit_quality import Alignments
@@ -170,3 +171,38 @@ def test_a_ctc_head_on_phone_identity_features_recognises_held_out_phone_sequenc
         errors += editdistance.eval(hypothesis, reference)
         total += len(reference)
     assert errors / total < 0.05, errors / total
+
+
+class _PlantedFeaturizer:
+    """A featurizer over planted frames: ``informative`` lifts dimension c for phone c, ``with_constant`` adds a
+    dimension that is log(1e-10) in every frame (a log-mel band that holds no FFT bin), not a float16 value."""
+
+    representations = ("informative", "with_constant")
+    frame_rate = 100.0
+
+    def __init__(self, features: dict[str, np.ndarray]) -> None:
+        self.features = features
+
+    def __call__(self, entries):
+        for entry in entries:
+            informative = self.features[entry.fileid]
+            constant = np.full((len(informative), 1), np.log(np.float32(1e-10)), dtype=np.float32)
+            yield entry, {"informative": informative,
+                          "with_constant": np.concatenate([informative, constant], axis=1)}
+
+
+def test_a_constant_dimension_does_not_change_what_the_probe_scores():
+    rng = np.random.default_rng(4)
+    features, labels, lengths = _utterances(80, rng)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    names = [f"u{i}" for i in range(len(lengths))]
+    per_utterance = {name: features[a:b] for name, a, b in zip(names, bounds[:-1], bounds[1:], strict=True)}
+    alignments = Alignments.from_labels(
+        (name, [f"p{c}" for c in labels[a:b]]) for name, a, b in zip(names, bounds[:-1], bounds[1:], strict=True))
+    entries = [ManifestEntry(name, f"{name}.wav", int(len(per_utterance[name]) * 160)) for name in names]
+    assert float(np.float16(np.log(np.float32(1e-10)))) != float(np.log(np.float32(1e-10)))  # rounding differs
+    rows = run_probe(_PlantedFeaturizer(per_utterance), "planted", entries[:60], entries[60:], alignments,
+                     settings=ProbeSettings(epochs=40, batch_size=128, ctc_epochs=10))
+    accuracy = {row.representation: row.frame_accuracy for row in rows}
+    assert accuracy["informative"] > 95.0
+    assert abs(accuracy["with_constant"] - accuracy["informative"]) < 2.0, accuracy

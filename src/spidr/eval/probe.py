@@ -204,15 +204,24 @@ def draw_utterances(entries: Sequence[ManifestEntry], alignments: Alignments, *,
     return chosen
 
 
+def stored(values: np.ndarray) -> np.ndarray:
+    """Features (T, D) as the probes see them, in training and in scoring alike: float16, clipped to its range.
+
+    Scoring must round as training did: a dimension that is constant in training (a log-mel band that holds no FFT
+    bin is log(eps) in every frame) gets a near-zero std, and a float32 test value one float16 rounding away from
+    the stored one would be standardised to hundreds and swamp the classifier (frame accuracy fell to 2-4 %)."""
+    return np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+
+
 def collect_training_frames(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments,
                             *, alignment_rate: float) -> TrainingFrames:
-    """Run ``featurizer`` over ``entries`` and keep every labelled frame (features stored as float16, clipped to its
-    range: the probe standardises them anyway)."""
+    """Run ``featurizer`` over ``entries`` and keep every labelled frame (features ``stored`` as float16: the probe
+    standardises them anyway)."""
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in featurizer.representations}
     labels = []
     for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate):
         for key, values in representations.items():
-            chunks[key].append(np.clip(values[: len(codes)], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
+            chunks[key].append(stored(values[: len(codes)]))
         labels.append(codes)
     if not labels:
         raise ValueError("no training utterance could be read")
@@ -384,7 +393,7 @@ def score_probes(featurizer, probes: dict[str, tuple[PhoneProbe, PhoneProbe]], e
     for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate):
         reference = phone_sequence(codes, silence)
         for key, (classifier, ctc_head) in probes.items():
-            values = representations[key][: len(codes)]
+            values = stored(representations[key][: len(codes)])
             correct[key] += int((classifier.predict(values) == codes).sum())
             errors[key] += editdistance.eval(ctc_greedy(ctc_head, values), reference)
         frames += len(codes)
