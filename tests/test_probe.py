@@ -194,12 +194,10 @@ class _PlantedFeaturizer:
 def test_a_constant_dimension_does_not_change_what_the_probe_scores():
     rng = np.random.default_rng(4)
     features, labels, lengths = _utterances(80, rng)
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    names = [f"u{i}" for i in range(len(lengths))]
-    per_utterance = {name: features[a:b] for name, a, b in zip(names, bounds[:-1], bounds[1:], strict=True)}
-    alignments = Alignments.from_labels(
-        (name, [f"p{c}" for c in labels[a:b]]) for name, a, b in zip(names, bounds[:-1], bounds[1:], strict=True))
-    entries = [ManifestEntry(name, f"{name}.wav", int(len(per_utterance[name]) * 160)) for name in names]
+    spans = {f"u{i}": span for i, span in enumerate(itertools.pairwise(np.concatenate([[0], np.cumsum(lengths)])))}
+    per_utterance = {name: features[a:b] for name, (a, b) in spans.items()}
+    alignments = Alignments.from_labels((name, [f"p{c}" for c in labels[a:b]]) for name, (a, b) in spans.items())
+    entries = [ManifestEntry(name, f"{name}.wav", int(len(values) * 160)) for name, values in per_utterance.items()]
     assert float(np.float16(np.log(np.float32(1e-10)))) != float(np.log(np.float32(1e-10)))  # rounding differs
     rows = run_probe(_PlantedFeaturizer(per_utterance), "planted", entries[:60], entries[60:], alignments,
                      settings=ProbeSettings(epochs=40, batch_size=128, ctc_epochs=10))
