@@ -9,12 +9,13 @@ counted); MFU = FLOPs / (step time × this machine's dense-matmul FLOP/s in the 
 just after the timed steps); the peak resident memory of the process; and the inference time for 10 s of audio
 (all layers, batch 1).
 
-Each job runs in its own subprocess so that its peak RSS is its own. By default the subprocess gets
-``MALLOC_MMAP_THRESHOLD_=131072``: glibc then returns every freed block over 128 KiB to the OS at once, so the peak
-RSS is the peak of live memory. With glibc's default adaptive threshold (``--default-malloc``) freed activation
-buffers stay in the heap and the same base training step peaks about 0.6 GiB higher. On a noisy machine use
-``--rounds``: the jobs run interleaved, round after round, and each job's time relative to the first job of its
-config is the median of the per-round ratios.
+Each job runs in its own subprocesses, so that its peak RSS is its own. The timing process keeps glibc's default
+allocator, as a training run does: its peak RSS includes freed memory that the heap keeps for reuse. A second,
+shorter process (two steps) runs with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then returns every freed block over
+128 KiB to the OS at once, so its peak RSS is the peak of live memory ("peak live"). That setting is not used for
+timing: every large allocation then faults in fresh pages, which slowed the base bf16 step by 1.6x here. On a
+noisy machine use ``--rounds``: the jobs run interleaved, round after round, and each job's time relative to the
+first job of its config is the median of the per-round ratios.
 
     python benchmarks/train_step.py                       # base + bench-small, fp32 + bf16, 3 timed steps
     python benchmarks/train_step.py --configs base --adamw for-loop fused --rounds 3 --steps 5
@@ -30,11 +31,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from itertools import product
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
@@ -106,10 +109,12 @@ def trainer_parts(model: torch.nn.Module, dtype: str, adamw: str) -> tuple:
     return optimizer, build_scheduler(optimizer, cfg), resolve_precision(dtype, torch.device("cpu")), cfg.max_norm
 
 
-def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float, warmup: int,
-            steps: int) -> dict:
-    """Times ``spidr.train.loop.train_step``, the trainer's own step (forward with codebook update, backward, clip,
-    NaN guard, AdamW, scheduler, teacher EMA), back to back with nothing between the timed steps."""
+def trainer_step(
+    cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float
+) -> tuple[nn.Module, Callable[[int], None]]:
+    """A freshly built model and its trainer's step ``step(number)`` on one fixed batch of ``batch`` × ``seconds``
+    s of audio: ``spidr.train.loop.train_step`` (forward with codebook update, backward, clip, NaN guard, AdamW,
+    scheduler, teacher EMA)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_model(cfg).train()
@@ -124,6 +129,14 @@ def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: fl
         loop.train_step(model, [one_batch], optimizer, scheduler, step=number, precision=precision, scaler=None,
                         max_norm=max_norm)
 
+    return model, step
+
+
+def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float, warmup: int,
+            steps: int) -> dict:
+    """Times the trainer's own step (``trainer_step``) back to back with nothing between the timed steps, then
+    inference on 10 s of audio."""
+    model, step = trainer_step(cfg, dtype, adamw, batch=batch, seconds=seconds)
     with FlopCounterMode(display=False) as counter:
         step(0)
     flops = counter.get_total_flops()
@@ -139,9 +152,9 @@ def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: fl
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     model.eval()
-    ten_seconds = F.layer_norm(torch.randn(1, 160000, generator=generator), (160000,))
+    ten_seconds = F.layer_norm(torch.randn(1, 160000, generator=torch.Generator().manual_seed(1)), (160000,))
     inference = []
-    with torch.inference_mode(), precision.autocast():
+    with torch.inference_mode(), resolve_precision(dtype, torch.device("cpu")).autocast():
         model.get_intermediate_outputs(ten_seconds)
         for _ in range(max(steps, 1)):
             start = time.perf_counter()
@@ -161,6 +174,14 @@ def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: fl
     }
 
 
+def measure_live_memory(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float) -> dict:
+    """Peak RSS over two steps, for a process started with glibc's mmap threshold at 128 KiB (peak live memory)."""
+    _, step = trainer_step(cfg, dtype, adamw, batch=batch, seconds=seconds)
+    for number in range(2):
+        step(number)
+    return {"peak_live_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["base", "bench-small"], choices=list(CONFIGS),
@@ -178,15 +199,20 @@ def main() -> int:
                         help="rounds over all jobs, interleaved; the best round's median is reported, and each "
                              "job's time relative to the first job of its config is the median of per-round ratios")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all CPUs)")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="keep glibc's adaptive mmap threshold (peak RSS then includes freed heap memory)")
+    parser.add_argument("--no-live-memory", action="store_true",
+                        help="skip the second process per job that measures peak live memory")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DTYPE", "ADAMW"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     if args.worker:  # one measurement, printed as JSON for the parent
         config, dtype, adamw = args.worker
+        if args.memory_worker:
+            print(json.dumps(measure_live_memory(CONFIGS[config], dtype, adamw, batch=args.batch,
+                                                 seconds=args.seconds)))
+            return 0
         result = measure(CONFIGS[config], dtype, adamw, batch=args.batch, seconds=args.seconds,
                          warmup=args.warmup, steps=args.steps)
         print(json.dumps(result))
@@ -194,19 +220,24 @@ def main() -> int:
 
     jobs = list(product(args.configs, args.dtypes, args.adamw))
     runs: dict[tuple[str, str, str], list[dict]] = {job: [] for job in jobs}
+    def run_worker(job: tuple[str, str, str], *, memory: bool) -> dict | None:
+        command = [sys.executable, __file__, "--worker", *job, "--batch", str(args.batch),
+                   "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--threads", str(args.threads), *(["--memory-worker"] if memory else [])]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if memory else None
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+        if done.returncode != 0:
+            print(f"{' '.join(job)} failed:\n{done.stderr}", file=sys.stderr)
+            return None
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     for _ in range(args.rounds):
         for job in jobs:
-            command = [sys.executable, __file__, "--worker", *job, "--batch", str(args.batch),
-                       "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                       "--threads", str(args.threads)]
-            env = dict(os.environ)
-            if not args.default_malloc:
-                env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-            done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-            if done.returncode != 0:
-                print(f"{' '.join(job)} failed:\n{done.stderr}", file=sys.stderr)
+            result = run_worker(job, memory=False)
+            if result is None:
                 return 1
-            runs[job].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[job].append(result)
+    live = {job: None if args.no_live_memory else run_worker(job, memory=True) for job in jobs}
 
     rows = []
     for job in jobs:
@@ -214,21 +245,25 @@ def main() -> int:
         ratios = [mine["step_s"] / theirs["step_s"] for mine, theirs in zip(runs[job], runs[first], strict=True)]
         best = min(runs[job], key=lambda r: r["step_s"])
         rows.append({"config": job[0], "dtype": job[1], "adamw": job[2], **best,
+                     "peak_live_gib": live[job] and live[job]["peak_live_gib"],
                      "time_vs_first": statistics.median(ratios), "rounds": runs[job]})
 
     print(f"CPU: {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} × {args.seconds} s, "
           f"best of {args.rounds} round(s) of the median of {args.steps} steps after {args.warmup} warm-up, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("malloc: glibc default (peak RSS includes freed heap)" if args.default_malloc
-          else "malloc: MALLOC_MMAP_THRESHOLD_=131072 (peak RSS = peak live memory)")
+    print("peak RSS: the timing process (glibc's default malloc); peak live: two steps with "
+          "MALLOC_MMAP_THRESHOLD_=131072")
+    def live_gib(row: dict) -> str:
+        return "-" if row["peak_live_gib"] is None else f"{row['peak_live_gib']:.2f}"
+
     header = ("config", "dtype", "AdamW", "step s", "× time of first", "audio s/s", "GFLOP/step", "matmul GFLOP/s",
-              "MFU", "peak RSS GiB", "infer s/10 s")
+              "MFU", "peak RSS GiB", "peak live GiB", "infer s/10 s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['config']} | {r['dtype']} | {r['adamw']} | {r['step_s']:.2f} | {r['time_vs_first']:.2f} | "
               f"{r['audio_s_per_s']:.2f} | {r['gflop_per_step']:.0f} | {r['matmul_gflops']:.0f} | "
-              f"{100 * r['mfu']:.0f}% | {r['peak_rss_gib']:.2f} | {r['infer_s_per_10s']:.2f} |")
+              f"{100 * r['mfu']:.0f}% | {r['peak_rss_gib']:.2f} | {live_gib(r)} | {r['infer_s_per_10s']:.2f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(rows, file, indent=1)

@@ -1,5 +1,6 @@
-"""benchmarks/train_step.py, the CPU step benchmark: each job runs the trainer's step in its own process and its row
-holds finite positive numbers; the FLOP count does not depend on the AdamW implementation; ratios are per config."""
+"""benchmarks/train_step.py, the CPU step benchmark: each job runs the trainer's step in its own processes (timing,
+live memory) and its row holds finite positive numbers; the FLOP count does not depend on the AdamW implementation;
+ratios are per config."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_rows_of_two_adamw_implementations(tmp_path: Path) -> None:
         ("bench-small", "float32", "for-loop"), ("bench-small", "float32", "fused")]
     for row in rows:
         for name in ("step_s", "audio_s_per_s", "gflop_per_step", "matmul_gflops", "mfu", "peak_rss_gib",
-                     "infer_s_per_10s", "time_vs_first"):
+                     "peak_live_gib", "infer_s_per_10s", "time_vs_first"):
             assert math.isfinite(row[name]), (row["adamw"], name, row[name])
             assert row[name] > 0, (row["adamw"], name, row[name])
         assert row["audio_s_per_s"] == 1.0 / row["step_s"]

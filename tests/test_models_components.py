@@ -14,6 +14,7 @@ from spidr.models.components import (
     ConvPositionalEmbedding,
     SelfAttention,
     build_transformer,
+    conv_layout,
     frame_masks,
     scale_grad,
 )
@@ -394,3 +395,70 @@ def test_training_mode_layout_changes_rounding_only() -> None:
     torch.testing.assert_close(train_out, eval_out, rtol=1e-5, atol=1e-6)
     for a, b in zip(train_grads, eval_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())  # sums in another order
+
+
+@pytest.mark.parametrize("mode", ["layer_norm", "group_norm"])
+def test_channels_last_layout_computes_what_the_official_layout_does(mode: str) -> None:
+    """The CPU bf16 path of the front end, run here in fp32 so that only summation order can differ: the first
+    layer as a matmul over waveform windows and every later block on (B, L, C) memory give the official layout's
+    values and gradients."""
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([(16, 10, 5), (16, 3, 2), (16, 2, 2)], mode=mode, conv_bias=mode == "group_norm")
+    for param in extractor.parameters():  # affine norms away from the identity, so that a swapped axis shows
+        torch.nn.init.normal_(param, std=0.5) if param.ndim == 1 else None
+    waveforms = torch.randn(2, 3000)
+    results = []
+    for layout in ("official", "channels_last"):
+        extractor.zero_grad()
+        first, *rest = extractor.conv_layers
+        if layout == "official":
+            x = first(waveforms[:, None, :])
+            for block in rest:
+                x = block(x)
+            x = x.transpose(1, 2)
+        else:
+            x = first.forward_waveform(waveforms)
+            for block in rest:
+                x = block(x, "channels_last")
+        x.pow(2).sum().backward()
+        results.append((x.detach(), [p.grad.clone() for p in extractor.parameters()]))
+    (official, official_grads), (channels_last, channels_last_grads) = results
+    assert channels_last.shape == official.shape == (2, 149, 16)  # 3000 samples → 599 → 299 → 149 frames
+    torch.testing.assert_close(channels_last, official, rtol=1e-5, atol=1e-5)
+    # A conv bias before a per-channel GroupNorm has a zero gradient up to rounding: compare on the common scale.
+    scale = max(g.abs().max().item() for g in official_grads)
+    for a, b in zip(channels_last_grads, official_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_conv_layout_follows_device_precision_and_mode() -> None:
+    x = torch.randn(2, 100)
+    assert conv_layout(x, training=False) == "official"
+    assert conv_layout(x, training=True) == "dense"
+    assert conv_layout(x.bfloat16(), training=False) == "channels_last"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_layout(x, training=False) == conv_layout(x, training=True) == "channels_last"
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert conv_layout(x, training=True) == "dense"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bf16_autocast_front_end_matches_fp32_to_bf16_rounding(training: bool) -> None:
+    """Under CPU bf16 autocast the front end runs channels last; its frames and gradients stay within bf16
+    rounding of the fp32 official layout's, in training and eval mode."""
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([(32, 10, 5), (32, 3, 2), (32, 3, 2), (32, 2, 2)]).train(training)
+    waveforms = torch.randn(2, 4000)
+    results = []
+    for bf16 in (False, True):
+        extractor.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            frames = extractor(waveforms)
+        assert frames.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        frames.float().pow(2).sum().backward()
+        results.append((frames.float().detach(), [p.grad.clone() for p in extractor.parameters()]))
+    (fp32, fp32_grads), (bf16, bf16_grads) = results
+    assert bf16.shape == fp32.shape == (2, 99, 32)
+    assert (bf16 - fp32).norm() / fp32.norm() < 2e-2
+    for a, b in zip(bf16_grads, fp32_grads, strict=True):
+        assert (a - b).norm() / b.norm() < 5e-2
