@@ -14,6 +14,7 @@ layers.
     python benchmarks/extract.py                      # base config, 10 s and 1 h files
     python benchmarks/extract.py --long-seconds 600 --dtype bfloat16
     python benchmarks/extract.py --mix 12 --rounds 3  # base config, ~2.5 min of LibriSpeech-like files
+    python benchmarks/extract.py --mix 12 --checkpoint spidr_base.pt  # the bf16 error of released weights
 """
 
 from __future__ import annotations
@@ -44,19 +45,22 @@ def write_audio(path: Path, seconds: float) -> None:
             remaining -= block
 
 
-def worker(path: str, config: str, dtype: str, threads: int, out_dir: str | None = None) -> None:
+def worker(path: str, model_source: str, dtype: str, threads: int, out_dir: str | None = None) -> None:
     """Extract every layer of the file ``path``, or of every file listed in the manifest ``path`` (a .csv), into a
-    temporary folder or ``out_dir``; prints wall time, audio seconds and peak RSS as JSON."""
+    temporary folder or ``out_dir``; prints wall time, audio seconds and peak RSS as JSON. ``model_source``: a
+    config name of ``train_step.CONFIGS`` (random weights) or a checkpoint file."""
     import torch
     from train_step import CONFIGS  # a sibling script: the benchmarks' model configs are named there
 
     from spidr.data.manifest import ManifestEntry, read_manifest
     from spidr.eval.features import ExtractionSettings, extract_to_directory
     from spidr.models.build import build_model
+    from spidr.models.loading import load_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(CONFIGS[config]).eval()
+    model = build_model(CONFIGS[model_source]) if model_source in CONFIGS else load_model(model_source)
+    model.eval()
     if path.endswith(".csv"):
         entries = list(read_manifest(path))
     else:
@@ -115,14 +119,15 @@ def run_mix(args: argparse.Namespace) -> None:
             for dtype, rows in runs.items():
                 out = Path(tmp) / f"{dtype}-{round_}"
                 result = subprocess.run(
-                    [sys.executable, __file__, "--worker", str(manifest), args.config, dtype, str(args.threads),
-                     str(out)], check=True, capture_output=True, text=True,
+                    [sys.executable, __file__, "--worker", str(manifest), args.checkpoint or args.config, dtype,
+                     str(args.threads), str(out)], check=True, capture_output=True, text=True,
                 )
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         errors = relative_errors(Path(tmp) / "float32-0", Path(tmp) / "bfloat16-0")
     audio = runs["float32"][0]["audio_seconds"]
     ratios = [f["seconds"] / b["seconds"] for f, b in zip(runs["float32"], runs["bfloat16"], strict=True)]
-    print(f"config {args.config}, {args.threads} threads, {args.mix} files, {audio:.0f} s of audio (2-35 s each, "
+    model = f"checkpoint {args.checkpoint}" if args.checkpoint else f"config {args.config} (random weights)"
+    print(f"{model}, {args.threads} threads, {args.mix} files, {audio:.0f} s of audio (2-35 s each, "
           f"FLAC), all layers, decoding included; {args.rounds} interleaved round(s)")
     print(f"{'dtype':>9} | {'audio s/s (best)':>16} | {'peak RSS GiB':>12}")
     for dtype, rows in runs.items():
@@ -136,7 +141,11 @@ def run_mix(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["base", "bench-small"], default="base")
+    parser.add_argument("--config", choices=["base", "bench-small"], default="base",
+                        help="model config, randomly initialised")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a checkpoint to extract with instead of --config (bf16 rounds trained weights' "
+                             "features differently from random ones)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--short-seconds", type=float, default=10.0)
     parser.add_argument("--long-seconds", type=float, default=3600.0)
@@ -158,11 +167,13 @@ def main() -> None:
             path = Path(tmp) / f"audio_{int(seconds)}s.wav"
             write_audio(path, seconds)
             result = subprocess.run(
-                [sys.executable, __file__, "--worker", str(path), args.config, args.dtype, str(args.threads)],
+                [sys.executable, __file__, "--worker", str(path), args.checkpoint or args.config, args.dtype,
+                 str(args.threads)],
                 check=True, capture_output=True, text=True,
             )
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    print(f"config {args.config}, {args.dtype}, {args.threads} threads, all layers extracted")
+    model = f"checkpoint {args.checkpoint}" if args.checkpoint else f"config {args.config}"
+    print(f"{model}, {args.dtype}, {args.threads} threads, all layers extracted")
     print(f"{'audio':>10} | {'wall s':>8} | {'RTF':>7} | {'s per 10 s':>10} | {'peak RSS GiB':>12}")
     for row in rows:
         rtf = row["seconds"] / row["audio_seconds"]

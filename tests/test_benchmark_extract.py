@@ -32,3 +32,26 @@ def test_mix_compares_float32_and_bf16() -> None:
     error = re.search(r"relative error max ([\d.e+-]+), median ([\d.e+-]+) over 12 ", out)  # 2 files x 6 layers
     assert error, out
     assert 0 < float(error.group(2)) <= float(error.group(1)) < 0.1, out
+
+
+def test_mix_extracts_with_a_checkpoint(tmp_path: Path) -> None:
+    """--checkpoint: the features come from the given weights (here a small model written as safetensors)."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARK.parent))
+    from train_step import CONFIGS
+
+    from spidr.models import build_model
+    from spidr.models.loading import export_safetensors
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "small.safetensors"
+    export_safetensors(build_model(CONFIGS["bench-small"]), checkpoint)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--checkpoint", str(checkpoint), "--mix", "1", "--rounds", "1",
+         "--threads", "1"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"checkpoint {checkpoint}, 1 threads, 1 files"), done.stdout
+    assert re.search(r"over 6 \(file, layer\) pairs", done.stdout), done.stdout  # bench-small has 6 layers
