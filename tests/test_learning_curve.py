@@ -19,6 +19,8 @@ from spidr.learning_curve import (
     parse_point,
     plot_curve,
     read_points,
+    recipe,
+    reusable,
     stretched_schedule,
     summarise,
 )
@@ -116,6 +118,33 @@ def test_a_damaged_point_is_named(tmp_path):
     bad.write_text('{"hours": 1')
     with pytest.raises(ValueError, match=r"1h-10steps-seed0/point\.json is not a learning-curve point"):
         read_points(tmp_path)
+
+
+def test_a_result_of_another_recipe_is_not_reused(tmp_path, caplog):
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    settings = CurveSettings(out_dir=tmp_path, config=config)
+    point = CurvePoint(1.0, 2200, 0)
+    made_with = recipe(settings, point)
+    assert made_with["run"]["random_seed"] == 0
+    assert made_with["optimizer"]["max_steps"] == 2200
+    assert recipe(settings) == {"model": made_with["model"]}  # the baselines depend on the network only
+    path = tmp_path / "point.json"
+    assert not reusable(path, made_with)
+    path.write_text(json.dumps({**RECORD, "recipe": made_with}))
+    assert reusable(path, made_with)
+    assert reusable(path, recipe(settings, CurvePoint(4.0, 2200, 0)))  # the corpus size is in the folder's name
+    wider = recipe(CurveSettings(out_dir=tmp_path, config=config, overrides=("model.encoder_embed_dim=512",)), point)
+    with pytest.raises(ValueError, match=r"point\.json was made with another recipe \(model\.encoder_embed_dim: "
+                                         r"\d+ there, 512 now\)"):
+        reusable(path, wider)
+    with pytest.raises(ValueError, match=r"optimizer\.max_steps: 2200 there, 4400 now"):
+        reusable(path, recipe(settings, CurvePoint(1.0, 4400, 0)))
+    path.write_text(json.dumps(RECORD))  # written before recipes were recorded: reused, with a warning
+    assert reusable(path, wider)
+    assert "records no recipe" in caplog.text
+    path.write_text('{"rows": [')
+    with pytest.raises(ValueError, match=r"point\.json is not a learning-curve result"):
+        reusable(path, made_with)
 
 
 @pytest.mark.slow

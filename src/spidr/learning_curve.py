@@ -6,9 +6,9 @@ count, scored like the demo on the demo's test corpus (new sentences and a held-
 
 1. corpora: one training corpus per size and the test corpus, synthesised once and cached (sizes are hours, the
    corpus of 1 h is the demo's own);
-2. points: each run is trained (or resumed, or reused when finished) and scored: ABX within / across speaker of every
-   layer, codebook-unit ABX and PNMI of the head layers, and a linear phone probe per layer (``point.json`` and a
-   ``report.md`` per point); several points can run side by side (``--parallel``);
+2. points: each run is trained (or resumed, or reused when finished with the same recipe) and scored: ABX within /
+   across speaker of every layer, codebook-unit ABX and PNMI of the head layers, and a linear phone probe per layer
+   (``point.json`` and a ``report.md`` per point); several points can run side by side (``--parallel``);
 3. baselines: MFCC and the same network at random initialisation, scored once;
 4. ``curve.md``, ``curve.json`` and ``curve.png`` summarise every point found in the output folder, so runs made by
    separate invocations (two shells, two machines sharing a disk) end up in one curve.
@@ -112,6 +112,40 @@ def point_overrides(settings: CurveSettings, point: CurvePoint) -> tuple[str, ..
             *settings.overrides)
 
 
+def recipe(settings: CurveSettings, point: CurvePoint | None = None) -> dict:
+    """The resolved config that ``point`` trains with (its seed and stretched schedule included), or for ``None``
+    the model section that the baselines' random network is built from: recorded with each result, so that a
+    result made with another recipe is never taken for this one's."""
+    from spidr.config import load_config
+
+    if point is None:
+        return {"model": load_config(settings.config, settings.overrides).to_dict()["model"]}
+    return load_config(settings.config, point_overrides(settings, point)).to_dict()
+
+
+def reusable(path: Path, expected: dict) -> bool:
+    """Whether ``path`` (a ``point.json`` or ``baselines.json``) holds a finished result of the ``expected`` recipe;
+    a result of another recipe is an error that names the settings that differ."""
+    from spidr.train.runtime import config_diff
+
+    if not path.is_file():
+        return False
+    try:
+        made_with = json.loads(path.read_text(encoding="utf-8")).get("recipe")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a learning-curve result ({error}); delete it to redo it") from None
+    if made_with is None:
+        logger.warning("%s records no recipe (written before spidr recorded one): reused as it is", path)
+        return True
+    changed = config_diff(made_with, expected)
+    if changed:
+        shown = ", ".join(f"{name}: {old!r} there, {new!r} now" for name, old, new in sorted(changed)[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ValueError(f"{path} was made with another recipe ({shown}{more}): use another --out folder for this "
+                         "recipe, or delete the file to redo it")
+    return True
+
+
 # 2. Corpora -------------------------------------------------------------------------------------------------------
 
 
@@ -151,7 +185,8 @@ def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
 
     out = point_dir(settings, point)
     result = out / "point.json"
-    if result.is_file():
+    made_with = recipe(settings, point)
+    if reusable(result, made_with):
         return result
     train, test = synthesise(settings, point.hours), synthesise(settings, None)
     started = time.monotonic()
@@ -169,6 +204,7 @@ def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
     probe = _probe(settings, {point.name: ModelFeaturizer(model)}, train, entries, test_alignments)
     record = {
         **asdict(point),
+        "recipe": made_with,
         "train_hours": train.hours,
         "audio_hours_seen": audio_hours_seen(checkpoint.parent / "config.json", point.steps),
         "training_seconds": training_s,
@@ -211,7 +247,8 @@ def run_baselines(settings: CurveSettings) -> Path:
     from spidr.models.build import random_init_model
 
     result = settings.out_dir / "baselines.json"
-    if result.is_file():
+    made_with = recipe(settings)
+    if reusable(result, made_with):
         return result
     test, train = synthesise(settings, None), synthesise(settings, min(settings.hours))
     model = random_init_model(load_config(settings.config, settings.overrides).model)
@@ -223,8 +260,8 @@ def run_baselines(settings: CurveSettings) -> Path:
     rows.append(evaluate_mfcc(entries, items))
     probe = _probe(settings, {"random init": ModelFeaturizer(model), "MFCC": MfccFeaturizer()}, train, entries,
                    test_alignments)
-    _write_json(result, {"rows": [asdict(row) for row in rows], "probe": [asdict(row) for row in probe],
-                         "probe_train_hours": train.hours})
+    _write_json(result, {"recipe": made_with, "rows": [asdict(row) for row in rows],
+                         "probe": [asdict(row) for row in probe], "probe_train_hours": train.hours})
     return result
 
 
@@ -239,7 +276,8 @@ def _write_json(path: Path, record: dict) -> None:
 def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
     """Every point of the grid: in this process, or ``settings.parallel`` at a time in child processes (``argv`` is
     this command's arguments, rerun with ``--only``), the CPU threads shared out between them."""
-    todo = [point for point in settings.points if not (point_dir(settings, point) / "point.json").is_file()]
+    todo = [point for point in settings.points
+            if not reusable(point_dir(settings, point) / "point.json", recipe(settings, point))]
     if settings.parallel == 1 or len(todo) <= 1:
         for point in todo:
             logger.info("learning curve: point %s", point.name)
