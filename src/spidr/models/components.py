@@ -101,9 +101,9 @@ def conv_layout(x: torch.Tensor, training: bool) -> ConvLayout:  # noqa: FBT001
     "official": (B, C, L), each LayerNorm on a transposed view (eval mode in fp32 and off the CPU: features
     bit-identical to the official and Hugging Face models'). "dense": (B, C, L), made contiguous after each
     LayerNorm (training in fp32, and training off the CPU). "channels_last": (B, L, C) in memory, wherever a CPU
-    computes in bfloat16. oneDNN's bf16 convolutions want channels last: on a (B, C, L) tensor they reorder their
-    input, output and gradients at every layer, and the base front end's forward + backward (2 × 4 s, one thread,
-    a Xeon with AMX) took 2.3x as long as channels last. Its fp32 backward is slower channels last, so fp32 keeps
+    computes in bfloat16. The CPU's bf16 convolutions want channels last: given (B, C, L) tensors they copy their
+    input and gradients at every layer, and the base front end's forward + backward (2 × 4 s, one thread, a Xeon
+    with AMX) took 2.3x as long as channels last. Its fp32 backward is slower channels last, so fp32 keeps
     (B, C, L).
     """
     if x.device.type == "cpu" and (
