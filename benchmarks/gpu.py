@@ -10,6 +10,9 @@ runs too long costs only its own row):
 * ``spidr-compile``, ``dinosr-compile``: the same with ``run.compile`` (``torch.compile(dynamic=True)``, in place);
 * ``spidr-host-reads``: ``spidr`` with the host reading each step (``run.host_sync = "step"``, and the masked-frame
   count found on the GPU rather than taken from the loader): what the GPU loses to the two reads per step;
+* ``spidr-channels-last`` (only when named in ``--jobs``): ``spidr`` with the conv front end's activations kept as
+  (B, L, C) memory, as they are on a CPU in bf16 (``spidr.models.components.conv_layout``), to measure whether
+  cuDNN gains from that layout too before CUDA training uses it;
 * ``loader``: the training DataLoader (``spidr.data.loader.build_dataloader`` with the training data settings)
   alone, over a synthetic corpus of audio files, as the training loop consumes it.
 
@@ -71,6 +74,7 @@ from spidr.data import SAMPLE_RATE
 from spidr.data.collate import Batch
 from spidr.data.loader import build_dataloader, usable_workers
 from spidr.data.manifest import ManifestEntry, write_manifest
+from spidr.models import components
 from spidr.models.build import build_model
 from spidr.train import loop
 from spidr.train.environment import DistributedEnvironment
@@ -89,6 +93,7 @@ class Job:
     compile: bool = False
     host_sync: str = "auto"  # run.host_sync ("auto" is "log" on CUDA: no host read between log steps)
     mask_count: bool = True  # pass the loader's masked-frame count to the model (else one nonzero per step)
+    conv_layout: str | None = None  # force the front end's layout (components.conv_layout); None: the library's
 
 
 JOBS = {
@@ -97,12 +102,16 @@ JOBS = {
     "dinosr": Job("DinoSR base, bf16", "dinosr"),
     "dinosr-compile": Job("DinoSR base, bf16 + compile", "dinosr", compile=True),
     "spidr-host-reads": Job("SpidR base, bf16, 2 host reads per step", "spidr", host_sync="step", mask_count=False),
+    "spidr-channels-last": Job("SpidR base, bf16, front end channels last", "spidr", conv_layout="channels_last"),
     "loader": Job("data loader alone", ""),
 }
+DEFAULT_JOBS = [job for job in JOBS if job != "spidr-channels-last"]
 # The order jobs run in: cheap and sure first, so that slow compilations take only what time is left.
-RUN_ORDER = ("spidr", "dinosr", "loader", "spidr-host-reads", "spidr-compile", "dinosr-compile")
+RUN_ORDER = ("spidr", "dinosr", "loader", "spidr-host-reads", "spidr-channels-last", "spidr-compile",
+             "dinosr-compile")
 # Shares of the remaining time limit: a compiled job has its compilation to fit in too.
-TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "spidr-host-reads": 1.0, "spidr-compile": 2.5,
+TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "spidr-host-reads": 1.0, "spidr-channels-last": 1.0,
+                "spidr-compile": 2.5,
                 "dinosr-compile": 2.5}
 
 # --smoke: a tiny model (2 layers × 64 dims, 32-channel extractor with the base strides, so the same frame rate) on
@@ -323,9 +332,25 @@ def _mark(*, cuda: bool) -> Any:
     return event
 
 
+@contextlib.contextmanager
+def front_end_layout(layout: str | None) -> Iterator[None]:
+    """Within the block, the conv front end lays out its activations as ``layout`` ("channels_last", ...) whatever
+    the device and precision; ``None`` leaves the library's choice."""
+    if layout is None:
+        yield
+        return
+    original = components.conv_layout
+    components.conv_layout = lambda x, training: layout
+    try:
+        yield
+    finally:
+        components.conv_layout = original
+
+
 def model_job(job: str, args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
     """Build as ``train()`` does, read the batches, count FLOPs, then warm up and time; fills ``report``."""
-    with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-run-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-run-") as workdir, \
+            front_end_layout(JOBS[job].conv_layout):
         cfg = run_config(job, args.manifest, workdir, smoke=args.smoke, device=device)
         report["stage"] = "set-up"
         trainer = build_trainer(cfg, device)
@@ -596,7 +621,8 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS), help="jobs to run")
+    parser.add_argument("--jobs", nargs="+", default=DEFAULT_JOBS, choices=list(JOBS),
+                        help=f"jobs to run (default: all but spidr-channels-last); one of {', '.join(JOBS)}")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model and batches, short runs, compile with the 'eager' backend (for a CPU)")
     parser.add_argument("--batches", type=int, help="distinct training batches cycled by model jobs (8; smoke 2)")

@@ -60,6 +60,22 @@ def test_smoke_eager_jobs_and_loader(gpu, tmp_path, capsys):
     assert spidr["audio_s_per_step"] == pytest.approx(4.0)  # 2 rows × 2 s crops (the smoke batch limit)
 
 
+def test_smoke_channels_last_job_forces_the_layout_for_its_own_run_only(gpu, tmp_path, capsys):
+    from spidr.models import components
+
+    original = components.conv_layout
+    with gpu.front_end_layout("channels_last"):
+        assert components.conv_layout(torch.zeros(1, 400), True) == "channels_last"  # fp32: "dense" otherwise
+    assert components.conv_layout is original
+    assert "spidr-channels-last" not in gpu.DEFAULT_JOBS  # a CUDA experiment, run when named
+    rows, table = run_smoke(gpu, tmp_path, capsys, ["spidr-channels-last", "spidr"])
+    assert [row["job"] for row in rows] == ["spidr", "spidr-channels-last"]
+    for row in rows:
+        check_row(row)
+    assert "| SpidR base, bf16, front end channels last | " in table
+    assert components.conv_layout is original
+
+
 @pytest.mark.slow  # ≈ 20 s on 2 busy cores: torch.compile traces both models (with the 'eager' backend)
 def test_smoke_compiled_jobs(gpu, tmp_path, capsys):
     try:

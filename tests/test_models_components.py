@@ -462,3 +462,18 @@ def test_bf16_autocast_front_end_matches_fp32_to_bf16_rounding(training: bool) -
     assert (bf16 - fp32).norm() / fp32.norm() < 2e-2
     for a, b in zip(bf16_grads, fp32_grads, strict=True):
         assert (a - b).norm() / b.norm() < 5e-2
+
+
+def test_a_forced_channels_last_layout_gives_the_official_frames_in_fp32(monkeypatch) -> None:
+    """benchmarks/gpu.py's spidr-channels-last job forces the layout whatever the device and precision; the
+    extractor then takes the first layer from waveform windows and computes the official frames to rounding."""
+    from spidr.models import components
+
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([(16, 10, 5), (16, 3, 2), (16, 2, 2)]).eval()
+    waveforms = torch.randn(2, 3000)
+    official = extractor(waveforms)
+    monkeypatch.setattr(components, "conv_layout", lambda x, training: "channels_last")
+    forced = extractor(waveforms)
+    assert forced.is_contiguous()  # (B, T, C) memory, not a transposed view
+    torch.testing.assert_close(forced, official, rtol=1e-5, atol=1e-5)

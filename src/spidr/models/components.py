@@ -212,12 +212,12 @@ class ConvFeatureExtractor(nn.Module):
                 x = x.transpose(1, 2).contiguous()
         elif warp is not None:
             raise ValueError("a frequency warp needs a log-mel first layer (model.extractor_type = 'log_mel')")
-        elif layout == "official" or waveforms.device.type != "cpu":
-            x = first(waveforms[:, None, :], layout)
-        else:
+        elif layout == "channels_last" or (layout == "dense" and waveforms.device.type == "cpu"):
             x = first.forward_waveform(waveforms)  # (B, L, C)
             if layout == "dense":
                 x = x.transpose(1, 2).contiguous()
+        else:
+            x = first(waveforms[:, None, :], layout)
         for block in rest:
             x = block(x, layout)
         return x if layout == "channels_last" else x.transpose(1, 2)
