@@ -122,29 +122,43 @@ def test_a_damaged_point_is_named(tmp_path):
 
 def test_a_result_of_another_recipe_is_not_reused(tmp_path, caplog):
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
-    settings = CurveSettings(out_dir=tmp_path, config=config)
-    point = CurvePoint(1.0, 2200, 0)
-    made_with = recipe(settings, point)
-    assert made_with["run"]["random_seed"] == 0
+    demo_point = CurvePoint(1.0, 2200, 0)
+
+    def expected(point=demo_point, *overrides):
+        return recipe(CurveSettings(out_dir=tmp_path, config=config, overrides=overrides), point)
+
+    made_with, defaults = expected()
+    assert made_with["run"] == {"random_seed": 0, "model_type": "spidr"}
     assert made_with["optimizer"]["max_steps"] == 2200
-    assert recipe(settings) == {"model": made_with["model"]}  # the baselines depend on the network only
+    assert "num_workers" not in made_with["data"]
+    assert recipe(CurveSettings(out_dir=tmp_path, config=config))[0] == {  # the baselines: the network and scoring
+        "model": made_with["model"], "scoring": {"test_hours": 0.2, "probe_frames": 60_000}}
     path = tmp_path / "point.json"
-    assert not reusable(path, made_with)
+    assert not reusable(path, (made_with, defaults))
     path.write_text(json.dumps({**RECORD, "recipe": made_with}))
-    assert reusable(path, made_with)
-    assert reusable(path, recipe(settings, CurvePoint(4.0, 2200, 0)))  # the corpus size is in the folder's name
-    wider = recipe(CurveSettings(out_dir=tmp_path, config=config, overrides=("model.encoder_embed_dim=512",)), point)
+    assert reusable(path, expected())
+    assert reusable(path, expected(CurvePoint(4.0, 2200, 0)))  # the corpus size is in the folder's name
+    # where and how a run executes does not change its result: another machine may share the folder
+    assert reusable(path, expected(demo_point, 'run.device="cuda"', "data.num_workers=4",
+                                   "run.log_interval=7", "run.compile=false"))
     with pytest.raises(ValueError, match=r"point\.json was made with another recipe \(model\.encoder_embed_dim: "
                                          r"\d+ there, 512 now\)"):
-        reusable(path, wider)
+        reusable(path, expected(demo_point, "model.encoder_embed_dim=512"))
     with pytest.raises(ValueError, match=r"optimizer\.max_steps: 2200 there, 4400 now"):
-        reusable(path, recipe(settings, CurvePoint(1.0, 4400, 0)))
+        reusable(path, expected(CurvePoint(1.0, 4400, 0)))
+    # a setting added to spidr after the result was made counts only when set away from its default
+    older = {**made_with, "model": {k: v for k, v in made_with["model"].items() if k != "student_frequency_warp"}}
+    path.write_text(json.dumps({**RECORD, "recipe": older}))
+    assert defaults["model"]["student_frequency_warp"] == made_with["model"]["student_frequency_warp"]
+    assert reusable(path, expected())
+    with pytest.raises(ValueError, match=r"model\.student_frequency_warp: '\(not recorded\)' there, 0\.1 now"):
+        reusable(path, expected(demo_point, "model.student_frequency_warp=0.1"))
     path.write_text(json.dumps(RECORD))  # written before recipes were recorded: reused, with a warning
-    assert reusable(path, wider)
+    assert reusable(path, expected(demo_point, "model.encoder_embed_dim=512"))
     assert "records no recipe" in caplog.text
     path.write_text('{"rows": [')
     with pytest.raises(ValueError, match=r"point\.json is not a learning-curve result"):
-        reusable(path, made_with)
+        reusable(path, expected())
 
 
 @pytest.mark.slow

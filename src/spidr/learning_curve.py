@@ -112,22 +112,60 @@ def point_overrides(settings: CurveSettings, point: CurvePoint) -> tuple[str, ..
             *settings.overrides)
 
 
-def recipe(settings: CurveSettings, point: CurvePoint | None = None) -> dict:
-    """The resolved config that ``point`` trains with (its seed and stretched schedule included), or for ``None``
-    the model section that the baselines' random network is built from: recorded with each result, so that a
-    result made with another recipe is never taken for this one's."""
-    from spidr.config import load_config
+# Data settings that change how batches are loaded, not what they hold.
+LOADER_SETTINGS = ("manifest", "num_workers", "pin_memory", "prefetch_factor", "persistent_workers")
 
+
+def _results_settings(run, data, model, optimizer, masking) -> dict:
+    """The settings of a config that change a point's results (not where it runs, logs or saves, nor how batches are
+    loaded), as plain JSON values."""
+    return json.loads(json.dumps({
+        "run": {"random_seed": run.random_seed, "model_type": run.model_type},
+        "data": {key: value for key, value in asdict(data).items() if key not in LOADER_SETTINGS},
+        "model": asdict(model),
+        "optimizer": asdict(optimizer),
+        "masking": asdict(masking),
+    }))
+
+
+def recipe(settings: CurveSettings, point: CurvePoint | None = None) -> tuple[dict, dict]:
+    """What ``point`` is made with, or for ``None`` what the baselines are made with (the network they initialise
+    at random, and the scoring), with the defaults of the same settings: recorded with each result, so that a
+    result of another recipe is never taken for this one's. The results settings of the point's resolved config
+    (its seed and stretched schedule included) and the scoring's (test corpus size, probe frames)."""
+    from spidr.config import DataConfig, MaskingConfig, OptimizerConfig, RunConfig, load_config
+
+    cfg = load_config(settings.config, settings.overrides if point is None else point_overrides(settings, point))
+    scoring = {"test_hours": settings.test_hours, "probe_frames": settings.probe_frames}
+    made_with = {**_results_settings(cfg.run, cfg.data, cfg.model, cfg.optimizer, cfg.masking), "scoring": scoring}
+    defaults = {**_results_settings(RunConfig(), DataConfig(), type(cfg.model)(), OptimizerConfig(),
+                                    MaskingConfig()), "scoring": scoring}
     if point is None:
-        return {"model": load_config(settings.config, settings.overrides).to_dict()["model"]}
-    return load_config(settings.config, point_overrides(settings, point)).to_dict()
+        return ({"model": made_with["model"], "scoring": scoring},
+                {"model": defaults["model"], "scoring": scoring})
+    return made_with, defaults
 
 
-def reusable(path: Path, expected: dict) -> bool:
-    """Whether ``path`` (a ``point.json`` or ``baselines.json``) holds a finished result of the ``expected`` recipe;
-    a result of another recipe is an error that names the settings that differ."""
-    from spidr.train.runtime import config_diff
+def _differences(stored: dict, current: dict, defaults: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted name, stored value, current value) of every setting that differs. A setting that ``stored`` lacks
+    was added to spidr after the result was made: it counts only when ``current`` moves it off its default."""
+    out = []
+    for key, value in current.items():
+        name = f"{prefix}{key}"
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if key not in stored:
+            if value != default:
+                out.append((name, "(not recorded)", value))
+        elif isinstance(value, dict) and isinstance(stored[key], dict):
+            out += _differences(stored[key], value, default if isinstance(default, dict) else {}, f"{name}.")
+        elif stored[key] != value:
+            out.append((name, stored[key], value))
+    return out + [(f"{prefix}{key}", stored[key], "(no such setting now)") for key in stored if key not in current]
 
+
+def reusable(path: Path, expected: tuple[dict, dict]) -> bool:
+    """Whether ``path`` (a ``point.json`` or ``baselines.json``) holds a finished result of the ``expected`` recipe
+    (``recipe()``'s pair); a result of another recipe is an error that names the settings that differ."""
     if not path.is_file():
         return False
     try:
@@ -137,7 +175,7 @@ def reusable(path: Path, expected: dict) -> bool:
     if made_with is None:
         logger.warning("%s records no recipe (written before spidr recorded one): reused as it is", path)
         return True
-    changed = config_diff(made_with, expected)
+    changed = _differences(made_with, *expected)
     if changed:
         shown = ", ".join(f"{name}: {old!r} there, {new!r} now" for name, old, new in sorted(changed)[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
@@ -185,8 +223,8 @@ def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
 
     out = point_dir(settings, point)
     result = out / "point.json"
-    made_with = recipe(settings, point)
-    if reusable(result, made_with):
+    expected = recipe(settings, point)
+    if reusable(result, expected):
         return result
     train, test = synthesise(settings, point.hours), synthesise(settings, None)
     started = time.monotonic()
@@ -204,7 +242,7 @@ def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
     probe = _probe(settings, {point.name: ModelFeaturizer(model)}, train, entries, test_alignments)
     record = {
         **asdict(point),
-        "recipe": made_with,
+        "recipe": expected[0],
         "train_hours": train.hours,
         "audio_hours_seen": audio_hours_seen(checkpoint.parent / "config.json", point.steps),
         "training_seconds": training_s,
@@ -247,8 +285,8 @@ def run_baselines(settings: CurveSettings) -> Path:
     from spidr.models.build import random_init_model
 
     result = settings.out_dir / "baselines.json"
-    made_with = recipe(settings)
-    if reusable(result, made_with):
+    expected = recipe(settings)
+    if reusable(result, expected):
         return result
     test, train = synthesise(settings, None), synthesise(settings, min(settings.hours))
     model = random_init_model(load_config(settings.config, settings.overrides).model)
@@ -260,7 +298,7 @@ def run_baselines(settings: CurveSettings) -> Path:
     rows.append(evaluate_mfcc(entries, items))
     probe = _probe(settings, {"random init": ModelFeaturizer(model), "MFCC": MfccFeaturizer()}, train, entries,
                    test_alignments)
-    _write_json(result, {"recipe": made_with, "rows": [asdict(row) for row in rows],
+    _write_json(result, {"recipe": expected[0], "rows": [asdict(row) for row in rows],
                          "probe": [asdict(row) for row in probe], "probe_train_hours": train.hours})
     return result
 

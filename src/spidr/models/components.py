@@ -156,8 +156,8 @@ class ConvLayerBlock(nn.Module):
         """The block's norm on (B, L, C)."""
         if isinstance(self.layer_norm, nn.LayerNorm):
             return self.layer_norm(x)
-        if self.layer_norm is not None:
-            return self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
+        if self.layer_norm is not None:  # GroupNorm normalises over time: channels second, then back to (B, L, C)
+            return self.layer_norm(x.transpose(1, 2)).transpose(1, 2).contiguous()
         return x
 
 
