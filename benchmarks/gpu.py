@@ -349,8 +349,10 @@ def front_end_layout(layout: str | None) -> Iterator[None]:
 
 def model_job(job: str, args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
     """Build as ``train()`` does, read the batches, count FLOPs, then warm up and time; fills ``report``."""
+    # A compiled job fails when Dynamo reaches its recompile limit: past it, Dynamo runs the code eagerly, and the
+    # row would time an uncompiled model.
     with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-run-") as workdir, \
-            front_end_layout(JOBS[job].conv_layout):
+            front_end_layout(JOBS[job].conv_layout), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         cfg = run_config(job, args.manifest, workdir, smoke=args.smoke, device=device)
         report["stage"] = "set-up"
         trainer = build_trainer(cfg, device)

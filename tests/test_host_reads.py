@@ -36,6 +36,11 @@ class HostReads(TorchDispatchMode):
 
     A tensor is device data when it is one of ``device_tensors`` or an op made it from one; tensors made on the
     host (``torch.rand(1)``, ``torch.tensor(0.5)``) stay host data, so reading them costs nothing on GPU.
+
+    Also counted, as ``host_constant``: an op where a tensor made from Python data (``torch.tensor(x)``,
+    ``t.new_tensor(x)``: ``lift_fresh``), or one derived from it, meets device data. On a GPU such a constant is
+    copied from pageable host memory, and that copy waits for every queued kernel: a synchronisation as costly as a
+    read. (A Python number, or ``new_full`` / ``torch.full`` on the device, costs none.)
     """
 
     def __init__(self, device_tensors: list[torch.Tensor]) -> None:
@@ -43,6 +48,7 @@ class HostReads(TorchDispatchMode):
         self.on_device = WeakTensorKeyDictionary()
         for tensor in device_tensors:
             self.on_device[tensor] = True
+        self.from_python = WeakTensorKeyDictionary()
         self.reads: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def _count(self, name: str) -> None:
@@ -59,11 +65,16 @@ class HostReads(TorchDispatchMode):
         )
         if (name == "_local_scalar_dense" and from_device) or name in SHAPE_FROM_VALUES or boolean_index:
             self._count(name + ("[bool]" if boolean_index else ""))
+        from_python = name in ("lift_fresh", "lift_fresh_copy") or any(t in self.from_python for t in inputs)
+        if from_python and from_device:
+            self._count("host_constant")
         out = func(*args, **kwargs)
-        if from_device:
-            for tensor in tree_flatten(out)[0]:
-                if isinstance(tensor, torch.Tensor):
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                if from_device:
                     self.on_device[tensor] = True
+                elif from_python:
+                    self.from_python[tensor] = True
         return out
 
     def __enter__(self):
@@ -113,7 +124,7 @@ def test_a_training_step_reads_device_data_only_for_what_the_host_cannot_know(
     """None at all with the data loader's masked-frame count and the NaN/Inf verdict gating the update on the
     device (``run.host_sync = "log"``); otherwise one read to count the scored frames (it sets the loss's shape)
     and one for the guard and the metrics. None per codebook (K = 3 here), none in the backward, the codebook
-    update, AdamW or the teacher EMA."""
+    update, AdamW or the teacher EMA; and no constant made from Python data meets device data."""
     model, batch = _model_and_batch(model_type, **overrides)
     if not count_known:
         batch = dataclasses.replace(batch, mask_count=None)
@@ -148,6 +159,9 @@ def test_the_probe_sees_what_boolean_indexing_and_item_cost():
         float(weights.detach().sum())
         float(torch.rand(1))  # host data
         weights.detach().tolist()
+        weights.detach() * (1 - torch.tensor(0.5))  # a constant from Python data, via an op, meets device data
+        weights.detach() * 0.5 + weights.new_full((), 2.0)  # a Python number and a fill on the device: free
+        float(1 - torch.tensor(0.5))  # Python data read on the host: free
     ops = collections.Counter()
     for (op, _), count in probe.reads.items():
         ops[op] += count
@@ -156,6 +170,7 @@ def test_the_probe_sees_what_boolean_indexing_and_item_cost():
     assert ops["bincount"] == 1
     assert ops["_local_scalar_dense"] == 1
     assert ops["tolist"] == 1
+    assert ops["host_constant"] == 1
 
 
 def test_gathering_by_index_equals_boolean_indexing_values_order_and_gradient():

@@ -558,3 +558,28 @@ def test_ema_front_end_survives_a_safetensors_round_trip(tmp_path):
     assert loaded.cfg.teacher_feature_encoder == "ema"
     for a, b in zip(_front_end(loaded, teacher=True), _front_end(model, teacher=True), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_compiled_training_step_is_not_recompiled_at_the_next_step(model_type):
+    """``run.compile`` (CUDA) compiles the model with ``dynamic=True``: the next steps' new tensors of the same
+    shapes must reuse the compiled code. (An ``id()`` of a step's tensor in the forward became a guard on that very
+    object: every step recompiled the rest of the forward until Dynamo's recompile limit, then ran it eagerly.)"""
+    torch._dynamo.reset()
+    model = tiny_model(model_type).train()
+    compiled = torch.compile(model, backend="eager", dynamic=True)
+    generator = torch.Generator().manual_seed(0)
+    frames = num_frames(4000, CONV)
+
+    def step() -> None:
+        mask = torch.rand(2, frames, generator=generator) < 0.5
+        losses, _ = compiled(F.layer_norm(torch.randn(2, 4000, generator=generator), (4000,)), mask=mask)
+        losses.float().sum().backward()
+
+    try:
+        step()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            step()
+            step()
+    finally:
+        torch._dynamo.reset()  # no compiled code left behind for the other tests

@@ -68,8 +68,9 @@ class Codebook(nn.Module):
         tell how recently a codeword was used. Returns the (V,) bool mask of the codewords unused in this step."""
         counts, sums = stats[:, 0], stats[:, 1:]
         used = counts > 0
-        # The decay as an fp32 tensor (not a Python float) rounds exactly as the official update does.
-        tau = torch.tensor(self.decay, dtype=torch.float32, device=counts.device)
+        # The decay as an fp32 tensor (not a Python float) rounds exactly as the official update does; filled on
+        # the device, since torch.tensor(..., device=cuda) copies from the host and waits for the queued kernels.
+        tau = torch.full((), self.decay, dtype=torch.float32, device=counts.device)
         if decay_unused:
             self.counts.mul_(tau).add_((1 - tau) * counts)
             self.codebook.mul_(tau).add_((1 - tau) * sums)

@@ -194,11 +194,14 @@ class DinoSR(nn.Module):
                 self._initialise_codebooks_from_data(target_frames)
             self._codebooks_from_data = True  # past step 0 they come from a checkpoint: no need to read the step again
         log_probs, labels, cross_entropies = [], [], []
-        gathered: dict[int, torch.Tensor] = {}  # DinoSR's heads share one input: gather its scored frames once
+        # DinoSR's heads share one input: gather its scored frames once. Compared with `is`, not by id(): under
+        # torch.compile an id() of a tensor becomes a guard on that very object, failed by the next step's tensors,
+        # and the rest of the forward was recompiled at every step until Dynamo's recompile limit.
+        gathered_from, rows = None, None
         for head, codebook, prediction, z in zip(self.heads, self.codebooks, predictions, target_frames, strict=True):
-            if id(prediction) not in gathered:
-                gathered[id(prediction)] = _rows_at(prediction, scored_index)  # (N, D)
-            log_prob = head(gathered[id(prediction)])  # (N, V) fp32
+            if prediction is not gathered_from:
+                gathered_from, rows = prediction, _rows_at(prediction, scored_index)  # (N, D)
+            log_prob = head(rows)  # (N, V) fp32
             label = codebook.assign(z)  # (N,)
             cross_entropies.append(-log_prob.gather(-1, label[:, None]).squeeze(-1))  # against a one-hot target
             log_probs.append(log_prob)

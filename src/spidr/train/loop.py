@@ -157,9 +157,10 @@ def train_step(
     codebooks = [(buffer, buffer.clone()) for name, buffer in raw.named_buffers() if name.startswith("codebooks.")]
 
     # Global masked-frame count over micro-batches and ranks, needed before the first backward. Counts stay on
-    # the device.
+    # the device. Constants are made with new_full (a fill on the device): new_tensor copies from pageable host
+    # memory, and on CUDA that copy waits for every queued kernel, a host-device sync at each step.
     totals = all_reduce_sum(torch.stack([
-        torch.stack([b.mask.sum(), b.lengths.sum(), b.lengths.new_tensor(len(b))]) for b in batches
+        torch.stack([b.mask.sum(), b.lengths.sum(), b.lengths.new_full((), len(b))]) for b in batches
     ]).sum(0).double())  # (masked frames, audio samples, utterances)
     num_frames = totals[0]
 
@@ -187,7 +188,7 @@ def train_step(
 
     # NaN/Inf guard: every rank takes the same decision, from one all-reduce.
     nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_tensor(float(stop_requested))]))
+    flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_full((), float(stop_requested))]))
     output = StepOutput(torch.cat([flags, grad_norm.double().reshape(1), totals, metric_sums / len(batches)]),
                         lr=optimizer.param_groups[0]["lr"], ema_decay=None)
     # The verdict stays on the device, or the host reads it (with the metrics: the step's one read of the device).
