@@ -413,8 +413,15 @@ class Transformer(nn.Module):
         The official transformer draws ``torch.rand(1)`` for every layer in training even when ``layer_drop`` is 0
         (before the layer in ``forward``, after it in ``get_intermediate_outputs``); drawing the same way keeps the
         global RNG stream, hence every later dropout mask, identical to the official one.
+
+        Under ``torch.compile`` with ``layer_drop`` = 0 nothing is drawn: compiled code draws its random numbers
+        its own way, so the official stream is not kept there anyway, and reading each draw back was a graph break
+        per layer (24 in a base SpidR step: student and teacher). Such a draw skips a layer only when it is exactly
+        0.0 (probability 2^-24).
         """
-        return self.training and bool(torch.rand(1) <= self.layer_drop)
+        if not self.training or (self.layer_drop == 0 and torch.compiler.is_compiling()):
+            return False
+        return bool(torch.rand(1) <= self.layer_drop)
 
     def forward(
         self,
