@@ -289,6 +289,32 @@ def test_layer_drop_skips_layers_only_in_training() -> None:
     assert not torch.equal(transformer.eval()(x), preprocessed)
 
 
+@pytest.mark.parametrize("layer_drop", [0.0, 1.0])
+def test_compiled_layer_drop_skips_the_layers_eager_skips(layer_drop: float) -> None:
+    """Under torch.compile the skips are a device-side choice (``torch.where``) instead of a branch on a draw read
+    back to the host: with layer drop 0 (no layer skipped) and 1 (every layer skipped) the compiled forward and
+    intermediate outputs equal eager mode's, values and gradients."""
+    torch.manual_seed(0)
+    transformer = _transformer(layer_drop=layer_drop).train()  # no dropout: both runs are deterministic
+    x = torch.randn(2, 5, 32)
+
+    def run(forward) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        transformer.zero_grad()
+        outputs = [*forward(x)]
+        sum(o.pow(2).sum() for o in outputs).backward()
+        # a layer that eager mode skips gets no gradient at all, a compiled one a zero gradient
+        return [o.detach() for o in outputs], [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                               for p in transformer.parameters()]
+
+    try:
+        for forward in (lambda x: [transformer(x)], transformer.get_intermediate_outputs):
+            eager = run(forward)
+            compiled = run(torch.compile(forward, backend="eager", fullgraph=True))
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
 def _dropout_transformer(layer_drop: float):
     return build_transformer(
         32, num_layers=3, num_heads=4, ff_dim=64, pos_conv_kernel=95, pos_conv_groups=16, pos_conv_depth=5,

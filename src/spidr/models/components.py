@@ -408,20 +408,32 @@ class Transformer(nn.Module):
         return self.dropout(x)
 
     def _drop_layer(self) -> bool:
-        """A fresh draw per layer in training: skip it with probability ``layer_drop``.
+        """A fresh draw per layer in eager training: skip it with probability ``layer_drop``.
 
         The official transformer draws ``torch.rand(1)`` for every layer in training even when ``layer_drop`` is 0
         (before the layer in ``forward``, after it in ``get_intermediate_outputs``); drawing the same way keeps the
-        global RNG stream, hence every later dropout mask, identical to the official one.
-
-        Under ``torch.compile`` with ``layer_drop`` = 0 nothing is drawn: compiled code draws its random numbers
-        its own way, so the official stream is not kept there anyway, and reading each draw back was a graph break
-        per layer (24 in a base SpidR step: student and teacher). Such a draw skips a layer only when it is exactly
-        0.0 (probability 2^-24).
+        global RNG stream, hence every later dropout mask, identical to the official one. Under ``torch.compile``:
+        False, the skips coming from ``_compiled_layer_drops``.
         """
-        if not self.training or (self.layer_drop == 0 and torch.compiler.is_compiling()):
+        if torch.compiler.is_compiling():
             return False
-        return bool(torch.rand(1) <= self.layer_drop)
+        return self.training and bool(torch.rand(1) <= self.layer_drop)
+
+    def _compiled_layer_drops(self, count: int, device: torch.device) -> torch.Tensor | None:
+        """Under ``torch.compile`` in training with ``layer_drop`` > 0: (count,) bool on ``device``, True where a
+        layer is skipped, which the loops apply with ``torch.where`` (every layer is computed, and the running state
+        keeps its input where the layer is skipped). None otherwise: eager draws per layer (``_drop_layer``), and
+        compiled code with ``layer_drop`` = 0 draws nothing.
+
+        Compiled code draws its random numbers its own way, so the official stream is not kept there anyway; but
+        reading a draw back to branch on it was a graph break inside the layer loop, after which Dynamo ran the rest
+        of the loop eagerly (DinoSR's base student, 12 layers, uncompiled), and SpidR's 24 draws per step (student
+        and teacher) were 24 breaks. With ``layer_drop`` = 0 a draw skips a layer only when it is exactly 0.0
+        (probability 2^-24): no draw at all.
+        """
+        if not (self.training and torch.compiler.is_compiling()) or self.layer_drop == 0:
+            return None
+        return torch.rand(count, device=device) <= self.layer_drop
 
     def forward(
         self,
@@ -436,9 +448,11 @@ class Transformer(nn.Module):
         if masks is None:
             masks = frame_masks(x, attention_mask=attention_mask, padding_mask=padding_mask)
         x = self._preprocess(x, masks)
-        for layer in self.layers:
-            if not self._drop_layer():
-                x, _ = layer(x, masks.attention)
+        drops = self._compiled_layer_drops(len(self.layers), x.device)
+        for i, layer in enumerate(self.layers):
+            if not self._drop_layer():  # drawn before the layer, as the official forward draws
+                out, _ = layer(x, masks.attention)
+                x = out if drops is None else torch.where(drops[i], x, out)
         if not self.norm_at_input:
             x = self.layer_norm(x)
         return x
@@ -466,10 +480,12 @@ class Transformer(nn.Module):
             masks = frame_masks(x, attention_mask=attention_mask, padding_mask=padding_mask)
         x = self._preprocess(x, masks)
         outputs = []
-        for layer in self.layers[:num_layers]:
+        layers = self.layers[:num_layers]
+        drops = self._compiled_layer_drops(len(layers), x.device)
+        for i, layer in enumerate(layers):
             out, ffn = layer(x, masks.attention)
-            if not self._drop_layer():
-                x = out
+            if not self._drop_layer():  # drawn after the layer, as the official get_intermediate_outputs draws
+                x = out if drops is None else torch.where(drops[i], x, out)
             outputs.append(ffn if before_residual else out)
         return outputs
 
