@@ -58,6 +58,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 # train_step and workload are sibling benchmark modules (this folder is sys.path[0] when the script runs): the first
 # registers the FLOP formulas of PyTorch's CPU attention kernels on import (the CUDA ones are known to the counter),
@@ -111,8 +112,7 @@ RUN_ORDER = ("spidr", "dinosr", "loader", "spidr-host-reads", "spidr-channels-la
              "dinosr-compile")
 # Shares of the remaining time limit: a compiled job has its compilation to fit in too.
 TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "spidr-host-reads": 1.0, "spidr-channels-last": 1.0,
-                "spidr-compile": 2.5,
-                "dinosr-compile": 2.5}
+                "spidr-compile": 2.5, "dinosr-compile": 2.5}
 
 # --smoke: a tiny model (2 layers × 64 dims, 32-channel extractor with the base strides, so the same frame rate) on
 # 2-row batches of 2 s crops; everything else is the base recipe.
@@ -332,19 +332,12 @@ def _mark(*, cuda: bool) -> Any:
     return event
 
 
-@contextlib.contextmanager
-def front_end_layout(layout: str | None) -> Iterator[None]:
+def front_end_layout(layout: str | None) -> contextlib.AbstractContextManager:
     """Within the block, the conv front end lays out its activations as ``layout`` ("channels_last", ...) whatever
     the device and precision; ``None`` leaves the library's choice."""
     if layout is None:
-        yield
-        return
-    original = components.conv_layout
-    components.conv_layout = lambda x, training: layout
-    try:
-        yield
-    finally:
-        components.conv_layout = original
+        return contextlib.nullcontext()
+    return mock.patch.object(components, "conv_layout", return_value=layout)
 
 
 def model_job(job: str, args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
