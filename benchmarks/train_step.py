@@ -1,13 +1,13 @@
 """Training-step and inference speed of SpidR on this machine's CPU: prints a table (not a test).
 
-For each model config, precision and AdamW implementation: the median time of the trainer's own step,
-``spidr.train.loop.train_step`` (forward with codebook update, backward, clip at 10, NaN/Inf guard, AdamW, scheduler,
-teacher EMA; the optimizer, schedule and precision that ``train()`` builds), timed back to back on a batch of
-``--batch`` × ``--seconds`` s of audio; the audio seconds trained per second; the FLOPs of one step
-(``torch.utils.flop_counter``: matmuls, convolutions and attention, forward and backward; element-wise work is not
-counted); MFU = FLOPs / (step time × this machine's dense-matmul FLOP/s in the same dtype, measured just before and
-just after the timed steps); the peak resident memory of the process; and the inference time for 10 s of audio
-(all layers, batch 1).
+For each model config, precision, AdamW implementation and ``run.trim_heap`` setting: the median time of the
+trainer's own step, ``spidr.train.loop.train_step`` (forward with codebook update, backward, clip at 10, NaN/Inf
+guard, AdamW, scheduler, teacher EMA; the optimizer, schedule, precision and heap trim that ``train()`` builds),
+timed back to back on a batch of ``--batch`` × ``--seconds`` s of audio; the audio seconds trained per second; the
+FLOPs of one step (``torch.utils.flop_counter``: matmuls, convolutions and attention, forward and backward;
+element-wise work is not counted); MFU = FLOPs / (step time × this machine's dense-matmul FLOP/s in the same
+dtype, measured just before and just after the timed steps); the peak resident memory of the process; and the
+inference time for 10 s of audio (all layers, batch 1).
 
 Each job runs in its own subprocesses, so that its peak RSS is its own. The timing process keeps glibc's default
 allocator, as a training run does: its peak RSS includes freed memory that the heap keeps for reuse. A second,
@@ -19,6 +19,7 @@ first job of its config is the median of the per-round ratios.
 
     python benchmarks/train_step.py                       # base + bench-small, fp32 + bf16, 3 timed steps
     python benchmarks/train_step.py --configs base --adamw for-loop fused --rounds 3 --steps 5
+    python benchmarks/train_step.py --configs base --dtypes float32 --trim-heap never auto --batch 4 --seconds 8
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ from spidr.models import build_model, num_frames
 from spidr.train import loop
 from spidr.train.optim import build_optimizer, build_scheduler
 from spidr.train.precision import resolve_precision
+
+try:
+    from spidr.train.memory import trim_heap_before_front_end_backward, trims_heap
+except ImportError:  # a tree of spidr from before run.trim_heap (2026-12-05): it never trims
+    trims_heap = None
 
 CONFIGS = {
     "base": SpidRConfig(),
@@ -110,15 +116,17 @@ def trainer_parts(model: torch.nn.Module, dtype: str, adamw: str) -> tuple:
 
 
 def trainer_step(
-    cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float
+    cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float, trim_heap: str = "auto"
 ) -> tuple[nn.Module, Callable[[int], None]]:
     """A freshly built model and its trainer's step ``step(number)`` on one fixed batch of ``batch`` × ``seconds``
     s of audio: ``spidr.train.loop.train_step`` (forward with codebook update, backward, clip, NaN guard, AdamW,
-    scheduler, teacher EMA)."""
+    scheduler, teacher EMA), with the heap trim that ``train()`` installs for ``run.trim_heap = trim_heap``."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_model(cfg).train()
     optimizer, scheduler, precision, max_norm = trainer_parts(model, dtype, adamw)
+    if trims_heap is not None and trims_heap(trim_heap, precision):
+        trim_heap_before_front_end_backward(model, every_step=trim_heap == "always")
     samples = int(seconds * 16000)
     waveforms = F.layer_norm(torch.randn(batch, samples, generator=generator), (samples,))
     mask = span_mask(batch, num_frames(samples, cfg.extractor_conv_layer_config), generator)
@@ -132,11 +140,11 @@ def trainer_step(
     return model, step
 
 
-def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float, warmup: int,
+def measure(cfg: ModelConfig, dtype: str, adamw: str, trim_heap: str, *, batch: int, seconds: float, warmup: int,
             steps: int) -> dict:
     """Times the trainer's own step (``trainer_step``) back to back with nothing between the timed steps, then
     inference on 10 s of audio."""
-    model, step = trainer_step(cfg, dtype, adamw, batch=batch, seconds=seconds)
+    model, step = trainer_step(cfg, dtype, adamw, batch=batch, seconds=seconds, trim_heap=trim_heap)
     with FlopCounterMode(display=False) as counter:
         step(0)
     flops = counter.get_total_flops()
@@ -174,9 +182,10 @@ def measure(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: fl
     }
 
 
-def measure_live_memory(cfg: ModelConfig, dtype: str, adamw: str, *, batch: int, seconds: float) -> dict:
+def measure_live_memory(cfg: ModelConfig, dtype: str, adamw: str, trim_heap: str, *, batch: int,
+                        seconds: float) -> dict:
     """Peak RSS over two steps, for a process started with glibc's mmap threshold at 128 KiB (peak live memory)."""
-    _, step = trainer_step(cfg, dtype, adamw, batch=batch, seconds=seconds)
+    _, step = trainer_step(cfg, dtype, adamw, batch=batch, seconds=seconds, trim_heap=trim_heap)
     for number in range(2):
         step(number)
     return {"peak_live_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
@@ -191,6 +200,9 @@ def main() -> int:
     parser.add_argument("--adamw", nargs="+", default=["fused"], choices=["fused", "for-loop"],
                         help="AdamW implementation: the trainer's fused kernel, or torch's per-parameter loop (the "
                              "trainer's CPU choice until 2026-12-04)")
+    parser.add_argument("--trim-heap", nargs="+", default=["auto"], choices=["auto", "always", "never"],
+                        help="run.trim_heap: return the free heap to the OS before the front end's backward "
+                             "(auto: when its first-layer output exceeds 32 MiB; spidr/train/memory.py)")
     parser.add_argument("--batch", type=int, default=2, help="utterances per batch")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per utterance")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -202,25 +214,25 @@ def main() -> int:
     parser.add_argument("--no-live-memory", action="store_true",
                         help="skip the second process per job that measures peak live memory")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DTYPE", "ADAMW"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "DTYPE", "ADAMW", "TRIM"), help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     if args.worker:  # one measurement, printed as JSON for the parent
-        config, dtype, adamw = args.worker
+        config, dtype, adamw, trim_heap = args.worker
         if args.memory_worker:
-            print(json.dumps(measure_live_memory(CONFIGS[config], dtype, adamw, batch=args.batch,
+            print(json.dumps(measure_live_memory(CONFIGS[config], dtype, adamw, trim_heap, batch=args.batch,
                                                  seconds=args.seconds)))
             return 0
-        result = measure(CONFIGS[config], dtype, adamw, batch=args.batch, seconds=args.seconds,
+        result = measure(CONFIGS[config], dtype, adamw, trim_heap, batch=args.batch, seconds=args.seconds,
                          warmup=args.warmup, steps=args.steps)
         print(json.dumps(result))
         return 0
 
-    jobs = list(product(args.configs, args.dtypes, args.adamw))
-    runs: dict[tuple[str, str, str], list[dict]] = {job: [] for job in jobs}
-    def run_worker(job: tuple[str, str, str], *, memory: bool) -> dict | None:
+    jobs = list(product(args.configs, args.dtypes, args.adamw, args.trim_heap))
+    runs: dict[tuple[str, str, str, str], list[dict]] = {job: [] for job in jobs}
+    def run_worker(job: tuple[str, str, str, str], *, memory: bool) -> dict | None:
         command = [sys.executable, __file__, "--worker", *job, "--batch", str(args.batch),
                    "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--steps", str(args.steps),
                    "--threads", str(args.threads), *(["--memory-worker"] if memory else [])]
@@ -244,7 +256,7 @@ def main() -> int:
         first = next(j for j in jobs if j[0] == job[0])
         ratios = [mine["step_s"] / theirs["step_s"] for mine, theirs in zip(runs[job], runs[first], strict=True)]
         best = min(runs[job], key=lambda r: r["step_s"])
-        rows.append({"config": job[0], "dtype": job[1], "adamw": job[2], **best,
+        rows.append({"config": job[0], "dtype": job[1], "adamw": job[2], "trim_heap": job[3], **best,
                      "peak_live_gib": live[job] and live[job]["peak_live_gib"],
                      "time_vs_first": statistics.median(ratios), "rounds": runs[job]})
 
@@ -256,13 +268,14 @@ def main() -> int:
     def live_gib(row: dict) -> str:
         return "-" if row["peak_live_gib"] is None else f"{row['peak_live_gib']:.2f}"
 
-    header = ("config", "dtype", "AdamW", "step s", "× time of first", "audio s/s", "GFLOP/step", "matmul GFLOP/s",
-              "MFU", "peak RSS GiB", "peak live GiB", "infer s/10 s")
+    header = ("config", "dtype", "AdamW", "trim heap", "step s", "× time of first", "audio s/s", "GFLOP/step",
+              "matmul GFLOP/s", "MFU", "peak RSS GiB", "peak live GiB", "infer s/10 s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['config']} | {r['dtype']} | {r['adamw']} | {r['step_s']:.2f} | {r['time_vs_first']:.2f} | "
-              f"{r['audio_s_per_s']:.2f} | {r['gflop_per_step']:.0f} | {r['matmul_gflops']:.0f} | "
+        print(f"| {r['config']} | {r['dtype']} | {r['adamw']} | {r['trim_heap']} | {r['step_s']:.2f} | "
+              f"{r['time_vs_first']:.2f} | {r['audio_s_per_s']:.2f} | {r['gflop_per_step']:.0f} | "
+              f"{r['matmul_gflops']:.0f} | "
               f"{100 * r['mfu']:.0f}% | {r['peak_rss_gib']:.2f} | {live_gib(r)} | {r['infer_s_per_10s']:.2f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:

@@ -23,8 +23,8 @@ def test_rows_of_two_adamw_implementations(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())
-    assert [(r["config"], r["dtype"], r["adamw"]) for r in rows] == [
-        ("bench-small", "float32", "for-loop"), ("bench-small", "float32", "fused")]
+    assert [(r["config"], r["dtype"], r["adamw"], r["trim_heap"]) for r in rows] == [
+        ("bench-small", "float32", "for-loop", "auto"), ("bench-small", "float32", "fused", "auto")]
     for row in rows:
         for name in ("step_s", "audio_s_per_s", "gflop_per_step", "matmul_gflops", "mfu", "peak_rss_gib",
                      "peak_live_gib", "infer_s_per_10s", "time_vs_first"):
@@ -33,4 +33,4 @@ def test_rows_of_two_adamw_implementations(tmp_path: Path) -> None:
         assert row["audio_s_per_s"] == 1.0 / row["step_s"]
     assert rows[0]["time_vs_first"] == 1.0
     assert rows[0]["gflop_per_step"] == rows[1]["gflop_per_step"]
-    assert "| bench-small | float32 | fused |" in done.stdout
+    assert "| bench-small | float32 | fused | auto |" in done.stdout

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from spidr.models import components
 from spidr.models.components import (
     NO_PADDING,
     ConvFeatureExtractor,
@@ -455,6 +459,44 @@ def test_channels_last_layout_computes_what_the_official_layout_does(mode: str) 
     scale = max(g.abs().max().item() for g in official_grads)
     for a, b in zip(channels_last_grads, official_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _saved_bytes(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``run()``'s output and the bytes of the distinct storages autograd saved for its backward, parameters
+    excluded."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run()
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_layer_is_recomputed_in_cpu_training(dtype: torch.dtype) -> None:
+    """In CPU training the first layer's activations are recomputed in backward: outputs and gradients are the
+    ones of keeping them, bit for bit, and autograd keeps two (B, L, C) float tensors fewer."""
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([(32, 10, 5), (16, 3, 2)]).train()
+    waveforms = torch.randn(2, 4000)
+    layer_one = 2 * 799 * 32 * 4  # (B, L, C) fp32: 4000 samples → 799 frames
+    results = []
+    for recompute in (True, False):
+        extractor.zero_grad()
+        kept = contextlib.nullcontext() if recompute else mock.patch.object(
+            components, "checkpoint", lambda function, *args, **_: function(*args))
+        with kept, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out, saved = _saved_bytes(lambda: extractor(waveforms))
+            out.float().pow(2).sum().backward()
+        results.append((out, saved, [p.grad.clone() for p in extractor.parameters()]))
+    (out, saved, grads), (kept_out, kept_saved, kept_grads) = results
+    assert torch.equal(out, kept_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, kept_grads, strict=True))
+    # fp32 keeps the linear and LayerNorm outputs; under autocast they are bf16 (half the bytes each).
+    assert kept_saved - saved >= 2 * layer_one * (1 if dtype == torch.float32 else 0.5)
 
 
 def test_conv_layout_follows_device_precision_and_mode() -> None:
