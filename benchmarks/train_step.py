@@ -126,7 +126,7 @@ def trainer_step(
     model = build_model(cfg).train()
     optimizer, scheduler, precision, max_norm = trainer_parts(model, dtype, adamw)
     if trims_heap is not None and trims_heap(trim_heap, precision):
-        trim_heap_before_front_end_backward(model, every_step=trim_heap == "always")
+        trim_heap_before_front_end_backward(model, every_backward=trim_heap == "always")
     samples = int(seconds * 16000)
     waveforms = F.layer_norm(torch.randn(batch, samples, generator=generator), (samples,))
     mask = span_mask(batch, num_frames(samples, cfg.extractor_conv_layer_config), generator)

@@ -40,10 +40,10 @@ def _model_optimizer_batch():
     return model, optimizer, build_scheduler(optimizer, optim_cfg), batch
 
 
-def _train_steps(model, optimizer, scheduler, batch, steps: int) -> None:
+def _train_steps(model, optimizer, scheduler, batch, steps: int, *, micro_batches: int = 1) -> None:
     for step in range(steps):
-        loop.train_step(model, [batch], optimizer, scheduler, step=step, precision=Precision("cpu", None),
-                        scaler=None, max_norm=10.0)
+        loop.train_step(model, [batch] * micro_batches, optimizer, scheduler, step=step,
+                        precision=Precision("cpu", None), scaler=None, max_norm=10.0)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,8 @@ def _train_steps(model, optimizer, scheduler, batch, steps: int) -> None:
         ("auto", Precision("cpu", None), True),
         ("auto", Precision("cpu", torch.bfloat16), True),
         ("auto", Precision("cuda", torch.bfloat16), False),
-        ("always", Precision("cuda", torch.bfloat16), True),
+        ("always", Precision("cpu", torch.bfloat16), True),
+        ("always", Precision("cuda", torch.bfloat16), False),
         ("never", Precision("cpu", None), False),
     ],
 )
@@ -71,12 +72,13 @@ def test_first_layer_output_bytes() -> None:
     assert memory.first_layer_output_bytes(log_mel, waveforms) == 0
 
 
-@pytest.mark.parametrize(("every_step", "threshold", "trims"),
+@pytest.mark.parametrize(("every_backward", "threshold", "trims"),
                          [(True, memory.MMAP_THRESHOLD_MAX, True), (False, memory.MMAP_THRESHOLD_MAX, False),
                           (False, 2 * 799 * 32 * 4 - 1, True), (False, 2 * 799 * 32 * 4, False)])
-def test_the_trim_runs_between_the_transformer_and_front_end_backward(every_step, threshold, trims) -> None:
+def test_the_trim_runs_between_the_transformer_and_front_end_backward(every_backward, threshold, trims) -> None:
     """When the trim runs, the transformer's weights have their gradients and the front end's have none yet; it
-    runs once per step, and without ``every_step`` only when the first layer's output exceeds the threshold."""
+    runs once per backward, and without ``every_backward`` only when the first layer's output exceeds the
+    threshold."""
     model, optimizer, scheduler, batch = _model_optimizer_batch()
     seen = []
 
@@ -85,7 +87,7 @@ def test_the_trim_runs_between_the_transformer_and_front_end_backward(every_step
                      model.feature_extractor.conv_layers[0].conv.weight.grad is not None))
 
     with mock.patch.object(memory, "heap_trimmer", return_value=record):
-        handle = memory.trim_heap_before_front_end_backward(model, every_step=every_step)
+        handle = memory.trim_heap_before_front_end_backward(model, every_backward=every_backward)
     with mock.patch.object(memory, "MMAP_THRESHOLD_MAX", threshold):
         _train_steps(model, optimizer, scheduler, batch, steps=2)
         with torch.no_grad():
@@ -96,13 +98,23 @@ def test_the_trim_runs_between_the_transformer_and_front_end_backward(every_step
         assert len(seen) == (2 if trims else 0)
 
 
+def test_the_trim_runs_in_each_micro_batch_backward() -> None:
+    """Gradient accumulation: each micro-batch's backward reaches the front end, and each is trimmed."""
+    model, optimizer, scheduler, batch = _model_optimizer_batch()
+    calls = []
+    with mock.patch.object(memory, "heap_trimmer", return_value=lambda: calls.append(1)):
+        memory.trim_heap_before_front_end_backward(model, every_backward=True)
+    _train_steps(model, optimizer, scheduler, batch, steps=2, micro_batches=3)
+    assert len(calls) == 6
+
+
 def test_a_step_with_the_trim_computes_what_one_without_does() -> None:
     """The hook (and the real ``malloc_trim`` on glibc) changes no number: weights after two steps are equal."""
     weights = []
     for trimmed in (True, False):
         model, optimizer, scheduler, batch = _model_optimizer_batch()
         if trimmed:
-            memory.trim_heap_before_front_end_backward(model, every_step=True)
+            memory.trim_heap_before_front_end_backward(model, every_backward=True)
         _train_steps(model, optimizer, scheduler, batch, steps=2)
         weights.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
@@ -132,4 +144,4 @@ def test_train_installs_the_trim_as_configured(tmp_path: Path, dtype: str, setti
         assert loop.train(cfg) == "completed"
     assert install.called is installed
     if installed:
-        assert install.call_args.kwargs == {"every_step": setting == "always"}
+        assert install.call_args.kwargs == {"every_backward": setting == "always"}

@@ -444,9 +444,9 @@ class RunConfig:
     # fp32, else "step".
     host_sync: Literal["auto", "step", "log"] = "auto"
     # (spidr addition) Return glibc's free heap pages to the OS when the conv front end's backward starts: a CPU
-    # step's peak RSS drops (base fp32, 2 × 4 s: -9 %, step +6 %; 4 × 8 s: -17 %, step faster). "auto": on a CPU,
-    # in the steps whose first conv layer outputs over 32 MiB (below that the trim only costs time); "always":
-    # every step; "never". See spidr/train/memory.py.
+    # step's peak RSS drops (base fp32, 2 × 4 s: -11 %, step +3-6 %; 4 × 8 s: -17 %, step faster). "auto": in each
+    # backward (micro-batch) whose first conv layer outputs over 32 MiB (below that the trim only costs time);
+    # "always": in every backward; "never". CPU training only. See spidr/train/memory.py.
     trim_heap: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:

@@ -311,7 +311,7 @@ def train(cfg: Config) -> Outcome:
         seed_everything(cfg.run.random_seed + denv.rank)
         precision = resolve_precision(cfg.optimizer.dtype, device)
         if trims_heap(cfg.run.trim_heap, precision):
-            trim_heap_before_front_end_backward(raw_model, every_step=cfg.run.trim_heap == "always")
+            trim_heap_before_front_end_backward(raw_model, every_backward=cfg.run.trim_heap == "always")
         loader, sampler = build_dataloader(
             cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config,
             rank=denv.rank, world_size=denv.world_size,

@@ -5,16 +5,17 @@ keeps them there, resident, once backward has freed them. A buffer above malloc'
 rises past 32 MiB, is mapped afresh instead and cannot reuse that free heap: when the front end's activations are
 that large, its backward maps its buffers beside the free heap, and the step's peak RSS falls there.
 ``malloc_trim(0)`` when the front end's backward starts returns the free heap pages first; the next forward faults
-them back in, which costs time. Measured on base, 2 threads, a Xeon with AMX, against no trim:
+them back in, which costs time. Measured on base, 2 threads, a Xeon with AMX, against no trim (same tree):
 
-- fp32, 2 × 4 s (first-layer output 50 MiB): peak RSS 3.04-3.10 → 2.75-2.78 GiB, step ≈ 6 % slower;
+- fp32, 2 × 4 s (first-layer output 50 MiB): peak RSS 3.04 → 2.70 GiB, step 3-6 % slower;
 - fp32, 4 × 8 s (200 MiB): 6.2-6.4 → 5.2 GiB, and the step faster, 16.6-22.8 → 14.0-15.8 s;
 - bf16, 4 × 8 s (100 MiB): 4.71 → 4.39 GiB, step 3 % slower;
 - bf16, 2 × 4 s (25 MiB, served from the heap): 3 % less RSS for a step 13-20 % slower; bench-small, fp32, 2 × 4 s
   (26 MiB): no less RSS, step 12 % slower.
 
-So ``run.trim_heap = "auto"`` trims on a CPU in the steps whose first-layer output exceeds 32 MiB; "always" trims
-in every step, "never" in none.
+So ``run.trim_heap = "auto"`` trims on a CPU in each backward (each micro-batch) whose first-layer output exceeds
+32 MiB; "always" in every backward on a CPU; "never" in none. A GPU run never trims: its activations are not in
+the host heap, and the ctypes call would split a compiled graph.
 """
 
 from __future__ import annotations
@@ -58,11 +59,8 @@ def heap_trimmer() -> Callable[[], None] | None:
 
 
 def trims_heap(setting: TrimHeap, precision: Precision) -> bool:
-    """Whether ``run.trim_heap`` installs the trim when training in ``precision``: "auto" on a CPU, "always"
-    anywhere, "never" nowhere."""
-    if setting == "auto":
-        return precision.device_type == "cpu"
-    return setting == "always"
+    """Whether ``run.trim_heap`` installs the trim when training in ``precision``: on a CPU unless "never"."""
+    return precision.device_type == "cpu" and setting != "never"
 
 
 def first_layer_output_bytes(extractor: nn.Module, waveforms: torch.Tensor) -> int:
@@ -78,19 +76,21 @@ def first_layer_output_bytes(extractor: nn.Module, waveforms: torch.Tensor) -> i
     return batch * frames * first.conv.out_channels * itemsize
 
 
-def trim_heap_before_front_end_backward(model: nn.Module, *, every_step: bool = False) -> RemovableHandle | None:
+def trim_heap_before_front_end_backward(model: nn.Module, *, every_backward: bool = False) -> RemovableHandle | None:
     """Call ``heap_trimmer()`` when the backward reaches the output of ``model.feature_extractor`` (the student's
     conv front end), i.e. once the transformer's backward has freed its activations and before the front end's own
-    starts: in every step with ``every_step``, else in the steps whose first-layer output exceeds
-    ``MMAP_THRESHOLD_MAX`` (module docstring). Returns the handle of the forward hook that arranges it, or None
-    without glibc. A forward without gradients (a frozen front end, validation) has no backward: no trim then."""
+    starts: in every backward (each micro-batch) with ``every_backward``, else in those whose first-layer output
+    exceeds ``MMAP_THRESHOLD_MAX`` (module docstring). Returns the handle of the forward hook that arranges it, or
+    None without glibc. A forward without gradients (a frozen front end, validation) has no backward: no trim then."""
     trim = heap_trimmer()
     if trim is None:
         logger.info("run.trim_heap: this process does not use glibc's malloc; nothing to trim")
         return None
 
     def after_forward(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if output.requires_grad and (every_step or first_layer_output_bytes(module, inputs[0]) > MMAP_THRESHOLD_MAX):
+        if not output.requires_grad:
+            return
+        if every_backward or first_layer_output_bytes(module, inputs[0]) > MMAP_THRESHOLD_MAX:
             output.register_hook(lambda grad: trim())
 
     return model.feature_extractor.register_forward_hook(after_forward)
