@@ -50,9 +50,9 @@ from spidr.train.optim import build_optimizer, build_scheduler
 from spidr.train.precision import resolve_precision
 
 try:
-    from spidr.train.memory import trim_heap_before_front_end_backward, trims_heap
+    from spidr.train.memory import install_heap_trim
 except ImportError:  # a tree of spidr from before run.trim_heap (2026-12-05): it never trims
-    trims_heap = None
+    install_heap_trim = None
 
 CONFIGS = {
     "base": SpidRConfig(),
@@ -125,8 +125,8 @@ def trainer_step(
     generator = torch.Generator().manual_seed(0)
     model = build_model(cfg).train()
     optimizer, scheduler, precision, max_norm = trainer_parts(model, dtype, adamw)
-    if trims_heap is not None and trims_heap(trim_heap, precision):
-        trim_heap_before_front_end_backward(model, every_backward=trim_heap == "always")
+    if install_heap_trim is not None:
+        install_heap_trim(model, trim_heap, precision)
     samples = int(seconds * 16000)
     waveforms = F.layer_norm(torch.randn(batch, samples, generator=generator), (samples,))
     mask = span_mask(batch, num_frames(samples, cfg.extractor_conv_layer_config), generator)

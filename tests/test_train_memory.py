@@ -140,7 +140,7 @@ def test_train_installs_the_trim_as_configured(tmp_path: Path, dtype: str, setti
     manifest = write_corpus(tmp_path / "corpus", num_files=4)
     cfg = tiny_config(tmp_path / "runs", manifest, optimizer={"dtype": dtype, "max_steps": 1},
                       run={"trim_heap": setting})
-    with mock.patch.object(loop, "trim_heap_before_front_end_backward") as install:
+    with mock.patch.object(memory, "trim_heap_before_front_end_backward") as install:
         assert loop.train(cfg) == "completed"
     assert install.called is installed
     if installed:

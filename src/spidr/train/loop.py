@@ -54,7 +54,7 @@ from spidr.train.environment import (
     init_distributed,
     resolve_device,
 )
-from spidr.train.memory import trim_heap_before_front_end_backward, trims_heap
+from spidr.train.memory import install_heap_trim
 from spidr.train.metrics import MetricsLogger, RunningMeans
 from spidr.train.optim import build_optimizer, build_scheduler, remove_frozen_group
 from spidr.train.precision import Precision, resolve_precision
@@ -310,8 +310,7 @@ def train(cfg: Config) -> Outcome:
         raw_model = build_model(cfg.model).to(device)
         seed_everything(cfg.run.random_seed + denv.rank)
         precision = resolve_precision(cfg.optimizer.dtype, device)
-        if trims_heap(cfg.run.trim_heap, precision):
-            trim_heap_before_front_end_backward(raw_model, every_backward=cfg.run.trim_heap == "always")
+        install_heap_trim(raw_model, cfg.run.trim_heap, precision)
         loader, sampler = build_dataloader(
             cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config,
             rank=denv.rank, world_size=denv.world_size,

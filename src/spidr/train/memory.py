@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from spidr.models.components import ConvLayerBlock
+from spidr.models.frames import num_frames
 from spidr.train.precision import Precision
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ def trims_heap(setting: TrimHeap, precision: Precision) -> bool:
     return precision.device_type == "cpu" and setting != "never"
 
 
+def install_heap_trim(model: nn.Module, setting: TrimHeap, precision: Precision) -> RemovableHandle | None:
+    """The trim that ``train()`` installs on ``model`` for ``run.trim_heap = setting`` in ``precision``
+    (``trims_heap``): in every backward for "always", else by size; the hook's handle, or None when none is."""
+    if not trims_heap(setting, precision):
+        return None
+    return trim_heap_before_front_end_backward(model, every_backward=setting == "always")
+
+
 def first_layer_output_bytes(extractor: nn.Module, waveforms: torch.Tensor) -> int:
     """Bytes of the conv front end's first-layer output for ``waveforms`` (B, S), its largest activation: 0 when
     the first layer is not a conv (a log-mel filterbank's output is a fraction of its input)."""
@@ -70,7 +79,7 @@ def first_layer_output_bytes(extractor: nn.Module, waveforms: torch.Tensor) -> i
     if not isinstance(first, ConvLayerBlock):
         return 0
     batch, samples = waveforms.shape
-    frames = max((samples - first.conv.kernel_size[0]) // first.conv.stride[0] + 1, 0)
+    frames = num_frames(samples, [(first.conv.out_channels, first.conv.kernel_size[0], first.conv.stride[0])])
     lower = torch.is_autocast_enabled(waveforms.device.type)
     itemsize = torch.get_autocast_dtype(waveforms.device.type).itemsize if lower else waveforms.element_size()
     return batch * frames * first.conv.out_channels * itemsize
