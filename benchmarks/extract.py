@@ -6,10 +6,10 @@ model with `extract_to_directory`, audio decoding included. The long file goes t
 RSS should not grow with the file's length. Prints a table.
 
 ``--mix N`` instead writes N FLAC files whose lengths follow LibriSpeech 960 h's shape (`workload.py`) clipped to
-2-35 s, and extracts them in float32 and in bf16 autocast, alternating over ``--rounds`` rounds. It prints each
-precision's audio seconds per second (best round), the median over rounds of the bf16 / fp32 speed ratio, and how
-far the bf16 features are from the fp32 ones: the largest relative error ||bf16 - fp32|| / ||fp32|| over files and
-layers.
+2-35 s, and extracts them in float32 and in bf16 (``bfloat16_inference``), alternating over ``--rounds`` rounds.
+It prints each precision's audio seconds per second (best round), the median over rounds of the bf16 / fp32 speed
+ratio, and how far the bf16 features are from the fp32 ones: the largest relative error ||bf16 - fp32|| / ||fp32||
+over files and layers.
 
     python benchmarks/extract.py                      # base config, 10 s and 1 h files
     python benchmarks/extract.py --long-seconds 600 --dtype bfloat16

@@ -31,6 +31,7 @@ from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings
 from spidr.eval.journal import write_atomically
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
+from spidr.models.inference_precision import bfloat16_inference
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class ExtractionSettings:
     max_seconds: float = 60.0  # longer files are processed in windows
     window_seconds: float = 30.0  # frames kept from each window
     context_seconds: float = 5.0  # extra audio on each side of a window, dropped from the output
-    dtype: str = "float32"  # "bfloat16" runs the model under autocast
+    dtype: str = "float32"  # "bfloat16": the Transformer layers in bf16 (``bfloat16_inference``)
 
 
 def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
@@ -72,10 +73,11 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-def _autocast(device: torch.device, dtype: str):
+def _precision(model: torch.nn.Module, device: torch.device, dtype: str):
+    """float32, or bf16 with the model's input path (front end, projection, positional convs) in float32."""
     if dtype == "float32":
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return bfloat16_inference(model, device.type)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def extract_batch(
         module.register_forward_hook(lambda _m, _i, output, key=key: captured.__setitem__(key, output))
         for key, module in (("front_end", model.feature_extractor), ("projection", model.feature_projection))
     ]
-    with _autocast(device, settings.dtype):
+    with _precision(model, device, settings.dtype):
         try:
             outputs = model.get_intermediate_outputs(
                 batch,

@@ -103,7 +103,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="bfloat16 runs the model under autocast")
+                        help="bfloat16 runs the Transformer layers under bf16 autocast, the front end and "
+                        "positional convs in float32")
 
 
 def _entries(source: str):

@@ -66,7 +66,7 @@ class ProbeSettings:
     ctc_lr: float = 5e-2  # a linear CTC head needs a higher rate than the frame classifier to converge in 40 passes
     ctc_batch_utterances: int = 8
     batch_seconds: float = 60.0  # padded audio per forward pass
-    dtype: str = "float32"  # "bfloat16": the model runs under autocast
+    dtype: str = "float32"  # "bfloat16": the Transformer layers in bf16 (``bfloat16_inference``)
 
 
 @dataclass

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     units.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
     units.add_argument("--device", default="cpu", help="cpu or cuda")
     units.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                       help="bfloat16 runs the model under autocast")
+                       help="bfloat16 runs the Transformer layers under bf16 autocast, the front end and "
+                       "positional convs in float32")
     units.set_defaults(handler=_units)
 
     train = subparsers.add_parser(
@@ -113,7 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help=SET_HELP + "; applied to every LM")
     study.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
     study.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                       help="bfloat16 runs the speech models under autocast when extracting units")
+                       help="bfloat16 extracts units with the speech models' Transformer layers in bf16 "
+                       "(front end and positional convs in float32)")
     study.add_argument("--jobs", type=int, default=None, help="synthesis processes (default: all CPUs)")
     study.set_defaults(handler=_study)
 

@@ -10,6 +10,7 @@ reproduces the official random-number consumption, so a seeded build draws the o
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -93,6 +94,14 @@ def dense_in_training(x: torch.Tensor, training: bool) -> torch.Tensor:  # noqa:
     return x.contiguous() if training else x
 
 
+def float32_region(keep_float32: bool, device_type: str) -> contextlib.AbstractContextManager:  # noqa: FBT001
+    """Autocast switched off inside when ``keep_float32`` (a module's ``keep_float32``, set by
+    ``spidr.models.inference_precision.bfloat16_inference``) and autocast is on; otherwise no change."""
+    if keep_float32 and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 ConvLayout = Literal["official", "dense", "channels_last"]
 
 
@@ -102,10 +111,13 @@ def conv_layout(x: torch.Tensor, training: bool) -> ConvLayout:  # noqa: FBT001
     "official": (B, C, L), each LayerNorm on a transposed view (eval mode in fp32 and off the CPU: features
     bit-identical to the official and Hugging Face models'). "dense": (B, C, L), made contiguous after each
     LayerNorm (training in fp32, and training off the CPU). "channels_last": (B, L, C) in memory, wherever a CPU
-    computes in bfloat16. The CPU's bf16 convolutions want channels last: given (B, C, L) tensors they copy their
-    input and gradients at every layer, and the base front end's forward + backward (2 × 4 s, one thread, a Xeon
-    with AMX) took 2.3x as long as channels last. Its fp32 backward is slower channels last, so fp32 keeps
-    (B, C, L).
+    computes in bfloat16 (under CPU bf16 autocast, also a front end that ``keep_float32`` runs in fp32). The CPU's
+    bf16 convolutions want channels last: given (B, C, L) tensors they copy their input and gradients at every
+    layer, and the base front end's forward + backward (2 × 4 s, one thread, a Xeon with AMX) took 2.3x as long as
+    channels last. Its fp32 backward is slower channels last, so fp32 training keeps (B, C, L); its fp32 forward is
+    faster (base, 10 s, 2 threads: 0.25 s against 0.51 s official), but rounds differently from the official
+    layout (≈ 2e-6 relative), so only bf16 inference, which does not match the official rounding anyway, takes it
+    there.
     """
     if x.device.type == "cpu" and (
         x.dtype == torch.bfloat16
@@ -169,6 +181,7 @@ class ConvFeatureExtractor(nn.Module):
     ``mode="group_norm"``: a GroupNorm with one group per channel after the first conv only (wav2vec 2.0 base).
     ``log_mel=True``: the first layer [num_mels, window, hop] is a fixed log-mel filterbank
     (``spidr.models.log_mel``) instead of a conv; the layers after it are convs as usual.
+    ``keep_float32`` (``bfloat16_inference``): computes in float32 under autocast.
     """
 
     def __init__(
@@ -198,6 +211,7 @@ class ConvFeatureExtractor(nn.Module):
             blocks.append(ConvLayerBlock(conv, norm))
             in_channels = channels
         self.conv_layers = nn.ModuleList(blocks)
+        self.keep_float32 = False
 
     def forward(self, waveforms: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) float waveforms → (B, T, C); T = ``num_frames(S)``. Padding is not treated specially.
@@ -205,7 +219,12 @@ class ConvFeatureExtractor(nn.Module):
         ``warp``: per-utterance frequency-warp factors (B,) for a log-mel first layer (``LogMelFilterbank``)."""
         if waveforms.ndim != 2:
             raise ValueError(f"waveforms must have shape (B, S); got {tuple(waveforms.shape)}")
+        # Decided before autocast is switched off, so a float32 front end under CPU bf16 autocast runs channels last.
         layout = conv_layout(waveforms, self.training)
+        with float32_region(self.keep_float32, waveforms.device.type):
+            return self._frames(waveforms, warp, layout)
+
+    def _frames(self, waveforms: torch.Tensor, warp: torch.Tensor | None, layout: ConvLayout) -> torch.Tensor:
         first, *rest = self.conv_layers
         if isinstance(first, LogMelFilterbank):
             x = first(waveforms[:, None, :], warp)  # (B, C, L)
@@ -245,15 +264,18 @@ def build_feature_extractor(cfg: ModelConfig) -> ConvFeatureExtractor:
 
 
 class FeatureProjection(nn.Module):
-    """LayerNorm(C) → Linear(C → D): (B, T, C) → (B, T, D). Default PyTorch Linear init (spec §3.3)."""
+    """LayerNorm(C) → Linear(C → D): (B, T, C) → (B, T, D). Default PyTorch Linear init (spec §3.3).
+    ``keep_float32`` (``bfloat16_inference``): computes in float32 under autocast."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.layer_norm = nn.LayerNorm(in_features)
         self.projection = nn.Linear(in_features, out_features)
+        self.keep_float32 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.layer_norm(x))
+        with float32_region(self.keep_float32, x.device.type):
+            return self.projection(self.layer_norm(x))
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -283,6 +305,7 @@ class ConvPositionalEmbedding(nn.Module):
     """Stack of grouped convs, each → (trim if even kernel) → non-affine LayerNorm → GELU (spec §3.5).
 
     (B, T, D) → (B, T, D), to be added to the input. Padded frames are zeroed before every conv and at the end.
+    ``keep_float32`` (``bfloat16_inference``): computes in float32 under autocast.
     """
 
     def __init__(self, dim: int, kernel: int, groups: int, depth: int) -> None:
@@ -291,9 +314,14 @@ class ConvPositionalEmbedding(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv1d(dim, dim, self.kernel, padding=self.kernel // 2, groups=groups) for _ in range(depth)
         )
+        self.keep_float32 = False
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D); valid: (B, T) bool, True on real frames, or None when nothing is padded."""
+        with float32_region(self.keep_float32, x.device.type):
+            return self._embedding(x, valid)
+
+    def _embedding(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         time_mask = None if valid is None else valid[:, None, :].to(x.dtype)  # (B, 1, T)
         x = x.transpose(1, 2)  # (B, D, T)
         for conv in self.convs:

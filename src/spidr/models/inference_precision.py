@@ -1,0 +1,39 @@
+"""bf16 inference with a float32 input path: ``bfloat16_inference(model, device_type)``.
+
+Under bf16 autocast every conv and matmul rounds its inputs, weights and output to bf16's 8 significant bits, each
+rounding moving a result ≈ 0.17 % (relative norm). The conv front end (7 convs, each with its LayerNorm and GELU),
+the feature projection and the positional convolution (5 convs) are ≈ 40 such roundings in a row before the first
+Transformer layer, and their errors add up: on the base model (random weights, 10 s, a Xeon with AMX) the front
+end's output is 1.07 % off its float32 value, the layer features 1.2-1.6 %. Those parts hold about a third of a base
+forward's flops, and on a CPU their float32 convs run channels last (twice as fast as the official layout), so
+``bfloat16_inference`` keeps them in float32 and runs the Transformer layers in bf16: the layer features are then
+0.45-0.67 % off float32, at 2.0-2.1x float32's speed instead of 3.2x (same machine, 2 threads; docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from spidr.models.components import ConvFeatureExtractor, ConvPositionalEmbedding, FeatureProjection
+
+FLOAT32_INPUT_PATH = (ConvFeatureExtractor, FeatureProjection, ConvPositionalEmbedding)
+
+
+@contextlib.contextmanager
+def bfloat16_inference(model: nn.Module, device_type: str) -> Iterator[None]:
+    """bf16 autocast on ``device_type`` with ``model``'s front end, feature projection and positional convolutions
+    in float32 (their ``keep_float32``), restored on exit. For inference: training keeps plain autocast."""
+    modules = [module for module in model.modules() if isinstance(module, FLOAT32_INPUT_PATH)]
+    before = [module.keep_float32 for module in modules]
+    for module in modules:
+        module.keep_float32 = True
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for module, keep in zip(modules, before, strict=True):
+            module.keep_float32 = keep

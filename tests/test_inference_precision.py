@@ -1,0 +1,134 @@
+"""bf16 inference with a float32 input path (``spidr.models.inference_precision``) and ``spidr extract``'s bf16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spidr.config import SpidRConfig
+from spidr.eval.features import ExtractionSettings, extract_batch
+from spidr.models.build import build_model
+from spidr.models.inference_precision import FLOAT32_INPUT_PATH, bfloat16_inference
+from train_fixtures import EXTRACTION_MODEL as TINY
+
+
+def speech_like(seconds: float, seed: int) -> torch.Tensor:
+    """Harmonics with a 4 Hz loudness swing plus noise, standardised."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    f0 = rng.uniform(100, 250)
+    wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6)) * (1 + np.sin(2 * np.pi * 4 * t))
+    wave = wave + 0.3 * rng.standard_normal(t.shape)
+    return torch.from_numpy(((wave - wave.mean()) / wave.std()).astype(np.float32))
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.double() - reference.double()).norm() / reference.double().norm())
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return build_model(SpidRConfig()).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model(SpidRConfig(**TINY)).eval()
+
+
+def _layers(model, waveforms, precision) -> list[torch.Tensor]:
+    with torch.inference_mode(), precision:
+        return [out.float() for out in model.get_intermediate_outputs(waveforms)]
+
+
+def test_base_layers_within_one_percent_of_float32_where_plain_autocast_is_not(base) -> None:
+    """The issue's bound on the base model (random weights, 3 s): every layer within 1e-2 of float32. Plain
+    autocast, which rounds the front end and positional convs to bf16 as well, lands ≥ 1.5x further off."""
+    waveforms = speech_like(3.0, seed=1)[None]
+    reference = _layers(base, waveforms, torch.autocast("cpu", enabled=False))
+    mixed = [relative_error(a, b) for a, b in zip(_layers(base, waveforms, bfloat16_inference(base, "cpu")),
+                                                   reference, strict=True)]
+    plain = [relative_error(a, b) for a, b in zip(_layers(base, waveforms, torch.autocast("cpu", torch.bfloat16)),
+                                                   reference, strict=True)]
+    assert max(mixed) < 1e-2, mixed
+    assert min(mixed) > 1e-4  # the layers did run in bf16
+    assert max(plain) > 1.5 * max(mixed), (plain, mixed)
+
+
+def test_input_path_is_float32_and_the_layers_bf16(tiny) -> None:
+    """Under ``bfloat16_inference`` the front end, projection and positional convs give float32 outputs equal to
+    float32 inference up to summation order (the CPU front end runs channels last); a layer's matmuls run in bf16."""
+    waveforms = torch.stack([speech_like(1.0, seed=2), speech_like(1.0, seed=3)])
+    outputs: dict[str, torch.Tensor] = {}
+    modules = {"front_end": tiny.feature_extractor, "projection": tiny.feature_projection,
+               "positional": tiny.student.pos_conv_embed, "ffn_output": tiny.student.layers[0].feed_forward}
+    hooks = [module.register_forward_hook(lambda _m, _i, out, key=key: outputs.__setitem__(key, out))
+             for key, module in modules.items()]
+    try:
+        runs = {}
+        for name, precision in (("fp32", torch.autocast("cpu", enabled=False)),
+                                ("mixed", bfloat16_inference(tiny, "cpu")),
+                                ("plain", torch.autocast("cpu", torch.bfloat16))):
+            with torch.inference_mode(), precision:
+                tiny.get_intermediate_outputs(waveforms)
+            runs[name] = dict(outputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for key in ("front_end", "projection", "positional"):
+        assert runs["mixed"][key].dtype == torch.float32, key
+        assert relative_error(runs["mixed"][key], runs["fp32"][key]) < 1e-5, key
+        assert runs["plain"][key].dtype == torch.bfloat16, key
+        assert relative_error(runs["plain"][key], runs["fp32"][key]) > 1e-3, key
+    assert runs["mixed"]["ffn_output"].dtype == torch.bfloat16
+
+
+def test_flags_are_restored_on_exit_and_on_error(tiny) -> None:
+    """Outside the context (training, plain autocast) nothing changes: every flag is back to False."""
+    flagged = [m for m in tiny.modules() if isinstance(m, FLOAT32_INPUT_PATH)]
+    student = [tiny.feature_extractor, tiny.feature_projection, tiny.student.pos_conv_embed]
+    assert all(any(m is s for m in flagged) for s in student)
+    with bfloat16_inference(tiny, "cpu"):
+        assert all(m.keep_float32 for m in flagged)
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not any(m.keep_float32 for m in flagged)
+    with pytest.raises(RuntimeError, match="boom"), bfloat16_inference(tiny, "cpu"):
+        raise RuntimeError("boom")
+    assert not any(m.keep_float32 for m in flagged)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        assert tiny.feature_extractor(torch.zeros(1, 1600)).dtype == torch.bfloat16
+
+
+def test_keep_float32_without_autocast_changes_nothing(tiny) -> None:
+    """The flag only switches autocast off: in plain float32 the official layout (and its bits) stay."""
+    waveforms = speech_like(0.5, seed=4)[None]
+    with torch.inference_mode():
+        before = tiny.feature_extractor(waveforms)
+        tiny.feature_extractor.keep_float32 = True
+        try:
+            after = tiny.feature_extractor(waveforms)
+        finally:
+            tiny.feature_extractor.keep_float32 = False
+    assert torch.equal(before, after)
+
+
+def test_extract_batch_in_bfloat16(tiny) -> None:
+    """``ExtractionSettings(dtype="bfloat16")``: front end float32-exact to rounding, layers within 1e-2, units
+    mostly the float32 ones, padding still invisible (a padded batch gives each file's own-run features)."""
+    waves = [speech_like(s, seed=i) for i, s in enumerate((1.2, 0.6))]
+    fp32 = extract_batch(tiny, waves, ExtractionSettings(layers=(1, 2, 3), codebooks=True), front_end=True)
+    bf16_settings = ExtractionSettings(layers=(1, 2, 3), codebooks=True, dtype="bfloat16")
+    bf16 = extract_batch(tiny, waves, bf16_settings, front_end=True)
+    for wave, ours, theirs in zip(waves, bf16, fp32, strict=True):
+        assert ours.keys() == theirs.keys()
+        np.testing.assert_allclose(ours["front_end"], theirs["front_end"], rtol=1e-4, atol=1e-5)
+        for layer in (1, 2, 3):
+            assert relative_error(torch.from_numpy(ours[f"layer_{layer:02d}"]),
+                                  torch.from_numpy(theirs[f"layer_{layer:02d}"])) < 1e-2
+        assert np.mean(ours["units_03"] == theirs["units_03"]) > 0.9
+        (alone,) = extract_batch(tiny, [wave], bf16_settings)
+        np.testing.assert_allclose(alone["layer_03"], ours["layer_03"], rtol=1e-2, atol=1e-2)
