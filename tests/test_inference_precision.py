@@ -132,3 +132,28 @@ def test_extract_batch_in_bfloat16(tiny) -> None:
         assert np.mean(ours["units_03"] == theirs["units_03"]) > 0.9
         (alone,) = extract_batch(tiny, [wave], bf16_settings)
         np.testing.assert_allclose(alone["layer_03"], ours["layer_03"], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [{"mode": "layer_norm"}, {"mode": "group_norm", "conv_bias": True}, {"mode": "layer_norm", "log_mel": True}],
+    ids=["layer_norm", "group_norm", "log_mel"],
+)
+def test_every_front_end_kind_runs_in_float32(kind) -> None:
+    """Whatever the front end (wav2vec 2.0 LayerNorm or GroupNorm convs, log-mel first layer), ``keep_float32``
+    under bf16 autocast gives float32 frames equal to plain float32 inference up to summation order."""
+    from spidr.models.components import ConvFeatureExtractor
+
+    torch.manual_seed(0)
+    layers = [(16, 400, 160), (32, 3, 1), (32, 2, 2)] if kind.get("log_mel") else [(32, 10, 5), (32, 3, 2), (32, 2, 2)]
+    extractor = ConvFeatureExtractor(layers, **kind).eval()
+    waveforms = torch.stack([speech_like(0.5, seed=5), speech_like(0.5, seed=6)])
+    with torch.inference_mode():
+        reference = extractor(waveforms)
+        with bfloat16_inference(extractor, "cpu"):
+            ours = extractor(waveforms)
+        with torch.autocast("cpu", torch.bfloat16):
+            plain = extractor(waveforms)
+    assert ours.dtype == torch.float32
+    assert relative_error(ours, reference) < 1e-5
+    assert relative_error(plain, reference) > 1e-3
