@@ -14,7 +14,10 @@ runs too long costs only its own row):
   (B, L, C) memory, as they are on a CPU in bf16 (``spidr.models.components.conv_layout``), to measure whether
   cuDNN gains from that layout too before CUDA training uses it;
 * ``loader``: the training DataLoader (``spidr.data.loader.build_dataloader`` with the training data settings)
-  alone, over a synthetic corpus of audio files, as the training loop consumes it.
+  alone, over a synthetic corpus of audio files, as the training loop consumes it;
+* ``extract``: feature extraction with base SpidR (``spidr extract``'s batches: all 12 layers copied to the host) in
+  bf16 as ``--dtype bfloat16`` runs it (``spidr.models.inference_precision``: front end, projection and positional
+  convs in float32), against float32 and against plain bf16 autocast: speed of each and the features' distance.
 
 A model job times exactly what ``spidr train`` runs per step: ``spidr.train.loop.train_step`` (forward with the
 codebook update, backward, clipping, AdamW step, scheduler step, teacher EMA) with the model, optimizer, scheduler,
@@ -105,14 +108,18 @@ JOBS = {
     "spidr-host-reads": Job("SpidR base, bf16, 2 host reads per step", "spidr", host_sync="step", mask_count=False),
     "spidr-channels-last": Job("SpidR base, bf16, front end channels last", "spidr", conv_layout="channels_last"),
     "loader": Job("data loader alone", ""),
+    "extract": Job("SpidR base, extraction, bf16", "spidr"),
 }
 DEFAULT_JOBS = [job for job in JOBS if job != "spidr-channels-last"]
 # The order jobs run in: cheap and sure first, so that slow compilations take only what time is left.
-RUN_ORDER = ("spidr", "dinosr", "loader", "spidr-host-reads", "spidr-channels-last", "spidr-compile",
+RUN_ORDER = ("spidr", "dinosr", "loader", "extract", "spidr-host-reads", "spidr-channels-last", "spidr-compile",
              "dinosr-compile")
 # Shares of the remaining time limit: a compiled job has its compilation to fit in too.
-TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "spidr-host-reads": 1.0, "spidr-channels-last": 1.0,
-                "spidr-compile": 2.5, "dinosr-compile": 2.5}
+TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "extract": 0.75, "spidr-host-reads": 1.0,
+                "spidr-channels-last": 1.0, "spidr-compile": 2.5, "dinosr-compile": 2.5}
+EXTRACT_BATCH_SECONDS = 60.0  # spidr extract's default --batch-seconds
+EXTRACT_FILES = 40  # distinct corpus files the extraction job reads (≈ 8 minutes of audio; smoke: 4)
+EXTRACT_ROUNDS = 5  # timed rounds at most (each: one pass per precision); fewer with --steps below it
 
 # --smoke: a tiny model (2 layers × 64 dims, 32-channel extractor with the base strides, so the same frame rate) on
 # 2-row batches of 2 s crops; everything else is the base recipe.
@@ -428,6 +435,97 @@ def loader_job(args: argparse.Namespace, device: torch.device, report: dict[str,
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The extraction job
+# --------------------------------------------------------------------------------------------------------------
+
+
+def extraction_inputs(manifest: str, files: int) -> list[list[torch.Tensor]]:
+    """The first ``files`` distinct files of the corpus, standardised as ``spidr extract`` reads them, in the
+    batches it would make (``length_batches``: similar lengths, at most 60 s of padded audio each)."""
+    from spidr.data.audio import load_audio
+    from spidr.data.manifest import read_manifest
+    from spidr.eval.features import length_batches
+
+    paths = list(dict.fromkeys(entry.path for entry in read_manifest(manifest)))[:files]
+    waves = [load_audio(path, normalize=True) for path in paths]
+    lengths = np.array([wave.shape[0] for wave in waves])
+    return [[waves[i] for i in batch] for batch in length_batches(lengths, int(EXTRACT_BATCH_SECONDS * SAMPLE_RATE))]
+
+
+def _largest_error(ours: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]]) -> float:
+    """Largest ||ours − reference|| / ||reference|| over the utterances and layers of one batch."""
+    return max(float(np.linalg.norm(a[key].astype(np.float64) - b[key]) / np.linalg.norm(b[key].astype(np.float64)))
+               for a, b in zip(ours, reference, strict=True) for key in b)
+
+
+def extract_job(args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
+    """``extract_batch`` (all layers, copied to the host) over ``extraction_inputs`` in three precisions: float32,
+    ``dtype="bfloat16"`` (the front end, projection and positional convs in float32) and plain bf16 autocast around
+    the float32 settings (the whole model in bf16). A first pass compares each bf16 variant's features with
+    float32's; timed passes follow, the three precisions interleaved, for ``EXTRACT_ROUNDS`` rounds (or ``--steps``
+    if fewer) or until the deadline.
+    Fills ``report`` (the bf16 row; the other two as ``fp32_*`` and ``autocast_*`` fields)."""
+    from spidr.eval.features import ExtractionSettings, extract_batch
+
+    if device.type == "cuda":  # torch's defaults, which spidr extract keeps (the model jobs switch TF32 off)
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+    report["stage"] = "set-up"
+    torch.manual_seed(0)
+    model = build_model(model_config("spidr", smoke=args.smoke)).to(device).eval()
+    batches = extraction_inputs(args.manifest, 4 if args.smoke else EXTRACT_FILES)
+    audio = sum(wave.shape[0] for batch in batches for wave in batch) / SAMPLE_RATE
+    layers = tuple(range(1, model.num_layers + 1))
+    runs = {  # name → (settings, the context around extract_batch)
+        "bf16": (ExtractionSettings(layers=layers, dtype="bfloat16"), contextlib.nullcontext),
+        "fp32": (ExtractionSettings(layers=layers), contextlib.nullcontext),
+        "autocast": (ExtractionSettings(layers=layers), lambda: torch.autocast(device.type, dtype=torch.bfloat16)),
+    }
+
+    def extract(name: str, batch: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        settings, context = runs[name]
+        with context():
+            return extract_batch(model, batch, settings)
+
+    report["stage"] = "comparing features"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    errors: dict[str, float] = {"bf16": 0.0, "autocast": 0.0}
+    for batch in batches:
+        reference = extract("fp32", batch)
+        for name, largest in errors.items():
+            errors[name] = max(largest, _largest_error(extract(name, batch), reference))
+
+    report["stage"] = "timed passes"
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(min(args.steps, EXTRACT_ROUNDS)):
+        for name in runs:
+            synchronize(device)
+            began = time.perf_counter()
+            for batch in batches:
+                extract(name, batch)  # its features are copied to the host: the pass ends synchronised
+            seconds[name].append(time.perf_counter() - began)
+        if time.time() > args.stop_at:
+            break
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    report.update({
+        "stage": "done",
+        "dtype": "bfloat16",
+        "timed_steps": len(seconds["bf16"]),
+        "files": sum(len(batch) for batch in batches),
+        "batches": len(batches),
+        "audio_s_per_s": audio / median["bf16"],
+        "median_step_s": median["bf16"] / len(batches),  # seconds per extraction batch
+        "audio_s_per_step": audio / len(batches),
+        "fp32_audio_s_per_s": audio / median["fp32"],
+        "autocast_audio_s_per_s": audio / median["autocast"],
+        "bf16_max_relative_error": errors["bf16"],
+        "autocast_max_relative_error": errors["autocast"],
+    })
+    report.update(peak_memory(device))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Running the jobs: a worker process per job, a time limit each, a table at the end
 # --------------------------------------------------------------------------------------------------------------
 
@@ -445,6 +543,8 @@ def run_job_here(job: str, args: argparse.Namespace) -> dict[str, Any]:
         with writer.watching():
             if job == "loader":
                 loader_job(args, device, report)
+            elif job == "extract":
+                extract_job(args, device, report)
             else:
                 model_job(job, args, device, report)
     except Exception as error:  # any failure becomes the row's note; the other jobs still run
@@ -596,6 +696,14 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if row["job"] == "loader":
             notes.append(f"DataLoader workers: {row['workers']}; {row['batches_timed']} intervals timed; first "
                          f"batch after {row['first_batch_s']:.1f} s; median step = time between batches")
+        elif row["job"] == "extract":
+            fp32, autocast = row["fp32_audio_s_per_s"], row["autocast_audio_s_per_s"]
+            notes.append(f"{row['files']} files in {row['batches']} batches of ≤ {EXTRACT_BATCH_SECONDS:.0f} s, "
+                         f"{row['timed_steps']} timed passes; step = one batch; float32 {_number(fp32)} audio-s/s "
+                         f"(bf16 {row['audio_s_per_s'] / fp32:.2f}x); all-bf16 autocast {_number(autocast)} "
+                         f"({autocast / fp32:.2f}x); features vs float32, largest over files and layers: bf16 "
+                         f"{_number(row['bf16_max_relative_error'], percent=True)}, all-bf16 "
+                         f"{_number(row['autocast_max_relative_error'], percent=True)}")
         else:
             notes.append(f"{row['timed_steps']} steps, {row['rows_per_step']:.1f} rows each")
             if row.get("skipped_steps"):

@@ -17,6 +17,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MODEL_FIELDS = ("audio_s_per_s", "median_step_s", "audio_s_per_step", "mfu_issue", "mfu_counted",
                 "gflop_per_audio_s_counted", "peak_mem_gib")
 LOADER_FIELDS = ("audio_s_per_s", "median_step_s", "audio_s_per_step", "first_batch_s")
+EXTRACT_FIELDS = ("audio_s_per_s", "median_step_s", "audio_s_per_step", "fp32_audio_s_per_s", "autocast_audio_s_per_s",
+                  "bf16_max_relative_error", "autocast_max_relative_error", "peak_mem_gib")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def gpu():
 
 def check_row(row: dict) -> None:
     assert "error" not in row, row.get("error")
-    fields = LOADER_FIELDS if row["job"] == "loader" else MODEL_FIELDS + (("compile_s",) if row["compile"] else ())
+    fields = {"loader": LOADER_FIELDS, "extract": EXTRACT_FIELDS}.get(
+        row["job"], MODEL_FIELDS + (("compile_s",) if row["compile"] else ()))
     for name in fields:
         assert math.isfinite(row[name]), (row["job"], name, row[name])
         assert row[name] > 0, (row["job"], name, row[name])
@@ -58,6 +61,21 @@ def test_smoke_eager_jobs_and_loader(gpu, tmp_path, capsys):
     spidr = rows[0]
     assert spidr["timed_steps"] == 2
     assert spidr["audio_s_per_step"] == pytest.approx(4.0)  # 2 rows × 2 s crops (the smoke batch limit)
+
+
+def test_smoke_extraction_job(gpu, tmp_path, capsys):
+    """The extraction row: bf16 as ``spidr extract --dtype bfloat16`` runs it, float32 and all-bf16 autocast side by
+    side; the float32 input path keeps the features nearer float32's than plain autocast does."""
+    assert "extract" in gpu.DEFAULT_JOBS
+    rows, table = run_smoke(gpu, tmp_path, capsys, ["extract"])
+    (row,) = rows
+    check_row(row)
+    assert row["files"] == 4
+    assert row["timed_steps"] == 2
+    assert row["bf16_max_relative_error"] < 1e-2
+    assert row["autocast_max_relative_error"] > row["bf16_max_relative_error"]
+    assert "| SpidR base, extraction, bf16 | bfloat16 | " in table
+    assert "all-bf16 autocast" in table
 
 
 def test_smoke_channels_last_job_forces_the_layout_for_its_own_run_only(gpu, tmp_path, capsys):
