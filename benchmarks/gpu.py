@@ -77,7 +77,8 @@ from spidr.config import Config, DataConfig, DinoSRConfig, MaskingConfig, ModelC
 from spidr.data import SAMPLE_RATE
 from spidr.data.collate import Batch
 from spidr.data.loader import build_dataloader, usable_workers
-from spidr.data.manifest import ManifestEntry, write_manifest
+from spidr.data.manifest import ManifestEntry, read_manifest, write_manifest
+from spidr.eval.features import ExtractionSettings, extract_batch, length_batches
 from spidr.models import components
 from spidr.models.build import build_model
 from spidr.train import loop
@@ -117,8 +118,8 @@ RUN_ORDER = ("spidr", "dinosr", "loader", "extract", "spidr-host-reads", "spidr-
 # Shares of the remaining time limit: a compiled job has its compilation to fit in too.
 TIME_WEIGHTS = {"spidr": 1.5, "dinosr": 1.5, "loader": 0.5, "extract": 0.75, "spidr-host-reads": 1.0,
                 "spidr-channels-last": 1.0, "spidr-compile": 2.5, "dinosr-compile": 2.5}
-EXTRACT_BATCH_SECONDS = 60.0  # spidr extract's default --batch-seconds
-EXTRACT_FILES = 40  # distinct corpus files the extraction job reads (≈ 8 minutes of audio; smoke: 4)
+EXTRACT_FILES = 24  # distinct corpus files the extraction job reads (≈ 5 minutes of audio)
+SMOKE_EXTRACT_FILES = 4
 EXTRACT_ROUNDS = 5  # timed rounds at most (each: one pass per precision); fewer with --steps below it
 
 # --smoke: a tiny model (2 layers × 64 dims, 32-channel extractor with the base strides, so the same frame rate) on
@@ -441,15 +442,14 @@ def loader_job(args: argparse.Namespace, device: torch.device, report: dict[str,
 
 def extraction_inputs(manifest: str, files: int) -> list[list[torch.Tensor]]:
     """The first ``files`` distinct files of the corpus, standardised as ``spidr extract`` reads them, in the
-    batches it would make (``length_batches``: similar lengths, at most 60 s of padded audio each)."""
+    batches it would make (``length_batches``: similar lengths, at most ``batch_seconds`` of padded audio each)."""
     from spidr.data.audio import load_audio
-    from spidr.data.manifest import read_manifest
-    from spidr.eval.features import length_batches
 
     paths = list(dict.fromkeys(entry.path for entry in read_manifest(manifest)))[:files]
     waves = [load_audio(path, normalize=True) for path in paths]
     lengths = np.array([wave.shape[0] for wave in waves])
-    return [[waves[i] for i in batch] for batch in length_batches(lengths, int(EXTRACT_BATCH_SECONDS * SAMPLE_RATE))]
+    batch_samples = int(ExtractionSettings.batch_seconds * SAMPLE_RATE)
+    return [[waves[i] for i in batch] for batch in length_batches(lengths, batch_samples)]
 
 
 def _largest_error(ours: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]]) -> float:
@@ -463,17 +463,15 @@ def extract_job(args: argparse.Namespace, device: torch.device, report: dict[str
     ``dtype="bfloat16"`` (the front end, projection and positional convs in float32) and plain bf16 autocast around
     the float32 settings (the whole model in bf16). A first pass compares each bf16 variant's features with
     float32's; timed passes follow, the three precisions interleaved, for ``EXTRACT_ROUNDS`` rounds (or ``--steps``
-    if fewer) or until the deadline.
-    Fills ``report`` (the bf16 row; the other two as ``fp32_*`` and ``autocast_*`` fields)."""
-    from spidr.eval.features import ExtractionSettings, extract_batch
-
+    if fewer) or until the deadline. Fills ``report`` (the bf16 row; the other two as ``fp32_*`` and ``autocast_*``
+    fields); the peak memory is that of the bf16 passes."""
     if device.type == "cuda":  # torch's defaults, which spidr extract keeps (the model jobs switch TF32 off)
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.matmul.allow_tf32 = False
     report["stage"] = "set-up"
     torch.manual_seed(0)
     model = build_model(model_config("spidr", smoke=args.smoke)).to(device).eval()
-    batches = extraction_inputs(args.manifest, 4 if args.smoke else EXTRACT_FILES)
+    batches = extraction_inputs(args.manifest, SMOKE_EXTRACT_FILES if args.smoke else EXTRACT_FILES)
     audio = sum(wave.shape[0] for batch in batches for wave in batch) / SAMPLE_RATE
     layers = tuple(range(1, model.num_layers + 1))
     runs = {  # name → (settings, the context around extract_batch)
@@ -488,41 +486,43 @@ def extract_job(args: argparse.Namespace, device: torch.device, report: dict[str
             return extract_batch(model, batch, settings)
 
     report["stage"] = "comparing features"
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     errors: dict[str, float] = {"bf16": 0.0, "autocast": 0.0}
     for batch in batches:
         reference = extract("fp32", batch)
         for name, largest in errors.items():
             errors[name] = max(largest, _largest_error(extract(name, batch), reference))
+    # In the report now: a job killed during the timed passes still tells how far the features are.
+    report.update({"files": sum(len(batch) for batch in batches), "batches": len(batches),
+                   "bf16_max_relative_error": errors["bf16"], "autocast_max_relative_error": errors["autocast"]})
 
     report["stage"] = "timed passes"
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(min(args.steps, EXTRACT_ROUNDS)):
+    peak_gib = 0.0
+    for round_ in range(min(args.steps, EXTRACT_ROUNDS)):
+        if round_ > 0 and time.time() > args.stop_at:
+            break
         for name in runs:
             synchronize(device)
+            if device.type == "cuda" and name == "bf16":
+                torch.cuda.reset_peak_memory_stats(device)
             began = time.perf_counter()
             for batch in batches:
                 extract(name, batch)  # its features are copied to the host: the pass ends synchronised
             seconds[name].append(time.perf_counter() - began)
-        if time.time() > args.stop_at:
-            break
+            if name == "bf16":
+                peak_gib = max(peak_gib, peak_memory(device)["peak_mem_gib"])
     median = {name: statistics.median(times) for name, times in seconds.items()}
     report.update({
         "stage": "done",
         "dtype": "bfloat16",
         "timed_steps": len(seconds["bf16"]),
-        "files": sum(len(batch) for batch in batches),
-        "batches": len(batches),
         "audio_s_per_s": audio / median["bf16"],
-        "median_step_s": median["bf16"] / len(batches),  # seconds per extraction batch
+        "median_step_s": median["bf16"] / len(batches),  # the median pass's time per extraction batch
         "audio_s_per_step": audio / len(batches),
         "fp32_audio_s_per_s": audio / median["fp32"],
         "autocast_audio_s_per_s": audio / median["autocast"],
-        "bf16_max_relative_error": errors["bf16"],
-        "autocast_max_relative_error": errors["autocast"],
     })
-    report.update(peak_memory(device))
+    report.update(peak_memory(device), peak_mem_gib=peak_gib)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -698,8 +698,9 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                          f"batch after {row['first_batch_s']:.1f} s; median step = time between batches")
         elif row["job"] == "extract":
             fp32, autocast = row["fp32_audio_s_per_s"], row["autocast_audio_s_per_s"]
-            notes.append(f"{row['files']} files in {row['batches']} batches of ≤ {EXTRACT_BATCH_SECONDS:.0f} s, "
-                         f"{row['timed_steps']} timed passes; step = one batch; float32 {_number(fp32)} audio-s/s "
+            notes.append(f"{row['files']} files in {row['batches']} batches of ≤ "
+                         f"{ExtractionSettings.batch_seconds:.0f} s, {row['timed_steps']} timed passes; step = the "
+                         f"median pass's time per batch; float32 {_number(fp32)} audio-s/s "
                          f"(bf16 {row['audio_s_per_s'] / fp32:.2f}x); all-bf16 autocast {_number(autocast)} "
                          f"({autocast / fp32:.2f}x); features vs float32, largest over files and layers: bf16 "
                          f"{_number(row['bf16_max_relative_error'], percent=True)}, all-bf16 "

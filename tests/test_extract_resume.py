@@ -137,6 +137,23 @@ def test_another_model_or_settings_is_refused_unless_restarted(manifest, tmp_pat
     assert sorted(p.name for p in out.glob("layer_*")) == ["layer_01", "layer_02", "layer_03"]
 
 
+def test_a_bf16_folder_from_the_all_bf16_days_is_not_resumed(manifest, tmp_path):
+    """Before its input path moved to float32, a bf16 extraction wrote no ``bf16_input_path``: such a folder holds
+    other features and must be refused, not topped up."""
+    out = tmp_path / "out"
+    entries = read_manifest(manifest)
+    bf16 = ExtractionSettings(**{**SETTINGS, "dtype": "bfloat16"})
+    extract_to_directory(_model(), entries, out, bf16, progress=False)
+    state_path = next(out.rglob("state.json"))
+    state = json.loads(state_path.read_text())
+    assert state["bf16_input_path"] == "float32"
+    extract_to_directory(_model(), entries, out, bf16, progress=False)  # the same extraction: resumed, nothing to do
+    del state["bf16_input_path"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="holds an extraction with other bf16_input_path"):
+        extract_to_directory(_model(), entries, out, bf16, progress=False)
+
+
 @pytest.mark.timeout(60)
 def test_bookkeeping_before_the_first_audio_read_is_linear(monkeypatch, tmp_path):
     """50k entries: the old code built set(short) once per entry (quadratic: minutes here); now well under a second

@@ -6,20 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from spidr.config import SpidRConfig
+from spidr.config import DinoSRConfig, SpidRConfig
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.models.build import build_model
 from spidr.models.inference_precision import FLOAT32_INPUT_PATH, bfloat16_inference
 from train_fixtures import EXTRACTION_MODEL as TINY
+from train_fixtures import speech_like as speech_like_samples
 
 
 def speech_like(seconds: float, seed: int) -> torch.Tensor:
-    """Harmonics with a 4 Hz loudness swing plus noise, standardised."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    f0 = rng.uniform(100, 250)
-    wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6)) * (1 + np.sin(2 * np.pi * 4 * t))
-    wave = wave + 0.3 * rng.standard_normal(t.shape)
+    """``seconds`` of the fixtures' synthetic speech, standardised: (S,) float32."""
+    wave = speech_like_samples(int(seconds * 16000), np.random.default_rng(seed))
     return torch.from_numpy(((wave - wave.mean()) / wave.std()).astype(np.float32))
 
 
@@ -103,6 +100,23 @@ def test_flags_are_restored_on_exit_and_on_error(tiny) -> None:
         assert tiny.feature_extractor(torch.zeros(1, 1600)).dtype == torch.bfloat16
 
 
+def test_a_dinosr_with_its_own_ema_front_end(tmp_path) -> None:
+    """DinoSR with ``teacher_feature_encoder = "ema"`` holds a second front end and projection (the teacher's): the
+    student's path is the one in float32, and every flag is restored."""
+    torch.manual_seed(0)
+    model = build_model(DinoSRConfig(**TINY, teacher_feature_encoder="ema")).eval()
+    flagged = [m for m in model.modules() if isinstance(m, FLOAT32_INPUT_PATH)]
+    assert any(m is model.teacher_feature_extractor for m in flagged)
+    waveforms = speech_like(0.8, seed=7)[None]
+    reference = _layers(model, waveforms, torch.autocast("cpu", enabled=False))
+    with torch.inference_mode(), bfloat16_inference(model, "cpu"):
+        assert model.features(waveforms).dtype == torch.float32
+    errors = [relative_error(a, b) for a, b in zip(_layers(model, waveforms, bfloat16_inference(model, "cpu")),
+                                                     reference, strict=True)]
+    assert 1e-4 < max(errors) < 1e-2
+    assert not any(m.keep_float32 for m in flagged)
+
+
 def test_keep_float32_without_autocast_changes_nothing(tiny) -> None:
     """The flag only switches autocast off: in plain float32 the official layout (and its bits) stay."""
     waveforms = speech_like(0.5, seed=4)[None]
@@ -127,8 +141,9 @@ def test_extract_batch_in_bfloat16(tiny) -> None:
         assert ours.keys() == theirs.keys()
         np.testing.assert_allclose(ours["front_end"], theirs["front_end"], rtol=1e-4, atol=1e-5)
         for layer in (1, 2, 3):
-            assert relative_error(torch.from_numpy(ours[f"layer_{layer:02d}"]),
-                                  torch.from_numpy(theirs[f"layer_{layer:02d}"])) < 1e-2
+            error = relative_error(torch.from_numpy(ours[f"layer_{layer:02d}"]),
+                                   torch.from_numpy(theirs[f"layer_{layer:02d}"]))
+            assert 1e-4 < error < 1e-2  # bf16 layers, not a silent float32 run
         assert np.mean(ours["units_03"] == theirs["units_03"]) > 0.9
         (alone,) = extract_batch(tiny, [wave], bf16_settings)
         np.testing.assert_allclose(alone["layer_03"], ours["layer_03"], rtol=1e-2, atol=1e-2)

@@ -541,7 +541,7 @@ def test_a_forced_channels_last_layout_gives_the_official_frames_in_fp32(monkeyp
     extractor = ConvFeatureExtractor([(16, 10, 5), (16, 3, 2), (16, 2, 2)]).eval()
     waveforms = torch.randn(2, 3000)
     official = extractor(waveforms)
-    monkeypatch.setattr(components, "conv_layout", lambda x, training, **_: "channels_last")
+    monkeypatch.setattr(components, "conv_layout", lambda x, training: "channels_last")
     forced = extractor(waveforms)
     assert forced.is_contiguous()  # (B, T, C) memory, not a transposed view
     torch.testing.assert_close(forced, official, rtol=1e-5, atol=1e-5)

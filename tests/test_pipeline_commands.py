@@ -59,6 +59,22 @@ def test_evaluate_reads_interval_alignments_at_the_given_rate(corpus, tmp_path):
     assert 0.0 <= quality[3]["pnmi"] <= 1.0
 
 
+def test_evaluate_extracts_in_the_dtype_asked_for(corpus, tmp_path):
+    """--dtype bfloat16 reaches the extraction (it was once parsed and then dropped): the features written differ
+    from float32's by bf16 rounding, within 1e-2."""
+    features = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        code = main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                     str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--layers", "3",
+                     "--dtype", dtype, "--out", str(out)])
+        assert code == 0
+        features[dtype] = np.load(out / "features" / "model" / "layer_03" / "s1_0.npy")
+        assert json.loads((out / "report.json").read_text())[0]["layer"] == 3
+    error = np.linalg.norm(features["bfloat16"] - features["float32"]) / np.linalg.norm(features["float32"])
+    assert 1e-4 < error < 1e-2
+
+
 def test_abx_options_are_declared_once_with_every_distance(corpus, tmp_path, capsys):
     import argparse
 

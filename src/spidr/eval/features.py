@@ -351,6 +351,10 @@ def extract_to_directory(
     outputs = _Outputs(out_dir, output_stems(manifest))
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest)}
+    if settings.dtype == "bfloat16":
+        # bf16 extraction once ran the whole model in bf16; since its front end, projection and positional convs
+        # run in float32, a bf16 folder begun before is another extraction, not one to resume.
+        identity["bf16_input_path"] = "float32"
     journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                 replace_other=replace_other)
     units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None

@@ -170,7 +170,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     name = args.name or Path(args.checkpoint).stem
     common = {"items": items, "alignments": alignments, "layers": layers, "abx": abx,
-              "alignment_rate_hz": args.alignment_rate}
+              "alignment_rate_hz": args.alignment_rate, "dtype": args.dtype}
     rows = evaluate_model(model, name, entries, work_dir=out / "features" / "model", **common)
     for baseline in args.baseline or ():
         if baseline == "mfcc":

@@ -123,9 +123,11 @@ def evaluate_model(
     abx: AbxSettings = AbxSettings(),
     alignment_rate_hz: int = 100,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> list[LayerRow]:
-    """Extract ``layers`` (and codebook units) of ``model`` for ``entries`` into ``work_dir`` and score them."""
-    settings = ExtractionSettings(layers=tuple(layers), codebooks=True)
+    """Extract ``layers`` (and codebook units) of ``model`` for ``entries`` into ``work_dir`` and score them.
+    ``dtype``: ``ExtractionSettings.dtype`` ("bfloat16": the Transformer layers in bf16)."""
+    settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
     extract_to_directory(model, entries, work_dir, settings, progress=progress, replace_other=True)
     head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
     hop = hop_length(model.cfg.extractor_conv_layer_config)

@@ -94,10 +94,10 @@ def dense_in_training(x: torch.Tensor, training: bool) -> torch.Tensor:  # noqa:
     return x.contiguous() if training else x
 
 
-def float32_region(keep_float32: bool, device_type: str) -> contextlib.AbstractContextManager:  # noqa: FBT001
-    """Autocast switched off inside when ``keep_float32`` (a module's ``keep_float32``, set by
-    ``spidr.models.inference_precision.bfloat16_inference``) and autocast is on; otherwise no change."""
-    if keep_float32 and torch.is_autocast_enabled(device_type):
+def float32_region(device_type: str, *, enabled: bool) -> contextlib.AbstractContextManager:
+    """Autocast switched off inside when ``enabled`` (a module's ``keep_float32``, which
+    ``spidr.models.inference_precision.bfloat16_inference`` sets) and autocast is on; otherwise no change."""
+    if enabled and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -221,10 +221,11 @@ class ConvFeatureExtractor(nn.Module):
             raise ValueError(f"waveforms must have shape (B, S); got {tuple(waveforms.shape)}")
         # Decided before autocast is switched off, so a float32 front end under CPU bf16 autocast runs channels last.
         layout = conv_layout(waveforms, self.training)
-        with float32_region(self.keep_float32, waveforms.device.type):
+        with float32_region(waveforms.device.type, enabled=self.keep_float32):
             return self._frames(waveforms, warp, layout)
 
     def _frames(self, waveforms: torch.Tensor, warp: torch.Tensor | None, layout: ConvLayout) -> torch.Tensor:
+        """``forward``'s work in the given layout: (B, S) → (B, T, C)."""
         first, *rest = self.conv_layers
         if isinstance(first, LogMelFilterbank):
             x = first(waveforms[:, None, :], warp)  # (B, C, L)
@@ -265,7 +266,9 @@ def build_feature_extractor(cfg: ModelConfig) -> ConvFeatureExtractor:
 
 class FeatureProjection(nn.Module):
     """LayerNorm(C) → Linear(C → D): (B, T, C) → (B, T, D). Default PyTorch Linear init (spec §3.3).
-    ``keep_float32`` (``bfloat16_inference``): computes in float32 under autocast."""
+
+    ``keep_float32`` (``bfloat16_inference``): computes in float32 under autocast.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -274,7 +277,7 @@ class FeatureProjection(nn.Module):
         self.keep_float32 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with float32_region(self.keep_float32, x.device.type):
+        with float32_region(x.device.type, enabled=self.keep_float32):
             return self.projection(self.layer_norm(x))
 
 
@@ -318,10 +321,11 @@ class ConvPositionalEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D); valid: (B, T) bool, True on real frames, or None when nothing is padded."""
-        with float32_region(self.keep_float32, x.device.type):
+        with float32_region(x.device.type, enabled=self.keep_float32):
             return self._embedding(x, valid)
 
     def _embedding(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """``forward``'s work: x (B, T, D), valid (B, T) or None → (B, T, D)."""
         time_mask = None if valid is None else valid[:, None, :].to(x.dtype)  # (B, 1, T)
         x = x.transpose(1, 2)  # (B, D, T)
         for conv in self.convs:

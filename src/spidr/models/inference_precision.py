@@ -5,7 +5,7 @@ rounding moving a result ≈ 0.17 % (relative norm). The conv front end (7 convs
 the feature projection and the positional convolution (5 convs) are ≈ 40 such roundings in a row before the first
 Transformer layer, and their errors add up: on the base model (random weights, 10 s, a Xeon with AMX) the front
 end's output is 1.07 % off its float32 value, the layer features 1.2-1.6 %. Those parts hold about a third of a base
-forward's flops, and on a CPU their float32 convs run channels last (twice as fast as the official layout), so
+forward's flops, and on a CPU the float32 front end runs channels last (twice as fast as the official layout), so
 ``bfloat16_inference`` keeps them in float32 and runs the Transformer layers in bf16: the layer features are then
 0.45-0.67 % off float32, at 2.0-2.1x float32's speed instead of 3.2x (same machine, 2 threads; docs/performance.md).
 """
