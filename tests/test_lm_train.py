@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -355,3 +356,52 @@ def test_a_demo_study_remakes_a_stale_benchmark_and_drops_what_came_from_it(tmp_
     study._benchmark(tmp_path, study.StudySettings(bench=wanted, rebuild_stale=True))
     assert calls.pop() == (tmp_path / "bench", wanted, False)
     assert (tmp_path / "units").is_dir()
+
+
+def test_a_model_s_units_are_reused_only_when_made_from_the_same_weights_and_settings(tmp_path, monkeypatch):
+    """The units folder's ``.complete`` records what made it. Same identity: reused. A folder from other weights,
+    or from a spidr that recorded nothing (an empty ``.complete``, e.g. the all-bf16 extraction): the demo
+    (rebuild_stale) makes it again and deletes the LMs trained on it; lm-study refuses it and names what to delete."""
+    from spidr.config import SpidRConfig
+    from spidr.lm import study
+    from spidr.models.build import build_model
+    from train_fixtures import EXTRACTION_MODEL
+
+    writes = []
+
+    def fake_write(model, bench_dir, out_dir, *, layers, centroids=None, dtype="float32"):
+        writes.append((tuple(layers), dtype))
+        for layer in layers:
+            (Path(out_dir) / f"layer_{layer:02d}").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(study, "write_model_units", fake_write)
+    torch.manual_seed(0)
+    model = study.StudyModel("tiny", build_model(SpidRConfig(**EXTRACTION_MODEL)).eval(), (2,))
+    bench = SimpleNamespace(out_dir=tmp_path / "bench")
+    model_dir = tmp_path / "units" / "tiny"
+    settings = study.StudySettings(dtype="bfloat16")
+    demo = study.StudySettings(dtype="bfloat16", rebuild_stale=True)
+
+    study._model_units(model, bench, model_dir, tmp_path, settings)
+    assert writes == [((2,), "bfloat16")]
+    assert json.loads((model_dir / ".complete").read_text()) == study.units_identity(model, settings)
+    study._model_units(model, bench, model_dir, tmp_path, settings)
+    assert len(writes) == 1  # the same weights and settings: reused
+
+    (model_dir / ".complete").write_text("")  # made by a spidr that recorded nothing
+    lm_dir, other_lm = tmp_path / "lms" / "tiny-l2", tmp_path / "lms" / "other-l2"
+    lm_dir.mkdir(parents=True)
+    other_lm.mkdir()
+    with pytest.raises(ValueError, match=r"made with other .*bf16_input_path.*lms/tiny-l2"):
+        study._model_units(model, bench, model_dir, tmp_path, settings)
+    assert len(writes) == 1
+    assert lm_dir.is_dir()
+    study._model_units(model, bench, model_dir, tmp_path, demo)
+    assert len(writes) == 2
+    assert not lm_dir.exists()
+    assert other_lm.is_dir()
+
+    with torch.no_grad():
+        model.model.mask_embedding.add_(1.0)  # other weights under the same name
+    with pytest.raises(ValueError, match="made with other model"):
+        study._model_units(model, bench, model_dir, tmp_path, settings)

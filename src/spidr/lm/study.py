@@ -15,7 +15,8 @@
    corpus) or measured on the benchmark itself: PNMI of the training set's units against its phone labels, unit ABX
    (within / across speaker, triphone items) on the syntactic split, whose sentences two held-out voices speak.
 
-Every stage caches its output (a rerun resumes where it stopped).
+Every stage caches its output (a rerun resumes where it stopped). A model's units are reused only when they were
+made from the same weights, layers and extraction settings (``units_identity``).
 """
 
 from __future__ import annotations
@@ -198,6 +199,57 @@ def _benchmark(out_dir: Path, settings: StudySettings) -> LmBenchInfo:
     return generate_lm_bench(bench_dir, settings.bench, jobs=settings.jobs)
 
 
+def units_identity(study_model: StudyModel, settings: StudySettings) -> dict[str, Any]:
+    """What a model's unit folder is made from: the weights (their fingerprint), the layers and how units were
+    extracted. Stored in the folder's ``.complete``; a folder made from anything else is not reused."""
+    from spidr.eval.journal import model_fingerprint
+
+    return {"model": model_fingerprint(study_model.model), "layers": sorted(study_model.layers),
+            "dtype": settings.dtype, "kmeans": settings.kmeans,
+            # bf16 units are made with the front end in float32 since 2026-12-05 (spidr.models.inference_precision)
+            "bf16_input_path": "float32" if settings.dtype == "bfloat16" else None}
+
+
+def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, out_dir: Path,
+                 settings: StudySettings) -> Path:
+    """``study_model``'s units of every set in ``model_dir`` (written, or reused when its ``.complete`` holds this
+    ``units_identity``); returns ``model_dir``.
+
+    A folder made from other weights, layers or extraction settings (or by a spidr that did not record them: an
+    empty ``.complete``) holds units this study must not score: with ``settings.rebuild_stale`` (the demo) it is
+    made again and the LMs trained on it are deleted; otherwise it is refused.
+    """
+    done = model_dir / ".complete"
+    identity = units_identity(study_model, settings)
+    if done.is_file():
+        text = done.read_text(encoding="utf-8")
+        previous = json.loads(text) if text.strip() else {}
+        if previous == identity:
+            return model_dir
+        changed = sorted(k for k in {*previous, *identity} if previous.get(k) != identity.get(k))
+        lm_dirs = [out_dir / "lms" / _slug(f"{study_model.name} L{int(layer.name.removeprefix('layer_'))}")
+                   for layer in model_dir.glob("layer_[0-9][0-9]")]
+        if not settings.rebuild_stale:
+            raise ValueError(
+                f"{model_dir} holds units of {study_model.name} made with other {', '.join(changed)}; delete it and "
+                f"the LMs trained on them ({', '.join(str(d) for d in lm_dirs) or 'none'}), or give the study "
+                "another --out")
+        logger.warning("%s holds units made with other %s: making them again, and the LMs trained on them",
+                       model_dir, ", ".join(changed))
+        for stale in (model_dir, *lm_dirs):
+            shutil.rmtree(stale, ignore_errors=True)
+    centroids = None
+    if settings.kmeans:
+        from spidr.data.manifest import read_manifest
+
+        centroids = fit_centroids(study_model.model, read_manifest(bench.train_dir / "manifest.csv"),
+                                  study_model.layers, num_units=settings.kmeans, dtype=settings.dtype)
+    write_model_units(study_model.model, bench.out_dir, model_dir, layers=study_model.layers, centroids=centroids,
+                      dtype=settings.dtype)
+    done.write_text(json.dumps(identity) + "\n", encoding="utf-8")
+    return model_dir
+
+
 def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: StudySettings = StudySettings()) -> Path:
     """The whole study (see the module docstring); returns the path of ``spoken_lm.md``."""
     out_dir = Path(out_dir)
@@ -216,18 +268,7 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     rows.append(_row("phone bigram", "bigram", None,
                      _score("phone bigram", bigram_run / "final.pt", oracle_dir, out_dir, **common), {}))
     for study_model in models:
-        model_dir = units_root / _slug(study_model.name)
-        done = model_dir / ".complete"
-        if not done.is_file():
-            centroids = None
-            if settings.kmeans:
-                from spidr.data.manifest import read_manifest
-
-                centroids = fit_centroids(study_model.model, read_manifest(bench.train_dir / "manifest.csv"),
-                                          study_model.layers, num_units=settings.kmeans, dtype=settings.dtype)
-            write_model_units(study_model.model, bench.out_dir, model_dir, layers=study_model.layers,
-                              centroids=centroids, dtype=settings.dtype)
-            done.touch()
+        model_dir = _model_units(study_model, bench, units_root / _slug(study_model.name), out_dir, settings)
         # The LM's vocabulary is the unit inventory, not the units its training set happens to use: a test item
         # may hold a codeword that no training utterance does.
         num_units = settings.kmeans or study_model.model.cfg.codebook_size
