@@ -222,8 +222,11 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
     done = model_dir / ".complete"
     identity = units_identity(study_model, settings)
     if done.is_file():
-        text = done.read_text(encoding="utf-8")
-        previous = json.loads(text) if text.strip() else {}
+        try:
+            previous = json.loads(done.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:  # empty: written by a spidr that recorded nothing
+            previous = {}
+        previous = previous if isinstance(previous, dict) else {}
         if previous == identity:
             return model_dir
         changed = sorted(k for k in {*previous, *identity} if previous.get(k) != identity.get(k))
