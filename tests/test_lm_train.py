@@ -392,7 +392,7 @@ def test_a_model_s_units_are_reused_only_when_made_from_the_same_weights_and_set
     lm_dir, other_lm = tmp_path / "lms" / "tiny-l2", tmp_path / "lms" / "other-l2"
     lm_dir.mkdir(parents=True)
     other_lm.mkdir()
-    with pytest.raises(ValueError, match=r"made with other .*bf16_input_path.*lms/tiny-l2"):
+    with pytest.raises(ValueError, match=r"made with a spidr that recorded nothing.*lms/tiny-l2"):
         study._model_units(model, bench, model_dir, tmp_path, settings)
     assert len(writes) == 1
     assert lm_dir.is_dir()
@@ -403,5 +403,44 @@ def test_a_model_s_units_are_reused_only_when_made_from_the_same_weights_and_set
 
     with torch.no_grad():
         model.model.mask_embedding.add_(1.0)  # other weights under the same name
-    with pytest.raises(ValueError, match="made with other model"):
+    with pytest.raises(ValueError, match="made with other model;"):
         study._model_units(model, bench, model_dir, tmp_path, settings)
+    lm_dir.mkdir()
+    study._model_units(model, bench, model_dir, tmp_path, demo)
+    assert len(writes) == 3
+    assert not lm_dir.exists()
+
+
+def test_the_units_identity_of_a_reloaded_or_rebuilt_model_is_the_same(tmp_path):
+    """A re-run loads the checkpoint again and rebuilds the random-init baseline: both must give the identity their
+    folders hold, or every re-run would remake its units."""
+    from spidr.config import SpidRConfig
+    from spidr.lm import study
+    from spidr.models.build import build_model, random_init_model
+    from spidr.models.loading import export_safetensors, load_model
+    from train_fixtures import EXTRACTION_MODEL
+
+    cfg = SpidRConfig(**EXTRACTION_MODEL)
+    settings = study.StudySettings()
+    first, second = random_init_model(cfg), random_init_model(cfg)
+    assert study.units_identity(study.StudyModel("r", first, (1, 2)), settings) == \
+        study.units_identity(study.StudyModel("r", second, (2, 1)), settings)
+    torch.manual_seed(1)
+    export_safetensors(build_model(cfg).eval(), tmp_path / "m.safetensors")
+    a, b = load_model(tmp_path / "m.safetensors"), load_model(tmp_path / "m.safetensors")
+    assert study.units_identity(study.StudyModel("m", a, (2,)), settings) == \
+        study.units_identity(study.StudyModel("m", b, (2,)), settings)
+    assert study.units_identity(study.StudyModel("m", a, (2,)), settings) != \
+        study.units_identity(study.StudyModel("r", first, (2,)), settings)
+
+
+def test_two_models_with_one_units_folder_are_refused(tmp_path):
+    """Two checkpoints named alike (the file stem: runs/a/final.pt, runs/b/final.pt) would share units/final."""
+    from spidr.lm import study
+
+    models = [study.StudyModel("final", None, (1,)), study.StudyModel("final", None, (1,))]
+    with pytest.raises(ValueError, match=r"same units folder \['final'\].*NAME=CKPT"):
+        study.run_study(models, tmp_path)
+    with pytest.raises(ValueError, match=r"\['oracle'\]"):
+        study.run_study([study.StudyModel("Oracle", None, (1,))], tmp_path)
+    assert not (tmp_path / "bench").exists()

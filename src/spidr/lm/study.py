@@ -68,7 +68,8 @@ class StudySettings:
     quality_source: str = ""  # where given unit-quality figures come from (for the report)
     kmeans: int = 0  # > 0: k-means units, this many centroids per layer fitted on the training set (not codebooks)
     # True (the demo, whose study folder is a cache): a benchmark made with other settings is made again, and every
-    # unit file, LM and score derived from it is deleted first. False: such a folder is refused.
+    # unit file, LM and score derived from it is deleted first; a model's units made from other weights, layers or
+    # extraction settings are made again and the LMs trained on them deleted. False: such folders are refused.
     rebuild_stale: bool = False
 
 
@@ -224,22 +225,21 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
     if done.is_file():
         try:
             previous = json.loads(done.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:  # empty: written by a spidr that recorded nothing
-            previous = {}
-        previous = previous if isinstance(previous, dict) else {}
+        except (ValueError, OSError):  # empty or unreadable: written by a spidr that recorded nothing
+            previous = None
         if previous == identity:
             return model_dir
-        changed = sorted(k for k in {*previous, *identity} if previous.get(k) != identity.get(k))
+        why = ("other " + ", ".join(sorted(k for k in identity if previous.get(k) != identity.get(k)))
+               if isinstance(previous, dict) else "a spidr that recorded nothing of what made them")
         lm_dirs = [out_dir / "lms" / _slug(f"{study_model.name} L{int(layer.name.removeprefix('layer_'))}")
                    for layer in model_dir.glob("layer_[0-9][0-9]")]
         if not settings.rebuild_stale:
             raise ValueError(
-                f"{model_dir} holds units of {study_model.name} made with other {', '.join(changed)}; delete it and "
-                f"the LMs trained on them ({', '.join(str(d) for d in lm_dirs) or 'none'}), or give the study "
-                "another --out")
-        logger.warning("%s holds units made with other %s: making them again, and the LMs trained on them",
-                       model_dir, ", ".join(changed))
-        for stale in (model_dir, *lm_dirs):
+                f"{model_dir} holds units of {study_model.name} made with {why}; delete it and the LMs trained on "
+                f"them ({', '.join(str(d) for d in lm_dirs) or 'none'}), or give the study another --out")
+        logger.warning("%s holds units made with %s: making them again, and the LMs trained on them", model_dir, why)
+        # The LMs first: units without their .complete are remade, but an LM left behind would be reused.
+        for stale in (*lm_dirs, model_dir):
             shutil.rmtree(stale, ignore_errors=True)
     centroids = None
     if settings.kmeans:
@@ -256,6 +256,11 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
 def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: StudySettings = StudySettings()) -> Path:
     """The whole study (see the module docstring); returns the path of ``spoken_lm.md``."""
     out_dir = Path(out_dir)
+    slugs = [_slug(model.name) for model in models]
+    clashes = sorted({slug for slug in slugs if slugs.count(slug) > 1 or slug == "oracle"})
+    if clashes:  # one units folder (units/<slug>) for two sources: each would overwrite or refuse the other's
+        raise ValueError(f"model names {[m.name for m in models]} give the same units folder {clashes} twice (or "
+                         "the phone oracle's): name each model (--checkpoint NAME=CKPT)")
     bench = _benchmark(out_dir, settings)
     units_root = out_dir / "units"
     rows = []
