@@ -132,9 +132,15 @@ def test_demo_rerun_reuses_corpus_and_model(demo_run):
     final = next((settings.out_dir / "runs").rglob("final.pt"))
     stamp = final.stat().st_mtime_ns
     manifest_stamp = (settings.out_dir / "corpus" / "train" / "manifest.csv").stat().st_mtime_ns
+    # the spoken-LM stage's units and LMs too: the reloaded model and the rebuilt random init match what made them
+    study_files = [*(settings.out_dir / "spoken_lm" / "units").glob("*/.complete"),
+                   *(settings.out_dir / "spoken_lm" / "lms").glob("*/final.pt")]
+    assert len(study_files) == 2 + 5  # 2 models' units; LMs: oracle, bigram, 2 trained layers, 1 random-init layer
+    study_stamps = [path.stat().st_mtime_ns for path in study_files]
     run_demo(settings)
     assert final.stat().st_mtime_ns == stamp
     assert (settings.out_dir / "corpus" / "train" / "manifest.csv").stat().st_mtime_ns == manifest_stamp
+    assert [path.stat().st_mtime_ns for path in study_files] == study_stamps
 
 
 @pytest.mark.slow
