@@ -31,7 +31,7 @@ from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings
 from spidr.eval.journal import write_atomically
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
-from spidr.models.inference_precision import bfloat16_inference
+from spidr.models.inference_precision import bfloat16_inference, precision_identity
 
 logger = logging.getLogger(__name__)
 
@@ -350,11 +350,8 @@ def extract_to_directory(
     manifest = _as_manifest(entries)
     outputs = _Outputs(out_dir, output_stems(manifest))
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
-                "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest)}
-    if settings.dtype == "bfloat16":
-        # bf16 extraction once ran the whole model in bf16; since its front end, projection and positional convs
-        # run in float32, a bf16 folder begun before is another extraction, not one to resume.
-        identity["bf16_input_path"] = "float32"
+                "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
+                **precision_identity(settings.dtype)}
     journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                 replace_other=replace_other)
     units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None

@@ -204,11 +204,10 @@ def units_identity(study_model: StudyModel, settings: StudySettings) -> dict[str
     """What a model's unit folder is made from: the weights (their fingerprint), the layers and how units were
     extracted. Stored in the folder's ``.complete``; a folder made from anything else is not reused."""
     from spidr.eval.journal import model_fingerprint
+    from spidr.models.inference_precision import precision_identity
 
     return {"model": model_fingerprint(study_model.model), "layers": sorted(study_model.layers),
-            "dtype": settings.dtype, "kmeans": settings.kmeans,
-            # bf16 units are made with the front end in float32 since 2026-12-05 (spidr.models.inference_precision)
-            "bf16_input_path": "float32" if settings.dtype == "bfloat16" else None}
+            "dtype": settings.dtype, "kmeans": settings.kmeans, **precision_identity(settings.dtype)}
 
 
 def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, out_dir: Path,

@@ -37,3 +37,10 @@ def bfloat16_inference(model: nn.Module, device_type: str) -> Iterator[None]:
     finally:
         for module, keep in zip(modules, before, strict=True):
             module.keep_float32 = keep
+
+
+def precision_identity(dtype: str) -> dict[str, str]:
+    """What extraction in ``dtype`` computes, for the identity of cached features and units (an extraction folder's
+    journal, a study's unit folders): bf16 extraction ran the whole model in bf16 until 2026-12-05, so bf16 says its
+    input path is float32 and a folder made before is not taken for one made now. float32: nothing to add."""
+    return {"bf16_input_path": "float32"} if dtype == "bfloat16" else {}
