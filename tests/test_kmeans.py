@@ -95,6 +95,9 @@ def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[s
                      str(tmp_path / "dedup.jsonl"), "--dedup"]) == 0
     first = json.loads((tmp_path / "dedup.jsonl").read_text().splitlines()[0])["units"]
     assert all(a != b for a, b in itertools.pairwise(first))
+    capsys.readouterr()
+    assert cli.main(["units-quality", str(tmp_path / "dedup.jsonl"), str(tmp_path / "missing.jsonl")]) == 2
+    assert "written deduplicated" in capsys.readouterr().err
     assert cli.main(["kmeans", str(tmp_path / "features"), "--out", str(tmp_path / "c.pkl")]) == 2
 
 

@@ -99,6 +99,14 @@ def test_read_table_keeps_labels_and_drops_bad_rows(tmp_path: Path, caplog: pyte
     assert len(read_table(path, ["abx"])) == 5  # only the chosen columns matter
     with pytest.raises(ValueError, match=r"no column 'swuggy'; the columns are model, layer, abx, pnmi, note"):
         read_table(path, ["abx", "swuggy"])
+    typo = write_table(tmp_path / "typo.csv", ["model", "layer", "abx", "pnmi"],
+                       [["a", 1, 1.0, 0.1], ["a", 2, "6O.5", 0.2], ["a", 3, 3.0, 0.3], ["a", 4, 4.0, 0.4]])
+    with pytest.raises(ValueError, match=r"typo\.csv, line 3: abx = '6O\.5' is not a finite number"):
+        read_table(typo, ["abx", "pnmi"])
+    twice = write_table(tmp_path / "twice.csv", ["model", "layer", "abx", "pnmi"],
+                        [["a", 1, 1.0, 0.1], ["a", 2, 2.0, 0.2], ["b", 2, 3.0, 0.3], ["a", 1, 1.0, 0.1]])
+    with pytest.raises(ValueError, match=r"lines 2 and 5: two rows for model 'a', layer 1"):
+        read_table(twice, ["abx", "pnmi"])
     small = write_table(tmp_path / "small.csv", ["abx", "pnmi"], [[1, 2], [2, ""], [3, 4]])
     with pytest.raises(ValueError, match="2 usable row"):
         read_table(small, ["abx", "pnmi"])

@@ -496,6 +496,19 @@ def test_missing_submission_is_skipped_with_a_warning(tmp_path: Path, caplog: py
     assert f"no submission {submission / 'syntactic' / 'dev.txt'}" in caplog.text
 
 
+def test_a_submission_without_gold_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bench, submission, _ = write_benchmark(tmp_path)
+    for stem in ("0_p1_correct", "0_p1_incorrect", "1_p2_correct", "1_p2_incorrect"):
+        (bench / "ssc" / "dev" / f"{stem}.wav").unlink()  # the sSC folder is there, its items are not
+    with caplog.at_level(logging.WARNING):
+        summary = evaluate_benchmark(bench, submission)
+    assert "ssc" not in summary
+    assert "tsc" in summary
+    assert (f"ssc: there is a submission {submission / 'ssc' / 'dev.txt'} but no gold for it in the benchmark "
+            f"({bench / 'ssc' / 'dev'}: no gold.csv and no *_correct.wav / *_incorrect.wav); not scored"
+            ) in caplog.text
+
+
 def test_incomplete_submission_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench, submission, _ = write_benchmark(tmp_path)
     path = submission / "lexical" / "dev.txt"

@@ -203,6 +203,25 @@ def test_resuming_on_other_data_is_refused(tmp_path):
         train_lm(load_lm_config(path, [f'data.train="{other}"', "optimizer.max_steps=20"]))
 
 
+def test_units_of_the_other_kind_are_refused_for_validation_and_scoring(tmp_path, capsys):
+    """An LM trained on discrete units reads only units: a frame-label ('phones') file would otherwise be mapped
+    onto unit ids 0..39 of its own making and scored as if it were units."""
+    phones = tmp_path / "phones.jsonl"
+    phones.write_text(json.dumps({"name": "a", "phones": ["AA", "B"]}) + "\n")
+    path = _config(tmp_path, "kinds", model={"arch": "ngram", "ngram_order": 2})
+    with pytest.raises(ValueError, match=r"phones\.jsonl holds frame labels .* trained on discrete units"):
+        train_lm(load_lm_config(path, [f'data.valid="{phones}"']))
+    assert train_lm(load_lm_config(path)) == "completed"
+    units = tmp_path / "test-units"
+    (units / "lexical").mkdir(parents=True)
+    (units / "lexical" / "dev.jsonl").write_text(phones.read_text())
+    capsys.readouterr()
+    assert main(["lm-score", str(tmp_path / "runs" / "kinds" / "final.pt"), str(units), str(tmp_path / "out")]) == 2
+    assert "dev.jsonl holds frame labels ('phones' rows), but the LM was trained on discrete units" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "out" / "lexical" / "dev.txt").exists()
+
+
 def test_config_errors_name_the_field(tmp_path):
     path = _config(tmp_path, "bad")
     with pytest.raises(ValueError, match=r"\[model\] has unknown key\(s\) depth"):
@@ -444,3 +463,49 @@ def test_two_models_with_one_units_folder_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\['oracle'\]"):
         study.run_study([study.StudyModel("Oracle", None, (1,))], tmp_path)
     assert not (tmp_path / "bench").exists()
+
+
+def test_each_study_plot_shows_the_points_and_r_of_its_own_correlation(tmp_path, monkeypatch):
+    """A point lacking one metric drops out of that metric's correlation only; its plot must agree with the table
+    (it used to take the points having PNMI and sWUGGY, and crashed on a missing ABX)."""
+    from spidr.corpus.lm_bench import LmBenchInfo
+    from spidr.lm import correlate as correlate_module
+    from spidr.lm.study import write_study_report
+
+    drawn = []
+    real_plot = correlate_module.plot_scatter
+
+    def spy(rows, x, y, path, *, result=None):
+        drawn.append((x, y, [row["layer"] for row in rows], result))
+        return real_plot(rows, x, y, path, result=result)
+
+    monkeypatch.setattr(correlate_module, "plot_scatter", spy)
+    rows = [{"name": f"m L{layer}", "model": "m", "layer": layer, "unit_abx_within": None, "unit_abx_across": abx,
+             "pnmi": pnmi, "swuggy_all": sw, "swuggy_invocab": sw, "sblimp": 50.0, "tsc": 50.0}
+            for layer, abx, pnmi, sw in [(1, 10.0, 0.5, 70.0), (2, 20.0, 0.4, 61.0), (3, 30.0, 0.3, 55.0),
+                                         (4, None, 0.2, 52.0), (5, 12.0, None, 66.0)]]
+    bench = LmBenchInfo(tmp_path, {"test_voices": ["v"]}, {"train": {"hours": 1.0}})
+    report = write_study_report(rows, tmp_path, bench).read_text()
+    plotted = {(x, y): (layers, result) for x, y, layers, result in drawn}
+    assert plotted.keys() == {("unit_abx_across", "swuggy_invocab"), ("pnmi", "swuggy_invocab")}
+    assert plotted["unit_abx_across", "swuggy_invocab"][0] == [1, 2, 3, 5]
+    assert plotted["pnmi", "swuggy_invocab"][0] == [1, 2, 3, 4]
+    for (x, y), (layers, result) in plotted.items():
+        assert result["n"] == len(layers)
+        assert f"| {x} | {y} | {len(layers)} | {result['pearson_r']:+.2f} |" in report
+        assert (tmp_path / f"{y}_vs_{x}.png").stat().st_size > 0
+
+
+def test_unit_files_are_found_per_task_and_split_and_a_doubled_one_is_refused(tmp_path):
+    from spidr.lm.score import find_unit_files
+
+    (tmp_path / "lexical").mkdir()
+    (tmp_path / "tsc").mkdir()
+    (tmp_path / "lexical" / "dev.jsonl").write_text("")
+    (tmp_path / "tsc" / "test.jsonl.gz").write_bytes(b"")
+    (tmp_path / "lexical" / "notes.jsonl").write_text("")
+    assert find_unit_files(tmp_path) == {("lexical", "dev"): tmp_path / "lexical" / "dev.jsonl",
+                                         ("tsc", "test"): tmp_path / "tsc" / "test.jsonl.gz"}
+    (tmp_path / "lexical" / "dev.jsonl.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"both .*lexical/dev\.jsonl and .*lexical/dev\.jsonl\.gz exist"):
+        find_unit_files(tmp_path)

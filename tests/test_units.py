@@ -31,9 +31,22 @@ def test_deduplicate() -> None:
     assert deduplicate([]).size == 0
 
 
-def test_write_deduplicated(tmp_path: Path) -> None:
-    write_units(tmp_path / "u.jsonl", [("a", np.array([1, 1, 2, 1, 1]))], dedup=True)
-    np.testing.assert_array_equal(read_units(tmp_path / "u.jsonl")["a"], [1, 2, 1])
+def test_deduplicated_units_are_marked_and_read_only_where_no_frame_rate_is_needed(tmp_path: Path) -> None:
+    from spidr.lm.tokens import read_unit_sequences
+
+    path = tmp_path / "u.jsonl"
+    write_units(path, [("a", np.array([1, 1, 2, 1, 1]))], dedup=True)
+    assert json.loads(path.read_text()) == {"name": "a", "units": [1, 2, 1], "dedup": True}
+    with pytest.raises(ValueError, match=r"u\.jsonl: line 1: the units of 'a' were written deduplicated .* "
+                                         r"ABX and unit quality compare units with frames"):
+        read_units(path)
+    # a unit LM that deduplicates reads them (deduplicating again changes nothing); one on frame-rate units refuses
+    assert read_unit_sequences(path, dedup=True).sequences["a"].tolist() == [1, 2, 1]
+    with pytest.raises(ValueError, match=r"the LM reads frame-rate units \(data\.dedup = false\)"):
+        read_unit_sequences(path, dedup=False)
+    write_units(path, [("a", np.array([1, 1, 2]))])
+    assert "dedup" not in json.loads(path.read_text())
+    np.testing.assert_array_equal(read_units(path)["a"], [1, 1, 2])
 
 
 def test_audio_key_is_the_stem(tmp_path: Path) -> None:

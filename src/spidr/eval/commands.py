@@ -213,7 +213,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--centroids", required=True, help="centroids file from 'spidr kmeans'")
     parser.add_argument("--out", required=True, help="units file to write (.jsonl, or .jsonl.gz to compress)")
     parser.add_argument("--dedup", action="store_true",
-                        help="collapse consecutive repeated units (loses the time alignment: not for ABX/PNMI)")
+                        help="collapse consecutive repeated units (loses the time alignment: rows are marked "
+                             "\"dedup\": true, and abx / units-quality refuse them)")
     parser.set_defaults(handler=_units)
 
     parser = subparsers.add_parser(

@@ -5,7 +5,9 @@ This is the layout of SpidR's shipped unit files (``name`` = LibriSpeech utteran
 accepts either key and ``.gz`` files; writing uses ``name`` (pass ``audio_key="name"`` to fastabx).
 
 Units are at the model's frame rate (50 Hz) unless written deduplicated, in which case consecutive repeats are
-collapsed and the time alignment is lost (fine for a unit language model, not for ABX or unit quality).
+collapsed and the time alignment is lost (fine for a unit language model, not for ABX or unit quality). Such rows
+carry ``"dedup": true``, so that readers needing the frame rate (ABX, PNMI, an LM trained on frame-rate units) refuse
+them instead of reading them as if they had it.
 """
 
 from __future__ import annotations
@@ -36,18 +38,20 @@ def utterance_key(row: Mapping[str, object], *, where: str) -> str:
     raise ValueError(f"{where}: row has neither a 'name' nor an 'audio' key (keys: {sorted(row)})")
 
 
-def read_jsonl_rows(path: str | Path, *, field: str | tuple[str, ...],
-                    key: Callable[[str], str] = str) -> Iterator[tuple[str, str, str, list]]:
+def read_jsonl_rows(path: str | Path, *, field: str | tuple[str, ...], key: Callable[[str], str] = str,
+                    refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list]]:
     """``(utterance, where, found, row[found])`` for every row of a JSONL file keyed by ``name`` or ``audio``
     (``.gz`` read transparently), ``found`` being the first of the ``field`` names the row holds as a list;
     ``where`` names the file and line for error messages. ``key`` maps the row's name to the utterance key (e.g. to
-    a file stem). Refuses bad JSON, rows without such a list and repeated utterances."""
-    for name, where, found, values, _ in _jsonl_rows(path, field=field, key=key):
+    a file stem). Refuses bad JSON, rows without such a list and repeated utterances; with ``refuse_deduplicated``
+    (why the reader needs frame-rate units), also rows written deduplicated (``"dedup": true``)."""
+    for name, where, found, values, _ in _jsonl_rows(path, field=field, key=key,
+                                                     refuse_deduplicated=refuse_deduplicated):
         yield name, where, found, values
 
 
-def _jsonl_rows(path: str | Path, *, field: str | tuple[str, ...],
-                key: Callable[[str], str] = str) -> Iterator[tuple[str, str, str, list, str]]:
+def _jsonl_rows(path: str | Path, *, field: str | tuple[str, ...], key: Callable[[str], str] = str,
+                refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list, str]]:
     """:func:`read_jsonl_rows` plus the raw line (lets :func:`read_units` skip a per-value type check)."""
     fields = (field,) if isinstance(field, str) else field
     seen: set[str] = set()
@@ -66,12 +70,19 @@ def _jsonl_rows(path: str | Path, *, field: str | tuple[str, ...],
             name = key(utterance_key(row, where=where))
             if name in seen:
                 raise ValueError(f"{where}: utterance {name!r} appears twice")
+            if refuse_deduplicated and row.get("dedup") is True:
+                raise ValueError(f"{where}: the units of {name!r} were written deduplicated (spidr units --dedup: "
+                                 f"repeats collapsed, no frame rate left); {refuse_deduplicated}")
             seen.add(name)
             yield name, where, found, row[found], line
 
 
+FRAME_RATE_NEEDED = "ABX and unit quality compare units with frames: write the units without --dedup"
+
+
 def read_units(path: str | Path) -> dict[str, np.ndarray]:
-    """``{utterance: int32 array of units}`` from a units JSONL file (``.gz`` read transparently).
+    """``{utterance: int32 array of units}`` at the model's frame rate from a units JSONL file (``.gz`` read
+    transparently); deduplicated rows are refused.
 
     Each row's list becomes an array in one numpy call; a row is checked element by element only when its text
     holds ``true`` or ``false`` (a JSON boolean would otherwise pass as an integer).
@@ -80,7 +91,7 @@ def read_units(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"units file {path} does not exist")
     units: dict[str, np.ndarray] = {}
-    for key, where, _, values, line in _jsonl_rows(path, field="units"):
+    for key, where, _, values, line in _jsonl_rows(path, field="units", refuse_deduplicated=FRAME_RATE_NEEDED):
         array = np.asarray(values)
         if (array.size and array.dtype.kind not in "iu") or (
                 ("true" in line or "false" in line) and any(type(u) is bool for u in values)):
@@ -109,12 +120,14 @@ def write_units(
     *,
     dedup: bool = False,
 ) -> int:
-    """Write ``{"name": utterance, "units": [...]}`` rows (gzip when ``path`` ends in ``.gz``); returns the count."""
+    """Write ``{"name": utterance, "units": [...]}`` rows (gzip when ``path`` ends in ``.gz``), with ``"dedup": true``
+    when ``dedup``; returns the count."""
     items = units.items() if isinstance(units, Mapping) else units
     count = 0
     with open_text(path, "w") as handle:
         for name, values in items:
             array = deduplicate(values) if dedup else np.asarray(values)
-            handle.write(json.dumps({"name": name, "units": array.astype(np.int64).tolist()}) + "\n")
+            row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}
+            handle.write(json.dumps(row) + "\n")
             count += 1
     return count

@@ -88,6 +88,10 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     }
 
 
+# Cell texts that mean "no value" (pandas, R and spreadsheets write these); anything else must be a number.
+MISSING = frozenset({"", "nan", "n/a", "na", "none", "null", "-", "–"})
+
+
 def _number(text: str) -> float | None:
     try:
         value = float(text)
@@ -99,8 +103,10 @@ def _number(text: str) -> float | None:
 def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
     """Rows of a CSV table, as ``{column: float or str}`` (text that parses as a finite number becomes a float).
 
-    ``columns`` are the metrics to correlate: they must be in the header, and a row whose value in one of them is
-    empty or not a finite number is dropped with a warning. Fewer than 3 rows left is an error.
+    ``columns`` are the metrics to correlate: they must be in the header. A row whose value in one of them is
+    missing (empty, "nan", "n/a", "na", "none", "null", "-") is dropped with a warning; any other value that is not a
+    finite number (a typo such as "6O.5", "inf") is an error naming its line. Two rows for one (model, layer), when
+    the table has those columns, are an error: the point would count twice. Fewer than 3 rows left is an error.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -114,12 +120,23 @@ def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
                              f"{', '.join(header)}")
         rows: list[Row] = []
         dropped: list[str] = []
+        seen: dict[tuple[str, str], int] = {}
         for record in reader:
             values = {column: (record[column] or "").strip() for column in header}
+            for column in columns:
+                if _number(values[column]) is None and values[column].lower() not in MISSING:
+                    raise ValueError(f"{csv_path}, line {reader.line_num}: {column} = {values[column]!r} is not a "
+                                     f"finite number (leave the cell empty where a point has no {column})")
             bad = [column for column in columns if _number(values[column]) is None]
             if bad:
                 dropped.append(f"line {reader.line_num} ({', '.join(bad)})")
                 continue
+            if "model" in values and "layer" in values:
+                point = (values["model"], values["layer"])
+                if point in seen:
+                    raise ValueError(f"{csv_path}, lines {seen[point]} and {reader.line_num}: two rows for model "
+                                     f"{point[0]!r}, layer {point[1]}; each (model, layer) point must appear once")
+                seen[point] = reader.line_num
             row: Row = {}
             for column, text in values.items():
                 number = _number(text)

@@ -372,6 +372,23 @@ def _find_gold(task: str, gold_dir: Path) -> tuple[list[GoldItem], Path] | None:
     return None
 
 
+def _gold_to_score(task: str, gold_dir: Path, submission: Path) -> tuple[list[GoldItem], Path] | None:
+    """``_find_gold`` when there is a submission to score against it; None, with a warning where only one of the
+    two is there."""
+    found = _find_gold(task, gold_dir)
+    if found is None:
+        if submission.is_file():
+            logger.warning("%s: there is a submission %s but no gold for it in the benchmark (%s: no gold.csv%s); "
+                           "not scored", task, submission, gold_dir,
+                           " and no *_correct.wav / *_incorrect.wav" if task in ("tsc", "ssc") else "")
+        return None
+    if not submission.is_file():
+        logger.warning("%s: the benchmark has %s but there is no submission %s; skipping the task",
+                       task, found[1], submission)
+        return None
+    return found
+
+
 def evaluate_task(task: str, gold: Sequence[GoldItem], scores: Mapping[str, float], *,
                   where: str | Path = "submission", seed: int = 0) -> TaskResult:
     """Dispatch to :func:`evaluate_lexical`, :func:`evaluate_syntactic` or :func:`evaluate_storycloze`."""
@@ -396,7 +413,8 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
 
     Looks for ``bench_dir/{lexical,syntactic,lexical_seen}/{kind}/gold.csv`` and ``bench_dir/{tsc,ssc}/{kind}/``
     (a ``gold.csv`` or ``*_correct.wav`` / ``*_incorrect.wav`` files), scored by ``submission_dir/{task}/{kind}.txt``.
-    A task whose submission is absent is skipped with a warning; an incomplete submission is an error.
+    A task whose submission is absent, or whose submission has no gold, is skipped with a warning; an incomplete
+    submission is an error.
 
     Returns a JSON-serialisable dict: the headline numbers in percent at the top level (``swuggy_all``,
     ``swuggy_invocab``, ``sblimp``, ``tsc``, ``ssc``, each only when computed) and ``details``, one entry per scored
@@ -413,14 +431,10 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
         gold_dir = bench_dir / task / kind
         submission = submission_dir / task / f"{kind}.txt"
         looked_for.append(f"{gold_dir / 'gold.csv'} + {submission}")
-        found = _find_gold(task, gold_dir)
+        found = _gold_to_score(task, gold_dir, submission)
         if found is None:
             continue
         gold, gold_source = found
-        if not submission.is_file():
-            logger.warning("%s: the benchmark has %s but there is no submission %s; skipping the task",
-                           task, gold_source, submission)
-            continue
         scores = read_submission(submission)
         check_complete(scores, gold, submission)
         try:

@@ -77,15 +77,18 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
 
 
 def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
-    """``(task, split) → UNITS_DIR/<task>/<split>.jsonl`` for the files that exist (``.jsonl.gz`` too)."""
+    """``(task, split) → UNITS_DIR/<task>/<split>.jsonl`` for the files that exist (``.jsonl.gz`` too; both for one
+    split is an error, as either could be the one meant)."""
     units_dir = Path(units_dir)
     found = {}
     for task in TASKS:
         for split in SPLITS:
-            for suffix in (".jsonl", ".jsonl.gz"):
-                path = units_dir / task / f"{split}{suffix}"
-                if path.is_file():
-                    found[(task, split)] = path
+            paths = [units_dir / task / f"{split}{suffix}" for suffix in (".jsonl", ".jsonl.gz")]
+            present = [path for path in paths if path.is_file()]
+            if len(present) > 1:
+                raise ValueError(f"both {present[0]} and {present[1]} exist: keep the one to score")
+            if present:
+                found[(task, split)] = present[0]
     return found
 
 

@@ -372,8 +372,9 @@ def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: 
         writer.writerow(columns)
         for row in rows:
             writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
-    points = [dict(r) for r in rows if r.get("pnmi") is not None and r.get("swuggy_invocab") is not None]
-    plots = [plot_scatter(points, c["x"], c["y"], out_dir / f"{c['y']}_vs_{c['x']}.png") for c in corr
+    # Each plot shows the points of its own correlation (the rows holding both of its metrics), with the table's r.
+    plots = [plot_scatter([dict(r) for r in rows if r.get(c["x"]) is not None and r.get(c["y"]) is not None],
+                          c["x"], c["y"], out_dir / f"{c['y']}_vs_{c['x']}.png", result=c) for c in corr
              if c["y"] in ("swuggy_invocab", "swuggy_seen_invocab") and c["x"] in ("unit_abx_across", "pnmi")]
     path = out_dir / "spoken_lm.md"
     body = markdown(rows, corr, bench, kind, quality_source)

@@ -26,6 +26,7 @@ import numpy as np
 from spidr.eval.units import deduplicate, read_jsonl_rows
 
 UnitsKind = Literal["units", "labels"]
+_KIND_WORDS = {"units": "discrete units ('units' rows)", "labels": "frame labels ('phones' rows)"}
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,14 @@ def file_stem(name: str) -> str:
     return Path(name).name.removesuffix(".wav").removesuffix(".flac")
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[str, str, str, list]]:
-    """``(stem, kind, where, values)`` per row, kind "units" or "labels"; refuses bad JSON and repeated stems."""
+def read_rows(path: str | Path, *, refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list]]:
+    """``(stem, kind, where, values)`` per row, kind "units" or "labels"; refuses bad JSON and repeated stems, and
+    with ``refuse_deduplicated`` (why), rows written deduplicated."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"units file {path} does not exist")
-    for stem, where, found, values in read_jsonl_rows(path, field=("units", "phones"), key=file_stem):
+    for stem, where, found, values in read_jsonl_rows(path, field=("units", "phones"), key=file_stem,
+                                                      refuse_deduplicated=refuse_deduplicated):
         yield stem, "units" if found == "units" else "labels", where, values
 
 
@@ -104,17 +107,23 @@ class UnitSequences:
 
 
 def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabulary | None = None,
-                        num_units: int | None = None) -> UnitSequences:
+                        num_units: int | None = None, expect_kind: UnitsKind | None = None) -> UnitSequences:
     """Read a units or frame-label file. For labels without a given ``labels`` vocabulary, the vocabulary is the
     sorted union of the labels in the file and the corpus's phone inventory (ARPAbet-39 + SIL), so that a test item
-    may hold a phone the training file lacks. Units ≥ ``num_units`` (when given) are refused, naming the utterance."""
-    rows = list(read_rows(path))
+    may hold a phone the training file lacks. Units ≥ ``num_units`` (when given) are refused, naming the utterance.
+    ``expect_kind`` (the kind an LM was trained on): a file of the other kind is refused. Without ``dedup``, units
+    written deduplicated (``spidr units --dedup``) are refused: the LM would see them unlike its other inputs."""
+    rows = list(read_rows(path, refuse_deduplicated=None if dedup else (
+        "the LM reads frame-rate units (data.dedup = false): set data.dedup = true, which deduplicates every file "
+        "alike, or write the units without --dedup")))
     if not rows:
         raise ValueError(f"units file {path} has no utterance")
     kinds = {kind for _, kind, _, _ in rows}
     if len(kinds) > 1:
         raise ValueError(f"{path} mixes 'units' and 'phones' rows; give one kind per file")
     kind = kinds.pop()
+    if expect_kind is not None and kind != expect_kind:
+        raise ValueError(f"{path} holds {_KIND_WORDS[kind]}, but the LM was trained on {_KIND_WORDS[expect_kind]}")
     sequences: dict[str, np.ndarray] = {}
     if kind == "labels":
         if labels is None:

@@ -82,7 +82,8 @@ def prepare_data(cfg: LmConfig) -> LmData:
     if units.max_unit >= num_units:
         raise ValueError(f"data.num_units = {num_units} but {data.train} holds unit {units.max_unit}")
     if data.valid:
-        valid = read_unit_sequences(data.valid, dedup=data.dedup, labels=units.labels, num_units=num_units)
+        valid = read_unit_sequences(data.valid, dedup=data.dedup, labels=units.labels, num_units=num_units,
+                                    expect_kind=units.kind)
         train_seqs, valid_seqs = units.sequences, valid.sequences
     else:
         held_out = {stem for stem in units.sequences if is_held_out(stem, data.val_fraction, cfg.run.seed)}
@@ -395,4 +396,5 @@ def load_lm(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn
 
 def read_lm_units(path: str | Path, info: dict[str, Any], labels: LabelVocabulary | None) -> UnitSequences:
     """A units file read the way the LM was trained (same dedup, same labels, units in range)."""
-    return read_unit_sequences(path, dedup=info["dedup"], labels=labels, num_units=info["num_units"])
+    return read_unit_sequences(path, dedup=info["dedup"], labels=labels, num_units=info["num_units"],
+                               expect_kind=info.get("kind"))
