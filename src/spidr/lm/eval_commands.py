@@ -126,7 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lm-correlate",
         help="Pearson / Spearman correlation of unit-quality and LM metrics across representations",
         description="Correlate metric columns of TABLE (a CSV with one row per model/layer; non-numeric columns "
-        "are labels, rows with an empty or non-numeric value in the chosen columns are dropped). --x and --y take "
+        "are labels; a row with an empty cell, or nan / n/a / na / none / null / -, in the chosen columns is "
+        "dropped with a warning, other non-numbers and a repeated (model, layer) are errors). --x and --y take "
         "comma-separated lists: every (x, y) pair is computed. Without --json, writes a scatter plot per pair.",
         formatter_class=FORMATTER,
     )
