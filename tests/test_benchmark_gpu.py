@@ -96,14 +96,29 @@ def test_smoke_channels_last_job_forces_the_layout_for_its_own_run_only(gpu, tmp
 
 @pytest.mark.slow  # ≈ 20 s on 2 busy cores: torch.compile traces both models (with the 'eager' backend)
 def test_smoke_compiled_jobs(gpu, tmp_path, capsys):
+    """Both compiled rows; the SpidR one takes the FLOP count of its eager twin, measured just before (same model,
+    same batches), instead of spending its time limit on eager counting steps; DinoSR's twin did not run."""
     try:
-        rows, table = run_smoke(gpu, tmp_path, capsys, ["spidr-compile", "dinosr-compile"])
+        rows, table = run_smoke(gpu, tmp_path, capsys, ["spidr-compile", "dinosr-compile", "spidr"])
     finally:
         torch._dynamo.reset()  # no compiled code left behind for the other tests
-    assert [row["job"] for row in rows] == ["spidr-compile", "dinosr-compile"]
+    assert [row["job"] for row in rows] == ["spidr", "spidr-compile", "dinosr-compile"]
     for row in rows:
         check_row(row)
         assert f"| {row['name']} | " in table
+    eager, compiled, dinosr = rows
+    assert compiled["gflop_per_audio_s_counted"] == eager["gflop_per_audio_s_counted"]
+    assert compiled["counted_by"] == eager["name"]
+    assert "counted_by" not in dinosr
+    assert f"FLOPs as counted by {eager['name']}" in table
+
+
+def test_a_compiled_job_reuses_only_its_eager_twin_s_count(gpu):
+    rows = {"spidr": {"gflop_per_audio_s_counted": 61.5}, "dinosr": {"error": "failed"}}
+    assert gpu.twin_flop_count("spidr-compile", rows) == ["--counted-gflop", "61.5"]
+    assert gpu.twin_flop_count("dinosr-compile", rows) == []  # its twin failed: it counts for itself
+    assert gpu.twin_flop_count("spidr-host-reads", rows) == []  # not compiled: counts its own step
+    assert gpu.twin_flop_count("spidr-compile", {}) == []
 
 
 def test_a_failing_job_leaves_the_others_running(gpu, tmp_path, capsys, monkeypatch):
@@ -128,3 +143,14 @@ def test_isolated_job(gpu, tmp_path):
 def test_isolated_job_is_killed_at_its_time_limit(gpu, tmp_path):
     row = gpu.run_job_isolated("spidr", ["--smoke"], tmp_path / "absent.csv", timeout=1.0)
     assert row["error"].startswith("killed at its 1 s time limit")
+
+
+def test_a_job_killed_only_while_exiting_keeps_its_measurement(gpu):
+    measured = {"job": "spidr", "stage": "done", "audio_s_per_s": 2900.0}
+    kept = gpu.judge_exit(dict(measured), None, 60.0)
+    assert "error" not in kept
+    assert kept["note"] == "measured, then killed at its 60 s time limit while exiting"
+    assert gpu.judge_exit({"job": "spidr", "stage": "timed steps"}, None, 60.0)["error"] == (
+        "killed at its 60 s time limit during timed steps")
+    assert gpu.judge_exit(dict(measured), 0, 60.0) == measured
+    assert "exited with code 1" in gpu.judge_exit({"job": "spidr", "stage": "set-up"}, 1, 60.0)["error"]
