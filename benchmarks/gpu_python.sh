@@ -8,14 +8,25 @@ if [[ -z $python ]]; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 
-if ! "$python" -c 'import soundfile, soxr' 2>/dev/null; then
+# What spidr imports beyond torch (scipy: the log-mel front end and MFCCs); the GPU image has numpy and scipy.
+missing_modules() {
+  "$python" -c 'import importlib.util as u
+print(" ".join(m for m in ("numpy", "scipy", "soundfile", "soxr") if u.find_spec(m) is None))'
+}
+missing=$(missing_modules)
+if [[ -n $missing ]]; then
   if ! compgen -G '.whl/*.whl' >/dev/null; then
-    echo "$0: $python cannot import soundfile/soxr and .whl/ holds no wheels (see docs/performance.md)" >&2
+    echo "$0: $python cannot import $missing and .whl/ holds no wheels (see docs/performance.md)" >&2
     exit 1
   fi
   site=$(mktemp -d)
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
   export PYTHONPATH=$PYTHONPATH:$site
+  missing=$(missing_modules)
+  if [[ -n $missing ]]; then
+    echo "$0: still missing after installing .whl/: $missing (carry their wheels too)" >&2
+    exit 1
+  fi
 fi
 
 "$python" -c 'import torch; gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
