@@ -6,9 +6,12 @@
 #
 # Default grid: 4 h and 16 h of training audio × 8,800 and 35,200 steps (4× and 16× the demo), seed 0, the four
 # runs side by side on the one GPU, in runs/curve-gpu (kept between calls while the machine stays warm: a rerun
-# resumes). curve.md / curve.json / curve.png are copied to $OUT when it is set. The corpus voices (flite, festival,
-# espeak-ng) must be on that machine: installed, or Debian packages carried in .debs/ (name it in the run's carry),
-# unpacked into / first. Not run on a GPU yet.
+# resumes). The whole grid needs more than one device command (at most 10 minutes): the run stops at
+# $CURVE_LIMIT_S (default 540 s), and whatever is finished by then (each point's point.json and report.md, and a
+# curve.md / curve.json / curve.png of the finished points) is copied to $OUT when it is set, on any exit. The
+# corpus voices (flite, festival, espeak-ng) must be on that machine: installed, or Debian packages carried in
+# .debs/ (name it in the run's carry), unpacked into / first; the script stops if a voice program then lacks a
+# shared library. Not run on a GPU yet.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -27,10 +30,29 @@ if ! command -v flite >/dev/null || ! command -v festival >/dev/null || ! comman
   fi
   for deb in .debs/*.deb; do dpkg -x "$deb" /; done
   ldconfig
+  for program in flite festival espeak-ng; do
+    if ldd "$(command -v "$program")" | grep -q 'not found'; then
+      echo "$0: $program lacks shared libraries on this machine:" >&2
+      ldd "$(command -v "$program")" | grep 'not found' >&2
+      exit 1
+    fi
+  done
 fi
 # shellcheck source=benchmarks/gpu_python.sh
 source benchmarks/gpu_python.sh
 work=runs/curve-gpu
-"$python" -m spidr learning-curve --out "$work" --hours 4,16 --steps 8800,35200 --parallel 4 \
+
+copy_out() {  # what is finished, whatever ended the run
+  [[ -n ${OUT:-} && -d $work/points ]] || return 0
+  "$python" -c 'import sys; from spidr.learning_curve import write_curve; write_curve(sys.argv[1])' "$work" \
+    || echo "$0: no finished point to summarise yet" >&2
+  for point in "$work"/points/*/; do
+    mkdir -p "$OUT/points/$(basename "$point")"
+    cp "$point"/point.json "$point"/report.md "$OUT/points/$(basename "$point")/" 2>/dev/null || true
+  done
+  cp "$work"/curve.md "$work"/curve.json "$work"/curve.png "$OUT"/ 2>/dev/null || true
+}
+trap copy_out EXIT
+timeout --signal=INT --kill-after=20 "${CURVE_LIMIT_S:-540}" \
+  "$python" -m spidr learning-curve --out "$work" --hours 4,16 --steps 8800,35200 --parallel 4 \
   --set 'run.device="cuda"' "$@"
-if [[ -n ${OUT:-} ]]; then cp "$work"/curve.md "$work"/curve.json "$work"/curve.png "$OUT"/; fi
