@@ -195,12 +195,17 @@ def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
     assert counts[vocab.bos].sum() == info["train_utterances"]
 
 
-def test_resuming_on_other_data_is_refused(tmp_path):
+def test_resuming_on_other_data_or_an_edited_model_is_refused(tmp_path):
     path = _config(tmp_path, "data", optimizer={"max_steps": 10})
     train_lm(load_lm_config(path))
+    saved = (tmp_path / "runs" / "data" / "config.json").read_text()
     other = _toy_units(tmp_path / "other.jsonl", seed=5)
     with pytest.raises(ValueError, match="other data"):
         train_lm(load_lm_config(path, [f'data.train="{other}"', "optimizer.max_steps=20"]))
+    with pytest.raises(ValueError, match=r"holds weights of another shape than this config builds; changed since "
+                                         r"it was saved: model\.dim = 48 \(the checkpoint's: 32\)"):
+        train_lm(load_lm_config(path, ["model.dim=48", "optimizer.max_steps=20"]))
+    assert (tmp_path / "runs" / "data" / "config.json").read_text() == saved  # refused resumes leave it as it was
 
 
 def test_units_of_the_other_kind_are_refused_for_validation_and_scoring(tmp_path, capsys):

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +129,16 @@ def test_unreadable_files(tmp_path, source) -> None:
     for trust in (False, True):  # a broken file is never blamed on pickled objects
         with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
             load_model(tmp_path / "garbage.pt", trust=trust)
+    import soundfile as sf
+
+    sf.write(tmp_path / "audio.pt", np.zeros(1600, dtype=np.float32), 16000, format="WAV")  # a wav as a checkpoint
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("audio.pt", "empty.pt"):
+        for trust in (False, True):
+            with pytest.raises(ValueError, match=rf"{name} is not a readable PyTorch checkpoint"):
+                load_model(tmp_path / name, trust=trust)
+    with pytest.raises(ValueError, match="empty or cut short"):
+        load_model(tmp_path / "empty.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match="expected a dict"):
         load_model(tmp_path / "tensor.pt")

@@ -116,3 +116,30 @@ def test_probe_separates_the_two_tones_from_mfcc_and_reports_every_representatio
     assert mfcc["frame_accuracy"] >= 90.0
     assert (out / "probe.png").stat().st_size > 0
     assert "| MFCC | mfcc |" in (out / "probe.md").read_text()
+
+
+def test_user_errors_are_one_line_before_any_work(corpus, tmp_path, capsys):
+    """A device this machine lacks, a non-positive size, a file where the output folder goes, an audio file given
+    as the checkpoint: each is one line naming what is wrong, exit code 2, no traceback."""
+    base = ["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+            "--layers", "1"]
+    for extra, message in ((["--device", "tpu"], "argument --device: 'tpu' is not a device"),
+                           (["--batch-seconds", "0"], "argument --batch-seconds: '0': expected a positive number")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*base, "--out", str(tmp_path / "f"), *extra])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main([*base, "--out", str(tmp_path / "f"), "--device", "cuda"])
+        assert "CUDA is not available on this machine" in capsys.readouterr().err
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    assert main([*base, "--out", str(in_the_way)]) == 2
+    err = capsys.readouterr().err
+    assert f"spidr extract: error: {in_the_way}" in err
+    assert "a file is in the way of a folder" in err
+    assert "Traceback" not in err
+    base[2] = str(corpus / "s1_0.wav")
+    assert main([*base, "--out", str(tmp_path / "g")]) == 2
+    assert "s1_0.wav is not a readable PyTorch checkpoint" in capsys.readouterr().err

@@ -172,6 +172,19 @@ def test_checkpoint_contents_are_official_and_weights_only(tmp_path, corpus):
     assert read_int(Checkpointer(run_dir, save_interval=1).load_latest()[1]["step"]) == 4
 
 
+def test_resuming_with_an_edited_model_is_refused_naming_the_change_and_keeps_the_run_s_config(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2})
+    assert train(cfg) == "completed"
+    saved = (cfg.run.run_dir / "config.json").read_text()
+    wider = tiny_config(tmp_path, corpus, optimizer={"max_steps": 4}, model={"encoder_ff_interm_features": 128})
+    assert wider.run.run_dir == cfg.run.run_dir
+    with pytest.raises(ValueError, match=r"final\.pt holds weights of another shape than this config builds; "
+                                         r"changed since it was saved: model\.encoder_ff_interm_features = 128 "
+                                         r"\(the checkpoint's: 64\)\. Restore those settings"):
+        train(wider)
+    assert (cfg.run.run_dir / "config.json").read_text() == saved  # the run still says what its weights are
+
+
 def test_grad_accumulation_and_freeze_step_in_a_run(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 4, "grad_accum_steps": 2},
                       model={"freeze_step": 2})

@@ -53,3 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         # User errors (bad config, bad file, bad argument) get one clear line, not a traceback.
         print(f"spidr {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as error:
+        # An output path the user named is in the way (a file where a folder goes, or the reverse) or not writable.
+        print(f"spidr {args.command}: error: {error.filename}: {error.strerror.lower()}"
+              + (" (a file is in the way of a folder)" if isinstance(error, (NotADirectoryError, FileExistsError))
+                 else ""), file=sys.stderr)
+        return 2

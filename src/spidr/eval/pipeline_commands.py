@@ -7,6 +7,7 @@ import copy
 import logging
 from pathlib import Path
 
+from spidr import cli_types
 from spidr.eval.commands import add_abx_options
 from spidr.help_format import HelpFormatter
 
@@ -33,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--after-residual", action="store_true",
                          help="each layer's full output instead of the FFN output before the residual (official)")
     extract.add_argument("--codebooks", action="store_true", help="also write codebook units (arg-max of each head)")
-    extract.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch")
-    extract.add_argument("--max-seconds", type=float, default=60.0,
+    extract.add_argument("--batch-seconds", type=cli_types.positive_float, default=60.0, help="padded audio per batch")
+    extract.add_argument("--max-seconds", type=cli_types.positive_float, default=60.0,
                          help="files longer than this are processed in overlapping windows (bounded memory)")
     extract.add_argument("--restart", action="store_true",
                          help="start over instead of resuming a killed extraction into OUT (and replace one of "
@@ -101,7 +102,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-type", choices=["spidr", "dinosr"], default=None,
                         help="needed only for an official checkpoint without config.json beside it")
     parser.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16 runs the Transformer layers under bf16 autocast, the front end and "
                         "positional convs in float32")

@@ -9,6 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from spidr import cli_types
 from spidr.help_format import HelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="use the checkpoint's architecture at random initialisation (seeded by --seed)")
     units.add_argument("--seed", type=int, default=0, help="seed of k-means and of --random-init")
     units.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
-    units.add_argument("--device", default="cpu", help="cpu or cuda")
+    units.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
     units.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 runs the Transformer layers under bf16 autocast, the front end and "
                        "positional convs in float32")
@@ -76,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("submission", metavar="SUBMISSION_DIR", help="output folder")
     score.add_argument("--norm", choices=["mean", "sum"], default="mean",
                        help="log-likelihood per predicted token (the paper's choice) or summed")
-    score.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per scoring batch")
-    score.add_argument("--device", default="cpu", help="cpu or cuda")
+    score.add_argument("--batch-tokens", type=cli_types.positive_int, default=32768,
+                       help="padded tokens per scoring batch")
+    score.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
     score.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 runs the LM under autocast")
     score.set_defaults(handler=_score)

@@ -49,7 +49,7 @@ from spidr.train.environment import (
 from spidr.train.metrics import MetricsLogger, RunningMeans
 from spidr.train.optim import adamw_implementation
 from spidr.train.precision import Precision, resolve_precision
-from spidr.train.runtime import StopFlag, configure_numerics, seed_everything, write_config
+from spidr.train.runtime import StopFlag, configure_numerics, load_resumed_weights, seed_everything, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +227,6 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         run_dir = cfg.run.run_dir
         data = prepare_data(cfg)
-        if denv.is_main:
-            write_config(cfg.to_dict(), run_dir)
         logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens, vocabulary %d",
                     data.train.numel(), data.info["train_utterances"], data.valid.numel(), data.vocab.size)
         torch.manual_seed(cfg.run.seed)
@@ -250,6 +248,8 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                 checkpointer.save(snapshot, step=None if final else step)
 
         if isinstance(raw, NgramLM):
+            if denv.is_main:
+                write_config(cfg.to_dict(), run_dir)
             raw.fit(data.train.to(device))
             optimizer = None
             metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
@@ -260,7 +260,9 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         optimizer = build_optimizer(raw, cfg, device)
         scheduler = build_scheduler(optimizer, cfg)
         streak = 0
-        step = _resume(checkpointer, denv, data, model=raw, optimizer=optimizer, scheduler=scheduler)
+        step = _resume(checkpointer, denv, data, cfg, model=raw, optimizer=optimizer, scheduler=scheduler)
+        if denv.is_main:  # once the run is known to be this config's (a refused resume leaves the old one)
+            write_config(cfg.to_dict(), run_dir)
         if step is None:
             step = 0
             save(0)
@@ -321,8 +323,9 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
     return "completed"
 
 
-def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmData, *, model: nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> int | None:
+def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmData, cfg: LmConfig, *,
+            model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> int | None:
     """Load the latest checkpoint rank 0 sees into every rank; returns its step, or None for a fresh run."""
     latest = checkpointer.load_latest() if denv.is_main else None
     path = broadcast_from_main(None if latest is None else str(latest[0]))
@@ -330,7 +333,8 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
         return None
     saved = latest[1] if latest is not None else torch.load(path, map_location="cpu", weights_only=True)
     _check_resumable(saved, data, path)
-    model.load_state_dict(saved["model"])
+    load_resumed_weights(model, saved["model"], saved_config=saved.get("config") or {}, config=cfg.to_dict(),
+                         path=path, sections=("model", "data"))
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if len(saved["ranks"]) == denv.world_size:
@@ -354,10 +358,11 @@ def _check_resumable(saved: dict[str, Any], data: LmData, path: str) -> None:
 
 def lm_checkpoint_summary(path: str | Path) -> dict[str, Any]:
     """What ``spidr lm-score`` needs from a checkpoint, after checking it is one (raises ``ValueError``)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"LM checkpoint {path} does not exist") from None
+    from spidr.models.loading import load_torch_file
+
+    if not Path(path).is_file():
+        raise ValueError(f"LM checkpoint {path} does not exist")
+    state = load_torch_file(Path(path))
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a unit-LM checkpoint written by spidr lm-train")
     return state

@@ -73,7 +73,8 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _torch_load(path: Path, *, trust: bool) -> Any:
+def load_torch_file(path: Path, *, trust: bool = False) -> Any:
+    """``torch.load`` of a user's file (weights only unless ``trust``); any failure is a ``ValueError`` naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -81,23 +82,31 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
             # The weights-only unpickler names the first class it refused; any other failure means a broken file.
             refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
             if refused is None:
-                reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+                lines = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()
+                reason = lines[0] if lines else "not a pickle of tensors"
                 raise ValueError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
             raise ValueError(
                 f"{path} contains pickled Python objects besides tensors (first one: {refused[1]}; fairseq "
                 "checkpoints store their argparse or omegaconf configs this way). Unpickling them can run arbitrary "
                 "code, so it is refused: if you trust the file's origin, pass trust=True (CLI: --trust)."
             ) from None
-    except (RuntimeError, EOFError, OSError) as error:
+    except EOFError:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: it is empty or cut short") from None
+    except (RuntimeError, OSError) as error:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    except (IndexError, KeyError, TypeError, AttributeError, ValueError) as error:
+        # Bytes that are neither a zip archive nor a pickle (an audio file, a text file) derail the unpickler.
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (its bytes are not a saved torch object: "
+                         f"{type(error).__name__} while unpickling)") from None
     logger.warning("loading %s with full unpickling (trust=True)", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as error:
         raise ValueError(f"{path} needs the Python package {error.name!r} to unpickle its config objects; install "
                          "it (e.g. pip install omegaconf for fairseq checkpoints)") from error
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, IndexError, KeyError, TypeError,
+            AttributeError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {type(error).__name__} {error}") from error
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -215,7 +224,7 @@ def read_checkpoint(
         raise ValueError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, config, model_type)
-    data = _torch_load(path, trust=trust)
+    data = load_torch_file(path, trust=trust)
     if not isinstance(data, Mapping):
         raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict (a checkpoint or a state dict)")
 

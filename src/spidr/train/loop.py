@@ -58,7 +58,7 @@ from spidr.train.memory import install_heap_trim
 from spidr.train.metrics import MetricsLogger, RunningMeans
 from spidr.train.optim import build_optimizer, build_scheduler, remove_frozen_group
 from spidr.train.precision import Precision, resolve_precision
-from spidr.train.runtime import StopFlag, configure_numerics, seed_everything, write_config
+from spidr.train.runtime import StopFlag, configure_numerics, load_resumed_weights, seed_everything, write_config
 from spidr.train.validate import validate
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,6 @@ def train(cfg: Config) -> Outcome:
         cleanup.push(lambda error_type, *_: destroy_distributed(wait=error_type is None))
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         if denv.is_main:
-            write_config(cfg.to_dict(), cfg.run.run_dir)
             for note in unused_settings(cfg):
                 logger.warning("%s", note)
 
@@ -319,6 +318,8 @@ def train(cfg: Config) -> Outcome:
                                     keep_latest=cfg.run.keep_latest)
         run, fresh = _start_or_resume(cfg, raw_model, sampler=sampler, scaler=precision.make_scaler(),
                                       checkpointer=checkpointer, denv=denv, device=device)
+        if denv.is_main:  # once the run is known to be this config's (a refused resume leaves the old one)
+            write_config(cfg.to_dict(), cfg.run.run_dir)
 
         metrics_logger = MetricsLogger.for_pretraining(cfg, enabled=denv.is_main, start_step=run.step)
         cleanup.callback(metrics_logger.close)
@@ -377,7 +378,8 @@ def _start_or_resume(
         return _Run(cfg, model, optimizer, build_scheduler(optimizer, cfg.optimizer), scaler, sampler), True
     path, state = latest
     logger.info("resuming from %s", path)
-    model.load_state_dict(state["model"])
+    load_resumed_weights(model, state["model"], saved_config=state.get("config") or {}, config=cfg.to_dict(),
+                         path=path)
     if int(model.current_step) >= cfg.model.freeze_step:
         model.freeze_feature_encoder()
     # Rebuild the optimizer with the groups it was saved with (group 1 may already be removed).

@@ -47,6 +47,22 @@ def write_config(config: dict[str, Any], run_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def load_resumed_weights(model: torch.nn.Module, weights: dict[str, Any], *, saved_config: dict[str, Any],
+                         config: dict[str, Any], path: str | Path, sections: tuple[str, ...] = ("model",)) -> None:
+    """``model.load_state_dict(weights)`` for a resume; weights of another shape (the config's model was edited
+    since the checkpoint was saved) raise a ``ValueError`` naming the settings of ``sections`` that changed."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        changed = [f"{name} = {new!r} (the checkpoint's: {old!r})" for section in sections
+                   for name, old, new in config_diff(saved_config.get(section), config.get(section), f"{section}.")]
+        raise ValueError(
+            f"{path} holds weights of another shape than this config builds"
+            + (f"; changed since it was saved: {'; '.join(sorted(changed))}" if changed else "")
+            + ". Restore those settings to resume it, or choose another run.name to start a new run"
+        ) from None
+
+
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted name, old value, new value) of every setting that differs between two nested config dicts (a key
     missing on one side counts as None there)."""
