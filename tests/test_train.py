@@ -131,9 +131,11 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
     # Every step logged by the interrupted run (replayed steps included) matches the uninterrupted one.
     expected = {r["step"]: r for r in _train_records(run_a)}
     got = _train_records(run_b)
-    assert {r["step"] for r in got} == set(expected)
-    if host_sync == "step":
-        assert len(got) > len(expected)  # steps after the last checkpoint were replayed
+    assert sorted(r["step"] for r in got) == sorted(expected)  # one record per step: replays supersede
+    if host_sync == "step":  # steps after the last checkpoint were replayed; their first records were moved aside
+        replayed = read_metrics(run_b / "metrics.superseded.jsonl")
+        assert replayed
+        assert all(r["step"] in expected for r in replayed)
     # A run resumed from the SIGTERM checkpoint in the middle of a logging interval logs that interval's mean over
     # the steps it took itself: the one record that cannot match.
     partial = -(-stopped_at // log_interval) * log_interval if stopped_at % log_interval else None
@@ -183,6 +185,33 @@ def test_resuming_with_an_edited_model_is_refused_naming_the_change_and_keeps_th
                                          r"\(the checkpoint's: 64\)\. Restore those settings"):
         train(wider)
     assert (cfg.run.run_dir / "config.json").read_text() == saved  # the run still says what its weights are
+
+
+def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_path, corpus):
+    """A run killed after step 5 resumes from step_3.pt and takes steps 4 and 5 again: their first records move to
+    metrics.superseded.jsonl, so that metrics.jsonl (the plots, the reports) holds one record per step."""
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 6})
+    assert train(cfg) == "completed"
+    run_dir = cfg.run.run_dir
+    first = _train_records(run_dir)
+    for name in ("final.pt", "step_6.pt"):
+        (run_dir / name).unlink(missing_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["step"] <= 5) + '{"step": 6, "gro')  # killed mid-write at step 6
+    assert train(cfg) == "completed"
+    again = _train_records(run_dir)
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for before, after in zip(first, again, strict=True):  # an exact resume: the same losses
+        assert after["loss"] == before["loss"]
+    superseded = (run_dir / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in superseded[:-1]] == [4, 5]
+    assert superseded[-1] == '{"step": 6, "gro'
+    # a fresh start (no checkpoint left) supersedes everything
+    for path in run_dir.glob("*.pt"):
+        path.unlink()
+    assert train(cfg) == "completed"
+    assert [r["step"] for r in _train_records(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_grad_accumulation_and_freeze_step_in_a_run(tmp_path, corpus):

@@ -234,8 +234,6 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         seed_everything(cfg.run.seed + denv.rank)
         precision = resolve_precision(o.dtype, device)
         checkpointer = Checkpointer(run_dir, save_interval=cfg.run.save_interval, keep_latest=cfg.run.keep_latest)
-        metrics = MetricsLogger(run_dir, enabled=denv.is_main, start_step=0, max_steps=o.max_steps)
-        cleanup.callback(metrics.close)
 
         def save(step: int, *, final: bool = False) -> None:
             # Collective: every rank's RNG state goes in; only the main rank writes.
@@ -250,6 +248,8 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         if isinstance(raw, NgramLM):
             if denv.is_main:
                 write_config(cfg.to_dict(), run_dir)
+            metrics = MetricsLogger(run_dir, enabled=denv.is_main, start_step=0, max_steps=o.max_steps, fresh=True)
+            cleanup.callback(metrics.close)
             raw.fit(data.train.to(device))
             optimizer = None
             metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
@@ -263,6 +263,9 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         step = _resume(checkpointer, denv, data, cfg, model=raw, optimizer=optimizer, scheduler=scheduler)
         if denv.is_main:  # once the run is known to be this config's (a refused resume leaves the old one)
             write_config(cfg.to_dict(), run_dir)
+        metrics = MetricsLogger(run_dir, enabled=denv.is_main, start_step=step or 0, max_steps=o.max_steps,
+                                fresh=step is None)
+        cleanup.callback(metrics.close)
         if step is None:
             step = 0
             save(0)

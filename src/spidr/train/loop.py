@@ -321,7 +321,7 @@ def train(cfg: Config) -> Outcome:
         if denv.is_main:  # once the run is known to be this config's (a refused resume leaves the old one)
             write_config(cfg.to_dict(), cfg.run.run_dir)
 
-        metrics_logger = MetricsLogger.for_pretraining(cfg, enabled=denv.is_main, start_step=run.step)
+        metrics_logger = MetricsLogger.for_pretraining(cfg, enabled=denv.is_main, start_step=run.step, fresh=fresh)
         cleanup.callback(metrics_logger.close)
         validation = _validation_loaders(cfg, denv)
 

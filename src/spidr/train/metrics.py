@@ -21,6 +21,7 @@ from spidr.config import Config
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 COLLAPSE_FRACTION = 0.05  # a codebook used like fewer than 5 % of its codewords has collapsed
 
 Value = float | list[float]
@@ -62,11 +63,14 @@ def collapsed_codebooks(target_ppl_per_codebook: list[float], codebook_size: int
 class MetricsLogger:
     """The main rank's sinks; on other ranks (``enabled=False``) every method is a no-op.
 
+    ``start_step``: the step the run starts from (its checkpoint's; 0 for a fresh run). Records of a previous
+    attempt past it (steps it will take again after a resume; everything, for a fresh run that finds an old
+    ``metrics.jsonl``) move to ``metrics.superseded.jsonl``, so that each step has one record per group.
     ``codebook_size`` turns on the collapse warning; ``wandb_cfg`` (a pretraining config) the W&B sink.
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, max_steps: int,
-                 codebook_size: int | None = None, wandb_cfg: Config | None = None) -> None:
+                 codebook_size: int | None = None, wandb_cfg: Config | None = None, fresh: bool = False) -> None:
         self.enabled = enabled
         self.codebook_size = codebook_size
         self.path = Path(run_dir) / METRICS_FILE
@@ -78,6 +82,10 @@ class MetricsLogger:
         from tqdm.auto import tqdm
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        moved = supersede_records(self.path, after_step=-1 if fresh else start_step)
+        if moved:
+            logger.info("%s: %d record(s) of steps this run takes again moved to %s", self.path, moved,
+                        self.path.with_name(SUPERSEDED_FILE))
         # disable=None: a bar on terminals only; batch logs get the periodic log lines instead.
         self._bar = tqdm(total=max_steps, initial=start_step, unit="step", disable=None)
         self._tensorboard = _open_tensorboard(Path(run_dir) / "tensorboard")
@@ -85,9 +93,9 @@ class MetricsLogger:
             self._wandb = _open_wandb(wandb_cfg)
 
     @classmethod
-    def for_pretraining(cls, cfg: Config, *, enabled: bool, start_step: int) -> MetricsLogger:
+    def for_pretraining(cls, cfg: Config, *, enabled: bool, start_step: int, fresh: bool) -> MetricsLogger:
         return cls(cfg.run.run_dir, enabled=enabled, start_step=start_step, max_steps=cfg.optimizer.max_steps,
-                   codebook_size=cfg.model.codebook_size, wandb_cfg=cfg)
+                   codebook_size=cfg.model.codebook_size, wandb_cfg=cfg, fresh=fresh)
 
     def progress(self, step: int, postfix: dict[str, float]) -> None:
         """Advance the bar to ``step`` with a short postfix (loss, lr, throughput)."""
@@ -129,6 +137,30 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def supersede_records(path: Path, *, after_step: int) -> int:
+    """Move the records of ``path`` with a step past ``after_step`` (and a torn last line) to
+    ``metrics.superseded.jsonl`` beside it, appended; ``path`` is rewritten atomically. Returns how many moved."""
+    if not path.is_file():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            step = None
+        (kept if isinstance(step, int) and step <= after_step else moved).append(line)
+    if not moved:
+        return 0
+    with open(path.with_name(SUPERSEDED_FILE), "a", encoding="utf-8") as file:
+        file.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept), encoding="utf-8")
+    partial.replace(path)
+    return len(moved)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
