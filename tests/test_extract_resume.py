@@ -133,8 +133,25 @@ def test_another_model_or_settings_is_refused_unless_restarted(manifest, tmp_pat
         other.mask_embedding.add_(1.0)
     with pytest.raises(ValueError, match="holds an extraction with other model"):
         extract_to_directory(other, entries, out, ExtractionSettings(**SETTINGS), progress=False)
+    # Starting over removes everything the replaced extraction wrote: no layer, unit or feature file of it stays
+    # beside the new one (a folder scanned later would mix the two).
     extract_to_directory(_model(), entries, out, ExtractionSettings(layers=(2,)), progress=False, restart=True)
-    assert sorted(p.name for p in out.glob("layer_*")) == ["layer_01", "layer_02", "layer_03"]
+    assert sorted(p.name for p in out.glob("layer_*")) == ["layer_02"]
+    assert not (out / "codebook_units").exists()
+    extract_to_directory(other, entries[:3], out, ExtractionSettings(**SETTINGS), progress=False,
+                         replace_other=True)
+    arrays, units = _outputs(out)
+    assert len(arrays) == 2 * 3
+    assert sorted(p.name for p in out.glob("layer_*")) == ["layer_01", "layer_03"]
+    assert all(len(rows) == 3 for rows in units.values())
+    # Features without the journal that wrote them: of unknown origin, refused unless restarted.
+    import shutil
+
+    shutil.rmtree(out / ".extract")
+    with pytest.raises(ValueError, match=r"holds codebook_units, layer_01, layer_03, metadata\.json but no record"):
+        extract_to_directory(other, entries[:3], out, ExtractionSettings(**SETTINGS), progress=False)
+    extract_to_directory(other, entries[:3], out, ExtractionSettings(**SETTINGS), progress=False, restart=True)
+    assert len(_outputs(out)[0]) == 2 * 3
 
 
 def test_a_bf16_folder_from_the_all_bf16_days_is_not_resumed(manifest, tmp_path):

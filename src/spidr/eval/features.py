@@ -321,6 +321,10 @@ def _unit_row(path: str, units: np.ndarray) -> str:
     return json.dumps({"audio": path, "units": units.tolist()}) + "\n"
 
 
+# What an extraction writes in its output folder (beside its journal, spidr.eval.journal.STATE_DIR).
+EXTRACTION_OUTPUTS = ("layer_[0-9]*", "codebook_units", "metadata.json")
+
+
 def extract_to_directory(
     model: torch.nn.Module,
     entries: Sequence[ManifestEntry],
@@ -353,7 +357,7 @@ def extract_to_directory(
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
                 **precision_identity(settings.dtype)}
     journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
-                                replace_other=replace_other)
+                                replace_other=replace_other, outputs=EXTRACTION_OUTPUTS)
     units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None
     max_samples = int(settings.max_seconds * SAMPLE_RATE)
     archived = manifest.archive_index >= 0 if manifest.archive_index is not None else np.zeros(len(manifest), bool)

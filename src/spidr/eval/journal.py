@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,7 +69,10 @@ class ExtractionJournal:
     """The state of one output folder; see the module docstring."""
 
     def __init__(self, out_dir: Path, identity: Mapping[str, Any], *, num_entries: int, restart: bool,
-                 replace_other: bool = False) -> None:
+                 replace_other: bool = False, outputs: Sequence[str] = ()) -> None:
+        """``outputs``: glob patterns (in ``out_dir``) of what an extraction writes; starting over deletes them, so
+        that nothing of the replaced extraction stays beside the new one. Without a journal, finding any of them
+        is refused (their origin is unknown), unless ``restart``."""
         self.dir = out_dir / STATE_DIR
         self.identity = json.loads(json.dumps({"format": FORMAT, **identity}))  # as state.json holds it
         self.done = np.zeros(num_entries, dtype=bool)
@@ -87,7 +90,19 @@ class ExtractionJournal:
                 f"{out_dir} holds an extraction with other {', '.join(changed)}; use another output folder, or "
                 "restart (spidr extract --restart) to replace it"
             )
+        found = sorted(path for pattern in outputs for path in out_dir.glob(pattern))
+        if previous is None and found and not restart:
+            raise ValueError(
+                f"{out_dir} holds {', '.join(p.name for p in found[:4])}{' ...' if len(found) > 4 else ''} but no "
+                f"record of the extraction that wrote them ({STATE_DIR}/); use another output folder, or restart "
+                "(spidr extract --restart) to replace them"
+            )
         if previous is None or restart:
+            for path in found:  # what the replaced extraction wrote: never left beside the new one
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
             if self.dir.exists():
                 shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True)
