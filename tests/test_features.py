@@ -155,6 +155,35 @@ def test_long_files_go_through_windows_and_match_the_short_path(model, tmp_path)
     assert len(units[0]["units"]) == a.shape[0]
 
 
+@pytest.mark.parametrize("alone", [True, False])
+def test_files_too_short_or_not_finite_are_skipped_by_name_on_either_path(model, tmp_path, alone):
+    """A file shorter than the front end's receptive field has no frame: skipped, whether alone in its batch (it
+    stopped the whole extraction) or beside a longer file (it left an empty feature file). A NaN sample is refused
+    on the windowed path of long files as on the short path (its features were all NaN)."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "tiny.wav", speech_like(1.0, 3)[:300], 16000, subtype="FLOAT")
+    sf.write(audio / "ok.wav", speech_like(1.0, 4), 16000, subtype="FLOAT")
+    broken = speech_like(3.0, 5)
+    broken[20000] = np.nan
+    sf.write(audio / "nan.wav", broken, 16000, subtype="FLOAT")
+    entries = [ManifestEntry("tiny", str(audio / "tiny.wav"), 300),
+               ManifestEntry("nan", str(audio / "nan.wav"), 48000)]
+    if not alone:
+        entries.append(ManifestEntry("ok", str(audio / "ok.wav"), 16000))
+    settings = ExtractionSettings(layers=(1,), codebooks=True, max_seconds=2.0, window_seconds=1.0,
+                                  context_seconds=0.5, batch_seconds=1.0 if alone else 4.0)
+    metadata = extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
+    assert "shorter than one frame (300 samples; the front end's receptive field is 400)" in (
+        metadata["skipped"][str(audio / "tiny.wav")])
+    assert "NaN or Inf" in metadata["skipped"][str(audio / "nan.wav")]
+    assert metadata["skipped"][str(audio / "nan.wav")] == "contains NaN or Inf samples"
+    assert sorted(p.name for p in (tmp_path / "out").glob("layer_01/*")) == ([] if alone else ["ok.npy"])
+    rows = [json.loads(line)["audio"] for path in (tmp_path / "out").glob("codebook_units/layer_03.jsonl")
+            for line in path.open()]
+    assert rows == ([] if alone else [str(audio / "ok.wav")])
+
+
 def test_npy_appender_refuses_out_of_order_or_short_writes(tmp_path):
     from spidr.eval.features import NpyAppender
 

@@ -165,6 +165,8 @@ class LongAudio:
         total, total_sq = 0.0, 0.0
         for block in sf.blocks(path, blocksize=SAMPLE_RATE * 60, dtype="float64", always_2d=True):
             mono = block.mean(axis=1)
+            if not np.isfinite(mono).all():  # as load_audio refuses them: the features would all be NaN
+                raise AudioError(path, "contains NaN or Inf samples")
             total += float(mono.sum())
             total_sq += float(np.square(mono).sum())
         if self.num_samples == 0:
@@ -383,8 +385,8 @@ def extract_to_directory(
             try:
                 rows = _extract_long_file(model, entry, outputs=outputs, index=index, settings=settings)
             except (AudioError, sf.LibsndfileError, RuntimeError) as error:
-                skipped[entry.location] = str(error)
-                logger.warning("skipping %s: %s", entry.location, error)
+                skipped[entry.location] = error.reason if isinstance(error, AudioError) else str(error)
+                logger.warning("skipping %s: %s", entry.location, skipped[entry.location])
             finish(np.asarray([index]), rows, skipped)
             bar.update(1)
     finally:
@@ -404,10 +406,15 @@ def _extract_short_batch(
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Load and run one padded batch, save its features; returns its unit rows by layer and its skipped files."""
     waves, kept, skipped = [], [], {}
+    conv_layers = model.cfg.extractor_conv_layer_config
     for index in indices.tolist():
         entry = manifest[index]
         try:
-            waves.append(load_audio(entry, normalize=True))
+            wave = load_audio(entry, normalize=True)
+            if num_frames(wave.shape[0], conv_layers) < 1:
+                raise AudioError(entry.location, f"is shorter than one frame ({wave.shape[0]} samples; the front "
+                                                 f"end's receptive field is {num_samples_for_frames(1, conv_layers)})")
+            waves.append(wave)
             kept.append((index, entry))
         except AudioError as error:
             skipped[entry.location] = error.reason
