@@ -59,6 +59,28 @@ def test_order_is_numeric_then_final_and_keep_latest_purges_the_oldest(tmp_path)
     assert len(keep_all.checkpoints()) == 4
 
 
+def test_a_finished_run_that_goes_on_ranks_its_new_checkpoints_after_the_old_final(tmp_path):
+    """Resumed from final.pt with a higher max_steps, the continuation's step_6.pt must be kept (keep_latest=1) and
+    loaded after a kill, not the old final.pt: the first numbered save turns final.pt into step_4.pt."""
+    Checkpointer(tmp_path, save_interval=3).save(_state(4), step=None)
+    going_on = Checkpointer(tmp_path, save_interval=3, keep_latest=1)
+    path, state = going_on.load_latest()
+    assert (path.name, read_int(state["step"])) == ("final.pt", 4)
+    going_on.save(_state(6), step=6)
+    assert [p.name for p in going_on.checkpoints()] == ["step_6.pt"]
+    assert read_int(Checkpointer(tmp_path, save_interval=3).load_latest()[1]["step"]) == 6
+    kept = Checkpointer(tmp_path / "all", save_interval=3)
+    kept.save(_state(4), step=None)
+    again = Checkpointer(tmp_path / "all", save_interval=3)
+    again.load_latest()
+    again.save(_state(6), step=6)
+    again.save(_state(9), step=9)
+    assert [p.name for p in again.checkpoints()] == ["step_4.pt", "step_6.pt", "step_9.pt"]
+    assert torch.equal(torch.load(tmp_path / "all" / "step_4.pt", weights_only=True)["model"]["w"],
+                       torch.full((3,), 4.0))  # the old final state, kept under its step
+    assert read_int(again.load_latest()[1]["step"]) == 9
+
+
 def test_partial_temporary_and_truncated_files_are_never_loaded(tmp_path, caplog):
     checkpointer = Checkpointer(tmp_path, save_interval=1)
     checkpointer.save(_state(3), step=3)

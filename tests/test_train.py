@@ -214,6 +214,16 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_
     assert [r["step"] for r in _train_records(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_the_final_model_is_validated_when_the_last_step_is_a_checkpoint_step(tmp_path, corpus):
+    """max_steps a multiple of save_interval (as the official 400,000 / 2,500): the last validation is at max_steps."""
+    validation = {"dev": {"manifest": str(corpus), "max_batch_length": 32000, "max_sample_size": 16000,
+                          "min_sample_size": 4000, "num_buckets": 4, "num_workers": 0}}
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 6}, validation=validation)
+    assert cfg.run.save_interval == 3
+    assert train(cfg) == "completed"
+    assert [r["step"] for r in read_metrics(cfg.run.run_dir / "metrics.jsonl") if r["group"] == "dev"] == [0, 3, 6]
+
+
 def test_grad_accumulation_and_freeze_step_in_a_run(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 4, "grad_accum_steps": 2},
                       model={"freeze_step": 2})

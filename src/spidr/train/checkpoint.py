@@ -34,6 +34,7 @@ class Checkpointer:
         self.run_dir = Path(run_dir)
         self.save_interval = save_interval
         self.keep_latest = keep_latest
+        self._resumed_final_step: int | None = None  # the step of a final.pt this run resumed from
 
     def should_save(self, step: int) -> bool:
         return step % self.save_interval == 0
@@ -60,6 +61,10 @@ class Checkpointer:
     def save(self, state: dict[str, Any], *, step: int | None) -> Path:
         """Write ``state`` atomically to ``step_<step>.pt`` (``final.pt`` for ``None``), then purge old files."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if step is not None and self._resumed_final_step is not None:
+            # Done here, not when resuming: by now every rank has read final.pt (the state saved is collective).
+            self._reopen_final(self._resumed_final_step)
+            self._resumed_final_step = None
         path = self.path_for(step)
         _remove_stale_temporaries(self.run_dir)
         atomic_torch_save(state, path)
@@ -85,8 +90,22 @@ class Checkpointer:
                 continue
             if path.name == FINAL_FILE:
                 logger.warning("resuming from %s: the run had finished (raise optimizer.max_steps to go on)", path)
+                self._resumed_final_step = read_int(state["step"])
             return path, state
         return None
+
+    def _reopen_final(self, step: int) -> None:
+        """A finished run goes on (``optimizer.max_steps`` raised): its ``final.pt`` becomes ``step_<step>.pt``,
+        so that the continuation's checkpoints rank after it (``final.pt`` always ranks last: left in place, it
+        would be resumed from again after a kill, and ``keep_latest`` would purge every newer checkpoint)."""
+        final, renamed = self.run_dir / FINAL_FILE, self.path_for(step)
+        if not final.is_file():
+            return
+        if renamed.is_file():
+            final.unlink()
+        else:
+            os.replace(final, renamed)
+        logger.info("the run goes on past step %d: %s is now %s", step, final.name, renamed.name)
 
     def _purge(self) -> None:
         if self.keep_latest < 1:

@@ -469,8 +469,7 @@ def _steps(
             logger.info("stopped by a signal at step %d; checkpoint saved", run.step)
             return "interrupted"
     save(final=True)
-    if not checkpointer.should_save(run.step):
-        run_validation()
+    run_validation()  # the last step is never validated in the loop (its save is final.pt, here)
     return "completed"
 
 
