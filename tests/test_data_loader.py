@@ -91,6 +91,23 @@ def test_validation_batches_are_identical_every_epoch(manifest: Path) -> None:
     assert [x.ids for x in a] != [y.ids for y in b]  # training reshuffles
 
 
+def test_a_batch_emptied_by_unusable_files_is_none_in_validation_and_dropped_in_training(tmp_path: Path) -> None:
+    """Validation ranks stay in step batch by batch (spidr.train.validate), so an emptied batch keeps its place."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    for i in range(6):
+        sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(4000 + 1000 * i), 16_000)
+    manifest = write_manifest(scan(root, progress=False).entries, tmp_path / "m.csv")
+    for i in (4, 5):  # the two longest files: one bucket's batch, gone
+        (root / f"u{i}.wav").write_bytes(b"not audio")
+    cfg = config(manifest, max_batch_length=12_000, max_sample_size=10_000, num_buckets=3, max_bad_fraction=1.0)
+    validation = list(build(cfg, deterministic_crops=True)[0])
+    training = list(build(cfg)[0])
+    assert None in validation
+    assert None not in training
+    assert len(training) == len(validation) - validation.count(None)
+
+
 def test_ranks_split_the_data(manifest: Path) -> None:
     ids = []
     lengths = set()

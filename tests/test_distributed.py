@@ -33,6 +33,7 @@ from spidr.train.checkpoint import read_int
 from spidr.train.environment import DistributedEnvironment, detect_environment, first_slurm_host, slurm_port
 from spidr.train.optim import build_optimizer, build_scheduler
 from spidr.train.precision import Precision
+from spidr.train.validate import validate
 from train_fixtures import TINY_MODEL, speech_like, tiny_config, tiny_config_dict, write_corpus, write_toml
 
 FP32 = Precision("cpu", None)
@@ -275,3 +276,34 @@ def test_slurm_job_is_checkpointable_and_runs(tmp_path):
     assert submitted.result() == "completed"
     assert (cfg.run.run_dir / "final.pt").is_file()
     assert list((tmp_path / "jobs").glob("*/job-info.json"))
+
+
+def _validation_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    denv = DistributedEnvironment(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
+                                  master_port=port, launcher="torchrun")
+    loop.init_distributed(denv, torch.device("cpu"))
+    try:
+        torch.manual_seed(0)
+        model = build_model(_model_config())
+        batches = [_rows(b, slice(rank, rank + 1)) for b in _global_batches()[:3]]
+        if rank == 1:
+            batches[1] = None  # all of this rank's files in its second batch were unreadable
+        result = validate(model, batches, device=torch.device("cpu"), precision=FP32)
+        torch.save({"num_batches": result["num_batches"], "loss": result["loss"]}, Path(out_dir) / f"val{rank}.pt")
+    finally:
+        loop.destroy_distributed()
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_emptied_on_one_rank_is_skipped_on_every_rank_in_validation(tmp_path):
+    """The model's validation metrics are collectives: a rank that dropped a batch used to pair its final
+    all-reduce with another rank's metrics all-reduce (gloo aborted; NCCL would hang)."""
+    mp.spawn(_validation_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"val{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["num_batches"] == 4  # batches 1 and 3 of both ranks; batch 2 skipped on both
+    torch.manual_seed(0)
+    alone = validate(build_model(_model_config()), [None, *_global_batches()[:1]], device=torch.device("cpu"),
+                     precision=FP32)
+    assert alone["num_batches"] == 1

@@ -87,23 +87,29 @@ class _KeyedCollate:
 class PretrainingLoader(DataLoader):
     """A DataLoader yielding ``Batch`` objects; see the module docstring for what it adds."""
 
-    def __init__(self, *args: Any, bucket_sampler: BucketBatchSampler, tracker: BadFileTracker, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, bucket_sampler: BucketBatchSampler, tracker: BadFileTracker,
+                 keep_empty: bool = False, **kwargs: Any) -> None:
+        """``keep_empty`` (validation): a batch emptied by unusable files is yielded as None, not dropped, so that
+        every rank yields as many items as its sampler has batches and the ranks can stay in step."""
         super().__init__(*args, **kwargs)
         self.bucket_sampler = bucket_sampler
         self.tracker = tracker
+        self.keep_empty = keep_empty
 
-    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Batch | None]:  # type: ignore[override]
         # Start the DataLoader iterator now, not at the first ``next``: callers may fence this call (e.g. with
         # ``torch.random.fork_rng``) and expect any setup to happen inside it.
         return self._deliver(super().__iter__())
 
-    def _deliver(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+    def _deliver(self, batches: Iterator[Batch]) -> Iterator[Batch | None]:
         for batch in batches:
             self.bucket_sampler.mark_consumed(batch.epoch, batch.position)
             self.tracker.record(num_good=len(batch), skipped=batch.skipped)
             if len(batch) == 0:
                 logger.warning("batch %d of epoch %d is empty (all its utterances were unusable); skipped",
                                batch.position, batch.epoch)
+                if self.keep_empty:
+                    yield None
                 continue
             yield batch
         self.tracker.check()
@@ -170,5 +176,6 @@ def build_dataloader(
         generator=torch.Generator().manual_seed(data_seed + rank),
         bucket_sampler=sampler,
         tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest),
+        keep_empty=deterministic_crops,
     )
     return loader, sampler

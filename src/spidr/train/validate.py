@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spidr.distributed import all_reduce_sum
+from spidr.distributed import all_reduce_sum, is_distributed
 from spidr.train.checkpoint import capture_rng_state, restore_rng_state
 from spidr.train.precision import Precision
 
@@ -27,14 +27,23 @@ SCALARS = ("loss", "target_ppl", "pred_ppl")
 PER_CODEBOOK = ("loss_per_codebook", "target_ppl_per_codebook", "pred_ppl_per_codebook", "active_codewords")
 
 
+def _empty_on_some_rank(batch: Any, device: torch.device) -> bool:
+    """Whether ``batch`` is None here or, with several ranks, on any rank (one small collective per batch)."""
+    if not is_distributed():
+        return batch is None
+    missing = torch.tensor([float(batch is None)], device=device)
+    return all_reduce_sum(missing).item() > 0
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module, batches: Iterable[Any], *, device: torch.device, precision: Precision
 ) -> dict[str, float | list[float]]:
     """Mean over batches (of all ranks) of each batch's metrics; ``model`` is the unwrapped model.
 
-    ``batches`` yields ``spidr.data.collate.Batch`` objects (None entries, batches emptied by unreadable files,
-    are skipped).
+    ``batches`` yields ``spidr.data.collate.Batch`` objects, or None for a batch emptied by unreadable files. The
+    ranks go through their batches in step (the model's metrics are collectives); with several ranks, a batch that
+    is None on any rank is skipped on all of them, so that every rank runs the same number of forwards.
     """
     was_training = model.training
     rng = capture_rng_state()
@@ -42,7 +51,7 @@ def validate(
     totals: torch.Tensor | None = None
     try:
         for batch in batches:
-            if batch is None:
+            if _empty_on_some_rank(batch, device):
                 continue
             batch = batch.to(device)
             with precision.autocast():
