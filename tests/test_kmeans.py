@@ -84,12 +84,13 @@ def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[s
                      str(tmp_path / "units.jsonl")]) == 0
     capsys.readouterr()
     units = read_units(tmp_path / "units.jsonl")
-    assert sorted(units) == sorted(features)
+    # named by utterance id (the stem: "spk0/utt0" → "utt0"), as alignments and codebook units name them
+    assert sorted(units) == sorted(name.split("/")[-1] for name in features)
     # Frames of the same true cluster share a unit, and the 4 clusters get 4 different units.
     centres = 10.0 * np.eye(4, 8, dtype=np.float32)
     for name, array in features.items():
         truth = np.linalg.norm(array[:, None] - centres[None], axis=-1).argmin(1)
-        pairs = set(zip(truth.tolist(), units[name].tolist(), strict=True))
+        pairs = set(zip(truth.tolist(), units[name.split("/")[-1]].tolist(), strict=True))
         assert len(pairs) == len({t for t, _ in pairs}) == len({u for _, u in pairs})
     assert cli.main(["units", str(tmp_path / "features"), "--centroids", str(centroids), "--out",
                      str(tmp_path / "dedup.jsonl"), "--dedup"]) == 0
@@ -99,6 +100,21 @@ def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert cli.main(["units-quality", str(tmp_path / "dedup.jsonl"), str(tmp_path / "missing.jsonl")]) == 2
     assert "written deduplicated" in capsys.readouterr().err
     assert cli.main(["kmeans", str(tmp_path / "features"), "--out", str(tmp_path / "c.pkl")]) == 2
+    # two files with one stem: named by relative path instead
+    np.save(tmp_path / "features" / "spk1" / "utt0.npy", features["spk0/utt0"])
+    assert cli.main(["units", str(tmp_path / "features"), "--centroids", str(centroids), "--out",
+                     str(tmp_path / "paths.jsonl")]) == 0
+    assert {"spk0/utt0", "spk1/utt0"} <= set(read_units(tmp_path / "paths.jsonl"))
+    # an extraction's own folder pools its layers: refused, naming one layer's folder
+    for layer in ("layer_01", "layer_02"):
+        (tmp_path / "extraction" / layer).mkdir(parents=True)
+        np.save(tmp_path / "extraction" / layer / "a.npy", features["spk0/utt0"])
+    capsys.readouterr()
+    for command in (["kmeans", str(tmp_path / "extraction"), "--out", str(tmp_path / "x.safetensors")],
+                    ["units", str(tmp_path / "extraction"), "--centroids", str(centroids), "--out", "x.jsonl"]):
+        assert cli.main(command) == 2
+        assert "holds the features of layer_01, layer_02 (a spidr extract folder): give one layer's folder" in (
+            capsys.readouterr().err)
 
 
 def test_sampling_reads_only_the_files_it_draws_from(tmp_path: Path) -> None:

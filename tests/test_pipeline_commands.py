@@ -143,3 +143,43 @@ def test_user_errors_are_one_line_before_any_work(corpus, tmp_path, capsys):
     base[2] = str(corpus / "s1_0.wav")
     assert main([*base, "--out", str(tmp_path / "g")]) == 2
     assert "s1_0.wav is not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_abx_and_units_quality_take_the_rate_the_extraction_recorded(corpus, tmp_path, capsys):
+    """The tiny model runs at 100 Hz: abx and units-quality on its extraction use that rate (they assumed 50 Hz,
+    and scored misaligned items); a contradicting rate is refused; features in a nested tree are found by stem."""
+    import shutil
+
+    from train_fixtures import TINY_MODEL
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny100.safetensors"
+    export_safetensors(build_model(SpidRConfig(**TINY_MODEL)).eval(), checkpoint)
+    out = tmp_path / "f"
+    assert main(["extract", "--checkpoint", str(checkpoint), "--manifest", str(corpus / "manifest.csv"),
+                 "--layers", "1", "--codebooks", "--out", str(out)]) == 0
+    rate = json.loads((out / "metadata.json").read_text())["frame_rate_hz"]
+    assert rate == 100.0
+    capsys.readouterr()
+
+    def abx(features, *options) -> dict:
+        assert main(["abx", str(features), str(corpus / "test.item"), "--json", *options]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    recorded = abx(out / "layer_01")
+    assert recorded["frequency_hz"] == 100.0
+    assert abx(out / "layer_01", "--frequency", "100") == recorded
+    assert main(["abx", str(out / "layer_01"), str(corpus / "test.item"), "--frequency", "50"]) == 2
+    assert "--frequency 50 Hz, but" in capsys.readouterr().err
+    nested = tmp_path / "nested"
+    for path in (out / "layer_01").glob("*.npy"):  # the #file of the items is the stem, as in LibriSpeech's
+        (nested / path.stem[:2] / "chapter").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, nested / path.stem[:2] / "chapter" / path.name)
+    assert abx(nested, "--frequency", "100")["abx_error_rate"] == recorded["abx_error_rate"]
+    units = next((out / "codebook_units").glob("*.jsonl"))
+    assert abx(units)["frequency_hz"] == 100.0
+    quality = ["units-quality", str(units), str(corpus / "align50.tsv"), "--alignment-rate", "100"]
+    assert main([*quality, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pnmi"] >= 0
+    assert main([*quality, "--unit-rate", "50"]) == 2
+    assert "--unit-rate 50 Hz, but" in capsys.readouterr().err

@@ -31,9 +31,24 @@ def _is_units_file(path: Path) -> bool:
     return path.is_file() and path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
 
 
+def _rate(given: str | None, source: Path, option: str) -> str:
+    """The frame rate to use for ``source``: the one its extraction's metadata.json records, which ``given`` must
+    agree with; ``given`` or 50 Hz when there is no metadata."""
+    from spidr.eval.feature_dir import extraction_frame_rate
+
+    recorded = extraction_frame_rate(source)
+    if recorded is None:
+        return given or "50"
+    rate, metadata = recorded
+    text = f"{rate:g}"
+    if given is not None and float(given) != rate:
+        raise ValueError(f"{option} {given} Hz, but {metadata} records {text} Hz for {source}; leave {option} out")
+    return text
+
+
 def _abx(args: argparse.Namespace) -> int:
     from spidr.eval.abx import abx
-    from spidr.eval.feature_dir import FeatureDirectory
+    from spidr.eval.feature_dir import StemKeyed, one_layer_directory
     from spidr.eval.units import read_units
 
     source = Path(args.features)
@@ -43,17 +58,18 @@ def _abx(args: argparse.Namespace) -> int:
         if distance != "identical":
             raise ValueError(f"{source} holds discrete units: use --distance identical, not {distance!r}")
     elif source.is_dir():
-        features = FeatureDirectory(source)
+        features = StemKeyed.if_unique(one_layer_directory(source))
         distance = args.distance or "angular"
     else:
         raise ValueError(f"FEATURES {source} is neither a directory of .npy/.pt files nor a units .jsonl file")
+    frequency = _rate(args.frequency, source, "--frequency")
     result = abx(
         features,
         args.item_file,
         speaker=args.speaker,
         context=args.context,
         distance=distance,
-        frequency=args.frequency,
+        frequency=frequency,
         max_size_group=args.max_size_group,
         max_x_across=args.max_x_across,
         seed=args.seed,
@@ -66,6 +82,7 @@ def _abx(args: argparse.Namespace) -> int:
             "speaker": args.speaker,
             "context": args.context,
             "distance": distance,
+            "frequency_hz": float(frequency),
             "cells": result.num_cells,
             "triplets": result.num_triplets,
             "phone_pairs": result.num_pairs,
@@ -81,10 +98,14 @@ def _units_quality(args: argparse.Namespace) -> int:
     from spidr.eval.unit_quality import read_alignments, unit_quality
     from spidr.eval.units import read_units
 
+    unit_rate = float(_rate(None if args.unit_rate is None else str(args.unit_rate), Path(args.units),
+                            "--unit-rate"))
+    if not unit_rate.is_integer():
+        raise ValueError(f"unit rate {unit_rate:g} Hz: units-quality needs an integer rate")
     metrics = unit_quality(
         read_units(args.units),
         read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate),
-        unit_rate_hz=args.unit_rate,
+        unit_rate_hz=int(unit_rate),
         alignment_rate_hz=args.alignment_rate,
         num_units=args.num_units,
     )
@@ -97,14 +118,14 @@ def _units_quality(args: argparse.Namespace) -> int:
 
 
 def _kmeans(args: argparse.Namespace) -> int:
-    from spidr.eval.feature_dir import FeatureDirectory
+    from spidr.eval.feature_dir import one_layer_directory
     from spidr.eval.kmeans import fit_kmeans, sample_frames, save_centroids
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} must end in .safetensors")
     max_frames = args.max_frames if args.max_frames > 0 else None
-    frames = sample_frames(FeatureDirectory(args.features_dir), max_frames=max_frames, seed=args.seed)
+    frames = sample_frames(one_layer_directory(args.features_dir), max_frames=max_frames, seed=args.seed)
     centroids = fit_kmeans(frames, args.num_units, seed=args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"num_units": str(args.num_units), "seed": str(args.seed), "num_frames": str(frames.shape[0]),
@@ -116,11 +137,12 @@ def _kmeans(args: argparse.Namespace) -> int:
 
 
 def _units(args: argparse.Namespace) -> int:
-    from spidr.eval.feature_dir import FeatureDirectory
+    from spidr.eval.feature_dir import StemKeyed, one_layer_directory
     from spidr.eval.kmeans import assign_directory, load_centroids
     from spidr.eval.units import write_units
 
-    features = FeatureDirectory(args.features_dir)
+    # Named by utterance id (the file stem, as codebook units, alignments and item files name them) when unique.
+    features = StemKeyed.if_unique(one_layer_directory(args.features_dir))
     centroids = load_centroids(args.centroids)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +188,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("item_file", metavar="ITEM_FILE", help="item file (.item, .csv or .jsonl)")
     parser.add_argument("--speaker", choices=("within", "across"), default="within", help="speaker condition")
     add_abx_options(parser, distance_default=None)
-    parser.add_argument("--frequency", default="50", help="feature rate in Hz")
+    parser.add_argument("--frequency", help="feature rate in Hz (default: the rate recorded in the metadata.json of "
+                        "the spidr extract run that wrote FEATURES, else 50)")
     parser.add_argument("--librilight-bug", action="store_true",
                         help="slice items as Libri-light / ZeroSpeech 2021 did, dropping each item's last frame")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
@@ -182,7 +205,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("units", metavar="UNITS", help="units .jsonl(.gz) file")
     parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl(.gz) or .tsv(.gz) file")
     parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
-    parser.add_argument("--unit-rate", type=int, default=50, help="unit rate in Hz")
+    parser.add_argument("--unit-rate", type=int, help="unit rate in Hz (default: the rate recorded in the "
+                        "metadata.json of the spidr extract run that wrote UNITS, else 50)")
     parser.add_argument("--num-units", type=int, default=256, help="size of the unit vocabulary")
     parser.add_argument("--json", action="store_true", help="print the six metrics as a JSON object")
     parser.set_defaults(handler=_units_quality)
@@ -205,8 +229,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "units",
         help="assign every frame of a feature directory to its nearest k-means centroid",
-        description="Write one JSONL row {\"name\": <relative path without extension>, \"units\": [...]} per "
-        "feature file of FEATURES_DIR.",
+        description="Write one JSONL row {\"name\": <utterance>, \"units\": [...]} per feature file of "
+        "FEATURES_DIR (one layer's folder of a spidr extract run). The name is the file's stem (the utterance id that "
+        "codebook units, alignments and ABX items use), or its relative path without extension when two files "
+        "share a stem.",
         formatter_class=formatter,
     )
     parser.add_argument("features_dir", metavar="FEATURES_DIR", help="directory of .npy/.pt (T, D) feature files")

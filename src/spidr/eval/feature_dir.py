@@ -94,6 +94,65 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
         return len(self.keys_)
 
 
+class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
+    """A feature directory keyed by file stem, for item files whose ``#file`` is the utterance id (LibriSpeech's
+    ABX items and alignments name ``84-121123-0000``, its features sit at ``84/121123/84-121123-0000.npy``). A
+    relative path is accepted too. Refused when two files share a stem."""
+
+    def __init__(self, directory: FeatureDirectory) -> None:
+        self.directory = directory
+        self.keys_by_stem = {key.rsplit("/", 1)[-1]: key for key in directory}
+        if len(self.keys_by_stem) != len(directory):
+            raise ValueError(f"{directory.root}: two feature files share a stem; use item #file paths instead")
+
+    def __getitem__(self, key: str) -> np.ndarray | torch.Tensor:
+        return self.directory[self.keys_by_stem.get(key, key)]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys_by_stem or key in self.directory
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_by_stem)
+
+    def __len__(self) -> int:
+        return len(self.keys_by_stem)
+
+    @classmethod
+    def if_unique(cls, directory: FeatureDirectory) -> Mapping[str, np.ndarray | torch.Tensor]:
+        """``StemKeyed(directory)`` when its stems are unique, else ``directory`` itself (paths only)."""
+        try:
+            return cls(directory)
+        except ValueError:
+            return directory
+
+
+def one_layer_directory(root: str | Path) -> FeatureDirectory:
+    """``FeatureDirectory(root)``, refusing the output folder of ``spidr extract`` itself: its ``layer_LL``
+    subfolders hold one layer each, and reading them together would pool the frames of several layers."""
+    root = Path(root)
+    layers = sorted(path.name for path in root.glob("layer_[0-9]*") if path.is_dir())
+    if layers:
+        raise ValueError(f"{root} holds the features of {', '.join(layers)} (a spidr extract folder): give one "
+                         f"layer's folder, e.g. {root / layers[0]}")
+    return FeatureDirectory(root)
+
+
+def extraction_frame_rate(path: str | Path) -> tuple[float, Path] | None:
+    """The frame rate (Hz) recorded by the ``spidr extract`` run that wrote ``path`` (``OUT/layer_LL`` or
+    ``OUT/codebook_units/layer_LL.jsonl``), and its ``metadata.json``; None when none is found."""
+    import json
+
+    for folder in (Path(path), *list(Path(path).parents)[:2]):
+        metadata = folder / "metadata.json"
+        if metadata.is_file():
+            try:
+                rate = json.loads(metadata.read_text(encoding="utf-8")).get("frame_rate_hz")
+            except (json.JSONDecodeError, AttributeError):
+                return None
+            return (float(rate), metadata) if isinstance(rate, int | float) else None
+    return None
+
+
 def load_feature_file(path: str | Path) -> np.ndarray | torch.Tensor:
     """Read one feature array from ``.npy`` (no pickles) or ``.pt`` (weights only: a single tensor)."""
     path = Path(path)

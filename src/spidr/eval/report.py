@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
 from spidr.eval.abx import abx_error_rate
-from spidr.eval.feature_dir import FeatureDirectory
+from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings, extract_to_directory
 from spidr.eval.items import Items
 from spidr.eval.mfcc import mfcc
@@ -57,25 +57,6 @@ class LayerRow:
     unit_abx_within: float | None = None
     unit_abx_across: float | None = None
     quality: dict[str, float] = field(default_factory=dict)
-
-
-class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
-    """A feature directory keyed by file stem, for item files whose ``#file`` is the utterance id."""
-
-    def __init__(self, directory: FeatureDirectory) -> None:
-        self.directory = directory
-        self.keys_by_stem = {Path(key).name: key for key in directory}
-        if len(self.keys_by_stem) != len(directory):
-            raise ValueError(f"{directory.root}: two feature files share a stem; use item #file paths instead")
-
-    def __getitem__(self, stem: str) -> np.ndarray | torch.Tensor:
-        return self.directory[self.keys_by_stem[stem]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys_by_stem)
-
-    def __len__(self) -> int:
-        return len(self.keys_by_stem)
 
 
 def _abx_percent(
