@@ -176,3 +176,35 @@ def test_shipped_demo_configs_are_valid():
         assert cfg.run.model_type == "spidr"
         assert cfg.model.extractor_conv_layer_config  # parsed and validated
         assert os.fspath(cfg.run.run_dir)
+
+
+def test_bad_settings_fail_before_any_synthesis(tmp_path, monkeypatch, capsys):
+    """A misspelt --set (training or LM) or a missing config is reported at once, not after minutes of synthesis;
+    likewise for the learning curve and the spoken-LM study."""
+    from spidr import demo, learning_curve
+    from spidr.lm import study
+
+    def no_synthesis(*args, **kwargs):
+        raise AssertionError("synthesis started before the settings were checked")
+
+    monkeypatch.setattr(demo, "synthesise_corpora", no_synthesis)
+    monkeypatch.setattr(learning_curve, "synthesise", no_synthesis)
+    monkeypatch.setattr(study, "_benchmark", no_synthesis)
+    config = str(REPO / "configs" / "demo.toml")
+    cases = [
+        (["demo", "--out", str(tmp_path / "d"), "--config", config, "--set", "model.foo=1"],
+         "demo.toml with its --set overrides: [model] has unknown key(s) foo"),
+        (["demo", "--out", str(tmp_path / "d"), "--config", str(tmp_path / "absent.toml")],
+         "absent.toml does not exist"),
+        (["learning-curve", "--out", str(tmp_path / "c"), "--config", config, "--set", "optimizer.lrr=1"],
+         "[optimizer] has unknown key(s) lrr"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    settings = DemoSettings(out_dir=tmp_path / "d", config=REPO / "configs" / "demo.toml",
+                            lm_overrides=("model.dimm=3",))
+    with pytest.raises(ValueError, match=r"the default LM config with its --set overrides: \[model\] has unknown"):
+        run_demo(settings)
+    with pytest.raises(ValueError, match=r"\[model\] has unknown key\(s\) dimm"):
+        study.run_study([], tmp_path / "s", study.StudySettings(lm_overrides=("model.dimm=3",)))

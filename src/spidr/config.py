@@ -609,4 +609,4 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         return config_from_dict(data)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise ValueError(f"{path}{' with its --set overrides' if overrides else ''}: {error}") from error

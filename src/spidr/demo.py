@@ -22,9 +22,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spidr.corpus.lm_bench import SEEN_VOICES, LmBenchSettings
 from spidr.help_format import HelpFormatter
+
+if TYPE_CHECKING:
+    from spidr.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +91,27 @@ def synthesise_corpora(settings: DemoSettings):
     return train, test
 
 
-def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) -> Path:
-    """Train (or resume) the demo model; returns the final checkpoint."""
+def training_config(settings: DemoSettings, train_manifest: Path, test_manifest: Path) -> Config:
+    """The demo model's run config: ``settings.config`` on the demo's corpora, with the user's overrides."""
     from spidr.config import load_config
-    from spidr.train.loop import train
 
+    if not settings.config.is_file():
+        raise ValueError(f"config file {settings.config} does not exist (the demo's is configs/demo.toml in the "
+                         "spidr repository: run from there, or give --config)")
     overrides = (
         f"run.workdir={_toml_string(settings.out_dir / 'runs')}",
         f"data.manifest={_toml_string(train_manifest)}",
         f"validation.test.manifest={_toml_string(test_manifest)}",
         *settings.overrides,
     )
-    cfg = load_config(settings.config, overrides)
+    return load_config(settings.config, overrides)
+
+
+def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) -> Path:
+    """Train (or resume) the demo model; returns the final checkpoint."""
+    from spidr.train.loop import train
+
+    cfg = training_config(settings, train_manifest, test_manifest)
     final = cfg.run.run_dir / "final.pt"
     if final.is_file():
         _check_same_model(final, cfg.model, settings.config)
@@ -211,6 +224,12 @@ def run_demo(settings: DemoSettings) -> Path:
     """The whole demo; returns the path of ``report.md``."""
     from spidr.train.plot import plot_training
 
+    # Settings are checked before the synthesis (minutes) that comes first.
+    training_config(settings, settings.out_dir / "train.csv", settings.out_dir / "test.csv")
+    if settings.spoken_lm:
+        from spidr.lm.study import StudySettings, check_lm_settings
+
+        check_lm_settings(StudySettings(lm_overrides=settings.lm_overrides))
     started = time.monotonic()
     train_corpus, test_corpus = synthesise_corpora(settings)
     logger.info("corpora ready after %.0f s", time.monotonic() - started)

@@ -559,6 +559,9 @@ def write_curve(out_dir: Path, *, title: str = "Learning curve") -> Path:
 
 def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
     """The whole curve: corpora, points, baselines, summary; returns ``curve.md``."""
+    from spidr.config import load_config
+
+    load_config(settings.config, settings.overrides)  # a bad --set fails now, not after the synthesis
     for hours in (None, *settings.hours):  # synthesis uses every CPU: before the points, not beside them
         synthesise(settings, hours)
     run_points(settings, argv)

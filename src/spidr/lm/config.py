@@ -145,4 +145,5 @@ def load_lm_config(path: str | Path | None, overrides: list[str] | tuple[str, ..
     try:
         return lm_config_from_dict(data)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        source = "the default LM config" if path is None else str(path)
+        raise ValueError(f"{source}{' with its --set overrides' if overrides else ''}: {error}") from error

@@ -77,6 +77,13 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
+def check_lm_settings(settings: StudySettings) -> None:
+    """Load the study's LM config with its overrides now, so that a bad ``--set`` fails before any synthesis."""
+    from spidr.lm.config import load_lm_config
+
+    load_lm_config(settings.lm_config, [*settings.lm_overrides, 'data.train="units/train.jsonl"'])
+
+
 def _train(name: str, units_dir: Path, out_dir: Path, settings: StudySettings, extra: Sequence[str] = ()) -> Path:
     """Train (or reuse) the LM of ``name`` on ``units_dir/train.jsonl``; returns its run directory."""
     from spidr.lm.config import load_lm_config
@@ -260,6 +267,7 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     if clashes:  # one units folder (units/<slug>) for two sources: each would overwrite or refuse the other's
         raise ValueError(f"model names {[m.name for m in models]} give the same units folder {clashes} twice (or "
                          "the phone oracle's): name each model (--checkpoint NAME=CKPT)")
+    check_lm_settings(settings)
     bench = _benchmark(out_dir, settings)
     units_root = out_dir / "units"
     rows = []
