@@ -150,3 +150,20 @@ def test_loading_leaves_the_global_rng_alone(manifest: Path, workers: int) -> No
     batches = list(loader)
     assert batches
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_unusable_files_summary_is_logged_once_unless_new_ones_appear(tmp_path: Path, caplog) -> None:
+    import logging
+
+    root = tmp_path / "audio"
+    root.mkdir()
+    for i in range(6):
+        sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(4000 + 1000 * i), 16_000)
+    manifest = write_manifest(scan(root, progress=False).entries, tmp_path / "m.csv")
+    (root / "u0.wav").write_bytes(b"not audio")
+    loader, _ = build(config(manifest, max_bad_fraction=1.0))
+    with caplog.at_level(logging.INFO, logger="spidr.data"):
+        for _ in range(3):
+            list(loader)
+    assert caplog.text.count("skipping unusable audio") == 1
+    assert caplog.text.count("distinct unusable file(s)") == 1

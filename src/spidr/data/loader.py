@@ -95,6 +95,7 @@ class PretrainingLoader(DataLoader):
         self.bucket_sampler = bucket_sampler
         self.tracker = tracker
         self.keep_empty = keep_empty
+        self._summarised: int | None = None  # unusable files counted when the last summary was logged
 
     def __iter__(self) -> Iterator[Batch | None]:  # type: ignore[override]
         # Start the DataLoader iterator now, not at the first ``next``: callers may fence this call (e.g. with
@@ -113,7 +114,9 @@ class PretrainingLoader(DataLoader):
                 continue
             yield batch
         self.tracker.check()
-        logger.info("%s", self.tracker.summary())
+        if self._summarised != len(self.tracker.reasons):  # the first epoch, and any that found new bad files
+            logger.info("%s", self.tracker.summary())
+            self._summarised = len(self.tracker.reasons)
 
 
 def usable_workers(requested: int) -> int:
