@@ -38,6 +38,10 @@ def test_official_fields_without_effect_are_named(tmp_path, corpus):
     for path in sorted(CONFIGS.glob("*.toml")):
         if not path.name.startswith("lm-"):
             assert unused_settings(load_config(path)) == [], path
+    data["optimizer"].update(warmup_steps=1000, max_steps=300)
+    assert unused_settings(config_from_dict(data)) == [
+        "optimizer.lr = 0.002 is never reached: optimizer.warmup_steps = 1000 is not below optimizer.max_steps = 300 "
+        "(the run ends during the warm-up)"]
 
 
 def test_resume_warns_when_the_learning_rates_changed(tmp_path, corpus, caplog):

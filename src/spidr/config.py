@@ -502,7 +502,7 @@ class Config:
 
 def unused_settings(cfg: Config) -> list[str]:
     """One sentence per field that ``cfg`` sets but that has no effect (official fields kept so that official TOMLs
-    load): the training entry points log them as warnings."""
+    load, a peak learning rate the warm-up never reaches): the training entry points log them as warnings."""
     notes = []
     if cfg.run.slurm_validation is not None:
         where = (f"the [validation] sets ({', '.join(cfg.validation)}) are scored in-process at every checkpoint"
@@ -520,6 +520,10 @@ def unused_settings(cfg: Config) -> list[str]:
             if value != getattr(defaults, name):
                 notes.append(f"model.{name} = {value!r} has no effect on SpidR (a DinoSR field): SpidR's teacher "
                              "EMA follows the exponential schedule of model.ema_timescale and model.ema_threshold")
+    o = cfg.optimizer
+    if o.warmup_steps >= o.max_steps:
+        notes.append(f"optimizer.lr = {o.lr:g} is never reached: optimizer.warmup_steps = {o.warmup_steps} is not "
+                     f"below optimizer.max_steps = {o.max_steps} (the run ends during the warm-up)")
     return notes
 
 
