@@ -375,6 +375,10 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert (report["distance"], report["abx_error_rate"]) == ("identical", pytest.approx(100 * expected))
     assert cli.main(["abx", str(units_file), str(item_file), "--distance", "angular"]) == 2
     assert "use --distance identical" in capsys.readouterr().err
+    # ids at or above 2^24 would merge in float32 (16777216 == 16777217): refused
+    large = {name: values.astype(np.int64) + 2**24 for name, values in units.items()}
+    with pytest.raises(ValueError, match=r"reach 167772\d\d: discrete ABX takes unit ids below 2\^24"):
+        abx_error_rate(large, unit_items, distance="identical")
 
 
 @pytest.mark.parametrize("speaker", ["within", "across"])

@@ -119,6 +119,10 @@ def _as_frames(value: object, name: str) -> torch.Tensor:
     tensor = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
     if tensor.ndim == 1:
         tensor = tensor[:, None]  # a sequence of discrete units
+        # Compared as float32, which holds integers exactly only below 2^24: larger ids would merge.
+        if tensor.numel() and not tensor.is_floating_point() and int(tensor.abs().max()) >= 2**24:
+            raise ValueError(f"units of {name!r} reach {int(tensor.abs().max())}: discrete ABX takes unit ids "
+                             f"below 2^24 = {2**24}")
     if tensor.ndim != 2:
         raise ValueError(f"features of {name!r} have shape {tuple(tensor.shape)}: expected (T, D) or (T,)")
     tensor = tensor.to(torch.float32)
