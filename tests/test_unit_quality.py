@@ -92,6 +92,17 @@ def test_interval_alignments(tmp_path: Path) -> None:
     gapped.write_text("u\t0.0\t0.01\tSIL\nu\t0.02\t0.04\tAH\n")
     with pytest.raises(ValueError, match=r"no phone at 0\.015"):
         read_alignments(gapped)
+    for times, message in ((("NaN", "0.02"), r"line 1: 'NaN', '0\.02' are not times in seconds"),
+                           (("0.0", "Infinity"), r"line 1: '0\.0', 'Infinity' are not times"),
+                           (("-0.5", "0.02"), r"line 1: '-0\.5', '0\.02' are not times in seconds \(finite")):
+        bad = tmp_path / "bad.tsv"
+        bad.write_text(f"u\t{times[0]}\t{times[1]}\tA\nu\t0.02\t0.04\tB\n")
+        with pytest.raises(ValueError, match=message):
+            read_alignments(bad)
+    overlapping = tmp_path / "overlap.tsv"
+    overlapping.write_text("u\t0.0\t0.02\tA\nu\t0.01\t0.04\tB\n")
+    with pytest.raises(ValueError, match=r"'B' starts at 0\.01 s, before 'A' ends at 0\.02 s"):
+        read_alignments(overlapping)
 
 
 def test_command_line_prints_the_six_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

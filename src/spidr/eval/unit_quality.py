@@ -25,6 +25,7 @@ skipped). Intervals become frame labels at the alignment rate: frame i takes the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import defaultdict
@@ -121,6 +122,9 @@ def _read_interval_alignments(path: Path, rate: int) -> Iterator[tuple[str, list
                 if number == 1:
                     continue  # a header line
                 raise ValueError(f"{path}: line {number}: {onset!r}, {offset!r} are not times in seconds") from None
+            if not (times[0].is_finite() and times[1].is_finite()) or times[0] < 0:
+                raise ValueError(f"{path}: line {number}: {onset!r}, {offset!r} are not times in seconds (finite, "
+                                 "onset ≥ 0)")
             if not times[0] < times[1]:
                 raise ValueError(f"{path}: line {number}: onset {onset} is not before offset {offset}")
             intervals[utterance].append((*times, phone))
@@ -131,6 +135,10 @@ def _read_interval_alignments(path: Path, rate: int) -> Iterator[tuple[str, list
 
     for utterance, rows in intervals.items():
         rows.sort()
+        for (_, previous_end, previous), (start, _, phone) in itertools.pairwise(rows):
+            if start < previous_end:
+                raise ValueError(f"{path}: utterance {utterance!r}: {phone!r} starts at {start} s, before "
+                                 f"{previous!r} ends at {previous_end} s (intervals must not overlap)")
         first = np.array([frame(onset) for onset, _, _ in rows], dtype=np.int64)
         reach = np.maximum.accumulate(np.array([frame(offset) for _, offset, _ in rows], dtype=np.int64))
         frames = np.arange(max(int(reach[-1]), 0))
