@@ -65,6 +65,17 @@ def test_units_are_repeated_and_zipped() -> None:
     assert same_rate["phone_purity"] == pytest.approx(2 / 3)
 
 
+def test_utterances_on_one_side_only_are_left_out_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    labels = {"u": ["A", "A", "B", "B"], "v": ["B", "B", "A", "A"], "w": ["A", "A", "A", "A"]}
+    with caplog.at_level(logging.WARNING):
+        metrics = unit_quality({"u": [0, 1], "x": [1, 1]}, labels, num_units=2)
+    assert metrics == unit_quality({"u": [0, 1]}, {"u": labels["u"]}, num_units=2)
+    assert "1 of 2 utterances have no alignment and are left out" in caplog.text
+    assert "2 of the 3 aligned utterances have no units and are left out" in caplog.text
+
+
 def test_length_mismatch_names_the_utterance() -> None:
     with pytest.raises(ValueError, match=r"'utt-7'.*may differ by at most 2"):
         unit_quality({"utt-7": [0, 1]}, {"utt-7": ["A"] * 7}, num_units=2)

@@ -228,6 +228,9 @@ def unit_quality(
         raise ValueError("no utterance of the units file is in the alignment file (check the utterance names)")
     if missing:
         logger.warning("%d of %d utterances have no alignment and are left out", missing, len(units))
+    if len(used) < len(phones):  # e.g. files the extractor skipped: the metrics cover fewer utterances
+        logger.warning("%d of the %d aligned utterances have no units and are left out", len(phones) - len(used),
+                       len(phones))
     if inventory is None:
         inventory = phones.phones if isinstance(phones, Alignments) else sorted(
             {phone for labels in phones.values() for phone in labels})
