@@ -100,6 +100,13 @@ def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert cli.main(["units-quality", str(tmp_path / "dedup.jsonl"), str(tmp_path / "missing.jsonl")]) == 2
     assert "written deduplicated" in capsys.readouterr().err
     assert cli.main(["kmeans", str(tmp_path / "features"), "--out", str(tmp_path / "c.pkl")]) == 2
+    # a rerun does not silently replace earlier results
+    for command in (["kmeans", str(tmp_path / "features"), "--num-units", "4", "--out", str(centroids)],
+                    ["units", str(tmp_path / "features"), "--centroids", str(centroids), "--out",
+                     str(tmp_path / "units.jsonl")]):
+        assert cli.main(command) == 2
+        assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+        assert cli.main([*command, "--overwrite"]) == 0
     # two files with one stem: named by relative path instead
     np.save(tmp_path / "features" / "spk1" / "utt0.npy", features["spk0/utt0"])
     assert cli.main(["units", str(tmp_path / "features"), "--centroids", str(centroids), "--out",

@@ -271,6 +271,8 @@ def test_lm_score_writes_a_valid_submission_that_lm_eval_reads(tmp_path, capsys)
         assert main(["lm-score", str(final), str(units), str(tmp_path / norm), "--norm", norm]) == 0
         scores = read_submission(tmp_path / norm / "lexical" / "dev.txt")
         check_complete(scores, read_lexical_gold(bench / "lexical" / "dev" / "gold.csv"), "submission")
+    assert main(["lm-score", str(final), str(units), str(tmp_path / "mean")]) == 2  # no silent replacement
+    assert "mean already exists; pass --overwrite" in capsys.readouterr().err
     mean = read_submission(tmp_path / "mean" / "lexical" / "dev.txt")
     total = read_submission(tmp_path / "sum" / "lexical" / "dev.txt")
     for i in range(12):  # equal lengths: the two normalisations take the same decisions

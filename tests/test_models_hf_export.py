@@ -312,6 +312,10 @@ def test_cli_export_formats(tmp_path, capsys) -> None:
     ]:
         assert cli.main(["export", *argv]) == 2
         assert message in capsys.readouterr().err
+    # a rerun does not replace an earlier export unless asked to
+    assert cli.main(["export", source, str(tmp_path / "s3prl.pt"), "--format", "s3prl"]) == 2
+    assert "s3prl.pt already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert cli.main(["export", source, str(tmp_path / "s3prl.pt"), "--format", "s3prl", "--overwrite"]) == 0
     code = cli.main(["extract", "--checkpoint", str(out), "--manifest", str(tmp_path / "missing.csv"),
                      "--layers", "1", "--codebooks", "--out", str(tmp_path / "feats")])
     assert code == 2

@@ -1,9 +1,10 @@
-"""Value types of command-line options shared by spidr's commands: a bad value is refused by argparse, with the
+"""Value types and checks of command-line options shared by spidr's commands: a bad value is refused with the
 option's name and what was expected, before any work starts."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def device(text: str) -> str:
@@ -41,3 +42,16 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
     return value
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def check_new_output(path: str | Path, *, overwrite: bool) -> Path:
+    """``path`` as a Path, refused when it exists (a file, or a folder holding anything) unless ``overwrite``:
+    a rerun must not silently replace an earlier result."""
+    path = Path(path)
+    if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
+        raise ValueError(f"output {path} already exists; pass --overwrite to replace it")
+    return path

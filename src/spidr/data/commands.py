@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spidr.cli_types import check_new_output
 from spidr.help_format import HelpFormatter
 
 
@@ -16,8 +17,7 @@ def _manifest(args: argparse.Namespace) -> int:
     if not args.fairseq and out.suffix not in MANIFEST_SUFFIXES:
         raise ValueError(f"output {out} has suffix {out.suffix!r}; expected one of {', '.join(MANIFEST_SUFFIXES)} "
                          "(or pass --fairseq for a TSV)")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"output {out} already exists; pass --overwrite to replace it")
+    check_new_output(out, overwrite=args.overwrite)
     exts = tuple(e.strip() for e in args.ext.split(",") if e.strip())
     if not exts:
         raise ValueError(f"--ext {args.ext!r} names no extension; expected e.g. .wav,.flac")

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from spidr.cli_types import add_overwrite_option, check_new_output
 from spidr.help_format import HelpFormatter
 
 # The frame distances of spidr.eval.abx_frames.DISTANCES (spelled out: the CLI must not import torch).
@@ -121,7 +122,7 @@ def _kmeans(args: argparse.Namespace) -> int:
     from spidr.eval.feature_dir import one_layer_directory
     from spidr.eval.kmeans import fit_kmeans, sample_frames, save_centroids
 
-    out = Path(args.out)
+    out = check_new_output(args.out, overwrite=args.overwrite)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} must end in .safetensors")
     max_frames = args.max_frames if args.max_frames > 0 else None
@@ -144,7 +145,7 @@ def _units(args: argparse.Namespace) -> int:
     # Named by utterance id (the file stem, as codebook units, alignments and item files name them) when unique.
     features = StemKeyed.if_unique(one_layer_directory(args.features_dir))
     centroids = load_centroids(args.centroids)
-    out = Path(args.out)
+    out = check_new_output(args.out, overwrite=args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     count = write_units(out, assign_directory(features, centroids), dedup=args.dedup)
     print(f"wrote units of {count} utterances to {out}{' (deduplicated)' if args.dedup else ''}")
@@ -224,6 +225,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-frames", type=int, default=1_000_000,
                         help="fit on a uniform sample of at most this many frames; 0 or negative uses all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of k-means")
+    add_overwrite_option(parser)
     parser.set_defaults(handler=_kmeans)
 
     parser = subparsers.add_parser(
@@ -241,6 +243,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dedup", action="store_true",
                         help="collapse consecutive repeated units (loses the time alignment: rows are marked "
                              "\"dedup\": true, and abx / units-quality refuse them)")
+    add_overwrite_option(parser)
     parser.set_defaults(handler=_units)
 
     parser = subparsers.add_parser(

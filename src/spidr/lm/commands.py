@@ -82,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
     score.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 runs the LM under autocast")
+    cli_types.add_overwrite_option(score)
     score.set_defaults(handler=_score)
 
     study = subparsers.add_parser(
@@ -181,7 +182,9 @@ def _train(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from spidr.lm.score import find_unit_files, score_benchmark
 
-    counts = score_benchmark(args.checkpoint, find_unit_files(args.units_dir), args.submission, norm=args.norm,
+    inputs = find_unit_files(args.units_dir)
+    cli_types.check_new_output(args.submission, overwrite=args.overwrite)
+    counts = score_benchmark(args.checkpoint, inputs, args.submission, norm=args.norm,
                              device=args.device, batch_tokens=args.batch_tokens, dtype=args.dtype)
     for name, count in counts.items():
         print(f"{name}: {count} items")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spidr import cli_types
+from spidr.cli_types import check_new_output
 from spidr.help_format import HelpFormatter
 
 
@@ -57,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="safetensors",
         help="output format",
     )
+    cli_types.add_overwrite_option(export)
     export.set_defaults(handler=_export)
 
     info = subparsers.add_parser(
@@ -83,6 +86,7 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(f"output {output} exists and is not a directory (--format hf writes a directory)")
     if not output.parent.is_dir():
         raise ValueError(f"output directory {output.parent} does not exist")
+    check_new_output(output, overwrite=args.overwrite)
     model = load_model(args.checkpoint, trust=args.trust, config=args.config, model_type=args.model_type)
     match args.format:
         case "safetensors":
