@@ -59,3 +59,15 @@ def test_resume_warns_when_the_learning_rates_changed(tmp_path, corpus, caplog):
     with caplog.at_level(logging.WARNING, logger="spidr.train.loop"):
         train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 4}))  # the original rates: nothing to say
     assert "resumes from a checkpoint trained with" not in caplog.text
+
+
+def test_utterances_shorter_than_one_frame_are_refused_by_the_config(tmp_path, corpus):
+    """Below the front end's receptive field (TINY: 185 samples) a batch has no frame: every such step was a 0/0."""
+    data = tiny_config_dict(tmp_path, corpus, data={"min_sample_size": 184})
+    with pytest.raises(ValueError, match=r"data\.min_sample_size = 184 is shorter than one frame of the model's "
+                                         r"front end \(185 samples\)"):
+        config_from_dict(data)
+    data["data"]["min_sample_size"] = 185
+    data["validation"] = {"dev": {"manifest": str(corpus), "min_sample_size": 100}}
+    with pytest.raises(ValueError, match=r"validation\.dev\.min_sample_size = 100"):
+        config_from_dict(data)

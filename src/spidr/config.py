@@ -492,6 +492,13 @@ class Config:
             f"run.model_type = {self.run.model_type!r} does not match the model section's class "
             f"{type(self.model).__name__}",
         )
+        receptive_field = 1  # samples of the first frame: floor((L − k)/s) + 1 ≥ 1, inverted from the top layer
+        for _, kernel, stride in reversed(self.model.extractor_conv_layer_config):
+            receptive_field = (receptive_field - 1) * stride + kernel
+        for section, data in (("data", self.data), *((f"validation.{n}", d) for n, d in self.validation.items())):
+            require(data.min_sample_size >= receptive_field,
+                    f"{section}.min_sample_size = {data.min_sample_size} is shorter than one frame of the model's "
+                    f"front end ({receptive_field} samples): such utterances would give batches of no frame")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict that ``config_from_dict`` turns back into an equal ``Config``."""
