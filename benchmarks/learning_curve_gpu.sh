@@ -6,8 +6,8 @@
 #
 # Default grid: 4 h and 16 h of training audio × 8,800 and 35,200 steps (4× and 16× the demo), seed 0, the four
 # runs side by side on the one GPU, in runs/curve-gpu (kept between calls while the machine stays warm: a rerun
-# resumes). The whole grid needs more than one device command (at most 10 minutes): the run stops at
-# $CURVE_LIMIT_S (default 540 s), and whatever is finished by then (each point's point.json and report.md, and a
+# resumes). The whole grid needs more than one device command (at most 10 minutes): the run stops
+# $CURVE_LIMIT_S (default 540) seconds after the script started, and whatever is finished by then (each point's point.json and report.md, and a
 # curve.md / curve.json / curve.png of the finished points) is copied to $OUT when it is set, on any exit. The
 # corpus voices (flite, festival, espeak-ng) must be on that machine: installed, or Debian packages carried in
 # .debs/ (name it in the run's carry), unpacked into / first; the script stops if a voice program then lacks a
@@ -53,6 +53,8 @@ copy_out() {  # what is finished, whatever ended the run
   cp "$work"/curve.md "$work"/curve.json "$work"/curve.png "$OUT"/ 2>/dev/null || true
 }
 trap copy_out EXIT
-timeout --signal=INT --kill-after=20 "${CURVE_LIMIT_S:-540}" \
+# The limit counts from this script's start (unpacking voices, installing wheels); 20 s to stop, then copy_out.
+limit=$(( ${CURVE_LIMIT_S:-540} - SECONDS ))
+timeout --signal=INT --kill-after=20 $(( limit > 60 ? limit : 60 )) \
   "$python" -m spidr learning-curve --out "$work" --hours 4,16 --steps 8800,35200 --parallel 4 \
   --set 'run.device="cuda"' "$@"

@@ -375,6 +375,10 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert (report["distance"], report["abx_error_rate"]) == ("identical", pytest.approx(100 * expected))
     assert cli.main(["abx", str(units_file), str(item_file), "--distance", "angular"]) == 2
     assert "use --distance identical" in capsys.readouterr().err
+    # units keyed by utterance id also answer item files whose #file is a path (spidr units names rows by stem)
+    item_file.write_text("\n".join(lines[:1] + [f"corpus/{line.replace('/', '-')}" for line in lines[1:]]) + "\n")
+    assert cli.main(["abx", str(units_file), str(item_file), "--speaker", "across", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["abx_error_rate"] == pytest.approx(100 * expected)
     # ids at or above 2^24 would merge in float32 (16777216 == 16777217): refused
     large = {name: values.astype(np.int64) + 2**24 for name, values in units.items()}
     with pytest.raises(ValueError, match=r"reach 167772\d\d: discrete ABX takes unit ids below 2\^24"):

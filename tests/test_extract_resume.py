@@ -152,6 +152,12 @@ def test_another_model_or_settings_is_refused_unless_restarted(manifest, tmp_pat
         extract_to_directory(other, entries[:3], out, ExtractionSettings(**SETTINGS), progress=False)
     extract_to_directory(other, entries[:3], out, ExtractionSettings(**SETTINGS), progress=False, restart=True)
     assert len(_outputs(out)[0]) == 2 * 3
+    # evaluate's working folder (replace_other) starts over instead, as it does for another extraction
+    shutil.rmtree(out / ".extract")
+    extract_to_directory(_model(), entries[:2], out, ExtractionSettings(layers=(3,)), progress=False,
+                         replace_other=True)
+    assert sorted(str(p.relative_to(out)) for p in out.glob("layer_*/**/*.npy")) == [
+        f"layer_03/{name}.npy" for name in sorted(output_stems(entries[:2]))]
 
 
 def test_a_bf16_folder_from_the_all_bf16_days_is_not_resumed(manifest, tmp_path):

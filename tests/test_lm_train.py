@@ -198,6 +198,9 @@ def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
 def test_resuming_on_other_data_or_an_edited_model_is_refused(tmp_path):
     path = _config(tmp_path, "data", optimizer={"max_steps": 10})
     train_lm(load_lm_config(path))
+    records = _metrics(tmp_path / "runs" / "data")
+    assert train_lm(load_lm_config(path)) == "completed"  # finished: nothing trained, validated or logged again
+    assert _metrics(tmp_path / "runs" / "data") == records
     saved = (tmp_path / "runs" / "data" / "config.json").read_text()
     other = _toy_units(tmp_path / "other.jsonl", seed=5)
     with pytest.raises(ValueError, match="other data"):

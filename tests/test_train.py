@@ -204,6 +204,14 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
     for before, after in zip(first, again, strict=True):  # an exact resume: the same losses
         assert after["loss"] == before["loss"]
+    from spidr.train.metrics import supersede_records
+
+    complete_but_cut = tmp_path / "cut.jsonl"  # killed after a whole record, before its newline
+    complete_but_cut.write_text('{"step": 1, "group": "train"}\n{"step": 2, "group": "train"}')
+    assert supersede_records(complete_but_cut, after_step=5) == 0  # nothing to move: left as it is
+    complete_but_cut.write_text('{"step": 1, "group": "train"}\n{"step": 2, "group": "train"}\n{"step": 7}')
+    assert supersede_records(complete_but_cut, after_step=2) == 1
+    assert complete_but_cut.read_text().endswith('"train"}\n')  # the next record starts a line of its own
     superseded = (run_dir / "metrics.superseded.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in superseded[:-1]] == [4, 5]
     assert superseded[-1] == '{"step": 6, "gro'
@@ -222,6 +230,21 @@ def test_the_final_model_is_validated_when_the_last_step_is_a_checkpoint_step(tm
     assert cfg.run.save_interval == 3
     assert train(cfg) == "completed"
     assert [r["step"] for r in read_metrics(cfg.run.run_dir / "metrics.jsonl") if r["group"] == "dev"] == [0, 3, 6]
+
+
+def test_a_run_that_went_on_and_is_rerun_as_before_still_has_its_final_checkpoint(tmp_path, corpus):
+    """Finished at 4, continued to 7 and killed after step_6.pt (final.pt became step_4.pt), then rerun with the old
+    config: nothing to train, but final.pt must be there (the demo and the user load it)."""
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 4})
+    assert train(cfg) == "completed"
+    longer = tiny_config(tmp_path, corpus, optimizer={"max_steps": 7})
+    assert train(longer) == "completed"
+    run_dir = cfg.run.run_dir
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["final.pt", "step_0.pt", "step_3.pt", "step_4.pt",
+                                                            "step_6.pt"]
+    (run_dir / "final.pt").unlink()  # the kill came after step_6.pt
+    assert train(cfg) == "completed"
+    assert read_int(torch.load(run_dir / "final.pt", weights_only=True)["step"]) == 6
 
 
 def test_grad_accumulation_and_freeze_step_in_a_run(tmp_path, corpus):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from spidr import demo, learning_curve
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as error:
         # An output path the user named is in the way (a file where a folder goes, or the reverse) or not writable.
-        print(f"spidr {args.command}: error: {error.filename}: {error.strerror.lower()}"
-              + (" (a file is in the way of a folder)" if isinstance(error, (NotADirectoryError, FileExistsError))
-                 else ""), file=sys.stderr)
+        in_the_way = isinstance(error, NotADirectoryError) or (
+            isinstance(error, FileExistsError) and error.filename is not None and os.path.isfile(error.filename))
+        print(f"spidr {args.command}: error: {error.filename}: {(error.strerror or str(error)).lower()}"
+              + (" (a file is in the way of a folder)" if in_the_way else ""), file=sys.stderr)
         return 2

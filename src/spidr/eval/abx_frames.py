@@ -79,7 +79,8 @@ class FrameStore:
         if missing:
             raise ValueError(
                 f"{len(missing)} of the {len(by_file)} files of {items.source} have no features "
-                f"(first: {missing[:3]}); for a directory, #file must be the path relative to it without extension"
+                f"(first: {missing[:3]}); #file must be a feature file's path relative to the directory without "
+                f"extension, or its stem (the utterance id)"
             )
         spans = {name: (int(starts[rows].min()), int(ends[rows].max())) for name, rows in by_file.items()}
         total = sum(max(end - start, 0) for start, end in spans.values())

@@ -54,7 +54,7 @@ def _abx(args: argparse.Namespace) -> int:
 
     source = Path(args.features)
     if _is_units_file(source):
-        features = read_units(source)
+        features = StemKeyed.if_unique(read_units(source))
         distance = args.distance or "identical"
         if distance != "identical":
             raise ValueError(f"{source} holds discrete units: use --distance identical, not {distance!r}")
@@ -181,8 +181,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "abx",
         help="ABX phone discriminability error rate (fastabx / ZeroSpeech 2021 semantics)",
         description="Compute the ABX error rate of per-utterance features on an item file. FEATURES is a directory "
-        "of .npy/.pt (T, D) files (relative path minus extension = the item file's #file) or a units JSONL file "
-        '({"name" or "audio": ..., "units": [...]}, compared with the identical distance).',
+        "of .npy/.pt (T, D) files (one layer's folder of a spidr extract run) or a units JSONL file "
+        '({"name" or "audio": ..., "units": [...]}, compared with the identical distance). An item\'s #file is '
+        "the feature file's path relative to FEATURES without extension, or its utterance id (the file stem) when "
+        "no two files share one.",
         formatter_class=formatter,
     )
     parser.add_argument("features", metavar="FEATURES", help="feature directory or units .jsonl(.gz) file")

@@ -11,6 +11,7 @@ import itertools
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,21 +96,28 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
 
 
 class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
-    """A feature directory keyed by file stem, for item files whose ``#file`` is the utterance id (LibriSpeech's
-    ABX items and alignments name ``84-121123-0000``, its features sit at ``84/121123/84-121123-0000.npy``). A
-    relative path is accepted too. Refused when two files share a stem."""
+    """Features (a ``FeatureDirectory``, or units by utterance) found by utterance id as well as by path: item files
+    and alignments name LibriSpeech's ``84-121123-0000``, whose features sit at ``84/121123/84-121123-0000.npy``,
+    while other item files give that path; a key is looked up as given, then by its last path component. Refused
+    when two entries share a stem."""
 
-    def __init__(self, directory: FeatureDirectory) -> None:
+    def __init__(self, directory: Mapping[str, Any]) -> None:
         self.directory = directory
         self.keys_by_stem = {key.rsplit("/", 1)[-1]: key for key in directory}
         if len(self.keys_by_stem) != len(directory):
-            raise ValueError(f"{directory.root}: two feature files share a stem; use item #file paths instead")
+            where = getattr(directory, "root", "the features")
+            raise ValueError(f"{where}: two feature files share a stem; use item #file paths instead")
+
+    def _key(self, key: object) -> object:
+        if key in self.directory or not isinstance(key, str):
+            return key
+        return self.keys_by_stem.get(key.rsplit("/", 1)[-1], key)
 
     def __getitem__(self, key: str) -> np.ndarray | torch.Tensor:
-        return self.directory[self.keys_by_stem.get(key, key)]
+        return self.directory[self._key(key)]
 
     def __contains__(self, key: object) -> bool:
-        return key in self.keys_by_stem or key in self.directory
+        return self._key(key) in self.directory
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys_by_stem)
@@ -118,7 +126,7 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
         return len(self.keys_by_stem)
 
     @classmethod
-    def if_unique(cls, directory: FeatureDirectory) -> Mapping[str, np.ndarray | torch.Tensor]:
+    def if_unique(cls, directory: Mapping[str, Any]) -> Mapping[str, np.ndarray | torch.Tensor]:
         """``StemKeyed(directory)`` when its stems are unique, else ``directory`` itself (paths only)."""
         try:
             return cls(directory)

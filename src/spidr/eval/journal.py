@@ -72,7 +72,7 @@ class ExtractionJournal:
                  replace_other: bool = False, outputs: Sequence[str] = ()) -> None:
         """``outputs``: glob patterns (in ``out_dir``) of what an extraction writes; starting over deletes them, so
         that nothing of the replaced extraction stays beside the new one. Without a journal, finding any of them
-        is refused (their origin is unknown), unless ``restart``."""
+        is refused (their origin is unknown), unless ``restart`` or ``replace_other``."""
         self.dir = out_dir / STATE_DIR
         self.identity = json.loads(json.dumps({"format": FORMAT, **identity}))  # as state.json holds it
         self.done = np.zeros(num_entries, dtype=bool)
@@ -91,6 +91,10 @@ class ExtractionJournal:
                 "restart (spidr extract --restart) to replace it"
             )
         found = sorted(path for pattern in outputs for path in out_dir.glob(pattern))
+        if previous is None and found and replace_other and not restart:
+            logger.info("%s held features without the journal of the extraction that wrote them: starting over",
+                        out_dir)
+            restart = True
         if previous is None and found and not restart:
             raise ValueError(
                 f"{out_dir} holds {', '.join(p.name for p in found[:4])}{' ...' if len(found) > 4 else ''} but no "

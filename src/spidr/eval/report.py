@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
 from spidr.eval.abx import abx_error_rate
@@ -27,7 +26,7 @@ from spidr.eval.items import Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
 from spidr.extras import figure
-from spidr.models.frames import hop_length
+from spidr.models.frames import frame_rate_hz
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +110,7 @@ def evaluate_model(
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
     extract_to_directory(model, entries, work_dir, settings, progress=progress, replace_other=True)
     head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
-    hop = hop_length(model.cfg.extractor_conv_layer_config)
-    if SAMPLE_RATE % hop:
-        raise ValueError(f"the model's frame rate {SAMPLE_RATE}/{hop} Hz is not an integer; ABX needs one")
-    rate = SAMPLE_RATE // hop
+    rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
     rows = []
     for layer in layers:
         features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"))

@@ -131,9 +131,16 @@ def _score(name: str, checkpoint: Path, units_dir: Path, out_dir: Path, *, bench
     return results
 
 
-def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind: str = "dev") -> dict[str, float]:
-    """PNMI of the training set's units (``units_dir/train.jsonl``) against its 20 ms phone labels, and unit ABX
-    within / across speaker on the syntactic split (its triphone items), in %."""
+def _frame_rate(study_model: StudyModel) -> int:
+    from spidr.models.frames import frame_rate_hz
+
+    return frame_rate_hz(study_model.model.cfg.extractor_conv_layer_config)
+
+
+def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind: str = "dev",
+                    unit_rate_hz: int = 50) -> dict[str, float]:
+    """PNMI of the training set's units (``units_dir/train.jsonl``, at ``unit_rate_hz``) against its 20 ms phone
+    labels, and unit ABX within / across speaker on the syntactic split (its triphone items), in %."""
     from spidr.eval.abx import abx_error_rate
     from spidr.eval.items import read_items
     from spidr.eval.unit_quality import read_alignments, unit_quality
@@ -141,7 +148,7 @@ def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind
 
     train = bench.train_dir
     quality = unit_quality(read_units(units_dir / "train.jsonl"), read_alignments(train / "frame_labels_20ms.jsonl"),
-                           unit_rate_hz=50, alignment_rate_hz=50, num_units=num_units)
+                           unit_rate_hz=unit_rate_hz, alignment_rate_hz=50, num_units=num_units)
     out = {"pnmi": quality["pnmi"]}
     syntactic = bench.task_dir("syntactic", kind)
     if (syntactic / "triphone.item").is_file() and (units_dir / "syntactic" / f"{kind}.jsonl").is_file():
@@ -149,7 +156,7 @@ def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind
         items = read_items(syntactic / "triphone.item")
         for speaker in ("within", "across"):
             out[f"unit_abx_{speaker}"] = 100.0 * abx_error_rate(units, items, speaker=speaker, context="within",
-                                                                distance="identical", frequency=50)
+                                                                distance="identical", frequency=unit_rate_hz)
     return out
 
 
@@ -292,8 +299,9 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
             layer_dir = model_dir / f"layer_{layer:02d}"
             run = _train(name, layer_dir, out_dir, settings, (f"data.num_units={num_units}",))
             results = _score(name, run / "final.pt", layer_dir, out_dir, **common)
-            quality = study_model.quality.get(layer) or measure_quality(layer_dir, bench, num_units=num_units,
-                                                                        kind=settings.kind)
+            quality = study_model.quality.get(layer) or measure_quality(
+                layer_dir, bench, num_units=num_units, kind=settings.kind,
+                unit_rate_hz=_frame_rate(study_model))
             rows.append(_row(name, study_model.name, layer, results, quality))
     source = settings.quality_source or ("PNMI of the benchmark's training units; unit ABX (triphones, context "
                                          f"within) on its syntactic {settings.kind} split")

@@ -269,6 +269,11 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         if step is None:
             step = 0
             save(0)
+        elif step >= o.max_steps:  # a finished run: nothing to train, validate or log again
+            logger.info("step %d >= optimizer.max_steps = %d: nothing to do", step, o.max_steps)
+            if not checkpointer.path_for(None).is_file():  # a run that went on past its final.pt, then back
+                save(step, final=True)
+            return "completed"
 
         sampler = WindowSampler(data.train, cfg.model.context, o.batch_size, cfg.run.seed)
         model = raw
@@ -365,7 +370,14 @@ def lm_checkpoint_summary(path: str | Path) -> dict[str, Any]:
 
     if not Path(path).is_file():
         raise ValueError(f"LM checkpoint {path} does not exist")
-    state = load_torch_file(Path(path))
+    try:
+        state = load_torch_file(Path(path))
+    except ValueError as error:
+        if "pickled Python objects" not in str(error):
+            raise
+        # lm-train writes tensors and plain values only: a file needing unpickling is not one of its checkpoints
+        raise ValueError(f"{path} is not a unit-LM checkpoint written by spidr lm-train (it holds pickled Python "
+                         "objects)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a unit-LM checkpoint written by spidr lm-train")
     return state

@@ -42,6 +42,15 @@ def hop_length(conv_layers: Sequence[ConvLayer] = DEFAULT_CONV_LAYERS) -> int:
     return math.prod(stride for _, _, stride in conv_layers)
 
 
+def frame_rate_hz(conv_layers: Sequence[ConvLayer] = DEFAULT_CONV_LAYERS) -> int:
+    """Frames per second at 16 kHz (50 with the default config); a rate that is not a whole number of Hz, which
+    frame-level evaluation (ABX items, alignments) cannot place, is an error."""
+    hop = hop_length(conv_layers)
+    if 16_000 % hop:
+        raise ValueError(f"the model's frame rate 16000/{hop} Hz is not an integer; frame-level evaluation needs one")
+    return 16_000 // hop
+
+
 def padding_mask_from_lengths(
     num_samples: torch.Tensor, conv_layers: Sequence[ConvLayer] = DEFAULT_CONV_LAYERS, *, frames: int | None = None
 ) -> torch.Tensor:

@@ -340,6 +340,8 @@ def train(cfg: Config) -> Outcome:
             run_validation()
         if run.step >= cfg.optimizer.max_steps:
             logger.info("step %d >= optimizer.max_steps = %d: nothing to do", run.step, cfg.optimizer.max_steps)
+            if not checkpointer.path_for(None).is_file():  # a run that went on past its final.pt, then back
+                save(final=True)
             return "completed"
         stop = StopFlag()
         cleanup.enter_context(stop.installed())

@@ -158,7 +158,8 @@ def supersede_records(path: Path, *, after_step: int) -> int:
     with open(path.with_name(SUPERSEDED_FILE), "a", encoding="utf-8") as file:
         file.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(kept), encoding="utf-8")
+    # A complete last record killed before its newline gets one, or the next record would share its line.
+    partial.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
     partial.replace(path)
     return len(moved)
 

@@ -56,11 +56,13 @@ def load_resumed_weights(model: torch.nn.Module, weights: dict[str, Any], *, sav
     except RuntimeError:
         changed = [f"{name} = {new!r} (the checkpoint's: {old!r})" for section in sections
                    for name, old, new in config_diff(saved_config.get(section), config.get(section), f"{section}.")]
-        raise ValueError(
-            f"{path} holds weights of another shape than this config builds"
-            + (f"; changed since it was saved: {'; '.join(sorted(changed))}" if changed else "")
-            + ". Restore those settings to resume it, or choose another run.name to start a new run"
-        ) from None
+        if changed:
+            raise ValueError(f"{path} holds weights of another shape than this config builds; changed since it was "
+                             f"saved: {'; '.join(sorted(changed))}. Restore those settings to resume it, or choose "
+                             "another run.name to start a new run") from None
+        raise ValueError(f"{path} holds weights of another shape than this config builds, though no setting of "
+                         f"{', '.join(sections)} changed (a size taken from the data, such as an LM vocabulary with "
+                         "data.num_units = 0, may have); choose another run.name to start a new run") from None
 
 
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
