@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,20 +129,27 @@ def _run_steps(model, batches_per_step: list[list[Batch]]) -> list[float]:
     return losses
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo_rank(rank: int, world_size: int, port: int) -> Iterator[DistributedEnvironment]:
+    """This spawned process as one CPU rank of a gloo process group, torn down on the way out."""
     torch.set_num_threads(1)
     denv = DistributedEnvironment(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
                                   master_port=port, launcher="torchrun")
     loop.init_distributed(denv, torch.device("cpu"))
     try:
+        yield denv
+    finally:
+        loop.destroy_distributed()
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    with _gloo_rank(rank, world_size, port) as denv:
         torch.manual_seed(0)
         raw = build_model(_model_config())
         cfg = tiny_config(Path(out_dir), Path(out_dir) / "unused.csv")
         model = loop._wrap(raw, cfg, denv, torch.device("cpu"))
         losses = _run_steps(model, [[_rows(b, slice(rank, rank + 1))] for b in _global_batches()])
         torch.save({"losses": losses, "state": raw.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        loop.destroy_distributed()
 
 
 def _free_port() -> int:
@@ -279,11 +288,7 @@ def test_slurm_job_is_checkpointable_and_runs(tmp_path):
 
 
 def _validation_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    denv = DistributedEnvironment(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
-                                  master_port=port, launcher="torchrun")
-    loop.init_distributed(denv, torch.device("cpu"))
-    try:
+    with _gloo_rank(rank, world_size, port):
         torch.manual_seed(0)
         model = build_model(_model_config())
         batches = [_rows(b, slice(rank, rank + 1)) for b in _global_batches()[:3]]
@@ -291,8 +296,6 @@ def _validation_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
             batches[1] = None  # all of this rank's files in its second batch were unreadable
         result = validate(model, batches, device=torch.device("cpu"), precision=FP32)
         torch.save({"num_batches": result["num_batches"], "loss": result["loss"]}, Path(out_dir) / f"val{rank}.pt")
-    finally:
-        loop.destroy_distributed()
 
 
 @pytest.mark.timeout(120)
