@@ -48,6 +48,8 @@ def test_parse_layers():
         parse_layers("0-2", 3)
     with pytest.raises(ValueError, match="expected"):
         parse_layers("a", 3)
+    with pytest.raises(ValueError, match="the range 2-1 runs backwards"):
+        parse_layers("2-1", 3)
 
 
 def test_padded_batch_equals_one_file_at_a_time(model):

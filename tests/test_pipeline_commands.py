@@ -183,3 +183,13 @@ def test_abx_and_units_quality_take_the_rate_the_extraction_recorded(corpus, tmp
     assert json.loads(capsys.readouterr().out)["pnmi"] >= 0
     assert main([*quality, "--unit-rate", "50"]) == 2
     assert "--unit-rate 50 Hz, but" in capsys.readouterr().err
+
+
+def test_extract_takes_every_layer_of_the_model_by_default(corpus, tmp_path):
+    """Not "1-12", which a model of another depth refused."""
+    assert main(["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--out", str(tmp_path / "f")]) == 0
+    metadata = json.loads((tmp_path / "f" / "metadata.json").read_text())
+    assert metadata["layers"] == list(range(1, TINY["encoder_num_layers"] + 1))
+    assert sorted(p.name for p in (tmp_path / "f").glob("layer_*")) == [
+        f"layer_{layer:02d}" for layer in metadata["layers"]]

@@ -60,13 +60,12 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
     for part in text.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                first, last = (int(p) for p in part.split("-", 1))
-                layers.update(range(first, last + 1))
-            else:
-                layers.add(int(part))
-        except ValueError as error:
-            raise ValueError(f"--layers {text!r} is invalid: expected e.g. 1-12, 6 or 1,5-7") from error
+            first, last = (int(p) for p in part.split("-", 1)) if "-" in part else (int(part), int(part))
+        except ValueError:
+            raise ValueError(f"--layers {text!r} is invalid: expected e.g. 1-12, 6 or 1,5-7") from None
+        if first > last:
+            raise ValueError(f"--layers {text!r} is invalid: the range {part} runs backwards")
+        layers.update(range(first, last + 1))
     bad = sorted(layer for layer in layers if not 1 <= layer <= num_layers)
     if bad or not layers:
         raise ValueError(f"--layers {text!r} is invalid: the model has layers 1..{num_layers} (1-based)")

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_model_arguments(extract)
     extract.add_argument("--manifest", required=True, help="manifest (.csv/.tsv/.jsonl) or a folder of audio")
-    extract.add_argument("--layers", default="1-12", help="1-based layers, e.g. 1-12, 6 or 1,5-7")
+    extract.add_argument("--layers", default=None, help="1-based layers, e.g. 1-12, 6 or 1,5-7 (default: all)")
     extract.add_argument("--out", required=True, help="output folder")
     extract.add_argument("--after-residual", action="store_true",
                          help="each layer's full output instead of the FFN output before the residual (official)")
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--item", required=True, help="ABX item file (#file = utterance id)")
     evaluate.add_argument("--alignments", help="phone alignments for PNMI (SpidR JSONL or TSV intervals, .gz ok)")
     evaluate.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
-    evaluate.add_argument("--layers", default="1-12", help="1-based layers to evaluate")
+    evaluate.add_argument("--layers", default=None, help="1-based layers to evaluate (default: all)")
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
                           help="add a baseline (repeatable)")
@@ -135,7 +135,7 @@ def run_extract(args: argparse.Namespace) -> int:
         raise ValueError(f"--codebooks: {args.checkpoint} is an exported student without prediction heads or "
                          "codebooks; codebook units need the full spidr checkpoint")
     settings = ExtractionSettings(
-        layers=parse_layers(args.layers, model.num_layers),
+        layers=parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers),
         before_residual=not args.after_residual,
         codebooks=args.codebooks,
         batch_seconds=args.batch_seconds,
@@ -165,7 +165,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     items = read_items(args.item)
     alignments = (None if args.alignments is None
                   else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
-    layers = parse_layers(args.layers, model.num_layers)
+    layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)
