@@ -57,6 +57,18 @@ def test_point_names_and_parsing():
     assert len(CurveSettings(out_dir=Path("x"), hours=(1, 4), steps=(10, 20, 30), seeds=(0, 1)).points) == 12
 
 
+def test_bad_grid_values_name_the_option(capsys):
+    from spidr.cli import main
+
+    for option, value, message in (("--hours", "1,x", "argument --hours: '1,x': expected comma-separated numbers"),
+                                   ("--steps", "10,2.5", "argument --steps: '10,2.5': expected comma-separated "
+                                                         "integers"),
+                                   ("--seeds", ",", "argument --seeds: ',': expected comma-separated integers")):
+        with pytest.raises(SystemExit):
+            main(["learning-curve", option, value])
+        assert message in capsys.readouterr().err
+
+
 def test_middle_layers_are_the_issues_three_to_five_of_six():
     assert list(middle_layers(6)) == [3, 4, 5]
     assert list(middle_layers(12)) == [5, 6, 7, 8, 9, 10, 11]

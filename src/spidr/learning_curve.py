@@ -573,11 +573,22 @@ def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+    return _values(text, float, "numbers")
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+    return _values(text, int, "integers")
+
+
+def _values(text: str, kind: type, name: str) -> tuple:
+    """A comma-separated option value, e.g. "1,4,16"; argparse names the option in the error."""
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {name}, e.g. 1,4,16") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {name}, e.g. 1,4,16")
+    return values
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -58,7 +58,7 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
         raise ValueError("x and y must be finite numbers")
     for name, array in (("x", x_array), ("y", y_array)):
         if np.ptp(array) == 0:
-            raise ValueError(f"{name} is constant ({array[0]!r}): its correlation is undefined")
+            raise ValueError(f"{name} is constant ({float(array[0]):g}): its correlation is undefined")
 
     pearson = pearsonr(x_array, y_array)
     spearman = spearmanr(x_array, y_array)
