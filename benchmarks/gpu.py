@@ -635,12 +635,12 @@ def judge_exit(report: dict[str, Any], code: int | None, timeout: float) -> dict
     return report
 
 
-def twin_flop_count(job: str, rows: dict[str, dict[str, Any]]) -> list[str]:
-    """For a compiled job whose eager twin (same model and batches) has counted its FLOPs: the worker argument that
-    reuses that count, so the compiled job spends its time limit on compiling and timing, not on eager steps."""
+def twin_flop_count(job: str, rows: dict[str, dict[str, Any]]) -> float | None:
+    """For a compiled job whose eager twin (same model and batches) has counted its FLOPs: that count (GFLOP per
+    audio second), for the compiled job to reuse, so that it spends its time limit on compiling and timing, not on
+    eager steps; None otherwise."""
     twin = job.removesuffix("-compile")
-    counted = rows.get(twin, {}).get("gflop_per_audio_s_counted") if JOBS[job].compile and twin in JOBS else None
-    return ["--counted-gflop", repr(counted)] if counted else []
+    return rows.get(twin, {}).get("gflop_per_audio_s_counted") if JOBS[job].compile and twin in JOBS else None
 
 
 def write_corpus_for(args: argparse.Namespace, directory: Path) -> Path:
@@ -668,12 +668,13 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
                 rows[job] = {"job": job, "name": JOBS[job].name,
                              "error": f"not run: the {args.deadline:.0f} s deadline left {share:.0f} s"}
                 continue
+            counted = twin_flop_count(job, rows)
             if args.isolate:
-                rows[job] = run_job_isolated(job, argv + twin_flop_count(job, rows), Path(args.manifest), share)
+                reuse = ["--counted-gflop", repr(counted)] if counted else []
+                rows[job] = run_job_isolated(job, argv + reuse, Path(args.manifest), share)
             else:
                 args.stop_at = time.time() + share
-                twin = twin_flop_count(job, rows)
-                args.counted_gflop = float(twin[1]) if twin else None
+                args.counted_gflop = counted
                 rows[job] = run_job_here(job, args)
             status = rows[job].get("error") or f"{rows[job]['audio_s_per_s']:.1f} audio-s/s"
             print(f"[{time.perf_counter() - began:.0f} s] {job}: {status}", file=sys.stderr)

@@ -115,10 +115,10 @@ def test_smoke_compiled_jobs(gpu, tmp_path, capsys):
 
 def test_a_compiled_job_reuses_only_its_eager_twin_s_count(gpu):
     rows = {"spidr": {"gflop_per_audio_s_counted": 61.5}, "dinosr": {"error": "failed"}}
-    assert gpu.twin_flop_count("spidr-compile", rows) == ["--counted-gflop", "61.5"]
-    assert gpu.twin_flop_count("dinosr-compile", rows) == []  # its twin failed: it counts for itself
-    assert gpu.twin_flop_count("spidr-host-reads", rows) == []  # not compiled: counts its own step
-    assert gpu.twin_flop_count("spidr-compile", {}) == []
+    assert gpu.twin_flop_count("spidr-compile", rows) == 61.5
+    assert gpu.twin_flop_count("dinosr-compile", rows) is None  # its twin failed: it counts for itself
+    assert gpu.twin_flop_count("spidr-host-reads", rows) is None  # not compiled: counts its own step
+    assert gpu.twin_flop_count("spidr-compile", {}) is None
 
 
 def test_a_failing_job_leaves_the_others_running(gpu, tmp_path, capsys, monkeypatch):

@@ -12,6 +12,7 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,15 @@ from typing import Any, Literal
 ConvLayer = tuple[int, int, int]  # (channels, kernel, stride)
 
 DEFAULT_CONV_LAYERS: tuple[ConvLayer, ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+
+def num_samples_for_frames(frames: int, conv_layers: Sequence[ConvLayer]) -> int:
+    """Fewest samples giving ``frames`` frames: inverts floor((L − k)/s) + 1 layer by layer from the top (1 frame:
+    the front end's receptive field). Here, not in spidr.models.frames, so that configs check it without torch."""
+    length = frames
+    for _, kernel, stride in reversed(conv_layers):
+        length = (length - 1) * stride + kernel
+    return length
 
 ModelType = Literal["dinosr", "spidr"]
 
@@ -492,9 +502,7 @@ class Config:
             f"run.model_type = {self.run.model_type!r} does not match the model section's class "
             f"{type(self.model).__name__}",
         )
-        receptive_field = 1  # samples of the first frame: floor((L − k)/s) + 1 ≥ 1, inverted from the top layer
-        for _, kernel, stride in reversed(self.model.extractor_conv_layer_config):
-            receptive_field = (receptive_field - 1) * stride + kernel
+        receptive_field = num_samples_for_frames(1, self.model.extractor_conv_layer_config)
         for section, data in (("data", self.data), *((f"validation.{n}", d) for n, d in self.validation.items())):
             require(data.min_sample_size >= receptive_field,
                     f"{section}.min_sample_size = {data.min_sample_size} is shorter than one frame of the model's "

@@ -95,9 +95,6 @@ def training_config(settings: DemoSettings, train_manifest: Path, test_manifest:
     """The demo model's run config: ``settings.config`` on the demo's corpora, with the user's overrides."""
     from spidr.config import load_config
 
-    if not settings.config.is_file():
-        raise ValueError(f"config file {settings.config} does not exist (the demo's is configs/demo.toml in the "
-                         "spidr repository: run from there, or give --config)")
     overrides = (
         f"run.workdir={_toml_string(settings.out_dir / 'runs')}",
         f"data.manifest={_toml_string(train_manifest)}",

@@ -32,14 +32,14 @@ def _is_units_file(path: Path) -> bool:
     return path.is_file() and path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
 
 
-def _rate(given: str | None, source: Path, option: str) -> str:
-    """The frame rate to use for ``source``: the one its extraction's metadata.json records, which ``given`` must
-    agree with; ``given`` or 50 Hz when there is no metadata."""
+def _rate(given: str | int | None, source: Path, option: str) -> str:
+    """The frame rate to use for ``source``, as text: the one its extraction's metadata.json records, which
+    ``given`` (the option's value) must agree with; ``given`` or 50 Hz when there is no metadata."""
     from spidr.eval.feature_dir import extraction_frame_rate
 
     recorded = extraction_frame_rate(source)
     if recorded is None:
-        return given or "50"
+        return "50" if given is None else str(given)
     rate, metadata = recorded
     text = f"{rate:g}"
     if given is not None and float(given) != rate:
@@ -99,8 +99,7 @@ def _units_quality(args: argparse.Namespace) -> int:
     from spidr.eval.unit_quality import read_alignments, unit_quality
     from spidr.eval.units import read_units
 
-    unit_rate = float(_rate(None if args.unit_rate is None else str(args.unit_rate), Path(args.units),
-                            "--unit-rate"))
+    unit_rate = float(_rate(args.unit_rate, Path(args.units), "--unit-rate"))
     if not unit_rate.is_integer():
         raise ValueError(f"unit rate {unit_rate:g} Hz: units-quality needs an integer rate")
     metrics = unit_quality(

@@ -26,6 +26,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from spidr.config import num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings
@@ -209,14 +210,6 @@ def extract_long(
         (result,) = extract_batch(model, [wave], settings)
         for key, values in result.items():
             sinks[key][keep_start:keep_end] = values[keep_start - run_start : keep_end - run_start]
-
-
-def num_samples_for_frames(frames: int, conv_layers: Sequence[tuple[int, int, int]]) -> int:
-    """Fewest samples giving ``frames`` frames: inverts floor((L − k)/s) + 1 layer by layer from the top."""
-    length = frames
-    for _, kernel, stride in reversed(conv_layers):
-        length = (length - 1) * stride + kernel
-    return length
 
 
 # --------------------------------------------------------------------------------------------------------------

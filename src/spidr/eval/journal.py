@@ -91,16 +91,16 @@ class ExtractionJournal:
                 "restart (spidr extract --restart) to replace it"
             )
         found = sorted(path for pattern in outputs for path in out_dir.glob(pattern))
-        if previous is None and found and replace_other and not restart:
+        if previous is None and found and not restart:
+            if not replace_other:
+                raise ValueError(
+                    f"{out_dir} holds {', '.join(p.name for p in found[:4])}{' ...' if len(found) > 4 else ''} but "
+                    f"no record of the extraction that wrote them ({STATE_DIR}/); use another output folder, or "
+                    "restart (spidr extract --restart) to replace them"
+                )
             logger.info("%s held features without the journal of the extraction that wrote them: starting over",
                         out_dir)
             restart = True
-        if previous is None and found and not restart:
-            raise ValueError(
-                f"{out_dir} holds {', '.join(p.name for p in found[:4])}{' ...' if len(found) > 4 else ''} but no "
-                f"record of the extraction that wrote them ({STATE_DIR}/); use another output folder, or restart "
-                "(spidr extract --restart) to replace them"
-            )
         if previous is None or restart:
             for path in found:  # what the replaced extraction wrote: never left beside the new one
                 if path.is_dir():

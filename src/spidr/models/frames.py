@@ -13,6 +13,7 @@ from typing import overload
 import torch
 
 from spidr.config import DEFAULT_CONV_LAYERS, ConvLayer
+from spidr.data import SAMPLE_RATE
 
 
 @overload
@@ -46,9 +47,10 @@ def frame_rate_hz(conv_layers: Sequence[ConvLayer] = DEFAULT_CONV_LAYERS) -> int
     """Frames per second at 16 kHz (50 with the default config); a rate that is not a whole number of Hz, which
     frame-level evaluation (ABX items, alignments) cannot place, is an error."""
     hop = hop_length(conv_layers)
-    if 16_000 % hop:
-        raise ValueError(f"the model's frame rate 16000/{hop} Hz is not an integer; frame-level evaluation needs one")
-    return 16_000 // hop
+    if SAMPLE_RATE % hop:
+        raise ValueError(f"the model's frame rate {SAMPLE_RATE}/{hop} Hz is not an integer; frame-level evaluation "
+                         "needs one")
+    return SAMPLE_RATE // hop
 
 
 def padding_mask_from_lengths(
