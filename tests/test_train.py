@@ -208,7 +208,8 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_
 
     complete_but_cut = tmp_path / "cut.jsonl"  # killed after a whole record, before its newline
     complete_but_cut.write_text('{"step": 1, "group": "train"}\n{"step": 2, "group": "train"}')
-    assert supersede_records(complete_but_cut, after_step=5) == 0  # nothing to move: left as it is
+    assert supersede_records(complete_but_cut, after_step=5) == 0  # nothing to move...
+    assert complete_but_cut.read_text().endswith('"train"}\n')  # ...but the cut line is ended all the same
     complete_but_cut.write_text('{"step": 1, "group": "train"}\n{"step": 2, "group": "train"}\n{"step": 7}')
     assert supersede_records(complete_but_cut, after_step=2) == 1
     assert complete_but_cut.read_text().endswith('"train"}\n')  # the next record starts a line of its own

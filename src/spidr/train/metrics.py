@@ -153,10 +153,11 @@ def supersede_records(path: Path, *, after_step: int) -> int:
         except (json.JSONDecodeError, KeyError, TypeError):
             step = None
         (kept if isinstance(step, int) and step <= after_step else moved).append(line)
-    if not moved:
+    if not moved and (not kept or kept[-1].endswith("\n")):
         return 0
-    with open(path.with_name(SUPERSEDED_FILE), "a", encoding="utf-8") as file:
-        file.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+    if moved:
+        with open(path.with_name(SUPERSEDED_FILE), "a", encoding="utf-8") as file:
+            file.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
     partial = path.with_name(path.name + ".partial")
     # A complete last record killed before its newline gets one, or the next record would share its line.
     partial.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
