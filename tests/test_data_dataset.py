@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
 from spidr.data.dataset import AudioDataset, BadFileTracker, Skipped, Utterance
 from spidr.data.loader import build_dataloader
 from spidr.data.manifest import ManifestEntry, write_manifest
+from spidr.distributed import AgreedValueError
 
 GOOD = {"good1": 6000, "good2": 7000, "stereo": 6500, "cd": 8000}  # samples at 16 kHz
 BAD = {"corrupt": "cannot be decoded", "empty": "no audio samples", "short": "too short", "nan": "NaN or Inf",
@@ -112,3 +114,17 @@ def test_tracker_waits_for_enough_reads_before_judging() -> None:
     with pytest.raises(ValueError, match="3 of 27"):
         tracker.record(num_good=0, skipped=[("b.wav", "x"), ("c.wav", "y")])
     assert "3 distinct unusable file(s)" in tracker.summary()
+
+
+def test_a_tracker_shared_by_ranks_leaves_the_verdict_to_the_trainer() -> None:
+    """With several ranks, one rank raising alone would leave the others waiting in a collective."""
+    tracker = BadFileTracker(0.04, min_seen=2, shared=True)
+    tracker.record(num_good=1, skipped=[("a.wav", "broken"), ("b.wav", "broken")])  # 67 % bad: no raise here
+    tracker.end_of_pass(yielded_any=True)  # nor at the end of an epoch that gave this rank batches
+    tracker.check(totals=(100, 4))  # 4 % over all ranks: within the limit
+    with pytest.raises(ValueError, match=r"5 of 100 utterances read by all ranks .* e\.g\. a\.wav: broken"):
+        tracker.check(totals=(100, 5))
+    with pytest.raises(ValueError, match="2 of 3 utterances read from"):
+        tracker.end_of_pass(yielded_any=False)  # no batch in a whole epoch: this rank could never go on
+    with pytest.raises(AgreedValueError, match="2 of 3 utterances read by all ranks"):  # one rank: its own counts
+        tracker.check_across_ranks(torch.device("cpu"))

@@ -167,3 +167,15 @@ def test_the_unusable_files_summary_is_logged_once_unless_new_ones_appear(tmp_pa
             list(loader)
     assert caplog.text.count("skipping unusable audio") == 1
     assert caplog.text.count("distinct unusable file(s)") == 1
+
+
+def test_padding_repeats_reach_the_batches_marked_as_such(manifest: Path) -> None:
+    """Validation leaves padding repeats out of its means: the loader must carry the sampler's flag to the batch."""
+    loaders = [build(config(manifest), rank=rank, world_size=4, deterministic_crops=True) for rank in range(4)]
+    flagged = {(rank, batch.position) for rank, (loader, _) in enumerate(loaders) for batch in loader
+               if batch.repeat}
+    expected = {(rank, position) for rank, (_, sampler) in enumerate(loaders)
+                for position in range(len(sampler)) if sampler.is_repeat(0, position)}
+    assert flagged == expected
+    distinct = len(build(config(manifest), deterministic_crops=True)[1])
+    assert len(expected) == -distinct % 4 > 0

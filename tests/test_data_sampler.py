@@ -87,7 +87,7 @@ def test_drop_last_drops_the_remainder() -> None:
     assert sum(len(s) for s in samplers) == len(full) - len(full) % 4
 
 
-def test_epochs_are_seeded_with_seed_plus_epoch() -> None:
+def test_each_epoch_has_its_own_seed_and_seeds_do_not_shift_into_epochs() -> None:
     lengths = random_lengths()
     a, b = make(lengths, seed=5), make(lengths, seed=5)
     assert a.batches(0) == b.batches(0)
@@ -96,7 +96,25 @@ def test_epochs_are_seeded_with_seed_plus_epoch() -> None:
     a.set_epoch(2)
     b.set_epoch(2)
     assert list(a) == list(b)  # not cumulative: epoch 2 does not depend on the epochs before
-    assert make(lengths, seed=7).batches(0) == make(lengths, seed=5).batches(2)  # seed + epoch
+    # A seed of seed + epoch made the run with seed 6 replay seed 5's epochs one epoch early (a seed study's runs
+    # then saw the same batches).
+    assert make(lengths, seed=6).batches(0) != make(lengths, seed=5).batches(1)
+    assert make(lengths, seed=7).batches(0) != make(lengths, seed=5).batches(2)
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 4, 7])
+def test_exactly_the_padding_batches_are_marked_as_repeats(world_size: int) -> None:
+    lengths = random_lengths(n=50)
+    distinct = make(lengths).global_batches(0)
+    samplers = [make(lengths, rank=r, world_size=world_size) for r in range(world_size)]
+    originals: list[list[int]] = []
+    repeats: list[list[int]] = []
+    for sampler in samplers:
+        for position, batch in enumerate(sampler.batches(0)):
+            (repeats if sampler.is_repeat(0, position) else originals).append(batch)
+    assert len(repeats) == -len(distinct) % world_size
+    assert sorted(originals) == sorted(distinct)  # every distinct batch counted once, on one rank
+    assert all(batch in originals for batch in repeats)
 
 
 def test_resume_mid_epoch_continues_with_the_same_batches() -> None:

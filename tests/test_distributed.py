@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch.multiprocessing as mp
 from spidr.config import MaskingConfig, OptimizerConfig, SpidRConfig, config_from_dict
 from spidr.data.audio import standardize
 from spidr.data.collate import Batch
+from spidr.data.dataset import AudioDataset, Skipped
 from spidr.data.loader import build_dataloader
 from spidr.data.masking import span_mask
 from spidr.models.build import build_model
@@ -229,6 +231,40 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path):
     assert len(final["ranks"]) == 2
 
 
+def _bad_files_worker(rank: int, world_size: int, port: int, config: dict, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if rank == 1:  # half of what this rank reads is unusable (say, its node cannot read some of the files)
+        read = AudioDataset.__getitem__
+        AudioDataset.__getitem__ = lambda self, index: Skipped(index, f"file{index}", "unreadable") if index % 2 \
+            else read(self, index)
+    try:
+        loop.train(config_from_dict(config))
+    except ValueError as error:
+        (Path(out_dir) / f"error{rank}.txt").write_text(str(error))
+
+
+@pytest.mark.timeout(180)
+def test_too_many_unusable_files_on_one_rank_stop_every_rank(tmp_path):
+    """A rank that raised alone left the others waiting in their next collective (30 minutes, then a timeout)."""
+    corpus = write_corpus(tmp_path / "corpus", num_files=12)
+    config = tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 30}, run={"save_interval": 100})
+    context = mp.spawn(_bad_files_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank kept waiting for the rank that stopped on unusable files")
+    errors = [(tmp_path / f"error{rank}.txt").read_text() for rank in range(2)]
+    for error in errors:
+        assert "utterances read by all ranks" in error
+        assert "data.max_bad_fraction = 5.0%" in error
+    assert ": unreadable" in errors[1]
+    assert "none on this rank" in errors[0]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Real launches
 # --------------------------------------------------------------------------------------------------------------
@@ -296,6 +332,29 @@ def _validation_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
             batches[1] = None  # all of this rank's files in its second batch were unreadable
         result = validate(model, batches, device=torch.device("cpu"), precision=FP32)
         torch.save({"num_batches": result["num_batches"], "loss": result["loss"]}, Path(out_dir) / f"val{rank}.pt")
+
+
+def _repeat_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    with _gloo_rank(rank, world_size, port):
+        torch.manual_seed(0)
+        model = build_model(_model_config())
+        first, second, third = _global_batches()[:3]
+        # three distinct batches over two ranks: the sampler gives rank 1 a repeat of the first as its second
+        batches = [first, second] if rank == 0 else [third, replace(first, repeat=True)]
+        result = validate(model, batches, device=torch.device("cpu"), precision=FP32)
+        torch.save({"num_batches": result["num_batches"], "loss": result["loss"]}, Path(out_dir) / f"val{rank}.pt")
+
+
+@pytest.mark.timeout(120)
+def test_validation_means_leave_out_the_padding_repeats_of_other_ranks(tmp_path):
+    mp.spawn(_repeat_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"val{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    alone = validate(build_model(_model_config()), _global_batches()[:3], device=torch.device("cpu"),
+                     precision=FP32)
+    for result in ranks:
+        assert result["num_batches"] == 3
+        assert result["loss"] == pytest.approx(alone["loss"], rel=1e-6)
 
 
 @pytest.mark.timeout(120)

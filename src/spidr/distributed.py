@@ -10,6 +10,15 @@ import torch
 import torch.distributed as dist
 
 
+class RaisedOnEveryRankError(Exception):
+    """Marks an error that every rank raises at the same point, decided from a collective (so the ranks may still
+    meet in a barrier while tearing down, which an error on one rank alone cannot allow)."""
+
+
+class AgreedValueError(RaisedOnEveryRankError, ValueError):
+    """A ``ValueError`` raised by every rank at once (e.g. too many unusable files over all ranks)."""
+
+
 def is_distributed() -> bool:
     """True when a process group with more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

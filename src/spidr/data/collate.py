@@ -33,6 +33,9 @@ class Batch:
     # True frames in ``mask``, counted on the host where the mask is made: the model can then gather the masked
     # frames without reading their count back from the GPU. None when unknown.
     mask_count: int | None = None
+    # A padding repeat of another rank's batch (the sampler gives every rank as many batches): validation runs it,
+    # to keep the ranks' collectives in step, but leaves it out of its means.
+    repeat: bool = False
 
     def __len__(self) -> int:
         return self.waveforms.shape[0]

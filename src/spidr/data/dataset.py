@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import Manifest, ManifestEntry
+from spidr.distributed import AgreedValueError, all_reduce_sum
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +61,21 @@ class BadFileTracker:
     """Counts utterances read and unusable ones; logs each bad file once; raises when too many are bad.
 
     The share is checked once ``min_seen`` utterances were read (so one early bad file cannot stop a run) and by
-    ``check()`` at the end of every epoch.
+    ``end_of_pass()`` at the end of every epoch. With several ranks (``shared``) a rank must not raise alone: the
+    others would wait for it in their next collective until it times out. The share is then checked by the trainer
+    at steps that every rank reaches, over all ranks' counts (``check(totals=...)``), so that all ranks stop
+    together; a rank raises alone only when a whole epoch gave it no usable batch (it could never reach such a step).
     """
 
-    def __init__(self, max_bad_fraction: float, *, source: str = "the manifest", min_seen: int = 200) -> None:
+    def __init__(self, max_bad_fraction: float, *, source: str = "the manifest", min_seen: int = 200,
+                 shared: bool = False) -> None:
         self.max_bad_fraction = max_bad_fraction
         self.source = source
         self.min_seen = min_seen
+        self.shared = shared
         self.seen = 0
         self.bad = 0
+        self.passes = 0  # epochs (or validation passes) that ended
         self.reasons: dict[str, str] = {}  # location → reason, first occurrence only
 
     def record(self, *, num_good: int, skipped: Sequence[tuple[str, str]]) -> None:
@@ -79,20 +86,41 @@ class BadFileTracker:
             if location not in self.reasons:
                 self.reasons[location] = reason
                 logger.warning("skipping unusable audio %s: %s", location, reason)
-        if self.seen >= self.min_seen:
+        if self.seen >= self.min_seen and not self.shared:
             self.check()
+
+    def end_of_pass(self, *, yielded_any: bool) -> None:
+        """The end of an epoch (or of a validation pass) that yielded a usable batch or not."""
+        self.passes += 1
+        if not self.shared or not yielded_any:
+            self.check()
+
+    def check_across_ranks(self, device: torch.device) -> None:
+        """``check`` over every rank's counts, once ``min_seen`` were read in all or an epoch ended somewhere. A
+        collective: every rank must call it at the same point (the trainer does at log steps and validations)."""
+        counts = all_reduce_sum(torch.tensor([self.seen, self.bad, self.passes], dtype=torch.float64, device=device))
+        seen, bad, passes = (round(value) for value in counts.tolist())
+        if seen >= self.min_seen or passes:
+            try:
+                self.check(totals=(seen, bad))
+            except ValueError as error:
+                raise AgreedValueError(str(error)) from None
 
     @property
     def fraction(self) -> float:
         return self.bad / self.seen if self.seen else 0.0
 
-    def check(self) -> None:
-        """Raise ``ValueError`` if more than ``max_bad_fraction`` of the utterances read so far were unusable."""
-        if self.fraction <= self.max_bad_fraction:
+    def check(self, *, totals: tuple[int, int] | None = None) -> None:
+        """Raise ``ValueError`` if more than ``max_bad_fraction`` of the utterances read so far were unusable:
+        those read here, or ``totals`` = (read, unusable) summed over every rank."""
+        seen, bad = totals if totals is not None else (self.seen, self.bad)
+        fraction = bad / seen if seen else 0.0
+        if fraction <= self.max_bad_fraction:
             return
-        examples = "; ".join(f"{loc}: {why}" for loc, why in list(self.reasons.items())[:5])
+        examples = "; ".join(f"{loc}: {why}" for loc, why in list(self.reasons.items())[:5]) or "none on this rank"
+        where = " by all ranks" if totals is not None else ""
         raise ValueError(
-            f"{self.bad} of {self.seen} utterances read from {self.source} were unusable ({self.fraction:.1%}, more "
+            f"{bad} of {seen} utterances read{where} from {self.source} were unusable ({fraction:.1%}, more "
             f"than data.max_bad_fraction = {self.max_bad_fraction:.1%}); e.g. {examples}. Fix or remove these files "
             "from the manifest, or raise data.max_bad_fraction"
         )

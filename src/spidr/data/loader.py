@@ -9,11 +9,10 @@ skips batches left empty by them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,14 +23,14 @@ from spidr.data.collate import Batch, Collator
 from spidr.data.dataset import AudioDataset, BadFileTracker, Skipped, Utterance
 from spidr.data.manifest import read_manifest
 from spidr.data.sampler import BucketBatchSampler
+from spidr.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 
 
 def batch_seed(seed: int, rank: int, epoch: int, position: int) -> int:
     """A 63-bit generator seed for one batch, decorrelated across all four inputs."""
-    digest = hashlib.blake2b(f"{seed}/{rank}/{epoch}/{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return derived_seed(seed, rank, epoch, position)
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class _Key:
     epoch: int
     position: int
     seed: int
+    repeat: bool  # the batch is a padding repeat (``BucketBatchSampler.is_repeat``)
 
 
 class _KeyedBatches:
@@ -56,7 +56,8 @@ class _KeyedBatches:
     def __iter__(self) -> Iterator[list[_Key]]:
         for epoch, position, indices in self.sampler.iter_planned():
             seed = batch_seed(self.seed, self.rank, 0 if self.fixed else epoch, position)
-            yield [_Key(index, epoch, position, seed) for index in indices]
+            repeat = self.sampler.is_repeat(epoch, position)
+            yield [_Key(index, epoch, position, seed, repeat) for index in indices]
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -80,8 +81,9 @@ class _KeyedCollate:
     def __call__(self, pairs: Sequence[tuple[_Key, Utterance | Skipped]]) -> Batch:
         key = pairs[0][0]
         generator = torch.Generator().manual_seed(key.seed)
-        return self.collator([item for _, item in pairs], generator=generator, epoch=key.epoch,
-                             position=key.position)
+        batch = self.collator([item for _, item in pairs], generator=generator, epoch=key.epoch,
+                              position=key.position)
+        return replace(batch, repeat=key.repeat) if key.repeat else batch
 
 
 class PretrainingLoader(DataLoader):
@@ -103,6 +105,7 @@ class PretrainingLoader(DataLoader):
         return self._deliver(super().__iter__())
 
     def _deliver(self, batches: Iterator[Batch]) -> Iterator[Batch | None]:
+        yielded_any = False
         for batch in batches:
             self.bucket_sampler.mark_consumed(batch.epoch, batch.position)
             self.tracker.record(num_good=len(batch), skipped=batch.skipped)
@@ -110,10 +113,12 @@ class PretrainingLoader(DataLoader):
                 logger.warning("batch %d of epoch %d is empty (all its utterances were unusable); skipped",
                                batch.position, batch.epoch)
                 if self.keep_empty:
+                    yielded_any = True  # the pass goes on in step with the other ranks
                     yield None
                 continue
+            yielded_any = True
             yield batch
-        self.tracker.check()
+        self.tracker.end_of_pass(yielded_any=yielded_any)
         if self._summarised != len(self.tracker.reasons):  # the first epoch, and any that found new bad files
             logger.info("%s", self.tracker.summary())
             self._summarised = len(self.tracker.reasons)
@@ -178,7 +183,7 @@ def build_dataloader(
         # Only worker seeds come from it (crops and masks have their own); it keeps the global RNG untouched.
         generator=torch.Generator().manual_seed(data_seed + rank),
         bucket_sampler=sampler,
-        tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest),
+        tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest, shared=world_size > 1),
         keep_empty=deterministic_crops,
     )
     return loader, sampler

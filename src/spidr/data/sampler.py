@@ -1,6 +1,6 @@
 """Length-bucketed batch sampler with rank sharding and an exact, mid-epoch resumable position (spec §6.3–6.4).
 
-For epoch ``e`` all ranks build the same global batch list from one generator seeded ``seed + e``:
+For epoch ``e`` all ranks build the same global batch list from one generator seeded with a hash of (seed, e):
 
 1. utterances shorter than ``min_sample_size`` are dropped; longer than ``max_sample_size`` count as clipped;
 2. shuffle inside each length bucket, walk buckets from short to long and pack greedily while the batch cost stays
@@ -9,7 +9,8 @@ For epoch ``e`` all ranks build the same global batch list from one generator se
    ``min(max_sample_size, max_batch_length)`` so that cannot happen in training);
 3. shuffle the batch order, then pad the list by repeating its first batches until its length is a multiple of the
    world size (or drop the remainder with ``drop_last``) — nothing is added when it already divides, unlike the
-   reference (spec §14.11); rank ``r`` takes batches r, r + world, r + 2·world, …
+   reference (spec §14.11); rank ``r`` takes batches r, r + world, r + 2·world, … Each batch knows whether it is
+   such a repeat (``is_repeat``), so that validation can leave repeats out of its means.
 
 So within an epoch every kept utterance lands in exactly one batch of one rank, apart from the padding repeats.
 The sampler remembers (epoch, position): ``state_dict()`` after consuming k batches and ``load_state_dict`` in a
@@ -25,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from spidr.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +117,9 @@ class Batches(Sequence[list[int]]):
     """An epoch's batches without a Python list per batch: item ``k`` is batch ``sequence[k]``, the dataset
     indices ``flat[bounds[b] : bounds[b + 1]]``. Compares equal to any sequence of the same index lists."""
 
-    def __init__(self, flat: np.ndarray, bounds: np.ndarray, sequence: np.ndarray) -> None:
-        self.flat, self.bounds, self.sequence = flat, bounds, sequence
+    def __init__(self, flat: np.ndarray, bounds: np.ndarray, sequence: np.ndarray, repeats: np.ndarray) -> None:
+        """``repeats[k]``: batch ``k`` repeats an earlier one only to give every rank as many batches."""
+        self.flat, self.bounds, self.sequence, self.repeats = flat, bounds, sequence, repeats
 
     def __len__(self) -> int:
         return self.sequence.size
@@ -128,7 +132,7 @@ class Batches(Sequence[list[int]]):
 
     def every(self, start: int, step: int) -> Batches:
         """Batches start, start + step, ... (one rank's share)."""
-        return Batches(self.flat, self.bounds, self.sequence[start::step])
+        return Batches(self.flat, self.bounds, self.sequence[start::step], self.repeats[start::step])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):
@@ -237,7 +241,7 @@ class BucketBatchSampler:
 
     def _plan(self, epoch: int) -> Batches:
         """Every rank's batches of ``epoch`` in order, padded (or cut) to a multiple of the world size."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
         if self.shuffle:
             flat, lengths = self._shuffled_by_bucket(generator)
         else:
@@ -251,10 +255,11 @@ class BucketBatchSampler:
             sequence = sequence[: count - remainder]
         elif remainder:
             sequence = np.concatenate([sequence, sequence[np.arange(self.world_size - remainder) % count]])
+        repeats = np.arange(sequence.size) >= count
         if sequence.size == 0:
             raise ValueError(f"epoch {epoch} has fewer batches than the {self.world_size} ranks and data.drop_last "
                              "is true; set drop_last = false or use more data / smaller batches")
-        return Batches(flat, bounds, sequence)
+        return Batches(flat, bounds, sequence, repeats)
 
     def global_batches(self, epoch: int) -> Batches:
         """Every rank's batches of ``epoch`` in order, padded (or cut) to a multiple of the world size."""
@@ -289,6 +294,10 @@ class BucketBatchSampler:
         for position in range(self.position, len(batches)):
             self.position = position + 1  # a direct consumer has taken it; the loader corrects for read-ahead
             yield epoch, position, batches[position]
+
+    def is_repeat(self, epoch: int, position: int) -> bool:
+        """Whether this rank's batch ``position`` of ``epoch`` is a padding repeat of another rank's batch."""
+        return bool(self.batches(epoch).repeats[position])
 
     def __iter__(self) -> Iterator[list[int]]:
         for _, _, indices in self.iter_planned():

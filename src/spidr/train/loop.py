@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from spidr.config import Config, OptimizerConfig, unused_settings
 from spidr.data import SAMPLE_RATE
 from spidr.data.loader import build_dataloader
-from spidr.distributed import all_reduce_sum, world_size
+from spidr.distributed import RaisedOnEveryRankError, all_reduce_sum, world_size
 from spidr.models.build import build_model
 from spidr.train.checkpoint import (
     Checkpointer,
@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 Outcome = Literal["completed", "interrupted"]
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(RaisedOnEveryRankError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient (a checkpoint was saved first)."""
 
 
@@ -297,8 +297,9 @@ def train(cfg: Config) -> Outcome:
     device = resolve_device(cfg.run.device, denv)
     init_distributed(denv, device)
     with contextlib.ExitStack() as cleanup:
-        # After an error, other ranks may never reach a barrier: tear down without one.
-        cleanup.push(lambda error_type, *_: destroy_distributed(wait=error_type is None))
+        # After an error on one rank, the others may never reach a barrier: tear down without one.
+        cleanup.push(lambda error_type, *_: destroy_distributed(
+            wait=error_type is None or issubclass(error_type, RaisedOnEveryRankError)))
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         if denv.is_main:
             for note in unused_settings(cfg):
@@ -334,6 +335,8 @@ def train(cfg: Config) -> Outcome:
             for name, val_loader in validation.items():
                 metrics_logger.log(run.step, name, validate(raw_model, val_loader, device=device,
                                                             precision=precision))
+                if val_loader.tracker.shared:
+                    val_loader.tracker.check_across_ranks(device)
 
         if fresh:
             save()  # step_0.pt: the exact initial state, before any wrapper
@@ -461,6 +464,8 @@ def _steps(
             metrics_logger.log(run.step, "train", values)
             metrics_logger.progress(run.step, {"loss": values.get("loss", math.nan), "lr": values["lr"],
                                                "audio_s/s": values["audio_seconds_per_s"]})
+            if loader.tracker.shared:  # every rank is here: they stop together on too many unusable files
+                loader.tracker.check_across_ranks(device)
         if checkpointer.should_save(run.step) and run.step < cfg.optimizer.max_steps:
             save()
             saved = True

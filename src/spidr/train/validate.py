@@ -3,9 +3,9 @@
 The model runs in eval mode (no dropout, no codebook update) on fixed crops and masks
 (``deterministic_crops=True``), so numbers compare across steps. Every rank scores its shard of batches (the
 model's perplexities are global collectives, so all ranks must take part); the results are averaged over all
-batches of all ranks: loss, target/prediction perplexities, and per codebook loss, perplexities and active
-codewords. The global RNG states are saved and restored around validation so that a run with validation replays
-exactly like one without.
+batches of all ranks (a batch repeated only to give every rank as many batches runs but does not count): loss,
+target/prediction perplexities, and per codebook loss, perplexities and active codewords. The global RNG states
+are saved and restored around validation so that a run with validation replays exactly like one without.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spidr.distributed import all_reduce_sum, is_distributed
+from spidr.distributed import AgreedValueError, all_reduce_sum, is_distributed
 from spidr.train.checkpoint import capture_rng_state, restore_rng_state
 from spidr.train.precision import Precision
 
@@ -62,6 +62,8 @@ def validate(
                              metrics["pred_ppl"].float().reshape(()), torch.ones((), device=losses.device)]),
                 *(metrics[name].float().reshape(-1) for name in PER_CODEBOOK),
             ]).double()
+            if batch.repeat:  # its rows are another rank's batch: counted there
+                row = torch.zeros_like(row)
             totals = row if totals is None else totals + row
     finally:
         model.train(was_training)
@@ -71,7 +73,7 @@ def validate(
     all_reduce_sum(totals)
     count = totals[3].item()
     if count == 0:
-        raise ValueError("the validation set yielded no batch (are all its files unreadable or too short?)")
+        raise AgreedValueError("the validation set yielded no batch (are all its files unreadable or too short?)")
     means = (totals / count).tolist()
     out: dict[str, float | list[float]] = dict(zip(SCALARS, means[:3], strict=True))
     out["num_batches"] = count
