@@ -229,3 +229,131 @@ def test_manifest_is_columnar(tmp_path: Path) -> None:
     assert manifest.nbytes <= text_bytes + 24 * len(entries) + 16  # string bytes, 2 offsets and 1 length per row
     assert list(manifest[10:13]) == entries[10:13]
     assert list(manifest.take(np.array([5, 2]))) == [entries[5], entries[2]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Links, names and repeated file ids (nothing found is dropped without a word)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_scan_follows_symlinked_folders_once_and_ends_link_loops(tmp_path: Path) -> None:
+    """A ``train-960/`` made of links to the real subsets (as LibriSpeech users build it) is scanned; a link back
+    to a parent ends the walk instead of looping; a folder reached twice is listed once."""
+    write_tone(tmp_path / "train-clean-100" / "19" / "19-198-0000.flac", 3000)
+    write_tone(tmp_path / "train-other-500" / "20" / "20-205-0000.flac", 4000)
+    (tmp_path / "train-960").mkdir()
+    (tmp_path / "train-960" / "clean").symlink_to(tmp_path / "train-clean-100")
+    (tmp_path / "train-960" / "other").symlink_to("../train-other-500")
+    (tmp_path / "train-clean-100" / "19" / "loop").symlink_to("..")
+    result = scan(tmp_path / "train-960", progress=False)
+    assert [(e.fileid, e.path) for e in result.entries] == [
+        ("19-198-0000", str(tmp_path / "train-960" / "clean" / "19" / "19-198-0000.flac")),
+        ("20-205-0000", str(tmp_path / "train-960" / "other" / "20" / "20-205-0000.flac")),
+    ]
+    everything = scan(tmp_path, progress=False)  # the subsets and the links to them: each file once
+    assert sorted(e.fileid for e in everything.entries) == ["19-198-0000", "20-205-0000"]
+    assert everything.failures == []
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_a_linked_file_keeps_its_own_name_and_folder(tmp_path: Path, suffix: str) -> None:
+    write_tone(tmp_path / "blobs" / "blob0.wav", 3000)
+    (tmp_path / "corpus" / "awb").mkdir(parents=True)
+    (tmp_path / "corpus" / "awb" / "awb-00000.wav").symlink_to(tmp_path / "blobs" / "blob0.wav")
+    (tmp_path / "corpus" / "dangling.wav").symlink_to(tmp_path / "blobs" / "missing.wav")
+    result = scan(tmp_path / "corpus", progress=False)
+    (entry,) = result.entries
+    assert entry == ManifestEntry("awb-00000", str(tmp_path / "corpus" / "awb" / "awb-00000.wav"), 3000)
+    (failure,) = result.failures  # a link to nothing is listed, not skipped in silence
+    assert failure[0] == str(tmp_path / "corpus" / "dangling.wav")
+    assert failure[1] == f"symbolic link to {str(tmp_path / 'blobs' / 'missing.wav')!r}, which leads to no file"
+    out = write_manifest(result.entries, tmp_path / f"m{suffix}")
+    assert read_manifest(out) == result.entries
+    assert "awb/awb-00000.wav" in out.read_text() if suffix != ".tsv" else "awb\nawb-00000.wav\t" in out.read_text()
+    assert "blob" not in out.read_text()
+
+
+def test_tar_links_map_to_the_data_they_stand_for(corpus: Path, tmp_path: Path) -> None:
+    data = (corpus / "a.wav").read_bytes()
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("x/a.wav")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for name, kind, target in (("x/hard.wav", tarfile.LNKTYPE, "x/a.wav"),
+                                   ("x/soft.wav", tarfile.SYMTYPE, "a.wav"),
+                                   ("x/nowhere.wav", tarfile.LNKTYPE, "x/missing.wav"),
+                                   ("x/dangling.wav", tarfile.SYMTYPE, "missing.wav")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, target
+            tar.addfile(link)
+    result = scan(archive, progress=False)
+    assert [e.path for e in result.entries] == ["x/a.wav", "x/hard.wav", "x/soft.wav"]
+    assert all(read_member(e) == data for e in result.entries)
+    assert [(location.rsplit(":", 1)[1], reason.split(",")[0]) for location, reason in result.failures] == [
+        ("x/nowhere.wav", "hard link to 'x/missing.wav'"),
+        ("x/dangling.wav", "symbolic link to 'x/missing.wav'"),
+    ]
+
+
+def test_file_ids_held_by_several_files_are_kept_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """TIMIT has spk1/sa1.wav and spk2/sa1.wav: both stay (training and extraction, which names outputs by folder,
+    tell them apart), and the shared id is named, since alignments and items name utterances by file id alone."""
+    write_tone(tmp_path / "timit" / "spk1" / "sa1.wav", 3000)
+    write_tone(tmp_path / "timit" / "spk2" / "sa1.wav", 4000)
+    write_tone(tmp_path / "timit" / "spk2" / "si9.wav", 4000)
+    with caplog.at_level(logging.WARNING):
+        result = scan(tmp_path / "timit", progress=False)
+    assert [e.fileid for e in result.entries] == ["sa1", "sa1", "si9"]
+    assert result.shared_fileids == {"sa1": [str(tmp_path / "timit" / "spk1" / "sa1.wav"),
+                                             str(tmp_path / "timit" / "spk2" / "sa1.wav")]}
+    assert "1 file ids are each held by several files (e.g. 'sa1'" in caplog.text
+    assert main(["manifest", str(tmp_path / "timit"), str(tmp_path / "t.csv"), "--no-progress"]) == 0
+    assert f"sa1: {tmp_path / 'timit' / 'spk1' / 'sa1.wav'}, " in capsys.readouterr().out
+    assert len(read_manifest(tmp_path / "t.csv")) == 3
+
+
+def test_names_that_are_not_utf8_are_failures_naming_the_file(corpus: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    data = (corpus / "a.wav").read_bytes()
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    (folder / "ok.wav").write_bytes(data)
+    with open(bytes(folder) + b"/caf\xe9.wav", "wb") as handle:  # a Latin-1 name, as old corpora have
+        handle.write(data)
+    archive = tmp_path / "latin1.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name, payload in (("ok.wav", data), ("café.wav", data), ("bad.wav", b"junk" * 50)):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    for source, out in ((folder, tmp_path / "dir.csv"), (archive, tmp_path / "tar.csv")):
+        assert main(["manifest", str(source), str(out), "--no-progress"]) == 0
+        assert [e.fileid for e in read_manifest(out)] == ["ok"]
+        printed = capsys.readouterr().out
+        assert "caf\\xe9.wav: the name is not valid UTF-8" in printed
+    assert "bad.wav: Error opening 'bad.wav'" in printed  # the member's name, not "<_io.BytesIO object at 0x...>"
+    assert "BytesIO" not in printed
+
+
+def test_fairseq_needs_a_tsv_output(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The format is read back from the suffix: a TSV named .csv/.txt could never be read."""
+    for name in ("m.csv", "m.txt", "m"):
+        assert main(["manifest", str(corpus), str(tmp_path / name), "--fairseq", "--no-progress"]) == 2
+        assert f"output {tmp_path / name} has suffix" in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
+    with pytest.raises(ValueError, match=r"--fairseq writes the fairseq TSV layout.*name the output \*\.tsv"):
+        write_manifest(scan(corpus, progress=False).entries, tmp_path / "m.csv", fairseq=True)
+    assert main(["manifest", str(corpus), str(tmp_path / "m.tsv"), "--fairseq", "--no-progress"]) == 0
+    assert len(read_manifest(tmp_path / "m.tsv")) == 3
+
+
+@pytest.mark.parametrize("name", ["tab\there.wav", "new\nline.wav", "car\rriage.wav"])
+def test_tsv_refuses_names_with_its_separators(tmp_path: Path, name: str) -> None:
+    write_tone(tmp_path / "corpus" / name, 3000)
+    entries = scan(tmp_path / "corpus", progress=False).entries
+    with pytest.raises(ValueError, match=r"m\.tsv: the file name .* holds a tab or line break.*write a \.csv or"):
+        write_manifest(entries, tmp_path / "m.tsv")
+    assert not (tmp_path / "m.tsv").exists()
+    assert read_manifest(write_manifest(entries, tmp_path / "m.csv")) == entries  # a CSV quotes it

@@ -42,3 +42,39 @@ def test_submit_checks_the_manifests_before_submitting(tmp_path, config):
     config["run"]["init_ckpt"] = str(tmp_path / "nope.pt")
     with pytest.raises(ValueError, match=r"run\.init_ckpt = '.*nope\.pt' does not exist"):
         submit([config_from_dict(config)], options, cluster="debug")
+
+
+def test_option_errors_name_the_command_line_option():
+    from spidr.train.slurm import SlurmOptions
+
+    with pytest.raises(ValueError, match=r"^--time = 0 must be >= 1$"):
+        SlurmOptions(time_min=0)
+    with pytest.raises(ValueError, match=r"^--gpus-per-node = 0 must be >= 1$"):
+        SlurmOptions(gpus_per_node=0)
+
+
+@pytest.mark.timeout(300)
+def test_local_executor_tasks_train_as_one_distributed_job(tmp_path, config, monkeypatch):
+    """``spidr submit --local -G 2``: submitit starts 2 processes here; they must form one 2-rank job (each step
+    logged once, both ranks' states in final.pt), not two runs racing in one folder."""
+    import json
+
+    import torch
+
+    from spidr.train.checkpoint import read_int
+    from spidr.train.slurm import SlurmOptions, submit
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the tasks: 2 gloo ranks on a small machine
+    config["optimizer"]["max_steps"] = 2
+    cfg = config_from_dict(config)
+    (job,) = submit([cfg], SlurmOptions(gpus_per_node=2, cpus_per_task=1, time_min=5,
+                                        dump_dir=str(tmp_path / "jobs")), cluster="local")
+    assert job.results() == ["completed", "completed"], job.stderr()
+    records = [json.loads(line) for line in (cfg.run.run_dir / "metrics.jsonl").open()]
+    steps = [record["step"] for record in records if record.get("group") == "train"]
+    assert steps == [1, 2]
+    final = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)
+    assert read_int(final["step"]) == 2
+    assert len(final["ranks"]) == 2
+    with pytest.raises(ValueError, match=r"--nodes = 2: --local runs the job on this machine only"):
+        submit([cfg], SlurmOptions(nodes=2, gpus_per_node=1, dump_dir=str(tmp_path / "jobs")), cluster="local")

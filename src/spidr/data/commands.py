@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from spidr.cli_types import check_new_output
 from spidr.help_format import HelpFormatter
 
+SHOWN_SHARED_IDS = 10  # examples printed of file ids held by several files (a corpus may have thousands)
+
 
 def _manifest(args: argparse.Namespace) -> int:
     from spidr.data import SAMPLE_RATE
-    from spidr.data.manifest import MANIFEST_SUFFIXES, scan, write_manifest
+    from spidr.data.manifest import check_manifest_suffix, scan, write_manifest
 
     out = Path(args.out)
-    if not args.fairseq and out.suffix not in MANIFEST_SUFFIXES:
-        raise ValueError(f"output {out} has suffix {out.suffix!r}; expected one of {', '.join(MANIFEST_SUFFIXES)} "
-                         "(or pass --fairseq for a TSV)")
+    check_manifest_suffix(out, fairseq=args.fairseq)
     check_new_output(out, overwrite=args.overwrite)
     exts = tuple(e.strip() for e in args.ext.split(",") if e.strip())
     if not exts:
@@ -31,6 +32,13 @@ def _manifest(args: argparse.Namespace) -> int:
         print(f"{len(result.failures)} unreadable file(s) left out:")
         for location, reason in result.failures:
             print(f"  {location}: {reason}")
+    if result.shared_fileids:
+        print(f"{len(result.shared_fileids)} file id(s) held by several files, all kept (alignment and item files, "
+              "which name utterances by file id, cannot tell them apart):")
+        for fileid, locations in itertools.islice(result.shared_fileids.items(), SHOWN_SHARED_IDS):
+            print(f"  {fileid}: {', '.join(locations)}")
+        if len(result.shared_fileids) > SHOWN_SHARED_IDS:
+            print(f"  ... and {len(result.shared_fileids) - SHOWN_SHARED_IDS} more")
     return 0
 
 
@@ -42,13 +50,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Scan DIR_OR_TAR (recursively) for audio files and write a manifest whose format follows OUT's "
         "suffix: .csv (fileid,path,num_samples; tar members add archive,byte_offset,byte_size), .jsonl (same "
         "fields) or .tsv (fairseq: root directory, then relative_path<TAB>num_samples). num_samples is the length "
-        "at 16 kHz. Unreadable files are listed and left out.",
+        "at 16 kHz. Symbolic links (and links inside a tar) are followed, and a linked file is listed under its own "
+        "name. Only headers are "
+        "read: files whose header cannot be read, links to nothing and names that are not UTF-8 are listed and left "
+        "out (a truncated file with a readable header is kept with its header's length). A file id (file name "
+        "without suffix) held by several files is reported; all of them are kept.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("source", metavar="DIR_OR_TAR", help="directory to scan recursively, or an uncompressed .tar")
     parser.add_argument("out", metavar="OUT", help="manifest to write (.csv, .tsv or .jsonl)")
     parser.add_argument("--ext", default=".wav,.flac", help="comma-separated audio file extensions to include")
-    parser.add_argument("--fairseq", action="store_true", help="write the fairseq TSV layout whatever OUT's suffix")
+    parser.add_argument("--fairseq", action="store_true",
+                        help="require the fairseq TSV layout: OUT must end in .tsv (the suffix selects the format "
+                        "that reading it back expects)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=_manifest)

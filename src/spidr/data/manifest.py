@@ -72,6 +72,7 @@ class ManifestEntry:
 class ScanResult:
     entries: Manifest
     failures: list[tuple[str, str]] = field(default_factory=list)  # (location, reason) of unreadable files
+    shared_fileids: dict[str, list[str]] = field(default_factory=dict)  # file id → locations, when several
 
 
 def resampled_length(num_samples: int, sample_rate: int) -> int:
@@ -356,19 +357,120 @@ def _header_length(source: str | bytes) -> int:
     return resampled_length(int(info.frames), int(info.samplerate))
 
 
+_READ_ERRORS = (sf.LibsndfileError, RuntimeError, ValueError, OSError)
+_BUFFER_NAME = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # how soundfile names an in-memory file
+
+
+def _printable(name: str) -> str:
+    """``name`` as text that can be printed and written: undecodable bytes of a file name become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as surrogates): a manifest is UTF-8 text,
+    so such a name could be neither written nor read back."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_NOT_UTF8 = "the name is not valid UTF-8, which a manifest cannot hold; rename it (e.g. with convmv)"
+
+
+def _audio_files(root: str, exts: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The audio files under ``root`` (sorted, absolute, symbolic links kept as named) and the failures: links that
+    lead to no file and other non-regular files. Symbolic links to folders are followed; a real folder is entered
+    once, so a link back to a parent (a loop) ends the walk there instead of going on forever."""
+    files, failures = [], []
+    entered: dict[str, str] = {}  # real folder → the path it was first entered by
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in entered:
+            subfolders.clear()
+            logger.info("not entering %s again: it is %s, already scanned", _printable(folder), entered[real])
+            continue
+        entered[real] = _printable(folder)
+        subfolders.sort()  # a deterministic walk: the same alias of a folder reached twice is kept every time
+        for name in names:
+            if os.path.splitext(name)[1].lower() not in exts:
+                continue
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                files.append(path)
+            elif os.path.islink(path):
+                failures.append((path, f"symbolic link to {os.readlink(path)!r}, which leads to no file"))
+            else:
+                failures.append((path, "not a regular file"))
+    return sorted(files, key=lambda p: p.split(os.sep)), failures
+
+
 def _scan_directory(root: Path, exts: tuple[str, ...], *, progress: bool) -> ScanResult:
     from tqdm import tqdm
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
-    builder, failures = ManifestBuilder(base="", source=str(root)), []
+    # Absolute, but symbolic links not resolved: a linked file keeps its own name (its utterance id) and folder.
+    files, failures = _audio_files(os.path.abspath(root), exts)
+    builder = ManifestBuilder(base="", source=str(root))
     for path in tqdm(files, desc=f"scanning {root}", unit="file", disable=not progress):
-        try:
-            num_samples = _header_length(str(path))
-        except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
-            failures.append((str(path), str(error)))
+        if not _is_utf8(path):
+            failures.append((path, _NOT_UTF8))
             continue
-        builder.append(path.stem, str(path.resolve()), num_samples)
-    return ScanResult(builder.build(), failures)
+        try:
+            num_samples = _header_length(path)
+        except _READ_ERRORS as error:
+            failures.append((path, str(error)))
+            continue
+        builder.append(_stem(path), path, num_samples)
+    failures.sort(key=lambda failure: failure[0].split(os.sep))
+    return ScanResult(builder.build(), [(_printable(path), _printable(reason)) for path, reason in failures])
+
+
+def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
+                       ) -> tuple[list[tuple[str, int, int]], list[tuple[str, str]]]:
+    """``(name, data offset, size)`` of each audio member, links mapped to the data they stand for, and the
+    failures (name, reason): links to nothing in the archive, members that hold no data.
+
+    A hard link shares the data of the member of its target name stored before it (as ``tar -x`` restores it); a
+    symbolic link leads, relative to its folder, to the member of that name the archive ends with."""
+    held: dict[str, tuple[int, int] | None] = {}  # member name → (offset, size) of its data, as far as read
+    symlinks: dict[str, str] = {}  # member name → the name it leads to
+    audio = []  # (member, its data when met: None for a symbolic link, which is followed at the end)
+    for member in tar.getmembers():
+        name = os.path.normpath(member.name)
+        if member.isfile():
+            held[name] = (member.offset_data, member.size)
+        elif member.islnk():
+            held[name] = held.get(os.path.normpath(member.linkname))
+        elif member.issym():
+            symlinks[name] = os.path.normpath(os.path.join(os.path.dirname(name), member.linkname))
+        elif member.isdir():
+            continue
+        if os.path.splitext(name)[1].lower() in exts:
+            audio.append((member, held.get(name) if member.isfile() or member.islnk() else None))
+    members, failures = [], []
+    for member, data in audio:
+        if member.issym():
+            target = _follow(symlinks, os.path.normpath(member.name))
+            data = held.get(target)
+        if data is not None:
+            members.append((member.name, *data))
+        elif member.islnk():
+            failures.append((member.name, f"hard link to {member.linkname!r}, which no member before it holds"))
+        elif member.issym():
+            failures.append((member.name, f"symbolic link to {target!r}, which no member of the archive holds"))
+        else:
+            failures.append((member.name, "not a regular file"))
+    return members, failures
+
+
+def _follow(symlinks: dict[str, str], name: str) -> str:
+    """Where a chain of symbolic links starting at ``name`` ends, given up after 40 links as the kernel does."""
+    for _ in range(40):
+        if name not in symlinks:
+            break
+        name = symlinks[name]
+    return name
 
 
 def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool) -> ScanResult:
@@ -376,27 +478,47 @@ def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool) -> ScanRe
 
     try:
         with tarfile.open(archive, "r:") as tar:  # "r:" refuses compressed tars: members must be byte ranges
-            members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in exts]
+            members, failed = _tar_audio_members(tar, exts)
     except tarfile.ReadError as error:
         raise ValueError(f"{archive} is not an uncompressed tar archive ({error}); decompress it first") from error
     location = str(archive.resolve())
-    builder, failures = ManifestBuilder(base="", source=str(archive)), []
-    for member in tqdm(members, desc=f"scanning {archive}", unit="file", disable=not progress):
-        entry = ManifestEntry(Path(member.name).stem, member.name, 0, location, member.offset_data, member.size)
+    builder = ManifestBuilder(base="", source=str(archive))
+    failures = [(f"{location}:{_printable(name)}", _printable(reason)) for name, reason in failed]
+    for name, offset, size in tqdm(members, desc=f"scanning {archive}", unit="file", disable=not progress):
+        entry = ManifestEntry(_stem(name), name, 0, location, offset, size)
+        if not _is_utf8(name):
+            failures.append((f"{location}:{_printable(name)}", _NOT_UTF8))
+            continue
         try:
             num_samples = _header_length(read_member(entry))
-        except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
-            failures.append((entry.location, str(error)))
+        except _READ_ERRORS as error:
+            failures.append((entry.location, _BUFFER_NAME.sub(repr(name), str(error))))
             continue
-        builder.append(entry.fileid, entry.path, num_samples, archive=location, byte_offset=member.offset_data,
-                       byte_size=member.size)
+        builder.append(entry.fileid, name, num_samples, archive=location, byte_offset=offset, byte_size=size)
     return ScanResult(builder.build(), failures)
 
 
-def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress: bool = True) -> ScanResult:
-    """List the audio files of a directory (recursively) or of an uncompressed ``.tar``, with their length at 16 kHz.
+def shared_fileids(entries: Manifest) -> dict[str, list[str]]:
+    """File ids that several rows hold (the same file name in two folders, a name repeated in a tar), each with the
+    locations of its rows."""
+    counts: dict[str, int] = {}
+    for fileid in entries.fileids:
+        counts[fileid] = counts.get(fileid, 0) + 1
+    shared: dict[str, list[str]] = {fileid: [] for fileid, count in counts.items() if count > 1}
+    if shared:
+        for entry in entries:
+            if entry.fileid in shared:
+                shared[entry.fileid].append(entry.location)
+    return shared
 
-    Only headers are read. Files that cannot be read are returned in ``failures`` and logged, never fatal.
+
+def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress: bool = True) -> ScanResult:
+    """List the audio files of a directory (recursively, following symbolic links) or of an uncompressed ``.tar``,
+    with their length at 16 kHz.
+
+    Only headers are read: a file whose header cannot be read, a link that leads to no file and a name that is not
+    UTF-8 are returned in ``failures`` and logged, never fatal; a truncated file with a readable header is kept with
+    its header's length. A file id held by several files is logged (all of them are kept).
     """
     source = Path(source)
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in exts)
@@ -411,6 +533,12 @@ def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress
     if result.failures:
         logger.warning("%d of %d files could not be read", len(result.failures),
                        len(result.failures) + len(result.entries))
+    result.shared_fileids = shared_fileids(result.entries)
+    if result.shared_fileids:
+        fileid, locations = next(iter(result.shared_fileids.items()))
+        logger.warning("%d file ids are each held by several files (e.g. %r: %s); all are kept, and spidr extract "
+                       "names its outputs by folder and file id, but alignment and item files name utterances by "
+                       "file id alone", len(result.shared_fileids), fileid, ", ".join(locations[:3]))
     return result
 
 
@@ -671,12 +799,21 @@ def _tsv_root(entries: Sequence[ManifestEntry], root: str | Path | None, out: Pa
     return common or os.sep
 
 
+_TSV_SEPARATORS = re.compile(r"[\t\r\n]")  # a fairseq TSV line holds a tab-separated path and length, unquoted
+
+
 def _write_tsv(entries: Sequence[ManifestEntry], base: str, handle: IO[str], out: Path) -> None:
+    if _TSV_SEPARATORS.search(base):
+        raise ValueError(f"{out}: the root directory {base!r} holds a tab or line break, which a .tsv manifest cannot "
+                         "hold; write a .csv or .jsonl")
     handle.write(base + "\n")
     for e in entries:
         relative = os.path.relpath(os.path.abspath(e.path), base)
         if relative.startswith(".."):
             raise ValueError(f"{out}: {os.path.abspath(e.path)} lies outside the root directory {base}")
+        if _TSV_SEPARATORS.search(relative):
+            raise ValueError(f"{out}: the file name {e.path!r} holds a tab or line break, which a .tsv manifest "
+                             "cannot hold; write a .csv or .jsonl")
         handle.write(f"{relative}\t{e.num_samples}\n")
 
 
@@ -688,21 +825,29 @@ def _write_jsonl(entries: Sequence[ManifestEntry], handle: IO[str]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def check_manifest_suffix(out: Path, *, fairseq: bool = False) -> None:
+    """Raise unless ``out``'s suffix names a manifest format (``.tsv`` with ``fairseq``): it is read back by it."""
+    if fairseq and out.suffix != ".tsv":
+        raise ValueError(f"output {out} has suffix {out.suffix!r}, but --fairseq writes the fairseq TSV layout, which "
+                         "is read back by its .tsv suffix; name the output *.tsv")
+    if out.suffix not in MANIFEST_SUFFIXES:
+        raise ValueError(f"output {out} has suffix {out.suffix!r}; expected one of {', '.join(MANIFEST_SUFFIXES)}")
+
+
 def write_manifest(
     entries: Iterable[ManifestEntry], out: str | Path, *, fairseq: bool = False, root: str | Path | None = None
 ) -> Path:
-    """Write ``entries`` to ``out`` in the format its suffix names (``fairseq=True`` forces the TSV layout, whose root
-    is ``root`` or the common folder of all files). Rows are streamed to a temporary name that is then renamed, so a
-    failure never leaves a half-written manifest."""
+    """Write ``entries`` to ``out`` in the format its suffix names: ``.tsv`` is the fairseq layout, whose root is
+    ``root`` or the common folder of all files (``fairseq=True`` asks for it, and then requires that suffix: the
+    suffix is what ``read_manifest`` reads the format from). Rows are streamed to a temporary name that is then
+    renamed, so a failure never leaves a half-written manifest."""
     out = Path(out)
+    check_manifest_suffix(out, fairseq=fairseq)
     if not isinstance(entries, Manifest):
         entries = Manifest.from_entries(entries)
     if not len(entries):
         raise ValueError(f"{out}: refusing to write an empty manifest")
-    tsv = fairseq or out.suffix == ".tsv"
-    if not tsv and out.suffix not in (".csv", ".jsonl"):
-        raise ValueError(f"{out} has suffix {out.suffix!r}; expected one of {', '.join(MANIFEST_SUFFIXES)} "
-                         "(or pass --fairseq for a TSV)")
+    tsv = out.suffix == ".tsv"
     base = _tsv_root(entries, root, out) if tsv else ""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -1,7 +1,11 @@
 """``spidr submit``: launch pretraining on SLURM through submitit (an optional extra, imported lazily).
 
-One SLURM task per GPU; each task finds its rank from the SLURM variables (``spidr.train.environment``). The
-submitted callable is checkpointable: on a time-out or pre-emption signal the training loop saves a checkpoint
+One SLURM task per GPU; each task finds its rank from the SLURM variables (``spidr.train.environment``). Under
+submitit's local executor (``--local``) the tasks are processes on this machine that only get ``SUBMITIT_LOCAL_*``
+variables; each task turns them into torchrun's variables before training, so the tasks form one distributed job
+instead of as many separate single-process runs writing into one run folder.
+
+The submitted callable is checkpointable: on a time-out or pre-emption signal the training loop saves a checkpoint
 at the next step boundary and returns "interrupted", and the job requeues itself; the requeued job resumes from
 that checkpoint. Should submitit's own handler fire first, ``checkpoint`` resubmits the same callable, which
 resumes from the latest periodic checkpoint.
@@ -25,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 SIGNAL_DELAY_S = 120  # SLURM warns this long before the time limit, time enough to save a checkpoint
 
+# The ``spidr submit`` option that sets each count field: errors name what the user typed, not the field.
+_COUNT_OPTIONS = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "time_min": "--time",
+                  "cpus_per_task": "--cpus-per-task"}
+
 
 @dataclass(frozen=True)
 class SlurmOptions:
@@ -42,9 +50,9 @@ class SlurmOptions:
     dump_dir: str = "submitit"
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "gpus_per_node", "time_min", "cpus_per_task"):
+        for name, option in _COUNT_OPTIONS.items():
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} = {getattr(self, name)} must be >= 1")
+                raise ValueError(f"{option} = {getattr(self, name)} must be >= 1")
 
 
 class TrainJob:
@@ -57,6 +65,8 @@ class TrainJob:
         from spidr.train.environment import detect_environment
         from spidr.train.loop import train
 
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            os.environ.update(local_task_environment())
         outcome = train(config_from_dict(self.config))
         if outcome == "interrupted" and detect_environment().is_main and "SLURM_JOB_ID" in os.environ:
             requeue(os.environ["SLURM_JOB_ID"])
@@ -67,6 +77,22 @@ class TrainJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.config))
+
+
+def local_task_environment() -> dict[str, str]:
+    """torchrun's variables for this task of a submitit local job, which sets only ``SUBMITIT_LOCAL_*`` ones.
+
+    Every task derives the same rendezvous port from the job id (the controller's process id), as SLURM tasks do
+    from theirs; the local executor runs one node, so rank 0 listens on the loopback address.
+    """
+    import submitit
+
+    from spidr.train.environment import slurm_port
+
+    job = submitit.JobEnvironment()
+    return {"RANK": str(job.global_rank), "LOCAL_RANK": str(job.local_rank), "WORLD_SIZE": str(job.num_tasks),
+            "LOCAL_WORLD_SIZE": str(job.num_tasks), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(slurm_port(job.job_id))}
 
 
 def requeue(job_id: str) -> None:
@@ -119,8 +145,8 @@ def submit(configs: list[Config], options: SlurmOptions, *, cluster: Cluster = "
     """Submit one job per config; returns the submitit jobs.
 
     Every config is checked (manifests, initial checkpoint) before anything is submitted. ``cluster="slurm"``
-    refuses to run where SLURM is absent; ``"local"`` (submitit's local executor: a background process here) and
-    ``"debug"`` (this process) are for testing.
+    refuses to run where SLURM is absent; ``"local"`` (submitit's local executor: one background process per GPU
+    here, joined into one distributed job) and ``"debug"`` (this process) are for testing.
     """
     try:
         import submitit
@@ -132,6 +158,8 @@ def submit(configs: list[Config], options: SlurmOptions, *, cluster: Cluster = "
             logger.warning("%s: %s", cfg.run.run_dir, note)
     if cluster == "slurm":
         check_slurm_available()
+    elif cluster == "local" and options.nodes != 1:
+        raise ValueError(f"--nodes = {options.nodes}: --local runs the job on this machine only; expected --nodes 1")
     jobs = []
     for cfg in configs:
         name = f"{cfg.run.wandb_project}-{cfg.run.wandb_name}"
