@@ -80,3 +80,27 @@ def test_command_errors_name_the_problem(tmp_path, capsys):
     assert main(["compare-reports", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.json: row 1 is not a report row" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_command_never_writes_over_an_input_report_and_asks_before_replacing_an_output(tmp_path, capsys):
+    write_report([*_rows("final", 0.0), MFCC], tmp_path / "a", title="a")
+    write_report([*_rows("final", 1.0), MFCC], tmp_path / "b", title="b")
+    original = (tmp_path / "a" / "report.json").read_text()
+    for out in (tmp_path / "a", tmp_path / "b" / ".." / "a"):  # an input's folder, however spelled, even --overwrite
+        for overwrite in ([], ["--overwrite"]):
+            assert main(["compare-reports", str(tmp_path / "a" / "report.json"), str(tmp_path / "b"), "--out",
+                         str(out), *overwrite]) == 2
+            assert "is the folder of the input report" in capsys.readouterr().err
+    assert (tmp_path / "a" / "report.json").read_text() == original
+    out = tmp_path / "cmp"
+    assert main(["compare-reports", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert (out / "pnmi_per_layer.png").is_file()
+    assert main(["compare-reports", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 2
+    assert f"output {out} already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    # replaced with reports without unit quality: the earlier PNMI plot does not stay behind
+    for name in ("c", "d"):
+        write_report([LayerRow("m", 1, abx_within=1.0, abx_across=2.0)], tmp_path / name, title=name)
+    assert main(["compare-reports", str(tmp_path / "c"), str(tmp_path / "d"), "--out", str(out), "--overwrite"]) == 0
+    assert {r["model"] for r in json.loads((out / "report.json").read_text())} == {"c", "d"}
+    assert not (out / "pnmi_per_layer.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["abx_per_layer.png", "report.json", "report.md"]

@@ -9,9 +9,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from spidr.config import SpidRConfig
+from spidr.config import DinoSRConfig, SpidRConfig
 from spidr.data.audio import load_audio
-from spidr.data.manifest import ManifestEntry
+from spidr.data.manifest import ManifestEntry, read_manifest
+from spidr.eval.feature_dir import StemKeyed, one_layer_directory
 from spidr.eval.features import (
     ExtractionSettings,
     LongAudio,
@@ -22,6 +23,7 @@ from spidr.eval.features import (
     parse_layers,
     windows,
 )
+from spidr.eval.units import read_units
 from spidr.models.build import build_model
 from spidr.models.frames import num_frames
 from train_fixtures import EXTRACTION_MODEL as TINY
@@ -62,6 +64,21 @@ def test_padded_batch_equals_one_file_at_a_time(model):
         assert result["layer_01"].shape == (num_frames(wave.shape[0], TINY["extractor_conv_layer_config"]), 32)
         for key in result:
             np.testing.assert_allclose(result[key], alone[key], atol=1e-5)
+
+
+def test_group_norm_front_end_padded_batch_equals_one_file_at_a_time():
+    """A group_norm front end (fairseq DinoSR "default" mode) normalises its first conv over the padded time axis:
+    utterances of other lengths run apart, so a file's features do not depend on what it is batched with."""
+    torch.manual_seed(0)
+    model = build_model(DinoSRConfig(**TINY, extractor_mode="group_norm")).eval()
+    waves = [torch.from_numpy(speech_like(s, i)) for i, s in enumerate((1.0, 0.37, 0.71, 0.37))]
+    settings = ExtractionSettings(layers=(1, 3), codebooks=True)
+    batched = extract_batch(model, waves, settings, front_end=True)
+    for wave, result in zip(waves, batched, strict=True):
+        (alone,) = extract_batch(model, [wave], settings, front_end=True)
+        assert result.keys() == alone.keys()
+        for key in result:
+            np.testing.assert_allclose(result[key], alone[key], atol=1e-5, err_msg=key)
 
 
 def test_layers_and_residual_choice_are_honoured(model):
@@ -134,6 +151,41 @@ def test_extract_to_directory_writes_mirrored_tree_and_metadata(model, tmp_path)
     assert saved["before_residual"] is True
     assert saved["layers"] == [2]
     assert saved["frame_rate_hz"] == 50
+    # kmeans / units / abx read a finished layer folder; without metadata.json the run has not finished: refused
+    assert len(one_layer_directory(tmp_path / "out" / "layer_02")) == 4
+    (tmp_path / "out" / "metadata.json").unlink()
+    with pytest.raises(ValueError, match=r"layer_02 is from an unfinished spidr extract run .*rerun the same spidr "
+                                         r"extract command to complete it"):
+        one_layer_directory(tmp_path / "out" / "layer_02")
+
+
+def test_codebook_units_are_keyed_like_the_features(model, tmp_path):
+    """A CSV manifest may give file ids that are not the audio files' stems: the feature files are named by the id,
+    and so are the codebook-unit rows (short batches and windowed long files alike), so readers match them."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    lines = ["fileid,path,num_samples"]
+    for fileid, name, seconds in (("spk1-utt-a", "take1.wav", 0.5), ("spk2-utt-b", "take2.wav", 3.0)):
+        sf.write(audio / name, speech_like(seconds, len(lines)), 16000, subtype="FLOAT")
+        lines.append(f"{fileid},{audio / name},{int(seconds * 16000)}")
+    (tmp_path / "dev.csv").write_text("\n".join(lines) + "\n")
+    settings = ExtractionSettings(layers=(3,), codebooks=True, max_seconds=2.0, window_seconds=1.0)
+    extract_to_directory(model, read_manifest(tmp_path / "dev.csv"), tmp_path / "out", settings, progress=False)
+    features = StemKeyed(one_layer_directory(tmp_path / "out" / "layer_03"))
+    units = read_units(tmp_path / "out" / "codebook_units" / "layer_03.jsonl")
+    assert sorted(features) == sorted(units) == ["spk1-utt-a", "spk2-utt-b"]
+    for name, values in units.items():
+        assert values.shape == (features[name].shape[0],)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "codebook_units" / "layer_03.jsonl").open()]
+    assert {row["name"]: row["audio"] for row in rows} == {"spk1-utt-a": str(audio / "take1.wav"),
+                                                           "spk2-utt-b": str(audio / "take2.wav")}
+    # a folder begun when rows were keyed by the audio stem is not topped up with rows keyed by id
+    state_path = tmp_path / "out" / ".extract" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["unit_rows"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="holds an extraction with other unit_rows"):
+        extract_to_directory(model, read_manifest(tmp_path / "dev.csv"), tmp_path / "out", settings, progress=False)
 
 
 def test_long_files_go_through_windows_and_match_the_short_path(model, tmp_path):

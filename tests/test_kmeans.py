@@ -124,6 +124,65 @@ def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[s
             capsys.readouterr().err)
 
 
+def test_a_failure_partway_leaves_no_truncated_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Units are written file by file: a bad last file (NaN features) fails the command without leaving 9 of 10
+    rows, which a rerun would refuse as existing and --overwrite would cut an earlier good file down to."""
+    features = clustered_features(files=10)
+    for name, array in features.items():
+        (tmp_path / "features" / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "features" / f"{name}.npy", array)
+    centroids = tmp_path / "centroids.safetensors"
+    save_centroids(centroids, fit_kmeans(np.concatenate(list(features.values())), 4))
+    units = ["units", str(tmp_path / "features"), "--centroids", str(centroids)]
+    assert cli.main([*units, "--out", str(tmp_path / "good.jsonl")]) == 0
+    last = max(features)  # assigned last (sorted order)
+    np.save(tmp_path / "features" / f"{last}.npy", np.full((5, 8), np.nan, dtype=np.float32))
+    for out, overwrite in (("new.jsonl.gz", []), ("good.jsonl", ["--overwrite"])):
+        good = (tmp_path / "good.jsonl").read_text()
+        capsys.readouterr()
+        assert cli.main([*units, "--out", str(tmp_path / out), *overwrite]) == 2
+        assert "contain non-finite values" in capsys.readouterr().err
+        assert (tmp_path / "good.jsonl").read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["centroids.safetensors", "features", "good.jsonl"]
+    assert len(read_units(tmp_path / "good.jsonl")) == 10
+    # centroids likewise: a write that fails leaves the earlier file as it was, and no temporary file
+    import safetensors.torch
+
+    def failing_save(tensors: dict, filename: str, metadata: dict) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    before = centroids.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_centroids(centroids, np.zeros((2, 8)))
+    assert centroids.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["centroids.safetensors", "features", "good.jsonl"]
+
+
+def test_an_unfinished_extraction_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A layer folder whose extraction has its journal (.extract/) but no metadata.json yet holds only the files
+    done so far (the shortest): kmeans and units refuse it, naming the folder and how to finish it."""
+    extraction = tmp_path / "feats"
+    for name, array in clustered_features().items():
+        (extraction / "layer_06" / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(extraction / "layer_06" / f"{name}.npy", array)
+    (extraction / ".extract").mkdir()
+    centroids = tmp_path / "centroids.safetensors"
+    save_centroids(centroids, 10.0 * np.eye(4, 8))
+    commands = (["kmeans", str(extraction / "layer_06"), "--num-units", "4", "--out", str(tmp_path / "c.safetensors")],
+                ["units", str(extraction / "layer_06"), "--centroids", str(centroids), "--out",
+                 str(tmp_path / "u.jsonl")])
+    for command in commands:
+        assert cli.main(command) == 2
+        assert (f"{extraction / 'layer_06'} is from an unfinished spidr extract run ({extraction} has its .extract/ "
+                "journal but no metadata.json)") in capsys.readouterr().err
+    (extraction / "metadata.json").write_text("{}")  # finished
+    for command in commands:
+        assert cli.main(command) == 0
+
+
 def test_sampling_reads_only_the_files_it_draws_from(tmp_path: Path) -> None:
     """With frame counts known up front (FeatureDirectory reads .npy headers), a file is loaded only when a frame
     of it is in the sample, once; the sample equals the one drawn from the loaded arrays."""

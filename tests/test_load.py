@@ -12,7 +12,7 @@ import torch
 
 import spidr
 from spidr import cli
-from spidr.config import Config, DataConfig, RunConfig
+from spidr.config import Config, DataConfig, DinoSRConfig, RunConfig, SpidRConfig
 from spidr.models import DinoSR, SpidR, export_safetensors, load_model, num_frames, read_checkpoint, spidr_base
 from test_models_dinosr import (
     random_mask,
@@ -92,6 +92,21 @@ def test_config_file_argument_and_wrapper_prefixes(tmp_path, source) -> None:
     config = tmp_path / "run.json"
     config.write_text(json.dumps(_run_config(source)))
     _assert_same(load_model(tmp_path / "bare_state.pt", config=config), source)
+
+
+def test_run_config_without_a_model_section_gives_the_default_model(tmp_path, source) -> None:
+    """A run config may leave [model] out (``spidr train`` then uses the defaults): it is still a run config, not
+    a bare model config whose keys are "run" and "data"."""
+    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pt")
+    run = tmp_path / "run.toml"
+    run.write_text('[run]\nworkdir = "w"\nwandb_project = "p"\nwandb_name = "n"\nmodel_type = "spidr"\n\n'
+                   '[data]\nmanifest = "train.csv"\n')
+    assert read_checkpoint(tmp_path / "ckpt.pt", config=run).config == SpidRConfig()
+    run.write_text('[data]\nmanifest = "train.csv"\n')  # no [run] either: the official default type, DinoSR
+    assert read_checkpoint(tmp_path / "ckpt.pt", config=run).config == DinoSRConfig()
+    run.write_text('model = 3\n[data]\nmanifest = "train.csv"\n')
+    with pytest.raises(ValueError, match=r"run\.toml: \[model\] must be a table of model settings, got 3"):
+        read_checkpoint(tmp_path / "ckpt.pt", config=run)
 
 
 def test_training_checkpoint(tmp_path, source) -> None:

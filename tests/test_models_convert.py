@@ -224,3 +224,22 @@ def test_fairseq_settings_map_to_our_config() -> None:
     assert fairseq_model_config({}) == DinoSRConfig(encoder_qkv_bias=True)
     with pytest.raises(ValueError, match="encoder_num_heads"):
         fairseq_model_config({"encoder_embed_dim": 32, "encoder_attention_heads": 5})
+
+
+def test_fairseq_settings_we_cannot_compute_are_refused(tmp_path) -> None:
+    """The FFN activation and the layer type have no counterpart in our config: anything but fairseq's defaults
+    (gelu, transformer) is refused by name instead of loading as GELU Transformer layers."""
+    assert fairseq_model_config(_fairseq_settings("layer_norm") | {"activation_fn": "gelu",
+                                                                   "layer_type": "transformer"}).encoder_qkv_bias
+    for name, value in [("activation_fn", "relu"), ("layer_type", "conformer"), ("layer_type", "trf_adp")]:
+        with pytest.raises(ValueError, match=rf"sets {name} = '{value}': spidr converts only {name} = "):
+            fairseq_model_config(_fairseq_settings("layer_norm") | {name: value})
+    path = tmp_path / "dinosr.ckpt"
+    write_fairseq(path, tiny_original())
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["cfg"]["model"]["activation_fn"] = "relu"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="activation_fn = 'relu'"):
+        load_model(path)
+    with pytest.raises(ValueError, match="activation_fn = 'relu'"):
+        load_model(path, config=tiny_original().cfg)

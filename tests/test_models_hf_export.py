@@ -214,6 +214,39 @@ def test_directory_written_by_other_tools(tmp_path) -> None:
             assert torch.equal(a, b)
 
 
+def test_export_trimmed_to_fewer_layers_loads(tmp_path) -> None:
+    """A model cut to its first layer after the export (what ``save_pretrained`` writes for it) keeps the "spidr"
+    entry of the 3-layer source, whose 2 codebooks outnumber the layer left: it loads as a 1-layer student."""
+    model = perturbed(tiny_model("spidr"))
+    export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith(("encoder.layers.1.", "encoder.layers.2."))},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_model(tmp_path)
+    assert (loaded.num_layers, loaded.cfg.num_codebooks) == (1, 1)
+    wave = waveforms(4000)
+    with torch.no_grad():
+        assert torch.equal(loaded.get_intermediate_outputs(wave)[0], model.get_intermediate_outputs(wave)[0])
+
+
+def test_a_file_inside_an_hf_directory(tmp_path, capsys) -> None:
+    """Its model.safetensors is read as the directory (the architecture is in the config.json beside it); another
+    weights file there is not described by that config.json: the error says to pass the directory."""
+    model = perturbed(tiny_model("spidr"))
+    export_hf(model, tmp_path / "hf")
+    checkpoint = read_checkpoint(tmp_path / "hf" / "model.safetensors")
+    assert (checkpoint.format, checkpoint.student_only) == ("hf", True)
+    _assert_same_student(load_model(tmp_path / "hf" / "model.safetensors"), model)
+    assert cli.main(["info", str(tmp_path / "hf" / "model.safetensors")]) == 0
+    assert "spidr (Student)" in capsys.readouterr().out
+    torch.save(load_file(str(tmp_path / "hf" / "model.safetensors")), tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=rf"pass the directory {tmp_path / 'hf'}/ to load its model"):
+        read_checkpoint(tmp_path / "hf" / "pytorch_model.bin")
+
+
 def test_model_type_is_kept_and_checked(tmp_path) -> None:
     export_hf(tiny_model("dinosr"), tmp_path)
     assert load_model(tmp_path).cfg.model_type == "dinosr"
@@ -301,6 +334,8 @@ def test_cli_export_formats(tmp_path, capsys) -> None:
     assert "(hf format)" in printed
     assert "spidr (Student)" in printed
     assert "\n                 0 teacher" in printed
+    assert "no codebooks (inference-only student)" in printed
+    assert "codebooks ×" not in printed
     assert cli.main(["export", str(out), str(tmp_path / "s3prl.pt"), "--format", "s3prl"]) == 0
     assert "(s3prl;" in capsys.readouterr().out
     assert set(torch.load(tmp_path / "s3prl.pt", weights_only=True)) == {"task_cfg", "model_cfg", "model_weight"}
@@ -312,6 +347,15 @@ def test_cli_export_formats(tmp_path, capsys) -> None:
     ]:
         assert cli.main(["export", *argv]) == 2
         assert message in capsys.readouterr().err
+    # a folder named like the file is refused in one line, even with --overwrite (it was a writer's traceback)
+    for name, export_format in [("folder.safetensors", "safetensors"), ("folder.pt", "s3prl")]:
+        (tmp_path / name).mkdir()
+        for overwrite in ([], ["--overwrite"]):
+            assert cli.main(["export", source, str(tmp_path / name), "--format", export_format, *overwrite]) == 2
+            err = capsys.readouterr().err
+            assert f"{tmp_path / name} is a directory; --format {export_format} writes a file" in err
+            assert "Traceback" not in err
+        assert (tmp_path / name).is_dir()
     # a rerun does not replace an earlier export unless asked to
     assert cli.main(["export", source, str(tmp_path / "s3prl.pt"), "--format", "s3prl"]) == 2
     assert "s3prl.pt already exists; pass --overwrite to replace it" in capsys.readouterr().err

@@ -154,13 +154,20 @@ def _units(args: argparse.Namespace) -> int:
 def _compare_reports(args: argparse.Namespace) -> int:
     from spidr.eval.report import merge_reports, read_report, write_report
 
+    out = Path(args.out)
+    for report in map(Path, args.reports):
+        folder = report.parent if report.suffix == ".json" else report
+        if out.resolve() == folder.resolve():  # even with --overwrite: the evaluation itself would be lost
+            raise ValueError(f"--out {out} is the folder of the input report {report}; writing there would replace "
+                             "it: choose another folder")
+    check_new_output(out, overwrite=args.overwrite)
     names = args.name or [_report_name(Path(path)) for path in args.reports]
     if len(names) != len(args.reports):
         raise ValueError(f"--name was given {len(names)} times for {len(args.reports)} reports; give it once per "
                          "report, in the same order, or not at all")
     rows = merge_reports([(name, read_report(path)) for name, path in zip(names, args.reports, strict=True)])
     sources = [f"{name}: {path}" for name, path in zip(names, args.reports, strict=True)]
-    path = write_report(rows, args.out, title="Comparison of evaluation reports", notes=["Reports: " + "; ".join(
+    path = write_report(rows, out, title="Comparison of evaluation reports", notes=["Reports: " + "; ".join(
         sources) + ". ABX error rates in %; compare only reports made on the same test set with the same settings."])
     print(path.read_text(encoding="utf-8"))
     print(f"comparison written to {path}")
@@ -183,7 +190,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of .npy/.pt (T, D) files (one layer's folder of a spidr extract run) or a units JSONL file "
         '({"name" or "audio": ..., "units": [...]}, compared with the identical distance). An item\'s #file is '
         "the feature file's path relative to FEATURES without extension, or its utterance id (the file stem) when "
-        "no two files share one.",
+        "no two files share one. A layer folder of an unfinished spidr extract run (no metadata.json yet) is "
+        "refused.",
         formatter_class=formatter,
     )
     parser.add_argument("features", metavar="FEATURES", help="feature directory or units .jsonl(.gz) file")
@@ -217,7 +225,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "kmeans",
         help="fit k-means centroids on a directory of features",
         description="Fit MiniBatchKMeans on a seeded uniform sample of the frames of FEATURES_DIR (.npy/.pt files) "
-        "and save the centroids as a safetensors file.",
+        "and save the centroids as a safetensors file. A layer folder of an unfinished spidr extract run (no "
+        "metadata.json yet) is refused.",
         formatter_class=formatter,
     )
     parser.add_argument("features_dir", metavar="FEATURES_DIR", help="directory of .npy/.pt (T, D) feature files")
@@ -235,7 +244,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write one JSONL row {\"name\": <utterance>, \"units\": [...]} per feature file of "
         "FEATURES_DIR (one layer's folder of a spidr extract run). The name is the file's stem (the utterance id that "
         "codebook units, alignments and ABX items use), or its relative path without extension when two files "
-        "share a stem.",
+        "share a stem. A layer folder of an unfinished spidr extract run (no metadata.json yet) is refused; the "
+        "file is written whole or not at all.",
         formatter_class=formatter,
     )
     parser.add_argument("features_dir", metavar="FEATURES_DIR", help="directory of .npy/.pt (T, D) feature files")
@@ -256,7 +266,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=formatter,
     )
     parser.add_argument("reports", metavar="REPORT", nargs="+", help="report.json, or the folder that holds it")
-    parser.add_argument("--out", required=True, help="folder for the merged report.md, report.json and plots")
+    parser.add_argument("--out", required=True, help="folder for the merged report.md, report.json and plots (not "
+                        "the folder of a REPORT)")
     parser.add_argument("--name", action="append", default=None,
                         help="label of a report's curves, once per REPORT in order (default: its folder's name)")
+    add_overwrite_option(parser)
     parser.set_defaults(handler=_compare_reports)

@@ -8,7 +8,8 @@ read from disk window by window (16 kHz files; others are decoded whole first) a
 
 Output layout (ZeroSpeech style): ``OUT/layer_LL/<tree>/<stem>.npy`` with (T, D) float32 per utterance, the tree
 mirroring the audio tree, plus ``OUT/metadata.json``; with codebook units, ``OUT/codebook_units/layer_LL.jsonl``
-rows ``{"audio": path, "units": [...]}``.
+rows ``{"name": utterance id, "audio": path, "units": [...]}``, the id being the stem of the utterance's feature files
+(its manifest file id), by which readers key both.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from spidr.config import num_samples_for_frames
+from spidr.config import ModelConfig, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings
@@ -85,19 +86,48 @@ def _precision(model: torch.nn.Module, device: torch.device, dtype: str):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def padding_changes_features(cfg: ModelConfig) -> bool:
+    """Whether an utterance's features depend on the padding around it in a batch.
+
+    A ``group_norm`` front end normalises each channel of its first conv over the whole time axis, padding included,
+    as wav2vec 2.0 and fairseq DinoSR do: its statistics are those of the utterance's own samples only when it runs
+    unpadded. A log-mel first layer has no GroupNorm.
+    """
+    return cfg.extractor_mode == "group_norm" and cfg.extractor_type != "log_mel"
+
+
 @torch.inference_mode()
 def extract_batch(
     model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *,
     front_end: bool = False,
 ) -> list[dict[str, np.ndarray]]:
-    """Features of standardised waveforms [(S_i,)] run as one padded batch.
+    """Features of standardised waveforms [(S_i,)], run as a padded batch.
 
     Returns one dict per utterance: ``"layer_LL"`` → (T_i, D) float32 and, with codebooks, ``"units_LL"`` → (T_i,)
-    int64 arg-max of layer LL's head. T_i = frames of S_i alone, so padding never changes a result. With
-    ``front_end``, also ``"front_end"`` → (T_i, C), the front end's output (conv stack or log-mel), and
-    ``"projection"`` → (T_i, D), the Transformer's input (before its positional convolution), from the same forward
-    pass.
+    int64 arg-max of layer LL's head. T_i = frames of S_i alone, and padding never changes a result: a model whose
+    front end normalises over the padded time axis (``padding_changes_features``) runs each group of equal-length
+    waveforms as its own unpadded batch. With ``front_end``, also ``"front_end"`` → (T_i, C), the front end's output
+    (conv stack or log-mel), and ``"projection"`` → (T_i, D), the Transformer's input (before its positional
+    convolution), from the same forward pass.
     """
+    if padding_changes_features(model.cfg):
+        rows_by_length: dict[int, list[int]] = {}
+        for row, wave in enumerate(waveforms):
+            rows_by_length.setdefault(wave.shape[0], []).append(row)
+        if len(rows_by_length) > 1:
+            results: list[dict[str, np.ndarray]] = [{} for _ in waveforms]
+            for rows in rows_by_length.values():
+                group = _extract_padded(model, [waveforms[row] for row in rows], settings, front_end=front_end)
+                for row, result in zip(rows, group, strict=True):
+                    results[row] = result
+            return results
+    return _extract_padded(model, waveforms, settings, front_end=front_end)
+
+
+def _extract_padded(
+    model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *, front_end: bool
+) -> list[dict[str, np.ndarray]]:
+    """``extract_batch``'s work on one padded batch, whatever the front end (see ``padding_changes_features``)."""
     device = next(model.parameters()).device
     conv_layers = model.cfg.extractor_conv_layer_config
     lengths = torch.tensor([w.shape[0] for w in waveforms])
@@ -296,6 +326,10 @@ class _Outputs:
         self.stems = stems
         self.folders: set[Path] = set()
 
+    def utterance(self, index: int) -> str:
+        """The id that names entry ``index``'s feature files (their stem), and so its unit rows."""
+        return self.stems[index].rsplit("/", 1)[-1]
+
     def path(self, key: str, index: int) -> Path:
         path = self.out_dir / key / f"{self.stems[index]}.npy"
         if path.parent not in self.folders:
@@ -311,8 +345,10 @@ class _Outputs:
         os.replace(tmp, path)
 
 
-def _unit_row(path: str, units: np.ndarray) -> str:
-    return json.dumps({"audio": path, "units": units.tolist()}) + "\n"
+def _unit_row(name: str, path: str, units: np.ndarray) -> str:
+    """A units row keyed by ``name`` as the features are (the manifest's file id, which need not be the audio file's
+    stem), with the audio path for reference."""
+    return json.dumps({"name": name, "audio": path, "units": units.tolist()}) + "\n"
 
 
 # What an extraction writes in its output folder (beside its journal, spidr.eval.journal.STATE_DIR).
@@ -347,9 +383,11 @@ def extract_to_directory(
     model.eval()
     manifest = _as_manifest(entries)
     outputs = _Outputs(out_dir, output_stems(manifest))
+    # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
+    # topped up with rows keyed otherwise.
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
-                **precision_identity(settings.dtype)}
+                **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {})}
     journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                 replace_other=replace_other, outputs=EXTRACTION_OUTPUTS)
     units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None
@@ -417,7 +455,8 @@ def _extract_short_batch(
             if key.startswith("layer_"):
                 outputs.save(key, index, values)
             else:
-                rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(_unit_row(entry.path, values))
+                row = _unit_row(outputs.utterance(index), entry.path, values)
+                rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(row)
     return rows, skipped
 
 
@@ -539,7 +578,7 @@ def _extract_long_file(
     rows = {}
     for key, values in sinks.items():
         if key.startswith("units_"):
-            rows[f"layer_{key.removeprefix('units_')}"] = [_unit_row(entry.path, values)]
+            rows[f"layer_{key.removeprefix('units_')}"] = [_unit_row(outputs.utterance(index), entry.path, values)]
         else:
             values.close()
     return rows

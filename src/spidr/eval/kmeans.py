@@ -11,6 +11,7 @@ distance, computed in batches as ``argmin_k ‖c_k‖² − 2·x·c_k``, one fil
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -123,13 +124,21 @@ def fit_kmeans(
 def save_centroids(
     path: str | Path, centroids: np.ndarray | torch.Tensor, *, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write centroids (K, D) to a safetensors file (tensor ``centroids``; ``metadata`` values must be strings)."""
+    """Write centroids (K, D) to a safetensors file (tensor ``centroids``; ``metadata`` values must be strings),
+    under a temporary name renamed to ``path`` once complete (no truncated file; an earlier one stays on failure)."""
     from safetensors.torch import save_file
 
     tensor = torch.as_tensor(np.asarray(centroids, dtype=np.float32)).contiguous()
     if tensor.ndim != 2:
         raise ValueError(f"centroids must be (K, D), got shape {tuple(tensor.shape)}")
-    save_file({CENTROIDS_KEY: tensor}, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file({CENTROIDS_KEY: tensor}, str(partial), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
 
 
 def load_centroids(path: str | Path) -> torch.Tensor:

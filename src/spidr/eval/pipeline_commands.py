@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "extract",
         help="per-layer features (and codebook units) of every utterance",
         description="Write one (T, D) float32 .npy per utterance and layer under OUT/layer_LL/, mirroring the audio "
-        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl, appended as "
+        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl (rows named by "
+        "the manifest's file id, like the feature files), appended as "
         "batches finish. Resumable: rerunning the same command after a kill continues where it stopped and never "
         "rewrites a finished file (progress in OUT/.extract/); feature files are written atomically.",
         formatter_class=FORMATTER,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +24,10 @@ from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings, extract_to_directory
 from spidr.eval.items import Items
+from spidr.eval.journal import write_atomically
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
+from spidr.eval.units import read_units
 from spidr.extras import figure
 from spidr.models.frames import frame_rate_hz
 
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 SPEAKER_CONDITIONS = ("within", "across")
 PLOT_PURPOSE = "the evaluation report's plots"
+ABX_PLOT, PNMI_PLOT = "abx_per_layer.png", "pnmi_per_layer.png"
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,8 @@ def evaluate_model(
         row.abx_across = _abx_percent(features, layer_items, "across", abx, distance=abx.distance, frequency=rate)
         if layer in head_layers:
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
-            units = {Path(row_["audio"]).stem: row_["units"] for row_ in map(json.loads, units_path.open())}
-            unit_features = {stem: np.asarray(seq, dtype=np.int64) for stem, seq in units.items()}
+            units = read_units(units_path)  # keyed by utterance id, as the features
+            unit_features = {name: seq.astype(np.int64) for name, seq in units.items()}
             row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical",
                                                frequency=rate)
             row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical",
@@ -202,8 +206,8 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
     axes[0].set_ylabel("error rate (%)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "abx_per_layer.png"
-    fig.savefig(path, dpi=120)
+    path = out_dir / ABX_PLOT
+    _save_figure(fig, path)
     written.append(path)
     quality_rows = [r for r in rows if r.quality]
     if quality_rows:
@@ -216,22 +220,33 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / "pnmi_per_layer.png"
-        fig.savefig(path, dpi=120)
+        path = out_dir / PNMI_PLOT
+        _save_figure(fig, path)
         written.append(path)
     return written
 
 
+def _save_figure(fig: object, path: Path) -> None:
+    """A PNG written under a temporary name and renamed: a failed save leaves no truncated image."""
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, dpi=120, format="png")
+    os.replace(partial, path)
+
+
 def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, notes: Sequence[str] = ()) -> Path:
-    """Write ``report.json``, ``report.md`` and the plots; returns the markdown path."""
+    """Write ``report.json``, the plots and ``report.md``, each under a temporary name and renamed (a failure leaves
+    no half-written file), and remove a plot of an earlier report that this one has not; returns the markdown path.
+    The scores come first: they are kept even when plotting fails (matplotlib missing)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=1), encoding="utf-8")
+    write_atomically(out_dir / "report.json", json.dumps([asdict(r) for r in rows], indent=1))
     plots = plot_report(rows, out_dir)
+    for name in {ABX_PLOT, PNMI_PLOT} - {p.name for p in plots}:
+        (out_dir / name).unlink(missing_ok=True)
     text = [f"# {title}", "", *notes, "", markdown_table(rows), ""]
     text += [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
-    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    write_atomically(path, "\n".join(text) + "\n")
     return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
@@ -121,13 +122,26 @@ def write_units(
     dedup: bool = False,
 ) -> int:
     """Write ``{"name": utterance, "units": [...]}`` rows (gzip when ``path`` ends in ``.gz``), with ``"dedup": true``
-    when ``dedup``; returns the count."""
+    when ``dedup``; returns the count.
+
+    ``units`` may be computed as it is read (``spidr units`` assigns file by file), so the rows go to a temporary file
+    beside ``path``, renamed to ``path`` once all are written: a failure partway leaves no truncated file, and an
+    earlier ``path`` stays as it was.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
     items = units.items() if isinstance(units, Mapping) else units
     count = 0
-    with open_text(path, "w") as handle:
-        for name, values in items:
-            array = deduplicate(values) if dedup else np.asarray(values)
-            row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}
-            handle.write(json.dumps(row) + "\n")
-            count += 1
+    try:
+        with (gzip.open(partial, "wt", encoding="utf-8") if path.suffix == ".gz"
+              else partial.open("w", encoding="utf-8")) as handle:
+            for name, values in items:
+                array = deduplicate(values) if dedup else np.asarray(values)
+                row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}
+                handle.write(json.dumps(row) + "\n")
+                count += 1
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
     return count

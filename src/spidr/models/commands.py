@@ -82,6 +82,8 @@ def _export(args: argparse.Namespace) -> int:
     suffix = {"safetensors": ".safetensors", "s3prl": ".pt"}.get(args.format)
     if suffix is not None and output.suffix != suffix:
         raise ValueError(f"output {output} must end in {suffix} for --format {args.format}")
+    if suffix is not None and output.is_dir():  # a folder named like the file: its writer would fail after the load
+        raise ValueError(f"output {output} is a directory; --format {args.format} writes a file: give a file path")
     if args.format == "hf" and output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a directory (--format hf writes a directory)")
     if not output.parent.is_dir():
@@ -118,6 +120,9 @@ def _info(args: argparse.Namespace) -> int:
         return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefixes))
 
     student_side = count(("mask_embedding", "feature_extractor", "feature_projection", "student", "heads"))
+    # A student has no heads or codebooks, whatever num_codebooks its config keeps.
+    codebooks = ("no codebooks (inference-only student)" if checkpoint.student_only
+                 else f"{cfg.num_codebooks} codebooks × {cfg.codebook_size}")
     print(f"checkpoint:      {args.checkpoint} ({checkpoint.format} format)")
     print(f"model type:      {cfg.model_type} ({type(model).__name__})")
     print(f"step:            {checkpoint.step}")
@@ -125,7 +130,7 @@ def _info(args: argparse.Namespace) -> int:
         f"architecture:    {cfg.encoder_num_layers} layers, dim {cfg.encoder_embed_dim}, "
         f"{cfg.encoder_num_heads} heads, FFN {cfg.encoder_ff_interm_features}, "
         f"{_front_end(cfg)}, "
-        f"{cfg.num_codebooks} codebooks × {cfg.codebook_size}, qkv bias {cfg.encoder_qkv_bias}"
+        f"{codebooks}, qkv bias {cfg.encoder_qkv_bias}"
     )
     print(f"non-default:     {changed if changed else 'none (base config)'}")
     print(f"parameters:      {student_side:,} student side (extractor, projection, encoder, heads, mask embedding)")

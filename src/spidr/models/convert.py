@@ -2,7 +2,8 @@
 
 The student, heads and codebooks live in ``ckpt["model"]``, the teacher in ``ckpt["model"]["_ema"]``. Keys are
 renamed by a table of patterns; fairseq's separate q/k/v projections are fused into one ``qkv`` (rows q, k, v);
-any key that no rule covers is an error, so a different architecture cannot load silently.
+any key that no rule covers is an error, so a different architecture cannot load silently. Model options that our
+network cannot follow (an FFN activation other than GELU, layers other than Transformer layers) are refused too.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ _CONFIG_NAMES = {
     "ema_anneal_end_step": "ema_final_step",
     "freeze_teacher_step": "freeze_step",
 }
+
+# fairseq model options with no counterpart in our network: only the value it always computes converts exactly
+# (our FFN's activation is GELU; every layer is a post- or pre-norm Transformer layer, no conformer or adapter).
+_FIXED_SETTINGS = {"activation_fn": "gelu", "layer_type": "transformer"}
 
 
 def _rename(key: str, rules: list[tuple[str, str]], prefix: str, layer_prefix: str, where: str) -> str:
@@ -163,8 +168,18 @@ def _literal(node: ast.AST) -> Any:
     return ast.literal_eval(node)
 
 
+def refuse_unconvertible(settings: Mapping[str, Any]) -> None:
+    """Raise when fairseq model options describe a network that ours cannot compute, whatever config it is given."""
+    for name, supported in _FIXED_SETTINGS.items():
+        value = settings.get(name)
+        if value is not None and str(value) != supported:
+            raise ValueError(f"fairseq checkpoint sets {name} = {str(value)!r}: spidr converts only {name} = "
+                             f"{supported!r} (its model would compute other features)")
+
+
 def fairseq_model_config(settings: Mapping[str, Any]) -> DinoSRConfig:
     """``DinoSRConfig`` (with the qkv bias of the original) from fairseq model options."""
+    refuse_unconvertible(settings)
     values: dict[str, Any] = {"encoder_qkv_bias": True}
     for name, field in _CONFIG_NAMES.items():
         if name not in settings or settings[name] is None:

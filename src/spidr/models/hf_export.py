@@ -293,7 +293,10 @@ def model_config_from_hf(
         encoder_layer_norm_first=False,
         encoder_qkv_bias=qkv_bias or bool(values.get("encoder_qkv_bias", False)),
     )
-    values.setdefault("num_codebooks", min(SpidRConfig.num_codebooks, layers))
+    # A student has no codebooks, so their number only has to stay valid: a model trimmed to fewer layers after
+    # the export (save_pretrained) keeps the "spidr" entry of its source, whose codebooks may outnumber its layers.
+    codebooks = values.get("num_codebooks", SpidRConfig.num_codebooks)
+    values["num_codebooks"] = min(codebooks, layers) if isinstance(codebooks, int) else codebooks
     try:
         return model_config_from_dict(values, resolved)
     except ValueError as error:

@@ -44,9 +44,10 @@ from spidr.models.convert import (
     fairseq_model_settings,
     fairseq_step,
     is_fairseq_checkpoint,
+    refuse_unconvertible,
 )
 from spidr.models.dinosr import DinoSR
-from spidr.models.hf_export import CONFIG_FILE, MODEL_TYPE, is_hf_directory, read_hf_directory
+from spidr.models.hf_export import CONFIG_FILE, MODEL_TYPE, WEIGHTS_FILE, is_hf_directory, read_hf_directory
 from spidr.models.student import Student
 
 logger = logging.getLogger(__name__)
@@ -119,12 +120,22 @@ def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+# The sections of a run config (``spidr.config.config_from_dict``); no model field has one of these names.
+_RUN_SECTIONS = ("run", "data", "model", "optimizer", "masking", "validation")
+
+
+def _is_run_config(data: Mapping[str, Any]) -> bool:
+    """True for a run config (sections, e.g. ``spidr train``'s file, maybe without a [model] section), False for a
+    bare model config (model fields only)."""
+    return any(isinstance(data.get(section), Mapping) for section in _RUN_SECTIONS)
+
+
 def _model_type_of(data: Mapping[str, Any]) -> ModelType | None:
     """The model type a config dict declares: a run config's ``run.model_type`` (official default "dinosr"), a
     bare model config's ``__class__``, or SpidR-only fields; None when it cannot tell."""
-    if isinstance(data.get("model"), Mapping):
-        run = data.get("run") or {}
-        return run.get("model_type", "dinosr")
+    if _is_run_config(data):
+        run = data.get("run")
+        return run.get("model_type", "dinosr") if isinstance(run, Mapping) else "dinosr"
     declared = {"SpidRConfig": "spidr", "DinoSRConfig": "dinosr"}.get(str(data.get("__class__")))
     if declared is not None:
         return declared
@@ -146,9 +157,12 @@ def _resolve_type(declared: str | None, requested: str | None, where: str) -> Mo
 
 
 def _config_from_data(data: Mapping[str, Any], model_type: str | None, where: str) -> ModelConfig:
-    """Model config from a run config dict (with a "model" section) or a bare model config dict."""
+    """Model config from a run config dict (its "model" section; the defaults without one, as ``spidr train``
+    reads it) or a bare model config dict."""
     resolved = _resolve_type(_model_type_of(data), model_type, where)
-    section = data["model"] if isinstance(data.get("model"), Mapping) else data
+    section = data.get("model", {}) if _is_run_config(data) else data
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where}: [model] must be a table of model settings, got {section!r}")
     try:
         return model_config_from_dict(dict(section), resolved)
     except ValueError as error:
@@ -166,6 +180,10 @@ def _official_config(path: Path, config: ModelConfig | str | Path | None, model_
     """Config for an official checkpoint: the argument, else ``config.json`` beside it, else the defaults."""
     if config is not None:
         return _explicit_config(config, model_type)
+    if is_hf_directory(path.parent):  # its config.json describes the directory's own model.safetensors, not this file
+        raise ValueError(f"{path} sits in the Hugging Face directory {path.parent}, whose {CONFIG_FILE} is not a "
+                         f"spidr config: pass the directory {path.parent}/ to load its model, or give this file's "
+                         "config (config=..., CLI: --config)")
     beside = path.parent / "config.json"
     if beside.is_file():
         logger.info("reading the model config of %s from %s", path, beside)
@@ -202,6 +220,23 @@ def _read_hf(path: Path, config: ModelConfig | str | Path | None, model_type: st
     return Checkpoint(model_config, state, "hf", step, student_only=True)
 
 
+def _read_fairseq(
+    path: Path, data: Mapping[str, Any], config: ModelConfig | str | Path | None, model_type: str | None
+) -> Checkpoint:
+    if model_type not in (None, "dinosr"):
+        raise ValueError(f"{path} is an original fairseq DinoSR checkpoint; model_type={model_type!r} is invalid")
+    step = fairseq_step(data)
+    try:
+        settings = fairseq_model_settings(data)
+    except ValueError:
+        if config is None:
+            raise
+        settings = {}  # the given config stands in for the settings the file lacks
+    refuse_unconvertible(settings)  # a given config cannot change what the weights compute
+    model_config = _explicit_config(config, "dinosr") if config is not None else fairseq_model_config(settings)
+    return Checkpoint(model_config, convert_fairseq_state_dict(data["model"], step=step), "fairseq", step)
+
+
 def read_checkpoint(
     path: str | Path,
     *,
@@ -222,6 +257,10 @@ def read_checkpoint(
         return _read_hf(path, config, model_type)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
+    if path.name == WEIGHTS_FILE and is_hf_directory(path.parent):
+        # Only half of an exported model: its architecture is in the config.json beside it.
+        logger.info("%s holds the weights of the Hugging Face directory %s: reading the directory", path, path.parent)
+        return _read_hf(path.parent, config, model_type)
     if path.suffix == ".safetensors":
         return _read_safetensors(path, config, model_type)
     data = load_torch_file(path, trust=trust)
@@ -229,14 +268,7 @@ def read_checkpoint(
         raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict (a checkpoint or a state dict)")
 
     if is_fairseq_checkpoint(data):
-        if model_type not in (None, "dinosr"):
-            raise ValueError(f"{path} is an original fairseq DinoSR checkpoint; model_type={model_type!r} is invalid")
-        step = fairseq_step(data)
-        model_config = (
-            _explicit_config(config, "dinosr") if config is not None
-            else fairseq_model_config(fairseq_model_settings(data))
-        )
-        return Checkpoint(model_config, convert_fairseq_state_dict(data["model"], step=step), "fairseq", step)
+        return _read_fairseq(path, data, config, model_type)
 
     state = data.get("model", data)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
