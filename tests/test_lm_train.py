@@ -222,12 +222,14 @@ def test_units_of_the_other_kind_are_refused_for_validation_and_scoring(tmp_path
     assert train_lm(load_lm_config(path)) == "completed"
     units = tmp_path / "test-units"
     (units / "lexical").mkdir(parents=True)
-    (units / "lexical" / "dev.jsonl").write_text(phones.read_text())
+    (units / "syntactic").mkdir(parents=True)
+    _toy_units(units / "lexical" / "dev.jsonl", count=4)  # scored first: fine on its own
+    (units / "syntactic" / "dev.jsonl").write_text(phones.read_text())
     capsys.readouterr()
     assert main(["lm-score", str(tmp_path / "runs" / "kinds" / "final.pt"), str(units), str(tmp_path / "out")]) == 2
     assert "dev.jsonl holds frame labels ('phones' rows), but the LM was trained on discrete units" in (
         capsys.readouterr().err)
-    assert not (tmp_path / "out" / "lexical" / "dev.txt").exists()
+    assert not (tmp_path / "out").exists()  # nothing half-written: the good task was not scored before the error
 
 
 def test_config_errors_name_the_field(tmp_path):

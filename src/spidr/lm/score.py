@@ -106,12 +106,15 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
     model, info, labels = load_lm(checkpoint, device=device)
     vocab = Vocabulary(info["num_units"])
     context = info["context"] if info["arch"] == "gpt" else None
+    # Every units file is read (and checked against the LM) before anything is written: a bad one stops the command
+    # with no half-written output.
+    units_of = {key: read_lm_units(path, info, labels) for key, path in sorted(inputs.items())}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as rows:
         for (task, split), path in sorted(inputs.items()):
-            units = read_lm_units(path, info, labels)
+            units = units_of[task, split]
             scores = score_sequences(model, vocab, units.sequences, context=context, batch_tokens=batch_tokens,
                                      dtype=dtype)
             write_submission(out_dir / task / f"{split}.txt",
