@@ -11,7 +11,9 @@ import json
 import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from conftest import SHARED, requires_shared
 from spidr.cli import main as cli_main
@@ -131,14 +133,51 @@ def test_finalise_refuses_phones_past_the_audio() -> None:
         alignment.finalise(labels, 3200 - 21 * 16)
 
 
-def test_finalise_merges_silences_and_absorbs_tiny_segments() -> None:
-    labels = [(0.0, 0.1, "SIL"), (0.1, 0.2, "SIL"), (0.2, 0.3, "AH"), (0.3, 0.3003, "T"), (0.3003, 0.4, "B")]
-    # T lasts 0.3 ms (< 1 ms): it joins AH; the two silences become one.
+def test_finalise_merges_silences_and_absorbs_tiny_silences() -> None:
+    labels = [(0.0, 0.1, "SIL"), (0.1, 0.2, "SIL"), (0.2, 0.3, "AH"), (0.3, 0.3003, "SIL"), (0.3003, 0.4, "B")]
+    # The pause lasts 0.3 ms (< 1 ms): it joins AH; the two silences become one.
     assert alignment.finalise(labels, 6400) == [
         (0, 3200, "SIL"), (3200, 4805, "AH"), (4805, 6400, "B"),
     ]
     with pytest.raises(AlignmentError, match="not contiguous"):
         alignment.finalise([(0.0, 0.1, "SIL"), (0.2, 0.3, "AH")], 4800)
+
+
+def test_finalise_refuses_a_phone_with_no_time() -> None:
+    """A phone the engine gave no time (espeak's dark l and syllable-final r did) is refused, never dropped: the
+    utterance's transcription lists it."""
+    for phone_labels in ([(0.2, 0.3, "AO"), (0.3, 0.3, "R"), (0.3, 0.4, "S")],
+                         [(0.2, 0.3, "AO"), (0.3, 0.3003, "R"), (0.3003, 0.4, "S")]):
+        with pytest.raises(AlignmentError, match=r"phone R at 0\.3000 s lasts 0\.\d+ ms, expected at least 1 ms"):
+            alignment.finalise([(0.0, 0.2, "SIL"), *phone_labels], 6400)
+
+
+def _same_labels(got: list[tuple[float, float, str]], expected: list[tuple[float, float, str]]) -> None:
+    assert [phone for *_, phone in got] == [phone for *_, phone in expected]
+    times = [t for on, off, _ in expected for t in (on, off)]
+    assert [t for on, off, _ in got for t in (on, off)] == pytest.approx(times)
+
+
+def test_espeak_dark_l_takes_the_end_of_its_vowel() -> None:
+    """espeak reports an l after a vowel and before a consonant or a pause with no time of its own (its sound is the
+    vowel's ending); the time after it up to the next phone is that phone's (a stop's closure)."""
+    l_onset = 0.4 - 0.2 * alignment.DARK_L_SHARE
+    bell = [(0.0, 0.1, "_"), (0.1, 0.2, "b"), (0.2, 0.4, "E"), (0.4, 0.4, "l"), (0.4, 0.5, "z"), (0.5, 0.6, "_:")]
+    _same_labels(alignment.to_arpabet(bell, "espeak"), [
+        (0.0, 0.1, "SIL"), (0.1, 0.2, "B"), (0.2, l_onset, "EH"), (l_onset, 0.4, "L"), (0.4, 0.5, "Z"),
+        (0.5, 0.6, "SIL")])
+    # An l with time before a stop: that time is the stop's closure. Utterance-final: the l keeps its own time.
+    closure = [(0.2, 0.4, "I"), (0.4, 0.43, "l"), (0.43, 0.5, "dZ")]
+    _same_labels(alignment.to_arpabet(closure, "espeak"),
+                 [(0.2, l_onset, "IH"), (l_onset, 0.4, "L"), (0.4, 0.5, "JH")])
+    final = [(0.2, 0.4, "A@"), (0.4, 0.43, "l")]  # an r-coloured vowel is a vowel too
+    r_onset = 0.2 + 0.6 * (l_onset - 0.2)
+    _same_labels(alignment.to_arpabet(final, "espeak"),
+                 [(0.2, r_onset, "AA"), (r_onset, l_onset, "R"), (l_onset, 0.43, "L")])
+    # A clear l (before a vowel) and an l after a consonant are timed by espeak.
+    clear = [(0.0, 0.2, "u:"), (0.2, 0.25, "l"), (0.25, 0.4, "I")]
+    assert alignment.to_arpabet(clear, "espeak") == [(0.0, 0.2, "UW"), (0.2, 0.25, "L"), (0.25, 0.4, "IH")]
+    assert alignment.to_arpabet([(0.0, 0.1, "p"), (0.1, 0.15, "l")], "espeak") == [(0.0, 0.1, "P"), (0.1, 0.15, "L")]
 
 
 def test_check_rejects_bad_alignments() -> None:
@@ -222,6 +261,21 @@ def test_warp_scales_audio_and_phone_times(tmp_path: Path) -> None:
     assert (tmp_path / "awb_w0.8" / "x-0.wav").is_file()
 
 
+def test_festival_failure_drops_only_its_utterance() -> None:
+    """festival -b stops its whole script at an utterance it cannot speak: the later ones go to a fresh run."""
+    need("kal_diphone")
+    texts = ["Hello there.", "...", "Good morning.", "...", "Thank you."]
+    made = engines.synthesize(voices.parse_voice("kal_diphone"),
+                              [engines.Request(str(i), t, 1.0) for i, t in enumerate(texts)])
+    if not isinstance(made[1], engines.SynthesisError):
+        pytest.skip("this festival speaks '...'; the test needs an utterance it cannot speak")
+    assert [isinstance(m, engines.SynthesisError) for m in made] == [False, True, False, True, False]
+    assert "festival stopped at this utterance" in str(made[1])
+    alone = engines.synthesize(voices.parse_voice("kal_diphone"), [engines.Request("2", "Good morning.", 1.0)])[0]
+    assert made[2].labels == alone.labels
+    assert np.array_equal(made[2].audio, alone.audio)
+
+
 def test_espeak_output_does_not_depend_on_what_was_said_before() -> None:
     need("espeak_m1")
     sentence = "Seven bright yellow chairs arrived on Monday."
@@ -235,6 +289,64 @@ def test_espeak_output_does_not_depend_on_what_was_said_before() -> None:
     assert starts == sorted(starts)
     assert starts[-1] <= len(alone.audio)
 
+
+
+def test_espeak_phonemes_are_written_for_what_follows() -> None:
+    # A syllable-final r is espeak's timed linking r; an r before a vowel (even in the next word) is a plain r.
+    assert engines.espeak_phonemes((("HH", "AO1", "R", "S"), (phones.PAUSE,), ("K", "AA1", "R"))) == \
+        "[[h|'O:|r-|s _:_: k|'A:|r-]]"
+    assert engines.espeak_phonemes((("K", "AA1", "R"), ("AH0", "N"))) == "[[k|'A:|r @|n]]"
+    # A schwa before r stays a schwa; ER before a vowel gets no linking r of espeak's; "aI|@" is not read as "aI@".
+    assert engines.espeak_phonemes((("HH", "AH0", "R", "D"),)) == "[[h|@2|r-|d]]"
+    assert engines.espeak_phonemes((("K", "AE1", "M", "ER0", "AH0"),)) == "[[k|'a|m|3|_||@]]"
+    assert engines.espeak_phonemes((("K", "W", "AY1", "AH0", "T"),)) == "[[k|w|'aI|@|t]]"
+
+
+# Post-vocalic r and l (and a few other phones espeak would not say as written), as words and as nonwords that differ
+# from them in the liquid only.
+ESPEAK_WORDS = {
+    "horse": ("HH", "AO1", "R", "S"), "car": ("K", "AA1", "R"), "bell": ("B", "EH1", "L"),
+    "bells": ("B", "EH1", "L", "Z"), "behrz": ("B", "EH1", "R", "Z"), "girls": ("G", "ER1", "L", "Z"),
+    "gerrz": ("G", "ER1", "R", "Z"), "apple": ("AE1", "P", "AH0", "L"), "herd": ("HH", "AH0", "R", "D"),
+    "boyrd": ("B", "OY1", "R", "D"), "heard": ("HH", "IH1", "R", "T"), "help": ("HH", "EH1", "L", "P"),
+    "camera": ("K", "AE1", "M", "ER0", "AH0"), "quiet": ("K", "W", "AY1", "AH0", "T"),
+}
+
+
+def test_espeak_speaks_the_given_phones(tmp_path: Path) -> None:
+    """The alignment of a pronunciation spoken by espeak holds exactly its phones, and every r and l has sound."""
+    need("espeak_f2")
+    voice = voices.parse_voice("espeak_f2")  # a test voice of the spoken-LM benchmark
+    requests = [engines.Request(word, word, 1.0, (pron,)) for word, pron in ESPEAK_WORDS.items()]
+    made = {u.utt_id: u for u in utterance.synthesize_batch(voice, requests, tmp_path)}
+    audio = {word: sf.read(u.path, dtype="int16")[0] for word, u in made.items()}
+    for word, pron in ESPEAK_WORDS.items():
+        segments = made[word].segments
+        assert [p for *_, p in segments if p != "SIL"] == [p.rstrip("012") for p in pron], word
+        peak = np.abs(audio[word]).max()
+        for onset, offset, phone in segments:
+            if phone in ("L", "R"):
+                assert offset - onset >= 0.01 * SR, (word, phone)  # a syllable-final r: 14 ms or more
+                assert np.abs(audio[word][onset:offset]).max() > 0.1 * peak, (word, phone)
+    for word, nonword in (("bells", "behrz"), ("girls", "gerrz")):
+        assert not np.array_equal(audio[word][:len(audio[nonword])], audio[nonword][:len(audio[word])])
+
+
+def test_espeak_gives_a_stop_its_closure(tmp_path: Path) -> None:
+    """espeak writes a voiceless stop's closure (silence) before the stop's event: it belongs to the stop, not to the
+    phone before it (a dark l would otherwise be nothing but the closure)."""
+    need("espeak_m1")
+    request = engines.Request("x-0", "Will George help this cool baker?", 1.0)
+    made = utterance.synthesize_batch(voices.parse_voice("espeak_m1"), [request], tmp_path)[0]
+    samples = sf.read(made.path, dtype="int16")[0]
+    phones_said = [p for *_, p in made.segments]
+    assert phones_said[phones_said.index("IH") + 1] == "L"  # "will" keeps its dark l
+    for (onset, offset, phone), (_, _, after) in zip(made.segments, made.segments[1:], strict=False):
+        if after in ("P", "T", "K", "CH") and phone != "SIL":
+            tail = samples[offset - round(0.01 * SR):offset]
+            assert np.abs(tail).max() > 100, (phone, after)  # the last 10 ms of the phone sound
+        if phone in ("L", "R"):
+            assert np.abs(samples[onset:offset]).max() > 1000, phone
 
 # The corpus files -----------------------------------------------------------------------------------------------
 
@@ -378,6 +490,38 @@ def test_cache_is_reused_and_other_parameters_refused(tmp_path: Path, monkeypatc
         synthesize_corpus(stranger, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
 
 
+def test_a_cached_corpus_missing_files_is_made_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Same parameters but a lost file (an output file or a wav of the manifest): the log names what is missing and
+    the corpus is made again, byte for byte."""
+    need("kal16")
+    out = tmp_path / "c"
+    synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    before = _files(out)
+    (out / "triphone.item").unlink()
+    (out / "wavs" / "kal" / "kal16-00001.wav").unlink()
+    with caplog.at_level("WARNING", logger="spidr.corpus.synth"):
+        synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    assert "lacks 2 file(s) (triphone.item, wavs/kal/kal16-00001.wav): making it again" in caplog.text
+    assert _files(out) == before
+
+
+def test_a_corpus_of_another_format_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A corpus cached by an older spidr (same parameters, another format) is made again, not refused: the demo's
+    corpus folder must keep working after an upgrade. Any other difference is still refused."""
+    need("kal16")
+    out = tmp_path / "c"
+    monkeypatch.setattr(synth, "FORMAT_VERSION", synth.FORMAT_VERSION - 1)
+    synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="spidr.corpus.synth"):
+        info = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    assert "made by another spidr version" in caplog.text
+    assert json.loads((info.out_dir / "info.json").read_text())["format"] == synth.FORMAT_VERSION
+    with pytest.raises(ValueError, match=r"other parameters \(differing: num_utterances_per_voice\)"):
+        synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=3, jobs=1)
+
+
 def test_unmapped_phone_drops_the_utterance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need("kal16")
     real = phones.radio_to_arpabet
@@ -435,7 +579,10 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         ({"jobs": 0}, "jobs"),
         ({"same_text_fraction": 1.5}, "same_text_fraction"),
         ({"hours": -1.0}, "hours"),
+        ({"hours": float("nan")}, r"hours \(--hours\) = nan must be a finite number of hours > 0"),
+        ({"hours": float("inf")}, r"hours \(--hours\) = inf must be a finite number"),
         ({"voices": ["awb_w0.3"]}, "warp factor"),
+        ({"voices": ["awb"], "warps": [float("nan")]}, r"--warp factor nan must be in \[0\.5, 2\.0\]"),
     ):
         with pytest.raises(ValueError, match=message):
             synthesize_corpus(tmp_path / "c", **kwargs)

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from spidr.cli import main
+from spidr.corpus import lm_bench
 from spidr.corpus.language import lexicon, split_at_pauses, training_utterances
 from spidr.corpus.lm_bench import LmBenchInfo, LmBenchSettings, generate_lm_bench, plan_lexical
+from spidr.corpus.utterance import Dropped
 from spidr.lm.zerospeech import read_lexical_gold, read_storycloze_gold, read_syntactic_gold
 
 pytestmark = [
@@ -95,10 +97,13 @@ def test_seen_voices_change_no_other_file(bench, tmp_path):
     assert "seen_voices" not in plain.parameters  # benchmarks made before the option stay reusable
 
 
-def test_flite_speaks_the_given_phones_exactly(bench):
-    """The alignment of an rms (flite) item holds exactly the gold phones between silences."""
+@pytest.mark.parametrize("voice", ["rms", "espeak_f2"])
+def test_engines_speak_the_given_phones_exactly(bench, voice):
+    """The alignment of an item of rms (flite) or espeak_f2 holds exactly the gold phones between silences (the phone
+    oracle and the gold agree)."""
     folder = bench.task_dir("lexical", "dev")
-    rows = [row for row in read_lexical_gold(folder / "gold.csv") if row.voice == "rms"]
+    rows = [row for row in read_lexical_gold(folder / "gold.csv") if row.voice == voice]
+    assert rows
     aligned: dict[str, list[str]] = {}
     for line in (folder / "alignments.tsv").read_text().splitlines()[1:]:
         utterance, _, _, phone, _ = line.split("\t")
@@ -123,6 +128,37 @@ def test_training_stories_are_spoken_with_pauses_between_sentences(bench):
     stories = [line.split("\t")[4] for line in text if "." in line.split("\t")[4]]
     assert stories
     assert all(len(split_at_pauses(tuple(s.replace(".", " _ ").split()))) >= 3 for s in stories)
+
+
+def test_frequencies_count_the_training_utterances_kept(tmp_path, monkeypatch):
+    """A training utterance whose synthesis fails is not in the training set: the word frequencies and token counts
+    leave it out, and info.json lists it with its reason."""
+    settings = LmBenchSettings(train_utterances=14, train_voices=("kal16",), test_voices=("rms",), tsc_voices=("rms",),
+                               splits=("dev",), syntactic_pairs_per_type=0, tsc_pairs=0, max_lexical_words=4)
+    planned = training_utterances(str(settings.seed), settings.train_utterances)
+    word = plan_lexical(settings, planned, lexicon())["dev"][0].word
+    assert 0 < sum(word in u.words for u in planned) < len(planned)
+    real_task = lm_bench._synthesise_task
+
+    def failing_on_word(task):  # the training utterances that say ``word`` fail
+        records = real_task(task)
+        return [Dropped(r.utt_id, r.voice, r.text, "no luck") if word in r.text.split() and task[3] else r
+                for r in records]
+
+    monkeypatch.setattr(lm_bench, "_synthesise_task", failing_on_word)
+    info = generate_lm_bench(tmp_path / "b", settings, jobs=1)
+    raw = json.loads((info.out_dir / "info.json").read_text())
+    dropped = [u for u in planned if word in u.words]
+    assert [d["text"] for d in raw["dropped"]] == [u.text for u in dropped]
+    assert {d["reason"] for d in raw["dropped"]} == {"no luck"}
+    assert info.counts["train"]["dropped"] == len(dropped)
+    kept = [u for u in planned if word not in u.words]
+    assert info.counts["train"]["word_tokens"] == sum(w != "_" for u in kept for w in u.words)
+    rows = read_lexical_gold(info.task_dir("lexical", "dev") / "gold.csv")
+    frequencies = Counter(w for u in kept for w in u.words)
+    assert {row.word: row.frequency for row in rows if row.correct} == {
+        row.word: frequencies[row.word] for row in rows if row.correct}
+    assert frequencies[word] == 0
 
 
 def test_refusals_name_the_setting(tmp_path):

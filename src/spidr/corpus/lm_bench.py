@@ -16,15 +16,18 @@ pronunciation* (flite ``-p`` / espeak-ng phoneme input, so a word and its nonwor
 
 Each test folder also holds ``manifest.csv`` and the frame-label files, so units (or the phone oracle) can be extracted
 from it like from any corpus. Test items are spoken by held-out voices (``test_voices``), never by a training voice
-(``lexical_seen`` excepted). ``frequency`` is the word's count in the training corpus (0: out of vocabulary). The dev
-and test splits draw their own nonwords, minimal pairs and stories from the same grammar. Everything depends only on
-the settings: the same settings give byte-identical files, whatever the number of worker processes.
+(``lexical_seen`` excepted). ``frequency`` is the word's count in the training corpus as synthesised (0: out of
+vocabulary; a training utterance the engines failed on is left out, and listed in ``info.json``). The dev and test
+splits draw their own nonwords, minimal pairs and stories from the same grammar; a split's items do not depend on
+which other splits are made. Everything depends only on the settings: the same settings give byte-identical files,
+whatever the number of worker processes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import string
@@ -47,7 +50,7 @@ from spidr.corpus.language import (
     training_utterances,
     utterance_phones,
 )
-from spidr.corpus.minimal_pairs import story_pairs, syntactic_pairs
+from spidr.corpus.minimal_pairs import PAIRS_PER_BLOCK, story_pairs, syntactic_pairs
 from spidr.corpus.nonwords import LexicalPair, PhoneNgrams, balance, candidates, cmudict_pronunciations
 from spidr.lm.zerospeech import (
     GoldItem,
@@ -66,11 +69,13 @@ if TYPE_CHECKING:  # the synthesis modules (numpy, soxr, espeak) load only when 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures)
 TRAIN_VOICES = ("awb", "slt", "kal16", "espeak_m1", "espeak_m3", "espeak_f1", "espeak_f3")
 TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor of the demo's SpidR
 SEEN_VOICES = ("awb", "espeak_m1")  # training voices, one per engine, for lexical_seen (lm-study, the demo)
 TASKS = ("lexical", "syntactic", "tsc")
+SPLITS = ("dev", "test")  # planned in this order: the test split avoids the dev split's nonwords
+VOICE_OPTIONS = ("train_voices", "test_voices", "tsc_voices", "seen_voices")
 SEEN_TASK = "lexical_seen"  # the lexical pairs spoken by training voices (``LmBenchSettings.seen_voices``)
 FOLDERS = ("train", *TASKS, SEEN_TASK)  # what a benchmark writes besides info.json
 GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold,
@@ -106,6 +111,14 @@ class LmBenchSettings:
         for name in ("train_voices", "test_voices", "tsc_voices", "splits"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
+        # One spelling per voice ("awb_w0.90" is "awb_w0.9"), so the checks below and the file names agree.
+        for name in VOICE_OPTIONS:
+            object.__setattr__(self, name, _canonical_voices(name, getattr(self, name)))
+        for name in (*VOICE_OPTIONS, "splits"):
+            repeated = [value for value, count in Counter(getattr(self, name)).items() if count > 1]
+            if repeated:
+                raise ValueError(f"{name} ({_option(name)}) lists {', '.join(repeated)} more than once; give each "
+                                 "once")
         shared = sorted(set(self.train_voices) & (set(self.test_voices) | set(self.tsc_voices)))
         if shared:
             raise ValueError(f"voice(s) {', '.join(shared)} are both training and test voices; test items must be "
@@ -114,13 +127,17 @@ class LmBenchSettings:
         if not_training:
             raise ValueError(f"seen voice(s) {', '.join(not_training)} are not training voices "
                              f"({', '.join(self.train_voices)}); seen_voices must be a subset of train_voices")
-        unknown = sorted(set(self.splits) - {"dev", "test"})
+        unknown = sorted(set(self.splits) - set(SPLITS))
         if unknown:
             raise ValueError(f"splits {unknown} are invalid: expected dev and/or test")
         if (self.nonwords_per_word < 1 or self.min_word_phones < 2 or self.tsc_pairs < 0
                 or self.max_lexical_words < 0):
             raise ValueError("nonwords_per_word must be >= 1, min_word_phones >= 2, tsc_pairs >= 0 and "
                              "max_lexical_words >= 0")
+        if self.syntactic_pairs_per_type < 0 or self.syntactic_pairs_per_type % PAIRS_PER_BLOCK:
+            raise ValueError(f"syntactic_pairs_per_type (--syntactic-pairs) = {self.syntactic_pairs_per_type} must be "
+                             f"0 (no syntactic task) or a positive multiple of {PAIRS_PER_BLOCK} (the pairs come in "
+                             "counterbalanced blocks)")
         if not 0.0 <= self.rate_jitter < 0.5:
             raise ValueError(f"rate_jitter = {self.rate_jitter} must be in [0, 0.5)")
 
@@ -136,6 +153,20 @@ class LmBenchSettings:
             raise ValueError(f"voice(s) {', '.join(bad)} cannot speak a pronunciation (festival takes text only); "
                              "use flite or espeak-ng voices")
         return voices
+
+
+def _option(name: str) -> str:
+    """The ``spidr synth-lm-bench`` option of a settings field that has the field's name."""
+    return "--" + name.replace("_", "-")
+
+
+def _canonical_voices(name: str, voices: Sequence[str]) -> tuple[str, ...]:
+    from spidr.corpus.voices import parse_voice  # loads no engine
+
+    try:
+        return tuple(parse_voice(voice).name for voice in voices)
+    except ValueError as error:
+        raise ValueError(f"{name} ({_option(name)}): {error}") from None
 
 
 @dataclass(frozen=True)
@@ -170,8 +201,8 @@ class LmBenchInfo:
 
 def train_utterances_for_hours(hours: float) -> int:
     """How many training utterances make about ``hours`` hours of speech."""
-    if hours <= 0:
-        raise ValueError(f"--train-hours = {hours} must be > 0")
+    if not math.isfinite(hours) or hours <= 0:
+        raise ValueError(f"--train-hours = {hours} must be a finite number of hours > 0")
     return max(1, round(hours * 3600 / MEAN_TRAIN_UTTERANCE_S))
 
 
@@ -199,17 +230,21 @@ def _names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
     return names
 
 
+def _training_id(settings: LmBenchSettings, index: int) -> str:
+    """The utterance id (and wav name) of training utterance ``index``: utterances are dealt to the voices in turn."""
+    return f"{settings.train_voices[index % len(settings.train_voices)]}-{index:05d}"
+
+
 def _training_plan(settings: LmBenchSettings, utterances: list[TrainingUtterance]) -> dict[str, list[Request]]:
     """Training utterances dealt to the training voices in turn, each at a seeded speed."""
     from spidr.corpus.engines import Request
 
-    voices = list(settings.train_voices)
-    speeds = {voice: random.Random(f"{settings.seed}:{voice}:rate") for voice in voices}
-    requests: dict[str, list[Request]] = {voice: [] for voice in voices}
+    speeds = {voice: random.Random(f"{settings.seed}:{voice}:rate") for voice in settings.train_voices}
+    requests: dict[str, list[Request]] = {voice: [] for voice in settings.train_voices}
     for i, utterance in enumerate(utterances):
-        voice = voices[i % len(voices)]
+        voice = settings.train_voices[i % len(settings.train_voices)]
         rate = round(1 + speeds[voice].uniform(-settings.rate_jitter, settings.rate_jitter), 3)
-        requests[voice].append(Request(f"{voice}-{i:05d}", utterance.text, rate,
+        requests[voice].append(Request(_training_id(settings, i), utterance.text, rate,
                                        pronounce_utterance(utterance.words)))
     return requests
 
@@ -235,6 +270,8 @@ def _lexical_items(settings: LmBenchSettings, split: str, pairs: Sequence[Lexica
 
 def _syntactic_items(settings: LmBenchSettings, split: str, seen: set[tuple[str, str, str]],
                      taken: set[str]) -> list[Item]:
+    if not settings.syntactic_pairs_per_type:
+        return []
     rng = random.Random(f"{settings.seed}:{split}:syntactic:names")
     items = []
     pairs = syntactic_pairs(f"{settings.seed}:{split}", settings.syntactic_pairs_per_type, seen_triples=seen)
@@ -268,7 +305,11 @@ def _tsc_items(settings: LmBenchSettings, split: str, seen: set[tuple[str, str, 
 
 def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance],
                  lex: Lexicon) -> dict[str, list[LexicalPair]]:
-    """Each split's words with their balanced nonwords (test nonwords differ from dev ones)."""
+    """Each split's words with their balanced nonwords (test nonwords differ from dev ones).
+
+    The splits are planned in ``SPLITS`` order whichever are asked for (test after dev, which it avoids), so a split
+    depends on the seed and the sizes only: the test split of a test-only benchmark is that of a dev + test one.
+    """
     ngrams = PhoneNgrams(utterance_phones(u.words, lex) for u in utterances)
     counts = Counter(word for u in utterances for word in u.words)
     forbidden = set(cmudict_pronunciations()) | {lex.phones(w) for w in lex.pronunciations}
@@ -278,7 +319,7 @@ def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance],
         long_enough, oov = long_enough[:settings.max_lexical_words], oov[:max(settings.max_lexical_words // 4, 1)]
     words = long_enough + oov
     chosen = {}
-    for split in settings.splits:
+    for split in SPLITS[:max(SPLITS.index(split) for split in settings.splits) + 1]:
         per_word = {}
         for word in words:
             rng = random.Random(f"{settings.seed}:{split}:nonwords:{word}")
@@ -287,7 +328,7 @@ def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance],
                         nonwords_per_word=settings.nonwords_per_word)
         chosen[split] = pairs
         forbidden |= {tuple(strip_stress(p) for p in nonword) for pair in pairs for nonword in pair.nonwords}
-    return chosen
+    return {split: chosen[split] for split in settings.splits}
 
 
 # Writing --------------------------------------------------------------------------------------------------------
@@ -379,21 +420,29 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     out_dir.mkdir(parents=True, exist_ok=True)
 
     lex = lexicon()
-    utterances = training_utterances(str(settings.seed), settings.train_utterances, lex)
-    seen = {triple for u in utterances for triple in u.triples}
-    lexical = plan_lexical(settings, utterances, lex)
-    counts: dict[str, Any] = {}
-
-    train_requests = _training_plan(settings, utterances)
+    planned = training_utterances(str(settings.seed), settings.train_utterances, lex)
+    train_requests = _training_plan(settings, planned)
     train_dir = out_dir / "train"
     tasks = [(voices[v], reqs[i:i + BATCH_SIZE], train_dir / "wavs", True) for v, reqs in train_requests.items()
              for i in range(0, len(reqs), BATCH_SIZE)]
     records = [r for batch in run_tasks(tasks, jobs, _synthesise_task) for r in batch]
     kept = [r for r in records if isinstance(r, Utterance)]
+    train_dropped = [r for r in records if not isinstance(r, Utterance)]
+    if train_dropped:
+        logger.warning("train: dropped %d of %d utterances (listed in info.json), e.g. %s: %s", len(train_dropped),
+                       len(records), train_dropped[0].utt_id, train_dropped[0].reason)
     outputs.write_all(train_dir, kept, [voices[v] for v in settings.train_voices])
-    counts["train"] = {"utterances": len(kept), "dropped": len(records) - len(kept),
-                       "hours": round(sum(u.num_samples for u in kept) / 16000 / 3600, 4),
-                       "word_tokens": sum(1 for u in utterances for w in u.words if w in lex.pronunciations)}
+
+    # The LM hears the kept utterances only: the word frequencies, the phone n-grams that balance the nonwords and
+    # the triples that test sentences avoid come from them.
+    spoken = {u.utt_id for u in kept}
+    utterances = [u for i, u in enumerate(planned) if _training_id(settings, i) in spoken]
+    seen = {triple for u in utterances for triple in u.triples}
+    lexical = plan_lexical(settings, utterances, lex)
+    counts: dict[str, Any] = {"train": {
+        "utterances": len(kept), "dropped": len(train_dropped),
+        "hours": round(sum(u.num_samples for u in kept) / 16000 / 3600, 4),
+        "word_tokens": sum(1 for u in utterances for w in u.words if w in lex.pronunciations)}}
 
     taken: set[str] = set()
     for split in settings.splits:
@@ -420,7 +469,9 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     info = {"format": FORMAT_VERSION, "spidr_version": __version__, "parameters": parameters, "counts": counts,
             "engines": _engine_versions(),
             "voices": {v.name: {"engine": v.engine, "speaker": v.speaker, "person": v.person}
-                       for v in voices.values()}}
+                       for v in voices.values()},
+            "dropped": [{"utt_id": d.utt_id, "voice": d.voice, "text": d.text, "reason": d.reason}
+                        for d in train_dropped]}
     outputs.write_text(out_dir / INFO_JSON, [json.dumps(info, indent=1)])
     logger.info("made the spoken-LM benchmark in %s in %.0f s: %s", out_dir, time.perf_counter() - started,
                 json.dumps(counts))

@@ -15,6 +15,7 @@ from importlib import resources
 
 SILENCE = "SIL"
 PAUSE = "_"  # a pause inside a pronunciation given to an engine (between the words of a word list)
+VOWELS = frozenset({"AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW"})
 
 
 class UnmappedPhoneError(ValueError):
@@ -55,22 +56,52 @@ ARPABET_TO_ESPEAK = {
 }
 
 
-def arpabet_to_espeak(phone: str) -> str:
-    """One ARPAbet phone with an optional stress digit (``"AE1"``) as espeak-ng phoneme input (``"'a"``)."""
+# Where espeak-ng would not say the phone asked for, given the phone after it (measured with the third formant, which
+# an r lowers to ~1.5 kHz, and with the phoneme events):
+# * its en-us "r" before a consonant or a pause is silent, and only a few vowels carry an r-colour of their own
+#   ("h'Erd" and "h'A:rd" sound like "h'Ed" and "h'A:d"). Its linking r "r-" is a timed r after any vowel: the vowel
+#   glides into it and it lasts ~45 ms.
+# * its schwa "@" turns into the r-coloured "3" (ER) before an r; "@2" (the schwa of "the") stays a schwa.
+# * after ER ("3", "3:") and before a vowel it adds a linking r of its own: its zero-length pause "_|" prevents it.
+SYLLABLE_FINAL_R = "r-"
+SCHWA_BEFORE_R = "@2"
+NO_LINK = "_|"
+# Phoneme input is read by longest match ("aI" then "@" would be read as "aI@"): "|" separates mnemonics, silently.
+ESPEAK_SEPARATOR = "|"
+
+
+def arpabet_to_espeak(phone: str, next_phone: str | None = None) -> str:
+    """One ARPAbet phone with an optional stress digit (``"AE1"``) as espeak-ng phoneme input (``"'a"``).
+
+    ``next_phone`` is the phone spoken after it (``None`` before a pause or at the end): it decides how an ``R``, an
+    unstressed ``AH`` before an ``R`` and an ``ER`` before a vowel are written (one or two mnemonics).
+    """
     base, stress = phone.rstrip("012"), phone[len(phone.rstrip("012")):]
     try:
         mapped = ARPABET_TO_ESPEAK[base]
     except KeyError:
         raise UnmappedPhoneError(f"ARPAbet phone {phone!r} has no espeak-ng mnemonic") from None
+    following = next_phone.rstrip("012") if next_phone is not None else None
+    if base == "R" and following not in VOWELS:
+        return SYLLABLE_FINAL_R
+    if base == "AH" and stress in ("", "0") and following == "R":
+        return SCHWA_BEFORE_R
     if isinstance(mapped, str):
         return mapped
     stressed, unstressed = mapped
-    return {"1": "'" + stressed, "2": "," + stressed}.get(stress, unstressed)
+    written = {"1": "'" + stressed, "2": "," + stressed}.get(stress, unstressed)
+    return written + ESPEAK_SEPARATOR + NO_LINK if base == "ER" and following in VOWELS else written
 
 
 def is_espeak_modifier(label: str) -> bool:
     """Whether an espeak-ng phoneme event is a stress/length modifier, merged into the previous phone."""
     return label in _tables()["espeak_modifiers_merged_into_previous"]
+
+
+def is_espeak_vowel(label: str) -> bool:
+    """Whether an espeak-ng mnemonic is a vowel (possibly r-coloured, like ``"A@"``); unmapped labels are not."""
+    parts = _tables()["espeak_to_arpabet"].get(label)
+    return parts is not None and parts[0][0] in VOWELS
 
 
 def espeak_to_arpabet(label: str) -> list[tuple[str, float]]:

@@ -10,11 +10,12 @@ Output layout of ``synthesize_corpus(out_dir, ...)``:
 The output depends only on the parameters (voices, utterances per voice, seed, same-text fraction, rate jitter):
 every utterance's text and speed come from string-seeded generators, every engine call is independent of the
 others, and the files list utterances in plan order, so the worker count never changes a byte. A second call
-with the same parameters finds ``info.json`` and reuses the corpus.
+with the same parameters finds ``info.json`` and reuses the corpus (or makes it again if one of its files is gone).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -34,11 +35,11 @@ from spidr.corpus import outputs, text
 from spidr.corpus.engines import Request
 from spidr.corpus.phones import phone_inventory
 from spidr.corpus.utterance import SAMPLE_RATE, Dropped, Utterance, synthesize_batch
-from spidr.corpus.voices import DEFAULT_VOICES, Voice, parse_voice, require_available
+from spidr.corpus.voices import DEFAULT_VOICES, WARP_RANGE, Voice, parse_voice, require_available
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the files or the plan change, so old caches are not reused
+FORMAT_VERSION = 2  # bump when the files or the plan change, so old caches are not reused (2: espeak l, r, closures)
 MEAN_UTTERANCE_S = 3.0  # measured mean over the default voices; turns --hours into utterances per voice
 BATCH_SIZE = 16  # utterances per task: amortises festival's start-up, small enough to balance the workers
 WAV_DIR = "wavs"
@@ -102,6 +103,10 @@ class CorpusInfo:
 def resolve_voices(names: Sequence[str] | None, warps: Sequence[float] = ()) -> list[Voice]:
     """Voices from names (default: ``DEFAULT_VOICES``) plus, for each warp factor, a warped copy of each."""
     base = [parse_voice(name) for name in (names if names is not None else DEFAULT_VOICES)]
+    for warp in warps:
+        if not WARP_RANGE[0] <= warp <= WARP_RANGE[1] or warp == 1:  # also refuses nan
+            raise ValueError(f"--warp factor {warp:g} must be in [{WARP_RANGE[0]}, {WARP_RANGE[1]}] and not 1 "
+                             "(0.85-1.2 sounds natural)")
     warped = [parse_voice(f"{voice.name}_w{warp:g}") for warp in warps for voice in base if voice.warp == 1]
     selected = list({voice.name: voice for voice in [*base, *warped]}.values())  # first occurrence wins
     if not selected:
@@ -111,8 +116,8 @@ def resolve_voices(names: Sequence[str] | None, warps: Sequence[float] = ()) -> 
 
 def utterances_per_voice(hours: float, num_voices: int) -> int:
     """How many utterances each voice reads so the corpus lasts about ``hours`` hours."""
-    if hours <= 0:
-        raise ValueError(f"hours = {hours} must be > 0")
+    if not math.isfinite(hours) or hours <= 0:
+        raise ValueError(f"hours (--hours) = {hours} must be a finite number of hours > 0")
     return max(1, math.ceil(hours * 3600 / (num_voices * MEAN_UTTERANCE_S)))
 
 
@@ -176,12 +181,23 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> Cor
         raise ValueError(f"{out_dir} exists and is not a directory; choose a directory for the corpus")
     if (out_dir / outputs.INFO_JSON).is_file():
         existing = CorpusInfo.load(out_dir)
-        if existing.parameters == parameters and all((out_dir / name).is_file() for name in _OUTPUT_NAMES):
-            logger.info("reusing the corpus in %s (same parameters)", out_dir)
-            return existing
+        if existing.parameters == parameters:
+            missing = _missing_files(out_dir)
+            if not missing:
+                logger.info("reusing the corpus in %s (same parameters)", out_dir)
+                return existing
+            # The same parameters give the same files: making the corpus again restores exactly what was lost.
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            logger.warning("the corpus in %s lacks %d file(s) (%s): making it again", out_dir, len(missing), shown)
+            return None
+        changed = sorted(k for k in {*parameters, *existing.parameters}
+                         if parameters.get(k) != existing.parameters.get(k))
+        if changed == ["format"]:
+            # Made by another spidr version from the same parameters: a cache that this version makes otherwise.
+            logger.warning("the corpus in %s was made by another spidr version (format %s, now %s): making it again",
+                           out_dir, existing.parameters.get("format"), parameters["format"])
+            return None
         if not overwrite:
-            changed = sorted(k for k in {*parameters, *existing.parameters}
-                             if parameters.get(k) != existing.parameters.get(k))
             raise ValueError(
                 f"{out_dir} already holds a corpus made with other parameters (differing: {', '.join(changed)}); "
                 "choose another directory, or pass --overwrite to replace it"
@@ -189,6 +205,17 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> Cor
     elif out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / IN_PROGRESS).exists() and not overwrite:
         raise ValueError(f"{out_dir} is not empty and holds no corpus; choose a new or empty directory")
     return None
+
+
+def _missing_files(out_dir: Path) -> list[str]:
+    """The corpus files, and the wavs its manifest lists, that are not in ``out_dir`` (relative paths)."""
+    missing = [name for name in _OUTPUT_NAMES if not (out_dir / name).is_file()]
+    if outputs.MANIFEST not in missing:
+        with (out_dir / outputs.MANIFEST).open(newline="", encoding="utf-8") as manifest:
+            wavs = [Path(row["path"]) for row in csv.DictReader(manifest)]
+        missing += [str(wav.relative_to(out_dir) if wav.is_relative_to(out_dir) else wav)
+                    for wav in wavs if not wav.is_file()]
+    return missing
 
 
 def _clear(out_dir: Path) -> None:

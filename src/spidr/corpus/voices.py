@@ -17,8 +17,6 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from spidr.corpus import espeak
-
 Engine = Literal["flite", "festival", "espeak"]
 
 # Debian packages that provide each engine and its voices (Debian 12 names).
@@ -123,6 +121,8 @@ def is_available(voice: Voice) -> bool:
         case "festival":
             return _festival_has(voice.engine_voice)
         case "espeak":
+            from spidr.corpus import espeak  # loads numpy: only when an espeak voice is checked
+
             return voice.engine_voice.partition("+")[2] in espeak.variants()
     return False
 
