@@ -198,6 +198,17 @@ def test_gradient_accumulation_matches_one_batch():
         torch.testing.assert_close(accumulated.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
 
 
+def _spawn_two_ranks(worker, *args, hang: str, seconds: float = 120) -> None:
+    """Run ``worker(rank, 2, port, *args)`` on two processes; fail with ``hang`` if they have not ended in time."""
+    context = mp.spawn(worker, args=(2, _free_port(), *args), nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(hang)
+
+
 def _resume_worker(rank: int, world_size: int, port: int, config: dict) -> None:
     torch.set_num_threads(1)
     os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -219,13 +230,7 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", num_files=12)
     assert loop.train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 2})) == "completed"
     config = tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 4})
-    context = mp.spawn(_resume_worker, args=(2, _free_port(), config), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks deadlocked: they disagreed on whether to resume")
+    _spawn_two_ranks(_resume_worker, config, hang="the ranks deadlocked: they disagreed on whether to resume")
     final = torch.load(tmp_path / "test" / "tiny" / "final.pt", weights_only=True)
     assert read_int(final["step"]) == 4
     assert len(final["ranks"]) == 2
@@ -250,13 +255,8 @@ def test_too_many_unusable_files_on_one_rank_stop_every_rank(tmp_path):
     """A rank that raised alone left the others waiting in their next collective (30 minutes, then a timeout)."""
     corpus = write_corpus(tmp_path / "corpus", num_files=12)
     config = tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 30}, run={"save_interval": 100})
-    context = mp.spawn(_bad_files_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a rank kept waiting for the rank that stopped on unusable files")
+    _spawn_two_ranks(_bad_files_worker, config, str(tmp_path),
+                     hang="a rank kept waiting for the rank that stopped on unusable files")
     errors = [(tmp_path / f"error{rank}.txt").read_text() for rank in range(2)]
     for error in errors:
         assert "utterances read by all ranks" in error
