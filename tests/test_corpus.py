@@ -480,7 +480,9 @@ def test_cache_is_reused_and_other_parameters_refused(tmp_path: Path, monkeypatc
     monkeypatch.setattr(synth, "run_tasks", lambda *a: pytest.fail("re-synthesised a cached corpus"))
     monkeypatch.setattr(voices, "is_available", lambda voice: False)  # reuse needs no engine
     assert synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1) == first
-    with pytest.raises(ValueError, match=r"other parameters.*num_utterances_per_voice"):
+    # the way out names the folder to delete: the demo, learning-curve and lm-study have no --overwrite
+    with pytest.raises(ValueError, match=rf"other parameters.*num_utterances_per_voice.*delete {out} to make it "
+                       r"again \(spidr synth-corpus can also replace it: --overwrite\)"):
         synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=3, jobs=1)
     assert (out / "info.json").is_file()  # nothing was lost
     stranger = tmp_path / "stranger"

@@ -344,3 +344,18 @@ def test_a_split_does_not_depend_on_the_splits_made_with_it():
     assert list(dev_only) == ["dev"]
     assert test_only["test"] == both["test"]
     assert dev_only["dev"] == both["dev"]
+
+
+def test_a_benchmark_made_otherwise_is_refused_naming_the_folder_to_delete(tmp_path):
+    """lm-study and the demo make their benchmark with no --overwrite option: the refusal names the folder to delete
+    (and --overwrite only as synth-lm-bench's), and deletes nothing."""
+    import json
+
+    made = lm_bench.bench_parameters(LmBenchSettings(train_utterances=14))
+    (tmp_path / lm_bench.INFO_JSON).write_text(json.dumps({"parameters": made, "counts": {}}))
+    wanted = lm_bench.bench_parameters(LmBenchSettings(train_utterances=20))
+    with pytest.raises(ValueError, match=rf"differing: train_utterances\); choose another directory, or delete "
+                                         rf"{tmp_path} to make it again \(spidr synth-lm-bench can also replace it: "
+                                         r"--overwrite\)"):
+        lm_bench._reuse(tmp_path, wanted, overwrite=False)
+    assert (tmp_path / lm_bench.INFO_JSON).is_file()

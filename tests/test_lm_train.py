@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -345,19 +344,6 @@ def test_the_untrained_copy_holds_the_initial_weights(tmp_path):
     assert load_lm(tmp_path / "untrained.pt")[1]["step"] == 0
 
 
-def test_the_study_reuses_an_lm_only_when_its_config_is_the_same(tmp_path):
-    from spidr.lm.study import _check_reusable
-
-    path = _config(tmp_path, "reuse", optimizer={"max_steps": 5})
-    cfg = load_lm_config(path)
-    train_lm(cfg)
-    final = cfg.run.run_dir / "final.pt"
-    _check_reusable(final, cfg.to_dict())  # same config: reused
-    other = load_lm_config(path, ["data.num_units=12"])
-    with pytest.raises(ValueError, match=r"data\.num_units: 0 → 12.*delete"):
-        _check_reusable(final, other.to_dict())
-
-
 def test_a_demo_study_remakes_a_stale_benchmark_and_drops_what_came_from_it(tmp_path, monkeypatch):
     """A study folder whose benchmark was made with other settings: the demo (rebuild_stale) makes it again and
     deletes the units, LMs and scores derived from the old one; lm-study (the default) leaves it to the generator,
@@ -394,6 +380,7 @@ def test_a_model_s_units_are_reused_only_when_made_from_the_same_weights_and_set
     or from a spidr that recorded nothing (an empty ``.complete``, e.g. the all-bf16 extraction): the demo
     (rebuild_stale) makes it again and deletes the LMs trained on it; lm-study refuses it and names what to delete."""
     from spidr.config import SpidRConfig
+    from spidr.corpus.lm_bench import LmBenchInfo
     from spidr.lm import study
     from spidr.models.build import build_model
     from train_fixtures import EXTRACTION_MODEL
@@ -408,14 +395,14 @@ def test_a_model_s_units_are_reused_only_when_made_from_the_same_weights_and_set
     monkeypatch.setattr(study, "write_model_units", fake_write)
     torch.manual_seed(0)
     model = study.StudyModel("tiny", build_model(SpidRConfig(**EXTRACTION_MODEL)).eval(), (2,))
-    bench = SimpleNamespace(out_dir=tmp_path / "bench")
+    bench = LmBenchInfo(tmp_path / "bench", {"format": 2}, {"train": {"utterances": 10}})
     model_dir = tmp_path / "units" / "tiny"
     settings = study.StudySettings(dtype="bfloat16")
     demo = study.StudySettings(dtype="bfloat16", rebuild_stale=True)
 
     study._model_units(model, bench, model_dir, tmp_path, settings)
     assert writes == [((2,), "bfloat16")]
-    assert json.loads((model_dir / ".complete").read_text()) == study.units_identity(model, settings)
+    assert json.loads((model_dir / ".complete").read_text()) == study.units_identity(model, settings, bench)
     study._model_units(model, bench, model_dir, tmp_path, settings)
     assert len(writes) == 1  # the same weights and settings: reused
 
@@ -446,6 +433,7 @@ def test_the_units_identity_of_a_reloaded_or_rebuilt_model_is_the_same(tmp_path)
     """A re-run loads the checkpoint again and rebuilds the random-init baseline: both must give the identity their
     folders hold, or every re-run would remake its units."""
     from spidr.config import SpidRConfig
+    from spidr.corpus.lm_bench import LmBenchInfo
     from spidr.lm import study
     from spidr.models.build import build_model, random_init_model
     from spidr.models.loading import export_safetensors, load_model
@@ -453,16 +441,17 @@ def test_the_units_identity_of_a_reloaded_or_rebuilt_model_is_the_same(tmp_path)
 
     cfg = SpidRConfig(**EXTRACTION_MODEL)
     settings = study.StudySettings()
+    bench = LmBenchInfo(tmp_path, {"format": 2}, {})
     first, second = random_init_model(cfg), random_init_model(cfg)
-    assert study.units_identity(study.StudyModel("r", first, (1, 2)), settings) == \
-        study.units_identity(study.StudyModel("r", second, (2, 1)), settings)
+    assert study.units_identity(study.StudyModel("r", first, (1, 2)), settings, bench) == \
+        study.units_identity(study.StudyModel("r", second, (2, 1)), settings, bench)
     torch.manual_seed(1)
     export_safetensors(build_model(cfg).eval(), tmp_path / "m.safetensors")
     a, b = load_model(tmp_path / "m.safetensors"), load_model(tmp_path / "m.safetensors")
-    assert study.units_identity(study.StudyModel("m", a, (2,)), settings) == \
-        study.units_identity(study.StudyModel("m", b, (2,)), settings)
-    assert study.units_identity(study.StudyModel("m", a, (2,)), settings) != \
-        study.units_identity(study.StudyModel("r", first, (2,)), settings)
+    assert study.units_identity(study.StudyModel("m", a, (2,)), settings, bench) == \
+        study.units_identity(study.StudyModel("m", b, (2,)), settings, bench)
+    assert study.units_identity(study.StudyModel("m", a, (2,)), settings, bench) != \
+        study.units_identity(study.StudyModel("r", first, (2,)), settings, bench)
 
 
 def test_two_models_with_one_units_folder_are_refused(tmp_path):

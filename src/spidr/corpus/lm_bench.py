@@ -488,7 +488,8 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
             changed = sorted(k for k in {*parameters, *existing.parameters}
                              if parameters.get(k) != existing.parameters.get(k))
             raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: "
-                             f"{', '.join(changed)}); choose another directory, or pass --overwrite to replace it")
+                             f"{', '.join(changed)}); choose another directory, or delete {out_dir} to make it "
+                             "again (spidr synth-lm-bench can also replace it: --overwrite)")
     elif out_dir.is_dir() and any(p.name not in FOLDERS for p in out_dir.iterdir()) and not overwrite:
         raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory")
     return None

@@ -200,7 +200,8 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> Cor
         if not overwrite:
             raise ValueError(
                 f"{out_dir} already holds a corpus made with other parameters (differing: {', '.join(changed)}); "
-                "choose another directory, or pass --overwrite to replace it"
+                f"choose another directory, or delete {out_dir} to make it again (spidr synth-corpus can also "
+                "replace it: --overwrite)"
             )
     elif out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / IN_PROGRESS).exists() and not overwrite:
         raise ValueError(f"{out_dir} is not empty and holds no corpus; choose a new or empty directory")

@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spidr import cli_types
 from spidr.help_format import HelpFormatter
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +92,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study = subparsers.add_parser(
         "lm-study",
         help="the spoken-LM study on the synthetic benchmark: unit LMs per (model, layer), accuracies, correlation",
-        description="Synthesise (or reuse) the spoken-LM benchmark in OUT/bench, write the codebook units of every "
-        "layer of every checkpoint, train one unit LM per (model, layer) plus the phone-oracle topline and a "
+        description="Synthesise (or reuse) the spoken-LM benchmark in OUT/bench, write the units of each "
+        "checkpoint's layers (--layers, default every layer with a codebook head; codebook units, or k-means units "
+        "with --kmeans), train one unit LM per (model, layer) plus the phone-oracle topline and a "
         "phone-bigram baseline, score sWUGGY / sBLIMP / tSC, measure unit quality (PNMI, unit ABX) on the "
         "benchmark and correlate it with LM accuracy: OUT/spoken_lm.md, spoken_lm.json, points.csv, plots.",
         formatter_class=FORMATTER,
     )
     study.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]CKPT",
                        help="a SpidR / DinoSR checkpoint, optionally named (repeatable)")
-    study.add_argument("--layers", default=None, help="1-based layers (default: every head's layer)")
+    study.add_argument("--layers", default=None,
+                       help="1-based layers (default: every head's layer; layers without a head need --kmeans)")
     study.add_argument("--kmeans", type=int, default=0, metavar="K",
-                       help="k-means units with K centroids fitted on the benchmark's training set (0: codebooks)")
+                       help="k-means units with K centroids per layer fitted on the benchmark's training set, for "
+                       "any layer (0: codebook units, head layers only)")
     study.add_argument("--random-init", action="store_true",
                        help="add the first checkpoint's architecture at random initialisation (seed 0)")
     study.add_argument("--out", required=True, help="output folder (the benchmark goes in OUT/bench)")
@@ -192,11 +199,27 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_layers(path: str, model: torch.nn.Module, text: str | None, *, kmeans: int) -> tuple[int, ...]:
+    """The layers ``--layers`` names (default: the head layers) for the checkpoint at ``path``, checked now: codebook
+    units come from the prediction heads only, and the study would otherwise find it out after synthesising the
+    benchmark and training its phone LMs."""
+    from spidr.eval.features import parse_layers
+
+    heads = list(range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1))
+    if text is None and not heads:
+        raise ValueError(f"checkpoint {path} has no codebook head: pass --layers, with --kmeans K for k-means units")
+    layers = parse_layers(text or f"{heads[0]}-{heads[-1]}", model.num_layers)
+    headless = [layer for layer in layers if layer not in heads]
+    if headless and not kmeans:
+        raise ValueError(f"--layers {text}: layer(s) {headless} of checkpoint {path} have no codebook head (heads: "
+                         f"{heads or 'none'}); choose head layers, or pass --kmeans K for k-means units")
+    return layers
+
+
 def _study(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from spidr.corpus.lm_bench import LmBenchSettings
-    from spidr.eval.features import parse_layers
     from spidr.lm.study import StudyModel, StudySettings, run_study
     from spidr.models.build import random_init_model
     from spidr.models.loading import load_model
@@ -205,8 +228,7 @@ def _study(args: argparse.Namespace) -> int:
     for text in args.checkpoint:
         name, _, path = text.rpartition("=") if "=" in text else ("", "", text)
         model = load_model(path, trust=args.trust).eval()
-        heads = f"{model.num_layers - model.num_codebooks + 1}-{model.num_layers}"
-        layers = parse_layers(args.layers or heads, model.num_layers)
+        layers = _study_layers(path, model, args.layers, kmeans=args.kmeans)
         models.append(StudyModel(name or Path(path).stem, model, layers))
     if args.random_init:
         first = models[0]

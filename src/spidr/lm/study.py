@@ -15,8 +15,11 @@
    corpus) or measured on the benchmark itself: PNMI of the training set's units against its phone labels, unit ABX
    (within / across speaker, triphone items) on the syntactic split, whose sentences two held-out voices speak.
 
-Every stage caches its output (a rerun resumes where it stopped). A model's units are reused only when they were
-made from the same weights, layers and extraction settings (``units_identity``).
+Every stage caches its output (a rerun resumes where it stopped). Units are reused only when they were made from
+this benchmark (``bench_identity``: a benchmark deleted and made again with other settings is another one) and, for a
+model's, from the same weights, layers and extraction settings (``units_identity``). A trained LM is reused only when
+its config is this study's (where its files are aside, so a study folder may be moved or named otherwise) and it was
+trained on the units its units folder holds now (the training data's fingerprint recorded in its checkpoint).
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
 from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
 from spidr.lm.train import write_untrained
+
+if TYPE_CHECKING:
+    from spidr.lm.config import LmConfig
 
 logger = logging.getLogger(__name__)
 
@@ -84,37 +90,79 @@ def check_lm_settings(settings: StudySettings) -> None:
     load_lm_config(settings.lm_config, [*settings.lm_overrides, 'data.train="units/train.jsonl"'])
 
 
-def _train(name: str, units_dir: Path, out_dir: Path, settings: StudySettings, extra: Sequence[str] = ()) -> Path:
-    """Train (or reuse) the LM of ``name`` on ``units_dir/train.jsonl``; returns its run directory."""
+def _lm_config(name: str, units_dir: Path, out_dir: Path, settings: StudySettings,
+               extra: Sequence[str] = ()) -> LmConfig:
+    """The config of ``name``'s LM: the study's LM config and overrides, trained on ``units_dir/train.jsonl`` in
+    ``out_dir/lms/<slug>``."""
     from spidr.lm.config import load_lm_config
+
+    return load_lm_config(settings.lm_config, [*settings.lm_overrides, *extra,
+                                               f'data.train="{units_dir / "train.jsonl"}"',
+                                               f'run.workdir="{out_dir / "lms"}"', f'run.name="{_slug(name)}"'])
+
+
+# Where an LM's files are, not how it is trained: a study folder moved or named otherwise (a relative --out, then
+# an absolute one) keeps its LMs. What they were trained on is checked by the data's fingerprint instead.
+LOCATION_FIELDS = frozenset({"run.workdir", "run.name", "data.train"})
+
+
+def lm_differences(checkpoint: Path, cfg: LmConfig) -> tuple[list[str], list[str]]:
+    """How the LM of ``checkpoint`` (a run's final.pt or step_N.pt) differs from the one ``cfg`` would train:
+    (config fields, locations aside; training data, as ``spidr.lm.train.prepare_data`` describes it), each
+    "name: old → new"; both empty when it may be reused."""
+    from spidr.lm.train import lm_checkpoint_summary, prepare_data
+    from spidr.train.runtime import config_diff
+
+    state = lm_checkpoint_summary(checkpoint)
+    config = [f"{name}: {old!r} → {new!r}" for name, old, new in sorted(config_diff(state["config"], cfg.to_dict()))
+              if name not in LOCATION_FIELDS]
+    old, new = state["lm"], prepare_data(cfg).info
+    data = [f"{key}: {old.get(key)!r} → {new[key]!r}" for key in sorted(new)
+            if key != "train_file" and old.get(key) != new[key]]
+    return config, data
+
+
+def _check_trained_lms(configs: Sequence[LmConfig], settings: StudySettings) -> None:
+    """Refuse the study if an LM trained (or being trained) differs from the one it would train, naming each and
+    what differs, before any is trained. An LM trained on other units (made again, e.g. for a remade benchmark) is
+    trained again in a study folder that is a cache (``settings.rebuild_stale``, the demo): elsewhere it is an LM
+    someone trained, and the study leaves it for them to delete."""
+    from spidr.train.checkpoint import Checkpointer
+
+    refused, retrain = [], []
+    for cfg in configs:
+        checkpoints = Checkpointer(cfg.run.run_dir, save_interval=1).checkpoints()  # final.pt last
+        if not checkpoints:
+            continue
+        config, data = lm_differences(checkpoints[-1], cfg)
+        if checkpoints[-1].name != "final.pt":
+            config = []  # an unfinished run: lm-train's resume checks its config (it may go on with another budget)
+        if config or (data and not settings.rebuild_stale):
+            what = (f"trained with another config ({'; '.join(config)})" if config
+                    else f"trained on other units than {cfg.data.train} holds now ({'; '.join(data)})")
+            refused.append(f"{cfg.run.run_dir} was {what}")
+        elif data:
+            retrain.append(cfg.run.run_dir)
+    if refused:
+        raise ValueError(f"{'; '.join(refused)}: delete {'it' if len(refused) == 1 else 'them'} to train again, or "
+                         "give the study another --out")
+    for run_dir in retrain:
+        logger.warning("%s was trained on other units (made again since): training it again", run_dir)
+        shutil.rmtree(run_dir)
+
+
+def _train(name: str, cfg: LmConfig) -> Path:
+    """Train the LM of ``cfg`` unless it is finished (``_check_trained_lms`` vetted it); returns its run
+    directory."""
     from spidr.lm.train import train_lm
 
-    cfg = load_lm_config(settings.lm_config, [*settings.lm_overrides, *extra,
-                                              f'data.train="{units_dir / "train.jsonl"}"',
-                                              f'run.workdir="{out_dir / "lms"}"', f'run.name="{_slug(name)}"'])
-    final = cfg.run.run_dir / "final.pt"
-    if final.is_file():
-        _check_reusable(final, cfg.to_dict())
-    else:
+    if not (cfg.run.run_dir / "final.pt").is_file():
         started = time.perf_counter()
         outcome = train_lm(cfg)
         if outcome != "completed":
             raise RuntimeError(f"training of the {name} LM stopped ({outcome}); run again to resume it")
         logger.info("trained the %s LM in %.0f s", name, time.perf_counter() - started)
     return cfg.run.run_dir
-
-
-def _check_reusable(final: Path, config: Mapping[str, Any]) -> None:
-    """Refuse to reuse a trained LM whose config differs from the one this study would train (e.g. a study folder
-    from an earlier spidr, or other ``--set`` overrides), naming the fields that differ."""
-    from spidr.lm.train import lm_checkpoint_summary
-    from spidr.train.runtime import config_diff
-
-    changed = [f"{name}: {old!r} → {new!r}"
-               for name, old, new in sorted(config_diff(lm_checkpoint_summary(final)["config"], config))]
-    if changed:
-        raise ValueError(f"{final} was trained with another config ({'; '.join(changed)}); delete "
-                         f"{final.parent} to train it again, or give the study another --out")
 
 
 def _score(name: str, checkpoint: Path, units_dir: Path, out_dir: Path, *, bench: LmBenchInfo,
@@ -214,14 +262,57 @@ def _benchmark(out_dir: Path, settings: StudySettings) -> LmBenchInfo:
     return generate_lm_bench(bench_dir, settings.bench, jobs=settings.jobs)
 
 
-def units_identity(study_model: StudyModel, settings: StudySettings) -> dict[str, Any]:
-    """What a model's unit folder is made from: the weights (their fingerprint), the layers and how units were
-    extracted. Stored in the folder's ``.complete``; a folder made from anything else is not reused."""
+def bench_identity(bench: LmBenchInfo) -> dict[str, Any]:
+    """What tells a benchmark from another made in the same folder: the settings it was made with (its format
+    included) and what the synthesis gave (its counts). Units record it, so that units of a benchmark since deleted
+    and made again otherwise are not scored against this one."""
+    return json.loads(json.dumps({"parameters": bench.parameters, "counts": bench.counts}))
+
+
+def _read_marker(path: Path) -> Any:
+    """A marker's JSON; None when it is missing, empty or unreadable (nothing recorded)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+
+
+# units/oracle's marker: the benchmark its files were copied from (not .complete, which marks a model's units)
+ORACLE_MARKER = ".copied"
+
+
+def _oracle_units(bench: LmBenchInfo, oracle_dir: Path) -> Path:
+    """The phone oracle's units (the benchmark's 20 ms phone labels) in ``oracle_dir``, reused when its
+    ``ORACLE_MARKER`` names this benchmark; returns ``oracle_dir``.
+
+    A copy is cheap and always the same, so any other folder (an earlier benchmark's, one a kill left half-copied, one
+    from a spidr that wrote no marker) is written again: into a temporary folder renamed at the end, so that a kill
+    leaves no half-copied folder that a rerun would score.
+    """
+    identity = {"bench": bench_identity(bench)}
+    if _read_marker(oracle_dir / ORACLE_MARKER) == identity:
+        return oracle_dir
+    if oracle_dir.exists():
+        logger.warning("%s is unfinished or made from another benchmark: writing it again", oracle_dir)
+    partial = oracle_dir.with_name(oracle_dir.name + ".partial")  # a model's slug has no '.': no clash
+    shutil.rmtree(partial, ignore_errors=True)
+    write_oracle_units(bench.out_dir, partial)
+    (partial / ORACLE_MARKER).write_text(json.dumps(identity) + "\n", encoding="utf-8")
+    shutil.rmtree(oracle_dir, ignore_errors=True)
+    partial.rename(oracle_dir)
+    return oracle_dir
+
+
+def units_identity(study_model: StudyModel, settings: StudySettings, bench: LmBenchInfo) -> dict[str, Any]:
+    """What a model's unit folder is made from: the weights (their fingerprint), the layers, how units were
+    extracted and the benchmark (``bench_identity``). Stored in the folder's ``.complete``; a folder made from
+    anything else is not reused."""
     from spidr.eval.journal import model_fingerprint
     from spidr.models.inference_precision import precision_identity
 
     return {"model": model_fingerprint(study_model.model), "layers": sorted(study_model.layers),
-            "dtype": settings.dtype, "kmeans": settings.kmeans, **precision_identity(settings.dtype)}
+            "dtype": settings.dtype, "kmeans": settings.kmeans, **precision_identity(settings.dtype),
+            "bench": bench_identity(bench)}
 
 
 def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, out_dir: Path,
@@ -229,21 +320,22 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
     """``study_model``'s units of every set in ``model_dir`` (written, or reused when its ``.complete`` holds this
     ``units_identity``); returns ``model_dir``.
 
-    A folder made from other weights, layers or extraction settings (or by a spidr that did not record them: an
-    empty ``.complete``) holds units this study must not score: with ``settings.rebuild_stale`` (the demo) it is
-    made again and the LMs trained on it are deleted; otherwise it is refused.
+    Units of another benchmark (or of a spidr that did not record it) are made again: they are a cache that the
+    same weights and settings give again, and an LM trained on them is vetted by its data's fingerprint
+    (``_check_trained_lms``). A folder made from other weights, layers or extraction settings (or by a spidr that
+    did not record them: an empty ``.complete``) holds units of another model: with ``settings.rebuild_stale`` (the
+    demo) it is made again and the LMs trained on it are deleted; otherwise it is refused.
     """
     done = model_dir / ".complete"
-    identity = units_identity(study_model, settings)
-    if done.is_file():
-        try:
-            previous = json.loads(done.read_text(encoding="utf-8"))
-        except (ValueError, OSError):  # empty or unreadable: written by a spidr that recorded nothing
-            previous = None
-        if previous == identity:
-            return model_dir
-        why = ("other " + ", ".join(sorted(k for k in identity if previous.get(k) != identity.get(k)))
-               if isinstance(previous, dict) else "a spidr that recorded nothing of what made them")
+    identity = units_identity(study_model, settings, bench)
+    previous = _read_marker(done)
+    changed = sorted(k for k in identity if previous.get(k) != identity[k]) if isinstance(previous, dict) else None
+    if changed == []:
+        return model_dir
+    if changed == ["bench"]:
+        logger.warning("%s holds units of another benchmark: making them again", model_dir)
+    elif done.is_file():
+        why = "other " + ", ".join(changed) if changed else "a spidr that recorded nothing of what made them"
         lm_dirs = [out_dir / "lms" / _slug(f"{study_model.name} L{int(layer.name.removeprefix('layer_'))}")
                    for layer in model_dir.glob("layer_[0-9][0-9]")]
         if not settings.rebuild_stale:
@@ -251,9 +343,10 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
                 f"{model_dir} holds units of {study_model.name} made with {why}; delete it and the LMs trained on "
                 f"them ({', '.join(str(d) for d in lm_dirs) or 'none'}), or give the study another --out")
         logger.warning("%s holds units made with %s: making them again, and the LMs trained on them", model_dir, why)
-        # The LMs first: units without their .complete are remade, but an LM left behind would be reused.
-        for stale in (*lm_dirs, model_dir):
+        for stale in lm_dirs:
             shutil.rmtree(stale, ignore_errors=True)
+    # Unfinished or stale: nothing in it is reused, and a set the benchmark no longer has must not stay to be scored.
+    shutil.rmtree(model_dir, ignore_errors=True)
     centroids = None
     if settings.kmeans:
         from spidr.data.manifest import read_manifest
@@ -268,7 +361,8 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
 
 def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: StudySettings = StudySettings()) -> Path:
     """The whole study (see the module docstring); returns the path of ``spoken_lm.md``."""
-    out_dir = Path(out_dir)
+    # Resolved: the LMs' configs record paths under it, one spelling whether --out was given relative or absolute.
+    out_dir = Path(out_dir).resolve()
     slugs = [_slug(model.name) for model in models]
     clashes = sorted({slug for slug in slugs if slugs.count(slug) > 1 or slug == "oracle"})
     if clashes:  # one units folder (units/<slug>) for two sources: each would overwrite or refuse the other's
@@ -277,32 +371,38 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     check_lm_settings(settings)
     bench = _benchmark(out_dir, settings)
     units_root = out_dir / "units"
-    rows = []
-    oracle_dir = units_root / "oracle"
-    if not (oracle_dir / "train.jsonl").is_file():
-        write_oracle_units(bench.out_dir, oracle_dir)
-    common = {"bench": bench, "settings": settings}
-    oracle_run = _train("phone oracle", oracle_dir, out_dir, settings)
-    rows.append(_row("phone oracle (LSTM)", "oracle", None,
-                     _score("phone oracle", oracle_run / "final.pt", oracle_dir, out_dir, **common), {}))
-    rows.append(_untrained_row(oracle_run, oracle_dir, out_dir, **common))
-    bigram_run = _train("phone bigram", oracle_dir, out_dir, settings, ('model.arch="ngram"', "model.ngram_order=2"))
-    rows.append(_row("phone bigram", "bigram", None,
-                     _score("phone bigram", bigram_run / "final.pt", oracle_dir, out_dir, **common), {}))
-    for study_model in models:
-        model_dir = _model_units(study_model, bench, units_root / _slug(study_model.name), out_dir, settings)
+    oracle_dir = _oracle_units(bench, units_root / "oracle")
+    model_dirs = [_model_units(m, bench, units_root / _slug(m.name), out_dir, settings) for m in models]
+    oracle = _lm_config("phone oracle", oracle_dir, out_dir, settings)
+    bigram = _lm_config("phone bigram", oracle_dir, out_dir, settings, ('model.arch="ngram"', "model.ngram_order=2"))
+    layer_lms = []  # (study model, layer, its units, LM config)
+    for study_model, model_dir in zip(models, model_dirs, strict=True):
         # The LM's vocabulary is the unit inventory, not the units its training set happens to use: a test item
         # may hold a codeword that no training utterance does.
         num_units = settings.kmeans or study_model.model.cfg.codebook_size
         for layer in study_model.layers:
-            name = f"{study_model.name} L{layer}"
             layer_dir = model_dir / f"layer_{layer:02d}"
-            run = _train(name, layer_dir, out_dir, settings, (f"data.num_units={num_units}",))
-            results = _score(name, run / "final.pt", layer_dir, out_dir, **common)
-            quality = study_model.quality.get(layer) or measure_quality(
-                layer_dir, bench, num_units=num_units, kind=settings.kind,
-                unit_rate_hz=_frame_rate(study_model))
-            rows.append(_row(name, study_model.name, layer, results, quality))
+            layer_lms.append((study_model, layer, layer_dir, _lm_config(
+                f"{study_model.name} L{layer}", layer_dir, out_dir, settings, (f"data.num_units={num_units}",))))
+    # Every LM is vetted before the first one trains: a study that must be refused is refused at once, naming them all.
+    _check_trained_lms([oracle, bigram, *(cfg for *_, cfg in layer_lms)], settings)
+
+    common = {"bench": bench, "settings": settings}
+    rows = []
+    oracle_run = _train("phone oracle", oracle)
+    rows.append(_row("phone oracle (LSTM)", "oracle", None,
+                     _score("phone oracle", oracle_run / "final.pt", oracle_dir, out_dir, **common), {}))
+    rows.append(_untrained_row(oracle_run, oracle_dir, out_dir, **common))
+    bigram_run = _train("phone bigram", bigram)
+    rows.append(_row("phone bigram", "bigram", None,
+                     _score("phone bigram", bigram_run / "final.pt", oracle_dir, out_dir, **common), {}))
+    for study_model, layer, layer_dir, cfg in layer_lms:
+        name = f"{study_model.name} L{layer}"
+        run = _train(name, cfg)
+        results = _score(name, run / "final.pt", layer_dir, out_dir, **common)
+        quality = study_model.quality.get(layer) or measure_quality(
+            layer_dir, bench, num_units=cfg.data.num_units, kind=settings.kind, unit_rate_hz=_frame_rate(study_model))
+        rows.append(_row(name, study_model.name, layer, results, quality))
     source = settings.quality_source or ("PNMI of the benchmark's training units; unit ABX (triphones, context "
                                          f"within) on its syntactic {settings.kind} split")
     return write_study_report(rows, out_dir, bench, kind=settings.kind, quality_source=source)

@@ -1,0 +1,217 @@
+"""What ``spidr lm-study`` (and the demo's spoken-LM stage) reuses from an earlier run of the same study folder:
+units and LMs of the benchmark the folder holds now, whatever its path is spelt or moved to; a kill while the
+oracle's units are copied; layers checked before any synthesis; the command's help and the documented commands.
+
+The study runs here on a benchmark without audio (frame labels only, what the phone oracle copies), with the two
+phone LMs only, a 2-step LSTM and the bigram: a few seconds."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from spidr.cli import build_parser, main
+from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters
+from spidr.lm import study
+from spidr.lm.score import find_unit_files
+
+TINY_LM = ("optimizer.max_steps=2", "optimizer.batch_size=2", "model.dim=8", "model.num_layers=1",
+           "model.context=16", 'optimizer.dtype="float32"', 'run.device="cpu"')
+PHONES = ("AA", "B", "D", "IY", "K", "S")
+
+
+def _bench(bench_dir: Path, utterances: int) -> LmBenchInfo:
+    """A benchmark of ``utterances`` training utterances made in ``bench_dir`` (its frame labels and info.json)."""
+    rng = random.Random(utterances)
+    for folder, count in (("train", utterances), ("lexical/dev", 4)):
+        (bench_dir / folder).mkdir(parents=True, exist_ok=True)
+        rows = [{"name": f"{folder.replace('/', '-')}-{i:03d}", "phones": [rng.choice(PHONES) for _ in range(30)]}
+                for i in range(count)]
+        (bench_dir / folder / "frame_labels_20ms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = {"parameters": bench_parameters(LmBenchSettings(train_utterances=utterances)),
+            "counts": {"train": {"utterances": utterances}}}
+    (bench_dir / INFO_JSON).write_text(json.dumps(info))
+    return LmBenchInfo.load(bench_dir)
+
+
+def _study(monkeypatch: pytest.MonkeyPatch, out: Path, utterances: int, *, rebuild_stale: bool = False) -> dict:
+    """Run the study in ``out`` on a benchmark of ``utterances`` training utterances; returns {LM name: the
+    (task, split) unit files it scored}."""
+    scored = {}
+
+    def score(name, checkpoint, units_dir, out_dir, *, bench, settings):
+        scored[name] = sorted(find_unit_files(units_dir))
+        return {}
+
+    monkeypatch.setattr(study, "_benchmark", lambda out_dir, settings: _bench(out_dir / "bench", utterances))
+    monkeypatch.setattr(study, "_score", score)
+    monkeypatch.setattr(study, "_untrained_row", lambda *args, **kwargs: {"name": "untrained"})
+    monkeypatch.setattr(study, "write_study_report", lambda rows, out_dir, bench, **kwargs: out_dir / "spoken_lm.md")
+    study.run_study([], out, study.StudySettings(lm_overrides=TINY_LM, rebuild_stale=rebuild_stale))
+    return scored
+
+
+def _no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spidr.lm.train
+
+    monkeypatch.setattr(spidr.lm.train, "train_lm", lambda cfg: pytest.fail(f"trained {cfg.run.name} again"))
+
+
+def test_a_study_folder_spelt_otherwise_or_moved_keeps_its_lms(tmp_path, monkeypatch):
+    """``make demo`` gives a relative --out: the same folder given as an absolute path, or moved, still holds this
+    study's LMs (their recorded paths differ, not their config or training data)."""
+    monkeypatch.chdir(tmp_path)
+    _study(monkeypatch, Path("runs/out"), 14)
+    assert sorted(p.parent.name for p in (tmp_path / "runs/out/lms").glob("*/final.pt")) == ["phone-bigram",
+                                                                                            "phone-oracle"]
+    saved = torch.load(tmp_path / "runs/out/lms/phone-oracle/final.pt", weights_only=True)["config"]
+    assert saved["run"]["workdir"] == str(tmp_path / "runs/out/lms")  # the folder resolved: one spelling
+    _no_training(monkeypatch)
+    _study(monkeypatch, tmp_path / "runs/out", 14)
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    _study(monkeypatch, tmp_path / "moved/out", 14)
+
+
+def test_lms_differing_in_config_or_data_are_named_and_location_fields_are_not(tmp_path):
+    from spidr.lm.train import train_lm
+
+    bench = _bench(tmp_path / "bench", 14)
+    units = study._oracle_units(bench, tmp_path / "units")
+    settings = study.StudySettings(lm_overrides=TINY_LM)
+    cfg = study._lm_config("phone oracle", units, tmp_path / "a", settings)
+    assert train_lm(cfg) == "completed"
+    final = cfg.run.run_dir / "final.pt"
+    copy = tmp_path / "copy"
+    shutil.copytree(units, copy)
+    assert study.lm_differences(final, study._lm_config("renamed", copy, tmp_path / "b", settings)) == ([], [])
+    other = study.StudySettings(lm_overrides=(*TINY_LM, "model.dim=12"))
+    assert study.lm_differences(final, study._lm_config("phone oracle", units, tmp_path / "a", other)) == \
+        (["model.dim: 8 → 12"], [])
+    (copy / "train.jsonl").write_text("".join((units / "train.jsonl").read_text().splitlines(True)[:-1]))
+    config, data = study.lm_differences(final, study._lm_config("phone oracle", copy, tmp_path / "a", settings))
+    assert config == []
+    assert [line.split(":")[0] for line in data] == ["train_fingerprint", "train_utterances"]
+
+
+def test_units_and_lms_of_an_earlier_benchmark_are_not_reused(tmp_path, monkeypatch):
+    """OUT/bench deleted and made again with other settings: the units (a cache) are made again from it; an LM
+    trained (or, killed, being trained) on the old units is refused by lm-study, naming each (a trained LM is not
+    deleted behind the user's back), and trained again by the demo (whose study folder is a cache)."""
+    out = tmp_path / "st3"
+    _study(monkeypatch, out, 14)
+    oracle_final = out / "lms" / "phone-oracle" / "final.pt"
+    oracle_final.unlink()  # as if killed while training: its step_0.pt tells what it trains on
+    before = (oracle_final.parent / "step_0.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"lms/phone-oracle was trained on other units than .*units/oracle/train\."
+                                         r"jsonl holds now \(.*train_fingerprint.*; .*lms/phone-bigram was trained "
+                                         r"on other units.*: delete them to train again, or give the study another "
+                                         r"--out"):
+        _study(monkeypatch, out, 20)
+    assert len((out / "units" / "oracle" / "train.jsonl").read_text().splitlines()) == 20
+    assert (oracle_final.parent / "step_0.pt").read_bytes() == before
+    _study(monkeypatch, out, 20, rebuild_stale=True)
+    info = torch.load(oracle_final, weights_only=True)["lm"]
+    assert info["train_utterances"] + info["valid_utterances"] == 20
+
+
+def test_a_model_s_units_of_another_benchmark_are_made_again(tmp_path, monkeypatch):
+    """Units are a cache the same weights give again: made again for a remade benchmark, even by lm-study, with no
+    set of the old benchmark left behind; the LMs are left to ``_check_trained_lms``."""
+    from spidr.config import SpidRConfig
+    from spidr.models.build import build_model
+    from train_fixtures import EXTRACTION_MODEL
+
+    writes = []
+
+    def fake_write(model, bench_dir, out_dir, *, layers, centroids=None, dtype="float32"):
+        writes.append(Path(bench_dir))
+        (Path(out_dir) / "layer_02").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(study, "write_model_units", fake_write)
+    torch.manual_seed(0)
+    model = study.StudyModel("tiny", build_model(SpidRConfig(**EXTRACTION_MODEL)).eval(), (2,))
+    model_dir, lm_dir = tmp_path / "units" / "tiny", tmp_path / "lms" / "tiny-l2"
+    settings = study.StudySettings()
+    study._model_units(model, _bench(tmp_path / "bench", 14), model_dir, tmp_path, settings)
+    study._model_units(model, _bench(tmp_path / "bench", 14), model_dir, tmp_path, settings)
+    assert len(writes) == 1
+    (model_dir / "layer_02" / "lexical_seen").mkdir()  # a set the new benchmark does not have
+    lm_dir.mkdir(parents=True)
+    study._model_units(model, _bench(tmp_path / "bench", 20), model_dir, tmp_path, settings)
+    assert len(writes) == 2
+    assert not (model_dir / "layer_02" / "lexical_seen").exists()
+    assert lm_dir.is_dir()
+    assert json.loads((model_dir / ".complete").read_text())["bench"]["counts"] == {"train": {"utterances": 20}}
+
+
+def test_a_kill_while_the_oracle_units_are_copied_is_repaired(tmp_path, monkeypatch):
+    """A folder left by a kill (here: the training set's file only, copied by a spidr without a marker) is copied
+    again, every set scored; a kill during the copy leaves no oracle folder to be taken as complete."""
+    out = tmp_path / "out"
+    bench = _bench(out / "bench", 14)
+    (out / "units" / "oracle").mkdir(parents=True)
+    shutil.copyfile(bench.train_dir / "frame_labels_20ms.jsonl", out / "units" / "oracle" / "train.jsonl")
+    scored = _study(monkeypatch, out, 14)
+    assert scored["phone oracle"] == [("lexical", "dev")]
+
+    def killed(bench_dir, target):
+        (Path(target)).mkdir(parents=True)
+        shutil.copyfile(Path(bench_dir) / "train" / "frame_labels_20ms.jsonl", Path(target) / "train.jsonl")
+        raise KeyboardInterrupt
+
+    oracle = tmp_path / "again" / "oracle"
+    monkeypatch.setattr(study, "write_oracle_units", killed)
+    with pytest.raises(KeyboardInterrupt):
+        study._oracle_units(bench, oracle)
+    assert not oracle.exists()
+    monkeypatch.undo()
+    study._oracle_units(bench, oracle)
+    assert sorted(p.relative_to(oracle).as_posix() for p in oracle.rglob("*.jsonl")) == ["lexical/dev.jsonl",
+                                                                                         "train.jsonl"]
+
+
+def test_layers_without_a_codebook_head_are_refused_before_the_study(tmp_path, monkeypatch, capsys):
+    """Codebook units come from the heads only: a layer without one is refused by the command, before the benchmark
+    is synthesised; with --kmeans any layer goes."""
+    from spidr.config import SpidRConfig
+    from spidr.models.build import build_model
+    from spidr.models.loading import export_safetensors
+    from train_fixtures import EXTRACTION_MODEL
+
+    export_safetensors(build_model(SpidRConfig(**EXTRACTION_MODEL)), tmp_path / "tiny.safetensors")
+    runs = []
+    monkeypatch.setattr(study, "run_study", lambda models, out, settings: runs.append(
+        [m.layers for m in models]) or Path(tmp_path / "report.md"))
+    (tmp_path / "report.md").write_text("report\n")
+    args = ["lm-study", "--checkpoint", f"tiny={tmp_path / 'tiny.safetensors'}", "--out", str(tmp_path / "st")]
+    assert main([*args, "--layers", "1-2"]) == 2
+    assert (f"--layers 1-2: layer(s) [1] of checkpoint {tmp_path / 'tiny.safetensors'} have no codebook head "
+            "(heads: [2, 3]); choose head layers, or pass --kmeans K for k-means units") in capsys.readouterr().err
+    assert runs == []
+    assert main([*args, "--layers", "1-2", "--kmeans", "4"]) == 0
+    assert main(args) == 0
+    assert runs == [[(1, 2)], [(2, 3)]]
+
+
+def test_the_help_and_the_documented_lm_study_commands(capsys):
+    """The help says what the units are; every ``spidr lm-study`` command in docs/spoken-lm.md parses."""
+    with pytest.raises(SystemExit):
+        main(["lm-study", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "codebook units of every layer" not in help_text
+    assert "default every layer with a codebook head" in help_text
+    assert "k-means units with --kmeans" in help_text
+    docs = (Path(__file__).parents[1] / "docs" / "spoken-lm.md").read_text()
+    commands = [" ".join(c.split()) for c in re.findall(r"`(spidr lm-study [^`]*)`", docs)]
+    assert len(commands) >= 2
+    for command in commands:
+        if "--checkpoint" in command:  # a full command, not a mention of some of its options
+            argv = shlex.split(command.replace("<", "'<").replace(">", ">'"))[1:]
+            assert build_parser().parse_args(argv).out, command
