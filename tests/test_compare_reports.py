@@ -104,3 +104,13 @@ def test_command_never_writes_over_an_input_report_and_asks_before_replacing_an_
     assert {r["model"] for r in json.loads((out / "report.json").read_text())} == {"c", "d"}
     assert not (out / "pnmi_per_layer.png").exists()
     assert sorted(p.name for p in out.iterdir()) == ["abx_per_layer.png", "report.json", "report.md"]
+
+
+def test_table_numbers_show_missing_values_and_no_negative_zero() -> None:
+    from spidr.eval.report import format_number
+
+    assert format_number(-1e-9, 3) == "0.000"  # a PNMI a hair below zero
+    assert format_number(-0.04, 1) == "0.0"
+    assert format_number(-0.05, 1) == "-0.1"  # a real negative stays negative
+    assert format_number(None) == format_number(float("nan")) == "–"
+    assert format_number(12.345) == "12.35"

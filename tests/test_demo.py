@@ -18,7 +18,15 @@ import pytest
 from spidr.cli import main
 from spidr.config import load_config
 from spidr.corpus.lm_bench import LmBenchSettings
-from spidr.demo import HELD_OUT_VOICES, TRAIN_VOICES, DemoSettings, pretrain, run_demo
+from spidr.demo import (
+    HELD_OUT_VOICES,
+    TRAIN_VOICES,
+    DemoSettings,
+    check_run_recipe,
+    pretrain,
+    run_demo,
+    training_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("flite", "festival", "espeak-ng")
@@ -148,7 +156,7 @@ def test_demo_refuses_to_reuse_a_model_trained_with_another_config(demo_run):
     settings, _ = demo_run
     corpus = settings.out_dir / "corpus"
     edited = dataclasses.replace(settings, overrides=("model.codebook_size=8", "model.ema_start_decay=0.99"))
-    with pytest.raises(RuntimeError, match=r"model\.codebook_size, model\.ema_start_decay differ.*delete"):
+    with pytest.raises(ValueError, match=r"model\.codebook_size: 16 there, 8 now, model\.ema_start_decay.*delete"):
         pretrain(edited, corpus / "train" / "manifest.csv", corpus / "test" / "manifest.csv")
 
 
@@ -208,3 +216,80 @@ def test_bad_settings_fail_before_any_synthesis(tmp_path, monkeypatch, capsys):
         run_demo(settings)
     with pytest.raises(ValueError, match=r"\[model\] has unknown key\(s\) dimm"):
         study.run_study([], tmp_path / "s", study.StudySettings(lm_overrides=("model.dimm=3",)))
+
+
+def _manifest(path: Path, lengths: list[int]) -> Path:
+    """A training manifest of ``len(lengths)`` utterances (the checks below read it, never the audio)."""
+    rows = [f"u{i},{path.parent / f'u{i}.wav'},{length}" for i, length in enumerate(lengths)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(["fileid,path,num_samples", *rows]) + "\n")
+    return path
+
+
+def _finished_run(tmp_path: Path, *overrides: str) -> tuple[DemoSettings, Path]:
+    """A tiny demo whose run stands as training leaves it (``config.json``, a checkpoint, the recorded corpus),
+    with placeholder checkpoints: nothing here loads them."""
+    config = tmp_path / "tiny-demo.toml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config.write_text(TINY_DEMO)
+    manifest = _manifest(tmp_path / "corpus" / "train" / "manifest.csv", [16000, 20000])
+    settings = DemoSettings(out_dir=tmp_path, config=config, overrides=overrides)
+    cfg = training_config(settings, manifest, manifest)
+    check_run_recipe(cfg, manifest)  # a new run: records its corpus
+    (cfg.run.run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (cfg.run.run_dir / "step_4.pt").write_bytes(b"")
+    (cfg.run.run_dir / "final.pt").write_bytes(b"")
+    return settings, manifest
+
+
+def test_a_run_of_another_recipe_is_refused_not_reused_nor_resumed(tmp_path, monkeypatch):
+    """The demo (and the learning curve, through ``pretrain``) reuses or resumes a run only when it was trained with
+    the same results settings on the same training corpus; otherwise it names what differs and the folder to delete."""
+    from spidr.train import loop
+
+    def no_training(cfg):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(loop, "train", no_training)
+    settings, manifest = _finished_run(tmp_path, "optimizer.lr=1e-3")
+    run_dir = tmp_path / "runs" / "demo" / "smoke"
+    assert pretrain(settings, manifest, manifest) == run_dir / "final.pt"
+    # where and how the run executes changes nothing
+    same = dataclasses.replace(settings, overrides=("optimizer.lr=1e-3", 'run.device="cuda"', "data.num_workers=2",
+                                                    "run.log_interval=7"))
+    assert pretrain(same, manifest, manifest) == run_dir / "final.pt"
+    # another schedule (a finished demo run given more steps) or seed is another recipe: refused, not continued
+    for overrides, message in (
+        (("optimizer.lr=5e-3",), r"optimizer\.lr: 0\.001 there, 0\.005 now"),
+        (("optimizer.max_steps=12", "optimizer.hold_steps=8", "run.random_seed=1"),
+         r"optimizer\.hold_steps: 2 there, 8 now, optimizer\.max_steps: 6 there, 12 now, run\.random_seed: 0 there"),
+        (("masking.mask_prob=0.5",), r"masking\.mask_prob: .* there, 0\.5 now"),
+    ):
+        edited = dataclasses.replace(settings, overrides=("optimizer.lr=1e-3", *overrides))
+        with pytest.raises(ValueError, match=rf"smoke holds a model trained with another recipe \({message}.*delete "
+                                             r"\S+smoke to train it again"):
+            pretrain(edited, manifest, manifest)
+    # a run killed at a step checkpoint is not resumed under another recipe either
+    (run_dir / "final.pt").unlink()
+    with pytest.raises(ValueError, match=r"optimizer\.lr: 0\.001 there, 0\.005 now"):
+        pretrain(dataclasses.replace(settings, overrides=("optimizer.lr=5e-3",)), manifest, manifest)
+    # another training corpus at the same path (synthesised again with another size)
+    _manifest(manifest, [16000, 20000, 24000])
+    with pytest.raises(ValueError, match=r"training corpus: '2 utterances of \S+' there, '3 utterances of \S+' now"):
+        pretrain(settings, manifest, manifest)
+
+
+def test_a_run_without_config_json_is_checked_against_its_checkpoint(tmp_path):
+    import torch
+
+    settings, manifest = _finished_run(tmp_path)
+    run_dir = tmp_path / "runs" / "demo" / "smoke"
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").unlink()
+    (run_dir / "final.pt").unlink()
+    torch.save({"config": saved}, run_dir / "step_4.pt")
+    edited = dataclasses.replace(settings, overrides=("model.codebook_size=8", "model.ema_start_decay=0.99"))
+    cfg = training_config(edited, manifest, manifest)
+    with pytest.raises(ValueError, match=r"model\.codebook_size: 16 there, 8 now, model\.ema_start_decay"):
+        check_run_recipe(cfg, manifest)
+    check_run_recipe(training_config(settings, manifest, manifest), manifest)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from spidr.learning_curve import (
     CurvePoint,
     CurveSettings,
     baseline_levels,
+    curve_recipe,
     markdown_table,
     middle_layers,
     parse_point,
@@ -23,6 +27,7 @@ from spidr.learning_curve import (
     reusable,
     stretched_schedule,
     summarise,
+    write_curve,
 )
 from test_demo import ENGINES, TINY_DEMO
 
@@ -211,3 +216,127 @@ def test_tiny_grid_end_to_end(tmp_path):
                 f"the baselines' probes were trained on {smallest:.2g} h"):
         assert row in text
     assert (out / "curve.png").is_file()
+
+
+def test_a_finished_point_of_another_recipe_names_what_to_delete(tmp_path):
+    """Deleting point.json redoes only the scoring: it is the advice when only the scoring differs; when the
+    training recipe differs, the point's folder (with its trained model) is what to delete."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    point = CurvePoint(1.0, 2200, 0)
+    folder = tmp_path / "points" / point.name
+    path = folder / "point.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**RECORD, "recipe": recipe(CurveSettings(out_dir=tmp_path, config=config), point)[0]}))
+    scored_otherwise = recipe(CurveSettings(out_dir=tmp_path, config=config, probe_frames=2000), point)
+    with pytest.raises(ValueError, match=r"scoring\.probe_frames: 60000 there, 2000 now\): .*delete the file to "
+                                         r"redo it \(the trained model is kept"):
+        reusable(path, scored_otherwise, model_dir=folder)
+    trained_otherwise = recipe(CurveSettings(out_dir=tmp_path, config=config, overrides=("optimizer.lr=5e-3",)),
+                               point)
+    with pytest.raises(ValueError, match=rf"optimizer\.lr: 0\.0004 there, 0\.005 now\): .*delete {folder} to train "
+                                         "and score it again"):
+        reusable(path, trained_otherwise, model_dir=folder)
+
+
+def test_a_point_killed_after_training_is_not_scored_under_another_recipe(tmp_path, monkeypatch):
+    """A point killed between its final.pt and its point.json, rerun with another learning rate: its model is
+    refused (it would be recorded under the new recipe), before any training or scoring."""
+    from types import SimpleNamespace
+
+    from spidr import learning_curve
+    from spidr.demo import training_config
+    from spidr.train import loop
+    from test_demo import _finished_run
+
+    point = CurvePoint(0.01, 6, 0)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_DEMO)
+    settings = CurveSettings(out_dir=tmp_path, config=config, hours=(0.01,), steps=(6,), probe_frames=0,
+                             overrides=("optimizer.lr=1e-3",))
+    demo_settings, manifest = _finished_run(learning_curve.point_dir(settings, point),
+                                            *learning_curve.point_overrides(settings, point))
+    assert training_config(demo_settings, manifest, manifest).optimizer.lr == 1e-3
+    monkeypatch.setattr(learning_curve, "synthesise", lambda *_: SimpleNamespace(manifest=manifest, hours=0.01))
+    monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("training started"))
+    rerun = CurveSettings(out_dir=tmp_path, config=config, hours=(0.01,), steps=(6,), probe_frames=0,
+                          overrides=("optimizer.lr=5e-3",))
+    with pytest.raises(ValueError, match=r"smoke holds a model trained with another recipe \(optimizer\.lr: 0\.001 "
+                                         r"there, 0\.005 now\); delete"):
+        learning_curve.run_point(rerun, point)
+    assert not (learning_curve.point_dir(settings, point) / "point.json").exists()
+
+
+def test_a_point_runs_in_one_process_at_a_time(tmp_path, monkeypatch):
+    from spidr import learning_curve
+
+    monkeypatch.setattr(learning_curve, "recipe", lambda *_: pytest.fail("the point ran beside another process"))
+    settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10,))
+    point = settings.points[0]
+    with learning_curve.point_lock(learning_curve.point_dir(settings, point), point.name), \
+            pytest.raises(ValueError, match=r"point 1h-10steps-seed0 is being run by another process"):
+        learning_curve.run_point(settings, point)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")
+def test_child_processes_end_with_a_killed_parent(tmp_path):
+    """kill -9 of a curve run with --parallel ends its points' processes too (a rerun would start a second one)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "from spidr.learning_curve import start_child\n"
+         "child = start_child([sys.executable, '-c', 'import time; time.sleep(60)'], stdout=subprocess.DEVNULL)\n"
+         "print(child.pid, flush=True)\n"
+         "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaped yet counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_grid_values_given_twice_are_refused(tmp_path, capsys):
+    """A value given twice (1 and 1.0 hours name one folder) would train its points twice at once."""
+    absent = str(tmp_path / "absent.toml")  # without the check, the run stops here rather than synthesising
+    for option, value, message in (("--seeds", "0,0", "--seeds 0,0 lists 0 more than once"),
+                                   ("--hours", "1,1.0", "--hours 1,1 lists 1 more than once"),
+                                   ("--steps", "4,6,4", "--steps 4,6,4 lists 4 more than once")):
+        assert main(["learning-curve", option, value, "--out", str(tmp_path), "--config", absent]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_curve_flags_points_of_another_recipe(tmp_path, caplog):
+    """Points outside the grid are never rerun, so their recipe is checked when the curve is written: one made with
+    another learning rate is marked and left out of the plot; another seed or step count is the grid's own."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    settings = CurveSettings(out_dir=tmp_path, config=config, hours=(4.0,), steps=(8800,), seeds=(1,))
+    other = CurveSettings(out_dir=tmp_path, config=config, overrides=("optimizer.lr=1e-3",))
+    points = {CurvePoint(4.0, 8800, 1): settings, CurvePoint(4.0, 2200, 0): settings, CurvePoint(1.0, 8800, 1): other}
+    for point, made_by in points.items():
+        path = tmp_path / "points" / point.name / "point.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({**RECORD, "hours": point.hours, "steps": point.steps, "seed": point.seed,
+                                    "recipe": recipe(made_by, point)[0]}))
+    text = write_curve(tmp_path, shared=curve_recipe(settings)).read_text()
+    assert "| 1 † | 8,800 |" in text
+    assert "| 4 | 2,200 |" in text
+    assert "| 4 | 8,800 |" in text
+    assert "† 1h-8800steps-seed1: made with another recipe than this curve's, not plotted (optimizer.lr: 0.001 " \
+           "there, 0.0004 now)." in text
+    assert text.count("†") == 2
+    assert "1h-8800steps-seed1 was made with another recipe" in caplog.text
+
+
+def test_a_pnmi_rounded_to_minus_zero_shows_zero():
+    summary = summarise({**RECORD, "rows": [*RECORD["rows"][:4], _row(5, 4.0, 19.0, unit_across=34.0, pnmi=-4e-7),
+                                            _row(6, 4.2, 20.0, unit_across=36.0, pnmi=0.014)]})
+    assert "| 0.000–0.014 | 34.0–36.0 |" in markdown_table([summary], None)

@@ -6,26 +6,30 @@ count, scored like the demo on the demo's test corpus (new sentences and a held-
 
 1. corpora: one training corpus per size and the test corpus, synthesised once and cached (sizes are hours, the
    corpus of 1 h is the demo's own);
-2. points: each run is trained (or resumed, or reused when finished with the same recipe) and scored: ABX within /
-   across speaker of every layer, codebook-unit ABX and PNMI of the head layers, and a linear phone probe per layer
-   (``point.json`` and a ``report.md`` per point); several points can run side by side (``--parallel``);
+2. points: each run is trained (or resumed, or reused when finished with the same recipe; a run of another recipe
+   is refused, as in the demo) and scored: ABX within / across speaker of every layer, codebook-unit ABX and PNMI of
+   the head layers, and a linear phone probe per layer (``point.json`` and a ``report.md`` per point); several points
+   can run side by side (``--parallel``), each point in one process at a time;
 3. baselines: MFCC and the same network at random initialisation, scored once;
 4. ``curve.md``, ``curve.json`` and ``curve.png`` summarise every point found in the output folder, so runs made by
-   separate invocations (two shells, two machines sharing a disk) end up in one curve.
+   separate invocations (two shells, two machines sharing a disk) end up in one curve; a point whose recipe differs
+   from this one's beyond seed and schedule is flagged and left out of the plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from spidr.data import SAMPLE_RATE
 from spidr.help_format import HelpFormatter
@@ -67,8 +71,15 @@ class CurveSettings:
 
     def __post_init__(self) -> None:
         for name in ("hours", "steps", "seeds"):
-            if not getattr(self, name):
+            values = getattr(self, name)
+            if not values:
                 raise ValueError(f"the learning curve needs at least one value of {name}")
+            # Values that name one point folder (1 and 1.0 hours are both "1h") would run it twice at once.
+            shown = [f"{value:g}" if name == "hours" else str(value) for value in values]
+            twice = sorted({text for text in shown if shown.count(text) > 1})
+            if twice:
+                raise ValueError(f"--{name} {','.join(shown)} lists {', '.join(twice)} more than once; give each "
+                                 "value once")
         if any(hours <= 0 for hours in self.hours):
             raise ValueError(f"training hours must be > 0, got {self.hours}")
         if any(steps < 1 for steps in self.steps):
@@ -112,60 +123,30 @@ def point_overrides(settings: CurveSettings, point: CurvePoint) -> tuple[str, ..
             *settings.overrides)
 
 
-# Data settings that change how batches are loaded, not what they hold.
-LOADER_SETTINGS = ("manifest", "num_workers", "pin_memory", "prefetch_factor", "persistent_workers")
-
-
-def _results_settings(run, data, model, optimizer, masking) -> dict:
-    """The settings of a config that change a point's results (not where it runs, logs or saves, nor how batches are
-    loaded), as plain JSON values."""
-    return json.loads(json.dumps({
-        "run": {"random_seed": run.random_seed, "model_type": run.model_type},
-        "data": {key: value for key, value in asdict(data).items() if key not in LOADER_SETTINGS},
-        "model": asdict(model),
-        "optimizer": asdict(optimizer),
-        "masking": asdict(masking),
-    }))
-
-
 def recipe(settings: CurveSettings, point: CurvePoint | None = None) -> tuple[dict, dict]:
     """What ``point`` is made with, or for ``None`` what the baselines are made with (the network they initialise
     at random, and the scoring), with the defaults of the same settings: recorded with each result, so that a
     result of another recipe is never taken for this one's. The results settings of the point's resolved config
     (its seed and stretched schedule included) and the scoring's (test corpus size, probe frames)."""
-    from spidr.config import DataConfig, MaskingConfig, OptimizerConfig, RunConfig, load_config
+    from spidr.config import load_config
+    from spidr.demo import default_results_settings, results_settings
 
     cfg = load_config(settings.config, settings.overrides if point is None else point_overrides(settings, point))
     scoring = {"test_hours": settings.test_hours, "probe_frames": settings.probe_frames}
-    made_with = {**_results_settings(cfg.run, cfg.data, cfg.model, cfg.optimizer, cfg.masking), "scoring": scoring}
-    defaults = {**_results_settings(RunConfig(), DataConfig(), type(cfg.model)(), OptimizerConfig(),
-                                    MaskingConfig()), "scoring": scoring}
+    made_with = {**results_settings(cfg.to_dict()), "scoring": scoring}
+    defaults = {**default_results_settings(cfg.run.model_type), "scoring": scoring}
     if point is None:
         return ({"model": made_with["model"], "scoring": scoring},
                 {"model": defaults["model"], "scoring": scoring})
     return made_with, defaults
 
 
-def _differences(stored: dict, current: dict, defaults: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted name, stored value, current value) of every setting that differs. A setting that ``stored`` lacks
-    was added to spidr after the result was made: it counts only when ``current`` moves it off its default."""
-    out = []
-    for key, value in current.items():
-        name = f"{prefix}{key}"
-        default = defaults.get(key) if isinstance(defaults, dict) else None
-        if key not in stored:
-            if value != default:
-                out.append((name, "(not recorded)", value))
-        elif isinstance(value, dict) and isinstance(stored[key], dict):
-            out += _differences(stored[key], value, default if isinstance(default, dict) else {}, f"{name}.")
-        elif stored[key] != value:
-            out.append((name, stored[key], value))
-    return out + [(f"{prefix}{key}", stored[key], "(no such setting now)") for key in stored if key not in current]
-
-
-def reusable(path: Path, expected: tuple[dict, dict]) -> bool:
+def reusable(path: Path, expected: tuple[dict, dict], *, model_dir: Path | None = None) -> bool:
     """Whether ``path`` (a ``point.json`` or ``baselines.json``) holds a finished result of the ``expected`` recipe
-    (``recipe()``'s pair); a result of another recipe is an error that names the settings that differ."""
+    (``recipe()``'s pair); a result of another recipe is an error that names the settings that differ. ``model_dir``:
+    the folder of the trained model the result scores (a point's), to delete when more than the scoring differs."""
+    from spidr.demo import describe_differences, recipe_differences
+
     if not path.is_file():
         return False
     try:
@@ -175,13 +156,15 @@ def reusable(path: Path, expected: tuple[dict, dict]) -> bool:
     if made_with is None:
         logger.warning("%s records no recipe (written before spidr recorded one): reused as it is", path)
         return True
-    changed = _differences(made_with, *expected)
-    if changed:
-        shown = ", ".join(f"{name}: {old!r} there, {new!r} now" for name, old, new in sorted(changed)[:6])
-        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-        raise ValueError(f"{path} was made with another recipe ({shown}{more}): use another --out folder for this "
-                         "recipe, or delete the file to redo it")
-    return True
+    changed = recipe_differences(made_with, *expected)
+    if not changed:
+        return True
+    if model_dir is None or all(name.startswith("scoring.") for name, _, _ in changed):
+        redo = "delete the file to redo it" + (" (the trained model is kept and scored again)" if model_dir else "")
+    else:  # deleting point.json alone would score the old model again under the new recipe's name
+        redo = f"delete {model_dir} to train and score it again"
+    raise ValueError(f"{path} was made with another recipe ({describe_differences(changed)}): use another --out "
+                     f"folder for this recipe, or {redo}")
 
 
 # 2. Corpora -------------------------------------------------------------------------------------------------------
@@ -212,7 +195,28 @@ def point_dir(settings: CurveSettings, point: CurvePoint) -> Path:
 
 
 def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
-    """Train (or resume, or reuse) one point and score it; returns its ``point.json`` (kept: a rerun is free)."""
+    """Train (or resume, or reuse) one point and score it; returns its ``point.json`` (kept: a rerun is free). One
+    process at a time: two on one run folder would write the same checkpoints and logs."""
+    with point_lock(point_dir(settings, point), point.name):
+        return _train_and_score(settings, point)
+
+
+@contextlib.contextmanager
+def point_lock(folder: Path, name: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` exclusively (released by the kernel when the process ends, however it ends)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("a", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"learning-curve point {name} is being run by another process ({folder / '.lock'} is "
+                             "locked); let it finish or stop it, then run this again") from None
+        yield
+
+
+def _train_and_score(settings: CurveSettings, point: CurvePoint) -> Path:
     from spidr.data.manifest import read_manifest
     from spidr.demo import DemoSettings, pretrain
     from spidr.eval.items import read_items
@@ -224,7 +228,7 @@ def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
     out = point_dir(settings, point)
     result = out / "point.json"
     expected = recipe(settings, point)
-    if reusable(result, expected):
+    if reusable(result, expected, model_dir=out):
         return result
     train, test = synthesise(settings, point.hours), synthesise(settings, None)
     started = time.monotonic()
@@ -315,7 +319,8 @@ def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
     """Every point of the grid: in this process, or ``settings.parallel`` at a time in child processes (``argv`` is
     this command's arguments, rerun with ``--only``), the CPU threads shared out between them."""
     todo = [point for point in settings.points
-            if not reusable(point_dir(settings, point) / "point.json", recipe(settings, point))]
+            if not reusable(point_dir(settings, point) / "point.json", recipe(settings, point),
+                            model_dir=point_dir(settings, point))]
     if settings.parallel == 1 or len(todo) <= 1:
         for point in todo:
             logger.info("learning curve: point %s", point.name)
@@ -332,8 +337,7 @@ def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
             command = [sys.executable, "-m", "spidr", "learning-curve", *argv, "--only", _point_arg(point)]
             logger.info("learning curve: point %s in a child process (%d threads), log %s", point.name, threads, log)
             with log.open("a", encoding="utf-8") as handle:
-                running.append((point, log, subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                                             env=env)))
+                running.append((point, log, start_child(command, stdout=handle, env=env)))
         time.sleep(1.0)
         for entry in [entry for entry in running if entry[2].poll() is not None]:
             running.remove(entry)
@@ -342,6 +346,30 @@ def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
                 failed.append(f"{point.name} (exit {process.returncode}, see {log})")
     if failed:
         raise RuntimeError(f"learning-curve points failed: {', '.join(failed)}")
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def start_child(command: Sequence[str], *, stdout: Any, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``command`` in a child process that ends with this one, even on ``kill -9``: otherwise a killed curve leaves
+    its points training, and a rerun starts a second process on each of their run folders. On Linux the kernel sends
+    the child SIGTERM when its parent dies (the trainer saves a checkpoint and stops at the next step)."""
+    if sys.platform != "linux":
+        return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child runs only prctl before its exec
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os._exit(1)
+
+    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=die_with_parent)  # noqa: PLW1509 -- runs only prctl and getppid
 
 
 def _point_arg(point: CurvePoint) -> str:
@@ -382,6 +410,7 @@ class PointSummary:
     unit_abx_across: tuple[float, float] | None
     probe_accuracy: float | None  # the best layer's frame accuracy
     probe_layer: int | None
+    other_recipe: str | None = None  # how its recipe differs from the curve's, seed and schedule apart
 
 
 def middle_layers(num_layers: int) -> range:
@@ -442,23 +471,55 @@ def baseline_levels(record: dict) -> Baselines:
     )
 
 
-def read_points(out_dir: Path) -> list[PointSummary]:
-    """Every finished point under ``out_dir/points``, in (hours, steps, seed) order."""
+# What the points of one curve may differ in: the seed and the schedule stretched to their steps.
+GRID_SETTINGS = {"run": ("random_seed",), "optimizer": ("max_steps", "warmup_steps", "hold_steps", "decay_steps")}
+
+
+def curve_recipe(settings: CurveSettings) -> tuple[dict, dict]:
+    """``recipe()``'s pair without ``GRID_SETTINGS``: what every point of the curve of ``settings`` shares."""
+    made_with, defaults = recipe(settings, settings.points[0])
+    return _without_grid(made_with), _without_grid(defaults)
+
+
+def _without_grid(made_with: dict) -> dict:
+    return {section: {key: value for key, value in values.items() if key not in GRID_SETTINGS[section]}
+            if section in GRID_SETTINGS and isinstance(values, dict) else values
+            for section, values in made_with.items()}
+
+
+def read_points(out_dir: Path, shared: tuple[dict, dict] | None = None) -> list[PointSummary]:
+    """Every finished point under ``out_dir/points``, in (hours, steps, seed) order. With ``shared``
+    (``curve_recipe()``), a point made with another recipe says how in ``other_recipe`` (points made by another
+    invocation, or before the recipe changed, are never checked when they are outside its grid)."""
+    from spidr.demo import describe_differences, recipe_differences
+
     summaries = []
     for path in sorted((Path(out_dir) / "points").glob("*/point.json")):
         try:
-            summaries.append(summarise(json.loads(path.read_text(encoding="utf-8"))))
+            record = json.loads(path.read_text(encoding="utf-8"))
+            summary = summarise(record)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path} is not a learning-curve point ({error!r}); delete it to score the point "
                              "again") from error
+        if shared is not None and isinstance(record.get("recipe"), dict):
+            changed = recipe_differences(_without_grid(record["recipe"]), *shared)
+            if changed:
+                summary = replace(summary, other_recipe=describe_differences(changed))
+        summaries.append(summary)
     return sorted(summaries, key=lambda s: (s.hours, s.steps, s.seed))
 
 
 def _span(values: tuple[float, float] | None, digits: int) -> str:
+    """``low–high`` (one number when they round alike); a PNMI of -0.000 (a one-unit code, up to rounding) shows 0."""
+    from spidr.eval.report import format_number as fmt  # the reports' tables round the same way
+
     if values is None:
         return "–"
-    low, high = values
-    return f"{low:.{digits}f}" if round(low, digits) == round(high, digits) else f"{low:.{digits}f}–{high:.{digits}f}"
+    low, high = fmt(values[0], digits), fmt(values[1], digits)
+    return low if low == high else f"{low}–{high}"
+
+
+OTHER_RECIPE_MARK = " †"
 
 
 def markdown_table(points: Sequence[PointSummary], baselines: Baselines | None) -> str:
@@ -468,7 +529,8 @@ def markdown_table(points: Sequence[PointSummary], baselines: Baselines | None) 
     for p in points:
         middle = f"{p.middle_across:.2f} (L{p.middle_across_layer})" if p.middle_across is not None else "–"
         probe = f"{p.probe_accuracy:.1f} (L{p.probe_layer})" if p.probe_accuracy is not None else "–"
-        lines.append(f"| {p.hours:g} | {p.steps:,} | {p.audio_hours_seen:.1f} | {p.seed} | {p.best_within:.2f} "
+        hours = f"{p.hours:g}" + (OTHER_RECIPE_MARK if p.other_recipe else "")
+        lines.append(f"| {hours} | {p.steps:,} | {p.audio_hours_seen:.1f} | {p.seed} | {p.best_within:.2f} "
                      f"(L{p.best_within_layer}) | {p.best_across:.2f} (L{p.best_across_layer}) | {middle} | "
                      f"{_span(p.unit_pnmi, 3)} | {_span(p.unit_abx_across, 1)} | {probe} |")
     if baselines is not None:
@@ -532,26 +594,34 @@ def plot_curve(points: Sequence[PointSummary], baselines: Baselines | None, path
     return path
 
 
-def write_curve(out_dir: Path, *, title: str = "Learning curve") -> Path:
-    """``curve.md``, ``curve.json`` and ``curve.png`` from every finished point (and the baselines, if scored)."""
+def write_curve(out_dir: Path, *, title: str = "Learning curve", shared: tuple[dict, dict] | None = None) -> Path:
+    """``curve.md``, ``curve.json`` and ``curve.png`` from every finished point (and the baselines, if scored). With
+    ``shared`` (``curve_recipe()``), points of another recipe are flagged in the table and left out of the plot."""
     out_dir = Path(out_dir)
-    points = read_points(out_dir)
+    points = read_points(out_dir, shared)
     if not points:
         raise ValueError(f"{out_dir / 'points'} holds no finished point (point.json)")
+    others = [p for p in points if p.other_recipe]
+    for p in others:
+        logger.warning("learning-curve point %s was made with another recipe than this curve's (%s): flagged in "
+                       "curve.md and left out of its plot", p.name, p.other_recipe)
     baseline_file = out_dir / "baselines.json"
     baseline_record = json.loads(baseline_file.read_text(encoding="utf-8")) if baseline_file.is_file() else None
     baselines = baseline_levels(baseline_record) if baseline_record else None
     probe_hours = baseline_record.get("probe_train_hours") if baseline_record else None
     _write_json(out_dir / "curve.json", {"points": [asdict(p) for p in points],
                                          "baselines": asdict(baselines) if baselines else None})
-    plot = plot_curve(points, baselines, out_dir / "curve.png")
+    plot = plot_curve([p for p in points if not p.other_recipe], baselines, out_dir / "curve.png")
     text = [f"# {title}", "",
             "Each point: a pretraining run on a synthetic corpus of the demo's ten training voices, scored on the "
             "demo's test corpus (new sentences, a held-out voice). Audio seen: steps × the batch's audio. Middle: "
             "the best of the middle layers across speaker. Probe: linear frame phone classifier, best layer"
             + (f"; the baselines' probes were trained on {probe_hours:.2g} h of training audio." if probe_hours
                else "."), "",
-            markdown_table(points, baselines), "", f"![learning curve]({plot.name})", ""]
+            markdown_table(points, baselines), "",
+            *(f"{OTHER_RECIPE_MARK.strip()} {p.name}: made with another recipe than this curve's, not plotted "
+              f"({p.other_recipe})." for p in others), *([""] if others else []),
+            f"![learning curve]({plot.name})", ""]
     path = out_dir / "curve.md"
     path.write_text("\n".join(text), encoding="utf-8")
     return path
@@ -566,7 +636,7 @@ def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
         synthesise(settings, hours)
     run_points(settings, argv)
     run_baselines(settings)
-    return write_curve(settings.out_dir)
+    return write_curve(settings.out_dir, shared=curve_recipe(settings))
 
 
 # CLI --------------------------------------------------------------------------------------------------------------

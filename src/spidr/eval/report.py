@@ -162,8 +162,13 @@ def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSet
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def format_number(value: float | None, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals for a table: "–" when missing (None or NaN), and no "-0.000" for a value
+    that rounds to zero from below (a PNMI of -1e-9 reads 0.000)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def markdown_table(rows: Sequence[LayerRow]) -> str:
@@ -173,12 +178,12 @@ def markdown_table(rows: Sequence[LayerRow]) -> str:
     lines = [header, "|" + "---|" * 10]
     for row in rows:
         q = row.quality
-        lines.append(
-            f"| {row.model} | {row.layer if row.layer is not None else '–'} | {_fmt(row.abx_within)} | "
-            f"{_fmt(row.abx_across)} | {_fmt(row.unit_abx_within)} | {_fmt(row.unit_abx_across)} | "
-            f"{_fmt(q.get('pnmi'), 3)} | {_fmt(q.get('phone_purity'), 3)} | {_fmt(q.get('codebook_perplexity'), 1)} | "
-            f"{q.get('active_codewords', '–')} |"
-        )
+        cells = [row.model, row.layer if row.layer is not None else "–",
+                 *(format_number(v) for v in (row.abx_within, row.abx_across, row.unit_abx_within,
+                                              row.unit_abx_across)),
+                 format_number(q.get("pnmi"), 3), format_number(q.get("phone_purity"), 3),
+                 format_number(q.get("codebook_perplexity"), 1), q.get("active_codewords", "–")]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines)
 
 

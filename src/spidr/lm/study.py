@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
+from spidr.eval.report import format_number
 from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
 from spidr.lm.train import write_untrained
 
@@ -427,10 +428,6 @@ def correlations(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
-    return "–" if value is None else f"{value + 0.0:.{digits}f}".replace("-0.000", "0.000")
-
-
 def _with_ci(row: Mapping[str, Any], metric: str) -> str:
     value, ci = row.get(metric), row.get(f"{metric}_ci95")
     if value is None:
@@ -448,9 +445,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]
         "| units | unit ABX across % | PNMI | sWUGGY all % | sWUGGY in-vocab % | sBLIMP % | tSC % |" + seen_header,
         "|---|---|---|---|---|---|---|" + seen_rule,
     ]
-    lines += [f"| {row['name']} | {_fmt(row.get('unit_abx_across'))} | {_fmt(row.get('pnmi'), 3)} | "
-              f"{_with_ci(row, 'swuggy_all')} | {_with_ci(row, 'swuggy_invocab')} | "
-              f"{_with_ci(row, 'sblimp')} | {_with_ci(row, 'tsc')} |"
+    lines += [f"| {row['name']} | {format_number(row.get('unit_abx_across'), 1)} | "
+              f"{format_number(row.get('pnmi'), 3)} | {_with_ci(row, 'swuggy_all')} | "
+              f"{_with_ci(row, 'swuggy_invocab')} | {_with_ci(row, 'sblimp')} | {_with_ci(row, 'tsc')} |"
               + (f" {_with_ci(row, 'swuggy_seen_invocab')} |" if seen else "") for row in rows]
     text = [
         f"Synthetic benchmark `{bench.out_dir}`, split {kind}: {counts['lexical']} lexical pairs (words vs balanced "
