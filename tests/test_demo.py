@@ -22,11 +22,11 @@ from spidr.demo import (
     HELD_OUT_VOICES,
     TRAIN_VOICES,
     DemoSettings,
-    check_run_recipe,
     pretrain,
     run_demo,
     training_config,
 )
+from spidr.train.recipe import check_run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("flite", "festival", "espeak-ng")

@@ -129,7 +129,7 @@ def recipe(settings: CurveSettings, point: CurvePoint | None = None) -> tuple[di
     result of another recipe is never taken for this one's. The results settings of the point's resolved config
     (its seed and stretched schedule included) and the scoring's (test corpus size, probe frames)."""
     from spidr.config import load_config
-    from spidr.demo import default_results_settings, results_settings
+    from spidr.train.recipe import default_results_settings, results_settings
 
     cfg = load_config(settings.config, settings.overrides if point is None else point_overrides(settings, point))
     scoring = {"test_hours": settings.test_hours, "probe_frames": settings.probe_frames}
@@ -145,7 +145,7 @@ def reusable(path: Path, expected: tuple[dict, dict], *, model_dir: Path | None 
     """Whether ``path`` (a ``point.json`` or ``baselines.json``) holds a finished result of the ``expected`` recipe
     (``recipe()``'s pair); a result of another recipe is an error that names the settings that differ. ``model_dir``:
     the folder of the trained model the result scores (a point's), to delete when more than the scoring differs."""
-    from spidr.demo import describe_differences, recipe_differences
+    from spidr.train.recipe import describe_differences, recipe_differences
 
     if not path.is_file():
         return False
@@ -491,7 +491,7 @@ def read_points(out_dir: Path, shared: tuple[dict, dict] | None = None) -> list[
     """Every finished point under ``out_dir/points``, in (hours, steps, seed) order. With ``shared``
     (``curve_recipe()``), a point made with another recipe says how in ``other_recipe`` (points made by another
     invocation, or before the recipe changed, are never checked when they are outside its grid)."""
-    from spidr.demo import describe_differences, recipe_differences
+    from spidr.train.recipe import describe_differences, recipe_differences
 
     summaries = []
     for path in sorted((Path(out_dir) / "points").glob("*/point.json")):

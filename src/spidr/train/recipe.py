@@ -1,0 +1,142 @@
+"""A training run's recipe: the settings that change what it produces, and the corpus it was trained on.
+
+The demo and the learning curve reuse a finished run, or resume an interrupted one, only when both are those of the
+run asked for (``check_run_recipe``); otherwise a result would be recorded under a recipe it was not made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spidr.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+# Data settings that change how batches are loaded, not what they hold. The manifest is among them because its path
+# names the corpus, not its content: the training corpus is compared by its fingerprint instead.
+LOADER_SETTINGS = ("manifest", "num_workers", "pin_memory", "prefetch_factor", "persistent_workers")
+# The training corpus a run was started on, beside its checkpoints (the trainer records only the manifest's path).
+TRAINING_CORPUS_FILE = "training-corpus.json"
+
+
+def results_settings(config: dict) -> dict:
+    """The settings of a run config (``Config.to_dict()`` or a run's ``config.json``) that change what training
+    produces: seed, model type, model, optimizer (the schedule included) and masking, and the data settings apart
+    from the loader's. Not where the run executes, logs or saves."""
+    run = config.get("run", {})
+    return {
+        "run": {key: run[key] for key in ("random_seed", "model_type") if key in run},
+        "data": {key: value for key, value in config.get("data", {}).items() if key not in LOADER_SETTINGS},
+        "model": config.get("model", {}),
+        "optimizer": config.get("optimizer", {}),
+        "masking": config.get("masking", {}),
+    }
+
+
+def default_results_settings(model_type: str) -> dict:
+    """``results_settings`` of the defaults, for settings that a run made by an older spidr does not record."""
+    from dataclasses import asdict
+
+    from spidr.config import DataConfig, MaskingConfig, OptimizerConfig, RunConfig, model_config_class
+
+    defaults = {"run": asdict(RunConfig()), "data": asdict(DataConfig()), "model": asdict(model_config_class(
+        model_type)()), "optimizer": asdict(OptimizerConfig()), "masking": asdict(MaskingConfig())}
+    return results_settings(json.loads(json.dumps(defaults)))
+
+
+def recipe_differences(stored: dict, current: dict, defaults: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted name, stored value, current value) of every setting that differs. A setting that ``stored`` lacks
+    was added to spidr after it was made: it counts only when ``current`` moves it off its default."""
+    out = []
+    for key, value in current.items():
+        name = f"{prefix}{key}"
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if key not in stored:
+            if value != default:
+                out.append((name, "(not recorded)", value))
+        elif isinstance(value, dict) and isinstance(stored[key], dict):
+            out += recipe_differences(stored[key], value, default if isinstance(default, dict) else {}, f"{name}.")
+        elif stored[key] != value:
+            out.append((name, stored[key], value))
+    return out + [(f"{prefix}{key}", stored[key], "(no such setting now)") for key in stored if key not in current]
+
+
+def describe_differences(changed: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    """``recipe_differences`` as one line: the first ``limit`` settings, then how many more."""
+    first = sorted(changed, key=lambda difference: difference[0])[:limit]
+    shown = ", ".join(f"{name}: {old!r} there, {new!r} now" for name, old, new in first)
+    return shown + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def check_run_recipe(cfg: Config, train_manifest: Path) -> None:
+    """Refuse to resume or reuse the run in ``cfg.run.run_dir`` when its checkpoints were trained with another recipe
+    than ``cfg`` on ``train_manifest``: another ``results_settings`` (its ``config.json``, else its latest checkpoint's
+    config) or another training corpus. Shared by the demo and the learning curve, so that a result is never recorded
+    under a recipe it was not made with. A changed schedule counts: raising ``optimizer.max_steps`` on a finished run
+    continues it under ``spidr train``, but here the model would not be the config's (the learning curve stretches
+    the whole schedule per point). A run with no checkpoint yet is started afresh, and its corpus recorded now."""
+    from spidr.train.checkpoint import Checkpointer
+
+    run_dir = cfg.run.run_dir
+    corpus = corpus_fingerprint(train_manifest)
+    checkpoints = Checkpointer(run_dir, save_interval=1).checkpoints()
+    recorded = run_dir / TRAINING_CORPUS_FILE
+    if not checkpoints:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        partial = recorded.with_suffix(".json.partial")
+        partial.write_text(json.dumps(corpus, indent=1), encoding="utf-8")
+        os.replace(partial, recorded)
+        return
+    changed = recipe_differences(results_settings(_saved_config(run_dir, checkpoints[-1])),
+                                 results_settings(cfg.to_dict()), default_results_settings(cfg.run.model_type))
+    if recorded.is_file():
+        try:
+            trained_on = json.loads(recorded.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{recorded} is not valid JSON ({error}); delete {run_dir} to train the run "
+                             "again") from None
+        if trained_on.get("sha256") != corpus["sha256"]:
+            changed.append(("training corpus", f"{trained_on.get('utterances')} utterances of "
+                            f"{trained_on.get('manifest')}", f"{corpus['utterances']} utterances of {train_manifest}"))
+    else:
+        logger.warning("%s does not record its training corpus (started before spidr recorded it): not checked",
+                       run_dir)
+    if changed:
+        raise ValueError(f"{run_dir} holds a model trained with another recipe ({describe_differences(changed)}); "
+                         f"delete {run_dir} to train it again with this one, or use another --out folder")
+
+
+def _saved_config(run_dir: Path, latest: Path) -> dict:
+    """The config a run was trained with: its ``config.json``, else the one inside its latest checkpoint."""
+    path = run_dir / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); delete {run_dir} to train the run again") from None
+    import torch
+
+    state = torch.load(latest, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError(f"{run_dir} has no config.json and {latest} records no config: cannot tell which recipe "
+                         f"trained it; delete {run_dir} to train the run again")
+    return state["config"]
+
+
+def corpus_fingerprint(manifest: Path) -> dict:
+    """The utterances of a training manifest (ids and lengths, in order) as a SHA-256, with their number. Paths are
+    left out: the same corpus seen from another machine sharing the folder, or moved with it, is the same."""
+    from spidr.data.manifest import read_manifest
+
+    entries = read_manifest(manifest)
+    digest = hashlib.sha256(entries.fileids.data.tobytes())
+    digest.update(entries.fileids.offsets.astype("<i8").tobytes())
+    digest.update(entries.num_samples.astype("<i8").tobytes())
+    return {"manifest": str(manifest), "utterances": len(entries), "sha256": digest.hexdigest()}
