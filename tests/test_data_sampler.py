@@ -159,6 +159,22 @@ def test_state_from_another_world_size_restarts_the_epoch(caplog: pytest.LogCapt
     assert (new.epoch, new.position) == (0, 0)
 
 
+def test_state_saved_under_another_batch_plan_restarts_the_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    """A position saved when epochs were seeded with seed + epoch points into another order of batches: resuming it
+    would repeat some utterances of the epoch and skip others."""
+    lengths = random_lengths()
+    state = {**make(lengths).state_dict(), "epoch": 3, "position": 5}
+    del state["plan"]  # as saved before the plan was versioned
+    sampler = make(lengths)
+    with caplog.at_level(logging.WARNING):
+        sampler.load_state_dict(state)
+    assert "plan" in caplog.text
+    assert (sampler.epoch, sampler.position) == (3, 0)
+    same = make(lengths)
+    same.load_state_dict({**state, "plan": sampler_module.PLAN_VERSION})
+    assert (same.epoch, same.position) == (3, 5)
+
+
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="min_sample_size"):
         make([100, 200])

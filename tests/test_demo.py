@@ -293,3 +293,6 @@ def test_a_run_without_config_json_is_checked_against_its_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"model\.codebook_size: 16 there, 8 now, model\.ema_start_decay"):
         check_run_recipe(cfg, manifest)
     check_run_recipe(training_config(settings, manifest, manifest), manifest)
+    (run_dir / "step_4.pt").write_bytes(b"cut short")  # a damaged checkpoint: one line naming what to delete
+    with pytest.raises(ValueError, match=r"its latest checkpoint step_4\.pt cannot be read .* delete"):
+        check_run_recipe(cfg, manifest)

@@ -11,7 +11,7 @@ import torch
 
 from spidr.config import DinoSRConfig, SpidRConfig
 from spidr.data.audio import load_audio
-from spidr.data.manifest import ManifestEntry, read_manifest
+from spidr.data.manifest import ManifestEntry, read_manifest, scan
 from spidr.eval.feature_dir import StemKeyed, one_layer_directory
 from spidr.eval.features import (
     ExtractionSettings,
@@ -79,6 +79,25 @@ def test_group_norm_front_end_padded_batch_equals_one_file_at_a_time():
         assert result.keys() == alone.keys()
         for key in result:
             np.testing.assert_allclose(result[key], alone[key], atol=1e-5, err_msg=key)
+
+
+def test_an_extraction_of_padded_group_norm_features_is_not_topped_up(tmp_path):
+    """Features extracted before group_norm models ran unpadded differ from today's: a folder begun then (its
+    journal without "front_end_batching") is refused, not resumed into a mix of both."""
+    torch.manual_seed(0)
+    model = build_model(DinoSRConfig(**TINY, extractor_mode="group_norm")).eval()
+    (tmp_path / "audio").mkdir()
+    for i, seconds in enumerate((0.5, 0.6)):
+        sf.write(tmp_path / "audio" / f"u{i}.wav", speech_like(seconds, i), 16000)
+    entries = scan(tmp_path / "audio", progress=False).entries
+    settings = ExtractionSettings(layers=(2,))
+    extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
+    state_path = tmp_path / "out" / ".extract" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state.pop("front_end_batching") == "unpadded"
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="other front_end_batching"):
+        extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
 
 
 def test_layers_and_residual_choice_are_honoured(model):
@@ -186,6 +205,24 @@ def test_codebook_units_are_keyed_like_the_features(model, tmp_path):
     state_path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="holds an extraction with other unit_rows"):
         extract_to_directory(model, read_manifest(tmp_path / "dev.csv"), tmp_path / "out", settings, progress=False)
+
+
+def test_unit_rows_of_a_file_id_held_twice_are_named_by_their_path(model, tmp_path):
+    """TIMIT-style spk1/sa1.wav and spk2/sa1.wav: the feature files are spk1/sa1.npy and spk2/sa1.npy, and the unit
+    rows must name one utterance each (two rows named "sa1" made every units reader refuse the file)."""
+    for speaker, seconds in (("spk1", 0.5), ("spk2", 0.7), ("spk3", 0.6)):
+        (tmp_path / "audio" / speaker).mkdir(parents=True)
+        name = "other" if speaker == "spk3" else "sa1"
+        sf.write(tmp_path / "audio" / speaker / f"{name}.wav", speech_like(seconds, len(speaker)), 16000)
+    entries = scan(tmp_path / "audio", progress=False).entries
+    extract_to_directory(model, entries, tmp_path / "out", ExtractionSettings(layers=(3,), codebooks=True),
+                         progress=False)
+    units = read_units(tmp_path / "out" / "codebook_units" / "layer_03.jsonl")
+    assert sorted(units) == ["spk1/sa1", "spk2/sa1", "spk3/other"]  # keyed by path, as the features then are
+    features = StemKeyed.if_unique(one_layer_directory(tmp_path / "out" / "layer_03"))
+    assert sorted(features) == sorted(units)
+    for name, values in units.items():
+        assert values.shape == (features[name].shape[0],)
 
 
 def test_long_files_go_through_windows_and_match_the_short_path(model, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from spidr import cli
+from spidr.eval.feature_dir import one_layer_directory
 from spidr.eval.kmeans import assign_units, fit_kmeans, load_centroids, sample_frames, save_centroids
 from spidr.eval.units import read_units
 
@@ -178,6 +179,10 @@ def test_an_unfinished_extraction_is_refused(tmp_path: Path, capsys: pytest.Capt
         assert cli.main(command) == 2
         assert (f"{extraction / 'layer_06'} is from an unfinished spidr extract run ({extraction} has its .extract/ "
                 "journal but no metadata.json)") in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:  # the layer folder given as "." (whose Path.parent is ".")
+        patch.chdir(extraction / "layer_06")
+        with pytest.raises(ValueError, match="unfinished spidr extract run"):
+            one_layer_directory(".")
     (extraction / "metadata.json").write_text("{}")  # finished
     for command in commands:
         assert cli.main(command) == 0

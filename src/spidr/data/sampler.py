@@ -31,6 +31,8 @@ from spidr.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 
+PLAN_VERSION = 2  # bump when the batch plan of a given (seed, epoch) changes (2: epochs seeded by a hash)
+
 
 # Queries per block of the packing's searchsorted: each block searches only the slice of the cumulative lengths its
 # batches can end in, which stays in cache (one search over 4.5M sorted values cost 46x the 281k one, not 16x).
@@ -315,6 +317,7 @@ class BucketBatchSampler:
             "world_size": self.world_size,
             "num_items": len(self.indices),
             "num_batches": len(self.batches(self.epoch)),
+            "plan": PLAN_VERSION,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -322,7 +325,9 @@ class BucketBatchSampler:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         mine = self.state_dict()
-        changed = [k for k in ("seed", "world_size", "num_items", "num_batches") if state.get(k) != mine[k]]
+        # A state saved without "plan" comes from a version that seeded epochs with seed + epoch: its position
+        # points into another order of batches.
+        changed = [k for k in ("seed", "world_size", "num_items", "num_batches", "plan") if state.get(k) != mine[k]]
         if changed:
             logger.warning(
                 "sampler state does not match this run (%s differ: saved %s, now %s); restarting epoch %d from its "

@@ -150,7 +150,7 @@ def one_layer_directory(root: str | Path) -> FeatureDirectory:
     if layers:
         raise ValueError(f"{root} holds the features of {', '.join(layers)} (a spidr extract folder): give one "
                          f"layer's folder, e.g. {root / layers[0]}")
-    extraction = root.parent
+    extraction = root.resolve().parent  # resolved: the parent of "." is "."
     if (extraction / STATE_DIR).is_dir() and not (extraction / "metadata.json").is_file():
         raise ValueError(f"{root} is from an unfinished spidr extract run ({extraction} has its {STATE_DIR}/ journal "
                          "but no metadata.json): its features cover only the utterances done so far; rerun the same "

@@ -318,17 +318,38 @@ def length_batches(entries: Sequence[ManifestEntry] | np.ndarray, batch_samples:
         begin = end
 
 
+def shared_ids(fileids: PackedStrings) -> set[str]:
+    """The strings that occur more than once, without a Python object per entry kept (a manifest may list
+    millions): one 64-bit hash per string in an array, then only the strings whose hash repeats are compared."""
+    hashes = np.empty(len(fileids), dtype=np.int64)
+    for start in range(0, len(fileids), ITER_CHUNK):
+        stop = min(start + ITER_CHUNK, len(fileids))
+        hashes[start:stop] = [hash(string) for string in fileids.strings(start, stop)]
+    values, counts = np.unique(hashes, return_counts=True)
+    candidates = np.flatnonzero(np.isin(hashes, values[counts > 1]))
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for index in candidates.tolist():
+        string = fileids[index]
+        (shared if string in seen else seen).add(string)
+    return shared
+
+
 class _Outputs:
     """Where features and unit rows go: atomic ``.npy`` writes into ``OUT/layer_LL/<stem>.npy``."""
 
-    def __init__(self, out_dir: Path, stems: PackedStrings) -> None:
+    def __init__(self, out_dir: Path, stems: PackedStrings, *, ids_unique: bool = True) -> None:
         self.out_dir = out_dir
         self.stems = stems
+        self.ids_unique = ids_unique  # False when several entries hold one file id (spk1/sa1.wav, spk2/sa1.wav)
         self.folders: set[Path] = set()
 
     def utterance(self, index: int) -> str:
-        """The id that names entry ``index``'s feature files (their stem), and so its unit rows."""
-        return self.stems[index].rsplit("/", 1)[-1]
+        """The name of entry ``index``'s unit rows: the stem of its feature files (its file id), or, when file ids
+        are not unique, their path below the layer folder, as the readers then key the features
+        (``StemKeyed.if_unique``) and as ``spidr units`` names its rows."""
+        stem = self.stems[index]
+        return stem.rsplit("/", 1)[-1] if self.ids_unique else stem
 
     def path(self, key: str, index: int) -> Path:
         path = self.out_dir / key / f"{self.stems[index]}.npy"
@@ -382,12 +403,14 @@ def extract_to_directory(
     out_dir = Path(out_dir)
     model.eval()
     manifest = _as_manifest(entries)
-    outputs = _Outputs(out_dir, output_stems(manifest))
+    outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not shared_ids(manifest.fileids))
     # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
     # topped up with rows keyed otherwise.
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
-                **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {})}
+                **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
+                # Features of such a model changed when it stopped running padded (see extract_batch).
+                **({"front_end_batching": "unpadded"} if padding_changes_features(model.cfg) else {})}
     journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                 replace_other=replace_other, outputs=EXTRACTION_OUTPUTS)
     units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from spidr.eval.journal import write_atomically
 
 if TYPE_CHECKING:
     from spidr.config import Config
@@ -90,9 +91,7 @@ def check_run_recipe(cfg: Config, train_manifest: Path) -> None:
     recorded = run_dir / TRAINING_CORPUS_FILE
     if not checkpoints:
         run_dir.mkdir(parents=True, exist_ok=True)
-        partial = recorded.with_suffix(".json.partial")
-        partial.write_text(json.dumps(corpus, indent=1), encoding="utf-8")
-        os.replace(partial, recorded)
+        write_atomically(recorded, json.dumps(corpus, indent=1))
         return
     changed = recipe_differences(results_settings(_saved_config(run_dir, checkpoints[-1])),
                                  results_settings(cfg.to_dict()), default_results_settings(cfg.run.model_type))
@@ -123,7 +122,11 @@ def _saved_config(run_dir: Path, latest: Path) -> dict:
             raise ValueError(f"{path} is not valid JSON ({error}); delete {run_dir} to train the run again") from None
     import torch
 
-    state = torch.load(latest, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(latest, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise ValueError(f"{run_dir} has no config.json and its latest checkpoint {latest.name} cannot be read "
+                         f"({type(error).__name__}); delete {run_dir} to train the run again") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ValueError(f"{run_dir} has no config.json and {latest} records no config: cannot tell which recipe "
                          f"trained it; delete {run_dir} to train the run again")

@@ -3,9 +3,11 @@
 The model runs in eval mode (no dropout, no codebook update) on fixed crops and masks
 (``deterministic_crops=True``), so numbers compare across steps. Every rank scores its shard of batches (the
 model's perplexities are global collectives, so all ranks must take part); the results are averaged over all
-batches of all ranks (a batch repeated only to give every rank as many batches runs but does not count): loss,
-target/prediction perplexities, and per codebook loss, perplexities and active codewords. The global RNG states
-are saved and restored around validation so that a run with validation replays exactly like one without.
+batches of all ranks: loss, target/prediction perplexities, and per codebook loss, perplexities and active
+codewords. A batch repeated only to give every rank as many batches runs but does not count; its frames still enter
+the perplexities and active codewords of its step, which are computed over all ranks together inside the model.
+The global RNG states are saved and restored around validation so that a run with validation replays exactly like
+one without.
 """
 
 from __future__ import annotations
