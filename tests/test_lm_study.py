@@ -215,3 +215,19 @@ def test_the_help_and_the_documented_lm_study_commands(capsys):
         if "--checkpoint" in command:  # a full command, not a mention of some of its options
             argv = shlex.split(command.replace("<", "'<").replace(">", ">'"))[1:]
             assert build_parser().parse_args(argv).out, command
+
+
+def test_an_lm_of_another_config_is_refused_before_any_model_units_are_made(tmp_path, monkeypatch):
+    """A refusal that only needs the configs comes before every model's unit extraction (minutes on a real study),
+    not after it."""
+    from spidr.config import SpidRConfig
+    from spidr.models.build import build_model
+    from train_fixtures import EXTRACTION_MODEL
+
+    out = tmp_path / "out"
+    _study(monkeypatch, out, 14)  # the oracle and bigram LMs, trained
+    torch.manual_seed(0)
+    model = study.StudyModel("tiny", build_model(SpidRConfig(**EXTRACTION_MODEL)).eval(), (2,))
+    monkeypatch.setattr(study, "_model_units", lambda *args: pytest.fail("model units made before the refusal"))
+    with pytest.raises(ValueError, match=r"phone-oracle was trained with another config \(model\.dim: 8 → 12"):
+        study.run_study([model], out, study.StudySettings(lm_overrides=(*TINY_LM, "model.dim=12")))

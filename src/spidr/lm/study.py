@@ -107,27 +107,30 @@ def _lm_config(name: str, units_dir: Path, out_dir: Path, settings: StudySetting
 LOCATION_FIELDS = frozenset({"run.workdir", "run.name", "data.train"})
 
 
-def lm_differences(checkpoint: Path, cfg: LmConfig) -> tuple[list[str], list[str]]:
+def lm_differences(checkpoint: Path, cfg: LmConfig, *, data: bool = True) -> tuple[list[str], list[str]]:
     """How the LM of ``checkpoint`` (a run's final.pt or step_N.pt) differs from the one ``cfg`` would train:
-    (config fields, locations aside; training data, as ``spidr.lm.train.prepare_data`` describes it), each
-    "name: old → new"; both empty when it may be reused."""
+    (config fields, locations aside; training data, as ``spidr.lm.train.prepare_data`` describes it, unless
+    ``data`` is False: the units need not exist yet), each "name: old → new"; both empty when it may be reused."""
     from spidr.lm.train import lm_checkpoint_summary, prepare_data
     from spidr.train.runtime import config_diff
 
     state = lm_checkpoint_summary(checkpoint)
     config = [f"{name}: {old!r} → {new!r}" for name, old, new in sorted(config_diff(state["config"], cfg.to_dict()))
               if name not in LOCATION_FIELDS]
+    if not data:
+        return config, []
     old, new = state["lm"], prepare_data(cfg).info
     data = [f"{key}: {old.get(key)!r} → {new[key]!r}" for key in sorted(new)
             if key != "train_file" and old.get(key) != new[key]]
     return config, data
 
 
-def _check_trained_lms(configs: Sequence[LmConfig], settings: StudySettings) -> None:
+def _check_trained_lms(configs: Sequence[LmConfig], settings: StudySettings, *, data: bool = True) -> None:
     """Refuse the study if an LM trained (or being trained) differs from the one it would train, naming each and
     what differs, before any is trained. An LM trained on other units (made again, e.g. for a remade benchmark) is
     trained again in a study folder that is a cache (``settings.rebuild_stale``, the demo): elsewhere it is an LM
-    someone trained, and the study leaves it for them to delete."""
+    someone trained, and the study leaves it for them to delete. Without ``data``, only the configs are compared
+    (before the units are made, so that a refusal does not wait for every model's extraction)."""
     from spidr.train.checkpoint import Checkpointer
 
     refused, retrain = [], []
@@ -135,14 +138,14 @@ def _check_trained_lms(configs: Sequence[LmConfig], settings: StudySettings) -> 
         checkpoints = Checkpointer(cfg.run.run_dir, save_interval=1).checkpoints()  # final.pt last
         if not checkpoints:
             continue
-        config, data = lm_differences(checkpoints[-1], cfg)
+        config, changed_data = lm_differences(checkpoints[-1], cfg, data=data)
         if checkpoints[-1].name != "final.pt":
             config = []  # an unfinished run: lm-train's resume checks its config (it may go on with another budget)
-        if config or (data and not settings.rebuild_stale):
+        if config or (changed_data and not settings.rebuild_stale):
             what = (f"trained with another config ({'; '.join(config)})" if config
-                    else f"trained on other units than {cfg.data.train} holds now ({'; '.join(data)})")
+                    else f"trained on other units than {cfg.data.train} holds now ({'; '.join(changed_data)})")
             refused.append(f"{cfg.run.run_dir} was {what}")
-        elif data:
+        elif changed_data:
             retrain.append(cfg.run.run_dir)
     if refused:
         raise ValueError(f"{'; '.join(refused)}: delete {'it' if len(refused) == 1 else 'them'} to train again, or "
@@ -373,7 +376,7 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     bench = _benchmark(out_dir, settings)
     units_root = out_dir / "units"
     oracle_dir = _oracle_units(bench, units_root / "oracle")
-    model_dirs = [_model_units(m, bench, units_root / _slug(m.name), out_dir, settings) for m in models]
+    model_dirs = [units_root / _slug(m.name) for m in models]
     oracle = _lm_config("phone oracle", oracle_dir, out_dir, settings)
     bigram = _lm_config("phone bigram", oracle_dir, out_dir, settings, ('model.arch="ngram"', "model.ngram_order=2"))
     layer_lms = []  # (study model, layer, its units, LM config)
@@ -385,8 +388,13 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
             layer_dir = model_dir / f"layer_{layer:02d}"
             layer_lms.append((study_model, layer, layer_dir, _lm_config(
                 f"{study_model.name} L{layer}", layer_dir, out_dir, settings, (f"data.num_units={num_units}",))))
-    # Every LM is vetted before the first one trains: a study that must be refused is refused at once, naming them all.
-    _check_trained_lms([oracle, bigram, *(cfg for *_, cfg in layer_lms)], settings)
+    # Every LM is vetted before the first one trains: a study that must be refused is refused at once, naming them all
+    # (their configs before any model's units are made, their training data once the units are there).
+    lm_configs = [oracle, bigram, *(cfg for *_, cfg in layer_lms)]
+    _check_trained_lms(lm_configs, settings, data=False)
+    for study_model, model_dir in zip(models, model_dirs, strict=True):
+        _model_units(study_model, bench, model_dir, out_dir, settings)
+    _check_trained_lms(lm_configs, settings)
 
     common = {"bench": bench, "settings": settings}
     rows = []
