@@ -78,3 +78,22 @@ def test_local_executor_tasks_train_as_one_distributed_job(tmp_path, config, mon
     assert len(final["ranks"]) == 2
     with pytest.raises(ValueError, match=r"--nodes = 2: --local runs the job on this machine only"):
         submit([cfg], SlurmOptions(nodes=2, gpus_per_node=1, dump_dir=str(tmp_path / "jobs")), cluster="local")
+
+
+@pytest.mark.parametrize(("executor", "requeued"), [("slurm", ["123"]), ("local", [])])
+def test_only_a_slurm_job_requeues_itself_when_interrupted(monkeypatch, executor, requeued):
+    """A --local job run inside a SLURM allocation sees the allocation's SLURM_JOB_ID; requeuing that would put the
+    user's interactive session back in the queue."""
+    pytest.importorskip("submitit")
+    import spidr.train.loop
+    from spidr.train import slurm
+
+    calls = []
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
+    monkeypatch.setattr(slurm, "local_task_environment", dict)
+    monkeypatch.setattr(slurm, "config_from_dict", lambda config: config)
+    monkeypatch.setattr(spidr.train.loop, "train", lambda cfg: "interrupted")
+    monkeypatch.setattr(slurm, "requeue", calls.append)
+    assert slurm.TrainJob({})() == "interrupted"
+    assert calls == requeued

@@ -65,10 +65,13 @@ class TrainJob:
         from spidr.train.environment import detect_environment
         from spidr.train.loop import train
 
-        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        local = os.environ.get("SUBMITIT_EXECUTOR") == "local"
+        if local:
             os.environ.update(local_task_environment())
         outcome = train(config_from_dict(self.config))
-        if outcome == "interrupted" and detect_environment().is_main and "SLURM_JOB_ID" in os.environ:
+        # A local job run inside a SLURM allocation (an interactive session) sees that allocation's SLURM_JOB_ID:
+        # requeuing it would put the user's session back in the queue.
+        if outcome == "interrupted" and not local and detect_environment().is_main and "SLURM_JOB_ID" in os.environ:
             requeue(os.environ["SLURM_JOB_ID"])
         return outcome
 
