@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,6 +23,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 SLURM_PORT_RANGE = (20000, 60000)
+RELEASE_GRACE_S = 0.2  # after the last collective, time for gloo's threads to release its work (destroy_distributed)
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,16 @@ def destroy_distributed(*, wait: bool = True) -> None:
     The barrier matters with gloo: a finished collective whose tensors Python has already dropped is released by
     a gloo worker thread, which needs the GIL for it; a group destroyed from a Python object's deallocator (e.g.
     a DDP reducer) joins those threads while holding the GIL, and deadlocks if one of them is still waiting for it
-    (pytorch/pytorch#56297). Waiting in a barrier releases the GIL and lets them finish.
+    (pytorch/pytorch#56297). Waiting in a barrier releases the GIL and lets them finish; but the barrier's own work
+    is released by such a thread just after the barrier returns, and it holds the collectives before it (gdb showed
+    a run whose reducer, freed with an error's traceback, joined that thread while it waited for the GIL). A short
+    sleep, which releases the GIL, lets the thread finish before anything can destroy the group.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
     if wait:
         dist.barrier()
+    time.sleep(RELEASE_GRACE_S)
     dist.destroy_process_group()
 
 
