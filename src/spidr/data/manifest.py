@@ -498,17 +498,32 @@ def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool) -> ScanRe
     return ScanResult(builder.build(), failures)
 
 
+def repeated_strings(strings: PackedStrings) -> set[str]:
+    """The strings that occur more than once, without a Python object per entry kept (a manifest may list
+    millions): one 64-bit hash per string in an array, then only the strings whose hash repeats are compared."""
+    hashes = np.empty(len(strings), dtype=np.int64)
+    for start in range(0, len(strings), ITER_CHUNK):
+        stop = min(start + ITER_CHUNK, len(strings))
+        hashes[start:stop] = [hash(string) for string in strings.strings(start, stop)]
+    values, counts = np.unique(hashes, return_counts=True)
+    candidates = np.flatnonzero(np.isin(hashes, values[counts > 1]))
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for index in candidates.tolist():
+        string = strings[index]
+        (shared if string in seen else seen).add(string)
+    return shared
+
+
 def shared_fileids(entries: Manifest) -> dict[str, list[str]]:
     """File ids that several rows hold (the same file name in two folders, a name repeated in a tar), each with the
     locations of its rows."""
-    counts: dict[str, int] = {}
-    for fileid in entries.fileids:
-        counts[fileid] = counts.get(fileid, 0) + 1
-    shared: dict[str, list[str]] = {fileid: [] for fileid, count in counts.items() if count > 1}
-    if shared:
+    repeated = repeated_strings(entries.fileids)
+    shared: dict[str, list[str]] = {}
+    if repeated:
         for entry in entries:
-            if entry.fileid in shared:
-                shared[entry.fileid].append(entry.location)
+            if entry.fileid in repeated:
+                shared.setdefault(entry.fileid, []).append(entry.location)
     return shared
 
 

@@ -30,7 +30,7 @@ import torch
 from spidr.config import ModelConfig, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
-from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings
+from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
 from spidr.eval.journal import write_atomically
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 from spidr.models.inference_precision import bfloat16_inference, precision_identity
@@ -318,23 +318,6 @@ def length_batches(entries: Sequence[ManifestEntry] | np.ndarray, batch_samples:
         begin = end
 
 
-def shared_ids(fileids: PackedStrings) -> set[str]:
-    """The strings that occur more than once, without a Python object per entry kept (a manifest may list
-    millions): one 64-bit hash per string in an array, then only the strings whose hash repeats are compared."""
-    hashes = np.empty(len(fileids), dtype=np.int64)
-    for start in range(0, len(fileids), ITER_CHUNK):
-        stop = min(start + ITER_CHUNK, len(fileids))
-        hashes[start:stop] = [hash(string) for string in fileids.strings(start, stop)]
-    values, counts = np.unique(hashes, return_counts=True)
-    candidates = np.flatnonzero(np.isin(hashes, values[counts > 1]))
-    seen: set[str] = set()
-    shared: set[str] = set()
-    for index in candidates.tolist():
-        string = fileids[index]
-        (shared if string in seen else seen).add(string)
-    return shared
-
-
 class _Outputs:
     """Where features and unit rows go: atomic ``.npy`` writes into ``OUT/layer_LL/<stem>.npy``."""
 
@@ -403,7 +386,7 @@ def extract_to_directory(
     out_dir = Path(out_dir)
     model.eval()
     manifest = _as_manifest(entries)
-    outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not shared_ids(manifest.fileids))
+    outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not repeated_strings(manifest.fileids))
     # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
     # topped up with rows keyed otherwise.
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
