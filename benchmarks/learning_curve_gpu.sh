@@ -68,8 +68,11 @@ work=runs/curve-gpu
 
 copy_out() {  # what is finished, whatever ended the run
   [[ -n ${OUT:-} && -d $work/points ]] || return 0
-  "$python" -c 'import sys; from spidr.learning_curve import write_curve; write_curve(sys.argv[1])' "$work" \
-    || echo "$0: no finished point to summarise yet" >&2
+  # A finished command wrote the curve itself (flagging points of another recipe); summarise only after a stop.
+  if [[ ${status:-1} != 0 || ! -f $work/curve.md ]]; then
+    "$python" -c 'import sys; from spidr.learning_curve import write_curve; write_curve(sys.argv[1])' "$work" \
+      || echo "$0: no finished point to summarise yet" >&2
+  fi
   for point in "$work"/points/*/; do
     mkdir -p "$OUT/points/$(basename "$point")"
     cp "$point"/point.json "$point"/report.md "$OUT/points/$(basename "$point")/" 2>/dev/null || true
@@ -81,4 +84,5 @@ trap copy_out EXIT
 limit=$(( ${CURVE_LIMIT_S:-540} - SECONDS ))
 timeout --signal=INT --kill-after=20 $(( limit > 60 ? limit : 60 )) \
   "$python" -m spidr learning-curve --out "$work" --hours 4,16 --steps 8800,35200 --parallel 4 \
-  --set 'run.device="cuda"' "$@"
+  --set 'run.device="cuda"' "$@" && status=0 || status=$?
+exit "$status"

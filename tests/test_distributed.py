@@ -34,7 +34,13 @@ from spidr.data.masking import span_mask
 from spidr.models.build import build_model
 from spidr.train import loop
 from spidr.train.checkpoint import read_int
-from spidr.train.environment import DistributedEnvironment, detect_environment, first_slurm_host, slurm_port
+from spidr.train.environment import (
+    DistributedEnvironment,
+    destroy_distributed,
+    detect_environment,
+    first_slurm_host,
+    slurm_port,
+)
 from spidr.train.optim import build_optimizer, build_scheduler
 from spidr.train.precision import Precision
 from spidr.train.validate import validate
@@ -141,7 +147,7 @@ def _gloo_rank(rank: int, world_size: int, port: int) -> Iterator[DistributedEnv
     try:
         yield denv
     finally:
-        loop.destroy_distributed()
+        destroy_distributed()
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:

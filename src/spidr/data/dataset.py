@@ -97,7 +97,10 @@ class BadFileTracker:
 
     def check_across_ranks(self, device: torch.device) -> None:
         """``check`` over every rank's counts, once ``min_seen`` were read in all or an epoch ended somewhere. A
-        collective: every rank must call it at the same point (the trainer does at log steps and validations)."""
+        collective: every rank must call it at the same point (the trainer does at log steps and validations). A
+        tracker of one process (not ``shared``) has judged its own counts already: nothing to do."""
+        if not self.shared:
+            return
         counts = all_reduce_sum(torch.tensor([self.seen, self.bad, self.passes], dtype=torch.float64, device=device))
         seen, bad, passes = (round(value) for value in counts.tolist())
         if seen >= self.min_seen or passes:

@@ -119,12 +119,9 @@ def _entries(source: str):
 
 
 def _model(args: argparse.Namespace):
-    import torch
-
     from spidr.models.loading import load_model
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    # --device was checked when parsed (cli_types.device refuses cuda where CUDA is not available)
     return load_model(args.checkpoint, trust=args.trust, model_type=args.model_type).to(args.device)
 
 

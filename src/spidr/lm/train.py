@@ -40,7 +40,7 @@ from spidr.train.checkpoint import Checkpointer, capture_rng_state, int_tensor, 
 from spidr.train.environment import (
     DistributedEnvironment,
     broadcast_from_main,
-    destroy_distributed,
+    destroy_distributed_after,
     detect_environment,
     gather_to_all,
     init_distributed,
@@ -223,7 +223,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         raise ValueError(f"optimizer.batch_size = {o.batch_size} must be a multiple of ranks × grad_accum_steps = "
                          f"{denv.world_size} × {o.grad_accum_steps}")
     with contextlib.ExitStack() as cleanup:
-        cleanup.push(lambda error_type, *_: destroy_distributed(wait=error_type is None))
+        cleanup.push(lambda error_type, *_: destroy_distributed_after(error_type))
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         run_dir = cfg.run.run_dir
         data = prepare_data(cfg)

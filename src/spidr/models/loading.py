@@ -232,8 +232,11 @@ def _read_fairseq(
         if config is None:
             raise
         settings = {}  # the given config stands in for the settings the file lacks
-    refuse_unconvertible(settings)  # a given config cannot change what the weights compute
-    model_config = _explicit_config(config, "dinosr") if config is not None else fairseq_model_config(settings)
+    if config is None:
+        model_config = fairseq_model_config(settings)  # refuses what it cannot convert
+    else:
+        refuse_unconvertible(settings)  # a given config cannot change what the weights compute
+        model_config = _explicit_config(config, "dinosr")
     return Checkpoint(model_config, convert_fairseq_state_dict(data["model"], step=step), "fairseq", step)
 
 

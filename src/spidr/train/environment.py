@@ -20,6 +20,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from spidr.distributed import RaisedOnEveryRankError
+
 logger = logging.getLogger(__name__)
 
 SLURM_PORT_RANGE = (20000, 60000)
@@ -136,6 +138,12 @@ def destroy_distributed(*, wait: bool = True) -> None:
         dist.barrier()
     time.sleep(RELEASE_GRACE_S)
     dist.destroy_process_group()
+
+
+def destroy_distributed_after(error_type: type[BaseException] | None) -> None:
+    """``destroy_distributed`` at the end of a run that ended normally or with ``error_type``: through a barrier
+    unless the error may have struck one rank alone (the others would never reach the barrier)."""
+    destroy_distributed(wait=error_type is None or issubclass(error_type, RaisedOnEveryRankError))
 
 
 def gather_to_all(obj: Any) -> list[Any]:

@@ -48,7 +48,7 @@ from spidr.train.checkpoint import (
 from spidr.train.environment import (
     DistributedEnvironment,
     broadcast_from_main,
-    destroy_distributed,
+    destroy_distributed_after,
     detect_environment,
     gather_to_all,
     init_distributed,
@@ -298,8 +298,7 @@ def train(cfg: Config) -> Outcome:
     init_distributed(denv, device)
     with contextlib.ExitStack() as cleanup:
         # After an error on one rank, the others may never reach a barrier: tear down without one.
-        cleanup.push(lambda error_type, *_: destroy_distributed(
-            wait=error_type is None or issubclass(error_type, RaisedOnEveryRankError)))
+        cleanup.push(lambda error_type, *_: destroy_distributed_after(error_type))
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         if denv.is_main:
             for note in unused_settings(cfg):
@@ -335,8 +334,7 @@ def train(cfg: Config) -> Outcome:
             for name, val_loader in validation.items():
                 metrics_logger.log(run.step, name, validate(raw_model, val_loader, device=device,
                                                             precision=precision))
-                if val_loader.tracker.shared:
-                    val_loader.tracker.check_across_ranks(device)
+                val_loader.tracker.check_across_ranks(device)
 
         if fresh:
             save()  # step_0.pt: the exact initial state, before any wrapper
@@ -464,8 +462,7 @@ def _steps(
             metrics_logger.log(run.step, "train", values)
             metrics_logger.progress(run.step, {"loss": values.get("loss", math.nan), "lr": values["lr"],
                                                "audio_s/s": values["audio_seconds_per_s"]})
-            if loader.tracker.shared:  # every rank is here: they stop together on too many unusable files
-                loader.tracker.check_across_ranks(device)
+            loader.tracker.check_across_ranks(device)  # every rank is here: they stop together on bad files
         if checkpointer.should_save(run.step) and run.step < cfg.optimizer.max_steps:
             save()
             saved = True

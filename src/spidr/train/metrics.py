@@ -158,10 +158,10 @@ def supersede_records(path: Path, *, after_step: int) -> int:
     if moved:
         with open(path.with_name(SUPERSEDED_FILE), "a", encoding="utf-8") as file:
             file.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
-    partial = path.with_name(path.name + ".partial")
+    from spidr.eval.journal import write_atomically  # here: the journal module loads torch, plotting needs none
+
     # A complete last record killed before its newline gets one, or the next record would share its line.
-    partial.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
-    partial.replace(path)
+    write_atomically(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
     return len(moved)
 
 
