@@ -29,6 +29,7 @@ from spidr.help_format import HelpFormatter
 
 if TYPE_CHECKING:
     from spidr.config import Config
+    from spidr.lm.study import StudySettings
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def probe(settings: DemoSettings, checkpoint: Path, train, test) -> Path:
 def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     """Unit LMs on the codebook units of the trained model's best head layers (by unit ABX across speaker) and of
     the random-init model at the best of them."""
-    from spidr.lm.study import StudyModel, StudySettings, run_study
+    from spidr.lm.study import StudyModel, run_study
     from spidr.models.build import random_init_model
     from spidr.models.loading import load_model
 
@@ -197,11 +198,17 @@ def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     best = ranked[0]
     models = [StudyModel("SpidR (trained)", model, tuple(sorted(ranked[:DEMO_LM_LAYERS])), trained),
               StudyModel("SpidR (random init)", random_init_model(model.cfg), (best,), quality("SpidR (random init)"))]
-    study = StudySettings(bench=settings.lm_bench, lm_overrides=settings.lm_overrides, jobs=settings.jobs,
-                          dtype="bfloat16", rebuild_stale=True,
-                          quality_source="codebook-unit ABX across speaker and PNMI from the report above (the demo's "
-                          "test corpus)")
-    return run_study(models, settings.out_dir / "spoken_lm", study)
+    return run_study(models, settings.out_dir / "spoken_lm", study_settings(settings))
+
+
+def study_settings(settings: DemoSettings) -> StudySettings:
+    """The demo's spoken-LM study settings (checked before the synthesis, used after the evaluation)."""
+    from spidr.lm.study import StudySettings
+
+    return StudySettings(bench=settings.lm_bench, lm_overrides=settings.lm_overrides, jobs=settings.jobs,
+                         dtype="bfloat16", rebuild_stale=True,
+                         quality_source="codebook-unit ABX across speaker and PNMI from the report above (the demo's "
+                         "test corpus)")
 
 
 def run_demo(settings: DemoSettings) -> Path:
@@ -211,9 +218,9 @@ def run_demo(settings: DemoSettings) -> Path:
     # Settings are checked before the synthesis (minutes) that comes first.
     training_config(settings, settings.out_dir / "train.csv", settings.out_dir / "test.csv")
     if settings.spoken_lm:
-        from spidr.lm.study import StudySettings, check_lm_settings
+        from spidr.lm.study import check_lm_settings
 
-        check_lm_settings(StudySettings(lm_overrides=settings.lm_overrides))
+        check_lm_settings(study_settings(settings))
     started = time.monotonic()
     train_corpus, test_corpus = synthesise_corpora(settings)
     logger.info("corpora ready after %.0f s", time.monotonic() - started)

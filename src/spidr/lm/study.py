@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
+from spidr.eval.journal import write_atomically
 from spidr.eval.report import format_number
 from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
 from spidr.lm.train import write_untrained
@@ -359,7 +360,7 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
                                   study_model.layers, num_units=settings.kmeans, dtype=settings.dtype)
     write_model_units(study_model.model, bench.out_dir, model_dir, layers=study_model.layers, centroids=centroids,
                       dtype=settings.dtype)
-    done.write_text(json.dumps(identity) + "\n", encoding="utf-8")
+    write_atomically(done, json.dumps(identity) + "\n")
     return model_dir
 
 

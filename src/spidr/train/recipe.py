@@ -120,13 +120,13 @@ def _saved_config(run_dir: Path, latest: Path) -> dict:
             return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error}); delete {run_dir} to train the run again") from None
-    import torch
+    from spidr.models.loading import load_torch_file
 
     try:
-        state = torch.load(latest, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
+        state = load_torch_file(latest)
+    except ValueError as error:
         raise ValueError(f"{run_dir} has no config.json and its latest checkpoint {latest.name} cannot be read "
-                         f"({type(error).__name__}); delete {run_dir} to train the run again") from None
+                         f"({error}); delete {run_dir} to train the run again") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ValueError(f"{run_dir} has no config.json and {latest} records no config: cannot tell which recipe "
                          f"trained it; delete {run_dir} to train the run again")
