@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from spidr.atomic_files import write_atomically
 from spidr.data import SAMPLE_RATE
 from spidr.help_format import HelpFormatter
 
@@ -310,9 +311,7 @@ def run_baselines(settings: CurveSettings) -> Path:
 def _write_json(path: Path, record: dict) -> None:
     """Written whole or not at all: a killed run leaves no half file that a rerun would take as done."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(record, indent=1))
 
 
 def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:

@@ -18,10 +18,10 @@ renamed, so a reader never sees half a file.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from spidr.atomic_files import replaced_when_done
 from spidr.corpus import alignment
 from spidr.corpus.utterance import SAMPLE_RATE, Utterance
 from spidr.corpus.voices import Voice
@@ -44,10 +44,8 @@ def seconds(samples: int) -> str:
 
 def write_text(path: Path, lines: Iterable[str]) -> None:
     """Write ``lines`` (newline-terminated) through a temporary file and an atomic rename."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8", newline="\n") as out:
+    with replaced_when_done(path) as temporary, temporary.open("w", encoding="utf-8", newline="\n") as out:
         out.writelines(line + "\n" for line in lines)
-    os.replace(temporary, path)
 
 
 def write_all(out_dir: Path, utterances: list[Utterance], voices: list[Voice]) -> None:

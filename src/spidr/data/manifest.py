@@ -35,6 +35,7 @@ from typing import IO
 import numpy as np
 import soundfile as sf
 
+from spidr.atomic_files import replaced_when_done
 from spidr.data import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
@@ -865,16 +866,11 @@ def write_manifest(
     tsv = out.suffix == ".tsv"
     base = _tsv_root(entries, root, out) if tsv else ""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as handle:
-            if tsv:
-                _write_tsv(entries, base, handle, out)
-            elif out.suffix == ".csv":
-                _write_csv(entries, handle)
-            else:
-                _write_jsonl(entries, handle)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced_when_done(out) as partial, partial.open("w", encoding="utf-8", newline="") as handle:
+        if tsv:
+            _write_tsv(entries, base, handle, out)
+        elif out.suffix == ".csv":
+            _write_csv(entries, handle)
+        else:
+            _write_jsonl(entries, handle)
     return out

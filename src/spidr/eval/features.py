@@ -27,11 +27,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from spidr.atomic_files import partial_path, replaced_when_done, write_atomically
 from spidr.config import ModelConfig, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
-from spidr.eval.journal import write_atomically
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 from spidr.models.inference_precision import bfloat16_inference, precision_identity
 
@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 HOP = 320  # samples per frame of the default conv front end (20 ms)
 STANDARDIZE_EPS = 1e-5
-PARTIAL = ".partial"  # suffix of a feature file being written; renamed away once complete
 
 
 @dataclass(frozen=True)
@@ -343,10 +342,8 @@ class _Outputs:
 
     def save(self, key: str, index: int, values: np.ndarray) -> None:
         path = self.path(key, index)
-        tmp = path.with_name(path.name + PARTIAL)
-        with tmp.open("wb") as handle:
+        with replaced_when_done(path) as partial, partial.open("wb") as handle:
             np.save(handle, values.astype(np.float32, copy=False))
-        os.replace(tmp, path)
 
 
 def _unit_row(name: str, path: str, units: np.ndarray) -> str:
@@ -533,13 +530,13 @@ class NpyAppender:
     """A (rows, cols) float32 ``.npy`` file written front to back, slice by slice (``appender[a:b] = values``).
 
     Unlike a memory map, written rows leave memory at once, so writing a 1-hour file costs no more than a window.
-    Rows go to ``<name>.partial``, renamed to ``path`` by ``close`` once every row is written: a killed process
+    Rows go to ``.<name>.partial``, renamed to ``path`` by ``close`` once every row is written: a killed process
     never leaves a truncated ``.npy``.
     """
 
     def __init__(self, path: Path, rows: int, cols: int) -> None:
         self.path, self.rows, self.written = path, rows, 0
-        self.partial = path.with_name(path.name + PARTIAL)
+        self.partial = partial_path(path)
         self.file = self.partial.open("wb")
         np.lib.format.write_array_header_1_0(
             self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,19 +25,13 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from spidr.atomic_files import write_atomically
 from spidr.data.manifest import ITER_CHUNK, Manifest
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = ".extract"
 FORMAT = 1
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -11,13 +11,13 @@ distance, computed in batches as ``argmin_k ‖c_k‖² − 2·x·c_k``, one fil
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from spidr.atomic_files import replaced_when_done
 from spidr.extras import import_extra
 
 logger = logging.getLogger(__name__)
@@ -131,14 +131,8 @@ def save_centroids(
     tensor = torch.as_tensor(np.asarray(centroids, dtype=np.float32)).contiguous()
     if tensor.ndim != 2:
         raise ValueError(f"centroids must be (K, D), got shape {tuple(tensor.shape)}")
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    with replaced_when_done(path) as partial:
         save_file({CENTROIDS_KEY: tensor}, str(partial), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
 
 
 def load_centroids(path: str | Path) -> torch.Tensor:

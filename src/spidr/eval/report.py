@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings, extract_to_directory
 from spidr.eval.items import Items
-from spidr.eval.journal import write_atomically
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
 from spidr.eval.units import read_units
@@ -233,9 +232,8 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
 
 def _save_figure(fig: object, path: Path) -> None:
     """A PNG written under a temporary name and renamed: a failed save leaves no truncated image."""
-    partial = path.with_name(f".{path.name}.partial")
-    fig.savefig(partial, dpi=120, format="png")
-    os.replace(partial, path)
+    with replaced_when_done(path) as partial:
+        fig.savefig(partial, dpi=120, format="png")
 
 
 def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, notes: Sequence[str] = ()) -> Path:

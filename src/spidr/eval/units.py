@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+from spidr.atomic_files import replaced_when_done
 
 
 def open_text(path: str | Path, mode: str = "r") -> IO[str]:
@@ -129,19 +130,14 @@ def write_units(
     earlier ``path`` stays as it was.
     """
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
     items = units.items() if isinstance(units, Mapping) else units
     count = 0
-    try:
-        with (gzip.open(partial, "wt", encoding="utf-8") if path.suffix == ".gz"
-              else partial.open("w", encoding="utf-8")) as handle:
-            for name, values in items:
-                array = deduplicate(values) if dedup else np.asarray(values)
-                row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}
-                handle.write(json.dumps(row) + "\n")
-                count += 1
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
+    with replaced_when_done(path) as partial, (
+            gzip.open(partial, "wt", encoding="utf-8") if path.suffix == ".gz"
+            else partial.open("w", encoding="utf-8")) as handle:
+        for name, values in items:
+            array = deduplicate(values) if dedup else np.asarray(values)
+            row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}
+            handle.write(json.dumps(row) + "\n")
+            count += 1
     return count

@@ -14,6 +14,7 @@ set's frames (``--kmeans K``), or read from ``--centroids`` files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spidr.atomic_files import replaced_when_done
 from spidr.lm.score import SPLITS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -100,22 +102,17 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
     out_dir = Path(out_dir)
     written = {}
     for name, folder in benchmark_sets(bench_dir).items():
-        handles = {}
-        try:
+        with contextlib.ExitStack() as files:  # complete files only: a failure leaves no truncated units file
+            handles = {}
             for layer in layers:
                 path = out_dir / f"layer_{layer:02d}" / f"{name}.jsonl"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                handles[layer] = path.with_name(path.name + ".tmp").open("w", encoding="utf-8")
+                partial = files.enter_context(replaced_when_done(path))
+                handles[layer] = files.enter_context(partial.open("w", encoding="utf-8"))
                 written[f"layer_{layer:02d}/{name}"] = path
             for entry, units in iter_units(model, _entries(folder), layers=layers, centroids=centroids,
                                            dtype=dtype, batch_seconds=batch_seconds):
                 for layer, values in units.items():
                     handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")
-        finally:
-            for handle in handles.values():
-                handle.close()
-        for layer in layers:  # complete files only: a killed run leaves no truncated units file behind
-            path = written[f"layer_{layer:02d}/{name}"]
-            path.with_name(path.name + ".tmp").replace(path)
         logger.info("wrote units of %s for layers %s", name, list(layers))
     return written

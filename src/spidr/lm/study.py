@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from spidr.atomic_files import write_atomically
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
-from spidr.eval.journal import write_atomically
 from spidr.eval.report import format_number
 from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
 from spidr.lm.train import write_untrained

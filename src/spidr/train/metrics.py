@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from spidr.atomic_files import write_atomically
 from spidr.config import Config
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,6 @@ def supersede_records(path: Path, *, after_step: int) -> int:
     if moved:
         with open(path.with_name(SUPERSEDED_FILE), "a", encoding="utf-8") as file:
             file.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
-    from spidr.eval.journal import write_atomically  # here: the journal module loads torch, plotting needs none
 
     # A complete last record killed before its newline gets one, or the next record would share its line.
     write_atomically(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))

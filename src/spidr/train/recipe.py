@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spidr.eval.journal import write_atomically
+from spidr.atomic_files import write_atomically
 
 if TYPE_CHECKING:
     from spidr.config import Config
