@@ -125,3 +125,18 @@ def test_study_table_brackets_hold_their_value():
     assert _with_ci({"tsc": 50.0, "tsc_ci95": [44.5, 55.5]}, "tsc") == "50.0 [44–56]"
     assert _with_ci({"tsc": 50.0}, "tsc") == "50.0"
     assert _with_ci({}, "tsc") == "–"
+
+
+def test_a_student_without_heads_needs_layers_and_kmeans(bench, tmp_path, capsys):
+    from spidr.models.student import Student
+
+    torch.manual_seed(0)
+    path = tmp_path / "student.safetensors"
+    export_safetensors(Student(CFG), path)
+    assert list(build_model(CFG).head_layers) == [2, 3]
+    assert not Student(CFG).head_layers
+    assert main(["lm-units", str(bench), str(tmp_path / "u"), "--checkpoint", str(path)]) == 2
+    assert "student.safetensors has no codebook head: pass --layers" in capsys.readouterr().err
+    assert main(["lm-units", str(bench), str(tmp_path / "u"), "--checkpoint", str(path), "--layers", "3",
+                 "--kmeans", "3"]) == 0
+    assert len(_read(tmp_path / "u" / "layer_03" / "train.jsonl")) == 4

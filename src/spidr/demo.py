@@ -186,7 +186,7 @@ def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     from spidr.models.loading import load_model
 
     model = load_model(checkpoint)
-    heads = tuple(range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1))
+    heads = tuple(model.head_layers)
 
     def quality(name: str) -> dict[int, dict[str, float]]:
         return {row.layer: {"unit_abx_within": row.unit_abx_within, "unit_abx_across": row.unit_abx_across,

@@ -497,7 +497,7 @@ def iter_units(
     from spidr.eval.kmeans import assign_units
 
     centroids = dict(centroids or {})
-    head_layers = set(range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1))
+    head_layers = set(model.head_layers)
     missing = sorted(layer for layer in layers if layer not in centroids and layer not in head_layers)
     if missing:
         raise ValueError(f"layer(s) {missing} have no codebook head (heads: {sorted(head_layers)}); give k-means "
@@ -567,8 +567,7 @@ def _extract_long_file(
     for layer in settings.layers:
         key = f"layer_{layer:02d}"
         sinks[key] = NpyAppender(outputs.path(key, index), total, model.cfg.encoder_embed_dim)
-    head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
-    for layer in head_layers if settings.codebooks else ():
+    for layer in model.head_layers if settings.codebooks else ():
         sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
     try:
         extract_long(model, audio, settings, sinks)

@@ -112,7 +112,6 @@ def evaluate_model(
     ``dtype``: ``ExtractionSettings.dtype`` ("bfloat16": the Transformer layers in bf16)."""
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
     extract_to_directory(model, entries, work_dir, settings, progress=progress, replace_other=True)
-    head_layers = range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1)
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
     rows = []
     for layer in layers:
@@ -121,7 +120,7 @@ def evaluate_model(
         row = LayerRow(model=name, layer=layer)
         row.abx_within = _abx_percent(features, layer_items, "within", abx, distance=abx.distance, frequency=rate)
         row.abx_across = _abx_percent(features, layer_items, "across", abx, distance=abx.distance, frequency=rate)
-        if layer in head_layers:
+        if layer in model.head_layers:
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
             units = read_units(units_path)  # keyed by utterance id, as the features
             unit_features = {name: seq.astype(np.int64) for name, seq in units.items()}

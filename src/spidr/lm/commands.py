@@ -149,8 +149,11 @@ def _units(args: argparse.Namespace) -> int:
     if args.random_init:
         model = random_init_model(model.cfg, seed=args.seed)
     model = model.to(args.device).eval()
-    heads = f"{model.num_layers - model.num_codebooks + 1}-{model.num_layers}"
-    layers = parse_layers(args.layers or heads, model.num_layers)
+    heads = model.head_layers
+    if args.layers is None and not heads:
+        raise ValueError(f"checkpoint {args.checkpoint} has no codebook head: pass --layers, with --kmeans K or "
+                         "--centroids for k-means units")
+    layers = parse_layers(args.layers or f"{heads[0]}-{heads[-1]}", model.num_layers)
     centroids = {}
     for text in args.centroids:
         layer, _, path = text.partition("=")
@@ -205,7 +208,7 @@ def _study_layers(path: str, model: torch.nn.Module, text: str | None, *, kmeans
     benchmark and training its phone LMs."""
     from spidr.eval.features import parse_layers
 
-    heads = list(range(model.num_layers - model.num_codebooks + 1, model.num_layers + 1))
+    heads = list(model.head_layers)
     if text is None and not heads:
         raise ValueError(f"checkpoint {path} has no codebook head: pass --layers, with --kmeans K for k-means units")
     layers = parse_layers(text or f"{heads[0]}-{heads[-1]}", model.num_layers)

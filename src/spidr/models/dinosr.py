@@ -93,6 +93,11 @@ class DinoSR(nn.Module):
     def num_codebooks(self) -> int:
         return len(self.codebooks)
 
+    @property
+    def head_layers(self) -> range:
+        """The layers (1-based) whose outputs the prediction heads read: the top ``num_codebooks``."""
+        return range(self.num_layers - self.num_codebooks + 1, self.num_layers + 1)
+
     def features(self, waveforms: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
         """Projected conv features (B, T, D) of waveforms (B, S); no dropout, no masking. ``warp``: per-utterance
         frequency-warp factors (B,) of a log-mel front end (``student_frequency_warp``), None for none."""

@@ -37,6 +37,11 @@ class Student(nn.Module):
         """0: an exported student has no prediction heads."""
         return 0
 
+    @property
+    def head_layers(self) -> range:
+        """Empty: no layer has a prediction head (codebook units need k-means centroids here)."""
+        return range(self.num_layers + 1, self.num_layers + 1)
+
     def features(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Projected conv features (B, T, D) of waveforms (B, S)."""
         if waveforms.ndim != 2 or not waveforms.is_floating_point():
