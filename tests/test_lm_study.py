@@ -80,22 +80,22 @@ def test_a_study_folder_spelt_otherwise_or_moved_keeps_its_lms(tmp_path, monkeyp
 
 
 def test_lms_differing_in_config_or_data_are_named_and_location_fields_are_not(tmp_path):
-    from spidr.lm.train import train_lm
+    from spidr.lm.train import lm_checkpoint_summary, train_lm
 
     bench = _bench(tmp_path / "bench", 14)
     units = study._oracle_units(bench, tmp_path / "units")
     settings = study.StudySettings(lm_overrides=TINY_LM)
     cfg = study._lm_config("phone oracle", units, tmp_path / "a", settings)
     assert train_lm(cfg) == "completed"
-    final = cfg.run.run_dir / "final.pt"
+    summary = lm_checkpoint_summary(cfg.run.run_dir / "final.pt")
     copy = tmp_path / "copy"
     shutil.copytree(units, copy)
-    assert study.lm_differences(final, study._lm_config("renamed", copy, tmp_path / "b", settings)) == ([], [])
+    assert study.lm_differences(summary, study._lm_config("renamed", copy, tmp_path / "b", settings)) == ([], [])
     other = study.StudySettings(lm_overrides=(*TINY_LM, "model.dim=12"))
-    assert study.lm_differences(final, study._lm_config("phone oracle", units, tmp_path / "a", other)) == \
+    assert study.lm_differences(summary, study._lm_config("phone oracle", units, tmp_path / "a", other)) == \
         (["model.dim: 8 → 12"], [])
     (copy / "train.jsonl").write_text("".join((units / "train.jsonl").read_text().splitlines(True)[:-1]))
-    config, data = study.lm_differences(final, study._lm_config("phone oracle", copy, tmp_path / "a", settings))
+    config, data = study.lm_differences(summary, study._lm_config("phone oracle", copy, tmp_path / "a", settings))
     assert config == []
     assert [line.split(":")[0] for line in data] == ["train_fingerprint", "train_utterances"]
 

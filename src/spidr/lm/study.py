@@ -92,15 +92,25 @@ def check_lm_settings(settings: StudySettings) -> None:
     load_lm_config(settings.lm_config, [*settings.lm_overrides, 'data.train="units/train.jsonl"'])
 
 
+def _layer_lm_name(model_name: str, layer: int) -> str:
+    return f"{model_name} L{layer}"
+
+
+def _lm_run_dir(out_dir: Path, name: str) -> Path:
+    """Where the LM called ``name`` trains: ``out_dir/lms/<slug>``."""
+    return out_dir / "lms" / _slug(name)
+
+
 def _lm_config(name: str, units_dir: Path, out_dir: Path, settings: StudySettings,
                extra: Sequence[str] = ()) -> LmConfig:
     """The config of ``name``'s LM: the study's LM config and overrides, trained on ``units_dir/train.jsonl`` in
-    ``out_dir/lms/<slug>``."""
+    ``_lm_run_dir(out_dir, name)``."""
     from spidr.lm.config import load_lm_config
 
+    run_dir = _lm_run_dir(out_dir, name)
     return load_lm_config(settings.lm_config, [*settings.lm_overrides, *extra,
                                                f'data.train="{units_dir / "train.jsonl"}"',
-                                               f'run.workdir="{out_dir / "lms"}"', f'run.name="{_slug(name)}"'])
+                                               f'run.workdir="{run_dir.parent}"', f'run.name="{run_dir.name}"'])
 
 
 # Where an LM's files are, not how it is trained: a study folder moved or named otherwise (a relative --out, then
@@ -108,14 +118,14 @@ def _lm_config(name: str, units_dir: Path, out_dir: Path, settings: StudySetting
 LOCATION_FIELDS = frozenset({"run.workdir", "run.name", "data.train"})
 
 
-def lm_differences(checkpoint: Path, cfg: LmConfig, *, data: bool = True) -> tuple[list[str], list[str]]:
-    """How the LM of ``checkpoint`` (a run's final.pt or step_N.pt) differs from the one ``cfg`` would train:
-    (config fields, locations aside; training data, as ``spidr.lm.train.prepare_data`` describes it, unless
+def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
+                   data: bool = True) -> tuple[list[str], list[str]]:
+    """How the LM of a checkpoint (``state``: its ``lm_checkpoint_summary``) differs from the one ``cfg`` would
+    train: (config fields, locations aside; training data, as ``spidr.lm.train.prepare_data`` describes it, unless
     ``data`` is False: the units need not exist yet), each "name: old → new"; both empty when it may be reused."""
-    from spidr.lm.train import lm_checkpoint_summary, prepare_data
+    from spidr.lm.train import prepare_data
     from spidr.train.runtime import config_diff
 
-    state = lm_checkpoint_summary(checkpoint)
     config = [f"{name}: {old!r} → {new!r}" for name, old, new in sorted(config_diff(state["config"], cfg.to_dict()))
               if name not in LOCATION_FIELDS]
     if not data:
@@ -126,21 +136,32 @@ def lm_differences(checkpoint: Path, cfg: LmConfig, *, data: bool = True) -> tup
     return config, data
 
 
-def _check_trained_lms(configs: Sequence[LmConfig], settings: StudySettings, *, data: bool = True) -> None:
-    """Refuse the study if an LM trained (or being trained) differs from the one it would train, naming each and
-    what differs, before any is trained. An LM trained on other units (made again, e.g. for a remade benchmark) is
-    trained again in a study folder that is a cache (``settings.rebuild_stale``, the demo): elsewhere it is an LM
-    someone trained, and the study leaves it for them to delete. Without ``data``, only the configs are compared
-    (before the units are made, so that a refusal does not wait for every model's extraction)."""
+def _trained_lms(configs: Sequence[LmConfig]) -> list[tuple[LmConfig, Path, dict[str, Any]]]:
+    """``(config, newest checkpoint, its lm_checkpoint_summary)`` of each LM of ``configs`` trained or being
+    trained, read once for both of ``_check_trained_lms``' passes."""
+    from spidr.lm.train import lm_checkpoint_summary
     from spidr.train.checkpoint import Checkpointer
 
-    refused, retrain = [], []
+    trained = []
     for cfg in configs:
         checkpoints = Checkpointer(cfg.run.run_dir, save_interval=1).checkpoints()  # final.pt last
-        if not checkpoints:
-            continue
-        config, changed_data = lm_differences(checkpoints[-1], cfg, data=data)
-        if checkpoints[-1].name != "final.pt":
+        if checkpoints:
+            trained.append((cfg, checkpoints[-1], lm_checkpoint_summary(checkpoints[-1])))
+    return trained
+
+
+def _check_trained_lms(trained: Sequence[tuple[LmConfig, Path, dict[str, Any]]], settings: StudySettings, *,
+                       data: bool = True) -> None:
+    """Refuse the study if an LM trained (or being trained; ``_trained_lms``) differs from the one it would train,
+    naming each and what differs, before any is trained. An LM trained on other units (made again, e.g. for a
+    remade benchmark) is trained again in a study folder that is a cache (``settings.rebuild_stale``, the demo):
+    elsewhere it is an LM someone trained, and the study leaves it for them to delete. Without ``data``, only the
+    configs are compared (before the units are made, so that a refusal does not wait for every model's
+    extraction)."""
+    refused, retrain = [], []
+    for cfg, checkpoint, state in trained:
+        config, changed_data = lm_differences(state, cfg, data=data)
+        if checkpoint.name != "final.pt":
             config = []  # an unfinished run: lm-train's resume checks its config (it may go on with another budget)
         if config or (changed_data and not settings.rebuild_stale):
             what = (f"trained with another config ({'; '.join(config)})" if config
@@ -341,7 +362,7 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
         logger.warning("%s holds units of another benchmark: making them again", model_dir)
     elif done.is_file():
         why = "other " + ", ".join(changed) if changed else "a spidr that recorded nothing of what made them"
-        lm_dirs = [out_dir / "lms" / _slug(f"{study_model.name} L{int(layer.name.removeprefix('layer_'))}")
+        lm_dirs = [_lm_run_dir(out_dir, _layer_lm_name(study_model.name, int(layer.name.removeprefix("layer_"))))
                    for layer in model_dir.glob("layer_[0-9][0-9]")]
         if not settings.rebuild_stale:
             raise ValueError(
@@ -388,14 +409,16 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
         for layer in study_model.layers:
             layer_dir = model_dir / f"layer_{layer:02d}"
             layer_lms.append((study_model, layer, layer_dir, _lm_config(
-                f"{study_model.name} L{layer}", layer_dir, out_dir, settings, (f"data.num_units={num_units}",))))
+                _layer_lm_name(study_model.name, layer), layer_dir, out_dir, settings,
+                (f"data.num_units={num_units}",))))
     # Every LM is vetted before the first one trains: a study that must be refused is refused at once, naming them all
     # (their configs before any model's units are made, their training data once the units are there).
-    lm_configs = [oracle, bigram, *(cfg for *_, cfg in layer_lms)]
-    _check_trained_lms(lm_configs, settings, data=False)
+    trained = _trained_lms([oracle, bigram, *(cfg for *_, cfg in layer_lms)])
+    _check_trained_lms(trained, settings, data=False)
     for study_model, model_dir in zip(models, model_dirs, strict=True):
         _model_units(study_model, bench, model_dir, out_dir, settings)
-    _check_trained_lms(lm_configs, settings)
+    # LMs trained on units the model's folder no longer holds were deleted with them (_model_units).
+    _check_trained_lms([lm for lm in trained if lm[1].is_file()], settings)
 
     common = {"bench": bench, "settings": settings}
     rows = []
@@ -407,7 +430,7 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     rows.append(_row("phone bigram", "bigram", None,
                      _score("phone bigram", bigram_run / "final.pt", oracle_dir, out_dir, **common), {}))
     for study_model, layer, layer_dir, cfg in layer_lms:
-        name = f"{study_model.name} L{layer}"
+        name = _layer_lm_name(study_model.name, layer)
         run = _train(name, cfg)
         results = _score(name, run / "final.pt", layer_dir, out_dir, **common)
         quality = study_model.quality.get(layer) or measure_quality(
