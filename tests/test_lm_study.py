@@ -91,6 +91,13 @@ def test_lms_differing_in_config_or_data_are_named_and_location_fields_are_not(t
     copy = tmp_path / "copy"
     shutil.copytree(units, copy)
     assert study.lm_differences(summary, study._lm_config("renamed", copy, tmp_path / "b", settings)) == ([], [])
+    # an LM trained before model.activation existed was trained with its default: reused unless the study moves it
+    older = {**summary, "config": {**summary["config"], "model": {
+        key: value for key, value in summary["config"]["model"].items() if key != "activation"}}}
+    assert study.lm_differences(older, study._lm_config("phone oracle", units, tmp_path / "a", settings)) == ([], [])
+    relu = study.StudySettings(lm_overrides=(*TINY_LM, 'model.activation="relu"'))
+    assert study.lm_differences(older, study._lm_config("phone oracle", units, tmp_path / "a", relu)) == \
+        (["model.activation: (not recorded) → 'relu'"], [])
     other = study.StudySettings(lm_overrides=(*TINY_LM, "model.dim=12"))
     assert study.lm_differences(summary, study._lm_config("phone oracle", units, tmp_path / "a", other)) == \
         (["model.dim: 8 → 12"], [])

@@ -146,7 +146,8 @@ def reusable(path: Path, expected: tuple[dict, dict], *, model_dir: Path | None 
     """Whether ``path`` (a ``point.json`` or ``baselines.json``) holds a finished result of the ``expected`` recipe
     (``recipe()``'s pair); a result of another recipe is an error that names the settings that differ. ``model_dir``:
     the folder of the trained model the result scores (a point's), to delete when more than the scoring differs."""
-    from spidr.train.recipe import describe_differences, recipe_differences
+    from spidr.train.recipe import describe_differences
+    from spidr.train.runtime import config_diff
 
     if not path.is_file():
         return False
@@ -157,7 +158,7 @@ def reusable(path: Path, expected: tuple[dict, dict], *, model_dir: Path | None 
     if made_with is None:
         logger.warning("%s records no recipe (written before spidr recorded one): reused as it is", path)
         return True
-    changed = recipe_differences(made_with, *expected)
+    changed = config_diff(made_with, expected[0], defaults=expected[1])
     if not changed:
         return True
     if model_dir is None or all(name.startswith("scoring.") for name, _, _ in changed):
@@ -490,7 +491,8 @@ def read_points(out_dir: Path, shared: tuple[dict, dict] | None = None) -> list[
     """Every finished point under ``out_dir/points``, in (hours, steps, seed) order. With ``shared``
     (``curve_recipe()``), a point made with another recipe says how in ``other_recipe`` (points made by another
     invocation, or before the recipe changed, are never checked when they are outside its grid)."""
-    from spidr.train.recipe import describe_differences, recipe_differences
+    from spidr.train.recipe import describe_differences
+    from spidr.train.runtime import config_diff
 
     summaries = []
     for path in sorted((Path(out_dir) / "points").glob("*/point.json")):
@@ -501,7 +503,7 @@ def read_points(out_dir: Path, shared: tuple[dict, dict] | None = None) -> list[
             raise ValueError(f"{path} is not a learning-curve point ({error!r}); delete it to score the point "
                              "again") from error
         if shared is not None and isinstance(record.get("recipe"), dict):
-            changed = recipe_differences(_without_grid(record["recipe"]), *shared)
+            changed = config_diff(_without_grid(record["recipe"]), shared[0], defaults=shared[1])
             if changed:
                 summary = replace(summary, other_recipe=describe_differences(changed))
         summaries.append(summary)

@@ -130,6 +130,16 @@ class LmConfig:
 SECTIONS = {"run": LmRunSection, "data": LmDataSection, "model": LmModelSection, "optimizer": LmOptimizerSection}
 
 
+def default_lm_settings() -> dict[str, Any]:
+    """Every setting's default, nested as ``LmConfig.to_dict`` (read from the fields: a default config is not valid,
+    data.train being required)."""
+    def default(f: dataclasses.Field) -> Any:
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    return json.loads(json.dumps({name: {f.name: default(f) for f in dataclasses.fields(cls)}
+                                  for name, cls in SECTIONS.items()}))
+
+
 def lm_config_from_dict(data: dict[str, Any]) -> LmConfig:
     """Build an ``LmConfig`` from nested sections; unknown sections and keys are refused by name."""
     unknown = sorted(set(data) - set(SECTIONS))

@@ -123,10 +123,13 @@ def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
     """How the LM of a checkpoint (``state``: its ``lm_checkpoint_summary``) differs from the one ``cfg`` would
     train: (config fields, locations aside; training data, as ``spidr.lm.train.prepare_data`` describes it, unless
     ``data`` is False: the units need not exist yet), each "name: old → new"; both empty when it may be reused."""
+    from spidr.lm.config import default_lm_settings
     from spidr.lm.train import prepare_data
     from spidr.train.runtime import config_diff
 
-    config = [f"{name}: {old!r} → {new!r}" for name, old, new in sorted(config_diff(state["config"], cfg.to_dict()))
+    # An LM trained before a setting was added was trained at its default: it differs only if cfg moves it.
+    changes = config_diff(state["config"], cfg.to_dict(), defaults=default_lm_settings())
+    config = [f"{name}: {old!r} → {new!r}" for name, old, new in sorted(changes, key=lambda change: change[0])
               if name not in LOCATION_FIELDS]
     if not data:
         return config, []

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spidr.atomic_files import write_atomically
+from spidr.train.runtime import config_diff
 
 if TYPE_CHECKING:
     from spidr.config import Config
@@ -52,25 +53,8 @@ def default_results_settings(model_type: str) -> dict:
     return results_settings(json.loads(json.dumps(defaults)))
 
 
-def recipe_differences(stored: dict, current: dict, defaults: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted name, stored value, current value) of every setting that differs. A setting that ``stored`` lacks
-    was added to spidr after it was made: it counts only when ``current`` moves it off its default."""
-    out = []
-    for key, value in current.items():
-        name = f"{prefix}{key}"
-        default = defaults.get(key) if isinstance(defaults, dict) else None
-        if key not in stored:
-            if value != default:
-                out.append((name, "(not recorded)", value))
-        elif isinstance(value, dict) and isinstance(stored[key], dict):
-            out += recipe_differences(stored[key], value, default if isinstance(default, dict) else {}, f"{name}.")
-        elif stored[key] != value:
-            out.append((name, stored[key], value))
-    return out + [(f"{prefix}{key}", stored[key], "(no such setting now)") for key in stored if key not in current]
-
-
 def describe_differences(changed: list[tuple[str, Any, Any]], limit: int = 6) -> str:
-    """``recipe_differences`` as one line: the first ``limit`` settings, then how many more."""
+    """Differences (``runtime.config_diff``'s) as one line: the first ``limit`` settings, then how many more."""
     first = sorted(changed, key=lambda difference: difference[0])[:limit]
     shown = ", ".join(f"{name}: {old!r} there, {new!r} now" for name, old, new in first)
     return shown + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
@@ -93,8 +77,8 @@ def check_run_recipe(cfg: Config, train_manifest: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(recorded, json.dumps(corpus, indent=1))
         return
-    changed = recipe_differences(results_settings(_saved_config(run_dir, checkpoints[-1])),
-                                 results_settings(cfg.to_dict()), default_results_settings(cfg.run.model_type))
+    changed = config_diff(results_settings(_saved_config(run_dir, checkpoints[-1])), results_settings(cfg.to_dict()),
+                          defaults=default_results_settings(cfg.run.model_type))
     if recorded.is_file():
         try:
             trained_on = json.loads(recorded.read_text(encoding="utf-8"))

@@ -65,11 +65,36 @@ def load_resumed_weights(model: torch.nn.Module, weights: dict[str, Any], *, sav
                          "data.num_units = 0, may have); choose another run.name to start a new run") from None
 
 
-def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted name, old value, new value) of every setting that differs between two nested config dicts (a key
-    missing on one side counts as None there)."""
+class _Absent:
+    """Stands for the value of a setting one side of a ``config_diff`` does not hold (its repr is its label)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+NOT_RECORDED = _Absent("(not recorded)")  # a setting the old config lacks (added to spidr after it was saved)
+NO_SUCH_SETTING = _Absent("(no such setting now)")  # a setting the old config has and the new one does not
+
+
+def config_diff(old: Any, new: Any, prefix: str = "", *, defaults: Any = None) -> list[tuple[str, Any, Any]]:
+    """(dotted name, old value, new value) of every setting that differs between two nested config dicts; a key one
+    side lacks has ``NOT_RECORDED`` or ``NO_SUCH_SETTING`` as its value there. With ``defaults`` (the config's
+    defaults, nested as ``new``), a key that ``old`` lacks counts only when ``new`` moves it off its default: it
+    is a setting added to spidr after ``old`` was saved, which ``old`` was made with."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in set(old) | set(new) for d in config_diff(old.get(key), new.get(key), f"{prefix}{key}.")]
+        defaults = defaults if isinstance(defaults, dict) else {}
+        out = []
+        for key in new:
+            name = f"{prefix}{key}"
+            if key not in old:
+                if key not in defaults or new[key] != defaults[key]:
+                    out.append((name, NOT_RECORDED, new[key]))
+            else:
+                out += config_diff(old[key], new[key], f"{name}.", defaults=defaults.get(key))
+        return out + [(f"{prefix}{key}", old[key], NO_SUCH_SETTING) for key in old if key not in new]
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
