@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from spidr import cli
+from spidr.eval import abx_scoring
 from spidr.eval.abx import abx, abx_error_rate, frame_distances, prepare_frames
+from spidr.eval.dtw import dtw
 from spidr.eval.feature_dir import FeatureDirectory
 from spidr.eval.items import Items, frame_bounds
 from test_dtw import reference_dtw
@@ -204,8 +206,9 @@ def random_task(seed: int, *, num_items: int = 60, speakers: int = 3, phones: st
 
 
 def reference_abx(features: dict[str, np.ndarray], items: Items, *, speaker: str, context: str,
-                  distance: str) -> tuple[float, int]:
-    """fastabx's definition written triplet by triplet (no subsampling)."""
+                  distance: str, mirror: bool = True) -> tuple[float, int]:
+    """fastabx's definition written triplet by triplet (no subsampling). ``mirror=False``: X always on the lattice
+    rows, which is not fastabx's rule within speaker (a wrong reference, to show that the rule matters)."""
     starts, ends = frame_bounds(items, RATE)
     seqs = []
     for i in range(len(items)):
@@ -242,7 +245,11 @@ def reference_abx(features: dict[str, np.ndarray], items: Items, *, speaker: str
             else:
                 x_sets = [g for (px, cx, sx), g in groups.items() if px == pa and cx == ca and sx != sa]
             for x_items in x_sets:
-                score = [1.0 if d(x, a) < d(x, b) else 0.5 if d(x, a) == d(x, b) else 0.0
+                # Within speaker, X and A are one set; fastabx aligns a pair once, the earlier item on the rows.
+                def d_xa(x: int, a: int) -> float:
+                    return d(a, x) if mirror and speaker == "within" and a < x else d(x, a)
+
+                score = [1.0 if d_xa(x, a) < d(x, b) else 0.5 if d_xa(x, a) == d(x, b) else 0.0
                          for x in x_items for a in a_items if a != x for b in b_items]
                 cells.append((pa, pb, sa, 1 - np.mean(score)))
     by_speaker = defaultdict(list)
@@ -265,6 +272,33 @@ def test_matches_brute_force_reference(seed: int, speaker: str, context: str, di
     expected, num_cells = reference_abx(features, items, speaker=speaker, context=context, distance=distance)
     assert result.num_cells == num_cells
     assert result.error_rate == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("flush_elements", [abx_scoring.FLUSH_ELEMENTS, 300])
+def test_within_speaker_pairs_are_aligned_once_with_the_earlier_item_on_the_rows(monkeypatch, flush_elements):
+    """Discrete units tie often, and the greedy backtrack of a transposed lattice may break a tie the other way:
+    DTW([2,0,1,1,0,2], [0,0,0,2,0]) is 4/7, and 2/3 transposed. fastabx computes each within-speaker A-A pair
+    once, the earlier item on the rows; so must we, also when a group's rows are cut into several chunks."""
+    lattice = torch.tensor([[float(a != b) for b in (0, 0, 0, 2, 0)] for a in (2, 0, 1, 1, 0, 2)])
+    assert dtw(lattice) == pytest.approx(4 / 7)
+    assert dtw(lattice.T) == pytest.approx(2 / 3)
+    monkeypatch.setattr(abx_scoring, "FLUSH_ELEMENTS", flush_elements)
+    order_matters = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        features = {"u": rng.integers(0, 3, 400).astype(np.float32)}
+        rows = []
+        for k in range(40):
+            first = int(rng.integers(0, 390))
+            rows.append(("u", first, first + int(rng.integers(1, 6)), "ab"[k % 2], "s"))
+        items = make_items(rows)
+        result = abx(features, items, context="any", distance="identical", max_size_group=None).error_rate
+        expected, _ = reference_abx(features, items, speaker="within", context="any", distance="identical")
+        assert result == pytest.approx(expected, abs=1e-12)
+        x_on_rows, _ = reference_abx(features, items, speaker="within", context="any", distance="identical",
+                                     mirror=False)
+        order_matters += x_on_rows != pytest.approx(expected, abs=1e-12)
+    assert order_matters >= 3, "the task should hold ties that the lattice orientation breaks differently"
 
 
 @pytest.mark.parametrize("speaker", ["within", "across"])

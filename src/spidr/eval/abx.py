@@ -27,7 +27,9 @@ Cells (fastabx ``Task`` with ON ``#phone``; "A", "B", "X" are the sets of items 
   then take the plain mean over (A phone, B phone) pairs.
 
 Distances between frames (every item is a (T, D) sequence; longer-than-one-frame pairs go through DTW, see
-``spidr.eval.dtw``, with the X item on the lattice rows):
+``spidr.eval.dtw``, with the X item on the lattice rows, except that within speaker, where X and A are one set, a
+pair of A items is aligned once with the earlier item of the group on the rows, as fastabx's symmetric DTW does:
+the greedy backtrack can break a tie differently on a transposed lattice, which is common with discrete units):
 
 * ``angular`` (alias ``cosine``): ``arccos(clamp(â·b̂, −1, 1)) / π`` on L2-normalised frames. An all-zero frame is
   replaced by the uniform unit vector ``1/√D`` as fastabx's "singularity border" does: two zero frames are at distance

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
@@ -109,34 +109,26 @@ class CellScorer:
         self.pool, self.pool_elements = [], 0
 
     def _compute_distances(self, chunks: list[_Chunk]) -> None:
-        """Fill ``chunk.distances`` (rows × cols item DTW distances, X on the lattice rows) for every chunk.
+        """Fill ``chunk.distances`` (rows × cols item DTW distances) for every chunk.
 
-        The frame distances of every chunk are written into one flat buffer (one row-major block per chunk); the
-        lattice of a pair is then a (rows × cols) window of its chunk's block.
+        X is on the lattice rows, except for an (X, A) pair of one A group of a symmetric unit where A comes first
+        in the group: there the lattice is transposed, A on the rows. fastabx (torchdtw's symmetric ``dtw_batch``)
+        computes that block's upper triangle only, earlier item on the rows, and mirrors it; the greedy backtrack
+        can break ←/↑ ties differently on a transposed lattice (often, with discrete units), so the rule matters.
+
+        The frame distances of every chunk are written into one flat buffer (one row-major block per chunk), then
+        the transposed lattices after them; the lattice of a pair is a (rows × cols) window of that buffer.
         """
         store = self.store
         layouts = []
         for chunk in chunks:
             rows, cols = chunk.unit.rows[chunk.row_slice], chunk.unit.cols
             layouts.append((rows, cols, store.lengths[rows], store.lengths[cols]))
-        max_rows = max(int(row_len.max()) for _, _, row_len, _ in layouts)
-        max_cols = max(int(col_len.max()) for _, _, _, col_len in layouts)
-        max_width = max(int(col_len.sum()) for _, _, _, col_len in layouts)
         sizes = [int(row_len.sum()) * int(col_len.sum()) for _, _, row_len, col_len in layouts]
-        # dtw_from_buffer reads up to max_rows × width + max_cols cells past a lattice's start: finite padding.
-        tail = max_rows * max_width + max_cols
-        buffer = self.workspace.get("lattices", sum(sizes) + tail)
-        buffer[sum(sizes) :] = 0.0
-        pair_parts = []
-        base = 0
-        for (rows, cols, row_len, col_len), size in zip(layouts, sizes, strict=True):
-            x = store.frames[_ranges(store.offsets[rows], row_len)]
-            y = store.frames[_ranges(store.offsets[cols], col_len)]
-            store.release()  # a spilled store: gathers map whole page-cache folios; hand them back at once
-            parallel = size * x.shape[1] >= PARALLEL_MIN_WORK
-            with torch_threads(self.threads if parallel else 1):
-                frame_distances(x, y, self.distance, out=buffer[base : base + size].view(x.shape[0], y.shape[0]))
-            width = y.shape[0]
+        pair_parts, mirrored_parts = [], []
+        base = pair_base = 0
+        for chunk, (rows, cols, row_len, col_len), size in zip(chunks, layouts, sizes, strict=True):
+            width = int(col_len.sum())
             row_off = np.cumsum(row_len) - row_len
             col_off = np.cumsum(col_len) - col_len
             # One entry per (row item, col item) pair, row-major: where its lattice starts, its row stride, sizes.
@@ -144,8 +136,37 @@ class CellScorer:
             pair_parts.append(
                 (start.ravel(), np.full(start.size, width), np.repeat(row_len, cols.size), np.tile(col_len, rows.size))
             )
+            if chunk.unit.symmetric:
+                row, col = _earlier_in_a_group(chunk)
+                mirrored_parts.append((pair_base + row * cols.size + col, start[row, col], np.full(row.size, width),
+                                       row_len[row], col_len[col]))
             base += size
+            pair_base += start.size
         pairs = _Pairs(*(np.concatenate(parts) for parts in zip(*pair_parts, strict=True)))
+        mirrored = tuple(np.concatenate(parts) for parts in zip(*mirrored_parts, strict=True)) if mirrored_parts \
+            else None
+        mirrored_size = int((mirrored[3] * mirrored[4]).sum()) if mirrored else 0
+        max_rows = max(int(row_len.max()) for _, _, row_len, _ in layouts)
+        max_cols = max(int(col_len.max()) for _, _, _, col_len in layouts)
+        max_width = max(int(col_len.sum()) for _, _, _, col_len in layouts)
+        # dtw_from_buffer reads up to (rows − 1) × width + cols cells past a lattice's start: finite padding. A
+        # transposed lattice has at most max_cols rows, max_rows columns and a width of max_rows.
+        longest = max(max_rows, max_cols)
+        tail = longest * max(max_width, max_rows) + longest
+        buffer = self.workspace.get("lattices", base + mirrored_size + tail)
+        buffer[base:] = 0.0
+        position = 0
+        for (rows, cols, row_len, col_len), size in zip(layouts, sizes, strict=True):
+            x = store.frames[_ranges(store.offsets[rows], row_len)]
+            y = store.frames[_ranges(store.offsets[cols], col_len)]
+            store.release()  # a spilled store: gathers map whole page-cache folios; hand them back at once
+            parallel = size * x.shape[1] >= PARALLEL_MIN_WORK
+            with torch_threads(self.threads if parallel else 1):
+                frame_distances(x, y, self.distance, out=buffer[position : position + size].view(x.shape[0],
+                                                                                                y.shape[0]))
+            position += size
+        if mirrored is not None:
+            pairs = _with_transposed_lattices(buffer, pairs, mirrored, at=base)
         distances = _batched_dtw(buffer, pairs, self.workspace)
         position = 0
         for chunk in chunks:
@@ -207,6 +228,33 @@ class CellScorer:
             1.0 - twice / (2.0 * size),
             size,
         )
+
+
+def _earlier_in_a_group(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) indices in ``chunk`` of the pairs of a symmetric unit whose column is an item of the row's own A
+    group placed before it (the lower triangle of each A group's block)."""
+    unit = chunk.unit
+    row_group = unit.row_group_of[chunk.row_slice]
+    rank = np.arange(row_group.size) + chunk.row_slice.start - _group_starts(unit.row_group_of)[row_group]
+    row = np.repeat(np.arange(row_group.size), rank)
+    within = np.arange(row.size) - np.repeat(np.cumsum(rank) - rank, rank)  # 0 … rank − 1 for each row
+    return row, np.repeat(unit.col_start[unit.row_a[row_group]], rank) + within
+
+
+def _with_transposed_lattices(buffer: torch.Tensor, pairs: _Pairs, mirrored: tuple[np.ndarray, ...], *,
+                              at: int) -> _Pairs:
+    """Copy the lattice of each ``mirrored`` pair, transposed, into ``buffer`` from ``at`` on, and point those pairs
+    at their copy. ``mirrored``: (pair index, lattice start, width, rows, cols) arrays."""
+    index, start, width, rows, cols = mirrored
+    sizes = rows * cols
+    offsets = np.cumsum(sizes) - sizes
+    local = np.arange(int(sizes.sum())) - np.repeat(offsets, sizes)  # row-major in the copy: (col i', row j')
+    new_row, new_col = local // np.repeat(rows, sizes), local % np.repeat(rows, sizes)
+    source = np.repeat(start, sizes) + new_col * np.repeat(width, sizes) + new_row
+    buffer[at : at + local.size] = buffer[torch.from_numpy(source)]
+    new_start, new_width, new_rows, new_cols = (part.copy() for part in astuple(pairs))
+    new_start[index], new_width[index], new_rows[index], new_cols[index] = at + offsets, rows, cols, rows
+    return _Pairs(new_start, new_width, new_rows, new_cols)
 
 
 def _group_starts(group_of: np.ndarray) -> np.ndarray:
