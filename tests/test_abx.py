@@ -447,3 +447,19 @@ def test_feature_directory_keys_are_packed_and_found_by_bisection(tmp_path: Path
     assert directory.frame_count("spk2/sub/utt4") == 3
     with pytest.raises(KeyError):
         directory["nope"]
+
+
+def test_features_a_distance_cannot_compare_are_refused_by_name() -> None:
+    units = {"u": np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64)}
+    items = make_items([("u", 0, 1, "a", "s"), ("u", 2, 3, "b", "s"), ("u", 4, 5, "a", "s"), ("u", 6, 7, "b", "s")])
+    # normalised, every unit id would be the same direction (+1): ABX at chance without a word
+    with pytest.raises(ValueError, match="features of 'u' have one dimension: the 'angular' distance"):
+        abx(units, items)
+    assert abx(units, items, distance="identical").error_rate == pytest.approx(0.0)
+    logits = {"u": np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)}
+    with pytest.raises(ValueError, match=r"features of 'u' have negative values .*'kl_symmetric' distance compares "
+                                         r"probability vectors"):
+        abx(logits, items, distance="kl_symmetric")
+    empty = Items((), (), (), dict.fromkeys(items.labels, ()), source="empty.item")
+    with pytest.raises(ValueError, match=r"empty\.item holds no items to score"):
+        abx(units, empty, distance="identical")

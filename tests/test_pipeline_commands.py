@@ -193,3 +193,26 @@ def test_extract_takes_every_layer_of_the_model_by_default(corpus, tmp_path):
     assert metadata["layers"] == list(range(1, TINY["encoder_num_layers"] + 1))
     assert sorted(p.name for p in (tmp_path / "f").glob("layer_*")) == [
         f"layer_{layer:02d}" for layer in metadata["layers"]]
+
+
+def test_evaluate_finds_units_and_mfcc_by_item_paths_and_refuses_items_of_another_corpus(corpus, tmp_path, capsys):
+    """Item #file may be a path ending in the utterance id (``spidr abx`` takes both): the codebook-unit ABX and the
+    MFCC baseline must find their utterances as the feature ABX does, and give the same scores as with ids."""
+    lines = (corpus / "test.item").read_text().splitlines()
+    (tmp_path / "paths.item").write_text("\n".join([lines[0], *(f"corpus/{line}" for line in lines[1:])]) + "\n")
+    reports = {}
+    for name in ("test.item", "paths.item"):
+        item = corpus / name if name == "test.item" else tmp_path / name
+        out = tmp_path / f"report-{name}"
+        assert main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                     str(corpus / "manifest.csv"), "--item", str(item), "--layers", "3", "--baseline", "mfcc",
+                     "--out", str(out)]) == 0
+        reports[name] = json.loads((out / "report.json").read_text())
+    assert reports["paths.item"] == reports["test.item"]
+    assert {row["model"] for row in reports["test.item"]} == {"tiny", "MFCC"}
+    assert reports["test.item"][0]["unit_abx_within"] is not None
+    (tmp_path / "other.item").write_text("\n".join([lines[0], *(f"x{line}" for line in lines[1:])]) + "\n")
+    assert main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--item", str(tmp_path / "other.item"), "--layers", "3",
+                 "--out", str(tmp_path / "other")]) == 2
+    assert "none of the 16 ABX items of" in capsys.readouterr().err

@@ -85,6 +85,8 @@ def test_length_mismatch_names_the_utterance() -> None:
         unit_quality({"u": [0, 2]}, {"u": ["A"] * 4}, num_units=2)
     with pytest.raises(ValueError, match="no utterance"):
         unit_quality({"u": [0]}, {"v": ["A", "A"]})
+    with pytest.raises(ValueError, match="utterance 'u': phone 'XX' is not in the phone inventory"):
+        unit_quality({"u": [0, 1]}, {"u": ["A", "A", "XX", "XX"]}, num_units=2, inventory=["A", "B"])
 
 
 def test_bitrate_on_a_tiny_sequence() -> None:

@@ -133,6 +133,8 @@ def abx(
     max_size_group = _cap(max_size_group, "max_size_group")
     max_x_across = _cap(max_x_across, "max_x_across") if speaker == "across" else None
 
+    if not len(items):
+        raise ValueError(f"{items.source} holds no items to score")
     starts, ends = frame_bounds(items, frequency, librilight_bug=librilight_bug)
     store = FrameStore.build(features, items, starts, ends, distance=distance)
     labels = Labels.from_items(items, context=context)

@@ -103,7 +103,7 @@ class FrameStore:
             start, end = spans[name]
             block = frames[position : position + end - start]
             block.copy_(array[start:end])
-            prepare_frames(block, distance)  # row by row, so per file is the same as all at once
+            prepare_frames(block, distance, name=name)  # row by row, so per file is the same as all at once
             offsets[rows] = position + starts[rows] - start
             position += end - start
             unreleased += block.numel() * 4
@@ -133,8 +133,16 @@ def _as_frames(value: object, name: str) -> torch.Tensor:
     return tensor
 
 
-def prepare_frames(frames: torch.Tensor, distance: DistanceName) -> torch.Tensor:
-    """Per-frame preprocessing of (N, D) frames, in place where possible (angular: L2 normalisation)."""
+def prepare_frames(frames: torch.Tensor, distance: DistanceName, *, name: str = "the items") -> torch.Tensor:
+    """Per-frame preprocessing of (N, D) frames of file ``name``, in place where possible (angular: L2
+    normalisation); features the distance has no meaning on are refused."""
+    if distance in ("angular", "cosine") and frames.shape[1] == 1:
+        # Normalised, every non-zero value becomes ±1: discrete units would all be one unit (ABX at chance).
+        raise ValueError(f"features of {name!r} have one dimension: the {distance!r} distance compares directions, "
+                         "which one-dimensional values do not have; for discrete units use the 'identical' distance")
+    if distance == "kl_symmetric" and frames.numel() and float(frames.min()) < 0:
+        raise ValueError(f"features of {name!r} have negative values ({float(frames.min()):.4g}): the "
+                         "'kl_symmetric' distance compares probability vectors (e.g. softmax outputs)")
     if distance in ("angular", "cosine"):
         norms = frames.norm(dim=1, keepdim=True)
         zero = norms[:, 0] == 0
@@ -142,8 +150,8 @@ def prepare_frames(frames: torch.Tensor, distance: DistanceName) -> torch.Tensor
         frames[zero] = 1.0 / math.sqrt(frames.shape[1])  # fastabx's singularity rule, see the module docstring
     elif distance == "identical" and frames.shape[1] != 1:
         raise ValueError(
-            f"the 'identical' distance compares discrete units: features must be (T,) or (T, 1), got dimension "
-            f"{frames.shape[1]}"
+            f"the 'identical' distance compares discrete units: features of {name!r} must be (T,) or (T, 1), got "
+            f"dimension {frames.shape[1]}"
         )
     return frames
 

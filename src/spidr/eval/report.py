@@ -83,6 +83,10 @@ def _items_for(items: Items, available: Mapping) -> Items:
     keep = [i for i, name in enumerate(items.files) if name in available]
     if len(keep) == len(items):
         return items
+    if not keep:
+        raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file with "
+                         f"features (the first names {items.files[0]!r}; features are keyed by utterance id, "
+                         f"e.g. {next(iter(available), None)!r}): is it the item file of another corpus?")
     logger.warning("%d of %d ABX items refer to files without features; they are left out",
                    len(items) - len(keep), len(items))
     return Items(
@@ -123,7 +127,8 @@ def evaluate_model(
         if layer in model.head_layers:
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
             units = read_units(units_path)  # keyed by utterance id, as the features
-            unit_features = {name: seq.astype(np.int64) for name, seq in units.items()}
+            # Keyed as the features (utterance id, or path when ids repeat), found by item #file path or stem.
+            unit_features = StemKeyed.if_unique({name: seq.astype(np.int64) for name, seq in units.items()})
             row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical",
                                                frequency=rate)
             row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical",
@@ -146,6 +151,7 @@ def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSet
             features[entry.fileid] = mfcc(load_audio(entry, normalize=True).numpy())
         except AudioError as error:
             logger.warning("MFCC baseline: skipping %s: %s", entry.location, error.reason)
+    features = StemKeyed.if_unique(features)  # item #file paths or stems find the utterance ids
     layer_items = _items_for(items, features)
     return LayerRow(
         model="MFCC",

@@ -160,7 +160,11 @@ def _codes(phones: Mapping[str, Sequence[str]], name: str, index: Mapping[str, i
             missing = phones.phones[int(phones.codes[name][:length][int(np.argmin(codes))])]
             raise ValueError(f"utterance {name!r}: phone {missing!r} is not in the phone inventory")
         return codes
-    return np.fromiter((index[p] for p in phones[name][:length]), dtype=np.int64, count=length)
+    labels = phones[name][:length]
+    missing = next((p for p in labels if p not in index), None)
+    if missing is not None:
+        raise ValueError(f"utterance {name!r}: phone {missing!r} is not in the phone inventory")
+    return np.fromiter((index[p] for p in labels), dtype=np.int64, count=length)
 
 
 def count_matrix(
