@@ -192,6 +192,12 @@ def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
     assert counts[4, 5] > 0
     assert counts[4, 6] == 0
     assert counts[vocab.bos].sum() == info["train_utterances"]
+    assert [r["group"] for r in _metrics(cfg.run.run_dir)].count("valid") == 1
+    # without held-out data there is no validation to log (it once logged loss 0, perplexity 1 over 0 tokens)
+    cfg = load_lm_config(_config(tmp_path, "bigram-all", model={"arch": "ngram"}, data={"val_fraction": 0.0}))
+    assert train_lm(cfg) == "completed"
+    logged = cfg.run.run_dir / "metrics.jsonl"
+    assert not logged.exists() or [r for r in _metrics(cfg.run.run_dir) if r["group"] == "valid"] == []
 
 
 def test_resuming_on_other_data_or_an_edited_model_is_refused(tmp_path):
@@ -244,6 +250,17 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"data\.train is required"):
         load_lm_config(path, ['data.train=""'])
     assert main(["lm-train", str(path), "--set", "optimizer.lr=-1"]) == 2
+    with pytest.raises(ValueError, match=r"optimizer\.dtype = 'float16' is invalid"):  # would need loss scaling
+        load_lm_config(path, ['optimizer.dtype="float16"'])
+
+
+def test_training_data_of_exactly_one_window_is_enough():
+    from spidr.lm.data import WindowSampler
+
+    sampler = WindowSampler(torch.arange(9), context=8, batch_size=2, seed=0)
+    assert sampler.windows(0).tolist() == [list(range(9))] * 2
+    with pytest.raises(ValueError, match=r"has 8 tokens, fewer than one window of model\.context \+ 1 = 9"):
+        WindowSampler(torch.arange(8), context=8, batch_size=2, seed=0)
 
 
 def test_lm_score_writes_a_valid_submission_that_lm_eval_reads(tmp_path, capsys):

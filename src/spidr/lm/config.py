@@ -96,7 +96,8 @@ class LmOptimizerSection:
     max_steps: int = 1000
     batch_size: int = 16  # windows per optimizer step, over all ranks and micro-batches
     grad_accum_steps: int = 1
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # No float16: its gradients would need loss scaling (LM logits' gradients underflow it), which bf16 does not.
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
     def __post_init__(self) -> None:
         check_fields(self, "optimizer")

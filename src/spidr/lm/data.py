@@ -45,7 +45,7 @@ class WindowSampler:
     seed: int
 
     def __post_init__(self) -> None:
-        if self.stream.numel() < self.context + 2:
+        if self.stream.numel() < self.context + 1:
             raise ValueError(f"the training data has {self.stream.numel()} tokens, fewer than one window of "
                              f"model.context + 1 = {self.context + 1}; lower model.context or add data")
 

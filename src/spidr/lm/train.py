@@ -252,8 +252,10 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
             cleanup.callback(metrics.close)
             raw.fit(data.train.to(device))
             optimizer = None
-            metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
-                                                          precision=precision, batch_size=o.batch_size, device=device))
+            if data.valid.numel():  # no held-out data (val_fraction = 0): nothing to report, not a perfect score
+                metrics.log(o.max_steps, "valid", validate_lm(
+                    raw, data.valid.to(device), context=cfg.model.context, precision=precision,
+                    batch_size=o.batch_size, device=device))
             save(o.max_steps, final=True)
             return "completed"
 
