@@ -105,6 +105,24 @@ def test_scores_sum_and_mean_and_batching():
         assert batched[stem].logprob == pytest.approx(direct, abs=1e-4)
 
 
+def test_equal_sequences_tie_wherever_the_batches_are_cut():
+    """A word and a nonword with the same units must tie (pair score ½): scored in two batches of different widths,
+    the GPT's float rounding differed in the last digits (-5.616881461 vs -5.616881484), a pair score of 1."""
+    torch.manual_seed(0)
+    vocab = Vocabulary(200)
+    model = GptLM(vocab.size, dim=64, num_layers=2, num_heads=4, ffn_dim=128, context=64, dropout=0.0,
+                  activation="gelu", tie_embeddings=True).eval()
+    rng = np.random.default_rng(1)
+    same = rng.integers(0, 200, size=20)
+    sequences = {f"a{i:02d}": rng.integers(0, 200, size=20) for i in range(15)}
+    sequences |= {"b_nonword": same, "b_word": same.copy(), "z_word": same.copy()}
+    sequences |= {f"c{i:02d}": rng.integers(0, 200, size=50) for i in range(15)}
+    for dtype in ("float32", "bfloat16"):
+        scores = score_sequences(model, vocab, sequences, context=64, batch_tokens=22 * 16, dtype=dtype)
+        assert scores["b_word"] == scores["b_nonword"] == scores["z_word"]
+        assert set(scores) == set(sequences)
+
+
 def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
     units = tmp_path / "units.jsonl"
     units.write_text(json.dumps({"audio": "/data/spk/a.wav", "units": [3, 3, 1, 1, 1, 3]}) + "\n"

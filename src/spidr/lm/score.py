@@ -48,9 +48,14 @@ class ItemScore:
 def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str, np.ndarray], *,
                     context: int | None = None, batch_tokens: int = 32768,
                     dtype: str = "float32") -> dict[str, ItemScore]:
-    """Score every (n,) unit sequence; a padded batch gives the same scores as one sequence at a time."""
+    """Score every (n,) unit sequence. A padded batch gives the scores of one sequence at a time up to float
+    rounding, which depends on the batch; so equal sequences (a word and a nonword whose units are the same) are
+    scored once and share their score, a tie as ZeroSpeech counts it, wherever the batches are cut."""
     device = next(iter(model.state_dict().values())).device
-    stems = sorted(sequences, key=lambda s: (len(sequences[s]), s))
+    first_stem: dict[bytes, str] = {}  # each distinct sequence → the first stem holding it
+    for stem in sorted(sequences):
+        first_stem.setdefault(np.asarray(sequences[stem], dtype=np.int64).tobytes(), stem)
+    stems = sorted(first_stem.values(), key=lambda s: (len(sequences[s]), s))
     scores: dict[str, ItemScore] = {}
     i = 0
     while i < len(stems):
@@ -73,7 +78,7 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
         for stem, total, length in zip(batch, totals, lengths.tolist(), strict=True):
             scores[stem] = ItemScore(total, length - 1)
         i += len(batch)
-    return scores
+    return {stem: scores[first_stem[np.asarray(sequences[stem], dtype=np.int64).tobytes()]] for stem in sequences}
 
 
 def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
