@@ -105,8 +105,19 @@ def test_read_table_keeps_labels_and_drops_bad_rows(tmp_path: Path, caplog: pyte
         read_table(typo, ["abx", "pnmi"])
     twice = write_table(tmp_path / "twice.csv", ["model", "layer", "abx", "pnmi"],
                         [["a", 1, 1.0, 0.1], ["a", 2, 2.0, 0.2], ["b", 2, 3.0, 0.3], ["a", 1, 1.0, 0.1]])
-    with pytest.raises(ValueError, match=r"lines 2 and 5: two rows for model 'a', layer 1"):
+    with pytest.raises(ValueError, match=r"lines 2 and 5: two rows for model 'a', layer '1'"):
         read_table(twice, ["abx", "pnmi"])
+    # the paper's points: codebook and k-means units of one layer, and a k-means vocabulary sweep, are distinct
+    sweep = write_table(tmp_path / "sweep.csv", ["model", "units", "layer", "num_units", "abx", "swuggy"],
+                        [["spidr", "codebook", 6, 256, 6.1, 70.0], ["spidr", "kmeans", 6, 256, 6.5, 69.0],
+                         ["spidr", "kmeans", 6, 500, 6.0, 71.0], ["spidr", "kmeans", 6, 1000, 5.8, 71.5],
+                         ["dinosr", "codebook", 6, 256, 7.0, 67.0]])
+    assert len(read_table(sweep, ["abx", "swuggy"])) == 5
+    with pytest.raises(ValueError, match=r"lines 3 and 4: two rows for model 'spidr', units 'kmeans', layer '6', "
+                                         r"num_units '256'"):
+        read_table(write_table(tmp_path / "sweep2.csv", ["model", "units", "layer", "num_units", "abx", "swuggy"],
+                               [["spidr", "codebook", 6, 256, 6.1, 70.0], ["spidr", "kmeans", 6, 256, 6.5, 69.0],
+                                ["spidr", "kmeans", 6, 256, 6.0, 71.0]]), ["abx", "swuggy"])
     small = write_table(tmp_path / "small.csv", ["abx", "pnmi"], [[1, 2], [2, ""], [3, 4]])
     with pytest.raises(ValueError, match="2 usable row"):
         read_table(small, ["abx", "pnmi"])

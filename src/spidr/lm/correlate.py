@@ -88,6 +88,10 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     }
 
 
+# Columns that say which representation a row is even when they hold numbers (a layer, a codebook size, the
+# pretraining hours of a checkpoint); any column holding text (model, units kind) does too.
+LABEL_COLUMNS = frozenset({"layer", "num_units", "k", "units", "vocab_size", "hours", "steps", "seed", "checkpoint"})
+
 # Cell texts that mean "no value" (pandas, R and spreadsheets write these); anything else must be a number.
 MISSING = frozenset({"", "nan", "n/a", "na", "none", "null", "-", "–"})
 
@@ -105,8 +109,9 @@ def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
 
     ``columns`` are the metrics to correlate: they must be in the header. A row whose value in one of them is
     missing (empty, "nan", "n/a", "na", "none", "null", "-") is dropped with a warning; any other value that is not a
-    finite number (a typo such as "6O.5", "inf") is an error naming its line. Two rows for one (model, layer), when
-    the table has those columns, are an error: the point would count twice. Fewer than 3 rows left is an error.
+    finite number (a typo such as "6O.5", "inf") is an error naming its line. Two rows with the same labels (text
+    columns such as model or units, and ``LABEL_COLUMNS`` such as layer or num_units) are an error: the point would
+    count twice. Fewer than 3 rows left is an error.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -120,7 +125,7 @@ def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
                              f"{', '.join(header)}")
         rows: list[Row] = []
         dropped: list[str] = []
-        seen: dict[tuple[str, str], int] = {}
+        seen: dict[tuple[tuple[str, str], ...], int] = {}
         for record in reader:
             values = {column: (record[column] or "").strip() for column in header}
             for column in columns:
@@ -131,12 +136,13 @@ def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
             if bad:
                 dropped.append(f"line {reader.line_num} ({', '.join(bad)})")
                 continue
-            if "model" in values and "layer" in values:
-                point = (values["model"], values["layer"])
-                if point in seen:
-                    raise ValueError(f"{csv_path}, lines {seen[point]} and {reader.line_num}: two rows for model "
-                                     f"{point[0]!r}, layer {point[1]}; each (model, layer) point must appear once")
-                seen[point] = reader.line_num
+            point = tuple((column, text) for column, text in values.items() if column not in columns and (
+                column in LABEL_COLUMNS or (_number(text) is None and text.lower() not in MISSING)))
+            if point and point in seen:
+                labels = ", ".join(f"{column} {text!r}" for column, text in point)
+                raise ValueError(f"{csv_path}, lines {seen[point]} and {reader.line_num}: two rows for {labels}; "
+                                 "each point must appear once (add a column that tells them apart)")
+            seen[point] = reader.line_num
             row: Row = {}
             for column, text in values.items():
                 number = _number(text)
