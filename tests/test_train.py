@@ -323,6 +323,23 @@ def test_a_non_finite_step_leaves_weights_codebooks_and_optimizer_untouched(tmp_
                            before["student.layers.0.attention.qkv.weight"])
 
 
+def test_a_step_with_no_masked_frame_is_skipped_not_a_crash(tmp_path, corpus):
+    """masking.min_masks = 0 lets a batch have no masked frame: its loss is 0/0. The step once took weight decay
+    alone and then raised ZeroDivisionError reading its metrics; it is now skipped, every state untouched."""
+    from dataclasses import replace
+
+    model, optimizer, scheduler, batch = _one_step_set_up(tiny_config(tmp_path, corpus))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unmasked = replace(batch, mask=torch.zeros_like(batch.mask), mask_count=0)
+    out = train_step(model, [unmasked], optimizer, scheduler, step=0, precision=FP32, scaler=None, max_norm=10.0)
+    assert out.skipped
+    assert out.metrics["num_frames"] == 0
+    assert math.isnan(out.metrics["loss"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not optimizer.state
+
+
 def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path, corpus, monkeypatch):
     cfg = tiny_config(tmp_path, corpus, run={"max_consecutive_nonfinite": 3})
     _poison_every_model(monkeypatch)

@@ -71,3 +71,19 @@ def test_utterances_shorter_than_one_frame_are_refused_by_the_config(tmp_path, c
     data["validation"] = {"dev": {"manifest": str(corpus), "min_sample_size": 100}}
     with pytest.raises(ValueError, match=r"validation\.dev\.min_sample_size = 100"):
         config_from_dict(data)
+
+
+def test_settings_that_would_fail_at_the_first_batch_are_refused_by_name(tmp_path, corpus):
+    """Each failed only once training started (a raw torch error after config.json and step_0.pt were written), or
+    silently masked whole utterances."""
+    def refused(match: str, **sections) -> None:
+        with pytest.raises(ValueError, match=match):
+            config_from_dict(tiny_config_dict(tmp_path, corpus, **sections))
+
+    refused(r"masking\.mask_other = 25\.0 must be in \[0, 2 × masking\.mask_length = 10\]",
+            masking={"mask_selection": "uniform", "mask_other": 25.0, "mask_length": 5})
+    refused(r"masking\.mask_other = -1\.0 must be >= 0 with mask_selection = 'normal'",
+            masking={"mask_selection": "normal", "mask_other": -1.0})
+    refused(r"optimizer\.lr = inf is invalid: expected a finite number", optimizer={"lr": float("inf")})
+    refused(r"validation\.dev\.manifest is required", validation={"dev": {"min_sample_size": 4000}})
+    config_from_dict(tiny_config_dict(tmp_path, corpus, masking={"mask_selection": "uniform", "mask_other": 2.0}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -96,6 +97,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0912
         raise ValueError(f"{where} = {value!r} is invalid: expected an integer")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML and JSON spell inf and nan; no setting means them
+                raise ValueError(f"{where} = {value!r} is invalid: expected a finite number")
             return float(value)
         raise ValueError(f"{where} = {value!r} is invalid: expected a number")
     if annotation is str:
@@ -162,6 +165,15 @@ class MaskingConfig:
         require(self.mask_length >= 1, f"masking.mask_length = {self.mask_length} must be >= 1")
         require(self.mask_min_space >= 0, f"masking.mask_min_space = {self.mask_min_space} must be >= 0")
         require(self.min_masks >= 0, f"masking.min_masks = {self.min_masks} must be >= 0")
+        # Span lengths are drawn in [mask_other, 2·mask_length] (uniform) or around mask_length with standard
+        # deviation mask_other (normal): outside these ranges the draw fails at the first batch.
+        if self.mask_selection == "uniform":
+            require(0 <= self.mask_other <= 2 * self.mask_length,
+                    f"masking.mask_other = {self.mask_other} must be in [0, 2 × masking.mask_length = "
+                    f"{2 * self.mask_length}] with mask_selection = 'uniform' (the shortest span length)")
+        if self.mask_selection == "normal":
+            require(self.mask_other >= 0, f"masking.mask_other = {self.mask_other} must be >= 0 with "
+                                          "mask_selection = 'normal' (the standard deviation of span lengths)")
         require(
             self.mask_channel_prob == 0.0,
             f"masking.mask_channel_prob = {self.mask_channel_prob} is not supported: channel masking is never "
@@ -496,7 +508,8 @@ class Config:
         for name in ("workdir", "wandb_project", "wandb_name"):
             require(bool(getattr(self.run, name)), f"run.{name} is required (the run directory is "
                      "<workdir>/<wandb_project>/<wandb_name>)")
-        require(bool(self.data.manifest), "data.manifest is required (a .csv, .tsv or .jsonl manifest)")
+        for section, data in (("data", self.data), *((f"validation.{n}", d) for n, d in self.validation.items())):
+            require(bool(data.manifest), f"{section}.manifest is required (a .csv, .tsv or .jsonl manifest)")
         require(
             self.model.model_type == self.run.model_type,
             f"run.model_type = {self.run.model_type!r} does not match the model section's class "

@@ -105,7 +105,7 @@ class StepOutput:
         metrics, and ema_decay when the teacher was updated."""
         loss_sum, _, _, norm, frames, samples, utterances = self._read()[:7]
         out: dict[str, float | list[float]] = {
-            "loss": loss_sum / frames, "grad_norm": norm, "lr": self.lr, "num_frames": frames,
+            "loss": loss_sum / frames if frames else math.nan, "grad_norm": norm, "lr": self.lr, "num_frames": frames,
             "audio_seconds": samples / SAMPLE_RATE, "batch_size": utterances, **_unpack_metrics(self._read()[7:]),
         }
         if self.ema_decay is not None:
@@ -187,8 +187,9 @@ def train_step(
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    # NaN/Inf guard: every rank takes the same decision, from one all-reduce.
-    nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    # NaN/Inf guard: every rank takes the same decision, from one all-reduce. A step with no masked frame on any
+    # rank (possible with masking.min_masks = 0) has no loss to learn from: skipped too.
+    nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)) | (num_frames == 0)
     flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_full((), float(stop_requested))]))
     output = StepOutput(torch.cat([flags, grad_norm.double().reshape(1), totals, metric_sums / len(batches)]),
                         lr=optimizer.param_groups[0]["lr"], ema_decay=None)
@@ -519,8 +520,10 @@ def _account(run: _Run, outputs: Sequence[StepOutput], *, first_step: int, inter
             continue
         run.nonfinite_streak += 1
         longest = max(longest, run.nonfinite_streak)
-        logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
-                       number, output.metrics["loss"], output.metrics["grad_norm"], run.nonfinite_streak)
+        metrics = output.metrics
+        why = ("no masked frame in the batch (masking.min_masks = 0)" if metrics["num_frames"] == 0 else
+               f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']})")
+        logger.warning("step %d: %s; step skipped (%d in a row)", number, why, run.nonfinite_streak)
     if longest >= limit:
         save()
         raise TrainingDivergedError(
