@@ -340,6 +340,36 @@ def test_a_step_with_no_masked_frame_is_skipped_not_a_crash(tmp_path, corpus):
     assert not optimizer.state
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_skipped_first_step_initialises_the_codebooks_from_data_again(tmp_path, corpus, monkeypatch, on_device):
+    """codebook_init = "data" happens in the first training forward; when that step is skipped its codebooks are
+    restored to the random init, so the next step must initialise them again (it never did: the run trained on
+    random codebooks, with 8 of 16 codewords active where a clean run had 15)."""
+    model, optimizer, scheduler, batch = _one_step_set_up(tiny_config(tmp_path, corpus,
+                                                                     model={"codebook_init": "data"}))
+    calls = []
+    initialise = model._initialise_codebooks_from_data
+    monkeypatch.setattr(model, "_initialise_codebooks_from_data", lambda targets: calls.append(1) or initialise(
+        targets))
+    random_init = model.codebooks[0].codebook.clone()
+    forward = model.forward
+    _poison(model, monkeypatch)
+    out = train_step(model, [batch], optimizer, scheduler, step=0, precision=FP32, scaler=None, max_norm=10.0,
+                     skip_on_device=on_device)
+    assert out.skipped
+    assert calls == [1]
+    assert torch.equal(model.codebooks[0].codebook, random_init)  # restored
+    monkeypatch.setattr(model, "forward", forward)
+    calls.clear()
+    step = int(model.current_step)  # a skip on the device counts the step
+    train_step(model, [batch], optimizer, scheduler, step=step, precision=FP32, scaler=None, max_norm=10.0,
+               skip_on_device=on_device)
+    assert calls == [1]
+    train_step(model, [batch], optimizer, scheduler, step=step + 1, precision=FP32, scaler=None, max_norm=10.0,
+               skip_on_device=on_device)
+    assert calls == [1]  # once only
+
+
 def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path, corpus, monkeypatch):
     cfg = tiny_config(tmp_path, corpus, run={"max_consecutive_nonfinite": 3})
     _poison_every_model(monkeypatch)

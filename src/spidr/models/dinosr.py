@@ -79,7 +79,10 @@ class DinoSR(nn.Module):
             # optimizer's exclude_from_optimizer prefix ("teacher") leaves it out.
             self.teacher_feature_extractor = copy.deepcopy(self.feature_extractor).float().requires_grad_(False)
             self.teacher_feature_projection = copy.deepcopy(self.feature_projection).float().requires_grad_(False)
-        self._codebooks_from_data = False  # codebook_init = "data" happens once, in the first training forward
+        # codebook_init = "data" happens once: None until the first training forward decides (initialise at step 0;
+        # resumed past it, the codebooks come from the checkpoint), then True; False when it is due again at the
+        # next training forward whatever the step (the step that did it was skipped: redo_codebook_init).
+        self._codebooks_from_data: bool | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward pieces, in data-flow order
@@ -194,10 +197,10 @@ class DinoSR(nn.Module):
         # synchronisation on GPU). With the count known on the host there is no read at all.
         scored_index = _positions(scored, count=mask_count if mask is not None else None)
         target_frames = [_rows_at(t, scored_index) for t in targets]  # K × (N, D)
-        if self.training and self.cfg.codebook_init == "data" and not self._codebooks_from_data:
-            if int(self.current_step) == 0:
+        if self.training and self.cfg.codebook_init == "data" and self._codebooks_from_data is not True:
+            if self._codebooks_from_data is False or int(self.current_step) == 0:  # the step is read once
                 self._initialise_codebooks_from_data(target_frames)
-            self._codebooks_from_data = True  # past step 0 they come from a checkpoint: no need to read the step again
+            self._codebooks_from_data = True
         log_probs, labels, cross_entropies = [], [], []
         # DinoSR's heads share one input: gather its scored frames once. Compared with `is`, not by id(): under
         # torch.compile an id() of a tensor becomes a guard on that very object, failed by the next step's tensors,
@@ -259,13 +262,18 @@ class DinoSR(nn.Module):
         for codebook, dead, cand in zip(self.codebooks, unused, candidates, strict=True):
             codebook.reseed(dead, cand)  # a no-op where nothing is dead; asking first would cost a device sync
 
+    def redo_codebook_init(self) -> None:
+        """The first step, which initialised the codebooks from data, was skipped (non-finite) and its codebooks
+        restored: the next training forward initialises them again, whatever the step count (a skip on the device
+        counts the step). No effect for another ``codebook_init``."""
+        self._codebooks_from_data = False
+
     @torch.no_grad()
     def _initialise_codebooks_from_data(self, targets: list[torch.Tensor]) -> None:
         """``codebook_init = "data"``: centroids := distinct random target frames of the first training batch (a
         random codebook on few frames makes a handful of codewords win everything; spec §3.10 init is kept
         otherwise)."""
         self._reseed_codebooks(targets, [torch.ones_like(c.counts, dtype=torch.bool) for c in self.codebooks])
-        self._codebooks_from_data = True
 
     @torch.compiler.disable
     @torch.no_grad()

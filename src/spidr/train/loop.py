@@ -218,6 +218,8 @@ def _update(
     if isinstance(skipped, torch.Tensor):
         for buffer, before in codebooks:
             buffer.copy_(torch.where(skipped, before, buffer))
+        if step == 0 and bool(skipped):  # one read, at the first step only
+            raw.redo_codebook_init()
         optimizer.found_inf = skipped.float()  # fused AdamW then leaves weights, moments and step count alone
         try:
             optimizer.step()
@@ -230,6 +232,8 @@ def _update(
         optimizer.zero_grad(set_to_none=True)
         for buffer, before in codebooks:
             buffer.copy_(before)
+        if step == 0:
+            raw.redo_codebook_init()
         if scaler is not None:
             scaler.update()  # lowers the float16 loss scale after an overflow
         return None
