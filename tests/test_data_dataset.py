@@ -128,3 +128,18 @@ def test_a_tracker_shared_by_ranks_leaves_the_verdict_to_the_trainer() -> None:
         tracker.end_of_pass(yielded_any=False)  # no batch in a whole epoch: this rank could never go on
     with pytest.raises(AgreedValueError, match="2 of 3 utterances read by all ranks"):  # one rank: its own counts
         tracker.check_across_ranks(torch.device("cpu"))
+
+
+def test_a_file_whose_length_is_not_the_manifest_s_is_skipped_and_named(tmp_path: Path) -> None:
+    """Batches are packed by the manifest's lengths: a file four times longer than its row says (a stale manifest)
+    made batches of 2.5 × data.max_batch_length. Resampling's rounding (a few samples) is not a change."""
+    sf.write(tmp_path / "grown.wav", tone(16_000, 16_000), 16_000)
+    sf.write(tmp_path / "cd.wav", tone(22_050, 44_100), 44_100)
+    dataset = AudioDataset([ManifestEntry("grown", str(tmp_path / "grown.wav"), 4000),
+                            ManifestEntry("cd", str(tmp_path / "cd.wav"), 8003)])
+    grown, resampled = dataset[0], dataset[1]
+    assert isinstance(grown, Skipped)
+    assert grown.reason.startswith("decoded 16000 samples where the manifest says 4000")
+    assert "spidr manifest" in grown.reason
+    assert isinstance(resampled, Utterance)
+    assert resampled.waveform.shape == (8000,)

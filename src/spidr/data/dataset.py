@@ -54,7 +54,18 @@ class AudioDataset(Dataset):
             waveform = load_audio(entry, normalize=self.normalize, min_samples=self.min_samples)
         except AudioError as error:
             return Skipped(index, error.path, error.reason)
+        if abs(waveform.shape[0] - entry.num_samples) > length_tolerance(entry.num_samples):
+            # Batches are planned from the manifest's lengths: a file longer than it says would overflow
+            # data.max_batch_length (memory), a shorter one would waste it.
+            return Skipped(index, entry.location, f"decoded {waveform.shape[0]} samples where the manifest says "
+                                                  f"{entry.num_samples}: the file changed since the manifest was "
+                                                  "written (write it again with spidr manifest)")
         return Utterance(index, entry.fileid, waveform)
+
+
+def length_tolerance(num_samples: int) -> int:
+    """How far a decoded length may be from the manifest's: resampling rounds by a few samples; 10 ms or 1 %."""
+    return max(160, num_samples // 100)
 
 
 class BadFileTracker:
