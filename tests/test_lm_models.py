@@ -152,3 +152,10 @@ def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
     twice.write_text(json.dumps({"name": "a/x", "units": [1]}) + "\n" + json.dumps({"name": "b/x", "units": [1]}))
     with pytest.raises(ValueError, match="appears twice"):
         read_unit_sequences(twice, dedup=True)
+
+
+def test_a_file_that_is_not_text_is_named(tmp_path):
+    audio = tmp_path / "good.wav"
+    audio.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x80\x3e\x00\x00\xff\xfe")
+    with pytest.raises(ValueError, match=r"good\.wav: line 1 is not UTF-8 text .*expected a JSONL file of units"):
+        read_unit_sequences(audio, dedup=True)

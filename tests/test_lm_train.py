@@ -211,7 +211,8 @@ def test_resuming_on_other_data_or_an_edited_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="other data"):
         train_lm(load_lm_config(path, [f'data.train="{other}"', "optimizer.max_steps=20"]))
     with pytest.raises(ValueError, match=r"holds weights of another shape than this config builds; changed since "
-                                         r"it was saved: model\.dim = 48 \(the checkpoint's: 32\)"):
+                                         r"it was saved: model\.dim = 48 \(the checkpoint's: 32\).* choose another "
+                                         r"run\.name "):
         train_lm(load_lm_config(path, ["model.dim=48", "optimizer.max_steps=20"]))
     assert (tmp_path / "runs" / "data" / "config.json").read_text() == saved  # refused resumes leave it as it was
 

@@ -182,7 +182,8 @@ def test_resuming_with_an_edited_model_is_refused_naming_the_change_and_keeps_th
     assert wider.run.run_dir == cfg.run.run_dir
     with pytest.raises(ValueError, match=r"final\.pt holds weights of another shape than this config builds; "
                                          r"changed since it was saved: model\.encoder_ff_interm_features = 128 "
-                                         r"\(the checkpoint's: 64\)\. Restore those settings"):
+                                         r"\(the checkpoint's: 64\)\. Restore those settings to resume it, or "
+                                         r"choose another run\.wandb_name"):
         train(wider)
     assert (cfg.run.run_dir / "config.json").read_text() == saved  # the run still says what its weights are
 

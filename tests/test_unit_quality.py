@@ -101,6 +101,14 @@ def test_interval_alignments(tmp_path: Path) -> None:
     path.write_text("utterance\tonset\toffset\tphone\nu\t0.0\t0.025\tSIL\nu\t0.025\t0.05\tAH\n")
     # Frame centres 5, 15, 25, 35, 45 ms: SIL, SIL, then AH (25 ms is the onset of AH).
     assert read_alignments(path) == {"u": ["SIL", "SIL", "AH", "AH", "AH"]}
+    # spidr synth-corpus's alignments.tsv has a fifth column, the speaker: ignored
+    speakers = tmp_path / "alignments.tsv"
+    speakers.write_text("utt_id\tonset\toffset\tphone\tspeaker\nu\t0.0000\t0.0250\tSIL\tawb\n"
+                        "u\t0.0250\t0.0500\tAH\tawb\n")
+    assert read_alignments(speakers) == {"u": ["SIL", "SIL", "AH", "AH", "AH"]}
+    (tmp_path / "three.tsv").write_text("u\t0.0\t0.025\n")
+    with pytest.raises(ValueError, match="line 1 has 3 fields; expected utterance, onset, offset, phone"):
+        read_alignments(tmp_path / "three.tsv")
     gapped = tmp_path / "gap.tsv"
     gapped.write_text("u\t0.0\t0.01\tSIL\nu\t0.02\t0.04\tAH\n")
     with pytest.raises(ValueError, match=r"no phone at 0\.015"):

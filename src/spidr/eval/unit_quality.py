@@ -19,7 +19,8 @@ alignment file, SIL included, whether or not it occurs in the evaluated utteranc
 
 Alignments are read from SpidR's JSONL (``{"name": ..., "phones": [one label per frame]}``) or from a TSV of
 intervals, one line per phone: ``utterance<TAB>onset<TAB>offset<TAB>phone`` in seconds (an optional header line is
-skipped). Intervals become frame labels at the alignment rate: frame i takes the phone whose interval holds its centre
+skipped; columns after the fourth, such as the speaker of ``spidr synth-corpus``'s ``alignments.tsv``, are ignored).
+Intervals become frame labels at the alignment rate: frame i takes the phone whose interval holds its centre
 ``(i + ½) / rate``; frames that no interval covers raise an error. ``.gz`` files are read transparently.
 """
 
@@ -112,10 +113,10 @@ def _read_interval_alignments(path: Path, rate: int) -> Iterator[tuple[str, list
             fields = [f.strip() for f in fields]
             if not any(fields):
                 continue
-            if len(fields) != 4:
+            if len(fields) < 4:
                 raise ValueError(f"{path}: line {number} has {len(fields)} fields; expected utterance, onset, "
-                                 "offset, phone")
-            utterance, onset, offset, phone = fields
+                                 "offset, phone (and optionally more columns)")
+            utterance, onset, offset, phone = fields[:4]
             try:
                 times = Decimal(onset), Decimal(offset)
             except InvalidOperation:

@@ -52,13 +52,24 @@ def read_jsonl_rows(path: str | Path, *, field: str | tuple[str, ...], key: Call
         yield name, where, found, values
 
 
+def _numbered_lines(handle: IO[str], path: str | Path) -> Iterator[tuple[int, str]]:
+    """``enumerate(handle, start=1)``, with a file that is not UTF-8 text (audio given by mistake) named."""
+    number = 0
+    try:
+        for number, line in enumerate(handle, start=1):
+            yield number, line
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: line {number + 1} is not UTF-8 text ({error.reason}): expected a JSONL file of "
+                         "units or frame labels") from None
+
+
 def _jsonl_rows(path: str | Path, *, field: str | tuple[str, ...], key: Callable[[str], str] = str,
                 refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list, str]]:
     """:func:`read_jsonl_rows` plus the raw line (lets :func:`read_units` skip a per-value type check)."""
     fields = (field,) if isinstance(field, str) else field
     seen: set[str] = set()
     with open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
+        for number, line in _numbered_lines(handle, path):
             if not line.strip():
                 continue
             where = f"{path}: line {number}"

@@ -344,7 +344,7 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
     saved = latest[1] if latest is not None else torch.load(path, map_location="cpu", weights_only=True)
     _check_resumable(saved, data, path)
     load_resumed_weights(model, saved["model"], saved_config=saved.get("config") or {}, config=cfg.to_dict(),
-                         path=path, sections=("model", "data"))
+                         path=path, sections=("model", "data"), run_name_key="run.name")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if len(saved["ranks"]) == denv.world_size:

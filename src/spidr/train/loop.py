@@ -633,7 +633,7 @@ def _validation_loaders(cfg: Config, denv: DistributedEnvironment) -> dict[str, 
     return {
         name: build_dataloader(
             data_cfg, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config, rank=denv.rank,
-            world_size=denv.world_size, deterministic_crops=True,
+            world_size=denv.world_size, deterministic_crops=True, section=f"validation.{name}",
         )[0]
         for name, data_cfg in cfg.validation.items()
     }

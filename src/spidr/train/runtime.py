@@ -48,9 +48,11 @@ def write_config(config: dict[str, Any], run_dir: Path) -> None:
 
 
 def load_resumed_weights(model: torch.nn.Module, weights: dict[str, Any], *, saved_config: dict[str, Any],
-                         config: dict[str, Any], path: str | Path, sections: tuple[str, ...] = ("model",)) -> None:
+                         config: dict[str, Any], path: str | Path, sections: tuple[str, ...] = ("model",),
+                         run_name_key: str = "run.wandb_name") -> None:
     """``model.load_state_dict(weights)`` for a resume; weights of another shape (the config's model was edited
-    since the checkpoint was saved) raise a ``ValueError`` naming the settings of ``sections`` that changed."""
+    since the checkpoint was saved) raise a ``ValueError`` naming the settings of ``sections`` that changed and the
+    setting that names another run (``run_name_key``: the pretraining config's, or the LM config's ``run.name``)."""
     try:
         model.load_state_dict(weights)
     except RuntimeError:
@@ -59,10 +61,10 @@ def load_resumed_weights(model: torch.nn.Module, weights: dict[str, Any], *, sav
         if changed:
             raise ValueError(f"{path} holds weights of another shape than this config builds; changed since it was "
                              f"saved: {'; '.join(sorted(changed))}. Restore those settings to resume it, or choose "
-                             "another run.name to start a new run") from None
+                             f"another {run_name_key} to start a new run") from None
         raise ValueError(f"{path} holds weights of another shape than this config builds, though no setting of "
                          f"{', '.join(sections)} changed (a size taken from the data, such as an LM vocabulary with "
-                         "data.num_units = 0, may have); choose another run.name to start a new run") from None
+                         f"data.num_units = 0, may have); choose another {run_name_key} to start a new run") from None
 
 
 class _Absent:
