@@ -216,16 +216,20 @@ def _frame_rate(study_model: StudyModel) -> int:
 
 def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind: str = "dev",
                     unit_rate_hz: int = 50) -> dict[str, float]:
-    """PNMI of the training set's units (``units_dir/train.jsonl``, at ``unit_rate_hz``) against its 20 ms phone
-    labels, and unit ABX within / across speaker on the syntactic split (its triphone items), in %."""
+    """PNMI of the training set's units (``units_dir/train.jsonl``, at ``unit_rate_hz``) against its phone labels
+    (the 20 ms ones for a rate dividing 50 Hz, else the 10 ms ones, else the intervals read at the unit rate), and
+    unit ABX within / across speaker on the syntactic split (its triphone items), in %."""
     from spidr.eval.abx import abx_error_rate
     from spidr.eval.items import read_items
     from spidr.eval.unit_quality import read_alignments, unit_quality
     from spidr.eval.units import read_units
 
     train = bench.train_dir
-    quality = unit_quality(read_units(units_dir / "train.jsonl"), read_alignments(train / "frame_labels_20ms.jsonl"),
-                           unit_rate_hz=unit_rate_hz, alignment_rate_hz=50, num_units=num_units)
+    labels, rate = (("frame_labels_20ms.jsonl", 50) if 50 % unit_rate_hz == 0 else
+                    ("alignments.jsonl", 100) if 100 % unit_rate_hz == 0 else ("alignments.tsv", unit_rate_hz))
+    quality = unit_quality(read_units(units_dir / "train.jsonl"), read_alignments(train / labels,
+                                                                                  alignment_rate_hz=rate),
+                           unit_rate_hz=unit_rate_hz, alignment_rate_hz=rate, num_units=num_units)
     out = {"pnmi": quality["pnmi"]}
     syntactic = bench.task_dir("syntactic", kind)
     if (syntactic / "triphone.item").is_file() and (units_dir / "syntactic" / f"{kind}.jsonl").is_file():
