@@ -52,9 +52,10 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
     rounding, which depends on the batch; so equal sequences (a word and a nonword whose units are the same) are
     scored once and share their score, a tie as ZeroSpeech counts it, wherever the batches are cut."""
     device = next(iter(model.state_dict().values())).device
+    key_of = {stem: np.asarray(values, dtype=np.int64).tobytes() for stem, values in sequences.items()}
     first_stem: dict[bytes, str] = {}  # each distinct sequence → the first stem holding it
     for stem in sorted(sequences):
-        first_stem.setdefault(np.asarray(sequences[stem], dtype=np.int64).tobytes(), stem)
+        first_stem.setdefault(key_of[stem], stem)
     stems = sorted(first_stem.values(), key=lambda s: (len(sequences[s]), s))
     scores: dict[str, ItemScore] = {}
     i = 0
@@ -78,7 +79,7 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
         for stem, total, length in zip(batch, totals, lengths.tolist(), strict=True):
             scores[stem] = ItemScore(total, length - 1)
         i += len(batch)
-    return {stem: scores[first_stem[np.asarray(sequences[stem], dtype=np.int64).tobytes()]] for stem in sequences}
+    return {stem: scores[first_stem[key_of[stem]]] for stem in sequences}
 
 
 def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
