@@ -224,6 +224,39 @@ def test_unmasked_forward_skips_padded_frames(model_type: str) -> None:
     assert losses.numel() == int(metrics["num_frames"]) == int(num_frames(lengths).sum())
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+@torch.no_grad()
+def test_valid_frame_target_norm_makes_a_padded_batch_score_like_per_utterance_runs(model_type: str) -> None:
+    lengths = [8000, 3100]
+    batch = waveforms(*lengths)
+    padding = padding_mask_from_lengths(torch.tensor(lengths))
+    mask = random_mask(2, padding.shape[1]) & ~padding
+
+    def per_utterance_gap(model: DinoSR) -> float:
+        batched, _ = model(batch, mask=mask, padding_mask=padding)
+        alone = torch.cat([model(batch[i : i + 1, :length], mask=mask[i : i + 1, : num_frames(length)])[0]
+                           for i, length in enumerate(lengths)])
+        return float((batched - alone).abs().max())
+
+    assert per_utterance_gap(tiny_model(model_type, target_norm_frames="valid").eval()) < 1e-4
+    # the official norm counts the padding: the short utterance's targets (so its losses) change in a batch
+    assert per_utterance_gap(tiny_model(model_type).eval()) > 1e-2
+
+
+def test_valid_frame_instance_norm_is_the_instance_norm_of_the_valid_frames() -> None:
+    from spidr.models.dinosr import _instance_norm
+
+    y = torch.randn(3, 10, 4, dtype=torch.float64) * 5 + 2
+    valid = torch.arange(10)[None, :] < torch.tensor([10, 6, 1])[:, None]
+    out = _instance_norm(y, valid)
+    for i, length in enumerate([10, 6, 1]):
+        part = y[i, :length]
+        expected = (part - part.mean(0)) / (part.var(0, unbiased=False) + 1e-5).sqrt()
+        torch.testing.assert_close(out[i, :length], expected)
+        assert torch.equal(out[i, length:], torch.zeros_like(out[i, length:]))
+    torch.testing.assert_close(_instance_norm(y, torch.ones(3, 10, dtype=torch.bool)), _instance_norm(y, None))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Codebook updates
 # ----------------------------------------------------------------------------------------------------------------

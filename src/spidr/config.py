@@ -232,6 +232,11 @@ class ModelConfig:
     # frame instead of only the masked, scored ones (official). At small batch sizes a codeword sees ~2.5x more
     # frames per step, so its centroid is less noisy; the loss still scores the masked frames only.
     codebook_update_frames: Literal["masked", "all"] = "masked"
+    # "valid": the teacher targets' instance norm takes its mean and variance over each utterance's real frames only.
+    # "all" (official, spec §14.24) counts a padded batch's padding too, so an utterance's targets change with the
+    # length of the longest utterance it is batched with. Without padding (data.enable_padding = false, the
+    # default: batches are cropped to their shortest utterance) the two are the same.
+    target_norm_frames: Literal["all", "valid"] = "all"
     # > 0 (needs extractor_type = "log_mel"): in training the student's input spectrum is warped per utterance by a
     # factor drawn from [1 − w, 1 + w] (VTLP: formants and pitch move as for another speaker) while the teacher reads
     # the clean input, so the targets the student must predict do not change with the speaker.
@@ -396,7 +401,7 @@ class DataConfig:
     """Manifest, decoding, bucketing and loading (spec §6)."""
 
     manifest: str = ""
-    enable_padding: bool = False
+    enable_padding: bool = False  # pad to the longest utterance (see model.target_norm_frames) instead of cropping
     rand_crop: bool = True
     normalize: bool = True
     num_buckets: int = 1000

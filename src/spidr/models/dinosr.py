@@ -143,12 +143,13 @@ class DinoSR(nn.Module):
     @torch.no_grad()
     def _teacher_targets(self, feats: torch.Tensor, masks: FrameMasks) -> list[torch.Tensor]:
         """The teacher's top-K before-residual layer outputs for its input ``feats`` (B, T, D), each
-        instance-normalised over time per channel in fp32: K × (B, T, D). Padded frames count in the statistics,
-        as in the official code."""
+        instance-normalised over time per channel in fp32: K × (B, T, D). Padded frames count in the statistics
+        (official) or, with ``target_norm_frames = "valid"``, are left out of them and set to 0."""
         # Detached: the teacher takes no gradient (and no-grad modules fed grad-requiring tensors confuse hooks).
         outputs = self.teacher.get_intermediate_outputs(feats.detach(), masks=masks, before_residual=True)
+        valid = masks.valid if self.cfg.target_norm_frames == "valid" else None
         with torch.autocast(feats.device.type, enabled=False):
-            return [F.instance_norm(y.float().transpose(1, 2)).transpose(1, 2) for y in outputs[-self.num_codebooks:]]
+            return [_instance_norm(y.float(), valid) for y in outputs[-self.num_codebooks:]]
 
     def forward(
         self,
@@ -432,6 +433,19 @@ class DinoSR(nn.Module):
         super().train(mode)
         self.teacher.eval()
         return self
+
+
+def _instance_norm(y: torch.Tensor, valid: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    """``y`` (B, T, D) normalised per utterance and channel to zero mean and unit biased variance over time; with
+    ``valid`` (B, T) bool, over the True frames only, and the others set to 0."""
+    if valid is None:
+        return F.instance_norm(y.transpose(1, 2), eps=eps).transpose(1, 2)
+    weights = valid[..., None].to(y.dtype)  # (B, T, 1)
+    count = weights.sum(1, keepdim=True).clamp(min=1.0)  # (B, 1, 1)
+    mean = (y * weights).sum(1, keepdim=True) / count
+    centred = (y - mean) * weights
+    variance = centred.square().sum(1, keepdim=True) / count
+    return centred * torch.rsqrt(variance + eps)
 
 
 def perplexity(probs: torch.Tensor) -> torch.Tensor:
