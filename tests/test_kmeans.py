@@ -145,8 +145,10 @@ def test_a_failure_partway_leaves_no_truncated_output(tmp_path: Path, capsys: py
         assert cli.main([*units, "--out", str(tmp_path / out), *overwrite]) == 2
         assert "contain non-finite values" in capsys.readouterr().err
         assert (tmp_path / "good.jsonl").read_text() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["centroids.safetensors", "features", "good.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["centroids.safetensors", "features", "good.jsonl",
+                                                          "good.jsonl.metadata.json"]
     assert len(read_units(tmp_path / "good.jsonl")) == 10
+    assert json.loads((tmp_path / "good.jsonl.metadata.json").read_text())["num_utterances"] == 10
     # centroids likewise: a write that fails leaves the earlier file as it was, and no temporary file
     import safetensors.torch
 
@@ -159,7 +161,8 @@ def test_a_failure_partway_leaves_no_truncated_output(tmp_path: Path, capsys: py
     with pytest.raises(OSError, match="No space left"):
         save_centroids(centroids, np.zeros((2, 8)))
     assert centroids.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["centroids.safetensors", "features", "good.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["centroids.safetensors", "features", "good.jsonl",
+                                                          "good.jsonl.metadata.json"]
 
 
 def test_an_unfinished_extraction_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -183,6 +183,30 @@ def test_abx_and_units_quality_take_the_rate_the_extraction_recorded(corpus, tmp
     assert json.loads(capsys.readouterr().out)["pnmi"] >= 0
     assert main([*quality, "--unit-rate", "50"]) == 2
     assert "--unit-rate 50 Hz, but" in capsys.readouterr().err
+    codebook_size = json.loads((out / "metadata.json").read_text())["codebook_size"]
+    assert codebook_size == TINY_MODEL["codebook_size"]
+    assert main([*quality, "--num-units", str(codebook_size + 1)]) == 2
+    assert f"records {codebook_size} units" in capsys.readouterr().err
+
+    # k-means units written anywhere keep their rate and vocabulary: abx and units-quality read them from the
+    # record spidr units writes beside them (they assumed 50 Hz and 256 units)
+    centroids = tmp_path / "k5.safetensors"
+    assert main(["kmeans", str(out / "layer_01"), "--num-units", "5", "--out", str(centroids)]) == 0
+    kmeans_units = tmp_path / "elsewhere" / "units.jsonl"
+    assert main(["units", str(out / "layer_01"), "--centroids", str(centroids), "--out", str(kmeans_units)]) == 0
+    assert "5 units, 100 Hz" in capsys.readouterr().out
+    assert abx(kmeans_units)["frequency_hz"] == 100.0
+    kmeans_quality = ["units-quality", str(kmeans_units), str(corpus / "align50.tsv"), "--alignment-rate", "100",
+                      "--json"]
+    assert main(kmeans_quality) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert main([*kmeans_quality, "--num-units", "5", "--unit-rate", "100"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+    assert main([*kmeans_quality, "--num-units", "256"]) == 2
+    assert "--num-units 256, but" in capsys.readouterr().err
+    # without its record the units are taken for 50 Hz units of 256, as before
+    (tmp_path / "elsewhere" / "units.jsonl.metadata.json").unlink()
+    assert abx(kmeans_units)["frequency_hz"] == 50.0
 
 
 def test_extract_takes_every_layer_of_the_model_by_default(corpus, tmp_path):

@@ -96,18 +96,26 @@ def _abx(args: argparse.Namespace) -> int:
 
 
 def _units_quality(args: argparse.Namespace) -> int:
+    from spidr.eval.feature_dir import recorded_num_units
     from spidr.eval.unit_quality import read_alignments, unit_quality
     from spidr.eval.units import read_units
 
     unit_rate = float(_rate(args.unit_rate, Path(args.units), "--unit-rate"))
     if not unit_rate.is_integer():
         raise ValueError(f"unit rate {unit_rate:g} Hz: units-quality needs an integer rate")
+    num_units = args.num_units
+    recorded = recorded_num_units(args.units)
+    if recorded is not None:
+        if num_units is not None and num_units != recorded[0]:
+            raise ValueError(f"--num-units {num_units}, but {recorded[1]} records {recorded[0]} units for "
+                             f"{args.units}; leave --num-units out")
+        num_units = recorded[0]
     metrics = unit_quality(
         read_units(args.units),
         read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate),
         unit_rate_hz=int(unit_rate),
         alignment_rate_hz=args.alignment_rate,
-        num_units=args.num_units,
+        num_units=256 if num_units is None else num_units,
     )
     if args.json:
         print(json.dumps(metrics))
@@ -137,7 +145,8 @@ def _kmeans(args: argparse.Namespace) -> int:
 
 
 def _units(args: argparse.Namespace) -> int:
-    from spidr.eval.feature_dir import StemKeyed, one_layer_directory
+    from spidr.atomic_files import write_atomically
+    from spidr.eval.feature_dir import StemKeyed, extraction_frame_rate, one_layer_directory, units_metadata_path
     from spidr.eval.kmeans import assign_directory, load_centroids
     from spidr.eval.units import write_units
 
@@ -147,7 +156,20 @@ def _units(args: argparse.Namespace) -> int:
     out = check_new_output(args.out, overwrite=args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     count = write_units(out, assign_directory(features, centroids), dedup=args.dedup)
-    print(f"wrote units of {count} utterances to {out}{' (deduplicated)' if args.dedup else ''}")
+    rate = extraction_frame_rate(args.features_dir)
+    record = {
+        "frame_rate_hz": None if args.dedup or rate is None else rate[0],  # None: unknown, or no rate left (dedup)
+        "num_units": int(centroids.shape[0]),
+        "dedup": args.dedup,
+        "features": str(args.features_dir),
+        "centroids": str(args.centroids),
+        "num_utterances": count,
+    }
+    record_path = units_metadata_path(out)  # written once the units are (a failure leaves both as they were)
+    write_atomically(record_path, json.dumps(record, indent=2) + "\n")
+    rate_text = "rate unknown" if record["frame_rate_hz"] is None else f"{record['frame_rate_hz']:g} Hz"
+    print(f"wrote units of {count} utterances to {out}{' (deduplicated)' if args.dedup else ''}; "
+          f"{record['num_units']} units, {rate_text} (recorded in {record_path})")
     return 0
 
 
@@ -198,8 +220,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("item_file", metavar="ITEM_FILE", help="item file (.item, .csv or .jsonl)")
     parser.add_argument("--speaker", choices=("within", "across"), default="within", help="speaker condition")
     add_abx_options(parser, distance_default=None)
-    parser.add_argument("--frequency", help="feature rate in Hz (default: the rate recorded in the metadata.json of "
-                        "the spidr extract run that wrote FEATURES, else 50)")
+    parser.add_argument("--frequency", help="feature rate in Hz (default: the rate recorded by the spidr extract or "
+                        "spidr units run that wrote FEATURES, else 50)")
     parser.add_argument("--librilight-bug", action="store_true",
                         help="slice items as Libri-light / ZeroSpeech 2021 did, dropping each item's last frame")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
@@ -215,9 +237,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("units", metavar="UNITS", help="units .jsonl(.gz) file")
     parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl(.gz) or .tsv(.gz) file")
     parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
-    parser.add_argument("--unit-rate", type=int, help="unit rate in Hz (default: the rate recorded in the "
-                        "metadata.json of the spidr extract run that wrote UNITS, else 50)")
-    parser.add_argument("--num-units", type=int, default=256, help="size of the unit vocabulary")
+    parser.add_argument("--unit-rate", type=int, help="unit rate in Hz (default: the rate recorded by the "
+                        "spidr extract or spidr units run that wrote UNITS, else 50)")
+    parser.add_argument("--num-units", type=int, help="size of the unit vocabulary (default: the size recorded by "
+                        "the spidr units or spidr extract run that wrote UNITS, else 256)")
     parser.add_argument("--json", action="store_true", help="print the six metrics as a JSON object")
     parser.set_defaults(handler=_units_quality)
 

@@ -158,20 +158,49 @@ def one_layer_directory(root: str | Path) -> FeatureDirectory:
     return FeatureDirectory(root)
 
 
-def extraction_frame_rate(path: str | Path) -> tuple[float, Path] | None:
-    """The frame rate (Hz) recorded by the ``spidr extract`` run that wrote ``path`` (``OUT/layer_LL`` or
-    ``OUT/codebook_units/layer_LL.jsonl``), and its ``metadata.json``; None when none is found."""
+def units_metadata_path(units_path: str | Path) -> Path:
+    """The file beside a units file in which ``spidr units`` records what its units are: ``<name>.metadata.json``."""
+    units_path = Path(units_path)
+    return units_path.with_name(units_path.name + ".metadata.json")
+
+
+def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
+    """The record of how ``path`` was made, and its file: a units file's ``<name>.metadata.json`` (``spidr units``),
+    else the ``metadata.json`` of the ``spidr extract`` run that wrote it (``OUT/layer_LL`` or
+    ``OUT/codebook_units/layer_LL.jsonl``); None when none is found or it is not a JSON object."""
     import json
 
-    for folder in (Path(path), *list(Path(path).parents)[:2]):
-        metadata = folder / "metadata.json"
+    path = Path(path)
+    for metadata in (units_metadata_path(path), *(folder / "metadata.json" for folder in (path, *path.parents[:2]))):
         if metadata.is_file():
             try:
-                rate = json.loads(metadata.read_text(encoding="utf-8")).get("frame_rate_hz")
-            except (json.JSONDecodeError, AttributeError):
+                record = json.loads(metadata.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 return None
-            return (float(rate), metadata) if isinstance(rate, int | float) else None
+            return (record, metadata) if isinstance(record, dict) else None
     return None
+
+
+def extraction_frame_rate(path: str | Path) -> tuple[float, Path] | None:
+    """The frame rate (Hz) recorded for the features or units at ``path`` (see :func:`_recorded_metadata`), and
+    the file that records it; None when none is recorded."""
+    found = _recorded_metadata(path)
+    if found is None:
+        return None
+    rate = found[0].get("frame_rate_hz")
+    return (float(rate), found[1]) if isinstance(rate, int | float) and not isinstance(rate, bool) else None
+
+
+def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
+    """The unit vocabulary size recorded for a units file (``num_units`` of ``spidr units``, or the codebook size
+    of the ``spidr extract`` run that wrote ``OUT/codebook_units/``), and the file that records it; else None."""
+    found = _recorded_metadata(path)
+    if found is None:
+        return None
+    record, metadata = found
+    size = record.get("num_units") if metadata.name != "metadata.json" else (
+        record.get("codebook_size") if Path(path).parent.name == "codebook_units" else None)
+    return (size, metadata) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def load_feature_file(path: str | Path) -> np.ndarray | torch.Tensor:

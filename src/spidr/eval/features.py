@@ -472,6 +472,7 @@ def _metadata(model: torch.nn.Module, settings: ExtractionSettings, *, checkpoin
         "layer_indexing": "1-based (layer l is list index l - 1 of get_intermediate_outputs)",
         "before_residual": settings.before_residual,
         "frame_rate_hz": SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config),
+        "codebook_size": model.cfg.codebook_size,  # the vocabulary of codebook_units/
         "normalisation": "per-utterance standardisation (zero mean, unit biased variance, eps 1e-5)",
         "settings": asdict(settings),
         "num_files": num_files,
