@@ -188,11 +188,14 @@ def test_resuming_with_an_edited_model_is_refused_naming_the_change_and_keeps_th
     assert (cfg.run.run_dir / "config.json").read_text() == saved  # the run still says what its weights are
 
 
-def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_path, corpus):
+def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_path, corpus, caplog):
     """A run killed after step 5 resumes from step_3.pt and takes steps 4 and 5 again: their first records move to
     metrics.superseded.jsonl, so that metrics.jsonl (the plots, the reports) holds one record per step."""
     cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 6})
-    assert train(cfg) == "completed"
+    with caplog.at_level("INFO", logger="spidr"):
+        assert train(cfg) == "completed"
+    # run.model_type defaults to DinoSR: the run says which model it trains
+    assert f"starting {cfg.run.model_type} (run.model_type;" in caplog.text
     run_dir = cfg.run.run_dir
     first = _train_records(run_dir)
     for name in ("final.pt", "step_6.pt"):
@@ -200,7 +203,11 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_
     metrics = run_dir / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
                                if json.loads(line)["step"] <= 5) + '{"step": 6, "gro')  # killed mid-write at step 6
-    assert train(cfg) == "completed"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="spidr"):
+        assert train(cfg) == "completed"
+    assert f"resuming {cfg.run.model_type} (run.model_type;" in caplog.text
+    assert "at step 3 in" in caplog.text
     again = _train_records(run_dir)
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
     for before, after in zip(first, again, strict=True):  # an exact resume: the same losses
