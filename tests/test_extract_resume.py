@@ -126,12 +126,14 @@ def test_another_model_or_settings_is_refused_unless_restarted(manifest, tmp_pat
     out = tmp_path / "out"
     entries = read_manifest(manifest)
     extract_to_directory(_model(), entries, out, ExtractionSettings(**SETTINGS), progress=False)
-    with pytest.raises(ValueError, match="holds an extraction with other settings"):
+    with pytest.raises(ValueError, match=r"holds an extraction with other settings \(codebooks: true → false; layers: "
+                                         r"\[1, 3\] → \[2\]\); use another"):
         extract_to_directory(_model(), entries, out, ExtractionSettings(layers=(2,)), progress=False)
     other = _model()
     with torch.no_grad():
         other.mask_embedding.add_(1.0)
-    with pytest.raises(ValueError, match="holds an extraction with other model"):
+    with pytest.raises(ValueError, match=r"holds an extraction with other model \(a model with other weights or "
+                                         r"config\); use another"):
         extract_to_directory(other, entries, out, ExtractionSettings(**SETTINGS), progress=False)
     # Starting over removes everything the replaced extraction wrote: no layer, unit or feature file of it stays
     # beside the new one (a folder scanned later would mix the two).
@@ -173,7 +175,7 @@ def test_a_bf16_folder_from_the_all_bf16_days_is_not_resumed(manifest, tmp_path)
     extract_to_directory(_model(), entries, out, bf16, progress=False)  # the same extraction: resumed, nothing to do
     del state["bf16_input_path"]
     state_path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="holds an extraction with other bf16_input_path"):
+    with pytest.raises(ValueError, match="other bf16_input_path \\(that folder was begun by an older spidr"):
         extract_to_directory(_model(), entries, out, bf16, progress=False)
 
 
@@ -222,3 +224,14 @@ def test_output_stems_mirror_the_tree_and_refuse_duplicates():
     assert list(output_stems(members)) == ["t", "d/u"]
     with pytest.raises(ValueError, match="utterances 1 and 3 both map to the output file 's1/x/a'"):
         output_stems([*entries[:2], ManifestEntry("a", "/c/s1/x/other.wav", 10)])
+
+
+def test_identity_differences_name_what_changed_in_words():
+    from spidr.eval.journal import identity_differences
+
+    assert identity_differences({"format": 1, "settings": {"dtype": "float32"}},
+                                {"format": 2, "settings": {"dtype": "float32"}}) == "format (1 → 2)"
+    assert identity_differences({"utterances": "ab12", "unit_rows": "name"}, {"utterances": "cd34"}) == (
+        "utterances (another list of utterances)")
+    # an entry only the earlier identity holds is named when it is the one difference
+    assert identity_differences({"unit_rows": "name"}, {}) == 'unit_rows ("name" → null)'

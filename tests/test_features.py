@@ -203,7 +203,7 @@ def test_codebook_units_are_keyed_like_the_features(model, tmp_path):
     state = json.loads(state_path.read_text())
     del state["unit_rows"]
     state_path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="holds an extraction with other unit_rows"):
+    with pytest.raises(ValueError, match="other unit_rows \\(that folder was begun by an older spidr"):
         extract_to_directory(model, read_manifest(tmp_path / "dev.csv"), tmp_path / "out", settings, progress=False)
 
 

@@ -34,6 +34,32 @@ STATE_DIR = ".extract"
 FORMAT = 1
 
 
+# What a changed fingerprint means (the fingerprints themselves tell a user nothing)
+_FINGERPRINTS = {"model": "a model with other weights or config", "utterances": "another list of utterances"}
+
+
+def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """What differs between two extraction identities (``state.json``), in words: each changed entry by name,
+    a changed setting with its two values, and an entry the earlier one lacks as the work of an older spidr."""
+    parts = []
+    changed = sorted(k for k in {*previous, *current} if previous.get(k) != current.get(k))
+    if any(k in current for k in changed):  # an entry only the earlier one holds follows from the others' changes
+        changed = [k for k in changed if k in current]
+    for key in changed:
+        old, new = previous.get(key), current.get(key)
+        if key not in previous:
+            parts.append(f"{key} (that folder was begun by an older spidr, which wrote other outputs)")
+        elif key in _FINGERPRINTS:
+            parts.append(f"{key} ({_FINGERPRINTS[key]})")
+        elif isinstance(old, dict) and isinstance(new, dict):
+            values = [f"{name}: {json.dumps(old.get(name))} → {json.dumps(new.get(name))}"
+                      for name in sorted({*old, *new}) if old.get(name) != new.get(name)]
+            parts.append(f"{key} ({'; '.join(values)})")
+        else:
+            parts.append(f"{key} ({json.dumps(old)} → {json.dumps(new)})")
+    return ", ".join(parts)
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-1 of the model's config and of every state tensor's bytes: another checkpoint, another fingerprint."""
     digest = hashlib.sha1(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
@@ -74,13 +100,13 @@ class ExtractionJournal:
         state_path = self.dir / "state.json"
         previous = self._read_state(state_path)
         if previous is not None and previous != self.identity and not restart:
-            changed = sorted(k for k in {*previous, *self.identity} if previous.get(k) != self.identity.get(k))
+            changed = identity_differences(previous, self.identity)
             if replace_other:
-                logger.info("%s held an extraction with other %s: starting over", out_dir, ", ".join(changed))
+                logger.info("%s held an extraction with other %s: starting over", out_dir, changed)
                 restart = True
         if previous is not None and previous != self.identity and not restart:
             raise ValueError(
-                f"{out_dir} holds an extraction with other {', '.join(changed)}; use another output folder, or "
+                f"{out_dir} holds an extraction with other {changed}; use another output folder, or "
                 "restart (spidr extract --restart) to replace it"
             )
         found = sorted(path for pattern in outputs for path in out_dir.glob(pattern))
