@@ -110,3 +110,45 @@ def test_archive_member_out_of_range(tmp_path: Path) -> None:
     archive.write_bytes(b"\0" * 1024)
     with pytest.raises(AudioError, match="beyond the end"):
         load_audio(ManifestEntry("a", "a.wav", 10, str(archive), 512, 4096))
+
+
+def flac_of_unknown_length(path: Path, num_samples: int = 8000) -> Path:
+    """A FLAC whose STREAMINFO total-sample count is 0 ("unknown"), as an encoder writing to a pipe leaves it."""
+    sf.write(path, sine(num_samples, 16_000), 16_000, format="FLAC")
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO comes first: its fields start at byte 8
+    fields = int.from_bytes(data[18:26], "big") & ~(2**36 - 1)  # the low 36 bits of bytes 18..25: total samples
+    data[18:26] = fields.to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_header_without_length_or_with_an_impossible_one_is_an_audio_error(tmp_path: Path, monkeypatch) -> None:
+    """libsndfile reports 2**63 - 1 frames for a FLAC of unknown length: reading it allocated for that many."""
+    path = flac_of_unknown_length(tmp_path / "piped.flac")
+    assert sf.info(path).frames == 2**63 - 1
+    with pytest.raises(AudioError, match=r"piped\.flac: its header records no length"):
+        load_audio(path)
+    from spidr.data.manifest import scan
+
+    result = scan(tmp_path, progress=False)  # it was listed with 2**63 - 1 samples (and -1.6e11 hours in all)
+    assert len(result.entries) == 0
+    assert [reason for _, reason in result.failures] == [
+        "its header records no length (written to a pipe?); re-encode it to a file, e.g. sox in.flac out.flac"]
+
+    def claims_too_much(self, *args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(sf.SoundFile, "read", claims_too_much)
+    sf.write(tmp_path / "ok.wav", sine(800, 16_000), 16_000)
+    with pytest.raises(AudioError, match=r"ok\.wav: cannot be decoded \(its header claims more samples"):
+        load_audio(tmp_path / "ok.wav")
+
+
+def test_huge_float_samples_are_standardised_not_zeroed(tmp_path: Path) -> None:
+    """Byte-swapped floats can reach 1e18: their float32 variance overflowed and the utterance became all zeros
+    (finite, so nothing was reported). Scaling by a power of 2 first leaves the standardised audio unchanged."""
+    wave = sine(160_000, 16_000)
+    for peak in (1e17, 1e18, 1e20):
+        sf.write(tmp_path / "loud.wav", wave * np.float32(peak), 16_000, subtype="FLOAT")
+        loud = load_audio(tmp_path / "loud.wav")
+        torch.testing.assert_close(loud, standardize(torch.from_numpy(wave)), atol=1e-4, rtol=0)

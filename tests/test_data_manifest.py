@@ -357,3 +357,63 @@ def test_tsv_refuses_names_with_its_separators(tmp_path: Path, name: str) -> Non
         write_manifest(entries, tmp_path / "m.tsv")
     assert not (tmp_path / "m.tsv").exists()
     assert read_manifest(write_manifest(entries, tmp_path / "m.csv")) == entries  # a CSV quotes it
+
+
+def test_manifests_that_are_not_utf8_or_hold_huge_numbers_name_the_line(tmp_path: Path) -> None:
+    """A Latin-1 id was accepted by the fast CSV reader and failed in a data-loader worker with a bare
+    UnicodeDecodeError; a 20-digit length raised a bare OverflowError."""
+    for name, line, text in (("latin.csv", 3, b"fileid,path,num_samples\nok,a.wav,80\ncaf\xe9,b.wav,8000\n"),
+                             ("latin.tsv", 3, b"/\nok.wav\t80\ncaf\xe9.wav\t8000\n"),
+                             ("latin.jsonl", 2, b'{"path": "a.wav", "num_samples": 80}\n{"path": "caf\xe9.wav", '
+                                                b'"num_samples": 8000}\n')):
+        (tmp_path / name).write_bytes(text)
+        with pytest.raises(ValueError, match=rf"{name}:{line}: not UTF-8 text \(.*caf\\xe9"):
+            read_manifest(tmp_path / name)
+    (tmp_path / "huge.csv").write_text("fileid,path,num_samples\nx,a.wav,99999999999999999999\n")
+    with pytest.raises(ValueError, match=r"huge\.csv:2: num_samples = 99999999999999999999 is too large"):
+        read_manifest(tmp_path / "huge.csv")
+    (tmp_path / "huge.jsonl").write_text('{"path": "a.wav", "num_samples": 99999999999999999999}\n')
+    with pytest.raises(ValueError, match=r"huge\.jsonl:1: num_samples = 99999999999999999999 is too large"):
+        read_manifest(tmp_path / "huge.jsonl")
+
+
+@pytest.mark.parametrize("text", ["fileid,path,num_samples\r\nspk1_utt1,a.wav,8000\r\n",
+                                  'fileid,path,num_samples\n"spk1_utt1",a.wav,8000\n',
+                                  "fileid,path,num_samples,archive,byte_offset,byte_size\nspk1_utt1,a.wav,8000,,,\n"])
+def test_a_byte_order_mark_keeps_the_id_column(tmp_path: Path, text: str) -> None:
+    """Spreadsheets save CSV with a UTF-8 byte-order mark: the header's first cell read as '\\ufefffileid', so every id
+    was silently replaced by the file's stem."""
+    (tmp_path / "bom.csv").write_text("\ufeff" + text, encoding="utf-8")
+    assert read_manifest(tmp_path / "bom.csv")[0].fileid == "spk1_utt1"
+    (tmp_path / "bom.jsonl").write_text('\ufeff{"fileid": 0, "path": "a.wav", "num_samples": 8}\n', encoding="utf-8")
+    assert read_manifest(tmp_path / "bom.jsonl")[0].fileid == "0"  # a falsy id is still an id
+
+
+def test_an_empty_or_truncated_tar_is_reported_and_keeps_its_complete_members(corpus: Path, tmp_path: Path) -> None:
+    wave = (corpus / "a.wav").read_bytes()
+    archive = make_tar(tmp_path, {"u1.wav": wave, "u2.wav": wave, "u3.wav": wave})
+    data = archive.read_bytes()
+    third = data.index(b"u3.wav")  # the third member's header
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: third + 512 + 100])  # its header and 100 bytes of its data
+    result = scan(cut)
+    assert [e.fileid for e in result.entries] == ["u1", "u2"]
+    assert any(location.endswith("cut.tar:u3.wav") for location, _ in result.failures)
+    cut.write_bytes(data[: third + 100])  # the cut in its header
+    result = scan(cut)
+    assert [e.fileid for e in result.entries] == ["u1", "u2"]
+    assert any("the archive is cut short" in reason for _, reason in result.failures)
+    # an archive that is empty (e.g. not yet copied): an AudioError naming it, which training skips
+    from spidr.data.audio import AudioError
+
+    (tmp_path / "empty.tar").write_bytes(b"")
+    entry = ManifestEntry("u1", "u1.wav", 8000, str(tmp_path / "empty.tar"), 512, 16044)
+    with pytest.raises(AudioError, match=r"cannot read archive member \(.*empty\.tar is empty\)"):
+        load_audio(entry)
+
+
+def test_a_fairseq_manifest_holds_names_that_begin_with_two_dots(tmp_path: Path) -> None:
+    write_tone(tmp_path / "corpus" / "..hidden.wav", 800)
+    write_tone(tmp_path / "corpus" / "ok.wav", 800)
+    write_manifest(scan(tmp_path / "corpus").entries, tmp_path / "m.tsv")
+    assert sorted(e.fileid for e in read_manifest(tmp_path / "m.tsv")) == ["..hidden", "ok"]

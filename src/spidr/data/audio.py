@@ -8,6 +8,7 @@ Unlike the official loader, other sample rates are resampled (soxr) and multi-ch
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from spidr.data import SAMPLE_RATE
-from spidr.data.manifest import ManifestEntry, read_member
+from spidr.data.manifest import UNKNOWN_LENGTH, UNKNOWN_LENGTH_REASON, ManifestEntry, read_member
 
 STANDARDIZE_EPS = 1e-5
+# Above this peak the float32 sum of squares of a long utterance can overflow (samples are normally within ±1, or
+# ±32768 for unscaled integer PCM); such audio (e.g. byte-swapped floats) is scaled down before standardising.
+_LARGEST_SAFE_PEAK = 2.0**40
 
 
 class AudioError(ValueError):
@@ -44,10 +48,16 @@ def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
     if isinstance(source, str) and not Path(source).is_file():
         raise AudioError(name, "file does not exist")
     try:
-        samples, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
-                                always_2d=True)
+        with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as audio:
+            if audio.frames >= UNKNOWN_LENGTH:  # read() would allocate for 2**63 frames and fail
+                raise AudioError(name, UNKNOWN_LENGTH_REASON)
+            samples, rate = audio.read(dtype="float32", always_2d=True), audio.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as error:
+        if isinstance(error, AudioError):
+            raise
         raise AudioError(name, f"cannot be decoded ({error})") from error
+    except MemoryError:  # a corrupt header claiming billions of samples
+        raise AudioError(name, "cannot be decoded (its header claims more samples than memory holds)") from None
     return samples, int(rate)
 
 
@@ -97,6 +107,9 @@ def load_audio(
         raise AudioError(name, f"too short: {wave.numel()} samples at 16 kHz, fewer than the minimum {min_samples}")
     if not normalize:
         return wave
+    peak = float(wave.abs().max()) if wave.numel() else 0.0
+    if peak > _LARGEST_SAFE_PEAK:  # its float32 variance would overflow: scale by a power of 2 first (exact)
+        wave = wave * 2.0 ** -math.ceil(math.log2(peak))
     wave = standardize(wave)
     if not torch.isfinite(wave).all():  # huge finite samples can overflow the variance
         raise AudioError(name, "is not finite after standardisation (samples too large)")

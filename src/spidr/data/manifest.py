@@ -18,6 +18,7 @@ manifest holds ≈ 30 MB and reads in well under a second); indexing it gives ``
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import itertools
@@ -329,6 +330,8 @@ def _archive_map(archive: str) -> mmap.mmap:
     mapped = _ARCHIVE_MAPS.get(archive)
     if mapped is None:
         with open(archive, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:  # mmap refuses an empty file with a bare ValueError
+                raise OSError(f"{archive} is empty")
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         _ARCHIVE_MAPS[archive] = mapped
     return mapped
@@ -355,9 +358,15 @@ def _header_length(source: str | bytes) -> int:
     info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
     if info.frames <= 0:
         raise ValueError("no audio samples")
+    if info.frames >= UNKNOWN_LENGTH:
+        raise ValueError(UNKNOWN_LENGTH_REASON)
     return resampled_length(int(info.frames), int(info.samplerate))
 
 
+# libsndfile's frame count for a stream whose header does not record its length (a FLAC written to a pipe)
+UNKNOWN_LENGTH = 2**63 - 1
+UNKNOWN_LENGTH_REASON = ("its header records no length (written to a pipe?); re-encode it to a file, e.g. "
+                         "sox in.flac out.flac")
 _READ_ERRORS = (sf.LibsndfileError, RuntimeError, ValueError, OSError)
 _BUFFER_NAME = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # how soundfile names an in-memory file
 
@@ -428,16 +437,18 @@ def _scan_directory(root: Path, exts: tuple[str, ...], *, progress: bool) -> Sca
 
 
 def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
-                       ) -> tuple[list[tuple[str, int, int]], list[tuple[str, str]]]:
+                       ) -> tuple[list[tuple[str, int, int]], list[tuple[str | None, str]]]:
     """``(name, data offset, size)`` of each audio member, links mapped to the data they stand for, and the
-    failures (name, reason): links to nothing in the archive, members that hold no data.
+    failures (name, reason): links to nothing in the archive, members that hold no data, and (name None) a cut in
+    a truncated archive. A member whose data the cut reaches is listed here and fails when its audio is read.
 
     A hard link shares the data of the member of its target name stored before it (as ``tar -x`` restores it); a
     symbolic link leads, relative to its folder, to the member of that name the archive ends with."""
     held: dict[str, tuple[int, int] | None] = {}  # member name → (offset, size) of its data, as far as read
     symlinks: dict[str, str] = {}  # member name → the name it leads to
     audio = []  # (member, its data when met: None for a symbolic link, which is followed at the end)
-    for member in tar.getmembers():
+    cut_short: list[str] = []
+    for member in _members_before_any_cut(tar, cut_short):
         name = os.path.normpath(member.name)
         if member.isfile():
             held[name] = (member.offset_data, member.size)
@@ -462,7 +473,25 @@ def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
             failures.append((member.name, f"symbolic link to {target!r}, which no member of the archive holds"))
         else:
             failures.append((member.name, "not a regular file"))
+    failures += [(None, f"the archive is cut short ({why}): only the members before the cut are listed")
+                 for why in cut_short]
     return members, failures
+
+
+def _members_before_any_cut(tar: tarfile.TarFile, cut: list[str]) -> Iterator[tarfile.TarInfo]:
+    """The archive's members in order; of a truncated archive, those before the cut (and why, appended to ``cut``)."""
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.TarError as error:
+            cut.append(str(error))
+            return
+        if member is None:  # tarfile also ends here at a header cut short: the rest must be the end-of-archive zeros
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(1 << 20).strip(b"\0"):
+                cut.append(f"bytes at offset {tar.offset} are neither a member header nor the end of the archive")
+            return
+        yield member
 
 
 def _follow(symlinks: dict[str, str], name: str) -> str:
@@ -484,7 +513,8 @@ def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool) -> ScanRe
         raise ValueError(f"{archive} is not an uncompressed tar archive ({error}); decompress it first") from error
     location = str(archive.resolve())
     builder = ManifestBuilder(base="", source=str(archive))
-    failures = [(f"{location}:{_printable(name)}", _printable(reason)) for name, reason in failed]
+    failures = [(location if name is None else f"{location}:{_printable(name)}", _printable(reason))
+                for name, reason in failed]
     for name, offset, size in tqdm(members, desc=f"scanning {archive}", unit="file", disable=not progress):
         entry = ManifestEntry(_stem(name), name, 0, location, offset, size)
         if not _is_utf8(name):
@@ -563,6 +593,9 @@ def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress
 # --------------------------------------------------------------------------------------------------------------
 
 
+_MAX_INT_FIELD = 2**62  # int64 columns; far beyond any real length, offset or size
+
+
 def _int_field(value: object, name: str, where: str, *, minimum: int) -> int:
     try:
         number = int(str(value).strip())
@@ -570,6 +603,8 @@ def _int_field(value: object, name: str, where: str, *, minimum: int) -> int:
         raise ValueError(f"{where}: {name} = {value!r} is not an integer") from None
     if number < minimum:
         raise ValueError(f"{where}: {name} = {number} must be >= {minimum}")
+    if number > _MAX_INT_FIELD:
+        raise ValueError(f"{where}: {name} = {number} is too large (at most {_MAX_INT_FIELD})")
     return number
 
 
@@ -580,7 +615,7 @@ def _add_record(builder: ManifestBuilder, record: dict[str, object], where: str)
             raise ValueError(f"{where}: missing {name!r}")
     path = str(record["path"])
     num_samples = _int_field(record["num_samples"], "num_samples", where, minimum=0)
-    fileid = str(record.get("fileid") or Path(path).stem)
+    fileid = str(record["fileid"]) if record.get("fileid") not in (None, "") else Path(path).stem
     present = [record.get(name) not in (None, "") for name in _ARCHIVE_COLUMNS]
     if not any(present):
         builder.append(fileid, path, num_samples)
@@ -607,7 +642,7 @@ def _read_plain_csv(path: Path) -> Manifest | None:
     csv module then reads it, and names the line of any error."""
     parts = []
     with path.open("rb") as handle:
-        head = handle.readline()
+        head = handle.readline().removeprefix(codecs.BOM_UTF8)  # spreadsheets save CSV with a byte-order mark
         if head.rstrip(b"\r\n") != _PLAIN_HEADER:
             return None
         carry = b""
@@ -635,9 +670,15 @@ def _read_plain_csv(path: Path) -> Manifest | None:
 
 
 def _parse_plain_rows(data: np.ndarray) -> tuple[PackedStrings, PackedStrings, np.ndarray] | None:
-    """``fileid,path,num_samples`` lines (``data`` ends with a newline) → packed ids, packed paths, lengths."""
+    """``fileid,path,num_samples`` lines (``data`` ends with a newline) → packed ids, packed paths, lengths; None
+    when they hold a quote or bytes that are not UTF-8 (the csv module then names the line)."""
     if (data == ord('"')).any():
         return None
+    if data.size and int(data.max()) >= 128:
+        try:
+            data.tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     ends = np.flatnonzero(data == ord("\n"))
     starts = np.concatenate([[0], ends[:-1] + 1])
     stops = ends - (data[np.maximum(ends - 1, 0)] == ord("\r"))  # a CRLF file
@@ -679,7 +720,7 @@ def _read_csv(path: Path) -> Manifest:
     if fast is not None:
         return fast
     builder = ManifestBuilder(base=path.parent, source=str(path))
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None) or []
         missing = [c for c in ("path", "num_samples") if c not in header]
@@ -703,7 +744,7 @@ def _read_csv(path: Path) -> Manifest:
                     num_samples = int(length)
                 except ValueError:
                     num_samples = _int_field(length, "num_samples", f"{path}:{line}", minimum=0)
-                if num_samples < 0:
+                if not 0 <= num_samples <= _MAX_INT_FIELD:
                     _int_field(length, "num_samples", f"{path}:{line}", minimum=0)
                 fileid = row[id_at] if id_at is not None and row[id_at] else _stem(relative)
                 builder.append(fileid, relative, num_samples)
@@ -715,7 +756,7 @@ def _read_csv(path: Path) -> Manifest:
 
 
 def _read_tsv(path: Path) -> Manifest:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         first = handle.readline()
         if not first:
             raise ValueError(f"{path} is empty; a fairseq manifest starts with its root directory")
@@ -738,7 +779,7 @@ def _read_tsv(path: Path) -> Manifest:
 
 def _read_jsonl(path: Path) -> Manifest:
     builder = ManifestBuilder(base=path.parent, source=str(path))
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for i, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -758,14 +799,26 @@ def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"manifest {path} does not exist")
-    match path.suffix:
-        case ".csv":
-            return _read_csv(path)
-        case ".tsv":
-            return _read_tsv(path)
-        case ".jsonl":
-            return _read_jsonl(path)
-    raise ValueError(f"manifest {path} has suffix {path.suffix!r}; expected one of {', '.join(MANIFEST_SUFFIXES)}")
+    readers = {".csv": _read_csv, ".tsv": _read_tsv, ".jsonl": _read_jsonl}
+    if path.suffix not in readers:
+        raise ValueError(f"manifest {path} has suffix {path.suffix!r}; expected one of "
+                         f"{', '.join(MANIFEST_SUFFIXES)}")
+    try:
+        return readers[path.suffix](path)
+    except UnicodeDecodeError:
+        raise ValueError(_not_utf8(path)) from None
+
+
+def _not_utf8(path: Path) -> str:
+    """The error for a manifest that is not UTF-8 text, naming its first such line."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (f"{path}:{number}: not UTF-8 text ({line[max(error.start - 10, 0) : error.end + 10]!r}); "
+                        "save the manifest as UTF-8")
+    return f"{path}: not UTF-8 text; save the manifest as UTF-8"
 
 
 def _stem(path: str) -> str:
@@ -825,7 +878,7 @@ def _write_tsv(entries: Sequence[ManifestEntry], base: str, handle: IO[str], out
     handle.write(base + "\n")
     for e in entries:
         relative = os.path.relpath(os.path.abspath(e.path), base)
-        if relative.startswith(".."):
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):
             raise ValueError(f"{out}: {os.path.abspath(e.path)} lies outside the root directory {base}")
         if _TSV_SEPARATORS.search(relative):
             raise ValueError(f"{out}: the file name {e.path!r} holds a tab or line break, which a .tsv manifest "
