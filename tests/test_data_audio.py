@@ -116,7 +116,8 @@ def flac_of_unknown_length(path: Path, num_samples: int = 8000) -> Path:
     """A FLAC whose STREAMINFO total-sample count is 0 ("unknown"), as an encoder writing to a pipe leaves it."""
     sf.write(path, sine(num_samples, 16_000), 16_000, format="FLAC")
     data = bytearray(path.read_bytes())
-    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO comes first: its fields start at byte 8
+    assert data[:4] == b"fLaC"
+    assert data[4] & 0x7F == 0  # STREAMINFO comes first: its fields start at byte 8
     fields = int.from_bytes(data[18:26], "big") & ~(2**36 - 1)  # the low 36 bits of bytes 18..25: total samples
     data[18:26] = fields.to_bytes(8, "big")
     path.write_bytes(bytes(data))
