@@ -24,7 +24,6 @@ import io
 import itertools
 import json
 import logging
-import mmap
 import os
 import re
 import tarfile
@@ -323,30 +322,25 @@ class ManifestBuilder:
 # Archive members
 # --------------------------------------------------------------------------------------------------------------
 
-_ARCHIVE_MAPS: dict[str, mmap.mmap] = {}  # one read-only map per tar and process (workers map their own)
-
-
-def _archive_map(archive: str) -> mmap.mmap:
-    mapped = _ARCHIVE_MAPS.get(archive)
-    if mapped is None:
-        with open(archive, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size == 0:  # mmap refuses an empty file with a bare ValueError
-                raise OSError(f"{archive} is empty")
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        _ARCHIVE_MAPS[archive] = mapped
-    return mapped
+# One read-only descriptor per tar and process, read with os.pread (no shared file position, so forked loader
+# workers may use an inherited one). Not a memory map: a tar truncated or replaced while mapped kills the process
+# with SIGBUS at the next read of a page beyond its new end, where a read just comes back short.
+_ARCHIVE_FILES: dict[str, int] = {}
 
 
 def read_member(entry: ManifestEntry) -> bytes:
-    """The bytes of an archive entry, read through a read-only memory map of its tar."""
+    """The bytes of an archive entry, read from its tar; OSError when the tar cannot be read or ends before it."""
     if entry.archive is None or entry.byte_offset is None or entry.byte_size is None:
         raise ValueError(f"{entry.path} is not an archive member")
-    mapped = _archive_map(entry.archive)
-    end = entry.byte_offset + entry.byte_size
-    if end > len(mapped):
+    descriptor = _ARCHIVE_FILES.get(entry.archive)
+    if descriptor is None:
+        descriptor = _ARCHIVE_FILES[entry.archive] = os.open(entry.archive, os.O_RDONLY | os.O_CLOEXEC)
+    data = os.pread(descriptor, entry.byte_size, entry.byte_offset)
+    if len(data) != entry.byte_size:
+        end = entry.byte_offset + entry.byte_size
         raise OSError(f"byte range [{entry.byte_offset}, {end}) lies beyond the end of {entry.archive} "
-                      f"({len(mapped)} bytes)")
-    return mapped[entry.byte_offset : end]
+                      f"({os.fstat(descriptor).st_size} bytes)")
+    return data
 
 
 # --------------------------------------------------------------------------------------------------------------
