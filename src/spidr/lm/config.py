@@ -96,8 +96,8 @@ class LmOptimizerSection:
     max_steps: int = 1000
     batch_size: int = 16  # windows per optimizer step, over all ranks and micro-batches
     grad_accum_steps: int = 1
-    # No float16: its gradients would need loss scaling (LM logits' gradients underflow it), which bf16 does not.
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # float16 is not trained with (see check_trainable) but still read: LMs trained with it before load for scoring.
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
     def __post_init__(self) -> None:
         check_fields(self, "optimizer")
@@ -154,7 +154,16 @@ def load_lm_config(path: str | Path | None, overrides: list[str] | tuple[str, ..
     ``--set section.key=value`` overrides."""
     data = apply_overrides({} if path is None else read_config_file(path), list(overrides))
     try:
-        return lm_config_from_dict(data)
+        cfg = lm_config_from_dict(data)
+        check_trainable(cfg)
+        return cfg
     except ValueError as error:
         source = "the default LM config" if path is None else str(path)
         raise ValueError(f"{source}{' with its --set overrides' if overrides else ''}: {error}") from error
+
+
+def check_trainable(cfg: LmConfig) -> None:
+    """Refuse what a checkpoint may record but training cannot do: ``optimizer.dtype = "float16"``, whose gradients
+    would need loss scaling (the LM logits' gradients underflow it), which lm-train does not do (bf16 needs none)."""
+    require(cfg.optimizer.dtype != "float16",
+            "optimizer.dtype = 'float16' is not supported for training (no loss scaling); use 'bfloat16' or 'float32'")

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spidr.distributed import all_reduce_sum, world_size
-from spidr.lm.config import LmConfig, LmModelSection
+from spidr.lm.config import LmConfig, LmModelSection, check_trainable
 from spidr.lm.data import WindowSampler, is_held_out, token_stream, validation_windows
 from spidr.lm.models import NgramLM, build_lm, token_log_likelihoods
 from spidr.lm.tokens import LabelVocabulary, UnitSequences, Vocabulary, fingerprint, read_unit_sequences
@@ -215,6 +215,7 @@ def validate_lm(model: nn.Module, stream: torch.Tensor, *, context: int, precisi
 
 def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole run on one screen, in order
     """Train (or resume) the LM of ``cfg`` in ``cfg.run.run_dir``; returns "completed" or "interrupted"."""
+    check_trainable(cfg)
     denv = detect_environment()
     device = resolve_device(cfg.run.device, denv)
     init_distributed(denv, device)
