@@ -42,6 +42,17 @@ def test_official_fields_without_effect_are_named(tmp_path, corpus):
     assert unused_settings(config_from_dict(data)) == [
         "optimizer.lr = 0.002 is never reached: optimizer.warmup_steps = 1000 is not below optimizer.max_steps = 300 "
         "(the run ends during the warm-up)"]
+    data["optimizer"].update(warmup_steps=10)
+    data["model"]["target_norm_frames"] = "valid"
+    assert unused_settings(config_from_dict(data)) == [
+        "model.target_norm_frames = 'valid' has no effect: no data section sets enable_padding, so batches are cropped "
+        "to their shortest utterance and hold no padding"]
+    data["data"]["enable_padding"] = True
+    assert unused_settings(config_from_dict(data)) == []
+    data["model"]["extractor_mode"] = "group_norm"
+    notes = unused_settings(config_from_dict(data))
+    assert len(notes) == 1
+    assert notes[0].startswith("data.enable_padding with model.extractor_mode = 'group_norm'")
 
 
 def test_resume_warns_when_the_learning_rates_changed(tmp_path, corpus, caplog):

@@ -235,7 +235,8 @@ class ModelConfig:
     # "valid": the teacher targets' instance norm takes its mean and variance over each utterance's real frames only.
     # "all" (official, spec §14.24) counts a padded batch's padding too, so an utterance's targets change with the
     # length of the longest utterance it is batched with. Without padding (data.enable_padding = false, the
-    # default: batches are cropped to their shortest utterance) the two are the same.
+    # default: batches are cropped to their shortest utterance) the two are the same. (A group_norm front end pools
+    # its first GroupNorm over the padding as well: only unpadded batches make its targets independent of the batch.)
     target_norm_frames: Literal["all", "valid"] = "all"
     # > 0 (needs extractor_type = "log_mel"): in training the student's input spectrum is warped per utterance by a
     # factor drawn from [1 − w, 1 + w] (VTLP: formants and pitch move as for another speaker) while the teacher reads
@@ -535,7 +536,8 @@ class Config:
 
 def unused_settings(cfg: Config) -> list[str]:
     """One sentence per field that ``cfg`` sets but that has no effect (official fields kept so that official TOMLs
-    load, a peak learning rate the warm-up never reaches): the training entry points log them as warnings."""
+    load, a peak learning rate the warm-up never reaches) or not the effect it seems to (padding with a group_norm
+    front end): the training entry points log them as warnings."""
     notes = []
     if cfg.run.slurm_validation is not None:
         where = (f"the [validation] sets ({', '.join(cfg.validation)}) are scored in-process at every checkpoint"
@@ -553,6 +555,15 @@ def unused_settings(cfg: Config) -> list[str]:
             if value != getattr(defaults, name):
                 notes.append(f"model.{name} = {value!r} has no effect on SpidR (a DinoSR field): SpidR's teacher "
                              "EMA follows the exponential schedule of model.ema_timescale and model.ema_threshold")
+    padded = [section for section, data in (("data", cfg.data), *((f"validation.{n}", d) for n, d in
+                                                                  cfg.validation.items())) if data.enable_padding]
+    if cfg.model.target_norm_frames == "valid" and not padded:
+        notes.append("model.target_norm_frames = 'valid' has no effect: no data section sets enable_padding, so "
+                     "batches are cropped to their shortest utterance and hold no padding")
+    if padded and cfg.model.extractor_mode == "group_norm":
+        notes.append(f"{', '.join(padded)}.enable_padding with model.extractor_mode = 'group_norm': that front end's "
+                     "first GroupNorm takes its statistics over the padding, so an utterance's features (and targets) "
+                     "change with the longest one in its batch, whatever model.target_norm_frames says")
     o = cfg.optimizer
     if o.warmup_steps >= o.max_steps:
         notes.append(f"optimizer.lr = {o.lr:g} is never reached: optimizer.warmup_steps = {o.warmup_steps} is not "
