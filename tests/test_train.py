@@ -568,3 +568,24 @@ def test_the_data_stream_never_moves_the_global_rng_and_spans_epochs():
 
     with pytest.raises(ValueError, match="no batch in a whole epoch"):
         next(loop._batches(EmptyLoader()))
+
+
+def test_validation_leaves_out_a_batch_with_no_masked_frame():
+    """With masking.min_masks = 0 a validation batch can draw no masked frame: its empty loss made the whole
+    validation loss NaN. It is left out, as a repeated batch is: the means are those of the other batches."""
+    from test_models_dinosr import tiny_model, waveforms
+
+    from spidr.data.collate import Batch
+    from spidr.models import num_frames
+    from spidr.train.validate import validate
+
+    model = tiny_model("dinosr")
+    wave, lengths = waveforms(8000, 8000), torch.tensor([8000, 8000])
+    masked = torch.zeros(2, num_frames(8000), dtype=torch.bool)
+    masked[:, :10] = True
+    scored = Batch(wave, lengths, None, masked, ["a", "b"], mask_count=20)
+    unmasked = Batch(wave, lengths, None, torch.zeros_like(masked), ["a", "b"], mask_count=0)
+    alone = validate(model, [scored], device=torch.device("cpu"), precision=FP32)
+    with_empty = validate(model, [scored, unmasked], device=torch.device("cpu"), precision=FP32)
+    assert math.isfinite(alone["loss"])
+    assert with_empty == alone

@@ -45,8 +45,8 @@ def test_official_fields_without_effect_are_named(tmp_path, corpus):
     data["optimizer"].update(warmup_steps=10)
     data["model"]["target_norm_frames"] = "valid"
     assert unused_settings(config_from_dict(data)) == [
-        "model.target_norm_frames = 'valid' has no effect: no data section sets enable_padding, so batches are cropped "
-        "to their shortest utterance and hold no padding"]
+        "model.target_norm_frames = 'valid' has no effect: no data section sets enable_padding, so batches are "
+        "cropped to their shortest utterance and hold no padding"]
     data["data"]["enable_padding"] = True
     assert unused_settings(config_from_dict(data)) == []
     data["model"]["extractor_mode"] = "group_norm"

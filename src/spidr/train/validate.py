@@ -64,8 +64,11 @@ def validate(
                              metrics["pred_ppl"].float().reshape(()), torch.ones((), device=losses.device)]),
                 *(metrics[name].float().reshape(-1) for name in PER_CODEBOOK),
             ]).double()
-            if batch.repeat:  # its rows are another rank's batch: counted there
-                row = torch.zeros_like(row)
+            # Not counted: a batch repeated here (its rows are another rank's batch, counted there), and one with no
+            # masked frame (no loss to average: with masking.min_masks = 0 a short batch can draw none). Chosen on
+            # the device, as NaN × 0 would still be NaN.
+            counted = (metrics["num_frames"].to(row.device) > 0) & (not batch.repeat)
+            row = torch.where(counted, row, torch.zeros_like(row))
             totals = row if totals is None else totals + row
     finally:
         model.train(was_training)
