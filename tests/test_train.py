@@ -573,11 +573,10 @@ def test_the_data_stream_never_moves_the_global_rng_and_spans_epochs():
 def test_validation_leaves_out_a_batch_with_no_masked_frame():
     """With masking.min_masks = 0 a validation batch can draw no masked frame: its empty loss made the whole
     validation loss NaN. It is left out, as a repeated batch is: the means are those of the other batches."""
-    from test_models_dinosr import tiny_model, waveforms
-
     from spidr.data.collate import Batch
     from spidr.models import num_frames
     from spidr.train.validate import validate
+    from test_models_dinosr import tiny_model, waveforms
 
     model = tiny_model("dinosr")
     wave, lengths = waveforms(8000, 8000), torch.tensor([8000, 8000])
