@@ -204,8 +204,9 @@ def test_abx_and_units_quality_take_the_rate_the_extraction_recorded(corpus, tmp
     assert json.loads(capsys.readouterr().out) == metrics
     assert main([*kmeans_quality, "--num-units", "256"]) == 2
     assert "--num-units 256, but" in capsys.readouterr().err
-    # without its record the units are taken for 50 Hz units of 256, as before
-    (tmp_path / "elsewhere" / "units.jsonl.metadata.json").unlink()
+    # a units file written over since by another tool is not described by the record: 50 Hz units of 256, as
+    # without one
+    kmeans_units.write_text(kmeans_units.read_text() + "\n")
     assert abx(kmeans_units)["frequency_hz"] == 50.0
 
 

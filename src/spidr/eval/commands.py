@@ -164,6 +164,7 @@ def _units(args: argparse.Namespace) -> int:
         "features": str(args.features_dir),
         "centroids": str(args.centroids),
         "num_utterances": count,
+        "units_file_bytes": out.stat().st_size,  # a units file written over since by another tool is not described
     }
     record_path = units_metadata_path(out)  # written once the units are (a failure leaves both as they were)
     write_atomically(record_path, json.dumps(record, indent=2) + "\n")

@@ -8,6 +8,7 @@ file's ``#file``. Files are read only when accessed, so evaluation code can stre
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from spidr.data.manifest import PackedStrings
 from spidr.eval.journal import STATE_DIR
 
 EXTENSIONS = (".npy", ".pt")
+logger = logging.getLogger(__name__)
 
 
 class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
@@ -177,8 +179,21 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
                 record = json.loads(metadata.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 return None
-            return (record, metadata) if isinstance(record, dict) else None
+            if not isinstance(record, dict):
+                return None
+            if metadata.name != "metadata.json" and record.get("units_file_bytes") != _size(path):
+                logger.warning("%s describes another version of %s (written since by something else): not used",
+                               metadata, path)
+                continue
+            return record, metadata
     return None
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def extraction_frame_rate(path: str | Path) -> tuple[float, Path] | None:
