@@ -9,9 +9,16 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 
 # What spidr imports beyond torch (scipy: the log-mel front end and MFCCs); the GPU image has numpy and scipy.
+# Imported, not only found: soundfile is found without cffi, and then fails to import.
 missing_modules() {
-  "$python" -c 'import importlib.util as u
-print(" ".join(m for m in ("numpy", "scipy", "soundfile", "soxr") if u.find_spec(m) is None))'
+  "$python" -c 'import importlib
+def missing(name):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return True
+    return False
+print(" ".join(m for m in ("numpy", "scipy", "soundfile", "soxr") if missing(m)))'
 }
 missing=$(missing_modules)
 if [[ -n $missing ]]; then

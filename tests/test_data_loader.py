@@ -188,3 +188,17 @@ def test_a_missing_manifest_is_named_by_its_config_field(tmp_path):
     cfg = DataConfig(manifest=str(tmp_path / "dev-clean.csv"), num_workers=0)
     with pytest.raises(ValueError, match=r"^validation\.dev-clean\.manifest: manifest .*dev-clean\.csv does not "):
         build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS, section="validation.dev-clean")
+
+
+def test_batches_are_pinned_by_default_where_cuda_is(manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned batches let the host copy the next batch to the GPU without waiting for the queued step; without
+    CUDA, pinning is left off (torch would warn and ignore it)."""
+    assert DataConfig(manifest=str(manifest)).pin_memory
+    loader, _ = build_dataloader(config(manifest, num_workers=0), MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    assert loader.pin_memory is torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loader, _ = build_dataloader(config(manifest, num_workers=0), MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    assert loader.pin_memory
+    loader, _ = build_dataloader(config(manifest, num_workers=0, pin_memory=False), MaskingConfig(),
+                                 conv_layers=DEFAULT_CONV_LAYERS)
+    assert not loader.pin_memory

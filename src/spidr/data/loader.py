@@ -182,7 +182,7 @@ def build_dataloader(
         batch_sampler=_KeyedBatches(sampler, data_seed, rank, fixed=deterministic_crops),
         collate_fn=_KeyedCollate(collator),
         num_workers=workers,
-        pin_memory=data_cfg.pin_memory,
+        pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),  # (without CUDA torch warns and ignores it)
         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=data_cfg.persistent_workers and workers > 0,
         # Only worker seeds come from it (crops and masks have their own); it keeps the global RNG untouched.
