@@ -105,6 +105,17 @@ def test_bad_audio_raises_audio_error(tmp_path: Path, kind: str, reason: str) ->
     assert isinstance(info.value, ValueError)  # the CLI prints it as a user error
 
 
+def test_audio_with_no_sample_left_at_16_khz_is_an_audio_error(tmp_path: Path) -> None:
+    """One sample at 44.1 kHz resamples to none: decode returned an empty waveform instead of saying so."""
+    sf.write(tmp_path / "one.wav", np.full(1, 0.5, dtype=np.float32), 44_100)
+    with pytest.raises(AudioError, match=r"one\.wav: contains no audio samples at 16 kHz \(1 at 44100 Hz\)"):
+        decode(tmp_path / "one.wav")
+    from spidr.data.manifest import scan
+
+    assert scan(tmp_path, progress=False).failures == [(str(tmp_path / "one.wav"),
+                                                        "no audio samples at 16 kHz (1 at 44100 Hz)")]
+
+
 def test_archive_member_out_of_range(tmp_path: Path) -> None:
     archive = tmp_path / "x.tar"
     archive.write_bytes(b"\0" * 1024)

@@ -78,6 +78,8 @@ def decode(source: str | Path | bytes, *, name: str | None = None) -> torch.Tens
         raise AudioError(name, "contains NaN or Inf samples")
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE).astype(np.float32, copy=False)
+        if mono.size == 0:  # e.g. one sample at 44.1 kHz
+            raise AudioError(name, f"contains no audio samples at 16 kHz ({samples.shape[0]} at {rate} Hz)")
     return torch.from_numpy(np.ascontiguousarray(mono))
 
 

@@ -354,7 +354,10 @@ def _header_length(source: str | bytes) -> int:
         raise ValueError("no audio samples")
     if info.frames >= UNKNOWN_LENGTH:
         raise ValueError(UNKNOWN_LENGTH_REASON)
-    return resampled_length(int(info.frames), int(info.samplerate))
+    length = resampled_length(int(info.frames), int(info.samplerate))
+    if length == 0:
+        raise ValueError(f"no audio samples at 16 kHz ({info.frames} at {info.samplerate} Hz)")
+    return length
 
 
 # libsndfile's frame count for a stream whose header does not record its length (a FLAC written to a pipe)
