@@ -516,7 +516,7 @@ class Config:
         for name in ("workdir", "wandb_project", "wandb_name"):
             require(bool(getattr(self.run, name)), f"run.{name} is required (the run directory is "
                      "<workdir>/<wandb_project>/<wandb_name>)")
-        for section, data in (("data", self.data), *((f"validation.{n}", d) for n, d in self.validation.items())):
+        for section, data in self.data_sections():
             require(bool(data.manifest), f"{section}.manifest is required (a .csv, .tsv or .jsonl manifest)")
         require(
             self.model.model_type == self.run.model_type,
@@ -524,10 +524,14 @@ class Config:
             f"{type(self.model).__name__}",
         )
         receptive_field = num_samples_for_frames(1, self.model.extractor_conv_layer_config)
-        for section, data in (("data", self.data), *((f"validation.{n}", d) for n, d in self.validation.items())):
+        for section, data in self.data_sections():
             require(data.min_sample_size >= receptive_field,
                     f"{section}.min_sample_size = {data.min_sample_size} is shorter than one frame of the model's "
                     f"front end ({receptive_field} samples): such utterances would give batches of no frame")
+
+    def data_sections(self) -> list[tuple[str, DataConfig]]:
+        """``(section name, its data config)`` of the training data and of every validation set."""
+        return [("data", self.data), *((f"validation.{name}", data) for name, data in self.validation.items())]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict that ``config_from_dict`` turns back into an equal ``Config``."""
@@ -546,7 +550,7 @@ def unused_settings(cfg: Config) -> list[str]:
                  if cfg.validation else "and no [validation] set is configured, so nothing is validated")
         notes.append(f"run.slurm_validation = {cfg.run.slurm_validation!r} is not used: spidr launches no SLURM "
                      f"validation jobs; {where}")
-    for section, data in (("data", cfg.data), *((f"validation.{n}", d) for n, d in cfg.validation.items())):
+    for section, data in cfg.data_sections():
         if data.alignments_path is not None:
             notes.append(f"{section}.alignments_path = {data.alignments_path!r} is not used by pretraining (as in "
                          "the official code); phone alignments go to spidr evaluate / units-quality")
@@ -557,8 +561,7 @@ def unused_settings(cfg: Config) -> list[str]:
             if value != getattr(defaults, name):
                 notes.append(f"model.{name} = {value!r} has no effect on SpidR (a DinoSR field): SpidR's teacher "
                              "EMA follows the exponential schedule of model.ema_timescale and model.ema_threshold")
-    padded = [section for section, data in (("data", cfg.data), *((f"validation.{n}", d) for n, d in
-                                                                  cfg.validation.items())) if data.enable_padding]
+    padded = [section for section, data in cfg.data_sections() if data.enable_padding]
     if cfg.model.target_norm_frames == "valid" and not padded:
         notes.append("model.target_norm_frames = 'valid' has no effect: no data section sets enable_padding, so "
                      "batches are cropped to their shortest utterance and hold no padding")

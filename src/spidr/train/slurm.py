@@ -131,8 +131,7 @@ def check_before_submitting(cfg: Config) -> None:
     ``run.init_ckpt`` must exist (the config's fields are already validated by loading it)."""
     from spidr.data.manifest import read_manifest
 
-    manifests = {"data.manifest": cfg.data.manifest}
-    manifests |= {f"validation.{name}.manifest": data.manifest for name, data in cfg.validation.items()}
+    manifests = {f"{section}.manifest": data.manifest for section, data in cfg.data_sections()}
     for field_name, path in manifests.items():
         if not path:
             raise ValueError(f"{field_name} is empty")
