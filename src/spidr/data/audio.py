@@ -52,9 +52,9 @@ def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
             if audio.frames >= UNKNOWN_LENGTH:  # read() would allocate for 2**63 frames and fail
                 raise AudioError(name, UNKNOWN_LENGTH_REASON)
             samples, rate = audio.read(dtype="float32", always_2d=True), audio.samplerate
+    except AudioError:  # a ValueError, but already says what is wrong
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as error:
-        if isinstance(error, AudioError):
-            raise
         raise AudioError(name, f"cannot be decoded ({error})") from error
     except MemoryError:  # a corrupt header claiming billions of samples
         raise AudioError(name, "cannot be decoded (its header claims more samples than memory holds)") from None

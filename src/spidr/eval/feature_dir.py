@@ -181,7 +181,7 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
                 return None
             if not isinstance(record, dict):
                 return None
-            if metadata.name != "metadata.json" and record.get("units_file_bytes") != _size(path):
+            if metadata == units_metadata_path(path) and record.get("units_file_bytes") != _size(path):
                 logger.warning("%s describes another version of %s (written since by something else): not used",
                                metadata, path)
                 continue
@@ -213,7 +213,7 @@ def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
     if found is None:
         return None
     record, metadata = found
-    size = record.get("num_units") if metadata.name != "metadata.json" else (
+    size = record.get("num_units") if metadata == units_metadata_path(path) else (
         record.get("codebook_size") if Path(path).parent.name == "codebook_units" else None)
     return (size, metadata) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
