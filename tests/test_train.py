@@ -378,6 +378,47 @@ def test_a_skipped_first_step_initialises_the_codebooks_from_data_again(tmp_path
     assert calls == [1]  # once only
 
 
+def test_a_checkpoint_between_a_skipped_first_step_and_the_next_keeps_the_codebook_init_due(
+        tmp_path, corpus, monkeypatch):
+    """A skip on the device counts the step: a run stopped right after its skipped first step (here: max_steps = 1)
+    must still initialise its codebooks from data when it goes on. The resumed model used to see step 1 and keep
+    its random codebooks."""
+    from spidr.models.dinosr import DinoSR
+
+    calls = []
+    initialise = DinoSR._initialise_codebooks_from_data
+    monkeypatch.setattr(DinoSR, "_initialise_codebooks_from_data",
+                        lambda self, targets: calls.append(1) or initialise(self, targets))
+    built = []
+
+    def first_forward_poisoned(model_cfg):
+        model = build_model(model_cfg)
+        if not built:
+            forward = model.forward
+
+            def poisoned(*args, **kwargs):
+                monkeypatch.setattr(model, "forward", forward)  # the first forward only
+                losses, metrics = forward(*args, **kwargs)
+                return losses * float("inf"), metrics
+
+            monkeypatch.setattr(model, "forward", poisoned)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", first_forward_poisoned)
+    overrides = {"model": {"codebook_init": "data"}, "run": {"host_sync": "log"}}
+    assert train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 1}, **overrides)) == "completed"
+    state = torch.load(tiny_config(tmp_path, corpus).run.run_dir / "final.pt", weights_only=True)
+    assert read_int(state["step"]) == 1  # the skip counted
+    assert int(state["model"]["current_step"]) == 1
+    assert state["codebook_init_due"] is True
+    assert calls == [1]  # in the skipped step
+    assert train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 2}, **overrides)) == "completed"
+    assert calls == [1, 1]  # again, in the resumed run's first step
+    state = torch.load(tiny_config(tmp_path, corpus).run.run_dir / "final.pt", weights_only=True)
+    assert state["codebook_init_due"] is False
+
+
 def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path, corpus, monkeypatch):
     cfg = tiny_config(tmp_path, corpus, run={"max_consecutive_nonfinite": 3})
     _poison_every_model(monkeypatch)

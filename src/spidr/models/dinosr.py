@@ -263,6 +263,12 @@ class DinoSR(nn.Module):
         for codebook, dead, cand in zip(self.codebooks, unused, candidates, strict=True):
             codebook.reseed(dead, cand)  # a no-op where nothing is dead; asking first would cost a device sync
 
+    @property
+    def codebook_init_due(self) -> bool:
+        """Whether the next training forward initialises the codebooks from data whatever the step (the step that
+        did it was skipped): a checkpoint saved in between records it, or the resumed run keeps random codebooks."""
+        return self._codebooks_from_data is False
+
     def redo_codebook_init(self) -> None:
         """The first step, which initialised the codebooks from data, was skipped (non-finite) and its codebooks
         restored: the next training forward initialises them again, whatever the step count (a skip on the device

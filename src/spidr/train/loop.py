@@ -395,6 +395,8 @@ def _start_or_resume(
                          path=path)
     if int(model.current_step) >= cfg.model.freeze_step:
         model.freeze_feature_encoder()
+    if state.get("codebook_init_due", False):  # the skipped first step's data init is still to be done
+        model.redo_codebook_init()
     # Rebuild the optimizer with the groups it was saved with (group 1 may already be removed).
     with_frozen = len(state["optimizer"]["param_groups"]) > 1
     optimizer = build_optimizer(model, cfg.optimizer, device=device, include_frozen=with_frozen)
@@ -629,6 +631,7 @@ def _training_state(
         "step": int_tensor(step),
         "epoch": int_tensor(sampler.epoch),
         "nonfinite_streak": nonfinite_streak,
+        "codebook_init_due": model.codebook_init_due,
         "ranks": ranks,
         "config": cfg.to_dict(),
     }
