@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from spidr.data.audio import AudioError, decode, load_audio, standardize
+from spidr.data.audio import AudioError, decode, load_audio, standardize, waveform_from_samples
 from spidr.data.manifest import ManifestEntry
 
 
@@ -59,6 +59,41 @@ def test_other_rates_are_resampled_to_16k(tmp_path: Path) -> None:
     assert wave.shape == (16_000,)
     spectrum = np.abs(np.fft.rfft(wave.numpy()))
     assert int(np.argmax(spectrum)) == 440  # one-second signal: bin k is k Hz, so the tone kept its pitch
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_32", "FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("rate", [8_000, 16_000, 44_100])
+def test_samples_in_memory_give_what_their_file_gives(tmp_path: Path, subtype: str, rate: int) -> None:
+    """waveform_from_samples(samples, rate) == load_audio(file) for stereo audio read back by soundfile in its own
+    dtype (int16 / int32 PCM, float32, float64 as sf.read gives by default), or as a torch tensor."""
+    path = tmp_path / "a.wav"
+    stereo = np.stack([sine(3 * rate // 10, rate, 300), sine(3 * rate // 10, rate, 500, 0.2)], axis=1)
+    sf.write(path, stereo, rate, subtype=subtype)
+    dtype = {"PCM_16": "int16", "PCM_32": "int32", "FLOAT": "float32", "DOUBLE": "float64"}[subtype]
+    samples, read_rate = sf.read(path, dtype=dtype)
+    for normalize in (False, True):
+        expected = load_audio(path, normalize=normalize)
+        for given in (samples, torch.from_numpy(samples)):
+            got = waveform_from_samples(given, read_rate, normalize=normalize)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    one_channel = waveform_from_samples(samples[:, :1], read_rate, normalize=False)
+    assert torch.equal(waveform_from_samples(samples[:, 0], read_rate, normalize=False), one_channel)
+
+
+def test_samples_in_memory_that_cannot_be_audio_are_refused_by_name() -> None:
+    with pytest.raises(AudioError, match=r"^clip: samples of shape \(2, 8000\): expected \(S,\) mono or \(S, C\) "
+                                         r"channels \(more channels than samples is \(C, S\): transpose it\)"):
+        waveform_from_samples(np.zeros((2, 8000), dtype=np.float32), 16_000, name="clip")
+    with pytest.raises(AudioError, match=r"sample_rate = 16000.0: expected a positive whole number of Hz"):
+        waveform_from_samples(np.zeros(800, dtype=np.float32), 16_000.0)
+    with pytest.raises(AudioError, match="contains NaN or Inf samples"):
+        waveform_from_samples(np.full(800, np.nan), 16_000)
+    with pytest.raises(AudioError, match="contains no audio samples"):
+        waveform_from_samples(np.zeros(0), 16_000)
+    with pytest.raises(TypeError, match="load_audio reads a path, encoded bytes or a manifest entry, not a ndarray; "
+                                        r"samples already in memory go through waveform_from_samples"):
+        load_audio(np.zeros(800, dtype=np.int16))
 
 
 def test_ogg_vorbis(tmp_path: Path) -> None:

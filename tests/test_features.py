@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from spidr.eval.features import (
 )
 from spidr.eval.units import read_units
 from spidr.models.build import build_model
-from spidr.models.frames import num_frames
+from spidr.models.frames import num_frames, padding_mask_from_lengths
 from train_fixtures import EXTRACTION_MODEL as TINY
 
 
@@ -73,12 +74,27 @@ def test_group_norm_front_end_padded_batch_equals_one_file_at_a_time():
     model = build_model(DinoSRConfig(**TINY, extractor_mode="group_norm")).eval()
     waves = [torch.from_numpy(speech_like(s, i)) for i, s in enumerate((1.0, 0.37, 0.71, 0.37))]
     settings = ExtractionSettings(layers=(1, 3), codebooks=True)
-    batched = extract_batch(model, waves, settings, front_end=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it never hands the model a padded batch
+        batched = extract_batch(model, waves, settings, front_end=True)
     for wave, result in zip(waves, batched, strict=True):
         (alone,) = extract_batch(model, [wave], settings, front_end=True)
         assert result.keys() == alone.keys()
         for key in result:
             np.testing.assert_allclose(result[key], alone[key], atol=1e-5, err_msg=key)
+    # Called directly on a padded batch, the model warns: the mask cannot keep the GroupNorm off the padding.
+    short, long = waves[1], waves[0]
+    padded = torch.zeros(2, long.shape[0])
+    padded[0, : short.shape[0]], padded[1] = short, long
+    mask = padding_mask_from_lengths(torch.tensor([short.shape[0], long.shape[0]]),
+                                     TINY["extractor_conv_layer_config"])
+    warning = "extractor_mode = 'group_norm' normalises its first conv over the padded"
+    with pytest.warns(UserWarning, match=warning):
+        model.get_codebooks(padded, padding_mask=mask)
+    frames = batched[1]["layer_01"].shape[0]
+    with torch.no_grad(), pytest.warns(UserWarning, match=warning):
+        direct = model.get_intermediate_outputs(padded, padding_mask=mask, num_layers=1)[0][0, :frames].numpy()
+    assert np.abs(direct - batched[1]["layer_01"]).max() > 1e-3  # what the warning is about
 
 
 def test_an_extraction_of_padded_group_norm_features_is_not_topped_up(tmp_path):
@@ -110,6 +126,11 @@ def test_layers_and_residual_choice_are_honoured(model):
     np.testing.assert_allclose(before, reference[1][0].numpy(), atol=1e-6)
     np.testing.assert_allclose(after, reference_after[1][0].numpy(), atol=1e-6)
     assert not np.allclose(before, after)
+    assert extract_batch(model, [], ExtractionSettings(layers=(2,))) == []
+    for layers, says in (((2, 9), r"\[2, 9\]: expected at least one of the model's layers 1 to 3 \(\[9\] are not\)"),
+                         ((), r"\[\]: expected at least one of the model's layers 1 to 3$")):
+        with pytest.raises(ValueError, match=says):
+            extract_batch(model, [wave], ExtractionSettings(layers=layers))
 
 
 def test_windows_cover_every_frame_once():

@@ -71,6 +71,11 @@ def test_assignment_is_the_nearest_centroid() -> None:
     np.testing.assert_array_equal(assign_units(frames, centroids, batch_size=3), [0, 1, 2, 1])
     with pytest.raises(ValueError, match="dimension"):
         assign_units(np.zeros((2, 3)), centroids)
+    # fit_kmeans gives a float32 numpy array; float64 features and centroids work too (both raised TypeErrors)
+    for given in (centroids.numpy(), centroids.double(), centroids.numpy().astype(np.float64)):
+        np.testing.assert_array_equal(assign_units(frames.astype(np.float64), given), [0, 1, 2, 1])
+    with pytest.raises(ValueError, match="frames must be an \\(N, D\\) numpy array, got dict"):
+        fit_kmeans({"a": frames}, 2)
 
 
 def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

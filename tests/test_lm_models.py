@@ -105,6 +105,16 @@ def test_scores_sum_and_mean_and_batching():
         assert batched[stem].logprob == pytest.approx(direct, abs=1e-4)
 
 
+@pytest.mark.parametrize("unit", [V - 3, V - 1, -1])
+def test_scoring_refuses_a_unit_outside_the_lm_s_inventory(unit):
+    """Ids num_units .. num_units + 2 are BOS/EOS/PAD: scored as units they gave a number with no error (and larger
+    ids a bare IndexError)."""
+    model = _models()[0].eval()
+    vocab = Vocabulary(V - 3)
+    with pytest.raises(ValueError, match=rf"item 'bad' holds unit {unit}: this LM knows units 0 to {V - 4}"):
+        score_sequences(model, vocab, {"good": np.array([0, 1, 2]), "bad": np.array([1, unit, 2])})
+
+
 def test_equal_sequences_tie_wherever_the_batches_are_cut():
     """A word and a nonword with the same units must tie (pair score ½): scored in two batches of different widths,
     the GPT's float rounding differed in the last digits (-5.616881461 vs -5.616881484), a pair score of 1."""

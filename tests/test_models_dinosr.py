@@ -468,6 +468,23 @@ def test_bad_input_is_rejected() -> None:
         model(waveforms(4000), mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="SpidRConfig"):
         SpidR(DinoSRConfig())
+    with pytest.raises(TypeError, match=r"waveforms must be a torch.Tensor of shape \(B, S\), got a ndarray"):
+        model.get_intermediate_outputs(waveforms(4000).numpy())
+
+
+@torch.no_grad()
+def test_waveforms_of_another_float_dtype_are_cast_to_the_model_s():
+    """soundfile reads float64: such a batch used to fail deep in the first conv ("expected scalar type Double")."""
+    model = tiny_model("spidr").eval()
+    wave = waveforms(4000, 3000)
+    expected = model.get_intermediate_outputs(wave)
+    for given in (wave.double(), wave.half().float().double()):
+        got = model.get_intermediate_outputs(given)
+        assert got[0].dtype == torch.float32
+        tolerance = 0 if given.equal(wave.double()) else 1e-2
+        for a, b in zip(got, model.get_intermediate_outputs(given.float()), strict=True):
+            assert torch.equal(a, b)  # the same as casting first
+        torch.testing.assert_close(got[-1], expected[-1], atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("model_type", TYPES)

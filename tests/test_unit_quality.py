@@ -80,11 +80,15 @@ def test_length_mismatch_names_the_utterance() -> None:
     with pytest.raises(ValueError, match=r"'utt-7'.*may differ by at most 2"):
         unit_quality({"utt-7": [0, 1]}, {"utt-7": ["A"] * 7}, num_units=2)
     with pytest.raises(ValueError, match="multiple of the unit rate"):
-        unit_quality({"u": [0]}, {"u": ["A"]}, alignment_rate_hz=75)
+        unit_quality({"u": [0]}, {"u": ["A"]}, alignment_rate_hz=75, num_units=2)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         unit_quality({"u": [0, 2]}, {"u": ["A"] * 4}, num_units=2)
     with pytest.raises(ValueError, match="no utterance"):
-        unit_quality({"u": [0]}, {"v": ["A", "A"]})
+        unit_quality({"u": [0]}, {"v": ["A", "A"]}, num_units=2)
+    with pytest.raises(ValueError, match=r"utterance 'u': expected a 1-D sequence of unit ids, got shape \(2, 3\)"):
+        unit_quality({"u": np.eye(3, dtype=np.int64)[[0, 1]]}, {"u": ["A"] * 4}, num_units=3)
+    with pytest.raises(TypeError, match="num_units"):
+        unit_quality({"u": [0, 1]}, {"u": ["A"] * 4})  # no default: 256 gave K = 8 units a bitrate 2.7x too high
     with pytest.raises(ValueError, match="utterance 'u': phone 'XX' is not in the phone inventory"):
         unit_quality({"u": [0, 1]}, {"u": ["A", "A", "XX", "XX"]}, num_units=2, inventory=["A", "B"])
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from spidr.config import DinoSRConfig, MaskingConfig, SpidRConfig
 
 if TYPE_CHECKING:
+    from spidr.data.audio import load_audio, waveform_from_samples
     from spidr.models import (
         DinoSR,
         SpidR,
@@ -21,23 +22,22 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# Model exports are imported on first use, so `import spidr` (and `spidr --help`) does not pay for importing torch.
-_MODEL_EXPORTS = (
-    "DinoSR",
-    "SpidR",
-    "build_model",
-    "dinosr_base_original",
-    "dinosr_base_reproduced",
-    "load_model",
-    "num_frames",
-    "spidr_base",
-)
+# Imported on first use, so `import spidr` (and `spidr --help`) does not pay for importing torch: name → module.
+_LAZY_EXPORTS = {
+    **dict.fromkeys(("DinoSR", "SpidR", "build_model", "dinosr_base_original", "dinosr_base_reproduced", "load_model",
+                     "num_frames", "spidr_base"), "spidr.models"),
+    **dict.fromkeys(("load_audio", "waveform_from_samples"), "spidr.data.audio"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _MODEL_EXPORTS:
-        return getattr(importlib.import_module("spidr.models"), name)
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
     raise AttributeError(f"module 'spidr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))
 
 
 __all__ = [
@@ -50,7 +50,9 @@ __all__ = [
     "build_model",
     "dinosr_base_original",
     "dinosr_base_reproduced",
+    "load_audio",
     "load_model",
     "num_frames",
     "spidr_base",
+    "waveform_from_samples",
 ]

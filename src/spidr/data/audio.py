@@ -70,6 +70,11 @@ def decode(source: str | Path | bytes, *, name: str | None = None) -> torch.Tens
         source = str(source)
     name = name or (source if isinstance(source, str) else "<bytes>")
     samples, rate = _read(source, name)
+    return _mono_16k(samples, rate, name)
+
+
+def _mono_16k(samples: np.ndarray, rate: int, name: str) -> torch.Tensor:
+    """(S, C) float32 samples at ``rate`` → (S',) mono float32 at 16 kHz; empty or non-finite audio is an error."""
     if samples.shape[0] == 0 or samples.shape[1] == 0:
         raise AudioError(name, "contains no audio samples")
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
@@ -102,9 +107,38 @@ def load_audio(
         else:
             data = source.path
         wave = decode(data, name=name)
-    else:
+    elif isinstance(source, str | Path | bytes):
         name = str(source) if not isinstance(source, bytes) else "<bytes>"
         wave = decode(source, name=name)
+    else:
+        raise TypeError(f"load_audio reads a path, encoded bytes or a manifest entry, not a {type(source).__name__}; "
+                        "samples already in memory go through waveform_from_samples(samples, sample_rate)")
+    return _finish(wave, name, normalize=normalize, min_samples=min_samples)
+
+
+def waveform_from_samples(
+    samples: np.ndarray | torch.Tensor, sample_rate: int, *, normalize: bool = True, name: str = "<samples>"
+) -> torch.Tensor:
+    """What ``load_audio`` gives for a file, from samples already in memory: (S,) mono or (S, C) channels (as
+    soundfile reads them), float or integer PCM (scaled to ±1), at any ``sample_rate`` → (S',) float32 at 16 kHz,
+    standardised if ``normalize``. ``name`` labels errors."""
+    array = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[1] > array.shape[0]):
+        raise AudioError(name, f"samples of shape {array.shape}: expected (S,) mono or (S, C) channels (more channels "
+                               "than samples is (C, S): transpose it)")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
+        raise AudioError(name, f"sample_rate = {sample_rate!r}: expected a positive whole number of Hz")
+    if np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32) / float(np.iinfo(array.dtype).max + 1)
+    elif not np.issubdtype(array.dtype, np.floating):
+        raise AudioError(name, f"samples of dtype {array.dtype}: expected float or integer PCM")
+    columns = array.astype(np.float32)  # a copy: the result never shares the caller's memory
+    columns = columns[:, None] if columns.ndim == 1 else columns
+    return _finish(_mono_16k(columns, int(sample_rate), name), name, normalize=normalize, min_samples=0)
+
+
+def _finish(wave: torch.Tensor, name: str, *, normalize: bool, min_samples: int) -> torch.Tensor:
+    """A decoded 16 kHz waveform (S,), checked for length and standardised if ``normalize``."""
     if wave.numel() < min_samples:
         raise AudioError(name, f"too short: {wave.numel()} samples at 16 kHz, fewer than the minimum {min_samples}")
     if not normalize:

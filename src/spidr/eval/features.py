@@ -28,11 +28,11 @@ import soundfile as sf
 import torch
 
 from spidr.atomic_files import partial_path, replaced_when_done, write_atomically
-from spidr.config import ModelConfig, num_samples_for_frames
+from spidr.config import num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
-from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
+from spidr.models.frames import hop_length, num_frames, padding_changes_features, padding_mask_from_lengths
 from spidr.models.inference_precision import bfloat16_inference, precision_identity
 
 logger = logging.getLogger(__name__)
@@ -85,16 +85,6 @@ def _precision(model: torch.nn.Module, device: torch.device, dtype: str):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def padding_changes_features(cfg: ModelConfig) -> bool:
-    """Whether an utterance's features depend on the padding around it in a batch.
-
-    A ``group_norm`` front end normalises each channel of its first conv over the whole time axis, padding included,
-    as wav2vec 2.0 and fairseq DinoSR do: its statistics are those of the utterance's own samples only when it runs
-    unpadded. A log-mel first layer has no GroupNorm.
-    """
-    return cfg.extractor_mode == "group_norm" and cfg.extractor_type != "log_mel"
-
-
 @torch.inference_mode()
 def extract_batch(
     model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *,
@@ -109,6 +99,12 @@ def extract_batch(
     (conv stack or log-mel), and ``"projection"`` → (T_i, D), the Transformer's input (before its positional
     convolution), from the same forward pass.
     """
+    bad = [layer for layer in settings.layers if not 1 <= layer <= model.num_layers]
+    if not settings.layers or bad:
+        raise ValueError(f"layers {list(settings.layers)}: expected at least one of the model's layers 1 to "
+                         f"{model.num_layers}{f' ({bad} are not)' if bad else ''}")
+    if not waveforms:
+        return []
     if padding_changes_features(model.cfg):
         rows_by_length: dict[int, list[int]] = {}
         for row, wave in enumerate(waveforms):

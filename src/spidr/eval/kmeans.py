@@ -102,8 +102,10 @@ def fit_kmeans(
     """K-means centroids (num_units, D) float32 of (N, D) frames with ``MiniBatchKMeans`` (reproducible under seed)."""
     cluster = import_extra("sklearn.cluster", extra="eval", purpose="k-means")
 
-    if frames.ndim != 2:
-        raise ValueError(f"frames must be (N, D), got shape {frames.shape}")
+    if not isinstance(frames, np.ndarray) or frames.ndim != 2:
+        raise ValueError(f"frames must be an (N, D) numpy array, got "
+                         f"{f'shape {frames.shape}' if isinstance(frames, np.ndarray) else type(frames).__name__}"
+                         " (sample_frames gives one from a feature directory)")
     if not 1 <= num_units <= frames.shape[0]:
         raise ValueError(f"num_units = {num_units} is invalid: expected 1 ≤ num_units ≤ number of frames "
                          f"({frames.shape[0]}); sample more frames or ask for fewer units")
@@ -159,10 +161,12 @@ def load_centroids(path: str | Path) -> torch.Tensor:
 
 
 def assign_units(
-    features: np.ndarray | torch.Tensor, centroids: torch.Tensor, *, batch_size: int = 8192
+    features: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor, *, batch_size: int = 8192
 ) -> np.ndarray:
-    """Nearest-centroid unit of every frame: (T, D) → (T,) int64."""
+    """Nearest-centroid unit of every frame: features (T, D) and centroids (K, D) (as ``fit_kmeans`` gives them,
+    any float dtype; computed in float32) → (T,) int64."""
     frames = torch.as_tensor(features, dtype=torch.float32)
+    centroids = torch.as_tensor(centroids, dtype=torch.float32)
     if frames.ndim != 2 or frames.shape[1] != centroids.shape[1]:
         raise ValueError(f"features of shape {tuple(frames.shape)} do not match centroids of dimension "
                          f"{centroids.shape[1]}")
@@ -175,7 +179,7 @@ def assign_units(
 
 
 def assign_directory(
-    features: Mapping[str, object], centroids: torch.Tensor
+    features: Mapping[str, object], centroids: np.ndarray | torch.Tensor
 ) -> Iterable[tuple[str, np.ndarray]]:
     """``(name, units)`` for every file of ``features``, in sorted order, one file in memory at a time."""
     for name in sorted(features):

@@ -186,7 +186,11 @@ def count_matrix(
     for name, sequence in units.items():
         if name not in phones:
             continue
-        unit_array = np.repeat(np.asarray(sequence, dtype=np.int64), repeat)
+        unit_array = np.asarray(sequence, dtype=np.int64)
+        if unit_array.ndim != 1:
+            raise ValueError(f"utterance {name!r}: expected a 1-D sequence of unit ids, got shape "
+                             f"{unit_array.shape} (one-hot or per-codebook units: take one layer's arg-max)")
+        unit_array = np.repeat(unit_array, repeat)
         labels = phones.codes[name] if isinstance(phones, Alignments) else phones[name]
         if abs(len(labels) - unit_array.size) > MAX_LENGTH_MISMATCH:
             raise ValueError(
@@ -206,16 +210,18 @@ def unit_quality(
     units: Mapping[str, Sequence[int] | np.ndarray],
     phones: Mapping[str, Sequence[str]],
     *,
+    num_units: int,
     unit_rate_hz: int = 50,
     alignment_rate_hz: int = 100,
-    num_units: int = 256,
     inventory: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """The six unit-quality metrics (module docstring) of ``units`` against frame-level ``phones``.
 
     Args:
-        units: ``{utterance: unit sequence}`` at ``unit_rate_hz``.
+        units: ``{utterance: (T,) unit ids}`` at ``unit_rate_hz``.
         phones: ``{utterance: per-frame phone labels}`` at ``alignment_rate_hz``.
+        num_units: the size of the unit inventory (K of k-means, V of a codebook): the count matrix's columns and
+            the bitrate's log2(num_units) bits per unit. No default: a wrong one gives a wrong bitrate silently.
         inventory: phone classes (rows of the count matrix); by default every phone occurring in ``phones``.
 
     Returns:

@@ -48,11 +48,22 @@ class ItemScore:
 def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str, np.ndarray], *,
                     context: int | None = None, batch_tokens: int = 32768,
                     dtype: str = "float32") -> dict[str, ItemScore]:
-    """Score every (n,) unit sequence. A padded batch gives the scores of one sequence at a time up to float
-    rounding, which depends on the batch; so equal sequences (a word and a nonword whose units are the same) are
-    scored once and share their score, a tie as ZeroSpeech counts it, wherever the batches are cut."""
+    """Score every (n,) unit sequence, given as the LM was trained on them: units in [0, ``vocab.num_units``) and
+    deduplicated when the LM's ``info["dedup"]`` says so (``read_lm_units`` reads a units file that way; a
+    sequence out of range is refused, naming its stem). A padded batch gives the scores of one sequence at a time
+    up to float rounding, which depends on the batch; so equal sequences (a word and a nonword whose units are the
+    same) are scored once and share their score, a tie as ZeroSpeech counts it, wherever the batches are cut."""
     device = next(iter(model.state_dict().values())).device
-    key_of = {stem: np.asarray(values, dtype=np.int64).tobytes() for stem, values in sequences.items()}
+    arrays = {stem: np.asarray(values, dtype=np.int64) for stem, values in sequences.items()}
+    for stem, values in arrays.items():
+        if values.ndim != 1:
+            raise ValueError(f"item {stem!r}: expected a 1-D sequence of unit ids, got shape {values.shape}")
+        outside = values[(values < 0) | (values >= vocab.num_units)]
+        if outside.size:
+            raise ValueError(f"item {stem!r} holds unit {int(outside[0])}: this LM knows units 0 to "
+                             f"{vocab.num_units - 1} (its data.num_units = {vocab.num_units})")
+    sequences = arrays
+    key_of = {stem: values.tobytes() for stem, values in sequences.items()}
     first_stem: dict[bytes, str] = {}  # each distinct sequence → the first stem holding it
     for stem in sorted(sequences):
         first_stem.setdefault(key_of[stem], stem)

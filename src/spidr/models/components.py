@@ -518,7 +518,7 @@ class Transformer(nn.Module):
         running state passes it by.
         """
         if num_layers is not None and not 1 <= num_layers <= len(self.layers):
-            raise ValueError(f"num_layers = {num_layers} must be in [1, {len(self.layers)}]")
+            raise ValueError(f"num_layers = {num_layers} must be in [1, {len(self.layers)}] (the encoder's layers)")
         if masks is None:
             masks = frame_masks(x, attention_mask=attention_mask, padding_mask=padding_mask)
         x = self._preprocess(x, masks)

@@ -30,7 +30,7 @@ from spidr.models.components import (
     init_transformer_,
     scale_grad,
 )
-from spidr.models.frames import num_frames
+from spidr.models.frames import front_end_input, warn_if_padding_changes_features
 from spidr.models.schedules import dinosr_ema_decay
 
 logger = logging.getLogger(__name__)
@@ -104,12 +104,7 @@ class DinoSR(nn.Module):
     def features(self, waveforms: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
         """Projected conv features (B, T, D) of waveforms (B, S); no dropout, no masking. ``warp``: per-utterance
         frequency-warp factors (B,) of a log-mel front end (``student_frequency_warp``), None for none."""
-        if waveforms.ndim != 2 or not waveforms.is_floating_point():
-            raise ValueError(f"waveforms must be a float tensor of shape (B, S); got {waveforms.dtype} "
-                             f"{tuple(waveforms.shape)}")
-        if num_frames(waveforms.shape[1], self.cfg.extractor_conv_layer_config) == 0:
-            raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the conv "
-                             "extractor (400 samples with the default config)")
+        waveforms = front_end_input(waveforms, self.cfg, dtype=self.feature_projection.projection.weight.dtype)
         grad_mult = self.cfg.feature_grad_mult
         if grad_mult == 0.0:
             with torch.no_grad():
@@ -332,6 +327,7 @@ class DinoSR(nn.Module):
         and final LayerNorm; False: each layer's full output. ``num_layers`` stops early. Call ``eval()`` first:
         in training mode dropout is active.
         """
+        warn_if_padding_changes_features(self.cfg, attention_mask, padding_mask)
         feats = self.features(waveforms)
         return self.student.get_intermediate_outputs(
             feats,
@@ -352,6 +348,7 @@ class DinoSR(nn.Module):
         """Codebook predictions per layer for waveforms (B, S): a list of ``num_layers`` entries, None for layers
         without a head, then (B, T, V) fp32 probabilities, or with ``onehot=True`` the int64 one-hot of their
         arg-max. Never squeezed (the official output loses its batch dim for B = 1)."""
+        warn_if_padding_changes_features(self.cfg, attention_mask, padding_mask)
         feats = self.features(waveforms)
         masks = frame_masks(feats, attention_mask=attention_mask, padding_mask=padding_mask)
         outputs: list[torch.Tensor | None] = [None] * (self.num_layers - self.num_codebooks)

@@ -7,12 +7,13 @@ seven layers that is T = floor((S − 400) / 320) + 1 for S ≥ 400 samples, els
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import overload
 
 import torch
 
-from spidr.config import DEFAULT_CONV_LAYERS, ConvLayer
+from spidr.config import DEFAULT_CONV_LAYERS, ConvLayer, ModelConfig
 from spidr.data import SAMPLE_RATE
 
 
@@ -70,3 +71,39 @@ def attention_mask_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
     every query row equal), from a (B, T) padding mask (True = padded)."""
     batch, frames = padding_mask.shape
     return (~padding_mask)[:, None, None, :].expand(batch, 1, frames, frames)
+
+
+def front_end_input(waveforms: torch.Tensor, cfg: ModelConfig, *, dtype: torch.dtype) -> torch.Tensor:
+    """Waveforms (B, S) checked for ``cfg``'s front end and cast to the model's ``dtype`` (soundfile and numpy read
+    float64 by default; a conv of float32 weights refuses it with a message about scalar types)."""
+    if not isinstance(waveforms, torch.Tensor):
+        raise TypeError(f"waveforms must be a torch.Tensor of shape (B, S), got a {type(waveforms).__name__} "
+                        "(torch.from_numpy converts an array; spidr.data.audio.load_audio reads a file)")
+    if waveforms.ndim != 2 or not waveforms.is_floating_point():
+        raise ValueError(f"waveforms must be a float tensor of shape (B, S); got {waveforms.dtype} "
+                         f"{tuple(waveforms.shape)}")
+    if num_frames(waveforms.shape[1], cfg.extractor_conv_layer_config) == 0:
+        raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the conv "
+                         "extractor (400 samples with the default config)")
+    return waveforms.to(dtype)
+
+
+def padding_changes_features(cfg: ModelConfig) -> bool:
+    """Whether an utterance's features depend on the padding around it in a batch.
+
+    A ``group_norm`` front end normalises each channel of its first conv over the whole time axis, padding included,
+    as wav2vec 2.0 and fairseq DinoSR do: its statistics are those of the utterance's own samples only when it runs
+    unpadded. A log-mel first layer has no GroupNorm.
+    """
+    return cfg.extractor_mode == "group_norm" and cfg.extractor_type != "log_mel"
+
+
+def warn_if_padding_changes_features(cfg: ModelConfig, *masks: torch.Tensor | None) -> None:
+    """A warning when an inference call is given a padding or attention mask for a front end that pools over the
+    padding (``padding_changes_features``): the mask keeps the Transformer off the padding, not the GroupNorm."""
+    if padding_changes_features(cfg) and any(mask is not None for mask in masks):
+        warnings.warn(
+            "model.extractor_mode = 'group_norm' normalises its first conv over the padded time axis: in a padded "
+            "batch an utterance's features differ from its features alone (run equal-length batches unpadded, as "
+            "spidr.eval.features.extract_batch does)", stacklevel=3,
+        )

@@ -12,7 +12,7 @@ from torch import nn
 
 from spidr.config import ModelConfig
 from spidr.models.components import FeatureProjection, build_encoder, build_feature_extractor
-from spidr.models.frames import num_frames
+from spidr.models.frames import front_end_input, warn_if_padding_changes_features
 
 
 class Student(nn.Module):
@@ -44,12 +44,7 @@ class Student(nn.Module):
 
     def features(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Projected conv features (B, T, D) of waveforms (B, S)."""
-        if waveforms.ndim != 2 or not waveforms.is_floating_point():
-            raise ValueError(f"waveforms must be a float tensor of shape (B, S); got {waveforms.dtype} "
-                             f"{tuple(waveforms.shape)}")
-        if num_frames(waveforms.shape[1], self.cfg.extractor_conv_layer_config) == 0:
-            raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the conv "
-                             "extractor (400 samples with the default config)")
+        waveforms = front_end_input(waveforms, self.cfg, dtype=self.feature_projection.projection.weight.dtype)
         return self.feature_projection(self.feature_extractor(waveforms))
 
     def get_intermediate_outputs(
@@ -63,6 +58,7 @@ class Student(nn.Module):
     ) -> list[torch.Tensor]:
         """Student layer outputs for waveforms (B, S), as ``DinoSR.get_intermediate_outputs``: a list of (B, T, D),
         layer l (1-based) at index l − 1; before-residual FFN outputs unless ``before_residual=False``."""
+        warn_if_padding_changes_features(self.cfg, attention_mask, padding_mask)
         return self.student.get_intermediate_outputs(
             self.features(waveforms),
             attention_mask=attention_mask,
