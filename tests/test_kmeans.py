@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from spidr import cli
-from spidr.eval.feature_dir import one_layer_directory
+from spidr.eval import feature_dir
+from spidr.eval.feature_dir import FeatureDirectory, one_layer_directory
 from spidr.eval.kmeans import assign_units, fit_kmeans, load_centroids, sample_frames, save_centroids
 from spidr.eval.units import read_units
 
@@ -40,6 +41,32 @@ def test_sample_is_seeded_bounded_and_uniform() -> None:
     # The streaming selection (pruned every few files) equals keeping the 120 smallest seeded keys in one go.
     keys = np.random.default_rng(3).random(every.shape[0])
     np.testing.assert_array_equal(sample, every[np.sort(np.argsort(keys)[:120])])
+
+
+def test_a_feature_directory_is_sampled_without_reading_whole_files(tmp_path: Path, monkeypatch) -> None:
+    """The same sample as from the arrays in memory, with no file read whole: .npy files are memory-mapped and only
+    the chosen frames copied (a LibriSpeech layer was read whole, 515 GB, for a 1M-frame sample); .pt files, which
+    cannot be mapped, are read whole."""
+    features = clustered_features()
+    for index, (name, array) in enumerate(features.items()):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if index == 0:
+            torch.save(torch.from_numpy(array), tmp_path / f"{name}.pt")
+        else:
+            np.save(tmp_path / f"{name}.npy", array)
+    directory = FeatureDirectory(tmp_path)
+    whole_reads = []
+    load = feature_dir.load_feature_file
+    monkeypatch.setattr(feature_dir, "load_feature_file", lambda path: whole_reads.append(Path(path).suffix) or
+                        load(path))
+    for max_frames in (37, None):
+        whole_reads.clear()
+        np.testing.assert_array_equal(sample_frames(directory, max_frames=max_frames, seed=5),
+                                      sample_frames(features, max_frames=max_frames, seed=5))
+        assert whole_reads == [".pt", ".pt"]  # its frame count, then its rows
+    np.save(tmp_path / "flat.npy", np.zeros(5, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"features of 'flat' have shape \(5,\): expected \(T, D\)"):
+        FeatureDirectory(tmp_path).read_rows("flat", np.array([0]))
 
 
 def test_fit_is_reproducible_and_finds_the_clusters() -> None:

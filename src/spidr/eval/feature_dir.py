@@ -82,11 +82,19 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
         path = self.path(key)
         if path.suffix != ".npy":
             return int(self[key].shape[0])
-        try:
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape  # maps the file: reads the header only
-        except ValueError as error:
-            raise ValueError(f"{path}: not a plain numeric .npy array ({error})") from None
+        shape = _mapped(path).shape  # maps the file: reads the header only
         return int(shape[0]) if shape else 0
+
+    def read_rows(self, key: str, rows: np.ndarray) -> np.ndarray | torch.Tensor:
+        """Frames ``rows`` (R,) of one file, (R, D): from a ``.npy`` only the pages holding them are read (k-means
+        samples about 1 frame in 170 of LibriSpeech; reading whole files read 515 GB of one base layer for 4 GB)."""
+        path = self.path(key)
+        if path.suffix != ".npy":
+            return self[key][torch.as_tensor(rows)]
+        mapped = _mapped(path)
+        if mapped.ndim != 2:
+            raise ValueError(f"features of {key!r} have shape {mapped.shape}: expected (T, D)")
+        return np.array(mapped[rows])
 
     def __contains__(self, key: object) -> bool:
         return self._index(key) >= 0
@@ -216,6 +224,14 @@ def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
     size = record.get("num_units") if metadata == units_metadata_path(path) else (
         record.get("codebook_size") if Path(path).parent.name == "codebook_units" else None)
     return (size, metadata) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _mapped(path: Path) -> np.ndarray:
+    """A ``.npy`` file memory-mapped read-only (no pickles)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a plain numeric .npy array ({error})") from None
 
 
 def load_feature_file(path: str | Path) -> np.ndarray | torch.Tensor:

@@ -31,7 +31,8 @@ def sample_frames(features: Mapping[str, object], *, max_frames: int | None, see
     Files are visited in sorted key order, so the sample depends only on the data, ``max_frames`` and ``seed``.
     Two passes: the first draws a key per frame and keeps the ``max_frames`` smallest (16 bytes per kept frame;
     a mapping with a ``frame_count(key)`` method, such as ``FeatureDirectory``, is not even read), the second reads
-    the chosen frames of each file into the output. Memory is the sample plus one file, whatever the corpus size.
+    the chosen frames of each file into the output (through ``read_rows(key, rows)`` where the mapping has it: only
+    those frames are read). Memory is the sample plus one file, whatever the corpus size.
     """
     rng = np.random.default_rng(seed)
     names = sorted(features)
@@ -53,10 +54,12 @@ def sample_frames(features: Mapping[str, object], *, max_frames: int | None, see
     where = where[np.lexsort((where[:, 1], where[:, 0]))]  # file order, then frame order
     out: np.ndarray | None = None
     files, starts = np.unique(where[:, 0], return_index=True)
+    read_rows = getattr(features, "read_rows", None)
     for file, begin, end in zip(files.tolist(), starts.tolist(), [*starts[1:].tolist(), where.shape[0]],
                                 strict=True):
-        name = names[file]
-        chosen = _as_array(features[name], name, rows=where[begin:end, 1])
+        name, rows = names[file], where[begin:end, 1]
+        chosen = (_as_array(read_rows(name, rows), name) if read_rows is not None else
+                  _as_array(features[name], name, rows=rows))
         if out is None:
             out = np.empty((where.shape[0], chosen.shape[1]), dtype=np.float32)
         elif chosen.shape[1] != out.shape[1]:
