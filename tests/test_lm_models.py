@@ -164,6 +164,33 @@ def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
         read_unit_sequences(twice, dedup=True)
 
 
+def test_unit_rows_are_checked_one_by_one_and_labels_numbered_as_the_sorted_vocabulary(tmp_path):
+    """Rows are read as they stream by; the labels of a file are numbered by the sorted vocabulary in the end,
+    whatever the order they first appear in (hand-computed), deduplicated the same either way."""
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"name": "b", "phones": ["Z", "Z", "AA", "SIL"]}) + "\n"
+                    + json.dumps({"name": "a", "phones": ["SIL", "zz", "zz", "AA"]}) + "\n")
+    read = read_unit_sequences(path, dedup=True)
+    index = {label: i for i, label in enumerate(read.labels.labels)}
+    assert read.labels.labels == tuple(sorted(read.labels.labels))
+    assert read.sequences["b"].tolist() == [index["Z"], index["AA"], index["SIL"]]
+    assert read.sequences["a"].tolist() == [index["SIL"], index["zz"], index["AA"]]
+    assert read_unit_sequences(path, dedup=False).sequences["b"].tolist() == [index["Z"]] * 2 + [index["AA"],
+                                                                                                 index["SIL"]]
+    for bad in ([1, 2.5], [1, -1], ["1"], [[1]], [True], [1, 2**70]):
+        units = tmp_path / "bad.jsonl"
+        units.write_text(json.dumps({"name": "ok", "units": [1, 2]}) + "\n" + json.dumps({"name": "x", "units": bad}))
+        with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: 'units' of 'x' must be non-negative integers"):
+            read_unit_sequences(units, dedup=True)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"name": "a", "units": [1]}) + "\n" + json.dumps({"name": "b", "phones": ["K"]}))
+    with pytest.raises(ValueError, match=r"mixed\.jsonl mixes 'units' and 'phones' rows \(.*line 2\)"):
+        read_unit_sequences(mixed, dedup=True)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"name": "a", "units": []}) + "\n")
+    assert read_unit_sequences(empty, dedup=True).sequences["a"].tolist() == []
+
+
 def test_a_file_that_is_not_text_is_named(tmp_path):
     audio = tmp_path / "good.wav"
     audio.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x80\x3e\x00\x00\xff\xfe")

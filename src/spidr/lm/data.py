@@ -30,9 +30,15 @@ def is_held_out(stem: str, fraction: float, seed: int) -> bool:
 
 def token_stream(sequences: Mapping[str, np.ndarray], vocab: Vocabulary) -> torch.Tensor:
     """(N,) int64: every sequence as ``BOS u … EOS``, in stem order."""
-    if not sequences:
-        return torch.zeros(0, dtype=torch.int64)
-    return torch.from_numpy(np.concatenate([vocab.encode(sequences[stem]) for stem in sorted(sequences)]))
+    stream = np.empty(sum(len(values) + 2 for values in sequences.values()), dtype=np.int64)  # filled in place
+    start = 0
+    for stem in sorted(sequences):
+        values = sequences[stem]
+        stream[start] = vocab.bos
+        stream[start + 1 : start + 1 + len(values)] = values
+        stream[start + 1 + len(values)] = vocab.eos
+        start += len(values) + 2
+    return torch.from_numpy(stream)
 
 
 @dataclass(frozen=True)

@@ -112,44 +112,60 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
     sorted union of the labels in the file and the corpus's phone inventory (ARPAbet-39 + SIL), so that a test item
     may hold a phone the training file lacks. Units ≥ ``num_units`` (when given) are refused, naming the utterance.
     ``expect_kind`` (the kind an LM was trained on): a file of the other kind is refused. Without ``dedup``, units
-    written deduplicated (``spidr units --dedup``) are refused: the LM would see them unlike its other inputs."""
-    rows = list(read_rows(path, refuse_deduplicated=None if dedup else (
-        "the LM reads frame-rate units (data.dedup = false): set data.dedup = true, which deduplicates every file "
-        "alike, or write the units without --dedup")))
-    if not rows:
-        raise ValueError(f"units file {path} has no utterance")
-    kinds = {kind for _, kind, _, _ in rows}
-    if len(kinds) > 1:
-        raise ValueError(f"{path} mixes 'units' and 'phones' rows; give one kind per file")
-    kind = kinds.pop()
-    if expect_kind is not None and kind != expect_kind:
-        raise ValueError(f"{path} holds {_KIND_WORDS[kind]}, but the LM was trained on {_KIND_WORDS[expect_kind]}")
-    sequences: dict[str, np.ndarray] = {}
-    if kind == "labels":
-        if labels is None:
-            from spidr.corpus.phones import phone_inventory
+    written deduplicated (``spidr units --dedup``) are refused: the LM would see them unlike its other inputs.
 
-            found = {str(v) for _, _, _, values in rows for v in values}
-            labels = LabelVocabulary(tuple(sorted(found | set(phone_inventory()))))
-        for stem, _, where, values in rows:
-            sequences[stem] = labels.ids(values, where)
-    else:
-        if labels is not None:
-            raise ValueError(f"{path} holds discrete units, but the LM was trained on frame labels "
-                             f"({', '.join(labels.labels[:5])}, ...)")
-        for stem, _, where, values in rows:
-            if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in values):
-                raise ValueError(f"{where}: 'units' of {stem!r} must be non-negative integers")
-            array = np.asarray(values, dtype=np.int64)
-            if num_units is not None and array.size and int(array.max()) >= num_units:
-                raise ValueError(f"{where}: unit {int(array.max())} of {stem!r} is out of range: the LM has "
-                                 f"{num_units} units (when data.num_units is 0, lm-train takes 1 + the largest "
-                                 "unit of its training file; set it to the inventory size, e.g. the codebook size "
-                                 "or k of k-means)")
-            sequences[stem] = array
-    if dedup:
-        sequences = {stem: deduplicate(seq) for stem, seq in sequences.items()}
+    Rows are turned into arrays (deduplicated with ``dedup``) as they are read: memory is that of the arrays, 8 bytes
+    per kept unit (Python lists of every row took 26 bytes per frame before deduplication).
+    """
+    rows = read_rows(path, refuse_deduplicated=None if dedup else (
+        "the LM reads frame-rate units (data.dedup = false): set data.dedup = true, which deduplicates every file "
+        "alike, or write the units without --dedup"))
+    kind: UnitsKind | None = None
+    found: dict[str, int] = {}  # labels without a vocabulary: label → provisional id, in order of appearance
+    sequences: dict[str, np.ndarray] = {}
+    for stem, row_kind, where, values in rows:
+        if kind is None:
+            kind = row_kind
+            if expect_kind is not None and kind != expect_kind:
+                raise ValueError(f"{path} holds {_KIND_WORDS[kind]}, but the LM was trained on "
+                                 f"{_KIND_WORDS[expect_kind]}")
+            if kind == "units" and labels is not None:
+                raise ValueError(f"{path} holds discrete units, but the LM was trained on frame labels "
+                                 f"({', '.join(labels.labels[:5])}, ...)")
+        elif row_kind != kind:
+            raise ValueError(f"{path} mixes 'units' and 'phones' rows ({where}); give one kind per file")
+        if kind == "labels":
+            array = labels.ids(values, where) if labels is not None else np.asarray(
+                [found.setdefault(str(v), len(found)) for v in values], dtype=np.int64)
+        else:
+            array = _unit_array(values, stem, where, num_units)
+        sequences[stem] = deduplicate(array) if dedup else array
+    if kind is None:
+        raise ValueError(f"units file {path} has no utterance")
+    if kind == "labels" and labels is None:
+        from spidr.corpus.phones import phone_inventory
+
+        labels = LabelVocabulary(tuple(sorted(set(found) | set(phone_inventory()))))
+        final_id = {label: i for i, label in enumerate(labels.labels)}
+        renumber = np.asarray([final_id[label] for label in found], dtype=np.int64)  # provisional → final
+        sequences = {stem: renumber[ids] for stem, ids in sequences.items()}  # a bijection: dedup is unchanged
     return UnitSequences(sequences, kind, dedup, labels if kind == "labels" else None, str(path))
+
+
+def _unit_array(values: list, stem: str, where: str, num_units: int | None) -> np.ndarray:
+    """One row's ``units`` as (n,) int64, checked: non-negative integers, below ``num_units`` when given."""
+    array = np.asarray(values)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1 or array.dtype.kind not in "iu" or int(array.min()) < 0:  # bools, floats, text, nesting
+        raise ValueError(f"{where}: 'units' of {stem!r} must be non-negative integers")
+    array = array.astype(np.int64, copy=False)
+    if num_units is not None and int(array.max()) >= num_units:
+        raise ValueError(f"{where}: unit {int(array.max())} of {stem!r} is out of range: the LM has "
+                         f"{num_units} units (when data.num_units is 0, lm-train takes 1 + the largest "
+                         "unit of its training file; set it to the inventory size, e.g. the codebook size "
+                         "or k of k-means)")
+    return array
 
 
 def fingerprint(sequences: Mapping[str, np.ndarray]) -> str:
