@@ -72,9 +72,11 @@ def test_help_names_a_default_once_and_only_when_it_informs():
     parser.add_argument("--out", default=None, help="output folder")
     parser.add_argument("--trust", action="store_true", help="allow unpickling")
     parser.add_argument("--set", action="append", default=[], help="an override")
+    parser.add_argument("--voices", default="", help="comma-separated voices")
     text = " ".join(parser.format_help().split())
     assert "training steps (default: 300)" in text
     assert text.count("(default:") == 2  # --steps, and --layers's own words
+    assert "(default: )" not in text
     assert "output folder --trust" in text
     assert "(default: False)" not in text
     assert "(default: [])" not in text

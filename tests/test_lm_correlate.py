@@ -118,6 +118,20 @@ def test_read_table_keeps_labels_and_drops_bad_rows(tmp_path: Path, caplog: pyte
         read_table(write_table(tmp_path / "sweep2.csv", ["model", "units", "layer", "num_units", "abx", "swuggy"],
                                [["spidr", "codebook", 6, 256, 6.1, 70.0], ["spidr", "kmeans", 6, 256, 6.5, 69.0],
                                 ["spidr", "kmeans", 6, 256, 6.0, 71.0]]), ["abx", "swuggy"])
+    # the spec's (model, units, layer, K) rows: "K" in capitals is a label column too (it was not, and a K sweep
+    # was refused as repeated points)
+    capital = write_table(tmp_path / "capital.csv", ["model", "units", "Layer", "K", "abx", "swuggy"],
+                          [["spidr", "kmeans", 6, k, 6.0 + k / 1000, 70.0 - k / 1000] for k in (50, 100, 256, 500)])
+    assert len(read_table(capital, ["abx", "swuggy"])) == 4
+    lr = write_table(tmp_path / "lr.csv", ["model", "lr", "abx", "swuggy", "pnmi"],
+                     [["spidr", lr, 6.0 + lr, 70.0 - lr, 0.5] for lr in (1, 2, 3)])
+    with pytest.raises(ValueError, match=r"lines 2 and 3: two rows for model 'spidr'; each point must appear once "
+                                         r"\(add a column that tells them apart, or name a numeric one that does "
+                                         r"with --label-columns: lr, pnmi\)"):
+        read_table(lr, ["abx", "swuggy"])
+    assert len(read_table(lr, ["abx", "swuggy"], label_columns=["lr"])) == 3
+    with pytest.raises(ValueError, match="no column 'dropout'"):
+        read_table(lr, ["abx", "swuggy"], label_columns=["dropout"])
     small = write_table(tmp_path / "small.csv", ["abx", "pnmi"], [[1, 2], [2, ""], [3, 4]])
     with pytest.raises(ValueError, match="2 usable row"):
         read_table(small, ["abx", "pnmi"])

@@ -109,6 +109,10 @@ def test_several_nonwords_per_word() -> None:
     assert pair.score == pytest.approx((0.5 + 1.0) / 2)
     assert pair.word == "hello"
     assert pair.nonwords == ("hello0", "hello1", "hello2")
+    # sLM21's gold leaves a nonword's word empty: its phones name it instead
+    rows = [row if row.correct else LexicalItem(row.id, row.filename, row.voice, row.frequency, "",
+                                                f"b r {row.filename[-1]}", row.length, correct=False) for row in rows]
+    assert evaluate_lexical(rows, scores).by_pair[0].nonwords == ("b r 0", "b r 1", "b r 2")
 
 
 def test_frequency_bands_follow_pandas_cut_with_the_5_quirk() -> None:
@@ -441,7 +445,7 @@ def test_evaluate_benchmark_over_the_layout(tmp_path: Path) -> None:
     # CSV tables keep the toolkit's fractions and write pandas' NaN as an empty cell.
     with (out / "score_lexical_dev_by_pair.csv").open() as handle:
         by_pair = list(csv.DictReader(handle))
-    assert by_pair[2] == {"id": "3", "word": "word", "nonword": "word0;word1", "frequency": "150", "length": "6",
+    assert by_pair[2] == {"id": "3", "word": "word", "non word": "word0;word1", "frequency": "150", "length": "6",
                           "score": "0.875"}
     with (out / "score_lexical_dev_by_frequency.csv").open() as handle:
         assert list(csv.reader(handle))[:3] == [["frequency", "n", "score", "std"], ["oov", "1", "0.5", ""],

@@ -524,16 +524,29 @@ def test_each_study_plot_shows_the_points_and_r_of_its_own_correlation(tmp_path,
         assert (tmp_path / f"{y}_vs_{x}.png").stat().st_size > 0
 
 
-def test_unit_files_are_found_per_task_and_split_and_a_doubled_one_is_refused(tmp_path):
+def test_unit_files_are_found_per_task_and_split_and_a_doubled_one_is_refused(tmp_path, caplog):
+    from spidr.lm.evaluate import evaluate_benchmark
     from spidr.lm.score import find_unit_files
 
     (tmp_path / "lexical").mkdir()
     (tmp_path / "tsc").mkdir()
+    (tmp_path / "storycloze").mkdir()  # the spec's and the release's name: nothing reads it, but a warning says so
+    (tmp_path / "storycloze" / "dev.jsonl").write_text("")
     (tmp_path / "lexical" / "dev.jsonl").write_text("")
     (tmp_path / "tsc" / "test.jsonl.gz").write_bytes(b"")
     (tmp_path / "lexical" / "notes.jsonl").write_text("")
-    assert find_unit_files(tmp_path) == {("lexical", "dev"): tmp_path / "lexical" / "dev.jsonl",
-                                         ("tsc", "test"): tmp_path / "tsc" / "test.jsonl.gz"}
+    with caplog.at_level("WARNING", logger="spidr"):
+        assert find_unit_files(tmp_path) == {("lexical", "dev"): tmp_path / "lexical" / "dev.jsonl",
+                                             ("tsc", "test"): tmp_path / "tsc" / "test.jsonl.gz"}
+    said = (f"units folder {tmp_path / 'storycloze'} is not read: the task folders are lexical, syntactic, tsc, ssc, "
+            "lexical_seen (topic StoryCloze goes in tsc/, spoken StoryCloze in ssc/)")
+    assert said in caplog.text
+    caplog.clear()
+    (tmp_path / "train_audio").mkdir()  # a benchmark may hold other folders: only a StoryCloze-like one is named
+    with caplog.at_level("WARNING", logger="spidr"), pytest.raises(ValueError, match="no task to score"):
+        evaluate_benchmark(tmp_path, tmp_path / "none")
+    assert f"benchmark folder {tmp_path / 'storycloze'} is not read" in caplog.text
+    assert "train_audio" not in caplog.text
     (tmp_path / "lexical" / "dev.jsonl.gz").write_bytes(b"")
     with pytest.raises(ValueError, match=r"both .*lexical/dev\.jsonl and .*lexical/dev\.jsonl\.gz exist"):
         find_unit_files(tmp_path)

@@ -75,6 +75,8 @@ def test_gold_tolerates_extra_and_reordered_columns(tmp_path: Path) -> None:
         (",w2,Alex,3,brick,b r,2,1", r"line 3, column 'id': expected a non-empty value"),
         ("1,w1,Alex,3,brick,b r,2,1", r"line 3: filename 'w1' already on line 2"),
         ("1,w2,Alex", r"line 3: has fewer fields than the header"),
+        ("1,w2,Alex,3,brick,b r,2,1,extra", r"line 3: has 9 fields, the header 8 \(quote a field that holds a "
+                                            r"comma\)"),
     ],
 )
 def test_gold_field_errors_name_file_line_and_column(tmp_path: Path, line: str, message: str) -> None:
@@ -91,6 +93,14 @@ def test_gold_header_errors(tmp_path: Path) -> None:
         read_syntactic_gold(path)
     path.write_text("id,filename,voice,type,transcription,correct\n")
     with pytest.raises(ValueError, match="has no row"):
+        read_storycloze_gold(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"gold\.csv is empty: expected a header line id,filename,voice,type,"):
+        read_storycloze_gold(path)
+    # an unquoted comma in a transcription: the row's fields no longer line up with the header's (it used to be
+    # reported as column 'correct' holding ' barks')
+    path.write_text("id,filename,voice,type,transcription,correct\n1,a,v,t,the dog, barks,1\n")
+    with pytest.raises(ValueError, match=r"line 2: has 7 fields, the header 6"):
         read_storycloze_gold(path)
     with pytest.raises(ValueError, match="does not exist"):
         read_lexical_gold(tmp_path / "absent.csv")
@@ -155,6 +165,12 @@ def test_submission_errors_name_file_and_line(tmp_path: Path, text: str, message
     path.write_text(text)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
         read_submission(path)
+
+
+def test_a_submission_with_a_byte_order_mark_reads_its_first_stem(tmp_path: Path) -> None:
+    path = tmp_path / "dev.txt"
+    path.write_text("w1a -1.5\nw1b -2.0\n", encoding="utf-8-sig")
+    assert read_submission(path) == {"w1a": -1.5, "w1b": -2.0}
 
 
 def test_empty_or_absent_submission(tmp_path: Path) -> None:

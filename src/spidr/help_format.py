@@ -7,10 +7,11 @@ import argparse
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` only where it informs: not to a help text that already names its default, not for
-    ``None`` (an option left unset), a switch's ``False`` or an empty list (a repeatable option)."""
+    ``None`` (an option left unset), a switch's ``False``, an empty list (a repeatable option) or an empty text (an
+    empty comma-separated list)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "(default" in text or action.default is None or action.default is False or action.default == []:
+        if "(default" in text or action.default is None or action.default is False or action.default in ([], ""):
             return text
         return super()._get_help_string(action)

@@ -72,15 +72,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--train-utterances", type=int, default=None,
                       help=f"LM training utterances (stories and word lists); default {defaults.train_utterances}")
     size.add_argument("--train-hours", type=float, default=None, help="approximate hours of LM training speech")
-    bench.add_argument("--train-voices", type=_names, default=list(TRAIN_VOICES), help="voices of the training set")
-    bench.add_argument("--test-voices", type=_names, default=list(TEST_VOICES),
-                       help="held-out voices of the lexical and syntactic items")
-    bench.add_argument("--tsc-voices", type=_names, default=list(defaults.tsc_voices),
-                       help="held-out voices of the tSC stories")
-    bench.add_argument("--seen-voices", type=_names, default=list(defaults.seen_voices),
+    bench.add_argument("--train-voices", type=_names, default=",".join(TRAIN_VOICES),
+                       help="voices of the training set, comma-separated")
+    bench.add_argument("--test-voices", type=_names, default=",".join(TEST_VOICES),
+                       help="held-out voices of the lexical and syntactic items, comma-separated")
+    bench.add_argument("--tsc-voices", type=_names, default=",".join(defaults.tsc_voices),
+                       help="held-out voices of the tSC stories, comma-separated")
+    bench.add_argument("--seen-voices", type=_names, default=",".join(defaults.seen_voices),
                        help="training voices that also speak the lexical pairs, into OUT/lexical_seen (a diagnostic: "
                        "words learnt vs units that do not carry over to a new voice); none by default")
-    bench.add_argument("--splits", type=_names, default=list(defaults.splits), help="dev and/or test")
+    bench.add_argument("--splits", type=_names, default=",".join(defaults.splits),
+                       help="dev and/or test, comma-separated")
     bench.add_argument("--nonwords-per-word", type=int, default=defaults.nonwords_per_word,
                        help="nonwords per word (the word's score is the mean over them, as in BabySLM)")
     bench.add_argument("--lexical-words", type=int, default=defaults.max_lexical_words,

@@ -90,7 +90,9 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
 
 # Columns that say which representation a row is even when they hold numbers (a layer, a codebook size, the
 # pretraining hours of a checkpoint); any column holding text (model, units kind) does too.
-LABEL_COLUMNS = frozenset({"layer", "num_units", "k", "units", "vocab_size", "hours", "steps", "seed", "checkpoint"})
+# Matched whatever the case ("K", "Layer"); read_table's label_columns adds others.
+LABEL_COLUMNS = frozenset({"layer", "num_units", "k", "v", "units", "vocab_size", "codebook_size", "num_clusters",
+                           "clusters", "hours", "steps", "step", "seed", "checkpoint"})
 
 # Cell texts that mean "no value" (pandas, R and spreadsheets write these); anything else must be a number.
 MISSING = frozenset({"", "nan", "n/a", "na", "none", "null", "-", "–"})
@@ -104,14 +106,14 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
+def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: Sequence[str] = ()) -> list[Row]:
     """Rows of a CSV table, as ``{column: float or str}`` (text that parses as a finite number becomes a float).
 
     ``columns`` are the metrics to correlate: they must be in the header. A row whose value in one of them is
     missing (empty, "nan", "n/a", "na", "none", "null", "-") is dropped with a warning; any other value that is not a
     finite number (a typo such as "6O.5", "inf") is an error naming its line. Two rows with the same labels (text
-    columns such as model or units, and ``LABEL_COLUMNS`` such as layer or num_units) are an error: the point would
-    count twice. Fewer than 3 rows left is an error.
+    columns such as model or units, ``LABEL_COLUMNS`` such as layer, K or num_units in any case, and the numeric
+    ``label_columns`` named) are an error: the point would count twice. Fewer than 3 rows left is an error.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -119,7 +121,7 @@ def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
-        missing = [column for column in columns if column not in header]
+        missing = [column for column in [*columns, *label_columns] if column not in header]
         if missing:
             raise ValueError(f"{csv_path}: no column {', '.join(map(repr, missing))}; the columns are "
                              f"{', '.join(header)}")
@@ -137,11 +139,16 @@ def read_table(csv_path: str | Path, columns: Sequence[str]) -> list[Row]:
                 dropped.append(f"line {reader.line_num} ({', '.join(bad)})")
                 continue
             point = tuple((column, text) for column, text in values.items() if column not in columns and (
-                column in LABEL_COLUMNS or (_number(text) is None and text.lower() not in MISSING)))
+                column.lower() in LABEL_COLUMNS or column in label_columns
+                or (_number(text) is None and text.lower() not in MISSING)))
             if point and point in seen:
                 labels = ", ".join(f"{column} {text!r}" for column, text in point)
-                raise ValueError(f"{csv_path}, lines {seen[point]} and {reader.line_num}: two rows for {labels}; "
-                                 "each point must appear once (add a column that tells them apart)")
+                numeric = [column for column in header if column not in columns and column not in dict(point)]
+                raise ValueError(
+                    f"{csv_path}, lines {seen[point]} and {reader.line_num}: two rows for {labels}; each point must "
+                    "appear once (add a column that tells them apart"
+                    + (f", or name a numeric one that does with --label-columns: {', '.join(numeric)})" if numeric
+                       else ")"))
             seen[point] = reader.line_num
             row: Row = {}
             for column, text in values.items():

@@ -77,7 +77,8 @@ def _lm_correlate(args: argparse.Namespace) -> int:
 
     pairs = [(x, y) for y in _columns(args.y, "--y") for x in _columns(args.x, "--x")]
     # Read every pair's rows first, so that a wrong column name fails before any plot is written.
-    tables = [read_table(args.table, [x, y]) for x, y in pairs]
+    label_columns = _columns(args.label_columns, "--label-columns") if args.label_columns else []
+    tables = [read_table(args.table, [x, y], label_columns=label_columns) for x, y in pairs]
     results = []
     for (x, y), rows in zip(pairs, tables, strict=True):
         result = {"x": x, "y": y} | correlate([row[x] for row in rows], [row[y] for row in rows], seed=args.seed)
@@ -126,8 +127,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lm-correlate",
         help="Pearson / Spearman correlation of unit-quality and LM metrics across representations",
         description="Correlate metric columns of TABLE (a CSV with one row per model/layer; non-numeric columns "
-        "are labels; a row with an empty cell, or nan / n/a / na / none / null / -, in the chosen columns is "
-        "dropped with a warning, other non-numbers and a repeated (model, layer) are errors). --x and --y take "
+        "are labels, and so are the numeric columns layer, K, V, num_units, vocab_size, codebook_size, "
+        "num_clusters, clusters, hours, steps, step, seed, checkpoint (any case) and those of --label-columns; a "
+        "row with an empty cell, or nan / n/a / na / none / null / -, in the chosen columns is dropped with a "
+        "warning, other non-numbers and two rows with the same labels are errors). --x and --y take "
         "comma-separated lists: every (x, y) pair is computed. Without --json, writes a scatter plot per pair.",
         formatter_class=FORMATTER,
     )
@@ -139,5 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", default=None,
                         help="scatter plot path (default: TABLE's folder, <stem>_<y>_vs_<x>.png); with several "
                         "pairs, _<y>_vs_<x> is inserted before the suffix")
+    parser.add_argument("--label-columns", default=None,
+                        help="comma-separated numeric columns that also tell points apart (e.g. lr,dropout)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CI of r")
     parser.set_defaults(handler=_lm_correlate)

@@ -279,7 +279,8 @@ def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *
             raise ValueError(f"pair id {pair_id!r}: the word rows of its voices disagree on (word, frequency, "
                              f"length): {sorted(words, key=str)}")
         word, frequency, length = words.pop()
-        nonwords = tuple(sorted({row.word for _, incorrect, _ in voices for row in incorrect}))
+        # sLM21's nonword rows have an empty word: their phones name them
+        nonwords = tuple(sorted({row.word or row.phones for _, incorrect, _ in voices for row in incorrect}))
         score = float(np.mean([value for _, _, value in voices]))
         pairs.append(LexicalPair(pair_id, word, nonwords, frequency, length, score))
     pairs.sort(key=lambda pair: _sort_key(pair.id))
@@ -372,6 +373,19 @@ def _find_gold(task: str, gold_dir: Path) -> tuple[list[GoldItem], Path] | None:
     return None
 
 
+def warn_about_other_folders(root: Path, what: str, *, only_cloze: bool = False) -> None:
+    """A warning for each folder of ``root`` that is not one of ``TASKS``, which nothing reads: e.g. the spoken
+    StoryCloze release's ``storycloze/`` (tSC is ``tsc/`` here, sSC ``ssc/``). ``only_cloze``: only such folders
+    (a benchmark root may hold others, such as the synthetic benchmark's training audio)."""
+    if not root.is_dir():
+        return
+    for folder in sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")):
+        cloze = "cloze" in folder.name.lower()
+        if folder.name not in TASKS and (cloze or not only_cloze):
+            logger.warning("%s %s is not read: the task folders are %s%s", what, folder, ", ".join(TASKS),
+                           " (topic StoryCloze goes in tsc/, spoken StoryCloze in ssc/)" if cloze else "")
+
+
 def _gold_to_score(task: str, gold_dir: Path, submission: Path) -> tuple[list[GoldItem], Path] | None:
     """``_find_gold`` when there is a submission to score against it; None, with a warning where only one of the
     two is there."""
@@ -424,6 +438,8 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
     if kind not in {"dev", "test"}:
         raise ValueError(f"kind must be 'dev' or 'test', not {kind!r}")
     bench_dir, submission_dir = Path(bench_dir), Path(submission_dir)
+    warn_about_other_folders(bench_dir, "benchmark folder", only_cloze=True)
+    warn_about_other_folders(submission_dir, "submission folder")
     results: list[TaskResult] = []
     details: dict[str, dict] = {}
     looked_for = []
@@ -504,7 +520,7 @@ def write_task_tables(result: TaskResult, out_dir: str | Path, *, kind: str) -> 
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         columns = [field.name for field in fields(type(result.by_pair[0]))]
-        writer.writerow(["nonword" if column == "nonwords" else column for column in columns])
+        writer.writerow(["non word" if column == "nonwords" else column for column in columns])  # the toolkit's
         for pair in result.by_pair:
             writer.writerow([_cell(getattr(pair, column)) for column in columns])
     paths.append(path)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spidr.lm.evaluate import TASKS  # every task lm-eval scores has its units file and submission here
+from spidr.lm.evaluate import TASKS, warn_about_other_folders  # each task lm-eval scores: units, submission
 from spidr.lm.models import token_log_likelihoods
 from spidr.lm.tokens import Vocabulary
 from spidr.lm.train import load_lm, read_lm_units
@@ -97,6 +97,7 @@ def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
     """``(task, split) → UNITS_DIR/<task>/<split>.jsonl`` for the files that exist (``.jsonl.gz`` too; both for one
     split is an error, as either could be the one meant)."""
     units_dir = Path(units_dir)
+    warn_about_other_folders(units_dir, "units folder")
     found = {}
     for task in TASKS:
         for split in SPLITS:

@@ -161,12 +161,17 @@ def _read_gold(path: str | Path, item_type: type[Item]) -> list[Item]:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
+        if not header:
+            raise ValueError(f"gold file {path} is empty: expected a header line {','.join(columns)} and rows")
         missing = [column for column in columns if column not in header]
         if missing:
             raise ValueError(f"{path}: header {','.join(header)!r} lacks the column(s) {', '.join(missing)} "
                              f"(expected {','.join(columns)})")
         for row in reader:
             line = reader.line_num
+            if None in row:  # csv puts the fields beyond the header's under None (e.g. an unquoted comma in a text)
+                raise ValueError(f"{path}: line {line}: has {len(header) + len(row[None])} fields, the header "
+                                 f"{len(header)} (quote a field that holds a comma)")
             values = {}
             for column in columns:
                 raw = row[column]
@@ -279,7 +284,8 @@ def read_submission(path: str | Path) -> dict[str, float]:
         raise ValueError(f"submission file {path} does not exist")
     scores: dict[str, float] = {}
     lines: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
+    # utf-8-sig: a byte-order mark (an editor's or a spreadsheet's) would become part of the first stem.
+    with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
