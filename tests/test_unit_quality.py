@@ -124,6 +124,9 @@ def test_interval_alignments(tmp_path: Path) -> None:
         bad.write_text(f"u\t{times[0]}\t{times[1]}\tA\nu\t0.02\t0.04\tB\n")
         with pytest.raises(ValueError, match=message):
             read_alignments(bad)
+    (tmp_path / "header.tsv").write_text("utterance\tonset\toffset\tphone\n")
+    with pytest.raises(ValueError, match="has no utterance"):
+        read_alignments(tmp_path / "header.tsv")
     overlapping = tmp_path / "overlap.tsv"
     overlapping.write_text("u\t0.0\t0.02\tA\nu\t0.01\t0.04\tB\n")
     with pytest.raises(ValueError, match=r"'B' starts at 0\.01 s, before 'A' ends at 0\.02 s"):
@@ -151,6 +154,12 @@ def test_alignments_are_codes_and_intervals_are_placed_per_interval(tmp_path: Pa
     assert alignments.phones == ("AE", "K", "SIL")
     assert alignments.codes["u"].dtype == np.int16
     assert alignments == {"u": ["SIL", "K", "K", "K", "AE", "AE"], "v": ["AE", "AE"]}
+    # lines in any order, utterances interleaved: the same labels, utterances in order of first appearance
+    lines = path.read_text().splitlines()
+    shuffled = tmp_path / "shuffled.tsv"
+    shuffled.write_text("\n".join([lines[2], lines[3], lines[0], lines[1]]) + "\n")
+    assert list(read_alignments(shuffled, alignment_rate_hz=100).items()) == [("u", alignments["u"]),
+                                                                              ("v", alignments["v"])]
     at_50 = read_alignments(path, alignment_rate_hz=50)  # centres 0.01 0.03 0.05
     assert at_50["u"] == ["SIL", "K", "AE"]
     metrics = unit_quality({"u": [0, 1, 1]}, at_50, unit_rate_hz=50, alignment_rate_hz=50, num_units=2)
