@@ -97,8 +97,13 @@ def test_bound_checks() -> None:
     items = Items.from_columns({"#file": ["f", "f"], "onset": ["0.00", "0.90"], "offset": ["0.015", "1.0"]})
     starts, ends = frame_bounds(items, 50)
     check_nonempty(items, starts, ends)
-    with pytest.raises(ValueError, match="features of 'f' have 49 frames but item 2"):
+    with pytest.raises(ValueError, match=r"features of 'f' have 49 frames but item 2 .*usually the model drops the "
+                                         "last frame"):
         check_within(items, np.array([0, 1]), starts, ends, 49)
+    # far too few frames (features at 25 Hz scored at 50, or transposed): not a missing last frame
+    with pytest.raises(ValueError, match=r"have 25 frames .*: check the features' frame rate \(--frequency\), "
+                                         r"that they are \(T, D\) and not \(D, T\)"):
+        check_within(items, np.array([0, 1]), starts, ends, 25)
     check_within(items, np.array([0, 1]), starts, ends, 50)
     # With the Libri-light slicing the first item (one frame) becomes empty.
     bug_starts, bug_ends = frame_bounds(items, 50, librilight_bug=True)

@@ -201,9 +201,12 @@ def check_within(items: Items, rows: np.ndarray, starts: np.ndarray, ends: np.nd
     bad = rows[(starts[rows] < 0) | (ends[rows] > num_frames)]
     if bad.size:
         i = int(bad[0])
+        short_by = int(ends[i]) - num_frames
+        why = ("usually the model drops the last frame (convolutions without padding) and the item ends with the "
+               "file; pad the audio with a little trailing silence or the convolutions" if 0 < short_by <= 2 else
+               "check the features' frame rate (--frequency), that they are (T, D) and not (D, T), and that they "
+               "were computed on this item file's audio")
         raise ValueError(
             f"features of {items.files[i]!r} have {num_frames} frames but item {i + 1} of {items.source} "
-            f"([{items.onsets[i]}, {items.offsets[i]}] s) needs frames [{starts[i]}, {ends[i]}): usually the "
-            "model drops the last frame (convolutions without padding) and the item ends with the file; pad "
-            "the audio with a little trailing silence or the convolutions"
+            f"([{items.onsets[i]}, {items.offsets[i]}] s) needs frames [{starts[i]}, {ends[i]}): {why}"
         )
