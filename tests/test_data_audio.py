@@ -39,6 +39,14 @@ def test_path_and_bytes_decode_identically(tmp_path: Path) -> None:
     assert from_path.dtype == torch.float32
     assert from_path.shape == (5000,)
     assert torch.equal(from_path, from_bytes)
+    with path.open("rb") as handle:  # a file object, and any os.PathLike
+        assert torch.equal(load_audio(handle, normalize=False), from_path)
+
+    class Located:
+        def __fspath__(self) -> str:
+            return str(path)
+
+    assert torch.equal(load_audio(Located(), normalize=False), from_path)
     np.testing.assert_allclose(from_path.numpy(), sine(5000, 16_000), atol=1e-4)  # 16-bit FLAC quantisation
     normalised = load_audio(path)
     assert abs(float(normalised.mean())) < 1e-5
@@ -77,8 +85,18 @@ def test_samples_in_memory_give_what_their_file_gives(tmp_path: Path, subtype: s
             got = waveform_from_samples(given, read_rate, normalize=normalize)
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    if subtype == "FLOAT":
+        as_bf16 = torch.from_numpy(samples).bfloat16()  # numpy has no bfloat16
+        torch.testing.assert_close(waveform_from_samples(as_bf16, read_rate, normalize=False),
+                                   waveform_from_samples(as_bf16.float(), read_rate, normalize=False))
     one_channel = waveform_from_samples(samples[:, :1], read_rate, normalize=False)
     assert torch.equal(waveform_from_samples(samples[:, 0], read_rate, normalize=False), one_channel)
+
+
+def test_unsigned_8_bit_pcm_is_centred_on_128() -> None:
+    pcm = np.array([128, 255, 0, 192], dtype=np.uint8)  # silence, almost +1, -1, +0.5
+    torch.testing.assert_close(waveform_from_samples(pcm, 16_000, normalize=False),
+                               torch.tensor([0.0, 127 / 128, -1.0, 0.5]))
 
 
 def test_samples_in_memory_that_cannot_be_audio_are_refused_by_name() -> None:
@@ -91,8 +109,8 @@ def test_samples_in_memory_that_cannot_be_audio_are_refused_by_name() -> None:
         waveform_from_samples(np.full(800, np.nan), 16_000)
     with pytest.raises(AudioError, match="contains no audio samples"):
         waveform_from_samples(np.zeros(0), 16_000)
-    with pytest.raises(TypeError, match="load_audio reads a path, encoded bytes or a manifest entry, not a ndarray; "
-                                        r"samples already in memory go through waveform_from_samples"):
+    with pytest.raises(TypeError, match=r"load_audio reads a file \(a path, encoded bytes, a file object or a "
+                                        r"manifest entry\), not a ndarray of samples: use waveform_from_samples"):
         load_audio(np.zeros(800, dtype=np.int16))
 
 

@@ -91,6 +91,11 @@ def test_group_norm_front_end_padded_batch_equals_one_file_at_a_time():
     warning = "extractor_mode = 'group_norm' normalises its first conv over the padded"
     with pytest.warns(UserWarning, match=warning):
         model.get_codebooks(padded, padding_mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mask with nothing padded changes nothing: no warning
+        model.get_codebooks(padded[1:], padding_mask=mask[1:])
+        model.get_intermediate_outputs(padded[1:], attention_mask=torch.ones(1, 1, mask.shape[1], mask.shape[1],
+                                                                             dtype=torch.bool))
     frames = batched[1]["layer_01"].shape[0]
     with torch.no_grad(), pytest.warns(UserWarning, match=warning):
         direct = model.get_intermediate_outputs(padded, padding_mask=mask, num_layers=1)[0][0, :frames].numpy()

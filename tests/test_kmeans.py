@@ -55,18 +55,23 @@ def test_a_feature_directory_is_sampled_without_reading_whole_files(tmp_path: Pa
         else:
             np.save(tmp_path / f"{name}.npy", array)
     directory = FeatureDirectory(tmp_path)
-    whole_reads = []
-    load = feature_dir.load_feature_file
+    whole_reads, npy_loads = [], []
+    load, np_load = feature_dir.load_feature_file, np.load
     monkeypatch.setattr(feature_dir, "load_feature_file", lambda path: whole_reads.append(Path(path).suffix) or
                         load(path))
+    monkeypatch.setattr(np, "load", lambda path, **options: npy_loads.append(options.get("mmap_mode")) or
+                        np_load(path, **options))
     for max_frames in (37, None):
         whole_reads.clear()
         np.testing.assert_array_equal(sample_frames(directory, max_frames=max_frames, seed=5),
                                       sample_frames(features, max_frames=max_frames, seed=5))
         assert whole_reads == [".pt", ".pt"]  # its frame count, then its rows
+    assert npy_loads == ["r"] * 20  # 5 .npy files, a header read and a mapped read each, twice
     np.save(tmp_path / "flat.npy", np.zeros(5, dtype=np.float32))
-    with pytest.raises(ValueError, match=r"features of 'flat' have shape \(5,\): expected \(T, D\)"):
-        FeatureDirectory(tmp_path).read_rows("flat", np.array([0]))
+    torch.save(torch.zeros(30), tmp_path / "flat_pt.pt")
+    for key, shape in (("flat", "(5,)"), ("flat_pt", "(30,)")):
+        with pytest.raises(ValueError, match=rf"features of '{key}' have shape \{shape[:-1]}\): expected \(T, D\)"):
+            FeatureDirectory(tmp_path).read_rows(key, np.array([0]))
 
 
 def test_fit_is_reproducible_and_finds_the_clusters() -> None:
@@ -101,6 +106,7 @@ def test_assignment_is_the_nearest_centroid() -> None:
     # fit_kmeans gives a float32 numpy array; float64 features and centroids work too (both raised TypeErrors)
     for given in (centroids.numpy(), centroids.double(), centroids.numpy().astype(np.float64)):
         np.testing.assert_array_equal(assign_units(frames.astype(np.float64), given), [0, 1, 2, 1])
+    np.testing.assert_array_equal(fit_kmeans(torch.from_numpy(frames), 2), fit_kmeans(frames, 2))  # tensors too
     with pytest.raises(ValueError, match="frames must be an \\(N, D\\) numpy array, got dict"):
         fit_kmeans({"a": frames}, 2)
 

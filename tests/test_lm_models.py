@@ -177,7 +177,7 @@ def test_unit_rows_are_checked_one_by_one_and_labels_numbered_as_the_sorted_voca
     assert read.sequences["a"].tolist() == [index["SIL"], index["zz"], index["AA"]]
     assert read_unit_sequences(path, dedup=False).sequences["b"].tolist() == [index["Z"]] * 2 + [index["AA"],
                                                                                                  index["SIL"]]
-    for bad in ([1, 2.5], [1, -1], ["1"], [[1]], [True], [1, 2**70]):
+    for bad in ([1, 2.5], [1, -1], ["1"], [[1]], [True], [1, True, 2], [1, 2**70], [2**64 - 1], [2**63]):
         units = tmp_path / "bad.jsonl"
         units.write_text(json.dumps({"name": "ok", "units": [1, 2]}) + "\n" + json.dumps({"name": "x", "units": bad}))
         with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: 'units' of 'x' must be non-negative integers"):

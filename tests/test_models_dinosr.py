@@ -485,6 +485,13 @@ def test_waveforms_of_another_float_dtype_are_cast_to_the_model_s():
         for a, b in zip(got, model.get_intermediate_outputs(given.float()), strict=True):
             assert torch.equal(a, b)  # the same as casting first
         torch.testing.assert_close(got[-1], expected[-1], atol=tolerance, rtol=tolerance)
+    # a training forward too, whose EMA teacher front end reads the waveforms apart from the student's
+    ema, twin = (tiny_model("spidr", teacher_feature_encoder="ema").train() for _ in range(2))
+    mask = random_mask(2, num_frames(4000, CONV))
+    torch.manual_seed(0)  # the same dropout
+    losses, _ = ema(wave.double(), mask=mask)
+    torch.manual_seed(0)
+    assert torch.equal(losses, twin(wave, mask=mask)[0])
 
 
 @pytest.mark.parametrize("model_type", TYPES)

@@ -204,8 +204,15 @@ def test_abx_and_units_quality_take_the_rate_the_extraction_recorded(corpus, tmp
     assert json.loads(capsys.readouterr().out) == metrics
     assert main([*kmeans_quality, "--num-units", "256"]) == 2
     assert "--num-units 256, but" in capsys.readouterr().err
-    # a units file written over since by another tool is not described by the record: 50 Hz units of 256, as
-    # without one
+    moved = tmp_path / "moved.jsonl"  # without its record: no guess of the vocabulary (256 was assumed)
+    moved.write_bytes(kmeans_units.read_bytes())
+    assert main(["units-quality", str(moved), str(corpus / "align50.tsv"), "--alignment-rate", "100",
+                 "--unit-rate", "100"]) == 2
+    assert f"no unit vocabulary size is recorded for {moved}" in capsys.readouterr().err
+    assert main(["units-quality", str(moved), str(corpus / "align50.tsv"), "--alignment-rate", "100",
+                 "--unit-rate", "100", "--num-units", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+    # a units file written over since by another tool is not described by the record: 50 Hz units, as without one
     kmeans_units.write_text(kmeans_units.read_text() + "\n")
     assert abx(kmeans_units)["frequency_hz"] == 50.0
 

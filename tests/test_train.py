@@ -417,6 +417,9 @@ def test_a_checkpoint_between_a_skipped_first_step_and_the_next_keeps_the_codebo
     assert calls == [1, 1]  # again, in the resumed run's first step
     state = torch.load(tiny_config(tmp_path, corpus).run.run_dir / "final.pt", weights_only=True)
     assert state["codebook_init_due"] is False
+    random_init = build_model(tiny_config(tmp_path, corpus).model)
+    random_init.redo_codebook_init()  # what a skipped first step calls, whatever the init
+    assert random_init.codebook_init_due is False  # nothing is due with codebook_init = "random"
 
 
 def test_too_many_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path, corpus, monkeypatch):

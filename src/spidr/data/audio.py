@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -61,13 +63,13 @@ def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
-def decode(source: str | Path | bytes, *, name: str | None = None) -> torch.Tensor:
+def decode(source: str | os.PathLike | bytes | BinaryIO, *, name: str | None = None) -> torch.Tensor:
     """Decode to a mono 16 kHz float32 waveform (S,): channels are averaged, other rates resampled with soxr.
 
     ``name`` labels errors for byte input. Raises ``AudioError`` for missing, undecodable, empty or non-finite audio.
     """
-    if isinstance(source, Path):
-        source = str(source)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     name = name or (source if isinstance(source, str) else "<bytes>")
     samples, rate = _read(source, name)
     return _mono_16k(samples, rate, name)
@@ -89,11 +91,12 @@ def _mono_16k(samples: np.ndarray, rate: int, name: str) -> torch.Tensor:
 
 
 def load_audio(
-    source: str | Path | bytes | ManifestEntry, *, normalize: bool = True, min_samples: int = 0
+    source: str | os.PathLike | bytes | BinaryIO | ManifestEntry, *, normalize: bool = True, min_samples: int = 0
 ) -> torch.Tensor:
     """Load one utterance as a (S,) float32 tensor at 16 kHz, standardised if ``normalize``.
 
-    ``source`` is a path, encoded bytes or a manifest entry (archive entries are read from their tar's memory map).
+    ``source`` is a path, encoded bytes, a binary file object or a manifest entry (an archive entry is read from
+    its tar). Samples already in memory go through ``waveform_from_samples``.
     Raises ``AudioError(path, reason)`` if the audio is missing, corrupt, empty, shorter than ``min_samples`` (after
     resampling) or contains NaN/Inf.
     """
@@ -107,12 +110,13 @@ def load_audio(
         else:
             data = source.path
         wave = decode(data, name=name)
-    elif isinstance(source, str | Path | bytes):
-        name = str(source) if not isinstance(source, bytes) else "<bytes>"
-        wave = decode(source, name=name)
+    elif isinstance(source, np.ndarray | torch.Tensor):
+        raise TypeError(f"load_audio reads a file (a path, encoded bytes, a file object or a manifest entry), not a "
+                        f"{type(source).__name__} of samples: use waveform_from_samples(samples, sample_rate)")
     else:
-        raise TypeError(f"load_audio reads a path, encoded bytes or a manifest entry, not a {type(source).__name__}; "
-                        "samples already in memory go through waveform_from_samples(samples, sample_rate)")
+        name = ("<bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source) if isinstance(
+            source, os.PathLike) else source if isinstance(source, str) else str(getattr(source, "name", source)))
+        wave = decode(source, name=name)
     return _finish(wave, name, normalize=normalize, min_samples=min_samples)
 
 
@@ -122,13 +126,19 @@ def waveform_from_samples(
     """What ``load_audio`` gives for a file, from samples already in memory: (S,) mono or (S, C) channels (as
     soundfile reads them), float or integer PCM (scaled to ±1), at any ``sample_rate`` → (S',) float32 at 16 kHz,
     standardised if ``normalize``. ``name`` labels errors."""
-    array = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu()
+        array = (samples.float() if samples.dtype == torch.bfloat16 else samples).numpy()  # numpy has no bfloat16
+    else:
+        array = np.asarray(samples)
     if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[1] > array.shape[0]):
         raise AudioError(name, f"samples of shape {array.shape}: expected (S,) mono or (S, C) channels (more channels "
                                "than samples is (C, S): transpose it)")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
         raise AudioError(name, f"sample_rate = {sample_rate!r}: expected a positive whole number of Hz")
-    if np.issubdtype(array.dtype, np.integer):
+    if array.dtype == np.uint8:  # 8-bit PCM is unsigned: 128 is silence
+        array = (array.astype(np.float32) - 128.0) / 128.0
+    elif np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.float32) / float(np.iinfo(array.dtype).max + 1)
     elif not np.issubdtype(array.dtype, np.floating):
         raise AudioError(name, f"samples of dtype {array.dtype}: expected float or integer PCM")

@@ -110,12 +110,15 @@ def _units_quality(args: argparse.Namespace) -> int:
             raise ValueError(f"--num-units {num_units}, but {recorded[1]} records {recorded[0]} units for "
                              f"{args.units}; leave --num-units out")
         num_units = recorded[0]
+    if num_units is None:  # the bitrate's log2(num_units) would be a guess
+        raise ValueError(f"no unit vocabulary size is recorded for {args.units} (units written by another tool or an "
+                         "older spidr): give --num-units (k of k-means, the codebook size)")
     metrics = unit_quality(
         read_units(args.units),
         read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate),
         unit_rate_hz=int(unit_rate),
         alignment_rate_hz=args.alignment_rate,
-        num_units=256 if num_units is None else num_units,
+        num_units=num_units,
     )
     if args.json:
         print(json.dumps(metrics))
@@ -241,7 +244,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--unit-rate", type=int, help="unit rate in Hz (default: the rate recorded by the "
                         "spidr extract or spidr units run that wrote UNITS, else 50)")
     parser.add_argument("--num-units", type=int, help="size of the unit vocabulary (default: the size recorded by "
-                        "the spidr units or spidr extract run that wrote UNITS, else 256)")
+                        "the spidr units or spidr extract run that wrote UNITS; required where none is)")
     parser.add_argument("--json", action="store_true", help="print the six metrics as a JSON object")
     parser.set_defaults(handler=_units_quality)
 

@@ -89,12 +89,10 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
         """Frames ``rows`` (R,) of one file, (R, D): from a ``.npy`` only the pages holding them are read (k-means
         samples about 1 frame in 170 of LibriSpeech; reading whole files read 515 GB of one base layer for 4 GB)."""
         path = self.path(key)
-        if path.suffix != ".npy":
-            return self[key][torch.as_tensor(rows)]
-        mapped = _mapped(path)
-        if mapped.ndim != 2:
-            raise ValueError(f"features of {key!r} have shape {mapped.shape}: expected (T, D)")
-        return np.array(mapped[rows])
+        whole = _mapped(path) if path.suffix == ".npy" else self[key]
+        if whole.ndim != 2:
+            raise ValueError(f"features of {key!r} have shape {tuple(whole.shape)}: expected (T, D)")
+        return np.array(whole[rows]) if isinstance(whole, np.ndarray) else whole[torch.as_tensor(rows)]
 
     def __contains__(self, key: object) -> bool:
         return self._index(key) >= 0

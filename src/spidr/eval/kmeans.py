@@ -94,7 +94,7 @@ def _as_array(value: object, name: str, *, rows: np.ndarray | None = None) -> np
 
 
 def fit_kmeans(
-    frames: np.ndarray,
+    frames: np.ndarray | torch.Tensor,
     num_units: int,
     *,
     seed: int = 0,
@@ -105,6 +105,8 @@ def fit_kmeans(
     """K-means centroids (num_units, D) float32 of (N, D) frames with ``MiniBatchKMeans`` (reproducible under seed)."""
     cluster = import_extra("sklearn.cluster", extra="eval", purpose="k-means")
 
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().float().numpy()
     if not isinstance(frames, np.ndarray) or frames.ndim != 2:
         raise ValueError(f"frames must be an (N, D) numpy array, got "
                          f"{f'shape {frames.shape}' if isinstance(frames, np.ndarray) else type(frames).__name__}"

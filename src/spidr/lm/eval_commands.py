@@ -127,7 +127,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lm-correlate",
         help="Pearson / Spearman correlation of unit-quality and LM metrics across representations",
         description="Correlate metric columns of TABLE (a CSV with one row per model/layer; non-numeric columns "
-        "are labels, and so are the numeric columns layer, K, V, num_units, vocab_size, codebook_size, "
+        "are labels, and so are the numeric columns layer, K, V, units, num_units, vocab_size, codebook_size, "
         "num_clusters, clusters, hours, steps, step, seed, checkpoint (any case) and those of --label-columns; a "
         "row with an empty cell, or nan / n/a / na / none / null / -, in the chosen columns is dropped with a "
         "warning, other non-numbers and two rows with the same labels are errors). --x and --y take "

@@ -157,7 +157,9 @@ def _unit_array(values: list, stem: str, where: str, num_units: int | None) -> n
     array = np.asarray(values)
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if array.ndim != 1 or array.dtype.kind not in "iu" or int(array.min()) < 0:  # bools, floats, text, nesting
+    # numpy reads [1, true] as ints and numbers past 2**63 as uint64 (wrapping in int64): refused as the rest are
+    if (array.ndim != 1 or array.dtype.kind != "i" or int(array.min()) < 0  # floats, text, nesting, huge, negative
+            or bool in set(map(type, values))):
         raise ValueError(f"{where}: 'units' of {stem!r} must be non-negative integers")
     array = array.astype(np.int64, copy=False)
     if num_units is not None and int(array.max()) >= num_units:

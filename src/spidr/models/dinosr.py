@@ -169,6 +169,8 @@ class DinoSR(nn.Module):
         (K,), global over ranks), and ``num_frames`` (N on this rank, int64).
         In training mode the codebooks are updated from this batch (after their labels were taken).
         """
+        # Checked and cast once here too: the teacher's own front end (teacher_feature_encoder = "ema") reads them.
+        waveforms = front_end_input(waveforms, self.cfg, dtype=self.feature_projection.projection.weight.dtype)
         warp = self._student_warp(waveforms)
         feats = self.features(waveforms, warp)
         masks = frame_masks(feats, attention_mask=attention_mask, padding_mask=padding_mask)
@@ -262,7 +264,7 @@ class DinoSR(nn.Module):
     def codebook_init_due(self) -> bool:
         """Whether the next training forward initialises the codebooks from data whatever the step (the step that
         did it was skipped): a checkpoint saved in between records it, or the resumed run keeps random codebooks."""
-        return self._codebooks_from_data is False
+        return self.cfg.codebook_init == "data" and self._codebooks_from_data is False
 
     def redo_codebook_init(self) -> None:
         """The first step, which initialised the codebooks from data, was skipped (non-finite) and its codebooks

@@ -98,10 +98,17 @@ def padding_changes_features(cfg: ModelConfig) -> bool:
     return cfg.extractor_mode == "group_norm" and cfg.extractor_type != "log_mel"
 
 
-def warn_if_padding_changes_features(cfg: ModelConfig, *masks: torch.Tensor | None) -> None:
-    """A warning when an inference call is given a padding or attention mask for a front end that pools over the
-    padding (``padding_changes_features``): the mask keeps the Transformer off the padding, not the GroupNorm."""
-    if padding_changes_features(cfg) and any(mask is not None for mask in masks):
+def warn_if_padding_changes_features(
+    cfg: ModelConfig, attention_mask: torch.Tensor | None, padding_mask: torch.Tensor | None
+) -> None:
+    """A warning when an inference call is given a batch with padding (its ``padding_mask`` (B, T) or official
+    ``attention_mask`` (B, 1, T, T) says so) for a front end that pools over the padding
+    (``padding_changes_features``): the mask keeps the Transformer off the padding, not the GroupNorm."""
+    if not padding_changes_features(cfg):
+        return
+    padded = (padding_mask is not None and bool(padding_mask.any())) or (
+        attention_mask is not None and not bool(attention_mask.all()))
+    if padded:
         warnings.warn(
             "model.extractor_mode = 'group_norm' normalises its first conv over the padded time axis: in a padded "
             "batch an utterance's features differ from its features alone (run equal-length batches unpadded, as "
