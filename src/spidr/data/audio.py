@@ -63,6 +63,15 @@ def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
+def _source_name(source: str | os.PathLike | bytes | BinaryIO) -> str:
+    """What errors call an encoded source: its path, "<bytes>", or a file object's name."""
+    if isinstance(source, bytes | bytearray):
+        return "<bytes>"
+    if isinstance(source, str | os.PathLike):
+        return os.fspath(source)
+    return str(getattr(source, "name", source))
+
+
 def decode(source: str | os.PathLike | bytes | BinaryIO, *, name: str | None = None) -> torch.Tensor:
     """Decode to a mono 16 kHz float32 waveform (S,): channels are averaged, other rates resampled with soxr.
 
@@ -70,7 +79,7 @@ def decode(source: str | os.PathLike | bytes | BinaryIO, *, name: str | None = N
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
-    name = name or (source if isinstance(source, str) else "<bytes>")
+    name = name or _source_name(source)
     samples, rate = _read(source, name)
     return _mono_16k(samples, rate, name)
 
@@ -114,8 +123,7 @@ def load_audio(
         raise TypeError(f"load_audio reads a file (a path, encoded bytes, a file object or a manifest entry), not a "
                         f"{type(source).__name__} of samples: use waveform_from_samples(samples, sample_rate)")
     else:
-        name = ("<bytes>" if isinstance(source, bytes | bytearray) else os.fspath(source) if isinstance(
-            source, os.PathLike) else source if isinstance(source, str) else str(getattr(source, "name", source)))
+        name = _source_name(source)
         wave = decode(source, name=name)
     return _finish(wave, name, normalize=normalize, min_samples=min_samples)
 

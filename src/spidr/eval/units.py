@@ -47,8 +47,8 @@ def read_jsonl_rows(path: str | Path, *, field: str | tuple[str, ...], key: Call
     ``where`` names the file and line for error messages. ``key`` maps the row's name to the utterance key (e.g. to
     a file stem). Refuses bad JSON, rows without such a list and repeated utterances; with ``refuse_deduplicated``
     (why the reader needs frame-rate units), also rows written deduplicated (``"dedup": true``)."""
-    for name, where, found, values, _ in _jsonl_rows(path, field=field, key=key,
-                                                     refuse_deduplicated=refuse_deduplicated):
+    for name, where, found, values, _ in read_jsonl_rows_with_lines(path, field=field, key=key,
+                                                                    refuse_deduplicated=refuse_deduplicated):
         yield name, where, found, values
 
 
@@ -63,9 +63,9 @@ def _numbered_lines(handle: IO[str], path: str | Path) -> Iterator[tuple[int, st
                          "units or frame labels") from None
 
 
-def _jsonl_rows(path: str | Path, *, field: str | tuple[str, ...], key: Callable[[str], str] = str,
-                refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list, str]]:
-    """:func:`read_jsonl_rows` plus the raw line (lets :func:`read_units` skip a per-value type check)."""
+def read_jsonl_rows_with_lines(path: str | Path, *, field: str | tuple[str, ...], key: Callable[[str], str] = str,
+                               refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list, str]]:
+    """:func:`read_jsonl_rows` plus the raw line (lets :func:`holds_only_integers` skip a per-value type check)."""
     fields = (field,) if isinstance(field, str) else field
     seen: set[str] = set()
     with open_text(path) as handle:
@@ -93,6 +93,15 @@ def _jsonl_rows(path: str | Path, *, field: str | tuple[str, ...], key: Callable
 FRAME_RATE_NEEDED = "ABX and unit quality compare units with frames: write the units without --dedup"
 
 
+def holds_only_integers(values: list, array: np.ndarray, line: str) -> bool:
+    """Whether a JSONL row's ``values`` list (``array`` = ``np.asarray(values)``) holds JSON integers only. numpy
+    reads ``[1, true]`` as integers, so the values are checked one by one, but only when the row's text ``line``
+    holds ``true`` or ``false``."""
+    if array.size and array.dtype.kind not in "iu":
+        return False
+    return not (("true" in line or "false" in line) and any(type(u) is bool for u in values))
+
+
 def read_units(path: str | Path) -> dict[str, np.ndarray]:
     """``{utterance: int32 array of units}`` at the model's frame rate from a units JSONL file (``.gz`` read
     transparently); deduplicated rows are refused.
@@ -104,10 +113,10 @@ def read_units(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"units file {path} does not exist")
     units: dict[str, np.ndarray] = {}
-    for key, where, _, values, line in _jsonl_rows(path, field="units", refuse_deduplicated=FRAME_RATE_NEEDED):
+    for key, where, _, values, line in read_jsonl_rows_with_lines(path, field="units",
+                                                                  refuse_deduplicated=FRAME_RATE_NEEDED):
         array = np.asarray(values)
-        if (array.size and array.dtype.kind not in "iu") or (
-                ("true" in line or "false" in line) and any(type(u) is bool for u in values)):
+        if not holds_only_integers(values, array, line):
             raise ValueError(f"{where}: 'units' of {key!r} must be a list of integers")
         if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
             raise ValueError(f"{where}: 'units' of {key!r} do not fit in 32 bits")

@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from spidr.eval.units import deduplicate, read_jsonl_rows
+from spidr.eval.units import deduplicate, holds_only_integers, read_jsonl_rows_with_lines
 
 UnitsKind = Literal["units", "labels"]
 _KIND_WORDS = {"units": "discrete units ('units' rows)", "labels": "frame labels ('phones' rows)"}
@@ -61,15 +61,16 @@ def file_stem(name: str) -> str:
     return Path(name).name.removesuffix(".wav").removesuffix(".flac")
 
 
-def read_rows(path: str | Path, *, refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list]]:
-    """``(stem, kind, where, values)`` per row, kind "units" or "labels"; refuses bad JSON and repeated stems, and
-    with ``refuse_deduplicated`` (why), rows written deduplicated."""
+def read_rows(path: str | Path, *,
+              refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list, str]]:
+    """``(stem, kind, where, values, line)`` per row, kind "units" or "labels", ``line`` its text; refuses bad JSON
+    and repeated stems, and with ``refuse_deduplicated`` (why), rows written deduplicated."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"units file {path} does not exist")
-    for stem, where, found, values in read_jsonl_rows(path, field=("units", "phones"), key=file_stem,
-                                                      refuse_deduplicated=refuse_deduplicated):
-        yield stem, "units" if found == "units" else "labels", where, values
+    for stem, where, found, values, line in read_jsonl_rows_with_lines(
+            path, field=("units", "phones"), key=file_stem, refuse_deduplicated=refuse_deduplicated):
+        yield stem, "units" if found == "units" else "labels", where, values, line
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
     kind: UnitsKind | None = None
     found: dict[str, int] = {}  # labels without a vocabulary: label → provisional id, in order of appearance
     sequences: dict[str, np.ndarray] = {}
-    for stem, row_kind, where, values in rows:
+    for stem, row_kind, where, values, line in rows:
         if kind is None:
             kind = row_kind
             if expect_kind is not None and kind != expect_kind:
@@ -138,7 +139,7 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
             array = labels.ids(values, where) if labels is not None else np.asarray(
                 [found.setdefault(str(v), len(found)) for v in values], dtype=np.int64)
         else:
-            array = _unit_array(values, stem, where, num_units)
+            array = _unit_array(values, line, stem, where, num_units)
         sequences[stem] = deduplicate(array) if dedup else array
     if kind is None:
         raise ValueError(f"units file {path} has no utterance")
@@ -152,14 +153,15 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
     return UnitSequences(sequences, kind, dedup, labels if kind == "labels" else None, str(path))
 
 
-def _unit_array(values: list, stem: str, where: str, num_units: int | None) -> np.ndarray:
-    """One row's ``units`` as (n,) int64, checked: non-negative integers, below ``num_units`` when given."""
+def _unit_array(values: list, line: str, stem: str, where: str, num_units: int | None) -> np.ndarray:
+    """One row's ``units`` (its text ``line``) as (n,) int64, checked: non-negative integers, below ``num_units``
+    when given."""
     array = np.asarray(values)
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
-    # numpy reads [1, true] as ints and numbers past 2**63 as uint64 (wrapping in int64): refused as the rest are
-    if (array.ndim != 1 or array.dtype.kind != "i" or int(array.min()) < 0  # floats, text, nesting, huge, negative
-            or bool in set(map(type, values))):
+    # numbers past 2**63 are read as uint64 (wrapping in int64): refused as floats, text, nesting and bools are
+    if (array.ndim != 1 or array.dtype.kind != "i" or int(array.min()) < 0
+            or not holds_only_integers(values, array, line)):
         raise ValueError(f"{where}: 'units' of {stem!r} must be non-negative integers")
     array = array.astype(np.int64, copy=False)
     if num_units is not None and int(array.max()) >= num_units:
