@@ -53,6 +53,9 @@ def test_official_fields_without_effect_are_named(tmp_path, corpus):
     notes = unused_settings(config_from_dict(data))
     assert len(notes) == 1
     assert notes[0].startswith("data.enable_padding with model.extractor_mode = 'group_norm'")
+    # a log-mel first layer has no GroupNorm, whatever extractor_mode says: nothing pools over the padding
+    data["model"].update(extractor_type="log_mel", extractor_conv_layer_config=[[40, 400, 320]])
+    assert unused_settings(config_from_dict(data)) == []
 
 
 def test_resume_warns_when_the_learning_rates_changed(tmp_path, corpus, caplog):

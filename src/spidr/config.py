@@ -315,6 +315,16 @@ class ModelConfig:
     def model_type(self) -> ModelType:
         raise NotImplementedError
 
+    @property
+    def padding_changes_features(self) -> bool:
+        """Whether an utterance's features depend on the padding around it in a batch.
+
+        A ``group_norm`` front end normalises each channel of its first conv over the whole time axis, padding
+        included, as wav2vec 2.0 and fairseq DinoSR do: its statistics are those of the utterance's own samples only
+        when it runs unpadded. A log-mel first layer has no GroupNorm (nor has any layer after it).
+        """
+        return self.extractor_mode == "group_norm" and self.extractor_type != "log_mel"
+
 
 @dataclass(frozen=True)
 class DinoSRConfig(ModelConfig):
@@ -565,7 +575,7 @@ def unused_settings(cfg: Config) -> list[str]:
     if cfg.model.target_norm_frames == "valid" and not padded:
         notes.append("model.target_norm_frames = 'valid' has no effect: no data section sets enable_padding, so "
                      "batches are cropped to their shortest utterance and hold no padding")
-    if padded and cfg.model.extractor_mode == "group_norm":
+    if padded and cfg.model.padding_changes_features:
         notes.append(f"{', '.join(padded)}.enable_padding with model.extractor_mode = 'group_norm': that front end's "
                      "first GroupNorm takes its statistics over the padding, so an utterance's features (and targets) "
                      "change with the longest one in its batch, whatever model.target_norm_frames says")

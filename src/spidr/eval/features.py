@@ -32,7 +32,7 @@ from spidr.config import num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
-from spidr.models.frames import hop_length, num_frames, padding_changes_features, padding_mask_from_lengths
+from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 from spidr.models.inference_precision import bfloat16_inference, precision_identity
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,10 @@ def extract_batch(
 
     Returns one dict per utterance: ``"layer_LL"`` → (T_i, D) float32 and, with codebooks, ``"units_LL"`` → (T_i,)
     int64 arg-max of layer LL's head. T_i = frames of S_i alone, and padding never changes a result: a model whose
-    front end normalises over the padded time axis (``padding_changes_features``) runs each group of equal-length
-    waveforms as its own unpadded batch. With ``front_end``, also ``"front_end"`` → (T_i, C), the front end's output
-    (conv stack or log-mel), and ``"projection"`` → (T_i, D), the Transformer's input (before its positional
-    convolution), from the same forward pass.
+    front end normalises over the padded time axis (``ModelConfig.padding_changes_features``) runs each group of
+    equal-length waveforms as its own unpadded batch. With ``front_end``, also ``"front_end"`` → (T_i, C), the front
+    end's output (conv stack or log-mel), and ``"projection"`` → (T_i, D), the Transformer's input (before its
+    positional convolution), from the same forward pass.
     """
     bad = [layer for layer in settings.layers if not 1 <= layer <= model.num_layers]
     if not settings.layers or bad:
@@ -105,7 +105,7 @@ def extract_batch(
                          f"{model.num_layers}{f' ({bad} are not)' if bad else ''}")
     if not waveforms:
         return []
-    if padding_changes_features(model.cfg):
+    if model.cfg.padding_changes_features:
         rows_by_length: dict[int, list[int]] = {}
         for row, wave in enumerate(waveforms):
             rows_by_length.setdefault(wave.shape[0], []).append(row)
@@ -122,7 +122,8 @@ def extract_batch(
 def _extract_padded(
     model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *, front_end: bool
 ) -> list[dict[str, np.ndarray]]:
-    """``extract_batch``'s work on one padded batch, whatever the front end (see ``padding_changes_features``)."""
+    """``extract_batch``'s work on one padded batch, whatever the front end (see
+    ``ModelConfig.padding_changes_features``)."""
     device = next(model.parameters()).device
     conv_layers = model.cfg.extractor_conv_layer_config
     lengths = torch.tensor([w.shape[0] for w in waveforms])
@@ -386,7 +387,7 @@ def extract_to_directory(
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
                 **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
                 # Features of such a model changed when it stopped running padded (see extract_batch).
-                **({"front_end_batching": "unpadded"} if padding_changes_features(model.cfg) else {})}
+                **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {})}
     journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                 replace_other=replace_other, outputs=EXTRACTION_OUTPUTS)
     units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None

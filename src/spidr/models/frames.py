@@ -88,23 +88,13 @@ def front_end_input(waveforms: torch.Tensor, cfg: ModelConfig, *, dtype: torch.d
     return waveforms.to(dtype)
 
 
-def padding_changes_features(cfg: ModelConfig) -> bool:
-    """Whether an utterance's features depend on the padding around it in a batch.
-
-    A ``group_norm`` front end normalises each channel of its first conv over the whole time axis, padding included,
-    as wav2vec 2.0 and fairseq DinoSR do: its statistics are those of the utterance's own samples only when it runs
-    unpadded. A log-mel first layer has no GroupNorm.
-    """
-    return cfg.extractor_mode == "group_norm" and cfg.extractor_type != "log_mel"
-
-
 def warn_if_padding_changes_features(
     cfg: ModelConfig, attention_mask: torch.Tensor | None, padding_mask: torch.Tensor | None
 ) -> None:
     """A warning when an inference call is given a batch with padding (its ``padding_mask`` (B, T) or official
     ``attention_mask`` (B, 1, T, T) says so) for a front end that pools over the padding
-    (``padding_changes_features``): the mask keeps the Transformer off the padding, not the GroupNorm."""
-    if not padding_changes_features(cfg):
+    (``ModelConfig.padding_changes_features``): the mask keeps the Transformer off the padding, not the GroupNorm."""
+    if not cfg.padding_changes_features:
         return
     padded = (padding_mask is not None and bool(padding_mask.any())) or (
         attention_mask is not None and not bool(attention_mask.all()))
