@@ -472,6 +472,22 @@ def test_bad_input_is_rejected() -> None:
         model.get_intermediate_outputs(waveforms(4000).numpy())
 
 
+def test_non_finite_waveforms_are_refused_in_inference_and_left_to_the_loss_in_training() -> None:
+    """A NaN sample made every frame of its utterance NaN with no word; a training forward does not check (that
+    would read the device every step) and leaves it to the trainer's skip of non-finite losses."""
+    model = tiny_model("spidr").eval()
+    wave = waveforms(4000, 4000)
+    wave[1, 17] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf samples \(batch rows \[1\]\)"):
+        model.get_intermediate_outputs(wave)
+    wave[1, 17] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(wave)
+    mask = random_mask(2, num_frames(4000, CONV))
+    losses, _ = model.train()(wave, mask=mask)  # not refused: the trainer skips a step whose loss is not finite
+    assert losses.shape == (int(mask.sum()),)
+
+
 @torch.no_grad()
 def test_waveforms_of_another_float_dtype_are_cast_to_the_model_s():
     """soundfile reads float64: such a batch used to fail deep in the first conv ("expected scalar type Double")."""

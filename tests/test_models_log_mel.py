@@ -62,6 +62,23 @@ def test_stays_fp32_under_bf16_autocast_and_has_no_state() -> None:
     assert model.feature_extractor.conv_layers[0].filters.shape == (40, 257)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_a_model_cast_to_low_precision_keeps_an_fp32_filterbank(dtype: torch.dtype) -> None:
+    """``model.to(bf16)`` once cast the filters too, and the fp32 spectrum then met bf16 filters in a matmul."""
+    reference = log_mel_model(conv=((40, 400, 320), (24, 3, 1)))
+    model = log_mel_model(conv=((40, 400, 320), (24, 3, 1))).to(dtype)
+    bank = model.feature_extractor.conv_layers[0]
+    assert {buffer.dtype for buffer in bank.buffers()} == {torch.float32}
+    torch.testing.assert_close(bank.filters, reference.feature_extractor.conv_layers[0].filters, rtol=0, atol=0)
+    waves = torch.randn(2, 8000) * 0.1
+    feats = model.features(waves)
+    assert feats.dtype == dtype
+    expected = reference.features(waves)
+    cosine = torch.nn.functional.cosine_similarity(feats.float(), expected, dim=-1)
+    assert float(cosine.min()) > 0.98
+
+
 @torch.no_grad()
 def test_padded_batch_equals_per_utterance_runs() -> None:
     model = log_mel_model()

@@ -104,7 +104,9 @@ class DinoSR(nn.Module):
     def features(self, waveforms: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
         """Projected conv features (B, T, D) of waveforms (B, S); no dropout, no masking. ``warp``: per-utterance
         frequency-warp factors (B,) of a log-mel front end (``student_frequency_warp``), None for none."""
-        waveforms = front_end_input(waveforms, self.cfg, dtype=self.feature_projection.projection.weight.dtype)
+        waveforms = front_end_input(
+            waveforms, self.cfg, dtype=self.feature_projection.projection.weight.dtype, check_finite=not self.training
+        )
         grad_mult = self.cfg.feature_grad_mult
         if grad_mult == 0.0:
             with torch.no_grad():

@@ -73,9 +73,15 @@ def attention_mask_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
     return (~padding_mask)[:, None, None, :].expand(batch, 1, frames, frames)
 
 
-def front_end_input(waveforms: torch.Tensor, cfg: ModelConfig, *, dtype: torch.dtype) -> torch.Tensor:
+def front_end_input(
+    waveforms: torch.Tensor, cfg: ModelConfig, *, dtype: torch.dtype, check_finite: bool = False
+) -> torch.Tensor:
     """Waveforms (B, S) checked for ``cfg``'s front end and cast to the model's ``dtype`` (soundfile and numpy read
-    float64 by default; a conv of float32 weights refuses it with a message about scalar types)."""
+    float64 by default; a conv of float32 weights refuses it with a message about scalar types).
+
+    ``check_finite``: NaN or Inf samples are an error (they would make every feature of the utterance NaN). It reads
+    the device, so inference asks for it and the training step does not (a NaN loss is skipped there); skipped in
+    a compiled graph, which it would split."""
     if not isinstance(waveforms, torch.Tensor):
         raise TypeError(f"waveforms must be a torch.Tensor of shape (B, S), got a {type(waveforms).__name__} "
                         "(torch.from_numpy converts an array; spidr.data.audio.load_audio reads a file)")
@@ -85,6 +91,9 @@ def front_end_input(waveforms: torch.Tensor, cfg: ModelConfig, *, dtype: torch.d
     if num_frames(waveforms.shape[1], cfg.extractor_conv_layer_config) == 0:
         raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the conv "
                          "extractor (400 samples with the default config)")
+    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(waveforms).all()):
+        bad = (~torch.isfinite(waveforms)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"waveforms hold NaN or Inf samples (batch rows {bad}): their features would be NaN")
     return waveforms.to(dtype)
 
 

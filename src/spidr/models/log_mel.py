@@ -14,6 +14,8 @@ about α·f (vocal-tract-length perturbation, VTLP: formants and harmonics toget
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -42,7 +44,8 @@ def triangles(edges_hz: torch.Tensor, freqs_hz: torch.Tensor) -> torch.Tensor:
 
 
 class LogMelFilterbank(nn.Module):
-    """(B, 1, S) waveforms → (B, num_mels, T) log mel power, always computed in fp32. No trainable parameters."""
+    """(B, 1, S) waveforms → (B, num_mels, T) log mel power, always computed in fp32 and returned in the input's
+    dtype (so a model cast to bf16 or fp16 runs its next conv on it). No trainable parameters."""
 
     def __init__(self, num_mels: int, window: int, hop: int) -> None:
         super().__init__()
@@ -60,8 +63,19 @@ class LogMelFilterbank(nn.Module):
         for name, value in tensors.items():
             self.register_buffer(name, torch.from_numpy(value).float(), persistent=False)
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> LogMelFilterbank:  # noqa: FBT001, FBT002 (nn.Module's signature)
+        """``Module.to``/``half``/``bfloat16`` move the buffers but keep them fp32: filters rounded to bf16 would
+        change the features, and an fp32 spectrum cannot be multiplied by bf16 filters."""
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.dtype != torch.float32:
+                self._buffers[name] = before[name].to(buffer.device)  # the fp32 values, moved only
+        return self
+
     def forward(self, x: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, 1, S); ``warp``: per-utterance VTLP factors α (B,), or None for the plain filterbank."""
+        input_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
             x = x[:, 0].float()
             x = torch.cat([x[:, :1], x[:, 1:] - PRE_EMPHASIS * x[:, :-1]], dim=1)
@@ -73,4 +87,4 @@ class LogMelFilterbank(nn.Module):
                 # Power at f Hz is counted in the filters around warp(f): the spectrum is stretched by α.
                 weights = triangles(self.edges_hz, warp_frequencies(self.bins_hz, warp.float(), self.nyquist))
                 mel = power @ weights.transpose(1, 2)  # (B, T, M)
-            return torch.log(mel + LOG_FLOOR).transpose(1, 2)
+            return torch.log(mel + LOG_FLOOR).transpose(1, 2).to(input_dtype)

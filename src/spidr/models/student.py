@@ -44,7 +44,9 @@ class Student(nn.Module):
 
     def features(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Projected conv features (B, T, D) of waveforms (B, S)."""
-        waveforms = front_end_input(waveforms, self.cfg, dtype=self.feature_projection.projection.weight.dtype)
+        waveforms = front_end_input(
+            waveforms, self.cfg, dtype=self.feature_projection.projection.weight.dtype, check_finite=not self.training
+        )
         return self.feature_projection(self.feature_extractor(waveforms))
 
     def get_intermediate_outputs(
