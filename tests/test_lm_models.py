@@ -196,3 +196,47 @@ def test_a_file_that_is_not_text_is_named(tmp_path):
     audio.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x80\x3e\x00\x00\xff\xfe")
     with pytest.raises(ValueError, match=r"good\.wav: line 1 is not UTF-8 text .*expected a JSONL file of units"):
         read_unit_sequences(audio, dedup=True)
+
+
+@pytest.mark.parametrize(("largest", "dtype"), [(0, np.int16), (32767, np.int16), (32768, np.int32),
+                                                 (2**31 - 1, np.int32), (2**31, np.int64)])
+def test_unit_ids_are_held_in_the_smallest_integer_type(tmp_path, largest, dtype):
+    """2 bytes a unit for codebooks and k-means; the values, and the data fingerprint an LM records, are those of
+    int64 ids."""
+    from spidr.lm.tokens import fingerprint
+
+    path = tmp_path / "u.jsonl"
+    rows = {"a": [largest, 0, 0, largest], "b": [1]}
+    path.write_text("".join(json.dumps({"name": k, "units": v}) + "\n" for k, v in rows.items()))
+    read = read_unit_sequences(path, dedup=False)
+    assert read.sequences["a"].dtype == dtype
+    assert read.sequences["a"].tolist() == rows["a"]
+    assert read.max_unit == max(largest, 1)
+    as_int64 = {k: np.asarray(v, dtype=np.int64) for k, v in rows.items()}
+    assert fingerprint(read.sequences) == fingerprint(as_int64)
+
+
+@pytest.mark.parametrize("num_units", [300, 40_000])
+def test_a_compact_token_stream_gives_the_int64_windows(num_units):
+    from spidr.lm.data import WindowSampler, token_stream, validation_windows
+
+    rng = np.random.default_rng(0)
+    sequences = {f"u{i}": rng.integers(0, num_units, size=rng.integers(0, 40)) for i in range(50)}
+    vocab = Vocabulary(num_units)
+    stream = token_stream(sequences, vocab)
+    assert stream.dtype == (torch.int16 if num_units < 32_000 else torch.int32)
+    reference = torch.from_numpy(np.concatenate([vocab.encode(sequences[k]) for k in sorted(sequences)]))
+    assert torch.equal(stream.long(), reference)
+    windows = WindowSampler(stream, 16, 8, seed=3).windows(5)
+    assert windows.dtype == torch.int64
+    assert torch.equal(windows, WindowSampler(reference, 16, 8, seed=3).windows(5))
+    for got, expected in zip(validation_windows(stream, 16, 4), validation_windows(reference, 16, 4), strict=True):
+        assert got.dtype == torch.int64
+        assert torch.equal(got, expected)
+    # a bigram fitted on the compact stream counts as on int64 (pair ids reach 300 × 303, past int16)
+    if num_units == 300:
+        compact_lm, wide_lm = NgramLM(vocab.size, order=2, add_k=0.5), NgramLM(vocab.size, order=2, add_k=0.5)
+        compact_lm.fit(stream)
+        wide_lm.fit(reference)
+        assert torch.equal(compact_lm.counts, wide_lm.counts)
+        assert compact_lm.counts.sum() == stream.numel() - 1

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spidr.lm.tokens import Vocabulary
+from spidr.lm.tokens import Vocabulary, smallest_int_dtype
 
 
 def is_held_out(stem: str, fraction: float, seed: int) -> bool:
@@ -29,8 +29,11 @@ def is_held_out(stem: str, fraction: float, seed: int) -> bool:
 
 
 def token_stream(sequences: Mapping[str, np.ndarray], vocab: Vocabulary) -> torch.Tensor:
-    """(N,) int64: every sequence as ``BOS u … EOS``, in stem order."""
-    stream = np.empty(sum(len(values) + 2 for values in sequences.values()), dtype=np.int64)  # filled in place
+    """(N,) every sequence as ``BOS u … EOS``, in stem order, in the smallest signed integer dtype that holds the
+    vocabulary's ids (int16 up to 32,765 units: 2 bytes a token, where int64 took 8 on every rank for the whole run;
+    the windows drawn from it are int64)."""
+    dtype = smallest_int_dtype(vocab.size - 1)
+    stream = np.empty(sum(len(values) + 2 for values in sequences.values()), dtype=dtype)  # filled in place
     start = 0
     for stem in sorted(sequences):
         values = sequences[stem]
@@ -64,12 +67,12 @@ class WindowSampler:
         first = rank * per_rank + micro * per_micro
         mine = starts[first:first + per_micro]
         offsets = torch.arange(self.context + 1)
-        return self.stream[mine[:, None] + offsets[None, :]]
+        return self.stream[mine[:, None] + offsets[None, :]].long()
 
 
 def validation_windows(stream: torch.Tensor, context: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive non-overlapping windows of ``context + 1`` tokens (sharing one token), ``batch_size`` at a time;
-    the last, shorter window is padded with -1 (ignored)."""
+    """(rows, context + 1) int64: consecutive non-overlapping windows of ``context + 1`` tokens (sharing one token),
+    ``batch_size`` at a time; the last, shorter window is padded with -1 (ignored)."""
     if stream.numel() < 2:
         return
     starts = list(range(0, stream.numel() - 1, context))
@@ -80,4 +83,4 @@ def validation_windows(stream: torch.Tensor, context: int, batch_size: int) -> I
             if window.numel() < context + 1:
                 window = torch.cat([window, window.new_full((context + 1 - window.numel(),), -1)])
             rows.append(window)
-        yield torch.stack(rows)
+        yield torch.stack(rows).long()

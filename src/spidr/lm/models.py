@@ -119,6 +119,7 @@ class NgramLM(nn.Module):
     def fit(self, stream: torch.Tensor) -> None:
         """Add the counts of a 1-D token stream (utterances as ``BOS u … EOS``, one after the other)."""
         vocab = self.counts.shape[1]
+        stream = stream.long()  # a compact stream (int16) would overflow in the pair index below
         if self.order == 1:
             self.counts[0] += torch.bincount(stream, minlength=vocab).double()
         else:

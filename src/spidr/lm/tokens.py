@@ -88,11 +88,26 @@ class LabelVocabulary:
                              f"({', '.join(self.labels)})") from None
 
 
+def smallest_int_dtype(largest: int) -> type[np.signedinteger]:
+    """The smallest signed numpy integer type that holds 0 … ``largest`` (int16, int32 or int64)."""
+    for dtype in (np.int16, np.int32):
+        if largest <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
+
+
+def compact(ids: np.ndarray) -> np.ndarray:
+    """Non-negative ids (n,) in ``smallest_int_dtype`` of their largest: 2 bytes a unit for codebooks and k-means
+    (a unit file of 10⁹ frames is then 2 GB in memory, not 8)."""
+    return ids.astype(smallest_int_dtype(int(ids.max()) if ids.size else 0), copy=False)
+
+
 @dataclass(frozen=True)
 class UnitSequences:
     """Every utterance of one file as a unit-id array, with what they are."""
 
-    sequences: dict[str, np.ndarray]  # stem → (n,) int64, deduplicated when ``dedup``
+    sequences: dict[str, np.ndarray]  # stem → (n,) non-negative ids (``compact``: int16 below 32,768), deduplicated
+    # when ``dedup``
     kind: UnitsKind
     dedup: bool
     labels: LabelVocabulary | None  # for kind "labels"
@@ -115,8 +130,9 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
     ``expect_kind`` (the kind an LM was trained on): a file of the other kind is refused. Without ``dedup``, units
     written deduplicated (``spidr units --dedup``) are refused: the LM would see them unlike its other inputs.
 
-    Rows are turned into arrays (deduplicated with ``dedup``) as they are read: memory is that of the arrays, 8 bytes
-    per kept unit (Python lists of every row took 26 bytes per frame before deduplication).
+    Rows are turned into arrays (deduplicated with ``dedup``) as they are read: memory is that of the arrays, 2 bytes
+    per kept unit below 32,768 units (``compact``; Python lists of every row took 26 bytes per frame before
+    deduplication).
     """
     rows = read_rows(path, refuse_deduplicated=None if dedup else (
         "the LM reads frame-rate units (data.dedup = false): set data.dedup = true, which deduplicates every file "
@@ -140,7 +156,7 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
                 [found.setdefault(str(v), len(found)) for v in values], dtype=np.int64)
         else:
             array = _unit_array(values, line, stem, where, num_units)
-        sequences[stem] = deduplicate(array) if dedup else array
+        sequences[stem] = compact(deduplicate(array) if dedup else array)
     if kind is None:
         raise ValueError(f"units file {path} has no utterance")
     if kind == "labels" and labels is None:
@@ -149,7 +165,7 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
         labels = LabelVocabulary(tuple(sorted(set(found) | set(phone_inventory()))))
         final_id = {label: i for i, label in enumerate(labels.labels)}
         renumber = np.asarray([final_id[label] for label in found], dtype=np.int64)  # provisional → final
-        sequences = {stem: renumber[ids] for stem, ids in sequences.items()}  # a bijection: dedup is unchanged
+        sequences = {stem: compact(renumber[ids]) for stem, ids in sequences.items()}  # a bijection: dedup holds
     return UnitSequences(sequences, kind, dedup, labels if kind == "labels" else None, str(path))
 
 

@@ -69,7 +69,7 @@ class LmTrainingDivergedError(RuntimeError):
 @dataclass(frozen=True)
 class LmData:
     vocab: Vocabulary
-    train: torch.Tensor  # (N,) token stream
+    train: torch.Tensor  # (N,) token stream (``token_stream``: int16 for up to 32,765 units)
     valid: torch.Tensor  # (M,) token stream, may be empty
     info: dict[str, Any]  # what the LM was trained on: stored in its checkpoints
 
