@@ -75,6 +75,29 @@ def test_evaluate_extracts_in_the_dtype_asked_for(corpus, tmp_path):
     assert 1e-4 < error < 1e-2
 
 
+def test_evaluate_on_one_speaker_reports_within_speaker_and_leaves_across_out(corpus, tmp_path, caplog):
+    """Items of one speaker have no across-speaker cell: the command once stopped there and wrote no report."""
+    one = tmp_path / "one.item"
+    lines = (corpus / "test.item").read_text().splitlines()
+    one.write_text("\n".join(line for line in lines if not line.endswith(" s2")) + "\n")
+    out = tmp_path / "report"
+    code = main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--item", str(one), "--alignments", str(corpus / "align50.tsv"),
+                 "--alignment-rate", "50", "--layers", "3", "--baseline", "mfcc", "--out", str(out)])
+    assert code == 0
+    rows = {row["model"]: row for row in json.loads((out / "report.json").read_text())}
+    assert set(rows) == {"tiny", "MFCC"}
+    for row in rows.values():
+        assert 0.0 <= row["abx_within"] <= 100.0
+        assert row["abx_across"] is None
+    assert 0.0 <= rows["tiny"]["unit_abx_within"] <= 100.0
+    assert rows["tiny"]["unit_abx_across"] is None
+    assert 0.0 <= rows["tiny"]["quality"]["pnmi"] <= 1.0
+    assert "holds one speaker: across-speaker ABX is left out" in caplog.text
+    assert (out / "report.md").is_file()
+    assert (out / "abx_per_layer.png").is_file()
+
+
 def test_abx_options_are_declared_once_with_every_distance(corpus, tmp_path, capsys):
     import argparse
 

@@ -116,6 +116,11 @@ def test_split_entries_holds_out_a_disjoint_seeded_share():
     assert split_entries(entries, 0.2, seed=0) == (train, test)
     with pytest.raises(ValueError, match="test-fraction"):
         split_entries(entries, 1.0, seed=0)
+    # a fraction that rounds to every utterance, or to none, still leaves one on each side
+    for count, fraction in ((3, 0.9), (2, 0.99), (3, 0.01)):
+        train, test = split_entries(entries[:count], fraction, seed=0)
+        assert min(len(train), len(test)) >= 1
+        assert len(train) + len(test) == count
 
 
 def test_common_inventory_recodes_both_files_on_one_phone_list():

@@ -456,13 +456,14 @@ def run_probes(featurizers: Mapping[str, object], train_entries: Sequence[Manife
 
 def split_entries(entries: Sequence[ManifestEntry], test_fraction: float, *, seed: int
                   ) -> tuple[list[ManifestEntry], list[ManifestEntry]]:
-    """(training, held-out) utterances: a seeded random ``test_fraction`` of ``entries`` held out (at least one)."""
+    """(training, held-out) utterances: a seeded random ``test_fraction`` of ``entries`` held out, at least one
+    and at most all but one (0.9 of 3 utterances rounds to 3 and left none to train on)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--test-fraction {test_fraction} is invalid: expected a fraction strictly between 0 and 1")
     if len(entries) < 2:
         raise ValueError(f"{len(entries)} utterance(s): holding some out for the probe needs at least 2")
     order = np.random.default_rng(seed + 1).permutation(len(entries))
-    held_out = max(1, round(test_fraction * len(entries)))
+    held_out = min(max(1, round(test_fraction * len(entries))), len(entries) - 1)
     return [entries[i] for i in sorted(order[held_out:])], [entries[i] for i in sorted(order[:held_out])]
 
 

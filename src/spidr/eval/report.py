@@ -23,7 +23,7 @@ from spidr.data.manifest import ManifestEntry
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings, extract_to_directory
-from spidr.eval.items import Items
+from spidr.eval.items import SPEAKER_COLUMN, Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
 from spidr.eval.units import read_units
@@ -63,7 +63,10 @@ class LayerRow:
 
 def _abx_percent(
     features: Mapping, items: Items, speaker: str, settings: AbxSettings, *, distance: str, frequency: int = 50
-) -> float:
+) -> float | None:
+    """ABX error (%) of ``features`` on ``items``; None across speaker when the items hold one speaker (no cell)."""
+    if speaker == "across" and not has_several_speakers(items):
+        return None
     rate = abx_error_rate(
         features,
         items,
@@ -76,6 +79,16 @@ def _abx_percent(
         seed=settings.seed,
     )
     return 100.0 * rate
+
+
+def has_several_speakers(items: Items) -> bool:
+    """Whether across-speaker ABX has cells to score: the items name two speakers or more."""
+    return len(set(items.column(SPEAKER_COLUMN))) > 1
+
+
+def _warn_if_one_speaker(items: Items) -> None:
+    if not has_several_speakers(items):
+        logger.warning("%s holds one speaker: across-speaker ABX is left out of the report (–)", items.source)
 
 
 def _items_for(items: Items, available: Mapping) -> Items:
@@ -117,6 +130,7 @@ def evaluate_model(
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
     extract_to_directory(model, entries, work_dir, settings, progress=progress, replace_other=True)
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
+    _warn_if_one_speaker(items)
     rows = []
     for layer in layers:
         features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"))
@@ -138,7 +152,8 @@ def evaluate_model(
                     units, alignments, unit_rate_hz=rate, alignment_rate_hz=alignment_rate_hz,
                     num_units=model.cfg.codebook_size,
                 )
-        logger.info("%s layer %d: ABX within %.2f %%, across %.2f %%", name, layer, row.abx_within, row.abx_across)
+        logger.info("%s layer %d: ABX within %s %%, across %s %%", name, layer, format_number(row.abx_within),
+                    format_number(row.abx_across))
         rows.append(row)
     return rows
 
@@ -153,6 +168,7 @@ def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSet
             logger.warning("MFCC baseline: skipping %s: %s", entry.location, error.reason)
     features = StemKeyed.if_unique(features)  # item #file paths or stems find the utterance ids
     layer_items = _items_for(items, features)
+    _warn_if_one_speaker(items)
     return LayerRow(
         model="MFCC",
         layer=None,
@@ -200,14 +216,16 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
     for ax, speaker in zip(axes, SPEAKER_CONDITIONS, strict=True):
         for model in models:
             layer_rows = [r for r in rows if r.model == model and r.layer is not None]
-            (line,) = ax.plot([r.layer for r in layer_rows], [getattr(r, f"abx_{speaker}") for r in layer_rows],
-                              "o-", label=model)
+            scored = [r for r in layer_rows if getattr(r, f"abx_{speaker}") is not None]  # across: ≥ 2 speakers
+            (line,) = ax.plot([r.layer for r in scored], [getattr(r, f"abx_{speaker}") for r in scored], "o-",
+                              label=model)
             unit_rows = [r for r in layer_rows if getattr(r, f"unit_abx_{speaker}") is not None]
             if unit_rows:  # the model's colour, dashed: several models stay told apart
                 ax.plot([r.layer for r in unit_rows], [getattr(r, f"unit_abx_{speaker}") for r in unit_rows], "s--",
                         color=line.get_color(), label=f"{model} (codebook units)")
         for baseline in baselines:
-            ax.axhline(getattr(baseline, f"abx_{speaker}"), linestyle=":", color="grey", label=baseline.model)
+            if getattr(baseline, f"abx_{speaker}") is not None:
+                ax.axhline(getattr(baseline, f"abx_{speaker}"), linestyle=":", color="grey", label=baseline.model)
         ax.axhline(50, color="black", linewidth=0.5)
         ax.set_title(f"ABX {speaker} speaker")
         ax.set_xlabel("layer")
