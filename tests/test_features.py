@@ -20,6 +20,7 @@ from spidr.eval.features import (
     extract_batch,
     extract_long,
     extract_to_directory,
+    iter_units,
     num_samples_for_frames,
     parse_layers,
     windows,
@@ -299,6 +300,13 @@ def test_files_too_short_or_not_finite_are_skipped_by_name_on_either_path(model,
     rows = [json.loads(line)["audio"] for path in (tmp_path / "out").glob("codebook_units/layer_03.jsonl")
             for line in path.open()]
     assert rows == ([] if alone else [str(audio / "ok.wav")])
+    # iter_units (lm-units) skips them the same way: alone, the short file stopped it with no name; beside a longer
+    # file it gave the short one units of length 0
+    skipped: dict[str, str] = {}
+    units = list(iter_units(model, entries, layers=[3], batch_seconds=settings.batch_seconds, skipped=skipped))
+    assert [entry.fileid for entry, _ in units] == ([] if alone else ["ok"])
+    assert all(layers[3].shape == (num_frames(16000, model.cfg.extractor_conv_layer_config),) for _, layers in units)
+    assert "shorter than one frame" in skipped[str(audio / "tiny.wav")]
 
 
 def test_npy_appender_refuses_out_of_order_or_short_writes(tmp_path):

@@ -249,3 +249,46 @@ def test_sampling_reads_only_the_files_it_draws_from(tmp_path: Path) -> None:
         FeatureDirectory.__getitem__ = real
     np.testing.assert_array_equal(sample, sample_frames(features, max_frames=5, seed=1))
     assert len(loads) == len(set(loads)) <= 5
+
+
+def test_broken_feature_and_centroid_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A garbage or empty .pt feature file, an object-array or cut .npy, and centroids of another dimension: one
+    line naming the file, where tracebacks (UnpicklingError, EOFError) or unnamed shapes came out."""
+    good = np.ones((5, 8), dtype=np.float32)
+    centroids = tmp_path / "c.safetensors"
+    save_centroids(centroids, np.eye(4, 8, dtype=np.float32))
+    cases = {
+        "garbage.pt": (b"not a pickle at all", "not a .pt file of one tensor"),
+        "empty.pt": (b"", "not a .pt file of one tensor"),
+        "cut.npy": (None, "not a plain numeric .npy array"),
+        "objects.npy": (None, "not a plain numeric .npy array"),
+    }
+    for name, (content, message) in cases.items():
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        np.save(folder / "fine.npy", good)
+        path = folder / name
+        if name == "cut.npy":
+            np.save(path, good)
+            path.write_bytes(path.read_bytes()[:40])
+        elif name == "objects.npy":
+            np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        else:
+            path.write_bytes(content)
+        for command in (["kmeans", str(folder), "--num-units", "2", "--out", str(tmp_path / "k.safetensors")],
+                        ["units", str(folder), "--centroids", str(centroids), "--out", str(tmp_path / "u.jsonl")]):
+            assert cli.main(command) == 2, (name, command[0])
+            err = capsys.readouterr().err
+            assert f"{path}: {message}" in err, (name, command[0], err)
+            assert "Traceback" not in err
+    for name, make in (("cut_centroids.npy", lambda p: p.write_bytes(b"\x93NUMPY\x01\x00")),
+                       ("object_centroids.npy", lambda p: np.save(p, np.array([None]), allow_pickle=True))):
+        make(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{name}: not a plain numeric \.npy array of centroids"):
+            load_centroids(tmp_path / name)
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    np.save(wide / "utt.npy", np.ones((5, 16), dtype=np.float32))
+    assert cli.main(["units", str(wide), "--centroids", str(centroids), "--out", str(tmp_path / "w.jsonl")]) == 2
+    assert (f"features of 'utt' have dimension 16, the centroids of {centroids} 8: centroids of another layer or "
+            "model?") in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -135,6 +136,24 @@ def test_pickle_payload_is_refused_without_trust(tmp_path, source) -> None:
     with pytest.raises(ValueError, match=r"argparse\.Namespace.*trust=True"):
         load_model(path, config=source.cfg)
     _assert_same(load_model(path, config=source.cfg, trust=True), source)
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def test_a_pickle_that_would_run_a_command_is_refused_naming_the_function(tmp_path, source, monkeypatch) -> None:
+    """torch words a blocked module ("unsupported GLOBAL posix.system whose module posix is blocked") unlike a class
+    outside its allowlist; the message once quoted torch's advice to retry with weights_only=False."""
+    path = tmp_path / "evil.pt"
+    torch.save({"model": source.state_dict(), "x": _RunsACommand()}, path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"pickled Python objects besides tensors \(first one: {os.name}\.system;.*"
+                                         r"trust=True") as error:
+        load_model(path, config=source.cfg)
+    assert "weights_only" not in str(error.value)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_unreadable_files(tmp_path, source) -> None:

@@ -98,6 +98,39 @@ def test_evaluate_on_one_speaker_reports_within_speaker_and_leaves_across_out(co
     assert (out / "abx_per_layer.png").is_file()
 
 
+def test_max_seconds_bounds_the_audio_of_every_forward(corpus, tmp_path, monkeypatch):
+    """--max-seconds once chose which files go through windows, but the windows stayed 30 s + 2 × 5 s of context: a
+    lower bound could not lower the memory. Now no forward reads more audio than it (up to a frame's receptive
+    field: windows are whole frames)."""
+    from spidr.config import num_samples_for_frames
+    from spidr.eval import features as features_module
+    from spidr.eval.features import window_settings
+
+    for bound in (60.0, 10.0, 1.0, 0.3):
+        fields = window_settings(bound)
+        assert fields["window_seconds"] > 0
+        assert fields["window_seconds"] + 2 * fields["context_seconds"] <= bound
+    assert window_settings(60.0) == {"max_seconds": 60.0, "window_seconds": 30.0, "context_seconds": 5.0}
+    lengths = []
+    real = features_module.extract_batch
+    monkeypatch.setattr(features_module, "extract_batch",
+                        lambda model, waves, settings: lengths.extend(w.shape[0] for w in waves) or real(
+                            model, waves, settings))
+    out = tmp_path / "windowed"
+    assert main(["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--layers", "1", "--max-seconds", "0.4", "--out", str(out)]) == 0
+    assert lengths
+    receptive_field = num_samples_for_frames(1, SpidRConfig(**TINY).extractor_conv_layer_config)
+    assert max(lengths) <= 0.4 * 16000 + receptive_field  # windows are whole frames: one field past the bound
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["settings"]["window_seconds"] == pytest.approx(0.2)
+    frames = np.load(out / "layer_01" / "s1_0.npy").shape[0]
+    whole = tmp_path / "whole"
+    assert main(["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--layers", "1", "--out", str(whole)]) == 0
+    assert np.load(whole / "layer_01" / "s1_0.npy").shape[0] == frames
+
+
 def test_abx_options_are_declared_once_with_every_distance(corpus, tmp_path, capsys):
     import argparse
 
@@ -166,6 +199,33 @@ def test_user_errors_are_one_line_before_any_work(corpus, tmp_path, capsys):
     base[2] = str(corpus / "s1_0.wav")
     assert main([*base, "--out", str(tmp_path / "g")]) == 2
     assert "s1_0.wav is not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_every_command_that_reads_a_model_takes_its_loading_options(corpus, tmp_path, capsys):
+    """An official file alone holds no config: extract needs --model-type (and takes --config, which the loading
+    errors point to); every command with a SpidR / DinoSR checkpoint argument offers the same three options."""
+    import argparse
+
+    from spidr.cli import build_parser
+
+    official = tmp_path / "released" / "spidr_base.pt"
+    official.parent.mkdir()
+    torch.save({"model": build_model(SpidRConfig(**TINY)).state_dict()}, official)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    base = ["extract", "--checkpoint", str(official), "--manifest", str(corpus / "manifest.csv"), "--layers", "1"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    assert "pass model_type='spidr' or 'dinosr' (CLI: --model-type)" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--model-type", "spidr", "--config", str(config)]) == 0
+    assert len(list((tmp_path / "b" / "layer_01").glob("*.npy"))) == 4
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    readers = {name for name, sub in commands.items()
+               if any(a.dest == "checkpoint" and "LM checkpoint" not in (a.help or "") for a in sub._actions)}
+    assert readers >= {"extract", "evaluate", "probe", "export", "info", "lm-units", "lm-study"}
+    for name in readers:
+        assert {"model_type", "config", "trust"} <= {a.dest for a in commands[name]._actions}, name
 
 
 def test_abx_and_units_quality_take_the_rate_the_extraction_recorded(corpus, tmp_path, capsys):

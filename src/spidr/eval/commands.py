@@ -158,7 +158,8 @@ def _units(args: argparse.Namespace) -> int:
     centroids = load_centroids(args.centroids)
     out = check_new_output(args.out, overwrite=args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    count = write_units(out, assign_directory(features, centroids), dedup=args.dedup)
+    units = assign_directory(features, centroids, centroids_name=f"the centroids of {args.centroids}")
+    count = write_units(out, units, dedup=args.dedup)
     rate = extraction_frame_rate(args.features_dir)
     record = {
         "frame_rate_hz": None if args.dedup or rate is None else rate[0],  # None: unknown, or no rate left (dedup)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import pickle
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,7 @@ def _mapped(path: Path) -> np.ndarray:
     """A ``.npy`` file memory-mapped read-only (no pickles)."""
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as error:
+    except (ValueError, OSError, EOFError) as error:  # object arrays, a cut header, an empty file
         raise ValueError(f"{path}: not a plain numeric .npy array ({error})") from None
 
 
@@ -238,9 +239,19 @@ def load_feature_file(path: str | Path) -> np.ndarray | torch.Tensor:
     if path.suffix == ".npy":
         try:
             return np.load(path, allow_pickle=False)
-        except ValueError as error:
+        except (ValueError, OSError, EOFError) as error:  # object arrays, a cut header, an empty file
             raise ValueError(f"{path}: not a plain numeric .npy array ({error})") from None
-    value = torch.load(path, map_location="cpu", weights_only=True)
+    from spidr.models.loading import unpickling_failure
+
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: not a .pt file of one tensor ({unpickling_failure(error)})") from None
+    except EOFError:
+        raise ValueError(f"{path}: not a .pt file of one tensor (it is empty or cut short)") from None
+    except (RuntimeError, OSError, IndexError, KeyError, TypeError, AttributeError, ValueError) as error:
+        # bytes that are neither a zip archive nor a pickle derail the unpickler in many ways
+        raise ValueError(f"{path}: not a .pt file of one tensor ({type(error).__name__}: {error})") from None
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{path}: expected a single tensor, found {type(value).__name__}")
     return value

@@ -28,7 +28,7 @@ import soundfile as sf
 import torch
 
 from spidr.atomic_files import partial_path, replaced_when_done, write_atomically
-from spidr.config import num_samples_for_frames
+from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
@@ -53,6 +53,16 @@ class ExtractionSettings:
     window_seconds: float = 30.0  # frames kept from each window
     context_seconds: float = 5.0  # extra audio on each side of a window, dropped from the output
     dtype: str = "float32"  # "bfloat16": the Transformer layers in bf16 (``bfloat16_inference``)
+
+
+def window_settings(max_seconds: float) -> dict[str, float]:
+    """``max_seconds`` and windows that fit in it (``ExtractionSettings`` fields): a file longer than ``max_seconds``
+    runs in windows of ``max_seconds`` of audio (plus at most one frame's receptive field: windows are whole frames),
+    30 s kept + 5 s of context on each side by default, both shrunk for a smaller bound (10 s: 5 s kept + 2.5 s on
+    each side), so the bound caps a forward's memory."""
+    context = min(5.0, max_seconds / 4)
+    return {"max_seconds": max_seconds, "window_seconds": min(30.0, max_seconds - 2 * context),
+            "context_seconds": context}
 
 
 def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
@@ -431,6 +441,16 @@ def extract_to_directory(
     return metadata
 
 
+def load_model_input(entry: ManifestEntry, conv_layers: Sequence[ConvLayer]) -> torch.Tensor:
+    """The standardised 16 kHz waveform (S,) of ``entry`` for a model with ``conv_layers``; ``AudioError`` for an
+    unreadable file and for one shorter than a frame (the model would refuse the whole batch)."""
+    wave = load_audio(entry, normalize=True)
+    if num_frames(wave.shape[0], conv_layers) < 1:
+        raise AudioError(entry.location, f"is shorter than one frame ({wave.shape[0]} samples; the front end's "
+                                         f"receptive field is {num_samples_for_frames(1, conv_layers)})")
+    return wave
+
+
 def _extract_short_batch(
     model: torch.nn.Module, manifest: Manifest, indices: np.ndarray, outputs: _Outputs, settings: ExtractionSettings
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -440,11 +460,7 @@ def _extract_short_batch(
     for index in indices.tolist():
         entry = manifest[index]
         try:
-            wave = load_audio(entry, normalize=True)
-            if num_frames(wave.shape[0], conv_layers) < 1:
-                raise AudioError(entry.location, f"is shorter than one frame ({wave.shape[0]} samples; the front "
-                                                 f"end's receptive field is {num_samples_for_frames(1, conv_layers)})")
-            waves.append(wave)
+            waves.append(load_model_input(entry, conv_layers))
             kept.append((index, entry))
         except AudioError as error:
             skipped[entry.location] = error.reason
@@ -490,7 +506,8 @@ def iter_units(
     """Discrete units of ``layers`` for every readable entry, batch by batch (nothing else is kept in memory).
 
     A layer's units are the nearest of ``centroids[layer]`` (k-means) when given, else the arg-max of that layer's
-    prediction head (codebook units). Yields ``(entry, {layer: (T,) int64})``; unreadable files go to ``skipped``.
+    prediction head (codebook units). Yields ``(entry, {layer: (T,) int64})``; unreadable files and files shorter
+    than one frame go to ``skipped``.
     """
     from spidr.eval.kmeans import assign_units
 
@@ -508,7 +525,7 @@ def iter_units(
         waves, kept = [], []
         for index in batch:
             try:
-                waves.append(load_audio(entries[index], normalize=True))
+                waves.append(load_model_input(entries[index], model.cfg.extractor_conv_layer_config))
                 kept.append(entries[index])
             except AudioError as error:
                 logger.warning("skipping %s: %s", entries[index].location, error.reason)

@@ -148,7 +148,10 @@ def load_centroids(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise ValueError(f"centroids file {path} does not exist")
     if path.suffix == ".npy":
-        tensor = torch.from_numpy(np.load(path, allow_pickle=False))
+        try:
+            tensor = torch.from_numpy(np.load(path, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as error:  # object arrays, a cut header, an empty file
+            raise ValueError(f"{path}: not a plain numeric .npy array of centroids ({error})") from None
     else:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -184,8 +187,13 @@ def assign_units(
 
 
 def assign_directory(
-    features: Mapping[str, object], centroids: np.ndarray | torch.Tensor
+    features: Mapping[str, object], centroids: np.ndarray | torch.Tensor, *, centroids_name: str = "the centroids"
 ) -> Iterable[tuple[str, np.ndarray]]:
-    """``(name, units)`` for every file of ``features``, in sorted order, one file in memory at a time."""
+    """``(name, units)`` for every file of ``features``, in sorted order, one file in memory at a time.
+    ``centroids_name`` (their file) is named when a file's feature dimension is not theirs."""
     for name in sorted(features):
-        yield name, assign_units(_as_array(features[name], name), centroids)
+        array = _as_array(features[name], name)
+        if array.shape[1] != centroids.shape[1]:
+            raise ValueError(f"features of {name!r} have dimension {array.shape[1]}, {centroids_name} "
+                             f"{centroids.shape[1]}: centroids of another layer or model?")
+        yield name, assign_units(array, centroids)

@@ -10,6 +10,7 @@ from pathlib import Path
 from spidr import cli_types
 from spidr.eval.commands import add_abx_options
 from spidr.help_format import HelpFormatter
+from spidr.models.commands import add_loading_arguments, model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--codebooks", action="store_true", help="also write codebook units (arg-max of each head)")
     extract.add_argument("--batch-seconds", type=cli_types.positive_float, default=60.0, help="padded audio per batch")
     extract.add_argument("--max-seconds", type=cli_types.positive_float, default=60.0,
-                         help="files longer than this are processed in overlapping windows (bounded memory)")
+                         help="files longer than this are processed in overlapping windows of about this much "
+                         "audio (30 s kept + 5 s of context on each side, shrunk to fit a smaller bound): the bound "
+                         "caps a forward pass's memory")
     extract.add_argument("--restart", action="store_true",
                          help="start over instead of resuming a killed extraction into OUT (and replace one of "
                          "another model, manifest or settings)")
@@ -100,9 +103,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="official, fairseq, training or safetensors checkpoint, or Hugging Face data2vec-audio "
                         "directory")
-    parser.add_argument("--model-type", choices=["spidr", "dinosr"], default=None,
-                        help="needed only for an official checkpoint without config.json beside it")
-    parser.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
+    add_loading_arguments(parser)
     parser.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16 runs the Transformer layers under bf16 autocast, the front end and "
@@ -119,14 +120,12 @@ def _entries(source: str):
 
 
 def _model(args: argparse.Namespace):
-    from spidr.models.loading import load_model
-
     # --device was checked when parsed (cli_types.device refuses cuda where CUDA is not available)
-    return load_model(args.checkpoint, trust=args.trust, model_type=args.model_type).to(args.device)
+    return model_from_args(args.checkpoint, args).to(args.device)
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from spidr.eval.features import ExtractionSettings, extract_to_directory, parse_layers
+    from spidr.eval.features import ExtractionSettings, extract_to_directory, parse_layers, window_settings
 
     model = _model(args)
     if args.codebooks and model.num_codebooks == 0:
@@ -137,8 +136,8 @@ def run_extract(args: argparse.Namespace) -> int:
         before_residual=not args.after_residual,
         codebooks=args.codebooks,
         batch_seconds=args.batch_seconds,
-        max_seconds=args.max_seconds,
         dtype=args.dtype,
+        **window_settings(args.max_seconds),
     )
     metadata = extract_to_directory(model, _entries(args.manifest), args.out, settings, checkpoint=args.checkpoint,
                                     restart=args.restart)

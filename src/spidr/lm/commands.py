@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from spidr import cli_types
 from spidr.help_format import HelpFormatter
+from spidr.models.commands import add_loading_arguments, model_from_args
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     units.add_argument("--random-init", action="store_true",
                        help="use the checkpoint's architecture at random initialisation (seeded by --seed)")
     units.add_argument("--seed", type=int, default=0, help="seed of k-means and of --random-init")
-    units.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
+    add_loading_arguments(units)
     units.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
     units.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 runs the Transformer layers under bf16 autocast, the front end and "
@@ -122,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "configs/lm-lstm.toml)")
     study.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help=SET_HELP + "; applied to every LM")
-    study.add_argument("--trust", action="store_true", help="allow unpickling (fairseq checkpoints; trusted files)")
+    add_loading_arguments(study, every=" (for every --checkpoint)")
     study.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 extracts units with the speech models' Transformer layers in bf16 "
                        "(front end and positional convs in float32)")
@@ -143,9 +144,8 @@ def _units(args: argparse.Namespace) -> int:
     from spidr.eval.kmeans import load_centroids
     from spidr.lm.bench_units import benchmark_sets, fit_centroids, write_model_units
     from spidr.models.build import random_init_model
-    from spidr.models.loading import load_model
 
-    model = load_model(args.checkpoint, trust=args.trust)
+    model = model_from_args(args.checkpoint, args)
     if args.random_init:
         model = random_init_model(model.cfg, seed=args.seed)
     model = model.to(args.device).eval()
@@ -225,12 +225,11 @@ def _study(args: argparse.Namespace) -> int:
     from spidr.corpus.lm_bench import LmBenchSettings
     from spidr.lm.study import StudyModel, StudySettings, run_study
     from spidr.models.build import random_init_model
-    from spidr.models.loading import load_model
 
     models = []
     for text in args.checkpoint:
         name, _, path = text.rpartition("=") if "=" in text else ("", "", text)
-        model = load_model(path, trust=args.trust).eval()
+        model = model_from_args(path, args).eval()
         layers = _study_layers(path, model, args.layers, kmeans=args.kmeans)
         models.append(StudyModel(name or Path(path).stem, model, layers))
     if args.random_init:

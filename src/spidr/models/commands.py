@@ -1,12 +1,48 @@
-"""Subcommands of this area (see ``spidr.cli``): ``spidr export`` and ``spidr info``."""
+"""Subcommands of this area (see ``spidr.cli``): ``spidr export`` and ``spidr info``; and the options by which every
+command that reads a SpidR / DinoSR checkpoint reads it (``add_loading_arguments``)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from spidr import cli_types
 from spidr.cli_types import check_new_output
 from spidr.help_format import HelpFormatter
+
+if TYPE_CHECKING:  # the CLI parses arguments without importing torch
+    from spidr.models.dinosr import DinoSR
+    from spidr.models.student import Student
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser, *, every: str = "") -> None:
+    """``--model-type``, ``--config`` and ``--trust``: how a command reads its checkpoint(s) (``load_model``'s
+    arguments; ``model_from_args`` passes them). ``every``: words appended to the help where a command takes
+    several checkpoints."""
+    parser.add_argument(
+        "--model-type",
+        choices=["spidr", "dinosr"],
+        default=None,
+        help="model type, needed only for an official checkpoint (spidr_base.pt, dinosr_base_reproduced.pt) "
+        f"without a config.json beside it{every}",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"run or model config file (TOML/JSON) overriding the checkpoint's own config{every}",
+    )
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow full unpickling (needed by fairseq checkpoints); can run code: only for files you trust",
+    )
+
+
+def model_from_args(path: str, args: argparse.Namespace) -> DinoSR | Student:
+    """``load_model(path)`` with the command's ``add_loading_arguments`` options."""
+    from spidr.models.loading import load_model
+
+    return load_model(path, trust=args.trust, config=args.config, model_type=args.model_type)
 
 
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,22 +51,7 @@ def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
         help="official .pt, original fairseq DinoSR .ckpt, spidr training checkpoint, .safetensors export, or "
         "Hugging Face data2vec-audio directory (an exported student)",
     )
-    parser.add_argument(
-        "--model-type",
-        choices=["spidr", "dinosr"],
-        default=None,
-        help="model type, needed only for an official checkpoint without a config.json beside it",
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="run or model config file (TOML/JSON) overriding the checkpoint's own config",
-    )
-    parser.add_argument(
-        "--trust",
-        action="store_true",
-        help="allow full unpickling (needed by fairseq checkpoints); can run code: only for files you trust",
-    )
+    add_loading_arguments(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +96,7 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spidr.models.hf_export import export_hf
-    from spidr.models.loading import export_safetensors, load_model
+    from spidr.models.loading import export_safetensors
     from spidr.models.s3prl_export import export_s3prl
 
     output = Path(args.output)
@@ -89,7 +110,7 @@ def _export(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise ValueError(f"output directory {output.parent} does not exist")
     check_new_output(output, overwrite=args.overwrite)
-    model = load_model(args.checkpoint, trust=args.trust, config=args.config, model_type=args.model_type)
+    model = model_from_args(args.checkpoint, args)
     match args.format:
         case "safetensors":
             export_safetensors(model, output)

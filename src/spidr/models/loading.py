@@ -74,20 +74,33 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def refused_global(error: pickle.UnpicklingError) -> str | None:
+    """The global (class or function) a weights-only ``torch.load`` refused, as torch names it: "Unsupported global:
+    GLOBAL x" for a class off its allowlist, "unsupported GLOBAL posix.system whose module posix is blocked"."""
+    found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+    return found[1] if found else None
+
+
+def unpickling_failure(error: pickle.UnpicklingError) -> str:
+    """Why a weights-only ``torch.load`` failed, in one line without torch's advice to retry unsafely."""
+    refused = refused_global(error)
+    if refused is not None:
+        return f"it holds pickled Python objects besides tensors (first one: {refused})"
+    lines = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()
+    return lines[0] if len(lines) and "WeightsUnpickler error:" in str(error) else "not a pickle of tensors"
+
+
 def load_torch_file(path: Path, *, trust: bool = False) -> Any:
     """``torch.load`` of a user's file (weights only unless ``trust``); any failure is a ``ValueError`` naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if not trust:
-            # The weights-only unpickler names the first class it refused; any other failure means a broken file.
-            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+            refused = refused_global(error)  # None: no refused global, the file is broken
             if refused is None:
-                lines = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()
-                reason = lines[0] if lines else "not a pickle of tensors"
-                raise ValueError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
+                raise ValueError(f"{path} is not a readable PyTorch checkpoint: {unpickling_failure(error)}") from None
             raise ValueError(
-                f"{path} contains pickled Python objects besides tensors (first one: {refused[1]}; fairseq "
+                f"{path} contains pickled Python objects besides tensors (first one: {refused}; fairseq "
                 "checkpoints store their argparse or omegaconf configs this way). Unpickling them can run arbitrary "
                 "code, so it is refused: if you trust the file's origin, pass trust=True (CLI: --trust)."
             ) from None
