@@ -309,6 +309,28 @@ def test_files_too_short_or_not_finite_are_skipped_by_name_on_either_path(model,
     assert "shorter than one frame" in skipped[str(audio / "tiny.wav")]
 
 
+def test_a_second_extraction_into_a_folder_in_use_is_refused(model, tmp_path):
+    """Two extractions into one folder both "succeeded" and left every unit row twice; the folder's lock (held as a
+    running extraction holds it) now refuses the second, which writes nothing, and frees the folder when done."""
+    import os
+
+    from spidr.folder_lock import folder_lock
+
+    sf.write(tmp_path / "a.wav", speech_like(1.0, 0), 16000, subtype="FLOAT")
+    entries = [ManifestEntry("a", str(tmp_path / "a.wav"), 16000)]
+    settings = ExtractionSettings(layers=(1,), codebooks=True)
+    out = tmp_path / "out"
+    refusal = rf"an extraction into {out} is being run by process {os.getpid()} \(.*\.lock is locked\)"
+    with folder_lock(out, "a running extraction"), pytest.raises(ValueError, match=refusal):
+        extract_to_directory(model, entries, out, settings, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    extract_to_directory(model, entries, out, settings, progress=False)
+    rows = (out / "codebook_units" / "layer_03.jsonl").read_text().splitlines()
+    assert len(rows) == 1
+    extract_to_directory(model, entries, out, settings, progress=False)  # a rerun after it: nothing to add
+    assert (out / "codebook_units" / "layer_03.jsonl").read_text().splitlines() == rows
+
+
 def test_npy_appender_refuses_out_of_order_or_short_writes(tmp_path):
     from spidr.eval.features import NpyAppender
 

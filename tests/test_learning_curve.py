@@ -4,6 +4,7 @@ grid end to end (child processes, cached points, a point added by a rerun)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -273,7 +274,7 @@ def test_a_point_runs_in_one_process_at_a_time(tmp_path, monkeypatch):
     settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10,))
     point = settings.points[0]
     with learning_curve.point_lock(learning_curve.point_dir(settings, point), point.name), \
-            pytest.raises(ValueError, match=r"point 1h-10steps-seed0 is being run by another process"):
+            pytest.raises(ValueError, match=rf"point 1h-10steps-seed0 is being run by process {os.getpid()} \("):
         learning_curve.run_point(settings, point)
 
 

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 from spidr.atomic_files import write_atomically
 from spidr.config import shipped_config
 from spidr.data import SAMPLE_RATE
+from spidr.folder_lock import folder_lock
 from spidr.help_format import HelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -204,19 +205,9 @@ def run_point(settings: CurveSettings, point: CurvePoint) -> Path:
         return _train_and_score(settings, point)
 
 
-@contextlib.contextmanager
-def point_lock(folder: Path, name: str) -> Iterator[None]:
+def point_lock(folder: Path, name: str) -> contextlib.AbstractContextManager[None]:
     """Hold ``folder/.lock`` exclusively (released by the kernel when the process ends, however it ends)."""
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".lock").open("a", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"learning-curve point {name} is being run by another process ({folder / '.lock'} is "
-                             "locked); let it finish or stop it, then run this again") from None
-        yield
+    return folder_lock(folder, f"learning-curve point {name}")
 
 
 def _train_and_score(settings: CurveSettings, point: CurvePoint) -> Path:

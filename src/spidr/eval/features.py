@@ -32,6 +32,7 @@ from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
+from spidr.folder_lock import folder_lock
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 from spidr.models.inference_precision import bfloat16_inference, precision_identity
 
@@ -381,13 +382,23 @@ def extract_to_directory(
     utterances or settings) is refused, or started over with ``replace_other=True``. Each ``.npy`` is written
     under a temporary name and renamed, so no truncated feature file is ever left; unit rows are appended to their
     JSONL batch by batch.
-    Unreadable files are skipped, listed in the metadata and logged once each.
+    Unreadable files are skipped, listed in the metadata and logged once each. One extraction at a time writes into
+    ``out_dir`` (``spidr.folder_lock``): a second one is refused while the first runs (their unit rows interleaved).
     """
+    out_dir = Path(out_dir)
+    with folder_lock(out_dir, f"an extraction into {out_dir}"):
+        return _extract_to_locked_directory(model, entries, out_dir, settings, checkpoint=checkpoint,
+                                            progress=progress, restart=restart, replace_other=replace_other)
+
+
+def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[ManifestEntry], out_dir: Path,
+                                 settings: ExtractionSettings, *, checkpoint: str, progress: bool, restart: bool,
+                                 replace_other: bool) -> dict[str, object]:
+    """``extract_to_directory``'s work, in a folder this process holds."""
     from tqdm import tqdm
 
     from spidr.eval.journal import ExtractionJournal, UnitsFiles, entries_fingerprint, model_fingerprint
 
-    out_dir = Path(out_dir)
     model.eval()
     manifest = _as_manifest(entries)
     outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not repeated_strings(manifest.fileids))

@@ -1,0 +1,43 @@
+"""One writer per output folder: a process holds ``<folder>/.lock`` exclusively while it writes there.
+
+Two runs into one folder (a command started twice, a resume while the first run still lives) would interleave their
+writes: duplicated unit rows, checkpoints of two runs. ``flock`` locks are released by the kernel when the process
+ends, however it ends (kill -9 included), so a stale lock never blocks a rerun. Where ``fcntl`` is missing (Windows)
+nothing is locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` (the folder is created) for the block, or raise ``ValueError`` naming ``what`` (e.g.
+    "the extraction into feats/") and the process that holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ValueError(f"{what} is being run by {holder} ({path} is locked); let it finish or stop it, then "
+                             "run this again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        yield
