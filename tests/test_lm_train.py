@@ -255,6 +255,17 @@ def test_config_errors_name_the_field(tmp_path):
         load_lm_config(path, ['optimizer.dtype="float16"'])  # it would need loss scaling
 
 
+def test_a_second_lm_run_in_a_run_folder_in_use_is_refused(tmp_path):
+    from spidr.folder_lock import folder_lock
+
+    cfg = load_lm_config(_config(tmp_path, "busy", optimizer={"max_steps": 5}))
+    with folder_lock(cfg.run.run_dir, "a running trainer"), pytest.raises(
+            ValueError, match=rf"the training run in {cfg.run.run_dir} is being run by process {os.getpid()} "):
+        train_lm(cfg)
+    assert not (cfg.run.run_dir / "config.json").exists()
+    assert train_lm(cfg) == "completed"
+
+
 def test_training_data_of_exactly_one_window_is_enough():
     from spidr.lm.data import WindowSampler
 

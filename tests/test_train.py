@@ -62,21 +62,39 @@ def _launch(config: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "spidr", "train", str(config)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _signal_when(process: subprocess.Popen, run_dir: Path, *, min_step: int, sig: int, log: Path) -> None:
-    """Send ``sig`` as soon as metrics.jsonl shows a training step >= ``min_step``."""
+def _signal_when(process: subprocess.Popen, run_dir: Path, *, min_step: int, sig: int, log: Path,
+                 group: bool = False) -> None:
+    """Send ``sig`` as soon as metrics.jsonl shows a training step >= ``min_step``; to the run's whole process group
+    (its data-loader workers too) with ``group``, as ``timeout``, ``scancel`` and ``kill -TERM -PGID`` do."""
     deadline = time.monotonic() + 240
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the run ended before step {min_step}:\n{log.read_text()[-3000:]}"
         if metrics.is_file() and any(r["group"] == "train" and r["step"] >= min_step for r in read_metrics(metrics)):
-            process.send_signal(sig)
+            if group:
+                os.killpg(process.pid, sig)
+            else:
+                process.send_signal(sig)
             return
         time.sleep(0.005)
     process.kill()
     pytest.fail(f"no step {min_step} within the deadline:\n{log.read_text()[-3000:]}")
+
+
+def test_a_second_run_in_a_run_folder_in_use_is_refused_before_any_work(tmp_path, corpus):
+    """A config started twice (or resumed while its first run lives) wrote the same checkpoints and metrics from two
+    processes; the run folder's lock, held as a running trainer holds it, now refuses the second."""
+    from spidr.folder_lock import folder_lock
+
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2})
+    refusal = rf"the training run in {cfg.run.run_dir} is being run by process {os.getpid()} \("
+    with folder_lock(cfg.run.run_dir, "a running trainer"), pytest.raises(ValueError, match=refusal):
+        train(cfg)
+    assert sorted(p.name for p in cfg.run.run_dir.iterdir()) == [".lock"]
+    assert train(cfg) == "completed"  # the folder is free again once its holder is done
 
 
 @pytest.mark.slow
@@ -103,9 +121,10 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
     assert subprocess.run([sys.executable, "-m", "spidr", "train", str(config_a)], check=False, capture_output=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300).returncode == 0
 
-    # 1. SIGTERM: a checkpoint at the current step boundary, exit status 3.
+    # 1. SIGTERM to the process group, data-loader worker included: a checkpoint at the current step boundary, exit
+    # status 3 (the worker died of it and the run stopped without a checkpoint).
     process = _launch(config_b, log)
-    _signal_when(process, run_b, min_step=4, sig=signal.SIGTERM, log=log)
+    _signal_when(process, run_b, min_step=4, sig=signal.SIGTERM, log=log, group=True)
     assert process.wait(timeout=120) == 3, log.read_text()[-3000:]
     stopped_at = read_int(Checkpointer(run_b, save_interval=3).load_latest()[1]["step"])
     assert stopped_at >= 4

@@ -2,7 +2,9 @@
 
 Two runs into one folder (a command started twice, a resume while the first run still lives) would interleave their
 writes: duplicated unit rows, checkpoints of two runs. ``flock`` locks are released by the kernel when the process
-ends, however it ends (kill -9 included), so a stale lock never blocks a rerun. Where ``fcntl`` is missing (Windows)
+ends, however it ends (kill -9 included), so a stale lock never blocks a rerun. A forked child (a data-loader
+worker) would hold the lock as long as it lives, since the lock belongs to the open file, which it shares: each child
+drops its copy at the fork, so the lock dies with the process that took it. Where ``fcntl`` is missing (Windows)
 nothing is locked.
 """
 
@@ -14,6 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+
+_held: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: point each inherited lock descriptor at /dev/null (the parent keeps its lock; the child's
+    copy of the file object may still close the descriptor later, harmlessly)."""
+    for fd in _held:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 @contextlib.contextmanager
@@ -40,4 +58,8 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         handle.truncate()
         handle.write(f"process {os.getpid()}\n")
         handle.flush()
-        yield
+        _held.add(handle.fileno())
+        try:
+            yield
+        finally:
+            _held.discard(handle.fileno())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,6 +25,7 @@ from spidr.data.dataset import AudioDataset, BadFileTracker, Skipped, Utterance
 from spidr.data.manifest import read_manifest
 from spidr.data.sampler import BucketBatchSampler
 from spidr.seeding import derived_seed
+from spidr.train.runtime import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,15 @@ class _KeyedCollate:
         batch = self.collator([item for _, item in pairs], generator=generator, epoch=key.epoch,
                               position=key.position)
         return replace(batch, repeat=key.repeat) if key.repeat else batch
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """A worker ignores the trainer's stop signals (``STOP_SIGNALS``). ``timeout``, ``scancel`` and ``kill -TERM
+    -PGID`` signal the whole process group; torch's workers die of a SIGTERM that is not their parent's, and the
+    main process then stopped on "DataLoader worker is killed by signal" before it could save its checkpoint. The
+    main process saves, then shuts its workers down itself (and they exit when it dies)."""
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class PretrainingLoader(DataLoader):
@@ -187,6 +198,7 @@ def build_dataloader(
         persistent_workers=data_cfg.persistent_workers and workers > 0,
         # Only worker seeds come from it (crops and masks have their own); it keeps the global RNG untouched.
         generator=torch.Generator().manual_seed(data_seed + rank),
+        worker_init_fn=ignore_stop_signals,
         bucket_sampler=sampler,
         tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest, shared=world_size > 1),
         keep_empty=deterministic_crops,

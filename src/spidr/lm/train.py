@@ -49,7 +49,14 @@ from spidr.train.environment import (
 from spidr.train.metrics import MetricsLogger, RunningMeans
 from spidr.train.optim import adamw_implementation
 from spidr.train.precision import Precision, resolve_precision
-from spidr.train.runtime import StopFlag, configure_numerics, load_resumed_weights, seed_everything, write_config
+from spidr.train.runtime import (
+    StopFlag,
+    configure_numerics,
+    hold_run_folder,
+    load_resumed_weights,
+    seed_everything,
+    write_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +232,9 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                          f"{denv.world_size} × {o.grad_accum_steps}")
     with contextlib.ExitStack() as cleanup:
         cleanup.push(lambda error_type, *_: destroy_distributed_after(error_type))
-        configure_numerics(device, deterministic=cfg.run.use_deterministic)
         run_dir = cfg.run.run_dir
+        hold_run_folder(run_dir, cleanup, is_main=denv.is_main)
+        configure_numerics(device, deterministic=cfg.run.use_deterministic)
         data = prepare_data(cfg)
         logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens, vocabulary %d",
                     data.train.numel(), data.info["train_utterances"], data.valid.numel(), data.vocab.size)

@@ -58,7 +58,14 @@ from spidr.train.memory import install_heap_trim
 from spidr.train.metrics import MetricsLogger, RunningMeans
 from spidr.train.optim import build_optimizer, build_scheduler, remove_frozen_group
 from spidr.train.precision import Precision, resolve_precision
-from spidr.train.runtime import StopFlag, configure_numerics, load_resumed_weights, seed_everything, write_config
+from spidr.train.runtime import (
+    StopFlag,
+    configure_numerics,
+    hold_run_folder,
+    load_resumed_weights,
+    seed_everything,
+    write_config,
+)
 from spidr.train.validate import validate
 
 logger = logging.getLogger(__name__)
@@ -304,6 +311,7 @@ def train(cfg: Config) -> Outcome:
     with contextlib.ExitStack() as cleanup:
         # After an error on one rank, the others may never reach a barrier: tear down without one.
         cleanup.push(lambda error_type, *_: destroy_distributed_after(error_type))
+        hold_run_folder(cfg.run.run_dir, cleanup, is_main=denv.is_main)
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         if denv.is_main:
             for note in unused_settings(cfg):

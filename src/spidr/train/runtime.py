@@ -16,6 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from spidr.distributed import AgreedValueError
+from spidr.folder_lock import folder_lock
+from spidr.train.environment import broadcast_from_main
+
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # kill/time-out/pre-emption notices: save, then exit
@@ -30,6 +34,22 @@ def configure_numerics(device: torch.device, *, deterministic: bool) -> None:
     torch.set_float32_matmul_precision("highest")
     if deterministic:
         torch.use_deterministic_algorithms(True)
+
+
+def hold_run_folder(run_dir: Path, cleanup: contextlib.ExitStack, *, is_main: bool) -> None:
+    """The main rank holds ``run_dir/.lock`` until ``cleanup`` closes (``spidr.folder_lock``), so that a second run
+    of the same config (started twice, or resumed while the first still lives) is refused instead of writing the
+    same checkpoints and metrics. Every rank raises the refusal together (rank 0's answer is broadcast): a rank
+    failing alone would leave the others waiting in a collective."""
+    refusal = None
+    if is_main:
+        try:
+            cleanup.enter_context(folder_lock(run_dir, f"the training run in {run_dir}"))
+        except ValueError as error:
+            refusal = str(error)
+    refusal = broadcast_from_main(refusal)
+    if refusal is not None:
+        raise AgreedValueError(refusal)
 
 
 def write_config(config: dict[str, Any], run_dir: Path) -> None:
