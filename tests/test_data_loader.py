@@ -190,6 +190,18 @@ def test_a_missing_manifest_is_named_by_its_config_field(tmp_path):
         build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS, section="validation.dev-clean")
 
 
+def test_a_manifest_too_short_for_its_settings_is_named_with_the_section_s_field(manifest: Path) -> None:
+    """The sampler's error said data.min_sample_size for a validation section and named no file."""
+    with pytest.raises(ValueError, match=rf"^validation\.dev\.manifest {manifest}: none of the 24 utterances is at "
+                                         r"least validation\.dev\.min_sample_size = 100000 samples long"):
+        build(config(manifest, min_sample_size=100_000, max_sample_size=200_000, max_batch_length=300_000),
+              section="validation.dev")
+    header_only = manifest.with_name("empty.csv")
+    header_only.write_text(manifest.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=rf"^data\.manifest {header_only}: none of the 0 utterances"):
+        build(config(header_only))
+
+
 def test_batches_are_pinned_by_default_where_cuda_is(manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pinned batches let the host copy the next batch to the GPU without waiting for the queued step; without
     CUDA, pinning is left off (torch would warn and ignore it)."""

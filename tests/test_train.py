@@ -250,6 +250,32 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_
     assert [r["step"] for r in _train_records(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_tensorboard_shows_one_value_per_step_after_a_resume_and_a_fresh_start(tmp_path):
+    """metrics.jsonl moves superseded records aside; TensorBoard once kept them and showed two values per step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from spidr.train.metrics import MetricsLogger
+
+    def shown() -> list[tuple[int, float]]:
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+    def run(start_step: int, steps: range, loss: float, *, fresh: bool = False) -> None:
+        logger = MetricsLogger(tmp_path, enabled=True, start_step=start_step, max_steps=10, fresh=fresh)
+        for step in steps:
+            logger.log(step, "train", {"loss": loss})
+        logger.close()
+        time.sleep(1.01)  # event files are named by the second they were opened in
+
+    run(0, range(1, 11), 1.0, fresh=True)
+    run(5, range(6, 9), 2.0)  # resumed from step 5, killed after step 8
+    assert shown() == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 2.0), (7, 2.0), (8, 2.0)]
+    run(0, range(1, 3), 3.0, fresh=True)  # no checkpoint left: everything before is superseded
+    assert shown() == [(1, 3.0), (2, 3.0)]
+
+
 def test_the_final_model_is_validated_when_the_last_step_is_a_checkpoint_step(tmp_path, corpus):
     """max_steps a multiple of save_interval (as the official 400,000 / 2,500): the last validation is at max_steps."""
     validation = {"dev": {"manifest": str(corpus), "max_batch_length": 32000, "max_sample_size": 16000,

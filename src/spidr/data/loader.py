@@ -169,20 +169,24 @@ def build_dataloader(
         raise ValueError(f"{section}.manifest: {error}") from None
     data_seed = data_cfg.random_seed + seed
     longest = min(data_cfg.max_sample_size, data_cfg.max_batch_length)
-    sampler = BucketBatchSampler(
-        entries.num_samples,
-        max_batch_length=data_cfg.max_batch_length,
-        min_sample_size=data_cfg.min_sample_size,
-        max_sample_size=longest,
-        num_buckets=data_cfg.num_buckets,
-        bucket_method=data_cfg.bucket_method,
-        seed=data_seed,
-        rank=rank,
-        world_size=world_size,
-        shuffle=not deterministic_crops,
-        drop_last=data_cfg.drop_last,
-        padded=data_cfg.enable_padding,
-    )
+    try:
+        sampler = BucketBatchSampler(
+            entries.num_samples,
+            max_batch_length=data_cfg.max_batch_length,
+            min_sample_size=data_cfg.min_sample_size,
+            max_sample_size=longest,
+            num_buckets=data_cfg.num_buckets,
+            bucket_method=data_cfg.bucket_method,
+            seed=data_seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=not deterministic_crops,
+            drop_last=data_cfg.drop_last,
+            padded=data_cfg.enable_padding,
+            section=section,
+        )
+    except ValueError as error:
+        raise ValueError(f"{section}.manifest {data_cfg.manifest}: {error}") from None
     sampler.set_epoch(epoch)
     dataset = AudioDataset(entries, normalize=data_cfg.normalize, min_samples=data_cfg.min_sample_size)
     collator = Collator(masking_cfg, conv_layers, max_sample_size=longest, enable_padding=data_cfg.enable_padding,

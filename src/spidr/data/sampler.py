@@ -147,7 +147,8 @@ class Batches(Sequence[list[int]]):
 class BucketBatchSampler:
     """Yields lists of dataset indices; see the module docstring for the batching rules.
 
-    ``lengths`` holds every dataset item's length in samples (the manifest's ``num_samples``).
+    ``lengths`` holds every dataset item's length in samples (the manifest's ``num_samples``). ``section``: the
+    config section of the settings (``data``, ``validation.NAME``), named by errors.
     """
 
     def __init__(
@@ -165,14 +166,16 @@ class BucketBatchSampler:
         shuffle: bool = True,
         drop_last: bool = False,
         padded: bool = False,
+        section: str = "data",
     ) -> None:
+        self.section = section
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size = {world_size})")
         all_lengths = np.asarray(lengths, dtype=np.int64)
         kept = all_lengths >= min_sample_size
         num_kept = int(np.count_nonzero(kept))
         if num_kept == 0:
-            raise ValueError(f"none of the {len(all_lengths)} utterances is at least data.min_sample_size = "
+            raise ValueError(f"none of the {len(all_lengths)} utterances is at least {section}.min_sample_size = "
                              f"{min_sample_size} samples long")
         dropped = len(all_lengths) - num_kept
         if dropped:
@@ -259,8 +262,9 @@ class BucketBatchSampler:
             sequence = np.concatenate([sequence, sequence[np.arange(self.world_size - remainder) % count]])
         repeats = np.arange(sequence.size) >= count
         if sequence.size == 0:
-            raise ValueError(f"epoch {epoch} has fewer batches than the {self.world_size} ranks and data.drop_last "
-                             "is true; set drop_last = false or use more data / smaller batches")
+            raise ValueError(f"epoch {epoch} has fewer batches than the {self.world_size} ranks and "
+                             f"{self.section}.drop_last is true; set drop_last = false or use more data / smaller "
+                             "batches")
         return Batches(flat, bounds, sequence, repeats)
 
     def global_batches(self, epoch: int) -> Batches:

@@ -89,7 +89,8 @@ class MetricsLogger:
                         self.path.with_name(SUPERSEDED_FILE))
         # disable=None: a bar on terminals only; batch logs get the periodic log lines instead.
         self._bar = tqdm(total=max_steps, initial=start_step, unit="step", disable=None)
-        self._tensorboard = _open_tensorboard(Path(run_dir) / "tensorboard")
+        # TensorBoard hides what the superseded records said (events from purge_step on, in the older files).
+        self._tensorboard = _open_tensorboard(Path(run_dir) / "tensorboard", purge_step=0 if fresh else start_step + 1)
         if wandb_cfg is not None and wandb_cfg.run.wandb_mode != "disabled":
             self._wandb = _open_wandb(wandb_cfg)
 
@@ -189,13 +190,13 @@ def _flatten(values: dict[str, Value]) -> dict[str, float]:
     return out
 
 
-def _open_tensorboard(log_dir: Path) -> Any:
+def _open_tensorboard(log_dir: Path, *, purge_step: int) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         logger.info("tensorboard is not installed: metrics go to %s only", METRICS_FILE)
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def _open_wandb(cfg: Config) -> Any:
