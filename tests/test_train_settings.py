@@ -101,3 +101,29 @@ def test_settings_that_would_fail_at_the_first_batch_are_refused_by_name(tmp_pat
     refused(r"optimizer\.lr = inf is invalid: expected a finite number", optimizer={"lr": float("inf")})
     refused(r"validation\.dev\.manifest is required", validation={"dev": {"min_sample_size": 4000}})
     config_from_dict(tiny_config_dict(tmp_path, corpus, masking={"mask_selection": "uniform", "mask_other": 2.0}))
+
+
+def test_set_overrides_are_read_by_the_type_of_their_field(tmp_path):
+    """--set read every value as TOML: a run name of digits or a date was refused as a number / date, and a path
+    that may be none could not be cleared."""
+    from spidr.lm.config import load_lm_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    init = tmp_path / "init.pt"
+    init.write_bytes(b"")
+    cases = {
+        "run.wandb_name=123": ("wandb_name", "123"),
+        "run.wandb_name=2024-01-01": ("wandb_name", "2024-01-01"),
+        'run.wandb_name="007"': ("wandb_name", "007"),
+        f"run.init_ckpt={init}": ("init_ckpt", str(init)),
+        "run.init_ckpt=none": ("init_ckpt", None),
+        "run.init_ckpt=": ("init_ckpt", None),
+    }
+    for override, (field, expected) in cases.items():
+        assert getattr(load_config(config, [f"run.init_ckpt={init}", override]).run, field) == expected, override
+    cfg = load_config(config, ["optimizer.lr=3e-4", "validation.dev.manifest=2024.csv", "optimizer.max_steps=7"])
+    assert (cfg.optimizer.lr, cfg.optimizer.max_steps) == (3e-4, 7)
+    assert cfg.validation["dev"].manifest == "2024.csv"
+    with pytest.raises(ValueError, match=r"optimizer\.max_steps = 'many' is invalid: expected an integer"):
+        load_config(config, ["optimizer.max_steps=many"])  # a number field still wants a number
+    assert load_lm_config(None, ["run.name=42", "data.train=1.jsonl"]).run.name == "42"

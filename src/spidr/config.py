@@ -13,7 +13,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -637,11 +637,49 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``section.key=value`` override applied."""
+def _string_field(annotation: Any) -> bool:
+    """Whether a field holds text only: ``str`` or ``str | None``."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (types.UnionType, typing.Union) else (
+        annotation,)
+    return str in options and all(option in (str, type(None)) for option in options)
+
+
+def _optional_field(annotation: Any) -> bool:
+    """Whether a field may be none: ``X | None``."""
+    union = typing.get_origin(annotation) in (types.UnionType, typing.Union)
+    return union and type(None) in typing.get_args(annotation)
+
+
+def typed_override(annotation: Any, raw: str, parsed: Any) -> Any:
+    """An override's value for a field of type ``annotation`` (None: unknown) from its text ``raw``, read as TOML
+    into ``parsed``: a text field keeps the text as written (``run.wandb_name=123`` or ``=2024-01-01``, which TOML
+    reads as a number and a date), and a field that may be none is cleared by ``none``, ``null`` or nothing."""
+    if annotation is None:
+        return parsed
+    if _optional_field(annotation) and raw.strip().lower() in ("", "none", "null"):
+        return None
+    if _string_field(annotation) and not isinstance(parsed, str):
+        return raw.strip()
+    return parsed
+
+
+def _field_annotation(sections: Mapping[str, type], path: Sequence[str]) -> Any:
+    """The annotation of the field an override ``path`` names (``validation.NAME.key`` is a ``validation`` table's
+    field), or None when ``sections`` does not know it (the config's own check then names it)."""
+    cls = sections.get(path[0])
+    if cls is None or len(path) != (3 if path[0] == "validation" else 2):
+        return None
+    return typing.get_type_hints(cls).get(path[-1])
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], *,
+                    sections: Mapping[str, type] | None = None) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``section.key=value`` override applied. ``sections`` (section name →
+    its dataclass; ``validation`` → that of each named table) types the values (``typed_override``)."""
     data = json.loads(json.dumps(data))
     for text in overrides:
         path, value = parse_override(text)
+        value = typed_override(_field_annotation(sections or {}, path), text.split("=", 1)[1], value)
         node = data
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -649,6 +687,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ValueError(f"override {text!r}: {key!r} is not a section")
         node[path[-1]] = value
     return data
+
+
+# The dataclass of each section, for typing --set values (the model's: SpidR's fields hold DinoSR's).
+OVERRIDE_SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "model": SpidRConfig,
+                                      "optimizer": OptimizerConfig, "masking": MaskingConfig, "validation": DataConfig}
 
 
 def shipped_config(name: str) -> Path:
@@ -677,7 +720,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a run config from TOML/JSON and apply ``--set section.key=value`` overrides; validates everything."""
-    data = apply_overrides(read_config_file(path), list(overrides))
+    data = apply_overrides(read_config_file(path), list(overrides), sections=OVERRIDE_SECTIONS)
     try:
         return config_from_dict(data)
     except ValueError as error:

@@ -1,8 +1,12 @@
-"""The help formatter of every spidr command: argparse's defaults formatter, minus the noise it adds."""
+"""The help formatter of every spidr command: argparse's defaults formatter, minus the noise it adds; and the help
+texts several commands share."""
 
 from __future__ import annotations
 
 import argparse
+
+SET_HELP = ("override a config value, e.g. --set optimizer.lr=1e-4 (repeatable; read as TOML, but a text field "
+            "takes the text as written and 'none' or nothing clears a field that may be none)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

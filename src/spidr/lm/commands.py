@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spidr import cli_types
-from spidr.help_format import HelpFormatter
+from spidr.help_format import SET_HELP, HelpFormatter
 from spidr.models.commands import add_loading_arguments, model_from_args
 
 if TYPE_CHECKING:
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMATTER = HelpFormatter
-SET_HELP = "override a config value, e.g. --set optimizer.max_steps=2000 (repeatable; the value is read as TOML)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

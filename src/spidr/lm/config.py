@@ -152,7 +152,7 @@ def lm_config_from_dict(data: dict[str, Any]) -> LmConfig:
 def load_lm_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> LmConfig:
     """Load an LM config from TOML/JSON (``None``: the defaults, which ``configs/lm-lstm.toml`` spells out) and apply
     ``--set section.key=value`` overrides."""
-    data = apply_overrides({} if path is None else read_config_file(path), list(overrides))
+    data = apply_overrides({} if path is None else read_config_file(path), list(overrides), sections=SECTIONS)
     try:
         cfg = lm_config_from_dict(data)
         check_trainable(cfg)

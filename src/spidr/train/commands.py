@@ -6,11 +6,10 @@ import argparse
 import logging
 import os
 
-from spidr.help_format import HelpFormatter
+from spidr.help_format import SET_HELP, HelpFormatter
 
 logger = logging.getLogger(__name__)
 
-SET_HELP = "override a config value, e.g. --set optimizer.lr=1e-4 (repeatable; the value is read as TOML)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
