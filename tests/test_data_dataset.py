@@ -143,3 +143,45 @@ def test_a_file_whose_length_is_not_the_manifest_s_is_skipped_and_named(tmp_path
     assert "spidr manifest" in grown.reason
     assert isinstance(resampled, Utterance)
     assert resampled.waveform.shape == (8000,)
+
+
+def test_a_resumed_loader_goes_on_with_the_epoch_s_tally_and_its_yielded_batches(
+    messy_manifest: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resume restarted the bad-file tally (max_bad_fraction was judged on the reads since the resume, and files
+    were reported again) and took an epoch whose rest was all unusable for an epoch with no usable batch."""
+    from spidr.train import loop
+
+    cfg = data_config(messy_manifest, max_batch_length=16_000)  # two-utterance batches; some hold only bad files
+    whole, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    consumed = list(whole)
+    assert whole.yielded_in_epoch is False  # a finished epoch
+    first, first_sampler = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    batches = iter(first)
+    next(batches)
+    assert first.yielded_in_epoch is True
+    saved = {"loader": first.state_dict(), "sampler": first_sampler.state_dict()}
+    resumed, resumed_sampler = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    resumed_sampler.load_state_dict(saved["sampler"])
+    resumed.load_state_dict(saved["loader"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spidr.data"):
+        rest = list(resumed)
+    assert [b.ids for b in rest] == [b.ids for b in consumed[1:]]
+    assert (resumed.tracker.seen, resumed.tracker.bad) == (whole.tracker.seen, whole.tracker.bad)
+    assert resumed.tracker.reasons == whole.tracker.reasons
+    reported_before = set(saved["loader"]["bad_files"]["reasons"])
+    assert not any(location in r.getMessage() for r in caplog.records for location in reported_before)
+
+    class ResumedOnAnEmptyTail:
+        """The rest of the resumed epoch holds no usable batch; the next epoch does."""
+
+        yielded_in_epoch = True
+
+        def __init__(self) -> None:
+            self.epochs = iter([[], [7, 8]])
+
+        def __iter__(self):
+            return iter(next(self.epochs))
+
+    assert next(loop._batches(ResumedOnAnEmptyTail())) == 7

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -119,6 +120,14 @@ class BadFileTracker:
                 self.check(totals=(seen, bad))
             except ValueError as error:
                 raise AgreedValueError(str(error)) from None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tally so far (a resumed run goes on counting from it)."""
+        return {"seen": self.seen, "bad": self.bad, "passes": self.passes, "reasons": dict(self.reasons)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen, self.bad, self.passes = int(state["seen"]), int(state["bad"]), int(state["passes"])
+        self.reasons = dict(state["reasons"])  # files reported before the resume are not reported again
 
     @property
     def fraction(self) -> float:

@@ -109,6 +109,18 @@ class PretrainingLoader(DataLoader):
         self.tracker = tracker
         self.keep_empty = keep_empty
         self._summarised: int | None = None  # unusable files counted when the last summary was logged
+        # A batch of the current epoch was yielded, before a resume too: an epoch whose rest after a resume is all
+        # unusable is not an epoch with no usable batch.
+        self.yielded_in_epoch = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume restores besides the sampler's position: the bad-file tally (``data.max_bad_fraction`` is
+        judged on the whole run's reads) and whether the current epoch yielded a batch."""
+        return {"yielded_in_epoch": self.yielded_in_epoch, "bad_files": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.yielded_in_epoch = bool(state["yielded_in_epoch"])
+        self.tracker.load_state_dict(state["bad_files"])
 
     def __iter__(self) -> Iterator[Batch | None]:  # type: ignore[override]
         # Start the DataLoader iterator now, not at the first ``next``: callers may fence this call (e.g. with
@@ -116,7 +128,6 @@ class PretrainingLoader(DataLoader):
         return self._deliver(super().__iter__())
 
     def _deliver(self, batches: Iterator[Batch]) -> Iterator[Batch | None]:
-        yielded_any = False
         for batch in batches:
             self.bucket_sampler.mark_consumed(batch.epoch, batch.position)
             self.tracker.record(num_good=len(batch), skipped=batch.skipped)
@@ -124,12 +135,13 @@ class PretrainingLoader(DataLoader):
                 logger.warning("batch %d of epoch %d is empty (all its utterances were unusable); skipped",
                                batch.position, batch.epoch)
                 if self.keep_empty:
-                    yielded_any = True  # the pass goes on in step with the other ranks
+                    self.yielded_in_epoch = True  # the pass goes on in step with the other ranks
                     yield None
                 continue
-            yielded_any = True
+            self.yielded_in_epoch = True
             yield batch
-        self.tracker.end_of_pass(yielded_any=yielded_any)
+        self.tracker.end_of_pass(yielded_any=self.yielded_in_epoch)
+        self.yielded_in_epoch = False
         if self._summarised != len(self.tracker.reasons):  # the first epoch, and any that found new bad files
             logger.info("%s", self.tracker.summary())
             self._summarised = len(self.tracker.reasons)

@@ -286,13 +286,14 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     sampler: Any
+    loader: Any  # the training loader (its bad-file tally and epoch state)
     step: int = 0
     nonfinite_streak: int = 0
 
     def state(self) -> dict[str, Any]:
-        """Everything an exact resume needs (collective: gathers every rank's sampler and RNG states)."""
+        """Everything an exact resume needs (collective: gathers every rank's sampler, loader and RNG states)."""
         return _training_state(self.cfg, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                               scaler=self.scaler, sampler=self.sampler, step=self.step,
+                               scaler=self.scaler, sampler=self.sampler, loader=self.loader, step=self.step,
                                nonfinite_streak=self.nonfinite_streak)
 
 
@@ -329,7 +330,7 @@ def train(cfg: Config) -> Outcome:
         )
         checkpointer = Checkpointer(cfg.run.run_dir, save_interval=cfg.run.save_interval,
                                     keep_latest=cfg.run.keep_latest)
-        run, fresh = _start_or_resume(cfg, raw_model, sampler=sampler, scaler=precision.make_scaler(),
+        run, fresh = _start_or_resume(cfg, raw_model, sampler=sampler, loader=loader, scaler=precision.make_scaler(),
                                       checkpointer=checkpointer, denv=denv, device=device)
         if denv.is_main:  # once the run is known to be this config's (a refused resume leaves the old one)
             write_config(cfg.to_dict(), cfg.run.run_dir)
@@ -386,6 +387,7 @@ def _start_or_resume(
     model: nn.Module,
     *,
     sampler: Any,
+    loader: Any,
     scaler: torch.amp.GradScaler | None,
     checkpointer: Checkpointer,
     denv: DistributedEnvironment,
@@ -396,7 +398,7 @@ def _start_or_resume(
     if latest is None:
         _load_initial_weights(model, cfg.run.init_ckpt)
         optimizer = build_optimizer(model, cfg.optimizer, device=device)
-        return _Run(cfg, model, optimizer, build_scheduler(optimizer, cfg.optimizer), scaler, sampler), True
+        return _Run(cfg, model, optimizer, build_scheduler(optimizer, cfg.optimizer), scaler, sampler, loader), True
     path, state = latest
     logger.info("resuming from %s", path)
     load_resumed_weights(model, state["model"], saved_config=state.get("config") or {}, config=cfg.to_dict(),
@@ -415,8 +417,8 @@ def _start_or_resume(
         _warn_about_kept_learning_rates(cfg.optimizer, scheduler.base_lrs)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    _restore_rank_state(state, sampler, denv)
-    run = _Run(cfg, model, optimizer, scheduler, scaler, sampler, step=read_int(state["step"]),
+    _restore_rank_state(state, sampler, loader, denv)
+    run = _Run(cfg, model, optimizer, scheduler, scaler, sampler, loader, step=read_int(state["step"]),
                nonfinite_streak=int(state.get("nonfinite_streak", 0)))
     return run, False
 
@@ -606,11 +608,14 @@ def _warn_about_kept_learning_rates(cfg: OptimizerConfig, base_lrs: Sequence[flo
             )
 
 
-def _restore_rank_state(state: dict[str, Any], sampler: Any, denv: DistributedEnvironment) -> None:
-    """This rank's sampler position and RNG states; with another world size only the epoch carries over."""
+def _restore_rank_state(state: dict[str, Any], sampler: Any, loader: Any, denv: DistributedEnvironment) -> None:
+    """This rank's sampler position, loader state and RNG states; with another world size only the epoch carries
+    over. (Checkpoints from before the loader state was saved restore no bad-file tally.)"""
     per_rank = state["ranks"]
     if len(per_rank) == denv.world_size:
         sampler.load_state_dict(per_rank[denv.rank]["sampler"])
+        if "loader" in per_rank[denv.rank]:
+            loader.load_state_dict(per_rank[denv.rank]["loader"])
         restore_rng_state(per_rank[denv.rank]["rng"])
         return
     logger.warning("the checkpoint was saved by %d ranks, this run has %d: fresh RNG states and the saved epoch "
@@ -626,11 +631,12 @@ def _training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     sampler: Any,
+    loader: Any,
     step: int,
     nonfinite_streak: int,
 ) -> dict[str, Any]:
     """Everything an exact resume needs, in weights_only-loadable types (collective over ranks)."""
-    ranks = gather_to_all({"sampler": sampler.state_dict(), "rng": capture_rng_state()})
+    ranks = gather_to_all({"sampler": sampler.state_dict(), "loader": loader.state_dict(), "rng": capture_rng_state()})
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -679,7 +685,7 @@ def _batches(loader: Any) -> Iterator[Any]:
     save and restore depends only on the training steps taken.
     """
     iterator = iter(loader)
-    fresh = True
+    fresh = not getattr(loader, "yielded_in_epoch", False)  # resumed in an epoch that yielded a batch already
     while True:
         with torch.random.fork_rng(devices=[]):
             batch = next(iterator, None)
