@@ -286,6 +286,39 @@ def test_the_final_model_is_validated_when_the_last_step_is_a_checkpoint_step(tm
     assert [r["step"] for r in read_metrics(cfg.run.run_dir / "metrics.jsonl") if r["group"] == "dev"] == [0, 3, 6]
 
 
+def test_a_checkpoint_whose_validation_was_not_logged_is_validated_on_resume(tmp_path, corpus):
+    """Killed between writing step_3.pt (or final.pt) and logging its validation: the record was lost for good, the
+    resumed run going on from the checkpoint (or finding nothing to do)."""
+    validation = {"dev": {"manifest": str(corpus), "max_batch_length": 32000, "max_sample_size": 16000,
+                          "min_sample_size": 4000, "num_buckets": 4, "num_workers": 0}}
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 6}, validation=validation)
+    assert train(cfg) == "completed"
+    run_dir, metrics = cfg.run.run_dir, cfg.run.run_dir / "metrics.jsonl"
+    expected = {r["step"]: r["loss"] for r in read_metrics(metrics) if r["group"] == "dev"}
+    assert sorted(expected) == [0, 3, 6]
+
+    def dev_records() -> dict[int, list[float]]:
+        records: dict[int, list[float]] = {}
+        for record in read_metrics(metrics):
+            if record["group"] == "dev":
+                records.setdefault(record["step"], []).append(record["loss"])
+        return records
+
+    lines = metrics.read_text().splitlines()
+    # 1. killed right after the final checkpoint: its validation is made by the run that finds nothing to do
+    metrics.write_text("".join(line + "\n" for line in lines
+                               if not (json.loads(line)["group"] == "dev" and json.loads(line)["step"] == 6)))
+    assert train(cfg) == "completed"
+    assert dev_records() == {step: [loss] for step, loss in expected.items()}
+    # 2. killed right after step_3.pt: the resumed run validates step 3 first
+    (run_dir / "final.pt").unlink()
+    (run_dir / "step_6.pt").unlink(missing_ok=True)
+    metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < 3
+                               or (json.loads(line)["step"] == 3 and json.loads(line)["group"] == "train")))
+    assert train(cfg) == "completed"
+    assert dev_records() == {step: [loss] for step, loss in expected.items()}
+
+
 def test_a_run_that_went_on_and_is_rerun_as_before_still_has_its_final_checkpoint(tmp_path, corpus):
     """Finished at 4, continued to 7 and killed after step_6.pt (final.pt became step_4.pt), then rerun with the old
     config: nothing to train, but final.pt must be there (the demo and the user load it)."""

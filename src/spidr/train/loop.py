@@ -55,7 +55,7 @@ from spidr.train.environment import (
     resolve_device,
 )
 from spidr.train.memory import install_heap_trim
-from spidr.train.metrics import MetricsLogger, RunningMeans
+from spidr.train.metrics import METRICS_FILE, MetricsLogger, RunningMeans, read_metrics
 from spidr.train.optim import build_optimizer, build_scheduler, remove_frozen_group
 from spidr.train.precision import Precision, resolve_precision
 from spidr.train.runtime import (
@@ -349,15 +349,21 @@ def train(cfg: Config) -> Outcome:
             if denv.is_main:
                 checkpointer.save(state, step=None if final else run.step)
 
-        def run_validation() -> None:
+        def run_validation(names: Sequence[str] | None = None) -> None:
             for name, val_loader in validation.items():
-                metrics_logger.log(run.step, name, validate(raw_model, val_loader, device=device,
-                                                            precision=precision))
-                val_loader.tracker.check_across_ranks(device)
+                if names is None or name in names:
+                    metrics_logger.log(run.step, name, validate(raw_model, val_loader, device=device,
+                                                                precision=precision))
+                    val_loader.tracker.check_across_ranks(device)
 
         if fresh:
             save()  # step_0.pt: the exact initial state, before any wrapper
             run_validation()
+        else:
+            unlogged = _unlogged_validations(run.step, cfg, checkpointer, denv)
+            if unlogged:  # the last run stopped between writing the checkpoint and logging its validation
+                logger.info("validating step %d, whose checkpoint has no %s record", run.step, ", ".join(unlogged))
+                run_validation(unlogged)
         if run.step >= cfg.optimizer.max_steps:
             logger.info("step %d >= optimizer.max_steps = %d: nothing to do", run.step, cfg.optimizer.max_steps)
             if not checkpointer.path_for(None).is_file():  # a run that went on past its final.pt, then back
@@ -369,6 +375,20 @@ def train(cfg: Config) -> Outcome:
                       device=device, checkpointer=checkpointer, metrics_logger=metrics_logger, save=save,
                       run_validation=run_validation,
                       skip_on_device=skips_on_device(cfg.run.host_sync, device, scaler=run.scaler))
+
+
+def _unlogged_validations(step: int, cfg: Config, checkpointer: Checkpointer,
+                          denv: DistributedEnvironment) -> list[str]:
+    """The validation sets an uninterrupted run logs at ``step`` (step 0, every checkpoint step, the last step)
+    whose record ``metrics.jsonl`` lacks, as rank 0 reads it (every rank validates them: a collective)."""
+    validated = step in (0, cfg.optimizer.max_steps) or (
+        checkpointer.should_save(step) and step < cfg.optimizer.max_steps)
+    missing = []
+    if denv.is_main and cfg.validation and validated:
+        path = cfg.run.run_dir / METRICS_FILE
+        logged = {r["group"] for r in read_metrics(path) if r.get("step") == step} if path.is_file() else set()
+        missing = [name for name in cfg.validation if name not in logged]
+    return broadcast_from_main(missing)
 
 
 def skips_on_device(host_sync: str, device: torch.device, *, scaler: torch.amp.GradScaler | None) -> bool:
