@@ -155,11 +155,10 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
         replayed = read_metrics(run_b / "metrics.superseded.jsonl")
         assert replayed
         assert all(r["step"] in expected for r in replayed)
-    # A run resumed from the SIGTERM checkpoint in the middle of a logging interval logs that interval's mean over
-    # the steps it took itself: the one record that cannot match.
-    partial = -(-stopped_at // log_interval) * log_interval if stopped_at % log_interval else None
-    for record in (r for r in got if r["step"] != partial):
-        for key in ("loss", "grad_norm", "target_ppl", "pred_ppl", "lr"):
+    # The SIGTERM checkpoint may fall inside a logging interval: it keeps the interval's means, so that the record
+    # at the interval's end is the uninterrupted run's too (it once averaged the steps after the resume alone).
+    for record in got:
+        for key in ("loss", "grad_norm", "target_ppl", "pred_ppl", "lr", "num_frames", "skipped_steps"):
             assert record[key] == expected[record["step"]][key], (record["step"], key)
     validation_a = {r["step"]: r["loss"] for r in read_metrics(run_a / "metrics.jsonl") if r["group"] == "dev"}
     validation_b = [r for r in read_metrics(run_b / "metrics.jsonl") if r["group"] == "dev"]
@@ -317,6 +316,24 @@ def test_a_checkpoint_whose_validation_was_not_logged_is_validated_on_resume(tmp
                                or (json.loads(line)["step"] == 3 and json.loads(line)["group"] == "train")))
     assert train(cfg) == "completed"
     assert dev_records() == {step: [loss] for step, loss in expected.items()}
+
+
+def test_a_checkpoint_inside_a_logging_interval_keeps_its_means(tmp_path, corpus):
+    """Records every 3 steps, checkpoints every 2: resumed from step_2.pt, the run logs at step 3 the mean of steps
+    1-3 as the uninterrupted run does (it once logged the mean of step 3 alone)."""
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 6}, run={"log_interval": 3, "save_interval": 2})
+    assert train(cfg) == "completed"
+    run_dir, metrics = cfg.run.run_dir, cfg.run.run_dir / "metrics.jsonl"
+    expected = _train_records(run_dir)
+    assert [r["step"] for r in expected] == [3, 6]
+    for name in ("final.pt", "step_6.pt", "step_4.pt"):
+        (run_dir / name).unlink(missing_ok=True)
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["step"] <= 2))
+    assert train(cfg) == "completed"
+    for got, want in zip(_train_records(run_dir), expected, strict=True):
+        for key in ("loss", "grad_norm", "target_ppl", "num_frames", "audio_seconds", "skipped_steps"):
+            assert got[key] == want[key], (got["step"], key)
 
 
 def test_a_run_that_went_on_and_is_rerun_as_before_still_has_its_final_checkpoint(tmp_path, corpus):

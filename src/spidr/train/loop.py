@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -276,6 +276,45 @@ def _unpack_metrics(values: list[float]) -> dict[str, float | list[float]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class _Interval:
+    """Running means of the taken steps' metrics over one logging interval, with its audio and skipped steps.
+
+    A checkpoint inside an interval keeps its means and skipped count (``state_dict``), so that the record a
+    resumed run logs at the interval's end is the uninterrupted run's; throughput counts the audio since the resume.
+    """
+
+    def __init__(self) -> None:
+        self.means = RunningMeans()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.means.reset()
+        self.start, self.audio, self.skipped = time.perf_counter(), 0.0, 0
+
+    def add(self, output: StepOutput) -> None:
+        if output.skipped:
+            self.skipped += 1
+            return
+        metrics = output.metrics  # built from the host copy on each access
+        self.means.add({k: v for k, v in metrics.items() if k not in ("lr", "ema_decay")})
+        self.audio += float(metrics["audio_seconds"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"means": self.means.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.means.load_state_dict(state["means"])
+        self.skipped = int(state["skipped"])
+
+    def close(self, *, lr: float, ema_decay: float | None, epoch: int) -> dict[str, Any]:
+        """The interval's record (means, the last step's lr and EMA decay, throughput), then start a new one."""
+        elapsed = time.perf_counter() - self.start
+        values = {**self.means.means(), "lr": lr, "ema_decay": ema_decay, "epoch": epoch,
+                  "audio_seconds_per_s": self.audio / max(elapsed, 1e-9), "skipped_steps": self.skipped}
+        self._reset()
+        return values
+
+
 @dataclass
 class _Run:
     """What a run's steps change, and what a checkpoint saves of it."""
@@ -289,12 +328,13 @@ class _Run:
     loader: Any  # the training loader (its bad-file tally and epoch state)
     step: int = 0
     nonfinite_streak: int = 0
+    interval: _Interval = field(default_factory=_Interval)  # the logging interval so far
 
     def state(self) -> dict[str, Any]:
         """Everything an exact resume needs (collective: gathers every rank's sampler, loader and RNG states)."""
         return _training_state(self.cfg, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                scaler=self.scaler, sampler=self.sampler, loader=self.loader, step=self.step,
-                               nonfinite_streak=self.nonfinite_streak)
+                               nonfinite_streak=self.nonfinite_streak, interval=self.interval)
 
 
 def train(cfg: Config) -> Outcome:
@@ -440,6 +480,8 @@ def _start_or_resume(
     _restore_rank_state(state, sampler, loader, denv)
     run = _Run(cfg, model, optimizer, scheduler, scaler, sampler, loader, step=read_int(state["step"]),
                nonfinite_streak=int(state.get("nonfinite_streak", 0)))
+    if "log_interval" in state:  # the means of the logging interval the checkpoint was saved in
+        run.interval.load_state_dict(state["log_interval"])
     return run, False
 
 
@@ -466,7 +508,7 @@ def _steps(
     """
     cfg = run.cfg
     batches = _batches(loader)
-    interval = _Interval()
+    interval = run.interval
     unread: list[StepOutput] = []  # skip_on_device: the steps the host has not read yet
     while run.step < cfg.optimizer.max_steps:
         if run.step >= cfg.model.freeze_step and len(run.optimizer.param_groups) > 1:
@@ -517,34 +559,6 @@ def _steps(
     save(final=True)
     run_validation()  # the last step is never validated in the loop (its save is final.pt, here)
     return "completed"
-
-
-class _Interval:
-    """Running means of the taken steps' metrics over one logging interval, with its audio and skipped steps."""
-
-    def __init__(self) -> None:
-        self.means = RunningMeans()
-        self._reset()
-
-    def _reset(self) -> None:
-        self.means.reset()
-        self.start, self.audio, self.skipped = time.perf_counter(), 0.0, 0
-
-    def add(self, output: StepOutput) -> None:
-        if output.skipped:
-            self.skipped += 1
-            return
-        metrics = output.metrics  # built from the host copy on each access
-        self.means.add({k: v for k, v in metrics.items() if k not in ("lr", "ema_decay")})
-        self.audio += float(metrics["audio_seconds"])
-
-    def close(self, *, lr: float, ema_decay: float | None, epoch: int) -> dict[str, Any]:
-        """The interval's record (means, the last step's lr and EMA decay, throughput), then start a new one."""
-        elapsed = time.perf_counter() - self.start
-        values = {**self.means.means(), "lr": lr, "ema_decay": ema_decay, "epoch": epoch,
-                  "audio_seconds_per_s": self.audio / max(elapsed, 1e-9), "skipped_steps": self.skipped}
-        self._reset()
-        return values
 
 
 def _account(run: _Run, outputs: Sequence[StepOutput], *, first_step: int, interval: _Interval,
@@ -654,6 +668,7 @@ def _training_state(
     loader: Any,
     step: int,
     nonfinite_streak: int,
+    interval: _Interval,
 ) -> dict[str, Any]:
     """Everything an exact resume needs, in weights_only-loadable types (collective over ranks)."""
     ranks = gather_to_all({"sampler": sampler.state_dict(), "loader": loader.state_dict(), "rng": capture_rng_state()})
@@ -665,6 +680,7 @@ def _training_state(
         "step": int_tensor(step),
         "epoch": int_tensor(sampler.epoch),
         "nonfinite_streak": nonfinite_streak,
+        "log_interval": interval.state_dict(),
         "codebook_init_due": model.codebook_init_due,
         "ranks": ranks,
         "config": cfg.to_dict(),

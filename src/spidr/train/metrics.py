@@ -55,6 +55,13 @@ class RunningMeans:
         self._sums.clear()
         self._counts.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self._sums), "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums = dict(state["sums"])
+        self._counts = defaultdict(int, state["counts"])
+
 
 def collapsed_codebooks(target_ppl_per_codebook: list[float], codebook_size: int) -> list[int]:
     """Indices of codebooks whose target (usage) perplexity is below 5 % of ``codebook_size``."""
