@@ -122,6 +122,27 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     assert resumed["optimizer"]["state"][0]["exp_avg"].equal(straight["optimizer"]["state"][0]["exp_avg"])
 
 
+def test_a_checkpoint_inside_a_logging_interval_keeps_its_means(tmp_path):
+    """Resumed from step_2.pt with records every 5 steps: the record at step 5 is the mean of steps 1-5, as the
+    uninterrupted run logs it (it was the mean of steps 3-5)."""
+    cfg = load_lm_config(_config(tmp_path, "lm", run={"log_interval": 5, "save_interval": 2},
+                                 optimizer={"max_steps": 10}))
+    assert train_lm(cfg) == "completed"
+    run_dir = cfg.run.run_dir
+    expected = [r for r in _metrics(run_dir) if r["group"] == "train"]
+    assert [r["step"] for r in expected] == [5, 10]
+    for path in run_dir.glob("*.pt"):
+        if path.name not in ("step_0.pt", "step_2.pt"):
+            path.unlink()
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["step"] <= 2))
+    assert train_lm(cfg) == "completed"
+    got = [r for r in _metrics(run_dir) if r["group"] == "train"]
+    for a, b in zip(got, expected, strict=True):
+        assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

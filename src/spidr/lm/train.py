@@ -243,11 +243,12 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         seed_everything(cfg.run.seed + denv.rank)
         precision = resolve_precision(o.dtype, device)
         checkpointer = Checkpointer(run_dir, save_interval=cfg.run.save_interval, keep_latest=cfg.run.keep_latest)
+        interval = RunningMeans()  # the logging interval's means, kept by a checkpoint saved inside it
 
         def save(step: int, *, final: bool = False) -> None:
             # Collective: every rank's RNG state goes in; only the main rank writes.
             snapshot = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "config": cfg.to_dict(),
-                        "lm": data.info, "step": int_tensor(step),
+                        "lm": data.info, "step": int_tensor(step), "log_interval": interval.state_dict(),
                         "ranks": gather_to_all({"rng": capture_rng_state()}),
                         **({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
                            if optimizer is not None else {})}
@@ -271,7 +272,8 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         optimizer = build_optimizer(raw, cfg, device)
         scheduler = build_scheduler(optimizer, cfg)
         streak = 0
-        step = _resume(checkpointer, denv, data, cfg, model=raw, optimizer=optimizer, scheduler=scheduler)
+        step = _resume(checkpointer, denv, data, cfg, model=raw, optimizer=optimizer, scheduler=scheduler,
+                       interval=interval)
         if denv.is_main:  # once the run is known to be this config's (a refused resume leaves the old one)
             write_config(cfg.to_dict(), run_dir)
         metrics = MetricsLogger(run_dir, enabled=denv.is_main, start_step=step or 0, max_steps=o.max_steps,
@@ -294,8 +296,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         stop = StopFlag()
         cleanup.enter_context(stop.installed())
-        interval = RunningMeans()
-        interval_start, interval_tokens = time.perf_counter(), 0
+        interval_start, interval_tokens = time.perf_counter(), 0  # throughput: since this process started
 
         def run_validation() -> None:
             if data.valid.numel():
@@ -343,9 +344,10 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
 
 
 def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmData, cfg: LmConfig, *,
-            model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> int | None:
-    """Load the latest checkpoint rank 0 sees into every rank; returns its step, or None for a fresh run."""
+            model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            interval: RunningMeans) -> int | None:
+    """Load the latest checkpoint rank 0 sees into every rank (with the logging ``interval`` it was saved in);
+    returns its step, or None for a fresh run."""
     latest = checkpointer.load_latest() if denv.is_main else None
     path = broadcast_from_main(None if latest is None else str(latest[0]))
     if path is None:
@@ -356,6 +358,8 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
                          path=path, sections=("model", "data"), run_name_key="run.name")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    if "log_interval" in saved:
+        interval.load_state_dict(saved["log_interval"])
     if len(saved["ranks"]) == denv.world_size:
         restore_rng_state(saved["ranks"][denv.rank]["rng"])
     else:
