@@ -62,3 +62,19 @@ def test_a_killed_holder_frees_the_folder_though_its_forked_child_lives(tmp_path
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(holder.pid, signal.SIGKILL)
+
+
+def test_a_file_system_without_locks_is_worked_on_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = False
+    with caplog.at_level("WARNING", logger="spidr"), folder_lock(tmp_path, "the job"):
+        ran = True
+    assert ran
+    assert "cannot lock" in caplog.text
+    assert "No locks available" in caplog.text

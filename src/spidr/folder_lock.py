@@ -11,11 +11,14 @@ nothing is locked.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+
+logger = logging.getLogger(__name__)
 
 _held: set[int] = set()  # descriptors of the locks this process holds
 
@@ -54,6 +57,11 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
             holder = handle.read().strip() or "another process"
             raise ValueError(f"{what} is being run by {holder} ({path} is locked); let it finish or stop it, then "
                              "run this again") from None
+        except OSError as error:  # a file system without locks (some network mounts): go on, unguarded
+            logger.warning("cannot lock %s (%s): nothing stops a second process from writing there too", path,
+                           error)
+            yield
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()}\n")
