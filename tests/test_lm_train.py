@@ -339,6 +339,19 @@ def test_lm_score_writes_a_valid_submission_that_lm_eval_reads(tmp_path, capsys)
     assert results["swuggy_all"] > 80
     assert results["sblimp"] > 80
     assert set(results) >= {"swuggy_all", "swuggy_invocab", "sblimp"}
+    # an item name a submission line cannot hold, in the last file scored: refused by its units line, before any
+    # output is written (the first task's submission and scores were left behind, and a rerun was refused)
+    (units / "tsc").mkdir()
+    (units / "tsc" / "dev.jsonl").write_text('{"name": "ok1", "units": [1, 2]}\n'
+                                             '{"name": "spk/my utt.wav", "units": [3]}\n')
+    assert main(["lm-score", str(final), str(units), str(tmp_path / "spaced")]) == 2
+    assert "tsc/dev.jsonl: line 2: the item name 'my utt' (the file stem of its 'name') cannot be a line of a " \
+        "ZeroSpeech submission" in capsys.readouterr().err
+    assert not (tmp_path / "spaced").exists()
+    (units / "tsc" / "dev.jsonl").write_text('{"name": "ok1", "units": [1, 2], "phones": ["AA"]}\n')
+    assert main(["lm-score", str(final), str(units), str(tmp_path / "both")]) == 2
+    assert "tsc/dev.jsonl: line 1: the row holds both 'units' and 'phones'; give one per row" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.slow

@@ -77,9 +77,12 @@ def read_jsonl_rows_with_lines(path: str | Path, *, field: str | tuple[str, ...]
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not valid JSON ({error})") from None
-            found = next((f for f in fields if isinstance(row, dict) and isinstance(row.get(f), list)), None)
-            if found is None:
+            present = [f for f in fields if isinstance(row, dict) and isinstance(row.get(f), list)]
+            if not present:
                 raise ValueError(f"{where}: expected an object with a {' or '.join(map(repr, fields))} list")
+            if len(present) > 1:  # units and phones in one row: which one the reader wants cannot be told
+                raise ValueError(f"{where}: the row holds both {' and '.join(map(repr, present))}; give one per row")
+            found = present[0]
             name = key(utterance_key(row, where=where))
             if name in seen:
                 raise ValueError(f"{where}: utterance {name!r} appears twice")

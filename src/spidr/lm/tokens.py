@@ -123,12 +123,15 @@ class UnitSequences:
 
 
 def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabulary | None = None,
-                        num_units: int | None = None, expect_kind: UnitsKind | None = None) -> UnitSequences:
+                        num_units: int | None = None, expect_kind: UnitsKind | None = None,
+                        submission_names: bool = False) -> UnitSequences:
     """Read a units or frame-label file. For labels without a given ``labels`` vocabulary, the vocabulary is the
     sorted union of the labels in the file and the corpus's phone inventory (ARPAbet-39 + SIL), so that a test item
     may hold a phone the training file lacks. Units ≥ ``num_units`` (when given) are refused, naming the utterance.
     ``expect_kind`` (the kind an LM was trained on): a file of the other kind is refused. Without ``dedup``, units
     written deduplicated (``spidr units --dedup``) are refused: the LM would see them unlike its other inputs.
+    ``submission_names`` (test items to score): a name whose stem a ZeroSpeech submission line cannot hold (empty,
+    or with whitespace) is refused here, naming the line, before any output is written.
 
     Rows are turned into arrays (deduplicated with ``dedup``) as they are read: memory is that of the arrays, 2 bytes
     per kept unit below 32,768 units (``compact``; Python lists of every row took 26 bytes per frame before
@@ -141,6 +144,9 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
     found: dict[str, int] = {}  # labels without a vocabulary: label → provisional id, in order of appearance
     sequences: dict[str, np.ndarray] = {}
     for stem, row_kind, where, values, line in rows:
+        if submission_names and (not stem or any(character.isspace() for character in stem)):
+            raise ValueError(f"{where}: the item name {stem!r} (the file stem of its 'name') cannot be a line of a "
+                             "ZeroSpeech submission: it must be non-empty, without whitespace")
         if kind is None:
             kind = row_kind
             if expect_kind is not None and kind != expect_kind:

@@ -430,6 +430,7 @@ def load_lm(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn
 
 
 def read_lm_units(path: str | Path, info: dict[str, Any], labels: LabelVocabulary | None) -> UnitSequences:
-    """A units file read the way the LM was trained (same dedup, same labels, units in range)."""
+    """A units file of test items read the way the LM was trained (same dedup, same labels, units in range), with
+    names a ZeroSpeech submission can hold."""
     return read_unit_sequences(path, dedup=info["dedup"], labels=labels, num_units=info["num_units"],
-                               expect_kind=info.get("kind"))
+                               expect_kind=info.get("kind"), submission_names=True)
