@@ -600,3 +600,51 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     need("kal16")
     assert cli_main(["synth-corpus", str(tmp_path / "c"), "--voices", "kal16", "-n", "1", "--jobs", "1"]) == 0
     assert len(manifest(tmp_path / "c")) == 1
+
+
+def test_overwrite_replaces_a_corpus_never_a_folder_that_holds_none(tmp_path: Path) -> None:
+    need("kal16")
+    mine = tmp_path / "mine"
+    (mine / "wavs" / "album").mkdir(parents=True)
+    (mine / "wavs" / "album" / "precious.wav").write_bytes(b"RIFF")
+    (mine / "manifest.csv").write_text("my own\n")
+    with pytest.raises(ValueError, match=r"not empty and holds no corpus.*--overwrite replaces a corpus only"):
+        synthesize_corpus(mine, voices=["kal16"], num_utterances_per_voice=1, jobs=1, overwrite=True)
+    assert (mine / "wavs" / "album" / "precious.wav").read_bytes() == b"RIFF"
+    assert (mine / "manifest.csv").read_text() == "my own\n"
+
+
+def test_a_copied_corpus_is_made_again_in_its_own_folder(tmp_path: Path) -> None:
+    """A copy's manifest named the original's wavs: reused, it depended on the original folder."""
+    import shutil
+
+    need("kal16")
+    original = synthesize_corpus(tmp_path / "a", voices=["kal16"], num_utterances_per_voice=1, jobs=1)
+    shutil.copytree(original.out_dir, tmp_path / "copy")
+    copy = synthesize_corpus(tmp_path / "copy", voices=["kal16"], num_utterances_per_voice=1, jobs=1)
+    paths = [Path(row["path"]) for row in csv.DictReader((copy.out_dir / "manifest.csv").open())]
+    assert paths
+    assert all(path.is_relative_to(copy.out_dir) and path.is_file() for path in paths)
+
+
+def test_a_second_synthesis_into_a_folder_waits_and_reuses_the_corpus(tmp_path: Path) -> None:
+    """Two processes making one corpus folder deleted each other's wavs; the second now waits for the first."""
+    import subprocess
+    import sys
+    import time
+
+    need("kal16")
+    out = tmp_path / "c"
+    script = ("import sys; from spidr.corpus.synth import synthesize_corpus; "
+              "synthesize_corpus(sys.argv[1], voices=['kal16'], num_utterances_per_voice=12, jobs=1)")
+    first = subprocess.Popen([sys.executable, "-c", script, str(out)])
+    deadline = time.monotonic() + 60
+    while not (out / ".synth-corpus-in-progress").exists():
+        assert time.monotonic() < deadline
+        assert first.poll() is None
+        time.sleep(0.02)
+    second = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=12, jobs=1)  # waits, then reuses
+    assert first.wait(timeout=120) == 0
+    paths = [Path(row["path"]) for row in csv.DictReader((second.out_dir / "manifest.csv").open())]
+    assert len(paths) == 12
+    assert all(path.is_file() for path in paths)

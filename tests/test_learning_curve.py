@@ -283,7 +283,7 @@ def test_child_processes_end_with_a_killed_parent(tmp_path):
     """kill -9 of a curve run with --parallel ends its points' processes too (a rerun would start a second one)."""
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys, time\n"
-         "from spidr.learning_curve import start_child\n"
+         "from spidr.child_processes import start_child\n"
          "child = start_child([sys.executable, '-c', 'import time; time.sleep(60)'], stdout=subprocess.DEVNULL)\n"
          "print(child.pid, flush=True)\n"
          "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)

@@ -38,9 +38,10 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+def folder_lock(folder: str | Path, what: str, *, wait: bool = False) -> Iterator[None]:
     """Hold ``folder/.lock`` (the folder is created) for the block, or raise ``ValueError`` naming ``what`` (e.g.
-    "the extraction into feats/") and the process that holds it."""
+    "the extraction into feats/") and the process that holds it; with ``wait``, wait for that process instead (a
+    corpus that another process is making is then reused)."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform
@@ -55,8 +56,11 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise ValueError(f"{what} is being run by {holder} ({path} is locked); let it finish or stop it, then "
-                             "run this again") from None
+            if not wait:
+                raise ValueError(f"{what} is being run by {holder} ({path} is locked); let it finish or stop it, "
+                                 "then run this again") from None
+            logger.info("%s is being run by %s: waiting for it", what, holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as error:  # a file system without locks (some network mounts): go on, unguarded
             logger.warning("cannot lock %s (%s): nothing stops a second process from writing there too", path,
                            error)

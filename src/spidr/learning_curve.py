@@ -23,15 +23,14 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from spidr.atomic_files import write_atomically
+from spidr.child_processes import start_child
 from spidr.config import shipped_config
 from spidr.data import SAMPLE_RATE
 from spidr.folder_lock import folder_lock
@@ -338,30 +337,6 @@ def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
                 failed.append(f"{point.name} (exit {process.returncode}, see {log})")
     if failed:
         raise RuntimeError(f"learning-curve points failed: {', '.join(failed)}")
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def start_child(command: Sequence[str], *, stdout: Any, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``command`` in a child process that ends with this one, even on ``kill -9``: otherwise a killed curve leaves
-    its points training, and a rerun starts a second process on each of their run folders. On Linux the kernel sends
-    the child SIGTERM when its parent dies (the trainer saves a checkpoint and stops at the next step)."""
-    if sys.platform != "linux":
-        return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
-    import ctypes
-    import signal
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child runs only prctl before its exec
-    parent = os.getpid()
-
-    def die_with_parent() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before prctl: no signal will come
-            os._exit(1)
-
-    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=die_with_parent)  # noqa: PLW1509 -- runs only prctl and getppid
 
 
 def _point_arg(point: CurvePoint) -> str:

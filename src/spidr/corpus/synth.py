@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from spidr import __version__
+from spidr.child_processes import end_with_parent
 from spidr.corpus import outputs, text
 from spidr.corpus.engines import Request
 from spidr.corpus.phones import phone_inventory
 from spidr.corpus.utterance import SAMPLE_RATE, Dropped, Utterance, synthesize_batch
 from spidr.corpus.voices import DEFAULT_VOICES, WARP_RANGE, Voice, parse_voice, require_available
+from spidr.folder_lock import LOCK_NAME, folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +163,9 @@ def run_tasks(tasks: list[Any], jobs: int, worker: Any = _run_batch) -> list[lis
                 progress.update()
             return results
         # spawn: workers start clean (no inherited torch threads), and espeak-ng state is per process anyway.
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+        # The workers die with this process: a kill -9 left them writing into the folder a rerun works in.
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks)), initializer=end_with_parent,
+                                                       initargs=(os.getpid(),)) as pool:
             results = []
             for result in pool.imap(worker, tasks):
                 results.append(result)
@@ -176,9 +180,8 @@ def default_jobs() -> int:
 
 
 def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> CorpusInfo | None:
-    """The corpus in ``out_dir`` if it was made with ``parameters``; ``None`` if a new one may be made there."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} exists and is not a directory; choose a directory for the corpus")
+    """The corpus in ``out_dir`` if it was made with ``parameters``; ``None`` if a new one may be made there
+    (``overwrite`` replaces a corpus of other parameters, never a folder that holds no corpus)."""
     if (out_dir / outputs.INFO_JSON).is_file():
         existing = CorpusInfo.load(out_dir)
         if existing.parameters == parameters:
@@ -203,9 +206,17 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> Cor
                 f"choose another directory, or delete {out_dir} to make it again (spidr synth-corpus can also "
                 "replace it: --overwrite)"
             )
-    elif out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / IN_PROGRESS).exists() and not overwrite:
-        raise ValueError(f"{out_dir} is not empty and holds no corpus; choose a new or empty directory")
+    else:
+        _refuse_foreign(out_dir)
     return None
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    """Refuse a folder that holds files but no corpus (nor an interrupted one): making a corpus there clears it."""
+    if (out_dir.is_dir() and any(path.name != LOCK_NAME for path in out_dir.iterdir())
+            and not (out_dir / IN_PROGRESS).exists() and not (out_dir / outputs.INFO_JSON).is_file()):
+        raise ValueError(f"{out_dir} is not empty and holds no corpus; choose a new or empty directory "
+                         "(--overwrite replaces a corpus only: it would delete the files of this folder)")
 
 
 def _missing_files(out_dir: Path) -> list[str]:
@@ -214,8 +225,10 @@ def _missing_files(out_dir: Path) -> list[str]:
     if outputs.MANIFEST not in missing:
         with (out_dir / outputs.MANIFEST).open(newline="", encoding="utf-8") as manifest:
             wavs = [Path(row["path"]) for row in csv.DictReader(manifest)]
+        # A wav outside the folder (a copied corpus's manifest names the original's) counts as missing: the copy
+        # must not depend on another folder.
         missing += [str(wav.relative_to(out_dir) if wav.is_relative_to(out_dir) else wav)
-                    for wav in wavs if not wav.is_file()]
+                    for wav in wavs if not (wav.is_relative_to(out_dir) and wav.is_file())]
     return missing
 
 
@@ -273,14 +286,28 @@ def synthesize_corpus(
     parameters = {"format": FORMAT_VERSION, "voices": [voice.name for voice in selected],
                   "num_utterances_per_voice": count, "seed": seed, "same_text_fraction": same_text_fraction,
                   "rate_jitter": rate_jitter}
-    cached = _reuse(out_dir, parameters, overwrite=overwrite)
-    if cached is not None:
-        return cached  # made before: the engines need not even be installed
-    require_available(selected)
-    _clear(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory; choose a directory for the corpus")
+    if not (out_dir / outputs.INFO_JSON).is_file():  # checked before the folder is made
+        _refuse_foreign(out_dir)
+        require_available(selected)  # (a finished corpus needs no engine)
+    # One process at a time makes a corpus folder; another one (a second learning curve on the same --out) waits,
+    # then reuses the corpus (two at once deleted each other's files).
+    with folder_lock(out_dir, f"the corpus synthesis into {out_dir}", wait=True):
+        cached = _reuse(out_dir, parameters, overwrite=overwrite)
+        if cached is not None:
+            return cached  # made before: the engines need not even be installed
+        require_available(selected)  # (a corpus of other parameters was there)
+        _clear(out_dir)
+        return _synthesize(out_dir, parameters, selected, jobs)
 
+
+def _synthesize(out_dir: Path, parameters: dict[str, Any], selected: list[Voice], jobs: int) -> CorpusInfo:
+    """Make the corpus of ``parameters`` in the cleared ``out_dir``."""
+    count, seed = parameters["num_utterances_per_voice"], parameters["seed"]
     started = time.perf_counter()
-    requests = plan(selected, count, seed=seed, same_text_fraction=same_text_fraction, rate_jitter=rate_jitter)
+    requests = plan(selected, count, seed=seed, same_text_fraction=parameters["same_text_fraction"],
+                    rate_jitter=parameters["rate_jitter"])
     tasks = [(voice, requests[voice.name][i:i + BATCH_SIZE], out_dir / WAV_DIR)
              for i in range(0, count, BATCH_SIZE) for voice in selected]  # voices interleaved: balances slow ones
     results = run_tasks(tasks, jobs)
