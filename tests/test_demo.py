@@ -249,7 +249,7 @@ def _finished_run(tmp_path: Path, *overrides: str) -> tuple[DemoSettings, Path]:
     manifest = _manifest(tmp_path / "corpus" / "train" / "manifest.csv", [16000, 20000])
     settings = DemoSettings(out_dir=tmp_path, config=config, overrides=overrides)
     cfg = training_config(settings, manifest, manifest)
-    check_run_recipe(cfg, manifest)  # a new run: records its corpus
+    check_run_recipe(cfg)  # a new run: records its corpus
     (cfg.run.run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
     (cfg.run.run_dir / "step_4.pt").write_bytes(b"")
     (cfg.run.run_dir / "final.pt").write_bytes(b"")
@@ -287,6 +287,17 @@ def test_a_run_of_another_recipe_is_refused_not_reused_nor_resumed(tmp_path, mon
     (run_dir / "final.pt").unlink()
     with pytest.raises(ValueError, match=r"optimizer\.lr: 0\.001 there, 0\.005 now"):
         pretrain(dataclasses.replace(settings, overrides=("optimizer.lr=5e-3",)), manifest, manifest)
+    # other initial weights (run.init_ckpt) are another recipe too
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"run\.init_ckpt: None there, '\S+start\.pt' now"):
+        pretrain(dataclasses.replace(settings, overrides=("optimizer.lr=1e-3", f"run.init_ckpt={start}")), manifest,
+                 manifest)
+    # the corpus trained on is the config's data.manifest, the user's --set included (it recorded the demo's own)
+    other = _manifest(tmp_path / "other" / "manifest.csv", [16000, 20000, 24000])
+    with pytest.raises(ValueError, match=r"training corpus: '2 utterances of \S+' there, '3 utterances of \S+other"):
+        pretrain(dataclasses.replace(settings, overrides=("optimizer.lr=1e-3", f"data.manifest={other}")), manifest,
+                 manifest)
     # another training corpus at the same path (synthesised again with another size)
     _manifest(manifest, [16000, 20000, 24000])
     with pytest.raises(ValueError, match=r"training corpus: '2 utterances of \S+' there, '3 utterances of \S+' now"):
@@ -305,8 +316,8 @@ def test_a_run_without_config_json_is_checked_against_its_checkpoint(tmp_path):
     edited = dataclasses.replace(settings, overrides=("model.codebook_size=8", "model.ema_start_decay=0.99"))
     cfg = training_config(edited, manifest, manifest)
     with pytest.raises(ValueError, match=r"model\.codebook_size: 16 there, 8 now, model\.ema_start_decay"):
-        check_run_recipe(cfg, manifest)
-    check_run_recipe(training_config(settings, manifest, manifest), manifest)
+        check_run_recipe(cfg)
+    check_run_recipe(training_config(settings, manifest, manifest))
     (run_dir / "step_4.pt").write_bytes(b"cut short")  # a damaged checkpoint: one line naming what to delete
     with pytest.raises(ValueError, match=r"its latest checkpoint step_4\.pt cannot be read .* delete"):
-        check_run_recipe(cfg, manifest)
+        check_run_recipe(cfg)

@@ -75,6 +75,16 @@ def test_bad_grid_values_name_the_option(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_training_manifest_given_with_set_is_refused_before_any_synthesis(tmp_path, monkeypatch):
+    """--set data.manifest=X trained every point on X whatever its --hours."""
+    from spidr import learning_curve
+
+    monkeypatch.setattr(learning_curve, "synthesise", lambda *_: pytest.fail("synthesised first"))
+    settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10,), overrides=("data.manifest=my.csv",))
+    with pytest.raises(ValueError, match=r"--set data\.manifest=my\.csv: each point trains on the synthetic corpus"):
+        learning_curve.run_curve(settings)
+
+
 def test_middle_layers_are_the_issues_three_to_five_of_six():
     assert list(middle_layers(6)) == [3, 4, 5]
     assert list(middle_layers(12)) == [5, 6, 7, 8, 9, 10, 11]
@@ -146,7 +156,7 @@ def test_a_result_of_another_recipe_is_not_reused(tmp_path, caplog):
         return recipe(CurveSettings(out_dir=tmp_path, config=config, overrides=overrides), point)
 
     made_with, defaults = expected()
-    assert made_with["run"] == {"random_seed": 0, "model_type": "spidr"}
+    assert made_with["run"] == {"random_seed": 0, "model_type": "spidr", "init_ckpt": None}
     assert made_with["optimizer"]["max_steps"] == 2200
     assert "num_workers" not in made_with["data"]
     assert recipe(CurveSettings(out_dir=tmp_path, config=config))[0] == {  # the baselines: the network and scoring
@@ -171,6 +181,12 @@ def test_a_result_of_another_recipe_is_not_reused(tmp_path, caplog):
     assert reusable(path, expected())
     with pytest.raises(ValueError, match=r"model\.student_frequency_warp: \(not recorded\) there, 0\.1 now"):
         reusable(path, expected(demo_point, "model.student_frequency_warp=0.1"))
+    # a point made before run.init_ckpt was part of the recipe: the same, unless initial weights are given now
+    before_init = {**made_with, "run": {"random_seed": 0, "model_type": "spidr"}}
+    path.write_text(json.dumps({**RECORD, "recipe": before_init}))
+    assert reusable(path, expected())
+    with pytest.raises(ValueError, match=r"run\.init_ckpt: \(not recorded\) there, 'start\.pt' now"):
+        reusable(path, expected(demo_point, "run.init_ckpt=start.pt"))
     path.write_text(json.dumps(RECORD))  # written before recipes were recorded: reused, with a warning
     assert reusable(path, expected(demo_point, "model.encoder_embed_dim=512"))
     assert "records no recipe" in caplog.text

@@ -114,7 +114,7 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
 
     cfg = training_config(settings, train_manifest, test_manifest)
     final = cfg.run.run_dir / "final.pt"
-    check_run_recipe(cfg, train_manifest)
+    check_run_recipe(cfg)
     if final.is_file():
         logger.info("reusing the trained model %s (delete it to train again)", final)
         return final

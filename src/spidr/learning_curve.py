@@ -600,6 +600,10 @@ def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
     from spidr.config import load_config
 
     load_config(settings.config, settings.overrides)  # a bad --set fails now, not after the synthesis
+    for override in settings.overrides:
+        if override.split("=", 1)[0].strip() in ("data.manifest", "validation.test.manifest"):
+            raise ValueError(f"--set {override}: each point trains on the synthetic corpus of its --hours and is "
+                             "scored on the curve's test corpus; a manifest given here would stand for all of them")
     for hours in (None, *settings.hours):  # synthesis uses every CPU: before the points, not beside them
         synthesise(settings, hours)
     run_points(settings, argv)

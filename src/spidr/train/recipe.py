@@ -30,11 +30,11 @@ TRAINING_CORPUS_FILE = "training-corpus.json"
 
 def results_settings(config: dict) -> dict:
     """The settings of a run config (``Config.to_dict()`` or a run's ``config.json``) that change what training
-    produces: seed, model type, model, optimizer (the schedule included) and masking, and the data settings apart
-    from the loader's. Not where the run executes, logs or saves."""
+    produces: seed, model type, initial weights (``run.init_ckpt``, by path), model, optimizer (the schedule included)
+    and masking, and the data settings apart from the loader's. Not where the run executes, logs or saves."""
     run = config.get("run", {})
     return {
-        "run": {key: run[key] for key in ("random_seed", "model_type") if key in run},
+        "run": {key: run[key] for key in ("random_seed", "model_type", "init_ckpt") if key in run},
         "data": {key: value for key, value in config.get("data", {}).items() if key not in LOADER_SETTINGS},
         "model": config.get("model", {}),
         "optimizer": config.get("optimizer", {}),
@@ -60,16 +60,18 @@ def describe_differences(changed: list[tuple[str, Any, Any]], limit: int = 6) ->
     return shown + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
-def check_run_recipe(cfg: Config, train_manifest: Path) -> None:
+def check_run_recipe(cfg: Config) -> None:
     """Refuse to resume or reuse the run in ``cfg.run.run_dir`` when its checkpoints were trained with another recipe
-    than ``cfg`` on ``train_manifest``: another ``results_settings`` (its ``config.json``, else its latest checkpoint's
-    config) or another training corpus. Shared by the demo and the learning curve, so that a result is never recorded
-    under a recipe it was not made with. A changed schedule counts: raising ``optimizer.max_steps`` on a finished run
-    continues it under ``spidr train``, but here the model would not be the config's (the learning curve stretches
-    the whole schedule per point). A run with no checkpoint yet is started afresh, and its corpus recorded now."""
+    than ``cfg`` on its ``data.manifest`` (the corpus training reads, whatever the user's overrides): another
+    ``results_settings`` (its ``config.json``, else its latest checkpoint's config) or another training corpus.
+    Shared by the demo and the learning curve, so that a result is never recorded under a recipe it was not made
+    with. A changed schedule counts: raising ``optimizer.max_steps`` on a finished run continues it under ``spidr
+    train``, but here the model would not be the config's (the learning curve stretches the whole schedule per
+    point). A run with no checkpoint yet is started afresh, and its corpus recorded now."""
     from spidr.train.checkpoint import Checkpointer
 
     run_dir = cfg.run.run_dir
+    train_manifest = Path(cfg.data.manifest)
     corpus = corpus_fingerprint(train_manifest)
     checkpoints = Checkpointer(run_dir, save_interval=1).checkpoints()
     recorded = run_dir / TRAINING_CORPUS_FILE
