@@ -41,13 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def configure_logging(*, verbose: bool = False) -> None:
+    """spidr's log lines (INFO, or DEBUG with ``verbose``) on stderr: for the commands, and for a submitted job's
+    process, which submitit starts without them."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
     try:
         return int(args.handler(args) or 0)
     except (ValueError, MissingExtraError) as error:

@@ -62,9 +62,11 @@ class TrainJob:
         self.config = config  # a plain dict (Config.to_dict()): later edits of the TOML do not change the job
 
     def __call__(self) -> str:
+        from spidr.cli import configure_logging
         from spidr.train.environment import detect_environment
         from spidr.train.loop import train
 
+        configure_logging()  # the job's log file gets the trainer's lines, as a spidr train terminal does
         local = os.environ.get("SUBMITIT_EXECUTOR") == "local"
         if local:
             os.environ.update(local_task_environment())
