@@ -206,6 +206,11 @@ def test_bad_settings_fail_before_any_synthesis(tmp_path, monkeypatch, capsys):
          "absent.toml does not exist"),
         (["learning-curve", "--out", str(tmp_path / "c"), "--config", config, "--set", "optimizer.lrr=1"],
          "[optimizer] has unknown key(s) lrr"),
+        # checked after the training corpus was made, naming --hours, which the demo does not have
+        (["demo", "--out", str(tmp_path / "d"), "--config", config, "--test-hours", "nan"],
+         "--test-hours nan is invalid: expected a number of hours > 0"),
+        (["demo", "--out", str(tmp_path / "d"), "--config", config, "--train-hours", "0"],
+         "--train-hours 0 is invalid"),
     ]
     for argv, message in cases:
         assert main(argv) == 2

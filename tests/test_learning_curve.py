@@ -138,6 +138,15 @@ def test_baseline_levels_and_plot(tmp_path):
     path = plot_curve([summarise(RECORD), other], baselines, tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| MFCC | – | – | – | 3.96 | 16.25 |" in markdown_table([other], baselines)
+    # curve.md says how much audio the baselines' probes saw only where they were trained (--probe-frames 0)
+    point_dir = tmp_path / "points" / "4h-8800steps-seed1"
+    point_dir.mkdir(parents=True)
+    (point_dir / "point.json").write_text(json.dumps(RECORD))
+    rows = [_row(1, 5.7, 24.0, model="random init"), _row(None, 3.96, 16.25, model="MFCC")]
+    for probe, said in (([], False), ([_probe("layer_01", 49.0, "random init"), _probe("mfcc", 50.9, "MFCC")], True)):
+        (tmp_path / "baselines.json").write_text(json.dumps({"rows": rows, "probe": probe,
+                                                             "probe_train_hours": 0.017}))
+        assert ("probes were trained on 0.017 h" in write_curve(tmp_path).read_text()) is said
 
 
 def test_a_damaged_point_is_named(tmp_path):

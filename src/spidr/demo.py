@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -217,6 +218,10 @@ def run_demo(settings: DemoSettings) -> Path:
     from spidr.train.plot import plot_training
 
     # Settings are checked before the synthesis (minutes) that comes first.
+    for option, hours, count in (("--train-hours", settings.train_hours, settings.train_utterances_per_voice),
+                                 ("--test-hours", settings.test_hours, settings.test_utterances_per_voice)):
+        if count is None and not (math.isfinite(hours) and hours > 0):
+            raise ValueError(f"{option} {hours:g} is invalid: expected a number of hours > 0")
     training_config(settings, settings.out_dir / "train.csv", settings.out_dir / "test.csv")
     if settings.spoken_lm:
         from spidr.extras import import_extra

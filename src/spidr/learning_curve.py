@@ -576,7 +576,9 @@ def write_curve(out_dir: Path, *, title: str = "Learning curve", shared: tuple[d
     baseline_file = out_dir / "baselines.json"
     baseline_record = json.loads(baseline_file.read_text(encoding="utf-8")) if baseline_file.is_file() else None
     baselines = baseline_levels(baseline_record) if baseline_record else None
-    probe_hours = baseline_record.get("probe_train_hours") if baseline_record else None
+    # The probes' training audio, said only where baseline probes were trained (--probe-frames 0 trains none).
+    probed = baseline_record is not None and bool(baseline_record.get("probe"))
+    probe_hours = baseline_record.get("probe_train_hours") if probed else None
     _write_json(out_dir / "curve.json", {"points": [asdict(p) for p in points],
                                          "baselines": asdict(baselines) if baselines else None})
     plot = plot_curve([p for p in points if not p.other_recipe], baselines, out_dir / "curve.png")
