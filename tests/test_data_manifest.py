@@ -123,6 +123,8 @@ def test_scan_tar_and_read_members(corpus: Path, tmp_path: Path) -> None:
         assert read_manifest(out) == result.entries
     header = (tmp_path / "tar.csv").read_text().splitlines()[0]
     assert header == "fileid,path,num_samples,archive,byte_offset,byte_size"
+    upper = archive.rename(archive.with_name("ARCHIVE.TAR"))  # the suffix in capitals is a tar all the same
+    assert [e.fileid for e in scan(upper, progress=False).entries] == ["a", "b"]
 
 
 def test_compressed_tar_is_refused(corpus: Path, tmp_path: Path) -> None:

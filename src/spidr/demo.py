@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from spidr import cli_types
 from spidr.config import shipped_config
 from spidr.corpus.lm_bench import SEEN_VOICES, LmBenchSettings
 from spidr.help_format import HelpFormatter
@@ -275,7 +276,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test-hours", type=float, default=0.2, help="hours of held-out test speech")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a field of the training config (repeatable)")
-    parser.add_argument("--jobs", type=int, default=None, help="synthesis processes (default: all CPUs)")
+    parser.add_argument("--jobs", type=cli_types.positive_int, default=None,
+                        help="synthesis processes (default: all CPUs)")
     parser.set_defaults(handler=_run)
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from spidr import cli_types
 from spidr.atomic_files import write_atomically
 from spidr.child_processes import start_child
 from spidr.config import shipped_config
@@ -661,7 +662,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="training frames of each layer's phone probe; 0 skips the probe")
     parser.add_argument("--parallel", type=int, default=1,
                         help="points trained at once, each in its own process with its share of the CPU threads")
-    parser.add_argument("--jobs", type=int, default=None, help="synthesis processes (default: all CPUs)")
+    parser.add_argument("--jobs", type=cli_types.positive_int, default=None,
+                        help="synthesis processes (default: all CPUs)")
     parser.add_argument("--only", type=parse_point, default=None, metavar="HOURS:STEPS:SEED",
                         help="train and score this one point only (what --parallel runs in each child process)")
     parser.set_defaults(handler=_run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spidr import cli_types
 from spidr.help_format import HelpFormatter
 
 
@@ -45,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="fraction of each voice's sentences that every voice reads")
     parser.add_argument("--rate-jitter", type=float, default=0.1,
                         help="each utterance's speed varies uniformly within 1 ± this fraction")
-    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: all CPUs); never "
+    parser.add_argument("--jobs", type=cli_types.positive_int, default=None,
+                        help="worker processes (default: all CPUs); never "
                         "changes the output")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a corpus in OUT that was made with other parameters")
@@ -92,7 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--tsc-pairs", type=int, default=defaults.tsc_pairs, help="tSC story pairs (0 leaves the "
                        "task out)")
     bench.add_argument("--seed", type=int, default=defaults.seed, help="seed of everything generated")
-    bench.add_argument("--jobs", type=int, default=None, help="worker processes (default: all CPUs); never changes "
+    bench.add_argument("--jobs", type=cli_types.positive_int, default=None,
+                       help="worker processes (default: all CPUs); never changes "
                        "the output")
     bench.add_argument("--overwrite", action="store_true", help="replace a benchmark made with other settings")
     bench.set_defaults(handler=_synth_lm_bench)

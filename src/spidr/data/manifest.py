@@ -567,7 +567,7 @@ def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in exts)
     if source.is_dir():
         result = _scan_directory(source, exts, progress=progress)
-    elif source.is_file() and source.suffix == ".tar":
+    elif source.is_file() and source.suffix.lower() == ".tar":
         result = _scan_tar(source, exts, progress=progress)
     else:
         raise ValueError(f"{source} is neither a directory nor an uncompressed .tar file")

@@ -114,7 +114,7 @@ def _entries(source: str):
     from spidr.data.manifest import read_manifest, scan
 
     path = Path(source)
-    if path.is_dir() or path.suffix == ".tar":
+    if path.is_dir() or path.suffix.lower() == ".tar":
         return scan(path).entries
     return read_manifest(path)
 

@@ -126,7 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 extracts units with the speech models' Transformer layers in bf16 "
                        "(front end and positional convs in float32)")
-    study.add_argument("--jobs", type=int, default=None, help="synthesis processes (default: all CPUs)")
+    study.add_argument("--jobs", type=cli_types.positive_int, default=None,
+                       help="synthesis processes (default: all CPUs)")
     study.set_defaults(handler=_study)
 
 
