@@ -173,6 +173,25 @@ def test_a_resumed_loader_goes_on_with_the_epoch_s_tally_and_its_yielded_batches
     reported_before = set(saved["loader"]["bad_files"]["reasons"])
     assert not any(location in r.getMessage() for r in caplog.records for location in reported_before)
 
+    # saved right after the epoch's last batch: the pass ends at the resume, as the uninterrupted run ends it before
+    # its next batch (the flag once carried over to the next epoch, and epoch 0's end-of-pass check was lost)
+    last, last_sampler = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    batches = iter(last)
+    for _ in consumed:
+        next(batches)
+    saved = {"loader": last.state_dict(), "sampler": last_sampler.state_dict()}
+    assert saved["loader"]["yielded_in_epoch"] is True
+    assert saved["loader"]["bad_files"]["passes"] == 0
+    at_end, at_end_sampler = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    at_end_sampler.load_state_dict(saved["sampler"])
+    at_end.load_state_dict(saved["loader"])
+    assert (at_end.yielded_in_epoch, at_end.tracker.passes) == (False, 1)
+    next_epoch, second = list(at_end), list(whole)  # epoch 1, resumed and uninterrupted
+    assert [b.ids for b in next_epoch] == [b.ids for b in second]
+    assert (at_end.tracker.seen, at_end.tracker.bad, at_end.tracker.passes) == (
+        whole.tracker.seen, whole.tracker.bad, whole.tracker.passes)
+    assert whole.tracker.passes == 2
+
     class ResumedOnAnEmptyTail:
         """The rest of the resumed epoch holds no usable batch; the next epoch does."""
 

@@ -83,6 +83,10 @@ def test_a_training_manifest_given_with_set_is_refused_before_any_synthesis(tmp_
     settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10,), overrides=("data.manifest=my.csv",))
     with pytest.raises(ValueError, match=r"--set data\.manifest=my\.csv: each point trains on the synthetic corpus"):
         learning_curve.run_curve(settings)
+    monkeypatch.setattr(learning_curve, "run_point", lambda *_: pytest.fail("the point ran"))
+    from spidr.cli import main
+
+    assert main(["learning-curve", "--out", str(tmp_path), "--only", "1:10:0", "--set", "data.manifest=my.csv"]) == 2
 
 
 def test_middle_layers_are_the_issues_three_to_five_of_six():

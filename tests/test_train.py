@@ -318,6 +318,33 @@ def test_a_checkpoint_whose_validation_was_not_logged_is_validated_on_resume(tmp
     assert dev_records() == {step: [loss] for step, loss in expected.items()}
 
 
+def test_the_first_throughput_leaves_out_set_up_and_step_0_s_validation(tmp_path, corpus, monkeypatch):
+    """The interval's clock started before step_0.pt and step 0's validation: a slow validation lowered the first
+    record's audio_seconds_per_s."""
+    real_validate = loop.validate
+
+    def slow_validate(*args, **kwargs):
+        time.sleep(1.0)
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", slow_validate)
+    validation = {"dev": {"manifest": str(corpus), "max_batch_length": 32000, "max_sample_size": 16000,
+                          "min_sample_size": 4000, "num_buckets": 4, "num_workers": 0}}
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2}, run={"save_interval": 10},
+                      validation=validation)
+    assert train(cfg) == "completed"
+    first, second = (r["audio_seconds_per_s"] for r in _train_records(cfg.run.run_dir))
+    assert first > 0.3 * second  # with the validation's second inside, the first was under a tenth
+
+
+def test_a_run_directory_that_cannot_be_made_is_refused_by_name(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 1})
+    cfg.run.run_dir.parent.parent.mkdir(parents=True, exist_ok=True)
+    cfg.run.run_dir.parent.write_text("a file where the run's folder goes")
+    with pytest.raises(ValueError, match=rf"cannot use the run directory {cfg.run.run_dir}"):
+        train(cfg)
+
+
 def test_a_checkpoint_inside_a_logging_interval_keeps_its_means(tmp_path, corpus):
     """Records every 3 steps, checkpoints every 2: resumed from step_2.pt, the run logs at step 3 the mean of steps
     1-3 as the uninterrupted run does (it once logged the mean of step 3 alone)."""

@@ -598,15 +598,21 @@ def write_curve(out_dir: Path, *, title: str = "Learning curve", shared: tuple[d
     return path
 
 
-def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
-    """The whole curve: corpora, points, baselines, summary; returns ``curve.md``."""
+def check_overrides(settings: CurveSettings) -> None:
+    """A bad --set fails now, not after the synthesis; a manifest is refused: each point trains on the synthetic
+    corpus of its --hours and is scored on the curve's test corpus."""
     from spidr.config import load_config
 
-    load_config(settings.config, settings.overrides)  # a bad --set fails now, not after the synthesis
+    load_config(settings.config, settings.overrides)
     for override in settings.overrides:
         if override.split("=", 1)[0].strip() in ("data.manifest", "validation.test.manifest"):
             raise ValueError(f"--set {override}: each point trains on the synthetic corpus of its --hours and is "
                              "scored on the curve's test corpus; a manifest given here would stand for all of them")
+
+
+def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
+    """The whole curve: corpora, points, baselines, summary; returns ``curve.md``."""
+    check_overrides(settings)
     for hours in (None, *settings.hours):  # synthesis uses every CPU: before the points, not beside them
         synthesise(settings, hours)
     run_points(settings, argv)
@@ -674,6 +680,7 @@ def _run(args: argparse.Namespace) -> int:
                              seeds=args.seeds, overrides=tuple(args.overrides), probe_frames=args.probe_frames,
                              parallel=args.parallel, jobs=args.jobs)
     if args.only is not None:
+        check_overrides(settings)
         print(run_point(settings, args.only))
         return 0
     argv = _child_argv(args)

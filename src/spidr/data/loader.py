@@ -94,7 +94,8 @@ def ignore_stop_signals(_worker_id: int) -> None:
     main process then stopped on "DataLoader worker is killed by signal" before it could save its checkpoint. The
     main process saves, then shuts its workers down itself (and they exit when it dies)."""
     for name in STOP_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if hasattr(signal, name):  # SIGUSR1/2 are POSIX only
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class PretrainingLoader(DataLoader):
@@ -119,8 +120,13 @@ class PretrainingLoader(DataLoader):
         return {"yielded_in_epoch": self.yielded_in_epoch, "bad_files": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s, after the sampler's own state (its position says whether the epoch ended)."""
         self.yielded_in_epoch = bool(state["yielded_in_epoch"])
         self.tracker.load_state_dict(state["bad_files"])
+        if self.bucket_sampler.position >= len(self.bucket_sampler):
+            # Saved after the epoch's last batch, before the pass ended (the next fetch ends it): end it now, as
+            # the uninterrupted run does before its next batch (the sampler goes on with the next epoch).
+            self._end_pass()
 
     def __iter__(self) -> Iterator[Batch | None]:  # type: ignore[override]
         # Start the DataLoader iterator now, not at the first ``next``: callers may fence this call (e.g. with
@@ -140,6 +146,10 @@ class PretrainingLoader(DataLoader):
                 continue
             self.yielded_in_epoch = True
             yield batch
+        self._end_pass()
+
+    def _end_pass(self) -> None:
+        """An epoch (or validation pass) ended: judge its bad files, summarise new ones, start the next."""
         self.tracker.end_of_pass(yielded_any=self.yielded_in_epoch)
         self.yielded_in_epoch = False
         if self._summarised != len(self.tracker.reasons):  # the first epoch, and any that found new bad files

@@ -58,9 +58,9 @@ class ExtractionSettings:
 
 def window_settings(max_seconds: float) -> dict[str, float]:
     """``max_seconds`` and windows that fit in it (``ExtractionSettings`` fields): a file longer than ``max_seconds``
-    runs in windows of ``max_seconds`` of audio (plus at most one frame's receptive field: windows are whole frames),
-    30 s kept + 5 s of context on each side by default, both shrunk for a smaller bound (10 s: 5 s kept + 2.5 s on
-    each side), so the bound caps a forward's memory."""
+    runs in overlapping windows of 30 s kept + 5 s of context on each side (40 s) when they fit, else shrunk to
+    ``max_seconds`` (10 s: 5 s kept + 2.5 s on each side; windows are whole frames, so up to one frame's receptive
+    field more), so that no forward reads more than ``max_seconds`` of audio."""
     context = min(5.0, max_seconds / 4)
     return {"max_seconds": max_seconds, "window_seconds": min(30.0, max_seconds - 2 * context),
             "context_seconds": context}

@@ -38,9 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--codebooks", action="store_true", help="also write codebook units (arg-max of each head)")
     extract.add_argument("--batch-seconds", type=cli_types.positive_float, default=60.0, help="padded audio per batch")
     extract.add_argument("--max-seconds", type=cli_types.positive_float, default=60.0,
-                         help="files longer than this are processed in overlapping windows of about this much "
-                         "audio (30 s kept + 5 s of context on each side, shrunk to fit a smaller bound): the bound "
-                         "caps a forward pass's memory")
+                         help="files longer than this are processed in overlapping windows of 30 s kept + 5 s of "
+                         "context on each side, shrunk to fit a bound under 40 s: no forward pass reads more audio "
+                         "than this (its memory is bounded)")
     extract.add_argument("--restart", action="store_true",
                          help="start over instead of resuming a killed extraction into OUT (and replace one of "
                          "another model, manifest or settings)")

@@ -299,6 +299,10 @@ class _Interval:
         self.means.add({k: v for k, v in metrics.items() if k not in ("lr", "ema_decay")})
         self.audio += float(metrics["audio_seconds"])
 
+    def restart_clock(self) -> None:
+        """Time throughput from now (the first step), not from set-up, step 0's checkpoint or validation."""
+        self.start, self.audio = time.perf_counter(), 0.0
+
     def state_dict(self) -> dict[str, Any]:
         return {"means": self.means.state_dict(), "skipped": self.skipped}
 
@@ -509,6 +513,7 @@ def _steps(
     cfg = run.cfg
     batches = _batches(loader)
     interval = run.interval
+    interval.restart_clock()
     unread: list[StepOutput] = []  # skip_on_device: the steps the host has not read yet
     while run.step < cfg.optimizer.max_steps:
         if run.step >= cfg.model.freeze_step and len(run.optimizer.param_groups) > 1:

@@ -45,8 +45,10 @@ def hold_run_folder(run_dir: Path, cleanup: contextlib.ExitStack, *, is_main: bo
     if is_main:
         try:
             cleanup.enter_context(folder_lock(run_dir, f"the training run in {run_dir}"))
-        except ValueError as error:
+        except ValueError as error:  # in use
             refusal = str(error)
+        except OSError as error:  # not a folder this process can write in
+            refusal = f"cannot use the run directory {run_dir}: {error}"
     refusal = broadcast_from_main(refusal)
     if refusal is not None:
         raise AgreedValueError(refusal)
