@@ -7,11 +7,12 @@ sends the child a signal when its parent dies (``PR_SET_PDEATHSIG``); elsewhere 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -22,27 +23,26 @@ def start_child(command: Sequence[str], *, stdout: Any, env: dict[str, str] | No
     stops at the next step)."""
     if sys.platform != "linux":
         return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child runs only prctl before its exec
-    parent = os.getpid()
-
-    def die_with_parent() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before prctl: no signal will come
-            os._exit(1)
-
+    prctl = _prctl()  # looked up here: the child runs only prctl and getppid before its exec
     return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=die_with_parent)  # noqa: PLW1509 -- runs only prctl and getppid
+                            preexec_fn=functools.partial(_die_with_parent, prctl, os.getpid()))  # noqa: PLW1509
 
 
 def end_with_parent(parent: int) -> None:
     """Run first in a worker process (a ``multiprocessing`` pool's initializer, with ``parent = os.getpid()`` of the
     process that makes the pool): the worker gets SIGTERM when its parent dies."""
-    if sys.platform != "linux":
-        return
+    if sys.platform == "linux":
+        _die_with_parent(_prctl(), parent)
+
+
+def _prctl() -> Callable[..., int]:
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    if os.getppid() != parent:  # the parent died before prctl
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
+    """In the child: SIGTERM when the parent dies; exit now if it died already (no signal would come)."""
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:
         os._exit(1)

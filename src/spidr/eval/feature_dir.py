@@ -83,14 +83,14 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
         path = self.path(key)
         if path.suffix != ".npy":
             return int(self[key].shape[0])
-        shape = _mapped(path).shape  # maps the file: reads the header only
+        shape = _load_npy(path, mapped=True).shape  # maps the file: reads the header only
         return int(shape[0]) if shape else 0
 
     def read_rows(self, key: str, rows: np.ndarray) -> np.ndarray | torch.Tensor:
         """Frames ``rows`` (R,) of one file, (R, D): from a ``.npy`` only the pages holding them are read (k-means
         samples about 1 frame in 170 of LibriSpeech; reading whole files read 515 GB of one base layer for 4 GB)."""
         path = self.path(key)
-        whole = _mapped(path) if path.suffix == ".npy" else self[key]
+        whole = _load_npy(path, mapped=True) if path.suffix == ".npy" else self[key]
         if whole.ndim != 2:
             raise ValueError(f"features of {key!r} have shape {tuple(whole.shape)}: expected (T, D)")
         return np.array(whole[rows]) if isinstance(whole, np.ndarray) else whole[torch.as_tensor(rows)]
@@ -225,10 +225,10 @@ def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
     return (size, metadata) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
-def _mapped(path: Path) -> np.ndarray:
-    """A ``.npy`` file memory-mapped read-only (no pickles)."""
+def _load_npy(path: Path, *, mapped: bool = False) -> np.ndarray:
+    """A ``.npy`` file (no pickles), read whole or memory-mapped read-only."""
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.load(path, mmap_mode="r" if mapped else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:  # object arrays, a cut header, an empty file
         raise ValueError(f"{path}: not a plain numeric .npy array ({error})") from None
 
@@ -237,10 +237,7 @@ def load_feature_file(path: str | Path) -> np.ndarray | torch.Tensor:
     """Read one feature array from ``.npy`` (no pickles) or ``.pt`` (weights only: a single tensor)."""
     path = Path(path)
     if path.suffix == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:  # object arrays, a cut header, an empty file
-            raise ValueError(f"{path}: not a plain numeric .npy array ({error})") from None
+        return _load_npy(path)
     from spidr.models.loading import unpickling_failure
 
     try:

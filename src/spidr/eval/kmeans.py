@@ -169,12 +169,17 @@ def load_centroids(path: str | Path) -> torch.Tensor:
 
 
 def assign_units(
-    features: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor, *, batch_size: int = 8192
+    features: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor, *, batch_size: int = 8192,
+    name: str | None = None, centroids_name: str = "the centroids",
 ) -> np.ndarray:
     """Nearest-centroid unit of every frame: features (T, D) and centroids (K, D) (as ``fit_kmeans`` gives them,
-    any float dtype; computed in float32) → (T,) int64."""
+    any float dtype; computed in float32) → (T,) int64. ``name`` (the features' file) and ``centroids_name`` (their
+    file) are named when the dimensions differ."""
     frames = torch.as_tensor(features, dtype=torch.float32)
     centroids = torch.as_tensor(centroids, dtype=torch.float32)
+    if frames.ndim == 2 and name is not None and frames.shape[1] != centroids.shape[1]:
+        raise ValueError(f"features of {name!r} have dimension {frames.shape[1]}, {centroids_name} "
+                         f"{centroids.shape[1]}: centroids of another layer or model?")
     if frames.ndim != 2 or frames.shape[1] != centroids.shape[1]:
         raise ValueError(f"features of shape {tuple(frames.shape)} do not match centroids of dimension "
                          f"{centroids.shape[1]}")
@@ -192,8 +197,4 @@ def assign_directory(
     """``(name, units)`` for every file of ``features``, in sorted order, one file in memory at a time.
     ``centroids_name`` (their file) is named when a file's feature dimension is not theirs."""
     for name in sorted(features):
-        array = _as_array(features[name], name)
-        if array.shape[1] != centroids.shape[1]:
-            raise ValueError(f"features of {name!r} have dimension {array.shape[1]}, {centroids_name} "
-                             f"{centroids.shape[1]}: centroids of another layer or model?")
-        yield name, assign_units(array, centroids)
+        yield name, assign_units(_as_array(features[name], name), centroids, name=name, centroids_name=centroids_name)

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from spidr.eval.units import deduplicate, holds_only_integers, read_jsonl_rows_with_lines
+from spidr.lm.zerospeech import is_stem
 
 UnitsKind = Literal["units", "labels"]
 _KIND_WORDS = {"units": "discrete units ('units' rows)", "labels": "frame labels ('phones' rows)"}
@@ -144,7 +145,7 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
     found: dict[str, int] = {}  # labels without a vocabulary: label → provisional id, in order of appearance
     sequences: dict[str, np.ndarray] = {}
     for stem, row_kind, where, values, line in rows:
-        if submission_names and (not stem or any(character.isspace() for character in stem)):
+        if submission_names and not is_stem(stem):
             raise ValueError(f"{where}: the item name {stem!r} (the file stem of its 'name') cannot be a line of a "
                              "ZeroSpeech submission: it must be non-empty, without whitespace")
         if kind is None:

@@ -109,8 +109,14 @@ def _non_empty(value: str) -> str:
     return value
 
 
+def is_stem(value: str) -> bool:
+    """Whether ``value`` can name an item in ZeroSpeech files: a wav stem, non-empty, without whitespace (a
+    submission line is ``<stem> <score>``)."""
+    return bool(value) and not any(character.isspace() for character in value)
+
+
 def _stem(value: str) -> str:
-    if not value or any(character.isspace() for character in value):
+    if not is_stem(value):
         raise ValueError("expected a wav stem: non-empty, without whitespace")
     return value
 
@@ -315,7 +321,7 @@ def write_submission(path: str | Path, scores: Mapping[str, float]) -> None:
     lines = []
     for stem in sorted(scores):
         score = float(scores[stem])  # numpy scalars would otherwise be written as 'np.float64(...)'
-        if not stem or any(character.isspace() for character in stem):
+        if not is_stem(stem):
             raise ValueError(f"cannot write stem {stem!r} to {path}: stems must be non-empty, without whitespace")
         if math.isnan(score):
             raise ValueError(f"cannot write the NaN score of {stem!r} to {path}")
