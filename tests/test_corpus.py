@@ -576,6 +576,8 @@ def test_missing_espeak_library_names_the_packages(tmp_path: Path, monkeypatch: 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     for kwargs, message in (
+        ({"out_dir": tmp_path / "c,d"}, "comma, tab or newline"),
+        ({"out_dir": tmp_path / "c\udcff"}, r"c\\xff' is not valid UTF-8"),  # bytes b"c\xff": failed at the end
         ({"num_utterances_per_voice": 2, "hours": 1.0}, "not both"),
         ({"num_utterances_per_voice": 0}, ">= 1"),
         ({"jobs": 0}, "jobs"),
@@ -587,8 +589,8 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         ({"voices": ["awb"], "warps": [float("nan")]}, r"--warp factor nan must be in \[0\.5, 2\.0\]"),
     ):
         with pytest.raises(ValueError, match=message):
-            synthesize_corpus(tmp_path / "c", **kwargs)
-    assert not (tmp_path / "c").exists()
+            synthesize_corpus(**{"out_dir": tmp_path / "c", **kwargs})
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

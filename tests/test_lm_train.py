@@ -201,6 +201,32 @@ def test_a_non_finite_step_is_skipped():
     assert np.isfinite(out.loss)
 
 
+def test_a_stop_inside_a_non_finite_streak_keeps_its_count(tmp_path, monkeypatch):
+    """Stopped after 2 non-finite steps in a row (limit 3), the resumed run gives up at its first: the
+    checkpoint carries the streak (it restarted at 0, so a run stopped every few steps never diverged)."""
+    import spidr.lm.train as lm_train
+
+    cfg = load_lm_config(_config(tmp_path, "lm", run={"max_consecutive_nonfinite": 3},
+                                 optimizer={"max_steps": 20}))
+    real_step, calls = lm_train.lm_train_step, []
+
+    def poisoned_after_step_4(model, windows, optimizer, scheduler, **kwargs):
+        calls.append(scheduler.last_epoch)
+        if scheduler.last_epoch < 4:
+            return real_step(model, windows, optimizer, scheduler, **kwargs)
+        stop = len(calls) == 6  # the second poisoned step meets a stop signal
+        return lm_train.LmStepOutput(True, stop, float("nan"), float("nan"), 0)
+
+    monkeypatch.setattr(lm_train, "lm_train_step", poisoned_after_step_4)
+    assert train_lm(cfg) == "interrupted"
+    assert calls == [0, 1, 2, 3, 4, 4]
+    assert torch.load(cfg.run.run_dir / "step_4.pt", weights_only=True)["nonfinite_streak"] == 2
+    calls.clear()
+    with pytest.raises(lm_train.LmTrainingDivergedError, match="3 consecutive non-finite steps"):
+        train_lm(cfg)
+    assert calls == [4]
+
+
 def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
     cfg = load_lm_config(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 2}))
     assert train_lm(cfg) == "completed"

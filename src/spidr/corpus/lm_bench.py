@@ -403,9 +403,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     from spidr.corpus.utterance import Utterance
     from spidr.corpus.voices import require_available
 
-    out_dir = Path(out_dir).resolve()
-    if any(char in str(out_dir) for char in ",\t\n"):
-        raise ValueError(f"output directory {str(out_dir)!r} contains a comma, tab or newline; choose another path")
+    out_dir = outputs.writable_out_dir(out_dir)
     parameters = bench_parameters(settings)
     cached = _reuse(out_dir, parameters, overwrite=overwrite)
     if cached is not None:

@@ -38,6 +38,23 @@ INFO_JSON = "info.json"
 ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
 
 
+def writable_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` made absolute, refused where the manifest (CSV, UTF-8) could not name the files under it: a
+    comma, tab or newline would split its rows, and bytes that are not UTF-8 could not be written at all (the
+    synthesis would fail only at its end, after all the audio was made)."""
+    out_dir = Path(out_dir).resolve()
+    if any(char in str(out_dir) for char in ",\t\n"):
+        raise ValueError(f"output directory {str(out_dir)!r} contains a comma, tab or newline, which the CSV/TSV "
+                         "files cannot hold; choose another path")
+    try:
+        str(out_dir).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(out_dir).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ValueError(f"output directory '{shown}' is not valid UTF-8, which the manifest (UTF-8 text) cannot "
+                         "hold; choose another path") from None
+    return out_dir
+
+
 def seconds(samples: int) -> str:
     return f"{samples / SAMPLE_RATE:.4f}"
 

@@ -263,10 +263,7 @@ def synthesize_corpus(
     (more cross-speaker triphone overlap); ``rate_jitter`` varies each utterance's speed by up to ±that fraction.
     ``jobs`` worker processes (default: all CPUs) never change the output.
     """
-    out_dir = Path(out_dir).resolve()
-    if any(char in str(out_dir) for char in ",\t\n"):
-        raise ValueError(f"output directory {str(out_dir)!r} contains a comma, tab or newline, which the CSV/TSV "
-                         "files cannot hold; choose another path")
+    out_dir = outputs.writable_out_dir(out_dir)
     selected = resolve_voices(voices, warps)
     if num_utterances_per_voice is not None and hours is not None:
         raise ValueError("give either num_utterances_per_voice or hours, not both")

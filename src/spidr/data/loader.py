@@ -24,7 +24,7 @@ from spidr.data.collate import Batch, Collator
 from spidr.data.dataset import AudioDataset, BadFileTracker, Skipped, Utterance
 from spidr.data.manifest import read_manifest
 from spidr.data.sampler import BucketBatchSampler
-from spidr.seeding import derived_seed
+from spidr.seeding import derived_seed, rank_seed
 from spidr.train.runtime import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def build_dataloader(
         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=data_cfg.persistent_workers and workers > 0,
         # Only worker seeds come from it (crops and masks have their own); it keeps the global RNG untouched.
-        generator=torch.Generator().manual_seed(data_seed + rank),
+        generator=torch.Generator().manual_seed(rank_seed(data_seed, rank)),
         worker_init_fn=ignore_stop_signals,
         bucket_sampler=sampler,
         tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest, shared=world_size > 1),

@@ -492,12 +492,32 @@ def _members_before_any_cut(tar: tarfile.TarFile, cut: list[str]) -> Iterator[ta
 
 
 def _follow(symlinks: dict[str, str], name: str) -> str:
-    """Where a chain of symbolic links starting at ``name`` ends, given up after 40 links as the kernel does."""
-    for _ in range(40):
-        if name not in symlinks:
-            break
-        name = symlinks[name]
-    return name
+    """The member name that ``name`` stands for once every symbolic link on its way is followed, the links to
+    folders included (``voices -> speakers`` makes ``voices/a.wav`` lead to ``speakers/a.wav``), as ``realpath``
+    resolves a path on disk; given up after 40 links as the kernel does (the name reached then is returned)."""
+    pending = name.split(os.sep)[::-1]  # components still to walk, next one last
+    resolved: list[str] = []
+    links_left = 40
+    while pending:
+        component = pending.pop()
+        if component in ("", "."):
+            continue
+        if component == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        here = os.path.join(*resolved, component)
+        target = symlinks.get(here)
+        if target is None or links_left == 0:
+            resolved.append(component)
+            continue
+        links_left -= 1
+        if os.path.isabs(target):  # leads out of the archive (tar -x would follow it on the extracting machine)
+            return os.path.join(target, *pending[::-1])
+        # the stored target is already joined to the link's folder and normalised: walk it from the top
+        resolved = []
+        pending.extend(target.split(os.sep)[::-1])
+    return os.path.join(*resolved) if resolved else "."
 
 
 def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool) -> ScanResult:

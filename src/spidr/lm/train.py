@@ -36,6 +36,7 @@ from spidr.lm.config import LmConfig, LmModelSection, check_trainable
 from spidr.lm.data import WindowSampler, is_held_out, token_stream, validation_windows
 from spidr.lm.models import NgramLM, build_lm, token_log_likelihoods
 from spidr.lm.tokens import LabelVocabulary, UnitSequences, Vocabulary, fingerprint, read_unit_sequences
+from spidr.seeding import rank_seed
 from spidr.train.checkpoint import Checkpointer, capture_rng_state, int_tensor, read_int, restore_rng_state
 from spidr.train.environment import (
     DistributedEnvironment,
@@ -240,15 +241,17 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                     data.train.numel(), data.info["train_utterances"], data.valid.numel(), data.vocab.size)
         torch.manual_seed(cfg.run.seed)
         raw = build_model_for(cfg.model, data.vocab.size).to(device)
-        seed_everything(cfg.run.seed + denv.rank)
+        seed_everything(rank_seed(cfg.run.seed, denv.rank))
         precision = resolve_precision(o.dtype, device)
         checkpointer = Checkpointer(run_dir, save_interval=cfg.run.save_interval, keep_latest=cfg.run.keep_latest)
         interval = RunningMeans()  # the logging interval's means, kept by a checkpoint saved inside it
+        streak = 0  # non-finite steps in a row, kept by a checkpoint saved inside a streak
 
         def save(step: int, *, final: bool = False) -> None:
             # Collective: every rank's RNG state goes in; only the main rank writes.
             snapshot = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "config": cfg.to_dict(),
                         "lm": data.info, "step": int_tensor(step), "log_interval": interval.state_dict(),
+                        "nonfinite_streak": streak,
                         "ranks": gather_to_all({"rng": capture_rng_state()}),
                         **({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
                            if optimizer is not None else {})}
@@ -271,8 +274,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
 
         optimizer = build_optimizer(raw, cfg, device)
         scheduler = build_scheduler(optimizer, cfg)
-        streak = 0
-        step = _resume(checkpointer, denv, data, cfg, model=raw, optimizer=optimizer, scheduler=scheduler,
+        step, streak = _resume(checkpointer, denv, data, cfg, model=raw, optimizer=optimizer, scheduler=scheduler,
                        interval=interval)
         if denv.is_main:  # once the run is known to be this config's (a refused resume leaves the old one)
             write_config(cfg.to_dict(), run_dir)
@@ -345,13 +347,14 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
 
 def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmData, cfg: LmConfig, *,
             model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-            interval: RunningMeans) -> int | None:
+            interval: RunningMeans) -> tuple[int | None, int]:
     """Load the latest checkpoint rank 0 sees into every rank (with the logging ``interval`` it was saved in);
-    returns its step, or None for a fresh run."""
+    returns its step (None for a fresh run) and the non-finite steps in a row it was saved after, so that a
+    stop inside a streak does not restart the count toward ``run.max_consecutive_nonfinite``."""
     latest = checkpointer.load_latest() if denv.is_main else None
     path = broadcast_from_main(None if latest is None else str(latest[0]))
     if path is None:
-        return None
+        return None, 0
     saved = latest[1] if latest is not None else torch.load(path, map_location="cpu", weights_only=True)
     _check_resumable(saved, data, path)
     load_resumed_weights(model, saved["model"], saved_config=saved.get("config") or {}, config=cfg.to_dict(),
@@ -367,7 +370,7 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
                        len(saved["ranks"]), denv.world_size)
     step = read_int(saved["step"])
     logger.info("resuming from %s at step %d", path, step)
-    return step
+    return step, int(saved.get("nonfinite_streak", 0))
 
 
 def _check_resumable(saved: dict[str, Any], data: LmData, path: str) -> None:

@@ -38,6 +38,7 @@ from spidr.data import SAMPLE_RATE
 from spidr.data.loader import build_dataloader
 from spidr.distributed import RaisedOnEveryRankError, all_reduce_sum, world_size
 from spidr.models.build import build_model
+from spidr.seeding import rank_seed
 from spidr.train.checkpoint import (
     Checkpointer,
     capture_rng_state,
@@ -365,7 +366,7 @@ def train(cfg: Config) -> Outcome:
         # Identical initial weights on every rank (seeded with the run seed), then one RNG stream per rank.
         torch.manual_seed(cfg.run.random_seed)
         raw_model = build_model(cfg.model).to(device)
-        seed_everything(cfg.run.random_seed + denv.rank)
+        seed_everything(rank_seed(cfg.run.random_seed, denv.rank))
         precision = resolve_precision(cfg.optimizer.dtype, device)
         install_heap_trim(raw_model, cfg.run.trim_heap, precision)
         loader, sampler = build_dataloader(
