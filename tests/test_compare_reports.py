@@ -114,3 +114,18 @@ def test_table_numbers_show_missing_values_and_no_negative_zero() -> None:
     assert format_number(-0.05, 1) == "-0.1"  # a real negative stays negative
     assert format_number(None) == format_number(float("nan")) == "–"
     assert format_number(12.345) == "12.35"
+
+
+def test_the_markdown_table_shows_every_unit_quality_figure_in_its_column():
+    """bitrate and cluster purity were in report.json only; each figure sits under its own header."""
+    from spidr.eval.report import markdown_table
+
+    quality = {"pnmi": 0.4591, "phone_purity": 0.8333, "cluster_purity": 0.6667, "codebook_perplexity": 1.8899,
+               "active_codewords": 2, "bitrate": 33.333}
+    header, rule, line = markdown_table([LayerRow("m", 3, abx_within=7.5, unit_abx_across=41.25,
+                                                  quality=quality)]).splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
+    assert rule.count("---") == len(cells)
+    assert cells == {"model": "m", "layer": "3", "ABX within %": "7.50", "ABX across %": "–",
+                     "unit ABX within %": "–", "unit ABX across %": "41.25", "PNMI": "0.459", "phone purity": "0.833",
+                     "cluster purity": "0.667", "codebook ppl": "1.9", "active": "2", "bitrate bit/s": "33.3"}

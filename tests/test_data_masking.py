@@ -125,6 +125,18 @@ def test_uniform_span_lengths_stay_in_range() -> None:
     assert len(seen) > 4
 
 
+def test_poisson_span_lengths_follow_poisson_of_the_mask_length() -> None:
+    """fairseq's "poisson" spans: Poisson(mask_length), mean and variance both mask_length (the reference drew
+    Poisson(U[0, 1) · mask_length): mean 5 for a length of 10, and one span in ten empty; spec §14.14)."""
+    from spidr.data.masking import _span_lengths
+
+    lengths = torch.tensor(_span_lengths(20000, 1000, selection="poisson", mask_length=10, mask_other=0.0,
+                                         generator=torch.Generator().manual_seed(0)), dtype=torch.float64)
+    assert abs(lengths.mean().item() - 10.0) < 0.1  # standard error of the mean: sqrt(10 / 20000) = 0.022
+    assert abs(lengths.var().item() - 10.0) < 0.5
+    assert (lengths == 0).float().mean().item() < 0.001  # P(0) = e^-10 = 4.5e-5
+
+
 def test_same_generator_state_same_mask() -> None:
     cfg = MaskingConfig(no_mask_overlap=True, mask_selection="poisson")  # the path that ignored the seed (§14.13)
     padding = torch.arange(150)[None, :] >= torch.tensor([150, 120, 80])[:, None]

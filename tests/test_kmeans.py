@@ -163,6 +163,28 @@ def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[s
             capsys.readouterr().err)
 
 
+def test_bfloat16_pt_features_are_clustered_and_assigned_as_their_float32_values(tmp_path: Path) -> None:
+    """fastabx-style .pt features in bf16 (numpy has no bfloat16: kmeans and units failed with a TypeError) give
+    the centroids and units of their values in float32."""
+    features = clustered_features()
+    for name, array in features.items():
+        for folder, save in (("bf16", lambda path, a: torch.save(torch.from_numpy(a).bfloat16(), path.with_suffix(
+                                 ".pt"))),
+                             ("f32", lambda path, a: np.save(path.with_suffix(".npy"),
+                                                             torch.from_numpy(a).bfloat16().float().numpy()))):
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            save(tmp_path / folder / name, array)
+    for folder in ("bf16", "f32"):
+        assert cli.main(["kmeans", str(tmp_path / folder), "--num-units", "4", "--out",
+                         str(tmp_path / f"{folder}.safetensors"), "--max-frames", "200", "--seed", "1"]) == 0
+        assert cli.main(["units", str(tmp_path / folder), "--centroids", str(tmp_path / f"{folder}.safetensors"),
+                         "--out", str(tmp_path / f"{folder}.jsonl")]) == 0
+    assert load_centroids(tmp_path / "bf16.safetensors").equal(load_centroids(tmp_path / "f32.safetensors"))
+    bf16, f32 = read_units(tmp_path / "bf16.jsonl"), read_units(tmp_path / "f32.jsonl")
+    assert sorted(bf16) == sorted(f32)
+    assert all(np.array_equal(bf16[name], f32[name]) for name in f32)
+
+
 def test_a_failure_partway_leaves_no_truncated_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Units are written file by file: a bad last file (NaN features) fails the command without leaving 9 of 10

@@ -7,6 +7,7 @@ renaming rules (written out independently below), and checks that loading them g
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 
 import pytest
@@ -121,7 +122,7 @@ def tiny_original(extractor_mode: str = "layer_norm") -> DinoSR:
         extractor_mode="group_norm" if extractor_mode == "default" else "layer_norm",
         extractor_conv_layer_config=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2,
         encoder_embed_dim=32, encoder_num_layers=3, encoder_num_heads=2, encoder_ff_interm_features=64,
-        num_codebooks=2, codebook_size=16, encoder_qkv_bias=True, freeze_step=200001,
+        num_codebooks=2, codebook_size=16, encoder_qkv_bias=True, freeze_step=200001, teacher_init="copy",
     )
     torch.manual_seed(0)
     model = DinoSR(cfg)
@@ -221,7 +222,22 @@ def test_fairseq_settings_map_to_our_config() -> None:
     assert cfg.freeze_step == 200001
     assert cfg.num_codebooks == 2
     assert cfg.encoder_layer_drop == 0.05
-    assert fairseq_model_config({}) == DinoSRConfig(encoder_qkv_bias=True)
+    assert fairseq_model_config({}) == DinoSRConfig(encoder_qkv_bias=True, teacher_init="copy")
+
+
+def test_fairseq_training_options_are_converted_or_named(caplog: pytest.LogCaptureFixture) -> None:
+    """feature_grad_mult and ema_layers_only have counterparts; an annealed codebook decay has none and is named
+    (it changes only further training: the converted model's features are the original's)."""
+    cfg = fairseq_model_config({"feature_grad_mult": 0.1, "ema_layers_only": False})
+    assert (cfg.feature_grad_mult, cfg.ema_exclude_layers) == (0.1, ())
+    assert fairseq_model_config({"ema_layers_only": True}).ema_exclude_layers == ("pos_conv_embed",)
+    with caplog.at_level(logging.WARNING):
+        fairseq_model_config({"codebook_init_decay": 0.9, "codebook_end_decay": 0.9})
+        assert not caplog.records
+        cfg = fairseq_model_config({"codebook_init_decay": 0.9, "codebook_end_decay": 0.99,
+                                    "codebook_end_decay_step": 100000})
+    assert cfg.codebook_decay == 0.9
+    assert "anneals its codebook decay from 0.9 to 0.99 (codebook_end_decay_step = 100000)" in caplog.text
     with pytest.raises(ValueError, match="encoder_num_heads"):
         fairseq_model_config({"encoder_embed_dim": 32, "encoder_attention_heads": 5})
 

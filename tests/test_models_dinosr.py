@@ -351,6 +351,18 @@ def test_teacher_is_a_frozen_reinitialised_copy(model_type: str) -> None:
 
 
 @pytest.mark.parametrize("model_type", TYPES)
+def test_teacher_init_copy_starts_the_teacher_as_the_student(model_type: str) -> None:
+    """model.teacher_init = "copy" (fairseq DinoSR): every teacher weight equals the student's at step 0 (the
+    default draws fresh linear weights: above; the official seeded weights: test_models_parity)."""
+    model = tiny_model(model_type, teacher_init="copy")
+    student, teacher = model.student.state_dict(), model.teacher.state_dict()
+    assert list(student) == list(teacher)
+    assert all(torch.equal(student[key], teacher[key]) for key in student)
+    assert teacher["layers.0.attention.qkv.weight"].dtype == torch.float32
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+@pytest.mark.parametrize("model_type", TYPES)
 @torch.no_grad()
 def test_update_ema(model_type: str) -> None:
     model = tiny_model(model_type)

@@ -228,6 +228,9 @@ class ModelConfig:
     # BYOL/DINO) instead of sharing the student's (official): the student's front end can no longer reshape the
     # targets at once, so collapsing it to a constant stops making the targets trivially predictable.
     teacher_feature_encoder: Literal["shared", "ema"] = "shared"
+    # "copy": the teacher starts as an exact copy of the student encoder, as in fairseq DinoSR. "reinit" (official,
+    # spec §4.1) draws fresh weights for its linear and attention layers, so it starts unrelated to the student.
+    teacher_init: Literal["reinit", "copy"] = "reinit"
     # "all": the codebooks' EMA update (and dead-codeword re-seeding) reads the teacher targets of every non-padded
     # frame instead of only the masked, scored ones (official). At small batch sizes a codeword sees ~2.5x more
     # frames per step, so its centroid is less noisy; the loss still scores the masked frames only.

@@ -32,10 +32,10 @@ def _span_lengths(
             draws = torch.normal(float(mask_length), float(mask_other), (num_spans,), generator=generator)
             lengths = draws.round().clamp(min=1).long().tolist()
         case "poisson":
-            # As in the reference (spec §5): Poisson with a rate drawn uniformly in [0, mask_length), not fairseq's
-            # Poisson(mask_length).
-            rates = torch.rand(num_spans, generator=generator) * mask_length
-            lengths = torch.poisson(rates, generator=generator).round().long().tolist()
+            # fairseq's Poisson(mask_length). The reference draws Poisson(U[0, 1) · mask_length) (spec §14.14), which
+            # halves the mean span and gives one span in ten no frame at all.
+            rates = torch.full((num_spans,), float(mask_length))
+            lengths = torch.poisson(rates, generator=generator).long().tolist()
         case _:
             raise ValueError(f"masking.mask_selection = {selection!r} is invalid: expected static, uniform, normal "
                              "or poisson")

@@ -21,8 +21,11 @@ Cells (fastabx ``Task`` with ON ``#phone``; "A", "B", "X" are the sets of items 
   or X (fastabx shuffles every cell with one seed, which has exactly this property). ``max_x_across`` keeps, for
   each A group, at most that many X speakers, again by a seeded size-only permutation of the candidate speakers in
   sorted order. The selection is deterministic under ``seed`` but not the one polars' RNG draws in fastabx, so
-  subsampled scores agree with fastabx's statistically, not item for item; without subsampling they agree up to
-  float rounding (GEMM summation order; cell scores are averaged in float64 where fastabx keeps float32).
+  subsampled scores agree with fastabx's statistically, not item for item; without subsampling they agree with
+  fastabx 0.7.x (``max_size_group=None``) up to float rounding (GEMM summation order; cell scores are averaged in
+  float64 where fastabx keeps float32). fastabx 0.8.0 aligns every pair with X on the lattice rows, within speaker
+  too, and moved ``max_x_across`` before the per-cell cap: with it, only DTW ties broken on a transposed lattice
+  differ (random discrete units, 80 items: error rates within 2.5e-4 of ours).
 * Collapse (ZeroSpeech order): average the cell error rates over contexts (and X speakers), then over speakers,
   then take the plain mean over (A phone, B phone) pairs.
 

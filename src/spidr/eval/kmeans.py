@@ -82,7 +82,8 @@ def _smallest_keys(
 
 def _as_array(value: object, name: str, *, rows: np.ndarray | None = None) -> np.ndarray:
     """(T, D) float32 features of one file (only ``rows`` of them when given), checked finite."""
-    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    # (numpy has no bfloat16: a bf16 tensor, as `spidr extract --dtype bfloat16` keeps, is widened first)
+    array = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     if array.ndim != 2:
         raise ValueError(f"features of {name!r} have shape {array.shape}: expected (T, D)")
     if rows is not None:

@@ -2,7 +2,9 @@
 
 Frames use a 400-sample (25 ms) Hamming window every 320 samples (20 ms) with no centring, so an utterance of
 S samples gives exactly as many frames as the conv front end, floor((S − 400) / 320) + 1, and frame i of both
-covers the same samples. Mel filterbank and liftering follow the common HTK recipe.
+covers the same samples. The mel filterbank follows the common HTK recipe; the cepstra are the first 13
+orthonormal DCT-II coefficients of the log-mel energies (c0 included) with no liftering, so every cepstral
+dimension keeps its own scale (which an angular ABX distance weighs).
 """
 
 from __future__ import annotations

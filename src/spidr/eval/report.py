@@ -194,15 +194,16 @@ def format_number(value: float | None, digits: int = 2) -> str:
 def markdown_table(rows: Sequence[LayerRow]) -> str:
     """The report table: one line per representation."""
     header = ("| model | layer | ABX within % | ABX across % | unit ABX within % | unit ABX across % | PNMI | "
-              "phone purity | codebook ppl | active |")
-    lines = [header, "|" + "---|" * 10]
+              "phone purity | cluster purity | codebook ppl | active | bitrate bit/s |")
+    lines = [header, "|" + "---|" * 12]
     for row in rows:
         q = row.quality
         cells = [row.model, row.layer if row.layer is not None else "–",
                  *(format_number(v) for v in (row.abx_within, row.abx_across, row.unit_abx_within,
                                               row.unit_abx_across)),
                  format_number(q.get("pnmi"), 3), format_number(q.get("phone_purity"), 3),
-                 format_number(q.get("codebook_perplexity"), 1), q.get("active_codewords", "–")]
+                 format_number(q.get("cluster_purity"), 3), format_number(q.get("codebook_perplexity"), 1),
+                 q.get("active_codewords", "–"), format_number(q.get("bitrate"), 1)]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ network cannot follow (an FFN activation other than GELU, layers other than Tran
 from __future__ import annotations
 
 import ast
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 
 from spidr.config import DinoSRConfig, model_config_from_dict
 from spidr.models.keymap import fuse_qkv
+
+logger = logging.getLogger(__name__)
 
 # Renaming rules, tried in order: (fairseq pattern, our key template). Per-layer rules are shared by the student
 # (fairseq prefix "encoder.layers.") and the teacher ("_ema" dict, prefix "layers.").
@@ -74,6 +77,7 @@ _CONFIG_NAMES = {
     "ema_end_decay": "ema_final_decay",
     "ema_anneal_end_step": "ema_final_step",
     "freeze_teacher_step": "freeze_step",
+    "feature_grad_mult": "feature_grad_mult",
 }
 
 # fairseq model options with no counterpart in our network: only the value it always computes converts exactly
@@ -178,9 +182,18 @@ def refuse_unconvertible(settings: Mapping[str, Any]) -> None:
 
 
 def fairseq_model_config(settings: Mapping[str, Any]) -> DinoSRConfig:
-    """``DinoSRConfig`` (with the qkv bias of the original) from fairseq model options."""
+    """``DinoSRConfig`` from fairseq model options, with the original's qkv bias and teacher made as an exact copy
+    of the student. Options that only training would follow and ours cannot are named in a warning: the converted
+    model computes the same features, but training it on would not continue the original's recipe."""
     refuse_unconvertible(settings)
-    values: dict[str, Any] = {"encoder_qkv_bias": True}
+    values: dict[str, Any] = {"encoder_qkv_bias": True, "teacher_init": "copy"}
+    if settings.get("ema_layers_only") is False:  # (True: pos_conv copied, not averaged, as ours by default)
+        values["ema_exclude_layers"] = ()
+    init_decay, end_decay = settings.get("codebook_init_decay"), settings.get("codebook_end_decay")
+    if init_decay is not None and end_decay is not None and float(init_decay) != float(end_decay):
+        logger.warning("the fairseq checkpoint anneals its codebook decay from %s to %s (codebook_end_decay_step = "
+                       "%s); spidr keeps it at model.codebook_decay = %s: training it on would differ",
+                       init_decay, end_decay, settings.get("codebook_end_decay_step"), init_decay)
     for name, field in _CONFIG_NAMES.items():
         if name not in settings or settings[name] is None:
             continue

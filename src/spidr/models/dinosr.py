@@ -67,9 +67,11 @@ class DinoSR(nn.Module):
             Codebook(dim, cfg.codebook_size, decay=cfg.codebook_decay, distance=cfg.codebook_distance)
             for _ in range(num_codebooks)
         )
-        # The teacher starts as a re-initialised copy of the student encoder (not an exact copy: spec §4.1).
+        # The teacher starts as a re-initialised copy of the student encoder (official, spec §4.1: its draws come
+        # here, before the mask embedding's) or as an exact copy (teacher_init = "copy", fairseq DinoSR).
         self.teacher = copy.deepcopy(self.student).float()
-        init_transformer_(self.teacher)
+        if cfg.teacher_init == "reinit":
+            init_transformer_(self.teacher)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.mask_embedding = nn.Parameter(torch.empty(dim).uniform_())  # U[0, 1)
