@@ -8,6 +8,7 @@ documented ``Data2VecAudioModel`` module tree. Comparisons of outputs with ``tra
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -421,3 +422,61 @@ def test_before_residual_hooks(fairseq: bool) -> None:
     assert features[0] is first
     with pytest.raises(ValueError, match=r"no encoder\.layers"), before_residual_features(nn.Linear(2, 2)):
         pass
+
+
+def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatch) -> None:
+    """--overwrite killed while writing (the weights take the time): the directory keeps the earlier export's three
+    files, which still load together (new weights beside the old config.json did not fit, or loaded wrongly)."""
+    first = perturbed(tiny_model("spidr"))
+    export_hf(first, tmp_path / "hf")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()}
+    assert sorted(before) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+    def cut_short(weights, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(tiny_model("spidr", encoder_num_layers=2), tmp_path / "hf")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()} == before  # no partial left
+    monkeypatch.undo()
+    _assert_same_student(load_model(tmp_path / "hf"), first)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"conv_dim": 32}, r"conv_dim = 32 is not a list of positive integers"),
+    ({"conv_kernel": [10, 3, True]}, r"conv_kernel = \[10, 3, True\] is not a list of positive integers"),
+    ({"num_conv_pos_embeddings": "2"}, r"num_conv_pos_embeddings = '2' is not an integer"),
+    ({"layerdrop": None}, r"layerdrop = None is not a number"),
+    ({"spidr": [1]}, r"spidr = \[1\] is not the object that spidr's export writes"),
+    ({"spidr": {"model": [1]}}, r"spidr\.model = \[1\] is not an object of model settings"),
+    ({"spidr": {"step": "abc"}}, r"spidr\.step = 'abc' is not a training step"),
+])
+def test_a_config_json_of_wrong_types_is_refused_naming_the_file_and_field(tmp_path, capsys, edit, message) -> None:
+    """Each was a TypeError traceback (or an int() error naming neither file nor field)."""
+    export_hf(tiny_model("spidr"), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | edit))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "hf" / "config.json")) + ": " + message):
+        load_model(tmp_path / "hf")
+    assert cli.main(["info", str(tmp_path / "hf")]) == 2
+    assert message.replace("\\", "")[:20] in capsys.readouterr().err
+
+
+def test_safetensors_without_a_projection_or_with_bad_metadata_are_named(tmp_path) -> None:
+    export_hf(tiny_model("spidr"), tmp_path / "hf")
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k not in ("masked_spec_embed", "feature_projection.projection"
+                                                               ".weight")},
+              str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors has no feature_projection\.projection\.weight"):
+        load_model(tmp_path / "hf")  # (a KeyError)
+    export_safetensors(tiny_model("spidr"), tmp_path / "m.safetensors")
+    weights = load_file(str(tmp_path / "m.safetensors"))
+    for metadata, message in (('{"model": ', "is not JSON"), ("[1, 2]", "is a JSON list, expected an object")):
+        save_file(weights, str(tmp_path / "m.safetensors"), metadata={"spidr_config": metadata})
+        expected = f"{tmp_path / 'm.safetensors'} metadata spidr_config {message}"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            load_model(tmp_path / "m.safetensors")

@@ -148,3 +148,24 @@ def test_s3prl_upstream_gives_the_same_features(tmp_path, name: str) -> None:
         assert torch.equal(a, b)
     for a, b in zip(before, model.get_intermediate_outputs(wave), strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_interrupted_export_leaves_the_earlier_file_whole(tmp_path, monkeypatch) -> None:
+    """An --overwrite cut short (disk full, a file-size limit) left a truncated checkpoint in place of the old one."""
+    path = tmp_path / "s3prl.pt"
+    export_s3prl(tiny_model("spidr"), path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def cut_short(obj, target):
+        real_save(obj, target)
+        with open(target, "r+b") as handle:
+            handle.truncate(1000)
+        raise RuntimeError("[enforce fail at inline_container.cc] file write failed")
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(RuntimeError, match="file write failed"):
+        export_s3prl(tiny_model("spidr", encoder_num_layers=2), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s3prl.pt"]
+    assert torch.load(path, weights_only=True)["model_cfg"]["encoder_layers"] == 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,6 +205,37 @@ def test_resuming_with_an_edited_model_is_refused_naming_the_change_and_keeps_th
                                          r"choose another run\.wandb_name"):
         train(wider)
     assert (cfg.run.run_dir / "config.json").read_text() == saved  # the run still says what its weights are
+
+
+def test_init_ckpt_starts_a_run_from_any_whole_model_checkpoint_and_names_bad_ones(tmp_path, corpus):
+    """run.init_ckpt reads what spidr.load_model reads: a training checkpoint and its .safetensors export give the
+    new run's step-0 weights (step counter reset); a file that is no checkpoint, an exported student (HF
+    directory) and another architecture are refused naming run.init_ckpt (a bare torch.load gave a traceback)."""
+    from spidr.models import export_hf, export_safetensors, load_model
+
+    source = tiny_config(tmp_path / "a", corpus, optimizer={"max_steps": 2})
+    assert train(source) == "completed"
+    final = source.run.run_dir / "final.pt"
+    trained = torch.load(final, weights_only=True)["model"]
+    export_safetensors(load_model(final), tmp_path / "a.safetensors")
+    for name, init in (("from_pt", final), ("from_safetensors", tmp_path / "a.safetensors")):
+        cfg = tiny_config(tmp_path / name, corpus, run={"init_ckpt": str(init)}, optimizer={"max_steps": 1})
+        assert train(cfg) == "completed"
+        start = torch.load(cfg.run.run_dir / "step_0.pt", weights_only=True)["model"]
+        assert set(start) == set(trained)
+        for key, value in trained.items():
+            assert torch.equal(start[key], torch.zeros_like(value) if key == "current_step" else value), (name, key)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    export_hf(load_model(final), tmp_path / "hf")
+    for init, message in ((tmp_path / "junk.pt", ": .*not"), (tmp_path / "hf", " holds only an exported student"),
+                          (tmp_path / "nope.pt", " does not exist")):
+        cfg = tiny_config(tmp_path / "bad", corpus, run={"init_ckpt": str(init)})
+        with pytest.raises(ValueError, match=r"run\.init_ckpt = " + re.escape(repr(str(init))) + message):
+            train(cfg)
+    wider = tiny_config(tmp_path / "wide", corpus, run={"init_ckpt": str(final)},
+                        model={"encoder_ff_interm_features": 128})
+    with pytest.raises(ValueError, match=r"run\.init_ckpt = .* does not fit the \[model\] config"):
+        train(wider)
 
 
 def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_path, corpus, caplog):

@@ -10,7 +10,7 @@ from pathlib import Path
 from spidr import cli_types
 from spidr.eval.commands import add_abx_options
 from spidr.help_format import HelpFormatter
-from spidr.models.commands import add_loading_arguments, model_from_args
+from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="official, fairseq, training or safetensors checkpoint, or Hugging Face data2vec-audio "
-                        "directory")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     add_loading_arguments(parser)
     parser.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

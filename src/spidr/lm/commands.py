@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from spidr import cli_types
 from spidr.help_format import SET_HELP, HelpFormatter
-from spidr.models.commands import add_loading_arguments, model_from_args
+from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, model_from_args
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     units.add_argument("bench_dir", metavar="BENCH_DIR", help="benchmark folder (spidr synth-lm-bench)")
     units.add_argument("out", metavar="OUT", help="output folder")
     source = units.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="SpidR/DinoSR checkpoint (official, fairseq, training or safetensors)")
+    source.add_argument("--checkpoint", help=f"SpidR / DinoSR model: {CHECKPOINT_HELP}")
     source.add_argument("--oracle", action="store_true", help="gold phone labels instead of a model's units")
     units.add_argument("--layers", default=None, help="1-based layers, e.g. 6 or 3-6 (default: every head's layer)")
     units.add_argument("--kmeans", type=int, default=0, metavar="K",
@@ -100,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=FORMATTER,
     )
     study.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]CKPT",
-                       help="a SpidR / DinoSR checkpoint, optionally named (repeatable)")
+                       help=f"a SpidR / DinoSR model, optionally named (repeatable): {CHECKPOINT_HELP}")
     study.add_argument("--layers", default=None,
                        help="1-based layers (default: every head's layer; layers without a head need --kmeans)")
     study.add_argument("--kmeans", type=int, default=0, metavar="K",

@@ -15,6 +15,11 @@ if TYPE_CHECKING:  # the CLI parses arguments without importing torch
     from spidr.models.student import Student
 
 
+# What every command that reads a SpidR / DinoSR model accepts (``load_model``'s inputs).
+CHECKPOINT_HELP = ("official .pt, original fairseq DinoSR .ckpt, spidr training checkpoint, .safetensors export, or "
+                   "Hugging Face data2vec-audio directory (an exported student: features, no codebook units)")
+
+
 def add_loading_arguments(parser: argparse.ArgumentParser, *, every: str = "") -> None:
     """``--model-type``, ``--config`` and ``--trust``: how a command reads its checkpoint(s) (``load_model``'s
     arguments; ``model_from_args`` passes them). ``every``: words appended to the help where a command takes
@@ -48,8 +53,7 @@ def model_from_args(path: str, args: argparse.Namespace) -> DinoSR | Student:
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
-        help="official .pt, original fairseq DinoSR .ckpt, spidr training checkpoint, .safetensors export, or "
-        "Hugging Face data2vec-audio directory (an exported student)",
+        help=CHECKPOINT_HELP,
     )
     add_loading_arguments(parser)
 

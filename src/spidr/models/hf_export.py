@@ -23,6 +23,7 @@ utterance of a batch is unaffected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spidr.atomic_files import replaced_when_done
 from spidr.config import ModelConfig, ModelType, SpidRConfig, model_config_from_dict
 from spidr.data import SAMPLE_RATE
 from spidr.models.keymap import KeyMap, fuse_qkv, split_qkv
@@ -202,9 +204,15 @@ def export_hf(model: nn.Module, directory: str | Path) -> Path:
     if not directory.parent.is_dir():
         raise ValueError(f"output directory {directory.parent} does not exist")
     directory.mkdir(exist_ok=True)
-    save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (directory / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor_config(), indent=2) + "\n", encoding="utf-8")
+    # Each file is written under a temporary name and all three renamed into place once all are complete, config
+    # last: an error or a kill while writing (the weights take the time) leaves an earlier export as it was.
+    with contextlib.ExitStack() as renamed_in_reverse:
+        config_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / CONFIG_FILE))
+        preprocessor_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / PREPROCESSOR_FILE))
+        weights_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / WEIGHTS_FILE))
+        save_file(weights, str(weights_partial), metadata={"format": "pt"})
+        preprocessor_partial.write_text(json.dumps(preprocessor_config(), indent=2) + "\n", encoding="utf-8")
+        config_partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return directory
 
 
@@ -229,8 +237,40 @@ def _hf_value(hf: Mapping[str, Any], name: str) -> Any:
     return hf.get(name, _HF_DEFAULTS[name])
 
 
+def _kind_of(default: Any) -> tuple[str, Any]:
+    """(what a config field must hold, a check of a value) after the type of its default."""
+    if isinstance(default, bool):
+        return "true or false", lambda value: isinstance(value, bool)
+    if isinstance(default, int):
+        return "an integer", lambda value: isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return "a number", lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, list):
+        return "a list of positive integers", lambda value: isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    return "a string", lambda value: isinstance(value, str)
+
+
+def _spidr_entry(hf: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The ``"spidr"`` entry of an export's config (empty for a model from elsewhere), checked to be readable."""
+    meta = hf.get(SPIDR_KEY, {})
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{where}: {SPIDR_KEY} = {meta!r} is not the object that spidr's export writes")
+    if not isinstance(meta.get("model", {}), Mapping):
+        raise ValueError(f"{where}: {SPIDR_KEY}.model = {meta['model']!r} is not an object of model settings")
+    step = meta.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{where}: {SPIDR_KEY}.step = {step!r} is not a training step (an integer >= 0)")
+    return meta
+
+
 def _check_importable(hf: Mapping[str, Any], where: str) -> None:
-    """Refuse Data2VecAudio settings that spidr's modules cannot reproduce, naming the field."""
+    """Refuse Data2VecAudio settings of the wrong type or that spidr's modules cannot reproduce, naming the field."""
+    for name, default in _HF_DEFAULTS.items():
+        kind, holds = _kind_of(default)
+        if not holds(_hf_value(hf, name)):
+            raise ValueError(f"{where}: {name} = {_hf_value(hf, name)!r} is not {kind}")
+    _spidr_entry(hf, where)
     for name, expected in (("hidden_act", "gelu"), ("feat_extract_activation", "gelu"), ("layer_norm_eps", 1e-5),
                            ("add_adapter", False)):
         if _hf_value(hf, name) != expected:
@@ -258,7 +298,7 @@ def model_config_from_hf(
     export's, else "spidr") only names the config class: it does not change the student.
     """
     _check_importable(hf, where)
-    meta = hf.get(SPIDR_KEY) if isinstance(hf.get(SPIDR_KEY), Mapping) else {}
+    meta = _spidr_entry(hf, where)
     declared = meta.get("model_type")
     if model_type is not None and declared is not None and model_type != declared:
         raise ValueError(f"{where} describes a {declared!r} model but model_type={model_type!r} was requested")
@@ -317,6 +357,9 @@ def from_hf_state_dict(weights: Mapping[str, torch.Tensor], *, where: str = WEIG
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     if "mask_embedding" not in state:
+        if "feature_projection.projection.weight" not in state:
+            raise ValueError(f"{where} has no feature_projection.projection.weight: not the weights of a "
+                             "data2vec-audio model")
         dim = state["feature_projection.projection.weight"].shape[0]
         logger.info("%s has no masked_spec_embed (mask_time_prob = 0): using zeros (unused at inference)", where)
         state["mask_embedding"] = torch.zeros(dim)
@@ -358,7 +401,6 @@ def read_hf_directory(
     cfg = model_config_from_hf(hf, qkv_bias=qkv_bias, model_type=model_type, where=str(path / CONFIG_FILE))
     if not cfg.encoder_qkv_bias:  # an export of a bias-free model: the zero biases carry nothing
         state = {k: v for k, v in state.items() if not k.endswith(".attention.qkv.bias")}
-    meta = hf.get(SPIDR_KEY) if isinstance(hf.get(SPIDR_KEY), Mapping) else {}
-    step = int(meta.get("step", 0))
+    step = _spidr_entry(hf, str(path / CONFIG_FILE)).get("step", 0)
     state["current_step"] = torch.tensor([step], dtype=torch.long)
     return cfg, state, step

@@ -219,7 +219,14 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
     if config is not None:
         model_config = _explicit_config(config, model_type)
     elif _METADATA_KEY in metadata:
-        model_config = _config_from_data(json.loads(metadata[_METADATA_KEY]), model_type, f"{path} metadata")
+        where = f"{path} metadata {_METADATA_KEY}"
+        try:
+            saved = json.loads(metadata[_METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where} is not JSON: {error}") from None
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{where} is a JSON {type(saved).__name__}, expected an object (a model or run config)")
+        model_config = _config_from_data(saved, model_type, where)
     else:
         model_config = _official_config(path, None, model_type)
     step = int(state["current_step"][0]) if "current_step" in state else 0

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spidr.atomic_files import replaced_when_done
 from spidr.config import ModelConfig
 from spidr.models.keymap import KeyMap, split_qkv
 
@@ -132,5 +133,6 @@ def export_s3prl(model: nn.Module, path: str | Path) -> Path:
         "model_cfg": model_cfg(model.cfg),
         "model_weight": s3prl_state_dict(model.state_dict(), model.cfg),
     }
-    torch.save(checkpoint, path)
+    with replaced_when_done(path) as partial:  # an interrupted --overwrite leaves the earlier export whole
+        torch.save(checkpoint, partial)
     return path

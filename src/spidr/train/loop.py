@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from spidr.config import Config, OptimizerConfig, unused_settings
+from spidr.config import Config, ModelConfig, OptimizerConfig, unused_settings
 from spidr.data import SAMPLE_RATE
 from spidr.data.loader import build_dataloader
 from spidr.distributed import RaisedOnEveryRankError, all_reduce_sum, world_size
@@ -461,7 +461,7 @@ def _start_or_resume(
     """A fresh run (initial weights, new optimizer), or the state of the latest checkpoint; and whether fresh."""
     latest = _load_agreed_checkpoint(checkpointer, denv)
     if latest is None:
-        _load_initial_weights(model, cfg.run.init_ckpt)
+        _load_initial_weights(model, cfg.run.init_ckpt, cfg.model)
         optimizer = build_optimizer(model, cfg.optimizer, device=device)
         return _Run(cfg, model, optimizer, build_scheduler(optimizer, cfg.optimizer), scaler, sampler, loader), True
     path, state = latest
@@ -603,16 +603,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _load_initial_weights(model: nn.Module, path: str | None) -> None:
-    """``run.init_ckpt``: start a fresh run from the weights of a checkpoint (its ``"model"`` entry)."""
+def _load_initial_weights(model: nn.Module, path: str | None, model_cfg: ModelConfig) -> None:
+    """``run.init_ckpt``: start a fresh run from the weights of a checkpoint that ``spidr.load_model`` reads (a
+    training checkpoint, an official file, a ``.safetensors`` export), read as the run's ``[model]``."""
+    from spidr.models.loading import read_checkpoint
+
     if path is None:
         return
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ValueError(f"run.init_ckpt = {path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state.get("model", state) if isinstance(state, dict) else state
     try:
-        model.load_state_dict(weights)
+        checkpoint = read_checkpoint(path, config=model_cfg)
+    except ValueError as error:
+        raise ValueError(f"run.init_ckpt = {path!r}: {error}") from None
+    if checkpoint.student_only:
+        raise ValueError(f"run.init_ckpt = {path!r} holds only an exported student (no teacher, heads or codebooks): "
+                         "training starts from a whole model's checkpoint")
+    try:
+        model.load_state_dict(checkpoint.state_dict)
     except RuntimeError as error:
         raise ValueError(f"run.init_ckpt = {path!r} does not fit the [model] config: {error}") from error
     model.current_step.zero_()  # a new run: schedules restart from step 0

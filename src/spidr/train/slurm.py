@@ -141,7 +141,7 @@ def check_before_submitting(cfg: Config) -> None:
             read_manifest(path)
         except ValueError as error:
             raise ValueError(f"{field_name} = {path!r}: {error}") from None
-    if cfg.run.init_ckpt is not None and not Path(cfg.run.init_ckpt).is_file():
+    if cfg.run.init_ckpt is not None and not Path(cfg.run.init_ckpt).exists():
         raise ValueError(f"run.init_ckpt = {cfg.run.init_ckpt!r} does not exist")
 
 
