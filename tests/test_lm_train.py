@@ -92,6 +92,32 @@ def test_loss_falls_and_validation_perplexity_is_logged(tmp_path):
     assert scores["up"].mean > scores["random"].mean  # it learned to count
 
 
+class _Uniform(torch.nn.Module):
+    """Every token equally likely: the validation loss is log V whatever it scores, so the count is what's tested."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*tokens.shape, self.size)
+
+
+def test_validation_scores_units_and_eos_but_not_the_bos_after_each_eos():
+    """BOS follows every EOS in the validation stream: counted as a target it lowered the loss by ~1/length; an
+    item's score never predicts it. Windows of every size score each unit and EOS once."""
+    from spidr.lm.data import token_stream
+    from spidr.lm.train import validate_lm
+
+    vocab = Vocabulary(10)
+    stream = token_stream({"a": np.array([1, 2, 3]), "b": np.array([4, 5]), "c": np.array([6])}, vocab)
+    for context in (1, 2, 4, 16):
+        result = validate_lm(_Uniform(vocab.size), stream, context=context, precision=FP32, batch_size=2,
+                             device=torch.device("cpu"), bos=vocab.bos)
+        assert result["tokens"] == (3 + 1) + (2 + 1) + (1 + 1)  # units and EOS; neither the first BOS nor the others
+        assert result["loss"] == pytest.approx(np.log(vocab.size))
+
+
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.is_file():

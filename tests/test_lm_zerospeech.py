@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -171,6 +172,24 @@ def test_a_submission_with_a_byte_order_mark_reads_its_first_stem(tmp_path: Path
     path = tmp_path / "dev.txt"
     path.write_text("w1a -1.5\nw1b -2.0\n", encoding="utf-8-sig")
     assert read_submission(path) == {"w1a": -1.5, "w1b": -2.0}
+
+
+def test_lines_the_official_validator_refuses_are_read_and_named_once(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The zerospeech2021 validator splits line.strip() on one space and wants 2 fields: a tab, two spaces or a
+    blank line fail its check; spidr reads them and says which lines would (trailing spaces pass both)."""
+    path = tmp_path / "dev.txt"
+    path.write_text("a -1.0  \nb\t-2.0\n\nc  -3.0\nd -4.0\r\n")
+    with caplog.at_level(logging.WARNING, logger="spidr.lm.zerospeech"):
+        assert read_submission(path) == {"a": -1.0, "b": -2.0, "c": -3.0, "d": -4.0}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 3 line(s) (2, 3, 4) are not '<stem> <score>' with one space, which the official ZeroSpeech 2021 "
+        "validator refuses (blank lines, tabs, several spaces); read here all the same"]
+    caplog.clear()
+    write_submission(path, {"a": -1.0, "b": -2.0})  # spidr's own files pass the official check
+    with caplog.at_level(logging.WARNING, logger="spidr.lm.zerospeech"):
+        read_submission(path)
+    assert not caplog.records
 
 
 def test_empty_or_absent_submission(tmp_path: Path) -> None:

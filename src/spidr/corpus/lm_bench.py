@@ -69,7 +69,8 @@ if TYPE_CHECKING:  # the synthesis modules (numpy, soxr, espeak) load only when 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures)
+FORMAT_VERSION = 3  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
+# 3: nonwords balanced per frequency band, an OOV word's unseen bigrams kept; no syntactic triple seen in training)
 TRAIN_VOICES = ("awb", "slt", "kal16", "espeak_m1", "espeak_m3", "espeak_f1", "espeak_f3")
 TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor of the demo's SpidR
 SEEN_VOICES = ("awb", "espeak_m1")  # training voices, one per engine, for lexical_seen (lm-study, the demo)

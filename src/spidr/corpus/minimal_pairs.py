@@ -70,22 +70,16 @@ class _Builder:
         self.lex = lex
         self.grammar = Grammar(rng, lex)
         self.seen = seen_triples
-        self.reused = 0  # test sentences that had to reuse a training triple
 
-    def novel(self, make: Callable[[], list[Sentence]]) -> list[Sentence]:
-        """Draw ``make()`` until none of its sentences reuses a training triple. A large training set can cover a
-        small template's triples (8 humans × the verbs, for the reflexives) almost entirely: after
-        ``MAX_ATTEMPTS`` draws the one reusing the fewest is kept, and counted in ``reused``."""
-        best, best_reused = None, None
+    def novel(self, make: Callable[[], list[Sentence]]) -> list[Sentence] | None:
+        """Draw ``make()`` until none of its sentences reuses a training triple; None after ``MAX_ATTEMPTS`` draws
+        that all did. A large training set can cover a small template's triples (8 humans × the verbs, for the
+        reflexives) almost entirely, and a test sentence said in training favours its side by memory."""
         for _ in range(MAX_ATTEMPTS):
             sentences = make()
-            reused = sum(s.triple in self.seen for s in sentences)
-            if not reused:
+            if not any(s.triple in self.seen for s in sentences):
                 return sentences
-            if best_reused is None or reused < best_reused:
-                best, best_reused = sentences, reused
-        self.reused += best_reused
-        return best
+        return None
 
     def topic(self) -> str:
         return self.grammar.pick(self.lex.topics)
@@ -167,22 +161,32 @@ def syntactic_pairs(seed: str, pairs_per_type: int, *, seen_triples: Collection[
     pairs = []
     for kind in SYNTACTIC_TYPES:
         builder = _Builder(random.Random(f"{seed}:{kind}"), lex, seen_triples)
-        for _ in range(pairs_per_type // PAIRS_PER_BLOCK):
-            a, b, c, d = (s.words() for s in builder.novel(getattr(builder, kind)))
-            if kind in AGREEMENT_TYPES:
-                block = [(a, b), (c, d), (a, d), (c, b)]
-                subtypes = _SUBTYPES[kind]
-            else:
-                block = [(a, b), (c, d)]
-                subtypes = _SUBTYPES[kind]
+        blocks = pairs_per_type // PAIRS_PER_BLOCK
+        made = 0
+        for _ in range(blocks):
+            drawn = builder.novel(getattr(builder, kind))
+            if drawn is not None and kind not in AGREEMENT_TYPES:
                 extra = builder.novel(getattr(builder, kind))
-                block += [(extra[0].words(), extra[1].words()), (extra[2].words(), extra[3].words())]
-                subtypes = subtypes * 2
+                drawn = None if extra is None else drawn + extra
+            if drawn is None:  # left out whole: the blocks that remain stay counterbalanced
+                continue
+            made += 1
+            words = [sentence.words() for sentence in drawn]
+            if kind in AGREEMENT_TYPES:
+                a, b, c, d = words
+                block, subtypes = [(a, b), (c, d), (a, d), (c, b)], _SUBTYPES[kind]
+            else:
+                block, subtypes = list(zip(words[::2], words[1::2], strict=True)), _SUBTYPES[kind] * 2
             pairs += [MinimalPair(kind, subtype, good, bad)
                       for subtype, (good, bad) in zip(subtypes, block, strict=True)]
-        if builder.reused:
-            logger.warning("syntactic %s: %d test sentence(s) reuse a (subject, verb, object) triple of the "
-                           "training set, which covers this template almost entirely", kind, builder.reused)
+        if made == 0:
+            raise ValueError(f"syntactic {kind}: every sentence the grammar makes for it reuses a (subject, verb, "
+                             "object) triple of the training set; train the LM on fewer utterances or leave out the "
+                             "syntactic task")
+        if made < blocks:
+            logger.warning("syntactic %s: %d of %d blocks left out (%d pairs instead of %d): the training set covers "
+                           "this template almost entirely, and no test sentence may reuse a training triple", kind,
+                           blocks - made, blocks, made * PAIRS_PER_BLOCK, pairs_per_type)
     return pairs
 
 

@@ -199,8 +199,10 @@ def lm_train_step(model: nn.Module, windows: list[torch.Tensor], optimizer: torc
 
 @torch.inference_mode()
 def validate_lm(model: nn.Module, stream: torch.Tensor, *, context: int, precision: Precision,
-                batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean per-token cross-entropy and perplexity of ``stream`` in consecutive windows."""
+                batch_size: int, device: torch.device, bos: int | None = None) -> dict[str, float]:
+    """Mean per-token cross-entropy and perplexity of ``stream`` in consecutive windows. ``bos`` (the vocabulary's
+    begin-of-sequence id) is no target: after an EOS it is all but certain, and each utterance's counted in lowered
+    the loss by about 1/length; units and EOS are what an item's score sums."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -209,8 +211,11 @@ def validate_lm(model: nn.Module, stream: torch.Tensor, *, context: int, precisi
         lengths = (rows >= 0).sum(1)
         with precision.autocast():
             values = token_log_likelihoods(model, rows.clamp(min=0), lengths)
-        total -= float(values.double().sum())
-        count += int((lengths - 1).clamp(min=0).sum())
+        scored = torch.arange(1, rows.shape[1], device=device)[None, :] < lengths[:, None]
+        if bos is not None:
+            scored &= rows[:, 1:] != bos
+        total -= float(values.double()[scored].sum())
+        count += int(scored.sum())
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
@@ -268,7 +273,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
             if data.valid.numel():  # no held-out data (val_fraction = 0): nothing to report, not a perfect score
                 metrics.log(o.max_steps, "valid", validate_lm(
                     raw, data.valid.to(device), context=cfg.model.context, precision=precision,
-                    batch_size=o.batch_size, device=device))
+                    batch_size=o.batch_size, device=device, bos=data.vocab.bos))
             save(o.max_steps, final=True)
             return "completed"
 
@@ -303,7 +308,8 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         def run_validation() -> None:
             if data.valid.numel():
                 metrics.log(step, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
-                                                       precision=precision, batch_size=o.batch_size, device=device))
+                                                       precision=precision, batch_size=o.batch_size, device=device,
+                                                       bos=data.vocab.bos))
 
         while step < o.max_steps:
             windows = [sampler.windows(step, rank=denv.rank, world_size=denv.world_size, micro=m,

@@ -22,12 +22,15 @@ Submission layout: ``lexical/dev.txt``, ``syntactic/dev.txt``, ``tsc/dev.txt``, 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
+
+logger = logging.getLogger(__name__)
 
 LEXICAL_COLUMNS = ("id", "filename", "voice", "frequency", "word", "phones", "length", "correct")
 SYNTACTIC_COLUMNS = ("id", "filename", "voice", "type", "subtype", "transcription", "correct")
@@ -284,15 +287,20 @@ def read_submission(path: str | Path) -> dict[str, float]:
 
     Refuses lines without exactly two fields (split on whitespace, so a tab is accepted like a space), scores that
     are not floats or are NaN, and a stem given twice. Infinite scores are accepted (a log-probability may be −inf).
+    Lines that the official ZeroSpeech 2021 validator refuses (it splits each line on one space and takes no blank
+    line) are read, and named in one warning: the file would not pass the official submission check as it is.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"submission file {path} does not exist")
     scores: dict[str, float] = {}
     lines: dict[str, int] = {}
+    unofficial: list[int] = []  # lines the official validator refuses
     # utf-8-sig: a byte-order mark (an editor's or a spreadsheet's) would become part of the first stem.
     with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
+            if len(line.strip().split(" ")) != 2:  # the official check, word for word
+                unofficial.append(number)
             if not line.strip():
                 continue
             parts = line.split()
@@ -311,6 +319,11 @@ def read_submission(path: str | Path) -> dict[str, float]:
             lines[stem] = number
     if not scores:
         raise ValueError(f"submission file {path} has no line")
+    if unofficial:
+        shown = ", ".join(str(number) for number in unofficial[:5]) + (" ..." if len(unofficial) > 5 else "")
+        logger.warning("%s: %d line(s) (%s) are not '<stem> <score>' with one space, which the official ZeroSpeech "
+                       "2021 validator refuses (blank lines, tabs, several spaces); read here all the same", path,
+                       len(unofficial), shown)
     return scores
 
 
