@@ -57,7 +57,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,26 @@ def compiled_graphs() -> int | None:
         return None
 
 
+# Steps after the first that each compiled a new graph, on batches of new shapes, before the job gives up.
+RECOMPILES_PER_SHAPE = 3
+
+
+def check_not_recompiling_per_shape(graphs: list[int | None], batches: list[Batch]) -> None:
+    """Raise once each of the last ``RECOMPILES_PER_SHAPE`` warm-up steps (the first excepted) compiled a new graph:
+    ``dynamic=True`` compiles one graph for all lengths, and a guard that specialises on the frame count (inductor's
+    convolution-backward lowering did, from torch 2.12 on) would spend the job's whole time limit compiling.
+    ``graphs`` holds ``compiled_graphs()`` before the first step and after each one."""
+    if len(graphs) < RECOMPILES_PER_SHAPE + 2 or any(count is None for count in graphs):
+        return
+    recent = graphs[-RECOMPILES_PER_SHAPE - 1:]
+    if all(after > before for before, after in itertools.pairwise(recent)):
+        lengths = sorted({batch.waveforms.shape[-1] for batch in batches})
+        raise RuntimeError(
+            f"torch.compile compiled a new graph at each of the last {RECOMPILES_PER_SHAPE} steps ({graphs[-1]} in "
+            f"all over batches of {len(lengths)} lengths): it specialises on the batch shape (torch "
+            f"{torch.__version__}); rerun with TORCH_LOGS=recompiles to see the guard")
+
+
 def time_steps(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], *, steps: int, warmup: int,
                max_norm: float, device: torch.device, deadline: float, report: dict[str, Any]) -> None:
     """Warm up, then time up to ``steps`` steps (at least 2; fewer once ``deadline``, a ``time.time()`` value,
@@ -285,11 +305,15 @@ def time_steps(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], *
     report["stage"] = "warm-up (compilation)" if report["compile"] else "warm-up"
     synchronize(device)
     began = time.perf_counter()
+    graphs = [compiled_graphs()]
     for i, _ in enumerate(run_steps(model, trainer, batches, warmup, max_norm=max_norm)):
         if i == 0:
             synchronize(device)
             report["first_step_s"] = time.perf_counter() - began
             print(f"  {report['job']}: first step {report['first_step_s']:.1f} s", file=sys.stderr)
+        graphs.append(compiled_graphs())
+        if report["compile"]:
+            check_not_recompiling_per_shape(graphs, batches)
     synchronize(device)
     report["warmup_s"] = time.perf_counter() - began
 
@@ -567,16 +591,18 @@ class _ProgressWriter:
     def __init__(self, report: dict[str, Any], path: str | None) -> None:
         self.report, self.path = report, path
 
-    def write(self) -> None:
+    def write(self) -> bool:
+        """Whether the report was written (False: none to write, or the job changed it meanwhile)."""
         if not self.path:
-            return
+            return False
         try:
             text = json.dumps(self.report, default=str)
         except RuntimeError:  # the job changed the report meanwhile: the next tick writes it
-            return
+            return False
         partial = Path(f"{self.path}.partial")  # then renamed: a job killed while writing leaves no half file
         partial.write_text(text, encoding="utf-8")
         partial.replace(self.path)
+        return True
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
@@ -588,9 +614,9 @@ class _ProgressWriter:
         def watch() -> None:
             seen = None
             while not stop.wait(0.5):
-                if self.report.get("stage") != seen:
-                    seen = self.report.get("stage")
-                    self.write()
+                stage = self.report.get("stage")
+                if stage != seen and self.write():  # (not written: tried again at the next tick)
+                    seen = stage
 
         thread = threading.Thread(target=watch, daemon=True)
         thread.start()
@@ -651,9 +677,11 @@ def write_corpus_for(args: argparse.Namespace, directory: Path) -> Path:
     return manifest
 
 
-def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
+def run_all(args: argparse.Namespace, argv: list[str],
+            publish: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:
     """Every job of ``args.jobs``, in ``RUN_ORDER``, within ``args.deadline`` seconds in all (isolated), or one
-    after the other in this process (``--no-isolate``). Rows come back in the table's order."""
+    after the other in this process (``--no-isolate``). Rows come back in the table's order; ``publish`` gets the
+    rows so far after each job (a run cut short by a wall-clock limit keeps the rows it measured)."""
     began = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-corpus-") as directory:
@@ -678,6 +706,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
                 rows[job] = run_job_here(job, args)
             status = rows[job].get("error") or f"{rows[job]['audio_s_per_s']:.1f} audio-s/s"
             print(f"[{time.perf_counter() - began:.0f} s] {job}: {status}", file=sys.stderr)
+            publish([rows[job] for job in JOBS if job in rows])
     return [rows[job] for job in JOBS if job in rows]
 
 
@@ -804,18 +833,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if "error" in report else 0
     if not args.smoke and not torch.cuda.is_available():
         print("warning: no GPU; the base jobs will run out of time on a CPU (use --smoke)", file=sys.stderr)
-    rows = run_all(args, argv)
-    table = format_table(rows, args)
-    print(table)
-    if args.json:
-        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "manifest", "result", "stop_at")}
-        Path(args.json).write_text(json.dumps({
-            "peak_tflops": args.peak_tflops,
-            "issue_gflop_per_audio_second": ISSUE_GFLOP_PER_AUDIO_SECOND,
-            "settings": settings,
-            "table": table,
-            "jobs": rows,
-        }, indent=1, default=str) + "\n", encoding="utf-8")
+    def publish(rows: list[dict[str, Any]], *, final: bool = False) -> None:
+        """The table so far to the JSON after each job (``"complete": false``; a run killed at a wall-clock limit
+        keeps what it measured, and $OUT comes back from a lent machine even then); at the end to stdout too."""
+        table = format_table(rows, args)
+        if final:
+            print(table)
+        if args.json:
+            settings = {k: v for k, v in vars(args).items() if k not in ("worker", "manifest", "result", "stop_at")}
+            partial = Path(f"{args.json}.partial")  # renamed: a run killed while writing keeps the previous file
+            partial.write_text(json.dumps({
+                "peak_tflops": args.peak_tflops,
+                "issue_gflop_per_audio_second": ISSUE_GFLOP_PER_AUDIO_SECOND,
+                "settings": settings,
+                "complete": final,
+                "table": table,
+                "jobs": rows,
+            }, indent=1, default=str) + "\n", encoding="utf-8")
+            partial.replace(args.json)
+
+    publish(run_all(args, argv, publish), final=True)
     return 0
 
 

@@ -154,3 +154,61 @@ def test_a_job_killed_only_while_exiting_keeps_its_measurement(gpu):
         "killed at its 60 s time limit during timed steps")
     assert gpu.judge_exit(dict(measured), 0, 60.0) == measured
     assert "exited with code 1" in gpu.judge_exit({"job": "spidr", "stage": "set-up"}, 1, 60.0)["error"]
+
+
+def test_the_json_holds_the_rows_measured_so_far_after_each_job(gpu, tmp_path, capsys, monkeypatch):
+    """A run killed at the lent machine's wall-clock limit kept no row: the JSON was written once, at the end."""
+    out = tmp_path / "gpu.json"
+    seen = []
+    real_run_job_here = gpu.run_job_here
+
+    def run_and_look(job, args):
+        seen.append(json.loads(out.read_text()) if out.exists() else None)
+        return real_run_job_here(job, args)
+
+    monkeypatch.setattr(gpu, "run_job_here", run_and_look)
+    assert gpu.main(["--smoke", "--jobs", "spidr", "loader", "--json", str(out)]) == 0
+    assert seen[0] is None
+    assert (seen[1]["complete"], [row["job"] for row in seen[1]["jobs"]]) == (False, ["spidr"])
+    assert "| SpidR base, bf16 |" in seen[1]["table"]
+    final = json.loads(out.read_text())
+    assert (final["complete"], [row["job"] for row in final["jobs"]]) == (True, ["spidr", "loader"])
+    assert capsys.readouterr().out.strip() == final["table"]
+
+
+def test_a_compiled_job_that_recompiles_for_every_shape_stops_with_the_reason(gpu):
+    """torch 2.13's inductor specialised the conv backward on the frame count: each warm-up step compiled again, and
+    the job would have spent its whole time limit compiling, its row saying only "killed during warm-up"."""
+    from spidr.data.collate import Batch
+
+    batches = [Batch(torch.zeros(2, length), torch.full((2,), length), None, torch.zeros(2, 1, dtype=torch.bool), [])
+               for length in (16000, 17000, 18000, 19000)]
+    gpu.check_not_recompiling_per_shape([0, 1, 1, 1, 1], batches)  # one graph for every shape: fine
+    gpu.check_not_recompiling_per_shape([0, 1, 2, 2, 3], batches)  # a second graph now and then: fine
+    gpu.check_not_recompiling_per_shape([0, 1, 2, 3], batches)  # too early to say
+    gpu.check_not_recompiling_per_shape([None, None, None, None, None], batches)  # the counter moved: no check
+    with pytest.raises(RuntimeError, match=r"compiled a new graph at each of the last 3 steps \(4 in all over "
+                                           r"batches of 4 lengths\): it specialises on the batch shape"):
+        gpu.check_not_recompiling_per_shape([0, 1, 2, 3, 4], batches)
+
+
+@pytest.mark.parametrize(("given", "expected"),
+                         [((), 280), (("--deadline", "420"), 420), (("--deadline=300.5",), 300)])
+def test_gpu_sh_counts_the_deadline_from_its_own_start(tmp_path, given, expected):
+    """gpu.sh hands gpu.py the deadline less its own set-up time and 15 s (a given --deadline was passed on whole,
+    so wheel installs and imports ran past the lent machine's limit); --smoke keeps gpu.py's."""
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\nif [[ $1 == -c ]]; then exit 0; fi\nshift\necho "$@"\n')  # no missing module
+    fake.chmod(0o755)
+    script = BENCHMARKS / "gpu.sh"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path)}
+    out = subprocess.run(["bash", str(script), *given, "--jobs", "loader"], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[out.index("--deadline") + 1] in (str(expected - 15), str(expected - 16))  # (a second may pass)
+    assert out[-2:] == ["--jobs", "loader"]
+    smoke = subprocess.run(["bash", str(script), "--deadline", "420", "--smoke"], env=env, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert "--deadline" not in smoke
+    assert "--smoke" in smoke
