@@ -163,7 +163,9 @@ def test_state_saved_under_another_batch_plan_restarts_the_epoch(caplog: pytest.
     """A position saved when epochs were seeded with seed + epoch points into another order of batches: resuming it
     would repeat some utterances of the epoch and skip others."""
     lengths = random_lengths()
-    state = {**make(lengths).state_dict(), "epoch": 3, "position": 5}
+    saver = make(lengths)
+    saver.set_epoch(3)
+    state = {**saver.state_dict(), "position": 5}
     del state["plan"]  # as saved before the plan was versioned
     sampler = make(lengths)
     with caplog.at_level(logging.WARNING):
@@ -173,6 +175,29 @@ def test_state_saved_under_another_batch_plan_restarts_the_epoch(caplog: pytest.
     same = make(lengths)
     same.load_state_dict({**state, "plan": sampler_module.PLAN_VERSION})
     assert (same.epoch, same.position) == (3, 5)
+
+
+def test_state_of_other_batches_of_the_same_count_restarts_the_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    """num_buckets 20 → 21 (or another bucket method, crop length, manifest order) may keep the batch count:
+    the position was then resumed into other batches, some utterances seen twice in the epoch and others never."""
+    lengths = random_lengths(2000)
+    old = make(lengths, num_buckets=20)
+    old.set_epoch(2)
+    consumed = [batch for _, batch in zip(range(10), old, strict=False)]
+    state = old.state_dict()
+    for change in ({"num_buckets": 21}, {"max_sample_size": 39_900}):  # each keeps the 435 batches
+        new = make(lengths, **change)
+        new.set_epoch(2)
+        assert len(new) == state["num_batches"], change
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            new.load_state_dict(state)
+        assert "fingerprint differ" in caplog.text, change
+        assert (new.epoch, new.position) == (2, 0)
+    same = make(lengths, num_buckets=20)
+    same.load_state_dict(state)
+    assert (same.epoch, same.position) == (2, 10)
+    assert consumed + list(same) == list(make(lengths, num_buckets=20).batches(2))
 
 
 def test_invalid_arguments() -> None:

@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
-from spidr.config import config_from_dict, load_config, unused_settings
+from spidr.config import MaskingConfig, config_from_dict, load_config, unused_settings
 from spidr.train.loop import train
 from train_fixtures import tiny_config, tiny_config_dict, write_corpus
 
@@ -75,13 +76,22 @@ def test_resume_warns_when_the_learning_rates_changed(tmp_path, corpus, caplog):
     assert "resumes from a checkpoint trained with" not in caplog.text
 
 
-def test_utterances_shorter_than_one_frame_are_refused_by_the_config(tmp_path, corpus):
-    """Below the front end's receptive field (TINY: 185 samples) a batch has no frame: every such step was a 0/0."""
-    data = tiny_config_dict(tmp_path, corpus, data={"min_sample_size": 184})
-    with pytest.raises(ValueError, match=r"data\.min_sample_size = 184 is shorter than one frame of the model's "
-                                         r"front end \(185 samples\)"):
+def test_utterances_shorter_than_two_frames_are_refused_by_the_config(tmp_path, corpus):
+    """Below the front end's receptive field (TINY: 185 samples) a batch has no frame: every such step was a 0/0;
+    at one frame (185-344 samples) half the batches had no masked frame (test_data_masking) and were skipped."""
+    from spidr.data.masking import span_mask
+
+    for frames, empty in ((1, True), (2, False)):
+        generator = torch.Generator().manual_seed(0)
+        masks = [span_mask(MaskingConfig(), torch.zeros(1, frames, dtype=torch.bool), generator=generator)
+                 for _ in range(100)]
+        assert any(not mask.any() for mask in masks) == empty, frames
+    data = tiny_config_dict(tmp_path, corpus, data={"min_sample_size": 344})
+    with pytest.raises(ValueError, match=r"data\.min_sample_size = 344 is shorter than two frames of the model's "
+                                         r"front end \(345 samples\)"):
         config_from_dict(data)
-    data["data"]["min_sample_size"] = 185
+    data["data"]["min_sample_size"] = 345
+    config_from_dict(data)
     data["validation"] = {"dev": {"manifest": str(corpus), "min_sample_size": 100}}
     with pytest.raises(ValueError, match=r"validation\.dev\.min_sample_size = 100"):
         config_from_dict(data)

@@ -60,7 +60,8 @@ class AudioDataset(Dataset):
             # data.max_batch_length (memory), a shorter one would waste it.
             return Skipped(index, entry.location, f"decoded {waveform.shape[0]} samples where the manifest says "
                                                   f"{entry.num_samples}: the file changed since the manifest was "
-                                                  "written (write it again with spidr manifest)")
+                                                  "written, or the manifest counts samples at the file's own rate, "
+                                                  "not 16 kHz (fairseq's do); write it again with spidr manifest")
         return Utterance(index, entry.fileid, waveform)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spidr.config import ConvLayer, DataConfig, MaskingConfig
+from spidr.data import SAMPLE_RATE
 from spidr.data.collate import Batch, Collator
 from spidr.data.dataset import AudioDataset, BadFileTracker, Skipped, Utterance
 from spidr.data.manifest import read_manifest
@@ -30,9 +31,31 @@ from spidr.train.runtime import STOP_SIGNALS
 logger = logging.getLogger(__name__)
 
 
-def batch_seed(seed: int, rank: int, epoch: int, position: int) -> int:
-    """A 63-bit generator seed for one batch, decorrelated across all four inputs."""
-    return derived_seed(seed, rank, epoch, position)
+# A validation set whose batches leave out more than this share of its audio is named in a warning.
+UNSCORED_WARNING = 0.1
+
+
+def _warn_of_unscored_audio(sampler: BucketBatchSampler, total: int, data_cfg: DataConfig, section: str) -> None:
+    """Validation batches are made as training's (official): cropped to their shortest utterance and to
+    ``max_sample_size``, and utterances under ``min_sample_size`` left out. On a small set, or one of mixed lengths,
+    that scores a fraction of it: say how much, and how to score it all."""
+    scored = sampler.scored_samples()
+    if total and scored < (1 - UNSCORED_WARNING) * total:
+        logger.warning(
+            "%s: its batches score %.0f %% of the audio in %s (%.1f of %.1f min): batches are cropped to their "
+            "shortest utterance%s and utterances to %s.max_sample_size = %d samples; %s.enable_padding = true "
+            "(with model.target_norm_frames = \"valid\") and a larger max_sample_size score it whole",
+            section, 100 * scored / total, data_cfg.manifest, scored / SAMPLE_RATE / 60, total / SAMPLE_RATE / 60,
+            " (padding is off)" if not data_cfg.enable_padding else "", section,
+            min(data_cfg.max_sample_size, data_cfg.max_batch_length), section)
+
+
+def batch_seed(seed: int, epoch: int, global_position: int) -> int:
+    """A 63-bit generator seed (crops, masks) for the batch at ``global_position`` of the epoch's plan, which every
+    world size shares (rank r takes positions r, r + world, ...): a batch gets the same crops and masks on 1 GPU as
+    on 16, so validation of one checkpoint does not change with the GPU count. (The rank stays a seed part, always
+    0, so that single-process runs keep their seeds.)"""
+    return derived_seed(seed, 0, epoch, global_position)
 
 
 @dataclass(frozen=True)
@@ -56,8 +79,9 @@ class _KeyedBatches:
         self.fixed = fixed  # same seeds every epoch (validation)
 
     def __iter__(self) -> Iterator[list[_Key]]:
+        world_size = self.sampler.world_size
         for epoch, position, indices in self.sampler.iter_planned():
-            seed = batch_seed(self.seed, self.rank, 0 if self.fixed else epoch, position)
+            seed = batch_seed(self.seed, 0 if self.fixed else epoch, position * world_size + self.rank)
             repeat = self.sampler.is_repeat(epoch, position)
             yield [_Key(index, epoch, position, seed, repeat) for index in indices]
 
@@ -209,6 +233,8 @@ def build_dataloader(
         )
     except ValueError as error:
         raise ValueError(f"{section}.manifest {data_cfg.manifest}: {error}") from None
+    if deterministic_crops and rank == 0:
+        _warn_of_unscored_audio(sampler, int(entries.num_samples.sum()), data_cfg, section)
     sampler.set_epoch(epoch)
     dataset = AudioDataset(entries, normalize=data_cfg.normalize, min_samples=data_cfg.min_sample_size)
     collator = Collator(masking_cfg, conv_layers, max_sample_size=longest, enable_padding=data_cfg.enable_padding,

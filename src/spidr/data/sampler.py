@@ -20,6 +20,7 @@ fresh process continue with batch k + 1 of the same epoch. A pass that finishes 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -206,6 +207,7 @@ class BucketBatchSampler:
         self.epoch = 0
         self.position = 0  # batches of ``epoch`` already handed out (consumed)
         self._cache: tuple[int, Batches] | None = None
+        self._fingerprint: tuple[int, str] | None = None  # (epoch, plan_fingerprint)
 
     @property
     def buckets(self) -> np.ndarray:
@@ -267,6 +269,19 @@ class BucketBatchSampler:
                              "batches")
         return Batches(flat, bounds, sequence, repeats)
 
+    def scored_samples(self, epoch: int = 0) -> int:
+        """Samples the batches of ``epoch`` hand to the model, padding repeats left out: every row is cropped to
+        its batch's shortest (unless ``padded``), and every utterance to ``max_sample_size``."""
+        batches = self._plan(epoch)
+        used = np.unique(batches.sequence[~batches.repeats])  # (drop_last may leave batches out)
+        by_index = np.zeros(int(self.indices.max()) + 1, dtype=np.int64)
+        by_index[self.indices] = self.clipped
+        lengths = by_index[batches.flat]  # batch b's rows are flat[bounds[b]:bounds[b + 1]]
+        starts = batches.bounds[:-1]
+        per_batch = (np.add.reduceat(lengths, starts) if self.padded
+                     else np.minimum.reduceat(lengths, starts) * np.diff(batches.bounds))
+        return int(per_batch[used].sum())
+
     def global_batches(self, epoch: int) -> Batches:
         """Every rank's batches of ``epoch`` in order, padded (or cut) to a multiple of the world size."""
         return self._plan(epoch)
@@ -313,6 +328,18 @@ class BucketBatchSampler:
         """Record that batch ``position`` of ``epoch`` was consumed (the DataLoader reads the sampler ahead)."""
         self.epoch, self.position = epoch, position + 1
 
+    def plan_fingerprint(self, epoch: int) -> str:
+        """A digest of this rank's batches of ``epoch`` (their order and contents): a resumed position means the
+        same batches only under the same digest. Bucket, crop or padding settings, or a reordered manifest, can
+        change the batches and keep their count."""
+        if self._fingerprint is None or self._fingerprint[0] != epoch:
+            batches = self.batches(epoch)
+            digest = hashlib.blake2b(digest_size=16)
+            for array in (batches.flat, batches.bounds, batches.sequence, self.clipped):
+                digest.update(np.ascontiguousarray(array).astype(np.int64, copy=False).tobytes())
+            self._fingerprint = (epoch, digest.hexdigest())
+        return self._fingerprint[1]
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
@@ -322,6 +349,7 @@ class BucketBatchSampler:
             "num_items": len(self.indices),
             "num_batches": len(self.batches(self.epoch)),
             "plan": PLAN_VERSION,
+            "fingerprint": self.plan_fingerprint(self.epoch),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -332,6 +360,8 @@ class BucketBatchSampler:
         # A state saved without "plan" comes from a version that seeded epochs with seed + epoch: its position
         # points into another order of batches.
         changed = [k for k in ("seed", "world_size", "num_items", "num_batches", "plan") if state.get(k) != mine[k]]
+        if not changed and "fingerprint" in state and state["fingerprint"] != mine["fingerprint"]:
+            changed = ["fingerprint"]  # (a state saved before it existed is trusted on the rest, as it was)
         if changed:
             logger.warning(
                 "sampler state does not match this run (%s differ: saved %s, now %s); restarting epoch %d from its "

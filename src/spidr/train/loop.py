@@ -582,7 +582,8 @@ def _account(run: _Run, outputs: Sequence[StepOutput], *, first_step: int, inter
         run.nonfinite_streak += 1
         longest = max(longest, run.nonfinite_streak)
         metrics = output.metrics
-        why = ("no masked frame in the batch (masking.min_masks = 0)" if metrics["num_frames"] == 0 else
+        why = ("no masked frame in the batch (its rows are cropped to very few frames, or masking.min_masks = 0)"
+               if metrics["num_frames"] == 0 else
                f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']})")
         logger.warning("step %d: %s; step skipped (%d in a row)", number, why, run.nonfinite_streak)
     if longest >= limit:
