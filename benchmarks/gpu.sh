@@ -24,20 +24,27 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_python.sh
 # The deadline counts from this script's start: 5 minutes in all by default, or the --deadline given here (the
 # wall-clock limit the script runs under, less a minute for the jobs' exits). The time spent installing wheels and
-# importing torch, and 15 s for gpu.py's own start, come off it; --smoke keeps gpu.py's own deadline.
+# importing torch, and 15 s for gpu.py's own start, come off it; --smoke without --deadline keeps gpu.py's own.
 total=280
+given=
+smoke=
 args=()
 while (( $# )); do
   case $1 in
-    --deadline) total=${2%.*}; shift 2 ;;
-    --deadline=*) total=${1#--deadline=}; total=${total%.*}; shift ;;
-    --smoke) total=; args+=("$1"); shift ;;
+    --deadline)
+      if (( $# < 2 )); then echo "$0: --deadline needs a number of seconds" >&2; exit 2; fi
+      given=${2%.*}; shift 2 ;;
+    --deadline=*) given=${1#--deadline=}; given=${given%.*}; shift ;;
+    --smoke) smoke=1; args+=("$1"); shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
+if [[ -n $given && ! $given =~ ^[0-9]+$ ]]; then
+  echo "$0: --deadline $given: expected a number of seconds" >&2; exit 2
+fi
 deadline=()
-if [[ -n $total ]]; then
-  left=$(( total - SECONDS - 15 ))
+if [[ -n $given || -z $smoke ]]; then  # --smoke alone keeps gpu.py's own deadline
+  left=$(( ${given:-$total} - SECONDS - 15 ))
   deadline=(--deadline $(( left > 60 ? left : 60 )))
 fi
 "$python" benchmarks/gpu.py --json "$json" "${deadline[@]}" "${args[@]}" | tee "${json%.json}.md"

@@ -208,7 +208,15 @@ def test_gpu_sh_counts_the_deadline_from_its_own_start(tmp_path, given, expected
                          check=True).stdout.split()
     assert out[out.index("--deadline") + 1] in (str(expected - 15), str(expected - 16))  # (a second may pass)
     assert out[-2:] == ["--jobs", "loader"]
-    smoke = subprocess.run(["bash", str(script), "--deadline", "420", "--smoke"], env=env, capture_output=True,
-                           text=True, check=True).stdout.split()
+    smoke = subprocess.run(["bash", str(script), "--smoke"], env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
     assert "--deadline" not in smoke
     assert "--smoke" in smoke
+    for order in (["--deadline", "420", "--smoke"], ["--smoke", "--deadline", "420"]):  # either order keeps it
+        out = subprocess.run(["bash", str(script), *order], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[out.index("--deadline") + 1] in ("405", "404"), order
+    for bad in (["--deadline"], ["--deadline", "soon"]):
+        refused = subprocess.run(["bash", str(script), *bad], env=env, capture_output=True, text=True, check=False)
+        assert refused.returncode == 2, bad
+        assert "--deadline" in refused.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def test_a_batch_gets_the_same_crops_and_masks_at_every_world_size(manifest: Pat
     for one, two in zip(single, real, strict=True):
         assert torch.equal(one.waveforms, two.waveforms)
         assert torch.equal(one.mask, two.mask)
-    assert any(not torch.equal(a.mask, b.mask) for a, b in zip(single, single[1:]))  # (masks do differ by batch)
+    assert any(not torch.equal(a.mask, b.mask) for a, b in itertools.pairwise(single))  # (masks differ by batch)
 
 
 def test_usable_workers() -> None:
@@ -255,4 +256,9 @@ def test_a_validation_set_whose_batches_leave_much_audio_out_is_named(manifest: 
         build(config(manifest))  # training: batches are drawn anew each epoch, nothing to say
         padded, _ = build(config(manifest, enable_padding=True, max_sample_size=12_000), deterministic_crops=True)
         assert sum(int(batch.lengths.sum()) for batch in padded) == total
-    assert not caplog.records
+        assert not caplog.records
+        build(config(manifest, enable_padding=True, max_sample_size=4000), deterministic_crops=True)
+        (record,) = caplog.records  # padded already: only the cut to max_sample_size is left to lift
+        assert "enable_padding" not in record.getMessage()
+        assert "data.max_sample_size = 4000 samples" in record.getMessage()
+        assert record.getMessage().endswith("a larger max_sample_size score it whole")

@@ -431,19 +431,25 @@ def test_a_fairseq_manifest_holds_names_that_begin_with_two_dots(tmp_path: Path)
 
 def test_tar_symlinks_through_linked_folders_lead_to_the_data(corpus: Path, tmp_path: Path) -> None:
     """``voices -> speakers`` (a link to a folder) makes ``voices/a.wav`` the member ``speakers/a.wav`` as
-    ``tar -x`` restores it; links to links, ``..``, loops and links out of the archive are followed as realpath
-    does."""
+    ``tar -x`` restores it; links to links, ``..`` (after a linked folder: from where it leads), loops and links out
+    of the archive (absolute, or above its top) are followed as realpath does."""
     data = (corpus / "a.wav").read_bytes()
     archive = tmp_path / "folders.tar"
     with tarfile.open(archive, "w") as tar:
         info = tarfile.TarInfo("speakers/a.wav")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("speakers/f")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
         for name, target in (("voices", "speakers"),              # a link to a folder
                              ("alias", "voices"),                 # a link to that link
                              ("x/deep.wav", "../alias/a.wav"),    # a file link through both
                              ("x/loop.wav", "loop.wav"),          # a link to itself
-                             ("x/out.wav", "/etc/a.wav")):        # out of the archive
+                             ("x/out.wav", "/etc/a.wav"),         # out of the archive
+                             ("x/up.wav", "../../a.wav"),         # above its top (was read as a.wav... below)
+                             ("e", "speakers/f"),                 # a folder link, then ".." from where it leads:
+                             ("x/dotdot.wav", "../e/../a.wav")):  # speakers/f/.. is speakers, so speakers/a.wav
             link = tarfile.TarInfo(name)
             link.type, link.linkname = tarfile.SYMTYPE, target
             tar.addfile(link)
@@ -452,9 +458,11 @@ def test_tar_symlinks_through_linked_folders_lead_to_the_data(corpus: Path, tmp_
             link.type, link.linkname = tarfile.SYMTYPE, "a.wav"
             tar.addfile(link)
     result = scan(archive, progress=False)
-    assert [e.path for e in result.entries] == ["speakers/a.wav", "x/deep.wav", "voices/a.wav", "alias/a.wav"]
+    assert [e.path for e in result.entries] == ["speakers/a.wav", "x/deep.wav", "x/dotdot.wav", "voices/a.wav",
+                                                "alias/a.wav"]
     assert all(read_member(e) == data for e in result.entries)
     assert [(location.rsplit(":", 1)[1], reason.split(",")[0]) for location, reason in result.failures] == [
         ("x/loop.wav", "symbolic link to 'x/loop.wav'"),
         ("x/out.wav", "symbolic link to '/etc/a.wav'"),
+        ("x/up.wav", "symbolic link to '../a.wav'"),
     ]

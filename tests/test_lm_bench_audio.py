@@ -169,3 +169,19 @@ def test_refusals_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="festival takes text only"):
         LmBenchSettings(train_voices=("kal_diphone",)).voices()
     assert main(["synth-lm-bench", str(tmp_path / "x"), "--splits", "dev,val"]) == 2
+
+
+def test_a_training_set_that_covers_a_test_template_is_refused_before_any_audio(tmp_path, monkeypatch):
+    """12,000 training utterances say every noun_verb_order sentence the grammar can make: refused after the whole
+    training set was synthesised (and the previous benchmark deleted); now before anything is made or removed."""
+    def no_synthesis(*args, **kwargs):
+        raise AssertionError("synthesised before the check")
+
+    monkeypatch.setattr("spidr.corpus.voices.require_available", lambda voices: None)
+    monkeypatch.setattr("spidr.corpus.synth.run_tasks", no_synthesis)
+    (tmp_path / "bench" / "train").mkdir(parents=True)
+    (tmp_path / "bench" / "train" / "keep.txt").write_text("an earlier benchmark's file")
+    with pytest.raises(ValueError, match=r"syntactic noun_verb_order: every sentence the grammar makes for it "
+                                         r"reuses a \(subject, verb, object\) triple of the training set"):
+        generate_lm_bench(tmp_path / "bench", LmBenchSettings(train_utterances=12_000), jobs=1)
+    assert (tmp_path / "bench" / "train" / "keep.txt").read_text() == "an earlier benchmark's file"

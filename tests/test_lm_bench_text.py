@@ -207,6 +207,8 @@ def test_blocks_whose_every_draw_reuses_a_training_triple_are_left_out(caplog, m
     with pytest.raises(ValueError, match=r"syntactic noun_verb_agreement: every sentence the grammar makes for it "
                                          r"reuses a \(subject, verb, object\) triple of the training set"):
         syntactic_pairs("0:dev", 8, seen_triples=_EveryTriple())
+    with pytest.raises(ValueError, match=r"tSC: every ending the grammar makes reuses a \(subject, verb, object\)"):
+        story_pairs("0:dev", 4, seen_triples=_EveryTriple(), phone_count=len)  # (an unpacking TypeError)
     # With the training set of the tests, nothing is reused and nothing is said.
     monkeypatch.undo()
     caplog.clear()

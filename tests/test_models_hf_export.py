@@ -426,10 +426,13 @@ def test_before_residual_hooks(fairseq: bool) -> None:
 
 def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatch) -> None:
     """--overwrite killed while writing (the weights take the time): the directory keeps the earlier export's three
-    files, which still load together (new weights beside the old config.json did not fit, or loaded wrongly)."""
+    files, which still load together (new weights beside the old config.json did not fit, or loaded wrongly); a
+    .safetensors export keeps its earlier file (it was cut to what the write had reached)."""
     first = perturbed(tiny_model("spidr"))
     export_hf(first, tmp_path / "hf")
+    export_safetensors(first, tmp_path / "m.safetensors")
     before = {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()}
+    single = (tmp_path / "m.safetensors").read_bytes()
     assert sorted(before) == ["config.json", "model.safetensors", "preprocessor_config.json"]
 
     def cut_short(weights, filename, metadata=None):
@@ -441,6 +444,10 @@ def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space left"):
         export_hf(tiny_model("spidr", encoder_num_layers=2), tmp_path / "hf")
     assert {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()} == before  # no partial left
+    with pytest.raises(OSError, match="No space left"):
+        export_safetensors(tiny_model("spidr", encoder_num_layers=2), tmp_path / "m.safetensors")
+    assert (tmp_path / "m.safetensors").read_bytes() == single
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.safetensors"]
     monkeypatch.undo()
     _assert_same_student(load_model(tmp_path / "hf"), first)
 

@@ -19,3 +19,8 @@ def test_rank_seeds_are_distinct_across_runs_and_rank_0_keeps_the_run_seed() -> 
     grid = {(run, rank): rank_seed(run, rank) for run in range(10) for rank in range(8)}
     assert len(set(grid.values())) == len(grid)  # run + rank made (0, 1) and (1, 0) share their streams
     assert all(rank_seed(run, 0) == run for run in range(10))  # single-process runs are seeded as before
+    # nor does a rank start where an epoch's batch plan (derived_seed(seed, epoch)) or a batch's crops start
+    others = {derived_seed(run, epoch) for run in range(10) for epoch in range(100)}
+    others |= {derived_seed(run, 0, epoch, position)
+               for run in range(10) for epoch in range(5) for position in range(8)}
+    assert not others & set(grid.values())

@@ -78,7 +78,7 @@ def test_resume_warns_when_the_learning_rates_changed(tmp_path, corpus, caplog):
 
 def test_utterances_shorter_than_two_frames_are_refused_by_the_config(tmp_path, corpus):
     """Below the front end's receptive field (TINY: 185 samples) a batch has no frame: every such step was a 0/0;
-    at one frame (185-344 samples) half the batches had no masked frame (test_data_masking) and were skipped."""
+    at one frame (185-344 samples) about a third of the batches had no masked frame, and their steps were skipped."""
     from spidr.data.masking import span_mask
 
     for frames, empty in ((1, True), (2, False)):

@@ -536,8 +536,8 @@ class Config:
             f"run.model_type = {self.run.model_type!r} does not match the model section's class "
             f"{type(self.model).__name__}",
         )
-        # Two frames: a batch cropped to one frame gets no masked frame about half of the time (fairseq's span
-        # placement puts the starts past the end), and its training step is skipped.
+        # Two frames: a batch cropped to one frame gets no masked frame about a third of the time with the default
+        # masking (fairseq's span placement puts the starts past the end), and its training step is skipped.
         two_frames = num_samples_for_frames(2, self.model.extractor_conv_layer_config)
         for section, data in self.data_sections():
             require(data.min_sample_size >= two_frames,

@@ -269,6 +269,24 @@ def _lexical_items(settings: LmBenchSettings, split: str, pairs: Sequence[Lexica
     return items
 
 
+def _check_test_sentences_possible(settings: LmBenchSettings, planned: Sequence[TrainingUtterance],
+                                   lex: Lexicon) -> None:
+    """Raise before any audio is made when a syntactic type or tSC cannot avoid the training triples: the test
+    sentences are drawn after the training audio (against the triples of the utterances it kept, a subset of the
+    planned ones), and a large training set can cover a template whole."""
+    seen = {triple for u in planned for triple in u.triples}
+    quiet = logging.getLogger("spidr.corpus.minimal_pairs")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the blocks left out are reported when the items are drawn for real
+    try:
+        for split in settings.splits:
+            _syntactic_items(settings, split, seen, set())
+            if settings.tsc_pairs:
+                _tsc_items(settings, split, seen, lex)
+    finally:
+        quiet.setLevel(level)
+
+
 def _syntactic_items(settings: LmBenchSettings, split: str, seen: set[tuple[str, str, str]],
                      taken: set[str]) -> list[Item]:
     if not settings.syntactic_pairs_per_type:
@@ -412,14 +430,15 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     voices = {voice.name: voice for voice in settings.voices()}
     require_available(list(voices.values()))
     jobs = default_jobs() if jobs is None else jobs
+    lex = lexicon()
+    planned = training_utterances(str(settings.seed), settings.train_utterances, lex)
+    _check_test_sentences_possible(settings, planned, lex)  # before anything is deleted or made
     started = time.perf_counter()
     for name in (*FOLDERS, INFO_JSON):
         path = out_dir / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    lex = lexicon()
-    planned = training_utterances(str(settings.seed), settings.train_utterances, lex)
     train_requests = _training_plan(settings, planned)
     train_dir = out_dir / "train"
     tasks = [(voices[v], reqs[i:i + BATCH_SIZE], train_dir / "wavs", True) for v, reqs in train_requests.items()

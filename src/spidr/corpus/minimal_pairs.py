@@ -214,10 +214,18 @@ def story_pairs(seed: str, count: int, *, seen_triples: Collection[tuple[str, st
     lex = lex or lexicon()
     builder = _Builder(random.Random(f"{seed}:tsc"), lex, seen_triples)
     pairs = []
+    failed = 0
     while len(pairs) < count:
         topic = builder.topic()
         prefix = builder.grammar.story(topic, 3)
-        (correct,) = builder.novel(lambda topic=topic: [builder.grammar.sentence(topic)])
+        drawn = builder.novel(lambda topic=topic: [builder.grammar.sentence(topic)])
+        if drawn is None:  # every ending of this topic drawn reused a training triple: try another story
+            failed += 1
+            if failed > MAX_ATTEMPTS:
+                raise ValueError("tSC: every ending the grammar makes reuses a (subject, verb, object) triple of the "
+                                 "training set; train the LM on fewer utterances or leave out the tSC task")
+            continue
+        (correct,) = drawn
         target = phone_count(correct.words())
         others = [t for t in lex.topics if t != topic]
         builder.rng.shuffle(others)

@@ -1,10 +1,10 @@
 """``build_dataloader``: manifest → dataset → bucketed batches → collated ``Batch`` objects, reproducibly.
 
-Crops and masks are drawn from a generator seeded per batch with a hash of (data seed, rank, epoch, batch
-position), not from worker RNG state: the same batch always gets the same crops and masks, whatever the number of
-workers and after a mid-epoch resume. The loader runs in the main process the parts that must see every batch once:
-it marks consumed batches on the sampler (the DataLoader reads the sampler ahead), reports unusable files once and
-skips batches left empty by them.
+Crops and masks are drawn from a generator seeded per batch with a hash of (data seed, epoch, the batch's place in
+the epoch's plan), not from worker RNG state: the same batch always gets the same crops and masks, whatever the
+number of workers or of ranks, and after a mid-epoch resume. The loader runs in the main process the parts that
+must see every batch once: it marks consumed batches on the sampler (the DataLoader reads the sampler ahead),
+reports unusable files once and skips batches left empty by them.
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ def _warn_of_unscored_audio(sampler: BucketBatchSampler, total: int, data_cfg: D
     that scores a fraction of it: say how much, and how to score it all."""
     scored = sampler.scored_samples()
     if total and scored < (1 - UNSCORED_WARNING) * total:
-        logger.warning(
-            "%s: its batches score %.0f %% of the audio in %s (%.1f of %.1f min): batches are cropped to their "
-            "shortest utterance%s and utterances to %s.max_sample_size = %d samples; %s.enable_padding = true "
-            "(with model.target_norm_frames = \"valid\") and a larger max_sample_size score it whole",
-            section, 100 * scored / total, data_cfg.manifest, scored / SAMPLE_RATE / 60, total / SAMPLE_RATE / 60,
-            " (padding is off)" if not data_cfg.enable_padding else "", section,
-            min(data_cfg.max_sample_size, data_cfg.max_batch_length), section)
+        longest = min(data_cfg.max_sample_size, data_cfg.max_batch_length)
+        cropped = "" if data_cfg.enable_padding else "batches are cropped to their shortest utterance and "
+        remedy = "a larger max_sample_size" if data_cfg.enable_padding else (
+            f"{section}.enable_padding = true (with model.target_norm_frames = \"valid\") and a larger "
+            "max_sample_size")
+        logger.warning("%s: its batches score %.0f %% of the audio in %s (%.1f of %.1f min): %sutterances are cut "
+                       "to %s.max_sample_size = %d samples and those under %s.min_sample_size left out; %s score it "
+                       "whole", section, 100 * scored / total, data_cfg.manifest, scored / SAMPLE_RATE / 60,
+                       total / SAMPLE_RATE / 60, cropped, section, longest, section, remedy)
 
 
 def batch_seed(seed: int, epoch: int, global_position: int) -> int:

@@ -451,8 +451,8 @@ def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
             held[name] = (member.offset_data, member.size)
         elif member.islnk():
             held[name] = held.get(os.path.normpath(member.linkname))
-        elif member.issym():
-            symlinks[name] = os.path.normpath(os.path.join(os.path.dirname(name), member.linkname))
+        elif member.issym():  # kept as written: "d/../t.wav" climbs from where the link d leads, not from "."
+            symlinks[name] = os.path.join(os.path.dirname(name), member.linkname)
         elif member.isdir():
             continue
         if os.path.splitext(name)[1].lower() in exts:
@@ -503,8 +503,9 @@ def _follow(symlinks: dict[str, str], name: str) -> str:
         if component in ("", "."):
             continue
         if component == "..":
-            if resolved:
-                resolved.pop()
+            if not resolved:  # above the archive's top: outside what it holds (tar -x would leave the folder)
+                return os.path.join("..", *pending[::-1])
+            resolved.pop()
             continue
         here = os.path.join(*resolved, component)
         target = symlinks.get(here)
@@ -514,7 +515,7 @@ def _follow(symlinks: dict[str, str], name: str) -> str:
         links_left -= 1
         if os.path.isabs(target):  # leads out of the archive (tar -x would follow it on the extracting machine)
             return os.path.join(target, *pending[::-1])
-        # the stored target is already joined to the link's folder and normalised: walk it from the top
+        # the stored target is joined to the link's folder, as written: walk it from the top
         resolved = []
         pending.extend(target.split(os.sep)[::-1])
     return os.path.join(*resolved) if resolved else "."

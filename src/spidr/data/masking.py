@@ -2,7 +2,9 @@
 
 Every random draw goes through the ``torch.Generator`` passed in, in every path (the official no-overlap path used
 numpy's global RNG instead, spec §14.13), so a mask is a pure function of its inputs and the generator state. The
-overlap path draws in the same order as the reference code, so with the same seed it returns the same mask.
+overlap path draws in the same order as the reference code, so with the same seed it returns the same mask, except
+for ``mask_selection = "poisson"``: its spans are fairseq's Poisson(mask_length), not the reference's
+Poisson(U[0, 1) · mask_length) (spec §14.14; spidr before 2026-12-06 drew the reference's).
 
 Valid frames are assumed to form a prefix of each row (padding at the end), as the collator produces them.
 """

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from spidr.atomic_files import replaced_when_done
 from spidr.config import (
     DinoSRConfig,
     ModelConfig,
@@ -365,7 +366,8 @@ def export_safetensors(model: DinoSR | Student, path: str | Path) -> None:
     metadata = {_METADATA_KEY: json.dumps(data), "format": "pt"}
     if isinstance(model, Student):
         metadata[_STUDENT_ONLY_KEY] = "true"
-    save_file(state, str(path), metadata=metadata)
+    with replaced_when_done(path) as partial:  # an interrupted --overwrite leaves the earlier export whole
+        save_file(state, str(partial), metadata=metadata)
 
 
 def spidr_base(path: str | Path) -> DinoSR:

@@ -12,9 +12,9 @@ CPU default), or only at log and checkpoint steps ("log", the CUDA default), the
 the device so that the GPU never waits for the host in between.
 
 Resume is exact: a checkpoint holds the model (teacher and codebooks included), optimizer, scheduler, scaler, step,
-every rank's sampler position and RNG states; the data pipeline derives crops and masks from (seed, rank, epoch,
-batch index). A run killed at any point and resumed from its latest checkpoint replays the same steps and ends, on
-CPU, bitwise identical to an uninterrupted run.
+every rank's sampler position and RNG states; the data pipeline derives crops and masks from (seed, epoch, the
+batch's place in the epoch's plan). A run killed at any point and resumed from its latest checkpoint replays the
+same steps and ends, on CPU, bitwise identical to an uninterrupted run.
 """
 
 from __future__ import annotations
