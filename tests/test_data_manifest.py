@@ -275,20 +275,26 @@ def test_a_linked_file_keeps_its_own_name_and_folder(tmp_path: Path, suffix: str
     assert "blob" not in out.read_text()
 
 
+def _write_tar(archive: Path, files: dict[str, bytes], others: list[tuple[str, bytes, str]]) -> None:
+    """An uncompressed tar of ``files`` (name → data), then ``others``: (name, tarfile type, link target)."""
+    with tarfile.open(archive, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, kind, target in others:
+            member = tarfile.TarInfo(name)
+            member.type, member.linkname = kind, target
+            tar.addfile(member)
+
+
 def test_tar_links_map_to_the_data_they_stand_for(corpus: Path, tmp_path: Path) -> None:
     data = (corpus / "a.wav").read_bytes()
     archive = tmp_path / "links.tar"
-    with tarfile.open(archive, "w") as tar:
-        info = tarfile.TarInfo("x/a.wav")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-        for name, kind, target in (("x/hard.wav", tarfile.LNKTYPE, "x/a.wav"),
-                                   ("x/soft.wav", tarfile.SYMTYPE, "a.wav"),
-                                   ("x/nowhere.wav", tarfile.LNKTYPE, "x/missing.wav"),
-                                   ("x/dangling.wav", tarfile.SYMTYPE, "missing.wav")):
-            link = tarfile.TarInfo(name)
-            link.type, link.linkname = kind, target
-            tar.addfile(link)
+    _write_tar(archive, {"x/a.wav": data}, [("x/hard.wav", tarfile.LNKTYPE, "x/a.wav"),
+                                             ("x/soft.wav", tarfile.SYMTYPE, "a.wav"),
+                                             ("x/nowhere.wav", tarfile.LNKTYPE, "x/missing.wav"),
+                                             ("x/dangling.wav", tarfile.SYMTYPE, "missing.wav")])
     result = scan(archive, progress=False)
     assert [e.path for e in result.entries] == ["x/a.wav", "x/hard.wav", "x/soft.wav"]
     assert all(read_member(e) == data for e in result.entries)
@@ -435,28 +441,18 @@ def test_tar_symlinks_through_linked_folders_lead_to_the_data(corpus: Path, tmp_
     of the archive (absolute, or above its top) are followed as realpath does."""
     data = (corpus / "a.wav").read_bytes()
     archive = tmp_path / "folders.tar"
-    with tarfile.open(archive, "w") as tar:
-        info = tarfile.TarInfo("speakers/a.wav")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-        folder = tarfile.TarInfo("speakers/f")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-        for name, target in (("voices", "speakers"),              # a link to a folder
-                             ("alias", "voices"),                 # a link to that link
-                             ("x/deep.wav", "../alias/a.wav"),    # a file link through both
-                             ("x/loop.wav", "loop.wav"),          # a link to itself
-                             ("x/out.wav", "/etc/a.wav"),         # out of the archive
-                             ("x/up.wav", "../../a.wav"),         # above its top (was read as a.wav... below)
-                             ("e", "speakers/f"),                 # a folder link, then ".." from where it leads:
-                             ("x/dotdot.wav", "../e/../a.wav")):  # speakers/f/.. is speakers, so speakers/a.wav
-            link = tarfile.TarInfo(name)
-            link.type, link.linkname = tarfile.SYMTYPE, target
-            tar.addfile(link)
-        for name in ("voices/a.wav", "alias/a.wav"):  # the archive lists the same file under the linked folder
-            link = tarfile.TarInfo(name)
-            link.type, link.linkname = tarfile.SYMTYPE, "a.wav"
-            tar.addfile(link)
+    links = [("speakers/f", tarfile.DIRTYPE, ""),
+             ("voices", tarfile.SYMTYPE, "speakers"),              # a link to a folder
+             ("alias", tarfile.SYMTYPE, "voices"),                 # a link to that link
+             ("x/deep.wav", tarfile.SYMTYPE, "../alias/a.wav"),    # a file link through both
+             ("x/loop.wav", tarfile.SYMTYPE, "loop.wav"),          # a link to itself
+             ("x/out.wav", tarfile.SYMTYPE, "/etc/a.wav"),         # out of the archive
+             ("x/up.wav", tarfile.SYMTYPE, "../../a.wav"),         # above its top
+             ("e", tarfile.SYMTYPE, "speakers/f"),                 # a folder link, then ".." from where it leads:
+             ("x/dotdot.wav", tarfile.SYMTYPE, "../e/../a.wav"),   # speakers/f/.. is speakers: speakers/a.wav
+             ("voices/a.wav", tarfile.SYMTYPE, "a.wav"),           # the archive lists the same file under the
+             ("alias/a.wav", tarfile.SYMTYPE, "a.wav")]            # linked folders too
+    _write_tar(archive, {"speakers/a.wav": data}, links)
     result = scan(archive, progress=False)
     assert [e.path for e in result.entries] == ["speakers/a.wav", "x/deep.wav", "x/dotdot.wav", "voices/a.wav",
                                                 "alias/a.wav"]
