@@ -34,3 +34,28 @@ def test_a_finished_write_replaces_the_file_through_a_hidden_name_in_the_same_fo
     assert not partial.exists()
     write_atomically(tmp_path / "other.txt", "text ✓")
     assert (tmp_path / "other.txt").read_text(encoding="utf-8") == "text ✓"
+
+
+def test_files_get_the_permissions_of_the_umask_whatever_wrote_them(tmp_path):
+    """safetensors creates its files 0600: exported models and k-means centroids were unreadable to the rest of a
+    group on a shared cluster, where every other output is 0666 less the umask."""
+    import os
+    import stat
+
+    import torch
+
+    from spidr.eval.kmeans import save_centroids
+    from spidr.models import export_safetensors
+    from test_models_dinosr import tiny_model
+
+    previous = os.umask(0o027)
+    try:
+        save_centroids(tmp_path / "c.safetensors", torch.zeros(4, 3))
+        export_safetensors(tiny_model("spidr"), tmp_path / "m.safetensors")
+        with replaced_when_done(tmp_path / "private") as partial:
+            partial.write_text("x")
+            os.chmod(partial, 0o600)  # as safetensors leaves it
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        os.umask(previous)
+    assert modes == {"c.safetensors": 0o640, "m.safetensors": 0o640, "private": 0o640}

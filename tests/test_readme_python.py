@@ -45,6 +45,14 @@ def test_the_readme_python_example_runs_and_agrees_with_itself(tmp_path, monkeyp
     np.testing.assert_allclose(feats[0]["layer_06"], layers[5][0].numpy(), atol=1e-5)
     np.testing.assert_array_equal(feats[0]["units_06"], namespace["codebook_units"].numpy())
     assert feats[1]["layer_06"].shape[0] < frames  # the 3 s prefix
+    # ... standardised on its own, as `spidr extract` does for a 3 s file (a cut of the standardised wave was not)
+    prefix = namespace["first_3s"]
+    torch.testing.assert_close(prefix, namespace["spidr"].waveform_from_samples(
+        sf.read("speech.flac")[0][: 3 * 22050], 22050), atol=0, rtol=0)
+    assert abs(float(prefix.mean())) < 1e-5  # (a cut of the standardised wave had a mean of its own)
+    with torch.inference_mode():
+        single = namespace["model"].get_intermediate_outputs(prefix[None])[5][0].numpy()
+    np.testing.assert_allclose(feats[1]["layer_06"], single, atol=1e-5)
     assert namespace["centroids"].shape == (20, layers[5].shape[-1])
     units = namespace["kmeans_units"]
     assert units.shape == (frames,)

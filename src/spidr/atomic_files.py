@@ -31,7 +31,24 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    # The permissions any new file gets (0666 less the umask): safetensors creates its files 0600, so an exported
+    # model or centroids file could not be read by the rest of a group on a shared cluster.
+    os.chmod(partial, 0o666 & ~_umask())
     os.replace(partial, path)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # (not thread-safe for an instant; only where /proc has no answer)
+    os.umask(mask)
+    return mask
 
 
 def write_atomically(path: str | Path, text: str) -> None:

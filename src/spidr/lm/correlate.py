@@ -1,7 +1,7 @@
 """Correlation of unit quality with spoken-LM accuracy, as in the SpidR paper's §4.4 (figures 13 and 14).
 
 Input: a CSV table with one row per representation (typically ``model,layer,...``) and metric columns, e.g.
-``abx_discrete``, ``pnmi``, ``swuggy_all``. Columns whose values are not numbers (``model``) are kept as labels.
+``unit_abx_across``, ``pnmi``, ``swuggy_all``. Columns whose values are not numbers (``model``) are kept as labels.
 The paper's notebook pivots its result CSVs to exactly this shape (32 (model, layer) points at 6,000 h, V = 256)
 and applies ``scipy.stats.pearsonr`` and ``linregress``; :func:`correlate` adds Spearman's ρ and a bootstrap CI of r.
 

@@ -134,8 +134,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "comma-separated lists: every (x, y) pair is computed. Without --json, writes a scatter plot per pair.",
         formatter_class=FORMATTER,
     )
-    parser.add_argument("table", metavar="TABLE", help="CSV table, e.g. model,layer,abx_discrete,pnmi,swuggy_all")
-    parser.add_argument("--x", required=True, help="x column(s), e.g. abx_discrete,pnmi")
+    parser.add_argument("table", metavar="TABLE", help="CSV table, e.g. model,layer,unit_abx_across,pnmi,swuggy_all "
+                        "(lm-study writes one: points.csv)")
+    parser.add_argument("--x", required=True, help="x column(s), e.g. unit_abx_across,pnmi")
     parser.add_argument("--y", required=True, help="y column(s), e.g. swuggy_all,sblimp")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (a list of objects for several pairs); no plot unless --plot")
