@@ -181,8 +181,11 @@ def test_two_gloo_ranks_train_the_model_one_process_trains(tmp_path):
     one = _config(tmp_path, "one", model=no_dropout, optimizer={"max_steps": 12})
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr",
-                    "lm-train", str(two)], env=env, check=True, capture_output=True, timeout=300)
+    ranks_run = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m",
+                                "spidr", "lm-train", str(two)], env=env, check=True, capture_output=True, text=True,
+                               timeout=300)
+    assert ranks_run.stdout.count("trained LM: ") == 1  # once, not once per rank
+    assert ranks_run.stderr.count("unit LM: ") == 1
     subprocess.run([sys.executable, "-m", "spidr", "lm-train", str(one)], env=env, check=True, capture_output=True)
     ranks = torch.load(tmp_path / "runs" / "two" / "final.pt", weights_only=True)
     single = torch.load(tmp_path / "runs" / "one" / "final.pt", weights_only=True)
@@ -647,3 +650,14 @@ def test_unit_files_are_found_per_task_and_split_and_a_doubled_one_is_refused(tm
     (tmp_path / "lexical" / "dev.jsonl.gz").write_bytes(b"")
     with pytest.raises(ValueError, match=r"both .*lexical/dev\.jsonl and .*lexical/dev\.jsonl\.gz exist"):
         find_unit_files(tmp_path)
+
+
+def test_speech_model_commands_name_a_unit_lm_checkpoint_for_what_it_is(tmp_path, capsys):
+    """`spidr info` (and every command that loads a SpidR/DinoSR model) read an LM's final.pt as a speech model and
+    listed ~40 unknown [model] keys."""
+    cfg = load_lm_config(_config(tmp_path, "lm", optimizer={"max_steps": 2}))
+    assert train_lm(cfg) == "completed"
+    final = cfg.run.run_dir / "final.pt"
+    for command in (["info", str(final)], ["export", str(final), str(tmp_path / "x.safetensors")]):
+        assert main(command) == 2
+        assert f"{final} is a unit-LM checkpoint (spidr lm-train), not a SpidR/DinoSR model" in capsys.readouterr().err

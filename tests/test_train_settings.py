@@ -137,3 +137,14 @@ def test_set_overrides_are_read_by_the_type_of_their_field(tmp_path):
     with pytest.raises(ValueError, match=r"optimizer\.max_steps = 'many' is invalid: expected an integer"):
         load_config(config, ["optimizer.max_steps=many"])  # a number field still wants a number
     assert load_lm_config(None, ["run.name=42", "data.train=1.jsonl"]).run.name == "42"
+
+
+def test_compiling_with_a_torch_whose_inductor_specialises_on_length_is_flagged():
+    """torch >= 2.12 lowers the conv backward with a guard on the frame count (docs/performance.md): the trainer
+    says so before compiling; 2.11 (the GPU image's) and older compile quietly."""
+    from spidr.train.loop import compile_caveat
+
+    assert compile_caveat("2.11.0+cu128") is None
+    assert compile_caveat("2.9.1") is None
+    for version in ("2.12.0", "2.13.0+cpu", "2.14.0.dev20261201+cu130", "3.0.0"):
+        assert compile_caveat(version).startswith(f"run.compile with torch {version}: its inductor lowers")

@@ -151,6 +151,6 @@ class BadFileTracker:
 
     def summary(self) -> str:
         if not self.reasons:
-            return f"all {self.seen} utterances read from {self.source} were usable"
+            return f"all {self.seen} utterance reads from {self.source} (every epoch's) were usable"
         return (f"{len(self.reasons)} distinct unusable file(s) in {self.source}; {self.bad} of {self.seen} reads "
                 f"skipped ({self.fraction:.2%})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -184,7 +185,8 @@ def _train(args: argparse.Namespace) -> int:
         logger.error("%s", error)
         return 1
     if outcome == "completed":
-        print(f"trained LM: {Path(cfg.run.run_dir) / 'final.pt'}")
+        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+            print(f"trained LM: {Path(cfg.run.run_dir) / 'final.pt'}")
         return 0
     return 3
 

@@ -242,8 +242,9 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         hold_run_folder(run_dir, cleanup, is_main=denv.is_main)
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         data = prepare_data(cfg)
-        logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens, vocabulary %d",
-                    data.train.numel(), data.info["train_utterances"], data.valid.numel(), data.vocab.size)
+        if denv.is_main:
+            logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens, vocabulary %d",
+                        data.train.numel(), data.info["train_utterances"], data.valid.numel(), data.vocab.size)
         torch.manual_seed(cfg.run.seed)
         raw = build_model_for(cfg.model, data.vocab.size).to(device)
         seed_everything(rank_seed(cfg.run.seed, denv.rank))

@@ -291,6 +291,9 @@ def read_checkpoint(
     if not isinstance(data, Mapping):
         raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict (a checkpoint or a state dict)")
 
+    if str(data.get("format", "")).startswith("spidr-unit-lm"):  # lm.train.CHECKPOINT_FORMAT
+        raise ValueError(f"{path} is a unit-LM checkpoint (spidr lm-train), not a SpidR/DinoSR model: spidr lm-score "
+                         "reads it")
     if is_fairseq_checkpoint(data):
         return _read_fairseq(path, data, config, model_type)
 
