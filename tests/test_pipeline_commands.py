@@ -331,3 +331,15 @@ def test_evaluate_finds_units_and_mfcc_by_item_paths_and_refuses_items_of_anothe
                  str(corpus / "manifest.csv"), "--item", str(tmp_path / "other.item"), "--layers", "3",
                  "--out", str(tmp_path / "other")]) == 2
     assert "none of the 16 ABX items of" in capsys.readouterr().err
+
+
+def test_a_run_s_checkpoint_is_named_after_its_run_folder(tmp_path):
+    """Every training run ends in final.pt: reports said "Evaluation of final", and lm-study refused two runs as
+    one name ("final", "final"). Other files keep their stem."""
+    from spidr.models.commands import default_model_name
+
+    assert default_model_name(tmp_path / "spidr-s0" / "final.pt") == "spidr-s0"
+    assert default_model_name(tmp_path / "dinosr-s1" / "step_5000.pt") == "dinosr-s1-step_5000"
+    assert default_model_name("spidr_base.pt") == "spidr_base"
+    assert default_model_name(tmp_path / "exports" / "final.safetensors") == "final"
+    assert default_model_name(tmp_path / "spidr_base_hf") == "spidr_base_hf"

@@ -10,7 +10,7 @@ from pathlib import Path
 from spidr import cli_types
 from spidr.eval.commands import add_abx_options
 from spidr.help_format import HelpFormatter
-from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, model_from_args
+from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, default_model_name, model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
                           help="add a baseline (repeatable)")
-    evaluate.add_argument("--name", default=None, help="model name in the report (default: checkpoint stem)")
+    evaluate.add_argument("--name", default=None, help="model name in the report (default: the checkpoint stem; for "
+                          "final.pt / step_N.pt, its run folder)")
     add_abx_options(evaluate, distance_default="angular",
                     seed_help="seed of the ABX subsampling and of the random-init baseline")
     evaluate.set_defaults(handler=run_evaluate)
@@ -90,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--out", required=True, help="report folder")
     probe.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
                        help="add a baseline (repeatable)")
-    probe.add_argument("--name", default=None, help="model name in the report (default: checkpoint stem)")
+    probe.add_argument("--name", default=None, help="model name in the report (default: the checkpoint stem; for "
+                          "final.pt / step_N.pt, its run folder)")
     probe.add_argument("--hidden", type=int, default=0, help="hidden ReLU units (0: a linear probe)")
     probe.add_argument("--epochs", type=int, default=10, help="passes over the training frames")
     probe.add_argument("--max-train-frames", type=int, default=200_000,
@@ -164,7 +166,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)
-    name = args.name or Path(args.checkpoint).stem
+    name = args.name or default_model_name(args.checkpoint)
     common = {"items": items, "alignments": alignments, "layers": layers, "abx": abx,
               "alignment_rate_hz": args.alignment_rate, "dtype": args.dtype}
     rows = evaluate_model(model, name, entries, work_dir=out / "features" / "model", **common)
@@ -213,7 +215,7 @@ def run_probe(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers, model.num_layers) if args.layers else None
     settings = ProbeSettings(hidden=args.hidden, epochs=args.epochs, max_train_frames=args.max_train_frames,
                              seed=args.seed, dtype=args.dtype)
-    name = args.name or Path(args.checkpoint).stem
+    name = args.name or default_model_name(args.checkpoint)
     common = {"test_alignments": test_alignments, "alignment_rate": args.alignment_rate, "settings": settings}
     featurizers = {name: ModelFeaturizer(model, layers=layers, dtype=args.dtype)}
     for baseline in args.baseline or ():

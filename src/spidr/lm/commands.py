@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from spidr import cli_types
 from spidr.help_format import SET_HELP, HelpFormatter
-from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, model_from_args
+from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, default_model_name, model_from_args
 
 if TYPE_CHECKING:
     import torch
@@ -233,7 +233,7 @@ def _study(args: argparse.Namespace) -> int:
         name, _, path = text.rpartition("=") if "=" in text else ("", "", text)
         model = model_from_args(path, args).eval()
         layers = _study_layers(path, model, args.layers, kmeans=args.kmeans)
-        models.append(StudyModel(name or Path(path).stem, model, layers))
+        models.append(StudyModel(name or default_model_name(path), model, layers))
     if args.random_init:
         first = models[0]
         models.append(StudyModel(f"{first.name} (random init)", random_init_model(first.model.cfg), first.layers))

@@ -4,6 +4,8 @@ command that reads a SpidR / DinoSR checkpoint reads it (``add_loading_arguments
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spidr import cli_types
@@ -41,6 +43,15 @@ def add_loading_arguments(parser: argparse.ArgumentParser, *, every: str = "") -
         action="store_true",
         help="allow full unpickling (needed by fairseq checkpoints); can run code: only for files you trust",
     )
+
+
+def default_model_name(path: str | Path) -> str:
+    """A model's name in reports when none is given: the checkpoint's stem, or its run folder's name for a
+    training checkpoint (every run ends in final.pt: two runs were both "final", and refused as one)."""
+    path = Path(path)
+    if path.suffix == ".pt" and re.fullmatch(r"final|step_\d+", path.stem):
+        return path.resolve().parent.name + ("" if path.stem == "final" else f"-{path.stem}")
+    return path.stem
 
 
 def model_from_args(path: str, args: argparse.Namespace) -> DinoSR | Student:
