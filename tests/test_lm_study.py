@@ -101,6 +101,17 @@ def test_lms_differing_in_config_or_data_are_named_and_location_fields_are_not(t
     other = study.StudySettings(lm_overrides=(*TINY_LM, "model.dim=12"))
     assert study.lm_differences(summary, study._lm_config("phone oracle", units, tmp_path / "a", other)) == \
         (["model.dim: 8 → 12"], [])
+    # the phone bigram is fitted by counting: the LSTMs' settings (a smaller context, another budget) are not its
+    bigram_overrides = ('model.arch="ngram"', "model.ngram_order=2")
+    bigram = study._lm_config("phone bigram", units, tmp_path / "a", settings, bigram_overrides)
+    assert train_lm(bigram) == "completed"
+    fitted = lm_checkpoint_summary(bigram.run.run_dir / "final.pt")
+    smaller = study.StudySettings(lm_overrides=(*TINY_LM, "model.context=4", "optimizer.max_steps=7"))
+    assert study.lm_differences(fitted, study._lm_config("phone bigram", units, tmp_path / "a", smaller,
+                                                         bigram_overrides)) == ([], [])
+    add_k = study.StudySettings(lm_overrides=(*TINY_LM, "model.ngram_add_k=0.5"))
+    assert study.lm_differences(fitted, study._lm_config("phone bigram", units, tmp_path / "a", add_k,
+                                                         bigram_overrides)) == (["model.ngram_add_k: 0.1 → 0.5"], [])
     (copy / "train.jsonl").write_text("".join((units / "train.jsonl").read_text().splitlines(True)[:-1]))
     config, data = study.lm_differences(summary, study._lm_config("phone oracle", copy, tmp_path / "a", settings))
     assert config == []

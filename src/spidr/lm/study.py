@@ -118,6 +118,15 @@ def _lm_config(name: str, units_dir: Path, out_dir: Path, settings: StudySetting
 LOCATION_FIELDS = frozenset({"run.workdir", "run.name", "data.train"})
 
 
+# The settings an n-gram LM is made of (it is fitted by counting): a --set model.context=32 for the study's LSTMs
+# made the phone bigram "another config" to delete.
+NGRAM_MODEL_FIELDS = ("model.arch", "model.ngram_order", "model.ngram_add_k")
+
+
+def _unused_by_ngrams(name: str) -> bool:
+    return (name.startswith("model.") and name not in NGRAM_MODEL_FIELDS) or name.startswith("optimizer.")
+
+
 def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
                    data: bool = True) -> tuple[list[str], list[str]]:
     """How the LM of a checkpoint (``state``: its ``lm_checkpoint_summary``) differs from the one ``cfg`` would
@@ -130,7 +139,7 @@ def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
     # An LM trained before a setting was added was trained at its default: it differs only if cfg moves it.
     changes = config_diff(state["config"], cfg.to_dict(), defaults=default_lm_settings())
     config = [f"{name}: {old!r} → {new!r}" for name, old, new in sorted(changes, key=lambda change: change[0])
-              if name not in LOCATION_FIELDS]
+              if name not in LOCATION_FIELDS and not (cfg.model.arch == "ngram" and _unused_by_ngrams(name))]
     if not data:
         return config, []
     old, new = state["lm"], prepare_data(cfg).info
