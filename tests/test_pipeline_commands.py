@@ -189,6 +189,12 @@ def test_user_errors_are_one_line_before_any_work(corpus, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*base, "--out", str(tmp_path / "f"), "--device", "cuda"])
         assert "CUDA is not available on this machine" in capsys.readouterr().err
+    # the default, as spidr train's: the GPU where there is one (it was cpu, silently, on a GPU machine)
+    from spidr import cli_types
+    from spidr.cli import build_parser
+
+    args = build_parser().parse_args([*base, "--out", str(tmp_path / "f")])
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu") == cli_types.device("auto")
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("not a folder")
     assert main([*base, "--out", str(in_the_way)]) == 2

@@ -7,11 +7,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+DEVICE_HELP = "auto (cuda when this machine has a GPU, else cpu), cpu, cuda or cuda:N"
+
 
 def device(text: str) -> str:
-    """A torch device that this machine has: "cpu", "cuda", "cuda:1", ..."""
+    """A torch device that this machine has: "cpu", "cuda", "cuda:1", ...; "auto": "cuda" where CUDA is
+    available, else "cpu" (the default of every command that runs a model, as of ``spidr train``)."""
     import torch
 
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(text)
     except RuntimeError:

@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     add_loading_arguments(parser)
-    parser.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=cli_types.device, default="auto", help=cli_types.DEVICE_HELP)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16 runs the Transformer layers under bf16 autocast, the front end and "
                         "positional convs in float32")

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="use the checkpoint's architecture at random initialisation (seeded by --seed)")
     units.add_argument("--seed", type=int, default=0, help="seed of k-means and of --random-init")
     add_loading_arguments(units)
-    units.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
+    units.add_argument("--device", type=cli_types.device, default="auto", help=cli_types.DEVICE_HELP)
     units.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 runs the Transformer layers under bf16 autocast, the front end and "
                        "positional convs in float32")
@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="log-likelihood per predicted token (the paper's choice) or summed")
     score.add_argument("--batch-tokens", type=cli_types.positive_int, default=32768,
                        help="padded tokens per scoring batch")
-    score.add_argument("--device", type=cli_types.device, default="cpu", help="cpu, cuda or cuda:N")
+    score.add_argument("--device", type=cli_types.device, default="auto", help=cli_types.DEVICE_HELP)
     score.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 runs the LM under autocast")
     cli_types.add_overwrite_option(score)
