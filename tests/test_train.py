@@ -229,9 +229,11 @@ def test_init_ckpt_starts_a_run_from_any_whole_model_checkpoint_and_names_bad_on
     export_hf(load_model(final), tmp_path / "hf")
     for init, message in ((tmp_path / "junk.pt", ": .*not"), (tmp_path / "hf", " holds only an exported student"),
                           (tmp_path / "nope.pt", " does not exist")):
-        cfg = tiny_config(tmp_path / "bad", corpus, run={"init_ckpt": str(init)})
+        cfg = tiny_config(tmp_path / f"bad-{init.stem}", corpus, run={"init_ckpt": str(init)})
         with pytest.raises(ValueError, match=r"run\.init_ckpt = " + re.escape(repr(str(init))) + message):
             train(cfg)
+        if init.name == "nope.pt":
+            assert not cfg.run.run_dir.exists()  # refused before the run folder is made (it kept only a lock)
     wider = tiny_config(tmp_path / "wide", corpus, run={"init_ckpt": str(final)},
                         model={"encoder_ff_interm_features": 128})
     with pytest.raises(ValueError, match=r"run\.init_ckpt = .* does not fit the \[model\] config"):

@@ -350,6 +350,7 @@ def train(cfg: Config) -> Outcome:
     Returns "completed", or "interrupted" when a stop signal arrived (a checkpoint was saved first). Raises
     ``TrainingDivergedError`` after ``run.max_consecutive_nonfinite`` non-finite steps in a row.
     """
+    _check_initial_weights_exist(cfg)
     denv = detect_environment()
     if cfg.run.use_deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
@@ -603,6 +604,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 # Set-up helpers, in the order ``train`` uses them
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _check_initial_weights_exist(cfg: Config) -> None:
+    """A fresh run's ``run.init_ckpt`` must exist: refused before the run folder is made (it was left holding only
+    its lock file). A run with checkpoints resumes from them and never reads it."""
+    init = cfg.run.init_ckpt
+    if init is not None and not Path(init).exists() and not Checkpointer(cfg.run.run_dir,
+                                                                           save_interval=1).checkpoints():
+        raise ValueError(f"run.init_ckpt = {init!r} does not exist")
 
 
 def _load_initial_weights(model: nn.Module, path: str | None, model_cfg: ModelConfig) -> None:
