@@ -274,3 +274,14 @@ def test_unit_quality_of_a_model_at_another_frame_rate_uses_labels_at_a_matching
                                                    + "\n" for r in rows20))
         quality = study.measure_quality(units, bench, num_units=len(PHONES), unit_rate_hz=rate)
         assert quality["pnmi"] > 0.99 if rate != 25 else 0.0 < quality["pnmi"] < 1.0, rate
+
+
+def test_too_little_training_data_is_refused_before_any_lm_trains(tmp_path, monkeypatch):
+    """One training utterance of 30 phones is less than one window of context 256 + 1: the oracle's refusal came
+    after the bigram was fitted, and the rerun with a smaller context was then told to delete it."""
+    monkeypatch.setattr(study, "_benchmark", lambda out_dir, settings: _bench(out_dir / "bench", 1))
+    settings = study.StudySettings(lm_overrides=tuple(o for o in TINY_LM if not o.startswith("model.context")))
+    with pytest.raises(ValueError, match=r"fewer tokens than one window of model\.context \+ 1 = 257 \(phone oracle: "
+                                         r"\d+\): lower model\.context"):
+        study.run_study([], tmp_path / "out", settings)
+    assert not list((tmp_path / "out").glob("lms/*/*.pt"))  # nothing trained

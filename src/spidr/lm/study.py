@@ -189,6 +189,25 @@ def _check_trained_lms(trained: Sequence[tuple[LmConfig, Path, dict[str, Any]]],
         shutil.rmtree(run_dir)
 
 
+def _check_enough_data(lms: Sequence[tuple[str, LmConfig]]) -> None:
+    """Refuse the study, naming every LM still to train whose training data holds less than one window of
+    ``model.context + 1`` tokens, before the first trains (the phone oracle's refusal came after it had fitted
+    the bigram, and a rerun with a smaller context then had that LM to delete)."""
+    from spidr.lm.train import prepare_data
+
+    short = []
+    for name, cfg in lms:
+        if cfg.model.arch == "ngram" or (cfg.run.run_dir / "final.pt").is_file():
+            continue
+        tokens = prepare_data(cfg).train.numel()
+        if tokens < cfg.model.context + 1:
+            short.append(f"{name}: {tokens}")
+    if short:
+        raise ValueError(f"the training data of these LMs holds fewer tokens than one window of model.context + 1 = "
+                         f"{lms[0][1].model.context + 1} ({'; '.join(short)}): lower model.context (--set "
+                         "model.context=N) or give the benchmark more training utterances")
+
+
 def _train(name: str, cfg: LmConfig) -> Path:
     """Train the LM of ``cfg`` unless it is finished (``_check_trained_lms`` vetted it); returns its run
     directory."""
@@ -435,6 +454,8 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
         _model_units(study_model, bench, model_dir, out_dir, settings)
     # LMs trained on units the model's folder no longer holds were deleted with them (_model_units).
     _check_trained_lms([lm for lm in trained if lm[1].is_file()], settings)
+    _check_enough_data([("phone oracle", oracle), *((_layer_lm_name(m.name, layer), cfg)
+                                                    for m, layer, _, cfg in layer_lms)])
 
     common = {"bench": bench, "settings": settings}
     rows = []
