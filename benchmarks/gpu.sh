@@ -33,14 +33,17 @@ while (( $# )); do
   case $1 in
     --deadline)
       if (( $# < 2 )); then echo "$0: --deadline needs a number of seconds" >&2; exit 2; fi
-      given=${2%.*}; shift 2 ;;
-    --deadline=*) given=${1#--deadline=}; given=${given%.*}; shift ;;
+      given=$2; shift 2 ;;
+    --deadline=*) given=${1#--deadline=}; [[ -n $given ]] || given=none; shift ;;
     --smoke) smoke=1; args+=("$1"); shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
-if [[ -n $given && ! $given =~ ^[0-9]+$ ]]; then
-  echo "$0: --deadline $given: expected a number of seconds" >&2; exit 2
+if [[ -n $given ]]; then
+  if [[ ! $given =~ ^[0-9]+(\.[0-9]*)?$ ]]; then
+    echo "$0: --deadline $given: expected a number of seconds" >&2; exit 2
+  fi
+  given=$(( 10#${given%.*} ))  # whole seconds, read in base 10 ("08" is not octal)
 fi
 deadline=()
 if [[ -n $given || -z $smoke ]]; then  # --smoke alone keeps gpu.py's own deadline

@@ -59,3 +59,33 @@ def test_files_get_the_permissions_of_the_umask_whatever_wrote_them(tmp_path):
     finally:
         os.umask(previous)
     assert modes == {"c.safetensors": 0o640, "m.safetensors": 0o640, "private": 0o640}
+
+
+def test_a_folder_s_default_acl_decides_the_permissions_not_the_umask(tmp_path):
+    """In a shared folder with a default ACL a new file gets the ACL's permissions whatever the umask: setting them
+    from the umask took the group's access away (0600 where any other new file there is 0664)."""
+    import os
+    import stat
+    import struct
+
+    def entry(tag: int, permissions: int) -> bytes:
+        return struct.pack("<HHI", tag, permissions, 0xFFFFFFFF)
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    acl = struct.pack("<I", 2) + entry(0x01, 6) + entry(0x04, 6) + entry(0x20, 4)  # user rw, group rw, other r
+    try:
+        os.setxattr(folder, "system.posix_acl_default", acl)
+    except OSError as error:
+        pytest.skip(f"no POSIX ACLs on this file system: {error}")
+    previous = os.umask(0o077)
+    try:
+        (folder / "plain").write_text("x")
+        write_atomically(folder / "atomic", "x")
+        with replaced_when_done(folder / "made-private") as partial:
+            partial.unlink()
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600))  # as safetensors makes its file
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {"plain": 0o664, "atomic": 0o664, "made-private": 0o664}

@@ -216,7 +216,10 @@ def test_gpu_sh_counts_the_deadline_from_its_own_start(tmp_path, given, expected
         out = subprocess.run(["bash", str(script), *order], env=env, capture_output=True, text=True,
                              check=True).stdout.split()
         assert out[out.index("--deadline") + 1] in ("405", "404"), order
-    for bad in (["--deadline"], ["--deadline", "soon"]):
+    octal = subprocess.run(["bash", str(script), "--deadline", "0300", "--jobs", "loader"], env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert octal[octal.index("--deadline") + 1] in ("285", "284")  # 300 s, not octal 0300 = 192
+    for bad in (["--deadline"], ["--deadline", "soon"], ["--deadline="], ["--deadline", ".5"], ["--deadline", "-3"]):
         refused = subprocess.run(["bash", str(script), *bad], env=env, capture_output=True, text=True, check=False)
         assert refused.returncode == 2, bad
         assert "--deadline" in refused.stderr

@@ -7,6 +7,7 @@ one, never a truncated file left by a crash or a kill. Checkpoints add fsyncs on
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,29 +27,20 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
     over ``path``, otherwise it is removed and ``path`` is left as it was."""
     path = Path(path)
     partial = partial_path(path)
+    # Made here first, so that it gets the permissions of any new file in its folder (the umask, or the folder's
+    # default ACL); a writer that makes its own file (safetensors: 0600) is set back to them, so that an exported
+    # model or centroids file stays readable by the rest of a group on a shared cluster.
+    partial.unlink(missing_ok=True)  # (one left by a killed process keeps the mode it was given then)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    intended = stat.S_IMODE(os.stat(partial).st_mode)
     try:
         yield partial
+        if stat.S_IMODE(os.stat(partial).st_mode) != intended:
+            os.chmod(partial, intended)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    # The permissions any new file gets (0666 less the umask): safetensors creates its files 0600, so an exported
-    # model or centroids file could not be read by the rest of a group on a shared cluster.
-    os.chmod(partial, 0o666 & ~_umask())
     os.replace(partial, path)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux says it (os.umask can only set it)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # (not thread-safe for an instant; only where /proc has no answer)
-    os.umask(mask)
-    return mask
 
 
 def write_atomically(path: str | Path, text: str) -> None:

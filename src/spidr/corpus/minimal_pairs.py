@@ -220,11 +220,12 @@ def story_pairs(seed: str, count: int, *, seen_triples: Collection[tuple[str, st
         prefix = builder.grammar.story(topic, 3)
         drawn = builder.novel(lambda topic=topic: [builder.grammar.sentence(topic)])
         if drawn is None:  # every ending of this topic drawn reused a training triple: try another story
-            failed += 1
+            failed += 1  # (in a row: a training set may cover some topics whole and leave others open)
             if failed > MAX_ATTEMPTS:
                 raise ValueError("tSC: every ending the grammar makes reuses a (subject, verb, object) triple of the "
                                  "training set; train the LM on fewer utterances or leave out the tSC task")
             continue
+        failed = 0
         (correct,) = drawn
         target = phone_count(correct.words())
         others = [t for t in lex.topics if t != topic]

@@ -447,16 +447,19 @@ def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
     cut_short: list[str] = []
     for member in _members_before_any_cut(tar, cut_short):
         name = os.path.normpath(member.name)
+        # Where tar -x puts it: through the folder links read so far ("voices/c.wav" with voices -> speakers is
+        # speakers/c.wav), so that links are found wherever a path through a linked folder names them.
+        placed = _placed(symlinks, name)
         if member.isfile():
-            held[name] = (member.offset_data, member.size)
+            held[placed] = (member.offset_data, member.size)
         elif member.islnk():
-            held[name] = held.get(os.path.normpath(member.linkname))
+            held[placed] = held.get(_placed(symlinks, os.path.normpath(member.linkname)))
         elif member.issym():  # kept as written: "d/../t.wav" climbs from where the link d leads, not from "."
-            symlinks[name] = os.path.join(os.path.dirname(name), member.linkname)
+            symlinks[placed] = os.path.join(os.path.dirname(name), member.linkname)
         elif member.isdir():
             continue
         if os.path.splitext(name)[1].lower() in exts:
-            audio.append((member, held.get(name) if member.isfile() or member.islnk() else None))
+            audio.append((member, held.get(placed) if member.isfile() or member.islnk() else None))
     members, failures = [], []
     for member, data in audio:
         if member.issym():
@@ -489,6 +492,16 @@ def _members_before_any_cut(tar: tarfile.TarFile, cut: list[str]) -> Iterator[ta
                 cut.append(f"bytes at offset {tar.offset} are neither a member header nor the end of the archive")
             return
         yield member
+
+
+def _placed(symlinks: dict[str, str], name: str) -> str:
+    """The member name ``name`` stands for with the folder links on its way followed, not a link it is itself (as
+    ``link()`` and ``tar -x`` place a member)."""
+    folder, base = os.path.split(name)
+    if not folder:
+        return name
+    resolved = _follow(symlinks, folder)
+    return base if resolved == "." else os.path.join(resolved, base)
 
 
 def _follow(symlinks: dict[str, str], name: str) -> str:
