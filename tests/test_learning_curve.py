@@ -3,6 +3,7 @@ grid end to end (child processes, cached points, a point added by a rerun)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -51,13 +52,16 @@ def test_stretched_schedule_refuses_a_schedule_that_does_not_add_up():
         stretched_schedule(2000, 700, 800, 700, 4000)
 
 
-def test_point_names_and_parsing():
+def test_point_names_and_parsing(capsys):
     assert CurvePoint(4.0, 8800, 1).name == "4h-8800steps-seed1"
     assert CurvePoint(0.5, 10, 0).name == "0.5h-10steps-seed0"
     assert parse_point("4:8800:1") == CurvePoint(4.0, 8800, 1)
     for bad in ("4:8800", "4:x:0", "4:1:0:2"):
         with pytest.raises(ValueError, match="expected HOURS:STEPS:SEED"):
             parse_point(bad)
+    with pytest.raises(SystemExit):  # argparse shows the reason, not "invalid parse_point value"
+        main(["learning-curve", "--out", "x", "--only", "1:2"])
+    assert "argument --only: expected HOURS:STEPS:SEED, e.g. 4:8800:0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least one value of seeds"):
         CurveSettings(out_dir=Path("x"), seeds=())
     assert len(CurveSettings(out_dir=Path("x"), hours=(1, 4), steps=(10, 20, 30), seeds=(0, 1)).points) == 12
@@ -124,6 +128,8 @@ def test_summary_of_a_hand_built_point():
     table = markdown_table([summary], None)
     row = "| 4 | 8,800 | 39.1 | 1 | 2.50 (L2) | 16.50 (L4) | 16.50 (L4) | 0.240–0.260 | 34.0–36.0 | 60.5 (L2) |"
     assert row in table
+    short = dataclasses.replace(summary, audio_hours_seen=0.0044)  # a tiny run's audio was shown as 0.0
+    assert "| 4 | 8,800 | 0.0044 | 1 |" in markdown_table([short], None)
 
 
 def test_baseline_levels_and_plot(tmp_path):

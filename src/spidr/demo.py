@@ -122,7 +122,7 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
         return final
     outcome = train(cfg)
     if outcome != "completed" or not final.is_file():
-        raise RuntimeError(f"training stopped before the end ({outcome}); run the demo again to resume it")
+        raise RuntimeError(f"training stopped before the end ({outcome}); run the same command again to resume it")
     return final
 
 

@@ -356,6 +356,15 @@ def parse_point(text: str) -> CurvePoint:
     return CurvePoint(hours, steps, seed)
 
 
+def _point_argument(text: str) -> CurvePoint:
+    """``parse_point`` for argparse, which shows an ArgumentTypeError's text (a ValueError's became "invalid
+    parse_point value")."""
+    try:
+        return parse_point(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--only {text!r}: ")) from None
+
+
 # 4. Summary -------------------------------------------------------------------------------------------------------
 
 
@@ -499,7 +508,8 @@ def markdown_table(points: Sequence[PointSummary], baselines: Baselines | None) 
         middle = f"{p.middle_across:.2f} (L{p.middle_across_layer})" if p.middle_across is not None else "–"
         probe = f"{p.probe_accuracy:.1f} (L{p.probe_layer})" if p.probe_accuracy is not None else "–"
         hours = f"{p.hours:g}" + (OTHER_RECIPE_MARK if p.other_recipe else "")
-        lines.append(f"| {hours} | {p.steps:,} | {p.audio_hours_seen:.1f} | {p.seed} | {p.best_within:.2f} "
+        seen = f"{p.audio_hours_seen:.1f}" if p.audio_hours_seen >= 0.1 else f"{p.audio_hours_seen:.2g}"  # not 0.0
+        lines.append(f"| {hours} | {p.steps:,} | {seen} | {p.seed} | {p.best_within:.2f} "
                      f"(L{p.best_within_layer}) | {p.best_across:.2f} (L{p.best_across_layer}) | {middle} | "
                      f"{_span(p.unit_pnmi, 3)} | {_span(p.unit_abx_across, 1)} | {probe} |")
     if baselines is not None:
@@ -670,7 +680,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="points trained at once, each in its own process with its share of the CPU threads")
     parser.add_argument("--jobs", type=cli_types.positive_int, default=None,
                         help="synthesis processes (default: all CPUs)")
-    parser.add_argument("--only", type=parse_point, default=None, metavar="HOURS:STEPS:SEED",
+    parser.add_argument("--only", type=_point_argument, default=None, metavar="HOURS:STEPS:SEED",
                         help="train and score this one point only (what --parallel runs in each child process)")
     parser.set_defaults(handler=_run)
 
