@@ -40,11 +40,11 @@ def _warn_of_unscored_audio(sampler: BucketBatchSampler, total: int, data_cfg: D
     """Validation batches are made as training's (official): cropped to their shortest utterance and to
     ``max_sample_size``, and utterances under ``min_sample_size`` left out. On a small set, or one of mixed lengths,
     that scores a fraction of it: say how much, and (under half) how to score it all."""
+    if not total:
+        return
     scored = sampler.scored_samples()
-    if total:
-        logger.info("%s: its batches score %.0f %% of the audio in %s", section, 100 * scored / total,
-                    data_cfg.manifest)
-    if total and scored < (1 - UNSCORED_WARNING) * total:
+    logger.info("%s: its batches score %.0f %% of the audio in %s", section, 100 * scored / total, data_cfg.manifest)
+    if scored < (1 - UNSCORED_WARNING) * total:
         longest = min(data_cfg.max_sample_size, data_cfg.max_batch_length)
         cropped = "" if data_cfg.enable_padding else "batches are cropped to their shortest utterance and "
         remedy = "a larger max_sample_size" if data_cfg.enable_padding else (

@@ -62,7 +62,8 @@ from spidr.train.runtime import (
 logger = logging.getLogger(__name__)
 
 Outcome = Literal["completed", "interrupted"]
-CHECKPOINT_FORMAT = "spidr-unit-lm-1"
+CHECKPOINT_KIND = "spidr-unit-lm"  # what every version of the unit-LM checkpoint format starts with
+CHECKPOINT_FORMAT = f"{CHECKPOINT_KIND}-1"
 
 
 class LmTrainingDivergedError(RuntimeError):

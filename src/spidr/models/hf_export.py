@@ -270,7 +270,6 @@ def _check_importable(hf: Mapping[str, Any], where: str) -> None:
         kind, holds = _kind_of(default)
         if not holds(_hf_value(hf, name)):
             raise ValueError(f"{where}: {name} = {_hf_value(hf, name)!r} is not {kind}")
-    _spidr_entry(hf, where)
     for name, expected in (("hidden_act", "gelu"), ("feat_extract_activation", "gelu"), ("layer_norm_eps", 1e-5),
                            ("add_adapter", False)):
         if _hf_value(hf, name) != expected:

@@ -261,6 +261,14 @@ def _read_fairseq(
     return Checkpoint(model_config, convert_fairseq_state_dict(data["model"], step=step), "fairseq", step)
 
 
+def _is_unit_lm_format(value: Any) -> bool:
+    """Whether a checkpoint's ``"format"`` is that of ``spidr lm-train`` (imported only for a file that has one: the
+    LM trainer's modules are not loaded to read a speech model)."""
+    from spidr.lm.train import CHECKPOINT_KIND
+
+    return str(value).startswith(CHECKPOINT_KIND)
+
+
 def read_checkpoint(
     path: str | Path,
     *,
@@ -291,7 +299,7 @@ def read_checkpoint(
     if not isinstance(data, Mapping):
         raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict (a checkpoint or a state dict)")
 
-    if str(data.get("format", "")).startswith("spidr-unit-lm"):  # lm.train.CHECKPOINT_FORMAT
+    if "format" in data and _is_unit_lm_format(data["format"]):
         raise ValueError(f"{path} is a unit-LM checkpoint (spidr lm-train), not a SpidR/DinoSR model: spidr lm-score "
                          "reads it")
     if is_fairseq_checkpoint(data):

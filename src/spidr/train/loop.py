@@ -621,9 +621,7 @@ def _load_initial_weights(model: nn.Module, path: str | None, model_cfg: ModelCo
     from spidr.models.loading import read_checkpoint
 
     if path is None:
-        return
-    if not Path(path).exists():
-        raise ValueError(f"run.init_ckpt = {path!r} does not exist")
+        return  # (that it exists was checked before the run folder was made: _check_initial_weights_exist)
     try:
         checkpoint = read_checkpoint(path, config=model_cfg)
     except ValueError as error:
