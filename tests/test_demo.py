@@ -309,6 +309,49 @@ def test_a_run_of_another_recipe_is_refused_not_reused_nor_resumed(tmp_path, mon
         pretrain(settings, manifest, manifest)
 
 
+def test_a_run_of_another_recipe_is_refused_before_any_synthesis(tmp_path, monkeypatch):
+    """The demo compares its run folder's settings with the config before synthesising the corpora (minutes); the
+    corpus is compared when the run trains, once it exists (above)."""
+    from spidr import demo
+
+    settings, manifest = _finished_run(tmp_path, "optimizer.lr=1e-3")
+    monkeypatch.setattr(demo, "synthesise_corpora", lambda *_: pytest.fail("synthesised first"))
+    edited = dataclasses.replace(settings, overrides=("optimizer.lr=5e-3",), spoken_lm=False)
+    with pytest.raises(ValueError, match=r"smoke holds a model trained with another recipe \(optimizer\.lr: 0\.001 "
+                                         r"there, 0\.005 now\)"):
+        run_demo(edited)
+    # the settings-only check writes nothing and reads no corpus: a fresh folder stays empty, a run's record is kept
+    recorded = (tmp_path / "runs" / "demo" / "smoke" / "training-corpus.json").read_bytes()
+    manifest.unlink()
+    check_run_recipe(training_config(settings, manifest, manifest), corpus=False)
+    assert (tmp_path / "runs" / "demo" / "smoke" / "training-corpus.json").read_bytes() == recorded
+    fresh = dataclasses.replace(settings, out_dir=tmp_path / "fresh")
+    check_run_recipe(training_config(fresh, manifest, manifest), corpus=False)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_training_stopped_by_a_signal_ends_the_command_with_status_3(tmp_path, monkeypatch, capsys):
+    """A stop signal during the demo's pretraining is not a failure: one line and `spidr train`'s exit status 3."""
+    from types import SimpleNamespace
+
+    from spidr import demo
+    from spidr.train import loop
+    from spidr.training_stopped import TrainingStoppedError
+
+    settings, manifest = _finished_run(tmp_path)
+    (tmp_path / "runs" / "demo" / "smoke" / "final.pt").unlink()
+    monkeypatch.setattr(loop, "train", lambda cfg: "interrupted")
+    with pytest.raises(TrainingStoppedError, match=r"smoke stopped on a signal after saving a checkpoint; run the "
+                                                   "same command again to resume it"):
+        pretrain(settings, manifest, manifest)
+    corpus = SimpleNamespace(manifest=manifest)
+    monkeypatch.setattr(demo, "synthesise_corpora", lambda *_: (corpus, corpus))
+    assert main(["demo", "--out", str(tmp_path), "--config", str(settings.config)]) == 3
+    err = capsys.readouterr().err
+    assert "spidr demo: stopped: the training in" in err
+    assert "Traceback" not in err
+
+
 def test_a_run_without_config_json_is_checked_against_its_checkpoint(tmp_path):
     import torch
 

@@ -302,6 +302,65 @@ def test_a_point_killed_after_training_is_not_scored_under_another_recipe(tmp_pa
     assert not (learning_curve.point_dir(settings, point) / "point.json").exists()
 
 
+def test_results_and_runs_of_another_recipe_are_refused_before_any_synthesis(tmp_path, monkeypatch):
+    """A point's result, a point's run folder (killed before its point.json) or the baselines made with another
+    recipe are refused before the corpora are synthesised (minutes), naming what differs."""
+    from spidr import learning_curve
+    from test_demo import _finished_run
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_DEMO)
+    monkeypatch.setattr(learning_curve, "synthesise", lambda *_: pytest.fail("synthesised first"))
+
+    def settings(*overrides: str, probe_frames: int = 0, steps: int = 6) -> CurveSettings:
+        return CurveSettings(out_dir=tmp_path / "curve", config=config, hours=(0.01,), steps=(steps,),
+                             probe_frames=probe_frames, overrides=overrides)
+
+    point = CurvePoint(0.01, 6, 0)
+    first = settings("optimizer.lr=1e-3")
+    _finished_run(learning_curve.point_dir(first, point), *learning_curve.point_overrides(first, point))
+    with pytest.raises(ValueError, match=r"smoke holds a model trained with another recipe \(optimizer\.lr: 0\.001 "
+                                         r"there, 0\.005 now\)"):
+        learning_curve.run_curve(settings("optimizer.lr=5e-3"))
+    result = learning_curve.point_dir(first, point) / "point.json"
+    result.write_text(json.dumps({**RECORD, "recipe": recipe(first, point)[0]}))
+    with pytest.raises(ValueError, match=r"point\.json was made with another recipe \(scoring\.probe_frames: 0 there, "
+                                         r"2000 now\)"):
+        learning_curve.run_curve(settings("optimizer.lr=1e-3", probe_frames=2000))
+    (tmp_path / "curve" / "baselines.json").write_text(json.dumps({"recipe": recipe(first)[0], "rows": []}))
+    with pytest.raises(ValueError, match=r"baselines\.json was made with another recipe \(model\.codebook_size: 16 "
+                                         r"there, 8 now\)"):
+        learning_curve.run_curve(settings("optimizer.lr=1e-3", "model.codebook_size=8", steps=8))  # a new point
+
+
+def test_points_stopped_by_a_signal_end_the_curve_with_status_3(tmp_path, monkeypatch, capsys):
+    """A point stopped by a signal (its child's exit status 3, or in this process) is not a failure: one line naming
+    the points to resume, and `spidr train`'s exit status 3."""
+    from types import SimpleNamespace
+
+    from spidr import learning_curve
+    from spidr.training_stopped import TrainingStoppedError
+
+    settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10, 20), parallel=2)
+    exits = iter([3, 1])
+    monkeypatch.setattr(learning_curve, "start_child", lambda *_, **__: SimpleNamespace(poll=lambda: 0,
+                                                                                       returncode=next(exits)))
+    monkeypatch.setattr(learning_curve.time, "sleep", lambda _: None)
+    with pytest.raises(RuntimeError, match=r"points failed: 1h-20steps-seed0 \(exit 1, see "):  # a failure wins
+        learning_curve.run_points(settings, [])
+    exits = iter([3, 0])
+    with pytest.raises(TrainingStoppedError, match=r"points 1h-10steps-seed0 stopped on a signal after saving a "
+                                                   "checkpoint; run the same command again to resume them"):
+        learning_curve.run_points(settings, [])
+
+    def stopped(*_):
+        raise TrainingStoppedError("the training in X stopped on a signal")
+
+    monkeypatch.setattr(learning_curve, "run_point", stopped)
+    assert main(["learning-curve", "--out", str(tmp_path), "--only", "1:10:0"]) == 3
+    assert capsys.readouterr().err.strip() == "spidr learning-curve: stopped: the training in X stopped on a signal"
+
+
 def test_a_point_runs_in_one_process_at_a_time(tmp_path, monkeypatch):
     from spidr import learning_curve
 

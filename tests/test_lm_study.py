@@ -285,3 +285,15 @@ def test_too_little_training_data_is_refused_before_any_lm_trains(tmp_path, monk
                                          r"\d+\): lower model\.context"):
         study.run_study([], tmp_path / "out", settings)
     assert not list((tmp_path / "out").glob("lms/*/*.pt"))  # nothing trained
+
+
+def test_an_lm_stopped_by_a_signal_stops_the_study_as_a_stop(tmp_path, monkeypatch):
+    """An LM training stopped by a signal is not a failure of the study: the command line turns this exception into
+    one line and `spidr lm-train`'s exit status 3 (tested with the demo and the learning curve)."""
+    import spidr.lm.train
+    from spidr.training_stopped import TrainingStoppedError
+
+    monkeypatch.setattr(spidr.lm.train, "train_lm", lambda cfg: "interrupted")
+    with pytest.raises(TrainingStoppedError, match=r"the training of the phone oracle LM \(\S+\) stopped on a signal "
+                                                   "after saving a checkpoint; run the same command again"):
+        _study(monkeypatch, tmp_path / "out", 40)

@@ -22,6 +22,7 @@ from spidr.lm import commands as lm_commands
 from spidr.lm import eval_commands as lm_eval_commands
 from spidr.models import commands as model_commands
 from spidr.train import commands as train_commands
+from spidr.training_stopped import EXIT_STOPPED, TrainingStoppedError
 
 AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands,
          lm_commands, lm_eval_commands, demo, learning_curve)
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(verbose=args.verbose)
     try:
         return int(args.handler(args) or 0)
+    except TrainingStoppedError as error:
+        # Stopped by a signal after a checkpoint, as `spidr train` (exit 3): nothing failed.
+        print(f"spidr {args.command}: stopped: {error}", file=sys.stderr)
+        return EXIT_STOPPED
     except (ValueError, MissingExtraError) as error:
         # User errors (bad config, bad file, bad argument) get one clear line, not a traceback.
         print(f"spidr {args.command}: error: {error}", file=sys.stderr)

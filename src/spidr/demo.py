@@ -113,6 +113,7 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
     is refused (``check_run_recipe``), never resumed nor reused."""
     from spidr.train.loop import train
     from spidr.train.recipe import check_run_recipe
+    from spidr.training_stopped import TrainingStoppedError
 
     cfg = training_config(settings, train_manifest, test_manifest)
     final = cfg.run.run_dir / "final.pt"
@@ -121,8 +122,11 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
         logger.info("reusing the trained model %s (delete it to train again)", final)
         return final
     outcome = train(cfg)
-    if outcome != "completed" or not final.is_file():
-        raise RuntimeError(f"training stopped before the end ({outcome}); run the same command again to resume it")
+    if outcome == "interrupted":
+        raise TrainingStoppedError(f"the training in {cfg.run.run_dir} stopped on a signal after saving a "
+                                   "checkpoint; run the same command again to resume it")
+    if not final.is_file():
+        raise RuntimeError(f"training ended ({outcome}) without writing {final}")
     return final
 
 
@@ -217,13 +221,16 @@ def study_settings(settings: DemoSettings) -> StudySettings:
 def run_demo(settings: DemoSettings) -> Path:
     """The whole demo; returns the path of ``report.md``."""
     from spidr.train.plot import plot_training
+    from spidr.train.recipe import check_run_recipe
 
     # Settings are checked before the synthesis (minutes) that comes first.
     for option, hours, count in (("--train-hours", settings.train_hours, settings.train_utterances_per_voice),
                                  ("--test-hours", settings.test_hours, settings.test_utterances_per_voice)):
         if count is None and not (math.isfinite(hours) and hours > 0):
             raise ValueError(f"{option} {hours:g} is invalid: expected a number of hours > 0")
-    training_config(settings, settings.out_dir / "train.csv", settings.out_dir / "test.csv")
+    # A run of another recipe is refused now too (its training corpus is compared when it trains).
+    check_run_recipe(training_config(settings, settings.out_dir / "train.csv", settings.out_dir / "test.csv"),
+                     corpus=False)
     if settings.spoken_lm:
         from spidr.extras import import_extra
         from spidr.lm.study import check_lm_settings

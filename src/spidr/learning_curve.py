@@ -36,6 +36,7 @@ from spidr.config import shipped_config
 from spidr.data import SAMPLE_RATE
 from spidr.folder_lock import folder_lock
 from spidr.help_format import HelpFormatter
+from spidr.training_stopped import EXIT_STOPPED, TrainingStoppedError
 
 logger = logging.getLogger(__name__)
 
@@ -307,12 +308,29 @@ def _write_json(path: Path, record: dict) -> None:
     write_atomically(path, json.dumps(record, indent=1))
 
 
+def points_to_run(settings: CurveSettings) -> list[CurvePoint]:
+    """The points of the grid without a finished result; a result or a run folder of another recipe is refused here,
+    before the corpora are synthesised (minutes): a run's corpus is checked when it trains."""
+    from spidr.demo import DemoSettings, training_config
+    from spidr.train.recipe import check_run_recipe
+
+    todo = []
+    for point in settings.points:
+        out = point_dir(settings, point)
+        if reusable(out / "point.json", recipe(settings, point), model_dir=out):
+            continue
+        corpus = corpus_dir(settings, point.hours)  # where the manifests will be: the settings do not depend on them
+        cfg = training_config(DemoSettings(out_dir=out, config=settings.config,
+                                           overrides=point_overrides(settings, point)), corpus, corpus)
+        check_run_recipe(cfg, corpus=False)
+        todo.append(point)
+    return todo
+
+
 def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
     """Every point of the grid: in this process, or ``settings.parallel`` at a time in child processes (``argv`` is
     this command's arguments, rerun with ``--only``), the CPU threads shared out between them."""
-    todo = [point for point in settings.points
-            if not reusable(point_dir(settings, point) / "point.json", recipe(settings, point),
-                            model_dir=point_dir(settings, point))]
+    todo = points_to_run(settings)
     if settings.parallel == 1 or len(todo) <= 1:
         for point in todo:
             logger.info("learning curve: point %s", point.name)
@@ -320,7 +338,7 @@ def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
         return
     threads = max(1, (os.cpu_count() or 1) // settings.parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    waiting, running, failed = list(todo), [], []
+    waiting, running, failed, stopped = list(todo), [], [], []
     while waiting or running:
         while waiting and len(running) < settings.parallel:
             point = waiting.pop(0)
@@ -334,10 +352,15 @@ def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
         for entry in [entry for entry in running if entry[2].poll() is not None]:
             running.remove(entry)
             point, log, process = entry
-            if process.returncode:
+            if process.returncode == EXIT_STOPPED:
+                stopped.append(point.name)
+            elif process.returncode:
                 failed.append(f"{point.name} (exit {process.returncode}, see {log})")
     if failed:
         raise RuntimeError(f"learning-curve points failed: {', '.join(failed)}")
+    if stopped:
+        raise TrainingStoppedError(f"learning-curve points {', '.join(stopped)} stopped on a signal after saving "
+                                   "a checkpoint; run the same command again to resume them")
 
 
 def _point_arg(point: CurvePoint) -> str:
@@ -623,6 +646,8 @@ def check_overrides(settings: CurveSettings) -> None:
 def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
     """The whole curve: corpora, points, baselines, summary; returns ``curve.md``."""
     check_overrides(settings)
+    points_to_run(settings)  # a point or baseline of another recipe is refused before the synthesis
+    reusable(settings.out_dir / "baselines.json", recipe(settings))
     for hours in (None, *settings.hours):  # synthesis uses every CPU: before the points, not beside them
         synthesise(settings, hours)
     run_points(settings, argv)

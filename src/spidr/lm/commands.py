@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from spidr import cli_types
 from spidr.help_format import SET_HELP, HelpFormatter
 from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, default_model_name, model_from_args
+from spidr.training_stopped import EXIT_STOPPED
 
 if TYPE_CHECKING:
     import torch
@@ -188,7 +189,7 @@ def _train(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
             print(f"trained LM: {Path(cfg.run.run_dir) / 'final.pt'}")
         return 0
-    return 3
+    return EXIT_STOPPED
 
 
 def _score(args: argparse.Namespace) -> int:

@@ -212,12 +212,14 @@ def _train(name: str, cfg: LmConfig) -> Path:
     """Train the LM of ``cfg`` unless it is finished (``_check_trained_lms`` vetted it); returns its run
     directory."""
     from spidr.lm.train import train_lm
+    from spidr.training_stopped import TrainingStoppedError
 
     if not (cfg.run.run_dir / "final.pt").is_file():
         started = time.perf_counter()
         outcome = train_lm(cfg)
         if outcome != "completed":
-            raise RuntimeError(f"training of the {name} LM stopped ({outcome}); run again to resume it")
+            raise TrainingStoppedError(f"the training of the {name} LM ({cfg.run.run_dir}) stopped on a signal "
+                                       "after saving a checkpoint; run the same command again to resume it")
         logger.info("trained the %s LM in %.0f s", name, time.perf_counter() - started)
     return cfg.run.run_dir
 

@@ -7,6 +7,7 @@ import logging
 import os
 
 from spidr.help_format import SET_HELP, HelpFormatter
+from spidr.training_stopped import EXIT_STOPPED
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDivergedError as error:
         logger.error("%s", error)
         return 1
-    return 0 if outcome == "completed" else 3
+    return 0 if outcome == "completed" else EXIT_STOPPED
 
 
 def _submit(args: argparse.Namespace) -> int:

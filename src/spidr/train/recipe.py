@@ -60,42 +60,54 @@ def describe_differences(changed: list[tuple[str, Any, Any]], limit: int = 6) ->
     return shown + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
-def check_run_recipe(cfg: Config) -> None:
+def check_run_recipe(cfg: Config, *, corpus: bool = True) -> None:
     """Refuse to resume or reuse the run in ``cfg.run.run_dir`` when its checkpoints were trained with another recipe
     than ``cfg`` on its ``data.manifest`` (the corpus training reads, whatever the user's overrides): another
     ``results_settings`` (its ``config.json``, else its latest checkpoint's config) or another training corpus.
     Shared by the demo and the learning curve, so that a result is never recorded under a recipe it was not made
     with. A changed schedule counts: raising ``optimizer.max_steps`` on a finished run continues it under ``spidr
     train``, but here the model would not be the config's (the learning curve stretches the whole schedule per
-    point). A run with no checkpoint yet is started afresh, and its corpus recorded now."""
+    point). A run with no checkpoint yet is started afresh, and its corpus recorded now.
+
+    ``corpus=False`` checks the settings alone and writes nothing: what can be refused before the training corpus
+    exists (the demo and the learning curve call it before minutes of synthesis)."""
     from spidr.train.checkpoint import Checkpointer
 
     run_dir = cfg.run.run_dir
-    train_manifest = Path(cfg.data.manifest)
-    corpus = corpus_fingerprint(train_manifest)
     checkpoints = Checkpointer(run_dir, save_interval=1).checkpoints()
+    if not checkpoints and not corpus:
+        return
     recorded = run_dir / TRAINING_CORPUS_FILE
     if not checkpoints:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(recorded, json.dumps(corpus, indent=1))
+        write_atomically(recorded, json.dumps(corpus_fingerprint(Path(cfg.data.manifest)), indent=1))
         return
     changed = config_diff(results_settings(_saved_config(run_dir, checkpoints[-1])), results_settings(cfg.to_dict()),
                           defaults=default_results_settings(cfg.run.model_type))
-    if recorded.is_file():
-        try:
-            trained_on = json.loads(recorded.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{recorded} is not valid JSON ({error}); delete {run_dir} to train the run "
-                             "again") from None
-        if trained_on.get("sha256") != corpus["sha256"]:
-            changed.append(("training corpus", f"{trained_on.get('utterances')} utterances of "
-                            f"{trained_on.get('manifest')}", f"{corpus['utterances']} utterances of {train_manifest}"))
-    else:
-        logger.warning("%s does not record its training corpus (started before spidr recorded it): not checked",
-                       run_dir)
+    if corpus:
+        changed += _corpus_change(recorded, Path(cfg.data.manifest))
     if changed:
         raise ValueError(f"{run_dir} holds a model trained with another recipe ({describe_differences(changed)}); "
                          f"delete {run_dir} to train it again with this one, or use another --out folder")
+
+
+def _corpus_change(recorded: Path, train_manifest: Path) -> list[tuple[str, Any, Any]]:
+    """The training corpus as a ``config_diff`` difference, when ``train_manifest`` holds another corpus than the
+    one ``recorded`` (a run's ``training-corpus.json``)."""
+    if not recorded.is_file():
+        logger.warning("%s does not record its training corpus (started before spidr recorded it): not checked",
+                       recorded.parent)
+        return []
+    try:
+        trained_on = json.loads(recorded.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{recorded} is not valid JSON ({error}); delete {recorded.parent} to train the run "
+                         "again") from None
+    corpus = corpus_fingerprint(train_manifest)
+    if trained_on.get("sha256") == corpus["sha256"]:
+        return []
+    return [("training corpus", f"{trained_on.get('utterances')} utterances of {trained_on.get('manifest')}",
+             f"{corpus['utterances']} utterances of {train_manifest}")]
 
 
 def _saved_config(run_dir: Path, latest: Path) -> dict:
