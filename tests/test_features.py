@@ -340,3 +340,95 @@ def test_npy_appender_refuses_out_of_order_or_short_writes(tmp_path):
         appender[3:4] = np.ones((1, 2))
     with pytest.raises(RuntimeError, match="wrote 2 of 4"):
         appender.close()
+
+
+def _forward_lengths(model, monkeypatch) -> list[int]:
+    """The audio lengths of every forward pass of ``model`` from now on (samples)."""
+    lengths: list[int] = []
+    forward = model.get_intermediate_outputs
+
+    def recording(waveforms, **kwargs):
+        lengths.append(waveforms.shape[-1])
+        return forward(waveforms, **kwargs)
+
+    monkeypatch.setattr(model, "get_intermediate_outputs", recording)
+    return lengths
+
+
+def test_units_probe_features_and_k_means_samples_of_long_files_run_window_by_window(model, tmp_path, monkeypatch):
+    """lm-units, the probes and lm-units' k-means ran a whole file in one forward (memory grows with the square of
+    its length: tens of GB for a 1-hour file). Files over max_seconds now run in windows as `spidr extract` runs
+    them, with the same results: units as `spidr extract` writes them, k-means units as assign_units gives on its
+    windowed features, the front end (local) as the whole file gives it."""
+    from spidr.eval.kmeans import assign_units
+    from spidr.eval.probe import ModelFeaturizer
+    from spidr.lm.bench_units import fit_centroids
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name, seconds in (("long", 7.3), ("short", 1.2)):
+        sf.write(audio / f"{name}.wav", speech_like(seconds, 21), 16000, subtype="FLOAT")
+    (audio / "broken.wav").write_bytes(b"RIFF not audio")
+    entries = [ManifestEntry("long", str(audio / "long.wav"), int(7.3 * 16000)),
+               ManifestEntry("short", str(audio / "short.wav"), int(1.2 * 16000)),
+               ManifestEntry("broken", str(audio / "broken.wav"), 5 * 16000)]
+    settings = ExtractionSettings(layers=(1, 3), codebooks=True, max_seconds=2.0, window_seconds=1.0,
+                                  context_seconds=0.5)
+    extract_to_directory(model, entries[:2], tmp_path / "out", settings, progress=False)
+    extracted = read_units(tmp_path / "out" / "codebook_units" / "layer_03.jsonl")
+    layer_1 = np.load(tmp_path / "out" / "layer_01" / "long.npy")
+    centroids = {1: torch.from_numpy(layer_1[::7].copy())}
+    bound = 2 * 16000 + num_samples_for_frames(1, TINY["extractor_conv_layer_config"])
+
+    lengths = _forward_lengths(model, monkeypatch)
+    skipped: dict[str, str] = {}
+    units = dict(iter_units(model, entries, layers=[1, 3], centroids=centroids, max_seconds=2.0, skipped=skipped))
+    assert 0 < max(lengths) <= bound
+    assert sorted(entry.fileid for entry in units) == ["long", "short"]
+    assert list(skipped) == [str(audio / "broken.wav")]
+    for entry, layers in units.items():
+        np.testing.assert_array_equal(layers[3], extracted[entry.fileid])
+    long_units = next(layers for entry, layers in units.items() if entry.fileid == "long")
+    np.testing.assert_array_equal(long_units[1], assign_units(layer_1, centroids[1]))
+
+    lengths.clear()
+    featurizer = ModelFeaturizer(model, layers=(1,), max_seconds=2.0)
+    features = {entry.fileid: result for entry, result in featurizer(entries)}
+    assert 0 < max(lengths) <= bound
+    assert sorted(features) == ["long", "short"]
+    wave = torch.from_numpy(sf.read(audio / "long.wav", dtype="float32")[0])
+    (whole,) = extract_batch(model, [(wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + 1e-5)],
+                             ExtractionSettings(layers=(1,)), front_end=True)
+    assert features["long"]["front_end"].shape == whole["front_end"].shape
+    np.testing.assert_allclose(features["long"]["front_end"], whole["front_end"], rtol=1e-4, atol=1e-4)
+    assert np.abs(features["long"]["layer_01"] - layer_1).max() < 1e-4  # the windows of `spidr extract`
+
+    lengths.clear()
+    fitted = fit_centroids(model, entries, [1], num_units=3, max_seconds=2.0)[1]
+    assert 0 < max(lengths) <= bound
+    assert fitted.shape == (3, 32)
+    with pytest.raises(ValueError, match="no frame to fit k-means centroids on: none of the 1 training files"):
+        fit_centroids(model, entries[2:], [1], num_units=3)
+
+
+def test_a_long_archive_member_runs_in_windows_like_a_long_file(model, tmp_path, monkeypatch):
+    """A long file inside a tar ran whole, in one forward (only files on disk were windowed)."""
+    import tarfile
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "long.wav", speech_like(5.0, 8), 16000, subtype="FLOAT")
+    with tarfile.open(tmp_path / "audio.tar", "w") as tar:
+        tar.add(audio / "long.wav", arcname="long.wav")
+    settings = ExtractionSettings(layers=(2,), codebooks=True, max_seconds=2.0, window_seconds=1.0,
+                                  context_seconds=0.5)
+    extract_to_directory(model, scan(audio, progress=False).entries, tmp_path / "disk", settings, progress=False)
+    lengths = _forward_lengths(model, monkeypatch)
+    extract_to_directory(model, scan(tmp_path / "audio.tar", progress=False).entries, tmp_path / "tar", settings,
+                         progress=False)
+    assert 0 < max(lengths) <= 2 * 16000 + num_samples_for_frames(1, TINY["extractor_conv_layer_config"])
+    # the same windows; the member is standardised in one pass over its samples, the file in two (float64 sums)
+    np.testing.assert_allclose(np.load(tmp_path / "tar" / "layer_02" / "long.npy"),
+                               np.load(tmp_path / "disk" / "layer_02" / "long.npy"), rtol=0, atol=1e-6)
+    assert read_units(tmp_path / "tar" / "codebook_units" / "layer_03.jsonl")["long"].tolist() == \
+        read_units(tmp_path / "disk" / "codebook_units" / "layer_03.jsonl")["long"].tolist()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,27 +187,28 @@ def _extract_padded(
 
 
 class LongAudio:
-    """A 16 kHz file read window by window, standardised with statistics of the whole file (two passes)."""
+    """A 16 kHz file read window by window, standardised with statistics of the whole file (two passes). An archive
+    member, or a file at another rate, is decoded whole instead (its samples held, its forwards still windowed)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        info = sf.info(path)
-        if info.samplerate != SAMPLE_RATE:
+    def __init__(self, source: str | ManifestEntry) -> None:
+        self.path = source.path if isinstance(source, ManifestEntry) else source
+        info = None if isinstance(source, ManifestEntry) and source.in_archive else sf.info(self.path)
+        if info is None or info.samplerate != SAMPLE_RATE:
             # Resampling window by window would need a streaming resampler; decode whole instead.
-            self._wave: torch.Tensor | None = load_audio(path, normalize=True)
+            self._wave: torch.Tensor | None = load_audio(source, normalize=True)
             self.num_samples = self._wave.shape[0]
             return
         self._wave = None
         self.num_samples = info.frames
         total, total_sq = 0.0, 0.0
-        for block in sf.blocks(path, blocksize=SAMPLE_RATE * 60, dtype="float64", always_2d=True):
+        for block in sf.blocks(self.path, blocksize=SAMPLE_RATE * 60, dtype="float64", always_2d=True):
             mono = block.mean(axis=1)
             if not np.isfinite(mono).all():  # as load_audio refuses them: the features would all be NaN
-                raise AudioError(path, "contains NaN or Inf samples")
+                raise AudioError(self.path, "contains NaN or Inf samples")
             total += float(mono.sum())
             total_sq += float(np.square(mono).sum())
         if self.num_samples == 0:
-            raise AudioError(path, "contains no audio samples")
+            raise AudioError(self.path, "contains no audio samples")
         self.mean = total / self.num_samples
         self.std = float(np.sqrt(max(total_sq / self.num_samples - self.mean**2, 0.0) + STANDARDIZE_EPS))
 
@@ -227,10 +228,12 @@ def windows(total_frames: int, window_frames: int, context_frames: int) -> Itera
 
 
 def extract_long(
-    model: torch.nn.Module, audio: LongAudio, settings: ExtractionSettings, sinks: Mapping[str, Any]
+    model: torch.nn.Module, audio: LongAudio, settings: ExtractionSettings, sinks: Mapping[str, Any], *,
+    front_end: bool = False,
 ) -> None:
-    """Fill ``sinks`` ("layer_LL" → (T, D), "units_LL" → (T,): arrays or ``NpyAppender``) window by window, in
-    order.
+    """Fill ``sinks`` ("layer_LL" → (T, D), "units_LL" → (T,), with ``front_end`` also "front_end" and
+    "projection", as ``extract_batch`` gives them: arrays, ``NpyAppender`` or anything taking slice assignments)
+    window by window, in order.
 
     A window running frames [a, b) reads samples [a·hop, (b − 1)·hop + receptive field); since every window starts
     on the frame grid, its frames are frames a..b − 1 of the whole file. Only frames away from the window's edges
@@ -244,7 +247,7 @@ def extract_long(
     context_frames = int(settings.context_seconds * SAMPLE_RATE / hop)
     for keep_start, keep_end, run_start, run_end in windows(total, window_frames, context_frames):
         wave = audio.read(run_start * hop, (run_end - 1) * hop + receptive_field)
-        (result,) = extract_batch(model, [wave], settings)
+        (result,) = extract_batch(model, [wave], settings, front_end=front_end)
         for key, values in result.items():
             sinks[key][keep_start:keep_end] = values[keep_start - run_start : keep_end - run_start]
 
@@ -408,13 +411,13 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
                 **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
                 # Features of such a model changed when it stopped running padded (see extract_batch).
-                **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {})}
+                **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
+                # Long archive members ran in one forward before they ran in windows like other long files.
+                **({"long_archive_members": "windowed"} if _has_long_members(manifest, settings) else {})}
     journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                 replace_other=replace_other, outputs=EXTRACTION_OUTPUTS)
     units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None
-    max_samples = int(settings.max_seconds * SAMPLE_RATE)
-    archived = manifest.archive_index >= 0 if manifest.archive_index is not None else np.zeros(len(manifest), bool)
-    is_long = (manifest.num_samples > max_samples) & ~archived
+    is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
     short = np.flatnonzero(~journal.done & ~is_long)
     long = np.flatnonzero(~journal.done & is_long)
 
@@ -450,6 +453,12 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / "metadata.json", json.dumps(metadata, indent=1))
     return metadata
+
+
+def _has_long_members(manifest: Manifest, settings: ExtractionSettings) -> bool:
+    if manifest.archive_index is None:
+        return False
+    return bool(((manifest.archive_index >= 0) & (manifest.num_samples > settings.max_seconds * SAMPLE_RATE)).any())
 
 
 def load_model_input(entry: ManifestEntry, conv_layers: Sequence[ConvLayer]) -> torch.Tensor:
@@ -504,6 +513,83 @@ def _metadata(model: torch.nn.Module, settings: ExtractionSettings, *, checkpoin
     }
 
 
+def iter_extracted(
+    model: torch.nn.Module,
+    entries: Sequence[ManifestEntry],
+    settings: ExtractionSettings,
+    *,
+    front_end: bool = False,
+    keep: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    skipped: dict[str, str] | None = None,
+) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
+    """``extract_batch``'s results for every readable entry, with bounded memory whatever the file lengths.
+
+    Files up to ``settings.max_seconds`` run in padded length batches; longer ones window by window
+    (``extract_long``, as ``spidr extract`` does), so that no forward reads more than ``max_seconds`` of audio
+    (attention memory grows with the square of a forward's length: a 1-hour file in one forward needs tens of GB).
+    ``keep(key, values)`` maps each result (T, …) to what is kept of it, applied to a file's frames or to each
+    window's consecutive frames, then concatenated: the units of a long file, or a sample of its frames, without
+    holding its features whole. Yields ``(entry, {key: kept values})``: short files in batch order, then long
+    ones. Unreadable files and files shorter than one frame go to ``skipped`` (location → reason), logged once.
+    """
+    keep = keep or (lambda _key, values: values)
+    conv_layers = model.cfg.extractor_conv_layer_config
+    lengths = np.fromiter((entry.num_samples for entry in entries), dtype=np.int64, count=len(entries))
+    is_long = lengths > int(settings.max_seconds * SAMPLE_RATE)
+    short, long = np.flatnonzero(~is_long), np.flatnonzero(is_long)
+
+    def skip(entry: ManifestEntry, reason: str) -> None:
+        logger.warning("skipping %s: %s", entry.location, reason)
+        if skipped is not None:
+            skipped[entry.location] = reason
+
+    model.eval()
+    for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)):
+        waves, kept = [], []
+        for index in short[batch].tolist():
+            try:
+                waves.append(load_model_input(entries[index], conv_layers))
+                kept.append(entries[index])
+            except AudioError as error:
+                skip(entries[index], error.reason)
+        for entry, result in zip(kept, extract_batch(model, waves, settings, front_end=front_end) if waves else [],
+                                 strict=True):
+            yield entry, {key: keep(key, values) for key, values in result.items()}
+    for index in long.tolist():
+        entry, sinks = entries[index], _KeptWindows(keep)
+        try:
+            extract_long(model, LongAudio(entry), settings, sinks, front_end=front_end)
+        except (AudioError, sf.LibsndfileError) as error:
+            skip(entry, error.reason if isinstance(error, AudioError) else str(error))
+            continue
+        yield entry, sinks.arrays()
+
+
+class _KeptWindows(dict):
+    """``extract_long``'s sinks for ``iter_extracted``: what ``keep`` keeps of each window, by key, in order."""
+
+    def __init__(self, keep: Callable[[str, np.ndarray], np.ndarray]) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def __missing__(self, key: str) -> _KeptParts:
+        self[key] = _KeptParts(key, self.keep)
+        return self[key]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {key: np.concatenate(parts.parts) for key, parts in self.items()}
+
+
+class _KeptParts:
+    """One key's kept windows (``sink[a:b] = values`` appends ``keep(key, values)``; windows come in order)."""
+
+    def __init__(self, key: str, keep: Callable[[str, np.ndarray], np.ndarray]) -> None:
+        self.key, self.keep, self.parts = key, keep, []
+
+    def __setitem__(self, _frames: slice, values: np.ndarray) -> None:
+        self.parts.append(self.keep(self.key, values))
+
+
 def iter_units(
     model: torch.nn.Module,
     entries: Sequence[ManifestEntry],
@@ -511,14 +597,16 @@ def iter_units(
     layers: Sequence[int],
     centroids: Mapping[int, torch.Tensor] | None = None,
     batch_seconds: float = 60.0,
+    max_seconds: float = 60.0,
     dtype: str = "float32",
     skipped: dict[str, str] | None = None,
 ) -> Iterator[tuple[ManifestEntry, dict[int, np.ndarray]]]:
     """Discrete units of ``layers`` for every readable entry, batch by batch (nothing else is kept in memory).
 
     A layer's units are the nearest of ``centroids[layer]`` (k-means) when given, else the arg-max of that layer's
-    prediction head (codebook units). Yields ``(entry, {layer: (T,) int64})``; unreadable files and files shorter
-    than one frame go to ``skipped``.
+    prediction head (codebook units). Yields ``(entry, {layer: (T,) int64})``; files longer than ``max_seconds``
+    run window by window (``iter_extracted``); unreadable files and files shorter than one frame go to
+    ``skipped``.
     """
     from spidr.eval.kmeans import assign_units
 
@@ -528,28 +616,19 @@ def iter_units(
     if missing:
         raise ValueError(f"layer(s) {missing} have no codebook head (heads: {sorted(head_layers)}); give k-means "
                          "centroids for them")
+    wanted = {f"layer_{layer:02d}" if layer in centroids else f"units_{layer:02d}": layer for layer in layers}
     settings = ExtractionSettings(layers=tuple(sorted({*layers})),
                                   codebooks=any(layer not in centroids for layer in layers),
-                                  batch_seconds=batch_seconds, dtype=dtype)
-    model.eval()
-    for batch in length_batches(entries, int(batch_seconds * SAMPLE_RATE)):
-        waves, kept = [], []
-        for index in batch:
-            try:
-                waves.append(load_model_input(entries[index], model.cfg.extractor_conv_layer_config))
-                kept.append(entries[index])
-            except AudioError as error:
-                logger.warning("skipping %s: %s", entries[index].location, error.reason)
-                if skipped is not None:
-                    skipped[entries[index].location] = error.reason
-        if not waves:
-            continue
-        for entry, result in zip(kept, extract_batch(model, waves, settings), strict=True):
-            yield entry, {
-                layer: assign_units(result[f"layer_{layer:02d}"], centroids[layer]) if layer in centroids
-                else result[f"units_{layer:02d}"].astype(np.int64)
-                for layer in layers
-            }
+                                  batch_seconds=batch_seconds, dtype=dtype, **window_settings(max_seconds))
+
+    def units(key: str, values: np.ndarray) -> np.ndarray:
+        if key not in wanted:  # features of a head layer, or units of a k-means layer
+            return values[:0, ...]
+        layer = wanted[key]
+        return assign_units(values, centroids[layer]) if layer in centroids else values.astype(np.int64)
+
+    for entry, result in iter_extracted(model, entries, settings, keep=units, skipped=skipped):
+        yield entry, {layer: result[key] for key, layer in wanted.items()}
 
 
 class NpyAppender:
@@ -587,7 +666,7 @@ def _extract_long_file(
     model: torch.nn.Module, entry: ManifestEntry, *, outputs: _Outputs, index: int, settings: ExtractionSettings
 ) -> dict[str, list[str]]:
     """Window a long file into its ``layer_LL/<stem>.npy`` files, written as they come; returns its unit rows."""
-    audio = LongAudio(entry.path)
+    audio = LongAudio(entry)
     total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
     sinks: dict[str, NpyAppender | np.ndarray] = {}
     for layer in settings.layers:

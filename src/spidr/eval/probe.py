@@ -36,7 +36,7 @@ from torch import nn
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
-from spidr.eval.features import ExtractionSettings, extract_batch, length_batches
+from spidr.eval.features import ExtractionSettings, iter_extracted, length_batches, window_settings
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import MAX_LENGTH_MISMATCH, Alignments
 from spidr.extras import figure, import_extra
@@ -106,22 +106,19 @@ class ModelFeaturizer:
     """All representations of a SpidR / DinoSR model (or an exported student) from one forward pass per batch."""
 
     def __init__(self, model: torch.nn.Module, *, layers: Sequence[int] | None = None, dtype: str = "float32",
-                 batch_seconds: float = 60.0) -> None:
+                 batch_seconds: float = 60.0, max_seconds: float = 60.0) -> None:
         self.model = model.eval()
         layers = tuple(layers) if layers is not None else tuple(range(1, model.num_layers + 1))
-        self.settings = ExtractionSettings(layers=layers, dtype=dtype)
-        self.batch_seconds = batch_seconds
+        self.settings = ExtractionSettings(layers=layers, dtype=dtype, batch_seconds=batch_seconds,
+                                           **window_settings(max_seconds))
         self.representations = ("front_end", "projection", *(f"layer_{layer:02d}" for layer in layers))
         self.frame_rate = SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config)
 
     def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
-        """``(entry, {representation: (T, D) float32})`` for every readable entry (in length order)."""
-        device = next(self.model.parameters()).device
-        for batch in _audio_batches(entries, self.batch_seconds):
-            waves = [wave.to(device) for _, wave in batch]
-            results = extract_batch(self.model, waves, self.settings, front_end=True)
-            for (entry, _), result in zip(batch, results, strict=True):
-                yield entry, {key: result[key] for key in self.representations}
+        """``(entry, {representation: (T, D) float32})`` for every readable entry (in length order; files longer
+        than the ``max_seconds`` bound window by window, after the others: ``iter_extracted``)."""
+        for entry, result in iter_extracted(self.model, entries, self.settings, front_end=True):
+            yield entry, {key: result[key] for key in self.representations}
 
 
 class MfccFeaturizer:

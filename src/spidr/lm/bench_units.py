@@ -72,23 +72,31 @@ def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, 
 
 
 def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[int], *, num_units: int, seed: int = 0,
-                  dtype: str = "float32", max_frames: int = MAX_KMEANS_FRAMES) -> dict[int, torch.Tensor]:
-    """k-means centroids per layer, fitted on a seeded sample of at most ``max_frames`` frames of ``entries``."""
-    from spidr.data.audio import load_audio
-    from spidr.eval.features import ExtractionSettings, extract_batch, length_batches
+                  dtype: str = "float32", max_frames: int = MAX_KMEANS_FRAMES,
+                  max_seconds: float = 60.0) -> dict[int, torch.Tensor]:
+    """k-means centroids per layer, fitted on a seeded sample of at most ``max_frames`` frames of ``entries``
+    (each frame kept with the same chance; files longer than ``max_seconds`` run window by window, unreadable ones
+    are skipped: ``iter_extracted``)."""
+    from spidr.eval.features import ExtractionSettings, iter_extracted, window_settings
     from spidr.eval.kmeans import fit_kmeans
+    from spidr.models.frames import num_frames
 
     rng = np.random.default_rng(seed)
-    total = sum(entry.num_samples for entry in entries) // 320 + 1
-    keep = min(1.0, max_frames / total)
+    conv_layers = model.cfg.extractor_conv_layer_config
+    total = sum(num_frames(int(entry.num_samples), conv_layers) for entry in entries)
+    keep = min(1.0, max_frames / max(total, 1))
+    settings = ExtractionSettings(layers=tuple(sorted(layers)), dtype=dtype, **window_settings(max_seconds))
+
+    def sample(_key: str, frames: np.ndarray) -> np.ndarray:
+        return frames[rng.random(frames.shape[0]) < keep]
+
     samples: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    settings = ExtractionSettings(layers=tuple(sorted(layers)), dtype=dtype)
-    for batch in length_batches(entries, 60 * 16000):
-        waves = [load_audio(entries[i], normalize=True) for i in batch]
-        for result in extract_batch(model, waves, settings):
-            for layer in layers:
-                frames = result[f"layer_{layer:02d}"]
-                samples[layer].append(frames[rng.random(frames.shape[0]) < keep])
+    for _, result in iter_extracted(model, entries, settings, keep=sample):
+        for layer in layers:
+            samples[layer].append(result[f"layer_{layer:02d}"])
+    if not any(part.size for part in samples[layers[0]]):
+        raise ValueError(f"no frame to fit k-means centroids on: none of the {len(entries)} training files could be "
+                         "read (see the warnings above)")
     return {layer: torch.as_tensor(fit_kmeans(np.concatenate(parts), num_units, seed=seed), dtype=torch.float32)
             for layer, parts in samples.items()}
 
