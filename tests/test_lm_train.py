@@ -118,6 +118,33 @@ def test_validation_scores_units_and_eos_but_not_the_bos_after_each_eos():
         assert result["loss"] == pytest.approx(np.log(vocab.size))
 
 
+def test_validation_windows_are_capped_spread_and_shared_out_between_ranks():
+    """A held-out stream grows with the corpus: max_tokens keeps windows spread evenly over it (its first and its
+    last), and W ranks score disjoint shares that together are those windows."""
+    from spidr.lm.data import validation_windows
+
+    stream = torch.arange(1001)  # windows of 10 + 1 tokens start every 10: 100 of them
+    every = torch.cat(list(validation_windows(stream, 10, 7)))
+    assert every[:, 0].tolist() == list(range(0, 1000, 10))
+    assert every[-1].tolist() == list(range(990, 1001))
+    capped = torch.cat(list(validation_windows(stream, 10, 7, max_tokens=250)))
+    assert capped[:, 0].tolist() == [round(k * 99 / 24) * 10 for k in range(25)]  # 250 tokens: 25 windows
+    assert capped[0, 0] == 0
+    assert capped[-1, 0] == 990
+    assert torch.cat(list(validation_windows(stream, 10, 7, max_tokens=5000)))[:, 0].tolist() == every[:, 0].tolist()
+    for world_size in (2, 3):
+        shares = [torch.cat(list(validation_windows(stream, 10, 4, max_tokens=250, rank=rank, world_size=world_size)))
+                  for rank in range(world_size)]
+        assert sorted(torch.cat(shares)[:, 0].tolist()) == capped[:, 0].tolist()
+    # and the validation loss is counted over exactly those windows
+    from spidr.lm.train import validate_lm
+
+    result = validate_lm(_Uniform(1001), stream, context=10, precision=FP32, batch_size=4, device=torch.device("cpu"),
+                         max_tokens=250)
+    assert result["tokens"] == 25 * 10
+    assert result["loss"] == pytest.approx(np.log(1001))
+
+
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.is_file():
@@ -197,6 +224,12 @@ def test_two_gloo_ranks_train_the_model_one_process_trains(tmp_path):
     two_losses = [r["loss"] for r in _metrics(tmp_path / "runs" / "two") if r["group"] == "train"]
     one_losses = [r["loss"] for r in _metrics(tmp_path / "runs" / "one") if r["group"] == "train"]
     assert two_losses == pytest.approx(one_losses, abs=1e-5)
+    # validation too: each rank scores its share of the held-out windows, and the sums are added
+    two_valid = [(r["loss"], r["tokens"]) for r in _metrics(tmp_path / "runs" / "two") if r["group"] == "valid"]
+    one_valid = [(r["loss"], r["tokens"]) for r in _metrics(tmp_path / "runs" / "one") if r["group"] == "valid"]
+    assert one_valid
+    assert [tokens for _, tokens in two_valid] == [tokens for _, tokens in one_valid]
+    assert [loss for loss, _ in two_valid] == pytest.approx([loss for loss, _ in one_valid], abs=1e-5)
 
 
 class _Poisoned(torch.nn.Module):

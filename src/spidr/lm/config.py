@@ -51,12 +51,16 @@ class LmDataSection:
     val_fraction: float = 0.05
     dedup: bool = True  # collapse repeated units (GSLM); applied again at scoring time
     num_units: int = 0  # 0: 1 + the largest unit of the training file (or the number of labels)
+    # Validation scores about this many held-out tokens at most, in windows spread over them (0: all): the held-out
+    # share grows with the corpus, and scoring all of it cost more than training in between at Libri-light scale.
+    max_valid_tokens: int = 2_000_000
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
         require(bool(self.train), "data.train is required (a units or frame-label .jsonl file)")
         require(0.0 <= self.val_fraction < 0.5, f"data.val_fraction = {self.val_fraction} must be in [0, 0.5)")
         require(self.num_units >= 0, f"data.num_units = {self.num_units} must be >= 0")
+        require(self.max_valid_tokens >= 0, f"data.max_valid_tokens = {self.max_valid_tokens} must be >= 0 (0: all)")
 
 
 @dataclass(frozen=True)

@@ -70,12 +70,22 @@ class WindowSampler:
         return self.stream[mine[:, None] + offsets[None, :]].long()
 
 
-def validation_windows(stream: torch.Tensor, context: int, batch_size: int) -> Iterator[torch.Tensor]:
+def validation_windows(stream: torch.Tensor, context: int, batch_size: int, *, max_tokens: int = 0, rank: int = 0,
+                       world_size: int = 1) -> Iterator[torch.Tensor]:
     """(rows, context + 1) int64: consecutive non-overlapping windows of ``context + 1`` tokens (sharing one token),
-    ``batch_size`` at a time; the last, shorter window is padded with -1 (ignored)."""
+    ``batch_size`` at a time; the last, shorter window is padded with -1 (ignored).
+
+    ``max_tokens`` (> 0) keeps about that many tokens of a longer stream: windows spread evenly over it, the first
+    and the last among them, so that validation costs the same at any corpus size (its held-out share grows with
+    the corpus). With ``world_size`` ranks, rank ``r`` takes every ``world_size``-th of those windows from the
+    ``r``-th: together the ranks score each window once."""
     if stream.numel() < 2:
         return
-    starts = list(range(0, stream.numel() - 1, context))
+    starts = np.arange(0, stream.numel() - 1, context)
+    if max_tokens > 0 and starts.size * context > max_tokens:
+        wanted = max(max_tokens // context, 1)
+        starts = starts[np.unique(np.linspace(0, starts.size - 1, wanted).round().astype(np.int64))]
+    starts = starts[rank::world_size].tolist()
     for i in range(0, len(starts), batch_size):
         rows = []
         for start in starts[i:i + batch_size]:

@@ -200,14 +200,18 @@ def lm_train_step(model: nn.Module, windows: list[torch.Tensor], optimizer: torc
 
 @torch.inference_mode()
 def validate_lm(model: nn.Module, stream: torch.Tensor, *, context: int, precision: Precision,
-                batch_size: int, device: torch.device, bos: int | None = None) -> dict[str, float]:
-    """Mean per-token cross-entropy and perplexity of ``stream`` in consecutive windows. ``bos`` (the vocabulary's
+                batch_size: int, device: torch.device, bos: int | None = None, max_tokens: int = 0,
+                rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Mean per-token cross-entropy and perplexity of ``stream`` in consecutive windows (at most about
+    ``max_tokens`` of them when > 0, spread over the stream: ``validation_windows``). ``bos`` (the vocabulary's
     begin-of-sequence id) is no target: after an EOS it is all but certain, and each utterance's counted in lowered
-    the loss by about 1/length; units and EOS are what an item's score sums."""
+    the loss by about 1/length; units and EOS are what an item's score sums. Collective with ``world_size`` > 1:
+    each rank scores its share of the windows and the sums are added over the ranks (every rank gets the result)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for rows in validation_windows(stream, context, batch_size):
+    for rows in validation_windows(stream, context, batch_size, max_tokens=max_tokens, rank=rank,
+                                   world_size=world_size):
         rows = rows.to(device)
         lengths = (rows >= 0).sum(1)
         with precision.autocast():
@@ -218,8 +222,10 @@ def validate_lm(model: nn.Module, stream: torch.Tensor, *, context: int, precisi
         total -= float(values.double()[scored].sum())
         count += int(scored.sum())
     model.train(was_training)
+    if world_size > 1:
+        total, count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(count)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -265,6 +271,10 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
             if denv.is_main:
                 checkpointer.save(snapshot, step=None if final else step)
 
+        validation = {"context": cfg.model.context, "precision": precision, "batch_size": o.batch_size,
+                      "device": device, "bos": data.vocab.bos, "max_tokens": cfg.data.max_valid_tokens,
+                      "rank": denv.rank, "world_size": denv.world_size}
+
         if isinstance(raw, NgramLM):
             if denv.is_main:
                 write_config(cfg.to_dict(), run_dir)
@@ -273,9 +283,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
             raw.fit(data.train.to(device))
             optimizer = None
             if data.valid.numel():  # no held-out data (val_fraction = 0): nothing to report, not a perfect score
-                metrics.log(o.max_steps, "valid", validate_lm(
-                    raw, data.valid.to(device), context=cfg.model.context, precision=precision,
-                    batch_size=o.batch_size, device=device, bos=data.vocab.bos))
+                metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid.to(device), **validation))
             save(o.max_steps, final=True)
             return "completed"
 
@@ -309,9 +317,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
 
         def run_validation() -> None:
             if data.valid.numel():
-                metrics.log(step, "valid", validate_lm(raw, data.valid.to(device), context=cfg.model.context,
-                                                       precision=precision, batch_size=o.batch_size, device=device,
-                                                       bos=data.vocab.bos))
+                metrics.log(step, "valid", validate_lm(raw, data.valid.to(device), **validation))
 
         while step < o.max_steps:
             windows = [sampler.windows(step, rank=denv.rank, world_size=denv.world_size, micro=m,
