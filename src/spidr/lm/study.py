@@ -130,10 +130,11 @@ def _unused_by_ngrams(name: str) -> bool:
 def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
                    data: bool = True) -> tuple[list[str], list[str]]:
     """How the LM of a checkpoint (``state``: its ``lm_checkpoint_summary``) differs from the one ``cfg`` would
-    train: (config fields, locations aside; training data, as ``spidr.lm.train.prepare_data`` describes it, unless
-    ``data`` is False: the units need not exist yet), each "name: old → new"; both empty when it may be reused."""
+    train: (config fields, locations aside; training data, as ``spidr.lm.prepared_data.data_info`` describes it,
+    unless ``data`` is False: the units need not exist yet), each "name: old → new"; both empty when it may be
+    reused."""
     from spidr.lm.config import default_lm_settings
-    from spidr.lm.train import prepare_data
+    from spidr.lm.prepared_data import data_info
     from spidr.train.runtime import config_diff
 
     # An LM trained before a setting was added was trained at its default: it differs only if cfg moves it.
@@ -142,7 +143,7 @@ def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
               if name not in LOCATION_FIELDS and not (cfg.model.arch == "ngram" and _unused_by_ngrams(name))]
     if not data:
         return config, []
-    old, new = state["lm"], prepare_data(cfg).info
+    old, new = state["lm"], data_info(cfg)
     data = [f"{key}: {old.get(key)!r} → {new[key]!r}" for key in sorted(new)
             if key != "train_file" and old.get(key) != new[key]]
     return config, data
@@ -193,13 +194,15 @@ def _check_enough_data(lms: Sequence[tuple[str, LmConfig]]) -> None:
     """Refuse the study, naming every LM still to train whose training data holds less than one window of
     ``model.context + 1`` tokens, before the first trains (the phone oracle's refusal came after it had fitted
     the bigram, and a rerun with a smaller context then had that LM to delete)."""
-    from spidr.lm.train import prepare_data
+    from spidr.lm.prepared_data import CACHE_FOLDER, read_cache, update_cache
 
     short = []
     for name, cfg in lms:
         if cfg.model.arch == "ngram" or (cfg.run.run_dir / "final.pt").is_file():
             continue
-        tokens = prepare_data(cfg).train.numel()
+        # Read once: the stream kept in the LM's run folder is what its training maps, not parses again.
+        data = update_cache(cfg) or read_cache(cfg.run.run_dir / CACHE_FOLDER)
+        tokens = data.train.numel()
         if tokens < cfg.model.context + 1:
             short.append(f"{name}: {tokens}")
     if short:

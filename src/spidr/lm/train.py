@@ -33,9 +33,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from spidr.distributed import all_reduce_sum, world_size
 from spidr.lm.config import LmConfig, LmModelSection, check_trainable
-from spidr.lm.data import WindowSampler, is_held_out, token_stream, validation_windows
+from spidr.lm.data import WindowSampler, validation_windows
 from spidr.lm.models import NgramLM, build_lm, token_log_likelihoods
-from spidr.lm.tokens import LabelVocabulary, UnitSequences, Vocabulary, fingerprint, read_unit_sequences
+from spidr.lm.prepared_data import LmData, shared_data
+from spidr.lm.tokens import LabelVocabulary, UnitSequences, Vocabulary, read_unit_sequences
 from spidr.seeding import rank_seed
 from spidr.train.checkpoint import Checkpointer, capture_rng_state, int_tensor, read_int, restore_rng_state
 from spidr.train.environment import (
@@ -73,45 +74,6 @@ class LmTrainingDivergedError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LmData:
-    vocab: Vocabulary
-    train: torch.Tensor  # (N,) token stream (``token_stream``: int16 for up to 32,765 units)
-    valid: torch.Tensor  # (M,) token stream, may be empty
-    info: dict[str, Any]  # what the LM was trained on: stored in its checkpoints
-
-
-def prepare_data(cfg: LmConfig) -> LmData:
-    """Read ``data.train`` (and ``data.valid``), split off the validation utterances, encode both streams."""
-    data = cfg.data
-    units = read_unit_sequences(data.train, dedup=data.dedup)
-    num_units = data.num_units or (len(units.labels.labels) if units.labels else units.max_unit + 1)
-    if units.max_unit >= num_units:
-        raise ValueError(f"data.num_units = {num_units} but {data.train} holds unit {units.max_unit}")
-    if data.valid:
-        valid = read_unit_sequences(data.valid, dedup=data.dedup, labels=units.labels, num_units=num_units,
-                                    expect_kind=units.kind)
-        train_seqs, valid_seqs = units.sequences, valid.sequences
-    else:
-        held_out = {stem for stem in units.sequences if is_held_out(stem, data.val_fraction, cfg.run.seed)}
-        train_seqs = {s: v for s, v in units.sequences.items() if s not in held_out}
-        valid_seqs = {s: v for s, v in units.sequences.items() if s in held_out}
-    if not train_seqs:
-        raise ValueError(f"{data.train}: no training utterance left after holding out data.val_fraction")
-    vocab = Vocabulary(num_units)
-    info = {
-        "kind": units.kind,
-        "labels": list(units.labels.labels) if units.labels else None,
-        "num_units": num_units,
-        "dedup": data.dedup,
-        "train_file": str(data.train),
-        "train_utterances": len(train_seqs),
-        "valid_utterances": len(valid_seqs),
-        "train_fingerprint": fingerprint(train_seqs),
-    }
-    return LmData(vocab, token_stream(train_seqs, vocab), token_stream(valid_seqs, vocab), info)
 
 
 def build_model_for(model_cfg: LmModelSection, vocab_size: int) -> nn.Module:
@@ -248,7 +210,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         run_dir = cfg.run.run_dir
         hold_run_folder(run_dir, cleanup, is_main=denv.is_main)
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
-        data = prepare_data(cfg)
+        data = shared_data(cfg, is_main=denv.is_main)
         if denv.is_main:
             logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens, vocabulary %d",
                         data.train.numel(), data.info["train_utterances"], data.valid.numel(), data.vocab.size)

@@ -1,0 +1,159 @@
+"""A unit LM's training data, read once per run: the token streams of its units file, kept beside its checkpoints.
+
+``prepare_data`` reads ``data.train`` (and ``data.valid``), holds out the validation utterances and encodes both
+streams (``spidr.lm.data``). Parsing a units file is the slow part at scale (≈ 23 min of JSON and ≈ 26 GB for
+Libri-light's 60k hours), so ``shared_data`` does it on the main rank only and saves the streams as ``.npy`` files in
+``<run dir>/tokens``; every rank then maps them read-only, the ranks of a node sharing one copy in the page cache,
+and a resumed run reads them back instead of parsing again. The cache is keyed by the unit files' identity (path,
+size, modification time, inode) and the settings that shape the streams; anything else makes it stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spidr.atomic_files import replaced_when_done, write_atomically
+from spidr.distributed import AgreedValueError
+from spidr.lm.config import LmConfig
+from spidr.lm.data import is_held_out, token_stream
+from spidr.lm.tokens import Vocabulary, fingerprint, read_unit_sequences
+
+logger = logging.getLogger(__name__)
+
+CACHE_FOLDER = "tokens"
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LmData:
+    vocab: Vocabulary
+    train: torch.Tensor  # (N,) token stream (``token_stream``: int16 for up to 32,765 units)
+    valid: torch.Tensor  # (M,) token stream, may be empty
+    info: dict[str, Any]  # what the LM was trained on: stored in its checkpoints
+
+
+def prepare_data(cfg: LmConfig) -> LmData:
+    """Read ``data.train`` (and ``data.valid``), split off the validation utterances, encode both streams."""
+    data = cfg.data
+    units = read_unit_sequences(data.train, dedup=data.dedup)
+    num_units = data.num_units or (len(units.labels.labels) if units.labels else units.max_unit + 1)
+    if units.max_unit >= num_units:
+        raise ValueError(f"data.num_units = {num_units} but {data.train} holds unit {units.max_unit}")
+    if data.valid:
+        valid = read_unit_sequences(data.valid, dedup=data.dedup, labels=units.labels, num_units=num_units,
+                                    expect_kind=units.kind)
+        train_seqs, valid_seqs = units.sequences, valid.sequences
+    else:
+        held_out = {stem for stem in units.sequences if is_held_out(stem, data.val_fraction, cfg.run.seed)}
+        train_seqs = {s: v for s, v in units.sequences.items() if s not in held_out}
+        valid_seqs = {s: v for s, v in units.sequences.items() if s in held_out}
+    if not train_seqs:
+        raise ValueError(f"{data.train}: no training utterance left after holding out data.val_fraction")
+    vocab = Vocabulary(num_units)
+    info = {
+        "kind": units.kind,
+        "labels": list(units.labels.labels) if units.labels else None,
+        "num_units": num_units,
+        "dedup": data.dedup,
+        "train_file": str(data.train),
+        "train_utterances": len(train_seqs),
+        "valid_utterances": len(valid_seqs),
+        "train_fingerprint": fingerprint(train_seqs),
+    }
+    return LmData(vocab, token_stream(train_seqs, vocab), token_stream(valid_seqs, vocab), info)
+
+
+def shared_data(cfg: LmConfig, *, is_main: bool = True) -> LmData:
+    """``prepare_data(cfg)`` through the run's cache: the main rank brings ``<run dir>/tokens`` up to date, then
+    every rank maps it. Collective under torchrun (call it on every rank): a refusal of the data (a bad units file)
+    is raised on every rank together. Where the cache cannot be written (a read-only run folder), the streams are
+    kept in memory, with a warning."""
+    from spidr.train.environment import broadcast_from_main
+
+    refusal, in_memory = None, None
+    if is_main:
+        try:
+            in_memory = update_cache(cfg)
+        except ValueError as error:
+            refusal = str(error)
+    refusal = broadcast_from_main(refusal)
+    if refusal is not None:
+        raise AgreedValueError(refusal)
+    if broadcast_from_main(in_memory is not None):  # not cached: every other rank reads the units itself
+        return in_memory if in_memory is not None else prepare_data(cfg)
+    return read_cache(cfg.run.run_dir / CACHE_FOLDER)
+
+
+def update_cache(cfg: LmConfig) -> LmData | None:
+    """Write ``<run dir>/tokens`` unless it holds the streams of ``cfg``'s data already; returns None, or the data
+    itself when the folder cannot be written."""
+    folder = cfg.run.run_dir / CACHE_FOLDER
+    key = cache_key(cfg)
+    if _stored_key(folder) == key:
+        return None
+    data = prepare_data(cfg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "key.json").unlink(missing_ok=True)  # stale from here until the streams are all written
+        for name, stream in (("train", data.train), ("valid", data.valid)):
+            with replaced_when_done(folder / f"{name}.npy") as partial, partial.open("wb") as handle:
+                np.save(handle, stream.numpy())
+        write_atomically(folder / "info.json", json.dumps({"num_units": data.vocab.num_units, "info": data.info}))
+        write_atomically(folder / "key.json", json.dumps(key))
+    except OSError as error:
+        logger.warning("cannot keep the LM's token streams in %s (%s): every rank reads the units file itself",
+                       folder, error)
+        return data
+    return None
+
+
+def data_info(cfg: LmConfig) -> dict[str, Any]:
+    """``prepare_data(cfg).info`` (what an LM's checkpoint records of its data), from the run's cache when it is up
+    to date (nothing is written)."""
+    folder = cfg.run.run_dir / CACHE_FOLDER
+    if _stored_key(folder) == cache_key(cfg):
+        return json.loads((folder / "info.json").read_text(encoding="utf-8"))["info"]
+    return prepare_data(cfg).info
+
+
+def read_cache(folder: Path) -> LmData:
+    """The streams of ``folder`` (``update_cache``), mapped read-only."""
+    stored = json.loads((folder / "info.json").read_text(encoding="utf-8"))
+    with warnings.catch_warnings():  # read-only maps: nothing writes into a token stream
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        train, valid = (torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="r"))
+                        for name in ("train", "valid"))
+    return LmData(Vocabulary(stored["num_units"]), train, valid, stored["info"])
+
+
+def cache_key(cfg: LmConfig) -> dict[str, Any]:
+    """What the cached streams depend on: each unit file's identity and the data settings that shape them."""
+    data = cfg.data
+    files = {}
+    for role, name in (("train", data.train), ("valid", data.valid)):
+        if name:
+            try:
+                stat = os.stat(name)
+            except OSError:  # never cached: prepare_data names the missing file
+                files[role] = None
+                continue
+            files[role] = {"path": str(Path(name).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                           "inode": stat.st_ino}
+    return {"format": CACHE_FORMAT, "files": files, "dedup": data.dedup, "num_units": data.num_units,
+            **({} if data.valid else {"val_fraction": data.val_fraction, "seed": cfg.run.seed})}
+
+
+def _stored_key(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "key.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
