@@ -204,6 +204,23 @@ def test_gradient_accumulation_matches_one_batch():
         torch.testing.assert_close(accumulated.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
 
 
+def test_train_step_clips_the_gradient_norm_to_max_norm():
+    """The step's update is the clipped gradient: with plain SGD at lr 1 the weights move by exactly max_norm, while
+    the reported grad_norm is the norm before clipping (test gradients stay under the default 10: nothing else saw a
+    step without its clip)."""
+    torch.manual_seed(0)
+    model = build_model(_model_config(codebook_decay=1.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    before = [p.detach().clone() for p in params]
+    out = loop.train_step(model, [_global_batches()[0]], optimizer, scheduler, step=0, precision=FP32, scaler=None,
+                          max_norm=1e-3)
+    moved = torch.sqrt(sum(((p.detach() - b).double() ** 2).sum() for p, b in zip(params, before, strict=True)))
+    assert out.metrics["grad_norm"] > 0.1
+    assert float(moved) == pytest.approx(1e-3, rel=1e-4)
+
+
 def _spawn_two_ranks(worker, *args, hang: str, seconds: float = 120) -> None:
     """Run ``worker(rank, 2, port, *args)`` on two processes; fail with ``hang`` if they have not ended in time."""
     context = mp.spawn(worker, args=(2, _free_port(), *args), nprocs=2, join=False)

@@ -71,6 +71,30 @@ def test_bigram_probabilities_by_hand():
     assert unigram.log_probabilities().exp()[0, 0].item() == pytest.approx(3 / 7)
 
 
+class _HistoryLength(torch.nn.Module):
+    """A 2-token "model" whose log p(token 0) at input position i tells i: logits (i / 2, 0)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        position = torch.arange(tokens.shape[1], dtype=torch.float32)
+        return torch.stack([position / 2, torch.zeros_like(position)], dim=-1).expand(tokens.shape[0], -1, -1)
+
+
+@pytest.mark.parametrize("context", [4, 7, 8])
+def test_strided_scoring_gives_every_token_at_least_half_a_context_of_history(context):
+    """Which window scores each target, read back from a model that reveals how many inputs it saw: the first
+    window scores targets 1 … context with their whole history, every later target sees more than half a context
+    and at most a whole one (a bigram, above, cannot tell how much history a window gave)."""
+    length = 5 * context + 3
+    values = token_log_likelihoods(_HistoryLength(), torch.zeros(1, length, dtype=torch.long),
+                                   torch.tensor([length]), context=context)[0]
+    probability = values.double().exp()
+    history = ((probability / (1 - probability)).log() * 2).round().long() + 1  # inputs seen: position + 1
+    targets = torch.arange(1, length)
+    assert torch.equal(history[:context], targets[:context])
+    assert (history[context:] > context // 2).all()
+    assert (history[context:] <= context).all()
+
+
 def test_strided_scoring_of_long_sequences_is_exact_for_a_bigram():
     """A bigram only looks one token back, so windowed scoring must equal scoring the whole sequence."""
     lm = NgramLM(V, order=2, add_k=0.1)

@@ -270,6 +270,35 @@ def test_two_gloo_ranks_train_the_model_one_process_trains(tmp_path):
     assert [loss for loss, _ in two_valid] == pytest.approx([loss for loss, _ in one_valid], abs=1e-5)
 
 
+def test_lm_step_clips_to_max_norm_and_micro_batches_give_the_whole_batch_s_step():
+    """The LM step's update is the clipped gradient of the mean loss over all its windows: k micro-batches give the
+    same gradient norm and weights as one batch of their rows (not k times the gradient), and with plain SGD at lr 1
+    the weights move by exactly max_norm."""
+    windows = torch.randint(0, 13, (6, 9), generator=torch.Generator().manual_seed(0))
+
+    def step(micro_batches: list[torch.Tensor], max_norm: float) -> tuple[float, list[torch.Tensor], float]:
+        torch.manual_seed(0)
+        model = LstmLM(13, dim=8, num_layers=1, dropout=0.0, tie_embeddings=True)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+        out = lm_train_step(model, micro_batches, optimizer, scheduler, precision=FP32, max_norm=max_norm)
+        after = [p.detach().clone() for p in model.parameters()]
+        moved = torch.sqrt(sum(((a - b).double() ** 2).sum() for a, b in zip(after, before, strict=True)))
+        return out.grad_norm, after, float(moved)
+
+    norm, weights, moved = step([windows], max_norm=100.0)
+    assert moved == pytest.approx(norm, rel=1e-4)  # unclipped: SGD moves by the gradient itself
+    for parts in ([windows[:3], windows[3:]], [windows[:2], windows[2:4], windows[4:]]):
+        parts_norm, parts_weights, _ = step(parts, max_norm=100.0)
+        assert parts_norm == pytest.approx(norm, rel=1e-5)
+        for got, expected in zip(parts_weights, weights, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    clipped_norm, _, clipped_moved = step([windows[:3], windows[3:]], max_norm=norm / 10)
+    assert clipped_norm == pytest.approx(norm, rel=1e-5)  # reported before clipping
+    assert clipped_moved == pytest.approx(norm / 10, rel=1e-4)
+
+
 class _Poisoned(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -326,6 +326,37 @@ def test_dead_codewords_are_reseeded_from_the_batch_when_asked(model_type: str) 
         assert distances.min(1).values.max().item() < 1e-5
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+def test_dead_codewords_are_those_under_the_threshold_times_the_mean_count(model_type: str) -> None:
+    """Hand-set counts with a mean far from 1: after the EMA step (unused codewords decaying too), the codewords
+    whose count is under threshold × mean count restart at a batch vector with count 1; every other codeword keeps
+    its EMA sum and count (a threshold taken absolutely marks another set here)."""
+    model = tiny_model(model_type, codebook_reseed_dead=True, codebook_dead_threshold=0.2).train()
+    tau = torch.tensor(model.cfg.codebook_decay, dtype=torch.float32)
+    counts = torch.tensor([40.0, 30, 20, 10, 8, 6, 4, 3, 2, 1.5, 1.2, 1.0, 0.9, 0.5, 0.2, 0.1])
+    dim = model.codebooks[0].codebook.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    targets = [torch.randn(6, dim, generator=generator) for _ in model.codebooks]
+    labels = [torch.tensor([0, 0, 1, 11, 11, 15]), torch.tensor([2, 13, 13, 13, 14, 14])]
+    starts = []
+    for codebook in model.codebooks:
+        codebook.counts.copy_(counts)
+        codebook.codebook.copy_(torch.randn(16, dim, generator=generator))
+        starts.append(codebook.codebook.clone())
+    model._update_codebooks(targets, labels)
+    for codebook, start, z, lab in zip(model.codebooks, starts, targets, labels, strict=True):
+        onehot = F.one_hot(lab, 16).float()
+        expected_counts = tau * counts + (1 - tau) * onehot.sum(0)
+        expected_sums = tau * start + (1 - tau) * (onehot.T @ z)
+        dead = expected_counts < 0.2 * expected_counts.mean()
+        assert dead.any()
+        assert not torch.equal(dead, expected_counts < 0.2)
+        torch.testing.assert_close(codebook.counts[~dead], expected_counts[~dead])
+        torch.testing.assert_close(codebook.codebook[~dead], expected_sums[~dead])
+        assert torch.equal(codebook.counts[dead], torch.ones(int(dead.sum())))
+        assert torch.cdist(codebook.codebook[dead], z).min(1).values.max().item() < 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Teacher, EMA, freezing
 # ----------------------------------------------------------------------------------------------------------------

@@ -60,6 +60,11 @@ def test_units_are_repeated_and_zipped() -> None:
     metrics = unit_quality({"u": [0, 1]}, {"u": ["A", "A", "B", "B", "B"]}, num_units=2)
     assert metrics["phone_purity"] == pytest.approx(1.0)
     assert metrics["pnmi"] == pytest.approx(1.0, abs=1e-8)
+    # More unit frames than labels: the extra frames are dropped at the end (units [0, 1, 1] → 0 0 1 1 1 1 against
+    # 5 labels); dropping them at the start would pair every frame with its neighbour's label.
+    more_units = unit_quality({"u": [0, 1, 1]}, {"u": ["A", "A", "B", "B", "B"]}, num_units=2)
+    assert more_units["phone_purity"] == pytest.approx(1.0)
+    assert more_units["pnmi"] == pytest.approx(1.0, abs=1e-8)
     # Labels at 20 ms: no repetition.
     same_rate = unit_quality({"u": [0, 1, 1]}, {"u": ["A", "B", "A"]}, alignment_rate_hz=50, num_units=2)
     assert same_rate["phone_purity"] == pytest.approx(2 / 3)
