@@ -148,6 +148,21 @@ def test_the_units_file_is_parsed_once_per_run_and_again_when_it_changes(tmp_pat
         train_lm(longer)
     assert len(calls) == 2
 
+    # another rank maps the main rank's streams, or reads the units file itself when it does not see them
+    import spidr.train.environment
+
+    stale = load_lm_config(path)  # the key of the units file as it is now
+    parsed = prepare_data(stale)
+    shared_data(stale)
+    for sizes, read in (([parsed.train.numel(), parsed.valid.numel()], 2), ([1, 2], 3)):
+        answer = {"key": prepared_data.cache_key(stale), "sizes": sizes}
+        monkeypatch.setattr(spidr.train.environment, "broadcast_from_main", lambda obj, answer=answer: answer)
+        other_rank = shared_data(stale, is_main=False)
+        assert torch.equal(other_rank.train, parsed.train)
+        assert len(calls) == read + 1  # (prepare_data above parsed once more)
+    assert "token streams are not (yet) visible" in caplog.text
+    monkeypatch.undo()
+
     # a run folder the streams cannot be kept in: read in memory, with a warning
     blocked = load_lm_config(_config(tmp_path, "blocked", optimizer={"max_steps": 2}))
     blocked.run.run_dir.mkdir(parents=True)

@@ -76,21 +76,34 @@ def shared_data(cfg: LmConfig, *, is_main: bool = True) -> LmData:
     """``prepare_data(cfg)`` through the run's cache: the main rank brings ``<run dir>/tokens`` up to date, then
     every rank maps it. Collective under torchrun (call it on every rank): a refusal of the data (a bad units file)
     is raised on every rank together. Where the cache cannot be written (a read-only run folder), the streams are
-    kept in memory, with a warning."""
+    kept in memory, with a warning; a rank that does not find the main rank's streams (a network file system's
+    stale view of the folder on another node) reads the units file itself."""
     from spidr.train.environment import broadcast_from_main
 
-    refusal, in_memory = None, None
+    answer: dict[str, Any] = {}
+    data = None
     if is_main:
         try:
-            in_memory = update_cache(cfg)
+            data = update_cache(cfg) or read_cache(cfg.run.run_dir / CACHE_FOLDER)
+            answer = {"key": cache_key(cfg), "sizes": [data.train.numel(), data.valid.numel()]}
         except ValueError as error:
-            refusal = str(error)
-    refusal = broadcast_from_main(refusal)
-    if refusal is not None:
-        raise AgreedValueError(refusal)
-    if broadcast_from_main(in_memory is not None):  # not cached: every other rank reads the units itself
-        return in_memory if in_memory is not None else prepare_data(cfg)
-    return read_cache(cfg.run.run_dir / CACHE_FOLDER)
+            answer = {"refusal": str(error)}
+    answer = broadcast_from_main(answer)
+    if "refusal" in answer:
+        raise AgreedValueError(answer["refusal"])
+    if data is not None:
+        return data
+    folder = cfg.run.run_dir / CACHE_FOLDER
+    try:
+        if _stored_key(folder) == answer["key"]:
+            data = read_cache(folder)
+            if [data.train.numel(), data.valid.numel()] == answer["sizes"]:
+                return data
+    except (OSError, ValueError):
+        pass
+    logger.warning("the main rank's token streams are not (yet) visible in %s from this rank: reading the units "
+                   "file here", folder)
+    return prepare_data(cfg)
 
 
 def update_cache(cfg: LmConfig) -> LmData | None:
