@@ -114,8 +114,8 @@ def test_max_seconds_bounds_the_audio_of_every_forward(corpus, tmp_path, monkeyp
     lengths = []
     real = features_module.extract_batch
     monkeypatch.setattr(features_module, "extract_batch",
-                        lambda model, waves, settings: lengths.extend(w.shape[0] for w in waves) or real(
-                            model, waves, settings))
+                        lambda model, waves, settings, **options: lengths.extend(w.shape[0] for w in waves) or real(
+                            model, waves, settings, **options))
     out = tmp_path / "windowed"
     assert main(["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
                  str(corpus / "manifest.csv"), "--layers", "1", "--max-seconds", "0.4", "--out", str(out)]) == 0
