@@ -156,11 +156,29 @@ def test_the_units_file_is_parsed_once_per_run_and_again_when_it_changes(tmp_pat
     shared_data(stale)
     for sizes, read in (([parsed.train.numel(), parsed.valid.numel()], 2), ([1, 2], 3)):
         answer = {"key": prepared_data.cache_key(stale), "sizes": sizes}
-        monkeypatch.setattr(spidr.train.environment, "broadcast_from_main", lambda obj, answer=answer: answer)
+        monkeypatch.setattr(spidr.train.environment, "broadcast_from_main", lambda obj, answer=answer, **_: answer)
         other_rank = shared_data(stale, is_main=False)
         assert torch.equal(other_rank.train, parsed.train)
         assert len(calls) == read + 1  # (prepare_data above parsed once more)
     assert "token streams are not (yet) visible" in caplog.text
+    monkeypatch.undo()
+
+    # kept streams that cannot be read (a file deleted by hand) are written again, not a crash
+    (cfg.run.run_dir / CACHE_FOLDER / "valid.npy").unlink()
+    assert torch.equal(shared_data(stale).valid, parsed.valid)
+    assert "cannot be read" in caplog.text
+    (cfg.run.run_dir / CACHE_FOLDER / "info.json").write_text("{")
+    assert prepared_data.data_info(stale) == parsed.info
+    assert shared_data(stale).info == parsed.info
+    again = ["run.name=\"again\"", "optimizer.max_steps=2"]
+    assert train_lm(load_lm_config(path, again)) == "completed"
+    (cfg.run.run_dir.parent / "again" / CACHE_FOLDER / "train.npy").unlink()
+    assert train_lm(load_lm_config(path, [*again, "optimizer.max_steps=4"])) == "completed"  # resumed
+    # any failure of the main rank is told to every rank (a rank failing alone would leave the others waiting)
+    monkeypatch.setattr(prepared_data, "update_cache", lambda cfg: (_ for _ in ()).throw(PermissionError("denied")))
+    with pytest.raises(prepared_data.DataPreparationError, match=r"the main rank could not prepare the LM's "
+                                                                r"training data \(PermissionError: denied\)"):
+        shared_data(stale)
     monkeypatch.undo()
 
     # a run folder the streams cannot be kept in: read in memory, with a warning

@@ -10,6 +10,7 @@ size, modification time, inode) and the settings that shape the streams; anythin
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from spidr.atomic_files import replaced_when_done, write_atomically
-from spidr.distributed import AgreedValueError
+from spidr.distributed import AgreedValueError, RaisedOnEveryRankError
 from spidr.lm.config import LmConfig
 from spidr.lm.data import is_held_out, token_stream
 from spidr.lm.tokens import Vocabulary, fingerprint, read_unit_sequences
@@ -72,25 +73,41 @@ def prepare_data(cfg: LmConfig) -> LmData:
     return LmData(vocab, token_stream(train_seqs, vocab), token_stream(valid_seqs, vocab), info)
 
 
+# The main rank may parse for a long time while the others wait for its answer (≈ 23 min projected for 60k hours
+# on our CPUs): longer than the process group's 30 min would be on a slower machine.
+PARSE_TIMEOUT = datetime.timedelta(hours=6)
+
+
+class DataPreparationError(RaisedOnEveryRankError, RuntimeError):
+    """The main rank could not prepare the LM's training data (raised on every rank, naming its error)."""
+
+
 def shared_data(cfg: LmConfig, *, is_main: bool = True) -> LmData:
     """``prepare_data(cfg)`` through the run's cache: the main rank brings ``<run dir>/tokens`` up to date, then
-    every rank maps it. Collective under torchrun (call it on every rank): a refusal of the data (a bad units file)
-    is raised on every rank together. Where the cache cannot be written (a read-only run folder), the streams are
-    kept in memory, with a warning; a rank that does not find the main rank's streams (a network file system's
-    stale view of the folder on another node) reads the units file itself."""
+    every rank maps it. Collective under torchrun (call it on every rank): a refusal of the data (a bad units file),
+    or any failure of the main rank, is raised on every rank together. Where the cache cannot be written (a
+    read-only run folder), the streams are kept in memory, with a warning; a rank that does not find the main
+    rank's streams (a network file system's stale view of the folder on another node) reads the units file
+    itself."""
     from spidr.train.environment import broadcast_from_main
 
     answer: dict[str, Any] = {}
-    data = None
+    data, failure = None, None
     if is_main:
         try:
-            data = update_cache(cfg) or read_cache(cfg.run.run_dir / CACHE_FOLDER)
+            data = update_cache(cfg)
             answer = {"key": cache_key(cfg), "sizes": [data.train.numel(), data.valid.numel()]}
         except ValueError as error:
             answer = {"refusal": str(error)}
-    answer = broadcast_from_main(answer)
+        except Exception as error:  # told to every rank, then raised here too
+            answer = {"failure": f"{type(error).__name__}: {error}"}
+            failure = error
+    answer = broadcast_from_main(answer, timeout=PARSE_TIMEOUT)
     if "refusal" in answer:
         raise AgreedValueError(answer["refusal"])
+    if "failure" in answer:
+        message = f"the main rank could not prepare the LM's training data ({answer['failure']})"
+        raise DataPreparationError(message) from failure
     if data is not None:
         return data
     folder = cfg.run.run_dir / CACHE_FOLDER
@@ -99,20 +116,24 @@ def shared_data(cfg: LmConfig, *, is_main: bool = True) -> LmData:
             data = read_cache(folder)
             if [data.train.numel(), data.valid.numel()] == answer["sizes"]:
                 return data
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError):
         pass
     logger.warning("the main rank's token streams are not (yet) visible in %s from this rank: reading the units "
                    "file here", folder)
     return prepare_data(cfg)
 
 
-def update_cache(cfg: LmConfig) -> LmData | None:
-    """Write ``<run dir>/tokens`` unless it holds the streams of ``cfg``'s data already; returns None, or the data
-    itself when the folder cannot be written."""
+def update_cache(cfg: LmConfig) -> LmData:
+    """The data of ``cfg``, mapped from ``<run dir>/tokens``, which is written first unless it holds these streams
+    already (a damaged one is written again); held in memory when the folder cannot be written."""
     folder = cfg.run.run_dir / CACHE_FOLDER
     key = cache_key(cfg)
     if _stored_key(folder) == key:
-        return None
+        try:
+            return read_cache(folder)
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("the LM's token streams in %s cannot be read (%s): reading the units file again", folder,
+                           error)
     data = prepare_data(cfg)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -126,7 +147,7 @@ def update_cache(cfg: LmConfig) -> LmData | None:
         logger.warning("cannot keep the LM's token streams in %s (%s): every rank reads the units file itself",
                        folder, error)
         return data
-    return None
+    return read_cache(folder)
 
 
 def data_info(cfg: LmConfig) -> dict[str, Any]:
@@ -134,7 +155,10 @@ def data_info(cfg: LmConfig) -> dict[str, Any]:
     to date (nothing is written)."""
     folder = cfg.run.run_dir / CACHE_FOLDER
     if _stored_key(folder) == cache_key(cfg):
-        return json.loads((folder / "info.json").read_text(encoding="utf-8"))["info"]
+        try:
+            return json.loads((folder / "info.json").read_text(encoding="utf-8"))["info"]
+        except (OSError, ValueError, KeyError):
+            pass
     return prepare_data(cfg).info
 
 

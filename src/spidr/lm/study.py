@@ -194,14 +194,14 @@ def _check_enough_data(lms: Sequence[tuple[str, LmConfig]]) -> None:
     """Refuse the study, naming every LM still to train whose training data holds less than one window of
     ``model.context + 1`` tokens, before the first trains (the phone oracle's refusal came after it had fitted
     the bigram, and a rerun with a smaller context then had that LM to delete)."""
-    from spidr.lm.prepared_data import CACHE_FOLDER, read_cache, update_cache
+    from spidr.lm.prepared_data import update_cache
 
     short = []
     for name, cfg in lms:
         if cfg.model.arch == "ngram" or (cfg.run.run_dir / "final.pt").is_file():
             continue
         # Read once: the stream kept in the LM's run folder is what its training maps, not parses again.
-        data = update_cache(cfg) or read_cache(cfg.run.run_dir / CACHE_FOLDER)
+        data = update_cache(cfg)
         tokens = data.train.numel()
         if tokens < cfg.model.context + 1:
             short.append(f"{name}: {tokens}")

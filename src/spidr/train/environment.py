@@ -155,12 +155,21 @@ def gather_to_all(obj: Any) -> list[Any]:
     return gathered
 
 
-def broadcast_from_main(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group)."""
+def broadcast_from_main(obj: Any, *, timeout: datetime.timedelta | None = None) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group). With ``timeout``, through a gloo
+    group of its own that waits that long (the process group's 30 min can be too short for what rank 0 does
+    first); every rank must then pass the same."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if timeout is None:
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
     return box[0]
 
 
