@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -352,6 +353,33 @@ def test_points_stopped_by_a_signal_end_the_curve_with_status_3(tmp_path, monkey
     with pytest.raises(TrainingStoppedError, match=r"points 1h-10steps-seed0 stopped on a signal after saving a "
                                                    "checkpoint; run the same command again to resume them"):
         learning_curve.run_points(settings, [])
+
+    # a stop signal to the parent: no further point starts, the running ones get it and stop (exit status 3)
+    class Child:
+        def __init__(self) -> None:
+            self.returncode, self.signals = None, []
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+        def send_signal(self, signum: int) -> None:
+            self.signals.append(signum)
+            self.returncode = 3
+
+    children = []
+
+    def start_child(*_, **__) -> Child:
+        children.append(Child())
+        if len(children) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return children[-1]
+
+    monkeypatch.setattr(learning_curve, "start_child", start_child)
+    three = dataclasses.replace(settings, steps=(10, 20, 30))
+    with pytest.raises(TrainingStoppedError, match=r"points 1h-10steps-seed0, 1h-20steps-seed0 stopped on a signal "
+                                                   r"after saving a checkpoint \(1h-30steps-seed0 not started\)"):
+        learning_curve.run_points(three, [])
+    assert [child.signals for child in children] == [[signal.SIGTERM]] * 2
 
     def stopped(*_):
         raise TrainingStoppedError("the training in X stopped on a signal")

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -330,6 +331,8 @@ def points_to_run(settings: CurveSettings) -> list[CurvePoint]:
 def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
     """Every point of the grid: in this process, or ``settings.parallel`` at a time in child processes (``argv`` is
     this command's arguments, rerun with ``--only``), the CPU threads shared out between them."""
+    from spidr.train.runtime import StopFlag
+
     todo = points_to_run(settings)
     if settings.parallel == 1 or len(todo) <= 1:
         for point in todo:
@@ -339,28 +342,41 @@ def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
     threads = max(1, (os.cpu_count() or 1) // settings.parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     waiting, running, failed, stopped = list(todo), [], [], []
-    while waiting or running:
-        while waiting and len(running) < settings.parallel:
-            point = waiting.pop(0)
-            log = point_dir(settings, point) / "run.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", "spidr", "learning-curve", *argv, "--only", _point_arg(point)]
-            logger.info("learning curve: point %s in a child process (%d threads), log %s", point.name, threads, log)
-            with log.open("a", encoding="utf-8") as handle:
-                running.append((point, log, start_child(command, stdout=handle, env=env)))
-        time.sleep(1.0)
-        for entry in [entry for entry in running if entry[2].poll() is not None]:
-            running.remove(entry)
-            point, log, process = entry
-            if process.returncode == EXIT_STOPPED:
-                stopped.append(point.name)
-            elif process.returncode:
-                failed.append(f"{point.name} (exit {process.returncode}, see {log})")
+    # A stop signal to this process (alone, or with its children: timeout, scancel) starts no further point,
+    # passes the signal on to the running ones, which save and stop, and ends with their exit status 3.
+    stop, passed_on = StopFlag(), False
+    with stop.installed():
+        while waiting or running:
+            while waiting and len(running) < settings.parallel and not stop.requested:
+                point = waiting.pop(0)
+                log = point_dir(settings, point) / "run.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                command = [sys.executable, "-m", "spidr", "learning-curve", *argv, "--only", _point_arg(point)]
+                logger.info("learning curve: point %s in a child process (%d threads), log %s", point.name, threads,
+                            log)
+                with log.open("a", encoding="utf-8") as handle:
+                    running.append((point, log, start_child(command, stdout=handle, env=env)))
+            if stop.requested and not passed_on:
+                for _, _, process in running:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(signal.SIGTERM)
+                passed_on = True
+            if stop.requested and not running:
+                break
+            time.sleep(1.0)
+            for entry in [entry for entry in running if entry[2].poll() is not None]:
+                running.remove(entry)
+                point, log, process = entry
+                if process.returncode == EXIT_STOPPED:
+                    stopped.append(point.name)
+                elif process.returncode:
+                    failed.append(f"{point.name} (exit {process.returncode}, see {log})")
     if failed:
         raise RuntimeError(f"learning-curve points failed: {', '.join(failed)}")
-    if stopped:
-        raise TrainingStoppedError(f"learning-curve points {', '.join(stopped)} stopped on a signal after saving "
-                                   "a checkpoint; run the same command again to resume them")
+    if stopped or stop.requested:
+        not_started = f" ({', '.join(p.name for p in waiting)} not started)" if waiting else ""
+        raise TrainingStoppedError(f"learning-curve points {', '.join(stopped) or 'none'} stopped on a signal after "
+                                   f"saving a checkpoint{not_started}; run the same command again to resume them")
 
 
 def _point_arg(point: CurvePoint) -> str:
