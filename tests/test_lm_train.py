@@ -143,10 +143,26 @@ def test_the_units_file_is_parsed_once_per_run_and_again_when_it_changes(tmp_pat
     other_split = load_lm_config(path, ["data.val_fraction=0.2"])
     assert shared_data(other_split).valid.numel() > mapped.valid.numel()
     assert len(calls) == 1
+    assert torch.equal(shared_data(longer).train, mapped.train)  # longer's streams kept again
+    assert len(calls) == 2
+    # one unit changed in place, the file's size, inode and modification time kept (cp -p over it)
+    units_file = Path(cfg.data.train)
+    before = units_file.stat()
+    text = units_file.read_bytes()
+    at = text.index(b'"units": [') + len(b'"units": [')
+    with units_file.open("r+b") as handle:
+        handle.seek(at)
+        handle.write(b"9" if text[at:at + 1] != b"9" else b"8")
+    os.utime(units_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (units_file.stat().st_size, units_file.stat().st_ino, units_file.stat().st_mtime_ns) == (
+        before.st_size, before.st_ino, before.st_mtime_ns)
+    changed = shared_data(longer)
+    assert not (torch.equal(changed.train, mapped.train) and torch.equal(changed.valid, mapped.valid))
+    assert len(calls) == 3
     _toy_units(Path(cfg.data.train), seed=1)  # other utterances in the same file
     with pytest.raises(ValueError, match="was trained on other data"):
         train_lm(longer)
-    assert len(calls) == 2
+    assert len(calls) == 4
 
     # another rank maps the main rank's streams, or reads the units file itself when it does not see them
     import spidr.train.environment
@@ -154,12 +170,13 @@ def test_the_units_file_is_parsed_once_per_run_and_again_when_it_changes(tmp_pat
     stale = load_lm_config(path)  # the key of the units file as it is now
     parsed = prepare_data(stale)
     shared_data(stale)
-    for sizes, read in (([parsed.train.numel(), parsed.valid.numel()], 2), ([1, 2], 3)):
+    for sizes, parses in (([parsed.train.numel(), parsed.valid.numel()], 0), ([1, 2], 1)):
         answer = {"key": prepared_data.cache_key(stale), "sizes": sizes}
         monkeypatch.setattr(spidr.train.environment, "broadcast_from_main", lambda obj, answer=answer, **_: answer)
+        before_call = len(calls)
         other_rank = shared_data(stale, is_main=False)
         assert torch.equal(other_rank.train, parsed.train)
-        assert len(calls) == read + 1  # (prepare_data above parsed once more)
+        assert len(calls) == before_call + parses
     assert "token streams are not (yet) visible" in caplog.text
     monkeypatch.undo()
 

@@ -5,12 +5,14 @@ streams (``spidr.lm.data``). Parsing a units file is the slow part at scale (≈
 Libri-light's 60k hours), so ``shared_data`` does it on the main rank only and saves the streams as ``.npy`` files in
 ``<run dir>/tokens``; every rank then maps them read-only, the ranks of a node sharing one copy in the page cache,
 and a resumed run reads them back instead of parsing again. The cache is keyed by the unit files' identity (path,
-size, modification time, inode) and the settings that shape the streams; anything else makes it stale.
+size, modification time, inode, a hash of their first and last MiB) and the settings that shape the streams;
+anything else makes it stale.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -184,9 +186,23 @@ def cache_key(cfg: LmConfig) -> dict[str, Any]:
                 files[role] = None
                 continue
             files[role] = {"path": str(Path(name).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                           "inode": stat.st_ino}
+                           "inode": stat.st_ino, "ends_sha256": _ends_digest(name, stat.st_size)}
     return {"format": CACHE_FORMAT, "files": files, "dedup": data.dedup, "num_units": data.num_units,
             **({} if data.valid else {"val_fraction": data.val_fraction, "seed": cfg.run.seed})}
+
+
+def _ends_digest(path: str, size: int, span: int = 1 << 20) -> str | None:
+    """SHA-256 of a file's first and last MiB: another content written in place at the same size and time (``cp -p``
+    over the file) is still told apart, for the price of 2 MiB read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            digest.update(handle.read(span))
+            handle.seek(max(size - span, 0))
+            digest.update(handle.read(span))
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _stored_key(folder: Path) -> dict[str, Any] | None:
