@@ -217,3 +217,12 @@ def test_huge_float_samples_are_standardised_not_zeroed(tmp_path: Path) -> None:
         sf.write(tmp_path / "loud.wav", wave * np.float32(peak), 16_000, subtype="FLOAT")
         loud = load_audio(tmp_path / "loud.wav")
         torch.testing.assert_close(loud, standardize(torch.from_numpy(wave)), atol=1e-4, rtol=0)
+
+
+def test_a_file_of_exactly_min_samples_is_kept(tmp_path: Path) -> None:
+    """``min_samples`` is the shortest length allowed, not the first refused: data.min_sample_size = 4000 must keep
+    a 4000-sample utterance (the batcher crops to it), and refuse one sample fewer."""
+    sf.write(tmp_path / "edge.wav", sine(400, 16_000), 16_000)
+    assert load_audio(tmp_path / "edge.wav", min_samples=400).shape == (400,)
+    with pytest.raises(AudioError, match="too short: 400 samples at 16 kHz, fewer than the minimum 401"):
+        load_audio(tmp_path / "edge.wav", min_samples=401)

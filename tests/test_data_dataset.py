@@ -204,3 +204,40 @@ def test_a_resumed_loader_goes_on_with_the_epoch_s_tally_and_its_yielded_batches
             return iter(next(self.epochs))
 
     assert next(loop._batches(ResumedOnAnEmptyTail())) == 7
+
+
+def test_length_tolerance_is_10_ms_or_1_percent() -> None:
+    """By hand: 8000 samples → 1 % is 80, below the 10 ms floor of 160; 100 000 → 1 % is 1000, above it."""
+    from spidr.data.dataset import length_tolerance
+
+    assert length_tolerance(8000) == 160
+    assert length_tolerance(16_000) == 160
+    assert length_tolerance(100_000) == 1000
+
+
+def test_a_decoded_length_is_judged_on_both_sides_up_to_the_tolerance(tmp_path: Path) -> None:
+    """A file shorter than its row (a stale manifest) wastes data.max_batch_length as surely as a longer one
+    overflows it, so both are skipped; within 10 ms (160 samples at 16 000) the length is resampling's rounding."""
+    cases = {"quarter": 4000, "short161": 15_839, "long161": 16_161, "short160": 15_840, "long160": 16_160}
+    for name, length in cases.items():
+        sf.write(tmp_path / f"{name}.wav", tone(length, 16_000), 16_000)
+    sf.write(tmp_path / "half.wav", tone(8160, 16_000), 16_000)
+    dataset = AudioDataset([ManifestEntry(name, str(tmp_path / f"{name}.wav"), 16_000) for name in cases]
+                           + [ManifestEntry("half", str(tmp_path / "half.wav"), 8000)], normalize=False)
+    items = {name: dataset[i] for i, name in enumerate([*cases, "half"])}
+    for name in ("quarter", "short161", "long161"):
+        assert isinstance(items[name], Skipped), name
+        assert items[name].reason.startswith(f"decoded {cases[name]} samples where the manifest says 16000"), name
+    for name in ("short160", "long160"):
+        assert isinstance(items[name], Utterance), name
+        assert items[name].waveform.shape == (cases[name],)
+    assert isinstance(items["half"], Utterance)  # 160 over 8000: the 10 ms floor, not 1 % (80)
+
+
+def test_the_tracker_judges_once_exactly_min_seen_utterances_were_read() -> None:
+    """``min_seen`` reads are enough to judge: the 20th read of a tracker with min_seen = 20 already raises when
+    too many were bad (and the 19th does not)."""
+    tracker = BadFileTracker(0.04, min_seen=20)
+    tracker.record(num_good=17, skipped=[("a.wav", "broken"), ("b.wav", "broken")])  # 19 reads, 2 bad
+    with pytest.raises(ValueError, match="2 of 20 utterances read"):
+        tracker.record(num_good=1, skipped=[])

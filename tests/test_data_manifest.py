@@ -464,3 +464,44 @@ def test_tar_symlinks_through_linked_folders_lead_to_the_data(corpus: Path, tmp_
         ("x/out.wav", "symbolic link to '/etc/a.wav'"),
         ("x/up.wav", "symbolic link to '../a.wav'"),
     ]
+
+
+def test_a_relative_fairseq_root_is_the_manifest_s_folder_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .tsv written with root "audio" next to it must read the same from any folder (a training job's cwd is
+    rarely the data's)."""
+    write_tone(tmp_path / "data" / "audio" / "x.wav", 3000)
+    (tmp_path / "data" / "m.tsv").write_text("audio\nx.wav\t3000\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (entry,) = read_manifest(tmp_path / "data" / "m.tsv")
+    assert entry == ManifestEntry("x", str(tmp_path / "data" / "audio" / "x.wav"), 3000)
+    assert load_audio(entry).shape == (3000,)
+
+
+@pytest.mark.parametrize(
+    ("name", "template", "where"),
+    [
+        ("m.csv", "path,num_samples,archive,byte_offset,byte_size\na.wav,12,/a.tar,{offset},{size}\n", "m.csv:2"),
+        ("m.jsonl", '{{"path": "a.wav", "num_samples": 12, "archive": "/a.tar", "byte_offset": {offset}, '
+                    '"byte_size": {size}}}\n', "m.jsonl:1"),
+    ],
+)
+def test_an_archive_member_of_zero_bytes_is_refused(tmp_path: Path, name: str, template: str, where: str) -> None:
+    """No audio file is zero bytes long, and the scanner never writes one: such a row is a broken manifest, named at
+    once rather than as an undecodable file deep into training (an offset of 0 is fine)."""
+    (tmp_path / name).write_text(template.format(offset=512, size=0))
+    with pytest.raises(ValueError, match=rf"{where}: byte_size = 0 must be >= 1"):
+        read_manifest(tmp_path / name)
+    (tmp_path / name).write_text(template.format(offset=0, size=9))
+    (entry,) = read_manifest(tmp_path / name)
+    assert (entry.byte_offset, entry.byte_size) == (0, 9)
+
+
+def test_a_csv_read_by_the_csv_module_skips_blank_lines(tmp_path: Path) -> None:
+    """A quoted field sends a CSV to the csv module, which gives a blank line as an empty row: it is skipped like
+    in the fast reader, not refused as a row of 0 fields."""
+    (tmp_path / "m.csv").write_text('fileid,path,num_samples\n"a",a.wav,3\n\nb,b.wav,4\n')
+    assert list(read_manifest(tmp_path / "m.csv")) == [ManifestEntry("a", str(tmp_path / "a.wav"), 3),
+                                                        ManifestEntry("b", str(tmp_path / "b.wav"), 4)]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from spidr.config import SpidRConfig
@@ -235,3 +236,127 @@ def test_identity_differences_name_what_changed_in_words():
         "utterances (another list of utterances)")
     # an entry only the earlier identity holds is named when it is the one difference
     assert identity_differences({"unit_rows": "name"}, {}) == 'unit_rows ("name" → null)'
+
+
+def _journal(out: Path, num_entries: int = 4):
+    from spidr.eval.journal import ExtractionJournal
+
+    return ExtractionJournal(out, {"settings": {"layers": [1]}}, num_entries=num_entries, restart=False)
+
+
+def test_a_torn_last_journal_line_is_cut_off_so_later_batches_are_journaled(tmp_path):
+    """A kill while the journal line of batch 2 was being written leaves half a line: a resumed run must cut it off,
+    or its own next line would be glued onto the fragment and lost (with every line after it) at the next resume."""
+    journal = _journal(tmp_path)
+    journal.record(np.asarray([0]), {}, {"layer_03": 7})
+    journal.close()
+    path = tmp_path / ".extract" / "journal.jsonl"
+    complete = path.read_bytes()
+    with path.open("ab") as handle:
+        handle.write(b'{"done": [1], "ski')
+    journal = _journal(tmp_path)
+    assert journal.done.tolist() == [True, False, False, False]  # the torn batch is redone
+    assert journal.units_bytes == {"layer_03": 7}
+    assert path.read_bytes() == complete
+    journal.record(np.asarray([1]), {}, {"layer_03": 9})
+    journal.record(np.asarray([2]), {}, {"layer_03": 11})
+    journal.close()
+    journal = _journal(tmp_path)
+    assert journal.done.tolist() == [True, True, True, False]
+    assert journal.units_bytes == {"layer_03": 11}
+    journal.close()
+
+
+def test_a_last_journal_line_killed_before_its_newline_is_kept_and_ended(tmp_path):
+    """A kill between a journal line's text and its newline: the line is complete (its batch is done), and a resumed
+    run must end it with a newline, or its own next line would be appended to it and both be unreadable."""
+    journal = _journal(tmp_path)
+    journal.record(np.asarray([0]), {"/a.wav": "corrupt"}, {"layer_03": 7})
+    journal.close()
+    path = tmp_path / ".extract" / "journal.jsonl"
+    complete = path.read_bytes()
+    path.write_bytes(complete.removesuffix(b"\n"))
+    journal = _journal(tmp_path)
+    assert journal.done.tolist() == [True, False, False, False]
+    assert path.read_bytes() == complete
+    journal.record(np.asarray([3]), {}, {"layer_03": 9})
+    journal.close()
+    journal = _journal(tmp_path)
+    assert journal.done.tolist() == [True, False, False, True]
+    assert journal.skipped == {"/a.wav": "corrupt"}
+    assert journal.units_bytes == {"layer_03": 9}
+    journal.close()
+
+
+def test_a_units_file_the_journal_does_not_name_is_emptied(tmp_path):
+    """Rows of a layer the journal records no size for (a kill in the first batch, after its rows reached the file
+    but before its journal line) belong to no finished batch: the file is cut to 0 bytes, a journaled one to its
+    journaled size, so no row is written twice when that batch is redone."""
+    from spidr.eval.journal import UnitsFiles
+
+    folder = tmp_path / "codebook_units"
+    folder.mkdir()
+    (folder / "layer_02.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
+    (folder / "layer_03.jsonl").write_text('{"c": 3}\n')
+    units = UnitsFiles(folder, {"layer_02": 9})
+    assert (folder / "layer_02.jsonl").read_text() == '{"a": 1}\n'
+    assert (folder / "layer_03.jsonl").read_bytes() == b""
+    units.append("layer_03", ['{"d": 4}\n'])
+    assert units.sizes() == {"layer_02": 9, "layer_03": 9}
+    units.close()
+
+
+def test_the_utterances_fingerprint_changes_with_one_path_or_length(tmp_path):
+    """The fingerprint stands for the utterance list in state.json: another file at one row, or another length,
+    is another list (resuming would keep features of the old audio), while an equal list fingerprints equally."""
+    from spidr.eval.journal import entries_fingerprint
+
+    rows = [("u0", "/c/u0.wav", 16_000), ("u1", "/c/u1.wav", 12_000), ("u2", "/c/u2.wav", 9_000)]
+
+    def fingerprint(changes: dict[int, tuple[str, str, int]]) -> str:
+        return entries_fingerprint(Manifest.from_entries(ManifestEntry(*changes.get(i, row))
+                                                         for i, row in enumerate(rows)))
+
+    same = fingerprint({})
+    assert fingerprint({}) == same
+    assert fingerprint({1: ("u1", "/c/other.wav", 12_000)}) != same
+    assert fingerprint({1: ("u1", "/c/u1.wav", 12_001)}) != same
+    assert fingerprint({1: ("u1", "/c/u1.wav", 12_000)}) == same
+
+
+def test_a_manifest_with_one_path_changed_is_refused(tmp_path):
+    """Same file ids, same lengths, same output files, but one row now names another audio file: the folder's
+    features of that row came from other audio, so resuming into it is refused, naming the utterance list."""
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=2))
+    out = tmp_path / "out"
+    extract_to_directory(_model(), entries, out, ExtractionSettings(**SETTINGS), progress=False)
+    first = entries[0]
+    other = Path(first.path).with_name("moved.wav")
+    other.write_bytes(Path(first.path).read_bytes())
+    changed = [ManifestEntry(first.fileid, str(other), first.num_samples), entries[1]]
+    assert list(output_stems(changed)) == list(output_stems(entries))
+    with pytest.raises(ValueError, match=r"holds an extraction with other utterances \(another list of utterances\)"):
+        extract_to_directory(_model(), changed, out, ExtractionSettings(**SETTINGS), progress=False)
+
+
+def test_files_skipped_before_a_kill_are_still_listed_after_the_resume(tmp_path):
+    """A file skipped in a batch finished before the kill is not read again on resume: the journal's record of it
+    is what metadata.json's skipped list and num_files come from, which must equal an uninterrupted run's."""
+    corpus = write_corpus(tmp_path / "corpus", num_files=4, seconds=(0.5, 1.0))
+    tiny = corpus.parent / "tiny.wav"
+    sf.write(tiny, np.zeros(300, dtype=np.float32), 16_000, subtype="FLOAT")  # shorter than one frame: skipped
+    corpus.write_text(corpus.read_text() + "tiny,tiny.wav,300\n")
+    reference = extract_to_directory(_model(), read_manifest(corpus), tmp_path / "reference",
+                                     ExtractionSettings(**SETTINGS), progress=False)
+    assert reference["num_files"] == 4
+    assert list(reference["skipped"]) == [str(tiny)]
+    out = tmp_path / "killed"
+    # the tiny file, the shortest, is the first batch; killed at the third forward (two files finished)
+    result = _dying_extraction(corpus, out, die_in="batch", after=2)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert len(list(out.glob("layer_01/*.npy"))) == 2
+    metadata = extract_to_directory(_model(), read_manifest(corpus), out, ExtractionSettings(**SETTINGS),
+                                    progress=False)
+    assert metadata["skipped"] == reference["skipped"]
+    assert metadata["num_files"] == reference["num_files"] == 4
+    assert json.loads((out / "metadata.json").read_text())["skipped"] == reference["skipped"]

@@ -21,7 +21,9 @@ from spidr.eval.features import (
     extract_long,
     extract_to_directory,
     iter_units,
+    length_batches,
     num_samples_for_frames,
+    output_stems,
     parse_layers,
     windows,
 )
@@ -172,6 +174,19 @@ def test_windowed_long_file_matches_whole_file_away_from_edges(model, tmp_path):
         error = np.abs(sinks[key] - whole[key]).mean() / np.abs(whole[key]).mean()
         assert error < 0.05, (key, error)
         assert np.abs(sinks[key]).sum(axis=1).min() > 0  # every frame was written
+
+
+def test_long_audio_standardises_a_file_with_a_dc_offset_like_load_audio(tmp_path):
+    """The streamed standard deviation is sqrt(E[x²] − mean²): with a DC offset (sine + 0.3) E[x²] alone is far
+    larger, so the windowed path of long files would feed the model other samples than the short path."""
+    path = tmp_path / "offset.wav"
+    t = np.arange(16_000) / 16_000
+    sf.write(path, (0.5 * np.sin(2 * np.pi * 220 * t) + 0.3).astype(np.float32), 16_000, subtype="FLOAT")
+    audio = LongAudio(str(path))
+    np.testing.assert_allclose(audio.read(0, audio.num_samples).numpy(),
+                               load_audio(str(path), normalize=True).numpy(), atol=1e-5)
+    assert audio.mean == pytest.approx(0.3, abs=1e-6)
+    assert audio.std == pytest.approx(0.5 / np.sqrt(2), rel=1e-4)  # a whole number of periods: σ = amplitude / √2
 
 
 def test_extract_to_directory_writes_mirrored_tree_and_metadata(model, tmp_path):
@@ -432,3 +447,17 @@ def test_a_long_archive_member_runs_in_windows_like_a_long_file(model, tmp_path,
                                np.load(tmp_path / "disk" / "layer_02" / "long.npy"), rtol=0, atol=1e-6)
     assert read_units(tmp_path / "tar" / "codebook_units" / "layer_03.jsonl")["long"].tolist() == \
         read_units(tmp_path / "disk" / "codebook_units" / "layer_03.jsonl")["long"].tolist()
+
+
+def test_length_batches_keep_a_batch_that_fits_exactly():
+    """Two utterances of 100 samples under a budget of 200 padded samples fit exactly (2 × 100 = 200): one batch,
+    not two (the budget is a maximum, not a bound to stay strictly under)."""
+    assert list(length_batches(np.array([100, 100]), 200)) == [[0, 1]]
+    assert list(length_batches(np.array([100, 100]), 199)) == [[0], [1]]
+
+
+def test_output_stems_under_the_filesystem_root_keep_their_first_folder():
+    """Files whose deepest common folder is "/" itself: each stem is the path below "/" (a/x, b/y), not the path
+    with one more character cut off."""
+    entries = [ManifestEntry("x", "/a/x.wav", 10), ManifestEntry("y", "/b/y.wav", 10)]
+    assert list(output_stems(entries)) == ["a/x", "b/y"]

@@ -109,3 +109,37 @@ def test_bound_checks() -> None:
     bug_starts, bug_ends = frame_bounds(items, 50, librilight_bug=True)
     with pytest.raises(ValueError, match="1 item"):
         check_nonempty(items, bug_starts, bug_ends)
+
+
+def test_a_csv_header_written_with_spaces_after_the_commas_is_read(tmp_path: Path) -> None:
+    """``#file, onset, offset`` (a spreadsheet's or a hand's spacing) names the same columns as without spaces:
+    otherwise the time columns are reported missing."""
+    path = tmp_path / "spaced.csv"
+    path.write_text("#file, onset, offset, #phone\nf, 0.07, 0.3, AH\n")
+    items = read_items(path)
+    assert (items.files, items.onsets, items.offsets) == (("f",), (Decimal("0.07"),), (Decimal("0.3"),))
+    assert items.column("#phone") == ("AH",)
+
+
+def test_an_item_starting_before_the_file_is_refused() -> None:
+    """A negative onset gives a negative first frame, which numpy slicing would read from the end of the
+    features: it is out of bounds like an item past the last frame."""
+    items = Items.from_columns({"#file": ["f"], "onset": ["-0.1"], "offset": ["0.3"]})
+    starts, ends = frame_bounds(items, 50)
+    assert (starts.tolist(), ends.tolist()) == ([-5], [15])
+    with pytest.raises(ValueError, match=r"features of 'f' have 50 frames but item 1 .* needs frames \[-5, 15\)"):
+        check_within(items, np.array([0]), starts, ends, 50)
+
+
+@pytest.mark.parametrize(("num_frames", "drops_last"), [(49, True), (48, True), (47, False)])
+def test_the_dropped_last_frame_hint_is_for_items_one_or_two_frames_past_the_end(num_frames: int,
+                                                                                  drops_last: bool) -> None:
+    """An item ending with its file needs frame 50 of 0.0-1.0 s at 50 Hz: features of 49 or 48 frames are the
+    model dropping a last frame or two (convolutions without padding); 47 is some other mismatch."""
+    items = Items.from_columns({"#file": ["f"], "onset": ["0.9"], "offset": ["1.0"]})
+    starts, ends = frame_bounds(items, 50)
+    assert ends.tolist() == [50]
+    with pytest.raises(ValueError, match=rf"have {num_frames} frames but item 1 .* needs frames \[45, 50\)") as info:
+        check_within(items, np.array([0]), starts, ends, num_frames)
+    assert ("usually the model drops the last frame" in str(info.value)) is drops_last
+    assert ("check the features' frame rate (--frequency)" in str(info.value)) is not drops_last

@@ -148,3 +148,18 @@ def test_compiling_with_a_torch_whose_inductor_specialises_on_length_is_flagged(
     assert compile_caveat("2.9.1") is None
     for version in ("2.12.0", "2.13.0+cpu", "2.14.0.dev20261201+cu130", "3.0.0"):
         assert compile_caveat(version).startswith(f"run.compile with torch {version}: its inductor lowers")
+
+
+def test_set_override_key_paths_and_values_are_read_as_written():
+    """The first "=" ends the key path (a run name may hold "="); a validation table's field is typed too (its
+    path has three parts: the manifest "123" stays text, not the number 123); spaces around the dots and the "="
+    are the shell's quoting, not part of a name; TOML's 1e4 is a whole number of steps; and a key under a setting
+    that is not a table is refused by name instead of crashing or replacing the setting."""
+    config = CONFIGS / "tiny.toml"
+    assert load_config(config, ["run.wandb_name=a=b"]).run.wandb_name == "a=b"
+    assert load_config(config, ["validation.dev.manifest=123"]).validation["dev"].manifest == "123"
+    assert load_config(config, [" optimizer. lr = 3e-4 "]).optimizer.lr == 3e-4
+    steps = load_config(config, ["optimizer.max_steps=1e4"]).optimizer.max_steps
+    assert (steps, type(steps)) == (10_000, int)
+    with pytest.raises(ValueError, match=r"override 'run\.random_seed\.x=1': 'random_seed' is not a section"):
+        load_config(config, ["run.random_seed.x=1"])
