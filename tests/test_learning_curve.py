@@ -463,3 +463,30 @@ def test_a_pnmi_rounded_to_minus_zero_shows_zero():
     summary = summarise({**RECORD, "rows": [*RECORD["rows"][:4], _row(5, 4.0, 19.0, unit_across=34.0, pnmi=-4e-7),
                                             _row(6, 4.2, 20.0, unit_across=36.0, pnmi=0.014)]})
     assert "| 0.000–0.014 | 34.0–36.0 |" in markdown_table([summary], None)
+
+
+def test_points_are_read_in_hours_then_steps_order_not_folder_order(tmp_path):
+    """The folder names sort as text ("10h-…" before "4h-…", "4h-10000steps-…" before "4h-8800steps-…"): the
+    table and the plot take the points by (hours, steps, seed), 4 h before 10 h."""
+    for hours, steps, seed in ((10.0, 2200, 0), (4.0, 10000, 0), (4.0, 8800, 1), (4.0, 8800, 0)):
+        path = tmp_path / "points" / CurvePoint(hours, steps, seed).name / "point.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({**RECORD, "hours": hours, "steps": steps, "seed": seed}))
+    assert [(p.hours, p.steps, p.seed) for p in read_points(tmp_path)] == [
+        (4.0, 8800, 0), (4.0, 8800, 1), (4.0, 10000, 0), (10.0, 2200, 0)]
+
+
+def test_a_schedule_of_exactly_1000_steps_is_rounded_to_100_steps():
+    """1,000 steps is the first step count whose phases are rounded to whole hundreds (the docstring: "rounded
+    to 100 steps when steps ≥ 1,000"): 700 / 800 / 700 of 2,200 give 300 / 400 / 300, not 318 / 364 / 318."""
+    assert stretched_schedule(2200, 700, 800, 700, 1000) == {
+        "max_steps": 1000, "warmup_steps": 300, "hold_steps": 400, "decay_steps": 300}
+    assert stretched_schedule(2200, 700, 800, 700, 999) == {
+        "max_steps": 999, "warmup_steps": 318, "hold_steps": 363, "decay_steps": 318}
+
+
+def test_a_schedule_whose_rounding_overshoots_takes_it_from_the_decay():
+    """No hold and phases that both round up: 56 / 0 / 44 of 100 stretched to 1,050 round to 600 + 500 = 1,100;
+    the hold cannot go below 0, so the decay gives the 50 back and the phases still add up to 1,050."""
+    assert stretched_schedule(100, 56, 0, 44, 1050) == {
+        "max_steps": 1050, "warmup_steps": 600, "hold_steps": 0, "decay_steps": 450}

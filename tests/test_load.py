@@ -211,3 +211,14 @@ def test_cli_export_and_info(tmp_path, source, capsys) -> None:
     assert f"{sum(p.numel() for k, p in source.named_parameters() if k.startswith('teacher')):,} teacher" in printed
     assert cli.main(["export", str(checkpoint), str(tmp_path / "out.pt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+def test_a_state_saved_from_torch_compile_loads_like_the_plain_one(tmp_path, source) -> None:
+    """torch.compile wraps the model in ``_orig_mod.``, and DDP around it adds ``module.``: a state dict saved
+    from either wrapper loads to the same weights as the plain one."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(_run_config(source)))
+    for prefix in ("_orig_mod.", "module._orig_mod."):
+        state = {f"{prefix}{k}": v for k, v in source.state_dict().items()}
+        torch.save({"model": state}, tmp_path / "compiled.pt")
+        _assert_same(load_model(tmp_path / "compiled.pt", config=config), source)

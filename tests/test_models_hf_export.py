@@ -487,3 +487,20 @@ def test_safetensors_without_a_projection_or_with_bad_metadata_are_named(tmp_pat
         expected = f"{tmp_path / 'm.safetensors'} metadata spidr_config {message}"
         with pytest.raises(ValueError, match=re.escape(expected)):
             load_model(tmp_path / "m.safetensors")
+
+
+def test_a_pos_conv_kernel_smaller_than_three_per_layer_exports_the_kernel_the_model_uses(tmp_path) -> None:
+    """ConvPositionalEmbedding gives each of its ``depth`` convs max(3, kernel // depth) taps: with 4 over 2 layers
+    that is 3, not 2. config.json says 3 too, as the exported conv weights' last dimension is: transformers would
+    build 2-tap convs that do not take those weights."""
+    from spidr.models.components import ConvPositionalEmbedding
+
+    model = tiny_model("spidr", encoder_pos_conv_depth=2, encoder_pos_conv_kernel=4)
+    embedding = next(m for m in model.modules() if isinstance(m, ConvPositionalEmbedding))
+    assert embedding.kernel == 3
+    export_hf(model, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert (config["num_conv_pos_embeddings"], config["conv_pos_kernel_size"]) == (2, 3)
+    for layer in range(2):
+        assert weights[f"encoder.pos_conv_embed.layers.{layer}.conv.weight"].shape[-1] == 3
