@@ -214,11 +214,11 @@ def test_cli_export_and_info(tmp_path, source, capsys) -> None:
 
 
 def test_a_state_saved_from_torch_compile_loads_like_the_plain_one(tmp_path, source) -> None:
-    """torch.compile wraps the model in ``_orig_mod.``, and DDP around it adds ``module.``: a state dict saved
-    from either wrapper loads to the same weights as the plain one."""
+    """torch.compile wraps the model in ``_orig_mod.``, and DDP around it adds ``module.`` (or torch.compile around
+    DDP: ``_orig_mod.module.``): a state dict saved from any of these loads to the same weights as the plain one."""
     config = tmp_path / "run.json"
     config.write_text(json.dumps(_run_config(source)))
-    for prefix in ("_orig_mod.", "module._orig_mod."):
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
         state = {f"{prefix}{k}": v for k, v in source.state_dict().items()}
         torch.save({"model": state}, tmp_path / "compiled.pt")
         _assert_same(load_model(tmp_path / "compiled.pt", config=config), source)

@@ -125,11 +125,12 @@ def load_torch_file(path: Path, *, trust: bool = False) -> Any:
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Drop the wrappers' key prefixes (DDP ``module.``, torch.compile ``_orig_mod.``)."""
+    """Drop the wrappers' key prefixes (DDP ``module.``, torch.compile ``_orig_mod.``), in whichever order they
+    were wrapped (``module._orig_mod.`` when compiled inside DDP, ``_orig_mod.module.`` when compiled around it)."""
     out = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.removeprefix("module.").removeprefix("_orig_mod.")
         out[key] = value
     return out
 
