@@ -98,6 +98,12 @@ def test_lms_differing_in_config_or_data_are_named_and_location_fields_are_not(t
     relu = study.StudySettings(lm_overrides=(*TINY_LM, 'model.activation="relu"'))
     assert study.lm_differences(older, study._lm_config("phone oracle", units, tmp_path / "a", relu)) == \
         (["model.activation: (not recorded) → 'relu'"], [])
+    # how often it logs, saves, validates, and how much it validates: not what it trains
+    bookkeeping = study.StudySettings(lm_overrides=(*TINY_LM, "run.log_interval=7", "run.save_interval=3",
+                                                    "run.keep_latest=5", "run.validate_interval=9",
+                                                    "data.max_valid_tokens=100"))
+    assert study.lm_differences(summary, study._lm_config("phone oracle", units, tmp_path / "a", bookkeeping)) == \
+        ([], [])
     other = study.StudySettings(lm_overrides=(*TINY_LM, "model.dim=12"))
     assert study.lm_differences(summary, study._lm_config("phone oracle", units, tmp_path / "a", other)) == \
         (["model.dim: 8 → 12"], [])

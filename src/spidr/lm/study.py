@@ -116,6 +116,10 @@ def _lm_config(name: str, units_dir: Path, out_dir: Path, settings: StudySetting
 # Where an LM's files are, not how it is trained: a study folder moved or named otherwise (a relative --out, then
 # an absolute one) keeps its LMs. What they were trained on is checked by the data's fingerprint instead.
 LOCATION_FIELDS = frozenset({"run.workdir", "run.name", "data.train"})
+# How often a run logs, saves and validates, and how much it validates: not what it trains (validation runs in eval
+# mode and draws no random number), so a finished LM is reused whatever they are now.
+BOOKKEEPING_FIELDS = frozenset({"run.log_interval", "run.save_interval", "run.keep_latest", "run.validate_interval",
+                                "data.max_valid_tokens"})
 
 
 # The settings an n-gram LM is made of (it is fitted by counting): a --set model.context=32 for the study's LSTMs
@@ -140,7 +144,8 @@ def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
     # An LM trained before a setting was added was trained at its default: it differs only if cfg moves it.
     changes = config_diff(state["config"], cfg.to_dict(), defaults=default_lm_settings())
     config = [f"{name}: {old!r} → {new!r}" for name, old, new in sorted(changes, key=lambda change: change[0])
-              if name not in LOCATION_FIELDS and not (cfg.model.arch == "ngram" and _unused_by_ngrams(name))]
+              if name not in LOCATION_FIELDS | BOOKKEEPING_FIELDS
+              and not (cfg.model.arch == "ngram" and _unused_by_ngrams(name))]
     if not data:
         return config, []
     old, new = state["lm"], data_info(cfg)
