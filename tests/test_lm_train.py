@@ -192,7 +192,8 @@ def test_the_units_file_is_parsed_once_per_run_and_again_when_it_changes(tmp_pat
     (cfg.run.run_dir.parent / "again" / CACHE_FOLDER / "train.npy").unlink()
     assert train_lm(load_lm_config(path, [*again, "optimizer.max_steps=4"])) == "completed"  # resumed
     # any failure of the main rank is told to every rank (a rank failing alone would leave the others waiting)
-    monkeypatch.setattr(prepared_data, "update_cache", lambda cfg: (_ for _ in ()).throw(PermissionError("denied")))
+    monkeypatch.setattr(prepared_data, "_updated_cache",
+                        lambda cfg, key: (_ for _ in ()).throw(PermissionError("denied")))
     with pytest.raises(prepared_data.DataPreparationError, match=r"the main rank could not prepare the LM's "
                                                                 r"training data \(PermissionError: denied\)"):
         shared_data(stale)

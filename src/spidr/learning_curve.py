@@ -328,12 +328,13 @@ def points_to_run(settings: CurveSettings) -> list[CurvePoint]:
     return todo
 
 
-def run_points(settings: CurveSettings, argv: Sequence[str]) -> None:
-    """Every point of the grid: in this process, or ``settings.parallel`` at a time in child processes (``argv`` is
-    this command's arguments, rerun with ``--only``), the CPU threads shared out between them."""
+def run_points(settings: CurveSettings, argv: Sequence[str], todo: Sequence[CurvePoint] | None = None) -> None:
+    """Every point of the grid (or ``todo``, ``points_to_run``'s list): in this process, or ``settings.parallel`` at a
+    time in child processes (``argv`` is this command's arguments, rerun with ``--only``), the CPU threads shared
+    out between them."""
     from spidr.train.runtime import StopFlag
 
-    todo = points_to_run(settings)
+    todo = points_to_run(settings) if todo is None else todo
     if settings.parallel == 1 or len(todo) <= 1:
         for point in todo:
             logger.info("learning curve: point %s", point.name)
@@ -662,11 +663,11 @@ def check_overrides(settings: CurveSettings) -> None:
 def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
     """The whole curve: corpora, points, baselines, summary; returns ``curve.md``."""
     check_overrides(settings)
-    points_to_run(settings)  # a point or baseline of another recipe is refused before the synthesis
+    todo = points_to_run(settings)  # a point or baseline of another recipe is refused before the synthesis
     reusable(settings.out_dir / "baselines.json", recipe(settings))
     for hours in (None, *settings.hours):  # synthesis uses every CPU: before the points, not beside them
         synthesise(settings, hours)
-    run_points(settings, argv)
+    run_points(settings, argv, todo)
     run_baselines(settings)
     return write_curve(settings.out_dir, shared=curve_recipe(settings))
 

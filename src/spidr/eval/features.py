@@ -405,6 +405,7 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
     model.eval()
     manifest = _as_manifest(entries)
     outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not repeated_strings(manifest.fileids))
+    is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
     # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
     # topped up with rows keyed otherwise.
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
@@ -413,11 +414,10 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
                 # Features of such a model changed when it stopped running padded (see extract_batch).
                 **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
                 # Long archive members ran in one forward before they ran in windows like other long files.
-                **({"long_archive_members": "windowed"} if _has_long_members(manifest, settings) else {})}
+                **({"long_archive_members": "windowed"} if _in_archive(manifest)[is_long].any() else {})}
     journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                 replace_other=replace_other, outputs=EXTRACTION_OUTPUTS)
     units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None
-    is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
     short = np.flatnonzero(~journal.done & ~is_long)
     long = np.flatnonzero(~journal.done & is_long)
 
@@ -455,10 +455,11 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
     return metadata
 
 
-def _has_long_members(manifest: Manifest, settings: ExtractionSettings) -> bool:
+def _in_archive(manifest: Manifest) -> np.ndarray:
+    """(N,) bool: which rows are archive members."""
     if manifest.archive_index is None:
-        return False
-    return bool(((manifest.archive_index >= 0) & (manifest.num_samples > settings.max_seconds * SAMPLE_RATE)).any())
+        return np.zeros(len(manifest), dtype=bool)
+    return manifest.archive_index >= 0
 
 
 def load_model_input(entry: ManifestEntry, conv_layers: Sequence[ConvLayer]) -> torch.Tensor:
@@ -475,25 +476,32 @@ def _extract_short_batch(
     model: torch.nn.Module, manifest: Manifest, indices: np.ndarray, outputs: _Outputs, settings: ExtractionSettings
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Load and run one padded batch, save its features; returns its unit rows by layer and its skipped files."""
-    waves, kept, skipped = [], [], {}
-    conv_layers = model.cfg.extractor_conv_layer_config
-    for index in indices.tolist():
-        entry = manifest[index]
-        try:
-            waves.append(load_model_input(entry, conv_layers))
-            kept.append((index, entry))
-        except AudioError as error:
-            skipped[entry.location] = error.reason
-            logger.warning("skipping %s: %s", entry.location, error.reason)
+    skipped: dict[str, str] = {}
+    waves, kept = _load_inputs(model, manifest, indices.tolist(), skipped)
     rows: dict[str, list[str]] = {}
-    for (index, entry), result in zip(kept, extract_batch(model, waves, settings) if waves else [], strict=True):
+    for index, result in zip(kept, extract_batch(model, waves, settings) if waves else [], strict=True):
         for key, values in result.items():
             if key.startswith("layer_"):
                 outputs.save(key, index, values)
             else:
-                row = _unit_row(outputs.utterance(index), entry.path, values)
+                row = _unit_row(outputs.utterance(index), manifest[index].path, values)
                 rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(row)
     return rows, skipped
+
+
+def _load_inputs(model: torch.nn.Module, entries: Sequence[ManifestEntry], indices: Sequence[int],
+                 skipped: dict[str, str]) -> tuple[list[torch.Tensor], list[int]]:
+    """The model inputs of ``entries[indices]`` that can be read (``load_model_input``) and their indices; the
+    others go to ``skipped`` (location → reason), with a warning."""
+    waves, kept = [], []
+    for index in indices:
+        try:
+            waves.append(load_model_input(entries[index], model.cfg.extractor_conv_layer_config))
+            kept.append(index)
+        except AudioError as error:
+            logger.warning("skipping %s: %s", entries[index].location, error.reason)
+            skipped[entries[index].location] = error.reason
+    return waves, kept
 
 
 def _metadata(model: torch.nn.Module, settings: ExtractionSettings, *, checkpoint: str, num_files: int,
@@ -533,34 +541,23 @@ def iter_extracted(
     ones. Unreadable files and files shorter than one frame go to ``skipped`` (location → reason), logged once.
     """
     keep = keep or (lambda _key, values: values)
-    conv_layers = model.cfg.extractor_conv_layer_config
+    skipped = skipped if skipped is not None else {}
     lengths = np.fromiter((entry.num_samples for entry in entries), dtype=np.int64, count=len(entries))
     is_long = lengths > int(settings.max_seconds * SAMPLE_RATE)
     short, long = np.flatnonzero(~is_long), np.flatnonzero(is_long)
-
-    def skip(entry: ManifestEntry, reason: str) -> None:
-        logger.warning("skipping %s: %s", entry.location, reason)
-        if skipped is not None:
-            skipped[entry.location] = reason
-
     model.eval()
     for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)):
-        waves, kept = [], []
-        for index in short[batch].tolist():
-            try:
-                waves.append(load_model_input(entries[index], conv_layers))
-                kept.append(entries[index])
-            except AudioError as error:
-                skip(entries[index], error.reason)
-        for entry, result in zip(kept, extract_batch(model, waves, settings, front_end=front_end) if waves else [],
+        waves, kept = _load_inputs(model, entries, short[batch].tolist(), skipped)
+        for index, result in zip(kept, extract_batch(model, waves, settings, front_end=front_end) if waves else [],
                                  strict=True):
-            yield entry, {key: keep(key, values) for key, values in result.items()}
+            yield entries[index], {key: keep(key, values) for key, values in result.items()}
     for index in long.tolist():
         entry, sinks = entries[index], _KeptWindows(keep)
         try:
             extract_long(model, LongAudio(entry), settings, sinks, front_end=front_end)
         except (AudioError, sf.LibsndfileError) as error:
-            skip(entry, error.reason if isinstance(error, AudioError) else str(error))
+            skipped[entry.location] = error.reason if isinstance(error, AudioError) else str(error)
+            logger.warning("skipping %s: %s", entry.location, skipped[entry.location])
             continue
         yield entry, sinks.arrays()
 

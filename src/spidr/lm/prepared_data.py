@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 CACHE_FOLDER = "tokens"
 CACHE_FORMAT = 1
+# What reading kept streams raises when a file is missing, cut short or not what it should be (they are then read
+# from the units file again).
+UNREADABLE = (OSError, ValueError, KeyError)
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,9 @@ def shared_data(cfg: LmConfig, *, is_main: bool = True) -> LmData:
     data, failure = None, None
     if is_main:
         try:
-            data = update_cache(cfg)
-            answer = {"key": cache_key(cfg), "sizes": [data.train.numel(), data.valid.numel()]}
+            key = cache_key(cfg)
+            data = _updated_cache(cfg, key)
+            answer = {"key": key, "sizes": [data.train.numel(), data.valid.numel()]}
         except ValueError as error:
             answer = {"refusal": str(error)}
         except Exception as error:  # told to every rank, then raised here too
@@ -118,7 +122,7 @@ def shared_data(cfg: LmConfig, *, is_main: bool = True) -> LmData:
             data = read_cache(folder)
             if [data.train.numel(), data.valid.numel()] == answer["sizes"]:
                 return data
-    except (OSError, ValueError, KeyError):
+    except UNREADABLE:
         pass
     logger.warning("the main rank's token streams are not (yet) visible in %s from this rank: reading the units "
                    "file here", folder)
@@ -128,12 +132,16 @@ def shared_data(cfg: LmConfig, *, is_main: bool = True) -> LmData:
 def update_cache(cfg: LmConfig) -> LmData:
     """The data of ``cfg``, mapped from ``<run dir>/tokens``, which is written first unless it holds these streams
     already (a damaged one is written again); held in memory when the folder cannot be written."""
+    return _updated_cache(cfg, cache_key(cfg))
+
+
+def _updated_cache(cfg: LmConfig, key: dict[str, Any]) -> LmData:
+    """``update_cache`` with the ``cache_key`` of ``cfg`` already taken (it reads 2 MiB of each units file)."""
     folder = cfg.run.run_dir / CACHE_FOLDER
-    key = cache_key(cfg)
     if _stored_key(folder) == key:
         try:
             return read_cache(folder)
-        except (OSError, ValueError, KeyError) as error:
+        except UNREADABLE as error:
             logger.warning("the LM's token streams in %s cannot be read (%s): reading the units file again", folder,
                            error)
     data = prepare_data(cfg)
@@ -159,7 +167,7 @@ def data_info(cfg: LmConfig) -> dict[str, Any]:
     if _stored_key(folder) == cache_key(cfg):
         try:
             return json.loads((folder / "info.json").read_text(encoding="utf-8"))["info"]
-        except (OSError, ValueError, KeyError):
+        except UNREADABLE:
             pass
     return prepare_data(cfg).info
 

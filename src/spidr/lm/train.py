@@ -168,7 +168,8 @@ def validate_lm(model: nn.Module, stream: torch.Tensor, *, context: int, precisi
     ``max_tokens`` of them when > 0, spread over the stream: ``validation_windows``). ``bos`` (the vocabulary's
     begin-of-sequence id) is no target: after an EOS it is all but certain, and each utterance's counted in lowered
     the loss by about 1/length; units and EOS are what an item's score sums. Collective with ``world_size`` > 1:
-    each rank scores its share of the windows and the sums are added over the ranks (every rank gets the result)."""
+    each rank scores its share of the windows and the sums are added over the ranks (every rank gets the result).
+    ``stream`` stays where it is (the host's mapped stream): each batch of windows goes to ``device``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -245,7 +246,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
             raw.fit(data.train.to(device))
             optimizer = None
             if data.valid.numel():  # no held-out data (val_fraction = 0): nothing to report, not a perfect score
-                metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid.to(device), **validation))
+                metrics.log(o.max_steps, "valid", validate_lm(raw, data.valid, **validation))
             save(o.max_steps, final=True)
             return "completed"
 
@@ -279,7 +280,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
 
         def run_validation() -> None:
             if data.valid.numel():
-                metrics.log(step, "valid", validate_lm(raw, data.valid.to(device), **validation))
+                metrics.log(step, "valid", validate_lm(raw, data.valid, **validation))
 
         while step < o.max_steps:
             windows = [sampler.windows(step, rank=denv.rank, world_size=denv.world_size, micro=m,
