@@ -278,8 +278,9 @@ RECOMPILES_PER_SHAPE = 3
 
 def check_not_recompiling_per_shape(graphs: list[int | None], batches: list[Batch]) -> None:
     """Raise once each of the last ``RECOMPILES_PER_SHAPE`` warm-up steps (the first excepted) compiled a new graph:
-    ``dynamic=True`` compiles one graph for all lengths, and a guard that specialises on the frame count (inductor's
-    convolution-backward lowering did, from torch 2.12 on) would spend the job's whole time limit compiling.
+    ``dynamic=True`` compiles one graph for all lengths, and a guard that specialises on the frame count (torch
+    ≥ 2.12's lowering of the convolution backward sets one; ``spidr.models.conv_under_compile`` keeps the convs out of
+    its reach) would spend the job's whole time limit compiling.
     ``graphs`` holds ``compiled_graphs()`` before the first step and after each one."""
     if len(graphs) < RECOMPILES_PER_SHAPE + 2 or any(count is None for count in graphs):
         return

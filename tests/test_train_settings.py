@@ -139,17 +139,6 @@ def test_set_overrides_are_read_by_the_type_of_their_field(tmp_path):
     assert load_lm_config(None, ["run.name=42", "data.train=1.jsonl"]).run.name == "42"
 
 
-def test_compiling_with_a_torch_whose_inductor_specialises_on_length_is_flagged():
-    """torch >= 2.12 lowers the conv backward with a guard on the frame count (docs/performance.md): the trainer
-    says so before compiling; 2.11 (the GPU image's) and older compile quietly."""
-    from spidr.train.loop import compile_caveat
-
-    assert compile_caveat("2.11.0+cu128") is None
-    assert compile_caveat("2.9.1") is None
-    for version in ("2.12.0", "2.13.0+cpu", "2.14.0.dev20261201+cu130", "3.0.0"):
-        assert compile_caveat(version).startswith(f"run.compile with torch {version}: its inductor lowers")
-
-
 def test_set_override_key_paths_and_values_are_read_as_written():
     """The first "=" ends the key path (a run name may hold "="); a validation table's field is typed too (its
     path has three parts: the manifest "123" stays text, not the number 123); spaces around the dots and the "="

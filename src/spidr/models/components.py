@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from spidr.config import ConvLayer, ModelConfig
+from spidr.models.conv_under_compile import convolve
 from spidr.models.log_mel import LogMelFilterbank
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class ConvLayerBlock(nn.Module):
     def forward(self, x: torch.Tensor, layout: ConvLayout = "official") -> torch.Tensor:
         if layout == "channels_last":
             return self._forward_channels_last(x)
-        x = self.conv(x)
+        x = convolve(self.conv, x)
         if isinstance(self.layer_norm, nn.LayerNorm):
             # LayerNorm over channels: move channels last and back.
             x = self.layer_norm(x.transpose(-2, -1)).transpose(-2, -1)
@@ -331,7 +332,7 @@ class ConvPositionalEmbedding(nn.Module):
         for conv in self.convs:
             if time_mask is not None:
                 x = x * time_mask
-            x = conv(x)
+            x = convolve(conv, x)
             if self.kernel % 2 == 0:
                 x = x[..., :-1]  # padding k // 2 on both sides makes one frame too many
             x = dense_in_training(F.layer_norm(x.transpose(1, 2), (x.shape[1],)).transpose(1, 2), self.training)

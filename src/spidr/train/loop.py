@@ -23,7 +23,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -721,22 +720,9 @@ def _validation_loaders(cfg: Config, denv: DistributedEnvironment) -> dict[str, 
     }
 
 
-def compile_caveat(torch_version: str) -> str | None:
-    """What to say before compiling the training step with this torch (None: nothing known)."""
-    major, minor = (int(part) for part in re.findall(r"\d+", torch_version)[:2])
-    if (major, minor) >= (2, 12):
-        return (f"run.compile with torch {torch_version}: its inductor lowers the convolution backward with a guard "
-                "on the frame count, so the step may compile again for every batch length (up to Dynamo's limit of "
-                "8, then eagerly); docs/performance.md. Check the log for recompiles, or set run.compile = false")
-    return None
-
-
 def _wrap(model: nn.Module, cfg: Config, denv: DistributedEnvironment, device: torch.device) -> nn.Module:
     """Compile in place (CUDA only) and wrap in DDP when there are several ranks."""
     if cfg.run.compile and device.type == "cuda":
-        caveat = compile_caveat(torch.__version__)
-        if caveat and denv.is_main:
-            logger.warning("%s", caveat)
         model.compile(dynamic=True)
     if not denv.is_distributed:
         return model
