@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models_dinosr import tiny_model
 
 from spidr.models import num_frames
 from spidr.models.components import SelfAttention
 from spidr.models.conv_under_compile import _conv1d, convolve, opaque_conv1d
+from test_models_dinosr import tiny_model
 
 # (in, out, kernel, stride, padding, groups, bias): the front end's convs (no bias, no padding, strides 5 and 2,
 # one input channel first) and the positional embedding's (grouped, padded, biased, odd and even kernels).
@@ -25,7 +25,8 @@ CONVS = [
 ]
 
 
-def _conv(in_channels, out_channels, kernel, stride, padding, groups, bias) -> torch.nn.Conv1d:
+def _conv(spec: tuple) -> torch.nn.Conv1d:
+    in_channels, out_channels, kernel, stride, padding, groups, bias = spec
     torch.manual_seed(0)
     return torch.nn.Conv1d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups,
                            bias=bias)
@@ -34,7 +35,7 @@ def _conv(in_channels, out_channels, kernel, stride, padding, groups, bias) -> t
 @pytest.mark.parametrize("spec", CONVS)
 @pytest.mark.parametrize("transposed_input", [False, True])
 def test_the_opaque_conv_gives_the_conv_output_and_gradients(spec, transposed_input):
-    conv = _conv(*spec)
+    conv = _conv(spec)
     generator = torch.Generator().manual_seed(1)
     if transposed_input:  # the positional embedding convolves a (B, D, T) view of (B, T, D) memory
         x = torch.randn(3, 37, spec[0], generator=generator).transpose(1, 2).requires_grad_()
@@ -50,16 +51,17 @@ def test_the_opaque_conv_gives_the_conv_output_and_gradients(spec, transposed_in
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-    assert convolve(conv, x) is not None and torch.equal(convolve(conv, x), expected)  # eagerly: conv(x) itself
+    assert torch.equal(convolve(conv, x), expected)  # eagerly: conv(x) itself
 
 
 def test_only_the_needed_gradients_are_computed():
     """The waveform needs no gradient (first layer) and a frozen front end none for its weights: the backward op
     returns nothing for them (an empty tensor), and autograd gets None."""
-    conv = _conv(1, 8, 10, 5, 0, 1, False).requires_grad_(False)
+    conv = _conv((1, 8, 10, 5, 0, 1, False)).requires_grad_(False)
     x = torch.randn(2, 1, 50, requires_grad=True)
     opaque_conv1d(conv, x).sum().backward()
-    assert x.grad is not None and conv.weight.grad is None
+    assert x.grad is not None
+    assert conv.weight.grad is None
     torch.testing.assert_close(x.grad, torch.autograd.grad(conv(x).sum(), x)[0])
 
     conv.requires_grad_(True)
@@ -70,7 +72,7 @@ def test_only_the_needed_gradients_are_computed():
 
 def test_the_opaque_conv_computes_in_the_autocast_precision_as_a_conv_does():
     """Custom ops are outside autocast's op lists: the wrapper casts as autocast casts a conv."""
-    conv = _conv(8, 8, 5, 1, 2, 4, True)
+    conv = _conv((8, 8, 5, 1, 2, 4, True))
     x = torch.randn(2, 8, 40, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = conv(x), opaque_conv1d(conv, x)

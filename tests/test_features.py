@@ -324,6 +324,39 @@ def test_files_too_short_or_not_finite_are_skipped_by_name_on_either_path(model,
     assert "shorter than one frame" in skipped[str(audio / "tiny.wav")]
 
 
+def test_a_long_file_cut_short_is_skipped_but_a_model_error_stops_the_run(model, tmp_path, monkeypatch):
+    """A long FLAC cut short fails to decode in the window-by-window path: skipped by name in extract and in
+    iter_units. An error of the model on a long file (an out-of-memory error is a RuntimeError) left the file out
+    with a warning and the extraction "succeeded"; it now stops the run."""
+    from spidr.eval import features
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "whole.flac", speech_like(3.0, 6), 16000)
+    sf.write(audio / "cut.flac", speech_like(3.0, 7), 16000)
+    data = (audio / "cut.flac").read_bytes()
+    (audio / "cut.flac").write_bytes(data[: len(data) // 2])
+    entries = [ManifestEntry(name, str(audio / f"{name}.flac"), 48000) for name in ("whole", "cut")]
+    settings = ExtractionSettings(layers=(1,), codebooks=True, max_seconds=2.0, window_seconds=1.0,
+                                  context_seconds=0.5)
+    metadata = extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
+    assert list(metadata["skipped"]) == [str(audio / "cut.flac")]
+    assert sorted(p.name for p in (tmp_path / "out" / "layer_01").iterdir()) == ["whole.npy"]
+    skipped: dict[str, str] = {}
+    units = list(iter_units(model, entries, layers=[3], max_seconds=2.0, skipped=skipped))
+    assert [entry.fileid for entry, _ in units] == ["whole"]
+    assert list(skipped) == [str(audio / "cut.flac")]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(features, "extract_batch", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        extract_to_directory(model, entries[:1], tmp_path / "out2", settings, progress=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        list(iter_units(model, entries[:1], layers=[3], max_seconds=2.0))
+
+
 def test_a_second_extraction_into_a_folder_in_use_is_refused(model, tmp_path):
     """Two extractions into one folder both "succeeded" and left every unit row twice; the folder's lock (held as a
     running extraction holds it) now refuses the second, which writes nothing, and frees the folder when done."""

@@ -186,6 +186,12 @@ def _extract_padded(
 # --------------------------------------------------------------------------------------------------------------
 
 
+# What skips a long file, read window by window: its decoding failed (soundfile's errors include a FLAC cut short,
+# found in the first pass). Any other error, the model's included (an out-of-memory error is a RuntimeError), stops
+# the run rather than leaving the file out unnoticed.
+LONG_FILE_READ_ERRORS = (AudioError, sf.SoundFileError)
+
+
 class LongAudio:
     """A 16 kHz file read window by window, standardised with statistics of the whole file (two passes). An archive
     member, or a file at another rate, is decoded whole instead (its samples held, its forwards still windowed)."""
@@ -438,7 +444,7 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
             entry, rows, skipped = manifest[index], {}, {}
             try:
                 rows = _extract_long_file(model, entry, outputs=outputs, index=index, settings=settings)
-            except (AudioError, sf.LibsndfileError, RuntimeError) as error:
+            except LONG_FILE_READ_ERRORS as error:
                 skipped[entry.location] = error.reason if isinstance(error, AudioError) else str(error)
                 logger.warning("skipping %s: %s", entry.location, skipped[entry.location])
             finish(np.asarray([index]), rows, skipped)
@@ -555,7 +561,7 @@ def iter_extracted(
         entry, sinks = entries[index], _KeptWindows(keep)
         try:
             extract_long(model, LongAudio(entry), settings, sinks, front_end=front_end)
-        except (AudioError, sf.LibsndfileError) as error:
+        except LONG_FILE_READ_ERRORS as error:
             skipped[entry.location] = error.reason if isinstance(error, AudioError) else str(error)
             logger.warning("skipping %s: %s", entry.location, skipped[entry.location])
             continue
