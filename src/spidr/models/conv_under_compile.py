@@ -39,10 +39,12 @@ def opaque_conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return _conv1d(x.contiguous(), weight, bias, [conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups])
 
 
-# ``settings``: [stride, padding, dilation, groups] of the conv.
+# ``settings``: [stride, padding, dilation, groups] of the conv. The schemas are written out: torch >= 2.5 (our
+# floor) read this file's string annotations (``from __future__ import annotations``) only in later releases.
 
 
-@torch.library.custom_op("spidr::conv1d", mutates_args=())
+@torch.library.custom_op("spidr::conv1d", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, int[] settings) -> Tensor")
 def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, settings: list[int]) -> torch.Tensor:
     return F.conv1d(x, weight, bias, *settings).contiguous()
 
@@ -54,7 +56,9 @@ def _(x, weight, bias, settings):
     return x.new_empty((x.shape[0], weight.shape[0], length))
 
 
-@torch.library.custom_op("spidr::conv1d_backward", mutates_args=())
+@torch.library.custom_op("spidr::conv1d_backward", mutates_args=(),
+                         schema="(Tensor grad, Tensor x, Tensor weight, int[] settings, bool[] needs) "
+                                "-> (Tensor, Tensor, Tensor)")
 def _conv1d_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, settings: list[int], needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
