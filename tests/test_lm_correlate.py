@@ -169,6 +169,9 @@ def test_cli_single_and_several_pairs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli.main(["lm-correlate", str(path), "--x", "pnmi", "--y", "lm"]) == 0
     out = capsys.readouterr().out
     assert "pearson r" in out
+    assert "ρ 95% CI" in out
+    low, high = correlate(list(range(9, 1, -1)), [0.1 * layer for layer in range(1, 9)])["spearman_rho_ci95"]
+    assert low == high == -1.0  # abx and pnmi of this table are exactly opposed: every resample ranks them so
     assert (tmp_path / "runs_lm_vs_pnmi.png").is_file()
     assert cli.main(["lm-correlate", str(path), "--x", "abx,pnmi", "--y", "lm", "--plot",
                      str(tmp_path / "p" / "corr.png")]) == 0
@@ -221,6 +224,37 @@ def test_paper_correlations_from_the_result_tables(tmp_path: Path, capsys: pytes
     assert pnmi["spearman_rho"] == pytest.approx(0.91, abs=0.005)
     low, high = pnmi["pearson_r_ci95"]
     assert 0 < low < pnmi["pearson_r"] < high < 1
+
+
+def test_the_bootstrap_interval_of_rho_ranks_each_resample_as_spearmanr_does():
+    """ρ's interval (spoken-lm.md §5 item 6: each coefficient with a bootstrap CI) from the very resamples of r's,
+    each scored by scipy's spearmanr (ties at their average rank: a resample repeats points, and this y has ties of
+    its own); a monotone but curved relation keeps ρ = 1 in every resample while r's interval stays below 1."""
+    from scipy.stats import spearmanr
+
+    x = np.array([0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0])
+    y = np.array([50, 52, 51, 55, 55, 58, 57, 60, 61, 61, 64, 63], dtype=float)
+    result = correlate(x, y, num_resamples=300, seed=3)
+    index = np.random.default_rng(3).integers(0, x.size, size=(300, x.size))
+    rhos = np.array([spearmanr(x[i], y[i]).statistic for i in index])
+    rhos = rhos[np.isfinite(rhos)]
+    assert result["spearman_rho_ci95"] == pytest.approx(list(np.percentile(rhos, [2.5, 97.5])), abs=1e-12)
+    assert result["spearman_rho_ci95"][0] < result["spearman_rho"] < result["spearman_rho_ci95"][1]
+
+    curved = correlate(x, np.exp(x))
+    assert curved["spearman_rho_ci95"] == [1.0, 1.0]
+    assert curved["pearson_r_ci95"][1] < 1.0
+
+
+def test_the_bootstrap_interval_of_rho_is_a_95_percent_one():
+    """On many normal points ρ's interval agrees with Fieller's: tanh(atanh ρ ± 1.96 √(1.06 / (n − 3)))."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(400)
+    y = 0.6 * x + 0.8 * rng.standard_normal(400)
+    result = correlate(x, y)
+    low, high = result["spearman_rho_ci95"]
+    z, half = np.arctanh(result["spearman_rho"]), 1.96 * np.sqrt(1.06 / (400 - 3))
+    assert (high - low) / (np.tanh(z + half) - np.tanh(z - half)) == pytest.approx(1.0, abs=0.1)
 
 
 def test_the_bootstrap_interval_of_r_is_a_95_percent_one():

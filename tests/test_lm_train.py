@@ -771,7 +771,10 @@ def test_each_study_plot_shows_the_points_and_r_of_its_own_correlation(tmp_path,
     assert plotted["pnmi", "swuggy_invocab"][0] == [1, 2, 3, 4]
     for (x, y), (layers, result) in plotted.items():
         assert result["n"] == len(layers)
-        assert f"| {x} | {y} | {len(layers)} | {result['pearson_r']:+.2f} |" in report
+        (r_low, r_high), (rho_low, rho_high) = result["pearson_r_ci95"], result["spearman_rho_ci95"]
+        row = (f"| {x} | {y} | {len(layers)} | {result['pearson_r']:+.2f} [{r_low:+.2f}, {r_high:+.2f}] | "
+               f"{result['pearson_p']:.2g} | {result['spearman_rho']:+.2f} [{rho_low:+.2f}, {rho_high:+.2f}] |")
+        assert row in report
         assert (tmp_path / f"{y}_vs_{x}.png").stat().st_size > 0
 
 

@@ -3,7 +3,8 @@
 Input: a CSV table with one row per representation (typically ``model,layer,...``) and metric columns, e.g.
 ``unit_abx_across``, ``pnmi``, ``swuggy_all``. Columns whose values are not numbers (``model``) are kept as labels.
 The paper's notebook pivots its result CSVs to exactly this shape (32 (model, layer) points at 6,000 h, V = 256)
-and applies ``scipy.stats.pearsonr`` and ``linregress``; :func:`correlate` adds Spearman's ρ and a bootstrap CI of r.
+and applies ``scipy.stats.pearsonr`` and ``linregress``; :func:`correlate` adds Spearman's ρ and bootstrap CIs of r
+and ρ.
 
 ABX is an error rate, so it is expected to correlate negatively with LM accuracy, and PNMI positively.
 """
@@ -39,11 +40,13 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *,
               num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> dict[str, object]:
-    """Pearson and Spearman correlation, least-squares line and a 95 % bootstrap CI of Pearson's r.
+    """Pearson and Spearman correlation, least-squares line and 95 % bootstrap CIs of Pearson's r and Spearman's ρ.
 
     Returns ``{"n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p", "slope", "intercept",
-    "pearson_r_ci95": [low, high]}``; the CI is the percentile bootstrap over points (resampled with replacement,
-    ``numpy.random.default_rng(seed)``), leaving out the resamples in which x or y is constant.
+    "pearson_r_ci95": [low, high], "spearman_rho_ci95": [low, high]}``; the CIs are percentile bootstraps over
+    points (the same resamples for both, drawn with replacement by ``numpy.random.default_rng(seed)``; ρ of a
+    resample ranks it anew, ties at their average rank as ``spearmanr`` does), leaving out the resamples in which
+    x or y is constant.
     """
     from scipy.stats import linregress, pearsonr, rankdata, spearmanr
 
@@ -73,9 +76,9 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     line = linregress(x_array, y_array)
     rng = np.random.default_rng(seed)
     index = rng.integers(0, x_array.size, size=(num_resamples, x_array.size))
-    resampled = _pearson_rows(x_array[index], y_array[index])
-    resampled = resampled[np.isfinite(resampled)]
-    low, high = np.percentile(resampled, [2.5, 97.5]) if resampled.size else (math.nan, math.nan)
+    resampled_x, resampled_y = x_array[index], y_array[index]  # (R, n) each
+    pearson_ci = _interval95(_pearson_rows(resampled_x, resampled_y))
+    spearman_ci = _interval95(_pearson_rows(rankdata(resampled_x, axis=1), rankdata(resampled_y, axis=1)))
     return {
         "n": int(x_array.size),
         "pearson_r": float(pearson.statistic),
@@ -84,8 +87,16 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
         "spearman_p": spearman_p,
         "slope": float(line.slope),
         "intercept": float(line.intercept),
-        "pearson_r_ci95": [float(low), float(high)],
+        "pearson_r_ci95": pearson_ci,
+        "spearman_rho_ci95": spearman_ci,
     }
+
+
+def _interval95(resampled: np.ndarray) -> list[float]:
+    """The central 95 % of the finite values among ``resampled`` (R,): [low, high], NaNs if there are none."""
+    resampled = resampled[np.isfinite(resampled)]
+    low, high = np.percentile(resampled, [2.5, 97.5]) if resampled.size else (math.nan, math.nan)
+    return [float(low), float(high)]
 
 
 # Columns that say which representation a row is even when they hold numbers (a layer, a codebook size, the

@@ -89,12 +89,13 @@ def _lm_correlate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, allow_nan=False))
         return 0
-    print(f"{'y':<16}{'x':<16}{'n':>4}{'pearson r':>11}{'p':>10}{'spearman ρ':>12}{'p':>10}{'r 95% CI':>18}")
+    print(f"{'y':<16}{'x':<16}{'n':>4}{'pearson r':>11}{'p':>10}{'spearman ρ':>12}{'p':>10}{'r 95% CI':>18}"
+          f"{'ρ 95% CI':>18}")
     for result in results:
-        low, high = result["pearson_r_ci95"]
+        (low, high), (rho_low, rho_high) = result["pearson_r_ci95"], result["spearman_rho_ci95"]
         print(f"{result['y']:<16}{result['x']:<16}{result['n']:>4}{result['pearson_r']:>+11.3f}"
               f"{result['pearson_p']:>10.2g}{result['spearman_rho']:>+12.3f}{result['spearman_p']:>10.2g}"
-              f"   [{low:+.3f}, {high:+.3f}]")
+              f"   [{low:+.3f}, {high:+.3f}]   [{rho_low:+.3f}, {rho_high:+.3f}]")
     for result in results:
         if "plot" in result:
             print(f"wrote {result['plot']}")
@@ -145,5 +146,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "pairs, _<y>_vs_<x> is inserted before the suffix")
     parser.add_argument("--label-columns", default=None,
                         help="comma-separated numeric columns that also tell points apart (e.g. lr,dropout)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CI of r")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CIs of r and ρ")
     parser.set_defaults(handler=_lm_correlate)
