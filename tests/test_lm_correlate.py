@@ -160,8 +160,19 @@ def test_cli_single_and_several_pairs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert single["n"] == 8
     assert single["pearson_r"] < -0.9
     assert not list(tmp_path.glob("*.png"))  # --json alone writes no plot
-    assert cli.main(["lm-correlate", str(path), "--x", "abx,pnmi", "--y", "lm,slm", "--json"]) == 0
+    assert cli.main(["lm-correlate", str(path), "--x", "abx,pnmi", "--y", "lm,slm", "--json",
+                     "--out", str(tmp_path / "out" / "corr.csv")]) == 0
     several = json.loads(capsys.readouterr().out)
+    with (tmp_path / "out" / "corr.csv").open(newline="") as handle:  # --out: the same results, one row per pair
+        written = list(csv.DictReader(handle))
+    assert len(written) == len(several) == 4
+    for row, result in zip(written, several, strict=True):
+        assert (row["x"], row["y"], int(row["n"])) == (result["x"], result["y"], result["n"])
+        for name in ("pearson_r", "pearson_p", "spearman_rho", "spearman_p", "slope", "intercept"):
+            assert float(row[name]) == result[name]  # full precision
+        assert [float(row["spearman_rho_ci95_low"]), float(row["spearman_rho_ci95_high"])] == result[
+            "spearman_rho_ci95"]
+        assert [float(row["pearson_r_ci95_low"]), float(row["pearson_r_ci95_high"])] == result["pearson_r_ci95"]
     assert [(entry["x"], entry["y"]) for entry in several] == [("abx", "lm"), ("pnmi", "lm"), ("abx", "slm"),
                                                                ("pnmi", "slm")]
     assert several[0]["pearson_r"] == single["pearson_r"]

@@ -12,6 +12,7 @@ ABX is an error rate, so it is expected to correlate negatively with LM accuracy
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import logging
 import math
@@ -211,3 +212,22 @@ def plot_scatter(rows: Sequence[Mapping[str, str | float]], x: str, y: str, path
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
+
+
+# One row per (x, y) pair in ``lm-correlate --out``: the intervals' bounds as columns of their own.
+CSV_COLUMNS = ("x", "y", "n", "pearson_r", "pearson_p", "pearson_r_ci95_low", "pearson_r_ci95_high", "spearman_rho",
+               "spearman_p", "spearman_rho_ci95_low", "spearman_rho_ci95_high", "slope", "intercept")
+
+
+def correlations_csv(results: Sequence[Mapping[str, object]]) -> str:
+    """``results`` (``correlate``'s dicts with "x" and "y" added) as CSV text with ``CSV_COLUMNS``; numbers at full
+    precision."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for result in results:
+        flat = dict(result)
+        for name in ("pearson_r_ci95", "spearman_rho_ci95"):
+            flat[f"{name}_low"], flat[f"{name}_high"] = result[name]
+        writer.writerow([flat[column] for column in CSV_COLUMNS])
+    return buffer.getvalue()

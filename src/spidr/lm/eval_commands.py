@@ -73,7 +73,8 @@ def _plot_path(args: argparse.Namespace, x: str, y: str, *, several: bool) -> Pa
 
 
 def _lm_correlate(args: argparse.Namespace) -> int:
-    from spidr.lm.correlate import correlate, plot_scatter, read_table
+    from spidr.atomic_files import write_atomically
+    from spidr.lm.correlate import correlate, correlations_csv, plot_scatter, read_table
 
     pairs = [(x, y) for y in _columns(args.y, "--y") for x in _columns(args.x, "--x")]
     # Read every pair's rows first, so that a wrong column name fails before any plot is written.
@@ -86,6 +87,9 @@ def _lm_correlate(args: argparse.Namespace) -> int:
         if plot is not None:
             result["plot"] = str(plot_scatter(rows, x, y, plot, result=result))
         results.append(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(args.out, correlations_csv(results))
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, allow_nan=False))
         return 0
@@ -99,6 +103,8 @@ def _lm_correlate(args: argparse.Namespace) -> int:
     for result in results:
         if "plot" in result:
             print(f"wrote {result['plot']}")
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -146,5 +152,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "pairs, _<y>_vs_<x> is inserted before the suffix")
     parser.add_argument("--label-columns", default=None,
                         help="comma-separated numeric columns that also tell points apart (e.g. lr,dropout)")
+    parser.add_argument("--out", default=None,
+                        help="also write the results to this CSV, one row per (x, y) pair (x, y, n, pearson_r, "
+                        "pearson_p, pearson_r_ci95_low/high, spearman_rho, spearman_p, spearman_rho_ci95_low/high, "
+                        "slope, intercept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CIs of r and ρ")
     parser.set_defaults(handler=_lm_correlate)
