@@ -103,6 +103,7 @@ def _without_dropout(model):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor's CPU code needs a C++ compiler")
 def test_a_step_compiled_by_inductor_serves_every_batch_length_with_the_eager_numbers():
