@@ -126,6 +126,11 @@ def test_demo_writes_a_report_with_every_layer_and_both_baselines(demo_run):
             assert 0.0 <= row[metric] <= 100.0
     trained = [row for row in study["rows"] if row["model"] == "SpidR (trained)"]
     assert all(row["unit_abx_across"] is not None and row["pnmi"] is not None for row in trained)
+    # the layers' continuous ABX is the report's own (the study takes the demo's quality figures as given)
+    by_layer = {row["layer"]: row for row in rows if row["model"] == "SpidR (trained)"}
+    for row in trained:
+        assert (row["abx_within"], row["abx_across"]) == (by_layer[row["layer"]]["abx_within"],
+                                                          by_layer[row["layer"]]["abx_across"])
     assert (settings.out_dir / "spoken_lm" / "points.csv").is_file()
     # the test corpus holds a voice never heard in training
     test_speakers = {line.split("\t")[1] for line in

@@ -592,6 +592,22 @@ def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
     for row in study["rows"][3:]:
         assert -1e-6 <= row["pnmi"] <= 1.0  # a one-unit code has MI 0 up to the eps
         assert 0.0 <= row["unit_abx_across"] <= 100.0
+    # ABX of the layer's features (the paper's "continuous ABX"), as `spidr extract` + `spidr abx` give it
+    from spidr.eval.abx import abx_error_rate
+    from spidr.eval.feature_dir import one_layer_directory
+    from spidr.eval.features import ExtractionSettings, extract_to_directory
+    from spidr.lm.bench_units import split_entries
+    from spidr.models.loading import load_model
+
+    syntactic = tmp_path / "study" / "bench" / "syntactic" / "dev"
+    extract_to_directory(load_model(tmp_path / "tiny.safetensors"), split_entries(syntactic), tmp_path / "feats",
+                         ExtractionSettings(layers=(2,)), progress=False)
+    for speaker in ("within", "across"):
+        expected = 100 * abx_error_rate(one_layer_directory(tmp_path / "feats" / "layer_02"),
+                                        syntactic / "triphone.item", speaker=speaker, context="within")
+        assert study["rows"][3][f"abx_{speaker}"] == pytest.approx(expected, abs=1e-6)
+    assert all(row["abx_across"] is not None for row in study["rows"][3:])
+    assert "abx_across,unit_abx_within" in (tmp_path / "study" / "points.csv").read_text()
     # the seen-voice diagnostic (on by default): the lexical pairs spoken by training voices, scored for every LM
     assert all(0.0 <= row["swuggy_seen_invocab"] <= 100.0 for row in study["rows"])
     out = capsys.readouterr().out

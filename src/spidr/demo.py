@@ -196,7 +196,8 @@ def spoken_lm(settings: DemoSettings, checkpoint: Path, rows: list) -> Path:
     heads = tuple(model.head_layers)
 
     def quality(name: str) -> dict[int, dict[str, float]]:
-        return {row.layer: {"unit_abx_within": row.unit_abx_within, "unit_abx_across": row.unit_abx_across,
+        return {row.layer: {"abx_within": row.abx_within, "abx_across": row.abx_across,
+                            "unit_abx_within": row.unit_abx_within, "unit_abx_across": row.unit_abx_across,
                             "pnmi": row.quality.get("pnmi")}
                 for row in rows if row.model == name and row.layer in heads}
 
@@ -214,8 +215,8 @@ def study_settings(settings: DemoSettings) -> StudySettings:
 
     return StudySettings(bench=settings.lm_bench, lm_overrides=settings.lm_overrides, jobs=settings.jobs,
                          dtype="bfloat16", rebuild_stale=True,
-                         quality_source="codebook-unit ABX across speaker and PNMI from the report above (the demo's "
-                         "test corpus)")
+                         quality_source="ABX of the layer's features and of its codebook units, and PNMI, from the "
+                         "report above (the demo's test corpus)")
 
 
 def run_demo(settings: DemoSettings) -> Path:

@@ -49,7 +49,8 @@ def benchmark_sets(bench_dir: str | Path) -> dict[str, Path]:
     return sets
 
 
-def _entries(folder: Path):
+def split_entries(folder: Path):
+    """The audio files of a benchmark set: its manifest's rows, or the folder's files when it has none."""
     from spidr.data.manifest import read_manifest, scan
 
     manifest = folder / "manifest.csv"
@@ -118,7 +119,7 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
                 partial = files.enter_context(replaced_when_done(path))
                 handles[layer] = files.enter_context(partial.open("w", encoding="utf-8"))
                 written[f"layer_{layer:02d}/{name}"] = path
-            for entry, units in iter_units(model, _entries(folder), layers=layers, centroids=centroids,
+            for entry, units in iter_units(model, split_entries(folder), layers=layers, centroids=centroids,
                                            dtype=dtype, batch_seconds=batch_seconds):
                 for layer, values in units.items():
                     handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")

@@ -97,8 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Synthesise (or reuse) the spoken-LM benchmark in OUT/bench, write the units of each "
         "checkpoint's layers (--layers, default every layer with a codebook head; codebook units, or k-means units "
         "with --kmeans), train one unit LM per (model, layer) plus the phone-oracle topline and a "
-        "phone-bigram baseline, score sWUGGY / sBLIMP / tSC, measure unit quality (PNMI, unit ABX) on the "
-        "benchmark and correlate it with LM accuracy: OUT/spoken_lm.md, spoken_lm.json, points.csv, plots.",
+        "phone-bigram baseline, score sWUGGY / sBLIMP / tSC, measure unit quality (PNMI, ABX of units and of "
+        "features) on the benchmark and correlate it with LM accuracy: OUT/spoken_lm.md, spoken_lm.json, "
+        "points.csv, plots.",
         formatter_class=FORMATTER,
     )
     study.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]CKPT",

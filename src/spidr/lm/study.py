@@ -9,11 +9,13 @@
    and a phone-bigram model on the oracle units (the baseline that balanced nonwords pin near 50 %); the oracle's LSTM
    before training (at 5 random initialisations) is the chance reference;
 4. score every test item (``lm-score``, mean log-likelihood per token) and compute the accuracies (``lm-eval``);
-5. correlate LM accuracy with unit quality per (model, layer) — unit ABX and PNMI — over the points scored
-   (``lm-correlate``), and write ``spoken_lm.md`` / ``spoken_lm.json``, the per-point table ``points.csv`` and
-   scatter plots. Unit quality is taken as given (the demo passes its report's figures, measured on its test
-   corpus) or measured on the benchmark itself: PNMI of the training set's units against its phone labels, unit ABX
-   (within / across speaker, triphone items) on the syntactic split, whose sentences two held-out voices speak.
+5. correlate LM accuracy with unit quality per (model, layer) — ABX of the layer's features, unit ABX and PNMI, as
+   the paper's figures 13–14 do — over the points scored (``lm-correlate``), and write ``spoken_lm.md`` /
+   ``spoken_lm.json``, the per-point table ``points.csv`` and scatter plots. Unit quality is taken as given (the
+   demo passes its report's figures, measured on its test corpus) or measured on the benchmark itself: PNMI of the
+   training set's units against its phone labels, and ABX (within / across speaker, triphone items) of the units and
+   of the layer's continuous features (angular DTW) on the syntactic split, whose sentences two held-out voices
+   speak.
 
 Every stage caches its output (a rerun resumes where it stopped). Units are reused only when they were made from
 this benchmark (``bench_identity``: a benchmark deleted and made again with other settings is another one) and, for a
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from spidr.atomic_files import write_atomically
@@ -51,7 +54,9 @@ logger = logging.getLogger(__name__)
 # swuggy_seen_invocab: sWUGGY on voices the LM was trained on (a benchmark made with seen_voices), the lexical
 # number that does not also need units that carry over to a new voice.
 LM_METRICS = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc", "swuggy_seen_invocab")
-QUALITY_METRICS = ("unit_abx_within", "unit_abx_across", "pnmi")
+# abx_*: ABX of the layer's continuous features; unit_abx_*: of its discrete units (the paper's "continuous" and
+# "discrete" ABX).
+QUALITY_METRICS = ("abx_within", "abx_across", "unit_abx_within", "unit_abx_across", "pnmi")
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,33 @@ def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind
     return out
 
 
+def measure_feature_abx(model: torch.nn.Module, layers: Sequence[int], bench: LmBenchInfo, *,
+                        kind: str = "dev", dtype: str = "float32") -> dict[int, dict[str, float]]:
+    """ABX within / across speaker (triphone items, context within, angular DTW), in %, of each layer's features
+    on the benchmark's syntactic ``kind`` split: ``{layer: {"abx_within", "abx_across"}}``; empty when the split has
+    no item file. One pass of the model over the split for all layers."""
+    from spidr.eval.abx import abx_error_rate
+    from spidr.eval.features import ExtractionSettings, iter_extracted
+    from spidr.eval.items import read_items
+    from spidr.lm.bench_units import split_entries
+    from spidr.models.frames import frame_rate_hz
+
+    syntactic = bench.task_dir("syntactic", kind)
+    if not (syntactic / "triphone.item").is_file():
+        return {}
+    items = read_items(syntactic / "triphone.item")
+    settings = ExtractionSettings(layers=tuple(sorted(layers)), dtype=dtype)
+    features: dict[int, dict[str, np.ndarray]] = {layer: {} for layer in layers}
+    for entry, result in iter_extracted(model, split_entries(syntactic), settings):
+        for layer in layers:
+            features[layer][entry.fileid] = result[f"layer_{layer:02d}"]
+    rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
+    return {layer: {f"abx_{speaker}": 100.0 * abx_error_rate(features[layer], items, speaker=speaker,
+                                                             context="within", frequency=rate)
+                    for speaker in ("within", "across")}
+            for layer in layers}
+
+
 UNTRAINED_SEEDS = 5
 
 
@@ -476,15 +508,24 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     bigram_run = _train("phone bigram", bigram)
     rows.append(_row("phone bigram", "bigram", None,
                      _score("phone bigram", bigram_run / "final.pt", oracle_dir, out_dir, **common), {}))
+    feature_abx = {}  # model name → {layer: continuous ABX}, for the layers whose quality is not given
+    for study_model in models:
+        unmeasured = [layer for layer in study_model.layers if not study_model.quality.get(layer)]
+        if unmeasured:
+            feature_abx[study_model.name] = measure_feature_abx(study_model.model, unmeasured, bench,
+                                                                kind=settings.kind, dtype=settings.dtype)
     for study_model, layer, layer_dir, cfg in layer_lms:
         name = _layer_lm_name(study_model.name, layer)
         run = _train(name, cfg)
         results = _score(name, run / "final.pt", layer_dir, out_dir, **common)
-        quality = study_model.quality.get(layer) or measure_quality(
-            layer_dir, bench, num_units=cfg.data.num_units, kind=settings.kind, unit_rate_hz=_frame_rate(study_model))
+        quality = study_model.quality.get(layer) or (
+            measure_quality(layer_dir, bench, num_units=cfg.data.num_units, kind=settings.kind,
+                            unit_rate_hz=_frame_rate(study_model))
+            | feature_abx.get(study_model.name, {}).get(layer, {}))
         rows.append(_row(name, study_model.name, layer, results, quality))
-    source = settings.quality_source or ("PNMI of the benchmark's training units; unit ABX (triphones, context "
-                                         f"within) on its syntactic {settings.kind} split")
+    source = settings.quality_source or ("PNMI of the benchmark's training units; ABX of the units and of the "
+                                         "layer's features (triphones, context within, angular DTW for features) "
+                                         f"on its syntactic {settings.kind} split")
     return write_study_report(rows, out_dir, bench, kind=settings.kind, quality_source=source)
 
 
@@ -526,10 +567,12 @@ def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]
     seen = bench.parameters.get("seen_voices") or []
     seen_header, seen_rule = (" sWUGGY in-vocab, training voices % |", "---|") if seen else ("", "")
     lines = [
-        "| units | unit ABX across % | PNMI | sWUGGY all % | sWUGGY in-vocab % | sBLIMP % | tSC % |" + seen_header,
-        "|---|---|---|---|---|---|---|" + seen_rule,
+        "| units | ABX across % | unit ABX across % | PNMI | sWUGGY all % | sWUGGY in-vocab % | sBLIMP % | tSC % |"
+        + seen_header,
+        "|---|---|---|---|---|---|---|---|" + seen_rule,
     ]
-    lines += [f"| {row['name']} | {format_number(row.get('unit_abx_across'), 1)} | "
+    lines += [f"| {row['name']} | {format_number(row.get('abx_across'), 1)} | "
+              f"{format_number(row.get('unit_abx_across'), 1)} | "
               f"{format_number(row.get('pnmi'), 3)} | {_with_ci(row, 'swuggy_all')} | "
               f"{_with_ci(row, 'swuggy_invocab')} | {_with_ci(row, 'sblimp')} | {_with_ci(row, 'tsc')} |"
               + (f" {_with_ci(row, 'swuggy_seen_invocab')} |" if seen else "") for row in rows]
@@ -573,7 +616,8 @@ def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: 
     # Each plot shows the points of its own correlation (the rows holding both of its metrics), with the table's r.
     plots = [plot_scatter([dict(r) for r in rows if r.get(c["x"]) is not None and r.get(c["y"]) is not None],
                           c["x"], c["y"], out_dir / f"{c['y']}_vs_{c['x']}.png", result=c) for c in corr
-             if c["y"] in ("swuggy_invocab", "swuggy_seen_invocab") and c["x"] in ("unit_abx_across", "pnmi")]
+             if c["y"] in ("swuggy_invocab", "swuggy_seen_invocab")
+             and c["x"] in ("abx_across", "unit_abx_across", "pnmi")]
     path = out_dir / "spoken_lm.md"
     body = markdown(rows, corr, bench, kind, quality_source)
     path.write_text("# Spoken language modelling on the units\n\n" + body + "\n\n" +
