@@ -190,6 +190,16 @@ def test_cli_single_and_several_pairs(tmp_path: Path, capsys: pytest.CaptureFixt
     capsys.readouterr()
     assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "missing"]) == 2
     assert "spidr lm-correlate: error:" in capsys.readouterr().err
+    # Without --x / --y: lm-study's points.csv columns, every (quality, accuracy) pair
+    study_columns = ["abx_across", "unit_abx_across", "pnmi", "swuggy_all", "swuggy_invocab", "sblimp", "tsc"]
+    path = write_table(tmp_path / "points.csv", ["name", "layer", *study_columns],
+                       [[f"m L{layer}", layer, *(v + (layer * (i + 1)) % 11 for i, v in enumerate([20, 30, 0.2, 60,
+                                                                                                  62, 55, 51]))]
+                        for layer in range(1, 7)])
+    assert cli.main(["lm-correlate", str(path), "--json"]) == 0
+    defaults = json.loads(capsys.readouterr().out)
+    assert [(entry["x"], entry["y"]) for entry in defaults] == [
+        (x, y) for y in study_columns[3:] for x in study_columns[:3]]
 
 
 def paper_points() -> list[dict[str, object]]:

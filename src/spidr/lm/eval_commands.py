@@ -143,8 +143,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("table", metavar="TABLE", help="CSV table, e.g. model,layer,unit_abx_across,pnmi,swuggy_all "
                         "(lm-study writes one: points.csv)")
-    parser.add_argument("--x", required=True, help="x column(s), e.g. unit_abx_across,pnmi")
-    parser.add_argument("--y", required=True, help="y column(s), e.g. swuggy_all,sblimp")
+    parser.add_argument("--x", default="abx_across,unit_abx_across,pnmi",
+                        help="x column(s): unit quality (default: lm-study's continuous ABX, discrete ABX and PNMI "
+                        "columns)")
+    parser.add_argument("--y", default="swuggy_all,swuggy_invocab,sblimp,tsc",
+                        help="y column(s): LM accuracy (default: lm-study's sWUGGY, sBLIMP and tSC columns)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (a list of objects for several pairs); no plot unless --plot")
     parser.add_argument("--plot", default=None,
