@@ -149,7 +149,8 @@ def test_plot_leaves_the_backend_alone(tmp_path: Path) -> None:
     assert (tmp_path / "plain.png").is_file()
 
 
-def test_cli_single_and_several_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_single_and_several_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      caplog: pytest.LogCaptureFixture) -> None:
     path = write_table(tmp_path / "runs.csv", ["model", "layer", "abx", "pnmi", "lm", "slm"],
                        [["m", layer, 10 - layer, 0.1 * layer, 50 + 2 * layer + (layer % 3), 50 + (layer % 4)]
                         for layer in range(1, 9)])
@@ -200,6 +201,32 @@ def test_cli_single_and_several_pairs(tmp_path: Path, capsys: pytest.CaptureFixt
     defaults = json.loads(capsys.readouterr().out)
     assert [(entry["x"], entry["y"]) for entry in defaults] == [
         (x, y) for y in study_columns[3:] for x in study_columns[:3]]
+    # an older points.csv (no continuous ABX) and a column left empty: the defaults it cannot give are left out, with
+    # a warning naming them; named with --x, such a column is an error
+    older = write_table(tmp_path / "older.csv", ["name", "layer", *study_columns[1:]],
+                        [[f"m L{layer}", layer, 30 - layer, 0.1 * layer, 60 + layer * layer, 61 + layer, 55 - layer,
+                          ""] for layer in range(1, 6)])
+    with caplog.at_level(logging.WARNING, logger="spidr"):
+        assert cli.main(["lm-correlate", str(older), "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    assert [(entry["x"], entry["y"]) for entry in kept] == [
+        (x, y) for y in ("swuggy_all", "swuggy_invocab", "sblimp") for x in ("unit_abx_across", "pnmi")]
+    assert "left out 6 of 12 default pair(s)" in caplog.text
+    assert "swuggy_all vs abx_across" in caplog.text
+    assert "tsc vs pnmi" in caplog.text
+    assert cli.main(["lm-correlate", str(older), "--x", "abx_across", "--json"]) == 2
+    assert "no column 'abx_across'" in capsys.readouterr().err
+
+
+def test_the_cli_table_gives_rho_its_own_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A monotone curve: ρ is 1 in every resample, r is not; the table's two intervals must show it."""
+    path = write_table(tmp_path / "curve.csv", ["layer", "abx", "lm"],
+                       [[layer, float(layer), math.exp(layer)] for layer in range(1, 9)])
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--plot", str(tmp_path / "c.png")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lm "))
+    r_interval, rho_interval = line.split("[")[1:]
+    assert rho_interval.strip() == "+1.000, +1.000]"
+    assert float(r_interval.split(",")[1].strip(" ]")) < 1.0
 
 
 def paper_points() -> list[dict[str, object]]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from spidr.help_format import HelpFormatter
+
+logger = logging.getLogger(__name__)
 
 FORMATTER = HelpFormatter
 
@@ -72,20 +75,50 @@ def _plot_path(args: argparse.Namespace, x: str, y: str, *, several: bool) -> Pa
     return plot.with_name(f"{plot.stem}_{y}_vs_{x}{plot.suffix or '.png'}") if several else plot
 
 
+# lm-correlate without --x / --y: the unit-quality and LM-accuracy columns of lm-study's points.csv.
+DEFAULT_QUALITY_COLUMNS = "abx_across,unit_abx_across,pnmi"
+DEFAULT_ACCURACY_COLUMNS = "swuggy_all,swuggy_invocab,sblimp,tsc"
+
+
+def _correlated_pairs(args: argparse.Namespace) -> list[tuple[dict, list]]:
+    """(result, rows) of every (x, y) pair of ``--x`` × ``--y``, read and correlated before anything is written, so
+    that a wrong column name fails before any plot. A default column list may name columns a table lacks (an older
+    points.csv, a benchmark without items for ABX): its unusable pairs are left out with a warning. Columns named by
+    the user must all be usable."""
+    from spidr.lm.correlate import correlate, read_table
+
+    lenient = args.x is None or args.y is None
+    pairs = [(x, y) for y in _columns(args.y or DEFAULT_ACCURACY_COLUMNS, "--y")
+             for x in _columns(args.x or DEFAULT_QUALITY_COLUMNS, "--x")]
+    label_columns = _columns(args.label_columns, "--label-columns") if args.label_columns else []
+    computed, left_out = [], []
+    for x, y in pairs:
+        try:
+            rows = read_table(args.table, [x, y], label_columns=label_columns)
+            result = correlate([row[x] for row in rows], [row[y] for row in rows], seed=args.seed)
+        except ValueError as error:
+            if not lenient:
+                raise
+            left_out.append(f"{y} vs {x} ({error})")
+            continue
+        computed.append(({"x": x, "y": y} | result, rows))
+    if left_out:
+        if not computed:
+            raise ValueError(f"no (x, y) pair of {args.table} can be correlated: {'; '.join(left_out)}")
+        logger.warning("left out %d of %d default pair(s): %s", len(left_out), len(pairs), "; ".join(left_out))
+    return computed
+
+
 def _lm_correlate(args: argparse.Namespace) -> int:
     from spidr.atomic_files import write_atomically
-    from spidr.lm.correlate import correlate, correlations_csv, plot_scatter, read_table
+    from spidr.lm.correlate import correlations_csv, plot_scatter
 
-    pairs = [(x, y) for y in _columns(args.y, "--y") for x in _columns(args.x, "--x")]
-    # Read every pair's rows first, so that a wrong column name fails before any plot is written.
-    label_columns = _columns(args.label_columns, "--label-columns") if args.label_columns else []
-    tables = [read_table(args.table, [x, y], label_columns=label_columns) for x, y in pairs]
+    computed = _correlated_pairs(args)
     results = []
-    for (x, y), rows in zip(pairs, tables, strict=True):
-        result = {"x": x, "y": y} | correlate([row[x] for row in rows], [row[y] for row in rows], seed=args.seed)
-        plot = _plot_path(args, x, y, several=len(pairs) > 1)
+    for result, rows in computed:
+        plot = _plot_path(args, result["x"], result["y"], several=len(computed) > 1)
         if plot is not None:
-            result["plot"] = str(plot_scatter(rows, x, y, plot, result=result))
+            result["plot"] = str(plot_scatter(rows, result["x"], result["y"], plot, result=result))
         results.append(result)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -143,11 +176,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("table", metavar="TABLE", help="CSV table, e.g. model,layer,unit_abx_across,pnmi,swuggy_all "
                         "(lm-study writes one: points.csv)")
-    parser.add_argument("--x", default="abx_across,unit_abx_across,pnmi",
-                        help="x column(s): unit quality (default: lm-study's continuous ABX, discrete ABX and PNMI "
-                        "columns)")
-    parser.add_argument("--y", default="swuggy_all,swuggy_invocab,sblimp,tsc",
-                        help="y column(s): LM accuracy (default: lm-study's sWUGGY, sBLIMP and tSC columns)")
+    parser.add_argument("--x", default=None,
+                        help=f"x column(s): unit quality (default: {DEFAULT_QUALITY_COLUMNS}, lm-study's continuous "
+                        "ABX, discrete ABX and PNMI; with a default list, pairs the table cannot give are left out "
+                        "with a warning)")
+    parser.add_argument("--y", default=None,
+                        help=f"y column(s): LM accuracy (default: {DEFAULT_ACCURACY_COLUMNS})")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (a list of objects for several pairs); no plot unless --plot")
     parser.add_argument("--plot", default=None,
