@@ -561,7 +561,7 @@ def test_lm_score_writes_a_valid_submission_that_lm_eval_reads(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
+def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys, monkeypatch):
     """The fuller study command end to end (synthesis included): it measures unit quality itself."""
     import shutil
 
@@ -608,6 +608,19 @@ def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys):
         assert study["rows"][3][f"abx_{speaker}"] == pytest.approx(expected, abs=1e-6)
     assert all(row["abx_across"] is not None for row in study["rows"][3:])
     assert "abx_across,unit_abx_within" in (tmp_path / "study" / "points.csv").read_text()
+    # a rerun takes the continuous ABX kept beside the units: the model does not run over the split again
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("continuous ABX measured again")
+
+    from spidr.lm import study as study_module
+
+    monkeypatch.setattr(study_module, "measure_feature_abx", not_again)
+    assert main(["lm-study", "--checkpoint", f"tiny={tmp_path / 'tiny.safetensors'}", "--random-init", "--layers", "2",
+                 "--out", str(tmp_path / "study"), "--train-utterances", "10", "--syntactic-pairs", "4",
+                 "--tsc-pairs", "2", "--lexical-words", "4", "--jobs", "2", *lm]) == 0
+    again = json.loads((tmp_path / "study" / "spoken_lm.json").read_text())
+    assert [row["abx_across"] for row in again["rows"]] == [row["abx_across"] for row in study["rows"]]
     # the seen-voice diagnostic (on by default): the lexical pairs spoken by training voices, scored for every LM
     assert all(0.0 <= row["swuggy_seen_invocab"] <= 100.0 for row in study["rows"])
     out = capsys.readouterr().out

@@ -288,7 +288,8 @@ def measure_feature_abx(model: torch.nn.Module, layers: Sequence[int], bench: Lm
                         kind: str = "dev", dtype: str = "float32") -> dict[int, dict[str, float]]:
     """ABX within / across speaker (triphone items, context within, angular DTW), in %, of each layer's features
     on the benchmark's syntactic ``kind`` split: ``{layer: {"abx_within", "abx_across"}}``; empty when the split has
-    no item file. One pass of the model over the split for all layers."""
+    no item file. One pass of the model over the split for all layers, whose features it holds meanwhile (float32:
+    ≈ 0.3 GB a layer for a base model on the default split)."""
     from spidr.eval.abx import abx_error_rate
     from spidr.eval.features import ExtractionSettings, iter_extracted
     from spidr.eval.items import read_items
@@ -309,6 +310,21 @@ def measure_feature_abx(model: torch.nn.Module, layers: Sequence[int], bench: Lm
                                                              context="within", frequency=rate)
                     for speaker in ("within", "across")}
             for layer in layers}
+
+
+def _cached_feature_abx(study_model: StudyModel, model_dir: Path, bench: LmBenchInfo,
+                        settings: StudySettings) -> dict[int, dict[str, float]]:
+    """``measure_feature_abx`` of the model's layers whose quality is not given, kept in its units folder (which
+    is made again, and this file with it, when the model, its layers or the benchmark change): a rerun of the study
+    does not run the model over the split again."""
+    wanted = [layer for layer in study_model.layers if not study_model.quality.get(layer)]
+    cache = model_dir / f"feature_abx_{settings.kind}.json"
+    known = {int(layer): value for layer, value in json.loads(cache.read_text()).items()} if cache.is_file() else {}
+    missing = [layer for layer in wanted if layer not in known]
+    if missing:
+        known |= measure_feature_abx(study_model.model, missing, bench, kind=settings.kind, dtype=settings.dtype)
+        write_atomically(cache, json.dumps({str(layer): value for layer, value in sorted(known.items())}) + "\n")
+    return {layer: known[layer] for layer in wanted if layer in known}
 
 
 UNTRAINED_SEEDS = 5
@@ -508,12 +524,8 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
     bigram_run = _train("phone bigram", bigram)
     rows.append(_row("phone bigram", "bigram", None,
                      _score("phone bigram", bigram_run / "final.pt", oracle_dir, out_dir, **common), {}))
-    feature_abx = {}  # model name → {layer: continuous ABX}, for the layers whose quality is not given
-    for study_model in models:
-        unmeasured = [layer for layer in study_model.layers if not study_model.quality.get(layer)]
-        if unmeasured:
-            feature_abx[study_model.name] = measure_feature_abx(study_model.model, unmeasured, bench,
-                                                                kind=settings.kind, dtype=settings.dtype)
+    feature_abx = {study_model.name: _cached_feature_abx(study_model, model_dir, bench, settings)
+                   for study_model, model_dir in zip(models, model_dirs, strict=True)}
     for study_model, layer, layer_dir, cfg in layer_lms:
         name = _layer_lm_name(study_model.name, layer)
         run = _train(name, cfg)
