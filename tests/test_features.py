@@ -357,6 +357,33 @@ def test_a_long_file_cut_short_is_skipped_but_a_model_error_stops_the_run(model,
         list(iter_units(model, entries[:1], layers=[3], max_seconds=2.0))
 
 
+def test_a_long_file_that_fails_to_decode_or_to_standardise_is_an_audio_error(tmp_path, monkeypatch):
+    """LongAudio names the file in an AudioError (skipped by extract and iter_extracted) where soundfile fails with
+    another error midway (a corrupt MP3 frame gave numpy's "negative dimensions" ValueError) or the samples overflow
+    the statistics (a corrupt file decoded to 1e200: OverflowError); both escaped as crashes."""
+    from spidr.data.audio import AudioError
+    from spidr.eval import features
+
+    huge = tmp_path / "huge.wav"
+    sf.write(huge, np.full(48000, 1e200), 16000, subtype="DOUBLE")
+    with pytest.raises(AudioError, match="cannot be standardised") as caught:
+        LongAudio(str(huge))
+    assert caught.value.path == str(huge)
+    fine = tmp_path / "fine.wav"
+    sf.write(fine, speech_like(3.0, 8), 16000)
+    audio = LongAudio(str(fine))
+
+    def corrupt_frame(*args, **kwargs):
+        raise ValueError("negative dimensions are not allowed")
+
+    monkeypatch.setattr(features.sf, "read", corrupt_frame)
+    with pytest.raises(AudioError, match=r"cannot be decoded \(negative dimensions"):
+        audio.read(0, 16000)
+    monkeypatch.setattr(features.sf, "blocks", corrupt_frame)
+    with pytest.raises(AudioError, match="cannot be decoded"):
+        LongAudio(str(fine))
+
+
 def test_a_second_extraction_into_a_folder_in_use_is_refused(model, tmp_path):
     """Two extractions into one folder both "succeeded" and left every unit row twice; the folder's lock (held as a
     running extraction holds it) now refuses the second, which writes nothing, and frees the folder when done."""

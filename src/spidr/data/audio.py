@@ -45,6 +45,10 @@ def standardize(wave: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(wave, wave.shape[-1:], eps=STANDARDIZE_EPS)
 
 
+# What soundfile raises on a file it cannot decode (a corrupt MP3 frame can surface as a ValueError from numpy).
+DECODER_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError)
+
+
 def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
     """(S, C) float32 samples and the sample rate; every decoder failure becomes an ``AudioError``."""
     if isinstance(source, str) and not Path(source).is_file():
@@ -56,7 +60,7 @@ def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
             samples, rate = audio.read(dtype="float32", always_2d=True), audio.samplerate
     except AudioError:  # a ValueError, but already says what is wrong
         raise
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as error:
+    except DECODER_ERRORS as error:
         raise AudioError(name, f"cannot be decoded ({error})") from error
     except MemoryError:  # a corrupt header claiming billions of samples
         raise AudioError(name, "cannot be decoded (its header claims more samples than memory holds)") from None

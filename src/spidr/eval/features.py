@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 from spidr.atomic_files import partial_path, replaced_when_done, write_atomically
 from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
-from spidr.data.audio import AudioError, load_audio
+from spidr.data.audio import DECODER_ERRORS, AudioError, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
 from spidr.folder_lock import folder_lock
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
@@ -194,11 +195,13 @@ LONG_FILE_READ_ERRORS = (AudioError, sf.SoundFileError)
 
 class LongAudio:
     """A 16 kHz file read window by window, standardised with statistics of the whole file (two passes). An archive
-    member, or a file at another rate, is decoded whole instead (its samples held, its forwards still windowed)."""
+    member, or a file at another rate, is decoded whole instead (its samples held, its forwards still windowed).
+    A file that cannot be decoded, at either pass, raises ``AudioError`` as ``load_audio`` does."""
 
     def __init__(self, source: str | ManifestEntry) -> None:
         self.path = source.path if isinstance(source, ManifestEntry) else source
-        info = None if isinstance(source, ManifestEntry) and source.in_archive else sf.info(self.path)
+        with _decoding(self.path):
+            info = None if isinstance(source, ManifestEntry) and source.in_archive else sf.info(self.path)
         if info is None or info.samplerate != SAMPLE_RATE:
             # Resampling window by window would need a streaming resampler; decode whole instead.
             self._wave: torch.Tensor | None = load_audio(source, normalize=True)
@@ -207,23 +210,39 @@ class LongAudio:
         self._wave = None
         self.num_samples = info.frames
         total, total_sq = 0.0, 0.0
-        for block in sf.blocks(self.path, blocksize=SAMPLE_RATE * 60, dtype="float64", always_2d=True):
-            mono = block.mean(axis=1)
-            if not np.isfinite(mono).all():  # as load_audio refuses them: the features would all be NaN
-                raise AudioError(self.path, "contains NaN or Inf samples")
-            total += float(mono.sum())
-            total_sq += float(np.square(mono).sum())
+        with _decoding(self.path), np.errstate(over="ignore"):  # an overflow is refused below, by name
+            for block in sf.blocks(self.path, blocksize=SAMPLE_RATE * 60, dtype="float64", always_2d=True):
+                mono = block.mean(axis=1)
+                if not np.isfinite(mono).all():  # as load_audio refuses them: the features would all be NaN
+                    raise AudioError(self.path, "contains NaN or Inf samples")
+                total += float(mono.sum())
+                total_sq += float(np.square(mono).sum())
         if self.num_samples == 0:
             raise AudioError(self.path, "contains no audio samples")
         self.mean = total / self.num_samples
-        self.std = float(np.sqrt(max(total_sq / self.num_samples - self.mean**2, 0.0) + STANDARDIZE_EPS))
+        variance = total_sq / self.num_samples - self.mean * self.mean
+        if not math.isfinite(variance):  # a corrupt file decoded to huge values
+            raise AudioError(self.path, "cannot be standardised (its samples' sum of squares overflows)")
+        self.std = float(np.sqrt(max(variance, 0.0) + STANDARDIZE_EPS))
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Standardised samples [start, stop) as (stop − start,) float32."""
         if self._wave is not None:
             return self._wave[start:stop]
-        block, _ = sf.read(self.path, start=start, stop=stop, dtype="float64", always_2d=True)
+        with _decoding(self.path):
+            block, _ = sf.read(self.path, start=start, stop=stop, dtype="float64", always_2d=True)
         return torch.from_numpy(((block.mean(axis=1) - self.mean) / self.std).astype(np.float32))
+
+
+@contextmanager
+def _decoding(path: str) -> Iterator[None]:
+    """Turn soundfile's failures on ``path`` into ``AudioError`` (the model is never run inside)."""
+    try:
+        yield
+    except AudioError:
+        raise
+    except DECODER_ERRORS as error:
+        raise AudioError(path, f"cannot be decoded ({error})") from error
 
 
 def windows(total_frames: int, window_frames: int, context_frames: int) -> Iterator[tuple[int, int, int, int]]:
