@@ -57,6 +57,12 @@ def test_the_opaque_conv_gives_the_conv_output_and_gradients(spec, transposed_in
 def test_only_the_needed_gradients_are_computed():
     """The waveform needs no gradient (first layer) and a frozen front end none for its weights: the backward op
     returns nothing for them (an empty tensor), and autograd gets None."""
+    grad, x, weight = torch.randn(2, 8, 9), torch.randn(2, 1, 50), torch.randn(8, 1, 10)
+    grads = torch.ops.spidr.conv1d_backward(grad, x, weight, [5, 0, 1, 1], [False, True, False])
+    assert [tuple(g.shape) for g in grads] == [(0,), (8, 1, 10), (0,)]
+    expected = torch.ops.aten.convolution_backward(grad, x, weight, [8], [5], [0], [1], False, [0], 1,
+                                                   [True, True, True])
+    torch.testing.assert_close(grads[1], expected[1])
     conv = _conv((1, 8, 10, 5, 0, 1, False)).requires_grad_(False)
     x = torch.randn(2, 1, 50, requires_grad=True)
     opaque_conv1d(conv, x).sum().backward()

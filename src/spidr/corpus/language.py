@@ -5,7 +5,8 @@ subject and the verb (``the dog chases`` / ``the dogs chase``), between a determ
 ``these dogs``) and between a gendered human subject and its reflexive (``the king sees himself``). Content words
 belong to one topic; a story keeps to one topic, so topic coherence (tSC) is learnable. Within a topic the
 ``language.json`` order is the frequency rank: words are drawn with Zipfian weights, so that the lexical test words
-fall into every ZeroSpeech frequency band of the training corpus.
+fall into several ZeroSpeech frequency bands of the training corpus (the word lists visit every word, so the 1–5
+band fills only in corpora smaller than the default: docs/spoken-lm.md).
 
 The training corpus mixes stories (3–5 sentences of one topic) with word lists (2–4 isolated content words separated
 by pauses): the isolated test words of the lexical task then have seen boundary contexts. Each generator draws from
