@@ -274,6 +274,32 @@ def test_paper_correlations_from_the_result_tables(tmp_path: Path, capsys: pytes
     assert 0 < low < pnmi["pearson_r"] < high < 1
 
 
+def test_too_few_points_get_no_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With 3 points a resample holds 2 distinct points (r = ±1) or all 3 (r itself): r = −0.68 got the "interval"
+    [−1.00, −0.68], which read as a confident negative correlation. Below 5 points no interval is given: NaN in
+    Python, null in JSON, an empty CSV cell, "–" in the table; from 5 points on, an interval as before."""
+    x3, y3 = [1.0, 2.0, 3.0], [3.0, 1.0, 2.5]
+    assert all(math.isnan(bound) for bound in [*correlate(x3, y3)["pearson_r_ci95"],
+                                               *correlate(x3, y3)["spearman_rho_ci95"]])
+    assert all(math.isnan(bound) for bound in correlate([1, 2, 3, 4], [3, 1, 2.5, 5])["pearson_r_ci95"])
+    low, high = correlate([1, 2, 3, 4, 5], [3, 1, 2.5, 5, 4])["pearson_r_ci95"]
+    assert -1.0 <= low < high <= 1.0
+    path = write_table(tmp_path / "few.csv", ["layer", "abx", "lm"],
+                       [[i, x, y] for i, (x, y) in enumerate(zip(x3, y3, strict=True))])
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--json", "--out",
+                     str(tmp_path / "few_corr.csv")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pearson_r_ci95"] == result["spearman_rho_ci95"] == [None, None]
+    with (tmp_path / "few_corr.csv").open(newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["pearson_r_ci95_low"] == row["spearman_rho_ci95_high"] == ""
+    assert float(row["pearson_r"]) == pytest.approx(np.corrcoef(x3, y3)[0, 1])
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--plot", str(tmp_path / "f.png")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lm "))
+    assert "[" not in line
+    assert line.split()[-2:] == ["–", "–"]
+
+
 def test_the_bootstrap_interval_of_rho_ranks_each_resample_as_spearmanr_does():
     """ρ's interval (spoken-lm.md §5 item 6: each coefficient with a bootstrap CI) from the very resamples of r's,
     each scored by scipy's spearmanr (ties at their average rank: a resample repeats points, and this y has ties of

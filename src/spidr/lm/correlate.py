@@ -29,6 +29,9 @@ Row = dict[str, str | float]
 
 
 EXACT_SPEARMAN_MAX_POINTS = 8  # up to 8! = 40,320 pairings: Spearman's p by exact permutation
+# Below this many points a bootstrap interval of r or ρ says nothing: a resample of 3 points holds 2 distinct ones
+# (r = ±1) or all 3 (r itself), so r = −0.68 got the "interval" [−1.00, −0.68]. No interval is given (NaN).
+MIN_BOOTSTRAP_POINTS = 5
 
 
 def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -47,7 +50,7 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     "pearson_r_ci95": [low, high], "spearman_rho_ci95": [low, high]}``; the CIs are percentile bootstraps over
     points (the same resamples for both, drawn with replacement by ``numpy.random.default_rng(seed)``; ρ of a
     resample ranks it anew, ties at their average rank as ``spearmanr`` does), leaving out the resamples in which
-    x or y is constant.
+    x or y is constant. With fewer than ``MIN_BOOTSTRAP_POINTS`` points both intervals are [NaN, NaN].
     """
     from scipy.stats import linregress, pearsonr, rankdata, spearmanr
 
@@ -75,11 +78,13 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
         rhos = _pearson_rows(np.broadcast_to(ranks_x, pairings.shape), ranks_y[pairings])
         spearman_p = float(np.mean(np.abs(rhos) >= abs(float(spearman.statistic)) - 1e-12))
     line = linregress(x_array, y_array)
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, x_array.size, size=(num_resamples, x_array.size))
-    resampled_x, resampled_y = x_array[index], y_array[index]  # (R, n) each
-    pearson_ci = _interval95(_pearson_rows(resampled_x, resampled_y))
-    spearman_ci = _interval95(_pearson_rows(rankdata(resampled_x, axis=1), rankdata(resampled_y, axis=1)))
+    pearson_ci = spearman_ci = [math.nan, math.nan]
+    if x_array.size >= MIN_BOOTSTRAP_POINTS:
+        rng = np.random.default_rng(seed)
+        index = rng.integers(0, x_array.size, size=(num_resamples, x_array.size))
+        resampled_x, resampled_y = x_array[index], y_array[index]  # (R, n) each
+        pearson_ci = _interval95(_pearson_rows(resampled_x, resampled_y))
+        spearman_ci = _interval95(_pearson_rows(rankdata(resampled_x, axis=1), rankdata(resampled_y, axis=1)))
     return {
         "n": int(x_array.size),
         "pearson_r": float(pearson.statistic),
@@ -221,7 +226,7 @@ CSV_COLUMNS = ("x", "y", "n", "pearson_r", "pearson_p", "pearson_r_ci95_low", "p
 
 def correlations_csv(results: Sequence[Mapping[str, object]]) -> str:
     """``results`` (``correlate``'s dicts with "x" and "y" added) as CSV text with ``CSV_COLUMNS``; numbers at full
-    precision."""
+    precision, an interval not given (too few points) left empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -229,5 +234,6 @@ def correlations_csv(results: Sequence[Mapping[str, object]]) -> str:
         flat = dict(result)
         for name in ("pearson_r_ci95", "spearman_rho_ci95"):
             flat[f"{name}_low"], flat[f"{name}_high"] = result[name]
-        writer.writerow([flat[column] for column in CSV_COLUMNS])
+        writer.writerow(["" if isinstance(value, float) and math.isnan(value) else value
+                         for value in (flat[column] for column in CSV_COLUMNS)])
     return buffer.getvalue()

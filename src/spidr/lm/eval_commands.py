@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 from spidr.help_format import HelpFormatter
@@ -109,6 +110,12 @@ def _correlated_pairs(args: argparse.Namespace) -> list[tuple[dict, list]]:
     return computed
 
 
+def _bounds(interval: list[float]) -> str:
+    """"[-0.912, -0.402]", or "–" for an interval not given (too few points)."""
+    low, high = interval
+    return "–" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
+
+
 def _lm_correlate(args: argparse.Namespace) -> int:
     from spidr.atomic_files import write_atomically
     from spidr.lm.correlate import correlations_csv, plot_scatter
@@ -124,15 +131,17 @@ def _lm_correlate(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(args.out, correlations_csv(results))
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else results, allow_nan=False))
+        # An interval not given (too few points) is null: strict JSON has no NaN.
+        safe = [{key: [None if math.isnan(bound) else bound for bound in value] if key.endswith("_ci95") else value
+                 for key, value in result.items()} for result in results]
+        print(json.dumps(safe[0] if len(safe) == 1 else safe, allow_nan=False))
         return 0
     print(f"{'y':<16}{'x':<16}{'n':>4}{'pearson r':>11}{'p':>10}{'spearman ρ':>12}{'p':>10}{'r 95% CI':>18}"
           f"{'ρ 95% CI':>18}")
     for result in results:
-        (low, high), (rho_low, rho_high) = result["pearson_r_ci95"], result["spearman_rho_ci95"]
         print(f"{result['y']:<16}{result['x']:<16}{result['n']:>4}{result['pearson_r']:>+11.3f}"
               f"{result['pearson_p']:>10.2g}{result['spearman_rho']:>+12.3f}{result['spearman_p']:>10.2g}"
-              f"   [{low:+.3f}, {high:+.3f}]   [{rho_low:+.3f}, {rho_high:+.3f}]")
+              f"{_bounds(result['pearson_r_ci95']):>18}{_bounds(result['spearman_rho_ci95']):>18}")
     for result in results:
         if "plot" in result:
             print(f"wrote {result['plot']}")

@@ -569,8 +569,8 @@ def _with_ci(row: Mapping[str, Any], metric: str) -> str:
 
 
 def _interval(ci: Sequence[float]) -> str:
-    """A correlation's 95 % CI as "[−0.91, −0.40]" (NaN bounds: no resample varied)."""
-    return "[–]" if any(math.isnan(bound) for bound in ci) else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+    """A correlation's 95 % CI as " [−0.91, −0.40]", or nothing where none is given (NaN: too few points)."""
+    return "" if any(math.isnan(bound) for bound in ci) else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]], bench: LmBenchInfo,
@@ -606,8 +606,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]
         text += ["", "Correlation over the (model, layer) points scored:", "",
                  "| unit quality | LM accuracy | n | Pearson r [95% CI] | p | Spearman ρ [95% CI] | p |",
                  "|---|---|---|---|---|---|---|"]
-        text += [f"| {c['x']} | {c['y']} | {c['n']} | {c['pearson_r']:+.2f} {_interval(c['pearson_r_ci95'])} | "
-                 f"{c['pearson_p']:.2g} | {c['spearman_rho']:+.2f} {_interval(c['spearman_rho_ci95'])} | "
+        text += [f"| {c['x']} | {c['y']} | {c['n']} | {c['pearson_r']:+.2f}{_interval(c['pearson_r_ci95'])} | "
+                 f"{c['pearson_p']:.2g} | {c['spearman_rho']:+.2f}{_interval(c['spearman_rho_ci95'])} | "
                  f"{c['spearman_p']:.2g} |" for c in corr]
     return "\n".join(text)
 
