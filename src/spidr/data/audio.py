@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,7 +48,19 @@ def standardize(wave: torch.Tensor) -> torch.Tensor:
 
 
 # What soundfile raises on a file it cannot decode (a corrupt MP3 frame can surface as a ValueError from numpy).
-DECODER_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError)
+_DECODER_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError)
+
+
+@contextmanager
+def decoding(name: str) -> Iterator[None]:
+    """Within the block, soundfile's failures on the file ``name`` become ``AudioError``s ("cannot be decoded");
+    an ``AudioError`` passes as it is. For decoding only: a model run inside would have its errors renamed."""
+    try:
+        yield
+    except AudioError:  # a ValueError, but already says what is wrong
+        raise
+    except _DECODER_ERRORS as error:
+        raise AudioError(name, f"cannot be decoded ({error})") from error
 
 
 def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
@@ -54,14 +68,10 @@ def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
     if isinstance(source, str) and not Path(source).is_file():
         raise AudioError(name, "file does not exist")
     try:
-        with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as audio:
+        with decoding(name), sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as audio:
             if audio.frames >= UNKNOWN_LENGTH:  # read() would allocate for 2**63 frames and fail
                 raise AudioError(name, UNKNOWN_LENGTH_REASON)
             samples, rate = audio.read(dtype="float32", always_2d=True), audio.samplerate
-    except AudioError:  # a ValueError, but already says what is wrong
-        raise
-    except DECODER_ERRORS as error:
-        raise AudioError(name, f"cannot be decoded ({error})") from error
     except MemoryError:  # a corrupt header claiming billions of samples
         raise AudioError(name, "cannot be decoded (its header claims more samples than memory holds)") from None
     return samples, int(rate)

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import torch
 from spidr.atomic_files import partial_path, replaced_when_done, write_atomically
 from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
-from spidr.data.audio import DECODER_ERRORS, AudioError, load_audio
+from spidr.data.audio import AudioError, decoding, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
 from spidr.folder_lock import folder_lock
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
@@ -187,12 +187,6 @@ def _extract_padded(
 # --------------------------------------------------------------------------------------------------------------
 
 
-# What skips a long file, read window by window: its decoding failed (soundfile's errors include a FLAC cut short,
-# found in the first pass). Any other error, the model's included (an out-of-memory error is a RuntimeError), stops
-# the run rather than leaving the file out unnoticed.
-LONG_FILE_READ_ERRORS = (AudioError, sf.SoundFileError)
-
-
 class LongAudio:
     """A 16 kHz file read window by window, standardised with statistics of the whole file (two passes). An archive
     member, or a file at another rate, is decoded whole instead (its samples held, its forwards still windowed).
@@ -200,7 +194,7 @@ class LongAudio:
 
     def __init__(self, source: str | ManifestEntry) -> None:
         self.path = source.path if isinstance(source, ManifestEntry) else source
-        with _decoding(self.path):
+        with decoding(self.path):
             info = None if isinstance(source, ManifestEntry) and source.in_archive else sf.info(self.path)
         if info is None or info.samplerate != SAMPLE_RATE:
             # Resampling window by window would need a streaming resampler; decode whole instead.
@@ -210,7 +204,7 @@ class LongAudio:
         self._wave = None
         self.num_samples = info.frames
         total, total_sq = 0.0, 0.0
-        with _decoding(self.path), np.errstate(over="ignore"):  # an overflow is refused below, by name
+        with decoding(self.path), np.errstate(over="ignore"):  # an overflow is refused below, by name
             for block in sf.blocks(self.path, blocksize=SAMPLE_RATE * 60, dtype="float64", always_2d=True):
                 mono = block.mean(axis=1)
                 if not np.isfinite(mono).all():  # as load_audio refuses them: the features would all be NaN
@@ -229,20 +223,9 @@ class LongAudio:
         """Standardised samples [start, stop) as (stop − start,) float32."""
         if self._wave is not None:
             return self._wave[start:stop]
-        with _decoding(self.path):
+        with decoding(self.path):
             block, _ = sf.read(self.path, start=start, stop=stop, dtype="float64", always_2d=True)
         return torch.from_numpy(((block.mean(axis=1) - self.mean) / self.std).astype(np.float32))
-
-
-@contextmanager
-def _decoding(path: str) -> Iterator[None]:
-    """Turn soundfile's failures on ``path`` into ``AudioError`` (the model is never run inside)."""
-    try:
-        yield
-    except AudioError:
-        raise
-    except DECODER_ERRORS as error:
-        raise AudioError(path, f"cannot be decoded ({error})") from error
 
 
 def windows(total_frames: int, window_frames: int, context_frames: int) -> Iterator[tuple[int, int, int, int]]:
@@ -463,9 +446,9 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
             entry, rows, skipped = manifest[index], {}, {}
             try:
                 rows = _extract_long_file(model, entry, outputs=outputs, index=index, settings=settings)
-            except LONG_FILE_READ_ERRORS as error:
-                skipped[entry.location] = error.reason if isinstance(error, AudioError) else str(error)
-                logger.warning("skipping %s: %s", entry.location, skipped[entry.location])
+            except AudioError as error:  # see iter_extracted: only a decoding failure skips a long file
+                skipped[entry.location] = error.reason
+                logger.warning("skipping %s: %s", entry.location, error.reason)
             finish(np.asarray([index]), rows, skipped)
             bar.update(1)
     finally:
@@ -580,9 +563,12 @@ def iter_extracted(
         entry, sinks = entries[index], _KeptWindows(keep)
         try:
             extract_long(model, LongAudio(entry), settings, sinks, front_end=front_end)
-        except LONG_FILE_READ_ERRORS as error:
-            skipped[entry.location] = error.reason if isinstance(error, AudioError) else str(error)
-            logger.warning("skipping %s: %s", entry.location, skipped[entry.location])
+        except AudioError as error:
+            # LongAudio turns every decoding failure into an AudioError (a FLAC cut short, a corrupt MP3 frame). Any
+            # other error, the model's included (an out-of-memory error is a RuntimeError), stops the run rather
+            # than leaving the file out unnoticed.
+            skipped[entry.location] = error.reason
+            logger.warning("skipping %s: %s", entry.location, error.reason)
             continue
         yield entry, sinks.arrays()
 
