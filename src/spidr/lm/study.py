@@ -47,6 +47,7 @@ from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_
 from spidr.lm.train import write_untrained
 
 if TYPE_CHECKING:
+    from spidr.eval.items import Items
     from spidr.lm.config import LmConfig
 
 logger = logging.getLogger(__name__)
@@ -262,7 +263,6 @@ def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind
     """PNMI of the training set's units (``units_dir/train.jsonl``, at ``unit_rate_hz``) against its phone labels
     (the 20 ms ones for a rate dividing 50 Hz, else the 10 ms ones, else the intervals read at the unit rate), and
     unit ABX within / across speaker on the syntactic split (its triphone items), in %."""
-    from spidr.eval.abx import abx_error_rate
     from spidr.eval.items import read_items
     from spidr.eval.unit_quality import read_alignments, unit_quality
     from spidr.eval.units import read_units
@@ -278,10 +278,19 @@ def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind
     if (syntactic / "triphone.item").is_file() and (units_dir / "syntactic" / f"{kind}.jsonl").is_file():
         units = read_units(units_dir / "syntactic" / f"{kind}.jsonl")
         items = read_items(syntactic / "triphone.item")
-        for speaker in ("within", "across"):
-            out[f"unit_abx_{speaker}"] = 100.0 * abx_error_rate(units, items, speaker=speaker, context="within",
-                                                                distance="identical", frequency=unit_rate_hz)
+        out |= _abx_within_across(units, items, prefix="unit_abx", distance="identical", frequency=unit_rate_hz)
     return out
+
+
+def _abx_within_across(features: Mapping[str, Any], items: Items, *, prefix: str, distance: str,
+                       frequency: int) -> dict[str, float]:
+    """``{prefix}_within`` and ``{prefix}_across``: ABX error (%) of ``features`` on triphone ``items``, context
+    within, as the study measures both its unit and its feature ABX."""
+    from spidr.eval.abx import abx_error_rate
+
+    return {f"{prefix}_{speaker}": 100.0 * abx_error_rate(features, items, speaker=speaker, context="within",
+                                                          distance=distance, frequency=frequency)
+            for speaker in ("within", "across")}
 
 
 def measure_feature_abx(model: torch.nn.Module, layers: Sequence[int], bench: LmBenchInfo, *,
@@ -290,7 +299,6 @@ def measure_feature_abx(model: torch.nn.Module, layers: Sequence[int], bench: Lm
     on the benchmark's syntactic ``kind`` split: ``{layer: {"abx_within", "abx_across"}}``; empty when the split has
     no item file. One pass of the model over the split for all layers, whose features it holds meanwhile (float32:
     ≈ 0.3 GB a layer for a base model on the default split)."""
-    from spidr.eval.abx import abx_error_rate
     from spidr.eval.features import ExtractionSettings, iter_extracted
     from spidr.eval.items import read_items
     from spidr.lm.bench_units import split_entries
@@ -306,9 +314,7 @@ def measure_feature_abx(model: torch.nn.Module, layers: Sequence[int], bench: Lm
         for layer in layers:
             features[layer][entry.fileid] = result[f"layer_{layer:02d}"]
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
-    return {layer: {f"abx_{speaker}": 100.0 * abx_error_rate(features[layer], items, speaker=speaker,
-                                                             context="within", frequency=rate)
-                    for speaker in ("within", "across")}
+    return {layer: _abx_within_across(features[layer], items, prefix="abx", distance="angular", frequency=rate)
             for layer in layers}
 
 
