@@ -206,6 +206,52 @@ def test_items_skip_phones_next_to_silence() -> None:
     assert alignment.items(segments) == [alignment.Item(20, 30, 10, 40, "B", "AH", "IY")]
 
 
+def test_word_segments_span_each_words_phones() -> None:
+    """Words from a pronunciation: each from its first phone's onset to its last phone's offset, silences (a pause, a
+    closure inside a word) belonging to no word or to the word around them; stress digits do not matter."""
+    pronunciation = (("DH", "AH0"), ("K", "AE1", "T"), ("_",), ("D", "AO1", "G"))
+    segments = [(0, 5, "SIL"), (5, 9, "DH"), (9, 12, "AH"), (12, 20, "K"), (20, 22, "SIL"), (22, 30, "AE"),
+                (30, 33, "T"), (33, 50, "SIL"), (50, 54, "D"), (54, 60, "AO"), (60, 64, "G"), (64, 70, "SIL")]
+    assert alignment.word_segments(segments, pronunciation, ("the", "cat", "_", "dog")) == [
+        (5, 12, "the"), (12, 33, "cat"), (50, 64, "dog")]
+    # the same phones, but the engine left one out or said another: refused, naming where
+    with pytest.raises(AlignmentError, match="spoke 7 phones where the pronunciation has 8, first differing at "
+                                             "phone 7: nothing instead of G"):
+        alignment.word_segments([*segments[:-2], (60, 70, "SIL")], pronunciation, ("the", "cat", "_", "dog"))
+    said_other = [*segments[:5], (22, 30, "IH"), *segments[6:]]
+    with pytest.raises(AlignmentError, match="first differing at phone 3: IH T D AO instead of AE T D AO"):
+        alignment.word_segments(said_other, pronunciation, ("the", "cat", "_", "dog"))
+    with pytest.raises(ValueError, match="3 word labels for a pronunciation of 4 entries"):
+        alignment.word_segments(segments, pronunciation, ("the", "cat", "dog"))
+
+
+def test_request_words_label_the_pronunciation() -> None:
+    pronunciation = (("K", "AE1", "T"), ("_",), ("D", "AO1", "G"))
+    assert engines.Request("u", "cat, dog", 1.0, pronunciation).word_labels() == ("kaet", "_", "daog")
+    assert engines.Request("u", "cat, dog", 1.0, pronunciation, ("cat", "_", "dog")).word_labels() == (
+        "cat", "_", "dog")
+    with pytest.raises(ValueError, match="must label the pronunciation's entries one for one"):
+        engines.Request("u", "cat, dog", 1.0, pronunciation, ("cat", "dog"))
+
+
+def test_speech_from_a_pronunciation_keeps_its_words_or_is_dropped(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """synthesize_batch gives an utterance spoken from a pronunciation its word spans, and drops one whose engine said
+    other phones (here: a fake engine that says "k ae t" for every request), naming the difference."""
+    labels = [(0.0, 0.1, "pau"), (0.1, 0.2, "k"), (0.2, 0.3, "ae"), (0.3, 0.4, "t"), (0.4, 0.5, "pau")]
+    audio = np.sin(np.arange(8000) / 5).astype(np.float32)
+    monkeypatch.setattr(engines, "synthesize", lambda voice, requests: [
+        engines.RawUtterance(audio, 16000, labels, "radio") for _ in requests])
+    requests = [engines.Request("cat", "cat", 1.0, (("K", "AE1", "T"),), ("cat",)),
+                engines.Request("cut", "cut", 1.0, (("K", "AH1", "T"),), ("cut",)),
+                engines.Request("text", "cat", 1.0)]
+    cat, cut, text_only = utterance.synthesize_batch(voices.parse_voice("rms"), requests, tmp_path)
+    assert cat.words == ((1600, 6400, "cat"),)  # from k's onset (0.1 s) to t's offset (0.4 s)
+    assert isinstance(cut, utterance.Dropped)
+    assert "first differing at phone 1: AE T instead of AH T" in cut.reason
+    assert text_only.words == ()  # text input: the engine's own pronunciation, no word spans
+
+
 # Text, voices, planning -----------------------------------------------------------------------------------------
 
 

@@ -112,6 +112,39 @@ def test_engines_speak_the_given_phones_exactly(bench, voice):
         assert [p for p in aligned[row.filename] if p != "SIL"] == row.phones.split(), row
 
 
+def _rows(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("folder", ["train", "lexical/dev", "syntactic/dev", "tsc/dev", "lexical_seen/dev"])
+def test_word_alignments_hold_each_files_words_over_their_phones(bench, folder):
+    """word_alignments.tsv: every file's words in the order said (its text's words; a nonword's spelling), each span
+    holding exactly the word's phones of alignments.tsv (the lexicon's; in a lexical set, gold.csv's), from a phone to
+    a phone, spans in order without overlap."""
+    folder = bench.out_dir / folder
+    lex = lexicon()
+    gold = {row.word: row.phones.split() for row in read_lexical_gold(folder / "gold.csv")
+            } if folder.parent.name.startswith("lexical") else {}  # words and nonwords
+    phones: dict[str, list[tuple[float, float, str]]] = {}
+    for utterance, onset, offset, phone, _ in _rows(folder / "alignments.tsv"):
+        phones.setdefault(utterance, []).append((float(onset), float(offset), phone))
+    words: dict[str, list[tuple[float, float, str]]] = {}
+    for utterance, onset, offset, word, _ in _rows(folder / "word_alignments.tsv"):
+        words.setdefault(utterance, []).append((float(onset), float(offset), word))
+    texts = {row[0]: row[4] for row in _rows(folder / "utterances.tsv")}
+    assert set(words) == set(texts) == set(phones)
+    for utterance, text in texts.items():
+        assert [word for _, _, word in words[utterance]] == text.replace(".", " ").replace(",", " ").split(), utterance
+        previous_offset = 0.0
+        for onset, offset, word in words[utterance]:
+            assert previous_offset <= onset < offset
+            inside = [phone for start, end, phone in phones[utterance] if onset <= start and end <= offset]
+            expected = gold[word] if gold else list(lex.phones(word))
+            assert [phone for phone in inside if phone != "SIL"] == expected, (utterance, word)
+            assert "SIL" not in (inside[0], inside[-1])
+            previous_offset = offset
+
+
 def test_same_settings_same_files_whatever_the_workers(bench, tmp_path):
     again = generate_lm_bench(tmp_path / "again", TINY, jobs=1)
     assert _digest(again.out_dir) == _digest(bench.out_dir)

@@ -13,6 +13,7 @@ import bisect
 from dataclasses import dataclass
 
 from spidr.corpus.phones import (
+    PAUSE,
     SILENCE,
     UnmappedPhoneError,
     espeak_to_arpabet,
@@ -175,6 +176,37 @@ def check(segments: list[Segment], num_samples: int) -> None:
             raise UnmappedPhoneError(f"segment {i} has label {phone!r}, not in ARPAbet-39 + SIL")
         if i > 0 and phone == SILENCE and segments[i - 1][2] == SILENCE:
             raise AlignmentError(f"segments {i - 1} and {i} are consecutive silences")
+
+
+def word_segments(segments: list[Segment], pronunciation: tuple[tuple[str, ...], ...],
+                  words: tuple[str, ...]) -> list[Segment]:
+    """The words of an utterance spoken from ``pronunciation`` (an engine request's: ARPAbet phones per word, stress
+    digits allowed, ``(PAUSE,)`` for a pause), as ``(onset, offset, word)`` segments in samples: from its first
+    phone's onset to its last phone's offset. ``words`` labels the pronunciation's entries (a pause's label is
+    ignored). Silences between words belong to no word.
+
+    Raises ``AlignmentError`` unless the alignment's phones (silences aside) are exactly the pronunciation's: the
+    engine then said something else than was asked, and neither its words nor its gold phones could be trusted.
+    """
+    if len(words) != len(pronunciation):
+        raise ValueError(f"{len(words)} word labels for a pronunciation of {len(pronunciation)} entries")
+    spoken = [(onset, offset, phone) for onset, offset, phone in segments if phone != SILENCE]
+    asked = [(word, [phone.rstrip("012") for phone in phones])
+             for word, phones in zip(words, pronunciation, strict=True) if phones != (PAUSE,)]
+    asked_phones = [phone for _, phones in asked for phone in phones]
+    said = [phone for _, _, phone in spoken]
+    if said != asked_phones:
+        first = next((i for i, (a, b) in enumerate(zip(said, asked_phones, strict=False)) if a != b),
+                     min(len(said), len(asked_phones)))
+        raise AlignmentError(f"the engine spoke {len(said)} phones where the pronunciation has {len(asked_phones)}, "
+                             f"first differing at phone {first}: {' '.join(said[first:first + 4]) or 'nothing'} "
+                             f"instead of {' '.join(asked_phones[first:first + 4]) or 'nothing'}")
+    result, start = [], 0
+    for word, phones in asked:
+        if phones:
+            result.append((spoken[start][0], spoken[start + len(phones) - 1][1], word))
+        start += len(phones)
+    return result
 
 
 # Views used by evaluation ---------------------------------------------------------------------------------------

@@ -41,6 +41,19 @@ class Request:
     # Speak this pronunciation instead of the text: one tuple of ARPAbet phones (stress digits kept) per word, or
     # (PAUSE,) for a pause. The text is then only a label.
     pronunciation: tuple[tuple[str, ...], ...] | None = None
+    # The word each pronunciation entry says (its label in the word alignment); None: the entry's phones, spelt.
+    words: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.words is not None and (self.pronunciation is None or len(self.words) != len(self.pronunciation)):
+            raise ValueError(f"request {self.utt_id}: words {self.words} must label the pronunciation's entries one "
+                             f"for one (pronunciation: {self.pronunciation})")
+
+    def word_labels(self) -> tuple[str, ...]:
+        """A label per pronunciation entry: ``words``, else the entry's stress-free phones spelt (K AE1 T → "kaet")."""
+        assert self.pronunciation is not None
+        return self.words or tuple("".join(phone.rstrip("012").lower() for phone in phones)
+                                   for phones in self.pronunciation)
 
 
 def flite_phones(pronunciation: tuple[tuple[str, ...], ...]) -> str:

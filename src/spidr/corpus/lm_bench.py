@@ -5,7 +5,8 @@ draws balanced nonwords (``nonwords``) and minimal pairs (``minimal_pairs``), sp
 pronunciation* (flite ``-p`` / espeak-ng phoneme input, so a word and its nonword take the same path), and writes:
 
     out_dir/train/wavs/<speaker>/<utt>.wav + manifest.csv, alignments.jsonl, frame_labels_20ms.jsonl, ...
-        (the LM training corpus, spoken by the training voices; the files of ``spidr synth-corpus``)
+        (the LM training corpus, spoken by the training voices; the files of ``spidr synth-corpus``, plus
+        word_alignments.tsv: each word's span, from its first phone to its last)
     out_dir/lexical/<split>/<name>.wav + gold.csv    (id,filename,voice,frequency,word,phones,length,correct)
     out_dir/syntactic/<split>/<name>.wav + gold.csv  (id,filename,voice,type,subtype,transcription,correct)
     out_dir/tsc/<split>/<n>_<id>_<correct|incorrect>.wav + gold.csv  (id,filename,voice,type,transcription,correct)
@@ -14,9 +15,10 @@ pronunciation* (flite ``-p`` / espeak-ng phoneme input, so a word and its nonwor
         a new voice)
     out_dir/info.json   parameters, counts, the voices and engine versions; written last (a cache marker)
 
-Each test folder also holds ``manifest.csv`` and the frame-label files, so units (or the phone oracle) can be extracted
-from it like from any corpus. Test items are spoken by held-out voices (``test_voices``), never by a training voice
-(``lexical_seen`` excepted). ``frequency`` is the word's count in the training corpus as synthesised (0: out of
+Each test folder also holds ``manifest.csv``, the frame-label files and ``word_alignments.tsv``, so units (or the phone
+oracle) can be extracted from it like from any corpus. Every file's phones (silences aside) are checked to be exactly
+its pronunciation's, so the word spans and the gold ``phones`` of ``lexical/*/gold.csv`` describe its audio. Test
+items are spoken by held-out voices (``test_voices``), never by a training voice (``lexical_seen`` excepted). ``frequency`` is the word's count in the training corpus as synthesised (0: out of
 vocabulary; a training utterance the engines failed on is left out, and listed in ``info.json``). The dev and test
 splits draw their own nonwords, minimal pairs and stories from the same grammar; a split's items do not depend on
 which other splits are made. Everything depends only on the settings: the same settings give byte-identical files,
@@ -52,6 +54,7 @@ from spidr.corpus.language import (
 )
 from spidr.corpus.minimal_pairs import PAIRS_PER_BLOCK, story_pairs, syntactic_pairs
 from spidr.corpus.nonwords import LexicalPair, PhoneNgrams, balance, candidates, cmudict_pronunciations
+from spidr.corpus.phones import PAUSE
 from spidr.lm.zerospeech import (
     GoldItem,
     LexicalItem,
@@ -69,8 +72,9 @@ if TYPE_CHECKING:  # the synthesis modules (numpy, soxr, espeak) load only when 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
-# 3: nonwords balanced per frequency band, an OOV word's unseen bigrams kept; no syntactic triple seen in training)
+FORMAT_VERSION = 4  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
+# 3: nonwords balanced per frequency band, an OOV word's unseen bigrams kept; no syntactic triple seen in training;
+# 4: word_alignments.tsv, and a file whose spoken phones are not its pronunciation's is dropped)
 TRAIN_VOICES = ("awb", "slt", "kal16", "espeak_m1", "espeak_m3", "espeak_f1", "espeak_f3")
 TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor of the demo's SpidR
 SEEN_VOICES = ("awb", "espeak_m1")  # training voices, one per engine, for lexical_seen (lm-study, the demo)
@@ -219,6 +223,7 @@ class Item:
     text: str
     pronunciation: tuple[tuple[str, ...], ...]  # an engine request's input (``engines.Request``)
     row: GoldItem
+    words: tuple[str, ...]  # what each pronunciation entry says (PAUSE for a pause): the word alignment's labels
 
 
 def _names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
@@ -246,7 +251,7 @@ def _training_plan(settings: LmBenchSettings, utterances: list[TrainingUtterance
         voice = settings.train_voices[i % len(settings.train_voices)]
         rate = round(1 + speeds[voice].uniform(-settings.rate_jitter, settings.rate_jitter), 3)
         requests[voice].append(Request(_training_id(settings, i), utterance.text, rate,
-                                       pronounce_utterance(utterance.words)))
+                                       pronounce_utterance(utterance.words), utterance.words))
     return requests
 
 
@@ -265,7 +270,7 @@ def _lexical_items(settings: LmBenchSettings, split: str, pairs: Sequence[Lexica
                 bare = [strip_stress(p) for p in pron]
                 row = LexicalItem(str(number), name, voice, pair.frequency, spelling, " ".join(bare), len(bare),
                                   correct)
-                items.append(Item(name, voice, spelling, (pron,), row))
+                items.append(Item(name, voice, spelling, (pron,), row, (spelling,)))
     return items
 
 
@@ -298,7 +303,7 @@ def _syntactic_items(settings: LmBenchSettings, split: str, seen: set[tuple[str,
         for voice in settings.test_voices:
             for words, correct, name in zip((pair.good, pair.bad), (True, False), _names(rng, 2, taken), strict=True):
                 row = SyntacticItem(str(number), name, voice, pair.type, pair.subtype, " ".join(words), correct)
-                items.append(Item(name, voice, row.transcription, pronounce_utterance(words), row))
+                items.append(Item(name, voice, row.transcription, pronounce_utterance(words), row, words))
     return items
 
 
@@ -318,7 +323,7 @@ def _tsc_items(settings: LmBenchSettings, split: str, seen: set[tuple[str, str, 
                 file_number += 1
                 text = ". ".join(" ".join(sentence) for sentence in (*pair.prefix, ending))
                 row = StoryClozeItem(str(number), name, voice, "tsc", text, correct)
-                items.append(Item(name, voice, text, pronounce_utterance(words), row))
+                items.append(Item(name, voice, text, pronounce_utterance(words), row, words))
     return items
 
 
@@ -367,7 +372,8 @@ def _synthesise_items(items: list[Item], folder: Path, voices: dict[str, Voice],
         first.setdefault((item.voice, item.pronunciation), item)
     requests: dict[str, list[Request]] = {}
     for item in first.values():
-        requests.setdefault(item.voice, []).append(Request(item.filename, item.text, 1.0, item.pronunciation))
+        requests.setdefault(item.voice, []).append(Request(item.filename, item.text, 1.0, item.pronunciation,
+                                                           item.words))
     tasks = [(voices[v], reqs[i:i + BATCH_SIZE], folder, False) for v, reqs in requests.items()
              for i in range(0, len(reqs), BATCH_SIZE)]
     made = {r.utt_id: r for batch in run_tasks(tasks, jobs, _synthesise_task) for r in batch}
@@ -378,8 +384,13 @@ def _synthesise_items(items: list[Item], folder: Path, voices: dict[str, Voice],
             path = (folder / f"{item.filename}.wav").resolve()
             if path != source.path:
                 shutil.copyfile(source.path, path)
+            # Same pronunciation, same timing; the labels are the item's own (a word and a homophone differ).
+            labels = [word for word, phones in zip(item.words, item.pronunciation, strict=True)
+                      if phones != (PAUSE,)]
+            words = tuple((onset, offset, word)
+                          for (onset, offset, _), word in zip(source.words, labels, strict=True))
             spoken[item.filename] = Utterance(item.filename, source.voice, source.speaker, item.text, path,
-                                              source.num_samples, source.segments)
+                                              source.num_samples, source.segments, words)
     size = Counter((item.row.id, item.voice) for item in items)
     alive = Counter((item.row.id, item.voice) for item in items if item.filename in spoken)
     kept = [item for item in items if alive[(item.row.id, item.voice)] == size[(item.row.id, item.voice)]]

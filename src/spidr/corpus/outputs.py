@@ -8,6 +8,8 @@ renamed, so a reader never sees half a file.
 |---|---|
 | ``manifest.csv`` | ``fileid,path,num_samples`` (absolute wav paths; the training manifest format) |
 | ``alignments.tsv`` | header, then ``utt_id onset offset phone speaker`` per phone (tab-separated) |
+| ``word_alignments.tsv`` | header, then ``utt_id onset offset word speaker`` per word: only for speech made from
+  pronunciations (the spoken-LM benchmark), whose words are known phone by phone |
 | ``alignments.jsonl`` | ``{"name": utt_id, "phones": [...]}``, one phone per 10 ms frame (SpidR's format) |
 | ``frame_labels_20ms.jsonl`` | the same at 20 ms, the models' frame rate (for PNMI) |
 | ``phoneme.item`` / ``triphone.item`` | Libri-light ABX item files: the centre phone's span / the whole triphone |
@@ -28,6 +30,7 @@ from spidr.corpus.voices import Voice
 
 MANIFEST = "manifest.csv"
 ALIGNMENTS_TSV = "alignments.tsv"
+WORD_ALIGNMENTS_TSV = "word_alignments.tsv"
 ALIGNMENTS_JSONL = "alignments.jsonl"
 FRAME_LABELS_20MS = "frame_labels_20ms.jsonl"
 PHONEME_ITEM = "phoneme.item"
@@ -73,6 +76,11 @@ def write_all(out_dir: Path, utterances: list[Utterance], voices: list[Voice]) -
         f"{u.utt_id}\t{seconds(onset)}\t{seconds(offset)}\t{phone}\t{u.speaker}"
         for u in utterances for onset, offset, phone in u.segments
     )])
+    if any(u.words for u in utterances):
+        write_text(out_dir / WORD_ALIGNMENTS_TSV, ["utt_id\tonset\toffset\tword\tspeaker", *(
+            f"{u.utt_id}\t{seconds(onset)}\t{seconds(offset)}\t{word}\t{u.speaker}"
+            for u in utterances for onset, offset, word in u.words
+        )])
     for name, frame_ms in ((ALIGNMENTS_JSONL, 10), (FRAME_LABELS_20MS, 20)):
         frame_samples = SAMPLE_RATE * frame_ms // 1000
         write_text(out_dir / name, (

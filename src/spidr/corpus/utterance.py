@@ -35,6 +35,8 @@ class Utterance:
     path: Path  # the wav, absolute
     num_samples: int
     segments: list[Segment]
+    # (onset, offset, word) in samples, for speech made from a pronunciation (the spoken-LM benchmark); else empty
+    words: tuple[Segment, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ def synthesize_batch(voice: Voice, requests: list[engines.Request], wav_dir: Pat
             if isinstance(raw, engines.SynthesisError):
                 raise raw
             samples, segments = _finish(raw, voice)
+            words = () if request.pronunciation is None else tuple(
+                alignment.word_segments(segments, request.pronunciation, request.word_labels()))
         except (engines.SynthesisError, AlignmentError, UnmappedPhoneError) as error:
             logger.debug("dropping %s (%s): %s", request.utt_id, request.text, error)
             records.append(Dropped(request.utt_id, voice.name, request.text, str(error)))
@@ -101,5 +105,5 @@ def synthesize_batch(voice: Voice, requests: list[engines.Request], wav_dir: Pat
         path = (folder / f"{request.utt_id}.wav").resolve()
         write_wav(path, samples)
         records.append(Utterance(request.utt_id, voice.name, voice.speaker, request.text, path, len(samples),
-                                 segments))
+                                 segments, words))
     return records
