@@ -7,6 +7,7 @@ import json
 import shutil
 from collections import Counter
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,18 @@ def test_same_settings_same_files_whatever_the_workers(bench, tmp_path):
     assert generate_lm_bench(tmp_path / "again", TINY).counts == again.counts
     with pytest.raises(ValueError, match="other settings"):
         generate_lm_bench(tmp_path / "again", LmBenchSettings(train_utterances=22, splits=("dev",)))
+
+
+def test_the_lexicon_is_kept_and_another_one_is_not_reused(bench, monkeypatch):
+    """OUT/language.json is the shipped lexicon, byte for byte, and its SHA-256 is a parameter: the same settings
+    with an edited lexicon do not reuse the benchmark."""
+    shipped = resources.files("spidr.corpus").joinpath("language.json").read_bytes()
+    assert (bench.out_dir / "language.json").read_bytes() == shipped
+    assert bench.parameters["language"] == hashlib.sha256(shipped).hexdigest()
+    assert generate_lm_bench(bench.out_dir, TINY).parameters == bench.parameters  # reused as is
+    monkeypatch.setattr(lm_bench, "language_digest", lambda: "0" * 64)
+    with pytest.raises(ValueError, match=r"other settings \(differing: language\)"):
+        generate_lm_bench(bench.out_dir, TINY)
 
 
 def test_training_stories_are_spoken_with_pauses_between_sentences(bench):

@@ -15,6 +15,7 @@ its own ``random.Random`` seeded with a string, so one list never depends on ano
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -103,9 +104,20 @@ class Lexicon:
 
 
 @cache
+def language_json() -> str:
+    """The shipped lexicon's file, ``language.json``, as text (a benchmark keeps a copy and its digest)."""
+    return resources.files("spidr.corpus").joinpath("language.json").read_text(encoding="utf-8")
+
+
+def language_digest() -> str:
+    """SHA-256 of ``language_json()``: a benchmark made from another lexicon (an edited word list) is not reused."""
+    return hashlib.sha256(language_json().encode("utf-8")).hexdigest()
+
+
+@cache
 def lexicon() -> Lexicon:
     """The shipped lexicon (``language.json``)."""
-    data = json.loads(resources.files("spidr.corpus").joinpath("language.json").read_text(encoding="utf-8"))
+    data = json.loads(language_json())
     topics = tuple(data["topics"])
     humans = tuple(Noun(sg, pl, None, gender) for gender, pairs in data["humans"].items() for sg, pl in pairs)
     return Lexicon(

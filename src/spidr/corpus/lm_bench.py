@@ -13,16 +13,19 @@ pronunciation* (flite ``-p`` / espeak-ng phoneme input, so a word and its nonwor
     out_dir/lexical_seen/<split>/<name>.wav + gold.csv  (with ``seen_voices``: the lexical pairs again, spoken by
         training voices — a diagnostic that tells an LM that learnt no words from units that do not carry over to
         a new voice)
+    out_dir/language.json  the lexicon it was made from (topics, parts of speech, number forms, genders, ARPAbet
+        pronunciations; its SHA-256 is one of the parameters, so a benchmark of an edited lexicon is made again)
     out_dir/info.json   parameters, counts, the voices and engine versions; written last (a cache marker)
 
 Each test folder also holds ``manifest.csv``, the frame-label files and ``word_alignments.tsv``, so units (or the phone
 oracle) can be extracted from it like from any corpus. Every file's phones (silences aside) are checked to be exactly
 its pronunciation's, so the word spans and the gold ``phones`` of ``lexical/*/gold.csv`` describe its audio. Test
-items are spoken by held-out voices (``test_voices``), never by a training voice (``lexical_seen`` excepted). ``frequency`` is the word's count in the training corpus as synthesised (0: out of
-vocabulary; a training utterance the engines failed on is left out, and listed in ``info.json``). The dev and test
-splits draw their own nonwords, minimal pairs and stories from the same grammar; a split's items do not depend on
-which other splits are made. Everything depends only on the settings: the same settings give byte-identical files,
-whatever the number of worker processes.
+items are spoken by held-out voices (``test_voices``), never by a training voice (``lexical_seen`` excepted).
+``frequency`` is the word's count in the training corpus as synthesised (0: out of vocabulary; a training utterance
+the engines failed on is left out, and listed in ``info.json``). The dev and test splits draw their own nonwords,
+minimal pairs and stories from the same grammar; a split's items do not depend on which other splits are made.
+Everything depends only on the settings (and the lexicon): the same settings give byte-identical files, whatever the
+number of worker processes.
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spidr import __version__
+from spidr.atomic_files import replaced_when_done
 from spidr.corpus.language import (
     Lexicon,
     TrainingUtterance,
     join_with_pauses,
+    language_digest,
+    language_json,
     lexicon,
     pronounce_utterance,
     strip_stress,
@@ -82,7 +88,8 @@ TASKS = ("lexical", "syntactic", "tsc")
 SPLITS = ("dev", "test")  # planned in this order: the test split avoids the dev split's nonwords
 VOICE_OPTIONS = ("train_voices", "test_voices", "tsc_voices", "seen_voices")
 SEEN_TASK = "lexical_seen"  # the lexical pairs spoken by training voices (``LmBenchSettings.seen_voices``)
-FOLDERS = ("train", *TASKS, SEEN_TASK)  # what a benchmark writes besides info.json
+LANGUAGE_JSON = "language.json"  # a copy of the lexicon the benchmark was made from
+FOLDERS = ("train", *TASKS, SEEN_TASK)  # what a benchmark writes besides info.json and language.json
 GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold,
                 SEEN_TASK: write_lexical_gold}
 MEAN_TRAIN_UTTERANCE_S = 6.7  # measured (650 utterances of the default voices: 1.21 h); --train-hours → utterances
@@ -419,7 +426,7 @@ def _engine_versions() -> dict[str, str]:
 
 def bench_parameters(settings: LmBenchSettings) -> dict[str, Any]:
     """What ``info.json`` records of the settings, and what a cached benchmark must match to be reused."""
-    parameters = {"format": FORMAT_VERSION, **json.loads(json.dumps(asdict(settings)))}
+    parameters = {"format": FORMAT_VERSION, "language": language_digest(), **json.loads(json.dumps(asdict(settings)))}
     if not settings.seen_voices:  # benchmarks made before the option existed stay reusable
         del parameters["seen_voices"]
     return parameters
@@ -445,7 +452,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     planned = training_utterances(str(settings.seed), settings.train_utterances, lex)
     _check_test_sentences_possible(settings, planned, lex)  # before anything is deleted or made
     started = time.perf_counter()
-    for name in (*FOLDERS, INFO_JSON):
+    for name in (*FOLDERS, LANGUAGE_JSON, INFO_JSON):
         path = out_dir / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -501,6 +508,8 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
                        for v in voices.values()},
             "dropped": [{"utt_id": d.utt_id, "voice": d.voice, "text": d.text, "reason": d.reason}
                         for d in train_dropped]}
+    with replaced_when_done(out_dir / LANGUAGE_JSON) as temporary:
+        temporary.write_bytes(language_json().encode("utf-8"))  # byte for byte: its digest is a parameter
     outputs.write_text(out_dir / INFO_JSON, [json.dumps(info, indent=1)])
     logger.info("made the spoken-LM benchmark in %s in %.0f s: %s", out_dir, time.perf_counter() - started,
                 json.dumps(counts))
@@ -519,6 +528,7 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
             raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: "
                              f"{', '.join(changed)}); choose another directory, or delete {out_dir} to make it "
                              "again (spidr synth-lm-bench can also replace it: --overwrite)")
-    elif out_dir.is_dir() and any(p.name not in FOLDERS for p in out_dir.iterdir()) and not overwrite:
+    elif (out_dir.is_dir() and not overwrite
+          and any(p.name not in (*FOLDERS, LANGUAGE_JSON) for p in out_dir.iterdir())):
         raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory")
     return None
