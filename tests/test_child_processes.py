@@ -41,6 +41,7 @@ def test_pool_workers_end_with_a_killed_parent(tmp_path):
     assert all(_alive(pid) for pid in workers)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
+    parent.stdout.close()
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in workers):  # (zombies reaped by init count as gone once they are)
         assert time.monotonic() < deadline, "the pool's workers outlived their killed parent"

@@ -670,7 +670,7 @@ def test_a_copied_corpus_is_made_again_in_its_own_folder(tmp_path: Path) -> None
     original = synthesize_corpus(tmp_path / "a", voices=["kal16"], num_utterances_per_voice=1, jobs=1)
     shutil.copytree(original.out_dir, tmp_path / "copy")
     copy = synthesize_corpus(tmp_path / "copy", voices=["kal16"], num_utterances_per_voice=1, jobs=1)
-    paths = [Path(row["path"]) for row in csv.DictReader((copy.out_dir / "manifest.csv").open())]
+    paths = [Path(row["path"]) for row in csv.DictReader((copy.out_dir / "manifest.csv").read_text().splitlines())]
     assert paths
     assert all(path.is_relative_to(copy.out_dir) and path.is_file() for path in paths)
 
@@ -693,6 +693,6 @@ def test_a_second_synthesis_into_a_folder_waits_and_reuses_the_corpus(tmp_path: 
         time.sleep(0.02)
     second = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=12, jobs=1)  # waits, then reuses
     assert first.wait(timeout=120) == 0
-    paths = [Path(row["path"]) for row in csv.DictReader((second.out_dir / "manifest.csv").open())]
+    paths = [Path(row["path"]) for row in csv.DictReader((second.out_dir / "manifest.csv").read_text().splitlines())]
     assert len(paths) == 12
     assert all(path.is_file() for path in paths)

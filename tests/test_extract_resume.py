@@ -80,7 +80,7 @@ def _dying_extraction(manifest: Path, out: Path, *, die_in: str, after: int) -> 
 
 def _outputs(out: Path) -> tuple[dict[str, np.ndarray], dict[str, dict[str, list[int]]]]:
     arrays = {str(p.relative_to(out)): np.load(p) for p in sorted(out.glob("layer_*/**/*.npy"))}
-    units = {p.stem: {json.loads(line)["audio"]: json.loads(line)["units"] for line in p.open()}
+    units = {p.stem: {json.loads(line)["audio"]: json.loads(line)["units"] for line in p.read_text().splitlines()}
              for p in sorted((out / "codebook_units").glob("*.jsonl"))}
     return arrays, units
 

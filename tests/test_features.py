@@ -205,7 +205,8 @@ def test_extract_to_directory_writes_mirrored_tree_and_metadata(model, tmp_path)
     assert list(metadata["skipped"]) == [str(tmp_path / "audio" / "missing.wav")]
     features = np.load(tmp_path / "out" / "layer_02" / "a" / "a1.npy")
     assert features.shape == (num_frames(entries[1].num_samples, TINY["extractor_conv_layer_config"]), 32)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "codebook_units" / "layer_03.jsonl").open()]
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "codebook_units" / "layer_03.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     assert all(0 <= u < 16 for row in rows for u in row["units"])
     saved = json.loads((tmp_path / "out" / "metadata.json").read_text())
@@ -237,7 +238,8 @@ def test_codebook_units_are_keyed_like_the_features(model, tmp_path):
     assert sorted(features) == sorted(units) == ["spk1-utt-a", "spk2-utt-b"]
     for name, values in units.items():
         assert values.shape == (features[name].shape[0],)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "codebook_units" / "layer_03.jsonl").open()]
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "codebook_units" / "layer_03.jsonl").read_text().splitlines()]
     assert {row["name"]: row["audio"] for row in rows} == {"spk1-utt-a": str(audio / "take1.wav"),
                                                            "spk2-utt-b": str(audio / "take2.wav")}
     # a folder begun when rows were keyed by the audio stem is not topped up with rows keyed by id
@@ -284,7 +286,8 @@ def test_long_files_go_through_windows_and_match_the_short_path(model, tmp_path)
     b = np.load(tmp_path / "windowed" / "layer_02" / "long.npy")
     assert a.shape == b.shape == (num_frames(8 * 16000, TINY["extractor_conv_layer_config"]), 32)
     assert np.abs(a - b).mean() / np.abs(a).mean() < 0.05
-    units = [json.loads(line) for line in (tmp_path / "windowed" / "codebook_units" / "layer_03.jsonl").open()]
+    units = [json.loads(line) for line in
+             (tmp_path / "windowed" / "codebook_units" / "layer_03.jsonl").read_text().splitlines()]
     assert len(units[0]["units"]) == a.shape[0]
 
 
@@ -313,7 +316,7 @@ def test_files_too_short_or_not_finite_are_skipped_by_name_on_either_path(model,
     assert metadata["skipped"][str(audio / "nan.wav")] == "contains NaN or Inf samples"
     assert sorted(p.name for p in (tmp_path / "out").glob("layer_01/*")) == ([] if alone else ["ok.npy"])
     rows = [json.loads(line)["audio"] for path in (tmp_path / "out").glob("codebook_units/layer_03.jsonl")
-            for line in path.open()]
+            for line in path.read_text().splitlines()]
     assert rows == ([] if alone else [str(audio / "ok.wav")])
     # iter_units (lm-units) skips them the same way: alone, the short file stopped it with no name; beside a longer
     # file it gave the short one units of length 0

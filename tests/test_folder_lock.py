@@ -41,6 +41,7 @@ def test_another_process_is_refused_by_name_until_the_holder_ends(tmp_path):
     finally:
         holder.terminate()
         holder.wait()
+        holder.stdout.close()
     with folder_lock(tmp_path, "the job"):
         assert (tmp_path / ".lock").read_text() == f"process {os.getpid()}\n"
 
@@ -49,6 +50,7 @@ def test_a_killed_holder_frees_the_folder_though_its_forked_child_lives(tmp_path
     holder = _holder(tmp_path, "fork")
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
+    holder.stdout.close()
     try:
         deadline = time.monotonic() + 10
         while True:  # the kernel releases the lock when the killed process is gone, not later

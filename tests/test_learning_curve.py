@@ -413,6 +413,7 @@ def test_child_processes_end_with_a_killed_parent(tmp_path):
     assert _alive(child)
     parent.kill()
     parent.wait()
+    parent.stdout.close()
     deadline = time.monotonic() + 10
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -71,7 +71,7 @@ def test_local_executor_tasks_train_as_one_distributed_job(tmp_path, config, mon
                                         dump_dir=str(tmp_path / "jobs")), cluster="local")
     assert job.results() == ["completed", "completed"], job.stderr()
     assert "INFO spidr.train.checkpoint: saved checkpoint" in job.stderr()  # the trainer's log reaches the job's
-    records = [json.loads(line) for line in (cfg.run.run_dir / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (cfg.run.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [record["step"] for record in records if record.get("group") == "train"]
     assert steps == [1, 2]
     final = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)
