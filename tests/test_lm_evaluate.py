@@ -20,12 +20,14 @@ from spidr import cli
 from spidr.lm.evaluate import (
     accuracy,
     bootstrap_ci,
+    breakdown_records,
     evaluate_benchmark,
     evaluate_lexical,
     evaluate_storycloze,
     evaluate_syntactic,
     frequency_band,
     pair_score,
+    write_task_tables,
 )
 from spidr.lm.zerospeech import (
     LexicalItem,
@@ -432,7 +434,8 @@ def test_evaluate_benchmark_over_the_layout(tmp_path: Path) -> None:
     assert summary["ssc"] == pytest.approx(50.0)
     details = summary["details"]
     assert details["lexical"]["accuracy"]["swuggy_all"]["n"] == 3
-    assert details["lexical"]["by_frequency"][2] == {"frequency": "6-20", "n": 1, "score": 100.0, "std": None}
+    assert details["lexical"]["by_frequency"][2] == {"frequency": "6-20", "n": 1, "score": 100.0, "std": None,
+                                                     "ci95": None, "p_value": None}  # no interval of one value
     assert details["ssc"]["gold"] == str(bench / "ssc" / "dev")
     low, high = details["syntactic"]["accuracy"]["sblimp"]["ci95"]
     assert 0.0 <= low <= 50.0 <= high <= 100.0
@@ -448,8 +451,9 @@ def test_evaluate_benchmark_over_the_layout(tmp_path: Path) -> None:
     assert by_pair[2] == {"id": "3", "word": "word", "non word": "word0;word1", "frequency": "150", "length": "6",
                           "score": "0.875"}
     with (out / "score_lexical_dev_by_frequency.csv").open() as handle:
-        assert list(csv.reader(handle))[:3] == [["frequency", "n", "score", "std"], ["oov", "1", "0.5", ""],
-                                                ["1-5", "0", "", ""]]
+        assert list(csv.reader(handle))[:3] == [
+            ["frequency", "n", "score", "std", "ci_low", "ci_high", "p_value"], ["oov", "1", "0.5", "", "", "", ""],
+            ["1-5", "0", "", "", "", "", ""]]
 
 
 def test_seen_voice_lexical_is_scored_as_lexical_under_its_own_names(tmp_path: Path) -> None:
@@ -485,7 +489,7 @@ def test_cli_readable_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert re.search(r"^swuggy_all\s+79\.17\s+3\s+\[", out, flags=re.MULTILINE)
     assert "lexical by frequency (test)" in out
-    assert re.search(r"^\s+6-20\s+1\s+100\.00\s+–$", out, flags=re.MULTILINE)
+    assert re.search(r"^\s+6-20\s+1\s+100\.00\s+–\s+–\s+–$", out, flags=re.MULTILINE)  # std, CI, p: none
     assert "syntactic by type" in out
     assert (tmp_path / "o" / "score_syntactic_test_by_type.csv").is_file()
 
@@ -551,3 +555,47 @@ def test_pairing_errors_name_the_gold_file(tmp_path: Path) -> None:
                                                                                         frequency=2))
     with pytest.raises(ValueError, match="pair id '1': the word rows of its voices disagree"):
         evaluate_lexical(rows, scores)
+
+
+def test_breakdown_rows_get_the_interval_of_their_own_values(tmp_path: Path, capsys) -> None:
+    """A breakdown row of ≥ 5 values gets the CI and p-value that accuracy() gives its values (same seed): one
+    syntactic type at 90 % over 40 pairs is above chance, one at 55 % is not; a row of 4 values gets none. Through
+    the JSON, the CSV and the printed report."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for syntactic_type, wins, count in (("strong", 36, 40), ("weak", 22, 40), ("tiny", 3, 4)):
+        outcome = rng.permutation([1.0] * wins + [0.0] * (count - wins))
+        for i, won in enumerate(outcome):
+            pairs.append(syntactic_pair(syntactic_type, "s", f"{syntactic_type}{i}", "A",
+                                        0.0 if won else -1.0, -1.0 if won else 0.0))
+    gold, scores = build(*pairs)
+    result = evaluate_syntactic(gold, scores, seed=3)
+    rows = {row.group[0]: row for row in result.breakdowns["by_type"].rows}
+    for syntactic_type, wins, count in (("strong", 36, 40), ("weak", 22, 40)):
+        values = [pair.score for pair in result.by_pair if pair.type == syntactic_type]
+        expected = accuracy(values, seed=3)
+        assert (rows[syntactic_type].ci_low, rows[syntactic_type].ci_high) == (expected.ci_low, expected.ci_high)
+        assert rows[syntactic_type].p_value == pytest.approx(binomtest(wins, count, 0.5).pvalue)
+    assert rows["strong"].ci_low > 0.5
+    assert rows["weak"].ci_low < 0.5 < rows["weak"].ci_high
+    assert rows["weak"].p_value > 0.05 > rows["strong"].p_value
+    assert (rows["tiny"].ci_low, rows["tiny"].ci_high, rows["tiny"].p_value) == (None, None, None)
+    records = {r["type"]: r for r in breakdown_records(result.breakdowns["by_type"])}
+    assert records["strong"]["ci95"] == pytest.approx([100 * rows["strong"].ci_low, 100 * rows["strong"].ci_high])
+    assert records["tiny"]["ci95"] is None
+    write_task_tables(result, tmp_path, kind="dev")
+    with (tmp_path / "score_syntactic_dev_by_type.csv").open() as handle:
+        table = {row["type"]: row for row in csv.DictReader(handle)}
+    assert float(table["weak"]["ci_low"]) == rows["weak"].ci_low
+    assert float(table["weak"]["p_value"]) == rows["weak"].p_value
+    assert table["tiny"]["ci_low"] == table["tiny"]["p_value"] == ""
+    # the readable report prints each shown row's interval
+    bench = tmp_path / "bench"
+    write_syntactic_gold(bench / "syntactic" / "dev" / "gold.csv", gold)
+    write_submission(tmp_path / "sub" / "syntactic" / "dev.txt", scores)
+    assert cli.main(["lm-eval", str(bench), str(tmp_path / "sub"), "--seed", "3"]) == 0
+    report = capsys.readouterr().out
+    strong = next(line for line in report.splitlines() if line.strip().startswith("strong"))
+    assert f"[{100 * rows['strong'].ci_low:5.2f}, {100 * rows['strong'].ci_high:5.2f}]" in strong
+    tiny = next(line for line in report.splitlines() if line.strip().startswith("tiny"))
+    assert tiny.split()[-2:] == ["–", "–"]

@@ -38,12 +38,16 @@ def _print_report(summary: dict) -> None:
             if not records:
                 continue
             print(f"\n{task} {name.replace('_', ' ')} ({entry['kind']})")
-            labels = [column for column in records[0] if column not in {"n", "score", "std"}]
+            labels = [column for column in records[0] if column not in {"n", "score", "std", "ci95", "p_value"}]
             width = max(len(" / ".join(labels)), *(len(" / ".join(str(r[c]) for c in labels)) for r in records))
-            print(f"  {' / '.join(labels):<{width}}{'n':>8}{'score %':>9}{'std':>8}")
+            print(f"  {' / '.join(labels):<{width}}{'n':>8}{'score %':>9}{'std':>8}  {'95% CI':<16}{'p (vs 50%)':>11}")
             for record in records:
                 label = " / ".join(str(record[column]) for column in labels)
-                print(f"  {label:<{width}}{record['n']:>8}{_format(record['score']):>9}{_format(record['std']):>8}")
+                interval = ("–" if record["ci95"] is None else
+                            f"[{record['ci95'][0]:5.2f}, {record['ci95'][1]:5.2f}]")
+                p_value = "–" if record["p_value"] is None else f"{record['p_value']:.2g}"
+                print(f"  {label:<{width}}{record['n']:>8}{_format(record['score']):>9}{_format(record['std']):>8}  "
+                      f"{interval:<16}{p_value:>11}")
 
 
 def _lm_eval(args: argparse.Namespace) -> int:
@@ -159,7 +163,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "BENCH_DIR/{lexical,syntactic}/KIND/gold.csv and BENCH_DIR/{tsc,ssc}/KIND/ (gold.csv or "
         "{n}_{id}_{correct|incorrect}.wav names), exactly as the ZeroSpeech 2021 toolkit: tie = 1/2, mean over "
         "voices per pair id, then over ids; in-vocab = the frequency bands other than oov. Scores are in percent, "
-        "with 95% bootstrap CIs over pair ids and binomial p-values against chance. A benchmark made with "
+        "with 95% bootstrap CIs over pair ids and binomial p-values against chance (also per breakdown row of 5 "
+        "pairs or more: frequency band, syntactic type, ...). A benchmark made with "
         "spidr synth-lm-bench --seen-voices also has lexical_seen/ (the lexical pairs spoken by training voices), "
         "reported as swuggy_seen_all / swuggy_seen_invocab.",
         formatter_class=FORMATTER,

@@ -9,7 +9,8 @@ The rule (zerospeech2021 ``lexical.py`` / ``syntactic.py``, zerospeech/benchmark
    count-weighted mean of the frequency bands other than ``oov``, i.e. the mean over ids with frequency ≥ 1.
 4. **Breakdowns** (``n``, mean ``score`` and ``std`` with ddof = 1 over pair ids, as pandas' ``agg``): lexical by
    frequency band and by length, sBLIMP by type and by (type, subtype), StoryCloze by type. Every task also has a
-   ``by_voice`` table (the mean of the (id, voice) pair scores per voice), which the toolkit does not have.
+   ``by_voice`` table (the mean of the (id, voice) pair scores per voice), which the toolkit does not have. Beyond
+   the toolkit too, a row of 5 values or more gets its mean's CI and p-value as a headline number does (below).
 
 The frequency bands are the toolkit's ``pandas.cut(frequency, [0, 1, 5, 20, 100, inf], right=False)``: [0, 1)
 ``oov``, [1, 5) ``1-5``, [5, 20) ``6-20``, [20, 100) ``21-100``, [100, ∞) ``>100``; so a word seen 5 times is in
@@ -57,6 +58,10 @@ logger = logging.getLogger(__name__)
 TASKS = ("lexical", "syntactic", "tsc", "ssc", "lexical_seen")
 HEADLINES = ("swuggy_all", "swuggy_invocab", "sblimp", "tsc", "ssc", "swuggy_seen_all", "swuggy_seen_invocab")
 NUM_RESAMPLES = 1000
+# A breakdown row gets a CI and a p-value from this many values on: below it a percentile interval of a handful of
+# 0 / ½ / 1 scores says little more than the values themselves (two values: [lowest, highest]).
+MIN_GROUP_FOR_INTERVAL = 5
+BEYOND_TOOLKIT_COLUMNS = ("ci_low", "ci_high", "p_value")  # after the toolkit's n, score, std in a breakdown CSV
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -100,18 +105,23 @@ Pair = LexicalPair | SyntacticPair | StoryClozePair
 @dataclass(frozen=True)
 class GroupScore:
     """One line of a breakdown: the group's key (one value per column of its :class:`Breakdown`), the number of
-    values, their mean and their standard deviation (ddof = 1; None under 2 values, as pandas' NaN)."""
+    values, their mean and their standard deviation (ddof = 1; None under 2 values, as pandas' NaN); and, beyond the
+    toolkit, the mean's 95 % bootstrap CI and binomial p-value against 50 % (as a headline number's), None under
+    ``MIN_GROUP_FOR_INTERVAL`` values: is one syntactic type above chance, is one band better than another?"""
 
     group: tuple[str | int, ...]
     n: int
     score: float | None
     std: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    p_value: float | None = None
 
 
 @dataclass(frozen=True)
 class Breakdown:
     """A table ``columns + (n, score, std)``: the toolkit's ``groupby(columns).agg(n='count', score='mean',
-    std='std')``."""
+    std='std')``, each row with its interval (:class:`GroupScore`)."""
 
     columns: tuple[str, ...]
     rows: tuple[GroupScore, ...]
@@ -187,17 +197,23 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def breakdown(columns: Sequence[str], keyed_values: Iterable[tuple[tuple[str | int, ...], float]],
-              *, groups: Sequence[tuple[str | int, ...]] | None = None) -> Breakdown:
+              *, groups: Sequence[tuple[str | int, ...]] | None = None, seed: int = 0) -> Breakdown:
     """Group ``(key, value)`` pairs by key; rows sorted by key, or in the order of ``groups`` (which may name groups
-    without any value: they get ``n = 0``)."""
+    without any value: they get ``n = 0``). A row of ``MIN_GROUP_FOR_INTERVAL`` values or more gets the CI and
+    p-value of :func:`accuracy` (bootstrap seeded by ``seed``)."""
     values: dict[tuple[str | int, ...], list[float]] = {}
     for key, value in keyed_values:
         values.setdefault(key, []).append(value)
     order = list(groups) if groups is not None else sorted(values, key=lambda key: tuple(map(_sort_key, key)))
     rows = []
     for key in order:
-        mean, std = _mean_std(values.get(key, []))
-        rows.append(GroupScore(group=key, n=len(values.get(key, [])), score=mean, std=std))
+        group_values = values.get(key, [])
+        mean, std = _mean_std(group_values)
+        row = GroupScore(group=key, n=len(group_values), score=mean, std=std)
+        if len(group_values) >= MIN_GROUP_FOR_INTERVAL:
+            interval = accuracy(group_values, seed=seed)
+            row = replace(row, ci_low=interval.ci_low, ci_high=interval.ci_high, p_value=interval.p_value)
+        rows.append(row)
     return Breakdown(columns=tuple(columns), rows=tuple(rows))
 
 
@@ -257,8 +273,8 @@ def _sorted_keys(keys: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return sorted(keys, key=lambda key: tuple(map(_sort_key, key)))
 
 
-def _by_voice(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]]) -> Breakdown:
-    return breakdown(("voice",), (((key[-1],), value[2]) for key, value in scored.items()))
+def _by_voice(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]], seed: int) -> Breakdown:
+    return breakdown(("voice",), (((key[-1],), value[2]) for key, value in scored.items()), seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -287,7 +303,7 @@ def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *
 
     by_frequency = breakdown(("frequency",), (((band,), pair.score) for pair in pairs
                                               if (band := frequency_band(pair.frequency)) is not None),
-                             groups=[(label,) for label, _, _ in FREQUENCY_BANDS])
+                             groups=[(label,) for label, _, _ in FREQUENCY_BANDS], seed=seed)
     accuracies = {"swuggy_all": accuracy([pair.score for pair in pairs], seed=seed)}
     in_vocab = [pair.score for pair in pairs if frequency_band(pair.frequency) not in {None, "oov"}]
     if in_vocab:
@@ -302,8 +318,8 @@ def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *
         by_pair=tuple(pairs),
         breakdowns={
             "by_frequency": by_frequency,
-            "by_length": breakdown(("length",), (((pair.length,), pair.score) for pair in pairs)),
-            "by_voice": _by_voice(scored),
+            "by_length": breakdown(("length",), (((pair.length,), pair.score) for pair in pairs), seed=seed),
+            "by_voice": _by_voice(scored, seed),
         },
     )
 
@@ -323,9 +339,10 @@ def evaluate_syntactic(gold: Sequence[SyntacticItem], scores: Mapping[str, float
         accuracies={"sblimp": accuracy([pair.score for pair in pairs], seed=seed)},
         by_pair=tuple(pairs),
         breakdowns={
-            "by_type": breakdown(("type",), (((pair.type,), pair.score) for pair in pairs)),
-            "by_subtype": breakdown(("type", "subtype"), (((pair.type, pair.subtype), pair.score) for pair in pairs)),
-            "by_voice": _by_voice(scored),
+            "by_type": breakdown(("type",), (((pair.type,), pair.score) for pair in pairs), seed=seed),
+            "by_subtype": breakdown(("type", "subtype"), (((pair.type, pair.subtype), pair.score) for pair in pairs),
+                                    seed=seed),
+            "by_voice": _by_voice(scored, seed),
         },
     )
 
@@ -349,8 +366,8 @@ def evaluate_storycloze(gold: Sequence[StoryClozeItem], scores: Mapping[str, flo
         accuracies={task: accuracy([pair.score for pair in pairs], seed=seed)},
         by_pair=tuple(pairs),
         breakdowns={
-            "by_type": breakdown(("type",), (((pair.type,), pair.score) for pair in pairs)),
-            "by_voice": _by_voice(scored),
+            "by_type": breakdown(("type",), (((pair.type,), pair.score) for pair in pairs), seed=seed),
+            "by_voice": _by_voice(scored, seed),
         },
     )
 
@@ -482,12 +499,17 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
 
 
 def breakdown_records(table: Breakdown, *, scale: float = 100.0) -> list[dict[str, object]]:
-    """``[{column: value, ..., "n": n, "score": score × scale, "std": std × scale}]`` (None where undefined)."""
+    """``[{column: value, ..., "n": n, "score": score × scale, "std": std × scale, "ci95": [low × scale, high ×
+    scale], "p_value": p}]`` (None where undefined)."""
+    def scaled(value: float | None) -> float | None:
+        return None if value is None else scale * value
+
     records = []
     for row in table.rows:
         record: dict[str, object] = dict(zip(table.columns, row.group, strict=True))
-        record |= {"n": row.n, "score": None if row.score is None else scale * row.score,
-                   "std": None if row.std is None else scale * row.std}
+        record |= {"n": row.n, "score": scaled(row.score), "std": scaled(row.std),
+                   "ci95": None if row.ci_low is None else [scaled(row.ci_low), scaled(row.ci_high)],
+                   "p_value": row.p_value}
         records.append(record)
     return records
 
@@ -513,7 +535,8 @@ def task_details(result: TaskResult, *, gold: str | Path, submission: str | Path
 
 def write_task_tables(result: TaskResult, out_dir: str | Path, *, kind: str) -> list[Path]:
     """Write ``score_{task}_{kind}_by_pair.csv`` and one ``score_{task}_{kind}_{breakdown}.csv`` per breakdown, in
-    the toolkit's fractions (empty cells where pandas would write NaN); returns the paths."""
+    the toolkit's fractions (empty cells where pandas would write NaN); a breakdown's columns are the toolkit's, then
+    ``ci_low``, ``ci_high`` and ``p_value`` (empty under 5 values); returns the paths."""
     out_dir = Path(out_dir)
     paths = []
     path = out_dir / f"score_{result.task}_{kind}_by_pair.csv"
@@ -528,9 +551,10 @@ def write_task_tables(result: TaskResult, out_dir: str | Path, *, kind: str) -> 
         path = out_dir / f"score_{result.task}_{kind}_{name}.csv"
         with path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow([*table.columns, "n", "score", "std"])
+            writer.writerow([*table.columns, "n", "score", "std", *BEYOND_TOOLKIT_COLUMNS])
             for row in table.rows:
-                writer.writerow([*row.group, row.n, _cell(row.score), _cell(row.std)])
+                writer.writerow([*row.group, row.n, _cell(row.score), _cell(row.std), _cell(row.ci_low),
+                                 _cell(row.ci_high), _cell(row.p_value)])
         paths.append(path)
     return paths
 
