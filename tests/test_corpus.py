@@ -17,7 +17,7 @@ import soundfile as sf
 
 from conftest import SHARED, requires_shared
 from spidr.cli import main as cli_main
-from spidr.corpus import alignment, engines, espeak, phones, synth, text, utterance, voices
+from spidr.corpus import alignment, engines, espeak, outputs, phones, synth, text, utterance, voices
 from spidr.corpus.alignment import AlignmentError
 from spidr.corpus.phones import UnmappedPhoneError
 from spidr.corpus.synth import CorpusInfo, synthesize_corpus
@@ -223,6 +223,8 @@ def test_word_segments_span_each_words_phones() -> None:
         alignment.word_segments(said_other, pronunciation, ("the", "cat", "_", "dog"))
     with pytest.raises(ValueError, match="3 word labels for a pronunciation of 4 entries"):
         alignment.word_segments(segments, pronunciation, ("the", "cat", "dog"))
+    with pytest.raises(ValueError, match="a pronunciation entry has no phones"):
+        alignment.said_words(("the", "", "cat"), (("DH", "AH0"), (), ("K", "AE1", "T")))
 
 
 def test_request_words_label_the_pronunciation() -> None:
@@ -250,6 +252,16 @@ def test_speech_from_a_pronunciation_keeps_its_words_or_is_dropped(tmp_path: Pat
     assert isinstance(cut, utterance.Dropped)
     assert "first differing at phone 1: AE T instead of AH T" in cut.reason
     assert text_only.words == ()  # text input: the engine's own pronunciation, no word spans
+    rms = [voices.parse_voice("rms")]
+    for folder in ("one", "none", "corpus"):
+        (tmp_path / folder).mkdir()
+    outputs.write_all(tmp_path / "one", [cat], rms, word_alignments=True)
+    assert (tmp_path / "one" / "word_alignments.tsv").read_text().splitlines() == [
+        "utt_id\tonset\toffset\tword\tspeaker", "cat\t0.1000\t0.4000\tcat\trms"]
+    outputs.write_all(tmp_path / "none", [], rms, word_alignments=True)  # a folder whose every file was dropped
+    assert (tmp_path / "none" / "word_alignments.tsv").read_text() == "utt_id\tonset\toffset\tword\tspeaker\n"
+    outputs.write_all(tmp_path / "corpus", [cat], rms)  # synth-corpus: text input, no word file
+    assert not (tmp_path / "corpus" / "word_alignments.tsv").exists()
 
 
 # Text, voices, planning -----------------------------------------------------------------------------------------

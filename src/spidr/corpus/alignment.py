@@ -188,11 +188,8 @@ def word_segments(segments: list[Segment], pronunciation: tuple[tuple[str, ...],
     Raises ``AlignmentError`` unless the alignment's phones (silences aside) are exactly the pronunciation's: the
     engine then said something else than was asked, and neither its words nor its gold phones could be trusted.
     """
-    if len(words) != len(pronunciation):
-        raise ValueError(f"{len(words)} word labels for a pronunciation of {len(pronunciation)} entries")
     spoken = [(onset, offset, phone) for onset, offset, phone in segments if phone != SILENCE]
-    asked = [(word, [phone.rstrip("012") for phone in phones])
-             for word, phones in zip(words, pronunciation, strict=True) if phones != (PAUSE,)]
+    asked = [(word, [phone.rstrip("012") for phone in phones]) for word, phones in said_words(words, pronunciation)]
     asked_phones = [phone for _, phones in asked for phone in phones]
     said = [phone for _, _, phone in spoken]
     if said != asked_phones:
@@ -203,10 +200,21 @@ def word_segments(segments: list[Segment], pronunciation: tuple[tuple[str, ...],
                              f"instead of {' '.join(asked_phones[first:first + 4]) or 'nothing'}")
     result, start = [], 0
     for word, phones in asked:
-        if phones:
-            result.append((spoken[start][0], spoken[start + len(phones) - 1][1], word))
+        result.append((spoken[start][0], spoken[start + len(phones) - 1][1], word))
         start += len(phones)
     return result
+
+
+def said_words(words: tuple[str, ...],
+               pronunciation: tuple[tuple[str, ...], ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """The (label, phones) of the entries of ``pronunciation`` that are words, not pauses: the rows of its word
+    alignment, in order. Raises ``ValueError`` unless ``words`` labels the entries one for one and every word has
+    phones."""
+    if len(words) != len(pronunciation):
+        raise ValueError(f"{len(words)} word labels for a pronunciation of {len(pronunciation)} entries")
+    if any(not phones for phones in pronunciation):
+        raise ValueError(f"a pronunciation entry has no phones: {pronunciation}")
+    return [(word, phones) for word, phones in zip(words, pronunciation, strict=True) if phones != (PAUSE,)]
 
 
 # Views used by evaluation ---------------------------------------------------------------------------------------

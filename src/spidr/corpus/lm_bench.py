@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from spidr import __version__
 from spidr.atomic_files import replaced_when_done
+from spidr.corpus.alignment import said_words
 from spidr.corpus.language import (
     Lexicon,
     TrainingUtterance,
@@ -60,7 +61,6 @@ from spidr.corpus.language import (
 )
 from spidr.corpus.minimal_pairs import PAIRS_PER_BLOCK, story_pairs, syntactic_pairs
 from spidr.corpus.nonwords import LexicalPair, PhoneNgrams, balance, candidates, cmudict_pronunciations
-from spidr.corpus.phones import PAUSE
 from spidr.lm.zerospeech import (
     GoldItem,
     LexicalItem,
@@ -392,8 +392,7 @@ def _synthesise_items(items: list[Item], folder: Path, voices: dict[str, Voice],
             if path != source.path:
                 shutil.copyfile(source.path, path)
             # Same pronunciation, same timing; the labels are the item's own (a word and a homophone differ).
-            labels = [word for word, phones in zip(item.words, item.pronunciation, strict=True)
-                      if phones != (PAUSE,)]
+            labels = [word for word, _ in said_words(item.words, item.pronunciation)]
             words = tuple((onset, offset, word)
                           for (onset, offset, _), word in zip(source.words, labels, strict=True))
             spoken[item.filename] = Utterance(item.filename, source.voice, source.speaker, item.text, path,
@@ -467,7 +466,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     if train_dropped:
         logger.warning("train: dropped %d of %d utterances (listed in info.json), e.g. %s: %s", len(train_dropped),
                        len(records), train_dropped[0].utt_id, train_dropped[0].reason)
-    outputs.write_all(train_dir, kept, [voices[v] for v in settings.train_voices])
+    outputs.write_all(train_dir, kept, [voices[v] for v in settings.train_voices], word_alignments=True)
 
     # The LM hears the kept utterances only: the word frequencies, the phone n-grams that balance the nonwords and
     # the triples that test sentences avoid come from them.
@@ -494,7 +493,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
                 continue
             folder = out_dir / task / split
             made, rows, dropped = _synthesise_items(items, folder, voices, jobs)
-            outputs.write_all(folder, made, [voices[v] for v in task_voices])
+            outputs.write_all(folder, made, [voices[v] for v in task_voices], word_alignments=True)
             GOLD_WRITERS[task](folder / "gold.csv", rows)
             counts[f"{task}/{split}"] = {"files": len(rows), "pairs": len({r.id for r in rows}),
                                          "dropped_files": dropped,
@@ -509,7 +508,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
             "dropped": [{"utt_id": d.utt_id, "voice": d.voice, "text": d.text, "reason": d.reason}
                         for d in train_dropped]}
     with replaced_when_done(out_dir / LANGUAGE_JSON) as temporary:
-        temporary.write_bytes(language_json().encode("utf-8"))  # byte for byte: its digest is a parameter
+        temporary.write_bytes(language_json())  # byte for byte: its digest is a parameter
     outputs.write_text(out_dir / INFO_JSON, [json.dumps(info, indent=1)])
     logger.info("made the spoken-LM benchmark in %s in %.0f s: %s", out_dir, time.perf_counter() - started,
                 json.dumps(counts))

@@ -8,8 +8,7 @@ renamed, so a reader never sees half a file.
 |---|---|
 | ``manifest.csv`` | ``fileid,path,num_samples`` (absolute wav paths; the training manifest format) |
 | ``alignments.tsv`` | header, then ``utt_id onset offset phone speaker`` per phone (tab-separated) |
-| ``word_alignments.tsv`` | header, then ``utt_id onset offset word speaker`` per word: only for speech made from
-  pronunciations (the spoken-LM benchmark), whose words are known phone by phone |
+| ``word_alignments.tsv`` | header, then ``utt_id onset offset word speaker`` per word (the spoken-LM benchmark's) |
 | ``alignments.jsonl`` | ``{"name": utt_id, "phones": [...]}``, one phone per 10 ms frame (SpidR's format) |
 | ``frame_labels_20ms.jsonl`` | the same at 20 ms, the models' frame rate (for PNMI) |
 | ``phoneme.item`` / ``triphone.item`` | Libri-light ABX item files: the centre phone's span / the whole triphone |
@@ -68,15 +67,17 @@ def write_text(path: Path, lines: Iterable[str]) -> None:
         out.writelines(line + "\n" for line in lines)
 
 
-def write_all(out_dir: Path, utterances: list[Utterance], voices: list[Voice]) -> None:
-    """Write every file of the table above into ``out_dir`` (``info.json`` is the driver's)."""
+def write_all(out_dir: Path, utterances: list[Utterance], voices: list[Voice], *,
+              word_alignments: bool = False) -> None:
+    """Write every file of the table above into ``out_dir`` (``info.json`` is the driver's); ``word_alignments.tsv``
+    with ``word_alignments`` (utterances spoken from pronunciations, whose words are known phone by phone)."""
     write_text(out_dir / MANIFEST, ["fileid,path,num_samples",
                                     *(f"{u.utt_id},{u.path},{u.num_samples}" for u in utterances)])
     write_text(out_dir / ALIGNMENTS_TSV, ["utt_id\tonset\toffset\tphone\tspeaker", *(
         f"{u.utt_id}\t{seconds(onset)}\t{seconds(offset)}\t{phone}\t{u.speaker}"
         for u in utterances for onset, offset, phone in u.segments
     )])
-    if any(u.words for u in utterances):
+    if word_alignments:
         write_text(out_dir / WORD_ALIGNMENTS_TSV, ["utt_id\tonset\toffset\tword\tspeaker", *(
             f"{u.utt_id}\t{seconds(onset)}\t{seconds(offset)}\t{word}\t{u.speaker}"
             for u in utterances for onset, offset, word in u.words
