@@ -207,6 +207,39 @@ def test_frequencies_count_the_training_utterances_kept(tmp_path, monkeypatch):
     assert frequencies[word] == 0
 
 
+def test_a_failed_test_file_takes_its_pair_out_and_is_listed(tmp_path, monkeypatch):
+    """A test file whose synthesis fails (here: a nonword said with other phones) leaves its (id, voice) pair out of
+    gold.csv and the folder, and info.json lists it with its set and reason; the other voice keeps the id."""
+    settings = LmBenchSettings(train_utterances=14, train_voices=("kal16",), test_voices=("rms", "espeak_f2"),
+                               tsc_voices=("rms",), splits=("dev",), syntactic_pairs_per_type=0, tsc_pairs=0,
+                               max_lexical_words=4)
+    real_task = lm_bench._synthesise_task
+    victim = {}
+
+    def one_fails(task):
+        records = real_task(task)
+        voice, requests, folder, _ = task
+        if folder.parts[-2] == "lexical" and voice.name == "espeak_f2" and not victim:
+            nonword = next(r for r in requests if r.words[0] not in lexicon().pronunciations)
+            victim.update(name=nonword.utt_id, text=nonword.text)
+            (folder / f"{nonword.utt_id}.wav").unlink()  # a dropped synthesis writes no wav
+            return [Dropped(r.utt_id, r.voice, r.text, "the engine spoke other phones") if r.utt_id == victim["name"]
+                    else r for r in records]
+        return records
+
+    monkeypatch.setattr(lm_bench, "_synthesise_task", one_fails)
+    info = generate_lm_bench(tmp_path / "b", settings, jobs=1)
+    raw = json.loads((info.out_dir / "info.json").read_text())
+    assert raw["dropped_test_files"] == [{"set": "lexical/dev", "utt_id": victim["name"], "voice": "espeak_f2",
+                                          "text": victim["text"], "reason": "the engine spoke other phones"}]
+    assert raw["counts"]["lexical/dev"]["dropped_files"] == 2  # the nonword and its word, for that voice
+    rows = read_lexical_gold(info.task_dir("lexical", "dev") / "gold.csv")
+    pair_id = next(row.id for row in rows if row.word == victim["text"])
+    assert {(row.voice, row.correct) for row in rows if row.id == pair_id} == {("rms", True), ("rms", False)}
+    wavs = {p.stem for p in info.task_dir("lexical", "dev").glob("*.wav")}
+    assert wavs == {row.filename for row in rows}
+
+
 def test_refusals_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="both training and test voices"):
         LmBenchSettings(test_voices=("slt",))

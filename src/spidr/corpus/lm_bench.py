@@ -366,9 +366,10 @@ def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance],
 
 
 def _synthesise_items(items: list[Item], folder: Path, voices: dict[str, Voice],
-                      jobs: int) -> tuple[list[Utterance], list[GoldItem], int]:
+                      jobs: int) -> tuple[list[Utterance], list[GoldItem], int, list[Dropped]]:
     """Speak each distinct (voice, pronunciation) once into ``folder``, copy it to every file that says the same, and
-    return the utterances and gold rows that survived: a pair that lost one file loses its partners too."""
+    return the utterances and gold rows that survived (a pair that lost one file loses its partners too), the number
+    of files left out and the failed syntheses with their reasons."""
     from spidr.corpus.engines import Request
     from spidr.corpus.synth import BATCH_SIZE, run_tasks
     from spidr.corpus.utterance import Utterance
@@ -403,7 +404,8 @@ def _synthesise_items(items: list[Item], folder: Path, voices: dict[str, Voice],
     for item in items:
         if item.filename in spoken and alive[(item.row.id, item.voice)] != size[(item.row.id, item.voice)]:
             spoken.pop(item.filename).path.unlink()
-    return [spoken[item.filename] for item in kept], [item.row for item in kept], len(items) - len(kept)
+    failed = [record for record in made.values() if not isinstance(record, Utterance)]
+    return [spoken[item.filename] for item in kept], [item.row for item in kept], len(items) - len(kept), failed
 
 
 def _synthesise_task(task: tuple[Voice, list[Request], Path, bool]) -> list[Utterance | Dropped]:
@@ -480,6 +482,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
         "word_tokens": sum(1 for u in utterances for w in u.words if w in lex.pronunciations)}}
 
     taken: set[str] = set()
+    test_dropped: list[dict[str, str]] = []  # failed syntheses of test items (their pairs are left out)
     for split in settings.splits:
         plans = {
             "lexical": (_lexical_items(settings, split, lexical[split], taken), settings.test_voices),
@@ -489,30 +492,43 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
                         settings.seen_voices),
         }
         for task, (items, task_voices) in plans.items():
-            if not items:
-                continue
-            folder = out_dir / task / split
-            made, rows, dropped = _synthesise_items(items, folder, voices, jobs)
-            outputs.write_all(folder, made, [voices[v] for v in task_voices], word_alignments=True)
-            GOLD_WRITERS[task](folder / "gold.csv", rows)
-            counts[f"{task}/{split}"] = {"files": len(rows), "pairs": len({r.id for r in rows}),
-                                         "dropped_files": dropped,
-                                         "hours": round(sum(u.num_samples for u in made) / 16000 / 3600, 4)}
-            if dropped:
-                logger.warning("%s/%s: %d files left out (a synthesis failed in their pair)", task, split, dropped)
+            if items:
+                counts[f"{task}/{split}"], failed = _make_test_set(
+                    out_dir / task / split, task, items, [voices[v] for v in task_voices], voices=voices, jobs=jobs)
+                test_dropped += [{"set": f"{task}/{split}", **_dropped_record(d)} for d in failed]
 
     info = {"format": FORMAT_VERSION, "spidr_version": __version__, "parameters": parameters, "counts": counts,
             "engines": _engine_versions(),
             "voices": {v.name: {"engine": v.engine, "speaker": v.speaker, "person": v.person}
                        for v in voices.values()},
-            "dropped": [{"utt_id": d.utt_id, "voice": d.voice, "text": d.text, "reason": d.reason}
-                        for d in train_dropped]}
+            "dropped": [_dropped_record(d) for d in train_dropped],
+            "dropped_test_files": test_dropped}
     with replaced_when_done(out_dir / LANGUAGE_JSON) as temporary:
         temporary.write_bytes(language_json())  # byte for byte: its digest is a parameter
     outputs.write_text(out_dir / INFO_JSON, [json.dumps(info, indent=1)])
     logger.info("made the spoken-LM benchmark in %s in %.0f s: %s", out_dir, time.perf_counter() - started,
                 json.dumps(counts))
     return LmBenchInfo.load(out_dir)
+
+
+def _make_test_set(folder: Path, task: str, items: list[Item], task_voices: list[Voice], *,
+                   voices: dict[str, Voice], jobs: int) -> tuple[dict[str, Any], list[Dropped]]:
+    """Speak a task's items into ``folder`` with its corpus files and gold.csv; returns its counts and the failed
+    syntheses (whose pairs are left out)."""
+    from spidr.corpus import outputs
+
+    made, rows, dropped, failed = _synthesise_items(items, folder, voices, jobs)
+    outputs.write_all(folder, made, task_voices, word_alignments=True)
+    GOLD_WRITERS[task](folder / "gold.csv", rows)
+    if dropped:
+        logger.warning("%s: %d files left out, the pairs of %d failed syntheses (listed in info.json), e.g. %s: %s",
+                       folder, dropped, len(failed), failed[0].utt_id, failed[0].reason)
+    return {"files": len(rows), "pairs": len({r.id for r in rows}), "dropped_files": dropped,
+            "hours": round(sum(u.num_samples for u in made) / 16000 / 3600, 4)}, failed
+
+
+def _dropped_record(dropped: Dropped) -> dict[str, str]:
+    return {"utt_id": dropped.utt_id, "voice": dropped.voice, "text": dropped.text, "reason": dropped.reason}
 
 
 def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmBenchInfo | None:
