@@ -195,9 +195,10 @@ def word_segments(segments: list[Segment], pronunciation: tuple[tuple[str, ...],
     if said != asked_phones:
         first = next((i for i, (a, b) in enumerate(zip(said, asked_phones, strict=False)) if a != b),
                      min(len(said), len(asked_phones)))
-        raise AlignmentError(f"the engine spoke {len(said)} phones where the pronunciation has {len(asked_phones)}, "
-                             f"first differing at phone {first}: {' '.join(said[first:first + 4]) or 'nothing'} "
-                             f"instead of {' '.join(asked_phones[first:first + 4]) or 'nothing'}")
+        raise AlignmentError(f"the engine spoke other phones than the pronunciation's ({len(said)} for "
+                             f"{len(asked_phones)}), first differing at phone {first}: "
+                             f"{' '.join(said[first:first + 4]) or 'nothing'} instead of "
+                             f"{' '.join(asked_phones[first:first + 4]) or 'nothing'}")
     result, start = [], 0
     for word, phones in asked:
         result.append((spoken[start][0], spoken[start + len(phones) - 1][1], word))
