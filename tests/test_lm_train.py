@@ -807,6 +807,13 @@ def test_each_study_plot_shows_the_points_and_r_of_its_own_correlation(tmp_path,
                f"{result['spearman_rho']:+.2f} | {result['spearman_p']:.2g} |")
         assert row in report
         assert (tmp_path / f"{y}_vs_{x}.png").stat().st_size > 0
+    # spoken_lm.json holds the intervals not given as null, not as NaN (which strict JSON readers refuse)
+    def refuse(constant):
+        raise ValueError(f"{constant} in spoken_lm.json")
+
+    written = json.loads((tmp_path / "spoken_lm.json").read_text(), parse_constant=refuse)
+    assert written["correlations"]
+    assert all(c["pearson_r_ci95"] == c["spearman_rho_ci95"] == [None, None] for c in written["correlations"])
 
 
 def test_unit_files_are_found_per_task_and_split_and_a_doubled_one_is_refused(tmp_path, caplog):

@@ -98,6 +98,13 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     }
 
 
+def json_ready(result: Mapping[str, object]) -> dict[str, object]:
+    """``result`` (``correlate``'s dict, maybe with keys added) with an interval not given (NaN) as None, for JSON:
+    strict JSON has no NaN."""
+    return {key: [None if math.isnan(bound) else bound for bound in value] if key.endswith("_ci95") else value
+            for key, value in result.items()}
+
+
 def _interval95(resampled: np.ndarray) -> list[float]:
     """The central 95 % of the finite values among ``resampled`` (R,): [low, high], NaNs if there are none."""
     resampled = resampled[np.isfinite(resampled)]

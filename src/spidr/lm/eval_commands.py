@@ -122,7 +122,7 @@ def _bounds(interval: list[float]) -> str:
 
 def _lm_correlate(args: argparse.Namespace) -> int:
     from spidr.atomic_files import write_atomically
-    from spidr.lm.correlate import correlations_csv, plot_scatter
+    from spidr.lm.correlate import correlations_csv, json_ready, plot_scatter
 
     computed = _correlated_pairs(args)
     results = []
@@ -135,10 +135,8 @@ def _lm_correlate(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(args.out, correlations_csv(results))
     if args.json:
-        # An interval not given (too few points) is null: strict JSON has no NaN.
-        safe = [{key: [None if math.isnan(bound) else bound for bound in value] if key.endswith("_ci95") else value
-                 for key, value in result.items()} for result in results]
-        print(json.dumps(safe[0] if len(safe) == 1 else safe, allow_nan=False))
+        ready = [json_ready(result) for result in results]  # an interval not given (too few points) is null
+        print(json.dumps(ready[0] if len(ready) == 1 else ready, allow_nan=False))
         return 0
     print(f"{'y':<16}{'x':<16}{'n':>4}{'pearson r':>11}{'p':>10}{'spearman ρ':>12}{'p':>10}{'r 95% CI':>18}"
           f"{'ρ 95% CI':>18}")

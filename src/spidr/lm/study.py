@@ -620,11 +620,11 @@ def markdown(rows: Sequence[Mapping[str, Any]], corr: Sequence[Mapping[str, Any]
 
 def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: LmBenchInfo, *,
                        kind: str = "dev", quality_source: str = "") -> Path:
-    from spidr.lm.correlate import plot_scatter
+    from spidr.lm.correlate import json_ready, plot_scatter
 
     corr = correlations(rows)
-    (out_dir / "spoken_lm.json").write_text(json.dumps({"rows": list(rows), "correlations": corr}, indent=1,
-                                                       allow_nan=True), encoding="utf-8")
+    report = {"rows": list(rows), "correlations": [json_ready(c) for c in corr]}  # no interval: null, not NaN
+    (out_dir / "spoken_lm.json").write_text(json.dumps(report, indent=1, allow_nan=True), encoding="utf-8")
     columns = ["name", "model", "layer", *QUALITY_METRICS, *LM_METRICS]
     with open(out_dir / "points.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
