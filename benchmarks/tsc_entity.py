@@ -26,8 +26,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from spidr.corpus.language import (
     Grammar,
     Lexicon,
@@ -39,6 +37,7 @@ from spidr.corpus.language import (
     utterance_phones,
 )
 from spidr.corpus.phones import phone_inventory
+from spidr.eval.units import deduplicate
 from spidr.lm.evaluate import accuracy, pair_score
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm-lstm.toml"
@@ -141,8 +140,7 @@ def score(checkpoint: Path, pairs, lex: Lexicon):
     sequences = {}
     for i, (prefix, good, bad) in enumerate(pairs):
         for tag, ending in (("good", good), ("bad", bad)):
-            ids = phone_ids([*prefix, ending], lex)
-            sequences[f"{i}-{tag}"] = np.array([u for k, u in enumerate(ids) if k == 0 or ids[k - 1] != u])
+            sequences[f"{i}-{tag}"] = deduplicate(phone_ids([*prefix, ending], lex))  # as the LM was trained
     scores = score_sequences(model, Vocabulary(info["num_units"]), sequences, context=info["context"])
     return accuracy([pair_score(scores[f"{i}-good"].mean, scores[f"{i}-bad"].mean) for i in range(len(pairs))])
 
