@@ -40,6 +40,11 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "info.json"}
 
 
+def _rows(path: Path) -> list[list[str]]:
+    """The rows of a TSV file of the corpus (its header left out), as lists of fields."""
+    return [line.split("\t") for line in path.read_text().splitlines()[1:]]
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> LmBenchInfo:
     return generate_lm_bench(tmp_path_factory.mktemp("bench") / "b", TINY, jobs=2)
@@ -66,9 +71,8 @@ def test_layout_and_gold_files(bench):
     assert len(tsc) == 3 * 2
     assert all(row.filename.endswith("_correct" if row.correct else "_incorrect") for row in tsc)
     # frequency = the word's count in the training text
-    text = (bench.train_dir / "utterances.tsv").read_text().splitlines()[1:]
-    counts = Counter(w for line in text for part in line.split("\t")[4].replace(".", ",").split(",")
-                     for w in part.split())
+    counts = Counter(w for row in _rows(bench.train_dir / "utterances.tsv")
+                     for part in row[4].replace(".", ",").split(",") for w in part.split())
     for row in lexical:
         if row.correct:
             assert row.frequency == counts[row.word], row.word
@@ -107,15 +111,10 @@ def test_engines_speak_the_given_phones_exactly(bench, voice):
     rows = [row for row in read_lexical_gold(folder / "gold.csv") if row.voice == voice]
     assert rows
     aligned: dict[str, list[str]] = {}
-    for line in (folder / "alignments.tsv").read_text().splitlines()[1:]:
-        utterance, _, _, phone, _ = line.split("\t")
+    for utterance, _, _, phone, _ in _rows(folder / "alignments.tsv"):
         aligned.setdefault(utterance, []).append(phone)
     for row in rows:
         assert [p for p in aligned[row.filename] if p != "SIL"] == row.phones.split(), row
-
-
-def _rows(path: Path) -> list[list[str]]:
-    return [line.split("\t") for line in path.read_text().splitlines()[1:]]
 
 
 @pytest.mark.parametrize("folder", ["train", "lexical/dev", "syntactic/dev", "tsc/dev", "lexical_seen/dev"])
@@ -173,8 +172,7 @@ def test_the_lexicon_is_kept_and_another_one_is_not_reused(bench, monkeypatch):
 
 
 def test_training_stories_are_spoken_with_pauses_between_sentences(bench):
-    text = (bench.train_dir / "utterances.tsv").read_text().splitlines()[1:]
-    stories = [line.split("\t")[4] for line in text if "." in line.split("\t")[4]]
+    stories = [row[4] for row in _rows(bench.train_dir / "utterances.tsv") if "." in row[4]]
     assert stories
     assert all(len(split_at_pauses(tuple(s.replace(".", " _ ").split()))) >= 3 for s in stories)
 
