@@ -29,8 +29,8 @@ from spidr.corpus.language import (
 )
 from spidr.corpus.lm_bench import LmBenchSettings, plan_lexical
 from spidr.corpus.minimal_pairs import AGREEMENT_TYPES, SYNTACTIC_TYPES, move_to_topic, story_pairs, syntactic_pairs
-from spidr.corpus.nonwords import PhoneNgrams, candidates, is_valid_nonword
-from spidr.corpus.phones import SILENCE, phone_inventory
+from spidr.corpus.nonwords import PhoneNgrams, Phonotactics, candidates, is_valid_nonword
+from spidr.corpus.phones import PAUSE, SILENCE, phone_inventory
 from spidr.lm.models import NgramLM
 from spidr.lm.score import score_sequences
 from spidr.lm.tokens import Vocabulary
@@ -39,6 +39,8 @@ from spidr.lm.zerospeech import frequency_band
 LEX = lexicon()
 TRAIN = training_utterances("0", 1300)
 SEEN = {triple for u in TRAIN for triple in u.triples}
+TRAINING_WORDS = sorted({LEX.phones(w) for u in TRAIN for w in u.words if w != PAUSE})  # stress-free
+PHONOTACTICS = Phonotactics(TRAINING_WORDS)
 
 
 def _form_index():
@@ -269,15 +271,14 @@ def test_moving_a_sentence_keeps_its_frame():
 
 
 def test_nonword_candidates_obey_the_constraints():
-    ngrams = PhoneNgrams(utterance_phones(u.words) for u in TRAIN)
     forbidden = {LEX.phones(w) for w in LEX.pronunciations}
     for word in ("horses", "teacher", "cup", "rainbow"):
         pron = LEX.pronounce(word)
-        found = candidates(pron, random.Random(f"x:{word}"), ngrams=ngrams, forbidden=forbidden)
+        found = candidates(pron, random.Random(f"x:{word}"), phonotactics=PHONOTACTICS, forbidden=forbidden)
         assert len(found) >= 5
-        assert found == candidates(pron, random.Random(f"x:{word}"), ngrams=ngrams, forbidden=forbidden)
+        assert found == candidates(pron, random.Random(f"x:{word}"), phonotactics=PHONOTACTICS, forbidden=forbidden)
         for candidate in found:
-            assert is_valid_nonword(candidate, pron, ngrams=ngrams, forbidden=forbidden)
+            assert is_valid_nonword(candidate, pron, training_words=TRAINING_WORDS, forbidden=forbidden)
             changes = sum(a != b for a, b in zip(candidate, pron, strict=True))
             assert changes == (1 if len(pron) <= 4 else 2)
 
@@ -300,6 +301,19 @@ def test_nonwords_are_not_real_words_and_differ_between_splits(lexical_pairs):
     frequencies = Counter(w for u in TRAIN for w in u.words)
     for pair in lexical_pairs["dev"]:
         assert pair.frequency == frequencies[pair.word]
+
+
+def test_every_planned_nonword_passes_the_independent_check(lexical_pairs):
+    """Both splits of the default plan, checked by ``is_valid_nonword`` (its own search of the training words): no
+    nonword has a bigram that no training word has unless its word has as many (before format 5, 123 of the 307 dev
+    nonwords had one that only a word boundary said, and three test nonwords had N K, which espeak-ng says NG K)."""
+    for split in ("dev", "test"):
+        assert len(lexical_pairs[split]) > 250
+        for pair in lexical_pairs[split]:
+            for nonword in pair.nonwords:
+                assert is_valid_nonword(nonword, pair.word_phones, training_words=TRAINING_WORDS, forbidden=()), (
+                    pair.word, nonword)
+                assert ("N", "K") not in itertools.pairwise(strip_stress(p) for p in nonword)
 
 
 def test_a_phone_bigram_lm_is_at_chance_on_balanced_nonwords(lexical_pairs):
@@ -328,9 +342,8 @@ def test_a_phone_bigram_lm_is_at_chance_on_balanced_nonwords(lexical_pairs):
     for pair in lexical_pairs["dev"]:
         bands.setdefault(frequency_band(pair.frequency), []).append((pair.word_phones, pair.nonwords[0]))
     # Control: the same words with a random valid candidate each, no balancing.
-    ngrams = PhoneNgrams(utterance_phones(u.words) for u in TRAIN)
     forbidden = {LEX.phones(w) for w in LEX.pronunciations}
-    unbalanced = [(word, candidates(word, random.Random(i), ngrams=ngrams, forbidden=forbidden)[0])
+    unbalanced = [(word, candidates(word, random.Random(i), phonotactics=PHONOTACTICS, forbidden=forbidden)[0])
                   for i, (word, _) in enumerate(balanced)]
     bigram = None
     for order in (1, 2):
@@ -497,33 +510,52 @@ def test_phone_ngram_log_probabilities_by_hand():
 def test_substituted_vowels_keep_the_words_stress():
     """A nonword keeps the word's stress pattern (the module docstring: "the vowels keep the word's stress
     digits"); the synthesiser speaks stress, so a substituted vowel without its digit would sound otherwise."""
-    ngrams = PhoneNgrams(utterance_phones(u.words) for u in TRAIN)
     substituted_vowels = 0
     for word in ("horses", "teacher", "rainbow"):
         pron = LEX.pronounce(word)
         stress = [p[len(strip_stress(p)):] for p in pron]
         assert any(stress)
-        for candidate in candidates(pron, random.Random(f"s:{word}"), ngrams=ngrams, forbidden=set()):
+        for candidate in candidates(pron, random.Random(f"s:{word}"), phonotactics=PHONOTACTICS, forbidden=set()):
             assert [p[len(strip_stress(p)):] for p in candidate] == stress, (word, candidate)
             substituted_vowels += sum(a != b and bool(s) for a, b, s in zip(candidate, pron, stress, strict=True))
     assert substituted_vowels > 10
 
 
 def test_an_oov_words_nonwords_have_as_many_unseen_bigrams_as_it():
-    """"window" (OOV) has one phone bigram the training corpus never says (counted here from the corpus itself):
-    each of its nonwords has exactly one too, so that neither side is the only one with an unseen bigram."""
-    said = {pair for u in TRAIN for pair in itertools.pairwise((SILENCE, *utterance_phones(u.words), SILENCE))}
+    """"window" (OOV) has one phone bigram (D OW) that no word of the training corpus has (counted here from the
+    corpus itself, each word between edge marks): each of its nonwords has exactly one too, so that neither side is
+    the only one with an unseen bigram."""
+    said = {pair for u in TRAIN for word in u.words if word != PAUSE
+            for pair in itertools.pairwise(("<", *LEX.phones(word), ">"))}
 
     def unseen(phones) -> int:
-        return sum(pair not in said for pair in itertools.pairwise(strip_stress(p) for p in phones))
+        return sum(pair not in said for pair in itertools.pairwise(("<", *(strip_stress(p) for p in phones), ">")))
 
     pron = LEX.pronounce("window")
     assert "window" in LEX.oov_words
     assert unseen(pron) == 1
-    ngrams = PhoneNgrams(utterance_phones(u.words) for u in TRAIN)
-    found = candidates(pron, random.Random("oov"), ngrams=ngrams, forbidden=set())
+    found = candidates(pron, random.Random("oov"), phonotactics=PHONOTACTICS, forbidden=set())
     assert len(found) >= 20
     assert all(unseen(candidate) == 1 for candidate in found)
+
+
+def test_a_nonword_is_attested_inside_words_not_across_them():
+    """"ten cows" says N K, but no word has it: a candidate with N K inside is refused, and so is one that starts
+    with a phone no word starts with (NG) or ends with a phone no word ends with; in the default benchmark (whose
+    utterances say N K across words) the test split had three N K nonwords that espeak-ng said as NG K."""
+    words = [("T", "EH", "N"), ("K", "AW", "Z"), ("S", "IH", "NG", "ER"), ("P", "EH", "T")]
+    phonotactics = Phonotactics(words)
+    assert phonotactics.unattested(("P", "EH", "T")) == 0
+    assert phonotactics.unattested(("T", "EH", "N", "K", "AW", "Z")) == 1  # N K: across "ten cows" only
+    assert phonotactics.unattested(("NG", "ER")) == 1  # no word starts with NG
+    assert phonotactics.unattested(("S", "IH", "NG")) == 1  # no word ends with NG
+    assert phonotactics.unattested(("K", "IH", "NG")) == 2  # K IH, and NG at the end
+    found = candidates(("T", "EH1", "N"), random.Random(0), phonotactics=phonotactics, forbidden=set())
+    assert found  # e.g. P EH N, T EH T
+    for candidate in found:
+        assert phonotactics.unattested(tuple(strip_stress(p) for p in candidate)) == 0
+        assert is_valid_nonword(candidate, ("T", "EH1", "N"), training_words=words, forbidden=set())
+    assert not is_valid_nonword(("T", "EH1", "NG"), ("T", "EH1", "N"), training_words=words, forbidden=set())
 
 
 # Phone counts chosen so that each model ranks the test's strings alike: after AH, B 6 times, D 4, G 2, F 1, Z never.

@@ -60,7 +60,15 @@ from spidr.corpus.language import (
     utterance_phones,
 )
 from spidr.corpus.minimal_pairs import PAIRS_PER_BLOCK, story_pairs, syntactic_pairs
-from spidr.corpus.nonwords import LexicalPair, PhoneNgrams, balance, candidates, cmudict_pronunciations
+from spidr.corpus.nonwords import (
+    LexicalPair,
+    PhoneNgrams,
+    Phonotactics,
+    balance,
+    candidates,
+    cmudict_pronunciations,
+)
+from spidr.corpus.phones import PAUSE
 from spidr.lm.zerospeech import (
     GoldItem,
     LexicalItem,
@@ -78,9 +86,10 @@ if TYPE_CHECKING:  # the synthesis modules (numpy, soxr, espeak) load only when 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
+FORMAT_VERSION = 5  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
 # 3: nonwords balanced per frequency band, an OOV word's unseen bigrams kept; no syntactic triple seen in training;
-# 4: word_alignments.tsv, and a file whose spoken phones are not its pronunciation's is dropped)
+# 4: word_alignments.tsv, and a file whose spoken phones are not its pronunciation's is dropped; 5: a nonword's
+# bigrams are attested inside training words, its edges included, not merely anywhere in an utterance)
 TRAIN_VOICES = ("awb", "slt", "kal16", "espeak_m1", "espeak_m3", "espeak_f1", "espeak_f3")
 TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor of the demo's SpidR
 SEEN_VOICES = ("awb", "espeak_m1")  # training voices, one per engine, for lexical_seen (lm-study, the demo)
@@ -343,6 +352,7 @@ def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance],
     """
     ngrams = PhoneNgrams(utterance_phones(u.words, lex) for u in utterances)
     counts = Counter(word for u in utterances for word in u.words)
+    phonotactics = Phonotactics(lex.phones(word) for word in counts if word != PAUSE)
     forbidden = set(cmudict_pronunciations()) | {lex.phones(w) for w in lex.pronunciations}
     long_enough = [w for w in lex.content_words() if len(lex.pronounce(w)) >= settings.min_word_phones]
     oov = [w for w in lex.oov_words if len(lex.pronounce(w)) >= settings.min_word_phones]
@@ -354,7 +364,8 @@ def plan_lexical(settings: LmBenchSettings, utterances: list[TrainingUtterance],
         per_word = {}
         for word in words:
             rng = random.Random(f"{settings.seed}:{split}:nonwords:{word}")
-            per_word[word] = candidates(lex.pronounce(word), rng, ngrams=ngrams, forbidden=forbidden)
+            per_word[word] = candidates(lex.pronounce(word), rng, phonotactics=phonotactics,
+                                        forbidden=forbidden)
         pairs = balance([(w, lex.pronounce(w), counts[w]) for w in words], per_word, ngrams,
                         nonwords_per_word=settings.nonwords_per_word)
         chosen[split] = pairs
