@@ -53,6 +53,12 @@ def _print_report(summary: dict) -> None:
 def _lm_eval(args: argparse.Namespace) -> int:
     from spidr.lm.evaluate import evaluate_benchmark
 
+    if args.baseline:
+        return _lm_eval_baselines(args)
+    if args.units:
+        raise ValueError("--units gives the n-gram baselines their units: use it with --baseline ngram")
+    if args.submission_dir is None:
+        raise ValueError("give SUBMISSION_DIR (a submission to score) or --baseline ngram")
     summary = evaluate_benchmark(args.bench_dir, args.submission_dir, kind=args.kind, out_dir=args.out,
                                  seed=args.seed)
     if args.json:
@@ -61,6 +67,35 @@ def _lm_eval(args: argparse.Namespace) -> int:
         _print_report(summary)
         if args.out:
             print(f"\nwrote the tables and results.json to {args.out}")
+    return 0
+
+
+def _lm_eval_baselines(args: argparse.Namespace) -> int:
+    """``--baseline ngram``: each n-gram model's submission is written (to ``--out/<model>/``, else to a temporary
+    folder) and scored like any submission."""
+    import tempfile
+
+    from spidr.lm.baseline import baseline_inputs, write_ngram_submissions
+    from spidr.lm.evaluate import evaluate_benchmark
+
+    if args.submission_dir is not None:
+        raise ValueError(f"--baseline scores n-gram models, not a submission: leave out {args.submission_dir}")
+    train, tests = baseline_inputs(args.bench_dir, args.units, args.kind)
+    with tempfile.TemporaryDirectory(prefix="spidr-ngram-") as scratch:
+        folders = write_ngram_submissions(train, tests, args.out or scratch, kind=args.kind)
+        summaries = {name: evaluate_benchmark(args.bench_dir, folder, kind=args.kind,
+                                              out_dir=folder if args.out else None, seed=args.seed)
+                     for name, folder in folders.items()}
+    if args.json:
+        print(json.dumps(summaries, allow_nan=False))
+        return 0
+    for number, (name, summary) in enumerate(summaries.items()):
+        if number:
+            print()
+        print(f"== {name} (add-0.1, deduplicated units of {train}) ==")
+        _print_report(summary)
+    if args.out:
+        print(f"\nwrote each model's submission, tables and results.json to {args.out}/<model>")
     return 0
 
 
@@ -168,10 +203,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=FORMATTER,
     )
     parser.add_argument("bench_dir", metavar="BENCH_DIR", help="benchmark root (lexical/, syntactic/, tsc/, ssc/)")
-    parser.add_argument("submission_dir", metavar="SUBMISSION_DIR", help="submission root with TASK/KIND.txt files")
+    parser.add_argument("submission_dir", metavar="SUBMISSION_DIR", nargs="?", default=None,
+                        help="submission root with TASK/KIND.txt files (none with --baseline)")
+    parser.add_argument("--baseline", choices=("ngram",), default=None,
+                        help="instead of a submission, score unigram and bigram models (add-0.1, deduplicated "
+                        "units, every training utterance) fitted on the benchmark's training set: the floor a unit "
+                        "LM has to beat, and a check of the design (balanced nonwords put both near 50 %%)")
+    parser.add_argument("--units", default=None, metavar="UNITS_DIR",
+                        help="with --baseline: units in lm-units' layout (UNITS_DIR/train.jsonl, "
+                        "UNITS_DIR/<task>/<split>.jsonl) instead of the benchmark's own phone labels "
+                        "(BENCH_DIR/train/frame_labels_20ms.jsonl, ...)")
     parser.add_argument("--kind", choices=("dev", "test"), default="dev", help="split to score")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (headline numbers + details)")
-    parser.add_argument("--out", default=None, help="also write score_*_by_*.csv tables and results.json here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (headline numbers + details; "
+                        "with --baseline, one per model)")
+    parser.add_argument("--out", default=None, help="also write score_*_by_*.csv tables and results.json here (with "
+                        "--baseline: OUT/<model>/, with the model's submission)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.set_defaults(handler=_lm_eval)
 
