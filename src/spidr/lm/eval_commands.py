@@ -26,11 +26,12 @@ def _format(value: object, digits: int = 2) -> str:
 
 def _print_report(summary: dict) -> None:
     details = summary["details"]
-    print(f"{'metric':<16}{'score %':>9}{'n':>8}  {'95% CI':<16}{'p (vs 50%)':>11}")
+    width = max([16, *(len(name) + 1 for entry in details.values() for name in entry["accuracy"])])
+    print(f"{'metric':<{width}}{'score %':>9}{'n':>8}  {'95% CI':<16}{'p (vs 50%)':>11}")
     for entry in details.values():
         for name, value in entry["accuracy"].items():
             low, high = value["ci95"]
-            print(f"{name:<16}{value['score']:>9.2f}{value['n']:>8}  [{low:5.2f}, {high:5.2f}]  "
+            print(f"{name:<{width}}{value['score']:>9.2f}{value['n']:>8}  [{low:5.2f}, {high:5.2f}]  "
                   f"{value['p_value']:>10.2g}")
     for task, entry in details.items():
         for name in SHOWN_BREAKDOWNS[task]:
