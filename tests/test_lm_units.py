@@ -140,3 +140,75 @@ def test_a_student_without_heads_needs_layers_and_kmeans(bench, tmp_path, capsys
     assert main(["lm-units", str(bench), str(tmp_path / "u"), "--checkpoint", str(path), "--layers", "3",
                  "--kmeans", "3"]) == 0
     assert len(_read(tmp_path / "u" / "layer_03" / "train.jsonl")) == 4
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.jsonl"))}
+
+
+def _counted_iter_units(monkeypatch, *, fail_on_call: int = 0) -> list[list[str]]:
+    """Count ``iter_units``' calls (the file ids of each); with ``fail_on_call`` n, the n-th call fails as a kill
+    would."""
+    from spidr.eval import features
+
+    real, calls = features.iter_units, []
+
+    def counted(model, entries, **kwargs):
+        calls.append([entry.fileid for entry in entries])
+        if len(calls) == fail_on_call:
+            raise RuntimeError("killed")
+        yield from real(model, entries, **kwargs)
+
+    monkeypatch.setattr(features, "iter_units", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kmeans", [0, 4])
+def test_an_interrupted_run_resumes_set_by_set(bench, checkpoint, tmp_path, monkeypatch, kmeans):
+    """A run stopped in its second set keeps the first; the rerun skips it (and, for k-means, reads the fitted
+    centroids back rather than fitting again) and ends with the files of an uninterrupted run, byte for byte."""
+    from spidr.lm import bench_units
+
+    extra = ["--layers", "1", "--kmeans", str(kmeans)] if kmeans else []
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(["lm-units", str(bench), str(whole), "--checkpoint", str(checkpoint), *extra]) == 0
+    with monkeypatch.context() as patch:
+        calls = _counted_iter_units(patch, fail_on_call=2)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(["lm-units", str(bench), str(resumed), "--checkpoint", str(checkpoint), *extra])
+    assert calls[0] == [f"train-{i}" for i in range(4)]  # the sets in order: train first
+    assert json.loads((resumed / ".lm-units.json").read_text())["done"] == ["train"]
+    with monkeypatch.context() as patch:
+        calls = _counted_iter_units(patch)
+        patch.setattr(bench_units, "fit_centroids", lambda *a, **k: pytest.fail("fitted again"))
+        assert main(["lm-units", str(bench), str(resumed), "--checkpoint", str(checkpoint), *extra]) == 0
+    assert len(calls) == 2  # lexical/dev and tsc/dev: the finished set is not extracted again
+    assert not any(stem.startswith("train") for call in calls for stem in call)
+    assert _files(resumed) == _files(whole)
+    assert sorted(json.loads((resumed / ".lm-units.json").read_text())["done"]) == ["lexical/dev", "train",
+                                                                                  "tsc/dev"]
+    if kmeans:
+        from spidr.data.manifest import read_manifest
+        from spidr.lm.bench_units import fit_centroids
+        from spidr.models.loading import load_model
+
+        expected = fit_centroids(load_model(checkpoint).eval(), read_manifest(bench / "train" / "manifest.csv"),
+                                 [1], num_units=4, seed=0)[1]
+        assert torch.equal(load_centroids(resumed / "layer_01" / "centroids.safetensors"), expected)
+
+
+def test_a_folder_of_other_inputs_is_refused(bench, checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "u"
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    before = _files(out)
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "3"]) == 2
+    assert "holds units made from other inputs: layers ([2] → [3])" in capsys.readouterr().err
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "2",
+                 "--dtype", "bfloat16"]) == 2
+    assert 'dtype ("float32" → "bfloat16")' in capsys.readouterr().err
+    assert _files(out) == before  # nothing was overwritten
+    # the same inputs again: every set is finished, nothing is extracted
+    calls = _counted_iter_units(monkeypatch)
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    assert calls == []
+    assert _files(out) == before

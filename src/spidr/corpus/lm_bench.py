@@ -122,7 +122,7 @@ class LmBenchSettings:
     min_word_phones: int = 3
     max_lexical_words: int = 0  # > 0: only the first this many vocabulary words and a quarter as many OOV words
     syntactic_pairs_per_type: int = 40
-    tsc_pairs: int = 100
+    tsc_pairs: int = 200  # the spec's default: a 95 % interval of ± 7 points (± 10 with 100)
     seed: int = 0
     rate_jitter: float = 0.1
 

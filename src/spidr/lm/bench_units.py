@@ -9,7 +9,13 @@ writes, for every set, one units file:
 
 so that ``lm-train --set data.train=OUT/layer_LL/train.jsonl`` and ``lm-score CKPT OUT/layer_LL SUB`` read them. One
 forward pass per file gives every requested layer. k-means centroids are fitted on a seeded sample of the training
-set's frames (``--kmeans K``), or read from ``--centroids`` files.
+set's frames (``--kmeans K``; kept as ``OUT/layer_LL/centroids.safetensors``, to give other audio the same units),
+or read from ``--centroids`` files.
+
+A model's units resume set by set: ``OUT/.lm-units.json`` records what they are made from (the weights' fingerprint,
+the layers, the dtype, the units' source, each set's utterances) and which sets are finished. A rerun with the same
+inputs skips the finished sets (and reads the fitted centroids back instead of fitting them again); one with other
+inputs is refused, naming what differs, rather than mixing units of two models in one folder.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 FRAME_LABELS = "frame_labels_20ms.jsonl"
 MAX_KMEANS_FRAMES = 200_000
+STATE_FILE = ".lm-units.json"  # OUT's record: what its units are made from, and the finished sets
+CENTROIDS_FILE = "centroids.safetensors"  # OUT/layer_LL/: the k-means centroids fitted by lm-units
 
 
 def benchmark_sets(bench_dir: str | Path) -> dict[str, Path]:
@@ -102,26 +111,88 @@ def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[in
             for layer, parts in samples.items()}
 
 
+def units_identity(model: torch.nn.Module, bench_dir: str | Path, *, layers: Sequence[int], dtype: str,
+                   kmeans: int = 0, seed: int = 0,
+                   given_centroids: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
+    """What a model's units folder is made from (``STATE_FILE``): the weights and config (fingerprint), the layers,
+    the dtype, where the units come from (codebooks, k-means fitted with K and a seed, or given centroids' digests)
+    and each set's utterances (ids, paths, lengths)."""
+    import hashlib
+
+    from spidr.eval.journal import entries_fingerprint, model_fingerprint
+    from spidr.models.inference_precision import precision_identity
+
+    given = {str(layer): hashlib.sha1(tensor.contiguous().numpy().tobytes()).hexdigest()
+             for layer, tensor in sorted((given_centroids or {}).items())}
+    source = {"kmeans": kmeans, "seed": seed, "given_centroids": given} if kmeans or given else "codebooks"
+    return {"format": 1, "model": model_fingerprint(model), "layers": sorted(layers), "dtype": dtype,
+            **precision_identity(dtype), "units": source,
+            "sets": {name: entries_fingerprint(split_entries(folder))
+                     for name, folder in benchmark_sets(bench_dir).items()}}
+
+
+def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[str] | None:
+    """The sets already finished in ``out_dir`` by a run with this ``identity``, or None when the folder is begun
+    now (nothing recorded: files from an earlier spidr or a run without a record are written again). A record of
+    other inputs is refused, naming what differs."""
+    from spidr.eval.journal import identity_differences
+
+    state_path = Path(out_dir) / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        state = None
+    except ValueError as error:
+        raise ValueError(f"{state_path} is not the JSON lm-units writes ({error}); delete {out_dir} to start "
+                         "again") from None
+    if state is not None and state.get("identity") != identity:
+        raise ValueError(f"{out_dir} holds units made from other inputs: "
+                         f"{identity_differences(state.get('identity') or {}, identity)}; delete it (and the LMs "
+                         "trained on its units) or write to another OUT")
+    if state is None:
+        _write_state(state_path, identity, [])
+        return None
+    return set(state.get("done", []))
+
+
+def _write_state(path: Path, identity: Mapping[str, Any], done: Sequence[str]) -> None:
+    from spidr.atomic_files import write_atomically
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps({"identity": identity, "done": list(done)}, indent=1) + "\n")
+
+
 def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: str | Path, *, layers: Sequence[int],
                       centroids: Mapping[int, torch.Tensor] | None = None, dtype: str = "float32",
-                      batch_seconds: float = 60.0) -> dict[str, Path]:
-    """Units of every set and layer → ``out_dir/layer_LL/<set>.jsonl``; returns ``{"layer_LL/<set>": path}``."""
+                      batch_seconds: float = 60.0,
+                      identity: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Units of every set and layer → ``out_dir/layer_LL/<set>.jsonl``; returns ``{"layer_LL/<set>": path}``.
+
+    With ``identity`` (``units_identity``, recorded by ``begin_units_folder``), each finished set is recorded in
+    ``STATE_FILE`` and a set recorded before, with all its files present, is skipped."""
     from spidr.eval.features import iter_units
 
     out_dir = Path(out_dir)
+    done = sorted(begin_units_folder(out_dir, identity) or ()) if identity is not None else []
     written = {}
     for name, folder in benchmark_sets(bench_dir).items():
+        paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
+        written |= {f"layer_{layer:02d}/{name}": path for layer, path in paths.items()}
+        if name in done and all(path.is_file() for path in paths.values()):
+            logger.info("units of %s for layers %s were written by an earlier run: kept", name, list(layers))
+            continue
         with contextlib.ExitStack() as files:  # complete files only: a failure leaves no truncated units file
             handles = {}
-            for layer in layers:
-                path = out_dir / f"layer_{layer:02d}" / f"{name}.jsonl"
+            for layer, path in paths.items():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = files.enter_context(replaced_when_done(path))
                 handles[layer] = files.enter_context(partial.open("w", encoding="utf-8"))
-                written[f"layer_{layer:02d}/{name}"] = path
             for entry, units in iter_units(model, split_entries(folder), layers=layers, centroids=centroids,
                                            dtype=dtype, batch_seconds=batch_seconds):
                 for layer, values in units.items():
                     handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")
         logger.info("wrote units of %s for layers %s", name, list(layers))
+        if identity is not None:
+            done = sorted({*done, name})
+            _write_state(out_dir / STATE_FILE, identity, done)
     return written

@@ -33,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="unit files of every set of a spoken-LM benchmark (train and test), from a model or the phone oracle",
         description="For BENCH_DIR/train and every BENCH_DIR/<task>/<split> folder (manifest.csv, else its wavs), "
         "write OUT/layer_LL/<set>.jsonl units of a model's layers (codebook arg-max, or k-means with --kmeans / "
-        "--centroids), or with --oracle OUT/<set>.jsonl holding the sets' 20 ms phone labels.",
+        "--centroids; fitted centroids are kept as OUT/layer_LL/centroids.safetensors), or with --oracle "
+        "OUT/<set>.jsonl holding the sets' 20 ms phone labels. A model's units resume set by set: OUT/.lm-units.json "
+        "records what they are made from and the finished sets; a rerun with the same inputs skips those, one "
+        "with other inputs (weights, layers, dtype, units, the sets' files) is refused.",
         formatter_class=FORMATTER,
     )
     units.add_argument("bench_dir", metavar="BENCH_DIR", help="benchmark folder (spidr synth-lm-bench)")
@@ -144,8 +147,15 @@ def _units(args: argparse.Namespace) -> int:
 
     from spidr.data.manifest import read_manifest
     from spidr.eval.features import parse_layers
-    from spidr.eval.kmeans import load_centroids
-    from spidr.lm.bench_units import benchmark_sets, fit_centroids, write_model_units
+    from spidr.eval.kmeans import load_centroids, save_centroids
+    from spidr.lm.bench_units import (
+        CENTROIDS_FILE,
+        begin_units_folder,
+        benchmark_sets,
+        fit_centroids,
+        units_identity,
+        write_model_units,
+    )
     from spidr.models.build import random_init_model
 
     model = model_from_args(args.checkpoint, args)
@@ -163,15 +173,26 @@ def _units(args: argparse.Namespace) -> int:
         if not layer.strip().isdigit() or not path:
             raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
         centroids[int(layer)] = load_centroids(path)
+    train = benchmark_sets(args.bench_dir).get("train")
+    if args.kmeans and train is None:
+        raise ValueError(f"--kmeans fits on {args.bench_dir}/train, which does not exist; pass --centroids")
+    identity = units_identity(model, args.bench_dir, layers=layers, dtype=args.dtype, kmeans=args.kmeans,
+                              seed=args.seed, given_centroids=centroids)
+    finished = begin_units_folder(args.out, identity)  # None: begun now
     if args.kmeans:
-        train = benchmark_sets(args.bench_dir).get("train")
-        if train is None:
-            raise ValueError(f"--kmeans fits on {args.bench_dir}/train, which does not exist; pass --centroids")
-        todo = [layer for layer in layers if layer not in centroids]
-        centroids |= fit_centroids(model, read_manifest(train / "manifest.csv"), todo, num_units=args.kmeans,
-                                   seed=args.seed, dtype=args.dtype)
+        fitted = {layer: Path(args.out) / f"layer_{layer:02d}" / CENTROIDS_FILE
+                  for layer in layers if layer not in centroids}
+        if finished is not None and all(path.is_file() for path in fitted.values()):
+            centroids |= {layer: load_centroids(path) for layer, path in fitted.items()}  # this run's, resumed
+        else:
+            centroids |= fit_centroids(model, read_manifest(train / "manifest.csv"), list(fitted),
+                                       num_units=args.kmeans, seed=args.seed, dtype=args.dtype)
+            for layer, path in fitted.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_centroids(path, centroids[layer], metadata={"layer": layer, "kmeans": args.kmeans,
+                                                                 "seed": args.seed, "bench": str(args.bench_dir)})
     written = write_model_units(model, args.bench_dir, args.out, layers=layers, centroids=centroids or None,
-                                dtype=args.dtype)
+                                dtype=args.dtype, identity=identity)
     print(f"wrote {len(written)} units files (layers {', '.join(map(str, layers))}) to {args.out}")
     return 0
 
