@@ -111,7 +111,7 @@ def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[in
             for layer, parts in samples.items()}
 
 
-def units_identity(model: torch.nn.Module, bench_dir: str | Path, *, layers: Sequence[int], dtype: str,
+def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, layers: Sequence[int], dtype: str,
                    kmeans: int = 0, seed: int = 0,
                    given_centroids: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
     """What a model's units folder is made from (``STATE_FILE``): the weights and config (fingerprint), the layers,
@@ -168,7 +168,7 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
                       identity: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Units of every set and layer → ``out_dir/layer_LL/<set>.jsonl``; returns ``{"layer_LL/<set>": path}``.
 
-    With ``identity`` (``units_identity``, recorded by ``begin_units_folder``), each finished set is recorded in
+    With ``identity`` (``units_folder_identity``, recorded by ``begin_units_folder``), each finished set is recorded in
     ``STATE_FILE`` and a set recorded before, with all its files present, is skipped."""
     from spidr.eval.features import iter_units
 

@@ -153,7 +153,7 @@ def _units(args: argparse.Namespace) -> int:
         begin_units_folder,
         benchmark_sets,
         fit_centroids,
-        units_identity,
+        units_folder_identity,
         write_model_units,
     )
     from spidr.models.build import random_init_model
@@ -176,7 +176,7 @@ def _units(args: argparse.Namespace) -> int:
     train = benchmark_sets(args.bench_dir).get("train")
     if args.kmeans and train is None:
         raise ValueError(f"--kmeans fits on {args.bench_dir}/train, which does not exist; pass --centroids")
-    identity = units_identity(model, args.bench_dir, layers=layers, dtype=args.dtype, kmeans=args.kmeans,
+    identity = units_folder_identity(model, args.bench_dir, layers=layers, dtype=args.dtype, kmeans=args.kmeans,
                               seed=args.seed, given_centroids=centroids)
     finished = begin_units_folder(args.out, identity)  # None: begun now
     if args.kmeans:
