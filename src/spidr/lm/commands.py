@@ -177,11 +177,11 @@ def _units(args: argparse.Namespace) -> int:
     if args.kmeans and train is None:
         raise ValueError(f"--kmeans fits on {args.bench_dir}/train, which does not exist; pass --centroids")
     identity = units_folder_identity(model, args.bench_dir, layers=layers, dtype=args.dtype, kmeans=args.kmeans,
-                              seed=args.seed, given_centroids=centroids)
+                                     seed=args.seed, given_centroids=centroids)
     finished = begin_units_folder(args.out, identity)  # None: begun now
-    if args.kmeans:
-        fitted = {layer: Path(args.out) / f"layer_{layer:02d}" / CENTROIDS_FILE
-                  for layer in layers if layer not in centroids}
+    fitted = {layer: Path(args.out) / f"layer_{layer:02d}" / CENTROIDS_FILE
+              for layer in layers if layer not in centroids} if args.kmeans else {}
+    if fitted:  # the layers --centroids left to --kmeans
         if finished is not None and all(path.is_file() for path in fitted.values()):
             centroids |= {layer: load_centroids(path) for layer, path in fitted.items()}  # this run's, resumed
         else:
