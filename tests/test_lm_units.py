@@ -116,6 +116,11 @@ def test_kmeans_units_are_the_nearest_centroid(bench, checkpoint, tmp_path):
                  "--centroids", f"1={path}"]) == 0
     assert _read(tmp_path / "given" / "layer_01" / "lexical" / "dev.jsonl") == units
     assert torch.equal(load_centroids(path), centroids)
+    # --kmeans with every layer given by --centroids: nothing left to fit
+    assert main(["lm-units", str(bench), str(tmp_path / "both"), "--checkpoint", str(checkpoint), "--layers", "1",
+                 "--kmeans", "4", "--centroids", f"1={path}"]) == 0
+    assert _read(tmp_path / "both" / "layer_01" / "lexical" / "dev.jsonl") == units
+    assert not (tmp_path / "both" / "layer_01" / "centroids.safetensors").exists()
 
 
 def test_study_table_brackets_hold_their_value():
