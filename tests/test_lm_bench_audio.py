@@ -171,6 +171,16 @@ def test_the_lexicon_is_kept_and_another_one_is_not_reused(bench, monkeypatch):
         generate_lm_bench(bench.out_dir, TINY)
 
 
+def test_a_benchmark_of_other_phone_tables_is_not_reused(bench, monkeypatch):
+    """The engines' phone tables decide every alignment: their SHA-256 is a parameter, so a benchmark aligned with
+    other tables (an edited phone_maps.json) is not reused."""
+    shipped = resources.files("spidr.corpus").joinpath("phone_maps.json").read_bytes()
+    assert bench.parameters["phone_maps"] == hashlib.sha256(shipped).hexdigest()
+    monkeypatch.setattr(lm_bench, "phone_maps_digest", lambda: "0" * 64)
+    with pytest.raises(ValueError, match=r"other settings \(differing: phone_maps\)"):
+        generate_lm_bench(bench.out_dir, TINY)
+
+
 def test_training_stories_are_spoken_with_pauses_between_sentences(bench):
     stories = [row[4] for row in _rows(bench.train_dir / "utterances.tsv") if "." in row[4]]
     assert stories

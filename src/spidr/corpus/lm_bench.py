@@ -68,7 +68,7 @@ from spidr.corpus.nonwords import (
     candidates,
     cmudict_pronunciations,
 )
-from spidr.corpus.phones import PAUSE
+from spidr.corpus.phones import PAUSE, phone_maps_digest
 from spidr.lm.zerospeech import (
     GoldItem,
     LexicalItem,
@@ -446,7 +446,8 @@ def _engine_versions() -> dict[str, str]:
 
 def bench_parameters(settings: LmBenchSettings) -> dict[str, Any]:
     """What ``info.json`` records of the settings, and what a cached benchmark must match to be reused."""
-    parameters = {"format": FORMAT_VERSION, "language": language_digest(), **json.loads(json.dumps(asdict(settings)))}
+    parameters = {"format": FORMAT_VERSION, "language": language_digest(), "phone_maps": phone_maps_digest(),
+                  **json.loads(json.dumps(asdict(settings)))}
     if not settings.seen_voices:  # benchmarks made before the option existed stay reusable
         del parameters["seen_voices"]
     return parameters

@@ -9,6 +9,7 @@ phone). The tables live in ``phone_maps.json`` beside this file: a copy of the p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cache
 from importlib import resources
@@ -22,9 +23,20 @@ class UnmappedPhoneError(ValueError):
     """An engine produced a phone label that the tables do not cover."""
 
 
+def phone_maps_json() -> bytes:
+    """The shipped engine-label tables, ``phone_maps.json``, as its bytes."""
+    return resources.files("spidr.corpus").joinpath("phone_maps.json").read_bytes()
+
+
+def phone_maps_digest() -> str:
+    """SHA-256 of ``phone_maps_json()``: the tables decide every alignment, so a benchmark made with other tables
+    (an edited mapping) is not reused."""
+    return hashlib.sha256(phone_maps_json()).hexdigest()
+
+
 @cache
 def _tables() -> dict:
-    tables = json.loads(resources.files("spidr.corpus").joinpath("phone_maps.json").read_text(encoding="utf-8"))
+    tables = json.loads(phone_maps_json())
     additions = {k: v for k, v in tables.pop("espeak_to_arpabet_additions").items() if not k.startswith("_")}
     tables["espeak_to_arpabet"] = {**tables["espeak_to_arpabet"], **additions}
     return tables
