@@ -125,3 +125,24 @@ def test_ngram_baselines_need_the_training_labels(bench: Path, capsys) -> None:
     (bench / "train" / FRAME_LABELS).unlink()
     assert cli.main(["lm-eval", str(bench), "--baseline", "ngram"]) == 2
     assert f"{bench / 'train' / FRAME_LABELS} does not exist" in capsys.readouterr().err
+
+
+def test_a_test_unit_unseen_in_training_is_scored(bench: Path, tmp_path: Path, capsys) -> None:
+    """Units: the inventory spans every file, so a test item may hold a unit no training utterance has (a codebook's
+    unused code); add-0.1 gives it a small probability, and a submission left in --out by an earlier run is not
+    scored again."""
+    units = tmp_path / "units"
+    _write_labels(units / "train.jsonl", {f"u{i}": [3, 0, 1, 2, 3] for i in range(10)}, key="units")
+    _write_labels(units / "lexical" / "dev.jsonl", {"w1": [3, 0, 1, 2, 3], "n1": [3, 0, 7, 2, 3],
+                                                    "w2": [3, 0, 1, 2, 3], "n2": [3, 0, 7, 2, 3]}, key="units")
+    out = tmp_path / "out"
+    stale = out / "bigram" / "tsc" / "dev.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("x 1.0\n")
+    assert cli.main(["lm-eval", str(bench), "--baseline", "ngram", "--units", str(units), "--out", str(out),
+                     "--json"]) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    # each nonword holds unit 7, never said in training, where its word holds unit 1: every model prefers the word
+    assert summaries["unigram"]["swuggy_all"] == pytest.approx(100.0)
+    assert summaries["bigram"]["swuggy_all"] == pytest.approx(100.0)
+    assert not stale.exists()

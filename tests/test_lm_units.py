@@ -217,3 +217,33 @@ def test_a_folder_of_other_inputs_is_refused(bench, checkpoint, tmp_path, capsys
     assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
     assert calls == []
     assert _files(out) == before
+
+
+def test_the_benchmark_spelled_another_way_resumes(bench, checkpoint, tmp_path, monkeypatch):
+    """A relative BENCH_DIR and the absolute one are the same inputs: the second run keeps every set (manifests
+    with paths relative to their folder, as synth-lm-bench writes them)."""
+    import shutil
+
+    copy = tmp_path / "bench"
+    shutil.copytree(bench, copy)
+    for manifest in copy.rglob("manifest.csv"):
+        header, *rows = manifest.read_text().splitlines()
+        rows = [",".join((stem, Path(path).name, samples)) for stem, path, samples in (r.split(",") for r in rows)]
+        manifest.write_text("\n".join([header, *rows]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "u"
+    assert main(["lm-units", "bench", str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    calls = _counted_iter_units(monkeypatch)
+    assert main(["lm-units", str(copy), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    assert calls == []
+
+
+def test_finished_sets_without_their_centroids_are_refused(bench, checkpoint, tmp_path, capsys):
+    """Sets finished with k-means centroids that were since deleted: a refit could differ, mixing two unit
+    inventories in one folder, so the rerun is refused."""
+    out = tmp_path / "km"
+    arguments = ["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "1", "--kmeans", "3"]
+    assert main(arguments) == 0
+    (out / "layer_01" / "centroids.safetensors").unlink()
+    assert main(arguments) == 2
+    assert "has finished sets whose k-means centroids are missing" in capsys.readouterr().err

@@ -56,17 +56,22 @@ def write_ngram_submissions(train: Path, tests: Mapping[str, Path], out_dir: str
     from spidr.lm.zerospeech import write_submission
 
     units = read_unit_sequences(train, dedup=True)
-    num_units = len(units.labels.labels) if units.labels else units.max_unit + 1
+    tests_read = {task: read_unit_sequences(path, dedup=True, labels=units.labels, expect_kind=units.kind,
+                                            submission_names=True) for task, path in tests.items()}
+    # Units: the inventory is what any file holds (a test item may hold a unit no training utterance has, which
+    # add-k smoothing gives a probability); labels: the training file's label set, which covers the phone inventory.
+    num_units = len(units.labels.labels) if units.labels else 1 + max(
+        units.max_unit, *(read.max_unit for read in tests_read.values()))
     vocab = Vocabulary(num_units)
-    items = {task: read_unit_sequences(path, dedup=True, labels=units.labels, num_units=num_units,
-                                       expect_kind=units.kind, submission_names=True).sequences
-             for task, path in tests.items()}
+    items = {task: read.sequences for task, read in tests_read.items()}
     stream = token_stream(units.sequences, vocab)
     folders = {}
     for name, order in NGRAM_ORDERS.items():
         model = NgramLM(vocab.size, order=order, add_k=ADD_K)
         model.fit(stream)
         folder = Path(out_dir) / name
+        for task in TASKS:  # a submission left by an earlier run (another --units) would be scored with these
+            (folder / task / f"{kind}.txt").unlink(missing_ok=True)
         for task, sequences in items.items():
             scores = score_sequences(model, vocab, sequences)
             write_submission(folder / task / f"{kind}.txt", {stem: s.mean for stem, s in scores.items()})

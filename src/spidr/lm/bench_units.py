@@ -112,29 +112,34 @@ def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[in
 
 
 def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, layers: Sequence[int], dtype: str,
-                   kmeans: int = 0, seed: int = 0,
-                   given_centroids: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
+                          kmeans: int = 0, seed: int = 0,
+                          given_centroids: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
     """What a model's units folder is made from (``STATE_FILE``): the weights and config (fingerprint), the layers,
-    the dtype, where the units come from (codebooks, k-means fitted with K and a seed, or given centroids' digests)
-    and each set's utterances (ids, paths, lengths)."""
+    the dtype, where the units come from (codebooks; k-means fitted with K and a seed; given centroids' digests)
+    and the sets' utterances (names, ids, resolved paths, lengths: one digest, whichever way BENCH_DIR is
+    spelled)."""
     import hashlib
 
     from spidr.eval.journal import entries_fingerprint, model_fingerprint
     from spidr.models.inference_precision import precision_identity
 
-    given = {str(layer): hashlib.sha1(tensor.contiguous().numpy().tobytes()).hexdigest()
+    given = {str(layer): hashlib.sha1(f"{tuple(tensor.shape)}".encode()
+                                      + tensor.contiguous().numpy().tobytes()).hexdigest()
              for layer, tensor in sorted((given_centroids or {}).items())}
-    source = {"kmeans": kmeans, "seed": seed, "given_centroids": given} if kmeans or given else "codebooks"
+    source: Any = "codebooks"
+    if kmeans or given:
+        source = {"given_centroids": given} | ({"kmeans": kmeans, "seed": seed} if kmeans else {})
+    utterances = hashlib.sha1()
+    for name, folder in sorted(benchmark_sets(Path(bench_dir).resolve()).items()):
+        utterances.update(f"{name}:{entries_fingerprint(split_entries(folder))}\n".encode())
     return {"format": 1, "model": model_fingerprint(model), "layers": sorted(layers), "dtype": dtype,
-            **precision_identity(dtype), "units": source,
-            "sets": {name: entries_fingerprint(split_entries(folder))
-                     for name, folder in benchmark_sets(bench_dir).items()}}
+            **precision_identity(dtype), "units": source, "utterances": utterances.hexdigest()}
 
 
 def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[str] | None:
-    """The sets already finished in ``out_dir`` by a run with this ``identity``, or None when the folder is begun
-    now (nothing recorded: files from an earlier spidr or a run without a record are written again). A record of
-    other inputs is refused, naming what differs."""
+    """The sets already finished in ``out_dir`` by a run with this ``identity`` (an empty set: recorded, none
+    finished yet), or None when the folder is begun now (nothing recorded: files from an earlier spidr or a run
+    without a record are written again). A record of other inputs is refused, naming what differs."""
     from spidr.eval.journal import identity_differences
 
     state_path = Path(out_dir) / STATE_FILE

@@ -182,7 +182,11 @@ def _units(args: argparse.Namespace) -> int:
     fitted = {layer: Path(args.out) / f"layer_{layer:02d}" / CENTROIDS_FILE
               for layer in layers if layer not in centroids} if args.kmeans else {}
     if fitted:  # the layers --centroids left to --kmeans
-        if finished is not None and all(path.is_file() for path in fitted.values()):
+        missing = [str(path) for path in fitted.values() if not path.is_file()]
+        if finished and missing:  # units of finished sets came from centroids that are gone: a refit may differ
+            raise ValueError(f"{args.out} has finished sets whose k-means centroids are missing ({', '.join(missing)})"
+                             f"; delete {args.out} to start again")
+        if finished is not None and not missing:
             centroids |= {layer: load_centroids(path) for layer, path in fitted.items()}  # this run's, resumed
         else:
             centroids |= fit_centroids(model, read_manifest(train / "manifest.csv"), list(fitted),
@@ -193,7 +197,8 @@ def _units(args: argparse.Namespace) -> int:
                                                                  "seed": args.seed, "bench": str(args.bench_dir)})
     written = write_model_units(model, args.bench_dir, args.out, layers=layers, centroids=centroids or None,
                                 dtype=args.dtype, identity=identity)
-    print(f"wrote {len(written)} units files (layers {', '.join(map(str, layers))}) to {args.out}")
+    print(f"{len(written)} units files (layers {', '.join(map(str, layers))}) in {args.out}"
+          + (f" ({len(finished)} set(s) kept from an earlier run)" if finished else ""))
     return 0
 
 

@@ -74,6 +74,7 @@ def _lm_eval(args: argparse.Namespace) -> int:
 def _lm_eval_baselines(args: argparse.Namespace) -> int:
     """``--baseline ngram``: each n-gram model's submission is written (to ``--out/<model>/``, else to a temporary
     folder) and scored like any submission."""
+    import contextlib
     import tempfile
 
     from spidr.lm.baseline import baseline_inputs, write_ngram_submissions
@@ -82,8 +83,9 @@ def _lm_eval_baselines(args: argparse.Namespace) -> int:
     if args.submission_dir is not None:
         raise ValueError(f"--baseline scores n-gram models, not a submission: leave out {args.submission_dir}")
     train, tests = baseline_inputs(args.bench_dir, args.units, args.kind)
-    with tempfile.TemporaryDirectory(prefix="spidr-ngram-") as scratch:
-        folders = write_ngram_submissions(train, tests, args.out or scratch, kind=args.kind)
+    folder = contextlib.nullcontext(args.out) if args.out else tempfile.TemporaryDirectory(prefix="spidr-ngram-")
+    with folder as out_dir:
+        folders = write_ngram_submissions(train, tests, out_dir, kind=args.kind)
         summaries = {name: evaluate_benchmark(args.bench_dir, folder, kind=args.kind,
                                               out_dir=folder if args.out else None, seed=args.seed)
                      for name, folder in folders.items()}
@@ -200,7 +202,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with 95% bootstrap CIs over pair ids and binomial p-values against chance (also per breakdown row of 5 "
         "pairs or more: frequency band, syntactic type, ...). A benchmark made with "
         "spidr synth-lm-bench --seen-voices also has lexical_seen/ (the lexical pairs spoken by training voices), "
-        "reported as swuggy_seen_all / swuggy_seen_invocab.",
+        "reported as swuggy_seen_all / swuggy_seen_invocab. With --baseline ngram instead of SUBMISSION_DIR, the "
+        "submissions are those of unigram and bigram models fitted on the benchmark's training set.",
         formatter_class=FORMATTER,
     )
     parser.add_argument("bench_dir", metavar="BENCH_DIR", help="benchmark root (lexical/, syntactic/, tsc/, ssc/)")
