@@ -247,3 +247,19 @@ def test_finished_sets_without_their_centroids_are_refused(bench, checkpoint, tm
     (out / "layer_01" / "centroids.safetensors").unlink()
     assert main(arguments) == 2
     assert "has finished sets whose k-means centroids are missing" in capsys.readouterr().err
+
+
+def test_a_benchmark_made_again_in_place_is_other_inputs(bench, checkpoint, tmp_path, capsys):
+    """Same file names and lengths, another info.json (a synthetic benchmark remade with other settings whose files
+    happen to keep their lengths): the units of the old one are not resumed."""
+    import shutil
+
+    copy = tmp_path / "bench"
+    shutil.copytree(bench, copy)
+    (copy / "info.json").write_text('{"parameters": {"seed": 0}}\n')
+    out = tmp_path / "u"
+    arguments = ["lm-units", str(copy), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]
+    assert main(arguments) == 0
+    (copy / "info.json").write_text('{"parameters": {"seed": 1}}\n')
+    assert main(arguments) == 2
+    assert "benchmark (a benchmark made again: its info.json differs)" in capsys.readouterr().err

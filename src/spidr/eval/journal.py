@@ -35,7 +35,8 @@ FORMAT = 1
 
 
 # What a changed fingerprint means (the fingerprints themselves tell a user nothing)
-_FINGERPRINTS = {"model": "a model with other weights or config", "utterances": "another list of utterances"}
+_FINGERPRINTS = {"model": "a model with other weights or config", "utterances": "another list of utterances",
+                 "benchmark": "a benchmark made again: its info.json differs"}
 
 
 def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:

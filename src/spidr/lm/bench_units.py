@@ -115,9 +115,9 @@ def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, laye
                           kmeans: int = 0, seed: int = 0,
                           given_centroids: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
     """What a model's units folder is made from (``STATE_FILE``): the weights and config (fingerprint), the layers,
-    the dtype, where the units come from (codebooks; k-means fitted with K and a seed; given centroids' digests)
-    and the sets' utterances (names, ids, resolved paths, lengths: one digest, whichever way BENCH_DIR is
-    spelled)."""
+    the dtype, where the units come from (codebooks; k-means fitted with K and a seed; given centroids' digests),
+    the sets' utterances (names, ids, resolved paths, lengths: one digest, whichever way BENCH_DIR is spelled) and,
+    for a benchmark of ``synth-lm-bench``, its ``info.json``."""
     import hashlib
 
     from spidr.eval.journal import entries_fingerprint, model_fingerprint
@@ -132,8 +132,14 @@ def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, laye
     utterances = hashlib.sha1()
     for name, folder in sorted(benchmark_sets(Path(bench_dir).resolve()).items()):
         utterances.update(f"{name}:{entries_fingerprint(split_entries(folder))}\n".encode())
-    return {"format": 1, "model": model_fingerprint(model), "layers": sorted(layers), "dtype": dtype,
-            **precision_identity(dtype), "units": source, "utterances": utterances.hexdigest()}
+    identity = {"format": 1, "model": model_fingerprint(model), "layers": sorted(layers), "dtype": dtype,
+                **precision_identity(dtype), "units": source, "utterances": utterances.hexdigest()}
+    # A synthetic benchmark remade in place may keep every file name and length with other audio (other nonwords of
+    # the same length); its info.json, written once when it is made, tells it apart.
+    info = Path(bench_dir) / "info.json"
+    if info.is_file():
+        identity["benchmark"] = hashlib.sha1(info.read_bytes()).hexdigest()
+    return identity
 
 
 def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[str] | None:
