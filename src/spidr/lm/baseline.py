@@ -19,12 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from spidr.lm.bench_units import FRAME_LABELS
+from spidr.lm.config import LmModelSection
 from spidr.lm.evaluate import TASKS
 
 logger = logging.getLogger(__name__)
 
 NGRAM_ORDERS = {"unigram": 1, "bigram": 2}
-ADD_K = 0.1  # lm-train's model.ngram_add_k default
+ADD_K = LmModelSection.ngram_add_k  # lm-train's default, so that lm-study's phone bigram is the same model
 
 
 def baseline_inputs(bench_dir: str | Path, units_dir: str | Path | None, kind: str) -> tuple[Path, dict[str, Path]]:

@@ -77,14 +77,14 @@ def _lm_eval_baselines(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
-    from spidr.lm.baseline import baseline_inputs, write_ngram_submissions
+    from spidr.lm.baseline import ADD_K, baseline_inputs, write_ngram_submissions
     from spidr.lm.evaluate import evaluate_benchmark
 
     if args.submission_dir is not None:
         raise ValueError(f"--baseline scores n-gram models, not a submission: leave out {args.submission_dir}")
     train, tests = baseline_inputs(args.bench_dir, args.units, args.kind)
-    folder = contextlib.nullcontext(args.out) if args.out else tempfile.TemporaryDirectory(prefix="spidr-ngram-")
-    with folder as out_dir:
+    destination = contextlib.nullcontext(args.out) if args.out else tempfile.TemporaryDirectory(prefix="spidr-ngram-")
+    with destination as out_dir:
         folders = write_ngram_submissions(train, tests, out_dir, kind=args.kind)
         summaries = {name: evaluate_benchmark(args.bench_dir, folder, kind=args.kind,
                                               out_dir=folder if args.out else None, seed=args.seed)
@@ -95,7 +95,7 @@ def _lm_eval_baselines(args: argparse.Namespace) -> int:
     for number, (name, summary) in enumerate(summaries.items()):
         if number:
             print()
-        print(f"== {name} (add-0.1, deduplicated units of {train}) ==")
+        print(f"== {name} (add-{ADD_K}, deduplicated units of {train}) ==")
         _print_report(summary)
     if args.out:
         print(f"\nwrote each model's submission, tables and results.json to {args.out}/<model>")
