@@ -7,6 +7,7 @@ Synthesis tests use a few utterances of a handful of voices; a voice whose engin
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import wave
 from pathlib import Path
@@ -580,6 +581,31 @@ def test_a_corpus_of_another_format_is_made_again(tmp_path: Path, monkeypatch: p
     assert json.loads((info.out_dir / "info.json").read_text())["format"] == synth.FORMAT_VERSION
     with pytest.raises(ValueError, match=r"other parameters \(differing: num_utterances_per_voice\)"):
         synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=3, jobs=1)
+
+
+@pytest.mark.parametrize("table", ["words", "phone_maps"])
+def test_a_corpus_of_other_shipped_tables_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture, table: str) -> None:
+    """The word lists decide every sentence and the phone tables every alignment: info.json records the SHA-256 of
+    the installed files, and a corpus made from other ones (an upgrade that edited them without a new format) is
+    made again, not reused as if it matched."""
+    need("kal16")
+    out = tmp_path / "c"
+    package = Path(synth.__file__).parent
+    info = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    recorded = json.loads((out / "info.json").read_text())["parameters"]
+    assert recorded["words"] == hashlib.sha256((package / "words.json").read_bytes()).hexdigest()
+    assert recorded["phone_maps"] == hashlib.sha256((package / "phone_maps.json").read_bytes()).hexdigest()
+    before = _files(out)
+    digest = {"words": "spidr.corpus.text.words_digest", "phone_maps": "spidr.corpus.synth.phone_maps_digest"}[table]
+    monkeypatch.setattr(digest, lambda: "0" * 64)
+    with caplog.at_level("WARNING", logger="spidr.corpus.synth"):
+        remade = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    assert f"other shipped tables (differing: {table}" in caplog.text
+    assert remade.parameters[table] == "0" * 64 != info.parameters[table]
+    after = _files(out)
+    assert after.pop("info.json") != before.pop("info.json")  # the new digest is recorded
+    assert after == before  # the same tables in truth: the same files
 
 
 def test_unmapped_phone_drops_the_utterance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,8 @@ Output layout of ``synthesize_corpus(out_dir, ...)``:
     out_dir/phoneme.item, triphone.item, utterances.tsv, speakers.tsv   (see ``spidr.corpus.outputs``)
     out_dir/info.json                             parameters, counts, dropped utterances; written last
 
-The output depends only on the parameters (voices, utterances per voice, seed, same-text fraction, rate jitter):
+The output depends only on the parameters (voices, utterances per voice, seed, same-text fraction, rate jitter,
+and the SHA-256 of the shipped word lists and phone tables, which ``info.json`` records with them):
 every utterance's text and speed come from string-seeded generators, every engine call is independent of the
 others, and the files list utterances in plan order, so the worker count never changes a byte. A second call
 with the same parameters finds ``info.json`` and reuses the corpus (or makes it again if one of its files is gone).
@@ -34,7 +35,7 @@ from spidr import __version__
 from spidr.child_processes import end_with_parent
 from spidr.corpus import outputs, text
 from spidr.corpus.engines import Request
-from spidr.corpus.phones import phone_inventory
+from spidr.corpus.phones import phone_inventory, phone_maps_digest
 from spidr.corpus.utterance import SAMPLE_RATE, Dropped, Utterance, synthesize_batch
 from spidr.corpus.voices import DEFAULT_VOICES, WARP_RANGE, Voice, parse_voice, require_available
 from spidr.folder_lock import LOCK_NAME, folder_lock
@@ -46,6 +47,9 @@ MEAN_UTTERANCE_S = 3.0  # measured mean over the default voices; turns --hours i
 BATCH_SIZE = 16  # utterances per task: amortises festival's start-up, small enough to balance the workers
 WAV_DIR = "wavs"
 IN_PROGRESS = ".synth-corpus-in-progress"
+# What the installed spidr ships rather than what the caller chose: a cache differing only in these was made by
+# another version (or from edited tables) with the same parameters, and is made again rather than refused.
+_SHIPPED = frozenset({"format", "words", "phone_maps"})
 _OUTPUT_NAMES = (outputs.MANIFEST, outputs.ALIGNMENTS_TSV, outputs.ALIGNMENTS_JSONL, outputs.FRAME_LABELS_20MS,
                  outputs.PHONEME_ITEM, outputs.TRIPHONE_ITEM, outputs.UTTERANCES_TSV, outputs.SPEAKERS_TSV)
 
@@ -195,10 +199,12 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> Cor
             return None
         changed = sorted(k for k in {*parameters, *existing.parameters}
                          if parameters.get(k) != existing.parameters.get(k))
-        if changed == ["format"]:
-            # Made by another spidr version from the same parameters: a cache that this version makes otherwise.
-            logger.warning("the corpus in %s was made by another spidr version (format %s, now %s): making it again",
-                           out_dir, existing.parameters.get("format"), parameters["format"])
+        if set(changed) <= _SHIPPED:
+            # Made by another spidr version (or from other word lists or phone tables) from the same parameters: a
+            # cache that this installation makes otherwise.
+            logger.warning("the corpus in %s was made by another spidr version or from other shipped tables "
+                           "(differing: %s; format %s, now %s): making it again", out_dir, ", ".join(changed),
+                           existing.parameters.get("format"), parameters["format"])
             return None
         if not overwrite:
             raise ValueError(
@@ -282,7 +288,7 @@ def synthesize_corpus(
         raise ValueError(f"jobs = {jobs} must be >= 1")
     parameters = {"format": FORMAT_VERSION, "voices": [voice.name for voice in selected],
                   "num_utterances_per_voice": count, "seed": seed, "same_text_fraction": same_text_fraction,
-                  "rate_jitter": rate_jitter}
+                  "rate_jitter": rate_jitter, "words": text.words_digest(), "phone_maps": phone_maps_digest()}
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory; choose a directory for the corpus")
     if not (out_dir / outputs.INFO_JSON).is_file():  # checked before the folder is made

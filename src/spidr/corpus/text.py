@@ -11,6 +11,7 @@ other voices are synthesised.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -35,9 +36,20 @@ class _Words:
     numbers: tuple[str, ...]
 
 
+def words_json() -> bytes:
+    """The shipped word lists, ``words.json``, as its bytes."""
+    return resources.files("spidr.corpus").joinpath("words.json").read_bytes()
+
+
+def words_digest() -> str:
+    """SHA-256 of ``words_json()``: every sentence is drawn from these lists, so a corpus made from other lists (an
+    edited or upgraded file) is not reused."""
+    return hashlib.sha256(words_json()).hexdigest()
+
+
 @cache
 def _words() -> _Words:
-    data = json.loads(resources.files("spidr.corpus").joinpath("words.json").read_text(encoding="utf-8"))
+    data = json.loads(words_json().decode("utf-8"))
     return _Words(**{key: tuple(tuple(v) if isinstance(v, list) else v for v in values)
                      for key, values in data.items()})
 
