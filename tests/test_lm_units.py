@@ -263,3 +263,62 @@ def test_a_benchmark_made_again_in_place_is_other_inputs(bench, checkpoint, tmp_
     (copy / "info.json").write_text('{"parameters": {"seed": 1}}\n')
     assert main(arguments) == 2
     assert "benchmark (a benchmark made again: its info.json differs)" in capsys.readouterr().err
+
+
+def test_kmeans_fits_on_a_training_folder_without_manifest(bench, checkpoint, tmp_path):
+    """A train/ folder of wavs alone is scanned for the k-means fit, as for every set's units (it was refused:
+    'manifest .../train/manifest.csv does not exist'); the centroids equal those of the same files in a manifest."""
+    import shutil
+
+    scanned = tmp_path / "bench"
+    shutil.copytree(bench, scanned)
+    (scanned / "train" / "manifest.csv").unlink()
+    (scanned / "lexical" / "dev" / "manifest.csv").unlink()
+    assert main(["lm-units", str(scanned), str(tmp_path / "scan"), "--checkpoint", str(checkpoint), "--layers", "1",
+                 "--kmeans", "4"]) == 0
+    assert main(["lm-units", str(bench), str(tmp_path / "listed"), "--checkpoint", str(checkpoint), "--layers", "1",
+                 "--kmeans", "4"]) == 0
+    fitted = load_centroids(tmp_path / "scan" / "layer_01" / "centroids.safetensors")
+    torch.testing.assert_close(fitted, load_centroids(tmp_path / "listed" / "layer_01" / "centroids.safetensors"))
+    assert _read(tmp_path / "scan" / "layer_01" / "train.jsonl") == _read(tmp_path / "listed" / "layer_01" /
+                                                                          "train.jsonl")
+
+
+def test_a_test_file_without_units_is_refused_and_a_training_one_skipped(bench, checkpoint, tmp_path, capsys,
+                                                                         caplog):
+    """A test file that gives no units (unreadable, or shorter than one frame) would leave its stem out of the
+    submission, found only by lm-eval after training and scoring: refused by name, the set's units not written. A
+    training file is left out with a warning that counts it once."""
+    import shutil
+
+    broken = tmp_path / "bench"
+    shutil.copytree(bench, broken)
+    (broken / "tsc" / "dev" / "tsc-dev-1.wav").write_bytes(b"not audio")  # tsc/dev has no manifest: scanned
+    _wav(broken / "lexical" / "dev" / "lexical-dev-0.wav", 0.01, seed=0)  # 160 samples: no frame
+    manifest = broken / "lexical" / "dev" / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(str(bench), str(broken)).replace(",9600\n", ",160\n"))
+    out = tmp_path / "units"
+    assert main(["lm-units", str(broken), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "1 of 3 test files gave no units" in error
+    assert "lexical-dev-0.wav" in error
+    assert not (out / "layer_02" / "lexical" / "dev.jsonl").exists()
+    assert len(_read(out / "layer_02" / "train.jsonl")) == 4  # finished before, and kept
+    (broken / "lexical" / "dev" / "lexical-dev-0.wav").unlink()
+    manifest.write_text("\n".join(line for line in manifest.read_text().splitlines() if "dev-0" not in line) + "\n")
+    shutil.rmtree(out)
+    assert main(["lm-units", str(broken), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "1 of 2 test files gave no units" in error
+    assert "tsc-dev-1.wav" in error
+    # the same unreadable file in the training set is left out, with one warning
+    (broken / "tsc" / "dev" / "tsc-dev-1.wav").unlink()
+    (broken / "train" / "manifest.csv").unlink()
+    (broken / "train" / "train-3.wav").write_bytes(b"not audio")
+    shutil.rmtree(out)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["lm-units", str(broken), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    assert sorted(_read(out / "layer_02" / "train.jsonl")) == ["train-0", "train-1", "train-2"]
+    assert caplog.text.count("unreadable audio") == 1
+    assert "1 of 4 training files gave no units" in caplog.text

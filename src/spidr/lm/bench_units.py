@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,35 @@ def benchmark_sets(bench_dir: str | Path) -> dict[str, Path]:
     return sets
 
 
-def split_entries(folder: Path):
-    """The audio files of a benchmark set: its manifest's rows, or the folder's files when it has none."""
+@dataclass(frozen=True)
+class BenchmarkSet:
+    """One set's audio: its manifest's rows, or the files of a folder that has none, and the files that such a scan
+    could not read (``(location, reason)``)."""
+
+    folder: Path
+    entries: Any  # spidr.data.manifest.Manifest
+    unreadable: tuple[tuple[str, str], ...] = ()
+
+
+def read_set(folder: Path) -> BenchmarkSet:
+    """A benchmark set's audio (``BenchmarkSet``); a scan logs each unreadable file once."""
     from spidr.data.manifest import read_manifest, scan
 
     manifest = folder / "manifest.csv"
-    return read_manifest(manifest) if manifest.is_file() else scan(folder, progress=False).entries
+    if manifest.is_file():
+        return BenchmarkSet(folder, read_manifest(manifest))
+    found = scan(folder, progress=False)
+    return BenchmarkSet(folder, found.entries, tuple(found.failures))
+
+
+def read_benchmark(bench_dir: str | Path) -> dict[str, BenchmarkSet]:
+    """Every set of ``bench_dir`` (``benchmark_sets``) read once, for the units folder's identity and its units."""
+    return {name: read_set(folder) for name, folder in benchmark_sets(bench_dir).items()}
+
+
+def split_entries(folder: Path):
+    """The audio files of a benchmark set: its manifest's rows, or the folder's readable files when it has none."""
+    return read_set(folder).entries
 
 
 def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
@@ -113,11 +137,13 @@ def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[in
 
 def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, layers: Sequence[int], dtype: str,
                           kmeans: int = 0, seed: int = 0,
-                          given_centroids: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
+                          given_centroids: Mapping[int, torch.Tensor] | None = None,
+                          sets: Mapping[str, BenchmarkSet] | None = None) -> dict[str, Any]:
     """What a model's units folder is made from (``STATE_FILE``): the weights and config (fingerprint), the layers,
     the dtype, where the units come from (codebooks; k-means fitted with K and a seed; given centroids' digests),
     the sets' utterances (names, ids, resolved paths, lengths: one digest, whichever way BENCH_DIR is spelled) and,
-    for a benchmark of ``synth-lm-bench``, its ``info.json``."""
+    for a benchmark of ``synth-lm-bench``, its ``info.json``. ``sets``: ``read_benchmark`` of the resolved
+    ``bench_dir``, when the caller has read it already."""
     import hashlib
 
     from spidr.eval.journal import entries_fingerprint, model_fingerprint
@@ -130,8 +156,8 @@ def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, laye
     if kmeans or given:
         source = {"given_centroids": given} | ({"kmeans": kmeans, "seed": seed} if kmeans else {})
     utterances = hashlib.sha1()
-    for name, folder in sorted(benchmark_sets(Path(bench_dir).resolve()).items()):
-        utterances.update(f"{name}:{entries_fingerprint(split_entries(folder))}\n".encode())
+    for name, found in sorted((sets or read_benchmark(Path(bench_dir).resolve())).items()):
+        utterances.update(f"{name}:{entries_fingerprint(found.entries)}\n".encode())
     identity = {"format": 1, "model": model_fingerprint(model), "layers": sorted(layers), "dtype": dtype,
                 **precision_identity(dtype), "units": source, "utterances": utterances.hexdigest()}
     # A synthetic benchmark remade in place may keep every file name and length with other audio (other nonwords of
@@ -173,20 +199,41 @@ def _write_state(path: Path, identity: Mapping[str, Any], done: Sequence[str]) -
     write_atomically(path, json.dumps({"identity": identity, "done": list(done)}, indent=1) + "\n")
 
 
+def _check_skipped(name: str, found: BenchmarkSet, skipped: Mapping[str, str]) -> None:
+    """Warn about the training files that gave no units; refuse a test set with such files."""
+    if not skipped:
+        return
+    total = len(found.entries) + len(found.unreadable)
+    examples = "; ".join(f"{location}: {reason}" for location, reason in list(skipped.items())[:3])
+    if name == "train":
+        logger.warning("%s: %d of %d training files gave no units and are left out (e.g. %s)", found.folder,
+                       len(skipped), total, examples)
+        return
+    more = "; ..." if len(skipped) > 3 else ""
+    raise ValueError(f"{found.folder}: {len(skipped)} of {total} test files gave no units ({examples}{more}); a "
+                     "submission needs a score for every test file: replace them, or remove them with their gold.csv "
+                     "rows")
+
+
 def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: str | Path, *, layers: Sequence[int],
                       centroids: Mapping[int, torch.Tensor] | None = None, dtype: str = "float32",
-                      batch_seconds: float = 60.0,
-                      identity: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                      batch_seconds: float = 60.0, identity: Mapping[str, Any] | None = None,
+                      sets: Mapping[str, BenchmarkSet] | None = None) -> dict[str, Path]:
     """Units of every set and layer → ``out_dir/layer_LL/<set>.jsonl``; returns ``{"layer_LL/<set>": path}``.
 
     With ``identity`` (``units_folder_identity``, recorded by ``begin_units_folder``), each finished set is recorded in
-    ``STATE_FILE`` and a set recorded before, with all its files present, is skipped."""
+    ``STATE_FILE`` and a set recorded before, with all its files present, is skipped. ``sets``: ``read_benchmark``
+    of ``bench_dir``, when the caller has read it already.
+
+    A training file that gives no units (unreadable, or shorter than one frame) is skipped with a warning; a test
+    file is an error naming it, and the set's units files are not written: a submission needs a score for every
+    test file, and lm-eval would only find the gap after the LM was trained and every item scored."""
     from spidr.eval.features import iter_units
 
     out_dir = Path(out_dir)
     done = sorted(begin_units_folder(out_dir, identity) or ()) if identity is not None else []
     written = {}
-    for name, folder in benchmark_sets(bench_dir).items():
+    for name, found in (sets or read_benchmark(bench_dir)).items():
         paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
         written |= {f"layer_{layer:02d}/{name}": path for layer, path in paths.items()}
         if name in done and all(path.is_file() for path in paths.values()):
@@ -198,10 +245,12 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = files.enter_context(replaced_when_done(path))
                 handles[layer] = files.enter_context(partial.open("w", encoding="utf-8"))
-            for entry, units in iter_units(model, split_entries(folder), layers=layers, centroids=centroids,
-                                           dtype=dtype, batch_seconds=batch_seconds):
+            skipped = dict(found.unreadable)
+            for entry, units in iter_units(model, found.entries, layers=layers, centroids=centroids, dtype=dtype,
+                                           batch_seconds=batch_seconds, skipped=skipped):
                 for layer, values in units.items():
                     handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")
+            _check_skipped(name, found, skipped)
         logger.info("wrote units of %s for layers %s", name, list(layers))
         if identity is not None:
             done = sorted({*done, name})

@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--centroids; fitted centroids are kept as OUT/layer_LL/centroids.safetensors), or with --oracle "
         "OUT/<set>.jsonl holding the sets' 20 ms phone labels. A model's units resume set by set: OUT/.lm-units.json "
         "records what they are made from and the finished sets; a rerun with the same inputs skips those, one "
-        "with other inputs (weights, layers, dtype, units, the sets' files) is refused.",
+        "with other inputs (weights, layers, dtype, units, the sets' files) is refused. A training file that gives "
+        "no units (unreadable, or shorter than one frame) is left out with a warning; a test file is an error, since "
+        "a submission needs a score for each.",
         formatter_class=FORMATTER,
     )
     units.add_argument("bench_dir", metavar="BENCH_DIR", help="benchmark folder (spidr synth-lm-bench)")
@@ -145,14 +147,13 @@ def _units(args: argparse.Namespace) -> int:
         print(f"wrote oracle phone labels of {len(written)} sets to {args.out}")
         return 0
 
-    from spidr.data.manifest import read_manifest
     from spidr.eval.features import parse_layers
     from spidr.eval.kmeans import load_centroids, save_centroids
     from spidr.lm.bench_units import (
         CENTROIDS_FILE,
         begin_units_folder,
-        benchmark_sets,
         fit_centroids,
+        read_benchmark,
         units_folder_identity,
         write_model_units,
     )
@@ -173,11 +174,12 @@ def _units(args: argparse.Namespace) -> int:
         if not layer.strip().isdigit() or not path:
             raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
         centroids[int(layer)] = load_centroids(path)
-    train = benchmark_sets(args.bench_dir).get("train")
+    sets = read_benchmark(Path(args.bench_dir).resolve())  # once: a scan warns about each unreadable file
+    train = sets.get("train")
     if args.kmeans and train is None:
         raise ValueError(f"--kmeans fits on {args.bench_dir}/train, which does not exist; pass --centroids")
     identity = units_folder_identity(model, args.bench_dir, layers=layers, dtype=args.dtype, kmeans=args.kmeans,
-                                     seed=args.seed, given_centroids=centroids)
+                                     seed=args.seed, given_centroids=centroids, sets=sets)
     finished = begin_units_folder(args.out, identity)  # None: begun now
     fitted = {layer: Path(args.out) / f"layer_{layer:02d}" / CENTROIDS_FILE
               for layer in layers if layer not in centroids} if args.kmeans else {}
@@ -189,14 +191,14 @@ def _units(args: argparse.Namespace) -> int:
         if finished is not None and not missing:
             centroids |= {layer: load_centroids(path) for layer, path in fitted.items()}  # this run's, resumed
         else:
-            centroids |= fit_centroids(model, read_manifest(train / "manifest.csv"), list(fitted),
+            centroids |= fit_centroids(model, train.entries, list(fitted),
                                        num_units=args.kmeans, seed=args.seed, dtype=args.dtype)
             for layer, path in fitted.items():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_centroids(path, centroids[layer], metadata={"layer": layer, "kmeans": args.kmeans,
                                                                  "seed": args.seed, "bench": str(args.bench_dir)})
     written = write_model_units(model, args.bench_dir, args.out, layers=layers, centroids=centroids or None,
-                                dtype=args.dtype, identity=identity)
+                                dtype=args.dtype, identity=identity, sets=sets)
     print(f"{len(written)} units files (layers {', '.join(map(str, layers))}) in {args.out}"
           + (f" ({len(finished)} set(s) kept from an earlier run)" if finished else ""))
     return 0
