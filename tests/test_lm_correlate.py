@@ -343,3 +343,10 @@ def test_the_bootstrap_interval_of_r_is_a_95_percent_one():
     assert (high - low) / (np.tanh(z + half) - np.tanh(z - half)) == pytest.approx(1.0, abs=0.08)
     assert low == pytest.approx(np.tanh(z - half), abs=0.01)
     assert high == pytest.approx(np.tanh(z + half), abs=0.01)
+
+
+def test_a_table_that_is_not_utf8_is_named_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "runs.csv"
+    path.write_bytes("model,pnmi\nA,0.1\nB\xe9,0.2\nC,0.3\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"runs\.csv:3: not UTF-8 text .*save the table as UTF-8"):
+        read_table(path, ["pnmi"])

@@ -456,6 +456,33 @@ def test_evaluate_benchmark_over_the_layout(tmp_path: Path) -> None:
             ["1-5", "0", "", "", "", "", ""]]
 
 
+def test_the_sblimp_pair_table_names_its_sentences(tmp_path: Path) -> None:
+    """As the toolkit's by-pair table, each sBLIMP row gives its sentence and non-sentence (which pairs failed?)."""
+    bench, submission, _ = write_benchmark(tmp_path)
+    out = tmp_path / "scores"
+    evaluate_benchmark(bench, submission, kind="dev", out_dir=out)
+    with (out / "score_syntactic_dev_by_pair.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["type", "subtype", "id", "sentence", "non sentence", "score"]
+    assert [(row["id"], row["sentence"], row["non sentence"], row["score"]) for row in rows] == [
+        ("1", "good", "bad", "1.0"), ("2", "good", "bad", "0.0"), ("3", "good", "bad", "0.5")]
+
+
+def test_out_replaces_an_earlier_runs_tables(tmp_path: Path) -> None:
+    """A second run into the same --out without the syntactic task leaves no syntactic table beside its
+    results.json (they would pass for this run's); a file of the user's stays."""
+    bench, submission, _ = write_benchmark(tmp_path)
+    out = tmp_path / "scores"
+    evaluate_benchmark(bench, submission, kind="dev", out_dir=out)
+    (out / "score_notes.csv").write_text("mine\n")
+    (submission / "syntactic" / "dev.txt").unlink()
+    summary = evaluate_benchmark(bench, submission, kind="dev", out_dir=out)
+    assert "sblimp" not in summary
+    assert not list(out.glob("score_syntactic_*"))
+    assert (out / "score_lexical_dev_by_pair.csv").is_file()
+    assert (out / "score_notes.csv").read_text() == "mine\n"
+
+
 def test_seen_voice_lexical_is_scored_as_lexical_under_its_own_names(tmp_path: Path) -> None:
     """lexical_seen/ (synth-lm-bench --seen-voices) follows the lexical rules exactly: the same gold rows and scores
     placed there give the lexical numbers, reported as swuggy_seen_*, beside the held-out ones."""

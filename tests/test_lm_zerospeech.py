@@ -87,6 +87,32 @@ def test_gold_field_errors_name_file_line_and_column(tmp_path: Path, line: str, 
         read_lexical_gold(path)
 
 
+def test_integer_valued_floats_are_counts(tmp_path: Path) -> None:
+    """pandas writes an integer column with empty cells (the nonword rows' frequency) as floats, and the toolkit
+    reads such a gold file: "3.0" is 3; "3.5" is no count."""
+    path = tmp_path / "gold.csv"
+    path.write_text("id,filename,voice,frequency,word,phones,length,correct\n1,w1,Alex,3.0,brick,b r,2.0,1\n"
+                    "1,w2,Alex,,,b l,2,0\n")
+    assert [(row.frequency, row.length) for row in read_lexical_gold(path)] == [(3, 2), (None, 2)]
+    path.write_text("id,filename,voice,frequency,word,phones,length,correct\n1,w1,Alex,3.5,brick,b r,2,1\n")
+    with pytest.raises(ValueError, match=r"line 2, column 'frequency': expected a non-negative integer, found '3.5'"):
+        read_lexical_gold(path)
+
+
+def test_text_that_is_not_utf8_is_named_by_file_and_line(tmp_path: Path) -> None:
+    """A Latin-1 gold file or submission: the error names the file and the line (it named neither: "'utf-8' codec
+    can't decode byte 0xe9 in position 74")."""
+    gold = tmp_path / "gold.csv"
+    gold.write_bytes("id,filename,voice,type,transcription,correct\n1,a,v,t,x,1\n1,b,v,t,caf\xe9,0\n"
+                     .encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(gold))}:3: not UTF-8 text .*save the gold file as UTF-8"):
+        read_syntactic_gold(gold)
+    submission = tmp_path / "dev.txt"
+    submission.write_bytes("a 1.0\nb\xe9 2.0\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(submission))}:2: not UTF-8 text"):
+        read_submission(submission)
+
+
 def test_gold_header_errors(tmp_path: Path) -> None:
     path = tmp_path / "gold.csv"
     path.write_text("id,filename,voice,type,transcription,correct\n1,a,v,t,x,1\n")

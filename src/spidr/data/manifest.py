@@ -37,6 +37,7 @@ import soundfile as sf
 
 from spidr.atomic_files import replaced_when_done
 from spidr.data import SAMPLE_RATE
+from spidr.text_files import not_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -837,19 +838,7 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         return readers[path.suffix](path)
     except UnicodeDecodeError:
-        raise ValueError(_not_utf8(path)) from None
-
-
-def _not_utf8(path: Path) -> str:
-    """The error for a manifest that is not UTF-8 text, naming its first such line."""
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                return (f"{path}:{number}: not UTF-8 text ({line[max(error.start - 10, 0) : error.end + 10]!r}); "
-                        "save the manifest as UTF-8")
-    return f"{path}: not UTF-8 text; save the manifest as UTF-8"
+        raise ValueError(not_utf8(path, "the manifest")) from None
 
 
 def _stem(path: str) -> str:

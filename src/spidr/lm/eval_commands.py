@@ -233,7 +233,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "num_clusters, clusters, hours, steps, step, seed, checkpoint (any case) and those of --label-columns; a "
         "row with an empty cell, or nan / n/a / na / none / null / -, in the chosen columns is dropped with a "
         "warning, other non-numbers and two rows with the same labels are errors). --x and --y take "
-        "comma-separated lists: every (x, y) pair is computed. Without --json, writes a scatter plot per pair.",
+        "comma-separated lists: every (x, y) pair is computed. Spearman's p is exact (all n! pairings) up to 8 "
+        "points and scipy's t approximation from 9 on (which says p = 0 for a perfect ρ on 3 points). Without "
+        "--json, writes a scatter plot per pair.",
         formatter_class=FORMATTER,
     )
     parser.add_argument("table", metavar="TABLE", help="CSV table, e.g. model,layer,unit_abx_across,pnmi,swuggy_all "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -61,6 +62,8 @@ NUM_RESAMPLES = 1000
 # A breakdown row gets a CI and a p-value from this many values on: below it a percentile interval of a handful of
 # 0 / ½ / 1 scores says little more than the values themselves (two values: [lowest, highest]).
 MIN_GROUP_FOR_INTERVAL = 5
+# The tables write_task_tables writes (score_<task>_<kind>_by_<breakdown>.csv): what --out replaces, nothing else
+TABLE_NAME = re.compile(r"score_[a-z_]+_(dev|test)_by_[a-z_]+\.csv")
 BEYOND_TOOLKIT_COLUMNS = ("ci_low", "ci_high", "p_value")  # after the toolkit's n, score, std in a breakdown CSV
 
 
@@ -82,11 +85,14 @@ class LexicalPair:
 
 @dataclass(frozen=True)
 class SyntacticPair:
-    """One sBLIMP pair id within its (type, subtype), and its score over voices."""
+    """One sBLIMP pair id within its (type, subtype): its sentence and non-sentence (the first voice's
+    transcriptions, as the toolkit's by-pair table gives them), and its score over voices."""
 
     type: str
     subtype: str
     id: str
+    sentence: str
+    non_sentence: str
     score: float
 
 
@@ -333,7 +339,10 @@ def evaluate_syntactic(gold: Sequence[SyntacticItem], scores: Mapping[str, float
     pairs = []
     for key in _sorted_keys(per_id):
         syntactic_type, subtype, pair_id = key
-        pairs.append(SyntacticPair(syntactic_type, subtype, pair_id, float(np.mean([v for _, _, v in per_id[key]]))))
+        voices = per_id[key]
+        correct, incorrect, _ = voices[0]
+        pairs.append(SyntacticPair(syntactic_type, subtype, pair_id, correct.transcription, incorrect[0].transcription,
+                                   float(np.mean([value for _, _, value in voices]))))
     return TaskResult(
         task="syntactic",
         accuracies={"sblimp": accuracy([pair.score for pair in pairs], seed=seed)},
@@ -489,13 +498,20 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
                 summary[name] = 100.0 * result.accuracies[name].score
     summary["details"] = details
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for result in results:
-            write_task_tables(result, out_dir, kind=kind)
-        (out_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n",
-                                              encoding="utf-8")
+        _write_outputs(Path(out_dir), results, summary, kind=kind)
     return summary
+
+
+def _write_outputs(out_dir: Path, results: Sequence[TaskResult], summary: Mapping[str, object], *, kind: str) -> None:
+    """``results.json`` and every task's tables in ``out_dir``, in place of an earlier run's: its tables of a task
+    that this run lacks would pass for this run's."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.iterdir():
+        if TABLE_NAME.fullmatch(stale.name):
+            stale.unlink()
+    for result in results:
+        write_task_tables(result, out_dir, kind=kind)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def breakdown_records(table: Breakdown, *, scale: float = 100.0) -> list[dict[str, object]]:
@@ -543,7 +559,8 @@ def write_task_tables(result: TaskResult, out_dir: str | Path, *, kind: str) -> 
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         columns = [field.name for field in fields(type(result.by_pair[0]))]
-        writer.writerow(["non word" if column == "nonwords" else column for column in columns])  # the toolkit's
+        headers = {"nonwords": "non word", "non_sentence": "non sentence"}  # the toolkit's names
+        writer.writerow([headers.get(column, column) for column in columns])
         for pair in result.by_pair:
             writer.writerow([_cell(getattr(pair, column)) for column in columns])
     paths.append(path)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
+from spidr.text_files import not_utf8
+
 logger = logging.getLogger(__name__)
 
 LEXICAL_COLUMNS = ("id", "filename", "voice", "frequency", "word", "phones", "length", "correct")
@@ -128,7 +130,15 @@ def _count(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise ValueError("expected a non-negative integer") from None
+        # "3.0": pandas writes an integer column that has empty cells (nonword rows) as floats, and the toolkit
+        # reads such a file (``astype(Int64Dtype())``)
+        try:
+            real = float(value)
+        except ValueError:
+            raise ValueError("expected a non-negative integer") from None
+        if not real.is_integer():
+            raise ValueError("expected a non-negative integer") from None
+        number = int(real)
     if number < 0:
         raise ValueError("expected a non-negative integer")
     return number
@@ -163,6 +173,13 @@ def _read_gold(path: str | Path, item_type: type[Item]) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"gold file {path} does not exist")
+    try:
+        return _read_gold_rows(path, item_type)
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path, "the gold file")) from None
+
+
+def _read_gold_rows(path: Path, item_type: type[Item]) -> list[Item]:
     columns = [field.name for field in fields(item_type)]
     items: list[Item] = []
     seen: dict[str, int] = {}
@@ -293,9 +310,25 @@ def read_submission(path: str | Path) -> dict[str, float]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"submission file {path} does not exist")
+    try:
+        scores, unofficial = _read_submission_lines(path)
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path, "the submission file")) from None
+    if not scores:
+        raise ValueError(f"submission file {path} has no line")
+    if unofficial:
+        shown = ", ".join(str(number) for number in unofficial[:5]) + (" ..." if len(unofficial) > 5 else "")
+        logger.warning("%s: %d line(s) (%s) are not '<stem> <score>' with one space, which the official ZeroSpeech "
+                       "2021 validator refuses (blank lines, tabs, several spaces); read here all the same", path,
+                       len(unofficial), shown)
+    return scores
+
+
+def _read_submission_lines(path: Path) -> tuple[dict[str, float], list[int]]:
+    """``read_submission``'s scores, and the numbers of the lines the official validator refuses."""
     scores: dict[str, float] = {}
     lines: dict[str, int] = {}
-    unofficial: list[int] = []  # lines the official validator refuses
+    unofficial: list[int] = []
     # utf-8-sig: a byte-order mark (an editor's or a spreadsheet's) would become part of the first stem.
     with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
@@ -317,14 +350,7 @@ def read_submission(path: str | Path) -> dict[str, float]:
                 raise ValueError(f"{path}: line {number}: stem {stem!r} already on line {lines[stem]}")
             scores[stem] = score
             lines[stem] = number
-    if not scores:
-        raise ValueError(f"submission file {path} has no line")
-    if unofficial:
-        shown = ", ".join(str(number) for number in unofficial[:5]) + (" ..." if len(unofficial) > 5 else "")
-        logger.warning("%s: %d line(s) (%s) are not '<stem> <score>' with one space, which the official ZeroSpeech "
-                       "2021 validator refuses (blank lines, tabs, several spaces); read here all the same", path,
-                       len(unofficial), shown)
-    return scores
+    return scores, unofficial
 
 
 def write_submission(path: str | Path, scores: Mapping[str, float]) -> None:
