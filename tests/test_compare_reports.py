@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from spidr.cli import main
-from spidr.eval.report import LayerRow, merge_reports, read_report, write_report
+from spidr.eval.report import LayerRow, merge_reports, read_report, settings_differences, write_report
 
 MFCC = LayerRow("MFCC", None, abx_within=4.0, abx_across=16.0)
 
@@ -129,3 +129,13 @@ def test_the_markdown_table_shows_every_unit_quality_figure_in_its_column():
     assert cells == {"model": "m", "layer": "3", "ABX within %": "7.50", "ABX across %": "–",
                      "unit ABX within %": "–", "unit ABX across %": "41.25", "PNMI": "0.459", "phone purity": "0.833",
                      "cluster purity": "0.667", "codebook ppl": "1.9", "active": "2", "bitrate bit/s": "33.3"}
+
+
+def test_settings_differences_name_each_reports_value_and_the_reports_without_settings():
+    a = {"abx": {"context": "within", "seed": 0}, "item_file": {"name": "x.item", "sha256": "a" * 64}}
+    b = {"abx": {"context": "any", "seed": 0}, "item_file": {"name": "x.item", "sha256": "b" * 64}}
+    assert settings_differences([("a", a), ("b", a)]) == []
+    assert settings_differences([("a", a), ("b", b), ("old", None)]) == [
+        "abx.context: a within, b any", f"item_file.sha256: a {'a' * 12}, b {'b' * 12}",
+        "no settings recorded by old (made before spidr recorded them)"]
+    assert settings_differences([("a", None), ("b", None)]) == []  # nothing to compare

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -57,6 +58,38 @@ def test_evaluate_reads_interval_alignments_at_the_given_rate(corpus, tmp_path):
     quality = {row["layer"]: row["quality"] for row in rows}
     assert set(quality[3]) >= {"pnmi", "phone_purity"}
     assert 0.0 <= quality[3]["pnmi"] <= 1.0
+
+
+def test_evaluate_records_what_its_scores_were_measured_with_and_compare_reports_checks_it(corpus, tmp_path,
+                                                                                          caplog):
+    """settings.json beside report.json: the ABX condition, the item file and alignments by content, the test
+    utterances and the dtype. compare-reports of two reports measured otherwise (another context and distance)
+    warns and says so in its report, naming each report's value (it merged them silently)."""
+    common = ["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+              str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--layers", "3"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--context", "any", "--distance", "euclidean", "--out", str(tmp_path / "b")]) == 0
+    settings = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert settings["abx"] == {"context": "within", "distance": "angular", "max_size_group": 10, "max_x_across": 5,
+                               "seed": 0}
+    assert settings["item_file"] == {"name": "test.item",
+                                     "sha256": hashlib.sha256((corpus / "test.item").read_bytes()).hexdigest()}
+    assert settings["test_utterances"]["count"] == len((corpus / "manifest.csv").read_text().splitlines()) - 1
+    assert settings["alignments"] is None
+    assert settings["dtype"] == "float32"
+    with caplog.at_level("WARNING"):
+        assert main(["compare-reports", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
+    assert "not measured alike: abx.context: a within, b any" in caplog.text
+    report = (tmp_path / "ab" / "report.md").read_text()
+    assert "- abx.distance: a angular, b euclidean" in report
+    assert not (tmp_path / "ab" / "settings.json").exists()  # no common settings to record
+    caplog.clear()
+    assert main([*common, "--out", str(tmp_path / "c")]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["compare-reports", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 0
+    assert "not measured alike" not in caplog.text
+    assert "measured alike" in (tmp_path / "ac" / "report.md").read_text()
+    assert json.loads((tmp_path / "ac" / "settings.json").read_text()) == settings
 
 
 def test_evaluate_extracts_in_the_dtype_asked_for(corpus, tmp_path):

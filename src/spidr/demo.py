@@ -134,7 +134,7 @@ def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list
     """Score every layer of the trained and the random-init model, and MFCC, on the test corpus."""
     from spidr.data.manifest import read_manifest
     from spidr.eval.items import read_items
-    from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, write_report
+    from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, evaluation_settings, write_report
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import random_init_model
     from spidr.models.loading import load_model
@@ -157,7 +157,9 @@ def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list
         "max_x_across 5; error rates in %. Unit ABX and PNMI use the codebook units (arg-max of each head).",
     ]
     report = write_report(rows, report_dir, title="spidr demo: what a small SpidR learns on synthetic speech",
-                          notes=notes)
+                          notes=notes, settings=evaluation_settings(abx=common["abx"], item_file=test.triphone_item,
+                                                                    entries=entries,
+                                                                    alignments_file=test.alignments_jsonl))
     return report, rows
 
 

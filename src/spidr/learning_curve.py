@@ -217,7 +217,7 @@ def _train_and_score(settings: CurveSettings, point: CurvePoint) -> Path:
     from spidr.demo import DemoSettings, pretrain
     from spidr.eval.items import read_items
     from spidr.eval.probe import ModelFeaturizer
-    from spidr.eval.report import evaluate_model, write_report
+    from spidr.eval.report import AbxSettings, evaluate_model, evaluation_settings, write_report
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.loading import load_model
 
@@ -238,7 +238,9 @@ def _train_and_score(settings: CurveSettings, point: CurvePoint) -> Path:
                           alignments=test_alignments, layers=range(1, model.num_layers + 1),
                           work_dir=out / "features", progress=False)
     write_report(rows, out / "report", title=f"learning curve point {point.name}",
-                 notes=[f"Model: {checkpoint}; test corpus {test.out_dir}."])
+                 notes=[f"Model: {checkpoint}; test corpus {test.out_dir}."],
+                 settings=evaluation_settings(abx=AbxSettings(), item_file=test.triphone_item, entries=entries,
+                                              alignments_file=test.alignments_jsonl))
     probe = _probe(settings, {point.name: ModelFeaturizer(model)}, train, entries, test_alignments)
     record = {
         **asdict(point),

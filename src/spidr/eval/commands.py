@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from spidr.cli_types import add_overwrite_option, check_new_output
 from spidr.help_format import HelpFormatter
+
+logger = logging.getLogger(__name__)
 
 # The frame distances of spidr.eval.abx_frames.DISTANCES (spelled out: the CLI must not import torch).
 ABX_DISTANCES = ("angular", "cosine", "euclidean", "kl_symmetric", "identical")
@@ -179,7 +182,7 @@ def _units(args: argparse.Namespace) -> int:
 
 
 def _compare_reports(args: argparse.Namespace) -> int:
-    from spidr.eval.report import merge_reports, read_report, write_report
+    from spidr.eval.report import merge_reports, read_report, read_report_settings, settings_differences, write_report
 
     out = Path(args.out)
     for report in map(Path, args.reports):
@@ -193,9 +196,22 @@ def _compare_reports(args: argparse.Namespace) -> int:
         raise ValueError(f"--name was given {len(names)} times for {len(args.reports)} reports; give it once per "
                          "report, in the same order, or not at all")
     rows = merge_reports([(name, read_report(path)) for name, path in zip(names, args.reports, strict=True)])
+    settings = [(name, read_report_settings(path)) for name, path in zip(names, args.reports, strict=True)]
+    differences = settings_differences(settings)
+    for line in differences:
+        logger.warning("the reports were not measured alike: %s", line)
     sources = [f"{name}: {path}" for name, path in zip(names, args.reports, strict=True)]
-    path = write_report(rows, out, title="Comparison of evaluation reports", notes=["Reports: " + "; ".join(
-        sources) + ". ABX error rates in %; compare only reports made on the same test set with the same settings."])
+    notes = ["Reports: " + "; ".join(sources) + ". ABX error rates in %."]
+    if differences:
+        notes += ["", "**The reports were not measured alike**, so their scores are not comparable as such:", "",
+                  *[f"- {line}" for line in differences]]
+    elif settings[0][1] is not None:
+        notes.append("Every report was measured alike (ABX condition, item file, alignments, test utterances, dtype).")
+    else:
+        notes.append("These reports do not record their settings: compare only reports made on the same test set "
+                     "with the same settings.")
+    common = settings[0][1] if not differences and all(found is not None for _, found in settings) else None
+    path = write_report(rows, out, title="Comparison of evaluation reports", notes=notes, settings=common)
     print(path.read_text(encoding="utf-8"))
     print(f"comparison written to {path}")
     return 0
@@ -290,7 +306,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="one table and per-layer plots out of several evaluation reports (e.g. SpidR vs DinoSR)",
         description="Merge the report.json files of 'spidr evaluate' or 'spidr demo' runs into one report.md, "
         "report.json and per-layer ABX / PNMI plots, each model's curves labelled by its report's name; a "
-        "baseline that every report shares (MFCC) is drawn once.",
+        "baseline that every report shares (MFCC) is drawn once. Each report's settings.json (ABX condition, item "
+        "file and alignments by content, test utterances, dtype) is compared: settings that differ are named in a "
+        "warning and in report.md.",
         formatter_class=formatter,
     )
     parser.add_argument("reports", metavar="REPORT", nargs="+", help="report.json, or the folder that holds it")

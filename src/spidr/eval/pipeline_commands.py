@@ -150,7 +150,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from spidr.eval.features import parse_layers
     from spidr.eval.items import read_items
-    from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, write_report
+    from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, evaluation_settings, write_report
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import build_model
 
@@ -178,7 +178,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             random_model = build_model(copy.deepcopy(model.cfg)).to(args.device).eval()
             rows += evaluate_model(random_model, f"{name} (random init)", entries,
                                    work_dir=out / "features" / "random_init", **common)
-    path = write_report(rows, out, title=f"Evaluation of {name}",
+    settings = evaluation_settings(abx=abx, item_file=args.item, entries=entries, alignments_file=args.alignments,
+                                   alignment_rate_hz=args.alignment_rate, dtype=args.dtype)
+    path = write_report(rows, out, title=f"Evaluation of {name}", settings=settings,
                         notes=[f"ABX: context {abx.context}, distance {abx.distance}, max_size_group "
                                f"{abx.max_size_group}, max_x_across {abx.max_x_across}, seed {abx.seed}; "
                                "error rates in %."])

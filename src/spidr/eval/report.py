@@ -7,6 +7,7 @@ paper's per-layer figures. Baselines (MFCC, the same model at random initialisat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import torch
 
 from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.data.audio import AudioError, load_audio
-from spidr.data.manifest import ManifestEntry
+from spidr.data.manifest import Manifest, ManifestEntry, utterances_digest
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings, extract_to_directory
@@ -32,6 +33,7 @@ from spidr.models.frames import frame_rate_hz
 
 logger = logging.getLogger(__name__)
 
+SETTINGS_FILE = "settings.json"  # beside report.json: what its scores were measured with (compare-reports checks it)
 SPEAKER_CONDITIONS = ("within", "across")
 PLOT_PURPOSE = "the evaluation report's plots"
 ABX_PLOT, PNMI_PLOT = "abx_per_layer.png", "pnmi_per_layer.png"
@@ -260,13 +262,36 @@ def _save_figure(fig: object, path: Path) -> None:
         fig.savefig(partial, dpi=120, format="png")
 
 
-def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, notes: Sequence[str] = ()) -> Path:
-    """Write ``report.json``, the plots and ``report.md``, each under a temporary name and renamed (a failure leaves
-    no half-written file), and remove a plot of an earlier report that this one has not; returns the markdown path.
-    The scores come first: they are kept even when plotting fails (matplotlib missing)."""
+def evaluation_settings(*, abx: AbxSettings, item_file: str | Path, entries: Manifest,
+                        alignments_file: str | Path | None = None, alignment_rate_hz: float | None = None,
+                        dtype: str = "float32") -> dict[str, object]:
+    """What a report's scores depend on besides the models (``SETTINGS_FILE``): the ABX condition, the item file and
+    the alignments (by content), the test utterances (ids and lengths) and the extraction dtype. Two reports are
+    comparable when these agree."""
+    def content(path: str | Path | None) -> dict[str, str] | None:
+        if path is None:
+            return None
+        return {"name": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+    return {"abx": asdict(abx), "item_file": content(item_file),
+            "test_utterances": {"count": len(entries), "sha256": utterances_digest(entries)},
+            "alignments": content(alignments_file),
+            "alignment_rate_hz": None if alignments_file is None else alignment_rate_hz, "dtype": dtype}
+
+
+def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, notes: Sequence[str] = (),
+                 settings: Mapping[str, object] | None = None) -> Path:
+    """Write ``report.json``, ``settings`` (``evaluation_settings``) as ``SETTINGS_FILE``, the plots and
+    ``report.md``, each under a temporary name and renamed (a failure leaves no half-written file), and remove a plot
+    (or settings file) of an earlier report that this one has not; returns the markdown path. The scores come first:
+    they are kept even when plotting fails (matplotlib missing)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / "report.json", json.dumps([asdict(r) for r in rows], indent=1))
+    if settings is None:
+        (out_dir / SETTINGS_FILE).unlink(missing_ok=True)
+    else:
+        write_atomically(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
     plots = plot_report(rows, out_dir)
     for name in {ABX_PLOT, PNMI_PLOT} - {p.name for p in plots}:
         (out_dir / name).unlink(missing_ok=True)
@@ -299,6 +324,50 @@ def read_report(path: str | Path) -> list[LayerRow]:
         except TypeError as error:
             raise ValueError(f"{file}: row {index} is not a report row ({error})") from error
     return rows
+
+
+def read_report_settings(path: str | Path) -> dict[str, object] | None:
+    """The ``SETTINGS_FILE`` beside a report (``path``: its report.json or folder); None for a report without one
+    (written before spidr recorded its settings)."""
+    path = Path(path)
+    file = (path.parent if path.suffix == ".json" else path) / SETTINGS_FILE
+    if not file.is_file():
+        return None
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not the settings file spidr writes: {error}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{file} is not the settings file spidr writes: expected an object")
+    return settings
+
+
+def settings_differences(reports: Sequence[tuple[str, Mapping[str, object] | None]]) -> list[str]:
+    """One line per setting on which ``(name, settings)`` reports differ (dotted keys, each report's value), and one
+    naming the reports that record none: what makes their scores incomparable."""
+    def flat(settings: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+        values: dict[str, object] = {}
+        for key, value in settings.items():
+            if isinstance(value, Mapping) and value:
+                values |= flat(value, f"{prefix}{key}.")
+            else:
+                values[f"{prefix}{key}"] = value
+        return values
+
+    recorded = [(name, flat(settings)) for name, settings in reports if settings is not None]
+    lines = []
+    for key in sorted({key for _, values in recorded for key in values}):
+        found = [(name, values.get(key, "not recorded")) for name, values in recorded]
+        if len({json.dumps(value, sort_keys=True) for _, value in found}) > 1:
+            lines.append(f"{key}: " + ", ".join(f"{name} {_setting_text(value)}" for name, value in found))
+    unknown = [name for name, settings in reports if settings is None]
+    if unknown and recorded:
+        lines.append(f"no settings recorded by {', '.join(unknown)} (made before spidr recorded them)")
+    return lines
+
+
+def _setting_text(value: object) -> str:
+    return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)  # a SHA-256: its start
 
 
 def merge_reports(reports: Sequence[tuple[str, Sequence[LayerRow]]]) -> list[LayerRow]:

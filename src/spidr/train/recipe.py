@@ -6,7 +6,6 @@ run asked for (``check_run_recipe``); otherwise a result would be recorded under
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -134,10 +133,7 @@ def _saved_config(run_dir: Path, latest: Path) -> dict:
 def corpus_fingerprint(manifest: Path) -> dict:
     """The utterances of a training manifest (ids and lengths, in order) as a SHA-256, with their number. Paths are
     left out: the same corpus seen from another machine sharing the folder, or moved with it, is the same."""
-    from spidr.data.manifest import read_manifest
+    from spidr.data.manifest import read_manifest, utterances_digest
 
     entries = read_manifest(manifest)
-    digest = hashlib.sha256(entries.fileids.data.tobytes())
-    digest.update(entries.fileids.offsets.astype("<i8").tobytes())
-    digest.update(entries.num_samples.astype("<i8").tobytes())
-    return {"manifest": str(manifest), "utterances": len(entries), "sha256": digest.hexdigest()}
+    return {"manifest": str(manifest), "utterances": len(entries), "sha256": utterances_digest(entries)}
