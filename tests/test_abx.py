@@ -352,7 +352,8 @@ def test_input_errors() -> None:
         abx(features, items, distance="euclidean")
     with pytest.raises(ValueError, match="no features"):
         abx({}, items)
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match=r"features of 'f' contain non-finite values \(the first: nan at frame 1, "
+                                         r"dimension 0\)"):
         abx({"f": np.array([[0.0], [np.nan], [1.0], [1.0]])}, items)
     with pytest.raises(ValueError, match="discrete units"):
         abx({"f": np.zeros((4, 2))}, items, distance="identical")

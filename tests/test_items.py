@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -109,6 +110,44 @@ def test_bound_checks() -> None:
     bug_starts, bug_ends = frame_bounds(items, 50, librilight_bug=True)
     with pytest.raises(ValueError, match="1 item"):
         check_nonempty(items, bug_starts, bug_ends)
+
+
+@pytest.mark.parametrize("suffix", [".item", ".csv", ".jsonl"])
+def test_errors_name_the_line_of_the_file(tmp_path: Path, suffix: str) -> None:
+    """A bad time and an item past its file's frames are named by their line in the file, header and blank lines
+    counted, as a bad field count is (they were numbered from the first data row: one line too early)."""
+    rows = [("f", "0.0", "0.3"), ("f", "0.3", "0.6"), ("f", "0.6", "0.9")]
+    path = tmp_path / f"items{suffix}"
+
+    def write(rows: list[tuple[str, str, str]]) -> None:
+        if suffix == ".jsonl":
+            lines = [json.dumps({"#file": f, "onset": on, "offset": off}) for f, on, off in rows]
+        else:
+            separator = " " if suffix == ".item" else ","
+            lines = [separator.join(("#file", "onset", "offset"))] + [separator.join(row) for row in rows]
+        lines.insert(2, "")  # a blank line before the second data row (jsonl: before the third)
+        path.write_text("\n".join(lines) + "\n")
+
+    write([*rows[:2], ("f", "0.6O", "0.9")])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: line {4 if suffix == '.jsonl' else 5}: onset = "
+                                         r"'0.6O' is not a number of seconds"):
+        read_items(path)
+    write(rows)
+    items = read_items(path)
+    assert items.lines == ((1, 2, 4) if suffix == ".jsonl" else (2, 4, 5))
+    starts, ends = frame_bounds(items, 50)
+    with pytest.raises(ValueError, match=rf"have 40 frames but the item on line {items.lines[2]} of "):
+        check_within(items, np.array([0, 1, 2]), starts, ends, 40)
+
+
+def test_a_byte_order_mark_does_not_hide_the_file_column(tmp_path: Path) -> None:
+    """An item file saved by a spreadsheet starts with a UTF-8 byte-order mark: '#file' is still found."""
+    path = tmp_path / "bom.csv"
+    path.write_text("#file,onset,offset\nf,0.07,0.3\n", encoding="utf-8-sig")
+    assert read_items(path).files == ("f",)
+    path.write_bytes("#file,onset,offset\nf\xe9,0.07,0.3\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"bom\.csv:2: not UTF-8 text"):
+        read_items(path)
 
 
 def test_a_csv_header_written_with_spaces_after_the_commas_is_read(tmp_path: Path) -> None:

@@ -111,6 +111,17 @@ def test_assignment_is_the_nearest_centroid() -> None:
         fit_kmeans({"a": frames}, 2)
 
 
+def test_assignment_is_the_nearest_centroid_far_from_the_origin() -> None:
+    """Frames with one dimension near 1,000 (as a Transformer layer's massive activation): every frame gets the
+    centroid nearest by a direct float64 distance (the float32 expansion missed 4 % of them)."""
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((2000, 32)).astype(np.float32)
+    frames[:, 0] += 1000.0
+    centroids = frames[rng.choice(2000, 256, replace=False)] + 0.01 * rng.standard_normal((256, 32)).astype(np.float32)
+    distances = ((frames[:, None, :].astype(np.float64) - centroids[None, :, :].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(assign_units(frames, centroids), distances.argmin(1))
+
+
 def test_commands_fit_and_assign(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     features = clustered_features()
     for name, array in features.items():
@@ -198,12 +209,14 @@ def test_a_failure_partway_leaves_no_truncated_output(tmp_path: Path, capsys: py
     units = ["units", str(tmp_path / "features"), "--centroids", str(centroids)]
     assert cli.main([*units, "--out", str(tmp_path / "good.jsonl")]) == 0
     last = max(features)  # assigned last (sorted order)
-    np.save(tmp_path / "features" / f"{last}.npy", np.full((5, 8), np.nan, dtype=np.float32))
+    broken = np.zeros((5, 8), dtype=np.float32)
+    broken[3, 6] = np.inf
+    np.save(tmp_path / "features" / f"{last}.npy", broken)
     for out, overwrite in (("new.jsonl.gz", []), ("good.jsonl", ["--overwrite"])):
         good = (tmp_path / "good.jsonl").read_text()
         capsys.readouterr()
         assert cli.main([*units, "--out", str(tmp_path / out), *overwrite]) == 2
-        assert "contain non-finite values" in capsys.readouterr().err
+        assert "contain non-finite values (the first: inf at frame 3, dimension 6)" in capsys.readouterr().err
         assert (tmp_path / "good.jsonl").read_text() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["centroids.safetensors", "features", "good.jsonl",
                                                           "good.jsonl.metadata.json"]

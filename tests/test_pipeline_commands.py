@@ -77,6 +77,8 @@ def test_evaluate_records_what_its_scores_were_measured_with_and_compare_reports
     assert settings["test_utterances"]["count"] == len((corpus / "manifest.csv").read_text().splitlines()) - 1
     assert settings["alignments"] is None
     assert settings["dtype"] == "float32"
+    metadata = json.loads((tmp_path / "a" / "features" / "model" / "metadata.json").read_text())
+    assert metadata["checkpoint"] == str(corpus / "tiny.safetensors")  # where the reusable features came from
     with caplog.at_level("WARNING"):
         assert main(["compare-reports", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
     assert "not measured alike: abx.context: a within, b any" in caplog.text
@@ -326,6 +328,14 @@ def test_abx_and_units_quality_take_the_rate_the_extraction_recorded(corpus, tmp
     assert json.loads(capsys.readouterr().out) == metrics
     assert main([*kmeans_quality, "--num-units", "256"]) == 2
     assert "--num-units 256, but" in capsys.readouterr().err
+    # kept beside the codebook units, they are not given the codebook's vocabulary (16: a wrong bitrate that
+    # --num-units 5 could not correct)
+    beside = out / "codebook_units" / "my_kmeans5.jsonl"
+    beside.write_bytes(kmeans_units.read_bytes())
+    assert main(["units-quality", str(beside), str(corpus / "align50.tsv"), "--alignment-rate", "100",
+                 "--unit-rate", "100", "--num-units", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+    beside.unlink()
     moved = tmp_path / "moved.jsonl"  # without its record: no guess of the vocabulary (256 was assumed)
     moved.write_bytes(kmeans_units.read_bytes())
     assert main(["units-quality", str(moved), str(corpus / "align50.tsv"), "--alignment-rate", "100",

@@ -146,7 +146,8 @@ def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list
     layers = list(range(1, model.num_layers + 1))
     report_dir = settings.out_dir / "report"
     common = {"items": items, "alignments": alignments, "layers": layers, "abx": AbxSettings()}
-    rows = evaluate_model(model, "SpidR (trained)", entries, work_dir=report_dir / "features" / "trained", **common)
+    rows = evaluate_model(model, "SpidR (trained)", entries, work_dir=report_dir / "features" / "trained",
+                          checkpoint=str(checkpoint), **common)
     random_model = random_init_model(model.cfg)
     rows += evaluate_model(random_model, "SpidR (random init)", entries,
                            work_dir=report_dir / "features" / "random_init", **common)

@@ -234,7 +234,7 @@ def _train_and_score(settings: CurveSettings, point: CurvePoint) -> Path:
     training_s = time.monotonic() - started
     model = load_model(checkpoint)
     entries, test_alignments = read_manifest(test.manifest), read_alignments(test.alignments_jsonl)
-    rows = evaluate_model(model, point.name, entries, items=read_items(test.triphone_item),
+    rows = evaluate_model(model, point.name, entries, checkpoint=str(checkpoint), items=read_items(test.triphone_item),
                           alignments=test_alignments, layers=range(1, model.num_layers + 1),
                           work_dir=out / "features", progress=False)
     write_report(rows, out / "report", title=f"learning curve point {point.name}",

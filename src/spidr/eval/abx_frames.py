@@ -129,7 +129,9 @@ def _as_frames(value: object, name: str) -> torch.Tensor:
     tensor = tensor.to(torch.float32)
     # One cheap reduction first; the element-wise check only runs when the sum is not finite (possibly by overflow).
     if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"features of {name!r} contain non-finite values")
+        frame, dim = (int(i) for i in torch.nonzero(~torch.isfinite(tensor))[0])
+        raise ValueError(f"features of {name!r} contain non-finite values (the first: {float(tensor[frame, dim])} at "
+                         f"frame {frame}, dimension {dim})")
     return tensor
 
 

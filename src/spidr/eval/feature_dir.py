@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import pickle
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -220,8 +221,14 @@ def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
     if found is None:
         return None
     record, metadata = found
-    size = record.get("num_units") if metadata == units_metadata_path(path) else (
-        record.get("codebook_size") if Path(path).parent.name == "codebook_units" else None)
+    if metadata == units_metadata_path(path):
+        size = record.get("num_units")
+    else:  # only the files that extraction wrote: codebook_units/layer_LL.jsonl of a layer it extracted
+        match = re.fullmatch(r"layer_(\d+)\.jsonl", Path(path).name)
+        layers = record.get("layers")
+        written = (Path(path).parent.name == "codebook_units" and match is not None and isinstance(layers, list)
+                   and int(match.group(1)) in layers)
+        size = record.get("codebook_size") if written else None
     return (size, metadata) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 

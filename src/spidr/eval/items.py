@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spidr.text_files import not_utf8
+
 FILE_COLUMN = "#file"
 ONSET_COLUMN = "onset"
 OFFSET_COLUMN = "offset"
@@ -40,7 +42,8 @@ class Items:
 
     ``files[i]`` is the feature file (relative path without extension) of item ``i``, ``onsets[i]`` /
     ``offsets[i]`` its times in seconds, and ``labels[name][i]`` the value of every other column, as a string.
-    ``source`` names where the items came from, for error messages.
+    ``source`` names where the items came from, and ``lines[i]`` the line of item ``i`` in that file (None for
+    items not read from a file), for error messages.
     """
 
     files: tuple[str, ...]
@@ -48,12 +51,18 @@ class Items:
     offsets: tuple[Decimal, ...]
     labels: Mapping[str, tuple[str, ...]]
     source: str = "<items>"
+    lines: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def where(self, i: int) -> str:
+        """Which item ``i`` is: the one on its line of the item file (the header counts), else by its number."""
+        return f"the item on line {self.lines[i]}" if self.lines is not None else f"item {i + 1}"
+
     @classmethod
-    def from_columns(cls, columns: Mapping[str, Sequence[object]], *, source: str = "<items>") -> Items:
+    def from_columns(cls, columns: Mapping[str, Sequence[object]], *, source: str = "<items>",
+                     lines: Sequence[int] | None = None) -> Items:
         """Build items from ``{column: values}``; times may be ``Decimal``, ``str``, ``int`` or ``float``.
 
         Floats go through ``str`` (``0.1`` → ``Decimal("0.1")``), which is exact for values typed as decimals.
@@ -64,13 +73,15 @@ class Items:
         lengths = {name: len(values) for name, values in columns.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"{source}: columns have different lengths {lengths}")
-        onsets = tuple(_parse_time(v, source, ONSET_COLUMN, i) for i, v in enumerate(columns[ONSET_COLUMN]))
-        offsets = tuple(_parse_time(v, source, OFFSET_COLUMN, i) for i, v in enumerate(columns[OFFSET_COLUMN]))
+        numbers = None if lines is None else tuple(lines)
+        where = (lambda i: f"line {numbers[i]}") if numbers is not None else (lambda i: f"row {i + 1}")
+        onsets = tuple(_parse_time(v, source, ONSET_COLUMN, where(i)) for i, v in enumerate(columns[ONSET_COLUMN]))
+        offsets = tuple(_parse_time(v, source, OFFSET_COLUMN, where(i)) for i, v in enumerate(columns[OFFSET_COLUMN]))
         labels = {
             name: tuple(str(v) for v in values) for name, values in columns.items() if name not in TIME_COLUMNS
         }
         files = tuple(str(v) for v in columns[FILE_COLUMN])
-        return cls(files=files, onsets=onsets, offsets=offsets, labels=labels, source=source)
+        return cls(files=files, onsets=onsets, offsets=offsets, labels=labels, source=source, lines=numbers)
 
     def column(self, name: str) -> tuple[str, ...]:
         """Labels of one column; a clear error names the columns present when it is absent."""
@@ -79,13 +90,13 @@ class Items:
         return self.labels[name]
 
 
-def _parse_time(value: object, source: str, column: str, row: int) -> Decimal:
+def _parse_time(value: object, source: str, column: str, where: str) -> Decimal:
     try:
         time = value if isinstance(value, Decimal) else Decimal(str(value).strip())
     except InvalidOperation:
-        raise ValueError(f"{source}: row {row + 1}: {column} = {value!r} is not a number of seconds") from None
+        raise ValueError(f"{source}: {where}: {column} = {value!r} is not a number of seconds") from None
     if not time.is_finite():
-        raise ValueError(f"{source}: row {row + 1}: {column} = {value!r} is not a finite number of seconds")
+        raise ValueError(f"{source}: {where}: {column} = {value!r} is not a finite number of seconds")
     return time
 
 
@@ -94,26 +105,34 @@ def read_items(path: str | Path) -> Items:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"item file {path} does not exist")
-    match path.suffix:
-        case ".item":
-            columns = _read_delimited(path, separator=None)
-        case ".csv":
-            columns = _read_delimited(path, separator=",")
-        case ".jsonl" | ".ndjson":
-            columns = _read_jsonl(path)
-        case other:
-            raise ValueError(f"item file {path}: extension {other!r} is not supported; use .item, .csv or .jsonl")
+    try:
+        match path.suffix:
+            case ".item":
+                columns, lines = _read_delimited(path, separator=None)
+            case ".csv":
+                columns, lines = _read_delimited(path, separator=",")
+            case ".jsonl" | ".ndjson":
+                columns, lines = _read_jsonl(path)
+            case other:
+                raise ValueError(f"item file {path}: extension {other!r} is not supported; use .item, .csv or "
+                                 ".jsonl")
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path, "the item file")) from None
     if not columns or not next(iter(columns.values())):
         raise ValueError(f"item file {path} has no items")
-    return Items.from_columns(columns, source=str(path))
+    return Items.from_columns(columns, source=str(path), lines=lines)
 
 
-def _read_delimited(path: Path, *, separator: str | None) -> dict[str, list[str]]:
-    """Header line then rows; ``separator=None`` splits on runs of whitespace (the ``.item`` format)."""
-    with path.open(newline="") as handle:
-        lines = [line for line in handle if line.strip()]
-    if not lines:
-        return {}
+def _read_delimited(path: Path, *, separator: str | None) -> tuple[dict[str, list[str]], list[int]]:
+    """Header line then rows; ``separator=None`` splits on runs of whitespace (the ``.item`` format). Also returns
+    each row's line number in the file (blank lines are skipped, and counted)."""
+    # utf-8-sig: a spreadsheet's byte-order mark would otherwise glue onto "#file"
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        numbered = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+    if not numbered:
+        return {}, []
+    numbers = [number for number, _ in numbered]
+    lines = [line for _, line in numbered]
     rows = (
         [line.split() for line in lines] if separator is None else list(csv.reader(lines, delimiter=separator))
     )
@@ -121,19 +140,20 @@ def _read_delimited(path: Path, *, separator: str | None) -> dict[str, list[str]
     if len(set(header)) != len(header):
         raise ValueError(f"item file {path}: duplicate column names in header {header}")
     columns: dict[str, list[str]] = {name: [] for name in header}
-    for number, row in enumerate(rows[1:], start=2):
+    for number, row in zip(numbers[1:], rows[1:], strict=True):
         if len(row) != len(header):
             raise ValueError(
                 f"item file {path}: line {number} has {len(row)} fields, the header has {len(header)} ({header})"
             )
         for name, value in zip(header, row, strict=True):
             columns[name].append(value.strip())
-    return columns
+    return columns, numbers[1:]
 
 
-def _read_jsonl(path: Path) -> dict[str, list[object]]:
+def _read_jsonl(path: Path) -> tuple[dict[str, list[object]], list[int]]:
     columns: dict[str, list[object]] = {}
-    with path.open() as handle:
+    numbers: list[int] = []
+    with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -150,7 +170,8 @@ def _read_jsonl(path: Path) -> dict[str, list[object]]:
                 raise ValueError(f"item file {path}: line {number} has keys {sorted(row)}, expected {sorted(columns)}")
             for name, value in row.items():
                 columns[name].append(value)
-    return columns
+            numbers.append(number)
+    return columns, numbers
 
 
 def decimal_frequency(frequency: int | str | Decimal | float) -> Decimal:
@@ -189,7 +210,8 @@ def check_nonempty(items: Items, starts: np.ndarray, ends: np.ndarray) -> None:
     """Raise ``ValueError`` listing the items that select no frame at all."""
     empty = np.flatnonzero(ends <= starts)
     if empty.size:
-        shown = ", ".join(f"{items.files[i]} [{items.onsets[i]}, {items.offsets[i]}]" for i in empty[:5].tolist())
+        shown = ", ".join(f"{items.files[i]} [{items.onsets[i]}, {items.offsets[i]}] ({items.where(i)})"
+                          for i in empty[:5].tolist())
         raise ValueError(
             f"{items.source}: {empty.size} item(s) are shorter than one frame at this frequency (check the frequency; "
             f"remove such items to evaluate units this large): {shown}{', ...' if empty.size > 5 else ''}"
@@ -207,6 +229,6 @@ def check_within(items: Items, rows: np.ndarray, starts: np.ndarray, ends: np.nd
                "check the features' frame rate (--frequency), that they are (T, D) and not (D, T), and that they "
                "were computed on this item file's audio")
         raise ValueError(
-            f"features of {items.files[i]!r} have {num_frames} frames but item {i + 1} of {items.source} "
+            f"features of {items.files[i]!r} have {num_frames} frames but {items.where(i)} of {items.source} "
             f"([{items.onsets[i]}, {items.offsets[i]}] s) needs frames [{starts[i]}, {ends[i]}): {why}"
         )

@@ -90,7 +90,10 @@ def _as_array(value: object, name: str, *, rows: np.ndarray | None = None) -> np
         array = array[rows]
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
-        raise ValueError(f"features of {name!r} contain non-finite values")
+        row, dim = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        frame = int(rows[row]) if rows is not None else row
+        raise ValueError(f"features of {name!r} contain non-finite values (the first: {array[row, dim]} at frame "
+                         f"{frame}, dimension {dim})")
     return array
 
 
@@ -174,10 +177,14 @@ def assign_units(
     name: str | None = None, centroids_name: str = "the centroids",
 ) -> np.ndarray:
     """Nearest-centroid unit of every frame: features (T, D) and centroids (K, D) (as ``fit_kmeans`` gives them,
-    any float dtype; computed in float32) → (T,) int64. ``name`` (the features' file) and ``centroids_name`` (their
-    file) are named when the dimensions differ."""
-    frames = torch.as_tensor(features, dtype=torch.float32)
-    centroids = torch.as_tensor(centroids, dtype=torch.float32)
+    any float dtype) → (T,) int64. ``name`` (the features' file) and ``centroids_name`` (their file) are named when
+    the dimensions differ.
+
+    Computed in float64: the expansion ‖c‖² − 2 x·c cancels when frames lie far from the origin (a common offset,
+    or one large dimension, as Transformer layers have), and in float32 it chose a centroid that was not the nearest
+    for 0.2 % of frames with one dimension near 200 and 4 % near 1,000. The cost is small beside the model's."""
+    frames = torch.as_tensor(features).to(torch.float64)
+    centroids = torch.as_tensor(centroids).to(torch.float64)
     if frames.ndim == 2 and name is not None and frames.shape[1] != centroids.shape[1]:
         raise ValueError(f"features of {name!r} have dimension {frames.shape[1]}, {centroids_name} "
                          f"{centroids.shape[1]}: centroids of another layer or model?")

@@ -169,7 +169,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     name = args.name or default_model_name(args.checkpoint)
     common = {"items": items, "alignments": alignments, "layers": layers, "abx": abx,
               "alignment_rate_hz": args.alignment_rate, "dtype": args.dtype}
-    rows = evaluate_model(model, name, entries, work_dir=out / "features" / "model", **common)
+    rows = evaluate_model(model, name, entries, work_dir=out / "features" / "model", checkpoint=str(args.checkpoint),
+                          **common)
     for baseline in args.baseline or ():
         if baseline == "mfcc":
             rows.append(evaluate_mfcc(entries, items, abx=abx))
@@ -177,7 +178,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             torch.manual_seed(args.seed)
             random_model = build_model(copy.deepcopy(model.cfg)).to(args.device).eval()
             rows += evaluate_model(random_model, f"{name} (random init)", entries,
-                                   work_dir=out / "features" / "random_init", **common)
+                                   work_dir=out / "features" / "random_init",
+                                   checkpoint=f"random init (seed {args.seed}) of {args.checkpoint}'s config",
+                                   **common)
     settings = evaluation_settings(abx=abx, item_file=args.item, entries=entries, alignments_file=args.alignments,
                                    alignment_rate_hz=args.alignment_rate, dtype=args.dtype)
     path = write_report(rows, out, title=f"Evaluation of {name}", settings=settings,

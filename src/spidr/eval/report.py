@@ -110,6 +110,7 @@ def _items_for(items: Items, available: Mapping) -> Items:
         offsets=tuple(items.offsets[i] for i in keep),
         labels={name: tuple(values[i] for i in keep) for name, values in items.labels.items()},
         source=items.source,
+        lines=None if items.lines is None else tuple(items.lines[i] for i in keep),
     )
 
 
@@ -126,11 +127,14 @@ def evaluate_model(
     alignment_rate_hz: int = 100,
     progress: bool = True,
     dtype: str = "float32",
+    checkpoint: str = "",
 ) -> list[LayerRow]:
     """Extract ``layers`` (and codebook units) of ``model`` for ``entries`` into ``work_dir`` and score them.
-    ``dtype``: ``ExtractionSettings.dtype`` ("bfloat16": the Transformer layers in bf16)."""
+    ``dtype``: ``ExtractionSettings.dtype`` ("bfloat16": the Transformer layers in bf16). ``checkpoint``: where the
+    model came from, recorded in the features' metadata.json for whoever reuses them."""
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
-    extract_to_directory(model, entries, work_dir, settings, progress=progress, replace_other=True)
+    extract_to_directory(model, entries, work_dir, settings, checkpoint=checkpoint, progress=progress,
+                         replace_other=True)
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
     _warn_if_one_speaker(items)
     rows = []
