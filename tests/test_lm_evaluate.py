@@ -555,6 +555,8 @@ def test_incomplete_submission_is_an_error(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_no_task_names_the_paths(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "s").mkdir()
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "b" / "lexical" / "test" / "gold.csv")) + ".*"
                        + re.escape(str(tmp_path / "s" / "ssc" / "test.txt"))):
         evaluate_benchmark(tmp_path / "b", tmp_path / "s", kind="test")
@@ -626,3 +628,17 @@ def test_breakdown_rows_get_the_interval_of_their_own_values(tmp_path: Path, cap
     assert f"[{100 * rows['strong'].ci_low:5.2f}, {100 * rows['strong'].ci_high:5.2f}]" in strong
     tiny = next(line for line in report.splitlines() if line.strip().startswith("tiny"))
     assert tiny.split()[-2:] == ["–", "–"]
+
+
+def test_a_missing_folder_or_a_folder_for_a_submission_file_is_named(tmp_path: Path) -> None:
+    """A mistyped benchmark or submission folder is named as missing (it was 'no task to score: looked for ...'),
+    and a folder where a submission file should be is an error (it was skipped as absent, exit status 0)."""
+    bench, submission, _ = write_benchmark(tmp_path)
+    with pytest.raises(ValueError, match=r"benchmark folder .*typo does not exist"):
+        evaluate_benchmark(tmp_path / "typo", submission, kind="dev")
+    with pytest.raises(ValueError, match=r"submission folder .*typo does not exist"):
+        evaluate_benchmark(bench, tmp_path / "typo", kind="dev")
+    (submission / "lexical" / "dev.txt").unlink()
+    (submission / "lexical" / "dev.txt").mkdir()
+    with pytest.raises(ValueError, match=r"lexical: the submission .*dev\.txt is not a file"):
+        evaluate_benchmark(bench, submission, kind="dev")

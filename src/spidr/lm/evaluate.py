@@ -415,6 +415,8 @@ def warn_about_other_folders(root: Path, what: str, *, only_cloze: bool = False)
 def _gold_to_score(task: str, gold_dir: Path, submission: Path) -> tuple[list[GoldItem], Path] | None:
     """``_find_gold`` when there is a submission to score against it; None, with a warning where only one of the
     two is there."""
+    if submission.exists() and not submission.is_file():
+        raise ValueError(f"{task}: the submission {submission} is not a file: expected '<stem> <score>' lines")
     found = _find_gold(task, gold_dir)
     if found is None:
         if submission.is_file():
@@ -464,6 +466,10 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
     if kind not in {"dev", "test"}:
         raise ValueError(f"kind must be 'dev' or 'test', not {kind!r}")
     bench_dir, submission_dir = Path(bench_dir), Path(submission_dir)
+    for folder, what in ((bench_dir, "benchmark folder"), (submission_dir, "submission folder")):
+        if not folder.is_dir():
+            raise ValueError(f"{what} {folder} does not exist" if not folder.exists() else
+                             f"{what} {folder} is not a folder")
     warn_about_other_folders(bench_dir, "benchmark folder", only_cloze=True)
     warn_about_other_folders(submission_dir, "submission folder")
     results: list[TaskResult] = []
