@@ -835,6 +835,7 @@ def test_unit_files_are_found_per_task_and_split_and_a_doubled_one_is_refused(tm
     assert said in caplog.text
     caplog.clear()
     (tmp_path / "train_audio").mkdir()  # a benchmark may hold other folders: only a StoryCloze-like one is named
+    (tmp_path / "none").mkdir()
     with caplog.at_level("WARNING", logger="spidr"), pytest.raises(ValueError, match="no task to score"):
         evaluate_benchmark(tmp_path, tmp_path / "none")
     assert f"benchmark folder {tmp_path / 'storycloze'} is not read" in caplog.text
