@@ -305,24 +305,27 @@ def test_files_too_short_or_not_finite_are_skipped_by_name_on_either_path(model,
     sf.write(audio / "nan.wav", broken, 16000, subtype="FLOAT")
     entries = [ManifestEntry("tiny", str(audio / "tiny.wav"), 300),
                ManifestEntry("nan", str(audio / "nan.wav"), 48000)]
-    if not alone:
-        entries.append(ManifestEntry("ok", str(audio / "ok.wav"), 16000))
     settings = ExtractionSettings(layers=(1,), codebooks=True, max_seconds=2.0, window_seconds=1.0,
                                   context_seconds=0.5, batch_seconds=1.0 if alone else 4.0)
+    # none readable: an error, and no metadata.json (which would mark an extraction of nothing finished)
+    with pytest.raises(ValueError, match="none of the 2 files could be read, so nothing was extracted"):
+        extract_to_directory(model, entries, tmp_path / "none", settings, progress=False)
+    assert not (tmp_path / "none" / "metadata.json").exists()
+    entries.append(ManifestEntry("ok", str(audio / "ok.wav"), 16000))  # alone: in a batch of its own
     metadata = extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
     assert "shorter than one frame (300 samples; the front end's receptive field is 400)" in (
         metadata["skipped"][str(audio / "tiny.wav")])
     assert "NaN or Inf" in metadata["skipped"][str(audio / "nan.wav")]
     assert metadata["skipped"][str(audio / "nan.wav")] == "contains NaN or Inf samples"
-    assert sorted(p.name for p in (tmp_path / "out").glob("layer_01/*")) == ([] if alone else ["ok.npy"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("layer_01/*")) == ["ok.npy"]
     rows = [json.loads(line)["audio"] for path in (tmp_path / "out").glob("codebook_units/layer_03.jsonl")
             for line in path.read_text().splitlines()]
-    assert rows == ([] if alone else [str(audio / "ok.wav")])
+    assert rows == [str(audio / "ok.wav")]
     # iter_units (lm-units) skips them the same way: alone, the short file stopped it with no name; beside a longer
     # file it gave the short one units of length 0
     skipped: dict[str, str] = {}
     units = list(iter_units(model, entries, layers=[3], batch_seconds=settings.batch_seconds, skipped=skipped))
-    assert [entry.fileid for entry, _ in units] == ([] if alone else ["ok"])
+    assert [entry.fileid for entry, _ in units] == ["ok"]
     assert all(layers[3].shape == (num_frames(16000, model.cfg.extractor_conv_layer_config),) for _, layers in units)
     assert "shorter than one frame" in skipped[str(audio / "tiny.wav")]
 

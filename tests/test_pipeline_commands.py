@@ -359,6 +359,28 @@ def test_extract_takes_every_layer_of_the_model_by_default(corpus, tmp_path):
         f"layer_{layer:02d}" for layer in metadata["layers"]]
 
 
+def test_extract_from_a_folder_reads_the_extensions_asked_for_and_nothing_read_is_an_error(corpus, tmp_path,
+                                                                                          capsys):
+    """A folder of .ogg files: by default nothing is read, which is an error naming --ext (it 'wrote features of 0
+    files' with exit status 0); --ext .ogg reads them, as the same audio in wav. A manifest whose every file is
+    unusable is an error too, with no metadata.json that would mark the extraction finished."""
+    folder = tmp_path / "ogg"
+    folder.mkdir()
+    wave, _ = sf.read(corpus / "s1_0.wav", dtype="float32")
+    sf.write(folder / "s1_0.ogg", wave, 16000, format="OGG", subtype="VORBIS")
+    command = ["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--layers", "1"]
+    assert main([*command, "--manifest", str(folder), "--out", str(tmp_path / "none")]) == 2
+    assert "no readable audio with extension(s) .wav, .flac in" in capsys.readouterr().err
+    assert main([*command, "--manifest", str(folder), "--ext", "ogg", "--out", str(tmp_path / "f")]) == 0
+    assert (tmp_path / "f" / "layer_01" / "s1_0.npy").is_file()
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF....WAVEfmt not really")
+    (tmp_path / "bad.csv").write_text(f"fileid,path,num_samples\nbroken,{broken},16000\n")
+    assert main([*command, "--manifest", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad")]) == 2
+    assert "none of the 1 files could be read, so nothing was extracted" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "metadata.json").exists()
+
+
 def test_evaluate_finds_units_and_mfcc_by_item_paths_and_refuses_items_of_another_corpus(corpus, tmp_path, capsys):
     """Item #file may be a path ending in the utterance id (``spidr abx`` takes both): the codebook-unit ABX and the
     MFCC baseline must find their utterances as the feature ABX does, and give the same scores as with ids."""

@@ -51,6 +51,14 @@ def _parse(text: str, kind: type, name: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
 
 
+def extensions(text: str) -> tuple[str, ...]:
+    """``--ext``: comma-separated audio file extensions, each with its dot (``wav`` is read as ``.wav``)."""
+    found = tuple(e if e.startswith(".") else f".{e}" for e in (part.strip() for part in text.split(",")) if e)
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} names no extension; expected e.g. .wav,.flac")
+    return found
+
+
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 

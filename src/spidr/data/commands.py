@@ -6,7 +6,8 @@ import argparse
 import itertools
 from pathlib import Path
 
-from spidr.cli_types import check_new_output
+from spidr.cli_types import check_new_output, extensions
+from spidr.data import AUDIO_EXTENSIONS
 from spidr.help_format import HelpFormatter
 
 SHOWN_SHARED_IDS = 10  # examples printed of file ids held by several files (a corpus may have thousands)
@@ -19,9 +20,7 @@ def _manifest(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_manifest_suffix(out, fairseq=args.fairseq)
     check_new_output(out, overwrite=args.overwrite)
-    exts = tuple(e.strip() for e in args.ext.split(",") if e.strip())
-    if not exts:
-        raise ValueError(f"--ext {args.ext!r} names no extension; expected e.g. .wav,.flac")
+    exts = args.ext
     result = scan(args.source, exts, progress=not args.no_progress)
     if not result.entries:
         raise ValueError(f"no readable audio with extension(s) {', '.join(exts)} found in {args.source}")
@@ -59,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", metavar="DIR_OR_TAR", help="directory to scan recursively, or an uncompressed .tar")
     parser.add_argument("out", metavar="OUT", help="manifest to write (.csv, .tsv or .jsonl)")
-    parser.add_argument("--ext", default=".wav,.flac", help="comma-separated audio file extensions to include")
+    parser.add_argument("--ext", type=extensions, default=AUDIO_EXTENSIONS, metavar="EXTS",
+                        help="comma-separated audio file extensions to include (default: "
+                        f"{','.join(AUDIO_EXTENSIONS)})")
     parser.add_argument("--fairseq", action="store_true",
                         help="require the fairseq TSV layout: OUT must end in .tsv (the suffix selects the format "
                         "that reading it back expects)")

@@ -37,12 +37,11 @@ import numpy as np
 import soundfile as sf
 
 from spidr.atomic_files import replaced_when_done
-from spidr.data import SAMPLE_RATE
+from spidr.data import AUDIO_EXTENSIONS, SAMPLE_RATE
 from spidr.text_files import not_utf8
 
 logger = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
 _BASE_COLUMNS = ("fileid", "path", "num_samples")
 _ARCHIVE_COLUMNS = ("archive", "byte_offset", "byte_size")

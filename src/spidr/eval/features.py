@@ -456,6 +456,10 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
         journal.close()
         if units is not None:
             units.close()
+    if len(manifest) and len(journal.skipped) >= len(manifest):  # no metadata.json: not a finished extraction
+        examples = "; ".join(f"{location}: {reason}" for location, reason in list(journal.skipped.items())[:3])
+        raise ValueError(f"none of the {len(manifest)} files could be read, so nothing was extracted (e.g. "
+                         f"{examples})")
     metadata = _metadata(model, settings, checkpoint=checkpoint, num_files=len(manifest) - len(journal.skipped),
                          skipped=journal.skipped)
     out_dir.mkdir(parents=True, exist_ok=True)

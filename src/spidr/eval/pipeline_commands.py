@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from spidr import cli_types
+from spidr.data import AUDIO_EXTENSIONS
 from spidr.eval.commands import add_abx_options
 from spidr.help_format import HelpFormatter
 from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, default_model_name, model_from_args
@@ -31,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_model_arguments(extract)
     extract.add_argument("--manifest", required=True, help="manifest (.csv/.tsv/.jsonl) or a folder of audio")
+    _add_extensions_argument(extract)
     extract.add_argument("--layers", default=None, help="1-based layers, e.g. 1-12, 6 or 1,5-7 (default: all)")
     extract.add_argument("--out", required=True, help="output folder")
     extract.add_argument("--after-residual", action="store_true",
@@ -55,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_model_arguments(evaluate)
     evaluate.add_argument("--manifest", required=True, help="manifest (.csv/.tsv/.jsonl) or a folder of audio")
+    _add_extensions_argument(evaluate)
     evaluate.add_argument("--item", required=True, help="ABX item file (#file = utterance id)")
     evaluate.add_argument("--alignments", help="phone alignments for PNMI (SpidR JSONL or TSV intervals, .gz ok)")
     evaluate.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
@@ -84,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="phone alignments of the training (and, by default, held-out) utterances")
     probe.add_argument("--test-manifest", help="held-out utterances (default: --test-fraction of --manifest)")
     probe.add_argument("--test-alignments", help="alignments of the held-out utterances (default: --alignments)")
+    _add_extensions_argument(probe)
     probe.add_argument("--test-fraction", type=float, default=0.2,
                        help="share of --manifest held out when there is no --test-manifest")
     probe.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
@@ -110,12 +115,24 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "positional convs in float32")
 
 
-def _entries(source: str):
+def _add_extensions_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ext", type=cli_types.extensions, default=AUDIO_EXTENSIONS, metavar="EXTS",
+                        help=f"audio file extensions read from a folder or .tar given as a manifest, comma-separated "
+                        f"(default: {','.join(AUDIO_EXTENSIONS)}; e.g. .wav,.flac,.ogg)")
+
+
+def _entries(source: str, exts: Sequence[str] = AUDIO_EXTENSIONS):
+    """The utterances of a manifest, or of a folder or .tar scanned for ``exts`` (none found is an error: a run
+    on nothing, reported as a success, hid a folder of .ogg files)."""
     from spidr.data.manifest import read_manifest, scan
 
     path = Path(source)
     if path.is_dir() or path.suffix.lower() == ".tar":
-        return scan(path).entries
+        entries = scan(path, exts).entries
+        if not entries:
+            raise ValueError(f"no readable audio with extension(s) {', '.join(exts)} in {path} (--ext reads others, "
+                             "e.g. --ext .wav,.flac,.ogg)")
+        return entries
     return read_manifest(path)
 
 
@@ -139,8 +156,8 @@ def run_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         **window_settings(args.max_seconds),
     )
-    metadata = extract_to_directory(model, _entries(args.manifest), args.out, settings, checkpoint=args.checkpoint,
-                                    restart=args.restart)
+    metadata = extract_to_directory(model, _entries(args.manifest, args.ext), args.out, settings,
+                                    checkpoint=args.checkpoint, restart=args.restart)
     print(f"wrote features of {metadata['num_files']} files to {args.out}")
     return 0
 
@@ -158,7 +175,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--distance identical compares discrete units; evaluate scores continuous features with "
                          "angular, cosine, euclidean or kl_symmetric (its codebook units always use identical)")
     model = _model(args)
-    entries = _entries(args.manifest)
+    entries = _entries(args.manifest, args.ext)
     items = read_items(args.item)
     alignments = (None if args.alignments is None
                   else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
@@ -209,9 +226,9 @@ def run_probe(args: argparse.Namespace) -> int:
         raise ValueError(f"--hidden {args.hidden}, --epochs {args.epochs}, --max-train-frames "
                          f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")
     model = _model(args)
-    train_entries = _entries(args.manifest)
+    train_entries = _entries(args.manifest, args.ext)
     if args.test_manifest:
-        test_entries = _entries(args.test_manifest)
+        test_entries = _entries(args.test_manifest, args.ext)
     else:
         train_entries, test_entries = split_entries(train_entries, args.test_fraction, seed=args.seed)
     alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate)
