@@ -121,6 +121,17 @@ def test_ogg_vorbis(tmp_path: Path) -> None:
     assert abs(wave.shape[0] - 16_000) < 100
 
 
+@pytest.mark.parametrize("subtype", ["GSM610", "G721_32"])
+def test_telephony_codecs_that_soundfile_reads_without_seeking(tmp_path: Path, subtype: str) -> None:
+    """soundfile calls these codecs non-seekable and refuses a read without a frame count ('frames must be specified
+    for non-seekable files'), so a GSM corpus was listed by spidr manifest and then skipped as undecodable."""
+    path = tmp_path / "phone.wav"
+    sf.write(path, 0.3 * np.sin(2 * np.pi * 300 * np.arange(16000) / 16000), 16000, subtype=subtype)
+    reference, rate = sf.read(path, dtype="float32")  # soundfile's own whole-file read
+    assert rate == 16000
+    torch.testing.assert_close(decode(path), torch.from_numpy(reference))
+
+
 def test_manifest_entry_source(tmp_path: Path) -> None:
     path = tmp_path / "a.wav"
     sf.write(path, sine(4000, 16_000), 16_000)

@@ -71,7 +71,8 @@ def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
         with decoding(name), sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as audio:
             if audio.frames >= UNKNOWN_LENGTH:  # read() would allocate for 2**63 frames and fail
                 raise AudioError(name, UNKNOWN_LENGTH_REASON)
-            samples, rate = audio.read(dtype="float32", always_2d=True), audio.samplerate
+            # frames given: without them soundfile refuses the codecs it calls non-seekable (GSM 6.10, G.721, ...)
+            samples, rate = audio.read(frames=audio.frames, dtype="float32", always_2d=True), audio.samplerate
     except MemoryError:  # a corrupt header claiming billions of samples
         raise AudioError(name, "cannot be decoded (its header claims more samples than memory holds)") from None
     return samples, int(rate)
