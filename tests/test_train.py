@@ -207,6 +207,35 @@ def test_resuming_with_an_edited_model_is_refused_naming_the_change_and_keeps_th
     assert (cfg.run.run_dir / "config.json").read_text() == saved  # the run still says what its weights are
 
 
+def test_a_start_refused_for_its_validation_set_leaves_the_run_folder_as_it_was(tmp_path, corpus):
+    """A [validation] manifest that cannot be read is refused before the run folder is touched: config.json,
+    the TensorBoard event files and the metrics records of the finished run stay byte for byte (config.json was
+    rewritten, an event file added and the metrics moved to metrics.superseded.jsonl before the refusal)."""
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2})
+    assert train(cfg) == "completed"
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(cfg.run.run_dir)): p.read_bytes() for p in sorted(cfg.run.run_dir.rglob("*"))
+                if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    more = tiny_config(tmp_path, corpus, optimizer={"max_steps": 4},
+                       validation={"dev": {"manifest": str(tmp_path / "missing.csv")}})
+    with pytest.raises(ValueError, match=r"missing\.csv"):
+        train(more)
+    assert files() == before
+
+
+def test_a_validation_table_s_errors_name_it_not_data(tmp_path, corpus):
+    """[validation.dev] is checked as a data section, and its errors name it ([data] is fine)."""
+    with pytest.raises(ValueError, match=r"validation\.dev\.num_buckets = 0 must be >= 1"):
+        tiny_config(tmp_path, corpus, validation={"dev": {"manifest": str(corpus), "num_buckets": 0}})
+    with pytest.raises(ValueError, match=r"validation\.dev\.min_sample_size = 9 must be <= "
+                                         r"validation\.dev\.max_sample_size = 2"):
+        tiny_config(tmp_path, corpus, validation={"dev": {"manifest": str(corpus), "min_sample_size": 9,
+                                                          "max_sample_size": 2}})
+
+
 def test_init_ckpt_starts_a_run_from_any_whole_model_checkpoint_and_names_bad_ones(tmp_path, corpus):
     """run.init_ckpt reads what spidr.load_model reads: a training checkpoint and its .safetensors export give the
     new run's step-0 weights (step counter reset); a file that is no checkpoint, an exported student (HF

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 ConvLayer = tuple[int, int, int]  # (channels, kernel, stride)
 
@@ -131,7 +132,15 @@ def from_mapping(cls: type, data: dict[str, Any], section: str) -> Any:
         raise ValueError(
             f"[{section}] has unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(sorted(allowed))}"
         )
-    return cls(**data)
+    try:
+        return cls(**data)
+    except ValueError as error:
+        # A section class checks its fields under its own section's name ("data.num_buckets"); a [validation.NAME]
+        # table is a DataConfig too, and its errors must name that table, not [data], which may be fine.
+        home = getattr(cls, "SECTION", section)
+        if home == section:
+            raise
+        raise ValueError(re.sub(rf"(?<![\w.]){re.escape(home)}\.", f"{section}.", str(error))) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -414,6 +423,8 @@ class OptimizerConfig:
 class DataConfig:
     """Manifest, decoding, bucketing and loading (spec §6)."""
 
+    SECTION: ClassVar[str] = "data"  # the name its checks give; a [validation.NAME] table's errors are renamed
+
     manifest: str = ""
     enable_padding: bool = False  # pad to the longest utterance (see model.target_norm_frames) instead of cropping
     rand_crop: bool = True
@@ -435,7 +446,7 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # (spidr addition) stop when more of the manifest than this is unreadable
 
     def __post_init__(self) -> None:
-        section = "data"
+        section = self.SECTION
         check_fields(self, section)
         for name in ("num_buckets", "min_sample_size", "max_sample_size", "max_batch_length"):
             require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")

@@ -374,6 +374,9 @@ def train(cfg: Config) -> Outcome:
             cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config,
             rank=denv.rank, world_size=denv.world_size,
         )
+        # Before the run folder is touched: a validation set that cannot be read refuses the start with the folder
+        # as it was (config.json, event files and metrics records were rewritten first)
+        validation = _validation_loaders(cfg, denv)
         checkpointer = Checkpointer(cfg.run.run_dir, save_interval=cfg.run.save_interval,
                                     keep_latest=cfg.run.keep_latest)
         run, fresh = _start_or_resume(cfg, raw_model, sampler=sampler, loader=loader, scaler=precision.make_scaler(),
@@ -388,7 +391,6 @@ def train(cfg: Config) -> Outcome:
 
         metrics_logger = MetricsLogger.for_pretraining(cfg, enabled=denv.is_main, start_step=run.step, fresh=fresh)
         cleanup.callback(metrics_logger.close)
-        validation = _validation_loaders(cfg, denv)
 
         def save(*, final: bool = False) -> None:
             state = run.state()  # collective; only the main rank writes
