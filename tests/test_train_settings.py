@@ -152,3 +152,12 @@ def test_set_override_key_paths_and_values_are_read_as_written():
     assert (steps, type(steps)) == (10_000, int)
     with pytest.raises(ValueError, match=r"override 'run\.random_seed\.x=1': 'random_seed' is not a section"):
         load_config(config, ["run.random_seed.x=1"])
+
+
+@pytest.mark.parametrize("section", ["run", "data"])
+def test_a_seed_beyond_64_bits_is_refused_by_name(tmp_path, corpus, section):
+    """A seed torch cannot take failed at the first generator ('Overflow when unpacking long long', no field)."""
+    with pytest.raises(ValueError, match=rf"{section}\.random_seed = {2**64} must fit in 64 bits"):
+        tiny_config(tmp_path, corpus, **{section: {"random_seed": 2**64}})
+    assert getattr(tiny_config(tmp_path, corpus, **{section: {"random_seed": 2**63 - 1}}),
+                   section).random_seed == 2**63 - 1

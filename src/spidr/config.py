@@ -122,6 +122,12 @@ def require(condition: bool, message: str) -> None:  # noqa: FBT001
         raise ValueError(message)
 
 
+def require_seed(seed: int, name: str) -> None:
+    """A seed must fit the 64-bit integers that torch and numpy seed with (a larger one failed at the first
+    generator, with 'Overflow when unpacking long long' and no field named)."""
+    require(-(2**63) <= seed < 2**63, f"{name} = {seed} must fit in 64 bits (between -2**63 and 2**63 - 1)")
+
+
 def from_mapping(cls: type, data: dict[str, Any], section: str) -> Any:
     """Build ``cls`` from a mapping, refusing unknown keys with the list of allowed ones."""
     if not isinstance(data, dict):
@@ -451,6 +457,7 @@ class DataConfig:
         for name in ("num_buckets", "min_sample_size", "max_sample_size", "max_batch_length"):
             require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
         require(self.num_workers >= 0, f"{section}.num_workers = {self.num_workers} must be >= 0")
+        require_seed(self.random_seed, f"{section}.random_seed")
         require(self.prefetch_factor >= 1, f"{section}.prefetch_factor = {self.prefetch_factor} must be >= 1")
         require(
             self.min_sample_size <= self.max_sample_size,
@@ -514,6 +521,7 @@ class RunConfig:
             raise ValueError(f"{section}.slurm_validation = {self.slurm_validation!r} must be a table")
         for name in ("log_interval", "save_interval", "max_consecutive_nonfinite"):
             require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
+        require_seed(self.random_seed, f"{section}.random_seed")
         require(
             self.keep_latest == -1 or self.keep_latest >= 1,
             f"{section}.keep_latest = {self.keep_latest} must be -1 (keep all) or >= 1",

@@ -615,8 +615,9 @@ def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress
     if result.shared_fileids:
         fileid, locations = next(iter(result.shared_fileids.items()))
         logger.warning("%d file ids are each held by several files (e.g. %r: %s); all are kept, and spidr extract "
-                       "names its outputs by folder and file id, but alignment and item files name utterances by "
-                       "file id alone", len(result.shared_fileids), fileid, ", ".join(locations[:3]))
+                       "names its outputs by folder and file id (two in one folder, such as one name with two "
+                       "extensions, collide there too), but alignment and item files name utterances by file id "
+                       "alone", len(result.shared_fileids), fileid, ", ".join(locations[:3]))
     return result
 
 

@@ -283,7 +283,7 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
             for parent, fileid in zip(map(os.path.dirname, _paths(manifest, start, stop)), ids, strict=True)
         ))
     stems = PackedStrings.concatenate(parts)
-    _refuse_duplicates(stems)
+    _refuse_duplicates(stems, manifest)
     return stems
 
 
@@ -302,16 +302,19 @@ def _paths(manifest: Manifest, start: int, stop: int) -> list[str]:
             for k, p in enumerate(manifest.paths.strings(start, stop))]
 
 
-def _refuse_duplicates(stems: PackedStrings) -> None:
-    """Raise if two stems are equal: 64-bit hashes sorted in numpy, candidates then compared as strings."""
+def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:
+    """Raise, naming both files, if two stems are equal: 64-bit hashes sorted in numpy, candidates then compared as
+    strings."""
     hashes = np.fromiter((hash(stem) for stem in stems), dtype=np.int64, count=len(stems))
     order = np.argsort(hashes, kind="stable")
     same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
     for k in same.tolist():
         a, b = int(order[k]), int(order[k + 1])
         if stems[a] == stems[b]:
-            raise ValueError(f"utterances {a + 1} and {b + 1} both map to the output file {stems[a]!r}; give them "
-                             "distinct file ids")
+            first, second = _paths(manifest, a, a + 1)[0], _paths(manifest, b, b + 1)[0]
+            raise ValueError(f"utterances {a + 1} ({first}) and {b + 1} ({second}) both map to the output file "
+                             f"{stems[a]!r} (one folder, one file id: e.g. the same name with two extensions); give "
+                             "them distinct file ids in a manifest, or leave one out (--ext)")
 
 
 def length_batches(entries: Sequence[ManifestEntry] | np.ndarray, batch_samples: int) -> Iterator[list[int]]:

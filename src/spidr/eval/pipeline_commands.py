@@ -158,7 +158,10 @@ def run_extract(args: argparse.Namespace) -> int:
     )
     metadata = extract_to_directory(model, _entries(args.manifest, args.ext), args.out, settings,
                                     checkpoint=args.checkpoint, restart=args.restart)
-    print(f"wrote features of {metadata['num_files']} files to {args.out}")
+    skipped = metadata["skipped"]
+    print(f"wrote features of {metadata['num_files']} files to {args.out}" + (
+        f"; {len(skipped)} unusable file(s) skipped, listed with their reasons in {Path(args.out) / 'metadata.json'}"
+        if skipped else ""))
     return 0
 
 
