@@ -379,6 +379,11 @@ def test_extract_from_a_folder_reads_the_extensions_asked_for_and_nothing_read_i
     assert main([*command, "--manifest", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad")]) == 2
     assert "none of the 1 files could be read, so nothing was extracted" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "metadata.json").exists()
+    (tmp_path / "mixed.csv").write_text(f"fileid,path,num_samples\nbroken,{broken},16000\n"
+                                        f"s1_0,{corpus / 's1_0.wav'},16000\n")
+    assert main([*command, "--manifest", str(tmp_path / "mixed.csv"), "--out", str(tmp_path / "mixed")]) == 0
+    assert "wrote features of 1 files to" in (said := capsys.readouterr().out)
+    assert "; 1 unusable file(s) skipped, listed with their reasons in" in said
 
 
 def test_evaluate_finds_units_and_mfcc_by_item_paths_and_refuses_items_of_another_corpus(corpus, tmp_path, capsys):
