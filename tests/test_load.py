@@ -73,11 +73,29 @@ def test_official_checkpoint_without_any_config(tmp_path, source) -> None:
     with pytest.raises(ValueError, match="model_type"):
         load_model(path)
     # with a type, the base defaults are used: these tiny weights do not fit them
-    with pytest.raises(ValueError, match="does not fit a spidr model"):
+    # the shapes that tell which setting is wrong come first, a few keys of each kind with their counts
+    with pytest.raises(ValueError, match=r"does not fit a spidr model with this config \(12 layers of dim 768, "
+                                         r"8 codebooks of 256; .*\): \d+ shape\(s\) differ: mask_embedding: "
+                                         r"\(32,\) in the file, \(768,\) here"):
         load_model(path, model_type="spidr")
     with pytest.raises(ValueError, match="does not fit"):
         spidr_base(path)
     _assert_same(load_model(path, config=source.cfg), source)
+
+
+@pytest.mark.parametrize(("step", "shown"), [
+    (torch.tensor([]), r"a tensor of shape \(0,\)"), ("ten", "'ten'"), (torch.tensor([3.7]), "3.7"),
+    (torch.tensor([1, 2]), r"a tensor of shape \(2,\)")])
+def test_a_malformed_step_is_named(tmp_path, source, step, shown) -> None:
+    """A step that is no count gave a traceback (an empty tensor, a string) or was cut silently (3.7 → 3)."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": source.state_dict(), "config": _run_config(source), "step": step}, path)
+    with pytest.raises(ValueError, match=rf"ckpt\.pt: step is {shown}.*expected a step count"):
+        load_model(path)
+    state = source.state_dict() | {"current_step": torch.tensor(5)}  # a 0-d counter: read, then named by shape
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=r"1 shape\(s\) differ: current_step: \(\) in the file, \(1,\) here"):
+        load_model(path, config=source.cfg)
 
 
 def test_conflicting_model_type_is_an_error(tmp_path, source) -> None:

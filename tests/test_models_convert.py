@@ -209,7 +209,9 @@ def test_conv_feature_layers_are_parsed_without_eval() -> None:
     assert tuple(tuple(layer) for layer in _parse_conv_layers(default)) == DEFAULT_CONV_LAYERS
     assert _parse_conv_layers([(1, 2, 3)]) == [[1, 2, 3]]
     hostile = ["__import__('os').system('true')", "[(1, 2, 3)] * (10 ** 10 ** 10)", "[(1, 2, 3)] * 1000000000",
-               "open('x')", "[x]", "[(1, 2, 3)].__class__"]
+               "open('x')", "[x]", "[(1, 2, 3)].__class__",
+               "[(1, 2, 3)] * 1000 * 1000 * 1000",  # each factor allowed alone, a billion-entry list together (hung)
+               "([(1, 2, 3)] * 600) + ([(1, 2, 3)] * 600)", "[(1, 2, 3)] * True"]
     for text in hostile:
         with pytest.raises(ValueError, match="conv_feature_layers"):
             _parse_conv_layers(text)

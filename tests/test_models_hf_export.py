@@ -452,6 +452,20 @@ def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatc
     _assert_same_student(load_model(tmp_path / "hf"), first)
 
 
+def test_overwriting_an_export_removes_the_weights_of_another_layout(tmp_path) -> None:
+    """An export into a directory holding an earlier model's pytorch_model.bin (or shards and their index) removes
+    them: another tool could read those in place of model.safetensors. Other files are left alone."""
+    model = perturbed(tiny_model("spidr"))
+    (tmp_path / "hf").mkdir()
+    for name in ("pytorch_model.bin", "pytorch_model.bin.index.json", "model-00001-of-00002.safetensors",
+                 "README.md"):
+        (tmp_path / "hf" / name).write_bytes(b"an earlier model")
+    export_hf(model, tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    _assert_same_student(load_model(tmp_path / "hf"), model)
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     ({"conv_dim": 32}, r"conv_dim = 32 is not a list of positive integers"),
     ({"conv_kernel": [10, 3, True]}, r"conv_kernel = \[10, 3, True\] is not a list of positive integers"),

@@ -30,8 +30,9 @@ def add_loading_arguments(parser: argparse.ArgumentParser, *, every: str = "") -
         "--model-type",
         choices=["spidr", "dinosr"],
         default=None,
-        help="model type, needed only for an official checkpoint (spidr_base.pt, dinosr_base_reproduced.pt) "
-        f"without a config.json beside it{every}",
+        help="model type, needed only for a checkpoint that does not record it: an official one (spidr_base.pt, "
+        "dinosr_base_reproduced.pt) or a safetensors file not written by spidr, without a config.json beside it"
+        f"{every}",
     )
     parser.add_argument(
         "--config",
@@ -102,7 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="describe a checkpoint: model type, config, parameter counts, step",
         description="Print what a checkpoint holds, in any format spidr loads (training checkpoint, official "
-        "spidr_base.pt / dinosr_base_reproduced.pt, fairseq DinoSR, safetensors export): its format, model type, "
+        "spidr_base.pt / dinosr_base_reproduced.pt, fairseq DinoSR, safetensors export, Hugging Face directory): "
+        "its format, model type, "
         "training step, architecture, the config fields that differ from the base config, and parameter counts "
         "(student side, inference, teacher) and buffer sizes.",
         formatter_class=HelpFormatter,

@@ -159,16 +159,24 @@ def _parse_conv_layers(text: Any) -> list[list[int]]:
                          "(channels, kernel, stride) tuples") from error
 
 
+MAX_CONV_LAYERS = 1000  # far beyond any front end; a chained repetition "*1000*1000" hung the loader building it
+
+
 def _literal(node: ast.AST) -> Any:
-    """Evaluate a literal, allowing list concatenation (+) and repetition (*) by an integer up to 1000, nothing
-    else (no names, calls or attribute access)."""
+    """Evaluate a literal, allowing list concatenation (+) and repetition (*) by an integer, nothing else (no
+    names, calls or attribute access), and no list longer than ``MAX_CONV_LAYERS``."""
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
         left, right = _literal(node.left), _literal(node.right)
         if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
-            return left + right
-        if isinstance(node.op, ast.Mult) and isinstance(left, list) and isinstance(right, int) and 0 <= right <= 1000:
-            return left * right
-        raise ValueError("unsupported operands")
+            result_length = len(left) + len(right)
+        elif (isinstance(node.op, ast.Mult) and isinstance(left, list) and isinstance(right, int)
+              and not isinstance(right, bool) and right >= 0):
+            result_length = len(left) * right
+        else:
+            raise ValueError("unsupported operands")
+        if result_length > MAX_CONV_LAYERS:
+            raise ValueError(f"a list of {result_length} layers (at most {MAX_CONV_LAYERS})")
+        return left + right if isinstance(node.op, ast.Add) else left * right
     return ast.literal_eval(node)
 
 

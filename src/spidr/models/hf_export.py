@@ -189,11 +189,18 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dic
     return {KEYS.to_theirs(key): value.detach().float().cpu().contiguous() for key, value in split.items()}
 
 
+# Weight files of another layout that transformers (or another tool) may read in place of model.safetensors
+STALE_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "model-*-of-*.safetensors",
+                 "model.safetensors.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
 def export_hf(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model``'s student (a ``DinoSR``, ``SpidR`` or ``Student``) to ``directory`` as a Hugging Face
     ``Data2VecAudioModel``: ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``.
 
-    The directory is created if needed (its parent must exist); those three files are overwritten.
+    The directory is created if needed (its parent must exist); those three files are overwritten, and the other
+    weight files transformers would read (``STALE_WEIGHTS``: an earlier export's ``pytorch_model.bin``, shards and
+    their index) are removed once they are in place.
     """
     from safetensors.torch import save_file
 
@@ -213,6 +220,9 @@ def export_hf(model: nn.Module, directory: str | Path) -> Path:
         save_file(weights, str(weights_partial), metadata={"format": "pt"})
         preprocessor_partial.write_text(json.dumps(preprocessor_config(), indent=2) + "\n", encoding="utf-8")
         config_partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for pattern in STALE_WEIGHTS:
+        for stale in directory.glob(pattern):
+            stale.unlink()
     return directory
 
 

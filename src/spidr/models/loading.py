@@ -231,7 +231,7 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
         model_config = _config_from_data(saved, model_type, where)
     else:
         model_config = _official_config(path, None, model_type)
-    step = int(state["current_step"][0]) if "current_step" in state else 0
+    step = read_step(state["current_step"], f"{where} current_step") if "current_step" in state else 0
     return Checkpoint(model_config, state, "safetensors", step, student_only=metadata.get(_STUDENT_ONLY_KEY) == "true")
 
 
@@ -310,7 +310,7 @@ def read_checkpoint(
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a SpidR/DinoSR checkpoint: expected a 'model' state dict of tensors")
     state = _strip_prefixes(state)
-    step = int(state["current_step"][0]) if "current_step" in state else 0
+    step = read_step(state["current_step"], f"{path}: current_step") if "current_step" in state else 0
 
     if isinstance(data.get("config"), Mapping):  # one of our training checkpoints
         model_config = (
@@ -318,9 +318,25 @@ def read_checkpoint(
             else _config_from_data(data["config"], model_type, f"{path} config")
         )
         if "step" in data:
-            step = int(torch.as_tensor(data["step"]).reshape(-1)[0])
+            step = read_step(data["step"], f"{path}: step")
         return Checkpoint(model_config, state, "training", step)
     return Checkpoint(_official_config(path, config, model_type), state, "official", step)
+
+
+def read_step(value: object, where: str) -> int:
+    """A checkpoint's step count: an integer, or a tensor holding one integral value (shape () or (1,))."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        number = value.reshape(()).item()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = value
+    else:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, int | float) or not float(number).is_integer() or number < 0:
+        shown = (f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, torch.Tensor)
+                 and value.numel() != 1 else repr(number if number is not None else value))
+        raise ValueError(f"{where} is {shown}, expected a step count: a non-negative integer (or a tensor holding "
+                         "one)")
+    return int(number)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,10 +357,32 @@ def model_from_checkpoint(checkpoint: Checkpoint, *, where: str = "checkpoint") 
     except RuntimeError as error:
         kind = "student" if checkpoint.student_only else "model"
         raise ValueError(
-            f"{where} does not fit a {checkpoint.config.model_type} {kind} with this config (wrong config.json or "
-            f"--config?): {str(error).strip()[:2000]}"
+            f"{where} does not fit a {checkpoint.config.model_type} {kind} with this config "
+            f"({_config_summary(checkpoint.config)}; wrong config.json or --config?): "
+            f"{_state_mismatch(model, state) or str(error).strip()[:2000]}"
         ) from None
     return model.eval()
+
+
+def _config_summary(cfg: ModelConfig) -> str:
+    return (f"{cfg.encoder_num_layers} layers of dim {cfg.encoder_embed_dim}, {cfg.num_codebooks} codebooks of "
+            f"{cfg.codebook_size}")
+
+
+def _state_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """What differs between the model's state and ``state``, the shapes first (they say which setting is wrong),
+    a few keys of each kind with their counts (torch lists every key, and the shapes came after hundreds)."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    shapes = [f"{key}: {tuple(state[key].shape)} in the file, {shape} here" for key, shape in expected.items()
+              if key in state and tuple(state[key].shape) != shape]
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    parts = []
+    for what, found in (("shape(s) differ", shapes), ("key(s) missing from the file", missing),
+                        ("unexpected key(s) in the file", unexpected)):
+        if found:
+            parts.append(f"{len(found)} {what}: {'; '.join(found[:3])}{'; ...' if len(found) > 3 else ''}")
+    return ". ".join(parts)
 
 
 def load_model(
