@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from spidr.train.environment import (
     first_slurm_host,
     slurm_port,
 )
+from spidr.train.loop import STOP_POLL_STEPS
 from spidr.train.optim import build_optimizer, build_scheduler
 from spidr.train.precision import Precision
 from spidr.train.validate import validate
@@ -326,6 +328,36 @@ def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path, host_sync):
     final = torch.load(run_dir / "final.pt", weights_only=True)
     assert read_int(final["step"]) == 6
     assert consumed(final) == [6, 6]
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_torchrun_saves_within_ten_steps_with_host_sync_log(tmp_path):
+    """With several ranks and run.host_sync = "log" the ranks read their stop agreement only at log steps, so a
+    SIGTERM with a long log interval was acted on too late: torchrun killed the workers 30 s after forwarding it and
+    nothing was saved. Now they stop within STOP_POLL_STEPS steps with a checkpoint."""
+    corpus = write_corpus(tmp_path / "corpus", num_files=12)
+    data = tiny_config_dict(tmp_path, corpus, run={"host_sync": "log", "log_interval": 5000, "save_interval": 5000},
+                            optimizer={"max_steps": 10000, "warmup_steps": 2, "hold_steps": 4998, "decay_steps": 5000})
+    config = write_toml(data, tmp_path / "run.toml")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr", "train",
+               str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "test" / "tiny"
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as job:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "step_0.pt").is_file() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)  # some steps into the run
+        signalled = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=120)
+    waited = time.monotonic() - signalled
+    saved = sorted(int(path.stem.split("_")[1]) for path in run_dir.glob("step_*.pt"))
+    assert saved[-1] > 0, output[-3000:]
+    assert saved[-1] % STOP_POLL_STEPS == 0
+    assert "stopped by a signal at step" in output
+    assert waited < 25, output[-3000:]  # well within torchrun's 30 s before it kills its workers
 
 
 def test_slurm_job_is_checkpointable_and_runs(tmp_path):

@@ -70,6 +70,9 @@ from spidr.train.runtime import (
 from spidr.train.validate import validate
 
 logger = logging.getLogger(__name__)
+# With several ranks and run.host_sync = "log", the most steps between two reads of whether a rank was signalled
+# to stop (one host-device sync each): a few seconds of training at most, well within a launcher's grace period.
+STOP_POLL_STEPS = 10
 
 Outcome = Literal["completed", "interrupted"]
 
@@ -528,13 +531,16 @@ def _steps(
             scaler=run.scaler, max_norm=cfg.optimizer.max_norm, stop_requested=stop.requested,
             skip_on_device=skip_on_device,
         )
-        # A single process acts on its own stop signal at once; with several, the step's collective agrees on it.
+        # A single process acts on its own stop signal at once; with several, the step's collective agrees on it,
+        # and the host reads that agreement at least every STOP_POLL_STEPS steps (only at log steps, a stop came
+        # too late: torchrun kills its workers 30 s after forwarding the signal, and nothing was saved).
         stop_here = skip_on_device and stop.requested and world_size() == 1
         if skip_on_device:
             run.step += 1
             unread.append(out)
             if not (run.step % cfg.run.log_interval == 0 or run.step == cfg.optimizer.max_steps
-                    or checkpointer.should_save(run.step) or stop_here):
+                    or checkpointer.should_save(run.step) or stop_here
+                    or (world_size() > 1 and run.step % STOP_POLL_STEPS == 0)):
                 continue
             read_step_outputs(unread)
             outputs, unread = unread, []

@@ -135,7 +135,8 @@ class StopFlag:
         self.requested = False
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        logger.warning("received %s: will save a checkpoint and stop after this step", signal.Signals(signum).name)
+        logger.warning("received %s: will save a checkpoint and stop after this step (with several processes, "
+                       "at the step they agree on, within 10 steps)", signal.Signals(signum).name)
         self.requested = True
 
     @contextlib.contextmanager
