@@ -288,8 +288,9 @@ class DinoSR(nn.Module):
     def _metrics(
         self, log_probs: list[torch.Tensor], labels: list[torch.Tensor], frame_losses: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Codebook-usage and prediction perplexities (spec §4.5) and per-codebook losses, as global frame-weighted
-        means over ranks (one collective)."""
+        """Codebook-usage and prediction perplexities (spec §4.5) and per-codebook losses: in training, global
+        frame-weighted means over ranks (one collective); in eval mode, this batch's alone, so that validation (the
+        mean over batches) gives one checkpoint the same numbers on any number of ranks."""
         size, k = self.cfg.codebook_size, self.num_codebooks
         target_sums = torch.stack([_one_hot(lab, size).sum(0).float() for lab in labels])  # (K, V)
         pred_sums = torch.stack([lp.exp().sum(0) for lp in log_probs])  # (K, V)
@@ -300,7 +301,8 @@ class DinoSR(nn.Module):
             frame_losses.detach().float().sum(1),
             frame_losses.new_full((1,), num_frames, dtype=torch.float32),
         ])
-        distributed.all_reduce_sum(packed)
+        if self.training:
+            distributed.all_reduce_sum(packed)
         target_sums, pred_sums = packed[: k * size].view(k, size), packed[k * size : 2 * k * size].view(k, size)
         loss_sums, total = packed[2 * k * size : 2 * k * size + k], packed[-1].clamp(min=1)
         target_ppl, pred_ppl = perplexity(target_sums / total), perplexity(pred_sums / total)

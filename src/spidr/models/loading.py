@@ -231,7 +231,7 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
         model_config = _config_from_data(saved, model_type, where)
     else:
         model_config = _official_config(path, None, model_type)
-    step = read_step(state["current_step"], f"{where} current_step") if "current_step" in state else 0
+    step = read_step(state["current_step"], f"{path}: current_step") if "current_step" in state else 0
     return Checkpoint(model_config, state, "safetensors", step, student_only=metadata.get(_STUDENT_ONLY_KEY) == "true")
 
 

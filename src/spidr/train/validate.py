@@ -1,13 +1,12 @@
 """In-process validation on the named ``[validation]`` manifests, every ``save_interval`` steps.
 
 The model runs in eval mode (no dropout, no codebook update) on fixed crops and masks
-(``deterministic_crops=True``), so numbers compare across steps. Every rank scores its shard of batches (the
-model's perplexities are global collectives, so all ranks must take part); the results are averaged over all
-batches of all ranks: loss, target/prediction perplexities, and per codebook loss, perplexities and active
-codewords. A batch repeated only to give every rank as many batches runs but does not count; its frames still enter
-the perplexities and active codewords of its step, which are computed over all ranks together inside the model.
-The global RNG states are saved and restored around validation so that a run with validation replays exactly like
-one without.
+(``deterministic_crops=True``), so numbers compare across steps. Every rank scores its shard of batches; the
+results are averaged over all batches of all ranks: loss, target/prediction perplexities, and per codebook loss,
+perplexities and active codewords. In eval mode the model computes each batch's metrics on that batch alone (in
+training they are global over ranks), so one checkpoint validates to the same numbers on any number of ranks. A
+batch repeated only to give every rank as many batches runs but does not count. The global RNG states are saved and
+restored around validation so that a run with validation replays exactly like one without.
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ def validate(
     """Mean over batches (of all ranks) of each batch's metrics; ``model`` is the unwrapped model.
 
     ``batches`` yields ``spidr.data.collate.Batch`` objects, or None for a batch emptied by unreadable files. The
-    ranks go through their batches in step (the model's metrics are collectives); with several ranks, a batch that
-    is None on any rank is skipped on all of them, so that every rank runs the same number of forwards.
+    ranks go through their batches in step; with several ranks, a batch that is None on any rank is skipped on all
+    of them, so that every rank runs the same number of forwards (as the batch plan of one process would).
     """
     was_training = model.training
     rng = capture_rng_state()
