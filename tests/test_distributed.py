@@ -82,7 +82,7 @@ def test_torchrun_environment():
 
 def test_slurm_environment():
     env = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8(x2)",
-           "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
+           "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456", "SLURM_STEP_NUM_TASKS": "16"}
     denv = detect_environment(env)
     assert (denv.rank, denv.local_rank, denv.world_size, denv.local_world_size) == (9, 1, 16, 8)
     assert denv.master_addr == "gpu007"
@@ -90,6 +90,17 @@ def test_slurm_environment():
     assert denv.master_port == slurm_port("123456")  # every task derives the same port
     assert 20000 <= denv.master_port <= 60000
     assert slurm_port("123456") != slurm_port("123457")
+
+
+def test_the_batch_script_of_a_job_of_several_tasks_is_refused_not_left_waiting():
+    """`spidr train` run in an sbatch script with --ntasks 2 (no srun) saw SLURM_NTASKS = 2 and waited 30 minutes for
+    a rank that never starts, with an empty log; one task's batch script trains as one process."""
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu1"}
+    with pytest.raises(ValueError, match=r"SLURM_NTASKS = 2 tasks but is no task of an srun step .* launch it with "
+                                         "srun"):
+        detect_environment(batch)
+    assert detect_environment(batch | {"SLURM_NTASKS": "1"}).world_size == 1
+    assert detect_environment(batch | {"SLURM_STEP_NUM_TASKS": "2"}).world_size == 2
 
 
 def test_first_host_of_a_slurm_node_list():

@@ -65,10 +65,18 @@ def detect_environment(environ: Mapping[str, str] | None = None) -> DistributedE
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job_id = env.get("SLURM_JOB_ID", "0")
+        if "SLURM_STEP_NUM_TASKS" not in env:  # srun sets it for its tasks; a batch script or salloc shell has none
+            if _int(env, "SLURM_NTASKS") > 1:
+                raise ValueError(
+                    f"this process runs in SLURM job {job_id} of SLURM_NTASKS = {env['SLURM_NTASKS']} tasks but is "
+                    "no task of an srun step (SLURM_STEP_NUM_TASKS is unset: the job's batch script, or an salloc "
+                    "shell), so the other ranks would never start and it would wait 30 minutes for them: launch it "
+                    "with srun (one task per GPU), under torchrun, or with spidr submit")
+            return DistributedEnvironment()
         return DistributedEnvironment(
             rank=_int(env, "SLURM_PROCID"),
             local_rank=_int(env, "SLURM_LOCALID", default=0),
-            world_size=_int(env, "SLURM_NTASKS"),
+            world_size=_int(env, "SLURM_STEP_NUM_TASKS"),
             local_world_size=_leading_int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"])),
             master_addr=first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))),
             master_port=slurm_port(job_id),
