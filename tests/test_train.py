@@ -226,6 +226,32 @@ def test_a_start_refused_for_its_validation_set_leaves_the_run_folder_as_it_was(
     assert files() == before
 
 
+def test_a_stop_signal_during_the_first_validation_stops_after_one_step_with_a_checkpoint(tmp_path, corpus,
+                                                                                           monkeypatch):
+    """The stop handler was installed only when the step loop began: a SIGTERM during step-0 validation (long on
+    a large validation set) killed the run with status 143 and no word. It is now a request like any other."""
+    def killed(signum, frame):
+        raise AssertionError("the default SIGTERM action would have killed the trainer")
+
+    real = loop.validate
+    signalled = []
+
+    def validate_then_signal(*args, **kwargs):
+        if not signalled:
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", validate_then_signal)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 8}, validation={"dev": {"manifest": str(corpus)}})
+        assert train(cfg) == "interrupted"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(path.name for path in cfg.run.run_dir.glob("step_*.pt")) == ["step_0.pt", "step_1.pt"]
+
+
 def test_a_validation_table_s_errors_name_it_not_data(tmp_path, corpus):
     """[validation.dev] is checked as a data section, and its errors name it ([data] is fine)."""
     with pytest.raises(ValueError, match=r"validation\.dev\.num_buckets = 0 must be >= 1"):

@@ -407,6 +407,10 @@ def train(cfg: Config) -> Outcome:
                                                                 precision=precision))
                     val_loader.tracker.check_across_ranks(device)
 
+        # From here a stop signal is a request (a SIGTERM during the first validation killed the run with status 143
+        # and no word); earlier, during the rendezvous and set-up, it still ends the process at once.
+        stop = StopFlag()
+        cleanup.enter_context(stop.installed())
         if fresh:
             save()  # step_0.pt: the exact initial state, before any wrapper
             run_validation()
@@ -420,8 +424,6 @@ def train(cfg: Config) -> Outcome:
             if not checkpointer.path_for(None).is_file():  # a run that went on past its final.pt, then back
                 save(final=True)
             return "completed"
-        stop = StopFlag()
-        cleanup.enter_context(stop.installed())
         return _steps(run, _wrap(raw_model, cfg, denv, device), loader, stop=stop, precision=precision,
                       device=device, checkpointer=checkpointer, metrics_logger=metrics_logger, save=save,
                       run_validation=run_validation,
