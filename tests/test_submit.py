@@ -34,6 +34,7 @@ def test_submit_checks_the_manifests_before_submitting(tmp_path, config):
     options = SlurmOptions(gpus_per_node=1, dump_dir=str(tmp_path / "jobs"))
     good = config_from_dict(config)
     config["validation"] = {"dev": {"manifest": str(tmp_path / "missing.csv")}}
+    config["run"] = config["run"] | {"wandb_name": "other"}
     bad = config_from_dict(config)
     with pytest.raises(ValueError, match=r"validation\.dev\.manifest = '.*missing\.csv': manifest .* does not exist"):
         submit([good, bad], options, cluster="debug")
@@ -51,6 +52,21 @@ def test_option_errors_name_the_command_line_option():
         SlurmOptions(time_min=0)
     with pytest.raises(ValueError, match=r"^--gpus-per-node = 0 must be >= 1$"):
         SlurmOptions(gpus_per_node=0)
+    # SLURM signals the job 2 min before its limit to save and requeue: a limit within that requeued for ever
+    with pytest.raises(ValueError, match=r"^--time = 2 min must be more than the 2 min before the limit"):
+        SlurmOptions(time_min=2)
+    assert SlurmOptions(time_min=3).time_min == 3
+
+
+def test_two_configs_of_one_run_folder_are_refused_before_submitting(tmp_path, config):
+    """Their second job would be refused at start (the run folder is held) or train over the first."""
+    from spidr.train.slurm import SlurmOptions, submit
+
+    options = SlurmOptions(gpus_per_node=1, dump_dir=str(tmp_path / "jobs"))
+    cfg = config_from_dict(config)
+    with pytest.raises(ValueError, match=r"several configs train in the run folder .*runs/test/tiny"):
+        submit([cfg, config_from_dict(config | {"optimizer": {"max_steps": 2}})], options, cluster="debug")
+    assert not (tmp_path / "jobs").exists()
 
 
 @pytest.mark.timeout(300)

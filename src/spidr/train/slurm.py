@@ -14,6 +14,7 @@ resumes from the latest periodic checkpoint.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -53,6 +54,9 @@ class SlurmOptions:
         for name, option in _COUNT_OPTIONS.items():
             if getattr(self, name) < 1:
                 raise ValueError(f"{option} = {getattr(self, name)} must be >= 1")
+        if self.time_min * 60 <= SIGNAL_DELAY_S:  # the warning would come at once: saved, requeued, for ever
+            raise ValueError(f"--time = {self.time_min} min must be more than the {SIGNAL_DELAY_S // 60} min before "
+                             "the limit at which SLURM signals the job to save and requeue")
 
 
 class TrainJob:
@@ -156,6 +160,11 @@ def submit(configs: list[Config], options: SlurmOptions, *, cluster: Cluster = "
         import submitit
     except ImportError as error:
         raise ValueError("spidr submit needs submitit: pip install 'spidr[slurm]'") from error
+    run_dirs = [Path(cfg.run.run_dir).resolve() for cfg in configs]
+    doubled = sorted({str(run_dir) for run_dir in run_dirs if run_dirs.count(run_dir) > 1})
+    if doubled:  # two jobs in one run folder: the second is refused at start (or waits for the first's lock)
+        raise ValueError(f"several configs train in the run folder {', '.join(doubled)}: give each its own "
+                         "run.wandb_name (or workdir / wandb_project)")
     for cfg in configs:
         check_before_submitting(cfg)
         for note in unused_settings(cfg):
@@ -169,6 +178,10 @@ def submit(configs: list[Config], options: SlurmOptions, *, cluster: Cluster = "
         name = f"{cfg.run.wandb_project}-{cfg.run.wandb_name}"
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         folder = Path(options.dump_dir) / f"{name}_{stamp}"
+        for number in itertools.count(2):  # a job submitted in the same second under the same name
+            if not folder.exists():
+                break
+            folder = Path(options.dump_dir) / f"{name}_{stamp}_{number}"
         executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
         executor.update_parameters(
             name=name,
