@@ -428,6 +428,32 @@ def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
     assert not logged.exists() or [r for r in _metrics(cfg.run.run_dir) if r["group"] == "valid"] == []
 
 
+def test_an_ngram_fit_does_not_replace_another_lm_of_its_run_folder(tmp_path):
+    """An n-gram config with a trained LSTM's run name replaced its final.pt, config.json and metrics (moved to
+    metrics.superseded.jsonl) with a warning only: refused, the folder as it was. The same n-gram LM again has
+    nothing to do; another order is refused too."""
+    torch.set_num_threads(1)
+    lstm = load_lm_config(_config(tmp_path, "shared", optimizer={"max_steps": 10}))
+    assert train_lm(lstm) == "completed"
+
+    def files(run_dir: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != ".lock"}
+
+    before = files(lstm.run.run_dir)
+    ngram = load_lm_config(_config(tmp_path, "shared", model={"arch": "ngram", "ngram_order": 2}))
+    with pytest.raises(ValueError, match=r"holds an LM trained otherwise \(model\.arch \('lstm' → 'ngram'\)"):
+        train_lm(ngram)
+    assert files(lstm.run.run_dir) == before
+    bigram = load_lm_config(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 2}))
+    assert train_lm(bigram) == "completed"
+    fitted = files(bigram.run.run_dir)
+    assert train_lm(bigram) == "completed"
+    assert files(bigram.run.run_dir) == fitted  # nothing done again
+    unigram = load_lm_config(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 1}))
+    with pytest.raises(ValueError, match=r"model\.ngram_order \(2 → 1\)"):
+        train_lm(unigram)
+
+
 def test_resuming_on_other_data_or_an_edited_model_is_refused(tmp_path):
     path = _config(tmp_path, "data", optimizer={"max_steps": 10})
     train_lm(load_lm_config(path))

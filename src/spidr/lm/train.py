@@ -239,6 +239,8 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                       "rank": denv.rank, "world_size": denv.world_size}
 
         if isinstance(raw, NgramLM):
+            if _ngram_done(checkpointer, data, cfg):
+                return "completed"
             if denv.is_main:
                 write_config(cfg.to_dict(), run_dir)
             metrics = MetricsLogger(run_dir, enabled=denv.is_main, start_step=0, max_steps=o.max_steps, fresh=True)
@@ -348,6 +350,36 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
     step = read_int(saved["step"])
     logger.info("resuming from %s at step %d", path, step)
     return step, int(saved.get("nonfinite_streak", 0))
+
+
+def _ngram_done(checkpointer: Checkpointer, data: LmData, cfg: LmConfig) -> bool:
+    """Whether the run folder holds this n-gram LM already (fitting it again would give the same counts); raises
+    when it holds another LM (an LSTM, other n-gram settings, other data), which the fit would replace with its
+    config, checkpoint and metrics."""
+    saved_files = checkpointer.checkpoints()  # (load_latest wants an optimizer state, which an n-gram has not)
+    if not saved_files:
+        return False
+    path = saved_files[-1]
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: named, not replaced
+        raise ValueError(f"{path} cannot be read ({error}); delete {path.parent} to fit the n-gram LM there") from None
+    old = saved.get("config") if isinstance(saved, dict) else None
+    old = old if isinstance(old, dict) else {}
+    new = cfg.to_dict()
+    changed = [f"{section}.{key} ({old.get(section, {}).get(key)!r} → {value!r})"
+               for section in ("model", "data") for key, value in new[section].items()
+               if key != "train" and old.get(section, {}).get(key) != value]
+    lm = saved.get("lm") if isinstance(saved, dict) else None
+    if not isinstance(lm, dict) or lm.get("train_fingerprint") != data.info["train_fingerprint"]:
+        changed.append("the training data")
+    if changed:
+        raise ValueError(f"{path.parent} holds an LM trained otherwise ({'; '.join(changed)}); fitting this n-gram "
+                         "LM there would replace it: choose another run.name, or delete the folder")
+    if path.name != "final.pt":
+        return False
+    logger.info("%s holds this n-gram LM already: nothing to do", path)
+    return True
 
 
 def _check_resumable(saved: dict[str, Any], data: LmData, path: str) -> None:
