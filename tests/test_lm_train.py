@@ -560,7 +560,17 @@ def test_lm_score_writes_a_valid_submission_that_lm_eval_reads(tmp_path, capsys)
         check_complete(scores, read_lexical_gold(bench / "lexical" / "dev" / "gold.csv"), "submission")
     assert main(["lm-score", str(final), str(units), str(tmp_path / "mean")]) == 2  # no silent replacement
     assert "mean already exists; pass --overwrite" in capsys.readouterr().err
+    # --overwrite with fewer sets: the earlier submission's syntactic file goes (lm-eval scored it as this model's)
+    only_lexical = tmp_path / "only-lexical"
+    (only_lexical / "lexical").mkdir(parents=True)
+    (only_lexical / "lexical" / "dev.jsonl").write_text((units / "lexical" / "dev.jsonl").read_text())
+    assert main(["lm-score", str(final), str(only_lexical), str(tmp_path / "sum"), "--overwrite"]) == 0
+    assert not (tmp_path / "sum" / "syntactic" / "dev.txt").exists()
+    assert read_submission(tmp_path / "sum" / "lexical" / "dev.txt") == read_submission(
+        tmp_path / "mean" / "lexical" / "dev.txt")  # (mean scores now: the default norm)
+    assert json.loads((tmp_path / "sum" / "meta.json").read_text())["items"] == {"lexical/dev": 48}
     mean = read_submission(tmp_path / "mean" / "lexical" / "dev.txt")
+    assert main(["lm-score", str(final), str(units), str(tmp_path / "sum"), "--norm", "sum", "--overwrite"]) == 0
     total = read_submission(tmp_path / "sum" / "lexical" / "dev.txt")
     for i in range(12):  # equal lengths: the two normalisations take the same decisions
         assert (mean[f"w{i}a"] > mean[f"n{i}a"]) == (total[f"w{i}a"] > total[f"n{i}a"])

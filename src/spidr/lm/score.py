@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spidr.atomic_files import write_atomically
 from spidr.lm.evaluate import TASKS, warn_about_other_folders  # each task lm-eval scores: units, submission
 from spidr.lm.models import token_log_likelihoods
 from spidr.lm.tokens import Vocabulary
@@ -127,22 +128,27 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
     # Every units file is read (and checked against the LM) before anything is written: a bad one stops the command
     # with no half-written output.
     units_of = {key: read_lm_units(path, info, labels) for key, path in sorted(inputs.items())}
+    scored = {}
+    for (task, split), path in sorted(inputs.items()):
+        scored[task, split] = score_sequences(model, vocab, units_of[task, split].sequences, context=context,
+                                              batch_tokens=batch_tokens, dtype=dtype)
+        logger.info("scored %d items of %s/%s (%s)", len(scored[task, split]), task, split, path)
+    # Written once every file is scored, each whole or not at all; then an earlier submission's files of sets not
+    # scored now go (lm-eval would score them as this model's), and meta.json, naming this checkpoint, comes last.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as rows:
-        for (task, split), path in sorted(inputs.items()):
-            units = units_of[task, split]
-            scores = score_sequences(model, vocab, units.sequences, context=context, batch_tokens=batch_tokens,
-                                     dtype=dtype)
-            write_submission(out_dir / task / f"{split}.txt",
-                             {stem: s.mean if norm == "mean" else s.logprob for stem, s in scores.items()})
-            for stem in sorted(scores):
-                s = scores[stem]
-                rows.write(json.dumps({"task": task, "split": split, "name": stem, "sum": s.logprob, "mean": s.mean,
-                                       "num_tokens": s.num_tokens}) + "\n")
-            counts[f"{task}/{split}"] = len(scores)
-            logger.info("scored %d items of %s/%s (%s)", len(scores), task, split, path)
-    (out_dir / "meta.json").write_text(json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": info,
-                                                   "items": counts}, indent=1), encoding="utf-8")
+    rows, counts = [], {}
+    for (task, split), scores in scored.items():
+        write_submission(out_dir / task / f"{split}.txt",
+                         {stem: s.mean if norm == "mean" else s.logprob for stem, s in scores.items()})
+        rows += [json.dumps({"task": task, "split": split, "name": stem, "sum": s.logprob, "mean": s.mean,
+                             "num_tokens": s.num_tokens}) + "\n" for stem, s in sorted(scores.items())]
+        counts[f"{task}/{split}"] = len(scores)
+    write_atomically(out_dir / "scores.jsonl", "".join(rows))
+    for task in TASKS:
+        for split in SPLITS:
+            if (task, split) not in scored:
+                (out_dir / task / f"{split}.txt").unlink(missing_ok=True)
+    write_atomically(out_dir / "meta.json", json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": info,
+                                                        "items": counts}, indent=1))
     return counts

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
+from spidr.atomic_files import write_atomically
 from spidr.text_files import not_utf8
 
 logger = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ def write_submission(path: str | Path, scores: Mapping[str, float]) -> None:
             raise ValueError(f"cannot write the NaN score of {stem!r} to {path}")
         lines.append(f"{stem} {score!r}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(lines), encoding="utf-8")
+    write_atomically(path, "".join(lines))  # a kill while writing leaves the earlier file, not a cut one
 
 
 def check_complete(scores: Mapping[str, float], gold_rows: Iterable[GoldItem], where: str | Path) -> None:
