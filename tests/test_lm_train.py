@@ -382,6 +382,31 @@ def test_a_non_finite_step_is_skipped():
     assert np.isfinite(out.loss)
 
 
+def test_a_step_skipped_as_non_finite_is_retried_on_other_windows(tmp_path, monkeypatch):
+    """The step counter stays on a skipped step, and its windows were drawn from the step alone: the retry saw the
+    same windows (which likely fail again) until the run gave up as diverged. A retry draws others; the first try
+    of every step keeps its windows, and a resumed streak draws the same retries (its count is checkpointed)."""
+    import spidr.lm.train as lm_train
+
+    cfg = load_lm_config(_config(tmp_path, "retry", optimizer={"max_steps": 6}))
+    real_step, seen = lm_train.lm_train_step, []
+
+    def poisoned_once_at_step_3(model, windows, optimizer, scheduler, **kwargs):
+        seen.append((scheduler.last_epoch, windows[0].clone()))
+        if scheduler.last_epoch == 3 and len(seen) == 4:
+            return lm_train.LmStepOutput(True, False, float("nan"), float("nan"), 0)
+        return real_step(model, windows, optimizer, scheduler, **kwargs)
+
+    monkeypatch.setattr(lm_train, "lm_train_step", poisoned_once_at_step_3)
+    assert train_lm(cfg) == "completed"
+    steps = [step for step, _ in seen]
+    assert steps == [0, 1, 2, 3, 3, 4, 5]
+    assert not torch.equal(seen[3][1], seen[4][1])  # the retry of step 3 has other windows
+    sampler = lm_train.WindowSampler(torch.arange(500) % 13, 16, 8, cfg.run.seed)
+    assert torch.equal(sampler.windows(3), sampler.windows(3, attempt=0))
+    assert torch.equal(sampler.windows(3, attempt=1), sampler.windows(3, attempt=1))
+
+
 def test_a_stop_inside_a_non_finite_streak_keeps_its_count(tmp_path, monkeypatch):
     """Stopped after 2 non-finite steps in a row (limit 3), the resumed run gives up at its first: the
     checkpoint carries the streak (it restarted at 0, so a run stopped every few steps never diverged)."""

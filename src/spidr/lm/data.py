@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from spidr.lm.tokens import Vocabulary, smallest_int_dtype
+from spidr.seeding import derived_seed
 
 
 def is_held_out(stem: str, fraction: float, seed: int) -> bool:
@@ -58,9 +59,12 @@ class WindowSampler:
             raise ValueError(f"the training data has {self.stream.numel()} tokens, fewer than one window of "
                              f"model.context + 1 = {self.context + 1}; lower model.context or add data")
 
-    def windows(self, step: int, *, rank: int = 0, world_size: int = 1, micro: int = 0,
-                num_micro: int = 1) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+    def windows(self, step: int, *, rank: int = 0, world_size: int = 1, micro: int = 0, num_micro: int = 1,
+                attempt: int = 0) -> torch.Tensor:
+        """``attempt``: how many tries of ``step`` were skipped as non-finite before this one; a retry draws other
+        windows (the same ones would likely fail again, until the run gave up as diverged)."""
+        seed = self.seed * 1_000_003 + step if attempt == 0 else derived_seed(self.seed, step, attempt)
+        generator = torch.Generator().manual_seed(seed)
         starts = torch.randint(0, self.stream.numel() - self.context, (self.batch_size,), generator=generator)
         per_rank = self.batch_size // world_size
         per_micro = per_rank // num_micro

@@ -286,7 +286,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
 
         while step < o.max_steps:
             windows = [sampler.windows(step, rank=denv.rank, world_size=denv.world_size, micro=m,
-                                       num_micro=o.grad_accum_steps).to(device, non_blocking=True)
+                                       num_micro=o.grad_accum_steps, attempt=streak).to(device, non_blocking=True)
                        for m in range(o.grad_accum_steps)]
             out = lm_train_step(model, windows, optimizer, scheduler, precision=precision, max_norm=o.max_norm,
                                 stop_requested=stop.requested)
