@@ -139,3 +139,19 @@ def test_settings_differences_name_each_reports_value_and_the_reports_without_se
         "abx.context: a within, b any", f"item_file.sha256: a {'a' * 12}, b {'b' * 12}",
         "no settings recorded by old (made before spidr recorded them)"]
     assert settings_differences([("a", None), ("b", None)]) == []  # nothing to compare
+
+
+def test_a_report_or_settings_file_of_another_shape_is_named(tmp_path):
+    from spidr.eval.report import read_report_settings
+
+    write_report([MFCC], tmp_path / "a", title="t", settings={"dtype": "float32"})
+    assert read_report_settings(tmp_path / "a" / "report.json") == {"dtype": "float32"}
+    (tmp_path / "a" / "settings.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"settings\.json is not the settings file spidr writes: expected an object, "
+                                         "found list"):
+        read_report_settings(tmp_path / "a")
+    (tmp_path / "a" / "report.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"report\.json is not a report\.json: expected a list of rows, found dict"):
+        read_report(tmp_path / "a")
+    write_report([MFCC], tmp_path / "a", title="t")  # a report without settings removes the earlier file
+    assert read_report_settings(tmp_path / "a") is None

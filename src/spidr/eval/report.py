@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -315,12 +316,7 @@ def read_report(path: str | Path) -> list[LayerRow]:
     file = path / "report.json" if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"{file}: no such report (spidr evaluate and spidr demo write report.json)")
-    try:
-        records = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file} is not a report.json: {error}") from error
-    if not isinstance(records, list):
-        raise ValueError(f"{file} is not a report.json: expected a list of rows, found {type(records).__name__}")
+    records = _read_json(file, list, "a report.json", "a list of rows")
     rows = []
     for index, record in enumerate(records):
         try:
@@ -337,13 +333,18 @@ def read_report_settings(path: str | Path) -> dict[str, object] | None:
     file = (path.parent if path.suffix == ".json" else path) / SETTINGS_FILE
     if not file.is_file():
         return None
+    return _read_json(file, dict, "the settings file spidr writes", "an object")
+
+
+def _read_json(file: Path, kind: type, what: str, expected: str) -> Any:
+    """The JSON value of ``file``, refused as not being ``what`` unless it is a ``kind`` (``expected``)."""
     try:
-        settings = json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file} is not the settings file spidr writes: {error}") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"{file} is not the settings file spidr writes: expected an object")
-    return settings
+        raise ValueError(f"{file} is not {what}: {error}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{file} is not {what}: expected {expected}, found {type(value).__name__}")
+    return value
 
 
 def settings_differences(reports: Sequence[tuple[str, Mapping[str, object] | None]]) -> list[str]:
