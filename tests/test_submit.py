@@ -58,6 +58,23 @@ def test_option_errors_name_the_command_line_option():
     assert SlurmOptions(time_min=3).time_min == 3
 
 
+def test_batch_plans_that_fail_at_start_are_refused_before_submitting(tmp_path, config):
+    """Found here, not after a trip through the queue: every utterance shorter than min_sample_size, and drop_last
+    with fewer batches than the job's ranks (nodes × GPUs)."""
+    from spidr.train.slurm import SlurmOptions, submit
+
+    options = SlurmOptions(gpus_per_node=4, nodes=2, dump_dir=str(tmp_path / "jobs"))
+    config["data"] = config["data"] | {"min_sample_size": 30000, "max_sample_size": 30000}
+    with pytest.raises(ValueError, match=r"with 8 rank\(s\): data\.manifest .*: none of the 3 utterances is at "
+                                         r"least data\.min_sample_size = 30000"):
+        submit([config_from_dict(config)], options, cluster="debug")
+    config["data"] = config["data"] | {"min_sample_size": 4000, "max_sample_size": 16000, "drop_last": True}
+    with pytest.raises(ValueError, match=r"with 8 rank\(s\): epoch 0 has fewer batches than the 8 ranks and "
+                                         r"data\.drop_last is true"):
+        submit([config_from_dict(config)], options, cluster="debug")
+    assert not (tmp_path / "jobs").exists()
+
+
 def test_two_configs_of_one_run_folder_are_refused_before_submitting(tmp_path, config):
     """Their second job would be refused at start (the run folder is held) or train over the first."""
     from spidr.train.slurm import SlurmOptions, submit

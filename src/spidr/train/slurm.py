@@ -149,6 +149,22 @@ def check_before_submitting(cfg: Config) -> None:
         raise ValueError(f"run.init_ckpt = {cfg.run.init_ckpt!r} does not exist")
 
 
+def check_batch_plans(cfg: Config, world_size: int) -> None:
+    """Build the first epoch's batch plan of every data section for the job's ``world_size`` ranks, as its tasks
+    will: utterances all shorter than ``min_sample_size``, or ``drop_last`` with fewer batches than ranks, are found
+    here rather than after a trip through the queue."""
+    from spidr.data.loader import build_dataloader
+
+    for section, data in cfg.data_sections():
+        try:
+            _, sampler = build_dataloader(data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config,
+                                          rank=0, world_size=world_size, deterministic_crops=section != "data",
+                                          section=section)
+            len(sampler)  # plans epoch 0
+        except ValueError as error:
+            raise ValueError(f"{cfg.run.run_dir} with {world_size} rank(s): {error}") from None
+
+
 def submit(configs: list[Config], options: SlurmOptions, *, cluster: Cluster = "slurm") -> list[Any]:
     """Submit one job per config; returns the submitit jobs.
 
@@ -167,6 +183,7 @@ def submit(configs: list[Config], options: SlurmOptions, *, cluster: Cluster = "
                          "run.wandb_name (or workdir / wandb_project)")
     for cfg in configs:
         check_before_submitting(cfg)
+        check_batch_plans(cfg, options.nodes * options.gpus_per_node)
         for note in unused_settings(cfg):
             logger.warning("%s: %s", cfg.run.run_dir, note)
     if cluster == "slurm":
