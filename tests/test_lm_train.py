@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -451,6 +452,16 @@ def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):
     assert train_lm(cfg) == "completed"
     logged = cfg.run.run_dir / "metrics.jsonl"
     assert not logged.exists() or [r for r in _metrics(cfg.run.run_dir) if r["group"] == "valid"] == []
+
+
+def test_ngram_settings_are_checked_with_the_config(tmp_path):
+    """Named with the config file when it is loaded (they were checked after the units file was read, unnamed)."""
+    for model, message in (({"ngram_order": 3}, r"model\.ngram_order = 3: only 1 \(unigram\) and 2"),
+                           ({"ngram_add_k": 0.0}, r"model\.ngram_add_k = 0\.0 must be > 0")):
+        path = _config(tmp_path, "n", model={"arch": "ngram", **model})
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: {message}"):
+            load_lm_config(path)
+    assert load_lm_config(_config(tmp_path, "lstm", model={"ngram_order": 3})).model.arch == "lstm"  # unused
 
 
 def test_an_ngram_fit_does_not_replace_another_lm_of_its_run_folder(tmp_path):

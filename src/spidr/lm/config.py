@@ -86,6 +86,10 @@ class LmModelSection:
         if self.arch == "gpt":
             require(self.dim % self.num_heads == 0,
                     f"model.dim = {self.dim} must be a multiple of model.num_heads = {self.num_heads}")
+        if self.arch == "ngram":  # checked with the config, not after the units file is read
+            require(self.ngram_order in (1, 2),
+                    f"model.ngram_order = {self.ngram_order}: only 1 (unigram) and 2 (bigram) are built")
+            require(self.ngram_add_k > 0, f"model.ngram_add_k = {self.ngram_add_k} must be > 0")
 
 
 @dataclass(frozen=True)
