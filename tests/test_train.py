@@ -775,6 +775,17 @@ def test_precision_choice():
         resolve_precision("float16", torch.device("cpu"))
 
 
+def test_a_gpu_without_bf16_is_told_the_dtypes_its_trainer_takes(monkeypatch):
+    """The unit LM does not train in float16: its error suggested it (pretraining may)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"Tesla T4 \(compute capability < 8\.0\); set optimizer\.dtype = "
+                                         r"'float16' or 'float32'$"):
+        resolve_precision("bfloat16", torch.device("cuda", 0))
+    with pytest.raises(ValueError, match=r"set optimizer\.dtype = 'float32'$"):
+        resolve_precision("bfloat16", torch.device("cuda", 0), float16=False)
+
+
 def test_bfloat16_training_step_runs_under_cpu_autocast(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus)
     torch.manual_seed(0)

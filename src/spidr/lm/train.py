@@ -218,7 +218,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         torch.manual_seed(cfg.run.seed)
         raw = build_model_for(cfg.model, data.vocab.size).to(device)
         seed_everything(rank_seed(cfg.run.seed, denv.rank))
-        precision = resolve_precision(o.dtype, device)
+        precision = resolve_precision(o.dtype, device, float16=False)
         checkpointer = Checkpointer(run_dir, save_interval=cfg.run.save_interval, keep_latest=cfg.run.keep_latest)
         interval = RunningMeans()  # the logging interval's means, kept by a checkpoint saved inside it
         streak = 0  # non-finite steps in a row, kept by a checkpoint saved inside a streak

@@ -57,16 +57,18 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """The precision to train with for ``optimizer.dtype = requested`` on ``device``."""
+def resolve_precision(requested: str, device: torch.device, *, float16: bool = True) -> Precision:
+    """The precision to train with for ``optimizer.dtype = requested`` on ``device``. ``float16``: whether the
+    caller trains in float16 (the unit LM does not), for the alternative an error suggests."""
     match requested, device.type:
         case "float32", _:
             return Precision(device.type, None)
         case "bfloat16", "cuda":
             if not torch.cuda.is_bf16_supported():
+                instead = "'float16' or 'float32'" if float16 else "'float32'"
                 raise ValueError(
                     f"optimizer.dtype = 'bfloat16' is not supported by {torch.cuda.get_device_name(device)} "
-                    "(compute capability < 8.0); set optimizer.dtype = 'float16' or 'float32'"
+                    f"(compute capability < 8.0); set optimizer.dtype = {instead}"
                 )
             return Precision("cuda", torch.bfloat16)
         case "bfloat16", "cpu":
