@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spidr.distributed import AgreedValueError, all_reduce_sum, is_distributed
+from spidr.distributed import AgreedValueError, all_reduce_sum
 from spidr.train.checkpoint import capture_rng_state, restore_rng_state
 from spidr.train.precision import Precision
 
@@ -28,23 +28,15 @@ SCALARS = ("loss", "target_ppl", "pred_ppl")
 PER_CODEBOOK = ("loss_per_codebook", "target_ppl_per_codebook", "pred_ppl_per_codebook", "active_codewords")
 
 
-def _empty_on_some_rank(batch: Any, device: torch.device) -> bool:
-    """Whether ``batch`` is None here or, with several ranks, on any rank (one small collective per batch)."""
-    if not is_distributed():
-        return batch is None
-    missing = torch.tensor([float(batch is None)], device=device)
-    return all_reduce_sum(missing).item() > 0
-
-
 @torch.no_grad()
 def validate(
     model: nn.Module, batches: Iterable[Any], *, device: torch.device, precision: Precision
 ) -> dict[str, float | list[float]]:
     """Mean over batches (of all ranks) of each batch's metrics; ``model`` is the unwrapped model.
 
-    ``batches`` yields ``spidr.data.collate.Batch`` objects, or None for a batch emptied by unreadable files. The
-    ranks go through their batches in step; with several ranks, a batch that is None on any rank is skipped on all
-    of them, so that every rank runs the same number of forwards (as the batch plan of one process would).
+    ``batches`` yields ``spidr.data.collate.Batch`` objects, or None for a batch emptied by unreadable files, which
+    is skipped: the eval forward holds no collective, so a rank may run fewer forwards than another, and the mean is
+    the one process would give over the same batches (one all-reduce at the end).
     """
     was_training = model.training
     rng = capture_rng_state()
@@ -52,7 +44,7 @@ def validate(
     totals: torch.Tensor | None = None
     try:
         for batch in batches:
-            if _empty_on_some_rank(batch, device):
+            if batch is None:
                 continue
             batch = batch.to(device)
             with precision.autocast():
