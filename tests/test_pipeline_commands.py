@@ -94,6 +94,22 @@ def test_evaluate_records_what_its_scores_were_measured_with_and_compare_reports
     assert json.loads((tmp_path / "ac" / "settings.json").read_text()) == settings
 
 
+def test_the_demo_s_settings_match_evaluate_s_on_the_same_test_set(corpus, tmp_path):
+    """The demo and learning-curve points record their settings without naming the alignment rate (evaluate_model's
+    default, 100): they must equal `spidr evaluate`'s at that rate, or compare-reports calls a demo report and an
+    evaluate report of the same test set 'not measured alike' (the README's SpidR vs DinoSR workflow)."""
+    from spidr.data.manifest import read_manifest
+    from spidr.eval.report import AbxSettings, evaluation_settings
+
+    assert main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--alignments",
+                 str(corpus / "align50.tsv"), "--layers", "3", "--out", str(tmp_path / "e")]) == 0
+    as_the_demo = evaluation_settings(abx=AbxSettings(), item_file=corpus / "test.item",
+                                      entries=read_manifest(corpus / "manifest.csv"),
+                                      alignments_file=corpus / "align50.tsv")
+    assert json.loads((tmp_path / "e" / "settings.json").read_text()) == json.loads(json.dumps(as_the_demo))
+
+
 def test_evaluate_extracts_in_the_dtype_asked_for(corpus, tmp_path):
     """--dtype bfloat16 reaches the extraction (it was once parsed and then dropped): the features written differ
     from float32's by bf16 rounding, within 1e-2."""

@@ -268,11 +268,11 @@ def _save_figure(fig: object, path: Path) -> None:
 
 
 def evaluation_settings(*, abx: AbxSettings, item_file: str | Path, entries: Manifest,
-                        alignments_file: str | Path | None = None, alignment_rate_hz: float | None = None,
+                        alignments_file: str | Path | None = None, alignment_rate_hz: float = 100,
                         dtype: str = "float32") -> dict[str, object]:
     """What a report's scores depend on besides the models (``SETTINGS_FILE``): the ABX condition, the item file and
-    the alignments (by content), the test utterances (ids and lengths) and the extraction dtype. Two reports are
-    comparable when these agree."""
+    the alignments (by content) and their rate (``evaluate_model``'s default unless given), the test utterances
+    (ids and lengths) and the extraction dtype. Two reports are comparable when these agree."""
     def content(path: str | Path | None) -> dict[str, str] | None:
         if path is None:
             return None
