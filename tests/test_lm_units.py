@@ -322,3 +322,21 @@ def test_a_test_file_without_units_is_refused_and_a_training_one_skipped(bench, 
     assert sorted(_read(out / "layer_02" / "train.jsonl")) == ["train-0", "train-1", "train-2"]
     assert caplog.text.count("unreadable audio") == 1
     assert "1 of 4 training files gave no units" in caplog.text
+
+
+def test_kmeans_units_assigned_the_older_way_are_other_inputs(bench, checkpoint, tmp_path, capsys):
+    """A folder of k-means units whose record lacks this assignment (float32's, before float64) is refused by
+    name, not resumed with sets of both assignments mixed."""
+    from spidr.eval.kmeans import ASSIGNMENT
+
+    out = tmp_path / "km"
+    command = ["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "1", "--kmeans", "4"]
+    assert main(command) == 0
+    state = json.loads((out / ".lm-units.json").read_text())
+    assert state["identity"]["units"]["assignment"] == ASSIGNMENT
+    del state["identity"]["units"]["assignment"]
+    state["done"] = state["done"][:1]
+    (out / ".lm-units.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(command) == 2
+    assert "holds units made from other inputs" in capsys.readouterr().err

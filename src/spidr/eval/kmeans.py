@@ -172,6 +172,11 @@ def load_centroids(path: str | Path) -> torch.Tensor:
     return tensor.to(torch.float32)
 
 
+# How assign_units chooses a unit, recorded by the unit caches (lm-units, lm-study) built on it: units assigned
+# otherwise (the float32 expansion, before 2026-12-06) differ for a few frames and are made again, not mixed in.
+ASSIGNMENT = "nearest centroid, float64"
+
+
 def assign_units(
     features: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor, *, batch_size: int = 8192,
     name: str | None = None, centroids_name: str = "the centroids",

@@ -154,7 +154,10 @@ def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, laye
              for layer, tensor in sorted((given_centroids or {}).items())}
     source: Any = "codebooks"
     if kmeans or given:
-        source = {"given_centroids": given} | ({"kmeans": kmeans, "seed": seed} if kmeans else {})
+        from spidr.eval.kmeans import ASSIGNMENT
+
+        source = ({"given_centroids": given} | ({"kmeans": kmeans, "seed": seed} if kmeans else {})
+                  | {"assignment": ASSIGNMENT})
     utterances = hashlib.sha1()
     for name, found in sorted((sets or read_benchmark(Path(bench_dir).resolve())).items()):
         utterances.update(f"{name}:{entries_fingerprint(found.entries)}\n".encode())

@@ -433,11 +433,12 @@ def units_identity(study_model: StudyModel, settings: StudySettings, bench: LmBe
     extracted and the benchmark (``bench_identity``). Stored in the folder's ``.complete``; a folder made from
     anything else is not reused."""
     from spidr.eval.journal import model_fingerprint
+    from spidr.eval.kmeans import ASSIGNMENT
     from spidr.models.inference_precision import precision_identity
 
     return {"model": model_fingerprint(study_model.model), "layers": sorted(study_model.layers),
             "dtype": settings.dtype, "kmeans": settings.kmeans, **precision_identity(settings.dtype),
-            "bench": bench_identity(bench)}
+            **({"assignment": ASSIGNMENT} if settings.kmeans else {}), "bench": bench_identity(bench)}
 
 
 def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, out_dir: Path,
