@@ -488,6 +488,10 @@ def test_an_ngram_fit_does_not_replace_another_lm_of_its_run_folder(tmp_path):
     unigram = load_lm_config(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 1}))
     with pytest.raises(ValueError, match=r"model\.ngram_order \(2 → 1\)"):
         train_lm(unigram)
+    # settings an n-gram does not read (the neural LMs' dim, context, ...) change nothing: still nothing to do
+    wider = load_lm_config(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 2, "dim": 64}))
+    assert train_lm(wider) == "completed"
+    assert files(bigram.run.run_dir) == fitted
 
 
 def test_resuming_on_other_data_or_an_edited_model_is_refused(tmp_path):

@@ -19,6 +19,7 @@ The run directory ``<workdir>/<name>`` holds ``step_<N>.pt``, ``final.pt`` (what
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -32,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spidr.distributed import all_reduce_sum, world_size
-from spidr.lm.config import LmConfig, LmModelSection, check_trainable
+from spidr.lm.config import LmConfig, LmDataSection, LmModelSection, check_trainable
 from spidr.lm.data import WindowSampler, validation_windows
 from spidr.lm.models import NgramLM, build_lm, token_log_likelihoods
 from spidr.lm.prepared_data import LmData, shared_data
@@ -352,10 +353,16 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
     return step, int(saved.get("nonfinite_streak", 0))
 
 
+# What an n-gram LM's counts and validation depend on (the other model fields are the neural LMs'); "train" and
+# "valid" are compared by the data's fingerprint, which names the same data by content wherever it lies.
+_NGRAM_SETTINGS = {"model": ("arch", "ngram_order", "ngram_add_k"),
+                   "data": ("val_fraction", "dedup", "num_units", "max_valid_tokens")}
+
+
 def _ngram_done(checkpointer: Checkpointer, data: LmData, cfg: LmConfig) -> bool:
     """Whether the run folder holds this n-gram LM already (fitting it again would give the same counts); raises
-    when it holds another LM (an LSTM, other n-gram settings, other data), which the fit would replace with its
-    config, checkpoint and metrics."""
+    when it holds another LM (an LSTM, other n-gram settings, other data), whose config, checkpoint and metrics the
+    fit would replace (the token cache of the folder is the data's and was written already)."""
     saved_files = checkpointer.checkpoints()  # (load_latest wants an optimizer state, which an n-gram has not)
     if not saved_files:
         return False
@@ -367,9 +374,14 @@ def _ngram_done(checkpointer: Checkpointer, data: LmData, cfg: LmConfig) -> bool
     old = saved.get("config") if isinstance(saved, dict) else None
     old = old if isinstance(old, dict) else {}
     new = cfg.to_dict()
-    changed = [f"{section}.{key} ({old.get(section, {}).get(key)!r} → {value!r})"
-               for section in ("model", "data") for key, value in new[section].items()
-               if key != "train" and old.get(section, {}).get(key) != value]
+    defaults = {section: {f.name: f.default for f in dataclasses.fields(kind)}
+                for section, kind in (("model", LmModelSection), ("data", LmDataSection))}
+    changed = []
+    for section, keys in _NGRAM_SETTINGS.items():
+        for key in keys:
+            before = old.get(section, {}).get(key, defaults[section][key])  # a field added since: its default
+            if before != new[section][key]:
+                changed.append(f"{section}.{key} ({before!r} → {new[section][key]!r})")
     lm = saved.get("lm") if isinstance(saved, dict) else None
     if not isinstance(lm, dict) or lm.get("train_fingerprint") != data.info["train_fingerprint"]:
         changed.append("the training data")
