@@ -115,7 +115,7 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
                     norm: str = "mean", device: str = "cpu", batch_tokens: int = 32768,
                     dtype: str = "float32") -> dict[str, int]:
     """Score each (task, split) units file and write the submission; returns the number of items per file."""
-    from spidr.lm.zerospeech import write_submission
+    from spidr.lm.zerospeech import submission_text
 
     if norm not in ("mean", "sum"):
         raise ValueError(f"--norm {norm!r} is invalid: expected 'mean' or 'sum'")
@@ -133,22 +133,29 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
         scored[task, split] = score_sequences(model, vocab, units_of[task, split].sequences, context=context,
                                               batch_tokens=batch_tokens, dtype=dtype)
         logger.info("scored %d items of %s/%s (%s)", len(scored[task, split]), task, split, path)
-    # Written once every file is scored, each whole or not at all; then an earlier submission's files of sets not
-    # scored now go (lm-eval would score them as this model's), and meta.json, naming this checkpoint, comes last.
+    # Every file's text is made (and checked: a NaN score) before anything is written. An earlier submission's
+    # meta.json goes first, so that a folder stopped in between names no checkpoint, then each file is written whole
+    # or not at all, an earlier submission's files of sets not scored now go (lm-eval would score them as this
+    # model's), and meta.json, naming this checkpoint, comes last.
     out_dir = Path(out_dir)
+    texts = {out_dir / task / f"{split}.txt": submission_text(
+        out_dir / task / f"{split}.txt", {stem: s.mean if norm == "mean" else s.logprob for stem, s in scores.items()})
+        for (task, split), scores in scored.items()}
+    rows = [json.dumps({"task": task, "split": split, "name": stem, "sum": s.logprob, "mean": s.mean,
+                        "num_tokens": s.num_tokens}) + "\n"
+            for (task, split), scores in scored.items() for stem, s in sorted(scores.items())]
+    counts = {f"{task}/{split}": len(scores) for (task, split), scores in scored.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, counts = [], {}
-    for (task, split), scores in scored.items():
-        write_submission(out_dir / task / f"{split}.txt",
-                         {stem: s.mean if norm == "mean" else s.logprob for stem, s in scores.items()})
-        rows += [json.dumps({"task": task, "split": split, "name": stem, "sum": s.logprob, "mean": s.mean,
-                             "num_tokens": s.num_tokens}) + "\n" for stem, s in sorted(scores.items())]
-        counts[f"{task}/{split}"] = len(scores)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for path, text in texts.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, text)
     write_atomically(out_dir / "scores.jsonl", "".join(rows))
     for task in TASKS:
         for split in SPLITS:
-            if (task, split) not in scored:
-                (out_dir / task / f"{split}.txt").unlink(missing_ok=True)
+            stale = out_dir / task / f"{split}.txt"
+            if (task, split) not in scored and stale.is_file():
+                stale.unlink()
     write_atomically(out_dir / "meta.json", json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": info,
                                                         "items": counts}, indent=1))
     return counts

@@ -358,6 +358,13 @@ def write_submission(path: str | Path, scores: Mapping[str, float]) -> None:
     """Write ``<stem> <score>`` lines sorted by stem; scores are written with ``repr`` so that a round trip through
     :func:`read_submission` is bit-exact."""
     path = Path(path)
+    text = submission_text(path, scores)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, text)  # a kill while writing leaves the earlier file, not a cut one
+
+
+def submission_text(path: str | Path, scores: Mapping[str, float]) -> str:
+    """The lines ``write_submission`` writes to ``path`` (named in errors: a stem a line cannot hold, a NaN)."""
     lines = []
     for stem in sorted(scores):
         score = float(scores[stem])  # numpy scalars would otherwise be written as 'np.float64(...)'
@@ -366,8 +373,7 @@ def write_submission(path: str | Path, scores: Mapping[str, float]) -> None:
         if math.isnan(score):
             raise ValueError(f"cannot write the NaN score of {stem!r} to {path}")
         lines.append(f"{stem} {score!r}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, "".join(lines))  # a kill while writing leaves the earlier file, not a cut one
+    return "".join(lines)
 
 
 def check_complete(scores: Mapping[str, float], gold_rows: Iterable[GoldItem], where: str | Path) -> None:
