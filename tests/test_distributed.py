@@ -42,9 +42,9 @@ from spidr.train.environment import (
     first_slurm_host,
     slurm_port,
 )
-from spidr.train.loop import STOP_POLL_STEPS
 from spidr.train.optim import build_optimizer, build_scheduler
 from spidr.train.precision import Precision
+from spidr.train.runtime import STOP_POLL_STEPS
 from spidr.train.validate import validate
 from train_fixtures import TINY_MODEL, speech_like, tiny_config, tiny_config_dict, write_corpus, write_toml
 

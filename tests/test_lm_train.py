@@ -403,9 +403,15 @@ def test_a_step_skipped_as_non_finite_is_retried_on_other_windows(tmp_path, monk
     steps = [step for step, _ in seen]
     assert steps == [0, 1, 2, 3, 3, 4, 5]
     assert not torch.equal(seen[3][1], seen[4][1])  # the retry of step 3 has other windows
-    sampler = lm_train.WindowSampler(torch.arange(500) % 13, 16, 8, cfg.run.seed)
-    assert torch.equal(sampler.windows(3), sampler.windows(3, attempt=0))
-    assert torch.equal(sampler.windows(3, attempt=1), sampler.windows(3, attempt=1))
+    # the first try of a step draws what it always drew (starts seeded by seed × 1,000,003 + step), so runs that
+    # never skip a step are unchanged; a retry draws others, the same on every call (a resume replays it)
+    stream = torch.arange(500) % 13
+    sampler = lm_train.WindowSampler(stream, 16, 8, cfg.run.seed)
+    starts = torch.randint(0, 500 - 16, (8,), generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 3))
+    assert torch.equal(sampler.windows(3), stream[starts[:, None] + torch.arange(17)[None, :]])
+    assert not torch.equal(sampler.windows(3, attempt=1), sampler.windows(3))
+    assert torch.equal(sampler.windows(3, attempt=1), lm_train.WindowSampler(stream, 16, 8, cfg.run.seed).windows(
+        3, attempt=1))
 
 
 def test_a_stop_inside_a_non_finite_streak_keeps_its_count(tmp_path, monkeypatch):

@@ -256,6 +256,8 @@ def test_a_validation_table_s_errors_name_it_not_data(tmp_path, corpus):
     """[validation.dev] is checked as a data section, and its errors name it ([data] is fine)."""
     with pytest.raises(ValueError, match=r"validation\.dev\.num_buckets = 0 must be >= 1"):
         tiny_config(tmp_path, corpus, validation={"dev": {"manifest": str(corpus), "num_buckets": 0}})
+    with pytest.raises(ValueError, match=r"validation\.dev\.bucket_method = 'data\.x' is invalid"):
+        tiny_config(tmp_path, corpus, validation={"dev": {"manifest": str(corpus), "bucket_method": "data.x"}})
     with pytest.raises(ValueError, match=r"validation\.dev\.min_sample_size = 9 must be <= "
                                          r"validation\.dev\.max_sample_size = 2"):
         tiny_config(tmp_path, corpus, validation={"dev": {"manifest": str(corpus), "min_sample_size": 9,

@@ -146,7 +146,9 @@ def from_mapping(cls: type, data: dict[str, Any], section: str) -> Any:
         home = getattr(cls, "SECTION", section)
         if home == section:
             raise
-        raise ValueError(re.sub(rf"(?<![\w.]){re.escape(home)}\.", f"{section}.", str(error))) from None
+        # Only "data.<one of its fields>", not the same text inside a value the user wrote
+        names = "|".join(re.escape(f.name) for f in dataclasses.fields(cls))
+        raise ValueError(re.sub(rf"(?<![\w.]){re.escape(home)}\.(?=({names})\b)", f"{section}.", str(error))) from None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from spidr.train.metrics import METRICS_FILE, MetricsLogger, RunningMeans, read_
 from spidr.train.optim import build_optimizer, build_scheduler, remove_frozen_group
 from spidr.train.precision import Precision, resolve_precision
 from spidr.train.runtime import (
+    STOP_POLL_STEPS,
     StopFlag,
     configure_numerics,
     hold_run_folder,
@@ -70,9 +71,6 @@ from spidr.train.runtime import (
 from spidr.train.validate import validate
 
 logger = logging.getLogger(__name__)
-# With several ranks and run.host_sync = "log", the most steps between two reads of whether a rank was signalled
-# to stop (one host-device sync each): a few seconds of training at most, well within a launcher's grace period.
-STOP_POLL_STEPS = 10
 
 Outcome = Literal["completed", "interrupted"]
 

@@ -128,6 +128,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# With several ranks, the most steps before they read whether one was signalled to stop (pretraining with
+# run.host_sync = "log" reads it at least this often, one host-device sync each; other loops read it every step).
+STOP_POLL_STEPS = 10
+
+
 class StopFlag:
     """Set by SIGTERM / SIGUSR1 / SIGUSR2; the loop saves a checkpoint and returns at the next step boundary."""
 
@@ -136,7 +141,7 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         logger.warning("received %s: will save a checkpoint and stop after this step (with several processes, "
-                       "at the step they agree on, within 10 steps)", signal.Signals(signum).name)
+                       "at the step they agree on, within %d steps)", signal.Signals(signum).name, STOP_POLL_STEPS)
         self.requested = True
 
     @contextlib.contextmanager
