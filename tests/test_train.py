@@ -252,6 +252,28 @@ def test_a_stop_signal_during_the_first_validation_stops_after_one_step_with_a_c
     assert sorted(path.name for path in cfg.run.run_dir.glob("step_*.pt")) == ["step_0.pt", "step_1.pt"]
 
 
+def test_a_run_that_ends_on_an_error_exits_with_data_workers(tmp_path, corpus):
+    """The data workers ignore SIGTERM (so that a stop signal to the process group lets the trainer save first), and
+    the SIGTERM multiprocessing sends them at exit left them running: an error the CLI does not catch (a CUDA
+    out-of-memory error) printed its traceback and the process never exited. The trainer stops its workers itself."""
+    data = tiny_config_dict(tmp_path, corpus, data={"num_workers": 1, "persistent_workers": True},
+                            validation={"dev": {"manifest": str(corpus), "num_workers": 1}})
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(data))
+    script = ("import sys, torch\n"
+              "from spidr.train import loop\n"
+              "from spidr.cli import main\n"
+              "def out_of_memory(*args, **kwargs):\n"
+              "    raise torch.OutOfMemoryError('out of memory (simulated)')\n"
+              "loop.train_step = out_of_memory\n"
+              f"sys.exit(main(['train', {str(config)!r}]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=90,
+                            check=False)
+    assert result.returncode != 0
+    assert "out of memory (simulated)" in result.stderr
+
+
 def test_a_validation_table_s_errors_name_it_not_data(tmp_path, corpus):
     """[validation.dev] is checked as a data section, and its errors name it ([data] is fine)."""
     with pytest.raises(ValueError, match=r"validation\.dev\.num_buckets = 0 must be >= 1"):

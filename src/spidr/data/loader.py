@@ -161,7 +161,19 @@ class PretrainingLoader(DataLoader):
     def __iter__(self) -> Iterator[Batch | None]:  # type: ignore[override]
         # Start the DataLoader iterator now, not at the first ``next``: callers may fence this call (e.g. with
         # ``torch.random.fork_rng``) and expect any setup to happen inside it.
-        return self._deliver(super().__iter__())
+        self._live = super().__iter__()
+        return self._deliver(self._live)
+
+    def close(self) -> None:
+        """Stop the worker processes now. They ignore stop signals (``ignore_stop_signals``), so the SIGTERM that
+        multiprocessing sends them when the interpreter exits leaves them running, and its join then waited for
+        ever: a run that ended on an error printed its traceback and never exited. Call it when done with the
+        loader (the trainer does, on success and on error)."""
+        for iterator in (getattr(self, "_live", None), getattr(self, "_iterator", None)):
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator only
+            if shutdown is not None:
+                shutdown()
+        self._live = self._iterator = None
 
     def _deliver(self, batches: Iterator[Batch]) -> Iterator[Batch | None]:
         for batch in batches:

@@ -378,6 +378,8 @@ def train(cfg: Config) -> Outcome:
         # Before the run folder is touched: a validation set that cannot be read refuses the start with the folder
         # as it was (config.json, event files and metrics records were rewritten first)
         validation = _validation_loaders(cfg, denv)
+        for data_loader in (loader, *validation.values()):  # workers that ignore SIGTERM must be stopped by us
+            cleanup.callback(data_loader.close)
         checkpointer = Checkpointer(cfg.run.run_dir, save_interval=cfg.run.save_interval,
                                     keep_latest=cfg.run.keep_latest)
         run, fresh = _start_or_resume(cfg, raw_model, sampler=sampler, loader=loader, scaler=precision.make_scaler(),
