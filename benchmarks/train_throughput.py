@@ -30,6 +30,7 @@ import torch
 
 from spidr.config import Config, config_from_dict
 from spidr.data import SAMPLE_RATE
+from spidr.data.dataset import BadFileTracker
 from spidr.data.loader import build_dataloader
 from spidr.train import loop
 from spidr.train.loop import train
@@ -70,6 +71,10 @@ class InMemoryLoader:
     def __init__(self, batches: list) -> None:
         self.batches = batches
         self.epoch = 0
+        self.tracker = BadFileTracker(max_bad_fraction=1.0)  # the trainer checks it at log steps
+
+    def close(self) -> None:
+        """No worker process to stop."""
 
     def __iter__(self):
         return iter(self.batches)
