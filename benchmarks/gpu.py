@@ -64,13 +64,13 @@ from typing import Any
 from unittest import mock
 
 # train_step and workload are sibling benchmark modules (this folder is sys.path[0] when the script runs): the first
-# registers the FLOP formulas of PyTorch's CPU attention kernels on import (the CUDA ones are known to the counter),
-# the second draws LibriSpeech-shaped lengths.
+# registers the FLOP formulas of PyTorch's CPU attention kernels on import (the CUDA ones are known to the counter)
+# and corrects the grouped-conv backward's (FLOP_FORMULAS), the second draws LibriSpeech-shaped lengths.
 import numpy as np
 import soundfile as sf
 import torch
-import train_step as _cpu_attention_flop_formulas  # noqa: F401
 from torch.utils.flop_counter import FlopCounterMode
+from train_step import FLOP_FORMULAS
 from workload import librispeech_lengths
 
 from spidr.config import Config, DataConfig, DinoSRConfig, MaskingConfig, ModelConfig, RunConfig, SpidRConfig
@@ -251,7 +251,7 @@ def run_steps(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], co
 def count_flops(model: torch.nn.Module, trainer: Trainer, batches: list[Batch], *, max_norm: float) -> float:
     """FLOPs per second of audio of a training step, counted over one eager step per batch (matmuls, convolutions
     and attention, forward and backward; the optimizer's element-wise work is not counted)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         audio = sum(float(out.metrics["audio_seconds"]) for out in run_steps(model, trainer, batches, len(batches),
                                                                             max_norm=max_norm))
     return counter.get_total_flops() / audio

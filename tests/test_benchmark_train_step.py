@@ -34,3 +34,25 @@ def test_rows_of_two_adamw_implementations(tmp_path: Path) -> None:
     assert rows[0]["time_vs_first"] == 1.0
     assert rows[0]["gflop_per_step"] == rows[1]["gflop_per_step"]
     assert "| bench-small | float32 | fused | auto |" in done.stdout
+
+
+def test_a_grouped_conv_backward_counts_twice_its_forward() -> None:
+    """Hand count: Conv1d(768, 768, 19, groups=16) on 50 frames is 2 · 50 · 19 · 768 · 48 = 70.04 MFLOP forward;
+    its backward (input and weight gradients) twice that. torch's own formula counted the weight gradient × 16
+    (1,190.7 MFLOP), which made a SpidR step's count about 10 % too high."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(BENCHMARK.parent))
+    try:
+        from train_step import FLOP_FORMULAS
+    finally:
+        sys.path.remove(str(BENCHMARK.parent))
+    conv = torch.nn.Conv1d(768, 768, 19, groups=16, padding=9)
+    frames = torch.randn(1, 768, 50, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        conv(frames).sum().backward()
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    forward = 2 * 50 * 19 * 768 * (768 // 16)
+    assert counts["aten.convolution"] == forward
+    assert counts["aten.convolution_backward"] == 2 * forward
