@@ -146,8 +146,9 @@ def trainer_step(
     samples = int(seconds * 16000)
     waveforms = F.layer_norm(torch.randn(batch, samples, generator=generator), (samples,))
     mask = span_mask(batch, num_frames(samples, cfg.extractor_conv_layer_config), generator)
+    # mask_count, as the collator gives it: the model gathers the masked frames with nonzero_static, no host sync
     one_batch = Batch(waveforms=waveforms, lengths=torch.full((batch,), samples), padding_mask=None, mask=mask,
-                      ids=[str(i) for i in range(batch)])
+                      ids=[str(i) for i in range(batch)], mask_count=int(mask.sum()))
 
     def step(number: int) -> None:
         loop.train_step(model, [one_batch], optimizer, scheduler, step=number, precision=precision, scaler=None,
