@@ -159,6 +159,29 @@ def test_same_settings_same_files_whatever_the_workers(bench, tmp_path):
         generate_lm_bench(tmp_path / "again", LmBenchSettings(train_utterances=22, splits=("dev",)))
 
 
+def test_a_benchmark_missing_files_or_copied_elsewhere_is_made_again(bench, tmp_path, caplog):
+    """The cache checked only info.json: a deleted gold.csv or wav was 'reused' (lm-eval then dropped the task with
+    a warning), and a copied benchmark's manifests named the original's wavs, which a remake with other voices had
+    replaced. Both are made again, to the same files."""
+    copy = tmp_path / "copy"
+    shutil.copytree(bench.out_dir, copy)
+    before = _digest(bench.out_dir)  # the original's files, its manifests' folder written out of them
+    with caplog.at_level("WARNING", logger="spidr.corpus.lm_bench"):
+        generate_lm_bench(copy, TINY, jobs=2)
+    assert "lacks" in caplog.text
+    assert str(bench.out_dir / "train") in caplog.text  # the original's wavs, named by the copy's manifest
+    assert _digest(copy) == before
+    rows = (copy / "train" / "manifest.csv").read_text()
+    assert str(copy) in rows
+    assert str(bench.out_dir) not in rows
+    caplog.clear()
+    (copy / "syntactic" / "dev" / "gold.csv").unlink()
+    with caplog.at_level("WARNING", logger="spidr.corpus.lm_bench"):
+        generate_lm_bench(copy, TINY, jobs=2)
+    assert "lacks 1 file(s) (syntactic/dev/gold.csv)" in caplog.text
+    assert _digest(copy) == before
+
+
 def test_the_lexicon_is_kept_and_another_one_is_not_reused(bench, monkeypatch):
     """OUT/language.json is the shipped lexicon, byte for byte, and its SHA-256 is a parameter: the same settings
     with an edited lexicon do not reuse the benchmark."""

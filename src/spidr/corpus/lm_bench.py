@@ -39,7 +39,7 @@ import string
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -473,7 +473,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     planned = training_utterances(str(settings.seed), settings.train_utterances, lex)
     _check_test_sentences_possible(settings, planned, lex)  # before anything is deleted or made
     started = time.perf_counter()
-    for name in (*FOLDERS, LANGUAGE_JSON, INFO_JSON):
+    for name in (INFO_JSON, *FOLDERS, LANGUAGE_JSON):  # info.json first: a kill in between leaves no benchmark
         path = out_dir / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -551,12 +551,36 @@ def _dropped_record(dropped: Dropped) -> dict[str, str]:
     return {"utt_id": dropped.utt_id, "voice": dropped.voice, "text": dropped.text, "reason": dropped.reason}
 
 
+def _missing_files(out_dir: Path, counts: Mapping[str, Any]) -> list[str]:
+    """The files of the sets ``info.json`` counts that are not in ``out_dir``: each set's manifest.csv (and a test
+    set's gold.csv), and the wavs its manifest lists. A wav outside the folder counts as missing: a copied or moved
+    benchmark's manifests name the original's audio, which may since have been made again with other voices."""
+    import csv
+
+    missing = []
+    for name in counts:
+        folder = out_dir / name
+        required = ["manifest.csv"] + ([] if name == "train" else ["gold.csv"])
+        missing += [f"{name}/{file}" for file in required if not (folder / file).is_file()]
+        if (folder / "manifest.csv").is_file():
+            with (folder / "manifest.csv").open(newline="", encoding="utf-8") as manifest:
+                wavs = [Path(row["path"]) for row in csv.DictReader(manifest)]
+            missing += [str(wav) for wav in wavs if not (wav.is_relative_to(folder) and wav.is_file())]
+    return missing
+
+
 def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmBenchInfo | None:
     if (out_dir / INFO_JSON).is_file():
         existing = LmBenchInfo.load(out_dir)
         if existing.parameters == parameters:
-            logger.info("reusing the spoken-LM benchmark in %s (same settings)", out_dir)
-            return existing
+            missing = _missing_files(out_dir, existing.counts)
+            if not missing:
+                logger.info("reusing the spoken-LM benchmark in %s (same settings)", out_dir)
+                return existing
+            # The same settings give the same files: making the benchmark again restores exactly what was lost.
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            logger.warning("the benchmark in %s lacks %d file(s) (%s): making it again", out_dir, len(missing), shown)
+            return None
         if not overwrite:
             changed = sorted(k for k in {*parameters, *existing.parameters}
                              if parameters.get(k) != existing.parameters.get(k))
