@@ -373,6 +373,16 @@ def test_settings_spell_each_voice_one_way():
         LmBenchSettings(test_voices=("bob",))
 
 
+def test_a_test_voice_of_a_training_voice_s_person_is_no_held_out_voice():
+    """awb warped for training and awb itself for testing were accepted as held-out (the check compared names)."""
+    with pytest.raises(ValueError, match=r"test voice\(s\) awb \(awb_w0\.9 in training\) are a training voice's "
+                                         r"recorded person"):
+        LmBenchSettings(train_voices=("awb_w0.9", "slt"), test_voices=("awb",), tsc_voices=("rms",))
+    with pytest.raises(ValueError, match=r"rms_w1\.1 \(rms in training\)"):
+        LmBenchSettings(train_voices=("rms", "slt"), test_voices=("espeak_f2",), tsc_voices=("rms_w1.1",))
+    assert LmBenchSettings(train_voices=("awb_w0.9", "slt"), test_voices=("rms",), tsc_voices=("rms",)).test_voices
+
+
 @pytest.mark.parametrize(("field", "values", "repeated"), [
     ("test_voices", ("rms", "rms"), "rms"), ("train_voices", ("awb_w0.9", "slt", "awb_w0.90"), "awb_w0.9"),
     ("tsc_voices", ("rms", "rms"), "rms"), ("seen_voices", ("awb", "awb"), "awb"), ("splits", ("dev", "dev"), "dev"),

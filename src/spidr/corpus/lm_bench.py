@@ -140,10 +140,7 @@ class LmBenchSettings:
             if repeated:
                 raise ValueError(f"{name} ({_option(name)}) lists {', '.join(repeated)} more than once; give each "
                                  "once")
-        shared = sorted(set(self.train_voices) & (set(self.test_voices) | set(self.tsc_voices)))
-        if shared:
-            raise ValueError(f"voice(s) {', '.join(shared)} are both training and test voices; test items must be "
-                             "spoken by held-out voices")
+        self._check_held_out()
         not_training = sorted(set(self.seen_voices) - set(self.train_voices))
         if not_training:
             raise ValueError(f"seen voice(s) {', '.join(not_training)} are not training voices "
@@ -161,6 +158,23 @@ class LmBenchSettings:
                              "counterbalanced blocks)")
         if not 0.0 <= self.rate_jitter < 0.5:
             raise ValueError(f"rate_jitter = {self.rate_jitter} must be in [0, 0.5)")
+
+    def _check_held_out(self) -> None:
+        """Test items are spoken by held-out voices, and by held-out persons: a warped copy (awb_w0.9) or another
+        engine's voice of a training voice's recorded person is not one."""
+        from spidr.corpus.voices import parse_voice
+
+        shared = sorted(set(self.train_voices) & (set(self.test_voices) | set(self.tsc_voices)))
+        if shared:
+            raise ValueError(f"voice(s) {', '.join(shared)} are both training and test voices; test items must be "
+                             "spoken by held-out voices")
+        training_persons = {parse_voice(name).person: name for name in self.train_voices}
+        same_person = sorted(f"{name} ({training_persons[parse_voice(name).person]} in training)"
+                             for name in {*self.test_voices, *self.tsc_voices}
+                             if parse_voice(name).person in training_persons)
+        if same_person:
+            raise ValueError(f"test voice(s) {', '.join(same_person)} are a training voice's recorded person; test "
+                             "items must be spoken by held-out persons")
 
     def voices(self) -> list[Voice]:
         """Every voice used, training voices first; refuses voices that cannot speak a pronunciation."""
