@@ -340,3 +340,28 @@ def test_kmeans_units_assigned_the_older_way_are_other_inputs(bench, checkpoint,
     capsys.readouterr()
     assert main(command) == 2
     assert "holds units made from other inputs" in capsys.readouterr().err
+
+
+def test_a_layer_without_head_is_refused_before_the_folder_records_it(bench, checkpoint, tmp_path, capsys):
+    """Codebook units of a layer with no head were refused after OUT/.lm-units.json recorded that layer, so the
+    corrected command was then refused as 'units made from other inputs'."""
+    out = tmp_path / "units"
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "1"]) == 2
+    assert "layer(s) [1] have no codebook head (heads: [2, 3])" in capsys.readouterr().err
+    assert not (out / ".lm-units.json").exists()
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+
+
+def test_a_training_set_of_no_readable_file_is_an_error(bench, checkpoint, tmp_path, capsys):
+    """Written empty and recorded finished, it was kept by a rerun once the audio was back."""
+    import shutil
+
+    broken = tmp_path / "bench"
+    shutil.copytree(bench, broken)
+    (broken / "train" / "manifest.csv").unlink()
+    for wav in (broken / "train").glob("*.wav"):
+        wav.write_bytes(b"not audio")
+    out = tmp_path / "units"
+    assert main(["lm-units", str(broken), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 2
+    assert "none of the 4 training files gave units" in capsys.readouterr().err
+    assert not (out / "layer_02" / "train.jsonl").exists()

@@ -208,10 +208,13 @@ def _check_skipped(name: str, found: BenchmarkSet, skipped: Mapping[str, str]) -
         return
     total = len(found.entries) + len(found.unreadable)
     examples = "; ".join(f"{location}: {reason}" for location, reason in list(skipped.items())[:3])
-    if name == "train":
+    if name == "train" and len(skipped) < total:
         logger.warning("%s: %d of %d training files gave no units and are left out (e.g. %s)", found.folder,
                        len(skipped), total, examples)
         return
+    if name == "train":  # an empty training set, recorded finished, would be kept once the audio is back
+        raise ValueError(f"{found.folder}: none of the {total} training files gave units ({examples}); fix or "
+                         "replace them")
     more = "; ..." if len(skipped) > 3 else ""
     raise ValueError(f"{found.folder}: {len(skipped)} of {total} test files gave no units ({examples}{more}); a "
                      "submission needs a score for every test file: replace them, or remove them with their gold.csv "

@@ -174,6 +174,10 @@ def _units(args: argparse.Namespace) -> int:
         if not layer.strip().isdigit() or not path:
             raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
         centroids[int(layer)] = load_centroids(path)
+    headless = [layer for layer in layers if layer not in heads and layer not in centroids]
+    if headless and not args.kmeans:  # refused before the folder records these inputs as its own
+        raise ValueError(f"layer(s) {headless} have no codebook head (heads: {list(heads)}): give --kmeans K or "
+                         "--centroids for them")
     sets = read_benchmark(Path(args.bench_dir).resolve())  # once: a scan warns about each unreadable file
     train = sets.get("train")
     if args.kmeans and train is None:
