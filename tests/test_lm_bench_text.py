@@ -373,6 +373,12 @@ def test_settings_spell_each_voice_one_way():
         LmBenchSettings(test_voices=("bob",))
 
 
+def test_the_splits_are_one_setting_in_any_order():
+    """--splits test,dev and dev,test make byte-identical benchmarks; each refused the other's folder."""
+    assert LmBenchSettings(splits=("test", "dev")) == LmBenchSettings(splits=("dev", "test"))
+    assert LmBenchSettings(splits=("test", "dev")).splits == ("dev", "test")
+
+
 def test_a_test_voice_of_a_training_voice_s_person_is_no_held_out_voice():
     """awb warped for training and awb itself for testing were accepted as held-out (the check compared names)."""
     with pytest.raises(ValueError, match=r"test voice\(s\) awb \(awb_w0\.9 in training\) are a training voice's "

@@ -148,6 +148,8 @@ class LmBenchSettings:
         unknown = sorted(set(self.splits) - set(SPLITS))
         if unknown:
             raise ValueError(f"splits {unknown} are invalid: expected dev and/or test")
+        # in SPLITS order: "test,dev" and "dev,test" make the same files, and must not refuse each other's folder
+        object.__setattr__(self, "splits", tuple(split for split in SPLITS if split in self.splits))
         if (self.nonwords_per_word < 1 or self.min_word_phones < 2 or self.tsc_pairs < 0
                 or self.max_lexical_words < 0):
             raise ValueError("nonwords_per_word must be >= 1, min_word_phones >= 2, tsc_pairs >= 0 and "
