@@ -569,9 +569,9 @@ def _dropped_record(dropped: Dropped) -> dict[str, str]:
 
 def _missing_files(out_dir: Path, counts: Mapping[str, Any]) -> list[str]:
     """The files of the sets ``info.json`` counts that are not in ``out_dir``: each set's manifest.csv (and a test
-    set's gold.csv), and the wavs its manifest lists. A wav outside the folder counts as missing: a copied or moved
-    benchmark's manifests name the original's audio, which may since have been made again with other voices."""
-    import csv
+    set's gold.csv), and the wavs its manifest lists (``outputs.wavs_not_in``: a copy's manifests name the
+    original's audio)."""
+    from spidr.corpus import outputs
 
     missing = []
     for name in counts:
@@ -579,9 +579,8 @@ def _missing_files(out_dir: Path, counts: Mapping[str, Any]) -> list[str]:
         required = ["manifest.csv"] + ([] if name == "train" else ["gold.csv"])
         missing += [f"{name}/{file}" for file in required if not (folder / file).is_file()]
         if (folder / "manifest.csv").is_file():
-            with (folder / "manifest.csv").open(newline="", encoding="utf-8") as manifest:
-                wavs = [Path(row["path"]) for row in csv.DictReader(manifest)]
-            missing += [str(wav) for wav in wavs if not (wav.is_relative_to(folder) and wav.is_file())]
+            missing += [f"{name}/{wav}" if not Path(wav).is_absolute() else wav
+                        for wav in outputs.wavs_not_in(folder, folder / "manifest.csv")]
     return missing
 
 
@@ -589,14 +588,10 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
     if (out_dir / INFO_JSON).is_file():
         existing = LmBenchInfo.load(out_dir)
         if existing.parameters == parameters:
+            from spidr.corpus import outputs
+
             missing = _missing_files(out_dir, existing.counts)
-            if not missing:
-                logger.info("reusing the spoken-LM benchmark in %s (same settings)", out_dir)
-                return existing
-            # The same settings give the same files: making the benchmark again restores exactly what was lost.
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            logger.warning("the benchmark in %s lacks %d file(s) (%s): making it again", out_dir, len(missing), shown)
-            return None
+            return existing if outputs.reusable(out_dir, "spoken-LM benchmark", missing) else None
         if not overwrite:
             changed = sorted(k for k in {*parameters, *existing.parameters}
                              if parameters.get(k) != existing.parameters.get(k))

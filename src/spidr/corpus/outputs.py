@@ -19,6 +19,7 @@ renamed, so a reader never sees half a file.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from spidr.atomic_files import replaced_when_done
 from spidr.corpus import alignment
 from spidr.corpus.utterance import SAMPLE_RATE, Utterance
 from spidr.corpus.voices import Voice
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 ALIGNMENTS_TSV = "alignments.tsv"
@@ -38,6 +41,29 @@ UTTERANCES_TSV = "utterances.tsv"
 SPEAKERS_TSV = "speakers.tsv"
 INFO_JSON = "info.json"
 ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
+
+
+def wavs_not_in(folder: Path, manifest: Path) -> list[str]:
+    """The wavs ``manifest`` lists that are not files inside ``folder`` (relative paths where they are under it). A
+    wav outside the folder counts as missing: a copied or moved folder's manifest names the original's audio, which
+    may since have been made again otherwise, and the copy must not depend on another folder."""
+    import csv
+
+    with manifest.open(newline="", encoding="utf-8") as rows:
+        wavs = [Path(row["path"]) for row in csv.DictReader(rows)]
+    return [str(wav.relative_to(folder) if wav.is_relative_to(folder) else wav)
+            for wav in wavs if not (wav.is_relative_to(folder) and wav.is_file())]
+
+
+def reusable(out_dir: Path, what: str, missing: list[str]) -> bool:
+    """Whether a cached ``what`` made with the same settings can be reused: yes when ``missing`` (its lost files) is
+    empty; else the same settings give the same files, so it is made again, with a warning naming what was lost."""
+    if not missing:
+        logger.info("reusing the %s in %s (same settings)", what, out_dir)
+        return True
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    logger.warning("the %s in %s lacks %d file(s) (%s): making it again", what, out_dir, len(missing), shown)
+    return False
 
 
 def writable_out_dir(out_dir: str | Path) -> Path:

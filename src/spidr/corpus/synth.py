@@ -16,7 +16,6 @@ with the same parameters finds ``info.json`` and reuses the corpus (or makes it 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -189,14 +188,7 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> Cor
     if (out_dir / outputs.INFO_JSON).is_file():
         existing = CorpusInfo.load(out_dir)
         if existing.parameters == parameters:
-            missing = _missing_files(out_dir)
-            if not missing:
-                logger.info("reusing the corpus in %s (same parameters)", out_dir)
-                return existing
-            # The same parameters give the same files: making the corpus again restores exactly what was lost.
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            logger.warning("the corpus in %s lacks %d file(s) (%s): making it again", out_dir, len(missing), shown)
-            return None
+            return existing if outputs.reusable(out_dir, "corpus", _missing_files(out_dir)) else None
         changed = sorted(k for k in {*parameters, *existing.parameters}
                          if parameters.get(k) != existing.parameters.get(k))
         if set(changed) <= _SHIPPED:
@@ -229,12 +221,7 @@ def _missing_files(out_dir: Path) -> list[str]:
     """The corpus files, and the wavs its manifest lists, that are not in ``out_dir`` (relative paths)."""
     missing = [name for name in _OUTPUT_NAMES if not (out_dir / name).is_file()]
     if outputs.MANIFEST not in missing:
-        with (out_dir / outputs.MANIFEST).open(newline="", encoding="utf-8") as manifest:
-            wavs = [Path(row["path"]) for row in csv.DictReader(manifest)]
-        # A wav outside the folder (a copied corpus's manifest names the original's) counts as missing: the copy
-        # must not depend on another folder.
-        missing += [str(wav.relative_to(out_dir) if wav.is_relative_to(out_dir) else wav)
-                    for wav in wavs if not (wav.is_relative_to(out_dir) and wav.is_file())]
+        missing += outputs.wavs_not_in(out_dir, out_dir / outputs.MANIFEST)
     return missing
 
 
