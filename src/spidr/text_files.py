@@ -3,6 +3,8 @@ around the fault (``UnicodeDecodeError`` alone gives a byte offset and no file).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -17,3 +19,13 @@ def not_utf8(path: str | Path, what: str) -> str:
                 return (f"{path}:{number}: not UTF-8 text ({line[max(error.start - 10, 0) : error.end + 10]!r}); "
                         f"save {what} as UTF-8")
     return f"{path}: not UTF-8 text; save {what} as UTF-8"
+
+
+@contextlib.contextmanager
+def utf8_errors_named(path: str | Path, what: str) -> Iterator[None]:
+    """Within the block that reads ``path`` as text, a ``UnicodeDecodeError`` becomes a ``ValueError`` whose
+    message is ``not_utf8``'s (the file, its first line that is not UTF-8, and what to do)."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path, what)) from None

@@ -38,7 +38,7 @@ import soundfile as sf
 
 from spidr.atomic_files import replaced_when_done
 from spidr.data import AUDIO_EXTENSIONS, SAMPLE_RATE
-from spidr.text_files import not_utf8
+from spidr.text_files import utf8_errors_named
 
 logger = logging.getLogger(__name__)
 
@@ -836,10 +836,8 @@ def read_manifest(path: str | Path) -> Manifest:
     if path.suffix not in readers:
         raise ValueError(f"manifest {path} has suffix {path.suffix!r}; expected one of "
                          f"{', '.join(MANIFEST_SUFFIXES)}")
-    try:
+    with utf8_errors_named(path, "the manifest"):
         return readers[path.suffix](path)
-    except UnicodeDecodeError:
-        raise ValueError(not_utf8(path, "the manifest")) from None
 
 
 def _stem(path: str) -> str:

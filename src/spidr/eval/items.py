@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spidr.text_files import not_utf8
+from spidr.text_files import utf8_errors_named
 
 FILE_COLUMN = "#file"
 ONSET_COLUMN = "onset"
@@ -105,7 +105,7 @@ def read_items(path: str | Path) -> Items:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"item file {path} does not exist")
-    try:
+    with utf8_errors_named(path, "the item file"):
         match path.suffix:
             case ".item":
                 columns, lines = _read_delimited(path, separator=None)
@@ -116,8 +116,6 @@ def read_items(path: str | Path) -> Items:
             case other:
                 raise ValueError(f"item file {path}: extension {other!r} is not supported; use .item, .csv or "
                                  ".jsonl")
-    except UnicodeDecodeError:
-        raise ValueError(not_utf8(path, "the item file")) from None
     if not columns or not next(iter(columns.values())):
         raise ValueError(f"item file {path} has no items")
     return Items.from_columns(columns, source=str(path), lines=lines)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spidr.text_files import not_utf8
+from spidr.text_files import utf8_errors_named
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +144,7 @@ def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: S
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ValueError(f"table {csv_path} does not exist")
-    try:
-        csv_path.read_bytes().decode("utf-8")  # a table is small: checked whole, so that the error names the line
-    except UnicodeDecodeError:
-        raise ValueError(not_utf8(csv_path, "the table")) from None
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+    with utf8_errors_named(csv_path, "the table"), csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
         missing = [column for column in [*columns, *label_columns] if column not in header]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from spidr.atomic_files import write_atomically
-from spidr.text_files import not_utf8
+from spidr.text_files import utf8_errors_named
 
 logger = logging.getLogger(__name__)
 
@@ -174,18 +174,11 @@ def _read_gold(path: str | Path, item_type: type[Item]) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"gold file {path} does not exist")
-    try:
-        return _read_gold_rows(path, item_type)
-    except UnicodeDecodeError:
-        raise ValueError(not_utf8(path, "the gold file")) from None
-
-
-def _read_gold_rows(path: Path, item_type: type[Item]) -> list[Item]:
     columns = [field.name for field in fields(item_type)]
     items: list[Item] = []
     seen: dict[str, int] = {}
     # utf-8-sig: a spreadsheet-saved file starts with a byte-order mark that would otherwise glue onto "id".
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with utf8_errors_named(path, "the gold file"), path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         if not header:
@@ -311,27 +304,11 @@ def read_submission(path: str | Path) -> dict[str, float]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"submission file {path} does not exist")
-    try:
-        scores, unofficial = _read_submission_lines(path)
-    except UnicodeDecodeError:
-        raise ValueError(not_utf8(path, "the submission file")) from None
-    if not scores:
-        raise ValueError(f"submission file {path} has no line")
-    if unofficial:
-        shown = ", ".join(str(number) for number in unofficial[:5]) + (" ..." if len(unofficial) > 5 else "")
-        logger.warning("%s: %d line(s) (%s) are not '<stem> <score>' with one space, which the official ZeroSpeech "
-                       "2021 validator refuses (blank lines, tabs, several spaces); read here all the same", path,
-                       len(unofficial), shown)
-    return scores
-
-
-def _read_submission_lines(path: Path) -> tuple[dict[str, float], list[int]]:
-    """``read_submission``'s scores, and the numbers of the lines the official validator refuses."""
     scores: dict[str, float] = {}
     lines: dict[str, int] = {}
-    unofficial: list[int] = []
+    unofficial: list[int] = []  # lines the official validator refuses
     # utf-8-sig: a byte-order mark (an editor's or a spreadsheet's) would become part of the first stem.
-    with path.open(encoding="utf-8-sig") as handle:
+    with utf8_errors_named(path, "the submission file"), path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if len(line.strip().split(" ")) != 2:  # the official check, word for word
                 unofficial.append(number)
@@ -351,7 +328,14 @@ def _read_submission_lines(path: Path) -> tuple[dict[str, float], list[int]]:
                 raise ValueError(f"{path}: line {number}: stem {stem!r} already on line {lines[stem]}")
             scores[stem] = score
             lines[stem] = number
-    return scores, unofficial
+    if not scores:
+        raise ValueError(f"submission file {path} has no line")
+    if unofficial:
+        shown = ", ".join(str(number) for number in unofficial[:5]) + (" ..." if len(unofficial) > 5 else "")
+        logger.warning("%s: %d line(s) (%s) are not '<stem> <score>' with one space, which the official ZeroSpeech "
+                       "2021 validator refuses (blank lines, tabs, several spaces); read here all the same", path,
+                       len(unofficial), shown)
+    return scores
 
 
 def write_submission(path: str | Path, scores: Mapping[str, float]) -> None:
