@@ -34,6 +34,7 @@ from spidr.models.frames import frame_rate_hz
 
 logger = logging.getLogger(__name__)
 
+ALIGNMENT_RATE_HZ = 100  # the alignments' frame rate when none is given (the demo's and learning-curve's)
 SETTINGS_FILE = "settings.json"  # beside report.json: what its scores were measured with (compare-reports checks it)
 SPEAKER_CONDITIONS = ("within", "across")
 PLOT_PURPOSE = "the evaluation report's plots"
@@ -125,7 +126,7 @@ def evaluate_model(
     layers: Sequence[int],
     work_dir: Path,
     abx: AbxSettings = AbxSettings(),
-    alignment_rate_hz: int = 100,
+    alignment_rate_hz: int = ALIGNMENT_RATE_HZ,
     progress: bool = True,
     dtype: str = "float32",
     checkpoint: str = "",
@@ -268,11 +269,11 @@ def _save_figure(fig: object, path: Path) -> None:
 
 
 def evaluation_settings(*, abx: AbxSettings, item_file: str | Path, entries: Manifest,
-                        alignments_file: str | Path | None = None, alignment_rate_hz: float = 100,
+                        alignments_file: str | Path | None = None, alignment_rate_hz: float = ALIGNMENT_RATE_HZ,
                         dtype: str = "float32") -> dict[str, object]:
     """What a report's scores depend on besides the models (``SETTINGS_FILE``): the ABX condition, the item file and
-    the alignments (by content) and their rate (``evaluate_model``'s default unless given), the test utterances
-    (ids and lengths) and the extraction dtype. Two reports are comparable when these agree."""
+    the alignments (by content) and their rate (``ALIGNMENT_RATE_HZ``, ``evaluate_model``'s too, unless given),
+    the test utterances (ids and lengths) and the extraction dtype. Two reports are comparable when these agree."""
     def content(path: str | Path | None) -> dict[str, str] | None:
         if path is None:
             return None
