@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def test_other_distances() -> None:
     got = frame_distances(p, p, "kl_symmetric")
     direct = 0.5 * ((p[0] - p[1]) * ((p[0] + 1e-6).log() - (p[1] + 1e-6).log())).sum()
     torch.testing.assert_close(got, torch.tensor([[0.0, direct], [direct, 0.0]]), atol=1e-5, rtol=1e-5)
+    # Rows that do not sum to 1 (pooled or summed posteriors): the same formula, element by element.
+    rows = torch.tensor([[1.0, 0.0], [10.0, 0.0], [0.2, 0.8], [3.0, 5.0]])
+    direct = 0.5 * ((rows[:, None] - rows[None]) * ((rows[:, None] + 1e-6).log() - (rows[None] + 1e-6).log())).sum(-1)
+    torch.testing.assert_close(frame_distances(rows, rows, "kl_symmetric"), direct, atol=1e-4, rtol=1e-5)
+    assert frame_distances(rows[:1], rows[1:2], "kl_symmetric").item() == pytest.approx(4.5 * math.log(10), rel=1e-5)
     with pytest.raises(ValueError, match="discrete units"):
         prepare_frames(torch.zeros(3, 2), "identical")
 
@@ -225,6 +231,9 @@ def reference_abx(features: dict[str, np.ndarray], items: Items, *, speaker: str
             lattice = np.arccos(np.clip(frames(x) @ frames(y).T, -1, 1)) / np.pi
         elif distance == "euclidean":
             lattice = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
+        elif distance == "kl_symmetric":
+            x64, y64 = x.astype(np.float64)[:, None], y.astype(np.float64)[None]
+            lattice = 0.5 * ((x64 - y64) * (np.log(x64 + 1e-6) - np.log(y64 + 1e-6))).sum(-1)
         else:
             lattice = (x[:, None, 0] != y[None, :, 0]).astype(np.float32)
         return reference_dtw(lattice)
@@ -270,6 +279,19 @@ def test_matches_brute_force_reference(seed: int, speaker: str, context: str, di
     result = abx(features, items, speaker=speaker, context=context, distance=distance, max_size_group=None,
                  max_x_across=None)
     expected, num_cells = reference_abx(features, items, speaker=speaker, context=context, distance=distance)
+    assert result.num_cells == num_cells
+    assert result.error_rate == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(("speaker", "context"), [("within", "within"), ("across", "any")])
+def test_kl_symmetric_matches_brute_force_on_rows_that_are_not_distributions(speaker: str, context: str) -> None:
+    """Non-negative frames of any sum (pooled posteriors), a few all-zero: the formula element by element."""
+    features, items = random_task(2)
+    features = {name: np.abs(array) * np.random.default_rng(3).uniform(0.1, 5.0, (len(array), 1)).astype(np.float32)
+                for name, array in features.items()}
+    result = abx(features, items, speaker=speaker, context=context, distance="kl_symmetric", max_size_group=None,
+                 max_x_across=None)
+    expected, num_cells = reference_abx(features, items, speaker=speaker, context=context, distance="kl_symmetric")
     assert result.num_cells == num_cells
     assert result.error_rate == pytest.approx(expected, abs=1e-12)
 

@@ -131,3 +131,30 @@ def test_only_a_slurm_job_requeues_itself_when_interrupted(monkeypatch, executor
     monkeypatch.setattr(slurm, "requeue", calls.append)
     assert slurm.TrainJob({})() == "interrupted"
     assert calls == requeued
+
+
+def test_the_batch_script_asks_slurm_for_the_job_the_options_describe(tmp_path, config, monkeypatch):
+    """What sbatch receives (a stand-in sbatch records it): one task per GPU, the signal to save before the time
+    limit, and srun ending every task when one fails instead of the others waiting in a collective until NCCL's
+    time-out."""
+    import stat
+
+    from spidr.train.slurm import SlurmOptions, submit
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "sbatch"
+    script.write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for path in bin_dir.iterdir():
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    options = SlurmOptions(nodes=2, gpus_per_node=4, partition="gpu", time_min=60, dump_dir=str(tmp_path / "jobs"))
+    (job,) = submit([config_from_dict(config)], options, cluster="slurm")
+    assert job.job_id == "4242"
+    batch_script = (tmp_path / "submitted.sh").read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=60", "#SBATCH --signal=USR2@120"):
+        assert line in batch_script.splitlines()
+    srun_line = next(line for line in batch_script.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun_line.split()

@@ -170,13 +170,17 @@ def frame_distances(
         case "euclidean":
             return out.copy_(torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist"))
         case "kl_symmetric":
+            # ½ Σ (x - y)(log x - log y), expanded into matrix products. Each log row is centred on its mean m to
+            # keep float32 precision near 0; that shifts the sum by (m_x - m_y)(s_x - s_y), where s is a row's sum:
+            # nothing for probability vectors, but rows that do not sum to 1 (pooled posteriors) need it added back.
             log_x, log_y = (x + KL_EPS).log(), (y + KL_EPS).log()
-            # Centring each log row changes nothing for probability vectors and keeps float32 precision near 0.
-            log_x -= log_x.mean(1, keepdim=True)
-            log_y -= log_y.mean(1, keepdim=True)
+            mean_x, mean_y = log_x.mean(1, keepdim=True), log_y.mean(1, keepdim=True)
+            log_x -= mean_x
+            log_y -= mean_y
             self_x = (x * log_x).sum(1, keepdim=True)
             self_y = (y * log_y).sum(1, keepdim=True).T
-            return out.copy_(0.5 * (self_x + self_y - x @ log_y.T - log_x @ y.T))
+            shift = (mean_x - mean_y.T) * (x.sum(1, keepdim=True) - y.sum(1, keepdim=True).T)
+            return out.copy_(0.5 * (self_x + self_y - x @ log_y.T - log_x @ y.T + shift))
         case "identical":
             return out.copy_(x[:, 0, None] != y[None, :, 0])
     raise ValueError(f"distance = {distance!r} is invalid: expected one of {', '.join(DISTANCES)}")

@@ -208,6 +208,9 @@ def submit(configs: list[Config], options: SlurmOptions, *, cluster: Cluster = "
             cpus_per_task=options.cpus_per_task,
             timeout_min=options.time_min,
             slurm_signal_delay_s=SIGNAL_DELAY_S,
+            # One task dying (out of memory, a crash) ends them all at once: the others would otherwise wait in a
+            # collective until NCCL's time-out (tens of minutes of the allocation) before failing.
+            slurm_srun_args=["--kill-on-bad-exit=1"],
             **{f"slurm_{key}": value for key, value in (
                 ("account", options.account), ("partition", options.partition), ("qos", options.qos),
                 ("constraint", options.constraint), ("mem_per_gpu", options.mem_per_gpu),
