@@ -385,7 +385,7 @@ def test_a_long_file_that_fails_to_decode_or_to_standardise_is_an_audio_error(tm
     monkeypatch.setattr(features.sf, "read", corrupt_frame)
     with pytest.raises(AudioError, match=r"cannot be decoded \(negative dimensions"):
         audio.read(0, 16000)
-    monkeypatch.setattr(features.sf, "blocks", corrupt_frame)
+    monkeypatch.setattr(features.sf.SoundFile, "read", corrupt_frame)
     with pytest.raises(AudioError, match="cannot be decoded"):
         LongAudio(str(fine))
 
@@ -412,6 +412,32 @@ def test_a_second_extraction_into_a_folder_in_use_is_refused(model, tmp_path):
     assert (out / "codebook_units" / "layer_03.jsonl").read_text().splitlines() == rows
 
 
+def test_a_long_file_that_decodes_shorter_than_its_header_is_extracted_at_its_decoded_length(model, tmp_path):
+    """A compressed file cut short (a partial download) promises more samples in its header than it decodes. The
+    windowed path sized its .npy from the header: the file was written with fewer rows than its header (unreadable,
+    yet journalled as done), or, cut shorter, a window of 0 samples stopped the whole extraction. It now gives the
+    whole-file path's result: the decoded length."""
+    path = tmp_path / "audio" / "cut.mp3"
+    path.parent.mkdir()
+    try:
+        sf.write(path, speech_like(12.0, 11), 16000, format="MP3")
+    except (sf.LibsndfileError, ValueError, TypeError):
+        pytest.skip("this libsndfile cannot write MP3")
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.66)])
+    decoded = len(sf.read(path)[0])
+    assert decoded < sf.info(str(path)).frames  # the header promises more
+    assert LongAudio(str(path)).num_samples == decoded
+    entries = [ManifestEntry("cut", str(path), sf.info(str(path)).frames)]
+    whole, windowed = tmp_path / "whole", tmp_path / "windowed"
+    extract_to_directory(model, entries, whole, ExtractionSettings(layers=(1,)), progress=False)
+    extract_to_directory(model, entries, windowed, ExtractionSettings(layers=(1,), max_seconds=2.0, window_seconds=1.0,
+                                                                      context_seconds=0.5), progress=False)
+    expected = np.load(whole / "layer_01" / "cut.npy")
+    got = np.load(windowed / "layer_01" / "cut.npy")
+    assert got.shape == expected.shape
+    assert expected.shape[0] == num_frames(decoded, model.cfg.extractor_conv_layer_config)
+
+
 def test_npy_appender_refuses_out_of_order_or_short_writes(tmp_path):
     from spidr.eval.features import NpyAppender
 
@@ -419,6 +445,8 @@ def test_npy_appender_refuses_out_of_order_or_short_writes(tmp_path):
     appender[0:2] = np.ones((2, 2))
     with pytest.raises(RuntimeError, match="in order"):
         appender[3:4] = np.ones((1, 2))
+    with pytest.raises(RuntimeError, match=r"1 rows given for rows 2-4 of 4"):  # its header would promise more
+        appender[2:4] = np.ones((1, 2))
     with pytest.raises(RuntimeError, match="wrote 2 of 4"):
         appender.close()
 

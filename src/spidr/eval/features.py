@@ -202,13 +202,18 @@ class LongAudio:
             self.num_samples = self._wave.shape[0]
             return
         self._wave = None
-        self.num_samples = info.frames
+        # Counted while decoding, not taken from the header: a file cut short (a partial download of a compressed
+        # file) promises more samples than it decodes, and whole-file extraction gives it its decoded length.
+        self.num_samples = 0
         total, total_sq = 0.0, 0.0
-        with decoding(self.path), np.errstate(over="ignore"):  # an overflow is refused below, by name
-            for block in sf.blocks(self.path, blocksize=SAMPLE_RATE * 60, dtype="float64", always_2d=True):
-                mono = block.mean(axis=1)
+        # Read block by block with ``SoundFile.read``, which returns what was decoded: ``sf.blocks`` sizes its
+        # blocks from the header and pads a short read with whatever its buffer held.
+        with decoding(self.path), sf.SoundFile(self.path) as file, np.errstate(over="ignore"):
+            while len(block := file.read(SAMPLE_RATE * 60, dtype="float64", always_2d=True)):
+                mono = block.mean(axis=1)  # an overflow is refused below, by name
                 if not np.isfinite(mono).all():  # as load_audio refuses them: the features would all be NaN
                     raise AudioError(self.path, "contains NaN or Inf samples")
+                self.num_samples += mono.shape[0]
                 total += float(mono.sum())
                 total_sq += float(np.square(mono).sum())
         if self.num_samples == 0:
@@ -225,6 +230,9 @@ class LongAudio:
             return self._wave[start:stop]
         with decoding(self.path):
             block, _ = sf.read(self.path, start=start, stop=stop, dtype="float64", always_2d=True)
+        if block.shape[0] != stop - start:  # a decoder that seeks differently from how it decodes front to back
+            raise AudioError(self.path, f"samples {start}-{stop} decode to {block.shape[0]} samples, though the "
+                             f"whole file decodes to {self.num_samples}")
         return torch.from_numpy(((block.mean(axis=1) - self.mean) / self.std).astype(np.float32))
 
 
@@ -666,6 +674,9 @@ class NpyAppender:
     def __setitem__(self, rows: slice, values: np.ndarray) -> None:
         if rows.start != self.written:
             raise RuntimeError(f"{self.path}: rows must be written in order (next {self.written}, got {rows.start})")
+        if len(values) != rows.stop - rows.start or rows.stop > self.rows:  # the header's shape would be a lie
+            raise RuntimeError(f"{self.path}: {len(values)} rows given for rows {rows.start}-{rows.stop} of "
+                               f"{self.rows}")
         self.file.write(np.ascontiguousarray(values, dtype=np.float32).tobytes())
         self.written = rows.stop
 
