@@ -101,6 +101,12 @@ def test_too_many_bad_files_stop_the_run(messy_manifest: Path) -> None:
     with pytest.raises(ValueError, match=r"5 of 9 utterances .* data.max_bad_fraction = 5.0%") as info:
         list(loader)
     assert "corrupt.wav" in str(info.value)
+    # A validation set's own limit, named as the setting to raise (data.max_bad_fraction does not apply to it).
+    loader, _ = build_dataloader(data_config(messy_manifest, max_bad_fraction=0.05), MaskingConfig(),
+                                 conv_layers=DEFAULT_CONV_LAYERS, deterministic_crops=True, section="validation.dev")
+    with pytest.raises(ValueError, match=r"validation\.dev\.max_bad_fraction = 5\.0%.* raise "
+                                         r"validation\.dev\.max_bad_fraction$"):
+        list(loader)
 
 
 def test_tracker_waits_for_enough_reads_before_judging() -> None:

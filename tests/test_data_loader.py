@@ -268,3 +268,10 @@ def test_a_validation_set_whose_batches_leave_much_audio_out_is_named(manifest: 
         assert "enable_padding" not in record.getMessage()
         assert "data.max_sample_size = 3000 samples" in record.getMessage()
         assert record.getMessage().endswith("a larger max_sample_size score it whole")
+        caplog.clear()
+        # The batch budget under max_sample_size sets the crop: raising max_sample_size would change nothing.
+        build(config(manifest, enable_padding=True, max_sample_size=12_000, max_batch_length=3000),
+              deterministic_crops=True, section="validation.dev")
+        (record,) = caplog.records
+        assert "validation.dev.max_batch_length = 3000 samples" in record.getMessage()
+        assert record.getMessage().endswith("a larger max_batch_length score it whole")

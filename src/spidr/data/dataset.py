@@ -81,9 +81,11 @@ class BadFileTracker:
     """
 
     def __init__(self, max_bad_fraction: float, *, source: str = "the manifest", min_seen: int = 200,
-                 shared: bool = False) -> None:
+                 shared: bool = False, section: str = "data") -> None:
+        """``section``: the config section whose ``max_bad_fraction`` this is ("data", "validation.NAME")."""
         self.max_bad_fraction = max_bad_fraction
         self.source = source
+        self.section = section
         self.min_seen = min_seen
         self.shared = shared
         self.seen = 0
@@ -145,8 +147,8 @@ class BadFileTracker:
         where = " by all ranks" if totals is not None else ""
         raise ValueError(
             f"{bad} of {seen} utterances read{where} from {self.source} were unusable ({fraction:.1%}, more "
-            f"than data.max_bad_fraction = {self.max_bad_fraction:.1%}); e.g. {examples}. Fix or remove these files "
-            "from the manifest, or raise data.max_bad_fraction"
+            f"than {self.section}.max_bad_fraction = {self.max_bad_fraction:.1%}); e.g. {examples}. Fix or remove "
+            f"these files from the manifest, or raise {self.section}.max_bad_fraction"
         )
 
     def summary(self) -> str:

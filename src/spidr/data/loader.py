@@ -45,15 +45,16 @@ def _warn_of_unscored_audio(sampler: BucketBatchSampler, total: int, data_cfg: D
     scored = sampler.scored_samples()
     logger.info("%s: its batches score %.0f %% of the audio in %s", section, 100 * scored / total, data_cfg.manifest)
     if scored < (1 - UNSCORED_WARNING) * total:
-        longest = min(data_cfg.max_sample_size, data_cfg.max_batch_length)
+        # The crop is the smaller of the two limits: name the one that sets it, or raising the other does nothing.
+        limit = "max_sample_size" if data_cfg.max_sample_size <= data_cfg.max_batch_length else "max_batch_length"
+        longest = getattr(data_cfg, limit)
         cropped = "" if data_cfg.enable_padding else "batches are cropped to their shortest utterance and "
-        remedy = "a larger max_sample_size" if data_cfg.enable_padding else (
-            f"{section}.enable_padding = true (with model.target_norm_frames = \"valid\") and a larger "
-            "max_sample_size")
+        remedy = f"a larger {limit}" if data_cfg.enable_padding else (
+            f"{section}.enable_padding = true (with model.target_norm_frames = \"valid\") and a larger {limit}")
         logger.warning("%s: its batches score %.0f %% of the audio in %s (%.1f of %.1f min): %sutterances are cut "
-                       "to %s.max_sample_size = %d samples and those under %s.min_sample_size left out; %s score it "
+                       "to %s.%s = %d samples and those under %s.min_sample_size left out; %s score it "
                        "whole", section, 100 * scored / total, data_cfg.manifest, scored / SAMPLE_RATE / 60,
-                       total / SAMPLE_RATE / 60, cropped, section, longest, section, remedy)
+                       total / SAMPLE_RATE / 60, cropped, section, limit, longest, section, remedy)
 
 
 def batch_seed(seed: int, epoch: int, global_position: int) -> int:
@@ -270,7 +271,8 @@ def build_dataloader(
         generator=torch.Generator().manual_seed(rank_seed(data_seed, rank)),
         worker_init_fn=ignore_stop_signals,
         bucket_sampler=sampler,
-        tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest, shared=world_size > 1),
+        tracker=BadFileTracker(data_cfg.max_bad_fraction, source=data_cfg.manifest, shared=world_size > 1,
+                               section=section),
         keep_empty=deterministic_crops,
     )
     return loader, sampler
