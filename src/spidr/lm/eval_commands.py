@@ -200,7 +200,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "{n}_{id}_{correct|incorrect}.wav names), exactly as the ZeroSpeech 2021 toolkit: tie = 1/2, mean over "
         "voices per pair id, then over ids; in-vocab = the frequency bands other than oov. Scores are in percent, "
         "with 95% bootstrap CIs over pair ids and binomial p-values against chance (also per breakdown row of 5 "
-        "pairs or more: frequency band, syntactic type, ...). A benchmark made with "
+        "pairs or more: frequency band, syntactic type, ...); sBLIMP pairs that share a sentence count as one "
+        "unit in both. A benchmark made with "
         "spidr synth-lm-bench --seen-voices also has lexical_seen/ (the lexical pairs spoken by training voices), "
         "reported as swuggy_seen_all / swuggy_seen_invocab. With --baseline ngram instead of SUBMISSION_DIR, the "
         "submissions are those of unigram and bigram models fitted on the benchmark's training set.",

@@ -19,7 +19,11 @@ The frequency bands are the toolkit's ``pandas.cut(frequency, [0, 1, 5, 20, 100,
 Each headline number also gets its number of pair ids, a 95 % percentile-bootstrap confidence interval over pair ids
 (1,000 resamples, seeded ``numpy.random.default_rng``) and a two-sided exact binomial test against chance:
 ``scipy.stats.binomtest(k, m)`` with k = ids scoring > ½ and m = ids scoring ≠ ½ (ids at exactly ½, e.g. a tie
-or one voice right and one wrong, are left out of the test; they still count in the accuracy).
+or one voice right and one wrong, are left out of the test; they still count in the accuracy). sBLIMP pairs that
+share a sentence (transcription), directly or through other pairs, form a cluster, and the clusters are the units
+of the interval and the test instead (each drawn whole; the test counts clusters by their mean score): the
+synthetic benchmark builds an agreement type from blocks of 4 pairs over 4 sentences, whose pairs are not
+independent. Real sBLIMP shares no sentence, and its clusters are its pairs.
 
 Units: the library functions return fractions in [0, 1]. :func:`evaluate_benchmark` returns (and writes to
 ``results.json``) **percentages** for every score, CI and std; the CSV tables it writes keep the toolkit's fractions.
@@ -165,32 +169,57 @@ def pair_score(correct: float, incorrect: float) -> float:
     return 0.5 * (correct == incorrect) + (correct > incorrect)
 
 
+def _cluster_totals(array: np.ndarray, clusters: Sequence[object] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sum, count) of ``array``'s values per cluster label, or None when every value is its own cluster."""
+    if clusters is None:
+        return None
+    if len(clusters) != array.size:
+        raise ValueError(f"{len(clusters)} cluster labels for {array.size} values")
+    _, inverse = np.unique(np.asarray([str(label) for label in clusters]), return_inverse=True)
+    sizes = np.bincount(inverse)
+    if sizes.size == array.size:
+        return None
+    return np.bincount(inverse, weights=array), sizes
+
+
 def bootstrap_ci(values: Sequence[float] | np.ndarray, *, num_resamples: int = NUM_RESAMPLES, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of ``values`` (resampled with replacement, seeded)."""
+                 level: float = 0.95, clusters: Sequence[object] | None = None) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (resampled with replacement, seeded).
+
+    ``clusters`` (a label per value): values of one label are drawn together, a resample's mean being the mean of
+    the values it holds. Pairs built from shared sentences are not independent, and drawn one by one they give an
+    interval too narrow for its level."""
     array = np.asarray(values, dtype=np.float64)
     if array.size == 0:
         raise ValueError("cannot bootstrap an empty set of values")
+    totals = _cluster_totals(array, clusters)
+    sums, sizes = totals if totals is not None else (array, np.ones(array.size))
     rng = np.random.default_rng(seed)
     means = np.empty(num_resamples)
     # Resample in chunks so that 40,000 pair ids × 1,000 resamples never sit in memory at once.
-    chunk = max(1, 4_000_000 // array.size)
+    chunk = max(1, 4_000_000 // sums.size)
     for start in range(0, num_resamples, chunk):
         stop = min(start + chunk, num_resamples)
-        means[start:stop] = array[rng.integers(0, array.size, size=(stop - start, array.size))].mean(axis=1)
+        drawn = rng.integers(0, sums.size, size=(stop - start, sums.size))
+        means[start:stop] = sums[drawn].sum(axis=1) / sizes[drawn].sum(axis=1)
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(means, [tail, 100.0 - tail])
     return float(low), float(high)
 
 
-def accuracy(per_id_scores: Sequence[float] | np.ndarray, *, seed: int = 0) -> Accuracy:
-    """Mean, bootstrap CI and two-sided exact binomial p-value of per-pair-id scores in [0, 1]."""
+def accuracy(per_id_scores: Sequence[float] | np.ndarray, *, seed: int = 0,
+             clusters: Sequence[object] | None = None) -> Accuracy:
+    """Mean, bootstrap CI and two-sided exact binomial p-value of per-pair-id scores in [0, 1]. With ``clusters``
+    (a label per id: ids that share a sentence) the bootstrap draws whole clusters and the binomial test counts
+    clusters by their mean score, the independent units."""
     from scipy.stats import binomtest
 
     array = np.asarray(per_id_scores, dtype=np.float64)
-    low, high = bootstrap_ci(array, seed=seed)
-    decided = int(np.count_nonzero(array != 0.5))
-    wins = int(np.count_nonzero(array > 0.5))
+    low, high = bootstrap_ci(array, seed=seed, clusters=clusters)
+    totals = _cluster_totals(array, clusters)
+    units = array if totals is None else totals[0] / totals[1]
+    decided = int(np.count_nonzero(units != 0.5))
+    wins = int(np.count_nonzero(units > 0.5))
     p_value = float(binomtest(wins, decided, 0.5).pvalue) if decided else 1.0
     return Accuracy(score=float(array.mean()), n=int(array.size), ci_low=low, ci_high=high, p_value=p_value)
 
@@ -203,13 +232,18 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def breakdown(columns: Sequence[str], keyed_values: Iterable[tuple[tuple[str | int, ...], float]],
-              *, groups: Sequence[tuple[str | int, ...]] | None = None, seed: int = 0) -> Breakdown:
+              *, groups: Sequence[tuple[str | int, ...]] | None = None, seed: int = 0,
+              clusters: Sequence[object] | None = None) -> Breakdown:
     """Group ``(key, value)`` pairs by key; rows sorted by key, or in the order of ``groups`` (which may name groups
     without any value: they get ``n = 0``). A row of ``MIN_GROUP_FOR_INTERVAL`` values or more gets the CI and
-    p-value of :func:`accuracy` (bootstrap seeded by ``seed``)."""
+    p-value of :func:`accuracy` (bootstrap seeded by ``seed``; ``clusters``: a label per value, in order)."""
     values: dict[tuple[str | int, ...], list[float]] = {}
-    for key, value in keyed_values:
+    labels: dict[tuple[str | int, ...], list[object]] = {}
+    keyed_values = list(keyed_values)
+    for (key, value), label in zip(keyed_values, clusters if clusters is not None else [None] * len(keyed_values),
+                                   strict=True):
         values.setdefault(key, []).append(value)
+        labels.setdefault(key, []).append(label)
     order = list(groups) if groups is not None else sorted(values, key=lambda key: tuple(map(_sort_key, key)))
     rows = []
     for key in order:
@@ -217,7 +251,7 @@ def breakdown(columns: Sequence[str], keyed_values: Iterable[tuple[tuple[str | i
         mean, std = _mean_std(group_values)
         row = GroupScore(group=key, n=len(group_values), score=mean, std=std)
         if len(group_values) >= MIN_GROUP_FOR_INTERVAL:
-            interval = accuracy(group_values, seed=seed)
+            interval = accuracy(group_values, seed=seed, clusters=labels[key] if clusters is not None else None)
             row = replace(row, ci_low=interval.ci_low, ci_high=interval.ci_high, p_value=interval.p_value)
         rows.append(row)
     return Breakdown(columns=tuple(columns), rows=tuple(rows))
@@ -279,8 +313,34 @@ def _sorted_keys(keys: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return sorted(keys, key=lambda key: tuple(map(_sort_key, key)))
 
 
-def _by_voice(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]], seed: int) -> Breakdown:
-    return breakdown(("voice",), (((key[-1],), value[2]) for key, value in scored.items()), seed=seed)
+def _by_voice(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]], seed: int, *,
+              cluster_of: Mapping[tuple[str, ...], object] | None = None) -> Breakdown:
+    """``cluster_of``: pair key (without the voice) → cluster label, as ``accuracy`` takes them."""
+    clusters = None if cluster_of is None else [cluster_of[tuple(key[:-1])] for key in scored]
+    return breakdown(("voice",), (((key[-1],), value[2]) for key, value in scored.items()), seed=seed,
+                     clusters=clusters)
+
+
+def sentence_clusters(pairs: Iterable[tuple[object, Iterable[str]]]) -> dict[object, int]:
+    """Pair key → the number of its cluster: pairs that share a sentence, directly or through other pairs, are one
+    cluster (connected components; empty transcriptions link nothing). The synthetic sBLIMP builds each agreement
+    type from blocks of 4 pairs over 4 sentences, each sentence in 2 pairs."""
+    parent: dict[object, object] = {}
+
+    def root(node: object) -> object:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    keys = []
+    for key, sentences in pairs:
+        keys.append(key)
+        for sentence in sentences:
+            if sentence.strip():
+                parent[root(("sentence", sentence))] = root(("pair", key))
+    numbers: dict[object, int] = {}
+    return {key: numbers.setdefault(root(("pair", key)), len(numbers)) for key in keys}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -343,15 +403,20 @@ def evaluate_syntactic(gold: Sequence[SyntacticItem], scores: Mapping[str, float
         correct, incorrect, _ = voices[0]
         pairs.append(SyntacticPair(syntactic_type, subtype, pair_id, correct.transcription, incorrect[0].transcription,
                                    float(np.mean([value for _, _, value in voices]))))
+    # Intervals and tests resample clusters of pairs that share sentences: the pairs of one are not independent.
+    cluster_of = sentence_clusters(((pair.type, pair.subtype, pair.id), (pair.sentence, pair.non_sentence))
+                                   for pair in pairs)
+    clusters = [cluster_of[pair.type, pair.subtype, pair.id] for pair in pairs]
     return TaskResult(
         task="syntactic",
-        accuracies={"sblimp": accuracy([pair.score for pair in pairs], seed=seed)},
+        accuracies={"sblimp": accuracy([pair.score for pair in pairs], seed=seed, clusters=clusters)},
         by_pair=tuple(pairs),
         breakdowns={
-            "by_type": breakdown(("type",), (((pair.type,), pair.score) for pair in pairs), seed=seed),
+            "by_type": breakdown(("type",), (((pair.type,), pair.score) for pair in pairs), seed=seed,
+                                 clusters=clusters),
             "by_subtype": breakdown(("type", "subtype"), (((pair.type, pair.subtype), pair.score) for pair in pairs),
-                                    seed=seed),
-            "by_voice": _by_voice(scored, seed),
+                                    seed=seed, clusters=clusters),
+            "by_voice": _by_voice(scored, seed, cluster_of=cluster_of),
         },
     )
 
