@@ -180,6 +180,37 @@ def test_a_benchmark_missing_files_or_copied_elsewhere_is_made_again(bench, tmp_
         generate_lm_bench(copy, TINY, jobs=2)
     assert "lacks 1 file(s) (syntactic/dev/gold.csv)" in caplog.text
     assert _digest(copy) == before
+    caplog.clear()
+    # Alignments and frame labels, which lm-units --oracle and the ABX items read, count too.
+    (copy / "train" / "frame_labels_20ms.jsonl").unlink()
+    (copy / "lexical" / "dev" / "word_alignments.tsv").unlink()
+    with caplog.at_level("WARNING", logger="spidr.corpus.lm_bench"):
+        generate_lm_bench(copy, TINY, jobs=2)
+    assert "lacks 2 file(s) (train/frame_labels_20ms.jsonl, lexical/dev/word_alignments.tsv)" in caplog.text
+    assert _digest(copy) == before
+
+
+def test_a_folder_of_the_users_is_never_cleared_even_when_its_names_are_the_benchmarks(tmp_path, monkeypatch):
+    """A folder holding only train/ or lexical/ of the user's was taken for an interrupted benchmark and cleared,
+    and --overwrite cleared any folder. Only a folder marked by an interrupted run (or holding a benchmark) is."""
+    def no_synthesis(*args, **kwargs):
+        raise AssertionError("nothing may be synthesised")
+
+    monkeypatch.setattr(lm_bench, "_training_plan", no_synthesis)
+    for name in ("train", "lexical"):
+        out = tmp_path / name
+        (out / name / "mine").mkdir(parents=True)
+        (out / name / "mine" / "a.wav").write_bytes(b"RIFF")
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match="is not empty and holds no benchmark"):
+                generate_lm_bench(out, TINY, overwrite=overwrite)
+        assert (out / name / "mine" / "a.wav").read_bytes() == b"RIFF"
+    interrupted = tmp_path / "interrupted"  # what a killed run leaves: its marker and half its folders
+    (interrupted / "train" / "wavs").mkdir(parents=True)
+    (interrupted / lm_bench.IN_PROGRESS).touch()
+    with pytest.raises(AssertionError, match="nothing may be synthesised"):  # got past the refusal, and cleared it
+        generate_lm_bench(interrupted, TINY)
+    assert not (interrupted / "train").exists()
 
 
 def test_the_lexicon_is_kept_and_another_one_is_not_reused(bench, monkeypatch):

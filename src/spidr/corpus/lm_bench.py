@@ -99,6 +99,9 @@ VOICE_OPTIONS = ("train_voices", "test_voices", "tsc_voices", "seen_voices")
 SEEN_TASK = "lexical_seen"  # the lexical pairs spoken by training voices (``LmBenchSettings.seen_voices``)
 LANGUAGE_JSON = "language.json"  # a copy of the lexicon the benchmark was made from
 FOLDERS = ("train", *TASKS, SEEN_TASK)  # what a benchmark writes besides info.json and language.json
+# Present from before anything is deleted until info.json is written: a folder that holds it, and no info.json, is
+# an interrupted benchmark, whose folders may be cleared; without it, a folder that holds files is the user's.
+IN_PROGRESS = ".synth-lm-bench-in-progress"
 GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold,
                 SEEN_TASK: write_lexical_gold}
 MEAN_TRAIN_UTTERANCE_S = 6.7  # measured (650 utterances of the default voices: 1.21 h); --train-hours → utterances
@@ -489,10 +492,11 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     planned = training_utterances(str(settings.seed), settings.train_utterances, lex)
     _check_test_sentences_possible(settings, planned, lex)  # before anything is deleted or made
     started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / IN_PROGRESS).touch()
     for name in (INFO_JSON, *FOLDERS, LANGUAGE_JSON):  # info.json first: a kill in between leaves no benchmark
         path = out_dir / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     train_requests = _training_plan(settings, planned)
     train_dir = out_dir / "train"
@@ -542,6 +546,7 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     with replaced_when_done(out_dir / LANGUAGE_JSON) as temporary:
         temporary.write_bytes(language_json())  # byte for byte: its digest is a parameter
     outputs.write_text(out_dir / INFO_JSON, [json.dumps(info, indent=1)])
+    (out_dir / IN_PROGRESS).unlink()
     logger.info("made the spoken-LM benchmark in %s in %.0f s: %s", out_dir, time.perf_counter() - started,
                 json.dumps(counts))
     return LmBenchInfo.load(out_dir)
@@ -568,15 +573,15 @@ def _dropped_record(dropped: Dropped) -> dict[str, str]:
 
 
 def _missing_files(out_dir: Path, counts: Mapping[str, Any]) -> list[str]:
-    """The files of the sets ``info.json`` counts that are not in ``out_dir``: each set's manifest.csv (and a test
-    set's gold.csv), and the wavs its manifest lists (``outputs.wavs_not_in``: a copy's manifests name the
-    original's audio)."""
+    """The files of the sets ``info.json`` counts that are not in ``out_dir``: each set's corpus files (manifest,
+    alignments, frame labels, items, word alignments; a test set's gold.csv), and the wavs its manifest lists
+    (``outputs.wavs_not_in``: a copy's manifests name the original's audio)."""
     from spidr.corpus import outputs
 
     missing = []
     for name in counts:
         folder = out_dir / name
-        required = ["manifest.csv"] + ([] if name == "train" else ["gold.csv"])
+        required = [*outputs.WRITTEN, outputs.WORD_ALIGNMENTS_TSV] + ([] if name == "train" else ["gold.csv"])
         missing += [f"{name}/{file}" for file in required if not (folder / file).is_file()]
         if (folder / "manifest.csv").is_file():
             missing += [f"{name}/{wav}" if not Path(wav).is_absolute() else wav
@@ -598,7 +603,7 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
             raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: "
                              f"{', '.join(changed)}); choose another directory, or delete {out_dir} to make it "
                              "again (spidr synth-lm-bench can also replace it: --overwrite)")
-    elif (out_dir.is_dir() and not overwrite
-          and any(p.name not in (*FOLDERS, LANGUAGE_JSON) for p in out_dir.iterdir())):
-        raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory")
+    elif out_dir.is_dir() and not (out_dir / IN_PROGRESS).exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory "
+                         "(--overwrite replaces a benchmark only: it would delete the files of this folder)")
     return None

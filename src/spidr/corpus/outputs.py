@@ -41,6 +41,9 @@ UTTERANCES_TSV = "utterances.tsv"
 SPEAKERS_TSV = "speakers.tsv"
 INFO_JSON = "info.json"
 ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
+# What ``write_all`` writes (and ``WORD_ALIGNMENTS_TSV`` with ``word_alignments``): a cache lacking one is made again.
+WRITTEN = (MANIFEST, ALIGNMENTS_TSV, ALIGNMENTS_JSONL, FRAME_LABELS_20MS, PHONEME_ITEM, TRIPHONE_ITEM, UTTERANCES_TSV,
+           SPEAKERS_TSV)
 
 
 def wavs_not_in(folder: Path, manifest: Path) -> list[str]:

@@ -49,8 +49,6 @@ IN_PROGRESS = ".synth-corpus-in-progress"
 # What the installed spidr ships rather than what the caller chose: a cache differing only in these was made by
 # another version (or from edited tables) with the same parameters, and is made again rather than refused.
 _SHIPPED = frozenset({"format", "words", "phone_maps"})
-_OUTPUT_NAMES = (outputs.MANIFEST, outputs.ALIGNMENTS_TSV, outputs.ALIGNMENTS_JSONL, outputs.FRAME_LABELS_20MS,
-                 outputs.PHONEME_ITEM, outputs.TRIPHONE_ITEM, outputs.UTTERANCES_TSV, outputs.SPEAKERS_TSV)
 
 
 @dataclass(frozen=True)
@@ -219,7 +217,7 @@ def _refuse_foreign(out_dir: Path) -> None:
 
 def _missing_files(out_dir: Path) -> list[str]:
     """The corpus files, and the wavs its manifest lists, that are not in ``out_dir`` (relative paths)."""
-    missing = [name for name in _OUTPUT_NAMES if not (out_dir / name).is_file()]
+    missing = [name for name in outputs.WRITTEN if not (out_dir / name).is_file()]
     if outputs.MANIFEST not in missing:
         missing += outputs.wavs_not_in(out_dir, out_dir / outputs.MANIFEST)
     return missing
@@ -231,7 +229,7 @@ def _clear(out_dir: Path) -> None:
     (out_dir / IN_PROGRESS).touch()
     (out_dir / outputs.INFO_JSON).unlink(missing_ok=True)
     shutil.rmtree(out_dir / WAV_DIR, ignore_errors=True)
-    for name in _OUTPUT_NAMES:
+    for name in outputs.WRITTEN:
         (out_dir / name).unlink(missing_ok=True)
 
 
