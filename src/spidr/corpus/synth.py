@@ -12,6 +12,8 @@ and the SHA-256 of the shipped word lists and phone tables, which ``info.json`` 
 every utterance's text and speed come from string-seeded generators, every engine call is independent of the
 others, and the files list utterances in plan order, so the worker count never changes a byte. A second call
 with the same parameters finds ``info.json`` and reuses the corpus (or makes it again if one of its files is gone).
+The audio is bit-exact for one set of engine versions, which ``info.json`` records (``engines``) but a reuse does not
+compare: an upgraded flite, festival or espeak-ng may speak a few samples differently.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 from spidr import __version__
 from spidr.child_processes import end_with_parent
 from spidr.corpus import outputs, text
-from spidr.corpus.engines import Request
+from spidr.corpus.engines import Request, engine_versions
 from spidr.corpus.phones import phone_inventory, phone_maps_digest
 from spidr.corpus.utterance import SAMPLE_RATE, Dropped, Utterance, synthesize_batch
 from spidr.corpus.voices import DEFAULT_VOICES, WARP_RANGE, Voice, parse_voice, require_available
@@ -41,7 +43,8 @@ from spidr.folder_lock import LOCK_NAME, folder_lock
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the files or the plan change, so old caches are not reused (2: espeak l, r, closures)
+FORMAT_VERSION = 3  # bump when the files or the plan change, so old caches are not reused (2: espeak l, r, closures;
+# 3: breathy espeak variants' voiceless stops get their closure, ked_diphone's inserted r is merged into its er)
 MEAN_UTTERANCE_S = 3.0  # measured mean over the default voices; turns --hours into utterances per voice
 BATCH_SIZE = 16  # utterances per task: amortises festival's start-up, small enough to balance the workers
 WAV_DIR = "wavs"
@@ -104,12 +107,17 @@ class CorpusInfo:
 
 
 def resolve_voices(names: Sequence[str] | None, warps: Sequence[float] = ()) -> list[Voice]:
-    """Voices from names (default: ``DEFAULT_VOICES``) plus, for each warp factor, a warped copy of each."""
+    """Voices from names (default: ``DEFAULT_VOICES``) plus, for each warp factor, a warped copy of each unwarped
+    one."""
     base = [parse_voice(name) for name in (names if names is not None else DEFAULT_VOICES)]
     for warp in warps:
         if not WARP_RANGE[0] <= warp <= WARP_RANGE[1] or warp == 1:  # also refuses nan
             raise ValueError(f"--warp factor {warp:g} must be in [{WARP_RANGE[0]}, {WARP_RANGE[1]}] and not 1 "
                              "(0.85-1.2 sounds natural)")
+    if warps and all(voice.warp != 1 for voice in base):  # a warp of a warped voice is not a voice
+        raise ValueError(f"--warp {','.join(f'{warp:g}' for warp in warps)} warps unwarped voices, and every selected "
+                         f"voice is warped already ({', '.join(voice.name for voice in base)}); select the voices "
+                         "to warp by their plain names")
     warped = [parse_voice(f"{voice.name}_w{warp:g}") for warp in warps for voice in base if voice.warp == 1]
     selected = list({voice.name: voice for voice in [*base, *warped]}.values())  # first occurrence wins
     if not selected:
@@ -327,6 +335,7 @@ def _info(parameters: dict[str, Any], selected: list[Voice], kept: list[Utteranc
         "format": FORMAT_VERSION,
         "spidr_version": __version__,
         "parameters": parameters,
+        "engines": engine_versions(),
         "sample_rate": SAMPLE_RATE,
         "num_utterances": len(kept),
         "num_dropped": len(dropped),
