@@ -148,6 +148,31 @@ def test_safetensors_round_trip(tmp_path, model_type: str) -> None:
     assert b"pickle" not in path.read_bytes()[:64]
 
 
+def test_the_format_is_told_by_the_content_not_the_suffix(tmp_path, source, caplog) -> None:
+    """A safetensors export named .pt gave "Unsupported operand 64", a training checkpoint named .safetensors "header
+    too large": both are read as what they are, with a warning. Files spidr writes that are not models are named:
+    k-means centroids (asked for --model-type, then listed 347 missing keys) and .npy features."""
+    import shutil
+
+    from spidr.eval.kmeans import save_centroids
+
+    export_safetensors(source, tmp_path / "model.safetensors")
+    shutil.copy(tmp_path / "model.safetensors", tmp_path / "misnamed.pt")
+    with caplog.at_level("WARNING", logger="spidr.models.loading"):
+        assert read_checkpoint(tmp_path / "misnamed.pt").format == "safetensors"
+    assert "misnamed.pt holds a safetensors file despite its suffix" in caplog.text
+    _assert_same(load_model(tmp_path / "misnamed.pt"), source)
+    torch.save({"model": source.state_dict(), "config": _run_config(source), "step": 3}, tmp_path / "run.safetensors")
+    assert read_checkpoint(tmp_path / "run.safetensors").format == "training"
+    save_centroids(tmp_path / "centroids.safetensors", np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"centroids\.safetensors holds k-means centroids \(spidr kmeans\), not a "
+                                         r"model"):
+        read_checkpoint(tmp_path / "centroids.safetensors")
+    np.save(tmp_path / "features.npy", np.zeros((5, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"features\.npy is a NumPy array"):
+        read_checkpoint(tmp_path / "features.npy")
+
+
 def test_pickle_payload_is_refused_without_trust(tmp_path, source) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"model": source.state_dict(), "args": argparse.Namespace(lr=1.0)}, path)

@@ -339,7 +339,8 @@ def test_cli_export_formats(tmp_path, capsys) -> None:
     assert "codebooks ×" not in printed
     assert cli.main(["export", str(out), str(tmp_path / "s3prl.pt"), "--format", "s3prl"]) == 0
     assert "(s3prl;" in capsys.readouterr().out
-    assert set(torch.load(tmp_path / "s3prl.pt", weights_only=True)) == {"task_cfg", "model_cfg", "model_weight"}
+    assert set(torch.load(tmp_path / "s3prl.pt", weights_only=True)) == {"task_cfg", "model_cfg", "model_weight",
+                                                                          "spidr"}
     source = str(tmp_path / "model.safetensors")
     for argv, message in [
         ([source, str(tmp_path / "x.pt"), "--format", "safetensors"], "must end in .safetensors"),

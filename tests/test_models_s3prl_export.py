@@ -71,7 +71,9 @@ def test_checkpoint_has_what_the_upstream_loads(tmp_path, name: str) -> None:
     model = perturbed(tiny_model("spidr", **CASES[name]))
     path = export_s3prl(model, tmp_path / "spidr.pt")
     checkpoint = torch.load(path, weights_only=True)  # plain tensors, strings and numbers
-    assert set(checkpoint) == {"task_cfg", "model_cfg", "model_weight"}
+    # what s3prl reads, and spidr's own entry (s3prl reads its three keys by name and ignores the rest)
+    assert set(checkpoint) == {"task_cfg", "model_cfg", "model_weight", "spidr"}
+    assert checkpoint["spidr"] == {"model_type": "spidr", "step": int(model.current_step)}
     assert checkpoint["task_cfg"]["normalize"] is True
     assert checkpoint["task_cfg"]["sample_rate"] == 16000
 
@@ -169,3 +171,24 @@ def test_an_interrupted_export_leaves_the_earlier_file_whole(tmp_path, monkeypat
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s3prl.pt"]
     assert torch.load(path, weights_only=True)["model_cfg"]["encoder_layers"] == 3
+
+
+@pytest.mark.parametrize("name", CASES)
+@torch.no_grad()
+def test_spidr_reads_its_s3prl_export_back(tmp_path, name: str) -> None:
+    """spidr info / load_model / extract said its own s3prl export was "not a SpidR/DinoSR checkpoint". It is read
+    back as a Student computing the exported student's features, with its model type and step."""
+    from spidr.models.loading import load_model, read_checkpoint
+
+    model = perturbed(tiny_model("dinosr" if name == "base-like" else "spidr", **CASES[name])).eval()
+    model.current_step.fill_(42)
+    path = export_s3prl(model, tmp_path / "model.pt")
+    checkpoint = read_checkpoint(path)
+    assert (checkpoint.format, checkpoint.step, checkpoint.student_only) == ("s3prl", 42, True)
+    assert type(checkpoint.config) is type(model.cfg)
+    assert checkpoint.config.encoder_qkv_bias == model.cfg.encoder_qkv_bias  # zero biases were the export's
+    student = load_model(path).eval()
+    wave = waveforms(6000, 6000, seed=4)
+    for ours, theirs in zip(student.get_intermediate_outputs(wave), model.get_intermediate_outputs(wave),
+                            strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

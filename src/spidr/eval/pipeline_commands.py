@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--max-seconds", type=cli_types.positive_float, default=60.0,
                          help="files longer than this are processed in overlapping windows of 30 s kept + 5 s of "
                          "context on each side, shrunk to fit a bound under 40 s: no forward pass reads more audio "
-                         "than this (its memory is bounded)")
+                         "than this (its memory is bounded); a group_norm front end (DinoSR's fairseq original) "
+                         "then normalises each window on its own statistics")
     extract.add_argument("--restart", action="store_true",
                          help="start over instead of resuming a killed extraction into OUT (and replace one of "
                          "another model, manifest or settings)")

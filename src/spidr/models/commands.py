@@ -18,8 +18,9 @@ if TYPE_CHECKING:  # the CLI parses arguments without importing torch
 
 
 # What every command that reads a SpidR / DinoSR model accepts (``load_model``'s inputs).
-CHECKPOINT_HELP = ("official .pt, original fairseq DinoSR .ckpt, spidr training checkpoint, .safetensors export, or "
-                   "Hugging Face data2vec-audio directory (an exported student: features, no codebook units)")
+CHECKPOINT_HELP = ("official .pt, original fairseq DinoSR .ckpt, spidr training checkpoint, .safetensors export, "
+                   "s3prl export, or Hugging Face data2vec-audio directory (the last two hold a student: features, "
+                   "no codebook units)")
 
 
 def add_loading_arguments(parser: argparse.ArgumentParser, *, every: str = "") -> None:

@@ -8,7 +8,11 @@ Recognised files:
 - our training checkpoints ``{"model": state_dict, "config": Config.to_dict(), ...}``;
 - safetensors exports written by ``export_safetensors`` (config in the metadata);
 - Hugging Face ``transformers`` data2vec-audio directories (``config.json`` + ``model.safetensors``), written by
-  ``spidr.models.hf_export.export_hf`` or by ``save_pretrained``: an inference-only ``Student``.
+  ``spidr.models.hf_export.export_hf`` or by ``save_pretrained``: an inference-only ``Student``;
+- s3prl ``data2vec_custom`` checkpoints written by ``spidr.models.s3prl_export.export_s3prl``: a ``Student`` too.
+
+The format is told by the file's content, not its suffix: a safetensors file named ``.pt`` (or a torch file named
+``.safetensors``) is read as what it is, with a warning; a NumPy array is named as one.
 
 Files are opened with ``torch.load(weights_only=True)``, which cannot run code. A file that holds other pickled
 Python objects (fairseq stores argparse/omegaconf configs) is refused unless the caller passes ``trust=True``.
@@ -49,11 +53,12 @@ from spidr.models.convert import (
 )
 from spidr.models.dinosr import DinoSR
 from spidr.models.hf_export import CONFIG_FILE, MODEL_TYPE, WEIGHTS_FILE, is_hf_directory, read_hf_directory
+from spidr.models.s3prl_export import is_s3prl_export, read_s3prl_export
 from spidr.models.student import Student
 
 logger = logging.getLogger(__name__)
 
-CheckpointFormat = Literal["official", "fairseq", "training", "safetensors", "hf"]
+CheckpointFormat = Literal["official", "fairseq", "training", "safetensors", "hf", "s3prl"]
 _METADATA_KEY = "spidr_config"
 _STUDENT_ONLY_KEY = "spidr_student_only"  # safetensors metadata of a Student's export
 
@@ -94,7 +99,9 @@ def unpickling_failure(error: pickle.UnpicklingError) -> str:
 def load_torch_file(path: Path, *, trust: bool = False) -> Any:
     """``torch.load`` of a user's file (weights only unless ``trust``); any failure is a ``ValueError`` naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # A file object, not the path: torch.load dispatches a path ending in .safetensors to safetensors.
+        with Path(path).open("rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if not trust:
             refused = refused_global(error)  # None: no refused global, the file is broken
@@ -115,7 +122,8 @@ def load_torch_file(path: Path, *, trust: bool = False) -> Any:
                          f"{type(error).__name__} while unpickling)") from None
     logger.warning("loading %s with full unpickling (trust=True)", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with Path(path).open("rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as error:
         raise ValueError(f"{path} needs the Python package {error.name!r} to unpickle its config objects; install "
                          "it (e.g. pip install omegaconf for fairseq checkpoints)") from error
@@ -208,6 +216,33 @@ def _official_config(path: Path, config: ModelConfig | str | Path | None, model_
     return model_config_class(resolved)()
 
 
+def _content_kind(path: Path) -> Literal["torch", "safetensors", "numpy"] | None:
+    """What a file's first bytes say it is: a torch zip archive or pickle, a safetensors file (an 8-byte header
+    length, then the JSON header), a NumPy array; None when they say none of these."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return "torch"
+    if head.startswith(b"\x93NUMPY"):
+        return "numpy"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    return None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether to read ``path`` as safetensors: by its content, else by its suffix; a NumPy array is refused."""
+    kind = _content_kind(path)
+    if kind == "numpy":
+        raise ValueError(f"{path} is a NumPy array (.npy: features or units, e.g. of spidr extract), not a checkpoint")
+    if kind is None:
+        return path.suffix == ".safetensors"
+    if (kind == "safetensors") != (path.suffix == ".safetensors"):
+        logger.warning("%s holds a %s file despite its suffix: reading it as one", path,
+                       "safetensors" if kind == "safetensors" else "PyTorch")
+    return kind == "safetensors"
+
+
 def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -218,6 +253,11 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
         state = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    from spidr.eval.kmeans import CENTROIDS_KEY
+
+    if set(state) == {CENTROIDS_KEY}:
+        raise ValueError(f"{path} holds k-means centroids (spidr kmeans), not a model: spidr units --centroids "
+                         "reads it")
     if config is not None:
         model_config = _explicit_config(config, model_type)
     elif _METADATA_KEY in metadata:
@@ -262,12 +302,16 @@ def _read_fairseq(
     return Checkpoint(model_config, convert_fairseq_state_dict(data["model"], step=step), "fairseq", step)
 
 
-def _is_unit_lm_format(value: Any) -> bool:
-    """Whether a checkpoint's ``"format"`` is that of ``spidr lm-train`` (imported only for a file that has one: the
-    LM trainer's modules are not loaded to read a speech model)."""
+def _refuse_unit_lm(path: Path, data: Mapping[str, Any]) -> None:
+    """Refuse a ``spidr lm-train`` checkpoint by name (the LM trainer's modules are imported only for a file that
+    has a ``"format"``: they are not loaded to read a speech model)."""
+    if "format" not in data:
+        return
     from spidr.lm.train import CHECKPOINT_KIND
 
-    return str(value).startswith(CHECKPOINT_KIND)
+    if str(data["format"]).startswith(CHECKPOINT_KIND):
+        raise ValueError(f"{path} is a unit-LM checkpoint (spidr lm-train), not a SpidR/DinoSR model: spidr lm-score "
+                         "reads it")
 
 
 def read_checkpoint(
@@ -294,17 +338,20 @@ def read_checkpoint(
         # Only half of an exported model: its architecture is in the config.json beside it.
         logger.info("%s holds the weights of the Hugging Face directory %s: reading the directory", path, path.parent)
         return _read_hf(path.parent, config, model_type)
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         return _read_safetensors(path, config, model_type)
     data = load_torch_file(path, trust=trust)
     if not isinstance(data, Mapping):
         raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict (a checkpoint or a state dict)")
 
-    if "format" in data and _is_unit_lm_format(data["format"]):
-        raise ValueError(f"{path} is a unit-LM checkpoint (spidr lm-train), not a SpidR/DinoSR model: spidr lm-score "
-                         "reads it")
+    _refuse_unit_lm(path, data)
     if is_fairseq_checkpoint(data):
         return _read_fairseq(path, data, config, model_type)
+    if is_s3prl_export(data):
+        model_config, state, step = read_s3prl_export(data, where=str(path))
+        if config is not None:
+            model_config = _explicit_config(config, model_type)
+        return Checkpoint(model_config, state, "s3prl", step, student_only=True)
 
     state = data.get("model", data)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -9,7 +9,8 @@ fairseq conversion rules of ``spidr.models.convert`` run the other way. The file
 - ``model_cfg``: fairseq ``Data2VecAudioConfig`` options (``conv_feature_layers`` as a list-expression string,
   ``conv_pos`` = our ``encoder_pos_conv_kernel``, split over ``pos_conv_depth`` convs the same way);
 - ``model_weight``: the student's weights under fairseq names, plus the ``_ema`` entry that s3prl deletes before its
-  strict load (fairseq keeps the EMA teacher there); the teacher, heads and codebooks are not exported.
+  strict load (fairseq keeps the EMA teacher there); the teacher, heads and codebooks are not exported;
+- ``spidr``: what s3prl does not read and spidr reads back (``read_s3prl_export``): the model type and training step.
 
 s3prl zeroes padded frames once before the positional convs, as Hugging Face does (see ``spidr.models.hf_export``),
 so outputs match exactly only for unpadded or equal-length batches.
@@ -17,6 +18,7 @@ so outputs match exactly only for unpadded or equal-length batches.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,8 @@ import torch
 from torch import nn
 
 from spidr.atomic_files import replaced_when_done
-from spidr.config import ModelConfig
-from spidr.models.keymap import KeyMap, split_qkv
+from spidr.config import ModelConfig, SpidRConfig, model_config_from_dict
+from spidr.models.keymap import KeyMap, fuse_qkv, split_qkv
 
 _TRAINING_ONLY = ("teacher.", "teacher_feature_extractor.", "teacher_feature_projection.", "heads.", "codebooks.")
 
@@ -128,11 +130,48 @@ def export_s3prl(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"output directory {path.parent} does not exist")
+    state = model.state_dict()
     checkpoint = {
         "task_cfg": {"_name": "audio_pretraining", "sample_rate": 16000, "normalize": True},
         "model_cfg": model_cfg(model.cfg),
-        "model_weight": s3prl_state_dict(model.state_dict(), model.cfg),
+        "model_weight": s3prl_state_dict(state, model.cfg),
+        "spidr": {"model_type": "spidr" if isinstance(model.cfg, SpidRConfig) else "dinosr",
+                  "step": int(state["current_step"].reshape(-1)[0]) if "current_step" in state else 0},
     }
     with replaced_when_done(path) as partial:  # an interrupted --overwrite leaves the earlier export whole
         torch.save(checkpoint, partial)
     return path
+
+
+def is_s3prl_export(data: Mapping[str, Any]) -> bool:
+    """Whether a loaded checkpoint dict has the layout of s3prl's ``data2vec_custom`` checkpoints."""
+    return all(key in data for key in ("task_cfg", "model_cfg", "model_weight"))
+
+
+def read_s3prl_export(data: Mapping[str, Any], *, where: str) -> tuple[ModelConfig, dict[str, torch.Tensor], int]:
+    """(model config, our student state dict, step) of an s3prl ``data2vec_custom`` checkpoint: ``export_s3prl``'s
+    (its ``spidr`` entry gives the model type and step; without it, a DinoSR config and step 0). Zero q/k/v biases,
+    which the export adds for a model without them, are dropped with the config's bias."""
+    from spidr.models.convert import fairseq_model_config
+
+    settings, weights = data["model_cfg"], data["model_weight"]
+    if not isinstance(settings, Mapping) or not isinstance(weights, Mapping):
+        raise ValueError(f"{where}: an s3prl checkpoint's model_cfg and model_weight must be dicts")
+    saved = data.get("spidr") if isinstance(data.get("spidr"), Mapping) else {}
+    try:
+        cfg: ModelConfig = fairseq_model_config(settings)
+        names = keymap(cfg)
+        state = fuse_qkv({names.to_ours(key): value for key, value in weights.items()
+                          if key != "_ema" and isinstance(value, torch.Tensor)})
+        if not any(bool(value.any()) for key, value in state.items() if key.endswith(".attention.qkv.bias")):
+            state = {key: value for key, value in state.items() if not key.endswith(".attention.qkv.bias")}
+            cfg = model_config_from_dict({**dataclasses.asdict(cfg), "encoder_qkv_bias": False}, "dinosr")
+        if saved.get("model_type") == "spidr":
+            fields = set(SpidRConfig.__dataclass_fields__)
+            cfg = model_config_from_dict({k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}, "spidr")
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    step = int(saved.get("step", 0))
+    state = {key: value.float() for key, value in state.items()}
+    state["current_step"] = torch.tensor([step], dtype=torch.long)
+    return cfg, state, step
