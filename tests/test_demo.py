@@ -312,6 +312,12 @@ def test_a_run_of_another_recipe_is_refused_not_reused_nor_resumed(tmp_path, mon
     _manifest(manifest, [16000, 20000, 24000])
     with pytest.raises(ValueError, match=r"training corpus: '2 utterances of \S+' there, '3 utterances of \S+' now"):
         pretrain(settings, manifest, manifest)
+    # the same count at the same path, other lengths (a corpus made again): the two said the same text
+    _manifest(manifest, [16000, 24000])
+    with pytest.raises(ValueError, match=r"training corpus: '2 utterances of \S+ \(fingerprint [0-9a-f]{12}\)' "
+                                         r"there, '2 utterances of \S+ of other files or lengths \(fingerprint "
+                                         r"[0-9a-f]{12}\)'"):
+        pretrain(settings, manifest, manifest)
 
 
 def test_a_run_of_another_recipe_is_refused_before_any_synthesis(tmp_path, monkeypatch):

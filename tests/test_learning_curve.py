@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,24 @@ def test_a_training_manifest_given_with_set_is_refused_before_any_synthesis(tmp_
     from spidr.cli import main
 
     assert main(["learning-curve", "--out", str(tmp_path), "--only", "1:10:0", "--set", "data.manifest=my.csv"]) == 2
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("run.random_seed=7", "each point trains with its own seed: give them with --seeds"),
+    ("optimizer.max_steps=6", "give them with --steps"),
+    ("optimizer.hold_steps=1400", "stretches the config file's schedule"),
+    ('run.workdir="/scratch"', "each point trains in its own run folder under --out"),
+])
+def test_a_setting_the_grid_owns_given_with_set_is_refused(tmp_path, monkeypatch, override, message):
+    """A --set comes after each point's own seed and schedule, so it won: points labelled seed 0 and 1 both trained
+    with seed 7, a 4-step point trained 6 steps, a stretched schedule kept absolute phases, and every point shared
+    one run folder."""
+    from spidr import learning_curve
+
+    monkeypatch.setattr(learning_curve, "synthesise", lambda *_: pytest.fail("synthesised first"))
+    settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10,), overrides=(override,))
+    with pytest.raises(ValueError, match=re.escape(f"--set {override}: ") + ".*" + re.escape(message)):
+        learning_curve.run_curve(settings)
 
 
 def test_middle_layers_are_the_issues_three_to_five_of_six():
@@ -380,6 +399,25 @@ def test_points_stopped_by_a_signal_end_the_curve_with_status_3(tmp_path, monkey
                                                    r"after saving a checkpoint \(1h-30steps-seed0 not started\)"):
         learning_curve.run_points(three, [])
     assert [child.signals for child in children] == [[signal.SIGTERM]] * 2
+
+    # A child that the relayed signal reaches outside its training (starting up, scoring) dies of it (status -15):
+    # it stopped, it did not fail (it was reported as "points failed", status 1).
+    class Scoring(Child):
+        def send_signal(self, signum: int) -> None:
+            self.signals.append(signum)
+            self.returncode = -signal.SIGTERM
+
+    children.clear()
+
+    def start_scoring_child(*_, **__) -> Child:
+        children.append(Scoring())
+        if len(children) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return children[-1]
+
+    monkeypatch.setattr(learning_curve, "start_child", start_scoring_child)
+    with pytest.raises(TrainingStoppedError, match=r"points 1h-10steps-seed0, 1h-20steps-seed0 stopped on a signal"):
+        learning_curve.run_points(three, [])
 
     def stopped(*_):
         raise TrainingStoppedError("the training in X stopped on a signal")

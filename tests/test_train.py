@@ -252,6 +252,27 @@ def test_a_stop_signal_during_the_first_validation_stops_after_one_step_with_a_c
     assert sorted(path.name for path in cfg.run.run_dir.glob("step_*.pt")) == ["step_0.pt", "step_1.pt"]
 
 
+def test_a_stop_signal_during_the_final_validation_stops_the_caller_after_final_pt(tmp_path, corpus, monkeypatch):
+    """A SIGTERM during the last save or validation was logged ("will save a checkpoint and stop") and ignored:
+    train() said "completed", and the demo went on through minutes of evaluation. The run is complete (final.pt),
+    and train() now says "interrupted", so that its caller stops too."""
+    real = loop.validate
+    calls = []
+
+    def validate_then_signal(*args, **kwargs):
+        calls.append(True)
+        if len(calls) == 2:  # step 0's validation, then the final one
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", validate_then_signal)
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2}, validation={"dev": {"manifest": str(corpus)}})
+    assert train(cfg) == "interrupted"
+    assert (cfg.run.run_dir / "final.pt").is_file()
+    assert len(calls) == 2
+    assert train(cfg) == "completed"  # the rerun finds the complete run: nothing to do
+
+
 def test_a_run_that_ends_on_an_error_exits_with_data_workers(tmp_path, corpus):
     """The data workers ignore SIGTERM (so that a stop signal to the process group lets the trainer save first), and
     the SIGTERM multiprocessing sends them at exit left them running: an error the CLI does not catch (a CUDA

@@ -119,7 +119,7 @@ def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) 
     final = cfg.run.run_dir / "final.pt"
     check_run_recipe(cfg)
     if final.is_file():
-        logger.info("reusing the trained model %s (delete it to train again)", final)
+        logger.info("reusing the trained model %s (delete %s to train it again)", final, final.parent)
         return final
     outcome = train(cfg)
     if outcome == "interrupted":

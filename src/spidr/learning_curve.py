@@ -334,6 +334,7 @@ def run_points(settings: CurveSettings, argv: Sequence[str], todo: Sequence[Curv
     """Every point of the grid (or ``todo``, ``points_to_run``'s list): in this process, or ``settings.parallel`` at a
     time in child processes (``argv`` is this command's arguments, rerun with ``--only``), the CPU threads shared
     out between them."""
+    from spidr.corpus.synth import default_jobs
     from spidr.train.runtime import StopFlag
 
     todo = points_to_run(settings) if todo is None else todo
@@ -342,7 +343,7 @@ def run_points(settings: CurveSettings, argv: Sequence[str], todo: Sequence[Curv
             logger.info("learning curve: point %s", point.name)
             run_point(settings, point)
         return
-    threads = max(1, (os.cpu_count() or 1) // settings.parallel)
+    threads = max(1, default_jobs() // settings.parallel)  # the CPUs this process may use (a SLURM or cgroup share)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     waiting, running, failed, stopped = list(todo), [], [], []
     # A stop signal to this process (alone, or with its children: timeout, scancel) starts no further point,
@@ -370,7 +371,9 @@ def run_points(settings: CurveSettings, argv: Sequence[str], todo: Sequence[Curv
             for entry in [entry for entry in running if entry[2].poll() is not None]:
                 running.remove(entry)
                 point, log, process = entry
-                if process.returncode == EXIT_STOPPED:
+                # A child that the relayed signal reached outside its training (starting, scoring, or after its
+                # trainer put the default handler back) died of it: stopped too, not failed (its log shows no error).
+                if process.returncode == EXIT_STOPPED or (stop.requested and process.returncode == -signal.SIGTERM):
                     stopped.append(point.name)
                 elif process.returncode:
                     failed.append(f"{point.name} (exit {process.returncode}, see {log})")
@@ -657,9 +660,28 @@ def check_overrides(settings: CurveSettings) -> None:
 
     load_config(settings.config, settings.overrides)
     for override in settings.overrides:
-        if override.split("=", 1)[0].strip() in ("data.manifest", "validation.test.manifest"):
-            raise ValueError(f"--set {override}: each point trains on the synthetic corpus of its --hours and is "
-                             "scored on the curve's test corpus; a manifest given here would stand for all of them")
+        key = override.split("=", 1)[0].strip()
+        if key in _OWNED_SETTINGS:
+            raise ValueError(f"--set {override}: {_OWNED_SETTINGS[key]}")
+
+
+# Settings each point sets itself, which a --set would override for every point (it comes after the point's own):
+# why each is refused, and what sets it instead.
+_SCHEDULE = ("each point stretches the config file's schedule (its warmup / hold / decay shares) to its --steps; "
+             "change the shape in the config file")
+_OWNED_SETTINGS = {
+    "data.manifest": "each point trains on the synthetic corpus of its --hours; a manifest given here would stand "
+                     "for all of them",
+    "validation.test.manifest": "every point is scored on the curve's test corpus",
+    "run.random_seed": "each point trains with its own seed: give them with --seeds",
+    "optimizer.max_steps": "each point trains for its own number of steps: give them with --steps",
+    "optimizer.warmup_steps": _SCHEDULE,
+    "optimizer.hold_steps": _SCHEDULE,
+    "optimizer.decay_steps": _SCHEDULE,
+    **{f"run.{key}": "each point trains in its own run folder under --out (a shared one would hold one point's "
+                     "model for all); choose the folder with --out" for key in ("workdir", "wandb_project",
+                                                                                 "wandb_name")},
+}
 
 
 def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
@@ -717,8 +739,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="training steps, comma-separated (default: 2200,8800,35200: 1, 4 and 16 times the demo)")
     parser.add_argument("--seeds", type=_ints, default=(0,), help="training seeds, comma-separated (default: 0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a field of the recipe for every point (repeatable), e.g. run.device=\"cuda\"")
-    parser.add_argument("--probe-frames", type=int, default=PROBE_FRAMES,
+                        help="override a field of the recipe for every point (repeatable), e.g. run.device=\"cuda\"; "
+                        "not what each point sets itself (seed: --seeds; steps: --steps; the schedule's phases, "
+                        "stretched from the config file; the run folder; the manifests)")
+    parser.add_argument("--probe-frames", type=cli_types.non_negative_int, default=PROBE_FRAMES,
                         help="training frames of each layer's phone probe; 0 skips the probe")
     parser.add_argument("--parallel", type=int, default=1,
                         help="points trained at once, each in its own process with its share of the CPU threads")

@@ -575,6 +575,11 @@ def _steps(
             return "interrupted"
     save(final=True)
     run_validation()  # the last step is never validated in the loop (its save is final.pt, here)
+    if stop.requested:
+        # The signal came during the last step, save or validation: the run is complete, but whoever called it (the
+        # demo, a curve point, a SLURM job) must stop, not go on to its next stage with the signal ignored.
+        logger.info("training complete at step %d, and stopping as the signal asked", run.step)
+        return "interrupted"
     return "completed"
 
 

@@ -105,8 +105,12 @@ def _corpus_change(recorded: Path, train_manifest: Path) -> list[tuple[str, Any,
     corpus = corpus_fingerprint(train_manifest)
     if trained_on.get("sha256") == corpus["sha256"]:
         return []
-    return [("training corpus", f"{trained_on.get('utterances')} utterances of {trained_on.get('manifest')}",
-             f"{corpus['utterances']} utterances of {train_manifest}")]
+    there = f"{trained_on.get('utterances')} utterances of {trained_on.get('manifest')}"
+    now = f"{corpus['utterances']} utterances of {train_manifest}"
+    if there == now:  # the same count at the same path: other files, lengths or ids (e.g. a corpus made again)
+        there += f" (fingerprint {str(trained_on.get('sha256'))[:12]})"
+        now += f" of other files or lengths (fingerprint {corpus['sha256'][:12]})"
+    return [("training corpus", there, now)]
 
 
 def _saved_config(run_dir: Path, latest: Path) -> dict:
