@@ -28,7 +28,14 @@ from spidr.corpus.language import (
     utterance_phones,
 )
 from spidr.corpus.lm_bench import LmBenchSettings, plan_lexical
-from spidr.corpus.minimal_pairs import AGREEMENT_TYPES, SYNTACTIC_TYPES, move_to_topic, story_pairs, syntactic_pairs
+from spidr.corpus.minimal_pairs import (
+    AGREEMENT_TYPES,
+    PAIRS_PER_BLOCK,
+    SYNTACTIC_TYPES,
+    move_to_topic,
+    story_pairs,
+    syntactic_pairs,
+)
 from spidr.corpus.nonwords import PhoneNgrams, Phonotactics, candidates, is_valid_nonword
 from spidr.corpus.phones import PAUSE, SILENCE, phone_inventory
 from spidr.lm.models import NgramLM
@@ -145,6 +152,19 @@ def test_agreement_blocks_are_counterbalanced_and_minimal():
                 assert sum(a != b for a, b in zip(pair.good, pair.bad, strict=True)) in (1, 2)
             else:
                 assert sorted(pair.good) == sorted(pair.bad)  # a scrambled order of the same words
+
+
+def test_no_sentence_is_in_two_blocks_of_a_type():
+    """The default dev set held "the woman climbs herself | the woman herself climbs" three times (ids 208, 224,
+    230), and agreement blocks shared sentences, which tied their pairs together: a sentence now belongs to one
+    block (whose own pairs share it by design), so each block is an independent unit of the statistics."""
+    pairs = syntactic_pairs("0:dev", 40)
+    assert len({(p.type, p.good, p.bad) for p in pairs}) == len(pairs)
+    blocks_of = {}
+    for number, pair in enumerate(pairs):
+        block = (pair.type, number // PAIRS_PER_BLOCK)
+        for sentence in (pair.good, pair.bad):
+            assert blocks_of.setdefault((pair.type, sentence), block) == block, (pair.type, " ".join(sentence))
 
 
 LEMMA = {f: n.singular for t in LEX.topics for n in LEX.nouns[t] for f in (n.singular, n.plural)}

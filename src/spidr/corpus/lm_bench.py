@@ -85,11 +85,11 @@ if TYPE_CHECKING:  # the synthesis modules (numpy, soxr, espeak) load only when 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 6  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
+FORMAT_VERSION = 7  # as synth.FORMAT_VERSION: bumped when the files or the plan change (2: espeak l, r, closures;
 # 3: nonwords balanced per frequency band, an OOV word's unseen bigrams kept; no syntactic triple seen in training;
 # 4: word_alignments.tsv, and a file whose spoken phones are not its pronunciation's is dropped; 5: a nonword's
 # bigrams are attested inside training words, its edges included, not merely anywhere in an utterance; 6: breathy
-# espeak variants' voiceless stops get their closure)
+# espeak variants' voiceless stops get their closure; 7: no sentence in two syntactic blocks of a type)
 TRAIN_VOICES = ("awb", "slt", "kal16", "espeak_m1", "espeak_m3", "espeak_f1", "espeak_f3")
 TEST_VOICES = ("rms", "espeak_f2")  # neither is a training voice of the LM nor of the demo's SpidR
 SEEN_VOICES = ("awb", "espeak_m1")  # training voices, one per engine, for lexical_seen (lm-study, the demo)

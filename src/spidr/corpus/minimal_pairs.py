@@ -70,15 +70,25 @@ class _Builder:
         self.lex = lex
         self.grammar = Grammar(rng, lex)
         self.seen = seen_triples
+        self.said: set[tuple[str, ...]] = set()  # the sentences of the draws ``novel(distinct=True)`` returned
 
-    def novel(self, make: Callable[[], list[Sentence]]) -> list[Sentence] | None:
-        """Draw ``make()`` until none of its sentences reuses a training triple; None after ``MAX_ATTEMPTS`` draws
-        that all did. A large training set can cover a small template's triples (8 humans × the verbs, for the
-        reflexives) almost entirely, and a test sentence said in training favours its side by memory."""
+    def novel(self, make: Callable[[], list[Sentence]], *, distinct: bool = False) -> list[Sentence] | None:
+        """Draw ``make()`` until none of its sentences reuses a training triple (with ``distinct``, nor a sentence
+        of an earlier distinct draw: only a block's own pairs share theirs); None after ``MAX_ATTEMPTS`` draws that
+        all did. A large training set can cover a small template's triples (8 humans × the verbs, for the
+        reflexives) almost entirely, and a test sentence said in training favours its side by memory. A sentence in
+        two blocks made one pair three times over, and tied blocks together, whose pairs an interval must then
+        draw as one."""
         for _ in range(MAX_ATTEMPTS):
             sentences = make()
-            if not any(s.triple in self.seen for s in sentences):
-                return sentences
+            if any(s.triple in self.seen for s in sentences):
+                continue
+            if distinct:
+                words = [s.words() for s in sentences]
+                if self.said.intersection(words):
+                    continue
+                self.said.update(words)
+            return sentences
         return None
 
     def topic(self) -> str:
@@ -164,9 +174,9 @@ def syntactic_pairs(seed: str, pairs_per_type: int, *, seen_triples: Collection[
         blocks = pairs_per_type // PAIRS_PER_BLOCK
         made = 0
         for _ in range(blocks):
-            drawn = builder.novel(getattr(builder, kind))
+            drawn = builder.novel(getattr(builder, kind), distinct=True)
             if drawn is not None and kind not in AGREEMENT_TYPES:
-                extra = builder.novel(getattr(builder, kind))
+                extra = builder.novel(getattr(builder, kind), distinct=True)
                 drawn = None if extra is None else drawn + extra
             if drawn is None:  # left out whole: the blocks that remain stay counterbalanced
                 continue
