@@ -380,3 +380,20 @@ def test_a_run_without_config_json_is_checked_against_its_checkpoint(tmp_path):
     (run_dir / "step_4.pt").write_bytes(b"cut short")  # a damaged checkpoint: one line naming what to delete
     with pytest.raises(ValueError, match=r"its latest checkpoint step_4\.pt cannot be read .* delete"):
         check_run_recipe(cfg)
+
+
+def test_a_corpus_of_another_size_names_the_demos_option_and_what_to_delete(tmp_path, monkeypatch):
+    """synth-corpus's advice "choose another directory" named no option of the demo's; following it (deleting the
+    corpus alone) cost a synthesis and then a second refusal, of the model trained on the old corpus."""
+    from spidr.corpus import synth
+    from spidr.demo import synthesise_corpora
+
+    def other_corpus(out_dir, **_):
+        raise synth.OtherCorpusError("synth's own words", out_dir=out_dir, changed=["num_utterances_per_voice"])
+
+    monkeypatch.setattr(synth, "synthesize_corpus", other_corpus)
+    out = tmp_path / "d"
+    with pytest.raises(ValueError, match=rf"{out}/corpus/train holds a train corpus of other parameters \(differing: "
+                                         r"num_utterances_per_voice; --train-hours sets its size\): run the demo with "
+                                         rf"another --out, or delete {out}/corpus/train and {out}/runs \(the model"):
+        synthesise_corpora(DemoSettings(out_dir=out, config=REPO / "configs" / "demo.toml", train_hours=0.02))

@@ -73,26 +73,24 @@ class DemoSettings:
 
 def synthesise_corpora(settings: DemoSettings):
     """Train and test corpora (cached: an existing corpus with the same parameters is reused)."""
-    from spidr.corpus.synth import synthesize_corpus
+    from spidr.corpus.synth import OtherCorpusError, synthesize_corpus
 
     corpus_dir = settings.out_dir / "corpus"
-    train = synthesize_corpus(
-        corpus_dir / "train",
-        voices=TRAIN_VOICES,
-        hours=None if settings.train_utterances_per_voice else settings.train_hours,
-        num_utterances_per_voice=settings.train_utterances_per_voice,
-        seed=0,
-        jobs=settings.jobs,
-    )
-    test = synthesize_corpus(
-        corpus_dir / "test",
-        voices=TRAIN_VOICES + HELD_OUT_VOICES,
-        hours=None if settings.test_utterances_per_voice else settings.test_hours,
-        num_utterances_per_voice=settings.test_utterances_per_voice,
-        seed=1,  # other sentences than the training corpus
-        jobs=settings.jobs,
-    )
-    return train, test
+    made = []
+    for name, voices, hours, count, seed in (
+        ("train", TRAIN_VOICES, settings.train_hours, settings.train_utterances_per_voice, 0),
+        ("test", TRAIN_VOICES + HELD_OUT_VOICES, settings.test_hours, settings.test_utterances_per_voice,
+         1),  # other sentences than the training corpus
+    ):
+        try:
+            made.append(synthesize_corpus(corpus_dir / name, voices=voices, hours=None if count else hours,
+                                          num_utterances_per_voice=count, seed=seed, jobs=settings.jobs))
+        except OtherCorpusError as error:  # its advice ("another directory") names no option of the demo's
+            trained = f" and {settings.out_dir / 'runs'} (the model trained on it)" if name == "train" else ""
+            raise ValueError(f"{error.out_dir} holds a {name} corpus of other parameters (differing: "
+                             f"{', '.join(error.changed)}; --{name}-hours sets its size): run the demo with another "
+                             f"--out, or delete {error.out_dir}{trained} to make it again") from None
+    return made[0], made[1]
 
 
 def training_config(settings: DemoSettings, train_manifest: Path, test_manifest: Path) -> Config:

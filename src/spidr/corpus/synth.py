@@ -184,6 +184,14 @@ def run_tasks(tasks: list[Any], jobs: int, worker: Any = _run_batch) -> list[lis
         progress.close()
 
 
+class OtherCorpusError(ValueError):
+    """``out_dir`` holds a corpus made with other parameters (``changed``): a caller may word its own advice."""
+
+    def __init__(self, message: str, *, out_dir: Path, changed: list[str]) -> None:
+        super().__init__(message)
+        self.out_dir, self.changed = out_dir, changed
+
+
 def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -205,11 +213,10 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> Cor
                            existing.parameters.get("format"), parameters["format"])
             return None
         if not overwrite:
-            raise ValueError(
+            raise OtherCorpusError(
                 f"{out_dir} already holds a corpus made with other parameters (differing: {', '.join(changed)}); "
                 f"choose another directory, or delete {out_dir} to make it again (spidr synth-corpus can also "
-                "replace it: --overwrite)"
-            )
+                "replace it: --overwrite)", out_dir=out_dir, changed=changed)
     else:
         _refuse_foreign(out_dir)
     return None
