@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -280,6 +281,9 @@ def _bad_files_worker(rank: int, world_size: int, port: int, config: dict, out_d
         read = AudioDataset.__getitem__
         AudioDataset.__getitem__ = lambda self, index: Skipped(index, f"file{index}", "unreadable") if index % 2 \
             else read(self, index)
+    handler = logging.FileHandler(Path(out_dir) / f"log{rank}.txt")
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("spidr.data").addHandler(handler)
     try:
         loop.train(config_from_dict(config))
     except ValueError as error:
@@ -297,8 +301,16 @@ def test_too_many_unusable_files_on_one_rank_stop_every_rank(tmp_path):
     for error in errors:
         assert "utterances read by all ranks" in error
         assert "data.max_bad_fraction = 5.0%" in error
+    # rank 0 met no bad file, yet names rank 1's: the ranks share what they find at the steps they check together
     assert ": unreadable" in errors[1]
-    assert "none on this rank" in errors[0]
+    assert ": unreadable" in errors[0]
+    # each bad file logged once for the job, by the first rank (each rank logged its own: 2 ranks, 2 warnings)
+    warnings = [line for rank in range(2) for line in (tmp_path / f"log{rank}.txt").read_text().splitlines()
+                if line.startswith("skipping unusable audio")]
+    assert warnings
+    assert not [line for line in (tmp_path / "log1.txt").read_text().splitlines()
+                if line.startswith("skipping unusable audio")]
+    assert len(set(warnings)) == len(warnings)
 
 
 # --------------------------------------------------------------------------------------------------------------

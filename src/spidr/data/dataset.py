@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import Manifest, ManifestEntry
-from spidr.distributed import AgreedValueError, all_reduce_sum
+from spidr.distributed import AgreedValueError, all_gather_objects, all_reduce_sum, rank
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class BadFileTracker:
     others would wait for it in their next collective until it times out. The share is then checked by the trainer
     at steps that every rank reaches, over all ranks' counts (``check(totals=...)``), so that all ranks stop
     together; a rank raises alone only when a whole epoch gave it no usable batch (it could never reach such a step).
+    At those steps the ranks also share the bad files each found since: the first rank logs each file once (every
+    rank met it, or one), and every rank's error then names examples from all of them.
     """
 
     def __init__(self, max_bad_fraction: float, *, source: str = "the manifest", min_seen: int = 200,
@@ -92,13 +94,17 @@ class BadFileTracker:
         self.bad = 0
         self.passes = 0  # epochs (or validation passes) that ended
         self.reasons: dict[str, str] = {}  # location → reason, first occurrence only
+        self._unshared: dict[str, str] = {}  # (shared) found here since the ranks last shared theirs
 
     def record(self, *, num_good: int, skipped: Sequence[tuple[str, str]]) -> None:
         """Account for one batch: ``num_good`` usable utterances and the ``(location, reason)`` of skipped ones."""
         self.seen += num_good + len(skipped)
         self.bad += len(skipped)
         for location, reason in skipped:
-            if location not in self.reasons:
+            if self.shared:  # logged once for all ranks when they share their files (check_across_ranks)
+                if location not in self.reasons:
+                    self._unshared.setdefault(location, reason)
+            elif location not in self.reasons:
                 self.reasons[location] = reason
                 logger.warning("skipping unusable audio %s: %s", location, reason)
         if self.seen >= self.min_seen and not self.shared:
@@ -116,13 +122,27 @@ class BadFileTracker:
         tracker of one process (not ``shared``) has judged its own counts already: nothing to do."""
         if not self.shared:
             return
-        counts = all_reduce_sum(torch.tensor([self.seen, self.bad, self.passes], dtype=torch.float64, device=device))
-        seen, bad, passes = (round(value) for value in counts.tolist())
+        counts = all_reduce_sum(torch.tensor([self.seen, self.bad, self.passes, len(self._unshared)],
+                                             dtype=torch.float64, device=device))
+        seen, bad, passes, new = (round(value) for value in counts.tolist())
+        if new:  # a count every rank agrees on: they all gather, or none
+            self._share_new_files()
         if seen >= self.min_seen or passes:
             try:
                 self.check(totals=(seen, bad))
             except ValueError as error:
                 raise AgreedValueError(str(error)) from None
+
+    def _share_new_files(self) -> None:
+        """Gather the bad files every rank found since the last call: each is logged once, by the first rank, and
+        every rank's ``reasons`` (the examples its errors name) holds them all."""
+        for found in all_gather_objects(self._unshared):
+            for location, reason in found.items():  # type: ignore[union-attr]
+                if location not in self.reasons:
+                    self.reasons[location] = reason
+                    if rank() == 0:
+                        logger.warning("skipping unusable audio %s: %s", location, reason)
+        self._unshared = {}
 
     def state_dict(self) -> dict[str, Any]:
         """The tally so far (a resumed run goes on counting from it)."""
@@ -143,7 +163,8 @@ class BadFileTracker:
         fraction = bad / seen if seen else 0.0
         if fraction <= self.max_bad_fraction:
             return
-        examples = "; ".join(f"{loc}: {why}" for loc, why in list(self.reasons.items())[:5]) or "none on this rank"
+        known = {**self.reasons, **self._unshared}
+        examples = "; ".join(f"{loc}: {why}" for loc, why in list(known.items())[:5]) or "none on this rank"
         where = " by all ranks" if totals is not None else ""
         raise ValueError(
             f"{bad} of {seen} utterances read{where} from {self.source} were unusable ({fraction:.1%}, more "
@@ -152,7 +173,9 @@ class BadFileTracker:
         )
 
     def summary(self) -> str:
-        if not self.reasons:
-            return f"all {self.seen} utterance reads from {self.source} (every epoch's) were usable"
-        return (f"{len(self.reasons)} distinct unusable file(s) in {self.source}; {self.bad} of {self.seen} reads "
+        here = " on this rank" if self.shared else ""  # (its counts are its own; the ranks' sum is checked)
+        known = {**self.reasons, **self._unshared}
+        if not known:
+            return f"all {self.seen} utterance reads{here} from {self.source} (every epoch's) were usable"
+        return (f"{len(known)} distinct unusable file(s) in {self.source}; {self.bad} of {self.seen} reads{here} "
                 f"skipped ({self.fraction:.2%})")
