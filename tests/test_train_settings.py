@@ -71,8 +71,17 @@ def test_resume_warns_when_the_learning_rates_changed(tmp_path, corpus, caplog):
     assert ("optimizer.feature_encoder_lr_scale = 0.1 in the config, but the run resumes from a checkpoint trained "
             "with 1" in caplog.text)
     caplog.clear()
+    # AdamW's other settings live in the optimizer state too: kept (config.json recorded the new ones, unsaid)
     with caplog.at_level(logging.WARNING, logger="spidr.train.loop"):
-        train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 4}))  # the original rates: nothing to say
+        train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 4, "lr": 1e-3, "feature_encoder_lr_scale": 0.1,
+                                                       "weight_decay": 0.125, "betas": [0.8, 0.95]}))
+    assert "optimizer.weight_decay = 0.125 in the config, but the run resumes from a checkpoint trained with" \
+        in caplog.text
+    assert "optimizer.betas[0] = 0.8 in the config" in caplog.text
+    assert "optimizer.betas[1]" not in caplog.text  # unchanged
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spidr.train.loop"):
+        train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 5}))  # the original rates: nothing to say
     assert "resumes from a checkpoint trained with" not in caplog.text
 
 
@@ -161,3 +170,33 @@ def test_a_seed_beyond_64_bits_is_refused_by_name(tmp_path, corpus, section):
         tiny_config(tmp_path, corpus, **{section: {"random_seed": 2**64}})
     assert getattr(tiny_config(tmp_path, corpus, **{section: {"random_seed": 2**63 - 1}}),
                    section).random_seed == 2**63 - 1
+
+
+def test_a_finished_run_continued_to_before_its_next_step_save_keeps_its_model(tmp_path, corpus):
+    """Raising max_steps to an end before the next save_interval save overwrote final.pt: no file kept the
+    finished model. Its final.pt now becomes step_<N>.pt first, as it does at a step save."""
+    from spidr.train.checkpoint import read_int
+
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 4}, run={"save_interval": 100})
+    train(cfg)
+    first = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)
+    train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 5}, run={"save_interval": 100}))
+    kept = torch.load(cfg.run.run_dir / "step_4.pt", weights_only=True)
+    assert read_int(kept["step"]) == 4
+    assert all(torch.equal(kept["model"][k], first["model"][k]) for k in first["model"])
+    assert read_int(torch.load(cfg.run.run_dir / "final.pt", weights_only=True)["step"]) == 5
+
+
+def test_initial_weights_keep_their_codebooks_under_codebook_init_data(tmp_path, corpus):
+    """run.init_ckpt with model.codebook_init = "data" (every demo config): the first step replaced the loaded
+    codebooks with data frames, under heads trained on the loaded ones."""
+    source = tiny_config(tmp_path / "a", corpus, optimizer={"max_steps": 2})
+    train(source)
+    loaded = torch.load(source.run.run_dir / "final.pt", weights_only=True)["model"]
+    cfg = tiny_config(tmp_path / "b", corpus, optimizer={"max_steps": 1, "lr": 1e-9},
+                      model={"codebook_init": "data"}, run={"init_ckpt": str(source.run.run_dir / "final.pt")})
+    train(cfg)
+    after = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)["model"]
+    for key in (k for k in loaded if k.startswith("codebooks.") and k.endswith(".codebook")):
+        # one EMA update moves them a little (decay 0.9 here); a data initialisation replaces them
+        assert (after[key] - loaded[key]).norm() < 0.5 * loaded[key].norm(), key

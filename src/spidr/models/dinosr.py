@@ -270,6 +270,11 @@ class DinoSR(nn.Module):
         did it was skipped): a checkpoint saved in between records it, or the resumed run keeps random codebooks."""
         return self.cfg.codebook_init == "data" and self._codebooks_from_data is False
 
+    def keep_loaded_codebooks(self) -> None:
+        """The codebooks were loaded with the weights (``run.init_ckpt``): ``codebook_init = "data"`` must not
+        replace them at step 0, under heads trained on them."""
+        self._codebooks_from_data = True
+
     def redo_codebook_init(self) -> None:
         """The first step, which initialised the codebooks from data, was skipped (non-finite) and its codebooks
         restored: the next training forward initialises them again, whatever the step count (a skip on the device

@@ -61,8 +61,9 @@ class Checkpointer:
     def save(self, state: dict[str, Any], *, step: int | None) -> Path:
         """Write ``state`` atomically to ``step_<step>.pt`` (``final.pt`` for ``None``), then purge old files."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if step is not None and self._resumed_final_step is not None:
+        if self._resumed_final_step is not None:
             # Done here, not when resuming: by now every rank has read final.pt (the state saved is collective).
+            # Before a new final.pt too: a continuation that ends before its first step save overwrote the model.
             self._reopen_final(self._resumed_final_step)
             self._resumed_final_step = None
         path = self.path_for(step)

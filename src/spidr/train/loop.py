@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,7 @@ from spidr.data import SAMPLE_RATE
 from spidr.data.loader import build_dataloader
 from spidr.distributed import RaisedOnEveryRankError, all_reduce_sum, world_size
 from spidr.models.build import build_model
+from spidr.models.dinosr import DinoSR
 from spidr.seeding import rank_seed
 from spidr.train.checkpoint import (
     Checkpointer,
@@ -487,7 +488,7 @@ def _start_or_resume(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if denv.is_main:
-        _warn_about_kept_learning_rates(cfg.optimizer, scheduler.base_lrs)
+        _warn_about_kept_optimizer_settings(cfg.optimizer, scheduler.base_lrs, optimizer.param_groups[0])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     _restore_rank_state(state, sampler, loader, denv)
@@ -648,6 +649,8 @@ def _load_initial_weights(model: nn.Module, path: str | None, model_cfg: ModelCo
     except RuntimeError as error:
         raise ValueError(f"run.init_ckpt = {path!r} does not fit the [model] config: {error}") from error
     model.current_step.zero_()  # a new run: schedules restart from step 0
+    if isinstance(model, DinoSR):
+        model.keep_loaded_codebooks()
     logger.info("initialised the model from %s", path)
 
 
@@ -664,15 +667,20 @@ def _load_agreed_checkpoint(
     return Path(path), torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _warn_about_kept_learning_rates(cfg: OptimizerConfig, base_lrs: Sequence[float]) -> None:
-    """A resumed run keeps the peak learning rates of its checkpoint (optimizer and scheduler state): say so when
-    the config asks for others."""
-    kept = {"optimizer.lr": base_lrs[0]}
+def _warn_about_kept_optimizer_settings(cfg: OptimizerConfig, base_lrs: Sequence[float],
+                                    group: Mapping[str, Any]) -> None:
+    """A resumed run keeps the peak learning rates and the AdamW settings of its checkpoint (optimizer and scheduler
+    state; ``group``: its first parameter group): say so when the config asks for others."""
+    kept = {"optimizer.lr": base_lrs[0], "optimizer.weight_decay": group["weight_decay"],
+            "optimizer.eps": group["eps"]}
+    kept |= {f"optimizer.betas[{i}]": beta for i, beta in enumerate(group["betas"])}
     if len(base_lrs) > 1:  # the front-end group is still there (before the freeze step)
         kept["optimizer.feature_encoder_lr_scale"] = base_lrs[1] / base_lrs[0]
-    asked = {"optimizer.lr": cfg.lr, "optimizer.feature_encoder_lr_scale": cfg.feature_encoder_lr_scale}
+    asked = {"optimizer.lr": cfg.lr, "optimizer.feature_encoder_lr_scale": cfg.feature_encoder_lr_scale,
+             "optimizer.weight_decay": cfg.weight_decay, "optimizer.eps": cfg.eps,
+             **{f"optimizer.betas[{i}]": beta for i, beta in enumerate(cfg.betas)}}
     for name, value in kept.items():
-        if not math.isclose(value, asked[name], rel_tol=1e-9, abs_tol=1e-15):
+        if not math.isclose(float(value), asked[name], rel_tol=1e-9, abs_tol=1e-15):
             logger.warning(
                 "%s = %g in the config, but the run resumes from a checkpoint trained with %g: the checkpoint's "
                 "optimizer and scheduler state are restored, so %g stays in use. To change it, start a new run "
