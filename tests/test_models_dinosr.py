@@ -320,17 +320,18 @@ def test_dead_codewords_are_reseeded_from_the_batch_when_asked(model_type: str) 
         unused = torch.ones(16, dtype=torch.bool)
         unused[lab] = False
         assert unused.any()
-        assert torch.equal(codebook.counts[unused], torch.ones(int(unused.sum())))
+        # restarted at twice the dead floor (threshold × mean count = 0.95), at least 1
+        torch.testing.assert_close(codebook.counts[unused], torch.full((int(unused.sum()),), 1.9))
         # every re-seeded codeword is one of this batch's target vectors
-        distances = torch.cdist(codebook.codebook[unused], z)
+        distances = torch.cdist(codebook.centroids[unused], z)
         assert distances.min(1).values.max().item() < 1e-5
 
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_dead_codewords_are_those_under_the_threshold_times_the_mean_count(model_type: str) -> None:
     """Hand-set counts with a mean far from 1: after the EMA step (unused codewords decaying too), the codewords
-    whose count is under threshold × mean count restart at a batch vector with count 1; every other codeword keeps
-    its EMA sum and count (a threshold taken absolutely marks another set here)."""
+    whose count is under threshold × mean count restart at a batch vector with twice that floor as count (at least
+    1); every other codeword keeps its EMA sum and count (a threshold taken absolutely marks another set here)."""
     model = tiny_model(model_type, codebook_reseed_dead=True, codebook_dead_threshold=0.2).train()
     tau = torch.tensor(model.cfg.codebook_decay, dtype=torch.float32)
     counts = torch.tensor([40.0, 30, 20, 10, 8, 6, 4, 3, 2, 1.5, 1.2, 1.0, 0.9, 0.5, 0.2, 0.1])
@@ -353,8 +354,44 @@ def test_dead_codewords_are_those_under_the_threshold_times_the_mean_count(model
         assert not torch.equal(dead, expected_counts < 0.2)
         torch.testing.assert_close(codebook.counts[~dead], expected_counts[~dead])
         torch.testing.assert_close(codebook.codebook[~dead], expected_sums[~dead])
-        assert torch.equal(codebook.counts[dead], torch.ones(int(dead.sum())))
-        assert torch.cdist(codebook.codebook[dead], z).min(1).values.max().item() < 1e-6
+        restart = max(1.0, 2 * 0.2 * float(expected_counts.mean()))  # twice the floor, at least 1
+        torch.testing.assert_close(codebook.counts[dead], torch.full((int(dead.sum()),), restart))
+        assert torch.cdist(codebook.centroids[dead], z).min(1).values.max().item() < 1e-5
+
+
+def test_a_restarted_codeword_on_a_live_cluster_is_not_restarted_again() -> None:
+    """At 1,000 frames per codeword per step the dead floor (threshold 0.05 × mean count) is 50: a codeword restarted
+    at count 1 had to win about half an average cluster at once, so one restarted on a cluster of 100 frames per step
+    (twice the floor) was declared dead and restarted again every step. It now starts at twice the floor."""
+    model = tiny_model("spidr", num_codebooks=1, codebook_size=4, codebook_reseed_dead=True,
+                       codebook_dead_threshold=0.05).train()
+    codebook = model.codebooks[0]
+    dim = codebook.codebook.shape[1]
+    centres = torch.zeros(4, dim)
+    centres[range(4), range(4)] = 10.0
+    sizes = (1300, 1300, 1300, 100)
+    with torch.no_grad():
+        codebook.counts.copy_(torch.tensor([1300.0, 1300, 1300, 0.01]))  # codeword 3 dead, far from any frame
+        codebook.codebook.copy_(torch.cat([centres[:3], torch.full((1, dim), -1e3)]) * codebook.counts[:, None])
+    restarts = []
+    real_reseed = type(codebook).reseed
+
+    def counting_reseed(self, unused, candidates, **kwargs):
+        restarts.append(bool(unused[3]))
+        # the restart lands on the small cluster (a random frame of the batch, here chosen)
+        return real_reseed(self, unused, centres[3].expand_as(candidates).clone(), **kwargs)
+
+    type(codebook).reseed = counting_reseed
+    try:
+        for step in range(8):
+            generator = torch.Generator().manual_seed(step)
+            z = torch.cat([centres[v] + 0.1 * torch.randn(n, dim, generator=generator) for v, n in enumerate(sizes)])
+            model._update_codebooks([z], [codebook.assign(z)])
+    finally:
+        type(codebook).reseed = real_reseed
+    assert restarts[0]  # the dead codeword is restarted once...
+    assert not any(restarts[1:])  # ...and then lives on its 100 frames per step (it was restarted at every step)
+    assert torch.cdist(codebook.centroids[3:], centres).argmin().item() == 3
 
 
 # ----------------------------------------------------------------------------------------------------------------

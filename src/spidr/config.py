@@ -234,7 +234,7 @@ class ModelConfig:
     feature_grad_mult: float = 1.0  # scales gradients reaching the conv extractor (wav2vec 2.0 uses 0.1)
     # Re-seed dead codewords at random frames of the current batch. A codeword is dead when its EMA count, which
     # then decays for unused codewords too (their centroids are unchanged), falls below codebook_dead_threshold
-    # times the mean count of its codebook.
+    # times the mean count of its codebook; it restarts with twice that count (at least 1).
     codebook_reseed_dead: bool = False
     codebook_dead_threshold: float = 0.05
     # "data": the first training step sets every centroid to a random target frame of its batch (k-means style)

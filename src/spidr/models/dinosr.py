@@ -248,21 +248,26 @@ class DinoSR(nn.Module):
         for codebook, codebook_stats in zip(self.codebooks, stats, strict=True):
             codebook.update(codebook_stats, decay_unused=reseed)
         if reseed:
-            threshold = self.cfg.codebook_dead_threshold
-            dead = [codebook.counts < threshold * codebook.counts.mean() for codebook in self.codebooks]
-            self._reseed_codebooks(targets, dead)
+            floors = [self.cfg.codebook_dead_threshold * codebook.counts.mean() for codebook in self.codebooks]
+            dead = [codebook.counts < floor for codebook, floor in zip(self.codebooks, floors, strict=True)]
+            # A restarted codeword starts at twice the floor (at least 1): at count 1 it had to win about half an
+            # average cluster in its first step, or be restarted again, every step (at 400 frames per codeword per
+            # step the floor is 20). It is then judged on what it wins over the next steps.
+            self._reseed_codebooks(targets, dead, counts=[(2 * floor).clamp(min=1.0) for floor in floors])
 
     @torch.no_grad()
-    def _reseed_codebooks(self, targets: list[torch.Tensor], unused: list[torch.Tensor]) -> None:
+    def _reseed_codebooks(self, targets: list[torch.Tensor], unused: list[torch.Tensor], *,
+                          counts: list[torch.Tensor] | None = None) -> None:
         """Restart codewords nobody used at random frames of rank 0's batch (broadcast as a sum with zeros from
-        the other ranks, so the codebooks stay identical everywhere)."""
+        the other ranks, so the codebooks stay identical everywhere), with ``counts`` (one per codebook; 1 if None)."""
         size = self.cfg.codebook_size
         candidates = torch.stack([_random_rows(z, size) for z in targets])  # (K, V, D)
         if distributed.rank() != 0:
             candidates.zero_()
         distributed.all_reduce_sum(candidates)
-        for codebook, dead, cand in zip(self.codebooks, unused, candidates, strict=True):
-            codebook.reseed(dead, cand)  # a no-op where nothing is dead; asking first would cost a device sync
+        for i, (codebook, dead, cand) in enumerate(zip(self.codebooks, unused, candidates, strict=True)):
+            # a no-op where nothing is dead; asking first would cost a device sync
+            codebook.reseed(dead, cand, count=None if counts is None else counts[i])
 
     @property
     def codebook_init_due(self) -> bool:
