@@ -406,7 +406,7 @@ def test_feature_directory(tmp_path: Path) -> None:
         FeatureDirectory(tmp_path / "spk0" / "missing")
 
 
-def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     features, items = random_task(5, num_items=50)
     write_feature_tree(tmp_path / "features", features)
     item_file = tmp_path / "task.item"
@@ -416,6 +416,8 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     item_file.write_text("\n".join(lines) + "\n")
     assert cli.main(["abx", str(tmp_path / "features"), str(item_file), "--json", "--max-size-group", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert "no frame rate is recorded for" in caplog.text
+    assert "assuming 50 Hz; give --frequency if it is another" in caplog.text
     assert report["abx_error_rate"] == pytest.approx(100 * abx_error_rate(features, items, max_size_group=4))
     assert report["distance"] == "angular"
 

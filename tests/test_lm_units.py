@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import wave
 from pathlib import Path
 
@@ -84,6 +85,13 @@ def test_codebook_and_oracle_units_of_every_set(bench, checkpoint, tmp_path):
         (alone,) = extract_batch(model, [wave_], ExtractionSettings(layers=(layer,), codebooks=True))
         written = _read(tmp_path / "cb" / f"layer_{layer:02d}" / "train.jsonl")[stem]
         assert written == alone[f"units_{layer:02d}"].tolist()
+        # recorded as spidr units records its output: abx and units-quality read the rate (they assumed 50 Hz)
+        from spidr.eval.feature_dir import extraction_frame_rate, recorded_num_units
+
+        units_file = tmp_path / "cb" / f"layer_{layer:02d}" / "lexical" / "dev.jsonl"
+        hop = math.prod(stride for *_, stride in CFG.extractor_conv_layer_config)
+        assert extraction_frame_rate(units_file)[0] == 16000 / hop
+        assert recorded_num_units(units_file)[0] == CFG.codebook_size
     assert main(["lm-units", str(bench), str(tmp_path / "oracle"), "--oracle"]) == 0
     assert (tmp_path / "oracle" / "lexical" / "dev.jsonl").read_text() == (
         bench / "lexical" / "dev" / "frame_labels_20ms.jsonl").read_text()
@@ -91,7 +99,7 @@ def test_codebook_and_oracle_units_of_every_set(bench, checkpoint, tmp_path):
         write_model_units(model, bench, tmp_path / "x", layers=(1,))
 
 
-def test_kmeans_units_are_the_nearest_centroid(bench, checkpoint, tmp_path):
+def test_kmeans_units_are_the_nearest_centroid(bench, checkpoint, tmp_path, capsys):
     assert main(["lm-units", str(bench), str(tmp_path / "km"), "--checkpoint", str(checkpoint), "--layers", "1",
                  "--kmeans", "4"]) == 0
     units = _read(tmp_path / "km" / "layer_01" / "lexical" / "dev.jsonl")
@@ -121,6 +129,16 @@ def test_kmeans_units_are_the_nearest_centroid(bench, checkpoint, tmp_path):
                  "--kmeans", "4", "--centroids", f"1={path}"]) == 0
     assert _read(tmp_path / "both" / "layer_01" / "lexical" / "dev.jsonl") == units
     assert not (tmp_path / "both" / "layer_01" / "centroids.safetensors").exists()
+    # without --layers, the centroids' layers (it wrote the heads' codebook units, the centroids ignored, yet
+    # recorded as the folder's input); centroids of a layer --layers leaves out are refused
+    assert main(["lm-units", str(bench), str(tmp_path / "implicit"), "--checkpoint", str(checkpoint),
+                 "--centroids", f"1={path}"]) == 0
+    assert sorted(p.name for p in (tmp_path / "implicit").glob("layer_*")) == ["layer_01"]
+    assert _read(tmp_path / "implicit" / "layer_01" / "lexical" / "dev.jsonl") == units
+    assert main(["lm-units", str(bench), str(tmp_path / "left-out"), "--checkpoint", str(checkpoint),
+                 "--layers", "2-3", "--centroids", f"1={path}"]) == 2
+    assert "--centroids for layer(s) [1], which --layers 2-3 leaves out" in capsys.readouterr().err
+    assert not (tmp_path / "left-out").exists()
 
 
 def test_study_table_brackets_hold_their_value():

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spidr.atomic_files import replaced_when_done
+from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.lm.score import SPLITS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -196,8 +196,6 @@ def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[
 
 
 def _write_state(path: Path, identity: Mapping[str, Any], done: Sequence[str]) -> None:
-    from spidr.atomic_files import write_atomically
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, json.dumps({"identity": identity, "done": list(done)}, indent=1) + "\n")
 
@@ -234,8 +232,12 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
     A training file that gives no units (unreadable, or shorter than one frame) is skipped with a warning; a test
     file is an error naming it, and the set's units files are not written: a submission needs a score for every
     test file, and lm-eval would only find the gap after the LM was trained and every item scored."""
+    from spidr.data.audio import SAMPLE_RATE
+    from spidr.eval.feature_dir import units_metadata_path
     from spidr.eval.features import iter_units
+    from spidr.models.frames import hop_length
 
+    rate = SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config)
     out_dir = Path(out_dir)
     done = sorted(begin_units_folder(out_dir, identity) or ()) if identity is not None else []
     written = {}
@@ -257,6 +259,12 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
                 for layer, values in units.items():
                     handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")
             _check_skipped(name, found, skipped)
+        for layer, path in paths.items():  # what spidr units records: abx and units-quality read the rate from it
+            record = {"frame_rate_hz": rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
+                      "num_units": int(centroids[layer].shape[0]) if centroids and layer in centroids
+                      else int(model.cfg.codebook_size),
+                      "units_file_bytes": path.stat().st_size}
+            write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
         logger.info("wrote units of %s for layers %s", name, list(layers))
         if identity is not None:
             done = sorted({*done, name})

@@ -19,6 +19,9 @@ from spidr.training_stopped import EXIT_STOPPED
 if TYPE_CHECKING:
     import torch
 
+    from spidr.models.dinosr import DinoSR
+    from spidr.models.student import Student
+
 logger = logging.getLogger(__name__)
 
 FORMATTER = HelpFormatter
@@ -50,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     units.add_argument("--kmeans", type=int, default=0, metavar="K",
                        help="k-means units with K centroids fitted on the training set (0: codebook units)")
     units.add_argument("--centroids", action="append", default=[], metavar="LAYER=FILE",
-                       help="k-means centroids of a layer from 'spidr kmeans' (repeatable)")
+                       help="k-means centroids of a layer from 'spidr kmeans' (repeatable); without --layers, "
+                       "the layers given here are the layers written")
     units.add_argument("--random-init", action="store_true",
                        help="use the checkpoint's architecture at random initialisation (seeded by --seed)")
     units.add_argument("--seed", type=int, default=0, help="seed of k-means and of --random-init")
@@ -147,7 +151,6 @@ def _units(args: argparse.Namespace) -> int:
         print(f"wrote oracle phone labels of {len(written)} sets to {args.out}")
         return 0
 
-    from spidr.eval.features import parse_layers
     from spidr.eval.kmeans import load_centroids, save_centroids
     from spidr.lm.bench_units import (
         CENTROIDS_FILE,
@@ -163,21 +166,7 @@ def _units(args: argparse.Namespace) -> int:
     if args.random_init:
         model = random_init_model(model.cfg, seed=args.seed)
     model = model.to(args.device).eval()
-    heads = model.head_layers
-    if args.layers is None and not heads:
-        raise ValueError(f"checkpoint {args.checkpoint} has no codebook head: pass --layers, with --kmeans K or "
-                         "--centroids for k-means units")
-    layers = parse_layers(args.layers or f"{heads[0]}-{heads[-1]}", model.num_layers)
-    centroids = {}
-    for text in args.centroids:
-        layer, _, path = text.partition("=")
-        if not layer.strip().isdigit() or not path:
-            raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
-        centroids[int(layer)] = load_centroids(path)
-    headless = [layer for layer in layers if layer not in heads and layer not in centroids]
-    if headless and not args.kmeans:  # refused before the folder records these inputs as its own
-        raise ValueError(f"layer(s) {headless} have no codebook head (heads: {list(heads)}): give --kmeans K or "
-                         "--centroids for them")
+    layers, centroids = _unit_layers(args, model)
     sets = read_benchmark(Path(args.bench_dir).resolve())  # once: a scan warns about each unreadable file
     train = sets.get("train")
     if args.kmeans and train is None:
@@ -206,6 +195,36 @@ def _units(args: argparse.Namespace) -> int:
     print(f"{len(written)} units files (layers {', '.join(map(str, layers))}) in {args.out}"
           + (f" ({len(finished)} set(s) kept from an earlier run)" if finished else ""))
     return 0
+
+
+def _unit_layers(args: argparse.Namespace, model: DinoSR | Student,
+                 ) -> tuple[tuple[int, ...], dict[int, torch.Tensor]]:
+    """``lm-units``' layers and the ``--centroids`` given for some of them (layer → centroids), checked."""
+    from spidr.eval.features import parse_layers
+    from spidr.eval.kmeans import load_centroids
+
+    heads = model.head_layers
+    centroids = {}
+    for text in args.centroids:
+        layer, _, path = text.partition("=")
+        if not layer.strip().isdigit() or not path:
+            raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
+        centroids[int(layer)] = load_centroids(path)
+    if args.layers is None and centroids:  # the centroids' layers, not every head's (their units would be mixed in)
+        layers = parse_layers(",".join(map(str, sorted(centroids))), model.num_layers)
+    elif args.layers is None and not heads:
+        raise ValueError(f"checkpoint {args.checkpoint} has no codebook head: pass --layers, with --kmeans K or "
+                         "--centroids for k-means units")
+    else:
+        layers = parse_layers(args.layers or f"{heads[0]}-{heads[-1]}", model.num_layers)
+    unused = sorted(set(centroids) - set(layers))
+    if unused:  # they were ignored, yet recorded as the folder's input
+        raise ValueError(f"--centroids for layer(s) {unused}, which --layers {args.layers} leaves out")
+    headless = [layer for layer in layers if layer not in heads and layer not in centroids]
+    if headless and not args.kmeans:  # refused before the folder records these inputs as its own
+        raise ValueError(f"layer(s) {headless} have no codebook head (heads: {list(heads)}): give --kmeans K or "
+                         "--centroids for them")
+    return layers, centroids
 
 
 def _train(args: argparse.Namespace) -> int:
