@@ -172,7 +172,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from spidr.eval.features import parse_layers
     from spidr.eval.items import read_items
     from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, evaluation_settings, write_report
-    from spidr.eval.unit_quality import read_alignments
+    from spidr.eval.unit_quality import check_alignment_rate, read_alignments
     from spidr.models.build import build_model
 
     if args.distance == "identical":
@@ -183,6 +183,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     items = read_items(args.item)
     alignments = (None if args.alignments is None
                   else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
+    if alignments is not None:  # before the extraction and the ABX of every layer, not at the first head's PNMI
+        check_alignment_rate(alignments, {entry.fileid: entry.num_samples for entry in entries},
+                             alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
     layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)

@@ -82,6 +82,25 @@ class Alignments(Mapping[str, list[str]]):
         return name in self.codes
 
 
+def check_alignment_rate(alignments: Mapping[str, Sequence[str]], num_samples: Mapping[str, int], *,
+                         alignment_rate_hz: float, where: str, option: str = "--alignment-rate") -> None:
+    """Refuse alignments whose frame counts do not fit ``alignment_rate_hz`` over the audio (``num_samples``: the
+    utterances' lengths at 16 kHz): read at the wrong rate, they fail only after extraction and the scoring of every
+    layer before the first head. Judged on the median over the utterances both name, which a few odd files do not
+    move."""
+    ratios = [len(alignments[name]) / (samples * alignment_rate_hz / 16000)
+              for name, samples in num_samples.items() if name in alignments and samples > 0]
+    if not ratios:
+        return
+    ratio = float(np.median(ratios))
+    if 0.8 <= ratio <= 1.25:
+        return
+    implied = alignment_rate_hz * ratio
+    raise ValueError(f"{where} holds {ratio:.2f}× the frames that {option} {alignment_rate_hz:g} Hz gives the audio "
+                     f"(median over {len(ratios)} utterances): its labels look like {implied:.0f} Hz ones; give "
+                     f"{option} {round(implied)}")
+
+
 def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> Alignments:
     """``{utterance: per-frame phone labels}`` from a JSONL or interval-TSV alignment file (see module docstring)."""
     path = Path(path)
@@ -224,7 +243,8 @@ def count_matrix(
         if abs(len(labels) - unit_array.size) > MAX_LENGTH_MISMATCH:
             raise ValueError(
                 f"utterance {name!r}: {unit_array.size // repeat} units (× {repeat} = {unit_array.size} frames) but "
-                f"{len(labels)} aligned frames; they may differ by at most {MAX_LENGTH_MISMATCH} (check the rates)"
+                f"{len(labels)} aligned frames; they may differ by at most {MAX_LENGTH_MISMATCH} (check the rates: "
+                "the units' and the alignments', --unit-rate / --alignment-rate)"
             )
         if unit_array.size and (unit_array.min() < 0 or unit_array.max() >= num_units):
             raise ValueError(f"utterance {name!r}: units must lie in [0, {num_units}), found {unit_array.min()}.."
