@@ -10,7 +10,8 @@ fairseq conversion rules of ``spidr.models.convert`` run the other way. The file
   ``conv_pos`` = our ``encoder_pos_conv_kernel``, split over ``pos_conv_depth`` convs the same way);
 - ``model_weight``: the student's weights under fairseq names, plus the ``_ema`` entry that s3prl deletes before its
   strict load (fairseq keeps the EMA teacher there); the teacher, heads and codebooks are not exported;
-- ``spidr``: what s3prl does not read and spidr reads back (``read_s3prl_export``): the model type and training step.
+- ``spidr``: what s3prl does not read and spidr reads back (``read_s3prl_export``): the model type, config and
+  training step.
 
 s3prl zeroes padded frames once before the positional convs, as Hugging Face does (see ``spidr.models.hf_export``),
 so outputs match exactly only for unpadded or equal-length batches.
@@ -136,7 +137,8 @@ def export_s3prl(model: nn.Module, path: str | Path) -> Path:
         "model_cfg": model_cfg(model.cfg),
         "model_weight": s3prl_state_dict(state, model.cfg),
         "spidr": {"model_type": "spidr" if isinstance(model.cfg, SpidRConfig) else "dinosr",
-                  "step": int(state["current_step"].reshape(-1)[0]) if "current_step" in state else 0},
+                  "step": int(state["current_step"].reshape(-1)[0]) if "current_step" in state else 0,
+                  "config": dataclasses.asdict(model.cfg)},
     }
     with replaced_when_done(path) as partial:  # an interrupted --overwrite leaves the earlier export whole
         torch.save(checkpoint, partial)
@@ -150,8 +152,9 @@ def is_s3prl_export(data: Mapping[str, Any]) -> bool:
 
 def read_s3prl_export(data: Mapping[str, Any], *, where: str) -> tuple[ModelConfig, dict[str, torch.Tensor], int]:
     """(model config, our student state dict, step) of an s3prl ``data2vec_custom`` checkpoint: ``export_s3prl``'s
-    (its ``spidr`` entry gives the model type and step; without it, a DinoSR config and step 0). Zero q/k/v biases,
-    which the export adds for a model without them, are dropped with the config's bias."""
+    (its ``spidr`` entry gives the model config, type and step), else a DinoSR config read from the fairseq options
+    (the heads' settings at their defaults) and step 0. Zero q/k/v biases, which the export adds for a model
+    without them, are dropped with the config's bias."""
     from spidr.models.convert import fairseq_model_config
 
     settings, weights = data["model_cfg"], data["model_weight"]
@@ -159,14 +162,19 @@ def read_s3prl_export(data: Mapping[str, Any], *, where: str) -> tuple[ModelConf
         raise ValueError(f"{where}: an s3prl checkpoint's model_cfg and model_weight must be dicts")
     saved = data.get("spidr") if isinstance(data.get("spidr"), Mapping) else {}
     try:
-        cfg: ModelConfig = fairseq_model_config(settings)
+        if isinstance(saved.get("config"), Mapping):  # the exported model's own config, heads' settings included
+            cfg: ModelConfig = model_config_from_dict(dict(saved["config"]), saved.get("model_type", "dinosr"))
+        else:
+            cfg = fairseq_model_config(settings)
         names = keymap(cfg)
         state = fuse_qkv({names.to_ours(key): value for key, value in weights.items()
                           if key != "_ema" and isinstance(value, torch.Tensor)})
-        if not any(bool(value.any()) for key, value in state.items() if key.endswith(".attention.qkv.bias")):
-            state = {key: value for key, value in state.items() if not key.endswith(".attention.qkv.bias")}
+        biases = [value for key, value in state.items() if key.endswith(".attention.qkv.bias")]
+        if "config" not in saved and not any(bool(value.any()) for value in biases):
             cfg = model_config_from_dict({**dataclasses.asdict(cfg), "encoder_qkv_bias": False}, "dinosr")
-        if saved.get("model_type") == "spidr":
+        if not cfg.encoder_qkv_bias:
+            state = {key: value for key, value in state.items() if not key.endswith(".attention.qkv.bias")}
+        if "config" not in saved and saved.get("model_type") == "spidr":
             fields = set(SpidRConfig.__dataclass_fields__)
             cfg = model_config_from_dict({k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}, "spidr")
     except ValueError as error:
