@@ -70,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a unit language model (LSTM, GPT/OPT-shaped Transformer or n-gram) from a TOML config",
         description="Train on units (spidr extract --codebooks / spidr units / spidr lm-units JSONL) or frame labels "
         "(the phone oracle). Resumes exactly from the latest checkpoint in <workdir>/<name>. Several processes: "
-        "torchrun --nproc-per-node N -m spidr lm-train CONFIG. Exit status: 0 done, 1 diverged, 3 stopped by a "
-        "signal after saving a checkpoint.",
+        "torchrun --nproc-per-node N -m spidr lm-train CONFIG. Exit status: 0 done, 1 diverged, 2 when the config or "
+        "data are refused (or the run folder holds another run), 3 stopped by a signal after saving a checkpoint.",
         formatter_class=FORMATTER,
     )
     train.add_argument("config", help="LM config (.toml or .json), e.g. configs/lm-lstm.toml")

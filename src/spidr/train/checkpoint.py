@@ -90,8 +90,9 @@ class Checkpointer:
                 logger.warning("skipping %s: not a training checkpoint (missing %s)", path, ", ".join(missing))
                 continue
             if path.name == FINAL_FILE:
-                logger.warning("resuming from %s: the run had finished (raise optimizer.max_steps to go on)", path)
                 self._resumed_final_step = read_int(state["step"])
+                logger.info("resuming from %s: the run had finished at step %d (it goes on if optimizer.max_steps is "
+                            "above that)", path, self._resumed_final_step)
             return path, state
         return None
 
