@@ -89,3 +89,27 @@ def test_a_folder_s_default_acl_decides_the_permissions_not_the_umask(tmp_path):
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
     assert modes == {"plain": 0o664, "atomic": 0o664, "made-private": 0o664}
+
+
+def test_a_figure_saved_over_an_earlier_one_is_whole_or_not_written(tmp_path):
+    """Plots (training curves, ABX per layer, the learning curve, LM correlations) go through save_figure: a save
+    that fails midway keeps the earlier PNG."""
+    from spidr.atomic_files import save_figure
+    from spidr.extras import figure
+
+    fig, ax = figure(figsize=(2, 2), purpose="a test plot")
+    ax.plot([0, 1], [1, 0])
+    path = tmp_path / "plot.png"
+    save_figure(fig, path, dpi=50)
+    earlier = path.read_bytes()
+    assert earlier.startswith(b"\x89PNG")
+
+    class Broken:
+        def savefig(self, target, **kwargs):
+            fig.savefig(target, **kwargs)
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(Broken(), path, dpi=80)
+    assert path.read_bytes() == earlier
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]

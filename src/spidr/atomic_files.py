@@ -11,6 +11,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -47,3 +48,10 @@ def write_atomically(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through ``replaced_when_done``."""
     with replaced_when_done(path) as partial:
         partial.write_text(text, encoding="utf-8")
+
+
+def save_figure(figure: Any, path: str | Path, *, dpi: int) -> None:
+    """Save a matplotlib figure as PNG through ``replaced_when_done``: a failed or killed save leaves no truncated
+    image (the earlier one stays)."""
+    with replaced_when_done(path) as partial:
+        figure.savefig(partial, dpi=dpi, format="png")

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from spidr import cli_types
-from spidr.atomic_files import write_atomically
+from spidr.atomic_files import save_figure, write_atomically
 from spidr.child_processes import start_child
 from spidr.config import shipped_config
 from spidr.data import SAMPLE_RATE
@@ -614,7 +614,7 @@ def plot_curve(points: Sequence[PointSummary], baselines: Baselines | None, path
     axes.flat[1].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -649,7 +649,7 @@ def write_curve(out_dir: Path, *, title: str = "Learning curve", shared: tuple[d
               f"({p.other_recipe})." for p in others), *([""] if others else []),
             f"![learning curve]({plot.name})", ""]
     path = out_dir / "curve.md"
-    path.write_text("\n".join(text), encoding="utf-8")
+    write_atomically(path, "\n".join(text))
     return path
 
 

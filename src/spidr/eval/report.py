@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spidr.atomic_files import replaced_when_done, write_atomically
+from spidr.atomic_files import save_figure, write_atomically
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import Manifest, ManifestEntry, utterances_digest
 from spidr.eval.abx import abx_error_rate
@@ -243,7 +243,7 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / ABX_PLOT
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=120)
     written.append(path)
     quality_rows = [r for r in rows if r.quality]
     if quality_rows:
@@ -257,15 +257,9 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / PNMI_PLOT
-        _save_figure(fig, path)
+        save_figure(fig, path, dpi=120)
         written.append(path)
     return written
-
-
-def _save_figure(fig: object, path: Path) -> None:
-    """A PNG written under a temporary name and renamed: a failed save leaves no truncated image."""
-    with replaced_when_done(path) as partial:
-        fig.savefig(partial, dpi=120, format="png")
 
 
 def evaluation_settings(*, abx: AbxSettings, item_file: str | Path, entries: Manifest,

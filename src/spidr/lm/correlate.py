@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spidr.atomic_files import save_figure
 from spidr.text_files import utf8_errors_named
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def plot_scatter(rows: Sequence[Mapping[str, str | float]], x: str, y: str, path
     axes.grid(alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     return path
 
 

@@ -626,7 +626,7 @@ def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: 
 
     corr = correlations(rows)
     report = {"rows": list(rows), "correlations": [json_ready(c) for c in corr]}  # no interval: null, not NaN
-    (out_dir / "spoken_lm.json").write_text(json.dumps(report, indent=1, allow_nan=True), encoding="utf-8")
+    write_atomically(out_dir / "spoken_lm.json", json.dumps(report, indent=1, allow_nan=True))
     columns = ["name", "model", "layer", *QUALITY_METRICS, *LM_METRICS]
     with open(out_dir / "points.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -640,6 +640,6 @@ def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: 
              and c["x"] in ("abx_across", "unit_abx_across", "pnmi")]
     path = out_dir / "spoken_lm.md"
     body = markdown(rows, corr, bench, kind, quality_source)
-    path.write_text("# Spoken language modelling on the units\n\n" + body + "\n\n" +
-                    "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n", encoding="utf-8")
+    write_atomically(path, "# Spoken language modelling on the units\n\n" + body + "\n\n"
+                     + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     return path

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spidr.atomic_files import save_figure
 from spidr.extras import figure
 from spidr.train.metrics import METRICS_FILE, read_metrics
 
@@ -113,5 +114,5 @@ def _finish(fig: Any, ax: Any, title: str, path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     return path
