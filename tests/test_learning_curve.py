@@ -373,51 +373,36 @@ def test_points_stopped_by_a_signal_end_the_curve_with_status_3(tmp_path, monkey
                                                    "checkpoint; run the same command again to resume them"):
         learning_curve.run_points(settings, [])
 
-    # a stop signal to the parent: no further point starts, the running ones get it and stop (exit status 3)
+    # a stop signal to the parent: no further point starts, the running ones get it and stop (exit status 3); a
+    # child that the relayed signal reaches outside its training (starting up, scoring) dies of it (status -15): it
+    # stopped too, it did not fail (it was reported as "points failed", status 1)
     class Child:
-        def __init__(self) -> None:
-            self.returncode, self.signals = None, []
+        def __init__(self, status_on_signal: int) -> None:
+            self.returncode, self.signals, self.status_on_signal = None, [], status_on_signal
 
         def poll(self) -> int | None:
             return self.returncode
 
         def send_signal(self, signum: int) -> None:
             self.signals.append(signum)
-            self.returncode = 3
+            self.returncode = self.status_on_signal
 
-    children = []
-
-    def start_child(*_, **__) -> Child:
-        children.append(Child())
-        if len(children) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return children[-1]
-
-    monkeypatch.setattr(learning_curve, "start_child", start_child)
     three = dataclasses.replace(settings, steps=(10, 20, 30))
-    with pytest.raises(TrainingStoppedError, match=r"points 1h-10steps-seed0, 1h-20steps-seed0 stopped on a signal "
-                                                   r"after saving a checkpoint \(1h-30steps-seed0 not started\)"):
-        learning_curve.run_points(three, [])
-    assert [child.signals for child in children] == [[signal.SIGTERM]] * 2
+    for status in (3, -signal.SIGTERM):
+        children = []
 
-    # A child that the relayed signal reaches outside its training (starting up, scoring) dies of it (status -15):
-    # it stopped, it did not fail (it was reported as "points failed", status 1).
-    class Scoring(Child):
-        def send_signal(self, signum: int) -> None:
-            self.signals.append(signum)
-            self.returncode = -signal.SIGTERM
+        def start_child(*_, status=status, children=children, **__) -> Child:
+            children.append(Child(status))
+            if len(children) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return children[-1]
 
-    children.clear()
-
-    def start_scoring_child(*_, **__) -> Child:
-        children.append(Scoring())
-        if len(children) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return children[-1]
-
-    monkeypatch.setattr(learning_curve, "start_child", start_scoring_child)
-    with pytest.raises(TrainingStoppedError, match=r"points 1h-10steps-seed0, 1h-20steps-seed0 stopped on a signal"):
-        learning_curve.run_points(three, [])
+        monkeypatch.setattr(learning_curve, "start_child", start_child)
+        with pytest.raises(TrainingStoppedError, match=r"points 1h-10steps-seed0, 1h-20steps-seed0 stopped on a "
+                                                       r"signal after saving a checkpoint \(1h-30steps-seed0 not "
+                                                       r"started\)"):
+            learning_curve.run_points(three, [])
+        assert [child.signals for child in children] == [[signal.SIGTERM]] * 2
 
     def stopped(*_):
         raise TrainingStoppedError("the training in X stopped on a signal")
