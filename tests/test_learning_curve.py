@@ -111,6 +111,9 @@ def test_a_setting_the_grid_owns_given_with_set_is_refused(tmp_path, monkeypatch
     settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10,), overrides=(override,))
     with pytest.raises(ValueError, match=re.escape(f"--set {override}: ") + ".*" + re.escape(message)):
         learning_curve.run_curve(settings)
+    # the W&B names are the user's: each point's run folder is under its own workdir whatever they are
+    learning_curve.check_overrides(dataclasses.replace(settings, overrides=('run.wandb_project="mine"',
+                                                                           'run.wandb_name="curve"')))
 
 
 def test_middle_layers_are_the_issues_three_to_five_of_six():

@@ -202,7 +202,9 @@ def test_a_folder_of_the_users_is_never_cleared_even_when_its_names_are_the_benc
         (out / name / "mine").mkdir(parents=True)
         (out / name / "mine" / "a.wav").write_bytes(b"RIFF")
         for overwrite in (False, True):
-            with pytest.raises(ValueError, match="is not empty and holds no benchmark"):
+            # (a benchmark's folder names alone: perhaps one an earlier spidr left unfinished, which the user deletes)
+            with pytest.raises(ValueError, match=rf"is not empty and holds no benchmark \(its {name} look like a "
+                                                 r"benchmark an earlier spidr left unfinished"):
                 generate_lm_bench(out, TINY, overwrite=overwrite)
         assert (out / name / "mine" / "a.wav").read_bytes() == b"RIFF"
     interrupted = tmp_path / "interrupted"  # what a killed run leaves: its marker and half its folders

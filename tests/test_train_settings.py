@@ -200,3 +200,16 @@ def test_initial_weights_keep_their_codebooks_under_codebook_init_data(tmp_path,
     for key in (k for k in loaded if k.startswith("codebooks.") and k.endswith(".codebook")):
         # one EMA update moves them a little (decay 0.9 here); a data initialisation replaces them
         assert (after[key] - loaded[key]).norm() < 0.5 * loaded[key].norm(), key
+    # the same after a resume from step_0.pt (killed before its next checkpoint): the flag was in memory only
+    (cfg.run.run_dir / "final.pt").unlink()
+    train(cfg)
+    again = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)["model"]
+    for key in (k for k in loaded if k.startswith("codebooks.") and k.endswith(".codebook")):
+        assert torch.equal(again[key], after[key]), key  # an exact resume of the same step
+    # and after a skipped first step, which asks for the data initialisation again
+    from spidr.models.build import build_model
+
+    model = build_model(cfg.model)
+    model.keep_loaded_codebooks()
+    model.redo_codebook_init()
+    assert not model.codebook_init_due

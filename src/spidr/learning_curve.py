@@ -678,9 +678,8 @@ _OWNED_SETTINGS = {
     "optimizer.warmup_steps": _SCHEDULE,
     "optimizer.hold_steps": _SCHEDULE,
     "optimizer.decay_steps": _SCHEDULE,
-    **{f"run.{key}": "each point trains in its own run folder under --out (a shared one would hold one point's "
-                     "model for all); choose the folder with --out" for key in ("workdir", "wandb_project",
-                                                                                 "wandb_name")},
+    "run.workdir": "each point trains in its own run folder under --out (a shared one would hold one point's "
+                   "model for all); choose the folder with --out",
 }
 
 
@@ -741,7 +740,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a field of the recipe for every point (repeatable), e.g. run.device=\"cuda\"; "
                         "not what each point sets itself (seed: --seeds; steps: --steps; the schedule's phases, "
-                        "stretched from the config file; the run folder; the manifests)")
+                        "stretched from the config file; run.workdir; the manifests)")
     parser.add_argument("--probe-frames", type=cli_types.non_negative_int, default=PROBE_FRAMES,
                         help="training frames of each layer's phone probe; 0 skips the probe")
     parser.add_argument("--parallel", type=int, default=1,

@@ -601,6 +601,9 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
                              f"{', '.join(changed)}); choose another directory, or delete {out_dir} to make it "
                              "again (spidr synth-lm-bench can also replace it: --overwrite)")
     elif out_dir.is_dir() and not (out_dir / IN_PROGRESS).exists() and any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir} is not empty and holds no benchmark; choose a new or empty directory "
+        names = {path.name for path in out_dir.iterdir()}
+        hint = (f" (its {', '.join(sorted(names))} look like a benchmark an earlier spidr left unfinished: delete "
+                f"{out_dir} to make one there)" if names <= {*FOLDERS, LANGUAGE_JSON} else "")
+        raise ValueError(f"{out_dir} is not empty and holds no benchmark{hint}; choose a new or empty directory "
                          "(--overwrite replaces a benchmark only: it would delete the files of this folder)")
     return None

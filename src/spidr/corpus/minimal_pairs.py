@@ -71,6 +71,7 @@ class _Builder:
         self.grammar = Grammar(rng, lex)
         self.seen = seen_triples
         self.said: set[tuple[str, ...]] = set()  # the sentences of the draws ``novel(distinct=True)`` returned
+        self.reused_triples = 0  # draws refused for a training triple (else only for sentences of earlier blocks)
 
     def novel(self, make: Callable[[], list[Sentence]], *, distinct: bool = False) -> list[Sentence] | None:
         """Draw ``make()`` until none of its sentences reuses a training triple (with ``distinct``, nor a sentence
@@ -82,6 +83,7 @@ class _Builder:
         for _ in range(MAX_ATTEMPTS):
             sentences = make()
             if any(s.triple in self.seen for s in sentences):
+                self.reused_triples += 1
                 continue
             if distinct:
                 words = [s.words() for s in sentences]
@@ -194,9 +196,11 @@ def syntactic_pairs(seed: str, pairs_per_type: int, *, seen_triples: Collection[
                              "object) triple of the training set; train the LM on fewer utterances or leave out the "
                              "syntactic task")
         if made < blocks:
-            logger.warning("syntactic %s: %d of %d blocks left out (%d pairs instead of %d): the training set covers "
-                           "this template almost entirely, and no test sentence may reuse a training triple", kind,
-                           blocks - made, blocks, made * PAIRS_PER_BLOCK, pairs_per_type)
+            why = ("the training set covers this template almost entirely, and no test sentence may reuse a "
+                   "training triple" if builder.reused_triples else
+                   "the template has no more sentences (none is in two blocks)")
+            logger.warning("syntactic %s: %d of %d blocks left out (%d pairs instead of %d): %s", kind, blocks - made,
+                           blocks, made * PAIRS_PER_BLOCK, pairs_per_type, why)
     return pairs
 
 

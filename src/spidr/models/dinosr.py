@@ -85,6 +85,7 @@ class DinoSR(nn.Module):
         # resumed past it, the codebooks come from the checkpoint), then True; False when it is due again at the
         # next training forward whatever the step (the step that did it was skipped: redo_codebook_init).
         self._codebooks_from_data: bool | None = None
+        self._codebooks_loaded = False  # keep_loaded_codebooks: no data initialisation, ever
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward pieces, in data-flow order
@@ -277,14 +278,16 @@ class DinoSR(nn.Module):
 
     def keep_loaded_codebooks(self) -> None:
         """The codebooks were loaded with the weights (``run.init_ckpt``): ``codebook_init = "data"`` must not
-        replace them at step 0, under heads trained on them."""
+        replace them at step 0, under heads trained on them, nor after a skipped first step."""
         self._codebooks_from_data = True
+        self._codebooks_loaded = True
 
     def redo_codebook_init(self) -> None:
         """The first step, which initialised the codebooks from data, was skipped (non-finite) and its codebooks
         restored: the next training forward initialises them again, whatever the step count (a skip on the device
-        counts the step). No effect for another ``codebook_init``."""
-        self._codebooks_from_data = False
+        counts the step). No effect for another ``codebook_init``, or for codebooks loaded with the weights."""
+        if not self._codebooks_loaded:
+            self._codebooks_from_data = False
 
     @torch.no_grad()
     def _initialise_codebooks_from_data(self, targets: list[torch.Tensor]) -> None:

@@ -479,6 +479,8 @@ def _start_or_resume(
                          path=path)
     if int(model.current_step) >= cfg.model.freeze_step:
         model.freeze_feature_encoder()
+    if cfg.run.init_ckpt is not None and isinstance(model, DinoSR):  # a run that started from loaded codebooks
+        model.keep_loaded_codebooks()
     if state.get("codebook_init_due", False):  # the skipped first step's data init is still to be done
         model.redo_codebook_init()
     # Rebuild the optimizer with the groups it was saved with (group 1 may already be removed).
