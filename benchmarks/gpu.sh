@@ -22,6 +22,9 @@ cd "$(dirname "$0")/.."
 
 # shellcheck source=benchmarks/gpu_python.sh
 source benchmarks/gpu_python.sh
+for arg in "$@"; do  # the help alone: no table, no file written
+  if [[ $arg == -h || $arg == --help ]]; then exec "$python" benchmarks/gpu.py --help; fi
+done
 # The deadline counts from this script's start: 5 minutes in all by default, or the --deadline given here (the
 # wall-clock limit the script runs under, less a minute for the jobs' exits). The time spent installing wheels and
 # importing torch, and 15 s for gpu.py's own start, come off it; --smoke without --deadline keeps gpu.py's own.
@@ -48,7 +51,11 @@ fi
 deadline=()
 if [[ -n $given || -z $smoke ]]; then  # --smoke alone keeps gpu.py's own deadline
   left=$(( ${given:-$total} - SECONDS - 15 ))
-  deadline=(--deadline $(( left > 60 ? left : 60 )))
+  if (( left < 60 )); then  # the jobs need a minute at least: say that the limit given is overrun
+    echo "$0: ${given:-$total} s leave $left s for the jobs; giving them 60 s (the script ends after its limit)" >&2
+    left=60
+  fi
+  deadline=(--deadline "$left")
 fi
 "$python" benchmarks/gpu.py --json "$json" "${deadline[@]}" "${args[@]}" | tee "${json%.json}.md"
 echo "gpu.sh: wrote $json and ${json%.json}.md" >&2

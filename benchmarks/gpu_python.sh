@@ -27,7 +27,11 @@ if [[ -n $missing ]]; then
     exit 1
   fi
   site=$(mktemp -d)
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+  if "$python" -m pip --version >/dev/null 2>&1; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+  else  # an image Python without pip: a wheel is a zip whose root goes on the path as it is
+    for wheel in .whl/*.whl; do "$python" -m zipfile -e "$wheel" "$site"; done
+  fi
   export PYTHONPATH=$PYTHONPATH:$site
   missing=$(missing_modules)
   if [[ -n $missing ]]; then

@@ -154,6 +154,33 @@ def test_a_job_killed_only_while_exiting_keeps_its_measurement(gpu):
         "killed at its 60 s time limit during timed steps")
     assert gpu.judge_exit(dict(measured), 0, 60.0) == measured
     assert "exited with code 1" in gpu.judge_exit({"job": "spidr", "stage": "set-up"}, 1, 60.0)["error"]
+    # measured, then a crash while tearing down (CUDA, compile or loader workers): the row is kept, with a note
+    crashed = gpu.judge_exit(dict(measured), -6, 60.0)
+    assert "error" not in crashed
+    assert crashed["note"] == "measured, then exited with code -6 (teardown)"
+
+
+def test_the_mfu_peak_follows_the_device_name(gpu):
+    """An H100 lent as "about 78 GiB" may be the PCIe card (756 TFLOP/s): its MFU was divided by the SXM peak."""
+    assert gpu.peak_for("NVIDIA H100 PCIe")[0] == 756.0
+    assert gpu.peak_for("NVIDIA H100 80GB HBM3")[0] == 989.0
+    assert gpu.peak_for("NVIDIA H200")[0] == 989.0
+    peak, source = gpu.peak_for("")
+    assert (peak, source.startswith("assumed: no GPU")) == (989.0, True)
+    assert gpu.parse_args(["--smoke", "--peak-tflops", "500"]).peak_source == "given with --peak-tflops"
+
+
+def test_an_error_without_a_message_is_reported_not_a_crash_of_the_handler(gpu, tmp_path, monkeypatch):
+    """A bare AssertionError (Dynamo's) made the handler itself raise IndexError: no row, and without isolation
+    no table at all."""
+    def failing(*args, **kwargs):
+        raise AssertionError
+
+    monkeypatch.setattr(gpu, "model_job", failing)
+    args = gpu.parse_args(["--smoke", "--jobs", "spidr", "--manifest", str(tmp_path / "m.csv"), "--result",
+                           str(tmp_path / "r.json")])
+    report = gpu.run_job_here("spidr", args)
+    assert report["error"] == "AssertionError during start: AssertionError()"
 
 
 def test_the_json_holds_the_rows_measured_so_far_after_each_job(gpu, tmp_path, capsys, monkeypatch):
