@@ -242,6 +242,21 @@ def test_fairseq_training_options_are_converted_or_named(caplog: pytest.LogCaptu
     assert "anneals its codebook decay from 0.9 to 0.99 (codebook_end_decay_step = 100000)" in caplog.text
     with pytest.raises(ValueError, match="encoder_num_heads"):
         fairseq_model_config({"encoder_embed_dim": 32, "encoder_attention_heads": 5})
+    # fairseq's -1 (never freeze the teacher) and 0 (no decay annealing) were refused by our >= checks
+    never = fairseq_model_config({"freeze_teacher_step": -1, "ema_anneal_end_step": 0})
+    assert never.freeze_step >= 2**62
+    assert never.ema_final_step == 1
+
+
+def test_a_fairseq_checkpoint_s_refused_settings_name_the_file(tmp_path) -> None:
+    path = tmp_path / "dinosr.ckpt"
+    write_fairseq(path, tiny_original())
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["cfg"]["model"] |= {"encoder_embed_dim": 32, "encoder_attention_heads": 5}
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"dinosr\.ckpt \(an original fairseq DinoSR checkpoint\): "
+                                         r".*encoder_num_heads"):
+        load_model(path)
 
 
 def test_fairseq_settings_we_cannot_compute_are_refused(tmp_path) -> None:

@@ -213,3 +213,25 @@ def test_initial_weights_keep_their_codebooks_under_codebook_init_data(tmp_path,
     model.keep_loaded_codebooks()
     model.redo_codebook_init()
     assert not model.codebook_init_due
+
+
+def test_an_initial_checkpoint_that_needs_trust_names_the_export_that_reads_it(tmp_path, corpus):
+    """run.init_ckpt = an original fairseq DinoSR file said "pass trust=True (CLI: --trust)", which spidr train does
+    not have: the way is to export it once."""
+    import argparse
+
+    from spidr.models.build import build_model
+
+    start = tmp_path / "fairseq-like.pt"
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 1})
+    torch.save({"model": build_model(cfg.model).state_dict(), "args": argparse.Namespace(lr=1.0)}, start)
+    with pytest.raises(ValueError, match=r"convert it once with 'spidr export FILE OUT\.safetensors --trust'"):
+        train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 1}, run={"init_ckpt": str(start)}))
+
+
+def test_channel_masking_is_refused_by_name():
+    """The official config accepts mask_channel_prob but never applies it (spec §14): refused, not ignored."""
+    with pytest.raises(ValueError, match=r"masking\.mask_channel_prob = 0\.1 is not supported: channel masking is "
+                                         r"never applied"):
+        MaskingConfig(mask_channel_prob=0.1)
+    assert MaskingConfig(mask_channel_prob=0.0).mask_channel_prob == 0.0

@@ -189,6 +189,9 @@ def refuse_unconvertible(settings: Mapping[str, Any]) -> None:
                              f"{supported!r} (its model would compute other features)")
 
 
+NEVER_STEP = 2**62  # a step no run reaches: fairseq's freeze_teacher_step = -1 ("never")
+
+
 def fairseq_model_config(settings: Mapping[str, Any]) -> DinoSRConfig:
     """``DinoSRConfig`` from fairseq model options, with the original's qkv bias and teacher made as an exact copy
     of the student. Options that only training would follow and ours cannot are named in a warning: the converted
@@ -210,6 +213,10 @@ def fairseq_model_config(settings: Mapping[str, Any]) -> DinoSRConfig:
             value = _parse_conv_layers(value)
         elif name == "extractor_mode":
             value = {"default": "group_norm", "layer_norm": "layer_norm"}.get(value, value)
+        elif name == "freeze_teacher_step" and int(value) < 0:  # fairseq's -1: the teacher is never frozen
+            value = NEVER_STEP
+        elif name == "ema_anneal_end_step" and int(value) < 1:  # no annealing: the final decay from the first step
+            value = 1
         values[field] = value
     config = model_config_from_dict(values, "dinosr")
     assert isinstance(config, DinoSRConfig)

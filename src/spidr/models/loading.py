@@ -80,6 +80,10 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class NeedsTrustError(ValueError):
+    """A file that only a full unpickling (``trust=True``) reads: it holds Python objects besides tensors."""
+
+
 def refused_global(error: pickle.UnpicklingError) -> str | None:
     """The global (class or function) a weights-only ``torch.load`` refused, as torch names it: "Unsupported global:
     GLOBAL x" for a class off its allowlist, "unsupported GLOBAL posix.system whose module posix is blocked"."""
@@ -107,7 +111,7 @@ def load_torch_file(path: Path, *, trust: bool = False) -> Any:
             refused = refused_global(error)  # None: no refused global, the file is broken
             if refused is None:
                 raise ValueError(f"{path} is not a readable PyTorch checkpoint: {unpickling_failure(error)}") from None
-            raise ValueError(
+            raise NeedsTrustError(
                 f"{path} contains pickled Python objects besides tensors (first one: {refused}; fairseq "
                 "checkpoints store their argparse or omegaconf configs this way). Unpickling them can run arbitrary "
                 "code, so it is refused: if you trust the file's origin, pass trust=True (CLI: --trust)."
@@ -295,7 +299,10 @@ def _read_fairseq(
             raise
         settings = {}  # the given config stands in for the settings the file lacks
     if config is None:
-        model_config = fairseq_model_config(settings)  # refuses what it cannot convert
+        try:
+            model_config = fairseq_model_config(settings)  # refuses what it cannot convert
+        except ValueError as error:
+            raise ValueError(f"{path} (an original fairseq DinoSR checkpoint): {error}") from None
     else:
         refuse_unconvertible(settings)  # a given config cannot change what the weights compute
         model_config = _explicit_config(config, "dinosr")

@@ -635,12 +635,16 @@ def _check_initial_weights_exist(cfg: Config) -> None:
 def _load_initial_weights(model: nn.Module, path: str | None, model_cfg: ModelConfig) -> None:
     """``run.init_ckpt``: start a fresh run from the weights of a checkpoint that ``spidr.load_model`` reads (a
     training checkpoint, an official file, a ``.safetensors`` export), read as the run's ``[model]``."""
-    from spidr.models.loading import read_checkpoint
+    from spidr.models.loading import NeedsTrustError, read_checkpoint
 
     if path is None:
         return  # (that it exists was checked before the run folder was made: _check_initial_weights_exist)
     try:
         checkpoint = read_checkpoint(path, config=model_cfg)
+    except NeedsTrustError:  # a fairseq file: the trainer takes no --trust, and an export reads it once
+        raise ValueError(f"run.init_ckpt = {path!r} holds pickled Python objects besides tensors (a fairseq "
+                         "checkpoint's config): convert it once with 'spidr export FILE OUT.safetensors --trust' and "
+                         "start from OUT.safetensors") from None
     except ValueError as error:
         raise ValueError(f"run.init_ckpt = {path!r}: {error}") from None
     if checkpoint.student_only:
