@@ -71,7 +71,7 @@ class _Builder:
         self.grammar = Grammar(rng, lex)
         self.seen = seen_triples
         self.said: set[tuple[str, ...]] = set()  # the sentences of the draws ``novel(distinct=True)`` returned
-        self.reused_triples = 0  # draws refused for a training triple (else only for sentences of earlier blocks)
+        self.failed_by = {"triple": 0, "repeat": 0}  # refusals within the draws of blocks that were left out
 
     def novel(self, make: Callable[[], list[Sentence]], *, distinct: bool = False) -> list[Sentence] | None:
         """Draw ``make()`` until none of its sentences reuses a training triple (with ``distinct``, nor a sentence
@@ -80,17 +80,21 @@ class _Builder:
         reflexives) almost entirely, and a test sentence said in training favours its side by memory. A sentence in
         two blocks made one pair three times over, and tied blocks together, whose pairs an interval must then
         draw as one."""
+        refused = {"triple": 0, "repeat": 0}
         for _ in range(MAX_ATTEMPTS):
             sentences = make()
             if any(s.triple in self.seen for s in sentences):
-                self.reused_triples += 1
+                refused["triple"] += 1
                 continue
             if distinct:
                 words = [s.words() for s in sentences]
                 if self.said.intersection(words):
+                    refused["repeat"] += 1
                     continue
                 self.said.update(words)
             return sentences
+        for rule, count in refused.items():
+            self.failed_by[rule] += count
         return None
 
     def topic(self) -> str:
@@ -196,9 +200,12 @@ def syntactic_pairs(seed: str, pairs_per_type: int, *, seen_triples: Collection[
                              "object) triple of the training set; train the LM on fewer utterances or leave out the "
                              "syntactic task")
         if made < blocks:
+            triples, repeats = builder.failed_by["triple"], builder.failed_by["repeat"]
             why = ("the training set covers this template almost entirely, and no test sentence may reuse a "
-                   "training triple" if builder.reused_triples else
-                   "the template has no more sentences (none is in two blocks)")
+                   "training triple" if not repeats else
+                   "the template has no more sentences (none is in two blocks)" if not triples else
+                   f"its draws reused a training triple ({triples}) or a sentence of an earlier block ({repeats}): "
+                   "few of the template's sentences are left that no training utterance says")
             logger.warning("syntactic %s: %d of %d blocks left out (%d pairs instead of %d): %s", kind, blocks - made,
                            blocks, made * PAIRS_PER_BLOCK, pairs_per_type, why)
     return pairs
