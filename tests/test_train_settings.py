@@ -32,6 +32,13 @@ def test_official_fields_without_effect_are_named(tmp_path, corpus):
     assert "data.alignments_path = '/data/align.jsonl' is not used" in notes[1]
     assert "model.ema_final_decay = 0.99999 has no effect on SpidR" in notes[2]
     assert "model.ema_final_step = 50000 has no effect on SpidR" in notes[3]
+    # a SpidR teacher decay whose distance to 1 is under the freeze threshold from step 1: the teacher never moves
+    spidr_data = tiny_config_dict(tmp_path, corpus, model={"ema_start_decay": 0.99999999, "ema_threshold": 1e-7})
+    assert unused_settings(config_from_dict(spidr_data)) == [
+        "model.ema_start_decay = 0.99999999 has no effect: 1 − decay is at or under model.ema_threshold = 1e-07 from "
+        "step 1, so the teacher never moves"]
+    spidr_data["model"]["ema_start_decay"] = 1.0  # frozen on purpose (the demo's frozen random teacher)
+    assert unused_settings(config_from_dict(spidr_data)) == []
     # DinoSR uses its linear schedule: nothing to say; the shipped configs set nothing useless
     data["run"]["model_type"] = "dinosr"
     del data["run"]["slurm_validation"], data["data"]["alignments_path"]

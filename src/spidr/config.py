@@ -597,6 +597,10 @@ def unused_settings(cfg: Config) -> list[str]:
             if value != getattr(defaults, name):
                 notes.append(f"model.{name} = {value!r} has no effect on SpidR (a DinoSR field): SpidR's teacher "
                              "EMA follows the exponential schedule of model.ema_timescale and model.ema_threshold")
+        model = cfg.model
+        if model.ema_start_decay < 1 and 1 - model.ema_start_decay <= model.ema_threshold:  # (1.0: frozen on purpose)
+            notes.append(f"model.ema_start_decay = {model.ema_start_decay!r} has no effect: 1 − decay is at or under "
+                         f"model.ema_threshold = {model.ema_threshold!r} from step 1, so the teacher never moves")
     padded = [section for section, data in cfg.data_sections() if data.enable_padding]
     if cfg.model.target_norm_frames == "valid" and not padded:
         notes.append("model.target_norm_frames = 'valid' has no effect: no data section sets enable_padding, so "
