@@ -3,6 +3,7 @@ n-gram baseline, config errors; and ``lm-score`` → ``lm-eval`` through the CLI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -438,6 +439,64 @@ def test_a_stop_inside_a_non_finite_streak_keeps_its_count(tmp_path, monkeypatch
     with pytest.raises(lm_train.LmTrainingDivergedError, match="3 consecutive non-finite steps"):
         train_lm(cfg)
     assert calls == [4]
+
+
+def test_a_stop_at_the_last_step_still_validates_and_writes_final_pt(tmp_path, monkeypatch):
+    """A stop signal met at the last step saved step_<max>.pt and left; the rerun found the run finished and wrote
+    final.pt without its closing validation, lost for good. The run now completes (validation, final.pt) and says
+    "interrupted", so that its caller stops too."""
+    import spidr.lm.train as lm_train
+
+    cfg = load_lm_config(_config(tmp_path, "lm", optimizer={"max_steps": 12}))
+    real_step = lm_train.lm_train_step
+
+    def stop_at_the_last(model, windows, optimizer, scheduler, **kwargs):
+        out = real_step(model, windows, optimizer, scheduler, **kwargs)
+        return dataclasses.replace(out, stop_requested=True) if scheduler.last_epoch == 12 else out
+
+    monkeypatch.setattr(lm_train, "lm_train_step", stop_at_the_last)
+    assert train_lm(cfg) == "interrupted"
+    assert (cfg.run.run_dir / "final.pt").is_file()
+    assert [r["step"] for r in _metrics(cfg.run.run_dir) if r["group"] == "valid"] == [10, 12]
+
+
+def test_an_ngram_run_of_other_validation_data_is_refused(tmp_path):
+    """Rerun with another data.valid, the n-gram run said "nothing to do" and kept the old file's validation loss."""
+    first = _toy_units(tmp_path / "valid-a.jsonl", count=10, seed=1)
+    cfg = load_lm_config(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 2},
+                                 data={"valid": str(first)}))
+    assert train_lm(cfg) == "completed"
+    assert train_lm(cfg) == "completed"  # the same: nothing to do
+    other = _toy_units(tmp_path / "valid-b.jsonl", count=10, seed=2)
+    with pytest.raises(ValueError, match=r"holds an LM trained otherwise \(data\.valid "):
+        train_lm(load_lm_config(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 2},
+                                        data={"valid": str(other)})))
+    _toy_units(first, count=10, seed=3)  # another content at the same path
+    with pytest.raises(ValueError, match=r"holds an LM trained otherwise \(the validation data\)"):
+        train_lm(cfg)
+
+
+def test_the_cache_key_tells_an_edit_in_the_middle_of_a_large_units_file(tmp_path):
+    """Past 2 MiB the content digest covers the file's ends only: an edit in place in the middle, size and mtime put
+    back (touch -r), kept the key, and training ran on the stale streams. The file's ctime, which no tool sets back,
+    is in the key."""
+    import time
+
+    from spidr.lm.prepared_data import cache_key
+
+    units = tmp_path / "big.jsonl"
+    line = json.dumps({"name": "u", "units": [1] * 40})
+    units.write_text("\n".join(line.replace('"u"', f'"u{i:06d}"') for i in range(30_000)) + "\n")
+    assert units.stat().st_size > 4 << 20
+    cfg = load_lm_config(_config(tmp_path, "big", data={"train": str(units)}))
+    before, stat = cache_key(cfg), units.stat()
+    time.sleep(0.01)
+    with units.open("r+b") as handle:
+        handle.seek(stat.st_size // 2)
+        handle.write(b"2" if handle.read(1) == b"1" else b"1")
+    os.utime(units, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (units.stat().st_size, units.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert cache_key(cfg) != before
 
 
 def test_the_ngram_baseline_is_fitted_by_counting(tmp_path):

@@ -74,6 +74,7 @@ def prepare_data(cfg: LmConfig) -> LmData:
         "train_utterances": len(train_seqs),
         "valid_utterances": len(valid_seqs),
         "train_fingerprint": fingerprint(train_seqs),
+        "valid_fingerprint": fingerprint(valid_seqs),
     }
     return LmData(vocab, token_stream(train_seqs, vocab), token_stream(valid_seqs, vocab), info)
 
@@ -193,15 +194,19 @@ def cache_key(cfg: LmConfig) -> dict[str, Any]:
             except OSError:  # never cached: prepare_data names the missing file
                 files[role] = None
                 continue
+            # ctime: an edit in place that restores size and mtime (touch -r) still moves it, and no tool sets it
+            # back; the ends' digest tells apart another content copied over with cp -p
             files[role] = {"path": str(Path(name).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                           "inode": stat.st_ino, "ends_sha256": _ends_digest(name, stat.st_size)}
+                           "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino,
+                           "ends_sha256": _ends_digest(name, stat.st_size)}
     return {"format": CACHE_FORMAT, "files": files, "dedup": data.dedup, "num_units": data.num_units,
             **({} if data.valid else {"val_fraction": data.val_fraction, "seed": cfg.run.seed})}
 
 
 def _ends_digest(path: str, size: int, span: int = 1 << 20) -> str | None:
-    """SHA-256 of a file's first and last MiB: another content written in place at the same size and time (``cp -p``
-    over the file) is still told apart, for the price of 2 MiB read."""
+    """SHA-256 of a file's first and last MiB, for the price of 2 MiB read: another content written over the file at
+    the same size and time (``cp -p``) is told apart when it differs there; a change in the middle only by the
+    file's ctime."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:

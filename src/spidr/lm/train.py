@@ -316,12 +316,17 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                     run_validation()
                 if checkpointer.should_save(step) and step < o.max_steps:
                     save(step)
-            if out.stop_requested:
+            if out.stop_requested and step < o.max_steps:
                 save(step)
                 logger.info("stopped by a signal at step %d; checkpoint saved", step)
                 return "interrupted"
+            if out.stop_requested:
+                break  # the last step: validated and saved as final.pt below (a rerun would not validate it)
         run_validation()
         save(step, final=True)
+        if out.stop_requested or stop.requested:  # complete, but whoever called it must stop too
+            logger.info("training complete at step %d, and stopping as the signal asked", step)
+            return "interrupted"
     return "completed"
 
 
@@ -356,7 +361,7 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
 # What an n-gram LM's counts and validation depend on (the other model fields are the neural LMs'); "train" and
 # "valid" are compared by the data's fingerprint, which names the same data by content wherever it lies.
 _NGRAM_SETTINGS = {"model": ("arch", "ngram_order", "ngram_add_k"),
-                   "data": ("val_fraction", "dedup", "num_units", "max_valid_tokens")}
+                   "data": ("valid", "val_fraction", "dedup", "num_units", "max_valid_tokens")}
 
 
 def _ngram_done(checkpointer: Checkpointer, data: LmData, cfg: LmConfig) -> bool:
@@ -385,6 +390,9 @@ def _ngram_done(checkpointer: Checkpointer, data: LmData, cfg: LmConfig) -> bool
     lm = saved.get("lm") if isinstance(saved, dict) else None
     if not isinstance(lm, dict) or lm.get("train_fingerprint") != data.info["train_fingerprint"]:
         changed.append("the training data")
+    elif None not in (lm.get("valid_fingerprint"), data.info.get("valid_fingerprint")) and \
+            lm["valid_fingerprint"] != data.info["valid_fingerprint"]:  # (recorded since 2026-12-06)
+        changed.append("the validation data")
     if changed:
         raise ValueError(f"{path.parent} holds an LM trained otherwise ({'; '.join(changed)}); fitting this n-gram "
                          "LM there would replace it: choose another run.name, or delete the folder")
