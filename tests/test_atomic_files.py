@@ -113,3 +113,34 @@ def test_a_figure_saved_over_an_earlier_one_is_whole_or_not_written(tmp_path):
         save_figure(Broken(), path, dpi=80)
     assert path.read_bytes() == earlier
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_a_folder_where_the_file_goes_is_named_and_the_temporary_removed(tmp_path):
+    """The error named the hidden .<name>.partial, which stayed in the user's folder with the whole content."""
+    target = tmp_path / "units.jsonl"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        write_atomically(target, "content\n")
+    assert caught.value.filename == str(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["units.jsonl"]
+
+
+def test_a_write_error_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """A full disk or a read-only file system gave a traceback from every command that writes."""
+    import errno
+
+    from spidr import cli
+    from spidr.data import manifest
+
+    (tmp_path / "audio").mkdir()
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "audio" / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m.csv"))
+
+    monkeypatch.setattr(manifest, "write_manifest", disk_full)
+    assert cli.main(["manifest", str(tmp_path / "audio"), str(tmp_path / "m.csv")]) == 2
+    assert capsys.readouterr().err.strip().endswith("m.csv: No space left on device")

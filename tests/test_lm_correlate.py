@@ -350,3 +350,25 @@ def test_a_table_that_is_not_utf8_is_named_by_line(tmp_path: Path) -> None:
     path.write_bytes("model,pnmi\nA,0.1\nB\xe9,0.2\nC,0.3\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"runs\.csv:3: not UTF-8 text .*save the table as UTF-8"):
         read_table(path, ["pnmi"])
+
+
+def test_outputs_never_replace_the_input_table_nor_a_named_file_without_overwrite(tmp_path, capsys):
+    """--out points.csv replaced lm-study's table with the correlation CSV, and --plot points.csv made it a PNG;
+    an existing file named by --out or --plot was replaced without a word."""
+    path = write_table(tmp_path / "points.csv", ["layer", "abx", "lm"],
+                       [[i, x, y] for i, (x, y) in enumerate([(1.0, 3.0), (2.0, 1.0), (3.0, 2.5), (4.0, 5.0)])])
+    table = path.read_bytes()
+    for option in ("--out", "--plot"):
+        assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", option, str(path)]) == 2
+        assert "is the input table" in capsys.readouterr().err
+        assert path.read_bytes() == table
+    earlier = tmp_path / "corr.csv"
+    earlier.write_text("mine\n")
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--out", str(earlier)]) == 2
+    assert "corr.csv already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert earlier.read_text() == "mine\n"
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--out", str(earlier), "--overwrite"]) == 0
+    assert earlier.read_text().startswith("x,y,n,")
+    # the default plots beside the table are this command's own: a rerun makes them again
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm"]) == 0
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm"]) == 0

@@ -242,3 +242,11 @@ def test_channel_masking_is_refused_by_name():
                                          r"never applied"):
         MaskingConfig(mask_channel_prob=0.1)
     assert MaskingConfig(mask_channel_prob=0.0).mask_channel_prob == 0.0
+
+
+def test_a_config_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    """A Latin-1 comment (or a wav given as the config) gave only "'utf-8' codec can't decode byte 0xe9"."""
+    path = tmp_path / "run.toml"
+    path.write_bytes("[run]\n# réglage\nworkdir = \"w\"\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"run\.toml:2: not UTF-8 text .*save config file as UTF-8"):
+        load_config(path)

@@ -41,7 +41,11 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    os.replace(partial, path)
+    try:
+        os.replace(partial, path)
+    except OSError as error:  # (a folder where the file goes): named by the user's path, the temporary removed
+        partial.unlink(missing_ok=True)
+        raise type(error)(error.errno, error.strerror, str(path)) from None
 
 
 def write_atomically(path: str | Path, text: str) -> None:

@@ -72,3 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spidr {args.command}: error: {error.filename}: {(error.strerror or str(error)).lower()}"
               + (" (a file is in the way of a folder)" if in_the_way else ""), file=sys.stderr)
         return 2
+    except OSError as error:  # a read-only file system, a full disk, a quota: one line naming the file
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"spidr {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2

@@ -738,7 +738,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    from spidr.text_files import utf8_errors_named
+
+    with utf8_errors_named(path, "config file"):
+        text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".json":
             return json.loads(text)

@@ -9,6 +9,7 @@ import logging
 import math
 from pathlib import Path
 
+from spidr import cli_types
 from spidr.help_format import HelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -158,11 +159,28 @@ def _bounds(interval: list[float]) -> str:
     return "–" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
 
 
+def _check_outputs(args: argparse.Namespace, plots: list[Path | None]) -> None:
+    """Before anything is written: no output may be the input table (--out points.csv replaced lm-study's table),
+    and a file named by --out or --plot is replaced only with --overwrite (the default plots beside the table are
+    this command's own, made again by a rerun)."""
+    table = Path(args.table).resolve()
+    named = [Path(args.out)] if args.out else []
+    named += [plot for plot in plots if plot is not None and args.plot is not None]
+    for path in [*named, *(plot for plot in plots if plot is not None)]:
+        if path.resolve() == table:
+            raise ValueError(f"{path} is the input table {args.table}: writing there would replace it; choose "
+                             "another file")
+    for path in named:
+        cli_types.check_new_output(path, overwrite=args.overwrite)
+
+
 def _lm_correlate(args: argparse.Namespace) -> int:
     from spidr.atomic_files import write_atomically
     from spidr.lm.correlate import correlations_csv, json_ready, plot_scatter
 
     computed = _correlated_pairs(args)
+    _check_outputs(args, [_plot_path(args, result["x"], result["y"], several=len(computed) > 1)
+                          for result, _ in computed])
     results = []
     for result, rows in computed:
         plot = _plot_path(args, result["x"], result["y"], several=len(computed) > 1)
@@ -259,4 +277,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "pearson_p, pearson_r_ci95_low/high, spearman_rho, spearman_p, spearman_rho_ci95_low/high, "
                         "slope, intercept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CIs of r and ρ")
+    cli_types.add_overwrite_option(parser)
     parser.set_defaults(handler=_lm_correlate)

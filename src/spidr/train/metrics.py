@@ -175,8 +175,10 @@ def supersede_records(path: Path, *, after_step: int) -> int:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``; a torn last line (a run killed mid-write) is ignored."""
+    from spidr.text_files import utf8_errors_named
+
     records = []
-    with open(path, encoding="utf-8") as file:
+    with utf8_errors_named(path, "the metrics file"), open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
