@@ -91,8 +91,8 @@ ISSUE_GFLOP_PER_AUDIO_SECOND = 56.7  # issue 10: one base training step (forward
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 tensor cores
 # Dense bf16 peaks by what torch.cuda.get_device_name() contains (first match): an H100 lent as "about 78 GiB" may
 # be the SXM card or the 80 GB PCIe one, whose peak is 24 % lower.
-PEAK_TFLOPS_BY_NAME = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                       ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0))
+PEAK_TFLOPS_BY_NAME = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),  # (GH200 too)
+                       ("A100", 312.0), ("L40S", 362.0))
 
 
 @dataclass(frozen=True)

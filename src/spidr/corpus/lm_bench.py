@@ -577,12 +577,9 @@ def _missing_files(out_dir: Path, counts: Mapping[str, Any]) -> list[str]:
 
     missing = []
     for name in counts:
-        folder = out_dir / name
         required = [*outputs.WRITTEN, outputs.WORD_ALIGNMENTS_TSV] + ([] if name == "train" else ["gold.csv"])
-        missing += [f"{name}/{file}" for file in required if not (folder / file).is_file()]
-        if (folder / "manifest.csv").is_file():
-            missing += [f"{name}/{wav}" if not Path(wav).is_absolute() else wav
-                        for wav in outputs.wavs_not_in(folder, folder / "manifest.csv")]
+        missing += [lost if Path(lost).is_absolute() else f"{name}/{lost}"
+                    for lost in outputs.missing_files(out_dir / name, required)]
     return missing
 
 

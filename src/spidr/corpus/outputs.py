@@ -58,6 +58,15 @@ def wavs_not_in(folder: Path, manifest: Path) -> list[str]:
             for wav in wavs if not (wav.is_relative_to(folder) and wav.is_file())]
 
 
+def missing_files(folder: Path, names: Iterable[str] = WRITTEN) -> list[str]:
+    """The files ``names`` that are not in ``folder``, then the wavs its manifest lists that are not
+    (``wavs_not_in``): a cache's lost files, relative to ``folder`` (a wav outside it as it is named)."""
+    missing = [name for name in names if not (folder / name).is_file()]
+    if MANIFEST not in missing:
+        missing += wavs_not_in(folder, folder / MANIFEST)
+    return missing
+
+
 def reusable(out_dir: Path, what: str, missing: list[str]) -> bool:
     """Whether a cached ``what`` made with the same settings can be reused: yes when ``missing`` (its lost files) is
     empty; else the same settings give the same files, so it is made again, with a warning naming what was lost."""

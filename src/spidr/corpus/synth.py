@@ -202,7 +202,7 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> Cor
     if (out_dir / outputs.INFO_JSON).is_file():
         existing = CorpusInfo.load(out_dir)
         if existing.parameters == parameters:
-            return existing if outputs.reusable(out_dir, "corpus", _missing_files(out_dir)) else None
+            return existing if outputs.reusable(out_dir, "corpus", outputs.missing_files(out_dir)) else None
         changed = sorted(k for k in {*parameters, *existing.parameters}
                          if parameters.get(k) != existing.parameters.get(k))
         if set(changed) <= _SHIPPED:
@@ -228,14 +228,6 @@ def _refuse_foreign(out_dir: Path) -> None:
             and not (out_dir / IN_PROGRESS).exists() and not (out_dir / outputs.INFO_JSON).is_file()):
         raise ValueError(f"{out_dir} is not empty and holds no corpus; choose a new or empty directory "
                          "(--overwrite replaces a corpus only: it would delete the files of this folder)")
-
-
-def _missing_files(out_dir: Path) -> list[str]:
-    """The corpus files, and the wavs its manifest lists, that are not in ``out_dir`` (relative paths)."""
-    missing = [name for name in outputs.WRITTEN if not (out_dir / name).is_file()]
-    if outputs.MANIFEST not in missing:
-        missing += outputs.wavs_not_in(out_dir, out_dir / outputs.MANIFEST)
-    return missing
 
 
 def _clear(out_dir: Path) -> None:

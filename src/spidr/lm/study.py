@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from spidr.atomic_files import write_atomically
+from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
 from spidr.eval.report import format_number
 from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
@@ -628,7 +628,8 @@ def write_study_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, bench: 
     report = {"rows": list(rows), "correlations": [json_ready(c) for c in corr]}  # no interval: null, not NaN
     write_atomically(out_dir / "spoken_lm.json", json.dumps(report, indent=1, allow_nan=True))
     columns = ["name", "model", "layer", *QUALITY_METRICS, *LM_METRICS]
-    with open(out_dir / "points.csv", "w", newline="", encoding="utf-8") as handle:
+    with (replaced_when_done(out_dir / "points.csv") as partial,
+          partial.open("w", newline="", encoding="utf-8") as handle):
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:

@@ -316,12 +316,10 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                     run_validation()
                 if checkpointer.should_save(step) and step < o.max_steps:
                     save(step)
-            if out.stop_requested and step < o.max_steps:
+            if out.stop_requested and step < o.max_steps:  # (at the last, the run completes first: below)
                 save(step)
                 logger.info("stopped by a signal at step %d; checkpoint saved", step)
                 return "interrupted"
-            if out.stop_requested:
-                break  # the last step: validated and saved as final.pt below (a rerun would not validate it)
         run_validation()
         save(step, final=True)
         if out.stop_requested or stop.requested:  # complete, but whoever called it must stop too
@@ -358,8 +356,9 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
     return step, int(saved.get("nonfinite_streak", 0))
 
 
-# What an n-gram LM's counts and validation depend on (the other model fields are the neural LMs'); "train" and
-# "valid" are compared by the data's fingerprint, which names the same data by content wherever it lies.
+# What an n-gram LM's counts and validation depend on (the other model fields are the neural LMs'); the training
+# data is compared by its fingerprint, which names the same data by content wherever it lies, the validation data by
+# data.valid and (recorded since 2026-12-06) its fingerprint.
 _NGRAM_SETTINGS = {"model": ("arch", "ngram_order", "ngram_add_k"),
                    "data": ("valid", "val_fraction", "dedup", "num_units", "max_valid_tokens")}
 

@@ -83,10 +83,7 @@ class Codebook(nn.Module):
     def reseed(self, unused: torch.Tensor, candidates: torch.Tensor, *, count: torch.Tensor | None = None) -> None:
         """Restart each unused codeword at a candidate vector with ``count`` (a () tensor; 1 when None):
         ``candidates`` (V, D), identical on every rank. Not part of the official method (``codebook_reseed_dead``)."""
-        if count is None:
-            self.codebook.copy_(torch.where(unused[:, None], candidates.float(), self.codebook))
-            self.counts.copy_(torch.where(unused, torch.ones_like(self.counts), self.counts))
-            return
-        count = count.to(self.counts)
+        count = torch.ones((), dtype=self.counts.dtype, device=self.counts.device) if count is None \
+            else count.to(self.counts)
         self.codebook.copy_(torch.where(unused[:, None], candidates.float() * count, self.codebook))
         self.counts.copy_(torch.where(unused, count.expand_as(self.counts), self.counts))

@@ -104,8 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="describe a checkpoint: model type, config, parameter counts, step",
         description="Print what a checkpoint holds, in any format spidr loads (training checkpoint, official "
-        "spidr_base.pt / dinosr_base_reproduced.pt, fairseq DinoSR, safetensors export, Hugging Face directory): "
-        "its format, model type, "
+        "spidr_base.pt / dinosr_base_reproduced.pt, fairseq DinoSR, safetensors export, Hugging Face directory, s3prl "
+        "export): its format, model type, "
         "training step, architecture, the config fields that differ from the base config, and parameter counts "
         "(student side, inference, teacher) and buffer sizes.",
         formatter_class=HelpFormatter,

@@ -266,9 +266,10 @@ class DinoSR(nn.Module):
         if distributed.rank() != 0:
             candidates.zero_()
         distributed.all_reduce_sum(candidates)
-        for i, (codebook, dead, cand) in enumerate(zip(self.codebooks, unused, candidates, strict=True)):
-            # a no-op where nothing is dead; asking first would cost a device sync
-            codebook.reseed(dead, cand, count=None if counts is None else counts[i])
+        # a no-op where nothing is dead; asking first would cost a device sync
+        for codebook, dead, cand, count in zip(self.codebooks, unused, candidates, counts or [None] * len(unused),
+                                               strict=True):
+            codebook.reseed(dead, cand, count=count)
 
     @property
     def codebook_init_due(self) -> bool:

@@ -174,9 +174,6 @@ def read_s3prl_export(data: Mapping[str, Any], *, where: str) -> tuple[ModelConf
             cfg = model_config_from_dict({**dataclasses.asdict(cfg), "encoder_qkv_bias": False}, "dinosr")
         if not cfg.encoder_qkv_bias:
             state = {key: value for key, value in state.items() if not key.endswith(".attention.qkv.bias")}
-        if "config" not in saved and saved.get("model_type") == "spidr":
-            fields = set(SpidRConfig.__dataclass_fields__)
-            cfg = model_config_from_dict({k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}, "spidr")
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     step = int(saved.get("step", 0))

@@ -468,6 +468,8 @@ def _start_or_resume(
     device: torch.device,
 ) -> tuple[_Run, bool]:
     """A fresh run (initial weights, new optimizer), or the state of the latest checkpoint; and whether fresh."""
+    if cfg.run.init_ckpt is not None and isinstance(model, DinoSR):  # started from loaded codebooks, or resumes so
+        model.keep_loaded_codebooks()
     latest = _load_agreed_checkpoint(checkpointer, denv)
     if latest is None:
         _load_initial_weights(model, cfg.run.init_ckpt, cfg.model)
@@ -479,8 +481,6 @@ def _start_or_resume(
                          path=path)
     if int(model.current_step) >= cfg.model.freeze_step:
         model.freeze_feature_encoder()
-    if cfg.run.init_ckpt is not None and isinstance(model, DinoSR):  # a run that started from loaded codebooks
-        model.keep_loaded_codebooks()
     if state.get("codebook_init_due", False):  # the skipped first step's data init is still to be done
         model.redo_codebook_init()
     # Rebuild the optimizer with the groups it was saved with (group 1 may already be removed).
@@ -655,8 +655,6 @@ def _load_initial_weights(model: nn.Module, path: str | None, model_cfg: ModelCo
     except RuntimeError as error:
         raise ValueError(f"run.init_ckpt = {path!r} does not fit the [model] config: {error}") from error
     model.current_step.zero_()  # a new run: schedules restart from step 0
-    if isinstance(model, DinoSR):
-        model.keep_loaded_codebooks()
     logger.info("initialised the model from %s", path)
 
 
