@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from spidr.input_files import existing_file
+
 ConvLayer = tuple[int, int, int]  # (channels, kernel, stride)
 
 DEFAULT_CONV_LAYERS: tuple[ConvLayer, ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
@@ -736,8 +738,7 @@ def shipped_config(name: str) -> Path:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON file into a dict (errors name the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+    existing_file(path, "config file")
     from spidr.text_files import utf8_errors_named
 
     with utf8_errors_named(path, "config file"):

@@ -12,7 +12,6 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from spidr.data import SAMPLE_RATE
 from spidr.data.manifest import UNKNOWN_LENGTH, UNKNOWN_LENGTH_REASON, ManifestEntry, read_member
+from spidr.input_files import why_not_a_file
 
 STANDARDIZE_EPS = 1e-5
 # Above this peak the float32 sum of squares of a long utterance can overflow (samples are normally within ±1, or
@@ -65,8 +65,8 @@ def decoding(name: str) -> Iterator[None]:
 
 def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
     """(S, C) float32 samples and the sample rate; every decoder failure becomes an ``AudioError``."""
-    if isinstance(source, str) and not Path(source).is_file():
-        raise AudioError(name, "file does not exist")
+    if isinstance(source, str) and (why := why_not_a_file(source)) is not None:
+        raise AudioError(name, f"file {why}" if why == "does not exist" else why)
     try:
         with decoding(name), sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as audio:
             if audio.frames >= UNKNOWN_LENGTH:  # read() would allocate for 2**63 frames and fail

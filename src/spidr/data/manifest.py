@@ -38,6 +38,7 @@ import soundfile as sf
 
 from spidr.atomic_files import replaced_when_done
 from spidr.data import AUDIO_EXTENSIONS, SAMPLE_RATE
+from spidr.input_files import existing_file
 from spidr.text_files import utf8_errors_named
 
 logger = logging.getLogger(__name__)
@@ -830,8 +831,7 @@ def read_manifest(path: str | Path) -> Manifest:
     """Read a ``.csv``, ``.tsv`` (fairseq) or ``.jsonl`` manifest into a columnar ``Manifest``; errors name the file
     and line. Reading streams the file: memory holds the columns, never one Python object per row."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"manifest {path} does not exist")
+    existing_file(path, "manifest", hint=f"spidr manifest {path} OUT.csv lists its audio files")
     readers = {".csv": _read_csv, ".tsv": _read_tsv, ".jsonl": _read_jsonl}
     if path.suffix not in readers:
         raise ValueError(f"manifest {path} has suffix {path.suffix!r}; expected one of "

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spidr.input_files import existing_file
 from spidr.text_files import utf8_errors_named
 
 FILE_COLUMN = "#file"
@@ -103,8 +104,7 @@ def _parse_time(value: object, source: str, column: str, where: str) -> Decimal:
 def read_items(path: str | Path) -> Items:
     """Read an ``.item``, ``.csv`` or ``.jsonl``/``.ndjson`` item file (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"item file {path} does not exist")
+    existing_file(path, "item file")
     with utf8_errors_named(path, "the item file"):
         match path.suffix:
             case ".item":

@@ -19,6 +19,7 @@ import torch
 
 from spidr.atomic_files import replaced_when_done
 from spidr.extras import import_extra
+from spidr.input_files import existing_file
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,7 @@ def save_centroids(
 def load_centroids(path: str | Path) -> torch.Tensor:
     """Read centroids (K, D) float32 from a safetensors file written by ``save_centroids`` (or a plain ``.npy``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"centroids file {path} does not exist")
+    existing_file(path, "centroids file")
     if path.suffix == ".npy":
         try:
             tensor = torch.from_numpy(np.load(path, allow_pickle=False))

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from spidr.eval.units import open_text, read_jsonl_rows
+from spidr.input_files import existing_file
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,7 @@ def check_alignment_rate(alignments: Mapping[str, Sequence[str]], num_samples: M
 def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> Alignments:
     """``{utterance: per-frame phone labels}`` from a JSONL or interval-TSV alignment file (see module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"alignment file {path} does not exist")
+    existing_file(path, "alignment file")
     name = path.name.removesuffix(".gz")
     if name.endswith((".jsonl", ".ndjson", ".json")):
         rows = ((key, [str(p) for p in phones]) for key, _, _, phones in read_jsonl_rows(path, field="phones"))

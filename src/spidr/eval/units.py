@@ -21,6 +21,7 @@ from typing import IO
 import numpy as np
 
 from spidr.atomic_files import replaced_when_done
+from spidr.input_files import existing_file
 
 
 def open_text(path: str | Path, mode: str = "r") -> IO[str]:
@@ -113,8 +114,7 @@ def read_units(path: str | Path) -> dict[str, np.ndarray]:
     holds ``true`` or ``false`` (a JSON boolean would otherwise pass as an integer).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"units file {path} does not exist")
+    existing_file(path, "units file")
     units: dict[str, np.ndarray] = {}
     for key, where, _, values, line in read_jsonl_rows_with_lines(path, field="units",
                                                                   refuse_deduplicated=FRAME_RATE_NEEDED):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from spidr.atomic_files import save_figure
+from spidr.input_files import existing_file
 from spidr.text_files import utf8_errors_named
 
 logger = logging.getLogger(__name__)
@@ -143,8 +144,7 @@ def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: S
     ``label_columns`` named) are an error: the point would count twice. Fewer than 3 rows left is an error.
     """
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise ValueError(f"table {csv_path} does not exist")
+    existing_file(csv_path, "table")
     with utf8_errors_named(csv_path, "the table"), csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])

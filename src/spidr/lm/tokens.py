@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from spidr.eval.units import deduplicate, holds_only_integers, read_jsonl_rows_with_lines
+from spidr.input_files import existing_file
 from spidr.lm.zerospeech import is_stem
 
 UnitsKind = Literal["units", "labels"]
@@ -67,8 +68,7 @@ def read_rows(path: str | Path, *,
     """``(stem, kind, where, values, line)`` per row, kind "units" or "labels", ``line`` its text; refuses bad JSON
     and repeated stems, and with ``refuse_deduplicated`` (why), rows written deduplicated."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"units file {path} does not exist")
+    existing_file(path, "units file")
     for stem, where, found, values, line in read_jsonl_rows_with_lines(
             path, field=("units", "phones"), key=file_stem, refuse_deduplicated=refuse_deduplicated):
         yield stem, "units" if found == "units" else "labels", where, values, line

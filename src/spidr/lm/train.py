@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spidr.distributed import all_reduce_sum, world_size
+from spidr.input_files import existing_file
 from spidr.lm.config import LmConfig, LmDataSection, LmModelSection, check_trainable
 from spidr.lm.data import WindowSampler, validation_windows
 from spidr.lm.models import NgramLM, build_lm, token_log_likelihoods
@@ -414,8 +415,7 @@ def lm_checkpoint_summary(path: str | Path) -> dict[str, Any]:
     """What ``spidr lm-score`` needs from a checkpoint, after checking it is one (raises ``ValueError``)."""
     from spidr.models.loading import load_torch_file
 
-    if not Path(path).is_file():
-        raise ValueError(f"LM checkpoint {path} does not exist")
+    existing_file(path, "LM checkpoint", hint=f"pass a checkpoint in it, e.g. {Path(path) / 'final.pt'}")
     try:
         state = load_torch_file(Path(path))
     except ValueError as error:

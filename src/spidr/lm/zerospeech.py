@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from spidr.atomic_files import write_atomically
+from spidr.input_files import existing_file
 from spidr.text_files import utf8_errors_named
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,7 @@ PARSERS: dict[str, Callable[[str], object]] = {
 
 def _read_gold(path: str | Path, item_type: type[Item]) -> list[Item]:
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"gold file {path} does not exist")
+    existing_file(path, "gold file")
     columns = [field.name for field in fields(item_type)]
     items: list[Item] = []
     seen: dict[str, int] = {}
@@ -302,8 +302,7 @@ def read_submission(path: str | Path) -> dict[str, float]:
     line) are read, and named in one warning: the file would not pass the official submission check as it is.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"submission file {path} does not exist")
+    existing_file(path, "submission file")
     scores: dict[str, float] = {}
     lines: dict[str, int] = {}
     unofficial: list[int] = []  # lines the official validator refuses

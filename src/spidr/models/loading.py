@@ -42,6 +42,7 @@ from spidr.config import (
     model_config_from_dict,
     read_config_file,
 )
+from spidr.input_files import existing_file
 from spidr.models.build import build_model
 from spidr.models.convert import (
     convert_fairseq_state_dict,
@@ -321,6 +322,13 @@ def _refuse_unit_lm(path: Path, data: Mapping[str, Any]) -> None:
                          "reads it")
 
 
+def _checkpoint_inside(folder: Path) -> str:
+    """": pass a checkpoint in it, e.g. <file>" for a folder holding .pt files (a training run), else ""."""
+    final = folder / "final.pt"
+    found = [final] if final.is_file() else sorted(folder.glob("*.pt"), key=lambda path: path.stat().st_mtime)
+    return f": pass a checkpoint in it, e.g. {found[-1]}" if found else ""
+
+
 def read_checkpoint(
     path: str | Path,
     *,
@@ -336,11 +344,10 @@ def read_checkpoint(
     path = Path(path)
     if path.is_dir():
         if not is_hf_directory(path):
-            raise ValueError(f"checkpoint {path} is a directory without a {CONFIG_FILE} declaring model_type "
-                             f"{MODEL_TYPE!r}: not an exported Hugging Face model")
+            raise ValueError(f"checkpoint {path} is a folder, not a file, and not an exported Hugging Face model "
+                             f"(no {CONFIG_FILE} declaring model_type {MODEL_TYPE!r}){_checkpoint_inside(path)}")
         return _read_hf(path, config, model_type)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+    existing_file(path, "checkpoint")
     if path.name == WEIGHTS_FILE and is_hf_directory(path.parent):
         # Only half of an exported model: its architecture is in the config.json beside it.
         logger.info("%s holds the weights of the Hugging Face directory %s: reading the directory", path, path.parent)
