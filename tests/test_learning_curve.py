@@ -4,6 +4,7 @@ grid end to end (child processes, cached points, a point added by a rerun)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -517,3 +518,26 @@ def test_a_schedule_whose_rounding_overshoots_takes_it_from_the_decay():
     the hold cannot go below 0, so the decay gives the 50 back and the phases still add up to 1,050."""
     assert stretched_schedule(100, 56, 0, 44, 1050) == {
         "max_steps": 1050, "warmup_steps": 600, "hold_steps": 0, "decay_steps": 450}
+
+
+@pytest.mark.parametrize("hours_seen", [
+    [1.2, 1.5, 1.9, 2.4, 3.1, 4.0],  # under a decade: matplotlib alone labelled every minor tick, overlapping
+    [1.2, 1.25, 1.3, 1.8],  # no 1-2-5 value inside: labelled at the points, the crowded ones left out
+    [0.05, 0.5, 5.0, 50.0, 500.0],  # four decades
+])
+def test_log_axis_labels_do_not_touch(hours_seen: list[float]) -> None:
+    from spidr.extras import figure
+    from spidr.learning_curve import label_log_axis
+
+    fig, ax = figure(figsize=(4.2, 3.5), purpose="the test")  # one of the curve's six panels, about
+    ax.plot(hours_seen, range(len(hours_seen)), "o-")
+    label_log_axis(ax, hours_seen)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    low, high = ax.get_xlim()
+    labels = [t for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+              if t.get_text() and low <= t.get_position()[0] <= high]
+    assert len(labels) >= 2
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda box: box.x0)
+    assert all(left.x1 < right.x0 for left, right in itertools.pairwise(boxes)), \
+        [t.get_text() for t in labels]

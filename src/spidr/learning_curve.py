@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -584,6 +585,40 @@ def _panel_value(point: PointSummary, field: str) -> float | None:
     return value
 
 
+def label_log_axis(ax: object, values: Sequence[float]) -> None:
+    """A log x axis with plain-number labels: at each decade over more than 1.5 decades, else at 1, 2 and 5 of
+    each decade, or at the points' own values when fewer than two of those fall within the points' range.
+    matplotlib alone labels every minor tick of a range under a decade, and those labels run into each other."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    values = [v for v in values if v > 0]  # a log axis shows no 0
+    if not values:
+        return
+    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    low, high = min(values), max(values)
+    nice = [m * 10.0**e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+            for m in (1, 2, 5)]
+    if math.log10(high / low) > 1.5:  # decades only (matplotlib thins them further when they are many)
+        ax.xaxis.set_major_locator(LogLocator(base=10))
+    elif sum(low <= v <= high for v in nice) >= 2:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    else:
+        ax.xaxis.set_major_locator(FixedLocator(_spread_out(sorted(set(values)))))
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _spread_out(values: list[float], min_ratio: float = 1.15) -> list[float]:
+    """``values`` (sorted, positive) without those closer than ``min_ratio`` to the last one kept: labels at most
+    a few per factor of two, so that they do not touch on a log axis."""
+    kept = values[:1]
+    for value in values[1:]:
+        if value >= kept[-1] * min_ratio:
+            kept.append(value)
+    return kept
+
+
 def plot_curve(points: Sequence[PointSummary], baselines: Baselines | None, path: Path) -> Path:
     """Six panels against audio-hours seen (log scale): one line per training-corpus size through the seeds' mean,
     each seed a dot; the random network and MFCC as horizontal lines."""
@@ -607,7 +642,7 @@ def plot_curve(points: Sequence[PointSummary], baselines: Baselines | None, path
                 if value is not None:
                     ax.axhline(value, linestyle=style, color="grey",
                                label="random init" if level.startswith("random") else "MFCC")
-        ax.set_xscale("log")
+        label_log_axis(ax, [p.audio_hours_seen for p in points])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("audio seen in training (h)")
         ax.grid(alpha=0.3)
