@@ -275,3 +275,4 @@ def test_a_validation_set_whose_batches_leave_much_audio_out_is_named(manifest: 
         (record,) = caplog.records
         assert "validation.dev.max_batch_length = 3000 samples" in record.getMessage()
         assert record.getMessage().endswith("a larger max_batch_length score it whole")
+

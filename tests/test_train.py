@@ -252,6 +252,118 @@ def test_a_stop_signal_during_the_first_validation_stops_after_one_step_with_a_c
     assert sorted(path.name for path in cfg.run.run_dir.glob("step_*.pt")) == ["step_0.pt", "step_1.pt"]
 
 
+def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once() -> None:
+    """Ctrl-C printed a KeyboardInterrupt traceback and lost every step since the last checkpoint (up to
+    run.save_interval); the first is now a stop request like SIGTERM's, and a second interrupts as Python does."""
+    from spidr.train.runtime import StopFlag
+
+    stop = StopFlag()
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_after_a_stop_request_a_data_worker_death_is_left_to_the_loader() -> None:
+    """torch's SIGCHLD handler raises a worker's death wherever the main thread is (mid-step, mid-save); after a
+    stop request that death is the signal's doing and waits for the loader's next read (the trainer's stop)."""
+    from spidr.train.runtime import StopFlag
+
+    def torch_like(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.")
+
+    previous = signal.signal(signal.SIGCHLD, torch_like)
+    try:
+        stop = StopFlag()
+        with stop.installed():
+            with pytest.raises(RuntimeError, match="is killed by signal"):
+                os.kill(os.getpid(), signal.SIGCHLD)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGCHLD)  # no error
+        assert signal.getsignal(signal.SIGCHLD) is torch_like
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+WORKER_DEATH = "DataLoader worker (pid(s) 4242) exited unexpectedly"  # torch's message
+
+
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_a_data_worker_killed_by_the_stop_signal_stops_the_run_before_its_step(tmp_path, corpus, monkeypatch,
+                                                                               host_sync):
+    """A worker ignores stop signals once it runs, but one started by spawn or forkserver (the macOS default,
+    Python 3.14's Linux default) takes a second or so to get there: a SIGTERM to the process group then killed it,
+    and the run ended in "DataLoader worker exited unexpectedly" with nothing saved. It now saves the steps taken,
+    with the data put back before the step whose micro-batches it was reading, and the resume is exact."""
+    sections = {"optimizer": {"max_steps": 8, "grad_accum_steps": 2},
+                "run": {"host_sync": host_sync, "log_interval": 3, "save_interval": 6}}
+    reference = tiny_config(tmp_path / "a", corpus, **sections)
+    assert train(reference) == "completed"
+
+    real = loop._batches
+
+    def worker_dies(loader):
+        for number, batch in enumerate(real(loader)):
+            if number == 9:  # step 5's second micro-batch (steps 1-4 read batches 0-7)
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError(WORKER_DEATH)
+            yield batch
+
+    monkeypatch.setattr(loop, "_batches", worker_dies)
+    cfg = tiny_config(tmp_path / "b", corpus, **sections)
+    assert train(cfg) == "interrupted"
+    saved = torch.load(cfg.run.run_dir / "step_4.pt", weights_only=True)
+    four_steps = tiny_config(tmp_path / "c", corpus, **{**sections, "optimizer": {**sections["optimizer"],
+                                                                                   "max_steps": 4}})
+    monkeypatch.undo()
+    assert train(four_steps) == "completed"
+    after_four = torch.load(four_steps.run.run_dir / "final.pt", weights_only=True)
+    assert [{key: rank[key] for key in ("sampler", "loader")} for rank in saved["ranks"]] == [
+        {key: rank[key] for key in ("sampler", "loader")} for rank in after_four["ranks"]]
+    assert train(cfg) == "completed"
+    final_a = torch.load(reference.run.run_dir / "final.pt", weights_only=True)
+    final_b = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)
+    for key, value in final_a["model"].items():
+        assert torch.equal(value, final_b["model"][key]), key
+    assert {r["step"]: r["loss"] for r in _train_records(reference.run.run_dir)} == {
+        r["step"]: r["loss"] for r in _train_records(cfg.run.run_dir)}
+
+
+def test_a_data_worker_killed_by_the_stop_signal_during_validation_stops_the_run(tmp_path, corpus, monkeypatch):
+    """The same during a validation (whose loader starts its workers each time): the run stops at the checkpoint
+    just saved, and the resume validates it first."""
+    real = loop.validate
+    calls = []
+
+    def worker_dies(*args, **kwargs):
+        calls.append(True)
+        if len(calls) == 2:  # step 3's validation
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError(WORKER_DEATH)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", worker_dies)
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 8}, validation={"dev": {"manifest": str(corpus)}})
+    assert train(cfg) == "interrupted"
+    assert sorted(path.name for path in cfg.run.run_dir.glob("step_*.pt")) == ["step_0.pt", "step_3.pt"]
+    monkeypatch.undo()
+    assert train(cfg) == "completed"
+    validated = [r["step"] for r in read_metrics(cfg.run.run_dir / "metrics.jsonl") if r["group"] == "dev"]
+    assert sorted(set(validated)) == [0, 3, 6, 8]
+
+
+def test_a_data_worker_error_without_a_stop_signal_still_stops_the_run(tmp_path, corpus, monkeypatch):
+    def worker_dies(loader):
+        raise RuntimeError(WORKER_DEATH)
+        yield
+
+    monkeypatch.setattr(loop, "_batches", worker_dies)
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        train(tiny_config(tmp_path, corpus))
+
+
 def test_a_stop_signal_during_the_final_validation_stops_the_caller_after_final_pt(tmp_path, corpus, monkeypatch):
     """A SIGTERM during the last save or validation was logged ("will save a checkpoint and stop") and ignored:
     train() said "completed", and the demo went on through minutes of evaluation. The run is complete (final.pt),

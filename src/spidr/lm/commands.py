@@ -71,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train on units (spidr extract --codebooks / spidr units / spidr lm-units JSONL) or frame labels "
         "(the phone oracle). Resumes exactly from the latest checkpoint in <workdir>/<name>. Several processes: "
         "torchrun --nproc-per-node N -m spidr lm-train CONFIG. Exit status: 0 done, 1 diverged, 2 when the config or "
-        "data are refused (or the run folder holds another run), 3 stopped by a signal after saving a checkpoint.",
+        "data are refused (or the run folder holds another run), 3 stopped by a signal (SIGTERM/SIGUSR1/SIGUSR2, or "
+        "Ctrl-C: a second one stops at once, unsaved) after saving a checkpoint.",
         formatter_class=FORMATTER,
     )
     train.add_argument("config", help="LM config (.toml or .json), e.g. configs/lm-lstm.toml")

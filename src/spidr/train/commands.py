@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "directory <workdir>/<wandb_project>/<wandb_name>. Multi-GPU: torchrun --nproc-per-node N -m spidr train "
         "CONFIG. Exit status: 0 when max_steps is reached, 1 when training diverged (too many non-finite steps), "
         "2 when the config or data are refused or another process trains in the run directory, 3 when stopped by "
-        "SIGTERM/SIGUSR1/SIGUSR2 (to the trainer or its process group) after saving a checkpoint.",
+        "SIGTERM/SIGUSR1/SIGUSR2 or Ctrl-C (to the trainer or its process group) after saving a checkpoint (a "
+        "second Ctrl-C stops at once, unsaved).",
         formatter_class=formatter,
     )
     train.add_argument("config", help="run config (.toml or .json)")

@@ -401,12 +401,12 @@ def train(cfg: Config) -> Outcome:
             if denv.is_main:
                 checkpointer.save(state, step=None if final else run.step)
 
-        def run_validation(names: Sequence[str] | None = None) -> None:
-            for name, val_loader in validation.items():
-                if names is None or name in names:
-                    metrics_logger.log(run.step, name, validate(raw_model, val_loader, device=device,
-                                                                precision=precision))
-                    val_loader.tracker.check_across_ranks(device)
+        def run_validation(names: Sequence[str] | None = None) -> bool:
+            """Validate on ``names`` (None: every set); False when the stop signal cut it short (a data worker died
+            of it): then the run stops at this step, whose checkpoint is saved, and validates it on resume."""
+            return all(_validate_and_log(raw_model, val_loader, name, step=run.step, stop=stop, device=device,
+                                         precision=precision, metrics_logger=metrics_logger)
+                       for name, val_loader in validation.items() if names is None or name in names)
 
         # From here a stop signal is a request (a SIGTERM during the first validation killed the run with status 143
         # and no word); earlier, during the rendezvous and set-up, it still ends the process at once.
@@ -414,12 +414,11 @@ def train(cfg: Config) -> Outcome:
         cleanup.enter_context(stop.installed())
         if fresh:
             save()  # step_0.pt: the exact initial state, before any wrapper
-            run_validation()
-        else:
-            unlogged = _unlogged_validations(run.step, cfg, checkpointer, denv)
-            if unlogged:  # the last run stopped between writing the checkpoint and logging its validation
-                logger.info("validating step %d, whose checkpoint has no %s record", run.step, ", ".join(unlogged))
-                run_validation(unlogged)
+        unlogged = None if fresh else _unlogged_validations(run.step, cfg, checkpointer, denv)
+        if unlogged:  # the last run stopped between writing the checkpoint and logging its validation
+            logger.info("validating step %d, whose checkpoint has no %s record", run.step, ", ".join(unlogged))
+        if not run_validation(unlogged):  # a fresh run's every set; a resumed one's unlogged sets (or none)
+            return "interrupted"
         if run.step >= cfg.optimizer.max_steps:
             logger.info("step %d >= optimizer.max_steps = %d: nothing to do", run.step, cfg.optimizer.max_steps)
             if not checkpointer.path_for(None).is_file():  # a run that went on past its final.pt, then back
@@ -501,7 +500,7 @@ def _start_or_resume(
     return run, False
 
 
-def _steps(
+def _steps(  # noqa: PLR0912 -- the step loop on one screen, in order
     run: _Run,
     model: nn.Module,
     loader: Any,
@@ -512,7 +511,7 @@ def _steps(
     checkpointer: Checkpointer,
     metrics_logger: MetricsLogger,
     save: Callable[..., None],
-    run_validation: Callable[[], None],
+    run_validation: Callable[[], bool],
     skip_on_device: bool,
 ) -> Outcome:
     """The step loop up to ``optimizer.max_steps``: train steps, NaN/Inf streaks, logging, checkpoints, validation
@@ -530,7 +529,9 @@ def _steps(
     while run.step < cfg.optimizer.max_steps:
         if run.step >= cfg.model.freeze_step and len(run.optimizer.param_groups) > 1:
             remove_frozen_group(run.optimizer, run.scheduler)  # the extractor froze in update_ema (spec §4.7)
-        micro_batches = [next(batches).to(device, non_blocking=True) for _ in range(cfg.optimizer.grad_accum_steps)]
+        micro_batches = _read_micro_batches(batches, run, loader, stop=stop, device=device)
+        if micro_batches is None:  # a data worker died of the stop signal: save before this step, as for it
+            return _stop_before_step(run, unread, interval=interval, save=save)
         out = train_step(
             model, micro_batches, run.optimizer, run.scheduler, step=run.step, precision=precision,
             scaler=run.scaler, max_norm=cfg.optimizer.max_norm, stop_requested=stop.requested,
@@ -560,7 +561,7 @@ def _steps(
                     return "interrupted"
                 continue
             run.step += 1
-        saved = False
+        saved = cut_short = False
         if run.step % cfg.run.log_interval == 0 or run.step == cfg.optimizer.max_steps:
             values = interval.close(lr=out.lr, ema_decay=out.ema_decay, epoch=run.sampler.epoch)
             metrics_logger.log(run.step, "train", values)
@@ -570,8 +571,8 @@ def _steps(
         if checkpointer.should_save(run.step) and run.step < cfg.optimizer.max_steps:
             save()
             saved = True
-            run_validation()
-        if stop_here or any(output.stop_requested for output in outputs):
+            cut_short = not run_validation()
+        if stop_here or cut_short or any(output.stop_requested for output in outputs):
             if not saved:
                 save()
             logger.info("stopped by a signal at step %d; checkpoint saved", run.step)
@@ -761,6 +762,77 @@ def _wrap(model: nn.Module, cfg: Config, denv: DistributedEnvironment, device: t
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=True,
     )
+
+
+def _killed_by_the_stop(error: RuntimeError, stop: StopFlag | None) -> bool:
+    """Whether ``error`` is a data worker's death that the stop signal explains. A worker ignores stop signals
+    once it runs (``spidr.data.loader``), but one started by spawn or forkserver (the macOS default, Python 3.14's
+    Linux default) takes a second or so to get there, and a signal to the process group in between kills it. With
+    one process the run then saves and stops as for the signal alone; with several, the other ranks are in a
+    collective, and the error stands (the last checkpoint still resumes exactly)."""
+    return (stop is not None and stop.requested and world_size() == 1
+            and str(error).startswith("DataLoader worker"))
+
+
+def _read_micro_batches(batches: Iterator[Any], run: _Run, loader: Any, *, stop: StopFlag,
+                        device: torch.device) -> list[Any] | None:
+    """The step's ``optimizer.grad_accum_steps`` micro-batches on ``device``; None when a data worker died of the
+    stop signal, with the data's position put back before the first of them (a checkpoint then reads them again)."""
+    before = _LoaderPosition.of(run.sampler, loader)
+    try:
+        return [next(batches).to(device, non_blocking=True) for _ in range(run.cfg.optimizer.grad_accum_steps)]
+    except RuntimeError as error:
+        if not _killed_by_the_stop(error, stop):
+            raise
+    before.restore(run.sampler, loader)
+    return None
+
+
+def _stop_before_step(run: _Run, unread: list[StepOutput], *, interval: _Interval,
+                      save: Callable[..., None]) -> Outcome:
+    """Save a checkpoint after the steps taken (those the host has not read yet counted first), and stop."""
+    read_step_outputs(unread)
+    _account(run, unread, first_step=run.step - len(unread) + 1, interval=interval, save=save)
+    save()
+    logger.info("stopped by a signal at step %d; checkpoint saved", run.step)
+    return "interrupted"
+
+
+def _validate_and_log(model: nn.Module, loader: Any, name: str, *, step: int, stop: StopFlag, device: torch.device,
+                      precision: Precision, metrics_logger: MetricsLogger) -> bool:
+    """Validate on ``loader`` and log its scores as ``name``; False (and nothing logged) when a data worker died of
+    the stop signal."""
+    try:
+        scores = validate(model, loader, device=device, precision=precision)
+    except RuntimeError as error:
+        if not _killed_by_the_stop(error, stop):
+            raise
+        logger.warning("validation %s at step %d cut short by the stop signal", name, step)
+        return False
+    metrics_logger.log(step, name, scores)
+    loader.tracker.check_across_ranks(device)
+    return True
+
+
+@dataclass(frozen=True)
+class _LoaderPosition:
+    """Where the training data stood before a step's micro-batches were read: what a checkpoint saved in their
+    stead must record for the resume to read them again."""
+
+    epoch: int
+    position: int
+    yielded_in_epoch: bool
+    tally: tuple[int, int, int]  # the bad-file tracker's seen, bad, passes
+
+    @classmethod
+    def of(cls, sampler: Any, loader: Any) -> _LoaderPosition:
+        tracker = loader.tracker
+        return cls(sampler.epoch, sampler.position, loader.yielded_in_epoch,
+                   (tracker.seen, tracker.bad, tracker.passes))
+
+    def restore(self, sampler: Any, loader: Any) -> None:
+        sampler.epoch, sampler.position, loader.yielded_in_epoch = self.epoch, self.position, self.yielded_in_epoch
+        loader.tracker.seen, loader.tracker.bad, loader.tracker.passes = self.tally
 
 
 def _batches(loader: Any) -> Iterator[Any]:

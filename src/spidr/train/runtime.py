@@ -22,7 +22,12 @@ from spidr.train.environment import broadcast_from_main
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # kill/time-out/pre-emption notices: save, then exit
+# Kill/time-out/pre-emption notices and Ctrl-C: save, then exit (a second Ctrl-C stops at once, without saving).
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+
+def _stop_signals() -> set[signal.Signals]:
+    return {getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)}  # SIGUSR1/2: POSIX only
 
 
 def configure_numerics(device: torch.device, *, deterministic: bool) -> None:
@@ -134,25 +139,51 @@ STOP_POLL_STEPS = 10
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGUSR2; the loop saves a checkpoint and returns at the next step boundary."""
+    """Set by SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT (Ctrl-C); the loop saves a checkpoint and returns at the next
+    step boundary. A second Ctrl-C raises ``KeyboardInterrupt`` at once, as Python does by default."""
 
     def __init__(self) -> None:
         self.requested = False
+        self._child_handler: Any = None  # the SIGCHLD handler replaced by _leave_worker_deaths_to_the_loader
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        again = "; Ctrl-C again stops at once, without saving" if signum == signal.SIGINT else ""
         logger.warning("received %s: will save a checkpoint and stop after this step (with several processes, "
-                       "at the step they agree on, within %d steps)", signal.Signals(signum).name, STOP_POLL_STEPS)
+                       "at the step they agree on, within %d steps)%s", signal.Signals(signum).name,
+                       STOP_POLL_STEPS, again)
         self.requested = True
+        self._leave_worker_deaths_to_the_loader()
+
+    def _leave_worker_deaths_to_the_loader(self) -> None:
+        """torch's SIGCHLD handler raises a data worker's death wherever the main thread is, in the middle of a
+        step or a save. After a stop request, such a death is the signal's doing (it reached a worker that had not
+        yet come to ignore it: ``spidr.data.loader``), and is left to the loader's next read, which the trainer
+        takes for the stop (``spidr.train.loop``)."""
+        child = getattr(signal, "SIGCHLD", None)  # POSIX only
+        handler = signal.getsignal(child) if child is not None else None
+        if self._child_handler is not None or not callable(handler):
+            return
+        self._child_handler = handler
+
+        def quiet(signum: int, frame: Any) -> None:
+            with contextlib.suppress(RuntimeError):
+                handler(signum, frame)
+
+        signal.signal(child, quiet)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        signals = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-        previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        previous = {sig: signal.signal(sig, self._handle) for sig in _stop_signals()}
         try:
             yield
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self._child_handler is not None:
+                signal.signal(signal.SIGCHLD, self._child_handler)
+                self._child_handler = None
