@@ -207,7 +207,7 @@ def random_task(seed: int, *, num_items: int = 60, speakers: int = 3, phones: st
     for _ in range(num_items):
         s, first = int(rng.integers(speakers)), int(rng.integers(0, 75))
         rows.append((f"spk{s}/utt", first, first + int(rng.integers(0, 4)), str(rng.choice(list(phones))), f"s{s}",
-                     str(rng.choice(["p", "q"])), "n"))
+                     str(rng.choice(["p", "q"])), str(rng.choice(["n", "m"]))))  # context "within" needs both
     return features, make_items(rows)
 
 
@@ -488,3 +488,17 @@ def test_features_a_distance_cannot_compare_are_refused_by_name() -> None:
     empty = Items((), (), (), dict.fromkeys(items.labels, ()), source="empty.item")
     with pytest.raises(ValueError, match=r"empty\.item holds no items to score"):
         abx(units, empty, distance="identical")
+
+
+def test_max_size_group_draws_a_uniform_seeded_subset():
+    """--max-size-group keeps a seeded random subset of a large group: the first N items every time would make
+    --seed do nothing."""
+    # A group of 5 'a' items capped at 2: over 200 seeds every item is kept in about 2/5 of them.
+    rows = [("f", i, i, "a", "s") for i in range(5)] + [("f", 5, 5, "b", "s")]
+    from spidr.eval.abx_cells import Groups, Labels
+
+    kept = np.zeros(5)
+    for seed in range(200):
+        groups = Groups.build(Labels.from_items(make_items(rows), context="any"), max_size_group=2, seed=seed)
+        kept[groups.members[0]] += 1
+    assert np.all(np.abs(kept / 200 - 0.4) < 0.12)

@@ -276,3 +276,14 @@ def test_a_validation_set_whose_batches_leave_much_audio_out_is_named(manifest: 
         assert "validation.dev.max_batch_length = 3000 samples" in record.getMessage()
         assert record.getMessage().endswith("a larger max_batch_length score it whole")
 
+
+def test_the_same_batch_position_gets_new_masks_every_epoch(tmp_path):
+    from spidr.data.loader import build_dataloader
+    from train_fixtures import tiny_config, write_corpus
+    manifest = write_corpus(tmp_path / "c", num_files=3, seconds=(0.6, 0.9))
+    cfg = tiny_config(tmp_path, manifest, data={"max_batch_length": 10**7, "num_buckets": 1})
+    loader, sampler = build_dataloader(cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config)
+    assert len(sampler) == 1
+    (first,) = list(loader)
+    (second,) = list(loader)
+    assert not torch.equal(first.mask, second.mask)

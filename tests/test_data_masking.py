@@ -200,3 +200,14 @@ def test_rows_one_frame_apart_are_trimmed_to_the_fewest_too() -> None:
         assert not (trimmed & ~free_mask).any()
         apart_by_one += int(free.max() - free.min() == 1)
     assert apart_by_one >= 5  # the case this test is about did come up
+
+
+def test_a_row_barely_longer_than_its_spans_takes_the_reference_start_range():
+    """T = 12, l = 10, 2 spans: the reference shrinks the start range when T − l <= n (to T − n − 1 = 9 → starts
+    {0, 1, 2}): 2 distinct starts out of 3, so 12 frames masked with P = 1/3 ({0, 2}) and 11 otherwise."""
+    generator = torch.Generator().manual_seed(0)
+    draws = 600
+    full = sum(int(compute_mask_indices((1, 12), None, mask_prob=0.8, mask_length=10, min_masks=2,
+                                        generator=generator).sum()) == 12 for _ in range(draws))
+    sigma = math.sqrt(draws * (1 / 3) * (2 / 3))
+    assert abs(full - draws / 3) < 5 * sigma, full

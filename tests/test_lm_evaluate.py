@@ -20,6 +20,7 @@ from spidr import cli
 from spidr.lm.evaluate import (
     accuracy,
     bootstrap_ci,
+    breakdown,
     breakdown_records,
     evaluate_benchmark,
     evaluate_lexical,
@@ -700,3 +701,22 @@ def test_a_null_lm_on_the_synthetic_sblimp_is_off_chance_about_5_percent_of_the_
         pairwise_misses += not pairwise.ci_low <= 0.5 <= pairwise.ci_high
     assert clustered_misses / runs < 0.09
     assert pairwise_misses / runs > 0.11  # what drawing pairs one by one gave
+
+
+def test_cluster_bootstrap_resamples_the_pooled_mean():
+    # Clusters A = (1, 1, 1) and B = (0): a resample of 2 clusters is AA → 1, BB → 0 or AB → 3/4 (the pooled mean of
+    # 4 values, as the headline score pools pairs), with probability ½. The central 40 % is all AB.
+    assert bootstrap_ci([1, 1, 1, 0], clusters=["A", "A", "A", "B"], level=0.4) == (0.75, 0.75)
+
+
+def test_binomial_test_counts_clusters_by_their_mean():
+    # 30 clusters each exactly half right: every cluster is at chance and none is decided → p = 1.
+    assert accuracy([1.0, 0.0, 1.0, 0.0] * 30, clusters=np.repeat(np.arange(30), 4)).p_value == 1.0
+
+
+def test_a_breakdown_row_gets_an_interval_from_five_values_on():
+    (five,) = breakdown(("type",), [(("t",), v) for v in (1.0, 1.0, 1.0, 1.0, 0.0)]).rows
+    assert five.ci_low is not None
+    assert five.p_value is not None
+    (four,) = breakdown(("type",), [(("t",), v) for v in (1.0, 1.0, 1.0, 0.0)]).rows
+    assert (four.ci_low, four.p_value) == (None, None)

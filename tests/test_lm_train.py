@@ -995,3 +995,40 @@ def test_speech_model_commands_name_a_unit_lm_checkpoint_for_what_it_is(tmp_path
     for command in (["info", str(final)], ["export", str(final), str(tmp_path / "x.safetensors")]):
         assert main(command) == 2
         assert f"{final} is a unit-LM checkpoint (spidr lm-train), not a SpidR/DinoSR model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gpt"])
+def test_lm_score_writes_the_log_probability_of_the_deduplicated_units_and_eos(tmp_path, arch):
+    """Each submission line against a forward pass computed here: a dedup-trained LM scores BOS + the units with
+    repeats collapsed + EOS; --norm sum writes Σ log p of the predicted tokens, --norm mean (the default) that sum
+    over their count (units after dedup + EOS). Items of unequal lengths with repeats tell every choice apart."""
+    from spidr.lm.score import find_unit_files, score_benchmark
+    from spidr.lm.tokens import Vocabulary
+    from spidr.lm.train import load_lm
+
+    cfg_path = _config(tmp_path, "dedup", data={"dedup": True}, optimizer={"max_steps": 10},
+                       model={"arch": arch, "dropout": 0.0, "num_heads": 2, "ffn_dim": 64} if arch == "gpt" else
+                       {"dropout": 0.0})
+    assert main(["lm-train", str(cfg_path)]) == 0
+    final = tmp_path / "runs" / "dedup" / "final.pt"
+    items = {"a": [3, 3, 3, 1, 4, 4], "b": [2, 7, 7, 1, 8, 2, 8, 8, 5], "c": [9], "d": [6, 6]}
+    units = tmp_path / "items"
+    (units / "lexical").mkdir(parents=True)
+    (units / "lexical" / "dev.jsonl").write_text("".join(json.dumps({"name": k, "units": v}) + "\n"
+                                                         for k, v in items.items()))
+    model, info, _ = load_lm(final)
+    vocab = Vocabulary(info["num_units"])
+    expected = {}
+    for name, values in items.items():
+        deduplicated = [u for i, u in enumerate(values) if i == 0 or u != values[i - 1]]
+        tokens = torch.tensor([vocab.bos, *deduplicated, vocab.eos])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(tokens[None, :-1]).double(), dim=-1)[0]
+        expected[name] = (float(logp.gather(1, tokens[1:, None]).sum()), len(deduplicated) + 1)
+    for norm in ("sum", "mean"):
+        score_benchmark(final, find_unit_files(units), tmp_path / norm, norm=norm)
+        written = read_submission(tmp_path / norm / "lexical" / "dev.txt")
+        for name, (total, count) in expected.items():
+            assert written[name] == pytest.approx(total if norm == "sum" else total / count, abs=1e-4), (norm, name)
+    rows = {json.loads(line)["name"]: json.loads(line) for line in (tmp_path / "sum" / "scores.jsonl").open()}
+    assert {name: row["num_tokens"] for name, row in rows.items()} == {"a": 4, "b": 8, "c": 2, "d": 2}

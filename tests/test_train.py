@@ -28,7 +28,7 @@ from spidr.data.loader import build_dataloader
 from spidr.models.build import build_model
 from spidr.train import loop
 from spidr.train.checkpoint import Checkpointer, read_int
-from spidr.train.loop import TrainingDivergedError, train, train_step
+from spidr.train.loop import StepOutput, TrainingDivergedError, _account, _Interval, train, train_step
 from spidr.train.metrics import read_metrics
 from spidr.train.optim import build_optimizer, build_scheduler
 from spidr.train.plot import plot_training
@@ -1011,3 +1011,53 @@ def test_validation_leaves_out_a_batch_with_no_masked_frame():
     with_empty = validate(model, [scored, unmasked], device=torch.device("cpu"), precision=FP32)
     assert math.isfinite(alone["loss"])
     assert with_empty == alone
+
+
+def _output(skipped: bool) -> StepOutput:
+    values = torch.tensor([1.0, float(skipped), 0, 1, 10, 160, 1, 5, 5, 1, 5, 5, 3], dtype=torch.float64)
+    return StepOutput(values, lr=1e-3, ema_decay=None)
+
+
+def test_the_non_finite_streak_counts_consecutive_skips_only():
+    """Ten isolated skipped steps are no divergence: a taken step resets the streak; three in a row (the limit
+    here) save and stop."""
+    from types import SimpleNamespace
+
+    def run():
+        return SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(max_consecutive_nonfinite=3, run_dir="run")),
+                               nonfinite_streak=0, step=0)
+
+    saves = []
+    isolated = run()
+    pattern = [True, False, True, True, False, True, True, False]  # never 3 in a row
+    _account(isolated, [_output(s) for s in pattern], first_step=1, interval=_Interval(),
+             save=lambda: saves.append(1))
+    assert saves == []
+    assert isolated.nonfinite_streak == 0
+    with pytest.raises(TrainingDivergedError, match="3 consecutive steps"):
+        _account(run(), [_output(s) for s in [False, True, True, True]], first_step=1, interval=_Interval(),
+                 save=lambda: saves.append(1))
+    assert saves == [1]
+
+
+def test_resume_restores_the_streak_the_loss_scale_and_the_bad_file_tally(tmp_path):
+    from spidr.train.environment import DistributedEnvironment
+    manifest = write_corpus(tmp_path / "c", num_files=6, seconds=(0.5, 0.8))
+    cfg = tiny_config(tmp_path, manifest, optimizer={"max_steps": 1})
+    assert loop.train(cfg) == "completed"
+    path = cfg.run.run_dir / "final.pt"
+    state = torch.load(path, weights_only=True)
+    state["nonfinite_streak"] = 2
+    state["scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()
+    state["ranks"][0]["loader"]["bad_files"] = {"seen": 40, "bad": 3, "passes": 1, "reasons": {"x.wav": "bad"}}
+    torch.save(state, path)
+    model = build_model(cfg.model)
+    loader, sampler = build_dataloader(cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config)
+    scaler = torch.amp.GradScaler("cpu")
+    run, fresh = loop._start_or_resume(cfg, model, sampler=sampler, loader=loader, scaler=scaler,
+                                       checkpointer=Checkpointer(cfg.run.run_dir, save_interval=3),
+                                       denv=DistributedEnvironment(), device=torch.device("cpu"))
+    assert not fresh
+    assert run.nonfinite_streak == 2
+    assert scaler.get_scale() == 1024.0
+    assert (loader.tracker.seen, loader.tracker.bad) == (40, 3)

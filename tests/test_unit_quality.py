@@ -169,3 +169,12 @@ def test_alignments_are_codes_and_intervals_are_placed_per_interval(tmp_path: Pa
     assert at_50["u"] == ["SIL", "K", "AE"]
     metrics = unit_quality({"u": [0, 1, 1]}, at_50, unit_rate_hz=50, alignment_rate_hz=50, num_units=2)
     assert metrics["phone_purity"] == pytest.approx(2 / 3)
+
+
+def test_active_codewords_count_units_not_phones():
+    assert quality_from_counts(np.array([[2, 1, 1], [0, 1, 0]]))["active_codewords"] == 3
+
+
+def test_two_frames_of_length_difference_are_accepted():
+    # 3 units at 50 Hz = 6 frames of 10 ms against 4 labels: differ by 2, allowed (MAX_LENGTH_MISMATCH).
+    unit_quality({"u": [0, 1, 1]}, {"u": ["A", "A", "B", "B"]}, num_units=2)
