@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import os
 import tarfile
 from pathlib import Path
 
@@ -125,6 +127,19 @@ def test_scan_tar_and_read_members(corpus: Path, tmp_path: Path) -> None:
     assert header == "fileid,path,num_samples,archive,byte_offset,byte_size"
     upper = archive.rename(archive.with_name("ARCHIVE.TAR"))  # the suffix in capitals is a tar all the same
     assert [e.fileid for e in scan(upper, progress=False).entries] == ["a", "b"]
+
+
+def test_archive_members_are_read_without_pread_as_on_windows(corpus: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.pread and os.O_CLOEXEC are POSIX only: a tar manifest failed on Windows with an AttributeError."""
+    originals = {"x/a.wav": (corpus / "a.wav").read_bytes(), "x/b.flac": (corpus / "sub" / "b.flac").read_bytes()}
+    entries = scan(make_tar(tmp_path, originals), progress=False).entries
+    monkeypatch.delattr(os, "pread")
+    monkeypatch.delattr(os, "O_CLOEXEC")
+    assert [read_member(entry) for entry in entries] == [originals[entry.path] for entry in entries]
+    beyond = dataclasses.replace(entries[0], byte_offset=10**9)
+    with pytest.raises(OSError, match=r"lies beyond the end of .*\(\d+ bytes\)"):
+        read_member(beyond)
 
 
 def test_compressed_tar_is_refused(corpus: Path, tmp_path: Path) -> None:

@@ -334,14 +334,19 @@ def read_member(entry: ManifestEntry) -> bytes:
     """The bytes of an archive entry, read from its tar; OSError when the tar cannot be read or ends before it."""
     if entry.archive is None or entry.byte_offset is None or entry.byte_size is None:
         raise ValueError(f"{entry.path} is not an archive member")
-    descriptor = _ARCHIVE_FILES.get(entry.archive)
-    if descriptor is None:
-        descriptor = _ARCHIVE_FILES[entry.archive] = os.open(entry.archive, os.O_RDONLY | os.O_CLOEXEC)
-    data = os.pread(descriptor, entry.byte_size, entry.byte_offset)
+    if hasattr(os, "pread"):
+        descriptor = _ARCHIVE_FILES.get(entry.archive)
+        if descriptor is None:
+            descriptor = _ARCHIVE_FILES[entry.archive] = os.open(entry.archive, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(descriptor, entry.byte_size, entry.byte_offset)
+    else:  # Windows: no pread (nor fork, whose workers would share a file position); a file opened per read
+        with open(entry.archive, "rb") as handle:
+            handle.seek(entry.byte_offset)
+            data = handle.read(entry.byte_size)
     if len(data) != entry.byte_size:
         end = entry.byte_offset + entry.byte_size
         raise OSError(f"byte range [{entry.byte_offset}, {end}) lies beyond the end of {entry.archive} "
-                      f"({os.fstat(descriptor).st_size} bytes)")
+                      f"({os.stat(entry.archive).st_size} bytes)")
     return data
 
 
