@@ -451,3 +451,17 @@ def test_a_run_s_checkpoint_is_named_after_its_run_folder(tmp_path):
     assert default_model_name("spidr_base.pt") == "spidr_base"
     assert default_model_name(tmp_path / "exports" / "final.safetensors") == "final"
     assert default_model_name(tmp_path / "spidr_base_hf") == "spidr_base_hf"
+
+
+def test_ctrl_c_outside_a_training_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt printed a traceback from every command; training itself takes the first Ctrl-C for a
+    stop request (tests/test_train.py)."""
+    from spidr import cli
+    from spidr.data import manifest
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifest, "scan", interrupted)
+    assert cli.main(["manifest", str(tmp_path), str(tmp_path / "m.csv")]) == 130
+    assert capsys.readouterr().err == "spidr manifest: interrupted\n"

@@ -24,6 +24,8 @@ from spidr.models import commands as model_commands
 from spidr.train import commands as train_commands
 from spidr.training_stopped import EXIT_STOPPED, TrainingStoppedError
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C ended
+
 AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands,
          lm_commands, lm_eval_commands, demo, learning_curve)
 
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(verbose=args.verbose)
     try:
         return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training (which takes the first one for a stop request): one line, not a traceback, and
+        # the status a shell gives a command that Ctrl-C ended.
+        print(f"spidr {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TrainingStoppedError as error:
         # Stopped by a signal after a checkpoint, as `spidr train` (exit 3): nothing failed.
         print(f"spidr {args.command}: stopped: {error}", file=sys.stderr)
