@@ -555,3 +555,53 @@ def test_output_stems_under_the_filesystem_root_keep_their_first_folder():
     with one more character cut off."""
     entries = [ManifestEntry("x", "/a/x.wav", 10), ManifestEntry("y", "/b/y.wav", 10)]
     assert list(output_stems(entries)) == ["a/x", "b/y"]
+
+
+DEFAULT_CONV = [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2
+TINY_TOML_CONV = [[32, 10, 5], [32, 8, 4], [32, 8, 8]]  # configs/tiny.toml: 160-sample hop, receptive field 185
+
+
+@pytest.mark.parametrize("conv", [DEFAULT_CONV, TINY_TOML_CONV], ids=["hop-320", "hop-160-tiny-toml"])
+def test_windowed_front_end_is_whole_file_front_end_exactly(tmp_path, conv):
+    """The conv front end and projection are local (layer_norm mode: per-frame LayerNorm), so windows that start
+    on the frame grid must reproduce the whole file's front-end frames exactly, whatever the hop."""
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**{**TINY, "extractor_conv_layer_config": conv})).eval()
+    path = tmp_path / "long.wav"
+    sf.write(path, speech_like(6.0, 3), 16000, subtype="FLOAT")
+    settings = ExtractionSettings(layers=(1, 3), window_seconds=1.0, context_seconds=0.5)
+    whole = extract_batch(model, [load_audio(str(path))], settings, front_end=True)[0]
+    sinks = {key: np.full_like(value, np.nan) for key, value in whole.items()}
+    extract_long(model, LongAudio(str(path)), settings, sinks, front_end=True)
+    for key in ("front_end", "projection"):
+        np.testing.assert_allclose(sinks[key], whole[key], atol=1e-4, err_msg=key)
+    for key in ("layer_01", "layer_03"):  # attention sees less context in a window: every frame written, no more
+        assert np.isfinite(sinks[key]).all(), key
+
+
+def test_long_stereo_file_reads_like_load_audio(tmp_path):
+    path = tmp_path / "stereo.wav"
+    stereo = np.stack([speech_like(2.0, 5 + c) for c in range(2)], axis=1)
+    stereo[:, 1] *= 0.2  # channels differ in content and level
+    sf.write(path, stereo, 16000, subtype="FLOAT")
+    audio = LongAudio(str(path))
+    expected = load_audio(str(path), normalize=True).numpy()
+    # Independent truth as well: mean of the channels, then standardised (eps 1e-5).
+    mono = stereo.astype(np.float64).mean(axis=1)
+    np.testing.assert_allclose(expected, (mono - mono.mean()) / np.sqrt(mono.var() + 1e-5), atol=1e-5)
+    np.testing.assert_allclose(audio.read(0, audio.num_samples).numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(audio.read(8000, 16000).numpy(), expected[8000:16000], atol=1e-5)
+
+
+def test_group_norm_batch_of_two_lengths_equals_one_file_at_a_time():
+    torch.manual_seed(0)
+    model = build_model(DinoSRConfig(**TINY, extractor_mode="group_norm")).eval()
+    waves = [torch.from_numpy(speech_like(s, i)) for i, s in enumerate((1.0, 0.5))]
+    waves = [(w - w.mean()) / w.std() for w in waves]
+    settings = ExtractionSettings(layers=(1, 3), codebooks=True)
+    batched = extract_batch(model, waves, settings)
+    for wave, result in zip(waves, batched, strict=True):
+        (alone,) = extract_batch(model, [wave], settings)
+        for key in alone:
+            np.testing.assert_allclose(result[key], alone[key], atol=1e-5, err_msg=key)
+

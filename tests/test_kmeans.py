@@ -327,3 +327,11 @@ def test_broken_feature_and_centroid_files_are_named(tmp_path: Path, capsys: pyt
     assert cli.main(["units", str(wide), "--centroids", str(centroids), "--out", str(tmp_path / "w.jsonl")]) == 2
     assert (f"features of 'utt' have dimension 16, the centroids of {centroids} 8: centroids of another layer or "
             "model?") in capsys.readouterr().err
+
+
+def test_fit_kmeans_depends_on_the_seed():
+    frames = np.random.default_rng(0).random((400, 2)).astype(np.float32)  # no cluster structure: init matters
+    a, b = fit_kmeans(frames, 8, seed=0), fit_kmeans(frames, 8, seed=1)
+    np.testing.assert_array_equal(a, fit_kmeans(frames, 8, seed=0))
+    assert not np.allclose(np.sort(a, axis=0), np.sort(b, axis=0))
+

@@ -15,11 +15,13 @@ import spidr
 from spidr import cli
 from spidr.config import Config, DataConfig, DinoSRConfig, RunConfig, SpidRConfig
 from spidr.models import DinoSR, SpidR, export_safetensors, load_model, num_frames, read_checkpoint, spidr_base
+from spidr.models.build import build_model
 from test_models_dinosr import (
     random_mask,
     tiny_model,
     waveforms,
 )
+from train_fixtures import EXTRACTION_MODEL, speech_like
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +267,40 @@ def test_a_state_saved_from_torch_compile_loads_like_the_plain_one(tmp_path, sou
         state = {f"{prefix}{k}": v for k, v in source.state_dict().items()}
         torch.save({"model": state}, tmp_path / "compiled.pt")
         _assert_same(load_model(tmp_path / "compiled.pt", config=config), source)
+
+
+def test_a_bf16_export_loads_as_float32(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
+    export_safetensors(model.to(torch.bfloat16), tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert loaded.current_step.dtype == torch.int64
+    wave = torch.from_numpy(speech_like(int(0.5 * 16000), np.random.default_rng(2)))[None]
+    with torch.no_grad():
+        reference = model.float().get_intermediate_outputs(wave)[-1]
+        assert loaded.get_intermediate_outputs(wave)[-1].dtype == torch.float32
+        torch.testing.assert_close(loaded.get_intermediate_outputs(wave)[-1], reference)
+
+
+
+def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read_as_safetensors(tmp_path):
+    """The format is told by the first bytes; a pickle starts with 0x80, and so does a safetensors file whose
+    8-byte little-endian header length has 0x80 for low byte (one in 32: the length is a multiple of 8). Such an
+    export (1 model in 32) was read as a PyTorch file and refused ("Unsupported operand")."""
+    from safetensors.torch import load_file
+
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
+    path = tmp_path / "m.safetensors"
+    export_safetensors(model, path)
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].rstrip(b" ")  # JSON, padded with spaces to a multiple of 8
+    grown = header[:-1] + b" " * ((0x80 - len(header)) % 256) + header[-1:]  # spaces before its closing brace
+    grown += b" " * (-len(grown) % 8)
+    path.write_bytes(len(grown).to_bytes(8, "little") + grown + data[8 + length :])
+    assert path.read_bytes()[0] == 0x80
+    assert load_file(path).keys() == model.state_dict().keys()  # still a valid safetensors file
+    loaded = load_model(path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

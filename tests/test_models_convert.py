@@ -276,3 +276,46 @@ def test_fairseq_settings_we_cannot_compute_are_refused(tmp_path) -> None:
         load_model(path)
     with pytest.raises(ValueError, match="activation_fn = 'relu'"):
         load_model(path, config=tiny_original().cfg)
+
+
+def test_fairseq_options_with_non_default_values_reach_their_fields():
+    # (fairseq option, value, our field, expected) written out by hand from spec §8.4, not from _CONFIG_NAMES.
+    table = [
+        ("extractor_mode", "default", "extractor_mode", "group_norm"),
+        ("conv_bias", True, "extractor_conv_bias", True),
+        ("conv_feature_layers", "[(16, 10, 5)] + [(16, 3, 2)] * 2", "extractor_conv_layer_config",
+         [[16, 10, 5], [16, 3, 2], [16, 3, 2]]),
+        ("encoder_embed_dim", 48, "encoder_embed_dim", 48),
+        ("dropout_input", 0.11, "encoder_projection_dropout", 0.11),
+        ("conv_pos", 40, "encoder_pos_conv_kernel", 40),
+        ("conv_pos_groups", 4, "encoder_pos_conv_groups", 4),
+        ("pos_conv_depth", 4, "encoder_pos_conv_depth", 4),
+        ("encoder_layers", 5, "encoder_num_layers", 5),
+        ("encoder_attention_heads", 3, "encoder_num_heads", 3),
+        ("attention_dropout", 0.13, "encoder_attention_dropout", 0.13),
+        ("encoder_ffn_embed_dim", 96, "encoder_ff_interm_features", 96),
+        ("activation_dropout", 0.17, "encoder_ff_interm_dropout", 0.17),
+        ("dropout", 0.19, "encoder_dropout", 0.19),
+        ("layer_norm_first", True, "encoder_layer_norm_first", True),
+        ("encoder_layerdrop", 0.07, "encoder_layer_drop", 0.07),
+        ("codebook_size", 64, "codebook_size", 64),
+        ("codebook_init_decay", 0.8, "codebook_decay", 0.8),
+        ("average_top_k_layers", 3, "num_codebooks", 3),
+        ("ema_decay", 0.99, "ema_start_decay", 0.99),
+        ("ema_end_decay", 0.995, "ema_final_decay", 0.995),
+        ("ema_anneal_end_step", 1234, "ema_final_step", 1234),
+        ("freeze_teacher_step", 4321, "freeze_step", 4321),
+        ("feature_grad_mult", 0.3, "feature_grad_mult", 0.3),
+    ]
+    defaults = DinoSRConfig()
+    for _, _, field, expected in table:  # the test means something only if every value differs from the default
+        default = getattr(defaults, field)
+        assert (list(map(list, default)) if field == "extractor_conv_layer_config" else default) != expected, field
+    cfg = fairseq_model_config({name: value for name, value, _, _ in table})
+    for name, _, field, expected in table:
+        got = getattr(cfg, field)
+        got = [list(layer) for layer in got] if field == "extractor_conv_layer_config" else got
+        assert got == expected, (name, field, got)
+    # The older spelling of layer drop
+    assert fairseq_model_config({"encoderlayerdrop": 0.07}).encoder_layer_drop == 0.07
+

@@ -19,6 +19,7 @@ from spidr import cli
 from spidr.config import SpidRConfig
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.models import Student, export_hf, export_safetensors, load_model, read_checkpoint
+from spidr.models.build import build_model
 from spidr.models.hf_export import hf_config, is_hf_directory
 from spidr.models.hf_features import before_residual_features
 from test_models_dinosr import tiny_model, waveforms
@@ -519,3 +520,28 @@ def test_a_pos_conv_kernel_smaller_than_three_per_layer_exports_the_kernel_the_m
     assert (config["num_conv_pos_embeddings"], config["conv_pos_kernel_size"]) == (2, 3)
     for layer in range(2):
         assert weights[f"encoder.pos_conv_embed.layers.{layer}.conv.weight"].shape[-1] == 3
+
+
+HF_TINY = {"encoder_embed_dim": 32, "encoder_num_layers": 3, "encoder_num_heads": 2, "encoder_ff_interm_features": 64,
+           "num_codebooks": 2, "codebook_size": 16,
+           "extractor_conv_layer_config": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2}
+
+
+def test_hf_dropouts_round_trip_and_import_by_name(tmp_path):
+    torch.manual_seed(0)
+    cfg = SpidRConfig(**HF_TINY, encoder_dropout=0.11,
+                      encoder_attention_dropout=0.13, encoder_ff_interm_dropout=0.17,
+                      encoder_projection_dropout=0.19, encoder_layer_drop=0.07)
+    export_hf(build_model(cfg), tmp_path / "hf")
+    assert read_checkpoint(tmp_path / "hf").config == cfg
+    # A directory from elsewhere (no "spidr" entry): Data2VecAudioConfig's names, mapped by hand.
+    config_path = tmp_path / "hf" / "config.json"
+    hf = json.loads(config_path.read_text())
+    del hf["spidr"]
+    hf.update(hidden_dropout=0.21, attention_dropout=0.23, activation_dropout=0.27, feat_proj_dropout=0.29,
+              layerdrop=0.03)
+    config_path.write_text(json.dumps(hf))
+    got = read_checkpoint(tmp_path / "hf").config
+    assert (got.encoder_dropout, got.encoder_attention_dropout, got.encoder_ff_interm_dropout,
+            got.encoder_projection_dropout, got.encoder_layer_drop) == (0.21, 0.23, 0.27, 0.29, 0.03)
+

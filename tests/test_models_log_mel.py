@@ -9,9 +9,10 @@ import torch
 from scipy.fft import dct
 
 from spidr.config import SpidRConfig
-from spidr.eval.mfcc import NUM_CEPS, mfcc
+from spidr.eval.mfcc import NUM_CEPS, PRE_EMPHASIS, mel_filterbank, mfcc
 from spidr.models import build_model, num_frames, padding_mask_from_lengths
 from spidr.models.log_mel import LogMelFilterbank
+from train_fixtures import speech_like
 
 LOG_MEL = ((40, 400, 320),)
 
@@ -198,3 +199,19 @@ def test_saved_and_loaded_model_gives_the_same_features(tmp_path, capsys) -> Non
             torch.testing.assert_close(a, b)
     assert cli.main(["info", str(tmp_path / "m.safetensors")]) == 0
     assert "80-band log-mel filterbank, " in capsys.readouterr().out
+
+
+def test_log_mel_with_a_power_of_two_window_matches_numpy():
+    window, hop, mels = 256, 128, 24
+    bank = LogMelFilterbank(mels, window, hop)
+    assert bank.n_fft == 256  # the next power of two >= window is the window itself
+    x = speech_like(int(0.25 * 16000), np.random.default_rng(1)).astype(np.float64)
+    # Independent numpy reference: pre-emphasis, frames, Hamming, |rfft(n = window)|², mel filters, log.
+    emph = np.concatenate([x[:1], x[1:] - PRE_EMPHASIS * x[:-1]])
+    count = (len(x) - window) // hop + 1
+    frames = np.stack([emph[i * hop : i * hop + window] for i in range(count)]) * np.hamming(window)
+    power = np.abs(np.fft.rfft(frames, n=window)) ** 2
+    expected = np.log(power @ mel_filterbank(mels, window).T + 1e-10).T
+    got = bank(torch.from_numpy(x[None, None].astype(np.float32)))[0].numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+

@@ -39,7 +39,6 @@ from spidr.models.inference_precision import bfloat16_inference, precision_ident
 
 logger = logging.getLogger(__name__)
 
-HOP = 320  # samples per frame of the default conv front end (20 ms)
 STANDARDIZE_EPS = 1e-5
 
 

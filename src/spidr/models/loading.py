@@ -226,12 +226,16 @@ def _content_kind(path: Path) -> Literal["torch", "safetensors", "numpy"] | None
     length, then the JSON header), a NumPy array; None when they say none of these."""
     with path.open("rb") as handle:
         head = handle.read(9)
-    if head.startswith((b"PK\x03\x04", b"\x80")):
+    if head.startswith(b"PK\x03\x04"):
+        return "torch"
+    # Before the pickle test: a header length whose low byte is 0x80 (one safetensors file in 32, the length being
+    # a multiple of 8) starts like a pickle, and such an export was read as a PyTorch file and refused.
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if head.startswith(b"\x80"):
         return "torch"
     if head.startswith(b"\x93NUMPY"):
         return "numpy"
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "safetensors"
     return None
 
 
