@@ -155,3 +155,26 @@ def test_a_report_or_settings_file_of_another_shape_is_named(tmp_path):
         read_report(tmp_path / "a")
     write_report([MFCC], tmp_path / "a", title="t")  # a report without settings removes the earlier file
     assert read_report_settings(tmp_path / "a") is None
+
+
+def test_a_setting_only_a_later_report_records_is_named():
+    """mut cmp-settings-first-only. Truth: settings_differences gives 'one line per setting on which reports
+    differ'; a setting recorded by report b only differs ('not recorded' for a)."""
+    from spidr.eval.report import settings_differences
+
+    a = {"abx": {"context": "within"}}
+    b = {"abx": {"context": "within", "max_size_group": 10}}
+    assert settings_differences([("a", a), ("b", b)]) == ["abx.max_size_group: a not recorded, b 10"]
+    assert settings_differences([("b", b), ("a", a)]) == ["abx.max_size_group: b 10, a not recorded"]
+
+
+def test_baselines_differing_in_any_score_are_kept_apart():
+    """mut cmp-baseline-by-name. Truth: merge_reports keeps a baseline once only 'when the reports that have it agree
+    on its scores': MFCC rows equal in ABX within but not across are two baselines."""
+    from spidr.eval.report import LayerRow, merge_reports
+
+    layer = [LayerRow("final", 1, abx_within=10.0, abx_across=20.0)]
+    merged = merge_reports([("a", [*layer, LayerRow("MFCC", None, abx_within=4.0, abx_across=16.0)]),
+                            ("b", [*layer, LayerRow("MFCC", None, abx_within=4.0, abx_across=19.0)])])
+    assert {r.model: r.abx_across for r in merged if r.layer is None} == {"a: MFCC": 16.0, "b: MFCC": 19.0}
+

@@ -541,3 +541,44 @@ def test_log_axis_labels_do_not_touch(hours_seen: list[float]) -> None:
     boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda box: box.x0)
     assert all(left.x1 < right.x0 for left, right in itertools.pairwise(boxes)), \
         [t.get_text() for t in labels]
+
+
+def test_curve_line_goes_through_the_mean_of_the_seeds_at_each_x(tmp_path, monkeypatch):
+    """mut curve-mean-all. Truth (hand-computed): points of one corpus size, two seeds at 100 steps (ABX 10 and 20,
+    same audio seen) and one at 200 steps (ABX 6): the line is at 15 then 6 (plot_curve: 'one line per
+    training-corpus size through the seeds' mean')."""
+    pytest.importorskip("matplotlib")
+    import spidr.extras
+    from spidr.learning_curve import PointSummary, plot_curve
+
+    made = []
+    real = spidr.extras.figure
+
+    def keep(*args, **kwargs):
+        fig, axes = real(*args, **kwargs)
+        made.append(axes)
+        return fig, axes
+
+    monkeypatch.setattr(spidr.extras, "figure", keep)
+
+    def point(steps, seed, abx):
+        return PointSummary(f"p{steps}-{seed}", 1.0, steps, seed, steps / 100, abx, 2, abx, 2, None, None, None, None,
+                            None, None)
+
+    plot_curve([point(100, 0, 10.0), point(100, 1, 20.0), point(200, 0, 6.0)], None, tmp_path / "curve.png")
+    line = made[0].flat[0].get_lines()[0]  # best ABX within: the means line
+    assert list(line.get_xdata()) == [1.0, 2.0]
+    assert list(line.get_ydata()) == pytest.approx([15.0, 6.0])
+
+
+
+def test_audio_seen_counts_every_batch_of_a_step(tmp_path):
+    """A step reads optimizer.grad_accum_steps batches: 1000 steps of 4 × 64,000-sample batches are 4.44 h of
+    audio, not 1.11 h (learning-curve accepts the setting through --set)."""
+    from spidr.learning_curve import audio_hours_seen
+
+    config = tmp_path / "config.json"
+    for accumulation, hours in ((1, 1000 * 64000 / 16000 / 3600), (4, 4 * 1000 * 64000 / 16000 / 3600)):
+        config.write_text(json.dumps({"data": {"max_batch_length": 64000},
+                                      "optimizer": {"grad_accum_steps": accumulation}}))
+        assert audio_hours_seen(config, 1000) == pytest.approx(hours)

@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -303,3 +304,88 @@ def test_an_lm_stopped_by_a_signal_stops_the_study_as_a_stop(tmp_path, monkeypat
     with pytest.raises(TrainingStoppedError, match=r"the training of the phone oracle LM \(\S+\) stopped on a signal "
                                                    "after saving a checkpoint; run the same command again"):
         _study(monkeypatch, tmp_path / "out", 40)
+
+
+def test_study_correlations_pair_each_rows_own_values():
+    """mut study-corr-unpaired. Truth: the study's rows include the oracle, untrained and bigram rows, which have LM
+    accuracies but no unit quality; the correlation is over the (model, layer) rows only: x = 1, 2, 3, 4 and
+    y = 10 x give r = ρ = 1 exactly."""
+    from spidr.lm.study import correlations
+
+    rows = [{"name": "phone oracle", "pnmi": None, "swuggy_invocab": 99.0},
+            {"name": "bigram", "pnmi": None, "swuggy_invocab": 50.0}]
+    rows += [{"name": f"m L{i}", "pnmi": float(i), "swuggy_invocab": 10.0 * i} for i in (1, 2, 3, 4)]
+    (result,) = [c for c in correlations(rows) if (c["x"], c["y"]) == ("pnmi", "swuggy_invocab")]
+    assert result["n"] == 4
+    assert result["pearson_r"] == pytest.approx(1.0)
+    assert result["spearman_rho"] == pytest.approx(1.0)
+
+
+def _run_fake_study(tmp_path, monkeypatch, *, layers=(1, 3), kmeans=0):
+    """run_study with two layers of one model, units written by hand (layer L's units all equal L), training and
+    scoring recorded instead of run."""
+
+    from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters
+    from spidr.lm import study
+
+    def bench(out_dir, settings):
+        folder = out_dir / "bench" / "train"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{"name": f"t{i}", "phones": ["AA", "B", "D", "IY"] * 8} for i in range(6)]
+        (folder / "frame_labels_20ms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        info = {"parameters": bench_parameters(LmBenchSettings(train_utterances=6)), "counts": {"train": {}}}
+        (out_dir / "bench" / INFO_JSON).write_text(json.dumps(info))
+        return LmBenchInfo.load(out_dir / "bench")
+
+    def model_units(study_model, bench_info, model_dir, out_dir, settings):
+        for layer in study_model.layers:
+            folder = model_dir / f"layer_{layer:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "train.jsonl").write_text("".join(
+                json.dumps({"name": f"t{i}", "units": [layer, layer + 1] * 20}) + "\n" for i in range(6)))
+        return model_dir
+
+    trained, scored = {}, {}
+
+    def train(name, cfg):
+        trained[name] = cfg
+        return cfg.run.run_dir
+
+    def score(name, checkpoint, units_dir, out_dir, *, bench, settings):
+        scored[name] = units_dir
+        return {}
+
+    monkeypatch.setattr(study, "_benchmark", bench)
+    monkeypatch.setattr(study, "_model_units", model_units)
+    monkeypatch.setattr(study, "_cached_feature_abx", lambda *a, **k: {})
+    monkeypatch.setattr(study, "_train", train)
+    monkeypatch.setattr(study, "_score", score)
+    monkeypatch.setattr(study, "_untrained_row", lambda *a, **k: {"name": "untrained"})
+    monkeypatch.setattr(study, "write_study_report", lambda rows, out_dir, bench, **k: out_dir / "spoken_lm.md")
+    model = SimpleNamespace(cfg=SimpleNamespace(codebook_size=16))
+    quality = {layer: {"pnmi": 0.1 * layer} for layer in layers}
+    study.run_study([study.StudyModel("m", model, tuple(layers), quality)], tmp_path / "out",
+                    study.StudySettings(lm_overrides=("model.context=4",), kmeans=kmeans))
+    return trained, scored
+
+
+def test_each_layers_lm_trains_and_scores_on_that_layers_units(tmp_path, monkeypatch):
+    """mut study-first-layer-units. Truth: 'one LM per units source ... every (model, layer)' (study docstring):
+    the LM named 'm L3' reads units/m/layer_03, whose units (written here) are 3s and 4s."""
+    trained, scored = _run_fake_study(tmp_path, monkeypatch)
+    for layer in (1, 3):
+        name = f"m L{layer}"
+        units_dir = tmp_path / "out" / "units" / "m" / f"layer_{layer:02d}"
+        assert Path(trained[name].data.train) == units_dir / "train.jsonl"
+        assert scored[name] == units_dir
+        units = {u for line in Path(trained[name].data.train).read_text().splitlines()
+                 for u in json.loads(line)["units"]}
+        assert units == {layer, layer + 1}
+
+
+def test_kmeans_study_lms_have_k_units(tmp_path, monkeypatch):
+    """mut study-kmeans-vocab. Truth: with --kmeans K the units are k-means indices 0..K-1, so each layer LM's
+    vocabulary is K (the study's comment: 'The LM's vocabulary is the unit inventory'), not the codebook size."""
+    trained, _ = _run_fake_study(tmp_path, monkeypatch, kmeans=8)
+    assert {trained[f"m L{layer}"].data.num_units for layer in (1, 3)} == {8}
+

@@ -1032,3 +1032,54 @@ def test_lm_score_writes_the_log_probability_of_the_deduplicated_units_and_eos(t
             assert written[name] == pytest.approx(total if norm == "sum" else total / count, abs=1e-4), (norm, name)
     rows = {json.loads(line)["name"]: json.loads(line) for line in (tmp_path / "sum" / "scores.jsonl").open()}
     assert {name: row["num_tokens"] for name, row in rows.items()} == {"a": 4, "b": 8, "c": 2, "d": 2}
+
+
+def _split_config(tmp_path: Path, seed: int = 0, val_fraction: float = 0.3):
+    from spidr.lm.config import load_lm_config
+
+    units = tmp_path / "units.jsonl"
+    rng = np.random.default_rng(0)
+    with units.open("w") as handle:
+        for i in range(40):
+            handle.write(json.dumps({"name": f"u{i:03d}", "units": rng.integers(0, 10, rng.integers(3, 9)).tolist()})
+                         + "\n")
+    config = {"run": {"workdir": str(tmp_path / "runs"), "name": f"s{seed}", "device": "cpu", "seed": seed},
+              "data": {"train": str(units), "dedup": False, "val_fraction": val_fraction},
+              "model": {"arch": "lstm", "dim": 8, "num_layers": 1, "context": 4}}
+    path = tmp_path / f"s{seed}.json"
+    path.write_text(json.dumps(config))
+    return load_lm_config(path), units
+
+
+def test_held_out_utterances_are_not_trained_on(tmp_path):
+    """mut data-heldout-leak. Truth: the split is a partition of the file's utterances, each encoded as
+    BOS u... EOS (len + 2 tokens): the two streams together hold exactly the file's tokens, and no unit sequence of
+    the valid stream is in the train stream's utterance set."""
+    from spidr.lm.prepared_data import prepare_data
+
+    cfg, units = _split_config(tmp_path)
+    rows = [json.loads(line) for line in units.read_text().splitlines()]
+    data = prepare_data(cfg)
+    assert 0 < data.info["valid_utterances"] < len(rows)
+    assert data.info["train_utterances"] + data.info["valid_utterances"] == len(rows)
+    assert data.train.numel() + data.valid.numel() == sum(len(r["units"]) + 2 for r in rows)
+
+
+def test_the_held_out_choice_depends_on_run_seed(tmp_path):
+    """mut data-heldout-seedless. Truth: configs/lm-lstm.toml documents val_fraction as 'held-out utterances, chosen
+    by a hash of their name and run.seed' (and the token cache is keyed by the seed for that reason)."""
+    from spidr.lm.data import is_held_out
+
+    stems = [f"utt{i}" for i in range(200)]
+    chosen = [{s for s in stems if is_held_out(s, 0.3, seed)} for seed in range(3)]
+    assert all(40 <= len(c) <= 80 for c in chosen)  # ~60 of 200
+    assert len({frozenset(c) for c in chosen}) == 3
+
+
+def test_file_stem_strips_flac_too():
+    """mut tokens-flac-stem. Truth: a ZeroSpeech submission line is keyed by the file stem; audio in .flac (which
+    spidr reads) must give the same key as .wav."""
+    from spidr.lm.tokens import file_stem
+
+    assert file_stem("/data/spk/utt.flac") == file_stem("/data/spk/utt.wav") == file_stem("spk/utt") == "utt"
+

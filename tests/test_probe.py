@@ -209,3 +209,56 @@ def test_a_constant_dimension_does_not_change_what_the_probe_scores():
     accuracy = {row.representation: row.frame_accuracy for row in rows}
     assert accuracy["informative"] > 95.0
     assert abs(accuracy["with_constant"] - accuracy["informative"]) < 2.0, accuracy
+
+
+class _Fixed:
+    """A 'probe' that returns fixed class indices (one per frame)."""
+
+    def __init__(self, classes):
+        self.classes = np.asarray(classes)
+
+    def predict(self, features):
+        return self.classes[: len(features)]
+
+
+class _Featurizer:
+    representations = ("r",)
+    frame_rate = 50.0
+
+    def __call__(self, entries):
+        for entry in entries:
+            yield entry, {"r": np.zeros((6, 2), np.float32)}
+
+
+def test_probe_per_reference_leaves_out_silence():
+    """mut probe-per-silence. Truth (hand-computed): frames SIL SIL A A B SIL → reference phone sequence [A, B]
+    (module docstring: 'run-collapsed frame labels, silence removed'); a CTC head emitting A then B has PER 0 %, and
+    a frame classifier right on 4 of 6 frames has 66.7 % accuracy."""
+    pytest.importorskip("editdistance")
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval.probe import score_probes
+    from spidr.eval.unit_quality import Alignments
+
+    phones = ("A", "B", "SIL")
+    codes = np.array([2, 2, 0, 0, 1, 2], dtype=np.int16)
+    alignments = Alignments(phones, {"u1": codes})
+    classifier = _Fixed([2, 2, 0, 1, 1, 0])  # right on frames 0, 1, 2, 4
+    ctc_head = _Fixed([0, 0, 1, 1, 2, 0])  # blank blank A A B blank → [A, B]
+    scores = score_probes(_Featurizer(), {"r": (classifier, ctc_head)}, [ManifestEntry("u1", "u1.wav", 1920)],
+                          alignments, alignment_rate=50.0, silence=np.array([2]))
+    accuracy, per, frames, utterances = scores["r"]
+    assert (frames, utterances) == (6, 1)
+    assert accuracy == pytest.approx(400 / 6)
+    assert per == 0.0
+
+
+def test_probe_split_changes_with_the_seed():
+    """mut probe-split-seed. Truth: split_entries holds out 'a seeded random test_fraction' and spidr probe's --seed
+    is documented as the seed of that split: other seeds must give other held-out sets."""
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval.probe import split_entries
+
+    entries = [ManifestEntry(f"u{i}", f"u{i}.wav", 16000) for i in range(20)]
+    held_out = {tuple(e.fileid for e in split_entries(entries, 0.25, seed=seed)[1]) for seed in range(4)}
+    assert len(held_out) > 1
+

@@ -258,10 +258,12 @@ def _train_and_score(settings: CurveSettings, point: CurvePoint) -> Path:
 
 
 def audio_hours_seen(run_config: Path, steps: int) -> float:
-    """Hours of audio the run's batches hold at most (``steps × data.max_batch_length`` samples); ``run_config`` is
-    the ``config.json`` that training writes beside its checkpoints."""
-    max_batch_length = json.loads(run_config.read_text(encoding="utf-8"))["data"]["max_batch_length"]
-    return steps * max_batch_length / SAMPLE_RATE / 3600
+    """Hours of audio the run's batches hold at most (``steps × optimizer.grad_accum_steps ×
+    data.max_batch_length`` samples: a step reads that many batches); ``run_config`` is the ``config.json`` that
+    training writes beside its checkpoints."""
+    config = json.loads(run_config.read_text(encoding="utf-8"))
+    batches_per_step = config.get("optimizer", {}).get("grad_accum_steps", 1)
+    return steps * batches_per_step * config["data"]["max_batch_length"] / SAMPLE_RATE / 3600
 
 
 def _probe(settings: CurveSettings, featurizers: dict, train, test_entries, test_alignments) -> list:
@@ -675,7 +677,8 @@ def write_curve(out_dir: Path, *, title: str = "Learning curve", shared: tuple[d
     plot = plot_curve([p for p in points if not p.other_recipe], baselines, out_dir / "curve.png")
     text = [f"# {title}", "",
             "Each point: a pretraining run on a synthetic corpus of the demo's ten training voices, scored on the "
-            "demo's test corpus (new sentences, a held-out voice). Audio seen: steps × the batch's audio. Middle: "
+            "demo's test corpus (new sentences, a held-out voice). Audio seen: steps × the audio of a step's batches "
+            "(optimizer.grad_accum_steps × data.max_batch_length). Middle: "
             "the best of the middle layers across speaker. Probe: linear frame phone classifier, best layer"
             + (f"; the baselines' probes were trained on {probe_hours:.2g} h of training audio." if probe_hours
                else "."), "",
