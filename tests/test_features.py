@@ -557,6 +557,16 @@ def test_output_stems_under_the_filesystem_root_keep_their_first_folder():
     assert list(output_stems(entries)) == ["a/x", "b/y"]
 
 
+@pytest.mark.parametrize("fileid", ["/data/corpus/a", "../escaped_a", "spk/../../a", "spk\\..\\..\\a"])
+def test_a_file_id_that_would_write_outside_the_output_folder_is_refused(fileid):
+    """spidr extract wrote an absolute id's features beside the audio (over any file of that name) and a '..' id's
+    above OUT, and counted them done."""
+    entries = [ManifestEntry("b", "/c/b.wav", 10), ManifestEntry(fileid, "/c/a.wav", 10)]
+    with pytest.raises(ValueError, match=r"utterance 2 \(/c/a\.wav\) has the file id .* outside the output folder"):
+        output_stems(entries)
+    assert list(output_stems([entries[0], ManifestEntry("spk/a..b", "/c/a.wav", 10)])) == ["b", "spk/a..b"]
+
+
 DEFAULT_CONV = [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2
 TINY_TOML_CONV = [[32, 10, 5], [32, 8, 4], [32, 8, 8]]  # configs/tiny.toml: 160-sample hop, receptive field 185
 

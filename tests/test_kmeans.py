@@ -335,3 +335,24 @@ def test_fit_kmeans_depends_on_the_seed():
     np.testing.assert_array_equal(a, fit_kmeans(frames, 8, seed=0))
     assert not np.allclose(np.sort(a, axis=0), np.sort(b, axis=0))
 
+
+
+def test_a_layer_folder_given_as_dot_finds_its_extraction_s_metadata(tmp_path: Path, monkeypatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """'spidr units .' from inside OUT/layer_01 stopped with "PosixPath('.') has an empty name" after writing the
+    units file, which was left without its metadata (frame rate, vocabulary); relative paths find the records too."""
+    from spidr.eval.feature_dir import extraction_frame_rate, recorded_num_units
+
+    layer = tmp_path / "out" / "layer_01"
+    layer.mkdir(parents=True)
+    (tmp_path / "out" / "metadata.json").write_text(json.dumps({"frame_rate_hz": 100.0}))
+    for name, array in clustered_features().items():
+        np.save(layer / f"{name.split('/')[-1]}.npy", array)
+    save_centroids(tmp_path / "c.safetensors", 10.0 * np.eye(4, 8, dtype=np.float32))
+    monkeypatch.chdir(layer)
+    assert extraction_frame_rate(".")[0] == 100.0
+    assert cli.main(["units", ".", "--centroids", "../../c.safetensors", "--out", "../../u.jsonl"]) == 0
+    assert "4 units, 100 Hz" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert recorded_num_units("u.jsonl")[0] == 4
+    assert extraction_frame_rate("u.jsonl")[0] == 100.0

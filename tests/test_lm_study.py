@@ -389,3 +389,17 @@ def test_kmeans_study_lms_have_k_units(tmp_path, monkeypatch):
     trained, _ = _run_fake_study(tmp_path, monkeypatch, kmeans=8)
     assert {trained[f"m L{layer}"].data.num_units for layer in (1, 3)} == {8}
 
+
+
+def test_a_checkpoint_path_holding_an_equals_sign_is_read_whole_or_after_its_name(tmp_path, monkeypatch):
+    """lm-study split --checkpoint [NAME=]CKPT at the last '=', so a sweep folder such as runs/lr=1e-4/final.pt
+    could not be given at all, with or without a name."""
+    from spidr.lm.commands import _named_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "lr=1e-4").mkdir(parents=True)
+    (tmp_path / "runs" / "lr=1e-4" / "final.pt").write_bytes(b"")
+    assert _named_checkpoint("runs/lr=1e-4/final.pt") == ("", "runs/lr=1e-4/final.pt")
+    assert _named_checkpoint("base=runs/lr=1e-4/final.pt") == ("base", "runs/lr=1e-4/final.pt")
+    assert _named_checkpoint("base=runs/x.pt") == ("base", "runs/x.pt")
+    assert _named_checkpoint("runs/x.pt") == ("", "runs/x.pt")

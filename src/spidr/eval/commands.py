@@ -165,9 +165,9 @@ def _units(args: argparse.Namespace) -> int:
     centroids = load_centroids(args.centroids)
     out = check_new_output(args.out, overwrite=args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    rate = extraction_frame_rate(args.features_dir)  # before anything is written: a failure leaves no units file
     units = assign_directory(features, centroids, centroids_name=f"the centroids of {args.centroids}")
     count = write_units(out, units, dedup=args.dedup)
-    rate = extraction_frame_rate(args.features_dir)
     record = {
         "frame_rate_hz": None if args.dedup or rate is None else rate[0],  # None: unknown, or no rate left (dedup)
         "num_units": int(centroids.shape[0]),

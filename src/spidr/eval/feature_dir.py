@@ -180,8 +180,9 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
     ``OUT/codebook_units/layer_LL.jsonl``); None when none is found or it is not a JSON object."""
     import json
 
-    path = Path(path)
-    for metadata in (units_metadata_path(path), *(folder / "metadata.json" for folder in (path, *path.parents[:2]))):
+    path = Path(path).resolve()  # "." has no name and no parents: its extraction's metadata.json was not found
+    own = units_metadata_path(path) if path.is_file() else None
+    for metadata in (*([own] if own else []), *(folder / "metadata.json" for folder in (path, *path.parents[:2]))):
         if metadata.is_file():
             try:
                 record = json.loads(metadata.read_text(encoding="utf-8"))
@@ -189,7 +190,7 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
                 return None
             if not isinstance(record, dict):
                 return None
-            if metadata == units_metadata_path(path) and record.get("units_file_bytes") != _size(path):
+            if metadata == own and record.get("units_file_bytes") != _size(path):
                 logger.warning("%s describes another version of %s (written since by something else): not used",
                                metadata, path)
                 continue
@@ -221,7 +222,7 @@ def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
     if found is None:
         return None
     record, metadata = found
-    if metadata == units_metadata_path(path):
+    if metadata == units_metadata_path(Path(path).resolve()):  # as _recorded_metadata names it
         size = record.get("num_units")
     else:  # only the files that extraction wrote: codebook_units/layer_LL.jsonl of a layer it extracted
         match = re.fullmatch(r"layer_(\d+)\.jsonl", Path(path).name)

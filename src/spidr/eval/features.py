@@ -288,6 +288,7 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
     for start in range(0, len(manifest), ITER_CHUNK):
         stop = min(start + ITER_CHUNK, len(manifest))
         ids = manifest.fileids.strings(start, stop)
+        _refuse_escaping_ids(ids, manifest, start)
         parts.append(PackedStrings.from_strings(
             (f"{parent[cut:]}/{fileid}" if parent != root else fileid)
             for parent, fileid in zip(map(os.path.dirname, _paths(manifest, start, stop)), ids, strict=True)
@@ -310,6 +311,18 @@ def _paths(manifest: Manifest, start: int, stop: int) -> list[str]:
     """Paths of rows start..stop as their entries hold them (resolved; member names for archive rows)."""
     return [manifest.resolve(p) if manifest.archive_index is None or manifest.archive_index[start + k] < 0 else p
             for k, p in enumerate(manifest.paths.strings(start, stop))]
+
+
+def _refuse_escaping_ids(ids: Sequence[str], manifest: Manifest, start: int) -> None:
+    """Raise, naming the row, if a file id (``ids``: rows ``start``, ``start + 1``, ...) would put its output
+    outside the output folder: an absolute path, or a ``..`` part. Such ids wrote features beside the audio (over
+    any file of that name) or above OUT, and the extraction said they were done."""
+    for offset, fileid in enumerate(ids):
+        if os.path.isabs(fileid) or ".." in fileid.replace("\\", "/").split("/"):
+            row = start + offset
+            raise ValueError(f"{manifest.source}: utterance {row + 1} ({_paths(manifest, row, row + 1)[0]}) has the "
+                             f"file id {fileid!r}, which would write its output outside the output folder; a file "
+                             "id is a name (or relative path) without '..' parts")
 
 
 def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:

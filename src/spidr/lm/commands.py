@@ -113,7 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=FORMATTER,
     )
     study.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]CKPT",
-                       help=f"a SpidR / DinoSR model, optionally named (repeatable): {CHECKPOINT_HELP}")
+                       help="a SpidR / DinoSR model, optionally named: NAME ends at the first '=' unless the whole "
+                       f"text is an existing path (repeatable): {CHECKPOINT_HELP}")
     study.add_argument("--layers", default=None,
                        help="1-based layers (default: every head's layer; layers without a head need --kmeans)")
     study.add_argument("--kmeans", type=int, default=0, metavar="K",
@@ -275,6 +276,15 @@ def _study_layers(path: str, model: torch.nn.Module, text: str | None, *, kmeans
     return layers
 
 
+def _named_checkpoint(text: str) -> tuple[str, str]:
+    """``--checkpoint [NAME=]CKPT`` as (NAME or "", CKPT): a path that exists is taken whole, whatever '=' it
+    holds (sweep folders are named like ``lr=1e-4``); otherwise NAME ends at the first '='."""
+    if "=" not in text or Path(text).exists():
+        return "", text
+    name, _, path = text.partition("=")
+    return name, path
+
+
 def _study(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -284,7 +294,7 @@ def _study(args: argparse.Namespace) -> int:
 
     models = []
     for text in args.checkpoint:
-        name, _, path = text.rpartition("=") if "=" in text else ("", "", text)
+        name, path = _named_checkpoint(text)
         model = model_from_args(path, args).eval()
         layers = _study_layers(path, model, args.layers, kmeans=args.kmeans)
         models.append(StudyModel(name or default_model_name(path), model, layers))
