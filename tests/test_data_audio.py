@@ -237,3 +237,10 @@ def test_a_file_of_exactly_min_samples_is_kept(tmp_path: Path) -> None:
     assert load_audio(tmp_path / "edge.wav", min_samples=400).shape == (400,)
     with pytest.raises(AudioError, match="too short: 400 samples at 16 kHz, fewer than the minimum 401"):
         load_audio(tmp_path / "edge.wav", min_samples=401)
+
+
+def test_samples_with_no_channel_are_an_audio_error() -> None:
+    """A7: (S, 0) samples hold no audio; the documented error is an AudioError naming them, not an IndexError."""
+    with pytest.raises(AudioError, match="no audio samples"):
+        waveform_from_samples(np.zeros((5, 0), np.float32), 16_000)
+

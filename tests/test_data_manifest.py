@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
 import tarfile
@@ -520,3 +521,45 @@ def test_a_csv_read_by_the_csv_module_skips_blank_lines(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text('fileid,path,num_samples\n"a",a.wav,3\n\nb,b.wav,4\n')
     assert list(read_manifest(tmp_path / "m.csv")) == [ManifestEntry("a", str(tmp_path / "a.wav"), 3),
                                                         ManifestEntry("b", str(tmp_path / "b.wav"), 4)]
+
+
+def test_jsonl_relative_paths_resolve_against_the_manifest_folder(tmp_path: Path, monkeypatch) -> None:
+    """M5: a .jsonl manifest's relative path is joined to the manifest's own folder (module docstring), not to the
+    working directory. Truth: where the file was written."""
+    audio = tmp_path / "corpus" / "audio" / "x.wav"
+    audio.parent.mkdir(parents=True)
+    sf.write(audio, np.zeros(3000, np.float32), 16_000)
+    manifest = tmp_path / "corpus" / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "audio/x.wav", "num_samples": 3000}) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (entry,) = read_manifest(manifest)
+    assert os.path.samefile(entry.path, audio)
+    assert load_audio(entry).shape == (3000,)
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("m.jsonl", '{"path": "sub/a.b.flac", "num_samples": 3}\n'),
+    ("m.csv", "path,num_samples,archive,byte_offset,byte_size\nsub/a.b.flac,3,/x.tar,0,10\n"),
+])
+def test_a_row_without_fileid_takes_the_file_name_without_its_suffix(tmp_path: Path, name: str, text: str) -> None:
+    """M7: the default utterance id is the file name less its last suffix (the plain CSV's rule, spec §6.1), for
+    JSONL rows and archive CSV rows too. Truth: hand-written "a.b"."""
+    (tmp_path / name).write_text(text)
+    assert read_manifest(tmp_path / name)[0].fileid == "a.b"
+
+
+def test_a_19_digit_length_in_a_plain_csv_is_refused_not_wrapped(tmp_path: Path) -> None:
+    """M6: the numpy fast path must not parse more digits than int64 holds (19 nines wrap to a negative length)."""
+    (tmp_path / "m.csv").write_text("fileid,path,num_samples\na,a.wav,9999999999999999999\n")
+    with pytest.raises(ValueError, match=r"m\.csv:2: num_samples = 9999999999999999999 is too large"):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_a_fairseq_root_of_slash_gives_single_slash_paths(tmp_path: Path) -> None:
+    """M9: root "/" joined to "tmp/x.wav" is "/tmp/x.wav", as os.path.join gives it (not "//tmp/x.wav")."""
+    relative = os.path.relpath(tmp_path / "x.wav", "/")
+    (tmp_path / "m.tsv").write_text(f"/\n{relative}\t5\n")
+    assert read_manifest(tmp_path / "m.tsv")[0].path == os.path.join("/", relative)
+

@@ -295,3 +295,26 @@ def test_each_bucket_is_shuffled_uniformly() -> None:
     assert all(set(order[:3]) == {0, 1, 2} for order in counts)
     assert len(counts) == 36
     assert chisquare(list(counts.values())).pvalue > 1e-3
+
+
+@pytest.mark.parametrize(("padded", "budget", "batches", "expected"), [
+    (False, 600, [[0, 1, 2], [3], [4]], 3 * 100 + 400 + 500),
+    (True, 1000, [[0, 1, 2], [3, 4]], 100 + 200 + 300 + 400 + 500),
+])
+def test_scored_samples_counts_each_batch_cropped_to_its_shortest(padded: bool, budget: int,
+                                                                   batches: list[list[int]], expected: int) -> None:
+    """S9: lengths 100..500, unshuffled, pack by hand as ``batches`` (cropped: cost = sum <= 600; padded: cost =
+    rows x longest <= 1000). A cropped batch scores rows x its shortest; a padded one every real sample."""
+    sampler = BucketBatchSampler([100, 200, 300, 400, 500], max_batch_length=budget, shuffle=False, num_buckets=1,
+                                 padded=padded)
+    assert [list(b) for b in sampler.global_batches(0)] == batches
+    assert sampler.scored_samples() == expected
+
+
+def test_percentile_buckets_hold_equal_shares_of_the_utterances() -> None:
+    """S11: bucket_method = "percentile" makes equal-frequency buckets; on lengths 1, 2, 4, ..., 2**15 four such
+    buckets hold 4 utterances each (uniform-width buckets would put 14 of the 16 in the first)."""
+    lengths = [2**k for k in range(16)]
+    sampler = BucketBatchSampler(lengths, max_batch_length=10**6, num_buckets=4, bucket_method="percentile")
+    assert np.bincount(sampler.buckets, minlength=4).tolist() == [4, 4, 4, 4]
+

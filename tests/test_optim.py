@@ -237,3 +237,14 @@ def test_feature_encoder_lr_scale_zero_leaves_the_front_end_untouched():
 def test_negative_feature_encoder_lr_scale_is_refused():
     with pytest.raises(ValueError, match="feature_encoder_lr_scale"):
         OptimizerConfig(feature_encoder_lr_scale=-0.1)
+
+
+def test_excluded_parameters_stay_out_even_when_to_freeze_names_them_too() -> None:
+    """O7: "Parameters whose names start with exclude_from_optimizer are never optimised" whatever to_freeze says."""
+    model = nn.ModuleDict({"teacher_feature_extractor": nn.Linear(2, 2), "feature_extractor": nn.Linear(2, 2),
+                           "student": nn.Linear(2, 2)})
+    cfg = OptimizerConfig(to_freeze=("feature_extractor", "teacher_feature"))
+    names = [name for group in param_groups(model, cfg) for name, _ in group]
+    assert not [n for n in names if n.startswith("teacher")]
+    assert sorted(names) == ["feature_extractor.bias", "feature_extractor.weight", "student.bias", "student.weight"]
+

@@ -10,6 +10,7 @@ import torch
 
 from spidr.config import MaskingConfig, config_from_dict, load_config, unused_settings
 from spidr.train.loop import train
+from spidr.train.optim import lr_multiplier
 from train_fixtures import tiny_config, tiny_config_dict, write_corpus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -250,3 +251,36 @@ def test_a_config_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
     path.write_bytes("[run]\n# réglage\nworkdir = \"w\"\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"run\.toml:2: not UTF-8 text .*save config file as UTF-8"):
         load_config(path)
+
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optimizer.max_steps=2.5", r"optimizer\.max_steps = 2\.5 is invalid: expected an integer"),
+    ("optimizer.betas=[1.0, 0.95]", r"optimizer\.betas\[0\] = 1\.0 must be in \[0, 1\)"),
+    ("optimizer.max_norm=0", r"optimizer\.max_norm = 0\.0 must be > 0"),
+    ("data.prefetch_factor=0", r"data\.prefetch_factor = 0 must be >= 1"),
+])
+def test_out_of_range_settings_are_refused_by_name(override: str, message: str) -> None:
+    """K1, K2, K6, K7: a fractional step count is not truncated; beta1 = 1 (Adam's bias correction 1 − β1^t = 0),
+    a clipping norm of 0 (every gradient zeroed: nothing learns) and no prefetch are refused naming the field."""
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIG, [override])
+
+
+@pytest.mark.parametrize("value", ["1e3", "true", "0x10", "1_000"])
+def test_a_text_field_keeps_an_override_exactly_as_typed(value: str) -> None:
+    """K5: run.wandb_name=1e3 names the run "1e3" (what the user typed), not "1000.0" (TOML's reading)."""
+    assert load_config(CONFIG, [f"run.wandb_name={value}"]).run.wandb_name == value
+
+
+def test_a_warm_up_as_long_as_the_run_is_named_as_never_reaching_the_peak_lr() -> None:
+    """K8: with warmup_steps == max_steps every step 0..max_steps−1 is inside the warm-up (truth: lr_multiplier
+    itself never reaches 1), so the note that optimizer.lr is never reached must be given."""
+    data = load_config(CONFIG).to_dict()
+    data["optimizer"].update(warmup_steps=300, max_steps=300)
+    cfg = config_from_dict(data)
+    assert max(lr_multiplier(s, cfg.optimizer) for s in range(cfg.optimizer.max_steps)) < 1.0
+    assert any("is never reached" in note for note in unused_settings(cfg))
+
