@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spidr.models import num_frames
+from spidr.models import conv_under_compile, num_frames
 from spidr.models.components import SelfAttention
 from spidr.models.conv_under_compile import _conv1d, convolve, opaque_conv1d
 from test_models_dinosr import tiny_model
@@ -142,3 +142,22 @@ def test_a_step_compiled_by_inductor_serves_every_batch_length_with_the_eager_nu
             compiled_model.zero_grad()
     finally:
         torch._dynamo.reset()  # no compiled code left behind for the other tests
+
+
+def test_opaque_conv_backward_skips_the_waveform_gradient(monkeypatch) -> None:
+    """The first conv's input (the waveform) needs no gradient: its backward asks for the weight's only, and a
+    conv whose input does need one asks for both."""
+    asked = []
+    backward = conv_under_compile._conv1d_backward
+
+    def recording(grad, x, weight, settings, needs):
+        asked.append(list(needs))
+        return backward(grad, x, weight, settings, needs)
+
+    monkeypatch.setattr(conv_under_compile, "_conv1d_backward", recording)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(1, 8, 10, stride=5, bias=False)
+    opaque_conv1d(conv, torch.randn(2, 1, 400)).sum().backward()
+    opaque_conv1d(conv, torch.randn(2, 1, 400, requires_grad=True)).sum().backward()
+    assert asked == [[False, True, False], [True, True, False]]
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from spidr.config import DinoSRConfig, SpidRConfig
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.models.build import build_model
 from spidr.models.inference_precision import FLOAT32_INPUT_PATH, bfloat16_inference
+from spidr.train import precision
 from train_fixtures import EXTRACTION_MODEL as TINY
 from train_fixtures import speech_like as speech_like_samples
 
@@ -172,3 +175,15 @@ def test_every_front_end_kind_runs_in_float32(kind) -> None:
     assert ours.dtype == torch.float32
     assert relative_error(ours, reference) < 1e-5
     assert relative_error(plain, reference) > 1e-3
+
+
+def test_bfloat16_falls_back_to_float32_on_a_cpu_without_native_bf16(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=precision.__name__):
+        chosen = precision.resolve_precision("bfloat16", torch.device("cpu"))
+    assert chosen.dtype is None
+    assert chosen.name == "float32"
+    assert "no native bfloat16" in caplog.text
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision("bfloat16", torch.device("cpu")).dtype == torch.bfloat16
+

@@ -545,3 +545,86 @@ def test_a_forced_channels_last_layout_gives_the_official_frames_in_fp32(monkeyp
     forced = extractor(waveforms)
     assert forced.is_contiguous()  # (B, T, C) memory, not a transposed view
     torch.testing.assert_close(forced, official, rtol=1e-5, atol=1e-5)
+
+
+def _layer(*, layer_norm_first: bool, dropout: float = 0.0, ff_dropout: float = 0.0):
+    torch.manual_seed(0)
+    transformer = build_transformer(
+        32, num_layers=1, num_heads=4, ff_dim=64, pos_conv_kernel=16, pos_conv_groups=4, pos_conv_depth=2,
+        dropout=dropout, attention_dropout=0.0, ff_dropout=ff_dropout, layer_drop=0.0,
+        layer_norm_first=layer_norm_first, qkv_bias=False,
+    )
+    layer = transformer.layers[0]
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # LayerNorms that are not the identity, and non-zero biases, so roles can be told apart
+        for module in layer.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.Linear)):
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
+                if module.bias is not None:
+                    module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
+    return layer
+
+
+def _ln(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+
+
+@torch.no_grad()
+def test_post_norm_residual_dropout_p1_removes_both_branches() -> None:
+    """Post-norm x₁ = LN(x + Drop(Attn(x))), out = LN_f(x₁ + Drop(FFN(x₁))): with residual dropout p = 1 in training
+    both branches are zero, so x₁ = LN(x), out = LN_f(LN(x)) and the before-residual output is FFN(LN(x))."""
+    layer = _layer(layer_norm_first=False, dropout=1.0).train()
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    out, ffn = layer(x)
+    x1 = _ln(x, layer.layer_norm)
+    torch.testing.assert_close(ffn, layer.feed_forward(x1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, _ln(x1, layer.final_layer_norm), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_pre_norm_residual_dropout_p1_leaves_the_input() -> None:
+    """Pre-norm x₁ = x + Drop(Attn(LN(x))), out = x₁ + Drop(FFN(LN_f(x₁))): with p = 1 the layer passes x through."""
+    layer = _layer(layer_norm_first=True, dropout=1.0).train()
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    out, ffn = layer(x)
+    torch.testing.assert_close(out, x, atol=0, rtol=0)
+    torch.testing.assert_close(ffn, layer.feed_forward(_ln(x, layer.final_layer_norm)), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_ffn_dropout_sits_between_gelu_and_the_output_projection() -> None:
+    """FFN = Linear₂(Drop(GELU(Linear₁(x)))): with the intermediate dropout at p = 1 the hidden units are all zero,
+    so every frame's FFN output is Linear₂'s bias."""
+    layer = _layer(layer_norm_first=False, ff_dropout=1.0).train()
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    _, ffn = layer(x)
+    bias = layer.feed_forward.output_dense.bias
+    assert bias.abs().min() > 0
+    torch.testing.assert_close(ffn, bias.expand_as(ffn), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_pre_norm_layer_uses_each_layer_norm_in_its_place() -> None:
+    """With distinct LayerNorm parameters (a trained model's, not the identity of a fresh one): pre-norm
+    x₁ = x + Attn(LN(x)), ffn = FFN(LN_f(x₁)), out = x₁ + ffn."""
+    layer = _layer(layer_norm_first=True).eval()
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    out, ffn = layer(x)
+    x1 = x + layer.attention(_ln(x, layer.layer_norm))
+    expected_ffn = layer.feed_forward(_ln(x1, layer.final_layer_norm))
+    torch.testing.assert_close(ffn, expected_ffn, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, x1 + expected_ffn, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_post_norm_layer_uses_each_layer_norm_in_its_place() -> None:
+    layer = _layer(layer_norm_first=False).eval()
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    out, ffn = layer(x)
+    x1 = _ln(x + layer.attention(x), layer.layer_norm)
+    torch.testing.assert_close(ffn, layer.feed_forward(x1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, _ln(x1 + ffn, layer.final_layer_norm), atol=1e-5, rtol=0)
+

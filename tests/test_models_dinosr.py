@@ -754,3 +754,20 @@ def test_a_compiled_training_forward_is_one_graph(model_type):
     assert model.cfg.encoder_layer_drop == (0.0 if model_type == "spidr" else 0.05)
     assert explained.graph_break_count == 0, [str(r.reason)[:120] for r in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_evaluation_draws_no_random_numbers(model_type: str) -> None:
+    """Eval mode draws nothing from the global generator (the official transformer draws its layer-drop numbers only
+    in training): validating between training steps leaves the training's dropout masks unchanged."""
+    model = tiny_model(model_type, encoder_layer_drop=0.1).eval()
+    batch = waveforms(3000, 3000)
+    mask = torch.rand(2, num_frames(3000), generator=torch.Generator().manual_seed(0)) < 0.5
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        model(batch, mask=mask)
+        model.get_intermediate_outputs(batch)
+        model.get_codebooks(batch)
+    assert torch.equal(torch.get_rng_state(), state)
+
