@@ -70,7 +70,8 @@ class InMemoryLoader:
 
     def __init__(self, batches: list) -> None:
         self.batches = batches
-        self.epoch = 0
+        self.epoch = self.position = 0  # the trainer reads the sampler's place (it is its own sampler)
+        self.yielded_in_epoch = False
         self.tracker = BadFileTracker(max_bad_fraction=1.0)  # the trainer checks it at log steps
 
     def close(self) -> None:
