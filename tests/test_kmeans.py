@@ -356,3 +356,23 @@ def test_a_layer_folder_given_as_dot_finds_its_extraction_s_metadata(tmp_path: P
     monkeypatch.chdir(tmp_path)
     assert recorded_num_units("u.jsonl")[0] == 4
     assert extraction_frame_rate("u.jsonl")[0] == 100.0
+
+
+def test_the_codebook_units_of_an_unfinished_extraction_are_refused_by_their_readers(tmp_path: Path) -> None:
+    """lm-train trained on the codebook units of a killed extraction (69 of 201 utterances, no warning), and
+    units-quality blamed "another tool or an older spidr"; every reader of a units file now refuses it, as kmeans,
+    units and abx refuse its layer folders."""
+    from spidr.eval.units import read_units
+    from spidr.lm.tokens import read_unit_sequences
+
+    extraction = tmp_path / "feats"
+    (extraction / "codebook_units").mkdir(parents=True)
+    units = extraction / "codebook_units" / "layer_06.jsonl"
+    units.write_text('{"name": "a", "units": [1, 2, 2]}\n')
+    (extraction / ".extract").mkdir()
+    for read in (read_units, lambda path: read_unit_sequences(path, dedup=True)):
+        with pytest.raises(ValueError, match=r"layer_06\.jsonl is from an unfinished spidr extract run"):
+            read(units)
+    (extraction / "metadata.json").write_text("{}")  # finished
+    assert read_units(units)["a"].tolist() == [1, 2, 2]
+    assert read_unit_sequences(units, dedup=True).sequences["a"].tolist() == [1, 2]

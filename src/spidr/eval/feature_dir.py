@@ -148,24 +148,28 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
 def one_layer_directory(root: str | Path) -> FeatureDirectory:
     """``FeatureDirectory(root)``, refusing the output folder of ``spidr extract`` itself (its ``layer_LL``
     subfolders hold one layer each, and reading them together would pool the frames of several layers) and a layer
-    folder of an extraction that has not finished.
-
-    An unfinished extraction (its journal, but no ``metadata.json`` yet: killed, failed or still running) holds the
-    utterances done so far, and those are the shortest, as ``spidr extract`` batches by length: k-means fitted on
-    them, or units and ABX scores of them, would silently describe a biased subset. Rerunning the extraction
-    completes it cheaply (it resumes), so refusing loses nothing.
-    """
+    folder of an extraction that has not finished (``refuse_unfinished_extraction``)."""
     root = Path(root)
     layers = sorted(path.name for path in root.glob("layer_[0-9]*") if path.is_dir())
     if layers:
         raise ValueError(f"{root} holds the features of {', '.join(layers)} (a spidr extract folder): give one "
                          f"layer's folder, e.g. {root / layers[0]}")
-    extraction = root.resolve().parent  # resolved: the parent of "." is "."
-    if (extraction / STATE_DIR).is_dir() and not (extraction / "metadata.json").is_file():
-        raise ValueError(f"{root} is from an unfinished spidr extract run ({extraction} has its {STATE_DIR}/ journal "
-                         "but no metadata.json): its features cover only the utterances done so far; rerun the same "
-                         "spidr extract command to complete it")
+    refuse_unfinished_extraction(root)
     return FeatureDirectory(root)
+
+
+def refuse_unfinished_extraction(path: str | Path) -> None:
+    """Raise if ``path`` is a layer folder (``OUT/layer_LL``) or a codebook units file
+    (``OUT/codebook_units/layer_LL.jsonl``) of a ``spidr extract`` run that has not finished: its journal, but no
+    ``metadata.json`` yet (killed, failed or still running). It holds the utterances done so far, the shortest ones
+    (extraction batches by length): k-means, units, ABX or an LM on them would silently describe a biased subset,
+    and rerunning the extraction completes it cheaply (it resumes)."""
+    path = Path(path).resolve()  # resolved: the parent of "." is "."
+    extraction = path.parent.parent if path.parent.name == "codebook_units" else path.parent
+    if (extraction / STATE_DIR).is_dir() and not (extraction / "metadata.json").is_file():
+        raise ValueError(f"{path} is from an unfinished spidr extract run ({extraction} has its {STATE_DIR}/ journal "
+                         "but no metadata.json): it covers only the utterances done so far; rerun the same spidr "
+                         "extract command to complete it")
 
 
 def units_metadata_path(units_path: str | Path) -> Path:

@@ -113,8 +113,11 @@ def read_units(path: str | Path) -> dict[str, np.ndarray]:
     Each row's list becomes an array in one numpy call; a row is checked element by element only when its text
     holds ``true`` or ``false`` (a JSON boolean would otherwise pass as an integer).
     """
+    from spidr.eval.feature_dir import refuse_unfinished_extraction
+
     path = Path(path)
     existing_file(path, "units file")
+    refuse_unfinished_extraction(path)
     units: dict[str, np.ndarray] = {}
     for key, where, _, values, line in read_jsonl_rows_with_lines(path, field="units",
                                                                   refuse_deduplicated=FRAME_RATE_NEEDED):

@@ -67,8 +67,11 @@ def read_rows(path: str | Path, *,
               refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list, str]]:
     """``(stem, kind, where, values, line)`` per row, kind "units" or "labels", ``line`` its text; refuses bad JSON
     and repeated stems, and with ``refuse_deduplicated`` (why), rows written deduplicated."""
+    from spidr.eval.feature_dir import refuse_unfinished_extraction
+
     path = Path(path)
     existing_file(path, "units file")
+    refuse_unfinished_extraction(path)
     for stem, where, found, values, line in read_jsonl_rows_with_lines(
             path, field=("units", "phones"), key=file_stem, refuse_deduplicated=refuse_deduplicated):
         yield stem, "units" if found == "units" else "labels", where, values, line
