@@ -383,3 +383,21 @@ def test_a_training_set_of_no_readable_file_is_an_error(bench, checkpoint, tmp_p
     assert main(["lm-units", str(broken), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 2
     assert "none of the 4 training files gave units" in capsys.readouterr().err
     assert not (out / "layer_02" / "train.jsonl").exists()
+
+
+def test_an_unfinished_benchmark_is_refused_by_its_readers(tmp_path):
+    """lm-units read a killed synth-lm-bench: it wrote empty units for an empty set, marked it done and exited 0,
+    and lm-eval scored against its partial gold files. Both now name the marker and how to finish the benchmark."""
+    from spidr.corpus.lm_bench import IN_PROGRESS
+    from spidr.lm.bench_units import benchmark_sets
+    from spidr.lm.evaluate import evaluate_benchmark
+
+    bench = tmp_path / "bench"
+    (bench / "lexical" / "dev").mkdir(parents=True)
+    (bench / IN_PROGRESS).touch()
+    (tmp_path / "submission").mkdir()
+    for read in (lambda: benchmark_sets(bench), lambda: evaluate_benchmark(bench, tmp_path / "submission")):
+        with pytest.raises(ValueError, match=rf"{bench} is an unfinished spidr synth-lm-bench .*rerun the same"):
+            read()
+    (bench / IN_PROGRESS).unlink()
+    assert benchmark_sets(bench) == {"lexical/dev": bench / "lexical" / "dev"}

@@ -102,6 +102,17 @@ FOLDERS = ("train", *TASKS, SEEN_TASK)  # what a benchmark writes besides info.j
 # Present from before anything is deleted until info.json is written: a folder that holds it, and no info.json, is
 # an interrupted benchmark, whose folders may be cleared; without it, a folder that holds files is the user's.
 IN_PROGRESS = ".synth-lm-bench-in-progress"
+
+
+def refuse_unfinished_benchmark(bench_dir: str | Path) -> None:
+    """Raise if ``bench_dir`` is a ``spidr synth-lm-bench`` that has not finished (its ``IN_PROGRESS`` marker:
+    killed, failed or still running): a set may be missing, empty or partly written. lm-units wrote empty units for
+    an empty set, marked it done and exited 0."""
+    if (Path(bench_dir) / IN_PROGRESS).exists():
+        raise ValueError(f"{bench_dir} is an unfinished spidr synth-lm-bench (it holds {IN_PROGRESS}: killed, failed "
+                         "or still running): rerun the same synth-lm-bench command to complete it")
+
+
 GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold,
                 SEEN_TASK: write_lexical_gold}
 MEAN_TRAIN_UTTERANCE_S = 6.7  # measured (650 utterances of the default voices: 1.21 h); --train-hours → utterances

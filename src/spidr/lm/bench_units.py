@@ -45,7 +45,10 @@ CENTROIDS_FILE = "centroids.safetensors"  # OUT/layer_LL/: the k-means centroids
 
 def benchmark_sets(bench_dir: str | Path) -> dict[str, Path]:
     """``"train"`` and ``"<task>/<split>"`` → folder, for the sets present in ``bench_dir``."""
+    from spidr.corpus.lm_bench import refuse_unfinished_benchmark
+
     bench_dir = Path(bench_dir)
+    refuse_unfinished_benchmark(bench_dir)
     sets = {}
     if (bench_dir / "train").is_dir():
         sets["train"] = bench_dir / "train"

@@ -535,6 +535,9 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
         if not folder.is_dir():
             raise ValueError(f"{what} {folder} does not exist" if not folder.exists() else
                              f"{what} {folder} is not a folder")
+    from spidr.corpus.lm_bench import refuse_unfinished_benchmark
+
+    refuse_unfinished_benchmark(bench_dir)
     warn_about_other_folders(bench_dir, "benchmark folder", only_cloze=True)
     warn_about_other_folders(submission_dir, "submission folder")
     results: list[TaskResult] = []
