@@ -1083,3 +1083,34 @@ def test_file_stem_strips_flac_too():
 
     assert file_stem("/data/spk/utt.flac") == file_stem("/data/spk/utt.wav") == file_stem("spk/utt") == "utt"
 
+
+
+def test_unfinished_lm_units_and_lm_score_folders_are_named(tmp_path, capsys):
+    """A killed lm-units left sets out, and lm-score scored the rest and exited 0; a killed lm-score's folder was
+    refused by its rerun as an earlier result ("pass --overwrite"), and lm-eval scored it. lm-score now refuses an
+    unfinished units folder, redoes its own unfinished submission, and lm-eval refuses it."""
+    from spidr.lm.bench_units import IN_PROGRESS as UNITS_IN_PROGRESS
+    from spidr.lm.evaluate import evaluate_benchmark
+    from spidr.lm.score import IN_PROGRESS as SCORE_IN_PROGRESS
+
+    cfg_path = _config(tmp_path, "lm", optimizer={"max_steps": 5})
+    assert main(["lm-train", str(cfg_path)]) == 0
+    final = tmp_path / "runs" / "lm" / "final.pt"
+    units = tmp_path / "units" / "layer_05"
+    (units / "lexical").mkdir(parents=True)
+    (units / "lexical" / "dev.jsonl").write_text('{"name": "a", "units": [1, 2]}\n')
+    (units.parent / UNITS_IN_PROGRESS).touch()
+    assert main(["lm-score", str(final), str(units), str(tmp_path / "sub")]) == 2
+    assert "is an unfinished spidr lm-units run" in capsys.readouterr().err
+    (units.parent / UNITS_IN_PROGRESS).unlink()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "lexical").mkdir()
+    (tmp_path / "sub" / "lexical" / "dev.txt").write_text("a -1.0\n")  # what a killed run left
+    (tmp_path / "sub" / SCORE_IN_PROGRESS).touch()
+    (tmp_path / "bench").mkdir()
+    with pytest.raises(ValueError, match="is an unfinished spidr lm-score run"):
+        evaluate_benchmark(tmp_path / "bench", tmp_path / "sub")
+    assert main(["lm-score", str(final), str(units), str(tmp_path / "sub")]) == 0  # no --overwrite needed
+    assert not (tmp_path / "sub" / SCORE_IN_PROGRESS).exists()
+    assert (tmp_path / "sub" / "meta.json").is_file()
+    assert main(["lm-score", str(final), str(units), str(tmp_path / "sub")]) == 2  # a finished one is kept

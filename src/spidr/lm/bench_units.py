@@ -40,6 +40,20 @@ logger = logging.getLogger(__name__)
 FRAME_LABELS = "frame_labels_20ms.jsonl"
 MAX_KMEANS_FRAMES = 200_000
 STATE_FILE = ".lm-units.json"  # OUT's record: what its units are made from, and the finished sets
+# Present while lm-units writes a units folder (from its first file to its last): lm-score refuses such a folder,
+# whose sets may be missing (a killed run's submission lacked them, and lm-score exited 0).
+IN_PROGRESS = ".lm-units-in-progress"
+
+
+def refuse_unfinished_units(units_dir: str | Path) -> None:
+    """Raise if ``units_dir`` (an lm-units OUT, or its ``layer_LL`` folder) is being written or was left unfinished
+    by lm-units (killed or failed)."""
+    units_dir = Path(units_dir).resolve()
+    for folder in (units_dir, units_dir.parent):
+        if (folder / IN_PROGRESS).exists():
+            raise ValueError(f"{folder} is an unfinished spidr lm-units run (it holds {IN_PROGRESS}: killed, failed "
+                             "or still running), whose sets may be missing: rerun the same lm-units command to "
+                             "complete it")
 CENTROIDS_FILE = "centroids.safetensors"  # OUT/layer_LL/: the k-means centroids fitted by lm-units
 
 
@@ -97,6 +111,8 @@ def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, 
     """Copy each set's 20 ms phone labels to ``out_dir/<set>.jsonl`` (the phone-oracle topline's units)."""
     out_dir = Path(out_dir)
     written = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / IN_PROGRESS).touch()
     for name, folder in benchmark_sets(bench_dir).items():
         source = folder / FRAME_LABELS
         if not source.is_file():
@@ -105,6 +121,7 @@ def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, 
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         written[name] = target
+    (out_dir / IN_PROGRESS).unlink()
     return written
 
 
@@ -243,6 +260,8 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
     rate = SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config)
     out_dir = Path(out_dir)
     done = sorted(begin_units_folder(out_dir, identity) or ()) if identity is not None else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / IN_PROGRESS).touch()
     written = {}
     for name, found in (sets or read_benchmark(bench_dir)).items():
         paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
@@ -272,4 +291,5 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
         if identity is not None:
             done = sorted({*done, name})
             _write_state(out_dir / STATE_FILE, identity, done)
+    (out_dir / IN_PROGRESS).unlink()
     return written

@@ -247,10 +247,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from spidr.lm.score import find_unit_files, score_benchmark
+    from spidr.lm.score import IN_PROGRESS, find_unit_files, score_benchmark
 
     inputs = find_unit_files(args.units_dir)
-    cli_types.check_new_output(args.submission, overwrite=args.overwrite)
+    unfinished = (Path(args.submission) / IN_PROGRESS).exists()  # an lm-score run killed or failed: redone
+    cli_types.check_new_output(args.submission, overwrite=args.overwrite or unfinished)
     counts = score_benchmark(args.checkpoint, inputs, args.submission, norm=args.norm,
                              device=args.device, batch_tokens=args.batch_tokens, dtype=args.dtype)
     for name, count in counts.items():

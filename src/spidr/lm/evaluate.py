@@ -514,6 +514,16 @@ def evaluate_task(task: str, gold: Sequence[GoldItem], scores: Mapping[str, floa
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
+def _refuse_unfinished(bench_dir: Path, submission_dir: Path) -> None:
+    """Raise if the benchmark or the submission is one that spidr left unfinished (killed, failed or running)."""
+    from spidr.corpus.lm_bench import refuse_unfinished_benchmark
+
+    refuse_unfinished_benchmark(bench_dir)
+    if (submission_dir / ".lm-score-in-progress").exists():  # spidr.lm.score.IN_PROGRESS (score imports this)
+        raise ValueError(f"{submission_dir} is an unfinished spidr lm-score run (killed, failed or still running): "
+                         "rerun the same lm-score command to complete it")
+
+
 def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kind: str = "dev",
                        out_dir: str | Path | None = None, seed: int = 0) -> dict:
     """Score every task of a ZeroSpeech-2021-style benchmark that has both a gold and a submission file.
@@ -535,9 +545,7 @@ def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kin
         if not folder.is_dir():
             raise ValueError(f"{what} {folder} does not exist" if not folder.exists() else
                              f"{what} {folder} is not a folder")
-    from spidr.corpus.lm_bench import refuse_unfinished_benchmark
-
-    refuse_unfinished_benchmark(bench_dir)
+    _refuse_unfinished(bench_dir, submission_dir)
     warn_about_other_folders(bench_dir, "benchmark folder", only_cloze=True)
     warn_about_other_folders(submission_dir, "submission folder")
     results: list[TaskResult] = []

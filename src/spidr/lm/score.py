@@ -33,6 +33,9 @@ from spidr.lm.train import load_lm, read_lm_units
 logger = logging.getLogger(__name__)
 
 SPLITS = ("dev", "test")
+# Present in a submission folder while lm-score writes it: lm-eval refuses such a folder, and a rerun of lm-score
+# replaces it without --overwrite (a killed run's folder was refused as an earlier result).
+IN_PROGRESS = ".lm-score-in-progress"
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,10 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
 def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
     """``(task, split) → UNITS_DIR/<task>/<split>.jsonl`` for the files that exist (``.jsonl.gz`` too; both for one
     split is an error, as either could be the one meant)."""
+    from spidr.lm.bench_units import refuse_unfinished_units
+
     units_dir = Path(units_dir)
+    refuse_unfinished_units(units_dir)
     warn_about_other_folders(units_dir, "units folder")
     found = {}
     for task in TASKS:
@@ -146,6 +152,7 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
             for (task, split), scores in scored.items() for stem, s in sorted(scores.items())]
     counts = {f"{task}/{split}": len(scores) for (task, split), scores in scored.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / IN_PROGRESS).touch()
     (out_dir / "meta.json").unlink(missing_ok=True)
     for path, text in texts.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,4 +165,5 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
                 stale.unlink()
     write_atomically(out_dir / "meta.json", json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": info,
                                                         "items": counts}, indent=1))
+    (out_dir / IN_PROGRESS).unlink()
     return counts
