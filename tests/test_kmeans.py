@@ -223,14 +223,14 @@ def test_a_failure_partway_leaves_no_truncated_output(tmp_path: Path, capsys: py
     assert len(read_units(tmp_path / "good.jsonl")) == 10
     assert json.loads((tmp_path / "good.jsonl.metadata.json").read_text())["num_utterances"] == 10
     # centroids likewise: a write that fails leaves the earlier file as it was, and no temporary file
-    import safetensors.torch
+    from spidr import safetensors_files
 
-    def failing_save(tensors: dict, filename: str, metadata: dict) -> None:
-        Path(filename).write_bytes(b"half a file")
+    def failing_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+        Path(path).write_bytes(b"half a file")
         raise OSError("No space left on device")
 
     before = centroids.read_bytes()
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(safetensors_files, "save_safetensors", failing_save)
     with pytest.raises(OSError, match="No space left"):
         save_centroids(centroids, np.zeros((2, 8)))
     assert centroids.read_bytes() == before

@@ -442,7 +442,7 @@ def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatc
             handle.write(b"\0" * 100)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", cut_short)
+    monkeypatch.setattr("spidr.safetensors_files.save_safetensors", cut_short)
     with pytest.raises(OSError, match="No space left"):
         export_hf(tiny_model("spidr", encoder_num_layers=2), tmp_path / "hf")
     assert {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()} == before  # no partial left

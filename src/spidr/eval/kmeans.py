@@ -138,13 +138,13 @@ def save_centroids(
 ) -> None:
     """Write centroids (K, D) to a safetensors file (tensor ``centroids``; ``metadata`` values must be strings),
     under a temporary name renamed to ``path`` once complete (no truncated file; an earlier one stays on failure)."""
-    from safetensors.torch import save_file
+    from spidr.safetensors_files import save_safetensors
 
     tensor = torch.as_tensor(np.asarray(centroids, dtype=np.float32)).contiguous()
     if tensor.ndim != 2:
         raise ValueError(f"centroids must be (K, D), got shape {tuple(tensor.shape)}")
     with replaced_when_done(path) as partial:
-        save_file({CENTROIDS_KEY: tensor}, str(partial), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_safetensors({CENTROIDS_KEY: tensor}, partial, {k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_centroids(path: str | Path) -> torch.Tensor:

@@ -202,7 +202,7 @@ def export_hf(model: nn.Module, directory: str | Path) -> Path:
     weight files transformers would read (``STALE_WEIGHTS``: an earlier export's ``pytorch_model.bin``, shards and
     their index) are removed once they are in place.
     """
-    from safetensors.torch import save_file
+    from spidr.safetensors_files import save_safetensors
 
     cfg: ModelConfig = model.cfg
     config = hf_config(cfg, step=int(model.current_step))  # refuses what cannot be exported before writing anything
@@ -217,7 +217,7 @@ def export_hf(model: nn.Module, directory: str | Path) -> Path:
         config_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / CONFIG_FILE))
         preprocessor_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / PREPROCESSOR_FILE))
         weights_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / WEIGHTS_FILE))
-        save_file(weights, str(weights_partial), metadata={"format": "pt"})
+        save_safetensors(weights, weights_partial, {"format": "pt"})
         preprocessor_partial.write_text(json.dumps(preprocessor_config(), indent=2) + "\n", encoding="utf-8")
         config_partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     for pattern in STALE_WEIGHTS:

@@ -474,7 +474,7 @@ def load_model(
 def export_safetensors(model: DinoSR | Student, path: str | Path) -> None:
     """Write the full state dict (student, heads, codebooks, teacher; a ``Student``'s own) to ``path`` with the
     model config as JSON in the metadata, so ``load_model(path)`` rebuilds the same model without any pickle."""
-    from safetensors.torch import save_file
+    from spidr.safetensors_files import save_safetensors
 
     data = dataclasses.asdict(model.cfg) | {"__class__": type(model.cfg).__name__}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -482,7 +482,7 @@ def export_safetensors(model: DinoSR | Student, path: str | Path) -> None:
     if isinstance(model, Student):
         metadata[_STUDENT_ONLY_KEY] = "true"
     with replaced_when_done(path) as partial:  # an interrupted --overwrite leaves the earlier export whole
-        save_file(state, str(partial), metadata=metadata)
+        save_safetensors(state, partial, metadata)
 
 
 def spidr_base(path: str | Path) -> DinoSR:
