@@ -376,3 +376,28 @@ def test_the_codebook_units_of_an_unfinished_extraction_are_refused_by_their_rea
     (extraction / "metadata.json").write_text("{}")  # finished
     assert read_units(units)["a"].tolist() == [1, 2, 2]
     assert read_unit_sequences(units, dedup=True).sequences["a"].tolist() == [1, 2]
+
+
+def test_a_units_run_stopped_before_its_record_leaves_no_units_file(tmp_path: Path, monkeypatch) -> None:
+    """The units file was renamed into place before its record was written: a kill in between left units without
+    rate or vocabulary (abx then assumed 50 Hz), and the rerun was refused as existing. The record now comes first."""
+    from spidr import atomic_files
+
+    for name, array in clustered_features().items():
+        (tmp_path / "features" / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "features" / f"{name}.npy", array)
+    save_centroids(tmp_path / "c.safetensors", 10.0 * np.eye(4, 8, dtype=np.float32))
+    command = ["units", str(tmp_path / "features"), "--centroids", str(tmp_path / "c.safetensors"), "--out",
+               str(tmp_path / "u.jsonl")]
+
+    def killed(path, text):
+        raise KeyboardInterrupt  # (a kill: nothing after this runs)
+
+    monkeypatch.setattr(atomic_files, "write_atomically", killed)
+    assert cli.main(command) == 130
+    assert not (tmp_path / "u.jsonl").exists()
+    monkeypatch.undo()
+    assert cli.main(command) == 0  # no --overwrite needed
+    record = json.loads((tmp_path / "u.jsonl.metadata.json").read_text())
+    assert record["units_file_bytes"] == (tmp_path / "u.jsonl").stat().st_size
+    assert record["num_utterances"] == len(read_units(tmp_path / "u.jsonl"))

@@ -167,18 +167,20 @@ def _units(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     rate = extraction_frame_rate(args.features_dir)  # before anything is written: a failure leaves no units file
     units = assign_directory(features, centroids, centroids_name=f"the centroids of {args.centroids}")
-    count = write_units(out, units, dedup=args.dedup)
     record = {
         "frame_rate_hz": None if args.dedup or rate is None else rate[0],  # None: unknown, or no rate left (dedup)
         "num_units": int(centroids.shape[0]),
         "dedup": args.dedup,
         "features": str(args.features_dir),
         "centroids": str(args.centroids),
-        "num_utterances": count,
-        "units_file_bytes": out.stat().st_size,  # a units file written over since by another tool is not described
     }
-    record_path = units_metadata_path(out)  # written once the units are (a failure leaves both as they were)
-    write_atomically(record_path, json.dumps(record, indent=2) + "\n")
+    record_path = units_metadata_path(out)
+
+    def write_record(complete: Path, count: int) -> None:  # before the units file is renamed into place
+        record.update(num_utterances=count, units_file_bytes=complete.stat().st_size)  # (a units file written
+        write_atomically(record_path, json.dumps(record, indent=2) + "\n")  # over since is not described)
+
+    count = write_units(out, units, dedup=args.dedup, before_rename=write_record)
     rate_text = "rate unknown" if record["frame_rate_hz"] is None else f"{record['frame_rate_hz']:g} Hz"
     print(f"wrote units of {count} utterances to {out}{' (deduplicated)' if args.dedup else ''}; "
           f"{record['num_units']} units, {rate_text} (recorded in {record_path})")

@@ -147,23 +147,28 @@ def write_units(
     units: Mapping[str, Sequence[int] | np.ndarray] | Iterable[tuple[str, np.ndarray]],
     *,
     dedup: bool = False,
+    before_rename: Callable[[Path, int], None] | None = None,
 ) -> int:
     """Write ``{"name": utterance, "units": [...]}`` rows (gzip when ``path`` ends in ``.gz``), with ``"dedup": true``
     when ``dedup``; returns the count.
 
     ``units`` may be computed as it is read (``spidr units`` assigns file by file), so the rows go to a temporary file
     beside ``path``, renamed to ``path`` once all are written: a failure partway leaves no truncated file, and an
-    earlier ``path`` stays as it was.
+    earlier ``path`` stays as it was. ``before_rename(complete temporary file, count)`` runs just before the rename
+    (``spidr units`` records the file there: a kill can then leave a record without its units file, which a rerun
+    rewrites, but no units file without its record, which a rerun refused as existing).
     """
     path = Path(path)
     items = units.items() if isinstance(units, Mapping) else units
     count = 0
-    with replaced_when_done(path) as partial, (
-            gzip.open(partial, "wt", encoding="utf-8") if path.suffix == ".gz"
-            else partial.open("w", encoding="utf-8")) as handle:
-        for name, values in items:
-            array = deduplicate(values) if dedup else np.asarray(values)
-            row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}
-            handle.write(json.dumps(row) + "\n")
-            count += 1
+    with replaced_when_done(path) as partial:
+        with (gzip.open(partial, "wt", encoding="utf-8") if path.suffix == ".gz"
+              else partial.open("w", encoding="utf-8")) as handle:
+            for name, values in items:
+                array = deduplicate(values) if dedup else np.asarray(values)
+                row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}
+                handle.write(json.dumps(row) + "\n")
+                count += 1
+        if before_rename is not None:
+            before_rename(partial, count)
     return count
