@@ -401,3 +401,26 @@ def test_a_units_run_stopped_before_its_record_leaves_no_units_file(tmp_path: Pa
     record = json.loads((tmp_path / "u.jsonl.metadata.json").read_text())
     assert record["units_file_bytes"] == (tmp_path / "u.jsonl").stat().st_size
     assert record["num_utterances"] == len(read_units(tmp_path / "u.jsonl"))
+
+
+def test_records_are_found_beside_a_linked_units_file_and_from_a_relative_path(tmp_path: Path, monkeypatch) -> None:
+    """A units file linked from elsewhere (a dataset snapshot, git-annex, DVC) keeps its record beside the link, not
+    beside the link's target; an extraction's codebook units given relative to their folder find its record too."""
+    from spidr.eval.feature_dir import extraction_frame_rate, recorded_num_units
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "blob").write_text('{"name": "a", "units": [1, 2]}\n')
+    (tmp_path / "view").mkdir()
+    (tmp_path / "view" / "u.jsonl").symlink_to(tmp_path / "store" / "blob")
+    (tmp_path / "view" / "u.jsonl.metadata.json").write_text(json.dumps(
+        {"frame_rate_hz": 25.0, "num_units": 4, "units_file_bytes": (tmp_path / "store" / "blob").stat().st_size}))
+    assert recorded_num_units(tmp_path / "view" / "u.jsonl")[0] == 4
+    assert extraction_frame_rate(tmp_path / "view" / "u.jsonl")[0] == 25.0
+    extraction = tmp_path / "out"
+    (extraction / "codebook_units").mkdir(parents=True)
+    (extraction / "codebook_units" / "layer_02.jsonl").write_text('{"name": "a", "units": [1]}\n')
+    (extraction / "metadata.json").write_text(json.dumps({"frame_rate_hz": 50.0, "layers": [2],
+                                                          "codebook_size": 16}))
+    monkeypatch.chdir(extraction / "codebook_units")
+    assert recorded_num_units("layer_02.jsonl")[0] == 16
+    assert extraction_frame_rate("layer_02.jsonl")[0] == 50.0

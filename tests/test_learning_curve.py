@@ -392,13 +392,15 @@ def test_points_stopped_by_a_signal_end_the_curve_with_status_3(tmp_path, monkey
             self.returncode = self.status_on_signal
 
     three = dataclasses.replace(settings, steps=(10, 20, 30))
-    for status in (3, -signal.SIGTERM):
+    # Ctrl-C reaches the children too: one outside its training ends as interrupted (130) or dies of SIGINT
+    for status, sent in ((3, signal.SIGTERM), (-signal.SIGTERM, signal.SIGTERM), (130, signal.SIGINT),
+                         (-signal.SIGINT, signal.SIGINT)):
         children = []
 
-        def start_child(*_, status=status, children=children, **__) -> Child:
+        def start_child(*_, status=status, children=children, sent=sent, **__) -> Child:
             children.append(Child(status))
             if len(children) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), sent)
             return children[-1]
 
         monkeypatch.setattr(learning_curve, "start_child", start_child)
@@ -582,3 +584,16 @@ def test_audio_seen_counts_every_batch_of_a_step(tmp_path):
         config.write_text(json.dumps({"data": {"max_batch_length": 64000},
                                       "optimizer": {"grad_accum_steps": accumulation}}))
         assert audio_hours_seen(config, 1000) == pytest.approx(hours)
+
+
+def test_log_axis_labels_are_plain_numbers_from_a_thousand_hours_on() -> None:
+    from spidr.extras import figure
+    from spidr.learning_curve import label_log_axis
+
+    fig, ax = figure(figsize=(4.2, 3.5), purpose="the test")
+    ax.plot([20.0, 5000.0], [1, 2], "o-")
+    label_log_axis(ax, [20.0, 5000.0])
+    fig.canvas.draw()
+    texts = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "1,000" in texts
+    assert not any("e+" in text or "10^" in text for text in texts), texts

@@ -222,6 +222,11 @@ def test_the_lexicon_is_kept_and_another_one_is_not_reused(bench, monkeypatch):
     assert (bench.out_dir / "language.json").read_bytes() == shipped
     assert bench.parameters["language"] == hashlib.sha256(shipped).hexdigest()
     assert generate_lm_bench(bench.out_dir, TINY).parameters == bench.parameters  # reused as is
+    # A kill between info.json and the marker's removal: the rerun, which reuses the benchmark, removes it (its
+    # readers refused the complete benchmark for good).
+    (bench.out_dir / lm_bench.IN_PROGRESS).touch()
+    assert generate_lm_bench(bench.out_dir, TINY).parameters == bench.parameters
+    assert not (bench.out_dir / lm_bench.IN_PROGRESS).exists()
     monkeypatch.setattr(lm_bench, "language_digest", lambda: "0" * 64)
     with pytest.raises(ValueError, match=r"other settings \(differing: language\)"):
         generate_lm_bench(bench.out_dir, TINY)

@@ -22,9 +22,7 @@ from spidr.lm import commands as lm_commands
 from spidr.lm import eval_commands as lm_eval_commands
 from spidr.models import commands as model_commands
 from spidr.train import commands as train_commands
-from spidr.training_stopped import EXIT_STOPPED, TrainingStoppedError
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C ended
+from spidr.training_stopped import EXIT_INTERRUPTED, EXIT_STOPPED, TrainingStoppedError
 
 AREAS = (data_commands, train_commands, model_commands, pipeline_commands, eval_commands, corpus_commands,
          lm_commands, lm_eval_commands, demo, learning_curve)

@@ -38,7 +38,7 @@ from spidr.config import shipped_config
 from spidr.data import SAMPLE_RATE
 from spidr.folder_lock import folder_lock
 from spidr.help_format import HelpFormatter
-from spidr.training_stopped import EXIT_STOPPED, TrainingStoppedError
+from spidr.training_stopped import EXIT_INTERRUPTED, EXIT_STOPPED, TrainingStoppedError
 
 logger = logging.getLogger(__name__)
 
@@ -374,9 +374,11 @@ def run_points(settings: CurveSettings, argv: Sequence[str], todo: Sequence[Curv
             for entry in [entry for entry in running if entry[2].poll() is not None]:
                 running.remove(entry)
                 point, log, process = entry
-                # A child that the relayed signal reached outside its training (starting, scoring, or after its
-                # trainer put the default handler back) died of it: stopped too, not failed (its log shows no error).
-                if process.returncode == EXIT_STOPPED or (stop.requested and process.returncode == -signal.SIGTERM):
+                # A child that the relayed signal (or Ctrl-C, which reaches it too) caught outside its training
+                # (starting, scoring, or after its trainer put the default handler back) died of it, or ended as
+                # interrupted (130): stopped too, not failed (its log shows no error).
+                if process.returncode == EXIT_STOPPED or (stop.requested and process.returncode in (
+                        -signal.SIGTERM, -signal.SIGINT, EXIT_INTERRUPTED)):
                     stopped.append(point.name)
                 elif process.returncode:
                     failed.append(f"{point.name} (exit {process.returncode}, see {log})")
@@ -597,7 +599,7 @@ def label_log_axis(ax: object, values: Sequence[float]) -> None:
     values = [v for v in values if v > 0]  # a log axis shows no 0
     if not values:
         return
-    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    plain = FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1000 else f"{value:.3g}")
     low, high = min(values), max(values)
     nice = [m * 10.0**e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
             for m in (1, 2, 5)]

@@ -7,6 +7,8 @@ command line turns it into the same status 3 with one line (a traceback read lik
 
 # The exit status of a command whose training stopped on a signal.
 EXIT_STOPPED = 3
+# The exit status of a command that Ctrl-C ended outside a training (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
 
 
 class TrainingStoppedError(Exception):

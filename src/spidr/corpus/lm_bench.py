@@ -492,6 +492,9 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
     parameters = bench_parameters(settings)
     cached = _reuse(out_dir, parameters, overwrite=overwrite)
     if cached is not None:
+        # Complete (info.json and every file): a marker left by a kill between writing info.json and removing it
+        # would make its readers refuse it for good.
+        (out_dir / IN_PROGRESS).unlink(missing_ok=True)
         return cached
     voices = {voice.name: voice for voice in settings.voices()}
     require_available(list(voices.values()))

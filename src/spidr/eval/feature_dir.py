@@ -184,7 +184,7 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
     ``OUT/codebook_units/layer_LL.jsonl``); None when none is found or it is not a JSON object."""
     import json
 
-    path = Path(path).resolve()  # "." has no name and no parents: its extraction's metadata.json was not found
+    path = _absolute(path)
     own = units_metadata_path(path) if path.is_file() else None
     for metadata in (*([own] if own else []), *(folder / "metadata.json" for folder in (path, *path.parents[:2]))):
         if metadata.is_file():
@@ -219,6 +219,12 @@ def extraction_frame_rate(path: str | Path) -> tuple[float, Path] | None:
     return (float(rate), found[1]) if isinstance(rate, int | float) and not isinstance(rate, bool) else None
 
 
+def _absolute(path: str | Path) -> Path:
+    """``path`` made absolute without following links ("." has no name and no parents, so the metadata.json of
+    its extraction was not found; a units file linked from a dataset snapshot keeps its record beside the link)."""
+    return Path(os.path.abspath(path))
+
+
 def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
     """The unit vocabulary size recorded for a units file (``num_units`` of ``spidr units``, or the codebook size
     of the ``spidr extract`` run that wrote ``OUT/codebook_units/``), and the file that records it; else None."""
@@ -226,12 +232,13 @@ def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
     if found is None:
         return None
     record, metadata = found
-    if metadata == units_metadata_path(Path(path).resolve()):  # as _recorded_metadata names it
+    path = _absolute(path)  # as _recorded_metadata names it
+    if metadata == units_metadata_path(path):
         size = record.get("num_units")
     else:  # only the files that extraction wrote: codebook_units/layer_LL.jsonl of a layer it extracted
-        match = re.fullmatch(r"layer_(\d+)\.jsonl", Path(path).name)
+        match = re.fullmatch(r"layer_(\d+)\.jsonl", path.name)
         layers = record.get("layers")
-        written = (Path(path).parent.name == "codebook_units" and match is not None and isinstance(layers, list)
+        written = (path.parent.name == "codebook_units" and match is not None and isinstance(layers, list)
                    and int(match.group(1)) in layers)
         size = record.get("codebook_size") if written else None
     return (size, metadata) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
