@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from spidr.atomic_files import partial_path, replaced_when_done, write_atomically
@@ -144,3 +146,53 @@ def test_a_write_error_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(manifest, "write_manifest", disk_full)
     assert cli.main(["manifest", str(tmp_path / "audio"), str(tmp_path / "m.csv")]) == 2
     assert capsys.readouterr().err.strip().endswith("m.csv: No space left on device")
+
+
+def test_two_processes_writing_one_file_do_not_publish_each_other_s_halves(tmp_path):
+    """Every writer used the name .<name>.partial: the first to finish renamed the other's half-written file into
+    place (a units run said it wrote 3000 utterances; the file held about 1000), and the other then failed."""
+    import subprocess
+    import sys
+    import time
+
+    path, go = tmp_path / "out.txt", tmp_path / "go"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib\n"
+        "from spidr.atomic_files import replaced_when_done\n"
+        f"path, go = pathlib.Path({str(path)!r}), pathlib.Path({str(go)!r})\n"
+        "with replaced_when_done(path) as partial:\n"
+        "    partial.write_text('child: first half ')\n"
+        "    (path.parent / 'started').touch()\n"
+        "    while not go.exists():\n"
+        "        time.sleep(0.01)\n"
+        "    with partial.open('a') as handle:\n"
+        "        handle.write('second half')\n")],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert child.poll() is None
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    write_atomically(path, "parent: whole")  # while the child's file is half written
+    assert path.read_text() == "parent: whole"
+    go.touch()
+    assert child.wait(timeout=60) == 0
+    assert path.read_text() == "child: first half second half"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "out.txt", "started"]
+
+
+def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".out.txt.{host}-{dead.pid}.partial"
+    live = tmp_path / f".out.txt.{host}-{os.getppid()}.partial"  # a process that runs: a writer at work
+    old = tmp_path / ".out.txt.partial"  # earlier versions' name
+    for temporary in (stale, live, old):
+        temporary.write_text("half")
+    write_atomically(tmp_path / "out.txt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out.txt"])

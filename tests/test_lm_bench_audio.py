@@ -337,3 +337,22 @@ def test_a_training_set_that_covers_a_test_template_is_refused_before_any_audio(
                                          r"reuses a \(subject, verb, object\) triple of the training set"):
         generate_lm_bench(tmp_path / "bench", LmBenchSettings(train_utterances=12_000), jobs=1)
     assert (tmp_path / "bench" / "train" / "keep.txt").read_text() == "an earlier benchmark's file"
+
+
+def test_a_benchmark_is_made_under_its_folder_s_lock(bench, monkeypatch):
+    """Two synth-lm-bench runs into one folder deleted each other's sets, and the one that exited 0 said it had made
+    the other's benchmark; the second now waits for the first (as synth-corpus does), then reuses its benchmark."""
+    import contextlib
+
+    from spidr import folder_lock
+
+    held = []
+
+    @contextlib.contextmanager
+    def recording(folder, what, *, wait=False):
+        held.append((Path(folder), wait))
+        yield
+
+    monkeypatch.setattr(folder_lock, "folder_lock", recording)
+    assert generate_lm_bench(bench.out_dir, TINY).parameters == bench.parameters
+    assert held == [(bench.out_dir, True)]

@@ -6,7 +6,9 @@ one, never a truncated file left by a crash or a kill. Checkpoints add fsyncs on
 
 from __future__ import annotations
 
+import glob
 import os
+import socket
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +19,38 @@ PARTIAL_SUFFIX = ".partial"
 
 
 def partial_path(path: Path) -> Path:
-    """The hidden temporary name ``path`` is written under: ``.<name>.partial`` in the same folder (so that the
-    rename stays on one file system)."""
-    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    """The hidden temporary name this process writes ``path`` under: ``.<name>.<host>-<pid>.partial`` in the same
+    folder (so that the rename stays on one file system). It is the writer's own: with one name for every writer, a
+    second run writing the same output (a command started twice) renamed the first one's half-written file into
+    place, and the first then failed or said it was done."""
+    return path.with_name(f".{path.name}.{_writer()}{PARTIAL_SUFFIX}")
+
+
+def new_partial_path(path: Path) -> Path:
+    """``partial_path(path)``, after removing the temporaries of ``path`` that killed writers on this host left
+    (their process is gone; ``.<name>.partial``, the name of earlier versions, too)."""
+    path.with_name(f".{path.name}{PARTIAL_SUFFIX}").unlink(missing_ok=True)
+    if os.name == "posix":  # (os.kill(pid, 0) is no liveness test elsewhere)
+        prefix, host = f".{path.name}.", socket.gethostname()
+        for stale in path.parent.glob(f"{glob.escape(prefix + host)}-*{PARTIAL_SUFFIX}"):
+            pid = stale.name[len(prefix) + len(host) + 1 : -len(PARTIAL_SUFFIX)]
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
+    return partial_path(path)
+
+
+def _writer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager
@@ -27,11 +58,11 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
     """Yield the temporary path to write ``path``'s content to; when the block ends without an error it is renamed
     over ``path``, otherwise it is removed and ``path`` is left as it was."""
     path = Path(path)
-    partial = partial_path(path)
+    partial = new_partial_path(path)
     # Made here first, so that it gets the permissions of any new file in its folder (the umask, or the folder's
     # default ACL); a writer that makes its own file (safetensors: 0600) is set back to them, so that an exported
     # model or centroids file stays readable by the rest of a group on a shared cluster.
-    partial.unlink(missing_ok=True)  # (one left by a killed process keeps the mode it was given then)
+    partial.unlink(missing_ok=True)  # (this process's, left by an earlier write that failed to clean up)
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     intended = stat.S_IMODE(os.stat(partial).st_mode)
     try:

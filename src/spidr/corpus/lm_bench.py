@@ -68,6 +68,7 @@ from spidr.corpus.nonwords import (
     cmudict_pronunciations,
 )
 from spidr.corpus.phones import PAUSE, phone_maps_digest
+from spidr.folder_lock import LOCK_NAME
 from spidr.lm.zerospeech import (
     GoldItem,
     LexicalItem,
@@ -484,12 +485,24 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
                       overwrite: bool = False) -> LmBenchInfo:
     """Make the benchmark in ``out_dir`` (or reuse the one made there with the same settings)."""
     from spidr.corpus import outputs
+    from spidr.folder_lock import folder_lock
+
+    out_dir = outputs.writable_out_dir(out_dir)
+    parameters = bench_parameters(settings)
+    _reuse(out_dir, parameters, overwrite=overwrite)  # its refusals before a lock file is made in a user's folder
+    # One process at a time makes a benchmark folder; another one (the same command started twice) waits, then
+    # reuses the benchmark (two at once deleted each other's sets, and one said it made the other's benchmark).
+    with folder_lock(out_dir, f"the spoken-LM benchmark synthesis into {out_dir}", wait=True):
+        return _generate(out_dir, settings, parameters, jobs=jobs, overwrite=overwrite)
+
+
+def _generate(out_dir: Path, settings: LmBenchSettings, parameters: dict[str, Any], *, jobs: int | None,
+              overwrite: bool) -> LmBenchInfo:
+    from spidr.corpus import outputs
     from spidr.corpus.synth import BATCH_SIZE, default_jobs, run_tasks
     from spidr.corpus.utterance import Utterance
     from spidr.corpus.voices import require_available
 
-    out_dir = outputs.writable_out_dir(out_dir)
-    parameters = bench_parameters(settings)
     cached = _reuse(out_dir, parameters, overwrite=overwrite)
     if cached is not None:
         # Complete (info.json and every file): a marker left by a kill between writing info.json and removing it
@@ -611,8 +624,9 @@ def _reuse(out_dir: Path, parameters: dict[str, Any], *, overwrite: bool) -> LmB
             raise ValueError(f"{out_dir} holds a benchmark made with other settings (differing: "
                              f"{', '.join(changed)}); choose another directory, or delete {out_dir} to make it "
                              "again (spidr synth-lm-bench can also replace it: --overwrite)")
-    elif out_dir.is_dir() and not (out_dir / IN_PROGRESS).exists() and any(out_dir.iterdir()):
-        names = {path.name for path in out_dir.iterdir()}
+    elif out_dir.is_dir() and not (out_dir / IN_PROGRESS).exists() and any(
+            path.name != LOCK_NAME for path in out_dir.iterdir()):
+        names = {path.name for path in out_dir.iterdir()} - {LOCK_NAME}
         hint = (f" (its {', '.join(sorted(names))} look like a benchmark an earlier spidr left unfinished: delete "
                 f"{out_dir} to make one there)" if names <= {*FOLDERS, LANGUAGE_JSON} else "")
         raise ValueError(f"{out_dir} is not empty and holds no benchmark{hint}; choose a new or empty directory "

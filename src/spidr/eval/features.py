@@ -28,7 +28,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from spidr.atomic_files import partial_path, replaced_when_done, write_atomically
+from spidr.atomic_files import new_partial_path, replaced_when_done, write_atomically
 from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, decoding, load_audio
@@ -673,13 +673,13 @@ class NpyAppender:
     """A (rows, cols) float32 ``.npy`` file written front to back, slice by slice (``appender[a:b] = values``).
 
     Unlike a memory map, written rows leave memory at once, so writing a 1-hour file costs no more than a window.
-    Rows go to ``.<name>.partial``, renamed to ``path`` by ``close`` once every row is written: a killed process
-    never leaves a truncated ``.npy``.
+    Rows go to a hidden temporary file (``spidr.atomic_files.partial_path``), renamed to ``path`` by ``close`` once
+    every row is written: a killed process never leaves a truncated ``.npy``.
     """
 
     def __init__(self, path: Path, rows: int, cols: int) -> None:
         self.path, self.rows, self.written = path, rows, 0
-        self.partial = partial_path(path)
+        self.partial = new_partial_path(path)
         self.file = self.partial.open("wb")
         np.lib.format.write_array_header_1_0(
             self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
