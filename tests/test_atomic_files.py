@@ -182,13 +182,14 @@ def test_two_processes_writing_one_file_do_not_publish_each_other_s_halves(tmp_p
 
 
 def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
-    import socket
     import subprocess
     import sys
 
+    from spidr.atomic_files import _host
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = socket.gethostname()
+    host = _host()
     stale = tmp_path / f".out.txt.{host}-{dead.pid}.partial"
     live = tmp_path / f".out.txt.{host}-{os.getppid()}.partial"  # a process that runs: a writer at work
     old = tmp_path / ".out.txt.partial"  # earlier versions' name

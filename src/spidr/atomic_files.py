@@ -7,6 +7,7 @@ one, never a truncated file left by a crash or a kill. Checkpoints add fsyncs on
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import socket
 import stat
@@ -20,9 +21,10 @@ PARTIAL_SUFFIX = ".partial"
 
 def partial_path(path: Path) -> Path:
     """The hidden temporary name this process writes ``path`` under: ``.<name>.<host>-<pid>.partial`` in the same
-    folder (so that the rename stays on one file system). It is the writer's own: with one name for every writer, a
-    second run writing the same output (a command started twice) renamed the first one's half-written file into
-    place, and the first then failed or said it was done."""
+    folder (so that the rename stays on one file system), ``<host>`` 6 hex digits of the host name's hash (a name
+    near the file system's 255 bytes still fits). It is the writer's own: with one name for every writer, a second
+    run writing the same output (a command started twice) renamed the first one's half-written file into place, and
+    the first then failed or said it was done."""
     return path.with_name(f".{path.name}.{_writer()}{PARTIAL_SUFFIX}")
 
 
@@ -31,7 +33,7 @@ def new_partial_path(path: Path) -> Path:
     (their process is gone; ``.<name>.partial``, the name of earlier versions, too)."""
     path.with_name(f".{path.name}{PARTIAL_SUFFIX}").unlink(missing_ok=True)
     if os.name == "posix":  # (os.kill(pid, 0) is no liveness test elsewhere)
-        prefix, host = f".{path.name}.", socket.gethostname()
+        prefix, host = f".{path.name}.", _host()
         for stale in path.parent.glob(f"{glob.escape(prefix + host)}-*{PARTIAL_SUFFIX}"):
             pid = stale.name[len(prefix) + len(host) + 1 : -len(PARTIAL_SUFFIX)]
             if pid.isdigit() and not _alive(int(pid)):
@@ -40,7 +42,11 @@ def new_partial_path(path: Path) -> Path:
 
 
 def _writer() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    return f"{_host()}-{os.getpid()}"
+
+
+def _host() -> str:
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
 
 
 def _alive(pid: int) -> bool:
