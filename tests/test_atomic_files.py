@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from spidr.atomic_files import partial_path, replaced_when_done, write_atomically
+from spidr.atomic_files import new_partial_path, replaced_when_done, write_atomically
 
 
 def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path):
@@ -27,7 +27,8 @@ def test_a_finished_write_replaces_the_file_through_a_hidden_name_in_the_same_fo
     path = tmp_path / "report.json"
     path.write_text("old")
     with replaced_when_done(path) as partial:
-        assert partial == partial_path(path)
+        assert partial != new_partial_path(path)  # each writer its own
+        assert partial.name.endswith(".partial")
         assert partial.parent == tmp_path
         assert partial.name.startswith(".")
         partial.write_text("new")
@@ -182,18 +183,37 @@ def test_two_processes_writing_one_file_do_not_publish_each_other_s_halves(tmp_p
 
 
 def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    """A writer holds a lock on its temporary file while it writes; the first write into a folder in a process
+    removes the temporaries nobody holds (their writers were killed), whatever host or PID namespace made them."""
     import subprocess
     import sys
 
-    from spidr.atomic_files import _host
+    from spidr import atomic_files
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    host = _host()
-    stale = tmp_path / f".out.txt.{host}-{dead.pid}.partial"
-    live = tmp_path / f".out.txt.{host}-{os.getppid()}.partial"  # a process that runs: a writer at work
+    live, dead = tmp_path / ".out.txt.0a0a0a0a.partial", tmp_path / ".out.txt.0b0b0b0b.partial"
     old = tmp_path / ".out.txt.partial"  # earlier versions' name
-    for temporary in (stale, live, old):
+    for temporary in (live, dead, old):
         temporary.write_text("half")
-    write_atomically(tmp_path / "out.txt", "whole")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out.txt"])
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"handle = open({str(live)!r}, 'rb')\n"
+        "fcntl.flock(handle, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        atomic_files._SWEPT.discard(os.path.abspath(tmp_path))
+        write_atomically(tmp_path / "out.txt", "whole")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out.txt"])
+        dead.write_text("half")  # swept once per folder and process: not again
+        write_atomically(tmp_path / "out.txt", "whole again")
+        assert dead.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_file_name_near_the_limit_gets_a_temporary_name_within_it(tmp_path):
+    name = "u" * 250 + ".npy"  # 254 bytes: the temporary's prefix and suffix would pass 255
+    write_atomically(tmp_path / name, "x")
+    assert (tmp_path / name).read_text() == "x"

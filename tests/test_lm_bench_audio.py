@@ -341,7 +341,8 @@ def test_a_training_set_that_covers_a_test_template_is_refused_before_any_audio(
 
 def test_a_benchmark_is_made_under_its_folder_s_lock(bench, monkeypatch):
     """Two synth-lm-bench runs into one folder deleted each other's sets, and the one that exited 0 said it had made
-    the other's benchmark; the second now waits for the first (as synth-corpus does), then reuses its benchmark."""
+    the other's benchmark; the second now waits for the first (as synth-corpus does), then reuses its benchmark. A
+    complete benchmark is reused without taking the lock."""
     import contextlib
 
     from spidr import folder_lock
@@ -355,4 +356,8 @@ def test_a_benchmark_is_made_under_its_folder_s_lock(bench, monkeypatch):
 
     monkeypatch.setattr(folder_lock, "folder_lock", recording)
     assert generate_lm_bench(bench.out_dir, TINY).parameters == bench.parameters
+    assert held == []  # complete: reused without a lock file (a read-only mount works too)
+    (bench.out_dir / lm_bench.IN_PROGRESS).touch()  # not known complete: under the lock
+    assert generate_lm_bench(bench.out_dir, TINY).parameters == bench.parameters
     assert held == [(bench.out_dir, True)]
+    assert not (bench.out_dir / lm_bench.IN_PROGRESS).exists()

@@ -401,3 +401,16 @@ def test_an_unfinished_benchmark_is_refused_by_its_readers(tmp_path):
             read()
     (bench / IN_PROGRESS).unlink()
     assert benchmark_sets(bench) == {"lexical/dev": bench / "lexical" / "dev"}
+
+
+def test_a_refused_oracle_run_leaves_no_in_progress_marker(tmp_path):
+    """lm-units --oracle made OUT and its marker before checking the benchmark: a mistyped benchmark left a marker
+    that made lm-score refuse a complete oracle folder of an earlier run."""
+    from spidr.lm.bench_units import IN_PROGRESS, write_oracle_units
+
+    (tmp_path / "bench" / "lexical" / "dev").mkdir(parents=True)  # no frame labels
+    out = tmp_path / "oracle"
+    out.mkdir()
+    with pytest.raises(ValueError, match="the oracle needs each set's frame labels"):
+        write_oracle_units(tmp_path / "bench", out)
+    assert not (out / IN_PROGRESS).exists()

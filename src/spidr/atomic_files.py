@@ -6,10 +6,9 @@ one, never a truncated file left by a crash or a kill. Checkpoints add fsyncs on
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
-import socket
+import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,44 +18,57 @@ from typing import Any
 PARTIAL_SUFFIX = ".partial"
 
 
-def partial_path(path: Path) -> Path:
-    """The hidden temporary name this process writes ``path`` under: ``.<name>.<host>-<pid>.partial`` in the same
-    folder (so that the rename stays on one file system), ``<host>`` 6 hex digits of the host name's hash (a name
-    near the file system's 255 bytes still fits). It is the writer's own: with one name for every writer, a second
-    run writing the same output (a command started twice) renamed the first one's half-written file into place, and
-    the first then failed or said it was done."""
-    return path.with_name(f".{path.name}.{_writer()}{PARTIAL_SUFFIX}")
-
-
 def new_partial_path(path: Path) -> Path:
-    """``partial_path(path)``, after removing the temporaries of ``path`` that killed writers on this host left
-    (their process is gone; ``.<name>.partial``, the name of earlier versions, too)."""
-    path.with_name(f".{path.name}{PARTIAL_SUFFIX}").unlink(missing_ok=True)
-    if os.name == "posix":  # (os.kill(pid, 0) is no liveness test elsewhere)
-        prefix, host = f".{path.name}.", _host()
-        for stale in path.parent.glob(f"{glob.escape(prefix + host)}-*{PARTIAL_SUFFIX}"):
-            pid = stale.name[len(prefix) + len(host) + 1 : -len(PARTIAL_SUFFIX)]
-            if pid.isdigit() and not _alive(int(pid)):
-                stale.unlink(missing_ok=True)
-    return partial_path(path)
+    """A hidden temporary name of this writer's own for ``path``: ``.<name>.<8 random hex digits>.partial`` in the
+    same folder (so that the rename stays on one file system; a name too long for the file system's 255 bytes is
+    replaced by its hash). With one name for every writer, a second run writing the same output (a command started
+    twice) renamed the first one's half-written file into place, and the first then failed or said it was done.
+
+    The first call for a folder in a process removes the temporaries that killed writers left there: those that no
+    process holds locked (``hold_partial``), whatever host or PID namespace wrote them."""
+    _sweep_once(path.parent)
+    name = path.name if len(path.name.encode()) <= MAX_NAME_BYTES else hashlib.blake2b(
+        path.name.encode(), digest_size=8).hexdigest()
+    return path.with_name(f".{name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
-def _writer() -> str:
-    return f"{_host()}-{os.getpid()}"
+MAX_NAME_BYTES = 255 - 1 - 1 - 8 - len(PARTIAL_SUFFIX)  # "." name "." token suffix within a file name's 255 bytes
+_SWEPT: set[str] = set()  # folders whose dead temporaries this process removed (once: a folder may hold 100k files)
 
 
-def _host() -> str:
-    return hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
-
-
-def _alive(pid: int) -> bool:
+def hold_partial(partial: Path) -> Any:
+    """An open handle holding an exclusive lock on ``partial`` until it is closed: the sign, for other processes'
+    sweeps, that its writer lives (None where there is no ``flock``)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        import fcntl
+    except ImportError:
+        return None
+    handle = partial.open("rb")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def _sweep_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    if key in _SWEPT:
+        return
+    _SWEPT.add(key)
+    try:
+        import fcntl
+    except ImportError:  # no flock: no way to tell a live writer's file from a dead one's
+        return
+    try:
+        entries = [entry for entry in os.scandir(folder)
+                   if entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX) and entry.is_file()]
+    except OSError:  # (no folder yet)
+        return
+    for entry in entries:
+        try:
+            with open(entry.path, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(entry.path)  # unlocked: its writer is gone
+        except OSError:  # held by a live writer (BlockingIOError), or gone already
+            continue
 
 
 @contextmanager
@@ -68,21 +80,25 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
     # Made here first, so that it gets the permissions of any new file in its folder (the umask, or the folder's
     # default ACL); a writer that makes its own file (safetensors: 0600) is set back to them, so that an exported
     # model or centroids file stays readable by the rest of a group on a shared cluster.
-    partial.unlink(missing_ok=True)  # (this process's, left by an earlier write that failed to clean up)
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    intended = stat.S_IMODE(os.stat(partial).st_mode)
+    held = hold_partial(partial)  # (a writer that replaces the file by name loses the lock: only sweeps see that)
     try:
-        yield partial
-        if stat.S_IMODE(os.stat(partial).st_mode) != intended:
-            os.chmod(partial, intended)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    try:
-        os.replace(partial, path)
-    except OSError as error:  # (a folder where the file goes): named by the user's path, the temporary removed
-        partial.unlink(missing_ok=True)
-        raise type(error)(error.errno, error.strerror, str(path)) from None
+        intended = stat.S_IMODE(os.stat(partial).st_mode)
+        try:
+            yield partial
+            if stat.S_IMODE(os.stat(partial).st_mode) != intended:
+                os.chmod(partial, intended)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        try:
+            os.replace(partial, path)
+        except OSError as error:  # (a folder where the file goes): named by the user's path, the temporary removed
+            partial.unlink(missing_ok=True)
+            raise type(error)(error.errno, error.strerror, str(path)) from None
+    finally:
+        if held is not None:
+            held.close()
 
 
 def write_atomically(path: str | Path, text: str) -> None:

@@ -489,7 +489,11 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
 
     out_dir = outputs.writable_out_dir(out_dir)
     parameters = bench_parameters(settings)
-    _reuse(out_dir, parameters, overwrite=overwrite)  # its refusals before a lock file is made in a user's folder
+    # Its refusals come before a lock file is made in a user's folder, and a complete benchmark is reused without
+    # one (on a read-only mount too).
+    cached = _reuse(out_dir, parameters, overwrite=overwrite)
+    if cached is not None and not (out_dir / IN_PROGRESS).exists():
+        return cached
     # One process at a time makes a benchmark folder; another one (the same command started twice) waits, then
     # reuses the benchmark (two at once deleted each other's sets, and one said it made the other's benchmark).
     with folder_lock(out_dir, f"the spoken-LM benchmark synthesis into {out_dir}", wait=True):
@@ -507,7 +511,8 @@ def _generate(out_dir: Path, settings: LmBenchSettings, parameters: dict[str, An
     if cached is not None:
         # Complete (info.json and every file): a marker left by a kill between writing info.json and removing it
         # would make its readers refuse it for good.
-        (out_dir / IN_PROGRESS).unlink(missing_ok=True)
+        if (out_dir / IN_PROGRESS).exists():
+            (out_dir / IN_PROGRESS).unlink()
         return cached
     voices = {voice.name: voice for voice in settings.voices()}
     require_available(list(voices.values()))

@@ -28,7 +28,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from spidr.atomic_files import new_partial_path, replaced_when_done, write_atomically
+from spidr.atomic_files import hold_partial, new_partial_path, replaced_when_done, write_atomically
 from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, decoding, load_audio
@@ -673,7 +673,7 @@ class NpyAppender:
     """A (rows, cols) float32 ``.npy`` file written front to back, slice by slice (``appender[a:b] = values``).
 
     Unlike a memory map, written rows leave memory at once, so writing a 1-hour file costs no more than a window.
-    Rows go to a hidden temporary file (``spidr.atomic_files.partial_path``), renamed to ``path`` by ``close`` once
+    Rows go to a hidden temporary file (``spidr.atomic_files.new_partial_path``), renamed to ``path`` by ``close`` once
     every row is written: a killed process never leaves a truncated ``.npy``.
     """
 
@@ -681,6 +681,7 @@ class NpyAppender:
         self.path, self.rows, self.written = path, rows, 0
         self.partial = new_partial_path(path)
         self.file = self.partial.open("wb")
+        self.held = hold_partial(self.partial)  # (this writer lives: other processes' sweeps keep the file)
         np.lib.format.write_array_header_1_0(
             self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                         "shape": (rows, cols)}
@@ -697,10 +698,19 @@ class NpyAppender:
 
     def close(self) -> None:
         self.file.close()
-        if self.written != self.rows:
-            self.partial.unlink(missing_ok=True)
-            raise RuntimeError(f"{self.path}: wrote {self.written} of {self.rows} rows")
-        os.replace(self.partial, self.path)
+        try:
+            if self.written != self.rows:
+                self.partial.unlink(missing_ok=True)
+                raise RuntimeError(f"{self.path}: wrote {self.written} of {self.rows} rows")
+            os.replace(self.partial, self.path)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the temporary file's lock (once it is renamed or removed)."""
+        if self.held is not None:
+            self.held.close()
+            self.held = None
 
 
 def _extract_long_file(
@@ -722,6 +732,7 @@ def _extract_long_file(
             if isinstance(sink, NpyAppender):
                 sink.file.close()
                 sink.partial.unlink(missing_ok=True)
+                sink.release()
         raise
     rows = {}
     for key, values in sinks.items():

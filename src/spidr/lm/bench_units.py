@@ -110,13 +110,14 @@ def split_entries(folder: Path):
 def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Copy each set's 20 ms phone labels to ``out_dir/<set>.jsonl`` (the phone-oracle topline's units)."""
     out_dir = Path(out_dir)
+    sources = {name: folder / FRAME_LABELS for name, folder in benchmark_sets(bench_dir).items()}
+    for source in sources.values():  # before the marker: a refusal leaves OUT as it was
+        if not source.is_file():
+            raise ValueError(f"{source} does not exist: the oracle needs each set's frame labels")
     written = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / IN_PROGRESS).touch()
-    for name, folder in benchmark_sets(bench_dir).items():
-        source = folder / FRAME_LABELS
-        if not source.is_file():
-            raise ValueError(f"{source} does not exist: the oracle needs each set's frame labels")
+    for name, source in sources.items():
         target = out_dir / f"{name}.jsonl"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
