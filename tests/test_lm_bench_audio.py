@@ -345,8 +345,6 @@ def test_a_benchmark_is_made_under_its_folder_s_lock(bench, monkeypatch):
     complete benchmark is reused without taking the lock."""
     import contextlib
 
-    from spidr import folder_lock
-
     held = []
 
     @contextlib.contextmanager
@@ -354,7 +352,7 @@ def test_a_benchmark_is_made_under_its_folder_s_lock(bench, monkeypatch):
         held.append((Path(folder), wait))
         yield
 
-    monkeypatch.setattr(folder_lock, "folder_lock", recording)
+    monkeypatch.setattr(lm_bench, "folder_lock", recording)
     assert generate_lm_bench(bench.out_dir, TINY).parameters == bench.parameters
     assert held == []  # complete: reused without a lock file (a read-only mount works too)
     (bench.out_dir / lm_bench.IN_PROGRESS).touch()  # not known complete: under the lock

@@ -68,7 +68,7 @@ from spidr.corpus.nonwords import (
     cmudict_pronunciations,
 )
 from spidr.corpus.phones import PAUSE, phone_maps_digest
-from spidr.folder_lock import LOCK_NAME
+from spidr.folder_lock import LOCK_NAME, folder_lock
 from spidr.lm.zerospeech import (
     GoldItem,
     LexicalItem,
@@ -103,17 +103,6 @@ FOLDERS = ("train", *TASKS, SEEN_TASK)  # what a benchmark writes besides info.j
 # Present from before anything is deleted until info.json is written: a folder that holds it, and no info.json, is
 # an interrupted benchmark, whose folders may be cleared; without it, a folder that holds files is the user's.
 IN_PROGRESS = ".synth-lm-bench-in-progress"
-
-
-def refuse_unfinished_benchmark(bench_dir: str | Path) -> None:
-    """Raise if ``bench_dir`` is a ``spidr synth-lm-bench`` that has not finished (its ``IN_PROGRESS`` marker:
-    killed, failed or still running): a set may be missing, empty or partly written. lm-units wrote empty units for
-    an empty set, marked it done and exited 0."""
-    if (Path(bench_dir) / IN_PROGRESS).exists():
-        raise ValueError(f"{bench_dir} is an unfinished spidr synth-lm-bench (it holds {IN_PROGRESS}: killed, failed "
-                         "or still running): rerun the same synth-lm-bench command to complete it")
-
-
 GOLD_WRITERS = {"lexical": write_lexical_gold, "syntactic": write_syntactic_gold, "tsc": write_storycloze_gold,
                 SEEN_TASK: write_lexical_gold}
 MEAN_TRAIN_UTTERANCE_S = 6.7  # measured (650 utterances of the default voices: 1.21 h); --train-hours → utterances
@@ -485,7 +474,6 @@ def generate_lm_bench(out_dir: str | Path, settings: LmBenchSettings = LmBenchSe
                       overwrite: bool = False) -> LmBenchInfo:
     """Make the benchmark in ``out_dir`` (or reuse the one made there with the same settings)."""
     from spidr.corpus import outputs
-    from spidr.folder_lock import folder_lock
 
     out_dir = outputs.writable_out_dir(out_dir)
     parameters = bench_parameters(settings)

@@ -26,7 +26,7 @@ from spidr.data.dataset import AudioDataset, BadFileTracker, Skipped, Utterance
 from spidr.data.manifest import read_manifest
 from spidr.data.sampler import BucketBatchSampler
 from spidr.seeding import derived_seed, rank_seed
-from spidr.train.runtime import STOP_SIGNALS
+from spidr.train.runtime import stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +120,14 @@ class _KeyedCollate:
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
-    """A worker ignores the trainer's stop signals (``STOP_SIGNALS``). ``timeout``, ``scancel``, ``kill -TERM
+    """A worker ignores the trainer's stop signals (``stop_signals``). ``timeout``, ``scancel``, ``kill -TERM
     -PGID`` and Ctrl-C signal the whole process group; torch's workers die of a SIGTERM that is not their parent's,
     and the main process then stopped on "DataLoader worker is killed by signal" before it could save its
     checkpoint. The main process saves, then shuts its workers down itself (and they exit when it dies). Under the
     spawn and forkserver start methods a worker runs this a second or so after it starts: one killed before is
     taken for part of the stop (``spidr.train.loop``)."""
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):  # SIGUSR1/2 are POSIX only
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for sig in stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class PretrainingLoader(DataLoader):

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from spidr.atomic_files import replaced_when_done, write_atomically
+from spidr.in_progress import refuse_unfinished
 from spidr.lm.score import SPLITS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 FRAME_LABELS = "frame_labels_20ms.jsonl"
 MAX_KMEANS_FRAMES = 200_000
 STATE_FILE = ".lm-units.json"  # OUT's record: what its units are made from, and the finished sets
+CENTROIDS_FILE = "centroids.safetensors"  # OUT/layer_LL/: the k-means centroids fitted by lm-units
 # Present while lm-units writes a units folder (from its first file to its last): lm-score refuses such a folder,
 # whose sets may be missing (a killed run's submission lacked them, and lm-score exited 0).
 IN_PROGRESS = ".lm-units-in-progress"
@@ -50,19 +52,15 @@ def refuse_unfinished_units(units_dir: str | Path) -> None:
     by lm-units (killed or failed)."""
     units_dir = Path(units_dir).resolve()
     for folder in (units_dir, units_dir.parent):
-        if (folder / IN_PROGRESS).exists():
-            raise ValueError(f"{folder} is an unfinished spidr lm-units run (it holds {IN_PROGRESS}: killed, failed "
-                             "or still running), whose sets may be missing: rerun the same lm-units command to "
-                             "complete it")
-CENTROIDS_FILE = "centroids.safetensors"  # OUT/layer_LL/: the k-means centroids fitted by lm-units
+        refuse_unfinished(folder, IN_PROGRESS, "lm-units")
 
 
 def benchmark_sets(bench_dir: str | Path) -> dict[str, Path]:
     """``"train"`` and ``"<task>/<split>"`` → folder, for the sets present in ``bench_dir``."""
-    from spidr.corpus.lm_bench import refuse_unfinished_benchmark
+    from spidr.corpus import lm_bench
 
     bench_dir = Path(bench_dir)
-    refuse_unfinished_benchmark(bench_dir)
+    refuse_unfinished(bench_dir, lm_bench.IN_PROGRESS, "synth-lm-bench")
     sets = {}
     if (bench_dir / "train").is_dir():
         sets["train"] = bench_dir / "train"

@@ -516,12 +516,12 @@ def evaluate_task(task: str, gold: Sequence[GoldItem], scores: Mapping[str, floa
 
 def _refuse_unfinished(bench_dir: Path, submission_dir: Path) -> None:
     """Raise if the benchmark or the submission is one that spidr left unfinished (killed, failed or running)."""
-    from spidr.corpus.lm_bench import refuse_unfinished_benchmark
+    from spidr.corpus import lm_bench
+    from spidr.in_progress import refuse_unfinished
+    from spidr.lm import score  # (which imports this module)
 
-    refuse_unfinished_benchmark(bench_dir)
-    if (submission_dir / ".lm-score-in-progress").exists():  # spidr.lm.score.IN_PROGRESS (score imports this)
-        raise ValueError(f"{submission_dir} is an unfinished spidr lm-score run (killed, failed or still running): "
-                         "rerun the same lm-score command to complete it")
+    refuse_unfinished(bench_dir, lm_bench.IN_PROGRESS, "synth-lm-bench")
+    refuse_unfinished(submission_dir, score.IN_PROGRESS, "lm-score")
 
 
 def evaluate_benchmark(bench_dir: str | Path, submission_dir: str | Path, *, kind: str = "dev",

@@ -764,14 +764,13 @@ def _wrap(model: nn.Module, cfg: Config, denv: DistributedEnvironment, device: t
     )
 
 
-def _killed_by_the_stop(error: RuntimeError, stop: StopFlag | None) -> bool:
+def _killed_by_the_stop(error: RuntimeError, stop: StopFlag) -> bool:
     """Whether ``error`` is a data worker's death that the stop signal explains. A worker ignores stop signals
     once it runs (``spidr.data.loader``), but one started by spawn or forkserver (the macOS default, Python 3.14's
     Linux default) takes a second or so to get there, and a signal to the process group in between kills it. With
     one process the run then saves and stops as for the signal alone; with several, the other ranks are in a
     collective, and the error stands (the last checkpoint still resumes exactly)."""
-    return (stop is not None and stop.requested and world_size() == 1
-            and str(error).startswith("DataLoader worker"))
+    return stop.requested and world_size() == 1 and str(error).startswith("DataLoader worker")
 
 
 def _read_micro_batches(batches: Iterator[Any], run: _Run, loader: Any, *, stop: StopFlag,

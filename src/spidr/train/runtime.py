@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
-def _stop_signals() -> set[signal.Signals]:
+def stop_signals() -> set[signal.Signals]:
+    """``STOP_SIGNALS`` of this platform."""
     return {getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)}  # SIGUSR1/2: POSIX only
 
 
@@ -178,7 +179,7 @@ class StopFlag:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self._handle) for sig in _stop_signals()}
+        previous = {sig: signal.signal(sig, self._handle) for sig in stop_signals()}
         try:
             yield
         finally:
