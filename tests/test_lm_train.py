@@ -353,6 +353,43 @@ def test_lm_step_clips_to_max_norm_and_micro_batches_give_the_whole_batch_s_step
     assert clipped_moved == pytest.approx(norm / 10, rel=1e-4)
 
 
+def test_lm_step_does_not_score_the_bos_after_each_eos_and_takes_the_global_per_target_mean():
+    """Windows cut from the stream hold a BOS after each EOS; the step leaves those targets out (as validation and
+    scoring do) and averages over the scored targets of the whole batch: micro-batches holding different numbers of
+    BOS targets give the step of one batch, and that step is SGD on the mean computed here by hand."""
+    bos = 13
+    windows = torch.randint(0, 13, (6, 9), generator=torch.Generator().manual_seed(1))
+    windows[0, [2, 5, 7]] = bos  # uneven: 3 BOS targets in the first row, 1 in the fourth, none elsewhere
+    windows[3, 4] = bos
+    windows[1, 0] = bos  # an input, not a target: still read
+
+    def fresh_model() -> LstmLM:
+        torch.manual_seed(0)
+        return LstmLM(16, dim=8, num_layers=1, dropout=0.0, tie_embeddings=True)
+
+    reference = fresh_model()
+    log_probs = reference(windows[:, :-1]).log_softmax(-1)
+    targets = windows[:, 1:]
+    scored = targets != bos
+    expected_loss = -log_probs.gather(-1, targets[..., None])[..., 0][scored].mean()
+    expected_loss.backward()
+    expected_weights = [(p - p.grad).detach() for p in reference.parameters()]
+
+    def step(parts: list[torch.Tensor], bos: int | None) -> tuple[LstmLM, object]:
+        model = fresh_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+        return model, lm_train_step(model, parts, optimizer, scheduler, precision=FP32, max_norm=1e6, bos=bos)
+
+    for parts in ([windows], [windows[:1], windows[1:]], [windows[:3], windows[3:5], windows[5:]]):
+        model, out = step(parts, bos)
+        assert out.tokens == int(scored.sum()) == 6 * 8 - 4
+        assert out.loss == pytest.approx(float(expected_loss.detach()), rel=1e-5)
+        for got, expected in zip(model.parameters(), expected_weights, strict=True):
+            torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert step([windows], None)[1].tokens == 6 * 8  # without ``bos`` every target counts
+
+
 class _Poisoned(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

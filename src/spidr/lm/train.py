@@ -3,8 +3,9 @@
 ``train_lm(cfg)`` reads the unit file(s), holds out a validation split, builds the model from the run seed, and
 drives ``lm_train_step``, where the order of a step lives:
 
-forward under autocast (per micro-batch) → cross-entropy (mean over the global batch's tokens) → backward → clip →
-NaN/Inf guard (one all-reduce) → AdamW step → zero grads → scheduler step.
+forward under autocast (per micro-batch) → cross-entropy (mean over the global batch's targets: units and EOS, not
+the BOS after each EOS) → backward → clip → NaN/Inf guard (one all-reduce) → AdamW step → zero grads → scheduler
+step.
 
 Exact resume: a checkpoint holds the model, optimizer, scheduler, step and every rank's RNG state, and a step's
 windows depend only on (seed, step) (``spidr.lm.data``), so a run killed at any point (even SIGKILL) and resumed from
@@ -67,6 +68,7 @@ logger = logging.getLogger(__name__)
 Outcome = Literal["completed", "interrupted"]
 CHECKPOINT_KIND = "spidr-unit-lm"  # what every version of the unit-LM checkpoint format starts with
 CHECKPOINT_FORMAT = f"{CHECKPOINT_KIND}-1"
+IGNORED_TARGET = -100  # a target position that adds nothing to the loss (cross_entropy's ignore_index)
 
 
 class LmTrainingDivergedError(RuntimeError):
@@ -125,34 +127,40 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LmConfig) -> torch.op
 class LmStepOutput:
     skipped: bool
     stop_requested: bool
-    loss: float  # global mean cross-entropy per token (nats)
+    loss: float  # global mean cross-entropy per scored target (nats)
     grad_norm: float
-    tokens: int
+    tokens: int  # scored targets in the global batch
 
 
 def lm_train_step(model: nn.Module, windows: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler, *, precision: Precision, max_norm: float,
-                  stop_requested: bool = False) -> LmStepOutput:
-    """One optimizer step over this rank's micro-batches ``windows`` [(b, context + 1) int64]."""
+                  bos: int | None = None, stop_requested: bool = False) -> LmStepOutput:
+    """One optimizer step over this rank's micro-batches ``windows`` [(b, context + 1) int64]: the gradient of the
+    mean cross-entropy over every scored target of the global batch (all micro-batches of all ranks). ``bos`` (the
+    vocabulary's begin-of-sequence id) is no target, as in validation and scoring: after an EOS it is all but
+    certain. Its count differs between micro-batches and ranks, so each part's sum is divided by the global count
+    (one all-reduce, no host sync)."""
     world = world_size()
+    targets = [batch[:, 1:] if bos is None else batch[:, 1:].masked_fill(batch[:, 1:] == bos, IGNORED_TARGET)
+               for batch in windows]
+    count = all_reduce_sum(torch.stack([(t != IGNORED_TARGET).sum() for t in targets]).sum().double().reshape(1))
+    scale = world / count.clamp(min=1)  # DDP averages the ranks' gradients: × world makes it the global sum
     loss_sum = torch.zeros((), dtype=torch.float64, device=windows[0].device)
-    for i, batch in enumerate(windows):
+    for i, (batch, target) in enumerate(zip(windows, targets, strict=True)):
         sync = (contextlib.nullcontext() if i == len(windows) - 1 or not isinstance(model, DistributedDataParallel)
                 else model.no_sync())
         with sync:
             with precision.autocast():
                 logits = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            (loss / len(windows)).backward()  # DDP averages over ranks: the gradient of the global mean
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                   ignore_index=IGNORED_TARGET, reduction="sum")
+            (loss * scale.to(loss.dtype)).backward()
         loss_sum += loss.detach().double()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    flags = all_reduce_sum(torch.stack([loss_sum / len(windows), nonfinite.double(),
-                                        loss_sum.new_tensor(float(stop_requested))]))
-    mean_loss, num_nonfinite, num_stop = (flags / torch.tensor([world, 1, 1], dtype=flags.dtype,
-                                                               device=flags.device)).tolist()
-    tokens = sum(b[:, 1:].numel() for b in windows) * world
-    out = LmStepOutput(num_nonfinite > 0, num_stop > 0, mean_loss, float(grad_norm), tokens)
+    flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_tensor(float(stop_requested))]))
+    total_loss, num_nonfinite, num_stop, tokens = torch.cat([flags, count]).tolist()
+    out = LmStepOutput(num_nonfinite > 0, num_stop > 0, total_loss / max(tokens, 1), float(grad_norm), int(tokens))
     if out.skipped:
         optimizer.zero_grad(set_to_none=True)
         return out
@@ -291,7 +299,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                                        num_micro=o.grad_accum_steps, attempt=streak).to(device, non_blocking=True)
                        for m in range(o.grad_accum_steps)]
             out = lm_train_step(model, windows, optimizer, scheduler, precision=precision, max_norm=o.max_norm,
-                                stop_requested=stop.requested)
+                                bos=data.vocab.bos, stop_requested=stop.requested)
             if out.skipped:
                 streak += 1
                 logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
