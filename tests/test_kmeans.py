@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -424,3 +425,31 @@ def test_records_are_found_beside_a_linked_units_file_and_from_a_relative_path(t
     monkeypatch.chdir(extraction / "codebook_units")
     assert recorded_num_units("layer_02.jsonl")[0] == 16
     assert extraction_frame_rate("layer_02.jsonl")[0] == 50.0
+
+
+def test_a_command_started_again_while_the_first_writes_is_refused_at_once(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The existing-output check ran at start-up and the write came minutes later, so a second start computed
+    alongside the first and silently replaced its result. Now the first holds the output until it ends: the
+    second is refused before any work, naming the holder; once the first ended, the output is free and no lock
+    file stays beside it."""
+    from spidr.folder_lock import output_lock
+
+    for name, array in clustered_features().items():
+        (tmp_path / "features" / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "features" / f"{name}.npy", array)
+    centroids = tmp_path / "km" / "c.safetensors"
+    kmeans = ["kmeans", str(tmp_path / "features"), "--num-units", "4", "--out", str(centroids)]
+    with output_lock(centroids, "the first kmeans"):  # (held as a running `spidr kmeans` holds it)
+        assert cli.main(kmeans) == 2
+        assert "the command that writes" in capsys.readouterr().err
+    assert sorted(path.name for path in centroids.parent.iterdir()) == []
+    assert cli.main(kmeans) == 0
+    units = tmp_path / "units.jsonl"
+    with output_lock(units, "the first units"):
+        assert cli.main(["units", str(tmp_path / "features"), "--centroids", str(centroids), "--out",
+                         str(units)]) == 2
+        assert f"is being run by process {os.getpid()}" in capsys.readouterr().err
+    assert cli.main([*kmeans, "--overwrite"]) == 0
+    assert sorted(path.name for path in centroids.parent.iterdir()) == ["c.safetensors"]
+    assert not units.exists()

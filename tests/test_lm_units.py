@@ -414,3 +414,18 @@ def test_a_refused_oracle_run_leaves_no_in_progress_marker(tmp_path):
     with pytest.raises(ValueError, match="the oracle needs each set's frame labels"):
         write_oracle_units(tmp_path / "bench", out)
     assert not (out / IN_PROGRESS).exists()
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(bench, checkpoint, tmp_path, capsys):
+    """Two runs into one OUT would both resume from its record and write the same sets side by side: the second is
+    refused, naming the first, and writes nothing."""
+    import os
+
+    from spidr.folder_lock import folder_lock
+
+    for arguments, what in ((["--checkpoint", str(checkpoint)], "lm-units"), (["--oracle"], "lm-units --oracle")):
+        out = tmp_path / what.replace(" ", "")
+        with folder_lock(out, "a running lm-units"):
+            assert main(["lm-units", str(bench), str(out), *arguments]) == 2
+            assert f"{what} into {out} is being run by process {os.getpid()}" in capsys.readouterr().err
+        assert sorted(path.name for path in out.iterdir()) == [".lock"]  # nothing written

@@ -12,6 +12,7 @@ import os
 import sys
 
 from spidr import demo, learning_curve
+from spidr.cli_types import outputs_held_until_done
 from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
 from spidr.eval import commands as eval_commands
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:
-        return int(args.handler(args) or 0)
+        with outputs_held_until_done():
+            return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         # Ctrl-C outside a training (which takes the first one for a stop request): one line, not a traceback, and
         # the status a shell gives a command that Ctrl-C ended.

@@ -4,8 +4,13 @@ option's name and what was expected, before any work starts."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from spidr.folder_lock import output_lock
 
 DEVICE_HELP = "auto (cuda when this machine has a GPU, else cpu), cpu, cuda or cuda:N"
 
@@ -70,10 +75,31 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
+_held_outputs: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("held_outputs",
+                                                                                            default=None)
+
+
+@contextlib.contextmanager
+def outputs_held_until_done() -> Iterator[None]:
+    """The block of one command's run (``spidr.cli.main``): the outputs that ``check_new_output`` accepts in it
+    stay locked until it ends."""
+    with contextlib.ExitStack() as stack:
+        token = _held_outputs.set(stack)
+        try:
+            yield
+        finally:
+            _held_outputs.reset(token)
+
+
 def check_new_output(path: str | Path, *, overwrite: bool) -> Path:
     """``path`` as a Path, refused when it exists (a file, or a folder holding anything) unless ``overwrite``:
-    a rerun must not silently replace an earlier result."""
+    a rerun must not silently replace an earlier result. Inside ``outputs_held_until_done`` (every command's run),
+    the output is first locked until the command ends, so that a second start of the command is refused at once
+    instead of computing alongside and replacing the first one's result with its own."""
     path = Path(path)
+    held = _held_outputs.get()
+    if held is not None:
+        held.enter_context(output_lock(path, f"the command that writes {path}"))
     if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
         raise ValueError(f"output {path} already exists; pass --overwrite to replace it")
     return path

@@ -1,4 +1,5 @@
-"""One writer per output folder: a process holds ``<folder>/.lock`` exclusively while it writes there.
+"""One writer per output: a process holds ``<folder>/.lock`` exclusively while it writes into a folder, or
+``.<name>.lock`` beside a single output (``output_lock``) from its command's start to its end.
 
 Two runs into one folder (a command started twice, a resume while the first run still lives) would interleave their
 writes: duplicated unit rows, checkpoints of two runs. ``flock`` locks are released by the kernel when the process
@@ -11,10 +12,12 @@ nothing is locked.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 LOCK_NAME = ".lock"
 
@@ -42,30 +45,63 @@ def folder_lock(folder: str | Path, what: str, *, wait: bool = False) -> Iterato
     """Hold ``folder/.lock`` (the folder is created) for the block, or raise ``ValueError`` naming ``what`` (e.g.
     "the extraction into feats/") and the process that holds it; with ``wait``, wait for that process instead (a
     corpus that another process is making is then reused)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder / LOCK_NAME, what, wait=wait, remove=False):
+        yield
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``path`` (a file or folder that one command makes) for the block, or raise
+    ``ValueError`` naming ``what`` and the holder. A lock beside the output, not in it, leaves the other outputs
+    of that folder free (units of two layers written side by side) and adds nothing to an output folder; the lock
+    file is removed at the end. With the check for an existing output made under it, a command started twice no
+    longer computes twice and silently keeps the later result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # (where the command is about to write anyway)
+    name = path.name if len(path.name.encode()) <= MAX_NAME_BYTES else hashlib.blake2b(
+        path.name.encode(), digest_size=8).hexdigest()
+    with _locked(path.with_name(f".{name}.lock"), what, wait=False, remove=True):
+        yield
+
+
+MAX_NAME_BYTES = 255 - len("..lock")
+
+
+@contextlib.contextmanager
+def _locked(path: Path, what: str, *, wait: bool, remove: bool) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created) for the block; ``remove``: unlink it while still held at
+    the end. A process that opened it just before that removal and locks it after sees that the name no longer
+    leads to its file, and starts again on the new one (so two processes never both hold "the" lock)."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform
         yield
         return
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
-    with path.open("a+", encoding="utf-8") as handle:
+    while True:
+        handle = path.open("a+", encoding="utf-8")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             if not wait:
+                handle.close()
                 raise ValueError(f"{what} is being run by {holder} ({path} is locked); let it finish or stop it, "
                                  "then run this again") from None
             logger.info("%s is being run by %s: waiting for it", what, holder)
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as error:  # a file system without locks (some network mounts): go on, unguarded
+            handle.close()
             logger.warning("cannot lock %s (%s): nothing stops a second process from writing there too", path,
                            error)
             yield
             return
+        if not remove or _same_file(handle, path):
+            break
+        handle.close()  # the holder removed the file we opened: lock the new one
+    with handle:
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()}\n")
@@ -75,3 +111,15 @@ def folder_lock(folder: str | Path, what: str, *, wait: bool = False) -> Iterato
             yield
         finally:
             _held.discard(handle.fileno())
+            if remove:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)

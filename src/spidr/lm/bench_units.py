@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from spidr.atomic_files import replaced_when_done, write_atomically
+from spidr.folder_lock import folder_lock
 from spidr.in_progress import refuse_unfinished
 from spidr.lm.score import SPLITS, TASKS
 
@@ -113,14 +114,14 @@ def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, 
         if not source.is_file():
             raise ValueError(f"{source} does not exist: the oracle needs each set's frame labels")
     written = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / IN_PROGRESS).touch()
-    for name, source in sources.items():
-        target = out_dir / f"{name}.jsonl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        written[name] = target
-    (out_dir / IN_PROGRESS).unlink()
+    with folder_lock(out_dir, f"lm-units --oracle into {out_dir}"):  # (a second run would copy alongside)
+        (out_dir / IN_PROGRESS).touch()
+        for name, source in sources.items():
+            target = out_dir / f"{name}.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            written[name] = target
+        (out_dir / IN_PROGRESS).unlink()
     return written
 
 

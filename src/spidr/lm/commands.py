@@ -154,6 +154,7 @@ def _units(args: argparse.Namespace) -> int:
         return 0
 
     from spidr.eval.kmeans import load_centroids, save_centroids
+    from spidr.folder_lock import folder_lock
     from spidr.lm.bench_units import (
         CENTROIDS_FILE,
         begin_units_folder,
@@ -175,25 +176,27 @@ def _units(args: argparse.Namespace) -> int:
         raise ValueError(f"--kmeans fits on {args.bench_dir}/train, which does not exist; pass --centroids")
     identity = units_folder_identity(model, args.bench_dir, layers=layers, dtype=args.dtype, kmeans=args.kmeans,
                                      seed=args.seed, given_centroids=centroids, sets=sets)
-    finished = begin_units_folder(args.out, identity)  # None: begun now
-    fitted = {layer: Path(args.out) / f"layer_{layer:02d}" / CENTROIDS_FILE
-              for layer in layers if layer not in centroids} if args.kmeans else {}
-    if fitted:  # the layers --centroids left to --kmeans
-        missing = [str(path) for path in fitted.values() if not path.is_file()]
-        if finished and missing:  # units of finished sets came from centroids that are gone: a refit may differ
-            raise ValueError(f"{args.out} has finished sets whose k-means centroids are missing ({', '.join(missing)})"
-                             f"; delete {args.out} to start again")
-        if finished is not None and not missing:
-            centroids |= {layer: load_centroids(path) for layer, path in fitted.items()}  # this run's, resumed
-        else:
-            centroids |= fit_centroids(model, train.entries, list(fitted),
-                                       num_units=args.kmeans, seed=args.seed, dtype=args.dtype)
-            for layer, path in fitted.items():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_centroids(path, centroids[layer], metadata={"layer": layer, "kmeans": args.kmeans,
-                                                                 "seed": args.seed, "bench": str(args.bench_dir)})
-    written = write_model_units(model, args.bench_dir, args.out, layers=layers, centroids=centroids or None,
-                                dtype=args.dtype, identity=identity, sets=sets)
+    # One run per OUT from here: two would both resume from its record and write the same sets side by side.
+    with folder_lock(args.out, f"lm-units into {args.out}"):
+        finished = begin_units_folder(args.out, identity)  # None: begun now
+        fitted = {layer: Path(args.out) / f"layer_{layer:02d}" / CENTROIDS_FILE
+                  for layer in layers if layer not in centroids} if args.kmeans else {}
+        if fitted:  # the layers --centroids left to --kmeans
+            missing = [str(path) for path in fitted.values() if not path.is_file()]
+            if finished and missing:  # units of finished sets came from centroids that are gone: a refit may differ
+                raise ValueError(f"{args.out} has finished sets whose k-means centroids are missing "
+                                 f"({', '.join(missing)}); delete {args.out} to start again")
+            if finished is not None and not missing:
+                centroids |= {layer: load_centroids(path) for layer, path in fitted.items()}  # this run's, resumed
+            else:
+                centroids |= fit_centroids(model, train.entries, list(fitted),
+                                           num_units=args.kmeans, seed=args.seed, dtype=args.dtype)
+                for layer, path in fitted.items():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    save_centroids(path, centroids[layer], metadata={"layer": layer, "kmeans": args.kmeans,
+                                                                     "seed": args.seed, "bench": str(args.bench_dir)})
+        written = write_model_units(model, args.bench_dir, args.out, layers=layers, centroids=centroids or None,
+                                    dtype=args.dtype, identity=identity, sets=sets)
     print(f"{len(written)} units files (layers {', '.join(map(str, layers))}) in {args.out}"
           + (f" ({len(finished)} set(s) kept from an earlier run)" if finished else ""))
     return 0
