@@ -4,7 +4,20 @@ rerunning the writing command completes it."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def marked_in_progress(folder: str | Path, marker: str) -> Iterator[None]:
+    """Hold ``marker`` in ``folder`` (made) while the block writes there; it is removed only when the block ends
+    without an error, so that a failed or killed writer leaves the folder refused to its readers."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / marker).touch()
+    yield
+    (folder / marker).unlink()
 
 
 def refuse_unfinished(folder: str | Path, marker: str, command: str) -> None:

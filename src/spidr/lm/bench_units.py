@@ -34,7 +34,7 @@ import torch
 
 from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.folder_lock import folder_lock
-from spidr.in_progress import refuse_unfinished
+from spidr.in_progress import marked_in_progress, refuse_unfinished
 from spidr.lm.score import SPLITS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -114,14 +114,13 @@ def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, 
         if not source.is_file():
             raise ValueError(f"{source} does not exist: the oracle needs each set's frame labels")
     written = {}
-    with folder_lock(out_dir, f"lm-units --oracle into {out_dir}"):  # (a second run would copy alongside)
-        (out_dir / IN_PROGRESS).touch()
+    # One run per OUT (a second would copy alongside), and marked until every set is copied.
+    with folder_lock(out_dir, f"lm-units --oracle into {out_dir}"), marked_in_progress(out_dir, IN_PROGRESS):
         for name, source in sources.items():
             target = out_dir / f"{name}.jsonl"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
             written[name] = target
-        (out_dir / IN_PROGRESS).unlink()
     return written
 
 
@@ -253,43 +252,51 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
     file is an error naming it, and the set's units files are not written: a submission needs a score for every
     test file, and lm-eval would only find the gap after the LM was trained and every item scored."""
     from spidr.data.audio import SAMPLE_RATE
-    from spidr.eval.feature_dir import units_metadata_path
-    from spidr.eval.features import iter_units
     from spidr.models.frames import hop_length
 
     rate = SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config)
     out_dir = Path(out_dir)
     done = sorted(begin_units_folder(out_dir, identity) or ()) if identity is not None else []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / IN_PROGRESS).touch()
     written = {}
-    for name, found in (sets or read_benchmark(bench_dir)).items():
-        paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
-        written |= {f"layer_{layer:02d}/{name}": path for layer, path in paths.items()}
-        if name in done and all(path.is_file() for path in paths.values()):
-            logger.info("units of %s for layers %s were written by an earlier run: kept", name, list(layers))
-            continue
-        with contextlib.ExitStack() as files:  # complete files only: a failure leaves no truncated units file
-            handles = {}
-            for layer, path in paths.items():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = files.enter_context(replaced_when_done(path))
-                handles[layer] = files.enter_context(partial.open("w", encoding="utf-8"))
-            skipped = dict(found.unreadable)
-            for entry, units in iter_units(model, found.entries, layers=layers, centroids=centroids, dtype=dtype,
-                                           batch_seconds=batch_seconds, skipped=skipped):
-                for layer, values in units.items():
-                    handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")
-            _check_skipped(name, found, skipped)
-        for layer, path in paths.items():  # what spidr units records: abx and units-quality read the rate from it
-            record = {"frame_rate_hz": rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
-                      "num_units": int(centroids[layer].shape[0]) if centroids and layer in centroids
-                      else int(model.cfg.codebook_size),
-                      "units_file_bytes": path.stat().st_size}
-            write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
-        logger.info("wrote units of %s for layers %s", name, list(layers))
-        if identity is not None:
-            done = sorted({*done, name})
-            _write_state(out_dir / STATE_FILE, identity, done)
-    (out_dir / IN_PROGRESS).unlink()
+    with marked_in_progress(out_dir, IN_PROGRESS):
+        for name, found in (sets or read_benchmark(bench_dir)).items():
+            paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
+            written |= {f"layer_{layer:02d}/{name}": path for layer, path in paths.items()}
+            if name in done and all(path.is_file() for path in paths.values()):
+                logger.info("units of %s for layers %s were written by an earlier run: kept", name, list(layers))
+                continue
+            _write_set_units(model, name, found, paths, centroids=centroids, dtype=dtype,
+                             batch_seconds=batch_seconds, frame_rate=rate)
+            logger.info("wrote units of %s for layers %s", name, list(layers))
+            if identity is not None:
+                done = sorted({*done, name})
+                _write_state(out_dir / STATE_FILE, identity, done)
     return written
+
+
+def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, paths: Mapping[int, Path], *,
+                     centroids: Mapping[int, torch.Tensor] | None, dtype: str, batch_seconds: float,
+                     frame_rate: float) -> None:
+    """The units of set ``name`` in ``paths`` (layer → units file), each with the record that spidr units writes
+    beside its units (abx and units-quality read the frame rate from it)."""
+    from spidr.eval.feature_dir import units_metadata_path
+    from spidr.eval.features import iter_units
+
+    with contextlib.ExitStack() as files:  # complete files only: a failure leaves no truncated units file
+        handles = {}
+        for layer, path in paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = files.enter_context(replaced_when_done(path))
+            handles[layer] = files.enter_context(partial.open("w", encoding="utf-8"))
+        skipped = dict(found.unreadable)
+        for entry, units in iter_units(model, found.entries, layers=list(paths), centroids=centroids, dtype=dtype,
+                                       batch_seconds=batch_seconds, skipped=skipped):
+            for layer, values in units.items():
+                handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")
+        _check_skipped(name, found, skipped)
+    for layer, path in paths.items():
+        record = {"frame_rate_hz": frame_rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
+                  "num_units": int(centroids[layer].shape[0]) if centroids and layer in centroids
+                  else int(model.cfg.codebook_size),
+                  "units_file_bytes": path.stat().st_size}
+        write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")

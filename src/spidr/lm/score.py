@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from spidr.atomic_files import write_atomically
+from spidr.in_progress import marked_in_progress
 from spidr.lm.evaluate import TASKS, warn_about_other_folders  # each task lm-eval scores: units, submission
 from spidr.lm.models import token_log_likelihoods
 from spidr.lm.tokens import Vocabulary
@@ -151,19 +152,17 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
                         "num_tokens": s.num_tokens}) + "\n"
             for (task, split), scores in scored.items() for stem, s in sorted(scores.items())]
     counts = {f"{task}/{split}": len(scores) for (task, split), scores in scored.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / IN_PROGRESS).touch()
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for path, text in texts.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, text)
-    write_atomically(out_dir / "scores.jsonl", "".join(rows))
-    for task in TASKS:
-        for split in SPLITS:
-            stale = out_dir / task / f"{split}.txt"
-            if (task, split) not in scored and stale.is_file():
-                stale.unlink()
-    write_atomically(out_dir / "meta.json", json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": info,
-                                                        "items": counts}, indent=1))
-    (out_dir / IN_PROGRESS).unlink()
+    with marked_in_progress(out_dir, IN_PROGRESS):
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for path, text in texts.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, text)
+        write_atomically(out_dir / "scores.jsonl", "".join(rows))
+        for task in TASKS:
+            for split in SPLITS:
+                stale = out_dir / task / f"{split}.txt"
+                if (task, split) not in scored and stale.is_file():
+                    stale.unlink()
+        write_atomically(out_dir / "meta.json", json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": info,
+                                                            "items": counts}, indent=1))
     return counts

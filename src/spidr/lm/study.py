@@ -463,7 +463,7 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
     elif done.is_file():
         why = "other " + ", ".join(changed) if changed else "a spidr that recorded nothing of what made them"
         lm_dirs = [_lm_run_dir(out_dir, _layer_lm_name(study_model.name, int(layer.name.removeprefix("layer_"))))
-                   for layer in model_dir.glob("layer_[0-9][0-9]")]
+                   for layer in model_dir.glob("layer_[0-9]*") if layer.name[6:].isdigit()]
         if not settings.rebuild_stale:
             raise ValueError(
                 f"{model_dir} holds units of {study_model.name} made with {why}; delete it and the LMs trained on "
