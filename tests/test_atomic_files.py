@@ -217,3 +217,63 @@ def test_a_file_name_near_the_limit_gets_a_temporary_name_within_it(tmp_path):
     name = "u" * 250 + ".npy"  # 254 bytes: the temporary's prefix and suffix would pass 255
     write_atomically(tmp_path / name, "x")
     assert (tmp_path / name).read_text() == "x"
+
+
+def test_every_file_name_length_up_to_the_file_system_s_limit_can_be_written(tmp_path):
+    """Truth: the file system takes names of up to 255 bytes, so any target name of 1..255 bytes must be
+    writable; the temporary adds 18 bytes (".", ".", 8 hex digits, ".partial") and must switch to a hash exactly
+    where that would pass 255 (names of 238..255 bytes)."""
+    for length in range(230, 256):
+        name = "n" * (length - 4) + ".npy"
+        write_atomically(tmp_path / name, str(length))
+        assert (tmp_path / name).read_text() == str(length)
+    assert len(list(tmp_path.iterdir())) == 26
+
+
+def test_a_user_s_own_file_ending_in_partial_is_not_swept(tmp_path):
+    """The sweep removes only this module's hidden temporaries (".<name>.<token>.partial"); a user's file
+    that merely ends in ".partial" (a download in progress, say) is not ours to delete."""
+    import os as _os
+
+    from spidr import atomic_files
+
+    mine = tmp_path / "corpus.tar.partial"
+    mine.write_text("the user's")
+    dead = tmp_path / ".out.txt.0c0c0c0c.partial"
+    dead.write_text("half")
+    atomic_files._SWEPT.discard(_os.path.abspath(tmp_path))
+    write_atomically(tmp_path / "out.txt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tar.partial", "out.txt"]
+    assert mine.read_text() == "the user's"
+
+
+def test_relative_paths_sweep_the_folder_they_name_after_a_change_of_working_folder(tmp_path, monkeypatch):
+    """Truth: a relative "out.txt" names a different folder after os.chdir; the first write into each
+    folder removes that folder's dead temporaries, however the folder was named."""
+    import os as _os
+
+    from spidr import atomic_files
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    dead = second / ".out.txt.0d0d0d0d.partial"
+    dead.write_text("half")
+    for folder in (first, second):
+        atomic_files._SWEPT.discard(_os.path.abspath(folder))
+    monkeypatch.chdir(first)
+    write_atomically("out.txt", "first")
+    monkeypatch.chdir(second)
+    write_atomically("out.txt", "second")
+    assert not dead.exists()
+    assert (first / "out.txt").read_text() == "first"
+    assert (second / "out.txt").read_text() == "second"
+
+
+def test_a_non_ascii_file_name_near_the_limit_gets_a_temporary_within_it(tmp_path):
+    """The file system's limit is 255 bytes, not characters: "é" is 2 bytes in UTF-8, so a name of 121
+    characters is 246 bytes here, and its temporary (18 more) must be hashed."""
+    for count in range(115, 126):  # names of 234..254 bytes
+        name = "é" * count + ".npy"
+        write_atomically(tmp_path / name, "x")
+        assert (tmp_path / name).read_text() == "x"

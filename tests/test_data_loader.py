@@ -287,3 +287,22 @@ def test_the_same_batch_position_gets_new_masks_every_epoch(tmp_path):
     (first,) = list(loader)
     (second,) = list(loader)
     assert not torch.equal(first.mask, second.mask)
+
+
+def test_a_data_worker_ignores_every_stop_signal() -> None:
+    """Truth (spidr.data.loader.ignore_stop_signals, README's stop signals): a worker ignores SIGTERM,
+    SIGUSR1, SIGUSR2 and SIGINT, which a scheduler or Ctrl-C send to the whole process group, so that only the
+    trainer acts on them. Run here in the test's own process, its handlers put back after."""
+    import signal
+
+    from spidr.data.loader import ignore_stop_signals
+
+    names = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    try:
+        ignore_stop_signals(0)
+        handlers = {name: signal.getsignal(getattr(signal, name)) for name in names}
+        assert handlers == dict.fromkeys(names, signal.SIG_IGN)
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)

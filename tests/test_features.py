@@ -615,3 +615,15 @@ def test_group_norm_batch_of_two_lengths_equals_one_file_at_a_time():
         for key in alone:
             np.testing.assert_allclose(result[key], alone[key], atol=1e-5, err_msg=key)
 
+
+
+def test_an_escaping_file_id_past_the_first_chunk_of_rows_is_named_by_its_own_row(monkeypatch):
+    """Manifests are read in chunks of rows (65,536; 3 here): the row named must be the manifest's, not
+    the row within its chunk. Truth (hand-counted): row 5 of 6 holds the bad id."""
+    from spidr.eval import features
+
+    monkeypatch.setattr(features, "ITER_CHUNK", 3)
+    entries = [ManifestEntry(name, f"/c/{name}.wav", 10) for name in "abcd"]
+    entries += [ManifestEntry("../e", "/c/e.wav", 10), ManifestEntry("f", "/c/f.wav", 10)]
+    with pytest.raises(ValueError, match=r"utterance 5 \(/c/e\.wav\) has the file id '\.\./e'"):
+        output_stems(entries)

@@ -453,3 +453,18 @@ def test_a_command_started_again_while_the_first_writes_is_refused_at_once(tmp_p
     assert cli.main([*kmeans, "--overwrite"]) == 0
     assert sorted(path.name for path in centroids.parent.iterdir()) == ["c.safetensors"]
     assert not units.exists()
+
+
+def test_only_the_codebook_units_an_extraction_wrote_take_its_codebook_size(tmp_path: Path) -> None:
+    """Truth (metadata.json by hand): an extraction of layer 6 with a 256-entry codebook wrote
+    codebook_units/layer_06.jsonl; a layer_08.jsonl beside it (an earlier extraction's, or copied there) is not
+    described by that record, so no vocabulary size is recorded for it."""
+    from spidr.eval.feature_dir import recorded_num_units
+
+    extraction = tmp_path / "feats"
+    (extraction / "codebook_units").mkdir(parents=True)
+    (extraction / "metadata.json").write_text(json.dumps({"codebook_size": 256, "layers": [6]}))
+    for layer in (6, 8):
+        (extraction / "codebook_units" / f"layer_{layer:02d}.jsonl").write_text('{"name": "a", "units": [1]}\n')
+    assert recorded_num_units(extraction / "codebook_units" / "layer_06.jsonl") == (256, extraction / "metadata.json")
+    assert recorded_num_units(extraction / "codebook_units" / "layer_08.jsonl") is None

@@ -400,7 +400,7 @@ def test_points_stopped_by_a_signal_end_the_curve_with_status_3(tmp_path, monkey
         def start_child(*_, status=status, children=children, sent=sent, **__) -> Child:
             children.append(Child(status))
             if len(children) == 2:
-                os.kill(os.getpid(), sent)
+                signal.raise_signal(sent)
             return children[-1]
 
         monkeypatch.setattr(learning_curve, "start_child", start_child)
@@ -597,3 +597,40 @@ def test_log_axis_labels_are_plain_numbers_from_a_thousand_hours_on() -> None:
     texts = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     assert "1,000" in texts
     assert not any("e+" in text or "10^" in text for text in texts), texts
+
+
+def test_a_range_holding_one_1_2_5_value_is_labelled_at_the_points() -> None:
+    """Truth (label_log_axis's rule, by hand): 1.5 to 3.2 h holds one of 1, 2, 5 (2): fewer than two, so the
+    labels are the points' own values, 1.7 left out as within 1.15 of 1.5; a 1-2-5 locator gave the single label 2."""
+    from spidr.extras import figure
+    from spidr.learning_curve import label_log_axis
+
+    fig, ax = figure(figsize=(4.2, 3.5), purpose="the test")
+    hours_seen = [1.5, 1.7, 2.5, 3.2]
+    ax.plot(hours_seen, range(4), "o-")
+    label_log_axis(ax, hours_seen)
+    fig.canvas.draw()
+    low, high = ax.get_xlim()
+    texts = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+             if t.get_text() and low <= t.get_position()[0] <= high]
+    assert texts == ["1.5", "2.5", "3.2"]
+
+
+def test_labels_are_spread_out_from_the_last_one_kept() -> None:
+    """Truth (by hand, ratio 1.15): 1.2 kept; 1.25, 1.3 < 1.38 left out; 1.45 kept; 1.6 < 1.45 × 1.15 =
+    1.6675 left out (within 1.15 of 1.45, its label would touch 1.45's)."""
+    from spidr.learning_curve import _spread_out
+
+    assert _spread_out([1.2, 1.25, 1.3, 1.45, 1.6]) == [1.2, 1.45]
+    assert _spread_out([5.0]) == [5.0]
+
+
+def test_a_point_at_zero_hours_leaves_the_log_axis_to_the_others() -> None:
+    """A log axis has no 0: a point of 0 h seen must not stop the plot (a division by zero)."""
+    from spidr.extras import figure
+    from spidr.learning_curve import label_log_axis
+
+    fig, ax = figure(figsize=(4.2, 3.5), purpose="the test")
+    label_log_axis(ax, [0.0, 2.0, 20.0])
+    assert ax.get_xscale() == "log"
+    fig.canvas.draw()

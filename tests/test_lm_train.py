@@ -1151,3 +1151,35 @@ def test_unfinished_lm_units_and_lm_score_folders_are_named(tmp_path, capsys):
     assert not (tmp_path / "sub" / SCORE_IN_PROGRESS).exists()
     assert (tmp_path / "sub" / "meta.json").is_file()
     assert main(["lm-score", str(final), str(units), str(tmp_path / "sub")]) == 2  # a finished one is kept
+
+
+def test_lm_score_marks_its_submission_before_its_first_file(tmp_path, monkeypatch):
+    """Truth (README: a submission is marked while lm-score writes it): a kill after the first set's file
+    is written leaves the folder marked, so lm-eval refuses the partial submission and the rerun redoes it. The LM
+    and its scores are stubbed: only the order of the writes is under test."""
+    from types import SimpleNamespace
+
+    from spidr.lm import score
+    from spidr.lm.evaluate import evaluate_benchmark
+
+    monkeypatch.setattr(score, "load_lm", lambda checkpoint, device: (None, {"num_units": 4, "arch": "lstm"}, None))
+    monkeypatch.setattr(score, "read_lm_units",
+                        lambda path, info, labels: SimpleNamespace(sequences={"a": np.array([1, 2])}))
+    monkeypatch.setattr(score, "score_sequences", lambda *args, **kwargs: {"a": score.ItemScore(-3.0, 3)})
+    written = []
+
+    def write_then_killed(path, text):
+        if written:
+            raise KeyboardInterrupt  # (a kill: nothing after this runs)
+        written.append(path)
+        path.write_text(text)
+
+    monkeypatch.setattr(score, "write_atomically", write_then_killed)
+    inputs = {("lexical", "dev"): tmp_path / "lexical.jsonl", ("syntactic", "dev"): tmp_path / "syntactic.jsonl"}
+    with pytest.raises(KeyboardInterrupt):
+        score.score_benchmark(tmp_path / "lm.pt", inputs, tmp_path / "sub")
+    assert written == [tmp_path / "sub" / "lexical" / "dev.txt"]
+    assert (tmp_path / "sub" / score.IN_PROGRESS).exists()
+    (tmp_path / "bench").mkdir()
+    with pytest.raises(ValueError, match="is an unfinished spidr lm-score run"):
+        evaluate_benchmark(tmp_path / "bench", tmp_path / "sub")

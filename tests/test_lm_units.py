@@ -429,3 +429,34 @@ def test_a_second_run_into_a_folder_being_written_is_refused(bench, checkpoint, 
             assert main(["lm-units", str(bench), str(out), *arguments]) == 2
             assert f"{what} into {out} is being run by process {os.getpid()}" in capsys.readouterr().err
         assert sorted(path.name for path in out.iterdir()) == [".lock"]  # nothing written
+
+
+def test_a_finished_lm_units_run_is_readable_by_lm_score(bench, checkpoint, tmp_path):
+    """Truth (the README: lm-score refuses a folder only while lm-units writes it): after lm-units exits
+    0, codebook or --oracle, its folder and each layer folder hold no in-progress marker and lm-score's reader
+    finds every set's units file."""
+    from spidr.lm.bench_units import IN_PROGRESS
+    from spidr.lm.score import find_unit_files
+
+    assert main(["lm-units", str(bench), str(tmp_path / "cb"), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    assert main(["lm-units", str(bench), str(tmp_path / "oracle"), "--oracle"]) == 0
+    for units_dir in (tmp_path / "cb" / "layer_02", tmp_path / "oracle"):
+        assert sorted(find_unit_files(units_dir)) == [("lexical", "dev"), ("tsc", "dev")]
+    assert not list(tmp_path.rglob(IN_PROGRESS))
+
+
+def test_a_layer_folder_given_as_dot_is_refused_while_lm_units_writes_its_out(tmp_path, monkeypatch):
+    """Truth: "." inside OUT/layer_05 is that layer folder, whose OUT holds lm-units' marker; its parent
+    is OUT (Path(".").parent is "." itself, which holds no marker)."""
+    from spidr.lm.bench_units import IN_PROGRESS
+    from spidr.lm.score import find_unit_files
+
+    layer = tmp_path / "units" / "layer_05"
+    (layer / "lexical").mkdir(parents=True)
+    (layer / "lexical" / "dev.jsonl").write_text('{"name": "a", "units": [1, 2]}\n')
+    (tmp_path / "units" / IN_PROGRESS).touch()
+    monkeypatch.chdir(layer)
+    with pytest.raises(ValueError, match="is an unfinished spidr lm-units run"):
+        find_unit_files(".")
+    (tmp_path / "units" / IN_PROGRESS).unlink()
+    assert find_unit_files(".") == {("lexical", "dev"): Path("lexical") / "dev.jsonl"}

@@ -239,7 +239,7 @@ def test_a_stop_signal_during_the_first_validation_stops_after_one_step_with_a_c
     def validate_then_signal(*args, **kwargs):
         if not signalled:
             signalled.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "validate", validate_then_signal)
@@ -259,10 +259,10 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once() -> None:
 
     stop = StopFlag()
     with stop.installed():
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -279,9 +279,9 @@ def test_after_a_stop_request_a_data_worker_death_is_left_to_the_loader() -> Non
         stop = StopFlag()
         with stop.installed():
             with pytest.raises(RuntimeError, match="is killed by signal"):
-                os.kill(os.getpid(), signal.SIGCHLD)
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGCHLD)  # no error
+                signal.raise_signal(signal.SIGCHLD)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGCHLD)  # no error
         assert signal.getsignal(signal.SIGCHLD) is torch_like
     finally:
         signal.signal(signal.SIGCHLD, previous)
@@ -1061,3 +1061,126 @@ def test_resume_restores_the_streak_the_loss_scale_and_the_bad_file_tally(tmp_pa
     assert run.nonfinite_streak == 2
     assert scaler.get_scale() == 1024.0
     assert (loader.tracker.seen, loader.tracker.bad) == (40, 3)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"])
+def test_each_stop_signal_is_a_request(name) -> None:
+    """Truth: the documented stop signals (README, StopFlag: SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT; SLURM's
+    --signal=USR2@T among them) each set the flag instead of ending the process, and the handler is put back."""
+    from spidr.train.runtime import StopFlag
+
+    def not_a_request(signum, frame):
+        raise AssertionError(f"{name} reached the handler in place before the flag's (the process would end)")
+
+    sig = getattr(signal, name)
+    previous = signal.signal(sig, not_a_request)
+    try:
+        stop = StopFlag()
+        with stop.installed():
+            signal.raise_signal(sig)
+            assert stop.requested
+        assert signal.getsignal(sig) is not_a_request
+    finally:
+        signal.signal(sig, previous)
+
+
+def test_a_repeated_stop_signal_other_than_ctrl_c_does_not_stop_at_once() -> None:
+    """Only a second Ctrl-C stops without saving; a scheduler that sends SIGTERM twice (or SIGUSR1 then
+    SIGTERM) still gets its checkpoint."""
+    from spidr.train.runtime import StopFlag
+
+    stop = StopFlag()
+    with stop.installed():
+        try:
+            for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGUSR1):
+                signal.raise_signal(sig)
+        except KeyboardInterrupt:
+            pytest.fail("a repeated stop signal other than Ctrl-C stopped at once, without a checkpoint")
+        assert stop.requested
+
+
+def test_several_stop_signals_leave_the_loader_s_sigchld_handler_as_it_was() -> None:
+    """Truth: after the flag's block, SIGCHLD has the handler it had before (torch's), however many stop
+    signals came; a second signal wrapped the wrapper and left it in place, silencing later worker deaths."""
+    from spidr.train.runtime import StopFlag
+
+    def torch_like(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.")
+
+    previous = signal.signal(signal.SIGCHLD, torch_like)
+    try:
+        stop = StopFlag()
+        with stop.installed():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGUSR1)
+            signal.raise_signal(signal.SIGCHLD)  # left to the loader: no error
+        assert signal.getsignal(signal.SIGCHLD) is torch_like
+        with pytest.raises(RuntimeError, match="is killed by signal"):
+            signal.raise_signal(signal.SIGCHLD)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def test_with_several_processes_a_worker_death_is_not_taken_for_the_stop(monkeypatch) -> None:
+    """With several ranks the others wait in a collective: a rank that saved and returned alone would leave
+    them hanging, so the error stands (_killed_by_the_stop's docstring)."""
+    from spidr.train.runtime import StopFlag
+
+    stop = StopFlag()
+    stop.requested = True
+    error = RuntimeError(WORKER_DEATH)
+    assert loop._killed_by_the_stop(error, stop)
+    monkeypatch.setattr(loop, "world_size", lambda: 2)
+    assert not loop._killed_by_the_stop(error, stop)
+
+
+def test_a_step_cut_short_by_the_stop_puts_back_every_part_of_the_data_s_position() -> None:
+    """Truth (the state before the read, kept by hand): a worker that dies of the stop signal while
+    the step's micro-batches are read leaves the sampler (epoch, position), the loader's yielded_in_epoch and the
+    bad-file tally exactly as they were before the step's first micro-batch, here the first of an epoch."""
+    from types import SimpleNamespace
+
+    from spidr.train.runtime import StopFlag
+
+    sampler = SimpleNamespace(epoch=3, position=0)
+    loader = SimpleNamespace(yielded_in_epoch=False, tracker=SimpleNamespace(seen=40, bad=2, passes=3))
+    run = SimpleNamespace(sampler=sampler, cfg=SimpleNamespace(optimizer=SimpleNamespace(grad_accum_steps=3)))
+    before = (sampler.epoch, sampler.position, loader.yielded_in_epoch, loader.tracker.seen, loader.tracker.bad,
+              loader.tracker.passes)
+
+    class Batch:
+        def to(self, device, non_blocking=False):
+            return self
+
+    def batches():
+        for _ in range(2):
+            sampler.position += 4
+            loader.yielded_in_epoch = True
+            loader.tracker.seen += 4
+            loader.tracker.bad += 1
+            yield Batch()
+        loader.tracker.passes += 1
+        raise RuntimeError(WORKER_DEATH)
+
+    stop = StopFlag()
+    stop.requested = True
+    assert loop._read_micro_batches(batches(), run, loader, stop=stop, device=torch.device("cpu")) is None
+    assert (sampler.epoch, sampler.position, loader.yielded_in_epoch, loader.tracker.seen, loader.tracker.bad,
+            loader.tracker.passes) == before
+
+
+def test_a_stop_before_a_step_names_the_unread_skipped_steps_by_their_number(caplog) -> None:
+    """Truth (hand-counted): with run.host_sync = "log", at step 7 the host has not read steps 6 and 7;
+    step 7 was skipped (non-finite): the warning of the stop's accounting names step 7, not 6."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(max_consecutive_nonfinite=5, run_dir="run")),
+                          nonfinite_streak=0, step=7)
+    saves = []
+    with caplog.at_level("WARNING", logger="spidr"):
+        assert loop._stop_before_step(run, [_output(False), _output(True)], interval=_Interval(),
+                                      save=lambda: saves.append(1)) == "interrupted"
+    assert saves == [1]
+    skipped = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert len(skipped) == 1
+    assert skipped[0].startswith("step 7:"), skipped
