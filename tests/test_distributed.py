@@ -93,6 +93,25 @@ def test_slurm_environment():
     assert slurm_port("123456") != slurm_port("123457")
 
 
+def test_each_srun_step_meets_on_its_own_first_node_and_port():
+    """Two srun steps of one job (two trainings side by side, or a step on part of the nodes: srun -N1 -w gpu008)
+    took the job's first node and one port from the job id: the second step's rank 0 found the port in use, its
+    other ranks joined the first step's group, and a step without the job's first node waited 30 minutes there."""
+    job = {"SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456",
+           "SLURM_NTASKS_PER_NODE": "8(x2)"}
+    step = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "4"}
+    first = detect_environment(job | step | {"SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu007"})
+    second = detect_environment(job | step | {"SLURM_STEP_ID": "1", "SLURM_STEP_NODELIST": "gpu008"})
+    assert (first.master_addr, second.master_addr) == ("gpu007", "gpu008")
+    assert first.master_port != second.master_port
+    assert (first.world_size, first.local_world_size) == (4, 4)  # the step's tasks, not the job's 8 per node
+    # every task of a step agrees, whichever node it runs on
+    assert detect_environment(job | step | {"SLURM_PROCID": "3", "SLURM_STEP_ID": "1",
+                                            "SLURM_STEP_NODELIST": "gpu008"}).master_port == second.master_port
+    # an srun that sets no step list (older SLURM) still meets on the job's first node
+    assert detect_environment(job | step | {"SLURM_STEP_ID": "0"}).master_addr == "gpu007"
+
+
 def test_the_batch_script_of_a_job_of_several_tasks_is_refused_not_left_waiting():
     """`spidr train` run in an sbatch script with --ntasks 2 (no srun) saw SLURM_NTASKS = 2 and waited 30 minutes for
     a rank that never starts, with an empty log; one task's batch script trains as one process."""

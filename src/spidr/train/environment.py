@@ -77,9 +77,14 @@ def detect_environment(environ: Mapping[str, str] | None = None) -> DistributedE
             rank=_int(env, "SLURM_PROCID"),
             local_rank=_int(env, "SLURM_LOCALID", default=0),
             world_size=_int(env, "SLURM_STEP_NUM_TASKS"),
-            local_world_size=_leading_int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"])),
-            master_addr=first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))),
-            master_port=slurm_port(job_id),
+            local_world_size=_leading_int(env.get("SLURM_STEP_TASKS_PER_NODE")
+                                          or env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"])),
+            # The step's own nodes and port: a step on part of the job's nodes (srun -w node2) waited 30 minutes
+            # for its job's first node, and a second step beside the first (two trainings in one job) found the
+            # port taken, or joined the first one's process group.
+            master_addr=first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                                         or env.get("SLURM_NODELIST", "127.0.0.1")),
+            master_port=slurm_port(job_id, env.get("SLURM_STEP_ID", "0")),
             launcher="slurm",
         )
     return DistributedEnvironment()
@@ -96,10 +101,10 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def slurm_port(job_id: str) -> int:
-    """A rendezvous port that every task of the job derives identically from the job id."""
-    seed = int(job_id) if job_id.isdigit() else sum(job_id.encode())
-    return random.Random(seed).randint(*SLURM_PORT_RANGE)
+def slurm_port(job_id: str, step_id: str = "0") -> int:
+    """A rendezvous port that every task of one srun step derives identically from the job and step ids (the steps
+    of a job get different ones; a string seed is hashed alike in every process)."""
+    return random.Random(f"{job_id}.{step_id}").randint(*SLURM_PORT_RANGE)
 
 
 def resolve_device(requested: str, denv: DistributedEnvironment) -> torch.device:
