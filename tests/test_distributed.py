@@ -112,6 +112,13 @@ def test_each_srun_step_meets_on_its_own_first_node_and_port():
     assert detect_environment(job | step | {"SLURM_STEP_ID": "0"}).master_addr == "gpu007"
 
 
+def test_steps_of_two_jobs_whose_ids_read_alike_when_joined_get_their_own_ports():
+    """Truth: (job 12, step 34) and (job 123, step 4) are two different srun steps, which may share a node; a port
+    drawn from the ids run together ("1234" for both) would be the same for both, by construction."""
+    assert slurm_port("12", "34") != slurm_port("123", "4")
+    assert slurm_port("1", "23") != slurm_port("12", "3")
+    assert len({slurm_port("7", str(step)) for step in range(20)}) > 15  # each step of a job its own port
+
 def test_the_batch_script_of_a_job_of_several_tasks_is_refused_not_left_waiting():
     """`spidr train` run in an sbatch script with --ntasks 2 (no srun) saw SLURM_NTASKS = 2 and waited 30 minutes for
     a rank that never starts, with an empty log; one task's batch script trains as one process."""

@@ -124,3 +124,100 @@ def test_a_lock_file_removed_by_its_holder_between_open_and_lock_is_not_taken_fo
         assert lock_file.read_text() == f"process {os.getpid()}\n"  # the lock held is the file of that name
         with pytest.raises(ValueError, match="is being run by"), output_lock(tmp_path / "out", "a third"):
             pass
+
+
+def test_an_output_name_at_the_file_system_limit_is_locked_by_a_short_lock_name(tmp_path):
+    """Truth (a name may be 255 bytes; ".<name>.lock" adds 6): a 249-byte name gets ".<name>.lock" (255 bytes),
+    and a longer one, up to 255 bytes, still gets a lock (a shorter name, not ENAMETOOLONG), removed at the end."""
+    at_limit = "a" * 243 + ".jsonl"  # 249 bytes
+    with output_lock(tmp_path / at_limit, "a command"):
+        assert [path.name for path in tmp_path.iterdir()] == [f".{at_limit}.lock"]
+    for name in ("b" * 244 + ".jsonl", "é" * 124 + ".jsonl", "c" * 249 + ".jsonl"):  # 250, 254, 255 bytes
+        with output_lock(tmp_path / name, "a command"):
+            (lock,) = tmp_path.iterdir()
+            assert lock.read_text() == f"process {os.getpid()}\n"
+            assert len(lock.name.encode()) <= 255
+            with pytest.raises(ValueError, match="is being run by"), output_lock(tmp_path / name, "again"):
+                pass
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_lock_file_is_removed_while_the_lock_is_still_held(tmp_path, monkeypatch):
+    """Truth (the docstring of _locked): the file is unlinked *while still held*. Unlinked after the release, it
+    could be another process's freshly locked file, and a third process would then lock a new file of that name
+    while the second still holds its own: two writers."""
+    import fcntl
+    import pathlib
+
+    lock_file, real_unlink, seen = tmp_path / ".out.lock", pathlib.Path.unlink, []
+
+    def unlink(self, *args, **kwargs):
+        if self == lock_file:
+            with open(self, "a+") as other:  # another open: refused while this process still holds the lock
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append("free")
+                except BlockingIOError:
+                    seen.append("held")
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    with output_lock(tmp_path / "out", "the job"):
+        pass
+    assert seen == ["held"]
+    assert not lock_file.exists()
+
+
+def test_a_command_s_outputs_stay_locked_until_it_ends_and_are_checked_under_the_lock(tmp_path, monkeypatch):
+    """Truth (check_new_output's docstring): inside a command's run the output is locked *first* and stays locked
+    until the command ends. A lock released at once would let a second start pass while the first still computes;
+    an existence check made before the lock would let a start that waited out the first one's end replace its
+    result."""
+    from spidr import cli_types
+
+    out = tmp_path / "c.safetensors"
+    with cli_types.outputs_held_until_done():
+        assert cli_types.check_new_output(out, overwrite=False) == out
+        with pytest.raises(ValueError, match=rf"a second start is being run by process {os.getpid()}"), \
+                output_lock(out, "a second start"):
+            pass
+        out.write_bytes(b"result")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c.safetensors"]  # the lock file went at the end
+    out.unlink()
+
+    @contextlib.contextmanager
+    def first_run_finishes_meanwhile(path, what):  # the first holder writes its result and ends just then
+        path.write_bytes(b"the first run's result")
+        with output_lock(path, what):
+            yield
+
+    monkeypatch.setattr(cli_types, "output_lock", first_run_finishes_meanwhile)
+    with pytest.raises(ValueError, match="already exists"), cli_types.outputs_held_until_done():
+        cli_types.check_new_output(out, overwrite=False)
+    assert out.read_bytes() == b"the first run's result"
+
+
+def test_an_output_given_as_dot_or_through_dot_dot_is_locked_under_its_real_name(tmp_path, monkeypatch):
+    """``--out .`` (a submission or export folder) has no name to lock beside; it failed with "PosixPath('.') has an
+    empty name". It is the folder's own name; and ``sub/..`` spells the same place, so it is the same lock."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    with output_lock(".", "the submission"):
+        assert (tmp_path / ".sub.lock").is_file()
+        with pytest.raises(ValueError, match="is being run by"), output_lock(tmp_path / "sub" / ".." / "sub", "x"):
+            pass
+    assert not (tmp_path / ".sub.lock").exists()
+
+
+def test_without_locks_an_output_leaves_no_lock_file_behind(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="spidr"), output_lock(tmp_path / "out.txt", "the job"):
+        pass
+    assert "cannot lock" in caplog.text
+    assert list(tmp_path.iterdir()) == []

@@ -403,3 +403,28 @@ def test_a_checkpoint_path_holding_an_equals_sign_is_read_whole_or_after_its_nam
     assert _named_checkpoint("base=runs/lr=1e-4/final.pt") == ("base", "runs/lr=1e-4/final.pt")
     assert _named_checkpoint("base=runs/x.pt") == ("base", "runs/x.pt")
     assert _named_checkpoint("runs/x.pt") == ("", "runs/x.pt")
+
+
+def test_stale_units_of_layers_past_99_take_their_lms_with_them(tmp_path, monkeypatch):
+    """Truth (an LM trained on units/<model>/layer_<L> is lms/<model>-l<L>, as above for layer 2): units made with
+    other weights name, and with rebuild_stale delete, the LMs of every layer folder there, layer 100 included; a
+    folder that only starts like a layer's (a user's layer_02.bak) is no layer, and an LM of no such layer
+    stays."""
+    monkeypatch.setattr(study, "units_identity", lambda *args: {"model": "new weights"})
+    monkeypatch.setattr(study, "write_model_units", lambda model, bench_dir, out_dir, **kwargs: out_dir.mkdir())
+    model = SimpleNamespace(name="tiny", model=None, layers=(2, 100))
+    bench = SimpleNamespace(out_dir=tmp_path / "bench")  # (only handed to the stubbed writer)
+    model_dir = tmp_path / "units" / "tiny"
+    for folder in ("layer_02", "layer_100", "layer_02.bak"):
+        (model_dir / folder).mkdir(parents=True)
+    (model_dir / ".complete").write_text(json.dumps({"model": "old weights"}))
+    lms = {name: tmp_path / "lms" / name for name in ("tiny-l2", "tiny-l100", "tiny-l3")}
+    for lm_dir in lms.values():
+        lm_dir.mkdir(parents=True)
+    with pytest.raises(ValueError, match="made with other model") as refusal:
+        study._model_units(model, bench, model_dir, tmp_path, study.StudySettings())
+    assert str(lms["tiny-l2"]) in str(refusal.value)
+    assert str(lms["tiny-l100"]) in str(refusal.value)
+    assert str(lms["tiny-l3"]) not in str(refusal.value)
+    study._model_units(model, bench, model_dir, tmp_path, study.StudySettings(rebuild_stale=True))
+    assert sorted(path.name for path in (tmp_path / "lms").iterdir()) == ["tiny-l3"]

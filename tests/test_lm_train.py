@@ -1183,3 +1183,29 @@ def test_lm_score_marks_its_submission_before_its_first_file(tmp_path, monkeypat
     (tmp_path / "bench").mkdir()
     with pytest.raises(ValueError, match="is an unfinished spidr lm-score run"):
         evaluate_benchmark(tmp_path / "bench", tmp_path / "sub")
+
+
+def test_lm_train_leaves_the_bos_targets_of_its_windows_out_of_every_step(tmp_path, monkeypatch):
+    """Truth (the module docstring: the step's mean is over units and EOS, not the BOS after each EOS): the windows
+    of a run over utterances of 8-19 units hold a BOS after each EOS, and every step lm-train takes is told that
+    id, so its scored targets are fewer than its window targets by exactly the BOS targets."""
+    from spidr.lm import train as lm_train
+
+    real_step, steps = lm_train.lm_train_step, []
+
+    def recorded(model, windows, *args, **kwargs):
+        out = real_step(model, windows, *args, **kwargs)
+        steps.append((kwargs.get("bos"), [w.clone() for w in windows], out.tokens))
+        return out
+
+    monkeypatch.setattr(lm_train, "lm_train_step", recorded)
+    cfg = load_lm_config(_config(tmp_path, "bos", optimizer={"max_steps": 2, "warmup_steps": 1},
+                                 run={"log_interval": 1, "validate_interval": 100, "save_interval": 100}))
+    assert train_lm(cfg) == "completed"
+    bos = Vocabulary(10).bos
+    assert len(steps) == 2
+    for step_bos, windows, tokens in steps:
+        assert step_bos == bos
+        targets = torch.cat([w[:, 1:].reshape(-1) for w in windows])
+        assert int((targets == bos).sum()) > 0  # (the windows do hold BOS targets)
+        assert tokens == int((targets != bos).sum())

@@ -460,3 +460,89 @@ def test_a_layer_folder_given_as_dot_is_refused_while_lm_units_writes_its_out(tm
         find_unit_files(".")
     (tmp_path / "units" / IN_PROGRESS).unlink()
     assert find_unit_files(".") == {("lexical", "dev"): Path("lexical") / "dev.jsonl"}
+
+
+def _two_set_bench(tmp_path: Path) -> Path:
+    bench = tmp_path / "bench"
+    for name in ("train", "lexical/dev"):
+        (bench / name).mkdir(parents=True)
+        (bench / name / "frame_labels_20ms.jsonl").write_text(f'{{"name": "{name}", "units": [1, 2]}}\n')
+    return bench
+
+
+def test_an_oracle_copy_that_fails_midway_leaves_its_folder_marked(tmp_path, monkeypatch):
+    """Truth (README: lm-score refuses a units folder while lm-units writes it, or after it failed): a failure
+    after the first set is copied leaves OUT marked, so lm-score's reader refuses the partial folder."""
+    from spidr.lm import bench_units
+
+    real_copy, copied = bench_units.shutil.copyfile, []
+
+    def fails_on_the_second(source, target):
+        if copied:
+            raise OSError("disk full")
+        copied.append(target)
+        return real_copy(source, target)
+
+    monkeypatch.setattr(bench_units.shutil, "copyfile", fails_on_the_second)
+    out = tmp_path / "oracle"
+    with pytest.raises(OSError, match="disk full"):
+        bench_units.write_oracle_units(_two_set_bench(tmp_path), out)
+    assert len(copied) == 1
+    assert copied[0].is_file()
+    assert (out / bench_units.IN_PROGRESS).exists()
+    with pytest.raises(ValueError, match="is an unfinished spidr lm-units run"):
+        bench_units.refuse_unfinished_units(out)
+
+
+def test_model_units_are_marked_from_the_first_set_and_stay_marked_after_a_failure(tmp_path, monkeypatch):
+    """Truth (README, as above): every set is written while OUT holds the marker, and a set that fails leaves it
+    there. The per-set writer is stubbed: only the marker's life is under test."""
+    from types import SimpleNamespace
+
+    from spidr.lm import bench_units
+
+    out, marked = tmp_path / "units", []
+
+    def write_set(model, name, found, paths, **kwargs):
+        marked.append((name, (out / bench_units.IN_PROGRESS).exists()))
+        if name == "lexical/dev":
+            raise OSError("disk full")
+        for path in paths.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    monkeypatch.setattr(bench_units, "_write_set_units", write_set)
+    model = SimpleNamespace(cfg=SimpleNamespace(extractor_conv_layer_config=((1, 1, 320),)))
+    sets = {name: bench_units.BenchmarkSet(tmp_path / name, []) for name in ("train", "lexical/dev")}
+    with pytest.raises(OSError, match="disk full"):
+        bench_units.write_model_units(model, tmp_path / "bench", out, layers=[2], sets=sets)
+    assert marked == [("train", True), ("lexical/dev", True)]
+    with pytest.raises(ValueError, match="is an unfinished spidr lm-units run"):
+        bench_units.refuse_unfinished_units(out / "layer_02")
+
+
+def test_each_layer_s_units_record_names_its_own_vocabulary_size(tmp_path, monkeypatch):
+    """Truth: a k-means layer's units range over its centroids (here 7), a codebook layer's over the codebook (16);
+    abx and units-quality read that size from the record beside each units file. The extraction is stubbed."""
+    from types import SimpleNamespace
+
+    from spidr.eval import features
+    from spidr.eval.feature_dir import units_metadata_path
+    from spidr.lm import bench_units
+
+    def units(model, entries, *, layers, **kwargs):
+        for entry in entries:
+            yield entry, {layer: np.array([layer, 0]) for layer in layers}
+
+    monkeypatch.setattr(features, "iter_units", units)
+    model = SimpleNamespace(cfg=SimpleNamespace(codebook_size=16))
+    paths = {2: tmp_path / "layer_02" / "train.jsonl", 3: tmp_path / "layer_03" / "train.jsonl"}
+    found = bench_units.BenchmarkSet(tmp_path, [SimpleNamespace(fileid="a")])
+    bench_units._write_set_units(model, "train", found, paths, centroids={2: torch.zeros(7, 4)}, dtype="float32",
+                                 batch_seconds=1.0, frame_rate=50.0)
+    records = {layer: json.loads(units_metadata_path(path).read_text()) for layer, path in paths.items()}
+    assert {layer: record["num_units"] for layer, record in records.items()} == {2: 7, 3: 16}
+    assert {layer: record["layer"] for layer, record in records.items()} == {2: 2, 3: 3}
+    assert all(record["frame_rate_hz"] == 50.0 for record in records.values())
+    assert paths[3].read_text() == '{"name": "a", "units": [3, 0]}\n'
+    assert records[3]["units_file_bytes"] == paths[3].stat().st_size

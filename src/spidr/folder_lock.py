@@ -58,7 +58,7 @@ def output_lock(path: str | Path, what: str) -> Iterator[None]:
     of that folder free (units of two layers written side by side) and adds nothing to an output folder; the lock
     file is removed at the end. With the check for an existing output made under it, a command started twice no
     longer computes twice and silently keeps the later result."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." and "out/.." have a name here, and one spelling of a place is one lock
     path.parent.mkdir(parents=True, exist_ok=True)  # (where the command is about to write anyway)
     name = path.name if len(path.name.encode()) <= MAX_NAME_BYTES else hashlib.blake2b(
         path.name.encode(), digest_size=8).hexdigest()
@@ -96,7 +96,11 @@ def _locked(path: Path, what: str, *, wait: bool, remove: bool) -> Iterator[None
             handle.close()
             logger.warning("cannot lock %s (%s): nothing stops a second process from writing there too", path,
                            error)
-            yield
+            try:
+                yield
+            finally:
+                if remove:
+                    path.unlink(missing_ok=True)
             return
         if not remove or _same_file(handle, path):
             break
