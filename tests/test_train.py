@@ -257,13 +257,19 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once() -> None:
     run.save_interval); the first is now a stop request like SIGTERM's, and a second interrupts as Python does."""
     from spidr.train.runtime import StopFlag
 
-    stop = StopFlag()
-    with stop.installed():
-        signal.raise_signal(signal.SIGINT)
-        assert stop.requested
-        with pytest.raises(KeyboardInterrupt):
+    # As in a terminal: a process started in the background by a script (nohup make test &) starts with SIGINT
+    # ignored, and the flag puts back the handler it found.
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop = StopFlag()
+        with stop.installed():
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
 
 
 def test_after_a_stop_request_a_data_worker_death_is_left_to_the_loader() -> None:
