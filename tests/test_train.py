@@ -287,8 +287,11 @@ def test_after_a_stop_request_a_data_worker_death_is_left_to_the_loader() -> Non
             with pytest.raises(RuntimeError, match="is killed by signal"):
                 signal.raise_signal(signal.SIGCHLD)
             signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGUSR1)  # (a second stop signal wrapped the wrapper, left in place after)
             signal.raise_signal(signal.SIGCHLD)  # no error
-        assert signal.getsignal(signal.SIGCHLD) is torch_like
+        assert signal.getsignal(signal.SIGCHLD) is torch_like  # however many stop signals came
+        with pytest.raises(RuntimeError, match="is killed by signal"):
+            signal.raise_signal(signal.SIGCHLD)  # later worker deaths are raised again
     finally:
         signal.signal(signal.SIGCHLD, previous)
 
@@ -1103,28 +1106,6 @@ def test_a_repeated_stop_signal_other_than_ctrl_c_does_not_stop_at_once() -> Non
         except KeyboardInterrupt:
             pytest.fail("a repeated stop signal other than Ctrl-C stopped at once, without a checkpoint")
         assert stop.requested
-
-
-def test_several_stop_signals_leave_the_loader_s_sigchld_handler_as_it_was() -> None:
-    """Truth: after the flag's block, SIGCHLD has the handler it had before (torch's), however many stop
-    signals came; a second signal wrapped the wrapper and left it in place, silencing later worker deaths."""
-    from spidr.train.runtime import StopFlag
-
-    def torch_like(signum, frame):
-        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.")
-
-    previous = signal.signal(signal.SIGCHLD, torch_like)
-    try:
-        stop = StopFlag()
-        with stop.installed():
-            signal.raise_signal(signal.SIGTERM)
-            signal.raise_signal(signal.SIGUSR1)
-            signal.raise_signal(signal.SIGCHLD)  # left to the loader: no error
-        assert signal.getsignal(signal.SIGCHLD) is torch_like
-        with pytest.raises(RuntimeError, match="is killed by signal"):
-            signal.raise_signal(signal.SIGCHLD)
-    finally:
-        signal.signal(signal.SIGCHLD, previous)
 
 
 def test_with_several_processes_a_worker_death_is_not_taken_for_the_stop(monkeypatch) -> None:
