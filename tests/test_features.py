@@ -567,6 +567,56 @@ def test_a_file_id_that_would_write_outside_the_output_folder_is_refused(fileid)
     assert list(output_stems([entries[0], ManifestEntry("spk/a..b", "/c/a.wav", 10)])) == ["b", "spk/a..b"]
 
 
+def test_an_archive_member_named_above_the_archive_s_root_is_refused_before_anything_is_written(model, tmp_path):
+    """A tar member "spk/../../../victim/results.wav" put its features four folders above its layer folder (over
+    any file of that name) and the extraction counted it done: only the file id was checked, not its folder."""
+    import tarfile
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "a.wav", speech_like(0.5, 1), 16000)
+    out = tmp_path / "deep" / "out"
+    with tarfile.open(tmp_path / "audio.tar", "w") as tar:
+        tar.add(audio / "a.wav", arcname="spk/a.wav")
+        tar.add(audio / "a.wav", arcname="spk/../../../../victim/results.wav")
+    entries = scan(tmp_path / "audio.tar", progress=False).entries
+    with pytest.raises(ValueError, match=r"utterance \d \(spk/\.\./\.\./\.\./\.\./victim/results\.wav\) is an archive "
+                                         "member named above the archive's root"):
+        extract_to_directory(model, entries, out, ExtractionSettings(layers=(1,)), progress=False)
+    assert not list(tmp_path.rglob("results.npy"))
+    assert not (tmp_path / "victim").exists()
+
+
+def test_the_output_tree_mirrors_where_the_audio_is_however_its_path_is_spelt(tmp_path):
+    """Paths with '..' (a manifest's rows, relative to the current folder) and absolute archive members beside
+    relative ones: each output path is the audio's place below the deepest common folder, never above OUT; mixed
+    absolute and relative member names failed with Python's "Can't mix absolute and relative paths"."""
+    entries = [ManifestEntry("x", "/c/a/../b/x.wav", 10), ManifestEntry("y", "/c/d/y.wav", 10)]
+    assert list(output_stems(entries)) == ["b/x", "d/y"]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "up").mkdir()
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path / "work")
+    try:  # rows relative to the current folder, one of them above it
+        stems = list(output_stems([ManifestEntry("x", "../up/x.wav", 10), ManifestEntry("y", "y.wav", 10)]))
+    finally:
+        os.chdir(cwd)
+    assert stems == ["up/x", "work/y"]
+    import tarfile
+
+    sf.write(tmp_path / "a.wav", speech_like(0.5, 1), 16000)
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        tar.add(tmp_path / "a.wav", arcname="spk1/a.wav")
+        info = tar.gettarinfo(tmp_path / "a.wav", arcname="b.wav")
+        info.name = "/spk2/b.wav"  # (tarfile strips a leading "/" from arcname: set the stored name itself)
+        with (tmp_path / "a.wav").open("rb") as handle:
+            tar.addfile(info, handle)
+    members = scan(tmp_path / "mixed.tar", progress=False).entries
+    assert sorted(output_stems(members)) == ["spk1/a", "spk2/b"]
+
+
 DEFAULT_CONV = [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2
 TINY_TOML_CONV = [[32, 10, 5], [32, 8, 4], [32, 8, 8]]  # configs/tiny.toml: 160-sample hop, receptive field 185
 

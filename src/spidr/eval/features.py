@@ -281,7 +281,7 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
     manifest = _as_manifest(entries)
     parents: set[str] = set()
     for start in range(0, len(manifest), ITER_CHUNK):
-        parents.update(os.path.dirname(p) for p in _paths(manifest, start, min(start + ITER_CHUNK, len(manifest))))
+        parents.update(_folders(manifest, start, min(start + ITER_CHUNK, len(manifest))))
     root = os.path.commonpath(sorted(parents)) if len(parents) > 1 else next(iter(parents), "")
     cut = len(root.rstrip("/")) + 1 if root else 0  # "" when archive members sit at the top level
     parts = []
@@ -289,10 +289,10 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
         stop = min(start + ITER_CHUNK, len(manifest))
         ids = manifest.fileids.strings(start, stop)
         _refuse_escaping_ids(ids, manifest, start)
-        parts.append(PackedStrings.from_strings(
-            (f"{parent[cut:]}/{fileid}" if parent != root else fileid)
-            for parent, fileid in zip(map(os.path.dirname, _paths(manifest, start, stop)), ids, strict=True)
-        ))
+        stems = [f"{parent[cut:]}/{fileid}" if parent != root else fileid
+                 for parent, fileid in zip(_folders(manifest, start, stop), ids, strict=True)]
+        _refuse_escaping_folders(stems, manifest, start)
+        parts.append(PackedStrings.from_strings(stems))
     stems = PackedStrings.concatenate(parts)
     _refuse_duplicates(stems, manifest)
     return stems
@@ -323,6 +323,34 @@ def _refuse_escaping_ids(ids: Sequence[str], manifest: Manifest, start: int) -> 
             raise ValueError(f"{manifest.source}: utterance {row + 1} ({_paths(manifest, row, row + 1)[0]}) has the "
                              f"file id {fileid!r}, which would write its output outside the output folder; a file "
                              "id is a name (or relative path) without '..' parts")
+
+
+def _folders(manifest: Manifest, start: int, stop: int) -> list[str]:
+    """The folder of each row's audio, normalised, for the output tree to mirror where the audio is rather than how
+    its path was spelt: a file's absolute folder (``a/../b`` is ``b``, ``../x`` is the folder above), an archive
+    member's folder from the archive's root (a leading ``/`` dropped; "" at the top)."""
+    in_archive = (manifest.archive_index[start:stop] >= 0 if manifest.archive_index is not None
+                  else np.zeros(stop - start, dtype=bool))
+    folders = []
+    for path, member in zip(_paths(manifest, start, stop), in_archive.tolist(), strict=True):
+        if not member:
+            folders.append(os.path.dirname(os.path.abspath(path)))
+            continue
+        folder = os.path.dirname(path.lstrip("/"))
+        folders.append(os.path.normpath(folder) if folder else "")
+    return folders
+
+
+def _refuse_escaping_folders(stems: Sequence[str], manifest: Manifest, start: int) -> None:
+    """Raise, naming the row, if an output path (``stems``: rows ``start``, ...) climbs out of the output folder: an
+    archive member with more ``..`` than folders (``spk/../../../victim/x.wav``) wrote its features there, over any
+    file of that name, and the extraction said it was done."""
+    for offset, stem in enumerate(stems):
+        if ".." in stem.split("/"):
+            row = start + offset
+            raise ValueError(f"{manifest.source}: utterance {row + 1} ({_paths(manifest, row, row + 1)[0]}) is an "
+                             "archive member named above the archive's root ('..'), so its features would be "
+                             "written outside the output folder")
 
 
 def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:
