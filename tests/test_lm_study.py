@@ -407,15 +407,15 @@ def test_a_checkpoint_path_holding_an_equals_sign_is_read_whole_or_after_its_nam
 
 def test_stale_units_of_layers_past_99_take_their_lms_with_them(tmp_path, monkeypatch):
     """Truth (an LM trained on units/<model>/layer_<L> is lms/<model>-l<L>, as above for layer 2): units made with
-    other weights name, and with rebuild_stale delete, the LMs of every layer folder there, layer 100 included; a
-    folder that only starts like a layer's (a user's layer_02.bak) is no layer, and an LM of no such layer
-    stays."""
+    other weights name, and with rebuild_stale delete, the LMs of every layer folder there, layer 100 included, and
+    an LM of no such layer stays. A folder the study never writes there (a user's layer_02.bak) stops it before
+    anything is deleted: the units folder is made again whole."""
     monkeypatch.setattr(study, "units_identity", lambda *args: {"model": "new weights"})
     monkeypatch.setattr(study, "write_model_units", lambda model, bench_dir, out_dir, **kwargs: out_dir.mkdir())
     model = SimpleNamespace(name="tiny", model=None, layers=(2, 100))
     bench = SimpleNamespace(out_dir=tmp_path / "bench")  # (only handed to the stubbed writer)
     model_dir = tmp_path / "units" / "tiny"
-    for folder in ("layer_02", "layer_100", "layer_02.bak"):
+    for folder in ("layer_02", "layer_100"):
         (model_dir / folder).mkdir(parents=True)
     (model_dir / ".complete").write_text(json.dumps({"model": "old weights"}))
     lms = {name: tmp_path / "lms" / name for name in ("tiny-l2", "tiny-l100", "tiny-l3")}
@@ -426,5 +426,27 @@ def test_stale_units_of_layers_past_99_take_their_lms_with_them(tmp_path, monkey
     assert str(lms["tiny-l2"]) in str(refusal.value)
     assert str(lms["tiny-l100"]) in str(refusal.value)
     assert str(lms["tiny-l3"]) not in str(refusal.value)
+    (model_dir / "layer_02.bak").mkdir()
+    with pytest.raises(ValueError, match=r"tiny holds layer_02\.bak, which the study did not write"):
+        study._model_units(model, bench, model_dir, tmp_path, study.StudySettings(rebuild_stale=True))
+    assert sorted(path.name for path in (tmp_path / "lms").iterdir()) == sorted(lms)  # nothing deleted
+    assert sorted(path.name for path in model_dir.iterdir()) == [".complete", "layer_02", "layer_02.bak", "layer_100"]
+    (model_dir / "layer_02.bak").rmdir()
     study._model_units(model, bench, model_dir, tmp_path, study.StudySettings(rebuild_stale=True))
     assert sorted(path.name for path in (tmp_path / "lms").iterdir()) == ["tiny-l3"]
+
+
+def test_a_units_folder_holding_the_user_s_files_is_refused_not_deleted(tmp_path):
+    """lm-study --out on a folder of one's own deleted the files in its units/oracle (and units/<model>) to make
+    them again; such a folder is now refused, naming what the study did not write, and left as it was."""
+    bench = _bench(tmp_path / "bench", 14)
+    oracle = tmp_path / "units" / "oracle"
+    oracle.mkdir(parents=True)
+    (oracle / "notes.txt").write_text("mine")
+    (oracle / "lexical").mkdir()  # a folder the study writes there: not in the way
+    with pytest.raises(ValueError, match=r"oracle holds notes\.txt, which the study did not write"):
+        study._oracle_units(bench, oracle)
+    assert (oracle / "notes.txt").read_text() == "mine"
+    (oracle / "notes.txt").unlink()
+    assert study._oracle_units(bench, oracle) == oracle  # its own folders are made again
+    assert (oracle / "lexical" / "dev.jsonl").is_file()

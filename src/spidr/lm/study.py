@@ -30,9 +30,10 @@ import csv
 import json
 import logging
 import math
+import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,9 @@ import torch
 from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
 from spidr.eval.report import format_number
-from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
+from spidr.lm.bench_units import IN_PROGRESS as UNITS_IN_PROGRESS
+from spidr.lm.bench_units import STATE_FILE as UNITS_STATE_FILE
+from spidr.lm.bench_units import benchmark_sets, fit_centroids, write_model_units, write_oracle_units
 from spidr.lm.train import write_untrained
 
 if TYPE_CHECKING:
@@ -417,6 +420,8 @@ def _oracle_units(bench: LmBenchInfo, oracle_dir: Path) -> Path:
     identity = {"bench": bench_identity(bench)}
     if _read_marker(oracle_dir / ORACLE_MARKER) == identity:
         return oracle_dir
+    tops = {name.split("/")[0] + ("" if "/" in name else ".jsonl") for name in benchmark_sets(bench.out_dir)}
+    _refuse_foreign_files(oracle_dir, lambda name: name in tops or name in (ORACLE_MARKER, UNITS_IN_PROGRESS, ".lock"))
     if oracle_dir.exists():
         logger.warning("%s is unfinished or made from another benchmark: writing it again", oracle_dir)
     partial = oracle_dir.with_name(oracle_dir.name + ".partial")  # a model's slug has no '.': no clash
@@ -426,6 +431,17 @@ def _oracle_units(bench: LmBenchInfo, oracle_dir: Path) -> Path:
     shutil.rmtree(oracle_dir, ignore_errors=True)
     partial.rename(oracle_dir)
     return oracle_dir
+
+
+def _refuse_foreign_files(folder: Path, ours: Callable[[str], bool]) -> None:
+    """Raise before a units folder is made again if it holds a file or folder that the study never writes there
+    (``ours`` tells by name): the folder is deleted whole, and ``--out`` on a folder of one's own deleted the files
+    in its ``units/<name>/`` without a word."""
+    foreign = sorted(path.name for path in folder.iterdir() if not ours(path.name)) if folder.is_dir() else []
+    if foreign:
+        raise ValueError(f"{folder} holds {', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}, which the "
+                         "study did not write; the study makes this folder again: move them, or give the study "
+                         "another --out")
 
 
 def units_identity(study_model: StudyModel, settings: StudySettings, bench: LmBenchInfo) -> dict[str, Any]:
@@ -458,6 +474,8 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
     changed = sorted(k for k in identity if previous.get(k) != identity[k]) if isinstance(previous, dict) else None
     if changed == []:
         return model_dir
+    _refuse_foreign_files(model_dir, lambda name: bool(re.fullmatch(r"layer_\d+", name))
+                          or name in (".complete", UNITS_IN_PROGRESS, UNITS_STATE_FILE, ".lock"))
     if changed == ["bench"]:
         logger.warning("%s holds units of another benchmark: making them again", model_dir)
     elif done.is_file():
