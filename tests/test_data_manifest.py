@@ -143,6 +143,19 @@ def test_archive_members_are_read_without_pread_as_on_windows(corpus: Path, tmp_
         read_member(beyond)
 
 
+def test_a_member_size_past_the_archive_s_end_is_named_before_any_memory_is_taken(corpus: Path, tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch):
+    """A manifest row claiming a member of 2**40 bytes gave a bare MemoryError (the read was attempted first)."""
+    entries = scan(make_tar(tmp_path, {"x/a.wav": (corpus / "a.wav").read_bytes()}), progress=False).entries
+    huge = dataclasses.replace(entries[0], byte_size=2**40)
+    reads = []
+    monkeypatch.setattr(os, "pread", lambda *args: reads.append(args) or b"")
+    with pytest.raises(OSError, match=rf"byte range \[{huge.byte_offset}, {huge.byte_offset + 2**40}\) lies beyond "
+                                      r"the end of .*\.tar \(\d+ bytes\)"):
+        read_member(huge)
+    assert reads == []  # refused from the archive's size, without reading
+
+
 def test_compressed_tar_is_refused(corpus: Path, tmp_path: Path) -> None:
     archive = tmp_path / "c.tar"
     with tarfile.open(archive, "w:gz") as tar:

@@ -334,6 +334,10 @@ def read_member(entry: ManifestEntry) -> bytes:
     """The bytes of an archive entry, read from its tar; OSError when the tar cannot be read or ends before it."""
     if entry.archive is None or entry.byte_offset is None or entry.byte_size is None:
         raise ValueError(f"{entry.path} is not an archive member")
+    end, archive_size = entry.byte_offset + entry.byte_size, os.stat(entry.archive).st_size
+    if end > archive_size:  # checked first: a manifest row claiming terabytes was a bare MemoryError
+        raise OSError(f"byte range [{entry.byte_offset}, {end}) lies beyond the end of {entry.archive} "
+                      f"({archive_size} bytes)")
     if hasattr(os, "pread"):
         descriptor = _ARCHIVE_FILES.get(entry.archive)
         if descriptor is None:
@@ -343,8 +347,7 @@ def read_member(entry: ManifestEntry) -> bytes:
         with open(entry.archive, "rb") as handle:
             handle.seek(entry.byte_offset)
             data = handle.read(entry.byte_size)
-    if len(data) != entry.byte_size:
-        end = entry.byte_offset + entry.byte_size
+    if len(data) != entry.byte_size:  # (the archive shrank since)
         raise OSError(f"byte range [{entry.byte_offset}, {end}) lies beyond the end of {entry.archive} "
                       f"({os.stat(entry.archive).st_size} bytes)")
     return data
