@@ -92,3 +92,19 @@ def test_read_units_is_strict_about_integers_and_compact(tmp_path):
         path.write_text(bad + "\n")
         with pytest.raises(ValueError, match="'units' of 'b'"):
             read_units(path)
+
+
+def test_a_line_far_longer_than_any_utterance_s_units_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
+    """A 97 kB gzipped units file of one 50M-unit line took 1.7 GB to parse; a line past MAX_LINE_CHARS is refused,
+    naming its number, having read only that many characters of it."""
+    from spidr.eval import units as units_module
+
+    monkeypatch.setattr(units_module, "MAX_LINE_CHARS", 100)
+    path = tmp_path / "units.jsonl.gz"
+    short = '{"name": "a", "units": [1, 2, 3]}\n'
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write(short + '{"name": "b", "units": [' + "7, " * 10_000 + "7]}\n")
+    with pytest.raises(ValueError, match=r"units\.jsonl\.gz: line 2 is longer than 100 characters"):
+        units_module.read_units(path)
+    path.write_bytes(gzip.compress((short + '{"name": "b", "units": [' + "7, " * 20 + "7]}\n").encode()))
+    assert units_module.read_units(path)["b"].tolist() == [7] * 21  # (81 characters: read)
