@@ -615,6 +615,10 @@ def test_the_output_tree_mirrors_where_the_audio_is_however_its_path_is_spelt(tm
             tar.addfile(info, handle)
     members = scan(tmp_path / "mixed.tar", progress=False).entries
     assert sorted(output_stems(members)) == ["spk1/a", "spk2/b"]
+    with tarfile.open(tmp_path / "dot.tar", "w") as tar:  # as `tar -C dir .` names them
+        tar.add(tmp_path / "a.wav", arcname="./a.wav")
+        tar.add(tmp_path / "a.wav", arcname="./spk/b.wav")
+    assert sorted(output_stems(scan(tmp_path / "dot.tar", progress=False).entries)) == ["a", "spk/b"]
 
 
 DEFAULT_CONV = [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2

@@ -450,3 +450,10 @@ def test_a_units_folder_holding_the_user_s_files_is_refused_not_deleted(tmp_path
     (oracle / "notes.txt").unlink()
     assert study._oracle_units(bench, oracle) == oracle  # its own folders are made again
     assert (oracle / "lexical" / "dev.jsonl").is_file()
+    # what the study leaves there itself is no stranger: an earlier benchmark's task (the benchmark made again
+    # without it, as the refusal of a changed benchmark advises), and a temporary that a kill left behind
+    (oracle / ".copied").write_text("{}")
+    (oracle / "lexical_seen").mkdir()
+    (oracle / "..copied.0123abcd.partial").write_text("")
+    assert study._oracle_units(bench, oracle) == oracle
+    assert not (oracle / "lexical_seen").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,27 @@ def test_a_line_far_longer_than_any_utterance_s_units_is_refused_before_it_is_re
         units_module.read_units(path)
     path.write_bytes(gzip.compress((short + '{"name": "b", "units": [' + "7, " * 20 + "7]}\n").encode()))
     assert units_module.read_units(path)["b"].tolist() == [7] * 21  # (81 characters: read)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_line_that_is_not_utf8_is_named_by_its_own_number(tmp_path, suffix):
+    """The text reader decodes ahead of the line it hands over, so a bad byte on line 60 was reported on line 1."""
+    from spidr.eval.units import read_units
+
+    rows = b"".join(b'{"name": "u%d", "units": [1, 2]}\n' % i for i in range(59)) + b'{"name": "caf\xe9"}\n'
+    path = tmp_path / f"units{suffix}"
+    path.write_bytes(gzip.compress(rows) if suffix.endswith(".gz") else rows)
+    with pytest.raises(ValueError, match=rf"units{re.escape(suffix)}: line 60 is not UTF-8 text"):
+        read_units(path)
+
+
+def test_an_interval_tsv_line_past_the_cap_is_refused_too(tmp_path, monkeypatch):
+    """Alignments as interval TSVs were read without the cap: a 130 kB gzipped file took 1.26 GB."""
+    from spidr.eval import units as units_module
+    from spidr.eval.unit_quality import read_alignments
+
+    monkeypatch.setattr(units_module, "MAX_LINE_CHARS", 100)
+    path = tmp_path / "alignments.tsv.gz"
+    path.write_bytes(gzip.compress(b"u1\t0.0\t0.1\tAH\n" + b"u2\t0.0\t0.1\t" + b"X" * 500 + b"\n"))
+    with pytest.raises(ValueError, match=r"alignments\.tsv\.gz: line 2 is longer than 100 characters.*TSV of phone"):
+        read_alignments(path)

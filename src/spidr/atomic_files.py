@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -30,6 +31,11 @@ def new_partial_path(path: Path) -> Path:
     name = path.name if len(path.name.encode()) <= MAX_NAME_BYTES else hashlib.blake2b(
         path.name.encode(), digest_size=8).hexdigest()
     return path.with_name(f".{name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def is_partial_name(name: str) -> bool:
+    """Whether ``name`` is a writer's temporary (``new_partial_path``): a killed writer leaves one behind."""
+    return re.fullmatch(rf"\..+\.[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}", name) is not None
 
 
 MAX_NAME_BYTES = 255 - 1 - 1 - 8 - len(PARTIAL_SUFFIX)  # "." name "." token suffix within a file name's 255 bytes

@@ -3,22 +3,36 @@ around the fault (``UnicodeDecodeError`` alone gives a byte offset and no file).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import gzip
 from collections.abc import Iterator
 from pathlib import Path
 
 
+def first_non_utf8_line(path: str | Path) -> tuple[int, bytes] | None:
+    """The number of the first line of ``path`` (gzip-compressed when it ends in ``.gz``) that is not UTF-8, with
+    the bytes around the fault; None when every line is. Read in bounded pieces (a binary file given by mistake may
+    hold no newline), each decoded where the last one stopped."""
+    path = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    number = 1
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
+        while piece := handle.readline(1 << 20):
+            try:
+                decoder.decode(piece)
+            except UnicodeDecodeError as error:
+                return number, piece[max(error.start - 10, 0) : error.end + 10]
+            number += piece.endswith(b"\n")
+    return None
+
+
 def not_utf8(path: str | Path, what: str) -> str:
     """The error message for ``path`` (described as ``what``, e.g. "the manifest") that is not UTF-8 text."""
-    path = Path(path)
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                return (f"{path}:{number}: not UTF-8 text ({line[max(error.start - 10, 0) : error.end + 10]!r}); "
-                        f"save {what} as UTF-8")
-    return f"{path}: not UTF-8 text; save {what} as UTF-8"
+    found = first_non_utf8_line(path)
+    if found is None:
+        return f"{path}: not UTF-8 text; save {what} as UTF-8"
+    return f"{path}:{found[0]}: not UTF-8 text ({found[1]!r}); save {what} as UTF-8"
 
 
 @contextlib.contextmanager

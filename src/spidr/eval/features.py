@@ -336,8 +336,8 @@ def _folders(manifest: Manifest, start: int, stop: int) -> list[str]:
         if not member:
             folders.append(os.path.dirname(os.path.abspath(path)))
             continue
-        folder = os.path.dirname(path.lstrip("/"))
-        folders.append(os.path.normpath(folder) if folder else "")
+        folder = os.path.normpath(os.path.dirname(path.lstrip("/")) or ".")
+        folders.append("" if folder == "." else folder)  # ("./a.wav", of `tar -C dir .`, is at the top)
     return folders
 
 

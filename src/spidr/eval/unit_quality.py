@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spidr.eval.units import open_text, read_jsonl_rows
+from spidr.eval.units import numbered_lines, open_text, read_jsonl_rows
 from spidr.input_files import existing_file
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def _interval_columns(path: Path, rate: int) -> tuple[dict[str, np.ndarray], lis
         return int((time * scale - half).to_integral_value(rounding=ROUND_CEILING))
 
     with open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
+        for number, line in numbered_lines(handle, path, expected="a TSV of phone intervals"):
             fields = line.split("\t") if "\t" in line else line.split()
             fields = [f.strip() for f in fields]
             if not any(fields):

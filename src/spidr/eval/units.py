@@ -22,6 +22,7 @@ import numpy as np
 
 from spidr.atomic_files import replaced_when_done
 from spidr.input_files import existing_file
+from spidr.text_files import first_non_utf8_line
 
 
 def open_text(path: str | Path, mode: str = "r") -> IO[str]:
@@ -56,20 +57,22 @@ def read_jsonl_rows(path: str | Path, *, field: str | tuple[str, ...], key: Call
 MAX_LINE_CHARS = 1 << 26  # a row of about 20M units (110 h at 50 Hz); parsed, a line takes about 14x its size
 
 
-def _numbered_lines(handle: IO[str], path: str | Path) -> Iterator[tuple[int, str]]:
+def numbered_lines(handle: IO[str], path: str | Path, *,
+                   expected: str = "a JSONL file of units or frame labels") -> Iterator[tuple[int, str]]:
     """``enumerate(handle, start=1)``, with a file that is not UTF-8 text (audio given by mistake) named, and a line
     longer than ``MAX_LINE_CHARS`` refused before it is read whole (a 97 kB gzipped line took 1.7 GB to parse)."""
     number = 0
     try:
-        while line := handle.readline(MAX_LINE_CHARS + 1):
+        while line := handle.readline(MAX_LINE_CHARS + 2):  # (room for the line's end, "\r\n")
             number += 1
-            if len(line) > MAX_LINE_CHARS:
+            if len(line) > MAX_LINE_CHARS and len(line.rstrip("\r\n")) > MAX_LINE_CHARS:
                 raise ValueError(f"{path}: line {number} is longer than {MAX_LINE_CHARS:,} characters, far beyond "
-                                 "any utterance's units: expected one JSON row per utterance")
+                                 f"any utterance's: expected {expected}")
             yield number, line
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: line {number + 1} is not UTF-8 text ({error.reason}): expected a JSONL file of "
-                         "units or frame labels") from None
+        found = first_non_utf8_line(path)  # (the text reader decodes ahead of the line it returns)
+        where = f"line {found[0]}" if found else f"line {number + 1} or after"
+        raise ValueError(f"{path}: {where} is not UTF-8 text ({error.reason}): expected {expected}") from None
 
 
 def read_jsonl_rows_with_lines(path: str | Path, *, field: str | tuple[str, ...], key: Callable[[str], str] = str,
@@ -78,7 +81,7 @@ def read_jsonl_rows_with_lines(path: str | Path, *, field: str | tuple[str, ...]
     fields = (field,) if isinstance(field, str) else field
     seen: set[str] = set()
     with open_text(path) as handle:
-        for number, line in _numbered_lines(handle, path):
+        for number, line in numbered_lines(handle, path):
             if not line.strip():
                 continue
             where = f"{path}: line {number}"

@@ -41,12 +41,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from spidr.atomic_files import replaced_when_done, write_atomically
+from spidr.atomic_files import is_partial_name, replaced_when_done, write_atomically
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
 from spidr.eval.report import format_number
 from spidr.lm.bench_units import IN_PROGRESS as UNITS_IN_PROGRESS
 from spidr.lm.bench_units import STATE_FILE as UNITS_STATE_FILE
-from spidr.lm.bench_units import benchmark_sets, fit_centroids, write_model_units, write_oracle_units
+from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
+from spidr.lm.score import TASKS
 from spidr.lm.train import write_untrained
 
 if TYPE_CHECKING:
@@ -420,8 +421,8 @@ def _oracle_units(bench: LmBenchInfo, oracle_dir: Path) -> Path:
     identity = {"bench": bench_identity(bench)}
     if _read_marker(oracle_dir / ORACLE_MARKER) == identity:
         return oracle_dir
-    tops = {name.split("/")[0] + ("" if "/" in name else ".jsonl") for name in benchmark_sets(bench.out_dir)}
-    _refuse_foreign_files(oracle_dir, lambda name: name in tops or name in (ORACLE_MARKER, UNITS_IN_PROGRESS, ".lock"))
+    ours = {"train.jsonl", *TASKS, ORACLE_MARKER, UNITS_IN_PROGRESS, ".lock"}  # (an earlier benchmark's tasks too)
+    _refuse_foreign_files(oracle_dir, ours.__contains__)
     if oracle_dir.exists():
         logger.warning("%s is unfinished or made from another benchmark: writing it again", oracle_dir)
     partial = oracle_dir.with_name(oracle_dir.name + ".partial")  # a model's slug has no '.': no clash
@@ -437,7 +438,8 @@ def _refuse_foreign_files(folder: Path, ours: Callable[[str], bool]) -> None:
     """Raise before a units folder is made again if it holds a file or folder that the study never writes there
     (``ours`` tells by name): the folder is deleted whole, and ``--out`` on a folder of one's own deleted the files
     in its ``units/<name>/`` without a word."""
-    foreign = sorted(path.name for path in folder.iterdir() if not ours(path.name)) if folder.is_dir() else []
+    foreign = sorted(path.name for path in folder.iterdir()
+                     if not ours(path.name) and not is_partial_name(path.name)) if folder.is_dir() else []
     if foreign:
         raise ValueError(f"{folder} holds {', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}, which the "
                          "study did not write; the study makes this folder again: move them, or give the study "

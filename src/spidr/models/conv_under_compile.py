@@ -39,8 +39,8 @@ def opaque_conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return _conv1d(x.contiguous(), weight, bias, [conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups])
 
 
-# ``settings``: [stride, padding, dilation, groups] of the conv. The schemas are written out: torch >= 2.5 (our
-# floor) read this file's string annotations (``from __future__ import annotations``) only in later releases.
+# ``settings``: [stride, padding, dilation, groups] of the conv. The schemas are written out: torch 2.5 (the floor
+# when this was written) did not read this file's string annotations (``from __future__ import annotations``).
 
 
 @torch.library.custom_op("spidr::conv1d", mutates_args=(),
