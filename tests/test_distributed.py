@@ -119,6 +119,7 @@ def test_steps_of_two_jobs_whose_ids_read_alike_when_joined_get_their_own_ports(
     assert slurm_port("1", "23") != slurm_port("12", "3")
     assert len({slurm_port("7", str(step)) for step in range(20)}) > 15  # each step of a job its own port
 
+
 def test_the_batch_script_of_a_job_of_several_tasks_is_refused_not_left_waiting():
     """`spidr train` run in an sbatch script with --ntasks 2 (no srun) saw SLURM_NTASKS = 2 and waited 30 minutes for
     a rank that never starts, with an empty log; one task's batch script trains as one process."""

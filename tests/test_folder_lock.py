@@ -221,3 +221,39 @@ def test_without_locks_an_output_leaves_no_lock_file_behind(tmp_path, monkeypatc
         pass
     assert "cannot lock" in caplog.text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_whose_folder_takes_no_lock_file_is_written_unguarded_with_a_warning(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """``lm-score LM UNITS .`` in one's own folder of a shared tree: the lock goes beside the output, in a folder
+    the user may not write to, and the command failed before any work though its output was writable."""
+    from pathlib import Path
+
+    real_open = Path.open
+
+    def no_lock_files(self, *args, **kwargs):
+        if self.name.endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_lock_files)
+    ran = False
+    with caplog.at_level("WARNING", logger="spidr"), output_lock(tmp_path / "submission", "lm-score"):
+        ran = True
+    assert ran
+    assert "cannot make the lock" in caplog.text
+    assert "Permission denied" in caplog.text
+    with pytest.raises(PermissionError), folder_lock(tmp_path, "a folder's own writer"):  # it cannot write there
+        pass
+
+
+def test_an_output_named_twice_by_one_command_is_named_as_such(tmp_path):
+    """`lm-correlate --out r.csv --plot r.csv` was refused as "being run by process <its own pid>"."""
+    from spidr.cli_types import check_new_output, outputs_held_until_done
+
+    with outputs_held_until_done():
+        check_new_output(tmp_path / "r.csv", overwrite=False)
+        with pytest.raises(ValueError, match=r"sub/\.\./r\.csv is named twice as an output of this command"):
+            check_new_output(tmp_path / "sub" / ".." / "r.csv", overwrite=True)
+        check_new_output(tmp_path / "plot.png", overwrite=False)
+    assert list(tmp_path.iterdir()) == []  # every lock gone with the command

@@ -383,11 +383,12 @@ def test_lm_step_does_not_score_the_bos_after_each_eos_and_takes_the_global_per_
 
     for parts in ([windows], [windows[:1], windows[1:]], [windows[:3], windows[3:5], windows[5:]]):
         model, out = step(parts, bos)
-        assert out.tokens == int(scored.sum()) == 6 * 8 - 4
+        assert out.scored == int(scored.sum()) == 6 * 8 - 4
+        assert out.tokens == 6 * 8  # (every target position was computed: the throughput's count)
         assert out.loss == pytest.approx(float(expected_loss.detach()), rel=1e-5)
         for got, expected in zip(model.parameters(), expected_weights, strict=True):
             torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-6)
-    assert step([windows], None)[1].tokens == 6 * 8  # without ``bos`` every target counts
+    assert step([windows], None)[1].scored == 6 * 8  # without ``bos`` every target counts
 
 
 class _Poisoned(torch.nn.Module):
@@ -433,7 +434,7 @@ def test_a_step_skipped_as_non_finite_is_retried_on_other_windows(tmp_path, monk
     def poisoned_once_at_step_3(model, windows, optimizer, scheduler, **kwargs):
         seen.append((scheduler.last_epoch, windows[0].clone()))
         if scheduler.last_epoch == 3 and len(seen) == 4:
-            return lm_train.LmStepOutput(True, False, float("nan"), float("nan"), 0)
+            return lm_train.LmStepOutput(True, False, float("nan"), float("nan"), 0, 0)
         return real_step(model, windows, optimizer, scheduler, **kwargs)
 
     monkeypatch.setattr(lm_train, "lm_train_step", poisoned_once_at_step_3)
@@ -466,7 +467,7 @@ def test_a_stop_inside_a_non_finite_streak_keeps_its_count(tmp_path, monkeypatch
         if scheduler.last_epoch < 4:
             return real_step(model, windows, optimizer, scheduler, **kwargs)
         stop = len(calls) == 6  # the second poisoned step meets a stop signal
-        return lm_train.LmStepOutput(True, stop, float("nan"), float("nan"), 0)
+        return lm_train.LmStepOutput(True, stop, float("nan"), float("nan"), 0, 0)
 
     monkeypatch.setattr(lm_train, "lm_train_step", poisoned_after_step_4)
     assert train_lm(cfg) == "interrupted"
@@ -1195,7 +1196,7 @@ def test_lm_train_leaves_the_bos_targets_of_its_windows_out_of_every_step(tmp_pa
 
     def recorded(model, windows, *args, **kwargs):
         out = real_step(model, windows, *args, **kwargs)
-        steps.append((kwargs.get("bos"), [w.clone() for w in windows], out.tokens))
+        steps.append((kwargs.get("bos"), [w.clone() for w in windows], out.scored))
         return out
 
     monkeypatch.setattr(lm_train, "lm_train_step", recorded)
@@ -1204,8 +1205,33 @@ def test_lm_train_leaves_the_bos_targets_of_its_windows_out_of_every_step(tmp_pa
     assert train_lm(cfg) == "completed"
     bos = Vocabulary(10).bos
     assert len(steps) == 2
-    for step_bos, windows, tokens in steps:
+    for step_bos, windows, scored in steps:
         assert step_bos == bos
         targets = torch.cat([w[:, 1:].reshape(-1) for w in windows])
         assert int((targets == bos).sum()) > 0  # (the windows do hold BOS targets)
-        assert tokens == int((targets != bos).sum())
+        assert scored == int((targets != bos).sum())
+
+
+def test_an_lm_trained_when_bos_was_a_target_is_neither_resumed_nor_reused_as_one_trained_now(tmp_path):
+    """LMs trained before 2026-12-06 also scored the BOS after each EOS and record nothing of it: resuming one
+    would switch its objective mid-run without a word, and lm-study would keep it beside LMs trained now."""
+    from spidr.lm.study import lm_differences
+
+    cfg = load_lm_config(_config(tmp_path, "old", optimizer={"max_steps": 2, "warmup_steps": 1},
+                                 run={"save_interval": 1, "validate_interval": 100}))
+    assert train_lm(cfg) == "completed"
+    run_dir = cfg.run.run_dir
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    assert final["loss_targets"] == "units and EOS"
+    assert lm_differences(final, cfg) == ([], [])
+    older = {key: value for key, value in final.items() if key != "loss_targets"}
+    config, _ = lm_differences(older, cfg)
+    assert config == ["loss targets: 'units, EOS and the BOS after each EOS' → 'units and EOS'"]
+    torch.save(older, run_dir / "final.pt")
+    assert train_lm(cfg) == "completed"  # finished: nothing to resume, nothing refused
+    step_1 = torch.load(run_dir / "step_1.pt", weights_only=True)
+    torch.save({key: value for key, value in step_1.items() if key != "loss_targets"}, run_dir / "step_1.pt")
+    (run_dir / "final.pt").unlink()
+    with pytest.raises(ValueError, match=r"step_1\.pt was trained by a spidr whose LM loss also scored the BOS after "
+                                         r"each EOS; resuming it would change its objective at step 1"):
+        train_lm(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,16 +76,23 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
-_held_outputs: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("held_outputs",
-                                                                                            default=None)
+class _HeldOutputs(contextlib.ExitStack):
+    """The locks of one command's outputs, and the outputs they hold (absolute paths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: set[str] = set()
+
+
+_held_outputs: contextvars.ContextVar[_HeldOutputs | None] = contextvars.ContextVar("held_outputs", default=None)
 
 
 @contextlib.contextmanager
 def outputs_held_until_done() -> Iterator[None]:
     """The block of one command's run (``spidr.cli.main``): the outputs that ``check_new_output`` accepts in it
     stay locked until it ends."""
-    with contextlib.ExitStack() as stack:
-        token = _held_outputs.set(stack)
+    with _HeldOutputs() as held:
+        token = _held_outputs.set(held)
         try:
             yield
         finally:
@@ -99,7 +107,10 @@ def check_new_output(path: str | Path, *, overwrite: bool) -> Path:
     path = Path(path)
     held = _held_outputs.get()
     if held is not None:
+        if os.path.abspath(path) in held.paths:  # (its own lock would refuse it as another process's)
+            raise ValueError(f"{path} is named twice as an output of this command; give each output its own path")
         held.enter_context(output_lock(path, f"the command that writes {path}"))
+        held.paths.add(os.path.abspath(path))
     if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
         raise ValueError(f"output {path} already exists; pass --overwrite to replace it")
     return path

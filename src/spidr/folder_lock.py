@@ -80,7 +80,17 @@ def _locked(path: Path, what: str, *, wait: bool, remove: bool) -> Iterator[None
         yield
         return
     while True:
-        handle = path.open("a+", encoding="utf-8")
+        try:
+            handle = path.open("a+", encoding="utf-8")
+        except OSError as error:
+            if not remove:  # (a folder's own lock: the writer cannot write there either)
+                raise
+            # Beside the output, in a folder the user may not write to (``--out .`` in one's folder of a shared
+            # tree): the output itself may still be writable.
+            logger.warning("cannot make the lock %s (%s): nothing stops a second process from writing there too",
+                           path, error.strerror or error)
+            yield
+            return
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

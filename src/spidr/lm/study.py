@@ -48,7 +48,7 @@ from spidr.lm.bench_units import IN_PROGRESS as UNITS_IN_PROGRESS
 from spidr.lm.bench_units import STATE_FILE as UNITS_STATE_FILE
 from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
 from spidr.lm.score import TASKS
-from spidr.lm.train import write_untrained
+from spidr.lm.train import LOSS_TARGETS, write_untrained
 
 if TYPE_CHECKING:
     from spidr.eval.items import Items
@@ -156,6 +156,9 @@ def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
     config = [f"{name}: {old!r} → {new!r}" for name, old, new in sorted(changes, key=lambda change: change[0])
               if name not in LOCATION_FIELDS | BOOKKEEPING_FIELDS
               and not (cfg.model.arch == "ngram" and _unused_by_ngrams(name))]
+    if cfg.model.arch != "ngram" and state.get("loss_targets") != LOSS_TARGETS:  # (counts have no loss)
+        config.append(f"loss targets: {state.get('loss_targets', 'units, EOS and the BOS after each EOS')!r} → "
+                      f"{LOSS_TARGETS!r}")
     if not data:
         return config, []
     old, new = state["lm"], data_info(cfg)

@@ -69,6 +69,9 @@ Outcome = Literal["completed", "interrupted"]
 CHECKPOINT_KIND = "spidr-unit-lm"  # what every version of the unit-LM checkpoint format starts with
 CHECKPOINT_FORMAT = f"{CHECKPOINT_KIND}-1"
 IGNORED_TARGET = -100  # a target position that adds nothing to the loss (cross_entropy's ignore_index)
+# What a neural LM's loss scores, recorded in its checkpoints: before 2026-12-06 it also scored the BOS after each EOS
+# (such checkpoints record nothing), so an LM trained then is not resumed nor reused as one trained now.
+LOSS_TARGETS = "units and EOS"
 
 
 class LmTrainingDivergedError(RuntimeError):
@@ -129,7 +132,8 @@ class LmStepOutput:
     stop_requested: bool
     loss: float  # global mean cross-entropy per scored target (nats)
     grad_norm: float
-    tokens: int  # scored targets in the global batch
+    tokens: int  # target positions in the global batch (the throughput's count)
+    scored: int  # of which scored: all but the BOS ones
 
 
 def lm_train_step(model: nn.Module, windows: list[torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -159,8 +163,10 @@ def lm_train_step(model: nn.Module, windows: list[torch.Tensor], optimizer: torc
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
     flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_tensor(float(stop_requested))]))
-    total_loss, num_nonfinite, num_stop, tokens = torch.cat([flags, count]).tolist()
-    out = LmStepOutput(num_nonfinite > 0, num_stop > 0, total_loss / max(tokens, 1), float(grad_norm), int(tokens))
+    total_loss, num_nonfinite, num_stop, scored = torch.cat([flags, count]).tolist()
+    tokens = sum(t.numel() for t in targets) * world
+    out = LmStepOutput(num_nonfinite > 0, num_stop > 0, total_loss / max(scored, 1), float(grad_norm), tokens,
+                       int(scored))
     if out.skipped:
         optimizer.zero_grad(set_to_none=True)
         return out
@@ -236,7 +242,8 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         def save(step: int, *, final: bool = False) -> None:
             # Collective: every rank's RNG state goes in; only the main rank writes.
             snapshot = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "config": cfg.to_dict(),
-                        "lm": data.info, "step": int_tensor(step), "log_interval": interval.state_dict(),
+                        "lm": data.info, "loss_targets": LOSS_TARGETS, "step": int_tensor(step),
+                        "log_interval": interval.state_dict(),
                         "nonfinite_streak": streak,
                         "ranks": gather_to_all({"rng": capture_rng_state()}),
                         **({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
@@ -349,6 +356,10 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
         return None, 0
     saved = latest[1] if latest is not None else torch.load(path, map_location="cpu", weights_only=True)
     _check_resumable(saved, data, path)
+    if saved.get("loss_targets") != LOSS_TARGETS and read_int(saved["step"]) < cfg.optimizer.max_steps:
+        raise ValueError(f"{path} was trained by a spidr whose LM loss also scored the BOS after each EOS; resuming "
+                         f"it would change its objective at step {read_int(saved['step'])}: delete its run folder to "
+                         "train it again, or choose another run.name")
     load_resumed_weights(model, saved["model"], saved_config=saved.get("config") or {}, config=cfg.to_dict(),
                          path=path, sections=("model", "data"), run_name_key="run.name")
     optimizer.load_state_dict(saved["optimizer"])
