@@ -481,3 +481,26 @@ def test_a_batch_emptied_on_one_rank_is_skipped_there_alone_in_validation(tmp_pa
     alone = validate(build_model(_model_config()), kept, device=torch.device("cpu"), precision=FP32)
     assert alone["num_batches"] == 5
     assert ranks[0]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+
+
+def test_a_one_process_command_started_several_times_is_refused_in_each_copy(tmp_path, monkeypatch, capsys):
+    """`torchrun --nproc-per-node 2 -m spidr extract ...`: one copy was refused by the folder lock while the other
+    extracted everything, and torchrun reported a failure; every copy of a one-process command (everything but
+    train and lm-train) now says what to do instead, before any work."""
+    from spidr import cli
+
+    monkeypatch.chdir(tmp_path)
+    for env in ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4"}):
+        for name in ("LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert cli.main(["manifest", str(tmp_path), "out.csv"]) == 2
+        count = env.get("WORLD_SIZE") or env["SLURM_STEP_NUM_TASKS"]
+        assert f"spidr manifest runs as one process, and this is one of {count}" in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == []
+    assert cli.processes_started_together({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}) == 1
+    assert cli.processes_started_together({"WORLD_SIZE": "8"}) == 1  # (no LOCAL_RANK: not torchrun's)
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    several = sorted(name for name, parser in commands.items() if parser.get_default("several_processes"))
+    assert several == ["lm-train", "train"]

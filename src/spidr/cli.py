@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from spidr import demo, learning_curve
 from spidr.cli_types import outputs_held_until_done
@@ -53,10 +54,30 @@ def configure_logging(*, verbose: bool = False) -> None:
     )
 
 
+def processes_started_together(env: Mapping[str, str] = os.environ) -> int:
+    """How many copies of this process torchrun or an srun step started (1 outside them)."""
+    text = env.get("WORLD_SIZE") if "LOCAL_RANK" in env else (
+        env.get("SLURM_STEP_NUM_TASKS") if "SLURM_PROCID" in env else None)
+    return int(text) if text is not None and text.isdigit() else 1
+
+
+def refuse_several_processes(command: str, env: Mapping[str, str] = os.environ) -> None:
+    """Raise ``ValueError`` in each copy of a one-process command that torchrun or srun started several times: each
+    would do the whole job into the same outputs (torchrun extract had one copy refused by the folder lock while
+    another extracted everything, and reported failure)."""
+    count = processes_started_together(env)
+    if count > 1:
+        raise ValueError(f"spidr {command} runs as one process, and this is one of {count} that torchrun or srun "
+                         "started together: start it once (for several GPUs, one run per part of the input, each on "
+                         "its own GPU and into its own output); only train and lm-train run on several")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:
+        if not getattr(args, "several_processes", False):
+            refuse_several_processes(args.command)
         with outputs_held_until_done():
             return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("config", help="LM config (.toml or .json), e.g. configs/lm-lstm.toml")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help=SET_HELP)
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, several_processes=True)  # (torchrun, srun: spidr.cli)
 
     score = subparsers.add_parser(
         "lm-score",

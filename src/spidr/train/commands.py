@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("config", help="run config (.toml or .json)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help=SET_HELP)
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, several_processes=True)  # (torchrun, srun: spidr.cli)
 
     submit = subparsers.add_parser(
         "submit",
