@@ -277,3 +277,16 @@ def test_a_non_ascii_file_name_near_the_limit_gets_a_temporary_within_it(tmp_pat
         name = "é" * count + ".npy"
         write_atomically(tmp_path / name, "x")
         assert (tmp_path / name).read_text() == "x"
+
+
+def test_only_a_writer_s_temporary_is_taken_for_one(tmp_path):
+    """lm-study deletes a units folder whole, sparing it only when every file is the study's or a killed writer's
+    temporary: a user's file that merely looks like one must not count. Truth: the names new_partial_path makes."""
+    from spidr.atomic_files import is_partial_name
+
+    for name in ("train.jsonl", "a.b.c", "x" * 200):
+        assert is_partial_name(new_partial_path(tmp_path / name).name), name
+    made = new_partial_path(tmp_path / "train.jsonl").name
+    for name in ("draft.partial", made[1:], f"{made}.bak", made.removesuffix(".partial"), ".train.jsonl.partial",
+                 ".train.jsonl.XYZW1234.partial"):
+        assert not is_partial_name(name), name

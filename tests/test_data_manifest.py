@@ -576,3 +576,14 @@ def test_a_fairseq_root_of_slash_gives_single_slash_paths(tmp_path: Path) -> Non
     (tmp_path / "m.tsv").write_text(f"/\n{relative}\t5\n")
     assert read_manifest(tmp_path / "m.tsv")[0].path == os.path.join("/", relative)
 
+
+
+def test_a_member_that_ends_exactly_at_the_archive_s_end_is_read(tmp_path: Path):
+    """The size check refuses a byte range past the archive's end, not one that ends at it (a tar cut after its
+    last member, or a row whose member is the file's last bytes). Truth: the bytes written."""
+    archive = tmp_path / "raw.tar"
+    archive.write_bytes(b"0123456789")
+    entry = ManifestEntry("x", "x.wav", 1, archive=str(archive), byte_offset=6, byte_size=4)
+    assert read_member(entry) == b"6789"
+    with pytest.raises(OSError, match=r"byte range \[6, 11\) lies beyond the end of .*raw\.tar \(10 bytes\)"):
+        read_member(dataclasses.replace(entry, byte_size=5))

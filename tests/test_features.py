@@ -681,3 +681,40 @@ def test_an_escaping_file_id_past_the_first_chunk_of_rows_is_named_by_its_own_ro
     entries += [ManifestEntry("../e", "/c/e.wav", 10), ManifestEntry("f", "/c/f.wav", 10)]
     with pytest.raises(ValueError, match=r"utterance 5 \(/c/e\.wav\) has the file id '\.\./e'"):
         output_stems(entries)
+
+
+def test_an_archive_member_above_the_root_past_the_first_chunk_of_rows_is_named_by_its_own_row(monkeypatch):
+    """Rows are checked chunk by chunk (65,536; 3 here): the utterance named must be the manifest's row, not the
+    row within its chunk. Truth (hand-counted): row 5 of 6 is the member named above the archive's root."""
+    from spidr.eval import features
+
+    monkeypatch.setattr(features, "ITER_CHUNK", 3)
+    names = ["spk/a.wav", "spk/b.wav", "spk/c.wav", "spk/d.wav", "spk/../../up/e.wav", "spk/f.wav"]
+    entries = [ManifestEntry(name.rsplit("/", 1)[1][0], name, 10, archive="/c/audio.tar", byte_offset=512 * i,
+                             byte_size=10) for i, name in enumerate(names)]
+    with pytest.raises(ValueError, match=r"utterance 5 \(spk/\.\./\.\./up/e\.wav\) is an archive member named above"):
+        output_stems(entries)
+
+
+def test_a_manifest_of_files_and_archive_members_mirrors_both_below_their_common_folder(tmp_path):
+    """write_manifest merges a folder's scan and a tar's; extracting from it stopped with Python's "Can't mix absolute
+    and relative paths", naming no file. A member's folder is read below its archive's path there; a member named
+    above the archive's root is still refused."""
+    import tarfile
+
+    from spidr.data.manifest import write_manifest
+
+    (tmp_path / "d").mkdir()
+    sf.write(tmp_path / "d" / "a.wav", speech_like(0.5, 1), 16000)
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        tar.add(tmp_path / "d" / "a.wav", arcname="spk/b.wav")
+        tar.add(tmp_path / "d" / "a.wav", arcname="c.wav")
+    files, members = scan(tmp_path / "d", progress=False).entries, scan(tmp_path / "t.tar", progress=False).entries
+    assert sorted(output_stems(members)) == ["c", "spk/b"]  # (a tar alone: from its root, as before)
+    both = read_manifest(write_manifest([*files, *members], tmp_path / "both.csv"))
+    assert sorted(output_stems(both)) == ["d/a", "t.tar/c", "t.tar/spk/b"]
+    with tarfile.open(tmp_path / "up.tar", "w") as tar:
+        tar.add(tmp_path / "d" / "a.wav", arcname="spk/../../x.wav")
+    climbing = scan(tmp_path / "up.tar", progress=False).entries
+    with pytest.raises(ValueError, match=r"is an archive member named above the archive's root"):
+        output_stems(read_manifest(write_manifest([*files, *climbing], tmp_path / "up.csv")))

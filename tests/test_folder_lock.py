@@ -257,3 +257,15 @@ def test_an_output_named_twice_by_one_command_is_named_as_such(tmp_path):
             check_new_output(tmp_path / "sub" / ".." / "r.csv", overwrite=True)
         check_new_output(tmp_path / "plot.png", overwrite=False)
     assert list(tmp_path.iterdir()) == []  # every lock gone with the command
+
+
+def test_an_output_named_twice_in_two_relative_spellings_is_named_as_such(tmp_path, monkeypatch):
+    """`--out r.csv --plot ./r.csv` from the output's folder: the first name is relative, the second spelt
+    otherwise; both are the same file (truth: one path relative to the current folder)."""
+    from spidr.cli_types import check_new_output, outputs_held_until_done
+
+    monkeypatch.chdir(tmp_path)
+    with outputs_held_until_done():
+        check_new_output("r.csv", overwrite=False)
+        with pytest.raises(ValueError, match=r"r\.csv is named twice as an output of this command"):
+            check_new_output(tmp_path / "r.csv", overwrite=False)

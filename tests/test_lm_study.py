@@ -457,3 +457,33 @@ def test_a_units_folder_holding_the_user_s_files_is_refused_not_deleted(tmp_path
     (oracle / "..copied.0123abcd.partial").write_text("")
     assert study._oracle_units(bench, oracle) == oracle
     assert not (oracle / "lexical_seen").exists()
+
+
+def test_an_ngram_lm_fitted_before_loss_targets_were_recorded_is_reused_and_a_neural_one_is_not(tmp_path):
+    """Counts have no loss: an n-gram LM whose checkpoint records no loss targets (every one fitted before they
+    were recorded) is the same model fitted now, where a neural LM then also scored the BOS after each EOS.
+    Truth: a state holding exactly the config the study would train, nothing else recorded."""
+    settings = study.StudySettings(lm_overrides=TINY_LM)
+    units = tmp_path / "units"
+    bigram = study._lm_config("phone bigram", units, tmp_path / "a", settings, ('model.arch="ngram"',
+                                                                                "model.ngram_order=2"))
+    assert study.lm_differences({"config": bigram.to_dict()}, bigram, data=False) == ([], [])
+    lstm = study._lm_config("phone oracle", units, tmp_path / "a", settings)
+    config, _ = study.lm_differences({"config": lstm.to_dict()}, lstm, data=False)
+    assert config == ["loss targets: 'units, EOS and the BOS after each EOS' → 'units and EOS'"]
+
+
+def test_oracle_units_a_killed_units_writer_left_unfinished_are_written_again_not_refused(tmp_path):
+    """`spidr lm-units --oracle` (or an earlier study) killed while writing units/oracle leaves its in-progress
+    marker there: a file the study's own writer makes, so the folder is written again rather than refused as
+    holding the user's files. Truth: the benchmark's training utterances (14) in the rewritten train.jsonl."""
+    from spidr.lm.bench_units import IN_PROGRESS
+
+    bench = _bench(tmp_path / "bench", 14)
+    oracle = tmp_path / "units" / "oracle"
+    oracle.mkdir(parents=True)
+    (oracle / "train.jsonl").write_text('{"name": "half", "units": [1]}\n')
+    (oracle / IN_PROGRESS).write_text("")
+    assert study._oracle_units(bench, oracle) == oracle
+    assert len((oracle / "train.jsonl").read_text().splitlines()) == 14
+    assert not (oracle / IN_PROGRESS).exists()

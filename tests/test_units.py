@@ -133,3 +133,48 @@ def test_an_interval_tsv_line_past_the_cap_is_refused_too(tmp_path, monkeypatch)
     path.write_bytes(gzip.compress(b"u1\t0.0\t0.1\tAH\n" + b"u2\t0.0\t0.1\t" + b"X" * 500 + b"\n"))
     with pytest.raises(ValueError, match=r"alignments\.tsv\.gz: line 2 is longer than 100 characters.*TSV of phone"):
         read_alignments(path)
+
+
+def test_a_line_of_exactly_the_cap_is_read_whole_with_its_line_end_and_later_lines_keep_their_numbers(tmp_path,
+                                                                                                     monkeypatch):
+    """The cap counts a line's characters, not its end: a row of exactly MAX_LINE_CHARS characters ending in "\\r\\n"
+    is read (one line, not split at its "\\r"), and the next row is named by its own number. Truth: the rows as
+    written, line 2 the bad one."""
+    from spidr.eval import units as units_module
+
+    cap = 60
+    monkeypatch.setattr(units_module, "MAX_LINE_CHARS", cap)
+    head, tail = '{"name": "', '", "units": [1, 2, 3]}'
+    row = head + "a" * (cap - len(head) - len(tail)) + tail
+    assert len(row) == cap
+    path = tmp_path / "units.jsonl"
+    path.write_bytes((row + "\r\n" + '{"name": "b", "units": [1.5]}\r\n').encode())
+    with pytest.raises(ValueError, match=r"units\.jsonl: line 2\b"):
+        units_module.read_units(path)
+    path.write_bytes((row + "\n").encode())
+    assert units_module.read_units(path)["a" * (cap - len(head) - len(tail))].tolist() == [1, 2, 3]
+
+
+def test_the_first_line_that_is_not_utf8_is_counted_across_pieces_of_a_long_line(tmp_path):
+    """first_non_utf8_line reads 1 MiB pieces: a longer line is one line, and a character split between two pieces
+    is valid UTF-8. Truth: the file's lines split on b"\\n" and decoded one by one (line 3 is the bad one)."""
+    from spidr.text_files import first_non_utf8_line
+
+    line_1 = b"a" * ((1 << 20) - 1) + "é".encode() + b"a" * 10 + b"\n"  # "é" straddles the first piece's end
+    data = line_1 + "café\n".encode() + b'{"name": "caf\xe9"}\n' + b"ok\n"
+    truth = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            truth.append(number)
+    assert truth[0] == 3
+    for suffix, payload in ((".jsonl", data), (".jsonl.gz", gzip.compress(data))):
+        path = tmp_path / f"units{suffix}"
+        path.write_bytes(payload)
+        found = first_non_utf8_line(path)
+        assert found is not None, suffix
+        assert found[0] == truth[0], suffix
+        assert b"\xe9" in found[1], suffix
+        path.write_bytes(data[: len(line_1) + 6] if suffix == ".jsonl" else gzip.compress(data[: len(line_1) + 6]))
+        assert first_non_utf8_line(path) is None, suffix

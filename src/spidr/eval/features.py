@@ -279,9 +279,12 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
     """Output path (without suffix) of each entry, as packed strings: its audio path relative to the deepest common
     folder, with the file name replaced by the file id. Two passes over the paths, no Path object per entry."""
     manifest = _as_manifest(entries)
+    # Files beside archive members (a folder's scan and a tar's in one manifest): Python's commonpath refused the
+    # mix of absolute and relative folders.
+    with_files = manifest.archive_index is not None and bool((manifest.archive_index < 0).any())
     parents: set[str] = set()
     for start in range(0, len(manifest), ITER_CHUNK):
-        parents.update(_folders(manifest, start, min(start + ITER_CHUNK, len(manifest))))
+        parents.update(_folders(manifest, start, min(start + ITER_CHUNK, len(manifest)), with_files=with_files))
     root = os.path.commonpath(sorted(parents)) if len(parents) > 1 else next(iter(parents), "")
     cut = len(root.rstrip("/")) + 1 if root else 0  # "" when archive members sit at the top level
     parts = []
@@ -290,7 +293,7 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
         ids = manifest.fileids.strings(start, stop)
         _refuse_escaping_ids(ids, manifest, start)
         stems = [f"{parent[cut:]}/{fileid}" if parent != root else fileid
-                 for parent, fileid in zip(_folders(manifest, start, stop), ids, strict=True)]
+                 for parent, fileid in zip(_folders(manifest, start, stop, with_files=with_files), ids, strict=True)]
         _refuse_escaping_folders(stems, manifest, start)
         parts.append(PackedStrings.from_strings(stems))
     stems = PackedStrings.concatenate(parts)
@@ -325,19 +328,20 @@ def _refuse_escaping_ids(ids: Sequence[str], manifest: Manifest, start: int) -> 
                              "id is a name (or relative path) without '..' parts")
 
 
-def _folders(manifest: Manifest, start: int, stop: int) -> list[str]:
+def _folders(manifest: Manifest, start: int, stop: int, *, with_files: bool) -> list[str]:
     """The folder of each row's audio, normalised, for the output tree to mirror where the audio is rather than how
     its path was spelt: a file's absolute folder (``a/../b`` is ``b``, ``../x`` is the folder above), an archive
-    member's folder from the archive's root (a leading ``/`` dropped; "" at the top)."""
-    in_archive = (manifest.archive_index[start:stop] >= 0 if manifest.archive_index is not None
-                  else np.zeros(stop - start, dtype=bool))
+    member's folder from the archive's root (a leading ``/`` dropped; "" at the top). ``with_files``: the manifest
+    also holds plain files, beside which a member's folder is read below its archive's path (``/d/a.tar/spk``)."""
+    index = manifest.archive_index[start:stop] if manifest.archive_index is not None else np.full(stop - start, -1)
     folders = []
-    for path, member in zip(_paths(manifest, start, stop), in_archive.tolist(), strict=True):
-        if not member:
+    for path, archive in zip(_paths(manifest, start, stop), index.tolist(), strict=True):
+        if archive < 0:
             folders.append(os.path.dirname(os.path.abspath(path)))
             continue
         folder = os.path.normpath(os.path.dirname(path.lstrip("/")) or ".")
-        folders.append("" if folder == "." else folder)  # ("./a.wav", of `tar -C dir .`, is at the top)
+        folder = "" if folder == "." else folder  # ("./a.wav", of `tar -C dir .`, is at the top)
+        folders.append(os.path.join(manifest.archives[archive], folder).rstrip("/") if with_files else folder)
     return folders
 
 
