@@ -28,9 +28,13 @@ def new_partial_path(path: Path) -> Path:
     The first call for a folder in a process removes the temporaries that killed writers left there: those that no
     process holds locked (``hold_partial``), whatever host or PID namespace wrote them."""
     _sweep_once(path.parent)
-    name = path.name if len(path.name.encode()) <= MAX_NAME_BYTES else hashlib.blake2b(
-        path.name.encode(), digest_size=8).hexdigest()
-    return path.with_name(f".{name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    return path.with_name(f".{fitting_name(path.name, MAX_NAME_BYTES)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def fitting_name(name: str, max_bytes: int) -> str:
+    """``name``, or its hash when it takes more than ``max_bytes`` bytes: the part of a hidden companion file's
+    name (a temporary, a lock) that leaves room for its additions within a file name's 255 bytes."""
+    return name if len(name.encode()) <= max_bytes else hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
 
 
 def is_partial_name(name: str) -> bool:

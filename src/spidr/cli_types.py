@@ -107,10 +107,11 @@ def check_new_output(path: str | Path, *, overwrite: bool) -> Path:
     path = Path(path)
     held = _held_outputs.get()
     if held is not None:
-        if os.path.abspath(path) in held.paths:  # (its own lock would refuse it as another process's)
+        place = os.path.abspath(path)
+        if place in held.paths:  # (its own lock would refuse it as another process's)
             raise ValueError(f"{path} is named twice as an output of this command; give each output its own path")
         held.enter_context(output_lock(path, f"the command that writes {path}"))
-        held.paths.add(os.path.abspath(path))
+        held.paths.add(place)
     if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
         raise ValueError(f"output {path} already exists; pass --overwrite to replace it")
     return path

@@ -12,12 +12,13 @@ nothing is locked.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from spidr.atomic_files import fitting_name
 
 LOCK_NAME = ".lock"
 
@@ -60,9 +61,7 @@ def output_lock(path: str | Path, what: str) -> Iterator[None]:
     longer computes twice and silently keeps the later result."""
     path = Path(os.path.abspath(path))  # "." and "out/.." have a name here, and one spelling of a place is one lock
     path.parent.mkdir(parents=True, exist_ok=True)  # (where the command is about to write anyway)
-    name = path.name if len(path.name.encode()) <= MAX_NAME_BYTES else hashlib.blake2b(
-        path.name.encode(), digest_size=8).hexdigest()
-    with _locked(path.with_name(f".{name}.lock"), what, wait=False, remove=True):
+    with _locked(path.with_name(f".{fitting_name(path.name, MAX_NAME_BYTES)}.lock"), what, wait=False, remove=True):
         yield
 
 

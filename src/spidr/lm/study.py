@@ -437,6 +437,9 @@ def _oracle_units(bench: LmBenchInfo, oracle_dir: Path) -> Path:
     return oracle_dir
 
 
+LAYER_FOLDER = re.compile(r"layer_(\d+)")  # a model's units folder: units/<model>/layer_LL
+
+
 def _refuse_foreign_files(folder: Path, ours: Callable[[str], bool]) -> None:
     """Raise before a units folder is made again if it holds a file or folder that the study never writes there
     (``ours`` tells by name): the folder is deleted whole, and ``--out`` on a folder of one's own deleted the files
@@ -479,14 +482,15 @@ def _model_units(study_model: StudyModel, bench: LmBenchInfo, model_dir: Path, o
     changed = sorted(k for k in identity if previous.get(k) != identity[k]) if isinstance(previous, dict) else None
     if changed == []:
         return model_dir
-    _refuse_foreign_files(model_dir, lambda name: bool(re.fullmatch(r"layer_\d+", name))
+    _refuse_foreign_files(model_dir, lambda name: bool(LAYER_FOLDER.fullmatch(name))
                           or name in (".complete", UNITS_IN_PROGRESS, UNITS_STATE_FILE, ".lock"))
     if changed == ["bench"]:
         logger.warning("%s holds units of another benchmark: making them again", model_dir)
     elif done.is_file():
         why = "other " + ", ".join(changed) if changed else "a spidr that recorded nothing of what made them"
-        lm_dirs = [_lm_run_dir(out_dir, _layer_lm_name(study_model.name, int(layer.name.removeprefix("layer_"))))
-                   for layer in model_dir.glob("layer_[0-9]*") if layer.name[6:].isdigit()]
+        lm_dirs = [_lm_run_dir(out_dir, _layer_lm_name(study_model.name, int(found.group(1))))
+                   for found in map(LAYER_FOLDER.fullmatch, sorted(path.name for path in model_dir.iterdir()))
+                   if found]
         if not settings.rebuild_stale:
             raise ValueError(
                 f"{model_dir} holds units of {study_model.name} made with {why}; delete it and the LMs trained on "

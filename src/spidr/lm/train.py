@@ -355,11 +355,7 @@ def _resume(checkpointer: Checkpointer, denv: DistributedEnvironment, data: LmDa
     if path is None:
         return None, 0
     saved = latest[1] if latest is not None else torch.load(path, map_location="cpu", weights_only=True)
-    _check_resumable(saved, data, path)
-    if saved.get("loss_targets") != LOSS_TARGETS and read_int(saved["step"]) < cfg.optimizer.max_steps:
-        raise ValueError(f"{path} was trained by a spidr whose LM loss also scored the BOS after each EOS; resuming "
-                         f"it would change its objective at step {read_int(saved['step'])}: delete its run folder to "
-                         "train it again, or choose another run.name")
+    _check_resumable(saved, data, path, max_steps=cfg.optimizer.max_steps)
     load_resumed_weights(model, saved["model"], saved_config=saved.get("config") or {}, config=cfg.to_dict(),
                          path=path, sections=("model", "data"), run_name_key="run.name")
     optimizer.load_state_dict(saved["optimizer"])
@@ -421,13 +417,18 @@ def _ngram_done(checkpointer: Checkpointer, data: LmData, cfg: LmConfig) -> bool
     return True
 
 
-def _check_resumable(saved: dict[str, Any], data: LmData, path: str) -> None:
+def _check_resumable(saved: dict[str, Any], data: LmData, path: str, *, max_steps: int) -> None:
     if saved.get("format") != CHECKPOINT_FORMAT or "optimizer" not in saved:
         raise ValueError(f"{path} is not a unit-LM training checkpoint; choose another run.name or run.workdir")
     old = saved["lm"]
     if old["train_fingerprint"] != data.info["train_fingerprint"] or old["dedup"] != data.info["dedup"]:
         raise ValueError(f"{path} was trained on other data ({old['train_file']}, dedup {old['dedup']}); resuming "
                          "it on this data would not be an exact resume: choose another run.name")
+    step = read_int(saved["step"])
+    if saved.get("loss_targets") != LOSS_TARGETS and step < max_steps:  # (a finished run trains no more)
+        raise ValueError(f"{path} was trained by a spidr whose LM loss also scored the BOS after each EOS; resuming "
+                         f"it would change its objective at step {step}: delete its run folder to train it again, "
+                         "or choose another run.name")
 
 
 def lm_checkpoint_summary(path: str | Path) -> dict[str, Any]:
