@@ -503,4 +503,4 @@ def test_a_one_process_command_started_several_times_is_refused_in_each_copy(tmp
     assert cli.processes_started_together({"WORLD_SIZE": "8"}) == 1  # (no LOCAL_RANK: not torchrun's)
     commands = cli.build_parser()._subparsers._group_actions[0].choices
     several = sorted(name for name, parser in commands.items() if parser.get_default("several_processes"))
-    assert several == ["lm-train", "train"]
+    assert several == ["extract", "lm-train", "train"]

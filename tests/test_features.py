@@ -402,12 +402,15 @@ def test_a_second_extraction_into_a_folder_in_use_is_refused(model, tmp_path):
     settings = ExtractionSettings(layers=(1,), codebooks=True)
     out = tmp_path / "out"
     refusal = rf"an extraction into {out} is being run by process {os.getpid()} \(.*\.lock is locked\)"
-    with folder_lock(out, "a running extraction"), pytest.raises(ValueError, match=refusal):
+    with folder_lock(out / ".extract", "a running extraction"), pytest.raises(ValueError, match=refusal):
         extract_to_directory(model, entries, out, settings, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [".extract", ".extract/.lock", ".lock"]
     extract_to_directory(model, entries, out, settings, progress=False)
     rows = (out / "codebook_units" / "layer_03.jsonl").read_text().splitlines()
     assert len(rows) == 1
+    with folder_lock(out / ".extract", "a running extraction"), pytest.raises(ValueError, match=refusal):
+        extract_to_directory(model, entries, out, settings, progress=False)  # one that resumes is refused alike
+    assert (out / "codebook_units" / "layer_03.jsonl").read_text().splitlines() == rows
     extract_to_directory(model, entries, out, settings, progress=False)  # a rerun after it: nothing to add
     assert (out / "codebook_units" / "layer_03.jsonl").read_text().splitlines() == rows
 

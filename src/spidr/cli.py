@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 
 from spidr import demo, learning_curve
-from spidr.cli_types import outputs_held_until_done
+from spidr.cli_types import outputs_held_until_done, processes_started_together
 from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
 from spidr.eval import commands as eval_commands
@@ -54,22 +54,14 @@ def configure_logging(*, verbose: bool = False) -> None:
     )
 
 
-def processes_started_together(env: Mapping[str, str] = os.environ) -> int:
-    """How many copies of this process torchrun or an srun step started (1 outside them)."""
-    text = env.get("WORLD_SIZE") if "LOCAL_RANK" in env else (
-        env.get("SLURM_STEP_NUM_TASKS") if "SLURM_PROCID" in env else None)
-    return int(text) if text is not None and text.isdigit() else 1
-
-
 def refuse_several_processes(command: str, env: Mapping[str, str] = os.environ) -> None:
     """Raise ``ValueError`` in each copy of a one-process command that torchrun or srun started several times: each
-    would do the whole job into the same outputs (torchrun extract had one copy refused by the folder lock while
-    another extracted everything, and reported failure)."""
+    would do the whole job into the same outputs, and one copy is refused by their lock while another does it all."""
     count = processes_started_together(env)
     if count > 1:
         raise ValueError(f"spidr {command} runs as one process, and this is one of {count} that torchrun or srun "
                          "started together: start it once (for several GPUs, one run per part of the input, each on "
-                         "its own GPU and into its own output); only train and lm-train run on several")
+                         "its own GPU and into its own output); only train, lm-train and extract run on several")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +115,10 @@ def check_new_output(path: str | Path, *, overwrite: bool) -> Path:
     if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
         raise ValueError(f"output {path} already exists; pass --overwrite to replace it")
     return path
+
+
+def processes_started_together(env: Mapping[str, str] = os.environ) -> int:
+    """How many copies of this process torchrun or an srun step started (1 outside them)."""
+    text = env.get("WORLD_SIZE") if "LOCAL_RANK" in env else (
+        env.get("SLURM_STEP_NUM_TASKS") if "SLURM_PROCID" in env else None)
+    return int(text) if text is not None and text.isdigit() else 1

@@ -52,6 +52,28 @@ def folder_lock(folder: str | Path, what: str, *, wait: bool = False) -> Iterato
         yield
 
 
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds ``folder/.lock`` now ("process 123"), or None when nobody does (or nothing can be told: no lock
+    file, no ``flock``). Asked before removing what a lock holder may be writing."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        handle = (Path(folder) / LOCK_NAME).open("r", encoding="utf-8")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        except OSError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def output_lock(path: str | Path, what: str) -> Iterator[None]:
     """Hold ``.<name>.lock`` beside ``path`` (a file or folder that one command makes) for the block, or raise

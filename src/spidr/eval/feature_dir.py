@@ -169,7 +169,7 @@ def refuse_unfinished_extraction(path: str | Path) -> None:
     if (extraction / STATE_DIR).is_dir() and not (extraction / "metadata.json").is_file():
         raise ValueError(f"{path} is from an unfinished spidr extract run ({extraction} has its {STATE_DIR}/ journal "
                          "but no metadata.json): it covers only the utterances done so far; rerun the same spidr "
-                         "extract command to complete it")
+                         "extract command to complete it (of an extraction in parts, each part not finished yet)")
 
 
 def units_metadata_path(units_path: str | Path) -> Path:

@@ -33,6 +33,7 @@ from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, decoding, load_audio
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
+from spidr.eval.shards import WHOLE, Shard
 from spidr.folder_lock import folder_lock
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 from spidr.models.inference_precision import bfloat16_inference, precision_identity
@@ -453,25 +454,52 @@ def extract_to_directory(
     JSONL batch by batch.
     Unreadable files are skipped, listed in the metadata and logged once each. One extraction at a time writes into
     ``out_dir`` (``spidr.folder_lock``): a second one is refused while the first runs (their unit rows interleaved).
+    ``extract_part`` splits the work between processes.
     """
-    out_dir = Path(out_dir)
-    with folder_lock(out_dir, f"an extraction into {out_dir}"):
-        return _extract_to_locked_directory(model, entries, out_dir, settings, checkpoint=checkpoint,
-                                            progress=progress, restart=restart, replace_other=replace_other)
+    outcome = extract_part(model, entries, out_dir, settings, WHOLE, checkpoint=checkpoint, progress=progress,
+                           restart=restart, replace_other=replace_other)
+    assert outcome.metadata is not None  # (the whole extraction has no other part to wait for)
+    return outcome.metadata
 
 
-def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[ManifestEntry], out_dir: Path,
-                                 settings: ExtractionSettings, *, checkpoint: str, progress: bool, restart: bool,
-                                 replace_other: bool) -> dict[str, object]:
-    """``extract_to_directory``'s work, in a folder this process holds."""
+@dataclass(frozen=True)
+class PartOutcome:
+    """What ``extract_part`` did: this part's files, and the extraction's metadata once every part is finished."""
+
+    num_files: int  # of this part, extracted by this run and earlier ones
+    skipped: dict[str, str]  # of this part: location → reason
+    metadata: dict[str, object] | None  # the extraction's (metadata.json), None while other parts are unfinished
+    unfinished: tuple[Shard, ...]  # the other parts still to run (or running)
+    wrote_metadata: bool = True  # False where the extraction was finished before this run
+
+
+def extract_part(
+    model: torch.nn.Module,
+    entries: Sequence[ManifestEntry],
+    out_dir: str | Path,
+    settings: ExtractionSettings,
+    shard: Shard,
+    *,
+    checkpoint: str = "",
+    progress: bool = True,
+    restart: bool = False,
+    replace_other: bool = False,
+) -> PartOutcome:
+    """``extract_to_directory`` for part ``shard`` of the entries (``spidr.eval.shards``), into the folder that every
+    part writes: run each part once, in any order or at once, from processes that share ``out_dir``. The part that
+    finishes last joins the parts' unit rows into ``OUT/codebook_units/`` and writes ``metadata.json``, so the
+    folder then holds what one whole extraction writes (unit rows in another order). ``restart`` starts this part
+    over (all of them, in a folder that holds a finished extraction or another one)."""
     from tqdm import tqdm
 
     from spidr.eval.journal import ExtractionJournal, UnitsFiles, entries_fingerprint, model_fingerprint
 
+    out_dir = Path(out_dir)
     model.eval()
     manifest = _as_manifest(entries)
     outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not repeated_strings(manifest.fileids))
     is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
+    mine = shard.members(manifest.num_samples)
     # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
     # topped up with rows keyed otherwise.
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
@@ -480,12 +508,45 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
                 # Features of such a model changed when it stopped running padded (see extract_batch).
                 **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
                 # Long archive members ran in one forward before they ran in windows like other long files.
-                **({"long_archive_members": "windowed"} if _in_archive(manifest)[is_long].any() else {})}
-    journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
-                                replace_other=replace_other, outputs=EXTRACTION_OUTPUTS)
-    units = UnitsFiles(out_dir / "codebook_units", journal.units_bytes) if settings.codebooks else None
-    short = np.flatnonzero(~journal.done & ~is_long)
-    long = np.flatnonzero(~journal.done & is_long)
+                **({"long_archive_members": "windowed"} if _in_archive(manifest)[is_long].any() else {}),
+                **({} if shard.is_whole else {"parts": shard.count})}
+    bookkeeping = f"the bookkeeping of the extraction into {out_dir}"
+    with folder_lock(out_dir, bookkeeping, wait=True):  # brief: the parts set up and finish one at a time
+        if not (shard.is_whole or restart):
+            finished = _finished_metadata(out_dir, identity)
+            if finished is not None:  # (its parts' unit rows are in codebook_units/ now)
+                logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
+                return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False)
+        journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
+                                    replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard)
+    units = None
+    try:
+        if settings.codebooks:
+            units = UnitsFiles(out_dir / "codebook_units" if shard.is_whole else journal.part_dir,
+                               journal.units_bytes)
+        bar = tqdm(total=int(mine.sum()), initial=int((journal.done & mine).sum()), unit="file",
+                   desc="extract" if shard.is_whole else f"extract {shard}", disable=not progress)
+        _extract_entries(model, manifest, np.flatnonzero(mine & ~journal.done), is_long=is_long, outputs=outputs,
+                         settings=settings, journal=journal, units=units, bar=bar)
+        num_files = int(mine.sum()) - len(journal.skipped)
+        if shard.is_whole:  # (still holding the folder: nothing can start it over before metadata.json is written)
+            _refuse_nothing_read(len(manifest), journal.skipped)
+            metadata = _write_metadata(out_dir, _metadata(model, settings, checkpoint=checkpoint,
+                                                          num_files=num_files, skipped=journal.skipped))
+            return PartOutcome(num_files, dict(journal.skipped), metadata, ())
+        with folder_lock(out_dir, bookkeeping, wait=True):
+            return _finish_parts(model, manifest, out_dir, settings, shard, checkpoint=checkpoint,
+                                 num_files=num_files, own_skipped=journal.skipped)
+    finally:
+        journal.close()
+        if units is not None:
+            units.close()
+
+
+def _extract_entries(model: torch.nn.Module, manifest: Manifest, todo: np.ndarray, *, is_long: np.ndarray,
+                     outputs: _Outputs, settings: ExtractionSettings, journal: Any, units: Any, bar: Any) -> None:
+    """Extract ``manifest[todo]``: short files in padded batches of similar length, then long ones window by
+    window; each batch is journaled once its files are in place."""
 
     def finish(indices: np.ndarray, rows: dict[str, list[str]], skipped: dict[str, str]) -> None:
         if units is not None:
@@ -493,8 +554,7 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
                 units.append(key, lines)
         journal.record(indices, skipped, units.sizes() if units is not None else {})
 
-    bar = tqdm(total=len(manifest), initial=int(journal.done.sum()), desc="extract", unit="file",
-               disable=not progress)
+    short, long = todo[~is_long[todo]], todo[is_long[todo]]
     try:
         for batch in length_batches(manifest.num_samples[short], int(settings.batch_seconds * SAMPLE_RATE)):
             indices = short[batch]
@@ -511,18 +571,54 @@ def _extract_to_locked_directory(model: torch.nn.Module, entries: Sequence[Manif
             bar.update(1)
     finally:
         bar.close()
-        journal.close()
-        if units is not None:
-            units.close()
-    if len(manifest) and len(journal.skipped) >= len(manifest):  # no metadata.json: not a finished extraction
-        examples = "; ".join(f"{location}: {reason}" for location, reason in list(journal.skipped.items())[:3])
-        raise ValueError(f"none of the {len(manifest)} files could be read, so nothing was extracted (e.g. "
+
+
+def _finished_metadata(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, object] | None:
+    """The ``metadata.json`` of the finished extraction of ``identity`` that ``out_dir`` holds, or None."""
+    from spidr.eval.journal import STATE_DIR, recorded_identity
+
+    try:
+        state = json.loads((out_dir / STATE_DIR / "state.json").read_text(encoding="utf-8"))
+        metadata = json.loads((out_dir / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metadata if state == recorded_identity(identity) else None
+
+
+def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, settings: ExtractionSettings,
+                  shard: Shard, *, checkpoint: str, num_files: int, own_skipped: dict[str, str]) -> PartOutcome:
+    """After part ``shard``, under the folder's bookkeeping lock: once every part is finished (this one was the
+    last), join their unit rows and write ``metadata.json``."""
+    from spidr.eval.journal import join_part_units, part_states, remove_part_units
+
+    states = part_states(out_dir, shard.count, len(manifest))
+    unfinished = tuple(part for part, state in states.items()
+                       if not state.done[part.members(manifest.num_samples)].all())
+    if unfinished:
+        return PartOutcome(num_files, dict(own_skipped), None, unfinished, wrote_metadata=False)
+    skipped = {location: reason for state in states.values() for location, reason in state.skipped.items()}
+    _refuse_nothing_read(len(manifest), skipped)
+    if settings.codebooks:
+        join_part_units(out_dir, states)
+    metadata = _write_metadata(out_dir, _metadata(model, settings, checkpoint=checkpoint,
+                                                  num_files=len(manifest) - len(skipped), skipped=skipped))
+    remove_part_units(out_dir, list(states))
+    return PartOutcome(num_files, dict(own_skipped), metadata, ())
+
+
+def _write_metadata(out_dir: Path, metadata: dict[str, object]) -> dict[str, object]:
+    """Write ``OUT/metadata.json``; returns it as a reader gets it back (lists, not tuples), whichever run wrote it."""
+    text = json.dumps(metadata, indent=1)
+    write_atomically(out_dir / "metadata.json", text)
+    return json.loads(text)
+
+
+def _refuse_nothing_read(num_entries: int, skipped: Mapping[str, str]) -> None:
+    """No metadata.json (not a finished extraction) when not one file could be read."""
+    if num_entries and len(skipped) >= num_entries:
+        examples = "; ".join(f"{location}: {reason}" for location, reason in list(skipped.items())[:3])
+        raise ValueError(f"none of the {num_entries} files could be read, so nothing was extracted (e.g. "
                          f"{examples})")
-    metadata = _metadata(model, settings, checkpoint=checkpoint, num_files=len(manifest) - len(journal.skipped),
-                         skipped=journal.skipped)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "metadata.json", json.dumps(metadata, indent=1))
-    return metadata
 
 
 def _in_archive(manifest: Manifest) -> np.ndarray:

@@ -9,10 +9,15 @@ utterance list); ``OUT/.extract/journal.jsonl`` gets one line per finished batch
 A restarted extraction skips every journaled utterance (its files are never rewritten) and truncates each units
 file to the size the last complete journal line recorded, so rows of a batch that was cut short disappear with it
 and that batch is redone. A torn last line (the process was killed while writing it) is ignored.
+
+An extraction split into parts (``spidr.eval.shards``) keeps one journal and one set of units files per part in
+``OUT/.extract/shard-K-of-N/``; the part that finishes last joins the units files into ``OUT/codebook_units/`` and
+writes ``metadata.json`` (``join_parts``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,8 +30,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from spidr.atomic_files import write_atomically
+from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.data.manifest import ITER_CHUNK, Manifest
+from spidr.eval.shards import WHOLE, Shard
+from spidr.folder_lock import LOCK_NAME, folder_lock, lock_holder
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +55,9 @@ def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]
         changed = [k for k in changed if k in current]
     for key in changed:
         old, new = previous.get(key), current.get(key)
-        if key not in previous:
+        if key == "parts":  # (absent: one process extracts the whole)
+            parts.append(f"parts ({old or 1} → {new or 1}: each part's share depends on their number)")
+        elif key not in previous:
             parts.append(f"{key} (that folder was begun by an older spidr, which wrote other outputs)")
         elif key in _FINGERPRINTS:
             parts.append(f"{key} ({_FINGERPRINTS[key]})")
@@ -85,55 +94,118 @@ def entries_fingerprint(manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
+def recorded_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` as ``state.json`` holds it (JSON types: tuples as lists)."""
+    return json.loads(json.dumps({"format": FORMAT, **identity}))
+
+
+@dataclasses.dataclass
+class JournalState:
+    """What a journal records: the finished utterances, the files skipped, and each units file's journaled size."""
+
+    done: np.ndarray  # (N,) bool
+    skipped: dict[str, str]
+    units_bytes: dict[str, int]
+
+
+def read_journal(path: Path, num_entries: int) -> tuple[JournalState, int, bool]:
+    """The state ``path`` records over ``num_entries`` utterances, the byte length of its complete lines, and whether
+    the last of them lacks its newline (killed between the two). A torn last line is ignored."""
+    state = JournalState(np.zeros(num_entries, dtype=bool), {}, {})
+    good, last = 0, b""
+    if path.is_file():
+        with path.open("rb") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the torn last line of a killed run: its batch is redone
+                state.done[np.asarray(record["done"], dtype=np.int64)] = True
+                state.skipped.update(record["skipped"])
+                state.units_bytes = record["units_bytes"]
+                good, last = good + len(line), line
+    return state, good, bool(last) and not last.endswith(b"\n")
+
+
 class ExtractionJournal:
-    """The state of one output folder; see the module docstring."""
+    """The state of one output folder, or of one part of it (``spidr.eval.shards``); see the module docstring."""
 
     def __init__(self, out_dir: Path, identity: Mapping[str, Any], *, num_entries: int, restart: bool,
-                 replace_other: bool = False, outputs: Sequence[str] = ()) -> None:
+                 replace_other: bool = False, outputs: Sequence[str] = (), shard: Shard = WHOLE) -> None:
         """``outputs``: glob patterns (in ``out_dir``) of what an extraction writes; starting over deletes them, so
         that nothing of the replaced extraction stays beside the new one. Without a journal, finding any of them
-        is refused (their origin is unknown), unless ``restart`` or ``replace_other``."""
+        is refused (their origin is unknown), unless ``restart`` or ``replace_other``.
+
+        ``shard``: the part this process extracts. Its journal and unit rows live in ``.extract/shard-K-of-N/``, and
+        ``restart`` starts only that part over, unless the folder holds a finished extraction or another one: then
+        everything is replaced, as without parts. Nothing is removed while another process works in the folder
+        (each holds its part's lock, asked first). Call under the folder's own lock (``spidr.folder_lock``), which
+        every process takes for this set-up, so that two parts started together do not both start the folder over.
+        This process holds its part's lock from here to ``close``: a second one on the same part is refused."""
         self.dir = out_dir / STATE_DIR
-        self.identity = json.loads(json.dumps({"format": FORMAT, **identity}))  # as state.json holds it
-        self.done = np.zeros(num_entries, dtype=bool)
-        self.skipped: dict[str, str] = {}
-        self.units_bytes: dict[str, int] = {}
-        state_path = self.dir / "state.json"
-        previous = self._read_state(state_path)
-        if previous is not None and previous != self.identity and not restart:
-            changed = identity_differences(previous, self.identity)
-            if replace_other:
-                logger.info("%s held an extraction with other %s: starting over", out_dir, changed)
-                restart = True
-        if previous is not None and previous != self.identity and not restart:
+        self.part_dir = self.dir if shard.is_whole else self.dir / shard.folder_name
+        self.identity = recorded_identity(identity)
+        previous = self._read_state(self.dir / "state.json")
+        replace_all = previous is None or (restart and (shard.is_whole or (out_dir / "metadata.json").is_file()))
+        if previous is not None and previous != self.identity and not (restart or replace_other):
             raise ValueError(
-                f"{out_dir} holds an extraction with other {changed}; use another output folder, or "
-                "restart (spidr extract --restart) to replace it"
+                f"{out_dir} holds an extraction with other {identity_differences(previous, self.identity)}; use "
+                "another output folder, or restart (spidr extract --restart) to replace it"
             )
+        if previous is not None and previous != self.identity:
+            logger.info("%s held an extraction with other %s: starting over", out_dir,
+                        identity_differences(previous, self.identity))
+            replace_all = True
         found = sorted(path for pattern in outputs for path in out_dir.glob(pattern))
+        if previous is None and found and not (restart or replace_other):
+            raise ValueError(
+                f"{out_dir} holds {', '.join(p.name for p in found[:4])}{' ...' if len(found) > 4 else ''} but "
+                f"no record of the extraction that wrote them ({STATE_DIR}/); use another output folder, or "
+                "restart (spidr extract --restart) to replace them"
+            )
         if previous is None and found and not restart:
-            if not replace_other:
-                raise ValueError(
-                    f"{out_dir} holds {', '.join(p.name for p in found[:4])}{' ...' if len(found) > 4 else ''} but "
-                    f"no record of the extraction that wrote them ({STATE_DIR}/); use another output folder, or "
-                    "restart (spidr extract --restart) to replace them"
-                )
             logger.info("%s held features without the journal of the extraction that wrote them: starting over",
                         out_dir)
-            restart = True
-        if previous is None or restart:
-            for path in found:  # what the replaced extraction wrote: never left beside the new one
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
+        if replace_all:
+            self._start_over(out_dir, found)
+        what = f"an extraction into {out_dir}" if shard.is_whole else f"part {shard} of the extraction into {out_dir}"
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(folder_lock(self.part_dir, what))
+        try:
+            if restart and not replace_all:  # this part alone starts over
+                for path in (self.part_dir / "journal.jsonl", *self.part_dir.glob("layer_*.jsonl")):
                     path.unlink()
-            if self.dir.exists():
-                shutil.rmtree(self.dir)
-            self.dir.mkdir(parents=True)
-            write_atomically(state_path, json.dumps(self.identity, indent=1) + "\n")
-        else:
-            self._replay()
-        self._handle: IO[str] = (self.dir / "journal.jsonl").open("a", encoding="utf-8")
+            state, good, unterminated = read_journal(self.part_dir / "journal.jsonl", num_entries)
+            self.done, self.skipped, self.units_bytes = state.done, state.skipped, state.units_bytes
+            if (self.part_dir / "journal.jsonl").is_file():
+                self._cut_journal(good, unterminated=unterminated)
+            self._handle: IO[str] = (self.part_dir / "journal.jsonl").open("a", encoding="utf-8")
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _start_over(self, out_dir: Path, found: Sequence[Path]) -> None:
+        """Remove the extraction's outputs ``found`` and its journals, unless a process still works in the folder,
+        and record the new identity."""
+        self._refuse_running_parts(out_dir)
+        for path in found:  # what the replaced extraction wrote: never left beside the new one
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        write_atomically(self.dir / "state.json", json.dumps(self.identity, indent=1) + "\n")
+
+    def _refuse_running_parts(self, out_dir: Path) -> None:
+        """Raise ``ValueError`` if a process works in this folder (the whole extraction, or one of its parts)."""
+        for folder in (self.dir, *sorted(self.dir.glob("shard-*"))):
+            holder = lock_holder(folder)
+            if holder is not None:
+                what = "an extraction" if folder == self.dir else f"{folder.name} of the extraction"
+                raise ValueError(f"{what} into {out_dir} is being run by {holder} ({folder / LOCK_NAME} is locked); "
+                                 "let it finish or stop it, then run this again")
 
     @staticmethod
     def _read_state(path: Path) -> dict[str, Any] | None:
@@ -144,27 +216,15 @@ class ExtractionJournal:
         except json.JSONDecodeError:
             return {}
 
-    def _replay(self) -> None:
-        path = self.dir / "journal.jsonl"
-        if not path.is_file():
-            return
-        good, last = 0, b""
-        with path.open("rb") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the torn last line of a killed run: its batch is redone
-                self.done[np.asarray(record["done"], dtype=np.int64)] = True
-                self.skipped.update(record["skipped"])
-                self.units_bytes = record["units_bytes"]
-                good, last = good + len(line), line
-        with path.open("r+b") as handle:
+    def _cut_journal(self, good: int, *, unterminated: bool) -> None:
+        """Cut a torn last line off, and end a complete one that lost its newline: the next line stays readable."""
+        with (self.part_dir / "journal.jsonl").open("r+b") as handle:
             handle.truncate(good)
-            if last and not last.endswith(b"\n"):  # complete, but killed before its newline
+            if unterminated:
                 handle.seek(good)
                 handle.write(b"\n")
-        logger.info("resuming: %d of %d utterances already extracted", int(self.done.sum()), self.done.size)
+        if good:
+            logger.info("resuming: %d utterances already extracted", int(self.done.sum()))
 
     def record(self, indices: np.ndarray, skipped: Mapping[str, str], units_bytes: Mapping[str, int]) -> None:
         """Journal a finished batch (call after its files are in place and its unit rows flushed)."""
@@ -176,7 +236,11 @@ class ExtractionJournal:
         self._handle.flush()
 
     def close(self) -> None:
-        self._handle.close()
+        """Close the journal and release this part's lock."""
+        try:
+            self._handle.close()
+        finally:
+            self._lock.close()
 
 
 class UnitsFiles:
@@ -213,3 +277,45 @@ class UnitsFiles:
     def close(self) -> None:
         for handle in self.handles.values():
             handle.close()
+
+
+def part_states(out_dir: Path, count: int, num_entries: int) -> dict[Shard, JournalState]:
+    """What the journal of each of the ``count`` parts records (a part not begun: nothing done)."""
+    parts = [Shard(index, count) for index in range(1, count + 1)]
+    return {part: read_journal(out_dir / STATE_DIR / part.folder_name / "journal.jsonl", num_entries)[0]
+            for part in parts}
+
+
+def join_part_units(out_dir: Path, parts: Mapping[Shard, JournalState]) -> None:
+    """Each layer's unit rows of every part, in part order and each cut at its journaled size, into
+    ``OUT/codebook_units/layer_LL.jsonl`` (written under a temporary name and renamed)."""
+    keys = sorted({key for state in parts.values() for key, size in state.units_bytes.items() if size})
+    folder = out_dir / "codebook_units"
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        with replaced_when_done(folder / f"{key}.jsonl") as partial, partial.open("wb") as target:
+            for part, state in parts.items():
+                size = state.units_bytes.get(key, 0)
+                source = out_dir / STATE_DIR / part.folder_name / f"{key}.jsonl"
+                if size and (not source.is_file() or source.stat().st_size < size):
+                    raise ValueError(f"{source} is missing or shorter than its journal says ({size} bytes): restart "
+                                     f"that part (spidr extract --shard {part} --restart)")
+                if size:
+                    with source.open("rb") as handle:
+                        _copy_bytes(handle, target, size)
+
+
+def _copy_bytes(source: IO[bytes], target: IO[bytes], size: int, chunk: int = 1 << 22) -> None:
+    while size > 0:
+        block = source.read(min(chunk, size))
+        if not block:
+            raise ValueError(f"{source.name} ended {size} bytes before its journaled size")
+        target.write(block)
+        size -= len(block)
+
+
+def remove_part_units(out_dir: Path, parts: Sequence[Shard]) -> None:
+    """Delete the parts' units files once ``OUT/codebook_units/`` holds their rows (their journals stay)."""
+    for part in parts:
+        for path in (out_dir / STATE_DIR / part.folder_name).glob("layer_*.jsonl"):
+            path.unlink()

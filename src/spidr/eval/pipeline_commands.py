@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from spidr import cli_types
 from spidr.data import AUDIO_EXTENSIONS
 from spidr.eval.commands import add_abx_options
+from spidr.eval.shards import WHOLE, Shard, parse_shard
 from spidr.help_format import HelpFormatter
 from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, default_model_name, model_from_args
 
@@ -47,8 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "then normalises each window on its own statistics")
     extract.add_argument("--restart", action="store_true",
                          help="start over instead of resuming a killed extraction into OUT (and replace one of "
-                         "another model, manifest or settings)")
-    extract.set_defaults(handler=run_extract)
+                         "another model, manifest or settings); with --shard (and under torchrun or srun), only "
+                         "this part of an unfinished extraction starts over")
+    extract.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
+                         help="extract part K of N (parts of nearly equal audio) into OUT, which every part shares: "
+                         "run all N with the same arguments, at once (other GPUs, other machines on a shared file "
+                         "system, a SLURM array: --shard $SLURM_ARRAY_TASK_ID/N with --array=1-N) or one after "
+                         "another; the last to finish joins the codebook units and writes OUT/metadata.json. Under "
+                         "torchrun or srun each process takes its own part (its rank) and GPU without this option")
+    extract.set_defaults(handler=run_extract, several_processes=True)  # (parts: see launcher_part)
 
     evaluate = subparsers.add_parser(
         "evaluate",
@@ -142,9 +151,31 @@ def _model(args: argparse.Namespace):
     return model_from_args(args.checkpoint, args).to(args.device)
 
 
-def run_extract(args: argparse.Namespace) -> int:
-    from spidr.eval.features import ExtractionSettings, extract_to_directory, parse_layers, window_settings
+def launcher_part(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> tuple[Shard, str]:
+    """The part that this process extracts and its device: ``--shard`` (or the whole) and ``--device`` for one
+    process; under torchrun or srun starting N processes, part rank + 1 of N, on GPU local rank where the device
+    is "cuda" (each process its own GPU; a --device cuda:N would put every part on one)."""
+    count = cli_types.processes_started_together(env)
+    if count == 1:
+        return args.shard or WHOLE, args.device
+    if args.shard is not None:
+        raise ValueError(f"--shard {args.shard}: under torchrun or srun each of the {count} processes takes its own "
+                         "part from its rank; leave --shard out, or start one process per part yourself")
+    from spidr.train.environment import detect_environment
 
+    denv = detect_environment(env)
+    device = args.device
+    if device == "cuda":
+        import torch
+
+        device = f"cuda:{denv.local_rank % torch.cuda.device_count()}"
+    return Shard(denv.rank + 1, denv.world_size), device
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from spidr.eval.features import ExtractionSettings, extract_part, parse_layers, window_settings
+
+    shard, args.device = launcher_part(args)
     model = _model(args)
     if args.codebooks and model.num_codebooks == 0:
         raise ValueError(f"--codebooks: {args.checkpoint} is an exported student without prediction heads or "
@@ -157,12 +188,24 @@ def run_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         **window_settings(args.max_seconds),
     )
-    metadata = extract_to_directory(model, _entries(args.manifest, args.ext), args.out, settings,
-                                    checkpoint=args.checkpoint, restart=args.restart)
-    skipped = metadata["skipped"]
-    print(f"wrote features of {metadata['num_files']} files to {args.out}" + (
-        f"; {len(skipped)} unusable file(s) skipped, listed with their reasons in {Path(args.out) / 'metadata.json'}"
-        if skipped else ""))
+    outcome = extract_part(model, _entries(args.manifest, args.ext), args.out, settings, shard,
+                           checkpoint=args.checkpoint, restart=args.restart)
+    metadata = Path(args.out) / "metadata.json"
+    if outcome.metadata is None:  # another part is still to run
+        waiting = ", ".join(str(part) for part in outcome.unfinished)
+        print(f"part {shard}: wrote features of {outcome.num_files} files to {args.out}"
+              + (f", skipped {len(outcome.skipped)} unusable file(s)" if outcome.skipped else "")
+              + f"; part(s) {waiting} not finished yet: the last part to finish writes {metadata}")
+        return 0
+    if not outcome.wrote_metadata:
+        print(f"part {shard}: nothing left to do: {args.out} holds the finished extraction of "
+              f"{outcome.metadata['num_files']} files (--restart starts it over)")
+        return 0
+    skipped = outcome.metadata["skipped"]
+    print(("" if shard.is_whole else f"part {shard}, the last one: ")
+          + f"wrote features of {outcome.metadata['num_files']} files to {args.out}" + (
+              f"; {len(skipped)} unusable file(s) skipped, listed with their reasons in {metadata}"
+              if skipped else ""))
     return 0
 
 

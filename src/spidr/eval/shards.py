@@ -1,0 +1,59 @@
+"""One extraction split into parts that separate processes run: which utterances part K of N extracts.
+
+Part K of N takes every N-th utterance in order of decreasing length, starting with the K-th longest, so the parts
+hold nearly equal amounts of audio (within one file's length) whatever the corpus's length distribution. Every
+process computes the same split from the same manifest, with no communication: the parts may run at once (torchrun,
+srun, a SLURM array) or one after another, on one machine or several that share the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` (1-based) of ``count``; ``Shard()`` is the whole extraction."""
+
+    index: int = 1
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: expected part K of N with 1 ≤ K ≤ N")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def is_whole(self) -> bool:
+        return self.count == 1
+
+    @property
+    def folder_name(self) -> str:
+        """``shard-03-of-12``: zero-padded, so a listing sorts in part order."""
+        return f"shard-{self.index:0{len(str(self.count))}d}-of-{self.count}"
+
+    def members(self, num_samples: np.ndarray) -> np.ndarray:
+        """(N,) bool: the utterances of this part, given every utterance's length (N,) in samples."""
+        order = np.argsort(-np.asarray(num_samples, dtype=np.int64), kind="stable")
+        mask = np.zeros(len(order), dtype=bool)
+        mask[order[self.index - 1::self.count]] = True
+        return mask
+
+
+WHOLE = Shard()
+
+
+def parse_shard(text: str) -> Shard:
+    """``--shard K/N`` (argparse type): part K of N, 1 ≤ K ≤ N."""
+    index, slash, count = text.partition("/")
+    if not (slash and index.strip().isdigit() and count.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N, part K of N (e.g. 3/8)")
+    try:
+        return Shard(int(index), int(count))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

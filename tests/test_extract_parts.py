@@ -1,0 +1,308 @@
+"""An extraction split into parts (``spidr extract --shard K/N``, or one part per process under torchrun / srun):
+run in any order or at once, killed and resumed, the parts leave in their shared folder what one whole extraction
+leaves there (unit rows in another order)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spidr.data.manifest import read_manifest
+from spidr.eval.feature_dir import refuse_unfinished_extraction
+from spidr.eval.features import ExtractionSettings, extract_part, extract_to_directory
+from spidr.eval.pipeline_commands import launcher_part
+from spidr.eval.shards import WHOLE, Shard, parse_shard
+from spidr.folder_lock import folder_lock
+from spidr.models.loading import export_safetensors
+from test_extract_resume import SETTINGS, _model
+from train_fixtures import write_corpus
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+NUM_FILES = 9
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"), num_files=NUM_FILES, seconds=(0.3, 1.2))
+
+
+@pytest.fixture(scope="module")
+def whole(manifest, tmp_path_factory) -> Path:
+    """What one process extracting everything leaves."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    extract_to_directory(_model(), read_manifest(manifest), out, ExtractionSettings(**SETTINGS), progress=False)
+    return out
+
+
+def _part(manifest: Path, out: Path, shard: Shard, **options):
+    return extract_part(_model(), read_manifest(manifest), out, ExtractionSettings(**SETTINGS), shard,
+                        progress=False, **options)
+
+
+def _outputs(out: Path) -> tuple[dict[str, np.ndarray], dict[str, dict[str, list[int]]], dict]:
+    """Features by path, unit rows by layer and name (each name once), and the metadata."""
+    arrays = {str(p.relative_to(out)): np.load(p) for p in sorted(out.glob("layer_*/**/*.npy"))}
+    units = {}
+    for path in sorted((out / "codebook_units").glob("*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        units[path.stem] = {row["name"]: row["units"] for row in rows}
+        assert len(units[path.stem]) == len(rows), f"a row twice in {path}"
+    return arrays, units, json.loads((out / "metadata.json").read_text())
+
+
+def _assert_same_outputs(out: Path, whole: Path, *, exact: bool = True) -> None:
+    arrays, units, metadata = _outputs(out)
+    expected_arrays, expected_units, expected_metadata = _outputs(whole)
+    assert arrays.keys() == expected_arrays.keys()
+    for key, value in arrays.items():
+        if exact:
+            np.testing.assert_array_equal(value, expected_arrays[key], err_msg=key)
+        else:  # (another process, another thread count: the last bits may differ)
+            np.testing.assert_allclose(value, expected_arrays[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    assert units == expected_units
+    assert {k: v for k, v in metadata.items() if k != "checkpoint"} == {
+        k: v for k, v in expected_metadata.items() if k != "checkpoint"}
+    assert not list(out.glob(".extract/shard-*/layer_*.jsonl"))  # the parts' rows live in codebook_units/ now
+
+
+def _stamps(out: Path, names) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("layer_*/*.npy") if p.stem in names}
+
+
+def _names(manifest: Path, shard: Shard) -> set[str]:
+    entries = read_manifest(manifest)
+    return {entries.fileids[i] for i in np.flatnonzero(shard.members(entries.num_samples))}
+
+
+def test_the_parts_take_every_utterance_once_with_nearly_equal_audio():
+    lengths = np.random.default_rng(0).lognormal(11, 1, size=1000).astype(np.int64)
+    for count in (1, 2, 3, 7, 1001):
+        members = np.stack([Shard(k, count).members(lengths) for k in range(1, count + 1)])
+        assert (members.sum(axis=0) == 1).all()
+        totals = [lengths[m].sum() for m in members]
+        assert max(totals) - min(totals) <= lengths.max()  # within one file of each other
+    assert parse_shard("3/8") == Shard(3, 8)
+    assert str(Shard(3, 12)) == "3/12"
+    assert Shard(3, 12).folder_name == "shard-03-of-12"
+    for text in ("0/3", "4/3", "3", "a/b", "-1/2", "1/0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_shard(text)
+
+
+def test_parts_run_in_any_order_leave_what_the_whole_extraction_leaves(manifest, whole, tmp_path):
+    out = tmp_path / "out"
+    last = _part(manifest, out, Shard(3, 3))
+    assert last.metadata is None
+    assert last.unfinished == (Shard(1, 3), Shard(2, 3))
+    assert last.num_files == len(_names(manifest, Shard(3, 3)))
+    with pytest.raises(ValueError, match="unfinished spidr extract run"):
+        refuse_unfinished_extraction(out / "layer_01")  # kmeans, units and abx refuse it until every part is done
+    assert _part(manifest, out, Shard(1, 3)).unfinished == (Shard(2, 3),)
+    assert not (out / "metadata.json").exists()
+    last = _part(manifest, out, Shard(2, 3))
+    assert last.unfinished == ()
+    assert last.metadata == json.loads((out / "metadata.json").read_text())
+    _assert_same_outputs(out, whole)
+    refuse_unfinished_extraction(out / "layer_01")
+    stamps = _stamps(out, _names(manifest, Shard(1, 3)))
+    again = _part(manifest, out, Shard(1, 3))  # a rerun of a part of the finished extraction: nothing to do
+    assert again.metadata == last.metadata
+    assert not again.wrote_metadata
+    assert again.unfinished == ()
+    assert _stamps(out, _names(manifest, Shard(1, 3))) == stamps
+    _assert_same_outputs(out, whole)
+
+
+def _part_script(manifest: Path, out: Path, shard: Shard, *, die_after_batches: int | None = None) -> list[str]:
+    """A command running ``shard`` in a child (which SIGKILLs itself when its batch ``die_after_batches + 1``
+    starts); it prints its outcome as JSON."""
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_extract_parts as t
+        from spidr.eval import features
+        from spidr.eval.shards import Shard
+
+        if {die_after_batches!r} is not None:
+            real, calls = features.extract_batch, []
+            def dying(*args, **kwargs):
+                calls.append(1)
+                if len(calls) > {die_after_batches!r}:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(*args, **kwargs)
+            features.extract_batch = dying
+        outcome = t._part(t.Path({str(manifest)!r}), t.Path({str(out)!r}), Shard({shard.index}, {shard.count}))
+        print(json.dumps({{"finished": outcome.metadata is not None, "unfinished": len(outcome.unfinished)}}))
+    """)
+    return [sys.executable, "-c", script]
+
+
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+
+
+def test_parts_started_at_once_in_separate_processes(manifest, whole, tmp_path):
+    """Started together (a SLURM array, torchrun): they set up one folder without starting it over under each
+    other, and exactly one of them, the last to finish, joins the units and writes the metadata."""
+    out = tmp_path / "out"
+    children = [subprocess.Popen(_part_script(manifest, out, Shard(k, 3)), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=CHILD_ENV) for k in (1, 2, 3)]
+    results = [(*child.communicate(timeout=300), child.returncode) for child in children]
+    for _stdout, stderr, code in results:
+        assert code == 0, stderr[-3000:]
+    outcomes = [json.loads(stdout.splitlines()[-1]) for stdout, _, _ in results]
+    assert sum(o["finished"] for o in outcomes) >= 1  # (a part that ended while another was joining sees it done)
+    assert all(o["finished"] or o["unfinished"] for o in outcomes)
+    _assert_same_outputs(out, whole)
+
+
+def test_a_killed_part_resumes_and_leaves_the_other_parts_alone(manifest, whole, tmp_path):
+    out = tmp_path / "out"
+    assert _part(manifest, out, Shard(1, 2)).unfinished == (Shard(2, 2),)
+    stamps = _stamps(out, _names(manifest, Shard(1, 2)))
+    killed = subprocess.run(_part_script(manifest, out, Shard(2, 2), die_after_batches=2), capture_output=True,
+                            text=True, env=CHILD_ENV, timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    done = _stamps(out, _names(manifest, Shard(2, 2)))
+    assert len(done) == 2 * len(SETTINGS["layers"])  # its two finished batches' files
+    assert _part(manifest, out, Shard(2, 2)).unfinished == ()
+    assert {p: s for p, s in _stamps(out, _names(manifest, Shard(2, 2))).items() if p in done} == done
+    assert _stamps(out, _names(manifest, Shard(1, 2))) == stamps
+    _assert_same_outputs(out, whole)
+
+
+def test_restart_starts_one_part_over_or_everything_in_a_finished_folder(manifest, whole, tmp_path):
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(1, 3))
+    _part(manifest, out, Shard(2, 3))
+    first, second = _stamps(out, _names(manifest, Shard(1, 3))), _stamps(out, _names(manifest, Shard(2, 3)))
+    assert _part(manifest, out, Shard(2, 3), restart=True).unfinished == (Shard(3, 3),)
+    assert _stamps(out, _names(manifest, Shard(1, 3))) == first
+    redone = _stamps(out, _names(manifest, Shard(2, 3)))
+    assert redone.keys() == second.keys()
+    assert all(redone[p] != second[p] for p in second)
+    _part(manifest, out, Shard(3, 3))
+    _assert_same_outputs(out, whole)  # part 2's rows are in once
+    # In a finished folder a restart means the extraction: every part starts over.
+    assert _part(manifest, out, Shard(1, 3), restart=True).unfinished == (Shard(2, 3), Shard(3, 3))
+    assert not (out / "metadata.json").exists()
+    assert {p.stem for p in out.glob("layer_01/*.npy")} == _names(manifest, Shard(1, 3))
+    _part(manifest, out, Shard(3, 3))
+    _part(manifest, out, Shard(2, 3))
+    _assert_same_outputs(out, whole)
+
+
+def test_a_running_part_is_neither_run_twice_nor_removed(manifest, tmp_path):
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(1, 2))
+    files = sorted(out.rglob("*"))
+    running = f"part 1/2 of the extraction into {out} is being run by process {os.getpid()}"
+    with folder_lock(out / ".extract" / "shard-1-of-2", "a running part"):
+        with pytest.raises(ValueError, match=running):
+            _part(manifest, out, Shard(1, 2), restart=True)
+        removal = f"shard-1-of-2 of the extraction into {out} is being run by process {os.getpid()}"
+        with pytest.raises(ValueError, match=removal):  # another extraction would start the folder over
+            extract_to_directory(_model(), read_manifest(manifest), out, ExtractionSettings(**SETTINGS),
+                                 progress=False, restart=True)
+        with pytest.raises(ValueError, match=removal):
+            _part(manifest, out, Shard(1, 3), restart=True)
+    assert sorted(out.rglob("*")) == files
+
+
+def test_another_number_of_parts_is_refused_naming_it(manifest, tmp_path):
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(2, 2))
+    with pytest.raises(ValueError, match=r"holds an extraction with other parts \(2 → 3"):
+        _part(manifest, out, Shard(1, 3))
+    with pytest.raises(ValueError, match=r"holds an extraction with other parts \(2 → 1"):
+        extract_to_directory(_model(), read_manifest(manifest), out, ExtractionSettings(**SETTINGS), progress=False)
+
+
+def test_every_part_s_skipped_files_reach_the_metadata(manifest, tmp_path):
+    """Two unreadable files, the longest two, fall in different parts: the metadata lists both; with every file
+    unreadable, the last part fails as one whole extraction does, and leaves no metadata."""
+    corpus = tmp_path
+    header, *rows = manifest.read_text().splitlines()
+    lines = [header, *(f"{name},{manifest.parent / path},{length}" for name, path, length in
+                       (row.split(",") for row in rows))]
+    for name in ("bad1", "bad2"):
+        (corpus / f"{name}.wav").write_bytes(b"not audio at all")
+    (tmp_path / "m.csv").write_text("\n".join([*lines, f"bad1,{corpus}/bad1.wav,90000",
+                                               f"bad2,{corpus}/bad2.wav,80000"]) + "\n")
+    out = tmp_path / "out"
+    first = _part(tmp_path / "m.csv", out, Shard(1, 2))
+    second = _part(tmp_path / "m.csv", out, Shard(2, 2))
+    assert list(first.skipped) == [f"{corpus}/bad1.wav"]
+    assert list(second.skipped) == [f"{corpus}/bad2.wav"]
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert sorted(metadata["skipped"]) == [f"{corpus}/bad1.wav", f"{corpus}/bad2.wav"]
+    assert metadata["num_files"] == NUM_FILES
+    (tmp_path / "bad.csv").write_text("\n".join([lines[0], f"bad1,{corpus}/bad1.wav,90000",
+                                                 f"bad2,{corpus}/bad2.wav,80000"]) + "\n")
+    _part(tmp_path / "bad.csv", tmp_path / "bad", Shard(1, 2))
+    with pytest.raises(ValueError, match="none of the 2 files could be read"):
+        _part(tmp_path / "bad.csv", tmp_path / "bad", Shard(2, 2))
+    assert not (tmp_path / "bad" / "metadata.json").exists()
+
+
+def test_under_torchrun_or_srun_each_process_takes_its_rank_s_part_and_gpu(monkeypatch):
+    import torch
+
+    def part(env, shard=None, device="cpu"):
+        return launcher_part(argparse.Namespace(shard=shard, device=device), env)
+
+    assert part({}) == (WHOLE, "cpu")
+    assert part({}, Shard(2, 3)) == (Shard(2, 3), "cpu")
+    torchrun = {"LOCAL_RANK": "1", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    assert part(torchrun) == (Shard(4, 4), "cpu")
+    srun = {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3", "SLURM_LOCALID": "0"}
+    assert part(srun) == (Shard(3, 3), "cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert part({**torchrun, "LOCAL_RANK": "3"}, device="cuda") == (Shard(4, 4), "cuda:1")
+    with pytest.raises(ValueError, match="leave --shard out"):
+        part(torchrun, Shard(1, 4))
+
+
+def test_the_command_says_which_parts_are_left(manifest, whole, tmp_path, capsys):
+    from spidr.cli import main
+
+    export_safetensors(_model(), tmp_path / "tiny.safetensors")
+    base = ["extract", "--checkpoint", str(tmp_path / "tiny.safetensors"), "--manifest", str(manifest),
+            "--layers", "1,3", "--codebooks", "--batch-seconds", "0.3", "--device", "cpu", "--out",
+            str(tmp_path / "out")]
+    assert main([*base, "--shard", "2/2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"part 2/2: wrote features of {len(_names(manifest, Shard(2, 2)))} files" in printed
+    assert "part(s) 1/2 not finished yet: the last part to finish writes" in printed
+    assert main([*base, "--shard", "1/2"]) == 0
+    assert f"part 1/2, the last one: wrote features of {NUM_FILES} files" in capsys.readouterr().out
+    assert main([*base, "--shard", "2/2"]) == 0
+    assert "part 2/2: nothing left to do: " in capsys.readouterr().out
+    _assert_same_outputs(tmp_path / "out", whole, exact=False)
+
+
+@pytest.mark.slow
+def test_torchrun_extracts_one_part_per_process(manifest, whole, tmp_path):
+    export_safetensors(_model(), tmp_path / "tiny.safetensors")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "spidr", "extract",
+               "--checkpoint", str(tmp_path / "tiny.safetensors"), "--manifest", str(manifest), "--layers", "1,3",
+               "--codebooks", "--batch-seconds", "0.3", "--device", "cpu", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the last one: wrote features of 9 files" in result.stdout
+    _assert_same_outputs(tmp_path / "out", whole, exact=False)
+    assert sorted(p.name for p in (tmp_path / "out" / ".extract").iterdir()) == [
+        "shard-1-of-2", "shard-2-of-2", "state.json"]
