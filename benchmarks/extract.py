@@ -15,6 +15,7 @@ over files and layers.
     python benchmarks/extract.py --long-seconds 600 --dtype bfloat16
     python benchmarks/extract.py --mix 12 --rounds 3  # base config, ~2.5 min of LibriSpeech-like files
     python benchmarks/extract.py --mix 12 --checkpoint spidr_base.pt  # the bf16 error of released weights
+    python benchmarks/extract.py --codebook-passes --rounds 5  # features + units: one forward pass vs two
 """
 
 from __future__ import annotations
@@ -139,6 +140,43 @@ def run_mix(args: argparse.Namespace) -> None:
           f"over {len(errors)} (file, layer) pairs")
 
 
+def run_codebook_passes(args: argparse.Namespace) -> None:
+    """Layer features and codebook units of one batch: the two calls an extraction made (every layer's outputs,
+    then the codebooks, each a forward pass) against ``get_layers_and_codebooks`` (one pass), interleaved."""
+    import torch
+    from train_step import CONFIGS
+
+    from spidr.models.build import build_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model(CONFIGS[args.config]).eval()
+    batch = torch.randn(2, int(args.short_seconds * SAMPLE_RATE))
+
+    def two_calls() -> None:
+        model.get_intermediate_outputs(batch)
+        model.get_codebooks(batch)
+
+    def one_pass() -> None:
+        model.get_layers_and_codebooks(batch)
+
+    times: dict[str, list[float]] = {"two calls": [], "one pass": []}
+    with torch.inference_mode():
+        one_pass()  # warm-up
+        for _ in range(args.rounds):
+            for name, run in (("two calls", two_calls), ("one pass", one_pass)):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times["two calls"], times["one pass"], strict=True)]
+    print(f"config {args.config}, float32, {args.threads} threads, batch 2 × {args.short_seconds:g} s, all layers "
+          f"+ codebook units; {args.rounds} interleaved round(s)")
+    print(f"{'path':>10} | {'best s':>7}")
+    for name, values in times.items():
+        print(f"{name:>10} | {min(values):>7.3f}")
+    print(f"speed-up of one pass, median of per-round ratios: {float(np.median(ratios)):.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["base", "bench-small"], default="base",
@@ -153,8 +191,13 @@ def main() -> None:
     parser.add_argument("--mix", type=int, default=0,
                         help="instead: this many LibriSpeech-length FLAC files, in float32 and bf16 side by side")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the --mix comparison")
+    parser.add_argument("--codebook-passes", action="store_true",
+                        help="instead: features + codebook units of one batch in one forward pass vs two")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.codebook_passes:
+        run_codebook_passes(args)
+        return
     if args.worker:
         worker(args.worker[0], args.worker[1], args.worker[2], int(args.worker[3]), *args.worker[4:])
         return

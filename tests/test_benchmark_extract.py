@@ -55,3 +55,19 @@ def test_mix_extracts_with_a_checkpoint(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"checkpoint {checkpoint}, 1 threads, 1 files"), done.stdout
     assert re.search(r"over 6 \(file, layer\) pairs", done.stdout), done.stdout  # bench-small has 6 layers
+
+
+def test_codebook_passes_compares_one_forward_pass_with_two() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--config", "bench-small", "--codebook-passes", "--rounds", "2",
+         "--short-seconds", "0.5", "--threads", "1"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    for path in ("two calls", "one pass"):
+        row = re.search(rf"{path} \|\s+([\d.]+)", done.stdout)
+        assert row, done.stdout
+        assert float(row.group(1)) > 0, done.stdout
+    ratio = re.search(r"median of per-round ratios: ([\d.]+)x", done.stdout)
+    assert ratio, done.stdout
+    assert float(ratio.group(1)) > 0, done.stdout

@@ -136,9 +136,14 @@ def test_layers_and_residual_choice_are_honoured(model):
     assert not np.allclose(before, after)
     assert extract_batch(model, [], ExtractionSettings(layers=(2,))) == []
     for layers, says in (((2, 9), r"\[2, 9\]: expected at least one of the model's layers 1 to 3 \(\[9\] are not\)"),
-                         ((), r"\[\]: expected at least one of the model's layers 1 to 3$")):
+                         ((), r"\[\]: expected at least one of the model's layers 1 to 3, or codebook units alone$")):
         with pytest.raises(ValueError, match=says):
             extract_batch(model, [wave], ExtractionSettings(layers=layers))
+    alone = extract_batch(model, [wave], ExtractionSettings(layers=(), codebooks=True))[0]
+    with_layers = extract_batch(model, [wave], ExtractionSettings(layers=(1,), codebooks=True))[0]
+    assert sorted(alone) == ["units_02", "units_03"]
+    for key, units in alone.items():
+        np.testing.assert_array_equal(units, with_layers[key])
 
 
 def test_windows_cover_every_frame_once():
@@ -455,15 +460,15 @@ def test_npy_appender_refuses_out_of_order_or_short_writes(tmp_path):
 
 
 def _forward_lengths(model, monkeypatch) -> list[int]:
-    """The audio lengths of every forward pass of ``model`` from now on (samples)."""
+    """The audio lengths of every forward pass of ``model`` from now on (samples): each runs the front end."""
     lengths: list[int] = []
-    forward = model.get_intermediate_outputs
+    front_end = model.features
 
-    def recording(waveforms, **kwargs):
+    def recording(waveforms, *args, **kwargs):
         lengths.append(waveforms.shape[-1])
-        return forward(waveforms, **kwargs)
+        return front_end(waveforms, *args, **kwargs)
 
-    monkeypatch.setattr(model, "get_intermediate_outputs", recording)
+    monkeypatch.setattr(model, "features", recording)
     return lengths
 
 

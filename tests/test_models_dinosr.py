@@ -538,6 +538,32 @@ def test_get_codebooks_shapes(model_type: str) -> None:
     assert torch.equal(onehot[-1].sum(-1), torch.ones(1, frames, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+@torch.no_grad()
+def test_layers_and_codebooks_from_one_pass_equal_the_two_calls(model_type: str, layer_norm_first: bool) -> None:
+    """Extraction with codebook units ran the model twice (layer outputs, then codebooks); one pass must give what
+    each call gives, bit for bit, in both feature modes, with padding, pre-norm (final LayerNorm) or post-norm."""
+    model = tiny_model(model_type, encoder_layer_norm_first=layer_norm_first).eval()
+    batch = waveforms(6000, 4000)
+    padding = padding_mask_from_lengths(torch.tensor([6000, 4000]), model.cfg.extractor_conv_layer_config)
+    codebooks = model.get_codebooks(batch, padding_mask=padding)
+    for before_residual in (True, False):
+        for num_layers in (None, 1, 3):
+            layers, probabilities = model.get_layers_and_codebooks(
+                batch, padding_mask=padding, before_residual=before_residual, num_layers=num_layers)
+            expected = model.get_intermediate_outputs(batch, padding_mask=padding, before_residual=before_residual,
+                                                      num_layers=num_layers)
+            assert len(layers) == len(expected) == (num_layers or 3)
+            for got, want in zip(layers, expected, strict=True):
+                assert torch.equal(got, want)
+            assert probabilities[0] is None
+            for got, want in zip(probabilities[1:], codebooks[1:], strict=True):
+                assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="eval"):
+        model.train().get_layers_and_codebooks(batch)
+
+
 def test_bad_input_is_rejected() -> None:
     model = tiny_model("spidr").eval()
     with pytest.raises(ValueError, match=r"\(B, S\)"):

@@ -198,6 +198,28 @@ def test_max_seconds_bounds_the_audio_of_every_forward(corpus, tmp_path, monkeyp
     assert np.load(whole / "layer_01" / "s1_0.npy").shape[0] == frames
 
 
+def test_codebook_units_alone_equal_those_extracted_with_features(corpus, tmp_path, capsys):
+    """--layers none --codebooks writes the units of one full extraction and no feature file, whole files and
+    windowed ones alike; without --codebooks it would write nothing, and is refused before the model loads."""
+    base = ["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+            "--codebooks"]
+
+    def units(out):
+        return {path.name: path.read_text() for path in sorted((out / "codebook_units").iterdir())}
+
+    for window in ([], ["--max-seconds", "0.4"]):
+        full, alone = tmp_path / f"full{len(window)}", tmp_path / f"alone{len(window)}"
+        assert main([*base, *window, "--layers", "2", "--out", str(full)]) == 0
+        assert main([*base, *window, "--layers", "none", "--out", str(alone)]) == 0
+        assert units(alone) == units(full)
+        assert sorted(units(full)) == ["layer_02.jsonl", "layer_03.jsonl"]  # the tiny model's two heads
+        assert not list(alone.glob("layer_*"))
+        assert json.loads((alone / "metadata.json").read_text())["layers"] == []
+    capsys.readouterr()
+    assert main([*base[:-1], "--layers", "none", "--checkpoint", "missing.pt", "--out", str(tmp_path / "x")]) == 2
+    assert "--layers none writes no features: add --codebooks" in capsys.readouterr().err
+
+
 def test_abx_options_are_declared_once_with_every_distance(corpus, tmp_path, capsys):
     import argparse
 

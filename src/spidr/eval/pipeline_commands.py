@@ -36,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_arguments(extract)
     extract.add_argument("--manifest", required=True, help="manifest (.csv/.tsv/.jsonl) or a folder of audio")
     _add_extensions_argument(extract)
-    extract.add_argument("--layers", default=None, help="1-based layers, e.g. 1-12, 6 or 1,5-7 (default: all)")
+    extract.add_argument("--layers", default=None,
+                         help="1-based layers, e.g. 1-12, 6 or 1,5-7 (default: all); none: no feature files, the "
+                         "codebook units alone (with --codebooks: a corpus's units for a unit LM, without the "
+                         "terabytes of its features)")
     extract.add_argument("--out", required=True, help="output folder")
     extract.add_argument("--after-residual", action="store_true",
                          help="each layer's full output instead of the FFN output before the residual (official)")
@@ -175,13 +178,15 @@ def launcher_part(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
 def run_extract(args: argparse.Namespace) -> int:
     from spidr.eval.features import ExtractionSettings, extract_part, parse_layers, window_settings
 
+    if args.layers == "none" and not args.codebooks:
+        raise ValueError("--layers none writes no features: add --codebooks to extract the codebook units alone")
     shard, args.device = launcher_part(args)
     model = _model(args)
     if args.codebooks and model.num_codebooks == 0:
         raise ValueError(f"--codebooks: {args.checkpoint} is an exported student without prediction heads or "
                          "codebooks; codebook units need the full spidr checkpoint")
     settings = ExtractionSettings(
-        layers=parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers),
+        layers=() if args.layers == "none" else parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers),
         before_residual=not args.after_residual,
         codebooks=args.codebooks,
         batch_seconds=args.batch_seconds,

@@ -497,9 +497,11 @@ class Transformer(nn.Module):
             if not self._drop_layer():  # drawn before the layer, as the official forward draws
                 out, _ = layer(x, masks.attention)
                 x = out if drops is None else torch.where(drops[i], x, out)
-        if not self.norm_at_input:
-            x = self.layer_norm(x)
-        return x
+        return self.final_norm(x)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (B, T, D) → the final output: the encoder LayerNorm where it sits at the end."""
+        return x if self.norm_at_input else self.layer_norm(x)
 
     def get_intermediate_outputs(
         self,
@@ -522,6 +524,16 @@ class Transformer(nn.Module):
             raise ValueError(f"num_layers = {num_layers} must be in [1, {len(self.layers)}] (the encoder's layers)")
         if masks is None:
             masks = frame_masks(x, attention_mask=attention_mask, padding_mask=padding_mask)
+        return [ffn if before_residual else out for out, ffn in self._layer_outputs(x, masks, num_layers)]
+
+    def layer_outputs(self, x: torch.Tensor, *, masks: FrameMasks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (full output, FFN output before its residual), each (B, T, D), from one pass: what
+        ``get_intermediate_outputs`` gives in either mode (and, through ``final_norm`` of the last full output, what
+        ``forward`` gives, in eval mode, where no layer is dropped)."""
+        return self._layer_outputs(x, masks, None)
+
+    def _layer_outputs(self, x: torch.Tensor, masks: FrameMasks,
+                       num_layers: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         x = self._preprocess(x, masks)
         outputs = []
         layers = self.layers[:num_layers]
@@ -530,7 +542,7 @@ class Transformer(nn.Module):
             out, ffn = layer(x, masks.attention)
             if not self._drop_layer():  # drawn after the layer, as the official get_intermediate_outputs draws
                 x = out if drops is None else torch.where(drops[i], x, out)
-            outputs.append(ffn if before_residual else out)
+            outputs.append((out, ffn))
         return outputs
 
 

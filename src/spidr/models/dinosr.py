@@ -122,6 +122,11 @@ class DinoSR(nn.Module):
         """The inputs (B, T, D) of the K heads: DinoSR feeds the student's final output to every head."""
         return [self.student(x, masks=masks)] * self.num_codebooks
 
+    def _head_inputs(self, layer_outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """``_student_outputs`` in eval mode, out of the student's ``layer_outputs`` (full, before-residual) of one
+        pass: the final output, for every head."""
+        return [self.student.final_norm(layer_outputs[-1][0])] * self.num_codebooks
+
     def _student_warp(self, waveforms: torch.Tensor) -> torch.Tensor | None:
         """Per-utterance frequency-warp factors (B,) drawn from [1 − w, 1 + w] in training, else None."""
         width = self.cfg.student_frequency_warp
@@ -381,6 +386,32 @@ class DinoSR(nn.Module):
             else:
                 outputs.append(log_probs.exp())
         return outputs
+
+    def get_layers_and_codebooks(
+        self,
+        waveforms: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        before_residual: bool = True,
+        num_layers: int | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """``get_intermediate_outputs`` and ``get_codebooks`` (probabilities) of waveforms (B, S) from one pass of
+        the front end and the student instead of one each: the first ``num_layers`` layer outputs, a list of
+        (B, T, D), and per layer None or its head's (B, T, V) fp32 probabilities. Eval mode only (a training pass
+        drops layers at random, so the two would follow different paths)."""
+        if self.training:
+            raise RuntimeError("get_layers_and_codebooks runs in eval mode: call model.eval() first")
+        if num_layers is not None and not 1 <= num_layers <= self.num_layers:
+            raise ValueError(f"num_layers = {num_layers} must be in [1, {self.num_layers}] (the encoder's layers)")
+        warn_if_padding_changes_features(self.cfg, attention_mask, padding_mask)
+        feats = self.features(waveforms)
+        masks = frame_masks(feats, attention_mask=attention_mask, padding_mask=padding_mask)
+        layer_outputs = self.student.layer_outputs(feats, masks=masks)
+        layers = [ffn if before_residual else out for out, ffn in layer_outputs[:num_layers]]
+        probabilities: list[torch.Tensor | None] = [None] * (self.num_layers - self.num_codebooks)
+        probabilities += [head(x).exp() for head, x in zip(self.heads, self._head_inputs(layer_outputs), strict=True)]
+        return layers, probabilities
 
     # ----------------------------------------------------------------------------------------------------------
     # Training state: teacher EMA, extractor freeze, train/eval

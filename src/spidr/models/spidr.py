@@ -31,6 +31,10 @@ class SpidR(DinoSR):
         outputs = self.student.get_intermediate_outputs(x, masks=masks, before_residual=True)
         return outputs[-self.num_codebooks :]
 
+    def _head_inputs(self, layer_outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """``_student_outputs`` out of one pass's ``layer_outputs``: the top K layers' FFN outputs."""
+        return [ffn for _, ffn in layer_outputs[-self.num_codebooks :]]
+
     def ema_decay(self, step: int) -> float:
         cfg = self.cfg
         return spidr_ema_decay(
