@@ -340,8 +340,11 @@ def read_member(entry: ManifestEntry) -> bytes:
                       f"({archive_size} bytes)")
     if hasattr(os, "pread"):
         descriptor = _ARCHIVE_FILES.get(entry.archive)
-        if descriptor is None:
-            descriptor = _ARCHIVE_FILES[entry.archive] = os.open(entry.archive, os.O_RDONLY | os.O_CLOEXEC)
+        if descriptor is None:  # (decoding threads may open it at once: one descriptor is kept, the others closed)
+            opened = os.open(entry.archive, os.O_RDONLY | os.O_CLOEXEC)
+            descriptor = _ARCHIVE_FILES.setdefault(entry.archive, opened)
+            if descriptor != opened:
+                os.close(opened)
         data = os.pread(descriptor, entry.byte_size, entry.byte_offset)
     else:  # Windows: no pread (nor fork, whose workers would share a file position); a file opened per read
         with open(entry.archive, "rb") as handle:

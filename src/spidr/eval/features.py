@@ -14,11 +14,13 @@ rows ``{"name": utterance id, "audio": path, "units": [...]}``, the id being the
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -563,10 +565,12 @@ def _extract_entries(model: torch.nn.Module, manifest: Manifest, todo: np.ndarra
         journal.record(indices, skipped, units.sizes() if units is not None else {})
 
     short, long = todo[~is_long[todo]], todo[is_long[todo]]
+    batches = (short[batch] for batch in length_batches(manifest.num_samples[short],
+                                                        int(settings.batch_seconds * SAMPLE_RATE)))
     try:
-        for batch in length_batches(manifest.num_samples[short], int(settings.batch_seconds * SAMPLE_RATE)):
-            indices = short[batch]
-            finish(indices, *_extract_short_batch(model, manifest, indices, outputs, settings))
+        for indices, waves, kept, skipped in loaded_batches(model, manifest, batches):
+            finish(indices, _extract_short_batch(model, manifest, waves, kept, outputs=outputs, settings=settings),
+                   skipped)
             bar.update(len(indices))
         for index in long.tolist():
             entry, rows, skipped = manifest[index], {}, {}
@@ -647,11 +651,11 @@ def load_model_input(entry: ManifestEntry, conv_layers: Sequence[ConvLayer]) -> 
 
 
 def _extract_short_batch(
-    model: torch.nn.Module, manifest: Manifest, indices: np.ndarray, outputs: _Outputs, settings: ExtractionSettings
-) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Load and run one padded batch, save its features; returns its unit rows by layer and its skipped files."""
-    skipped: dict[str, str] = {}
-    waves, kept = _load_inputs(model, manifest, indices.tolist(), skipped)
+    model: torch.nn.Module, manifest: Manifest, waves: list[torch.Tensor], kept: list[int], *, outputs: _Outputs,
+    settings: ExtractionSettings
+) -> dict[str, list[str]]:
+    """Run the inputs ``waves`` of entries ``kept`` as one padded batch and save their features; returns their unit
+    rows by layer."""
     rows: dict[str, list[str]] = {}
     for index, result in zip(kept, extract_batch(model, waves, settings) if waves else [], strict=True):
         for key, values in result.items():
@@ -660,7 +664,46 @@ def _extract_short_batch(
             else:
                 row = _unit_row(outputs.utterance(index), manifest[index].path, values)
                 rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(row)
-    return rows, skipped
+    return rows
+
+
+# Threads that decode the next batches while the model runs: one thread decodes FLAC at ~3,000× real time (Xeon), which
+# would hold a GPU's extraction well below its speed; a few batches ahead keep memory bounded.
+DECODE_THREADS = min(4, os.cpu_count() or 1)
+
+
+def loaded_batches(model: torch.nn.Module, entries: Sequence[ManifestEntry],
+                   batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, list[torch.Tensor], list[int],
+                                                                    dict[str, str]]]:
+    """For each batch of entry indices, in order: the indices, the readable inputs (``load_model_input``), their
+    indices, and the unreadable ones (location → reason, logged once each). Decoded by ``DECODE_THREADS`` threads up
+    to ``DECODE_THREADS + 1`` batches ahead of the caller, so decoding overlaps the forward passes."""
+    batches = iter(batches)
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="spidr-decode") as pool:
+
+        def submit_next() -> None:
+            indices = next(batches, None)
+            if indices is not None:
+                pending.append((indices, pool.submit(_load_batch, model, entries, indices)))
+
+        for _ in range(DECODE_THREADS + 1):
+            submit_next()
+        try:
+            while pending:
+                indices, future = pending.popleft()
+                submit_next()
+                yield (indices, *future.result())
+        finally:  # (stopped early: what has not started is dropped, the pool waits for what runs)
+            for _, future in pending:
+                future.cancel()
+
+
+def _load_batch(model: torch.nn.Module, entries: Sequence[ManifestEntry],
+                indices: np.ndarray) -> tuple[list[torch.Tensor], list[int], dict[str, str]]:
+    skipped: dict[str, str] = {}
+    waves, kept = _load_inputs(model, entries, indices.tolist(), skipped)
+    return waves, kept, skipped
 
 
 def _load_inputs(model: torch.nn.Module, entries: Sequence[ManifestEntry], indices: Sequence[int],
@@ -720,8 +763,9 @@ def iter_extracted(
     is_long = lengths > int(settings.max_seconds * SAMPLE_RATE)
     short, long = np.flatnonzero(~is_long), np.flatnonzero(is_long)
     model.eval()
-    for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)):
-        waves, kept = _load_inputs(model, entries, short[batch].tolist(), skipped)
+    batches = (short[batch] for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)))
+    for _, waves, kept, batch_skipped in loaded_batches(model, entries, batches):
+        skipped.update(batch_skipped)
         for index, result in zip(kept, extract_batch(model, waves, settings, front_end=front_end) if waves else [],
                                  strict=True):
             yield entries[index], {key: keep(key, values) for key, values in result.items()}
