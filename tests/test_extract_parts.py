@@ -306,3 +306,26 @@ def test_torchrun_extracts_one_part_per_process(manifest, whole, tmp_path):
     _assert_same_outputs(tmp_path / "out", whole, exact=False)
     assert sorted(p.name for p in (tmp_path / "out" / ".extract").iterdir()) == [
         "shard-1-of-2", "shard-2-of-2", "state.json"]
+
+
+def test_a_part_lets_go_of_its_own_lock_before_the_folder_s(manifest, tmp_path, monkeypatch):
+    """A restart that waited for the folder while the last part joined the units then found that part still
+    holding its lock, and was refused: the part's lock now goes first."""
+    import contextlib
+
+    from spidr.eval import features
+    from spidr.folder_lock import lock_holder
+
+    real, held_at_release = features.folder_lock, []
+
+    @contextlib.contextmanager
+    def watched(folder, what, **options):
+        with real(folder, what, **options):
+            yield
+            held_at_release.append(lock_holder(tmp_path / "out" / ".extract" / "shard-2-of-2"))
+
+    monkeypatch.setattr(features, "folder_lock", watched)
+    _part(manifest, tmp_path / "out", Shard(1, 2))
+    _part(manifest, tmp_path / "out", Shard(2, 2))
+    # part 1: set-up (its own part, not yet begun there), end; part 2: set-up (its lock held), end (released)
+    assert held_at_release == [None, None, f"process {os.getpid()}", None]

@@ -545,8 +545,11 @@ def extract_part(
                                                           num_files=num_files, skipped=journal.skipped))
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
         with folder_lock(out_dir, bookkeeping, wait=True):
-            return _finish_parts(model, manifest, out_dir, settings, shard, checkpoint=checkpoint,
-                                 num_files=num_files, own_skipped=journal.skipped)
+            try:
+                return _finish_parts(model, manifest, out_dir, settings, shard, checkpoint=checkpoint,
+                                     num_files=num_files, own_skipped=journal.skipped)
+            finally:  # (this part's lock goes first: a restart waiting for the folder then finds no part running)
+                journal.close()
     finally:
         journal.close()
         if units is not None:
