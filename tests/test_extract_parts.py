@@ -123,45 +123,140 @@ def test_parts_run_in_any_order_leave_what_the_whole_extraction_leaves(manifest,
     _assert_same_outputs(out, whole)
 
 
-def _part_script(manifest: Path, out: Path, shard: Shard, *, die_after_batches: int | None = None) -> list[str]:
+def _part_script(manifest: Path, out: Path, shard: Shard, *, die_after_batches: int | None = None,
+                 restart: bool = False, go: Path | None = None) -> list[str]:
     """A command running ``shard`` in a child (which SIGKILLs itself when its batch ``die_after_batches + 1``
-    starts); it prints its outcome as JSON."""
+    starts; whose first batch waits for the file ``go`` to exist); it prints its outcome as JSON."""
     script = textwrap.dedent(f"""
-        import json, os, signal, sys
+        import json, os, signal, sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import test_extract_parts as t
         from spidr.eval import features
         from spidr.eval.shards import Shard
 
-        if {die_after_batches!r} is not None:
-            real, calls = features.extract_batch, []
-            def dying(*args, **kwargs):
-                calls.append(1)
-                if len(calls) > {die_after_batches!r}:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real(*args, **kwargs)
-            features.extract_batch = dying
-        outcome = t._part(t.Path({str(manifest)!r}), t.Path({str(out)!r}), Shard({shard.index}, {shard.count}))
-        print(json.dumps({{"finished": outcome.metadata is not None, "unfinished": len(outcome.unfinished)}}))
+        real, calls = features.extract_batch, []
+        def watched(*args, **kwargs):
+            calls.append(1)
+            if {die_after_batches!r} is not None and len(calls) > {die_after_batches!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            while {str(go) if go else None!r} is not None and not os.path.exists({str(go)!r}):
+                time.sleep(0.05)
+            return real(*args, **kwargs)
+        features.extract_batch = watched
+        outcome = t._part(t.Path({str(manifest)!r}), t.Path({str(out)!r}), Shard({shard.index}, {shard.count}),
+                          restart={restart!r})
+        print(json.dumps({{"finished": outcome.metadata is not None, "unfinished": len(outcome.unfinished),
+                           "wrote": outcome.wrote_metadata}}))
     """)
     return [sys.executable, "-c", script]
+
+
+def _wait_until(condition, what: str, timeout: float = 240.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.05)
 
 
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
 
 
-def test_parts_started_at_once_in_separate_processes(manifest, whole, tmp_path):
-    """Started together (a SLURM array, torchrun): they set up one folder without starting it over under each
-    other, and exactly one of them, the last to finish, joins the units and writes the metadata."""
+@pytest.mark.parametrize("restart", [False, True])
+def test_parts_started_at_once_in_separate_processes(manifest, whole, tmp_path, restart):
+    """Started together (a SLURM array, torchrun; with --restart, in a folder that holds a finished extraction):
+    they set up one folder without starting it over under each other, and one of them joins the units and writes
+    the metadata."""
     out = tmp_path / "out"
-    children = [subprocess.Popen(_part_script(manifest, out, Shard(k, 3)), stdout=subprocess.PIPE,
+    if restart:
+        for k in (1, 2, 3):
+            _part(manifest, out, Shard(k, 3))
+    children = [subprocess.Popen(_part_script(manifest, out, Shard(k, 3), restart=restart), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=CHILD_ENV) for k in (1, 2, 3)]
     results = [(*child.communicate(timeout=300), child.returncode) for child in children]
     for _stdout, stderr, code in results:
         assert code == 0, stderr[-3000:]
     outcomes = [json.loads(stdout.splitlines()[-1]) for stdout, _, _ in results]
-    assert sum(o["finished"] for o in outcomes) >= 1  # (a part that ended while another was joining sees it done)
+    assert sum(o["wrote"] for o in outcomes) == 1
     assert all(o["finished"] or o["unfinished"] for o in outcomes)
+    _assert_same_outputs(out, whole)
+
+
+def test_parts_that_end_together_join_once(manifest, whole, tmp_path):
+    """Both parts done before either takes the folder to join: the second one found the first one's join and
+    joined again, from the parts' units files that the first had removed (an error sending the user to a restart
+    that wiped every part). It now sees the finished extraction."""
+    from spidr.eval.journal import part_states
+
+    out, go = tmp_path / "out", tmp_path / "go"
+    children = [subprocess.Popen(_part_script(manifest, out, Shard(k, 2), go=go), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=CHILD_ENV) for k in (1, 2)]
+    try:
+        from spidr.folder_lock import lock_holder
+
+        _wait_until(lambda: all(lock_holder(out / ".extract" / f"shard-{k}-of-2") for k in (1, 2)),
+                    "both parts to start")
+        lengths = read_manifest(manifest).num_samples
+        with folder_lock(out, "the test"):
+            go.touch()
+            _wait_until(lambda: all(state.done[part.members(lengths)].all()
+                                    for part, state in part_states(out, 2, NUM_FILES).items()),
+                        "both parts to end their last batch")
+    finally:
+        results = [(*child.communicate(timeout=300), child.returncode) for child in children]
+    for _stdout, stderr, code in results:
+        assert code == 0, stderr[-3000:]
+    outcomes = [json.loads(stdout.splitlines()[-1]) for stdout, _, _ in results]
+    assert sorted(o["wrote"] for o in outcomes) == [False, True]
+    assert all(o["finished"] for o in outcomes)
+    _assert_same_outputs(out, whole)
+
+
+def test_a_part_not_begun_yet_can_be_restarted(manifest, whole, tmp_path):
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(1, 3))
+    assert _part(manifest, out, Shard(2, 3), restart=True).unfinished == (Shard(3, 3),)
+    assert _part(manifest, out, Shard(3, 3), restart=True).wrote_metadata
+    _assert_same_outputs(out, whole)
+
+
+def test_a_restart_killed_while_removing_leaves_no_folder_taken_for_finished(manifest, tmp_path, monkeypatch):
+    """Starting over removed the outputs before metadata.json and state.json: killed in between (minutes on a real
+    corpus), a plain rerun found the finished extraction, its features gone."""
+    import shutil
+
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(1, 2))
+    _part(manifest, out, Shard(2, 2))
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _part(manifest, out, Shard(1, 2), restart=True)
+    with pytest.raises(ValueError, match="but no record of the extraction that wrote them"):
+        _part(manifest, out, Shard(1, 2))
+
+
+def test_units_files_of_the_parts_left_by_a_kill_after_the_join_are_removed(manifest, whole, tmp_path, monkeypatch):
+    from spidr.eval import journal
+
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(1, 2))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(journal, "remove_part_units", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _part(manifest, out, Shard(2, 2))
+    assert (out / "metadata.json").is_file()
+    assert list(out.glob(".extract/shard-*/layer_*.jsonl"))
+    assert not _part(manifest, out, Shard(1, 2)).wrote_metadata
     _assert_same_outputs(out, whole)
 
 

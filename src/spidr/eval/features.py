@@ -502,7 +502,13 @@ def extract_part(
     over (all of them, in a folder that holds a finished extraction or another one)."""
     from tqdm import tqdm
 
-    from spidr.eval.journal import ExtractionJournal, UnitsFiles, entries_fingerprint, model_fingerprint
+    from spidr.eval.journal import (
+        ExtractionJournal,
+        UnitsFiles,
+        entries_fingerprint,
+        model_fingerprint,
+        remove_part_units,
+    )
 
     out_dir = Path(out_dir)
     model.eval()
@@ -526,6 +532,8 @@ def extract_part(
             finished = _finished_metadata(out_dir, identity)
             if finished is not None:  # (its parts' unit rows are in codebook_units/ now)
                 logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
+                # (the parts' units files that a kill after metadata.json left behind)
+                remove_part_units(out_dir, [Shard(k, shard.count) for k in range(1, shard.count + 1)])
                 return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False)
         journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                     replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard)
@@ -546,6 +554,9 @@ def extract_part(
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
         with folder_lock(out_dir, bookkeeping, wait=True):
             try:
+                finished = _finished_metadata(out_dir, identity)
+                if finished is not None:  # another part, which ended at the same time, joined them all already
+                    return PartOutcome(num_files, dict(journal.skipped), finished, (), wrote_metadata=False)
                 return _finish_parts(model, manifest, out_dir, settings, shard, checkpoint=checkpoint,
                                      num_files=num_files, own_skipped=journal.skipped)
             finally:  # (this part's lock goes first: a restart waiting for the folder then finds no part running)

@@ -174,7 +174,7 @@ class ExtractionJournal:
         try:
             if restart and not replace_all:  # this part alone starts over
                 for path in (self.part_dir / "journal.jsonl", *self.part_dir.glob("layer_*.jsonl")):
-                    path.unlink()
+                    path.unlink(missing_ok=True)
             state, good, unterminated = read_journal(self.part_dir / "journal.jsonl", num_entries)
             self.done, self.skipped, self.units_bytes = state.done, state.skipped, state.units_bytes
             if (self.part_dir / "journal.jsonl").is_file():
@@ -188,11 +188,14 @@ class ExtractionJournal:
         """Remove the extraction's outputs ``found`` and its journals, unless a process still works in the folder,
         and record the new identity."""
         self._refuse_running_parts(out_dir)
+        # First what makes the folder look finished or resumable: a kill below leaves a folder of unknown origin
+        (self.dir / "state.json").unlink(missing_ok=True)
+        (out_dir / "metadata.json").unlink(missing_ok=True)
         for path in found:  # what the replaced extraction wrote: never left beside the new one
             if path.is_dir():
                 shutil.rmtree(path)
             else:
-                path.unlink()
+                path.unlink(missing_ok=True)
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
