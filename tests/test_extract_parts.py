@@ -72,7 +72,7 @@ def _assert_same_outputs(out: Path, whole: Path, *, exact: bool = True) -> None:
     assert units == expected_units
     assert {k: v for k, v in metadata.items() if k != "checkpoint"} == {
         k: v for k, v in expected_metadata.items() if k != "checkpoint"}
-    assert not list(out.glob(".extract/shard-*/layer_*.jsonl"))  # the parts' rows live in codebook_units/ now
+    assert not list(out.glob(".extract/shard-*/*_units/layer_*.jsonl"))  # the parts' rows live in codebook_units/ now
 
 
 def _stamps(out: Path, names) -> dict[Path, tuple[int, int]]:
@@ -255,7 +255,7 @@ def test_units_files_of_the_parts_left_by_a_kill_after_the_join_are_removed(mani
         with pytest.raises(KeyboardInterrupt):
             _part(manifest, out, Shard(2, 2))
     assert (out / "metadata.json").is_file()
-    assert list(out.glob(".extract/shard-*/layer_*.jsonl"))
+    assert list(out.glob(".extract/shard-*/*_units/layer_*.jsonl"))
     assert not _part(manifest, out, Shard(1, 2)).wrote_metadata
     _assert_same_outputs(out, whole)
 
@@ -424,3 +424,34 @@ def test_a_part_lets_go_of_its_own_lock_before_the_folder_s(manifest, tmp_path, 
     _part(manifest, tmp_path / "out", Shard(2, 2))
     # part 1: set-up (its own part, not yet begun there), end; part 2: set-up (its lock held), end (released)
     assert held_at_release == [None, None, f"process {os.getpid()}", None]
+
+
+def test_parts_join_k_means_units_as_one_whole_extraction_writes_them(manifest, tmp_path):
+    """K-means units (layer 2, features not written) from parts: joined into kmeans_units/ with their record, as
+    one whole extraction writes them; other centroids are another extraction, refused by name."""
+    import torch
+
+    from spidr.eval.feature_dir import recorded_num_units
+    from spidr.eval.features import KMeansUnits
+    from spidr.eval.units import read_units
+
+    settings = ExtractionSettings(layers=(), batch_seconds=0.3)
+    centroids = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    kmeans = [KMeansUnits(2, centroids, "c.safetensors")]
+    extract_to_directory(_model(), read_manifest(manifest), tmp_path / "whole", settings, progress=False,
+                         kmeans=kmeans)
+    for k in (2, 1):
+        extract_part(_model(), read_manifest(manifest), tmp_path / "parts", settings, Shard(k, 2), progress=False,
+                     kmeans=kmeans)
+    whole, parts = (tmp_path / name / "kmeans_units" / "layer_02.jsonl" for name in ("whole", "parts"))
+    expected, got = read_units(whole), read_units(parts)
+    assert len(got) == NUM_FILES
+    assert got.keys() == expected.keys()
+    for name, units in got.items():
+        np.testing.assert_array_equal(units, expected[name])
+    assert recorded_num_units(parts)[0] == 6
+    assert not list((tmp_path / "parts").glob("layer_*"))
+    assert not list((tmp_path / "parts").glob(".extract/shard-*/*_units/*"))
+    with pytest.raises(ValueError, match=r"holds an extraction with other kmeans"):
+        extract_part(_model(), read_manifest(manifest), tmp_path / "parts", settings, Shard(1, 2), progress=False,
+                     kmeans=[KMeansUnits(2, centroids + 1, "c.safetensors")])

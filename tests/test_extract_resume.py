@@ -299,7 +299,7 @@ def test_a_units_file_the_journal_does_not_name_is_emptied(tmp_path):
     folder.mkdir()
     (folder / "layer_02.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
     (folder / "layer_03.jsonl").write_text('{"c": 3}\n')
-    units = UnitsFiles(folder, {"layer_02": 9})
+    units = UnitsFiles(tmp_path, {"layer_02": 9})
     assert (folder / "layer_02.jsonl").read_text() == '{"a": 1}\n'
     assert (folder / "layer_03.jsonl").read_bytes() == b""
     units.append("layer_03", ['{"d": 4}\n'])

@@ -220,6 +220,52 @@ def test_codebook_units_alone_equal_those_extracted_with_features(corpus, tmp_pa
     assert "--layers none writes no features: add --codebooks" in capsys.readouterr().err
 
 
+def test_kmeans_units_from_the_audio_equal_spidr_units_on_the_features(corpus, tmp_path, capsys):
+    """--kmeans LAYER:CENTROIDS writes the units that `spidr units` gives on that layer's extracted features (whole
+    files and windowed ones), with the record `spidr units` writes (vocabulary, frame rate); with --layers none
+    they come without any feature file."""
+    from spidr.eval.feature_dir import extraction_frame_rate, recorded_num_units
+    from spidr.eval.units import read_units
+
+    base = ["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv")]
+    centroids = tmp_path / "c.safetensors"
+    for window in ([], ["--max-seconds", "0.4"]):
+        feats, alone, both = (tmp_path / f"{name}{len(window)}" for name in ("feats", "alone", "both"))
+        assert main([*base, *window, "--layers", "3", "--out", str(feats)]) == 0
+        if not centroids.exists():
+            assert main(["kmeans", str(feats / "layer_03"), "--num-units", "5", "--out", str(centroids)]) == 0
+        reference = tmp_path / f"units{len(window)}.jsonl"
+        assert main(["units", str(feats / "layer_03"), "--centroids", str(centroids), "--out", str(reference)]) == 0
+        expected = read_units(reference)
+        assert main([*base, *window, "--layers", "none", "--kmeans", f"3:{centroids}", "--out", str(alone)]) == 0
+        assert main([*base, *window, "--layers", "3", "--kmeans", f"3:{centroids}", "--out", str(both)]) == 0
+        for out in (alone, both):
+            units_path = out / "kmeans_units" / "layer_03.jsonl"
+            got = read_units(units_path)
+            assert got.keys() == expected.keys()
+            for name, units in got.items():
+                np.testing.assert_array_equal(units, expected[name])
+            assert recorded_num_units(units_path)[0] == 5
+            assert extraction_frame_rate(units_path)[0] == extraction_frame_rate(reference)[0]
+            assert json.loads((out / "metadata.json").read_text())["kmeans"] == {
+                "3": {"centroids": str(centroids), "num_units": 5}}
+        assert not list(alone.glob("layer_*"))
+        for path in (feats / "layer_03").glob("*.npy"):
+            np.testing.assert_array_equal(np.load(both / "layer_03" / path.name), np.load(path))
+    capsys.readouterr()
+    for option, says in (("3", "expected LAYER:CENTROIDS"), ("0:x", "expected LAYER:CENTROIDS")):
+        with pytest.raises(SystemExit):
+            main([*base, "--kmeans", option, "--out", str(tmp_path / "x")])
+        assert says in capsys.readouterr().err
+    assert main([*base, "--kmeans", f"9:{centroids}", "--out", str(tmp_path / "x")]) == 2
+    assert "k-means units of layer 9 (" in capsys.readouterr().err
+    from spidr.eval.kmeans import save_centroids
+
+    save_centroids(tmp_path / "other.safetensors", np.zeros((4, 7), dtype=np.float32))
+    assert main([*base, "--kmeans", f"2:{tmp_path / 'other.safetensors'}", "--out", str(tmp_path / "x")]) == 2
+    assert "centroids of shape (4, 7), but the layer's features have dimension 32" in capsys.readouterr().err
+
+
 def test_abx_options_are_declared_once_with_every_distance(corpus, tmp_path, capsys):
     import argparse
 

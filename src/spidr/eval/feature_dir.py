@@ -159,13 +159,13 @@ def one_layer_directory(root: str | Path) -> FeatureDirectory:
 
 
 def refuse_unfinished_extraction(path: str | Path) -> None:
-    """Raise if ``path`` is a layer folder (``OUT/layer_LL``) or a codebook units file
-    (``OUT/codebook_units/layer_LL.jsonl``) of a ``spidr extract`` run that has not finished: its journal, but no
+    """Raise if ``path`` is a layer folder (``OUT/layer_LL``) or a units file (``OUT/codebook_units/layer_LL.jsonl``,
+    ``OUT/kmeans_units/layer_LL.jsonl``) of a ``spidr extract`` run that has not finished: its journal, but no
     ``metadata.json`` yet (killed, failed or still running). It holds the utterances done so far, the shortest ones
     (extraction batches by length): k-means, units, ABX or an LM on them would silently describe a biased subset,
     and rerunning the extraction completes it cheaply (it resumes)."""
     path = Path(path).resolve()  # resolved: the parent of "." is "."
-    extraction = path.parent.parent if path.parent.name == "codebook_units" else path.parent
+    extraction = path.parent.parent if path.parent.name in ("codebook_units", "kmeans_units") else path.parent
     if (extraction / STATE_DIR).is_dir() and not (extraction / "metadata.json").is_file():
         raise ValueError(f"{path} is from an unfinished spidr extract run ({extraction} has its {STATE_DIR}/ journal "
                          "but no metadata.json): it covers only the utterances done so far; rerun the same spidr "

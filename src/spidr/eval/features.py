@@ -15,6 +15,7 @@ rows ``{"name": utterance id, "audio": path, "units": [...]}``, the id being the
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -441,7 +442,58 @@ def _unit_row(name: str, path: str, units: np.ndarray) -> str:
 
 
 # What an extraction writes in its output folder (beside its journal, spidr.eval.journal.STATE_DIR).
-EXTRACTION_OUTPUTS = ("layer_[0-9]*", "codebook_units", "metadata.json")
+EXTRACTION_OUTPUTS = ("layer_[0-9]*", "codebook_units", "kmeans_units", "metadata.json")
+
+
+@dataclass(frozen=True)
+class KMeansUnits:
+    """K-means units of one layer, written by an extraction as ``OUT/kmeans_units/layer_LL.jsonl``: each frame's
+    nearest centroid (``spidr.eval.kmeans.assign_units``), as ``spidr units`` gives on that layer's features."""
+
+    layer: int  # 1-based
+    centroids: torch.Tensor  # (K, D)
+    source: str = ""  # where they come from (their file), recorded beside the units
+
+    @property
+    def key(self) -> str:
+        """The journal's name of its units file (``spidr.eval.journal.units_file``)."""
+        return f"kmeans_layer_{self.layer:02d}"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(self.centroids.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a directory extraction computes and what it writes of it."""
+
+    saved: ExtractionSettings  # the features written (``saved.layers``) and codebook units
+    kmeans: Mapping[int, KMeansUnits]  # layer → its k-means units
+
+    @property
+    def computed(self) -> ExtractionSettings:
+        """The forward's settings: the saved layers and those of the k-means units."""
+        return replace(self.saved, layers=tuple(sorted({*self.saved.layers, *self.kmeans})))
+
+    @property
+    def writes_units(self) -> bool:
+        return self.saved.codebooks or bool(self.kmeans)
+
+
+def _check_kmeans(model: torch.nn.Module, kmeans: Sequence[KMeansUnits]) -> dict[int, KMeansUnits]:
+    """``kmeans`` by layer, each checked against the model (its layer, its centroids' dimension)."""
+    by_layer: dict[int, KMeansUnits] = {}
+    for units in kmeans:
+        where = f"k-means units of layer {units.layer}" + (f" ({units.source})" if units.source else "")
+        if not 1 <= units.layer <= model.num_layers:
+            raise ValueError(f"{where}: the model has layers 1..{model.num_layers} (1-based)")
+        if units.layer in by_layer:
+            raise ValueError(f"{where}: that layer's k-means units are asked for twice")
+        if units.centroids.ndim != 2 or units.centroids.shape[1] != model.cfg.encoder_embed_dim:
+            raise ValueError(f"{where}: centroids of shape {tuple(units.centroids.shape)}, but the layer's features "
+                             f"have dimension {model.cfg.encoder_embed_dim}: centroids of another model?")
+        by_layer[units.layer] = units
+    return by_layer
 
 
 def extract_to_directory(
@@ -454,8 +506,11 @@ def extract_to_directory(
     progress: bool = True,
     restart: bool = False,
     replace_other: bool = False,
+    kmeans: Sequence[KMeansUnits] = (),
 ) -> dict[str, object]:
     """Extract every entry and write features (and units) under ``out_dir``; returns the metadata written.
+    ``kmeans``: also the k-means units of these layers (``KMeansUnits``), whether or not their features are
+    written (``settings.layers``).
 
     Resumable: an extraction that was killed continues where it stopped, skipping every finished utterance (see
     ``spidr.eval.journal``); ``restart=True`` starts over. A folder holding another extraction (other model,
@@ -467,7 +522,7 @@ def extract_to_directory(
     ``extract_part`` splits the work between processes.
     """
     outcome = extract_part(model, entries, out_dir, settings, WHOLE, checkpoint=checkpoint, progress=progress,
-                           restart=restart, replace_other=replace_other)
+                           restart=restart, replace_other=replace_other, kmeans=kmeans)
     assert outcome.metadata is not None  # (the whole extraction has no other part to wait for)
     return outcome.metadata
 
@@ -494,6 +549,7 @@ def extract_part(
     progress: bool = True,
     restart: bool = False,
     replace_other: bool = False,
+    kmeans: Sequence[KMeansUnits] = (),
 ) -> PartOutcome:
     """``extract_to_directory`` for part ``shard`` of the entries (``spidr.eval.shards``), into the folder that every
     part writes: run each part once, in any order or at once, from processes that share ``out_dir``. The part that
@@ -512,6 +568,7 @@ def extract_part(
 
     out_dir = Path(out_dir)
     model.eval()
+    plan = _Plan(settings, _check_kmeans(model, kmeans))
     manifest = _as_manifest(entries)
     outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not repeated_strings(manifest.fileids))
     is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
@@ -525,7 +582,9 @@ def extract_part(
                 **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
                 # Long archive members ran in one forward before they ran in windows like other long files.
                 **({"long_archive_members": "windowed"} if _in_archive(manifest)[is_long].any() else {}),
-                **({} if shard.is_whole else {"parts": shard.count})}
+                **({} if shard.is_whole else {"parts": shard.count}),
+                **({"kmeans": {f"{layer:02d}": units.fingerprint() for layer, units in sorted(plan.kmeans.items())}}
+                   if plan.kmeans else {})}
     bookkeeping = f"the bookkeeping of the extraction into {out_dir}"
     with folder_lock(out_dir, bookkeeping, wait=True):  # brief: the parts set up and finish one at a time
         if not (shard.is_whole or restart):
@@ -539,25 +598,24 @@ def extract_part(
                                     replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard)
     units = None
     try:
-        if settings.codebooks:
-            units = UnitsFiles(out_dir / "codebook_units" if shard.is_whole else journal.part_dir,
-                               journal.units_bytes)
+        if plan.writes_units:
+            units = UnitsFiles(out_dir if shard.is_whole else journal.part_dir, journal.units_bytes)
         bar = tqdm(total=int(mine.sum()), initial=int((journal.done & mine).sum()), unit="file",
                    desc="extract" if shard.is_whole else f"extract {shard}", disable=not progress)
         _extract_entries(model, manifest, np.flatnonzero(mine & ~journal.done), is_long=is_long, outputs=outputs,
-                         settings=settings, journal=journal, units=units, bar=bar)
+                         plan=plan, journal=journal, units=units, bar=bar)
         num_files = int(mine.sum()) - len(journal.skipped)
         if shard.is_whole:  # (still holding the folder: nothing can start it over before metadata.json is written)
             _refuse_nothing_read(len(manifest), journal.skipped)
-            metadata = _write_metadata(out_dir, _metadata(model, settings, checkpoint=checkpoint,
-                                                          num_files=num_files, skipped=journal.skipped))
+            metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=num_files,
+                                       skipped=journal.skipped)
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
         with folder_lock(out_dir, bookkeeping, wait=True):
             try:
                 finished = _finished_metadata(out_dir, identity)
                 if finished is not None:  # another part, which ended at the same time, joined them all already
                     return PartOutcome(num_files, dict(journal.skipped), finished, (), wrote_metadata=False)
-                return _finish_parts(model, manifest, out_dir, settings, shard, checkpoint=checkpoint,
+                return _finish_parts(model, manifest, out_dir, plan, shard, checkpoint=checkpoint,
                                      num_files=num_files, own_skipped=journal.skipped)
             finally:  # (this part's lock goes first: a restart waiting for the folder then finds no part running)
                 journal.close()
@@ -568,7 +626,7 @@ def extract_part(
 
 
 def _extract_entries(model: torch.nn.Module, manifest: Manifest, todo: np.ndarray, *, is_long: np.ndarray,
-                     outputs: _Outputs, settings: ExtractionSettings, journal: Any, units: Any, bar: Any) -> None:
+                     outputs: _Outputs, plan: _Plan, journal: Any, units: Any, bar: Any) -> None:
     """Extract ``manifest[todo]``: short files in padded batches of similar length, then long ones window by
     window; each batch is journaled once its files are in place."""
 
@@ -580,16 +638,15 @@ def _extract_entries(model: torch.nn.Module, manifest: Manifest, todo: np.ndarra
 
     short, long = todo[~is_long[todo]], todo[is_long[todo]]
     batches = (short[batch] for batch in length_batches(manifest.num_samples[short],
-                                                        int(settings.batch_seconds * SAMPLE_RATE)))
+                                                        int(plan.saved.batch_seconds * SAMPLE_RATE)))
     try:
         for indices, waves, kept, skipped in loaded_batches(model, manifest, batches):
-            finish(indices, _extract_short_batch(model, manifest, waves, kept, outputs=outputs, settings=settings),
-                   skipped)
+            finish(indices, _extract_short_batch(model, manifest, waves, kept, outputs=outputs, plan=plan), skipped)
             bar.update(len(indices))
         for index in long.tolist():
             entry, rows, skipped = manifest[index], {}, {}
             try:
-                rows = _extract_long_file(model, entry, outputs=outputs, index=index, settings=settings)
+                rows = _extract_long_file(model, entry, outputs=outputs, index=index, plan=plan)
             except AudioError as error:  # see iter_extracted: only a decoding failure skips a long file
                 skipped[entry.location] = error.reason
                 logger.warning("skipping %s: %s", entry.location, error.reason)
@@ -611,8 +668,8 @@ def _finished_metadata(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, 
     return metadata if state == recorded_identity(identity) else None
 
 
-def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, settings: ExtractionSettings,
-                  shard: Shard, *, checkpoint: str, num_files: int, own_skipped: dict[str, str]) -> PartOutcome:
+def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, plan: _Plan, shard: Shard, *,
+                  checkpoint: str, num_files: int, own_skipped: dict[str, str]) -> PartOutcome:
     """After part ``shard``, under the folder's bookkeeping lock: once every part is finished (this one was the
     last), join their unit rows and write ``metadata.json``."""
     from spidr.eval.journal import join_part_units, part_states, remove_part_units
@@ -624,16 +681,34 @@ def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, set
         return PartOutcome(num_files, dict(own_skipped), None, unfinished, wrote_metadata=False)
     skipped = {location: reason for state in states.values() for location, reason in state.skipped.items()}
     _refuse_nothing_read(len(manifest), skipped)
-    if settings.codebooks:
+    if plan.writes_units:
         join_part_units(out_dir, states)
-    metadata = _write_metadata(out_dir, _metadata(model, settings, checkpoint=checkpoint,
-                                                  num_files=len(manifest) - len(skipped), skipped=skipped))
+    metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=len(manifest) - len(skipped),
+                               skipped=skipped)
     remove_part_units(out_dir, list(states))
     return PartOutcome(num_files, dict(own_skipped), metadata, ())
 
 
-def _write_metadata(out_dir: Path, metadata: dict[str, object]) -> dict[str, object]:
-    """Write ``OUT/metadata.json``; returns it as a reader gets it back (lists, not tuples), whichever run wrote it."""
+def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, checkpoint: str, num_files: int,
+                    skipped: Mapping[str, str]) -> dict[str, object]:
+    """Write the record beside each k-means units file (what ``spidr units`` writes beside its own), then
+    ``OUT/metadata.json``, which marks the extraction finished; returns the metadata as a reader gets it back
+    (lists, not tuples), whichever run wrote it."""
+    from spidr.eval.feature_dir import units_metadata_path
+    from spidr.eval.journal import units_file
+    from spidr.eval.kmeans import ASSIGNMENT
+
+    metadata = _metadata(model, plan.saved, checkpoint=checkpoint, num_files=num_files, skipped=dict(skipped))
+    for layer, units in sorted(plan.kmeans.items()):
+        path = units_file(out_dir, units.key)
+        record = {"frame_rate_hz": metadata["frame_rate_hz"], "num_units": int(units.centroids.shape[0]),
+                  "dedup": False, "features": f"layer {layer} of {checkpoint or 'the model'} (spidr extract)",
+                  "centroids": units.source, "assignment": ASSIGNMENT, "num_utterances": num_files,
+                  "units_file_bytes": path.stat().st_size if path.is_file() else 0}
+        write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
+    if plan.kmeans:
+        metadata["kmeans"] = {str(layer): {"centroids": units.source, "num_units": int(units.centroids.shape[0])}
+                              for layer, units in sorted(plan.kmeans.items())}
     text = json.dumps(metadata, indent=1)
     write_atomically(out_dir / "metadata.json", text)
     return json.loads(text)
@@ -666,18 +741,25 @@ def load_model_input(entry: ManifestEntry, conv_layers: Sequence[ConvLayer]) -> 
 
 def _extract_short_batch(
     model: torch.nn.Module, manifest: Manifest, waves: list[torch.Tensor], kept: list[int], *, outputs: _Outputs,
-    settings: ExtractionSettings
+    plan: _Plan
 ) -> dict[str, list[str]]:
     """Run the inputs ``waves`` of entries ``kept`` as one padded batch and save their features; returns their unit
-    rows by layer."""
+    rows by units file (``spidr.eval.journal.units_file``)."""
+    from spidr.eval.kmeans import assign_units
+
     rows: dict[str, list[str]] = {}
-    for index, result in zip(kept, extract_batch(model, waves, settings) if waves else [], strict=True):
+    for index, result in zip(kept, extract_batch(model, waves, plan.computed) if waves else [], strict=True):
+        name, path = outputs.utterance(index), manifest[index].path
         for key, values in result.items():
-            if key.startswith("layer_"):
+            if not key.startswith("layer_"):
+                rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(_unit_row(name, path, values))
+                continue
+            layer = int(key.removeprefix("layer_"))
+            if layer in plan.saved.layers:
                 outputs.save(key, index, values)
-            else:
-                row = _unit_row(outputs.utterance(index), manifest[index].path, values)
-                rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(row)
+            if layer in plan.kmeans:
+                units = plan.kmeans[layer]
+                rows.setdefault(units.key, []).append(_unit_row(name, path, assign_units(values, units.centroids)))
     return rows
 
 
@@ -908,30 +990,51 @@ class NpyAppender:
 
 
 def _extract_long_file(
-    model: torch.nn.Module, entry: ManifestEntry, *, outputs: _Outputs, index: int, settings: ExtractionSettings
+    model: torch.nn.Module, entry: ManifestEntry, *, outputs: _Outputs, index: int, plan: _Plan
 ) -> dict[str, list[str]]:
     """Window a long file into its ``layer_LL/<stem>.npy`` files, written as they come; returns its unit rows."""
     audio = LongAudio(entry)
     total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
-    sinks: dict[str, NpyAppender | np.ndarray] = {}
-    for layer in settings.layers:
+    sinks: dict[str, Any] = {}
+    for layer in plan.computed.layers:
         key = f"layer_{layer:02d}"
-        sinks[key] = NpyAppender(outputs.path(key, index), total, model.cfg.encoder_embed_dim)
-    for layer in model.head_layers if settings.codebooks else ():
+        saved = (NpyAppender(outputs.path(key, index), total, model.cfg.encoder_embed_dim)
+                 if layer in plan.saved.layers else None)
+        sinks[key] = _KMeansSink(plan.kmeans[layer], total, saved) if layer in plan.kmeans else saved
+    for layer in model.head_layers if plan.saved.codebooks else ():
         sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
+    appenders = [sink.saved if isinstance(sink, _KMeansSink) else sink for sink in sinks.values()]
+    appenders = [sink for sink in appenders if isinstance(sink, NpyAppender)]
     try:
-        extract_long(model, audio, settings, sinks)
+        extract_long(model, audio, plan.computed, sinks)
     except BaseException:
-        for sink in sinks.values():
-            if isinstance(sink, NpyAppender):
-                sink.file.close()
-                sink.partial.unlink(missing_ok=True)
-                sink.release()
+        for sink in appenders:
+            sink.file.close()
+            sink.partial.unlink(missing_ok=True)
+            sink.release()
         raise
-    rows = {}
+    rows, name = {}, outputs.utterance(index)
     for key, values in sinks.items():
         if key.startswith("units_"):
-            rows[f"layer_{key.removeprefix('units_')}"] = [_unit_row(outputs.utterance(index), entry.path, values)]
-        else:
-            values.close()
+            rows[f"layer_{key.removeprefix('units_')}"] = [_unit_row(name, entry.path, values)]
+        elif isinstance(values, _KMeansSink):
+            rows[values.kmeans.key] = [_unit_row(name, entry.path, values.units)]
+    for appender in appenders:
+        appender.close()
     return rows
+
+
+class _KMeansSink:
+    """A long file's sink for one layer's windows (``extract_long``): the k-means units of each window's frames,
+    and the frames themselves on to ``saved`` where that layer's features are written too."""
+
+    def __init__(self, kmeans: KMeansUnits, total: int, saved: NpyAppender | None) -> None:
+        self.kmeans, self.saved = kmeans, saved
+        self.units = np.zeros(total, dtype=np.int64)
+
+    def __setitem__(self, frames: slice, values: np.ndarray) -> None:
+        from spidr.eval.kmeans import assign_units
+
+        self.units[frames] = assign_units(values, self.kmeans.centroids)
+        if self.saved is not None:
+            self.saved[frames] = values

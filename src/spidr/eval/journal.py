@@ -173,7 +173,7 @@ class ExtractionJournal:
         self._lock.enter_context(folder_lock(self.part_dir, what))
         try:
             if restart and not replace_all:  # this part alone starts over
-                for path in (self.part_dir / "journal.jsonl", *self.part_dir.glob("layer_*.jsonl")):
+                for path in (self.part_dir / "journal.jsonl", *units_files(self.part_dir).values()):
                     path.unlink(missing_ok=True)
             state, good, unterminated = read_journal(self.part_dir / "journal.jsonl", num_entries)
             self.done, self.skipped, self.units_bytes = state.done, state.skipped, state.units_bytes
@@ -246,19 +246,36 @@ class ExtractionJournal:
             self._lock.close()
 
 
-class UnitsFiles:
-    """``OUT/codebook_units/layer_LL.jsonl`` files, appended batch by batch, cut back to the journaled sizes."""
+# Unit rows by kind: codebook units are journaled as "layer_LL" (as before k-means units were), k-means ones as
+# "kmeans_layer_LL"; each kind has its folder below the extraction (or below a part's journal folder).
+UNIT_FOLDERS = {"": "codebook_units", "kmeans_": "kmeans_units"}
 
-    def __init__(self, folder: Path, journaled: Mapping[str, int]) -> None:
-        self.folder = folder
+
+def units_file(root: Path, key: str) -> Path:
+    """Where the unit rows ``key`` live below ``root``: "layer_05" → ``root/codebook_units/layer_05.jsonl``,
+    "kmeans_layer_06" → ``root/kmeans_units/layer_06.jsonl``."""
+    prefix = "kmeans_" if key.startswith("kmeans_") else ""
+    return root / UNIT_FOLDERS[prefix] / f"{key.removeprefix(prefix)}.jsonl"
+
+
+def units_files(root: Path) -> dict[str, Path]:
+    """The units files below ``root``, by key (``units_file``'s inverse)."""
+    return {prefix + path.stem: path for prefix, folder in UNIT_FOLDERS.items()
+            for path in sorted((root / folder).glob("layer_*.jsonl"))}
+
+
+class UnitsFiles:
+    """The units files below ``root`` (``units_file``), appended batch by batch, cut back to the journaled sizes."""
+
+    def __init__(self, root: Path, journaled: Mapping[str, int]) -> None:
+        self.root = root
         self.handles: dict[str, IO[str]] = {}
-        folder.mkdir(parents=True, exist_ok=True)
-        missing = sorted(key for key, size in journaled.items() if size and not (folder / f"{key}.jsonl").is_file())
+        missing = sorted(key for key, size in journaled.items() if size and not units_file(root, key).is_file())
         if missing:
-            raise ValueError(f"{folder}: the units of {', '.join(missing)} are journaled but missing; restart the "
+            raise ValueError(f"{root}: the units of {', '.join(missing)} are journaled but missing; restart the "
                              "extraction (spidr extract --restart)")
-        for path in folder.glob("layer_*.jsonl"):
-            size = journaled.get(path.stem, 0)
+        for key, path in units_files(root).items():
+            size = journaled.get(key, 0)
             if path.stat().st_size < size:
                 raise ValueError(f"{path} is shorter ({path.stat().st_size} bytes) than its journal says ({size}): "
                                  "the extraction state is inconsistent; restart it (spidr extract --restart)")
@@ -268,14 +285,16 @@ class UnitsFiles:
     def append(self, key: str, rows: list[str]) -> None:
         handle = self.handles.get(key)
         if handle is None:
-            handle = self.handles[key] = (self.folder / f"{key}.jsonl").open("a", encoding="utf-8")
+            path = units_file(self.root, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.handles[key] = path.open("a", encoding="utf-8")
         handle.write("".join(rows))
 
     def sizes(self) -> dict[str, int]:
         """Flush and return every file's size (what the journal records)."""
         for handle in self.handles.values():
             handle.flush()
-        return {path.stem: path.stat().st_size for path in sorted(self.folder.glob("layer_*.jsonl"))}
+        return {key: path.stat().st_size for key, path in units_files(self.root).items()}
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -291,21 +310,22 @@ def part_states(out_dir: Path, count: int, num_entries: int) -> dict[Shard, Jour
 
 def join_part_units(out_dir: Path, parts: Mapping[Shard, JournalState]) -> None:
     """Each layer's unit rows of every part, in part order and each cut at its journaled size, into
-    ``OUT/codebook_units/layer_LL.jsonl`` (written under a temporary name and renamed)."""
+    ``OUT/codebook_units/layer_LL.jsonl`` and ``OUT/kmeans_units/layer_LL.jsonl`` (written under a temporary name
+    and renamed)."""
     keys = sorted({key for state in parts.values() for key, size in state.units_bytes.items() if size})
-    folder = out_dir / "codebook_units"
-    folder.mkdir(parents=True, exist_ok=True)
     for key in keys:
-        with replaced_when_done(folder / f"{key}.jsonl") as partial, partial.open("wb") as target:
+        target = units_file(out_dir, key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_when_done(target) as partial, partial.open("wb") as handle:
             for part, state in parts.items():
                 size = state.units_bytes.get(key, 0)
-                source = out_dir / STATE_DIR / part.folder_name / f"{key}.jsonl"
+                source = units_file(out_dir / STATE_DIR / part.folder_name, key)
                 if size and (not source.is_file() or source.stat().st_size < size):
                     raise ValueError(f"{source} is missing or shorter than its journal says ({size} bytes): restart "
                                      f"that part (spidr extract --shard {part} --restart)")
                 if size:
-                    with source.open("rb") as handle:
-                        _copy_bytes(handle, target, size)
+                    with source.open("rb") as rows:
+                        _copy_bytes(rows, handle, size)
 
 
 def _copy_bytes(source: IO[bytes], target: IO[bytes], size: int, chunk: int = 1 << 22) -> None:
@@ -318,7 +338,7 @@ def _copy_bytes(source: IO[bytes], target: IO[bytes], size: int, chunk: int = 1 
 
 
 def remove_part_units(out_dir: Path, parts: Sequence[Shard]) -> None:
-    """Delete the parts' units files once ``OUT/codebook_units/`` holds their rows (their journals stay)."""
+    """Delete the parts' units files once the extraction's own folders hold their rows (their journals stay)."""
     for part in parts:
-        for path in (out_dir / STATE_DIR / part.folder_name).glob("layer_*.jsonl"):
+        for path in units_files(out_dir / STATE_DIR / part.folder_name).values():
             path.unlink()

@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "extract",
         help="per-layer features (and codebook units) of every utterance",
         description="Write one (T, D) float32 .npy per utterance and layer under OUT/layer_LL/, mirroring the audio "
-        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl (rows named by "
-        "the manifest's file id, like the feature files), appended as "
+        "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl, with --kmeans "
+        "OUT/kmeans_units/layer_LL.jsonl (rows named by the manifest's file id, like the feature files), appended as "
         "batches finish. Resumable: rerunning the same command after a kill continues where it stopped and never "
         "rewrites a finished file (progress in OUT/.extract/); feature files are written atomically.",
         formatter_class=FORMATTER,
@@ -38,12 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_extensions_argument(extract)
     extract.add_argument("--layers", default=None,
                          help="1-based layers, e.g. 1-12, 6 or 1,5-7 (default: all); none: no feature files, the "
-                         "codebook units alone (with --codebooks: a corpus's units for a unit LM, without the "
+                         "units alone (with --codebooks or --kmeans: a corpus's units for a unit LM, without the "
                          "terabytes of its features)")
     extract.add_argument("--out", required=True, help="output folder")
     extract.add_argument("--after-residual", action="store_true",
                          help="each layer's full output instead of the FFN output before the residual (official)")
     extract.add_argument("--codebooks", action="store_true", help="also write codebook units (arg-max of each head)")
+    extract.add_argument("--kmeans", action="append", type=kmeans_option, default=None, metavar="LAYER:CENTROIDS",
+                         help="also write layer LAYER's k-means units, each frame's nearest centroid of CENTROIDS "
+                         "(spidr kmeans), as OUT/kmeans_units/layer_LL.jsonl with its record beside it, as spidr "
+                         "units gives them from that layer's features; with --layers none, without the features "
+                         "(repeatable, one layer each)")
     extract.add_argument("--batch-seconds", type=cli_types.positive_float, default=60.0, help="padded audio per batch")
     extract.add_argument("--max-seconds", type=cli_types.positive_float, default=60.0,
                          help="files longer than this are processed in overlapping windows of 30 s kept + 5 s of "
@@ -175,11 +180,21 @@ def launcher_part(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
     return Shard(denv.rank + 1, denv.world_size), device
 
 
-def run_extract(args: argparse.Namespace) -> int:
-    from spidr.eval.features import ExtractionSettings, extract_part, parse_layers, window_settings
+def kmeans_option(text: str) -> tuple[int, Path]:
+    """``--kmeans LAYER:CENTROIDS`` (argparse type): a 1-based layer and a centroids file."""
+    layer, colon, path = text.partition(":")
+    if not (colon and layer.strip().isdigit() and int(layer) >= 1 and path):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LAYER:CENTROIDS, e.g. 6:km256.safetensors")
+    return int(layer), Path(path)
 
-    if args.layers == "none" and not args.codebooks:
-        raise ValueError("--layers none writes no features: add --codebooks to extract the codebook units alone")
+
+def run_extract(args: argparse.Namespace) -> int:
+    from spidr.eval.features import ExtractionSettings, KMeansUnits, extract_part, parse_layers, window_settings
+    from spidr.eval.kmeans import load_centroids
+
+    if args.layers == "none" and not (args.codebooks or args.kmeans):
+        raise ValueError("--layers none writes no features: add --codebooks or --kmeans to extract units alone")
+    kmeans = [KMeansUnits(layer, load_centroids(path), str(path)) for layer, path in args.kmeans or ()]
     shard, args.device = launcher_part(args)
     model = _model(args)
     if args.codebooks and model.num_codebooks == 0:
@@ -194,11 +209,12 @@ def run_extract(args: argparse.Namespace) -> int:
         **window_settings(args.max_seconds),
     )
     outcome = extract_part(model, _entries(args.manifest, args.ext), args.out, settings, shard,
-                           checkpoint=args.checkpoint, restart=args.restart)
+                           checkpoint=args.checkpoint, restart=args.restart, kmeans=kmeans)
     metadata = Path(args.out) / "metadata.json"
+    what = "units" if not settings.layers else "features"
     if outcome.metadata is None:  # another part is still to run
         waiting = ", ".join(str(part) for part in outcome.unfinished)
-        print(f"part {shard}: wrote features of {outcome.num_files} files to {args.out}"
+        print(f"part {shard}: wrote {what} of {outcome.num_files} files to {args.out}"
               + (f", skipped {len(outcome.skipped)} unusable file(s)" if outcome.skipped else "")
               + f"; part(s) {waiting} not finished yet: the last part to finish writes {metadata}")
         return 0
@@ -208,7 +224,7 @@ def run_extract(args: argparse.Namespace) -> int:
         return 0
     skipped = outcome.metadata["skipped"]
     print(("" if shard.is_whole else f"part {shard}, the last one: ")
-          + f"wrote features of {outcome.metadata['num_files']} files to {args.out}" + (
+          + f"wrote {what} of {outcome.metadata['num_files']} files to {args.out}" + (
               f"; {len(skipped)} unusable file(s) skipped, listed with their reasons in {metadata}"
               if skipped else ""))
     return 0
