@@ -455,3 +455,122 @@ def test_parts_join_k_means_units_as_one_whole_extraction_writes_them(manifest, 
     with pytest.raises(ValueError, match=r"holds an extraction with other kmeans"):
         extract_part(_model(), read_manifest(manifest), tmp_path / "parts", settings, Shard(1, 2), progress=False,
                      kmeans=[KMeansUnits(2, centroids + 1, "c.safetensors")])
+
+
+def test_the_split_is_the_documented_rule_with_ties_in_manifest_order():
+    """Part K takes every N-th utterance by decreasing length from the K-th longest; equal lengths keep manifest
+    order, so every process (whatever its numpy build or CPU) computes the same parts."""
+    lengths = np.random.default_rng(1).integers(0, 3, size=50) * 1000
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for count in (2, 3):
+        for k in range(1, count + 1):
+            expected = np.zeros(len(lengths), dtype=bool)
+            expected[order[k - 1::count]] = True
+            np.testing.assert_array_equal(Shard(k, count).members(lengths), expected)
+    for text in ("a/b", "+1/2", "1_0/20"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected K/N"):
+            parse_shard(text)
+
+
+def test_a_finished_part_is_not_the_last_while_another_is_half_done(manifest, tmp_path, monkeypatch):
+    from spidr.eval import features
+
+    out = tmp_path / "out"
+    assert _part(manifest, out, Shard(1, 2)).unfinished == (Shard(2, 2),)
+    real, calls = features.extract_batch, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(features, "extract_batch", failing)
+        with pytest.raises(RuntimeError, match="killed"):
+            _part(manifest, out, Shard(2, 2))  # one batch of part 2 journaled
+    again = _part(manifest, out, Shard(1, 2))
+    assert again.metadata is None
+    assert again.unfinished == (Shard(2, 2),)
+    assert not (out / "metadata.json").exists()
+
+
+def test_a_finished_folder_refuses_a_part_with_other_settings(manifest, tmp_path):
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(1, 2))
+    _part(manifest, out, Shard(2, 2))
+    with pytest.raises(ValueError, match=r"holds an extraction with other settings \(layers"):
+        extract_part(_model(), read_manifest(manifest), out, ExtractionSettings(**{**SETTINGS, "layers": (1,)}),
+                     Shard(1, 2), progress=False)
+
+
+def test_a_part_s_missing_units_file_is_named_when_the_last_part_joins(manifest, tmp_path):
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(1, 2))
+    (out / ".extract" / "shard-1-of-2" / "codebook_units" / "layer_03.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"shard-1-of-2/codebook_units/layer_03.jsonl is missing or shorter than"):
+        _part(manifest, out, Shard(2, 2))
+    assert not (out / "metadata.json").exists()
+
+
+def test_a_part_whose_files_are_all_unreadable_keeps_the_other_part_s_units(manifest, tmp_path):
+    header, *rows = manifest.read_text().splitlines()
+    good = rows[0].split(",")
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    (tmp_path / "m.csv").write_text(f"{header}\nbad,{tmp_path}/bad.wav,90000\n"
+                                    f"{good[0]},{manifest.parent / good[1]},{good[2]}\n")
+    out = tmp_path / "out"
+    assert list(_part(tmp_path / "m.csv", out, Shard(1, 2)).skipped) == [f"{tmp_path}/bad.wav"]  # the longest
+    _part(tmp_path / "m.csv", out, Shard(2, 2))
+    units = sorted((out / "codebook_units").glob("layer_*.jsonl"))
+    assert [p.name for p in units] == ["layer_02.jsonl", "layer_03.jsonl"]
+    for path in units:
+        assert [json.loads(r)["name"] for r in path.read_text().splitlines()] == [good[0]]
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank_and_an_explicit_gpu_stays(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    srun = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "0"}
+    assert launcher_part(argparse.Namespace(shard=None, device="cuda"), srun) == (Shard(4, 4), "cuda:0")
+    torchrun = {"LOCAL_RANK": "1", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    assert launcher_part(argparse.Namespace(shard=None, device="cuda:0"), torchrun) == (Shard(4, 4), "cuda:0")
+
+
+def test_the_last_part_joins_only_under_the_folder_s_lock(manifest, tmp_path):
+    """The join reads every part's journal and units: while another process holds the folder (a part setting up,
+    another joining), the last part waits."""
+    out = tmp_path / "out"
+    _part(manifest, out, Shard(1, 2))
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_extract_parts as t
+        from pathlib import Path
+        from spidr.eval import features
+        from spidr.eval.shards import Shard
+        real = features._extract_entries
+        def then_wait(*args, **kwargs):
+            real(*args, **kwargs)
+            Path({str(tmp_path / "extracted")!r}).touch()
+            while not Path({str(tmp_path / "go")!r}).exists():
+                time.sleep(0.05)
+        features._extract_entries = then_wait
+        t._part(Path({str(manifest)!r}), Path({str(out)!r}), Shard(2, 2))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], env=CHILD_ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until(lambda: (tmp_path / "extracted").exists() or child.poll() is not None, "part 2's last batch")
+        assert child.poll() is None, child.stderr.read()
+        with folder_lock(out, "a test holding the bookkeeping"):
+            (tmp_path / "go").touch()
+            import time
+
+            time.sleep(2)
+            assert child.poll() is None  # it waits for the folder
+            assert not (out / "metadata.json").exists()
+    finally:
+        code = child.wait(timeout=240)
+    assert code == 0, child.stderr.read()
+    assert (out / "metadata.json").is_file()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # (numpy is imported where a split is computed: `spidr --help` imports this module)
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Shard:
 
     def members(self, num_samples: np.ndarray) -> np.ndarray:
         """(N,) bool: the utterances of this part, given every utterance's length (N,) in samples."""
+        import numpy as np
+
         order = np.argsort(-np.asarray(num_samples, dtype=np.int64), kind="stable")
         mask = np.zeros(len(order), dtype=bool)
         mask[order[self.index - 1::self.count]] = True
