@@ -452,7 +452,7 @@ def test_parts_join_k_means_units_as_one_whole_extraction_writes_them(manifest, 
     assert recorded_num_units(parts)[0] == 6
     assert not list((tmp_path / "parts").glob("layer_*"))
     assert not list((tmp_path / "parts").glob(".extract/shard-*/*_units/*"))
-    with pytest.raises(ValueError, match=r"holds an extraction with other kmeans"):
+    with pytest.raises(ValueError, match=r"other k-means units \(layer 2: centroids → other centroids\)"):
         extract_part(_model(), read_manifest(manifest), tmp_path / "parts", settings, Shard(1, 2), progress=False,
                      kmeans=[KMeansUnits(2, centroids + 1, "c.safetensors")])
 

@@ -237,6 +237,15 @@ def test_identity_differences_name_what_changed_in_words():
         "utterances (another list of utterances)")
     # an entry only the earlier identity holds is named when it is the one difference
     assert identity_differences({"unit_rows": "name"}, {}) == 'unit_rows ("name" → null)'
+    # codebook units asked for where none were: the settings say it, not "an older spidr" (unit_rows comes with them)
+    assert identity_differences({"settings": {"codebooks": False}}, {"settings": {"codebooks": True},
+                                                                    "unit_rows": "name"}) == (
+        "settings (codebooks: false → true)")
+    assert "older spidr" in identity_differences({"settings": {"codebooks": True}},
+                                                 {"settings": {"codebooks": True}, "unit_rows": "name"})
+    assert identity_differences({"kmeans": {"06": "a"}}, {"kmeans": {"03": "c", "06": "b"}}) == (
+        "k-means units (layer 3: none → centroids; layer 6: centroids → other centroids)")
+    assert identity_differences({"kmeans": {"06": "a"}}, {}) == "k-means units (layer 6: centroids → none)"
 
 
 def _journal(out: Path, num_entries: int = 4):

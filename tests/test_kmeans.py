@@ -468,3 +468,27 @@ def test_only_the_codebook_units_an_extraction_wrote_take_its_codebook_size(tmp_
         (extraction / "codebook_units" / f"layer_{layer:02d}.jsonl").write_text('{"name": "a", "units": [1]}\n')
     assert recorded_num_units(extraction / "codebook_units" / "layer_06.jsonl") == (256, extraction / "metadata.json")
     assert recorded_num_units(extraction / "codebook_units" / "layer_08.jsonl") is None
+
+
+def test_codebook_units_written_without_their_layer_s_features_take_the_codebook_size(tmp_path: Path) -> None:
+    """`extract --layers none --codebooks` (or --layers 2 --codebooks, heads on layers 2-3) wrote units of head
+    layers whose features it did not write: units-quality found no vocabulary size for them. The record now names
+    the layers of its codebook units."""
+    import soundfile as sf
+    import torch
+
+    from spidr.config import SpidRConfig
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval.feature_dir import recorded_num_units
+    from spidr.eval.features import ExtractionSettings, extract_to_directory
+    from spidr.models.build import build_model
+    from train_fixtures import EXTRACTION_MODEL, speech_like
+
+    sf.write(tmp_path / "a.wav", speech_like(16000, np.random.default_rng(0)), 16000)
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
+    out = tmp_path / "out"
+    extract_to_directory(model, [ManifestEntry("a", str(tmp_path / "a.wav"), 16000)], out,
+                         ExtractionSettings(layers=(), codebooks=True), progress=False)
+    for layer in (2, 3):  # the tiny model's head layers
+        assert recorded_num_units(out / "codebook_units" / f"layer_{layer:02d}.jsonl") == (16, out / "metadata.json")

@@ -235,9 +235,10 @@ def recorded_num_units(path: str | Path) -> tuple[int, Path] | None:
     path = _absolute(path)  # as _recorded_metadata names it
     if metadata == units_metadata_path(path):
         size = record.get("num_units")
-    else:  # only the files that extraction wrote: codebook_units/layer_LL.jsonl of a layer it extracted
+    else:  # only the files that extraction wrote: codebook_units/layer_LL.jsonl of a head layer (recorded since
+        # 2026-12-06; before, of a layer whose features it wrote too)
         match = re.fullmatch(r"layer_(\d+)\.jsonl", path.name)
-        layers = record.get("layers")
+        layers = record.get("codebook_layers", record.get("layers"))
         written = (path.parent.name == "codebook_units" and match is not None and isinstance(layers, list)
                    and int(match.group(1)) in layers)
         size = record.get("codebook_size") if written else None

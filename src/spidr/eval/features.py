@@ -827,6 +827,7 @@ def _metadata(model: torch.nn.Module, settings: ExtractionSettings, *, checkpoin
         "before_residual": settings.before_residual,
         "frame_rate_hz": SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config),
         "codebook_size": model.cfg.codebook_size,  # the vocabulary of codebook_units/
+        "codebook_layers": list(model.head_layers) if settings.codebooks else [],  # its files' layers
         "normalisation": "per-utterance standardisation (zero mean, unit biased variance, eps 1e-5)",
         "settings": asdict(settings),
         "num_files": num_files,

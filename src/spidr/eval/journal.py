@@ -53,10 +53,19 @@ def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]
     changed = sorted(k for k in {*previous, *current} if previous.get(k) != current.get(k))
     if any(k in current for k in changed):  # an entry only the earlier one holds follows from the others' changes
         changed = [k for k in changed if k in current]
+    codebooks_changed = (previous.get("settings", {}).get("codebooks") != current.get("settings", {}).get("codebooks"))
     for key in changed:
         old, new = previous.get(key), current.get(key)
         if key == "parts":  # (absent: one process extracts the whole)
             parts.append(f"parts ({old or 1} → {new or 1}: each part's share depends on their number)")
+        elif key == "kmeans":  # (absent: no k-means units; else layer → centroids fingerprint)
+            old, new = old or {}, new or {}
+            layers = [f"layer {int(layer)}: {'centroids' if layer in old else 'none'} → "
+                      f"{'none' if layer not in new else 'other centroids' if layer in old else 'centroids'}"
+                      for layer in sorted({*old, *new}) if old.get(layer) != new.get(layer)]
+            parts.append(f"k-means units ({'; '.join(layers)})")
+        elif key == "unit_rows" and codebooks_changed:  # (recorded with codebook units: told by the settings)
+            continue
         elif key not in previous:
             parts.append(f"{key} (that folder was begun by an older spidr, which wrote other outputs)")
         elif key in _FINGERPRINTS:
