@@ -54,7 +54,8 @@ def worker(path: str, model_source: str, dtype: str, threads: int, out_dir: str 
     from train_step import CONFIGS  # a sibling script: the benchmarks' model configs are named there
 
     from spidr.data.manifest import ManifestEntry, read_manifest
-    from spidr.eval.features import ExtractionSettings, extract_to_directory
+    from spidr.eval.features import ExtractionSettings
+    from spidr.eval.folder_extraction import extract_to_directory
     from spidr.models.build import build_model
     from spidr.models.loading import load_model
 

@@ -147,7 +147,7 @@ def stage_extract_plan(scale: float, work: Path, parts: Parts) -> None:
     import torch
 
     from spidr.config import SpidRConfig
-    from spidr.eval import features
+    from spidr.eval import features, folder_extraction
     from spidr.models.build import build_model
 
     count = int(LIBRISPEECH_UTTERANCES * scale)
@@ -165,8 +165,8 @@ def stage_extract_plan(scale: float, work: Path, parts: Parts) -> None:
     out = work / "extract-plan"
     with parts.measure("bookkeeping up to the first audio read", size=count), \
             contextlib.suppress(FirstReadError):
-        features.extract_to_directory(model, manifest, out, features.ExtractionSettings(layers=(3,)),
-                                      progress=False, restart=True)
+        folder_extraction.extract_to_directory(model, manifest, out, features.ExtractionSettings(layers=(3,)),
+                                               progress=False, restart=True)
 
 
 TINY = {
@@ -189,7 +189,8 @@ def stage_extract_files(scale: float, work: Path, parts: Parts) -> None:
 
     from spidr.config import SpidRConfig
     from spidr.data.manifest import ManifestBuilder
-    from spidr.eval.features import ExtractionSettings, extract_to_directory
+    from spidr.eval.features import ExtractionSettings
+    from spidr.eval.folder_extraction import extract_to_directory
     from spidr.models.build import build_model
 
     count = int(2500 * scale)

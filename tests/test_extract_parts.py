@@ -19,7 +19,8 @@ import pytest
 
 from spidr.data.manifest import read_manifest
 from spidr.eval.feature_dir import refuse_unfinished_extraction
-from spidr.eval.features import ExtractionSettings, extract_part, extract_to_directory
+from spidr.eval.features import ExtractionSettings
+from spidr.eval.folder_extraction import extract_part, extract_to_directory
 from spidr.eval.pipeline_commands import launcher_part
 from spidr.eval.shards import WHOLE, Shard, parse_shard
 from spidr.folder_lock import folder_lock
@@ -131,10 +132,10 @@ def _part_script(manifest: Path, out: Path, shard: Shard, *, die_after_batches: 
         import json, os, signal, sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import test_extract_parts as t
-        from spidr.eval import features
+        from spidr.eval import folder_extraction
         from spidr.eval.shards import Shard
 
-        real, calls = features.extract_batch, []
+        real, calls = folder_extraction.extract_batch, []
         def watched(*args, **kwargs):
             calls.append(1)
             if {die_after_batches!r} is not None and len(calls) > {die_after_batches!r}:
@@ -142,7 +143,7 @@ def _part_script(manifest: Path, out: Path, shard: Shard, *, die_after_batches: 
             while {str(go) if go else None!r} is not None and not os.path.exists({str(go)!r}):
                 time.sleep(0.05)
             return real(*args, **kwargs)
-        features.extract_batch = watched
+        folder_extraction.extract_batch = watched
         outcome = t._part(t.Path({str(manifest)!r}), t.Path({str(out)!r}), Shard({shard.index}, {shard.count}),
                           restart={restart!r})
         print(json.dumps({{"finished": outcome.metadata is not None, "unfinished": len(outcome.unfinished),
@@ -408,10 +409,10 @@ def test_a_part_lets_go_of_its_own_lock_before_the_folder_s(manifest, tmp_path, 
     holding its lock, and was refused: the part's lock now goes first."""
     import contextlib
 
-    from spidr.eval import features
+    from spidr.eval import folder_extraction
     from spidr.folder_lock import lock_holder
 
-    real, held_at_release = features.folder_lock, []
+    real, held_at_release = folder_extraction.folder_lock, []
 
     @contextlib.contextmanager
     def watched(folder, what, **options):
@@ -419,7 +420,7 @@ def test_a_part_lets_go_of_its_own_lock_before_the_folder_s(manifest, tmp_path, 
             yield
             held_at_release.append(lock_holder(tmp_path / "out" / ".extract" / "shard-2-of-2"))
 
-    monkeypatch.setattr(features, "folder_lock", watched)
+    monkeypatch.setattr(folder_extraction, "folder_lock", watched)
     _part(manifest, tmp_path / "out", Shard(1, 2))
     _part(manifest, tmp_path / "out", Shard(2, 2))
     # part 1: set-up (its own part, not yet begun there), end; part 2: set-up (its lock held), end (released)
@@ -432,7 +433,7 @@ def test_parts_join_k_means_units_as_one_whole_extraction_writes_them(manifest, 
     import torch
 
     from spidr.eval.feature_dir import recorded_num_units
-    from spidr.eval.features import KMeansUnits
+    from spidr.eval.folder_extraction import KMeansUnits
     from spidr.eval.units import read_units
 
     settings = ExtractionSettings(layers=(), batch_seconds=0.3)
@@ -473,11 +474,11 @@ def test_the_split_is_the_documented_rule_with_ties_in_manifest_order():
 
 
 def test_a_finished_part_is_not_the_last_while_another_is_half_done(manifest, tmp_path, monkeypatch):
-    from spidr.eval import features
+    from spidr.eval import folder_extraction
 
     out = tmp_path / "out"
     assert _part(manifest, out, Shard(1, 2)).unfinished == (Shard(2, 2),)
-    real, calls = features.extract_batch, []
+    real, calls = folder_extraction.extract_batch, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -486,7 +487,7 @@ def test_a_finished_part_is_not_the_last_while_another_is_half_done(manifest, tm
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(features, "extract_batch", failing)
+        patch.setattr(folder_extraction, "extract_batch", failing)
         with pytest.raises(RuntimeError, match="killed"):
             _part(manifest, out, Shard(2, 2))  # one batch of part 2 journaled
     again = _part(manifest, out, Shard(1, 2))
@@ -548,15 +549,15 @@ def test_the_last_part_joins_only_under_the_folder_s_lock(manifest, tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import test_extract_parts as t
         from pathlib import Path
-        from spidr.eval import features
+        from spidr.eval import folder_extraction
         from spidr.eval.shards import Shard
-        real = features._extract_entries
+        real = folder_extraction._extract_entries
         def then_wait(*args, **kwargs):
             real(*args, **kwargs)
             Path({str(tmp_path / "extracted")!r}).touch()
             while not Path({str(tmp_path / "go")!r}).exists():
                 time.sleep(0.05)
-        features._extract_entries = then_wait
+        folder_extraction._extract_entries = then_wait
         t._part(Path({str(manifest)!r}), Path({str(out)!r}), Shard(2, 2))
     """)
     child = subprocess.Popen([sys.executable, "-c", script], env=CHILD_ENV, stderr=subprocess.PIPE, text=True)

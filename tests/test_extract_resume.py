@@ -20,7 +20,8 @@ import torch
 from spidr.config import SpidRConfig
 from spidr.data.manifest import Manifest, ManifestEntry, read_manifest
 from spidr.eval import features
-from spidr.eval.features import ExtractionSettings, extract_to_directory, length_batches, output_stems
+from spidr.eval.features import ExtractionSettings, length_batches
+from spidr.eval.folder_extraction import extract_to_directory, output_stems
 from spidr.models.build import build_model
 from train_fixtures import EXTRACTION_MODEL as TINY
 from train_fixtures import write_corpus
@@ -49,17 +50,17 @@ def _dying_extraction(manifest: Path, out: Path, *, die_in: str, after: int) -> 
         import numpy as np
         import test_extract_resume as t
         from spidr.data.manifest import read_manifest
-        from spidr.eval import features
+        from spidr.eval import features, folder_extraction
 
         calls = {{"n": 0}}
         if {die_in!r} == "batch":
-            real = features.extract_batch
+            real = folder_extraction.extract_batch
             def dying(*args, **kwargs):
                 calls["n"] += 1
                 if calls["n"] > {after}:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return real(*args, **kwargs)
-            features.extract_batch = dying
+            folder_extraction.extract_batch = dying
         else:
             real_save = np.save
             def dying_save(handle, values):
@@ -69,9 +70,9 @@ def _dying_extraction(manifest: Path, out: Path, *, die_in: str, after: int) -> 
                     handle.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
                 real_save(handle, values)
-            features.np.save = dying_save
-        features.extract_to_directory(t._model(), read_manifest({str(manifest)!r}), {str(out)!r},
-                                      features.ExtractionSettings(**t.SETTINGS), progress=False)
+            np.save = dying_save
+        folder_extraction.extract_to_directory(t._model(), read_manifest({str(manifest)!r}), {str(out)!r},
+                                               features.ExtractionSettings(**t.SETTINGS), progress=False)
     """)
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,

@@ -19,14 +19,13 @@ from spidr.eval.features import (
     LongAudio,
     extract_batch,
     extract_long,
-    extract_to_directory,
     iter_units,
     length_batches,
     num_samples_for_frames,
-    output_stems,
     parse_layers,
     windows,
 )
+from spidr.eval.folder_extraction import extract_to_directory, output_stems
 from spidr.eval.units import read_units
 from spidr.models.build import build_model
 from spidr.models.frames import num_frames, padding_mask_from_lengths
@@ -682,9 +681,9 @@ def test_group_norm_batch_of_two_lengths_equals_one_file_at_a_time():
 def test_an_escaping_file_id_past_the_first_chunk_of_rows_is_named_by_its_own_row(monkeypatch):
     """Manifests are read in chunks of rows (65,536; 3 here): the row named must be the manifest's, not
     the row within its chunk. Truth (hand-counted): row 5 of 6 holds the bad id."""
-    from spidr.eval import features
+    from spidr.eval import folder_extraction
 
-    monkeypatch.setattr(features, "ITER_CHUNK", 3)
+    monkeypatch.setattr(folder_extraction, "ITER_CHUNK", 3)
     entries = [ManifestEntry(name, f"/c/{name}.wav", 10) for name in "abcd"]
     entries += [ManifestEntry("../e", "/c/e.wav", 10), ManifestEntry("f", "/c/f.wav", 10)]
     with pytest.raises(ValueError, match=r"utterance 5 \(/c/e\.wav\) has the file id '\.\./e'"):
@@ -694,9 +693,9 @@ def test_an_escaping_file_id_past_the_first_chunk_of_rows_is_named_by_its_own_ro
 def test_an_archive_member_above_the_root_past_the_first_chunk_of_rows_is_named_by_its_own_row(monkeypatch):
     """Rows are checked chunk by chunk (65,536; 3 here): the utterance named must be the manifest's row, not the
     row within its chunk. Truth (hand-counted): row 5 of 6 is the member named above the archive's root."""
-    from spidr.eval import features
+    from spidr.eval import folder_extraction
 
-    monkeypatch.setattr(features, "ITER_CHUNK", 3)
+    monkeypatch.setattr(folder_extraction, "ITER_CHUNK", 3)
     names = ["spk/a.wav", "spk/b.wav", "spk/c.wav", "spk/d.wav", "spk/../../up/e.wav", "spk/f.wav"]
     entries = [ManifestEntry(name.rsplit("/", 1)[1][0], name, 10, archive="/c/audio.tar", byte_offset=512 * i,
                              byte_size=10) for i, name in enumerate(names)]
@@ -742,7 +741,9 @@ def test_the_next_batches_are_decoded_while_the_model_runs(model, tmp_path, monk
         sf.write(paths[-1], speech_like(0.5 + 0.1 * k, k), 16000, subtype="FLOAT")
     entries = [ManifestEntry(f"u{k}", str(p), int((0.5 + 0.1 * k) * 16000)) for k, p in enumerate(paths)]
     later_read, first_forward_saw_it = threading.Event(), []
-    load, run = features.load_model_input, features.extract_batch
+    from spidr.eval import folder_extraction
+
+    load, run = features.load_model_input, folder_extraction.extract_batch
 
     def loading(entry, conv_layers):
         if entry.fileid != "u0":  # (batches of one file each, the shortest first: u0 is the first batch)
@@ -755,7 +756,7 @@ def test_the_next_batches_are_decoded_while_the_model_runs(model, tmp_path, monk
         return run(*args, **kwargs)
 
     monkeypatch.setattr(features, "load_model_input", loading)
-    monkeypatch.setattr(features, "extract_batch", running)
+    monkeypatch.setattr(folder_extraction, "extract_batch", running)
     settings = ExtractionSettings(layers=(1,), batch_seconds=0.5)
     extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
     assert first_forward_saw_it == [True]

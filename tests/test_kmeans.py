@@ -480,7 +480,8 @@ def test_codebook_units_written_without_their_layer_s_features_take_the_codebook
     from spidr.config import SpidRConfig
     from spidr.data.manifest import ManifestEntry
     from spidr.eval.feature_dir import recorded_num_units
-    from spidr.eval.features import ExtractionSettings, extract_to_directory
+    from spidr.eval.features import ExtractionSettings
+    from spidr.eval.folder_extraction import extract_to_directory
     from spidr.models.build import build_model
     from train_fixtures import EXTRACTION_MODEL, speech_like
 

@@ -775,7 +775,8 @@ def test_lm_study_on_a_tiny_benchmark(tmp_path, capsys, monkeypatch):
     # ABX of the layer's features (the paper's "continuous ABX"), as `spidr extract` + `spidr abx` give it
     from spidr.eval.abx import abx_error_rate
     from spidr.eval.feature_dir import one_layer_directory
-    from spidr.eval.features import ExtractionSettings, extract_to_directory
+    from spidr.eval.features import ExtractionSettings
+    from spidr.eval.folder_extraction import extract_to_directory
     from spidr.lm.bench_units import split_entries
     from spidr.models.loading import load_model
 

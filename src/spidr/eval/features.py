@@ -1,29 +1,24 @@
-"""Per-layer features and codebook units from a model, for every utterance of a manifest or a folder.
+"""Per-layer features and codebook units from a model, in memory: one padded batch (``extract_batch``), a long
+file window by window (``extract_long``), or every utterance of a collection (``iter_extracted``, ``iter_units``).
+``spidr.eval.folder_extraction`` writes them to a folder.
 
 Audio is standardised per utterance exactly as in pretraining (spec §3.1). Utterances are batched by length with
 padding and a frame padding mask, so a padded batch gives the same features as one file at a time. Files longer
 than ``max_seconds`` are processed in overlapping windows whose memory is bounded by the window size: the audio is
-read from disk window by window (16 kHz files; others are decoded whole first) and the features are written into the
-``.npy`` files as they come.
-
-Output layout (ZeroSpeech style): ``OUT/layer_LL/<tree>/<stem>.npy`` with (T, D) float32 per utterance, the tree
-mirroring the audio tree, plus ``OUT/metadata.json``; with codebook units, ``OUT/codebook_units/layer_LL.jsonl``
-rows ``{"name": utterance id, "audio": path, "units": [...]}``, the id being the stem of the utterance's feature files
-(its manifest file id), by which readers key both.
+read from disk window by window (16 kHz files; others are decoded whole first). The next batches' audio is decoded
+by background threads while the model runs (``loaded_batches``).
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +26,13 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from spidr.atomic_files import hold_partial, new_partial_path, replaced_when_done, write_atomically
+from spidr.atomic_files import hold_partial, new_partial_path
 from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, decoding, load_audio
-from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
-from spidr.eval.shards import WHOLE, Shard
-from spidr.folder_lock import folder_lock
+from spidr.data.manifest import Manifest, ManifestEntry
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
-from spidr.models.inference_precision import bfloat16_inference, precision_identity
+from spidr.models.inference_precision import bfloat16_inference
 
 logger = logging.getLogger(__name__)
 
@@ -283,105 +276,8 @@ def extract_long(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Whole collections → files
+# Whole collections, in memory
 # --------------------------------------------------------------------------------------------------------------
-
-
-def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
-    """Output path (without suffix) of each entry, as packed strings: its audio path relative to the deepest common
-    folder, with the file name replaced by the file id. Two passes over the paths, no Path object per entry."""
-    manifest = _as_manifest(entries)
-    # Files beside archive members (a folder's scan and a tar's in one manifest): Python's commonpath refused the
-    # mix of absolute and relative folders.
-    with_files = manifest.archive_index is not None and bool((manifest.archive_index < 0).any())
-    parents: set[str] = set()
-    for start in range(0, len(manifest), ITER_CHUNK):
-        parents.update(_folders(manifest, start, min(start + ITER_CHUNK, len(manifest)), with_files=with_files))
-    root = os.path.commonpath(sorted(parents)) if len(parents) > 1 else next(iter(parents), "")
-    cut = len(root.rstrip("/")) + 1 if root else 0  # "" when archive members sit at the top level
-    parts = []
-    for start in range(0, len(manifest), ITER_CHUNK):
-        stop = min(start + ITER_CHUNK, len(manifest))
-        ids = manifest.fileids.strings(start, stop)
-        _refuse_escaping_ids(ids, manifest, start)
-        stems = [f"{parent[cut:]}/{fileid}" if parent != root else fileid
-                 for parent, fileid in zip(_folders(manifest, start, stop, with_files=with_files), ids, strict=True)]
-        _refuse_escaping_folders(stems, manifest, start)
-        parts.append(PackedStrings.from_strings(stems))
-    stems = PackedStrings.concatenate(parts)
-    _refuse_duplicates(stems, manifest)
-    return stems
-
-
-def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
-    """``output_stems`` as a list of paths (convenient for a few files)."""
-    return [Path(stem) for stem in output_stems(entries)]
-
-
-def _as_manifest(entries: Sequence[ManifestEntry]) -> Manifest:
-    return entries if isinstance(entries, Manifest) else Manifest.from_entries(entries)
-
-
-def _paths(manifest: Manifest, start: int, stop: int) -> list[str]:
-    """Paths of rows start..stop as their entries hold them (resolved; member names for archive rows)."""
-    return [manifest.resolve(p) if manifest.archive_index is None or manifest.archive_index[start + k] < 0 else p
-            for k, p in enumerate(manifest.paths.strings(start, stop))]
-
-
-def _refuse_escaping_ids(ids: Sequence[str], manifest: Manifest, start: int) -> None:
-    """Raise, naming the row, if a file id (``ids``: rows ``start``, ``start + 1``, ...) would put its output
-    outside the output folder: an absolute path, or a ``..`` part. Such ids wrote features beside the audio (over
-    any file of that name) or above OUT, and the extraction said they were done."""
-    for offset, fileid in enumerate(ids):
-        if os.path.isabs(fileid) or ".." in fileid.replace("\\", "/").split("/"):
-            row = start + offset
-            raise ValueError(f"{manifest.source}: utterance {row + 1} ({_paths(manifest, row, row + 1)[0]}) has the "
-                             f"file id {fileid!r}, which would write its output outside the output folder; a file "
-                             "id is a name (or relative path) without '..' parts")
-
-
-def _folders(manifest: Manifest, start: int, stop: int, *, with_files: bool) -> list[str]:
-    """The folder of each row's audio, normalised, for the output tree to mirror where the audio is rather than how
-    its path was spelt: a file's absolute folder (``a/../b`` is ``b``, ``../x`` is the folder above), an archive
-    member's folder from the archive's root (a leading ``/`` dropped; "" at the top). ``with_files``: the manifest
-    also holds plain files, beside which a member's folder is read below its archive's path (``/d/a.tar/spk``)."""
-    index = manifest.archive_index[start:stop] if manifest.archive_index is not None else np.full(stop - start, -1)
-    folders = []
-    for path, archive in zip(_paths(manifest, start, stop), index.tolist(), strict=True):
-        if archive < 0:
-            folders.append(os.path.dirname(os.path.abspath(path)))
-            continue
-        folder = os.path.normpath(os.path.dirname(path.lstrip("/")) or ".")
-        folder = "" if folder == "." else folder  # ("./a.wav", of `tar -C dir .`, is at the top)
-        folders.append(os.path.join(manifest.archives[archive], folder).rstrip("/") if with_files else folder)
-    return folders
-
-
-def _refuse_escaping_folders(stems: Sequence[str], manifest: Manifest, start: int) -> None:
-    """Raise, naming the row, if an output path (``stems``: rows ``start``, ...) climbs out of the output folder: an
-    archive member with more ``..`` than folders (``spk/../../../victim/x.wav``) wrote its features there, over any
-    file of that name, and the extraction said it was done."""
-    for offset, stem in enumerate(stems):
-        if ".." in stem.split("/"):
-            row = start + offset
-            raise ValueError(f"{manifest.source}: utterance {row + 1} ({_paths(manifest, row, row + 1)[0]}) is an "
-                             "archive member named above the archive's root ('..'), so its features would be "
-                             "written outside the output folder")
-
-
-def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:
-    """Raise, naming both files, if two stems are equal: 64-bit hashes sorted in numpy, candidates then compared as
-    strings."""
-    hashes = np.fromiter((hash(stem) for stem in stems), dtype=np.int64, count=len(stems))
-    order = np.argsort(hashes, kind="stable")
-    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-    for k in same.tolist():
-        a, b = int(order[k]), int(order[k + 1])
-        if stems[a] == stems[b]:
-            first, second = _paths(manifest, a, a + 1)[0], _paths(manifest, b, b + 1)[0]
-            raise ValueError(f"utterances {a + 1} ({first}) and {b + 1} ({second}) both map to the output file "
-                             f"{stems[a]!r} (one folder, one file id: e.g. the same name with two extensions); give "
-                             "them distinct file ids in a manifest, or leave one out (--ext)")
 
 
 def length_batches(entries: Sequence[ManifestEntry] | np.ndarray, batch_samples: int) -> Iterator[list[int]]:
@@ -406,329 +302,6 @@ def length_batches(entries: Sequence[ManifestEntry] | np.ndarray, batch_samples:
         begin = end
 
 
-class _Outputs:
-    """Where features and unit rows go: atomic ``.npy`` writes into ``OUT/layer_LL/<stem>.npy``."""
-
-    def __init__(self, out_dir: Path, stems: PackedStrings, *, ids_unique: bool = True) -> None:
-        self.out_dir = out_dir
-        self.stems = stems
-        self.ids_unique = ids_unique  # False when several entries hold one file id (spk1/sa1.wav, spk2/sa1.wav)
-        self.folders: set[Path] = set()
-
-    def utterance(self, index: int) -> str:
-        """The name of entry ``index``'s unit rows: the stem of its feature files (its file id), or, when file ids
-        are not unique, their path below the layer folder, as the readers then key the features
-        (``StemKeyed.if_unique``) and as ``spidr units`` names its rows."""
-        stem = self.stems[index]
-        return stem.rsplit("/", 1)[-1] if self.ids_unique else stem
-
-    def path(self, key: str, index: int) -> Path:
-        path = self.out_dir / key / f"{self.stems[index]}.npy"
-        if path.parent not in self.folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.folders.add(path.parent)
-        return path
-
-    def save(self, key: str, index: int, values: np.ndarray) -> None:
-        path = self.path(key, index)
-        with replaced_when_done(path) as partial, partial.open("wb") as handle:
-            np.save(handle, values.astype(np.float32, copy=False))
-
-
-def _unit_row(name: str, path: str, units: np.ndarray) -> str:
-    """A units row keyed by ``name`` as the features are (the manifest's file id, which need not be the audio file's
-    stem), with the audio path for reference."""
-    return json.dumps({"name": name, "audio": path, "units": units.tolist()}) + "\n"
-
-
-# What an extraction writes in its output folder (beside its journal, spidr.eval.journal.STATE_DIR).
-EXTRACTION_OUTPUTS = ("layer_[0-9]*", "codebook_units", "kmeans_units", "metadata.json")
-
-
-@dataclass(frozen=True)
-class KMeansUnits:
-    """K-means units of one layer, written by an extraction as ``OUT/kmeans_units/layer_LL.jsonl``: each frame's
-    nearest centroid (``spidr.eval.kmeans.assign_units``), as ``spidr units`` gives on that layer's features."""
-
-    layer: int  # 1-based
-    centroids: torch.Tensor  # (K, D)
-    source: str = ""  # where they come from (their file), recorded beside the units
-
-    @property
-    def key(self) -> str:
-        """The journal's name of its units file (``spidr.eval.journal.units_file``)."""
-        return f"kmeans_layer_{self.layer:02d}"
-
-    def fingerprint(self) -> str:
-        return hashlib.sha1(self.centroids.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What a directory extraction computes and what it writes of it."""
-
-    saved: ExtractionSettings  # the features written (``saved.layers``) and codebook units
-    kmeans: Mapping[int, KMeansUnits]  # layer → its k-means units
-
-    @property
-    def computed(self) -> ExtractionSettings:
-        """The forward's settings: the saved layers and those of the k-means units."""
-        return replace(self.saved, layers=tuple(sorted({*self.saved.layers, *self.kmeans})))
-
-    @property
-    def writes_units(self) -> bool:
-        return self.saved.codebooks or bool(self.kmeans)
-
-
-def _check_kmeans(model: torch.nn.Module, kmeans: Sequence[KMeansUnits]) -> dict[int, KMeansUnits]:
-    """``kmeans`` by layer, each checked against the model (its layer, its centroids' dimension)."""
-    by_layer: dict[int, KMeansUnits] = {}
-    for units in kmeans:
-        where = f"k-means units of layer {units.layer}" + (f" ({units.source})" if units.source else "")
-        if not 1 <= units.layer <= model.num_layers:
-            raise ValueError(f"{where}: the model has layers 1..{model.num_layers} (1-based)")
-        if units.layer in by_layer:
-            raise ValueError(f"{where}: that layer's k-means units are asked for twice")
-        if units.centroids.ndim != 2 or units.centroids.shape[1] != model.cfg.encoder_embed_dim:
-            raise ValueError(f"{where}: centroids of shape {tuple(units.centroids.shape)}, but the layer's features "
-                             f"have dimension {model.cfg.encoder_embed_dim}: centroids of another model?")
-        by_layer[units.layer] = units
-    return by_layer
-
-
-def extract_to_directory(
-    model: torch.nn.Module,
-    entries: Sequence[ManifestEntry],
-    out_dir: str | Path,
-    settings: ExtractionSettings,
-    *,
-    checkpoint: str = "",
-    progress: bool = True,
-    restart: bool = False,
-    replace_other: bool = False,
-    kmeans: Sequence[KMeansUnits] = (),
-) -> dict[str, object]:
-    """Extract every entry and write features (and units) under ``out_dir``; returns the metadata written.
-    ``kmeans``: also the k-means units of these layers (``KMeansUnits``), whether or not their features are
-    written (``settings.layers``).
-
-    Resumable: an extraction that was killed continues where it stopped, skipping every finished utterance (see
-    ``spidr.eval.journal``); ``restart=True`` starts over. A folder holding another extraction (other model,
-    utterances or settings) is refused, or started over with ``replace_other=True``. Each ``.npy`` is written
-    under a temporary name and renamed, so no truncated feature file is ever left; unit rows are appended to their
-    JSONL batch by batch.
-    Unreadable files are skipped, listed in the metadata and logged once each. One extraction at a time writes into
-    ``out_dir`` (``spidr.folder_lock``): a second one is refused while the first runs (their unit rows interleaved).
-    ``extract_part`` splits the work between processes.
-    """
-    outcome = extract_part(model, entries, out_dir, settings, WHOLE, checkpoint=checkpoint, progress=progress,
-                           restart=restart, replace_other=replace_other, kmeans=kmeans)
-    assert outcome.metadata is not None  # (the whole extraction has no other part to wait for)
-    return outcome.metadata
-
-
-@dataclass(frozen=True)
-class PartOutcome:
-    """What ``extract_part`` did: this part's files, and the extraction's metadata once every part is finished."""
-
-    num_files: int  # of this part, extracted by this run and earlier ones
-    skipped: dict[str, str]  # of this part: location → reason
-    metadata: dict[str, object] | None  # the extraction's (metadata.json), None while other parts are unfinished
-    unfinished: tuple[Shard, ...]  # the other parts still to run (or running)
-    wrote_metadata: bool = True  # False where the extraction was finished before this run
-
-
-def extract_part(
-    model: torch.nn.Module,
-    entries: Sequence[ManifestEntry],
-    out_dir: str | Path,
-    settings: ExtractionSettings,
-    shard: Shard,
-    *,
-    checkpoint: str = "",
-    progress: bool = True,
-    restart: bool = False,
-    replace_other: bool = False,
-    kmeans: Sequence[KMeansUnits] = (),
-) -> PartOutcome:
-    """``extract_to_directory`` for part ``shard`` of the entries (``spidr.eval.shards``), into the folder that every
-    part writes: run each part once, in any order or at once, from processes that share ``out_dir``. The part that
-    finishes last joins the parts' unit rows into ``OUT/codebook_units/`` and writes ``metadata.json``, so the
-    folder then holds what one whole extraction writes (unit rows in another order). ``restart`` starts this part
-    over (all of them, in a folder that holds a finished extraction or another one)."""
-    from tqdm import tqdm
-
-    from spidr.eval.journal import (
-        ExtractionJournal,
-        UnitsFiles,
-        entries_fingerprint,
-        model_fingerprint,
-        remove_part_units,
-    )
-
-    out_dir = Path(out_dir)
-    model.eval()
-    plan = _Plan(settings, _check_kmeans(model, kmeans))
-    manifest = _as_manifest(entries)
-    outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not repeated_strings(manifest.fileids))
-    is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
-    mine = shard.members(manifest.num_samples)
-    # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
-    # topped up with rows keyed otherwise.
-    identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
-                "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
-                **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
-                # Features of such a model changed when it stopped running padded (see extract_batch).
-                **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
-                # Long archive members ran in one forward before they ran in windows like other long files.
-                **({"long_archive_members": "windowed"} if _in_archive(manifest)[is_long].any() else {}),
-                **({} if shard.is_whole else {"parts": shard.count}),
-                **({"kmeans": {f"{layer:02d}": units.fingerprint() for layer, units in sorted(plan.kmeans.items())}}
-                   if plan.kmeans else {})}
-    bookkeeping = f"the bookkeeping of the extraction into {out_dir}"
-    with folder_lock(out_dir, bookkeeping, wait=True):  # brief: the parts set up and finish one at a time
-        if not (shard.is_whole or restart):
-            finished = _finished_metadata(out_dir, identity)
-            if finished is not None:  # (its parts' unit rows are in codebook_units/ now)
-                logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
-                # (the parts' units files that a kill after metadata.json left behind)
-                remove_part_units(out_dir, [Shard(k, shard.count) for k in range(1, shard.count + 1)])
-                return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False)
-        journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
-                                    replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard)
-    units = None
-    try:
-        if plan.writes_units:
-            units = UnitsFiles(out_dir if shard.is_whole else journal.part_dir, journal.units_bytes)
-        bar = tqdm(total=int(mine.sum()), initial=int((journal.done & mine).sum()), unit="file",
-                   desc="extract" if shard.is_whole else f"extract {shard}", disable=not progress)
-        _extract_entries(model, manifest, np.flatnonzero(mine & ~journal.done), is_long=is_long, outputs=outputs,
-                         plan=plan, journal=journal, units=units, bar=bar)
-        num_files = int(mine.sum()) - len(journal.skipped)
-        if shard.is_whole:  # (still holding the folder: nothing can start it over before metadata.json is written)
-            _refuse_nothing_read(len(manifest), journal.skipped)
-            metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=num_files,
-                                       skipped=journal.skipped)
-            return PartOutcome(num_files, dict(journal.skipped), metadata, ())
-        with folder_lock(out_dir, bookkeeping, wait=True):
-            try:
-                finished = _finished_metadata(out_dir, identity)
-                if finished is not None:  # another part, which ended at the same time, joined them all already
-                    return PartOutcome(num_files, dict(journal.skipped), finished, (), wrote_metadata=False)
-                return _finish_parts(model, manifest, out_dir, plan, shard, checkpoint=checkpoint,
-                                     num_files=num_files, own_skipped=journal.skipped)
-            finally:  # (this part's lock goes first: a restart waiting for the folder then finds no part running)
-                journal.close()
-    finally:
-        journal.close()
-        if units is not None:
-            units.close()
-
-
-def _extract_entries(model: torch.nn.Module, manifest: Manifest, todo: np.ndarray, *, is_long: np.ndarray,
-                     outputs: _Outputs, plan: _Plan, journal: Any, units: Any, bar: Any) -> None:
-    """Extract ``manifest[todo]``: short files in padded batches of similar length, then long ones window by
-    window; each batch is journaled once its files are in place."""
-
-    def finish(indices: np.ndarray, rows: dict[str, list[str]], skipped: dict[str, str]) -> None:
-        if units is not None:
-            for key, lines in rows.items():
-                units.append(key, lines)
-        journal.record(indices, skipped, units.sizes() if units is not None else {})
-
-    short, long = todo[~is_long[todo]], todo[is_long[todo]]
-    batches = (short[batch] for batch in length_batches(manifest.num_samples[short],
-                                                        int(plan.saved.batch_seconds * SAMPLE_RATE)))
-    try:
-        for indices, waves, kept, skipped in loaded_batches(model, manifest, batches):
-            finish(indices, _extract_short_batch(model, manifest, waves, kept, outputs=outputs, plan=plan), skipped)
-            bar.update(len(indices))
-        for index in long.tolist():
-            entry, rows, skipped = manifest[index], {}, {}
-            try:
-                rows = _extract_long_file(model, entry, outputs=outputs, index=index, plan=plan)
-            except AudioError as error:  # see iter_extracted: only a decoding failure skips a long file
-                skipped[entry.location] = error.reason
-                logger.warning("skipping %s: %s", entry.location, error.reason)
-            finish(np.asarray([index]), rows, skipped)
-            bar.update(1)
-    finally:
-        bar.close()
-
-
-def _finished_metadata(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, object] | None:
-    """The ``metadata.json`` of the finished extraction of ``identity`` that ``out_dir`` holds, or None."""
-    from spidr.eval.journal import STATE_DIR, recorded_identity
-
-    try:
-        state = json.loads((out_dir / STATE_DIR / "state.json").read_text(encoding="utf-8"))
-        metadata = json.loads((out_dir / "metadata.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return metadata if state == recorded_identity(identity) else None
-
-
-def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, plan: _Plan, shard: Shard, *,
-                  checkpoint: str, num_files: int, own_skipped: dict[str, str]) -> PartOutcome:
-    """After part ``shard``, under the folder's bookkeeping lock: once every part is finished (this one was the
-    last), join their unit rows and write ``metadata.json``."""
-    from spidr.eval.journal import join_part_units, part_states, remove_part_units
-
-    states = part_states(out_dir, shard.count, len(manifest))
-    unfinished = tuple(part for part, state in states.items()
-                       if not state.done[part.members(manifest.num_samples)].all())
-    if unfinished:
-        return PartOutcome(num_files, dict(own_skipped), None, unfinished, wrote_metadata=False)
-    skipped = {location: reason for state in states.values() for location, reason in state.skipped.items()}
-    _refuse_nothing_read(len(manifest), skipped)
-    if plan.writes_units:
-        join_part_units(out_dir, states)
-    metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=len(manifest) - len(skipped),
-                               skipped=skipped)
-    remove_part_units(out_dir, list(states))
-    return PartOutcome(num_files, dict(own_skipped), metadata, ())
-
-
-def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, checkpoint: str, num_files: int,
-                    skipped: Mapping[str, str]) -> dict[str, object]:
-    """Write the record beside each k-means units file (what ``spidr units`` writes beside its own), then
-    ``OUT/metadata.json``, which marks the extraction finished; returns the metadata as a reader gets it back
-    (lists, not tuples), whichever run wrote it."""
-    from spidr.eval.feature_dir import units_metadata_path
-    from spidr.eval.journal import units_file
-    from spidr.eval.kmeans import ASSIGNMENT
-
-    metadata = _metadata(model, plan.saved, checkpoint=checkpoint, num_files=num_files, skipped=dict(skipped))
-    for layer, units in sorted(plan.kmeans.items()):
-        path = units_file(out_dir, units.key)
-        record = {"frame_rate_hz": metadata["frame_rate_hz"], "num_units": int(units.centroids.shape[0]),
-                  "dedup": False, "features": f"layer {layer} of {checkpoint or 'the model'} (spidr extract)",
-                  "centroids": units.source, "assignment": ASSIGNMENT, "num_utterances": num_files,
-                  "units_file_bytes": path.stat().st_size if path.is_file() else 0}
-        write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
-    if plan.kmeans:
-        metadata["kmeans"] = {str(layer): {"centroids": units.source, "num_units": int(units.centroids.shape[0])}
-                              for layer, units in sorted(plan.kmeans.items())}
-    text = json.dumps(metadata, indent=1)
-    write_atomically(out_dir / "metadata.json", text)
-    return json.loads(text)
-
-
-def _refuse_nothing_read(num_entries: int, skipped: Mapping[str, str]) -> None:
-    """No metadata.json (not a finished extraction) when not one file could be read."""
-    if num_entries and len(skipped) >= num_entries:
-        examples = "; ".join(f"{location}: {reason}" for location, reason in list(skipped.items())[:3])
-        raise ValueError(f"none of the {num_entries} files could be read, so nothing was extracted (e.g. "
-                         f"{examples})")
-
-
-def _in_archive(manifest: Manifest) -> np.ndarray:
-    """(N,) bool: which rows are archive members."""
-    if manifest.archive_index is None:
-        return np.zeros(len(manifest), dtype=bool)
-    return manifest.archive_index >= 0
-
-
 def load_model_input(entry: ManifestEntry, conv_layers: Sequence[ConvLayer]) -> torch.Tensor:
     """The standardised 16 kHz waveform (S,) of ``entry`` for a model with ``conv_layers``; ``AudioError`` for an
     unreadable file and for one shorter than a frame (the model would refuse the whole batch)."""
@@ -737,30 +310,6 @@ def load_model_input(entry: ManifestEntry, conv_layers: Sequence[ConvLayer]) -> 
         raise AudioError(entry.location, f"is shorter than one frame ({wave.shape[0]} samples; the front end's "
                                          f"receptive field is {num_samples_for_frames(1, conv_layers)})")
     return wave
-
-
-def _extract_short_batch(
-    model: torch.nn.Module, manifest: Manifest, waves: list[torch.Tensor], kept: list[int], *, outputs: _Outputs,
-    plan: _Plan
-) -> dict[str, list[str]]:
-    """Run the inputs ``waves`` of entries ``kept`` as one padded batch and save their features; returns their unit
-    rows by units file (``spidr.eval.journal.units_file``)."""
-    from spidr.eval.kmeans import assign_units
-
-    rows: dict[str, list[str]] = {}
-    for index, result in zip(kept, extract_batch(model, waves, plan.computed) if waves else [], strict=True):
-        name, path = outputs.utterance(index), manifest[index].path
-        for key, values in result.items():
-            if not key.startswith("layer_"):
-                rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(_unit_row(name, path, values))
-                continue
-            layer = int(key.removeprefix("layer_"))
-            if layer in plan.saved.layers:
-                outputs.save(key, index, values)
-            if layer in plan.kmeans:
-                units = plan.kmeans[layer]
-                rows.setdefault(units.key, []).append(_unit_row(name, path, assign_units(values, units.centroids)))
-    return rows
 
 
 # Threads that decode the next batches while the model runs: one thread decodes FLAC at ~3,000× real time (Xeon), which
@@ -815,24 +364,6 @@ def _load_inputs(model: torch.nn.Module, entries: Sequence[ManifestEntry], indic
             logger.warning("skipping %s: %s", entries[index].location, error.reason)
             skipped[entries[index].location] = error.reason
     return waves, kept
-
-
-def _metadata(model: torch.nn.Module, settings: ExtractionSettings, *, checkpoint: str, num_files: int,
-              skipped: dict[str, str]) -> dict[str, object]:
-    return {
-        "checkpoint": checkpoint,
-        "model_type": model.cfg.model_type,
-        "layers": list(settings.layers),
-        "layer_indexing": "1-based (layer l is list index l - 1 of get_intermediate_outputs)",
-        "before_residual": settings.before_residual,
-        "frame_rate_hz": SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config),
-        "codebook_size": model.cfg.codebook_size,  # the vocabulary of codebook_units/
-        "codebook_layers": list(model.head_layers) if settings.codebooks else [],  # its files' layers
-        "normalisation": "per-utterance standardisation (zero mean, unit biased variance, eps 1e-5)",
-        "settings": asdict(settings),
-        "num_files": num_files,
-        "skipped": skipped,
-    }
 
 
 def iter_extracted(
@@ -990,52 +521,3 @@ class NpyAppender:
             self.held = None
 
 
-def _extract_long_file(
-    model: torch.nn.Module, entry: ManifestEntry, *, outputs: _Outputs, index: int, plan: _Plan
-) -> dict[str, list[str]]:
-    """Window a long file into its ``layer_LL/<stem>.npy`` files, written as they come; returns its unit rows."""
-    audio = LongAudio(entry)
-    total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
-    sinks: dict[str, Any] = {}
-    for layer in plan.computed.layers:
-        key = f"layer_{layer:02d}"
-        saved = (NpyAppender(outputs.path(key, index), total, model.cfg.encoder_embed_dim)
-                 if layer in plan.saved.layers else None)
-        sinks[key] = _KMeansSink(plan.kmeans[layer], total, saved) if layer in plan.kmeans else saved
-    for layer in model.head_layers if plan.saved.codebooks else ():
-        sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
-    appenders = [sink.saved if isinstance(sink, _KMeansSink) else sink for sink in sinks.values()]
-    appenders = [sink for sink in appenders if isinstance(sink, NpyAppender)]
-    try:
-        extract_long(model, audio, plan.computed, sinks)
-    except BaseException:
-        for sink in appenders:
-            sink.file.close()
-            sink.partial.unlink(missing_ok=True)
-            sink.release()
-        raise
-    rows, name = {}, outputs.utterance(index)
-    for key, values in sinks.items():
-        if key.startswith("units_"):
-            rows[f"layer_{key.removeprefix('units_')}"] = [_unit_row(name, entry.path, values)]
-        elif isinstance(values, _KMeansSink):
-            rows[values.kmeans.key] = [_unit_row(name, entry.path, values.units)]
-    for appender in appenders:
-        appender.close()
-    return rows
-
-
-class _KMeansSink:
-    """A long file's sink for one layer's windows (``extract_long``): the k-means units of each window's frames,
-    and the frames themselves on to ``saved`` where that layer's features are written too."""
-
-    def __init__(self, kmeans: KMeansUnits, total: int, saved: NpyAppender | None) -> None:
-        self.kmeans, self.saved = kmeans, saved
-        self.units = np.zeros(total, dtype=np.int64)
-
-    def __setitem__(self, frames: slice, values: np.ndarray) -> None:
-        from spidr.eval.kmeans import assign_units
-
-        self.units[frames] = assign_units(values, self.kmeans.centroids)
-        if self.saved is not None:
-            self.saved[frames] = values

@@ -189,7 +189,8 @@ def kmeans_option(text: str) -> tuple[int, Path]:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from spidr.eval.features import ExtractionSettings, KMeansUnits, extract_part, parse_layers, window_settings
+    from spidr.eval.features import ExtractionSettings, parse_layers, window_settings
+    from spidr.eval.folder_extraction import KMeansUnits, extract_part
     from spidr.eval.kmeans import load_centroids
 
     if args.layers == "none" and not (args.codebooks or args.kmeans):

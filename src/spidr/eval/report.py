@@ -24,7 +24,8 @@ from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import Manifest, ManifestEntry, utterances_digest
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
-from spidr.eval.features import ExtractionSettings, extract_to_directory
+from spidr.eval.features import ExtractionSettings
+from spidr.eval.folder_extraction import extract_to_directory
 from spidr.eval.items import SPEAKER_COLUMN, Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
