@@ -119,6 +119,7 @@ def test_parts_run_in_any_order_leave_what_the_whole_extraction_leaves(manifest,
     again = _part(manifest, out, Shard(1, 3))  # a rerun of a part of the finished extraction: nothing to do
     assert again.metadata == last.metadata
     assert not again.wrote_metadata
+    assert again.finished_before
     assert again.unfinished == ()
     assert _stamps(out, _names(manifest, Shard(1, 3))) == stamps
     _assert_same_outputs(out, whole)
@@ -147,7 +148,7 @@ def _part_script(manifest: Path, out: Path, shard: Shard, *, die_after_batches: 
         outcome = t._part(t.Path({str(manifest)!r}), t.Path({str(out)!r}), Shard({shard.index}, {shard.count}),
                           restart={restart!r})
         print(json.dumps({{"finished": outcome.metadata is not None, "unfinished": len(outcome.unfinished),
-                           "wrote": outcome.wrote_metadata}}))
+                           "wrote": outcome.wrote_metadata, "before": outcome.finished_before}}))
     """)
     return [sys.executable, "-c", script]
 
@@ -211,6 +212,7 @@ def test_parts_that_end_together_join_once(manifest, whole, tmp_path):
     outcomes = [json.loads(stdout.splitlines()[-1]) for stdout, _, _ in results]
     assert sorted(o["wrote"] for o in outcomes) == [False, True]
     assert all(o["finished"] for o in outcomes)
+    assert not any(o["before"] for o in outcomes)  # (both extracted their part: neither found it done before)
     _assert_same_outputs(out, whole)
 
 

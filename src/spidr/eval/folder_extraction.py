@@ -269,7 +269,8 @@ class PartOutcome:
     skipped: dict[str, str]  # of this part: location → reason
     metadata: dict[str, object] | None  # the extraction's (metadata.json), None while other parts are unfinished
     unfinished: tuple[Shard, ...]  # the other parts still to run (or running)
-    wrote_metadata: bool = True  # False where the extraction was finished before this run
+    wrote_metadata: bool = True  # False where another run joined the parts: before this one, or as it ended
+    finished_before: bool = False  # True where the extraction was finished before this run (it did nothing)
 
 
 def extract_part(
@@ -327,7 +328,7 @@ def extract_part(
                 logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
                 # (the parts' units files that a kill after metadata.json left behind)
                 remove_part_units(out_dir, [Shard(k, shard.count) for k in range(1, shard.count + 1)])
-                return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False)
+                return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False, finished_before=True)
         journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                     replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard)
     units = None

@@ -219,9 +219,13 @@ def run_extract(args: argparse.Namespace) -> int:
               + (f", skipped {len(outcome.skipped)} unusable file(s)" if outcome.skipped else "")
               + f"; part(s) {waiting} not finished yet: the last part to finish writes {metadata}")
         return 0
-    if not outcome.wrote_metadata:
+    if outcome.finished_before:
         print(f"part {shard}: nothing left to do: {args.out} holds the finished extraction of "
               f"{outcome.metadata['num_files']} files (--restart starts it over)")
+        return 0
+    if not outcome.wrote_metadata:
+        print(f"part {shard}: wrote {what} of {outcome.num_files} files to {args.out}; another part, ending at the "
+              f"same time, joined them all ({metadata})")
         return 0
     skipped = outcome.metadata["skipped"]
     print(("" if shard.is_whole else f"part {shard}, the last one: ")
