@@ -232,25 +232,31 @@ def test_journaled_k_means_units_whose_file_is_gone_stop_the_resume(tmp_path):
         UnitsFiles(tmp_path, {"kmeans_layer_06": 12})
 
 
-def test_a_resumed_k_means_extraction_whose_units_file_was_removed_is_refused(model, entries, tmp_path, monkeypatch):
-    """End to end: killed after its first batch, the k-means units file removed, the rerun is refused instead of
-    finishing with the first batch's rows missing (mutant J08)."""
+def _killed_after_first_batch(monkeypatch, extraction) -> None:
+    """Run ``extraction()``, stopped by a KeyboardInterrupt as its second batch starts (the first one journaled)."""
     from spidr.eval import folder_extraction
 
-    run, calls = folder_extraction.extract_batch, []
+    real, calls = folder_extraction.extract_batch, []
 
     def dying(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
             raise KeyboardInterrupt
-        return run(*args, **kwargs)
+        return real(*args, **kwargs)
 
+    with monkeypatch.context() as patch:
+        patch.setattr(folder_extraction, "extract_batch", dying)
+        with pytest.raises(KeyboardInterrupt):
+            extraction()
+
+
+def test_a_resumed_k_means_extraction_whose_units_file_was_removed_is_refused(model, entries, tmp_path, monkeypatch):
+    """End to end: killed after its first batch, the k-means units file removed, the rerun is refused instead of
+    finishing with the first batch's rows missing (mutant J08)."""
     settings = ExtractionSettings(layers=(), batch_seconds=0.45)  # one file per batch
     kmeans = [KMeansUnits(2, _centroids())]
-    monkeypatch.setattr(folder_extraction, "extract_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        extract_to_directory(model, entries, tmp_path / "out", settings, progress=False, kmeans=kmeans)
-    monkeypatch.setattr(folder_extraction, "extract_batch", run)
+    _killed_after_first_batch(monkeypatch, lambda: extract_to_directory(model, entries, tmp_path / "out", settings,
+                                                                        progress=False, kmeans=kmeans))
     (tmp_path / "out" / "kmeans_units" / "layer_02.jsonl").unlink()
     with pytest.raises(ValueError, match="journaled but missing"):
         extract_to_directory(model, entries, tmp_path / "out", settings, progress=False, kmeans=kmeans)
@@ -269,21 +275,11 @@ def test_identity_differences_name_only_the_k_means_layers_that_changed():
 def test_k_means_units_of_an_unfinished_extraction_are_refused(model, entries, tmp_path, monkeypatch):
     """kmeans_units/layer_LL.jsonl of a killed extraction holds the shortest utterances only: lm-train, abx, units-
     quality must refuse it as they refuse codebook_units/ (mutant R02 looked for codebook_units/ only)."""
-    from spidr.eval import folder_extraction
     from spidr.eval.feature_dir import refuse_unfinished_extraction
 
-    run, calls = folder_extraction.extract_batch, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(folder_extraction, "extract_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        extract_to_directory(model, entries, tmp_path / "out", ExtractionSettings(layers=(), batch_seconds=0.45),
-                             progress=False, kmeans=[KMeansUnits(2, _centroids())])
+    _killed_after_first_batch(monkeypatch, lambda: extract_to_directory(
+        model, entries, tmp_path / "out", ExtractionSettings(layers=(), batch_seconds=0.45), progress=False,
+        kmeans=[KMeansUnits(2, _centroids())]))
     units = tmp_path / "out" / "kmeans_units" / "layer_02.jsonl"
     assert len(units.read_text().splitlines()) == 1  # (the first batch's utterance only)
     with pytest.raises(ValueError, match="unfinished spidr extract run"):
@@ -410,23 +406,12 @@ def test_a_killed_k_means_extraction_resumes_to_the_units_of_a_fresh_one(model, 
     """Killed after its first batch, the rerun completes the k-means units (no batch's rows twice, none lost), equal
     to those of a fresh extraction. (No existing test resumes a folder whose journal records k-means rows: mutant J08
     took every journaled kmeans_units file for missing and refused every such resume.)"""
-    from spidr.eval import folder_extraction
-
-    run, calls = folder_extraction.extract_batch, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return run(*args, **kwargs)
-
     settings = ExtractionSettings(layers=(1,), batch_seconds=0.45)  # one file per batch
     kmeans = [KMeansUnits(2, _centroids())]
     fresh = tmp_path / "fresh"
     extract_to_directory(model, entries, fresh, settings, progress=False, kmeans=kmeans)
-    monkeypatch.setattr(folder_extraction, "extract_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        extract_to_directory(model, entries, tmp_path / "out", settings, progress=False, kmeans=kmeans)
+    _killed_after_first_batch(monkeypatch, lambda: extract_to_directory(model, entries, tmp_path / "out", settings,
+                                                                        progress=False, kmeans=kmeans))
     extract_to_directory(model, entries, tmp_path / "out", settings, progress=False, kmeans=kmeans)
     got = (tmp_path / "out" / "kmeans_units" / "layer_02.jsonl").read_text()
     assert got == (fresh / "kmeans_units" / "layer_02.jsonl").read_text()
