@@ -520,20 +520,22 @@ class Transformer(nn.Module):
         encoder LayerNorm in either mode. A layer skipped by layer drop is still computed and recorded, but the
         running state passes it by.
         """
-        if num_layers is not None and not 1 <= num_layers <= len(self.layers):
-            raise ValueError(f"num_layers = {num_layers} must be in [1, {len(self.layers)}] (the encoder's layers)")
+        self.check_num_layers(num_layers)
         if masks is None:
             masks = frame_masks(x, attention_mask=attention_mask, padding_mask=padding_mask)
-        return [ffn if before_residual else out for out, ffn in self._layer_outputs(x, masks, num_layers)]
+        outputs = self.layer_outputs(x, masks=masks, num_layers=num_layers)
+        return [ffn if before_residual else out for out, ffn in outputs]
 
-    def layer_outputs(self, x: torch.Tensor, *, masks: FrameMasks) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's (full output, FFN output before its residual), each (B, T, D), from one pass: what
-        ``get_intermediate_outputs`` gives in either mode (and, through ``final_norm`` of the last full output, what
-        ``forward`` gives, in eval mode, where no layer is dropped)."""
-        return self._layer_outputs(x, masks, None)
+    def check_num_layers(self, num_layers: int | None) -> None:
+        """Raise ``ValueError`` unless ``num_layers`` is None (all) or one of the encoder's layer counts."""
+        if num_layers is not None and not 1 <= num_layers <= len(self.layers):
+            raise ValueError(f"num_layers = {num_layers} must be in [1, {len(self.layers)}] (the encoder's layers)")
 
-    def _layer_outputs(self, x: torch.Tensor, masks: FrameMasks,
-                       num_layers: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def layer_outputs(self, x: torch.Tensor, *, masks: FrameMasks,
+                      num_layers: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``num_layers`` layers' (full output, FFN output before its residual), each (B, T, D), from one
+        pass: what ``get_intermediate_outputs`` gives in either mode (and, all layers run, through ``final_norm`` of
+        the last full output, what ``forward`` gives, in eval mode, where no layer is dropped)."""
         x = self._preprocess(x, masks)
         outputs = []
         layers = self.layers[:num_layers]

@@ -402,8 +402,7 @@ class DinoSR(nn.Module):
         drops layers at random, so the two would follow different paths)."""
         if self.training:
             raise RuntimeError("get_layers_and_codebooks runs in eval mode: call model.eval() first")
-        if num_layers is not None and not 1 <= num_layers <= self.num_layers:
-            raise ValueError(f"num_layers = {num_layers} must be in [1, {self.num_layers}] (the encoder's layers)")
+        self.student.check_num_layers(num_layers)
         warn_if_padding_changes_features(self.cfg, attention_mask, padding_mask)
         feats = self.features(waveforms)
         masks = frame_masks(feats, attention_mask=attention_mask, padding_mask=padding_mask)
