@@ -346,24 +346,17 @@ def loaded_batches(model: torch.nn.Module, entries: Sequence[ManifestEntry],
 
 def _load_batch(model: torch.nn.Module, entries: Sequence[ManifestEntry],
                 indices: np.ndarray) -> tuple[list[torch.Tensor], list[int], dict[str, str]]:
-    skipped: dict[str, str] = {}
-    waves, kept = _load_inputs(model, entries, indices.tolist(), skipped)
-    return waves, kept, skipped
-
-
-def _load_inputs(model: torch.nn.Module, entries: Sequence[ManifestEntry], indices: Sequence[int],
-                 skipped: dict[str, str]) -> tuple[list[torch.Tensor], list[int]]:
-    """The model inputs of ``entries[indices]`` that can be read (``load_model_input``) and their indices; the
-    others go to ``skipped`` (location → reason), with a warning."""
-    waves, kept = [], []
-    for index in indices:
+    """The model inputs of ``entries[indices]`` that can be read (``load_model_input``), their indices, and the
+    others (location → reason), each with a warning."""
+    waves, kept, skipped = [], [], {}
+    for index in indices.tolist():
         try:
             waves.append(load_model_input(entries[index], model.cfg.extractor_conv_layer_config))
             kept.append(index)
         except AudioError as error:
             logger.warning("skipping %s: %s", entries[index].location, error.reason)
             skipped[entries[index].location] = error.reason
-    return waves, kept
+    return waves, kept, skipped
 
 
 def iter_extracted(

@@ -35,7 +35,7 @@ from spidr.eval.features import (
     length_batches,
     loaded_batches,
 )
-from spidr.eval.shards import WHOLE, Shard
+from spidr.eval.shards import WHOLE, Shard, every_part, part_numbers
 from spidr.folder_lock import folder_lock
 from spidr.models.frames import hop_length, num_frames
 from spidr.models.inference_precision import precision_identity
@@ -327,7 +327,7 @@ def extract_part(
             if finished is not None:  # (its parts' unit rows are in codebook_units/ now)
                 logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
                 # (the parts' units files that a kill after metadata.json left behind)
-                remove_part_units(out_dir, [Shard(k, shard.count) for k in range(1, shard.count + 1)])
+                remove_part_units(out_dir, every_part(shard.count))
                 return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False, finished_before=True)
         journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                     replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard)
@@ -410,8 +410,8 @@ def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, pla
     from spidr.eval.journal import join_part_units, part_states, remove_part_units
 
     states = part_states(out_dir, shard.count, len(manifest))
-    unfinished = tuple(part for part, state in states.items()
-                       if not state.done[part.members(manifest.num_samples)].all())
+    numbers = part_numbers(manifest.num_samples, shard.count)
+    unfinished = tuple(part for part, state in states.items() if not state.done[numbers == part.index].all())
     if unfinished:
         return PartOutcome(num_files, dict(own_skipped), None, unfinished, wrote_metadata=False)
     skipped = {location: reason for state in states.values() for location, reason in state.skipped.items()}

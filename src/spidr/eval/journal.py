@@ -12,7 +12,7 @@ and that batch is redone. A torn last line (the process was killed while writing
 
 An extraction split into parts (``spidr.eval.shards``) keeps one journal and one set of units files per part in
 ``OUT/.extract/shard-K-of-N/``; the part that finishes last joins the units files into ``OUT/codebook_units/`` and
-writes ``metadata.json`` (``join_parts``).
+``OUT/kmeans_units/`` (``join_part_units``) and writes ``metadata.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.data.manifest import ITER_CHUNK, Manifest
-from spidr.eval.shards import WHOLE, Shard
+from spidr.eval.shards import WHOLE, Shard, every_part
 from spidr.folder_lock import LOCK_NAME, folder_lock, lock_holder
 
 logger = logging.getLogger(__name__)
@@ -312,9 +312,8 @@ class UnitsFiles:
 
 def part_states(out_dir: Path, count: int, num_entries: int) -> dict[Shard, JournalState]:
     """What the journal of each of the ``count`` parts records (a part not begun: nothing done)."""
-    parts = [Shard(index, count) for index in range(1, count + 1)]
     return {part: read_journal(out_dir / STATE_DIR / part.folder_name / "journal.jsonl", num_entries)[0]
-            for part in parts}
+            for part in every_part(count)}
 
 
 def join_part_units(out_dir: Path, parts: Mapping[Shard, JournalState]) -> None:

@@ -41,15 +41,26 @@ class Shard:
 
     def members(self, num_samples: np.ndarray) -> np.ndarray:
         """(N,) bool: the utterances of this part, given every utterance's length (N,) in samples."""
-        import numpy as np
-
-        order = np.argsort(-np.asarray(num_samples, dtype=np.int64), kind="stable")
-        mask = np.zeros(len(order), dtype=bool)
-        mask[order[self.index - 1::self.count]] = True
-        return mask
+        return part_numbers(num_samples, self.count) == self.index
 
 
 WHOLE = Shard()
+
+
+def every_part(count: int) -> tuple[Shard, ...]:
+    """Parts 1..``count`` of one extraction."""
+    return tuple(Shard(index, count) for index in range(1, count + 1))
+
+
+def part_numbers(num_samples: np.ndarray, count: int) -> np.ndarray:
+    """(N,) int64: the part (1..``count``) that takes each utterance, given every utterance's length (N,) in samples
+    (one sort for every part's ``members``)."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(num_samples, dtype=np.int64), kind="stable")
+    numbers = np.empty(len(order), dtype=np.int64)
+    numbers[order] = np.arange(len(order)) % count + 1
+    return numbers
 
 
 def parse_shard(text: str) -> Shard:
