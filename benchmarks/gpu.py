@@ -17,7 +17,9 @@ runs too long costs only its own row):
   alone, over a synthetic corpus of audio files, as the training loop consumes it;
 * ``extract``: feature extraction with base SpidR (``spidr extract``'s batches: all 12 layers copied to the host) in
   bf16 as ``--dtype bfloat16`` runs it (``spidr.models.inference_precision``: front end, projection and positional
-  convs in float32), against float32 and against plain bf16 autocast: speed of each and the features' distance.
+  convs in float32), against float32 and against plain bf16 autocast: speed of each and the features' distance;
+  and the middle layer's k-means units alone (``--layers none --kmeans``), assigned on the GPU
+  (``spidr.eval.nearest_centroid``) against the features copied to the host and assigned there in float64.
 
 A model job times exactly what ``spidr train`` runs per step: ``spidr.train.loop.train_step`` (forward with the
 codebook update, backward, clipping, AdamW step, scheduler step, teacher EMA) with the model, optimizer, scheduler,
@@ -79,6 +81,7 @@ from spidr.data.collate import Batch
 from spidr.data.loader import build_dataloader, usable_workers
 from spidr.data.manifest import ManifestEntry, read_manifest, write_manifest
 from spidr.eval.features import ExtractionSettings, extract_batch, length_batches
+from spidr.eval.nearest_centroid import NearestCentroid, assign_float64
 from spidr.models import components
 from spidr.models.build import build_model
 from spidr.train import loop
@@ -495,6 +498,15 @@ def _largest_error(ours: list[dict[str, np.ndarray]], reference: list[dict[str, 
                for a, b in zip(ours, reference, strict=True) for key in b)
 
 
+def kmeans_centroids(model: torch.nn.Module, batch: list[torch.Tensor], layer: int) -> torch.Tensor:
+    """Up to 500 centroids for ``layer``'s k-means units: frames of ``batch`` taken evenly (the frames' own
+    distribution, as centroids fitted on them would be; no k-means fit in a 5-minute benchmark)."""
+    results = extract_batch(model, batch, ExtractionSettings(layers=(layer,)))
+    frames = np.concatenate([result[f"layer_{layer:02d}"] for result in results])
+    rows = np.linspace(0, len(frames) - 1, min(500, len(frames) // 2)).astype(int)
+    return torch.from_numpy(frames[rows])
+
+
 def extract_job(args: argparse.Namespace, device: torch.device, report: dict[str, Any]) -> None:
     """``extract_batch`` (all layers, copied to the host) over ``extraction_inputs`` in three precisions: float32,
     ``dtype="bfloat16"`` (the front end, projection and positional convs in float32) and plain bf16 autocast around
@@ -511,26 +523,44 @@ def extract_job(args: argparse.Namespace, device: torch.device, report: dict[str
     batches = extraction_inputs(args.manifest, SMOKE_EXTRACT_FILES if args.smoke else EXTRACT_FILES)
     audio = sum(wave.shape[0] for batch in batches for wave in batch) / SAMPLE_RATE
     layers = tuple(range(1, model.num_layers + 1))
-    runs = {  # name → (settings, the context around extract_batch)
-        "bf16": (ExtractionSettings(layers=layers, dtype="bfloat16"), contextlib.nullcontext),
-        "fp32": (ExtractionSettings(layers=layers), contextlib.nullcontext),
-        "autocast": (ExtractionSettings(layers=layers), lambda: torch.autocast(device.type, dtype=torch.bfloat16)),
+    # k-means units of the middle layer alone (`spidr extract --layers none --kmeans 6:…`, the LM workflow): on the
+    # model's device, or its features copied to the host and assigned there in float64 (spidr before 2026-12-07)
+    middle = max(model.num_layers // 2, 1)
+    nearest = NearestCentroid(kmeans_centroids(model, batches[0], middle))
+    runs = {  # name → (settings, the context around extract_batch, k-means units on the device)
+        "bf16": (ExtractionSettings(layers=layers, dtype="bfloat16"), contextlib.nullcontext, {}),
+        "fp32": (ExtractionSettings(layers=layers), contextlib.nullcontext, {}),
+        "autocast": (ExtractionSettings(layers=layers), lambda: torch.autocast(device.type, dtype=torch.bfloat16),
+                     {}),
+        "kmeans": (ExtractionSettings(layers=(), dtype="bfloat16"), contextlib.nullcontext, {middle: nearest}),
+        "kmeans-host": (ExtractionSettings(layers=(middle,), dtype="bfloat16"), contextlib.nullcontext, {}),
     }
 
     def extract(name: str, batch: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
-        settings, context = runs[name]
+        settings, context, kmeans = runs[name]
         with context():
-            return extract_batch(model, batch, settings)
+            results = extract_batch(model, batch, settings, kmeans=kmeans)
+        if name == "kmeans-host":
+            return [{"kmeans": assign_float64(torch.from_numpy(r[f"layer_{middle:02d}"]), nearest.centroids).numpy()}
+                    for r in results]
+        return results
 
     report["stage"] = "comparing features"
     errors: dict[str, float] = {"bf16": 0.0, "autocast": 0.0}
+    units_equal, frames = True, 0
     for batch in batches:
         reference = extract("fp32", batch)
         for name, largest in errors.items():
             errors[name] = max(largest, _largest_error(extract(name, batch), reference))
+        on_device, on_host = extract("kmeans", batch), extract("kmeans-host", batch)
+        units_equal &= all(np.array_equal(a[f"kmeans_{middle:02d}"], b["kmeans"])
+                           for a, b in zip(on_device, on_host, strict=True))
+        frames += sum(len(b["kmeans"]) for b in on_host)
     # In the report now: a job killed during the timed passes still tells how far the features are.
     report.update({"files": sum(len(batch) for batch in batches), "batches": len(batches),
-                   "bf16_max_relative_error": errors["bf16"], "autocast_max_relative_error": errors["autocast"]})
+                   "bf16_max_relative_error": errors["bf16"], "autocast_max_relative_error": errors["autocast"],
+                   "kmeans_layer": middle, "kmeans_units": int(nearest.centroids.shape[0]),
+                   "kmeans_units_equal": units_equal, "kmeans_float64_share": nearest.num_float64 / max(frames, 1)})
 
     report["stage"] = "timed passes"
     seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -558,6 +588,8 @@ def extract_job(args: argparse.Namespace, device: torch.device, report: dict[str
         "audio_s_per_step": audio / len(batches),
         "fp32_audio_s_per_s": audio / median["fp32"],
         "autocast_audio_s_per_s": audio / median["autocast"],
+        "kmeans_audio_s_per_s": audio / median["kmeans"],
+        "kmeans_host_audio_s_per_s": audio / median["kmeans-host"],
     })
     report.update(peak_memory(device), peak_mem_gib=peak_gib)
 
@@ -769,6 +801,13 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                          f"({autocast / fp32:.2f}x); features vs float32, largest over files and layers: bf16 "
                          f"{_number(row['bf16_max_relative_error'], percent=True)}, all-bf16 "
                          f"{_number(row['autocast_max_relative_error'], percent=True)}")
+            if "kmeans_audio_s_per_s" in row:
+                device_rate, host_rate = row["kmeans_audio_s_per_s"], row["kmeans_host_audio_s_per_s"]
+                notes.append(f"k-means units of layer {row['kmeans_layer']} ({row['kmeans_units']} centroids) alone, "
+                             f"bf16: assigned on the device {_number(device_rate)} audio-s/s, features to the host "
+                             f"and float64 there {_number(host_rate)} ({device_rate / host_rate:.2f}x); "
+                             f"{_number(row['kmeans_float64_share'], percent=True)} of frames checked in float64; "
+                             f"units {'equal' if row['kmeans_units_equal'] else 'DIFFERENT'}")
         else:
             notes.append(f"{row['timed_steps']} steps, {row['rows_per_step']:.1f} rows each")
             if row.get("skipped_steps"):

@@ -65,7 +65,8 @@ def test_smoke_eager_jobs_and_loader(gpu, tmp_path, capsys):
 
 def test_smoke_extraction_job(gpu, tmp_path, capsys):
     """The extraction row: bf16 as ``spidr extract --dtype bfloat16`` runs it, float32 and all-bf16 autocast side by
-    side; the float32 input path keeps the features nearer float32's than plain autocast does."""
+    side; the float32 input path keeps the features nearer float32's than plain autocast does. K-means units of one
+    layer alone, assigned where the model runs and on the host, timed side by side."""
     assert "extract" in gpu.DEFAULT_JOBS
     rows, table = run_smoke(gpu, tmp_path, capsys, ["extract"])
     (row,) = rows
@@ -76,6 +77,14 @@ def test_smoke_extraction_job(gpu, tmp_path, capsys):
     assert row["autocast_max_relative_error"] > row["bf16_max_relative_error"]
     assert "| SpidR base, extraction, bf16 | bfloat16 | " in table
     assert "all-bf16 autocast" in table
+    # k-means units of the middle layer alone: on the device and on the host, the same units
+    assert row["kmeans_layer"] == 1
+    assert row["kmeans_units_equal"] is True
+    assert row["kmeans_audio_s_per_s"] > 0
+    assert row["kmeans_host_audio_s_per_s"] > 0
+    assert 0 <= row["kmeans_float64_share"] < 0.5
+    assert "k-means units of layer 1 (" in table
+    assert "; units equal" in table
 
 
 def test_smoke_channels_last_job_forces_the_layout_for_its_own_run_only(gpu, tmp_path, capsys):

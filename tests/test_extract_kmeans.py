@@ -149,7 +149,7 @@ def test_codebook_units_alone_of_a_model_without_heads_are_refused_by_name(entri
     torch.manual_seed(0)
     student = Student(SpidRConfig(**EXTRACTION_MODEL)).eval()
     wave = torch.from_numpy(np.asarray(sf.read(entries[0].path, dtype="float32")[0]))
-    with pytest.raises(ValueError, match=r"layers \[\]: expected at least one .* or codebook units alone"):
+    with pytest.raises(ValueError, match=r"layers \[\]: expected at least one .* or codebook or k-means units alone"):
         extract_batch(student, [wave], ExtractionSettings(layers=(), codebooks=True))
 
 

@@ -135,7 +135,8 @@ def test_layers_and_residual_choice_are_honoured(model):
     assert not np.allclose(before, after)
     assert extract_batch(model, [], ExtractionSettings(layers=(2,))) == []
     for layers, says in (((2, 9), r"\[2, 9\]: expected at least one of the model's layers 1 to 3 \(\[9\] are not\)"),
-                         ((), r"\[\]: expected at least one of the model's layers 1 to 3, or codebook units alone$")):
+                         ((), r"\[\]: expected at least one of the model's layers 1 to 3, or codebook or k-means "
+                              r"units alone$")):
         with pytest.raises(ValueError, match=says):
             extract_batch(model, [wave], ExtractionSettings(layers=layers))
     alone = extract_batch(model, [wave], ExtractionSettings(layers=(), codebooks=True))[0]

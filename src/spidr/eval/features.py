@@ -31,6 +31,7 @@ from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, decoding, load_audio
 from spidr.data.manifest import Manifest, ManifestEntry
+from spidr.eval.nearest_centroid import NearestCentroid
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 from spidr.models.inference_precision import bfloat16_inference
 
@@ -96,21 +97,25 @@ def _precision(model: torch.nn.Module, device: torch.device, dtype: str):
 @torch.inference_mode()
 def extract_batch(
     model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *,
-    front_end: bool = False,
+    front_end: bool = False, kmeans: Mapping[int, NearestCentroid] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Features of standardised waveforms [(S_i,)], run as a padded batch.
 
     Returns one dict per utterance: ``"layer_LL"`` → (T_i, D) float32 and, with codebooks, ``"units_LL"`` → (T_i,)
-    int64 arg-max of layer LL's head. T_i = frames of S_i alone, and padding never changes a result: a model whose
+    int64 arg-max of layer LL's head. ``kmeans`` (layer → its centroids) adds ``"kmeans_LL"`` → (T_i,) int64, the
+    nearest centroid of each of that layer's frames, found where the model runs (a layer that is not in
+    ``settings.layers`` never leaves it). T_i = frames of S_i alone, and padding never changes a result: a model whose
     front end normalises over the padded time axis (``ModelConfig.padding_changes_features``) runs each group of
     equal-length waveforms as its own unpadded batch. With ``front_end``, also ``"front_end"`` → (T_i, C), the front
     end's output (conv stack or log-mel), and ``"projection"`` → (T_i, D), the Transformer's input (before its
     positional convolution), from the same forward pass.
     """
-    bad = [layer for layer in settings.layers if not 1 <= layer <= model.num_layers]
-    if not (settings.layers or (settings.codebooks and model.num_codebooks)) or bad:
-        raise ValueError(f"layers {list(settings.layers)}: expected at least one of the model's layers 1 to "
-                         f"{model.num_layers}{f' ({bad} are not)' if bad else ''}, or codebook units alone")
+    kmeans = kmeans or {}
+    bad = [layer for layer in (*settings.layers, *kmeans) if not 1 <= layer <= model.num_layers]
+    if not (settings.layers or kmeans or (settings.codebooks and model.num_codebooks)) or bad:
+        asked = f"layers {list(settings.layers)}" + (f" and k-means units of {sorted(kmeans)}" if kmeans else "")
+        raise ValueError(f"{asked}: expected at least one of the model's layers 1 to {model.num_layers}"
+                         f"{f' ({bad} are not)' if bad else ''}, or codebook or k-means units alone")
     if not waveforms:
         return []
     if model.cfg.padding_changes_features:
@@ -120,15 +125,17 @@ def extract_batch(
         if len(rows_by_length) > 1:
             results: list[dict[str, np.ndarray]] = [{} for _ in waveforms]
             for rows in rows_by_length.values():
-                group = _extract_padded(model, [waveforms[row] for row in rows], settings, front_end=front_end)
+                group = _extract_padded(model, [waveforms[row] for row in rows], settings, front_end=front_end,
+                                        kmeans=kmeans)
                 for row, result in zip(rows, group, strict=True):
                     results[row] = result
             return results
-    return _extract_padded(model, waveforms, settings, front_end=front_end)
+    return _extract_padded(model, waveforms, settings, front_end=front_end, kmeans=kmeans)
 
 
 def _extract_padded(
-    model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *, front_end: bool
+    model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *, front_end: bool,
+    kmeans: Mapping[int, NearestCentroid],
 ) -> list[dict[str, np.ndarray]]:
     """``extract_batch``'s work on one padded batch, whatever the front end (see
     ``ModelConfig.padding_changes_features``)."""
@@ -151,38 +158,37 @@ def _extract_padded(
     ]
     with _precision(model, device, settings.dtype):
         try:
-            outputs, codebooks = _forward(model, batch, padding_mask, settings)
+            outputs, codebooks = _forward(model, batch, padding_mask, settings, max(kmeans, default=0))
         finally:
             for hook in hooks:
                 hook.remove()
-        for key, values in captured.items():
-            values = values.float().cpu().numpy()
+        on_device = dict(captured) | {f"layer_{layer:02d}": outputs[layer - 1] for layer in settings.layers}
+        if settings.codebooks:
+            on_device |= {f"units_{layer:02d}": probs.argmax(-1) for layer, probs in enumerate(codebooks, start=1)
+                          if probs is not None}
+        for key, values in on_device.items():
+            values = (values.float() if values.is_floating_point() else values).cpu().numpy()
             for row, count in enumerate(frames):
                 results[row][key] = values[row, :count]
-        for layer in settings.layers:
-            values = outputs[layer - 1].float().cpu().numpy()
-            for row, count in enumerate(frames):
-                results[row][f"layer_{layer:02d}"] = values[row, :count]
-        if settings.codebooks:
-            for layer, probs in enumerate(codebooks, start=1):
-                if probs is None:
-                    continue
-                units = probs.argmax(-1).cpu().numpy()
-                for row, count in enumerate(frames):
-                    results[row][f"units_{layer:02d}"] = units[row, :count]
+        for layer, nearest in kmeans.items():
+            # the frames of every row, padding left out: (Σ T_i, D), as float32 on the host would hold them
+            valid = torch.cat([outputs[layer - 1][row, :count] for row, count in enumerate(frames)]).float()
+            for row, units in enumerate(np.split(nearest(valid), np.cumsum(frames)[:-1])):
+                results[row][f"kmeans_{layer:02d}"] = units
     return results
 
 
 def _forward(model: torch.nn.Module, batch: torch.Tensor, padding_mask: torch.Tensor | None,
-             settings: ExtractionSettings) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """The layer outputs (up to the highest of ``settings.layers``) and, with codebooks, the heads' probabilities
-    per layer, from one pass where the model has heads (twice as fast as a pass for each)."""
+             settings: ExtractionSettings, kmeans_layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """The layer outputs (up to the highest of ``settings.layers`` and ``kmeans_layer``) and, with codebooks, the
+    heads' probabilities per layer, from one pass where the model has heads (twice as fast as a pass for each)."""
+    top_layer = max(*settings.layers, kmeans_layer, 0)
     if settings.codebooks and model.num_codebooks:
         return model.get_layers_and_codebooks(batch, padding_mask=padding_mask,
                                               before_residual=settings.before_residual,
-                                              num_layers=max(settings.layers, default=None))
+                                              num_layers=top_layer or None)
     outputs = model.get_intermediate_outputs(batch, padding_mask=padding_mask,
-                                             before_residual=settings.before_residual, num_layers=max(settings.layers))
+                                             before_residual=settings.before_residual, num_layers=top_layer)
     return outputs, model.get_codebooks(batch, padding_mask=padding_mask) if settings.codebooks else []
 
 
@@ -249,10 +255,11 @@ def windows(total_frames: int, window_frames: int, context_frames: int) -> Itera
 
 def extract_long(
     model: torch.nn.Module, audio: LongAudio, settings: ExtractionSettings, sinks: Mapping[str, Any], *,
-    front_end: bool = False,
+    front_end: bool = False, kmeans: Mapping[int, NearestCentroid] | None = None,
 ) -> None:
     """Fill ``sinks`` ("layer_LL" → (T, D), "units_LL" → (T,), with ``front_end`` also "front_end" and
-    "projection", as ``extract_batch`` gives them: arrays, ``NpyAppender`` or anything taking slice assignments)
+    "projection", with ``kmeans`` also "kmeans_LL" → (T,), as ``extract_batch`` gives them: arrays,
+    ``NpyAppender`` or anything taking slice assignments)
     window by window, in order.
 
     A window running frames [a, b) reads samples [a·hop, (b − 1)·hop + receptive field); since every window starts
@@ -270,7 +277,7 @@ def extract_long(
     context_frames = int(settings.context_seconds * SAMPLE_RATE / hop)
     for keep_start, keep_end, run_start, run_end in windows(total, window_frames, context_frames):
         wave = audio.read(run_start * hop, (run_end - 1) * hop + receptive_field)
-        (result,) = extract_batch(model, [wave], settings, front_end=front_end)
+        (result,) = extract_batch(model, [wave], settings, front_end=front_end, kmeans=kmeans)
         for key, values in result.items():
             sinks[key][keep_start:keep_end] = values[keep_start - run_start : keep_end - run_start]
 
@@ -365,10 +372,12 @@ def iter_extracted(
     settings: ExtractionSettings,
     *,
     front_end: bool = False,
+    kmeans: Mapping[int, NearestCentroid] | None = None,
     keep: Callable[[str, np.ndarray], np.ndarray] | None = None,
     skipped: dict[str, str] | None = None,
 ) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
-    """``extract_batch``'s results for every readable entry, with bounded memory whatever the file lengths.
+    """``extract_batch``'s results (with ``front_end`` and ``kmeans`` as it takes them) for every readable entry,
+    with bounded memory whatever the file lengths.
 
     Files up to ``settings.max_seconds`` run in padded length batches; longer ones window by window
     (``extract_long``, as ``spidr extract`` does), so that no forward reads more than ``max_seconds`` of audio
@@ -387,13 +396,13 @@ def iter_extracted(
     batches = (short[batch] for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)))
     for _, waves, kept, batch_skipped in loaded_batches(model, entries, batches):
         skipped.update(batch_skipped)
-        for index, result in zip(kept, extract_batch(model, waves, settings, front_end=front_end) if waves else [],
-                                 strict=True):
+        results = extract_batch(model, waves, settings, front_end=front_end, kmeans=kmeans) if waves else []
+        for index, result in zip(kept, results, strict=True):
             yield entries[index], {key: keep(key, values) for key, values in result.items()}
     for index in long.tolist():
         entry, sinks = entries[index], _KeptWindows(keep)
         try:
-            extract_long(model, LongAudio(entry), settings, sinks, front_end=front_end)
+            extract_long(model, LongAudio(entry), settings, sinks, front_end=front_end, kmeans=kmeans)
         except AudioError as error:
             # LongAudio turns every decoding failure into an AudioError (a FLAC cut short, a corrupt MP3 frame). Any
             # other error, the model's included (an out-of-memory error is a RuntimeError), stops the run rather
@@ -447,26 +456,22 @@ def iter_units(
     run window by window (``iter_extracted``); unreadable files and files shorter than one frame go to
     ``skipped``.
     """
-    from spidr.eval.kmeans import assign_units
-
     centroids = dict(centroids or {})
     head_layers = set(model.head_layers)
     missing = sorted(layer for layer in layers if layer not in centroids and layer not in head_layers)
     if missing:
         raise ValueError(f"layer(s) {missing} have no codebook head (heads: {sorted(head_layers)}); give k-means "
                          "centroids for them")
-    wanted = {f"layer_{layer:02d}" if layer in centroids else f"units_{layer:02d}": layer for layer in layers}
-    settings = ExtractionSettings(layers=tuple(sorted({*layers})),
-                                  codebooks=any(layer not in centroids for layer in layers),
+    wanted = {f"kmeans_{layer:02d}" if layer in centroids else f"units_{layer:02d}": layer for layer in layers}
+    kmeans = {layer: NearestCentroid(centroids[layer]) for layer in sorted(set(layers)) if layer in centroids}
+    settings = ExtractionSettings(layers=(), codebooks=any(layer not in centroids for layer in layers),
                                   batch_seconds=batch_seconds, dtype=dtype, **window_settings(max_seconds))
 
     def units(key: str, values: np.ndarray) -> np.ndarray:
-        if key not in wanted:  # features of a head layer, or units of a k-means layer
-            return values[:0, ...]
-        layer = wanted[key]
-        return assign_units(values, centroids[layer]) if layer in centroids else values.astype(np.int64)
+        # (units of a head layer that is only asked for its k-means units are dropped)
+        return values.astype(np.int64) if key in wanted else values[:0]
 
-    for entry, result in iter_extracted(model, entries, settings, keep=units, skipped=skipped):
+    for entry, result in iter_extracted(model, entries, settings, kmeans=kmeans, keep=units, skipped=skipped):
         yield entry, {layer: result[key] for key, layer in wanted.items()}
 
 

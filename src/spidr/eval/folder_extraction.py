@@ -10,12 +10,13 @@ and the parts' own folders, are ``spidr.eval.journal``'s; which files a part tak
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from spidr.eval.features import (
     length_batches,
     loaded_batches,
 )
+from spidr.eval.nearest_centroid import NearestCentroid
 from spidr.eval.shards import WHOLE, Shard, every_part, part_numbers
 from spidr.folder_lock import folder_lock
 from spidr.models.frames import hop_length, num_frames
@@ -196,6 +198,11 @@ class KMeansUnits:
     def fingerprint(self) -> str:
         return hashlib.sha1(self.centroids.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
+    @functools.cached_property
+    def nearest(self) -> NearestCentroid:
+        """The centroids prepared for assignment, once for the whole extraction (and once on the model's device)."""
+        return NearestCentroid(self.centroids)
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -205,9 +212,9 @@ class _Plan:
     kmeans: Mapping[int, KMeansUnits]  # layer → its k-means units
 
     @property
-    def computed(self) -> ExtractionSettings:
-        """The forward's settings: the saved layers and those of the k-means units."""
-        return replace(self.saved, layers=tuple(sorted({*self.saved.layers, *self.kmeans})))
+    def nearest(self) -> dict[int, NearestCentroid]:
+        """``extract_batch``'s ``kmeans``: layer → its centroids, prepared."""
+        return {layer: units.nearest for layer, units in self.kmeans.items()}
 
     @property
     def writes_units(self) -> bool:
@@ -470,22 +477,23 @@ def _extract_short_batch(
 ) -> dict[str, list[str]]:
     """Run the inputs ``waves`` of entries ``kept`` as one padded batch and save their features; returns their unit
     rows by units file (``spidr.eval.journal.units_file``)."""
-    from spidr.eval.kmeans import assign_units
-
     rows: dict[str, list[str]] = {}
-    for index, result in zip(kept, extract_batch(model, waves, plan.computed) if waves else [], strict=True):
+    results = extract_batch(model, waves, plan.saved, kmeans=plan.nearest) if waves else []
+    for index, result in zip(kept, results, strict=True):
         name, path = outputs.utterance(index), manifest[index].path
         for key, values in result.items():
-            if not key.startswith("layer_"):
-                rows.setdefault(f"layer_{key.removeprefix('units_')}", []).append(_unit_row(name, path, values))
-                continue
-            layer = int(key.removeprefix("layer_"))
-            if layer in plan.saved.layers:
+            if key.startswith("layer_"):
                 outputs.save(key, index, values)
-            if layer in plan.kmeans:
-                units = plan.kmeans[layer]
-                rows.setdefault(units.key, []).append(_unit_row(name, path, assign_units(values, units.centroids)))
+            else:
+                rows.setdefault(_units_file(key), []).append(_unit_row(name, path, values))
     return rows
+
+
+def _units_file(key: str) -> str:
+    """The units file (``spidr.eval.journal.units_file``) of an ``extract_batch`` result: "units_LL" (codebook)
+    → "layer_LL", "kmeans_LL" → "kmeans_layer_LL"."""
+    kind, layer = key.split("_")
+    return f"layer_{layer}" if kind == "units" else f"kmeans_layer_{layer}"
 
 
 def _metadata(model: torch.nn.Module, settings: ExtractionSettings, *, checkpoint: str, num_files: int,
@@ -512,46 +520,21 @@ def _extract_long_file(
     """Window a long file into its ``layer_LL/<stem>.npy`` files, written as they come; returns its unit rows."""
     audio = LongAudio(entry)
     total = num_frames(audio.num_samples, model.cfg.extractor_conv_layer_config)
-    sinks: dict[str, Any] = {}
-    for layer in plan.computed.layers:
-        key = f"layer_{layer:02d}"
-        saved = (NpyAppender(outputs.path(key, index), total, model.cfg.encoder_embed_dim)
-                 if layer in plan.saved.layers else None)
-        sinks[key] = _KMeansSink(plan.kmeans[layer], total, saved) if layer in plan.kmeans else saved
-    for layer in model.head_layers if plan.saved.codebooks else ():
-        sinks[f"units_{layer:02d}"] = np.zeros(total, dtype=np.int64)
-    appenders = [sink.saved if isinstance(sink, _KMeansSink) else sink for sink in sinks.values()]
-    appenders = [sink for sink in appenders if isinstance(sink, NpyAppender)]
+    appenders = {f"layer_{layer:02d}": NpyAppender(outputs.path(f"layer_{layer:02d}", index), total,
+                                                   model.cfg.encoder_embed_dim) for layer in plan.saved.layers}
+    units = {f"units_{layer:02d}": np.zeros(total, dtype=np.int64)
+             for layer in (model.head_layers if plan.saved.codebooks else ())}
+    units |= {f"kmeans_{layer:02d}": np.zeros(total, dtype=np.int64) for layer in plan.kmeans}
     try:
-        extract_long(model, audio, plan.computed, sinks)
+        extract_long(model, audio, plan.saved, {**appenders, **units}, kmeans=plan.nearest)
     except BaseException:
-        for sink in appenders:
+        for sink in appenders.values():
             sink.file.close()
             sink.partial.unlink(missing_ok=True)
             sink.release()
         raise
-    rows, name = {}, outputs.utterance(index)
-    for key, values in sinks.items():
-        if key.startswith("units_"):
-            rows[f"layer_{key.removeprefix('units_')}"] = [_unit_row(name, entry.path, values)]
-        elif isinstance(values, _KMeansSink):
-            rows[values.kmeans.key] = [_unit_row(name, entry.path, values.units)]
-    for appender in appenders:
+    name = outputs.utterance(index)
+    rows = {_units_file(key): [_unit_row(name, entry.path, values)] for key, values in units.items()}
+    for appender in appenders.values():
         appender.close()
     return rows
-
-
-class _KMeansSink:
-    """A long file's sink for one layer's windows (``extract_long``): the k-means units of each window's frames,
-    and the frames themselves on to ``saved`` where that layer's features are written too."""
-
-    def __init__(self, kmeans: KMeansUnits, total: int, saved: NpyAppender | None) -> None:
-        self.kmeans, self.saved = kmeans, saved
-        self.units = np.zeros(total, dtype=np.int64)
-
-    def __setitem__(self, frames: slice, values: np.ndarray) -> None:
-        from spidr.eval.kmeans import assign_units
-
-        self.units[frames] = assign_units(values, self.kmeans.centroids)
-        if self.saved is not None:
-            self.saved[frames] = values

@@ -5,7 +5,8 @@ same centroids). The sample is a uniform random subset of at most ``max_frames``
 frame gets a seeded random key and the smallest keys are kept), drawn in two streaming passes so that memory is
 the sample itself whatever the corpus size. Centroids are saved as a safetensors file (tensor ``centroids``,
 (K, D) float32, plus string metadata), never as a pickle. Assignment is the nearest centroid in Euclidean
-distance, computed in batches as ``argmin_k ‖c_k‖² − 2·x·c_k``, one file in memory at a time.
+distance, as float64 computes ``argmin_k ‖c_k‖² − 2·x·c_k`` (``spidr.eval.nearest_centroid``), one file in memory
+at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from spidr.atomic_files import replaced_when_done
+from spidr.eval.nearest_centroid import NearestCentroid
 from spidr.extras import import_extra
 from spidr.input_files import existing_file
 
@@ -174,34 +176,29 @@ def load_centroids(path: str | Path) -> torch.Tensor:
 
 # How assign_units chooses a unit, recorded by the unit caches (lm-units, lm-study) built on it: units assigned
 # otherwise (the float32 expansion, before 2026-12-06) differ for a few frames and are made again, not mixed in.
+# (Since 2026-12-07 most frames are assigned in float32, but only where float64 chooses the same centroid:
+# ``spidr.eval.nearest_centroid``. The units are float64's, so this record stands.)
 ASSIGNMENT = "nearest centroid, float64"
 
 
 def assign_units(
-    features: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor, *, batch_size: int = 8192,
-    name: str | None = None, centroids_name: str = "the centroids",
+    features: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor | NearestCentroid, *,
+    batch_size: int = 16384, name: str | None = None, centroids_name: str = "the centroids",
 ) -> np.ndarray:
     """Nearest-centroid unit of every frame: features (T, D) and centroids (K, D) (as ``fit_kmeans`` gives them,
-    any float dtype) → (T,) int64. ``name`` (the features' file) and ``centroids_name`` (their file) are named when
-    the dimensions differ.
+    any float dtype, or prepared as a ``NearestCentroid`` for many calls) → (T,) int64. ``name`` (the features'
+    file) and ``centroids_name`` (their file) are named when the dimensions differ; ``batch_size`` frames at a time.
 
-    Computed in float64: the expansion ‖c‖² − 2 x·c cancels when frames lie far from the origin (a common offset,
-    or one large dimension, as Transformer layers have), and in float32 it chose a centroid that was not the nearest
-    for 0.2 % of frames with one dimension near 200 and 4 % near 1,000. The cost is small beside the model's."""
-    frames = torch.as_tensor(features).to(torch.float64)
-    centroids = torch.as_tensor(centroids).to(torch.float64)
-    if frames.ndim == 2 and name is not None and frames.shape[1] != centroids.shape[1]:
+    The choices are those of the expansion ‖c‖² − 2 x·c in float64: in float32 it cancels when frames lie far from
+    the origin (a common offset, or one large dimension, as Transformer layers have), and chose a centroid that was
+    not the nearest for 0.2 % of frames with one dimension near 200 and 4 % near 1,000. ``NearestCentroid`` gets
+    float64's choices at float32's speed, on the features' device."""
+    nearest = centroids if isinstance(centroids, NearestCentroid) else NearestCentroid(centroids)
+    frames = torch.as_tensor(features)
+    if frames.ndim == 2 and name is not None and frames.shape[1] != nearest.dim:
         raise ValueError(f"features of {name!r} have dimension {frames.shape[1]}, {centroids_name} "
-                         f"{centroids.shape[1]}: centroids of another layer or model?")
-    if frames.ndim != 2 or frames.shape[1] != centroids.shape[1]:
-        raise ValueError(f"features of shape {tuple(frames.shape)} do not match centroids of dimension "
-                         f"{centroids.shape[1]}")
-    squared_norms = (centroids * centroids).sum(1)
-    units = torch.empty(frames.shape[0], dtype=torch.int64)
-    for start in range(0, frames.shape[0], batch_size):
-        batch = frames[start : start + batch_size]
-        units[start : start + batch.shape[0]] = (squared_norms[None, :] - 2.0 * batch @ centroids.T).argmin(1)
-    return units.numpy()
+                         f"{nearest.dim}: centroids of another layer or model?")
+    return nearest(frames, batch_size=batch_size)
 
 
 def assign_directory(
@@ -209,5 +206,6 @@ def assign_directory(
 ) -> Iterable[tuple[str, np.ndarray]]:
     """``(name, units)`` for every file of ``features``, in sorted order, one file in memory at a time.
     ``centroids_name`` (their file) is named when a file's feature dimension is not theirs."""
+    nearest = NearestCentroid(centroids)
     for name in sorted(features):
-        yield name, assign_units(_as_array(features[name], name), centroids, name=name, centroids_name=centroids_name)
+        yield name, assign_units(_as_array(features[name], name), nearest, name=name, centroids_name=centroids_name)
