@@ -410,6 +410,59 @@ def test_a_stop_signal_to_torchrun_saves_within_ten_steps_with_host_sync_log(tmp
     assert waited < 25, output[-3000:]  # well within torchrun's 30 s before it kills its workers
 
 
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux: /proc)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_workers_of_a_torchrun_killed_with_sigkill_save_and_stop(tmp_path):
+    """torchrun forwards SIGTERM to its workers, but killed with SIGKILL (kill -9, the OOM killer) it left them
+    training on, holding their GPUs and writing into the run folder that a rerun takes. Now they get SIGTERM when it
+    dies: a checkpoint, then exit."""
+    corpus = write_corpus(tmp_path / "corpus", num_files=12)
+    data = tiny_config_dict(tmp_path, corpus, run={"host_sync": "log", "log_interval": 5000, "save_interval": 5000},
+                            optimizer={"max_steps": 10000, "warmup_steps": 2, "hold_steps": 4998, "decay_steps": 5000})
+    config = write_toml(data, tmp_path / "run.toml")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr", "train",
+               str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "test" / "tiny"
+    log = tmp_path / "output.txt"
+    with log.open("w") as output, subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT) as job:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "step_0.pt").is_file() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)  # some steps into the run
+        workers = _children(job.pid)
+        assert len(workers) == 2, log.read_text()[-3000:]
+        job.kill()
+        job.wait()
+        deadline = time.monotonic() + 60
+        while any(_alive(worker) for worker in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for worker in workers:  # (what the test leaves running, whatever it found)
+            if _alive(worker):
+                os.kill(worker, signal.SIGKILL)
+    assert not any(_alive(worker) for worker in workers), "the workers outlived torchrun by a minute"
+    saved = sorted(int(path.stem.split("_")[1]) for path in run_dir.glob("step_*.pt"))
+    assert saved[-1] > 0, log.read_text()[-3000:]
+    assert "stopped by a signal at step" in log.read_text()
+
+
 def test_slurm_job_is_checkpointable_and_runs(tmp_path):
     pytest.importorskip("submitit")
     from spidr.train.slurm import SlurmOptions, TrainJob, submit

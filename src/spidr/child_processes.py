@@ -1,7 +1,8 @@
 """Child processes that end with their parent, even when it is killed with ``kill -9``.
 
-A killed parent otherwise leaves its children running: a learning curve's training points, or the synthesis workers
-of a corpus, which go on writing into folders that a rerun, started at once, is working in too. On Linux the kernel
+A killed parent otherwise leaves its children running: a learning curve's training points, the synthesis workers
+of a corpus, or torchrun's workers, which go on writing into folders that a rerun, started at once, is working in
+too. On Linux the kernel
 sends the child a signal when its parent dies (``PR_SET_PDEATHSIG``); elsewhere nothing is done.
 """
 
@@ -12,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -33,6 +34,19 @@ def end_with_parent(parent: int) -> None:
     process that makes the pool): the worker gets SIGTERM when its parent dies."""
     if sys.platform == "linux":
         _die_with_parent(_prctl(), parent)
+
+
+def end_with_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """In a process that torchrun started (its agent sets ``TORCHELASTIC_RUN_ID`` in every worker's environment):
+    SIGTERM when torchrun dies, as when its own children die with it; returns whether it applied. torchrun forwards a
+    SIGTERM or Ctrl-C to its workers, but a ``kill -9`` of it (or the OOM killer) left them running: training on,
+    holding their GPUs, writing checkpoints into the run folder that a rerun then takes. Now they get the signal a
+    trainer takes as a stop request (a checkpoint, then exit); an extraction resumes where it stopped."""
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return False
+    end_with_parent(os.getppid())
+    return True
 
 
 def _prctl() -> Callable[..., int]:

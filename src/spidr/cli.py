@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping
 
 from spidr import demo, learning_curve
+from spidr.child_processes import end_with_torchrun
 from spidr.cli_types import outputs_held_until_done, processes_started_together
 from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
@@ -67,6 +68,7 @@ def refuse_several_processes(command: str, env: Mapping[str, str] = os.environ) 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
+    end_with_torchrun()
     try:
         if not getattr(args, "several_processes", False):
             refuse_several_processes(args.command)
