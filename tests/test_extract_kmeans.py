@@ -416,3 +416,46 @@ def test_a_killed_k_means_extraction_resumes_to_the_units_of_a_fresh_one(model, 
     got = (tmp_path / "out" / "kmeans_units" / "layer_02.jsonl").read_text()
     assert got == (fresh / "kmeans_units" / "layer_02.jsonl").read_text()
     assert len(got.splitlines()) == len(entries)
+
+
+# Several k-means layers, long files ----------------------------------------------------------------------------
+def test_long_files_get_the_k_means_units_of_every_layer(tmp_path):
+    """`extract --layers none --kmeans 2:… --kmeans 3:…` on a file windowed by --max-seconds: each layer's units are
+    those of `units` on the features that the same windows give (no silent zeros, no layer left out)."""
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
+    sf.write(tmp_path / "x.wav", speech_like(48000, np.random.default_rng(6)), 16000, subtype="FLOAT")
+    entries = [ManifestEntry("x", str(tmp_path / "x.wav"), 48000)]
+    window = {"max_seconds": 2.0, "window_seconds": 1.0, "context_seconds": 0.5}
+    extract_to_directory(model, entries, tmp_path / "f", ExtractionSettings(layers=(2, 3), **window), progress=False)
+    features = {layer: np.load(tmp_path / "f" / f"layer_{layer:02d}" / "x.npy") for layer in (2, 3)}
+    centroids = {layer: torch.from_numpy(f[::9][:8].copy()) for layer, f in features.items()}
+    extract_to_directory(model, entries, tmp_path / "k", ExtractionSettings(layers=(), **window), progress=False,
+                         kmeans=[KMeansUnits(layer, c) for layer, c in centroids.items()])
+    for layer in (2, 3):
+        (row,) = (tmp_path / "k" / "kmeans_units" / f"layer_{layer:02d}.jsonl").read_text().splitlines()
+        expected = assign_units(features[layer], centroids[layer])
+        assert len(set(expected.tolist())) > 1
+        np.testing.assert_array_equal(json.loads(row)["units"], expected)
+
+
+def test_two_k_means_layers_in_one_short_batch(tmp_path):
+    """Each layer's rows hold its own units, for every file of the batch."""
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
+    entries = []
+    for k, n in enumerate((6000, 9000)):
+        sf.write(tmp_path / f"u{k}.wav", speech_like(n, np.random.default_rng(k)), 16000, subtype="FLOAT")
+        entries.append(ManifestEntry(f"u{k}", str(tmp_path / f"u{k}.wav"), n))
+    extract_to_directory(model, entries, tmp_path / "f", ExtractionSettings(layers=(2, 3)), progress=False)
+    centroids = {layer: torch.from_numpy(np.load(tmp_path / "f" / f"layer_{layer:02d}" / "u1.npy")[::3][:6].copy())
+                 for layer in (2, 3)}
+    extract_to_directory(model, entries, tmp_path / "k", ExtractionSettings(layers=()), progress=False,
+                         kmeans=[KMeansUnits(layer, c) for layer, c in centroids.items()])
+    for layer in (2, 3):
+        units_file = tmp_path / "k" / "kmeans_units" / f"layer_{layer:02d}.jsonl"
+        rows = [json.loads(row) for row in units_file.read_text().splitlines()]
+        assert sorted(r["name"] for r in rows) == ["u0", "u1"]
+        for r in rows:
+            features = np.load(tmp_path / "f" / f"layer_{layer:02d}" / f"{r['name']}.npy")
+            np.testing.assert_array_equal(r["units"], assign_units(features, centroids[layer]))

@@ -269,3 +269,84 @@ def test_an_output_named_twice_in_two_relative_spellings_is_named_as_such(tmp_pa
         check_new_output("r.csv", overwrite=False)
         with pytest.raises(ValueError, match=r"r\.csv is named twice as an output of this command"):
             check_new_output(tmp_path / "r.csv", overwrite=False)
+
+
+# A refused command leaves no empty folder ----------------------------------------------------------------------
+def _fails_inside(lock: contextlib.AbstractContextManager, then=lambda: None) -> None:
+    """Enter ``lock``, run ``then`` and raise, as a command refused under its lock."""
+    with lock:
+        then()
+        raise RuntimeError("refused")
+
+
+def test_a_folder_made_for_a_block_that_fails_goes_with_its_parents_and_lock(tmp_path):
+    """A run refused after its folder was locked (a missing manifest) left `runs/project/name/.lock`; the folders
+    the lock made go, the one that was there stays."""
+    folder = tmp_path / "runs" / "p" / "name"
+    with pytest.raises(RuntimeError):
+        _fails_inside(folder_lock(folder, "the test"), (folder / ".lock").read_text)  # (it is there meanwhile)
+    assert list(tmp_path.iterdir()) == []
+    with folder_lock(tmp_path / "runs" / "name", "the test"):  # a block that ends well keeps its folder
+        pass
+    assert (tmp_path / "runs" / "name" / ".lock").is_file()
+
+
+def test_a_failed_block_keeps_what_it_wrote_and_what_was_there(tmp_path):
+    with pytest.raises(RuntimeError):  # a checkpoint of a run that failed later
+        _fails_inside(folder_lock(tmp_path / "made", "the test"), (tmp_path / "made" / "step_1.pt").touch)
+    assert sorted(p.name for p in (tmp_path / "made").iterdir()) == [".lock", "step_1.pt"]
+    (tmp_path / "there").mkdir()
+    with pytest.raises(RuntimeError):
+        _fails_inside(folder_lock(tmp_path / "there", "the test"))
+    assert (tmp_path / "there").is_dir()  # (the user's folder, empty before: only the lock was added)
+    made = [tmp_path / "a" / "b", tmp_path / "a"]  # what a caller made before it locked
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        _fails_inside(folder_lock(tmp_path / "a" / "b", "the test", made=made))
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_waiter_whose_holder_removed_the_folder_makes_it_again_and_holds_the_new_lock(tmp_path):
+    """The waiting process had opened the lock file that the failing holder then unlinked with its folder: it must
+    not hold a lock on a file that no longer has the name, which a third process would take beside it."""
+    import threading
+
+    folder = tmp_path / "out"
+    started, waiting = threading.Event(), threading.Event()
+    seen = {}
+
+    def waiter() -> None:
+        started.wait()
+        waiting.set()
+        with folder_lock(folder, "the waiter", wait=True):
+            lock = folder / ".lock"
+            seen["same"] = os.path.samestat(os.stat(lock), os.stat(lock))  # (the name leads to a file)
+            seen["holder"] = lock.read_text().strip()
+            seen["files"] = sorted(p.name for p in folder.iterdir())
+
+    def until_the_waiter_waits() -> None:
+        started.set()
+        waiting.wait()
+        time.sleep(0.3)  # the waiter has opened the lock file and blocks on it
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with pytest.raises(RuntimeError):
+        _fails_inside(folder_lock(folder, "the first"), until_the_waiter_waits)
+    thread.join(10)
+    assert seen == {"same": True, "holder": f"process {os.getpid()}", "files": [".lock"]}
+    assert (folder / ".lock").is_file()
+
+
+def test_an_output_s_folders_made_for_a_refused_command_go_and_stay_when_it_wrote(tmp_path):
+    output = tmp_path / "new" / "sub" / "c.safetensors"
+
+    def made_meanwhile() -> None:
+        assert (tmp_path / "new" / "sub").is_dir()
+
+    with pytest.raises(RuntimeError):
+        _fails_inside(output_lock(output, "x"), made_meanwhile)
+    assert list(tmp_path.iterdir()) == []
+    with output_lock(output, "x"):
+        output.write_text("centroids")
+    assert [p.name for p in (tmp_path / "new" / "sub").iterdir()] == ["c.safetensors"]

@@ -1236,3 +1236,15 @@ def test_an_lm_trained_when_bos_was_a_target_is_neither_resumed_nor_reused_as_on
     with pytest.raises(ValueError, match=r"step_1\.pt was trained by a spidr whose LM loss also scored the BOS after "
                                          r"each EOS; resuming it would change its objective at step 1"):
         train_lm(cfg)
+
+
+def test_a_run_refused_for_its_units_files_leaves_no_run_folder(tmp_path, capsys):
+    """A units file that is missing, or holds a unit beyond data.num_units, was found after the run folder was made
+    and locked: the refusal left runs/<name>/.lock behind."""
+    config = _config(tmp_path, "bad", data={"valid": str(tmp_path / "absent.jsonl")})
+    assert main(["lm-train", str(config)]) == 2
+    assert "absent.jsonl does not exist" in capsys.readouterr().err
+    config = _config(tmp_path, "small", data={"num_units": 5})
+    assert main(["lm-train", str(config)]) == 2
+    assert "num_units" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -546,3 +546,19 @@ def test_each_layer_s_units_record_names_its_own_vocabulary_size(tmp_path, monke
     assert all(record["frame_rate_hz"] == 50.0 for record in records.values())
     assert paths[3].read_text() == '{"name": "a", "units": [3, 0]}\n'
     assert records[3]["units_file_bytes"] == paths[3].stat().st_size
+
+
+def test_centroids_of_another_width_are_refused_before_the_folder_records_them(bench, checkpoint, tmp_path, capsys):
+    """They were found only while the first set's units were made, after OUT recorded them as its input: the run
+    with the right centroids was then refused as 'other inputs'. Now nothing is written, and the file is named."""
+    from spidr.eval.kmeans import save_centroids
+
+    path = tmp_path / "c8.safetensors"
+    save_centroids(path, torch.zeros(4, 8), metadata={})
+    out = tmp_path / "units"
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--centroids", f"1={path}"]) == 2
+    assert (f"--centroids 1={path}: centroids of dimension 8, but layer 1's features have dimension 32"
+            in capsys.readouterr().err)
+    assert not out.exists()
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "1",
+                 "--kmeans", "4"]) == 0

@@ -4,6 +4,8 @@ elsewhere. The truth is float64: the expansion spidr computed before (``assign_f
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from spidr.config import SpidRConfig
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.eval.kmeans import assign_units
 from spidr.eval.nearest_centroid import NearestCentroid, assign_float64, ieee_float32_matmul
+from spidr.models.build import build_model
 from train_fixtures import EXTRACTION_MODEL, speech_like
 
 
@@ -129,11 +132,72 @@ def test_bfloat16_and_float16_frames_are_assigned_as_their_float32_values():
         np.testing.assert_array_equal(NearestCentroid(centroids)(low), assign_float64(low.float(), centroids).numpy())
 
 
+def test_every_backend_s_float32_precision_is_restored():
+    """The legacy getter alone does not show the per-backend settings that the assignment sets aside."""
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    before = [b.fp32_precision for b in backends]
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        c = torch.randn(4, 3)
+        NearestCentroid(c)(torch.randn(10, 3))
+        assert [b.fp32_precision for b in backends] == ["tf32", "bf16"]
+    finally:
+        for b, p in zip(backends, before, strict=True):
+            b.fp32_precision = p
+
+
+def test_num_float64_counts_the_frames_handed_to_float64():
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(8, 4, generator=g)
+    frames = torch.cat([torch.randn(200, 4, generator=g), c[:3], (c[0:1] + c[1:2]) / 2])  # (exact and near ties)
+    nearest = NearestCentroid(c)
+    with ieee_float32_matmul():
+        _, trusted = nearest._float32_choices(frames)
+    nearest(frames, batch_size=64)
+    assert nearest.num_float64 == int((~trusted).sum()) > 0
+
+
+def test_float64_s_choice_is_followed_where_float64_itself_is_inexact():
+    """A large offset with a small spread: the float64 expansion's own error exceeds the gap of near ties (it picks
+    the farther centroid for many), while shifted float32 is accurate; the units must still be float64's."""
+    g = torch.Generator().manual_seed(0)
+    dim, float64_wrong = 768, 0
+    for _ in range(40):
+        base = 1e5 + 0.01 * torch.randn(dim, generator=g)
+        a = (base + 0.01 * torch.randn(dim, generator=g)).float()
+        x = (base + 0.01 * torch.randn(dim, generator=g)).float()
+        b = 2 * x - a  # exact: x is equidistant from a and b ...
+        i = int(torch.randint(dim, (1,), generator=g))
+        b[i] = torch.nextafter(b[i], torch.tensor(float("inf")) * torch.sign(b[i] - x[i]))  # ... until b moves away
+        c = torch.stack([b, a])
+        truth = int(assign_float64(x[None], c)[0])
+        float64_wrong += truth != 1
+        assert NearestCentroid(c)(x[None])[0] == truth
+    assert float64_wrong > 5  # (the data do trip float64)
+
+
+def test_prepared_tensors_are_kept_per_device():
+    nearest = NearestCentroid(torch.randn(3, 2))
+    assert nearest._prepared(torch.device("meta"))[0].device.type == "meta"
+    assert nearest._prepared(torch.device("cpu"))[0].device.type == "cpu"
+
+
+def test_overflowing_and_underflowing_distances_are_not_trusted():
+    """Values near 1e19 (float32 and bf16 hold them) overflow the float32 distances to -inf or NaN, and values near
+    1e-21 make them subnormal, where rounding is absolute: both chose another centroid than float64 did."""
+    x = torch.tensor([[1.8e19, 0.0]])
+    near, far = torch.tensor([0.9e19, 0.0]), 1.8e19 * torch.tensor([0.53, math.sqrt(1 - 0.53**2)])
+    centroids = torch.stack([near, far, -(near + far)])
+    np.testing.assert_array_equal(NearestCentroid(centroids)(x), assign_float64(x, centroids).numpy())
+    gen = torch.Generator().manual_seed(0)
+    centroids, frames = torch.randn(50, 4, generator=gen) * 1e-21, torch.randn(20000, 4, generator=gen) * 1e-21
+    np.testing.assert_array_equal(NearestCentroid(centroids)(frames), assign_float64(frames, centroids).numpy())
+
+
 def test_extraction_assigns_on_the_model_s_device_what_assign_units_gives_on_its_features():
     """extract_batch's k-means units (computed where the model runs, padding left out) equal assign_units on the
     layer's features of the same batch, in float32 and bf16; a layer asked only for its units is not returned."""
-    from spidr.models.build import build_model
-
     torch.manual_seed(0)
     model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
     waves = [torch.from_numpy(speech_like(n, np.random.default_rng(n))) for n in (6000, 9000, 4000)]
@@ -153,6 +217,18 @@ def test_extraction_assigns_on_the_model_s_device_what_assign_units_gives_on_its
                 assert len(set(units.tolist())) > 1  # (not a constant)
     with pytest.raises(ValueError, match=r"layers \[\] and k-means units of \[9\]: .*\(\[9\] are not\)"):
         extract_batch(model, waves, ExtractionSettings(layers=()), kmeans={9: kmeans[2]})
+
+
+def test_a_group_norm_model_assigns_k_means_units_to_every_length_group():
+    """A front end that normalises over time runs each length group as its own batch: every group gets its units."""
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**{**EXTRACTION_MODEL, "extractor_mode": "group_norm"})).eval()
+    waves = [torch.from_numpy(speech_like(n, np.random.default_rng(n))) for n in (6000, 9000, 4000)]
+    features = extract_batch(model, waves, ExtractionSettings(layers=(2,)))
+    centroids = torch.from_numpy(np.concatenate([f["layer_02"] for f in features])[::4][:10].copy())
+    results = extract_batch(model, waves, ExtractionSettings(layers=()), kmeans={2: NearestCentroid(centroids)})
+    for result, feature in zip(results, features, strict=True):
+        np.testing.assert_array_equal(result["kmeans_02"], assign_units(feature["layer_02"], centroids))
 
 
 def test_the_benchmark_prints_equal_units_and_the_float64_share(capsys):

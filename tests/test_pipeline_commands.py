@@ -533,3 +533,60 @@ def test_ctrl_c_outside_a_training_is_one_line_and_status_130(tmp_path, monkeypa
     monkeypatch.setattr(manifest, "scan", interrupted)
     assert cli.main(["manifest", str(tmp_path), str(tmp_path / "m.csv")]) == 130
     assert capsys.readouterr().err == "spidr manifest: interrupted\n"
+
+
+# Refused runs leave nothing that blocks the corrected one ----------------------------------------------------------
+def test_an_extraction_that_could_read_no_file_leaves_nothing_and_its_rerun_reads_them(corpus, tmp_path, capsys):
+    """Its journal took every unreadable file as done (skipped): rerun once the audio was there, it resumed into the
+    same refusal and never read them; with a corrected manifest it was refused as another extraction."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"fileid,path,num_samples\na,{tmp_path / 'a.wav'},16000\n")
+    out = tmp_path / "new" / "feats"
+    command = ["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(manifest),
+               "--layers", "2", "--out", str(out)]
+    assert main(command) == 2
+    assert "none of the 1 files could be read" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "a.wav").write_bytes((corpus / "s1_0.wav").read_bytes())  # the audio is back
+    out.mkdir(parents=True)  # (a folder the user made: kept, only its lock added, when refused again)
+    manifest.write_text(f"fileid,path,num_samples\nb,{tmp_path / 'b.wav'},16000\n")
+    assert main([*command[:4], str(manifest), *command[5:]]) == 2
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    manifest.write_text(f"fileid,path,num_samples\na,{tmp_path / 'a.wav'},16000\n")  # and the manifest fixed
+    assert main(command) == 0
+    assert np.load(out / "layer_02" / "a.npy").shape[0] == 49  # (1 s at 50 Hz, less the receptive field)
+    assert json.loads((out / "metadata.json").read_text())["skipped"] == {}
+
+
+def test_evaluate_refuses_an_item_file_of_another_corpus_and_coarse_alignments_before_extracting(corpus, tmp_path,
+                                                                                                capsys):
+    """Both were refused after every layer was extracted (and, for the rate, its ABX scored): hours on a corpus."""
+    (tmp_path / "other.item").write_text("#file onset offset #phone prev-phone next-phone speaker\n"
+                                         "zzz 0.1 0.2 a x y s1\n")
+    out = tmp_path / "report"
+    base = ["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+            "--out", str(out)]
+    assert main([*base, "--item", str(tmp_path / "other.item")]) == 2
+    assert "none of the 1 ABX items of" in capsys.readouterr().err
+    assert not out.exists()
+    # 25 Hz labels (40 ms) for the 50 Hz units of the heads' layers: PNMI cannot count them per unit
+    labels = [json.dumps({"name": f"{speaker}_{k}", "phones": [p for p in PHONES for _ in range(6)] + ["b"]})
+              for speaker in ("s1", "s2") for k in range(2)]
+    (tmp_path / "frames40ms.jsonl").write_text("\n".join(labels) + "\n")
+    assert main([*base, "--item", str(corpus / "test.item"), "--alignments", str(tmp_path / "frames40ms.jsonl"),
+                 "--alignment-rate", "25"]) == 2
+    assert "--alignment-rate 25: the PNMI of the codebook units (layers [2, 3])" in capsys.readouterr().err
+    assert not out.exists()
+    # without a head among the layers, no PNMI: the same labels are fine (ABX alone)
+    assert main([*base, "--item", str(corpus / "test.item"), "--alignments", str(tmp_path / "frames40ms.jsonl"),
+                 "--alignment-rate", "25", "--layers", "1"]) == 0
+
+
+def test_export_makes_the_folder_of_its_output_and_leaves_none_when_refused(corpus, tmp_path, capsys):
+    """Every other command made its output's folder; export refused it as missing."""
+    target = tmp_path / "new" / "sub" / "model.safetensors"
+    assert main(["export", str(tmp_path / "absent.pt"), str(target)]) == 2
+    assert "absent.pt" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["export", str(corpus / "tiny.safetensors"), str(target)]) == 0
+    assert target.is_file()

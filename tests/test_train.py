@@ -453,8 +453,12 @@ def test_init_ckpt_starts_a_run_from_any_whole_model_checkpoint_and_names_bad_on
         cfg = tiny_config(tmp_path / f"bad-{init.stem}", corpus, run={"init_ckpt": str(init)})
         with pytest.raises(ValueError, match=r"run\.init_ckpt = " + re.escape(repr(str(init))) + message):
             train(cfg)
-        if init.name == "nope.pt":
-            assert not cfg.run.run_dir.exists()  # refused before the run folder is made (it kept only a lock)
+        # refused before the run folder was made, or after: nothing is left (it kept the folders and their lock)
+        assert not (tmp_path / f"bad-{init.stem}").exists()
+    missing = tiny_config(tmp_path / "bad-manifest", tmp_path / "absent.csv")
+    with pytest.raises(ValueError, match=r"absent\.csv does not exist"):
+        train(missing)
+    assert not (tmp_path / "bad-manifest").exists()
     wider = tiny_config(tmp_path / "wide", corpus, run={"init_ckpt": str(final)},
                         model={"encoder_ff_interm_features": 128})
     with pytest.raises(ValueError, match=r"run\.init_ckpt = .* does not fit the \[model\] config"):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from spidr.atomic_files import fitting_name
 
@@ -41,15 +41,59 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
+def missing_folders(folder: str | Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first: what creating it would make."""
+    missing = []
+    for candidate in (Path(os.path.abspath(folder)), *Path(os.path.abspath(folder)).parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    return missing
+
+
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first, as ``missing_folders`` lists them) while they are empty: what a refused
+    command made and left empty. A folder that holds anything, and every folder above it, stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str, *, wait: bool = False) -> Iterator[None]:
+def folder_lock(folder: str | Path, what: str, *, wait: bool = False,
+                made: Sequence[Path] | None = None) -> Iterator[None]:
     """Hold ``folder/.lock`` (the folder is created) for the block, or raise ``ValueError`` naming ``what`` (e.g.
     "the extraction into feats/") and the process that holds it; with ``wait``, wait for that process instead (a
-    corpus that another process is making is then reused)."""
+    corpus that another process is making is then reused).
+
+    A block that raises (a refused input, a failed run) leaves no empty folder behind: if the folder was made for
+    this command (by this call, or ``made``: the folders the caller made, deepest first) and holds nothing but its
+    lock, the lock is removed while held, then those folders while empty. A rerun then starts from what was there."""
     folder = Path(folder)
+    made = missing_folders(folder) if made is None else made
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / LOCK_NAME, what, wait=wait, remove=False):
-        yield
+    try:
+        with _locked(folder / LOCK_NAME, what, wait=wait, remove=False, unlink_if_failed=_only_lock_in(folder, made)):
+            yield
+    except BaseException:
+        remove_empty_folders(made)
+        raise
+
+
+def _only_lock_in(folder: Path, made: Sequence[Path]) -> Callable[[], bool]:
+    """Whether, now, ``folder`` was made for this command and holds nothing but its lock."""
+
+    def check() -> bool:
+        if Path(os.path.abspath(folder)) not in made:
+            return False
+        try:
+            return [entry.name for entry in os.scandir(folder)] == [LOCK_NAME]
+        except OSError:
+            return False
+
+    return check
 
 
 def lock_holder(folder: str | Path) -> str | None:
@@ -82,26 +126,65 @@ def output_lock(path: str | Path, what: str) -> Iterator[None]:
     file is removed at the end. With the check for an existing output made under it, a command started twice no
     longer computes twice and silently keeps the later result."""
     path = Path(os.path.abspath(path))  # "." and "out/.." have a name here, and one spelling of a place is one lock
+    made = missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)  # (where the command is about to write anyway)
-    with _locked(path.with_name(f".{fitting_name(path.name, MAX_NAME_BYTES)}.lock"), what, wait=False, remove=True):
-        yield
+    try:
+        with _locked(path.with_name(f".{fitting_name(path.name, MAX_NAME_BYTES)}.lock"), what, wait=False,
+                     remove=True):
+            yield
+    finally:  # (a refused command leaves no empty folder; one that wrote its output leaves it in place)
+        remove_empty_folders(made)
 
 
 MAX_NAME_BYTES = 255 - len("..lock")
 
 
 @contextlib.contextmanager
-def _locked(path: Path, what: str, *, wait: bool, remove: bool) -> Iterator[None]:
+def _locked(path: Path, what: str, *, wait: bool, remove: bool,
+            unlink_if_failed: Callable[[], bool] = lambda: False) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created) for the block; ``remove``: unlink it while still held at
-    the end. A process that opened it just before that removal and locks it after sees that the name no longer
-    leads to its file, and starts again on the new one (so two processes never both hold "the" lock)."""
+    the end; ``unlink_if_failed``: also when the block raises and that says so. A process that opened it just before
+    that removal and locks it after sees that the name no longer leads to its file, and starts again on the new one
+    (so two processes never both hold "the" lock)."""
+    handle = _acquire(path, what, wait=wait, remove=remove)
+    if handle is None:  # nothing could be locked: unguarded (warned)
+        try:
+            yield
+        finally:
+            if remove:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return
+    with handle:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        _held.add(handle.fileno())
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            _held.discard(handle.fileno())
+            if remove or (failed and unlink_if_failed()):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def _acquire(path: Path, what: str, *, wait: bool, remove: bool) -> IO[str] | None:
+    """``path`` opened (created) and locked, once nobody else holds it (``wait``) or at once (else ``ValueError``
+    naming ``what`` and the holder); None where no lock can be had (no ``flock``, a file system without locks, or
+    an output's lock that cannot be made beside it), warned."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform
-        yield
-        return
+        return None
     while True:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # (again, if a refused holder removed it)
             handle = path.open("a+", encoding="utf-8")
         except OSError as error:
             if not remove:  # (a folder's own lock: the writer cannot write there either)
@@ -110,8 +193,7 @@ def _locked(path: Path, what: str, *, wait: bool, remove: bool) -> Iterator[None
             # tree): the output itself may still be writable.
             logger.warning("cannot make the lock %s (%s): nothing stops a second process from writing there too",
                            path, error.strerror or error)
-            yield
-            return
+            return None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,28 +209,10 @@ def _locked(path: Path, what: str, *, wait: bool, remove: bool) -> Iterator[None
             handle.close()
             logger.warning("cannot lock %s (%s): nothing stops a second process from writing there too", path,
                            error)
-            try:
-                yield
-            finally:
-                if remove:
-                    path.unlink(missing_ok=True)
-            return
-        if not remove or _same_file(handle, path):
-            break
+            return None
+        if _same_file(handle, path):
+            return handle
         handle.close()  # the holder removed the file we opened: lock the new one
-    with handle:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()}\n")
-        handle.flush()
-        _held.add(handle.fileno())
-        try:
-            yield
-        finally:
-            _held.discard(handle.fileno())
-            if remove:
-                with contextlib.suppress(OSError):
-                    path.unlink()
 
 
 def _same_file(handle: Any, path: Path) -> bool:

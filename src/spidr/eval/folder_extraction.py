@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from spidr.eval.features import (
 )
 from spidr.eval.nearest_centroid import NearestCentroid
 from spidr.eval.shards import WHOLE, Shard, every_part, part_numbers
-from spidr.folder_lock import folder_lock
+from spidr.folder_lock import folder_lock, missing_folders
 from spidr.models.frames import hop_length, num_frames
 from spidr.models.inference_precision import precision_identity
 
@@ -309,6 +310,7 @@ def extract_part(
     )
 
     out_dir = Path(out_dir)
+    made = missing_folders(out_dir)  # (removed again if not one file can be read)
     model.eval()
     plan = _Plan(settings, _check_kmeans(model, kmeans))
     manifest = _as_manifest(entries)
@@ -328,7 +330,7 @@ def extract_part(
                 **({"kmeans": {f"{layer:02d}": units.fingerprint() for layer, units in sorted(plan.kmeans.items())}}
                    if plan.kmeans else {})}
     bookkeeping = f"the bookkeeping of the extraction into {out_dir}"
-    with folder_lock(out_dir, bookkeeping, wait=True):  # brief: the parts set up and finish one at a time
+    with folder_lock(out_dir, bookkeeping, wait=True, made=made):  # brief: the parts set up and finish one at a time
         if not (shard.is_whole or restart):
             finished = _finished_metadata(out_dir, identity)
             if finished is not None:  # (its parts' unit rows are in codebook_units/ now)
@@ -348,7 +350,8 @@ def extract_part(
                          plan=plan, journal=journal, units=units, bar=bar)
         num_files = int(mine.sum()) - len(journal.skipped)
         if shard.is_whole:  # (still holding the folder: nothing can start it over before metadata.json is written)
-            _refuse_nothing_read(len(manifest), journal.skipped)
+            if _nothing_read(len(manifest), journal.skipped):
+                _forget_nothing_read(out_dir, journal, units, bookkeeping=bookkeeping, made=made)
             metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=num_files,
                                        skipped=journal.skipped)
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
@@ -456,9 +459,32 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     return json.loads(text)
 
 
+def _nothing_read(num_entries: int, skipped: Mapping[str, str]) -> bool:
+    return bool(num_entries) and len(skipped) >= num_entries
+
+
+def _forget_nothing_read(out_dir: Path, journal: Any, units: Any, *, bookkeeping: str, made: Sequence[Path]) -> None:
+    """Refuse a whole extraction that could not read one file, leaving nothing of it: its journal took every file
+    as done (skipped), so a rerun after the audio or the manifest was fixed resumed into the same refusal, or was
+    refused as another extraction. Nothing was extracted, so nothing is lost: the journal and the empty units files
+    go, and the folder too where this call made it."""
+    from spidr.eval.journal import STATE_DIR
+
+    journal.close()
+    if units is not None:
+        units.close()
+    with folder_lock(out_dir, bookkeeping, wait=True, made=made):  # (a setup waiting to start takes it next)
+        for path in [out_dir / STATE_DIR, *(p for pattern in EXTRACTION_OUTPUTS for p in out_dir.glob(pattern))]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        _refuse_nothing_read(len(journal.done), journal.skipped)
+
+
 def _refuse_nothing_read(num_entries: int, skipped: Mapping[str, str]) -> None:
     """No metadata.json (not a finished extraction) when not one file could be read."""
-    if num_entries and len(skipped) >= num_entries:
+    if _nothing_read(num_entries, skipped):
         examples = "; ".join(f"{location}: {reason}" for location, reason in list(skipped.items())[:3])
         raise ValueError(f"none of the {num_entries} files could be read, so nothing was extracted (e.g. "
                          f"{examples})")

@@ -136,7 +136,8 @@ class NearestCentroid:
         distances = squared_norms - 2.0 * (x @ shifted.T)  # ‖x − c_k‖² − ‖x‖², up to the bound below
         nearest, chosen = distances.topk(2, dim=1, largest=False)
         gap = nearest[:, 1].to(torch.float64) - nearest[:, 0].to(torch.float64)
-        return chosen[:, 0], gap > self._error_bound(x)
+        finite = torch.isfinite(distances).all(1)  # an overflow (±inf, inf − inf) is no distance to trust
+        return chosen[:, 0], finite & (gap > self._error_bound(x))
 
     def _error_bound(self, x: torch.Tensor) -> torch.Tensor:
         """(T,) float64: twice the most by which the float32 distances of a frame, and float64's, can be off the
@@ -152,6 +153,7 @@ class NearestCentroid:
             + 2 * gamma * norm * c  # 2 x·c_k: the dot product
             + u * (c * c + 2 * norm * c) * (1 + gamma)  # the subtraction's rounding
             + 2 * (norm + c + eta) * eta + eta * eta  # the shift's rounding, as a change of ‖x − c_k‖²
+            + 2.0**-126 * (2 * dim + 3 + 4 * math.sqrt(dim) * (norm + c + eta))  # underflow (or flushed subnormals)
         )
         raw_frame_norm, raw_c = norm + self.shift_norm + eta, self.max_raw_norm
         float64_error = 3 * gamma64 * (raw_frame_norm + raw_c) ** 2

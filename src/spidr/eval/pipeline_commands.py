@@ -7,7 +7,8 @@ import copy
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
 from spidr import cli_types
 from spidr.data import AUDIO_EXTENSIONS
@@ -15,6 +16,12 @@ from spidr.eval.commands import add_abx_options
 from spidr.eval.shards import WHOLE, Shard, parse_shard
 from spidr.help_format import HelpFormatter
 from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, default_model_name, model_from_args
+
+if TYPE_CHECKING:
+    import torch
+
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval.items import Items
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +263,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         check_alignment_rate(alignments, {entry.fileid: entry.num_samples for entry in entries},
                              alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
     layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
+    _check_before_extracting(model, entries, items, layers, args)
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)
@@ -283,6 +291,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(path.read_text(encoding="utf-8"))
     print(f"report written to {path}")
     return 0
+
+
+def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestEntry], items: Items,
+                             layers: Sequence[int], args: argparse.Namespace) -> None:
+    """What ``evaluate`` would refuse only after extracting every layer (hours on a real corpus): an item file
+    that names none of the manifest's files, and alignments that the codebook units' PNMI cannot use."""
+    from spidr.models.frames import frame_rate_hz
+
+    known = {entry.fileid for entry in entries} | {PurePath(entry.path).stem for entry in entries}
+    if items.files and not any(name in known or PurePath(name).stem in known for name in set(items.files)):
+        raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file of --manifest "
+                         f"{args.manifest} (the first names {items.files[0]!r}; its files are e.g. "
+                         f"{entries[0].fileid!r}): is it the item file of another corpus?")
+    rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
+    scored = [layer for layer in layers if layer in model.head_layers]
+    if args.alignments is not None and scored and args.alignment_rate % rate:
+        raise ValueError(f"--alignment-rate {args.alignment_rate}: the PNMI of the codebook units (layers {scored}) "
+                         f"counts phone labels per unit, so the alignments must be at a multiple of the units' "
+                         f"{rate} Hz (e.g. {rate} or {2 * rate} Hz labels); give --alignments of finer frames")
 
 
 def run_probe(args: argparse.Namespace) -> int:

@@ -215,6 +215,10 @@ def _unit_layers(args: argparse.Namespace, model: DinoSR | Student,
         if not layer.strip().isdigit() or not path:
             raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
         centroids[int(layer)] = load_centroids(path)
+        if centroids[int(layer)].shape[1] != model.cfg.encoder_embed_dim:  # before the folder records them
+            raise ValueError(f"--centroids {text}: centroids of dimension {centroids[int(layer)].shape[1]}, but "
+                             f"layer {int(layer)}'s features have dimension {model.cfg.encoder_embed_dim}: centroids "
+                             "of another model?")
     if args.layers is None and centroids:  # the centroids' layers, not every head's (their units would be mixed in)
         layers = parse_layers(",".join(map(str, sorted(centroids))), model.num_layers)
     elif args.layers is None and not heads:

@@ -129,9 +129,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(f"output {output} is a directory; --format {args.format} writes a file: give a file path")
     if args.format == "hf" and output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a directory (--format hf writes a directory)")
-    if not output.parent.is_dir():
-        raise ValueError(f"output directory {output.parent} does not exist")
-    check_new_output(output, overwrite=args.overwrite)
+    check_new_output(output, overwrite=args.overwrite)  # (its folder is made, as every command's, and removed if
+    # the export fails)
     model = model_from_args(args.checkpoint, args)
     match args.format:
         case "safetensors":
