@@ -419,9 +419,9 @@ def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, pla
     last), join their unit rows and write ``metadata.json``."""
     from spidr.eval.journal import join_part_units, part_states, remove_part_units
 
-    states = part_states(out_dir, shard.count, len(manifest))
-    numbers = part_numbers(manifest.num_samples, shard.count)
-    unfinished = tuple(part for part, state in states.items() if not state.done[numbers == part.index].all())
+    states = part_states(out_dir, shard.count, len(manifest),
+                         part_of=part_numbers(manifest.num_samples, shard.count))
+    unfinished = tuple(part for part, state in states.items() if not state.done.all())
     if unfinished:
         return PartOutcome(num_files, dict(own_skipped), None, unfinished, wrote_metadata=False)
     skipped = {location: reason for state in states.values() for location, reason in state.skipped.items()}
