@@ -350,3 +350,14 @@ def test_an_output_s_folders_made_for_a_refused_command_go_and_stay_when_it_wrot
     with output_lock(output, "x"):
         output.write_text("centroids")
     assert [p.name for p in (tmp_path / "new" / "sub").iterdir()] == ["c.safetensors"]
+
+
+def test_a_command_interrupted_in_a_folder_made_for_it_leaves_none(tmp_path):
+    """Ctrl-C (a KeyboardInterrupt, no Exception) before anything was written: the made folders go too."""
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fails_inside(folder_lock(tmp_path / "runs" / "name", "the test"), interrupt)
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -590,3 +591,101 @@ def test_export_makes_the_folder_of_its_output_and_leaves_none_when_refused(corp
     assert not (tmp_path / "new").exists()
     assert main(["export", str(corpus / "tiny.safetensors"), str(target)]) == 0
     assert target.is_file()
+
+
+def test_an_extraction_started_while_one_that_read_nothing_forgets_itself_is_not_lost(corpus, tmp_path,
+                                                                                        monkeypatch):
+    """The extraction that read no file let go of its own lock before it took the folder's: a --restart started in
+    between set the folder up as its own, and was deleted with the first one's journal (its finished features
+    too). Now the second one is refused by name while the first one forgets itself, and runs afterwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spidr.eval import folder_extraction
+
+    (tmp_path / "bad.csv").write_text(f"fileid,path,num_samples\na,{tmp_path / 'missing.wav'},16000\n")
+    (tmp_path / "good.csv").write_text(f"fileid,path,num_samples\na,{corpus / 's1_0.wav'},16000\n")
+    out = tmp_path / "feats"
+
+    def command(manifest: str) -> list[str]:
+        return ["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(tmp_path / manifest),
+                "--layers", "2", "--out", str(out)]
+
+    real, calls, second = folder_extraction.folder_lock, [], {}
+    env = {**os.environ, "PYTHONPATH": str(Path(folder_extraction.__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+
+    def folder_lock(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the first extraction forgets itself: the corrected run starts meanwhile
+            second["run"] = subprocess.run([sys.executable, "-m", "spidr", *command("good.csv"), "--restart"],
+                                           check=False, capture_output=True, text=True, env=env, timeout=300)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(folder_extraction, "folder_lock", folder_lock)
+    assert main(command("bad.csv")) == 2
+    assert second["run"].returncode == 2
+    assert "is being run by process" in second["run"].stderr
+    assert not out.exists()
+    monkeypatch.setattr(folder_extraction, "folder_lock", real)
+    assert main([*command("good.csv"), "--restart"]) == 0
+    assert (out / "layer_02" / "a.npy").is_file()
+
+
+def test_parts_that_could_read_no_file_leave_nothing_in_the_way_of_the_rerun(corpus, tmp_path):
+    """As a whole extraction: every part's journal took the missing files as done, so after the audio was back the
+    parts refused again with the old reason (and --restart part by part lost a part's features)."""
+    rows = "".join(f"{name},{tmp_path / f'{name}.wav'},16000\n" for name in ("a", "b"))
+    (tmp_path / "m.csv").write_text("fileid,path,num_samples\n" + rows)
+    out = tmp_path / "feats"
+    command = ["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(tmp_path / "m.csv"),
+               "--layers", "2", "--out", str(out)]
+    assert main([*command, "--shard", "1/2"]) == 0  # (waits for part 2)
+    assert main([*command, "--shard", "2/2"]) == 2
+    assert not (out / ".extract").exists()
+    for name, source in (("a", "s1_0"), ("b", "s2_0")):
+        (tmp_path / f"{name}.wav").write_bytes((corpus / f"{source}.wav").read_bytes())
+    assert main([*command, "--shard", "1/2"]) == 0
+    assert main([*command, "--shard", "2/2"]) == 0
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["skipped"] == {}
+    assert sorted(p.name for p in (out / "layer_02").iterdir()) == ["a.npy", "b.npy"]
+
+
+def test_evaluate_finds_items_as_its_features_are_found(corpus, tmp_path, capsys):
+    """The early check of the item file must look files up as evaluate does (by id, or by the last part of a path):
+    ids with a dot named `spk/<id>` were refused (the stem of 's1/s1.utt0' is 's1'), names with '.wav' passed it
+    and failed after extracting; a subset of the item file's files is evaluated (the others warned about); files
+    whose names repeat in two folders are found by path."""
+    base = ["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--layers", "1", "--out"]
+    items = (corpus / "test.item").read_text().splitlines()
+    # ids with a dot, named by speaker folder and id
+    (tmp_path / "dots.csv").write_text("fileid,path,num_samples\n" + "".join(
+        f"{speaker}.utt{k},{corpus / f'{speaker}_{k}.wav'},16000\n" for speaker in ("s1", "s2") for k in (0, 1)))
+    (tmp_path / "dots.item").write_text("\n".join([items[0], *(
+        line.replace(f"{line.split()[0]} ", f"{line[:2]}/{line[:2]}.utt{line[3]} ", 1) for line in items[1:])]) + "\n")
+    assert main([*base, str(tmp_path / "r1"), "--manifest", str(tmp_path / "dots.csv"), "--item",
+                 str(tmp_path / "dots.item")]) == 0
+    # names with the extension: never found
+    (tmp_path / "ext.item").write_text("\n".join([items[0], *(
+        line.replace(" ", ".wav ", 1) for line in items[1:])]) + "\n")
+    assert main([*base, str(tmp_path / "r2"), "--manifest", str(corpus / "manifest.csv"), "--item",
+                 str(tmp_path / "ext.item")]) == 2
+    assert "none of the 16 ABX items of" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+    # a manifest of two of the item file's four files
+    (tmp_path / "two.csv").write_text("\n".join((corpus / "manifest.csv").read_text().splitlines()[:2]) + "\n"
+                                      + f"s2_0,{corpus / 's2_0.wav'},16000\n")
+    assert main([*base, str(tmp_path / "r3"), "--manifest", str(tmp_path / "two.csv"), "--item",
+                 str(corpus / "test.item")]) == 0
+    # one name in two speakers' folders (spk1/utt0, spk2/utt0), items by path
+    for speaker in ("s1", "s2"):
+        (tmp_path / "rep" / speaker).mkdir(parents=True)
+        for k in (0, 1):
+            (tmp_path / "rep" / speaker / f"utt{k}.wav").write_bytes((corpus / f"{speaker}_{k}.wav").read_bytes())
+    (tmp_path / "rep.csv").write_text("fileid,path,num_samples\n" + "".join(
+        f"utt{k},{tmp_path / 'rep' / speaker / f'utt{k}.wav'},16000\n" for speaker in ("s1", "s2") for k in (0, 1)))
+    (tmp_path / "rep.item").write_text("\n".join([items[0], *(
+        line.replace(f"{line.split()[0]} ", f"{line[:2]}/utt{line[3]} ", 1) for line in items[1:])]) + "\n")
+    assert main([*base, str(tmp_path / "r4"), "--manifest", str(tmp_path / "rep.csv"), "--item",
+                 str(tmp_path / "rep.item")]) == 0

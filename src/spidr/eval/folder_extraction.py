@@ -355,7 +355,7 @@ def extract_part(
             metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=num_files,
                                        skipped=journal.skipped)
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
-        with folder_lock(out_dir, bookkeeping, wait=True):
+        with folder_lock(out_dir, bookkeeping, wait=True, made=made):
             try:
                 finished = _finished_metadata(out_dir, identity)
                 if finished is not None:  # another part, which ended at the same time, joined them all already
@@ -425,7 +425,9 @@ def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, pla
     if unfinished:
         return PartOutcome(num_files, dict(own_skipped), None, unfinished, wrote_metadata=False)
     skipped = {location: reason for state in states.values() for location, reason in state.skipped.items()}
-    _refuse_nothing_read(len(manifest), skipped)
+    if _nothing_read(len(manifest), skipped):  # (as a whole extraction: forgotten, for the corrected rerun)
+        _remove_extraction_state(out_dir)
+        _refuse_nothing_read(len(manifest), skipped)
     if plan.writes_units:
         join_part_units(out_dir, states)
     metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=len(manifest) - len(skipped),
@@ -468,18 +470,26 @@ def _forget_nothing_read(out_dir: Path, journal: Any, units: Any, *, bookkeeping
     as done (skipped), so a rerun after the audio or the manifest was fixed resumed into the same refusal, or was
     refused as another extraction. Nothing was extracted, so nothing is lost: the journal and the empty units files
     go, and the folder too where this call made it."""
+    # The folder's lock before this extraction's own is let go: in between, an extraction started meanwhile (a
+    # --restart, evaluate) would set the folder up as its own, and lose it here.
+    with folder_lock(out_dir, bookkeeping, wait=True, made=made):
+        journal.close()
+        if units is not None:
+            units.close()
+        _remove_extraction_state(out_dir)
+        _refuse_nothing_read(len(journal.done), journal.skipped)
+
+
+def _remove_extraction_state(out_dir: Path) -> None:
+    """Remove the journals (every part's) and what an extraction writes (``EXTRACTION_OUTPUTS``) from ``out_dir``:
+    an extraction that read no file, whose outputs are empty files and folders at most."""
     from spidr.eval.journal import STATE_DIR
 
-    journal.close()
-    if units is not None:
-        units.close()
-    with folder_lock(out_dir, bookkeeping, wait=True, made=made):  # (a setup waiting to start takes it next)
-        for path in [out_dir / STATE_DIR, *(p for pattern in EXTRACTION_OUTPUTS for p in out_dir.glob(pattern))]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        _refuse_nothing_read(len(journal.done), journal.skipped)
+    for path in [out_dir / STATE_DIR, *(p for pattern in EXTRACTION_OUTPUTS for p in out_dir.glob(pattern))]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _refuse_nothing_read(num_entries: int, skipped: Mapping[str, str]) -> None:

@@ -7,7 +7,7 @@ import copy
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spidr import cli_types
@@ -297,13 +297,17 @@ def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestE
                              layers: Sequence[int], args: argparse.Namespace) -> None:
     """What ``evaluate`` would refuse only after extracting every layer (hours on a real corpus): an item file
     that names none of the manifest's files, and alignments that the codebook units' PNMI cannot use."""
+    from spidr.eval.feature_dir import StemKeyed
+    from spidr.eval.folder_extraction import output_stems
     from spidr.models.frames import frame_rate_hz
 
-    known = {entry.fileid for entry in entries} | {PurePath(entry.path).stem for entry in entries}
-    if items.files and not any(name in known or PurePath(name).stem in known for name in set(items.files)):
+    # The features' names (their files below each layer folder), looked up as evaluate will look them up
+    stems = output_stems(entries)
+    features = StemKeyed.if_unique(dict.fromkeys(stems[index] for index in range(len(stems))))
+    if items.files and not any(name in features for name in set(items.files)):
         raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file of --manifest "
-                         f"{args.manifest} (the first names {items.files[0]!r}; its files are e.g. "
-                         f"{entries[0].fileid!r}): is it the item file of another corpus?")
+                         f"{args.manifest} (the first names {items.files[0]!r}; features will be keyed by "
+                         f"utterance id, e.g. {next(iter(features))!r}): is it the item file of another corpus?")
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
     scored = [layer for layer in layers if layer in model.head_layers]
     if args.alignments is not None and scored and args.alignment_rate % rate:

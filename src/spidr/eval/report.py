@@ -142,7 +142,8 @@ def evaluate_model(
     _warn_if_one_speaker(items)
     rows = []
     for layer in layers:
-        features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"))
+        # (by path alone where file ids repeat: spk1/sa1, spk2/sa1; item files then name paths)
+        features = StemKeyed.if_unique(FeatureDirectory(work_dir / f"layer_{layer:02d}"))
         layer_items = _items_for(items, features)
         row = LayerRow(model=name, layer=layer)
         row.abx_within = _abx_percent(features, layer_items, "within", abx, distance=abx.distance, frequency=rate)
