@@ -380,11 +380,9 @@ def test_torchrun_two_ranks_train_checkpoint_and_resume(tmp_path, host_sync):
     assert consumed(final) == [6, 6]
 
 
-@pytest.mark.slow
-def test_a_stop_signal_to_torchrun_saves_within_ten_steps_with_host_sync_log(tmp_path):
-    """With several ranks and run.host_sync = "log" the ranks read their stop agreement only at log steps, so a
-    SIGTERM with a long log interval was acted on too late: torchrun killed the workers 30 s after forwarding it and
-    nothing was saved. Now they stop within STOP_POLL_STEPS steps with a checkpoint."""
+def _long_torchrun_training(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a 2-rank torchrun training of 10,000 steps (stopped by the test), logging and
+    saving rarely, into ``tmp_path/test/tiny``."""
     corpus = write_corpus(tmp_path / "corpus", num_files=12)
     data = tiny_config_dict(tmp_path, corpus, run={"host_sync": "log", "log_interval": 5000, "save_interval": 5000},
                             optimizer={"max_steps": 10000, "warmup_steps": 2, "hold_steps": 4998, "decay_steps": 5000})
@@ -392,7 +390,15 @@ def test_a_stop_signal_to_torchrun_saves_within_ten_steps_with_host_sync_log(tmp
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr", "train",
                str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return command, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_torchrun_saves_within_ten_steps_with_host_sync_log(tmp_path):
+    """With several ranks and run.host_sync = "log" the ranks read their stop agreement only at log steps, so a
+    SIGTERM with a long log interval was acted on too late: torchrun killed the workers 30 s after forwarding it and
+    nothing was saved. Now they stop within STOP_POLL_STEPS steps with a checkpoint."""
+    command, env = _long_torchrun_training(tmp_path)
     run_dir = tmp_path / "test" / "tiny"
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as job:
         deadline = time.monotonic() + 120
@@ -432,14 +438,7 @@ def test_workers_of_a_torchrun_killed_with_sigkill_save_and_stop(tmp_path):
     """torchrun forwards SIGTERM to its workers, but killed with SIGKILL (kill -9, the OOM killer) it left them
     training on, holding their GPUs and writing into the run folder that a rerun takes. Now they get SIGTERM when it
     dies: a checkpoint, then exit."""
-    corpus = write_corpus(tmp_path / "corpus", num_files=12)
-    data = tiny_config_dict(tmp_path, corpus, run={"host_sync": "log", "log_interval": 5000, "save_interval": 5000},
-                            optimizer={"max_steps": 10000, "warmup_steps": 2, "hold_steps": 4998, "decay_steps": 5000})
-    config = write_toml(data, tmp_path / "run.toml")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr", "train",
-               str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command, env = _long_torchrun_training(tmp_path)
     run_dir = tmp_path / "test" / "tiny"
     log = tmp_path / "output.txt"
     with log.open("w") as output, subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT) as job:
