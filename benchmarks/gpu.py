@@ -51,10 +51,12 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -617,13 +619,22 @@ def run_job_here(job: str, args: argparse.Namespace) -> dict[str, Any]:
             else:
                 model_job(job, args, device, report)
     except Exception as error:  # any failure becomes the row's note; the other jobs still run
-        # (the first line of the message; a bare AssertionError, as Dynamo raises, has none)
-        first_line = str(error).partition("\n")[0][:300] or repr(error)
-        report["error"] = f"{type(error).__name__} during {report['stage']}: {first_line}"
+        report["error"] = f"{type(error).__name__} during {report['stage']}: {describe_error(error)}"
         traceback.print_exc()
     report["wall_s"] = time.perf_counter() - began
     writer.write()
     return report
+
+
+def describe_error(error: BaseException) -> str:
+    """The first line of what went wrong, from the innermost cause that Dynamo wrapped (``BackendCompilerFailed``
+    says only "backend='inductor' raised:" on its first line; the compiler's own error comes after); a bare
+    AssertionError, as Dynamo raises, has no message: its repr."""
+    cause = error
+    while getattr(cause, "inner_exception", None) is not None:
+        cause = cause.inner_exception
+    first_line = str(cause).partition("\n")[0][:300] or repr(cause)
+    return first_line if cause is error else f"{type(cause).__name__}: {first_line}"
 
 
 class _ProgressWriter:
@@ -668,26 +679,37 @@ class _ProgressWriter:
             thread.join()
 
 
-def run_job_isolated(job: str, argv: list[str], manifest: Path, timeout: float) -> dict[str, Any]:
+def run_job_isolated(job: str, argv: list[str], manifest: Path, timeout: float,
+                     log: Path | None = None) -> dict[str, Any]:
     """Run one job in a fresh process (its own CUDA context and memory peak) and kill it, with every process it
-    started (DataLoader workers, compile workers), after ``timeout`` seconds."""
+    started (DataLoader workers, compile workers), after ``timeout`` seconds. Its stderr goes to ``log`` as well (a
+    compile error's traceback, which the lent machine's output tail may have lost), and its end into the row."""
     with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-job-") as scratch:
         result = Path(scratch) / "result.json"
+        log = log or Path(scratch) / "stderr.log"
         # The worker stops timing in time to report before it is killed.
         stop_at = time.time() + timeout - max(3.0, 0.1 * timeout)
         command = [sys.executable, __file__, *argv, "--worker", job, "--manifest", str(manifest),
                    "--result", str(result), "--stop-at", f"{stop_at:.3f}"]
-        process = subprocess.Popen(command, start_new_session=True)
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            code = None
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(command, start_new_session=True, stderr=stderr)
+            try:
+                code = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                code = None
         report = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else {"stage": "start-up"}
+        tail = log.read_bytes()[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
+    sys.stderr.write(tail)  # (as the worker's stderr went before, if shorter)
     report.setdefault("job", job)
     report.setdefault("name", JOBS[job].name)
+    if code != 0 and tail:
+        report["stderr_tail"] = tail
     return judge_exit(report, code, timeout)
+
+
+STDERR_TAIL_BYTES = 4000  # of a failed job's stderr, kept in its row of the JSON
 
 
 def judge_exit(report: dict[str, Any], code: int | None, timeout: float) -> dict[str, Any]:
@@ -712,6 +734,19 @@ def twin_flop_count(job: str, rows: dict[str, dict[str, Any]]) -> float | None:
     return rows.get(twin, {}).get("gflop_per_audio_s_counted") if JOBS[job].compile and twin in JOBS else None
 
 
+def compile_toolchain_problem() -> str | None:
+    """Why inductor cannot compile here, found without compiling: Triton builds its launcher with a C compiler and
+    the interpreter's headers, which slim GPU images lack (the error comes only at code generation); None if both
+    are there."""
+    compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if compiler is None or shutil.which(compiler) is None:
+        return "inductor needs a C compiler, and there is none on PATH (cc, gcc, clang or $CC)"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        return f"inductor needs the interpreter's C headers, and {headers} is missing (python3-dev)"
+    return None
+
+
 def write_corpus_for(args: argparse.Namespace, directory: Path) -> Path:
     began = time.perf_counter()
     manifest = write_corpus(directory, files=args.corpus_files, copies=args.copies, audio_format=args.audio_format)
@@ -730,6 +765,11 @@ def run_all(args: argparse.Namespace, argv: list[str],
     with tempfile.TemporaryDirectory(prefix="spidr-gpu-bench-corpus-") as directory:
         args.manifest = str(write_corpus_for(args, Path(directory)))
         todo = [job for job in RUN_ORDER if job in args.jobs]
+        missing_toolchain = None if args.compile_backend != "inductor" else compile_toolchain_problem()
+        for job in [job for job in todo if JOBS[job].compile and missing_toolchain]:
+            # (they would fail at code generation, after their share of tracing: their time goes to the others)
+            rows[job] = {"job": job, "name": JOBS[job].name, "error": f"not run: {missing_toolchain}"}
+            todo.remove(job)
         for i, job in enumerate(todo):
             left = args.deadline - (time.perf_counter() - began)
             share = left * TIME_WEIGHTS[job] / sum(TIME_WEIGHTS[j] for j in todo[i:])
@@ -742,7 +782,8 @@ def run_all(args: argparse.Namespace, argv: list[str],
             counted = twin_flop_count(job, rows)
             if args.isolate:
                 reuse = ["--counted-gflop", repr(counted)] if counted else []
-                rows[job] = run_job_isolated(job, argv + reuse, Path(args.manifest), share)
+                log = Path(f"{args.json.removesuffix('.json')}.{job}.log") if args.json else None
+                rows[job] = run_job_isolated(job, argv + reuse, Path(args.manifest), share, log)
             else:
                 args.stop_at = time.time() + share
                 args.counted_gflop = counted
@@ -894,8 +935,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:  # a child process: one job, its report in args.result
         report = run_job_here(args.worker, args)
         return 1 if "error" in report else 0
-    if not args.smoke and not torch.cuda.is_available():
-        print("warning: no GPU; the base jobs will run out of time on a CPU (use --smoke)", file=sys.stderr)
+    if not args.smoke and not torch.cuda.is_available():  # (the base jobs would run out of time on a CPU)
+        print(f"gpu.py: {sys.executable} has no usable CUDA (torch {torch.__version__}, CUDA build "
+              f"{torch.version.cuda}): give the GPU image's Python with PYTHON=..., or pass --smoke for a CPU run",
+              file=sys.stderr)
+        return 3
     def publish(rows: list[dict[str, Any]], *, final: bool = False) -> None:
         """The table so far to the JSON after each job (``"complete": false``; a run killed at a wall-clock limit
         keeps what it measured, and $OUT comes back from a lent machine even then); at the end to stdout too."""

@@ -9,13 +9,14 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 
 # What spidr imports beyond torch (scipy: the log-mel front end and MFCCs); the GPU image has numpy and scipy.
-# Imported, not only found: soundfile is found without cffi, and then fails to import.
+# Imported, not only found: soundfile is found without cffi, and then fails to import; one installed without its
+# C library raises an OSError, which counts as missing too (the carried wheels then come first on the path).
 missing_modules() {
   "$python" -c 'import importlib
 def missing(name):
     try:
         importlib.import_module(name)
-    except ImportError:
+    except Exception:
         return True
     return False
 print(" ".join(m for m in ("numpy", "scipy", "soundfile", "soxr") if missing(m)))'

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -259,3 +260,77 @@ def test_gpu_sh_counts_the_deadline_from_its_own_start(tmp_path, given, expected
         refused = subprocess.run(["bash", str(script), *bad], env=env, capture_output=True, text=True, check=False)
         assert refused.returncode == 2, bad
         assert "--deadline" in refused.stderr
+
+
+# What the one GPU attempt must not lose ------------------------------------------------------------------------
+def test_without_cuda_the_benchmark_stops_at_once_naming_the_python(gpu, tmp_path, capsys):
+    """Without --smoke it ran the base jobs on the CPU until the deadline (5 of a lent machine's 15 minutes) and
+    exited 0 with a table of 'killed' rows: a wrong Python on the GPU machine is now told at once."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert gpu.main(["--jobs", "loader", "--json", str(tmp_path / "g.json")]) == 3
+    assert f"{sys.executable} has no usable CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "g.json").exists()
+
+
+def test_a_compiler_s_error_is_named_by_its_cause(gpu):
+    """Dynamo's BackendCompilerFailed says only "backend='inductor' raised:" on its first line."""
+
+    class BackendCompilerFailed(Exception):  # noqa: N818 (torch._dynamo.exc names it so)
+        def __init__(self, inner: Exception) -> None:
+            super().__init__(f"backend='inductor' raised:\n{type(inner).__name__}: {inner}")
+            self.inner_exception = inner
+
+    wrapped = BackendCompilerFailed(RuntimeError("Failed to find C compiler. Please specify via CC"))
+    assert gpu.describe_error(wrapped) == "RuntimeError: Failed to find C compiler. Please specify via CC"
+    assert gpu.describe_error(ValueError("one\ntwo")) == "one"
+    assert gpu.describe_error(AssertionError()) == "AssertionError()"
+
+
+def test_a_failed_job_s_stderr_is_kept_beside_the_json_and_in_its_row(gpu, tmp_path, capsys):
+    """Its traceback went only to the terminal, whose tail the lent machine returns: a compile error's cause, the
+    likeliest failure of a first GPU run, could be lost."""
+    log = tmp_path / "gpu-benchmark.spidr.log"
+    row = gpu.run_job_isolated("spidr", ["--smoke"], tmp_path / "absent.csv", timeout=120, log=log)
+    assert "absent.csv" in row["error"]
+    assert "Traceback" in log.read_text()
+    assert "absent.csv" in row["stderr_tail"]
+    assert "Traceback" in capsys.readouterr().err  # (and on the terminal, as before)
+
+
+def test_an_installed_but_broken_module_counts_as_missing(tmp_path):
+    """soundfile without its C library raises an OSError, not an ImportError: the check died with a traceback
+    before the carried wheels could replace it."""
+    import subprocess
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "soundfile.py").write_text("raise OSError('cannot load library libsndfile.so')\n")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(broken)}
+    result = subprocess.run(["bash", "-c", f"source {BENCHMARKS / 'gpu_python.sh'}"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert "cannot import soundfile and .whl/ holds no wheels" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_compiled_jobs_are_not_run_where_inductor_could_not_build_its_kernels(gpu, tmp_path, monkeypatch, capsys):
+    """Without a C compiler or Python.h, both compiled jobs failed at code generation, after their share of
+    tracing; now they are left out at once, saying why, and their time goes to the other jobs."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # (no compiler on it)
+    monkeypatch.delenv("CC", raising=False)
+    assert gpu.compile_toolchain_problem().startswith("inductor needs a C compiler")
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    monkeypatch.setattr(gpu.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "include")})
+    assert "Python.h is missing" in gpu.compile_toolchain_problem()
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "Python.h").touch()
+    assert gpu.compile_toolchain_problem() is None
+    (tmp_path / "include" / "Python.h").unlink()
+    rows = gpu.run_all(gpu.parse_args(["--smoke", "--compile-backend", "inductor", "--jobs", "spidr-compile",
+                                       "loader"]), ["--smoke"])
+    assert [row["job"] for row in rows] == ["spidr-compile", "loader"]
+    assert rows[0]["error"].startswith("not run: inductor needs the interpreter's C headers")
+    check_row(rows[1])
