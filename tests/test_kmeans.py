@@ -493,3 +493,35 @@ def test_codebook_units_written_without_their_layer_s_features_take_the_codebook
                          ExtractionSettings(layers=(), codebooks=True), progress=False)
     for layer in (2, 3):  # the tiny model's head layers
         assert recorded_num_units(out / "codebook_units" / f"layer_{layer:02d}.jsonl") == (16, out / "metadata.json")
+
+
+def test_centroids_fitted_on_one_layer_are_refused_for_another(tmp_path: Path, capsys) -> None:
+    """Every layer of a model has the same width, so centroids of layer 2 applied to layer 1 (a typo in
+    `--kmeans 6:…`) gave plausible units of the wrong clusters without a word. spidr kmeans records the layer of
+    an extraction's layer folder; units, extract --kmeans and lm-units --centroids refuse another."""
+    for layer in ("layer_01", "layer_02"):
+        for name, array in clustered_features().items():
+            (tmp_path / layer / name).parent.mkdir(parents=True, exist_ok=True)
+            np.save(tmp_path / layer / f"{name}.npy", array)
+    centroids = tmp_path / "km.safetensors"
+    assert cli.main(["kmeans", str(tmp_path / "layer_02"), "--num-units", "4", "--out", str(centroids)]) == 0
+    from spidr.eval.kmeans import centroids_record
+
+    assert centroids_record(centroids)["layer"] == "2"
+    assert cli.main(["units", str(tmp_path / "layer_01"), "--centroids", str(centroids), "--out",
+                     str(tmp_path / "u1.jsonl")]) == 2
+    assert f"holds centroids fitted on layer 2's features ({tmp_path / 'layer_02'}), not layer 1's" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "u1.jsonl").exists()
+    assert cli.main(["units", str(tmp_path / "layer_02"), "--centroids", str(centroids), "--out",
+                     str(tmp_path / "u2.jsonl")]) == 0
+    assert cli.main(["extract", "--checkpoint", str(tmp_path / "absent.pt"), "--manifest", str(tmp_path / "m.csv"),
+                     "--layers", "none", "--kmeans", f"3:{centroids}", "--out", str(tmp_path / "x")]) == 2
+    assert f"--kmeans 3:{centroids}: {centroids} holds centroids fitted on layer 2's" in capsys.readouterr().err
+    # a folder of another name (not an extraction's layer folder) records no layer: nothing to check
+    (tmp_path / "layer_02").rename(tmp_path / "mine")
+    assert cli.main(["kmeans", str(tmp_path / "mine"), "--num-units", "4", "--out",
+                     str(tmp_path / "k2.safetensors")]) == 0
+    assert "layer" not in centroids_record(tmp_path / "k2.safetensors")
+    assert cli.main(["units", str(tmp_path / "layer_01"), "--centroids", str(tmp_path / "k2.safetensors"), "--out",
+                     str(tmp_path / "u3.jsonl")]) == 0

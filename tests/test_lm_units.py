@@ -562,3 +562,14 @@ def test_centroids_of_another_width_are_refused_before_the_folder_records_them(b
     assert not out.exists()
     assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "1",
                  "--kmeans", "4"]) == 0
+
+
+def test_centroids_of_another_layer_are_refused(bench, checkpoint, tmp_path, capsys):
+    from spidr.eval.kmeans import save_centroids
+
+    path = tmp_path / "c.safetensors"
+    save_centroids(path, torch.zeros(4, 32), metadata={"layer": "2", "features": "feats/layer_02"})
+    assert main(["lm-units", str(bench), str(tmp_path / "u"), "--checkpoint", str(checkpoint), "--centroids",
+                 f"1={path}"]) == 2
+    assert f"--centroids 1={path}: {path} holds centroids fitted on layer 2's features" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()

@@ -137,7 +137,7 @@ def _units_quality(args: argparse.Namespace) -> int:
 
 def _kmeans(args: argparse.Namespace) -> int:
     from spidr.eval.feature_dir import one_layer_directory
-    from spidr.eval.kmeans import fit_kmeans, sample_frames, save_centroids
+    from spidr.eval.kmeans import features_layer, fit_kmeans, sample_frames, save_centroids
 
     out = check_new_output(args.out, overwrite=args.overwrite)
     if out.suffix != ".safetensors":
@@ -148,6 +148,9 @@ def _kmeans(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"num_units": str(args.num_units), "seed": str(args.seed), "num_frames": str(frames.shape[0]),
                 "features": str(args.features_dir)}
+    layer = features_layer(args.features_dir)
+    if layer is not None:  # (checked where the centroids are applied: another layer's would pass unnoticed)
+        metadata["layer"] = str(layer)
     save_centroids(out, centroids, metadata=metadata)
     print(f"wrote {args.num_units} centroids of dimension {centroids.shape[1]} (fitted on {frames.shape[0]} frames) "
           f"to {out}")
@@ -157,12 +160,15 @@ def _kmeans(args: argparse.Namespace) -> int:
 def _units(args: argparse.Namespace) -> int:
     from spidr.atomic_files import write_atomically
     from spidr.eval.feature_dir import StemKeyed, extraction_frame_rate, one_layer_directory, units_metadata_path
-    from spidr.eval.kmeans import assign_directory, load_centroids
+    from spidr.eval.kmeans import assign_directory, check_centroids_layer, features_layer, load_centroids
     from spidr.eval.units import write_units
 
     # Named by utterance id (the file stem, as codebook units, alignments and item files name them) when unique.
     features = StemKeyed.if_unique(one_layer_directory(args.features_dir))
     centroids = load_centroids(args.centroids)
+    layer = features_layer(args.features_dir)
+    if layer is not None:
+        check_centroids_layer(args.centroids, layer, where=f"--centroids for {args.features_dir}")
     out = check_new_output(args.out, overwrite=args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     rate = extraction_frame_rate(args.features_dir)  # before anything is written: a failure leaves no units file

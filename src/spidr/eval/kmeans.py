@@ -12,6 +12,8 @@ at a time.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -172,6 +174,38 @@ def load_centroids(path: str | Path) -> torch.Tensor:
     if tensor.ndim != 2 or not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{path}: centroids must be a finite (K, D) matrix, got shape {tuple(tensor.shape)}")
     return tensor.to(torch.float32)
+
+
+def features_layer(features_dir: str | Path) -> int | None:
+    """The layer whose features ``features_dir`` holds, from its name (``spidr extract``'s ``OUT/layer_LL``), or
+    None."""
+    match = re.fullmatch(r"layer_(\d+)", Path(os.path.abspath(features_dir)).name)
+    return int(match.group(1)) if match else None
+
+
+def centroids_record(path: str | Path) -> dict[str, str]:
+    """What ``spidr kmeans`` recorded in a centroids file (``layer`` and ``features`` among others); {} for a
+    ``.npy`` file or one without a record."""
+    if Path(path).suffix == ".npy":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception:  # (load_centroids names what is wrong with the file)
+        return {}
+
+
+def check_centroids_layer(path: str | Path, layer: int, *, where: str) -> None:
+    """Refuse centroids that ``spidr kmeans`` fitted on another layer's features than ``layer`` (1-based) where
+    ``where`` (the option) would apply them: every layer of a model has the same width, so they would silently give
+    units of the wrong clusters (a typo in ``--kmeans 6:…``)."""
+    fitted = centroids_record(path).get("layer")
+    if fitted is not None and fitted.isdigit() and int(fitted) != layer:
+        raise ValueError(f"{where}: {path} holds centroids fitted on layer {int(fitted)}'s features "
+                         f"({centroids_record(path).get('features', 'spidr kmeans')}), not layer {layer}'s: fit "
+                         f"centroids on layer {layer} (spidr kmeans .../layer_{layer:02d}), or give that layer")
 
 
 # How assign_units chooses a unit, recorded by the unit caches (lm-units, lm-study) built on it: units assigned

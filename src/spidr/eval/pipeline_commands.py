@@ -198,10 +198,12 @@ def kmeans_option(text: str) -> tuple[int, Path]:
 def run_extract(args: argparse.Namespace) -> int:
     from spidr.eval.features import ExtractionSettings, parse_layers, window_settings
     from spidr.eval.folder_extraction import KMeansUnits, extract_part
-    from spidr.eval.kmeans import load_centroids
+    from spidr.eval.kmeans import check_centroids_layer, load_centroids
 
     if args.layers == "none" and not (args.codebooks or args.kmeans):
         raise ValueError("--layers none writes no features: add --codebooks or --kmeans to extract units alone")
+    for layer, path in args.kmeans or ():
+        check_centroids_layer(path, layer, where=f"--kmeans {layer}:{path}")
     kmeans = [KMeansUnits(layer, load_centroids(path), str(path)) for layer, path in args.kmeans or ()]
     shard, args.device = launcher_part(args)
     model = _model(args)

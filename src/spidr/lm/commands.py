@@ -206,7 +206,7 @@ def _unit_layers(args: argparse.Namespace, model: DinoSR | Student,
                  ) -> tuple[tuple[int, ...], dict[int, torch.Tensor]]:
     """``lm-units``' layers and the ``--centroids`` given for some of them (layer → centroids), checked."""
     from spidr.eval.features import parse_layers
-    from spidr.eval.kmeans import load_centroids
+    from spidr.eval.kmeans import check_centroids_layer, load_centroids
 
     heads = model.head_layers
     centroids = {}
@@ -215,6 +215,7 @@ def _unit_layers(args: argparse.Namespace, model: DinoSR | Student,
         if not layer.strip().isdigit() or not path:
             raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
         centroids[int(layer)] = load_centroids(path)
+        check_centroids_layer(path, int(layer), where=f"--centroids {text}")
         if centroids[int(layer)].shape[1] != model.cfg.encoder_embed_dim:  # before the folder records them
             raise ValueError(f"--centroids {text}: centroids of dimension {centroids[int(layer)].shape[1]}, but "
                              f"layer {int(layer)}'s features have dimension {model.cfg.encoder_embed_dim}: centroids "
