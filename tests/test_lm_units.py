@@ -573,3 +573,21 @@ def test_centroids_of_another_layer_are_refused(bench, checkpoint, tmp_path, cap
                  f"1={path}"]) == 2
     assert f"--centroids 1={path}: {path} holds centroids fitted on layer 2's features" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
+
+
+def test_the_next_commands_name_the_layer_folders_of_lm_units(bench, checkpoint, tmp_path, capsys):
+    """lm-units writes a model's units in OUT/layer_LL/; lm-train, lm-score and lm-eval --units given OUT itself
+    said only that a file was missing or that nothing was found."""
+    out = tmp_path / "units"
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "2-3"]) == 0
+    capsys.readouterr()
+    hint = f"{out} holds the units of layer_02, layer_03, as spidr lm-units writes a model's: give one layer's folder"
+    config = tmp_path / "lm.json"
+    config.write_text(json.dumps({"run": {"workdir": str(tmp_path / "runs"), "device": "cpu"},
+                                  "data": {"train": str(out / "train.jsonl")}, "model": {"arch": "lstm"}}))
+    assert main(["lm-train", str(config)]) == 2
+    assert hint in capsys.readouterr().err
+    assert main(["lm-score", str(checkpoint), str(out), str(tmp_path / "submission")]) == 2
+    assert hint in capsys.readouterr().err
+    assert main(["lm-eval", str(bench), "--baseline", "ngram", "--units", str(out)]) == 2
+    assert hint in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pathlib import Path
 from spidr.lm.bench_units import FRAME_LABELS
 from spidr.lm.config import LmModelSection
 from spidr.lm.evaluate import TASKS
+from spidr.lm.score import layer_folders_hint
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,12 @@ def baseline_inputs(bench_dir: str | Path, units_dir: str | Path | None, kind: s
     else:
         root, train = Path(units_dir), Path(units_dir) / "train.jsonl"
         tests = {task: root / task / f"{kind}.jsonl" for task in TASKS}
-        what = "units in lm-units' layout (UNITS_DIR/train.jsonl, UNITS_DIR/<task>/<split>.jsonl)"
+        what = ("units in lm-units' layout (UNITS_DIR/train.jsonl, UNITS_DIR/<task>/<split>.jsonl: a model's "
+                "OUT/layer_LL, or OUT of --oracle)")
     if not train.is_file():
-        raise ValueError(f"{train} does not exist: the n-gram baselines are fitted on {what}")
+        hint = layer_folders_hint(root)
+        raise ValueError(f"{train} does not exist: the n-gram baselines are fitted on {what}"
+                         + (f"; {hint}" if hint else ""))
     found = {task: path for task, path in tests.items() if path.is_file()}
     if not found:
         raise ValueError(f"no {kind} set to score in {root}: expected {what}")

@@ -234,7 +234,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "LM has to beat, and a check of the design (balanced nonwords put both near 50 %%)")
     parser.add_argument("--units", default=None, metavar="UNITS_DIR",
                         help="with --baseline: units in lm-units' layout (UNITS_DIR/train.jsonl, "
-                        "UNITS_DIR/<task>/<split>.jsonl) instead of the benchmark's own phone labels "
+                        "UNITS_DIR/<task>/<split>.jsonl: a model's OUT/layer_LL of lm-units, or OUT with --oracle) "
+                        "instead of the benchmark's own phone labels "
                         "(BENCH_DIR/train/frame_labels_20ms.jsonl, ...)")
     parser.add_argument("--kind", choices=("dev", "test"), default="dev", help="split to score")
     parser.add_argument("--json", action="store_true", help="print one JSON object (headline numbers + details; "

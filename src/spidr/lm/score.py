@@ -98,6 +98,17 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
     return {stem: scores[first_stem[key_of[stem]]] for stem in sequences}
 
 
+def layer_folders_hint(folder: str | Path) -> str:
+    """Where ``folder`` holds ``spidr lm-units``' folders of a model's layers (``OUT/layer_LL/``) rather than one
+    set of units: the sentence that says which to give; else ""."""
+    folder = Path(folder)
+    layers = sorted(path.name for path in folder.glob("layer_[0-9]*") if path.is_dir()) if folder.is_dir() else []
+    if not layers:
+        return ""
+    return (f"{folder} holds the units of {', '.join(layers)}, as spidr lm-units writes a model's: give one layer's "
+            f"folder, e.g. {folder / layers[0]}")
+
+
 def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
     """``(task, split) → UNITS_DIR/<task>/<split>.jsonl`` for the files that exist (``.jsonl.gz`` too; both for one
     split is an error, as either could be the one meant)."""

@@ -68,9 +68,12 @@ def read_rows(path: str | Path, *,
     """``(stem, kind, where, values, line)`` per row, kind "units" or "labels", ``line`` its text; refuses bad JSON
     and repeated stems, and with ``refuse_deduplicated`` (why), rows written deduplicated."""
     from spidr.eval.feature_dir import refuse_unfinished_extraction
+    from spidr.lm.score import layer_folders_hint
 
     path = Path(path)
-    existing_file(path, "units file")
+    if not path.exists() and layer_folders_hint(path.parent):  # (units/train.jsonl of lm-units' model folder)
+        raise ValueError(f"units file {path} does not exist: {layer_folders_hint(path.parent)}")
+    existing_file(path, "units file", hint=layer_folders_hint(path))
     refuse_unfinished_extraction(path)
     for stem, where, found, values, line in read_jsonl_rows_with_lines(
             path, field=("units", "phones"), key=file_stem, refuse_deduplicated=refuse_deduplicated):
