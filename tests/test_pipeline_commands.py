@@ -689,3 +689,30 @@ def test_evaluate_finds_items_as_its_features_are_found(corpus, tmp_path, capsys
         line.replace(f"{line.split()[0]} ", f"{line[:2]}/utt{line[3]} ", 1) for line in items[1:])]) + "\n")
     assert main([*base, str(tmp_path / "r4"), "--manifest", str(tmp_path / "rep.csv"), "--item",
                  str(tmp_path / "rep.item")]) == 0
+
+
+def test_a_reader_that_stops_reading_is_no_refusal(corpus, monkeypatch, capsys):
+    """`spidr info CKPT | head -1` ended with "error: Broken pipe" and status 2, which says the input was refused;
+    now quietly, with the status of a command that SIGPIPE ended. A broken pipe of another kind is still an error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import spidr
+
+    env = {**os.environ, "PYTHONPATH": str(Path(spidr.__file__).parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "spidr", "info", str(corpus / "tiny.safetensors")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process.stdout.close()  # the reader is gone before the first line
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 141
+    assert "error" not in stderr
+    assert "Traceback" not in stderr
+
+    def child_gone(_args):
+        raise BrokenPipeError(32, "Broken pipe")  # (writing to a child process that died)
+
+    monkeypatch.setattr("spidr.models.commands._info", child_gone)
+    parser_default = main(["info", str(corpus / "tiny.safetensors")])
+    assert parser_default == 2
+    assert "spidr info: error: Broken pipe" in capsys.readouterr().err

@@ -473,6 +473,9 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_
         assert train(cfg) == "completed"
     # run.model_type defaults to DinoSR: the run says which model it trains
     assert f"starting {cfg.run.model_type} (run.model_type;" in caplog.text
+    # the trained parameters, as `spidr info` counts the student side (with the teacher's copy, twice as many)
+    student = sum(p.numel() for p in build_model(cfg.model).parameters() if p.requires_grad)
+    assert f"; {student / 1e6:.3g} M trained parameters," in caplog.text
     run_dir = cfg.run.run_dir
     first = _train_records(run_dir)
     for name in ("final.pt", "step_6.pt"):

@@ -178,3 +178,14 @@ def test_active_codewords_count_units_not_phones():
 def test_two_frames_of_length_difference_are_accepted():
     # 3 units at 50 Hz = 6 frames of 10 ms against 4 labels: differ by 2, allowed (MAX_LENGTH_MISMATCH).
     unit_quality({"u": [0, 1, 1]}, {"u": ["A", "A", "B", "B"]}, num_units=2)
+
+
+def test_a_missing_units_file_or_a_folder_is_named_first(tmp_path, capsys):
+    """A mistyped name was first told that no vocabulary size was recorded for it (--num-units), and only with that
+    option that it does not exist."""
+    (tmp_path / "ali.jsonl").write_text(json.dumps({"name": "a", "phones": ["x", "y"]}) + "\n")
+    assert cli.main(["units-quality", str(tmp_path / "unit.jsonl"), str(tmp_path / "ali.jsonl")]) == 2
+    assert f"units file {tmp_path / 'unit.jsonl'} does not exist" in capsys.readouterr().err
+    (tmp_path / "layer_02").mkdir()
+    assert cli.main(["units-quality", str(tmp_path / "layer_02"), str(tmp_path / "ali.jsonl")]) == 2
+    assert "is a folder" in capsys.readouterr().err

@@ -7,8 +7,11 @@ heavy imports happen inside the handlers so ``spidr --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import select
+import signal
 import sys
 from collections.abc import Mapping
 
@@ -65,6 +68,16 @@ def refuse_several_processes(command: str, env: Mapping[str, str] = os.environ) 
                          "its own GPU and into its own output); only train, lm-train and extract run on several")
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # (no fileno: captured by a test; no poll on this platform)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
@@ -79,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         # the status a shell gives a command that Ctrl-C ended.
         print(f"spidr {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError as error:
+        if _stdout_reader_gone():
+            # The reader of the output went away (`spidr info CKPT | head -1`): what the command wrote stays, and
+            # nothing was refused; no error line, and the status a shell gives a command that SIGPIPE ended.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit)
+            return 128 + signal.SIGPIPE
+        print(f"spidr {args.command}: error: {error.strerror or error}", file=sys.stderr)  # (another pipe's)
+        return 2
     except TrainingStoppedError as error:
         # Stopped by a signal after a checkpoint, as `spidr train` (exit 3): nothing failed.
         print(f"spidr {args.command}: stopped: {error}", file=sys.stderr)

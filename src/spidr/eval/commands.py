@@ -106,7 +106,10 @@ def _units_quality(args: argparse.Namespace) -> int:
     from spidr.eval.feature_dir import recorded_num_units
     from spidr.eval.unit_quality import read_alignments, unit_quality
     from spidr.eval.units import read_units
+    from spidr.input_files import existing_file
 
+    # (first: a mistyped name or a folder was told it lacked a recorded rate and vocabulary size)
+    existing_file(args.units, "units file", hint="give one units .jsonl file (e.g. OUT/codebook_units/layer_06.jsonl)")
     unit_rate = float(_rate(args.unit_rate, Path(args.units), "--unit-rate"))
     if not unit_rate.is_integer():
         raise ValueError(f"unit rate {unit_rate:g} Hz: units-quality needs an integer rate")

@@ -388,10 +388,12 @@ def train(cfg: Config) -> Outcome:
         if denv.is_main:  # once the run is known to be this config's (a refused resume leaves the old one)
             write_config(cfg.to_dict(), cfg.run.run_dir)
             # run.model_type defaults to "dinosr" (the official schema's default): say which model this is
-            logger.info("%s %s (run.model_type; %.1f M parameters, %d codebooks of %d) at step %d in %s; %s on %s "
-                        "x %d", "starting" if fresh else "resuming", cfg.run.model_type,
-                        sum(p.numel() for p in raw_model.parameters()) / 1e6, cfg.model.num_codebooks,
-                        cfg.model.codebook_size, run.step, cfg.run.run_dir, precision.name, device, denv.world_size)
+            # (the parameters that train: the student's; the EMA teacher is a copy, as `spidr info` counts them)
+            logger.info("%s %s (run.model_type; %.3g M trained parameters, %d codebooks of %d) at step %d in %s; %s "
+                        "on %s x %d", "starting" if fresh else "resuming", cfg.run.model_type,
+                        sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6,
+                        cfg.model.num_codebooks, cfg.model.codebook_size, run.step, cfg.run.run_dir, precision.name,
+                        device, denv.world_size)
 
         metrics_logger = MetricsLogger.for_pretraining(cfg, enabled=denv.is_main, start_step=run.step, fresh=fresh)
         cleanup.callback(metrics_logger.close)
