@@ -382,7 +382,9 @@ def test_the_command_says_which_parts_are_left(manifest, whole, tmp_path, capsys
     assert f"part 2/2: wrote features of {len(_names(manifest, Shard(2, 2)))} files" in printed
     assert "part(s) 1/2 not finished yet: the last part to finish writes" in printed
     assert main([*base, "--shard", "1/2"]) == 0
-    assert f"part 1/2, the last one: wrote features of {NUM_FILES} files" in capsys.readouterr().out
+    own = len(_names(manifest, Shard(1, 2)))  # (it said "wrote ... of 9 files": the joined total)
+    assert (f"part 1/2, the last one: wrote features of {own} files, and joined all parts: {tmp_path / 'out'} holds "
+            f"the features of {NUM_FILES} files") in capsys.readouterr().out
     assert main([*base, "--shard", "2/2"]) == 0
     assert "part 2/2: nothing left to do: " in capsys.readouterr().out
     _assert_same_outputs(tmp_path / "out", whole, exact=False)
@@ -400,7 +402,8 @@ def test_torchrun_extracts_one_part_per_process(manifest, whole, tmp_path):
                "--codebooks", "--batch-seconds", "0.3", "--device", "cpu", "--out", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "the last one: wrote features of 9 files" in result.stdout
+    assert "the last one: wrote features of" in result.stdout
+    assert "holds the features of 9 files" in result.stdout
     _assert_same_outputs(tmp_path / "out", whole, exact=False)
     assert sorted(p.name for p in (tmp_path / "out" / ".extract").iterdir()) == [
         "shard-1-of-2", "shard-2-of-2", "state.json"]

@@ -372,3 +372,17 @@ def test_outputs_never_replace_the_input_table_nor_a_named_file_without_overwrit
     # the default plots beside the table are this command's own: a rerun makes them again
     assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm"]) == 0
     assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm"]) == 0
+
+
+def test_rows_dropped_for_several_pairs_are_told_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """lm-study's points.csv holds baseline rows (oracle, untrained, bigram) without unit quality: the same rows
+    were warned about once per (x, y) pair, 12 times with the default columns."""
+    path = write_table(tmp_path / "points.csv", ["model", "layer", "abx", "pnmi", "lm", "slm"], [
+        ["oracle", "", "", "", 90.0, 80.0], ["bigram", "", "", "", 50.0, 51.0],
+        *[["spidr", layer, 10.0 + layer, 0.1 * layer, 60.0 - layer, 55.0 + layer] for layer in range(1, 5)]])
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["lm-correlate", str(path), "--x", "abx,pnmi", "--y", "lm,slm", "--json",
+                         "--out", str(tmp_path / "c.csv")]) == 0
+    warnings = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert warnings == [f"{path}: dropped 2 row(s) with an empty or non-numeric value: line 2 (abx, pnmi); "
+                        "line 3 (abx, pnmi)"]

@@ -70,13 +70,16 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_falls_and_validation_perplexity_is_logged(tmp_path):
+def test_loss_falls_and_validation_perplexity_is_logged(tmp_path, caplog):
     torch.set_num_threads(1)
     cfg = load_lm_config(_config(tmp_path, "falls"))
-    assert train_lm(cfg) == "completed"
+    with caplog.at_level("INFO", logger="spidr"):
+        assert train_lm(cfg) == "completed"
     records = _metrics(cfg.run.run_dir)
     train = [r["loss"] for r in records if r["group"] == "train"]
     valid = [r for r in records if r["group"] == "valid"]
+    # the count announced is the count each validation scores (it announced the BOS tokens too)
+    assert f"validation tokens ({valid[0]['tokens']} scored)" in caplog.text
     assert train[-1] < 0.5 * train[0]
     assert valid
     assert valid[-1]["ppl"] < valid[0]["ppl"]

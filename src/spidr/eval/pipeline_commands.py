@@ -237,8 +237,10 @@ def run_extract(args: argparse.Namespace) -> int:
               f"same time, joined them all ({metadata})")
         return 0
     skipped = outcome.metadata["skipped"]
-    print(("" if shard.is_whole else f"part {shard}, the last one: ")
-          + f"wrote {what} of {outcome.metadata['num_files']} files to {args.out}" + (
+    total = outcome.metadata["num_files"]
+    print((f"wrote {what} of {total} files to {args.out}" if shard.is_whole else
+           f"part {shard}, the last one: wrote {what} of {outcome.num_files} files, and joined all parts: "
+           f"{args.out} holds the {what} of {total} files") + (
               f"; {len(skipped)} unusable file(s) skipped, listed with their reasons in {metadata}"
               if skipped else ""))
     return 0

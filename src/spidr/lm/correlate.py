@@ -134,12 +134,14 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: Sequence[str] = ()) -> list[Row]:
+def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: Sequence[str] = (),
+               dropped: dict[int, set[str]] | None = None) -> list[Row]:
     """Rows of a CSV table, as ``{column: float or str}`` (text that parses as a finite number becomes a float).
 
     ``columns`` are the metrics to correlate: they must be in the header. A row whose value in one of them is
     missing (empty, "nan", "n/a", "na", "none", "null", "-") is dropped with a warning; any other value that is not a
-    finite number (a typo such as "6O.5", "inf") is an error naming its line. Two rows with the same labels (text
+    finite number (a typo such as "6O.5", "inf") is an error naming its line (with ``dropped``, the rows left out are
+    added there, line → columns, for the caller to tell once over several reads). Two rows with the same labels (text
     columns such as model or units, ``LABEL_COLUMNS`` such as layer, K or num_units in any case, and the numeric
     ``label_columns`` named) are an error: the point would count twice. Fewer than 3 rows left is an error.
     """
@@ -153,7 +155,7 @@ def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: S
             raise ValueError(f"{csv_path}: no column {', '.join(map(repr, missing))}; the columns are "
                              f"{', '.join(header)}")
         rows: list[Row] = []
-        dropped: list[str] = []
+        left_out: dict[int, set[str]] = {}
         seen: dict[tuple[tuple[str, str], ...], int] = {}
         for record in reader:
             values = {column: (record[column] or "").strip() for column in header}
@@ -163,7 +165,7 @@ def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: S
                                      f"finite number (leave the cell empty where a point has no {column})")
             bad = [column for column in columns if _number(values[column]) is None]
             if bad:
-                dropped.append(f"line {reader.line_num} ({', '.join(bad)})")
+                left_out.setdefault(reader.line_num, set()).update(bad)
                 continue
             point = tuple((column, text) for column, text in values.items() if column not in columns and (
                 column.lower() in LABEL_COLUMNS or column in label_columns
@@ -182,13 +184,22 @@ def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: S
                 number = _number(text)
                 row[column] = text if number is None else number
             rows.append(row)
-    if dropped:
-        logger.warning("%s: dropped %d row(s) with an empty or non-numeric value: %s", csv_path, len(dropped),
-                       "; ".join(dropped))
+    if dropped is not None:
+        for line, bad in left_out.items():
+            dropped.setdefault(line, set()).update(bad)
+    elif left_out:
+        warn_dropped(csv_path, left_out)
     if len(rows) < 3:
         raise ValueError(f"{csv_path}: {len(rows)} usable row(s) for {', '.join(columns)}; a correlation needs "
                          f"at least 3")
     return rows
+
+
+def warn_dropped(csv_path: str | Path, dropped: Mapping[int, set[str]]) -> None:
+    """One warning for the rows left out of the correlations, by line, with the columns they have no value in."""
+    lines = [f"line {line} ({', '.join(sorted(columns))})" for line, columns in sorted(dropped.items())]
+    logger.warning("%s: dropped %d row(s) with an empty or non-numeric value: %s", csv_path, len(dropped),
+                   "; ".join(lines))
 
 
 def plot_scatter(rows: Sequence[Mapping[str, str | float]], x: str, y: str, path: str | Path, *,

@@ -129,16 +129,16 @@ def _correlated_pairs(args: argparse.Namespace) -> list[tuple[dict, list]]:
     that a wrong column name fails before any plot. A default column list may name columns a table lacks (an older
     points.csv, a benchmark without items for ABX): its unusable pairs are left out with a warning. Columns named by
     the user must all be usable."""
-    from spidr.lm.correlate import correlate, read_table
+    from spidr.lm.correlate import correlate, read_table, warn_dropped
 
     lenient = args.x is None or args.y is None
     pairs = [(x, y) for y in _columns(args.y or DEFAULT_ACCURACY_COLUMNS, "--y")
              for x in _columns(args.x or DEFAULT_QUALITY_COLUMNS, "--x")]
     label_columns = _columns(args.label_columns, "--label-columns") if args.label_columns else []
-    computed, left_out = [], []
+    computed, left_out, dropped = [], [], {}
     for x, y in pairs:
         try:
-            rows = read_table(args.table, [x, y], label_columns=label_columns)
+            rows = read_table(args.table, [x, y], label_columns=label_columns, dropped=dropped)
             result = correlate([row[x] for row in rows], [row[y] for row in rows], seed=args.seed)
         except ValueError as error:
             if not lenient:
@@ -146,6 +146,8 @@ def _correlated_pairs(args: argparse.Namespace) -> list[tuple[dict, list]]:
             left_out.append(f"{y} vs {x} ({error})")
             continue
         computed.append(({"x": x, "y": y} | result, rows))
+    if dropped:  # (once: lm-study's baseline rows have no unit quality, for every pair)
+        warn_dropped(args.table, dropped)
     if left_out:
         if not computed:
             raise ValueError(f"no (x, y) pair of {args.table} can be correlated: {'; '.join(left_out)}")

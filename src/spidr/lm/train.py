@@ -229,8 +229,11 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         data = shared_data(cfg, is_main=denv.is_main)
         if denv.is_main:
-            logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens, vocabulary %d",
-                        data.train.numel(), data.info["train_utterances"], data.valid.numel(), data.vocab.size)
+            # (validation logs the scored targets: every token after the first but the BOS that opens each utterance)
+            scored = data.valid[1:] if data.vocab.bos is None else data.valid[1:][data.valid[1:] != data.vocab.bos]
+            logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens (%d scored), "
+                        "vocabulary %d", data.train.numel(), data.info["train_utterances"], data.valid.numel(),
+                        scored.numel(), data.vocab.size)
         torch.manual_seed(cfg.run.seed)
         raw = build_model_for(cfg.model, data.vocab.size).to(device)
         seed_everything(rank_seed(cfg.run.seed, denv.rank))
