@@ -259,8 +259,12 @@ def test_kmeans_units_from_the_audio_equal_spidr_units_on_the_features(corpus, t
             main([*base, "--kmeans", option, "--out", str(tmp_path / "x")])
         assert says in capsys.readouterr().err
     assert main([*base, "--kmeans", f"9:{centroids}", "--out", str(tmp_path / "x")]) == 2
+    assert "holds centroids fitted on layer 3's features" in capsys.readouterr().err  # (spidr kmeans recorded it)
+    from spidr.eval.kmeans import load_centroids, save_centroids
+
+    save_centroids(tmp_path / "unrecorded.safetensors", load_centroids(centroids))  # (no layer recorded)
+    assert main([*base, "--kmeans", f"9:{tmp_path / 'unrecorded.safetensors'}", "--out", str(tmp_path / "x")]) == 2
     assert "k-means units of layer 9 (" in capsys.readouterr().err
-    from spidr.eval.kmeans import save_centroids
 
     save_centroids(tmp_path / "other.safetensors", np.zeros((4, 7), dtype=np.float32))
     assert main([*base, "--kmeans", f"2:{tmp_path / 'other.safetensors'}", "--out", str(tmp_path / "x")]) == 2
