@@ -525,3 +525,17 @@ def test_centroids_fitted_on_one_layer_are_refused_for_another(tmp_path: Path, c
     assert "layer" not in centroids_record(tmp_path / "k2.safetensors")
     assert cli.main(["units", str(tmp_path / "layer_01"), "--centroids", str(tmp_path / "k2.safetensors"), "--out",
                      str(tmp_path / "u3.jsonl")]) == 0
+
+
+
+def test_the_layer_of_centroids_is_that_of_the_layer_folder_above_their_features(tmp_path: Path, monkeypatch) -> None:
+    """A subfolder of an extraction's layer folder (OUT/layer_06/train-clean-100, the audio tree below it) is that
+    layer's too, and so is '.' inside it; a folder named otherwise records none."""
+    from spidr.eval.kmeans import features_layer
+
+    assert features_layer(tmp_path / "ext" / "layer_06" / "train-clean-100" / "19") == 6
+    assert features_layer(tmp_path / "ext" / "layer_06_old") is None
+    assert features_layer(tmp_path / "ext" / "mine") is None
+    (tmp_path / "layer_02").mkdir()
+    monkeypatch.chdir(tmp_path / "layer_02")
+    assert features_layer(".") == 2

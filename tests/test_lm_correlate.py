@@ -386,3 +386,13 @@ def test_rows_dropped_for_several_pairs_are_told_once(tmp_path: Path, caplog: py
     warnings = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
     assert warnings == [f"{path}: dropped 2 row(s) with an empty or non-numeric value: line 2 (abx, pnmi); "
                         "line 3 (abx, pnmi)"]
+
+
+
+def test_a_named_pair_with_too_few_rows_says_which_were_dropped(tmp_path: Path, caplog, capsys) -> None:
+    path = write_table(tmp_path / "t.csv", ["model", "layer", "abx", "lm"], [
+        ["a", 1, 1.0, 50.0], ["a", 2, 2.0, 52.0], ["a", 3, "", 53.0], ["a", 4, "", 55.0]])
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--json"]) == 2
+    assert "2 usable row(s)" in capsys.readouterr().err
+    assert "dropped 2 row(s) with an empty or non-numeric value: line 4 (abx); line 5 (abx)" in caplog.text

@@ -21,6 +21,7 @@ import torch
 
 from spidr.cli import main
 from spidr.lm.config import load_lm_config
+from spidr.lm.data import scored_targets
 from spidr.lm.models import LstmLM
 from spidr.lm.score import score_sequences
 from spidr.lm.tokens import Vocabulary
@@ -122,6 +123,7 @@ def test_validation_scores_units_and_eos_but_not_the_bos_after_each_eos():
                              device=torch.device("cpu"), bos=vocab.bos)
         assert result["tokens"] == (3 + 1) + (2 + 1) + (1 + 1)  # units and EOS; neither the first BOS nor the others
         assert result["loss"] == pytest.approx(np.log(vocab.size))
+        assert scored_targets(stream, context, bos=vocab.bos) == result["tokens"]  # (what lm-train announces)
 
 
 def test_the_units_file_is_parsed_once_per_run_and_again_when_it_changes(tmp_path, monkeypatch, caplog):
@@ -237,6 +239,7 @@ def test_validation_windows_are_capped_spread_and_shared_out_between_ranks():
     result = validate_lm(_Uniform(1001), stream, context=10, precision=FP32, batch_size=4, device=torch.device("cpu"),
                          max_tokens=250)
     assert result["tokens"] == 25 * 10
+    assert scored_targets(stream, 10, max_tokens=250) == 25 * 10  # (lm-train announced the whole stream's count)
     assert result["loss"] == pytest.approx(np.log(1001))
 
 

@@ -585,9 +585,36 @@ def test_the_next_commands_name_the_layer_folders_of_lm_units(bench, checkpoint,
     config = tmp_path / "lm.json"
     config.write_text(json.dumps({"run": {"workdir": str(tmp_path / "runs"), "device": "cpu"},
                                   "data": {"train": str(out / "train.jsonl")}, "model": {"arch": "lstm"}}))
-    assert main(["lm-train", str(config)]) == 2
-    assert hint in capsys.readouterr().err
+    assert main(["lm-train", str(config)]) == 2  # data.train is a file: the hint names the file to give
+    assert f"give one layer's file, e.g. {out / 'layer_02' / 'train.jsonl'}" in capsys.readouterr().err
+    config.write_text(json.dumps({"run": {"workdir": str(tmp_path / "runs"), "device": "cpu"},
+                                  "data": {"train": str(out / "layer_02")}, "model": {"arch": "lstm"}}))
+    assert main(["lm-train", str(config)]) == 2  # (the layer folder itself: a folder, where a file goes)
+    assert "is a folder, not a file" in capsys.readouterr().err
     assert main(["lm-score", str(checkpoint), str(out), str(tmp_path / "submission")]) == 2
     assert hint in capsys.readouterr().err
     assert main(["lm-eval", str(bench), "--baseline", "ngram", "--units", str(out)]) == 2
     assert hint in capsys.readouterr().err
+
+
+
+def test_the_layer_folder_hint_is_for_lm_units_folders_only(bench, checkpoint, tmp_path, capsys):
+    """Not for an extraction's folders of features, nor for an extraction's codebook_units files, nor where the
+    units asked for are there beside layer folders."""
+    from spidr.lm.score import layer_folders_hint
+    from spidr.lm.tokens import read_rows
+
+    (tmp_path / "extract" / "layer_02").mkdir(parents=True)
+    np.save(tmp_path / "extract" / "layer_02" / "a.npy", np.zeros((3, 4), dtype=np.float32))
+    (tmp_path / "extract" / "codebook_units").mkdir()
+    (tmp_path / "extract" / "codebook_units" / "layer_02.jsonl").write_text('{"name": "a", "units": [1]}\n')
+    assert layer_folders_hint(tmp_path / "extract") == ""
+    assert layer_folders_hint(tmp_path / "extract" / "codebook_units") == ""
+    units = tmp_path / "units"
+    assert main(["lm-units", str(bench), str(units), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    (units / "train.jsonl").write_text('{"name": "a", "units": [1, 2]}\n')  # the units asked for, beside them
+    assert [row[0] for row in read_rows(units / "train.jsonl")] == ["a"]
+    (units / "lexical").mkdir()
+    (units / "lexical" / "dev.jsonl").write_text('{"name": "a", "units": [1, 2]}\n')
+    assert main(["lm-score", str(checkpoint), str(units), str(tmp_path / "sub")]) == 2  # (a speech model's
+    assert "holds the units of" not in capsys.readouterr().err  # checkpoint: refused, but not for the layer folders)

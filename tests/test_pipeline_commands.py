@@ -704,7 +704,8 @@ def test_a_reader_that_stops_reading_is_no_refusal(corpus, monkeypatch, capsys):
 
     import spidr
 
-    env = {**os.environ, "PYTHONPATH": str(Path(spidr.__file__).parents[1])}
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # (buffered, as usual:
+    env["PYTHONPATH"] = str(Path(spidr.__file__).parents[1])  # the output then meets the closed pipe at exit)
     process = subprocess.Popen([sys.executable, "-m", "spidr", "info", str(corpus / "tiny.safetensors")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     process.stdout.close()  # the reader is gone before the first line
@@ -720,3 +721,16 @@ def test_a_reader_that_stops_reading_is_no_refusal(corpus, monkeypatch, capsys):
     parser_default = main(["info", str(corpus / "tiny.safetensors")])
     assert parser_default == 2
     assert "spidr info: error: Broken pipe" in capsys.readouterr().err
+
+
+
+def test_only_a_pipe_whose_reader_is_gone_counts_as_such(monkeypatch):
+    from spidr import cli
+
+    reading, writing = os.pipe()
+    with os.fdopen(writing, "w") as stdout:
+        monkeypatch.setattr("sys.stdout", stdout)
+        assert not cli._stdout_reader_gone()  # (the reader is there)
+        os.close(reading)
+        assert cli._stdout_reader_gone()
+        monkeypatch.undo()

@@ -73,7 +73,7 @@ def _stdout_reader_gone() -> bool:
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(event & select.POLLERR for _, event in poller.poll(0))
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))  # (pipe; socket)
     except (OSError, ValueError, AttributeError):  # (no fileno: captured by a test; no poll on this platform)
         return False
 
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "several_processes", False):
             refuse_several_processes(args.command)
         with outputs_held_until_done():
-            return int(args.handler(args) or 0)
+            status = int(args.handler(args) or 0)
+        sys.stdout.flush()  # (here, not at exit: a reader gone meanwhile is told below, as when the handler printed)
+        return status
     except KeyboardInterrupt:
         # Ctrl-C outside a training (which takes the first one for a stop request): one line, not a traceback, and
         # the status a shell gives a command that Ctrl-C ended.

@@ -177,10 +177,14 @@ def load_centroids(path: str | Path) -> torch.Tensor:
 
 
 def features_layer(features_dir: str | Path) -> int | None:
-    """The layer whose features ``features_dir`` holds, from its name (``spidr extract``'s ``OUT/layer_LL``), or
-    None."""
-    match = re.fullmatch(r"layer_(\d+)", Path(os.path.abspath(features_dir)).name)
-    return int(match.group(1)) if match else None
+    """The layer whose features ``features_dir`` holds, from its name or the nearest folder above it so named
+    (``spidr extract``'s ``OUT/layer_LL``, or a subfolder of its tree: ``OUT/layer_06/train-clean-100``), or None."""
+    folder = Path(os.path.abspath(features_dir))
+    for name in (folder.name, *(parent.name for parent in folder.parents)):
+        match = re.fullmatch(r"layer_(\d+)", name)
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def centroids_record(path: str | Path) -> dict[str, str]:

@@ -98,3 +98,16 @@ def validation_windows(stream: torch.Tensor, context: int, batch_size: int, *, m
                 window = torch.cat([window, window.new_full((context + 1 - window.numel(),), -1)])
             rows.append(window)
         yield torch.stack(rows).long()
+
+
+def scored_targets(stream: torch.Tensor, context: int, *, bos: int | None = None, max_tokens: int = 0) -> int:
+    """How many targets a validation scores over ``stream`` (every rank's windows together): each window's tokens
+    after its first, but padding and ``bos``, the windows being ``validation_windows``' (``max_tokens``)."""
+    count = 0
+    for rows in validation_windows(stream, context, 4096, max_tokens=max_tokens):
+        targets = rows[:, 1:]
+        scored = targets >= 0
+        if bos is not None:
+            scored &= targets != bos
+        count += int(scored.sum())
+    return count

@@ -142,6 +142,8 @@ def _correlated_pairs(args: argparse.Namespace) -> list[tuple[dict, list]]:
             result = correlate([row[x] for row in rows], [row[y] for row in rows], seed=args.seed)
         except ValueError as error:
             if not lenient:
+                if dropped:  # (why too few rows were left)
+                    warn_dropped(args.table, dropped)
                 raise
             left_out.append(f"{y} vs {x} ({error})")
             continue

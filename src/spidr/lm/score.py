@@ -98,15 +98,18 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
     return {stem: scores[first_stem[key_of[stem]]] for stem in sequences}
 
 
-def layer_folders_hint(folder: str | Path) -> str:
-    """Where ``folder`` holds ``spidr lm-units``' folders of a model's layers (``OUT/layer_LL/``) rather than one
-    set of units: the sentence that says which to give; else ""."""
+def layer_folders_hint(folder: str | Path, inside: str = "") -> str:
+    """Where ``folder`` holds ``spidr lm-units``' folders of a model's layers (``OUT/layer_LL/``, each with its
+    ``train.jsonl`` or task folders) rather than one set of units: the sentence that says which to give (with
+    ``inside``: the file of it to give); else ""."""
     folder = Path(folder)
-    layers = sorted(path.name for path in folder.glob("layer_[0-9]*") if path.is_dir()) if folder.is_dir() else []
+    layers = sorted(path.name for path in folder.glob("layer_[0-9]*") if path.is_dir() and (
+        (path / "train.jsonl").is_file() or any((path / task).is_dir() for task in TASKS))) if folder.is_dir() else []
     if not layers:
         return ""
+    example = folder / layers[0] / inside if inside else folder / layers[0]
     return (f"{folder} holds the units of {', '.join(layers)}, as spidr lm-units writes a model's: give one layer's "
-            f"folder, e.g. {folder / layers[0]}")
+            f"{'file' if inside else 'folder'}, e.g. {example}")
 
 
 def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:

@@ -71,9 +71,9 @@ def read_rows(path: str | Path, *,
     from spidr.lm.score import layer_folders_hint
 
     path = Path(path)
-    if not path.exists() and layer_folders_hint(path.parent):  # (units/train.jsonl of lm-units' model folder)
-        raise ValueError(f"units file {path} does not exist: {layer_folders_hint(path.parent)}")
-    existing_file(path, "units file", hint=layer_folders_hint(path))
+    if not path.exists() and layer_folders_hint(path.parent, path.name):  # (units/train.jsonl of lm-units' model)
+        raise ValueError(f"units file {path} does not exist: {layer_folders_hint(path.parent, path.name)}")
+    existing_file(path, "units file", hint=layer_folders_hint(path, "train.jsonl"))
     refuse_unfinished_extraction(path)
     for stem, where, found, values, line in read_jsonl_rows_with_lines(
             path, field=("units", "phones"), key=file_stem, refuse_deduplicated=refuse_deduplicated):

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from spidr.distributed import all_reduce_sum, world_size
 from spidr.input_files import existing_file
 from spidr.lm.config import LmConfig, LmDataSection, LmModelSection, check_trainable
-from spidr.lm.data import WindowSampler, validation_windows
+from spidr.lm.data import WindowSampler, scored_targets, validation_windows
 from spidr.lm.models import NgramLM, build_lm, token_log_likelihoods
 from spidr.lm.prepared_data import LmData, shared_data
 from spidr.lm.tokens import LabelVocabulary, UnitSequences, Vocabulary, read_unit_sequences
@@ -229,11 +229,12 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         data = shared_data(cfg, is_main=denv.is_main)
         if denv.is_main:
-            # (validation logs the scored targets: every token after the first but the BOS that opens each utterance)
-            scored = data.valid[1:] if data.vocab.bos is None else data.valid[1:][data.valid[1:] != data.vocab.bos]
+            # (what each validation logs as its tokens: the targets of its windows, but the BOS of each utterance)
+            scored = scored_targets(data.valid, cfg.model.context, bos=data.vocab.bos,
+                                    max_tokens=cfg.data.max_valid_tokens)
             logger.info("unit LM: %d training tokens (%d utterances), %d validation tokens (%d scored), "
                         "vocabulary %d", data.train.numel(), data.info["train_utterances"], data.valid.numel(),
-                        scored.numel(), data.vocab.size)
+                        scored, data.vocab.size)
         torch.manual_seed(cfg.run.seed)
         raw = build_model_for(cfg.model, data.vocab.size).to(device)
         seed_everything(rank_seed(cfg.run.seed, denv.rank))
