@@ -590,7 +590,8 @@ def test_the_next_commands_name_the_layer_folders_of_lm_units(bench, checkpoint,
     config.write_text(json.dumps({"run": {"workdir": str(tmp_path / "runs"), "device": "cpu"},
                                   "data": {"train": str(out / "layer_02")}, "model": {"arch": "lstm"}}))
     assert main(["lm-train", str(config)]) == 2  # (the layer folder itself: a folder, where a file goes)
-    assert "is a folder, not a file" in capsys.readouterr().err
+    assert f"is a folder, not a file: give its units file, e.g. {out / 'layer_02' / 'train.jsonl'}" in (
+        capsys.readouterr().err)
     assert main(["lm-score", str(checkpoint), str(out), str(tmp_path / "submission")]) == 2
     assert hint in capsys.readouterr().err
     assert main(["lm-eval", str(bench), "--baseline", "ngram", "--units", str(out)]) == 2

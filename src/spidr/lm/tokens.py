@@ -73,7 +73,9 @@ def read_rows(path: str | Path, *,
     path = Path(path)
     if not path.exists() and layer_folders_hint(path.parent, path.name):  # (units/train.jsonl of lm-units' model)
         raise ValueError(f"units file {path} does not exist: {layer_folders_hint(path.parent, path.name)}")
-    existing_file(path, "units file", hint=layer_folders_hint(path, "train.jsonl"))
+    inside = path / "train.jsonl"  # (a folder of lm-units: one layer's, or --oracle's)
+    existing_file(path, "units file", hint=layer_folders_hint(path, inside.name)
+                  or (f"give its units file, e.g. {inside}" if inside.is_file() else ""))
     refuse_unfinished_extraction(path)
     for stem, where, found, values, line in read_jsonl_rows_with_lines(
             path, field=("units", "phones"), key=file_stem, refuse_deduplicated=refuse_deduplicated):
