@@ -107,6 +107,10 @@ def test_non_finite_frames_and_one_centroid_and_no_frames():
         NearestCentroid(centroids)(torch.zeros(4, 3))
     with pytest.raises(ValueError, match="K ≥ 1"):
         NearestCentroid(torch.zeros(0, 2))
+    # integer centroids, as the float64 assignment took them (a review found them refused)
+    integers = torch.tensor([[0, 0], [3, 0]])
+    np.testing.assert_array_equal(NearestCentroid(integers)(frames), assign_float64(frames, integers).numpy())
+    assert NearestCentroid(integers)(torch.tensor([[2.9, 0.0], [0.2, 1.0]])).tolist() == [1, 0]
 
 
 def test_low_precision_settings_of_the_process_are_set_aside_and_restored():

@@ -36,6 +36,7 @@ FLOAT32_ROUNDOFF = 2.0**-24  # unit roundoff u of float32 (round to nearest)
 FLOAT64_ROUNDOFF = 2.0**-53
 SAFETY = 2.0  # the bound is doubled: summation orders and fused operations are covered, but let nothing be tight
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # exactly representable in float32
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 
 def assign_float64(frames: torch.Tensor, centroids: torch.Tensor, *, batch_size: int = 8192) -> torch.Tensor:
@@ -75,9 +76,11 @@ class NearestCentroid:
 
     def __init__(self, centroids: torch.Tensor | np.ndarray) -> None:
         centroids = torch.as_tensor(centroids).detach().cpu()
-        if centroids.ndim != 2 or centroids.shape[0] < 1 or not centroids.is_floating_point():
-            raise ValueError(f"centroids must be a (K, D) float matrix with K ≥ 1, got {centroids.dtype} of shape "
+        if centroids.ndim != 2 or centroids.shape[0] < 1 or centroids.dtype in (torch.bool, *COMPLEX_DTYPES):
+            raise ValueError(f"centroids must be a (K, D) real matrix with K ≥ 1, got {centroids.dtype} of shape "
                              f"{tuple(centroids.shape)}")
+        if not centroids.is_floating_point():  # (integer centroids, as float64 took them before)
+            centroids = centroids.to(torch.float64)
         self.centroids = centroids
         exact = centroids.to(torch.float64)
         self.float32_exact = bool(torch.equal(exact.to(torch.float32).to(torch.float64), exact))
