@@ -43,8 +43,8 @@ if hasattr(os, "register_at_fork"):
 
 def missing_folders(folder: str | Path) -> list[Path]:
     """``folder`` and those of its parents that do not exist yet, deepest first: what creating it would make."""
-    missing = []
-    for candidate in (Path(os.path.abspath(folder)), *Path(os.path.abspath(folder)).parents):
+    missing, folder = [], Path(os.path.abspath(folder))
+    for candidate in (folder, *folder.parents):
         if candidate.exists():
             break
         missing.append(candidate)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -483,13 +482,9 @@ def _forget_nothing_read(out_dir: Path, journal: Any, units: Any, *, bookkeeping
 def _remove_extraction_state(out_dir: Path) -> None:
     """Remove the journals (every part's) and what an extraction writes (``EXTRACTION_OUTPUTS``) from ``out_dir``:
     an extraction that read no file, whose outputs are empty files and folders at most."""
-    from spidr.eval.journal import STATE_DIR
+    from spidr.eval.journal import STATE_DIR, remove_paths
 
-    for path in [out_dir / STATE_DIR, *(p for pattern in EXTRACTION_OUTPUTS for p in out_dir.glob(pattern))]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    remove_paths([out_dir / STATE_DIR, *(path for pattern in EXTRACTION_OUTPUTS for path in out_dir.glob(pattern))])
 
 
 def _refuse_nothing_read(num_entries: int, skipped: Mapping[str, str]) -> None:

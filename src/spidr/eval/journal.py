@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -200,13 +200,7 @@ class ExtractionJournal:
         # First what makes the folder look finished or resumable: a kill below leaves a folder of unknown origin
         (self.dir / "state.json").unlink(missing_ok=True)
         (out_dir / "metadata.json").unlink(missing_ok=True)
-        for path in found:  # what the replaced extraction wrote: never left beside the new one
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
+        remove_paths([*found, self.dir])  # what the replaced extraction wrote: never left beside the new one
         self.dir.mkdir(parents=True)
         write_atomically(self.dir / "state.json", json.dumps(self.identity, indent=1) + "\n")
 
@@ -258,6 +252,15 @@ class ExtractionJournal:
 # Unit rows by kind: codebook units are journaled as "layer_LL" (as before k-means units were), k-means ones as
 # "kmeans_layer_LL"; each kind has its folder below the extraction (or below a part's journal folder).
 UNIT_FOLDERS = {"": "codebook_units", "kmeans_": "kmeans_units"}
+
+
+def remove_paths(paths: Iterable[Path]) -> None:
+    """Remove each of ``paths``, a file or a folder with all it holds (one that is gone already: nothing)."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def units_file(root: Path, key: str) -> Path:

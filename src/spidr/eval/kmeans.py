@@ -205,10 +205,11 @@ def check_centroids_layer(path: str | Path, layer: int, *, where: str) -> None:
     """Refuse centroids that ``spidr kmeans`` fitted on another layer's features than ``layer`` (1-based) where
     ``where`` (the option) would apply them: every layer of a model has the same width, so they would silently give
     units of the wrong clusters (a typo in ``--kmeans 6:…``)."""
-    fitted = centroids_record(path).get("layer")
+    record = centroids_record(path)
+    fitted = record.get("layer")
     if fitted is not None and fitted.isdigit() and int(fitted) != layer:
         raise ValueError(f"{where}: {path} holds centroids fitted on layer {int(fitted)}'s features "
-                         f"({centroids_record(path).get('features', 'spidr kmeans')}), not layer {layer}'s: fit "
+                         f"({record.get('features', 'spidr kmeans')}), not layer {layer}'s: fit "
                          f"centroids on layer {layer} (spidr kmeans .../layer_{layer:02d}), or give that layer")
 
 

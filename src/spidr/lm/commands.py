@@ -258,8 +258,9 @@ def _score(args: argparse.Namespace) -> int:
     from spidr.lm.score import IN_PROGRESS, find_unit_files, layer_folders_hint, score_benchmark
 
     inputs = find_unit_files(args.units_dir)
-    if not inputs and layer_folders_hint(args.units_dir):
-        raise ValueError(f"no units file to score in UNITS_DIR: {layer_folders_hint(args.units_dir)}")
+    hint = "" if inputs else layer_folders_hint(args.units_dir)
+    if hint:
+        raise ValueError(f"no units file to score in UNITS_DIR: {hint}")
     unfinished = (Path(args.submission) / IN_PROGRESS).exists()  # an lm-score run killed or failed: redone
     cli_types.check_new_output(args.submission, overwrite=args.overwrite or unfinished)
     counts = score_benchmark(args.checkpoint, inputs, args.submission, norm=args.norm,

@@ -71,8 +71,9 @@ def read_rows(path: str | Path, *,
     from spidr.lm.score import layer_folders_hint
 
     path = Path(path)
-    if not path.exists() and layer_folders_hint(path.parent, path.name):  # (units/train.jsonl of lm-units' model)
-        raise ValueError(f"units file {path} does not exist: {layer_folders_hint(path.parent, path.name)}")
+    hint = "" if path.exists() else layer_folders_hint(path.parent, path.name)  # (units/train.jsonl of lm-units')
+    if hint:
+        raise ValueError(f"units file {path} does not exist: {hint}")
     inside = path / "train.jsonl"  # (a folder of lm-units: one layer's, or --oracle's)
     existing_file(path, "units file", hint=layer_folders_hint(path, inside.name)
                   or (f"give its units file, e.g. {inside}" if inside.is_file() else ""))
