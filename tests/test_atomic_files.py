@@ -290,3 +290,67 @@ def test_only_a_writer_s_temporary_is_taken_for_one(tmp_path):
     for name in ("draft.partial", made[1:], f"{made}.bak", made.removesuffix(".partial"), ".train.jsonl.partial",
                  ".train.jsonl.XYZW1234.partial"):
         assert not is_partial_name(name), name
+
+
+@pytest.mark.parametrize("writer", ["replaced_when_done", "NpyAppender"])
+def test_a_sweep_between_a_temporary_s_making_and_its_lock_costs_nothing(tmp_path, monkeypatch, writer):
+    """Three extraction parts started at once: one process's first write into a folder swept it while another had
+    made its temporary but not yet locked it, so the file looked like a dead writer's and was removed; the writer then
+    failed with FileNotFoundError. Here the sweep is run at that moment (just before the writer's lock), from another
+    open file description as another process's would be; the write must still land whole."""
+    import fcntl
+
+    import numpy as np
+
+    from spidr import atomic_files
+    from spidr.eval.features import NpyAppender
+
+    real_flock, swept = fcntl.flock, []
+
+    def sweep_first(handle, operation):
+        if operation == fcntl.LOCK_EX and not swept:  # the writer's blocking lock, not the sweep's LOCK_NB
+            swept.append(sorted(p.name for p in tmp_path.iterdir()))
+            atomic_files._SWEPT.discard(os.path.abspath(tmp_path))
+            atomic_files._sweep_once(tmp_path)
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", sweep_first)
+    if writer == "replaced_when_done":
+        write_atomically(tmp_path / "out.txt", "whole")
+        assert (tmp_path / "out.txt").read_text() == "whole"
+    else:
+        appender = NpyAppender(tmp_path / "out.npy", 2, 3)
+        appender[0:2] = np.arange(6, dtype=np.float32).reshape(2, 3)
+        appender.close()
+        np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.arange(6).reshape(2, 3))
+    assert len(swept) == 1
+    assert len(swept[0]) == 1  # the sweep did run while the (unlocked) temporary was there
+    assert [p.name for p in tmp_path.iterdir()] == [f"out.{'txt' if writer == 'replaced_when_done' else 'npy'}"]
+
+
+def test_a_finished_npy_is_renamed_while_still_locked(tmp_path, monkeypatch):
+    """NpyAppender.close renames the temporary before it lets go of its lock: a sweep in between would remove a
+    complete file. Truth: at the rename, a non-blocking lock from another open file description is refused."""
+    import fcntl
+
+    import numpy as np
+
+    from spidr.eval import features
+
+    real_replace, refused = os.replace, []
+
+    def check_lock(source, target):
+        with open(source, "rb") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                refused.append(False)
+            except BlockingIOError:
+                refused.append(True)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(features.os, "replace", check_lock)
+    appender = features.NpyAppender(tmp_path / "out.npy", 1, 2)
+    appender[0:1] = np.ones((1, 2), dtype=np.float32)
+    appender.close()
+    assert refused == [True]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.ones((1, 2)))

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -26,7 +26,7 @@ def new_partial_path(path: Path) -> Path:
     twice) renamed the first one's half-written file into place, and the first then failed or said it was done.
 
     The first call for a folder in a process removes the temporaries that killed writers left there: those that no
-    process holds locked (``hold_partial``), whatever host or PID namespace wrote them."""
+    process holds locked (``new_held_partial``), whatever host or PID namespace wrote them."""
     _sweep_once(path.parent)
     return path.with_name(f".{fitting_name(path.name, MAX_NAME_BYTES)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
@@ -46,16 +46,45 @@ MAX_NAME_BYTES = 255 - 1 - 1 - 8 - len(PARTIAL_SUFFIX)  # "." name "." token suf
 _SWEPT: set[str] = set()  # folders whose dead temporaries this process removed (once: a folder may hold 100k files)
 
 
-def hold_partial(partial: Path) -> Any:
-    """An open handle holding an exclusive lock on ``partial`` until it is closed: the sign, for other processes'
-    sweeps, that its writer lives (None where there is no ``flock``)."""
+def new_held_partial(path: Path) -> tuple[Path, BinaryIO]:
+    """A new temporary for ``path`` (``new_partial_path``), made and opened for writing, with an exclusive lock held
+    on it until the returned handle is closed: the sign, for other processes' sweeps, that its writer lives.
+
+    Another process's first write into the folder sweeps it; made but not yet locked, the file looked like a dead
+    writer's and was removed under us (three extraction parts started at once failed on it). The lock is taken on the
+    handle the file was made with, and the name is checked to still lead to it; where a sweep came first, a new
+    temporary is made."""
     try:
         import fcntl
-    except ImportError:
-        return None
-    handle = partial.open("rb")
+    except ImportError:  # no flock: sweeps never remove anything either
+        fcntl = None
+    for _attempt in range(100):
+        partial = new_partial_path(path)
+        handle = os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+        if fcntl is None:
+            return partial, handle
+        try:
+            _lock(handle, fcntl)
+            if _same_file(partial, handle):
+                return partial, handle
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # swept between its making and its lock: removed already
+    raise OSError(f"{path.parent}: every temporary file made here was removed before it could be locked (100 tries)")
+
+
+def _lock(handle: BinaryIO, fcntl: Any) -> None:
     fcntl.flock(handle, fcntl.LOCK_EX)
-    return handle
+
+
+def _same_file(partial: Path, handle: BinaryIO) -> bool:
+    try:
+        named = os.stat(partial)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _sweep_once(folder: Path) -> None:
@@ -86,12 +115,10 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
     """Yield the temporary path to write ``path``'s content to; when the block ends without an error it is renamed
     over ``path``, otherwise it is removed and ``path`` is left as it was."""
     path = Path(path)
-    partial = new_partial_path(path)
     # Made here first, so that it gets the permissions of any new file in its folder (the umask, or the folder's
     # default ACL); a writer that makes its own file (safetensors: 0600) is set back to them, so that an exported
     # model or centroids file stays readable by the rest of a group on a shared cluster.
-    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    held = hold_partial(partial)  # (a writer that replaces the file by name loses the lock: only sweeps see that)
+    partial, held = new_held_partial(path)  # (a writer that replaces the file by name loses the lock: only sweeps see)
     try:
         intended = stat.S_IMODE(os.stat(partial).st_mode)
         try:
@@ -107,8 +134,7 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
             partial.unlink(missing_ok=True)
             raise type(error)(error.errno, error.strerror, str(path)) from None
     finally:
-        if held is not None:
-            held.close()
+        held.close()
 
 
 def write_atomically(path: str | Path, text: str) -> None:

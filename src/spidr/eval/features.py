@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from spidr.atomic_files import hold_partial, new_partial_path
+from spidr.atomic_files import new_held_partial
 from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, decoding, load_audio
@@ -479,15 +479,13 @@ class NpyAppender:
     """A (rows, cols) float32 ``.npy`` file written front to back, slice by slice (``appender[a:b] = values``).
 
     Unlike a memory map, written rows leave memory at once, so writing a 1-hour file costs no more than a window.
-    Rows go to a hidden temporary file (``spidr.atomic_files.new_partial_path``), renamed to ``path`` by ``close`` once
+    Rows go to a hidden temporary file (``spidr.atomic_files.new_held_partial``), renamed to ``path`` by ``close`` once
     every row is written: a killed process never leaves a truncated ``.npy``.
     """
 
     def __init__(self, path: Path, rows: int, cols: int) -> None:
         self.path, self.rows, self.written = path, rows, 0
-        self.partial = new_partial_path(path)
-        self.file = self.partial.open("wb")
-        self.held = hold_partial(self.partial)  # (this writer lives: other processes' sweeps keep the file)
+        self.partial, self.file = new_held_partial(path)  # (locked while it lives: other processes' sweeps keep it)
         np.lib.format.write_array_header_1_0(
             self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                         "shape": (rows, cols)}
@@ -503,19 +501,21 @@ class NpyAppender:
         self.written = rows.stop
 
     def close(self) -> None:
-        self.file.close()
+        """Rename the temporary to ``path`` once every row is written (else remove it and raise)."""
+        if self.written != self.rows:
+            self.discard()
+            raise RuntimeError(f"{self.path}: wrote {self.written} of {self.rows} rows")
         try:
-            if self.written != self.rows:
-                self.partial.unlink(missing_ok=True)
-                raise RuntimeError(f"{self.path}: wrote {self.written} of {self.rows} rows")
-            os.replace(self.partial, self.path)
+            self.file.flush()
+            os.replace(self.partial, self.path)  # still locked: a sweep cannot take it in between
         finally:
-            self.release()
+            self.file.close()
 
-    def release(self) -> None:
-        """Let go of the temporary file's lock (once it is renamed or removed)."""
-        if self.held is not None:
-            self.held.close()
-            self.held = None
+    def discard(self) -> None:
+        """Remove the temporary (a failed extraction): ``path`` is left as it was."""
+        try:
+            self.partial.unlink(missing_ok=True)
+        finally:
+            self.file.close()
 
 

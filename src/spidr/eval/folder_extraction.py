@@ -560,9 +560,7 @@ def _extract_long_file(
         extract_long(model, audio, plan.saved, {**appenders, **units}, kmeans=plan.nearest)
     except BaseException:
         for sink in appenders.values():
-            sink.file.close()
-            sink.partial.unlink(missing_ok=True)
-            sink.release()
+            sink.discard()
         raise
     name = outputs.utterance(index)
     rows = {_units_file(key): [_unit_row(name, entry.path, values)] for key, values in units.items()}
