@@ -361,3 +361,47 @@ def test_a_command_interrupted_in_a_folder_made_for_it_leaves_none(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _fails_inside(folder_lock(tmp_path / "runs" / "name", "the test"), interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def _flock_as_on_nfs(monkeypatch):
+    """NFS clients emulate flock with POSIX locks, which grant an exclusive lock only on a file opened for writing
+    (flock(2)); elsewhere the attempt fails with EBADF."""
+    import errno
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def flock(handle, operation):
+        fd = handle if isinstance(handle, int) else handle.fileno()
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_a_running_holder_is_seen_where_exclusive_locks_need_a_writable_file(tmp_path, monkeypatch):
+    """lock_holder is asked before a restart removes what a running part writes: where (as on NFS) an exclusive lock
+    needs a file opened for writing, a read-only attempt failed and the running holder read as none."""
+    from spidr.folder_lock import lock_holder
+
+    holder = _holder(tmp_path)
+    try:
+        _flock_as_on_nfs(monkeypatch)
+        assert lock_holder(tmp_path) == f"process {holder.pid}"
+    finally:
+        holder.terminate()
+        holder.wait()
+        holder.stdout.close()
+    assert lock_holder(tmp_path) is None
+
+
+def test_dead_writers_temporaries_are_swept_where_exclusive_locks_need_a_writable_file(tmp_path, monkeypatch):
+    from spidr import atomic_files
+
+    dead = tmp_path / ".out.txt.0e0e0e0e.partial"
+    dead.write_text("half")
+    _flock_as_on_nfs(monkeypatch)
+    atomic_files._SWEPT.discard(os.path.abspath(tmp_path))
+    atomic_files.write_atomically(tmp_path / "out.txt", "whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]

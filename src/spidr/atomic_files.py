@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -65,7 +65,7 @@ def new_held_partial(path: Path) -> tuple[Path, BinaryIO]:
             return partial, handle
         try:
             _lock(handle, fcntl)
-            if _same_file(partial, handle):
+            if names_the_file(partial, handle):
                 return partial, handle
         except BaseException:
             handle.close()
@@ -78,13 +78,14 @@ def _lock(handle: BinaryIO, fcntl: Any) -> None:
     fcntl.flock(handle, fcntl.LOCK_EX)
 
 
-def _same_file(partial: Path, handle: BinaryIO) -> bool:
+def names_the_file(path: Path, handle: IO[Any]) -> bool:
+    """Whether ``path`` still leads to the file ``handle`` has open (not removed, nor replaced by another)."""
     try:
-        named = os.stat(partial)
+        named = os.stat(path)
     except FileNotFoundError:
         return False
-    held = os.fstat(handle.fileno())
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _sweep_once(folder: Path) -> None:
@@ -103,7 +104,7 @@ def _sweep_once(folder: Path) -> None:
         return
     for entry in entries:
         try:
-            with open(entry.path, "rb") as handle:
+            with open(entry.path, "r+b") as handle:  # (writable: NFS's flock takes an exclusive lock on no other)
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.unlink(entry.path)  # unlocked: its writer is gone
         except OSError:  # held by a live writer (BlockingIOError), or gone already

@@ -16,9 +16,9 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from spidr.atomic_files import fitting_name
+from spidr.atomic_files import fitting_name, names_the_file
 
 LOCK_NAME = ".lock"
 
@@ -104,7 +104,9 @@ def lock_holder(folder: str | Path) -> str | None:
     except ImportError:
         return None
     try:
-        handle = (Path(folder) / LOCK_NAME).open("r", encoding="utf-8")
+        # (writable, not created: NFS emulates flock with POSIX locks, and grants an exclusive one only to a writer;
+        # read-only, the attempt failed there and a running holder read as none)
+        handle = (Path(folder) / LOCK_NAME).open("r+", encoding="utf-8")
     except OSError:
         return None
     with handle:
@@ -210,15 +212,6 @@ def _acquire(path: Path, what: str, *, wait: bool, remove: bool) -> IO[str] | No
             logger.warning("cannot lock %s (%s): nothing stops a second process from writing there too", path,
                            error)
             return None
-        if _same_file(handle, path):
+        if names_the_file(path, handle):
             return handle
         handle.close()  # the holder removed the file we opened: lock the new one
-
-
-def _same_file(handle: Any, path: Path) -> bool:
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(handle.fileno())
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
