@@ -352,6 +352,34 @@ def test_every_part_s_skipped_files_reach_the_metadata(manifest, tmp_path):
     assert not (tmp_path / "bad" / "metadata.json").exists()
 
 
+def test_parts_that_read_nothing_and_end_together_both_refuse(tmp_path, monkeypatch):
+    """Every file unreadable, both parts done before either joins: the one that joined first refused and removed the
+    extraction (journals included); the other then found no journal, reported every part "not finished yet" (its own
+    too) and succeeded, with OUT/.lock left behind. Here part 1 runs whole just after part 2 journals its file."""
+    from spidr.eval import journal as journals
+
+    for name in ("bad1", "bad2"):
+        (tmp_path / f"{name}.wav").write_bytes(b"not audio at all")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"fileid,path,num_samples\nbad1,{tmp_path}/bad1.wav,90000\nbad2,{tmp_path}/bad2.wav,80000\n")
+    out, first_part = tmp_path / "out", []
+    real_record = journals.ExtractionJournal.record
+
+    def record_then_the_other_part_runs(self, *args, **kwargs):
+        real_record(self, *args, **kwargs)
+        if not first_part:
+            first_part.append("running")
+            with pytest.raises(ValueError, match="none of the 2 files could be read") as refused:
+                _part(bad, out, Shard(1, 2))
+            first_part.append(str(refused.value))
+
+    monkeypatch.setattr(journals.ExtractionJournal, "record", record_then_the_other_part_runs)
+    with pytest.raises(ValueError, match="removed by another of its parts, which found that none of the 2 files"):
+        _part(bad, out, Shard(2, 2))
+    assert len(first_part) == 2
+    assert not out.exists()  # (made by the parts, holding nothing: gone, lock included)
+
+
 def test_under_torchrun_or_srun_each_process_takes_its_rank_s_part_and_gpu(monkeypatch):
     import torch
 

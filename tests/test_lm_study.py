@@ -487,3 +487,27 @@ def test_oracle_units_a_killed_units_writer_left_unfinished_are_written_again_no
     assert study._oracle_units(bench, oracle) == oracle
     assert len((oracle / "train.jsonl").read_text().splitlines()) == 14
     assert not (oracle / IN_PROGRESS).exists()
+
+
+def test_a_second_study_in_the_same_folder_is_refused_while_the_first_runs(tmp_path, monkeypatch):
+    """Two studies in one folder each made an unfinished model's units folder again, deleting what the other was
+    writing (it died on its vanished temporary file) and leaving a folder every rerun refused. The second start, made
+    here while the first is at its first stage, must be refused at once, naming the first; the first goes on."""
+    import os
+
+    second_start = []
+
+    def first_stage(out_dir, settings):
+        if not second_start:
+            with pytest.raises(ValueError, match="is being run by") as refused:
+                second_start.append(study.run_study([study.StudyModel("m", torch.nn.Identity(), (1,))], out_dir,
+                                                    settings))
+            second_start.append(str(refused.value))
+        raise KeyboardInterrupt  # (the first study ends here: the lock is what is under test)
+
+    monkeypatch.setattr(study, "_benchmark", first_stage)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study([study.StudyModel("m", torch.nn.Identity(), (1,))], tmp_path / "out", study.StudySettings())
+    assert second_start == [f"the spoken-LM study in {tmp_path / 'out'} is being run by process {os.getpid()} "
+                            f"({tmp_path / 'out' / '.lock'} is locked); let it finish or stop it, then run this again"]
+    assert not (tmp_path / "out").exists()  # made for the study, left with nothing in it: gone

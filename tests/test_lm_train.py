@@ -1161,6 +1161,35 @@ def test_unfinished_lm_units_and_lm_score_folders_are_named(tmp_path, capsys):
     assert main(["lm-score", str(final), str(units), str(tmp_path / "sub")]) == 2  # a finished one is kept
 
 
+def test_a_running_lm_score_s_marker_is_not_taken_for_a_killed_one_s(tmp_path, monkeypatch, capsys):
+    """A second lm-score started while the first wrote its files read the first one's live marker as a killed run's,
+    waited for the lock (the first then finished) and replaced its finished submission without --overwrite, both
+    saying "submission written". The marker must be looked for under the lock: here the first run finishes (its
+    marker goes) just as the second takes the lock, and the second must be refused, the submission kept."""
+    from spidr import cli_types
+    from spidr.lm.score import IN_PROGRESS
+
+    cfg_path = _config(tmp_path, "lm", optimizer={"max_steps": 2})
+    assert main(["lm-train", str(cfg_path)]) == 0
+    units = tmp_path / "units" / "layer_05"
+    (units / "lexical").mkdir(parents=True)
+    (units / "lexical" / "dev.jsonl").write_text('{"name": "a", "units": [1, 2]}\n')
+    submission = tmp_path / "sub"
+    (submission / "lexical").mkdir(parents=True)
+    (submission / "lexical" / "dev.txt").write_text("a -1.0\n")  # the first run's, being written
+    (submission / IN_PROGRESS).touch()
+    real_lock = cli_types.output_lock
+
+    def first_run_finishes_then_lock(path, what):
+        (submission / IN_PROGRESS).unlink()
+        return real_lock(path, what)
+
+    monkeypatch.setattr(cli_types, "output_lock", first_run_finishes_then_lock)
+    assert main(["lm-score", str(tmp_path / "runs" / "lm" / "final.pt"), str(units), str(submission)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (submission / "lexical" / "dev.txt").read_text() == "a -1.0\n"
+
+
 def test_lm_score_marks_its_submission_before_its_first_file(tmp_path, monkeypatch):
     """Truth (README: a submission is marked while lm-score writes it): a kill after the first set's file
     is written leaves the folder marked, so lm-eval refuses the partial submission and the rerun redoes it. The LM

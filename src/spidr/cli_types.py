@@ -99,11 +99,13 @@ def outputs_held_until_done() -> Iterator[None]:
             _held_outputs.reset(token)
 
 
-def check_new_output(path: str | Path, *, overwrite: bool) -> Path:
+def check_new_output(path: str | Path, *, overwrite: bool, unfinished_marker: str | None = None) -> Path:
     """``path`` as a Path, refused when it exists (a file, or a folder holding anything) unless ``overwrite``:
     a rerun must not silently replace an earlier result. Inside ``outputs_held_until_done`` (every command's run),
     the output is first locked until the command ends, so that a second start of the command is refused at once
-    instead of computing alongside and replacing the first one's result with its own."""
+    instead of computing alongside and replacing the first one's result with its own. A folder holding
+    ``unfinished_marker`` (what a killed or failed run of the command left) is written again; the marker is looked
+    for under the lock, where a running command's own marker can no longer be taken for a dead one's."""
     path = Path(path)
     held = _held_outputs.get()
     if held is not None:
@@ -112,6 +114,8 @@ def check_new_output(path: str | Path, *, overwrite: bool) -> Path:
             raise ValueError(f"{path} is named twice as an output of this command; give each output its own path")
         held.enter_context(output_lock(path, f"the command that writes {path}"))
         held.paths.add(place)
+    if unfinished_marker is not None and (path / unfinished_marker).exists():
+        overwrite = True
     if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
         raise ValueError(f"output {path} already exists; pass --overwrite to replace it")
     return path

@@ -354,11 +354,16 @@ def extract_part(
             metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=num_files,
                                        skipped=journal.skipped)
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
-        with folder_lock(out_dir, bookkeeping, wait=True, made=made):
+        # (made again: where no part could read a file, the part that joined first removed the folder it made)
+        with folder_lock(out_dir, bookkeeping, wait=True, made=made or missing_folders(out_dir)):
             try:
                 finished = _finished_metadata(out_dir, identity)
                 if finished is not None:  # another part, which ended at the same time, joined them all already
                     return PartOutcome(num_files, dict(journal.skipped), finished, (), wrote_metadata=False)
+                if not _holds_extraction(out_dir, identity):  # (nothing else removes it while this part runs)
+                    raise ValueError(f"the extraction into {out_dir} was removed by another of its parts, which found "
+                                     f"that none of the {len(manifest)} files could be read (see its error): nothing "
+                                     "was extracted; fix the audio or the manifest, then run every part again")
                 return _finish_parts(model, manifest, out_dir, plan, shard, checkpoint=checkpoint,
                                      num_files=num_files, own_skipped=journal.skipped)
             finally:  # (this part's lock goes first: a restart waiting for the folder then finds no part running)
@@ -402,14 +407,22 @@ def _extract_entries(model: torch.nn.Module, manifest: Manifest, todo: np.ndarra
 
 def _finished_metadata(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, object] | None:
     """The ``metadata.json`` of the finished extraction of ``identity`` that ``out_dir`` holds, or None."""
+    try:
+        metadata = json.loads((out_dir / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metadata if _holds_extraction(out_dir, identity) else None
+
+
+def _holds_extraction(out_dir: Path, identity: Mapping[str, Any]) -> bool:
+    """Whether ``out_dir`` holds the extraction (finished or not) of ``identity``: its recorded state."""
     from spidr.eval.journal import STATE_DIR, recorded_identity
 
     try:
         state = json.loads((out_dir / STATE_DIR / "state.json").read_text(encoding="utf-8"))
-        metadata = json.loads((out_dir / "metadata.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return metadata if state == recorded_identity(identity) else None
+        return False
+    return state == recorded_identity(identity)
 
 
 def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, plan: _Plan, shard: Shard, *,

@@ -261,8 +261,8 @@ def _score(args: argparse.Namespace) -> int:
     hint = "" if inputs else layer_folders_hint(args.units_dir)
     if hint:
         raise ValueError(f"no units file to score in UNITS_DIR: {hint}")
-    unfinished = (Path(args.submission) / IN_PROGRESS).exists()  # an lm-score run killed or failed: redone
-    cli_types.check_new_output(args.submission, overwrite=args.overwrite or unfinished)
+    # (an lm-score run killed or failed: redone)
+    cli_types.check_new_output(args.submission, overwrite=args.overwrite, unfinished_marker=IN_PROGRESS)
     counts = score_benchmark(args.checkpoint, inputs, args.submission, norm=args.norm,
                              device=args.device, batch_tokens=args.batch_tokens, dtype=args.dtype)
     for name, count in counts.items():

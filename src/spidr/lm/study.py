@@ -22,6 +22,7 @@ this benchmark (``bench_identity``: a benchmark deleted and made again with othe
 model's, from the same weights, layers and extraction settings (``units_identity``). A trained LM is reused only when
 its config is this study's (where its files are aside, so a study folder may be moved or named otherwise) and it was
 trained on the units its units folder holds now (the training data's fingerprint recorded in its checkpoint).
+One study runs in a folder at a time (``out_dir/.lock``): a second one started there is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 from spidr.atomic_files import is_partial_name, replaced_when_done, write_atomically
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters, generate_lm_bench
 from spidr.eval.report import format_number
+from spidr.folder_lock import folder_lock
 from spidr.lm.bench_units import IN_PROGRESS as UNITS_IN_PROGRESS
 from spidr.lm.bench_units import STATE_FILE as UNITS_STATE_FILE
 from spidr.lm.bench_units import fit_centroids, write_model_units, write_oracle_units
@@ -522,6 +524,13 @@ def run_study(models: Sequence[StudyModel], out_dir: str | Path, settings: Study
         raise ValueError(f"model names {[m.name for m in models]} give the same units folder {clashes} twice (or "
                          "the phone oracle's): name each model (--checkpoint NAME=CKPT)")
     check_lm_settings(settings)
+    # One study at a time in a folder: a second one started there deleted the units the first was writing (each
+    # makes an unfinished model's units folder again) and could leave a folder that every rerun refused.
+    with folder_lock(out_dir, f"the spoken-LM study in {out_dir}"):
+        return _run_study(models, out_dir, settings)
+
+
+def _run_study(models: Sequence[StudyModel], out_dir: Path, settings: StudySettings) -> Path:
     bench = _benchmark(out_dir, settings)
     units_root = out_dir / "units"
     oracle_dir = _oracle_units(bench, units_root / "oracle")
