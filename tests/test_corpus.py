@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import wave
 from pathlib import Path
 
@@ -769,16 +770,40 @@ def test_a_second_synthesis_into_a_folder_waits_and_reuses_the_corpus(tmp_path: 
     import time
 
     need("kal16")
-    out = tmp_path / "c"
-    script = ("import sys; from spidr.corpus.synth import synthesize_corpus; "
-              "synthesize_corpus(sys.argv[1], voices=['kal16'], num_utterances_per_voice=12, jobs=1)")
-    first = subprocess.Popen([sys.executable, "-c", script, str(out)])
+    out, go = tmp_path / "c", tmp_path / "go"
+    # The first one marks the folder in progress, then goes on only once the second one waits for the folder (a poll
+    # for the marker alone could miss the fraction of a second it lasted, on a loaded machine).
+    script = ("import os, sys, time; from spidr.corpus import synth\n"
+              "real = synth._synthesize\n"
+              "def held(*args):\n"
+              "    deadline = time.monotonic() + 120\n"
+              "    while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:\n"
+              "        time.sleep(0.02)\n"
+              "    return real(*args)\n"
+              "synth._synthesize = held\n"
+              "synth.synthesize_corpus(sys.argv[1], voices=['kal16'], num_utterances_per_voice=12, jobs=1)")
+    first = subprocess.Popen([sys.executable, "-c", script, str(out), str(go)])
     deadline = time.monotonic() + 60
     while not (out / ".synth-corpus-in-progress").exists():
         assert time.monotonic() < deadline
         assert first.poll() is None
         time.sleep(0.02)
-    second = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=12, jobs=1)  # waits, then reuses
+
+    class GoWhenWaiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for it" in record.getMessage():
+                go.touch()
+
+    handler, spidr_logger = GoWhenWaiting(), logging.getLogger("spidr")
+    level = spidr_logger.level
+    spidr_logger.addHandler(handler)
+    spidr_logger.setLevel(logging.INFO)
+    try:
+        second = synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=12, jobs=1)  # waits, reuses
+    finally:
+        spidr_logger.removeHandler(handler)
+        spidr_logger.setLevel(level)
+    assert go.exists()  # (it did wait)
     assert first.wait(timeout=120) == 0
     paths = [Path(row["path"]) for row in csv.DictReader((second.out_dir / "manifest.csv").read_text().splitlines())]
     assert len(paths) == 12

@@ -105,7 +105,8 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
     log_interval = 1 if host_sync == "step" else 3
     sections = {
         "run": {"host_sync": host_sync, "log_interval": log_interval},
-        "optimizer": {"max_steps": 20},
+        # (room after a late SIGTERM: the kill below must come at a logged step ≥ 4 steps later, before the end)
+        "optimizer": {"max_steps": 26},
         "data": {"num_workers": 1},  # a worker process reads ahead of the consumed position
         "validation": {"dev": {"manifest": str(corpus), "max_batch_length": 32000, "max_sample_size": 16000,
                                "min_sample_size": 4000, "num_buckets": 4, "num_workers": 0}},
@@ -146,7 +147,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
     for pid, state in final_a["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, final_b["optimizer"]["state"][pid][name]), (pid, name)
-    assert read_int(final_b["step"]) == 20
+    assert read_int(final_b["step"]) == 26
 
     # Every step logged by the interrupted run (replayed steps included) matches the uninterrupted one.
     expected = {r["step"]: r for r in _train_records(run_a)}
@@ -164,7 +165,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
     validation_a = {r["step"]: r["loss"] for r in read_metrics(run_a / "metrics.jsonl") if r["group"] == "dev"}
     validation_b = [r for r in read_metrics(run_b / "metrics.jsonl") if r["group"] == "dev"]
     assert validation_a
-    assert sorted(validation_a) == [0, 3, 6, 9, 12, 15, 18, 20]
+    assert sorted(validation_a) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 26]
     for record in validation_b:
         assert record["loss"] == validation_a[record["step"]]
 
@@ -586,7 +587,7 @@ def test_the_first_throughput_leaves_out_set_up_and_step_0_s_validation(tmp_path
     real_validate = loop.validate
 
     def slow_validate(*args, **kwargs):
-        time.sleep(1.0)
+        time.sleep(2.0)
         return real_validate(*args, **kwargs)
 
     monkeypatch.setattr(loop, "validate", slow_validate)
@@ -595,8 +596,10 @@ def test_the_first_throughput_leaves_out_set_up_and_step_0_s_validation(tmp_path
     cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2}, run={"save_interval": 10},
                       validation=validation)
     assert train(cfg) == "completed"
-    first, second = (r["audio_seconds_per_s"] for r in _train_records(cfg.run.run_dir))
-    assert first > 0.3 * second  # with the validation's second inside, the first was under a tenth
+    first, _ = _train_records(cfg.run.run_dir)
+    # The interval's own time (a step of 20-50 ms here, more under load): with the validation inside, over 2 s. (A
+    # comparison with the second interval's rate failed under load: two steps' times scatter too much.)
+    assert first["audio_seconds"] / first["audio_seconds_per_s"] < 1.0
 
 
 def test_a_run_directory_that_cannot_be_made_is_refused_by_name(tmp_path, corpus):
