@@ -298,7 +298,7 @@ def test_a_failed_block_keeps_what_it_wrote_and_what_was_there(tmp_path):
     (tmp_path / "there").mkdir()
     with pytest.raises(RuntimeError):
         _fails_inside(folder_lock(tmp_path / "there", "the test"))
-    assert (tmp_path / "there").is_dir()  # (the user's folder, empty before: only the lock was added)
+    assert list((tmp_path / "there").iterdir()) == []  # (the user's folder, empty before: it stays, and so empty)
     made = [tmp_path / "a" / "b", tmp_path / "a"]  # what a caller made before it locked
     (tmp_path / "a" / "b").mkdir(parents=True)
     with pytest.raises(RuntimeError):

@@ -553,10 +553,10 @@ def test_an_extraction_that_could_read_no_file_leaves_nothing_and_its_rerun_read
     assert "none of the 1 files could be read" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     (tmp_path / "a.wav").write_bytes((corpus / "s1_0.wav").read_bytes())  # the audio is back
-    out.mkdir(parents=True)  # (a folder the user made: kept, only its lock added, when refused again)
+    out.mkdir(parents=True)  # (a folder the user made: kept as it was, empty, when refused again)
     manifest.write_text(f"fileid,path,num_samples\nb,{tmp_path / 'b.wav'},16000\n")
     assert main([*command[:4], str(manifest), *command[5:]]) == 2
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert list(out.iterdir()) == []
     manifest.write_text(f"fileid,path,num_samples\na,{tmp_path / 'a.wav'},16000\n")  # and the manifest fixed
     assert main(command) == 0
     assert np.load(out / "layer_02" / "a.npy").shape[0] == 49  # (1 s at 50 Hz, less the receptive field)

@@ -68,26 +68,25 @@ def folder_lock(folder: str | Path, what: str, *, wait: bool = False,
     "the extraction into feats/") and the process that holds it; with ``wait``, wait for that process instead (a
     corpus that another process is making is then reused).
 
-    A block that raises (a refused input, a failed run) leaves no empty folder behind: if the folder was made for
-    this command (by this call, or ``made``: the folders the caller made, deepest first) and holds nothing but its
-    lock, the lock is removed while held, then those folders while empty. A rerun then starts from what was there."""
+    A block that raises (a refused input, a failed run) leaves nothing it made behind: if the folder holds nothing but
+    its lock, the lock is removed while held, then the folders made for this command (by this call, or ``made``: the
+    folders the caller made, deepest first) while empty. A folder that was there stays. A rerun then starts from what
+    was there."""
     folder = Path(folder)
     made = missing_folders(folder) if made is None else made
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        with _locked(folder / LOCK_NAME, what, wait=wait, remove=False, unlink_if_failed=_only_lock_in(folder, made)):
+        with _locked(folder / LOCK_NAME, what, wait=wait, remove=False, unlink_if_failed=_only_lock_in(folder)):
             yield
     except BaseException:
         remove_empty_folders(made)
         raise
 
 
-def _only_lock_in(folder: Path, made: Sequence[Path]) -> Callable[[], bool]:
-    """Whether, now, ``folder`` was made for this command and holds nothing but its lock."""
+def _only_lock_in(folder: Path) -> Callable[[], bool]:
+    """Whether, now, ``folder`` holds nothing but its lock."""
 
     def check() -> bool:
-        if Path(os.path.abspath(folder)) not in made:
-            return False
         try:
             return [entry.name for entry in os.scandir(folder)] == [LOCK_NAME]
         except OSError:
