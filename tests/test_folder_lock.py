@@ -294,7 +294,7 @@ def test_a_folder_made_for_a_block_that_fails_goes_with_its_parents_and_lock(tmp
 def test_a_failed_block_keeps_what_it_wrote_and_what_was_there(tmp_path):
     with pytest.raises(RuntimeError):  # a checkpoint of a run that failed later
         _fails_inside(folder_lock(tmp_path / "made", "the test"), (tmp_path / "made" / "step_1.pt").touch)
-    assert sorted(p.name for p in (tmp_path / "made").iterdir()) == [".lock", "step_1.pt"]
+    assert sorted(p.name for p in (tmp_path / "made").iterdir()) == ["step_1.pt"]  # (the lock it made: gone)
     (tmp_path / "there").mkdir()
     with pytest.raises(RuntimeError):
         _fails_inside(folder_lock(tmp_path / "there", "the test"))
@@ -405,3 +405,17 @@ def test_dead_writers_temporaries_are_swept_where_exclusive_locks_need_a_writabl
     atomic_files._SWEPT.discard(os.path.abspath(tmp_path))
     atomic_files.write_atomically(tmp_path / "out.txt", "whole")
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_a_failed_block_removes_the_lock_it_made_from_a_folder_that_holds_files(tmp_path):
+    """A user's folder holding files of theirs: a refused command added `.lock` to it; a lock that was there before
+    (an earlier run's) stays."""
+    (tmp_path / "notes.txt").write_text("the user's")
+    with pytest.raises(RuntimeError):
+        _fails_inside(folder_lock(tmp_path, "the test"))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with folder_lock(tmp_path, "the test"):  # a run that ended well: its lock stays, as a finished run's does
+        pass
+    with pytest.raises(RuntimeError):
+        _fails_inside(folder_lock(tmp_path, "the test"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.txt"]

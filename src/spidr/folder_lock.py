@@ -68,15 +68,18 @@ def folder_lock(folder: str | Path, what: str, *, wait: bool = False,
     "the extraction into feats/") and the process that holds it; with ``wait``, wait for that process instead (a
     corpus that another process is making is then reused).
 
-    A block that raises (a refused input, a failed run) leaves nothing it made behind: if the folder holds nothing but
-    its lock, the lock is removed while held, then the folders made for this command (by this call, or ``made``: the
-    folders the caller made, deepest first) while empty. A folder that was there stays. A rerun then starts from what
-    was there."""
+    A block that raises (a refused input, a failed run) leaves no lock or folder it made behind: the lock is removed
+    while held if this call made it or the folder holds nothing else, then the folders made for this command (by this
+    call, or ``made``: the folders the caller made, deepest first) while empty. A folder that was there stays. A rerun
+    then starts from what was there."""
     folder = Path(folder)
     made = missing_folders(folder) if made is None else made
+    lock_was_there = (folder / LOCK_NAME).exists()
     folder.mkdir(parents=True, exist_ok=True)
+    only_lock = _only_lock_in(folder)
     try:
-        with _locked(folder / LOCK_NAME, what, wait=wait, remove=False, unlink_if_failed=_only_lock_in(folder)):
+        with _locked(folder / LOCK_NAME, what, wait=wait, remove=False,
+                     unlink_if_failed=lambda: not lock_was_there or only_lock()):
             yield
     except BaseException:
         remove_empty_folders(made)
