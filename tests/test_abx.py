@@ -406,6 +406,18 @@ def test_feature_directory(tmp_path: Path) -> None:
         FeatureDirectory(tmp_path / "spk0" / "missing")
 
 
+def test_a_feature_directory_follows_linked_folders_once(tmp_path: Path) -> None:
+    """Features gathered with links (a speaker's folder from another extraction): `kmeans` and `units` left the
+    linked folder out without a word. A link back to a parent must not loop."""
+    write_feature_tree(tmp_path / "elsewhere", {"spk9/z": np.ones((2, 2), np.float32)})
+    write_feature_tree(tmp_path / "layer", {"spk0/a": np.zeros((3, 2), np.float32)})
+    (tmp_path / "layer" / "spk9").symlink_to(tmp_path / "elsewhere" / "spk9")
+    (tmp_path / "layer" / "spk0" / "up").symlink_to(tmp_path / "layer")  # a loop
+    directory = FeatureDirectory(tmp_path / "layer")
+    assert sorted(directory) == ["spk0/a", "spk9/z"]
+    assert tuple(directory["spk9/z"].shape) == (2, 2)
+
+
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     features, items = random_task(5, num_items=50)
     write_feature_tree(tmp_path / "features", features)

@@ -267,11 +267,55 @@ def test_unit_rows_of_a_file_id_held_twice_are_named_by_their_path(model, tmp_pa
     extract_to_directory(model, entries, tmp_path / "out", ExtractionSettings(layers=(3,), codebooks=True),
                          progress=False)
     units = read_units(tmp_path / "out" / "codebook_units" / "layer_03.jsonl")
-    assert sorted(units) == ["spk1/sa1", "spk2/sa1", "spk3/other"]  # keyed by path, as the features then are
-    features = StemKeyed.if_unique(one_layer_directory(tmp_path / "out" / "layer_03"))
+    assert sorted(units) == ["other", "spk1/sa1", "spk2/sa1"]  # by path where the id repeats, as features are found
+    features = StemKeyed(one_layer_directory(tmp_path / "out" / "layer_03"))
     assert sorted(features) == sorted(units)
     for name, values in units.items():
         assert values.shape == (features[name].shape[0],)
+
+
+def test_an_utterance_id_held_by_several_files_is_named_by_path_and_refused_as_a_bare_id():
+    """One repeated id (spk1/0001, spk2/0001) named every row by its path and turned off lookup by id for the whole
+    corpus: items and alignments naming the other, unique ids found nothing. Truth, by hand: the repeated id's files
+    are named by path, the rest by id; a path or a unique id finds its file; the repeated id alone is refused,
+    naming its files."""
+    keys = ["spk1/0001", "spk2/0001", "données/é", "0002", "x/0002", "speaker 01/utt-001"]
+    features = StemKeyed({key: np.full(2, index) for index, key in enumerate(keys)})
+    assert list(features) == ["spk1/0001", "spk2/0001", "é", "0002", "x/0002", "utt-001"]
+    assert len(features) == len(keys)
+    assert features["é"][0] == 2
+    assert features["corpus/données/é"][0] == 2  # (an item file's path ending in the id)
+    assert features["utt-001"][0] == 5
+    assert features["0002"][0] == 3  # (a top-level file: its path is its id)
+    assert features["x/0002"][0] == 4
+    assert features["spk2/0001"][0] == 1
+    assert "nothing" not in features
+    with pytest.raises(ValueError, match=r"'0001': .* holds 2 utterances with the id '0001' \('spk1/0001', "
+                                         r"'spk2/0001'\); name each by its path"):
+        _ = "0001" in features
+    with pytest.raises(ValueError, match="'other/0001'"):
+        features["other/0001"]
+
+
+def test_unit_rows_are_named_as_units_and_readers_find_them_when_file_ids_hold_folders(model, tmp_path):
+    """Unique manifest ids spk1/0001 and spk2/0001 gave two rows named "0001" (every units reader then refused the
+    file), and spidr units named them otherwise. Truth: extract --codebooks and spidr units name the rows alike, no
+    name twice, and each row has its own file's frame count."""
+    lines = ["fileid,path,num_samples"]
+    for fileid, seconds in (("spk1/0001", 0.5), ("spk2/0001", 0.8), ("it's", 0.6)):
+        path = tmp_path / "audio" / f"{fileid}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, speech_like(seconds, len(lines)), 16000)
+        lines.append(f"{fileid},{path},{int(seconds * 16000)}")
+    (tmp_path / "ids.csv").write_text("\n".join(lines) + "\n")
+    extract_to_directory(model, read_manifest(tmp_path / "ids.csv"), tmp_path / "out",
+                         ExtractionSettings(layers=(3,), codebooks=True), progress=False)
+    units = read_units(tmp_path / "out" / "codebook_units" / "layer_03.jsonl")
+    features = StemKeyed(one_layer_directory(tmp_path / "out" / "layer_03"))
+    assert sorted(units) == sorted(features) == ["it's", "spk1/spk1/0001", "spk2/spk2/0001"]
+    assert {name: len(values) for name, values in units.items()} == {
+        name: features[name].shape[0] for name in features}
+    assert len(units["spk1/spk1/0001"]) != len(units["spk2/spk2/0001"])
 
 
 def test_long_files_go_through_windows_and_match_the_short_path(model, tmp_path):

@@ -157,15 +157,19 @@ def test_equal_sequences_tie_wherever_the_batches_are_cut():
         assert set(scores) == set(sequences)
 
 
-def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
+def test_unit_files_are_read_keyed_by_stem_for_scoring_by_name_for_training_with_dedup(tmp_path):
+    """Test items are keyed by file stem (a ZeroSpeech submission line's key); training data by the name as written:
+    keyed by stem, the rows spk1/0001 and spk2/0001 that extract writes for two files of one id were refused."""
     units = tmp_path / "units.jsonl"
     units.write_text(json.dumps({"audio": "/data/spk/a.wav", "units": [3, 3, 1, 1, 1, 3]}) + "\n"
                      + json.dumps({"name": "spk/b", "units": [2]}) + "\n")
-    read = read_unit_sequences(units, dedup=True)
+    read = read_unit_sequences(units, dedup=True, submission_names=True)
     assert read.kind == "units"
     assert sorted(read.sequences) == ["a", "b"]
     assert read.sequences["a"].tolist() == [3, 1, 3]
-    assert read_unit_sequences(units, dedup=False).sequences["a"].tolist() == [3, 3, 1, 1, 1, 3]
+    assert read_unit_sequences(units, dedup=False, submission_names=True).sequences["a"].tolist() == [3, 3, 1, 1, 1,
+                                                                                                       3]
+    assert sorted(read_unit_sequences(units, dedup=True).sequences) == ["a", "spk/b"]  # (an audio row: its stem)
     with pytest.raises(ValueError, match="out of range"):
         read_unit_sequences(units, dedup=True, num_units=3)
     labels = tmp_path / "labels.jsonl"
@@ -184,6 +188,10 @@ def test_unit_files_are_read_keyed_by_stem_with_dedup(tmp_path):
         read_unit_sequences(units, dedup=True, labels=read.labels)
     twice = tmp_path / "twice.jsonl"
     twice.write_text(json.dumps({"name": "a/x", "units": [1]}) + "\n" + json.dumps({"name": "b/x", "units": [1]}))
+    with pytest.raises(ValueError, match="appears twice"):
+        read_unit_sequences(twice, dedup=True, submission_names=True)
+    assert sorted(read_unit_sequences(twice, dedup=True).sequences) == ["a/x", "b/x"]
+    twice.write_text(json.dumps({"name": "a/x", "units": [1]}) + "\n" + json.dumps({"name": "a/x", "units": [2]}))
     with pytest.raises(ValueError, match="appears twice"):
         read_unit_sequences(twice, dedup=True)
 

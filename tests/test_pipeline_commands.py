@@ -514,6 +514,38 @@ def test_evaluate_finds_units_and_mfcc_by_item_paths_and_refuses_items_of_anothe
     assert "none of the 16 ABX items of" in capsys.readouterr().err
 
 
+def test_the_mfcc_baseline_gives_each_file_its_own_mfccs_where_file_ids_repeat(tmp_path, monkeypatch):
+    """Keyed by file id, spk2/0001's MFCCs replaced spk1/0001's, and spk1's items were scored on them (or failed on
+    a frame count). Truth: each file's item key finds the MFCCs of that file's own audio."""
+    from decimal import Decimal
+
+    from spidr.data.audio import load_audio
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval import report
+    from spidr.eval.items import Items
+    from spidr.eval.mfcc import mfcc
+    from train_fixtures import speech_like
+
+    entries = []
+    for speaker, seconds in (("spk1", 1.0), ("spk2", 0.5)):
+        path = tmp_path / speaker / "0001.wav"
+        path.parent.mkdir()
+        sf.write(path, speech_like(int(seconds * 16000), np.random.default_rng(len(entries))), 16000)
+        entries.append(ManifestEntry("0001", str(path), int(seconds * 16000)))
+    seen = {}
+
+    def scored(features, items, speaker, settings, *, distance, frequency=50):
+        seen.update({name: np.asarray(features[name]) for name in items.files})
+        return 0.0
+
+    monkeypatch.setattr(report, "_abx_percent", scored)
+    items = Items(files=("spk1/0001", "spk2/0001"), onsets=(Decimal("0.1"),) * 2, offsets=(Decimal("0.2"),) * 2,
+                  labels={"#phone": ("a", "b"), "speaker": ("s1", "s2")})
+    report.evaluate_mfcc(entries, items)
+    for entry, key in zip(entries, ("spk1/0001", "spk2/0001"), strict=True):
+        np.testing.assert_array_equal(seen[key], mfcc(load_audio(entry, normalize=True).numpy()))
+
+
 def test_a_run_s_checkpoint_is_named_after_its_run_folder(tmp_path):
     """Every training run ends in final.pt: reports said "Evaluation of final", and lm-study refused two runs as
     one name ("final", "final"). Other files keep their stem."""
@@ -734,3 +766,17 @@ def test_only_a_pipe_whose_reader_is_gone_counts_as_such(monkeypatch):
         os.close(reading)
         assert cli._stdout_reader_gone()
         monkeypatch.undo()
+
+
+def test_items_of_files_without_features_are_left_out_naming_those_files(caplog):
+    from decimal import Decimal
+
+    from spidr.eval.items import Items
+    from spidr.eval.report import _items_for
+
+    items = Items(files=("a", "b", "b", "c"), onsets=(Decimal("0.1"),) * 4, offsets=(Decimal("0.2"),) * 4,
+                  labels={"#phone": ("x", "y", "x", "y")})
+    with caplog.at_level("WARNING"):
+        kept = _items_for(items, {"a": None})
+    assert kept.files == ("a",)
+    assert "3 of 4 ABX items refer to 2 files without features (e.g. 'b', 'c'); they are left out" in caplog.text

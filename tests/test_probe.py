@@ -262,3 +262,30 @@ def test_probe_split_changes_with_the_seed():
     held_out = {tuple(e.fileid for e in split_entries(entries, 0.25, seed=seed)[1]) for seed in range(4)}
     assert len(held_out) > 1
 
+
+
+def test_files_that_share_an_id_are_labelled_by_their_own_alignments_found_by_path():
+    """spk1/0001.wav and spk2/0001.wav: found by the id alone, one alignment ("0001") labelled both files (wrong
+    labels, or a length error). Truth, by hand: each file takes the alignment named by its path below the corpus
+    folder, the others theirs by id, also for a draw from the manifest (computed before a split)."""
+    from spidr.eval.probe import alignment_keys, collect_training_frames
+
+    class Lengths:  # one frame per 320 samples (50 Hz): the frame count tells the files apart
+        representations = ("r",)
+        frame_rate = 50.0
+
+        def __call__(self, entries):
+            for entry in entries:
+                yield entry, {"r": np.zeros((entry.num_samples // 320, 1), np.float32)}
+
+    entries = [ManifestEntry("0001", "/corpus/spk1/0001.wav", 320 * 4), ManifestEntry("0001", "/corpus/spk2/0001.wav",
+                                                                                         320 * 6),
+               ManifestEntry("other", "/corpus/spk2/other.wav", 320 * 2)]
+    keys = alignment_keys(entries)
+    assert keys == {"/corpus/spk1/0001.wav": "spk1/0001", "/corpus/spk2/0001.wav": "spk2/0001",
+                    "/corpus/spk2/other.wav": "other"}
+    alignments = Alignments.from_labels([("spk1/0001", ["A"] * 4), ("spk2/0001", ["B"] * 6), ("other", ["C"] * 2),
+                                         ("0001", ["C"] * 5)])
+    frames = collect_training_frames(Lengths(), entries[1:], alignments, alignment_rate=50.0, keys=keys)
+    assert [alignments.phones[c] for c in frames.labels] == ["B"] * 6 + ["C"] * 2
+    assert frames.lengths.tolist() == [6, 2]

@@ -77,8 +77,8 @@ def test_utterances_on_one_side_only_are_left_out_with_a_warning(caplog: pytest.
     with caplog.at_level(logging.WARNING):
         metrics = unit_quality({"u": [0, 1], "x": [1, 1]}, labels, num_units=2)
     assert metrics == unit_quality({"u": [0, 1]}, {"u": labels["u"]}, num_units=2)
-    assert "1 of 2 utterances have no alignment and are left out" in caplog.text
-    assert "2 of the 3 aligned utterances have no units and are left out" in caplog.text
+    assert "1 of 2 utterances have no alignment and are left out (e.g. 'x')" in caplog.text
+    assert "2 of the 3 aligned utterances have no units and are left out (e.g. 'v', 'w')" in caplog.text
 
 
 def test_length_mismatch_names_the_utterance() -> None:

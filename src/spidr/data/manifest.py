@@ -38,6 +38,7 @@ import soundfile as sf
 
 from spidr.atomic_files import replaced_when_done
 from spidr.data import AUDIO_EXTENSIONS, SAMPLE_RATE
+from spidr.folder_walk import printable, walk_following_links
 from spidr.input_files import existing_file
 from spidr.text_files import utf8_errors_named
 
@@ -381,11 +382,6 @@ _READ_ERRORS = (sf.LibsndfileError, RuntimeError, ValueError, OSError)
 _BUFFER_NAME = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # how soundfile names an in-memory file
 
 
-def _printable(name: str) -> str:
-    """``name`` as text that can be printed and written: undecodable bytes of a file name become ``\\xNN``."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _is_utf8(name: str) -> bool:
     """False for a name holding bytes that are not UTF-8 (Python keeps them as surrogates): a manifest is UTF-8 text,
     so such a name could be neither written nor read back."""
@@ -404,15 +400,8 @@ def _audio_files(root: str, exts: tuple[str, ...]) -> tuple[list[str], list[tupl
     lead to no file and other non-regular files. Symbolic links to folders are followed; a real folder is entered
     once, so a link back to a parent (a loop) ends the walk there instead of going on forever."""
     files, failures = [], []
-    entered: dict[str, str] = {}  # real folder → the path it was first entered by
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in entered:
-            subfolders.clear()
-            logger.info("not entering %s again: it is %s, already scanned", _printable(folder), entered[real])
-            continue
-        entered[real] = _printable(folder)
-        subfolders.sort()  # a deterministic walk: the same alias of a folder reached twice is kept every time
+    # (deterministic: the same alias of a folder reached twice is kept every time)
+    for folder, names in walk_following_links(root):
         for name in names:
             if os.path.splitext(name)[1].lower() not in exts:
                 continue
@@ -443,7 +432,7 @@ def _scan_directory(root: Path, exts: tuple[str, ...], *, progress: bool) -> Sca
             continue
         builder.append(_stem(path), path, num_samples)
     failures.sort(key=lambda failure: failure[0].split(os.sep))
-    return ScanResult(builder.build(), [(_printable(path), _printable(reason)) for path, reason in failures])
+    return ScanResult(builder.build(), [(printable(path), printable(reason)) for path, reason in failures])
 
 
 def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
@@ -557,12 +546,12 @@ def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool) -> ScanRe
         raise ValueError(f"{archive} is not an uncompressed tar archive ({error}); decompress it first") from error
     location = str(archive.resolve())
     builder = ManifestBuilder(base="", source=str(archive))
-    failures = [(location if name is None else f"{location}:{_printable(name)}", _printable(reason))
+    failures = [(location if name is None else f"{location}:{printable(name)}", printable(reason))
                 for name, reason in failed]
     for name, offset, size in tqdm(members, desc=f"scanning {archive}", unit="file", disable=not progress):
         entry = ManifestEntry(_stem(name), name, 0, location, offset, size)
         if not _is_utf8(name):
-            failures.append((f"{location}:{_printable(name)}", _NOT_UTF8))
+            failures.append((f"{location}:{printable(name)}", _NOT_UTF8))
             continue
         try:
             num_samples = _header_length(read_member(entry))

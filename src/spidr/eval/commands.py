@@ -61,12 +61,12 @@ def _abx(args: argparse.Namespace) -> int:
 
     source = Path(args.features)
     if _is_units_file(source):
-        features = StemKeyed.if_unique(read_units(source))
+        features = StemKeyed(read_units(source))
         distance = args.distance or "identical"
         if distance != "identical":
             raise ValueError(f"{source} holds discrete units: use --distance identical, not {distance!r}")
     elif source.is_dir():
-        features = StemKeyed.if_unique(one_layer_directory(source))
+        features = StemKeyed(one_layer_directory(source))
         distance = args.distance or "angular"
     else:
         raise ValueError(f"FEATURES {source} is neither a directory of .npy/.pt files nor a units .jsonl file")
@@ -167,7 +167,7 @@ def _units(args: argparse.Namespace) -> int:
     from spidr.eval.units import write_units
 
     # Named by utterance id (the file stem, as codebook units, alignments and item files name them) when unique.
-    features = StemKeyed.if_unique(one_layer_directory(args.features_dir))
+    features = StemKeyed(one_layer_directory(args.features_dir))
     centroids = load_centroids(args.centroids)
     layer = features_layer(args.features_dir)
     if layer is not None:

@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 
 from spidr.data.manifest import PackedStrings
 from spidr.eval.journal import STATE_DIR
+from spidr.folder_walk import walk_following_links
 
 EXTENSIONS = (".npy", ".pt")
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
             raise ValueError(f"feature directory {self.root} does not exist or is not a directory")
         self.extensions = extensions
         found: list[tuple[str, int]] = []
-        for folder, _, files in os.walk(self.root):
+        for folder, files in walk_following_links(str(self.root)):  # (features gathered with links: followed)
             relative = os.path.relpath(folder, self.root)
             prefix = "" if relative == "." else relative + "/"
             for name in files:
@@ -106,23 +107,51 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
         return len(self.keys_)
 
 
+def utterance_stem(key: str) -> str:
+    """A feature file's path below its layer folder (without suffix) → its utterance id: the last component."""
+    return key.rsplit("/", 1)[-1]
+
+
+def utterance_name(key: str, shared_stems: Container[str]) -> str:
+    """The name under which ``key``'s units are written and looked up: its utterance id (``utterance_stem``), or
+    ``key`` itself, its path, where other files of the folder share that id (``spk1/sa1``, ``spk2/sa1``: TIMIT).
+    ``shared_stems``: the ids that several keys hold."""
+    stem = utterance_stem(key)
+    return key if stem in shared_stems else stem
+
+
 class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
     """Features (a ``FeatureDirectory``, or units by utterance) found by utterance id as well as by path: item files
     and alignments name LibriSpeech's ``84-121123-0000``, whose features sit at ``84/121123/84-121123-0000.npy``,
-    while other item files give that path; a key is looked up as given, then by its last path component. Refused
-    when two entries share a stem."""
+    while other item files give that path. A key is looked up as given, then by its last path component where one
+    file holds that id. An id that several files hold (``sa1`` of ``spk1/sa1`` and ``spk2/sa1``) is refused, naming
+    them: which one is meant cannot be told. Iterated, it gives ``utterance_name`` of each key (the id, or the path of
+    a file whose id others share): the names units files are written with."""
 
     def __init__(self, directory: Mapping[str, Any]) -> None:
         self.directory = directory
-        self.keys_by_stem = {key.rsplit("/", 1)[-1]: key for key in directory}
-        if len(self.keys_by_stem) != len(directory):
-            where = getattr(directory, "root", "the features")
-            raise ValueError(f"{where}: two feature files share a stem; use item #file paths instead")
+        self.keys_by_stem: dict[str, str] = {}
+        self.shared: dict[str, list[str]] = {}  # id → the keys that hold it, where several do
+        for key in directory:
+            stem = utterance_stem(key)
+            if stem in self.shared:
+                self.shared[stem].append(key)
+            elif stem in self.keys_by_stem:
+                self.shared[stem] = [self.keys_by_stem.pop(stem), key]
+            else:
+                self.keys_by_stem[stem] = key
 
     def _key(self, key: object) -> object:
         if key in self.directory or not isinstance(key, str):
             return key
-        return self.keys_by_stem.get(key.rsplit("/", 1)[-1], key)
+        stem = utterance_stem(key)
+        if stem in self.shared:
+            where = getattr(self.directory, "root", "the features")
+            held_by = ", ".join(repr(k) for k in self.shared[stem][:3]) + (" ..." if len(self.shared[stem]) > 3
+                                                                          else "")
+            raise ValueError(f"{key!r}: {where} holds {len(self.shared[stem])} utterances with the id {stem!r} "
+                             f"({held_by}); name each by its path below the features' folder")
+        return self.keys_by_stem.get(stem, key)
 
     def __getitem__(self, key: str) -> np.ndarray | torch.Tensor:
         return self.directory[self._key(key)]
@@ -131,18 +160,10 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
         return self._key(key) in self.directory
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.keys_by_stem)
+        return (utterance_name(key, self.shared) for key in self.directory)
 
     def __len__(self) -> int:
-        return len(self.keys_by_stem)
-
-    @classmethod
-    def if_unique(cls, directory: Mapping[str, Any]) -> Mapping[str, np.ndarray | torch.Tensor]:
-        """``StemKeyed(directory)`` when its stems are unique, else ``directory`` itself (paths only)."""
-        try:
-            return cls(directory)
-        except ValueError:
-            return directory
+        return len(self.directory)
 
 
 def one_layer_directory(root: str | Path) -> FeatureDirectory:

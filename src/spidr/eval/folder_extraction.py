@@ -27,6 +27,7 @@ from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
+from spidr.eval.feature_dir import utterance_name, utterance_stem
 from spidr.eval.features import (
     ExtractionSettings,
     LongAudio,
@@ -74,6 +75,11 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
 def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
     """``output_stems`` as a list of paths (convenient for a few files)."""
     return [Path(stem) for stem in output_stems(entries)]
+
+
+def shared_utterance_ids(stems: PackedStrings) -> set[str]:
+    """The utterance ids (``utterance_stem``: last components) that several of ``stems`` hold."""
+    return repeated_strings(PackedStrings.from_strings(utterance_stem(stem) for stem in stems))
 
 
 def _as_manifest(entries: Sequence[ManifestEntry]) -> Manifest:
@@ -145,18 +151,19 @@ def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:
 class _Outputs:
     """Where features and unit rows go: atomic ``.npy`` writes into ``OUT/layer_LL/<stem>.npy``."""
 
-    def __init__(self, out_dir: Path, stems: PackedStrings, *, ids_unique: bool = True) -> None:
+    def __init__(self, out_dir: Path, stems: PackedStrings) -> None:
         self.out_dir = out_dir
         self.stems = stems
-        self.ids_unique = ids_unique  # False when several entries hold one file id (spk1/sa1.wav, spk2/sa1.wav)
+        # The utterance ids (last components) that several entries hold: spk1/sa1.wav, spk2/sa1.wav; file ids
+        # spk1/0001 and spk2/0001 of a manifest.
+        self.shared_ids = shared_utterance_ids(stems)
         self.folders: set[Path] = set()
 
     def utterance(self, index: int) -> str:
-        """The name of entry ``index``'s unit rows: the stem of its feature files (its file id), or, when file ids
-        are not unique, their path below the layer folder, as the readers then key the features
-        (``StemKeyed.if_unique``) and as ``spidr units`` names its rows."""
-        stem = self.stems[index]
-        return stem.rsplit("/", 1)[-1] if self.ids_unique else stem
+        """The name of entry ``index``'s unit rows (``utterance_name``): the utterance id of its feature files, or
+        their path below the layer folder where other entries share that id; as the readers find the features
+        (``StemKeyed``) and as ``spidr units`` names its rows."""
+        return utterance_name(self.stems[index], self.shared_ids)
 
     def path(self, key: str, index: int) -> Path:
         path = self.out_dir / key / f"{self.stems[index]}.npy"
@@ -313,7 +320,7 @@ def extract_part(
     model.eval()
     plan = _Plan(settings, _check_kmeans(model, kmeans))
     manifest = _as_manifest(entries)
-    outputs = _Outputs(out_dir, output_stems(manifest), ids_unique=not repeated_strings(manifest.fileids))
+    outputs = _Outputs(out_dir, output_stems(manifest))
     is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
     mine = shard.members(manifest.num_samples)
     # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
@@ -321,6 +328,10 @@ def extract_part(
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
                 **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
+                # Where utterance ids repeat, every row was named by its path (and ids holding a folder gave two rows
+                # one name): now only the rows whose id repeats are.
+                **({"repeated_ids": "named by path"} if outputs.shared_ids and (settings.codebooks or plan.kmeans)
+                   else {}),
                 # Features of such a model changed when it stopped running padded (see extract_batch).
                 **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
                 # Long archive members ran in one forward before they ran in windows like other long files.

@@ -307,8 +307,9 @@ def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestE
 
     # The features' names (their files below each layer folder), looked up as evaluate will look them up
     stems = output_stems(entries)
-    features = StemKeyed.if_unique(dict.fromkeys(stems[index] for index in range(len(stems))))
-    if items.files and not any(name in features for name in set(items.files)):
+    features = StemKeyed(dict.fromkeys(stems[index] for index in range(len(stems))))
+    # (every name looked up: one that several files hold is refused now, naming them, rather than after extracting)
+    if items.files and not sum(name in features for name in sorted(set(items.files))):
         raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file of --manifest "
                          f"{args.manifest} (the first names {items.files[0]!r}; features will be keyed by "
                          f"utterance id, e.g. {next(iter(features))!r}): is it the item file of another corpus?")
@@ -326,6 +327,7 @@ def run_probe(args: argparse.Namespace) -> int:
         MfccFeaturizer,
         ModelFeaturizer,
         ProbeSettings,
+        alignment_keys,
         run_probes,
         split_entries,
         write_probe_report,
@@ -338,8 +340,10 @@ def run_probe(args: argparse.Namespace) -> int:
                          f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")
     model = _model(args)
     train_entries = _entries(args.manifest, args.ext)
+    keys = alignment_keys(train_entries)  # (before a split: each part would find other paths below its own folder)
     if args.test_manifest:
         test_entries = _entries(args.test_manifest, args.ext)
+        keys = {**alignment_keys(test_entries), **keys}
     else:
         train_entries, test_entries = split_entries(train_entries, args.test_fraction, seed=args.seed)
     alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate)
@@ -349,7 +353,8 @@ def run_probe(args: argparse.Namespace) -> int:
     settings = ProbeSettings(hidden=args.hidden, epochs=args.epochs, max_train_frames=args.max_train_frames,
                              seed=args.seed, dtype=args.dtype)
     name = args.name or default_model_name(args.checkpoint)
-    common = {"test_alignments": test_alignments, "alignment_rate": args.alignment_rate, "settings": settings}
+    common = {"test_alignments": test_alignments, "alignment_rate": args.alignment_rate, "settings": settings,
+              "keys": keys}
     featurizers = {name: ModelFeaturizer(model, layers=layers, dtype=args.dtype)}
     for baseline in args.baseline or ():
         if baseline == "mfcc":

@@ -159,16 +159,32 @@ def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, align
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _labelled(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments, alignment_rate: float
-              ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """``(representations, label codes (T',) int64)`` of every readable entry that has an alignment."""
+def alignment_keys(entries: Sequence[ManifestEntry]) -> dict[str, str]:
+    """``{entry.location: the utterance name its alignment is found by}``: its file id, or, where several entries
+    hold that id (``spk1/sa1.wav``, ``spk2/sa1.wav``), its path below their common folder, as ``spidr extract`` names
+    their unit rows. By id alone, one alignment was applied to every file that holds the id."""
+    from spidr.data.manifest import PackedStrings, repeated_strings
+    from spidr.eval.folder_extraction import output_stems
+
+    shared = repeated_strings(PackedStrings.from_strings(entry.fileid for entry in entries))
+    if not shared:
+        return {entry.location: entry.fileid for entry in entries}
+    return {entry.location: stem if entry.fileid in shared else entry.fileid
+            for entry, stem in zip(entries, output_stems(entries), strict=True)}
+
+
+def _labelled(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments, alignment_rate: float,
+              keys: Mapping[str, str]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """``(representations, label codes (T',) int64)`` of every readable entry that has an alignment (found by
+    ``keys``: ``alignment_keys`` of the manifest the entries come from)."""
     for entry, representations in featurizer(entries):
-        if entry.fileid not in alignments:
+        name = keys[entry.location]
+        if name not in alignments:
             continue
         first = representations[featurizer.representations[0]]
-        yield representations, frame_labels(alignments.codes[entry.fileid], first.shape[0],
+        yield representations, frame_labels(alignments.codes[name], first.shape[0],
                                             frame_rate=featurizer.frame_rate, alignment_rate=alignment_rate,
-                                            name=entry.fileid).astype(np.int64)
+                                            name=name).astype(np.int64)
 
 
 @dataclass
@@ -185,11 +201,14 @@ class TrainingFrames:
 
 
 def draw_utterances(entries: Sequence[ManifestEntry], alignments: Alignments, *, frame_rate: float,
-                    max_frames: int, seed: int) -> list[ManifestEntry]:
-    """Aligned entries in a seeded random order, as many as fit in ``max_frames`` feature frames (at least one)."""
-    aligned = [entry for entry in entries if entry.fileid in alignments]
+                    max_frames: int, seed: int, keys: Mapping[str, str] | None = None) -> list[ManifestEntry]:
+    """Aligned entries (found by ``keys``, default ``alignment_keys(entries)``) in a seeded random order, as many as
+    fit in ``max_frames`` feature frames (at least one)."""
+    keys = alignment_keys(entries) if keys is None else keys
+    aligned = [entry for entry in entries if keys[entry.location] in alignments]
     if not aligned:
-        raise ValueError("no training utterance has an alignment (the alignment file names utterances by file id)")
+        raise ValueError("no training utterance has an alignment (the alignment file names utterances by file id, "
+                         "or by path below the corpus folder where several files hold one id)")
     order = np.random.default_rng(seed).permutation(len(aligned))
     chosen, total = [], 0
     for index in order.tolist():
@@ -211,12 +230,14 @@ def stored(values: np.ndarray) -> np.ndarray:
 
 
 def collect_training_frames(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments,
-                            *, alignment_rate: float) -> TrainingFrames:
+                            *, alignment_rate: float, keys: Mapping[str, str] | None = None) -> TrainingFrames:
     """Run ``featurizer`` over ``entries`` and keep every labelled frame (features ``stored`` as float16: the probe
-    standardises them anyway)."""
+    standardises them anyway). ``keys``: ``alignment_keys`` of the manifest the entries were drawn from (default: of
+    ``entries``)."""
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in featurizer.representations}
     labels = []
-    for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate):
+    keys = alignment_keys(entries) if keys is None else keys
+    for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate, keys):
         for key, values in representations.items():
             chunks[key].append(stored(values[: len(codes)]))
         labels.append(codes)
@@ -379,15 +400,16 @@ def phone_sequence(codes: np.ndarray, silence: np.ndarray) -> list[int]:
 
 
 def score_probes(featurizer, probes: dict[str, tuple[PhoneProbe, PhoneProbe]], entries: Sequence[ManifestEntry],
-                 alignments: Alignments, *, alignment_rate: float, silence: np.ndarray
-                 ) -> dict[str, tuple[float, float, int, int]]:
+                 alignments: Alignments, *, alignment_rate: float, silence: np.ndarray,
+                 keys: Mapping[str, str] | None = None) -> dict[str, tuple[float, float, int, int]]:
     """Per representation, from its (frame classifier, CTC head): (frame accuracy %, PER %, frames, utterances) on
-    ``entries``, streamed."""
+    ``entries``, streamed. ``keys``: ``alignment_keys`` of their manifest (default: of ``entries``)."""
     editdistance = import_extra("editdistance", extra="eval", purpose="the phone probe's error rate")
     correct = dict.fromkeys(probes, 0)
     errors = dict.fromkeys(probes, 0)
     frames = reference_length = utterances = 0
-    for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate):
+    keys = alignment_keys(entries) if keys is None else keys
+    for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate, keys):
         reference = phone_sequence(codes, silence)
         for key, (classifier, ctc_head) in probes.items():
             values = stored(representations[key][: len(codes)])
@@ -397,7 +419,8 @@ def score_probes(featurizer, probes: dict[str, tuple[PhoneProbe, PhoneProbe]], e
         reference_length += len(reference)
         utterances += 1
     if not frames:
-        raise ValueError("no held-out utterance has an alignment (the alignment file names utterances by file id)")
+        raise ValueError("no held-out utterance has an alignment (the alignment file names utterances by file id, "
+                         "or by path below the corpus folder where several files hold one id)")
     return {key: (100.0 * correct[key] / frames, 100.0 * errors[key] / max(reference_length, 1), frames, utterances)
             for key in probes}
 
@@ -412,16 +435,21 @@ def run_probe(
     test_alignments: Alignments | None = None,
     alignment_rate: float = 100.0,
     settings: ProbeSettings = ProbeSettings(),
+    keys: Mapping[str, str] | None = None,
 ) -> list[ProbeRow]:
     """Train the probes of each representation of ``featurizer`` on ``train_entries`` labelled by ``alignments``
-    and score them on ``test_entries`` labelled by ``test_alignments`` (default: the same file)."""
+    and score them on ``test_entries`` labelled by ``test_alignments`` (default: the same file). ``keys``: the
+    name each entry's alignment is found by (``alignment_keys`` of the manifest, computed before a split: a file
+    whose id another holds is found by its path below the corpus folder); default: of each list of entries."""
     if test_alignments is not None:
         alignments, test_alignments = common_inventory(alignments, test_alignments)
     else:
         test_alignments = alignments
+    if keys is None:
+        keys = {**alignment_keys(test_entries), **alignment_keys(train_entries)}
     chosen = draw_utterances(train_entries, alignments, frame_rate=featurizer.frame_rate,
-                             max_frames=settings.max_train_frames, seed=settings.seed)
-    frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate)
+                             max_frames=settings.max_train_frames, seed=settings.seed, keys=keys)
+    frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate, keys=keys)
     logger.info("%s: probes trained on %d frames of %d utterances", name, len(frames.labels), frames.num_utterances)
     silence = np.asarray([i for i, phone in enumerate(alignments.phones) if phone in settings.silence_labels],
                          dtype=np.int64)
@@ -435,7 +463,7 @@ def run_probe(
         probes[key] = classifier, fit_ctc_probe(values, frames.lengths, targets, num_classes, settings,
                                                 start=linear, silence=silence)
     scores = score_probes(featurizer, probes, test_entries, test_alignments, alignment_rate=alignment_rate,
-                          silence=silence)
+                          silence=silence, keys=keys)
     rows = [ProbeRow(name, key, accuracy, per, len(frames.labels), count, utterances)
             for key, (accuracy, per, count, utterances) in scores.items()]
     for row in rows:

@@ -25,7 +25,7 @@ from spidr.data.manifest import Manifest, ManifestEntry, utterances_digest
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings
-from spidr.eval.folder_extraction import extract_to_directory
+from spidr.eval.folder_extraction import extract_to_directory, output_stems
 from spidr.eval.items import SPEAKER_COLUMN, Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
@@ -105,8 +105,10 @@ def _items_for(items: Items, available: Mapping) -> Items:
         raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file with "
                          f"features (the first names {items.files[0]!r}; features are keyed by utterance id, "
                          f"e.g. {next(iter(available), None)!r}): is it the item file of another corpus?")
-    logger.warning("%d of %d ABX items refer to files without features; they are left out",
-                   len(items) - len(keep), len(items))
+    kept = set(keep)
+    missing = sorted({name for i, name in enumerate(items.files) if i not in kept})
+    logger.warning("%d of %d ABX items refer to %d files without features (e.g. %s); they are left out",
+                   len(items) - len(keep), len(items), len(missing), ", ".join(map(repr, missing[:3])))
     return Items(
         files=tuple(items.files[i] for i in keep),
         onsets=tuple(items.onsets[i] for i in keep),
@@ -142,17 +144,17 @@ def evaluate_model(
     _warn_if_one_speaker(items)
     rows = []
     for layer in layers:
-        # (by path alone where file ids repeat: spk1/sa1, spk2/sa1; item files then name paths)
-        features = StemKeyed.if_unique(FeatureDirectory(work_dir / f"layer_{layer:02d}"))
+        # (by utterance id, or by path where several files hold the id: spk1/sa1, spk2/sa1)
+        features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"))
         layer_items = _items_for(items, features)
         row = LayerRow(model=name, layer=layer)
         row.abx_within = _abx_percent(features, layer_items, "within", abx, distance=abx.distance, frequency=rate)
         row.abx_across = _abx_percent(features, layer_items, "across", abx, distance=abx.distance, frequency=rate)
         if layer in model.head_layers:
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
-            units = read_units(units_path)  # keyed by utterance id, as the features
-            # Keyed as the features (utterance id, or path when ids repeat), found by item #file path or stem.
-            unit_features = StemKeyed.if_unique({name: seq.astype(np.int64) for name, seq in units.items()})
+            units = read_units(units_path)  # named by utterance id, or by path where several files hold it
+            # Found as the features are: by item #file path or utterance id.
+            unit_features = StemKeyed({name: seq.astype(np.int64) for name, seq in units.items()})
             row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical",
                                                frequency=rate)
             row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical",
@@ -171,12 +173,14 @@ def evaluate_model(
 def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSettings = AbxSettings()) -> LayerRow:
     """The MFCC baseline (13 + Δ + ΔΔ at 50 Hz, per-utterance standardised input) on the same items."""
     features = {}
-    for entry in entries:
+    # Keyed as the model's features are (their paths below a layer folder): by file id, two files that share one
+    # (spk1/sa1, spk2/sa1) were one key, the second file's MFCCs scored for the first one's items.
+    for entry, key in zip(entries, output_stems(entries), strict=True):
         try:
-            features[entry.fileid] = mfcc(load_audio(entry, normalize=True).numpy())
+            features[key] = mfcc(load_audio(entry, normalize=True).numpy())
         except AudioError as error:
             logger.warning("MFCC baseline: skipping %s: %s", entry.location, error.reason)
-    features = StemKeyed.if_unique(features)  # item #file paths or stems find the utterance ids
+    features = StemKeyed(features)  # item #file paths or utterance ids find them
     layer_items = _items_for(items, features)
     _warn_if_one_speaker(items)
     return LayerRow(

@@ -27,6 +27,7 @@ Intervals become frame labels at the alignment rate: frame i takes the phone who
 from __future__ import annotations
 
 import array
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -287,10 +288,11 @@ def unit_quality(
     if not used:
         raise ValueError("no utterance of the units file is in the alignment file (check the utterance names)")
     if missing:
-        logger.warning("%d of %d utterances have no alignment and are left out", missing, len(units))
+        logger.warning("%d of %d utterances have no alignment and are left out (e.g. %s)", missing, len(units),
+                       _examples(name for name in units if name not in phones))
     if len(used) < len(phones):  # e.g. files the extractor skipped: the metrics cover fewer utterances
-        logger.warning("%d of the %d aligned utterances have no units and are left out", len(phones) - len(used),
-                       len(phones))
+        logger.warning("%d of the %d aligned utterances have no units and are left out (e.g. %s)",
+                       len(phones) - len(used), len(phones), _examples(name for name in phones if name not in units))
     if inventory is None:
         inventory = phones.phones if isinstance(phones, Alignments) else sorted(
             {phone for labels in phones.values() for phone in labels})
@@ -308,6 +310,11 @@ def unit_quality(
     num_frames = sum(len(units[name]) for name in used)
     metrics["bitrate"] = math.log2(num_units) * num_kept / (num_frames / unit_rate_hz)
     return metrics
+
+
+def _examples(names: Iterable[str], count: int = 3) -> str:
+    """The first ``count`` of ``names``, quoted, for a warning that names what it leaves out."""
+    return ", ".join(repr(name) for name in itertools.islice(names, count))
 
 
 def quality_from_counts(counts: np.ndarray) -> dict[str, float]:

@@ -8,15 +8,17 @@ Two kinds of input, one JSON object per utterance (``.gz`` read transparently):
   ``frame_labels_20ms.jsonl`` or SpidR's LibriSpeech alignments. Labels become integers through a
   ``LabelVocabulary`` fixed at training time and stored with the LM.
 
-Utterances are keyed by file stem (``"spk/utt"`` and ``"/data/spk/utt.wav"`` are both ``"utt"``), the key of the
-ZeroSpeech submission files. With ``dedup`` (the default, as in GSLM, textlesslib and slamkit), runs of a repeated unit
+Test items (what ``lm-score`` scores) are keyed by file stem (``"spk/utt"`` and ``"/data/spk/utt.wav"`` are both
+``"utt"``), the key of the ZeroSpeech submission files; training and validation utterances by their name as written
+(``spk1/sa1`` and ``spk2/sa1``, how ``spidr extract`` names two files of one id, are two utterances). With
+``dedup`` (the default, as in GSLM, textlesslib and slamkit), runs of a repeated unit
 collapse to one token, at training and at scoring time alike. The LM sees ``BOS u_1 … u_n EOS`` per utterance; the
 token ids are the units ``0 … V − 1`` followed by BOS = V, EOS = V + 1 and PAD = V + 2.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,10 +65,10 @@ def file_stem(name: str) -> str:
     return Path(name).name.removesuffix(".wav").removesuffix(".flac")
 
 
-def read_rows(path: str | Path, *,
+def read_rows(path: str | Path, *, key: Callable[[str], str] = file_stem,
               refuse_deduplicated: str | None = None) -> Iterator[tuple[str, str, str, list, str]]:
-    """``(stem, kind, where, values, line)`` per row, kind "units" or "labels", ``line`` its text; refuses bad JSON
-    and repeated stems, and with ``refuse_deduplicated`` (why), rows written deduplicated."""
+    """``(key(name), kind, where, values, line)`` per row, kind "units" or "labels", ``line`` its text; refuses bad
+    JSON and a key twice, and with ``refuse_deduplicated`` (why), rows written deduplicated."""
     from spidr.eval.feature_dir import refuse_unfinished_extraction
     from spidr.lm.score import layer_folders_hint
 
@@ -79,7 +81,7 @@ def read_rows(path: str | Path, *,
                   or (f"give its units file, e.g. {inside}" if inside.is_file() else ""))
     refuse_unfinished_extraction(path)
     for stem, where, found, values, line in read_jsonl_rows_with_lines(
-            path, field=("units", "phones"), key=file_stem, refuse_deduplicated=refuse_deduplicated):
+            path, field=("units", "phones"), key=key, refuse_deduplicated=refuse_deduplicated):
         yield stem, "units" if found == "units" else "labels", where, values, line
 
 
@@ -140,14 +142,15 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
     may hold a phone the training file lacks. Units ≥ ``num_units`` (when given) are refused, naming the utterance.
     ``expect_kind`` (the kind an LM was trained on): a file of the other kind is refused. Without ``dedup``, units
     written deduplicated (``spidr units --dedup``) are refused: the LM would see them unlike its other inputs.
-    ``submission_names`` (test items to score): a name whose stem a ZeroSpeech submission line cannot hold (empty,
-    or with whitespace) is refused here, naming the line, before any output is written.
+    ``submission_names`` (test items to score): rows are keyed by file stem, the key of a submission line, and a
+    stem such a line cannot hold (empty, or with whitespace) is refused here, naming the line, before any output is
+    written; otherwise (training data) by their name as written.
 
     Rows are turned into arrays (deduplicated with ``dedup``) as they are read: memory is that of the arrays, 2 bytes
     per kept unit below 32,768 units (``compact``; Python lists of every row took 26 bytes per frame before
     deduplication).
     """
-    rows = read_rows(path, refuse_deduplicated=None if dedup else (
+    rows = read_rows(path, key=file_stem if submission_names else str, refuse_deduplicated=None if dedup else (
         "the LM reads frame-rate units (data.dedup = false): set data.dedup = true, which deduplicates every file "
         "alike, or write the units without --dedup"))
     kind: UnitsKind | None = None

@@ -1,0 +1,35 @@
+"""A walk down a folder tree that follows symbolic links to folders, each real folder once.
+
+Corpora and feature sets are often gathered with links (``train -> /disk2/feats/train``); ``os.walk`` does not enter
+them by default, so whatever sat behind a link was silently left out. Followed naively, a link back to a parent loops
+forever: a real folder (``realpath``) is entered only by the first path that reaches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+
+def printable(name: str) -> str:
+    """``name`` as text that can be printed and written: undecodable bytes of a file name become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def walk_following_links(root: str) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, file names)`` of ``root`` and every folder below it, links to folders followed, in a deterministic
+    order (subfolders sorted); a real folder reached a second time (a loop, or two links to one folder) is not
+    entered again."""
+    entered: dict[str, str] = {}  # real folder → the path it was first entered by
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in entered:
+            subfolders.clear()
+            logger.info("not entering %s again: it is %s, already scanned", printable(folder), entered[real])
+            continue
+        entered[real] = printable(folder)
+        subfolders.sort()
+        yield folder, names
