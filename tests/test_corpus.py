@@ -808,3 +808,16 @@ def test_a_second_synthesis_into_a_folder_waits_and_reuses_the_corpus(tmp_path: 
     paths = [Path(row["path"]) for row in csv.DictReader((second.out_dir / "manifest.csv").read_text().splitlines())]
     assert len(paths) == 12
     assert all(path.is_file() for path in paths)
+
+
+def test_a_marker_left_by_a_kill_after_the_corpus_was_complete_goes_with_the_rerun(tmp_path: Path) -> None:
+    """Killed between writing info.json and removing its in-progress marker, the corpus was complete: the rerun
+    reused it and left the marker, so the folder said "in progress" for good."""
+    need("kal16")
+    first = synthesize_corpus(tmp_path / "c", voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    (tmp_path / "c" / synth.IN_PROGRESS).touch()
+    stamp = (tmp_path / "c" / outputs.INFO_JSON).stat().st_mtime_ns
+    again = synthesize_corpus(tmp_path / "c", voices=["kal16"], num_utterances_per_voice=2, jobs=1)
+    assert again.parameters == first.parameters
+    assert (tmp_path / "c" / outputs.INFO_JSON).stat().st_mtime_ns == stamp  # reused, not made again
+    assert not (tmp_path / "c" / synth.IN_PROGRESS).exists()

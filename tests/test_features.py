@@ -277,22 +277,23 @@ def test_unit_rows_of_a_file_id_held_twice_are_named_by_their_path(model, tmp_pa
 def test_an_utterance_id_held_by_several_files_is_named_by_path_and_refused_as_a_bare_id():
     """One repeated id (spk1/0001, spk2/0001) named every row by its path and turned off lookup by id for the whole
     corpus: items and alignments naming the other, unique ids found nothing. Truth, by hand: the repeated id's files
-    are named by path, the rest by id; a path or a unique id finds its file; the repeated id alone is refused,
-    naming its files."""
+    are named by path (./0002 for a file at the top, whose path is the bare id), the rest by id; a path, or a path
+    ending in a file's path, or a unique id finds its file; the repeated id alone is refused, naming its files."""
     keys = ["spk1/0001", "spk2/0001", "données/é", "0002", "x/0002", "speaker 01/utt-001"]
     features = StemKeyed({key: np.full(2, index) for index, key in enumerate(keys)})
-    assert list(features) == ["spk1/0001", "spk2/0001", "é", "0002", "x/0002", "utt-001"]
+    assert list(features) == ["spk1/0001", "spk2/0001", "é", "./0002", "x/0002", "utt-001"]
     assert len(features) == len(keys)
-    assert features["é"][0] == 2
+    for name in features:  # the names it gives find their files
+        assert features[name][0] == list(features).index(name)
     assert features["corpus/données/é"][0] == 2  # (an item file's path ending in the id)
-    assert features["utt-001"][0] == 5
-    assert features["0002"][0] == 3  # (a top-level file: its path is its id)
-    assert features["x/0002"][0] == 4
-    assert features["spk2/0001"][0] == 1
+    assert features["data/spk2/0001"][0] == 1  # (a path from a folder above: it ends with spk2/0001)
+    assert features["corpus/0002"][0] == 3
     assert "nothing" not in features
-    with pytest.raises(ValueError, match=r"'0001': .* holds 2 utterances with the id '0001' \('spk1/0001', "
-                                         r"'spk2/0001'\); name each by its path"):
+    with pytest.raises(ValueError, match=r"'0001': 2 utterances of .* have the id '0001' \('spk1/0001', "
+                                         r"'spk2/0001'\); name each by one of those paths"):
         _ = "0001" in features
+    with pytest.raises(ValueError, match=r"'0002': .* \('./0002', 'x/0002'\)"):
+        features["0002"]
     with pytest.raises(ValueError, match="'other/0001'"):
         features["other/0001"]
 
@@ -806,3 +807,16 @@ def test_the_next_batches_are_decoded_while_the_model_runs(model, tmp_path, monk
     extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
     assert first_forward_saw_it == [True]
     assert len(list((tmp_path / "out" / "layer_01").glob("*.npy"))) == 3
+
+
+def test_units_named_as_written_are_found_by_the_same_names_and_paths():
+    """A units file holds the names StemKeyed gives (./0002 for a top-level file whose id another file holds): read
+    back, the same names and the features' paths find the same rows."""
+    keys = ["0002", "x/0002", "spk/é"]
+    names = list(StemKeyed(dict.fromkeys(keys)))
+    units = StemKeyed({name: np.full(1, index) for index, name in enumerate(names)})
+    assert list(units) == names == ["./0002", "x/0002", "é"]
+    for index, (key, name) in enumerate(zip(keys, names, strict=True)):
+        assert units[name][0] == units[f"corpus/{key}"][0] == index
+    with pytest.raises(ValueError, match=r"2 utterances of .* have the id '0002'"):
+        units["0002"]

@@ -503,7 +503,7 @@ def test_model_units_are_marked_from_the_first_set_and_stay_marked_after_a_failu
 
     out, marked = tmp_path / "units", []
 
-    def write_set(model, name, found, paths, **kwargs):
+    def write_set(model, name, found, paths, row_names, **kwargs):
         marked.append((name, (out / bench_units.IN_PROGRESS).exists()))
         if name == "lexical/dev":
             raise OSError("disk full")
@@ -537,9 +537,9 @@ def test_each_layer_s_units_record_names_its_own_vocabulary_size(tmp_path, monke
     monkeypatch.setattr(features, "iter_units", units)
     model = SimpleNamespace(cfg=SimpleNamespace(codebook_size=16))
     paths = {2: tmp_path / "layer_02" / "train.jsonl", 3: tmp_path / "layer_03" / "train.jsonl"}
-    found = bench_units.BenchmarkSet(tmp_path, [SimpleNamespace(fileid="a")])
-    bench_units._write_set_units(model, "train", found, paths, centroids={2: torch.zeros(7, 4)}, dtype="float32",
-                                 batch_seconds=1.0, frame_rate=50.0)
+    found = bench_units.BenchmarkSet(tmp_path, [SimpleNamespace(fileid="a", location="a.wav")])
+    bench_units._write_set_units(model, "train", found, paths, {"a.wav": "a"}, centroids={2: torch.zeros(7, 4)},
+                                 dtype="float32", batch_seconds=1.0, frame_rate=50.0)
     records = {layer: json.loads(units_metadata_path(path).read_text()) for layer, path in paths.items()}
     assert {layer: record["num_units"] for layer, record in records.items()} == {2: 7, 3: 16}
     assert {layer: record["layer"] for layer, record in records.items()} == {2: 2, 3: 3}
@@ -619,3 +619,33 @@ def test_the_layer_folder_hint_is_for_lm_units_folders_only(bench, checkpoint, t
     (units / "lexical" / "dev.jsonl").write_text('{"name": "a", "units": [1, 2]}\n')
     assert main(["lm-score", str(checkpoint), str(units), str(tmp_path / "sub")]) == 2  # (a speech model's
     assert "holds the units of" not in capsys.readouterr().err  # checkpoint: refused, but not for the layer folders)
+
+
+def test_training_files_of_one_id_get_rows_of_their_own_and_test_files_of_one_id_are_refused(bench, checkpoint,
+                                                                                              tmp_path, capsys):
+    """TIMIT-style spk1/0001.wav and spk2/0001.wav: rows named by the file id were two rows "0001", which lm-train
+    refused. In the training set they are named by path, as spidr extract names them, and lm-train reads them; in a
+    test set (a submission names each file by its id) they are refused before any unit is written."""
+    import shutil
+
+    from spidr.lm.tokens import read_unit_sequences
+
+    copy = tmp_path / "bench"
+    shutil.copytree(bench, copy)
+    (copy / "train" / "manifest.csv").unlink()  # (scanned)
+    for speaker in ("spk1", "spk2"):
+        (copy / "train" / speaker).mkdir()
+        shutil.copy(copy / "train" / f"train-{speaker[-1]}.wav", copy / "train" / speaker / "0001.wav")
+    out = tmp_path / "units"
+    assert main(["lm-units", str(copy), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    names = sorted(read_unit_sequences(out / "layer_02" / "train.jsonl", dedup=True).sequences)
+    assert names == ["spk1/0001", "spk2/0001", "train-0", "train-1", "train-2", "train-3"]
+    tests = tmp_path / "bench2"
+    shutil.copytree(bench, tests)
+    for speaker in ("spk1", "spk2"):
+        (tests / "tsc" / "dev" / speaker).mkdir()
+        shutil.copy(tests / "tsc" / "dev" / "tsc-dev-0.wav", tests / "tsc" / "dev" / speaker / "0001.wav")
+    assert main(["lm-units", str(tests), str(tmp_path / "units2"), "--checkpoint", str(checkpoint),
+                 "--layers", "2"]) == 2
+    assert "2 files share utterance ids" in capsys.readouterr().err
+    assert not (tmp_path / "units2" / "layer_02").exists()

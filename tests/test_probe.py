@@ -284,8 +284,25 @@ def test_files_that_share_an_id_are_labelled_by_their_own_alignments_found_by_pa
     keys = alignment_keys(entries)
     assert keys == {"/corpus/spk1/0001.wav": "spk1/0001", "/corpus/spk2/0001.wav": "spk2/0001",
                     "/corpus/spk2/other.wav": "other"}
-    alignments = Alignments.from_labels([("spk1/0001", ["A"] * 4), ("spk2/0001", ["B"] * 6), ("other", ["C"] * 2),
-                                         ("0001", ["C"] * 5)])
+    # (named by a path from a folder above, as an item file may: it ends with spk2/0001)
+    alignments = Alignments.from_labels([("spk1/0001", ["A"] * 4), ("corpus/spk2/0001", ["B"] * 6),
+                                         ("other", ["C"] * 2)])
     frames = collect_training_frames(Lengths(), entries[1:], alignments, alignment_rate=50.0, keys=keys)
     assert [alignments.phones[c] for c in frames.labels] == ["B"] * 6 + ["C"] * 2
     assert frames.lengths.tolist() == [6, 2]
+    bare = Alignments.from_labels([("0001", ["C"] * 5)])  # which of the two files: it cannot be told
+    with pytest.raises(ValueError, match=r"'0001': 2 utterances of the manifest have the id '0001'"):
+        collect_training_frames(Lengths(), entries, bare, alignment_rate=50.0, keys=keys)
+    # Held-out files in another manifest: the id is repeated across the two, and named by path in both.
+    assert alignment_keys(entries[:1], entries[1:]) == keys
+
+
+def test_train_and_test_ids_are_named_together_only_where_one_alignment_file_labels_both():
+    """The demo's train and test corpora both hold awb-00000, each with its own alignments: named apart, each finds
+    its own file's alignment; with one alignment file for both, the shared id is named by path."""
+    from spidr.eval.probe import probe_names
+
+    train, test = [ManifestEntry("x", "/d/train/x.wav", 320)], [ManifestEntry("x", "/d/test/x.wav", 320)]
+    assert probe_names(train, test, one_alignment_file=False) == {"/d/train/x.wav": "x", "/d/test/x.wav": "x"}
+    assert probe_names(train, test, one_alignment_file=True) == {"/d/train/x.wav": "train/x",
+                                                                 "/d/test/x.wav": "test/x"}

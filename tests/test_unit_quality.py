@@ -189,3 +189,16 @@ def test_a_missing_units_file_or_a_folder_is_named_first(tmp_path, capsys):
     (tmp_path / "layer_02").mkdir()
     assert cli.main(["units-quality", str(tmp_path / "layer_02"), str(tmp_path / "ali.jsonl")]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_alignments_find_units_by_path_or_unique_id_and_a_shared_bare_id_is_refused() -> None:
+    """Alignments matched units by exact name only: named by path (as item files may be), every utterance named by
+    its id in the units was left out, and PNMI covered a subset. Truth: the metrics equal those of the same
+    alignments named exactly as the units; a bare id that two units hold is refused."""
+    units = {"é": [0, 1], "spk1/0001": [1, 1], "spk2/0001": [0, 0]}
+    exact = {"é": ["A", "A", "B", "B"], "spk1/0001": ["B", "B", "B", "B"], "spk2/0001": ["A", "A", "A", "A"]}
+    by_path = {"données/é": exact["é"], "corpus/spk1/0001": exact["spk1/0001"], "spk2/0001": exact["spk2/0001"]}
+    assert unit_quality(units, by_path, num_units=2) == unit_quality(units, exact, num_units=2)
+    assert unit_quality(units, exact, num_units=2)["pnmi"] == pytest.approx(1.0, abs=1e-8)
+    with pytest.raises(ValueError, match=r"'0001': 2 utterances of the units have the id '0001'"):
+        unit_quality(units, {"0001": ["A"] * 4, **exact}, num_units=2)

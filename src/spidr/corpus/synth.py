@@ -290,8 +290,11 @@ def synthesize_corpus(
     # then reuses the corpus (two at once deleted each other's files).
     with folder_lock(out_dir, f"the corpus synthesis into {out_dir}", wait=True):
         cached = _reuse(out_dir, parameters, overwrite=overwrite)
-        if cached is not None:
-            return cached  # made before: the engines need not even be installed
+        if cached is not None:  # made before: the engines need not even be installed
+            # Complete (info.json and every file): a marker left by a kill between writing info.json and removing it
+            # would say "in progress" for good.
+            (out_dir / IN_PROGRESS).unlink(missing_ok=True)
+            return cached
         require_available(selected)  # (a corpus of other parameters was there)
         _clear(out_dir)
         return _synthesize(out_dir, parameters, selected, jobs)

@@ -32,8 +32,8 @@ def _manifest(args: argparse.Namespace) -> int:
         for location, reason in result.failures:
             print(f"  {location}: {reason}")
     if result.shared_fileids:
-        print(f"{len(result.shared_fileids)} file id(s) held by several files, all kept (alignment and item files, "
-              "which name utterances by file id, cannot tell them apart):")
+        print(f"{len(result.shared_fileids)} file id(s) held by several files, all kept (item and alignment files "
+              "must name them by path, e.g. spk1/<id>: the id alone is refused):")
         for fileid, locations in itertools.islice(result.shared_fileids.items(), SHOWN_SHARED_IDS):
             print(f"  {fileid}: {', '.join(locations)}")
         if len(result.shared_fileids) > SHOWN_SHARED_IDS:

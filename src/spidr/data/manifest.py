@@ -617,8 +617,9 @@ def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress
         fileid, locations = next(iter(result.shared_fileids.items()))
         logger.warning("%d file ids are each held by several files (e.g. %r: %s); all are kept, and spidr extract "
                        "names its outputs by folder and file id (two in one folder, such as one name with two "
-                       "extensions, collide there too), but alignment and item files name utterances by file id "
-                       "alone", len(result.shared_fileids), fileid, ", ".join(locations[:3]))
+                       "extensions, collide there too); item and alignment files must name these utterances by "
+                       "path (%s/%s), the id alone being refused", len(result.shared_fileids), fileid,
+                       ", ".join(locations[:3]), os.path.basename(os.path.dirname(locations[0])), fileid)
     return result
 
 

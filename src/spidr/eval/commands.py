@@ -61,7 +61,7 @@ def _abx(args: argparse.Namespace) -> int:
 
     source = Path(args.features)
     if _is_units_file(source):
-        features = StemKeyed(read_units(source))
+        features = StemKeyed(read_units(source), source=source)
         distance = args.distance or "identical"
         if distance != "identical":
             raise ValueError(f"{source} holds discrete units: use --distance identical, not {distance!r}")

@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,22 +114,27 @@ def utterance_stem(key: str) -> str:
 
 def utterance_name(key: str, shared_stems: Container[str]) -> str:
     """The name under which ``key``'s units are written and looked up: its utterance id (``utterance_stem``), or
-    ``key`` itself, its path, where other files of the folder share that id (``spk1/sa1``, ``spk2/sa1``: TIMIT).
-    ``shared_stems``: the ids that several keys hold."""
+    its path where other files of the folder share that id (``spk1/sa1``, ``spk2/sa1``: TIMIT); a file at the top
+    of the folder is then ``./sa1``, so that the bare id names no file. ``shared_stems``: the ids that several keys
+    hold."""
     stem = utterance_stem(key)
-    return key if stem in shared_stems else stem
+    if stem not in shared_stems:
+        return stem
+    return key if "/" in key else f"./{key}"
 
 
 class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
     """Features (a ``FeatureDirectory``, or units by utterance) found by utterance id as well as by path: item files
     and alignments name LibriSpeech's ``84-121123-0000``, whose features sit at ``84/121123/84-121123-0000.npy``,
-    while other item files give that path. A key is looked up as given, then by its last path component where one
-    file holds that id. An id that several files hold (``sa1`` of ``spk1/sa1`` and ``spk2/sa1``) is refused, naming
-    them: which one is meant cannot be told. Iterated, it gives ``utterance_name`` of each key (the id, or the path of
-    a file whose id others share): the names units files are written with."""
+    while other item files give a path. A name is looked up as given, then by its last path component where one
+    file holds that id. Where several files hold an id (``sa1`` of ``spk1/sa1`` and ``spk2/sa1``), a path finds the
+    one whose path it ends with (``corpus/spk1/sa1`` finds ``spk1/sa1``), and the bare id is refused, naming them:
+    which one is meant cannot be told. Iterated, it gives ``utterance_name`` of each key: the names units files are
+    written with. ``source`` names the features or units for messages."""
 
-    def __init__(self, directory: Mapping[str, Any]) -> None:
+    def __init__(self, directory: Mapping[str, Any], *, source: str | Path | None = None) -> None:
         self.directory = directory
+        self.source = source if source is not None else getattr(directory, "root", "the features")
         self.keys_by_stem: dict[str, str] = {}
         self.shared: dict[str, list[str]] = {}  # id → the keys that hold it, where several do
         for key in directory:
@@ -141,17 +146,28 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
             else:
                 self.keys_by_stem[stem] = key
 
+    def resolve(self, name: str) -> str | None:
+        """The key ``name`` finds (None: none), or ``ValueError`` where it names several files."""
+        stem = utterance_stem(name)
+        if stem not in self.shared:
+            return name if name in self.directory else self.keys_by_stem.get(stem)
+        path = name.removeprefix("./")
+        candidates = self.shared[stem]
+        if "/" in name:  # a path: the file it names, else the one whose path is the longest it ends with
+            # (keys of a units file name a file at the top "./sa1", a folder's keys "sa1")
+            exact = [key for key in candidates if key.removeprefix("./") == path]
+            ending = [key for key in candidates if path.endswith(f"/{key.removeprefix('./')}")]
+            if exact or ending:
+                return (exact or sorted(ending, key=len))[-1]
+        held_by = ", ".join(repr(utterance_name(key, self.shared)) for key in candidates[:3])
+        raise ValueError(f"{name!r}: {len(candidates)} utterances of {self.source} have the id {stem!r} "
+                         f"({held_by}{' ...' if len(candidates) > 3 else ''}); name each by one of those paths")
+
     def _key(self, key: object) -> object:
-        if key in self.directory or not isinstance(key, str):
+        if not isinstance(key, str):
             return key
-        stem = utterance_stem(key)
-        if stem in self.shared:
-            where = getattr(self.directory, "root", "the features")
-            held_by = ", ".join(repr(k) for k in self.shared[stem][:3]) + (" ..." if len(self.shared[stem]) > 3
-                                                                          else "")
-            raise ValueError(f"{key!r}: {where} holds {len(self.shared[stem])} utterances with the id {stem!r} "
-                             f"({held_by}); name each by its path below the features' folder")
-        return self.keys_by_stem.get(stem, key)
+        found = self.resolve(key)
+        return key if found is None else found
 
     def __getitem__(self, key: str) -> np.ndarray | torch.Tensor:
         return self.directory[self._key(key)]
@@ -164,6 +180,22 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.directory)
+
+
+def names_matched(names: Mapping[str, Any], given: Iterable[str], *, source: str | Path) -> dict[str, str]:
+    """``{key of names: the given name that finds it}``, each given name (an alignment's utterance, say) found as
+    ``StemKeyed`` finds item files' names: by path or by unique utterance id; a bare id that several keys hold is
+    refused, and so are two given names for one key. Given names that find nothing are left out."""
+    finder = StemKeyed(names, source=source)
+    matched: dict[str, str] = {}
+    for name in given:
+        key = finder.resolve(name)
+        if key is None:
+            continue
+        if key in matched:
+            raise ValueError(f"{matched[key]!r} and {name!r} both name the utterance {key!r} of {source}")
+        matched[key] = name
+    return matched
 
 
 def one_layer_directory(root: str | Path) -> FeatureDirectory:

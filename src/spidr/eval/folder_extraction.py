@@ -330,8 +330,8 @@ def extract_part(
                 **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
                 # Where utterance ids repeat, every row was named by its path (and ids holding a folder gave two rows
                 # one name): now only the rows whose id repeats are.
-                **({"repeated_ids": "named by path"} if outputs.shared_ids and (settings.codebooks or plan.kmeans)
-                   else {}),
+                **({"unit row names where utterance ids repeat": "the repeated ones' paths"}
+                   if outputs.shared_ids and (settings.codebooks or plan.kmeans) else {}),
                 # Features of such a model changed when it stopped running padded (see extract_batch).
                 **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
                 # Long archive members ran in one forward before they ran in windows like other long files.

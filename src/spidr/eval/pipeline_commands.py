@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="per-layer features (and codebook units) of every utterance",
         description="Write one (T, D) float32 .npy per utterance and layer under OUT/layer_LL/, mirroring the audio "
         "tree, plus OUT/metadata.json; with --codebooks also OUT/codebook_units/layer_LL.jsonl, with --kmeans "
-        "OUT/kmeans_units/layer_LL.jsonl (rows named by the manifest's file id, like the feature files), appended as "
+        "OUT/kmeans_units/layer_LL.jsonl (rows named by utterance id, the feature file's name; by its path below "
+        "the layer folder where several files hold the id), appended as "
         "batches finish. Resumable: rerunning the same command after a kill continues where it stopped and never "
         "rewrites a finished file (progress in OUT/.extract/); feature files are written atomically.",
         formatter_class=FORMATTER,
@@ -307,7 +308,8 @@ def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestE
 
     # The features' names (their files below each layer folder), looked up as evaluate will look them up
     stems = output_stems(entries)
-    features = StemKeyed(dict.fromkeys(stems[index] for index in range(len(stems))))
+    features = StemKeyed(dict.fromkeys(stems[index] for index in range(len(stems))),
+                         source=f"--manifest {args.manifest}")
     # (every name looked up: one that several files hold is refused now, naming them, rather than after extracting)
     if items.files and not sum(name in features for name in sorted(set(items.files))):
         raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file of --manifest "
@@ -328,6 +330,7 @@ def run_probe(args: argparse.Namespace) -> int:
         ModelFeaturizer,
         ProbeSettings,
         alignment_keys,
+        probe_names,
         run_probes,
         split_entries,
         write_probe_report,
@@ -340,11 +343,11 @@ def run_probe(args: argparse.Namespace) -> int:
                          f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")
     model = _model(args)
     train_entries = _entries(args.manifest, args.ext)
-    keys = alignment_keys(train_entries)  # (before a split: each part would find other paths below its own folder)
     if args.test_manifest:
         test_entries = _entries(args.test_manifest, args.ext)
-        keys = {**alignment_keys(test_entries), **keys}
+        keys = probe_names(train_entries, test_entries, one_alignment_file=not args.test_alignments)
     else:
+        keys = alignment_keys(train_entries)  # (before the split: each part would name other paths below its folder)
         train_entries, test_entries = split_entries(train_entries, args.test_fraction, seed=args.seed)
     alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate)
     test_alignments = (read_alignments(args.test_alignments, alignment_rate_hz=args.alignment_rate)

@@ -159,32 +159,58 @@ def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, align
 # --------------------------------------------------------------------------------------------------------------
 
 
-def alignment_keys(entries: Sequence[ManifestEntry]) -> dict[str, str]:
-    """``{entry.location: the utterance name its alignment is found by}``: its file id, or, where several entries
-    hold that id (``spk1/sa1.wav``, ``spk2/sa1.wav``), its path below their common folder, as ``spidr extract`` names
-    their unit rows. By id alone, one alignment was applied to every file that holds the id."""
+def alignment_keys(*manifests: Sequence[ManifestEntry]) -> dict[str, str]:
+    """``{entry.location: its utterance name}`` over the entries of ``manifests`` (the training and the held-out
+    ones): the name ``spidr extract`` gives its unit rows (``utterance_name`` of its output path), an id that several
+    of all these entries hold (``spk1/sa1.wav``, ``spk2/sa1.wav``) giving way to the path. By file id alone, one
+    alignment labelled every file that holds the id."""
     from spidr.data.manifest import PackedStrings, repeated_strings
+    from spidr.eval.feature_dir import utterance_name, utterance_stem
     from spidr.eval.folder_extraction import output_stems
 
-    shared = repeated_strings(PackedStrings.from_strings(entry.fileid for entry in entries))
-    if not shared:
-        return {entry.location: entry.fileid for entry in entries}
-    return {entry.location: stem if entry.fileid in shared else entry.fileid
-            for entry, stem in zip(entries, output_stems(entries), strict=True)}
+    # One folder above them all (one name per file); a file in both lists is one file.
+    entries = list({entry.location: entry for each in manifests for entry in each}.values())
+    stems = output_stems(entries)
+    shared = repeated_strings(PackedStrings.from_strings(utterance_stem(stem) for stem in stems))
+    return {entry.location: utterance_name(stem, shared) for entry, stem in zip(entries, stems, strict=True)}
+
+
+def probe_names(train_entries: Sequence[ManifestEntry], test_entries: Sequence[ManifestEntry], *,
+                one_alignment_file: bool) -> dict[str, str]:
+    """``alignment_keys`` of the training and held-out utterances: named together where one alignment file labels
+    both (an id held by a file of each is named by path), apart where each has its own (two corpora may reuse
+    utterance ids: the demo's train and test sets both hold ``awb-00000``)."""
+    if one_alignment_file:
+        return alignment_keys(train_entries, test_entries)
+    return {**alignment_keys(test_entries), **alignment_keys(train_entries)}
+
+
+def aligned_by_name(alignments: Alignments, keys: Mapping[str, str]) -> Alignments:
+    """``alignments`` under the utterance names of ``keys`` (``alignment_keys``), found as item files' names are: by
+    path or by unique utterance id (a bare id that several files hold is refused, naming them)."""
+    from spidr.eval.feature_dir import names_matched
+
+    matched = names_matched(dict.fromkeys(keys.values()), alignments, source="the manifest")
+    return Alignments(alignments.phones, {name: alignments.codes[given] for name, given in matched.items()})
 
 
 def _labelled(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments, alignment_rate: float,
               keys: Mapping[str, str]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """``(representations, label codes (T',) int64)`` of every readable entry that has an alignment (found by
-    ``keys``: ``alignment_keys`` of the manifest the entries come from)."""
+    """``(representations, label codes (T',) int64)`` of every readable entry that has an alignment (``alignments``
+    named as ``keys`` names the entries: ``aligned_by_name``); those without one are named in a warning."""
+    unaligned = []
     for entry, representations in featurizer(entries):
         name = keys[entry.location]
         if name not in alignments:
+            unaligned.append(name)
             continue
         first = representations[featurizer.representations[0]]
         yield representations, frame_labels(alignments.codes[name], first.shape[0],
                                             frame_rate=featurizer.frame_rate, alignment_rate=alignment_rate,
                                             name=name).astype(np.int64)
+    if unaligned:
+        logger.warning("%d of %d utterances have no alignment and are left out (e.g. %s)", len(unaligned),
+                       len(entries), ", ".join(map(repr, unaligned[:3])))
 
 
 @dataclass
@@ -205,10 +231,11 @@ def draw_utterances(entries: Sequence[ManifestEntry], alignments: Alignments, *,
     """Aligned entries (found by ``keys``, default ``alignment_keys(entries)``) in a seeded random order, as many as
     fit in ``max_frames`` feature frames (at least one)."""
     keys = alignment_keys(entries) if keys is None else keys
+    alignments = aligned_by_name(alignments, keys)
     aligned = [entry for entry in entries if keys[entry.location] in alignments]
     if not aligned:
         raise ValueError("no training utterance has an alignment (the alignment file names utterances by file id, "
-                         "or by path below the corpus folder where several files hold one id)")
+                         "or by path where several files hold one id)")
     order = np.random.default_rng(seed).permutation(len(aligned))
     chosen, total = [], 0
     for index in order.tolist():
@@ -237,7 +264,8 @@ def collect_training_frames(featurizer, entries: Sequence[ManifestEntry], alignm
     chunks: dict[str, list[np.ndarray]] = {key: [] for key in featurizer.representations}
     labels = []
     keys = alignment_keys(entries) if keys is None else keys
-    for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate, keys):
+    for representations, codes in _labelled(featurizer, entries, aligned_by_name(alignments, keys), alignment_rate,
+                                            keys):
         for key, values in representations.items():
             chunks[key].append(stored(values[: len(codes)]))
         labels.append(codes)
@@ -409,7 +437,8 @@ def score_probes(featurizer, probes: dict[str, tuple[PhoneProbe, PhoneProbe]], e
     errors = dict.fromkeys(probes, 0)
     frames = reference_length = utterances = 0
     keys = alignment_keys(entries) if keys is None else keys
-    for representations, codes in _labelled(featurizer, entries, alignments, alignment_rate, keys):
+    for representations, codes in _labelled(featurizer, entries, aligned_by_name(alignments, keys), alignment_rate,
+                                            keys):
         reference = phone_sequence(codes, silence)
         for key, (classifier, ctc_head) in probes.items():
             values = stored(representations[key][: len(codes)])
@@ -420,7 +449,7 @@ def score_probes(featurizer, probes: dict[str, tuple[PhoneProbe, PhoneProbe]], e
         utterances += 1
     if not frames:
         raise ValueError("no held-out utterance has an alignment (the alignment file names utterances by file id, "
-                         "or by path below the corpus folder where several files hold one id)")
+                         "or by path where several files hold one id)")
     return {key: (100.0 * correct[key] / frames, 100.0 * errors[key] / max(reference_length, 1), frames, utterances)
             for key in probes}
 
@@ -440,13 +469,13 @@ def run_probe(
     """Train the probes of each representation of ``featurizer`` on ``train_entries`` labelled by ``alignments``
     and score them on ``test_entries`` labelled by ``test_alignments`` (default: the same file). ``keys``: the
     name each entry's alignment is found by (``alignment_keys`` of the manifest, computed before a split: a file
-    whose id another holds is found by its path below the corpus folder); default: of each list of entries."""
+    whose id another holds is named by its path, as spidr extract names it); default: ``probe_names``."""
     if test_alignments is not None:
         alignments, test_alignments = common_inventory(alignments, test_alignments)
     else:
         test_alignments = alignments
     if keys is None:
-        keys = {**alignment_keys(test_entries), **alignment_keys(train_entries)}
+        keys = probe_names(train_entries, test_entries, one_alignment_file=test_alignments is None)
     chosen = draw_utterances(train_entries, alignments, frame_rate=featurizer.frame_rate,
                              max_frames=settings.max_train_frames, seed=settings.seed, keys=keys)
     frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate, keys=keys)

@@ -154,7 +154,7 @@ def evaluate_model(
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
             units = read_units(units_path)  # named by utterance id, or by path where several files hold it
             # Found as the features are: by item #file path or utterance id.
-            unit_features = StemKeyed({name: seq.astype(np.int64) for name, seq in units.items()})
+            unit_features = StemKeyed({name: seq.astype(np.int64) for name, seq in units.items()}, source=units_path)
             row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical",
                                                frequency=rate)
             row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical",
@@ -180,7 +180,7 @@ def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSet
             features[key] = mfcc(load_audio(entry, normalize=True).numpy())
         except AudioError as error:
             logger.warning("MFCC baseline: skipping %s: %s", entry.location, error.reason)
-    features = StemKeyed(features)  # item #file paths or utterance ids find them
+    features = StemKeyed(features, source="the corpus")  # item #file paths or utterance ids find them
     layer_items = _items_for(items, features)
     _warn_if_one_speaker(items)
     return LayerRow(

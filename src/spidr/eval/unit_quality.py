@@ -33,6 +33,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -283,6 +284,7 @@ def unit_quality(
         )
     if num_units < 1:
         raise ValueError(f"num_units = {num_units} is invalid: expected ≥ 1")
+    phones = _named_as(units, phones)
     used = [name for name in units if name in phones]
     missing = len(units) - len(used)
     if not used:
@@ -290,9 +292,9 @@ def unit_quality(
     if missing:
         logger.warning("%d of %d utterances have no alignment and are left out (e.g. %s)", missing, len(units),
                        _examples(name for name in units if name not in phones))
-    if len(used) < len(phones):  # e.g. files the extractor skipped: the metrics cover fewer utterances
+    if len(used) < phones.given:  # e.g. files the extractor skipped: the metrics cover fewer utterances
         logger.warning("%d of the %d aligned utterances have no units and are left out (e.g. %s)",
-                       len(phones) - len(used), len(phones), _examples(name for name in phones if name not in units))
+                       phones.given - len(used), phones.given, _examples(phones.unmatched))
     if inventory is None:
         inventory = phones.phones if isinstance(phones, Alignments) else sorted(
             {phone for labels in phones.values() for phone in labels})
@@ -310,6 +312,28 @@ def unit_quality(
     num_frames = sum(len(units[name]) for name in used)
     metrics["bitrate"] = math.log2(num_units) * num_kept / (num_frames / unit_rate_hz)
     return metrics
+
+
+class _Renamed(Alignments):
+    """Alignments under the names of the units they belong to, with how many utterances were given and the names
+    that found no units."""
+
+    def __init__(self, phones: Sequence[str], codes: dict[str, np.ndarray], *, given: int, unmatched: list[str]):
+        super().__init__(phones, codes)
+        self.given, self.unmatched = given, unmatched
+
+
+def _named_as(units: Mapping[str, Any], phones: Mapping[str, Sequence[str]]) -> _Renamed:
+    """``phones`` keyed by the units' names: an alignment names an utterance by path or by utterance id, as item
+    files do (``StemKeyed``: ``corpus/données/é`` finds the units of ``é``; a bare id that several units hold is
+    refused, naming them)."""
+    from spidr.eval.feature_dir import names_matched
+
+    aligned = phones if isinstance(phones, Alignments) else Alignments.from_labels(phones.items())
+    matched = names_matched(units, aligned, source="the units")
+    found = set(matched.values())
+    return _Renamed(aligned.phones, {key: aligned.codes[name] for key, name in matched.items()}, given=len(aligned),
+                    unmatched=[name for name in aligned if name not in found])
 
 
 def _examples(names: Iterable[str], count: int = 3) -> str:

@@ -258,14 +258,16 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
     out_dir = Path(out_dir)
     done = sorted(begin_units_folder(out_dir, identity) or ()) if identity is not None else []
     written = {}
+    sets = sets or read_benchmark(bench_dir)
+    row_names = {name: _row_names(name, found) for name, found in sets.items()}  # (test sets checked before any work)
     with marked_in_progress(out_dir, IN_PROGRESS):
-        for name, found in (sets or read_benchmark(bench_dir)).items():
+        for name, found in sets.items():
             paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
             written |= {f"layer_{layer:02d}/{name}": path for layer, path in paths.items()}
             if name in done and all(path.is_file() for path in paths.values()):
                 logger.info("units of %s for layers %s were written by an earlier run: kept", name, list(layers))
                 continue
-            _write_set_units(model, name, found, paths, centroids=centroids, dtype=dtype,
+            _write_set_units(model, name, found, paths, row_names[name], centroids=centroids, dtype=dtype,
                              batch_seconds=batch_seconds, frame_rate=rate)
             logger.info("wrote units of %s for layers %s", name, list(layers))
             if identity is not None:
@@ -274,11 +276,30 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
     return written
 
 
-def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, paths: Mapping[int, Path], *,
-                     centroids: Mapping[int, torch.Tensor] | None, dtype: str, batch_seconds: float,
-                     frame_rate: float) -> None:
-    """The units of set ``name`` in ``paths`` (layer → units file), each with the record that spidr units writes
-    beside its units (abx and units-quality read the frame rate from it)."""
+def _row_names(name: str, found: BenchmarkSet) -> dict[str, str]:
+    """``{location: the name of its units row}`` of set ``name``: the utterance id, or, in the training set, the
+    path where several files hold one id (as ``spidr extract`` names them; by id, lm-train refused the two rows). A
+    submission names each test file by its id, so two of one id in a test set are refused, naming them."""
+    from spidr.eval.feature_dir import utterance_name, utterance_stem
+    from spidr.eval.folder_extraction import output_stems, shared_utterance_ids
+
+    stems = output_stems(found.entries)
+    shared = shared_utterance_ids(stems)
+    if shared and name != "train":
+        held = [entry.location for entry, stem in zip(found.entries, stems, strict=True)
+                if utterance_stem(stem) in shared]
+        raise ValueError(f"{found.folder}: {len(held)} files share utterance ids ({', '.join(held[:4])}"
+                         f"{' ...' if len(held) > 4 else ''}); a ZeroSpeech submission names each test file by its "
+                         "id: rename them")
+    return {entry.location: utterance_name(stem, shared) for entry, stem in zip(found.entries, stems, strict=True)}
+
+
+def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, paths: Mapping[int, Path],
+                     row_names: Mapping[str, str], *, centroids: Mapping[int, torch.Tensor] | None, dtype: str,
+                     batch_seconds: float, frame_rate: float) -> None:
+    """The units of set ``name`` in ``paths`` (layer → units file), rows named by ``row_names`` (``_row_names``),
+    each file with the record that spidr units writes beside its units (abx and units-quality read the frame rate
+    from it)."""
     from spidr.eval.feature_dir import units_metadata_path
     from spidr.eval.features import iter_units
 
@@ -292,7 +313,8 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
         for entry, units in iter_units(model, found.entries, layers=list(paths), centroids=centroids, dtype=dtype,
                                        batch_seconds=batch_seconds, skipped=skipped):
             for layer, values in units.items():
-                handles[layer].write(json.dumps({"name": entry.fileid, "units": values.tolist()}) + "\n")
+                handles[layer].write(json.dumps({"name": row_names[entry.location], "units": values.tolist()})
+                                     + "\n")
         _check_skipped(name, found, skipped)
     for layer, path in paths.items():
         record = {"frame_rate_hz": frame_rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
