@@ -820,3 +820,25 @@ def test_units_named_as_written_are_found_by_the_same_names_and_paths():
         assert units[name][0] == units[f"corpus/{key}"][0] == index
     with pytest.raises(ValueError, match=r"2 utterances of .* have the id '0002'"):
         units["0002"]
+
+
+def test_a_path_finds_only_a_file_whose_path_agrees_with_it():
+    """With spk2/0001 skipped, the path spk2/0001 found spk1/0001 through its (now unique) id, and PNMI scored one
+    file's labels against the other's units. Truth, by hand: paths find files whose path ends with them or that
+    they end with; a bare id, or a row named by its id alone, goes by the id; a shorter path that ends one file's
+    path of a shared id finds it (dr1/fcjf0/sa1 for fcjf0/sa1)."""
+    from spidr.eval.feature_dir import names_matched
+
+    features = StemKeyed({"spk1/0001": 1, "données/é": 2})
+    assert "spk2/0001" not in features
+    assert features["corpus/spk1/0001"] == features["0001"] == features["spk1/0001"] == 1
+    assert features["é"] == features["x/données/é"] == 2
+    assert "autre/é" not in features
+    assert StemKeyed({"é": 3})["autre/é"] == 3  # (a units row named by id: its folder is not known)
+    assert names_matched({"spk1/0001": 1}, ["spk2/0001", "spk1/0001", "0001"], source="u") == {
+        "spk1/0001": "spk1/0001"}
+    with pytest.raises(ValueError, match="'0001' and 'corpus/spk1/0001' both name the utterance 'spk1/0001'"):
+        names_matched({"spk1/0001": 1}, ["0001", "corpus/spk1/0001"], source="u")
+    timit = StemKeyed({"dr1/fcjf0/sa1": 1, "dr1/mdab0/sa1": 2})
+    assert timit["fcjf0/sa1"] == 1
+    assert timit["timit/train/dr1/mdab0/sa1"] == 2

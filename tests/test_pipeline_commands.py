@@ -65,16 +65,18 @@ def test_evaluate_refuses_frame_labels_of_another_rate_before_extracting(corpus,
     """synth-corpus's frame_labels_20ms.jsonl with the default --alignment-rate 100 failed only after the extraction
     and the ABX of every layer before the first head, with "(check the rates)"; it is refused first, naming the
     option and the rate the labels have."""
-    labels = [json.dumps({"name": f"{speaker}_{k}", "phones": [p for p in PHONES for _ in range(12)] + ["b", "b"]})
-              for speaker in ("s1", "s2") for k in range(2)]  # 50 frames per second of audio
-    (tmp_path / "frames20ms.jsonl").write_text("\n".join(labels) + "\n")
-    out = tmp_path / "report"
-    code = main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
-                 str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--alignments",
-                 str(tmp_path / "frames20ms.jsonl"), "--layers", "2-3", "--out", str(out)])
-    assert code == 2
-    assert "holds 0.50× the frames that --alignment-rate 100 Hz gives the audio" in capsys.readouterr().err
-    assert not (out / "features").exists()
+    for prefix in ("", "corpus/"):  # (named by id, or by a path ending in it: the PNMI finds both)
+        labels = [json.dumps({"name": f"{prefix}{speaker}_{k}",
+                              "phones": [p for p in PHONES for _ in range(12)] + ["b", "b"]})
+                  for speaker in ("s1", "s2") for k in range(2)]  # 50 frames per second of audio
+        (tmp_path / "frames20ms.jsonl").write_text("\n".join(labels) + "\n")
+        out = tmp_path / "report"
+        code = main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                     str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--alignments",
+                     str(tmp_path / "frames20ms.jsonl"), "--layers", "2-3", "--out", str(out)])
+        assert code == 2
+        assert "holds 0.50× the frames that --alignment-rate 100 Hz gives the audio" in capsys.readouterr().err
+        assert not (out / "features").exists()
 
 
 def test_evaluate_records_what_its_scores_were_measured_with_and_compare_reports_checks_it(corpus, tmp_path,

@@ -306,3 +306,27 @@ def test_train_and_test_ids_are_named_together_only_where_one_alignment_file_lab
     assert probe_names(train, test, one_alignment_file=False) == {"/d/train/x.wav": "x", "/d/test/x.wav": "x"}
     assert probe_names(train, test, one_alignment_file=True) == {"/d/train/x.wav": "train/x",
                                                                  "/d/test/x.wav": "test/x"}
+
+
+def test_separate_test_alignments_name_the_test_files_by_their_own_ids():
+    """The training corpus repeats an id (a/x, b/x) that the test corpus holds once, with its own alignment file
+    naming it "x": read against both corpora's names, "x" was refused (after the probes were trained)."""
+    pytest.importorskip("editdistance")
+
+    class Frames:
+        representations = ("r",)
+        frame_rate = 50.0
+
+        def __call__(self, entries):
+            for entry in entries:
+                yield entry, {"r": np.random.default_rng(len(entry.path)).normal(size=(4, 2)).astype(np.float32)}
+
+    train = [ManifestEntry("x", "/d/train/a/x.wav", 1280), ManifestEntry("x", "/d/train/b/x.wav", 1280),
+             ManifestEntry("y", "/d/train/y.wav", 1280)]
+    test = [ManifestEntry("x", "/d/test/x.wav", 1280)]
+    labels = ["A", "A", "B", "B"]
+    alignments = Alignments.from_labels([("a/x", labels), ("b/x", labels), ("y", labels)])
+    rows = run_probe(Frames(), "m", train, test, alignments, alignment_rate=50.0,
+                     test_alignments=Alignments.from_labels([("x", labels)]),
+                     settings=ProbeSettings(epochs=1, ctc_epochs=1))
+    assert [(row.num_train_frames, row.num_test_utterances) for row in rows] == [(12, 1)]

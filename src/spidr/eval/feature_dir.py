@@ -147,18 +147,24 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
                 self.keys_by_stem[stem] = key
 
     def resolve(self, name: str) -> str | None:
-        """The key ``name`` finds (None: none), or ``ValueError`` where it names several files."""
+        """The key ``name`` finds (None: none), or ``ValueError`` where it names several files. A path finds a key
+        that is a path only where one ends with the other (``spk2/sa1`` never finds ``spk1/sa1``, whose twin may
+        have been skipped); a bare id, or a key named by its id alone (a units file's row), goes by the id."""
         stem = utterance_stem(name)
-        if stem not in self.shared:
-            return name if name in self.directory else self.keys_by_stem.get(stem)
+        if name in self.directory and not (stem in self.shared and "/" not in name):  # (a bare id: see below)
+            return name
         path = name.removeprefix("./")
+        if stem not in self.shared:
+            key = self.keys_by_stem.get(stem)
+            return key if key is None or _paths_agree(path, key) else None
         candidates = self.shared[stem]
-        if "/" in name:  # a path: the file it names, else the one whose path is the longest it ends with
-            # (keys of a units file name a file at the top "./sa1", a folder's keys "sa1")
+        if "/" in name:  # a path: the file it names, else the one whose path is the longest it ends with, else the
+            # one file whose path ends with it (dr1/fcjf0/sa1 for fcjf0/sa1); a units file names a top file ./sa1
             exact = [key for key in candidates if key.removeprefix("./") == path]
             ending = [key for key in candidates if path.endswith(f"/{key.removeprefix('./')}")]
-            if exact or ending:
-                return (exact or sorted(ending, key=len))[-1]
+            within = [key for key in candidates if key.endswith(f"/{path}")]
+            if exact or ending or len(within) == 1:
+                return (exact or sorted(ending, key=len) or within)[-1]
         held_by = ", ".join(repr(utterance_name(key, self.shared)) for key in candidates[:3])
         raise ValueError(f"{name!r}: {len(candidates)} utterances of {self.source} have the id {stem!r} "
                          f"({held_by}{' ...' if len(candidates) > 3 else ''}); name each by one of those paths")
@@ -182,15 +188,21 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
         return len(self.directory)
 
 
+def _paths_agree(path: str, key: str) -> bool:
+    """Whether ``path`` may name the file at ``key`` (same id): one of them is bare, or one ends with the other."""
+    return "/" not in path or "/" not in key or path.endswith(f"/{key}") or key.endswith(f"/{path}")
+
+
 def names_matched(names: Mapping[str, Any], given: Iterable[str], *, source: str | Path) -> dict[str, str]:
     """``{key of names: the given name that finds it}``, each given name (an alignment's utterance, say) found as
     ``StemKeyed`` finds item files' names: by path or by unique utterance id; a bare id that several keys hold is
-    refused, and so are two given names for one key. Given names that find nothing are left out."""
+    refused, and so are two given names for one key (a name equal to a key takes it first). Given names that find
+    nothing are left out."""
     finder = StemKeyed(names, source=source)
-    matched: dict[str, str] = {}
-    for name in given:
-        key = finder.resolve(name)
-        if key is None:
+    found = [(name, finder.resolve(name)) for name in given]
+    matched: dict[str, str] = {key: name for name, key in found if key is not None and key == name}
+    for name, key in found:
+        if key is None or matched.get(key) == key:  # (the key's own name is given too: that one is meant)
             continue
         if key in matched:
             raise ValueError(f"{matched[key]!r} and {name!r} both name the utterance {key!r} of {source}")

@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spidr import cli_types
 from spidr.data import AUDIO_EXTENSIONS
@@ -265,7 +265,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     alignments = (None if args.alignments is None
                   else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
     if alignments is not None:  # before the extraction and the ABX of every layer, not at the first head's PNMI
-        check_alignment_rate(alignments, {entry.fileid: entry.num_samples for entry in entries},
+        check_alignment_rate(alignments, _aligned_lengths(entries, alignments, args.manifest),
                              alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
     layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
     _check_before_extracting(model, entries, items, layers, args)
@@ -296,6 +296,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(path.read_text(encoding="utf-8"))
     print(f"report written to {path}")
     return 0
+
+
+def _aligned_lengths(entries: Sequence[ManifestEntry], alignments: Mapping[str, Any], manifest: str
+                     ) -> dict[str, int]:
+    """``{alignment name: its file's num_samples}``, the alignments' names found as the PNMI will find them (by
+    path or unique id, ``names_matched``): a bare id that several files hold is refused now, not after the
+    extraction and the first layers' ABX."""
+    from spidr.eval.feature_dir import names_matched, utterance_name
+    from spidr.eval.folder_extraction import output_stems, shared_utterance_ids
+
+    stems = output_stems(entries)
+    shared = shared_utterance_ids(stems)
+    samples = {utterance_name(stem, shared): entry.num_samples
+               for entry, stem in zip(entries, stems, strict=True)}
+    matched = names_matched(samples, alignments, source=f"--manifest {manifest}")
+    return {name: samples[key] for key, name in matched.items()}
 
 
 def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestEntry], items: Items,

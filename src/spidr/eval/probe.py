@@ -470,15 +470,20 @@ def run_probe(
     and score them on ``test_entries`` labelled by ``test_alignments`` (default: the same file). ``keys``: the
     name each entry's alignment is found by (``alignment_keys`` of the manifest, computed before a split: a file
     whose id another holds is named by its path, as spidr extract names it); default: ``probe_names``."""
-    if test_alignments is not None:
+    one_file = test_alignments is None
+    if not one_file:
         alignments, test_alignments = common_inventory(alignments, test_alignments)
     else:
         test_alignments = alignments
     if keys is None:
-        keys = probe_names(train_entries, test_entries, one_alignment_file=test_alignments is None)
+        keys = probe_names(train_entries, test_entries, one_alignment_file=one_file)
+    # An alignment file is read against the utterances it labels: both lists where one file labels both, else its
+    # own list (an id the other corpus repeats is no concern of this file's).
+    train_keys = keys if one_file else {entry.location: keys[entry.location] for entry in train_entries}
+    test_keys = keys if one_file else {entry.location: keys[entry.location] for entry in test_entries}
     chosen = draw_utterances(train_entries, alignments, frame_rate=featurizer.frame_rate,
-                             max_frames=settings.max_train_frames, seed=settings.seed, keys=keys)
-    frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate, keys=keys)
+                             max_frames=settings.max_train_frames, seed=settings.seed, keys=train_keys)
+    frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate, keys=train_keys)
     logger.info("%s: probes trained on %d frames of %d utterances", name, len(frames.labels), frames.num_utterances)
     silence = np.asarray([i for i, phone in enumerate(alignments.phones) if phone in settings.silence_labels],
                          dtype=np.int64)
@@ -492,7 +497,7 @@ def run_probe(
         probes[key] = classifier, fit_ctc_probe(values, frames.lengths, targets, num_classes, settings,
                                                 start=linear, silence=silence)
     scores = score_probes(featurizer, probes, test_entries, test_alignments, alignment_rate=alignment_rate,
-                          silence=silence, keys=keys)
+                          silence=silence, keys=test_keys)
     rows = [ProbeRow(name, key, accuracy, per, len(frames.labels), count, utterances)
             for key, (accuracy, per, count, utterances) in scores.items()]
     for row in rows:

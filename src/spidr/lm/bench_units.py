@@ -259,7 +259,7 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
     done = sorted(begin_units_folder(out_dir, identity) or ()) if identity is not None else []
     written = {}
     sets = sets or read_benchmark(bench_dir)
-    row_names = {name: _row_names(name, found) for name, found in sets.items()}  # (test sets checked before any work)
+    row_names = set_row_names(sets)  # (test sets checked before any work)
     with marked_in_progress(out_dir, IN_PROGRESS):
         for name, found in sets.items():
             paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
@@ -274,6 +274,11 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
                 done = sorted({*done, name})
                 _write_state(out_dir / STATE_FILE, identity, done)
     return written
+
+
+def set_row_names(sets: Mapping[str, BenchmarkSet]) -> dict[str, dict[str, str]]:
+    """``{set: _row_names}`` of every set: a test set whose ids repeat is refused here, before any work."""
+    return {name: _row_names(name, found) for name, found in sets.items()}
 
 
 def _row_names(name: str, found: BenchmarkSet) -> dict[str, str]:

@@ -160,6 +160,7 @@ def _units(args: argparse.Namespace) -> int:
         begin_units_folder,
         fit_centroids,
         read_benchmark,
+        set_row_names,
         units_folder_identity,
         write_model_units,
     )
@@ -174,6 +175,7 @@ def _units(args: argparse.Namespace) -> int:
     train = sets.get("train")
     if args.kmeans and train is None:
         raise ValueError(f"--kmeans fits on {args.bench_dir}/train, which does not exist; pass --centroids")
+    set_row_names(sets)  # (a test set of repeated ids is refused before OUT records anything)
     identity = units_folder_identity(model, args.bench_dir, layers=layers, dtype=args.dtype, kmeans=args.kmeans,
                                      seed=args.seed, given_centroids=centroids, sets=sets)
     # One run per OUT from here: two would both resume from its record and write the same sets side by side.
