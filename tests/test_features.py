@@ -839,6 +839,9 @@ def test_a_path_finds_only_a_file_whose_path_agrees_with_it():
         "spk1/0001": "spk1/0001"}
     with pytest.raises(ValueError, match="'0001' and 'corpus/spk1/0001' both name the utterance 'spk1/0001'"):
         names_matched({"spk1/0001": 1}, ["0001", "corpus/spk1/0001"], source="u")
+    librispeech = StemKeyed({"174/50561/174-50561-0000": 4})
+    assert librispeech["./174/50561/174-50561-0000"] == librispeech["174/50561/174-50561-0000"] == 4
+    assert librispeech["dev-clean/174/50561/174-50561-0000"] == librispeech["174-50561-0000"] == 4
     timit = StemKeyed({"dr1/fcjf0/sa1": 1, "dr1/mdab0/sa1": 2})
     assert timit["fcjf0/sa1"] == 1
     assert timit["timit/train/dr1/mdab0/sa1"] == 2

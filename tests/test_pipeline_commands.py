@@ -77,6 +77,12 @@ def test_evaluate_refuses_frame_labels_of_another_rate_before_extracting(corpus,
         assert code == 2
         assert "holds 0.50× the frames that --alignment-rate 100 Hz gives the audio" in capsys.readouterr().err
         assert not (out / "features").exists()
+    (tmp_path / "other.jsonl").write_text(json.dumps({"name": "x9", "phones": ["SIL"] * 100}) + "\n")
+    assert main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--alignments",
+                 str(tmp_path / "other.jsonl"), "--layers", "2-3", "--out", str(out)]) == 2
+    assert "none of the 1 utterances of --alignments names a file of --manifest" in capsys.readouterr().err
+    assert not (out / "features").exists()  # (refused before the extraction, not after every layer's ABX)
 
 
 def test_evaluate_records_what_its_scores_were_measured_with_and_compare_reports_checks_it(corpus, tmp_path,

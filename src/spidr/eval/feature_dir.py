@@ -190,7 +190,8 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
 
 def _paths_agree(path: str, key: str) -> bool:
     """Whether ``path`` may name the file at ``key`` (same id): one of them is bare, or one ends with the other."""
-    return "/" not in path or "/" not in key or path.endswith(f"/{key}") or key.endswith(f"/{path}")
+    return ("/" not in path or "/" not in key or path == key or path.endswith(f"/{key}")
+            or key.endswith(f"/{path}"))
 
 
 def names_matched(names: Mapping[str, Any], given: Iterable[str], *, source: str | Path) -> dict[str, str]:

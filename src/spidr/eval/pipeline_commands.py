@@ -311,6 +311,11 @@ def _aligned_lengths(entries: Sequence[ManifestEntry], alignments: Mapping[str, 
     samples = {utterance_name(stem, shared): entry.num_samples
                for entry, stem in zip(entries, stems, strict=True)}
     matched = names_matched(samples, alignments, source=f"--manifest {manifest}")
+    if not matched:
+        raise ValueError(f"none of the {len(alignments)} utterances of --alignments names a file of --manifest "
+                         f"{manifest} (the first is {next(iter(alignments))!r}; the files are named e.g. "
+                         f"{next(iter(samples))!r}: by utterance id, by path where ids repeat, or by a path that "
+                         "ends with that)")
     return {name: samples[key] for key, name in matched.items()}
 
 
@@ -329,8 +334,9 @@ def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestE
     # (every name looked up: one that several files hold is refused now, naming them, rather than after extracting)
     if items.files and not sum(name in features for name in sorted(set(items.files))):
         raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file of --manifest "
-                         f"{args.manifest} (the first names {items.files[0]!r}; features will be keyed by "
-                         f"utterance id, e.g. {next(iter(features))!r}): is it the item file of another corpus?")
+                         f"{args.manifest} (the first names {items.files[0]!r}; the files will be named e.g. "
+                         f"{next(iter(features))!r}, and found by that name, by their path below the layer folder or "
+                         "by a path ending with it): is it the item file of another corpus?")
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
     scored = [layer for layer in layers if layer in model.head_layers]
     if args.alignments is not None and scored and args.alignment_rate % rate:

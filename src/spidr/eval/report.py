@@ -103,8 +103,9 @@ def _items_for(items: Items, available: Mapping) -> Items:
         return items
     if not keep:
         raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file with "
-                         f"features (the first names {items.files[0]!r}; features are keyed by utterance id, "
-                         f"e.g. {next(iter(available), None)!r}): is it the item file of another corpus?")
+                         f"features (the first names {items.files[0]!r}; the files are named e.g. "
+                         f"{next(iter(available), None)!r}, and found by that name, by their path below the layer "
+                         "folder or by a path ending with it): is it the item file of another corpus?")
     kept = set(keep)
     missing = sorted({name for i, name in enumerate(items.files) if i not in kept})
     logger.warning("%d of %d ABX items refer to %d files without features (e.g. %s); they are left out",
