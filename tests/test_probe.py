@@ -330,3 +330,24 @@ def test_separate_test_alignments_name_the_test_files_by_their_own_ids():
                      test_alignments=Alignments.from_labels([("x", labels)]),
                      settings=ProbeSettings(epochs=1, ctc_epochs=1))
     assert [(row.num_train_frames, row.num_test_utterances) for row in rows] == [(12, 1)]
+
+
+def test_a_test_alignment_naming_several_files_is_refused_before_the_probes_train():
+    """It was refused only when the held-out files were scored, after every probe had trained."""
+    class Counted:
+        representations = ("r",)
+        frame_rate = 50.0
+        calls = 0
+
+        def __call__(self, entries):
+            Counted.calls += 1
+            for entry in entries:
+                yield entry, {"r": np.zeros((4, 2), np.float32)}
+
+    train = [ManifestEntry("y", "/d/train/y.wav", 1280)]
+    test = [ManifestEntry("x", "/d/test/a/x.wav", 1280), ManifestEntry("x", "/d/test/b/x.wav", 1280)]
+    labels = ["A", "A", "B", "B"]
+    with pytest.raises(ValueError, match=r"'x': 2 utterances of the manifest have the id 'x'"):
+        run_probe(Counted(), "m", train, test, Alignments.from_labels([("y", labels)]), alignment_rate=50.0,
+                  test_alignments=Alignments.from_labels([("x", labels)]), settings=ProbeSettings(epochs=1))
+    assert Counted.calls == 0

@@ -481,6 +481,7 @@ def run_probe(
     # own list (an id the other corpus repeats is no concern of this file's).
     train_keys = keys if one_file else {entry.location: keys[entry.location] for entry in train_entries}
     test_keys = keys if one_file else {entry.location: keys[entry.location] for entry in test_entries}
+    aligned_by_name(test_alignments, test_keys)  # (a test name that finds several files: refused before training)
     chosen = draw_utterances(train_entries, alignments, frame_rate=featurizer.frame_rate,
                              max_frames=settings.max_train_frames, seed=settings.seed, keys=train_keys)
     frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate, keys=train_keys)
