@@ -82,6 +82,15 @@ def shared_utterance_ids(stems: PackedStrings) -> set[str]:
     return repeated_strings(PackedStrings.from_strings(utterance_stem(stem) for stem in stems))
 
 
+def utterance_names(entries: Sequence[ManifestEntry]) -> list[str]:
+    """The name of each entry's unit rows as ``spidr extract`` writes them (``_Outputs.utterance``): its utterance
+    id, or its path below the folder that holds all the audio where other entries share the id (such a name holds a
+    '/', no other does)."""
+    stems = output_stems(entries)
+    shared = shared_utterance_ids(stems)
+    return [utterance_name(stem, shared) for stem in stems]
+
+
 def _as_manifest(entries: Sequence[ManifestEntry]) -> Manifest:
     return entries if isinstance(entries, Manifest) else Manifest.from_entries(entries)
 

@@ -303,13 +303,10 @@ def _aligned_lengths(entries: Sequence[ManifestEntry], alignments: Mapping[str, 
     """``{alignment name: its file's num_samples}``, the alignments' names found as the PNMI will find them (by
     path or unique id, ``names_matched``): a bare id that several files hold is refused now, not after the
     extraction and the first layers' ABX."""
-    from spidr.eval.feature_dir import names_matched, utterance_name
-    from spidr.eval.folder_extraction import output_stems, shared_utterance_ids
+    from spidr.eval.feature_dir import names_matched
+    from spidr.eval.folder_extraction import utterance_names
 
-    stems = output_stems(entries)
-    shared = shared_utterance_ids(stems)
-    samples = {utterance_name(stem, shared): entry.num_samples
-               for entry, stem in zip(entries, stems, strict=True)}
+    samples = {name: entry.num_samples for entry, name in zip(entries, utterance_names(entries), strict=True)}
     matched = names_matched(samples, alignments, source=f"--manifest {manifest}")
     if not matched:
         raise ValueError(f"none of the {len(alignments)} utterances of --alignments names a file of --manifest "

@@ -164,15 +164,11 @@ def alignment_keys(*manifests: Sequence[ManifestEntry]) -> dict[str, str]:
     ones): the name ``spidr extract`` gives its unit rows (``utterance_name`` of its output path), an id that several
     of all these entries hold (``spk1/sa1.wav``, ``spk2/sa1.wav``) giving way to the path. By file id alone, one
     alignment labelled every file that holds the id."""
-    from spidr.data.manifest import PackedStrings, repeated_strings
-    from spidr.eval.feature_dir import utterance_name, utterance_stem
-    from spidr.eval.folder_extraction import output_stems
+    from spidr.eval.folder_extraction import utterance_names
 
     # One folder above them all (one name per file); a file in both lists is one file.
     entries = list({entry.location: entry for each in manifests for entry in each}.values())
-    stems = output_stems(entries)
-    shared = repeated_strings(PackedStrings.from_strings(utterance_stem(stem) for stem in stems))
-    return {entry.location: utterance_name(stem, shared) for entry, stem in zip(entries, stems, strict=True)}
+    return {entry.location: name for entry, name in zip(entries, utterance_names(entries), strict=True)}
 
 
 def probe_names(train_entries: Sequence[ManifestEntry], test_entries: Sequence[ManifestEntry], *,

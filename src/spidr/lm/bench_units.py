@@ -285,18 +285,15 @@ def _row_names(name: str, found: BenchmarkSet) -> dict[str, str]:
     """``{location: the name of its units row}`` of set ``name``: the utterance id, or, in the training set, the
     path where several files hold one id (as ``spidr extract`` names them; by id, lm-train refused the two rows). A
     submission names each test file by its id, so two of one id in a test set are refused, naming them."""
-    from spidr.eval.feature_dir import utterance_name, utterance_stem
-    from spidr.eval.folder_extraction import output_stems, shared_utterance_ids
+    from spidr.eval.folder_extraction import utterance_names
 
-    stems = output_stems(found.entries)
-    shared = shared_utterance_ids(stems)
-    if shared and name != "train":
-        held = [entry.location for entry, stem in zip(found.entries, stems, strict=True)
-                if utterance_stem(stem) in shared]
+    names = {entry.location: row for entry, row in zip(found.entries, utterance_names(found.entries), strict=True)}
+    held = [location for location, row in names.items() if "/" in row]  # (named by path: their id repeats)
+    if held and name != "train":
         raise ValueError(f"{found.folder}: {len(held)} files share utterance ids ({', '.join(held[:4])}"
                          f"{' ...' if len(held) > 4 else ''}); a ZeroSpeech submission names each test file by its "
                          "id: rename them")
-    return {entry.location: utterance_name(stem, shared) for entry, stem in zip(found.entries, stems, strict=True)}
+    return names
 
 
 def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, paths: Mapping[int, Path],
