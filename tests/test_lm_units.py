@@ -649,3 +649,12 @@ def test_training_files_of_one_id_get_rows_of_their_own_and_test_files_of_one_id
                  "--layers", "2"]) == 2
     assert "2 files share utterance ids" in capsys.readouterr().err
     assert not (tmp_path / "units2").exists()  # (nothing recorded: renamed, the files' rerun is not "other inputs")
+    # the library alike: its folder recorded these inputs first, and the renamed files' rerun was refused
+    from spidr.lm.bench_units import units_folder_identity
+    from spidr.models.loading import load_model
+
+    model = load_model(checkpoint).eval()
+    identity = units_folder_identity(model, tests, layers=[2], dtype="float32")
+    with pytest.raises(ValueError, match="2 files share utterance ids"):
+        write_model_units(model, tests, tmp_path / "units3", layers=[2], identity=identity)
+    assert not (tmp_path / "units3").exists()

@@ -256,10 +256,10 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
 
     rate = SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config)
     out_dir = Path(out_dir)
+    sets = sets or read_benchmark(bench_dir)
+    row_names = set_row_names(sets)  # (test sets checked before any work, and before the folder records anything)
     done = sorted(begin_units_folder(out_dir, identity) or ()) if identity is not None else []
     written = {}
-    sets = sets or read_benchmark(bench_dir)
-    row_names = set_row_names(sets)  # (test sets checked before any work)
     with marked_in_progress(out_dir, IN_PROGRESS):
         for name, found in sets.items():
             paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
