@@ -319,6 +319,56 @@ def test_unit_rows_are_named_as_units_and_readers_find_them_when_file_ids_hold_f
     assert len(units["spk1/spk1/0001"]) != len(units["spk2/spk2/0001"])
 
 
+def test_a_file_whose_id_a_skipped_file_shared_is_named_and_found_as_extract_names_it(model, tmp_path, capsys):
+    """spk1/0001.wav and spk2/0001.wav, the second unreadable (a NaN sample): extract --kmeans named spk1's row by
+    its path, while spidr units, seeing only the files written, named it "0001", and every reader then took the
+    skipped spk2/0001's items and alignments for spk1's. Truth: the extraction records the skipped file's path;
+    units rows are named alike by both; the bare id is refused, naming the skipped file; spk2/0001 finds nothing,
+    so the units' quality is that of the other alignments alone."""
+    from spidr.cli import main
+    from spidr.eval.feature_dir import skipped_stems
+    from spidr.eval.folder_extraction import KMeansUnits
+    from spidr.eval.kmeans import save_centroids
+
+    for name, seconds in (("spk1/0001", 0.7), ("spk2/0001", 0.6), ("spk3/other", 0.5)):
+        wave = speech_like(seconds, len(name) + int(10 * seconds))
+        if name == "spk2/0001":
+            wave[100] = np.nan
+        (tmp_path / "audio" / name).parent.mkdir(parents=True)
+        sf.write(tmp_path / "audio" / f"{name}.wav", wave, 16000, subtype="FLOAT")
+    centroids = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    save_centroids(tmp_path / "c.safetensors", centroids.numpy())
+    metadata = extract_to_directory(model, scan(tmp_path / "audio", progress=False).entries, tmp_path / "out",
+                                    ExtractionSettings(layers=(3,)), progress=False,
+                                    kmeans=[KMeansUnits(3, centroids, "c.safetensors")])
+    assert metadata["skipped_stems"] == ["spk2/0001"]
+    layer = tmp_path / "out" / "layer_03"
+    assert main(["units", str(layer), "--centroids", str(tmp_path / "c.safetensors"),
+                 "--out", str(tmp_path / "units.jsonl")]) == 0
+    ours, extracted = read_units(tmp_path / "units.jsonl"), read_units(tmp_path / "out/kmeans_units/layer_03.jsonl")
+    assert sorted(ours) == sorted(extracted) == ["other", "spk1/0001"]
+    assert all(np.array_equal(ours[name], extracted[name]) for name in ours)
+    assert skipped_stems(tmp_path / "units.jsonl") == skipped_stems(layer) == {"spk2/0001"}
+
+    features = StemKeyed(one_layer_directory(layer), skipped=skipped_stems(layer))
+    assert all(name in features for name in ("spk1/0001", "corpus/spk1/0001", "other"))
+    assert not any(name in features for name in ("spk2/0001", "corpus/spk2/0001"))
+    with pytest.raises(ValueError, match=r"'0001': 2 utterances .* \('spk1/0001', 'spk2/0001' \(skipped: unreadable"):
+        _ = "0001" in features
+    assert sorted(features) == ["other", "spk1/0001"]
+
+    def quality(names: list[str]) -> dict:
+        with (tmp_path / "phones.jsonl").open("w") as handle:
+            for name in names:
+                frames = len(ours[name.removeprefix("corpus/").replace("spk2", "spk1")])
+                handle.write(json.dumps({"name": name, "phones": ["a", "b"] * frames}) + "\n")
+        capsys.readouterr()
+        assert main(["units-quality", str(tmp_path / "units.jsonl"), str(tmp_path / "phones.jsonl"), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert quality(["corpus/spk1/0001", "corpus/spk2/0001", "other"]) == quality(["corpus/spk1/0001", "other"])
+
+
 def test_long_files_go_through_windows_and_match_the_short_path(model, tmp_path):
     path = tmp_path / "audio" / "long.wav"
     path.parent.mkdir()

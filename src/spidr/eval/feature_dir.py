@@ -130,14 +130,21 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
     file holds that id. Where several files hold an id (``sa1`` of ``spk1/sa1`` and ``spk2/sa1``), a path finds the
     one whose path it ends with (``corpus/spk1/sa1`` finds ``spk1/sa1``), and the bare id is refused, naming them:
     which one is meant cannot be told. Iterated, it gives ``utterance_name`` of each key: the names units files are
-    written with. ``source`` names the features or units for messages."""
+    written with. ``source`` names the features or units for messages.
 
-    def __init__(self, directory: Mapping[str, Any], *, source: str | Path | None = None) -> None:
+    ``skipped``: the paths of the files that the extraction skipped (unreadable; ``skipped_stems``). They hold their
+    ids as present files do, so that ``spk1/0001`` whose twin ``spk2/0001`` was skipped is named and found by its
+    path as ``spidr extract`` names it, and a bare ``0001`` is refused rather than taken for ``spk1/0001``; a name
+    that finds a skipped file finds nothing."""
+
+    def __init__(self, directory: Mapping[str, Any], *, source: str | Path | None = None,
+                 skipped: Iterable[str] = ()) -> None:
         self.directory = directory
         self.source = source if source is not None else getattr(directory, "root", "the features")
+        self.skipped = frozenset(key for key in skipped if key not in directory)
         self.keys_by_stem: dict[str, str] = {}
         self.shared: dict[str, list[str]] = {}  # id → the keys that hold it, where several do
-        for key in directory:
+        for key in itertools.chain(directory, sorted(self.skipped)):
             stem = utterance_stem(key)
             if stem in self.shared:
                 self.shared[stem].append(key)
@@ -147,9 +154,14 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
                 self.keys_by_stem[stem] = key
 
     def resolve(self, name: str) -> str | None:
-        """The key ``name`` finds (None: none), or ``ValueError`` where it names several files. A path finds a key
-        that is a path only where one ends with the other (``spk2/sa1`` never finds ``spk1/sa1``, whose twin may
-        have been skipped); a bare id, or a key named by its id alone (a units file's row), goes by the id."""
+        """The key ``name`` finds (None: none, or a skipped file), or ``ValueError`` where it names several files. A
+        path finds a key that is a path only where one ends with the other (``spk2/sa1`` never finds ``spk1/sa1``,
+        whose twin may have been skipped); a bare id, or a key named by its id alone (a units file's row), goes by
+        the id."""
+        key = self._resolve(name)
+        return None if key in self.skipped else key
+
+    def _resolve(self, name: str) -> str | None:
         stem = utterance_stem(name)
         if name in self.directory and not (stem in self.shared and "/" not in name):  # (a bare id: see below)
             return name
@@ -165,7 +177,8 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
             within = [key for key in candidates if key.endswith(f"/{path}")]
             if exact or ending or len(within) == 1:
                 return (exact or sorted(ending, key=len) or within)[-1]
-        held_by = ", ".join(repr(utterance_name(key, self.shared)) for key in candidates[:3])
+        held_by = ", ".join(repr(utterance_name(key, self.shared)) + (" (skipped: unreadable)" if key in self.skipped
+                                                                        else "") for key in candidates[:3])
         raise ValueError(f"{name!r}: {len(candidates)} utterances of {self.source} have the id {stem!r} "
                          f"({held_by}{' ...' if len(candidates) > 3 else ''}); name each by one of those paths")
 
@@ -194,12 +207,13 @@ def _paths_agree(path: str, key: str) -> bool:
             or key.endswith(f"/{path}"))
 
 
-def names_matched(names: Mapping[str, Any], given: Iterable[str], *, source: str | Path) -> dict[str, str]:
+def names_matched(names: Mapping[str, Any], given: Iterable[str], *, source: str | Path,
+                  skipped: Iterable[str] = ()) -> dict[str, str]:
     """``{key of names: the given name that finds it}``, each given name (an alignment's utterance, say) found as
     ``StemKeyed`` finds item files' names: by path or by unique utterance id; a bare id that several keys hold is
     refused, and so are two given names for one key (a name equal to a key takes it first). Given names that find
-    nothing are left out."""
-    finder = StemKeyed(names, source=source)
+    nothing are left out. ``skipped``: as ``StemKeyed``'s."""
+    finder = StemKeyed(names, source=source, skipped=skipped)
     found = [(name, finder.resolve(name)) for name in given]
     matched: dict[str, str] = {key: name for name, key in found if key is not None and key == name}
     for name, key in found:
@@ -266,6 +280,15 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
                 continue
             return record, metadata
     return None
+
+
+def skipped_stems(path: str | Path) -> frozenset[str]:
+    """The paths (below the layer folder, without suffix) of the files that the extraction of the features or units
+    at ``path`` skipped, as its record lists them (``skipped_stems``; see :func:`_recorded_metadata`): for
+    ``StemKeyed``'s ``skipped``. Empty where none is recorded (another tool, an older spidr)."""
+    found = _recorded_metadata(path)
+    stems = found[0].get("skipped_stems") if found is not None else None
+    return frozenset(stem for stem in stems if isinstance(stem, str)) if isinstance(stems, list) else frozenset()
 
 
 def _size(path: Path) -> int | None:

@@ -372,7 +372,7 @@ def extract_part(
             if _nothing_read(len(manifest), journal.skipped):
                 _forget_nothing_read(out_dir, journal, units, bookkeeping=bookkeeping, made=made)
             metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=num_files,
-                                       skipped=journal.skipped)
+                                       skipped=journal.skipped, stems=outputs.stems, manifest=manifest)
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
         # (made again: where no part could read a file, the part that joined first removed the folder it made)
         with folder_lock(out_dir, bookkeeping, wait=True, made=made or missing_folders(out_dir)):
@@ -385,7 +385,7 @@ def extract_part(
                                      f"that none of the {len(manifest)} files could be read (see its error): nothing "
                                      "was extracted; fix the audio or the manifest, then run every part again")
                 return _finish_parts(model, manifest, out_dir, plan, shard, checkpoint=checkpoint,
-                                     num_files=num_files, own_skipped=journal.skipped)
+                                     num_files=num_files, own_skipped=journal.skipped, stems=outputs.stems)
             finally:  # (this part's lock goes first: a restart waiting for the folder then finds no part running)
                 journal.close()
     finally:
@@ -446,7 +446,7 @@ def _holds_extraction(out_dir: Path, identity: Mapping[str, Any]) -> bool:
 
 
 def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, plan: _Plan, shard: Shard, *,
-                  checkpoint: str, num_files: int, own_skipped: dict[str, str]) -> PartOutcome:
+                  checkpoint: str, num_files: int, own_skipped: dict[str, str], stems: PackedStrings) -> PartOutcome:
     """After part ``shard``, under the folder's bookkeeping lock: once every part is finished (this one was the
     last), join their unit rows and write ``metadata.json``."""
     from spidr.eval.journal import join_part_units, part_states, remove_part_units
@@ -463,13 +463,13 @@ def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, pla
     if plan.writes_units:
         join_part_units(out_dir, states)
     metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=len(manifest) - len(skipped),
-                               skipped=skipped)
+                               skipped=skipped, stems=stems, manifest=manifest)
     remove_part_units(out_dir, list(states))
     return PartOutcome(num_files, dict(own_skipped), metadata, ())
 
 
 def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, checkpoint: str, num_files: int,
-                    skipped: Mapping[str, str]) -> dict[str, object]:
+                    skipped: Mapping[str, str], stems: PackedStrings, manifest: Manifest) -> dict[str, object]:
     """Write the record beside each k-means units file (what ``spidr units`` writes beside its own), then
     ``OUT/metadata.json``, which marks the extraction finished; returns the metadata as a reader gets it back
     (lists, not tuples), whichever run wrote it."""
@@ -478,11 +478,15 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     from spidr.eval.kmeans import ASSIGNMENT
 
     metadata = _metadata(model, plan.saved, checkpoint=checkpoint, num_files=num_files, skipped=dict(skipped))
+    # Readers of a layer folder see only the files written: a file whose id the skipped one shared was named by its
+    # id alone by spidr units (extract names it by its path), and found by that id for the skipped file's items.
+    metadata["skipped_stems"] = _skipped_stems(manifest, stems, skipped)
     for layer, units in sorted(plan.kmeans.items()):
         path = units_file(out_dir, units.key)
         record = {"frame_rate_hz": metadata["frame_rate_hz"], "num_units": int(units.centroids.shape[0]),
                   "dedup": False, "features": f"layer {layer} of {checkpoint or 'the model'} (spidr extract)",
                   "centroids": units.source, "assignment": ASSIGNMENT, "num_utterances": num_files,
+                  "skipped_stems": metadata["skipped_stems"],
                   "units_file_bytes": path.stat().st_size if path.is_file() else 0}
         write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
     if plan.kmeans:
@@ -491,6 +495,13 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     text = json.dumps(metadata, indent=1)
     write_atomically(out_dir / "metadata.json", text)
     return json.loads(text)
+
+
+def _skipped_stems(manifest: Manifest, stems: PackedStrings, skipped: Mapping[str, str]) -> list[str]:
+    """The output paths (``output_stems``) of the entries whose audio, at a location in ``skipped``, was not read."""
+    if not skipped:
+        return []
+    return sorted(stems[index] for index in range(len(manifest)) if manifest[index].location in skipped)
 
 
 def _nothing_read(num_entries: int, skipped: Mapping[str, str]) -> bool:

@@ -139,14 +139,15 @@ def evaluate_model(
     ``dtype``: ``ExtractionSettings.dtype`` ("bfloat16": the Transformer layers in bf16). ``checkpoint``: where the
     model came from, recorded in the features' metadata.json for whoever reuses them."""
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
-    extract_to_directory(model, entries, work_dir, settings, checkpoint=checkpoint, progress=progress,
-                         replace_other=True)
+    metadata = extract_to_directory(model, entries, work_dir, settings, checkpoint=checkpoint, progress=progress,
+                                    replace_other=True)
+    skipped = metadata.get("skipped_stems", [])  # (their ids are held as the written files' are: see StemKeyed)
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
     _warn_if_one_speaker(items)
     rows = []
     for layer in layers:
         # (by utterance id, or by path where several files hold the id: spk1/sa1, spk2/sa1)
-        features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"))
+        features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"), skipped=skipped)
         layer_items = _items_for(items, features)
         row = LayerRow(model=name, layer=layer)
         row.abx_within = _abx_percent(features, layer_items, "within", abx, distance=abx.distance, frequency=rate)
@@ -155,7 +156,8 @@ def evaluate_model(
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
             units = read_units(units_path)  # named by utterance id, or by path where several files hold it
             # Found as the features are: by item #file path or utterance id.
-            unit_features = StemKeyed({name: seq.astype(np.int64) for name, seq in units.items()}, source=units_path)
+            unit_features = StemKeyed({name: seq.astype(np.int64) for name, seq in units.items()}, source=units_path,
+                                      skipped=skipped)
             row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical",
                                                frequency=rate)
             row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical",
@@ -163,7 +165,7 @@ def evaluate_model(
             if alignments is not None:
                 row.quality = unit_quality(
                     units, alignments, unit_rate_hz=rate, alignment_rate_hz=alignment_rate_hz,
-                    num_units=model.cfg.codebook_size,
+                    num_units=model.cfg.codebook_size, skipped=skipped,
                 )
         logger.info("%s layer %d: ABX within %s %%, across %s %%", name, layer, format_number(row.abx_within),
                     format_number(row.abx_across))

@@ -265,6 +265,7 @@ def unit_quality(
     unit_rate_hz: int = 50,
     alignment_rate_hz: int = 100,
     inventory: Sequence[str] | None = None,
+    skipped: Iterable[str] = (),
 ) -> dict[str, float]:
     """The six unit-quality metrics (module docstring) of ``units`` against frame-level ``phones``.
 
@@ -274,6 +275,8 @@ def unit_quality(
         num_units: the size of the unit inventory (K of k-means, V of a codebook): the count matrix's columns and
             the bitrate's log2(num_units) bits per unit. No default: a wrong one gives a wrong bitrate silently.
         inventory: phone classes (rows of the count matrix); by default every phone occurring in ``phones``.
+        skipped: the paths of the files whose units the extraction could not make (``skipped_stems``): an
+            alignment naming one, or the bare id it shares with a file that has units, then finds none.
 
     Returns:
         ``{"phone_purity", "cluster_purity", "pnmi", "codebook_perplexity", "active_codewords", "bitrate"}``.
@@ -284,7 +287,7 @@ def unit_quality(
         )
     if num_units < 1:
         raise ValueError(f"num_units = {num_units} is invalid: expected ≥ 1")
-    phones = _named_as(units, phones)
+    phones = _named_as(units, phones, skipped=skipped)
     used = [name for name in units if name in phones]
     missing = len(units) - len(used)
     if not used:
@@ -323,14 +326,15 @@ class _Renamed(Alignments):
         self.given, self.unmatched = given, unmatched
 
 
-def _named_as(units: Mapping[str, Any], phones: Mapping[str, Sequence[str]]) -> _Renamed:
+def _named_as(units: Mapping[str, Any], phones: Mapping[str, Sequence[str]], *,
+              skipped: Iterable[str] = ()) -> _Renamed:
     """``phones`` keyed by the units' names: an alignment names an utterance by path or by utterance id, as item
     files do (``StemKeyed``: ``corpus/données/é`` finds the units of ``é``; a bare id that several units hold is
     refused, naming them)."""
     from spidr.eval.feature_dir import names_matched
 
     aligned = phones if isinstance(phones, Alignments) else Alignments.from_labels(phones.items())
-    matched = names_matched(units, aligned, source="the units")
+    matched = names_matched(units, aligned, source="the units", skipped=skipped)
     found = set(matched.values())
     return _Renamed(aligned.phones, {key: aligned.codes[name] for key, name in matched.items()}, given=len(aligned),
                     unmatched=[name for name in aligned if name not in found])
