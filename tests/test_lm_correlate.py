@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
@@ -396,3 +397,20 @@ def test_a_named_pair_with_too_few_rows_says_which_were_dropped(tmp_path: Path, 
         assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--json"]) == 2
     assert "2 usable row(s)" in capsys.readouterr().err
     assert "dropped 2 row(s) with an empty or non-numeric value: line 4 (abx); line 5 (abx)" in caplog.text
+
+
+def test_spearman_p_of_eight_points_is_the_exact_permutation_p():
+    """mut co-exact-lt. Truth: brute force over all 8! pairings of the ranks (EXACT_SPEARMAN_MAX_POINTS = 8 is
+    documented as exact): p = share of pairings with |rho| >= the observed |rho|."""
+    from scipy.stats import rankdata
+
+    from spidr.lm.correlate import EXACT_SPEARMAN_MAX_POINTS, correlate
+
+    assert EXACT_SPEARMAN_MAX_POINTS == 8
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    y = np.array([2.0, 1.0, 4.0, 3.0, 6.0, 8.0, 5.0, 7.0])
+    rx, ry = rankdata(x), rankdata(y)
+    rho = np.corrcoef(rx, ry)[0, 1]
+    hits = sum(abs(np.corrcoef(rx, ry[list(p)])[0, 1]) >= abs(rho) - 1e-12
+               for p in itertools.permutations(range(8)))
+    assert correlate(x, y)["spearman_p"] == pytest.approx(hits / math.factorial(8), abs=1e-12)

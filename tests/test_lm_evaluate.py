@@ -720,3 +720,43 @@ def test_a_breakdown_row_gets_an_interval_from_five_values_on():
     assert five.p_value is not None
     (four,) = breakdown(("type",), [(("t",), v) for v in (1.0, 1.0, 1.0, 0.0)]).rows
     assert (four.ci_low, four.p_value) == (None, None)
+
+
+def test_sblimp_headline_is_the_mean_over_pair_ids_whatever_the_clusters():
+    """mut ev-headline-cluster-mean. Truth (ZeroSpeech toolkit, evaluate.py docstring rule 3): sblimp is the mean
+    over (type, subtype, id); clusters only change the CI and the test. Pairs 1 and 2 share the sentence 'a b'
+    (one cluster of 2, both right), pair 3 stands alone (wrong): 2/3, where a mean of cluster means says 1/2."""
+    from spidr.lm.evaluate import accuracy, evaluate_syntactic
+    from spidr.lm.zerospeech import SyntacticItem
+
+    sentences = {"p1c": "a b", "p1i": "b a", "p2c": "a b", "p2i": "a a", "p3c": "c d", "p3i": "d c"}
+    gold = [SyntacticItem(name[1], name, "v", "t", "s", sentence, name.endswith("c"))
+            for name, sentence in sentences.items()]
+    scores = {"p1c": -1.0, "p1i": -2.0, "p2c": -1.0, "p2i": -2.0, "p3c": -3.0, "p3i": -1.0}
+    result = evaluate_syntactic(gold, scores)
+    assert [pair.score for pair in result.by_pair] == [1.0, 1.0, 0.0]
+    assert result.accuracies["sblimp"].score == pytest.approx(2 / 3)
+    assert result.accuracies["sblimp"].n == 3
+    assert accuracy([1.0, 1.0, 0.0], clusters=["x", "x", "y"]).score == pytest.approx(2 / 3)
+
+
+def test_sblimp_by_voice_intervals_resample_sentence_clusters():
+    """mut ev-voice-clusters-dropped. Truth: a by-voice row holds one value per (pair id); pairs that share a
+    sentence are one cluster there as in the headline, so the row's CI is accuracy(values, clusters)'s."""
+    from spidr.lm.evaluate import accuracy, evaluate_syntactic, sentence_clusters
+    from spidr.lm.zerospeech import SyntacticItem
+
+    gold, scores = [], {}
+    rng = np.random.default_rng(1)
+    for i in range(12):  # pairs 2k and 2k + 1 share their correct sentence
+        shared = f"s{i // 2}"
+        gold += [SyntacticItem(str(i), f"c{i}", "v", "t", "s", shared, True),
+                 SyntacticItem(str(i), f"i{i}", "v", "t", "s", f"n{i}", False)]
+        scores[f"c{i}"], scores[f"i{i}"] = float(rng.normal()), float(rng.normal())
+    result = evaluate_syntactic(gold, scores)
+    (row,) = result.breakdowns["by_voice"].rows
+    values = [pair.score for pair in result.by_pair]
+    clusters = sentence_clusters(((p.type, p.subtype, p.id), (p.sentence, p.non_sentence)) for p in result.by_pair)
+    expected = accuracy(values, clusters=[clusters[p.type, p.subtype, p.id] for p in result.by_pair])
+    assert (row.ci_low, row.ci_high, row.p_value) == pytest.approx((expected.ci_low, expected.ci_high,
+                                                                     expected.p_value))

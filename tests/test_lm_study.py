@@ -511,3 +511,69 @@ def test_a_second_study_in_the_same_folder_is_refused_while_the_first_runs(tmp_p
     assert second_start == [f"the spoken-LM study in {tmp_path / 'out'} is being run by process {os.getpid()} "
                             f"({tmp_path / 'out' / '.lock'} is locked); let it finish or stop it, then run this again"]
     assert not (tmp_path / "out").exists()  # made for the study, left with nothing in it: gone
+
+
+def test_study_correlation_line_regresses_the_lm_metric_on_the_quality_metric():
+    """mut st-corr-xy-swap. Truth: points on y = 10 x + 5 (x = PNMI, y = sWUGGY) give the line the report and its
+    plots draw: slope 10, intercept 5 (the regression of y on x; x on y would be 0.1 and -0.5)."""
+    from spidr.lm.study import correlations
+
+    rows = [{"name": f"m L{i}", "pnmi": float(i), "swuggy_invocab": 10.0 * i + 5.0} for i in (1, 2, 3, 5)]
+    (result,) = [c for c in correlations(rows) if (c["x"], c["y"]) == ("pnmi", "swuggy_invocab")]
+    assert result["slope"] == pytest.approx(10.0)
+    assert result["intercept"] == pytest.approx(5.0)
+
+
+def test_a_study_of_the_test_split_evaluates_the_test_split(tmp_path, monkeypatch):
+    """mut st-score-kind-dev. Truth: lm-study --kind test (StudySettings.kind) must score the test gold files:
+    evaluate_benchmark gets kind='test'."""
+    from spidr.lm import evaluate, score, study
+
+    seen = {}
+    monkeypatch.setattr(score, "score_benchmark", lambda *a, **k: {})
+    monkeypatch.setattr(score, "find_unit_files", lambda units_dir: {})
+    monkeypatch.setattr(evaluate, "evaluate_benchmark",
+                        lambda bench, sub, *, kind, out_dir: seen.setdefault("kind", kind) and {})
+    study._score("m L1", tmp_path / "final.pt", tmp_path / "units", tmp_path / "out",
+                 bench=SimpleNamespace(out_dir=tmp_path / "bench"), settings=study.StudySettings(kind="test"))
+    assert seen["kind"] == "test"
+
+
+def test_unit_abx_of_the_test_split_reads_the_test_units(tmp_path, monkeypatch):
+    """mut st-unitabx-devfile. Truth: with kind 'test' the unit ABX reads the items of syntactic/test and the units
+    of UNITS_DIR/syntactic/test.jsonl (the dev units would be scored against the test items)."""
+    import spidr.eval.items as items_mod
+    import spidr.eval.unit_quality as uq
+    import spidr.eval.units as units_mod
+    from spidr.lm import study
+
+    read = []
+    monkeypatch.setattr(units_mod, "read_units", lambda path: read.append(Path(path).relative_to(tmp_path)) or {})
+    monkeypatch.setattr(uq, "read_alignments", lambda *a, **k: {})
+    monkeypatch.setattr(uq, "unit_quality", lambda *a, **k: {"pnmi": 0.5})
+    monkeypatch.setattr(items_mod, "read_items", lambda path: Path(path).relative_to(tmp_path))
+    monkeypatch.setattr(study, "_abx_within_across", lambda units, items, **k: {"unit_abx_across": str(items)})
+    for kind in ("dev", "test"):
+        (tmp_path / "bench" / "syntactic" / kind).mkdir(parents=True)
+        (tmp_path / "bench" / "syntactic" / kind / "triphone.item").write_text("")
+        (tmp_path / "units" / "syntactic").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "units" / "syntactic" / f"{kind}.jsonl").write_text("")
+    bench = SimpleNamespace(train_dir=tmp_path / "bench" / "train",
+                            task_dir=lambda task, kind: tmp_path / "bench" / task / kind)
+    out = study.measure_quality(tmp_path / "units", bench, num_units=4, kind="test")
+    assert out["unit_abx_across"] == str(Path("bench/syntactic/test/triphone.item"))
+    assert read == [Path("units/train.jsonl"), Path("units/syntactic/test.jsonl")]
+
+
+def test_the_untrained_row_is_the_mean_over_its_seeds_and_its_range(tmp_path, monkeypatch):
+    """mut st-untrained-first. Truth: the untrained row's accuracy is the mean of its UNTRAINED_SEEDS
+    initialisations, its interval their [min, max]: seeds scoring 40, 50, 60, 70, 80 on tsc give 60 in [40, 80]."""
+    from spidr.lm import study
+
+    monkeypatch.setattr(study, "write_untrained", lambda src, out, *, seed: out)
+    values = iter([40.0, 50.0, 60.0, 70.0, 80.0])
+    monkeypatch.setattr(study, "_score", lambda *a, **k: {"tsc": next(values)})
+    assert study.UNTRAINED_SEEDS == 5
+    row = study._untrained_row(tmp_path, tmp_path, tmp_path, bench=None, settings=study.StudySettings())
+    assert row["tsc"] == pytest.approx(60.0)
+    assert row["tsc_ci95"] == [40.0, 80.0]

@@ -1283,3 +1283,90 @@ def test_a_run_refused_for_its_units_files_leaves_no_run_folder(tmp_path, capsys
     assert main(["lm-train", str(config)]) == 2
     assert "num_units" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_lm_score_reads_items_longer_than_a_gpt_s_context_in_strided_windows(tmp_path):
+    """mut score-gpt-no-context. Truth: an item of 20 units (22 tokens) is longer than the GPT's context of 8, so
+    lm-score must score it in strided windows (what token_log_likelihoods(..., context=8) computes, pinned by
+    test_strided_scoring_*), not refuse it nor feed the model more tokens than it has positions for; a short item's
+    score is the plain forward pass, computed here."""
+    from spidr.cli import main
+    from spidr.lm.models import token_log_likelihoods
+    from spidr.lm.score import find_unit_files, score_benchmark
+    from spidr.lm.tokens import Vocabulary
+    from spidr.lm.train import load_lm
+    from spidr.lm.zerospeech import read_submission
+
+    rng = np.random.default_rng(0)
+    train = tmp_path / "units.jsonl"
+    train.write_text("".join(json.dumps({"name": f"u{i}", "units": rng.integers(0, 10, 12).tolist()}) + "\n"
+                             for i in range(30)))
+    cfg = {"run": {"workdir": str(tmp_path / "runs"), "name": "gpt", "device": "cpu", "log_interval": 1,
+                   "save_interval": 100, "validate_interval": 100, "keep_latest": -1},
+           "data": {"train": str(train), "dedup": False, "val_fraction": 0.0},
+           "model": {"arch": "gpt", "dim": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 32, "context": 8,
+                     "dropout": 0.0},
+           "optimizer": {"lr": 1e-2, "warmup_steps": 1, "max_steps": 2, "batch_size": 4, "dtype": "float32"}}
+    (tmp_path / "gpt.json").write_text(json.dumps(cfg))
+    assert main(["lm-train", str(tmp_path / "gpt.json")]) == 0
+    final = tmp_path / "runs" / "gpt" / "final.pt"
+    items = {"long": rng.integers(0, 10, 20).tolist(), "short": [1, 2, 3]}
+    (tmp_path / "items" / "lexical").mkdir(parents=True)
+    (tmp_path / "items" / "lexical" / "dev.jsonl").write_text(
+        "".join(json.dumps({"name": k, "units": v}) + "\n" for k, v in items.items()))
+    score_benchmark(final, find_unit_files(tmp_path / "items"), tmp_path / "sub", norm="sum")
+    written = read_submission(tmp_path / "sub" / "lexical" / "dev.txt")
+    model, info, _ = load_lm(final)
+    vocab = Vocabulary(info["num_units"])
+    with torch.no_grad():
+        tokens = torch.from_numpy(vocab.encode(np.array(items["long"])))[None]
+        strided = float(token_log_likelihoods(model, tokens, torch.tensor([tokens.shape[1]]), context=8).sum())
+        short = torch.from_numpy(vocab.encode(np.array(items["short"])))[None]
+        plain = float(model(short[:, :-1]).log_softmax(-1).gather(-1, short[:, 1:, None]).sum())
+    assert written["long"] == pytest.approx(strided, abs=1e-4)
+    assert written["short"] == pytest.approx(plain, abs=1e-4)
+
+
+def test_lm_learning_rate_warms_up_linearly_then_follows_a_cosine_from_the_end_of_warmup():
+    """muts train-warmup-step0, train-cosine-progress. Truth, by hand from the docstring ("linear warm-up from 0 to 1
+    over warmup_steps, then a cosine from 1 to min_lr_scale at max_steps") with the scheduler's 0-based step: with
+    warmup 4, max 14, min 0.1 the steps 0..3 get 1/4..4/4 (no step at lr 0), step 4 gets 1, step 9 (half-way
+    through the decay) gets (1 + 0.1) / 2, step 14 and later 0.1."""
+    from spidr.lm.train import lr_scale
+
+    scale = lambda step: lr_scale(step, warmup_steps=4, max_steps=14, min_lr_scale=0.1)  # noqa: E731
+    assert [scale(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert scale(4) == pytest.approx(1.0)
+    assert scale(9) == pytest.approx(0.55)
+    assert scale(14) == pytest.approx(0.1)
+    assert scale(20) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("name", "stem"), [("spk/utt.v2.wav", "utt.v2"), ("/d/spk/a.b", "a.b"),
+                                            ("x/y.flac", "y"), ("utt", "utt")])
+def test_file_stem_strips_only_the_audio_extension(name, stem):
+    """mut tokens-stem-path-stem. Truth: the docstring ("/data/spk/utt.wav" -> "utt"): only .wav / .flac go, a dot
+    inside a stem stays (a gold filename 'a.b' must match the units row named 'a.b')."""
+    from spidr.lm.tokens import file_stem
+
+    assert file_stem(name) == stem
+
+
+def test_lm_score_meta_records_the_norm_it_wrote(tmp_path):
+    """mut score-meta-norm. Truth: meta.json is the only record of which normalisation a submission holds; with
+    --norm sum it must say 'sum'. (A bigram n-gram LM fitted by lm-train keeps this fast.)"""
+    from spidr.cli import main
+    from spidr.lm.score import find_unit_files, score_benchmark
+
+    train = tmp_path / "units.jsonl"
+    train.write_text("".join(json.dumps({"name": f"u{i}", "units": [i % 5, (i + 1) % 5]}) + "\n" for i in range(10)))
+    cfg = {"run": {"workdir": str(tmp_path / "runs"), "name": "ng", "device": "cpu"},
+           "data": {"train": str(train), "dedup": False, "val_fraction": 0.0},
+           "model": {"arch": "ngram", "ngram_order": 2, "context": 4}}
+    (tmp_path / "ng.json").write_text(json.dumps(cfg))
+    assert main(["lm-train", str(tmp_path / "ng.json")]) == 0
+    (tmp_path / "items" / "lexical").mkdir(parents=True)
+    (tmp_path / "items" / "lexical" / "dev.jsonl").write_text(json.dumps({"name": "a", "units": [1, 2]}) + "\n")
+    score_benchmark(tmp_path / "runs" / "ng" / "final.pt", find_unit_files(tmp_path / "items"), tmp_path / "sub",
+                    norm="sum")
+    assert json.loads((tmp_path / "sub" / "meta.json").read_text())["norm"] == "sum"
