@@ -369,6 +369,42 @@ def test_a_file_whose_id_a_skipped_file_shared_is_named_and_found_as_extract_nam
     assert quality(["corpus/spk1/0001", "corpus/spk2/0001", "other"]) == quality(["corpus/spk1/0001", "other"])
 
 
+def test_an_extraction_in_parts_finished_before_skipped_stems_were_recorded_records_them_when_a_part_reruns(
+        model, tmp_path, caplog):
+    """A folder finished by parts before the skipped files' paths were recorded kept no record: a rerun part
+    returned at once, and spidr units named spk1/0001 "0001" for good, with no warning. Truth: the readers warn
+    about such a folder, and a part run again records the paths in metadata.json and the k-means record."""
+    from spidr.eval.feature_dir import skipped_stems, units_metadata_path
+    from spidr.eval.folder_extraction import KMeansUnits, extract_part
+    from spidr.eval.shards import parse_shard
+
+    for name, seconds in (("spk1/0001", 0.7), ("spk2/0001", 0.6), ("spk3/other", 0.5)):
+        wave = speech_like(seconds, len(name))
+        if name == "spk2/0001":
+            wave[100] = np.nan
+        (tmp_path / "audio" / name).parent.mkdir(parents=True)
+        sf.write(tmp_path / "audio" / f"{name}.wav", wave, 16000, subtype="FLOAT")
+    entries = scan(tmp_path / "audio", progress=False).entries
+    kmeans = [KMeansUnits(3, torch.randn(5, 32, generator=torch.Generator().manual_seed(1)), "c")]
+    out = tmp_path / "out"
+    for part in ("1/2", "2/2"):
+        outcome = extract_part(model, entries, out, ExtractionSettings(layers=(3,)), parse_shard(part),
+                               progress=False, kmeans=kmeans)
+    assert outcome.metadata["skipped_stems"] == ["spk2/0001"]
+    record = units_metadata_path(out / "kmeans_units" / "layer_03.jsonl")
+    for path in (out / "metadata.json", record):  # as an older spidr wrote them
+        written = json.loads(path.read_text())
+        del written["skipped_stems"]
+        path.write_text(json.dumps(written))
+    assert skipped_stems(out / "layer_03") == frozenset()
+    assert "lists files that the extraction skipped but not their paths" in caplog.text
+    outcome = extract_part(model, entries, out, ExtractionSettings(layers=(3,)), parse_shard("1/2"), progress=False,
+                           kmeans=kmeans)
+    assert outcome.finished_before
+    assert skipped_stems(out / "layer_03") == skipped_stems(out / "kmeans_units" / "layer_03.jsonl") == {"spk2/0001"}
+    assert sorted(read_units(out / "kmeans_units" / "layer_03.jsonl")) == ["other", "spk1/0001"]
+
+
 def test_long_files_go_through_windows_and_match_the_short_path(model, tmp_path):
     path = tmp_path / "audio" / "long.wav"
     path.parent.mkdir()

@@ -621,6 +621,41 @@ def test_the_layer_folder_hint_is_for_lm_units_folders_only(bench, checkpoint, t
     assert "holds the units of" not in capsys.readouterr().err  # checkpoint: refused, but not for the layer folders)
 
 
+def test_a_training_file_whose_twin_could_not_be_read_is_named_by_path_and_its_units_record_the_twin(
+        bench, checkpoint, tmp_path, capsys):
+    """train/spk1/0001.wav beside an unreadable train/spk2/0001.wav: the scan leaves the second out, and lm-units
+    named the first "0001", so an alignment of spk2/0001 (or the bare id) was scored against spk1's units. Truth:
+    the row is spk1/0001, as spidr extract names it; the units' record lists spk2/0001 as skipped, so units-quality
+    refuses the bare id and an alignment of spk2/0001 finds nothing."""
+    import shutil
+
+    from spidr.eval.feature_dir import skipped_stems
+    from spidr.lm.tokens import read_unit_sequences
+
+    copy = tmp_path / "bench"
+    shutil.copytree(bench, copy)
+    (copy / "train" / "manifest.csv").unlink()  # (scanned)
+    for speaker in ("spk1", "spk2"):
+        (copy / "train" / speaker).mkdir()
+    shutil.copy(copy / "train" / "train-1.wav", copy / "train" / "spk1" / "0001.wav")
+    (copy / "train" / "spk2" / "0001.wav").write_bytes(b"no header")
+    out = tmp_path / "units"
+    assert main(["lm-units", str(copy), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    units = out / "layer_02" / "train.jsonl"
+    names = sorted(read_unit_sequences(units, dedup=False).sequences)
+    assert names == ["spk1/0001", "train-0", "train-1", "train-2", "train-3"]
+    assert skipped_stems(units) == {"spk2/0001"}
+    length = len(read_unit_sequences(units, dedup=False).sequences["spk1/0001"])
+    for given, code in (("0001", 2), ("spk2/0001", 2), ("spk1/0001", 0)):
+        (tmp_path / "phones.jsonl").write_text(json.dumps({"name": given, "phones": ["a", "b"] * length}) + "\n")
+        assert main(["units-quality", str(units), str(tmp_path / "phones.jsonl"), "--alignment-rate", "100"]) == code
+        err = capsys.readouterr().err
+        if given == "0001":
+            assert "'spk2/0001' (skipped: unreadable)" in err
+        elif given == "spk2/0001":  # (nothing found: no utterance to score)
+            assert "spk2/0001" in err
+
+
 def test_training_files_of_one_id_get_rows_of_their_own_and_test_files_of_one_id_are_refused(bench, checkpoint,
                                                                                               tmp_path, capsys):
     """TIMIT-style spk1/0001.wav and spk2/0001.wav: rows named by the file id were two rows "0001", which lm-train

@@ -297,6 +297,37 @@ def test_files_that_share_an_id_are_labelled_by_their_own_alignments_found_by_pa
     assert alignment_keys(entries[:1], entries[1:]) == keys
 
 
+def test_a_file_whose_twin_the_scan_could_not_read_is_labelled_only_by_its_own_alignment():
+    """spk2/0001.wav could not be read by the scan: named over the files read alone, spk1/0001 was "0001", and the
+    alignment of spk2/0001 labelled spk1's frames. Truth, by hand: spk1/0001 is named by its path, the alignment of
+    spk2/0001 labels nothing, and the bare id is refused; in separate held-out files the same holds."""
+    from spidr.eval.probe import alignment_keys, collect_training_frames, probe_names
+
+    class Lengths:
+        representations = ("r",)
+        frame_rate = 50.0
+
+        def __call__(self, entries):
+            for entry in entries:
+                yield entry, {"r": np.zeros((entry.num_samples // 320, 1), np.float32)}
+
+    entries = [ManifestEntry("0001", "/corpus/spk1/0001.wav", 320 * 4),
+               ManifestEntry("other", "/corpus/spk3/other.wav", 320 * 2)]
+    unread = [ManifestEntry("0001", "/corpus/spk2/0001.wav", 0)]
+    keys = alignment_keys(entries, unread=unread)
+    assert keys == {"/corpus/spk1/0001.wav": "spk1/0001", "/corpus/spk3/other.wav": "other",
+                    "/corpus/spk2/0001.wav": "spk2/0001"}
+    alignments = Alignments.from_labels([("corpus/spk2/0001", ["B"] * 4), ("other", ["C"] * 2)])
+    frames = collect_training_frames(Lengths(), entries, alignments, alignment_rate=50.0, keys=keys)
+    assert [alignments.phones[c] for c in frames.labels] == ["C"] * 2
+    with pytest.raises(ValueError, match=r"'0001': 2 utterances of the manifest have the id '0001'"):
+        collect_training_frames(Lengths(), entries, Alignments.from_labels([("0001", ["B"] * 4)]),
+                                alignment_rate=50.0, keys=keys)
+    test = [ManifestEntry("x", "/t/x.wav", 320)]
+    assert probe_names(entries, test, one_alignment_file=False, unread=(unread, ())) == {
+        **keys, "/t/x.wav": "x"}
+
+
 def test_train_and_test_ids_are_named_together_only_where_one_alignment_file_labels_both():
     """The demo's train and test corpora both hold awb-00000, each with its own alignments: named apart, each finds
     its own file's alignment; with one alignment file for both, the shared id is named by path."""

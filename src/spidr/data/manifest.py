@@ -77,6 +77,9 @@ class ScanResult:
     entries: Manifest
     failures: list[tuple[str, str]] = field(default_factory=list)  # (location, reason) of unreadable files
     shared_fileids: dict[str, list[str]] = field(default_factory=dict)  # file id → locations, when several
+    # The failures that name a file, as entries of length 0 (names printable): where it would have been, for naming
+    # the files that share its id as if it had been read (spidr.eval.folder_extraction.unread_stems)
+    unread: list[ManifestEntry] = field(default_factory=list)
 
 
 def resampled_length(num_samples: int, sample_rate: int) -> int:
@@ -432,7 +435,9 @@ def _scan_directory(root: Path, exts: tuple[str, ...], *, progress: bool) -> Sca
             continue
         builder.append(_stem(path), path, num_samples)
     failures.sort(key=lambda failure: failure[0].split(os.sep))
-    return ScanResult(builder.build(), [(printable(path), printable(reason)) for path, reason in failures])
+    unread = [ManifestEntry(_stem(printable(path)), printable(path), 0) for path, _ in failures]
+    return ScanResult(builder.build(), [(printable(path), printable(reason)) for path, reason in failures],
+                      unread=unread)
 
 
 def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
@@ -548,18 +553,22 @@ def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool) -> ScanRe
     builder = ManifestBuilder(base="", source=str(archive))
     failures = [(location if name is None else f"{location}:{printable(name)}", printable(reason))
                 for name, reason in failed]
+    unread = [ManifestEntry(_stem(printable(name)), printable(name), 0, location) for name, _ in failed
+              if name is not None]
     for name, offset, size in tqdm(members, desc=f"scanning {archive}", unit="file", disable=not progress):
         entry = ManifestEntry(_stem(name), name, 0, location, offset, size)
         if not _is_utf8(name):
             failures.append((f"{location}:{printable(name)}", _NOT_UTF8))
+            unread.append(ManifestEntry(_stem(printable(name)), printable(name), 0, location))
             continue
         try:
             num_samples = _header_length(read_member(entry))
         except _READ_ERRORS as error:
             failures.append((entry.location, _BUFFER_NAME.sub(repr(name), str(error))))
+            unread.append(entry)
             continue
         builder.append(entry.fileid, name, num_samples, archive=location, byte_offset=offset, byte_size=size)
-    return ScanResult(builder.build(), failures)
+    return ScanResult(builder.build(), failures, unread=unread)
 
 
 def repeated_strings(strings: PackedStrings) -> set[str]:

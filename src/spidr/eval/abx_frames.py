@@ -76,6 +76,13 @@ class FrameStore:
         for index, name in enumerate(items.files):
             by_file[name].append(index)
         missing = [name for name in by_file if name not in features]
+        skipped = [name for name in missing if getattr(features, "names_skipped", lambda _: False)(name)]
+        if skipped:  # (the item file is right: the features are not all there)
+            raise ValueError(
+                f"{len(skipped)} of the {len(by_file)} files of {items.source} were skipped by the extraction "
+                f"(first: {skipped[:3]}; unreadable: its metadata.json lists them under 'skipped'): fix their audio "
+                "and rerun the extraction, or leave their items out"
+            )
         if missing:
             raise ValueError(
                 f"{len(missing)} of the {len(by_file)} files of {items.source} have no features "

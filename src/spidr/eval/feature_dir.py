@@ -161,6 +161,13 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
         key = self._resolve(name)
         return None if key in self.skipped else key
 
+    def names_skipped(self, name: str) -> bool:
+        """Whether ``name`` names a file that the extraction skipped (``skipped``)."""
+        try:
+            return self._resolve(name) in self.skipped
+        except ValueError:
+            return False
+
     def _resolve(self, name: str) -> str | None:
         stem = utterance_stem(name)
         if name in self.directory and not (stem in self.shared and "/" not in name):  # (a bare id: see below)
@@ -179,8 +186,10 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
                 return (exact or sorted(ending, key=len) or within)[-1]
         held_by = ", ".join(repr(utterance_name(key, self.shared)) + (" (skipped: unreadable)" if key in self.skipped
                                                                         else "") for key in candidates[:3])
+        skipped = " (a skipped file's path finds nothing)" if any(key in self.skipped for key in candidates) else ""
         raise ValueError(f"{name!r}: {len(candidates)} utterances of {self.source} have the id {stem!r} "
-                         f"({held_by}{' ...' if len(candidates) > 3 else ''}); name each by one of those paths")
+                         f"({held_by}{' ...' if len(candidates) > 3 else ''}); name each by one of those paths"
+                         + skipped)
 
     def _key(self, key: object) -> object:
         if not isinstance(key, str):
@@ -284,10 +293,15 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
 
 def skipped_stems(path: str | Path) -> frozenset[str]:
     """The paths (below the layer folder, without suffix) of the files that the extraction of the features or units
-    at ``path`` skipped, as its record lists them (``skipped_stems``; see :func:`_recorded_metadata`): for
-    ``StemKeyed``'s ``skipped``. Empty where none is recorded (another tool, an older spidr)."""
+    at ``path`` skipped, or that the scan it read could not read, as its record lists them (``skipped_stems``; see
+    :func:`_recorded_metadata`): for ``StemKeyed``'s ``skipped``. Empty where none is recorded (another tool; an
+    older spidr, with a warning where it lists skipped files)."""
     found = _recorded_metadata(path)
     stems = found[0].get("skipped_stems") if found is not None else None
+    if found is not None and stems is None and found[0].get("skipped"):
+        logger.warning("%s lists files that the extraction skipped but not their paths (an older spidr): a file "
+                       "sharing an utterance id with one of them is found by that id alone; rerun the same spidr "
+                       "extract command to record them", found[1])
     return frozenset(stem for stem in stems if isinstance(stem, str)) if isinstance(stems, list) else frozenset()
 
 

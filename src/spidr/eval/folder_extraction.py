@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -50,13 +51,7 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
     """Output path (without suffix) of each entry, as packed strings: its audio path relative to the deepest common
     folder, with the file name replaced by the file id. Two passes over the paths, no Path object per entry."""
     manifest = _as_manifest(entries)
-    # Files beside archive members (a folder's scan and a tar's in one manifest): Python's commonpath refused the
-    # mix of absolute and relative folders.
-    with_files = manifest.archive_index is not None and bool((manifest.archive_index < 0).any())
-    parents: set[str] = set()
-    for start in range(0, len(manifest), ITER_CHUNK):
-        parents.update(_folders(manifest, start, min(start + ITER_CHUNK, len(manifest)), with_files=with_files))
-    root = os.path.commonpath(sorted(parents)) if len(parents) > 1 else next(iter(parents), "")
+    root, with_files = _output_root(manifest)
     cut = len(root.rstrip("/")) + 1 if root else 0  # "" when archive members sit at the top level
     parts = []
     for start in range(0, len(manifest), ITER_CHUNK):
@@ -72,23 +67,70 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
     return stems
 
 
+def _output_root(manifest: Manifest) -> tuple[str, bool]:
+    """The folder that holds all of ``manifest``'s audio (``_folders``), which the output tree mirrors from, and
+    whether its archive members sit beside plain files (``_folders``' ``with_files``)."""
+    # Files beside archive members (a folder's scan and a tar's in one manifest): Python's commonpath refused the
+    # mix of absolute and relative folders.
+    with_files = manifest.archive_index is not None and bool((manifest.archive_index < 0).any())
+    parents: set[str] = set()
+    for start in range(0, len(manifest), ITER_CHUNK):
+        parents.update(_folders(manifest, start, min(start + ITER_CHUNK, len(manifest)), with_files=with_files))
+    return (os.path.commonpath(sorted(parents)) if len(parents) > 1 else next(iter(parents), "")), with_files
+
+
+def unread_stems(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]) -> list[str]:
+    """The output paths that ``unread`` (files that a scan could not read: ``ScanResult.unread``) would have had
+    beside ``entries`` (``output_stems``), computed from the same root, so the folder's outputs do not move; one
+    outside that root keeps its full folder (a name still ending with its path). A file that shares its id with
+    one of ``entries`` makes that one's units rows named by path, as if it had been read (``shared_utterance_ids``),
+    and its own path then finds nothing."""
+    if not unread or not len(entries):
+        return []
+    root, with_files = _output_root(_as_manifest(entries))
+    cut = len(root.rstrip("/")) + 1 if root else 0
+    manifest = Manifest.from_entries(list(unread))
+    stems = []
+    for folder, fileid in zip(_folders(manifest, 0, len(manifest), with_files=with_files),
+                              manifest.fileids.strings(0, len(manifest)), strict=True):
+        if folder == root:
+            stems.append(fileid)
+        elif not root or folder.startswith(root.rstrip("/") + "/"):
+            stems.append(f"{folder[cut:]}/{fileid}")
+        else:
+            stems.append(f"{folder}/{fileid}")
+    return stems
+
+
 def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
     """``output_stems`` as a list of paths (convenient for a few files)."""
     return [Path(stem) for stem in output_stems(entries)]
 
 
-def shared_utterance_ids(stems: PackedStrings) -> set[str]:
-    """The utterance ids (``utterance_stem``: last components) that several of ``stems`` hold."""
-    return repeated_strings(PackedStrings.from_strings(utterance_stem(stem) for stem in stems))
+def shared_utterance_ids(stems: PackedStrings, unread: Sequence[str] = ()) -> set[str]:
+    """The utterance ids (``utterance_stem``: last components) that several of ``stems`` and ``unread``
+    (``unread_stems``) hold."""
+    return repeated_strings(PackedStrings.from_strings(
+        utterance_stem(stem) for stem in itertools.chain(stems, unread)))
 
 
-def utterance_names(entries: Sequence[ManifestEntry]) -> list[str]:
+def utterance_names(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry] = ()) -> list[str]:
     """The name of each entry's unit rows as ``spidr extract`` writes them (``_Outputs.utterance``): its utterance
-    id, or its path below the folder that holds all the audio where other entries share the id (such a name holds a
-    '/', no other does)."""
-    stems = output_stems(entries)
-    shared = shared_utterance_ids(stems)
-    return [utterance_name(stem, shared) for stem in stems]
+    id, or its path below the folder that holds all the audio where other entries, or files of the scan that could
+    not be read (``unread``), share the id (such a name holds a '/', no other does)."""
+    return _named(entries, unread)[0]
+
+
+def unread_names(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]) -> list[str]:
+    """The names that the files of ``unread`` would have had beside ``entries`` (``utterance_names``): a units row
+    never has one, but an alignment naming one must find nothing rather than the file that shares its id."""
+    return _named(entries, unread)[1]
+
+
+def _named(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]) -> tuple[list[str], list[str]]:
+    stems, others = output_stems(entries), unread_stems(entries, unread)
+    shared = shared_utterance_ids(stems, others)
+    return [utterance_name(stem, shared) for stem in stems], [utterance_name(stem, shared) for stem in others]
 
 
 def _as_manifest(entries: Sequence[ManifestEntry]) -> Manifest:
@@ -160,12 +202,14 @@ def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:
 class _Outputs:
     """Where features and unit rows go: atomic ``.npy`` writes into ``OUT/layer_LL/<stem>.npy``."""
 
-    def __init__(self, out_dir: Path, stems: PackedStrings) -> None:
+    def __init__(self, out_dir: Path, stems: PackedStrings, unread: Sequence[str] = ()) -> None:
         self.out_dir = out_dir
         self.stems = stems
+        self.unread = sorted(unread)  # (unread_stems)
         # The utterance ids (last components) that several entries hold: spk1/sa1.wav, spk2/sa1.wav; file ids
-        # spk1/0001 and spk2/0001 of a manifest.
-        self.shared_ids = shared_utterance_ids(stems)
+        # spk1/0001 and spk2/0001 of a manifest; or an entry and a file the scan could not read.
+        self.shared_ids = shared_utterance_ids(stems, self.unread)
+        self.unread_sharing_ids = [stem for stem in self.unread if utterance_stem(stem) in self.shared_ids]
         self.folders: set[Path] = set()
 
     def utterance(self, index: int) -> str:
@@ -264,10 +308,12 @@ def extract_to_directory(
     restart: bool = False,
     replace_other: bool = False,
     kmeans: Sequence[KMeansUnits] = (),
+    unread: Sequence[ManifestEntry] = (),
 ) -> dict[str, object]:
     """Extract every entry and write features (and units) under ``out_dir``; returns the metadata written.
     ``kmeans``: also the k-means units of these layers (``KMeansUnits``), whether or not their features are
-    written (``settings.layers``).
+    written (``settings.layers``). ``unread``: the files of the scan that gave ``entries`` that it could not read
+    (``ScanResult.unread``): named and recorded as files the extraction skipped (``unread_stems``).
 
     Resumable: an extraction that was killed continues where it stopped, skipping every finished utterance (see
     ``spidr.eval.journal``); ``restart=True`` starts over. A folder holding another extraction (other model,
@@ -279,7 +325,7 @@ def extract_to_directory(
     ``extract_part`` splits the work between processes.
     """
     outcome = extract_part(model, entries, out_dir, settings, WHOLE, checkpoint=checkpoint, progress=progress,
-                           restart=restart, replace_other=replace_other, kmeans=kmeans)
+                           restart=restart, replace_other=replace_other, kmeans=kmeans, unread=unread)
     assert outcome.metadata is not None  # (the whole extraction has no other part to wait for)
     return outcome.metadata
 
@@ -308,6 +354,7 @@ def extract_part(
     restart: bool = False,
     replace_other: bool = False,
     kmeans: Sequence[KMeansUnits] = (),
+    unread: Sequence[ManifestEntry] = (),
 ) -> PartOutcome:
     """``extract_to_directory`` for part ``shard`` of the entries (``spidr.eval.shards``), into the folder that every
     part writes: run each part once, in any order or at once, from processes that share ``out_dir``. The part that
@@ -329,7 +376,7 @@ def extract_part(
     model.eval()
     plan = _Plan(settings, _check_kmeans(model, kmeans))
     manifest = _as_manifest(entries)
-    outputs = _Outputs(out_dir, output_stems(manifest))
+    outputs = _Outputs(out_dir, output_stems(manifest), unread_stems(manifest, unread))
     is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
     mine = shard.members(manifest.num_samples)
     # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
@@ -341,6 +388,10 @@ def extract_part(
                 # one name): now only the rows whose id repeats are.
                 **({"unit row names where utterance ids repeat": "the repeated ones' paths"}
                    if outputs.shared_ids and (settings.codebooks or plan.kmeans) else {}),
+                # Unreadable files that share an id with a file read name its rows by path: rows named otherwise
+                # are not topped up.
+                **({"unread files sharing ids": outputs.unread_sharing_ids}
+                   if outputs.unread_sharing_ids and (settings.codebooks or plan.kmeans) else {}),
                 # Features of such a model changed when it stopped running padded (see extract_batch).
                 **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
                 # Long archive members ran in one forward before they ran in windows like other long files.
@@ -354,6 +405,9 @@ def extract_part(
             finished = _finished_metadata(out_dir, identity)
             if finished is not None:  # (its parts' unit rows are in codebook_units/ now)
                 logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
+                if "skipped_stems" not in finished:  # (finished by an older spidr: recorded now, see _write_metadata)
+                    stems = _skipped_stems(manifest, outputs.stems, finished.get("skipped", {})) + outputs.unread
+                    finished = _record_skipped_stems(out_dir, plan, finished, stems)
                 # (the parts' units files that a kill after metadata.json left behind)
                 remove_part_units(out_dir, every_part(shard.count))
                 return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False, finished_before=True)
@@ -372,7 +426,7 @@ def extract_part(
             if _nothing_read(len(manifest), journal.skipped):
                 _forget_nothing_read(out_dir, journal, units, bookkeeping=bookkeeping, made=made)
             metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=num_files,
-                                       skipped=journal.skipped, stems=outputs.stems, manifest=manifest)
+                                       skipped=journal.skipped, outputs=outputs, manifest=manifest)
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
         # (made again: where no part could read a file, the part that joined first removed the folder it made)
         with folder_lock(out_dir, bookkeeping, wait=True, made=made or missing_folders(out_dir)):
@@ -385,7 +439,7 @@ def extract_part(
                                      f"that none of the {len(manifest)} files could be read (see its error): nothing "
                                      "was extracted; fix the audio or the manifest, then run every part again")
                 return _finish_parts(model, manifest, out_dir, plan, shard, checkpoint=checkpoint,
-                                     num_files=num_files, own_skipped=journal.skipped, stems=outputs.stems)
+                                     num_files=num_files, own_skipped=journal.skipped, outputs=outputs)
             finally:  # (this part's lock goes first: a restart waiting for the folder then finds no part running)
                 journal.close()
     finally:
@@ -446,7 +500,7 @@ def _holds_extraction(out_dir: Path, identity: Mapping[str, Any]) -> bool:
 
 
 def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, plan: _Plan, shard: Shard, *,
-                  checkpoint: str, num_files: int, own_skipped: dict[str, str], stems: PackedStrings) -> PartOutcome:
+                  checkpoint: str, num_files: int, own_skipped: dict[str, str], outputs: _Outputs) -> PartOutcome:
     """After part ``shard``, under the folder's bookkeeping lock: once every part is finished (this one was the
     last), join their unit rows and write ``metadata.json``."""
     from spidr.eval.journal import join_part_units, part_states, remove_part_units
@@ -463,13 +517,13 @@ def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, pla
     if plan.writes_units:
         join_part_units(out_dir, states)
     metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=len(manifest) - len(skipped),
-                               skipped=skipped, stems=stems, manifest=manifest)
+                               skipped=skipped, outputs=outputs, manifest=manifest)
     remove_part_units(out_dir, list(states))
     return PartOutcome(num_files, dict(own_skipped), metadata, ())
 
 
 def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, checkpoint: str, num_files: int,
-                    skipped: Mapping[str, str], stems: PackedStrings, manifest: Manifest) -> dict[str, object]:
+                    skipped: Mapping[str, str], outputs: _Outputs, manifest: Manifest) -> dict[str, object]:
     """Write the record beside each k-means units file (what ``spidr units`` writes beside its own), then
     ``OUT/metadata.json``, which marks the extraction finished; returns the metadata as a reader gets it back
     (lists, not tuples), whichever run wrote it."""
@@ -478,9 +532,9 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     from spidr.eval.kmeans import ASSIGNMENT
 
     metadata = _metadata(model, plan.saved, checkpoint=checkpoint, num_files=num_files, skipped=dict(skipped))
-    # Readers of a layer folder see only the files written: a file whose id the skipped one shared was named by its
-    # id alone by spidr units (extract names it by its path), and found by that id for the skipped file's items.
-    metadata["skipped_stems"] = _skipped_stems(manifest, stems, skipped)
+    # Readers of a layer folder see only the files written: a file whose id a skipped or unread one shared was named
+    # by its id alone by spidr units (extract names it by its path), and found by that id for the other file's items.
+    metadata["skipped_stems"] = sorted([*_skipped_stems(manifest, outputs.stems, skipped), *outputs.unread])
     for layer, units in sorted(plan.kmeans.items()):
         path = units_file(out_dir, units.key)
         record = {"frame_rate_hz": metadata["frame_rate_hz"], "num_units": int(units.centroids.shape[0]),
@@ -495,6 +549,26 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     text = json.dumps(metadata, indent=1)
     write_atomically(out_dir / "metadata.json", text)
     return json.loads(text)
+
+
+def _record_skipped_stems(out_dir: Path, plan: _Plan, metadata: dict[str, Any], stems: list[str]) -> dict[str, Any]:
+    """Add ``skipped_stems`` to the ``metadata.json`` of an extraction finished by a spidr that did not record
+    them, and to the records beside its k-means units files; returns the metadata as written."""
+    from spidr.eval.feature_dir import units_metadata_path
+    from spidr.eval.journal import units_file
+
+    metadata = {**metadata, "skipped_stems": sorted(stems)}
+    for units in plan.kmeans.values():
+        record_path = units_metadata_path(units_file(out_dir, units.key))
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            write_atomically(record_path, json.dumps({**record, "skipped_stems": metadata["skipped_stems"]},
+                                                     indent=2) + "\n")
+    write_atomically(out_dir / "metadata.json", json.dumps(metadata, indent=1))
+    return metadata
 
 
 def _skipped_stems(manifest: Manifest, stems: PackedStrings, skipped: Mapping[str, str]) -> list[str]:

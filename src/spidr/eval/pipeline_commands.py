@@ -147,19 +147,20 @@ def _add_extensions_argument(parser: argparse.ArgumentParser) -> None:
                         f"(default: {','.join(AUDIO_EXTENSIONS)}; e.g. .wav,.flac,.ogg)")
 
 
-def _entries(source: str, exts: Sequence[str] = AUDIO_EXTENSIONS):
+def _entries(source: str, exts: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[Any, list[ManifestEntry]]:
     """The utterances of a manifest, or of a folder or .tar scanned for ``exts`` (none found is an error: a run
-    on nothing, reported as a success, hid a folder of .ogg files)."""
+    on nothing, reported as a success, hid a folder of .ogg files), and the files of such a scan that could not be
+    read (``ScanResult.unread``: the files that share their ids are named by path, as if they had been read)."""
     from spidr.data.manifest import read_manifest, scan
 
     path = Path(source)
     if path.is_dir() or path.suffix.lower() == ".tar":
-        entries = scan(path, exts).entries
-        if not entries:
+        found = scan(path, exts)
+        if not found.entries:
             raise ValueError(f"no readable audio with extension(s) {', '.join(exts)} in {path} (--ext reads others, "
                              "e.g. --ext .wav,.flac,.ogg)")
-        return entries
-    return read_manifest(path)
+        return found.entries, found.unread
+    return read_manifest(path), []
 
 
 def _model(args: argparse.Namespace):
@@ -219,8 +220,9 @@ def run_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         **window_settings(args.max_seconds),
     )
-    outcome = extract_part(model, _entries(args.manifest, args.ext), args.out, settings, shard,
-                           checkpoint=args.checkpoint, restart=args.restart, kmeans=kmeans)
+    entries, unread = _entries(args.manifest, args.ext)
+    outcome = extract_part(model, entries, args.out, settings, shard, checkpoint=args.checkpoint,
+                           restart=args.restart, kmeans=kmeans, unread=unread)
     metadata = Path(args.out) / "metadata.json"
     what = "units" if not settings.layers else "features"
     if outcome.metadata is None:  # another part is still to run
@@ -260,26 +262,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--distance identical compares discrete units; evaluate scores continuous features with "
                          "angular, cosine, euclidean or kl_symmetric (its codebook units always use identical)")
     model = _model(args)
-    entries = _entries(args.manifest, args.ext)
+    entries, unread = _entries(args.manifest, args.ext)
     items = read_items(args.item)
     alignments = (None if args.alignments is None
                   else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
     if alignments is not None:  # before the extraction and the ABX of every layer, not at the first head's PNMI
-        check_alignment_rate(alignments, _aligned_lengths(entries, alignments, args.manifest),
+        check_alignment_rate(alignments, _aligned_lengths(entries, unread, alignments, args.manifest),
                              alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
     layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
-    _check_before_extracting(model, entries, items, layers, args)
+    _check_before_extracting(model, entries, items, layers, args, unread=unread)
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)
     name = args.name or default_model_name(args.checkpoint)
     common = {"items": items, "alignments": alignments, "layers": layers, "abx": abx,
-              "alignment_rate_hz": args.alignment_rate, "dtype": args.dtype}
+              "alignment_rate_hz": args.alignment_rate, "dtype": args.dtype, "unread": unread}
     rows = evaluate_model(model, name, entries, work_dir=out / "features" / "model", checkpoint=str(args.checkpoint),
                           **common)
     for baseline in args.baseline or ():
         if baseline == "mfcc":
-            rows.append(evaluate_mfcc(entries, items, abx=abx))
+            rows.append(evaluate_mfcc(entries, items, abx=abx, unread=unread))
         else:
             torch.manual_seed(args.seed)
             random_model = build_model(copy.deepcopy(model.cfg)).to(args.device).eval()
@@ -298,16 +300,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _aligned_lengths(entries: Sequence[ManifestEntry], alignments: Mapping[str, Any], manifest: str
-                     ) -> dict[str, int]:
+def _aligned_lengths(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry],
+                     alignments: Mapping[str, Any], manifest: str) -> dict[str, int]:
     """``{alignment name: its file's num_samples}``, the alignments' names found as the PNMI will find them (by
-    path or unique id, ``names_matched``): a bare id that several files hold is refused now, not after the
-    extraction and the first layers' ABX."""
+    path or unique id, ``names_matched``; ``unread``: the scan's unreadable files, as ``unread_stems``): a bare id
+    that several files hold is refused now, not after the extraction and the first layers' ABX."""
     from spidr.eval.feature_dir import names_matched
-    from spidr.eval.folder_extraction import utterance_names
+    from spidr.eval.folder_extraction import unread_stems, utterance_names
 
-    samples = {name: entry.num_samples for entry, name in zip(entries, utterance_names(entries), strict=True)}
-    matched = names_matched(samples, alignments, source=f"--manifest {manifest}")
+    samples = {name: entry.num_samples for entry, name in zip(entries, utterance_names(entries, unread), strict=True)}
+    matched = names_matched(samples, alignments, source=f"--manifest {manifest}",
+                            skipped=unread_stems(entries, unread))
     if not matched:
         raise ValueError(f"none of the {len(alignments)} utterances of --alignments names a file of --manifest "
                          f"{manifest} (the first is {next(iter(alignments))!r}; the files are named e.g. "
@@ -317,17 +320,18 @@ def _aligned_lengths(entries: Sequence[ManifestEntry], alignments: Mapping[str, 
 
 
 def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestEntry], items: Items,
-                             layers: Sequence[int], args: argparse.Namespace) -> None:
+                             layers: Sequence[int], args: argparse.Namespace, *,
+                             unread: Sequence[ManifestEntry]) -> None:
     """What ``evaluate`` would refuse only after extracting every layer (hours on a real corpus): an item file
     that names none of the manifest's files, and alignments that the codebook units' PNMI cannot use."""
     from spidr.eval.feature_dir import StemKeyed
-    from spidr.eval.folder_extraction import output_stems
+    from spidr.eval.folder_extraction import output_stems, unread_stems
     from spidr.models.frames import frame_rate_hz
 
     # The features' names (their files below each layer folder), looked up as evaluate will look them up
     stems = output_stems(entries)
     features = StemKeyed(dict.fromkeys(stems[index] for index in range(len(stems))),
-                         source=f"--manifest {args.manifest}")
+                         source=f"--manifest {args.manifest}", skipped=unread_stems(entries, unread))
     # (every name looked up: one that several files hold is refused now, naming them, rather than after extracting)
     if items.files and not sum(name in features for name in sorted(set(items.files))):
         raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file of --manifest "
@@ -361,13 +365,16 @@ def run_probe(args: argparse.Namespace) -> int:
         raise ValueError(f"--hidden {args.hidden}, --epochs {args.epochs}, --max-train-frames "
                          f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")
     model = _model(args)
-    train_entries = _entries(args.manifest, args.ext)
+    train_entries, train_unread = _entries(args.manifest, args.ext)
     if args.test_manifest:
-        test_entries = _entries(args.test_manifest, args.ext)
-        keys = probe_names(train_entries, test_entries, one_alignment_file=not args.test_alignments)
+        test_entries, test_unread = _entries(args.test_manifest, args.ext)
+        keys = probe_names(train_entries, test_entries, one_alignment_file=not args.test_alignments,
+                           unread=(train_unread, test_unread))
     else:
-        keys = alignment_keys(train_entries)  # (before the split: each part would name other paths below its folder)
+        # (before the split: each part would name other paths below its folder)
+        keys = alignment_keys(train_entries, unread=train_unread)
         train_entries, test_entries = split_entries(train_entries, args.test_fraction, seed=args.seed)
+        test_unread = train_unread
     alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate)
     test_alignments = (read_alignments(args.test_alignments, alignment_rate_hz=args.alignment_rate)
                        if args.test_alignments else None)
@@ -376,7 +383,7 @@ def run_probe(args: argparse.Namespace) -> int:
                              seed=args.seed, dtype=args.dtype)
     name = args.name or default_model_name(args.checkpoint)
     common = {"test_alignments": test_alignments, "alignment_rate": args.alignment_rate, "settings": settings,
-              "keys": keys}
+              "keys": keys, "unread": (train_unread, test_unread)}
     featurizers = {name: ModelFeaturizer(model, layers=layers, dtype=args.dtype)}
     for baseline in args.baseline or ():
         if baseline == "mfcc":

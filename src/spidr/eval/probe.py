@@ -159,26 +159,33 @@ def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, align
 # --------------------------------------------------------------------------------------------------------------
 
 
-def alignment_keys(*manifests: Sequence[ManifestEntry]) -> dict[str, str]:
+def alignment_keys(*manifests: Sequence[ManifestEntry], unread: Sequence[ManifestEntry] = ()) -> dict[str, str]:
     """``{entry.location: its utterance name}`` over the entries of ``manifests`` (the training and the held-out
-    ones): the name ``spidr extract`` gives its unit rows (``utterance_name`` of its output path), an id that several
-    of all these entries hold (``spk1/sa1.wav``, ``spk2/sa1.wav``) giving way to the path. By file id alone, one
-    alignment labelled every file that holds the id."""
-    from spidr.eval.folder_extraction import utterance_names
+    ones) and ``unread`` (the files of their scans that could not be read, ``ScanResult.unread``): the name ``spidr
+    extract`` gives its unit rows (``utterance_name`` of its output path), an id that several of all these files
+    hold (``spk1/sa1.wav``, ``spk2/sa1.wav``) giving way to the path. By file id alone, one alignment labelled every
+    file that holds the id; an unread file's name keeps its alignment from finding the other file."""
+    from spidr.eval.folder_extraction import unread_names, utterance_names
 
-    # One folder above them all (one name per file); a file in both lists is one file.
+    # One folder above them all (one name per file); a file in both lists is one file. The unread files are named
+    # with them (they hold no features: only their names are used).
     entries = list({entry.location: entry for each in manifests for entry in each}.values())
-    return {entry.location: name for entry, name in zip(entries, utterance_names(entries), strict=True)}
+    unread = list({entry.location: entry for entry in unread}.values())
+    return {entry.location: name for entry, name in itertools.chain(
+        zip(entries, utterance_names(entries, unread), strict=True),
+        zip(unread, unread_names(entries, unread), strict=True))}
 
 
 def probe_names(train_entries: Sequence[ManifestEntry], test_entries: Sequence[ManifestEntry], *,
-                one_alignment_file: bool) -> dict[str, str]:
+                one_alignment_file: bool,
+                unread: tuple[Sequence[ManifestEntry], Sequence[ManifestEntry]] = ((), ())) -> dict[str, str]:
     """``alignment_keys`` of the training and held-out utterances: named together where one alignment file labels
     both (an id held by a file of each is named by path), apart where each has its own (two corpora may reuse
-    utterance ids: the demo's train and test sets both hold ``awb-00000``)."""
+    utterance ids: the demo's train and test sets both hold ``awb-00000``). ``unread``: the files that the scans of
+    the training and of the held-out utterances could not read."""
     if one_alignment_file:
-        return alignment_keys(train_entries, test_entries)
-    return {**alignment_keys(test_entries), **alignment_keys(train_entries)}
+        return alignment_keys(train_entries, test_entries, unread=[*unread[0], *unread[1]])
+    return {**alignment_keys(test_entries, unread=unread[1]), **alignment_keys(train_entries, unread=unread[0])}
 
 
 def aligned_by_name(alignments: Alignments, keys: Mapping[str, str]) -> Alignments:
@@ -461,22 +468,25 @@ def run_probe(
     alignment_rate: float = 100.0,
     settings: ProbeSettings = ProbeSettings(),
     keys: Mapping[str, str] | None = None,
+    unread: tuple[Sequence[ManifestEntry], Sequence[ManifestEntry]] = ((), ()),
 ) -> list[ProbeRow]:
     """Train the probes of each representation of ``featurizer`` on ``train_entries`` labelled by ``alignments``
     and score them on ``test_entries`` labelled by ``test_alignments`` (default: the same file). ``keys``: the
     name each entry's alignment is found by (``alignment_keys`` of the manifest, computed before a split: a file
-    whose id another holds is named by its path, as spidr extract names it); default: ``probe_names``."""
+    whose id another holds is named by its path, as spidr extract names it); default: ``probe_names``.
+    ``unread``: the files that the scans of the training and of the held-out utterances could not read
+    (``alignment_keys``)."""
     one_file = test_alignments is None
     if not one_file:
         alignments, test_alignments = common_inventory(alignments, test_alignments)
     else:
         test_alignments = alignments
     if keys is None:
-        keys = probe_names(train_entries, test_entries, one_alignment_file=one_file)
+        keys = probe_names(train_entries, test_entries, one_alignment_file=one_file, unread=unread)
     # An alignment file is read against the utterances it labels: both lists where one file labels both, else its
     # own list (an id the other corpus repeats is no concern of this file's).
-    train_keys = keys if one_file else {entry.location: keys[entry.location] for entry in train_entries}
-    test_keys = keys if one_file else {entry.location: keys[entry.location] for entry in test_entries}
+    train_keys = keys if one_file else _keys_of(keys, train_entries, unread[0])
+    test_keys = keys if one_file else _keys_of(keys, test_entries, unread[1])
     aligned_by_name(test_alignments, test_keys)  # (a test name that finds several files: refused before training)
     chosen = draw_utterances(train_entries, alignments, frame_rate=featurizer.frame_rate,
                              max_frames=settings.max_train_frames, seed=settings.seed, keys=train_keys)
@@ -501,6 +511,13 @@ def run_probe(
         logger.info("%s %s: frame accuracy %.1f %%, PER %.1f %%", name, row.representation, row.frame_accuracy,
                     row.phone_error_rate)
     return rows
+
+
+def _keys_of(keys: Mapping[str, str], entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]
+             ) -> dict[str, str]:
+    """The ``keys`` of ``entries`` and of the ``unread`` files named with them."""
+    return ({entry.location: keys[entry.location] for entry in entries}
+            | {entry.location: keys[entry.location] for entry in unread if entry.location in keys})
 
 
 def run_probes(featurizers: Mapping[str, object], train_entries: Sequence[ManifestEntry],

@@ -25,7 +25,7 @@ from spidr.data.manifest import Manifest, ManifestEntry, utterances_digest
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings
-from spidr.eval.folder_extraction import extract_to_directory, output_stems
+from spidr.eval.folder_extraction import extract_to_directory, output_stems, unread_stems
 from spidr.eval.items import SPEAKER_COLUMN, Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
@@ -134,13 +134,15 @@ def evaluate_model(
     progress: bool = True,
     dtype: str = "float32",
     checkpoint: str = "",
+    unread: Sequence[ManifestEntry] = (),
 ) -> list[LayerRow]:
     """Extract ``layers`` (and codebook units) of ``model`` for ``entries`` into ``work_dir`` and score them.
     ``dtype``: ``ExtractionSettings.dtype`` ("bfloat16": the Transformer layers in bf16). ``checkpoint``: where the
-    model came from, recorded in the features' metadata.json for whoever reuses them."""
+    model came from, recorded in the features' metadata.json for whoever reuses them. ``unread``: the files of the
+    scan that gave ``entries`` that it could not read (``extract_to_directory``)."""
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
     metadata = extract_to_directory(model, entries, work_dir, settings, checkpoint=checkpoint, progress=progress,
-                                    replace_other=True)
+                                    replace_other=True, unread=unread)
     skipped = metadata.get("skipped_stems", [])  # (their ids are held as the written files' are: see StemKeyed)
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
     _warn_if_one_speaker(items)
@@ -173,9 +175,12 @@ def evaluate_model(
     return rows
 
 
-def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSettings = AbxSettings()) -> LayerRow:
-    """The MFCC baseline (13 + Δ + ΔΔ at 50 Hz, per-utterance standardised input) on the same items."""
+def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSettings = AbxSettings(),
+                  unread: Sequence[ManifestEntry] = ()) -> LayerRow:
+    """The MFCC baseline (13 + Δ + ΔΔ at 50 Hz, per-utterance standardised input) on the same items (``unread``:
+    as ``evaluate_model``'s)."""
     features = {}
+    skipped = unread_stems(entries, unread)
     # Keyed as the model's features are (their paths below a layer folder): by file id, two files that share one
     # (spk1/sa1, spk2/sa1) were one key, the second file's MFCCs scored for the first one's items.
     for entry, key in zip(entries, output_stems(entries), strict=True):
@@ -183,7 +188,9 @@ def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSet
             features[key] = mfcc(load_audio(entry, normalize=True).numpy())
         except AudioError as error:
             logger.warning("MFCC baseline: skipping %s: %s", entry.location, error.reason)
-    features = StemKeyed(features, source="the corpus")  # item #file paths or utterance ids find them
+            skipped.append(key)
+    # (item #file paths or utterance ids find them; a skipped file's id is held as the model's features hold it)
+    features = StemKeyed(features, source="the corpus", skipped=skipped)
     layer_items = _items_for(items, features)
     _warn_if_one_speaker(items)
     return LayerRow(

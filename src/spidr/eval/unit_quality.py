@@ -291,7 +291,9 @@ def unit_quality(
     used = [name for name in units if name in phones]
     missing = len(units) - len(used)
     if not used:
-        raise ValueError("no utterance of the units file is in the alignment file (check the utterance names)")
+        raise ValueError(f"no utterance of the units file is in the alignment file (the alignments name e.g. "
+                         f"{_examples(phones.unmatched)}, the units {_examples(units)}; a file that the extraction "
+                         "skipped has no units: check the utterance names)")
     if missing:
         logger.warning("%d of %d utterances have no alignment and are left out (e.g. %s)", missing, len(units),
                        _examples(name for name in units if name not in phones))

@@ -83,6 +83,7 @@ class BenchmarkSet:
     folder: Path
     entries: Any  # spidr.data.manifest.Manifest
     unreadable: tuple[tuple[str, str], ...] = ()
+    unread: tuple[Any, ...] = ()  # the unreadable files as entries (spidr.data.manifest.ScanResult.unread)
 
 
 def read_set(folder: Path) -> BenchmarkSet:
@@ -93,7 +94,7 @@ def read_set(folder: Path) -> BenchmarkSet:
     if manifest.is_file():
         return BenchmarkSet(folder, read_manifest(manifest))
     found = scan(folder, progress=False)
-    return BenchmarkSet(folder, found.entries, tuple(found.failures))
+    return BenchmarkSet(folder, found.entries, tuple(found.failures), tuple(found.unread))
 
 
 def read_benchmark(bench_dir: str | Path) -> dict[str, BenchmarkSet]:
@@ -219,6 +220,18 @@ def _write_state(path: Path, identity: Mapping[str, Any], done: Sequence[str]) -
     write_atomically(path, json.dumps({"identity": identity, "done": list(done)}, indent=1) + "\n")
 
 
+def _skipped_paths(found: BenchmarkSet, skipped: Mapping[str, str]) -> list[str]:
+    """The output paths (``output_stems``) of the files of ``found`` that gave no units: those in ``skipped`` and
+    those its scan could not read."""
+    from spidr.eval.folder_extraction import output_stems, unread_stems
+
+    if not skipped:
+        return []
+    stems = output_stems(found.entries)
+    gave_none = [stems[index] for index, entry in enumerate(found.entries) if entry.location in skipped]
+    return sorted([*gave_none, *unread_stems(found.entries, found.unread)])
+
+
 def _check_skipped(name: str, found: BenchmarkSet, skipped: Mapping[str, str]) -> None:
     """Warn about the training files that gave no units; refuse a test set with such files."""
     if not skipped:
@@ -287,7 +300,8 @@ def _row_names(name: str, found: BenchmarkSet) -> dict[str, str]:
     submission names each test file by its id, so two of one id in a test set are refused, naming them."""
     from spidr.eval.folder_extraction import utterance_names
 
-    names = {entry.location: row for entry, row in zip(found.entries, utterance_names(found.entries), strict=True)}
+    names = {entry.location: row
+             for entry, row in zip(found.entries, utterance_names(found.entries, found.unread), strict=True)}
     held = [location for location, row in names.items() if "/" in row]  # (named by path: their id repeats)
     if held and name != "train":
         raise ValueError(f"{found.folder}: {len(held)} files share utterance ids ({', '.join(held[:4])}"
@@ -318,9 +332,11 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
                 handles[layer].write(json.dumps({"name": row_names[entry.location], "units": values.tolist()})
                                      + "\n")
         _check_skipped(name, found, skipped)
+    skipped_paths = _skipped_paths(found, skipped)
     for layer, path in paths.items():
         record = {"frame_rate_hz": frame_rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
                   "num_units": int(centroids[layer].shape[0]) if centroids and layer in centroids
                   else int(model.cfg.codebook_size),
+                  "skipped_stems": skipped_paths,  # (as spidr extract records them: see StemKeyed's skipped)
                   "units_file_bytes": path.stat().st_size}
         write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
