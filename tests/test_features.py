@@ -298,6 +298,29 @@ def test_an_utterance_id_held_by_several_files_is_named_by_path_and_refused_as_a
         features["other/0001"]
 
 
+def test_a_path_finds_the_file_sharing_most_of_its_last_folders_and_a_skipped_one_absorbs_its_names():
+    """Truth, by hand. A path finds the file it names, else the file sharing most of its last components where
+    one path ends with the other. A skipped file (its features absent) takes every name it matches best, even from
+    another root, and then nothing is found: the top file ./0001 of a folder that mirrors spk1/ must not answer for
+    the unreadable /c/audio/spk2/0001. A present file whose path differs further up is never found that way."""
+    features = StemKeyed({"0001": np.zeros(1), "other": np.ones(1)}, skipped=["/c/audio/spk2/0001"])
+    assert list(features) == ["./0001", "other"]
+    for name in ("spk1/0001", "./0001", "data/spk1/0001"):
+        assert features.resolve(name) == "0001", name
+    for name in ("spk2/0001", "corpus/spk2/0001", "/c/audio/spk2/0001"):
+        assert name not in features, name
+        assert features.names_skipped(name)
+    with pytest.raises(ValueError, match=r"'/c/audio/spk2/0001' \(skipped: unreadable\)\); name each by one of "
+                                         r"those paths \(a skipped file's path finds nothing\)"):
+        features.resolve("0001")
+    present = StemKeyed({"a/spk1/0001": 0, "a/spk2/0001": 1, "b/fcjf0/sa1": 2, "c/mabc0/sa1": 3})
+    assert present.resolve("data/a/spk2/0001") == "a/spk2/0001"  # (it ends with that path)
+    assert present.resolve("fcjf0/sa1") == "b/fcjf0/sa1"  # (that path ends with it)
+    for name in ("corpus/spk2/0001", "x/a/spk3/0001"):  # (a present file agreeing on 2 components, not 3)
+        with pytest.raises(ValueError, match="name each by one of those paths"):
+            present.resolve(name)
+
+
 def test_unit_rows_are_named_as_units_and_readers_find_them_when_file_ids_hold_folders(model, tmp_path):
     """Unique manifest ids spk1/0001 and spk2/0001 gave two rows named "0001" (every units reader then refused the
     file), and spidr units named them otherwise. Truth: extract --codebooks and spidr units name the rows alike, no

@@ -622,7 +622,7 @@ def test_the_layer_folder_hint_is_for_lm_units_folders_only(bench, checkpoint, t
 
 
 def test_a_training_file_whose_twin_could_not_be_read_is_named_by_path_and_its_units_record_the_twin(
-        bench, checkpoint, tmp_path, capsys):
+        bench, checkpoint, tmp_path, capsys, caplog):
     """train/spk1/0001.wav beside an unreadable train/spk2/0001.wav: the scan leaves the second out, and lm-units
     named the first "0001", so an alignment of spk2/0001 (or the bare id) was scored against spk1's units. Truth:
     the row is spk1/0001, as spidr extract names it; the units' record lists spk2/0001 as skipped, so units-quality
@@ -654,6 +654,32 @@ def test_a_training_file_whose_twin_could_not_be_read_is_named_by_path_and_its_u
             assert "'spk2/0001' (skipped: unreadable)" in err
         elif given == "spk2/0001":  # (nothing found: no utterance to score)
             assert "spk2/0001" in err
+    # A units folder of an older spidr named the row "0001", and recorded no skipped file: a rerun writes it again.
+    from spidr.eval.feature_dir import units_metadata_path
+
+    record_path = units_metadata_path(units)
+    record = json.loads(record_path.read_text())
+    del record["skipped_stems"]
+    units.write_text(units.read_text().replace('"spk1/0001"', '"0001"'))
+    record["units_file_bytes"] = units.stat().st_size
+    record_path.write_text(json.dumps(record))
+    assert main(["lm-units", str(copy), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    assert "written by an older spidr" in caplog.text
+    assert sorted(read_unit_sequences(units, dedup=False).sequences) == names
+    assert skipped_stems(units) == {"spk2/0001"}
+    # A test set with such a file is refused for the unreadable file, not for the id it shares
+    tests = tmp_path / "bench2"
+    shutil.copytree(bench, tests)
+    for speaker in ("spk1", "spk2"):
+        (tests / "tsc" / "dev" / speaker).mkdir()
+    shutil.copy(tests / "tsc" / "dev" / "tsc-dev-0.wav", tests / "tsc" / "dev" / "spk1" / "0001.wav")
+    (tests / "tsc" / "dev" / "spk2" / "0001.wav").write_bytes(b"no header")
+    assert main(["lm-units", str(tests), str(tmp_path / "units2"), "--checkpoint", str(checkpoint),
+                 "--layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "test files gave no units" in err
+    assert "share utterance ids" not in err
+    assert not (tmp_path / "units2").exists()
 
 
 def test_training_files_of_one_id_get_rows_of_their_own_and_test_files_of_one_id_are_refused(bench, checkpoint,

@@ -790,19 +790,23 @@ def test_items_of_files_without_features_are_left_out_naming_those_files(caplog)
     assert "3 of 4 ABX items refer to 2 files without features (e.g. 'b', 'c'); they are left out" in caplog.text
 
 
-def test_a_file_that_the_scan_could_not_read_names_its_twin_by_path_and_finds_nothing(corpus, tmp_path, capsys):
+@pytest.mark.parametrize("other", ["spk3/other", "spk1/other"])
+def test_a_file_that_the_scan_could_not_read_names_its_twin_by_path_and_finds_nothing(corpus, tmp_path, capsys,
+                                                                                      other):
     """spk2/0001.wav has no readable header, so the scan leaves it out. extract named spk1/0001's units "0001" and
     recorded no skipped file, and every reader took items and alignments of spk2/0001 for spk1/0001's (units-quality
     scored them, abx on the units file gave a score). Truth: the unreadable file is named and recorded as a file the
     extraction skipped: rows spk1/0001 and other, by extract --kmeans and by spidr units alike; an alignment of
-    spk2/0001 finds nothing (the quality is that of the others alone); items naming it are refused as skipped."""
+    spk2/0001 finds nothing (the quality is that of the others alone); items naming it are refused as skipped.
+    Where every readable file is in spk1/, the features' folder mirrors spk1/ (spk1/0001 is ./0001 there) and the
+    unreadable file lies outside it: recorded by its full path, its path still finds nothing."""
     from spidr.eval.feature_dir import skipped_stems
     from spidr.eval.kmeans import save_centroids
     from spidr.eval.units import read_units
 
     audio = tmp_path / "audio"
-    for name in ("spk1/0001", "spk2/0001", "spk3/other"):
-        (audio / name).parent.mkdir(parents=True)
+    for name in ("spk1/0001", "spk2/0001", other):
+        (audio / name).parent.mkdir(parents=True, exist_ok=True)
         if name == "spk2/0001":
             (audio / f"{name}.wav").write_bytes(b"not audio at all")
         else:
@@ -811,17 +815,20 @@ def test_a_file_that_the_scan_could_not_read_names_its_twin_by_path_and_finds_no
     out = tmp_path / "out"
     assert main(["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(audio), "--layers",
                  "3", "--kmeans", f"3:{tmp_path / 'c.safetensors'}", "--out", str(out)]) == 0
-    assert json.loads((out / "metadata.json").read_text())["skipped_stems"] == ["spk2/0001"]
+    outside = other.startswith("spk1")  # (the features' folder mirrors spk1/, the unreadable file is outside it)
+    recorded = [f"{audio}/spk2/0001" if outside else "spk2/0001"]
+    present = "./0001" if outside else "spk1/0001"
+    assert json.loads((out / "metadata.json").read_text())["skipped_stems"] == recorded
     assert main(["units", str(out / "layer_03"), "--centroids", str(tmp_path / "c.safetensors"), "--out",
                  str(tmp_path / "units.jsonl")]) == 0
     ours = read_units(tmp_path / "units.jsonl")
-    assert sorted(ours) == sorted(read_units(out / "kmeans_units" / "layer_03.jsonl")) == ["other", "spk1/0001"]
-    assert skipped_stems(tmp_path / "units.jsonl") == {"spk2/0001"}
+    assert sorted(ours) == sorted(read_units(out / "kmeans_units" / "layer_03.jsonl")) == sorted(["other", present])
+    assert skipped_stems(tmp_path / "units.jsonl") == set(recorded)
 
     def quality(names: list[str]) -> dict:
         with (tmp_path / "phones.jsonl").open("w") as handle:
             for name in names:
-                frames = len(ours["other" if name == "other" else "spk1/0001"])
+                frames = len(ours["other" if name == "other" else present])
                 phones = ["abc"[(i // 7 + len(name)) % 3] for i in range(2 * frames)]  # (100 Hz labels)
                 handle.write(json.dumps({"name": name, "phones": phones}) + "\n")
         capsys.readouterr()
@@ -831,7 +838,7 @@ def test_a_file_that_the_scan_could_not_read_names_its_twin_by_path_and_finds_no
     assert quality(["spk1/0001", "corpus/spk2/0001", "other"]) == quality(["spk1/0001", "other"])
     items = ["#file onset offset #phone prev-phone next-phone speaker"] + [
         f"{name} {0.1 * k + 0.02:.2f} {0.1 * k + 0.08:.2f} {'ab'[k % 2]} x y {name.split('/')[0]}"
-        for name in ("spk1/0001", "spk2/0001", "spk3/other") for k in range(4)]
+        for name in ("spk1/0001", "spk2/0001", other) for k in range(4)]
     (tmp_path / "t.item").write_text("\n".join(items) + "\n")
     for features in (tmp_path / "units.jsonl", out / "layer_03"):
         assert main(["abx", str(features), str(tmp_path / "t.item")]) == 2

@@ -177,13 +177,19 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
             key = self.keys_by_stem.get(stem)
             return key if key is None or _paths_agree(path, key) else None
         candidates = self.shared[stem]
-        if "/" in name:  # a path: the file it names, else the one whose path is the longest it ends with, else the
-            # one file whose path ends with it (dr1/fcjf0/sa1 for fcjf0/sa1); a units file names a top file ./sa1
+        if "/" in name:  # a path: the file it names, else the one that shares the most trailing folders with it
+            # (_trailing_match): the one file whose path ends with it (dr1/fcjf0/sa1 for fcjf0/sa1), the one whose
+            # path it ends with (spk2/sa1 for data/spk2/sa1; a units file names a top file ./sa1). A file whose path
+            # differs from it further up is found only where it was skipped (then nothing is): a skipped
+            # /corpus/spk2/sa1 outside the folder, not its top file ./sa1, is what data/spk2/sa1 names.
             exact = [key for key in candidates if key.removeprefix("./") == path]
-            ending = [key for key in candidates if path.endswith(f"/{key.removeprefix('./')}")]
-            within = [key for key in candidates if key.endswith(f"/{path}")]
-            if exact or ending or len(within) == 1:
-                return (exact or sorted(ending, key=len) or within)[-1]
+            if exact:
+                return exact[-1]
+            matches = {key: _trailing_match(path, key.removeprefix("./")) for key in candidates}
+            best = max(matches.values())
+            found = [key for key, match in matches.items() if match == best]
+            if len(found) == 1 and (best[1] or found[0] in self.skipped):
+                return found[0]
         held_by = ", ".join(repr(utterance_name(key, self.shared)) + (" (skipped: unreadable)" if key in self.skipped
                                                                         else "") for key in candidates[:3])
         skipped = " (a skipped file's path finds nothing)" if any(key in self.skipped for key in candidates) else ""
@@ -208,6 +214,18 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.directory)
+
+
+def _trailing_match(path: str, key: str) -> tuple[int, bool]:
+    """How far ``path`` and ``key`` agree from their ends: the number of last components they share, and whether
+    one ends with the other (they differ nowhere)."""
+    ours, theirs = path.split("/"), key.split("/")
+    shared = 0
+    for a, b in zip(reversed(ours), reversed(theirs), strict=False):
+        if a != b:
+            break
+        shared += 1
+    return shared, shared == min(len(ours), len(theirs))
 
 
 def _paths_agree(path: str, key: str) -> bool:

@@ -278,8 +278,11 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
             paths = {layer: out_dir / f"layer_{layer:02d}" / f"{name}.jsonl" for layer in layers}
             written |= {f"layer_{layer:02d}/{name}": path for layer, path in paths.items()}
             if name in done and all(path.is_file() for path in paths.values()):
-                logger.info("units of %s for layers %s were written by an earlier run: kept", name, list(layers))
-                continue
+                if not _named_otherwise(found, paths):
+                    logger.info("units of %s for layers %s were written by an earlier run: kept", name, list(layers))
+                    continue
+                logger.warning("units of %s were written by an older spidr, which named a file whose id an unreadable "
+                               "file shares by that id alone: written again", name)
             _write_set_units(model, name, found, paths, row_names[name], centroids=centroids, dtype=dtype,
                              batch_seconds=batch_seconds, frame_rate=rate)
             logger.info("wrote units of %s for layers %s", name, list(layers))
@@ -287,6 +290,25 @@ def write_model_units(model: torch.nn.Module, bench_dir: str | Path, out_dir: st
                 done = sorted({*done, name})
                 _write_state(out_dir / STATE_FILE, identity, done)
     return written
+
+
+def _named_otherwise(found: BenchmarkSet, paths: Mapping[int, Path]) -> bool:
+    """Whether the finished units files ``paths`` of ``found`` were written by a spidr that named rows without the
+    files its scan could not read (their records lack ``skipped_stems``) where those files share ids with others,
+    so that the rows are named otherwise now (``_row_names``)."""
+    from spidr.eval.feature_dir import units_metadata_path
+    from spidr.eval.folder_extraction import utterance_names
+
+    if not found.unread:
+        return False
+    for path in paths.values():
+        try:
+            record = json.loads(units_metadata_path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        if not isinstance(record, dict) or "skipped_stems" not in record:
+            return utterance_names(found.entries, found.unread) != utterance_names(found.entries)
+    return False
 
 
 def set_row_names(sets: Mapping[str, BenchmarkSet]) -> dict[str, dict[str, str]]:
@@ -300,6 +322,8 @@ def _row_names(name: str, found: BenchmarkSet) -> dict[str, str]:
     submission names each test file by its id, so two of one id in a test set are refused, naming them."""
     from spidr.eval.folder_extraction import utterance_names
 
+    if name != "train" and found.unreadable:  # (refused for that, not for the ids it shares: see _check_skipped)
+        _check_skipped(name, found, dict(found.unreadable))
     names = {entry.location: row
              for entry, row in zip(found.entries, utterance_names(found.entries, found.unread), strict=True)}
     held = [location for location, row in names.items() if "/" in row]  # (named by path: their id repeats)
