@@ -43,8 +43,9 @@ from spidr.folder_lock import LOCK_NAME, folder_lock
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump when the files or the plan change, so old caches are not reused (2: espeak l, r, closures;
-# 3: breathy espeak variants' voiceless stops get their closure, ked_diphone's inserted r is merged into its er)
+FORMAT_VERSION = 4  # bump when the files or the plan change, so old caches are not reused (2: espeak l, r, closures;
+# 3: breathy espeak variants' voiceless stops get their closure, ked_diphone's inserted r is merged into its er;
+# 4: "an honest", "a usual": the article goes by the next word's first sound)
 MEAN_UTTERANCE_S = 3.0  # measured mean over the default voices; turns --hours into utterances per voice
 BATCH_SIZE = 16  # utterances per task: amortises festival's start-up, small enough to balance the workers
 WAV_DIR = "wavs"

@@ -55,6 +55,18 @@ def _words() -> _Words:
 
 
 _POSSESSIVES = ("my", "your", "his", "her", "our", "their")
+# "a" or "an" goes by the next word's first sound, not its letter: "an honest", "a usual"
+_VOWEL_SOUND_AFTER_CONSONANT_LETTER = ("honest", "honor", "honour", "hour", "heir")
+_CONSONANT_SOUND_AFTER_VOWEL_LETTER = ("us", "uni", "use", "uti", "eu", "one", "once")
+
+
+def indefinite_article(word: str) -> str:
+    """"an" before a vowel sound, "a" before a consonant sound (the speech engines read the text as written)."""
+    if word.startswith(_VOWEL_SOUND_AFTER_CONSONANT_LETTER):
+        return "an"
+    if word.startswith(_CONSONANT_SOUND_AFTER_VOWEL_LETTER):
+        return "a"
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
 _SUBJECT_PRONOUNS = ("I", "you", "we", "they", "he", "she")
 
 
@@ -81,8 +93,8 @@ class _Grammar:
             determiner = self.pick(("the", "some", "these", "those", "many", "all the", *_POSSESSIVES))
         else:
             determiner = self.pick(("the", "a", "this", "that", "every", *_POSSESSIVES))
-            if determiner == "a" and words[0][0] in "aeiou":
-                determiner = "an"
+            if determiner == "a":
+                determiner = indefinite_article(words[0])
         return " ".join([determiner, *words])
 
     def subject(self) -> tuple[str, bool]:
@@ -177,7 +189,7 @@ class _Grammar:
                 end = "."
             case _:
                 adjective = self.pick(self.w.adjectives)
-                article = "an" if adjective[0] in "aeiou" else "a"
+                article = indefinite_article(adjective)
                 text, end = f"what {article} {adjective} {self.pick(self.w.nouns)[0]}", "!"
         text = " ".join(text.split())  # an empty optional part leaves a double space
         return text[0].upper() + text[1:] + end
