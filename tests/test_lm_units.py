@@ -305,8 +305,9 @@ def test_kmeans_fits_on_a_training_folder_without_manifest(bench, checkpoint, tm
 def test_a_test_file_without_units_is_refused_and_a_training_one_skipped(bench, checkpoint, tmp_path, capsys,
                                                                          caplog):
     """A test file that gives no units (unreadable, or shorter than one frame) would leave its stem out of the
-    submission, found only by lm-eval after training and scoring: refused by name, the set's units not written. A
-    training file is left out with a warning that counts it once."""
+    submission, found only by lm-eval after training and scoring: refused by name, the set's units not written (one
+    that the scan cannot read before any unit is computed). A training file is left out with a warning that counts
+    it once."""
     import shutil
 
     broken = tmp_path / "bench"
@@ -316,6 +317,14 @@ def test_a_test_file_without_units_is_refused_and_a_training_one_skipped(bench, 
     manifest = broken / "lexical" / "dev" / "manifest.csv"
     manifest.write_text(manifest.read_text().replace(str(bench), str(broken)).replace(",9600\n", ",160\n"))
     out = tmp_path / "units"
+    # a file that the scan cannot read: refused before any unit is computed, nothing recorded
+    assert main(["lm-units", str(broken), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "1 of 2 test files gave no units" in error
+    assert "tsc-dev-1.wav" in error
+    assert not out.exists()
+    # one that gives no frame: refused once its units are computed, the sets finished before it kept
+    (broken / "tsc" / "dev" / "tsc-dev-1.wav").unlink()
     assert main(["lm-units", str(broken), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 2
     error = capsys.readouterr().err
     assert "1 of 3 test files gave no units" in error
@@ -324,13 +333,7 @@ def test_a_test_file_without_units_is_refused_and_a_training_one_skipped(bench, 
     assert len(_read(out / "layer_02" / "train.jsonl")) == 4  # finished before, and kept
     (broken / "lexical" / "dev" / "lexical-dev-0.wav").unlink()
     manifest.write_text("\n".join(line for line in manifest.read_text().splitlines() if "dev-0" not in line) + "\n")
-    shutil.rmtree(out)
-    assert main(["lm-units", str(broken), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 2
-    error = capsys.readouterr().err
-    assert "1 of 2 test files gave no units" in error
-    assert "tsc-dev-1.wav" in error
     # the same unreadable file in the training set is left out, with one warning
-    (broken / "tsc" / "dev" / "tsc-dev-1.wav").unlink()
     (broken / "train" / "manifest.csv").unlink()
     (broken / "train" / "train-3.wav").write_bytes(b"not audio")
     shutil.rmtree(out)
@@ -526,6 +529,7 @@ def test_each_layer_s_units_record_names_its_own_vocabulary_size(tmp_path, monke
     abx and units-quality read that size from the record beside each units file. The extraction is stubbed."""
     from types import SimpleNamespace
 
+    from spidr.data.manifest import ManifestEntry
     from spidr.eval import features
     from spidr.eval.feature_dir import units_metadata_path
     from spidr.lm import bench_units
@@ -537,8 +541,9 @@ def test_each_layer_s_units_record_names_its_own_vocabulary_size(tmp_path, monke
     monkeypatch.setattr(features, "iter_units", units)
     model = SimpleNamespace(cfg=SimpleNamespace(codebook_size=16))
     paths = {2: tmp_path / "layer_02" / "train.jsonl", 3: tmp_path / "layer_03" / "train.jsonl"}
-    found = bench_units.BenchmarkSet(tmp_path, [SimpleNamespace(fileid="a", location="a.wav")])
-    bench_units._write_set_units(model, "train", found, paths, {"a.wav": "a"}, centroids={2: torch.zeros(7, 4)},
+    entry = ManifestEntry("a", str(tmp_path / "a.wav"), 16000)
+    found = bench_units.BenchmarkSet(tmp_path, [entry])
+    bench_units._write_set_units(model, "train", found, paths, {entry.location: "a"}, centroids={2: torch.zeros(7, 4)},
                                  dtype="float32", batch_seconds=1.0, frame_rate=50.0)
     records = {layer: json.loads(units_metadata_path(path).read_text()) for layer, path in paths.items()}
     assert {layer: record["num_units"] for layer, record in records.items()} == {2: 7, 3: 16}

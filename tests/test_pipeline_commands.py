@@ -790,24 +790,27 @@ def test_items_of_files_without_features_are_left_out_naming_those_files(caplog)
     assert "3 of 4 ABX items refer to 2 files without features (e.g. 'b', 'c'); they are left out" in caplog.text
 
 
-@pytest.mark.parametrize("other", ["spk3/other", "spk1/other"])
+@pytest.mark.parametrize(("folder", "other"), [("", "spk3/other"), ("", "spk1/other"), ("/wav", "spk1/wav/other")])
 def test_a_file_that_the_scan_could_not_read_names_its_twin_by_path_and_finds_nothing(corpus, tmp_path, capsys,
-                                                                                      other):
+                                                                                      folder, other):
     """spk2/0001.wav has no readable header, so the scan leaves it out. extract named spk1/0001's units "0001" and
     recorded no skipped file, and every reader took items and alignments of spk2/0001 for spk1/0001's (units-quality
     scored them, abx on the units file gave a score). Truth: the unreadable file is named and recorded as a file the
     extraction skipped: rows spk1/0001 and other, by extract --kmeans and by spidr units alike; an alignment of
     spk2/0001 finds nothing (the quality is that of the others alone); items naming it are refused as skipped.
-    Where every readable file is in spk1/, the features' folder mirrors spk1/ (spk1/0001 is ./0001 there) and the
-    unreadable file lies outside it: recorded by its full path, its path still finds nothing."""
+    Where every readable file is in spk1/ (or spk1/wav/, as CMU ARCTIC's speakers), the features' folder mirrors it
+    (spk1/0001 is ./0001 there) and the unreadable file lies outside it, recorded by its full path: its path still
+    finds nothing, and spk1's own path its file (weighed against the recorded audio_root, spk1/wav/0001 shares more
+    with spk2/wav/0001 than with ./0001)."""
     from spidr.eval.feature_dir import skipped_stems
     from spidr.eval.kmeans import save_centroids
     from spidr.eval.units import read_units
 
+    first, unreadable = f"spk1{folder}/0001", f"spk2{folder}/0001"
     audio = tmp_path / "audio"
-    for name in ("spk1/0001", "spk2/0001", other):
+    for name in (first, unreadable, other):
         (audio / name).parent.mkdir(parents=True, exist_ok=True)
-        if name == "spk2/0001":
+        if name == unreadable:
             (audio / f"{name}.wav").write_bytes(b"not audio at all")
         else:
             sf.write(audio / f"{name}.wav", 0.1 * np.sin(np.arange(12000) / 7.0).astype(np.float32), 16000)
@@ -816,9 +819,11 @@ def test_a_file_that_the_scan_could_not_read_names_its_twin_by_path_and_finds_no
     assert main(["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(audio), "--layers",
                  "3", "--kmeans", f"3:{tmp_path / 'c.safetensors'}", "--out", str(out)]) == 0
     outside = other.startswith("spk1")  # (the features' folder mirrors spk1/, the unreadable file is outside it)
-    recorded = [f"{audio}/spk2/0001" if outside else "spk2/0001"]
-    present = "./0001" if outside else "spk1/0001"
-    assert json.loads((out / "metadata.json").read_text())["skipped_stems"] == recorded
+    recorded = [f"{audio}/{unreadable}" if outside else unreadable]
+    present = "./0001" if outside else first
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["skipped_stems"] == recorded
+    assert metadata["audio_root"] == str(audio / ("spk1" + folder if outside else ""))
     assert main(["units", str(out / "layer_03"), "--centroids", str(tmp_path / "c.safetensors"), "--out",
                  str(tmp_path / "units.jsonl")]) == 0
     ours = read_units(tmp_path / "units.jsonl")
@@ -828,19 +833,24 @@ def test_a_file_that_the_scan_could_not_read_names_its_twin_by_path_and_finds_no
     def quality(names: list[str]) -> dict:
         with (tmp_path / "phones.jsonl").open("w") as handle:
             for name in names:
-                frames = len(ours["other" if name == "other" else present])
+                frames = len(ours["other" if name.endswith("other") else present])
                 phones = ["abc"[(i // 7 + len(name)) % 3] for i in range(2 * frames)]  # (100 Hz labels)
                 handle.write(json.dumps({"name": name, "phones": phones}) + "\n")
         capsys.readouterr()
         assert main(["units-quality", str(tmp_path / "units.jsonl"), str(tmp_path / "phones.jsonl"), "--json"]) == 0
         return json.loads(capsys.readouterr().out)
 
-    assert quality(["spk1/0001", "corpus/spk2/0001", "other"]) == quality(["spk1/0001", "other"])
+    scored = quality([first, other])
+    assert scored == quality([first, f"corpus/{unreadable}", other]) == quality([first, unreadable, other])
+    assert scored != quality([other])  # (the first file's alignment is found, by its path)
     items = ["#file onset offset #phone prev-phone next-phone speaker"] + [
         f"{name} {0.1 * k + 0.02:.2f} {0.1 * k + 0.08:.2f} {'ab'[k % 2]} x y {name.split('/')[0]}"
-        for name in ("spk1/0001", "spk2/0001", other) for k in range(4)]
+        for name in (first, unreadable, other) for k in range(4)]
     (tmp_path / "t.item").write_text("\n".join(items) + "\n")
     for features in (tmp_path / "units.jsonl", out / "layer_03"):
         assert main(["abx", str(features), str(tmp_path / "t.item")]) == 2
         assert "1 of the 3 files of" in (err := capsys.readouterr().err)
-        assert "were skipped by the extraction (first: ['spk2/0001']" in err
+        assert f"were skipped by the extraction (first: ['{unreadable}']" in err
+    (tmp_path / "t.item").write_text("\n".join(line for line in items if unreadable not in line) + "\n")
+    for features in (tmp_path / "units.jsonl", out / "layer_03"):  # (every file named by its own path found)
+        assert main(["abx", str(features), str(tmp_path / "t.item")]) == 0

@@ -326,6 +326,18 @@ def test_a_file_whose_twin_the_scan_could_not_read_is_labelled_only_by_its_own_a
     test = [ManifestEntry("x", "/t/x.wav", 320)]
     assert probe_names(entries, test, one_alignment_file=False, unread=(unread, ())) == {
         **keys, "/t/x.wav": "x"}
+    # Every file read in spk1/wav/ (CMU ARCTIC's layout), the unreadable twin in spk2/wav/: spk1's file is ./0001
+    # below that folder, and spk1/wav/0001 finds it, weighed against the full paths (it shares wav/0001 with the
+    # unreadable file's full path, spk1/wav/0001 with its own).
+    entries = [ManifestEntry("0001", "/c/spk1/wav/0001.wav", 320 * 4), ManifestEntry("other", "/c/spk1/wav/other.wav",
+                                                                                     320 * 2)]
+    keys = alignment_keys(entries, unread=[ManifestEntry("0001", "/c/spk2/wav/0001.wav", 0)])
+    assert keys == {"/c/spk1/wav/0001.wav": "./0001", "/c/spk1/wav/other.wav": "other",
+                    "/c/spk2/wav/0001.wav": "/c/spk2/wav/0001"}
+    alignments = Alignments.from_labels([("spk1/wav/0001", ["A"] * 4), ("spk2/wav/0001", ["B"] * 4),
+                                         ("other", ["C"] * 2)])
+    frames = collect_training_frames(Lengths(), entries, alignments, alignment_rate=50.0, keys=keys)
+    assert [alignments.phones[c] for c in frames.labels] == ["A"] * 4 + ["C"] * 2
 
 
 def test_train_and_test_ids_are_named_together_only_where_one_alignment_file_labels_both():

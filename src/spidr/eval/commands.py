@@ -56,17 +56,18 @@ def _rate(given: str | int | None, source: Path, option: str) -> str:
 
 def _abx(args: argparse.Namespace) -> int:
     from spidr.eval.abx import abx
-    from spidr.eval.feature_dir import StemKeyed, one_layer_directory, skipped_stems
+    from spidr.eval.feature_dir import StemKeyed, audio_root, one_layer_directory, skipped_stems
     from spidr.eval.units import read_units
 
     source = Path(args.features)
     if _is_units_file(source):
-        features = StemKeyed(read_units(source), source=source, skipped=skipped_stems(source))
+        features = StemKeyed(read_units(source), source=source, skipped=skipped_stems(source),
+                             root=audio_root(source))
         distance = args.distance or "identical"
         if distance != "identical":
             raise ValueError(f"{source} holds discrete units: use --distance identical, not {distance!r}")
     elif source.is_dir():
-        features = StemKeyed(one_layer_directory(source), skipped=skipped_stems(source))
+        features = StemKeyed(one_layer_directory(source), skipped=skipped_stems(source), root=audio_root(source))
         distance = args.distance or "angular"
     else:
         raise ValueError(f"FEATURES {source} is neither a directory of .npy/.pt files nor a units .jsonl file")
@@ -103,7 +104,7 @@ def _abx(args: argparse.Namespace) -> int:
 
 
 def _units_quality(args: argparse.Namespace) -> int:
-    from spidr.eval.feature_dir import recorded_num_units, skipped_stems
+    from spidr.eval.feature_dir import audio_root, recorded_num_units, skipped_stems
     from spidr.eval.unit_quality import read_alignments, unit_quality
     from spidr.eval.units import read_units
     from spidr.input_files import existing_file
@@ -130,6 +131,7 @@ def _units_quality(args: argparse.Namespace) -> int:
         alignment_rate_hz=args.alignment_rate,
         num_units=num_units,
         skipped=skipped_stems(args.units),
+        root=audio_root(args.units),
     )
     if args.json:
         print(json.dumps(metrics))
@@ -165,6 +167,7 @@ def _units(args: argparse.Namespace) -> int:
     from spidr.atomic_files import write_atomically
     from spidr.eval.feature_dir import (
         StemKeyed,
+        audio_root,
         extraction_frame_rate,
         one_layer_directory,
         skipped_stems,
@@ -175,8 +178,8 @@ def _units(args: argparse.Namespace) -> int:
 
     # Named by utterance id (the file stem, as codebook units, alignments and item files name them) when unique:
     # unique among the files written and those the extraction skipped, as spidr extract --kmeans names them.
-    skipped = skipped_stems(args.features_dir)
-    features = StemKeyed(one_layer_directory(args.features_dir), skipped=skipped)
+    skipped, root = skipped_stems(args.features_dir), audio_root(args.features_dir)
+    features = StemKeyed(one_layer_directory(args.features_dir), skipped=skipped, root=root)
     centroids = load_centroids(args.centroids)
     layer = features_layer(args.features_dir)
     if layer is not None:
@@ -191,7 +194,9 @@ def _units(args: argparse.Namespace) -> int:
         "dedup": args.dedup,
         "features": str(args.features_dir),
         "centroids": str(args.centroids),
-        "skipped_stems": sorted(skipped),  # (so that the units' readers find names as the features' readers do)
+        # (so that the units' readers find names as the features' readers do)
+        "skipped_stems": sorted(skipped),
+        "audio_root": root,
     }
     record_path = units_metadata_path(out)
 

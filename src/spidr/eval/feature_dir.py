@@ -135,11 +135,15 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
     ``skipped``: the paths of the files that the extraction skipped (unreadable; ``skipped_stems``). They hold their
     ids as present files do, so that ``spk1/0001`` whose twin ``spk2/0001`` was skipped is named and found by its
     path as ``spidr extract`` names it, and a bare ``0001`` is refused rather than taken for ``spk1/0001``; a name
-    that finds a skipped file finds nothing."""
+    that finds a skipped file finds nothing. ``root``: the folder that the keys' paths start from (``audio_root``;
+    a skipped file outside it has a path starting with "/"), against whose full paths a name is weighed: where
+    every file read is in ``spk1/wav/``, ``spk1/wav/0001`` is the top file ``./0001``, not the unreadable
+    ``/corpus/spk2/wav/0001``."""
 
     def __init__(self, directory: Mapping[str, Any], *, source: str | Path | None = None,
-                 skipped: Iterable[str] = ()) -> None:
+                 skipped: Iterable[str] = (), root: str = "") -> None:
         self.directory = directory
+        self.root = root.rstrip("/")
         self.source = source if source is not None else getattr(directory, "root", "the features")
         self.skipped = frozenset(key for key in skipped if key not in directory)
         self.keys_by_stem: dict[str, str] = {}
@@ -185,7 +189,7 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
             exact = [key for key in candidates if key.removeprefix("./") == path]
             if exact:
                 return exact[-1]
-            matches = {key: _trailing_match(path, key.removeprefix("./")) for key in candidates}
+            matches = {key: _trailing_match(path, key.removeprefix("./"), self.root) for key in candidates}
             best = max(matches.values())
             found = [key for key, match in matches.items() if match == best]
             if len(found) == 1 and (best[1] or found[0] in self.skipped):
@@ -216,16 +220,20 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
         return len(self.directory)
 
 
-def _trailing_match(path: str, key: str) -> tuple[int, bool]:
-    """How far ``path`` and ``key`` agree from their ends: the number of last components they share, and whether
-    one ends with the other (they differ nowhere)."""
-    ours, theirs = path.split("/"), key.split("/")
+def _trailing_match(path: str, key: str, root: str = "") -> tuple[int, bool]:
+    """How far ``path`` agrees with the file at ``key`` (below ``root``, or a full path starting with "/") from
+    their ends: the number of last components it shares with the file's full path, and whether ``path`` and
+    ``key`` differ nowhere (one ends with the other)."""
+    full = key if key.startswith("/") or not root else f"{root}/{key}"
+    ours = path.split("/")
     shared = 0
-    for a, b in zip(reversed(ours), reversed(theirs), strict=False):
+    for a, b in zip(reversed(ours), reversed(full.split("/")), strict=False):
         if a != b:
             break
         shared += 1
-    return shared, shared == min(len(ours), len(theirs))
+    theirs = key.split("/")
+    agree = ours[-len(theirs):] == theirs if len(theirs) <= len(ours) else theirs[-len(ours):] == ours
+    return shared, agree
 
 
 def _paths_agree(path: str, key: str) -> bool:
@@ -235,12 +243,12 @@ def _paths_agree(path: str, key: str) -> bool:
 
 
 def names_matched(names: Mapping[str, Any], given: Iterable[str], *, source: str | Path,
-                  skipped: Iterable[str] = ()) -> dict[str, str]:
+                  skipped: Iterable[str] = (), root: str = "") -> dict[str, str]:
     """``{key of names: the given name that finds it}``, each given name (an alignment's utterance, say) found as
     ``StemKeyed`` finds item files' names: by path or by unique utterance id; a bare id that several keys hold is
     refused, and so are two given names for one key (a name equal to a key takes it first). Given names that find
-    nothing are left out. ``skipped``: as ``StemKeyed``'s."""
-    finder = StemKeyed(names, source=source, skipped=skipped)
+    nothing are left out. ``skipped``, ``root``: as ``StemKeyed``'s."""
+    finder = StemKeyed(names, source=source, skipped=skipped, root=root)
     found = [(name, finder.resolve(name)) for name in given]
     matched: dict[str, str] = {key: name for name, key in found if key is not None and key == name}
     for name, key in found:
@@ -321,6 +329,15 @@ def skipped_stems(path: str | Path) -> frozenset[str]:
                        "sharing an utterance id with one of them is found by that id alone; rerun the same spidr "
                        "extract command to record them", found[1])
     return frozenset(stem for stem in stems if isinstance(stem, str)) if isinstance(stems, list) else frozenset()
+
+
+def audio_root(path: str | Path) -> str:
+    """The folder that the feature files' paths (and their units rows' paths) start from, as the record of the
+    features or units at ``path`` gives it (``audio_root``; see :func:`_recorded_metadata`): for ``StemKeyed``'s
+    ``root``. "" where none is recorded."""
+    found = _recorded_metadata(path)
+    root = found[0].get("audio_root") if found is not None else None
+    return root if isinstance(root, str) else ""
 
 
 def _size(path: Path) -> int | None:

@@ -97,9 +97,15 @@ def unread_stems(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntr
             stems.append(fileid)
         elif not root or folder.startswith(root.rstrip("/") + "/"):
             stems.append(f"{folder[cut:]}/{fileid}")
-        else:
-            stems.append(f"{folder}/{fileid}")
+        else:  # (a full path, starting with "/": an archive's folders are relative to its top)
+            stems.append(f"/{folder.lstrip('/')}/{fileid}")
     return stems
+
+
+def audio_root(entries: Sequence[ManifestEntry]) -> str:
+    """The folder that the output paths (``output_stems``) of ``entries`` start from: recorded as ``audio_root``,
+    so that a name is weighed against the files' full paths (``StemKeyed``'s ``root``)."""
+    return _output_root(_as_manifest(entries))[0] if len(entries) else ""
 
 
 def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
@@ -202,9 +208,10 @@ def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:
 class _Outputs:
     """Where features and unit rows go: atomic ``.npy`` writes into ``OUT/layer_LL/<stem>.npy``."""
 
-    def __init__(self, out_dir: Path, stems: PackedStrings, unread: Sequence[str] = ()) -> None:
+    def __init__(self, out_dir: Path, stems: PackedStrings, unread: Sequence[str] = (), root: str = "") -> None:
         self.out_dir = out_dir
         self.stems = stems
+        self.root = root  # (audio_root)
         self.unread = sorted(unread)  # (unread_stems)
         # The utterance ids (last components) that several entries hold: spk1/sa1.wav, spk2/sa1.wav; file ids
         # spk1/0001 and spk2/0001 of a manifest; or an entry and a file the scan could not read.
@@ -376,7 +383,7 @@ def extract_part(
     model.eval()
     plan = _Plan(settings, _check_kmeans(model, kmeans))
     manifest = _as_manifest(entries)
-    outputs = _Outputs(out_dir, output_stems(manifest), unread_stems(manifest, unread))
+    outputs = _Outputs(out_dir, output_stems(manifest), unread_stems(manifest, unread), audio_root(manifest))
     is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
     mine = shard.members(manifest.num_samples)
     # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
@@ -407,7 +414,7 @@ def extract_part(
                 logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
                 if "skipped_stems" not in finished:  # (finished by an older spidr: recorded now, see _write_metadata)
                     stems = _skipped_stems(manifest, outputs.stems, finished.get("skipped", {})) + outputs.unread
-                    finished = _record_skipped_stems(out_dir, plan, finished, stems)
+                    finished = _record_skipped_stems(out_dir, plan, finished, stems, outputs.root)
                 # (the parts' units files that a kill after metadata.json left behind)
                 remove_part_units(out_dir, every_part(shard.count))
                 return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False, finished_before=True)
@@ -535,12 +542,13 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     # Readers of a layer folder see only the files written: a file whose id a skipped or unread one shared was named
     # by its id alone by spidr units (extract names it by its path), and found by that id for the other file's items.
     metadata["skipped_stems"] = sorted([*_skipped_stems(manifest, outputs.stems, skipped), *outputs.unread])
+    metadata["audio_root"] = outputs.root
     for layer, units in sorted(plan.kmeans.items()):
         path = units_file(out_dir, units.key)
         record = {"frame_rate_hz": metadata["frame_rate_hz"], "num_units": int(units.centroids.shape[0]),
                   "dedup": False, "features": f"layer {layer} of {checkpoint or 'the model'} (spidr extract)",
                   "centroids": units.source, "assignment": ASSIGNMENT, "num_utterances": num_files,
-                  "skipped_stems": metadata["skipped_stems"],
+                  "skipped_stems": metadata["skipped_stems"], "audio_root": outputs.root,
                   "units_file_bytes": path.stat().st_size if path.is_file() else 0}
         write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
     if plan.kmeans:
@@ -551,13 +559,14 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     return json.loads(text)
 
 
-def _record_skipped_stems(out_dir: Path, plan: _Plan, metadata: dict[str, Any], stems: list[str]) -> dict[str, Any]:
-    """Add ``skipped_stems`` to the ``metadata.json`` of an extraction finished by a spidr that did not record
-    them, and to the records beside its k-means units files; returns the metadata as written."""
+def _record_skipped_stems(out_dir: Path, plan: _Plan, metadata: dict[str, Any], stems: list[str],
+                          root: str) -> dict[str, Any]:
+    """Add ``skipped_stems`` and ``audio_root`` to the ``metadata.json`` of an extraction finished by a spidr that
+    did not record them, and to the records beside its k-means units files; returns the metadata as written."""
     from spidr.eval.feature_dir import units_metadata_path
     from spidr.eval.journal import units_file
 
-    metadata = {**metadata, "skipped_stems": sorted(stems)}
+    metadata = {**metadata, "skipped_stems": sorted(stems), "audio_root": root}
     for units in plan.kmeans.values():
         record_path = units_metadata_path(units_file(out_dir, units.key))
         try:
@@ -565,8 +574,8 @@ def _record_skipped_stems(out_dir: Path, plan: _Plan, metadata: dict[str, Any], 
         except (OSError, ValueError):
             continue
         if isinstance(record, dict):
-            write_atomically(record_path, json.dumps({**record, "skipped_stems": metadata["skipped_stems"]},
-                                                     indent=2) + "\n")
+            write_atomically(record_path, json.dumps({**record, "skipped_stems": metadata["skipped_stems"],
+                                                      "audio_root": root}, indent=2) + "\n")
     write_atomically(out_dir / "metadata.json", json.dumps(metadata, indent=1))
     return metadata
 

@@ -159,33 +159,44 @@ def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, align
 # --------------------------------------------------------------------------------------------------------------
 
 
-def alignment_keys(*manifests: Sequence[ManifestEntry], unread: Sequence[ManifestEntry] = ()) -> dict[str, str]:
+class UtteranceNames(dict[str, str]):
+    """``{entry.location: its utterance name}`` (``alignment_keys``), with the folder that the names' paths start
+    from (``root``: ``spidr.eval.folder_extraction.audio_root``; None where names of two lists are merged, each
+    from its own folder), against which alignments' names are weighed (``StemKeyed``)."""
+
+    def __init__(self, names: Mapping[str, str], root: str | None) -> None:
+        super().__init__(names)
+        self.root = root
+
+
+def alignment_keys(*manifests: Sequence[ManifestEntry], unread: Sequence[ManifestEntry] = ()) -> UtteranceNames:
     """``{entry.location: its utterance name}`` over the entries of ``manifests`` (the training and the held-out
     ones) and ``unread`` (the files of their scans that could not be read, ``ScanResult.unread``): the name ``spidr
     extract`` gives its unit rows (``utterance_name`` of its output path), an id that several of all these files
     hold (``spk1/sa1.wav``, ``spk2/sa1.wav``) giving way to the path. By file id alone, one alignment labelled every
     file that holds the id; an unread file's name keeps its alignment from finding the other file."""
-    from spidr.eval.folder_extraction import unread_names, utterance_names
+    from spidr.eval.folder_extraction import audio_root, unread_names, utterance_names
 
     # One folder above them all (one name per file); a file in both lists is one file. The unread files are named
     # with them (they hold no features: only their names are used).
     entries = list({entry.location: entry for each in manifests for entry in each}.values())
     unread = list({entry.location: entry for entry in unread}.values())
-    return {entry.location: name for entry, name in itertools.chain(
+    return UtteranceNames({entry.location: name for entry, name in itertools.chain(
         zip(entries, utterance_names(entries, unread), strict=True),
-        zip(unread, unread_names(entries, unread), strict=True))}
+        zip(unread, unread_names(entries, unread), strict=True))}, audio_root(entries))
 
 
 def probe_names(train_entries: Sequence[ManifestEntry], test_entries: Sequence[ManifestEntry], *,
                 one_alignment_file: bool,
-                unread: tuple[Sequence[ManifestEntry], Sequence[ManifestEntry]] = ((), ())) -> dict[str, str]:
+                unread: tuple[Sequence[ManifestEntry], Sequence[ManifestEntry]] = ((), ())) -> UtteranceNames:
     """``alignment_keys`` of the training and held-out utterances: named together where one alignment file labels
     both (an id held by a file of each is named by path), apart where each has its own (two corpora may reuse
     utterance ids: the demo's train and test sets both hold ``awb-00000``). ``unread``: the files that the scans of
     the training and of the held-out utterances could not read."""
     if one_alignment_file:
         return alignment_keys(train_entries, test_entries, unread=[*unread[0], *unread[1]])
-    return {**alignment_keys(test_entries, unread=unread[1]), **alignment_keys(train_entries, unread=unread[0])}
+    return UtteranceNames({**alignment_keys(test_entries, unread=unread[1]),
+                           **alignment_keys(train_entries, unread=unread[0])}, None)
 
 
 def aligned_by_name(alignments: Alignments, keys: Mapping[str, str]) -> Alignments:
@@ -193,7 +204,8 @@ def aligned_by_name(alignments: Alignments, keys: Mapping[str, str]) -> Alignmen
     path or by unique utterance id (a bare id that several files hold is refused, naming them)."""
     from spidr.eval.feature_dir import names_matched
 
-    matched = names_matched(dict.fromkeys(keys.values()), alignments, source="the manifest")
+    matched = names_matched(dict.fromkeys(keys.values()), alignments, source="the manifest",
+                            root=getattr(keys, "root", None) or "")
     return Alignments(alignments.phones, {name: alignments.codes[given] for name, given in matched.items()})
 
 
@@ -514,10 +526,15 @@ def run_probe(
 
 
 def _keys_of(keys: Mapping[str, str], entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]
-             ) -> dict[str, str]:
-    """The ``keys`` of ``entries`` and of the ``unread`` files named with them."""
-    return ({entry.location: keys[entry.location] for entry in entries}
-            | {entry.location: keys[entry.location] for entry in unread if entry.location in keys})
+             ) -> UtteranceNames:
+    """The ``keys`` of ``entries`` and of the ``unread`` files named with them, from the folder the names were
+    given from (that of ``entries`` where ``keys`` merges two lists)."""
+    from spidr.eval.folder_extraction import audio_root
+
+    root = getattr(keys, "root", None)
+    return UtteranceNames({entry.location: keys[entry.location] for entry in entries}
+                          | {entry.location: keys[entry.location] for entry in unread if entry.location in keys},
+                          audio_root(entries) if root is None else root)
 
 
 def run_probes(featurizers: Mapping[str, object], train_entries: Sequence[ManifestEntry],

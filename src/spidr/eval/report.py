@@ -25,7 +25,7 @@ from spidr.data.manifest import Manifest, ManifestEntry, utterances_digest
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings
-from spidr.eval.folder_extraction import extract_to_directory, output_stems, unread_stems
+from spidr.eval.folder_extraction import audio_root, extract_to_directory, output_stems, unread_stems
 from spidr.eval.items import SPEAKER_COLUMN, Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
@@ -143,13 +143,14 @@ def evaluate_model(
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
     metadata = extract_to_directory(model, entries, work_dir, settings, checkpoint=checkpoint, progress=progress,
                                     replace_other=True, unread=unread)
-    skipped = metadata.get("skipped_stems", [])  # (their ids are held as the written files' are: see StemKeyed)
+    # (their ids are held as the written files' are, and names weighed against full paths: see StemKeyed)
+    skipped, root = metadata.get("skipped_stems", []), str(metadata.get("audio_root", ""))
     rate = frame_rate_hz(model.cfg.extractor_conv_layer_config)
     _warn_if_one_speaker(items)
     rows = []
     for layer in layers:
         # (by utterance id, or by path where several files hold the id: spk1/sa1, spk2/sa1)
-        features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"), skipped=skipped)
+        features = StemKeyed(FeatureDirectory(work_dir / f"layer_{layer:02d}"), skipped=skipped, root=root)
         layer_items = _items_for(items, features)
         row = LayerRow(model=name, layer=layer)
         row.abx_within = _abx_percent(features, layer_items, "within", abx, distance=abx.distance, frequency=rate)
@@ -159,7 +160,7 @@ def evaluate_model(
             units = read_units(units_path)  # named by utterance id, or by path where several files hold it
             # Found as the features are: by item #file path or utterance id.
             unit_features = StemKeyed({name: seq.astype(np.int64) for name, seq in units.items()}, source=units_path,
-                                      skipped=skipped)
+                                      skipped=skipped, root=root)
             row.unit_abx_within = _abx_percent(unit_features, layer_items, "within", abx, distance="identical",
                                                frequency=rate)
             row.unit_abx_across = _abx_percent(unit_features, layer_items, "across", abx, distance="identical",
@@ -167,7 +168,7 @@ def evaluate_model(
             if alignments is not None:
                 row.quality = unit_quality(
                     units, alignments, unit_rate_hz=rate, alignment_rate_hz=alignment_rate_hz,
-                    num_units=model.cfg.codebook_size, skipped=skipped,
+                    num_units=model.cfg.codebook_size, skipped=skipped, root=root,
                 )
         logger.info("%s layer %d: ABX within %s %%, across %s %%", name, layer, format_number(row.abx_within),
                     format_number(row.abx_across))
@@ -190,7 +191,7 @@ def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSet
             logger.warning("MFCC baseline: skipping %s: %s", entry.location, error.reason)
             skipped.append(key)
     # (item #file paths or utterance ids find them; a skipped file's id is held as the model's features hold it)
-    features = StemKeyed(features, source="the corpus", skipped=skipped)
+    features = StemKeyed(features, source="the corpus", skipped=skipped, root=audio_root(entries))
     layer_items = _items_for(items, features)
     _warn_if_one_speaker(items)
     return LayerRow(

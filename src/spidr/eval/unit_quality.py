@@ -266,6 +266,7 @@ def unit_quality(
     alignment_rate_hz: int = 100,
     inventory: Sequence[str] | None = None,
     skipped: Iterable[str] = (),
+    root: str = "",
 ) -> dict[str, float]:
     """The six unit-quality metrics (module docstring) of ``units`` against frame-level ``phones``.
 
@@ -277,6 +278,7 @@ def unit_quality(
         inventory: phone classes (rows of the count matrix); by default every phone occurring in ``phones``.
         skipped: the paths of the files whose units the extraction could not make (``skipped_stems``): an
             alignment naming one, or the bare id it shares with a file that has units, then finds none.
+        root: the folder the units' paths start from (``audio_root``): see ``StemKeyed``.
 
     Returns:
         ``{"phone_purity", "cluster_purity", "pnmi", "codebook_perplexity", "active_codewords", "bitrate"}``.
@@ -287,7 +289,7 @@ def unit_quality(
         )
     if num_units < 1:
         raise ValueError(f"num_units = {num_units} is invalid: expected ≥ 1")
-    phones = _named_as(units, phones, skipped=skipped)
+    phones = _named_as(units, phones, skipped=skipped, root=root)
     used = [name for name in units if name in phones]
     missing = len(units) - len(used)
     if not used:
@@ -329,14 +331,14 @@ class _Renamed(Alignments):
 
 
 def _named_as(units: Mapping[str, Any], phones: Mapping[str, Sequence[str]], *,
-              skipped: Iterable[str] = ()) -> _Renamed:
+              skipped: Iterable[str] = (), root: str = "") -> _Renamed:
     """``phones`` keyed by the units' names: an alignment names an utterance by path or by utterance id, as item
     files do (``StemKeyed``: ``corpus/données/é`` finds the units of ``é``; a bare id that several units hold is
     refused, naming them)."""
     from spidr.eval.feature_dir import names_matched
 
     aligned = phones if isinstance(phones, Alignments) else Alignments.from_labels(phones.items())
-    matched = names_matched(units, aligned, source="the units", skipped=skipped)
+    matched = names_matched(units, aligned, source="the units", skipped=skipped, root=root)
     found = set(matched.values())
     return _Renamed(aligned.phones, {key: aligned.codes[name] for key, name in matched.items()}, given=len(aligned),
                     unmatched=[name for name in aligned if name not in found])

@@ -342,6 +342,7 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
     from it)."""
     from spidr.eval.feature_dir import units_metadata_path
     from spidr.eval.features import iter_units
+    from spidr.eval.folder_extraction import audio_root
 
     with contextlib.ExitStack() as files:  # complete files only: a failure leaves no truncated units file
         handles = {}
@@ -357,10 +358,12 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
                                      + "\n")
         _check_skipped(name, found, skipped)
     skipped_paths = _skipped_paths(found, skipped)
+    root = audio_root(found.entries)
     for layer, path in paths.items():
         record = {"frame_rate_hz": frame_rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
                   "num_units": int(centroids[layer].shape[0]) if centroids and layer in centroids
                   else int(model.cfg.codebook_size),
-                  "skipped_stems": skipped_paths,  # (as spidr extract records them: see StemKeyed's skipped)
+                  # (as spidr extract records them: see StemKeyed's skipped and root)
+                  "skipped_stems": skipped_paths, "audio_root": root,
                   "units_file_bytes": path.stat().st_size}
         write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")

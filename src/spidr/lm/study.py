@@ -272,7 +272,7 @@ def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind
     """PNMI of the training set's units (``units_dir/train.jsonl``, at ``unit_rate_hz``) against its phone labels
     (the 20 ms ones for a rate dividing 50 Hz, else the 10 ms ones, else the intervals read at the unit rate), and
     unit ABX within / across speaker on the syntactic split (its triphone items), in %."""
-    from spidr.eval.feature_dir import skipped_stems
+    from spidr.eval.feature_dir import audio_root, skipped_stems
     from spidr.eval.items import read_items
     from spidr.eval.unit_quality import read_alignments, unit_quality
     from spidr.eval.units import read_units
@@ -283,7 +283,8 @@ def measure_quality(units_dir: Path, bench: LmBenchInfo, *, num_units: int, kind
     quality = unit_quality(read_units(units_dir / "train.jsonl"), read_alignments(train / labels,
                                                                                   alignment_rate_hz=rate),
                            unit_rate_hz=unit_rate_hz, alignment_rate_hz=rate, num_units=num_units,
-                           skipped=skipped_stems(units_dir / "train.jsonl"))
+                           skipped=skipped_stems(units_dir / "train.jsonl"),
+                           root=audio_root(units_dir / "train.jsonl"))
     out = {"pnmi": quality["pnmi"]}
     syntactic = bench.task_dir("syntactic", kind)
     if (syntactic / "triphone.item").is_file() and (units_dir / "syntactic" / f"{kind}.jsonl").is_file():
