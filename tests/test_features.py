@@ -303,7 +303,8 @@ def test_a_path_finds_the_file_sharing_most_of_its_last_folders_and_a_skipped_on
     one path ends with the other. A skipped file (its features absent) takes every name it matches best, even from
     another root, and then nothing is found: the top file ./0001 of a folder that mirrors spk1/ must not answer for
     the unreadable /c/audio/spk2/0001. A present file whose path differs further up is never found that way."""
-    features = StemKeyed({"0001": np.zeros(1), "other": np.ones(1)}, skipped=["/c/audio/spk2/0001"])
+    features = StemKeyed({"0001": np.zeros(1), "other": np.ones(1)}, skipped=["/c/audio/spk2/0001"],
+                         root="/c/audio/spk1")
     assert list(features) == ["./0001", "other"]
     for name in ("spk1/0001", "./0001", "data/spk1/0001"):
         assert features.resolve(name) == "0001", name
@@ -313,6 +314,13 @@ def test_a_path_finds_the_file_sharing_most_of_its_last_folders_and_a_skipped_on
     with pytest.raises(ValueError, match=r"'/c/audio/spk2/0001' \(skipped: unreadable\)\); name each by one of "
                                          r"those paths \(a skipped file's path finds nothing\)"):
         features.resolve("0001")
+    # Every file read in /x/audio/aug/, the unreadable twin /x/audio/0001: a name as close to both (another root's
+    # copy/0001) names either; aug/0001 and audio/0001 tell them apart.
+    features = StemKeyed({"0001": np.zeros(1)}, skipped=["/x/audio/0001"], root="/x/audio/aug")
+    assert features.resolve("aug/0001") == "0001"
+    assert "audio/0001" not in features
+    with pytest.raises(ValueError, match="name each by one of those paths"):
+        features.resolve("mnt/copy/0001")
     present = StemKeyed({"a/spk1/0001": 0, "a/spk2/0001": 1, "b/fcjf0/sa1": 2, "c/mabc0/sa1": 3})
     assert present.resolve("data/a/spk2/0001") == "a/spk2/0001"  # (it ends with that path)
     assert present.resolve("fcjf0/sa1") == "b/fcjf0/sa1"  # (that path ends with it)

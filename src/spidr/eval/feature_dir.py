@@ -192,7 +192,10 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
             matches = {key: _trailing_match(path, key.removeprefix("./"), self.root) for key in candidates}
             best = max(matches.values())
             found = [key for key, match in matches.items() if match == best]
-            if len(found) == 1 and (best[1] or found[0] in self.skipped):
+            # (as close to a skipped file as to the one it would find: which it names cannot be told)
+            tied = [key for key, match in matches.items() if match[0] == best[0]]
+            if len(found) == 1 and (best[1] or found[0] in self.skipped) and not (
+                    len(tied) > 1 and any(key in self.skipped for key in tied)):
                 return found[0]
         held_by = ", ".join(repr(utterance_name(key, self.shared)) + (" (skipped: unreadable)" if key in self.skipped
                                                                         else "") for key in candidates[:3])
