@@ -329,6 +329,22 @@ def test_a_path_finds_the_file_sharing_most_of_its_last_folders_and_a_skipped_on
             present.resolve(name)
 
 
+def test_a_name_typed_in_the_other_unicode_form_finds_its_file():
+    """A file name copied from macOS holds "e" and a combining accent (NFD), an item file typed elsewhere "é" as
+    one code point (NFC): the same name, which found nothing. Truth: unicodedata's two forms of one string name the
+    same file, by path and by id, and a name in neither form still finds nothing."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "données/élan")
+    features = StemKeyed({nfd: np.zeros(1), "other": np.ones(1)})
+    for name in ("données/élan", "élan", "corpus/données/élan", nfd):
+        assert name in features, ascii(name)
+        assert features.resolve(name) == nfd
+    assert "elan" not in features
+    nfc = StemKeyed({"données/élan": np.zeros(1)})
+    assert nfc.resolve(unicodedata.normalize("NFD", "élan")) == "données/élan"
+
+
 def test_unit_rows_are_named_as_units_and_readers_find_them_when_file_ids_hold_folders(model, tmp_path):
     """Unique manifest ids spk1/0001 and spk2/0001 gave two rows named "0001" (every units reader then refused the
     file), and spidr units named them otherwise. Truth: extract --codebooks and spidr units name the rows alike, no

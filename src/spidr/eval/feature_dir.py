@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import re
+import unicodedata
 from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,14 @@ class StemKeyed(Mapping[str, np.ndarray | torch.Tensor]):
         """The key ``name`` finds (None: none, or a skipped file), or ``ValueError`` where it names several files. A
         path finds a key that is a path only where one ends with the other (``spk2/sa1`` never finds ``spk1/sa1``,
         whose twin may have been skipped); a bare id, or a key named by its id alone (a units file's row), goes by
-        the id."""
+        the id. A name found in neither Unicode form is looked up in the other one (NFC, NFD): "é" typed in an item
+        file is one code point, a file name copied from macOS may hold e and a combining accent."""
         key = self._resolve(name)
+        if key is None and not name.isascii():
+            for form in ("NFC", "NFD"):
+                other = unicodedata.normalize(form, name)
+                if other != name and (key := self._resolve(other)) is not None:
+                    break
         return None if key in self.skipped else key
 
     def names_skipped(self, name: str) -> bool:
