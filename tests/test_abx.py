@@ -514,3 +514,19 @@ def test_max_size_group_draws_a_uniform_seeded_subset():
         groups = Groups.build(Labels.from_items(make_items(rows), context="any"), max_size_group=2, seed=seed)
         kept[groups.members[0]] += 1
     assert np.all(np.abs(kept / 200 - 0.4) < 0.12)
+
+
+def test_across_any_context_collapse_is_a_flat_mean_over_a_and_x_speakers():
+    """mut A3 (across/any collapsed speaker by speaker). Truth (fastabx ``Score.collapse``: columns ending in ``_x``
+    are dropped, then zerospeech_abx's levels = ["speaker"] for context 'any' average every row of an (A, B) pair
+    at once): cell error rates (A speaker 0, X speaker 1) = 1.0, (0, 2) = 1.0, (1, 0) = 0.0 on one phone pair give
+    an error rate of 2/3, not the speaker-by-speaker ½ (``Cells.score`` is a cell's error rate)."""
+    from spidr.eval.abx import _collapse
+    from spidr.eval.abx_scoring import Cells
+
+    zeros = np.zeros(3, dtype=np.int64)
+    cells = Cells(a_phone=zeros, b_phone=zeros + 1, context=zeros, speaker=np.array([0, 0, 1]),
+                  x_speaker=np.array([1, 2, 0]), score=np.array([1.0, 1.0, 0.0]), size=np.ones(3, dtype=np.int64))
+    error_rate, num_pairs = _collapse(cells, context="any")
+    assert num_pairs == 1
+    assert error_rate == pytest.approx(2 / 3)

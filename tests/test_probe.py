@@ -394,3 +394,53 @@ def test_a_test_alignment_naming_several_files_is_refused_before_the_probes_trai
         run_probe(Counted(), "m", train, test, Alignments.from_labels([("y", labels)]), alignment_rate=50.0,
                   test_alignments=Alignments.from_labels([("x", labels)]), settings=ProbeSettings(epochs=1))
     assert Counted.calls == 0
+
+
+class _FixedClasses:
+    """A 'probe' that returns fixed class indices (one per frame)."""
+
+    def __init__(self, classes):
+        self.classes = np.asarray(classes)
+
+    def predict(self, features):
+        return self.classes[: len(features)]
+
+
+class _SixFrames:
+    representations = ("r",)
+    frame_rate = 50.0
+
+    def __call__(self, entries):
+        for entry in entries:
+            yield entry, {"r": np.zeros((6, 2), np.float32)}
+
+
+def test_probe_per_is_edit_errors_over_the_reference_length_not_the_frames():
+    """mut P5 (PER divided by frames). Truth (hand-computed): frames SIL SIL A A B SIL → reference [A, B]; a CTC
+    head emitting only A (blank blank A A blank blank) makes 1 deletion: PER = 1 / 2 = 50 %, not 1 / 6 frames."""
+    pytest.importorskip("editdistance")
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval.probe import score_probes
+    from spidr.eval.unit_quality import Alignments
+
+    alignments = Alignments(("A", "B", "SIL"), {"u1": np.array([2, 2, 0, 0, 1, 2], dtype=np.int16)})
+    classifier = _FixedClasses([2, 2, 0, 0, 1, 2])
+    ctc_head = _FixedClasses([0, 0, 1, 1, 0, 0])  # CTC class c + 1 is phone c: → [A]
+    scores = score_probes(_SixFrames(), {"r": (classifier, ctc_head)}, [ManifestEntry("u1", "u1.wav", 1920)],
+                          alignments, alignment_rate=50.0, silence=np.array([2]))
+    accuracy, per, frames, utterances = scores["r"]
+    assert (frames, utterances) == (6, 1)
+    assert accuracy == pytest.approx(100.0)
+    assert per == pytest.approx(50.0)
+
+
+def test_frame_labels_accept_two_alignment_frames_beyond_the_rounding():
+    """mut P6 (tolerance without the rounding term). Truth (module docstring: 'may differ by at most 2 alignment
+    frames beyond that rounding'): 10 frames at 50 Hz span 20 frames at 100 Hz; 23 alignment frames (3 more, within
+    2 + ratio 2) are accepted and frame t takes alignment frame floor((t + ½)·2) = 2t + 1; 25 (5 more) are refused."""
+    from spidr.eval.probe import frame_labels
+
+    codes = np.arange(23)
+    np.testing.assert_array_equal(frame_labels(codes, 10, frame_rate=50, alignment_rate=100), 2 * np.arange(10) + 1)
+    with pytest.raises(ValueError, match="alignment-rate"):
+        frame_labels(np.arange(25), 10, frame_rate=50, alignment_rate=100, name="u")

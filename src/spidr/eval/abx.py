@@ -180,7 +180,9 @@ def _cap(value: int | None, name: str) -> int | None:
 
 
 def _collapse(cells: Cells, *, context: Context) -> tuple[float, int]:
-    """Mean error over contexts (and X speakers), then speakers, then (A, B) phone pairs (fastabx ``collapse``)."""
+    """Mean error over contexts (and X speakers), then speakers, then (A, B) phone pairs (fastabx ``collapse``). With
+    context "any" every cell of an (A, B) pair is averaged at once, A and X speakers alike (one flat mean, not a mean
+    per A speaker first)."""
     if context == "within":
         keys, scores = _group_mean((cells.a_phone, cells.b_phone, cells.speaker), cells.score)
         keys, scores = _group_mean(keys[:2], scores)
