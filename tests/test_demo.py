@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,18 @@ from spidr.demo import (
 from spidr.train.recipe import check_run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.toml"
+
+
+@dataclasses.dataclass
+class _Row:  # the fields of spidr.eval.report.LayerRow that the demo and the curve read
+    model: str
+    layer: int | None
+    abx_within: float
+    abx_across: float
+    unit_abx_within: float | None = None
+    unit_abx_across: float | None = None
+    quality: dict = dataclasses.field(default_factory=dict)
 ENGINES = ("flite", "festival", "espeak-ng")
 
 TINY_DEMO = """
@@ -397,3 +410,121 @@ def test_a_corpus_of_another_size_names_the_demos_option_and_what_to_delete(tmp_
                                          r"num_utterances_per_voice; --train-hours sets its size\): run the demo with "
                                          rf"another --out, or delete {out}/corpus/train and {out}/runs \(the model"):
         synthesise_corpora(DemoSettings(out_dir=out, config=REPO / "configs" / "demo.toml", train_hours=0.02))
+
+
+def test_spoken_lm_trains_on_the_two_best_head_layers_by_unit_abx(tmp_path, monkeypatch):
+    """(tests/test_demo.py) mut D01 (best by max), D02 (ranked by continuous ABX), D03 (random-init rows taken for the
+    trained model's), D04 (the first two heads), D07 (random init at the worst layer). Truth (by hand, from the
+    docstring "the trained model's best head layers (by unit ABX across speaker) and the random-init model at the
+    best of them"): heads 3-6 with trained unit ABX across 30 / 20 / 25 / 40 → layers (4, 5), random init at 4."""
+    from spidr import demo
+    from spidr.lm import study
+    from spidr.models import build, loading
+
+    trained_model, random_model = SimpleNamespace(head_layers=[3, 4, 5, 6], cfg="cfg"), SimpleNamespace()
+    monkeypatch.setattr(loading, "load_model", lambda checkpoint: trained_model)
+    monkeypatch.setattr(build, "random_init_model", lambda cfg: random_model)
+    studied = []
+    monkeypatch.setattr(study, "run_study", lambda models, out_dir, settings: studied.extend(models) or out_dir)
+    unit = {3: 30.0, 4: 20.0, 5: 25.0, 6: 40.0}
+    continuous = {3: 10.0, 4: 40.0, 5: 30.0, 6: 20.0}  # another order than the units': best 3 and 6
+    random_unit = {3: 50.0, 4: 60.0, 5: 45.0, 6: 41.0}  # the random init's own order: best 6 and 5
+    rows = [_Row("SpidR (trained)", layer, 5.0, continuous.get(layer, 15.0),
+                 unit_abx_across=unit.get(layer), quality={"pnmi": 0.1 * layer})
+            for layer in range(1, 7)]
+    rows += [_Row("SpidR (random init)", layer, 9.0, 30.0, unit_abx_across=random_unit.get(layer))
+             for layer in range(1, 7)]
+    rows.append(_Row("MFCC", None, 4.0, 16.0))
+    settings = demo.DemoSettings(out_dir=tmp_path, config=DEMO_CONFIG)
+    demo.spoken_lm(settings, tmp_path / "final.pt", rows)
+    trained, random_init = studied
+    assert (trained.name, trained.model, trained.layers) == ("SpidR (trained)", trained_model, (4, 5))
+    assert trained.quality[4]["unit_abx_across"] == 20.0
+    assert trained.quality[4]["abx_across"] == 40.0
+    assert (random_init.name, random_init.model, random_init.layers) == ("SpidR (random init)", random_model, (4,))
+    assert random_init.quality[4]["unit_abx_across"] == 60.0
+
+
+def test_demo_test_corpus_holds_the_held_out_voice_and_other_sentences(tmp_path, monkeypatch):
+    """(tests/test_demo.py) mut D05 (the test corpus drawn with the training corpus's seed: the same sentences),
+    D10 (no held-out voice). Truth (the module docstring): the test corpus holds new sentences (another seed than
+    the training corpus) and a voice never heard in training."""
+    from spidr.corpus import synth
+    from spidr.demo import HELD_OUT_VOICES, TRAIN_VOICES, DemoSettings, synthesise_corpora
+
+    made = {}
+
+    def fake(out_dir, **kwargs):
+        made[Path(out_dir).name] = kwargs
+        return Path(out_dir).name
+
+    monkeypatch.setattr(synth, "synthesize_corpus", fake)
+    assert synthesise_corpora(DemoSettings(out_dir=tmp_path, config=DEMO_CONFIG)) == ("train", "test")
+    assert tuple(made["train"]["voices"]) == TRAIN_VOICES
+    assert set(made["test"]["voices"]) == set(TRAIN_VOICES) | set(HELD_OUT_VOICES)
+    assert not set(HELD_OUT_VOICES) & set(made["train"]["voices"])
+    assert made["train"]["seed"] != made["test"]["seed"]
+    assert (made["train"]["hours"], made["test"]["hours"]) == (1.0, 0.2)
+
+
+def test_demo_scores_every_layer_of_both_models_and_probes_on_the_training_corpus(tmp_path, monkeypatch):
+    """(tests/test_demo.py) mut D08 (the top layer left out), D09 (the probes trained on the test corpus), D11 (the
+    trained model scored again as "random init"). Truth: the module docstring (every layer of the trained model, the
+    same model at random initialisation and MFCC scored on the test corpus; probes "trained on part of the training
+    corpus and scored on the test corpus")."""
+    from spidr import demo
+    from spidr.data import manifest
+    from spidr.eval import items, probe, report, unit_quality
+    from spidr.models import build, loading
+
+    trained_model, random_model = SimpleNamespace(num_layers=3, cfg="cfg"), SimpleNamespace(num_layers=3)
+    monkeypatch.setattr(loading, "load_model", lambda checkpoint: trained_model)
+    monkeypatch.setattr(build, "random_init_model", lambda cfg: random_model if cfg == "cfg" else None)
+    monkeypatch.setattr(manifest, "read_manifest", lambda path: f"entries of {Path(path).name}")
+    monkeypatch.setattr(items, "read_items", lambda path: f"items of {Path(path).name}")
+    monkeypatch.setattr(unit_quality, "read_alignments", lambda path: f"alignments of {Path(path).name}")
+    monkeypatch.setattr(report, "write_report", lambda rows, out_dir, **kwargs: Path(out_dir) / "report.md")
+    monkeypatch.setattr(report, "evaluation_settings", lambda **kwargs: {})
+    monkeypatch.setattr(report, "evaluate_mfcc", lambda entries, items: _Row("MFCC", None, 4.0, 16.0))
+    scored = []
+
+    def evaluate_model(model, name, entries, **kwargs):
+        scored.append((model, name, entries, list(kwargs["layers"])))
+        return [_Row(name, layer, 5.0, 10.0) for layer in kwargs["layers"]]
+
+    monkeypatch.setattr(report, "evaluate_model", evaluate_model)
+    test = SimpleNamespace(manifest=tmp_path / "test.csv", triphone_item=tmp_path / "test.item",
+                           alignments_jsonl=tmp_path / "test.jsonl", out_dir=tmp_path / "test")
+    train = SimpleNamespace(manifest=tmp_path / "train.csv", alignments_jsonl=tmp_path / "train.jsonl")
+    settings = demo.DemoSettings(out_dir=tmp_path, config=DEMO_CONFIG)
+    _, rows = demo.evaluate(settings, tmp_path / "final.pt", test)
+    assert scored == [(trained_model, "SpidR (trained)", "entries of test.csv", [1, 2, 3]),
+                      (random_model, "SpidR (random init)", "entries of test.csv", [1, 2, 3])]
+    assert rows[-1].model == "MFCC"
+    probed = {}
+
+    def run_probes(featurizers, train_entries, test_entries, train_alignments, *, test_alignments, settings):
+        probed.update(featurizers=featurizers, train=(train_entries, train_alignments),
+                      test=(test_entries, test_alignments))
+        return [SimpleNamespace(num_train_frames=1, num_test_utterances=1, num_test_frames=1)]
+
+    monkeypatch.setattr(probe, "run_probes", run_probes)
+    monkeypatch.setattr(probe, "ModelFeaturizer", lambda model: model)
+    monkeypatch.setattr(probe, "write_probe_report", lambda rows, out_dir, **kwargs: out_dir)
+    demo.probe(settings, tmp_path / "final.pt", train, test)
+    assert probed["train"] == ("entries of train.csv", "alignments of train.jsonl")
+    assert probed["test"] == ("entries of test.csv", "alignments of test.jsonl")
+    assert probed["featurizers"]["SpidR (trained)"] is trained_model
+    assert probed["featurizers"]["SpidR (random init)"] is random_model
+
+
+def test_demo_validates_on_the_test_corpus(tmp_path):
+    """(tests/test_demo.py) mut D12 (validation.test.manifest set to the training manifest: the validation loss of
+    the training curves measured on the training corpus). Truth: training_config's arguments (train, test)."""
+    from spidr.demo import DemoSettings, training_config
+
+    cfg = training_config(DemoSettings(out_dir=tmp_path, config=DEMO_CONFIG), tmp_path / "train.csv",
+                          tmp_path / "test.csv")
+    assert Path(cfg.data.manifest) == (tmp_path / "train.csv").resolve()
+    assert Path(cfg.validation["test"].manifest) == (tmp_path / "test.csv").resolve()
+    assert Path(cfg.run.workdir) == (tmp_path / "runs").resolve()

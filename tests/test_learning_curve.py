@@ -3,6 +3,7 @@ grid end to end (child processes, cached points, a point added by a rerun)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -14,13 +15,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from spidr import learning_curve
 from spidr.cli import main
 from spidr.learning_curve import (
     CurvePoint,
     CurveSettings,
+    PointSummary,
     baseline_levels,
     curve_recipe,
     markdown_table,
@@ -34,7 +38,7 @@ from spidr.learning_curve import (
     summarise,
     write_curve,
 )
-from test_demo import ENGINES, TINY_DEMO
+from test_demo import DEMO_CONFIG, ENGINES, TINY_DEMO, _Row
 
 
 def test_stretched_schedule_keeps_each_phase_share():
@@ -634,3 +638,237 @@ def test_a_point_at_zero_hours_leaves_the_log_axis_to_the_others() -> None:
     label_log_axis(ax, [0.0, 2.0, 20.0])
     assert ax.get_xscale() == "log"
     fig.canvas.draw()
+
+
+def test_learning_curve_corpora_are_the_demos(tmp_path, monkeypatch):
+    """(tests/test_learning_curve.py) mut L14 (the curve's test corpus without the held-out voice), L15 (the training
+    corpora drawn with the test corpus's seed: test sentences seen in training). Truth: the module docstring ("a
+    synthetic corpus of the demo's ten training voices ... scored like the demo on the demo's test corpus (new
+    sentences and a held-out voice)"; "the corpus of 1 h is the demo's own"): the same voices and seeds as
+    spidr.demo.synthesise_corpora."""
+    from spidr.corpus import synth
+    from spidr.demo import DemoSettings, synthesise_corpora
+
+    calls = []
+    monkeypatch.setattr(synth, "synthesize_corpus", lambda out_dir, **kwargs: calls.append(kwargs) or out_dir)
+    synthesise_corpora(DemoSettings(out_dir=tmp_path / "demo", config=DEMO_CONFIG))
+    demo_train, demo_test = calls
+    calls.clear()
+    settings = CurveSettings(out_dir=tmp_path / "curve", hours=(1.0, 4.0))
+    learning_curve.synthesise(settings, 1.0)
+    learning_curve.synthesise(settings, None)
+    curve_train, curve_test = calls
+    for key in ("voices", "seed", "hours"):
+        assert curve_train[key] == demo_train[key], key
+        assert curve_test[key] == demo_test[key], key
+
+
+def test_each_point_trains_and_is_recorded_with_its_own_seed(tmp_path):
+    """(tests/test_learning_curve.py) mut L06 (run.random_seed not taken from the point: every seed of --seeds
+    trained the same run). Truth: CurvePoint.seed is the point's training seed (--seeds: "training seeds")."""
+    settings = CurveSettings(out_dir=tmp_path, config=DEMO_CONFIG, seeds=(0, 3))
+    point = CurvePoint(1.0, 2200, 3)
+    assert "run.random_seed=3" in learning_curve.point_overrides(settings, point)
+    assert recipe(settings, point)[0]["run"]["random_seed"] == 3
+    path = tmp_path / "point.json"  # seed 0's result is not taken for seed 3's
+    path.write_text(json.dumps({"recipe": recipe(settings, CurvePoint(1.0, 2200, 0))[0]}))
+    with pytest.raises(ValueError, match=r"run\.random_seed: 0 there, 3 now"):
+        reusable(path, recipe(settings, point))
+
+
+def test_a_point_is_trained_scored_on_the_test_corpus_and_recorded(tmp_path, monkeypatch):
+    """(tests/test_learning_curve.py) mut L21 (the training corpus evaluated), L22 (the top layer left out), L23 (the
+    defaults recorded as the recipe), L24 (audio seen not steps × batch audio), L25 (a finished point not reused),
+    L06. Truth: the docstrings (scored on the test corpus, every layer; audio seen = steps × grad_accum_steps ×
+    max_batch_length samples, by hand 6 × 2 × 64,000 / 16,000 / 3,600 h; a finished point is reused)."""
+    from spidr import demo
+    from spidr.data import manifest
+    from spidr.eval import items, probe, report, unit_quality
+    from spidr.models import loading
+
+    corpora = {None: SimpleNamespace(manifest=tmp_path / "test.csv", alignments_jsonl=tmp_path / "test.jsonl",
+                                     triphone_item=tmp_path / "test.item", out_dir=tmp_path / "test", hours=0.2),
+               0.5: SimpleNamespace(manifest=tmp_path / "train.csv", alignments_jsonl=tmp_path / "train.jsonl",
+                                    triphone_item=tmp_path / "train.item", out_dir=tmp_path / "train", hours=0.49)}
+    monkeypatch.setattr(learning_curve, "synthesise", lambda settings, hours: corpora[hours])
+    trained = []
+
+    def pretrain(settings, train_manifest, test_manifest):
+        trained.append((settings.overrides, train_manifest, test_manifest))
+        run = settings.out_dir / "runs" / "demo" / "x"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"data": {"max_batch_length": 64000},
+                                                     "optimizer": {"grad_accum_steps": 2}}))
+        (run / "final.pt").write_bytes(b"")
+        return run / "final.pt"
+
+    monkeypatch.setattr(demo, "pretrain", pretrain)
+    monkeypatch.setattr(loading, "load_model", lambda checkpoint: SimpleNamespace(num_layers=3))
+    monkeypatch.setattr(manifest, "read_manifest", lambda path: f"entries of {Path(path).name}")
+    monkeypatch.setattr(items, "read_items", lambda path: f"items of {Path(path).name}")
+    monkeypatch.setattr(unit_quality, "read_alignments", lambda path: f"alignments of {Path(path).name}")
+    monkeypatch.setattr(probe, "ModelFeaturizer", lambda model: model)
+    monkeypatch.setattr(report, "write_report", lambda *args, **kwargs: None)
+    monkeypatch.setattr(report, "evaluation_settings", lambda **kwargs: {})
+    scored = []
+
+    def evaluate_model(model, name, entries, **kwargs):
+        scored.append((entries, kwargs["items"], kwargs["alignments"], list(kwargs["layers"])))
+        return [_Row(name, layer, 5.0, 10.0) for layer in kwargs["layers"]]
+
+    monkeypatch.setattr(report, "evaluate_model", evaluate_model)
+    settings = CurveSettings(out_dir=tmp_path / "curve", config=DEMO_CONFIG, hours=(0.5,), steps=(6,), seeds=(2,),
+                             probe_frames=0)
+    point = settings.points[0]
+    path = learning_curve.run_point(settings, point)
+    assert scored == [("entries of test.csv", "items of test.item", "alignments of test.jsonl", [1, 2, 3])]
+    ((overrides, train_manifest, test_manifest),) = trained
+    assert {"run.random_seed=2", "optimizer.max_steps=6"} <= set(overrides)
+    assert (train_manifest, test_manifest) == (tmp_path / "train.csv", tmp_path / "test.csv")
+    record = json.loads(path.read_text())
+    assert (record["hours"], record["steps"], record["seed"], record["train_hours"]) == (0.5, 6, 2, 0.49)
+    assert record["recipe"] == recipe(settings, point)[0]
+    assert record["recipe"]["run"]["random_seed"] == 2
+    assert record["audio_hours_seen"] == pytest.approx(6 * 2 * 64000 / 16000 / 3600)
+    assert [row["layer"] for row in record["rows"]] == [1, 2, 3]
+    # a rerun reuses the finished point: nothing is trained or scored again
+    monkeypatch.setattr(demo, "pretrain", lambda *_: pytest.fail("trained again"))
+    assert learning_curve.run_point(settings, point) == path
+    assert len(scored) == 1
+
+
+def test_parallel_children_get_their_share_of_the_threads_and_rebuild_the_same_settings(tmp_path, monkeypatch):
+    """(tests/test_learning_curve.py) mut L10 (every child given all CPU threads), L12 (--only HOURS:SEED:STEPS),
+    L13 (the user's --set not passed to the children). Truth: run_points' docstring ("the CPU threads shared out
+    between them": 8 CPUs / 2 = 4 each) and --only's format HOURS:STEPS:SEED; a child's settings are its parent's."""
+    from spidr.cli import main
+    from spidr.corpus import synth
+
+    seen = {}
+    monkeypatch.setattr(learning_curve, "run_curve",
+                        lambda settings, argv: seen.update(settings=settings, argv=argv) or _curve_md(tmp_path))
+    args = ["learning-curve", "--out", str(tmp_path / "c"), "--config", str(DEMO_CONFIG), "--hours", "0.5,2",
+            "--steps", "10,20", "--seeds", "0,1", "--probe-frames", "0", "--set", "optimizer.lr=1e-3", "--parallel",
+            "2"]
+    assert main(args) == 0
+    parser = argparse.ArgumentParser()
+    learning_curve.register(parser.add_subparsers())
+    child = parser.parse_args(["learning-curve", *seen["argv"], "--only", "2:20:1"])
+    assert tuple(child.overrides) == ("optimizer.lr=1e-3",)
+    assert (child.hours, child.steps, child.seeds, child.probe_frames) == ((0.5, 2.0), (10, 20), (0, 1), 0)
+    assert Path(child.config) == DEMO_CONFIG.resolve()
+
+    monkeypatch.setattr(synth, "default_jobs", lambda: 8)
+    monkeypatch.setattr(learning_curve.time, "sleep", lambda _: None)
+    started = []
+    monkeypatch.setattr(learning_curve, "start_child", lambda command, stdout, env: started.append(
+        (command, env["OMP_NUM_THREADS"])) or SimpleNamespace(poll=lambda: 0, returncode=0))
+    settings = CurveSettings(out_dir=tmp_path / "c", hours=(0.5,), steps=(10, 20), seeds=(1,), parallel=2)
+    learning_curve.run_points(settings, ["--out", "c"], settings.points)
+    assert [threads for _, threads in started] == ["4", "4"]
+    points = [learning_curve.parse_point(command[command.index("--only") + 1]) for command, _ in started]
+    assert points == settings.points
+
+
+def _curve_md(tmp_path: Path) -> Path:
+    path = tmp_path / "curve.md"
+    path.write_text("# curve\n")
+    return path
+
+
+def test_a_child_killed_by_a_signal_is_a_failed_point(tmp_path, monkeypatch):
+    """(tests/test_learning_curve.py) mut L11 (a negative exit status, a child killed by SIGKILL, e.g. by the OOM
+    killer, counted as success: the curve was written without the point, exit status 0). Truth: only a stop
+    requested of this process (or a child's own exit status 3) is a stop; any other non-zero status is a failure."""
+    settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10, 20), parallel=2)
+    exits = iter([0, -signal.SIGKILL])
+    monkeypatch.setattr(learning_curve, "start_child",
+                        lambda *_, **__: SimpleNamespace(poll=lambda: 0, returncode=next(exits)))
+    monkeypatch.setattr(learning_curve.time, "sleep", lambda _: None)
+    with pytest.raises(RuntimeError, match=r"points failed: 1h-20steps-seed0 \(exit -9, see "):
+        learning_curve.run_points(settings, [], settings.points)
+
+
+def test_the_unit_panels_plot_the_best_head(tmp_path, monkeypatch):
+    """(tests/test_learning_curve.py) mut L16 (the PNMI panel at the lowest head's PNMI). Truth: CURVE_PANELS' titles
+    ("best head"): the highest PNMI (0.26 of 0.24-0.26), the lowest unit ABX (34 of 34-36)."""
+    import spidr.extras
+
+    made = []
+    real = spidr.extras.figure
+    monkeypatch.setattr(spidr.extras, "figure", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    point = PointSummary("p", 1.0, 100, 0, 1.0, 5.0, 2, 15.0, 2, None, None, (0.24, 0.26), (34.0, 36.0), None, None)
+    learning_curve.plot_curve([point], None, tmp_path / "curve.png")
+    axes = made[0][1].flat
+    assert list(axes[3].get_lines()[0].get_ydata()) == [34.0]
+    assert list(axes[4].get_lines()[0].get_ydata()) == [0.26]
+
+
+def test_a_point_of_another_recipe_is_left_out_of_the_plot(tmp_path, monkeypatch):
+    """(tests/test_learning_curve.py) mut L17 (the flagged point plotted with the others). Truth: write_curve's
+    docstring ("points of another recipe are flagged in the table and left out of the plot")."""
+    settings = CurveSettings(out_dir=tmp_path, config=DEMO_CONFIG, hours=(4.0,), steps=(8800,))
+    other = CurveSettings(out_dir=tmp_path, config=DEMO_CONFIG, overrides=("optimizer.lr=1e-3",))
+    rows = [{"model": "m", "layer": layer, "abx_within": 3.0, "abx_across": 17.0, "unit_abx_within": None,
+             "unit_abx_across": None, "quality": {}} for layer in (1, 2)]
+    for point, made_by in ((CurvePoint(4.0, 8800, 0), settings), (CurvePoint(1.0, 8800, 0), other)):
+        path = tmp_path / "points" / point.name / "point.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"hours": point.hours, "steps": point.steps, "seed": 0, "audio_hours_seen": 1.0,
+                                    "rows": rows, "recipe": recipe(made_by, point)[0]}))
+    plotted = []
+    monkeypatch.setattr(learning_curve, "plot_curve", lambda points, baselines, path: plotted.extend(points) or path)
+    learning_curve.write_curve(tmp_path, shared=learning_curve.curve_recipe(settings))
+    assert [p.name for p in plotted] == ["4h-8800steps-seed0"]
+
+
+def test_a_point_differing_in_scoring_and_training_names_its_folder_to_delete(tmp_path):
+    """(tests/test_learning_curve.py) mut L07 (any scoring difference taken for scoring only: "delete the file ...
+    the trained model is kept" where the model too was trained otherwise; the rerun then refuses its run folder).
+    Truth: reusable's docstring (model_dir is to be deleted "when more than the scoring differs")."""
+    point = CurvePoint(1.0, 2200, 0)
+    folder = tmp_path / "points" / point.name
+    path = folder / "point.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"recipe": recipe(CurveSettings(out_dir=tmp_path, config=DEMO_CONFIG), point)[0]}))
+    both = recipe(CurveSettings(out_dir=tmp_path, config=DEMO_CONFIG, probe_frames=2000,
+                                overrides=("optimizer.lr=5e-3",)), point)
+    with pytest.raises(ValueError, match=rf"delete {folder} to train and score it again"):
+        reusable(path, both, model_dir=folder)
+
+
+def test_zero_training_hours_are_refused():
+    """(tests/test_learning_curve.py) mut L20 (hours > 0 checked as >= 0). Truth: the error text ("training hours must
+    be > 0")."""
+    with pytest.raises(ValueError, match=r"training hours must be finite and > 0"):
+        CurveSettings(out_dir=Path("x"), hours=(0.0, 1.0))
+
+
+def test_non_finite_training_hours_are_refused_before_any_synthesis():
+    """(tests/test_learning_curve.py) --hours nan or inf passed (`hours <= 0` is False for nan), and the test corpus
+    was synthesised (minutes) before the training corpus was refused. Truth: the demo refuses --train-hours nan
+    before synthesising (test_demo's test_bad_settings_fail_before_any_synthesis)."""
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"training hours must be"):
+            CurveSettings(out_dir=Path("x"), hours=(value,))
+
+
+def test_a_test_manifest_given_with_set_is_refused(tmp_path):
+    """(tests/test_learning_curve.py; or a fifth case of test_a_setting_the_grid_owns_given_with_set_is_refused)
+    mut L33 (validation.test.manifest no longer refused). Truth: --set's help and _OWNED_SETTINGS (the manifests are
+    the curve's own)."""
+    settings = CurveSettings(out_dir=tmp_path, config=DEMO_CONFIG, overrides=("validation.test.manifest=x.csv",))
+    with pytest.raises(ValueError, match=r"--set validation\.test\.manifest=x\.csv: every point is scored on the "
+                                         r"curve's test corpus"):
+        learning_curve.check_overrides(settings)
+
+
+def test_probe_frames_0_trains_no_probe(tmp_path, monkeypatch):
+    """(tests/test_learning_curve.py) mut L34 (probe_frames 0 passed on to run_probes). Truth: --probe-frames' help
+    ("0 skips the probe") and CurveSettings ("0: no probe")."""
+    from spidr.eval import probe
+
+    monkeypatch.setattr(probe, "run_probes", lambda *_, **__: pytest.fail("a probe was trained"))
+    settings = CurveSettings(out_dir=tmp_path, probe_frames=0)
+    assert learning_curve._probe(settings, {"m": object()}, SimpleNamespace(manifest="x", alignments_jsonl="y"),
+                                 [], {}) == []

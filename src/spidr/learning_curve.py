@@ -86,8 +86,8 @@ class CurveSettings:
             if twice:
                 raise ValueError(f"--{name} {','.join(shown)} lists {', '.join(twice)} more than once; give each "
                                  "value once")
-        if any(hours <= 0 for hours in self.hours):
-            raise ValueError(f"training hours must be > 0, got {self.hours}")
+        if not all(math.isfinite(hours) and hours > 0 for hours in self.hours):  # (nan <= 0 is False)
+            raise ValueError(f"training hours must be finite and > 0, got {self.hours}")
         if any(steps < 1 for steps in self.steps):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.parallel < 1:
