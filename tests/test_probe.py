@@ -396,25 +396,6 @@ def test_a_test_alignment_naming_several_files_is_refused_before_the_probes_trai
     assert Counted.calls == 0
 
 
-class _FixedClasses:
-    """A 'probe' that returns fixed class indices (one per frame)."""
-
-    def __init__(self, classes):
-        self.classes = np.asarray(classes)
-
-    def predict(self, features):
-        return self.classes[: len(features)]
-
-
-class _SixFrames:
-    representations = ("r",)
-    frame_rate = 50.0
-
-    def __call__(self, entries):
-        for entry in entries:
-            yield entry, {"r": np.zeros((6, 2), np.float32)}
-
-
 def test_probe_per_is_edit_errors_over_the_reference_length_not_the_frames():
     """mut P5 (PER divided by frames). Truth (hand-computed): frames SIL SIL A A B SIL → reference [A, B]; a CTC
     head emitting only A (blank blank A A blank blank) makes 1 deletion: PER = 1 / 2 = 50 %, not 1 / 6 frames."""
@@ -424,9 +405,9 @@ def test_probe_per_is_edit_errors_over_the_reference_length_not_the_frames():
     from spidr.eval.unit_quality import Alignments
 
     alignments = Alignments(("A", "B", "SIL"), {"u1": np.array([2, 2, 0, 0, 1, 2], dtype=np.int16)})
-    classifier = _FixedClasses([2, 2, 0, 0, 1, 2])
-    ctc_head = _FixedClasses([0, 0, 1, 1, 0, 0])  # CTC class c + 1 is phone c: → [A]
-    scores = score_probes(_SixFrames(), {"r": (classifier, ctc_head)}, [ManifestEntry("u1", "u1.wav", 1920)],
+    classifier = _Fixed([2, 2, 0, 0, 1, 2])
+    ctc_head = _Fixed([0, 0, 1, 1, 0, 0])  # CTC class c + 1 is phone c: → [A]
+    scores = score_probes(_Featurizer(), {"r": (classifier, ctc_head)}, [ManifestEntry("u1", "u1.wav", 1920)],
                           alignments, alignment_rate=50.0, silence=np.array([2]))
     accuracy, per, frames, utterances = scores["r"]
     assert (frames, utterances) == (6, 1)
