@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +50,30 @@ logger = logging.getLogger(__name__)
 def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
     """Output path (without suffix) of each entry, as packed strings: its audio path relative to the deepest common
     folder, with the file name replaced by the file id. Two passes over the paths, no Path object per entry."""
-    manifest = _as_manifest(entries)
+    return _output_paths(_as_manifest(entries))[0]
+
+
+def output_root(entries: Sequence[ManifestEntry]) -> str:
+    """The folder that the output paths (``output_stems``) of ``entries`` start from: recorded as ``audio_root``,
+    so that a name is weighed against the files' full paths (``StemKeyed``'s ``root``)."""
+    return _output_root(_as_manifest(entries))[0] if len(entries) else ""
+
+
+def unread_stems(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]) -> list[str]:
+    """The output paths that ``unread`` (files that a scan could not read: ``ScanResult.unread``) would have had
+    beside ``entries`` (``output_stems``), computed from the same root, so the folder's outputs do not move; one
+    outside that root keeps its full folder (a name still ending with its path). A file that shares its id with
+    one of ``entries`` makes that one's units rows named by path, as if it had been read (``shared_utterance_ids``),
+    and its own path then finds nothing."""
+    if not unread or not len(entries):
+        return []
+    root, with_files = _output_root(_as_manifest(entries))
+    return _placed(unread, root, with_files=with_files)
+
+
+def _output_paths(manifest: Manifest) -> tuple[PackedStrings, str, bool]:
+    """``output_stems`` of ``manifest``, with the root they start from and ``_folders``' ``with_files`` (for
+    ``_placed``)."""
     root, with_files = _output_root(manifest)
     cut = len(root.rstrip("/")) + 1 if root else 0  # "" when archive members sit at the top level
     parts = []
@@ -64,7 +87,7 @@ def output_stems(entries: Sequence[ManifestEntry]) -> PackedStrings:
         parts.append(PackedStrings.from_strings(stems))
     stems = PackedStrings.concatenate(parts)
     _refuse_duplicates(stems, manifest)
-    return stems
+    return stems, root, with_files
 
 
 def _output_root(manifest: Manifest) -> tuple[str, bool]:
@@ -79,15 +102,10 @@ def _output_root(manifest: Manifest) -> tuple[str, bool]:
     return (os.path.commonpath(sorted(parents)) if len(parents) > 1 else next(iter(parents), "")), with_files
 
 
-def unread_stems(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]) -> list[str]:
-    """The output paths that ``unread`` (files that a scan could not read: ``ScanResult.unread``) would have had
-    beside ``entries`` (``output_stems``), computed from the same root, so the folder's outputs do not move; one
-    outside that root keeps its full folder (a name still ending with its path). A file that shares its id with
-    one of ``entries`` makes that one's units rows named by path, as if it had been read (``shared_utterance_ids``),
-    and its own path then finds nothing."""
-    if not unread or not len(entries):
+def _placed(unread: Sequence[ManifestEntry], root: str, *, with_files: bool) -> list[str]:
+    """``unread_stems``, given the entries' root and ``with_files`` (``_output_root``)."""
+    if not unread:
         return []
-    root, with_files = _output_root(_as_manifest(entries))
     cut = len(root.rstrip("/")) + 1 if root else 0
     manifest = Manifest.from_entries(list(unread))
     stems = []
@@ -102,10 +120,20 @@ def unread_stems(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntr
     return stems
 
 
-def audio_root(entries: Sequence[ManifestEntry]) -> str:
-    """The folder that the output paths (``output_stems``) of ``entries`` start from: recorded as ``audio_root``,
-    so that a name is weighed against the files' full paths (``StemKeyed``'s ``root``)."""
-    return _output_root(_as_manifest(entries))[0] if len(entries) else ""
+def not_read_stems(entries: Sequence[ManifestEntry], skipped: Mapping[str, str],
+                   unread: Sequence[ManifestEntry]) -> list[str]:
+    """The output paths of the files that gave no features: the entries at a location in ``skipped`` and the
+    ``unread`` files of their scan (``unread_stems``), sorted: what ``metadata.json`` records as ``skipped_stems``."""
+    manifest = _as_manifest(entries)
+    stems, root, with_files = _output_paths(manifest)
+    return _not_read(manifest, stems, skipped, _placed(unread, root, with_files=with_files))
+
+
+def _not_read(manifest: Manifest, stems: PackedStrings, skipped: Mapping[str, str], unread: Sequence[str]
+              ) -> list[str]:
+    """``not_read_stems`` given the manifest's output paths ``stems`` and the unread files' (``unread_stems``)."""
+    failed = [stems[index] for index in range(len(manifest)) if manifest[index].location in skipped] if skipped else []
+    return sorted([*failed, *unread])
 
 
 def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
@@ -124,19 +152,26 @@ def utterance_names(entries: Sequence[ManifestEntry], unread: Sequence[ManifestE
     """The name of each entry's unit rows as ``spidr extract`` writes them (``_Outputs.utterance``): its utterance
     id, or its path below the folder that holds all the audio where other entries, or files of the scan that could
     not be read (``unread``), share the id (such a name holds a '/', no other does)."""
-    return _named(entries, unread)[0]
+    return named_outputs(entries, unread).names
 
 
-def unread_names(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]) -> list[str]:
-    """The names that the files of ``unread`` would have had beside ``entries`` (``utterance_names``): a units row
-    never has one, but an alignment naming one must find nothing rather than the file that shares its id."""
-    return _named(entries, unread)[1]
+class NamedOutputs(NamedTuple):
+    """``utterance_names`` of the entries, the names that the ``unread`` files would have had beside them (a units
+    row never has one, but an alignment naming one must find nothing rather than the file that shares its id), and
+    the folder the names' paths start from (``output_root``)."""
+
+    names: list[str]
+    unread_names: list[str]
+    root: str
 
 
-def _named(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]) -> tuple[list[str], list[str]]:
-    stems, others = output_stems(entries), unread_stems(entries, unread)
+def named_outputs(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry] = ()) -> NamedOutputs:
+    """``NamedOutputs`` of ``entries`` and ``unread``, their output paths computed once."""
+    stems, root, with_files = _output_paths(_as_manifest(entries))
+    others = _placed(unread, root, with_files=with_files) if len(entries) else []
     shared = shared_utterance_ids(stems, others)
-    return [utterance_name(stem, shared) for stem in stems], [utterance_name(stem, shared) for stem in others]
+    return NamedOutputs([utterance_name(stem, shared) for stem in stems],
+                        [utterance_name(stem, shared) for stem in others], root if len(entries) else "")
 
 
 def _as_manifest(entries: Sequence[ManifestEntry]) -> Manifest:
@@ -211,7 +246,7 @@ class _Outputs:
     def __init__(self, out_dir: Path, stems: PackedStrings, unread: Sequence[str] = (), root: str = "") -> None:
         self.out_dir = out_dir
         self.stems = stems
-        self.root = root  # (audio_root)
+        self.root = root  # (output_root)
         self.unread = sorted(unread)  # (unread_stems)
         # The utterance ids (last components) that several entries hold: spk1/sa1.wav, spk2/sa1.wav; file ids
         # spk1/0001 and spk2/0001 of a manifest; or an entry and a file the scan could not read.
@@ -383,7 +418,8 @@ def extract_part(
     model.eval()
     plan = _Plan(settings, _check_kmeans(model, kmeans))
     manifest = _as_manifest(entries)
-    outputs = _Outputs(out_dir, output_stems(manifest), unread_stems(manifest, unread), audio_root(manifest))
+    stems, root, with_files = _output_paths(manifest)
+    outputs = _Outputs(out_dir, stems, _placed(unread, root, with_files=with_files), root)
     is_long = manifest.num_samples > int(settings.max_seconds * SAMPLE_RATE)  # archive members too (decoded whole)
     mine = shard.members(manifest.num_samples)
     # Unit rows were keyed by the audio file's stem alone before they carried "name": a folder begun then is not
@@ -413,8 +449,8 @@ def extract_part(
             if finished is not None:  # (its parts' unit rows are in codebook_units/ now)
                 logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
                 if "skipped_stems" not in finished:  # (finished by an older spidr: recorded now, see _write_metadata)
-                    stems = _skipped_stems(manifest, outputs.stems, finished.get("skipped", {})) + outputs.unread
-                    finished = _record_skipped_stems(out_dir, plan, finished, stems, outputs.root)
+                    not_read = _not_read(manifest, outputs.stems, finished.get("skipped", {}), outputs.unread)
+                    finished = _record_skipped_stems(out_dir, plan, finished, not_read, outputs.root)
                 # (the parts' units files that a kill after metadata.json left behind)
                 remove_part_units(out_dir, every_part(shard.count))
                 return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False, finished_before=True)
@@ -541,7 +577,7 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     metadata = _metadata(model, plan.saved, checkpoint=checkpoint, num_files=num_files, skipped=dict(skipped))
     # Readers of a layer folder see only the files written: a file whose id a skipped or unread one shared was named
     # by its id alone by spidr units (extract names it by its path), and found by that id for the other file's items.
-    metadata["skipped_stems"] = sorted([*_skipped_stems(manifest, outputs.stems, skipped), *outputs.unread])
+    metadata["skipped_stems"] = _not_read(manifest, outputs.stems, skipped, outputs.unread)
     metadata["audio_root"] = outputs.root
     for layer, units in sorted(plan.kmeans.items()):
         path = units_file(out_dir, units.key)
@@ -566,7 +602,7 @@ def _record_skipped_stems(out_dir: Path, plan: _Plan, metadata: dict[str, Any], 
     from spidr.eval.feature_dir import units_metadata_path
     from spidr.eval.journal import units_file
 
-    metadata = {**metadata, "skipped_stems": sorted(stems), "audio_root": root}
+    metadata = {**metadata, "skipped_stems": stems, "audio_root": root}
     for units in plan.kmeans.values():
         record_path = units_metadata_path(units_file(out_dir, units.key))
         try:
@@ -578,13 +614,6 @@ def _record_skipped_stems(out_dir: Path, plan: _Plan, metadata: dict[str, Any], 
                                                       "audio_root": root}, indent=2) + "\n")
     write_atomically(out_dir / "metadata.json", json.dumps(metadata, indent=1))
     return metadata
-
-
-def _skipped_stems(manifest: Manifest, stems: PackedStrings, skipped: Mapping[str, str]) -> list[str]:
-    """The output paths (``output_stems``) of the entries whose audio, at a location in ``skipped``, was not read."""
-    if not skipped:
-        return []
-    return sorted(stems[index] for index in range(len(manifest)) if manifest[index].location in skipped)
 
 
 def _nothing_read(num_entries: int, skipped: Mapping[str, str]) -> bool:

@@ -306,11 +306,11 @@ def _aligned_lengths(entries: Sequence[ManifestEntry], unread: Sequence[Manifest
     path or unique id, ``names_matched``; ``unread``: the scan's unreadable files, as ``unread_stems``): a bare id
     that several files hold is refused now, not after the extraction and the first layers' ABX."""
     from spidr.eval.feature_dir import names_matched
-    from spidr.eval.folder_extraction import audio_root, unread_stems, utterance_names
+    from spidr.eval.folder_extraction import output_root, unread_stems, utterance_names
 
     samples = {name: entry.num_samples for entry, name in zip(entries, utterance_names(entries, unread), strict=True)}
     matched = names_matched(samples, alignments, source=f"--manifest {manifest}",
-                            skipped=unread_stems(entries, unread), root=audio_root(entries))
+                            skipped=unread_stems(entries, unread), root=output_root(entries))
     if not matched:
         raise ValueError(f"none of the {len(alignments)} utterances of --alignments names a file of --manifest "
                          f"{manifest} (the first is {next(iter(alignments))!r}; the files are named e.g. "
@@ -325,14 +325,14 @@ def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestE
     """What ``evaluate`` would refuse only after extracting every layer (hours on a real corpus): an item file
     that names none of the manifest's files, and alignments that the codebook units' PNMI cannot use."""
     from spidr.eval.feature_dir import StemKeyed
-    from spidr.eval.folder_extraction import audio_root, output_stems, unread_stems
+    from spidr.eval.folder_extraction import output_root, output_stems, unread_stems
     from spidr.models.frames import frame_rate_hz
 
     # The features' names (their files below each layer folder), looked up as evaluate will look them up
     stems = output_stems(entries)
     features = StemKeyed(dict.fromkeys(stems[index] for index in range(len(stems))),
                          source=f"--manifest {args.manifest}", skipped=unread_stems(entries, unread),
-                         root=audio_root(entries))
+                         root=output_root(entries))
     # (every name looked up: one that several files hold is refused now, naming them, rather than after extracting)
     if items.files and not sum(name in features for name in sorted(set(items.files))):
         raise ValueError(f"none of the {len(items)} ABX items of {items.source} names a file of --manifest "

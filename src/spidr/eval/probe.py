@@ -161,7 +161,7 @@ def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, align
 
 class UtteranceNames(dict[str, str]):
     """``{entry.location: its utterance name}`` (``alignment_keys``), with the folder that the names' paths start
-    from (``root``: ``spidr.eval.folder_extraction.audio_root``; None where names of two lists are merged, each
+    from (``root``: ``spidr.eval.folder_extraction.output_root``; None where names of two lists are merged, each
     from its own folder), against which alignments' names are weighed (``StemKeyed``)."""
 
     def __init__(self, names: Mapping[str, str], root: str | None) -> None:
@@ -175,15 +175,15 @@ def alignment_keys(*manifests: Sequence[ManifestEntry], unread: Sequence[Manifes
     extract`` gives its unit rows (``utterance_name`` of its output path), an id that several of all these files
     hold (``spk1/sa1.wav``, ``spk2/sa1.wav``) giving way to the path. By file id alone, one alignment labelled every
     file that holds the id; an unread file's name keeps its alignment from finding the other file."""
-    from spidr.eval.folder_extraction import audio_root, unread_names, utterance_names
+    from spidr.eval.folder_extraction import named_outputs
 
     # One folder above them all (one name per file); a file in both lists is one file. The unread files are named
     # with them (they hold no features: only their names are used).
     entries = list({entry.location: entry for each in manifests for entry in each}.values())
     unread = list({entry.location: entry for entry in unread}.values())
+    named = named_outputs(entries, unread)
     return UtteranceNames({entry.location: name for entry, name in itertools.chain(
-        zip(entries, utterance_names(entries, unread), strict=True),
-        zip(unread, unread_names(entries, unread), strict=True))}, audio_root(entries))
+        zip(entries, named.names, strict=True), zip(unread, named.unread_names, strict=True))}, named.root)
 
 
 def probe_names(train_entries: Sequence[ManifestEntry], test_entries: Sequence[ManifestEntry], *,
@@ -529,12 +529,12 @@ def _keys_of(keys: Mapping[str, str], entries: Sequence[ManifestEntry], unread: 
              ) -> UtteranceNames:
     """The ``keys`` of ``entries`` and of the ``unread`` files named with them, from the folder the names were
     given from (that of ``entries`` where ``keys`` merges two lists)."""
-    from spidr.eval.folder_extraction import audio_root
+    from spidr.eval.folder_extraction import output_root
 
     root = getattr(keys, "root", None)
     return UtteranceNames({entry.location: keys[entry.location] for entry in entries}
                           | {entry.location: keys[entry.location] for entry in unread if entry.location in keys},
-                          audio_root(entries) if root is None else root)
+                          output_root(entries) if root is None else root)
 
 
 def run_probes(featurizers: Mapping[str, object], train_entries: Sequence[ManifestEntry],

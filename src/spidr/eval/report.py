@@ -25,7 +25,7 @@ from spidr.data.manifest import Manifest, ManifestEntry, utterances_digest
 from spidr.eval.abx import abx_error_rate
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed
 from spidr.eval.features import ExtractionSettings
-from spidr.eval.folder_extraction import audio_root, extract_to_directory, output_stems, unread_stems
+from spidr.eval.folder_extraction import extract_to_directory, output_root, output_stems, unread_stems
 from spidr.eval.items import SPEAKER_COLUMN, Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
@@ -191,7 +191,7 @@ def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSet
             logger.warning("MFCC baseline: skipping %s: %s", entry.location, error.reason)
             skipped.append(key)
     # (item #file paths or utterance ids find them; a skipped file's id is held as the model's features hold it)
-    features = StemKeyed(features, source="the corpus", skipped=skipped, root=audio_root(entries))
+    features = StemKeyed(features, source="the corpus", skipped=skipped, root=output_root(entries))
     layer_items = _items_for(items, features)
     _warn_if_one_speaker(items)
     return LayerRow(

@@ -220,18 +220,6 @@ def _write_state(path: Path, identity: Mapping[str, Any], done: Sequence[str]) -
     write_atomically(path, json.dumps({"identity": identity, "done": list(done)}, indent=1) + "\n")
 
 
-def _skipped_paths(found: BenchmarkSet, skipped: Mapping[str, str]) -> list[str]:
-    """The output paths (``output_stems``) of the files of ``found`` that gave no units: those in ``skipped`` and
-    those its scan could not read."""
-    from spidr.eval.folder_extraction import output_stems, unread_stems
-
-    if not skipped:
-        return []
-    stems = output_stems(found.entries)
-    gave_none = [stems[index] for index, entry in enumerate(found.entries) if entry.location in skipped]
-    return sorted([*gave_none, *unread_stems(found.entries, found.unread)])
-
-
 def _check_skipped(name: str, found: BenchmarkSet, skipped: Mapping[str, str]) -> None:
     """Warn about the training files that gave no units; refuse a test set with such files."""
     if not skipped:
@@ -342,7 +330,7 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
     from it)."""
     from spidr.eval.feature_dir import units_metadata_path
     from spidr.eval.features import iter_units
-    from spidr.eval.folder_extraction import audio_root
+    from spidr.eval.folder_extraction import not_read_stems, output_root
 
     with contextlib.ExitStack() as files:  # complete files only: a failure leaves no truncated units file
         handles = {}
@@ -357,13 +345,13 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
                 handles[layer].write(json.dumps({"name": row_names[entry.location], "units": values.tolist()})
                                      + "\n")
         _check_skipped(name, found, skipped)
-    skipped_paths = _skipped_paths(found, skipped)
-    root = audio_root(found.entries)
+    # (the files that gave no units, as spidr extract records them: see StemKeyed's skipped and root)
+    skipped_paths = not_read_stems(found.entries, skipped, found.unread)
+    root = output_root(found.entries)
     for layer, path in paths.items():
         record = {"frame_rate_hz": frame_rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
                   "num_units": int(centroids[layer].shape[0]) if centroids and layer in centroids
                   else int(model.cfg.codebook_size),
-                  # (as spidr extract records them: see StemKeyed's skipped and root)
                   "skipped_stems": skipped_paths, "audio_root": root,
                   "units_file_bytes": path.stat().st_size}
         write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
