@@ -587,3 +587,14 @@ def test_a_member_that_ends_exactly_at_the_archive_s_end_is_read(tmp_path: Path)
     assert read_member(entry) == b"6789"
     with pytest.raises(OSError, match=r"byte range \[6, 11\) lies beyond the end of .*raw\.tar \(10 bytes\)"):
         read_member(dataclasses.replace(entry, byte_size=5))
+
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ("a.wav\t12\nb.wav\t1x\n", r"m\.tsv:3: num_samples = '1x' is not an integer"),
+    ("a.wav\t12\nb.wav\n", r"m\.tsv:3: expected 'relative_path<TAB>num_samples', got 'b\.wav'"),
+])
+def test_tsv_errors_name_the_line(tmp_path: Path, rows: str, message: str) -> None:
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\n{rows}")
+    with pytest.raises(ValueError, match=message):
+        read_manifest(tmp_path / "m.tsv")

@@ -12,7 +12,13 @@ import torch
 
 from conftest import REFERENCE, requires_shared
 from spidr.config import MaskingConfig
-from spidr.data.masking import compute_mask_indices, span_mask, span_mask_from_lengths
+from spidr.data.masking import (
+    _place_without_overlap,
+    _span_lengths,
+    compute_mask_indices,
+    span_mask,
+    span_mask_from_lengths,
+)
 
 
 def runs(row: torch.Tensor) -> list[tuple[int, int]]:
@@ -211,3 +217,68 @@ def test_a_row_barely_longer_than_its_spans_takes_the_reference_start_range():
                                         generator=generator).sum()) == 12 for _ in range(draws))
     sigma = math.sqrt(draws * (1 / 3) * (2 / 3))
     assert abs(full - draws / 3) < 5 * sigma, full
+
+
+
+def test_uniform_span_lengths_take_every_integer_from_mask_other_to_twice_the_length() -> None:
+    """Spec §5: "uniform" → integers in [mask_other, 2l], both ends included (fairseq's randint(other, 2l + 1))."""
+    lengths = _span_lengths(3000, 1000, selection="uniform", mask_length=5, mask_other=3.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert set(lengths) == set(range(3, 11))
+
+
+def test_normal_span_lengths_are_clipped_to_at_least_one_frame() -> None:
+    """Spec §5: round(N(l, mask_other)) clipped to >= 1. With l = 1, sigma = 3 more than half the draws round to
+    <= 0: they all become 1 (no empty and no negative span)."""
+    lengths = torch.tensor(_span_lengths(4000, 1000, selection="normal", mask_length=1, mask_other=3.0,
+                                         generator=torch.Generator().manual_seed(0)))
+    assert int(lengths.min()) == 1
+    assert (lengths == 1).float().mean().item() > 0.5  # P(round(N(1, 3)) <= 1) = P(N < 1.5) = 0.57
+
+
+def test_when_every_span_is_empty_the_first_becomes_one_frame_shorter_than_the_row() -> None:
+    """Spec §5 step 2: if all lengths are 0, the first becomes min(l, sz − 1), so a row is never wholly masked by
+    this fallback. One uniform span in [0, 20] is 0 for some seed: find it with the same draw."""
+    seed = next(s for s in range(1000)
+                if int(torch.randint(0, 21, (1,), generator=torch.Generator().manual_seed(s))) == 0)
+    for frames, expected in ((5, 4), (50, 10)):
+        lengths = _span_lengths(1, frames, selection="uniform", mask_length=10, mask_other=0.0,
+                                generator=torch.Generator().manual_seed(seed))
+        assert lengths == [expected], frames
+
+
+def test_a_span_as_long_as_the_row_fits_without_overlap() -> None:
+    """A span fits an interval of exactly its length: one span of 10 in 10 frames masks them all."""
+    assert _place_without_overlap(10, [10], 0, torch.Generator().manual_seed(0)).tolist() == list(range(10))
+    mask = compute_mask_indices((1, 10), None, mask_prob=0.0, mask_length=10, min_masks=1, no_overlap=True,
+                                generator=torch.Generator().manual_seed(0))
+    assert mask.all()
+
+
+def test_no_overlap_keeps_a_free_fragment_as_long_as_the_shortest_span() -> None:
+    """7 frames, two spans of 3, min_space 1. The first starts at o in 0..4 (uniform); a fragment of exactly 3 free
+    frames is left only when o is 0 (frames 4..6) or 4 (frames 0..2), and the second span then fills it; for
+    o in 1..3 it fits nowhere and is dropped. So: either runs (0, 3), (4, 3), or one run starting at 1, 2 or 3."""
+    outcomes: Counter[tuple[tuple[int, int], ...]] = Counter()
+    for seed in range(80):
+        (row,) = compute_mask_indices((1, 7), None, mask_prob=0.0, mask_length=3, min_masks=2, no_overlap=True,
+                                      min_space=1, generator=torch.Generator().manual_seed(seed))
+        found = tuple(runs(row))
+        assert found == ((0, 3), (4, 3)) or (len(found) == 1 and found[0][1] == 3 and found[0][0] in (1, 2, 3)), found
+        outcomes[found] += 1
+    assert outcomes[((0, 3), (4, 3))] >= 15  # P = 2/5: expected 32 of 80
+
+
+def test_no_overlap_places_the_longest_span_first() -> None:
+    """Spec §5 step 4: longest first. Spans of 8 and 2 in 10 frames: the 8 goes first at 0, 1 or 2, and the 2 fits
+    beside it unless the 8 sits at 1. So the 8-frame span is always placed (shortest first, the 2 would usually
+    leave no room for it)."""
+    totals = Counter()
+    for seed in range(60):
+        placed = _place_without_overlap(10, [2, 8], 0, torch.Generator().manual_seed(seed)).tolist()
+        if len(placed) == 8:
+            assert placed == list(range(1, 9))
+        else:
+            assert placed == list(range(10))
+        totals[len(placed)] += 1
+    assert set(totals) == {8, 10}

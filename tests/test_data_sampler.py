@@ -318,3 +318,69 @@ def test_percentile_buckets_hold_equal_shares_of_the_utterances() -> None:
     sampler = BucketBatchSampler(lengths, max_batch_length=10**6, num_buckets=4, bucket_method="percentile")
     assert np.bincount(sampler.buckets, minlength=4).tolist() == [4, 4, 4, 4]
 
+
+
+
+def two_batches(**kwargs: object) -> BucketBatchSampler:
+    return BucketBatchSampler([20_000] * 4, max_batch_length=40_000, num_buckets=1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_fewer_batches_than_ranks_are_repeated_cyclically_so_every_rank_gets_one() -> None:
+    """2 batches, 5 ranks: 3 repeats (batches 0, 1, 0 of the epoch's order), every rank one batch, each utterance
+    on a non-repeat batch exactly once."""
+    distinct = two_batches().global_batches(0)
+    assert len(distinct) == 2
+    samplers = [two_batches(rank=r, world_size=5) for r in range(5)]
+    assert samplers[0].global_batches(0) == [distinct[0], distinct[1], distinct[0], distinct[1], distinct[0]]
+    assert [len(s) for s in samplers] == [1] * 5
+    assert [s.is_repeat(0, 0) for s in samplers] == [False, False, True, True, True]
+    kept = Counter(i for s in samplers for b in s.batches(0) if not s.is_repeat(0, 0) for i in b)
+    assert sorted(kept) == [0, 1, 2, 3]
+    assert set(kept.values()) == {1}
+
+
+def test_shuffled_epochs_shuffle_the_order_of_the_batches() -> None:
+    """Spec §6.4: the list of batches is permuted each epoch. Ten short utterances make one batch and ten long ones
+    five: the short batch must not always come first (it does unshuffled)."""
+    lengths = [10_000] * 10 + [50_000] * 10
+    shuffled = BucketBatchSampler(lengths, max_batch_length=100_000, num_buckets=2)
+    ordered = BucketBatchSampler(lengths, max_batch_length=100_000, num_buckets=2, shuffle=False)
+    where = Counter()
+    for epoch in range(60):
+        batches = shuffled.batches(epoch)
+        assert len(batches) == 6
+        (position,) = [k for k, b in enumerate(batches) if len(b) == 10]
+        where[position] += 1
+    assert len(where) >= 4  # uniform over 6 places: all 6 almost surely within 60 epochs
+    assert [len(b) for b in ordered.batches(0)] == [10, 2, 2, 2, 2, 2]
+
+
+def test_a_state_saved_in_a_later_epoch_resumes_at_its_position() -> None:
+    """A trainer saves at every checkpoint: the state of epoch 1 must carry epoch 1's fingerprint, not the one first
+    computed in epoch 0 (a resume would then restart the epoch)."""
+    lengths = np.random.default_rng(0).integers(1000, 60_000, size=300).tolist()
+    kwargs = {"max_batch_length": 150_000, "min_sample_size": 2000, "max_sample_size": 40_000, "num_buckets": 20}
+    sampler = BucketBatchSampler(lengths, **kwargs)
+    sampler.state_dict()  # a checkpoint in epoch 0
+    list(sampler)
+    iterator = iter(sampler)
+    consumed = [next(iterator) for _ in range(3)]
+    state = sampler.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 3)
+    resumed = BucketBatchSampler(lengths, **kwargs)
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.position) == (1, 3)
+    assert consumed + list(resumed) == list(BucketBatchSampler(lengths, **kwargs).batches(1))
+
+
+def test_a_resume_under_another_seed_says_the_seed_changed(caplog: pytest.LogCaptureFixture) -> None:
+    saved = two_batches(seed=5)
+    next(iter(saved))
+    state = saved.state_dict()
+    for fresh_state in (state, {k: v for k, v in state.items() if k != "fingerprint"}):  # also as saved before it
+        other = two_batches(seed=6)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            other.load_state_dict(fresh_state)
+        assert "seed" in caplog.text
+        assert (other.epoch, other.position) == (0, 0)
