@@ -155,3 +155,19 @@ def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     assert got[1] == expected[1]
     assert got[3] == expected[3]
     assert torch.equal(got[2], expected[2])
+
+
+def test_keep_latest_never_deletes_the_checkpoint_it_has_just_written(tmp_path):
+    """A truncated final.pt (load_latest skips it: 'for instance one copied in by hand and truncated') must not make
+    the purge delete every checkpoint the run goes on to write: a kill would then lose all its progress."""
+    from spidr.train.checkpoint import int_tensor
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final.pt").write_bytes(b"PK\x03\x04 cut short")
+    checkpointer = Checkpointer(run, save_interval=3, keep_latest=1)
+    assert checkpointer.load_latest() is None
+    written = checkpointer.save({"model": {}, "optimizer": {}, "step": int_tensor(3)}, step=3)
+    assert written.is_file()
+    path, _ = checkpointer.load_latest()
+    assert path == written

@@ -248,3 +248,17 @@ def test_excluded_parameters_stay_out_even_when_to_freeze_names_them_too() -> No
     assert not [n for n in names if n.startswith("teacher")]
     assert sorted(names) == ["feature_extractor.bias", "feature_extractor.weight", "student.bias", "student.weight"]
 
+
+
+def test_tristage_without_a_decay_drops_to_the_final_scale_after_the_hold():
+    """Truth (spec §7.2 with decay_steps = 0): peak up to warmup + hold inclusive, then final_lr_scale at once."""
+    cfg = OptimizerConfig(warmup_steps=0, hold_steps=10, decay_steps=0, final_lr_scale=0.05)
+    assert lr_multiplier(10, cfg) == 1.0
+    assert lr_multiplier(11, cfg) == 0.05
+    assert lr_multiplier(1000, cfg) == 0.05
+
+
+def test_the_optimizer_takes_the_configured_weight_decay_in_both_groups():
+    """optimizer.weight_decay other than AdamW's own default (0.01, the config default too)."""
+    optimizer = build_optimizer(Toy(), OptimizerConfig(weight_decay=0.05), device=torch.device("cpu"))
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.05]

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
 import os
 import re
@@ -28,11 +30,13 @@ from spidr.data.loader import build_dataloader
 from spidr.models.build import build_model
 from spidr.train import loop
 from spidr.train.checkpoint import Checkpointer, read_int
+from spidr.train.environment import DistributedEnvironment
 from spidr.train.loop import StepOutput, TrainingDivergedError, _account, _Interval, train, train_step
-from spidr.train.metrics import read_metrics
-from spidr.train.optim import build_optimizer, build_scheduler
+from spidr.train.metrics import collapsed_codebooks, read_metrics
+from spidr.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from spidr.train.plot import plot_training
 from spidr.train.precision import Precision, cpu_has_native_bf16, resolve_precision
+from spidr.train.validate import validate
 from train_fixtures import tiny_config, tiny_config_dict, write_corpus, write_toml
 
 FP32 = Precision("cpu", None)
@@ -1181,3 +1185,280 @@ def test_a_stop_before_a_step_names_the_unread_skipped_steps_by_their_number(cap
     skipped = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
     assert len(skipped) == 1
     assert skipped[0].startswith("step 7:"), skipped
+
+
+# (tests below: behaviours that a mutation round over spidr.train, 55 mutants, found untested)
+
+CPU = torch.device("cpu")
+NO_DROPOUT = {"encoder_dropout": 0.0, "encoder_attention_dropout": 0.0, "encoder_layer_drop": 0.0}
+
+
+def _batches(cfg, count: int) -> list:
+    loader, _ = build_dataloader(cfg.data, cfg.masking, conv_layers=cfg.model.extractor_conv_layer_config)
+    stream = iter(loader)
+    return [next(stream) for _ in range(count)]
+
+
+def _forward(model, batch):
+    return model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask, mask_count=batch.mask_count)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train_step: gradient accumulation's logged values, the clip norm
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_micro_batches_log_the_global_per_frame_loss_and_the_mean_of_their_metrics(tmp_path, corpus):
+    """Truth (recomputed by hand on a copy that sees the same two training forwards): with two micro-batches the
+    logged loss is (Σ frame losses of both) / (N1 + N2), and the forward's metrics are the mean over the two
+    micro-batches (spec §4.4; StepOutput.metrics)."""
+    cfg = tiny_config(tmp_path, corpus, model=NO_DROPOUT)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    by_hand = copy.deepcopy(model)
+    first, second = _batches(cfg, 2)
+    optimizer = build_optimizer(model, cfg.optimizer, device=CPU)
+    out = train_step(model, [first, second], optimizer, build_scheduler(optimizer, cfg.optimizer), step=0,
+                     precision=FP32, scaler=None, max_norm=10.0)
+    with torch.no_grad():
+        results = [_forward(by_hand, b) for b in (first, second)]
+    frames = int(first.mask.sum() + second.mask.sum())
+    assert int(first.mask.sum()) != int(second.mask.sum())  # unequal micro-batches: a per-batch mean would differ
+    metrics = out.metrics
+    assert metrics["num_frames"] == frames
+    expected_loss = sum(losses.double().sum().item() for losses, _ in results) / frames
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert metrics["target_ppl"] == pytest.approx(sum(m["target_ppl"].item() for _, m in results) / 2, rel=1e-6)
+    assert metrics["pred_ppl"] == pytest.approx(sum(m["pred_ppl"].item() for _, m in results) / 2, rel=1e-6)
+    for name in ("loss_per_codebook", "active_codewords"):
+        expected = ((results[0][1][name].double() + results[1][1][name].double()) / 2).tolist()
+        assert metrics[name] == pytest.approx(expected, rel=1e-6), name
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_the_step_clips_the_gradient_to_its_max_norm(tmp_path, corpus, max_norm):
+    """Truth: the gradient AdamW sees has total norm min(max_norm, pre-clip norm), and the logged grad_norm is the
+    pre-clip norm (read in a step pre-hook of the optimizer)."""
+    model, optimizer, scheduler, batch = _one_step_set_up(tiny_config(tmp_path, corpus))
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.linalg.vector_norm(torch.stack(
+        [p.grad.norm() for group in opt.param_groups for p in group["params"] if p.grad is not None])).item()))
+    out = train_step(model, [batch], optimizer, scheduler, step=0, precision=FP32, scaler=None, max_norm=max_norm)
+    pre_clip = out.metrics["grad_norm"]
+    assert pre_clip > 0.05  # so that the small max_norm clips
+    assert seen == [pytest.approx(min(max_norm, pre_clip), rel=1e-4)]
+
+
+def test_the_logged_lr_is_the_main_group_s_not_the_front_end_s(tmp_path, corpus):
+    """Truth (spec §7.2): the lr a step reports is optimizer.lr × lr_multiplier(step), the transformer's; the front
+    end's group runs at feature_encoder_lr_scale times that."""
+    cfg = tiny_config(tmp_path, corpus, optimizer={"feature_encoder_lr_scale": 0.1})
+    model, optimizer, scheduler, batch = _one_step_set_up(cfg)
+    for step in range(2):
+        out = train_step(model, [batch], optimizer, scheduler, step=step, precision=FP32, scaler=None, max_norm=10.0)
+        assert out.lr == pytest.approx(cfg.optimizer.lr * lr_multiplier(step, cfg.optimizer), rel=1e-12)
+        assert out.metrics["lr"] == out.lr
+
+
+def test_the_run_clips_with_the_configured_max_norm(tmp_path, corpus, monkeypatch):
+    """optimizer.max_norm reaches every step (the default 10 is what the other tests use)."""
+    calls = []
+    real = loop.train_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["max_norm"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    assert train(tiny_config(tmp_path, corpus, optimizer={"max_steps": 2, "max_norm": 0.25})) == "completed"
+    assert calls == [0.25, 0.25]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NaN/Inf skip
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_skipped_float16_step_halves_the_loss_scale(tmp_path, corpus, monkeypatch):
+    """Truth (GradScaler's contract, backoff_factor 0.5): an overflowing step lowers the scale, or float16 training
+    overflows again at every step until run.max_consecutive_nonfinite stops it."""
+    model, optimizer, scheduler, batch = _one_step_set_up(tiny_config(tmp_path, corpus))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _poison(model, monkeypatch)
+    out = train_step(model, [batch], optimizer, scheduler, step=0, precision=FP32, scaler=scaler, max_norm=10.0)
+    assert out.skipped
+    assert scaler.get_scale() == 512.0
+    assert not optimizer.state
+
+
+def test_a_skipped_step_s_warning_names_the_step_it_retries(tmp_path, corpus, monkeypatch, caplog):
+    """Truth: with run.host_sync = "step" a skipped step is not counted; the run is at step 0, and the step that was
+    skipped (and is tried again) is step 1, as the log-step path numbers it."""
+    _poison_every_model(monkeypatch)
+    cfg = tiny_config(tmp_path, corpus, run={"max_consecutive_nonfinite": 2, "host_sync": "step"})
+    with caplog.at_level(logging.WARNING, logger="spidr"), pytest.raises(loop.TrainingDivergedError):
+        train(cfg)
+    skipped = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert len(skipped) == 2
+    assert all(message.startswith("step 1: non-finite loss") for message in skipped), skipped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The data stream across a resume at an epoch's end
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_resume_at_the_end_of_an_epoch_goes_on_to_the_next_epoch():
+    """A checkpoint after an epoch's last batch: the restored loader yields nothing more in that epoch (it had
+    yielded before the checkpoint, yielded_in_epoch = True). That is not an empty training set: the stream goes on."""
+
+    class Loader:
+        yielded_in_epoch = True  # restored from the checkpoint
+
+        def __init__(self):
+            self.epochs = 0
+
+        def __iter__(self):
+            self.epochs += 1
+            if self.epochs == 1:  # what was left of the checkpoint's epoch: nothing
+                return iter(())
+            self.yielded_in_epoch = True
+            return iter([10 * self.epochs, 10 * self.epochs + 1])
+
+    stream = loop._batches(Loader())
+    assert [next(stream) for _ in range(3)] == [20, 21, 30]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _step(loss_sum: float, frames: float, *, skipped: bool = False) -> StepOutput:
+    """A step's output as train_step packs it (one codebook): loss sum, ranks non-finite, ranks stopping, grad norm,
+    frames, samples, utterances, then target/pred ppl and the four per-codebook values."""
+    values = [loss_sum, float(skipped), 0, 1, frames, 160, 2, 5, 5, 1, 5, 5, 3]
+    return StepOutput(torch.tensor(values, dtype=torch.float64), lr=1e-3, ema_decay=None)
+
+
+def test_a_logging_interval_s_record_averages_its_own_taken_steps_only():
+    """Truth (hand-computed): the first interval's steps have per-frame losses 0.1 and 0.3 (mean 0.2) besides one
+    skipped step (infinite loss, not averaged); the second interval's one step has loss 0.5, its own mean."""
+    interval = _Interval()
+    interval.add(_step(1.0, 10))
+    interval.add(_step(math.inf, 10, skipped=True))
+    interval.add(_step(6.0, 20))
+    first = interval.close(lr=1e-3, ema_decay=0.999, epoch=0)
+    assert first["loss"] == pytest.approx(0.2)
+    assert first["num_frames"] == pytest.approx(15.0)
+    assert first["skipped_steps"] == 1
+    interval.add(_step(5.0, 10))
+    second = interval.close(lr=1e-3, ema_decay=0.999, epoch=0)
+    assert second["loss"] == pytest.approx(0.5)
+    assert second["skipped_steps"] == 0
+
+
+def test_a_logging_interval_s_skipped_count_survives_its_checkpoint():
+    """Truth (hand-counted): one skipped and one taken step before the checkpoint, one taken after: the interval's
+    record says 1 skipped step, as the uninterrupted run's does."""
+    interval = _Interval()
+    interval.add(_step(math.inf, 10, skipped=True))
+    interval.add(_step(1.0, 10))
+    resumed = _Interval()
+    resumed.load_state_dict(copy.deepcopy(interval.state_dict()))
+    resumed.add(_step(3.0, 10))
+    record = resumed.close(lr=1e-3, ema_decay=0.999, epoch=0)
+    assert record["skipped_steps"] == 1
+    assert record["loss"] == pytest.approx(0.2)
+
+
+def test_the_front_end_group_is_dropped_at_the_start_of_the_step_after_the_freeze(tmp_path, corpus):
+    """Truth (spec §4.7): the extractor freezes in update_ema(freeze_step); at the start of the next iteration
+    (step == freeze_step) the trainer deletes the optimizer's second group and its Adam state. A run of
+    freeze_step + 1 steps ends with one group."""
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 3}, model={"freeze_step": 2},
+                      run={"save_interval": 10})
+    assert train(cfg) == "completed"
+    state = torch.load(cfg.run.run_dir / "final.pt", weights_only=True)
+    assert len(state["optimizer"]["param_groups"]) == 1
+    model = build_model(cfg.model)
+    trained = [p for name, p in model.named_parameters()
+               if not name.startswith(("teacher", "feature_extractor", "feature_projection"))]
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == len(trained)
+
+
+def test_a_run_resumed_at_its_freeze_step_keeps_the_front_end_frozen(tmp_path, corpus):
+    """Truth (spec §4.7): from model.freeze_step on, the conv extractor and projection do not train. A run stopped
+    right at that step (update_ema(freeze_step) froze them) and resumed must rebuild the model frozen."""
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2}, model={"freeze_step": 2})
+    assert train(cfg) == "completed"
+    longer = tiny_config(tmp_path, corpus, optimizer={"max_steps": 3}, model={"freeze_step": 2})
+    model = build_model(longer.model)
+    loader, sampler = build_dataloader(longer.data, longer.masking,
+                                       conv_layers=longer.model.extractor_conv_layer_config)
+    run, fresh = loop._start_or_resume(longer, model, sampler=sampler, loader=loader, scaler=None,
+                                       checkpointer=Checkpointer(longer.run.run_dir, save_interval=3),
+                                       denv=DistributedEnvironment(), device=CPU)
+    assert not fresh
+    assert run.step == 2
+    assert model.feature_encoder_frozen
+    assert not any(p.requires_grad for p in model.feature_extractor.parameters())
+
+
+def test_a_run_started_from_initial_weights_starts_its_schedules_at_step_0(tmp_path, corpus):
+    """run.init_ckpt of a finished run (current_step 3): the new run's step_0.pt says step 0, or a resume from it
+    would take the old step for this run's (and freeze the front end when it is past freeze_step)."""
+    first = tiny_config(tmp_path / "a", corpus, optimizer={"max_steps": 3}, model={"freeze_step": 3})
+    assert train(first) == "completed"
+    final = first.run.run_dir / "final.pt"
+    assert int(torch.load(final, weights_only=True)["model"]["current_step"]) == 3
+    second = tiny_config(tmp_path / "b", corpus, optimizer={"max_steps": 1}, model={"freeze_step": 3},
+                         run={"init_ckpt": str(final)})
+    assert train(second) == "completed"
+    step_0 = torch.load(second.run.run_dir / "step_0.pt", weights_only=True)
+    assert int(step_0["model"]["current_step"]) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation and the collapse warning
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_validation_is_the_mean_of_each_batch_s_eval_metrics_and_changes_nothing(tmp_path, corpus):
+    """Truth (recomputed on a copy in eval mode, batch by batch): the validation loss is the mean over batches of each
+    batch's per-frame loss, and each per-codebook list is the mean of the batches' lists. The model's weights,
+    codebooks and training mode, and the global RNG (here drawn from by the batches' iterable, as a DataLoader
+    without a generator does), are as before."""
+    cfg = tiny_config(tmp_path, corpus)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    batches = _batches(cfg, 2)
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        results = [_forward(reference, b) for b in batches]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def drawing():
+        for batch in batches:
+            torch.rand(1)
+            yield batch
+
+    torch.manual_seed(1)
+    rng = torch.get_rng_state()
+    scores = validate(model, drawing(), device=CPU, precision=FP32)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert scores["num_batches"] == 2
+    assert scores["loss"] == pytest.approx(sum(losses.mean().item() for losses, _ in results) / 2, rel=1e-6)
+    assert abs(scores["loss"] - math.log(16)) < 0.2  # near-uniform predictions over V = 16 at initialisation
+    for name in ("loss_per_codebook", "target_ppl_per_codebook", "pred_ppl_per_codebook", "active_codewords"):
+        expected = ((results[0][1][name].double() + results[1][1][name].double()) / 2).tolist()
+        assert scores[name] == pytest.approx(expected, rel=1e-6), name
+
+
+def test_the_collapse_warning_is_below_5_percent_of_the_codebook_size():
+    """Truth (hand-computed): with 16 codewords the threshold is a target perplexity of 0.8."""
+    assert collapsed_codebooks([0.79, 0.81, 10.0], 16) == [0]
+    assert collapsed_codebooks([12.0, 13.0], 256) == [0]

@@ -70,7 +70,7 @@ class Checkpointer:
         _remove_stale_temporaries(self.run_dir)
         atomic_torch_save(state, path)
         logger.info("saved checkpoint %s", path)
-        self._purge()
+        self._purge(keep=path)
         return path
 
     def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
@@ -109,10 +109,12 @@ class Checkpointer:
             os.replace(final, renamed)
         logger.info("the run goes on past step %d: %s is now %s", step, final.name, renamed.name)
 
-    def _purge(self) -> None:
+    def _purge(self, *, keep: Path) -> None:
         if self.keep_latest < 1:
             return
         for path in self.checkpoints()[: -self.keep_latest]:
+            if path == keep:  # ranked below a newer file that does not load: never the one just written
+                continue
             path.unlink(missing_ok=True)
             logger.info("removed old checkpoint %s (run.keep_latest = %d)", path, self.keep_latest)
 
