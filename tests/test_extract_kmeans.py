@@ -459,3 +459,70 @@ def test_two_k_means_layers_in_one_short_batch(tmp_path):
         for r in rows:
             features = np.load(tmp_path / "f" / f"layer_{layer:02d}" / f"{r['name']}.npy")
             np.testing.assert_array_equal(r["units"], assign_units(features, centroids[layer]))
+
+
+def test_centroids_are_refused_for_another_model_s_features_or_the_other_side_of_the_residual(tmp_path, capsys):
+    """spidr kmeans records which model's features it fitted on (a fingerprint of the weights that compute them) and
+    on which side of the residual add they were taken; `units` and `extract --kmeans` refuse the centroids for
+    another model's features of the same layer and width, or for the layer's output after its residual add, naming
+    both checkpoints: their units would be clusters of another feature space. The exported student of the same model
+    gives the same features: accepted, with the units of the full checkpoint's."""
+    from spidr.cli import main
+    from spidr.models.loading import export_safetensors
+    from spidr.models.student import Student
+    from train_fixtures import write_corpus
+
+    manifest = write_corpus(tmp_path / "corpus", num_files=3, seconds=(0.4, 0.6))
+    checkpoints, models = {}, {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        models[name] = build_model(SpidRConfig(**EXTRACTION_MODEL))
+        checkpoints[name] = tmp_path / f"{name}.safetensors"
+        export_safetensors(models[name], checkpoints[name])
+    student = Student(models["a"].cfg)
+    student.load_state_dict({k: v for k, v in models["a"].state_dict().items() if k in student.state_dict()})
+    checkpoints["a_student"] = tmp_path / "a_student.safetensors"
+    export_safetensors(student, checkpoints["a_student"])
+
+    def extract(checkpoint: str, out: str, *extra: str) -> int:
+        return main(["extract", "--checkpoint", str(checkpoints[checkpoint]), "--manifest", str(manifest),
+                     "--out", str(tmp_path / out), *extra])
+
+    for checkpoint, out, extra in (("a", "A", ()), ("b", "B", ()), ("a", "A_after", ("--after-residual",)),
+                                   ("a_student", "A_student", ())):
+        assert extract(checkpoint, out, "--layers", "2", *extra) == 0
+    centroids = tmp_path / "c.safetensors"
+    assert main(["kmeans", str(tmp_path / "A" / "layer_02"), "--num-units", "4", "--out", str(centroids)]) == 0
+    capsys.readouterr()
+
+    def units(features: str) -> int:
+        return main(["units", str(tmp_path / features / "layer_02"), "--centroids", str(centroids),
+                     "--out", str(tmp_path / f"{features}.jsonl")])
+
+    assert units("A") == 0
+    assert units("A_student") == 0
+    reference = read_units(tmp_path / "A.jsonl")
+    assert len(reference) == 3
+
+    def same_units(path) -> bool:
+        found = read_units(path)
+        return found.keys() == reference.keys() and all(np.array_equal(found[k], reference[k]) for k in reference)
+
+    assert same_units(tmp_path / "A_student.jsonl")
+    assert units("B") == 2
+    error = capsys.readouterr().err
+    assert f"fitted on the features of another model ({checkpoints['a']}) than this one ({checkpoints['b']})" in error
+    assert units("A_after") == 2
+    assert ("fitted on features taken before the residual add (the default), but these are taken after it "
+            "(--after-residual)") in capsys.readouterr().err
+    assert not (tmp_path / "B.jsonl").exists()
+    assert not (tmp_path / "A_after.jsonl").exists()
+    # extract --kmeans: the same refusals, before anything is written
+    assert extract("b", "B_units", "--layers", "none", "--kmeans", f"2:{centroids}") == 2
+    assert "fitted on the features of another model" in capsys.readouterr().err
+    assert extract("a", "A_after_units", "--layers", "none", "--after-residual", "--kmeans", f"2:{centroids}") == 2
+    assert "taken after it (--after-residual)" in capsys.readouterr().err
+    assert not (tmp_path / "B_units").exists()
+    assert not (tmp_path / "A_after_units").exists()
+    assert extract("a_student", "A_student_units", "--layers", "none", "--kmeans", f"2:{centroids}") == 0
+    assert same_units(tmp_path / "A_student_units" / "kmeans_units" / "layer_02.jsonl")

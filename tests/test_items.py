@@ -182,3 +182,77 @@ def test_the_dropped_last_frame_hint_is_for_items_one_or_two_frames_past_the_end
         check_within(items, np.array([0]), starts, ends, num_frames)
     assert ("usually the model drops the last frame" in str(info.value)) is drops_last
     assert ("check the features' frame rate (--frequency)" in str(info.value)) is not drops_last
+
+
+def test_a_duplicate_column_name_is_refused(tmp_path: Path) -> None:
+    """Two 'onset' columns: the second silently replaced the first (or doubled one column's values)."""
+    for suffix, sep in ((".item", " "), (".csv", ",")):
+        path = tmp_path / f"dup{suffix}"
+        path.write_text(sep.join(["#file", "onset", "offset", "onset"]) + "\n" + sep.join(["f", "0.1", "0.2", "0.3"])
+                        + "\n")
+        with pytest.raises(ValueError, match=rf"item file {path}: duplicate column names"):
+            read_items(path)
+
+
+def test_a_jsonl_row_with_other_keys_or_not_an_object_is_named_by_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "items.jsonl"
+    first = json.dumps({"#file": "f", "onset": 0.1, "offset": 0.2})
+    for bad, message in ((json.dumps({"#file": "f", "onset": 0.1}), "line 3 has keys"),
+                         (json.dumps({"#file": "f", "onset": 0.1, "offset": 0.2, "speaker": "s"}), "line 3 has keys"),
+                         (json.dumps(["f", 0.1, 0.2]), "line 3 is not a JSON object")):
+        path.write_text(f"{first}\n{first}\n{bad}\n")
+        with pytest.raises(ValueError, match=rf"item file {path}: {message}"):
+            read_items(path)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity"])
+def test_non_finite_times_are_refused_naming_their_line(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "items.item"
+    path.write_text(f"#file onset offset\nf 0.1 0.2\nf 0.3 {value}\n")
+    with pytest.raises(ValueError, match=rf"line 3: offset = '{value}' is not a finite number of seconds"):
+        read_items(path)
+
+
+@pytest.mark.parametrize("suffix", [".item", ".csv"])
+def test_a_header_without_rows_has_no_items(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"empty{suffix}"
+    path.write_text(("#file onset offset" if suffix == ".item" else "#file,onset,offset") + "\n\n")
+    with pytest.raises(ValueError, match=rf"item file {path} has no items"):
+        read_items(path)
+
+
+def test_a_zero_frequency_is_refused() -> None:
+    from spidr.eval.items import Items
+
+    items = Items.from_columns({"#file": ["f"], "onset": ["0"], "offset": ["1"]})
+    for frequency in (0, "0", 0.0, "-50"):
+        with pytest.raises(ValueError, match="positive number of Hz"):
+            frame_bounds(items, frequency)
+
+
+def test_a_jsonl_item_file_with_a_byte_order_mark_and_the_ndjson_suffix_are_read(tmp_path: Path) -> None:
+    row = json.dumps({"#file": "f", "onset": 0.07, "offset": 0.3})
+    for name, encoding in (("bom.jsonl", "utf-8-sig"), ("plain.ndjson", "utf-8")):
+        (tmp_path / name).write_text(row + "\n", encoding=encoding)
+        items = read_items(tmp_path / name)
+        assert (items.files, items.onsets, items.offsets) == (("f",), (Decimal("0.07"),), (Decimal("0.3"),))
+
+
+def test_item_fields_may_be_separated_by_tabs_and_runs_of_spaces(tmp_path: Path) -> None:
+    """The .item format splits on whitespace: hand-aligned columns and tab-separated exports are the same file."""
+    path = tmp_path / "aligned.item"
+    path.write_text("#file\tonset\toffset  #phone\nf\t0.07\t0.3     AH\ng   0.315  0.5  T\n")
+    items = read_items(path)
+    assert items.files == ("f", "g")
+    assert items.onsets == (Decimal("0.07"), Decimal("0.315"))
+    assert items.column("#phone") == ("AH", "T")
+
+
+def test_json_times_are_read_as_the_decimals_written(tmp_path: Path) -> None:
+    """A time with more digits than a float holds: 0.07000000000000000001 s at 50 Hz is 3.0000000000000000005
+    frames past the half, so its first frame is 4; read through a float (0.07) it would be 3."""
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"#file": "f", "onset": 0.07000000000000000001, "offset": 0.3}\n')
+    items = read_items(path)
+    assert items.onsets == (Decimal("0.07000000000000000001"),)
+    assert frame_bounds(items, 50)[0].tolist() == [4]

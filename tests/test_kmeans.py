@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -14,7 +15,16 @@ import torch
 from spidr import cli
 from spidr.eval import feature_dir
 from spidr.eval.feature_dir import FeatureDirectory, one_layer_directory
-from spidr.eval.kmeans import assign_units, fit_kmeans, load_centroids, sample_frames, save_centroids
+from spidr.eval.kmeans import (
+    assign_directory,
+    assign_units,
+    centroids_record,
+    fit_kmeans,
+    load_centroids,
+    sample_frames,
+    save_centroids,
+)
+from spidr.eval.pipeline_commands import kmeans_option
 from spidr.eval.units import read_units
 
 
@@ -539,3 +549,151 @@ def test_the_layer_of_centroids_is_that_of_the_layer_folder_above_their_features
     (tmp_path / "layer_02").mkdir()
     monkeypatch.chdir(tmp_path / "layer_02")
     assert features_layer(".") == 2
+
+
+def test_features_without_a_single_frame_are_refused_by_name() -> None:
+    """Files of (0, D) frames only: the documented ValueError, not an AssertionError from deep inside."""
+    with pytest.raises(ValueError, match="no frame to fit k-means on"):
+        sample_frames({"a": np.zeros((0, 4), np.float32), "b": np.zeros((0, 4), np.float32)}, max_frames=None)
+    with pytest.raises(ValueError, match="no frame to fit k-means on"):
+        sample_frames({"a": np.zeros((0, 4), np.float32)}, max_frames=10)
+
+
+class _CountedFeatures(dict):
+    """A mapping that knows its files' frame counts without reading them (the ``frame_count`` protocol that
+    sample_frames documents) but has no ``read_rows``: the chosen frames come from ``features[name]``."""
+
+    def frame_count(self, key: str) -> int:
+        return self[key].shape[0]
+
+
+def _frame_sampled_by_seed_0(num_frames: int, max_frames: int) -> int:
+    """A frame that seed 0 keeps out of one file of ``num_frames`` (the max_frames smallest keys), not the first of
+    them: its index in the sample differs from its index in the file."""
+    kept = np.sort(np.argsort(np.random.default_rng(0).random(num_frames))[:max_frames])
+    return int(kept[-1])
+
+
+def test_a_non_finite_sampled_frame_is_named_by_its_frame_in_the_file() -> None:
+    frame = _frame_sampled_by_seed_0(50, 10)
+    array = np.zeros((50, 4), np.float32)
+    array[frame, 2] = np.nan
+    with pytest.raises(ValueError, match=rf"features of 'utt' contain non-finite values \(the first: nan at frame "
+                                         rf"{frame}, dimension 2\)"):
+        sample_frames(_CountedFeatures(utt=array), max_frames=10, seed=0)
+
+
+def test_a_non_finite_sampled_frame_of_a_npy_file_is_named_by_its_frame_in_the_file(tmp_path: Path) -> None:
+    frame = _frame_sampled_by_seed_0(50, 10)
+    array = np.zeros((50, 4), np.float32)
+    array[frame, 2] = np.nan
+    np.save(tmp_path / "utt.npy", array)
+    with pytest.raises(ValueError, match=rf"nan at frame {frame}, dimension 2"):
+        sample_frames(FeatureDirectory(tmp_path), max_frames=10, seed=0)
+
+
+def test_files_of_another_dimension_are_named() -> None:
+    features = {"a": np.zeros((5, 4), np.float32), "b": np.ones((5, 6), np.float32)}
+    with pytest.raises(ValueError, match=r"features of 'b' have dimension 6, others 4"):
+        sample_frames(features, max_frames=None)
+
+
+
+def _frames(num: int = 3000, seed: int = 0) -> np.ndarray:
+    """No cluster structure: the initialisations and the number of steps change the centroids."""
+    return np.random.default_rng(seed).random((num, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("options", [{}, {"batch_size": 64, "max_iter": 1, "n_init": 2}])
+def test_fit_kmeans_is_the_documented_mini_batch_k_means(options: dict) -> None:
+    """k-means++ init, ``n_init`` seeded initialisations, ``batch_size`` frames a step, ``max_iter`` epochs: every
+    option reaches MiniBatchKMeans (the defaults are the signature's: 10,000, 100, 3), on more frames than
+    scikit-learn's default batch."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    frames = _frames()
+    settings = {"batch_size": 10_000, "max_iter": 100, "n_init": 3, **options}
+    reference = MiniBatchKMeans(n_clusters=5, init="k-means++", random_state=7, compute_labels=False,
+                                **settings).fit(frames).cluster_centers_.astype(np.float32)
+    np.testing.assert_array_equal(fit_kmeans(frames, 5, seed=7, **options), reference)
+
+
+def test_as_many_units_as_frames_is_allowed() -> None:
+    """The documented range is 1 ≤ num_units ≤ number of frames (inclusive): K = N is fitted, K = N + 1 refused."""
+    frames = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]], np.float32)
+    centroids = fit_kmeans(frames, 4, seed=0)
+    assert centroids.shape == (4, 2)
+    assert np.isfinite(centroids).all()
+    with pytest.raises(ValueError, match="num_units = 5 is invalid"):
+        fit_kmeans(frames, 5)
+
+
+
+def test_non_finite_centroids_are_refused_on_loading(tmp_path: Path) -> None:
+    """NaN centroids would give every frame the NaN centroid's unit (argmin propagates NaN) without a word."""
+    bad = np.eye(3, 4, dtype=np.float32)
+    bad[1, 2] = np.nan
+    save_centroids(tmp_path / "nan.safetensors", bad)
+    np.save(tmp_path / "inf.npy", np.where(np.isnan(bad), np.inf, bad))
+    for name in ("nan.safetensors", "inf.npy"):
+        with pytest.raises(ValueError, match=rf"{name}: centroids must be a finite \(K, D\) matrix"):
+            load_centroids(tmp_path / name)
+
+
+def test_float64_centroids_load_as_float32(tmp_path: Path) -> None:
+    centroids = np.random.default_rng(0).normal(size=(4, 3))
+    np.save(tmp_path / "c.npy", centroids)
+    loaded = load_centroids(tmp_path / "c.npy")
+    assert loaded.dtype == torch.float32
+    np.testing.assert_array_equal(loaded.numpy(), centroids.astype(np.float32))
+
+
+def test_assign_directory_yields_files_in_sorted_order() -> None:
+    features = {name: np.zeros((3, 2), np.float32) for name in ("c", "a/z", "b", "a/b")}
+    assert [name for name, _ in assign_directory(features, np.eye(2, dtype=np.float32))] == ["a/b", "a/z", "b", "c"]
+
+
+
+def _write(features: dict[str, np.ndarray], root: Path) -> None:
+    for name, array in features.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(root / f"{name}.npy", array)
+
+
+def test_spidr_kmeans_fits_the_seeded_sample_and_records_it(tmp_path: Path, capsys) -> None:
+    """The centroids are fit_kmeans(sample_frames(dir, max_frames, seed), K, seed) with the one --seed for both, and
+    the record says how many frames they were fitted on; --max-frames 0 uses every frame (300 here)."""
+    features = clustered_features()
+    _write(features, tmp_path / "features")
+    out = tmp_path / "c.safetensors"
+    assert cli.main(["kmeans", str(tmp_path / "features"), "--num-units", "4", "--out", str(out),
+                     "--max-frames", "100", "--seed", "1"]) == 0
+    expected = fit_kmeans(sample_frames(FeatureDirectory(tmp_path / "features"), max_frames=100, seed=1), 4, seed=1)
+    np.testing.assert_array_equal(load_centroids(out).numpy(), expected)
+    record = centroids_record(out)
+    assert (record["num_frames"], record["seed"], record["num_units"]) == ("100", "1", "4")
+    assert cli.main(["kmeans", str(tmp_path / "features"), "--num-units", "4", "--out", str(out), "--max-frames",
+                     "0", "--overwrite"]) == 0
+    assert centroids_record(out)["num_frames"] == str(sum(len(a) for a in features.values())) == "300"
+    assert "fitted on 300 frames" in capsys.readouterr().out
+
+
+def test_kmeans_option_refuses_layer_zero() -> None:
+    """Layers are 1-based (spidr extract --layers, layer_LL folders): 0 names no layer."""
+    with pytest.raises(argparse.ArgumentTypeError, match="expected LAYER:CENTROIDS"):
+        kmeans_option("0:km.safetensors")
+    assert kmeans_option("1:km.safetensors") == (1, Path("km.safetensors"))
+
+def test_centroids_fitted_on_another_model_s_features_are_refused(tmp_path: Path, capsys) -> None:
+    """Two extractions of layer 2 with the same width: one of checkpoint A before the residual, one of checkpoint B
+    after it (metadata.json as spidr extract writes it). A's centroids give B plausible units of the wrong clusters,
+    as another layer's did before check_centroids_layer."""
+    for extraction, checkpoint, before_residual in (("A", "a.safetensors", True), ("B", "b.safetensors", False)):
+        _write({f"u{i}": np.random.default_rng(i).normal(size=(40, 8)).astype(np.float32) for i in range(3)},
+               tmp_path / extraction / "layer_02")
+        (tmp_path / extraction / "metadata.json").write_text(json.dumps(
+            {"checkpoint": checkpoint, "before_residual": before_residual, "layers": [2], "frame_rate_hz": 50.0}))
+    centroids = tmp_path / "kmA.safetensors"
+    assert cli.main(["kmeans", str(tmp_path / "A" / "layer_02"), "--num-units", "4", "--out", str(centroids)]) == 0
+    assert cli.main(["units", str(tmp_path / "B" / "layer_02"), "--centroids", str(centroids), "--out",
+                     str(tmp_path / "u.jsonl")]) == 2

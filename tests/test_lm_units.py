@@ -141,6 +141,38 @@ def test_kmeans_units_are_the_nearest_centroid(bench, checkpoint, tmp_path, caps
     assert not (tmp_path / "left-out").exists()
 
 
+def test_centroids_lm_units_fitted_are_refused_for_another_model_and_taken_for_its_own(bench, checkpoint, tmp_path,
+                                                                                         capsys):
+    """The centroids lm-units fits record the model's feature fingerprint and the residual side it takes (before the
+    residual add): given back with --centroids they are taken for the same checkpoint and refused, naming both
+    checkpoints, for another model's features (here the randomly initialised model of --random-init; the fixture's
+    checkpoint is seed 0's, so seed 7) and for spidr kmeans's centroids of features taken after the residual add."""
+    from spidr.eval.kmeans import centroids_record, features_origin, save_centroids
+
+    out = tmp_path / "km"
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "1",
+                 "--kmeans", "4"]) == 0
+    fitted = out / "layer_01" / "centroids.safetensors"
+    assert centroids_record(fitted)["before_residual"] == "true"
+    assert main(["lm-units", str(bench), str(tmp_path / "same"), "--checkpoint", str(checkpoint),
+                 "--centroids", f"1={fitted}"]) == 0
+    assert _read(tmp_path / "same" / "layer_01" / "lexical" / "dev.jsonl") == _read(
+        out / "layer_01" / "lexical" / "dev.jsonl")
+    capsys.readouterr()
+    assert main(["lm-units", str(bench), str(tmp_path / "random"), "--checkpoint", str(checkpoint),
+                 "--random-init", "--seed", "7", "--centroids", f"1={fitted}"]) == 2
+    assert (f"fitted on the features of another model ({checkpoint}) than this one ({checkpoint}, randomly "
+            "initialised)") in capsys.readouterr().err
+    after = tmp_path / "after.safetensors"
+    save_centroids(after, load_centroids(fitted), metadata={
+        "layer": "1", **features_origin(fingerprint=None, before_residual=False)})
+    assert main(["lm-units", str(bench), str(tmp_path / "after"), "--checkpoint", str(checkpoint),
+                 "--centroids", f"1={after}"]) == 2
+    assert "taken after it (--after-residual)" in capsys.readouterr().err
+    assert not (tmp_path / "random").exists()
+    assert not (tmp_path / "after").exists()
+
+
 def test_study_table_brackets_hold_their_value():
     from spidr.lm.study import _with_ci
 

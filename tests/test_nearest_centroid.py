@@ -13,7 +13,7 @@ import torch
 from spidr.config import SpidRConfig
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.eval.kmeans import assign_units
-from spidr.eval.nearest_centroid import NearestCentroid, assign_float64, ieee_float32_matmul
+from spidr.eval.nearest_centroid import FLOAT32_ROUNDOFF, NearestCentroid, assign_float64, ieee_float32_matmul
 from spidr.models.build import build_model
 from train_fixtures import EXTRACTION_MODEL, speech_like
 
@@ -247,3 +247,31 @@ def test_the_benchmark_prints_equal_units_and_the_float64_share(capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| NearestCentroid"))
     assert row.endswith("| equal |")
     assert float(row.split("|")[4].strip().removesuffix(" %")) < 5
+
+
+def test_centroids_float32_cannot_hold_send_every_frame_to_float64() -> None:
+    """The class docstring: centroids that float32 cannot hold exactly are assigned in float64 alone (every frame
+    counted in num_float64), even frames far from any tie."""
+    centroids = torch.tensor([[0.0, 0.0], [1.0 + 1e-12, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    nearest = NearestCentroid(centroids)
+    frames = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.2, 2.8]])
+    np.testing.assert_array_equal(nearest(frames), [0, 1, 2])
+    assert nearest.num_float64 == 3
+
+
+def test_the_trust_bound_covers_the_worst_case_error_of_the_dot_products() -> None:
+    """The module docstring's analysis: a float32 dot product x·c is off by at most γ_D‖x‖‖c‖ (γ_D = D·u/(1 − D·u)),
+    so each distance by 2γ_D‖x‖C (C the largest shifted centroid norm, whichever centroid a frame is nearest) and
+    a gap by twice that. The bound that decides trust must never be below it, or an adversarial summation could
+    flip a trusted choice. Centroid norms differ widely here (one far centroid), as k-means leaves outliers."""
+    gen = torch.Generator().manual_seed(0)
+    dim = 96
+    centroids = torch.randn(16, dim, generator=gen)
+    centroids[0] *= 40.0
+    nearest = NearestCentroid(centroids)
+    x = torch.randn(200, dim, generator=gen) * 3.0 - nearest.shift
+    shifted_norms = nearest.shifted.double().norm(dim=1)
+    u = FLOAT32_ROUNDOFF
+    gamma = dim * u / (1 - dim * u)
+    worst = 2 * 2 * gamma * x.double().norm(dim=1) * shifted_norms.max()
+    assert (nearest._error_bound(x) >= worst).all()

@@ -142,7 +142,7 @@ def _units_quality(args: argparse.Namespace) -> int:
 
 
 def _kmeans(args: argparse.Namespace) -> int:
-    from spidr.eval.feature_dir import one_layer_directory
+    from spidr.eval.feature_dir import features_origin, one_layer_directory
     from spidr.eval.kmeans import features_layer, fit_kmeans, sample_frames, save_centroids
 
     out = check_new_output(args.out, overwrite=args.overwrite)
@@ -157,6 +157,7 @@ def _kmeans(args: argparse.Namespace) -> int:
     layer = features_layer(args.features_dir)
     if layer is not None:  # (checked where the centroids are applied: another layer's would pass unnoticed)
         metadata["layer"] = str(layer)
+    metadata |= features_origin(args.features_dir)  # (checked likewise: another model's, the other residual side)
     save_centroids(out, centroids, metadata=metadata)
     print(f"wrote {args.num_units} centroids of dimension {centroids.shape[1]} (fitted on {frames.shape[0]} frames) "
           f"to {out}")
@@ -169,11 +170,12 @@ def _units(args: argparse.Namespace) -> int:
         StemKeyed,
         audio_root,
         extraction_frame_rate,
+        features_origin,
         one_layer_directory,
         skipped_stems,
         units_metadata_path,
     )
-    from spidr.eval.kmeans import assign_directory, check_centroids_layer, features_layer, load_centroids
+    from spidr.eval.kmeans import assign_directory, check_centroids_fit, features_layer, load_centroids
     from spidr.eval.units import write_units
 
     # Named by utterance id (the file stem, as codebook units, alignments and item files name them) when unique:
@@ -182,8 +184,8 @@ def _units(args: argparse.Namespace) -> int:
     features = StemKeyed(one_layer_directory(args.features_dir), skipped=skipped, root=root)
     centroids = load_centroids(args.centroids)
     layer = features_layer(args.features_dir)
-    if layer is not None:
-        check_centroids_layer(args.centroids, layer, where=f"--centroids for {args.features_dir}")
+    check_centroids_fit(args.centroids, layer, where=f"--centroids for {args.features_dir}",
+                        origin=features_origin(args.features_dir))
     out = check_new_output(args.out, overwrite=args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     rate = extraction_frame_rate(args.features_dir)  # before anything is written: a failure leaves no units file

@@ -685,8 +685,12 @@ def _units_file(key: str) -> str:
 
 def _metadata(model: torch.nn.Module, settings: ExtractionSettings, *, checkpoint: str, num_files: int,
               skipped: dict[str, str]) -> dict[str, object]:
+    from spidr.eval.journal import features_fingerprint
+
     return {
         "checkpoint": checkpoint,
+        # (spidr kmeans records it in its centroids, which are then refused for another model's features)
+        "features_fingerprint": features_fingerprint(model),
         "model_type": model.cfg.model_type,
         "layers": list(settings.layers),
         "layer_indexing": "1-based (layer l is list index l - 1 of get_intermediate_outputs)",

@@ -82,7 +82,23 @@ def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-1 of the model's config and of every state tensor's bytes: another checkpoint, another fingerprint."""
     digest = hashlib.sha1(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
+    return _tensors_digest(digest, model.state_dict().items())
+
+
+# The modules whose weights compute a model's layer features (``get_intermediate_outputs``), named alike in a full
+# SpidR / DinoSR and in its exported student (``spidr.models.student``).
+FEATURE_MODULES = ("feature_extractor.", "feature_projection.", "student.")
+
+
+def features_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-1 of the tensors that compute the model's layer features (front end, projection, encoder): the same for
+    a checkpoint and for its exported student, which give the same features; another for another model's."""
+    tensors = [(name, tensor) for name, tensor in model.state_dict().items() if name.startswith(FEATURE_MODULES)]
+    return _tensors_digest(hashlib.sha1(b"layer features"), tensors)
+
+
+def _tensors_digest(digest: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    for name, tensor in tensors:
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")

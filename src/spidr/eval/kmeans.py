@@ -63,7 +63,7 @@ def sample_frames(features: Mapping[str, object], *, max_frames: int | None, see
     for file, begin, end in zip(files.tolist(), starts.tolist(), [*starts[1:].tolist(), where.shape[0]],
                                 strict=True):
         name, rows = names[file], where[begin:end, 1]
-        chosen = (_as_array(read_rows(name, rows), name) if read_rows is not None else
+        chosen = (_as_array(read_rows(name, rows), name, numbers=rows) if read_rows is not None else
                   _as_array(features[name], name, rows=rows))
         if out is None:
             out = np.empty((where.shape[0], chosen.shape[1]), dtype=np.float32)
@@ -85,8 +85,10 @@ def _smallest_keys(
     return all_keys, all_where
 
 
-def _as_array(value: object, name: str, *, rows: np.ndarray | None = None) -> np.ndarray:
-    """(T, D) float32 features of one file (only ``rows`` of them when given), checked finite."""
+def _as_array(value: object, name: str, *, rows: np.ndarray | None = None,
+              numbers: np.ndarray | None = None) -> np.ndarray:
+    """(T, D) float32 features of one file (only ``rows`` of them when given), checked finite. ``numbers``: the
+    file's frame numbers of the rows of ``value`` when it holds some of its frames only (named on an error)."""
     # (numpy has no bfloat16: a bf16 tensor, as `spidr extract --dtype bfloat16` keeps, is widened first)
     array = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     if array.ndim != 2:
@@ -96,7 +98,8 @@ def _as_array(value: object, name: str, *, rows: np.ndarray | None = None) -> np
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         row, dim = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
-        frame = int(rows[row]) if rows is not None else row
+        numbers = rows if rows is not None else numbers
+        frame = int(numbers[row]) if numbers is not None else row
         raise ValueError(f"features of {name!r} contain non-finite values (the first: {array[row, dim]} at frame "
                          f"{frame}, dimension {dim})")
     return array
@@ -201,16 +204,45 @@ def centroids_record(path: str | Path) -> dict[str, str]:
         return {}
 
 
-def check_centroids_layer(path: str | Path, layer: int, *, where: str) -> None:
-    """Refuse centroids that ``spidr kmeans`` fitted on another layer's features than ``layer`` (1-based) where
-    ``where`` (the option) would apply them: every layer of a model has the same width, so they would silently give
-    units of the wrong clusters (a typo in ``--kmeans 6:…``)."""
+def features_origin(*, fingerprint: str | None, before_residual: bool | None, checkpoint: str | None = None,
+                    ) -> dict[str, str]:
+    """What centroids record of the features they were fitted on, beside their layer, as the strings of a
+    safetensors record (what is unknown is left out): ``fingerprint`` (``spidr.eval.journal.features_fingerprint``
+    of the model), ``before_residual`` (the layer outputs taken before the residual add), and ``checkpoint`` (the
+    model's path, named on a refusal). Compared where centroids are applied: another model's features, or the same
+    layer's taken on the other side of the residual add, have the same width and would pass unnoticed."""
+    origin = {"features_fingerprint": fingerprint, "before_residual": None if before_residual is None else
+              str(before_residual).lower(), "checkpoint": checkpoint}
+    return {key: value for key, value in origin.items() if value is not None}
+
+
+def check_centroids_fit(path: str | Path, layer: int | None, *, where: str,
+                        origin: Mapping[str, str] | None = None) -> None:
+    """Refuse centroids that ``spidr kmeans`` fitted on other features than those of ``layer`` (1-based; None:
+    unknown) of the model and side of the residual add that ``origin`` (``features_origin``) gives, where ``where``
+    (the option) would apply them: the features of every layer, of every model of that width, have it, so they
+    would silently give units of the wrong clusters (a typo in ``--kmeans 6:…``; the centroids of another
+    checkpoint; --after-residual on one side only). What either side did not record is not compared."""
     record = centroids_record(path)
     fitted = record.get("layer")
-    if fitted is not None and fitted.isdigit() and int(fitted) != layer:
+    if layer is not None and fitted is not None and fitted.isdigit() and int(fitted) != layer:
         raise ValueError(f"{where}: {path} holds centroids fitted on layer {int(fitted)}'s features "
                          f"({record.get('features', 'spidr kmeans')}), not layer {layer}'s: fit "
                          f"centroids on layer {layer} (spidr kmeans .../layer_{layer:02d}), or give that layer")
+    origin = origin or {}
+    fitted, applied = record.get("before_residual"), origin.get("before_residual")
+    if fitted is not None and applied is not None and fitted != applied:
+        def side(recorded: str) -> str:
+            return "before the residual add (the default)" if recorded == "true" else "after it (--after-residual)"
+
+        raise ValueError(f"{where}: {path} holds centroids fitted on features taken {side(fitted)}, but these are "
+                         f"taken {side(applied)}: fit centroids on features taken as these are")
+    fitted, applied = record.get("features_fingerprint"), origin.get("features_fingerprint")
+    if fitted is not None and applied is not None and fitted != applied:
+        raise ValueError(f"{where}: {path} holds centroids fitted on the features of another model "
+                         f"({record.get('checkpoint', 'its checkpoint is not recorded')}) than this one "
+                         f"({origin.get('checkpoint', 'its checkpoint is not recorded')}): their units would be "
+                         "clusters of that model's feature space; fit centroids on this model's features")
 
 
 # How assign_units chooses a unit, recorded by the unit caches (lm-units, lm-study) built on it: units assigned

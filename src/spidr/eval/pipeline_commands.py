@@ -200,15 +200,21 @@ def kmeans_option(text: str) -> tuple[int, Path]:
 def run_extract(args: argparse.Namespace) -> int:
     from spidr.eval.features import ExtractionSettings, parse_layers, window_settings
     from spidr.eval.folder_extraction import KMeansUnits, extract_part
-    from spidr.eval.kmeans import check_centroids_layer, load_centroids
+    from spidr.eval.journal import features_fingerprint
+    from spidr.eval.kmeans import check_centroids_fit, features_origin, load_centroids
 
     if args.layers == "none" and not (args.codebooks or args.kmeans):
         raise ValueError("--layers none writes no features: add --codebooks or --kmeans to extract units alone")
-    for layer, path in args.kmeans or ():
-        check_centroids_layer(path, layer, where=f"--kmeans {layer}:{path}")
+    origin = features_origin(fingerprint=None, before_residual=not args.after_residual, checkpoint=args.checkpoint)
+    for layer, path in args.kmeans or ():  # (before the model loads: all but the model's own fingerprint)
+        check_centroids_fit(path, layer, where=f"--kmeans {layer}:{path}", origin=origin)
     kmeans = [KMeansUnits(layer, load_centroids(path), str(path)) for layer, path in args.kmeans or ()]
     shard, args.device = launcher_part(args)
     model = _model(args)
+    if args.kmeans:
+        origin |= features_origin(fingerprint=features_fingerprint(model), before_residual=None)
+        for layer, path in args.kmeans:
+            check_centroids_fit(path, layer, where=f"--kmeans {layer}:{path}", origin=origin)
     if args.codebooks and model.num_codebooks == 0:
         raise ValueError(f"--codebooks: {args.checkpoint} is an exported student without prediction heads or "
                          "codebooks; codebook units need the full spidr checkpoint")

@@ -170,7 +170,8 @@ def _units(args: argparse.Namespace) -> int:
     if args.random_init:
         model = random_init_model(model.cfg, seed=args.seed)
     model = model.to(args.device).eval()
-    layers, centroids = _unit_layers(args, model)
+    origin = _features_origin(args, model)
+    layers, centroids = _unit_layers(args, model, origin)
     sets = read_benchmark(Path(args.bench_dir).resolve())  # once: a scan warns about each unreadable file
     train = sets.get("train")
     if args.kmeans and train is None:
@@ -196,7 +197,8 @@ def _units(args: argparse.Namespace) -> int:
                 for layer, path in fitted.items():
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save_centroids(path, centroids[layer], metadata={"layer": layer, "kmeans": args.kmeans,
-                                                                     "seed": args.seed, "bench": str(args.bench_dir)})
+                                                                     "seed": args.seed, "bench": str(args.bench_dir),
+                                                                     **origin})
         written = write_model_units(model, args.bench_dir, args.out, layers=layers, centroids=centroids or None,
                                     dtype=args.dtype, identity=identity, sets=sets)
     print(f"{len(written)} units files (layers {', '.join(map(str, layers))}) in {args.out}"
@@ -204,11 +206,21 @@ def _units(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unit_layers(args: argparse.Namespace, model: DinoSR | Student,
+def _features_origin(args: argparse.Namespace, model: DinoSR | Student) -> dict[str, str]:
+    """What centroids record of the features ``lm-units`` assigns (``spidr.eval.kmeans.features_origin``): every
+    layer's output before its residual add, as ``spidr extract`` takes it by default."""
+    from spidr.eval.journal import features_fingerprint
+    from spidr.eval.kmeans import features_origin
+
+    return features_origin(fingerprint=features_fingerprint(model), before_residual=True, checkpoint=(
+        f"{args.checkpoint}, randomly initialised" if args.random_init else str(args.checkpoint)))
+
+
+def _unit_layers(args: argparse.Namespace, model: DinoSR | Student, origin: dict[str, str],
                  ) -> tuple[tuple[int, ...], dict[int, torch.Tensor]]:
     """``lm-units``' layers and the ``--centroids`` given for some of them (layer → centroids), checked."""
     from spidr.eval.features import parse_layers
-    from spidr.eval.kmeans import check_centroids_layer, load_centroids
+    from spidr.eval.kmeans import check_centroids_fit, load_centroids
 
     heads = model.head_layers
     centroids = {}
@@ -217,7 +229,7 @@ def _unit_layers(args: argparse.Namespace, model: DinoSR | Student,
         if not layer.strip().isdigit() or not path:
             raise ValueError(f"--centroids {text!r} must look like LAYER=FILE, e.g. 6=centroids.safetensors")
         centroids[int(layer)] = load_centroids(path)
-        check_centroids_layer(path, int(layer), where=f"--centroids {text}")
+        check_centroids_fit(path, int(layer), where=f"--centroids {text}", origin=origin)
         if centroids[int(layer)].shape[1] != model.cfg.encoder_embed_dim:  # before the folder records them
             raise ValueError(f"--centroids {text}: centroids of dimension {centroids[int(layer)].shape[1]}, but "
                              f"layer {int(layer)}'s features have dimension {model.cfg.encoder_embed_dim}: centroids "
