@@ -132,8 +132,16 @@ def not_read_stems(entries: Sequence[ManifestEntry], skipped: Mapping[str, str],
 def _not_read(manifest: Manifest, stems: PackedStrings, skipped: Mapping[str, str], unread: Sequence[str]
               ) -> list[str]:
     """``not_read_stems`` given the manifest's output paths ``stems`` and the unread files' (``unread_stems``)."""
-    failed = [stems[index] for index in range(len(manifest)) if manifest[index].location in skipped] if skipped else []
-    return sorted([*failed, *unread])
+    return sorted([*(stems[index] for index in np.flatnonzero(_skipped_rows(manifest, skipped))), *unread])
+
+
+def _skipped_rows(manifest: Manifest, skipped: Mapping[str, str]) -> np.ndarray:
+    """(N,) bool: the rows whose file the extraction skipped (``skipped`` is keyed by the file's location: a file that
+    the manifest lists twice, under two ids, is two files not extracted)."""
+    rows = np.zeros(len(manifest), dtype=bool)
+    if skipped:
+        rows[:] = [manifest[index].location in skipped for index in range(len(manifest))]
+    return rows
 
 
 def relative_stems(entries: Sequence[ManifestEntry]) -> list[Path]:
@@ -464,10 +472,11 @@ def extract_part(
                    desc="extract" if shard.is_whole else f"extract {shard}", disable=not progress)
         _extract_entries(model, manifest, np.flatnonzero(mine & ~journal.done), is_long=is_long, outputs=outputs,
                          plan=plan, journal=journal, units=units, bar=bar)
-        num_files = int(mine.sum()) - len(journal.skipped)
+        skipped_rows = _skipped_rows(manifest, journal.skipped)
+        num_files = int((mine & ~skipped_rows).sum())
         if shard.is_whole:  # (still holding the folder: nothing can start it over before metadata.json is written)
-            if _nothing_read(len(manifest), journal.skipped):
-                _forget_nothing_read(out_dir, journal, units, bookkeeping=bookkeeping, made=made)
+            if _nothing_read(skipped_rows):
+                _forget_nothing_read(out_dir, journal, units, skipped_rows, bookkeeping=bookkeeping, made=made)
             metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=num_files,
                                        skipped=journal.skipped, outputs=outputs, manifest=manifest)
             return PartOutcome(num_files, dict(journal.skipped), metadata, ())
@@ -554,12 +563,13 @@ def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, pla
     if unfinished:
         return PartOutcome(num_files, dict(own_skipped), None, unfinished, wrote_metadata=False)
     skipped = {location: reason for state in states.values() for location, reason in state.skipped.items()}
-    if _nothing_read(len(manifest), skipped):  # (as a whole extraction: forgotten, for the corrected rerun)
+    skipped_rows = _skipped_rows(manifest, skipped)
+    if _nothing_read(skipped_rows):  # (as a whole extraction: forgotten, for the corrected rerun)
         _remove_extraction_state(out_dir)
-        _refuse_nothing_read(len(manifest), skipped)
+        _refuse_nothing_read(skipped, skipped_rows)
     if plan.writes_units:
         join_part_units(out_dir, states)
-    metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=len(manifest) - len(skipped),
+    metadata = _write_metadata(out_dir, model, plan, checkpoint=checkpoint, num_files=int((~skipped_rows).sum()),
                                skipped=skipped, outputs=outputs, manifest=manifest)
     remove_part_units(out_dir, list(states))
     return PartOutcome(num_files, dict(own_skipped), metadata, ())
@@ -616,11 +626,13 @@ def _record_skipped_stems(out_dir: Path, plan: _Plan, metadata: dict[str, Any], 
     return metadata
 
 
-def _nothing_read(num_entries: int, skipped: Mapping[str, str]) -> bool:
-    return bool(num_entries) and len(skipped) >= num_entries
+def _nothing_read(skipped_rows: np.ndarray) -> bool:
+    """Whether the extraction skipped every row (``_skipped_rows``) of a manifest that has some."""
+    return bool(len(skipped_rows)) and bool(skipped_rows.all())
 
 
-def _forget_nothing_read(out_dir: Path, journal: Any, units: Any, *, bookkeeping: str, made: Sequence[Path]) -> None:
+def _forget_nothing_read(out_dir: Path, journal: Any, units: Any, skipped_rows: np.ndarray, *, bookkeeping: str,
+                         made: Sequence[Path]) -> None:
     """Refuse a whole extraction that could not read one file, leaving nothing of it: its journal took every file
     as done (skipped), so a rerun after the audio or the manifest was fixed resumed into the same refusal, or was
     refused as another extraction. Nothing was extracted, so nothing is lost: the journal and the empty units files
@@ -632,7 +644,7 @@ def _forget_nothing_read(out_dir: Path, journal: Any, units: Any, *, bookkeeping
         if units is not None:
             units.close()
         _remove_extraction_state(out_dir)
-        _refuse_nothing_read(len(journal.done), journal.skipped)
+        _refuse_nothing_read(journal.skipped, skipped_rows)
 
 
 def _remove_extraction_state(out_dir: Path) -> None:
@@ -643,11 +655,11 @@ def _remove_extraction_state(out_dir: Path) -> None:
     remove_paths([out_dir / STATE_DIR, *(path for pattern in EXTRACTION_OUTPUTS for path in out_dir.glob(pattern))])
 
 
-def _refuse_nothing_read(num_entries: int, skipped: Mapping[str, str]) -> None:
+def _refuse_nothing_read(skipped: Mapping[str, str], skipped_rows: np.ndarray) -> None:
     """No metadata.json (not a finished extraction) when not one file could be read."""
-    if _nothing_read(num_entries, skipped):
+    if _nothing_read(skipped_rows):
         examples = "; ".join(f"{location}: {reason}" for location, reason in list(skipped.items())[:3])
-        raise ValueError(f"none of the {num_entries} files could be read, so nothing was extracted (e.g. "
+        raise ValueError(f"none of the {len(skipped_rows)} files could be read, so nothing was extracted (e.g. "
                          f"{examples})")
 
 
