@@ -301,7 +301,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "kmeans",
         help="fit k-means centroids on a directory of features",
         description="Fit MiniBatchKMeans on a seeded uniform sample of the frames of FEATURES_DIR (.npy/.pt files) "
-        "and save the centroids as a safetensors file. A layer folder of an unfinished spidr extract run (no "
+        "and save the centroids as a safetensors file, with what the extraction's metadata.json says of the "
+        "features (layer, model fingerprint, side of the residual add): units, extract --kmeans and lm-units "
+        "--centroids refuse them for other features. A layer folder of an unfinished spidr extract run (no "
         "metadata.json yet) is refused.",
         formatter_class=formatter,
     )
@@ -320,8 +322,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write one JSONL row {\"name\": <utterance>, \"units\": [...]} per feature file of "
         "FEATURES_DIR (one layer's folder of a spidr extract run). The name is the file's stem (the utterance id that "
         "codebook units, alignments and ABX items use), or its relative path without extension when two files "
-        "share a stem. A layer folder of an unfinished spidr extract run (no metadata.json yet) is refused; the "
-        "file is written whole or not at all.",
+        "share a stem. A layer folder of an unfinished spidr extract run (no metadata.json yet) is refused, and so "
+        "are centroids fitted on another layer's or another model's features, or on features taken on the other "
+        "side of the residual add; the file is written whole or not at all.",
         formatter_class=formatter,
     )
     parser.add_argument("features_dir", metavar="FEATURES_DIR", help="directory of .npy/.pt (T, D) feature files")
