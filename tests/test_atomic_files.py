@@ -354,3 +354,57 @@ def test_a_finished_npy_is_renamed_while_still_locked(tmp_path, monkeypatch):
     appender.close()
     assert refused == [True]
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.ones((1, 2)))
+
+
+def test_a_writer_s_temporary_has_exactly_eight_hex_digits(tmp_path):
+    """Truth: new_partial_path's names are ".<name>.<8 hex digits>.partial" (secrets.token_hex(4)); a user's hidden
+    file with a shorter or longer hex part is not a writer's temporary (lm-study deletes folders on that answer)."""
+    from spidr.atomic_files import is_partial_name
+
+    assert is_partial_name(".train.jsonl.0123abcd.partial")
+    for name in (".train.jsonl.abc.partial", ".train.jsonl.0123abc.partial", ".train.jsonl.0123abcde.partial",
+                 ".notes.1.partial"):
+        assert not is_partial_name(name), name
+
+
+def test_a_write_interrupted_by_ctrl_c_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path):
+    """Truth (replaced_when_done: "otherwise it is removed and path is left as it was"): a KeyboardInterrupt is no
+    Exception, and must still remove the half-written temporary."""
+    from spidr.atomic_files import replaced_when_done
+
+    path = tmp_path / "units.jsonl"
+    path.write_text("earlier\n")
+    def interrupted_write() -> None:
+        with replaced_when_done(path) as partial:
+            partial.write_text("half of the new")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_write()
+    assert path.read_text() == "earlier\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["units.jsonl"]
+
+
+def test_a_finished_write_is_renamed_while_its_temporary_is_still_locked(tmp_path, monkeypatch):
+    """Truth (new_held_partial: the lock is "the sign, for other processes' sweeps, that its writer lives"): at the
+    rename, another open file description's non-blocking lock is refused; released first, a sweep in between removes
+    the complete file and the rename fails."""
+    import fcntl
+
+    from spidr import atomic_files
+
+    real_replace, refused = os.replace, []
+
+    def check_lock(source, target):
+        with open(source, "rb") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                refused.append(False)
+            except BlockingIOError:
+                refused.append(True)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(atomic_files.os, "replace", check_lock)
+    atomic_files.write_atomically(tmp_path / "out.txt", "whole")
+    assert refused == [True]
+    assert (tmp_path / "out.txt").read_text() == "whole"

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spidr.config import MaskingConfig, OptimizerConfig, SpidRConfig, config_from_dict
@@ -556,3 +557,73 @@ def test_a_one_process_command_started_several_times_is_refused_in_each_copy(tmp
     commands = cli.build_parser()._subparsers._group_actions[0].choices
     several = sorted(name for name, parser in commands.items() if parser.get_default("several_processes"))
     assert several == ["extract", "lm-train", "train"]
+
+
+def test_slurm_ntasks_without_a_task_id_is_a_single_process():
+    """Truth (spec §8.3 and the module docstring): a SLURM task is recognised by SLURM_PROCID *and* SLURM_NTASKS;
+    an environment with only the job's task count (an salloc shell) is a single process, not a refused one."""
+    from spidr.train.environment import DistributedEnvironment, detect_environment
+
+    assert detect_environment({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}) == DistributedEnvironment()
+
+
+def _fake_cuda(monkeypatch, count: int) -> list:
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Truth: a node shows 4 GPUs and runs 2 tasks of an 8-task job (4 nodes); global rank 6 is local rank 1 there
+    and takes GPU 1 of its node: the device index is the local rank, not the global one (6 % 4 = 2)."""
+    from spidr.train.environment import DistributedEnvironment, resolve_device
+
+    chosen = _fake_cuda(monkeypatch, 4)
+    denv = DistributedEnvironment(rank=6, local_rank=1, world_size=8, local_world_size=2, launcher="slurm")
+    assert resolve_device("auto", denv) == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1)]
+
+
+def test_run_device_cuda_without_cuda_is_refused_naming_the_setting(monkeypatch):
+    from spidr.train.environment import DistributedEnvironment, resolve_device
+
+    _fake_cuda(monkeypatch, 0)
+    with pytest.raises(ValueError, match=r"run\.device = 'cuda' but CUDA is not available"):
+        resolve_device("cuda", DistributedEnvironment())
+    assert resolve_device("auto", DistributedEnvironment()) == torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_single_process_creates_no_process_group():
+    """Truth (module docstring: "A process group is created only when there is more than one rank"): two
+    single-process trainings on one machine must not both bind a rendezvous port."""
+    from spidr.train.environment import DistributedEnvironment, init_distributed
+
+    assert not dist.is_initialized()
+    try:
+        init_distributed(DistributedEnvironment(master_port=_free_port()), torch.device("cpu"))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_teardown_meets_in_a_barrier_only_when_every_rank_got_there(monkeypatch):
+    """Truth (destroy_distributed_after): a normal end and an error raised by every rank go through the barrier;
+    an error that may have struck one rank alone does not (the others would never come)."""
+    from spidr.distributed import AgreedValueError
+    from spidr.train import environment
+
+    waits = []
+    monkeypatch.setattr(environment, "destroy_distributed", lambda *, wait=True: waits.append(wait))
+    for error_type in (None, AgreedValueError, environment.RaisedOnEveryRankError, RuntimeError, ValueError,
+                       KeyboardInterrupt):
+        environment.destroy_distributed_after(error_type)
+    assert waits == [True, True, True, False, False, False]

@@ -419,3 +419,28 @@ def test_a_failed_block_removes_the_lock_it_made_from_a_folder_that_holds_files(
     with pytest.raises(RuntimeError):
         _fails_inside(folder_lock(tmp_path, "the test"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.txt"]
+
+
+def test_a_failed_block_removes_a_stale_lock_that_was_all_its_folder_held(tmp_path):
+    """Truth (folder_lock's docstring): on a failed block the lock is removed "if this call made it or the folder
+    holds nothing else". A run killed with -9 just after locking leaves a folder holding only `.lock`; a rerun
+    refused there must not leave it behind (the user's folder, existing before, stays)."""
+    from spidr.folder_lock import folder_lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text("process 999999999\n")
+    with pytest.raises(RuntimeError), folder_lock(folder, "the rerun"):
+        raise RuntimeError("refused")
+    assert folder.is_dir()
+    assert list(folder.iterdir()) == []
+
+
+def test_an_output_lock_whose_command_wrote_nothing_leaves_no_folder_it_made(tmp_path):
+    """Truth (output_lock: the folders made for it go while empty, "one that wrote its output leaves it in place"):
+    a command that ended without writing its output (nothing to do) leaves no empty folders and no lock file."""
+    from spidr.folder_lock import output_lock
+
+    with output_lock(tmp_path / "new" / "sub" / "units.jsonl", "the units command"):
+        assert (tmp_path / "new" / "sub" / ".units.jsonl.lock").is_file()
+    assert list(tmp_path.iterdir()) == []

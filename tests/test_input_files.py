@@ -3,6 +3,7 @@ input goes through ``spidr.input_files`` (checked here reader by reader, each wi
 
 from __future__ import annotations
 
+import gzip
 import os
 import socket
 from pathlib import Path
@@ -90,3 +91,50 @@ def test_a_run_folder_as_checkpoint_suggests_its_newest_checkpoint(tmp_path: Pat
     os.utime(tmp_path / "final.pt", (0, 0))  # final.pt is named even when older
     with pytest.raises(ValueError, match=rf"e\.g\. {tmp_path / 'final.pt'}$"):
         read_checkpoint(tmp_path)
+
+
+PIECE = 1 << 20  # first_non_utf8_line's read size
+
+
+def test_a_line_longer_than_a_read_piece_counts_as_one_line(tmp_path):
+    """Truth (hand-built): line 1 holds 1.5 MiB of ASCII, line 2 a Latin-1 byte: the fault is on line 2."""
+    path = tmp_path / "long.csv"
+    path.write_bytes(b"a" * (PIECE + PIECE // 2) + b"\ncaf\xe9\n")
+    from spidr.text_files import first_non_utf8_line
+
+    assert first_non_utf8_line(path) == (2, b"caf\xe9\n")
+
+
+def test_a_character_split_between_two_read_pieces_is_utf8(tmp_path):
+    """Truth: "é" is two bytes; placed so that the first read piece ends after its first byte, the line is still
+    valid UTF-8, and the fault is the Latin-1 byte on line 2."""
+    from spidr.text_files import first_non_utf8_line
+
+    path = tmp_path / "split.csv"
+    path.write_bytes(b"a" * (PIECE - 1) + "é".encode() + b"\nok\n")
+    assert first_non_utf8_line(path) is None
+    path.write_bytes(b"a" * (PIECE - 1) + "é".encode() + b"\ncaf\xe9\n")
+    assert first_non_utf8_line(path) == (2, b"caf\xe9\n")
+
+
+def test_a_gzip_compressed_file_is_read_decompressed(tmp_path):
+    """Truth (first_non_utf8_line: "gzip-compressed when it ends in .gz"): the line of the fault in the text, not
+    a line of the compressed bytes."""
+    from spidr.text_files import first_non_utf8_line, not_utf8
+
+    path = tmp_path / "units.jsonl.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(b'{"a": 1}\n{"b": 2}\n{"caf\xe9": 3}\n')
+    assert first_non_utf8_line(path) == (3, b'{"caf\xe9": 3}\n')
+    assert not_utf8(path, "the units file").startswith(f"{path}:3: not UTF-8 text")
+
+
+def test_a_latin1_last_line_without_a_newline_is_named_by_its_line(tmp_path):
+    """A Latin-1 manifest whose last id ends in "é" and has no final newline: read_manifest refuses it (the file is
+    not UTF-8) but its message names no line, unlike the same file with a newline."""
+    from spidr.data.manifest import read_manifest
+
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"fileid,path,num_samples\nok,a.wav,80\ncaf\xe9")
+    with pytest.raises(ValueError, match=r"latin\.csv:3: not UTF-8 text"):
+        read_manifest(path)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from spidr.cli import main
@@ -158,3 +163,60 @@ def test_the_batch_script_asks_slurm_for_the_job_the_options_describe(tmp_path, 
         assert line in batch_script.splitlines()
     srun_line = next(line for line in batch_script.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun_line.split()
+
+
+def test_only_the_main_task_requeues_an_interrupted_slurm_job(monkeypatch):
+    """Truth: every task of the job returns "interrupted"; one `scontrol requeue` is the job's, and 8 tasks each
+    requeuing it (a job already pending again) only fill the log with failures."""
+    pytest.importorskip("submitit")
+    import spidr.train.loop
+    from spidr.train import slurm
+
+    calls = []
+    for name, value in {"SLURM_JOB_ID": "123", "SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "1",
+                        "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                        "SLURM_JOB_NODELIST": "gpu1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(slurm, "config_from_dict", lambda config: config)
+    monkeypatch.setattr(spidr.train.loop, "train", lambda cfg: "interrupted")
+    monkeypatch.setattr(slurm, "requeue", calls.append)
+    assert slurm.TrainJob({})() == "interrupted"
+    assert calls == []
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert slurm.TrainJob({})() == "interrupted"
+    assert calls == ["123"]
+
+
+def test_two_jobs_of_one_name_submitted_in_one_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Truth (spec §8.3: each job's submission folder receives its job-info.json): two configs of one project and
+    name in two workdirs, submitted in the same second, must not share a folder (the second's job-info.json and logs
+    would replace the first's)."""
+    submitit = pytest.importorskip("submitit")
+    from spidr.config import config_from_dict
+    from spidr.train import slurm
+    from train_fixtures import tiny_config_dict, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", num_files=3)
+    configs = [config_from_dict(tiny_config_dict(tmp_path / workdir, corpus, optimizer={"max_steps": 1}))
+               for workdir in ("a", "b")]
+    folders = []
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            folders.append(Path(folder))
+
+        def update_parameters(self, **_):
+            pass
+
+        def submit(self, function):
+            return SimpleNamespace(job_id=str(len(folders)))
+
+    fixed = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    monkeypatch.setattr(slurm, "datetime", SimpleNamespace(datetime=SimpleNamespace(now=lambda tz: fixed),
+                                                           UTC=datetime.UTC))
+    slurm.submit(configs, slurm.SlurmOptions(gpus_per_node=1, dump_dir=str(tmp_path / "jobs")), cluster="debug")
+    assert len(set(folders)) == 2
+    infos = [json.loads((folder / "job-info.json").read_text()) for folder in folders]
+    assert [info["run_dir"] for info in infos] == [str(cfg.run.run_dir) for cfg in configs]

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,3 +291,99 @@ def test_a_warm_up_as_long_as_the_run_is_named_as_never_reaching_the_peak_lr() -
     assert max(lr_multiplier(s, cfg.optimizer) for s in range(cfg.optimizer.max_steps)) < 1.0
     assert any("is never reached" in note for note in unused_settings(cfg))
 
+
+def test_every_rank_raises_the_main_rank_s_refusal_of_the_run_folder(tmp_path, monkeypatch):
+    """Truth (hold_run_folder): rank 0's answer is broadcast and every rank raises it together; a rank that does
+    not hold the lock itself must still raise it (else it waits in the next collective for a rank 0 that left)."""
+    from spidr.distributed import AgreedValueError
+    from spidr.train import runtime
+
+    refusal = "the training run in run/ is being run by process 42 (run/.lock is locked)"
+    monkeypatch.setattr(runtime, "broadcast_from_main", lambda value: refusal)
+    with contextlib.ExitStack() as cleanup, pytest.raises(AgreedValueError, match=r"being run by process 42"):
+        runtime.hold_run_folder(tmp_path / "run", cleanup, is_main=False)
+    assert not (tmp_path / "run").exists()  # (only the main rank takes the lock)
+
+
+def test_a_setting_that_no_longer_exists_is_a_difference():
+    """Truth (config_diff's docstring): a key the old config has and the new one lacks is listed, with
+    NO_SUCH_SETTING as its new value."""
+    from spidr.train.runtime import NO_SUCH_SETTING, NOT_RECORDED, config_diff
+
+    old = {"model": {"dim": 8, "removed": True}, "run": {"seed": 0}}
+    new = {"model": {"dim": 8, "added": 1}, "run": {"seed": 0}}
+    assert config_diff(old, new) == [("model.added", NOT_RECORDED, 1), ("model.removed", True, NO_SUCH_SETTING)]
+    assert repr(NO_SUCH_SETTING) == "(no such setting now)"
+
+
+def test_a_resume_with_edited_settings_is_reported_by_name(tmp_path, caplog):
+    """Truth (write_config): a different existing config.json is reported, naming each changed setting; the file
+    then holds the new config."""
+    from spidr.train.runtime import write_config
+
+    write_config({"optimizer": {"lr": 0.1, "max_steps": 4}, "run": {"seed": 0}}, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="spidr"):
+        write_config({"optimizer": {"lr": 0.1, "max_steps": 4}, "run": {"seed": 0}}, tmp_path)
+    assert "config differs" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="spidr"):
+        write_config({"optimizer": {"lr": 0.2, "max_steps": 8}, "run": {"seed": 0}}, tmp_path)
+    assert "config differs from the run's previous config.json in: optimizer.lr, optimizer.max_steps" in caplog.text
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 0.2
+
+
+def test_seed_everything_seeds_python_numpy_and_torch_for_every_rank_s_seed():
+    """Truth: rank_seed gives ranks >= 1 a 63-bit seed, which NumPy's legacy seed (< 2**32) refuses; each generator
+    then draws what a fresh one of that seed draws."""
+    from spidr.seeding import rank_seed
+    from spidr.train.runtime import seed_everything
+
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())  # noqa: NPY002
+    try:
+        for seed in (0, rank_seed(0, 1), rank_seed(7, 3)):
+            seed_everything(seed)
+            assert random.random() == random.Random(seed).random()
+            assert np.random.random() == np.random.RandomState(seed % 2**32).random()  # noqa: NPY002
+            assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(seed)))
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])  # noqa: NPY002
+        torch.set_rng_state(state[2])
+
+
+def test_run_use_deterministic_turns_on_deterministic_algorithms():
+    from spidr.train.runtime import configure_numerics
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision())
+    try:
+        torch.use_deterministic_algorithms(False)
+        configure_numerics(torch.device("cpu"), deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        configure_numerics(torch.device("cpu"), deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.set_float32_matmul_precision(before[1])
+
+
+def test_a_config_json_that_cannot_be_written_whole_keeps_the_earlier_one(tmp_path):
+    """A resume on a full disk: the rewrite of config.json fails (here a 1000-byte file size limit, as a disk with
+    1000 bytes left); the run's earlier config.json must stay whole (atomic_files' promise), not be cut at 1000
+    bytes (spidr's recipe check then asks to delete the whole run)."""
+    import resource
+
+    from spidr.train.runtime import write_config
+
+    config = {"run": {"note": "x" * 3000}}
+    write_config(config, tmp_path)
+    earlier = (tmp_path / "config.json").read_text()
+    code = ("import json, resource, sys\nfrom pathlib import Path\nfrom spidr.train.runtime import write_config\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            "try:\n    write_config(json.loads(sys.argv[2]), Path(sys.argv[1]))\nexcept OSError as error:\n"
+            "    print(error)\n")
+    new = {"run": {"note": "y" * 3000}}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(new)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=False)
+    assert "File too large" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "config.json").read_text() == earlier
+    assert resource  # (the limit is set in the child: this process keeps its own)

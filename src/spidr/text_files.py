@@ -16,7 +16,7 @@ def first_non_utf8_line(path: str | Path) -> tuple[int, bytes] | None:
     hold no newline), each decoded where the last one stopped."""
     path = Path(path)
     decoder = codecs.getincrementaldecoder("utf-8")()
-    number = 1
+    number, last = 1, b""
     with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
         while piece := handle.readline(1 << 20):
             try:
@@ -24,6 +24,11 @@ def first_non_utf8_line(path: str | Path) -> tuple[int, bytes] | None:
             except UnicodeDecodeError as error:
                 return number, piece[max(error.start - 10, 0) : error.end + 10]
             number += piece.endswith(b"\n")
+            last = piece
+    try:
+        decoder.decode(b"", final=True)  # a sequence cut short by the end of the file
+    except UnicodeDecodeError:
+        return number, last[-10:]
     return None
 
 

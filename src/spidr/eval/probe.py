@@ -610,7 +610,9 @@ def write_probe_report(rows: Sequence[ProbeRow], out_dir: str | Path, *, title: 
     """``probe.json``, ``probe.md`` and ``probe.png`` in ``out_dir``; returns the markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in rows], indent=1), encoding="utf-8")
+    from spidr.atomic_files import write_atomically
+
+    write_atomically(out_dir / "probe.json", json.dumps([asdict(r) for r in rows], indent=1))
     plot = plot_probe(rows, out_dir / "probe.png")
     path = out_dir / "probe.md"
     path.write_text("\n".join([f"# {title}", "", *notes, "", markdown_table(rows), "", f"![probe]({plot.name})"])

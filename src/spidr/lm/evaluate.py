@@ -593,7 +593,9 @@ def _write_outputs(out_dir: Path, results: Sequence[TaskResult], summary: Mappin
             stale.unlink()
     for result in results:
         write_task_tables(result, out_dir, kind=kind)
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    from spidr.atomic_files import write_atomically
+
+    write_atomically(out_dir / "results.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
 def breakdown_records(table: Breakdown, *, scale: float = 100.0) -> list[dict[str, object]]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spidr.atomic_files import write_atomically
 from spidr.distributed import AgreedValueError
 from spidr.folder_lock import folder_lock
 from spidr.train.environment import broadcast_from_main
@@ -72,7 +73,7 @@ def write_config(config: dict[str, Any], run_dir: Path) -> None:
         changed = sorted(name for name, _, _ in config_diff(old, config))
         if changed:
             logger.warning("config differs from the run's previous config.json in: %s", ", ".join(changed))
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_atomically(path, json.dumps(config, indent=2) + "\n")
 
 
 def load_resumed_weights(model: torch.nn.Module, weights: dict[str, Any], *, saved_config: dict[str, Any],
