@@ -14,8 +14,20 @@ import torch
 import spidr
 from spidr import cli
 from spidr.config import Config, DataConfig, DinoSRConfig, RunConfig, SpidRConfig
-from spidr.models import DinoSR, SpidR, export_safetensors, load_model, num_frames, read_checkpoint, spidr_base
+from spidr.models import (
+    DinoSR,
+    SpidR,
+    Student,
+    export_hf,
+    export_safetensors,
+    load_model,
+    num_frames,
+    read_checkpoint,
+    spidr_base,
+)
 from spidr.models.build import build_model
+from spidr.models.loading import dinosr_base_original, dinosr_base_reproduced
+from spidr.models.s3prl_export import export_s3prl
 from test_models_dinosr import (
     random_mask,
     tiny_model,
@@ -304,3 +316,122 @@ def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read_as_
     loaded = load_model(path)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loading: behaviours that a mutation round (55 mutants over config, loading, key maps and conversion) found unpinned
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_released_weight_loaders_use_their_own_base_config(tmp_path) -> None:
+    """mut L06, L07: spidr_base is SpidR with the default SpidRConfig and dinosr_base_reproduced DinoSR with the
+    default DinoSRConfig (spec §9.2; both files hold the same keys, so the wrong class would load silently), even
+    with another model's config.json beside the file."""
+    model = tiny_model("spidr").eval()
+    path = tmp_path / "weights.pt"
+    torch.save({"model": model.state_dict()}, path)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(model.cfg) | {"__class__": "SpidRConfig"}))
+    assert type(load_model(path)).__name__ == "SpidR"  # (the config beside it fits the weights)
+    base = r"with this config \(12 layers of dim 768, 8 codebooks of 256;"
+    with pytest.raises(ValueError, match=rf"does not fit a spidr model {base}"):
+        spidr_base(path)
+    with pytest.raises(ValueError, match=rf"does not fit a dinosr model {base}"):
+        dinosr_base_reproduced(path)
+
+
+def test_dinosr_base_original_passes_trust_on(tmp_path) -> None:
+    """mut L08: the original fairseq file pickles its config, so dinosr_base_original(path, trust=True) must
+    unpickle it (written here from a tiny model with an argparse Namespace config)."""
+    from test_models_convert import tiny_original, write_fairseq
+
+    original = tiny_original()
+    path = tmp_path / "dinosr.ckpt"
+    write_fairseq(path, original, namespace=True)
+    with pytest.raises(ValueError, match="trust=True"):
+        dinosr_base_original(path)
+    loaded = dinosr_base_original(path, trust=True)
+    assert type(loaded) is DinoSR
+    assert loaded.cfg == original.cfg
+    assert loaded.cfg.encoder_qkv_bias
+
+
+def test_a_fairseq_checkpoint_without_settings_is_refused_without_a_config(tmp_path) -> None:
+    """mut L05: a fairseq file whose cfg is None and that has no args says nothing of its architecture: it is
+    refused by that reason unless a config is given, never loaded with guessed defaults."""
+    from test_models_convert import tiny_original, write_fairseq
+
+    original = tiny_original()
+    path = tmp_path / "dinosr.ckpt"
+    write_fairseq(path, original)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["cfg"] = None
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="neither 'cfg' nor 'args'"):
+        load_model(path)
+    assert load_model(path, config=original.cfg).cfg == original.cfg
+
+
+@pytest.mark.parametrize("step", [-1, torch.tensor([-5])])
+def test_a_negative_step_is_refused(tmp_path, step) -> None:
+    """mut L04: a step count is never negative (a negative one would restart the EMA and freeze schedules before
+    their start)."""
+    model = tiny_model("spidr").eval()
+    run = Config(run=RunConfig(workdir="w", wandb_project="p", wandb_name="n", model_type="spidr"),
+                 data=DataConfig(manifest="m.csv"), model=model.cfg).to_dict()
+    torch.save({"model": model.state_dict(), "config": run, "step": step}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"ckpt\.pt: step is -[15], expected a step count"):
+        read_checkpoint(tmp_path / "ckpt.pt")
+
+
+def test_a_bare_config_is_told_spidr_by_either_spidr_only_field(tmp_path) -> None:
+    """mut L03: a bare model config without __class__ is SpidR's when it sets ema_timescale or ema_threshold."""
+    model = tiny_model("spidr").eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "w.pt")
+    bare = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "ema_timescale"}
+    (tmp_path / "config.json").write_text(json.dumps(bare))
+    assert type(read_checkpoint(tmp_path / "w.pt").config) is SpidRConfig
+
+
+def test_an_exported_student_loads_as_a_student(tmp_path) -> None:
+    """mut L13: export_safetensors of a Student marks it so; load_model gives back the Student (a whole-model
+    build would miss its teacher, heads and codebooks)."""
+    student = load_model(export_hf(tiny_model("spidr").eval(), tmp_path / "hf") or tmp_path / "hf")
+    assert isinstance(student, Student)
+    export_safetensors(student, tmp_path / "student.safetensors")
+    checkpoint = read_checkpoint(tmp_path / "student.safetensors")
+    assert checkpoint.student_only
+    assert isinstance(load_model(tmp_path / "student.safetensors"), Student)
+
+
+def test_a_step_of_another_integer_type_loads_as_int64(tmp_path) -> None:
+    """mut L09: model_from_checkpoint promises fp32 weights and an int64 step whatever the file stored."""
+    model = tiny_model("dinosr").eval()
+    state = model.state_dict() | {"current_step": torch.tensor([42], dtype=torch.int32)}
+    torch.save({"model": state}, tmp_path / "w.pt")
+    loaded = load_model(tmp_path / "w.pt", config=model.cfg)
+    assert loaded.current_step.dtype == torch.int64
+    assert int(loaded.current_step) == 42
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Key maps: models with ten or more layers (the base models have 12; the tiny test models 2-3)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["hf", "s3prl"])
+def test_exports_of_a_twelve_layer_model_round_trip(tmp_path, fmt: str) -> None:
+    """mut K01: layer indices 10 and 11 (two digits) map like 0-9 in both directions."""
+    model = tiny_model("spidr", encoder_num_layers=12, encoder_embed_dim=16, encoder_ff_interm_features=16).eval()
+    out = tmp_path / ("hf" if fmt == "hf" else "model.pt")
+    export_hf(model, out) if fmt == "hf" else export_s3prl(model, out)
+    loaded = load_model(out)
+    assert isinstance(loaded, Student)
+    state = loaded.state_dict()
+    expected = model.state_dict()
+    assert "student.layers.11.attention.qkv.weight" in state
+    for key, value in state.items():
+        if key != "current_step":
+            assert torch.equal(value, expected[key]), key
+    wave = waveforms(4000)
+    with torch.no_grad():
+        assert torch.equal(loaded.get_intermediate_outputs(wave)[11], model.get_intermediate_outputs(wave)[11])

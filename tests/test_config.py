@@ -1,0 +1,250 @@
+"""spidr.config and spidr.cli_types: defaults against the spec §8.4 table, the boundaries of the range checks, type
+coercion of --set values, the field a [validation.NAME] error names, command-line value types; behaviours that a
+mutation round (55 mutants over config, loading, key maps and conversion) found unpinned."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from spidr.config import (
+    DEFAULT_CONV_LAYERS,
+    Config,
+    DataConfig,
+    DinoSRConfig,
+    MaskingConfig,
+    OptimizerConfig,
+    RunConfig,
+    SpidRConfig,
+    config_from_dict,
+    load_config,
+    unused_settings,
+)
+from spidr.models.schedules import spidr_ema_decay
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Defaults: spec §8.4, written out by hand (not read from the dataclasses)
+# ------------------------------------------------------------------------------------------------------------------
+
+SPEC_DEFAULTS = {
+    RunConfig: {
+        "random_seed": 0, "use_deterministic": False, "log_interval": 200, "save_interval": 2500, "init_ckpt": None,
+        "compile": True, "keep_latest": -1, "model_type": "dinosr", "slurm_validation": None,
+        # documented spidr deviation (W&B is an optional extra, off unless asked): official "offline"
+        "wandb_mode": "disabled",
+    },
+    DataConfig: {
+        "enable_padding": False, "rand_crop": True, "normalize": True, "num_buckets": 1000, "min_sample_size": 2000,
+        "max_sample_size": 320000, "max_batch_length": 3800000, "drop_last": False, "num_workers": 10,
+        "prefetch_factor": 2, "persistent_workers": True, "random_seed": 0, "bucket_method": "uniform",
+        "alignments_path": None,
+        "pin_memory": True,  # documented spidr default (official false): see the field's comment
+    },
+    OptimizerConfig: {
+        "lr": 5e-4, "betas": (0.9, 0.95), "weight_decay": 0.01, "eps": 1e-6, "max_norm": 10.0, "dtype": "bfloat16",
+        "init_lr_scale": 0.01, "final_lr_scale": 0.01, "max_steps": 400000, "warmup_steps": 12000,
+        "hold_steps": 188000, "decay_steps": 200000, "rsqrt_timescale": 10000, "rsqrt_shift": 0,
+        "scheduler": "tristage", "exclude_from_optimizer": ("teacher",),
+        "to_freeze": ("feature_extractor", "feature_projection"),
+    },
+    MaskingConfig: {
+        "mask_prob": 0.8, "mask_selection": "static", "mask_other": 0.0, "mask_length": 10, "no_mask_overlap": False,
+        "mask_min_space": 1, "mask_channel_prob": 0.0, "mask_channel_selection": "static", "mask_channel_other": 0.0,
+        "mask_channel_length": 10, "no_mask_channel_overlap": False, "mask_channel_min_space": 1,
+        "min_masks": 2,  # (spidr addition) hard-coded to 2 in the official collator, spec §2 "≥ 2 spans"
+    },
+}
+MODEL_DEFAULTS = {
+    "extractor_mode": "layer_norm", "extractor_conv_bias": False,
+    "extractor_conv_layer_config": ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2,
+    "encoder_embed_dim": 768, "encoder_projection_dropout": 0.0, "encoder_pos_conv_kernel": 95,
+    "encoder_pos_conv_groups": 16, "encoder_pos_conv_depth": 5, "encoder_num_layers": 12, "encoder_num_heads": 12,
+    "encoder_attention_dropout": 0.1, "encoder_ff_interm_features": 3072, "encoder_ff_interm_dropout": 0.0,
+    "encoder_dropout": 0.1, "encoder_layer_norm_first": False, "encoder_qkv_bias": False, "codebook_size": 256,
+    "codebook_decay": 0.9, "num_codebooks": 8, "ema_start_decay": 0.999, "ema_final_decay": 0.9999,
+    "ema_final_step": 30000, "ema_exclude_layers": ("pos_conv_embed",), "freeze_step": 200000,
+}
+SPEC_DEFAULTS[DinoSRConfig] = MODEL_DEFAULTS | {"encoder_layer_drop": 0.05}
+SPEC_DEFAULTS[SpidRConfig] = MODEL_DEFAULTS | {"encoder_layer_drop": 0.0, "ema_timescale": 20000,
+                                               "ema_threshold": 1e-7}
+
+
+@pytest.mark.parametrize("cls", list(SPEC_DEFAULTS), ids=lambda cls: cls.__name__)
+def test_defaults_are_the_spec_s(cls) -> None:
+    """mut C08, C16, C17, C18, C35: every default the spec's §8.4 table gives (official TOMLs leave them out)."""
+    instance = cls() if cls not in (DataConfig,) else cls(manifest="m.csv")
+    got = {name: getattr(instance, name) for name in SPEC_DEFAULTS[cls]}
+    assert got == SPEC_DEFAULTS[cls]
+    assert MODEL_DEFAULTS["extractor_conv_layer_config"] == DEFAULT_CONV_LAYERS
+
+
+def test_a_run_config_that_leaves_every_default_out_gets_the_spec_s() -> None:
+    """The same through the file reader: a run config naming only the required fields."""
+    cfg = config_from_dict({"run": {"workdir": "w", "wandb_project": "p", "wandb_name": "n"},
+                            "data": {"manifest": "train.csv"}})
+    assert type(cfg.model) is DinoSRConfig  # official default model_type
+    assert cfg.model == DinoSRConfig()
+    assert (cfg.optimizer, cfg.masking) == (OptimizerConfig(), MaskingConfig())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Type coercion of values (TOML and --set)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optimizer.max_steps=true", r"optimizer\.max_steps = True is invalid: expected an integer"),
+    ("model.encoder_num_layers=false", r"model\.encoder_num_layers = False is invalid: expected an integer"),
+    ("optimizer.lr=true", r"optimizer\.lr = True is invalid: expected a number"),
+])
+def test_a_boolean_is_not_a_number(override: str, message: str) -> None:
+    """mut C01: Python's bool is an int; a TOML true given to a count must not become 1 (one step, one layer)."""
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIG, [override])
+
+
+@pytest.mark.parametrize("betas", ["[0.9]", "[0.9, 0.95, 0.99]"])
+def test_a_fixed_length_list_of_another_length_is_refused_naming_the_field(betas: str) -> None:
+    """mut C03: optimizer.betas has two entries; a shorter list must be named like a longer one (not as zip()'s
+    'argument 2 is shorter than argument 1')."""
+    with pytest.raises(ValueError, match=r"optimizer\.betas = \[.*\] is invalid: expected a list \[float, float\]"):
+        load_config(CONFIG, [f"optimizer.betas={betas}"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Range checks: the boundary values
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    ["masking.mask_prob=1.0"],  # every frame may be masked (fairseq allows p = 1)
+    ["model.codebook_size=2"],
+    ["model.encoder_layer_drop=1.0"],
+    ["data.max_sample_size=4000"],  # = min_sample_size: every crop the same length
+    ["run.random_seed=-9223372036854775808"],  # -2**63 fits an int64
+    ["run.keep_latest=1"],
+    ["optimizer.init_lr_scale=1.0", "optimizer.hold_steps=0"],
+])
+def test_boundary_values_that_are_valid_are_accepted(overrides: list[str]) -> None:
+    """mut C06, C29: the inclusive ends of the documented ranges are accepted."""
+    load_config(CONFIG, overrides)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["masking.mask_prob=1.01"], r"masking\.mask_prob = 1\.01 must be in \[0, 1\]"),
+    (["model.codebook_size=1"], r"model\.codebook_size = 1 must be >= 2"),
+    (["model.encoder_layer_drop=1.5"], r"model\.encoder_layer_drop = 1\.5 must be in \[0, 1\]"),
+    (["model.student_frequency_warp=0.25"], r"model\.student_frequency_warp = 0\.25 must be in \[0, 0\.25\)"),
+    (["optimizer.hold_steps=-1"], r"optimizer\.hold_steps = -1 must be >= 0"),
+    (["optimizer.init_lr_scale=0"], r"optimizer\.init_lr_scale = 0\.0 must be in \(0, 1\]"),
+    (["run.keep_latest=0"], r"run\.keep_latest = 0 must be -1 \(keep all\) or >= 1"),
+    (["run.random_seed=9223372036854775808"], r"run\.random_seed = 9223372036854775808 must fit in 64 bits"),
+    (["data.random_seed=9223372036854775808"], r"data\.random_seed = 9223372036854775808 must fit in 64 bits"),
+])
+def test_values_just_past_a_range_are_refused_by_name(overrides: list[str], message: str) -> None:
+    """mut C12, C13, C20, C26, C27, C32, C33: one past each boundary, refused naming the field and value
+    (a codebook of 1 codeword has nothing to assign; keep_latest = 0 would delete every checkpoint; 2**63 overflows
+    torch's seed)."""
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIG, overrides)
+
+
+def test_uniform_span_lengths_may_start_at_twice_the_mask_length() -> None:
+    """mut C07: uniform span lengths are drawn from [mask_other, 2·mask_length] (fairseq), so mask_other may be
+    2·mask_length (every span that long) and not above; truth: the draw itself runs at the bound."""
+    from spidr.data.masking import span_mask
+
+    cfg = MaskingConfig(mask_selection="uniform", mask_other=20.0, mask_length=10)
+    mask = span_mask(cfg, torch.zeros(2, 200, dtype=torch.bool), generator=torch.Generator().manual_seed(0))
+    assert mask.any()
+    with pytest.raises(ValueError, match=r"masking\.mask_other = 21\.0 must be in \[0, 2 × masking\.mask_length"):
+        MaskingConfig(mask_selection="uniform", mask_other=21.0, mask_length=10)
+
+
+def test_a_model_section_of_the_other_type_is_refused() -> None:
+    """mut C36: a SpidR run given a DinoSR model config (built in code: the file reader picks the class from
+    run.model_type) must not train the other model silently."""
+    run = RunConfig(workdir="w", wandb_project="p", wandb_name="n", model_type="spidr")
+    with pytest.raises(ValueError, match=r"run\.model_type = 'spidr' does not match the model section's class "
+                                         r"DinoSRConfig"):
+        Config(run=run, data=DataConfig(manifest="m.csv"), model=DinoSRConfig())
+
+
+def test_the_frozen_teacher_note_includes_the_equality_case() -> None:
+    """mut C42: with 1 − ema_start_decay equal to ema_threshold the teacher is frozen from step 0 on (truth: the
+    schedule itself returns 1 at every step), so the note must be given."""
+    cfg = load_config(CONFIG, ["model.ema_start_decay=0.5", "model.ema_threshold=0.5"])
+    m = cfg.model
+    assert all(spidr_ema_decay(t, start_decay=m.ema_start_decay, timescale=m.ema_timescale,
+                               threshold=m.ema_threshold) == 1.0 for t in range(0, 5000, 97))
+    assert any("model.ema_start_decay = 0.5 has no effect" in note for note in unused_settings(cfg))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Errors name the file and the table
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_validation_table_s_own_check_names_that_table() -> None:
+    """mut C37: a [validation.NAME] table is a DataConfig; its errors must name validation.NAME, not [data]
+    (which is fine)."""
+    with pytest.raises(ValueError, match=r"validation\.dev\.num_buckets = 0 must be >= 1") as error:
+        load_config(CONFIG, ["validation.dev.manifest=dev.csv", "validation.dev.num_buckets=0"])
+    assert "data.num_buckets" not in str(error.value).replace("validation.dev.num_buckets", "")
+
+
+def test_a_config_error_names_the_file_and_its_overrides(tmp_path) -> None:
+    """mut C40: the error of a bad value names the config file (and that --set overrides were applied)."""
+    with pytest.raises(ValueError, match=r"tiny\.toml with its --set overrides: optimizer\.lr = -1\.0 must be > 0"):
+        load_config(CONFIG, ["optimizer.lr=-1"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text(CONFIG.read_text().replace("lr = 2e-3", "lr = -2e-3"))
+    with pytest.raises(ValueError, match=r"bad\.toml: optimizer\.lr = -0\.002 must be > 0"):
+        load_config(bad)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Command-line value types (spidr.cli_types)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_numeric_option_types_refuse_the_boundary() -> None:
+    """mut T01, T02: 0 is not positive (--batch-seconds 0 would make empty batches, --jobs 0 no worker); 0 is a
+    valid non-negative count."""
+    from spidr.cli_types import non_negative_int, positive_float, positive_int
+
+    for parse, text in ((positive_float, "0"), (positive_float, "-1.5"), (positive_float, "inf"),
+                        (positive_int, "0"), (positive_int, "2.5"), (non_negative_int, "-1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+            parse(text)
+    assert (positive_float("0.5"), positive_int("1"), non_negative_int("0")) == (0.5, 1, 0)
+
+
+def test_an_empty_output_folder_is_not_an_existing_output(tmp_path) -> None:
+    """mut T05, T06: an empty folder (made beforehand, or left by mkdir) holds no result to protect; a folder with
+    a file in it does, unless it holds the marker a killed run of the command left."""
+    from spidr.cli_types import check_new_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert check_new_output(out, overwrite=False) == out
+    (out / "result.txt").write_text("x")
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        check_new_output(out, overwrite=False)
+    (out / ".unfinished").write_text("")
+    assert check_new_output(out, overwrite=False, unfinished_marker=".unfinished") == out
+
+
+def test_a_process_count_that_is_not_a_number_counts_as_one() -> None:
+    """mut T07: a launcher variable that is not a count (empty, garbage) is not a crash: one process."""
+    from spidr.cli_types import processes_started_together
+
+    assert processes_started_together({"LOCAL_RANK": "0", "WORLD_SIZE": "x"}) == 1
+    assert processes_started_together({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": ""}) == 1
+    assert processes_started_together({"LOCAL_RANK": "0", "WORLD_SIZE": "4"}) == 4
