@@ -14,7 +14,7 @@ import pytest
 
 from spidr import cli
 from spidr.corpus.phones import phone_inventory
-from spidr.lm.zerospeech import LexicalItem, write_lexical_gold
+from spidr.lm.zerospeech import LexicalItem, read_submission, write_lexical_gold
 
 FRAME_LABELS = "frame_labels_20ms.jsonl"
 
@@ -146,3 +146,58 @@ def test_a_test_unit_unseen_in_training_is_scored(bench: Path, tmp_path: Path, c
     assert summaries["unigram"]["swuggy_all"] == pytest.approx(100.0)
     assert summaries["bigram"]["swuggy_all"] == pytest.approx(100.0)
     assert not stale.exists()
+
+
+# (tests below: behaviours that a second mutation round over spidr.lm, 55 mutants, found untested)
+
+def _jsonl(path: Path, rows: dict[str, list], field: str = "units") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"name": name, field: values}) + "\n" for name, values in rows.items()))
+    return path
+
+
+def test_ngram_baseline_scores_a_test_item_alike_whatever_else_its_file_holds(tmp_path):
+    """mut bl-test-own-labels. Truth: test items are numbered with the training file's label set (the models'
+    inventory): an item's score does not depend on the other items of its test file, here on whether one of them
+    holds '+noise+', a training label that sorts before every phone."""
+    from spidr.lm.baseline import write_ngram_submissions
+
+    train = _jsonl(tmp_path / "train.jsonl", {f"u{i}": ["SIL", "+noise+", "K", "AE", "T", "SIL"] if i % 3 else
+                                              ["SIL", "T", "AE", "K", "SIL"] for i in range(9)}, field="phones")
+    alone = _jsonl(tmp_path / "alone" / "lexical.jsonl", {"w1": ["K", "AE", "T"]}, field="phones")
+    with_noise = _jsonl(tmp_path / "noise" / "lexical.jsonl", {"w1": ["K", "AE", "T"], "w2": ["+noise+", "K"]},
+                        field="phones")
+    scores = {}
+    for name, path in (("alone", alone), ("noise", with_noise)):
+        folders = write_ngram_submissions(train, {"lexical": path}, tmp_path / f"out_{name}", kind="dev")
+        scores[name] = read_submission(folders["bigram"] / "lexical" / "dev.txt")["w1"]
+    assert scores["alone"] == scores["noise"]
+
+
+def test_ngram_baseline_submissions_are_keyed_by_file_stem(tmp_path):
+    """mut bl-test-names-not-stems. Truth: a submission line is keyed by the wav stem (the gold 'filename'): test
+    rows named by path ('spk/w1', '/data/spk/n1.wav') give the lines 'w1' and 'n1'."""
+    from spidr.lm.baseline import write_ngram_submissions
+
+    train = _jsonl(tmp_path / "train.jsonl", {"u0": [1, 2, 3], "u1": [3, 2, 1]})
+    test = _jsonl(tmp_path / "lexical.jsonl", {"spk/w1": [1, 2], "/data/spk/n1.wav": [2, 1]})
+    folders = write_ngram_submissions(train, {"lexical": test}, tmp_path / "out", kind="dev")
+    assert set(read_submission(folders["unigram"] / "lexical" / "dev.txt")) == {"w1", "n1"}
+
+
+def test_ngram_baseline_of_the_test_split_reads_the_test_files(tmp_path):
+    """muts bl-bench-dev-fixed, bl-units-dev-fixed. Truth: lm-eval --baseline ngram --kind test scores the test
+    split: BENCH_DIR/<task>/test/frame_labels_20ms.jsonl, or UNITS_DIR/<task>/test.jsonl."""
+    from spidr.lm.baseline import baseline_inputs
+    from spidr.lm.bench_units import FRAME_LABELS
+
+    bench, units = tmp_path / "bench", tmp_path / "units"
+    _jsonl(bench / "train" / FRAME_LABELS, {"u": ["K"]}, field="phones")
+    _jsonl(units / "train.jsonl", {"u": [1]})
+    for kind in ("dev", "test"):
+        _jsonl(bench / "lexical" / kind / FRAME_LABELS, {"w": ["K"]}, field="phones")
+        _jsonl(units / "lexical" / f"{kind}.jsonl", {"w": [1]})
+    assert baseline_inputs(bench, None, "test") == (bench / "train" / FRAME_LABELS,
+                                                    {"lexical": bench / "lexical" / "test" / FRAME_LABELS})
+    assert baseline_inputs(bench, units, "test") == (units / "train.jsonl",
+                                                     {"lexical": units / "lexical" / "test.jsonl"})

@@ -22,9 +22,9 @@ import torch
 from spidr.cli import main
 from spidr.lm.config import load_lm_config
 from spidr.lm.data import scored_targets
-from spidr.lm.models import LstmLM
-from spidr.lm.score import score_sequences
-from spidr.lm.tokens import Vocabulary
+from spidr.lm.models import GptLM, LstmLM
+from spidr.lm.score import find_unit_files, score_benchmark, score_sequences
+from spidr.lm.tokens import Vocabulary, read_unit_sequences
 from spidr.lm.train import lm_train_step, load_lm, train_lm
 from spidr.lm.zerospeech import (
     LexicalItem,
@@ -1370,3 +1370,266 @@ def test_lm_score_meta_records_the_norm_it_wrote(tmp_path):
     score_benchmark(tmp_path / "runs" / "ng" / "final.pt", find_unit_files(tmp_path / "items"), tmp_path / "sub",
                     norm="sum")
     assert json.loads((tmp_path / "sub" / "meta.json").read_text())["norm"] == "sum"
+
+
+# (tests below: behaviours that a second mutation round over spidr.lm, 55 mutants, found untested)
+
+def _jsonl(path: Path, rows: dict[str, list], field: str = "units") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"name": name, field: values}) + "\n" for name, values in rows.items()))
+    return path
+
+
+def test_token_ids_are_the_units_then_bos_eos_pad():
+    """mut tok-eos-pad-swap. Truth (spec spoken-lm.md §1.3, tokens.py docstring): units 0 … V − 1, then BOS = V,
+    EOS = V + 1, PAD = V + 2; an utterance is BOS u … EOS."""
+    vocab = Vocabulary(5)
+    assert (vocab.bos, vocab.eos, vocab.pad, vocab.size) == (5, 6, 7, 8)
+    assert vocab.encode(np.array([4, 0])).tolist() == [5, 4, 0, 6]
+
+
+def test_a_units_file_without_utterance_is_refused_by_name(tmp_path):
+    """mut tok-empty-file-ok. Truth: a units file with no row (an extraction that wrote nothing) is an error naming
+    the file, not an empty set of sequences (lm-score would write an empty submission, lm-train fail later)."""
+    path = tmp_path / "units.jsonl"
+    path.write_text("")
+    with pytest.raises(ValueError, match=rf"units file {re.escape(str(path))} has no utterance"):
+        read_unit_sequences(path, dedup=True)
+
+
+def _stub_lm(monkeypatch, model, info):
+    """lm-score's checkpoint loading replaced by ``model`` and ``info`` (a real checkpoint needs lm-train)."""
+    from spidr.lm import score
+
+    model.eval()
+    monkeypatch.setattr(score, "load_lm", lambda checkpoint, device="cpu": (model, info, None))
+
+
+def _gpt_and_info():
+    torch.manual_seed(0)
+    vocab = Vocabulary(20)
+    model = GptLM(vocab.size, dim=32, num_layers=2, num_heads=2, ffn_dim=64, context=64, dropout=0.0,
+                  activation="gelu", tie_embeddings=True)
+    info = {"num_units": 20, "arch": "gpt", "context": 64, "dedup": False, "kind": "units"}
+    return model, info, vocab
+
+
+def test_lm_score_in_bfloat16_scores_in_bfloat16(tmp_path, monkeypatch):
+    """muts sc-autocast-off, sc-bench-dtype-dropped. Truth: --dtype bfloat16 (lm-score --help: autocast) runs the
+    LM in bfloat16: its scores are those of score_sequences(dtype='bfloat16'), close to float32's but not equal
+    (bfloat16 keeps 8 bits of mantissa), where both mutants wrote the float32 scores."""
+    model, info, vocab = _gpt_and_info()
+    rng = np.random.default_rng(0)
+    items = {f"i{k}": rng.integers(0, 20, size=rng.integers(5, 30)).tolist() for k in range(6)}
+    _jsonl(tmp_path / "units" / "lexical" / "dev.jsonl", items)
+    _stub_lm(monkeypatch, model, info)
+    arrays = {k: np.asarray(v) for k, v in items.items()}
+    f32 = {k: s.logprob for k, s in score_sequences(model, vocab, arrays, context=64).items()}
+    b16 = {k: s.logprob for k, s in score_sequences(model, vocab, arrays, context=64, dtype="bfloat16").items()}
+    assert f32 != b16
+    assert all(abs(f32[k] - b16[k]) < 0.05 * len(items[k]) for k in items)
+    score_benchmark("lm.pt", find_unit_files(tmp_path / "units"), tmp_path / "sub", norm="sum", dtype="bfloat16")
+    assert read_submission(tmp_path / "sub" / "lexical" / "dev.txt") == pytest.approx(b16, abs=1e-6)
+
+
+def test_scores_jsonl_holds_the_sum_and_the_mean_of_each_item(tmp_path, monkeypatch):
+    """mut sc-jsonl-sum-mean-swap. Truth (score.py docstring, spec §1.4): scores.jsonl gives both normalisations:
+    'sum' is what --norm sum writes, 'mean' what --norm mean writes, and sum = mean × num_tokens."""
+    model, info, _ = _gpt_and_info()
+    _jsonl(tmp_path / "units" / "lexical" / "dev.jsonl", {"a": [1, 2, 3, 4, 5, 6], "b": [7], "c": [3, 9, 9, 2]})
+    _stub_lm(monkeypatch, model, info)
+    written = {}
+    for norm in ("sum", "mean"):
+        score_benchmark("lm.pt", find_unit_files(tmp_path / "units"), tmp_path / norm, norm=norm)
+        written[norm] = read_submission(tmp_path / norm / "lexical" / "dev.txt")
+    rows = [json.loads(line) for line in (tmp_path / "sum" / "scores.jsonl").read_text().splitlines()]
+    assert {row["name"] for row in rows} == {"a", "b", "c"}
+    for row in rows:
+        assert row["sum"] == written["sum"][row["name"]]
+        assert row["mean"] == written["mean"][row["name"]]
+        assert row["sum"] == pytest.approx(row["mean"] * row["num_tokens"])
+        assert row["sum"] < row["mean"] < 0  # (more than one token: the sum is the more negative)
+
+
+def test_a_failed_lm_score_leaves_no_meta_json_of_the_earlier_checkpoint(tmp_path, monkeypatch):
+    """mut sc-meta-not-removed-first. Truth (score_benchmark's comment): an earlier submission's meta.json goes
+    before the first file is written, so that a folder stopped in between names no checkpoint (its files are no
+    longer that checkpoint's)."""
+    from spidr.lm import score
+
+    model, info, _ = _gpt_and_info()
+    _jsonl(tmp_path / "units" / "lexical" / "dev.jsonl", {"a": [1, 2], "b": [3]})
+    _jsonl(tmp_path / "units" / "syntactic" / "dev.jsonl", {"c": [1, 2], "d": [3]})
+    _stub_lm(monkeypatch, model, info)
+    out = tmp_path / "sub"
+    score_benchmark("old.pt", find_unit_files(tmp_path / "units"), out)
+    assert json.loads((out / "meta.json").read_text())["checkpoint"] == "old.pt"
+    real = score.write_atomically
+
+    def failing(path, text):
+        if Path(path).name == "dev.txt" and Path(path).parent.name == "syntactic":
+            raise OSError("disk full")
+        return real(path, text)
+
+    monkeypatch.setattr(score, "write_atomically", failing)
+    with pytest.raises(OSError, match="disk full"):
+        score_benchmark("new.pt", find_unit_files(tmp_path / "units"), out)
+    assert not (out / "meta.json").exists()
+
+
+def test_lm_score_batches_stay_within_batch_tokens_and_score_as_one_by_one():
+    """mut sc-batch-by-name. Truth: --batch-tokens bounds a forward's padded size (rows × width) unless one item
+    alone is wider; items are batched by length for that. And a padded batch scores each item as alone."""
+    torch.manual_seed(0)
+    vocab = Vocabulary(10)
+    lstm = LstmLM(vocab.size, dim=16, num_layers=1, dropout=0.0, tie_embeddings=True).eval()
+    shapes = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, tokens):
+            shapes.append(tuple(tokens.shape))
+            return self.lstm(tokens)
+
+    rng = np.random.default_rng(0)
+    # names in the opposite order of lengths: a00 is the longest
+    sequences = {f"a{k:02d}": rng.integers(0, 10, size=30 - 2 * k) for k in range(15)}
+    batched = score_sequences(Recording(), vocab, sequences, batch_tokens=64)
+    assert all(rows * (width + 1) <= 64 for rows, width in shapes if rows > 1)  # inputs are tokens[:, :-1]
+    for stem, values in sequences.items():
+        (alone,) = score_sequences(lstm, vocab, {stem: values}).values()
+        assert batched[stem].logprob == pytest.approx(alone.logprob, abs=1e-4)
+        assert batched[stem].num_tokens == len(values) + 1
+
+
+def test_runs_of_other_seeds_draw_other_windows_at_every_step():
+    """mut da-seed-additive. Truth: the windows of step s are drawn from a generator seeded with (seed, s): run
+    seed 1 must not replay run seed 0's data one step later (seed + step did: seed 1 step s = seed 0 step s + 1)."""
+    from spidr.lm.data import WindowSampler
+
+    stream = torch.from_numpy(np.random.default_rng(0).integers(0, 50, size=2000))
+    zero, one = WindowSampler(stream, 8, 4, seed=0), WindowSampler(stream, 8, 4, seed=1)
+    for step in range(3):
+        assert not torch.equal(one.windows(step), zero.windows(step + 1))
+        assert not torch.equal(one.windows(step), zero.windows(step))
+
+
+def test_ranks_and_micro_batches_share_out_the_global_batch():
+    """mut da-rank-micro-first. Truth (data.py docstring): rank r of W takes rows r·B/W … (r+1)·B/W − 1 of the
+    global batch, and micro-batch m of M the m-th slice of those: the (rank, micro) slices in order make up the
+    global batch, with 2 ranks × 2 micro-batches as with 1 × 1."""
+    from spidr.lm.data import WindowSampler
+
+    stream = torch.from_numpy(np.random.default_rng(0).integers(0, 50, size=2000))
+    sampler = WindowSampler(stream, 8, 8, seed=3)
+    whole = sampler.windows(5)
+    parts = [sampler.windows(5, rank=r, world_size=2, micro=m, num_micro=2) for r in range(2) for m in range(2)]
+    assert all(part.shape == (2, 9) for part in parts)
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def _cfg(tmp_path: Path, train: Path, **data):
+    from spidr.lm.config import load_lm_config
+
+    config = {"run": {"workdir": str(tmp_path / "runs"), "name": "p", "device": "cpu", "seed": 0},
+              "data": {"train": str(train), "dedup": False, "val_fraction": 0.0, **data},
+              "model": {"arch": "lstm", "dim": 8, "num_layers": 1, "context": 4}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(config))
+    return load_lm_config(path)
+
+
+def test_num_units_equal_to_the_largest_unit_is_refused(tmp_path):
+    """mut pd-maxunit-gt. Truth: with data.num_units = V the units are 0 … V − 1 and V is BOS: a training file
+    holding unit V must be refused, not encoded as BOS."""
+    from spidr.lm.prepared_data import prepare_data
+
+    train = _jsonl(tmp_path / "train.jsonl", {"a": [1, 2, 10], "b": [3]})
+    with pytest.raises(ValueError, match=r"data.num_units = 10 but .*train\.jsonl holds unit 10"):
+        prepare_data(_cfg(tmp_path, train, num_units=10))
+    assert prepare_data(_cfg(tmp_path, train, num_units=11)).vocab.bos == 11
+
+
+def test_a_validation_file_is_read_with_the_training_file_s_inventory_and_dedup(tmp_path):
+    """muts pd-valid-no-numunits, pd-valid-dedup-true. Truth: data.valid is read as the training data: a unit
+    past the LM's inventory (here 1 + the training file's largest, 6) is refused naming it (it would be BOS/EOS/PAD
+    or past the embedding), and with data.dedup = false its repeats are kept, as the training file's are."""
+    from spidr.lm.prepared_data import prepare_data
+
+    train = _jsonl(tmp_path / "train.jsonl", {"a": [1, 1, 5], "b": [3, 4]})
+    valid = _jsonl(tmp_path / "valid.jsonl", {"v": [2, 2, 2, 3]})
+    data = prepare_data(_cfg(tmp_path, train, valid=str(valid)))
+    assert data.train.tolist() == [6, 1, 1, 5, 7, 6, 3, 4, 7]
+    assert data.valid.tolist() == [6, 2, 2, 2, 3, 7]
+    _jsonl(valid, {"v": [2, 6]})
+    with pytest.raises(ValueError, match=r"valid\.jsonl: line 1: unit 6 of 'v' is out of range: the LM has 6 units"):
+        prepare_data(_cfg(tmp_path, train, valid=str(valid)))
+
+
+def test_validation_labels_are_numbered_by_the_training_label_set(tmp_path):
+    """mut pd-valid-own-labels. Truth: frame labels become ids through the LabelVocabulary of the training file
+    (stored with the LM): a validation utterance equal to a training one encodes to the same tokens, even when the
+    training file holds a label ('+noise+', which sorts first) that the validation file lacks; and a validation
+    label the LM does not know is refused."""
+    from spidr.lm.prepared_data import prepare_data
+
+    train = _jsonl(tmp_path / "train.jsonl", {"a": ["+noise+", "K"], "b": ["K", "AE", "T"]}, field="phones")
+    valid = _jsonl(tmp_path / "valid.jsonl", {"b": ["K", "AE", "T"]}, field="phones")
+    data = prepare_data(_cfg(tmp_path, train, valid=str(valid)))
+    assert data.valid.tolist() == data.train[-5:].tolist()
+    _jsonl(valid, {"b": ["K", "xyz"]}, field="phones")
+    with pytest.raises(ValueError, match="label 'xyz' is not in the LM's label set"):
+        prepare_data(_cfg(tmp_path, train, valid=str(valid)))
+
+
+def test_the_train_fingerprint_covers_the_training_utterances_only(tmp_path):
+    """mut pd-fp-all-units. Truth: info['train_fingerprint'] identifies what the LM was trained on (checked on
+    resume and reuse): the utterances left after holding out val_fraction, not the whole file."""
+    from spidr.lm.data import is_held_out
+    from spidr.lm.prepared_data import prepare_data
+    from spidr.lm.tokens import fingerprint
+
+    rows = {f"u{i:02d}": [i % 7, (i + 3) % 7] for i in range(30)}
+    train = _jsonl(tmp_path / "train.jsonl", rows)
+    data = prepare_data(_cfg(tmp_path, train, val_fraction=0.3))
+    kept = {k: np.asarray(v) for k, v in rows.items() if not is_held_out(k, 0.3, 0)}
+    assert 0 < len(kept) < len(rows)
+    assert data.info["train_fingerprint"] == fingerprint(kept)
+    assert data.info["valid_fingerprint"] == fingerprint({k: np.asarray(v) for k, v in rows.items()
+                                                          if k not in kept})
+
+
+@pytest.mark.parametrize("change", [{"run": {"seed": 1}}, {"data": {"dedup": True}}, {"data": {"num_units": 12}}])
+def test_kept_token_streams_are_not_reused_under_other_data_settings(tmp_path, change):
+    """muts pd-key-no-seed, pd-key-no-dedup, pd-key-no-numunits. Truth (prepared_data docstring): the kept streams
+    are keyed by the settings that shape them; another run.seed (which utterances are held out), data.dedup or
+    data.num_units must give the streams prepare_data gives for the new settings, not the kept ones."""
+    from spidr.lm.prepared_data import prepare_data, update_cache
+
+    rng = np.random.default_rng(0)
+    rows = {f"u{i:02d}": np.repeat(rng.integers(0, 8, 4), 2).tolist() for i in range(40)}
+    cfg = _cfg(tmp_path, _jsonl(tmp_path / "train.jsonl", rows), val_fraction=0.3)
+    update_cache(cfg)
+    other = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)
+                                        for section, values in change.items()})
+    fresh, kept = prepare_data(other), update_cache(other)
+    assert kept.vocab == fresh.vocab
+    assert torch.equal(kept.train, fresh.train)
+    assert torch.equal(kept.valid, fresh.valid)
+    assert kept.info == fresh.info
+
+
+def test_the_ends_digest_covers_the_last_mebibyte(tmp_path):
+    """mut pd-ends-first-only. Truth (_ends_digest docstring): the digest covers the first and the last MiB of a
+    units file: two files of 3 MiB that differ only in their last byte differ there."""
+    from spidr.lm.prepared_data import _ends_digest
+
+    body = b"x" * (3 << 20)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(body + b"1")
+    second.write_bytes(body + b"2")
+    size = first.stat().st_size
+    assert _ends_digest(str(first), size) != _ends_digest(str(second), size)

@@ -248,3 +248,27 @@ def test_check_complete_names_missing_and_extra(tmp_path: Path) -> None:
         check_complete(extra, gold, "sub.txt")
     with pytest.raises(ValueError, match=r"1 stem\(s\) of the gold file missing .* and 5 stem\(s\) not in"):
         check_complete({stem: 0.0 for stem in extra if stem != "aAAfmkmQpVz"}, gold, "sub.txt")
+
+
+# (tests below: behaviours that a second mutation round over spidr.lm, 55 mutants, found untested)
+
+def test_gold_fields_are_read_without_the_spaces_around_them(tmp_path):
+    """mut zs-no-strip. Truth: a gold.csv written with ', ' between fields (by hand, or a spreadsheet export)
+    reads as the same rows (header as released): 'filename' ' w1' is the stem 'w1' (a stem holds no whitespace),
+    ' 1' is correct = 1."""
+    path = tmp_path / "gold.csv"
+    path.write_text("id,filename,voice,frequency,word,phones,length,correct\n"
+                    "1, w1, Alex, 3, brick, b r, 2, 1\n1, n1, Alex, , bril, b l, 2, 0\n")
+    items = read_lexical_gold(path)
+    assert [(i.id, i.filename, i.voice, i.frequency, i.length, i.correct) for i in items] == [
+        ("1", "w1", "Alex", 3, 2, True), ("1", "n1", "Alex", None, 2, False)]
+
+
+def test_an_empty_length_is_refused_naming_its_column(tmp_path):
+    """mut zs-length-optional. Truth: 'length' is the number of phones (an int: the by-length tables group by it);
+    only 'frequency' may be empty (unknown). An empty length is a field error naming line and column."""
+    path = tmp_path / "gold.csv"
+    path.write_text("id,filename,voice,frequency,word,phones,length,correct\n1,w1,Alex,3,brick,b r,,1\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: line 2, column 'length': expected a "
+                                         r"non-negative integer, found ''"):
+        read_lexical_gold(path)
