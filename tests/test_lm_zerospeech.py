@@ -254,14 +254,15 @@ def test_check_complete_names_missing_and_extra(tmp_path: Path) -> None:
 
 def test_gold_fields_are_read_without_the_spaces_around_them(tmp_path):
     """mut zs-no-strip. Truth: a gold.csv written with ', ' between fields (by hand, or a spreadsheet export)
-    reads as the same rows (header as released): 'filename' ' w1' is the stem 'w1' (a stem holds no whitespace),
-    ' 1' is correct = 1."""
+    reads as the same rows, its header too: 'filename' ' w1' is the stem 'w1' (a stem holds no whitespace), ' 1'
+    is correct = 1 (a header of ' filename' was refused as lacking the column)."""
     path = tmp_path / "gold.csv"
-    path.write_text("id,filename,voice,frequency,word,phones,length,correct\n"
-                    "1, w1, Alex, 3, brick, b r, 2, 1\n1, n1, Alex, , bril, b l, 2, 0\n")
-    items = read_lexical_gold(path)
-    assert [(i.id, i.filename, i.voice, i.frequency, i.length, i.correct) for i in items] == [
-        ("1", "w1", "Alex", 3, 2, True), ("1", "n1", "Alex", None, 2, False)]
+    for header in ("id,filename,voice,frequency,word,phones,length,correct",
+                   "id, filename, voice, frequency, word, phones, length, correct"):
+        path.write_text(f"{header}\n1, w1, Alex, 3, brick, b r, 2, 1\n1, n1, Alex, , bril, b l, 2, 0\n")
+        items = read_lexical_gold(path)
+        assert [(i.id, i.filename, i.voice, i.frequency, i.length, i.correct) for i in items] == [
+            ("1", "w1", "Alex", 3, 2, True), ("1", "n1", "Alex", None, 2, False)]
 
 
 def test_an_empty_length_is_refused_naming_its_column(tmp_path):

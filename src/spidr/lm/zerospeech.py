@@ -180,7 +180,8 @@ def _read_gold(path: str | Path, item_type: type[Item]) -> list[Item]:
     # utf-8-sig: a spreadsheet-saved file starts with a byte-order mark that would otherwise glue onto "id".
     with utf8_errors_named(path, "the gold file"), path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
+        # (stripped, as the values are: a file written with ', ' between fields reads as the released one)
+        header = reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
         if not header:
             raise ValueError(f"gold file {path} is empty: expected a header line {','.join(columns)} and rows")
         missing = [column for column in columns if column not in header]
