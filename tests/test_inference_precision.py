@@ -11,7 +11,8 @@ import torch
 from spidr.config import DinoSRConfig, SpidRConfig
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.models.build import build_model
-from spidr.models.inference_precision import FLOAT32_INPUT_PATH, bfloat16_inference
+from spidr.models.components import ConvFeatureExtractor
+from spidr.models.inference_precision import FLOAT32_INPUT_PATH, bfloat16_inference, precision_identity
 from spidr.train import precision
 from train_fixtures import EXTRACTION_MODEL as TINY
 from train_fixtures import speech_like as speech_like_samples
@@ -187,3 +188,44 @@ def test_bfloat16_falls_back_to_float32_on_a_cpu_without_native_bf16(monkeypatch
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert precision.resolve_precision("bfloat16", torch.device("cpu")).dtype == torch.bfloat16
 
+
+def _tiny():
+    torch.manual_seed(0)
+    return build_model(SpidRConfig(**TINY)).eval()
+
+
+def test_bfloat16_inference_restores_each_flag_to_its_own_earlier_value() -> None:
+    model = _tiny()
+    model.feature_projection.keep_float32 = True  # set by the caller (or an enclosing bfloat16_inference)
+    with bfloat16_inference(model, "cpu"):
+        assert all(m.keep_float32 for m in model.modules() if isinstance(m, FLOAT32_INPUT_PATH))
+    assert model.feature_projection.keep_float32 is True
+    assert model.feature_extractor.keep_float32 is False
+    assert model.student.pos_conv_embed.keep_float32 is False
+
+
+def test_a_float32_front_end_under_cpu_bf16_inference_runs_channels_last(monkeypatch) -> None:
+    """The layout is decided before autocast is switched off (components.ConvFeatureExtractor.forward)."""
+    torch.manual_seed(0)
+    extractor = ConvFeatureExtractor([(16, 10, 5), (16, 3, 2)]).eval()
+    seen = []
+    frames = ConvFeatureExtractor._frames
+
+    def spy(self, waveforms, warp, layout):
+        seen.append(layout)
+        return frames(self, waveforms, warp, layout)
+
+    monkeypatch.setattr(ConvFeatureExtractor, "_frames", spy)
+    wave = torch.randn(1, 1600)
+    with torch.inference_mode():
+        extractor(wave)
+        with bfloat16_inference(extractor, "cpu"):
+            assert extractor(wave).dtype == torch.float32
+    assert seen == ["official", "channels_last"]
+
+
+def test_precision_identity_marks_bf16_only() -> None:
+    """A float32 extraction folder's identity has no bf16 entry (one there would refuse every float32 folder made
+    before); bf16 says its input path is float32."""
+    assert precision_identity("float32") == {}
+    assert precision_identity("bfloat16") == {"bf16_input_path": "float32"}

@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from spidr.models import components
 from spidr.models.components import (
@@ -22,6 +23,7 @@ from spidr.models.components import (
     frame_masks,
     scale_grad,
 )
+from spidr.models.conv_under_compile import opaque_conv1d
 
 
 def _transformer(*, layer_norm_first: bool = False, layer_drop: float = 0.0, num_layers: int = 3):
@@ -628,3 +630,17 @@ def test_post_norm_layer_uses_each_layer_norm_in_its_place() -> None:
     torch.testing.assert_close(ffn, layer.feed_forward(x1), atol=1e-5, rtol=0)
     torch.testing.assert_close(out, _ln(x1 + ffn, layer.final_layer_norm), atol=1e-5, rtol=0)
 
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(2, 2, 3, padding=1, padding_mode="reflect"),
+    nn.Conv1d(2, 2, 3, padding="same"),
+], ids=["reflect", "same"])
+def test_the_opaque_conv_refuses_padding_it_would_compute_wrongly(conv: nn.Conv1d) -> None:
+    with pytest.raises(ValueError, match="explicit zero padding"):
+        opaque_conv1d(conv, torch.randn(1, 2, 8))
+
+
+def test_a_frequency_warp_on_a_conv_front_end_is_refused() -> None:
+    extractor = ConvFeatureExtractor([(8, 10, 5), (8, 3, 2)]).eval()
+    with pytest.raises(ValueError, match=r"needs a log-mel first layer \(model\.extractor_type = 'log_mel'\)"):
+        extractor(torch.randn(2, 400), torch.ones(2))

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REFERENCE, requires_shared
-from spidr.config import DEFAULT_CONV_LAYERS
+from spidr.config import DEFAULT_CONV_LAYERS, SpidRConfig
 from spidr.models import attention_mask_from_padding, num_frames, padding_mask_from_lengths
 from spidr.models.components import ConvFeatureExtractor
+from spidr.models.frames import frame_rate_hz, front_end_input
 
 
 @pytest.mark.parametrize(
@@ -73,3 +74,41 @@ def test_hop_length_is_the_product_of_strides():
 
     assert hop_length() == 320
     assert hop_length([(32, 10, 5), (32, 8, 4), (32, 8, 8)]) == 160
+
+
+def test_padding_mask_counts_frames_with_the_given_conv_layers() -> None:
+    """A 10 ms hop (one [C, 400, 160] layer): T = floor((S − 400) / 160) + 1, hand-computed, including both sides
+    of a stride boundary (559 → 1 frame, 560 → 2). The default layers would give 49 / 24 / 1 / 1 / 1."""
+    layers = ((8, 400, 160),)
+    lengths = torch.tensor([16000, 8000, 560, 559, 400])
+    padding = padding_mask_from_lengths(lengths, layers)
+    assert padding.shape == (5, 98)
+    assert (~padding).sum(1).tolist() == [98, 48, 2, 1, 1]
+    assert not padding[2, :2].any()
+    assert padding[2, 2:].all()
+
+
+def test_a_frame_rate_that_is_not_a_whole_number_of_hz_is_refused() -> None:
+    assert frame_rate_hz() == 50
+    assert frame_rate_hz(((8, 400, 160),)) == 100
+    with pytest.raises(ValueError, match=r"frame rate 16000/15 Hz is not an integer"):
+        frame_rate_hz(((8, 10, 5), (8, 3, 3)))  # hop 15 → 1066.67 Hz
+
+
+def _log_mel_config(window: int, hop: int) -> SpidRConfig:
+    return SpidRConfig(extractor_type="log_mel", extractor_conv_layer_config=((40, window, hop),))
+
+
+def test_front_end_input_checks_the_length_against_the_model_s_own_front_end() -> None:
+    """A [40, 256, 128] log-mel front end makes a frame from 256 samples: 300 are accepted (the default front end
+    would need 400), 255 are refused."""
+    cfg = _log_mel_config(256, 128)
+    assert front_end_input(torch.randn(1, 300), cfg, dtype=torch.float32).shape == (1, 300)
+    with pytest.raises(ValueError, match="waveforms of 255 samples are shorter than one frame"):
+        front_end_input(torch.randn(1, 255), cfg, dtype=torch.float32)
+
+
+def test_too_short_message_names_this_front_end_s_minimum() -> None:
+    cfg = SpidRConfig(extractor_type="log_mel", extractor_conv_layer_config=((40, 256, 128), (32, 3, 2)))
+    with pytest.raises(ValueError, match=r"500 samples.*\b512\b"):  # (3 − 1)·128 + 256 = 512
+        front_end_input(torch.randn(1, 500), cfg, dtype=torch.float32)

@@ -545,3 +545,80 @@ def test_hf_dropouts_round_trip_and_import_by_name(tmp_path):
     assert (got.encoder_dropout, got.encoder_attention_dropout, got.encoder_ff_interm_dropout,
             got.encoder_projection_dropout, got.encoder_layer_drop) == (0.21, 0.23, 0.27, 0.29, 0.03)
 
+
+def _drop_spidr_entry(directory) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    del config["spidr"]
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_a_foreign_hf_directory_takes_conv_bias_and_groups_from_its_config(tmp_path) -> None:
+    """Without the "spidr" entry (a data2vec-audio model from elsewhere) conv_bias and the positional conv groups
+    come from Data2VecAudioConfig's own fields."""
+    model = perturbed(tiny_model("spidr", extractor_conv_bias=True, encoder_pos_conv_groups=4))
+    export_hf(model, tmp_path)
+    _drop_spidr_entry(tmp_path)
+    cfg = read_checkpoint(tmp_path).config
+    assert (cfg.extractor_conv_bias, cfg.encoder_pos_conv_groups) == (True, 4)
+    loaded = load_model(tmp_path)
+    wave = waveforms(4000)
+    with torch.no_grad():
+        for a, b in zip(loaded.get_intermediate_outputs(wave), model.get_intermediate_outputs(wave), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_round_trip_keeps_a_pos_conv_kernel_below_three_per_layer(tmp_path) -> None:
+    """encoder_pos_conv_kernel = 4 over 2 convs: each has max(3, 2) = 3 taps (conv_pos_kernel_size 3); the "spidr"
+    entry's 4 is consistent with that and must come back as 4, not 3 × 2 = 6."""
+    model = tiny_model("spidr", encoder_pos_conv_depth=2, encoder_pos_conv_kernel=4)
+    export_hf(model, tmp_path)
+    assert read_checkpoint(tmp_path).config == model.cfg
+
+
+def test_round_trip_keeps_qkv_bias_of_a_model_whose_biases_are_still_zero(tmp_path) -> None:
+    """A freshly initialised qkv-bias model has all-zero q/k/v biases (init_transformer_): the export is not of a
+    bias-free model, and its config says so."""
+    model = tiny_model("dinosr", encoder_qkv_bias=True)
+    assert not model.student.layers[0].attention.qkv.bias.any()
+    export_hf(model, tmp_path)
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint.config == model.cfg
+    assert "student.layers.0.attention.qkv.bias" in checkpoint.state_dict
+
+
+def test_a_missing_masked_spec_embed_gets_the_hidden_size_not_the_conv_width(tmp_path) -> None:
+    """mask_time_prob = 0 models have no masked_spec_embed; its zeros have the encoder's width (48), which here
+    differs from the conv front end's (32)."""
+    model = perturbed(tiny_model("spidr", encoder_embed_dim=48, encoder_num_heads=2))
+    export_hf(model, tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["masked_spec_embed"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_model(tmp_path)
+    assert loaded.mask_embedding.shape == (48,)
+    assert not loaded.mask_embedding.any()
+    wave = waveforms(4000)
+    with torch.no_grad():
+        assert torch.equal(loaded.get_intermediate_outputs(wave)[-1], model.get_intermediate_outputs(wave)[-1])
+
+
+def test_a_negative_step_in_the_spidr_entry_is_refused_naming_the_field(tmp_path) -> None:
+    export_hf(tiny_model("spidr"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["spidr"]["step"] = -5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: spidr\.step = -5 is not a training step"):
+        read_checkpoint(tmp_path)
+
+
+def test_half_precision_hf_weights_are_read_as_float32(tmp_path) -> None:
+    """``save_pretrained`` of a model cast to bf16 writes bf16 weights: the state dict read back is float32, the
+    dtype of every spidr model."""
+    model = perturbed(tiny_model("spidr"))
+    export_hf(model, tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v.bfloat16() for k, v in weights.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    state = read_checkpoint(tmp_path).state_dict
+    assert {v.dtype for k, v in state.items() if k != "current_step"} == {torch.float32}
+    assert torch.equal(state["mask_embedding"], model.mask_embedding.detach().bfloat16().float())

@@ -11,7 +11,7 @@ from scipy.fft import dct
 from spidr.config import SpidRConfig
 from spidr.eval.mfcc import NUM_CEPS, PRE_EMPHASIS, mel_filterbank, mfcc
 from spidr.models import build_model, num_frames, padding_mask_from_lengths
-from spidr.models.log_mel import LogMelFilterbank
+from spidr.models.log_mel import LogMelFilterbank, warp_frequencies
 from train_fixtures import speech_like
 
 LOG_MEL = ((40, 400, 320),)
@@ -215,3 +215,36 @@ def test_log_mel_with_a_power_of_two_window_matches_numpy():
     got = bank(torch.from_numpy(x[None, None].astype(np.float32)))[0].numpy()
     np.testing.assert_allclose(got, expected, atol=2e-3)
 
+
+def test_warp_knee_is_at_0_8_nyquist_in_the_warped_domain_for_alpha_above_one_and_the_input_domain_below() -> None:
+    """α > 1: α·f up to f = 0.8·Nyquist/α (reaching 0.8·Nyquist), then the line to (Nyquist, Nyquist); α < 1:
+    α·f up to f = 0.8·Nyquist. Values hand-computed for Nyquist = 8000."""
+    freqs = torch.tensor([1000.0, 8000.0 * 0.8 / 1.2, 6000.0, 6400.0, 7200.0, 8000.0])
+    warped = warp_frequencies(freqs, torch.tensor([1.2, 0.8]), 8000.0)
+    # α = 1.2: knee 5333.33 → 6400; 6000 → 6400 + 1600 · 666.67 / 2666.67 = 6800; 6400 → 6400 + 1600 · 0.4 = 7040;
+    # 7200 → 6400 + 1600 · 0.7 = 7520
+    torch.testing.assert_close(warped[0], torch.tensor([1200.0, 6400.0, 6800.0, 7040.0, 7520.0, 8000.0]))
+    # α = 0.8: knee 6400 → 5120; 7200 → 5120 + 2880 · 800 / 1600 = 6560
+    torch.testing.assert_close(warped[1], torch.tensor([800.0, 8000 * 0.8 / 1.2 * 0.8, 4800.0, 5120.0, 6560.0,
+                                                        8000.0]))
+
+
+def test_student_warp_factors_are_drawn_from_both_sides_of_one_in_training_only() -> None:
+    """``student_frequency_warp = w`` draws α uniformly from [1 − w, 1 + w] (both lower and higher voices), in
+    training only: an eval-mode forward (validation loss) is not warped, so it is deterministic."""
+    model = log_mel_model(student_frequency_warp=0.2, encoder_dropout=0.0, encoder_attention_dropout=0.0).train()
+    torch.manual_seed(0)
+    alphas = model._student_warp(torch.zeros(4000, 8))
+    assert alphas.shape == (4000,)
+    assert float(alphas.min()) >= 0.8
+    assert float(alphas.max()) <= 1.2
+    assert float(alphas.min()) < 0.82
+    assert float(alphas.max()) > 1.18
+    assert abs(float(alphas.mean()) - 1.0) < 0.01
+    model.eval()
+    assert model._student_warp(torch.zeros(3, 8)) is None
+    waves = torch.randn(2, 8000)
+    with torch.no_grad():
+        first, _ = model(waves)
+        second, _ = model(waves)
+    assert torch.equal(first, second)

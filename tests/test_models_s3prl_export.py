@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spidr.models import export_s3prl
+from spidr.models import export_s3prl, read_checkpoint
 from spidr.models.convert import _parse_conv_layers, fairseq_model_config
 from spidr.models.hf_features import before_residual_features
 from test_models_dinosr import tiny_model, waveforms
@@ -204,3 +204,18 @@ def test_spidr_reads_its_s3prl_export_back(tmp_path, name: str) -> None:
     for ours, theirs in zip(load_model(tmp_path / "foreign.pt").eval().get_intermediate_outputs(wave),
                             model.get_intermediate_outputs(wave), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_s3prl_options_carry_groups_layer_drop_and_input_dropout(tmp_path) -> None:
+    """What s3prl (and spidr reading a foreign s3prl file) takes from model_cfg: the positional conv groups,
+    encoder_layerdrop and dropout_input of the exported model, not fairseq's defaults."""
+    model = perturbed(tiny_model("dinosr", encoder_pos_conv_groups=4, encoder_layer_drop=0.07,
+                                 encoder_projection_dropout=0.03, encoder_qkv_bias=True))
+    path = export_s3prl(model, tmp_path / "model.pt")
+    data = torch.load(path, weights_only=True)
+    options = data["model_cfg"]
+    assert (options["conv_pos_groups"], options["encoder_layerdrop"], options["dropout_input"]) == (4, 0.07, 0.03)
+    del data["spidr"]
+    torch.save(data, tmp_path / "foreign.pt")
+    cfg = read_checkpoint(tmp_path / "foreign.pt").config
+    assert (cfg.encoder_pos_conv_groups, cfg.encoder_layer_drop, cfg.encoder_projection_dropout) == (4, 0.07, 0.03)

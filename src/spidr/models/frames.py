@@ -13,7 +13,7 @@ from typing import overload
 
 import torch
 
-from spidr.config import DEFAULT_CONV_LAYERS, ConvLayer, ModelConfig
+from spidr.config import DEFAULT_CONV_LAYERS, ConvLayer, ModelConfig, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 
 
@@ -89,8 +89,8 @@ def front_end_input(
         raise ValueError(f"waveforms must be a float tensor of shape (B, S); got {waveforms.dtype} "
                          f"{tuple(waveforms.shape)}")
     if num_frames(waveforms.shape[1], cfg.extractor_conv_layer_config) == 0:
-        raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the conv "
-                         "extractor (400 samples with the default config)")
+        raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than one frame of the model's "
+                         f"front end ({num_samples_for_frames(1, cfg.extractor_conv_layer_config)} samples)")
     if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(waveforms).all()):
         bad = (~torch.isfinite(waveforms)).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"waveforms hold NaN or Inf samples (batch rows {bad}): their features would be NaN")
