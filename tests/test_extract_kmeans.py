@@ -513,16 +513,43 @@ def test_centroids_are_refused_for_another_model_s_features_or_the_other_side_of
     error = capsys.readouterr().err
     assert f"fitted on the features of another model ({checkpoints['a']}) than this one ({checkpoints['b']})" in error
     assert units("A_after") == 2
-    assert ("fitted on features taken before the residual add (the default), but these are taken after it "
-            "(--after-residual)") in capsys.readouterr().err
+    assert ("fitted on features taken before the residual add (the default), but these are taken after the "
+            "residual add (--after-residual)") in capsys.readouterr().err
     assert not (tmp_path / "B.jsonl").exists()
     assert not (tmp_path / "A_after.jsonl").exists()
     # extract --kmeans: the same refusals, before anything is written
     assert extract("b", "B_units", "--layers", "none", "--kmeans", f"2:{centroids}") == 2
     assert "fitted on the features of another model" in capsys.readouterr().err
     assert extract("a", "A_after_units", "--layers", "none", "--after-residual", "--kmeans", f"2:{centroids}") == 2
-    assert "taken after it (--after-residual)" in capsys.readouterr().err
+    assert "taken after the residual add (--after-residual)" in capsys.readouterr().err
     assert not (tmp_path / "B_units").exists()
     assert not (tmp_path / "A_after_units").exists()
     assert extract("a_student", "A_student_units", "--layers", "none", "--kmeans", f"2:{centroids}") == 0
     assert same_units(tmp_path / "A_student_units" / "kmeans_units" / "layer_02.jsonl")
+
+
+def test_the_features_fingerprint_covers_what_shapes_the_features_and_nothing_that_only_trains(tmp_path):
+    """The same weights under another number of attention heads give other features: another fingerprint (it hashed
+    the tensors alone, and their shapes do not show the heads); under other training settings (dropout, the
+    codebooks' decay) the same features: the same fingerprint. Centroids fitted on a checkpoint whose file was since
+    replaced by other weights (a run that went on training) are refused with that said, not as 'another model (X)
+    than this one (X)'."""
+    from spidr.eval.journal import features_fingerprint
+    from spidr.eval.kmeans import check_centroids_fit, features_origin, save_centroids
+
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL))
+    heads = build_model(SpidRConfig(**{**EXTRACTION_MODEL, "encoder_num_heads": 4}))
+    training = build_model(SpidRConfig(**{**EXTRACTION_MODEL, "encoder_dropout": 0.3, "codebook_decay": 0.5}))
+    for other in (heads, training):
+        other.load_state_dict(model.state_dict())
+    assert features_fingerprint(heads) != features_fingerprint(model)
+    assert features_fingerprint(training) == features_fingerprint(model)
+    path = tmp_path / "c.safetensors"
+    save_centroids(path, _centroids().numpy(), metadata={"layer": "2", **features_origin(
+        fingerprint=features_fingerprint(model), before_residual=True, checkpoint="run/final.pt")})
+    check_centroids_fit(path, 2, where="--kmeans", origin=features_origin(
+        fingerprint=features_fingerprint(training), before_residual=True, checkpoint="run/final.pt"))
+    with pytest.raises(ValueError, match=r"other weights than these, though both were read from run/final\.pt"):
+        check_centroids_fit(path, 2, where="--kmeans", origin=features_origin(
+            fingerprint=features_fingerprint(heads), before_residual=True, checkpoint="run/final.pt"))

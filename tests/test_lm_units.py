@@ -168,7 +168,7 @@ def test_centroids_lm_units_fitted_are_refused_for_another_model_and_taken_for_i
         "layer": "1", **features_origin(fingerprint=None, before_residual=False)})
     assert main(["lm-units", str(bench), str(tmp_path / "after"), "--checkpoint", str(checkpoint),
                  "--centroids", f"1={after}"]) == 2
-    assert "taken after it (--after-residual)" in capsys.readouterr().err
+    assert "taken after the residual add (--after-residual)" in capsys.readouterr().err
     assert not (tmp_path / "random").exists()
     assert not (tmp_path / "after").exists()
 

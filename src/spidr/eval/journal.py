@@ -86,15 +86,23 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 # The modules whose weights compute a model's layer features (``get_intermediate_outputs``), named alike in a full
-# SpidR / DinoSR and in its exported student (``spidr.models.student``).
+# SpidR / DinoSR and in its exported student (``spidr.models.student``), and the settings that shape that computation
+# (the others train: dropout, codebooks, schedules); a few leave no trace in the tensors' shapes (the heads).
 FEATURE_MODULES = ("feature_extractor.", "feature_projection.", "student.")
+FEATURE_SETTINGS = ("extractor_type", "extractor_mode", "extractor_conv_bias", "extractor_conv_layer_config",
+                    "encoder_embed_dim", "encoder_pos_conv_kernel", "encoder_pos_conv_groups",
+                    "encoder_pos_conv_depth", "encoder_num_layers", "encoder_num_heads", "encoder_ff_interm_features",
+                    "encoder_layer_norm_first", "encoder_qkv_bias")
 
 
 def features_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-1 of the tensors that compute the model's layer features (front end, projection, encoder): the same for
-    a checkpoint and for its exported student, which give the same features; another for another model's."""
+    """SHA-1 of what computes the model's layer features (the front end's, projection's and encoder's tensors and
+    ``FEATURE_SETTINGS``): the same for a checkpoint and for its exported student, which give the same features;
+    another for another model's, or for the same weights in another precision or architecture."""
+    settings = {name: getattr(model.cfg, name) for name in FEATURE_SETTINGS}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode())
     tensors = [(name, tensor) for name, tensor in model.state_dict().items() if name.startswith(FEATURE_MODULES)]
-    return _tensors_digest(hashlib.sha1(b"layer features"), tensors)
+    return _tensors_digest(digest, tensors)
 
 
 def _tensors_digest(digest: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

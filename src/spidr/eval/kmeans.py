@@ -233,16 +233,19 @@ def check_centroids_fit(path: str | Path, layer: int | None, *, where: str,
     fitted, applied = record.get("before_residual"), origin.get("before_residual")
     if fitted is not None and applied is not None and fitted != applied:
         def side(recorded: str) -> str:
-            return "before the residual add (the default)" if recorded == "true" else "after it (--after-residual)"
+            return ("before the residual add (the default)" if recorded == "true" else
+                    "after the residual add (--after-residual)")
 
         raise ValueError(f"{where}: {path} holds centroids fitted on features taken {side(fitted)}, but these are "
                          f"taken {side(applied)}: fit centroids on features taken as these are")
     fitted, applied = record.get("features_fingerprint"), origin.get("features_fingerprint")
     if fitted is not None and applied is not None and fitted != applied:
-        raise ValueError(f"{where}: {path} holds centroids fitted on the features of another model "
-                         f"({record.get('checkpoint', 'its checkpoint is not recorded')}) than this one "
-                         f"({origin.get('checkpoint', 'its checkpoint is not recorded')}): their units would be "
-                         "clusters of that model's feature space; fit centroids on this model's features")
+        fitted_on, this = (record.get("checkpoint", "not recorded"), origin.get("checkpoint", "not recorded"))
+        model = (f"other weights than these, though both were read from {this} (was it replaced since, e.g. by a "
+                 "run that went on training, or converted to another precision?)" if fitted_on == this else
+                 f"another model ({fitted_on}) than this one ({this})")
+        raise ValueError(f"{where}: {path} holds centroids fitted on the features of {model}: their units would be "
+                         "clusters of another feature space; fit centroids on this model's features")
 
 
 # How assign_units chooses a unit, recorded by the unit caches (lm-units, lm-study) built on it: units assigned
