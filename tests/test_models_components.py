@@ -644,3 +644,60 @@ def test_a_frequency_warp_on_a_conv_front_end_is_refused() -> None:
     extractor = ConvFeatureExtractor([(8, 10, 5), (8, 3, 2)]).eval()
     with pytest.raises(ValueError, match=r"needs a log-mel first layer \(model\.extractor_type = 'log_mel'\)"):
         extractor(torch.randn(2, 400), torch.ones(2))
+
+
+def _front_end_layers(bias: bool) -> nn.ModuleList:
+    torch.manual_seed(0)
+    return nn.ModuleList(
+        components.ConvLayerBlock(nn.Conv1d(16, 16, kernel, stride=stride, bias=bias), nn.LayerNorm(16))
+        for kernel, stride in ((3, 2), (2, 2), (8, 4)))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_trained_channels_last_conv_is_the_conv_over_its_windows(bias: bool) -> None:
+    """In CPU bf16 training the front end's convs run as matmuls over their windows (torch's bf16 conv computes its
+    weight gradient from memory it never wrote): in float32 the outputs and every gradient are the conv's, and
+    without gradients (inference, a frozen front end) the conv itself runs."""
+    layers = _front_end_layers(bias)
+    x = torch.randn(2, 203, 16, requires_grad=True)
+    outputs, grads = [], []
+    for windows in (True, False):
+        with torch.set_grad_enabled(True), mock.patch.object(
+                components.ConvLayerBlock, "_conv_on_windows",
+                components.ConvLayerBlock._conv_on_windows if windows else
+                lambda self, h: F.conv1d(h.transpose(1, 2), self.conv.weight, self.conv.bias,
+                                         stride=self.conv.stride).transpose(1, 2)):
+            y = x
+            for layer in layers:
+                y = layer(y, "channels_last")
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        outputs.append(y.detach())
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in layers.parameters())])
+        x.grad = None
+        layers.zero_grad()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for windowed, conv in zip(*grads, strict=True):
+        torch.testing.assert_close(windowed, conv, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), mock.patch.object(components.ConvLayerBlock, "_conv_on_windows",
+                                            side_effect=AssertionError("ran the windows without gradients")):
+        layers[0](x, "channels_last")
+
+
+def test_bf16_training_gradients_of_the_front_end_are_finite_after_the_heap_held_nans() -> None:
+    """torch 2.13's bf16 CPU conv (backward) read memory it never wrote: once freed tensors had left NaNs in the heap
+    (an attention mask's -inf does), the conv weights' gradients came out NaN in most tries, and the training step
+    was skipped. Ten tries, each after filling and freeing NaN tensors of many sizes: all finite."""
+    layers = _front_end_layers(bias=False)
+    for _ in range(10):
+        freed = [torch.full((n,), math.nan, dtype=dtype) for n in (10_000, 100_000, 1_000_000, 3_000_000)
+                 for dtype in (torch.float32, torch.bfloat16) for _ in range(3)]
+        del freed
+        x = torch.randn(2, 4000, 16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = x
+            for layer in layers:
+                y = layer(y, "channels_last")
+        y.float().sum().backward()
+        for name, parameter in layers.named_parameters():
+            assert torch.isfinite(parameter.grad).all(), name
+            parameter.grad = None
