@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spidr.models import components
+from spidr.models.channels_last_conv import _ChannelsLastConv, trained_conv_channels_last
 from spidr.models.components import (
     NO_PADDING,
     ConvFeatureExtractor,
@@ -654,33 +655,27 @@ def _front_end_layers(bias: bool) -> nn.ModuleList:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_trained_channels_last_conv_is_the_conv_over_its_windows(bias: bool) -> None:
-    """In CPU bf16 training the front end's convs run as matmuls over their windows (torch's bf16 conv computes its
-    weight gradient from memory it never wrote): in float32 the outputs and every gradient are the conv's, and
-    without gradients (inference, a frozen front end) the conv itself runs."""
+def test_the_trained_channels_last_conv_has_the_conv_s_gradients(bias: bool) -> None:
+    """The conv that CPU training runs channels last (its weight gradient a matmul over windows: torch's bf16 conv
+    computes it from memory it never wrote): gradcheck in float64 against finite differences, for x, weight and
+    bias; the same output as the plain conv; without gradients (inference, a frozen front end) the plain
+    conv runs."""
+    torch.manual_seed(0)
+    for kernel, stride in ((3, 2), (8, 4)):
+        conv = nn.Conv1d(5, 4, kernel, stride=stride, bias=bias).double()
+        x = torch.randn(2, 23, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda x, weight, bias, stride=stride: _ChannelsLastConv.apply(x, weight, bias, stride),
+            (x, conv.weight, conv.bias))
+        expected = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, stride=stride).transpose(1, 2)
+        torch.testing.assert_close(trained_conv_channels_last(conv, x), expected)
     layers = _front_end_layers(bias)
-    x = torch.randn(2, 203, 16, requires_grad=True)
-    outputs, grads = [], []
-    for windows in (True, False):
-        with torch.set_grad_enabled(True), mock.patch.object(
-                components.ConvLayerBlock, "_conv_on_windows",
-                components.ConvLayerBlock._conv_on_windows if windows else
-                lambda self, h: F.conv1d(h.transpose(1, 2), self.conv.weight, self.conv.bias,
-                                         stride=self.conv.stride).transpose(1, 2)):
-            y = x
-            for layer in layers:
-                y = layer(y, "channels_last")
-        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-        outputs.append(y.detach())
-        grads.append([x.grad.clone(), *(p.grad.clone() for p in layers.parameters())])
-        x.grad = None
-        layers.zero_grad()
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
-    for windowed, conv in zip(*grads, strict=True):
-        torch.testing.assert_close(windowed, conv, rtol=1e-4, atol=1e-5)
-    with torch.no_grad(), mock.patch.object(components.ConvLayerBlock, "_conv_on_windows",
-                                            side_effect=AssertionError("ran the windows without gradients")):
-        layers[0](x, "channels_last")
+    with torch.no_grad(), mock.patch.object(components, "trained_conv_channels_last",
+                                            side_effect=AssertionError("ran the trained conv without gradients")):
+        layers[0](torch.randn(2, 50, 16), "channels_last")
+    with mock.patch.object(components, "trained_conv_channels_last", wraps=trained_conv_channels_last) as trained:
+        layers[0](torch.randn(2, 50, 16), "channels_last")
+    assert trained.call_count == 1
 
 
 def test_bf16_training_gradients_of_the_front_end_are_finite_after_the_heap_held_nans() -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from spidr.config import ConvLayer, ModelConfig
+from spidr.models.channels_last_conv import trained_conv_channels_last
 from spidr.models.conv_under_compile import convolve
 from spidr.models.log_mel import LogMelFilterbank
 
@@ -161,25 +162,12 @@ class ConvLayerBlock(nn.Module):
         return F.gelu(self._norm_channels_last(x))
 
     def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.conv.weight.requires_grad:
-            return F.gelu(self._norm_channels_last(self._conv_on_windows(x)))
+        if torch.is_grad_enabled() and self.conv.weight.requires_grad:  # (torch's bf16 weight gradient reads garbage)
+            return F.gelu(self._norm_channels_last(trained_conv_channels_last(self.conv, x)))
         # A (B, C, 1, L) view of (B, L, C) memory is channels last for conv2d; its output is too.
         x = x.transpose(1, 2).unsqueeze(2)
         x = F.conv2d(x, self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, self.conv.stride[0]))
         return F.gelu(self._norm_channels_last(x.squeeze(2).transpose(1, 2).contiguous()))
-
-    def _conv_on_windows(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv as a matmul over its windows: (B, L, C_in) → (B, L', C_out), what a CPU trains the conv with in
-        bf16. There, torch's own conv (2.13, conv1d and conv2d alike, any layout) computes the weight's gradient
-        from memory it never wrote: where that memory last held a NaN or an Inf (an attention mask's -inf, a
-        skipped step's loss) the gradient is NaN, and the step is skipped. It was, in 5 to 16 of 16 tries of one
-        layer once the heap held NaNs, and a whole step's 1 in 3; matmuls and the windows' gradient read only what
-        they wrote. Its forward + backward over the base front end's layers 2-7 (2 × 4 s) took no longer than the
-        conv's on 2 cores."""
-        kernel, stride = self.conv.kernel_size[0], self.conv.stride[0]
-        windows = x.unfold(1, kernel, stride)  # (B, L', C_in, kernel): a view
-        weight = self.conv.weight.reshape(self.conv.out_channels, -1)  # (C_out, C_in · kernel), the windows' order
-        return F.linear(windows.reshape(*windows.shape[:2], -1), weight, self.conv.bias)
 
     def _norm_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """The block's norm on (B, L, C)."""
