@@ -530,3 +530,61 @@ def test_across_any_context_collapse_is_a_flat_mean_over_a_and_x_speakers():
     error_rate, num_pairs = _collapse(cells, context="any")
     assert num_pairs == 1
     assert error_rate == pytest.approx(2 / 3)
+
+
+# (tests below: wiring that a mutation round, 54 mutants over evaluate, probe, reports and plots, found untested)
+
+def _abx_task(tmp_path):
+    """A feature folder and item file: 5 speakers, 2 phones, 2 contexts, items of 3 to 6 frames, groups larger than
+    --max-size-group 2 and A speakers with more than 2 X speakers."""
+    rng = np.random.default_rng(0)
+    features = {f"spk{s}/utt": rng.normal(size=(200, 4)).astype(np.float32) for s in range(5)}
+    rows = []
+    for _ in range(250):
+        s, first = int(rng.integers(5)), int(rng.integers(0, 190))
+        rows.append((f"spk{s}/utt", first, first + int(rng.integers(2, 6)), str(rng.choice(["a", "b"])), f"s{s}",
+                     str(rng.choice(["p", "q"])), str(rng.choice(["n", "m"]))))
+    items = make_items(rows)
+    write_feature_tree(tmp_path / "features", features)
+    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
+    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
+                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
+    (tmp_path / "task.item").write_text("\n".join(lines) + "\n")
+    return features, items
+
+
+@pytest.mark.parametrize("options", [
+    {"speaker": "across", "context": "any", "max_size_group": 2, "max_x_across": 2, "seed": 7},
+    {"speaker": "within", "context": "within", "max_size_group": 2, "seed": 3, "librilight_bug": True},
+])
+def test_abx_command_passes_every_option_on(tmp_path, capsys, options):
+    """mut C01 (--max-x-across dropped), C02 (--seed dropped), C03 (--librilight-bug dropped), C04 (--context
+    dropped). Truth: the command's score equals abx_error_rate called with the same options (and each option
+    changes that score here, so a dropped one shows)."""
+    from spidr.eval.abx import abx_error_rate
+
+    features, items = _abx_task(tmp_path)
+    argv = ["abx", str(tmp_path / "features"), str(tmp_path / "task.item"), "--json", "--frequency", "50"]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = abx_error_rate(features, items, **options)
+    assert printed["abx_error_rate"] == pytest.approx(100 * expected)
+    defaults = {"speaker": options["speaker"], "context": "within", "max_size_group": 10, "max_x_across": 5, "seed": 0,
+                "librilight_bug": False}
+    for key, value in options.items():  # each option given changes the score: the comparison above can tell
+        if value != defaults[key]:
+            assert abx_error_rate(features, items, **{**options, key: defaults[key]}) != expected, key
+
+
+def test_units_quality_reads_interval_alignments_at_the_rate_given(tmp_path, capsys):
+    """mut C05 (--alignment-rate not passed to unit_quality: 50 Hz labels were compared as 100 Hz ones and refused
+    on their length). Truth: at 50 Hz, units [0, 1, 1] and labels [A, B, B] give PNMI 1 and purity 1."""
+    (tmp_path / "units.jsonl").write_text(json.dumps({"name": "u", "units": [0, 1, 1]}) + "\n")
+    (tmp_path / "ali.tsv").write_text("u\t0\t0.02\tA\nu\t0.02\t0.06\tB\n")
+    assert cli.main(["units-quality", str(tmp_path / "units.jsonl"), str(tmp_path / "ali.tsv"),
+                     "--alignment-rate", "50", "--unit-rate", "50", "--num-units", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["phone_purity"] == pytest.approx(1.0)
+    assert report["pnmi"] == pytest.approx(1.0, abs=1e-6)

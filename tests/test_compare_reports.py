@@ -178,3 +178,77 @@ def test_baselines_differing_in_any_score_are_kept_apart():
                             ("b", [*layer, LayerRow("MFCC", None, abx_within=4.0, abx_across=19.0)])])
     assert {r.model: r.abx_across for r in merged if r.layer is None} == {"a: MFCC": 16.0, "b: MFCC": 19.0}
 
+
+
+# (tests below: wiring that a mutation round, 54 mutants over evaluate, probe, reports and plots, found untested)
+
+def test_evaluation_settings_tell_other_test_utterances_of_the_same_count_and_ignore_an_unused_rate(tmp_path):
+    """mut R10 (test utterances recorded by count alone: two test sets of 4 utterances were "measured alike"),
+    R09 (an alignment rate recorded without alignments: reports without PNMI differed on a rate nothing used).
+    Truth: the docstring ("the test utterances (ids and lengths)"; the rate of the alignments)."""
+    from spidr.data.manifest import Manifest, ManifestEntry
+    from spidr.eval.report import AbxSettings, evaluation_settings, settings_differences
+
+    item = tmp_path / "t.item"
+    item.write_text("#file onset offset #phone prev-phone next-phone speaker\na 0.1 0.2 x y z s\n")
+    entries = [ManifestEntry(f"u{i}", f"/c/u{i}.wav", 16000) for i in range(4)]
+    four = Manifest.from_entries(entries)
+    longer = Manifest.from_entries([*entries[:3], ManifestEntry("u3", "/c/u3.wav", 32000)])  # one length differs
+    other = Manifest.from_entries([*entries[:3], ManifestEntry("u9", "/c/u9.wav", 16000)])  # one id differs
+    base = evaluation_settings(abx=AbxSettings(), item_file=item, entries=four)
+    for entries in (longer, other):
+        settings = evaluation_settings(abx=AbxSettings(), item_file=item, entries=entries)
+        assert settings["test_utterances"]["count"] == 4
+        assert settings["test_utterances"] != base["test_utterances"]
+        assert [line.split(":")[0] for line in settings_differences([("a", base), ("b", settings)])] == [
+            "test_utterances.sha256"]
+    # without alignments, no rate is recorded: --alignment-rate 50 alone does not make reports differ
+    at_50 = evaluation_settings(abx=AbxSettings(), item_file=item, entries=four, alignment_rate_hz=50)
+    assert at_50["alignment_rate_hz"] is None
+    assert settings_differences([("a", base), ("b", at_50)]) == []
+
+
+
+
+class _Axes:
+    """Records the drawing calls of one matplotlib Axes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            if name == "plot":
+                return (type("Line", (), {"get_color": lambda self: "C0"})(),)
+            return None
+        return call
+
+
+def test_report_plots_draw_each_panel_s_own_baseline_and_pnmi_at_its_layers(tmp_path, monkeypatch):
+    """mut R16 (the MFCC line of the across-speaker panel drawn at its within-speaker score), R17 (PNMI drawn at
+    positions 1, 2, … instead of the layers scored, e.g. --layers 3,6). Truth: plot_report's docstring (per-layer
+    curves, baselines as lines) and each row's own layer and scores."""
+    from spidr.eval import report
+    from spidr.eval.report import LayerRow, plot_report
+
+    made = []
+
+    def figure(*, figsize, purpose, ncols=1, **kwargs):
+        axes = [_Axes() for _ in range(ncols)]
+        made.append(axes)
+        return _Axes(), (axes if ncols > 1 else axes[0])
+
+    monkeypatch.setattr(report, "figure", figure)
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: None)
+    rows = [LayerRow("m", 3, abx_within=10.0, abx_across=20.0, quality={"pnmi": 0.3}),
+            LayerRow("m", 6, abx_within=8.0, abx_across=15.0, quality={"pnmi": 0.5}),
+            LayerRow("MFCC", None, abx_within=4.0, abx_across=16.0)]
+    plot_report(rows, tmp_path)
+    (within, across), (pnmi,) = made
+    for ax, expected in ((within, 4.0), (across, 16.0)):
+        baselines = [args[0] for name, args, kwargs in ax.calls if name == "axhline" and kwargs.get("label") == "MFCC"]
+        assert baselines == [expected]
+    curves = [args[:2] for name, args, _ in across.calls if name == "plot"]
+    assert curves == [([3, 6], [20.0, 15.0])]
+    assert [args[:2] for name, args, _ in pnmi.calls if name == "plot"] == [([3, 6], [0.3, 0.5])]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -854,3 +855,133 @@ def test_a_file_that_the_scan_could_not_read_names_its_twin_by_path_and_finds_no
     (tmp_path / "t.item").write_text("\n".join(line for line in items if unreadable not in line) + "\n")
     for features in (tmp_path / "units.jsonl", out / "layer_03"):  # (every file named by its own path found)
         assert main(["abx", str(features), str(tmp_path / "t.item")]) == 0
+
+
+# (tests below: wiring that a mutation round, 54 mutants over evaluate, probe, reports and plots, found untested)
+
+def _evaluate(corpus, out, *extra, item=None):
+    return main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--item", str(item or corpus / "test.item"), "--layers", "3", "--out",
+                 str(out), *extra])
+
+
+def _scrambled_items(corpus, path):
+    """The corpus's items with phones a a b b per file instead of its tones' a b a b: each phone then covers both
+    tones, and ABX errors are far from 0 (on the true labels every distance scores 0 %, and could not be told
+    apart)."""
+    lines = (corpus / "test.item").read_text().splitlines()
+    rows = [lines[0]]
+    for index, line in enumerate(lines[1:]):
+        fields = line.split()
+        fields[3] = "ab"[(index % 4) // 2]
+        rows.append(" ".join(fields))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+
+
+def test_evaluate_baselines_are_the_seeded_random_init_in_its_own_folder_and_mfcc_under_the_same_abx(corpus,
+                                                                                                     tmp_path):
+    """mut R19 (evaluate's features taken after the residual add), E03 (ABX seed not passed), E05 (MFCC scored
+    under the default ABX condition), E06 (random init not seeded),
+    E07 (the trained model scored again as "random init"), E08 (random init extracted into the model's folder),
+    E09 (random-init rows named as the model's). Truth: the --help ("seed of the ABX subsampling and of the
+    random-init baseline"), random_init_model's "a given seed always gives the same weights", and the MFCC baseline
+    "on the same items" under the report's one ABX condition (AbxSettings: "shared by every row of a report")."""
+    from spidr.data.manifest import read_manifest
+    from spidr.eval.items import read_items
+    from spidr.eval.journal import features_fingerprint
+    from spidr.eval.report import AbxSettings, evaluate_mfcc
+    from spidr.models.build import random_init_model
+    from spidr.models.loading import load_model
+
+    out = tmp_path / "r"
+    item = _scrambled_items(corpus, tmp_path / "scrambled.item")
+    assert _evaluate(corpus, out, "--baseline", "random-init", "--baseline", "mfcc", "--seed", "3", "--distance",
+                     "euclidean", item=item) == 0
+    rows = json.loads((out / "report.json").read_text())
+    assert [(row["model"], row["layer"]) for row in rows] == [("tiny", 3), ("tiny (random init)", 3), ("MFCC", None)]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["abx"] == {"context": "within", "distance": "euclidean", "max_size_group": 10, "max_x_across": 5,
+                               "seed": 3}
+    # each model's features in its own folder, made by that model
+    trained = load_model(corpus / "tiny.safetensors")
+    model_meta = json.loads((out / "features" / "model" / "metadata.json").read_text())
+    random_meta = json.loads((out / "features" / "random_init" / "metadata.json").read_text())
+    assert model_meta["checkpoint"] == str(corpus / "tiny.safetensors")
+    assert model_meta["before_residual"] is True  # the paper's feature (FFN output before the residual), as extract's
+    assert model_meta["features_fingerprint"] == features_fingerprint(trained)
+    assert random_meta["features_fingerprint"] == features_fingerprint(random_init_model(trained.cfg, seed=3))
+    assert random_meta["features_fingerprint"] != features_fingerprint(random_init_model(trained.cfg, seed=0))
+    # the MFCC row: the MFCC baseline under the command's ABX condition (not the default angular one)
+    entries, items = read_manifest(corpus / "manifest.csv"), read_items(item)
+    asked = evaluate_mfcc(entries, items, abx=AbxSettings(distance="euclidean", seed=3))
+    default = evaluate_mfcc(entries, items)
+    assert (asked.abx_within, asked.abx_across) != (default.abx_within, default.abx_across)  # (the check can tell)
+    assert (rows[2]["abx_within"], rows[2]["abx_across"]) == pytest.approx((asked.abx_within, asked.abx_across))
+
+
+def test_settings_json_records_the_alignment_rate_and_dtype_the_scores_were_measured_with(corpus, tmp_path, caplog):
+    """mut E10 (settings.json says 100 Hz for 50 Hz alignments), E11 (settings.json says float32 for a bfloat16
+    extraction): compare-reports then called two reports "measured alike" that were not. Truth: evaluation_settings'
+    docstring (the alignments' rate "unless given", "the extraction dtype")."""
+    out = tmp_path / "bf16"
+    assert _evaluate(corpus, out, "--alignments", str(corpus / "align50.tsv"), "--alignment-rate", "50", "--dtype",
+                     "bfloat16") == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["alignment_rate_hz"] == 50
+    assert settings["dtype"] == "bfloat16"
+    assert settings["alignments"]["name"] == "align50.tsv"
+
+
+def _probe_inputs(corpus, tmp_path, monkeypatch, *extra):
+    """The arguments that `spidr probe` hands to run_probes (captured; no probe is trained)."""
+    from spidr.eval import probe
+
+    seen = {}
+
+    def run_probes(featurizers, train_entries, test_entries, alignments, **options):
+        seen.update(featurizers=featurizers, train=train_entries, test=test_entries, options=options)
+        return []
+
+    def write_probe_report(rows, out, *, title, notes):
+        path = Path(out) / "probe.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(title + "\n")
+        return path
+
+    monkeypatch.setattr(probe, "run_probes", run_probes)
+    monkeypatch.setattr(probe, "write_probe_report", write_probe_report)
+    assert main(["probe", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+                 "--alignments", str(corpus / "align50.tsv"), "--alignment-rate", "50", "--out",
+                 str(tmp_path / "probe"), *extra]) == 0
+    return seen
+
+
+def test_probe_hands_its_seed_layers_and_dtype_to_the_split_the_random_init_and_every_featurizer(corpus, tmp_path,
+                                                                                                monkeypatch):
+    """mut Q01 (the held-out utterances drawn with seed 0 whatever --seed), Q03 (random init at seed 0), Q04 (the
+    random init probed on every layer while the model is probed on --layers), Q05 (--layers ignored), Q06 / Q09
+    (--dtype dropped from the probe settings / the model's featurizer). Truth: the --help ("seed of the utterance
+    draw, the probe and random init", "1-based layers to probe") and split_entries / random_init_model called with
+    that seed."""
+    from spidr.data.manifest import read_manifest
+    from spidr.eval.journal import features_fingerprint
+    from spidr.eval.probe import split_entries
+    from spidr.models.build import random_init_model
+
+    seen = _probe_inputs(corpus, tmp_path, monkeypatch, "--seed", "4", "--layers", "2", "--dtype", "bfloat16",
+                         "--test-fraction", "0.25", "--baseline", "random-init")
+    entries = read_manifest(corpus / "manifest.csv")
+    train, test = split_entries(entries, 0.25, seed=4)
+    assert [e.fileid for e in test] != [e.fileid for e in split_entries(entries, 0.25, seed=0)[1]]  # (seed matters)
+    assert [e.fileid for e in seen["test"]] == [e.fileid for e in test]
+    assert [e.fileid for e in seen["train"]] == [e.fileid for e in train]
+    model, random_init = seen["featurizers"]["tiny"], seen["featurizers"]["tiny (random init)"]
+    for featurizer in (model, random_init):
+        assert featurizer.representations == ("front_end", "projection", "layer_02")
+        assert featurizer.settings.dtype == "bfloat16"
+    assert seen["options"]["settings"].dtype == "bfloat16"
+    assert seen["options"]["settings"].seed == 4
+    assert features_fingerprint(random_init.model) == features_fingerprint(random_init_model(model.model.cfg, seed=4))

@@ -51,3 +51,54 @@ def test_cli_compares_runs_into_one_folder(tmp_path, capsys) -> None:
     written = capsys.readouterr().out.split()
     assert {p.rsplit("/", 1)[-1] for p in written} >= {"loss.png", "perplexity.png", "active_codewords_train.png"}
     assert all((tmp_path / "cmp" / p.rsplit("/", 1)[-1]).stat().st_size > 1000 for p in written)
+
+
+# (tests below: wiring that a mutation round, 54 mutants over evaluate, probe, reports and plots, found untested)
+
+def test_a_step_logged_again_keeps_its_last_record_and_lines_run_in_step_order():
+    """mut T01 (the first record of a step re-logged after a resume kept), T03 (steps in logging order: a line drawn
+    back and forth). Truth: series_by_group's docstring ("its last record wins") and a curve over increasing steps."""
+    from spidr.train.plot import figure_lines, series_by_group
+
+    records = [{"step": 2, "group": "train", "loss": 3.0}, {"step": 1, "group": "train", "loss": 4.0},
+               {"step": 2, "group": "train", "loss": 2.5}, {"step": 3, "group": "train", "loss": 2.0}]
+    groups = series_by_group(records)
+    assert groups["train"][2]["loss"] == 2.5
+    [(label, steps, values)] = figure_lines({"run": groups})["loss"][1]
+    assert (label, steps, values) == ("train", [1, 2, 3], [4.0, 2.5, 2.0])
+
+
+def test_per_codebook_figures_skip_records_without_the_list_and_scalar_figures_skip_non_numbers():
+    """mut T05 (a per-codebook metric logged as a scalar in one record taken as a list: TypeError). Truth:
+    figure_lines draws per-codebook metrics from the records that hold lists and scalars from those that hold
+    numbers (a null loss is left out)."""
+    from spidr.train.plot import figure_lines, series_by_group
+
+    records = [{"step": 1, "group": "train", "loss": 3.0, "active_codewords": [3, 4]},
+               {"step": 2, "group": "train", "loss": None, "active_codewords": 5},
+               {"step": 3, "group": "train", "loss": 2.0, "active_codewords": [5, 6]}]
+    figures = figure_lines({"run": series_by_group(records)})
+    assert figures["loss"][1] == [("train", [1, 3], [3.0, 2.0])]
+    assert figures["active_codewords_train"][1] == [("codebook 0", [1, 3], [3, 5]), ("codebook 1", [1, 3], [4, 6])]
+
+
+def test_two_runs_of_the_same_folder_name_are_both_drawn(tmp_path, monkeypatch):
+    """mut T02 (runs labelled by folder name even when two share it: runs/a/seed0 and runs/b/seed0 became one
+    entry, and the first run was silently left out of every figure). Truth: plot_training's docstring ("several run
+    directories are drawn together in each figure")."""
+    pytest.importorskip("matplotlib")
+    from spidr.train import plot
+
+    drawn = []
+    real = plot.figure_lines
+    monkeypatch.setattr(plot, "figure_lines", lambda runs: drawn.append(runs) or real(runs))
+    paths = []
+    for parent, loss in (("a", 5.0), ("b", 7.0)):
+        run = tmp_path / parent / "seed0"
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "group": "train", "loss": loss}) + "\n")
+        paths.append(run)
+    plot.plot_training(paths, tmp_path / "cmp")
+    _, lines = real(drawn[0])["loss"]
+    assert sorted(values[0] for _, _, values in lines) == [5.0, 7.0]
+    assert len({label for label, _, _ in lines}) == 2

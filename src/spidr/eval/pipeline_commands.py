@@ -79,7 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="per-layer ABX, codebook-unit ABX and PNMI report, with baselines",
         description="Extract every layer, score it (continuous ABX within/across speaker, codebook-unit ABX, "
-        "PNMI/purity/perplexity/bitrate of codebook units) and write report.md, report.json and PNG plots.",
+        "PNMI/purity/perplexity/bitrate of codebook units) and write report.md, report.json and PNG plots. The "
+        "features are kept in OUT/features/: a rerun into OUT reuses them (or resumes them after a kill) while "
+        "the model, the settings and the manifest's ids, paths and lengths are the same. Audio rewritten in place "
+        "under the same names and lengths is not noticed: delete OUT/features/ first.",
         formatter_class=FORMATTER,
     )
     _add_model_arguments(evaluate)
