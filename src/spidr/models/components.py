@@ -162,7 +162,8 @@ class ConvLayerBlock(nn.Module):
         return F.gelu(self._norm_channels_last(x))
 
     def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.conv.weight.requires_grad:  # (torch's bf16 weight gradient reads garbage)
+        # (on the CPU, torch's bf16 conv computes its weight gradient from memory it never wrote: channels_last_conv)
+        if x.device.type == "cpu" and torch.is_grad_enabled() and self.conv.weight.requires_grad:
             return F.gelu(self._norm_channels_last(trained_conv_channels_last(self.conv, x)))
         # A (B, C, 1, L) view of (B, L, C) memory is channels last for conv2d; its output is too.
         x = x.transpose(1, 2).unsqueeze(2)
