@@ -328,18 +328,14 @@ def test_a_sweep_between_a_temporary_s_making_and_its_lock_costs_nothing(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == [f"out.{'txt' if writer == 'replaced_when_done' else 'npy'}"]
 
 
-def test_a_finished_npy_is_renamed_while_still_locked(tmp_path, monkeypatch):
-    """NpyAppender.close renames the temporary before it lets go of its lock: a sweep in between would remove a
-    complete file. Truth: at the rename, a non-blocking lock from another open file description is refused."""
+def _replace_noting_whether_locked(refused: list[bool]):
+    """``os.replace`` that first notes in ``refused`` whether a non-blocking lock of the source, from another open
+    file description, is refused (True: its writer still holds it)."""
     import fcntl
 
-    import numpy as np
+    real_replace = os.replace
 
-    from spidr.eval import features
-
-    real_replace, refused = os.replace, []
-
-    def check_lock(source, target):
+    def replace(source, target):
         with open(source, "rb") as other:
             try:
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -348,7 +344,18 @@ def test_a_finished_npy_is_renamed_while_still_locked(tmp_path, monkeypatch):
                 refused.append(True)
         return real_replace(source, target)
 
-    monkeypatch.setattr(features.os, "replace", check_lock)
+    return replace
+
+
+def test_a_finished_npy_is_renamed_while_still_locked(tmp_path, monkeypatch):
+    """NpyAppender.close renames the temporary before it lets go of its lock: a sweep in between would remove a
+    complete file. Truth: at the rename, a non-blocking lock from another open file description is refused."""
+    import numpy as np
+
+    from spidr.eval import features
+
+    refused: list[bool] = []
+    monkeypatch.setattr(features.os, "replace", _replace_noting_whether_locked(refused))
     appender = features.NpyAppender(tmp_path / "out.npy", 1, 2)
     appender[0:1] = np.ones((1, 2), dtype=np.float32)
     appender.close()
@@ -374,6 +381,7 @@ def test_a_write_interrupted_by_ctrl_c_keeps_the_earlier_file_and_leaves_no_temp
 
     path = tmp_path / "units.jsonl"
     path.write_text("earlier\n")
+
     def interrupted_write() -> None:
         with replaced_when_done(path) as partial:
             partial.write_text("half of the new")
@@ -389,22 +397,10 @@ def test_a_finished_write_is_renamed_while_its_temporary_is_still_locked(tmp_pat
     """Truth (new_held_partial: the lock is "the sign, for other processes' sweeps, that its writer lives"): at the
     rename, another open file description's non-blocking lock is refused; released first, a sweep in between removes
     the complete file and the rename fails."""
-    import fcntl
-
     from spidr import atomic_files
 
-    real_replace, refused = os.replace, []
-
-    def check_lock(source, target):
-        with open(source, "rb") as other:
-            try:
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                refused.append(False)
-            except BlockingIOError:
-                refused.append(True)
-        return real_replace(source, target)
-
-    monkeypatch.setattr(atomic_files.os, "replace", check_lock)
+    refused: list[bool] = []
+    monkeypatch.setattr(atomic_files.os, "replace", _replace_noting_whether_locked(refused))
     atomic_files.write_atomically(tmp_path / "out.txt", "whole")
     assert refused == [True]
     assert (tmp_path / "out.txt").read_text() == "whole"
