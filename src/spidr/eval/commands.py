@@ -142,7 +142,7 @@ def _units_quality(args: argparse.Namespace) -> int:
 
 
 def _kmeans(args: argparse.Namespace) -> int:
-    from spidr.eval.feature_dir import features_origin, one_layer_directory
+    from spidr.eval.feature_dir import one_layer_directory, recorded_features_origin
     from spidr.eval.kmeans import features_layer, fit_kmeans, sample_frames, save_centroids
 
     out = check_new_output(args.out, overwrite=args.overwrite)
@@ -157,7 +157,8 @@ def _kmeans(args: argparse.Namespace) -> int:
     layer = features_layer(args.features_dir)
     if layer is not None:  # (checked where the centroids are applied: another layer's would pass unnoticed)
         metadata["layer"] = str(layer)
-    metadata |= features_origin(args.features_dir)  # (checked likewise: another model's, the other residual side)
+    # (checked likewise: centroids of another model's features, or of the other side of the residual add)
+    metadata |= recorded_features_origin(args.features_dir)
     save_centroids(out, centroids, metadata=metadata)
     print(f"wrote {args.num_units} centroids of dimension {centroids.shape[1]} (fitted on {frames.shape[0]} frames) "
           f"to {out}")
@@ -170,8 +171,8 @@ def _units(args: argparse.Namespace) -> int:
         StemKeyed,
         audio_root,
         extraction_frame_rate,
-        features_origin,
         one_layer_directory,
+        recorded_features_origin,
         skipped_stems,
         units_metadata_path,
     )
@@ -185,7 +186,7 @@ def _units(args: argparse.Namespace) -> int:
     centroids = load_centroids(args.centroids)
     layer = features_layer(args.features_dir)
     check_centroids_fit(args.centroids, layer, where=f"--centroids for {args.features_dir}",
-                        origin=features_origin(args.features_dir))
+                        origin=recorded_features_origin(args.features_dir))
     out = check_new_output(args.out, overwrite=args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     rate = extraction_frame_rate(args.features_dir)  # before anything is written: a failure leaves no units file

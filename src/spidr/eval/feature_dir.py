@@ -350,18 +350,18 @@ def audio_root(path: str | Path) -> str:
     return root if isinstance(root, str) else ""
 
 
-def features_origin(path: str | Path) -> dict[str, str]:
+def recorded_features_origin(path: str | Path) -> dict[str, str]:
     """What the record of the features at ``path`` (see :func:`_recorded_metadata`) says of the model and layer
     outputs they came from, as ``spidr kmeans`` records it in its centroids (``spidr.eval.kmeans.features_origin``):
     the fingerprint of the model's feature weights (recorded since 2026-12-07), whether they were taken before the
     residual add, and the checkpoint's path. Only what is recorded."""
-    from spidr.eval.kmeans import features_origin as origin
+    from spidr.eval.kmeans import features_origin
 
     found = _recorded_metadata(path)
     record = found[0] if found is not None else {}
     fingerprint, before_residual, checkpoint = (record.get(key) for key in
                                                 ("features_fingerprint", "before_residual", "checkpoint"))
-    return origin(fingerprint=fingerprint if isinstance(fingerprint, str) else None,
+    return features_origin(fingerprint=fingerprint if isinstance(fingerprint, str) else None,
                   before_residual=before_residual if isinstance(before_residual, bool) else None,
                   checkpoint=checkpoint if isinstance(checkpoint, str) else None)
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spidr.atomic_files import write_atomically
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
@@ -610,8 +611,6 @@ def write_probe_report(rows: Sequence[ProbeRow], out_dir: str | Path, *, title: 
     """``probe.json``, ``probe.md`` and ``probe.png`` in ``out_dir``; returns the markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from spidr.atomic_files import write_atomically
-
     write_atomically(out_dir / "probe.json", json.dumps([asdict(r) for r in rows], indent=1))
     plot = plot_probe(rows, out_dir / "probe.png")
     path = out_dir / "probe.md"

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spidr.atomic_files import write_atomically
 from spidr.lm.zerospeech import (
     FREQUENCY_BANDS,
     GoldItem,
@@ -593,8 +594,6 @@ def _write_outputs(out_dir: Path, results: Sequence[TaskResult], summary: Mappin
             stale.unlink()
     for result in results:
         write_task_tables(result, out_dir, kind=kind)
-    from spidr.atomic_files import write_atomically
-
     write_atomically(out_dir / "results.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
