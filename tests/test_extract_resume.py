@@ -371,3 +371,113 @@ def test_files_skipped_before_a_kill_are_still_listed_after_the_resume(tmp_path)
     assert metadata["skipped"] == reference["skipped"]
     assert metadata["num_files"] == reference["num_files"] == 4
     assert json.loads((out / "metadata.json").read_text())["skipped"] == reference["skipped"]
+
+
+def _rewrite_in_place(path: Path) -> None:
+    """Other audio of the same length, under the same name, with a later modification time."""
+    wave, rate = sf.read(path, dtype="float32")
+    before = path.stat().st_mtime_ns
+    sf.write(path, np.ascontiguousarray(wave[::-1]), rate, subtype="PCM_16")
+    os.utime(path, ns=(before + 5_000_000_000, before + 5_000_000_000))  # (whatever the clock's granularity)
+
+
+def test_audio_rewritten_in_place_is_refused_and_evaluate_s_folder_starts_over(tmp_path):
+    """Same ids, paths and lengths, other audio: features of the old audio must not be reused. ``extract`` refuses,
+    naming the audio; evaluate's working folder (``replace_other``) extracts again, as a fresh folder would."""
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=2))
+    out = tmp_path / "out"
+    settings = ExtractionSettings(**SETTINGS)
+    extract_to_directory(_model(), entries, out, settings, progress=False)
+    before, _ = _outputs(out)
+    extract_to_directory(_model(), entries, out, settings, progress=False)  # untouched audio: resumed, nothing redone
+    _rewrite_in_place(Path(entries[0].path))
+    assert read_manifest(tmp_path / "corpus" / "manifest.csv") == entries  # (the manifest cannot tell)
+    with pytest.raises(ValueError, match=r"holds an extraction with other audio \(audio files rewritten since: a "
+                                         r"size or modification time differs\); use another output folder"):
+        extract_to_directory(_model(), entries, out, settings, progress=False)
+    extract_to_directory(_model(), entries, out, settings, progress=False, replace_other=True)
+    extract_to_directory(_model(), entries, tmp_path / "fresh", settings, progress=False)
+    after, expected = _outputs(out)[0], _outputs(tmp_path / "fresh")[0]
+    assert after.keys() == expected.keys() == before.keys()
+    for key, value in after.items():
+        np.testing.assert_array_equal(value, expected[key])
+    first = output_stems(entries)[0]
+    assert not np.array_equal(after[f"layer_01/{first}.npy"], before[f"layer_01/{first}.npy"])
+
+
+def test_a_folder_begun_before_the_audio_was_stamped_is_resumed_then_checked(tmp_path):
+    """A folder whose state.json has no audio stamps (an older spidr's) resumes as before, without rewriting a file;
+    the stamps are recorded then, so audio rewritten after that is noticed."""
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=2))
+    out = tmp_path / "out"
+    settings = ExtractionSettings(**SETTINGS)
+    extract_to_directory(_model(), entries, out, settings, progress=False)
+    state_path = out / ".extract" / "state.json"
+    state = json.loads(state_path.read_text())
+    stamps = state.pop("audio")
+    state_path.write_text(json.dumps(state))
+    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("layer_*/**/*.npy")}
+    metadata = extract_to_directory(_model(), entries, out, settings, progress=False)
+    assert metadata["num_files"] == 2
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("layer_*/**/*.npy")} == finished
+    assert json.loads(state_path.read_text())["audio"] == stamps
+    _rewrite_in_place(Path(entries[1].path))
+    with pytest.raises(ValueError, match=r"other audio \(audio files rewritten since"):
+        extract_to_directory(_model(), entries, out, settings, progress=False)
+
+
+def test_the_audio_fingerprint_follows_each_file_s_size_and_modification_time(tmp_path):
+    from spidr.eval.journal import audio_fingerprint
+
+    files = [tmp_path / f"u{i}.wav" for i in range(3)]
+    for path in files:
+        path.write_bytes(b"RIFF0000")
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(b"0" * 1024)
+    plain = Manifest.from_entries(ManifestEntry(f"u{i}", str(p), 16_000) for i, p in enumerate(files))
+    members = Manifest.from_entries([ManifestEntry("m0", "m0.wav", 16_000, str(archive), 0, 10),
+                                     ManifestEntry("m1", "m1.wav", 16_000, str(archive), 512, 10),
+                                     ManifestEntry("u0", str(files[0]), 16_000)])
+
+    def fingerprints() -> tuple[str, str]:
+        return audio_fingerprint(plain), audio_fingerprint(members)
+
+    first = fingerprints()
+    assert fingerprints() == first
+    mtime = files[2].stat().st_mtime_ns
+    os.utime(files[2], ns=(mtime, mtime + 1))  # touched: another time
+    assert fingerprints()[0] != first[0]
+    assert fingerprints()[1] == first[1]  # (not one of the second list's files)
+    touched = fingerprints()
+    files[1].write_bytes(b"RIFF00000")
+    os.utime(files[1], ns=(files[1].stat().st_atime_ns, files[1].stat().st_mtime_ns))
+    assert fingerprints()[0] != touched[0]
+    stat = files[0].stat()
+    files[0].write_bytes(b"RIFF1111")  # other bytes of the same size at the same time: what it cannot see
+    os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprints()[0] == audio_fingerprint(plain)
+    before = fingerprints()
+    os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 1))  # the members' archive
+    assert fingerprints()[1] != before[1]
+    assert fingerprints()[0] == before[0]
+    files[2].unlink()  # a missing file counts as missing, not as an error
+    assert audio_fingerprint(plain) not in (before[0], first[0])
+
+
+def test_an_identity_recorded_without_audio_stamps_is_the_same_extraction():
+    from spidr.eval.journal import identity_differences, same_extraction
+
+    current = {"format": 1, "utterances": "u", "audio": "a"}
+    assert same_extraction(current, dict(current))
+    assert same_extraction({"format": 1, "utterances": "u"}, current)  # an older spidr's: the audio unchecked
+    assert not same_extraction({"format": 1, "utterances": "u", "audio": "b"}, current)
+    assert not same_extraction({"format": 1, "utterances": "v"}, current)
+    assert not same_extraction(None, current)
+    assert not same_extraction({}, current)
+    # what is told: the utterances, not the stamps that the older folder never recorded
+    assert identity_differences({"format": 1, "utterances": "v"}, current) == "utterances (another list of utterances)"
+    assert identity_differences({"format": 1, "utterances": "u", "audio": "b"}, current) == (
+        "audio (audio files rewritten since: a size or modification time differs)")
+    # other files have other stamps: the list of utterances is what differs
+    assert identity_differences({"format": 1, "utterances": "v", "audio": "b"}, current) == (
+        "utterances (another list of utterances)")

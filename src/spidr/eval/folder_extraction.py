@@ -414,8 +414,10 @@ def extract_part(
     from tqdm import tqdm
 
     from spidr.eval.journal import (
+        AUDIO,
         ExtractionJournal,
         UnitsFiles,
+        audio_fingerprint,
         entries_fingerprint,
         model_fingerprint,
         remove_part_units,
@@ -434,6 +436,7 @@ def extract_part(
     # topped up with rows keyed otherwise.
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
+                AUDIO: audio_fingerprint(manifest),  # (audio rewritten in place, under the same names and lengths)
                 **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
                 # Where utterance ids repeat, every row was named by its path (and ids holding a folder gave two rows
                 # one name): now only the rows whose id repeats are.
@@ -542,13 +545,13 @@ def _finished_metadata(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, 
 
 def _holds_extraction(out_dir: Path, identity: Mapping[str, Any]) -> bool:
     """Whether ``out_dir`` holds the extraction (finished or not) of ``identity``: its recorded state."""
-    from spidr.eval.journal import STATE_DIR, recorded_identity
+    from spidr.eval.journal import STATE_DIR, recorded_identity, same_extraction
 
     try:
         state = json.loads((out_dir / STATE_DIR / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return state == recorded_identity(identity)
+    return same_extraction(state, recorded_identity(identity))
 
 
 def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, plan: _Plan, shard: Shard, *,

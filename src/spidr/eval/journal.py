@@ -1,8 +1,9 @@
 """Resumable extraction: what an output folder holds, and which utterances are finished.
 
-``OUT/.extract/state.json`` names what is being extracted (settings, a fingerprint of the model and one of the
-utterance list); ``OUT/.extract/journal.jsonl`` gets one line per finished batch, written after that batch's
-``.npy`` files were renamed into place and its unit rows flushed::
+``OUT/.extract/state.json`` names what is being extracted (settings, a fingerprint of the model, one of the
+utterance list and one of the audio files' sizes and modification times); ``OUT/.extract/journal.jsonl`` gets one
+line per finished batch, written after that batch's ``.npy`` files were renamed into place and its unit rows
+flushed::
 
     {"done": [manifest indices], "skipped": {location: reason}, "units_bytes": {"layer_05": size, ...}}
 
@@ -22,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -43,16 +45,23 @@ FORMAT = 1
 
 # What a changed fingerprint means (the fingerprints themselves tell a user nothing)
 _FINGERPRINTS = {"model": "a model with other weights or config", "utterances": "another list of utterances",
-                 "benchmark": "a benchmark made again: its info.json differs"}
+                 "benchmark": "a benchmark made again: its info.json differs",
+                 "audio": "audio files rewritten since: a size or modification time differs"}
+# The identity entry of the audio files' stamps (``audio_fingerprint``). A folder begun by a spidr that did not record
+# it is still resumed (``same_extraction``): its audio cannot be checked, as before.
+AUDIO = "audio"
 
 
 def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:
     """What differs between two extraction identities (``state.json``), in words: each changed entry by name,
     a changed setting with its two values, and an entry the earlier one lacks as the work of an older spidr."""
     parts = []
-    changed = sorted(k for k in {*previous, *current} if previous.get(k) != current.get(k))
+    changed = sorted(k for k in {*previous, *current} if previous.get(k) != current.get(k)
+                     and (k != AUDIO or AUDIO in previous))  # (unrecorded stamps: see same_extraction)
     if any(k in current for k in changed):  # an entry only the earlier one holds follows from the others' changes
         changed = [k for k in changed if k in current]
+    if "utterances" in changed:  # (other files: other stamps)
+        changed = [k for k in changed if k != AUDIO]
     codebooks_changed = (previous.get("settings", {}).get("codebooks") != current.get("settings", {}).get("codebooks"))
     for key in changed:
         old, new = previous.get(key), current.get(key)
@@ -127,6 +136,44 @@ def entries_fingerprint(manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
+def audio_fingerprint(manifest: Manifest) -> str:
+    """SHA-1 of each utterance's audio file's size and modification time (an archive's, for its members), in order:
+    audio rewritten in place under the same names and lengths gives another, where ``entries_fingerprint`` does not.
+    A file that cannot be found counts as such (its utterance is skipped as unreadable)."""
+    digest = hashlib.sha1(str(len(manifest)).encode())
+    archives: dict[str, str] = {}
+
+    def stamp(path: str) -> str:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return "-"
+        return f"{status.st_size}:{status.st_mtime_ns}"
+
+    for start in range(0, len(manifest), ITER_CHUNK):
+        stop = min(start + ITER_CHUNK, len(manifest))
+        if manifest.archive_index is None:
+            stamps = [stamp(manifest.resolve(path)) for path in manifest.paths.strings(start, stop)]
+        else:
+            stamps = []
+            for entry in (manifest[i] for i in range(start, stop)):
+                if entry.archive is None:
+                    stamps.append(stamp(entry.path))
+                else:  # (one stat per archive)
+                    stamps.append(archives.setdefault(entry.archive, stamp(entry.archive)))
+        digest.update("\n".join(stamps).encode())
+    return digest.hexdigest()
+
+
+def same_extraction(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> bool:
+    """Whether a recorded identity (``state.json``) is ``current``'s (both as ``recorded_identity`` gives them). One
+    recorded without the audio's stamps (``AUDIO``, by an older spidr) is, where the rest is equal."""
+    if previous is None:
+        return False
+    return previous == current or (AUDIO not in previous and previous == {k: v for k, v in current.items()
+                                                                          if k != AUDIO})
+
+
 def recorded_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
     """``identity`` as ``state.json`` holds it (JSON types: tuples as lists)."""
     return json.loads(json.dumps({"format": FORMAT, **identity}))
@@ -180,12 +227,13 @@ class ExtractionJournal:
         self.identity = recorded_identity(identity)
         previous = self._read_state(self.dir / "state.json")
         replace_all = previous is None or (restart and (shard.is_whole or (out_dir / "metadata.json").is_file()))
-        if previous is not None and previous != self.identity and not (restart or replace_other):
+        other = previous is not None and not same_extraction(previous, self.identity)
+        if other and not (restart or replace_other):
             raise ValueError(
                 f"{out_dir} holds an extraction with other {identity_differences(previous, self.identity)}; use "
                 "another output folder, or restart (spidr extract --restart) to replace it"
             )
-        if previous is not None and previous != self.identity:
+        if other:
             logger.info("%s held an extraction with other %s: starting over", out_dir,
                         identity_differences(previous, self.identity))
             replace_all = True
@@ -201,6 +249,8 @@ class ExtractionJournal:
                         out_dir)
         if replace_all:
             self._start_over(out_dir, found)
+        elif previous != self.identity:  # begun by a spidr that did not record the audio's stamps: recorded now
+            write_atomically(self.dir / "state.json", json.dumps(self.identity, indent=1) + "\n")
         what = f"an extraction into {out_dir}" if shard.is_whole else f"part {shard} of the extraction into {out_dir}"
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(folder_lock(self.part_dir, what))

@@ -65,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "then normalises each window on its own statistics")
     extract.add_argument("--restart", action="store_true",
                          help="start over instead of resuming a killed extraction into OUT (and replace one of "
-                         "another model, manifest or settings); with --shard (and under torchrun or srun), only "
+                         "another model, manifest or settings, or of audio files rewritten since: their sizes and "
+                         "modification times are recorded); with --shard (and under torchrun or srun), only "
                          "this part of an unfinished extraction starts over")
     extract.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
                          help="extract part K of N (parts of nearly equal audio) into OUT, which every part shares: "
@@ -81,8 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Extract every layer, score it (continuous ABX within/across speaker, codebook-unit ABX, "
         "PNMI/purity/perplexity/bitrate of codebook units) and write report.md, report.json and PNG plots. The "
         "features are kept in OUT/features/: a rerun into OUT reuses them (or resumes them after a kill) while "
-        "the model, the settings and the manifest's ids, paths and lengths are the same. Audio rewritten in place "
-        "under the same names and lengths is not noticed: delete OUT/features/ first.",
+        "the model, the settings, the manifest's ids, paths and lengths and the audio files' sizes and modification "
+        "times are the same (a file rewritten or touched since starts them over).",
         formatter_class=FORMATTER,
     )
     _add_model_arguments(evaluate)
