@@ -201,3 +201,21 @@ def test_ngram_baseline_of_the_test_split_reads_the_test_files(tmp_path):
                                                     {"lexical": bench / "lexical" / "test" / FRAME_LABELS})
     assert baseline_inputs(bench, units, "test") == (units / "train.jsonl",
                                                      {"lexical": units / "lexical" / "test.jsonl"})
+
+
+def test_ngram_baselines_refuse_units_that_lm_units_left_unfinished(tmp_path):
+    """A units folder that lm-units was killed in holds the sets finished so far: scoring it would leave the others'
+    tasks unscored with no more than a warning. Like lm-score, the baselines refuse it (in OUT or in OUT/layer_LL)."""
+    from spidr.lm.baseline import baseline_inputs
+    from spidr.lm.bench_units import IN_PROGRESS
+
+    units = tmp_path / "units"
+    layer = units / "layer_02"
+    _jsonl(layer / "train.jsonl", {"u": [1]})
+    _jsonl(layer / "lexical" / "dev.jsonl", {"w": [1]})
+    assert baseline_inputs(tmp_path / "bench", layer, "dev")[0] == layer / "train.jsonl"
+    for folder in (units, layer):
+        (folder / IN_PROGRESS).touch()
+        with pytest.raises(ValueError, match=rf"{folder} is an unfinished spidr lm-units run"):
+            baseline_inputs(tmp_path / "bench", layer, "dev")
+        (folder / IN_PROGRESS).unlink()

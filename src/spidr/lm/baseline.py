@@ -36,6 +36,9 @@ def baseline_inputs(bench_dir: str | Path, units_dir: str | Path | None, kind: s
         tests = {task: root / task / kind / FRAME_LABELS for task in TASKS}
         what = "the benchmark's phone labels (spidr synth-lm-bench writes them)"
     else:
+        from spidr.lm.bench_units import refuse_unfinished_units
+
+        refuse_unfinished_units(units_dir)  # (its sets so far: the others' tasks would go unscored)
         root, train = Path(units_dir), Path(units_dir) / "train.jsonl"
         tests = {task: root / task / f"{kind}.jsonl" for task in TASKS}
         what = ("units in lm-units' layout (UNITS_DIR/train.jsonl, UNITS_DIR/<task>/<split>.jsonl: a model's "
