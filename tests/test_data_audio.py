@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from spidr.data.audio import AudioError, decode, load_audio, standardize, waveform_from_samples
-from spidr.data.manifest import ManifestEntry
+from spidr.data.dataset import AudioDataset, Skipped
+from spidr.data.manifest import UNKNOWN_LENGTH_REASON, ManifestEntry
 
 
 def sine(num_samples: int, rate: int, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
@@ -244,3 +247,64 @@ def test_samples_with_no_channel_are_an_audio_error() -> None:
     with pytest.raises(AudioError, match="no audio samples"):
         waveform_from_samples(np.zeros((5, 0), np.float32), 16_000)
 
+
+@pytest.mark.parametrize("rate", [True, 0, -16_000])
+def test_a_sample_rate_that_is_not_a_positive_whole_number_is_refused_by_name(rate) -> None:
+    """U02, U03. The docstring: ``sample_rate`` a positive whole number of Hz; True is not 1 Hz."""
+    with pytest.raises(AudioError, match=rf"^clip: sample_rate = {rate!r}: expected a positive whole number of Hz"):
+        waveform_from_samples(sine(800, 16_000), rate, name="clip")
+
+
+def test_a_header_without_length_keeps_its_own_reason(tmp_path: Path) -> None:
+    """U04. An AudioError raised while decoding passes as it is: its reason is the one that says what to do, not
+    "cannot be decoded (…)" wrapped around it."""
+    path = flac_of_unknown_length(tmp_path / "piped.flac")
+    with pytest.raises(AudioError) as info:
+        load_audio(path)
+    assert info.value.reason == UNKNOWN_LENGTH_REASON
+    assert str(info.value) == f"{path}: {UNKNOWN_LENGTH_REASON}"
+
+
+def _archive(tmp_path: Path, members: dict[str, bytes]) -> list[ManifestEntry]:
+    """A tar holding ``members``, and their manifest entries (byte ranges from tarfile itself)."""
+    path = tmp_path / "corpus.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        return [ManifestEntry(Path(m.name).stem, m.name, 4000, str(path), m.offset_data, m.size)
+                for m in tar.getmembers()]
+
+
+def _wav_bytes(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, 16_000, format="WAV")
+    return buffer.getvalue()
+
+
+def test_a_bad_archive_member_is_named_by_its_location(tmp_path: Path) -> None:
+    """U06. A member that cannot be decoded is named archive:member (ManifestEntry.location), not "<bytes>": the
+    dataset reports each bad member by where it is, and two bad members stay two distinct reports."""
+    garbage = b"RIFF" + bytes(range(256)) * 4
+    entries = _archive(tmp_path, {"good.wav": _wav_bytes(sine(4000, 16_000)), "bad1.wav": garbage,
+                                  "bad2.wav": garbage[::-1]})
+    assert load_audio(entries[0]).shape == (4000,)
+    with pytest.raises(AudioError) as info:
+        load_audio(entries[1])
+    assert info.value.path == f"{tmp_path / 'corpus.tar'}:bad1.wav"
+    skipped = [AudioDataset(entries)[i] for i in (1, 2)]
+    assert all(isinstance(item, Skipped) for item in skipped)
+    assert [item.location for item in skipped] == [entries[1].location, entries[2].location]
+
+
+@pytest.mark.parametrize("shape", [(800,), (800, 1)])
+def test_waveform_from_samples_never_shares_the_caller_s_memory(shape) -> None:
+    """U07. The result is a copy even for float32 16 kHz mono input with normalize=False: a caller reusing its
+    buffer (e.g. a recording loop) must not change the waveform it was given."""
+    samples = sine(800, 16_000).reshape(shape)
+    wave = waveform_from_samples(samples, 16_000, normalize=False)
+    expected = wave.clone()
+    samples[...] = 7.0
+    assert torch.equal(wave, expected)

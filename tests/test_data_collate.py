@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 
 from conftest import REFERENCE, requires_shared
@@ -132,3 +133,17 @@ def test_padded_masks_match_the_reference_collator() -> None:
     assert torch.equal(batch.padding_mask, padded["padding_mask"])
     assert torch.equal(batch.attention_mask, padded["attention_mask"])
     assert torch.equal(batch.mask, padded["mask"])
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_batch_to_moves_every_tensor_and_frame_lengths_follow(padding: bool) -> None:
+    """L04, L05, L08. ``Batch.to(device)`` must move lengths and padding mask too (the trainer stacks
+    ``b.lengths.sum()`` with ``b.mask.sum()``), and ``frame_lengths`` must live where the mask lives. The "meta"
+    device shows a tensor left behind without a GPU."""
+    collate = Collator(MaskingConfig(), DEFAULT_CONV_LAYERS, max_sample_size=320_000, enable_padding=padding)
+    items = [Utterance(0, "a", torch.randn(8000)), Utterance(1, "b", torch.randn(6000))]
+    batch = collate(items, generator=torch.Generator().manual_seed(0)).to("meta")
+    assert (batch.padding_mask is not None) == padding
+    tensors = [batch.waveforms, batch.lengths, batch.mask, batch.frame_lengths]
+    tensors += [batch.padding_mask, batch.attention_mask] if padding else []
+    assert [t.device.type for t in tensors] == ["meta"] * len(tensors)

@@ -247,3 +247,27 @@ def test_the_tracker_judges_once_exactly_min_seen_utterances_were_read() -> None
     tracker.record(num_good=17, skipped=[("a.wav", "broken"), ("b.wav", "broken")])  # 19 reads, 2 bad
     with pytest.raises(ValueError, match="2 of 20 utterances read"):
         tracker.record(num_good=1, skipped=[])
+
+
+def test_across_ranks_the_share_is_judged_once_exactly_min_seen_were_read() -> None:
+    """D02. Shared tracker, min_seen 4: after exactly 4 reads (2 bad, 50 % > 10 %) the ranks' check raises."""
+    tracker = BadFileTracker(0.1, min_seen=4, shared=True)
+    tracker.record(num_good=2, skipped=[("a.wav", "x"), ("b.wav", "y")])
+    with pytest.raises(AgreedValueError, match="2 of 4 utterances read by all ranks"):
+        tracker.check_across_ranks(torch.device("cpu"))
+
+
+def test_across_ranks_an_ended_epoch_is_judged_before_min_seen_also_after_a_resume() -> None:
+    """D06, D03. The class docstring: the share is checked once min_seen were read *or by the end of every epoch*.
+    A small set (3 reads, 2 bad) whose epoch ended is judged across ranks; the ended epoch survives a resume."""
+    tracker = BadFileTracker(0.1, min_seen=200, shared=True)
+    tracker.record(num_good=1, skipped=[("a.wav", "x"), ("b.wav", "y")])
+    tracker.check_across_ranks(torch.device("cpu"))  # epoch not over, 3 < 200 reads: not judged yet
+    tracker.end_of_pass(yielded_any=True)
+    state = tracker.state_dict()
+    with pytest.raises(AgreedValueError, match="2 of 3 utterances read by all ranks"):
+        tracker.check_across_ranks(torch.device("cpu"))
+    resumed = BadFileTracker(0.1, min_seen=200, shared=True)
+    resumed.load_state_dict(state)
+    with pytest.raises(AgreedValueError, match="2 of 3 utterances read by all ranks"):
+        resumed.check_across_ranks(torch.device("cpu"))

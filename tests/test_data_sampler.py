@@ -384,3 +384,72 @@ def test_a_resume_under_another_seed_says_the_seed_changed(caplog: pytest.LogCap
             other.load_state_dict(fresh_state)
         assert "seed" in caplog.text
         assert (other.epoch, other.position) == (0, 0)
+
+
+def test_percentile_buckets_are_right_closed_like_the_uniform_ones() -> None:
+    """P01. Lengths 1..5, 4 percentile buckets: the edges are the quartiles 1, 2, 3, 4, 5 and bucket b holds
+    (edge_b, edge_b+1] (the shortest joins bucket 0), so the buckets hold {1, 2}, {3}, {4}, {5}. A left-closed
+    search would give {1}, {2}, {3}, {4, 5}."""
+    ids = _bucket_ids(np.array([1, 2, 3, 4, 5]), 4, "percentile")
+    assert ids.tolist() == [0, 0, 1, 2, 3]
+    sampler = BucketBatchSampler([5, 4, 3, 2, 1], max_batch_length=100, num_buckets=4, bucket_method="percentile")
+    assert np.bincount(sampler.buckets, minlength=4).tolist() == [2, 1, 1, 1]
+
+
+# (min, max, num_buckets, length on an inner edge): cases where (length − edge_0) / width rounds above the edge's
+# index, so the float guess lands one bucket too high and only the exact edge comparison puts it back.
+@pytest.mark.parametrize(("low", "high", "num_buckets", "length"), [
+    (223967, 597996, 279, 265525), (268250, 478497, 648, 431776), (102920, 349074, 765, 184971),
+    (248085, 387929, 996, 318007), (45973, 98917, 730, 72445),
+])
+def test_a_length_exactly_on_a_uniform_edge_belongs_to_the_lower_bucket(low: int, high: int, num_buckets: int,
+                                                                        length: int) -> None:
+    """P02. Spec §6.3: uniform edges evenly spaced between min − 1 and max + 1, assignment by right-closed search.
+    The length equals an inner edge exactly, so it belongs to the bucket that edge closes."""
+    edges = np.linspace(low - 1, high + 1, num_buckets + 1)
+    (k,) = np.flatnonzero(edges == length)  # the inner edge it lies on
+    ids = _bucket_ids(np.array([low, length, high]), num_buckets, "uniform")
+    assert ids.tolist() == [0, k - 1, num_buckets - 1]
+
+
+def test_scored_samples_leave_out_the_batches_drop_last_drops() -> None:
+    """P11. Lengths 100..500, budget 600, unshuffled: batches [0, 1, 2], [3], [4]. With 2 ranks and drop_last the
+    third batch is dropped, so 3 · 100 + 400 = 700 samples are scored (not 1200)."""
+    sampler = BucketBatchSampler([100, 200, 300, 400, 500], max_batch_length=600, shuffle=False, num_buckets=1,
+                                 world_size=2, drop_last=True)
+    assert [list(b) for b in sampler.global_batches(0)] == [[0, 1, 2], [3]]
+    assert sampler.scored_samples() == 700
+
+
+def test_turning_shuffle_on_with_one_utterance_per_bucket_restarts_the_epoch(caplog) -> None:
+    """P13. One utterance per bucket: shuffled and unshuffled epochs have the same utterance order and the same
+    batches, only the batch order differs. A position saved unshuffled points into another order once shuffled."""
+    lengths = [1000 * (k + 1) for k in range(12)]
+    kwargs = {"max_batch_length": 3000, "num_buckets": 1000}
+    saver = BucketBatchSampler(lengths, shuffle=False, **kwargs)
+    iterator = iter(saver)
+    next(iterator), next(iterator)
+    state = saver.state_dict()
+    shuffled = BucketBatchSampler(lengths, shuffle=True, **kwargs)
+    assert [sorted(b) for b in shuffled.batches(0)] != [sorted(b) for b in saver.batches(0)]  # another order
+    with caplog.at_level(logging.WARNING):
+        shuffled.load_state_dict(state)
+    assert "fingerprint" in caplog.text
+    assert (shuffled.epoch, shuffled.position) == (0, 0)
+
+
+def test_a_state_saved_before_fingerprints_resumes_at_its_position(caplog) -> None:
+    """P17. The module trusts a state saved before the fingerprint existed when everything else matches."""
+    lengths = np.random.default_rng(0).integers(1000, 60_000, size=300).tolist()
+    kwargs = {"max_batch_length": 150_000, "min_sample_size": 2000, "max_sample_size": 40_000, "num_buckets": 20}
+    saver = BucketBatchSampler(lengths, **kwargs)
+    saver.set_epoch(2)
+    iterator = iter(saver)
+    consumed = [next(iterator) for _ in range(4)]
+    state = {k: v for k, v in saver.state_dict().items() if k != "fingerprint"}
+    resumed = BucketBatchSampler(lengths, **kwargs)
+    with caplog.at_level(logging.WARNING):
+        resumed.load_state_dict(state)
+    assert not caplog.records
+    assert (resumed.epoch, resumed.position) == (2, 4)
+    assert consumed + list(resumed) == list(BucketBatchSampler(lengths, **kwargs).batches(2))

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from spidr.config import DEFAULT_CONV_LAYERS, DinoSRConfig
-from spidr.models import DinoSR, load_model, num_frames
-from spidr.models.convert import _parse_conv_layers, fairseq_model_config
+from spidr.models import DinoSR, hf_export, load_model, num_frames
+from spidr.models.convert import _parse_conv_layers, convert_fairseq_state_dict, fairseq_model_config, fairseq_step
+from spidr.models.keymap import split_qkv
 from test_models_dinosr import (
     random_mask,
     waveforms,
@@ -319,3 +321,63 @@ def test_fairseq_options_with_non_default_values_reach_their_fields():
     # The older spelling of layer drop
     assert fairseq_model_config({"encoderlayerdrop": 0.07}).encoder_layer_drop == 0.07
 
+
+@pytest.mark.parametrize("key", ["encoder.layers.0.attention.q_proj.weight_orig",
+                                 "encoder.layers.0.attention.q_proj.weight_mask",
+                                 "encoder.layer_norm.bias_extra"])
+def test_a_key_that_only_starts_like_a_known_one_has_no_counterpart(key: str) -> None:
+    """K01. A key is renamed only when it matches a template as a whole: a pruned tensor's weight_orig must not be
+    read as the weight (both would land on the same key of ours, one overwriting the other)."""
+    with pytest.raises(ValueError, match="has no counterpart"):
+        hf_export.KEYS.to_ours(key)
+
+
+def test_split_qkv_returns_copies() -> None:
+    """K02. The docstring: contiguous copies. Editing the fused tensor afterwards leaves the split ones alone."""
+    fused = torch.arange(12.0).reshape(6, 2)
+    split = split_qkv({"student.layers.0.attention.qkv.weight": fused})
+    before = {k: v.clone() for k, v in split.items()}
+    fused.zero_()
+    assert all(torch.equal(split[k], before[k]) for k in before)
+    assert torch.equal(before["student.layers.0.attention.k.weight"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
+
+
+def test_a_fairseq_key_that_only_starts_like_a_rule_is_refused_by_its_name() -> None:
+    """V01. Spec §9.3: any unmapped key raises, naming the fairseq key (weight-norm parameters of the positional
+    convolution, a layout ours does not have)."""
+    model = to_fairseq(tiny_original().state_dict(), group_norm=False)
+    model["encoder.pos_conv.0.0.weight_g"] = torch.ones(1, 1, 1)
+    with pytest.raises(ValueError, match=r"'encoder\.pos_conv\.0\.0\.weight_g' has no conversion rule"):
+        convert_fairseq_state_dict(model)
+
+
+@pytest.mark.parametrize("optimizer_state", [None, {}, {"state": {}}, {"state": None}])
+def test_a_fairseq_checkpoint_without_optimizer_steps_is_at_step_0(optimizer_state) -> None:
+    """V02. Spec §9.3: current_step is the optimizer's step if present, else 0."""
+    assert fairseq_step({"last_optimizer_state": optimizer_state}) == 0
+    assert fairseq_step({"last_optimizer_state": {"state": {0: {"step": torch.tensor(7.0)}}}}) == 7
+
+
+def test_fairseq_options_set_to_none_keep_our_defaults() -> None:
+    """V03. A hydra config may hold None for an option: it is treated as absent."""
+    assert fairseq_model_config({"dropout": None, "conv_pos_groups": None, "encoder_layers": None}) == \
+        DinoSRConfig(encoder_qkv_bias=True, teacher_init="copy")
+
+
+def test_a_fairseq_checkpoint_without_its_teacher_says_so(tmp_path: Path) -> None:
+    """V04. A fairseq checkpoint whose ``_ema`` dict was stripped is still recognised as fairseq by its
+    ``encoder.layers.`` keys, and refused for the missing teacher."""
+    path = tmp_path / "dinosr.ckpt"
+    write_fairseq(path, tiny_original())
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["model"]["_ema"]
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"no '_ema' \(teacher\) entry"):
+        load_model(path)
+
+
+def test_a_negative_fairseq_ema_anneal_end_step_means_no_annealing() -> None:
+    """V06. fairseq uses the final EMA decay once num_updates >= ema_anneal_end_step: any value below 1 means the
+    final decay from the first step, ours ema_final_step = 1."""
+    assert fairseq_model_config({"ema_anneal_end_step": -1}).ema_final_step == 1
+    assert fairseq_model_config({"ema_anneal_end_step": 0}).ema_final_step == 1
