@@ -14,6 +14,7 @@ import torch
 from spidr import cli
 from spidr.eval import abx_scoring
 from spidr.eval.abx import abx, abx_error_rate, frame_distances, prepare_frames
+from spidr.eval.abx_cells import Groups, Labels
 from spidr.eval.dtw import dtw
 from spidr.eval.feature_dir import FeatureDirectory
 from spidr.eval.items import Items, frame_bounds
@@ -588,3 +589,94 @@ def test_units_quality_reads_interval_alignments_at_the_rate_given(tmp_path, cap
     report = json.loads(capsys.readouterr().out)
     assert report["phone_purity"] == pytest.approx(1.0)
     assert report["pnmi"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_api_defaults_are_zerospeech_s_caps():
+    """mut A10 (abx()'s max_x_across default 10 instead of 5; no test had more than 5 candidate X speakers with the
+    default). Truth: the documented ZeroSpeech / libri-light-abx2 defaults, max_size_group 10 and max_x_across 5,
+    also the CLI's: on 8 speakers (7 candidate X speakers per A group) the default call is the explicit (10, 5) call
+    and keeps 5 X speakers per A group."""
+    features, items = random_task(1, num_items=160, speakers=8)
+    default = abx(features, items, speaker="across", context="any")
+    assert default == abx(features, items, speaker="across", context="any", max_size_group=10, max_x_across=5)
+    uncapped = abx(features, items, speaker="across", context="any", max_size_group=10, max_x_across=None)
+    assert default.num_cells < uncapped.num_cells
+
+
+def _rescaled(items: Items, factor: int) -> Items:
+    """The same items with every time divided by ``factor`` (exact in Decimal)."""
+    return Items(items.files, tuple(t / factor for t in items.onsets), tuple(t / factor for t in items.offsets),
+                 items.labels)
+
+
+@pytest.mark.parametrize("speaker", ["within", "across"])
+def test_the_frequency_given_reaches_the_frame_bounds(speaker):
+    """mut A01 (abx() sliced the items at 50 Hz whatever ``frequency`` said: every test ran at 50 Hz).
+    Truth: times halved and the rate doubled select the same frames (ceil(t·f − ½) is unchanged), so the score is
+    identical; at 50 Hz the halved times would select other frames."""
+    features, items = random_task(0)
+    half = _rescaled(items, 2)
+    for got, expected in zip(frame_bounds(half, 100), frame_bounds(items, 50), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    at_50 = abx(features, items, speaker=speaker, max_size_group=None, max_x_across=None)
+    at_100 = abx(features, half, speaker=speaker, frequency=100, max_size_group=None, max_x_across=None)
+    assert at_100 == at_50
+    assert abx(features, _rescaled(items, 4), speaker=speaker, frequency="200", max_size_group=None,
+               max_x_across=None) == at_50  # a rate given as a string too
+
+
+def test_the_seed_chooses_the_x_speakers_across():
+    """mut A04 (``seed`` not passed to across_units: the X speakers kept by --max-x-across were always seed 0's).
+    The existing option test also caps --max-size-group, whose seed alone already changes the score.
+    Truth: without a group cap, 5 speakers give every A group 4 candidate X speakers of which 2 are kept: over 8
+    seeds the kept speakers, hence the score, change (the number of cells does not)."""
+    features, items = random_task(2, num_items=150, speakers=5)
+    results = [abx(features, items, speaker="across", context="any", max_size_group=None, max_x_across=2, seed=seed)
+               for seed in range(8)]
+    assert len({r.num_cells for r in results}) == 1
+    assert len({round(r.error_rate, 12) for r in results}) > 1
+
+
+def test_a_capped_group_keeps_its_items_in_item_order_and_scores_as_those_items_alone():
+    """mut C07 (the kept items of a capped group in permutation order, not sorted). ``Groups.members`` is documented
+    "in item order", and within speaker the earlier item of an A–A pair is on the lattice rows (fastabx's symmetric
+    DTW): with discrete units the order breaks DTW ties. Truth: scoring with ``max_size_group`` equals the
+    brute-force reference run on the kept items alone (their relative order unchanged)."""
+    differ = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        features = {"u": rng.integers(0, 3, 400).astype(np.float32)}
+        rows = []
+        for k in range(64):
+            first = int(rng.integers(0, 390))
+            rows.append(("u", first, first + int(rng.integers(1, 6)), "ab"[k % 2], "s"))
+        items = make_items(rows)
+        groups = Groups.build(Labels.from_items(items, context="any"), max_size_group=20, seed=seed)
+        for members in groups.members:
+            assert members.size == 20
+            assert np.all(np.diff(members) > 0)
+        kept = np.sort(np.concatenate(groups.members))
+        subset = Items(tuple(items.files[i] for i in kept), tuple(items.onsets[i] for i in kept),
+                       tuple(items.offsets[i] for i in kept), {k: tuple(v[i] for i in kept) for k, v in
+                                                               items.labels.items()})
+        got = abx(features, items, context="any", distance="identical", max_size_group=20, seed=seed).error_rate
+        expected, _ = reference_abx(features, subset, speaker="within", context="any", distance="identical")
+        assert got == pytest.approx(expected, abs=1e-12)
+        differ += expected != pytest.approx(
+            abx(features, items, context="any", distance="identical", max_size_group=None).error_rate, abs=1e-12)
+    assert differ  # (the cap does change the score here)
+
+
+def test_tiny_frames_keep_their_direction_under_the_angular_distance():
+    """mut F06 (frames of small norm taken for all-zero ones). The angular distance compares directions: only an
+    all-zero frame has none (fastabx's singularity rule). Truth by hand: (1e-4, 0) and (0, 2e-4) are orthogonal,
+    distance ½; (1e-4, 0) and (3, 0) share a direction, distance 0."""
+    import torch
+
+    from spidr.eval.abx import frame_distances, prepare_frames
+
+    frames = prepare_frames(torch.tensor([[1e-4, 0.0], [0.0, 2e-4], [3.0, 0.0]]), "angular")
+    got = frame_distances(frames, frames, "angular")
+    assert got[0, 1].item() == pytest.approx(0.5, abs=1e-6)
+    assert got[0, 2].item() == pytest.approx(0.0, abs=1e-3)  # float32 arccos near 1
+    assert got[1, 2].item() == pytest.approx(0.5, abs=1e-6)

@@ -627,3 +627,14 @@ def test_the_join_holds_each_part_s_own_utterances_only(manifest, tmp_path):
         np.testing.assert_array_equal(state.done, whole_states[part].done[numbers == part.index])
         assert state.done.all() == (part == Shard(2, 3))
         assert state.units_bytes == whole_states[part].units_bytes
+
+
+def test_part_k_starts_with_the_k_th_longest_utterance():
+    """mut H01 (utterances dealt shortest first). The shards module docstring: part K of N takes every N-th
+    utterance in order of decreasing length, starting with the K-th longest. Truth by hand: lengths 10, 30, 20, 40
+    in 2 parts: decreasing 40, 30, 20, 10 → parts 1, 2, 1, 2 (shortest first would give the reverse)."""
+    from spidr.eval.shards import Shard, part_numbers
+
+    lengths = np.array([10, 30, 20, 40])
+    assert part_numbers(lengths, 2).tolist() == [2, 2, 1, 1]
+    assert np.flatnonzero(Shard(2, 2).members(lengths)).tolist() == [0, 1]

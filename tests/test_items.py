@@ -256,3 +256,15 @@ def test_json_times_are_read_as_the_decimals_written(tmp_path: Path) -> None:
     items = read_items(path)
     assert items.onsets == (Decimal("0.07000000000000000001"),)
     assert frame_bounds(items, 50)[0].tolist() == [4]
+
+
+def test_float_times_are_read_as_the_decimals_they_print():
+    """mut I03 (float times turned into Decimal directly: 0.07 became 0.07000000000000000666…). The from_columns
+    docstring: floats go through str. Truth: onset 0.07 s at 50 Hz is frame 3's centre, so the item starts at frame
+    3 (ceil(3.5 − ½)); the binary value would start it at frame 4."""
+    items = Items.from_columns({"#file": ["f", "f"], "onset": [0.07, 0.315], "offset": [0.09, 0.5]})
+    assert items.onsets == (Decimal("0.07"), Decimal("0.315"))
+    assert items.offsets == (Decimal("0.09"), Decimal("0.5"))
+    starts, ends = frame_bounds(items, 50)
+    assert starts.tolist() == [3, 16]
+    assert ends.tolist() == [5, 25]

@@ -275,3 +275,29 @@ def test_the_trust_bound_covers_the_worst_case_error_of_the_dot_products() -> No
     gamma = dim * u / (1 - dim * u)
     worst = 2 * 2 * gamma * x.double().norm(dim=1) * shifted_norms.max()
     assert (nearest._error_bound(x) >= worst).all()
+
+
+def test_float64_frames_are_assigned_in_float64_alone():
+    """mut N02 (float64 frames sent down the float32 path). The class docstring: frames in float64 are assigned in
+    float64 alone. Rounding them to float32 moves a frame far from the origin by up to half a float32 ulp per
+    dimension, far more than the trust bound (computed for frames that are float32 already) allows for: near the
+    bisector of two centroids at an offset of 1000, about a third of the float32 choices were trusted and wrong.
+    Truth: assign_float64 on the given values."""
+    import torch
+
+    from spidr.eval.nearest_centroid import NearestCentroid, assign_float64
+
+    g = torch.Generator().manual_seed(0)
+    centroids = (1000 + torch.randn(2, 8, generator=g, dtype=torch.float64)).float()
+    c = centroids.double()
+    direction = (c[1] - c[0]) / (c[1] - c[0]).norm()
+    across = torch.randn(300, 8, generator=g, dtype=torch.float64) * 0.5
+    across -= (across @ direction)[:, None] * direction
+    side = torch.logspace(-9, -4, 300, dtype=torch.float64)[:, None] * torch.tensor([-1.0, 1.0]).repeat(150)[:, None]
+    frames = (c[0] + c[1]) / 2 + across + side * direction
+    nearest = NearestCentroid(centroids)
+    np.testing.assert_array_equal(nearest(frames), assign_float64(frames, centroids).numpy())
+    assert nearest.num_float64 == len(frames)
+    far = torch.stack([c[0], c[1]]) + 0.01  # far from any tie: still float64's path
+    np.testing.assert_array_equal(nearest(far), [0, 1])
+    assert nearest.num_float64 == len(frames) + 2
