@@ -219,3 +219,16 @@ def test_ngram_baselines_refuse_units_that_lm_units_left_unfinished(tmp_path):
         with pytest.raises(ValueError, match=rf"{folder} is an unfinished spidr lm-units run"):
             baseline_inputs(tmp_path / "bench", layer, "dev")
         (folder / IN_PROGRESS).unlink()
+
+
+def test_ngram_baseline_of_the_test_split_writes_test_submissions(tmp_path):
+    """mut bl-write-dev-fixed. Truth: write_ngram_submissions writes 'out_dir/<model>/<task>/<kind>.txt', which
+    lm-eval --kind test then reads."""
+    from spidr.lm.baseline import write_ngram_submissions
+    from test_lm_baseline import _jsonl
+
+    train = _jsonl(tmp_path / "train.jsonl", {"u0": [1, 2, 3], "u1": [3, 2, 1]})
+    test = _jsonl(tmp_path / "lexical" / "test.jsonl", {"w1": [1, 2], "n1": [2, 1]})
+    folders = write_ngram_submissions(train, {"lexical": test}, tmp_path / "out", kind="test")
+    for folder in folders.values():
+        assert sorted(p.name for p in (folder / "lexical").iterdir()) == ["test.txt"]

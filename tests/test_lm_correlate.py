@@ -414,3 +414,89 @@ def test_spearman_p_of_eight_points_is_the_exact_permutation_p():
     hits = sum(abs(np.corrcoef(rx, ry[list(p)])[0, 1]) >= abs(rho) - 1e-12
                for p in itertools.permutations(range(8)))
     assert correlate(x, y)["spearman_p"] == pytest.approx(hits / math.factorial(8), abs=1e-12)
+
+
+def test_a_point_repeated_with_an_empty_cell_elsewhere_is_still_refused(tmp_path):
+    """mut co-dup-text-missing. Truth: read_table's docstring: 'Two rows with the same labels ... are an error: the
+    point would count twice'. An empty cell in a column that is no label (PNMI, not measured yet when the row was
+    first written) does not make (model a, layer 1) another point."""
+    path = write_table(tmp_path / "t.csv", ["model", "layer", "abx", "lm", "pnmi"], [
+        ["a", 1, 1.0, 50.0, 0.5], ["a", 2, 2.0, 52.0, 0.6], ["a", 3, 3.0, 53.0, 0.7], ["a", 1, 1.0, 50.0, ""]])
+    with pytest.raises(ValueError, match=r"lines 2 and 5: two rows for model 'a', layer '1'"):
+        read_table(path, ["abx", "lm"])
+
+
+
+
+def test_exact_spearman_p_with_ties_is_the_share_of_value_permutations_reaching_rho():
+    """muts co-exact-perm-x, co-exact-ordinal. Truth: brute force with scipy's own spearmanr over all 6! orders of
+    y's values (ties at their average rank, as the docstring says ρ is computed): p = share with |ρ| >= |ρ_obs|.
+    Here p = 0.1; ordinal ranks, or permuting x's tie-free ranks instead of y's, give 0.058."""
+    from scipy.stats import spearmanr
+
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    y = np.array([1.0, 1.0, 2.0, 4.0, 3.0, 3.0])  # two ties in y
+    rho = spearmanr(x, y).statistic
+    orders = list(itertools.permutations(range(6)))
+    hits = sum(abs(spearmanr(x, y[list(order)]).statistic) >= abs(rho) - 1e-12 for order in orders)
+    result = correlate(x, y)
+    assert result["spearman_rho"] == pytest.approx(rho)
+    assert result["spearman_p"] == pytest.approx(hits / len(orders), abs=1e-12)
+
+
+def test_a_non_finite_y_is_refused_like_a_non_finite_x():
+    """mut co-finite-x-only. Truth: correlate's check 'x and y must be finite numbers'."""
+    with pytest.raises(ValueError, match="finite"):
+        correlate([1.0, 2.0, 3.0, 4.0], [3.0, math.nan, 5.0, 6.0])
+    with pytest.raises(ValueError, match="finite"):
+        correlate([1.0, 2.0, 3.0, 4.0], [3.0, math.inf, 5.0, 6.0])
+
+
+def test_missing_cells_written_by_r_and_pandas_are_dropped_whatever_their_case(tmp_path, caplog):
+    """mut co-missing-case. Truth: read_table's docstring and MISSING's comment: "nan", "n/a", "na", "none", ...
+    ("pandas, R and spreadsheets write these"); R's write.csv writes NA, numpy/pandas NaN, spreadsheets N/A."""
+    path = write_table(tmp_path / "t.csv", ["model", "layer", "abx", "lm"], [
+        ["m", 1, 1.0, 50.0], ["m", 2, "NA", 52.0], ["m", 3, 3.0, "NaN"], ["m", 4, "N/A", 55.0],
+        ["m", 5, 5.0, "None"], ["m", 6, 6.0, 58.0], ["m", 7, 7.0, 59.0]])
+    rows = read_table(path, ["abx", "lm"])
+    assert [row["layer"] for row in rows] == [1.0, 6.0, 7.0]
+    assert "dropped 4 row(s)" in caplog.text
+
+
+def test_an_infinite_cell_is_an_error_naming_its_line(tmp_path):
+    """mut co-number-inf. Truth: read_table's docstring: any other value that is not a finite number (a typo such
+    as "6O.5", "inf") is an error naming its line."""
+    path = write_table(tmp_path / "inf.csv", ["model", "layer", "abx", "lm"],
+                       [["m", 1, 1.0, 50.0], ["m", 2, "inf", 52.0], ["m", 3, 3.0, 53.0], ["m", 4, 4.0, 55.0]])
+    with pytest.raises(ValueError, match=r"inf\.csv, line 3: abx = 'inf' is not a finite number"):
+        read_table(path, ["abx", "lm"])
+
+
+def test_lm_correlate_seed_sets_the_bootstrap_intervals(tmp_path, capsys):
+    """mut ec-seed-dropped (eval_commands._correlated_pairs). Truth: --help: '--seed: seed of the bootstrap CIs of r
+    and ρ', i.e. the intervals correlate(..., seed=S) gives."""
+    x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    y = [2.0, 1.0, 4.0, 3.0, 7.0, 5.0, 6.0]
+    path = write_table(tmp_path / "t.csv", ["layer", "abx", "lm"],
+                       [[i, a, b] for i, (a, b) in enumerate(zip(x, y, strict=True))])
+    assert correlate(x, y, seed=5)["pearson_r_ci95"] != correlate(x, y, seed=0)["pearson_r_ci95"]
+    assert cli.main(["lm-correlate", str(path), "--x", "abx", "--y", "lm", "--json", "--seed", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pearson_r_ci95"] == correlate(x, y, seed=5)["pearson_r_ci95"]
+    assert result["spearman_rho_ci95"] == correlate(x, y, seed=5)["spearman_rho_ci95"]
+
+
+def test_a_label_column_can_itself_be_correlated(tmp_path):
+    """Truth: each row below is a distinct (model, hours) point (LABEL_COLUMNS: 'hours' tells points apart); the
+    paper's question 'does LM accuracy grow with pretraining hours' is lm-correlate --x hours --y swuggy_all."""
+    path = write_table(tmp_path / "curve.csv", ["model", "hours", "swuggy_all"], [
+        ["spidr", 100, 60.1], ["spidr", 1000, 64.0], ["spidr", 6000, 70.2],
+        ["hubert", 100, 58.0], ["hubert", 1000, 61.5], ["hubert", 6000, 66.0]])
+    rows = read_table(path, ["hours", "swuggy_all"])
+    assert [(row["model"], row["hours"]) for row in rows] == [
+        ("spidr", 100.0), ("spidr", 1000.0), ("spidr", 6000.0), ("hubert", 100.0), ("hubert", 1000.0),
+        ("hubert", 6000.0)]
+    twice = write_table(tmp_path / "twice.csv", ["model", "hours", "swuggy_all"],
+                        [["spidr", 100, 60.1], ["spidr", 100, 61.0], ["spidr", 6000, 70.2], ["hubert", 100, 58.0]])
+    with pytest.raises(ValueError, match=r"lines 2 and 3: two rows for model 'spidr', hours '100'"):
+        read_table(twice, ["hours", "swuggy_all"])

@@ -7,6 +7,7 @@ phone LMs only, a 2-step LSTM and the bigram: a few seconds."""
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import re
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +24,8 @@ from spidr.cli import build_parser, main
 from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters
 from spidr.lm import study
 from spidr.lm.score import find_unit_files
+
+CONV_100HZ = ((16, 10, 5), (16, 3, 2), (16, 3, 2), (16, 3, 2), (16, 2, 2), (16, 2, 2))  # hop 160: 100 Hz
 
 TINY_LM = ("optimizer.max_steps=2", "optimizer.batch_size=2", "model.dim=8", "model.num_layers=1",
            "model.context=16", 'optimizer.dtype="float32"', 'run.device="cpu"')
@@ -577,3 +581,263 @@ def test_the_untrained_row_is_the_mean_over_its_seeds_and_its_range(tmp_path, mo
     row = study._untrained_row(tmp_path, tmp_path, tmp_path, bench=None, settings=study.StudySettings())
     assert row["tsc"] == pytest.approx(60.0)
     assert row["tsc_ci95"] == [40.0, 80.0]
+
+
+def test_a_layer_row_carries_lm_eval_s_intervals_into_the_study_table(tmp_path):
+    """mut st-row-ci-of-details. Truth: spoken_lm.md's text 'Accuracies in %, with 95 % bootstrap intervals over
+    pairs': the interval is lm-eval's own (details → accuracy → ci95, in %), rounded outwards in the table."""
+    from spidr.lm.study import _row, markdown
+
+    details = {"lexical": {"accuracy": {
+        "swuggy_all": {"score": 60.0, "n": 40, "ci95": [55.2, 64.8], "p_value": 0.2},
+        "swuggy_invocab": {"score": 70.0, "n": 30, "ci95": [62.5, 77.1], "p_value": 0.01}}}}
+    row = _row("m L1", "m", 1, {"swuggy_all": 60.0, "swuggy_invocab": 70.0, "details": details}, {"pnmi": 0.5})
+    assert row["swuggy_all_ci95"] == [55.2, 64.8]
+    assert (row["swuggy_invocab_n"], row["swuggy_invocab_p"]) == (30, 0.01)
+    text = markdown([row], [], _bench_info(tmp_path), "dev", "given")
+    assert "| m L1 | – | – | 0.500 | 60.0 [55–65] | 70.0 [62–78] | – | – |" in text.splitlines()
+
+
+
+
+def _bench_info(tmp_path):
+    from spidr.corpus.lm_bench import LmBenchInfo
+
+    return LmBenchInfo(tmp_path, {"test_voices": ["v"]}, {"train": {"hours": 1.0}})
+
+
+def test_study_correlates_three_points():
+    """mut st-corr-min4. Truth: correlations' docstring: 'over the rows that have both (≥ 3 points)'."""
+    from spidr.lm.study import correlations
+
+    rows = [{"name": f"m L{i}", "pnmi": float(i), "swuggy_invocab": 10.0 * i} for i in (1, 2, 4)]
+    (result,) = [c for c in correlations(rows) if (c["x"], c["y"]) == ("pnmi", "swuggy_invocab")]
+    assert result["n"] == 3
+    assert result["pearson_r"] == pytest.approx(1.0)
+
+
+def test_a_quality_of_zero_is_a_point_of_the_correlation_and_of_points_csv(tmp_path):
+    """muts st-corr-truthy, st-points-falsy. Truth: a PNMI of 0 (a one-unit code) or an ABX of 0 % is a measured
+    value, not a missing one (only None is: the baseline rows). x = 0, 1, 2, 3 and y = 10 x + 5: n = 4, r = 1, and
+    points.csv holds the 0.0."""
+    from spidr.lm.study import correlations, write_study_report
+
+    rows = [{"name": "phone oracle", "model": "oracle", "layer": None, "pnmi": None, "swuggy_invocab": 99.0}]
+    rows += [{"name": f"m L{i}", "model": "m", "layer": i, "pnmi": float(i), "swuggy_invocab": 10.0 * i + 5.0}
+             for i in (0, 1, 2, 3)]
+    (result,) = [c for c in correlations(rows) if (c["x"], c["y"]) == ("pnmi", "swuggy_invocab")]
+    assert result["n"] == 4
+    assert result["pearson_r"] == pytest.approx(1.0)
+    write_study_report(rows, tmp_path, _bench_info(tmp_path))
+    with (tmp_path / "points.csv").open(newline="") as handle:
+        written = {row["name"]: row for row in csv.DictReader(handle)}
+    assert float(written["m L0"]["pnmi"]) == 0.0
+    assert written["phone oracle"]["pnmi"] == ""
+
+
+def test_the_untrained_rows_initialisations_are_all_different(tmp_path, monkeypatch):
+    """mut st-untrained-one-seed. Truth: the untrained row 'averages UNTRAINED_SEEDS random initialisations' and
+    its brackets give their range: each copy must be written with a seed of its own."""
+    from spidr.lm import study
+
+    seeds = []
+    monkeypatch.setattr(study, "write_untrained", lambda src, out, *, seed: seeds.append(seed) or out)
+    monkeypatch.setattr(study, "_score", lambda *a, **k: {"tsc": 50.0})
+    study._untrained_row(tmp_path, tmp_path, tmp_path, bench=None, settings=study.StudySettings())
+    assert len(seeds) == study.UNTRAINED_SEEDS
+    assert len(set(seeds)) == study.UNTRAINED_SEEDS
+
+
+def _measured_study(tmp_path, monkeypatch, *, kmeans=0):
+    """run_study with one model of layers 1 and 3 whose quality is not given (so measured), everything costly
+    recorded instead of run; returns (the rows the report gets, measure_quality's calls)."""
+    from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters
+    from spidr.lm import study
+    from spidr.models.frames import DEFAULT_CONV_LAYERS
+
+    def bench(out_dir, settings):
+        folder = out_dir / "bench" / "train"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{"name": f"t{i}", "phones": ["AA", "B", "D", "IY"] * 8} for i in range(6)]
+        (folder / "frame_labels_20ms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        info = {"parameters": bench_parameters(LmBenchSettings(train_utterances=6)), "counts": {"train": {}}}
+        (out_dir / "bench" / INFO_JSON).write_text(json.dumps(info))
+        return LmBenchInfo.load(out_dir / "bench")
+
+    def model_units(study_model, bench_info, model_dir, out_dir, settings):
+        for layer in study_model.layers:
+            (model_dir / f"layer_{layer:02d}").mkdir(parents=True, exist_ok=True)
+            (model_dir / f"layer_{layer:02d}" / "train.jsonl").write_text("".join(
+                json.dumps({"name": f"t{i}", "units": [layer, layer + 1] * 20}) + "\n" for i in range(6)))
+        return model_dir
+
+    measured, reported = [], []
+
+    def measure_quality(units_dir, bench_info, *, num_units, kind, unit_rate_hz):
+        layer = int(units_dir.name.removeprefix("layer_"))
+        measured.append((layer, num_units, unit_rate_hz))
+        return {"pnmi": 0.1 * layer, "unit_abx_across": 20.0 + layer}
+
+    monkeypatch.setattr(study, "_benchmark", bench)
+    monkeypatch.setattr(study, "_model_units", model_units)
+    monkeypatch.setattr(study, "_cached_feature_abx", lambda *a, **k: {
+        layer: {"abx_within": float(layer), "abx_across": 10.0 + layer} for layer in (1, 3)})
+    monkeypatch.setattr(study, "measure_quality", measure_quality)
+    monkeypatch.setattr(study, "_train", lambda name, cfg: cfg.run.run_dir)
+    monkeypatch.setattr(study, "_score", lambda *a, **k: {})
+    monkeypatch.setattr(study, "_untrained_row", lambda *a, **k: {"name": "untrained"})
+    monkeypatch.setattr(study, "write_study_report",
+                        lambda rows, out_dir, bench, **k: reported.extend(rows) or out_dir / "spoken_lm.md")
+    model = SimpleNamespace(cfg=SimpleNamespace(codebook_size=16, extractor_conv_layer_config=DEFAULT_CONV_LAYERS))
+    study.run_study([study.StudyModel("m", model, (1, 3))], tmp_path / "out",
+                    study.StudySettings(lm_overrides=("model.context=4",), kmeans=kmeans))
+    return {row["name"]: row for row in reported}, measured
+
+
+def test_each_layer_row_holds_its_own_layers_measured_quality(tmp_path, monkeypatch):
+    """muts st-featabx-first-layer, st-quality-numunits-codebook. Truth: 'correlate LM accuracy with unit quality per
+    (model, layer) — ABX of the layer's features, unit ABX and PNMI' (study docstring); with --kmeans K the units
+    range over K values, so PNMI is measured with K units (the LM's vocabulary)."""
+    rows, measured = _measured_study(tmp_path, monkeypatch, kmeans=8)
+    for layer in (1, 3):
+        row = rows[f"m L{layer}"]
+        assert (row["abx_within"], row["abx_across"]) == (float(layer), 10.0 + layer)
+        assert (row["pnmi"], row["unit_abx_across"]) == (pytest.approx(0.1 * layer), 20.0 + layer)
+    assert sorted(measured) == [(1, 8, 50), (3, 8, 50)]
+
+
+def test_feature_abx_kept_for_one_split_is_not_reported_for_the_other(tmp_path, monkeypatch):
+    """mut st-featabx-cache-nokind. Truth: the feature ABX is measured 'on the benchmark's syntactic kind split'
+    (measure_feature_abx): a study of the test split after one of the dev split must report the test split's ABX;
+    a rerun of the same split reads it back without measuring again."""
+    from spidr.lm import study
+
+    model_dir = tmp_path / "units" / "m"
+    model_dir.mkdir(parents=True)
+    study_model = study.StudyModel("m", SimpleNamespace(), (1,))
+    monkeypatch.setattr(study, "measure_feature_abx", lambda model, layers, bench, *, kind, dtype: {
+        layer: {"abx_across": 10.0 if kind == "dev" else 20.0} for layer in layers})
+    assert study._cached_feature_abx(study_model, model_dir, None, study.StudySettings(kind="dev")) == {
+        1: {"abx_across": 10.0}}
+    assert study._cached_feature_abx(study_model, model_dir, None, study.StudySettings(kind="test")) == {
+        1: {"abx_across": 20.0}}
+    monkeypatch.setattr(study, "measure_feature_abx", lambda *a, **k: pytest.fail("measured again"))
+    assert study._cached_feature_abx(study_model, model_dir, None, study.StudySettings(kind="dev")) == {
+        1: {"abx_across": 10.0}}
+
+
+def _recording_abx(monkeypatch, calls):
+    """abx_error_rate replaced by one that records its options and returns (the layer held by every frame) / 100,
+    plus 0.5 across speakers."""
+    from spidr.eval import abx
+
+    def rate(features, items, *, speaker, context, distance, frequency):
+        (value,) = {float(np.asarray(v).flat[0]) for v in features.values()}
+        calls.append((value, speaker, context, distance, frequency))
+        return value / 100 + (0.5 if speaker == "across" else 0.0)
+
+    monkeypatch.setattr(abx, "abx_error_rate", rate)
+
+
+def test_feature_abx_of_each_layer_is_its_features_angular_within_context_in_percent(tmp_path, monkeypatch):
+    """muts st-featabx-layer0-features, st-featabx-euclidean, st-abx-context-any, st-abx-speaker-fixed,
+    st-abx-not-percent. Truth: measure_feature_abx's docstring: 'ABX within / across speaker (triphone items,
+    context within, angular DTW), in %, of each layer's features', at the model's frame rate (100 Hz here)."""
+    from spidr.eval import features, items
+    from spidr.lm import bench_units, study
+
+    syntactic = tmp_path / "bench" / "syntactic" / "dev"
+    syntactic.mkdir(parents=True)
+    (syntactic / "triphone.item").write_text("")
+    entries = [SimpleNamespace(fileid="a"), SimpleNamespace(fileid="b")]
+    monkeypatch.setattr(bench_units, "split_entries", lambda folder: entries)
+    monkeypatch.setattr(items, "read_items", lambda path: "items")
+
+    def extracted(model, found, settings):
+        for entry in found:
+            yield entry, {f"layer_{layer:02d}": np.full((4, 2), float(layer)) for layer in settings.layers}
+
+    monkeypatch.setattr(features, "iter_extracted", extracted)
+    calls = []
+    _recording_abx(monkeypatch, calls)
+    model = SimpleNamespace(cfg=SimpleNamespace(extractor_conv_layer_config=CONV_100HZ))
+    bench = SimpleNamespace(task_dir=lambda task, kind: tmp_path / "bench" / task / kind)
+    out = study.measure_feature_abx(model, [1, 3], bench)
+    assert out == {1: {"abx_within": pytest.approx(1.0), "abx_across": pytest.approx(51.0)},
+                   3: {"abx_within": pytest.approx(3.0), "abx_across": pytest.approx(53.0)}}
+    assert sorted(calls) == [(1.0, "across", "within", "angular", 100), (1.0, "within", "within", "angular", 100),
+                             (3.0, "across", "within", "angular", 100), (3.0, "within", "within", "angular", 100)]
+
+
+def test_unit_abx_is_measured_at_the_units_rate(tmp_path, monkeypatch):
+    """mut st-unitabx-freq50. Truth: measure_quality's unit_rate_hz is the units' frame rate (a 100 Hz model's units
+    are 10 ms apart); the triphone items' times are turned into frames at that rate."""
+    import spidr.eval.items as items_mod
+    import spidr.eval.units as units_mod
+    from spidr.eval import unit_quality
+    from spidr.lm import study
+
+    monkeypatch.setattr(units_mod, "read_units", lambda path: {"a": [7, 7]})
+    monkeypatch.setattr(unit_quality, "read_alignments", lambda *a, **k: {})
+    monkeypatch.setattr(unit_quality, "unit_quality", lambda *a, **k: {"pnmi": 0.5})
+    monkeypatch.setattr(items_mod, "read_items", lambda path: "items")
+    calls = []
+    _recording_abx(monkeypatch, calls)
+    (tmp_path / "bench" / "syntactic" / "dev").mkdir(parents=True)
+    (tmp_path / "bench" / "syntactic" / "dev" / "triphone.item").write_text("")
+    (tmp_path / "units" / "syntactic").mkdir(parents=True)
+    (tmp_path / "units" / "syntactic" / "dev.jsonl").write_text("")
+    bench = SimpleNamespace(train_dir=tmp_path / "bench" / "train",
+                            task_dir=lambda task, kind: tmp_path / "bench" / task / kind)
+    out = study.measure_quality(tmp_path / "units", bench, num_units=8, unit_rate_hz=100)
+    assert out == {"pnmi": 0.5, "unit_abx_within": pytest.approx(7.0), "unit_abx_across": pytest.approx(57.0)}
+    assert sorted(calls) == [(7.0, "across", "within", "identical", 100), (7.0, "within", "within", "identical", 100)]
+
+
+def test_the_study_table_shows_each_metric_in_its_own_column(tmp_path):
+    """muts st-md-abx-within, st-md-invocab-all. Truth: the header '| units | ABX across % | unit ABX across % |
+    PNMI | sWUGGY all % | sWUGGY in-vocab % | sBLIMP % | tSC % |'; each value differs from the others here."""
+    from spidr.lm.study import markdown
+
+    rows = [{"name": "m L1", "abx_within": 5.0, "abx_across": 9.0, "unit_abx_within": 18.0, "unit_abx_across": 20.0,
+             "pnmi": 0.5, "swuggy_all": 60.0, "swuggy_invocab": 70.0, "sblimp": 55.0, "tsc": 52.0}]
+    text = markdown(rows, [], _bench_info(tmp_path), "dev", "given")
+    assert "| m L1 | 9.0 | 20.0 | 0.500 | 60.0 | 70.0 | 55.0 | 52.0 |" in text.splitlines()
+
+
+def test_units_of_a_kmeans_study_are_not_those_of_a_codebook_study(monkeypatch):
+    """mut st-uid-no-kmeans. Truth: units_identity: 'how units were extracted' (codebook units and K-means units
+    of one model are different units): a study with --kmeans must not reuse a codebook study's units folder."""
+    from spidr.eval import journal
+    from spidr.lm import study
+
+    monkeypatch.setattr(journal, "model_fingerprint", lambda model: "weights")
+    model = study.StudyModel("m", SimpleNamespace(), (1,))
+    bench = SimpleNamespace(parameters={}, counts={})
+    assert (study.units_identity(model, study.StudySettings(kmeans=8), bench)
+            != study.units_identity(model, study.StudySettings(), bench))
+    assert (study.units_identity(model, study.StudySettings(kmeans=8), bench)
+            != study.units_identity(model, study.StudySettings(kmeans=16), bench))
+
+
+def test_a_kmeans_study_fits_centroids_for_every_layer(tmp_path, monkeypatch):
+    """mut st-kmeans-fit-first-layer. Truth: StudySettings.kmeans: 'this many centroids per layer fitted on the
+    training set (not codebooks)'."""
+    from spidr.data import manifest
+    from spidr.eval import journal
+    from spidr.lm import study
+
+    monkeypatch.setattr(journal, "model_fingerprint", lambda model: "weights")
+    monkeypatch.setattr(manifest, "read_manifest", lambda path: ["entries"])
+    fitted, written = [], []
+    monkeypatch.setattr(study, "fit_centroids", lambda model, entries, layers, *, num_units, dtype: fitted.append(
+        (list(layers), num_units)) or {layer: f"centroids {layer}" for layer in layers})
+    monkeypatch.setattr(study, "write_model_units", lambda model, bench_dir, out, *, layers, centroids, dtype:
+                        written.append((list(layers), centroids)) or out.mkdir(parents=True))
+    bench = SimpleNamespace(parameters={}, counts={}, train_dir=tmp_path / "bench" / "train",
+                            out_dir=tmp_path / "bench")
+    model_dir = tmp_path / "out" / "units" / "m"
+    study._model_units(study.StudyModel("m", SimpleNamespace(), (1, 3)), bench, model_dir, tmp_path / "out",
+                       study.StudySettings(kmeans=8))
+    assert fitted == [([1, 3], 8)]
+    assert written == [([1, 3], {1: "centroids 1", 3: "centroids 3"})]

@@ -6,6 +6,7 @@ import json
 import math
 import wave
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from spidr.eval.kmeans import load_centroids
 from spidr.lm.bench_units import write_model_units
 from spidr.models.build import build_model
 from spidr.models.loading import export_safetensors
+from test_lm_study import CONV_100HZ
 
 CFG = SpidRConfig(extractor_conv_layer_config=((16, 10, 5), (16, 3, 2), (16, 3, 2), (16, 3, 2), (16, 3, 2),
                                                (16, 2, 2), (16, 2, 2)),
@@ -756,3 +758,145 @@ def test_training_files_of_one_id_get_rows_of_their_own_and_test_files_of_one_id
     with pytest.raises(ValueError, match="2 files share utterance ids"):
         write_model_units(model, tests, tmp_path / "units3", layers=[2], identity=identity)
     assert not (tmp_path / "units3").exists()
+
+
+def test_benchmark_sets_of_the_test_split_are_its_own_folders(tmp_path):
+    """mut bu-sets-split-dev. Truth: benchmark_sets' docstring: '"<task>/<split>" → folder'; lm-units must read
+    lexical/test's audio for lexical/test.jsonl."""
+    from spidr.lm.bench_units import benchmark_sets
+
+    for folder in ("train", "lexical/dev", "lexical/test", "tsc/test"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert benchmark_sets(tmp_path) == {"train": tmp_path / "train", "lexical/dev": tmp_path / "lexical" / "dev",
+                                        "lexical/test": tmp_path / "lexical" / "test",
+                                        "tsc/test": tmp_path / "tsc" / "test"}
+
+
+def test_the_units_record_holds_the_model_s_frame_rate(tmp_path, monkeypatch):
+    """mut bu-record-rate-50. Truth: the record beside each units file gives the frame rate abx and units-quality
+    read (_write_set_units' docstring): 16000 / hop 160 = 100 Hz for this front end. The extraction is stubbed."""
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval import features
+    from spidr.eval.feature_dir import units_metadata_path
+    from spidr.lm import bench_units
+
+    def units(model, entries, *, layers, **kwargs):
+        for entry in entries:
+            yield entry, {layer: np.array([1, 0]) for layer in layers}
+
+    monkeypatch.setattr(features, "iter_units", units)
+    model = SimpleNamespace(cfg=SimpleNamespace(codebook_size=16, extractor_conv_layer_config=CONV_100HZ))
+    entry = ManifestEntry("a", str(tmp_path / "a.wav"), 16000)
+    sets = {"train": bench_units.BenchmarkSet(tmp_path, [entry])}
+    written = bench_units.write_model_units(model, tmp_path, tmp_path / "out", layers=[2], sets=sets)
+    record = json.loads(units_metadata_path(written["layer_02/train"]).read_text())
+    assert record["frame_rate_hz"] == 100.0
+
+
+def _stub_extraction(monkeypatch, seen):
+    """iter_extracted replaced by one that gives each file frames 0..T-1 (T from its length, as the model would)
+    through ``keep``; fit_kmeans by one that records what it is given."""
+    from spidr.eval import features, kmeans
+    from spidr.models.frames import num_frames
+
+    def extracted(model, entries, settings, *, keep):
+        for entry in entries:
+            count = num_frames(int(entry.num_samples), model.cfg.extractor_conv_layer_config)
+            frames = np.arange(count, dtype=np.float32)[:, None].repeat(2, axis=1)
+            yield entry, {f"layer_{layer:02d}": keep(entry.fileid, frames) for layer in settings.layers}
+
+    def fit(frames, num_units, *, seed):
+        seen.append((frames.copy(), seed))
+        return np.zeros((num_units, 2), dtype=np.float32)
+
+    monkeypatch.setattr(features, "iter_extracted", extracted)
+    monkeypatch.setattr(kmeans, "fit_kmeans", fit)
+
+
+def test_kmeans_fits_on_a_seeded_sample_of_about_max_frames(monkeypatch):
+    """muts bu-kmeans-keep-all, bu-kmeans-seed-fixed. Truth: fit_centroids' docstring: 'a seeded sample of at most
+    max_frames frames (each frame kept with the same chance)': 20 files of 2 s at 50 Hz are 1,980 frames; with
+    max_frames 400 each is kept with chance 400 / 1,980, so the sample holds 400 ± 4 sd (sd ≈ 18); the seed given
+    is the k-means seed, and the same seed draws the same sample."""
+    from spidr.data.manifest import ManifestEntry
+    from spidr.lm.bench_units import fit_centroids
+    from spidr.models.frames import DEFAULT_CONV_LAYERS
+
+    seen = []
+    _stub_extraction(monkeypatch, seen)
+    model = SimpleNamespace(cfg=SimpleNamespace(extractor_conv_layer_config=DEFAULT_CONV_LAYERS))
+    entries = [ManifestEntry(f"u{i}", f"u{i}.wav", 32000) for i in range(20)]
+    for seed in (3, 3, 4):
+        fit_centroids(model, entries, [1], num_units=4, seed=seed, max_frames=400)
+    (first, seed_a), (again, seed_b), (other, seed_c) = seen
+    assert (seed_a, seed_b, seed_c) == (3, 3, 4)
+    assert 400 - 72 < len(first) < 400 + 72
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_a_finished_set_missing_one_layer_s_file_is_written_again(tmp_path, monkeypatch):
+    """mut bu-resume-any. Truth: write_model_units' docstring: 'a set recorded before, with all its files present,
+    is skipped': a set finished for layers 2 and 3 whose layer-3 file is gone is extracted again, and the file is
+    back. The extraction is stubbed (it counts its calls)."""
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval import features
+    from spidr.lm import bench_units
+    from spidr.models.frames import DEFAULT_CONV_LAYERS
+
+    calls = []
+
+    def units(model, entries, *, layers, **kwargs):
+        calls.append(list(layers))
+        for entry in entries:
+            yield entry, {layer: np.array([layer, 0]) for layer in layers}
+
+    monkeypatch.setattr(features, "iter_units", units)
+    model = SimpleNamespace(cfg=SimpleNamespace(codebook_size=16, extractor_conv_layer_config=DEFAULT_CONV_LAYERS))
+    sets = {"train": bench_units.BenchmarkSet(tmp_path, [ManifestEntry("a", str(tmp_path / "a.wav"), 16000)])}
+    out = tmp_path / "out"
+    written = bench_units.write_model_units(model, tmp_path, out, layers=[2, 3], sets=sets, identity={"model": "m"})
+    bench_units.write_model_units(model, tmp_path, out, layers=[2, 3], sets=sets, identity={"model": "m"})
+    assert len(calls) == 1  # finished and whole: kept
+    written["layer_03/train"].unlink()
+    bench_units.write_model_units(model, tmp_path, out, layers=[2, 3], sets=sets, identity={"model": "m"})
+    assert len(calls) == 2
+    assert written["layer_03/train"].read_text() == '{"name": "a", "units": [3, 0]}\n'
+
+
+def test_kmeans_units_of_another_seed_are_other_inputs(tmp_path, monkeypatch):
+    """mut bu-identity-no-seed. Truth: units_folder_identity's docstring: 'where the units come from (codebooks;
+    k-means fitted with K and a seed ...)': lm-units --kmeans 4 --seed 1 fits other centroids than --seed 0, so a
+    folder of seed 0's units must not be resumed as its own."""
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval import journal
+    from spidr.lm import bench_units
+
+    monkeypatch.setattr(journal, "model_fingerprint", lambda model: "weights")
+    monkeypatch.setattr(journal, "entries_fingerprint", lambda entries: "utterances")
+    sets = {"train": bench_units.BenchmarkSet(tmp_path, [ManifestEntry("a", str(tmp_path / "a.wav"), 16000)])}
+
+    def identity(**options):
+        return bench_units.units_folder_identity(SimpleNamespace(), tmp_path, layers=[1], dtype="float32",
+                                                 sets=sets, **options)
+
+    assert identity(kmeans=4, seed=0) != identity(kmeans=4, seed=1)
+    assert identity(kmeans=4, seed=0) != identity(kmeans=5, seed=0)
+    assert identity(seed=0) == identity(seed=1)  # codebook units do not depend on a k-means seed
+
+
+def test_a_layer_s_kmeans_sample_does_not_depend_on_the_other_layers_fitted(monkeypatch):
+    """Truth: fit_centroids' 'seeded sample': with the same seed, layer 1's k-means is fitted on the same frames
+    whether lm-units is asked for --layers 1 or --layers 1,3 (or --centroids gives layer 3)."""
+    from spidr.data.manifest import ManifestEntry
+    from spidr.lm.bench_units import fit_centroids
+    from spidr.models.frames import DEFAULT_CONV_LAYERS
+
+    seen = []
+    _stub_extraction(monkeypatch, seen)
+    model = SimpleNamespace(cfg=SimpleNamespace(extractor_conv_layer_config=DEFAULT_CONV_LAYERS))
+    entries = [ManifestEntry(f"u{i}", f"u{i}.wav", 32000) for i in range(5)]
+    fit_centroids(model, entries, [1], num_units=4, seed=0, max_frames=200)
+    fit_centroids(model, entries, [1, 3], num_units=4, seed=0, max_frames=200)
+    alone, with_layer_3 = seen[0][0], seen[1][0]
+    assert np.array_equal(alone, with_layer_3)

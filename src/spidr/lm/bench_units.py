@@ -129,19 +129,23 @@ def fit_centroids(model: torch.nn.Module, entries: Sequence, layers: Sequence[in
                   dtype: str = "float32", max_frames: int = MAX_KMEANS_FRAMES,
                   max_seconds: float = 60.0) -> dict[int, torch.Tensor]:
     """k-means centroids per layer, fitted on a seeded sample of at most ``max_frames`` frames of ``entries``
-    (each frame kept with the same chance; files longer than ``max_seconds`` run window by window, unreadable ones
-    are skipped: ``iter_extracted``)."""
+    (each frame kept with the same chance; the same frames for every layer, whichever are fitted together; files
+    longer than ``max_seconds`` run window by window, unreadable ones are skipped: ``iter_extracted``)."""
     from spidr.eval.features import ExtractionSettings, iter_extracted, window_settings
     from spidr.eval.kmeans import fit_kmeans
     from spidr.models.frames import num_frames
 
-    rng = np.random.default_rng(seed)
     conv_layers = model.cfg.extractor_conv_layer_config
     total = sum(num_frames(int(entry.num_samples), conv_layers) for entry in entries)
     keep = min(1.0, max_frames / max(total, 1))
     settings = ExtractionSettings(layers=tuple(sorted(layers)), dtype=dtype, **window_settings(max_seconds))
 
-    def sample(_key: str, frames: np.ndarray) -> np.ndarray:
+    # One generator per layer, each seeded alike: every layer draws the same mask for a file's frames, so a layer's
+    # sample (and its centroids) is the same whichever other layers are fitted with it, and all share their frames.
+    generators: dict[str, np.random.Generator] = {}
+
+    def sample(key: str, frames: np.ndarray) -> np.ndarray:
+        rng = generators.setdefault(key, np.random.default_rng(seed))
         return frames[rng.random(frames.shape[0]) < keep]
 
     samples: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}

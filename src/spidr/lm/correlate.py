@@ -143,7 +143,8 @@ def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: S
     finite number (a typo such as "6O.5", "inf") is an error naming its line (with ``dropped``, the rows left out are
     added there, line → columns, for the caller to tell once over several reads). Two rows with the same labels (text
     columns such as model or units, ``LABEL_COLUMNS`` such as layer, K or num_units in any case, and the numeric
-    ``label_columns`` named) are an error: the point would count twice. Fewer than 3 rows left is an error.
+    ``label_columns`` named, also where one of them is correlated) are an error: the point would count twice.
+    Fewer than 3 rows left is an error.
     """
     csv_path = Path(csv_path)
     existing_file(csv_path, "table")
@@ -167,9 +168,11 @@ def read_table(csv_path: str | Path, columns: Sequence[str], *, label_columns: S
             if bad:
                 left_out.setdefault(reader.line_num, set()).update(bad)
                 continue
-            point = tuple((column, text) for column, text in values.items() if column not in columns and (
+            # (a label column can be correlated itself, e.g. --x hours over a learning curve: it still tells the
+            # rows apart; a correlated column is a number, so never a text label)
+            point = tuple((column, text) for column, text in values.items() if (
                 column.lower() in LABEL_COLUMNS or column in label_columns
-                or (_number(text) is None and text.lower() not in MISSING)))
+                or (column not in columns and _number(text) is None and text.lower() not in MISSING)))
             if point and point in seen:
                 labels = ", ".join(f"{column} {text!r}" for column, text in point)
                 numeric = [column for column in header if column not in columns and column not in dict(point)]
