@@ -10,6 +10,9 @@ import csv
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -19,10 +22,10 @@ import soundfile as sf
 
 from conftest import SHARED, requires_shared
 from spidr.cli import main as cli_main
-from spidr.corpus import alignment, engines, espeak, outputs, phones, synth, text, utterance, voices
+from spidr.corpus import alignment, engines, espeak, language, outputs, phones, synth, text, utterance, voices
 from spidr.corpus.alignment import AlignmentError
 from spidr.corpus.phones import UnmappedPhoneError
-from spidr.corpus.synth import CorpusInfo, synthesize_corpus
+from spidr.corpus.synth import CorpusInfo, OtherCorpusError, synthesize_corpus
 
 ARPABET39 = ["AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH", "IH", "IY",
              "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW", "V", "W", "Y",
@@ -844,3 +847,284 @@ def test_synth_corpus_articles_follow_the_next_word_s_first_sound():
     assert text.indefinite_article("hour") == "an"
     assert text.indefinite_article("useful") == "a"
     assert text.indefinite_article("uncle") == "an"
+
+
+def test_finalise_refuses_a_small_gap_between_engine_labels() -> None:
+    """Mutant AL2 (finalise: contiguity tolerance 10 ms instead of 1 µs). A gap between two engine labels would be
+    silently given to the next phone (it would start early by the gap). The truth: the docstring of finalise and
+    the spec (no gaps or overlaps): a 2 ms gap is refused like a 100 ms one."""
+    with pytest.raises(alignment.AlignmentError, match=r"not contiguous at 0\.1020 s"):
+        alignment.finalise([(0.0, 0.1, "SIL"), (0.102, 0.2, "AH"), (0.2, 0.3, "SIL")], 4800)
+
+
+def test_wavs_are_peak_normalised_to_minus_3_dbfs(corpus: Path) -> None:
+    """Mutant UT2 (to_int16: +3 dB instead of -3 dB): the peak is scaled past 32767 and the int16 cast wraps it round
+    to negative values: loud clicks in every wav, with every alignment still valid, so nothing else noticed. The
+    truth: sox ``gain -n -3`` (spec): every wav's peak is round(10^(-3/20) × 32767) = 23197."""
+    # 23197.26 × (0.5, -1, 0.25), rounded
+    assert list(utterance.to_int16(np.array([0.5, -1.0, 0.25]))) == [11599, -23197, 5799]
+    for path, _ in manifest(corpus).values():
+        with wave.open(path) as w:
+            samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        assert np.abs(samples.astype(np.int32)).max() == 23197, path
+
+
+# Speaking rate ----------------------------------------------------------------------------------------------------
+
+RATE_VOICES = ("kal16", "kal_diphone", "slt_hts", "espeak_m1")
+
+
+@pytest.mark.parametrize("name", RATE_VOICES)
+def test_a_higher_rate_speaks_faster_on_every_engine(tmp_path: Path, name: str) -> None:
+    """Mutants EN1 (flite), EN2 (festival diphone), EN3 (festival HTS), ES1 (espeak-ng): the rate inverted, 1.25
+    spoken slower than 1.0; EN11: the espeak text path ignores the rate. The rate jitter is symmetric, so the corpus
+    statistics would look the same, and no test compared two rates. The truth: Request.rate's definition (1.1 = 10 %
+    faster): the speech of rate 1.25 lasts < 0.9 × that of rate 0.8 (measured: 0.64-0.67 on every engine)."""
+    need(name)
+    voice = voices.parse_voice(name)
+    spans = []
+    for rate in (0.8, 1.25):
+        request = engines.Request(f"x{rate}-0", "The cat sat on the warm mat today.", rate)
+        (made,) = utterance.synthesize_batch(voice, [request], tmp_path)
+        speech = [(onset, offset) for onset, offset, phone in made.segments if phone != "SIL"]
+        spans.append(speech[-1][1] - speech[0][0])
+    assert spans[1] < 0.9 * spans[0], spans
+
+
+# espeak-ng timing corrections (pure functions, synthetic audio) ------------------------------------------------
+
+ESPEAK_SR = 22050  # windows of 110 samples, MIN_KEPT 220 samples, MIN_GAP 22 samples
+MIN_GAP = round(engines.MIN_GAP_S * ESPEAK_SR)
+
+
+def _tone(n: int, amplitude: float) -> np.ndarray:
+    return amplitude * np.sin(np.arange(n) * 0.3)
+
+
+def _buzz(n: int, amplitude: float) -> np.ndarray:  # quiet but never exactly zero
+    return amplitude * np.where(np.arange(n) % 2, 1.0, -1.0)
+
+
+def test_a_pause_keeps_its_silence() -> None:
+    """Mutant EN5 (_silence_to_next: a pause's trailing zeros given to the next phone, which then starts inside the
+    pause). The truth: the docstring ("a pause keeps its silence"): after a pause whose first samples still ring,
+    the next phone starts at its own event."""
+    audio = np.concatenate([_tone(1100, 10000), _buzz(200, 50), np.zeros(900), _tone(1100, 10000)])
+    starts = [(0, "a"), (1100, "_"), (2200, "b")]
+    assert engines._silence_to_next(audio, starts, MIN_GAP) == starts
+    # (a phone's own trailing zeros do go to the next phone: the known case, for contrast)
+    audio = np.concatenate([_tone(1300, 10000), np.zeros(900), _tone(1100, 10000)])
+    assert engines._silence_to_next(audio, [(0, "a"), (2200, "t")], MIN_GAP) == [(0, "a"), (1300, "t")]
+
+
+def test_a_stop_moved_over_digital_silence_is_not_moved_again() -> None:
+    """Mutant EN6 (_quiet_to_voiceless_stop without ``start != given[i]``): a stop that _silence_to_next already gave
+    its closure (the zeros) is moved again, over the quiet (but sounding) end of the vowel. The truth: the
+    docstring (only where _silence_to_next found no digital silence)."""
+    audio = np.concatenate([np.zeros(1100), _tone(1100, 10000), _buzz(550, 50), np.zeros(550), _tone(1100, 10000)])
+    given = [(0, "_"), (1100, "a"), (3300, "t")]
+    moved = engines._silence_to_next(audio, given, MIN_GAP)
+    assert moved == [(0, "_"), (1100, "a"), (2750, "t")]
+    assert engines._quiet_to_voiceless_stop(audio, moved, MIN_GAP, ESPEAK_SR,
+                                            given=[s for s, _ in given]) == moved
+
+
+def test_a_phone_keeps_10_ms_when_its_quiet_end_goes_to_a_stop() -> None:
+    """Mutant EN7 (_quiet_to_voiceless_stop without the MIN_KEPT_S condition): a phone loud for its first 5 ms only
+    is cut to 5 ms. The truth: MIN_KEPT_S's definition (what a phone keeps of its span). With 330 quiet samples
+    after a loud 110, it does move when the phone keeps at least 220."""
+    short = np.concatenate([np.zeros(1100), _tone(110, 10000), _buzz(220, 50), _tone(1100, 10000)])
+    starts = [(0, "_"), (1100, "a"), (1430, "t")]
+    assert engines._quiet_to_voiceless_stop(short, starts, MIN_GAP, ESPEAK_SR, given=[s for s, _ in starts]) == starts
+    longer = np.concatenate([np.zeros(1100), _tone(330, 10000), _buzz(330, 50), _tone(1100, 10000)])
+    starts = [(0, "_"), (1100, "a"), (1760, "t")]
+    assert engines._quiet_to_voiceless_stop(longer, starts, MIN_GAP, ESPEAK_SR, given=[s for s, _ in starts]) == [
+        (0, "_"), (1100, "a"), (1430, "t")]
+
+
+# Pronunciations given to the engines ------------------------------------------------------------------------------
+
+
+def test_secondary_stress_stays_stressed_for_both_engines() -> None:
+    """Mutants EN9 (flite_phones: stress 2 spoken as 0) and PH1 (arpabet_to_espeak: stress 2 written unstressed, AH2
+    as a schwa). The truth: the docstrings (flite knows stress 0 and 1 only: secondary stress is spoken as 1;
+    espeak reads "," as secondary stress before the stressed form)."""
+    assert engines.flite_phones((("EH2", "K", "S"), (phones.PAUSE,), ("AH0",))) == "pau eh1 k s pau ah0 pau"
+    assert phones.arpabet_to_espeak("EY2") == ",eI"
+    assert phones.arpabet_to_espeak("AH2") == ",V"
+    assert phones.arpabet_to_espeak("AH0") == "@"
+
+
+# Voices and speakers ------------------------------------------------------------------------------------------
+
+
+def test_a_warped_speaker_is_the_warped_person() -> None:
+    """Mutant VO1 (Voice.speaker of a warped voice = the voice's name): kal16_w0.9 and kal_diphone_w0.9 would be two
+    speakers, so an across-speaker ABX pair could compare kal with kal. The truth: the module docstring and the spec
+    (label by the person; a warp makes the new speaker <person>_w<factor>)."""
+    assert voices.parse_voice("kal16_w0.9").speaker == voices.parse_voice("kal_diphone_w0.9").speaker == "kal_w0.9"
+    assert voices.parse_voice("slt_hts_w1.1").speaker == "slt_w1.1"
+
+
+def test_an_espeak_variant_that_is_not_installed_is_not_available() -> None:
+    """Mutant VO3 (is_available: any installed variant makes every espeak voice available). The truth: a voice whose
+    variant file does not exist cannot be spoken."""
+    real = voices.parse_voice("espeak_m1")
+    ghost = voices.Voice("espeak_zz9", "espeak", "en-us+zz9", "espeak_zz9", "male", "no such variant")
+    assert not voices.is_available(ghost)
+    if voices.is_available(real):
+        with pytest.raises(ValueError, match="espeak_zz9"):
+            voices.require_available([real, ghost])
+
+
+def test_a_voice_named_twice_is_one_voice() -> None:
+    """Mutant SY5 (resolve_voices keeps duplicates): "--voices awb,awb" would synthesise awb twice into the same
+    file names, listing every utterance twice. The truth: resolve_voices's "first occurrence wins"."""
+    awb = voices.parse_voice("awb")
+    assert synth.resolve_voices(["awb", "awb_w0.9", "awb"], [0.9]) == [awb, voices.parse_voice("awb_w0.9")]
+
+
+# Seeds and the plan -------------------------------------------------------------------------------------------
+
+
+def test_the_seed_reaches_every_draw_of_the_plan() -> None:
+    """Mutants SY1 (the shared sentences drawn from "shared", not "<seed>:shared") and SY2 (the speeds from
+    "<voice>:rate"): two seeds gave the same shared sentences or the same speeds. The truth: --seed's help ("seed of
+    the sentences and speaking rates"): with every sentence shared, two seeds share no sentence and no rate list."""
+    selected = [voices.parse_voice("awb"), voices.parse_voice("slt")]
+    one = synth.plan(selected, 8, seed=1, same_text_fraction=1.0, rate_jitter=0.1)
+    two = synth.plan(selected, 8, seed=2, same_text_fraction=1.0, rate_jitter=0.1)
+    assert not {r.text for r in one["awb"]} & {r.text for r in two["awb"]}
+    for name in ("awb", "slt"):
+        assert [r.rate for r in one[name]] != [r.rate for r in two[name]]
+
+
+@pytest.mark.parametrize(("fraction", "count", "shared"), [(0.9, 3, 3), (0.25, 10, 2), (0.3, 5, 2), (0.0, 4, 0)])
+def test_the_shared_sentences_are_the_rounded_fraction(fraction: float, count: int, shared: int) -> None:
+    """Mutant SY3 (num_shared truncated: 0.9 × 3 gave 2 shared sentences). The truth: plan's docstring
+    (``round(fraction × count)``), by hand."""
+    selected = [voices.parse_voice("awb"), voices.parse_voice("rms")]
+    requests = synth.plan(selected, count, seed=0, same_text_fraction=fraction, rate_jitter=0.1)
+    same = [a.text == b.text for a, b in zip(requests["awb"], requests["rms"], strict=True)]
+    assert same == [True] * shared + [False] * (count - shared)
+
+
+def test_utterances_per_voice_share_the_hours_among_the_voices() -> None:
+    """Mutant SY8 (--hours read as hours per voice: 11 × the audio asked for). The truth: --hours's help ("total
+    hours of audio, all voices together") with MEAN_UTTERANCE_S = 3 s, by hand."""
+    assert synth.utterances_per_voice(1.0, 11) == 110  # ceil(3600 / 33)
+    assert synth.utterances_per_voice(0.5, 4) == 150
+    assert synth.utterances_per_voice(0.0001, 11) == 1
+
+
+def test_sentences_do_not_depend_on_the_process_s_hash_seed() -> None:
+    """Mutant TX1 (the sentence generator seeded with ``hash(seed)``, which Python salts per process): every worker
+    and every run would draw other text, yet each test compared draws made in one process. The truth: the module
+    docstring (string seeds are hashed with SHA-512: stable across runs): two interpreters with other
+    PYTHONHASHSEEDs draw the same plan."""
+    code = ("from spidr.corpus import synth, voices; r = synth.plan([voices.parse_voice('awb')], 5, seed=3, "
+            "same_text_fraction=0.4, rate_jitter=0.1)['awb']; print([(q.text, q.rate) for q in r])")
+    outs = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": os.pathsep.join(sys.path)}
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+    assert len(outs) == 1
+
+
+def test_language_training_stories_depend_on_the_seed() -> None:
+    """Mutant LA1 (training_utterances: the grammar seeded with "sentences", not "<seed>:sentences"): two benchmark
+    seeds would draw the same stream of sentences (only the topics and story lengths, drawn from the other
+    generator, told them apart). The truth: the module docstring (every generator is seeded from the seed). With a
+    one-topic lexicon, the story sentences of two seeds are not the same sequence."""
+    import dataclasses
+
+    lex = language.lexicon()
+    one_topic = dataclasses.replace(lex, topics=lex.topics[:1])
+    triples = {seed: [t for u in language.training_utterances(seed, 30, one_topic) for t in u.triples]
+               for seed in ("1", "2")}
+    assert min(map(len, triples.values())) >= 40
+    assert triples["1"][:40] != triples["2"][:40]
+
+
+def test_an_utterance_is_pronounced_with_its_stress_digits() -> None:
+    """Mutant LA2 (pronounce_utterance without stress digits: every vowel spoken unstressed by flite and espeak). The
+    truth: its docstring and Request.pronunciation's (stress digits kept), checked against the lexicon by hand."""
+    lex = language.lexicon()
+    word = next(w for w in lex.content_words() if any(p.endswith("1") for p in lex.pronounce(w)))
+    assert language.pronounce_utterance([word, phones.PAUSE, word]) == (
+        lex.pronounce(word), (phones.PAUSE,), lex.pronounce(word))
+    assert any(p[-1] in "012" for p in lex.pronounce(word))
+
+
+# The corpus files ---------------------------------------------------------------------------------------------
+
+
+def test_the_files_list_utterances_in_plan_order_whatever_the_batches(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutant SY4 (records in task order: the tasks interleave the voices batch by batch): with more than
+    BATCH_SIZE utterances per voice the files would list kal16 0-1, awb 0-1, kal16 2, ... The truth: the module
+    docstrings (voices as given, then utterance index)."""
+    need("kal16", "awb")
+    monkeypatch.setattr(synth, "BATCH_SIZE", 2)
+    made = synthesize_corpus(tmp_path / "c", voices=["kal16", "awb"], num_utterances_per_voice=3, jobs=1)
+    expected = [f"{voice}-{i:05d}" for voice in ("kal16", "awb") for i in range(3)]
+    assert list(manifest(made.out_dir)) == expected
+    assert [row["fileid"] for row in read_tsv(made.out_dir / "utterances.tsv")] == expected
+
+
+def test_speaker_and_voice_tables_count_what_each_holds(corpus: Path) -> None:
+    """Mutants SY9 (info.json: a voice's seconds summed over its speaker's voices: kal16 counted kal_diphone's
+    audio), OU3 (speakers.tsv: a speaker's utterances counted for its first voice only) and OU4 (utterances.tsv:
+    voice and speaker columns swapped). The truth: the manifest's sample counts, grouped by the utterance id's voice
+    and that voice's speaker."""
+    info = json.loads((corpus / "info.json").read_text())
+    rows = manifest(corpus)
+    per_voice: dict[str, list[int]] = {}
+    for fileid, (_, num_samples) in rows.items():
+        per_voice.setdefault(fileid.rsplit("-", 1)[0], []).append(num_samples)
+    speaker_of = {name: voice["speaker"] for name, voice in info["voices"].items()}
+    assert len(set(speaker_of.values())) < len(speaker_of)  # (two voices of one person: kal16, kal_diphone)
+    for name, voice in info["voices"].items():
+        assert voice["num_utterances"] == len(per_voice.get(name, []))
+        assert voice["seconds"] == pytest.approx(sum(per_voice.get(name, [])) / SR, abs=1e-4)
+    for row in read_tsv(corpus / "speakers.tsv"):
+        own = [name for name, speaker in speaker_of.items() if speaker == row["speaker"]]
+        assert row["voices"].split(",") == own
+        assert int(row["num_utterances"]) == sum(len(per_voice.get(name, [])) for name in own)
+        assert float(row["seconds"]) == pytest.approx(sum(sum(per_voice.get(name, [])) for name in own) / SR,
+                                                      abs=1e-4)
+    for row in read_tsv(corpus / "utterances.tsv"):
+        voice = row["fileid"].rsplit("-", 1)[0]
+        assert (row["voice"], row["speaker"]) == (voice, speaker_of[voice])
+
+
+def test_a_corpus_made_again_leaves_no_wav_of_the_old_one(tmp_path: Path) -> None:
+    """Mutant SY11 (_clear keeps wavs/): --overwrite with other voices or fewer utterances left the old wavs beside
+    the new ones, where a tool that globs wavs/**.wav (or a speaker folder) would pick them up. The truth: _clear's
+    docstring (what a previous run wrote is removed): the wavs on disk are exactly the manifest's."""
+    need("kal16", "awb")
+    out = tmp_path / "c"
+    synthesize_corpus(out, voices=["kal16", "awb"], num_utterances_per_voice=2, jobs=1)
+    synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=1, jobs=1, overwrite=True)
+    on_disk = sorted(str(p) for p in (out / "wavs").rglob("*.wav"))
+    assert on_disk == sorted(path for path, _ in manifest(out).values())
+
+
+@pytest.mark.parametrize(("changed", "value"), [("seed", 1), ("rate_jitter", 0.05), ("same_text_fraction", 0.5)])
+def test_a_corpus_of_another_seed_or_jitter_is_not_reused(tmp_path: Path, changed: str, value: float) -> None:
+    """Mutants SY6b/SY7b (the reuse check ignoring the seed / the rate jitter): the cached corpus of seed 0 would be
+    returned for seed 1. The truth: the reuse rule (the same parameters only): the call is refused, naming the
+    parameter."""
+    need("kal16")
+    out = tmp_path / "c"
+    synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=1, jobs=1)
+    with pytest.raises(OtherCorpusError, match=changed) as refused:
+        synthesize_corpus(out, voices=["kal16"], num_utterances_per_voice=1, jobs=1, **{changed: value})
+    assert refused.value.changed == [changed]
+
+
+def test_outputs_print_seconds_with_4_decimals() -> None:
+    """(Pins the format the module docstring states: OU1 was killed only indirectly.)"""
+    assert outputs.seconds(16000 + 8) == "1.0005"
+    assert outputs.seconds(1) == "0.0001"
