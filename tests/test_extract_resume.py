@@ -393,7 +393,8 @@ def test_audio_rewritten_in_place_is_refused_and_evaluate_s_folder_starts_over(t
     _rewrite_in_place(Path(entries[0].path))
     assert read_manifest(tmp_path / "corpus" / "manifest.csv") == entries  # (the manifest cannot tell)
     with pytest.raises(ValueError, match=r"holds an extraction with other audio \(audio files rewritten since: a "
-                                         r"size or modification time differs\); use another output folder"):
+                                         r"size or modification time differs; a copy keeps the times with cp -p, "
+                                         r"rsync -a or tar\); use another output folder"):
         extract_to_directory(_model(), entries, out, settings, progress=False)
     extract_to_directory(_model(), entries, out, settings, progress=False, replace_other=True)
     extract_to_directory(_model(), entries, tmp_path / "fresh", settings, progress=False)
@@ -477,7 +478,8 @@ def test_an_identity_recorded_without_audio_stamps_is_the_same_extraction():
     # what is told: the utterances, not the stamps that the older folder never recorded
     assert identity_differences({"format": 1, "utterances": "v"}, current) == "utterances (another list of utterances)"
     assert identity_differences({"format": 1, "utterances": "u", "audio": "b"}, current) == (
-        "audio (audio files rewritten since: a size or modification time differs)")
+        "audio (audio files rewritten since: a size or modification time differs; a copy keeps the times with cp -p, "
+        "rsync -a or tar)")
     # other files have other stamps: the list of utterances is what differs
     assert identity_differences({"format": 1, "utterances": "v", "audio": "b"}, current) == (
         "utterances (another list of utterances)")

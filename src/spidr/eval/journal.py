@@ -46,7 +46,8 @@ FORMAT = 1
 # What a changed fingerprint means (the fingerprints themselves tell a user nothing)
 _FINGERPRINTS = {"model": "a model with other weights or config", "utterances": "another list of utterances",
                  "benchmark": "a benchmark made again: its info.json differs",
-                 "audio": "audio files rewritten since: a size or modification time differs"}
+                 "audio": "audio files rewritten since: a size or modification time differs; a copy keeps the "
+                          "times with cp -p, rsync -a or tar"}
 # The identity entry of the audio files' stamps (``audio_fingerprint``). A folder begun by a spidr that did not record
 # it is still resumed (``same_extraction``): its audio cannot be checked, as before.
 AUDIO = "audio"
