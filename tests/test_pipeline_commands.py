@@ -985,3 +985,57 @@ def test_probe_hands_its_seed_layers_and_dtype_to_the_split_the_random_init_and_
     assert seen["options"]["settings"].dtype == "bfloat16"
     assert seen["options"]["settings"].seed == 4
     assert features_fingerprint(random_init.model) == features_fingerprint(random_init_model(model.model.cfg, seed=4))
+
+
+def test_evaluate_refuses_one_alignment_longer_than_its_audio_before_extracting(corpus, tmp_path, capsys):
+    """The median rate check lets a few odd files through: one alignment of another recording (here s1_0's last
+    phone runs to 5 s of a 1 s file) failed only after the extraction and the ABX of the layers before the first
+    head, naming no file and an option evaluate does not have. Now it is refused first, naming both."""
+    lines = (corpus / "align50.tsv").read_text().splitlines()
+    last = next(i for i, line in enumerate(lines) if line.startswith("s1_0\t0.75"))
+    lines[last] = "s1_0\t0.75\t5.00\tb"
+    (tmp_path / "long.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+    base = ["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+            "--item", str(corpus / "test.item"), "--alignments", str(tmp_path / "long.tsv"), "--alignment-rate", "50",
+            "--out", str(out)]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert f"--alignments {tmp_path / 'long.tsv'}: utterance 's1_0' has 250 frames at 50 Hz, but its audio gives 49" \
+           in err
+    assert not out.exists()
+    # without a head among the layers there is no PNMI to count them: ABX alone runs
+    assert main([*base, "--layers", "1"]) == 0
+
+
+def test_alignment_lengths_may_differ_from_the_units_by_two_frames():
+    """Hand count: 49 units at 50 Hz span 98 frames at 100 Hz; 96-100 frames pass, 95 and 101 do not."""
+    from spidr.eval.unit_quality import check_alignment_lengths
+
+    def check(count: int, *, others: int = 0) -> None:
+        alignments = {"u": ["a"] * count, **{f"v{i}": ["a"] * 10 for i in range(others)}}
+        check_alignment_lengths(alignments, {"u": 49, "absent": 3, **{f"v{i}": 49 for i in range(others)}},
+                                frame_rate_hz=50, alignment_rate_hz=100, where="--alignments a.tsv")
+
+    for count in (96, 98, 100):
+        check(count)
+    for count in (95, 101):
+        with pytest.raises(ValueError, match=rf"^--alignments a\.tsv: utterance 'u' has {count} frames at 100 Hz, "
+                                             r"but its audio gives 98 \(0\.98 s\): an alignment of another"):
+            check(count)
+    with pytest.raises(ValueError, match=r"gives 98 \(0\.98 s\) \(and 2 other utterance\(s\)\)"):
+        check(101, others=2)
+
+
+@pytest.mark.parametrize("command", ["extract", "evaluate", "probe"])
+def test_a_manifest_of_no_rows_is_refused_by_name(corpus, tmp_path, capsys, command):
+    """A header-only manifest (a filter that matched nothing): extract wrote "features of 0 files" and succeeded,
+    evaluate crashed with a bare StopIteration, probe named no file."""
+    empty = tmp_path / "empty.csv"
+    empty.write_text("fileid,path,num_samples\n")
+    args = {"extract": [], "evaluate": ["--item", str(corpus / "test.item")],
+            "probe": ["--alignments", str(corpus / "align50.tsv"), "--alignment-rate", "50"]}[command]
+    assert main([command, "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(empty),
+                 "--out", str(tmp_path / "out"), *args]) == 2
+    assert f"{empty} lists no utterance (a header and no rows)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -164,7 +164,10 @@ def _entries(source: str, exts: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[Any, 
             raise ValueError(f"no readable audio with extension(s) {', '.join(exts)} in {path} (--ext reads others, "
                              "e.g. --ext .wav,.flac,.ogg)")
         return found.entries, found.unread
-    return read_manifest(path), []
+    entries = read_manifest(path)
+    if not len(entries):  # (a filter that matched nothing: extract then "wrote features of 0 files")
+        raise ValueError(f"{path} lists no utterance (a header and no rows): nothing to extract")
+    return entries, []
 
 
 def _model(args: argparse.Namespace):
@@ -265,8 +268,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from spidr.eval.features import parse_layers
     from spidr.eval.items import read_items
     from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, evaluation_settings, write_report
-    from spidr.eval.unit_quality import check_alignment_rate, read_alignments
+    from spidr.eval.unit_quality import check_alignment_lengths, check_alignment_rate, read_alignments
     from spidr.models.build import build_model
+    from spidr.models.frames import frame_rate_hz, num_frames
 
     if args.distance == "identical":
         raise ValueError("--distance identical compares discrete units; evaluate scores continuous features with "
@@ -276,11 +280,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     items = read_items(args.item)
     alignments = (None if args.alignments is None
                   else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
+    aligned_samples = {}
     if alignments is not None:  # before the extraction and the ABX of every layer, not at the first head's PNMI
-        check_alignment_rate(alignments, _aligned_lengths(entries, unread, alignments, args.manifest),
-                             alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
+        aligned_samples = _aligned_lengths(entries, unread, alignments, args.manifest)
+        check_alignment_rate(alignments, aligned_samples, alignment_rate_hz=args.alignment_rate,
+                             where=f"--alignments {args.alignments}")
     layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
     _check_before_extracting(model, entries, items, layers, args, unread=unread)
+    if alignments is not None and any(layer in model.head_layers for layer in layers):  # (the PNMI's units)
+        conv_layers = model.cfg.extractor_conv_layer_config
+        check_alignment_lengths(alignments, {name: num_frames(samples, conv_layers)
+                                             for name, samples in aligned_samples.items()},
+                                frame_rate_hz=frame_rate_hz(conv_layers), alignment_rate_hz=args.alignment_rate,
+                                where=f"--alignments {args.alignments}")
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)

@@ -104,6 +104,23 @@ def check_alignment_rate(alignments: Mapping[str, Sequence[str]], num_samples: M
                      f"{option} {round(implied)}")
 
 
+def check_alignment_lengths(alignments: Mapping[str, Sequence[str]], num_frames: Mapping[str, int], *,
+                            frame_rate_hz: float, alignment_rate_hz: float, where: str) -> None:
+    """Refuse an utterance whose alignment does not span the frames of its audio (``num_frames``: the units' count
+    per utterance at ``frame_rate_hz``) give or take ``MAX_LENGTH_MISMATCH`` alignment frames, as ``count_matrix``
+    will: an alignment of another recording (trimmed audio, another copy), which the median of
+    ``check_alignment_rate`` lets through, would otherwise fail after the extraction."""
+    ratio = alignment_rate_hz / frame_rate_hz
+    bad = [(name, len(alignments[name]), frames * ratio) for name, frames in num_frames.items()
+           if name in alignments and abs(len(alignments[name]) - frames * ratio) > MAX_LENGTH_MISMATCH]
+    if bad:
+        name, count, expected = bad[0]
+        others = f" (and {len(bad) - 1} other utterance(s))" if len(bad) > 1 else ""
+        raise ValueError(f"{where}: utterance {name!r} has {count} frames at {alignment_rate_hz:g} Hz, but its audio "
+                         f"gives {expected:g} ({expected / alignment_rate_hz:.2f} s){others}: an alignment of another "
+                         f"recording? They may differ by at most {MAX_LENGTH_MISMATCH} frames")
+
+
 def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> Alignments:
     """``{utterance: per-frame phone labels}`` from a JSONL or interval-TSV alignment file (see module docstring)."""
     path = Path(path)
