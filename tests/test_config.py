@@ -248,3 +248,15 @@ def test_a_process_count_that_is_not_a_number_counts_as_one() -> None:
     assert processes_started_together({"LOCAL_RANK": "0", "WORLD_SIZE": "x"}) == 1
     assert processes_started_together({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": ""}) == 1
     assert processes_started_together({"LOCAL_RANK": "0", "WORLD_SIZE": "4"}) == 4
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path, suffix):
+    """Manifests, item and gold files accept a UTF-8 BOM (as some Windows editors save); a config was refused as
+    "Invalid statement (at line 1, column 1)", pointing at a character nobody sees."""
+    from spidr.config import read_config_file
+
+    text = '[run]\nname = "bom"\n' if suffix == ".toml" else '{"run": {"name": "bom"}}'
+    path = tmp_path / f"c{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_config_file(path) == {"run": {"name": "bom"}}

@@ -841,3 +841,13 @@ def test_a_kmeans_study_fits_centroids_for_every_layer(tmp_path, monkeypatch):
                        study.StudySettings(kmeans=8))
     assert fitted == [([1, 3], 8)]
     assert written == [([1, 3], {1: "centroids 1", 3: "centroids 3"})]
+
+
+@pytest.mark.parametrize("override", ['data.train="x.jsonl"', 'run.name="foo"', ' run.workdir = "/tmp/elsewhere"'])
+def test_a_set_of_where_the_lms_train_is_refused_by_name(override):
+    """The study sets data.train, run.name and run.workdir for each LM after the user's overrides: a --set of one was
+    accepted and silently dropped. It is refused, naming it; other overrides still pass."""
+    with pytest.raises(ValueError, match=rf"^--set {re.escape(override)}: the study sets "
+                                         rf"{override.split('=')[0].strip()} for each LM"):
+        study.check_lm_settings(study.StudySettings(lm_overrides=(*TINY_LM, override)))
+    study.check_lm_settings(study.StudySettings(lm_overrides=(*TINY_LM, "run.log_interval=7")))

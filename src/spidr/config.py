@@ -742,7 +742,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     from spidr.text_files import utf8_errors_named
 
     with utf8_errors_named(path, "config file"):
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark, as some Windows editors write, is dropped)
     try:
         if path.suffix == ".json":
             return json.loads(text)

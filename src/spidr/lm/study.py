@@ -98,9 +98,15 @@ def _slug(text: str) -> str:
 
 
 def check_lm_settings(settings: StudySettings) -> None:
-    """Load the study's LM config with its overrides now, so that a bad ``--set`` fails before any synthesis."""
+    """Load the study's LM config with its overrides now, so that a bad ``--set`` fails before any synthesis; a
+    ``--set`` of where an LM trains and on what (``LOCATION_FIELDS``, which the study sets per LM) is refused."""
     from spidr.lm.config import load_lm_config
 
+    for override in settings.lm_overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in LOCATION_FIELDS:
+            raise ValueError(f"--set {override}: the study sets {key} for each LM (each trains on its own units' "
+                             "train.jsonl, in OUT/lms/<name>); leave it out")
     load_lm_config(settings.lm_config, [*settings.lm_overrides, 'data.train="units/train.jsonl"'])
 
 
