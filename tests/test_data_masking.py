@@ -282,3 +282,27 @@ def test_no_overlap_places_the_longest_span_first() -> None:
             assert placed == list(range(10))
         totals[len(placed)] += 1
     assert set(totals) == {8, 10}
+
+
+@pytest.mark.parametrize("selection", ["static", "uniform", "normal", "poisson"])
+@pytest.mark.parametrize("no_overlap", [False, True])
+def test_a_mask_depends_on_its_generator_only_for_every_span_length_rule(selection: str, no_overlap: bool) -> None:
+    """Every draw goes through the generator passed in (module docstring), for each mask_selection and both
+    placements: the global RNG's state, changed between calls, changes nothing."""
+    cfg = MaskingConfig(mask_selection=selection, mask_other=2.0, no_mask_overlap=no_overlap)
+    padding = torch.arange(150)[None, :] >= torch.tensor([150, 120, 80])[:, None]
+    masks = []
+    for global_seed in (1, 2, 3):
+        torch.manual_seed(global_seed)
+        masks.append(span_mask(cfg, padding, generator=torch.Generator().manual_seed(11)))
+    assert all(torch.equal(masks[0], other) for other in masks[1:])
+
+
+def test_a_span_that_fits_nowhere_leaves_the_shorter_spans_placed() -> None:
+    """No-overlap placement: "a span that fits nowhere is dropped" — only that span; the shorter ones placed after it
+    (longest first) still go in."""
+    for seed in range(5):
+        masked = _place_without_overlap(12, [20, 3], 0, torch.Generator().manual_seed(seed))
+        assert len(masked) == 3
+        assert masked.tolist() == list(range(int(masked[0]), int(masked[0]) + 3))
+        assert 0 <= int(masked[0]) <= 9

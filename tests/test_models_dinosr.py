@@ -13,6 +13,7 @@ from spidr.config import DinoSRConfig, SpidRConfig
 from spidr.models import DinoSR, SpidR, build_model, num_frames, padding_mask_from_lengths
 from spidr.models.codebook import Codebook
 from spidr.models.components import SelfAttention
+from spidr.models.student import Student
 
 CONV = ((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2
 TYPES = ["spidr", "dinosr"]
@@ -797,3 +798,204 @@ def test_evaluation_draws_no_random_numbers(model_type: str) -> None:
         model.get_codebooks(batch)
     assert torch.equal(torch.get_rng_state(), state)
 
+
+NO_RANDOMNESS = {  # every dropout and the layer drop off: a training forward is then deterministic
+    "encoder_dropout": 0.0,
+    "encoder_attention_dropout": 0.0,
+    "encoder_ff_interm_dropout": 0.0,
+    "encoder_layer_drop": 0.0,
+}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_projection_dropout_drops_the_features_and_spares_the_mask_embedding(model_type: str) -> None:
+    """x = Drop₀(feats), then masked frames := mask embedding. With encoder_projection_dropout = 1 (every other
+    dropout and the layer drop off) the student's input is exactly where(mask, mask embedding, 0): the training loss
+    is then the cross-entropy of heads fed that input, against the teacher's labels of the clean features."""
+    model = tiny_model(model_type, encoder_projection_dropout=1.0, **NO_RANDOMNESS).train()
+    batch, mask = waveforms(4000, 4000), random_mask(2, num_frames(4000))
+    labels = teacher_labels(model, batch, mask)  # taken before the forward's codebook update, as the forward does
+    with torch.no_grad():
+        feats = model.features(batch)
+        x = torch.where(mask[..., None], model.mask_embedding, torch.zeros_like(feats))
+        if model_type == "spidr":
+            inputs = model.student.get_intermediate_outputs(x)[-model.num_codebooks :]
+        else:
+            inputs = [model.student(x)] * model.num_codebooks
+        cross_entropies = [-head(h[mask]).gather(1, lab[:, None])[:, 0]
+                           for head, h, lab in zip(model.heads, inputs, labels, strict=True)]
+        expected = torch.stack(cross_entropies).mean(0)
+    losses, _ = model(batch, mask=mask)
+    torch.testing.assert_close(losses.detach(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_data_init_leaves_the_codebooks_of_a_model_resumed_past_step_0(model_type: str) -> None:
+    """codebook_init = "data" happens at step 0 only: a model whose current_step says it was resumed later (its
+    codebooks came from the checkpoint) trains exactly like its codebook_init = "random" twin."""
+    batch, mask = waveforms(3000, 3000), random_mask(2, num_frames(3000))
+    results = []
+    for init in ("data", "random"):
+        model = tiny_model(model_type, codebook_init=init).train()
+        model.current_step.fill_(7)
+        torch.manual_seed(0)  # the same dropout draws
+        losses, _ = model(batch, mask=mask)
+        results.append((losses.detach(), [c.codebook.clone() for c in model.codebooks],
+                        [c.counts.clone() for c in model.codebooks]))
+    (data_losses, data_books, data_counts), (losses, books, counts) = results
+    assert torch.equal(data_losses, losses)
+    assert all(torch.equal(a, b) for a, b in zip(data_books, books, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(data_counts, counts, strict=True))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_codebook_decay_one_freezes_the_codebooks_even_with_reseeding(model_type: str) -> None:
+    """Spec §3.10: the codebooks update only while decay < 1. With codebook_decay = 1 nothing moves, and dead-codeword
+    re-seeding, part of the update, does not run either (a threshold of 0.95 × the mean count would restart many)."""
+    model = tiny_model(model_type, codebook_decay=1.0, codebook_reseed_dead=True,
+                       codebook_dead_threshold=0.95).train()
+    with torch.no_grad():  # unequal counts, so that a reseed would have dead codewords to restart
+        for codebook in model.codebooks:
+            codebook.counts.copy_(torch.linspace(0.1, 3.0, codebook.counts.numel()))
+    before = [(c.codebook.clone(), c.counts.clone()) for c in model.codebooks]
+    model(waveforms(3000, 3000), mask=random_mask(2, num_frames(3000)))
+    for codebook, (sums, counts) in zip(model.codebooks, before, strict=True):
+        assert torch.equal(codebook.codebook, sums)
+        assert torch.equal(codebook.counts, counts)
+
+
+def test_a_dead_codeword_restarts_with_a_count_of_at_least_one() -> None:
+    """A restart count is twice the dead floor (threshold × mean count), but at least 1: with the default threshold
+    0.05 and a mean count near 8.5, twice the floor is 0.85, so the restarted codeword gets count 1 exactly (and
+    its centroid is a batch vector)."""
+    model = tiny_model("spidr", num_codebooks=1, codebook_reseed_dead=True).train()
+    codebook = model.codebooks[0]
+    dim = codebook.codebook.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        codebook.counts.copy_(torch.tensor([10.0] * 15 + [0.01]))
+        codebook.codebook.copy_(torch.randn(16, dim, generator=generator) * codebook.counts[:, None])
+    z = torch.randn(6, dim, generator=generator)
+    labels = torch.tensor([0, 1, 2, 2, 3, 4])  # codeword 15 unused: 0.009 after the step, far under the floor
+    model._update_codebooks([z], [labels])
+    expected_mean = (0.9 * (150.0 + 0.01) + 0.1 * 6) / 16
+    assert 2 * 0.05 * expected_mean < 1  # the clamp is what decides here
+    assert codebook.counts[15].item() == 1.0
+    assert torch.cdist(codebook.centroids[15:], z).min().item() < 1e-5
+    assert (codebook.counts[:15] > 1.0).all()  # no other codeword was dead
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_training_forward_with_no_masked_frame_gives_empty_losses_and_finite_metrics(model_type: str) -> None:
+    """masking.min_masks = 0 can give a batch with no masked frame (the trainer then skips the step): the forward
+    must not fail, even with dead-codeword re-seeding (random rows of an empty batch), and its metrics stay finite
+    (perplexities of no frame are 1, losses 0) instead of 0 / 0."""
+    model = tiny_model(model_type, codebook_reseed_dead=True).train()
+    before = [c.centroids.clone() for c in model.codebooks]
+    mask = torch.zeros(2, num_frames(3000), dtype=torch.bool)
+    losses, metrics = model(waveforms(3000, 3000), mask=mask)
+    assert losses.shape == (0,)
+    assert int(metrics["num_frames"]) == 0
+    for name, value in metrics.items():
+        assert torch.isfinite(value.float()).all(), name
+    assert metrics["loss_per_codebook"].tolist() == [0.0, 0.0]
+    assert metrics["target_ppl"].item() == pytest.approx(1.0)
+    for codebook, centroids in zip(model.codebooks, before, strict=True):  # decayed sums and counts: same centres
+        torch.testing.assert_close(codebook.centroids, centroids)
+
+
+@torch.no_grad()
+def test_an_exported_student_honours_the_padding_mask() -> None:
+    """The inference half (what load_model gives for a Hugging Face directory) must treat a padded batch like each
+    utterance alone, as DinoSR.get_intermediate_outputs does."""
+    model = tiny_model("spidr")
+    student = Student(model.cfg)
+    result = student.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys
+    student.eval()
+    lengths = [6000, 3100]
+    batch = waveforms(*lengths)
+    padding = padding_mask_from_lengths(torch.tensor(lengths), model.cfg.extractor_conv_layer_config)
+    for before_residual in (True, False):
+        batched = student.get_intermediate_outputs(batch, padding_mask=padding, before_residual=before_residual)
+        for i, length in enumerate(lengths):
+            alone = student.get_intermediate_outputs(batch[i : i + 1, :length], before_residual=before_residual)
+            frames = num_frames(length, model.cfg.extractor_conv_layer_config)
+            for b, a in zip(batched, alone, strict=True):
+                torch.testing.assert_close(b[i : i + 1, :frames], a, atol=1e-5, rtol=0)
+
+
+def _scored_targets(model, batch: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """The teacher targets of the scored frames, written out: top-K before-residual outputs, instance-normalised."""
+    with torch.no_grad():
+        outputs = model.teacher.get_intermediate_outputs(model.features(batch))[-model.num_codebooks :]
+        return [torch.nn.functional.instance_norm(y.transpose(1, 2)).transpose(1, 2)[mask] for y in outputs]
+
+
+def test_data_init_draws_random_frames_of_the_batch_not_its_first_ones() -> None:
+    """codebook_init = "data": the centroids are *random* distinct target frames. With 98 scored frames and 16
+    codewords (codebook_decay = 1: the EMA step leaves them as drawn), the chosen frames are distinct, are not the
+    batch's first 16, and change with the global seed."""
+    batch = waveforms(16000, 16000)
+    mask = torch.ones(2, num_frames(16000), dtype=torch.bool)
+    chosen = []
+    for seed in (0, 1):
+        model = tiny_model("spidr", num_codebooks=1, codebook_init="data", codebook_decay=1.0).train()
+        targets = _scored_targets(model, batch, mask)[0]
+        assert len(targets) > 4 * 16
+        torch.manual_seed(seed)
+        model(batch, mask=mask)
+        distances = torch.cdist(model.codebooks[0].centroids, targets, compute_mode="donot_use_mm_for_euclid_dist")
+        assert distances.min(1).values.max().item() < 1e-4  # every centroid is a target frame
+        rows = distances.argmin(1)
+        assert len(set(rows.tolist())) == 16  # distinct frames
+        chosen.append(set(rows.tolist()))
+    assert chosen[0] != set(range(16))
+    assert chosen[0] != chosen[1]
+
+
+def test_on_another_rank_restarts_come_from_rank_0_s_frames_only(monkeypatch) -> None:
+    """The restart candidates are broadcast as a sum in which every rank but 0 puts zeros, so every rank restarts
+    its codewords at rank 0's frames. Simulated rank 1: the all-reduce adds rank 0's candidates; a data-initialised
+    codebook (decay 1: no EMA step after it) must then hold exactly rank 0's candidates."""
+    from spidr import distributed
+
+    model = tiny_model("spidr", num_codebooks=1, codebook_init="data", codebook_decay=1.0).train()
+    dim, size = model.cfg.encoder_embed_dim, model.cfg.codebook_size
+    rank0 = torch.randn(1, size, dim, generator=torch.Generator().manual_seed(3))
+
+    def all_reduce_sum(tensor):
+        if tensor.shape == (rank0.numel() + 1,):  # the candidates (K, V, D) and rank 0's frame count, flat
+            tensor[:-1].add_(rank0.flatten())
+            tensor[-1] += 12  # (the statistics are (K, V, 1 + D))
+        return tensor
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+    model(waveforms(4000, 4000), mask=random_mask(2, num_frames(4000)))
+    torch.testing.assert_close(model.codebooks[0].centroids, rank0[0], atol=0, rtol=0)
+
+
+def test_data_init_on_a_rank_0_batch_without_masked_frames_does_not_collapse_the_codebook(monkeypatch) -> None:
+    """masking.min_masks = 0 can leave rank 0 without a masked frame while another rank has some, so the trainer
+    does not skip the step (it skips only when no rank has a frame). The data initialisation broadcasts rank 0's
+    candidates: zeros. Expected: the initialisation stays due (or takes frames that exist), not 16 equal centroids.
+    Simulated rank 0: the all-reduce adds rank 1's statistics (its 50 frames, all on codeword 0: with every centroid
+    at 0, the first codeword wins every tie)."""
+    from spidr import distributed
+
+    model = tiny_model("spidr", codebook_init="data").train()
+    dim, size = model.cfg.encoder_embed_dim, model.cfg.codebook_size
+    frames = torch.randn(50, dim, generator=torch.Generator().manual_seed(0))
+    other_rank = torch.zeros(model.num_codebooks, size, 1 + dim)
+    other_rank[:, 0, 0], other_rank[:, 0, 1:] = 50.0, frames.sum(0)
+
+    def all_reduce_sum(tensor):
+        if tensor.shape == other_rank.shape:  # statistics; the candidates get rank 1's zeros
+            tensor.add_(other_rank)
+        return tensor
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+    model(waveforms(4000, 4000), mask=torch.zeros(2, num_frames(4000), dtype=torch.bool))
+    distinct = [len(torch.unique(c.centroids, dim=0)) for c in model.codebooks]
+    assert model.codebook_init_due or distinct == [size] * model.num_codebooks, distinct

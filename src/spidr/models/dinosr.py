@@ -207,8 +207,11 @@ class DinoSR(nn.Module):
         target_frames = [_rows_at(t, scored_index) for t in targets]  # K × (N, D)
         if self.training and self.cfg.codebook_init == "data" and self._codebooks_from_data is not True:
             if self._codebooks_from_data is False or int(self.current_step) == 0:  # the step is read once
-                self._initialise_codebooks_from_data(target_frames)
-            self._codebooks_from_data = True
+                # (rank 0's batch without a scored frame, possible with masking.min_masks = 0, has no frame to
+                # give: the initialisation stays due for the next training forward)
+                self._codebooks_from_data = self._initialise_codebooks_from_data(target_frames)
+            else:
+                self._codebooks_from_data = True
         log_probs, labels, cross_entropies = [], [], []
         # DinoSR's heads share one input: gather its scored frames once. Compared with `is`, not by id(): under
         # torch.compile an id() of a tensor becomes a guard on that very object, failed by the next step's tensors,
@@ -263,18 +266,24 @@ class DinoSR(nn.Module):
 
     @torch.no_grad()
     def _reseed_codebooks(self, targets: list[torch.Tensor], unused: list[torch.Tensor], *,
-                          counts: list[torch.Tensor] | None = None) -> None:
+                          counts: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Restart codewords nobody used at random frames of rank 0's batch (broadcast as a sum with zeros from
-        the other ranks, so the codebooks stay identical everywhere), with ``counts`` (one per codebook; 1 if None)."""
+        the other ranks, so the codebooks stay identical everywhere), with ``counts`` (one per codebook; 1 if None).
+        Nothing is restarted where rank 0's batch has no frame (its candidates would be zeros). Returns the number
+        of rank 0's frames, a () tensor on the device."""
         size = self.cfg.codebook_size
         candidates = torch.stack([_random_rows(z, size) for z in targets])  # (K, V, D)
+        # rank 0's frame count travels with its candidates: one collective
+        shared = torch.cat([candidates.flatten(), candidates.new_full((1,), float(len(targets[0])))])
         if distributed.rank() != 0:
-            candidates.zero_()
-        distributed.all_reduce_sum(candidates)
+            shared.zero_()
+        distributed.all_reduce_sum(shared)
+        candidates, available = shared[:-1].view_as(candidates), shared[-1]
         # a no-op where nothing is dead; asking first would cost a device sync
         for codebook, dead, cand, count in zip(self.codebooks, unused, candidates, counts or [None] * len(unused),
                                                strict=True):
-            codebook.reseed(dead, cand, count=count)
+            codebook.reseed(dead & (available > 0), cand, count=count)
+        return available
 
     @property
     def codebook_init_due(self) -> bool:
@@ -296,11 +305,13 @@ class DinoSR(nn.Module):
             self._codebooks_from_data = False
 
     @torch.no_grad()
-    def _initialise_codebooks_from_data(self, targets: list[torch.Tensor]) -> None:
+    def _initialise_codebooks_from_data(self, targets: list[torch.Tensor]) -> bool:
         """``codebook_init = "data"``: centroids := distinct random target frames of the first training batch (a
         random codebook on few frames makes a handful of codewords win everything; spec §3.10 init is kept
-        otherwise)."""
-        self._reseed_codebooks(targets, [torch.ones_like(c.counts, dtype=torch.bool) for c in self.codebooks])
+        otherwise). Returns whether it was done: not where rank 0's batch has no frame (read once, at this step)."""
+        available = self._reseed_codebooks(targets, [torch.ones_like(c.counts, dtype=torch.bool)
+                                                     for c in self.codebooks])
+        return bool(available > 0)
 
     @torch.compiler.disable
     @torch.no_grad()
