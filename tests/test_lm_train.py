@@ -13,19 +13,21 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spidr.cli import main
-from spidr.lm.config import load_lm_config
-from spidr.lm.data import scored_targets
+from spidr.lm.config import LmDataSection, lm_config_from_dict, load_lm_config
+from spidr.lm.data import WindowSampler, scored_targets, token_stream
 from spidr.lm.models import GptLM, LstmLM
 from spidr.lm.score import find_unit_files, score_benchmark, score_sequences
-from spidr.lm.tokens import Vocabulary, read_unit_sequences
-from spidr.lm.train import lm_train_step, load_lm, train_lm
+from spidr.lm.tokens import LabelVocabulary, Vocabulary, fingerprint, read_unit_sequences
+from spidr.lm.train import lm_train_step, load_lm, train_lm, validate_lm
 from spidr.lm.zerospeech import (
     LexicalItem,
     SyntacticItem,
@@ -1633,3 +1635,499 @@ def test_the_ends_digest_covers_the_last_mebibyte(tmp_path):
     second.write_bytes(body + b"2")
     size = first.stat().st_size
     assert _ends_digest(str(first), size) != _ends_digest(str(second), size)
+
+
+def _sgd(model):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+
+
+# --- tr-nonfinite-loss-only ----------------------------------------------------------------------------------------
+class _InfiniteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class _FiniteLossInfiniteGradient(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = LstmLM(13, dim=8, num_layers=1, dropout=0.0, tie_embeddings=True)
+
+    def forward(self, tokens):
+        return _InfiniteGradient.apply(self.inner(tokens))
+
+
+def test_a_step_whose_loss_is_finite_but_gradient_is_not_is_skipped():
+    """mut tr-nonfinite-loss-only. Truth (train.py docstring: "NaN/Inf guard" on the loss *or* the gradient norm, the
+    warning names both): a bf16 overflow in the backward gives an infinite gradient under a finite loss; the step
+    must be skipped (weights and schedule untouched), not applied as NaN weights."""
+    torch.manual_seed(0)
+    model = _FiniteLossInfiniteGradient()
+    optimizer, scheduler = _sgd(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = lm_train_step(model, [torch.randint(0, 13, (4, 9))], optimizer, scheduler, precision=FP32, max_norm=1.0)
+    assert math.isfinite(out.loss)
+    assert not math.isfinite(out.grad_norm)
+    assert out.skipped
+    assert scheduler.last_epoch == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# --- tr-tokens-no-world (and the per-rank scale) ------------------------------------------------------------------
+def test_two_identical_ranks_count_both_ranks_targets_and_take_the_one_process_step(monkeypatch):
+    """mut tr-tokens-no-world. Truth (LmStepOutput: tokens and scored are the *global* batch's; the loss is the global
+    mean): two ranks holding the same windows (the all-reduce doubles every sum) count twice the targets of one,
+    report the same mean loss, and each rank's update (DDP averages equal gradients) is the one-process step."""
+    from spidr.lm import train as lm_train
+
+    bos = 13
+    windows = torch.randint(0, 13, (4, 9), generator=torch.Generator().manual_seed(2))
+    windows[0, 3] = windows[2, 6] = bos
+
+    def run():
+        torch.manual_seed(0)
+        model = LstmLM(16, dim=8, num_layers=1, dropout=0.0, tie_embeddings=True)
+        optimizer, scheduler = _sgd(model)
+        out = lm_train_step(model, [windows], optimizer, scheduler, precision=FP32, max_norm=1e6, bos=bos)
+        return out, [p.detach().clone() for p in model.parameters()]
+
+    alone, alone_weights = run()
+    monkeypatch.setattr(lm_train, "world_size", lambda: 2)
+    monkeypatch.setattr(lm_train, "all_reduce_sum", lambda tensor: tensor * 2)
+    two, two_weights = run()
+    assert alone.tokens == 4 * 8
+    assert alone.scored == 4 * 8 - 2
+    assert (two.tokens, two.scored) == (2 * alone.tokens, 2 * alone.scored)
+    assert two.loss == pytest.approx(alone.loss, rel=1e-6)
+    for got, expected in zip(two_weights, alone_weights, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- tr-val-no-eval, mo-lstm-dropout-at-eval, mo-gpt-dropout-at-eval, tr-load-no-eval ----------------------------
+def _dropout_models():
+    torch.manual_seed(0)
+    return [LstmLM(12, dim=16, num_layers=2, dropout=0.5, tie_embeddings=True),
+            GptLM(12, dim=16, num_layers=2, num_heads=2, ffn_dim=32, context=16, dropout=0.5, activation="gelu",
+                  tie_embeddings=True)]
+
+
+@pytest.mark.parametrize("model", _dropout_models(), ids=["lstm", "gpt"])
+def test_an_lm_in_eval_mode_applies_no_dropout(model):
+    """muts mo-lstm-dropout-at-eval, mo-gpt-dropout-at-eval. Truth: scores and validation are computed in eval mode,
+    where dropout is off: the same tokens give the same logits, call after call (train mode: they differ)."""
+    tokens = torch.randint(0, 12, (2, 10), generator=torch.Generator().manual_seed(0))
+    model.train()
+    assert not torch.equal(model(tokens), model(tokens))
+    model.eval()
+    torch.testing.assert_close(model(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_validation_is_computed_without_dropout_and_leaves_the_model_training():
+    """mut tr-val-no-eval. Truth (validate_lm: a perplexity, the number a run reports): the held-out loss of a model
+    with dropout 0.5 is that of the model in eval mode, the same on every call; the model goes back to training."""
+    vocab = Vocabulary(9)
+    rng = np.random.default_rng(0)
+    stream = token_stream({f"u{i}": rng.integers(0, 9, 12) for i in range(6)}, vocab)
+    torch.manual_seed(0)
+    model = LstmLM(vocab.size, dim=16, num_layers=2, dropout=0.5, tie_embeddings=True)
+    kwargs = {"context": 8, "precision": FP32, "batch_size": 3, "device": torch.device("cpu"), "bos": vocab.bos}
+    model.eval()
+    expected = validate_lm(model, stream, **kwargs)
+    model.train()
+    for _ in range(2):
+        assert validate_lm(model, stream, **kwargs)["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        assert model.training
+
+
+def test_a_loaded_lm_scores_in_eval_mode(tmp_path):
+    """mut tr-load-no-eval. Truth (load_lm docstring: "The trained LM (eval mode)"): an LM trained with dropout 0.1
+    (the default) is loaded with dropout off, so lm-score writes the same scores on every run."""
+    from spidr.lm.score import score_sequences
+
+    cfg = load_lm_config(_config(tmp_path, "drop", model={"dropout": 0.5},
+                                 optimizer={"max_steps": 2, "warmup_steps": 1}))
+    assert train_lm(cfg) == "completed"
+    model, info, _ = load_lm(cfg.run.run_dir / "final.pt")
+    assert not model.training
+    items = {"a": np.arange(8) % 10, "b": np.array([3, 1, 4, 1, 5, 9, 2, 6])}
+    first = score_sequences(model, Vocabulary(info["num_units"]), items)
+    second = score_sequences(model, Vocabulary(info["num_units"]), items)
+    assert first == second
+
+
+# --- tr-val-maxtokens-0, tr-train-ppl-base2 -----------------------------------------------------------------------
+def test_lm_train_validates_at_most_data_max_valid_tokens_and_logs_perplexity_in_nats(tmp_path, caplog):
+    """muts tr-val-maxtokens-0, tr-train-ppl-base2. Truth (config: data.max_valid_tokens caps what a validation
+    scores, spread over the held-out stream; the losses are natural-log cross-entropies): a run with
+    max_valid_tokens = 48 logs, and announces, the count scored_targets gives for that cap (fewer than the whole
+    held-out stream's), and its train perplexity is exp(loss)."""
+    from spidr.lm.prepared_data import prepare_data
+
+    cfg = load_lm_config(_config(tmp_path, "capped", data={"val_fraction": 0.3, "max_valid_tokens": 48},
+                                 optimizer={"max_steps": 10}))
+    with caplog.at_level("INFO", logger="spidr"):
+        assert train_lm(cfg) == "completed"
+    data = prepare_data(cfg)
+    capped = scored_targets(data.valid, 16, bos=data.vocab.bos, max_tokens=48)
+    assert capped < scored_targets(data.valid, 16, bos=data.vocab.bos)
+    records = _metrics(cfg.run.run_dir)
+    assert [r["tokens"] for r in records if r["group"] == "valid"] == [capped]
+    assert f"({capped} scored)" in caplog.text
+    train = [r for r in records if r["group"] == "train"]
+    assert train
+    for record in train:
+        assert record["ppl"] == pytest.approx(math.exp(record["loss"]))
+
+
+# --- tr-clip-fixed, tr-betas-dropped, tr-wd-none, tr-sched-decay-steps ---------------------------------------------
+def test_lm_train_builds_its_optimizer_clip_and_schedule_from_the_config(tmp_path, monkeypatch):
+    """Truth (config.py fields; build_optimizer's docstring: no weight decay on 1-D tensors; lr_scale's schedule over
+    optimizer.warmup_steps / max_steps): the step lm-train takes gets optimizer.max_norm, AdamW gets the betas, eps
+    and weight decay of the config (decay on every matrix, none on biases), the schedule is lr_scale of the config's
+    steps."""
+    from spidr.lm import train as lm_train
+
+    seen = {}
+    real_step = lm_train.lm_train_step
+
+    def recorded(model, windows, optimizer, scheduler, **kwargs):
+        seen.setdefault("call", (model, optimizer, scheduler, kwargs))
+        return real_step(model, windows, optimizer, scheduler, **kwargs)
+
+    monkeypatch.setattr(lm_train, "lm_train_step", recorded)
+    optimizer_cfg = {"betas": [0.8, 0.95], "eps": 1e-7, "weight_decay": 0.05, "max_norm": 0.25, "warmup_steps": 2,
+                     "max_steps": 6, "min_lr_scale": 0.2}
+    cfg = load_lm_config(_config(tmp_path, "opt", optimizer=optimizer_cfg))
+    assert train_lm(cfg) == "completed"
+    model, optimizer, scheduler, kwargs = seen["call"]
+    assert kwargs["max_norm"] == 0.25
+    decay, no_decay = optimizer.param_groups
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters() if p.dim() < 2}
+    assert len(decay["params"]) >= 3  # the embedding (tied head) and the LSTM's two matrices
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    for group in (decay, no_decay):
+        assert tuple(group["betas"]) == (0.8, 0.95)
+        assert group["eps"] == 1e-7
+    expected = [lm_train.lr_scale(s, warmup_steps=2, max_steps=6, min_lr_scale=0.2) for s in range(8)]
+    assert [scheduler.lr_lambdas[0](s) for s in range(8)] == pytest.approx(expected)
+    assert [expected[s] for s in (0, 1, 2, 4, 6, 7)] == pytest.approx([0.5, 1.0, 1.0, 0.6, 0.2, 0.2])  # half-way: 0.6
+
+
+# --- cf-dedup-default-false, cf-betas-default, cf-maxnorm-default -------------------------------------------------
+def test_lm_defaults_are_the_spec_s_and_those_configs_lm_lstm_toml_spells_out():
+    """Truth: spoken-lm spec §1.3 (dedup by default; AdamW (0.9, 0.98), weight decay 0.01, grad-clip 1.0) and
+    load_lm_config's docstring ("None: the defaults, which configs/lm-lstm.toml spells out")."""
+    import spidr
+
+    cfg = load_lm_config(None, ['data.train="units.jsonl"'])
+    assert cfg.data.dedup is True
+    assert cfg.optimizer.betas == (0.9, 0.98)
+    assert cfg.optimizer.weight_decay == 0.01
+    assert cfg.optimizer.max_norm == 1.0
+    shipped = tomllib.loads((Path(spidr.__file__).parents[2] / "configs" / "lm-lstm.toml").read_text())
+    defaults = cfg.to_dict()
+    for section, values in shipped.items():
+        for key, value in values.items():
+            if (section, key) not in {("run", "name"), ("data", "train")}:
+                assert defaults[section][key] == value, f"{section}.{key}"
+
+
+# --- tr-micro-zero ------------------------------------------------------------------------------------------------
+def test_grad_accum_steps_trains_the_model_one_batch_trains(tmp_path):
+    """mut tr-micro-zero. Truth (data.py docstring: micro-batch m takes the m-th slice of a rank's rows; the step's
+    gradient is the whole batch's): without dropout, 2 micro-batches of 4 windows train the weights 1 batch of 8
+    trains, step for step."""
+    runs = {}
+    for accum in (1, 2):
+        cfg = load_lm_config(_config(tmp_path, f"accum{accum}", model={"dropout": 0.0},
+                                     optimizer={"max_steps": 3, "warmup_steps": 1, "grad_accum_steps": accum},
+                                     run={"log_interval": 1}))
+        assert train_lm(cfg) == "completed"
+        runs[accum] = (torch.load(cfg.run.run_dir / "final.pt", weights_only=True)["model"],
+                       [r["loss"] for r in _metrics(cfg.run.run_dir) if r["group"] == "train"])
+    assert runs[2][1] == pytest.approx(runs[1][1], rel=1e-5)
+    for key, value in runs[1][0].items():
+        torch.testing.assert_close(runs[2][0][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# --- tr-sampler-seed0 ---------------------------------------------------------------------------------------------
+def test_the_run_seed_chooses_the_training_windows(tmp_path, monkeypatch):
+    """mut tr-sampler-seed0. Truth (data.py docstring: the windows of step s are drawn from (seed, s)): lm-train's
+    first step trains on WindowSampler(train stream, context, batch, run.seed).windows(0); seeds 0 and 1 differ."""
+    from spidr.lm import train as lm_train
+    from spidr.lm.prepared_data import prepare_data
+
+    first = {}
+    real_step = lm_train.lm_train_step
+
+    def recorded(model, windows, optimizer, scheduler, **kwargs):
+        first.setdefault(seed, windows[0].clone())
+        return real_step(model, windows, optimizer, scheduler, **kwargs)
+
+    monkeypatch.setattr(lm_train, "lm_train_step", recorded)
+    for seed in (0, 1):
+        cfg = load_lm_config(_config(tmp_path, f"seed{seed}", run={"seed": seed},
+                                     optimizer={"max_steps": 1, "warmup_steps": 1}))
+        assert train_lm(cfg) == "completed"
+        expected = WindowSampler(prepare_data(cfg).train, 16, 8, seed).windows(0)
+        assert torch.equal(first[seed], expected)
+    assert not torch.equal(first[0], first[1])
+
+
+# --- pd-heldout-seed0 ---------------------------------------------------------------------------------------------
+def test_the_held_out_utterances_of_a_run_are_chosen_by_its_seed(tmp_path):
+    """mut pd-heldout-seed0. Truth (configs/lm-lstm.toml: "held-out utterances, chosen by a hash of their name and
+    run.seed"): prepare_data with run.seed = 1 holds out exactly the stems is_held_out(stem, fraction, 1) picks."""
+    from spidr.lm.data import is_held_out
+    from spidr.lm.prepared_data import prepare_data
+
+    cfg, units = _split_config(tmp_path, seed=1)
+    rows = {r["name"]: np.asarray(r["units"]) for r in map(json.loads, units.read_text().splitlines())}
+    held = {stem: values for stem, values in rows.items() if is_held_out(stem, 0.3, 1)}
+    assert held != {stem: values for stem, values in rows.items() if is_held_out(stem, 0.3, 0)}
+    assert prepare_data(cfg).info["valid_fingerprint"] == fingerprint(held)
+
+
+# --- tr-batch-check-no-world --------------------------------------------------------------------------------------
+def test_a_batch_that_the_ranks_cannot_share_equally_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+    """mut tr-batch-check-no-world. Truth (the message, data.py: rank r takes B/W rows): with 3 ranks a global batch
+    of 8 cannot be split; it was silently cut to 3 × 2 = 6 windows per step."""
+    from spidr.lm import train as lm_train
+    from spidr.train.environment import DistributedEnvironment
+
+    monkeypatch.setattr(lm_train, "detect_environment",
+                        lambda: DistributedEnvironment(rank=0, world_size=3, launcher="torchrun"))
+    monkeypatch.setattr(lm_train, "init_distributed", lambda denv, device: None)
+    cfg = load_lm_config(_config(tmp_path, "three", optimizer={"max_steps": 2}))
+    with pytest.raises(ValueError, match=r"optimizer\.batch_size = 8 must be a multiple of ranks × grad_accum_steps "
+                                         r"= 3 × 1"):
+        train_lm(cfg)
+    assert not cfg.run.run_dir.exists()
+
+
+# --- tr-streak-not-reset ------------------------------------------------------------------------------------------
+def test_isolated_non_finite_steps_do_not_add_up_to_a_divergence(tmp_path, monkeypatch):
+    """mut tr-streak-not-reset. Truth (run.max_consecutive_nonfinite counts steps *in a row*; a retry draws other
+    windows, a step's first try its own): with a limit of 2, two non-finite steps apart (steps 2 and 4, each
+    retried successfully) complete the run, and the step after them trains on its first-try windows."""
+    from spidr.lm import train as lm_train
+    from spidr.lm.prepared_data import prepare_data
+
+    cfg = load_lm_config(_config(tmp_path, "isolated", run={"max_consecutive_nonfinite": 2},
+                                 optimizer={"max_steps": 6}))
+    real_step, seen = lm_train.lm_train_step, []
+
+    def poisoned_once(model, windows, optimizer, scheduler, **kwargs):
+        step = scheduler.last_epoch
+        seen.append((step, windows[0].clone()))
+        if step in (1, 3) and [s for s, _ in seen].count(step) == 1:
+            return lm_train.LmStepOutput(True, False, float("nan"), float("nan"), 0, 0)
+        return real_step(model, windows, optimizer, scheduler, **kwargs)
+
+    monkeypatch.setattr(lm_train, "lm_train_step", poisoned_once)
+    assert train_lm(cfg) == "completed"
+    assert [s for s, _ in seen] == [0, 1, 1, 2, 3, 3, 4, 5]
+    sampler = WindowSampler(prepare_data(cfg).train, 16, 8, cfg.run.seed)
+    assert torch.equal(seen[6][1], sampler.windows(4))
+
+
+# --- tr-stop-ignored ----------------------------------------------------------------------------------------------
+def test_sigterm_saves_a_checkpoint_and_stops_before_the_last_step(tmp_path, monkeypatch):
+    """mut tr-stop-ignored. Truth (StopFlag: SIGTERM saves a checkpoint and returns at the next step boundary; a
+    cluster's preemption signal): a SIGTERM during step 3 of 30 stops the run with a step_N.pt (N < 30) and no
+    final.pt; the rerun resumes it to the end."""
+    from spidr.lm import train as lm_train
+
+    cfg = load_lm_config(_config(tmp_path, "term", optimizer={"max_steps": 30}, run={"save_interval": 100}))
+    real_step = lm_train.lm_train_step
+
+    def signalled(model, windows, optimizer, scheduler, **kwargs):
+        if scheduler.last_epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(model, windows, optimizer, scheduler, **kwargs)
+
+    monkeypatch.setattr(lm_train, "lm_train_step", signalled)
+    assert train_lm(cfg) == "interrupted"
+    saved = sorted(int(p.stem.removeprefix("step_")) for p in cfg.run.run_dir.glob("step_*.pt"))
+    assert not (cfg.run.run_dir / "final.pt").exists()
+    assert 0 < saved[-1] < 30
+    monkeypatch.setattr(lm_train, "lm_train_step", real_step)
+    assert train_lm(cfg) == "completed"
+    assert (cfg.run.run_dir / "final.pt").is_file()
+
+
+# --- tr-ngram-addk-unchecked, tr-ngram-maxvalid-unchecked ---------------------------------------------------------
+def test_an_ngram_rerun_with_other_smoothing_or_validation_cap_is_refused(tmp_path):
+    """muts tr-ngram-addk-unchecked, tr-ngram-maxvalid-unchecked. Truth (_NGRAM_SETTINGS: what an n-gram's counts and
+    validation depend on): add-k is no weight of the checkpoint but its config, which lm-score rebuilds the model
+    from; a rerun with another add-k (or validation cap) said "nothing to do" and kept the old LM and its loss."""
+    path = _config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 2})
+    assert train_lm(load_lm_config(path)) == "completed"
+    with pytest.raises(ValueError, match=r"model\.ngram_add_k \(0\.1 → 0\.5\)"):
+        train_lm(load_lm_config(path, ["model.ngram_add_k=0.5"]))
+    with pytest.raises(ValueError, match=r"data\.max_valid_tokens \(2000000 → 100\)"):
+        train_lm(load_lm_config(path, ["data.max_valid_tokens=100"]))
+
+
+# --- tr-untrained-seed-or -----------------------------------------------------------------------------------------
+def test_an_untrained_copy_of_seed_0_is_seed_0_s_initialisation(tmp_path):
+    """mut tr-untrained-seed-or. Truth (write_untrained: "or those another seed draws"; lm-study draws seeds 0 … 4):
+    seed 0 of a run of seed 3 is torch.manual_seed(0)'s model, not the run's own (which seed 3 gives)."""
+    from spidr.lm.train import build_model_for, write_untrained
+
+    cfg = load_lm_config(_config(tmp_path, "s3", run={"seed": 3}, optimizer={"max_steps": 2, "warmup_steps": 1}))
+    assert train_lm(cfg) == "completed"
+    final = cfg.run.run_dir / "final.pt"
+    copies = {seed: torch.load(write_untrained(final, tmp_path / f"u{seed}.pt", seed=seed), weights_only=True)["model"]
+              for seed in (0, 3)}
+    torch.manual_seed(0)
+    expected = build_model_for(cfg.model, Vocabulary(10).size).state_dict()
+    for key, value in expected.items():
+        assert torch.equal(copies[0][key], value), key
+    assert not torch.equal(copies[0]["embedding.weight"], copies[3]["embedding.weight"])
+
+
+# --- tr-score-own-labels ------------------------------------------------------------------------------------------
+def test_test_items_of_a_frame_label_lm_are_numbered_by_its_training_labels(tmp_path):
+    """mut tr-score-own-labels. Truth (read_lm_units: "read the way the LM was trained (same labels)"): an LM whose
+    training labels hold '+noise+' (sorting first) numbers a test item without it by those labels, not by the test
+    file's own label set (every id one lower)."""
+    from spidr.corpus.phones import phone_inventory
+    from spidr.lm.train import read_lm_units
+
+    labels = LabelVocabulary(tuple(sorted({"+noise+", *phone_inventory()})))
+    info = {"dedup": True, "num_units": len(labels.labels), "kind": "labels"}
+    items = _jsonl(tmp_path / "dev.jsonl", {"x": ["K", "K", "AE", "T"]}, field="phones")
+    read = read_lm_units(items, info, labels)
+    assert read.sequences["x"].tolist() == labels.ids(["K", "AE", "T"], "here").tolist()
+
+
+# --- mo-gpt-ffn-attention-norm, mo-gpt-no-final-norm, mo-gpt-gelu-always, mo-gpt-untied ----------------------------
+def test_the_gpt_forward_is_the_pre_ln_transformer_its_docstring_describes():
+    """Truth (models.py docstring): embedding + learned positions, pre-LN blocks (LayerNorm → causal self-attention
+    → residual; LayerNorm → FFN → residual), a final LayerNorm, output tied to the input embedding; activation
+    'relu' is ReLU (OPT's). Computed here from the module's parameters with plain tensor operations."""
+    torch.manual_seed(0)
+    dim, heads, vocab, T = 8, 2, 11, 6
+    model = GptLM(vocab, dim=dim, num_layers=2, num_heads=heads, ffn_dim=16, context=8, dropout=0.0,
+                  activation="relu", tie_embeddings=True).eval()
+    with torch.no_grad():  # LayerNorms away from their identity init, so that a wrong one shows
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.3)
+                module.bias.normal_(0.0, 0.3)
+    tokens = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(1))
+
+    def norm(x, ln):
+        return F.layer_norm(x, (dim,), ln.weight, ln.bias, ln.eps)
+
+    x = model.embedding.weight[tokens[0]] + model.positions.weight[:T]
+    causal = torch.ones(T, T).tril().bool()
+    for block in model.blocks:
+        q, k, v = (norm(x, block.attention_norm) @ block.qkv.weight.T + block.qkv.bias).view(T, 3, heads, -1).unbind(1)
+        attended = []
+        for h in range(heads):
+            weights = (q[:, h] @ k[:, h].T / math.sqrt(dim // heads)).masked_fill(~causal, float("-inf"))
+            attended.append(weights.softmax(-1) @ v[:, h])
+        x = x + torch.cat(attended, -1) @ block.out.weight.T + block.out.bias
+        hidden = torch.relu(norm(x, block.ffn_norm) @ block.ffn_in.weight.T + block.ffn_in.bias)
+        x = x + hidden @ block.ffn_out.weight.T + block.ffn_out.bias
+    expected = norm(x, model.norm) @ model.embedding.weight.T
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens)[0], expected.detach(), rtol=1e-4, atol=1e-5)
+    assert model.head.weight is model.embedding.weight
+
+
+# --- pd-key-not-unlinked-first ------------------------------------------------------------------------------------
+def test_token_streams_left_half_rewritten_are_not_taken_for_the_old_ones(tmp_path, monkeypatch):
+    """mut pd-key-not-unlinked-first. Truth (_updated_cache: key.json goes first, "stale from here until the
+    streams are all written"): a rewrite for seed 1 that fails after train.npy leaves no key naming seed 0's
+    settings, so seed 0's next run reads its own streams, not seed 1's train stream under seed 0's key."""
+    from spidr.lm.prepared_data import prepare_data, update_cache
+
+    rows = {f"u{i:02d}": [i % 7, (i + 3) % 7] for i in range(40)}
+    cfg = _cfg(tmp_path, _jsonl(tmp_path / "train.jsonl", rows), val_fraction=0.3)
+    update_cache(cfg)
+    seed_1 = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=1))
+    real_save, calls = np.save, []
+
+    def failing_second(handle, array, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(handle, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", failing_second)
+    update_cache(seed_1)  # kept in memory, with a warning
+    monkeypatch.setattr(np, "save", real_save)
+    again, fresh = update_cache(cfg), prepare_data(cfg)
+    assert torch.equal(again.train, fresh.train)
+    assert torch.equal(again.valid, fresh.valid)
+
+
+# --- pd-numunits-labels-max ---------------------------------------------------------------------------------------
+def test_a_frame_label_lm_knows_every_label_of_its_inventory(tmp_path):
+    """mut pd-numunits-labels-max. Truth (tokens.py: the label vocabulary is the file's labels and the phone
+    inventory, "so that a test item may hold a phone the training file lacks"): the LM's units are all of them, not
+    1 + the largest id the training file happens to use."""
+    from spidr.lm.prepared_data import prepare_data
+
+    train = _jsonl(tmp_path / "train.jsonl", {"a": ["K", "AE"], "b": ["AE", "K", "AE"]}, field="phones")
+    data = prepare_data(_cfg(tmp_path, train))
+    assert len(data.info["labels"]) >= 40
+    assert data.vocab.num_units == data.info["num_units"] == len(data.info["labels"])
+
+
+# --- cf-unknown-section-ignored, cf-valfrac-half-ok ---------------------------------------------------------------
+def test_a_misspelt_section_of_an_lm_config_is_refused_by_name(tmp_path):
+    """mut cf-unknown-section-ignored. Truth (lm_config_from_dict: unknown sections are refused by name): a file
+    with [optimiser] must not train with the default optimizer while its lr is silently ignored."""
+    with pytest.raises(ValueError, match=r"unknown section\(s\) optimiser; allowed sections: run, data, model"):
+        lm_config_from_dict({"data": {"train": "u.jsonl"}, "optimiser": {"lr": 1.0}})
+    path = tmp_path / "lm.toml"
+    path.write_text('[data]\ntrain = "u.jsonl"\n\n[optimiser]\nlr = 1.0\n')
+    with pytest.raises(ValueError, match=r"optimiser"):
+        load_lm_config(path)
+
+
+def test_a_validation_fraction_of_one_half_is_refused():
+    """mut cf-valfrac-half-ok. Truth (the field's check and its message: [0, 0.5))."""
+    with pytest.raises(ValueError, match=r"data\.val_fraction = 0\.5 must be in \[0, 0\.5\)"):
+        LmDataSection(train="u.jsonl", val_fraction=0.5)
+    assert LmDataSection(train="u.jsonl", val_fraction=0.49).val_fraction == 0.49
+
+
+
+# --- tr-rng-captured-at-load (every rank's RNG state in the checkpoint) --------------------------------------------
+def test_two_gloo_ranks_resume_with_their_own_dropout_rng(tmp_path):
+    """mut tr-rng-captured-at-load. Truth (train.py docstring: a checkpoint holds every rank's RNG state, and a
+    resumed run ends bitwise identical to one never interrupted): 2 ranks with dropout 0.1 resumed from step_3.pt
+    end with the weights of the uninterrupted 2-rank run; given rank 0's state, rank 1 drew rank 0's dropout masks."""
+    import subprocess
+    import sys
+
+    from test_lm_train import _free_port
+
+    cfg = _config(tmp_path, "ddp", optimizer={"max_steps": 6, "warmup_steps": 1}, run={"save_interval": 3})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "runs" / "ddp"
+
+    def run() -> dict:
+        subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "spidr",
+                        "lm-train", str(cfg)], env=env, check=True, capture_output=True, timeout=300)
+        return torch.load(run_dir / "final.pt", weights_only=True)
+
+    straight = run()
+    assert len(straight["ranks"]) == 2
+    (run_dir / "final.pt").unlink()
+    resumed = run()
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key

@@ -104,7 +104,8 @@ def lr_scale(step: int, *, warmup_steps: int, max_steps: int, min_lr_scale: floa
 
 
 def build_optimizer(model: nn.Module, cfg: LmConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and embeddings' positions (1-D tensors)."""
+    """AdamW; weight decay on every matrix (the token and position embeddings included), none on 1-D tensors
+    (biases, norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
