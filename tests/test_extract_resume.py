@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -392,9 +393,10 @@ def test_audio_rewritten_in_place_is_refused_and_evaluate_s_folder_starts_over(t
     extract_to_directory(_model(), entries, out, settings, progress=False)  # untouched audio: resumed, nothing redone
     _rewrite_in_place(Path(entries[0].path))
     assert read_manifest(tmp_path / "corpus" / "manifest.csv") == entries  # (the manifest cannot tell)
-    with pytest.raises(ValueError, match=r"holds an extraction with other audio \(audio files rewritten since: a "
-                                         r"size or modification time differs; a copy keeps the times with cp -p, "
-                                         r"rsync -a or tar\); use another output folder"):
+    with pytest.raises(ValueError, match=r"holds an extraction with other audio \(audio files changed since, as their "
+                                         r"sizes and modification times tell; a copy keeps the times with cp -p, "
+                                         rf"rsync -a or tar: {re.escape(entries[0].location)} \(size or modification "
+                                         r"time\)\); use another output folder"):
         extract_to_directory(_model(), entries, out, settings, progress=False)
     extract_to_directory(_model(), entries, out, settings, progress=False, replace_other=True)
     extract_to_directory(_model(), entries, tmp_path / "fresh", settings, progress=False)
@@ -423,12 +425,13 @@ def test_a_folder_begun_before_the_audio_was_stamped_is_resumed_then_checked(tmp
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("layer_*/**/*.npy")} == finished
     assert json.loads(state_path.read_text())["audio"] == stamps
     _rewrite_in_place(Path(entries[1].path))
-    with pytest.raises(ValueError, match=r"other audio \(audio files rewritten since"):
+    with pytest.raises(ValueError, match=rf"other audio \(audio files changed since.*: "
+                                         rf"{re.escape(entries[1].location)} \(size or modification time\)\)"):
         extract_to_directory(_model(), entries, out, settings, progress=False)
 
 
 def test_the_audio_fingerprint_follows_each_file_s_size_and_modification_time(tmp_path):
-    from spidr.eval.journal import audio_fingerprint
+    from spidr.eval.journal import audio_fingerprint, audio_stamps
 
     files = [tmp_path / f"u{i}.wav" for i in range(3)]
     for path in files:
@@ -441,7 +444,7 @@ def test_the_audio_fingerprint_follows_each_file_s_size_and_modification_time(tm
                                      ManifestEntry("u0", str(files[0]), 16_000)])
 
     def fingerprints() -> tuple[str, str]:
-        return audio_fingerprint(plain), audio_fingerprint(members)
+        return audio_fingerprint(audio_stamps(plain)), audio_fingerprint(audio_stamps(members))
 
     first = fingerprints()
     assert fingerprints() == first
@@ -456,13 +459,15 @@ def test_the_audio_fingerprint_follows_each_file_s_size_and_modification_time(tm
     stat = files[0].stat()
     files[0].write_bytes(b"RIFF1111")  # other bytes of the same size at the same time: what it cannot see
     os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert fingerprints()[0] == audio_fingerprint(plain)
+    assert fingerprints()[0] == audio_fingerprint(audio_stamps(plain))
     before = fingerprints()
     os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 1))  # the members' archive
     assert fingerprints()[1] != before[1]
     assert fingerprints()[0] == before[0]
     files[2].unlink()  # a missing file counts as missing, not as an error
-    assert audio_fingerprint(plain) not in (before[0], first[0])
+    assert audio_fingerprint(audio_stamps(plain)) not in (before[0], first[0])
+    assert audio_stamps(plain)[2].tolist() == [-1, -1]
+    assert audio_stamps(plain)[0].tolist() == [8, files[0].stat().st_mtime_ns]
 
 
 def test_an_identity_recorded_without_audio_stamps_is_the_same_extraction():
@@ -478,8 +483,24 @@ def test_an_identity_recorded_without_audio_stamps_is_the_same_extraction():
     # what is told: the utterances, not the stamps that the older folder never recorded
     assert identity_differences({"format": 1, "utterances": "v"}, current) == "utterances (another list of utterances)"
     assert identity_differences({"format": 1, "utterances": "u", "audio": "b"}, current) == (
-        "audio (audio files rewritten since: a size or modification time differs; a copy keeps the times with cp -p, "
-        "rsync -a or tar)")
+        "audio (audio files changed since, as their sizes and modification times tell; a copy keeps the times with "
+        "cp -p, rsync -a or tar)")
+    assert identity_differences({"format": 1, "utterances": "u", "audio": "b"}, current,
+                                details={"audio": "a.wav (missing now)"}).endswith("tar: a.wav (missing now))")
     # other files have other stamps: the list of utterances is what differs
     assert identity_differences({"format": 1, "utterances": "v", "audio": "b"}, current) == (
         "utterances (another list of utterances)")
+
+
+def test_audio_changes_name_the_first_changed_file_and_count_the_others():
+    from spidr.eval.journal import audio_changes
+
+    recorded = np.array([[10, 5], [-1, -1], [12, 7], [13, 8]])
+    locate = ["a.wav", "b.wav", "c.wav", "d.wav"].__getitem__
+    assert audio_changes(recorded, recorded.copy(), locate) == ""
+    assert audio_changes(recorded, np.array([[10, 5], [11, 6], [12, 7], [13, 8]]), locate) == (
+        "b.wav (missing then, present now)")
+    assert audio_changes(recorded, np.array([[10, 5], [-1, -1], [-1, -1], [13, 9]]), locate) == (
+        "c.wav (missing now) and 1 other file(s)")
+    assert audio_changes(recorded, np.array([[10, 6], [-1, -1], [12, 7], [14, 8]]), locate) == (
+        "a.wav (size or modification time) and 1 other file(s)")

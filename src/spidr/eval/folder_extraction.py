@@ -418,6 +418,7 @@ def extract_part(
         ExtractionJournal,
         UnitsFiles,
         audio_fingerprint,
+        audio_stamps,
         entries_fingerprint,
         model_fingerprint,
         remove_part_units,
@@ -436,7 +437,8 @@ def extract_part(
     # topped up with rows keyed otherwise.
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
-                AUDIO: audio_fingerprint(manifest),  # (audio rewritten in place, under the same names and lengths)
+                # (audio rewritten in place, under the same names and lengths; the stamps go to the journal too)
+                AUDIO: audio_fingerprint(stamps := audio_stamps(manifest)),
                 **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
                 # Where utterance ids repeat, every row was named by its path (and ids holding a folder gave two rows
                 # one name): now only the rows whose id repeats are.
@@ -466,7 +468,8 @@ def extract_part(
                 remove_part_units(out_dir, every_part(shard.count))
                 return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False, finished_before=True)
         journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
-                                    replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard)
+                                    replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard,
+                                    stamps=stamps, locate=lambda index: manifest[index].location)
     units = None
     try:
         if plan.writes_units:

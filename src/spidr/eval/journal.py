@@ -1,9 +1,9 @@
 """Resumable extraction: what an output folder holds, and which utterances are finished.
 
 ``OUT/.extract/state.json`` names what is being extracted (settings, a fingerprint of the model, one of the
-utterance list and one of the audio files' sizes and modification times); ``OUT/.extract/journal.jsonl`` gets one
-line per finished batch, written after that batch's ``.npy`` files were renamed into place and its unit rows
-flushed::
+utterance list and one of the audio files' sizes and modification times, which ``audio_stamps.npy`` keeps beside it
+to name a file changed later); ``OUT/.extract/journal.jsonl`` gets one line per finished batch, written after that
+batch's ``.npy`` files were renamed into place and its unit rows flushed::
 
     {"done": [manifest indices], "skipped": {location: reason}, "units_bytes": {"layer_05": size, ...}}
 
@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,16 +46,20 @@ FORMAT = 1
 # What a changed fingerprint means (the fingerprints themselves tell a user nothing)
 _FINGERPRINTS = {"model": "a model with other weights or config", "utterances": "another list of utterances",
                  "benchmark": "a benchmark made again: its info.json differs",
-                 "audio": "audio files rewritten since: a size or modification time differs; a copy keeps the "
+                 "audio": "audio files changed since, as their sizes and modification times tell; a copy keeps the "
                           "times with cp -p, rsync -a or tar"}
-# The identity entry of the audio files' stamps (``audio_fingerprint``). A folder begun by a spidr that did not record
-# it is still resumed (``same_extraction``): its audio cannot be checked, as before.
+# The identity entry of the audio files' stamps (``audio_fingerprint``), kept whole in ``STAMPS_FILE`` to name a
+# changed file. A folder begun by a spidr that did not record them is still resumed (``same_extraction``): its
+# audio cannot be checked, as before.
 AUDIO = "audio"
+STAMPS_FILE = "audio_stamps.npy"
 
 
-def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any], *,
+                         details: Mapping[str, str] | None = None) -> str:
     """What differs between two extraction identities (``state.json``), in words: each changed entry by name,
-    a changed setting with its two values, and an entry the earlier one lacks as the work of an older spidr."""
+    a changed setting with its two values, and an entry the earlier one lacks as the work of an older spidr.
+    ``details``: words added to a changed fingerprint's (entry → words)."""
     parts = []
     changed = sorted(k for k in {*previous, *current} if previous.get(k) != current.get(k)
                      and (k != AUDIO or AUDIO in previous))  # (unrecorded stamps: see same_extraction)
@@ -79,7 +83,8 @@ def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]
         elif key not in previous:
             parts.append(f"{key} (that folder was begun by an older spidr, which wrote other outputs)")
         elif key in _FINGERPRINTS:
-            parts.append(f"{key} ({_FINGERPRINTS[key]})")
+            detail = (details or {}).get(key)
+            parts.append(f"{key} ({_FINGERPRINTS[key]}{f': {detail}' if detail else ''})")
         elif isinstance(old, dict) and isinstance(new, dict):
             values = [f"{name}: {json.dumps(old.get(name))} → {json.dumps(new.get(name))}"
                       for name in sorted({*old, *new}) if old.get(name) != new.get(name)]
@@ -137,33 +142,47 @@ def entries_fingerprint(manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
-def audio_fingerprint(manifest: Manifest) -> str:
-    """SHA-1 of each utterance's audio file's size and modification time (an archive's, for its members), in order:
-    audio rewritten in place under the same names and lengths gives another, where ``entries_fingerprint`` does not.
-    A file that cannot be found counts as such (its utterance is skipped as unreadable)."""
-    digest = hashlib.sha1(str(len(manifest)).encode())
-    archives: dict[str, str] = {}
+def audio_stamps(manifest: Manifest) -> np.ndarray:
+    """(N, 2) int64: each utterance's audio file's size and modification time in ns (an archive's, for its members;
+    −1 for a file that cannot be found, whose utterance is skipped as unreadable)."""
+    stamps = np.full((len(manifest), 2), -1, dtype=np.int64)
+    archives: dict[str, tuple[int, int]] = {}
 
-    def stamp(path: str) -> str:
+    def stamp(path: str) -> tuple[int, int]:
         try:
             status = os.stat(path)
         except OSError:
-            return "-"
-        return f"{status.st_size}:{status.st_mtime_ns}"
+            return -1, -1
+        return status.st_size, status.st_mtime_ns
 
     for start in range(0, len(manifest), ITER_CHUNK):
         stop = min(start + ITER_CHUNK, len(manifest))
         if manifest.archive_index is None:
-            stamps = [stamp(manifest.resolve(path)) for path in manifest.paths.strings(start, stop)]
+            stamps[start:stop] = [stamp(manifest.resolve(path)) for path in manifest.paths.strings(start, stop)]
         else:
-            stamps = []
-            for entry in (manifest[i] for i in range(start, stop)):
-                if entry.archive is None:
-                    stamps.append(stamp(entry.path))
-                else:  # (one stat per archive)
-                    stamps.append(archives.setdefault(entry.archive, stamp(entry.archive)))
-        digest.update("\n".join(stamps).encode())
-    return digest.hexdigest()
+            for index in range(start, stop):
+                entry = manifest[index]
+                stamps[index] = (stamp(entry.path) if entry.archive is None  # (one stat per archive)
+                                 else archives.setdefault(entry.archive, stamp(entry.archive)))
+    return stamps
+
+
+def audio_fingerprint(stamps: np.ndarray) -> str:
+    """SHA-1 of ``audio_stamps``: audio rewritten in place under the same names and lengths gives another, where
+    ``entries_fingerprint`` does not."""
+    return hashlib.sha1(np.ascontiguousarray(stamps, dtype="<i8").tobytes()).hexdigest()
+
+
+def audio_changes(recorded: np.ndarray, current: np.ndarray, locate: Callable[[int], str]) -> str:
+    """The files whose stamps differ, in words: the first one's location (``locate(index)``) and how, and how many
+    others."""
+    changed = np.flatnonzero((recorded != current).any(axis=1))
+    if not changed.size:
+        return ""
+    first = int(changed[0])
+    how = ("missing then, present now" if recorded[first, 0] < 0 else "missing now" if current[first, 0] < 0
+           else "size or modification time")
+    return f"{locate(first)} ({how})" + (f" and {changed.size - 1} other file(s)" if changed.size > 1 else "")
 
 
 def same_extraction(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> bool:
@@ -212,8 +231,12 @@ class ExtractionJournal:
     """The state of one output folder, or of one part of it (``spidr.eval.shards``); see the module docstring."""
 
     def __init__(self, out_dir: Path, identity: Mapping[str, Any], *, num_entries: int, restart: bool,
-                 replace_other: bool = False, outputs: Sequence[str] = (), shard: Shard = WHOLE) -> None:
-        """``outputs``: glob patterns (in ``out_dir``) of what an extraction writes; starting over deletes them, so
+                 replace_other: bool = False, outputs: Sequence[str] = (), shard: Shard = WHOLE,
+                 stamps: np.ndarray | None = None, locate: Callable[[int], str] | None = None) -> None:
+        """``stamps``: the ``audio_stamps`` behind ``identity[AUDIO]``, kept in ``STAMPS_FILE`` so that audio changed
+        later is named (the first such file, by ``locate(index)``).
+
+        ``outputs``: glob patterns (in ``out_dir``) of what an extraction writes; starting over deletes them, so
         that nothing of the replaced extraction stays beside the new one. Without a journal, finding any of them
         is refused (their origin is unknown), unless ``restart`` or ``replace_other``.
 
@@ -229,14 +252,13 @@ class ExtractionJournal:
         previous = self._read_state(self.dir / "state.json")
         replace_all = previous is None or (restart and (shard.is_whole or (out_dir / "metadata.json").is_file()))
         other = previous is not None and not same_extraction(previous, self.identity)
-        if other and not (restart or replace_other):
-            raise ValueError(
-                f"{out_dir} holds an extraction with other {identity_differences(previous, self.identity)}; use "
-                "another output folder, or restart (spidr extract --restart) to replace it"
-            )
         if other:
-            logger.info("%s held an extraction with other %s: starting over", out_dir,
-                        identity_differences(previous, self.identity))
+            differences = identity_differences(previous, self.identity,
+                                               details={AUDIO: self._audio_changes(previous, stamps, locate)})
+            if not (restart or replace_other):
+                raise ValueError(f"{out_dir} holds an extraction with other {differences}; use another output "
+                                 "folder, or restart (spidr extract --restart) to replace it")
+            logger.info("%s held an extraction with other %s: starting over", out_dir, differences)
             replace_all = True
         found = sorted(path for pattern in outputs for path in out_dir.glob(pattern))
         if previous is None and found and not (restart or replace_other):
@@ -252,6 +274,9 @@ class ExtractionJournal:
             self._start_over(out_dir, found)
         elif previous != self.identity:  # begun by a spidr that did not record the audio's stamps: recorded now
             write_atomically(self.dir / "state.json", json.dumps(self.identity, indent=1) + "\n")
+        if (replace_all or previous != self.identity) and stamps is not None:
+            with replaced_when_done(self.dir / STAMPS_FILE) as partial, partial.open("wb") as handle:
+                np.save(handle, stamps)
         what = f"an extraction into {out_dir}" if shard.is_whole else f"part {shard} of the extraction into {out_dir}"
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(folder_lock(self.part_dir, what))
@@ -278,6 +303,19 @@ class ExtractionJournal:
         remove_paths([*found, self.dir])  # what the replaced extraction wrote: never left beside the new one
         self.dir.mkdir(parents=True)
         write_atomically(self.dir / "state.json", json.dumps(self.identity, indent=1) + "\n")
+
+    def _audio_changes(self, previous: Mapping[str, Any], stamps: np.ndarray | None,
+                       locate: Callable[[int], str] | None) -> str:
+        """``audio_changes`` since the stamps in ``STAMPS_FILE``, if they are those ``previous`` records."""
+        if stamps is None or locate is None or AUDIO not in previous:
+            return ""
+        try:
+            recorded = np.load(self.dir / STAMPS_FILE, allow_pickle=False)
+        except (OSError, ValueError):
+            return ""
+        if recorded.shape != stamps.shape or audio_fingerprint(recorded) != previous[AUDIO]:
+            return ""  # (another utterance list, or a kill between state.json and this file)
+        return audio_changes(recorded, stamps, locate)
 
     def _refuse_running_parts(self, out_dir: Path) -> None:
         """Raise ``ValueError`` if a process works in this folder (the whole extraction, or one of its parts)."""
