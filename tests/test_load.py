@@ -435,3 +435,33 @@ def test_exports_of_a_twelve_layer_model_round_trip(tmp_path, fmt: str) -> None:
     wave = waveforms(4000)
     with torch.no_grad():
         assert torch.equal(loaded.get_intermediate_outputs(wave)[11], model.get_intermediate_outputs(wave)[11])
+
+
+def test_a_config_of_the_other_type_than_the_checkpoint_records_is_refused(tmp_path, source) -> None:
+    """A training checkpoint (and an export with its config) records its model type. A --config of the other type
+    silently made SpidR's weights a DinoSR (the same tensors: the same layer features, other codebook units), where
+    --model-type was refused; a run config naming no type counted as DinoSR even then. Now: refused, naming both;
+    a run config of no type takes the checkpoint's; one of the same type is used."""
+    training = tmp_path / "step.pt"
+    torch.save({"model": source.state_dict(), "config": _run_config(source), "step": 3}, training)
+    export_path = tmp_path / "model.safetensors"
+    export_safetensors(source, export_path)
+    other = _run_config(source)
+    other["run"]["model_type"] = "dinosr"  # (with the fields a DinoSR has: a config that loads)
+    dinosr_fields = {f.name for f in dataclasses.fields(DinoSRConfig)}
+    other["model"] = {k: v for k, v in other["model"].items() if k in dinosr_fields}
+    (tmp_path / "dinosr.json").write_text(json.dumps(other))
+    untyped = _run_config(source)
+    del untyped["run"]["model_type"]
+    (tmp_path / "untyped.json").write_text(json.dumps(untyped))
+    for checkpoint in (training, export_path):
+        with pytest.raises(ValueError, match=rf"dinosr\.json describes a 'dinosr' model but {checkpoint} is a "
+                                             r"'spidr' one"):
+            read_checkpoint(checkpoint, config=tmp_path / "dinosr.json")
+        assert read_checkpoint(checkpoint, config=tmp_path / "untyped.json").config == source.cfg
+    with pytest.raises(ValueError, match=r"the given DinoSRConfig describes a 'dinosr' model"):
+        read_checkpoint(training, config=DinoSRConfig())
+    with pytest.raises(ValueError, match=r"describes a 'spidr' model but model_type='dinosr' was requested"):
+        read_checkpoint(training, config=tmp_path / "untyped.json", model_type="dinosr")
+    # the CLI says it too
+    assert cli.main(["info", str(training), "--config", str(tmp_path / "dinosr.json")]) == 2

@@ -159,11 +159,11 @@ def _is_run_config(data: Mapping[str, Any]) -> bool:
 
 
 def _model_type_of(data: Mapping[str, Any]) -> ModelType | None:
-    """The model type a config dict declares: a run config's ``run.model_type`` (official default "dinosr"), a
-    bare model config's ``__class__``, or SpidR-only fields; None when it cannot tell."""
+    """The model type a config dict declares: a run config's ``run.model_type``, a bare model config's
+    ``__class__``, or SpidR-only fields; None when it names none (a run config's default is left to the caller)."""
     if _is_run_config(data):
         run = data.get("run")
-        return run.get("model_type", "dinosr") if isinstance(run, Mapping) else "dinosr"
+        return run.get("model_type") if isinstance(run, Mapping) else None
     declared = {"SpidRConfig": "spidr", "DinoSRConfig": "dinosr"}.get(str(data.get("__class__")))
     if declared is not None:
         return declared
@@ -187,7 +187,10 @@ def _resolve_type(declared: str | None, requested: str | None, where: str) -> Mo
 def _config_from_data(data: Mapping[str, Any], model_type: str | None, where: str) -> ModelConfig:
     """Model config from a run config dict (its "model" section; the defaults without one, as ``spidr train``
     reads it) or a bare model config dict."""
-    resolved = _resolve_type(_model_type_of(data), model_type, where)
+    declared = _model_type_of(data)
+    if declared is None and model_type is None and _is_run_config(data):
+        declared = "dinosr"  # (a run config's default, as spidr train reads it: the official one)
+    resolved = _resolve_type(declared, model_type, where)
     section = data.get("model", {}) if _is_run_config(data) else data
     if not isinstance(section, Mapping):
         raise ValueError(f"{where}: [model] must be a table of model settings, got {section!r}")
@@ -197,11 +200,26 @@ def _config_from_data(data: Mapping[str, Any], model_type: str | None, where: st
         raise ValueError(f"{where}: {error}") from error
 
 
-def _explicit_config(config: ModelConfig | str | Path, model_type: str | None) -> ModelConfig:
+def _explicit_config(config: ModelConfig | str | Path, model_type: str | None, *,
+                     recorded: ModelType | None = None, where: str = "") -> ModelConfig:
+    """The config given with a checkpoint. ``recorded``: the model type the checkpoint ``where`` records itself; a
+    config of the other type is refused (the same weights would give another model's codebook units), and a run
+    config that names no type takes this one."""
+    if recorded is not None:
+        _resolve_type(recorded, model_type, where)
     if isinstance(config, ModelConfig):
-        _resolve_type(config.model_type, model_type, f"the given {type(config).__name__}")
+        what = f"the given {type(config).__name__}"
+        _resolve_type(config.model_type, model_type, what)
+        declared: str | None = config.model_type
+    else:
+        what, data = str(config), read_config_file(config)
+        declared = _model_type_of(data)
+    if recorded is not None and declared is not None and declared != recorded:
+        raise ValueError(f"{what} describes a {declared!r} model but {where} is a {recorded!r} one: give a config "
+                         f"of its type (or none: it records its own)")
+    if isinstance(config, ModelConfig):
         return config
-    return _config_from_data(read_config_file(config), model_type, str(config))
+    return _config_from_data(data, model_type or recorded, str(config))
 
 
 def _official_config(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> ModelConfig:
@@ -267,9 +285,7 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
     if set(state) == {CENTROIDS_KEY}:
         raise ValueError(f"{path} holds k-means centroids (spidr kmeans), not a model: spidr units --centroids "
                          "reads it")
-    if config is not None:
-        model_config = _explicit_config(config, model_type)
-    elif _METADATA_KEY in metadata:
+    if _METADATA_KEY in metadata:
         where = f"{path} metadata {_METADATA_KEY}"
         try:
             saved = json.loads(metadata[_METADATA_KEY])
@@ -277,7 +293,10 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
             raise ValueError(f"{where} is not JSON: {error}") from None
         if not isinstance(saved, Mapping):
             raise ValueError(f"{where} is a JSON {type(saved).__name__}, expected an object (a model or run config)")
-        model_config = _config_from_data(saved, model_type, where)
+        model_config = (_config_from_data(saved, model_type, where) if config is None else
+                        _explicit_config(config, model_type, recorded=_model_type_of(saved), where=str(path)))
+    elif config is not None:
+        model_config = _explicit_config(config, model_type)
     else:
         model_config = _official_config(path, None, model_type)
     step = read_step(state["current_step"], f"{path}: current_step") if "current_step" in state else 0
@@ -287,7 +306,7 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
 def _read_hf(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> Checkpoint:
     model_config, state, step = read_hf_directory(path, model_type=model_type)
     if config is not None:
-        model_config = _explicit_config(config, model_type)
+        model_config = _explicit_config(config, model_type, recorded=model_config.model_type, where=str(path))
     return Checkpoint(model_config, state, "hf", step, student_only=True)
 
 
@@ -368,7 +387,7 @@ def read_checkpoint(
     if is_s3prl_export(data):
         model_config, state, step = read_s3prl_export(data, where=str(path))
         if config is not None:
-            model_config = _explicit_config(config, model_type)
+            model_config = _explicit_config(config, model_type, recorded=model_config.model_type, where=str(path))
         return Checkpoint(model_config, state, "s3prl", step, student_only=True)
 
     state = data.get("model", data)
@@ -379,8 +398,8 @@ def read_checkpoint(
 
     if isinstance(data.get("config"), Mapping):  # one of our training checkpoints
         model_config = (
-            _explicit_config(config, model_type) if config is not None
-            else _config_from_data(data["config"], model_type, f"{path} config")
+            _explicit_config(config, model_type, recorded=_model_type_of(data["config"]) or "dinosr", where=str(path))
+            if config is not None else _config_from_data(data["config"], model_type, f"{path} config")
         )
         if "step" in data:
             step = read_step(data["step"], f"{path}: step")
