@@ -1039,3 +1039,28 @@ def test_a_manifest_of_no_rows_is_refused_by_name(corpus, tmp_path, capsys, comm
                  "--out", str(tmp_path / "out"), *args]) == 2
     assert f"{empty} lists no utterance (a header and no rows)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_to_replace_another_model_s_evaluation(corpus, tmp_path, capsys):
+    """Reusing a command line with another --checkpoint silently replaced the first model's features and report (an
+    INFO line said so), where extract refuses another model. Now refused, naming the model there, unless
+    --overwrite; a rerun of the same model still reuses its features."""
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    export_safetensors(build_model(SpidRConfig(**TINY)).eval(), other)
+    out = tmp_path / "report"
+
+    def evaluate(checkpoint: Path, *extra: str) -> int:
+        return main(["evaluate", "--checkpoint", str(checkpoint), "--manifest", str(corpus / "manifest.csv"),
+                     "--item", str(corpus / "test.item"), "--layers", "1", "--out", str(out), *extra])
+
+    assert evaluate(corpus / "tiny.safetensors") == 0
+    first = (out / "report.json").read_bytes()
+    assert evaluate(corpus / "tiny.safetensors") == 0  # the same model: rerun, features reused
+    capsys.readouterr()
+    assert evaluate(other) == 2
+    assert (f"{out} holds the evaluation of another model ({corpus / 'tiny.safetensors'}): give another --out, or "
+            "--overwrite to replace it") in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == first
+    assert evaluate(other, "--overwrite") == 0
+    assert (out / "report.json").read_bytes() != first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -83,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "PNMI/purity/perplexity/bitrate of codebook units) and write report.md, report.json and PNG plots. The "
         "features are kept in OUT/features/: a rerun into OUT reuses them (or resumes them after a kill) while "
         "the model, the settings, the manifest's ids, paths and lengths and the audio files' sizes and modification "
-        "times are the same (a file rewritten or touched since starts them over).",
+        "times are the same (a file rewritten or touched since starts them over). OUT holding another model's "
+        "evaluation is refused (--overwrite replaces it).",
         formatter_class=FORMATTER,
     )
     _add_model_arguments(evaluate)
@@ -98,6 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="add a baseline (repeatable)")
     evaluate.add_argument("--name", default=None, help="model name in the report (default: the checkpoint stem; for "
                           "final.pt / step_N.pt, its run folder)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace the evaluation of another model that OUT holds (refused without it)")
     add_abx_options(evaluate, distance_default="angular",
                     seed_help="seed of the ABX subsampling and of the random-init baseline")
     evaluate.set_defaults(handler=run_evaluate)
@@ -296,6 +300,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)
+    if not args.overwrite:
+        _refuse_another_models_evaluation(out, model)
     name = args.name or default_model_name(args.checkpoint)
     common = {"items": items, "alignments": alignments, "layers": layers, "abx": abx,
               "alignment_rate_hz": args.alignment_rate, "dtype": args.dtype, "unread": unread}
@@ -320,6 +326,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(path.read_text(encoding="utf-8"))
     print(f"report written to {path}")
     return 0
+
+
+def _refuse_another_models_evaluation(out: Path, model: torch.nn.Module) -> None:
+    """Raise if ``out`` holds the finished evaluation (``report.json``) of another model: its features (which a
+    rerun of the same model reuses) would be replaced, and its report with them, without a word."""
+    from spidr.eval.journal import STATE_DIR, model_fingerprint
+
+    features = out / "features" / "model"
+    try:
+        state = json.loads((features / STATE_DIR / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not (out / "report.json").is_file() or state.get("model") == model_fingerprint(model):
+        return
+    try:
+        checkpoint = json.loads((features / "metadata.json").read_text(encoding="utf-8")).get("checkpoint")
+    except (OSError, ValueError):
+        checkpoint = None
+    raise ValueError(f"{out} holds the evaluation of another model{f' ({checkpoint})' if checkpoint else ''}: "
+                     "give another --out, or --overwrite to replace it")
 
 
 def _aligned_lengths(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry],
