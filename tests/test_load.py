@@ -465,3 +465,26 @@ def test_a_config_of_the_other_type_than_the_checkpoint_records_is_refused(tmp_p
         read_checkpoint(training, config=tmp_path / "untyped.json", model_type="dinosr")
     # the CLI says it too
     assert cli.main(["info", str(training), "--config", str(tmp_path / "dinosr.json")]) == 2
+
+
+def test_run_init_ckpt_may_start_a_run_of_the_other_type_from_a_checkpoint_that_records_its_own(tmp_path, source):
+    """The type check of a given config is not for run.init_ckpt: a DinoSR run may start from a SpidR training
+    checkpoint or export (the same tensors), as before the check."""
+    from spidr.train.loop import _load_initial_weights
+
+    training = tmp_path / "step.pt"
+    torch.save({"model": source.state_dict(), "config": _run_config(source), "step": 3}, training)
+    export_path = tmp_path / "model.safetensors"
+    export_safetensors(source, export_path)
+    dinosr_fields = {f.name for f in dataclasses.fields(DinoSRConfig)}
+    dinosr_cfg = DinoSRConfig(**{k: v for k, v in dataclasses.asdict(source.cfg).items() if k in dinosr_fields})
+    for path in (training, export_path):
+        with pytest.raises(ValueError, match="is a 'spidr' one"):
+            read_checkpoint(path, config=dinosr_cfg)
+        assert read_checkpoint(path, config=dinosr_cfg, config_of_any_type=True).config == dinosr_cfg
+        model = build_model(dinosr_cfg)
+        _load_initial_weights(model, str(path), dinosr_cfg)
+        started = model.state_dict()
+        for key, value in source.state_dict().items():
+            if key != "current_step":
+                assert torch.equal(started[key], value), key

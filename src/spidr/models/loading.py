@@ -270,7 +270,8 @@ def _is_safetensors(path: Path) -> bool:
     return kind == "safetensors"
 
 
-def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> Checkpoint:
+def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model_type: str | None, *,
+                      any_type: bool = False) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -294,7 +295,8 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
         if not isinstance(saved, Mapping):
             raise ValueError(f"{where} is a JSON {type(saved).__name__}, expected an object (a model or run config)")
         model_config = (_config_from_data(saved, model_type, where) if config is None else
-                        _explicit_config(config, model_type, recorded=_model_type_of(saved), where=str(path)))
+                        _explicit_config(config, model_type, recorded=None if any_type else _model_type_of(saved),
+                                         where=str(path)))
     elif config is not None:
         model_config = _explicit_config(config, model_type)
     else:
@@ -303,10 +305,12 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
     return Checkpoint(model_config, state, "safetensors", step, student_only=metadata.get(_STUDENT_ONLY_KEY) == "true")
 
 
-def _read_hf(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> Checkpoint:
+def _read_hf(path: Path, config: ModelConfig | str | Path | None, model_type: str | None, *,
+             any_type: bool = False) -> Checkpoint:
     model_config, state, step = read_hf_directory(path, model_type=model_type)
     if config is not None:
-        model_config = _explicit_config(config, model_type, recorded=model_config.model_type, where=str(path))
+        model_config = _explicit_config(config, model_type, recorded=None if any_type else model_config.model_type,
+                                        where=str(path))
     return Checkpoint(model_config, state, "hf", step, student_only=True)
 
 
@@ -358,25 +362,27 @@ def read_checkpoint(
     trust: bool = False,
     config: ModelConfig | str | Path | None = None,
     model_type: ModelType | None = None,
+    config_of_any_type: bool = False,
 ) -> Checkpoint:
     """Read a checkpoint of any recognised format (see the module docstring) without building the model.
 
     ``config`` (a model config, or a run/model config file) overrides what the file or a ``config.json`` beside it
-    says; ``model_type`` is needed only when nothing else tells SpidR from DinoSR.
+    says, but must be of the model type the file records, unless ``config_of_any_type`` (``run.init_ckpt``: a SpidR
+    run may start from DinoSR weights); ``model_type`` is needed only when nothing else tells SpidR from DinoSR.
     """
     path = Path(path)
     if path.is_dir():
         if not is_hf_directory(path):
             raise ValueError(f"checkpoint {path} is a folder, not a file, and not an exported Hugging Face model "
                              f"(no {CONFIG_FILE} declaring model_type {MODEL_TYPE!r}){_checkpoint_inside(path)}")
-        return _read_hf(path, config, model_type)
+        return _read_hf(path, config, model_type, any_type=config_of_any_type)
     existing_file(path, "checkpoint")
     if path.name == WEIGHTS_FILE and is_hf_directory(path.parent):
         # Only half of an exported model: its architecture is in the config.json beside it.
         logger.info("%s holds the weights of the Hugging Face directory %s: reading the directory", path, path.parent)
-        return _read_hf(path.parent, config, model_type)
+        return _read_hf(path.parent, config, model_type, any_type=config_of_any_type)
     if _is_safetensors(path):
-        return _read_safetensors(path, config, model_type)
+        return _read_safetensors(path, config, model_type, any_type=config_of_any_type)
     data = load_torch_file(path, trust=trust)
     if not isinstance(data, Mapping):
         raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict (a checkpoint or a state dict)")
@@ -387,7 +393,8 @@ def read_checkpoint(
     if is_s3prl_export(data):
         model_config, state, step = read_s3prl_export(data, where=str(path))
         if config is not None:
-            model_config = _explicit_config(config, model_type, recorded=model_config.model_type, where=str(path))
+            model_config = _explicit_config(config, model_type, where=str(path),
+                                            recorded=None if config_of_any_type else model_config.model_type)
         return Checkpoint(model_config, state, "s3prl", step, student_only=True)
 
     state = data.get("model", data)
@@ -398,7 +405,8 @@ def read_checkpoint(
 
     if isinstance(data.get("config"), Mapping):  # one of our training checkpoints
         model_config = (
-            _explicit_config(config, model_type, recorded=_model_type_of(data["config"]) or "dinosr", where=str(path))
+            _explicit_config(config, model_type, where=str(path),
+                             recorded=None if config_of_any_type else _model_type_of(data["config"]) or "dinosr")
             if config is not None else _config_from_data(data["config"], model_type, f"{path} config")
         )
         if "step" in data:

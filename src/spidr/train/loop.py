@@ -643,7 +643,7 @@ def _load_initial_weights(model: nn.Module, path: str | None, model_cfg: ModelCo
     if path is None:
         return  # (that it exists was checked before the run folder was made: _check_initial_weights_exist)
     try:
-        checkpoint = read_checkpoint(path, config=model_cfg)
+        checkpoint = read_checkpoint(path, config=model_cfg, config_of_any_type=True)
     except NeedsTrustError:  # a fairseq file: the trainer takes no --trust, and an export reads it once
         raise ValueError(f"run.init_ckpt = {path!r} holds pickled Python objects besides tensors (a fairseq "
                          "checkpoint's config): convert it once with 'spidr export FILE OUT.safetensors --trust' and "
