@@ -1001,30 +1001,39 @@ def test_evaluate_refuses_one_alignment_longer_than_its_audio_before_extracting(
             "--out", str(out)]
     assert main(base) == 2
     err = capsys.readouterr().err
-    assert f"--alignments {tmp_path / 'long.tsv'}: utterance 's1_0' has 250 frames at 50 Hz, but its audio gives 49" \
-           in err
+    assert (f"--alignments {tmp_path / 'long.tsv'}: utterance 's1_0' has 250 frames at 50 Hz, but the manifest's "
+            "length of its audio gives 49") in err
     assert not out.exists()
     # without a head among the layers there is no PNMI to count them: ABX alone runs
     assert main([*base, "--layers", "1"]) == 0
 
 
-def test_alignment_lengths_may_differ_from_the_units_by_two_frames():
-    """Hand count: 49 units at 50 Hz span 98 frames at 100 Hz; 96-100 frames pass, 95 and 101 do not."""
+def test_alignment_lengths_may_differ_from_the_units_by_two_frames_and_the_manifest_s_slack():
+    """Hand count: 1 s at 16 kHz through the base front end (hop 320, receptive field 400) is 49 units at 50 Hz,
+    98 frames at 100 Hz; count_matrix allows 2 frames, and a decoded length may be 10 ms (160 samples, 1 frame at
+    100 Hz) off the manifest's: 95-101 frames pass, 94 and 102 do not. At 35 s the manifest's 1 % (350 ms) is 35
+    frames more."""
+    from spidr.config import DEFAULT_CONV_LAYERS
     from spidr.eval.unit_quality import check_alignment_lengths
 
-    def check(count: int, *, others: int = 0) -> None:
+    def check(count: int, *, samples: int = 16_000, others: int = 0) -> None:
         alignments = {"u": ["a"] * count, **{f"v{i}": ["a"] * 10 for i in range(others)}}
-        check_alignment_lengths(alignments, {"u": 49, "absent": 3, **{f"v{i}": 49 for i in range(others)}},
-                                frame_rate_hz=50, alignment_rate_hz=100, where="--alignments a.tsv")
+        check_alignment_lengths(alignments, {"u": samples, "absent": 3, **{f"v{i}": 16_000 for i in range(others)}},
+                                conv_layers=DEFAULT_CONV_LAYERS, alignment_rate_hz=100, where="--alignments a.tsv")
 
-    for count in (96, 98, 100):
+    for count in (95, 98, 101):
         check(count)
-    for count in (95, 101):
+    for count in (94, 102):
         with pytest.raises(ValueError, match=rf"^--alignments a\.tsv: utterance 'u' has {count} frames at 100 Hz, "
-                                             r"but its audio gives 98 \(0\.98 s\): an alignment of another"):
+                                             r"but the manifest's length of its audio gives 98 \(0\.98 s\): an "
+                                             r"alignment of another recording\? They may differ by at most 3"):
             check(count)
     with pytest.raises(ValueError, match=r"gives 98 \(0\.98 s\) \(and 2 other utterance\(s\)\)"):
-        check(101, others=2)
+        check(102, others=2)
+    # 35 s: 1749 units, 3498 frames; slack 2 + 35
+    check(3498 + 37, samples=560_000)
+    with pytest.raises(ValueError, match="at most 37 frames"):
+        check(3498 + 38, samples=560_000)
 
 
 @pytest.mark.parametrize("command", ["extract", "evaluate", "probe"])
@@ -1037,7 +1046,7 @@ def test_a_manifest_of_no_rows_is_refused_by_name(corpus, tmp_path, capsys, comm
             "probe": ["--alignments", str(corpus / "align50.tsv"), "--alignment-rate", "50"]}[command]
     assert main([command, "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(empty),
                  "--out", str(tmp_path / "out"), *args]) == 2
-    assert f"{empty} lists no utterance (a header and no rows)" in capsys.readouterr().err
+    assert f"{empty} lists no utterance (no rows)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -170,7 +170,7 @@ def _entries(source: str, exts: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[Any, 
         return found.entries, found.unread
     entries = read_manifest(path)
     if not len(entries):  # (a filter that matched nothing: extract then "wrote features of 0 files")
-        raise ValueError(f"{path} lists no utterance (a header and no rows): nothing to extract")
+        raise ValueError(f"{path} lists no utterance (no rows): nothing to extract")
     return entries, []
 
 
@@ -274,7 +274,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, evaluation_settings, write_report
     from spidr.eval.unit_quality import check_alignment_lengths, check_alignment_rate, read_alignments
     from spidr.models.build import build_model
-    from spidr.models.frames import frame_rate_hz, num_frames
 
     if args.distance == "identical":
         raise ValueError("--distance identical compares discrete units; evaluate scores continuous features with "
@@ -292,11 +291,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
     _check_before_extracting(model, entries, items, layers, args, unread=unread)
     if alignments is not None and any(layer in model.head_layers for layer in layers):  # (the PNMI's units)
-        conv_layers = model.cfg.extractor_conv_layer_config
-        check_alignment_lengths(alignments, {name: num_frames(samples, conv_layers)
-                                             for name, samples in aligned_samples.items()},
-                                frame_rate_hz=frame_rate_hz(conv_layers), alignment_rate_hz=args.alignment_rate,
-                                where=f"--alignments {args.alignments}")
+        check_alignment_lengths(alignments, aligned_samples, conv_layers=model.cfg.extractor_conv_layer_config,
+                                alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)

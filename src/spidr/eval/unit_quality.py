@@ -104,21 +104,31 @@ def check_alignment_rate(alignments: Mapping[str, Sequence[str]], num_samples: M
                      f"{option} {round(implied)}")
 
 
-def check_alignment_lengths(alignments: Mapping[str, Sequence[str]], num_frames: Mapping[str, int], *,
-                            frame_rate_hz: float, alignment_rate_hz: float, where: str) -> None:
-    """Refuse an utterance whose alignment does not span the frames of its audio (``num_frames``: the units' count
-    per utterance at ``frame_rate_hz``) give or take ``MAX_LENGTH_MISMATCH`` alignment frames, as ``count_matrix``
-    will: an alignment of another recording (trimmed audio, another copy), which the median of
-    ``check_alignment_rate`` lets through, would otherwise fail after the extraction."""
-    ratio = alignment_rate_hz / frame_rate_hz
-    bad = [(name, len(alignments[name]), frames * ratio) for name, frames in num_frames.items()
-           if name in alignments and abs(len(alignments[name]) - frames * ratio) > MAX_LENGTH_MISMATCH]
+def check_alignment_lengths(alignments: Mapping[str, Sequence[str]], num_samples: Mapping[str, int], *,
+                            conv_layers: Sequence[Any], alignment_rate_hz: float, where: str) -> None:
+    """Refuse an utterance whose alignment does not span the units of its audio (``num_samples``: its manifest
+    length at 16 kHz; ``conv_layers``: the model's front end) by more than ``count_matrix`` allows, widened by how far
+    a decoded length may be from the manifest's (``length_tolerance``): an alignment of another recording (trimmed
+    audio, another copy), which the median of ``check_alignment_rate`` lets through, would otherwise fail after the
+    extraction."""
+    from spidr.data.dataset import length_tolerance
+    from spidr.models.frames import frame_rate_hz, num_frames
+
+    ratio = alignment_rate_hz / frame_rate_hz(conv_layers)
+    bad = []
+    for name, samples in num_samples.items():
+        if name not in alignments:
+            continue
+        expected = num_frames(samples, conv_layers) * ratio
+        slack = MAX_LENGTH_MISMATCH + math.ceil(length_tolerance(samples) * alignment_rate_hz / 16000)
+        if abs(len(alignments[name]) - expected) > slack:
+            bad.append((name, len(alignments[name]), expected, slack))
     if bad:
-        name, count, expected = bad[0]
+        name, count, expected, slack = bad[0]
         others = f" (and {len(bad) - 1} other utterance(s))" if len(bad) > 1 else ""
-        raise ValueError(f"{where}: utterance {name!r} has {count} frames at {alignment_rate_hz:g} Hz, but its audio "
-                         f"gives {expected:g} ({expected / alignment_rate_hz:.2f} s){others}: an alignment of another "
-                         f"recording? They may differ by at most {MAX_LENGTH_MISMATCH} frames")
+        raise ValueError(f"{where}: utterance {name!r} has {count} frames at {alignment_rate_hz:g} Hz, but the "
+                         f"manifest's length of its audio gives {expected:g} ({expected / alignment_rate_hz:.2f} s)"
+                         f"{others}: an alignment of another recording? They may differ by at most {slack} frames")
 
 
 def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> Alignments:
