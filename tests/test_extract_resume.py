@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -384,7 +385,7 @@ def _rewrite_in_place(path: Path) -> None:
 
 def test_audio_rewritten_in_place_is_refused_and_evaluate_s_folder_starts_over(tmp_path):
     """Same ids, paths and lengths, other audio: features of the old audio must not be reused. ``extract`` refuses,
-    naming the audio; evaluate's working folder (``replace_other``) extracts again, as a fresh folder would."""
+    naming the file; evaluate's working folder (``replace_other``) extracts again, as a fresh folder would."""
     entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=2))
     out = tmp_path / "out"
     settings = ExtractionSettings(**SETTINGS)
@@ -393,10 +394,10 @@ def test_audio_rewritten_in_place_is_refused_and_evaluate_s_folder_starts_over(t
     extract_to_directory(_model(), entries, out, settings, progress=False)  # untouched audio: resumed, nothing redone
     _rewrite_in_place(Path(entries[0].path))
     assert read_manifest(tmp_path / "corpus" / "manifest.csv") == entries  # (the manifest cannot tell)
-    with pytest.raises(ValueError, match=r"holds an extraction with other audio \(audio files changed since, as their "
-                                         r"sizes and modification times tell; a copy keeps the times with cp -p, "
-                                         rf"rsync -a or tar: {re.escape(entries[0].location)} \(size or modification "
-                                         r"time\)\); use another output folder"):
+    with pytest.raises(ValueError, match=rf"holds an extraction of audio files changed since: "
+                                         rf"{re.escape(entries[0].location)} \(size or modification time\), as their "
+                                         r"sizes and modification times tell \(a copy keeps the times with cp -p, "
+                                         r"rsync -a or tar\); use another output folder, or restart"):
         extract_to_directory(_model(), entries, out, settings, progress=False)
     extract_to_directory(_model(), entries, out, settings, progress=False, replace_other=True)
     extract_to_directory(_model(), entries, tmp_path / "fresh", settings, progress=False)
@@ -406,90 +407,85 @@ def test_audio_rewritten_in_place_is_refused_and_evaluate_s_folder_starts_over(t
         np.testing.assert_array_equal(value, expected[key])
     first = output_stems(entries)[0]
     assert not np.array_equal(after[f"layer_01/{first}.npy"], before[f"layer_01/{first}.npy"])
+    extract_to_directory(_model(), entries, out, settings, progress=False)  # stamps recorded again: resumed
 
 
 def test_a_folder_begun_before_the_audio_was_stamped_is_resumed_then_checked(tmp_path):
-    """A folder whose state.json has no audio stamps (an older spidr's) resumes as before, without rewriting a file;
-    the stamps are recorded then, so audio rewritten after that is noticed."""
+    """A folder without audio stamps (an older spidr's) resumes as before, without rewriting a file; the stamps are
+    recorded then, so audio rewritten after that is noticed."""
     entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=2))
     out = tmp_path / "out"
     settings = ExtractionSettings(**SETTINGS)
     extract_to_directory(_model(), entries, out, settings, progress=False)
-    state_path = out / ".extract" / "state.json"
-    state = json.loads(state_path.read_text())
-    stamps = state.pop("audio")
-    state_path.write_text(json.dumps(state))
+    stamps_path = out / ".extract" / "audio_stamps.npy"
+    recorded = np.load(stamps_path)
+    stamps_path.unlink()
     finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("layer_*/**/*.npy")}
     metadata = extract_to_directory(_model(), entries, out, settings, progress=False)
     assert metadata["num_files"] == 2
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("layer_*/**/*.npy")} == finished
-    assert json.loads(state_path.read_text())["audio"] == stamps
+    np.testing.assert_array_equal(np.load(stamps_path), recorded)
     _rewrite_in_place(Path(entries[1].path))
-    with pytest.raises(ValueError, match=rf"other audio \(audio files changed since.*: "
-                                         rf"{re.escape(entries[1].location)} \(size or modification time\)\)"):
+    with pytest.raises(ValueError, match=rf"audio files changed since: {re.escape(entries[1].location)} "):
         extract_to_directory(_model(), entries, out, settings, progress=False)
 
 
-def test_the_audio_fingerprint_follows_each_file_s_size_and_modification_time(tmp_path):
-    from spidr.eval.journal import audio_fingerprint, audio_stamps
+def test_audio_stamps_are_each_file_s_size_and_modification_second(tmp_path):
+    from spidr.eval.journal import NOT_THIS_PART, audio_stamps
 
     files = [tmp_path / f"u{i}.wav" for i in range(3)]
     for path in files:
         path.write_bytes(b"RIFF0000")
+        os.utime(path, ns=(0, 1_700_000_000_250_000_000))  # 1,700,000,000.25 s
     archive = tmp_path / "a.tar"
     archive.write_bytes(b"0" * 1024)
+    os.utime(archive, ns=(0, 1_600_000_000_000_000_000))
     plain = Manifest.from_entries(ManifestEntry(f"u{i}", str(p), 16_000) for i, p in enumerate(files))
     members = Manifest.from_entries([ManifestEntry("m0", "m0.wav", 16_000, str(archive), 0, 10),
                                      ManifestEntry("m1", "m1.wav", 16_000, str(archive), 512, 10),
                                      ManifestEntry("u0", str(files[0]), 16_000)])
-
-    def fingerprints() -> tuple[str, str]:
-        return audio_fingerprint(audio_stamps(plain)), audio_fingerprint(audio_stamps(members))
-
-    first = fingerprints()
-    assert fingerprints() == first
-    mtime = files[2].stat().st_mtime_ns
-    os.utime(files[2], ns=(mtime, mtime + 1))  # touched: another time
-    assert fingerprints()[0] != first[0]
-    assert fingerprints()[1] == first[1]  # (not one of the second list's files)
-    touched = fingerprints()
-    files[1].write_bytes(b"RIFF00000")
-    os.utime(files[1], ns=(files[1].stat().st_atime_ns, files[1].stat().st_mtime_ns))
-    assert fingerprints()[0] != touched[0]
-    stat = files[0].stat()
-    files[0].write_bytes(b"RIFF1111")  # other bytes of the same size at the same time: what it cannot see
-    os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert fingerprints()[0] == audio_fingerprint(audio_stamps(plain))
-    before = fingerprints()
-    os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 1))  # the members' archive
-    assert fingerprints()[1] != before[1]
-    assert fingerprints()[0] == before[0]
+    assert audio_stamps(plain).tolist() == [[8, 1_700_000_000]] * 3
+    assert audio_stamps(members).tolist() == [[1024, 1_600_000_000], [1024, 1_600_000_000], [8, 1_700_000_000]]
+    # only a part's rows
+    assert audio_stamps(plain, rows=np.array([False, True, False])).tolist() == [
+        [NOT_THIS_PART] * 2, [8, 1_700_000_000], [NOT_THIS_PART] * 2]
+    assert audio_stamps(members, rows=np.array([False, True, False]))[1].tolist() == [1024, 1_600_000_000]
+    # a copy whose times lost their fraction of a second (tar's) has the same stamps; a second later is another
+    os.utime(files[1], ns=(0, 1_700_000_000_000_000_000))
+    assert audio_stamps(plain)[1].tolist() == [8, 1_700_000_000]
+    os.utime(files[1], ns=(0, 1_700_000_001_000_000_000))
+    assert audio_stamps(plain)[1].tolist() == [8, 1_700_000_001]
     files[2].unlink()  # a missing file counts as missing, not as an error
-    assert audio_fingerprint(audio_stamps(plain)) not in (before[0], first[0])
     assert audio_stamps(plain)[2].tolist() == [-1, -1]
-    assert audio_stamps(plain)[0].tolist() == [8, files[0].stat().st_mtime_ns]
 
 
-def test_an_identity_recorded_without_audio_stamps_is_the_same_extraction():
-    from spidr.eval.journal import identity_differences, same_extraction
+def test_each_part_compares_the_stamps_of_its_own_files(tmp_path):
+    """Parts on machines that each hold their own copy of the audio (copied without their times) see other stamps
+    for the other parts' files: part 2 must not be refused for part 1's files, while part 1, rerun on its copy
+    rewritten since, is refused naming its file."""
+    from spidr.eval.features import ExtractionSettings as Settings
+    from spidr.eval.folder_extraction import extract_part
+    from spidr.eval.shards import Shard
 
-    current = {"format": 1, "utterances": "u", "audio": "a"}
-    assert same_extraction(current, dict(current))
-    assert same_extraction({"format": 1, "utterances": "u"}, current)  # an older spidr's: the audio unchecked
-    assert not same_extraction({"format": 1, "utterances": "u", "audio": "b"}, current)
-    assert not same_extraction({"format": 1, "utterances": "v"}, current)
-    assert not same_extraction(None, current)
-    assert not same_extraction({}, current)
-    # what is told: the utterances, not the stamps that the older folder never recorded
-    assert identity_differences({"format": 1, "utterances": "v"}, current) == "utterances (another list of utterances)"
-    assert identity_differences({"format": 1, "utterances": "u", "audio": "b"}, current) == (
-        "audio (audio files changed since, as their sizes and modification times tell; a copy keeps the times with "
-        "cp -p, rsync -a or tar)")
-    assert identity_differences({"format": 1, "utterances": "u", "audio": "b"}, current,
-                                details={"audio": "a.wav (missing now)"}).endswith("tar: a.wav (missing now))")
-    # other files have other stamps: the list of utterances is what differs
-    assert identity_differences({"format": 1, "utterances": "v", "audio": "b"}, current) == (
-        "utterances (another list of utterances)")
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=4))
+    out = tmp_path / "out"
+    settings = Settings(**SETTINGS)
+    mine = Shard(1, 2).members(np.array([e.num_samples for e in entries]))
+    first_part_file = entries[int(np.flatnonzero(mine)[0])]
+    extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
+    _rewrite_in_place(Path(first_part_file.path))  # part 2's machine: another copy of part 1's file
+    extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
+    assert (out / "metadata.json").is_file()  # part 2 was the last: joined
+    shutil.rmtree(out)
+    _rewrite_in_place(Path(first_part_file.path))
+    extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
+    _rewrite_in_place(Path(first_part_file.path))
+    with pytest.raises(ValueError, match=rf"audio files changed since: {re.escape(first_part_file.location)} "):
+        extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
+    # --restart starts that part alone over; part 2 then finishes the folder
+    extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False, restart=True)
+    extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
+    assert (out / "metadata.json").is_file()
 
 
 def test_audio_changes_name_the_first_changed_file_and_count_the_others():

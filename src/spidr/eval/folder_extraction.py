@@ -414,10 +414,8 @@ def extract_part(
     from tqdm import tqdm
 
     from spidr.eval.journal import (
-        AUDIO,
         ExtractionJournal,
         UnitsFiles,
-        audio_fingerprint,
         audio_stamps,
         entries_fingerprint,
         model_fingerprint,
@@ -437,8 +435,6 @@ def extract_part(
     # topped up with rows keyed otherwise.
     identity = {"settings": {k: v for k, v in asdict(settings).items() if k != "batch_seconds"},
                 "model": model_fingerprint(model), "utterances": entries_fingerprint(manifest),
-                # (audio rewritten in place, under the same names and lengths; the stamps go to the journal too)
-                AUDIO: audio_fingerprint(stamps := audio_stamps(manifest)),
                 **precision_identity(settings.dtype), **({"unit_rows": "name"} if settings.codebooks else {}),
                 # Where utterance ids repeat, every row was named by its path (and ids holding a folder gave two rows
                 # one name): now only the rows whose id repeats are.
@@ -469,7 +465,8 @@ def extract_part(
                 return PartOutcome(int(mine.sum()), {}, finished, (), wrote_metadata=False, finished_before=True)
         journal = ExtractionJournal(out_dir, identity, num_entries=len(manifest), restart=restart,
                                     replace_other=replace_other, outputs=EXTRACTION_OUTPUTS, shard=shard,
-                                    stamps=stamps, locate=lambda index: manifest[index].location)
+                                    stamps=audio_stamps(manifest, rows=mine),
+                                    locate=lambda index: manifest[index].location)
     units = None
     try:
         if plan.writes_units:
@@ -548,13 +545,13 @@ def _finished_metadata(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, 
 
 def _holds_extraction(out_dir: Path, identity: Mapping[str, Any]) -> bool:
     """Whether ``out_dir`` holds the extraction (finished or not) of ``identity``: its recorded state."""
-    from spidr.eval.journal import STATE_DIR, recorded_identity, same_extraction
+    from spidr.eval.journal import STATE_DIR, recorded_identity
 
     try:
         state = json.loads((out_dir / STATE_DIR / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return same_extraction(state, recorded_identity(identity))
+    return state == recorded_identity(identity)
 
 
 def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, plan: _Plan, shard: Shard, *,

@@ -1,15 +1,18 @@
 """Resumable extraction: what an output folder holds, and which utterances are finished.
 
-``OUT/.extract/state.json`` names what is being extracted (settings, a fingerprint of the model, one of the
-utterance list and one of the audio files' sizes and modification times, which ``audio_stamps.npy`` keeps beside it
-to name a file changed later); ``OUT/.extract/journal.jsonl`` gets one line per finished batch, written after that
-batch's ``.npy`` files were renamed into place and its unit rows flushed::
+``OUT/.extract/state.json`` names what is being extracted (settings, a fingerprint of the model and one of the
+utterance list); ``OUT/.extract/journal.jsonl`` gets one line per finished batch, written after that batch's
+``.npy`` files were renamed into place and its unit rows flushed::
 
     {"done": [manifest indices], "skipped": {location: reason}, "units_bytes": {"layer_05": size, ...}}
 
 A restarted extraction skips every journaled utterance (its files are never rewritten) and truncates each units
 file to the size the last complete journal line recorded, so rows of a batch that was cut short disappear with it
 and that batch is redone. A torn last line (the process was killed while writing it) is ignored.
+
+``audio_stamps.npy`` beside the journal holds the size and modification time of the audio file of each utterance
+it extracts: audio rewritten in place under the same names and lengths (which ``state.json`` cannot tell) is
+refused, or extracted again, not topped up.
 
 An extraction split into parts (``spidr.eval.shards``) keeps one journal and one set of units files per part in
 ``OUT/.extract/shard-K-of-N/``; the part that finishes last joins the units files into ``OUT/codebook_units/`` and
@@ -41,32 +44,22 @@ logger = logging.getLogger(__name__)
 
 STATE_DIR = ".extract"
 FORMAT = 1
+STAMPS_FILE = "audio_stamps.npy"  # in each journal's folder: the audio stamps of the utterances it extracts
+NOT_THIS_PART = -2  # the stamps of the rows another part extracts
 
 
 # What a changed fingerprint means (the fingerprints themselves tell a user nothing)
 _FINGERPRINTS = {"model": "a model with other weights or config", "utterances": "another list of utterances",
-                 "benchmark": "a benchmark made again: its info.json differs",
-                 "audio": "audio files changed since, as their sizes and modification times tell; a copy keeps the "
-                          "times with cp -p, rsync -a or tar"}
-# The identity entry of the audio files' stamps (``audio_fingerprint``), kept whole in ``STAMPS_FILE`` to name a
-# changed file. A folder begun by a spidr that did not record them is still resumed (``same_extraction``): its
-# audio cannot be checked, as before.
-AUDIO = "audio"
-STAMPS_FILE = "audio_stamps.npy"
+                 "benchmark": "a benchmark made again: its info.json differs"}
 
 
-def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any], *,
-                         details: Mapping[str, str] | None = None) -> str:
+def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:
     """What differs between two extraction identities (``state.json``), in words: each changed entry by name,
-    a changed setting with its two values, and an entry the earlier one lacks as the work of an older spidr.
-    ``details``: words added to a changed fingerprint's (entry → words)."""
+    a changed setting with its two values, and an entry the earlier one lacks as the work of an older spidr."""
     parts = []
-    changed = sorted(k for k in {*previous, *current} if previous.get(k) != current.get(k)
-                     and (k != AUDIO or AUDIO in previous))  # (unrecorded stamps: see same_extraction)
+    changed = sorted(k for k in {*previous, *current} if previous.get(k) != current.get(k))
     if any(k in current for k in changed):  # an entry only the earlier one holds follows from the others' changes
         changed = [k for k in changed if k in current]
-    if "utterances" in changed:  # (other files: other stamps)
-        changed = [k for k in changed if k != AUDIO]
     codebooks_changed = (previous.get("settings", {}).get("codebooks") != current.get("settings", {}).get("codebooks"))
     for key in changed:
         old, new = previous.get(key), current.get(key)
@@ -83,8 +76,7 @@ def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]
         elif key not in previous:
             parts.append(f"{key} (that folder was begun by an older spidr, which wrote other outputs)")
         elif key in _FINGERPRINTS:
-            detail = (details or {}).get(key)
-            parts.append(f"{key} ({_FINGERPRINTS[key]}{f': {detail}' if detail else ''})")
+            parts.append(f"{key} ({_FINGERPRINTS[key]})")
         elif isinstance(old, dict) and isinstance(new, dict):
             values = [f"{name}: {json.dumps(old.get(name))} → {json.dumps(new.get(name))}"
                       for name in sorted({*old, *new}) if old.get(name) != new.get(name)]
@@ -142,10 +134,11 @@ def entries_fingerprint(manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
-def audio_stamps(manifest: Manifest) -> np.ndarray:
-    """(N, 2) int64: each utterance's audio file's size and modification time in ns (an archive's, for its members;
-    −1 for a file that cannot be found, whose utterance is skipped as unreadable)."""
-    stamps = np.full((len(manifest), 2), -1, dtype=np.int64)
+def audio_stamps(manifest: Manifest, rows: np.ndarray | None = None) -> np.ndarray:
+    """(N, 2) int64: the size and modification time (whole seconds, as tar and every copy that keeps times keep it)
+    of the audio file of each utterance (an archive's, for its members; −1 for a file that cannot be found, whose
+    utterance is skipped as unreadable); ``rows`` (N,) bool: only these (``NOT_THIS_PART`` elsewhere)."""
+    stamps = np.full((len(manifest), 2), NOT_THIS_PART, dtype=np.int64)
     archives: dict[str, tuple[int, int]] = {}
 
     def stamp(path: str) -> tuple[int, int]:
@@ -153,45 +146,33 @@ def audio_stamps(manifest: Manifest) -> np.ndarray:
             status = os.stat(path)
         except OSError:
             return -1, -1
-        return status.st_size, status.st_mtime_ns
+        return status.st_size, status.st_mtime_ns // 1_000_000_000
 
     for start in range(0, len(manifest), ITER_CHUNK):
         stop = min(start + ITER_CHUNK, len(manifest))
+        wanted = range(start, stop) if rows is None else start + np.flatnonzero(rows[start:stop])
         if manifest.archive_index is None:
-            stamps[start:stop] = [stamp(manifest.resolve(path)) for path in manifest.paths.strings(start, stop)]
+            paths = manifest.paths.strings(start, stop)
+            for index in wanted:
+                stamps[index] = stamp(manifest.resolve(paths[index - start]))
         else:
-            for index in range(start, stop):
-                entry = manifest[index]
+            for index in wanted:
+                entry = manifest[int(index)]
                 stamps[index] = (stamp(entry.path) if entry.archive is None  # (one stat per archive)
                                  else archives.setdefault(entry.archive, stamp(entry.archive)))
     return stamps
 
 
-def audio_fingerprint(stamps: np.ndarray) -> str:
-    """SHA-1 of ``audio_stamps``: audio rewritten in place under the same names and lengths gives another, where
-    ``entries_fingerprint`` does not."""
-    return hashlib.sha1(np.ascontiguousarray(stamps, dtype="<i8").tobytes()).hexdigest()
-
-
 def audio_changes(recorded: np.ndarray, current: np.ndarray, locate: Callable[[int], str]) -> str:
-    """The files whose stamps differ, in words: the first one's location (``locate(index)``) and how, and how many
-    others."""
+    """The files whose stamps (``audio_stamps``) differ, in words: the first one's location (``locate(index)``) and
+    how, and how many others; "" if none."""
     changed = np.flatnonzero((recorded != current).any(axis=1))
     if not changed.size:
         return ""
     first = int(changed[0])
-    how = ("missing then, present now" if recorded[first, 0] < 0 else "missing now" if current[first, 0] < 0
+    how = ("missing then, present now" if recorded[first, 0] == -1 else "missing now" if current[first, 0] == -1
            else "size or modification time")
     return f"{locate(first)} ({how})" + (f" and {changed.size - 1} other file(s)" if changed.size > 1 else "")
-
-
-def same_extraction(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> bool:
-    """Whether a recorded identity (``state.json``) is ``current``'s (both as ``recorded_identity`` gives them). One
-    recorded without the audio's stamps (``AUDIO``, by an older spidr) is, where the rest is equal."""
-    if previous is None:
-        return False
-    return previous == current or (AUDIO not in previous and previous == {k: v for k, v in current.items()
-                                                                          if k != AUDIO})
 
 
 def recorded_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,8 +214,10 @@ class ExtractionJournal:
     def __init__(self, out_dir: Path, identity: Mapping[str, Any], *, num_entries: int, restart: bool,
                  replace_other: bool = False, outputs: Sequence[str] = (), shard: Shard = WHOLE,
                  stamps: np.ndarray | None = None, locate: Callable[[int], str] | None = None) -> None:
-        """``stamps``: the ``audio_stamps`` behind ``identity[AUDIO]``, kept in ``STAMPS_FILE`` so that audio changed
-        later is named (the first such file, by ``locate(index)``).
+        """``stamps``: the ``audio_stamps`` of the utterances this journal extracts, recorded in ``STAMPS_FILE``: where
+        they differ from those recorded, the extraction (of a part: that part) is refused, naming the first changed
+        file (``locate(index)``), unless ``restart`` or ``replace_other``, which start it over. Each part compares its
+        own files: parts on machines that each hold their own copy of the audio do not disagree.
 
         ``outputs``: glob patterns (in ``out_dir``) of what an extraction writes; starting over deletes them, so
         that nothing of the replaced extraction stays beside the new one. Without a journal, finding any of them
@@ -251,15 +234,24 @@ class ExtractionJournal:
         self.identity = recorded_identity(identity)
         previous = self._read_state(self.dir / "state.json")
         replace_all = previous is None or (restart and (shard.is_whole or (out_dir / "metadata.json").is_file()))
-        other = previous is not None and not same_extraction(previous, self.identity)
-        if other:
-            differences = identity_differences(previous, self.identity,
-                                               details={AUDIO: self._audio_changes(previous, stamps, locate)})
-            if not (restart or replace_other):
-                raise ValueError(f"{out_dir} holds an extraction with other {differences}; use another output "
-                                 "folder, or restart (spidr extract --restart) to replace it")
-            logger.info("%s held an extraction with other %s: starting over", out_dir, differences)
+        if previous is not None and previous != self.identity and not (restart or replace_other):
+            raise ValueError(
+                f"{out_dir} holds an extraction with other {identity_differences(previous, self.identity)}; use "
+                "another output folder, or restart (spidr extract --restart) to replace it"
+            )
+        if previous is not None and previous != self.identity:
+            logger.info("%s held an extraction with other %s: starting over", out_dir,
+                        identity_differences(previous, self.identity))
             replace_all = True
+        changed = "" if replace_all or stamps is None else self._audio_changes(stamps, locate or str)
+        if changed and not (restart or replace_other):
+            raise ValueError(f"{out_dir} holds an extraction of audio files changed since: {changed}, as their sizes "
+                             "and modification times tell (a copy keeps the times with cp -p, rsync -a or tar); use "
+                             "another output folder, or restart (spidr extract --restart) to extract them again")
+        if changed:
+            logger.info("%s: audio files changed since (%s): starting over", out_dir, changed)
+            replace_all = replace_all or shard.is_whole  # (a part: that part alone, below)
+            restart = True
         found = sorted(path for pattern in outputs for path in out_dir.glob(pattern))
         if previous is None and found and not (restart or replace_other):
             raise ValueError(
@@ -272,11 +264,6 @@ class ExtractionJournal:
                         out_dir)
         if replace_all:
             self._start_over(out_dir, found)
-        elif previous != self.identity:  # begun by a spidr that did not record the audio's stamps: recorded now
-            write_atomically(self.dir / "state.json", json.dumps(self.identity, indent=1) + "\n")
-        if (replace_all or previous != self.identity) and stamps is not None:
-            with replaced_when_done(self.dir / STAMPS_FILE) as partial, partial.open("wb") as handle:
-                np.save(handle, stamps)
         what = f"an extraction into {out_dir}" if shard.is_whole else f"part {shard} of the extraction into {out_dir}"
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(folder_lock(self.part_dir, what))
@@ -284,6 +271,8 @@ class ExtractionJournal:
             if restart and not replace_all:  # this part alone starts over
                 for path in (self.part_dir / "journal.jsonl", *units_files(self.part_dir).values()):
                     path.unlink(missing_ok=True)
+            if stamps is not None:  # (recorded now too where a spidr that did not record them began the folder)
+                self._record_stamps(stamps)
             state, good, unterminated = read_journal(self.part_dir / "journal.jsonl", num_entries)
             self.done, self.skipped, self.units_bytes = state.done, state.skipped, state.units_bytes
             if (self.part_dir / "journal.jsonl").is_file():
@@ -304,18 +293,24 @@ class ExtractionJournal:
         self.dir.mkdir(parents=True)
         write_atomically(self.dir / "state.json", json.dumps(self.identity, indent=1) + "\n")
 
-    def _audio_changes(self, previous: Mapping[str, Any], stamps: np.ndarray | None,
-                       locate: Callable[[int], str] | None) -> str:
-        """``audio_changes`` since the stamps in ``STAMPS_FILE``, if they are those ``previous`` records."""
-        if stamps is None or locate is None or AUDIO not in previous:
-            return ""
+    def _recorded_stamps(self) -> np.ndarray | None:
         try:
-            recorded = np.load(self.dir / STAMPS_FILE, allow_pickle=False)
+            return np.load(self.part_dir / STAMPS_FILE, allow_pickle=False)
         except (OSError, ValueError):
+            return None
+
+    def _audio_changes(self, stamps: np.ndarray, locate: Callable[[int], str]) -> str:
+        """``audio_changes`` since the stamps this journal recorded ("" where it recorded none)."""
+        recorded = self._recorded_stamps()
+        if recorded is None or recorded.shape != stamps.shape:
             return ""
-        if recorded.shape != stamps.shape or audio_fingerprint(recorded) != previous[AUDIO]:
-            return ""  # (another utterance list, or a kill between state.json and this file)
         return audio_changes(recorded, stamps, locate)
+
+    def _record_stamps(self, stamps: np.ndarray) -> None:
+        recorded = self._recorded_stamps()
+        if recorded is None or not np.array_equal(recorded, stamps):
+            with replaced_when_done(self.part_dir / STAMPS_FILE) as partial, partial.open("wb") as handle:
+                np.save(handle, stamps)
 
     def _refuse_running_parts(self, out_dir: Path) -> None:
         """Raise ``ValueError`` if a process works in this folder (the whole extraction, or one of its parts)."""
