@@ -252,3 +252,24 @@ def test_report_plots_draw_each_panel_s_own_baseline_and_pnmi_at_its_layers(tmp_
     curves = [args[:2] for name, args, _ in across.calls if name == "plot"]
     assert curves == [([3, 6], [20.0, 15.0])]
     assert [args[:2] for name, args, _ in pnmi.calls if name == "plot"] == [([3, 6], [0.3, 0.5])]
+
+
+def test_a_comparison_killed_midway_is_written_again_by_its_rerun(tmp_path, capsys):
+    """A kill while compare-reports wrote its folder (report.json there, no report.md) made the rerun ask for
+    --overwrite. The folder is marked while written, so the same command completes it."""
+    from spidr.eval.commands import COMPARE_IN_PROGRESS
+
+    write_report([*_rows("final", 0.0), MFCC], tmp_path / "a", title="a")
+    write_report([*_rows("final", 1.0), MFCC], tmp_path / "b", title="b")
+    out = tmp_path / "cmp"
+    argv = ["compare-reports", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]
+    out.mkdir()
+    (out / COMPARE_IN_PROGRESS).touch()
+    (out / "report.json").write_text("[]")
+    assert main(argv) == 0
+    assert not (out / COMPARE_IN_PROGRESS).exists()
+    assert (out / "report.md").is_file()
+    assert {r["model"] for r in json.loads((out / "report.json").read_text())} == {"a", "b", "MFCC"}
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err

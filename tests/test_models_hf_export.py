@@ -622,3 +622,26 @@ def test_half_precision_hf_weights_are_read_as_float32(tmp_path) -> None:
     state = read_checkpoint(tmp_path).state_dict
     assert {v.dtype for k, v in state.items() if k != "current_step"} == {torch.float32}
     assert torch.equal(state["mask_embedding"], model.mask_embedding.detach().bfloat16().float())
+
+
+def test_an_hf_export_killed_midway_is_refused_by_readers_and_written_again_by_its_rerun(tmp_path, capsys) -> None:
+    """A kill while export --format hf wrote its folder left a folder that the rerun took for an earlier result
+    (asking for --overwrite) and that readers might load with the weights missing or stale. The folder is marked
+    while written: readers refuse it, the same command completes it."""
+    from spidr.in_progress import HF_EXPORT_IN_PROGRESS
+
+    model = perturbed(tiny_model("spidr"))
+    export_safetensors(model, tmp_path / "model.safetensors")
+    out = tmp_path / "hf"
+    argv = ["export", str(tmp_path / "model.safetensors"), str(out), "--format", "hf"]
+    assert cli.main(argv) == 0
+    (out / HF_EXPORT_IN_PROGRESS).touch()  # what a kill before the end leaves, beside whatever was written
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=rf"{out} is an unfinished spidr export run"):
+        load_model(out)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert not (out / HF_EXPORT_IN_PROGRESS).exists()
+    _assert_same_student(load_model(out), model)
+    assert cli.main(argv) == 2  # a finished export is still not replaced without --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err

@@ -8,6 +8,9 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+# In a Hugging Face directory while ``spidr export --format hf`` writes it (a reader refuses it; the rerun writes it).
+HF_EXPORT_IN_PROGRESS = ".export-in-progress"
+
 
 @contextlib.contextmanager
 def marked_in_progress(folder: str | Path, marker: str) -> Iterator[None]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from spidr.cli_types import add_overwrite_option, check_new_output
 from spidr.help_format import HelpFormatter
+from spidr.in_progress import marked_in_progress
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def _compare_reports(args: argparse.Namespace) -> int:
         if out.resolve() == folder.resolve():  # even with --overwrite: the evaluation itself would be lost
             raise ValueError(f"--out {out} is the folder of the input report {report}; writing there would replace "
                              "it: choose another folder")
-    check_new_output(out, overwrite=args.overwrite)
+    check_new_output(out, overwrite=args.overwrite, unfinished_marker=COMPARE_IN_PROGRESS)
     names = args.name or [_report_name(Path(path)) for path in args.reports]
     if len(names) != len(args.reports):
         raise ValueError(f"--name was given {len(names)} times for {len(args.reports)} reports; give it once per "
@@ -244,10 +245,14 @@ def _compare_reports(args: argparse.Namespace) -> int:
         notes.append("These reports do not record their settings: compare only reports made on the same test set "
                      "with the same settings.")
     common = settings[0][1] if not differences and all(found is not None for _, found in settings) else None
-    path = write_report(rows, out, title="Comparison of evaluation reports", notes=notes, settings=common)
+    with marked_in_progress(out, COMPARE_IN_PROGRESS):  # (a killed run's folder is written again by its rerun)
+        path = write_report(rows, out, title="Comparison of evaluation reports", notes=notes, settings=common)
     print(path.read_text(encoding="utf-8"))
     print(f"comparison written to {path}")
     return 0
+
+
+COMPARE_IN_PROGRESS = ".compare-reports-in-progress"
 
 
 def _report_name(path: Path) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from spidr import cli_types
 from spidr.cli_types import check_new_output
 from spidr.help_format import HelpFormatter
+from spidr.in_progress import HF_EXPORT_IN_PROGRESS, marked_in_progress
 
 if TYPE_CHECKING:  # the CLI parses arguments without importing torch
     from spidr.models.dinosr import DinoSR
@@ -129,14 +130,17 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(f"output {output} is a directory; --format {args.format} writes a file: give a file path")
     if args.format == "hf" and output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a directory (--format hf writes a directory)")
-    check_new_output(output, overwrite=args.overwrite)  # (its folder is made, as every command's, and removed if
-    # the export fails)
+    # (its folder is made, as every command's, and removed if the export fails; an hf folder that a killed export
+    # left holds its marker, and the rerun writes it again)
+    check_new_output(output, overwrite=args.overwrite,
+                     unfinished_marker=HF_EXPORT_IN_PROGRESS if args.format == "hf" else None)
     model = model_from_args(args.checkpoint, args)
     match args.format:
         case "safetensors":
             export_safetensors(model, output)
         case "hf":
-            export_hf(model, output)
+            with marked_in_progress(output, HF_EXPORT_IN_PROGRESS):
+                export_hf(model, output)
         case "s3prl":
             export_s3prl(model, output)
     print(f"wrote {output} ({args.format}; {model.cfg.model_type}, step {int(model.current_step)})")

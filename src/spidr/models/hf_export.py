@@ -387,7 +387,10 @@ def read_hf_directory(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from spidr.in_progress import HF_EXPORT_IN_PROGRESS, refuse_unfinished
+
     path = Path(path)
+    refuse_unfinished(path, HF_EXPORT_IN_PROGRESS, "export")  # (its weights may be missing or an earlier model's)
     try:
         hf = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -140,8 +140,10 @@ def export_s3prl(model: nn.Module, path: str | Path) -> Path:
                   "step": int(state["current_step"].reshape(-1)[0]) if "current_step" in state else 0,
                   "config": dataclasses.asdict(model.cfg)},
     }
-    with replaced_when_done(path) as partial:  # an interrupted --overwrite leaves the earlier export whole
-        torch.save(checkpoint, partial)
+    # An interrupted --overwrite leaves the earlier export whole. Saved through an open file: torch names the records
+    # inside after the file it is given a path to, and the temporary name is random (two exports would differ).
+    with replaced_when_done(path) as partial, partial.open("wb") as handle:
+        torch.save(checkpoint, handle)
     return path
 
 
