@@ -760,3 +760,22 @@ def test_sblimp_by_voice_intervals_resample_sentence_clusters():
     expected = accuracy(values, clusters=[clusters[p.type, p.subtype, p.id] for p in result.by_pair])
     assert (row.ci_low, row.ci_high, row.p_value) == pytest.approx((expected.ci_low, expected.ci_high,
                                                                      expected.p_value))
+
+
+def test_a_run_cut_short_among_the_tables_leaves_no_earlier_results_json(tmp_path: Path, monkeypatch) -> None:
+    """A kill while the tables were written left the earlier run's results.json beside this run's tables (another
+    model's scores, passing for this one's): it goes first."""
+    from spidr.lm import evaluate as lm_evaluate
+
+    bench, submission, _ = write_benchmark(tmp_path)
+    out = tmp_path / "scores"
+    evaluate_benchmark(bench, submission, kind="dev", out_dir=out)
+    assert (out / "results.json").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_evaluate, "write_task_tables", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_benchmark(bench, submission, kind="dev", out_dir=out)
+    assert not (out / "results.json").exists()

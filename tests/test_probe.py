@@ -425,3 +425,35 @@ def test_frame_labels_accept_two_alignment_frames_beyond_the_rounding():
     np.testing.assert_array_equal(frame_labels(codes, 10, frame_rate=50, alignment_rate=100), 2 * np.arange(10) + 1)
     with pytest.raises(ValueError, match="alignment-rate"):
         frame_labels(np.arange(25), 10, frame_rate=50, alignment_rate=100, name="u")
+
+
+def test_a_probe_report_cut_short_leaves_no_earlier_report_and_no_truncated_plot(tmp_path, monkeypatch) -> None:
+    """probe.md and probe.png were written in place: a kill left a 0-byte plot, or an earlier probe's probe.md
+    beside the new probe.json."""
+    from spidr.eval import probe as probe_module
+
+    row = probe_module.ProbeRow("m", "layer_01", 50.0, 60.0, 10, 5, 1)
+    first = probe_module.write_probe_report([row], tmp_path, title="first")
+    assert first.read_text().startswith("# first")
+    assert (tmp_path / "probe.png").stat().st_size > 0
+    plot = (tmp_path / "probe.png").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe_module, "markdown_table", killed)  # after probe.json and the plot
+    with pytest.raises(KeyboardInterrupt):
+        probe_module.write_probe_report([row], tmp_path, title="second")
+    assert not first.exists()
+    assert (tmp_path / "probe.png").read_bytes() == plot  # the plot of the same rows, whole
+
+    def failing_savefig(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.undo()
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        probe_module.write_probe_report([row], tmp_path, title="third")
+    assert (tmp_path / "probe.png").read_bytes() == plot  # never truncated

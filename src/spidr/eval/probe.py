@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spidr.atomic_files import write_atomically
+from spidr.atomic_files import save_figure, write_atomically
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
@@ -602,7 +602,7 @@ def plot_probe(rows: Sequence[ProbeRow], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return path
 
 
@@ -611,9 +611,10 @@ def write_probe_report(rows: Sequence[ProbeRow], out_dir: str | Path, *, title: 
     """``probe.json``, ``probe.md`` and ``probe.png`` in ``out_dir``; returns the markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "probe.md"
+    path.unlink(missing_ok=True)  # (a kill below must not leave an earlier probe's report beside this one's scores)
     write_atomically(out_dir / "probe.json", json.dumps([asdict(r) for r in rows], indent=1))
     plot = plot_probe(rows, out_dir / "probe.png")
-    path = out_dir / "probe.md"
-    path.write_text("\n".join([f"# {title}", "", *notes, "", markdown_table(rows), "", f"![probe]({plot.name})"])
-                    + "\n", encoding="utf-8")
+    write_atomically(path, "\n".join([f"# {title}", "", *notes, "", markdown_table(rows), "",
+                                      f"![probe]({plot.name})"]) + "\n")
     return path

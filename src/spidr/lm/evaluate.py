@@ -589,6 +589,8 @@ def _write_outputs(out_dir: Path, results: Sequence[TaskResult], summary: Mappin
     """``results.json`` and every task's tables in ``out_dir``, in place of an earlier run's: its tables of a task
     that this run lacks would pass for this run's."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # results.json first: a kill among the tables must not leave an earlier run's results beside this run's tables
+    (out_dir / "results.json").unlink(missing_ok=True)
     for stale in out_dir.iterdir():
         if TABLE_NAME.fullmatch(stale.name):
             stale.unlink()
