@@ -276,6 +276,9 @@ def _finished_run(tmp_path: Path, *overrides: str) -> tuple[DemoSettings, Path]:
     (cfg.run.run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
     (cfg.run.run_dir / "step_4.pt").write_bytes(b"")
     (cfg.run.run_dir / "final.pt").write_bytes(b"")
+    # (the last step's validation, which training logs after final.pt)
+    (cfg.run.run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": cfg.optimizer.max_steps, "group": name, "loss": 1.0}) + "\n" for name in cfg.validation))
     return settings, manifest
 
 
@@ -528,3 +531,19 @@ def test_demo_validates_on_the_test_corpus(tmp_path):
     assert Path(cfg.data.manifest) == (tmp_path / "train.csv").resolve()
     assert Path(cfg.validation["test"].manifest) == (tmp_path / "test.csv").resolve()
     assert Path(cfg.run.workdir) == (tmp_path / "runs").resolve()
+
+
+def test_a_run_killed_before_its_last_validation_was_logged_is_completed_not_reused(tmp_path, monkeypatch):
+    """A kill between final.pt and the last validation's record: the rerun reused final.pt and the training record
+    lacked its final test loss for good. Now the run is handed to train, which logs it (and has nothing else to do)."""
+    from spidr.train import loop
+
+    settings, manifest = _finished_run(tmp_path, "optimizer.lr=1e-3")
+    run_dir = tmp_path / "runs" / "demo" / "smoke"
+    calls = []
+    monkeypatch.setattr(loop, "train", lambda cfg: calls.append(cfg.run.run_dir) or "completed")
+    assert pretrain(settings, manifest, manifest) == run_dir / "final.pt"
+    assert calls == []  # every validation logged: reused
+    (run_dir / "metrics.jsonl").write_text("")
+    assert pretrain(settings, manifest, manifest) == run_dir / "final.pt"
+    assert calls == [run_dir]

@@ -109,16 +109,17 @@ def training_config(settings: DemoSettings, train_manifest: Path, test_manifest:
 def pretrain(settings: DemoSettings, train_manifest: Path, test_manifest: Path) -> Path:
     """Train (or resume) the demo model; returns the final checkpoint. A run of ``settings`` made with another recipe
     is refused (``check_run_recipe``), never resumed nor reused."""
-    from spidr.train.loop import train
+    from spidr.train.loop import train, unlogged_validations
     from spidr.train.recipe import check_run_recipe
     from spidr.training_stopped import TrainingStoppedError
 
     cfg = training_config(settings, train_manifest, test_manifest)
     final = cfg.run.run_dir / "final.pt"
     check_run_recipe(cfg)
-    if final.is_file():
+    if final.is_file() and not unlogged_validations(cfg, cfg.optimizer.max_steps):
         logger.info("reusing the trained model %s (delete %s to train it again)", final, final.parent)
         return final
+    # (a run killed after final.pt, before its last validation was logged: train logs it, then has nothing to do)
     outcome = train(cfg)
     if outcome == "interrupted":
         raise TrainingStoppedError(f"the training in {cfg.run.run_dir} stopped on a signal after saving a "

@@ -438,12 +438,17 @@ def _unlogged_validations(step: int, cfg: Config, checkpointer: Checkpointer,
     whose record ``metrics.jsonl`` lacks, as rank 0 reads it (every rank validates them: a collective)."""
     validated = step in (0, cfg.optimizer.max_steps) or (
         checkpointer.should_save(step) and step < cfg.optimizer.max_steps)
-    missing = []
-    if denv.is_main and cfg.validation and validated:
-        path = cfg.run.run_dir / METRICS_FILE
-        logged = {r["group"] for r in read_metrics(path) if r.get("step") == step} if path.is_file() else set()
-        missing = [name for name in cfg.validation if name not in logged]
-    return broadcast_from_main(missing)
+    return broadcast_from_main(unlogged_validations(cfg, step) if denv.is_main and validated else [])
+
+
+def unlogged_validations(cfg: Config, step: int) -> list[str]:
+    """The validation sets of ``cfg`` that ``metrics.jsonl`` holds no record of at ``step``: at the last step, what
+    a kill between writing ``final.pt`` and logging its validation leaves out (``train`` logs it when run again)."""
+    path = cfg.run.run_dir / METRICS_FILE
+    if not cfg.validation:
+        return []
+    logged = {r["group"] for r in read_metrics(path) if r.get("step") == step} if path.is_file() else set()
+    return [name for name in cfg.validation if name not in logged]
 
 
 def skips_on_device(host_sync: str, device: torch.device, *, scaler: torch.amp.GradScaler | None) -> bool:
