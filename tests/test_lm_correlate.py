@@ -500,3 +500,33 @@ def test_a_label_column_can_itself_be_correlated(tmp_path):
                         [["spidr", 100, 60.1], ["spidr", 100, 61.0], ["spidr", 6000, 70.2], ["hubert", 100, 58.0]])
     with pytest.raises(ValueError, match=r"lines 2 and 3: two rows for model 'spidr', hours '100'"):
         read_table(twice, ["hours", "swuggy_all"])
+
+
+def test_a_run_killed_among_its_plots_is_completed_by_its_rerun(tmp_path, capsys, monkeypatch):
+    """Several pairs write several plots, then --out: a kill after the first plot made the rerun refuse that plot
+    ("already exists; pass --overwrite"). A marker beside --out stands while they are written."""
+    from spidr.lm import correlate
+
+    path = write_table(tmp_path / "t.csv", ["model", "abx", "pnmi", "lm"],
+                       [["a", 1.0, 0.1, 50.0], ["b", 2.0, 0.3, 52.0], ["c", 3.0, 0.2, 53.0], ["d", 4.0, 0.5, 55.0]])
+    argv = ["lm-correlate", str(path), "--x", "abx,pnmi", "--y", "lm", "--plot", str(tmp_path / "p.png"),
+            "--out", str(tmp_path / "c.csv")]
+    real, plotted = correlate.plot_scatter, []
+
+    def killed_after_the_first(*args, **kwargs):
+        if plotted:
+            raise KeyboardInterrupt
+        plotted.append(real(*args, **kwargs))
+        return plotted[-1]
+
+    monkeypatch.setattr(correlate, "plot_scatter", killed_after_the_first)
+    assert cli.main(argv) == 130  # (interrupted)
+    monkeypatch.undo()
+    assert plotted[0].is_file()
+    assert not (tmp_path / "c.csv").exists()
+    assert cli.main(argv) == 0
+    assert (tmp_path / "c.csv").is_file()
+    assert not list(tmp_path.glob(".*in-progress"))
+    capsys.readouterr()
+    assert cli.main(argv) == 2  # finished: not replaced without --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err

@@ -163,10 +163,11 @@ def _bounds(interval: list[float]) -> str:
     return "–" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
 
 
-def _check_outputs(args: argparse.Namespace, plots: list[Path | None]) -> None:
+def _check_outputs(args: argparse.Namespace, plots: list[Path | None]) -> Path | None:
     """Before anything is written: no output may be the input table (--out points.csv replaced lm-study's table),
     and a file named by --out or --plot is replaced only with --overwrite (the default plots beside the table are
-    this command's own, made again by a rerun)."""
+    this command's own, made again by a rerun), or where a killed run of the command left its marker (returned:
+    beside --out, else beside --plot; None without either)."""
     table = Path(args.table).resolve()
     named = [Path(args.out)] if args.out else []
     named += [plot for plot in plots if plot is not None and args.plot is not None]
@@ -174,8 +175,14 @@ def _check_outputs(args: argparse.Namespace, plots: list[Path | None]) -> None:
         if path.resolve() == table:
             raise ValueError(f"{path} is the input table {args.table}: writing there would replace it; choose "
                              "another file")
+    main = Path(args.out or args.plot) if (args.out or args.plot) else None
+    marker = None if main is None else main.parent / f".{main.name}{CORRELATE_IN_PROGRESS}"
     for path in named:
-        cli_types.check_new_output(path, overwrite=args.overwrite)
+        cli_types.check_new_output(path, overwrite=args.overwrite or (marker is not None and marker.exists()))
+    return marker
+
+
+CORRELATE_IN_PROGRESS = ".lm-correlate-in-progress"  # beside --out (else --plot) while they are written
 
 
 def _lm_correlate(args: argparse.Namespace) -> int:
@@ -183,8 +190,11 @@ def _lm_correlate(args: argparse.Namespace) -> int:
     from spidr.lm.correlate import correlations_csv, json_ready, plot_scatter
 
     computed = _correlated_pairs(args)
-    _check_outputs(args, [_plot_path(args, result["x"], result["y"], several=len(computed) > 1)
-                          for result, _ in computed])
+    marker = _check_outputs(args, [_plot_path(args, result["x"], result["y"], several=len(computed) > 1)
+                                   for result, _ in computed])
+    if marker is not None:  # (several files: a rerun after a kill among them writes them again)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     results = []
     for result, rows in computed:
         plot = _plot_path(args, result["x"], result["y"], several=len(computed) > 1)
@@ -194,6 +204,8 @@ def _lm_correlate(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(args.out, correlations_csv(results))
+    if marker is not None:
+        marker.unlink()
     if args.json:
         ready = [json_ready(result) for result in results]  # an interval not given (too few points) is null
         print(json.dumps(ready[0] if len(ready) == 1 else ready, allow_nan=False))
