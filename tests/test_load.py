@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -488,3 +489,22 @@ def test_run_init_ckpt_may_start_a_run_of_the_other_type_from_a_checkpoint_that_
         for key, value in source.state_dict().items():
             if key != "current_step":
                 assert torch.equal(started[key], value), key
+
+
+def test_another_model_s_weights_are_named_as_such_not_asked_about(tmp_path) -> None:
+    """Weights of another model (a HuBERT export, unrelated tensors) were met with "cannot tell whether it is a SpidR
+    or a DinoSR model (both have the same weights)", and --model-type then failed on a config.json of another
+    model. They are refused as not SpidR / DinoSR weights, naming a few of their tensors."""
+    from safetensors.torch import save_file
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file({"encoder.weight": torch.ones(2, 2), "masked_spec_embed": torch.ones(2)}, str(hub / "model.safetensors"))
+    (hub / "config.json").write_text(json.dumps({"model_type": "hubert", "architectures": ["HubertModel"]}))
+    torch.save({"encoder.weight": torch.ones(2, 2)}, tmp_path / "other.pt")
+    for path, held in ((hub / "model.safetensors", "encoder.weight, masked_spec_embed"),
+                       (tmp_path / "other.pt", "encoder.weight")):
+        for model_type in (None, "spidr"):
+            with pytest.raises(ValueError, match=rf"{re.escape(str(path))} holds none of the SpidR / DinoSR weights "
+                                                 rf"\(no student\.\* tensor; it holds e\.g\. {held}\)"):
+                read_checkpoint(path, model_type=model_type)

@@ -297,10 +297,10 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
         model_config = (_config_from_data(saved, model_type, where) if config is None else
                         _explicit_config(config, model_type, recorded=None if any_type else _model_type_of(saved),
                                          where=str(path)))
-    elif config is not None:
-        model_config = _explicit_config(config, model_type)
     else:
-        model_config = _official_config(path, None, model_type)
+        _refuse_foreign_state(state, path)
+        model_config = (_explicit_config(config, model_type) if config is not None
+                        else _official_config(path, None, model_type))
     step = read_step(state["current_step"], f"{path}: current_step") if "current_step" in state else 0
     return Checkpoint(model_config, state, "safetensors", step, student_only=metadata.get(_STUDENT_ONLY_KEY) == "true")
 
@@ -412,7 +412,19 @@ def read_checkpoint(
         if "step" in data:
             step = read_step(data["step"], f"{path}: step")
         return Checkpoint(model_config, state, "training", step)
+    _refuse_foreign_state(state, path)
     return Checkpoint(_official_config(path, config, model_type), state, "official", step)
+
+
+def _refuse_foreign_state(state: Mapping[str, Any], path: Path) -> None:
+    """Raise for weights that record no config and hold no SpidR / DinoSR student (another model's, e.g. a HuBERT
+    export): asking which of the two it is, or reading a config beside it, would mislead."""
+    if is_hf_directory(path.parent):  # (told to pass the folder: _official_config)
+        return
+    if not any(key.startswith("student.") for key in state):
+        examples = ", ".join(sorted(state)[:3]) or "nothing"
+        raise ValueError(f"{path} holds none of the SpidR / DinoSR weights (no student.* tensor; it holds e.g. "
+                         f"{examples}): not a SpidR or DinoSR checkpoint")
 
 
 def read_step(value: object, where: str) -> int:
