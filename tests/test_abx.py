@@ -297,6 +297,18 @@ def test_kl_symmetric_matches_brute_force_on_rows_that_are_not_distributions(spe
     assert result.error_rate == pytest.approx(expected, abs=1e-12)
 
 
+
+def _short_items_on_units(seed: int, count: int) -> tuple[dict[str, np.ndarray], Items]:
+    """One file of 400 random units (0-2) and ``count`` items of 1-5 frames at random places, phones a/b in turn,
+    one speaker: DTW ties abound."""
+    rng = np.random.default_rng(seed)
+    features = {"u": rng.integers(0, 3, 400).astype(np.float32)}
+    rows = []
+    for k in range(count):
+        first = int(rng.integers(0, 390))
+        rows.append(("u", first, first + int(rng.integers(1, 6)), "ab"[k % 2], "s"))
+    return features, make_items(rows)
+
 @pytest.mark.parametrize("flush_elements", [abx_scoring.FLUSH_ELEMENTS, 300])
 def test_within_speaker_pairs_are_aligned_once_with_the_earlier_item_on_the_rows(monkeypatch, flush_elements):
     """Discrete units tie often, and the greedy backtrack of a transposed lattice may break a tie the other way:
@@ -308,13 +320,7 @@ def test_within_speaker_pairs_are_aligned_once_with_the_earlier_item_on_the_rows
     monkeypatch.setattr(abx_scoring, "FLUSH_ELEMENTS", flush_elements)
     order_matters = 0
     for seed in range(6):
-        rng = np.random.default_rng(seed)
-        features = {"u": rng.integers(0, 3, 400).astype(np.float32)}
-        rows = []
-        for k in range(40):
-            first = int(rng.integers(0, 390))
-            rows.append(("u", first, first + int(rng.integers(1, 6)), "ab"[k % 2], "s"))
-        items = make_items(rows)
+        features, items = _short_items_on_units(seed, 40)
         result = abx(features, items, context="any", distance="identical", max_size_group=None).error_rate
         expected, _ = reference_abx(features, items, speaker="within", context="any", distance="identical")
         assert result == pytest.approx(expected, abs=1e-12)
@@ -644,13 +650,7 @@ def test_a_capped_group_keeps_its_items_in_item_order_and_scores_as_those_items_
     brute-force reference run on the kept items alone (their relative order unchanged)."""
     differ = 0
     for seed in range(6):
-        rng = np.random.default_rng(seed)
-        features = {"u": rng.integers(0, 3, 400).astype(np.float32)}
-        rows = []
-        for k in range(64):
-            first = int(rng.integers(0, 390))
-            rows.append(("u", first, first + int(rng.integers(1, 6)), "ab"[k % 2], "s"))
-        items = make_items(rows)
+        features, items = _short_items_on_units(seed, 64)
         groups = Groups.build(Labels.from_items(items, context="any"), max_size_group=20, seed=seed)
         for members in groups.members:
             assert members.size == 20

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from spidr.data.audio import AudioError, decode, load_audio, standardize, waveform_from_samples
 from spidr.data.dataset import AudioDataset, Skipped
 from spidr.data.manifest import UNKNOWN_LENGTH_REASON, ManifestEntry
+from test_data_manifest import make_tar
 
 
 def sine(num_samples: int, rate: int, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
@@ -267,12 +268,7 @@ def test_a_header_without_length_keeps_its_own_reason(tmp_path: Path) -> None:
 
 def _archive(tmp_path: Path, members: dict[str, bytes]) -> list[ManifestEntry]:
     """A tar holding ``members``, and their manifest entries (byte ranges from tarfile itself)."""
-    path = tmp_path / "corpus.tar"
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    path = make_tar(tmp_path, members)
     with tarfile.open(path) as tar:
         return [ManifestEntry(Path(m.name).stem, m.name, 4000, str(path), m.offset_data, m.size)
                 for m in tar.getmembers()]

@@ -310,6 +310,19 @@ def test_an_lm_stopped_by_a_signal_stops_the_study_as_a_stop(tmp_path, monkeypat
         _study(monkeypatch, tmp_path / "out", 40)
 
 
+def _six_utterance_bench(out_dir, settings):
+    """A stand-in for the study's benchmark synthesis: six training utterances' phone labels and an info.json."""
+    from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters
+
+    folder = out_dir / "bench" / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"name": f"t{i}", "phones": ["AA", "B", "D", "IY"] * 8} for i in range(6)]
+    (folder / "frame_labels_20ms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = {"parameters": bench_parameters(LmBenchSettings(train_utterances=6)), "counts": {"train": {}}}
+    (out_dir / "bench" / INFO_JSON).write_text(json.dumps(info))
+    return LmBenchInfo.load(out_dir / "bench")
+
+
 def test_study_correlations_pair_each_rows_own_values():
     """mut study-corr-unpaired. Truth: the study's rows include the oracle, untrained and bigram rows, which have LM
     accuracies but no unit quality; the correlation is over the (model, layer) rows only: x = 1, 2, 3, 4 and
@@ -329,17 +342,7 @@ def _run_fake_study(tmp_path, monkeypatch, *, layers=(1, 3), kmeans=0):
     """run_study with two layers of one model, units written by hand (layer L's units all equal L), training and
     scoring recorded instead of run."""
 
-    from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters
     from spidr.lm import study
-
-    def bench(out_dir, settings):
-        folder = out_dir / "bench" / "train"
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = [{"name": f"t{i}", "phones": ["AA", "B", "D", "IY"] * 8} for i in range(6)]
-        (folder / "frame_labels_20ms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        info = {"parameters": bench_parameters(LmBenchSettings(train_utterances=6)), "counts": {"train": {}}}
-        (out_dir / "bench" / INFO_JSON).write_text(json.dumps(info))
-        return LmBenchInfo.load(out_dir / "bench")
 
     def model_units(study_model, bench_info, model_dir, out_dir, settings):
         for layer in study_model.layers:
@@ -359,7 +362,7 @@ def _run_fake_study(tmp_path, monkeypatch, *, layers=(1, 3), kmeans=0):
         scored[name] = units_dir
         return {}
 
-    monkeypatch.setattr(study, "_benchmark", bench)
+    monkeypatch.setattr(study, "_benchmark", _six_utterance_bench)
     monkeypatch.setattr(study, "_model_units", model_units)
     monkeypatch.setattr(study, "_cached_feature_abx", lambda *a, **k: {})
     monkeypatch.setattr(study, "_train", train)
@@ -651,18 +654,8 @@ def test_the_untrained_rows_initialisations_are_all_different(tmp_path, monkeypa
 def _measured_study(tmp_path, monkeypatch, *, kmeans=0):
     """run_study with one model of layers 1 and 3 whose quality is not given (so measured), everything costly
     recorded instead of run; returns (the rows the report gets, measure_quality's calls)."""
-    from spidr.corpus.lm_bench import INFO_JSON, LmBenchInfo, LmBenchSettings, bench_parameters
     from spidr.lm import study
     from spidr.models.frames import DEFAULT_CONV_LAYERS
-
-    def bench(out_dir, settings):
-        folder = out_dir / "bench" / "train"
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = [{"name": f"t{i}", "phones": ["AA", "B", "D", "IY"] * 8} for i in range(6)]
-        (folder / "frame_labels_20ms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        info = {"parameters": bench_parameters(LmBenchSettings(train_utterances=6)), "counts": {"train": {}}}
-        (out_dir / "bench" / INFO_JSON).write_text(json.dumps(info))
-        return LmBenchInfo.load(out_dir / "bench")
 
     def model_units(study_model, bench_info, model_dir, out_dir, settings):
         for layer in study_model.layers:
@@ -678,7 +671,7 @@ def _measured_study(tmp_path, monkeypatch, *, kmeans=0):
         measured.append((layer, num_units, unit_rate_hz))
         return {"pnmi": 0.1 * layer, "unit_abx_across": 20.0 + layer}
 
-    monkeypatch.setattr(study, "_benchmark", bench)
+    monkeypatch.setattr(study, "_benchmark", _six_utterance_bench)
     monkeypatch.setattr(study, "_model_units", model_units)
     monkeypatch.setattr(study, "_cached_feature_abx", lambda *a, **k: {
         layer: {"abx_within": float(layer), "abx_across": 10.0 + layer} for layer in (1, 3)})
