@@ -14,7 +14,11 @@ import torch
 from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
 from spidr.data.collate import Batch
 from spidr.data.loader import batch_seed, build_dataloader, usable_workers
-from spidr.data.manifest import read_manifest, scan, write_manifest
+from spidr.data.manifest import (
+    read_manifest,
+    scan,
+    write_manifest,
+)
 from spidr.data.sampler import BucketBatchSampler
 
 
@@ -368,3 +372,24 @@ def test_the_bucket_settings_reach_the_sampler(manifest: Path) -> None:
                                       max_sample_size=10_000, **settings)  # type: ignore[arg-type]
         assert np.array_equal(sampler.buckets, expected.buckets), settings
         assert np.array_equal(sampler.indices, expected.indices), settings
+
+
+def test_with_several_ranks_the_loader_leaves_the_bad_file_verdict_to_the_trainer(tmp_path: Path) -> None:
+    """B05: a rank of several must not raise alone on its own bad-file share (the other ranks would hang in their
+    next collective); its loader's tracker is shared, and only the trainer's ``check_across_ranks`` judges. A
+    single process judges at the end of its epoch. Truth: the documented behaviour of ``BadFileTracker``."""
+    from test_data_loader import build, config
+
+    root = tmp_path / "audio"
+    root.mkdir()
+    for i in range(8):
+        sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(4000 + 500 * i), 16_000)
+    manifest = write_manifest(scan(root, progress=False).entries, tmp_path / "m.csv")
+    (root / "u0.wav").write_bytes(b"not audio")
+    cfg = config(manifest, max_bad_fraction=0.0, max_batch_length=12_000, num_buckets=2)
+    with pytest.raises(ValueError, match="unusable"):
+        list(build(cfg)[0])
+    for rank in range(2):
+        loader, _ = build(cfg, rank=rank, world_size=2)
+        assert loader.tracker.shared
+        assert any(batch is not None for batch in loader)  # the pass ends without a verdict of its own

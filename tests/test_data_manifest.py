@@ -17,8 +17,18 @@ import soxr
 import torch
 
 from spidr.cli import main
+from spidr.data import manifest as manifest_module
 from spidr.data.audio import load_audio
-from spidr.data.manifest import ManifestEntry, read_manifest, read_member, resampled_length, scan, write_manifest
+from spidr.data.manifest import (
+    ManifestBuilder,
+    ManifestEntry,
+    read_manifest,
+    read_member,
+    resampled_length,
+    scan,
+    utterances_digest,
+    write_manifest,
+)
 
 
 def write_tone(path: Path, num_samples: int, rate: int = 16_000, *, channels: int = 1) -> Path:
@@ -598,3 +608,159 @@ def test_tsv_errors_name_the_line(tmp_path: Path, rows: str, message: str) -> No
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\n{rows}")
     with pytest.raises(ValueError, match=message):
         read_manifest(tmp_path / "m.tsv")
+
+
+@pytest.mark.parametrize("layout", ["rows of many lengths", "every cut in an id"])
+def test_a_plain_csv_read_in_many_blocks_keeps_every_row_whole(tmp_path: Path, monkeypatch, layout: str) -> None:
+    """A05, A21: the fast CSV reader parses 32 MiB blocks, carrying a row cut at a block's end into the next, and
+    packs the blocks' strings together. Small blocks give many blocks and many cuts. A cut in a path or a length
+    would send a broken reader to the csv module (same rows), so the second layout cuts only ids: equal rows of
+    29 bytes with 20-character ids read in 31-byte blocks are cut 2, 4, ... 16 bytes into their id. Truth: the rows
+    written."""
+    if layout == "rows of many lengths":
+        block = 16
+        rows = [(f"utt{i}{'x' * (i % 4)}", f"spk{i % 3}/utt{i}.flac", 1000 + 37 * i) for i in range(23)]
+    else:
+        block = 31
+        rows = [(f"u{i:02d}" + "i" * 17, "a.wav", i) for i in range(9)]
+        assert {len(f"{a},{b},{n}\n") for a, b, n in rows} == {29}
+    monkeypatch.setattr(manifest_module, "_BLOCK_BYTES", block)
+    text = "fileid,path,num_samples\n" + "".join(f"{a},{b},{n}\n" for a, b, n in rows)
+    (tmp_path / "m.csv").write_text(text)
+    manifest = read_manifest(tmp_path / "m.csv")
+    assert list(manifest) == [ManifestEntry(a, str(tmp_path / b), n) for a, b, n in rows]
+
+
+def test_an_archive_manifest_longer_than_a_builder_chunk_keeps_each_row_s_byte_range(tmp_path: Path) -> None:
+    """A06, A05: rows are packed into columns every ``chunk`` rows (65536 by default: LibriSpeech in one tar has
+    281k members); each row keeps its own archive, offset and size, plain rows of a mixed manifest stay plain.
+    Truth: the rows appended."""
+    rows = []
+    for i in range(11):
+        if i % 4 == 3:
+            rows.append(ManifestEntry(f"p{i}", f"/audio/p{i}.wav", 100 + i))
+        else:
+            rows.append(ManifestEntry(f"m{i}", f"x/m{i}.wav", 200 + i, archive=f"/t{i % 2}.tar",
+                                      byte_offset=512 * (i + 1), byte_size=1000 + i))
+    builder = ManifestBuilder(base="", source="test", chunk=2)
+    for e in rows:
+        builder.append(e.fileid, e.path, e.num_samples, archive=e.archive, byte_offset=e.byte_offset,
+                       byte_size=e.byte_size)
+    assert list(builder.build()) == rows
+
+
+def test_rows_in_two_archives_each_read_their_own_tar(tmp_path: Path) -> None:
+    """A08: a manifest may list members of several tars (one per LibriSpeech split); each row names its own tar
+    and reads its bytes. Truth: the bytes written into each tar."""
+    first = make_tar(folder(tmp_path / "one"), {"a.wav": b"A" * 700})
+    second = make_tar(folder(tmp_path / "two"), {"b.wav": b"B" * 900})
+    entries = [*scan_members(first), *scan_members(second)]
+    out = write_manifest(entries, tmp_path / "m.csv")
+    a, b = read_manifest(out)
+    assert (a.archive, b.archive) == (str(first), str(second))
+    assert (read_member(a), read_member(b)) == (b"A" * 700, b"B" * 900)
+
+
+def folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def scan_members(archive: Path) -> list[ManifestEntry]:
+    with tarfile.open(archive) as tar:
+        return [ManifestEntry(Path(m.name).stem, m.name, 1, archive=str(archive), byte_offset=m.offset_data,
+                              byte_size=m.size) for m in tar.getmembers()]
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.jsonl"])
+def test_a_relative_archive_path_resolves_against_the_manifest_s_folder(tmp_path: Path, monkeypatch,
+                                                                          name: str) -> None:
+    """A07: "Relative paths are resolved against the manifest's own folder" (module docstring) holds for the
+    archive column too, whatever the working directory. Truth: where the tar was written."""
+    data = folder(tmp_path / "data")
+    archive = make_tar(data, {"a.wav": b"A" * 600})
+    (entry,) = scan_members(archive)
+    row = {"fileid": "a", "path": "a.wav", "num_samples": 1, "archive": "corpus.tar",
+           "byte_offset": entry.byte_offset, "byte_size": entry.byte_size}
+    if name == "m.csv":
+        text = ",".join(row) + "\n" + ",".join(str(v) for v in row.values()) + "\n"
+    else:
+        text = json.dumps(row) + "\n"
+    (data / name).write_text(text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (read,) = read_manifest(data / name)
+    assert read.archive == str(archive)
+    assert read_member(read) == b"A" * 600
+
+
+def test_scanning_a_relative_folder_or_tar_records_absolute_locations(tmp_path: Path, monkeypatch) -> None:
+    """A13, A14: a scan given a path relative to the working directory records absolute paths and archives, so the
+    manifest it writes elsewhere reads the same audio from any folder. Truth: the files written."""
+    write_tone(tmp_path / "corpus" / "sub" / "a.wav", 800)
+    tone = (tmp_path / "corpus" / "sub" / "a.wav").read_bytes()
+    make_tar(tmp_path, {"x/b.wav": tone})
+    monkeypatch.chdir(tmp_path)
+    (plain,) = scan("corpus", progress=False).entries
+    (member,) = scan("corpus.tar", progress=False).entries
+    assert plain.path == str(tmp_path / "corpus" / "sub" / "a.wav")
+    assert member.archive == str(tmp_path / "corpus.tar")
+    (tmp_path / "out").mkdir()
+    out = write_manifest([plain, member], tmp_path / "out" / "m.csv")
+    monkeypatch.chdir(tmp_path / "out")
+    a, b = read_manifest(out)
+    assert Path(a.path).read_bytes() == tone
+    assert read_member(b) == tone
+
+
+def test_a_manifest_of_relative_paths_written_elsewhere_still_names_the_same_files(tmp_path: Path) -> None:
+    """A26: a manifest read from relative rows, written to another folder, names the same files (the rows are
+    written resolved). Truth: the file written under data/."""
+    write_tone(tmp_path / "data" / "audio" / "x.wav", 500)
+    (tmp_path / "data" / "m.csv").write_text("fileid,path,num_samples\nx,audio/x.wav,500\n")
+    entries = read_manifest(tmp_path / "data" / "m.csv")
+    again = read_manifest(write_manifest(entries, tmp_path / "other" / "m.csv"))
+    assert [e.path for e in again] == [str(tmp_path / "data" / "audio" / "x.wav")]
+
+
+def test_the_fairseq_root_is_the_common_folder_not_the_common_prefix(tmp_path: Path) -> None:
+    """A27: files under spk1/ and spk10/ share the folder above them, not "spk1" (a string prefix). Truth: the
+    folder written, and the relative rows below it."""
+    entries = [ManifestEntry("a", str(tmp_path / "c" / "spk1" / "a.wav"), 5),
+               ManifestEntry("b", str(tmp_path / "c" / "spk10" / "b.wav"), 6)]
+    out = write_manifest(entries, tmp_path / "m.tsv")
+    assert out.read_text().splitlines() == [str(tmp_path / "c"), "spk1/a.wav\t5", "spk10/b.wav\t6"]
+
+
+@pytest.mark.parametrize(("path", "stem"), [("sub/.wav", ".wav"), ("sub/a.b.flac", "a.b"), ("noext", "noext"),
+                                            ("d.x/y", "y")])
+def test_the_id_of_a_plain_csv_row_is_the_path_s_stem_as_pathlib_gives_it(tmp_path: Path, path: str,
+                                                                          stem: str) -> None:
+    """A16: the plain CSV reader's id of a row without one is ``Path(path).stem`` (what a JSONL row gets): a name
+    that starts with its only dot keeps it. Truth: pathlib's stems, written by hand."""
+    assert Path(path).stem == stem
+    (tmp_path / "m.csv").write_text(f"fileid,path,num_samples\n,{path},3\n")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": path, "num_samples": 3}) + "\n")
+    assert read_manifest(tmp_path / "m.csv")[0].fileid == stem == read_manifest(tmp_path / "m.jsonl")[0].fileid
+
+
+def test_the_utterances_digest_tells_where_ids_split(tmp_path: Path) -> None:
+    """A28: two corpora whose ids concatenate to the same bytes ("ab", "c" and "a", "bc") with the same lengths
+    are other utterances, and their digests differ."""
+    one = read_manifest(write_manifest([ManifestEntry("ab", "/x/1.wav", 5), ManifestEntry("c", "/x/2.wav", 6)],
+                                       tmp_path / "one.csv"))
+    two = read_manifest(write_manifest([ManifestEntry("a", "/x/1.wav", 5), ManifestEntry("bc", "/x/2.wav", 6)],
+                                       tmp_path / "two.csv"))
+    assert utterances_digest(one) != utterances_digest(two)
+    assert utterances_digest(one) == utterances_digest(read_manifest(tmp_path / "one.csv"))
+
+
+def test_a_slice_of_a_manifest_of_relative_rows_keeps_resolving_them(tmp_path: Path) -> None:
+    """A30: ``take`` and slicing (extraction parts, shards) keep the manifest's base: a row is the same entry in
+    the slice as in the whole. Truth: the whole manifest's entries."""
+    (tmp_path / "m.csv").write_text("fileid,path,num_samples\na,audio/a.wav,3\nb,audio/b.wav,4\nc,c.wav,5\n")
+    whole = read_manifest(tmp_path / "m.csv")
+    assert list(whole.take(np.array([2, 0]))) == [whole[2], whole[0]]
+    assert list(whole[1:]) == [whole[1], whole[2]]
+    assert whole[0].path == str(tmp_path / "audio" / "a.wav")

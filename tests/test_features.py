@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import tarfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,12 @@ import torch
 
 from spidr.config import DinoSRConfig, SpidRConfig
 from spidr.data.audio import load_audio
-from spidr.data.manifest import ManifestEntry, read_manifest, scan
+from spidr.data.manifest import (
+    ManifestEntry,
+    read_manifest,
+    scan,
+    write_manifest,
+)
 from spidr.eval.feature_dir import StemKeyed, one_layer_directory
 from spidr.eval.features import (
     ExtractionSettings,
@@ -576,7 +584,6 @@ def test_a_long_file_that_fails_to_decode_or_to_standardise_is_an_audio_error(tm
 def test_a_second_extraction_into_a_folder_in_use_is_refused(model, tmp_path):
     """Two extractions into one folder both "succeeded" and left every unit row twice; the folder's lock (held as a
     running extraction holds it) now refuses the second, which writes nothing, and frees the folder when done."""
-    import os
 
     from spidr.folder_lock import folder_lock
 
@@ -708,7 +715,6 @@ def test_units_probe_features_and_k_means_samples_of_long_files_run_window_by_wi
 
 def test_a_long_archive_member_runs_in_windows_like_a_long_file(model, tmp_path, monkeypatch):
     """A long file inside a tar ran whole, in one forward (only files on disk were windowed)."""
-    import tarfile
 
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -756,7 +762,6 @@ def test_a_file_id_that_would_write_outside_the_output_folder_is_refused(fileid)
 def test_an_archive_member_named_above_the_archive_s_root_is_refused_before_anything_is_written(model, tmp_path):
     """A tar member "spk/../../../victim/results.wav" put its features four folders above its layer folder (over
     any file of that name) and the extraction counted it done: only the file id was checked, not its folder."""
-    import tarfile
 
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -781,7 +786,6 @@ def test_the_output_tree_mirrors_where_the_audio_is_however_its_path_is_spelt(tm
     assert list(output_stems(entries)) == ["b/x", "d/y"]
     (tmp_path / "work").mkdir()
     (tmp_path / "up").mkdir()
-    import os
 
     cwd = os.getcwd()
     os.chdir(tmp_path / "work")
@@ -886,9 +890,7 @@ def test_a_manifest_of_files_and_archive_members_mirrors_both_below_their_common
     """write_manifest merges a folder's scan and a tar's; extracting from it stopped with Python's "Can't mix absolute
     and relative paths", naming no file. A member's folder is read below its archive's path there; a member named
     above the archive's root is still refused."""
-    import tarfile
 
-    from spidr.data.manifest import write_manifest
 
     (tmp_path / "d").mkdir()
     sf.write(tmp_path / "d" / "a.wav", speech_like(0.5, 1), 16000)
@@ -978,3 +980,114 @@ def test_a_path_finds_only_a_file_whose_path_agrees_with_it():
     timit = StemKeyed({"dr1/fcjf0/sa1": 1, "dr1/mdab0/sa1": 2})
     assert timit["fcjf0/sa1"] == 1
     assert timit["timit/train/dr1/mdab0/sa1"] == 2
+
+
+def test_features_of_one_file_in_both_formats_are_refused_naming_both(tmp_path: Path) -> None:
+    """C01: spk/a.npy and spk/a.pt are two feature files for one utterance: which one is meant cannot be told, so
+    the directory is refused, naming both (one taken silently could be another run's). Truth: the files written."""
+    import torch
+
+    from spidr.eval.feature_dir import FeatureDirectory
+
+    (tmp_path / "spk").mkdir()
+    np.save(tmp_path / "spk" / "a.npy", np.zeros((2, 3), np.float32))
+    torch.save(torch.ones(4, 3), tmp_path / "spk" / "a.pt")
+    np.save(tmp_path / "b.npy", np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match=r"both spk/a\.npy and spk/a\.pt exist"):
+        FeatureDirectory(tmp_path)
+
+
+def test_a_file_listed_as_skipped_whose_features_exist_is_found_as_present() -> None:
+    """C05: ``skipped`` lists what the record says was unreadable; a file listed there whose features are present
+    (read by a later run) is a present file: found by its path and by its id, not refused or taken for missing.
+    Truth, by hand."""
+    from spidr.eval.feature_dir import StemKeyed
+
+    features = StemKeyed({"spk1/0001": 1, "spk1/0002": 2}, skipped=["spk1/0001", "spk2/0003"])
+    assert features["spk1/0001"] == features["0001"] == 1
+    assert list(features) == ["0001", "0002"]
+    assert "spk2/0003" not in features
+    assert features.names_skipped("spk2/0003")
+
+
+def test_a_name_that_finds_a_skipped_file_resolves_to_nothing_and_matches_nothing() -> None:
+    """C08: ``resolve`` returns None for a name that finds a skipped file (its docstring), so ``names_matched``
+    never pairs a given name (an alignment's utterance) with a file that has no features. Truth, by hand: only
+    spk1/0001 is present."""
+    from spidr.eval.feature_dir import StemKeyed, names_matched
+
+    features = StemKeyed({"spk1/0001": 1}, skipped=["spk2/0001"])
+    assert features.resolve("spk2/0001") is None
+    assert features.resolve("corpus/spk1/0001") == "spk1/0001"
+    assert names_matched({"spk1/0001": 1}, ["spk2/0001", "corpus/spk1/0001"], source="u",
+                         skipped=["spk2/0001"]) == {"spk1/0001": "corpus/spk1/0001"}
+
+
+def test_a_root_recorded_with_a_trailing_slash_is_the_same_root() -> None:
+    """C07: ``root`` "/c/audio/spk1/" names the folder "/c/audio/spk1" (as the existing test gives it): the names
+    that tell the top file ./0001 from the skipped /c/audio/spk2/0001 do so either way. Truth: the existing test's
+    hand-worked answers."""
+    from spidr.eval.feature_dir import StemKeyed
+
+    for root in ("/c/audio/spk1", "/c/audio/spk1/"):
+        features = StemKeyed({"0001": np.zeros(1), "other": np.ones(1)}, skipped=["/c/audio/spk2/0001"], root=root)
+        for name in ("spk1/0001", "./0001", "data/spk1/0001"):
+            assert features.resolve(name) == "0001", (root, name)
+        assert features.names_skipped("corpus/spk2/0001"), root
+
+
+def test_a_unique_id_s_file_is_found_by_a_shorter_path_ending_its_own_but_not_by_a_longer_folder_name() -> None:
+    """C15, C16: where one file holds an id, a path finds it when either path ends with the other on a folder
+    boundary: fcjf0/sa1 finds dr1/fcjf0/sa1 (an item file giving the speaker folder only), but 21/0001 is another
+    speaker's file than 1/0001, and x1/0001 too. Truth, by hand."""
+    from spidr.eval.feature_dir import StemKeyed
+
+    timit = StemKeyed({"dr1/fcjf0/sa1": 1})
+    assert timit["fcjf0/sa1"] == timit["corpus/dr1/fcjf0/sa1"] == timit["sa1"] == 1
+    assert "mabc0/sa1" not in timit
+    numbered = StemKeyed({"1/0001": 5})
+    assert numbered["corpus/1/0001"] == numbered["0001"] == 5
+    for name in ("21/0001", "x1/0001", "corpus/21/0001"):
+        assert name not in numbered, name
+
+
+def test_a_units_record_that_describes_another_version_of_its_file_is_not_used(tmp_path: Path, caplog) -> None:
+    """C21: ``spidr units`` records the size of the file it wrote; a units file rewritten since by something else
+    (another tool, another k) must not be read with that record's vocabulary and frame rate, and a record of the
+    extraction above it, where there is one, is used instead. Truth: the records written here."""
+    import logging
+
+    from spidr.eval.feature_dir import extraction_frame_rate, recorded_num_units
+
+    extraction = tmp_path / "out"
+    (extraction / "codebook_units").mkdir(parents=True)
+    (extraction / "metadata.json").write_text(json.dumps({"frame_rate_hz": 50.0, "layers": [2],
+                                                          "codebook_size": 16}))
+    units = extraction / "codebook_units" / "layer_02.jsonl"
+    units.write_text('{"name": "a", "units": [1, 2]}\n')
+    (extraction / "codebook_units" / "layer_02.jsonl.metadata.json").write_text(json.dumps(
+        {"frame_rate_hz": 25.0, "num_units": 4, "units_file_bytes": units.stat().st_size}))
+    assert recorded_num_units(units)[0] == 4
+    assert extraction_frame_rate(units)[0] == 25.0
+    units.write_text('{"name": "a", "units": [1, 2, 3]}\n')  # rewritten: another size
+    with caplog.at_level(logging.WARNING):
+        assert recorded_num_units(units) == (16, extraction / "metadata.json")
+        assert extraction_frame_rate(units)[0] == 50.0
+    assert "describes another version" in caplog.text
+
+
+def test_k_means_units_beside_codebook_units_do_not_take_the_codebook_size(tmp_path: Path) -> None:
+    """C23: an extraction's record gives the codebook size of its codebook_units/layer_LL.jsonl only; its
+    kmeans_units/layer_LL.jsonl (``spidr extract --kmeans``) have the centroids' count, which that record does not
+    hold: nothing is recorded for them there (the codebook size would size a unit LM's vocabulary wrongly).
+    Truth: the record written."""
+    from spidr.eval.feature_dir import recorded_num_units
+
+    extraction = tmp_path / "out"
+    for folder in ("codebook_units", "kmeans_units"):
+        (extraction / folder).mkdir(parents=True)
+        (extraction / folder / "layer_02.jsonl").write_text('{"name": "a", "units": [1]}\n')
+    (extraction / "metadata.json").write_text(json.dumps({"frame_rate_hz": 50.0, "layers": [2],
+                                                          "codebook_layers": [2], "codebook_size": 16}))
+    assert recorded_num_units(extraction / "codebook_units" / "layer_02.jsonl") == (16, extraction / "metadata.json")
+    assert recorded_num_units(extraction / "kmeans_units" / "layer_02.jsonl") is None

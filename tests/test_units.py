@@ -178,3 +178,40 @@ def test_the_first_line_that_is_not_utf8_is_counted_across_pieces_of_a_long_line
         assert b"\xe9" in found[1], suffix
         path.write_bytes(data[: len(line_1) + 6] if suffix == ".jsonl" else gzip.compress(data[: len(line_1) + 6]))
         assert first_non_utf8_line(path) is None, suffix
+
+
+def test_a_false_among_the_units_is_refused_like_a_true(tmp_path: Path) -> None:
+    """D04: numpy reads ``[0, false]`` as the integers [0, 0]; a JSON boolean is not a unit, whichever it is.
+    Truth: the rule stated in ``read_units``' docstring."""
+    from spidr.eval.units import read_units
+
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"name": "b", "units": [0, false]}\n')
+    with pytest.raises(ValueError, match="'units' of 'b' must be a list of integers"):
+        read_units(path)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n"])
+def test_a_units_file_without_a_row_is_refused(tmp_path: Path, text: str) -> None:
+    """D05: a units file with no utterance (an empty file, blank lines) is named, not read as an empty corpus that
+    every later score would silently average over nothing."""
+    from spidr.eval.units import read_units
+
+    (tmp_path / "u.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=r"units file .*u\.jsonl has no utterance"):
+        read_units(tmp_path / "u.jsonl")
+
+
+def test_rows_are_keyed_by_the_mapped_name_and_a_row_with_units_and_phones_is_refused(tmp_path: Path) -> None:
+    """D02, D03 (killed only by a slow-ish LM test before): ``key`` maps each row's name (a submission's paths to
+    their file stems), and a row holding both lists of ``field`` is refused. Truth, by hand."""
+    from spidr.eval.units import read_jsonl_rows
+
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"name": "dev/a.wav", "units": [1]}\n{"audio": "x/b.flac", "phones": ["p"]}\n')
+    rows = list(read_jsonl_rows(path, field=("units", "phones"), key=lambda name: name.upper()))
+    assert [(name, found, values) for name, _, found, values in rows] == [("DEV/A.WAV", "units", [1]),
+                                                                         ("B", "phones", ["p"])]
+    path.write_text('{"name": "a", "units": [1], "phones": ["p"]}\n')
+    with pytest.raises(ValueError, match="line 1: the row holds both 'units' and 'phones'"):
+        list(read_jsonl_rows(path, field=("units", "phones")))
