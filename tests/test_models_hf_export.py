@@ -645,3 +645,20 @@ def test_an_hf_export_killed_midway_is_refused_by_readers_and_written_again_by_i
     _assert_same_student(load_model(out), model)
     assert cli.main(argv) == 2  # a finished export is still not replaced without --overwrite
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_refused_overwrite_leaves_the_earlier_export_readable(tmp_path, capsys) -> None:
+    """export --format hf --overwrite of a model it cannot export was refused, but left its in-progress marker in the
+    earlier, intact export: every reader then refused that folder."""
+    from spidr.in_progress import HF_EXPORT_IN_PROGRESS
+
+    model = perturbed(tiny_model("spidr"))
+    export_safetensors(model, tmp_path / "good.safetensors")
+    export_safetensors(tiny_model("spidr", extractor_mode="group_norm"), tmp_path / "group_norm.safetensors")
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(tmp_path / "good.safetensors"), str(out), "--format", "hf"]) == 0
+    assert cli.main(["export", str(tmp_path / "group_norm.safetensors"), str(out), "--format", "hf",
+                     "--overwrite"]) == 2
+    assert "extractor_mode = 'group_norm'" in capsys.readouterr().err
+    assert not (out / HF_EXPORT_IN_PROGRESS).exists()
+    _assert_same_student(load_model(out), model)

@@ -139,6 +139,9 @@ def _export(args: argparse.Namespace) -> int:
         case "safetensors":
             export_safetensors(model, output)
         case "hf":
+            from spidr.models.hf_export import check_exportable
+
+            check_exportable(model.cfg)  # (before the marker: a refused export leaves an earlier one readable)
             with marked_in_progress(output, HF_EXPORT_IN_PROGRESS):
                 export_hf(model, output)
         case "s3prl":
