@@ -500,3 +500,24 @@ def test_audio_changes_name_the_first_changed_file_and_count_the_others():
         "c.wav (missing now) and 1 other file(s)")
     assert audio_changes(recorded, np.array([[10, 6], [-1, -1], [12, 7], [14, 8]]), locate) == (
         "a.wav (size or modification time) and 1 other file(s)")
+
+
+def test_a_part_of_a_finished_extraction_rechecks_its_audio(tmp_path):
+    """Rerunning a part on a finished folder said "nothing left to do" after its audio was rewritten in place (a
+    whole extraction refused): the part's stamps survive the join and are compared."""
+    from spidr.eval.folder_extraction import extract_part
+    from spidr.eval.shards import Shard
+
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=4))
+    out = tmp_path / "out"
+    settings = ExtractionSettings(**SETTINGS)
+    for part in (1, 2):
+        extract_part(_model(), entries, out, settings, Shard(part, 2), progress=False)
+    assert (out / "metadata.json").is_file()
+    outcome = extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
+    assert outcome.finished_before
+    second = entries[int(np.flatnonzero(Shard(2, 2).members(np.array([e.num_samples for e in entries])))[0])]
+    _rewrite_in_place(Path(second.path))
+    assert extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False).finished_before  # not its file
+    with pytest.raises(ValueError, match=rf"audio files changed since: {re.escape(second.location)} "):
+        extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)

@@ -456,7 +456,7 @@ def extract_part(
         if not (shard.is_whole or restart):
             finished = _finished_metadata(out_dir, identity)
             if finished is not None:  # (its parts' unit rows are in codebook_units/ now)
-                logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
+                _check_finished_part(out_dir, shard, manifest, mine)
                 if "skipped_stems" not in finished:  # (finished by an older spidr: recorded now, see _write_metadata)
                     not_read = _not_read(manifest, outputs.stems, finished.get("skipped", {}), outputs.unread)
                     finished = _record_skipped_stems(out_dir, plan, finished, not_read, outputs.root)
@@ -532,6 +532,18 @@ def _extract_entries(model: torch.nn.Module, manifest: Manifest, todo: np.ndarra
             bar.update(1)
     finally:
         bar.close()
+
+
+def _check_finished_part(out_dir: Path, shard: Shard, manifest: Manifest, mine: np.ndarray) -> None:
+    """Part ``shard`` of a finished extraction has nothing left to do, unless its audio (``mine``) changed since it
+    extracted it (the stamps its journal recorded: ``spidr.eval.journal``): then raise."""
+    from spidr.eval.journal import STATE_DIR, audio_stamps, changed_audio, changed_audio_error
+
+    changed = changed_audio(out_dir / STATE_DIR / shard.folder_name, audio_stamps(manifest, rows=mine),
+                            lambda index: manifest[index].location)
+    if changed:
+        raise changed_audio_error(out_dir, changed)
+    logger.info("%s holds the finished extraction: part %s has nothing left to do", out_dir, shard)
 
 
 def _finished_metadata(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, object] | None:

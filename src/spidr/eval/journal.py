@@ -175,6 +175,28 @@ def audio_changes(recorded: np.ndarray, current: np.ndarray, locate: Callable[[i
     return f"{locate(first)} ({how})" + (f" and {changed.size - 1} other file(s)" if changed.size > 1 else "")
 
 
+def recorded_stamps(journal_dir: Path) -> np.ndarray | None:
+    """The audio stamps a journal (``journal_dir``: ``OUT/.extract`` or a part's folder in it) recorded, or None."""
+    try:
+        return np.load(journal_dir / STAMPS_FILE, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+
+
+def changed_audio(journal_dir: Path, stamps: np.ndarray, locate: Callable[[int], str]) -> str:
+    """``audio_changes`` since the stamps recorded in ``journal_dir`` ("" where it recorded none)."""
+    recorded = recorded_stamps(journal_dir)
+    if recorded is None or recorded.shape != stamps.shape:
+        return ""
+    return audio_changes(recorded, stamps, locate)
+
+
+def changed_audio_error(out_dir: Path, changed: str) -> ValueError:
+    return ValueError(f"{out_dir} holds an extraction of audio files changed since: {changed}, as their sizes and "
+                      "modification times tell (a copy keeps the times with cp -p, rsync -a or tar); use another "
+                      "output folder, or restart (spidr extract --restart) to extract them again")
+
+
 def recorded_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
     """``identity`` as ``state.json`` holds it (JSON types: tuples as lists)."""
     return json.loads(json.dumps({"format": FORMAT, **identity}))
@@ -243,11 +265,9 @@ class ExtractionJournal:
             logger.info("%s held an extraction with other %s: starting over", out_dir,
                         identity_differences(previous, self.identity))
             replace_all = True
-        changed = "" if replace_all or stamps is None else self._audio_changes(stamps, locate or str)
+        changed = "" if replace_all or stamps is None else changed_audio(self.part_dir, stamps, locate or str)
         if changed and not (restart or replace_other):
-            raise ValueError(f"{out_dir} holds an extraction of audio files changed since: {changed}, as their sizes "
-                             "and modification times tell (a copy keeps the times with cp -p, rsync -a or tar); use "
-                             "another output folder, or restart (spidr extract --restart) to extract them again")
+            raise changed_audio_error(out_dir, changed)
         if changed:
             logger.info("%s: audio files changed since (%s): starting over", out_dir, changed)
             replace_all = replace_all or shard.is_whole  # (a part: that part alone, below)
@@ -293,21 +313,8 @@ class ExtractionJournal:
         self.dir.mkdir(parents=True)
         write_atomically(self.dir / "state.json", json.dumps(self.identity, indent=1) + "\n")
 
-    def _recorded_stamps(self) -> np.ndarray | None:
-        try:
-            return np.load(self.part_dir / STAMPS_FILE, allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-
-    def _audio_changes(self, stamps: np.ndarray, locate: Callable[[int], str]) -> str:
-        """``audio_changes`` since the stamps this journal recorded ("" where it recorded none)."""
-        recorded = self._recorded_stamps()
-        if recorded is None or recorded.shape != stamps.shape:
-            return ""
-        return audio_changes(recorded, stamps, locate)
-
     def _record_stamps(self, stamps: np.ndarray) -> None:
-        recorded = self._recorded_stamps()
+        recorded = recorded_stamps(self.part_dir)
         if recorded is None or not np.array_equal(recorded, stamps):
             with replaced_when_done(self.part_dir / STAMPS_FILE) as partial, partial.open("wb") as handle:
                 np.save(handle, stamps)
