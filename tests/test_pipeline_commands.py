@@ -1001,39 +1001,42 @@ def test_evaluate_refuses_one_alignment_longer_than_its_audio_before_extracting(
             "--out", str(out)]
     assert main(base) == 2
     err = capsys.readouterr().err
-    assert (f"--alignments {tmp_path / 'long.tsv'}: utterance 's1_0' has 250 frames at 50 Hz, but the manifest's "
-            "length of its audio gives 49") in err
+    assert (f"--alignments {tmp_path / 'long.tsv'}: utterance 's1_0' has 250 frames at 50 Hz, but its audio gives "
+            "49") in err
     assert not out.exists()
     # without a head among the layers there is no PNMI to count them: ABX alone runs
     assert main([*base, "--layers", "1"]) == 0
 
 
-def test_alignment_lengths_may_differ_from_the_units_by_two_frames_and_the_manifest_s_slack():
+def test_alignment_lengths_may_differ_from_the_units_by_two_frames_of_the_decoded_audio():
     """Hand count: 1 s at 16 kHz through the base front end (hop 320, receptive field 400) is 49 units at 50 Hz,
-    98 frames at 100 Hz; count_matrix allows 2 frames, and a decoded length may be 10 ms (160 samples, 1 frame at
-    100 Hz) off the manifest's: 95-101 frames pass, 94 and 102 do not. At 35 s the manifest's 1 % (350 ms) is 35
-    frames more."""
+    98 frames at 100 Hz; count_matrix allows 2 frames: 96-100 pass, 95 and 101 do not. The extraction counts the
+    decoded audio: where the manifest's length disagrees, the decoded length decides (a manifest 25 ms short of
+    audio that fits is not refused; audio that does not fit is, said as its audio's), and a file that cannot be read
+    (skipped by the extraction) is not refused."""
     from spidr.config import DEFAULT_CONV_LAYERS
     from spidr.eval.unit_quality import check_alignment_lengths
 
-    def check(count: int, *, samples: int = 16_000, others: int = 0) -> None:
+    def check(count: int, *, samples: int = 16_000, others: int = 0, decoded=None) -> None:
         alignments = {"u": ["a"] * count, **{f"v{i}": ["a"] * 10 for i in range(others)}}
         check_alignment_lengths(alignments, {"u": samples, "absent": 3, **{f"v{i}": 16_000 for i in range(others)}},
-                                conv_layers=DEFAULT_CONV_LAYERS, alignment_rate_hz=100, where="--alignments a.tsv")
+                                conv_layers=DEFAULT_CONV_LAYERS, alignment_rate_hz=100, where="--alignments a.tsv",
+                                decoded_samples=decoded)
 
-    for count in (95, 98, 101):
+    for count in (96, 98, 100):
         check(count)
-    for count in (94, 102):
+    for count in (95, 101):
         with pytest.raises(ValueError, match=rf"^--alignments a\.tsv: utterance 'u' has {count} frames at 100 Hz, "
                                              r"but the manifest's length of its audio gives 98 \(0\.98 s\): an "
-                                             r"alignment of another recording\? They may differ by at most 3"):
+                                             r"alignment of another recording\? They may differ by at most 2"):
             check(count)
     with pytest.raises(ValueError, match=r"gives 98 \(0\.98 s\) \(and 2 other utterance\(s\)\)"):
-        check(102, others=2)
-    # 35 s: 1749 units, 3498 frames; slack 2 + 35
-    check(3498 + 37, samples=560_000)
-    with pytest.raises(ValueError, match="at most 37 frames"):
-        check(3498 + 38, samples=560_000)
+        check(101, others=2)
+    # the manifest 25 ms short (15,600 samples: 96 frames) of audio whose 98 frames the alignment fits
+    check(98, samples=15_600, decoded={"u": 16_000}.get)
+    with pytest.raises(ValueError, match=r"utterance 'u' has 92 frames at 100 Hz, but its audio gives 98"):
+        check(92, samples=15_600, decoded={"u": 16_000}.get)
+    check(92, samples=15_600, decoded=lambda name: None)  # unreadable: skipped by the extraction
 
 
 @pytest.mark.parametrize("command", ["extract", "evaluate", "probe"])
@@ -1073,3 +1076,20 @@ def test_evaluate_refuses_to_replace_another_model_s_evaluation(corpus, tmp_path
     assert (out / "report.json").read_bytes() == first
     assert evaluate(other, "--overwrite") == 0
     assert (out / "report.json").read_bytes() != first
+
+
+def test_evaluate_takes_the_decoded_length_where_the_manifest_s_is_a_little_off(corpus, tmp_path):
+    """4 s files whose manifest says 600 samples fewer (within the extraction's 1 %): by the manifest's length the
+    100 Hz alignments overrun the units by 6 frames, by the decoded audio by 2. Evaluate takes the decoded length and
+    runs, as the extraction and PNMI do."""
+    rows, intervals = ["fileid,path,num_samples"], ["utterance\tonset\toffset\tphone"]
+    for name in ("s1_0", "s1_1", "s2_0", "s2_1"):
+        wave, rate = sf.read(corpus / f"{name}.wav", dtype="float32")
+        sf.write(tmp_path / f"{name}.wav", np.tile(wave, 4), rate)
+        rows.append(f"{name},{name}.wav,{4 * 16000 - 600}")
+        intervals += [f"{name}\t{0.25 * i:.2f}\t{0.25 * (i + 1):.2f}\t{PHONES[i % 4]}" for i in range(16)]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "align.tsv").write_text("\n".join(intervals) + "\n")
+    assert main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(tmp_path / "manifest.csv"), "--item", str(corpus / "test.item"), "--alignments",
+                 str(tmp_path / "align.tsv"), "--alignment-rate", "100", "--out", str(tmp_path / "report")]) == 0

@@ -283,16 +283,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     items = read_items(args.item)
     alignments = (None if args.alignments is None
                   else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
-    aligned_samples = {}
+    aligned_entries = {}
     if alignments is not None:  # before the extraction and the ABX of every layer, not at the first head's PNMI
-        aligned_samples = _aligned_lengths(entries, unread, alignments, args.manifest)
-        check_alignment_rate(alignments, aligned_samples, alignment_rate_hz=args.alignment_rate,
-                             where=f"--alignments {args.alignments}")
+        aligned_entries = _aligned_entries(entries, unread, alignments, args.manifest)
+        check_alignment_rate(alignments, {name: entry.num_samples for name, entry in aligned_entries.items()},
+                             alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
     layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
     _check_before_extracting(model, entries, items, layers, args, unread=unread)
     if alignments is not None and any(layer in model.head_layers for layer in layers):  # (the PNMI's units)
-        check_alignment_lengths(alignments, aligned_samples, conv_layers=model.cfg.extractor_conv_layer_config,
-                                alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
+        check_alignment_lengths(alignments, {name: entry.num_samples for name, entry in aligned_entries.items()},
+                                conv_layers=model.cfg.extractor_conv_layer_config,
+                                alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}",
+                                decoded_samples=lambda name: _decoded_length(aligned_entries[name]))
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)
@@ -344,23 +346,33 @@ def _refuse_another_models_evaluation(out: Path, model: torch.nn.Module) -> None
                      "give another --out, or --overwrite to replace it")
 
 
-def _aligned_lengths(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry],
-                     alignments: Mapping[str, Any], manifest: str) -> dict[str, int]:
-    """``{alignment name: its file's num_samples}``, the alignments' names found as the PNMI will find them (by
+def _decoded_length(entry: ManifestEntry) -> int | None:
+    """The number of samples ``entry`` decodes to at 16 kHz (None: it cannot be read, and the extraction skips it)."""
+    from spidr.data.audio import AudioError, load_audio
+
+    try:
+        return len(load_audio(entry, normalize=False))
+    except AudioError:
+        return None
+
+
+def _aligned_entries(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry],
+                     alignments: Mapping[str, Any], manifest: str) -> dict[str, ManifestEntry]:
+    """``{alignment name: its file's entry}``, the alignments' names found as the PNMI will find them (by
     path or unique id, ``names_matched``; ``unread``: the scan's unreadable files, as ``unread_stems``): a bare id
     that several files hold is refused now, not after the extraction and the first layers' ABX."""
     from spidr.eval.feature_dir import names_matched
     from spidr.eval.folder_extraction import output_root, unread_stems, utterance_names
 
-    samples = {name: entry.num_samples for entry, name in zip(entries, utterance_names(entries, unread), strict=True)}
-    matched = names_matched(samples, alignments, source=f"--manifest {manifest}",
+    named = {name: entry for entry, name in zip(entries, utterance_names(entries, unread), strict=True)}
+    matched = names_matched(named, alignments, source=f"--manifest {manifest}",
                             skipped=unread_stems(entries, unread), root=output_root(entries))
     if not matched:
         raise ValueError(f"none of the {len(alignments)} utterances of --alignments names a file of --manifest "
                          f"{manifest} (the first is {next(iter(alignments))!r}; the files are named e.g. "
-                         f"{next(iter(samples))!r}: by utterance id, by path where ids repeat, or by a path that "
+                         f"{next(iter(named))!r}: by utterance id, by path where ids repeat, or by a path that "
                          "ends with that)")
-    return {name: samples[key] for key, name in matched.items()}
+    return {name: named[key] for key, name in matched.items()}
 
 
 def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestEntry], items: Items,

@@ -30,7 +30,7 @@ import array
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -104,31 +104,49 @@ def check_alignment_rate(alignments: Mapping[str, Sequence[str]], num_samples: M
                      f"{option} {round(implied)}")
 
 
+# At most this many utterances whose manifest length disagrees with their alignment are decoded to measure their
+# audio (``check_alignment_lengths``); past it, a manifest whose lengths are all somewhat off is left to the check
+# after the extraction, which counts the decoded frames.
+MAX_DECODED_SUSPECTS = 100
+
+
 def check_alignment_lengths(alignments: Mapping[str, Sequence[str]], num_samples: Mapping[str, int], *,
-                            conv_layers: Sequence[Any], alignment_rate_hz: float, where: str) -> None:
-    """Refuse an utterance whose alignment does not span the units of its audio (``num_samples``: its manifest
-    length at 16 kHz; ``conv_layers``: the model's front end) by more than ``count_matrix`` allows, widened by how far
-    a decoded length may be from the manifest's (``length_tolerance``): an alignment of another recording (trimmed
-    audio, another copy), which the median of ``check_alignment_rate`` lets through, would otherwise fail after the
-    extraction."""
-    from spidr.data.dataset import length_tolerance
+                            conv_layers: Sequence[Any], alignment_rate_hz: float, where: str,
+                            decoded_samples: Callable[[str], int | None] | None = None) -> None:
+    """Refuse an utterance whose alignment does not span the units of its audio by more than ``count_matrix``
+    allows (``MAX_LENGTH_MISMATCH``): an alignment of another recording (trimmed audio, another copy), which the
+    median of ``check_alignment_rate`` lets through, would otherwise fail after the extraction. ``num_samples``: the
+    manifest's lengths at 16 kHz; ``conv_layers``: the model's front end. The extraction counts the decoded audio,
+    which may be a little off the manifest's length: an utterance that disagrees is measured again with
+    ``decoded_samples(name)`` (its decoded length; None for a file that cannot be read, which is skipped), and only
+    a disagreement that stands is refused."""
     from spidr.models.frames import frame_rate_hz, num_frames
 
     ratio = alignment_rate_hz / frame_rate_hz(conv_layers)
-    bad = []
+
+    def expected(samples: int) -> float:
+        return num_frames(samples, conv_layers) * ratio
+
+    bad, decoded = [], 0
     for name, samples in num_samples.items():
-        if name not in alignments:
+        if name not in alignments or abs(len(alignments[name]) - expected(samples)) <= MAX_LENGTH_MISMATCH:
             continue
-        expected = num_frames(samples, conv_layers) * ratio
-        slack = MAX_LENGTH_MISMATCH + math.ceil(length_tolerance(samples) * alignment_rate_hz / 16000)
-        if abs(len(alignments[name]) - expected) > slack:
-            bad.append((name, len(alignments[name]), expected, slack))
+        source = "the manifest's length of its audio"
+        if decoded_samples is not None and decoded < MAX_DECODED_SUSPECTS:
+            decoded += 1
+            samples = decoded_samples(name)
+            if samples is None or abs(len(alignments[name]) - expected(samples)) <= MAX_LENGTH_MISMATCH:
+                continue
+            source = "its audio"
+        elif decoded_samples is not None:
+            continue  # (left to the check after the extraction)
+        bad.append((name, len(alignments[name]), expected(samples), source))
     if bad:
-        name, count, expected, slack = bad[0]
+        name, count, frames, source = bad[0]
         others = f" (and {len(bad) - 1} other utterance(s))" if len(bad) > 1 else ""
-        raise ValueError(f"{where}: utterance {name!r} has {count} frames at {alignment_rate_hz:g} Hz, but the "
-                         f"manifest's length of its audio gives {expected:g} ({expected / alignment_rate_hz:.2f} s)"
-                         f"{others}: an alignment of another recording? They may differ by at most {slack} frames")
+        raise ValueError(f"{where}: utterance {name!r} has {count} frames at {alignment_rate_hz:g} Hz, but {source} "
+                         f"gives {frames:g} ({frames / alignment_rate_hz:.2f} s){others}: an alignment of another "
+                         f"recording? They may differ by at most {MAX_LENGTH_MISMATCH} frames")
 
 
 def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> Alignments:
