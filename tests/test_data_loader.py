@@ -177,15 +177,21 @@ def test_loading_leaves_the_global_rng_alone(manifest: Path, workers: int) -> No
     assert torch.equal(torch.rand(3), expected)
 
 
+def _corpus_with_u0_unreadable(tmp_path: Path, count: int, *, step: int) -> Path:
+    """``count`` noise files u0..u{count-1} of 4000 + step·i samples, listed in a manifest; then u0 made unreadable."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    for i in range(count):
+        sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(4000 + step * i), 16_000)
+    manifest = write_manifest(scan(root, progress=False).entries, tmp_path / "m.csv")
+    (root / "u0.wav").write_bytes(b"not audio")
+    return manifest
+
+
 def test_the_unusable_files_summary_is_logged_once_unless_new_ones_appear(tmp_path: Path, caplog) -> None:
     import logging
 
-    root = tmp_path / "audio"
-    root.mkdir()
-    for i in range(6):
-        sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(4000 + 1000 * i), 16_000)
-    manifest = write_manifest(scan(root, progress=False).entries, tmp_path / "m.csv")
-    (root / "u0.wav").write_bytes(b"not audio")
+    manifest = _corpus_with_u0_unreadable(tmp_path, 6, step=1000)
     loader, _ = build(config(manifest, max_bad_fraction=1.0))
     with caplog.at_level(logging.INFO, logger="spidr.data"):
         for _ in range(3):
@@ -378,14 +384,7 @@ def test_with_several_ranks_the_loader_leaves_the_bad_file_verdict_to_the_traine
     """B05: a rank of several must not raise alone on its own bad-file share (the other ranks would hang in their
     next collective); its loader's tracker is shared, and only the trainer's ``check_across_ranks`` judges. A
     single process judges at the end of its epoch. Truth: the documented behaviour of ``BadFileTracker``."""
-    from test_data_loader import build, config
-
-    root = tmp_path / "audio"
-    root.mkdir()
-    for i in range(8):
-        sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(4000 + 500 * i), 16_000)
-    manifest = write_manifest(scan(root, progress=False).entries, tmp_path / "m.csv")
-    (root / "u0.wav").write_bytes(b"not audio")
+    manifest = _corpus_with_u0_unreadable(tmp_path, 8, step=500)
     cfg = config(manifest, max_bad_fraction=0.0, max_batch_length=12_000, num_buckets=2)
     with pytest.raises(ValueError, match="unusable"):
         list(build(cfg)[0])
