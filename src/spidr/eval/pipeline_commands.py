@@ -283,16 +283,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     items = read_items(args.item)
     alignments = (None if args.alignments is None
                   else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
-    aligned_entries = {}
+    aligned_entries, aligned_samples = {}, {}
     if alignments is not None:  # before the extraction and the ABX of every layer, not at the first head's PNMI
         aligned_entries = _aligned_entries(entries, unread, alignments, args.manifest)
-        check_alignment_rate(alignments, {name: entry.num_samples for name, entry in aligned_entries.items()},
-                             alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}")
+        aligned_samples = {name: entry.num_samples for name, entry in aligned_entries.items()}
+        check_alignment_rate(alignments, aligned_samples, alignment_rate_hz=args.alignment_rate,
+                             where=f"--alignments {args.alignments}")
     layers = parse_layers(args.layers or f"1-{model.num_layers}", model.num_layers)
     _check_before_extracting(model, entries, items, layers, args, unread=unread)
     if alignments is not None and any(layer in model.head_layers for layer in layers):  # (the PNMI's units)
-        check_alignment_lengths(alignments, {name: entry.num_samples for name, entry in aligned_entries.items()},
-                                conv_layers=model.cfg.extractor_conv_layer_config,
+        check_alignment_lengths(alignments, aligned_samples, conv_layers=model.cfg.extractor_conv_layer_config,
                                 alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}",
                                 decoded_samples=lambda name: _decoded_length(aligned_entries[name]))
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from spidr import cli_types
 from spidr.help_format import HelpFormatter
+from spidr.in_progress import marked_in_progress
 
 logger = logging.getLogger(__name__)
 
@@ -192,20 +194,16 @@ def _lm_correlate(args: argparse.Namespace) -> int:
     computed = _correlated_pairs(args)
     marker = _check_outputs(args, [_plot_path(args, result["x"], result["y"], several=len(computed) > 1)
                                    for result, _ in computed])
-    if marker is not None:  # (several files: a rerun after a kill among them writes them again)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
     results = []
-    for result, rows in computed:
-        plot = _plot_path(args, result["x"], result["y"], several=len(computed) > 1)
-        if plot is not None:
-            result["plot"] = str(plot_scatter(rows, result["x"], result["y"], plot, result=result))
-        results.append(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(args.out, correlations_csv(results))
-    if marker is not None:
-        marker.unlink()
+    # (several files: a rerun after a kill among them writes them again)
+    with contextlib.nullcontext() if marker is None else marked_in_progress(marker.parent, marker.name):
+        for result, rows in computed:
+            plot = _plot_path(args, result["x"], result["y"], several=len(computed) > 1)
+            if plot is not None:
+                result["plot"] = str(plot_scatter(rows, result["x"], result["y"], plot, result=result))
+            results.append(result)
+        if args.out:
+            write_atomically(args.out, correlations_csv(results))  # (its folder made with the marker)
     if args.json:
         ready = [json_ready(result) for result in results]  # an interval not given (too few points) is null
         print(json.dumps(ready[0] if len(ready) == 1 else ready, allow_nan=False))
