@@ -317,6 +317,50 @@ def test_a_benchmark_made_again_in_place_is_other_inputs(bench, checkpoint, tmp_
     assert "benchmark (a benchmark made again: its info.json differs)" in capsys.readouterr().err
 
 
+def test_audio_rewritten_in_place_is_refused_and_a_folder_recorded_without_stamps_resumes(bench, checkpoint,
+                                                                                         tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Same names and lengths, other audio (a test set regenerated in place): its old units were kept, and an LM
+    scored them as the new items'. The record now holds each set's audio sizes and modification times; a folder
+    begun by a spidr that recorded none resumes, and records them."""
+    import os
+    import shutil
+
+    copy = tmp_path / "bench"
+    shutil.copytree(bench, copy)
+    out = tmp_path / "u"
+    arguments = ["lm-units", str(copy), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]
+    assert main(arguments) == 0
+    before = _files(out)
+    state_path = out / ".lm-units.json"
+    state = json.loads(state_path.read_text())
+    assert sorted(state["identity"]["audio"]) == ["lexical/dev", "train", "tsc/dev"]
+    # recorded by an older spidr: no stamps; the rerun keeps every set and records them
+    state_path.write_text(json.dumps({"identity": {k: v for k, v in state["identity"].items() if k != "audio"},
+                                      "done": state["done"]}))
+    calls = _counted_iter_units(monkeypatch)
+    assert main(arguments) == 0
+    assert calls == []
+    assert json.loads(state_path.read_text()) == state
+    # one test file rewritten with other audio of the same length
+    wav = copy / "tsc" / "dev" / "tsc-dev-1.wav"  # (scanned: the manifests name the fixture's files)
+    old = os.stat(wav)
+    _wav(wav, 0.6 + 0.3 * 1, seed=12345)  # (the fixture's length)
+    os.utime(wav, ns=(old.st_atime_ns, old.st_mtime_ns + 2_000_000_000))
+    assert os.stat(wav).st_size == old.st_size
+    assert main(arguments) == 2
+    err = capsys.readouterr().err
+    assert "holds units of audio files changed since, in set(s) tsc/dev of the benchmark" in err
+    assert calls == []
+    assert _files(out) == before
+    # with another layer too, the audio is named among the other differences
+    assert main([*arguments[:-1], "3"]) == 2
+    assert "audio (audio files of other sizes or modification times)" in capsys.readouterr().err
+    # its old modification time back (a copy that kept the times of the same bytes): resumed
+    os.utime(wav, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert main(arguments) == 0
+
+
 def test_kmeans_fits_on_a_training_folder_without_manifest(bench, checkpoint, tmp_path):
     """A train/ folder of wavs alone is scanned for the k-means fit, as for every set's units (it was refused:
     'manifest .../train/manifest.csv does not exist'); the centroids equal those of the same files in a manifest."""
@@ -874,6 +918,7 @@ def test_kmeans_units_of_another_seed_are_other_inputs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(journal, "model_fingerprint", lambda model: "weights")
     monkeypatch.setattr(journal, "entries_fingerprint", lambda entries: "utterances")
+    monkeypatch.setattr(journal, "audio_stamps", lambda entries: np.zeros((len(entries), 2), dtype=np.int64))
     sets = {"train": bench_units.BenchmarkSet(tmp_path, [ManifestEntry("a", str(tmp_path / "a.wav"), 16000)])}
 
     def identity(**options):

@@ -50,7 +50,8 @@ NOT_THIS_PART = -2  # the stamps of the rows another part extracts
 
 # What a changed fingerprint means (the fingerprints themselves tell a user nothing)
 _FINGERPRINTS = {"model": "a model with other weights or config", "utterances": "another list of utterances",
-                 "benchmark": "a benchmark made again: its info.json differs"}
+                 "benchmark": "a benchmark made again: its info.json differs",
+                 "audio": "audio files of other sizes or modification times"}
 
 
 def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:

@@ -13,9 +13,10 @@ set's frames (``--kmeans K``; kept as ``OUT/layer_LL/centroids.safetensors``, to
 or read from ``--centroids`` files.
 
 A model's units resume set by set: ``OUT/.lm-units.json`` records what they are made from (the weights' fingerprint,
-the layers, the dtype, the units' source, each set's utterances) and which sets are finished. A rerun with the same
-inputs skips the finished sets (and reads the fitted centroids back instead of fitting them again); one with other
-inputs is refused, naming what differs, rather than mixing units of two models in one folder.
+the layers, the dtype, the units' source, each set's utterances and the sizes and modification times of its audio
+files) and which sets are finished. A rerun with the same inputs skips the finished sets (and reads the fitted
+centroids back instead of fitting them again); one with other inputs is refused, naming what differs, rather than
+mixing units of two models (or of old and rewritten audio) in one folder.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 FRAME_LABELS = "frame_labels_20ms.jsonl"
 MAX_KMEANS_FRAMES = 200_000
 STATE_FILE = ".lm-units.json"  # OUT's record: what its units are made from, and the finished sets
+AUDIO_KEY = "audio"  # the record's per-set digests of the audio files' sizes and modification times
 CENTROIDS_FILE = "centroids.safetensors"  # OUT/layer_LL/: the k-means centroids fitted by lm-units
 # Present while lm-units writes a units folder (from its first file to its last): lm-score refuses such a folder,
 # whose sets may be missing (a killed run's submission lacked them, and lm-score exited 0).
@@ -165,12 +167,13 @@ def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, laye
                           sets: Mapping[str, BenchmarkSet] | None = None) -> dict[str, Any]:
     """What a model's units folder is made from (``STATE_FILE``): the weights and config (fingerprint), the layers,
     the dtype, where the units come from (codebooks; k-means fitted with K and a seed; given centroids' digests),
-    the sets' utterances (names, ids, resolved paths, lengths: one digest, whichever way BENCH_DIR is spelled) and,
-    for a benchmark of ``synth-lm-bench``, its ``info.json``. ``sets``: ``read_benchmark`` of the resolved
+    the sets' utterances (names, ids, resolved paths, lengths: one digest, whichever way BENCH_DIR is spelled), the
+    sizes and modification times of each set's audio files (one digest per set: audio rewritten in place) and, for
+    a benchmark of ``synth-lm-bench``, its ``info.json``. ``sets``: ``read_benchmark`` of the resolved
     ``bench_dir``, when the caller has read it already."""
     import hashlib
 
-    from spidr.eval.journal import entries_fingerprint, model_fingerprint
+    from spidr.eval.journal import audio_stamps, entries_fingerprint, model_fingerprint
     from spidr.models.inference_precision import precision_identity
 
     given = {str(layer): hashlib.sha1(f"{tuple(tensor.shape)}".encode()
@@ -182,11 +185,14 @@ def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, laye
 
         source = ({"given_centroids": given} | ({"kmeans": kmeans, "seed": seed} if kmeans else {})
                   | {"assignment": ASSIGNMENT})
+    sets = sets or read_benchmark(Path(bench_dir).resolve())
     utterances = hashlib.sha1()
-    for name, found in sorted((sets or read_benchmark(Path(bench_dir).resolve())).items()):
+    for name, found in sorted(sets.items()):
         utterances.update(f"{name}:{entries_fingerprint(found.entries)}\n".encode())
     identity = {"format": 1, "model": model_fingerprint(model), "layers": sorted(layers), "dtype": dtype,
-                **precision_identity(dtype), "units": source, "utterances": utterances.hexdigest()}
+                **precision_identity(dtype), "units": source, "utterances": utterances.hexdigest(),
+                AUDIO_KEY: {name: hashlib.sha1(audio_stamps(found.entries).tobytes()).hexdigest()
+                            for name, found in sorted(sets.items())}}
     # A synthetic benchmark remade in place may keep every file name and length with other audio (other nonwords of
     # the same length); its info.json, written once when it is made, tells it apart.
     info = Path(bench_dir) / "info.json"
@@ -209,9 +215,22 @@ def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[
     except ValueError as error:
         raise ValueError(f"{state_path} is not the JSON lm-units writes ({error}); delete {out_dir} to start "
                          "again") from None
-    if state is not None and state.get("identity") != identity:
+    recorded = (state or {}).get("identity") or {}
+    others = {key: value for key, value in identity.items() if key != AUDIO_KEY}
+    if state is not None and AUDIO_KEY not in recorded and AUDIO_KEY in identity and recorded == others:
+        # begun by a spidr that recorded no audio stamps: kept, and its audio's stamps recorded from now on
+        recorded = dict(identity)
+        _write_state(state_path, identity, state.get("done", []))
+    if state is not None and recorded != identity:
+        changed = [name for name in identity.get(AUDIO_KEY, {})
+                   if recorded.get(AUDIO_KEY, {}).get(name) != identity[AUDIO_KEY][name]]
+        if changed and {key: value for key, value in recorded.items() if key != AUDIO_KEY} == others:
+            raise ValueError(f"{out_dir} holds units of audio files changed since, in set(s) {', '.join(changed)} of "
+                             "the benchmark, as their sizes and modification times tell (a copy keeps the times with "
+                             "cp -p, rsync -a or tar); delete it (and the LMs trained on its units) or write to "
+                             "another OUT")
         raise ValueError(f"{out_dir} holds units made from other inputs: "
-                         f"{identity_differences(state.get('identity') or {}, identity)}; delete it (and the LMs "
+                         f"{identity_differences(recorded, identity)}; delete it (and the LMs "
                          "trained on its units) or write to another OUT")
     if state is None:
         _write_state(state_path, identity, [])
