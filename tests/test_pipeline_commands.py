@@ -1093,3 +1093,18 @@ def test_evaluate_takes_the_decoded_length_where_the_manifest_s_is_a_little_off(
     assert main(["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
                  str(tmp_path / "manifest.csv"), "--item", str(corpus / "test.item"), "--alignments",
                  str(tmp_path / "align.tsv"), "--alignment-rate", "100", "--out", str(tmp_path / "report")]) == 0
+
+
+def test_probe_refuses_alignments_of_other_recordings_before_any_work(corpus, tmp_path, capsys):
+    """Alignments a quarter second short of every 1 s file (37 frames at 50 Hz where the audio gives 49; the
+    labelling allows 3): refused by name before a feature is computed, not as the first utterance is labelled."""
+    short = tmp_path / "short.tsv"
+    short.write_text("\n".join(line for line in (corpus / "align50.tsv").read_text().splitlines()
+                                if not line.endswith(("0.75\t1.00\ta", "0.75\t1.00\tb"))) + "\n")
+    assert main(["probe", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+                 "--alignments", str(short), "--alignment-rate", "50", "--test-fraction", "0.25",
+                 "--out", str(tmp_path / "probe")]) == 2
+    err = capsys.readouterr().err
+    assert f"--alignments {short} (training utterances): utterance 's" in err
+    assert "has 37 frames at 50 Hz, but its audio gives 49 (0.98 s) (and 2 other utterance(s))" in err
+    assert not (tmp_path / "probe").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import editdistance
 import numpy as np
@@ -457,3 +458,92 @@ def test_a_probe_report_cut_short_leaves_no_earlier_report_and_no_truncated_plot
     with pytest.raises(KeyboardInterrupt):
         probe_module.write_probe_report([row], tmp_path, title="third")
     assert (tmp_path / "probe.png").read_bytes() == plot  # never truncated
+
+
+class _CountedConvFrames:
+    """A featurizer of the default conv stack's frame count (``conv_layers``) that counts its calls."""
+
+    representations = ("r",)
+    frame_rate = 50.0
+
+    def __init__(self) -> None:
+        from spidr.config import DEFAULT_CONV_LAYERS
+
+        self.conv_layers = DEFAULT_CONV_LAYERS
+        self.calls = 0
+
+    def __call__(self, entries):
+        from spidr.models.frames import num_frames
+
+        self.calls += 1
+        for entry in entries:
+            yield entry, {"r": np.zeros((num_frames(entry.num_samples), 2), np.float32)}
+
+
+def _tone_files(folder, names, seconds=1.0):
+    import soundfile as sf
+
+    entries = []
+    for name in names:
+        wave = 0.1 * np.sin(2 * np.pi * 300 * np.arange(int(16000 * seconds)) / 16000)
+        sf.write(folder / f"{name}.wav", wave.astype(np.float32), 16000)
+        entries.append(ManifestEntry(name, str(folder / f"{name}.wav"), int(16000 * seconds)))
+    return entries
+
+
+@pytest.mark.parametrize("bad", ["train", "test"])
+def test_an_alignment_of_another_recording_is_refused_before_any_feature(tmp_path, bad):
+    """An alignment that does not span its file (hand count: 1 s → 49 frames at 50 Hz, 98 at 100 Hz; frame_labels
+    allows 2 + the ratio 2 = 4 frames) failed only as its utterance was labelled: a held-out one after every probe
+    had trained. Now refused before the featurizer runs, naming the alignment file and the utterance."""
+    train, test = _tone_files(tmp_path, ["t1", "t2"]), _tone_files(tmp_path, ["h1"])
+    counts = {"t1": 98, "t2": 98, "h1": 98} | {"t2" if bad == "train" else "h1": 60}
+    alignments = Alignments.from_labels([(name, ["A", "B"] * (count // 2)) for name, count in counts.items()])
+    featurizer = _CountedConvFrames()
+    where = "--alignments a.tsv" + (" (training utterances)" if bad == "train" else " (held-out utterances)")
+    name = "t2" if bad == "train" else "h1"
+    with pytest.raises(ValueError, match=rf"^{re.escape(where)}: utterance '{name}' has 60 frames at 100 Hz, but its "
+                                         r"audio gives 98 \(0\.98 s\).* at most 4 frames"):
+        run_probe(featurizer, "m", train, test, alignments, alignment_rate=100.0, settings=ProbeSettings(epochs=1),
+                  sources=("--alignments a.tsv", None))
+    assert featurizer.calls == 0
+
+
+def test_the_probe_s_length_check_accepts_exactly_what_frame_labels_accepts(tmp_path):
+    """Invariance: the check before the features and the labelling after them agree on every alignment length
+    around the bound (98 ± 6 frames at 100 Hz for a 1 s file of 49 frames), so that the check neither refuses
+    what the labelling takes nor lets through what it refuses."""
+    from spidr.eval.probe import _check_lengths
+
+    entries = _tone_files(tmp_path, ["u"])
+    keys = {entries[0].location: "u"}
+    for count in range(92, 105):
+        codes = np.zeros(count, dtype=np.int16)
+        try:
+            frame_labels(codes, 49, frame_rate=50.0, alignment_rate=100.0)
+            labelled = True
+        except ValueError:
+            labelled = False
+        try:
+            _check_lengths(_CountedConvFrames(), entries, Alignments(("A",), {"u": codes}), keys, 100.0,
+                           where="a")
+            checked = True
+        except ValueError:
+            checked = False
+        assert checked == labelled, count
+    assert labelled is False  # (104 frames: past the bound; and 98 within it, by the loop's first passes)
+
+
+def test_the_probe_s_length_check_takes_the_decoded_length_where_the_manifest_s_is_off(tmp_path):
+    """A manifest 600 samples short of a 1 s file (the extraction decodes 49 frames, the manifest says 47): an
+    alignment of 98 frames fits the audio and is taken; one of 85 fits neither and is refused as its audio's."""
+    from spidr.eval.probe import _check_lengths
+
+    (entry,) = _tone_files(tmp_path, ["u"])
+    short = ManifestEntry("u", entry.path, 16000 - 600)
+    keys = {short.location: "u"}
+    _check_lengths(_CountedConvFrames(), [short], Alignments(("A",), {"u": np.zeros(98, np.int16)}), keys, 100.0,
+                   where="a")
+    with pytest.raises(ValueError, match=r"utterance 'u' has 85 frames at 100 Hz, but its audio gives 98"):
+        _check_lengths(_CountedConvFrames(), [short], Alignments(("A",), {"u": np.zeros(85, np.int16)}), keys,
+                       100.0, where="a")

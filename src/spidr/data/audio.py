@@ -143,6 +143,14 @@ def load_audio(
     return _finish(wave, name, normalize=normalize, min_samples=min_samples)
 
 
+def decoded_length(entry: ManifestEntry) -> int | None:
+    """The number of samples ``entry`` decodes to at 16 kHz (None: it cannot be read, and an extraction skips it)."""
+    try:
+        return len(load_audio(entry, normalize=False))
+    except AudioError:
+        return None
+
+
 def waveform_from_samples(
     samples: np.ndarray | torch.Tensor, sample_rate: int, *, normalize: bool = True, name: str = "<samples>"
 ) -> torch.Tensor:

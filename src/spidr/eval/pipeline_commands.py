@@ -269,6 +269,7 @@ def run_extract(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from spidr.data.audio import decoded_length
     from spidr.eval.features import parse_layers
     from spidr.eval.items import read_items
     from spidr.eval.report import AbxSettings, evaluate_mfcc, evaluate_model, evaluation_settings, write_report
@@ -294,7 +295,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if alignments is not None and any(layer in model.head_layers for layer in layers):  # (the PNMI's units)
         check_alignment_lengths(alignments, aligned_samples, conv_layers=model.cfg.extractor_conv_layer_config,
                                 alignment_rate_hz=args.alignment_rate, where=f"--alignments {args.alignments}",
-                                decoded_samples=lambda name: _decoded_length(aligned_entries[name]))
+                                decoded_samples=lambda name: decoded_length(aligned_entries[name]))
     abx = AbxSettings(context=args.context, distance=args.distance, max_size_group=args.max_size_group,
                       max_x_across=args.max_x_across, seed=args.seed)
     out = Path(args.out)
@@ -344,16 +345,6 @@ def _refuse_another_models_evaluation(out: Path, model: torch.nn.Module) -> None
         checkpoint = None
     raise ValueError(f"{out} holds the evaluation of another model{f' ({checkpoint})' if checkpoint else ''}: "
                      "give another --out, or --overwrite to replace it")
-
-
-def _decoded_length(entry: ManifestEntry) -> int | None:
-    """The number of samples ``entry`` decodes to at 16 kHz (None: it cannot be read, and the extraction skips it)."""
-    from spidr.data.audio import AudioError, load_audio
-
-    try:
-        return len(load_audio(entry, normalize=False))
-    except AudioError:
-        return None
 
 
 def _aligned_entries(entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry],
@@ -440,7 +431,9 @@ def run_probe(args: argparse.Namespace) -> int:
                              seed=args.seed, dtype=args.dtype)
     name = args.name or default_model_name(args.checkpoint)
     common = {"test_alignments": test_alignments, "alignment_rate": args.alignment_rate, "settings": settings,
-              "keys": keys, "unread": (train_unread, test_unread)}
+              "keys": keys, "unread": (train_unread, test_unread),
+              "sources": (f"--alignments {args.alignments}",
+                          f"--test-alignments {args.test_alignments}" if args.test_alignments else None)}
     featurizers = {name: ModelFeaturizer(model, layers=layers, dtype=args.dtype)}
     for baseline in args.baseline or ():
         if baseline == "mfcc":

@@ -16,7 +16,8 @@ greedy phone sequence and the reference (run-collapsed frame labels, silence rem
 
 Labels: feature frame t (at ``frame_rate`` Hz) takes the alignment frame that holds its centre, index
 ⌊(t + ½) · alignment_rate / frame_rate⌋; the two sequences may differ by at most 2 alignment frames beyond that
-rounding, and the longer one is truncated (as in ``unit_quality``).
+rounding, and the longer one is truncated (as in ``unit_quality``). Every utterance the probes read is checked so
+before the first feature is computed (by its manifest length, and where that disagrees by its decoded audio).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from spidr.atomic_files import save_figure, write_atomically
+from spidr.config import DEFAULT_CONV_LAYERS
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
@@ -113,7 +115,8 @@ class ModelFeaturizer:
         self.settings = ExtractionSettings(layers=layers, dtype=dtype, batch_seconds=batch_seconds,
                                            **window_settings(max_seconds))
         self.representations = ("front_end", "projection", *(f"layer_{layer:02d}" for layer in layers))
-        self.frame_rate = SAMPLE_RATE / hop_length(model.cfg.extractor_conv_layer_config)
+        self.conv_layers = model.cfg.extractor_conv_layer_config  # (how many frames a file gives)
+        self.frame_rate = SAMPLE_RATE / hop_length(self.conv_layers)
 
     def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
         """``(entry, {representation: (T, D) float32})`` for every readable entry (in length order; files longer
@@ -127,6 +130,7 @@ class MfccFeaturizer:
 
     representations = ("mfcc",)
     frame_rate = 50.0
+    conv_layers = DEFAULT_CONV_LAYERS  # (its frames: those of the default conv stack)
 
     def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
         for batch in _audio_batches(entries, 60.0):
@@ -482,13 +486,15 @@ def run_probe(
     settings: ProbeSettings = ProbeSettings(),
     keys: Mapping[str, str] | None = None,
     unread: tuple[Sequence[ManifestEntry], Sequence[ManifestEntry]] = ((), ()),
+    sources: tuple[str, str | None] = ("the alignments", None),
 ) -> list[ProbeRow]:
     """Train the probes of each representation of ``featurizer`` on ``train_entries`` labelled by ``alignments``
     and score them on ``test_entries`` labelled by ``test_alignments`` (default: the same file). ``keys``: the
     name each entry's alignment is found by (``alignment_keys`` of the manifest, computed before a split: a file
     whose id another holds is named by its path, as spidr extract names it); default: ``probe_names``.
     ``unread``: the files that the scans of the training and of the held-out utterances could not read
-    (``alignment_keys``)."""
+    (``alignment_keys``). ``sources``: how errors name the alignments of the training and of the held-out
+    utterances (None: the same as the training's)."""
     one_file = test_alignments is None
     if not one_file:
         alignments, test_alignments = common_inventory(alignments, test_alignments)
@@ -500,9 +506,16 @@ def run_probe(
     # own list (an id the other corpus repeats is no concern of this file's).
     train_keys = keys if one_file else _keys_of(keys, train_entries, unread[0])
     test_keys = keys if one_file else _keys_of(keys, test_entries, unread[1])
-    aligned_by_name(test_alignments, test_keys)  # (a test name that finds several files: refused before training)
+    test_named = aligned_by_name(test_alignments, test_keys)  # (a name that finds several files: refused now)
     chosen = draw_utterances(train_entries, alignments, frame_rate=featurizer.frame_rate,
                              max_frames=settings.max_train_frames, seed=settings.seed, keys=train_keys)
+    # Before any feature is computed: an alignment of another recording failed only as its utterance was labelled,
+    # after the training utterances' features (and, for a held-out one, after every probe was trained).
+    train_source, test_source = sources
+    _check_lengths(featurizer, chosen, aligned_by_name(alignments, train_keys), train_keys, alignment_rate,
+                   where=f"{train_source} (training utterances)")
+    _check_lengths(featurizer, test_entries, test_named, test_keys, alignment_rate,
+                   where=f"{test_source or train_source} (held-out utterances)")
     frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate, keys=train_keys)
     logger.info("%s: probes trained on %d frames of %d utterances", name, len(frames.labels), frames.num_utterances)
     silence = np.asarray([i for i, phone in enumerate(alignments.phones) if phone in settings.silence_labels],
@@ -524,6 +537,26 @@ def run_probe(
         logger.info("%s %s: frame accuracy %.1f %%, PER %.1f %%", name, row.representation, row.frame_accuracy,
                     row.phone_error_rate)
     return rows
+
+
+def _check_lengths(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments, keys: Mapping[str, str],
+                   alignment_rate: float, *, where: str) -> None:
+    """Refuse an utterance of ``entries`` whose alignment (``alignments`` under the names of ``keys``) disagrees with
+    its audio's length by more than ``frame_labels`` allows (``unit_quality.check_alignment_lengths``, an utterance
+    whose manifest length disagrees decoded to be sure). A featurizer that gives no ``conv_layers`` is not checked
+    (its utterances are, as they are labelled)."""
+    from spidr.data.audio import decoded_length
+    from spidr.eval.unit_quality import check_alignment_lengths
+
+    conv_layers = getattr(featurizer, "conv_layers", None)
+    if conv_layers is None:
+        return
+    named = {keys[entry.location]: entry for entry in entries if keys[entry.location] in alignments.codes}
+    ratio = alignment_rate / featurizer.frame_rate
+    check_alignment_lengths(alignments.codes, {name: entry.num_samples for name, entry in named.items()},
+                            conv_layers=conv_layers, alignment_rate_hz=alignment_rate, where=where,
+                            decoded_samples=lambda name: decoded_length(named[name]),
+                            tolerance=MAX_LENGTH_MISMATCH + max(ratio, 1.0))
 
 
 def _keys_of(keys: Mapping[str, str], entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]

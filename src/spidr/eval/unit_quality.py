@@ -110,32 +110,34 @@ def check_alignment_rate(alignments: Mapping[str, Sequence[str]], num_samples: M
 MAX_DECODED_SUSPECTS = 100
 
 
-def check_alignment_lengths(alignments: Mapping[str, Sequence[str]], num_samples: Mapping[str, int], *,
+def check_alignment_lengths(alignments: Mapping[str, Sequence[Any]], num_samples: Mapping[str, int], *,
                             conv_layers: Sequence[Any], alignment_rate_hz: float, where: str,
-                            decoded_samples: Callable[[str], int | None] | None = None) -> None:
-    """Refuse an utterance whose alignment does not span the units of its audio by more than ``count_matrix``
-    allows (``MAX_LENGTH_MISMATCH``): an alignment of another recording (trimmed audio, another copy), which the
-    median of ``check_alignment_rate`` lets through, would otherwise fail after the extraction. ``num_samples``: the
-    manifest's lengths at 16 kHz; ``conv_layers``: the model's front end. The extraction counts the decoded audio,
-    which may be a little off the manifest's length: an utterance that disagrees is measured again with
-    ``decoded_samples(name)`` (its decoded length; None for a file that cannot be read, which is skipped), and only
-    a disagreement that stands is refused."""
-    from spidr.models.frames import frame_rate_hz, num_frames
+                            decoded_samples: Callable[[str], int | None] | None = None,
+                            tolerance: float = MAX_LENGTH_MISMATCH) -> None:
+    """Refuse an utterance whose alignment does not span the frames of its audio by more than ``tolerance``
+    alignment frames (default: what ``count_matrix`` allows, ``MAX_LENGTH_MISMATCH``): an alignment of another
+    recording (trimmed audio, another copy), which the median of ``check_alignment_rate`` lets through, would
+    otherwise fail after the extraction. ``num_samples``: the manifest's lengths at 16 kHz; ``conv_layers``: the
+    model's front end. The extraction counts the decoded audio, which may be a little off the manifest's length: an
+    utterance that disagrees is measured again with ``decoded_samples(name)`` (its decoded length; None for a file
+    that cannot be read, which is skipped), and only a disagreement that stands is refused."""
+    from spidr.data.audio import SAMPLE_RATE
+    from spidr.models.frames import hop_length, num_frames
 
-    ratio = alignment_rate_hz / frame_rate_hz(conv_layers)
+    ratio = alignment_rate_hz * hop_length(conv_layers) / SAMPLE_RATE
 
     def expected(samples: int) -> float:
         return num_frames(samples, conv_layers) * ratio
 
     bad, decoded = [], 0
     for name, samples in num_samples.items():
-        if name not in alignments or abs(len(alignments[name]) - expected(samples)) <= MAX_LENGTH_MISMATCH:
+        if name not in alignments or abs(len(alignments[name]) - expected(samples)) <= tolerance:
             continue
         source = "the manifest's length of its audio"
         if decoded_samples is not None and decoded < MAX_DECODED_SUSPECTS:
             decoded += 1
             samples = decoded_samples(name)
-            if samples is None or abs(len(alignments[name]) - expected(samples)) <= MAX_LENGTH_MISMATCH:
+            if samples is None or abs(len(alignments[name]) - expected(samples)) <= tolerance:
                 continue
             source = "its audio"
         elif decoded_samples is not None:
@@ -146,7 +148,7 @@ def check_alignment_lengths(alignments: Mapping[str, Sequence[str]], num_samples
         others = f" (and {len(bad) - 1} other utterance(s))" if len(bad) > 1 else ""
         raise ValueError(f"{where}: utterance {name!r} has {count} frames at {alignment_rate_hz:g} Hz, but {source} "
                          f"gives {frames:g} ({frames / alignment_rate_hz:.2f} s){others}: an alignment of another "
-                         f"recording? They may differ by at most {MAX_LENGTH_MISMATCH} frames")
+                         f"recording? They may differ by at most {tolerance:g} frames")
 
 
 def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> Alignments:
