@@ -779,3 +779,143 @@ def test_a_run_cut_short_among_the_tables_leaves_no_earlier_results_json(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         evaluate_benchmark(bench, submission, kind="dev", out_dir=out)
     assert not (out / "results.json").exists()
+
+
+def _pair(pair_id, voice, word_score, nonword_scores, frequency=10):
+    stem = f"{pair_id}-{voice}"
+    rows = [LexicalItem(pair_id, f"{stem}-w", voice, frequency, "word", "w", 4, correct=True)]
+    scores = {f"{stem}-w": word_score}
+    for index, score in enumerate(nonword_scores):
+        rows.append(LexicalItem(pair_id, f"{stem}-n{index}", voice, None, "", "n", 4, correct=False))
+        scores[f"{stem}-n{index}"] = score
+    return rows, scores
+
+
+def _build(*pairs):
+    rows, scores = [], {}
+    for pair_rows, pair_scores in pairs:
+        rows += pair_rows
+        scores |= pair_scores
+    return rows, scores
+
+
+def test_an_id_is_the_mean_over_its_voices_whatever_their_number() -> None:
+    # id 1: one voice, right (1); id 2: three voices, one right (1/3). Mean over ids = 2/3; the mean over the four
+    # (id, voice) pairs would be 1/2. (With equal voices per id both means agree, as in the existing tests.)
+    rows, scores = _build(_pair("1", "A", 0.0, [-1.0]),
+                          _pair("2", "A", -1.0, [0.0]), _pair("2", "B", -1.0, [0.0]), _pair("2", "C", 0.0, [-1.0]))
+    result = evaluate_lexical(rows, scores)
+    assert {pair.id: pair.score for pair in result.by_pair} == pytest.approx({"1": 1.0, "2": 1 / 3})
+    assert result.accuracies["swuggy_all"].score == pytest.approx(2 / 3)
+
+
+def test_several_nonwords_are_averaged_within_a_voice_before_the_voices() -> None:
+    # The documented rule (spec: "the mean over nonwords first", BabySLM): voice A has two nonwords (1, 0 → ½),
+    # voice B one (1) → (½ + 1) / 2 = ¾. The zerospeech2021 toolkit's cross-product merge would give the flat mean
+    # of the three comparisons, 2/3; the two agree only when every voice has as many nonwords.
+    rows, scores = _build(_pair("1", "A", -1.0, [-2.0, -0.5]), _pair("1", "B", -1.0, [-2.0]))
+    (pair,) = evaluate_lexical(rows, scores).by_pair
+    assert pair.score == pytest.approx(0.75)
+
+
+SLM21_GOLD = """id,filename,voice,frequency,word,phones,length,correct
+1,w1a,Alex,0,brick,b r ih k,4,1
+1,n1a,Alex,,,b l ih k,4,0
+1,w1b,Bob,0,brick,b r ih k,4,1
+1,n1b,Bob,,,b l ih k,4,0
+2,w2a,Alex,1,stone,s t ow n,4,1
+2,n2a,Alex,,,s t ay n,4,0
+2,w2b,Bob,1,stone,s t ow n,4,1
+2,n2b,Bob,,,s t ay n,4,0
+3,w3a,Alex,4,apple,ae p ah l,4,1
+3,n3a,Alex,,,ae t ah l,4,0
+3,w3b,Bob,4,apple,ae p ah l,4,1
+3,n3b,Bob,,,ae t ah l,4,0
+4,w4a,Alex,5,table,t ey b ah l,5,1
+4,n4a,Alex,,,t ey g ah l,5,0
+4,w4b,Bob,5,table,t ey b ah l,5,1
+4,n4b,Bob,,,t ey g ah l,5,0
+5,w5a,Alex,19,window,w ih n d ow,5,1
+5,n5a,Alex,,,w ih m d ow,5,0
+5,w5b,Bob,19,window,w ih n d ow,5,1
+5,n5b,Bob,,,w ih m d ow,5,0
+6,w6a,Alex,20,garden,g aa r d ah n,6,1
+6,n6a,Alex,,,g aa l d ah n,6,0
+6,w6b,Bob,20,garden,g aa r d ah n,6,1
+6,n6b,Bob,,,g aa l d ah n,6,0
+7,w7a,Alex,100,the,dh ah,2,1
+7,n7a,Alex,,,dh iy,2,0
+8,w8a,Alex,250,mystery,m ih s t er iy,6,1
+8,n8a,Alex,,,m ih s k er iy,6,0
+8,w8b,Bob,250,mystery,m ih s t er iy,6,1
+8,n8b,Bob,,,m ih s k er iy,6,0
+10,n10a,Alex,,,k ae p s,4,0
+10,w10a,Alex,99,cats,k ae t s,4,1
+10,w10b,Bob,99,cats,k ae t s,4,1
+10,n10b,Bob,,,k ae p s,4,0
+9,w9a,Alex,3,dog,d ao g,3,1
+9,w9b,Bob,3,dog,d ao g,3,1
+9,n9a,Alex,,,d ao k,3,0
+9,n9b,Bob,,,d ao k,3,0
+"""
+
+SLM21_SUBMISSION = """w1a -1.5
+n1a -2.0
+w1b -3.0
+n1b -2.0
+w2a -1.0
+n2a -1.0
+w2b -1.0
+n2b -1.25
+w3a -4.0
+n3a -3.0
+w3b -4.0
+n3b -3.0
+w4a -0.5
+n4a -0.75
+w4b -0.5
+n4b -0.75
+w5a -2
+n5a -2.0
+w5b -2e0
+n5b -1.99
+w6a -7.1
+n6a -7.2
+w6b -7.3
+n6b -7.2
+w7a -0.1
+n7a -0.2
+w8a -3
+n8a -4
+w8b -3
+n8b -4
+n10a -1
+w10a -2
+w10b -2
+n10b -2
+w9a -5
+w9b -6
+n9a -5.5
+n9b -5.5
+"""
+
+
+def test_an_slm21_style_gold_file_scores_as_the_toolkit(tmp_path: Path) -> None:
+    # sLM21 conventions: nonword rows with empty word and frequency (the pair's band is the word row's), rows out of
+    # order, one id with a single voice, ties written differently ("-2" vs "-2.0", "-2e0"), every band edge
+    # (0, 1, 4, 5, 19, 20, 99, 100). Per id (hand-computed, and what zerospeech2021's lexical.evaluate gives):
+    # 1: ½, 2: ¾, 3: 0, 4: 1, 5: ¼, 6: ½, 7: 1, 8: 1, 9: ½, 10: ¼.
+    (tmp_path / "bench" / "lexical" / "dev").mkdir(parents=True)
+    (tmp_path / "bench" / "lexical" / "dev" / "gold.csv").write_text(SLM21_GOLD)
+    (tmp_path / "sub" / "lexical").mkdir(parents=True)
+    (tmp_path / "sub" / "lexical" / "dev.txt").write_text(SLM21_SUBMISSION)
+    summary = evaluate_benchmark(tmp_path / "bench", tmp_path / "sub", kind="dev")
+    assert summary["swuggy_all"] == pytest.approx(100 * 5.75 / 10)
+    assert summary["swuggy_invocab"] == pytest.approx(100 * 5.25 / 9)
+    bands = {row["frequency"]: (row["n"], row["score"]) for row in summary["details"]["lexical"]["by_frequency"]}
+    assert bands == {"oov": (1, pytest.approx(50.0)), "1-5": (3, pytest.approx(100 * 1.25 / 3)),
+                     "6-20": (2, pytest.approx(62.5)), "21-100": (2, pytest.approx(37.5)),
+                     ">100": (2, pytest.approx(100.0))}
+    lengths = {row["length"]: (row["n"], row["score"]) for row in summary["details"]["lexical"]["by_length"]}
+    assert lengths == {2: (1, pytest.approx(100.0)), 3: (1, pytest.approx(50.0)), 4: (4, pytest.approx(37.5)),
+                       5: (2, pytest.approx(62.5)), 6: (2, pytest.approx(75.0))}
