@@ -206,8 +206,9 @@ def test_a_result_of_another_recipe_is_not_reused(tmp_path, caplog):
     assert made_with["run"] == {"random_seed": 0, "model_type": "spidr", "init_ckpt": None}
     assert made_with["optimizer"]["max_steps"] == 2200
     assert "num_workers" not in made_with["data"]
-    assert recipe(CurveSettings(out_dir=tmp_path, config=config))[0] == {  # the baselines: the network and scoring
-        "model": made_with["model"], "scoring": {"test_hours": 0.2, "probe_frames": 60_000}}
+    assert recipe(CurveSettings(out_dir=tmp_path, config=config))[0] == {  # the baselines: network, corpus, scoring
+        "model": made_with["model"], "corpus": made_with["corpus"],
+        "scoring": {"test_hours": 0.2, "probe_frames": 60_000}}
     path = tmp_path / "point.json"
     assert not reusable(path, (made_with, defaults))
     path.write_text(json.dumps({**RECORD, "recipe": made_with}))
@@ -872,3 +873,33 @@ def test_probe_frames_0_trains_no_probe(tmp_path, monkeypatch):
     settings = CurveSettings(out_dir=tmp_path, probe_frames=0)
     assert learning_curve._probe(settings, {"m": object()}, SimpleNamespace(manifest="x", alignments_jsonl="y"),
                                  [], {}) == []
+
+
+def test_a_point_of_an_older_corpus_format_is_another_recipe(tmp_path, monkeypatch):
+    """A new format of the built-in corpus is synthesised afresh, but a finished point (and the baselines) trained and
+    scored on the old one was reused into the new curve. The format is now part of the recipe: the point is refused,
+    naming its folder to delete (the model was trained on the old corpus); a record made before the format was
+    recorded is taken as of this one (as a setting added since is)."""
+    from spidr.corpus import synth
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    settings = CurveSettings(out_dir=tmp_path, config=config)
+    point = CurvePoint(1.0, 2200, 0)
+    folder = tmp_path / "points" / point.name
+    path = folder / "point.json"
+    path.parent.mkdir(parents=True)
+    made_with = recipe(settings, point)[0]
+    assert made_with["corpus"] == {"format": synth.FORMAT_VERSION}
+    path.write_text(json.dumps({**RECORD, "recipe": made_with}))
+    assert reusable(path, recipe(settings, point), model_dir=folder)
+    monkeypatch.setattr(synth, "FORMAT_VERSION", synth.FORMAT_VERSION + 1)
+    with pytest.raises(ValueError, match=rf"corpus\.format: {synth.FORMAT_VERSION - 1} there, "
+                                         rf"{synth.FORMAT_VERSION} now\): .*delete {folder} to train and score"):
+        reusable(path, recipe(settings, point), model_dir=folder)
+    baselines = tmp_path / "baselines.json"
+    baselines.write_text(json.dumps({"recipe": {**recipe(settings)[0], "corpus": {"format": 1}}, "rows": []}))
+    with pytest.raises(ValueError, match=r"corpus\.format: 1 there"):
+        reusable(baselines, recipe(settings))
+    older = {key: value for key, value in made_with.items() if key != "corpus"}
+    path.write_text(json.dumps({**RECORD, "recipe": older}))
+    assert reusable(path, recipe(settings, point), model_dir=folder)

@@ -6,10 +6,11 @@ count, scored like the demo on the demo's test corpus (new sentences and a held-
 
 1. corpora: one training corpus per size and the test corpus, synthesised once and cached (sizes are hours, the
    corpus of 1 h is the demo's own);
-2. points: each run is trained (or resumed, or reused when finished with the same recipe; a run of another recipe
-   is refused, as in the demo) and scored: ABX within / across speaker of every layer, codebook-unit ABX and PNMI of
-   the head layers, and a linear phone probe per layer (``point.json`` and a ``report.md`` per point); several points
-   can run side by side (``--parallel``), each point in one process at a time;
+2. points: each run is trained (or resumed, or reused when finished with the same recipe, the built-in corpus's
+   format included; a run of another recipe is refused, as in the demo) and scored: ABX within / across speaker of
+   every layer, codebook-unit ABX and PNMI of the head layers, and a linear phone probe per layer (``point.json`` and
+   a ``report.md`` per point); several points can run side by side (``--parallel``), each point in one process at a
+   time;
 3. baselines: MFCC and the same network at random initialisation, scored once;
 4. ``curve.md``, ``curve.json`` and ``curve.png`` summarise every point found in the output folder, so runs made by
    separate invocations (two shells, two machines sharing a disk) end up in one curve; a point whose recipe differs
@@ -133,17 +134,22 @@ def recipe(settings: CurveSettings, point: CurvePoint | None = None) -> tuple[di
     """What ``point`` is made with, or for ``None`` what the baselines are made with (the network they initialise
     at random, and the scoring), with the defaults of the same settings: recorded with each result, so that a
     result of another recipe is never taken for this one's. The results settings of the point's resolved config
-    (its seed and stretched schedule included) and the scoring's (test corpus size, probe frames)."""
+    (its seed and stretched schedule included), the built-in corpus's format and the scoring's (test corpus size,
+    probe frames)."""
     from spidr.config import load_config
+    from spidr.corpus.synth import FORMAT_VERSION
     from spidr.train.recipe import default_results_settings, results_settings
 
     cfg = load_config(settings.config, settings.overrides if point is None else point_overrides(settings, point))
     scoring = {"test_hours": settings.test_hours, "probe_frames": settings.probe_frames}
-    made_with = {**results_settings(cfg.to_dict()), "scoring": scoring}
-    defaults = {**default_results_settings(cfg.run.model_type), "scoring": scoring}
+    # The built-in corpus's format: a new one is synthesised afresh, and a model of the old one is another recipe's.
+    # (A result recorded before the format was is taken as of this one, as a setting added since is.)
+    corpus = {"format": FORMAT_VERSION}
+    made_with = {**results_settings(cfg.to_dict()), "corpus": corpus, "scoring": scoring}
+    defaults = {**default_results_settings(cfg.run.model_type), "corpus": corpus, "scoring": scoring}
     if point is None:
-        return ({"model": made_with["model"], "scoring": scoring},
-                {"model": defaults["model"], "scoring": scoring})
+        return ({"model": made_with["model"], "corpus": corpus, "scoring": scoring},
+                {"model": defaults["model"], "corpus": corpus, "scoring": scoring})
     return made_with, defaults
 
 
