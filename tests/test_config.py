@@ -260,3 +260,31 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path, suffix):
     path = tmp_path / f"c{suffix}"
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert read_config_file(path) == {"run": {"name": "bom"}}
+
+
+def test_one_config_trains_dinosr_by_set_with_spidr_s_ema_settings_left_out(caplog):
+    """configs/tiny.toml sets SpidR's model.ema_timescale; --set run.model_type=dinosr was refused as "unknown
+    key(s) ema_timescale", which no --set can remove. DinoSR's fields in a SpidR config were already kept without
+    effect (with a note): now SpidR's in a DinoSR config are left out, with a warning naming them."""
+    import logging
+
+    from spidr.config import DinoSRConfig, SpidRConfig, load_config
+    from spidr.models.build import build_model
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    with caplog.at_level(logging.WARNING, logger="spidr.config"):
+        dinosr = load_config(tiny, ["run.model_type=dinosr", "model.ema_threshold=1e-6"])
+    assert type(dinosr.model) is DinoSRConfig
+    assert "model.ema_timescale = 200 has no effect on DinoSR" in caplog.text
+    assert "model.ema_threshold = 1e-06 has no effect on DinoSR" in caplog.text
+    assert "ema_timescale" not in dinosr.to_dict()["model"]
+    assert dinosr.model.encoder_embed_dim == 32  # the rest of the table is read as written
+    assert build_model(dinosr.model).cfg.model_type == "dinosr"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spidr.config"):
+        spidr = load_config(tiny)
+    assert type(spidr.model) is SpidRConfig
+    assert spidr.model.ema_timescale == 200
+    assert caplog.text == ""
+    with pytest.raises(ValueError, match=r"\[model\] has unknown key\(s\) ema_timscale"):  # a typo is still one
+        load_config(tiny, ["run.model_type=dinosr", "model.ema_timscale=5"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import tomllib
@@ -357,6 +358,9 @@ class DinoSRConfig(ModelConfig):
         return "dinosr"
 
 
+SPIDR_ONLY_MODEL_FIELDS = ("ema_timescale", "ema_threshold")  # SpidR's teacher-EMA schedule (SpidRConfig)
+
+
 @dataclass(frozen=True)
 class SpidRConfig(ModelConfig):
     """SpidR: student layer k predicts teacher layer k; exponential teacher-EMA schedule; no layer drop."""
@@ -626,8 +630,17 @@ _SECTIONS = ("run", "data", "model", "optimizer", "masking", "validation")
 
 
 def model_config_from_dict(data: dict[str, Any], model_type: ModelType) -> ModelConfig:
-    """Build a model config from a dict (e.g. a fixture JSON; a ``__class__`` entry is ignored)."""
+    """Build a model config from a dict (e.g. a fixture JSON; a ``__class__`` entry is ignored). SpidR's teacher-EMA
+    settings in a DinoSR config are left out with a warning, as DinoSR's are kept without effect in a SpidR one:
+    one config trains either model by ``--set run.model_type``."""
     data = {k: v for k, v in data.items() if k != "__class__"}
+    if model_type == "dinosr":
+        ignored = [name for name in SPIDR_ONLY_MODEL_FIELDS if name in data]
+        for name in ignored:
+            logging.getLogger(__name__).warning(
+                "model.%s = %r has no effect on DinoSR (a SpidR field): DinoSR's teacher EMA goes from "
+                "model.ema_start_decay to model.ema_final_decay over model.ema_final_step steps", name, data[name])
+        data = {k: v for k, v in data.items() if k not in ignored}
     return from_mapping(model_config_class(model_type), data, "model")
 
 
