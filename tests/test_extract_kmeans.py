@@ -553,3 +553,36 @@ def test_the_features_fingerprint_covers_what_shapes_the_features_and_nothing_th
     with pytest.raises(ValueError, match=r"other weights than these, though both were read from run/final\.pt"):
         check_centroids_fit(path, 2, where="--kmeans", origin=features_origin(
             fingerprint=features_fingerprint(heads), before_residual=True, checkpoint="run/final.pt"))
+
+
+def test_codebook_units_copied_elsewhere_keep_their_frame_rate_and_vocabulary(model, entries, tmp_path):
+    """extract --codebooks recorded its units' rate and vocabulary only in OUT/metadata.json: a units file copied
+    elsewhere (as the spoken-LM recipe copies test sets' units) was read at an assumed 50 Hz (a 100 Hz model's ABX
+    45.8 % instead of 14.5 %) and without a vocabulary. Each codebook units file now has the record beside it that
+    spidr units writes, as k-means units files had; the copy (with its record) reads as the original."""
+    import shutil
+
+    from spidr.eval.feature_dir import extraction_frame_rate, recorded_num_units, units_metadata_path
+    from spidr.models.frames import hop_length
+
+    out = tmp_path / "out"
+    extract_to_directory(model, entries, out, ExtractionSettings(layers=(), codebooks=True), progress=False,
+                         kmeans=[KMeansUnits(2, _centroids(k=6))])
+    rate = 16000 / hop_length(model.cfg.extractor_conv_layer_config)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for layer in model.head_layers:
+        units = out / "codebook_units" / f"layer_{layer:02d}.jsonl"
+        record = json.loads(units_metadata_path(units).read_text())
+        assert record["layer"] == layer
+        assert record["num_units"] == model.cfg.codebook_size
+        assert record["frame_rate_hz"] == rate
+        assert record["num_utterances"] == len(read_units(units)) == len(entries)
+        assert record["units_file_bytes"] == units.stat().st_size
+        copy = copies / f"cb{layer}.jsonl"
+        shutil.copy(units, copy)
+        shutil.copy(units_metadata_path(units), units_metadata_path(copy))
+        assert extraction_frame_rate(copy)[0] == rate
+        assert recorded_num_units(copy)[0] == model.cfg.codebook_size
+    kmeans = json.loads(units_metadata_path(out / "kmeans_units" / "layer_02.jsonl").read_text())
+    assert (kmeans["layer"], kmeans["num_units"]) == (2, 6)

@@ -44,8 +44,9 @@ def _rate(given: str | int | None, source: Path, option: str) -> str:
     recorded = extraction_frame_rate(source)
     if recorded is None:
         if given is None:  # a 100 Hz model's units read at 50 Hz misplace every item, and no check can tell
-            logger.warning("no frame rate is recorded for %s (not written by spidr extract, units or lm-units): "
-                           "assuming 50 Hz; give %s if it is another", source, option)
+            logger.warning("no frame rate is recorded for %s (no record beside it, nor the metadata.json of the "
+                           "extraction that holds it, as spidr extract, units and lm-units write): assuming 50 Hz; "
+                           "give %s if it is another", source, option)
             return "50"
         return str(given)
     rate, metadata = recorded

@@ -592,23 +592,18 @@ def _finish_parts(model: torch.nn.Module, manifest: Manifest, out_dir: Path, pla
 
 def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, checkpoint: str, num_files: int,
                     skipped: Mapping[str, str], outputs: _Outputs, manifest: Manifest) -> dict[str, object]:
-    """Write the record beside each k-means units file (what ``spidr units`` writes beside its own), then
-    ``OUT/metadata.json``, which marks the extraction finished; returns the metadata as a reader gets it back
-    (lists, not tuples), whichever run wrote it."""
+    """Write the record beside each units file, codebook or k-means (what ``spidr units`` writes beside its own: a
+    units file copied elsewhere keeps its frame rate and vocabulary), then ``OUT/metadata.json``, which marks the
+    extraction finished; returns the metadata as a reader gets it back (lists, not tuples), whichever run wrote it."""
     from spidr.eval.feature_dir import units_metadata_path
-    from spidr.eval.journal import units_file
-    from spidr.eval.kmeans import ASSIGNMENT
 
     metadata = _metadata(model, plan.saved, checkpoint=checkpoint, num_files=num_files, skipped=dict(skipped))
     # Readers of a layer folder see only the files written: a file whose id a skipped or unread one shared was named
     # by its id alone by spidr units (extract names it by its path), and found by that id for the other file's items.
     metadata["skipped_stems"] = _not_read(manifest, outputs.stems, skipped, outputs.unread)
     metadata["audio_root"] = outputs.root
-    for layer, units in sorted(plan.kmeans.items()):
-        path = units_file(out_dir, units.key)
-        record = {"frame_rate_hz": metadata["frame_rate_hz"], "num_units": int(units.centroids.shape[0]),
-                  "dedup": False, "features": f"layer {layer} of {checkpoint or 'the model'} (spidr extract)",
-                  "centroids": units.source, "assignment": ASSIGNMENT, "num_utterances": num_files,
+    for path, own in _units_records(out_dir, model, plan, checkpoint=checkpoint):
+        record = {"frame_rate_hz": metadata["frame_rate_hz"], **own, "dedup": False, "num_utterances": num_files,
                   "skipped_stems": metadata["skipped_stems"], "audio_root": outputs.root,
                   "units_file_bytes": path.stat().st_size if path.is_file() else 0}
         write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")
@@ -618,6 +613,25 @@ def _write_metadata(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, check
     text = json.dumps(metadata, indent=1)
     write_atomically(out_dir / "metadata.json", text)
     return json.loads(text)
+
+
+def _units_records(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, checkpoint: str
+                   ) -> list[tuple[Path, dict[str, Any]]]:
+    """Each units file an extraction of ``plan`` writes, with what its record says of its own units: the layer, the
+    vocabulary size and where the units come from (the head's codebook, or centroids and how they are assigned)."""
+    from spidr.eval.journal import units_file
+    from spidr.eval.kmeans import ASSIGNMENT
+
+    features = f"of {checkpoint or 'the model'} (spidr extract)"
+    records = [(units_file(out_dir, f"layer_{layer:02d}"),
+                {"layer": layer, "num_units": int(model.cfg.codebook_size),
+                 "features": f"layer {layer} {features}", "units": "the argmax of its head over its codebook"})
+               for layer in (model.head_layers if plan.saved.codebooks else ())]
+    records += [(units_file(out_dir, units.key),
+                 {"layer": layer, "num_units": int(units.centroids.shape[0]), "features": f"layer {layer} {features}",
+                  "centroids": units.source, "assignment": ASSIGNMENT})
+                for layer, units in sorted(plan.kmeans.items())]
+    return records
 
 
 def _record_skipped_stems(out_dir: Path, plan: _Plan, metadata: dict[str, Any], stems: list[str],
