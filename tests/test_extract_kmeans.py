@@ -586,3 +586,26 @@ def test_codebook_units_copied_elsewhere_keep_their_frame_rate_and_vocabulary(mo
         assert recorded_num_units(copy)[0] == model.cfg.codebook_size
     kmeans = json.loads(units_metadata_path(out / "kmeans_units" / "layer_02.jsonl").read_text())
     assert (kmeans["layer"], kmeans["num_units"]) == (2, 6)
+
+
+def test_units_of_one_centroids_file_have_one_origin_whichever_command_assigned_them(model, entries, tmp_path):
+    """lm-score compares a test file's units_origin with the LM's training units': units of the same centroids
+    assigned by extract --kmeans and by spidr units must give the same origin (else a false refusal), and codebook
+    units another one."""
+    from spidr.cli import main
+    from spidr.eval.feature_dir import units_origin
+    from spidr.eval.kmeans import centroids_digest, load_centroids, save_centroids
+
+    path = tmp_path / "c.safetensors"
+    save_centroids(path, _centroids().numpy())
+    out = tmp_path / "out"
+    extract_to_directory(model, entries, out, ExtractionSettings(layers=(2,), codebooks=True), progress=False,
+                         kmeans=[KMeansUnits(2, load_centroids(path), str(path))])
+    assert main(["units", str(out / "layer_02"), "--centroids", str(path), "--out", str(tmp_path / "u.jsonl")]) == 0
+    expected = {"layer": 2, "units_source": centroids_digest(load_centroids(path))}
+    assert units_origin(out / "kmeans_units" / "layer_02.jsonl") == expected
+    assert units_origin(tmp_path / "u.jsonl") == expected
+    assert units_origin(out / "codebook_units" / "layer_02.jsonl") == {"layer": 2, "units_source": "codebook"}
+    with (tmp_path / "u.jsonl").open("a") as units:  # rewritten since by something else: its record is not its own
+        units.write('{"name": "x", "units": [1]}\n')
+    assert units_origin(tmp_path / "u.jsonl") is None

@@ -489,7 +489,7 @@ def test_codebook_units_written_without_their_layer_s_features_take_the_codebook
 
     from spidr.config import SpidRConfig
     from spidr.data.manifest import ManifestEntry
-    from spidr.eval.feature_dir import recorded_num_units
+    from spidr.eval.feature_dir import recorded_num_units, units_metadata_path
     from spidr.eval.features import ExtractionSettings
     from spidr.eval.folder_extraction import extract_to_directory
     from spidr.models.build import build_model
@@ -502,7 +502,10 @@ def test_codebook_units_written_without_their_layer_s_features_take_the_codebook
     extract_to_directory(model, [ManifestEntry("a", str(tmp_path / "a.wav"), 16000)], out,
                          ExtractionSettings(layers=(), codebooks=True), progress=False)
     for layer in (2, 3):  # the tiny model's head layers
-        assert recorded_num_units(out / "codebook_units" / f"layer_{layer:02d}.jsonl") == (16, out / "metadata.json")
+        units = out / "codebook_units" / f"layer_{layer:02d}.jsonl"
+        assert recorded_num_units(units) == (16, units_metadata_path(units))  # (its own record, since 2026-12-07)
+        units_metadata_path(units).unlink()  # an extraction of an older spidr: its metadata.json tells
+        assert recorded_num_units(units) == (16, out / "metadata.json")
 
 
 def test_centroids_fitted_on_one_layer_are_refused_for_another(tmp_path: Path, capsys) -> None:

@@ -945,3 +945,43 @@ def test_a_layer_s_kmeans_sample_does_not_depend_on_the_other_layers_fitted(monk
     fit_centroids(model, entries, [1, 3], num_units=4, seed=0, max_frames=200)
     alone, with_layer_3 = seen[0][0], seen[1][0]
     assert np.array_equal(alone, with_layer_3)
+
+
+def test_lm_score_refuses_units_of_another_layer_or_centroids_than_the_lm_was_trained_on(bench, checkpoint,
+                                                                                        tmp_path, capsys):
+    """An LM trained on layer 2's codebook units scored layer 3's (same vocabulary of 16) with exit 0, near chance:
+    the units' records name their layer and source, but nothing compared them. Now the LM records its training
+    units' origin, and lm-score refuses test units of another layer, or of centroids where it learnt codebook
+    units; the same layer's are scored, and units without a record (another tool's) are not checked."""
+    import shutil
+
+    from spidr.eval.feature_dir import units_metadata_path
+
+    codebook, kmeans = tmp_path / "cb", tmp_path / "km"
+    assert main(["lm-units", str(bench), str(codebook), "--checkpoint", str(checkpoint), "--layers", "2-3"]) == 0
+    assert main(["lm-units", str(bench), str(kmeans), "--checkpoint", str(checkpoint), "--layers", "2",
+                 "--kmeans", "16"]) == 0
+    config = tmp_path / "lm.json"
+    config.write_text(json.dumps({
+        "run": {"workdir": str(tmp_path / "runs"), "name": "cb2", "device": "cpu"},
+        "data": {"train": str(codebook / "layer_02" / "train.jsonl"), "num_units": 16, "val_fraction": 0.25},
+        "model": {"arch": "lstm", "dim": 16, "num_layers": 1, "context": 16},
+        "optimizer": {"max_steps": 2, "warmup_steps": 1, "batch_size": 2, "dtype": "float32"}}))
+    assert main(["lm-train", str(config)]) == 0
+    lm = tmp_path / "runs" / "cb2" / "final.pt"
+    capsys.readouterr()
+    assert main(["lm-score", str(lm), str(codebook / "layer_03"), str(tmp_path / "s3")]) == 2
+    err = capsys.readouterr().err
+    assert (f"{codebook / 'layer_03' / 'lexical' / 'dev.jsonl'} holds units of the codebook of layer 3, but the LM "
+            f"{lm} was trained on units of the codebook of layer 2") in err
+    assert not (tmp_path / "s3").exists()
+    assert main(["lm-score", str(lm), str(kmeans / "layer_02"), str(tmp_path / "skm")]) == 2
+    assert "holds units of k-means centroids sha1:" in capsys.readouterr().err
+    assert main(["lm-score", str(lm), str(codebook / "layer_02"), str(tmp_path / "s2")]) == 0
+    # a copy without its record: not told, not checked
+    bare = tmp_path / "bare"
+    for task in ("lexical", "tsc"):
+        (bare / task).mkdir(parents=True)
+        shutil.copy(codebook / "layer_03" / task / "dev.jsonl", bare / task / "dev.jsonl")
+    assert not units_metadata_path(bare / "lexical" / "dev.jsonl").exists()
+    assert main(["lm-score", str(lm), str(bare), str(tmp_path / "sbare")]) == 0

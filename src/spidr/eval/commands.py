@@ -178,7 +178,13 @@ def _units(args: argparse.Namespace) -> int:
         skipped_stems,
         units_metadata_path,
     )
-    from spidr.eval.kmeans import assign_directory, check_centroids_fit, features_layer, load_centroids
+    from spidr.eval.kmeans import (
+        assign_directory,
+        centroids_digest,
+        check_centroids_fit,
+        features_layer,
+        load_centroids,
+    )
     from spidr.eval.units import write_units
 
     # Named by utterance id (the file stem, as codebook units, alignments and item files name them) when unique:
@@ -199,6 +205,8 @@ def _units(args: argparse.Namespace) -> int:
         "dedup": args.dedup,
         "features": str(args.features_dir),
         "centroids": str(args.centroids),
+        "layer": layer,  # (what lm-score checks test units against the LM's training units by: units_origin)
+        "units_source": centroids_digest(centroids),
         # (so that the units' readers find names as the features' readers do)
         "skipped_stems": sorted(skipped),
         "audio_root": root,

@@ -327,6 +327,36 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
     return None
 
 
+CODEBOOK_UNITS = "codebook"  # a record's units_source for the argmax of a model's head over its codebook
+
+
+def units_origin(path: str | Path) -> dict[str, Any] | None:
+    """What the units of a units file are, from the record beside it (written by ``spidr units``, ``extract`` and
+    ``lm-units`` since 2026-12-07): ``{"layer": the model layer (None: unknown), "units_source": "codebook" or the
+    centroids' digest (``spidr.eval.kmeans.centroids_digest``)}``; None when no such record describes this file."""
+    import json
+
+    path = _absolute(path)
+    try:
+        record = json.loads(units_metadata_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("units_source"), str) or (
+            record.get("units_file_bytes") != _size(path)):
+        return None
+    layer = record.get("layer")
+    return {"layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
+            "units_source": record["units_source"]}
+
+
+def describe_units_origin(origin: Mapping[str, Any]) -> str:
+    """``units_origin`` in words: "the codebook of layer 2", "k-means centroids sha1:1234abcd… of layer 6"."""
+    layer = f" of layer {origin['layer']}" if origin.get("layer") is not None else ""
+    if origin["units_source"] == CODEBOOK_UNITS:
+        return f"the codebook{layer}"
+    return f"k-means centroids {origin['units_source'][:13]}…{layer}"
+
+
 def skipped_stems(path: str | Path) -> frozenset[str]:
     """The paths (below the layer folder, without suffix) of the files that the extraction of the features or units
     at ``path`` skipped, or that the scan it read could not read, as its record lists them (``skipped_stems``; see

@@ -179,6 +179,15 @@ def load_centroids(path: str | Path) -> torch.Tensor:
     return tensor.to(torch.float32)
 
 
+def centroids_digest(centroids: torch.Tensor | np.ndarray) -> str:
+    """``"sha1:<hex>"`` of centroids (K, D) as float32: the ``units_source`` that a units file's record gives for
+    units assigned to them (``spidr.eval.feature_dir.units_origin``), alike whichever command assigned them."""
+    import hashlib
+
+    values = np.ascontiguousarray(torch.as_tensor(centroids).detach().to(torch.float32).cpu().numpy())
+    return "sha1:" + hashlib.sha1(f"{values.shape}".encode() + values.tobytes()).hexdigest()
+
+
 def features_layer(features_dir: str | Path) -> int | None:
     """The layer whose features ``features_dir`` holds, from its name or the nearest folder above it so named
     (``spidr extract``'s ``OUT/layer_LL``, or a subfolder of its tree: ``OUT/layer_06/train-clean-100``), or None."""

@@ -351,9 +351,10 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
     """The units of set ``name`` in ``paths`` (layer → units file), rows named by ``row_names`` (``_row_names``),
     each file with the record that spidr units writes beside its units (abx and units-quality read the frame rate
     from it)."""
-    from spidr.eval.feature_dir import units_metadata_path
+    from spidr.eval.feature_dir import CODEBOOK_UNITS, units_metadata_path
     from spidr.eval.features import iter_units
     from spidr.eval.folder_extraction import not_read_stems, output_root
+    from spidr.eval.kmeans import centroids_digest
 
     with contextlib.ExitStack() as files:  # complete files only: a failure leaves no truncated units file
         handles = {}
@@ -372,9 +373,10 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
     skipped_paths = not_read_stems(found.entries, skipped, found.unread)
     root = output_root(found.entries)
     for layer, path in paths.items():
+        assigned = centroids[layer] if centroids and layer in centroids else None
         record = {"frame_rate_hz": frame_rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
-                  "num_units": int(centroids[layer].shape[0]) if centroids and layer in centroids
-                  else int(model.cfg.codebook_size),
+                  "units_source": CODEBOOK_UNITS if assigned is None else centroids_digest(assigned),
+                  "num_units": int(model.cfg.codebook_size) if assigned is None else int(assigned.shape[0]),
                   "skipped_stems": skipped_paths, "audio_root": root,
                   "units_file_bytes": path.stat().st_size}
         write_atomically(units_metadata_path(path), json.dumps(record, indent=2) + "\n")

@@ -49,6 +49,8 @@ class LmData:
 
 def prepare_data(cfg: LmConfig) -> LmData:
     """Read ``data.train`` (and ``data.valid``), split off the validation utterances, encode both streams."""
+    from spidr.eval.feature_dir import units_origin
+
     data = cfg.data
     units = read_unit_sequences(data.train, dedup=data.dedup)
     num_units = data.num_units or (len(units.labels.labels) if units.labels else units.max_unit + 1)
@@ -75,6 +77,9 @@ def prepare_data(cfg: LmConfig) -> LmData:
         "valid_utterances": len(valid_seqs),
         "train_fingerprint": fingerprint(train_seqs),
         "valid_fingerprint": fingerprint(valid_seqs),
+        # the layer and codebook or centroids of the units (their record's; None: not recorded), which lm-score
+        # checks the test sets' units against
+        "units_origin": units_origin(data.train),
     }
     return LmData(vocab, token_stream(train_seqs, vocab), token_stream(valid_seqs, vocab), info)
 

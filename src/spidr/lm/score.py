@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +133,28 @@ def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
     return found
 
 
+def check_units_origin(checkpoint: str | Path, info: Mapping[str, Any], inputs: Mapping[tuple[str, str], Path]
+                       ) -> None:
+    """Refuse test units of another layer, or of other centroids or the codebook rather than centroids, than the
+    units the LM was trained on (``units_origin`` of each, where both records tell): with the same vocabulary size,
+    an LM scores them without an error, and near chance. Units whose record does not tell are not checked."""
+    from spidr.eval.feature_dir import describe_units_origin, units_origin
+
+    trained = info.get("units_origin")
+    if not isinstance(trained, dict):
+        return
+    for path in sorted(inputs.values()):
+        given = units_origin(path)
+        if given is None:
+            continue
+        layers = (trained.get("layer"), given["layer"])
+        if given["units_source"] != trained["units_source"] or (None not in layers and layers[0] != layers[1]):
+            raise ValueError(f"{path} holds units of {describe_units_origin(given)}, but the LM {checkpoint} was "
+                             f"trained on units of {describe_units_origin(trained)} ({info.get('train_file')}): "
+                             "score the test sets' units of the same layer and centroids (lm-units writes them "
+                             "side by side)")
+
+
 def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Path], out_dir: str | Path, *,
                     norm: str = "mean", device: str = "cpu", batch_tokens: int = 32768,
                     dtype: str = "float32") -> dict[str, int]:
@@ -144,6 +167,7 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
         raise ValueError("no units file to score: expected UNITS_DIR/<task>/<split>.jsonl with task in "
                          f"{', '.join(TASKS)} and split dev or test")
     model, info, labels = load_lm(checkpoint, device=device)
+    check_units_origin(checkpoint, info, inputs)
     vocab = Vocabulary(info["num_units"])
     context = info["context"] if info["arch"] == "gpt" else None
     # Every units file is read (and checked against the LM) before anything is written: a bad one stops the command
