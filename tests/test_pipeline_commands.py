@@ -215,7 +215,7 @@ def test_codebook_units_alone_equal_those_extracted_with_features(corpus, tmp_pa
             "--codebooks"]
 
     def units(out):
-        return {path.name: path.read_text() for path in sorted((out / "codebook_units").iterdir())}
+        return {path.name: path.read_text() for path in sorted((out / "codebook_units").glob("*.jsonl"))}
 
     for window in ([], ["--max-seconds", "0.4"]):
         full, alone = tmp_path / f"full{len(window)}", tmp_path / f"alone{len(window)}"

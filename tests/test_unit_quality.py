@@ -202,3 +202,43 @@ def test_alignments_find_units_by_path_or_unique_id_and_a_shared_bare_id_is_refu
     assert unit_quality(units, exact, num_units=2)["pnmi"] == pytest.approx(1.0, abs=1e-8)
     with pytest.raises(ValueError, match=r"'0001': 2 utterances of the units have the id '0001'"):
         unit_quality(units, {"0001": ["A"] * 4, **exact}, num_units=2)
+
+
+def test_arpabet_stress_digits_are_removed_as_fairseq_does_unless_kept(tmp_path: Path, capsys) -> None:
+    """Forced aligners write AH0 / AH1; fairseq's PNMI strips the digits (rm_stress) and the paper's labels have
+    none, but each variant counted as a phone of its own (the reviewer's PNMI fell from 0.145 to 0.120 with no word).
+    Hand count: units [0, 0, 1, 1] on labels AH1 AH0 S S (1 unit per label): with stress removed the phones are
+    {AH, S} and each unit holds one of them, PNMI = 1; kept, unit 0 holds two phones, PNMI = ln 2 / (1.5 ln 2) = 2/3.
+    A tone digit outside ARPAbet's vowels (a1) and a consonant with a digit (S1) are left alone."""
+    from spidr.eval.unit_quality import without_stress
+
+    path = tmp_path / "ali.jsonl"
+    path.write_text(json.dumps({"name": "u", "phones": ["AH1", "AH0", "S", "S"]}) + "\n")
+    assert read_alignments(path).phones == ("AH", "S")
+    assert read_alignments(path)["u"] == ["AH", "AH", "S", "S"]
+    assert read_alignments(path, keep_stress=True).phones == ("AH0", "AH1", "S")
+    units = tmp_path / "units.jsonl"
+    units.write_text(json.dumps({"name": "u", "units": [0, 0, 1, 1]}) + "\n")
+    common = [str(units), str(path), "--alignment-rate", "50", "--unit-rate", "50", "--num-units", "2", "--json"]
+    assert cli.main(["units-quality", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["pnmi"] == pytest.approx(1.0, abs=1e-6)
+    assert cli.main(["units-quality", *common, "--keep-stress"]) == 0
+    assert json.loads(capsys.readouterr().out)["pnmi"] == pytest.approx(2 / 3, abs=1e-6)
+    from spidr.eval.unit_quality import Alignments
+
+    other = Alignments.from_labels([("v", ["a1", "S1", "ER2", "h#"])])
+    assert without_stress(other).phones == ("ER", "S1", "a1", "h#")
+
+
+def test_libri_light_frame_label_lines_are_read_as_frame_labels(tmp_path: Path) -> None:
+    """Libri-light's converted_aligned_phones.txt (one line per utterance: its name, then one phone index per 10 ms
+    frame) was read as intervals and refused with "onset 6 is not before offset 6". Now each field is a frame's
+    label; an interval file is still read as intervals."""
+    frames = tmp_path / "converted_aligned_phones.txt"
+    frames.write_text("u1 6 6 6 5 5 0\nu2 3 3 3 3 3 3 1\n")
+    alignments = read_alignments(frames)
+    assert alignments["u1"] == ["6", "6", "6", "5", "5", "0"]
+    assert len(alignments["u2"]) == 7
+    intervals = tmp_path / "ali.txt"
+    intervals.write_text("u1 0.00 0.03 a\nu1 0.03 0.06 b\n")
+    assert read_alignments(intervals)["u1"] == ["a", "a", "a", "b", "b", "b"]

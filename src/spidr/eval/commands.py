@@ -128,7 +128,7 @@ def _units_quality(args: argparse.Namespace) -> int:
                          "older spidr): give --num-units (k of k-means, the codebook size)")
     metrics = unit_quality(
         read_units(args.units),
-        read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate),
+        read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate, keep_stress=args.keep_stress),
         unit_rate_hz=int(unit_rate),
         alignment_rate_hz=args.alignment_rate,
         num_units=num_units,
@@ -299,12 +299,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "units-quality",
         help="phone purity, cluster purity, PNMI, perplexity, active codewords and bitrate of discrete units",
         description="Compare discrete units with frame-level phone alignments (SpidR JSONL with one label per "
-        "frame, or a TSV of utterance<TAB>onset<TAB>offset<TAB>phone intervals in seconds; .gz read transparently).",
+        "frame, a TSV of utterance<TAB>onset<TAB>offset<TAB>phone intervals in seconds, or Libri-light's text of "
+        "one line of frame labels per utterance; .gz read transparently).",
         formatter_class=formatter,
     )
     parser.add_argument("units", metavar="UNITS", help="units .jsonl(.gz) file")
-    parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl(.gz) or .tsv(.gz) file")
+    parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl, .tsv or .txt file (.gz ok)")
     parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
+    parser.add_argument("--keep-stress", action="store_true",
+                        help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they "
+                        "are removed, as fairseq's PNMI does)")
     parser.add_argument("--unit-rate", type=int, help="unit rate in Hz (default: the rate recorded by the "
                         "spidr extract or spidr units run that wrote UNITS, else 50)")
     parser.add_argument("--num-units", type=int, help="size of the unit vocabulary (default: the size recorded by "

@@ -94,6 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--item", required=True, help="ABX item file (#file = utterance id)")
     evaluate.add_argument("--alignments", help="phone alignments for PNMI (SpidR JSONL or TSV intervals, .gz ok)")
     evaluate.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
+    evaluate.add_argument("--keep-stress", action="store_true",
+                          help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they "
+                          "are removed, as fairseq's PNMI does)")
     evaluate.add_argument("--layers", default=None, help="1-based layers to evaluate (default: all)")
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
@@ -126,6 +129,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--test-fraction", type=float, default=0.2,
                        help="share of --manifest held out when there is no --test-manifest")
     probe.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
+    probe.add_argument("--keep-stress", action="store_true",
+                       help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they "
+                       "are removed, as fairseq's PNMI does)")
     probe.add_argument("--layers", default=None, help="1-based layers to probe (default: all)")
     probe.add_argument("--out", required=True, help="report folder")
     probe.add_argument("--baseline", action="append", choices=["mfcc", "random-init"], default=None,
@@ -283,7 +289,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     entries, unread = _entries(args.manifest, args.ext)
     items = read_items(args.item)
     alignments = (None if args.alignments is None
-                  else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate))
+                  else read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate,
+                                       keep_stress=args.keep_stress))
     aligned_entries, aligned_samples = {}, {}
     if alignments is not None:  # before the extraction and the ABX of every layer, not at the first head's PNMI
         aligned_entries = _aligned_entries(entries, unread, alignments, args.manifest)
@@ -317,7 +324,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                    checkpoint=f"random init (seed {args.seed}) of {args.checkpoint}'s config",
                                    **common)
     settings = evaluation_settings(abx=abx, item_file=args.item, entries=entries, alignments_file=args.alignments,
-                                   alignment_rate_hz=args.alignment_rate, dtype=args.dtype)
+                                   alignment_rate_hz=args.alignment_rate, dtype=args.dtype,
+                                   keep_stress=args.keep_stress)
     path = write_report(rows, out, title=f"Evaluation of {name}", settings=settings,
                         notes=[f"ABX: context {abx.context}, distance {abx.distance}, max_size_group "
                                f"{abx.max_size_group}, max_x_across {abx.max_x_across}, seed {abx.seed}; "
@@ -423,8 +431,9 @@ def run_probe(args: argparse.Namespace) -> int:
         keys = alignment_keys(train_entries, unread=train_unread)
         train_entries, test_entries = split_entries(train_entries, args.test_fraction, seed=args.seed)
         test_unread = train_unread
-    alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate)
-    test_alignments = (read_alignments(args.test_alignments, alignment_rate_hz=args.alignment_rate)
+    alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate, keep_stress=args.keep_stress)
+    test_alignments = (read_alignments(args.test_alignments, alignment_rate_hz=args.alignment_rate,
+                                       keep_stress=args.keep_stress)
                        if args.test_alignments else None)
     layers = parse_layers(args.layers, model.num_layers) if args.layers else None
     settings = ProbeSettings(hidden=args.hidden, epochs=args.epochs, max_train_frames=args.max_train_frames,

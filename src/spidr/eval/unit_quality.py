@@ -17,11 +17,14 @@ C (phones × units) gives the joint distribution P = C / ΣC, and
 Computed in float64 (SpidR uses float32; the two agree to ~1e-7). The phone inventory is every phone of the
 alignment file, SIL included, whether or not it occurs in the evaluated utterances.
 
-Alignments are read from SpidR's JSONL (``{"name": ..., "phones": [one label per frame]}``) or from a TSV of
+Alignments are read from SpidR's JSONL (``{"name": ..., "phones": [one label per frame]}``), from a TSV of
 intervals, one line per phone: ``utterance<TAB>onset<TAB>offset<TAB>phone`` in seconds (an optional header line is
-skipped; columns after the fourth, such as the speaker of ``spidr synth-corpus``'s ``alignments.tsv``, are ignored).
-Intervals become frame labels at the alignment rate: frame i takes the phone whose interval holds its centre
-``(i + ½) / rate``; frames that no interval covers raise an error. ``.gz`` files are read transparently.
+skipped; columns after the fourth, such as the speaker of ``spidr synth-corpus``'s ``alignments.tsv``, are ignored),
+or from a text file of one line of frame labels per utterance (``utterance 6 6 6 5 5 ...``, Libri-light's
+``converted_aligned_phones.txt``: phone indices at 100 Hz, told apart by numbers only after the name). Intervals
+become frame labels at the alignment rate: frame i takes the phone whose interval holds its centre
+``(i + ½) / rate``; frames that no interval covers raise an error. ``.gz`` files are read transparently. ARPAbet
+stress digits are removed (``AH1`` → ``AH``) as fairseq does, unless asked to keep them.
 """
 
 from __future__ import annotations
@@ -151,21 +154,74 @@ def check_alignment_lengths(alignments: Mapping[str, Sequence[Any]], num_samples
                          f"recording? They may differ by at most {tolerance:g} frames")
 
 
-def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100) -> Alignments:
-    """``{utterance: per-frame phone labels}`` from a JSONL or interval-TSV alignment file (see module docstring)."""
+def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100, keep_stress: bool = False) -> Alignments:
+    """``{utterance: per-frame phone labels}`` from a JSONL, interval-TSV or frame-label text alignment file (see
+    module docstring). ARPAbet stress digits are removed (``AH0``, ``AH1`` → ``AH``), as fairseq's PNMI does
+    (``rm_stress``), unless ``keep_stress``."""
     path = Path(path)
     existing_file(path, "alignment file")
     name = path.name.removesuffix(".gz")
     if name.endswith((".jsonl", ".ndjson", ".json")):
         rows = ((key, [str(p) for p in phones]) for key, _, _, phones in read_jsonl_rows(path, field="phones"))
     elif name.endswith((".tsv", ".txt")):
-        rows = _read_interval_alignments(path, alignment_rate_hz)
+        rows = (_read_frame_label_lines(path) if _holds_frame_labels(path)
+                else _read_interval_alignments(path, alignment_rate_hz))
     else:
-        raise ValueError(f"alignment file {path}: expected a .jsonl (SpidR format) or .tsv (intervals) file")
+        raise ValueError(f"alignment file {path}: expected a .jsonl (SpidR format), a .tsv of intervals or a .txt "
+                         "of frame labels")
     alignments = Alignments.from_labels(rows)
     if not alignments:
         raise ValueError(f"alignment file {path} has no utterance")
-    return alignments
+    if keep_stress:
+        return alignments
+    unstressed = without_stress(alignments)
+    if unstressed.phones != alignments.phones:
+        stressed = [phone for phone in alignments.phones if phone not in unstressed.phones]
+        logger.info("%s: ARPAbet stress digits removed from %d phone labels (%s → %d phones), as fairseq's PNMI "
+                    "does (--keep-stress keeps them)", path, len(stressed), ", ".join(stressed[:4])
+                    + (", ..." if len(stressed) > 4 else ""), len(unstressed.phones))
+    return unstressed
+
+
+# ARPAbet's vowels, which alone carry a stress digit (0 none, 1 primary, 2 secondary) in CMUdict and forced aligners
+ARPABET_VOWELS = frozenset(["AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW"])
+
+
+def without_stress(alignments: Alignments) -> Alignments:
+    """``alignments`` with every ARPAbet vowel's stress digit removed (``AH0`` → ``AH``); other labels (a tone
+    digit of another inventory, ``h#``) are kept as they are."""
+    def base(phone: str) -> str:
+        return phone[:-1] if phone[-1:] in ("0", "1", "2") and phone[:-1] in ARPABET_VOWELS else phone
+
+    if all(base(phone) == phone for phone in alignments.phones):
+        return alignments
+    phones = sorted({base(phone) for phone in alignments.phones})
+    table = np.asarray([phones.index(base(phone)) for phone in alignments.phones], dtype=np.int16)
+    return Alignments(phones, {name: table[codes] for name, codes in alignments.codes.items()})
+
+
+def _holds_frame_labels(path: Path) -> bool:
+    """Whether a text alignment file holds one label per frame on each line (``utterance l1 l2 l3 ...``, as
+    Libri-light's and CPC's ``converted_aligned_phones.txt``: phone indices at 100 Hz), not intervals: its first
+    line has at least 6 fields, all numbers after the utterance, none of them a time in seconds."""
+    with open_text(path) as handle:
+        for line in handle:
+            fields = line.split()
+            if fields:
+                return len(fields) >= 6 and all(field.isdigit() for field in fields[1:])
+    return False
+
+
+def _read_frame_label_lines(path: Path) -> Iterator[tuple[str, list[str]]]:
+    """``(utterance, its frame labels)`` of each line of a frame-label text file (``_holds_frame_labels``)."""
+    with open_text(path) as handle:
+        for number, line in numbered_lines(handle, path, expected="one line of frame labels per utterance"):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 2:
+                raise ValueError(f"{path}: line {number} names utterance {fields[0]!r} but gives no frame label")
+            yield fields[0], fields[1:]
 
 
 def _interval_columns(path: Path, rate: int) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
