@@ -13,12 +13,16 @@ forward's flops, and on a CPU the float32 front end runs channels last (twice as
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from spidr.models.components import ConvFeatureExtractor, ConvPositionalEmbedding, FeatureProjection
+
+logger = logging.getLogger(__name__)
 
 FLOAT32_INPUT_PATH = (ConvFeatureExtractor, FeatureProjection, ConvPositionalEmbedding)
 
@@ -27,6 +31,8 @@ FLOAT32_INPUT_PATH = (ConvFeatureExtractor, FeatureProjection, ConvPositionalEmb
 def bfloat16_inference(model: nn.Module, device_type: str) -> Iterator[None]:
     """bf16 autocast on ``device_type`` with ``model``'s front end, feature projection and positional convolutions
     in float32 (their ``keep_float32``), restored on exit. For inference: training keeps plain autocast."""
+    if device_type == "cpu":
+        _warn_if_emulated_on_this_cpu()
     modules = [module for module in model.modules() if isinstance(module, FLOAT32_INPUT_PATH)]
     before = [module.keep_float32 for module in modules]
     for module in modules:
@@ -37,6 +43,17 @@ def bfloat16_inference(model: nn.Module, device_type: str) -> Iterator[None]:
     finally:
         for module, keep in zip(modules, before, strict=True):
             module.keep_float32 = keep
+
+
+@functools.cache
+def _warn_if_emulated_on_this_cpu() -> None:
+    """Once per process: bf16 on a CPU without native bf16 (training falls back to float32 there, with a warning)
+    is emulated, about 25 % slower than float32 on such a CPU, and no more exact."""
+    from spidr.train.precision import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        logger.warning("this CPU has no native bfloat16 (avx512_bf16/amx_bf16): bfloat16 inference is emulated, "
+                       "slower than float32 here; --dtype float32 is faster on this machine")
 
 
 def precision_identity(dtype: str) -> dict[str, str]:
