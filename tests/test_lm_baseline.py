@@ -97,6 +97,16 @@ def test_ngram_baselines_read_units_in_lm_units_layout(bench: Path, tmp_path: Pa
     summaries = json.loads(capsys.readouterr().out)
     assert summaries["bigram"]["swuggy_invocab"] == pytest.approx(100.0)
     assert summaries["unigram"]["swuggy_all"] == pytest.approx(50.0)
+    # without --out the submissions lived in a temporary folder, gone now: the JSON names none
+    assert summaries["bigram"]["details"]["lexical"]["submission"] is None
+
+
+def test_ngram_baselines_written_with_out_name_their_submission(bench: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["lm-eval", str(bench), "--baseline", "ngram", "--json", "--out", str(out)]) == 0
+    submission = json.loads(capsys.readouterr().out)["bigram"]["details"]["lexical"]["submission"]
+    assert Path(submission) == out / "bigram" / "lexical" / "dev.txt"
+    assert Path(submission).is_file()
 
 
 def test_ngram_baseline_report_names_each_model(bench: Path, capsys) -> None:

@@ -92,6 +92,10 @@ def _lm_eval_baselines(args: argparse.Namespace) -> int:
         summaries = {name: evaluate_benchmark(args.bench_dir, folder, kind=args.kind,
                                               out_dir=folder if args.out else None, seed=args.seed)
                      for name, folder in folders.items()}
+    if not args.out:  # the submissions were in a temporary folder, gone now: none to name
+        for summary in summaries.values():
+            for details in summary["details"].values():
+                details["submission"] = None
     if args.json:
         print(json.dumps(summaries, allow_nan=False))
         return 0
