@@ -273,3 +273,21 @@ def test_a_comparison_killed_midway_is_written_again_by_its_rerun(tmp_path, caps
     capsys.readouterr()
     assert main(argv) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_per_layer_plots_tick_whole_layers_only(tmp_path, monkeypatch):
+    """A 2-layer model's plots were ticked 1.0, 1.2, ... 2.0 on the layer axis, as if there were layers between."""
+    from spidr.eval import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kwargs: figures.append(fig))
+    rows = [report.LayerRow("m", layer, 30.0 - layer, 35.0 - layer, quality={"pnmi": 0.1 * layer})
+            for layer in (1, 2)]
+    report.plot_report(rows, tmp_path)
+    assert len(figures) == 2  # ABX, PNMI
+    for fig in figures:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = ax.get_xticks()
+            assert len(ticks) >= 2
+            assert all(float(tick).is_integer() for tick in ticks), ticks

@@ -474,10 +474,11 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_
     """A run killed after step 5 resumes from step_3.pt and takes steps 4 and 5 again: their first records move to
     metrics.superseded.jsonl, so that metrics.jsonl (the plots, the reports) holds one record per step."""
     cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 6})
+    names = {"spidr": "SpidR", "dinosr": "DinoSR"}
     with caplog.at_level("INFO", logger="spidr"):
         assert train(cfg) == "completed"
     # run.model_type defaults to DinoSR: the run says which model it trains
-    assert f"starting {cfg.run.model_type} (run.model_type;" in caplog.text
+    assert f"starting {names[cfg.run.model_type]} (run.model_type = '{cfg.run.model_type}';" in caplog.text
     # the trained parameters, as `spidr info` counts the student side (with the teacher's copy, twice as many)
     student = sum(p.numel() for p in build_model(cfg.model).parameters() if p.requires_grad)
     assert f"; {student / 1e6:.3g} M trained parameters," in caplog.text
@@ -491,7 +492,7 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_superseded_records(tmp_
     caplog.clear()
     with caplog.at_level("INFO", logger="spidr"):
         assert train(cfg) == "completed"
-    assert f"resuming {cfg.run.model_type} (run.model_type;" in caplog.text
+    assert f"resuming {names[cfg.run.model_type]} (run.model_type = '{cfg.run.model_type}';" in caplog.text
     assert "at step 3 in" in caplog.text
     again = _train_records(run_dir)
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]

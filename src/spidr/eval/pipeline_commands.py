@@ -405,6 +405,7 @@ def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestE
 def run_probe(args: argparse.Namespace) -> int:
     from spidr.eval.features import parse_layers
     from spidr.eval.probe import (
+        SILENCE_LABELS,
         MfccFeaturizer,
         ModelFeaturizer,
         ProbeSettings,
@@ -451,11 +452,13 @@ def run_probe(args: argparse.Namespace) -> int:
             random_model = random_init_model(model.cfg, seed=args.seed).to(args.device)
             featurizers[f"{name} (random init)"] = ModelFeaturizer(random_model, layers=layers, dtype=args.dtype)
     rows = run_probes(featurizers, train_entries, test_entries, alignments, **common)
-    kind = f"one hidden layer of {args.hidden}" if args.hidden else "linear"
+    kind = (f"Frame classifiers with one hidden layer of {args.hidden} units" if args.hidden
+            else "Linear frame classifiers")
     path = write_probe_report(rows, args.out, title=f"Phone probe of {name}", notes=[
-        f"{kind.capitalize()} frame classifiers, {args.epochs} epochs, trained on ≤ {args.max_train_frames} frames "
+        f"{kind}, {args.epochs} epochs, trained on ≤ {args.max_train_frames} frames "
         f"of {args.manifest}; scored on {args.test_manifest or f'{args.test_fraction:.0%} of it held out'}. "
-        "PER: a linear CTC head's greedy phone sequence against the reference phones, silence removed."])
+        "PER: a linear CTC head's greedy phone sequence against the reference phones, silence "
+        f"({', '.join(repr(label) for label in SILENCE_LABELS)}) removed."])
     print(path.read_text(encoding="utf-8"))
     print(f"probe report written to {path}")
     return 0

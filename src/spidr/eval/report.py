@@ -30,7 +30,7 @@ from spidr.eval.items import SPEAKER_COLUMN, Items
 from spidr.eval.mfcc import mfcc
 from spidr.eval.unit_quality import unit_quality
 from spidr.eval.units import read_units
-from spidr.extras import figure
+from spidr.extras import figure, import_extra
 from spidr.models.frames import frame_rate_hz
 
 logger = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
     baselines = [row for row in rows if row.layer is None]
     written = []
     fig, axes = figure(figsize=(10, 4), purpose=PLOT_PURPOSE, ncols=2, sharey=True)
+    ticker = import_extra("matplotlib.ticker", extra="eval", purpose=PLOT_PURPOSE)
     for ax, speaker in zip(axes, SPEAKER_CONDITIONS, strict=True):
         for model in models:
             layer_rows = [r for r in rows if r.model == model and r.layer is not None]
@@ -255,6 +256,7 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
         ax.axhline(50, color="black", linewidth=0.5)
         ax.set_title(f"ABX {speaker} speaker")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # (no tick at layer 1.5)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("error rate (%)")
     axes[1].legend(fontsize=7)
@@ -269,6 +271,7 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
             model_rows = [r for r in quality_rows if r.model == model]
             ax.plot([r.layer for r in model_rows], [r.quality["pnmi"] for r in model_rows], "o-", label=model)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # (no tick at layer 1.5)
         ax.set_ylabel("PNMI (codebook units)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -389,8 +389,9 @@ def train(cfg: Config) -> Outcome:
             write_config(cfg.to_dict(), cfg.run.run_dir)
             # run.model_type defaults to "dinosr" (the official schema's default): say which model this is
             # (the parameters that train: the student's; the EMA teacher is a copy, as `spidr info` counts them)
-            logger.info("%s %s (run.model_type; %.3g M trained parameters, %d codebooks of %d) at step %d in %s; %s "
-                        "on %s x %d", "starting" if fresh else "resuming", cfg.run.model_type,
+            logger.info("%s %s (run.model_type = %r; %.3g M trained parameters, %d codebooks of %d) at step %d in "
+                        "%s; %s on %s x %d", "starting" if fresh else "resuming",
+                        {"spidr": "SpidR", "dinosr": "DinoSR"}[cfg.run.model_type], cfg.run.model_type,
                         sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6,
                         cfg.model.num_codebooks, cfg.model.codebook_size, run.step, cfg.run.run_dir, precision.name,
                         device, denv.world_size)
