@@ -217,6 +217,9 @@ class _Axes:
         self.calls = []
 
     def __getattr__(self, name):
+        if name == "xaxis":  # (its calls recorded with the axes')
+            return self
+
         def call(*args, **kwargs):
             self.calls.append((name, args, kwargs))
             if name == "plot":
