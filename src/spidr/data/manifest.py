@@ -398,15 +398,24 @@ def _is_utf8(name: str) -> bool:
 _NOT_UTF8 = "the name is not valid UTF-8, which a manifest cannot hold; rename it (e.g. with convmv)"
 
 
-def _audio_files(root: str, exts: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+# Audio that soundfile reads but a scan of the default extensions leaves out: counted, and named in a warning
+OTHER_AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au")
+
+
+def _audio_files(root: str, exts: tuple[str, ...], left_out: dict[str, int] | None = None
+                 ) -> tuple[list[str], list[tuple[str, str]]]:
     """The audio files under ``root`` (sorted, absolute, symbolic links kept as named) and the failures: links that
     lead to no file and other non-regular files. Symbolic links to folders are followed; a real folder is entered
-    once, so a link back to a parent (a loop) ends the walk there instead of going on forever."""
+    once, so a link back to a parent (a loop) ends the walk there instead of going on forever. ``left_out``
+    counts, by extension, the files of another audio format (``OTHER_AUDIO_EXTENSIONS``) that ``exts`` leaves out."""
     files, failures = [], []
     # (deterministic: the same alias of a folder reached twice is kept every time)
     for folder, names in walk_following_links(root):
         for name in names:
-            if os.path.splitext(name)[1].lower() not in exts:
+            extension = os.path.splitext(name)[1].lower()
+            if extension not in exts:
+                if left_out is not None and extension in OTHER_AUDIO_EXTENSIONS:
+                    left_out[extension] = left_out.get(extension, 0) + 1
                 continue
             path = os.path.join(folder, name)
             if os.path.isfile(path):
@@ -422,7 +431,12 @@ def _scan_directory(root: Path, exts: tuple[str, ...], *, progress: bool) -> Sca
     from tqdm import tqdm
 
     # Absolute, but symbolic links not resolved: a linked file keeps its own name (its utterance id) and folder.
-    files, failures = _audio_files(os.path.abspath(root), exts)
+    left_out: dict[str, int] = {}
+    files, failures = _audio_files(os.path.abspath(root), exts, left_out)
+    if left_out:
+        counts = ", ".join(f"{count} {extension}" for extension, count in sorted(left_out.items()))
+        logger.warning("%s: %d audio file(s) of other extensions left out (%s): list them with --ext %s", root,
+                       sum(left_out.values()), counts, ",".join([*exts, *sorted(left_out)]))
     builder = ManifestBuilder(base="", source=str(root))
     for path in tqdm(files, desc=f"scanning {root}", unit="file", disable=not progress):
         if not _is_utf8(path):
