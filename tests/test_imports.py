@@ -14,8 +14,8 @@ HEAVY = ("torch", "numpy", "scipy", "sklearn", "matplotlib", "soundfile", "soxr"
 MODEL_CODE = ("spidr.models.dinosr", "spidr.models.spidr", "spidr.models.loading", "spidr.models.convert",
               "spidr.models.hf_export", "spidr.models.s3prl_export", "spidr.models.build")
 SUBCOMMANDS = ["manifest", "train", "submit", "plot-training", "export", "info", "extract", "evaluate", "probe", "abx",
-               "units-quality", "kmeans", "units", "compare-reports", "synth-corpus", "synth-lm-bench", "lm-units",
-               "lm-train", "lm-score", "lm-study", "lm-eval", "lm-correlate", "demo", "learning-curve"]
+               "items", "units-quality", "kmeans", "units", "compare-reports", "synth-corpus", "synth-lm-bench",
+               "lm-units", "lm-train", "lm-score", "lm-study", "lm-eval", "lm-correlate", "demo", "learning-curve"]
 
 
 def _modules_after(code: str) -> dict:

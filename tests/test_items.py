@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from decimal import Decimal
@@ -268,3 +269,70 @@ def test_float_times_are_read_as_the_decimals_they_print():
     starts, ends = frame_bounds(items, 50)
     assert starts.tolist() == [3, 16]
     assert ends.tolist() == [5, 25]
+
+
+# spidr items: item files from a user's own alignments ----------------------------------------------------------------
+ALIGNED = {  # 100 Hz frame labels (hand-made): stress digits as a forced aligner writes them
+    "84-121-0000": ["SIL"] * 5 + ["AH1"] * 10 + ["T"] * 5 + ["IY0"] * 8 + ["SIL"] * 3,
+    "84-121-0001": ["SIL"] * 2 + ["K"] * 4 + ["AE1"] * 6 + ["T"] * 3 + ["S"] * 5,
+    "91_7": ["sp"] * 4 + ["M"] * 3 + ["AA2"] * 3,
+}
+# Hand count: an item is a phone with speech on both sides. 0000: T (AH before, IY after) only; 0001: AE (K, T)
+# and T (AE, S), K has silence before it and S nothing after it; 91_7: none (AA ends the utterance).
+TRIPHONE_ROWS = ["84-121-0000 0.05 0.28 T AH IY 84", "84-121-0001 0.02 0.15 AE K T 84",
+                 "84-121-0001 0.06 0.2 T AE S 84"]
+PHONEME_ROWS = ["84-121-0000 0.15 0.2 T AH IY 84", "84-121-0001 0.06 0.12 AE K T 84",
+                "84-121-0001 0.12 0.15 T AE S 84"]
+
+
+def _aligned(tmp_path: Path) -> Path:
+    path = tmp_path / "ali.jsonl"
+    path.write_text("".join(json.dumps({"name": name, "phones": phones}) + "\n" for name, phones in ALIGNED.items()))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "rows"), [("triphone", TRIPHONE_ROWS), ("phoneme", PHONEME_ROWS)])
+def test_items_from_alignments_are_the_hand_counted_rows(tmp_path: Path, capsys, kind: str, rows: list[str]) -> None:
+    from spidr.cli import main
+
+    out = tmp_path / f"{kind}.item"
+    assert main(["items", str(_aligned(tmp_path)), "--out", str(out), "--kind", kind]) == 0
+    assert out.read_text().splitlines() == ["#file onset offset #phone prev-phone next-phone speaker", *rows]
+    assert f"wrote 3 {kind} items of 3 utterances to {out}" in capsys.readouterr().out
+    items = read_items(out)  # what abx and evaluate read
+    assert items.files == ("84-121-0000", "84-121-0001", "84-121-0001")
+    assert items.labels["speaker"] == ("84", "84", "84")
+    assert main(["items", str(_aligned(tmp_path)), "--out", str(out)]) == 2  # (an existing file: --overwrite)
+
+
+def test_items_from_intervals_equal_those_from_frame_labels(tmp_path: Path) -> None:
+    """Invariance: the same alignment as a TSV of intervals in seconds gives the same item file."""
+    from spidr.cli import main
+
+    lines = []
+    for name, phones in ALIGNED.items():
+        frame = 0
+        for phone, run in itertools.groupby(phones):
+            length = len(list(run))
+            lines.append(f"{name}\t{frame / 100:.2f}\t{(frame + length) / 100:.2f}\t{phone}")
+            frame += length
+    (tmp_path / "ali.tsv").write_text("\n".join(lines) + "\n")
+    assert main(["items", str(tmp_path / "ali.tsv"), "--out", str(tmp_path / "a.item")]) == 0
+    assert main(["items", str(_aligned(tmp_path)), "--out", str(tmp_path / "b.item")]) == 0
+    assert (tmp_path / "a.item").read_text() == (tmp_path / "b.item").read_text()
+
+
+def test_items_name_what_they_cannot_make(tmp_path: Path, capsys) -> None:
+    from spidr.cli import main
+
+    aligned = _aligned(tmp_path)
+    assert main(["items", str(aligned), "--out", str(tmp_path / "x.item"), "--speaker-pattern", "^spk"]) == 2
+    assert "--speaker-pattern '^spk' has no group" in capsys.readouterr().err
+    assert main(["items", str(aligned), "--out", str(tmp_path / "x.item"), "--speaker-pattern", "^(\\d+)-"]) == 2
+    assert "utterance '91_7': --speaker-pattern '^(\\\\d+)-' finds no speaker in its name" in capsys.readouterr().err
+    silent = tmp_path / "silent.jsonl"
+    silent.write_text(json.dumps({"name": "a-1", "phones": ["SIL", "AH", "SIL"]}) + "\n")
+    assert main(["items", str(silent), "--out", str(tmp_path / "x.item")]) == 2
+    assert "no item: none of the 1 utterances has a speech phone between two speech phones" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "x.item").exists()

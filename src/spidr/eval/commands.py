@@ -269,6 +269,45 @@ def _report_name(path: Path) -> str:
     return (path.parent if path.suffix == ".json" else path).resolve().name
 
 
+def _items(args: argparse.Namespace) -> int:
+    from spidr.eval.item_writer import write_item_file
+    from spidr.eval.unit_quality import read_alignments
+
+    out = check_new_output(args.out, overwrite=args.overwrite)
+    alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate, keep_stress=args.keep_stress)
+    count = write_item_file(out, alignments, alignment_rate_hz=args.alignment_rate, kind=args.kind,
+                            speaker_pattern=args.speaker_pattern)
+    print(f"wrote {count} {args.kind} items of {len(alignments)} utterances to {out}")
+    return 0
+
+
+def _register_items(subparsers: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
+    from spidr.eval.item_writer import DEFAULT_SPEAKER_PATTERN, KINDS
+
+    parser = subparsers.add_parser(
+        "items",
+        help="ABX item files (triphone or phoneme) from your own phone alignments",
+        description="Write an ABX item file (#file onset offset #phone prev-phone next-phone speaker, the ZeroSpeech "
+        "2021 / Libri-light layout) from frame-level phone alignments: one item per phone whose neighbours and "
+        "itself are speech. triphone items span the previous, centre and next phones (score them with --context "
+        "within); phoneme items span the centre phone. The speaker of an utterance is the first group of "
+        "--speaker-pattern in its name.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl, .tsv or .txt file (.gz ok)")
+    parser.add_argument("--out", required=True, help="item file to write (.item)")
+    parser.add_argument("--kind", choices=KINDS, default="triphone", help="what an item spans")
+    parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
+    parser.add_argument("--speaker-pattern", default=DEFAULT_SPEAKER_PATTERN,
+                        help="regular expression whose first group, searched in an utterance's name, is its speaker "
+                        "(default: the name up to its first - or _, LibriSpeech's speaker)")
+    parser.add_argument("--keep-stress", action="store_true",
+                        help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they are "
+                        "removed, as fairseq's PNMI does)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.set_defaults(handler=_items)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``spidr`` parser."""
     formatter = HelpFormatter
@@ -294,6 +333,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="slice items as Libri-light / ZeroSpeech 2021 did, dropping each item's last frame")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
     parser.set_defaults(handler=_abx)
+
+    _register_items(subparsers, formatter)
 
     parser = subparsers.add_parser(
         "units-quality",

@@ -41,13 +41,12 @@ from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import ManifestEntry
 from spidr.eval.features import ExtractionSettings, iter_extracted, length_batches, window_settings
 from spidr.eval.mfcc import mfcc
-from spidr.eval.unit_quality import MAX_LENGTH_MISMATCH, Alignments
+from spidr.eval.unit_quality import MAX_LENGTH_MISMATCH, SILENCE_LABELS, Alignments
 from spidr.extras import figure, import_extra
 from spidr.models.frames import hop_length
 
 logger = logging.getLogger(__name__)
 
-SILENCE_LABELS = ("SIL", "sil", "sp", "spn", "<sil>", "")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 PLOT_PURPOSE = "the phone probe's plot"
 

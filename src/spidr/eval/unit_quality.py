@@ -46,6 +46,7 @@ from spidr.input_files import existing_file
 logger = logging.getLogger(__name__)
 
 EPS = 1e-10
+SILENCE_LABELS = ("SIL", "sil", "sp", "spn", "<sil>", "")  # the labels of silence in forced aligners' alignments
 MAX_LENGTH_MISMATCH = 2
 METRICS = ("phone_purity", "cluster_purity", "pnmi", "codebook_perplexity", "active_codewords", "bitrate")
 
