@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 
 from spidr.cli import main
@@ -294,3 +295,23 @@ def test_per_layer_plots_tick_whole_layers_only(tmp_path, monkeypatch):
             ticks = ax.get_xticks()
             assert len(ticks) >= 2
             assert all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def test_evaluate_warns_about_collapsed_codebook_units(caplog):
+    """A toy model's codebook units were one codeword everywhere (unit ABX 50 %) with no word, in training (5 % of
+    16 codewords is a perplexity no codebook reaches) or in evaluate. Hand count: all 3s → 1 of 16 codewords,
+    perplexity 1; two codewords half and half → perplexity 2, not below the threshold of 2; every codeword once
+    → 16."""
+    import logging
+
+    from spidr.eval.report import _warn_if_collapsed
+
+    with caplog.at_level(logging.WARNING, logger="spidr.eval.report"):
+        _warn_if_collapsed({"a": np.full(10, 3), "b": np.full(5, 3)}, 16, "m layer 2")
+    assert "m layer 2: its codebook units use 1 of 16 codewords (perplexity 1.00): the head has collapsed" in (
+        caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spidr.eval.report"):
+        _warn_if_collapsed({"a": np.array([0, 1] * 5)}, 16, "m layer 2")
+        _warn_if_collapsed({"a": np.arange(16)}, 16, "m layer 2")
+    assert caplog.text == ""

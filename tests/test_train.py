@@ -1459,7 +1459,9 @@ def test_validation_is_the_mean_of_each_batch_s_eval_metrics_and_changes_nothing
         assert scores[name] == pytest.approx(expected, rel=1e-6), name
 
 
-def test_the_collapse_warning_is_below_5_percent_of_the_codebook_size():
-    """Truth (hand-computed): with 16 codewords the threshold is a target perplexity of 0.8."""
-    assert collapsed_codebooks([0.79, 0.81, 10.0], 16) == [0]
+def test_the_collapse_warning_is_below_5_percent_of_the_codebook_size_and_below_2():
+    """Truth (hand-computed): with 256 codewords the threshold is a target perplexity of 12.8; with 16, 5 % is 0.8,
+    which no perplexity reaches (a toy run whose codebook used one codeword was never warned about): 2."""
     assert collapsed_codebooks([12.0, 13.0], 256) == [0]
+    assert collapsed_codebooks([1.0, 1.99, 2.01, 10.0], 16) == [0, 1]
+    assert collapsed_codebooks([1.9, 2.1], 40) == [0]  # (5 % of 40 = 2)

@@ -158,6 +158,7 @@ def evaluate_model(
         if layer in model.head_layers:
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
             units = read_units(units_path)  # named by utterance id, or by path where several files hold it
+            _warn_if_collapsed(units, model.cfg.codebook_size, f"{name} layer {layer}")
             # Found as the features are: by item #file path or utterance id.
             unit_features = StemKeyed({name: seq.astype(np.int64) for name, seq in units.items()}, source=units_path,
                                       skipped=skipped, root=root)
@@ -174,6 +175,21 @@ def evaluate_model(
                     format_number(row.abx_across))
         rows.append(row)
     return rows
+
+
+def _warn_if_collapsed(units: Mapping[str, np.ndarray], codebook_size: int, where: str) -> None:
+    """Warn when codebook units use their codebook like fewer codewords than a collapsed codebook does in training
+    (``spidr.train.metrics.collapse_threshold``): their ABX is then near chance for want of units, not of phonetics."""
+    from spidr.train.metrics import collapse_threshold
+
+    counts = np.bincount(np.concatenate([np.asarray(seq, dtype=np.int64) for seq in units.values()] or [[0]]),
+                         minlength=codebook_size).astype(np.float64)
+    shares = counts[counts > 0] / counts.sum()
+    perplexity = float(2 ** -(shares * np.log2(shares)).sum())
+    if perplexity < collapse_threshold(codebook_size):
+        logger.warning("%s: its codebook units use %d of %d codewords (perplexity %.2f): the head has collapsed "
+                       "(a model trained too little, or on too little data; docs/demo-recipe.md)", where,
+                       int((counts > 0).sum()), codebook_size, perplexity)
 
 
 def evaluate_mfcc(entries: Sequence[ManifestEntry], items: Items, *, abx: AbxSettings = AbxSettings(),

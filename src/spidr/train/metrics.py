@@ -3,7 +3,8 @@
 Only the main rank writes. Every record is one JSON line ``{"step", "group", ...}`` with group ``"train"`` for
 training intervals and the validation set's name for validation results (the official ``metrics.jsonl``
 layout). TensorBoard is used when installed; wandb only when ``run.wandb_mode`` is not "disabled", imported
-lazily. A per-codebook target perplexity below 5 % of the codebook size is reported as a collapse warning.
+lazily. A per-codebook target perplexity below 5 % of the codebook size (and below 2) is reported as a collapse
+warning.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
 COLLAPSE_FRACTION = 0.05  # a codebook used like fewer than 5 % of its codewords has collapsed
+MIN_PERPLEXITY = 2.0  # ... or like fewer than 2: nearly every frame one codeword
 
 Value = float | list[float]
 
@@ -63,9 +65,16 @@ class RunningMeans:
         self._counts = defaultdict(int, state["counts"])
 
 
+def collapse_threshold(codebook_size: int) -> float:
+    """The usage perplexity under which a codebook of ``codebook_size`` codewords counts as collapsed: 5 % of its
+    size, and at least ``MIN_PERPLEXITY`` (a perplexity is never under 1: with 5 % alone, a codebook of fewer than
+    20 codewords, such as a toy config's 16, could never be said to collapse, even to a single codeword)."""
+    return max(COLLAPSE_FRACTION * codebook_size, MIN_PERPLEXITY)
+
+
 def collapsed_codebooks(target_ppl_per_codebook: list[float], codebook_size: int) -> list[int]:
-    """Indices of codebooks whose target (usage) perplexity is below 5 % of ``codebook_size``."""
-    return [i for i, ppl in enumerate(target_ppl_per_codebook) if ppl < COLLAPSE_FRACTION * codebook_size]
+    """Indices of codebooks whose target (usage) perplexity is below ``collapse_threshold(codebook_size)``."""
+    return [i for i, ppl in enumerate(target_ppl_per_codebook) if ppl < collapse_threshold(codebook_size)]
 
 
 class MetricsLogger:
@@ -134,9 +143,9 @@ class MetricsLogger:
             collapsed = collapsed_codebooks(per_codebook, self.codebook_size)
             if collapsed:
                 logger.warning(
-                    "step %d [%s]: codebook(s) %s collapsed: target perplexity %s < %.0f%% of %d codewords",
+                    "step %d [%s]: codebook(s) %s collapsed: target perplexity %s < %.3g (of %d codewords)",
                     step, group, collapsed, [round(per_codebook[i], 2) for i in collapsed],
-                    100 * COLLAPSE_FRACTION, self.codebook_size,
+                    collapse_threshold(self.codebook_size), self.codebook_size,
                 )
 
     def close(self) -> None:
