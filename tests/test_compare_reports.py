@@ -315,3 +315,26 @@ def test_evaluate_warns_about_collapsed_codebook_units(caplog):
         _warn_if_collapsed({"a": np.array([0, 1] * 5)}, 16, "m layer 2")
         _warn_if_collapsed({"a": np.arange(16)}, 16, "m layer 2")
     assert caplog.text == ""
+
+
+def test_a_report_of_stressed_alignments_is_not_measured_alike_a_default_one(tmp_path):
+    """Before 2026-12-07 evaluate kept ARPAbet stress digits (AH0, AH1 two phones); now it removes them by default.
+    A report of the old spidr (no alignment_stress in its settings) must differ from a new one that removed digits
+    (other PNMI), and match one that kept them (--keep-stress) or whose alignments had none."""
+    from spidr.data.manifest import Manifest, ManifestEntry
+    from spidr.eval.report import AbxSettings, evaluation_settings, settings_differences
+    from spidr.eval.unit_quality import read_alignments
+
+    alignments = tmp_path / "a.tsv"
+    alignments.write_text("u-1\t0\t0.2\tSIL\nu-1\t0.2\t0.4\tAH0\nu-1\t0.4\t0.6\tK\nu-1\t0.6\t0.8\tAH1\n")
+    assert read_alignments(alignments).stress_removed == ("AH0", "AH1")
+    assert read_alignments(alignments, keep_stress=True).stress_removed == ()
+    item = tmp_path / "x.item"
+    item.write_text("#file onset offset #phone prev-phone next-phone speaker\nu-1 0.2 0.6 AH K AH s\n")
+    entries = Manifest.from_entries([ManifestEntry("u-1", str(tmp_path / "u-1.wav"), 16000)])
+    common = {"abx": AbxSettings(), "item_file": item, "entries": entries, "alignments_file": alignments}
+    removed = evaluation_settings(**common, stress_removed=True)
+    kept = evaluation_settings(**common)
+    old = dict(kept)  # what the previous spidr wrote: no stress key (it always kept the digits)
+    assert settings_differences([("old", old), ("new", removed)])
+    assert not settings_differences([("old", old), ("kept", kept)])

@@ -1132,22 +1132,22 @@ def test_outputs_print_seconds_with_4_decimals() -> None:
 
 def test_spidr_items_from_the_corpus_alignments_match_its_own_item_files(corpus: Path, tmp_path: Path) -> None:
     """Independent truth: the corpus writes its item files from sample-exact segments; `spidr items` makes them
-    from the 10 ms frame labels of alignments.jsonl. Its rows are the corpus's (same file, phone, context) with
-    their times within a frame (10 ms), but around two identical phones in a row (R R: one segment in frame labels,
-    so one row fewer and a longer span), a few per cent of the rows."""
+    from alignments.tsv (read as 10 ms frame labels; its fifth column is each utterance's speaker). Its rows are the
+    corpus's (same file, phone, context, speaker) with their times within a frame (10 ms), but around two identical
+    phones in a row (R R: one segment in frame labels, so one row fewer and a longer span), a few per cent of them."""
     from spidr.cli import main
 
     for kind in ("triphone", "phoneme"):
         out = tmp_path / f"{kind}.item"
-        assert main(["items", str(corpus / "alignments.jsonl"), "--out", str(out), "--kind", kind,
-                     "--speaker-pattern", "^(.+)$"]) == 0
+        assert main(["items", str(corpus / "alignments.tsv"), "--out", str(out), "--kind", kind]) == 0
         ours = [line.split(" ") for line in out.read_text().splitlines()[1:]]
         theirs = [line.split(" ") for line in (corpus / f"{kind}.item").read_text().splitlines()[1:]]
+        assert {row[0]: row[6] for row in ours} == {row[0]: row[6] for row in theirs}  # every utterance's speaker
         by_key: dict[tuple, list[tuple[float, float]]] = {}
         for row in theirs:
-            by_key.setdefault((row[0], *row[3:6]), []).append((float(row[1]), float(row[2])))
+            by_key.setdefault((row[0], *row[3:7]), []).append((float(row[1]), float(row[2])))
         matched = [row for row in ours
                    if any(abs(float(row[1]) - onset) <= 0.01 and abs(float(row[2]) - offset) <= 0.01
-                          for onset, offset in by_key.get((row[0], *row[3:6]), []))]
+                          for onset, offset in by_key.get((row[0], *row[3:7]), []))]
         assert len(matched) >= 0.95 * len(ours), [row for row in ours if row not in matched][:5]
         assert 0.95 * len(theirs) <= len(ours) <= len(theirs)

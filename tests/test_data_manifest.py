@@ -775,3 +775,18 @@ def test_a_slice_of_a_manifest_of_relative_rows_keeps_resolving_them(tmp_path: P
     assert list(whole.take(np.array([2, 0]))) == [whole[2], whole[0]]
     assert list(whole[1:]) == [whole[1], whole[2]]
     assert whole[0].path == str(tmp_path / "audio" / "a.wav")
+
+
+def test_a_tar_scan_names_the_audio_of_other_extensions_it_leaves_out(tmp_path, caplog):
+    """A folder scan warns about an .ogg among .wav files; the same files in a .tar were left out without a word."""
+    x = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype("float32")
+    sf.write(tmp_path / "a.wav", x, 16000)
+    sf.write(tmp_path / "b.ogg", x, 16000, format="OGG", subtype="VORBIS")
+    with tarfile.open(tmp_path / "set.tar", "w") as archive:
+        archive.add(tmp_path / "a.wav", "a.wav")
+        archive.add(tmp_path / "b.ogg", "b.ogg")
+    with caplog.at_level(logging.WARNING, logger="spidr.data.manifest"):
+        found = scan(tmp_path / "set.tar", progress=False)
+    assert len(found.entries) == 1
+    assert "1 audio file(s) of other extensions left out (1 .ogg): list them with --ext .wav,.flac,.ogg" in (
+        caplog.text)

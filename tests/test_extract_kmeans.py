@@ -605,7 +605,10 @@ def test_units_of_one_centroids_file_have_one_origin_whichever_command_assigned_
     expected = {"layer": 2, "units_source": centroids_digest(load_centroids(path))}
     assert units_origin(out / "kmeans_units" / "layer_02.jsonl") == expected
     assert units_origin(tmp_path / "u.jsonl") == expected
-    assert units_origin(out / "codebook_units" / "layer_02.jsonl") == {"layer": 2, "units_source": "codebook"}
+    from spidr.eval.journal import codebook_units_source
+
+    assert units_origin(out / "codebook_units" / "layer_02.jsonl") == {"layer": 2,
+                                                                      "units_source": codebook_units_source(model)}
     with (tmp_path / "u.jsonl").open("a") as units:  # rewritten since by something else: its record is not its own
         units.write('{"name": "x", "units": [1]}\n')
     assert units_origin(tmp_path / "u.jsonl") is None

@@ -336,3 +336,22 @@ def test_items_name_what_they_cannot_make(tmp_path: Path, capsys) -> None:
     assert "no item: none of the 1 utterances has a speech phone between two speech phones" in (
         capsys.readouterr().err)
     assert not (tmp_path / "x.item").exists()
+
+
+def test_items_of_the_built_in_corpus_alignments_keep_its_speakers(tmp_path):
+    """spidr synth-corpus's alignments.tsv (utt_id onset offset phone speaker) carries each utterance's speaker;
+    spidr items ignored that column and took the default pattern's, which merged the four espeak speakers into
+    'espeak'. The column is the speaker now, unless --speaker-pattern is given."""
+    from spidr.cli import main
+
+    lines = ["utt_id\tonset\toffset\tphone\tspeaker"]
+    for utt, speaker in (("espeak_m1-00000", "espeak_m1"), ("espeak_f3-00000", "espeak_f3")):
+        for k, phone in enumerate(("SIL", "K", "AE", "T", "SIL")):
+            lines.append(f"{utt}\t{k * 0.1:.1f}\t{(k + 1) * 0.1:.1f}\t{phone}\t{speaker}")
+    (tmp_path / "alignments.tsv").write_text("\n".join(lines) + "\n")
+    assert main(["items", str(tmp_path / "alignments.tsv"), "--out", str(tmp_path / "x.item")]) == 0
+    speakers = {row.split()[0]: row.split()[-1] for row in (tmp_path / "x.item").read_text().splitlines()[1:]}
+    assert speakers == {"espeak_m1-00000": "espeak_m1", "espeak_f3-00000": "espeak_f3"}
+    assert main(["items", str(tmp_path / "alignments.tsv"), "--out", str(tmp_path / "y.item"),
+                 "--speaker-pattern", "^([a-z]+)"]) == 0
+    assert {row.split()[-1] for row in (tmp_path / "y.item").read_text().splitlines()[1:]} == {"espeak"}

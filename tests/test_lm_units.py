@@ -605,6 +605,9 @@ def test_model_units_are_marked_from_the_first_set_and_stay_marked_after_a_failu
 def test_each_layer_s_units_record_names_its_own_vocabulary_size(tmp_path, monkeypatch):
     """Truth: a k-means layer's units range over its centroids (here 7), a codebook layer's over the codebook (16);
     abx and units-quality read that size from the record beside each units file. The extraction is stubbed."""
+    from spidr.eval import journal
+
+    monkeypatch.setattr(journal, "codebook_units_source", lambda model: "codebook:stub")  # (a stub model)
     from types import SimpleNamespace
 
     from spidr.data.manifest import ManifestEntry
@@ -819,6 +822,9 @@ def test_benchmark_sets_of_the_test_split_are_its_own_folders(tmp_path):
 def test_the_units_record_holds_the_model_s_frame_rate(tmp_path, monkeypatch):
     """mut bu-record-rate-50. Truth: the record beside each units file gives the frame rate abx and units-quality
     read (_write_set_units' docstring): 16000 / hop 160 = 100 Hz for this front end. The extraction is stubbed."""
+    from spidr.eval import journal
+
+    monkeypatch.setattr(journal, "codebook_units_source", lambda model: "codebook:stub")  # (a stub model)
     from spidr.data.manifest import ManifestEntry
     from spidr.eval import features
     from spidr.eval.feature_dir import units_metadata_path
@@ -883,6 +889,9 @@ def test_a_finished_set_missing_one_layer_s_file_is_written_again(tmp_path, monk
     """mut bu-resume-any. Truth: write_model_units' docstring: 'a set recorded before, with all its files present,
     is skipped': a set finished for layers 2 and 3 whose layer-3 file is gone is extracted again, and the file is
     back. The extraction is stubbed (it counts its calls)."""
+    from spidr.eval import journal
+
+    monkeypatch.setattr(journal, "codebook_units_source", lambda model: "codebook:stub")  # (a stub model)
     from spidr.data.manifest import ManifestEntry
     from spidr.eval import features
     from spidr.lm import bench_units
@@ -972,8 +981,8 @@ def test_lm_score_refuses_units_of_another_layer_or_centroids_than_the_lm_was_tr
     capsys.readouterr()
     assert main(["lm-score", str(lm), str(codebook / "layer_03"), str(tmp_path / "s3")]) == 2
     err = capsys.readouterr().err
-    assert (f"{codebook / 'layer_03' / 'lexical' / 'dev.jsonl'} holds units of the codebook of layer 3, but the LM "
-            f"{lm} was trained on units of the codebook of layer 2") in err
+    assert f"{codebook / 'layer_03' / 'lexical' / 'dev.jsonl'} holds units of the codebook of layer 3 (heads" in err
+    assert f"but the LM {lm} was trained on units of the codebook of layer 2 (heads codebook:" in err
     assert not (tmp_path / "s3").exists()
     assert main(["lm-score", str(lm), str(kmeans / "layer_02"), str(tmp_path / "skm")]) == 2
     assert "holds units of k-means centroids sha1:" in capsys.readouterr().err
@@ -985,3 +994,107 @@ def test_lm_score_refuses_units_of_another_layer_or_centroids_than_the_lm_was_tr
         shutil.copy(codebook / "layer_03" / task / "dev.jsonl", bare / task / "dev.jsonl")
     assert not units_metadata_path(bare / "lexical" / "dev.jsonl").exists()
     assert main(["lm-score", str(lm), str(bare), str(tmp_path / "sbare")]) == 0
+
+
+def test_lm_score_refuses_codebook_units_of_another_model(bench, checkpoint, tmp_path, capsys):
+    """An LM trained on the trained model's layer-2 codebook units scored the random-init model's layer-2 codebook
+    units (same vocabulary of 16, same layer) with exit 0: both records said units_source "codebook", which named
+    no model. The source now names the model's heads and features."""
+    trained, random = tmp_path / "trained", tmp_path / "random"
+    assert main(["lm-units", str(bench), str(trained), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    assert main(["lm-units", str(bench), str(random), "--checkpoint", str(checkpoint), "--layers", "2",
+                 "--random-init", "--seed", "1"]) == 0
+    config = tmp_path / "lm.json"
+    config.write_text(json.dumps({
+        "run": {"workdir": str(tmp_path / "runs"), "name": "cb2", "device": "cpu"},
+        "data": {"train": str(trained / "layer_02" / "train.jsonl"), "num_units": 16, "val_fraction": 0.25},
+        "model": {"arch": "lstm", "dim": 16, "num_layers": 1, "context": 16},
+        "optimizer": {"max_steps": 2, "warmup_steps": 1, "batch_size": 2, "dtype": "float32"}}))
+    assert main(["lm-train", str(config)]) == 0
+    lm = tmp_path / "runs" / "cb2" / "final.pt"
+    capsys.readouterr()
+    assert main(["lm-score", str(lm), str(random / "layer_02"), str(tmp_path / "s")]) == 2
+    assert "holds units of the codebook of layer 2 (heads codebook:" in capsys.readouterr().err
+    assert main(["lm-score", str(lm), str(trained / "layer_02"), str(tmp_path / "s2")]) == 0
+
+
+def test_lm_units_scan_warning_names_no_option_lm_units_lacks(tmp_path, caplog):
+    """lm-units scans a set folder without manifest.csv; an .ogg there was named in a warning that said 'list them
+    with --ext ...', an option lm-units does not have: it says to list them in the set's manifest.csv."""
+    import logging
+
+    import soundfile as sf
+
+    from spidr.lm.bench_units import read_set
+
+    (tmp_path / "train").mkdir()
+    x = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype("float32")
+    sf.write(tmp_path / "train" / "a.wav", x, 16000)
+    sf.write(tmp_path / "train" / "b.ogg", x, 16000, format="OGG", subtype="VORBIS")
+    with caplog.at_level(logging.WARNING):
+        read_set(tmp_path / "train")
+    assert "1 audio file(s) of other extensions left out (1 .ogg): list every file of the set in its manifest.csv" in (
+        caplog.text)
+    assert "--ext" not in caplog.text
+
+
+def test_audio_of_a_set_not_yet_written_may_change_before_the_resume(bench, checkpoint, tmp_path):
+    """A run killed after the training set (done: ["train"]); the user then replaces a test file whose units were
+    never written (same length, new audio). The rerun was refused: 'holds units of audio files changed since, in
+    set(s) tsc/dev' -- it held no units of tsc/dev. Now the unfinished set is written from its audio as it is."""
+    import os
+    import shutil
+
+    copy = tmp_path / "bench"
+    shutil.copytree(bench, copy)
+    out = tmp_path / "u"
+    arguments = ["lm-units", str(copy), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]
+    assert main(arguments) == 0
+    state_path = out / ".lm-units.json"
+    state = json.loads(state_path.read_text())
+    state["done"] = ["train"]  # as a run killed after its first set leaves it
+    state_path.write_text(json.dumps(state))
+    for name in ("lexical/dev", "tsc/dev"):
+        for path in (out / "layer_02").glob(f"{name}.jsonl*"):
+            path.unlink()
+    wav = copy / "tsc" / "dev" / "tsc-dev-1.wav"
+    old = os.stat(wav)
+    _wav(wav, 0.6 + 0.3 * 1, seed=12345)
+    os.utime(wav, ns=(old.st_atime_ns, old.st_mtime_ns + 2_000_000_000))
+    assert main(arguments) == 0
+    assert sorted(json.loads(state_path.read_text())["done"]) == ["lexical/dev", "train", "tsc/dev"]
+    # the finished set's audio still decides: now that tsc/dev is written, its audio changed again is refused
+    os.utime(wav, ns=(old.st_atime_ns, old.st_mtime_ns + 4_000_000_000))
+    assert main(arguments) == 2
+
+
+def test_an_lm_trained_before_units_origin_is_not_other_data(bench, checkpoint, tmp_path):
+    """An LM trained by the previous spidr records no units_origin. Its units made again (same weights, same audio,
+    byte-identical files: a study's units folder deleted and rebuilt) were 'other units': lm_differences gave
+    ["units_origin: None → {...}"], so lm-study refused the LM (the demo deleted and retrained it)."""
+    import shutil
+
+    from spidr.lm.config import load_lm_config
+    from spidr.lm.study import lm_differences
+    from spidr.lm.train import lm_checkpoint_summary
+
+    units = tmp_path / "u"
+    arguments = ["lm-units", str(bench), str(units), "--checkpoint", str(checkpoint), "--layers", "2"]
+    assert main(arguments) == 0
+    config = tmp_path / "lm.json"
+    config.write_text(json.dumps({
+        "run": {"workdir": str(tmp_path / "runs"), "name": "cb2", "device": "cpu"},
+        "data": {"train": str(units / "layer_02" / "train.jsonl"), "num_units": 16, "val_fraction": 0.25},
+        "model": {"arch": "lstm", "dim": 16, "num_layers": 1, "context": 16},
+        "optimizer": {"max_steps": 2, "warmup_steps": 1, "batch_size": 2, "dtype": "float32"}}))
+    assert main(["lm-train", str(config)]) == 0
+    state = lm_checkpoint_summary(tmp_path / "runs" / "cb2" / "final.pt")
+    assert lm_differences(state, load_lm_config(config)) == ([], [])
+    state["lm"].pop("units_origin")  # as the previous spidr's checkpoint holds it
+    before = (units / "layer_02" / "train.jsonl").read_bytes()
+    shutil.rmtree(units)
+    assert main(arguments) == 0
+    assert (units / "layer_02" / "train.jsonl").read_bytes() == before
+    assert lm_differences(state, load_lm_config(config)) == ([], [])
+    state["lm"]["units_origin"] = {"layer": 3, "units_source": "codebook:x"}  # recorded, and other: told
+    assert lm_differences(state, load_lm_config(config))[1][0].startswith("units_origin: ")

@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -402,6 +402,17 @@ _NOT_UTF8 = "the name is not valid UTF-8, which a manifest cannot hold; rename i
 OTHER_AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au")
 
 
+def _listed(name: str, exts: tuple[str, ...], left_out: dict[str, int] | None) -> bool:
+    """Whether a scan of ``exts`` lists the file ``name``; one it leaves out that is audio of another format
+    (``OTHER_AUDIO_EXTENSIONS``) is counted in ``left_out``, by extension."""
+    extension = os.path.splitext(name)[1].lower()
+    if extension in exts:
+        return True
+    if left_out is not None and extension in OTHER_AUDIO_EXTENSIONS:
+        left_out[extension] = left_out.get(extension, 0) + 1
+    return False
+
+
 def _audio_files(root: str, exts: tuple[str, ...], left_out: dict[str, int] | None = None
                  ) -> tuple[list[str], list[tuple[str, str]]]:
     """The audio files under ``root`` (sorted, absolute, symbolic links kept as named) and the failures: links that
@@ -412,10 +423,7 @@ def _audio_files(root: str, exts: tuple[str, ...], left_out: dict[str, int] | No
     # (deterministic: the same alias of a folder reached twice is kept every time)
     for folder, names in walk_following_links(root):
         for name in names:
-            extension = os.path.splitext(name)[1].lower()
-            if extension not in exts:
-                if left_out is not None and extension in OTHER_AUDIO_EXTENSIONS:
-                    left_out[extension] = left_out.get(extension, 0) + 1
+            if not _listed(name, exts, left_out):
                 continue
             path = os.path.join(folder, name)
             if os.path.isfile(path):
@@ -427,16 +435,25 @@ def _audio_files(root: str, exts: tuple[str, ...], left_out: dict[str, int] | No
     return sorted(files, key=lambda p: p.split(os.sep)), failures
 
 
-def _scan_directory(root: Path, exts: tuple[str, ...], *, progress: bool) -> ScanResult:
+def _warn_left_out(source: Path, left_out: Mapping[str, int], exts: tuple[str, ...], include_hint: str | None
+                   ) -> None:
+    """Name the audio files of other extensions a scan of ``source`` left out, and how to list them
+    (``include_hint``; default: the ``--ext`` of the commands that have one)."""
+    if left_out:
+        counts = ", ".join(f"{count} {extension}" for extension, count in sorted(left_out.items()))
+        hint = include_hint or f"list them with --ext {','.join([*exts, *sorted(left_out)])}"
+        logger.warning("%s: %d audio file(s) of other extensions left out (%s): %s", source, sum(left_out.values()),
+                       counts, hint)
+
+
+def _scan_directory(root: Path, exts: tuple[str, ...], *, progress: bool, include_hint: str | None = None
+                    ) -> ScanResult:
     from tqdm import tqdm
 
     # Absolute, but symbolic links not resolved: a linked file keeps its own name (its utterance id) and folder.
     left_out: dict[str, int] = {}
     files, failures = _audio_files(os.path.abspath(root), exts, left_out)
-    if left_out:
-        counts = ", ".join(f"{count} {extension}" for extension, count in sorted(left_out.items()))
-        logger.warning("%s: %d audio file(s) of other extensions left out (%s): list them with --ext %s", root,
-                       sum(left_out.values()), counts, ",".join([*exts, *sorted(left_out)]))
+    _warn_left_out(root, left_out, exts, include_hint)
     builder = ManifestBuilder(base="", source=str(root))
     for path in tqdm(files, desc=f"scanning {root}", unit="file", disable=not progress):
         if not _is_utf8(path):
@@ -454,11 +471,12 @@ def _scan_directory(root: Path, exts: tuple[str, ...], *, progress: bool) -> Sca
                       unread=unread)
 
 
-def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
+def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...], left_out: dict[str, int] | None = None
                        ) -> tuple[list[tuple[str, int, int]], list[tuple[str | None, str]]]:
     """``(name, data offset, size)`` of each audio member, links mapped to the data they stand for, and the
     failures (name, reason): links to nothing in the archive, members that hold no data, and (name None) a cut in
     a truncated archive. A member whose data the cut reaches is listed here and fails when its audio is read.
+    ``left_out`` counts the members of another audio format that ``exts`` leaves out (``_audio_files``).
 
     A hard link shares the data of the member of its target name stored before it (as ``tar -x`` restores it); a
     symbolic link leads, relative to its folder, to the member of that name the archive ends with."""
@@ -479,7 +497,7 @@ def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...]
             symlinks[placed] = os.path.join(os.path.dirname(name), member.linkname)
         elif member.isdir():
             continue
-        if os.path.splitext(name)[1].lower() in exts:
+        if _listed(name, exts, left_out):
             audio.append((member, held.get(placed) if member.isfile() or member.islnk() else None))
     members, failures = [], []
     for member, data in audio:
@@ -555,14 +573,17 @@ def _follow(symlinks: dict[str, str], name: str) -> str:
     return os.path.join(*resolved) if resolved else "."
 
 
-def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool) -> ScanResult:
+def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool, include_hint: str | None = None
+              ) -> ScanResult:
     from tqdm import tqdm
 
+    left_out: dict[str, int] = {}
     try:
         with tarfile.open(archive, "r:") as tar:  # "r:" refuses compressed tars: members must be byte ranges
-            members, failed = _tar_audio_members(tar, exts)
+            members, failed = _tar_audio_members(tar, exts, left_out)
     except tarfile.ReadError as error:
         raise ValueError(f"{archive} is not an uncompressed tar archive ({error}); decompress it first") from error
+    _warn_left_out(archive, left_out, exts, include_hint)
     location = str(archive.resolve())
     builder = ManifestBuilder(base="", source=str(archive))
     failures = [(location if name is None else f"{location}:{printable(name)}", printable(reason))
@@ -614,20 +635,22 @@ def shared_fileids(entries: Manifest) -> dict[str, list[str]]:
     return shared
 
 
-def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress: bool = True) -> ScanResult:
+def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress: bool = True,
+         include_hint: str | None = None) -> ScanResult:
     """List the audio files of a directory (recursively, following symbolic links) or of an uncompressed ``.tar``,
     with their length at 16 kHz.
 
     Only headers are read: a file whose header cannot be read, a link that leads to no file and a name that is not
     UTF-8 are returned in ``failures`` and logged, never fatal; a truncated file with a readable header is kept with
-    its header's length. A file id held by several files is logged (all of them are kept).
+    its header's length. A file id held by several files is logged (all of them are kept). Audio files of other
+    extensions are counted in a warning, with ``include_hint``: how to list them (default: ``--ext``).
     """
     source = Path(source)
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in exts)
     if source.is_dir():
-        result = _scan_directory(source, exts, progress=progress)
+        result = _scan_directory(source, exts, progress=progress, include_hint=include_hint)
     elif source.is_file() and source.suffix.lower() == ".tar":
-        result = _scan_tar(source, exts, progress=progress)
+        result = _scan_tar(source, exts, progress=progress, include_hint=include_hint)
     else:
         raise ValueError(f"{source} is neither a directory nor an uncompressed .tar file")
     for location, reason in result.failures:

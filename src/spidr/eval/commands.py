@@ -270,13 +270,14 @@ def _report_name(path: Path) -> str:
 
 
 def _items(args: argparse.Namespace) -> int:
-    from spidr.eval.item_writer import write_item_file
+    from spidr.eval.item_writer import DEFAULT_SPEAKER_PATTERN, interval_speakers, write_item_file
     from spidr.eval.unit_quality import read_alignments
 
     out = check_new_output(args.out, overwrite=args.overwrite)
     alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate, keep_stress=args.keep_stress)
+    speakers = interval_speakers(args.alignments) if args.speaker_pattern is None else None
     count = write_item_file(out, alignments, alignment_rate_hz=args.alignment_rate, kind=args.kind,
-                            speaker_pattern=args.speaker_pattern)
+                            speaker_pattern=args.speaker_pattern or DEFAULT_SPEAKER_PATTERN, speakers=speakers)
     print(f"wrote {count} {args.kind} items of {len(alignments)} utterances to {out}")
     return 0
 
@@ -298,9 +299,11 @@ def _register_items(subparsers: argparse._SubParsersAction, formatter: type[argp
     parser.add_argument("--out", required=True, help="item file to write (.item)")
     parser.add_argument("--kind", choices=KINDS, default="triphone", help="what an item spans")
     parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
-    parser.add_argument("--speaker-pattern", default=DEFAULT_SPEAKER_PATTERN,
+    parser.add_argument("--speaker-pattern", default=None,
                         help="regular expression whose first group, searched in an utterance's name, is its speaker "
-                        "(default: the name up to its first - or _, LibriSpeech's speaker)")
+                        "(default: the fifth column of an interval TSV that has one, as synth-corpus's "
+                        f"alignments.tsv; else {DEFAULT_SPEAKER_PATTERN!r}, the name up to its first - or _, "
+                        "LibriSpeech's speaker)")
     parser.add_argument("--keep-stress", action="store_true",
                         help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they are "
                         "removed, as fairseq's PNMI does)")

@@ -327,13 +327,13 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
     return None
 
 
-CODEBOOK_UNITS = "codebook"  # a record's units_source for the argmax of a model's head over its codebook
 
 
 def units_origin(path: str | Path) -> dict[str, Any] | None:
     """What the units of a units file are, from the record beside it (written by ``spidr units``, ``extract`` and
-    ``lm-units`` since 2026-12-07): ``{"layer": the model layer (None: unknown), "units_source": "codebook" or the
-    centroids' digest (``spidr.eval.kmeans.centroids_digest``)}``; None when no such record describes this file."""
+    ``lm-units`` since 2026-12-07): ``{"layer": the model layer (None: unknown), "units_source": the model's heads
+    (``spidr.eval.journal.codebook_units_source``) or the centroids' digest
+    (``spidr.eval.kmeans.centroids_digest``)}``; None when no such record describes this file."""
     import json
 
     path = _absolute(path)
@@ -350,11 +350,13 @@ def units_origin(path: str | Path) -> dict[str, Any] | None:
 
 
 def describe_units_origin(origin: Mapping[str, Any]) -> str:
-    """``units_origin`` in words: "the codebook of layer 2", "k-means centroids sha1:1234abcd… of layer 6"."""
+    """``units_origin`` in words: "the codebook of layer 2 (heads codebook:1234abcd…)", "k-means centroids
+    sha1:1234abcd… of layer 6"."""
     layer = f" of layer {origin['layer']}" if origin.get("layer") is not None else ""
-    if origin["units_source"] == CODEBOOK_UNITS:
-        return f"the codebook{layer}"
-    return f"k-means centroids {origin['units_source'][:13]}…{layer}"
+    source = origin["units_source"]
+    if source.startswith("codebook"):
+        return f"the codebook{layer} (heads {source[:17]}…)"
+    return f"k-means centroids {source[:13]}…{layer}"
 
 
 def skipped_stems(path: str | Path) -> frozenset[str]:

@@ -619,13 +619,13 @@ def _units_records(out_dir: Path, model: torch.nn.Module, plan: _Plan, *, checkp
                    ) -> list[tuple[Path, dict[str, Any]]]:
     """Each units file an extraction of ``plan`` writes, with what its record says of its own units: the layer, the
     vocabulary size and where the units come from (the head's codebook, or centroids and how they are assigned)."""
-    from spidr.eval.feature_dir import CODEBOOK_UNITS
-    from spidr.eval.journal import units_file
+    from spidr.eval.journal import codebook_units_source, units_file
     from spidr.eval.kmeans import ASSIGNMENT, centroids_digest
 
     features = f"of {checkpoint or 'the model'} (spidr extract)"
+    codebook = codebook_units_source(model) if plan.saved.codebooks else ""
     records = [(units_file(out_dir, f"layer_{layer:02d}"),
-                {"layer": layer, "units_source": CODEBOOK_UNITS, "num_units": int(model.cfg.codebook_size),
+                {"layer": layer, "units_source": codebook, "num_units": int(model.cfg.codebook_size),
                  "features": f"layer {layer} {features}", "units": "the argmax of its head over its codebook"})
                for layer in (model.head_layers if plan.saved.codebooks else ())]
     records += [(units_file(out_dir, units.key),

@@ -10,15 +10,16 @@ files have it (spec evaluation §1.6):
 * ``phoneme`` items: onset / offset span the centre phone only (the ABX-LS phoneme task), its neighbours kept as
   the context labels.
 
-The speaker of each utterance is the first group of ``speaker_pattern`` in its name (LibriSpeech's ``84-121123-0000``
-→ ``84`` by default). Rows are written in utterance then time order, times in seconds (the alignment rate's frames,
+The speaker of each utterance is the fifth column of an interval TSV that has one (``spidr synth-corpus``'s
+``alignments.tsv``), else the first group of ``speaker_pattern`` in its name (LibriSpeech's ``84-121123-0000`` → ``84``
+by default). Rows are written in utterance then time order, times in seconds (the alignment rate's frames,
 so at most half a 10 ms frame off the aligner's own times).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,10 +44,35 @@ def segments(codes: np.ndarray) -> list[tuple[int, int, int]]:
     return [(bounds[i], bounds[i + 1], int(codes[bounds[i]])) for i in range(len(bounds) - 1)]
 
 
+def interval_speakers(path: str | Path) -> dict[str, str] | None:
+    """``{utterance: speaker}`` from the fifth column of an interval TSV (``utterance onset offset phone speaker``,
+    as ``spidr synth-corpus`` writes ``alignments.tsv``), or None for a file without one (or another format)."""
+    from spidr.eval.unit_quality import holds_frame_labels
+    from spidr.eval.units import numbered_lines, open_text
+
+    path = Path(path)
+    if not path.name.removesuffix(".gz").endswith((".tsv", ".txt")) or holds_frame_labels(path):
+        return None
+    speakers: dict[str, str] = {}
+    with open_text(path) as handle:
+        for number, line in numbered_lines(handle, path, expected="a TSV of phone intervals"):
+            fields = [field.strip() for field in (line.split("\t") if "\t" in line else line.split())]
+            if len(fields) < 5 or not fields[1].replace(".", "", 1).isdigit():
+                if number == 1 or not any(fields):  # (a header line; an empty one)
+                    continue
+                return None
+            known = speakers.setdefault(fields[0], fields[4])
+            if known != fields[4]:
+                raise ValueError(f"{path}: line {number}: utterance {fields[0]!r} is said by {fields[4]!r}, but by "
+                                 f"{known!r} on an earlier line (the fifth column is the speaker)")
+    return speakers or None
+
+
 def item_rows(alignments: Alignments, *, alignment_rate_hz: float, kind: str = "triphone",
-              speaker_pattern: str = DEFAULT_SPEAKER_PATTERN,
+              speaker_pattern: str = DEFAULT_SPEAKER_PATTERN, speakers: Mapping[str, str] | None = None,
               silence_labels: Sequence[str] | None = None) -> Iterator[str]:
-    """The item file's rows (without its header) for ``alignments``, in utterance and time order.
+    """The item file's rows (without its header) for ``alignments``, in utterance and time order. ``speakers``:
+    each utterance's speaker (``interval_speakers``), else ``speaker_pattern`` finds it in the name;
     ``silence_labels``: default ``unit_quality.SILENCE_LABELS``."""
     from spidr.eval.unit_quality import SILENCE_LABELS
 
@@ -58,11 +84,14 @@ def item_rows(alignments: Alignments, *, alignment_rate_hz: float, kind: str = "
         raise ValueError(f"--speaker-pattern {speaker_pattern!r} has no group: its first group (…) is the speaker")
     silence = {index for index, phone in enumerate(alignments.phones) if phone in silence_labels}
     for name in sorted(alignments):
-        found = pattern.search(name)
-        if found is None or not found.group(1):
-            raise ValueError(f"utterance {name!r}: --speaker-pattern {speaker_pattern!r} finds no speaker in its "
-                             "name; give a pattern whose first group (…) is the speaker")
-        speaker = found.group(1)
+        if speakers is not None:
+            speaker = speakers[name]
+        else:
+            found = pattern.search(name)
+            if found is None or not found.group(1):
+                raise ValueError(f"utterance {name!r}: --speaker-pattern {speaker_pattern!r} finds no speaker in its "
+                                 "name; give a pattern whose first group (…) is the speaker")
+            speaker = found.group(1)
         if any(character.isspace() for character in name + speaker):
             raise ValueError(f"utterance {name!r} (speaker {speaker!r}): an item file's columns are separated by "
                              "spaces, so names and speakers must hold none")

@@ -113,6 +113,15 @@ def features_fingerprint(model: torch.nn.Module) -> str:
     return _tensors_digest(digest, tensors)
 
 
+def codebook_units_source(model: torch.nn.Module) -> str:
+    """``"codebook:<sha1>"``: what a units file's record names as the source of a model's codebook units (the
+    argmax of its prediction heads), from the features' fingerprint and the heads' tensors, so that another model's
+    codebook units (a random-init one's, say) are told apart."""
+    digest = hashlib.sha1(features_fingerprint(model).encode())
+    return "codebook:" + _tensors_digest(digest, [(name, tensor) for name, tensor in model.state_dict().items()
+                                                  if name.startswith("heads.")])
+
+
 def _tensors_digest(digest: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     for name, tensor in tensors:
         flat = tensor.detach().cpu().contiguous().reshape(-1)

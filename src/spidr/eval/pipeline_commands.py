@@ -325,7 +325,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                    **common)
     settings = evaluation_settings(abx=abx, item_file=args.item, entries=entries, alignments_file=args.alignments,
                                    alignment_rate_hz=args.alignment_rate, dtype=args.dtype,
-                                   keep_stress=args.keep_stress)
+                                   stress_removed=alignments is not None and bool(alignments.stress_removed))
     path = write_report(rows, out, title=f"Evaluation of {name}", settings=settings,
                         notes=[f"ABX: context {abx.context}, distance {abx.distance}, max_size_group "
                                f"{abx.max_size_group}, max_x_across {abx.max_x_across}, seed {abx.seed}; "

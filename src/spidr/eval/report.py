@@ -300,11 +300,12 @@ def plot_report(rows: Sequence[LayerRow], out_dir: Path) -> list[Path]:
 
 def evaluation_settings(*, abx: AbxSettings, item_file: str | Path, entries: Manifest,
                         alignments_file: str | Path | None = None, alignment_rate_hz: float = ALIGNMENT_RATE_HZ,
-                        dtype: str = "float32", keep_stress: bool = False) -> dict[str, object]:
+                        dtype: str = "float32", stress_removed: bool = False) -> dict[str, object]:
     """What a report's scores depend on besides the models (``SETTINGS_FILE``): the ABX condition, the item file and
     the alignments (by content) and their rate (``ALIGNMENT_RATE_HZ``, ``evaluate_model``'s too, unless given),
-    the test utterances (ids and lengths) and the extraction dtype; alignments read with their stress digits kept
-    say so. Two reports are comparable when these agree."""
+    the test utterances (ids and lengths) and the extraction dtype; ``stress_removed``: the alignments' ARPAbet
+    stress digits were taken off (``Alignments.stress_removed``), as reports made before 2026-12-07 never did, which
+    is then recorded. Two reports are comparable when these agree."""
     def content(path: str | Path | None) -> dict[str, str] | None:
         if path is None:
             return None
@@ -314,7 +315,7 @@ def evaluation_settings(*, abx: AbxSettings, item_file: str | Path, entries: Man
             "test_utterances": {"count": len(entries), "sha256": utterances_digest(entries)},
             "alignments": content(alignments_file),
             "alignment_rate_hz": None if alignments_file is None else alignment_rate_hz, "dtype": dtype,
-            **({"alignment_stress": "kept"} if keep_stress and alignments_file is not None else {})}
+            **({"alignment_stress": "removed"} if stress_removed and alignments_file is not None else {})}
 
 
 def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, notes: Sequence[str] = (),

@@ -56,9 +56,11 @@ class Alignments(Mapping[str, list[str]]):
     an int16 array of indices into it (2 bytes a frame instead of a Python string reference and list slot).
     ``alignments[name]`` gives the labels back as strings."""
 
-    def __init__(self, phones: Sequence[str], codes: dict[str, np.ndarray]) -> None:
+    def __init__(self, phones: Sequence[str], codes: dict[str, np.ndarray], *,
+                 stress_removed: Sequence[str] = ()) -> None:
         self.phones = tuple(phones)
         self.codes = codes
+        self.stress_removed = tuple(stress_removed)  # the labels read_alignments took stress digits off (AH1, ...)
 
     @classmethod
     def from_labels(cls, labels: Iterable[tuple[str, Sequence[str]]]) -> Alignments:
@@ -165,7 +167,7 @@ def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100, keep_stre
     if name.endswith((".jsonl", ".ndjson", ".json")):
         rows = ((key, [str(p) for p in phones]) for key, _, _, phones in read_jsonl_rows(path, field="phones"))
     elif name.endswith((".tsv", ".txt")):
-        rows = (_read_frame_label_lines(path) if _holds_frame_labels(path)
+        rows = (_read_frame_label_lines(path) if holds_frame_labels(path)
                 else _read_interval_alignments(path, alignment_rate_hz))
     else:
         raise ValueError(f"alignment file {path}: expected a .jsonl (SpidR format), a .tsv of intervals or a .txt "
@@ -176,8 +178,8 @@ def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100, keep_stre
     if keep_stress:
         return alignments
     unstressed = without_stress(alignments)
-    if unstressed.phones != alignments.phones:
-        stressed = [phone for phone in alignments.phones if phone not in unstressed.phones]
+    if unstressed.stress_removed:
+        stressed = unstressed.stress_removed
         logger.info("%s: ARPAbet stress digits removed from %d phone labels (%s → %d phones), as fairseq's PNMI "
                     "does (--keep-stress keeps them)", path, len(stressed), ", ".join(stressed[:4])
                     + (", ..." if len(stressed) > 4 else ""), len(unstressed.phones))
@@ -198,10 +200,11 @@ def without_stress(alignments: Alignments) -> Alignments:
         return alignments
     phones = sorted({base(phone) for phone in alignments.phones})
     table = np.asarray([phones.index(base(phone)) for phone in alignments.phones], dtype=np.int16)
-    return Alignments(phones, {name: table[codes] for name, codes in alignments.codes.items()})
+    return Alignments(phones, {name: table[codes] for name, codes in alignments.codes.items()},
+                      stress_removed=[phone for phone in alignments.phones if base(phone) != phone])
 
 
-def _holds_frame_labels(path: Path) -> bool:
+def holds_frame_labels(path: Path) -> bool:
     """Whether a text alignment file holds one label per frame on each line (``utterance l1 l2 l3 ...``, as
     Libri-light's and CPC's ``converted_aligned_phones.txt``: phone indices at 100 Hz), not intervals: its first
     line has at least 6 fields, all numbers after the utterance, none of them a time in seconds."""
@@ -214,7 +217,7 @@ def _holds_frame_labels(path: Path) -> bool:
 
 
 def _read_frame_label_lines(path: Path) -> Iterator[tuple[str, list[str]]]:
-    """``(utterance, its frame labels)`` of each line of a frame-label text file (``_holds_frame_labels``)."""
+    """``(utterance, its frame labels)`` of each line of a frame-label text file (``holds_frame_labels``)."""
     with open_text(path) as handle:
         for number, line in numbered_lines(handle, path, expected="one line of frame labels per utterance"):
             fields = line.split()

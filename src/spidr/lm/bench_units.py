@@ -95,7 +95,7 @@ def read_set(folder: Path) -> BenchmarkSet:
     manifest = folder / "manifest.csv"
     if manifest.is_file():
         return BenchmarkSet(folder, read_manifest(manifest))
-    found = scan(folder, progress=False)
+    found = scan(folder, progress=False, include_hint="list every file of the set in its manifest.csv")
     return BenchmarkSet(folder, found.entries, tuple(found.failures), tuple(found.unread))
 
 
@@ -216,14 +216,21 @@ def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[
         raise ValueError(f"{state_path} is not the JSON lm-units writes ({error}); delete {out_dir} to start "
                          "again") from None
     recorded = (state or {}).get("identity") or {}
+    done = (state or {}).get("done", [])
     others = {key: value for key, value in identity.items() if key != AUDIO_KEY}
-    if state is not None and AUDIO_KEY not in recorded and AUDIO_KEY in identity and recorded == others:
-        # begun by a spidr that recorded no audio stamps: kept, and its audio's stamps recorded from now on
-        recorded = dict(identity)
-        _write_state(state_path, identity, state.get("done", []))
+    if state is not None and AUDIO_KEY in identity and {key: value for key, value in recorded.items()
+                                                        if key != AUDIO_KEY} == others:
+        # The audio of the finished sets decides: a set not written yet is written from its audio as it is now.
+        # (A record of a spidr that recorded no stamps: kept, and its audio's stamps recorded from now on.)
+        old = recorded.get(AUDIO_KEY)
+        changed = [name for name in identity[AUDIO_KEY] if isinstance(old, dict) and name in done
+                   and old.get(name) != identity[AUDIO_KEY][name]]
+        if not changed and recorded != identity:
+            recorded = dict(identity)
+            _write_state(state_path, identity, done)
     if state is not None and recorded != identity:
-        changed = [name for name in identity.get(AUDIO_KEY, {})
-                   if recorded.get(AUDIO_KEY, {}).get(name) != identity[AUDIO_KEY][name]]
+        changed = [name for name in identity.get(AUDIO_KEY, {}) if name in done
+                   and recorded.get(AUDIO_KEY, {}).get(name) != identity[AUDIO_KEY][name]]
         if changed and {key: value for key, value in recorded.items() if key != AUDIO_KEY} == others:
             raise ValueError(f"{out_dir} holds units of audio files changed since, in set(s) {', '.join(changed)} of "
                              "the benchmark, as their sizes and modification times tell (a copy keeps the times with "
@@ -351,9 +358,10 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
     """The units of set ``name`` in ``paths`` (layer → units file), rows named by ``row_names`` (``_row_names``),
     each file with the record that spidr units writes beside its units (abx and units-quality read the frame rate
     from it)."""
-    from spidr.eval.feature_dir import CODEBOOK_UNITS, units_metadata_path
+    from spidr.eval.feature_dir import units_metadata_path
     from spidr.eval.features import iter_units
     from spidr.eval.folder_extraction import not_read_stems, output_root
+    from spidr.eval.journal import codebook_units_source
     from spidr.eval.kmeans import centroids_digest
 
     with contextlib.ExitStack() as files:  # complete files only: a failure leaves no truncated units file
@@ -372,10 +380,11 @@ def _write_set_units(model: torch.nn.Module, name: str, found: BenchmarkSet, pat
     # (the files that gave no units, as spidr extract records them: see StemKeyed's skipped and root)
     skipped_paths = not_read_stems(found.entries, skipped, found.unread)
     root = output_root(found.entries)
+    codebook = codebook_units_source(model) if any(not centroids or layer not in centroids for layer in paths) else ""
     for layer, path in paths.items():
         assigned = centroids[layer] if centroids and layer in centroids else None
         record = {"frame_rate_hz": frame_rate, "dedup": False, "source": "spidr lm-units", "layer": layer,
-                  "units_source": CODEBOOK_UNITS if assigned is None else centroids_digest(assigned),
+                  "units_source": codebook if assigned is None else centroids_digest(assigned),
                   "num_units": int(model.cfg.codebook_size) if assigned is None else int(assigned.shape[0]),
                   "skipped_stems": skipped_paths, "audio_root": root,
                   "units_file_bytes": path.stat().st_size}

@@ -149,6 +149,9 @@ def _unused_by_ngrams(name: str) -> bool:
     return (name.startswith("model.") and name not in NGRAM_MODEL_FIELDS) or name.startswith("optimizer.")
 
 
+ADDED_DATA_INFO = ("units_origin",)  # what an LM's data record holds since it was first written
+
+
 def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
                    data: bool = True) -> tuple[list[str], list[str]]:
     """How the LM of a checkpoint (``state``: its ``lm_checkpoint_summary``) differs from the one ``cfg`` would
@@ -170,8 +173,9 @@ def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
     if not data:
         return config, []
     old, new = state["lm"], data_info(cfg)
+    # (an LM trained before a record of its data was kept, units_origin since 2026-12-07, is not told by it)
     data = [f"{key}: {old.get(key)!r} → {new[key]!r}" for key in sorted(new)
-            if key != "train_file" and old.get(key) != new[key]]
+            if key != "train_file" and old.get(key) != new[key] and (key in old or key not in ADDED_DATA_INFO)]
     return config, data
 
 
