@@ -956,6 +956,18 @@ def test_a_layer_s_kmeans_sample_does_not_depend_on_the_other_layers_fitted(monk
     assert np.array_equal(alone, with_layer_3)
 
 
+def _tiny_lm(tmp_path: Path, train: Path) -> tuple[Path, Path]:
+    """An LSTM LM trained for 2 steps on the units file ``train`` (16 units): its final.pt and its config."""
+    config = tmp_path / "lm.json"
+    config.write_text(json.dumps({
+        "run": {"workdir": str(tmp_path / "runs"), "name": "cb2", "device": "cpu"},
+        "data": {"train": str(train), "num_units": 16, "val_fraction": 0.25},
+        "model": {"arch": "lstm", "dim": 16, "num_layers": 1, "context": 16},
+        "optimizer": {"max_steps": 2, "warmup_steps": 1, "batch_size": 2, "dtype": "float32"}}))
+    assert main(["lm-train", str(config)]) == 0
+    return tmp_path / "runs" / "cb2" / "final.pt", config
+
+
 def test_lm_score_refuses_units_of_another_layer_or_centroids_than_the_lm_was_trained_on(bench, checkpoint,
                                                                                         tmp_path, capsys):
     """An LM trained on layer 2's codebook units scored layer 3's (same vocabulary of 16) with exit 0, near chance:
@@ -970,14 +982,7 @@ def test_lm_score_refuses_units_of_another_layer_or_centroids_than_the_lm_was_tr
     assert main(["lm-units", str(bench), str(codebook), "--checkpoint", str(checkpoint), "--layers", "2-3"]) == 0
     assert main(["lm-units", str(bench), str(kmeans), "--checkpoint", str(checkpoint), "--layers", "2",
                  "--kmeans", "16"]) == 0
-    config = tmp_path / "lm.json"
-    config.write_text(json.dumps({
-        "run": {"workdir": str(tmp_path / "runs"), "name": "cb2", "device": "cpu"},
-        "data": {"train": str(codebook / "layer_02" / "train.jsonl"), "num_units": 16, "val_fraction": 0.25},
-        "model": {"arch": "lstm", "dim": 16, "num_layers": 1, "context": 16},
-        "optimizer": {"max_steps": 2, "warmup_steps": 1, "batch_size": 2, "dtype": "float32"}}))
-    assert main(["lm-train", str(config)]) == 0
-    lm = tmp_path / "runs" / "cb2" / "final.pt"
+    lm, _ = _tiny_lm(tmp_path, codebook / "layer_02" / "train.jsonl")
     capsys.readouterr()
     assert main(["lm-score", str(lm), str(codebook / "layer_03"), str(tmp_path / "s3")]) == 2
     err = capsys.readouterr().err
@@ -1004,14 +1009,7 @@ def test_lm_score_refuses_codebook_units_of_another_model(bench, checkpoint, tmp
     assert main(["lm-units", str(bench), str(trained), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
     assert main(["lm-units", str(bench), str(random), "--checkpoint", str(checkpoint), "--layers", "2",
                  "--random-init", "--seed", "1"]) == 0
-    config = tmp_path / "lm.json"
-    config.write_text(json.dumps({
-        "run": {"workdir": str(tmp_path / "runs"), "name": "cb2", "device": "cpu"},
-        "data": {"train": str(trained / "layer_02" / "train.jsonl"), "num_units": 16, "val_fraction": 0.25},
-        "model": {"arch": "lstm", "dim": 16, "num_layers": 1, "context": 16},
-        "optimizer": {"max_steps": 2, "warmup_steps": 1, "batch_size": 2, "dtype": "float32"}}))
-    assert main(["lm-train", str(config)]) == 0
-    lm = tmp_path / "runs" / "cb2" / "final.pt"
+    lm, _ = _tiny_lm(tmp_path, trained / "layer_02" / "train.jsonl")
     capsys.readouterr()
     assert main(["lm-score", str(lm), str(random / "layer_02"), str(tmp_path / "s")]) == 2
     assert "holds units of the codebook of layer 2 (heads codebook:" in capsys.readouterr().err
@@ -1081,14 +1079,8 @@ def test_an_lm_trained_before_units_origin_is_not_other_data(bench, checkpoint, 
     units = tmp_path / "u"
     arguments = ["lm-units", str(bench), str(units), "--checkpoint", str(checkpoint), "--layers", "2"]
     assert main(arguments) == 0
-    config = tmp_path / "lm.json"
-    config.write_text(json.dumps({
-        "run": {"workdir": str(tmp_path / "runs"), "name": "cb2", "device": "cpu"},
-        "data": {"train": str(units / "layer_02" / "train.jsonl"), "num_units": 16, "val_fraction": 0.25},
-        "model": {"arch": "lstm", "dim": 16, "num_layers": 1, "context": 16},
-        "optimizer": {"max_steps": 2, "warmup_steps": 1, "batch_size": 2, "dtype": "float32"}}))
-    assert main(["lm-train", str(config)]) == 0
-    state = lm_checkpoint_summary(tmp_path / "runs" / "cb2" / "final.pt")
+    lm, config = _tiny_lm(tmp_path, units / "layer_02" / "train.jsonl")
+    state = lm_checkpoint_summary(lm)
     assert lm_differences(state, load_lm_config(config)) == ([], [])
     state["lm"].pop("units_origin")  # as the previous spidr's checkpoint holds it
     before = (units / "layer_02" / "train.jsonl").read_bytes()
