@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import soundfile as sf
 import torch
 
 from spidr.config import SpidRConfig
-from spidr.data.manifest import Manifest, ManifestEntry, read_manifest
+from spidr.data.manifest import Manifest, ManifestEntry, read_manifest, scan
 from spidr.eval import features
 from spidr.eval.features import ExtractionSettings, length_batches
 from spidr.eval.folder_extraction import extract_to_directory, output_stems
@@ -521,3 +522,135 @@ def test_a_part_of_a_finished_extraction_rechecks_its_audio(tmp_path):
     assert extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False).finished_before  # not its file
     with pytest.raises(ValueError, match=rf"audio files changed since: {re.escape(second.location)} "):
         extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
+
+
+def test_a_part_s_audio_stamps_are_its_rows_wherever_a_chunk_of_rows_begins(tmp_path, monkeypatch):
+    """audio_stamps reads the manifest ITER_CHUNK rows at a time: a part's rows past the first chunk must get their
+    own file's stamps, at their own index (hand-made stamps: each file its own size and second)."""
+    from spidr.eval import journal
+    from spidr.eval.journal import NOT_THIS_PART, audio_stamps
+
+    files = []
+    for i in range(5):
+        path = tmp_path / f"u{i}.wav"
+        path.write_bytes(b"x" * (10 + i))
+        os.utime(path, ns=(0, (1_700_000_000 + i) * 1_000_000_000))
+        files.append(path)
+    plain = Manifest.from_entries(ManifestEntry(f"u{i}", str(p), 16_000) for i, p in enumerate(files))
+    rows = np.array([False, True, False, True, True])
+    expected = [[10 + i, 1_700_000_000 + i] if rows[i] else [NOT_THIS_PART] * 2 for i in range(5)]
+    assert audio_stamps(plain, rows=rows).tolist() == expected
+    monkeypatch.setattr(journal, "ITER_CHUNK", 2)  # chunks [0, 2), [2, 4), [4, 5)
+    assert audio_stamps(plain, rows=rows).tolist() == expected
+    assert audio_stamps(plain).tolist() == [[10 + i, 1_700_000_000 + i] for i in range(5)]
+
+
+def test_a_part_restarted_for_its_changed_audio_records_the_new_stamps(tmp_path):
+    """After --restart of a part whose audio was rewritten, the part's stamps are those of the audio it extracted
+    now: the next run of that part resumes, it is not refused again for the change it already redid."""
+    from spidr.eval.folder_extraction import extract_part
+    from spidr.eval.journal import audio_stamps
+    from spidr.eval.shards import Shard
+
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=4))
+    out = tmp_path / "out"
+    settings = ExtractionSettings(**SETTINGS)
+    mine = Shard(1, 2).members(np.array([e.num_samples for e in entries]))
+    first = entries[int(np.flatnonzero(mine)[0])]
+    extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
+    _rewrite_in_place(Path(first.path))
+    with pytest.raises(ValueError, match=rf"audio files changed since: {re.escape(first.location)} "):
+        extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
+    extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False, restart=True)
+    np.testing.assert_array_equal(np.load(out / ".extract" / "shard-1-of-2" / "audio_stamps.npy"),
+                                  audio_stamps(entries, rows=mine))
+    outcome = extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)  # resumed: nothing to do
+    assert not outcome.finished_before
+    extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
+    assert (out / "metadata.json").is_file()
+    assert extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False).finished_before
+
+
+def test_a_folder_started_over_for_changed_audio_does_not_look_finished_while_it_is_redone(tmp_path, monkeypatch):
+    """evaluate's folder (replace_other) starts over when its audio changed: metadata.json (what makes a folder look
+    finished) goes first, so an extraction that fails midway leaves no finished-looking folder of mixed features."""
+    from spidr.eval import folder_extraction
+
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=2))
+    out = tmp_path / "out"
+    settings = ExtractionSettings(**SETTINGS)
+    extract_to_directory(_model(), entries, out, settings, progress=False)
+    assert (out / "metadata.json").is_file()
+    _rewrite_in_place(Path(entries[0].path))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("killed midway")
+
+    monkeypatch.setattr(folder_extraction, "_extract_entries", failing)
+    with pytest.raises(RuntimeError, match="killed midway"):
+        extract_to_directory(_model(), entries, out, settings, progress=False, replace_other=True)
+    assert not (out / "metadata.json").exists()
+    assert not list(out.glob("layer_*/**/*.npy"))  # (nothing of the old audio's features kept beside the new)
+
+
+def test_a_part_given_replace_other_extracts_its_changed_audio_again(tmp_path):
+    """replace_other (as restart) starts a part whose audio changed over: its changed file's features are those of
+    the new audio, as a fresh extraction gives them, not the old ones kept."""
+    from spidr.eval.folder_extraction import extract_part
+    from spidr.eval.shards import Shard
+
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=2))
+    out = tmp_path / "out"
+    settings = ExtractionSettings(**SETTINGS)
+    extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
+    before = _outputs(out)[0]
+    mine = Shard(1, 2).members(np.array([e.num_samples for e in entries]))
+    first = entries[int(np.flatnonzero(mine)[0])]
+    _rewrite_in_place(Path(first.path))
+    extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False, replace_other=True)
+    extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
+    extract_to_directory(_model(), entries, tmp_path / "fresh", settings, progress=False)
+    after, expected = _outputs(out)[0], _outputs(tmp_path / "fresh")[0]
+    assert after.keys() == expected.keys()
+    for key, value in after.items():
+        np.testing.assert_array_equal(value, expected[key])
+    assert any(not np.array_equal(before[key], after[key]) for key in before)
+
+
+def test_an_unreadable_stamps_file_counts_as_none_recorded(tmp_path):
+    """A stamps file that is not a .npy (damaged) is no record: the folder resumes as one begun before stamps were
+    recorded, without rewriting a file, and records them again."""
+    entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=2))
+    out = tmp_path / "out"
+    settings = ExtractionSettings(**SETTINGS)
+    extract_to_directory(_model(), entries, out, settings, progress=False)
+    stamps_path = out / ".extract" / "audio_stamps.npy"
+    recorded = np.load(stamps_path)
+    stamps_path.write_bytes(b"not a numpy file")
+    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("layer_*/**/*.npy")}
+    extract_to_directory(_model(), entries, out, settings, progress=False)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("layer_*/**/*.npy")} == finished
+    np.testing.assert_array_equal(np.load(stamps_path), recorded)
+
+
+def test_a_changed_archive_is_named_by_its_member_s_location(tmp_path):
+    """Members of a tar are stamped by their archive: a tar touched since is refused naming the first member as
+    every message names it (archive:member), not by a bare member path that exists nowhere."""
+    (tmp_path / "audio").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / "audio" / name, (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
+    archive = tmp_path / "audio.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in ("a.wav", "b.wav"):
+            tar.add(tmp_path / "audio" / name, arcname=name)
+    entries = scan(archive, progress=False).entries
+    assert all(entry.archive is not None for entry in entries)
+    out = tmp_path / "out"
+    settings = ExtractionSettings(**SETTINGS)
+    extract_to_directory(_model(), entries, out, settings, progress=False)
+    later = archive.stat().st_mtime_ns + 5_000_000_000
+    os.utime(archive, ns=(later, later))
+    with pytest.raises(ValueError, match=rf"audio files changed since: {re.escape(entries[0].location)} "
+                                         r"\(size or modification time\) and 1 other file\(s\)"):
+        extract_to_directory(_model(), entries, out, settings, progress=False)

@@ -530,3 +530,30 @@ def test_a_run_killed_among_its_plots_is_completed_by_its_rerun(tmp_path, capsys
     capsys.readouterr()
     assert cli.main(argv) == 2  # finished: not replaced without --overwrite
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_killed_run_s_marker_lets_only_its_own_outputs_be_written_again(tmp_path, capsys, monkeypatch):
+    """The marker a killed lm-correlate run leaves stands for its own --out: another run's finished table in the
+    same folder is still not replaced without --overwrite."""
+    from spidr.lm import correlate
+
+    table = tmp_path / "t.csv"
+    with table.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["model", "abx", "lm"], ["a", 1.0, 50.0], ["b", 2.0, 52.0], ["c", 3.0, 53.0],
+                                      ["d", 4.0, 55.0]])
+    finished = tmp_path / "finished.csv"
+    assert cli.main(["lm-correlate", str(table), "--x", "abx", "--y", "lm", "--out", str(finished)]) == 0
+    before = finished.read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(correlate, "correlations_csv", killed)
+    other = ["lm-correlate", str(table), "--x", "abx", "--y", "lm", "--out", str(tmp_path / "other.csv")]
+    assert cli.main(other) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["lm-correlate", str(table), "--x", "abx", "--y", "lm", "--out", str(finished)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert finished.read_bytes() == before
+    assert cli.main(other) == 0  # (the killed run's own output: written again)

@@ -1090,3 +1090,24 @@ def test_an_lm_trained_before_units_origin_is_not_other_data(bench, checkpoint, 
     assert lm_differences(state, load_lm_config(config)) == ([], [])
     state["lm"]["units_origin"] = {"layer": 3, "units_source": "codebook:x"}  # recorded, and other: told
     assert lm_differences(state, load_lm_config(config))[1][0].startswith("units_origin: ")
+
+
+def test_a_folder_recorded_without_stamps_of_other_inputs_is_refused_not_taken_over(bench, checkpoint, tmp_path,
+                                                                                    capsys):
+    """A record of an older spidr (no audio stamps) is kept and stamped only where everything else it records is
+    what this run is made of: one of other layers is refused naming them, and its record is left as it was (taken
+    over, its layer-2 sets would count as finished layer-3 sets)."""
+    out = tmp_path / "u"
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    state_path = out / ".lm-units.json"
+    state = json.loads(state_path.read_text())
+    older = {"identity": {k: v for k, v in state["identity"].items() if k != "audio"}, "done": state["done"]}
+    state_path.write_text(json.dumps(older))
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds units made from other inputs: " in err
+    assert "layers ([2] → [3])" in err
+    assert json.loads(state_path.read_text()) == older
+    assert _files(out) == before

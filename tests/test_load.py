@@ -508,3 +508,63 @@ def test_another_model_s_weights_are_named_as_such_not_asked_about(tmp_path) -> 
             with pytest.raises(ValueError, match=rf"{re.escape(str(path))} holds none of the SpidR / DinoSR weights "
                                                  rf"\(no student\.\* tensor; it holds e\.g\. {held}\)"):
                 read_checkpoint(path, model_type=model_type)
+
+
+def _of_other_type(cfg, cls):
+    """``cfg``'s settings as a config of the other model type (the fields that type has)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields and k != "model_type"})
+
+
+@pytest.mark.parametrize("fmt", ["hf", "hf weights file", "s3prl"])
+def test_an_export_that_records_its_type_refuses_a_config_of_the_other_type(tmp_path, fmt) -> None:
+    """A Hugging Face directory (or its model.safetensors) and an s3prl export record whether they hold a SpidR: a
+    DinoSR config given with them is refused, naming both (the same tensors would give another model's codebook
+    units), as for a training checkpoint or a spidr export; run.init_ckpt (config_of_any_type) still takes it."""
+    source = tiny_model("spidr").eval()
+    if fmt == "s3prl":
+        path = export_s3prl(source, tmp_path / "model.pt")
+    else:
+        export_hf(source, tmp_path / "hf")
+        path = tmp_path / "hf" if fmt == "hf" else tmp_path / "hf" / "model.safetensors"
+    dinosr_cfg = _of_other_type(source.cfg, DinoSRConfig)
+    with pytest.raises(ValueError, match=r"the given DinoSRConfig describes a 'dinosr' model but .* is a 'spidr' one"):
+        read_checkpoint(path, config=dinosr_cfg)
+    assert read_checkpoint(path, config=dinosr_cfg, config_of_any_type=True).config == dinosr_cfg
+    assert read_checkpoint(path, config=source.cfg).config == source.cfg
+
+
+def test_a_training_checkpoint_whose_run_config_names_no_type_is_a_dinosr_one(tmp_path) -> None:
+    """A run config without run.model_type trains a DinoSR (the official default, as spidr train reads it): its
+    checkpoint records a DinoSR, so a SpidR config given with it is refused, and a DinoSR one is taken."""
+    source = tiny_model("dinosr").eval()
+    config = Config(run=RunConfig(workdir="w", wandb_project="p", wandb_name="n", model_type="dinosr"),
+                    data=DataConfig(manifest="train.csv"), model=source.cfg).to_dict()
+    del config["run"]["model_type"]
+    path = tmp_path / "step.pt"
+    torch.save({"model": source.state_dict(), "config": config, "step": 3}, path)
+    assert read_checkpoint(path).config == source.cfg  # (read as a DinoSR)
+    spidr_cfg = _of_other_type(source.cfg, SpidRConfig)
+    with pytest.raises(ValueError, match=r"the given SpidRConfig describes a 'spidr' model but .*step\.pt is a "
+                                         r"'dinosr' one"):
+        read_checkpoint(path, config=spidr_cfg)
+    assert read_checkpoint(path, config=spidr_cfg, config_of_any_type=True).config == spidr_cfg
+
+
+# DEFECT (regression of f234ad3: a run config no longer defaults to "dinosr" against model_type): fails now.
+def test_a_training_checkpoint_of_a_run_config_naming_no_type_refuses_model_type_spidr(tmp_path) -> None:
+    """Such a checkpoint is a DinoSR (spidr train's default): model_type='spidr' is refused as for a checkpoint whose
+    run config says dinosr, as a SpidR config given with it is; before the change it was, now it loads the DinoSR's
+    weights as a SpidR."""
+    source = tiny_model("dinosr").eval()
+    config = Config(run=RunConfig(workdir="w", wandb_project="p", wandb_name="n", model_type="dinosr"),
+                    data=DataConfig(manifest="train.csv"), model=source.cfg).to_dict()
+    path = tmp_path / "typed.pt"
+    torch.save({"model": source.state_dict(), "config": config, "step": 3}, path)
+    with pytest.raises(ValueError, match=r"describes a 'dinosr' model but model_type='spidr' was requested"):
+        read_checkpoint(path, model_type="spidr")
+    del config["run"]["model_type"]
+    path = tmp_path / "untyped.pt"
+    torch.save({"model": source.state_dict(), "config": config, "step": 3}, path)
+    with pytest.raises(ValueError, match=r"describes a 'dinosr' model but model_type='spidr' was requested"):
+        read_checkpoint(path, model_type="spidr")

@@ -1108,3 +1108,118 @@ def test_probe_refuses_alignments_of_other_recordings_before_any_work(corpus, tm
     assert f"--alignments {short} (training utterances): utterance 's" in err
     assert "has 37 frames at 50 Hz, but its audio gives 49 (0.98 s) (and 2 other utterance(s))" in err
     assert not (tmp_path / "probe").exists()
+
+
+def test_a_manifest_length_off_by_more_than_two_frames_is_measured_again_by_decoding():
+    """Hand count: 15,600 samples give 48 frames at 50 Hz (96 at 100 Hz), 16,000 give 49 (98). An alignment of 99
+    frames misses the manifest's 96 by 3 (more than the 2 allowed) but fits the decoded 98: taken, and only
+    because the decoder was asked (without it, refused by the manifest's length)."""
+    from spidr.config import DEFAULT_CONV_LAYERS
+    from spidr.eval.unit_quality import check_alignment_lengths
+
+    asked = []
+
+    def decoded(name):
+        asked.append(name)
+        return 16_000
+
+    def check(decoded_samples):
+        check_alignment_lengths({"u": ["a"] * 99}, {"u": 15_600}, conv_layers=DEFAULT_CONV_LAYERS,
+                                alignment_rate_hz=100, where="a.tsv", decoded_samples=decoded_samples)
+
+    check(decoded)
+    assert asked == ["u"]
+    with pytest.raises(ValueError, match=r"utterance 'u' has 99 frames at 100 Hz, but the manifest's length of its "
+                                         r"audio gives 96"):
+        check(None)
+
+
+def test_past_the_decoded_suspects_the_rest_is_left_to_the_check_after_the_extraction(monkeypatch):
+    """At most MAX_DECODED_SUSPECTS disagreeing utterances are decoded; the ones after them (a manifest whose
+    lengths are all somewhat off) are neither decoded nor refused by the manifest's length: the check after the
+    extraction counts their decoded frames."""
+    from spidr.config import DEFAULT_CONV_LAYERS
+    from spidr.eval import unit_quality
+    from spidr.eval.unit_quality import check_alignment_lengths
+
+    monkeypatch.setattr(unit_quality, "MAX_DECODED_SUSPECTS", 2)
+    asked = []
+
+    def decoded(name):
+        asked.append(name)
+        return 16_000  # 98 frames at 100 Hz: every alignment below fits its audio
+
+    names = [f"u{i}" for i in range(5)]
+    check_alignment_lengths({name: ["a"] * 98 for name in names}, dict.fromkeys(names, 15_000),  # (the manifest: 92)
+                            conv_layers=DEFAULT_CONV_LAYERS, alignment_rate_hz=100, where="a.tsv",
+                            decoded_samples=decoded)
+    assert asked == ["u0", "u1"]
+
+
+def test_a_killed_evaluation_of_another_model_is_replaced_without_overwrite(tmp_path, capsys):
+    """Only a finished evaluation (report.json) of another model is refused without --overwrite: the features that
+    a killed evaluation left (no report yet) are replaced by the next model's evaluation, as evaluate always did."""
+    from spidr.eval.journal import STATE_DIR
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    manifest, items = ["fileid,path,num_samples"], ["#file onset offset #phone prev-phone next-phone speaker"]
+    for speaker in ("s1", "s2"):
+        for k in range(2):
+            name = f"{speaker}_{k}"
+            sf.write(root / f"{name}.wav", (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+            manifest.append(f"{name},{name}.wav,16000")
+            for i, phone in enumerate("abab"):
+                items.append(f"{name} {0.25 * i + 0.02:.2f} {0.25 * i + 0.23:.2f} {phone} x y {speaker}")
+    (root / "manifest.csv").write_text("\n".join(manifest) + "\n")
+    (root / "test.item").write_text("\n".join(items) + "\n")
+    checkpoints = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        checkpoints.append(root / f"m{seed}.safetensors")
+        export_safetensors(build_model(SpidRConfig(**TINY)).eval(), checkpoints[-1])
+    out = tmp_path / "report"
+
+    def evaluate(checkpoint):
+        return main(["evaluate", "--checkpoint", str(checkpoint), "--manifest", str(root / "manifest.csv"),
+                     "--item", str(root / "test.item"), "--layers", "1", "--out", str(out)])
+
+    assert evaluate(checkpoints[0]) == 0
+    (out / "report.json").unlink()  # what a kill after the extraction, before the report, leaves
+    assert (out / "features" / "model" / STATE_DIR / "state.json").is_file()
+    capsys.readouterr()
+    assert evaluate(checkpoints[1]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report
+    metadata = json.loads((out / "features" / "model" / "metadata.json").read_text())
+    assert metadata["checkpoint"] == str(checkpoints[1])
+
+
+def test_probe_names_the_test_alignments_for_a_held_out_utterance_they_do_not_fit(tmp_path, capsys):
+    """With --test-alignments, a held-out utterance whose alignment does not span its audio is refused naming that
+    file (not --alignments, which is right), before any work."""
+    rng = np.random.default_rng(0)
+    rows = {"train": ["fileid,path,num_samples"], "test": ["fileid,path,num_samples"]}
+    full = ["utterance\tonset\toffset\tphone"]
+    for split, names in (("train", ["t0", "t1", "t2", "t3"]), ("test", ["h0", "h1"])):
+        for name in names:
+            sf.write(tmp_path / f"{name}.wav", (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+            rows[split].append(f"{name},{name}.wav,16000")
+            full += [f"{name}\t{0.25 * i:.2f}\t{0.25 * (i + 1):.2f}\t{'ab'[i % 2]}" for i in range(4)]
+    for split, lines in rows.items():
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "train.tsv").write_text("\n".join(full) + "\n")
+    short = [line for line in full if not (line.startswith("h") and line.split("\t")[1] == "0.75")]
+    (tmp_path / "test.tsv").write_text("\n".join(short) + "\n")  # held-out ones end at 0.75 s of 1 s
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.safetensors"
+    export_safetensors(build_model(SpidRConfig(**TINY)).eval(), checkpoint)
+    assert main(["probe", "--checkpoint", str(checkpoint), "--manifest", str(tmp_path / "train.csv"),
+                 "--test-manifest", str(tmp_path / "test.csv"), "--alignments", str(tmp_path / "train.tsv"),
+                 "--test-alignments", str(tmp_path / "test.tsv"), "--alignment-rate", "50",
+                 "--out", str(tmp_path / "probe")]) == 2
+    err = capsys.readouterr().err
+    assert f"--test-alignments {tmp_path / 'test.tsv'} (held-out utterances): utterance 'h" in err
+    assert "has 37 frames at 50 Hz, but its audio gives 49 (0.98 s) (and 1 other utterance(s))" in err
+    assert not (tmp_path / "probe").exists()

@@ -547,3 +547,54 @@ def test_the_probe_s_length_check_takes_the_decoded_length_where_the_manifest_s_
     with pytest.raises(ValueError, match=r"utterance 'u' has 85 frames at 100 Hz, but its audio gives 98"):
         _check_lengths(_CountedConvFrames(), [short], Alignments(("A",), {"u": np.zeros(85, np.int16)}), keys,
                        100.0, where="a")
+
+
+@pytest.mark.parametrize("alignment_rate", [25.0, 50.0, 100.0])
+def test_the_probe_s_length_check_accepts_what_frame_labels_accepts_at_every_rate(tmp_path, alignment_rate):
+    """Invariance, also where alignment frames are coarser than feature frames (25 Hz against 50 Hz: the ratio 0.5,
+    which frame_labels rounds up to 1 frame of slack): a 50-frame file (16,160 samples: ⌊(16160 - 400) / 320⌋ + 1) at
+    every alignment length around the bound; the check before the features takes exactly what the labelling takes."""
+    from spidr.config import DEFAULT_CONV_LAYERS
+    from spidr.eval.probe import _check_lengths
+    from spidr.models.frames import num_frames
+
+    entries = _tone_files(tmp_path, ["u"], seconds=1.01)
+    assert num_frames(entries[0].num_samples, DEFAULT_CONV_LAYERS) == 50
+    keys = {entries[0].location: "u"}
+    expected = 50 * alignment_rate / 50.0
+    outcomes = set()
+    for count in range(int(expected) - 8, int(expected) + 9):
+        codes = np.zeros(count, dtype=np.int16)
+        try:
+            frame_labels(codes, 50, frame_rate=50.0, alignment_rate=alignment_rate)
+            labelled = True
+        except ValueError:
+            labelled = False
+        try:
+            _check_lengths(_CountedConvFrames(), entries, Alignments(("A",), {"u": codes}), keys, alignment_rate,
+                           where="a")
+            checked = True
+        except ValueError:
+            checked = False
+        assert checked == labelled, count
+        outcomes.add(labelled)
+    assert outcomes == {True, False}
+
+
+@pytest.mark.parametrize("bad", ["train", "test"])
+def test_separate_test_alignments_are_checked_each_against_its_own_utterances(tmp_path, bad):
+    """With a file of held-out alignments of its own: a training alignment that does not fit its audio is refused
+    naming the training file, a held-out one naming the held-out file, both before any feature."""
+    train, test = _tone_files(tmp_path, ["t1", "t2"]), _tone_files(tmp_path, ["h1"])
+    counts = {"t1": 98, "t2": 98, "h1": 98} | {"t2" if bad == "train" else "h1": 60}
+    alignments = Alignments.from_labels([(name, ["A", "B"] * (counts[name] // 2)) for name in ("t1", "t2")])
+    test_alignments = Alignments.from_labels([("h1", ["A", "B"] * (counts["h1"] // 2))])
+    featurizer = _CountedConvFrames()
+    where = "--alignments a.tsv (training utterances)" if bad == "train" else (
+        "--test-alignments b.tsv (held-out utterances)")
+    name = "t2" if bad == "train" else "h1"
+    with pytest.raises(ValueError, match=rf"^{re.escape(where)}: utterance '{name}' has 60 frames at 100 Hz, but its "
+                                         r"audio gives 98 \(0\.98 s\)"):
+        run_probe(featurizer, "m", train, test, alignments, test_alignments=test_alignments, alignment_rate=100.0,
+                  settings=ProbeSettings(epochs=1), sources=("--alignments a.tsv", "--test-alignments b.tsv"))
+    assert featurizer.calls == 0

@@ -407,7 +407,10 @@ def read_checkpoint(
         model_config = (
             _explicit_config(config, model_type, where=str(path),
                              recorded=None if config_of_any_type else _model_type_of(data["config"]) or "dinosr")
-            if config is not None else _config_from_data(data["config"], model_type, f"{path} config")
+            if config is not None else _config_from_data(
+                data["config"],
+                _resolve_type(_model_type_of(data["config"]) or "dinosr", model_type, f"{path} config"),
+                f"{path} config")
         )
         if "step" in data:
             step = read_step(data["step"], f"{path}: step")
