@@ -639,6 +639,11 @@ def test_an_hf_export_killed_midway_is_refused_by_readers_and_written_again_by_i
     (out / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=rf"{out} is an unfinished spidr export run"):
         load_model(out)
+    config = (out / "config.json").read_bytes()
+    (out / "config.json").unlink()  # killed before its config.json: still named as an export to run again
+    with pytest.raises(ValueError, match=rf"{out} is an unfinished spidr export run"):
+        load_model(out)
+    (out / "config.json").write_bytes(config)
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert not (out / HF_EXPORT_IN_PROGRESS).exists()

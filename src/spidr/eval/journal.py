@@ -168,8 +168,9 @@ def audio_stamps(manifest: Manifest, rows: np.ndarray | None = None) -> np.ndarr
         else:
             for index in wanted:
                 entry = manifest[int(index)]
-                stamps[index] = (stamp(entry.path) if entry.archive is None  # (one stat per archive)
-                                 else archives.setdefault(entry.archive, stamp(entry.archive)))
+                if entry.archive is not None and entry.archive not in archives:  # (one stat per archive)
+                    archives[entry.archive] = stamp(entry.archive)
+                stamps[index] = stamp(entry.path) if entry.archive is None else archives[entry.archive]
     return stamps
 
 

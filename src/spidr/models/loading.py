@@ -372,6 +372,10 @@ def read_checkpoint(
     """
     path = Path(path)
     if path.is_dir():
+        from spidr.in_progress import HF_EXPORT_IN_PROGRESS, refuse_unfinished
+
+        # (an export killed before its config.json: named as one to run again, not as a folder of something else)
+        refuse_unfinished(path, HF_EXPORT_IN_PROGRESS, "export")
         if not is_hf_directory(path):
             raise ValueError(f"checkpoint {path} is a folder, not a file, and not an exported Hugging Face model "
                              f"(no {CONFIG_FILE} declaring model_type {MODEL_TYPE!r}){_checkpoint_inside(path)}")
