@@ -790,3 +790,18 @@ def test_a_tar_scan_names_the_audio_of_other_extensions_it_leaves_out(tmp_path, 
     assert len(found.entries) == 1
     assert "1 audio file(s) of other extensions left out (1 .ogg): list them with --ext .wav,.flac,.ogg" in (
         caplog.text)
+
+
+def test_a_scan_counts_left_out_mp3_and_other_soundfile_formats(tmp_path, caplog) -> None:
+    """mut MF8 (.mp3 dropped from OTHER_AUDIO_EXTENSIONS): MP3, Opus, AIFF and AU are audio a default scan leaves
+    out; each is counted by extension (the files are not read: their content does not matter)."""
+    from spidr.data.manifest import scan
+
+    sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    for name in ("b.mp3", "c.MP3", "d.opus", "e.aiff", "f.au", "notes.txt"):
+        (tmp_path / name).write_bytes(b"\0" * 10)
+    with caplog.at_level(logging.WARNING):
+        result = scan(tmp_path, progress=False)
+    assert [entry.fileid for entry in result.entries] == ["a"]
+    assert ("5 audio file(s) of other extensions left out (1 .aiff, 1 .au, 2 .mp3, 1 .opus): list them with "
+            "--ext .wav,.flac,.aiff,.au,.mp3,.opus") in caplog.text

@@ -612,3 +612,47 @@ def test_units_of_one_centroids_file_have_one_origin_whichever_command_assigned_
     with (tmp_path / "u.jsonl").open("a") as units:  # rewritten since by something else: its record is not its own
         units.write('{"name": "x", "units": [1]}\n')
     assert units_origin(tmp_path / "u.jsonl") is None
+
+
+def test_centroids_digest_is_of_float32_values_whatever_dtype_or_type_they_come_in():
+    """mut KM1 (the float32 cast dropped): the docstring's 'as float32', so that float64 centroids (numpy's k-means,
+    a .npy) and their float32 copy (load_centroids) name one units_source; other values or shape, another."""
+    from spidr.eval.kmeans import centroids_digest
+
+    values = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    digest = centroids_digest(torch.from_numpy(values))
+    assert centroids_digest(values.astype(np.float64)) == digest
+    assert centroids_digest(torch.from_numpy(values).double()) == digest
+    assert centroids_digest(values) == digest
+    assert centroids_digest(values.reshape(3, 4)) != digest
+    other = values.copy()
+    other[3, 2] += 1
+    assert centroids_digest(other) != digest
+
+
+def test_codebook_units_source_tells_apart_models_differing_in_heads_or_in_features_only():
+    """mut JR1 (heads' tensors left out of the digest) / JR2 (features' fingerprint left out): the codebook units
+    are the argmax of the heads over the features, so a change of either is other units."""
+    from spidr.config import SpidRConfig
+    from spidr.eval.journal import codebook_units_source
+    from spidr.models.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
+    source = codebook_units_source(model)
+    assert source.startswith("codebook:")
+    heads = copy_of(model)
+    with torch.no_grad():
+        heads.heads[0][0].bias[3] += 1.0
+    assert codebook_units_source(heads) != source
+    features = copy_of(model)
+    with torch.no_grad():
+        next(features.feature_projection.parameters()).add_(0.5)
+    assert codebook_units_source(features) != source
+    assert codebook_units_source(copy_of(model)) == source
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)

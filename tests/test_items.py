@@ -355,3 +355,113 @@ def test_items_of_the_built_in_corpus_alignments_keep_its_speakers(tmp_path):
     assert main(["items", str(tmp_path / "alignments.tsv"), "--out", str(tmp_path / "y.item"),
                  "--speaker-pattern", "^([a-z]+)"]) == 0
     assert {row.split()[-1] for row in (tmp_path / "y.item").read_text().splitlines()[1:]} == {"espeak"}
+
+
+HEADER_LINE = "#file onset offset #phone prev-phone next-phone speaker"
+
+
+def _jsonl(path: Path, rows: dict[str, list[str]]) -> Path:
+    path.write_text("".join(json.dumps({"name": name, "phones": phones}) + "\n" for name, phones in rows.items()))
+    return path
+
+
+def test_items_times_follow_the_alignment_rate_given(tmp_path: Path) -> None:
+    """mut IW12 (times printed to 2 decimals) / CMD3 (write_item_file given 100 Hz whatever --alignment-rate says).
+    Hand count at 40 Hz (25 ms frames): SIL [0,1) K [1,3) AE [3,4) T [4,7) SIL [7,8); the only item is AE (K, T):
+    triphone frames 1..7 = 0.025..0.175 s, phoneme frames 3..4 = 0.075..0.1 s."""
+    from spidr.cli import main
+
+    aligned = _jsonl(tmp_path / "ali.jsonl", {"s-1": ["SIL", "K", "K", "AE", "T", "T", "T", "SIL"]})
+    for kind, row in (("triphone", "s-1 0.025 0.175 AE K T s"), ("phoneme", "s-1 0.075 0.1 AE K T s")):
+        out = tmp_path / f"{kind}.item"
+        assert main(["items", str(aligned), "--out", str(out), "--kind", kind, "--alignment-rate", "40"]) == 0
+        assert out.read_text().splitlines() == [HEADER_LINE, row]
+
+
+def test_items_do_not_depend_on_the_order_of_the_utterances_in_the_alignment_file(tmp_path: Path) -> None:
+    """mut IW7 (sorted() dropped): invariance, the same alignments listed in another order give the same item file
+    (rows in utterance then time order, as the module says)."""
+    from spidr.cli import main
+
+    rows = {"84-121-0000": ["SIL", "AH", "T", "IY", "SIL"], "84-121-0001": ["SIL", "K", "AE", "T", "S"]}
+    _jsonl(tmp_path / "a.jsonl", rows)
+    _jsonl(tmp_path / "b.jsonl", dict(reversed(list(rows.items()))))
+    assert main(["items", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "a.item")]) == 0
+    assert main(["items", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "b.item")]) == 0
+    assert (tmp_path / "a.item").read_text() == (tmp_path / "b.item").read_text()
+    assert [row.split()[0] for row in (tmp_path / "a.item").read_text().splitlines()[1:]] == [
+        "84-121-0000", "84-121-0001", "84-121-0001"]
+
+
+def test_an_utterance_without_frames_gives_no_item_and_no_crash(tmp_path: Path) -> None:
+    """mut IW2 (segments() without its empty guard: IndexError on codes[0] of an empty utterance)."""
+    from spidr.cli import main
+
+    aligned = _jsonl(tmp_path / "ali.jsonl", {"a-0": [], "a-1": ["SIL", "K", "AE", "T", "S"]})
+    out = tmp_path / "x.item"
+    assert main(["items", str(aligned), "--out", str(out)]) == 0
+    assert out.read_text().splitlines() == [HEADER_LINE, "a-1 0.01 0.04 AE K T a", "a-1 0.02 0.05 T AE S a"]
+
+
+def test_items_refuse_an_empty_speaker_and_names_with_spaces(tmp_path: Path, capsys) -> None:
+    """mut IW9 (an empty first group taken as the speaker: rows end in a blank column) and IW10 (the whitespace check
+    dropped: a name or speaker with a space shifts every column after it)."""
+    from spidr.cli import main
+
+    aligned = _jsonl(tmp_path / "ali.jsonl", {"84-1": ["SIL", "K", "AE", "T", "S"]})
+    out = tmp_path / "x.item"
+    assert main(["items", str(aligned), "--out", str(out), "--speaker-pattern", "^(x*)"]) == 2
+    assert "utterance '84-1': --speaker-pattern '^(x*)' finds no speaker in its name" in capsys.readouterr().err
+    assert not out.exists()
+    spaced = _jsonl(tmp_path / "spaced.jsonl", {"84 a-1": ["SIL", "K", "AE", "T", "S"]})
+    assert main(["items", str(spaced), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "utterance '84 a-1' (speaker '84 a')" in err
+    assert "names and speakers must hold none" in err
+    assert not out.exists()
+
+
+def _intervals(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_an_interval_tsv_giving_one_utterance_two_speakers_is_refused_naming_the_line(tmp_path: Path, capsys) -> None:
+    """mut IW5 (the consistency check of the speaker column dropped: the first speaker silently kept)."""
+    from spidr.cli import main
+
+    lines = ["utt\tonset\toffset\tphone\tspeaker"]
+    for k, phone in enumerate(("SIL", "K", "AE", "T", "SIL")):
+        lines.append(f"u-1\t{k * 0.1:.1f}\t{(k + 1) * 0.1:.1f}\t{phone}\t{'s1' if k < 2 else 's2'}")
+    out = tmp_path / "x.item"
+    assert main(["items", str(_intervals(tmp_path / "ali.tsv", lines)), "--out", str(out)]) == 2
+    assert "line 4: utterance 'u-1' is said by 's2', but by 's1' on an earlier line" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_interval_tsv_with_the_speaker_column_on_some_lines_only_falls_back_to_the_pattern(tmp_path: Path) -> None:
+    """mut IW4 (a line without a fifth column skipped instead of the column being ignored: the utterances it
+    held had no speaker, and item_rows raised a bare KeyError). The module: the column is the speaker only in a TSV
+    that has one; else the pattern's first group."""
+    from spidr.cli import main
+
+    lines = ["utt\tonset\toffset\tphone\tspeaker"]
+    for utt, speaker in (("84-1", "\tspkA"), ("91-2", "")):
+        for k, phone in enumerate(("SIL", "K", "AE", "T", "SIL")):
+            lines.append(f"{utt}\t{k * 0.1:.1f}\t{(k + 1) * 0.1:.1f}\t{phone}{speaker}")
+    out = tmp_path / "x.item"
+    assert main(["items", str(_intervals(tmp_path / "ali.tsv", lines)), "--out", str(out)]) == 0
+    speakers = {row.split()[0]: row.split()[-1] for row in out.read_text().splitlines()[1:]}
+    assert speakers == {"84-1": "84", "91-2": "91"}
+
+
+def test_items_of_libri_light_frame_label_lines_take_the_speaker_from_the_name(tmp_path: Path) -> None:
+    """mut IW6 (interval_speakers without its holds_frame_labels check: the fifth field of a frame-label line, a
+    phone index, became every item's speaker). Hand count: 6 6 7 7 8 8 9 → items 7 (6, 8) and 8 (7, 9)."""
+    from spidr.cli import main
+
+    frames = _intervals(tmp_path / "converted_aligned_phones.txt", ["84-121-0000 6 6 7 7 8 8 9"])
+    out = tmp_path / "x.item"
+    assert main(["items", str(frames), "--out", str(out)]) == 0
+    assert out.read_text().splitlines() == [HEADER_LINE, "84-121-0000 0 0.06 7 6 8 84",
+                                            "84-121-0000 0.02 0.07 8 7 9 84"]

@@ -1111,3 +1111,24 @@ def test_a_folder_recorded_without_stamps_of_other_inputs_is_refused_not_taken_o
     assert "layers ([2] → [3])" in err
     assert json.loads(state_path.read_text()) == older
     assert _files(out) == before
+
+
+def test_lm_score_origin_check_lets_through_units_whose_layer_one_record_does_not_tell(tmp_path: Path) -> None:
+    """mut SC3 (`None not in layers` dropped): an LM trained on units of the same centroids whose record names no
+    layer (spidr units on a features folder not named layer_LL) must not refuse test units of a known layer;
+    other centroids are still refused (the docstring: the layer is compared where both records tell)."""
+    from spidr.eval.feature_dir import units_metadata_path
+    from spidr.lm.score import check_units_origin
+
+    units = tmp_path / "dev.jsonl"
+    units.write_text('{"name": "a", "units": [1, 2]}\n')
+    units_metadata_path(units).write_text(json.dumps({"layer": 6, "units_source": "sha1:abc",
+                                                      "units_file_bytes": units.stat().st_size}))
+    inputs = {("lexical", "dev"): units}
+    check_units_origin("lm.pt", {"units_origin": {"layer": None, "units_source": "sha1:abc"}}, inputs)
+    check_units_origin("lm.pt", {"units_origin": {"layer": 6, "units_source": "sha1:abc"}}, inputs)
+    with pytest.raises(ValueError, match="trained on units of k-means centroids sha1:def…"):
+        check_units_origin("lm.pt", {"units_origin": {"layer": None, "units_source": "sha1:def"}}, inputs)
+    with pytest.raises(ValueError, match="of layer 6, but the LM lm.pt was trained on units of k-means centroids "
+                                         r"sha1:abc… of layer 5"):
+        check_units_origin("lm.pt", {"units_origin": {"layer": 5, "units_source": "sha1:abc"}}, inputs)

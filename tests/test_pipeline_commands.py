@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from spidr.cli import main
 from spidr.config import SpidRConfig
 from spidr.models.build import build_model
 from spidr.models.loading import export_safetensors
+from train_fixtures import EXTRACTION_MODEL
 from train_fixtures import EXTRACTION_MODEL as TINY
 
 PHONES = ("a", "b", "a", "b")  # four 0.25 s phones per 1 s file
@@ -1223,3 +1225,54 @@ def test_probe_names_the_test_alignments_for_a_held_out_utterance_they_do_not_fi
     assert f"--test-alignments {tmp_path / 'test.tsv'} (held-out utterances): utterance 'h" in err
     assert "has 37 frames at 50 Hz, but its audio gives 49 (0.98 s) (and 1 other utterance(s))" in err
     assert not (tmp_path / "probe").exists()
+
+
+def _stressed_corpus(root):
+    """A tiny model whose heads always pick codeword 5 (zero weights, one bias up: a collapsed codebook), two
+    one-second files, an item file and 50 Hz TSV alignments whose vowels carry ARPAbet stress digits."""
+    from spidr.config import SpidRConfig
+    from spidr.models.build import build_model
+    from spidr.models.loading import export_safetensors
+
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**EXTRACTION_MODEL)).eval()
+    with torch.no_grad():
+        for head in model.heads:
+            head[0].weight.zero_()
+            head[0].bias.zero_()
+            head[0].bias[5] = 1.0
+    export_safetensors(model, root / "collapsed.safetensors")
+    rng = np.random.default_rng(0)
+    items, alignments, manifest = ([HEADER_ITEMS], ["utterance\tonset\toffset\tphone"], ["fileid,path,num_samples"])
+    for name, speaker in (("s1_0", "s1"), ("s2_0", "s2")):
+        sf.write(root / f"{name}.wav", (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+        manifest.append(f"{name},{name}.wav,16000")
+        for i, phone in enumerate(("AH1", "T", "AH0", "T")):
+            items.append(f"{name} {0.25 * i + 0.02:.2f} {0.25 * i + 0.23:.2f} {phone[:2]} x y {speaker}")
+            alignments.append(f"{name}\t{0.25 * i:.2f}\t{0.25 * (i + 1):.2f}\t{phone}")
+    (root / "manifest.csv").write_text("\n".join(manifest) + "\n")
+    (root / "test.item").write_text("\n".join(items) + "\n")
+    (root / "align50.tsv").write_text("\n".join(alignments) + "\n")
+
+
+HEADER_ITEMS = "#file onset offset #phone prev-phone next-phone speaker"
+
+
+def test_evaluate_records_stress_removal_and_warns_of_collapsed_codebook_units(tmp_path, caplog):
+    """mut RP5 (evaluate passed stress_removed=False: a report whose PNMI had the digits taken off recorded settings
+    equal to an old report's that kept them) and RP3 (evaluate_model's _warn_if_collapsed call dropped: codebook
+    units of one codeword scored near chance without a word)."""
+    from spidr.cli import main
+
+    _stressed_corpus(tmp_path)
+    common = ["evaluate", "--checkpoint", str(tmp_path / "collapsed.safetensors"), "--manifest",
+              str(tmp_path / "manifest.csv"), "--item", str(tmp_path / "test.item"), "--alignments",
+              str(tmp_path / "align50.tsv"), "--alignment-rate", "50", "--layers", "2"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*common, "--out", str(tmp_path / "removed")]) == 0
+    assert "layer 2: its codebook units use 1 of 16 codewords (perplexity 1.00): the head has collapsed" in (
+        caplog.text)
+    settings = json.loads((tmp_path / "removed" / "settings.json").read_text())
+    assert settings["alignment_stress"] == "removed"
+    assert main([*common, "--keep-stress", "--out", str(tmp_path / "kept")]) == 0
+    assert "alignment_stress" not in json.loads((tmp_path / "kept" / "settings.json").read_text())

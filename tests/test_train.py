@@ -1465,3 +1465,17 @@ def test_the_collapse_warning_is_below_5_percent_of_the_codebook_size_and_below_
     assert collapsed_codebooks([12.0, 13.0], 256) == [0]
     assert collapsed_codebooks([1.0, 1.99, 2.01, 10.0], 16) == [0, 1]
     assert collapsed_codebooks([1.9, 2.1], 40) == [0]  # (5 % of 40 = 2)
+
+
+def test_the_collapse_threshold_itself_is_not_a_collapse_and_the_warning_names_it(tmp_path, caplog):
+    """mut ME3 (`<` → `<=`: a perplexity equal to the threshold called collapsed; the docstring says 'below') and
+    ME4 (the warning printed 5 % of the size, 0.8 for 16 codewords, where the threshold applied is 2)."""
+    from spidr.train.metrics import MetricsLogger, collapsed_codebooks
+
+    assert collapsed_codebooks([2.0, 1.5], 16) == [1]
+    assert collapsed_codebooks([12.8, 12.7], 256) == [1]  # (5 % of 256 = 12.8, exactly)
+    metrics = MetricsLogger(tmp_path, enabled=True, start_step=0, max_steps=10, codebook_size=16, fresh=True)
+    with caplog.at_level(logging.WARNING, logger="spidr.train.metrics"):
+        metrics.log(1, "valid", {"loss": 1.0, "target_ppl_per_codebook": [1.5, 3.0]})
+    metrics.close()
+    assert "codebook(s) [0] collapsed: target perplexity [1.5] < 2 (of 16 codewords)" in caplog.text

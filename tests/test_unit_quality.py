@@ -242,3 +242,51 @@ def test_libri_light_frame_label_lines_are_read_as_frame_labels(tmp_path: Path) 
     intervals = tmp_path / "ali.txt"
     intervals.write_text("u1 0.00 0.03 a\nu1 0.03 0.06 b\n")
     assert read_alignments(intervals)["u1"] == ["a", "a", "a", "b", "b", "b"]
+
+
+def test_a_frame_label_line_with_a_name_only_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """mut UQ6 (the check dropped: the utterance was read with no frame, silently)."""
+    frames = tmp_path / "converted_aligned_phones.txt"
+    frames.write_text("u1 6 6 6 5 5 0\nu2\n")
+    with pytest.raises(ValueError, match=r"line 2 names utterance 'u2' but gives no frame label"):
+        read_alignments(frames)
+
+
+def test_a_five_field_interval_line_of_whole_seconds_is_read_as_an_interval(tmp_path: Path) -> None:
+    """mut UQ4 (>= 6 fields → >= 5): holds_frame_labels asks for at least 6 fields (its docstring); an interval
+    text file with a speaker column, whole-second times and phone indices (utterance onset offset phone speaker,
+    5 fields, all numbers after the name) is intervals: 1 s of phone 7 then 1 s of phone 3 at 100 Hz."""
+    intervals = tmp_path / "ali.txt"
+    intervals.write_text("u1 0 1 7 84\nu1 1 2 3 84\n")
+    assert read_alignments(intervals)["u1"] == ["7"] * 100 + ["3"] * 100
+
+
+def _lengths_case():
+    from spidr.config import SpidRConfig
+    from spidr.models.frames import num_frames
+
+    conv = SpidRConfig().extractor_conv_layer_config  # wav2vec 2.0's front end: 320 samples a frame
+    assert num_frames(16000, conv) == 49  # → 98 frames at 100 Hz
+    return conv
+
+
+def test_check_alignment_lengths_applies_the_tolerance_it_is_given() -> None:
+    """mut UQ7 / UQ8 (the comparisons kept MAX_LENGTH_MISMATCH whatever ``tolerance`` said; the probe passes a
+    wider one). 1 s of audio = 49 frames at 50 Hz = 98 at 100 Hz: 102 labels are 4 off, refused by the default
+    (2) and accepted with tolerance 5; 105 (7 off) is refused naming 5. The same holds when the manifest's length
+    is wrong and the decoded length decides."""
+    from spidr.eval.unit_quality import check_alignment_lengths
+
+    conv = _lengths_case()
+    common = {"conv_layers": conv, "alignment_rate_hz": 100, "where": "test"}
+    with pytest.raises(ValueError, match="may differ by at most 2 frames"):
+        check_alignment_lengths({"u": ["A"] * 102}, {"u": 16000}, **common)
+    check_alignment_lengths({"u": ["A"] * 102}, {"u": 16000}, **common, tolerance=5)
+    with pytest.raises(ValueError, match="may differ by at most 5 frames"):
+        check_alignment_lengths({"u": ["A"] * 105}, {"u": 16000}, **common, tolerance=5)
+    # manifest says 2 s, the decoded audio 1 s
+    check_alignment_lengths({"u": ["A"] * 102}, {"u": 32000}, **common, tolerance=5,
+                            decoded_samples=lambda name: 16000)
+    with pytest.raises(ValueError, match=r"but its audio gives 98 .*at most 5 frames"):
+        check_alignment_lengths({"u": ["A"] * 105}, {"u": 32000}, **common, tolerance=5,
+                                decoded_samples=lambda name: 16000)
