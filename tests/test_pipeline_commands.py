@@ -1276,3 +1276,18 @@ def test_evaluate_records_stress_removal_and_warns_of_collapsed_codebook_units(t
     assert settings["alignment_stress"] == "removed"
     assert main([*common, "--keep-stress", "--out", str(tmp_path / "kept")]) == 0
     assert "alignment_stress" not in json.loads((tmp_path / "kept" / "settings.json").read_text())
+
+
+def test_evaluate_does_not_warn_of_the_random_init_baseline_s_collapsed_units(tmp_path, monkeypatch):
+    """A random-init model's codebook units are degenerate by nature: the demo's report warned that the baseline's
+    head 'has collapsed (a model trained too little ...)'. The check runs on the evaluated model only."""
+    from spidr.cli import main
+    from spidr.eval import report
+
+    _stressed_corpus(tmp_path)
+    checked = []
+    monkeypatch.setattr(report, "_warn_if_collapsed", lambda units, size, where: checked.append(where))
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "collapsed.safetensors"), "--manifest",
+                 str(tmp_path / "manifest.csv"), "--item", str(tmp_path / "test.item"), "--layers", "2",
+                 "--baseline", "random-init", "--out", str(tmp_path / "report")]) == 0
+    assert checked == ["collapsed layer 2"]

@@ -149,7 +149,7 @@ def evaluate(settings: DemoSettings, checkpoint: Path, test) -> tuple[Path, list
                           checkpoint=str(checkpoint), **common)
     random_model = random_init_model(model.cfg)
     rows += evaluate_model(random_model, "SpidR (random init)", entries,
-                           work_dir=report_dir / "features" / "random_init", **common)
+                           work_dir=report_dir / "features" / "random_init", untrained=True, **common)
     rows.append(evaluate_mfcc(entries, items))
     notes = [
         f"Test corpus: {test.out_dir} ({len(entries)} utterances, held-out voice(s): {', '.join(HELD_OUT_VOICES)}).",

@@ -305,7 +305,7 @@ def run_baselines(settings: CurveSettings) -> Path:
     test_alignments = read_alignments(test.alignments_jsonl)
     rows = evaluate_model(model, "random init", entries, items=items, alignments=test_alignments,
                           layers=range(1, model.num_layers + 1), work_dir=settings.out_dir / "baseline-features",
-                          progress=False)
+                          progress=False, untrained=True)
     rows.append(evaluate_mfcc(entries, items))
     probe = _probe(settings, {"random init": ModelFeaturizer(model), "MFCC": MfccFeaturizer()}, train, entries,
                    test_alignments)

@@ -322,7 +322,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             rows += evaluate_model(random_model, f"{name} (random init)", entries,
                                    work_dir=out / "features" / "random_init",
                                    checkpoint=f"random init (seed {args.seed}) of {args.checkpoint}'s config",
-                                   **common)
+                                   untrained=True, **common)
     settings = evaluation_settings(abx=abx, item_file=args.item, entries=entries, alignments_file=args.alignments,
                                    alignment_rate_hz=args.alignment_rate, dtype=args.dtype,
                                    stress_removed=alignments is not None and bool(alignments.stress_removed))

@@ -135,11 +135,13 @@ def evaluate_model(
     dtype: str = "float32",
     checkpoint: str = "",
     unread: Sequence[ManifestEntry] = (),
+    untrained: bool = False,
 ) -> list[LayerRow]:
     """Extract ``layers`` (and codebook units) of ``model`` for ``entries`` into ``work_dir`` and score them.
     ``dtype``: ``ExtractionSettings.dtype`` ("bfloat16": the Transformer layers in bf16). ``checkpoint``: where the
     model came from, recorded in the features' metadata.json for whoever reuses them. ``unread``: the files of the
-    scan that gave ``entries`` that it could not read (``extract_to_directory``)."""
+    scan that gave ``entries`` that it could not read (``extract_to_directory``). ``untrained``: a random-init
+    baseline, whose collapsed codebook units are expected (no warning)."""
     settings = ExtractionSettings(layers=tuple(layers), codebooks=True, dtype=dtype)
     metadata = extract_to_directory(model, entries, work_dir, settings, checkpoint=checkpoint, progress=progress,
                                     replace_other=True, unread=unread)
@@ -158,7 +160,8 @@ def evaluate_model(
         if layer in model.head_layers:
             units_path = work_dir / "codebook_units" / f"layer_{layer:02d}.jsonl"
             units = read_units(units_path)  # named by utterance id, or by path where several files hold it
-            _warn_if_collapsed(units, model.cfg.codebook_size, f"{name} layer {layer}")
+            if not untrained:
+                _warn_if_collapsed(units, model.cfg.codebook_size, f"{name} layer {layer}")
             # Found as the features are: by item #file path or utterance id.
             unit_features = StemKeyed({name: seq.astype(np.int64) for name, seq in units.items()}, source=units_path,
                                       skipped=skipped, root=root)
