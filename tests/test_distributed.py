@@ -627,3 +627,36 @@ def test_teardown_meets_in_a_barrier_only_when_every_rank_got_there(monkeypatch)
                        KeyboardInterrupt):
         environment.destroy_distributed_after(error_type)
     assert waits == [True, True, True, False, False, False]
+
+
+def _config_worker(rank: int, world_size: int, port: int, configs: list[dict], out_dir: str) -> None:
+    """Each rank checks its own config (``configs[rank]``) and writes what it was told."""
+    import torch.distributed as dist
+
+    from spidr.train.environment import check_same_config
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        check_same_config(configs[rank])
+        said = "agreed"
+    except ValueError as error:
+        said = f"refused: {error}"
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.txt").write_text(said)
+
+
+def test_ranks_started_with_different_configs_are_refused_on_every_rank(tmp_path):
+    """Another --set on one node (or a TOML edited while an srun step started): nothing compared what the ranks
+    parsed; another optimizer.lr trained replicas that drifted apart without a word, another max_steps left every rank
+    in mismatched collectives for the 30-minute time-out. Every rank now refuses, naming the field and both values;
+    the same config passes. (train and lm-train call the check right after the process group starts.)"""
+    same = {"optimizer": {"lr": 2e-3, "max_steps": 8}, "run": {"name": "x"}}
+    _spawn_two_ranks(_config_worker, [same, same], str(tmp_path), hang="the config check hung")
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)] == ["agreed", "agreed"]
+    other = {"optimizer": {"lr": 1e-3, "max_steps": 8}, "run": {"name": "x"}}
+    _spawn_two_ranks(_config_worker, [same, other], str(tmp_path), hang="the config check hung")
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == (
+            "refused: rank 1 was started with another config than rank 0 (optimizer.lr: 0.002 on rank 0, 0.001 on "
+            "rank 1): start every rank of spidr train with the same config and --set options")

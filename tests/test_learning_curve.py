@@ -903,3 +903,26 @@ def test_a_point_of_an_older_corpus_format_is_another_recipe(tmp_path, monkeypat
     older = {key: value for key, value in made_with.items() if key != "corpus"}
     path.write_text(json.dumps({**RECORD, "recipe": older}))
     assert reusable(path, recipe(settings, point), model_dir=folder)
+
+
+def test_failed_points_end_the_command_with_one_line_and_status_1(tmp_path, monkeypatch, capsys):
+    """A point that died ended learning-curve with a Python traceback (RuntimeError) where every other command
+    prints one 'spidr ...: error:' line; the status stays 1 (a failure, not a refused input), each point's own log
+    holding its traceback."""
+    from spidr import cli
+    from spidr import learning_curve as module
+    from spidr.child_processes import ChildProcessesFailedError
+
+    def failing(args):
+        raise ChildProcessesFailedError("learning-curve points failed: 1h-20steps-seed0 (exit -9, see run.log)")
+
+    monkeypatch.setattr(module, "_run", failing)
+    parser = cli.build_parser()
+    choices = parser._subparsers._group_actions[0].choices
+    monkeypatch.setattr(choices["learning-curve"], "_defaults", {**choices["learning-curve"]._defaults,
+                                                                  "handler": failing})
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main(["learning-curve", "--out", str(tmp_path / "lc")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("spidr learning-curve: error: learning-curve points failed: 1h-20steps-seed0 (exit -9, see "
+                   "run.log)\n")

@@ -1479,3 +1479,19 @@ def test_the_collapse_threshold_itself_is_not_a_collapse_and_the_warning_names_i
         metrics.log(1, "valid", {"loss": 1.0, "target_ppl_per_codebook": [1.5, 3.0]})
     metrics.close()
     assert "codebook(s) [0] collapsed: target perplexity [1.5] < 2 (of 16 codewords)" in caplog.text
+
+
+def test_a_folder_in_the_way_of_a_checkpoint_is_named_in_the_error(tmp_path, capsys):
+    """A folder where final.pt goes: the error named the hidden temporary file (.tmp-final.pt.NNN), which never
+    exists, instead of the checkpoint path in the way (a rename's destination, os.replace's filename2)."""
+    from spidr import cli
+
+    corpus = write_corpus(tmp_path / "corpus", num_files=6)
+    config = write_toml(tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 2}), tmp_path / "run.toml")
+    cfg = tiny_config(tmp_path, corpus, optimizer={"max_steps": 2})
+    blocker = cfg.run.run_dir / "final.pt"
+    blocker.mkdir(parents=True)
+    assert cli.main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{blocker}: is a directory" in err
+    assert ".tmp-" not in err

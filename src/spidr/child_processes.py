@@ -19,6 +19,10 @@ from typing import Any
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+class ChildProcessesFailedError(RuntimeError):
+    """Child processes of a command failed (each named with its log): the command says so in one line, exit 1."""
+
+
 def start_child(command: Sequence[str], *, stdout: Any, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``command`` in a child process that gets SIGTERM when this one dies (a trainer then saves a checkpoint and
     stops at the next step)."""

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 
 from spidr import demo, learning_curve
-from spidr.child_processes import end_with_torchrun
+from spidr.child_processes import ChildProcessesFailedError, end_with_torchrun
 from spidr.cli_types import outputs_held_until_done, processes_started_together
 from spidr.corpus import commands as corpus_commands
 from spidr.data import commands as data_commands
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.SIGPIPE
         print(f"spidr {args.command}: error: {error.strerror or error}", file=sys.stderr)  # (another pipe's)
         return 2
+    except ChildProcessesFailedError as error:  # (each child's own log holds its traceback)
+        print(f"spidr {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except TrainingStoppedError as error:
         # Stopped by a signal after a checkpoint, as `spidr train` (exit 3): nothing failed.
         print(f"spidr {args.command}: stopped: {error}", file=sys.stderr)
@@ -115,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         # An output path the user named is in the way (a file where a folder goes, or the reverse) or not writable.
         in_the_way = isinstance(error, NotADirectoryError) or (
             isinstance(error, FileExistsError) and error.filename is not None and os.path.isfile(error.filename))
-        print(f"spidr {args.command}: error: {error.filename}: {(error.strerror or str(error)).lower()}"
+        # (a rename's destination, where there is one: the temporary file it came from is not what is in the way)
+        print(f"spidr {args.command}: error: {error.filename2 or error.filename}: "
+              f"{(error.strerror or str(error)).lower()}"
               + (" (a file is in the way of a folder)" if in_the_way else ""), file=sys.stderr)
         return 2
     except OSError as error:  # a read-only file system, a full disk, a quota: one line naming the file
-        where = f"{error.filename}: " if error.filename else ""
+        named = error.filename2 or error.filename
+        where = f"{named}: " if named else ""
         print(f"spidr {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2

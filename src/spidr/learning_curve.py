@@ -34,7 +34,7 @@ from pathlib import Path
 
 from spidr import cli_types
 from spidr.atomic_files import save_figure, write_atomically
-from spidr.child_processes import start_child
+from spidr.child_processes import ChildProcessesFailedError, start_child
 from spidr.config import shipped_config
 from spidr.data import SAMPLE_RATE
 from spidr.folder_lock import folder_lock
@@ -389,7 +389,8 @@ def run_points(settings: CurveSettings, argv: Sequence[str], todo: Sequence[Curv
                 elif process.returncode:
                     failed.append(f"{point.name} (exit {process.returncode}, see {log})")
     if failed:
-        raise RuntimeError(f"learning-curve points failed: {', '.join(failed)}")
+        raise ChildProcessesFailedError(f"learning-curve points failed: {', '.join(failed)}; the others are kept: "
+                                        "run the same command again to redo the failed ones")
     if stopped or stop.requested:
         not_started = f" ({', '.join(p.name for p in waiting)} not started)" if waiting else ""
         raise TrainingStoppedError(f"learning-curve points {', '.join(stopped) or 'none'} stopped on a signal after "

@@ -45,6 +45,7 @@ from spidr.train.checkpoint import Checkpointer, capture_rng_state, int_tensor, 
 from spidr.train.environment import (
     DistributedEnvironment,
     broadcast_from_main,
+    check_same_config,
     destroy_distributed_after,
     detect_environment,
     gather_to_all,
@@ -225,6 +226,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                          f"{denv.world_size} × {o.grad_accum_steps}")
     with contextlib.ExitStack() as cleanup:
         cleanup.push(lambda error_type, *_: destroy_distributed_after(error_type))
+        check_same_config(cfg.to_dict(), command="lm-train")
         run_dir = cfg.run.run_dir
         hold_run_folder(run_dir, cleanup, is_main=denv.is_main)
         configure_numerics(device, deterministic=cfg.run.use_deterministic)

@@ -159,6 +159,28 @@ def destroy_distributed_after(error_type: type[BaseException] | None) -> None:
     destroy_distributed(wait=error_type is None or issubclass(error_type, RaisedOnEveryRankError))
 
 
+def check_same_config(config: dict[str, Any], *, command: str = "train") -> None:
+    """Raise ``AgreedValueError`` on every rank when the ranks were started with different configs (``config``: this
+    rank's, as a nested dict): another ``--set`` on one node, a TOML edited while the tasks started. Replicas of
+    another learning rate drift apart without a word, and another step count leaves the ranks in mismatched
+    collectives until the process group's 30-minute time-out. One small collective at start-up."""
+    import json
+
+    from spidr.distributed import AgreedValueError
+    from spidr.train.runtime import config_diff
+
+    texts = gather_to_all(json.dumps(config, sort_keys=True, default=str))
+    for rank, text in enumerate(texts):
+        if text == texts[0]:
+            continue
+        changes = config_diff(json.loads(texts[0]), json.loads(text))
+        shown = "; ".join(f"{name}: {first!r} on rank 0, {other!r} on rank {rank}"
+                          for name, first, other in sorted(changes)[:6])
+        raise AgreedValueError(f"rank {rank} was started with another config than rank 0 ({shown}"
+                               f"{' and more' if len(changes) > 6 else ''}): start every rank of spidr {command} "
+                               "with the same config and --set options")
+
+
 def gather_to_all(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

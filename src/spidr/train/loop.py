@@ -50,6 +50,7 @@ from spidr.train.checkpoint import (
 from spidr.train.environment import (
     DistributedEnvironment,
     broadcast_from_main,
+    check_same_config,
     destroy_distributed_after,
     detect_environment,
     gather_to_all,
@@ -360,6 +361,7 @@ def train(cfg: Config) -> Outcome:
     with contextlib.ExitStack() as cleanup:
         # After an error on one rank, the others may never reach a barrier: tear down without one.
         cleanup.push(lambda error_type, *_: destroy_distributed_after(error_type))
+        check_same_config(cfg.to_dict())
         hold_run_folder(cfg.run.run_dir, cleanup, is_main=denv.is_main)
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
         if denv.is_main:
