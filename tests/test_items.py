@@ -465,3 +465,24 @@ def test_items_of_libri_light_frame_label_lines_take_the_speaker_from_the_name(t
     assert main(["items", str(frames), "--out", str(out)]) == 0
     assert out.read_text().splitlines() == [HEADER_LINE, "84-121-0000 0 0.06 7 6 8 84",
                                             "84-121-0000 0.02 0.07 8 7 9 84"]
+
+
+def _items_of(tmp_path: Path, fifth: str, header: str | None) -> str:
+    from spidr.cli import main
+
+    lines = [header] if header else []
+    for k, phone in enumerate(("SIL", "K", "AE", "T", "SIL")):
+        lines.append(f"84-1-0\t{k * 0.1:.1f}\t{(k + 1) * 0.1:.1f}\t{phone}\t{fifth if fifth != 'word' else phone}")
+    (tmp_path / "ali.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "x.item"
+    assert main(["items", str(tmp_path / "ali.tsv"), "--out", str(out), "--overwrite"]) == 0
+    return out.read_text().splitlines()[1].split()[-1]
+
+
+def test_a_fifth_column_that_is_not_the_speaker_does_not_replace_the_pattern(tmp_path):
+    """Interval TSVs may hold more columns than utterance onset offset phone; spidr items took any fifth column for
+    the speaker: a word column was refused, a constant one (a confidence) silently became every item's speaker. Only
+    a column its header names speaker is (synth-corpus's alignments.tsv)."""
+    assert _items_of(tmp_path, "word", "utt\tonset\toffset\tphone\tword") == "84"
+    assert _items_of(tmp_path, "1.0", None) == "84"
+    assert _items_of(tmp_path, "spk7", "utt_id\tonset\toffset\tphone\tspeaker") == "spk7"

@@ -786,7 +786,9 @@ def test_a_child_killed_by_a_signal_is_a_failed_point(tmp_path, monkeypatch):
     monkeypatch.setattr(learning_curve, "start_child",
                         lambda *_, **__: SimpleNamespace(poll=lambda: 0, returncode=next(exits)))
     monkeypatch.setattr(learning_curve.time, "sleep", lambda _: None)
-    with pytest.raises(RuntimeError, match=r"points failed: 1h-20steps-seed0 \(exit -9, see "):
+    from spidr.child_processes import ChildProcessesFailedError
+
+    with pytest.raises(ChildProcessesFailedError, match=r"points failed: 1h-20steps-seed0 \(exit -9, see "):
         learning_curve.run_points(settings, [], settings.points)
 
 

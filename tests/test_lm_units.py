@@ -1132,3 +1132,71 @@ def test_lm_score_origin_check_lets_through_units_whose_layer_one_record_does_no
     with pytest.raises(ValueError, match="of layer 6, but the LM lm.pt was trained on units of k-means centroids "
                                          r"sha1:abc… of layer 5"):
         check_units_origin("lm.pt", {"units_origin": {"layer": 5, "units_source": "sha1:abc"}}, inputs)
+
+
+def _as_previous_spidr_wrote(units_file: Path) -> None:
+    """The record beside a units file as spidr wrote it earlier on 2026-12-07: units_source "codebook"."""
+    from spidr.eval.feature_dir import units_metadata_path
+
+    record_path = units_metadata_path(units_file)
+    record = json.loads(record_path.read_text())
+    assert record["units_source"].startswith("codebook:")
+    record["units_source"] = "codebook"
+    record_path.write_text(json.dumps(record))
+
+
+def test_codebook_units_recorded_without_the_model_s_digest_are_not_another_model(bench, checkpoint, tmp_path,
+                                                                                  capsys):
+    """Records of a bare units_source "codebook" (before it named the model's heads) are of unknown origin, not of
+    another model: an LM trained on such units scores the same model's units made now, an LM trained now scores such
+    units, and lm-study does not call the LM 'trained on other units' once its units are rebuilt byte for byte."""
+    import shutil
+
+    from spidr.lm.config import load_lm_config
+    from spidr.lm.study import lm_differences
+    from spidr.lm.train import lm_checkpoint_summary
+
+    units = tmp_path / "u"
+    assert main(["lm-units", str(bench), str(units), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    _as_previous_spidr_wrote(units / "layer_02" / "train.jsonl")
+    lm, config = _tiny_lm(tmp_path, units / "layer_02" / "train.jsonl")
+    assert lm_checkpoint_summary(lm)["lm"]["units_origin"] is None
+    capsys.readouterr()
+    assert main(["lm-score", str(lm), str(units / "layer_02"), str(tmp_path / "s1")]) == 0, capsys.readouterr().err
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["lm-units", str(bench), str(rebuilt), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    assert (rebuilt / "layer_02" / "train.jsonl").read_bytes() == (units / "layer_02" / "train.jsonl").read_bytes()
+    cfg = load_lm_config(config)
+    shutil.rmtree(units)
+    shutil.copytree(rebuilt, units)
+    assert lm_differences(lm_checkpoint_summary(lm), cfg) == ([], [])
+    # the other way: an LM of this spidr, test units recorded the older way
+    fresh = tmp_path / "fresh"
+    assert main(["lm-units", str(bench), str(fresh), "--checkpoint", str(checkpoint), "--layers", "2"]) == 0
+    (tmp_path / "second").mkdir()
+    lm2, _ = _tiny_lm(tmp_path / "second", fresh / "layer_02" / "train.jsonl")
+    for name in ("lexical/dev", "tsc/dev"):
+        _as_previous_spidr_wrote(fresh / "layer_02" / f"{name}.jsonl")
+    capsys.readouterr()
+    assert main(["lm-score", str(lm2), str(fresh / "layer_02"), str(tmp_path / "s2")]) == 0, capsys.readouterr().err
+
+
+def test_the_codebook_units_source_tells_a_spidr_from_a_dinosr_of_the_same_weights():
+    """SpidR's heads read layers L-K+1..L, DinoSR's all read the last layer: the same weights loaded as either type
+    give other codebook units, but had the same units_source, so lm-score scored one type's units with an LM of the
+    other's."""
+    import dataclasses
+
+    from spidr.config import DinoSRConfig
+    from spidr.eval.journal import codebook_units_source
+
+    torch.manual_seed(0)
+    spidr = build_model(CFG).eval()
+    names = {f.name for f in dataclasses.fields(DinoSRConfig)} - {"model_type"}
+    dinosr = build_model(DinoSRConfig(**{name: getattr(CFG, name) for name in names})).eval()
+    dinosr.load_state_dict(spidr.state_dict())
+    waveform = torch.randn(1, 16000)
+    with torch.no_grad():
+        units = [[None if c is None else c.argmax(-1) for c in m.get_codebooks(waveform)] for m in (spidr, dinosr)]
+    assert not torch.equal(units[0][1], units[1][1])  # layer 2's head: other units
+    assert codebook_units_source(spidr) != codebook_units_source(dinosr)

@@ -291,8 +291,8 @@ def _register_items(subparsers: argparse._SubParsersAction, formatter: type[argp
         description="Write an ABX item file (#file onset offset #phone prev-phone next-phone speaker, the ZeroSpeech "
         "2021 / Libri-light layout) from frame-level phone alignments: one item per phone whose neighbours and "
         "itself are speech. triphone items span the previous, centre and next phones (score them with --context "
-        "within); phoneme items span the centre phone. The speaker of an utterance is the first group of "
-        "--speaker-pattern in its name.",
+        "within); phoneme items span the centre phone. The speaker of an utterance is the speaker column of an "
+        "interval TSV whose header names one, else the first group of --speaker-pattern in its name.",
         formatter_class=formatter,
     )
     parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl, .tsv or .txt file (.gz ok)")
@@ -301,9 +301,9 @@ def _register_items(subparsers: argparse._SubParsersAction, formatter: type[argp
     parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
     parser.add_argument("--speaker-pattern", default=None,
                         help="regular expression whose first group, searched in an utterance's name, is its speaker "
-                        "(default: the fifth column of an interval TSV that has one, as synth-corpus's "
-                        f"alignments.tsv; else {DEFAULT_SPEAKER_PATTERN!r}, the name up to its first - or _, "
-                        "LibriSpeech's speaker)")
+                        "(default: the fifth column of an interval TSV whose header names it speaker, as "
+                        f"synth-corpus's alignments.tsv; else {DEFAULT_SPEAKER_PATTERN!r}, the name up to its "
+                        "first - or _, LibriSpeech's speaker)")
     parser.add_argument("--keep-stress", action="store_true",
                         help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they are "
                         "removed, as fairseq's PNMI does)")

@@ -342,8 +342,8 @@ def units_origin(path: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or not isinstance(record.get("units_source"), str) or (
-            record.get("units_file_bytes") != _size(path)):
-        return None
+            record.get("units_file_bytes") != _size(path)) or record["units_source"] == "codebook":
+        return None  # (a bare "codebook": written before the source named the model, on 2026-12-07: unknown)
     layer = record.get("layer")
     return {"layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
             "units_source": record["units_source"]}

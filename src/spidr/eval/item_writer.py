@@ -10,10 +10,10 @@ files have it (spec evaluation §1.6):
 * ``phoneme`` items: onset / offset span the centre phone only (the ABX-LS phoneme task), its neighbours kept as
   the context labels.
 
-The speaker of each utterance is the fifth column of an interval TSV that has one (``spidr synth-corpus``'s
-``alignments.tsv``), else the first group of ``speaker_pattern`` in its name (LibriSpeech's ``84-121123-0000`` → ``84``
-by default). Rows are written in utterance then time order, times in seconds (the alignment rate's frames,
-so at most half a 10 ms frame off the aligner's own times).
+The speaker of each utterance is the fifth column of an interval TSV whose header names it ``speaker``
+(``spidr synth-corpus``'s ``alignments.tsv``), else the first group of ``speaker_pattern`` in its name
+(LibriSpeech's ``84-121123-0000`` → ``84`` by default). Rows are written in utterance then time order, times in
+seconds (the alignment rate's frames, so at most half a 10 ms frame off the aligner's own times).
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def segments(codes: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def interval_speakers(path: str | Path) -> dict[str, str] | None:
-    """``{utterance: speaker}`` from the fifth column of an interval TSV (``utterance onset offset phone speaker``,
-    as ``spidr synth-corpus`` writes ``alignments.tsv``), or None for a file without one (or another format)."""
+    """``{utterance: speaker}`` from the fifth column of an interval TSV whose header names it ``speaker``
+    (``utt_id onset offset phone speaker``, as ``spidr synth-corpus`` writes ``alignments.tsv``), or None for a file
+    without one (another fifth column, a word or a score, is no speaker; another format)."""
     from spidr.eval.unit_quality import holds_frame_labels
     from spidr.eval.units import numbered_lines, open_text
 
@@ -57,9 +58,13 @@ def interval_speakers(path: str | Path) -> dict[str, str] | None:
     with open_text(path) as handle:
         for number, line in numbered_lines(handle, path, expected="a TSV of phone intervals"):
             fields = [field.strip() for field in (line.split("\t") if "\t" in line else line.split())]
-            if len(fields) < 5 or not fields[1].replace(".", "", 1).isdigit():
-                if number == 1 or not any(fields):  # (a header line; an empty one)
-                    continue
+            if number == 1:
+                if len(fields) < 5 or fields[4].lower() != "speaker":
+                    return None
+                continue
+            if not any(fields):
+                continue
+            if len(fields) < 5:
                 return None
             known = speakers.setdefault(fields[0], fields[4])
             if known != fields[4]:

@@ -117,7 +117,8 @@ def codebook_units_source(model: torch.nn.Module) -> str:
     """``"codebook:<sha1>"``: what a units file's record names as the source of a model's codebook units (the
     argmax of its prediction heads), from the features' fingerprint and the heads' tensors, so that another model's
     codebook units (a random-init one's, say) are told apart."""
-    digest = hashlib.sha1(features_fingerprint(model).encode())
+    # (the type too: SpidR's heads read their own layers, DinoSR's the last, so the same weights give other units)
+    digest = hashlib.sha1(f"{features_fingerprint(model)}:{model.cfg.model_type}".encode())
     return "codebook:" + _tensors_digest(digest, [(name, tensor) for name, tensor in model.state_dict().items()
                                                   if name.startswith("heads.")])
 

@@ -173,9 +173,11 @@ def lm_differences(state: Mapping[str, Any], cfg: LmConfig, *,
     if not data:
         return config, []
     old, new = state["lm"], data_info(cfg)
-    # (an LM trained before a record of its data was kept, units_origin since 2026-12-07, is not told by it)
+    # (an LM trained before a record of its data was kept, or whose units recorded none (units_origin since
+    # 2026-12-07), is not told by it)
     data = [f"{key}: {old.get(key)!r} → {new[key]!r}" for key in sorted(new)
-            if key != "train_file" and old.get(key) != new[key] and (key in old or key not in ADDED_DATA_INFO)]
+            if key != "train_file" and old.get(key) != new[key]
+            and (old.get(key) is not None or key not in ADDED_DATA_INFO)]  # (None there: not known then)
     return config, data
 
 

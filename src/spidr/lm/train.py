@@ -221,12 +221,12 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
     device = resolve_device(cfg.run.device, denv)
     init_distributed(denv, device)
     o = cfg.optimizer
-    if o.batch_size % (denv.world_size * o.grad_accum_steps):
-        raise ValueError(f"optimizer.batch_size = {o.batch_size} must be a multiple of ranks × grad_accum_steps = "
-                         f"{denv.world_size} × {o.grad_accum_steps}")
     with contextlib.ExitStack() as cleanup:
         cleanup.push(lambda error_type, *_: destroy_distributed_after(error_type))
-        check_same_config(cfg.to_dict(), command="lm-train")
+        check_same_config(cfg.to_dict(), command="lm-train")  # (first: what follows is the same on every rank)
+        if o.batch_size % (denv.world_size * o.grad_accum_steps):
+            raise ValueError(f"optimizer.batch_size = {o.batch_size} must be a multiple of ranks × grad_accum_steps "
+                             f"= {denv.world_size} × {o.grad_accum_steps}")
         run_dir = cfg.run.run_dir
         hold_run_folder(run_dir, cleanup, is_main=denv.is_main)
         configure_numerics(device, deterministic=cfg.run.use_deterministic)
