@@ -217,32 +217,31 @@ def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[
                          "again") from None
     recorded = (state or {}).get("identity") or {}
     done = (state or {}).get("done", [])
-    others = {key: value for key, value in identity.items() if key != AUDIO_KEY}
-    if state is not None and AUDIO_KEY in identity and {key: value for key, value in recorded.items()
-                                                        if key != AUDIO_KEY} == others:
-        # The audio of the finished sets decides: a set not written yet is written from its audio as it is now.
-        # (A record of a spidr that recorded no stamps: kept, and its audio's stamps recorded from now on.)
-        old = recorded.get(AUDIO_KEY)
-        changed = [name for name in identity[AUDIO_KEY] if isinstance(old, dict) and name in done
-                   and old.get(name) != identity[AUDIO_KEY][name]]
-        if not changed and recorded != identity:
-            recorded = dict(identity)
-            _write_state(state_path, identity, done)
     if state is not None and recorded != identity:
-        changed = [name for name in identity.get(AUDIO_KEY, {}) if name in done
-                   and recorded.get(AUDIO_KEY, {}).get(name) != identity[AUDIO_KEY][name]]
-        if changed and {key: value for key, value in recorded.items() if key != AUDIO_KEY} == others:
+        same_otherwise = _without_audio(recorded) == _without_audio(identity)
+        # The audio of the finished sets decides: a set not written yet is written from its audio as it is now.
+        old_audio = recorded.get(AUDIO_KEY)
+        changed = [name for name in identity.get(AUDIO_KEY, {}) if name in done and isinstance(old_audio, dict)
+                   and old_audio.get(name) != identity[AUDIO_KEY][name]]
+        if same_otherwise and changed:
             raise ValueError(f"{out_dir} holds units of audio files changed since, in set(s) {', '.join(changed)} of "
                              "the benchmark, as their sizes and modification times tell (a copy keeps the times with "
                              "cp -p, rsync -a or tar); delete it (and the LMs trained on its units) or write to "
                              "another OUT")
-        raise ValueError(f"{out_dir} holds units made from other inputs: "
-                         f"{identity_differences(recorded, identity)}; delete it (and the LMs "
-                         "trained on its units) or write to another OUT")
+        if not (same_otherwise and AUDIO_KEY in identity):
+            raise ValueError(f"{out_dir} holds units made from other inputs: "
+                             f"{identity_differences(recorded, identity)}; delete it (and the LMs "
+                             "trained on its units) or write to another OUT")
+        # (unfinished sets' audio, or a record of a spidr that kept no stamps: this audio recorded from now on)
+        _write_state(state_path, identity, done)
     if state is None:
         _write_state(state_path, identity, [])
         return None
     return set(state.get("done", []))
+
+
+def _without_audio(identity: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in identity.items() if key != AUDIO_KEY}
 
 
 def _write_state(path: Path, identity: Mapping[str, Any], done: Sequence[str]) -> None:
