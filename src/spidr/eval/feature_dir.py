@@ -327,8 +327,6 @@ def _recorded_metadata(path: str | Path) -> tuple[dict, Path] | None:
     return None
 
 
-
-
 def units_origin(path: str | Path) -> dict[str, Any] | None:
     """What the units of a units file are, from the record beside it (written by ``spidr units``, ``extract`` and
     ``lm-units`` since 2026-12-07): ``{"layer": the model layer (None: unknown), "units_source": the model's heads

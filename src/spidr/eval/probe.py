@@ -142,6 +142,12 @@ class MfccFeaturizer:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def label_tolerance(ratio: float) -> float:
+    """How many alignment frames an alignment may differ from its features' span by (``ratio``: alignment frames per
+    feature frame): ``MAX_LENGTH_MISMATCH`` beyond the rounding of one feature frame."""
+    return MAX_LENGTH_MISMATCH + max(ratio, 1.0)
+
+
 def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, alignment_rate: float, name: str = ""
                  ) -> np.ndarray:
     """Label codes (T',) of the first T' ≤ ``num_frames`` feature frames: frame t takes alignment frame
@@ -149,7 +155,7 @@ def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, align
     rounding plus 2 alignment frames."""
     ratio = alignment_rate / frame_rate
     expected = num_frames * ratio
-    if abs(len(codes) - expected) > MAX_LENGTH_MISMATCH + max(ratio, 1.0):
+    if abs(len(codes) - expected) > label_tolerance(ratio):
         raise ValueError(
             f"utterance {name!r}: {num_frames} feature frames at {frame_rate:g} Hz span {expected:g} alignment "
             f"frames, but the alignment has {len(codes)} at {alignment_rate:g} Hz (check --alignment-rate)"
@@ -551,11 +557,10 @@ def _check_lengths(featurizer, entries: Sequence[ManifestEntry], alignments: Ali
     if conv_layers is None:
         return
     named = {keys[entry.location]: entry for entry in entries if keys[entry.location] in alignments.codes}
-    ratio = alignment_rate / featurizer.frame_rate
     check_alignment_lengths(alignments.codes, {name: entry.num_samples for name, entry in named.items()},
                             conv_layers=conv_layers, alignment_rate_hz=alignment_rate, where=where,
                             decoded_samples=lambda name: decoded_length(named[name]),
-                            tolerance=MAX_LENGTH_MISMATCH + max(ratio, 1.0))
+                            tolerance=label_tolerance(alignment_rate / featurizer.frame_rate))
 
 
 def _keys_of(keys: Mapping[str, str], entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]
