@@ -376,6 +376,14 @@ def test_files_skipped_before_a_kill_are_still_listed_after_the_resume(tmp_path)
     assert json.loads((out / "metadata.json").read_text())["skipped"] == reference["skipped"]
 
 
+def _first_of_part_1(entries):
+    """The first utterance that part 1 of 2 extracts."""
+    from spidr.eval.shards import Shard
+
+    mine = Shard(1, 2).members(np.array([e.num_samples for e in entries]))
+    return entries[int(np.flatnonzero(mine)[0])]
+
+
 def _rewrite_in_place(path: Path) -> None:
     """Other audio of the same length, under the same name, with a later modification time."""
     wave, rate = sf.read(path, dtype="float32")
@@ -471,8 +479,7 @@ def test_each_part_compares_the_stamps_of_its_own_files(tmp_path):
     entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=4))
     out = tmp_path / "out"
     settings = Settings(**SETTINGS)
-    mine = Shard(1, 2).members(np.array([e.num_samples for e in entries]))
-    first_part_file = entries[int(np.flatnonzero(mine)[0])]
+    first_part_file = _first_of_part_1(entries)
     extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
     _rewrite_in_place(Path(first_part_file.path))  # part 2's machine: another copy of part 1's file
     extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
@@ -555,15 +562,15 @@ def test_a_part_restarted_for_its_changed_audio_records_the_new_stamps(tmp_path)
     entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=4))
     out = tmp_path / "out"
     settings = ExtractionSettings(**SETTINGS)
-    mine = Shard(1, 2).members(np.array([e.num_samples for e in entries]))
-    first = entries[int(np.flatnonzero(mine)[0])]
+    first = _first_of_part_1(entries)
     extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
     _rewrite_in_place(Path(first.path))
     with pytest.raises(ValueError, match=rf"audio files changed since: {re.escape(first.location)} "):
         extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
     extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False, restart=True)
     np.testing.assert_array_equal(np.load(out / ".extract" / "shard-1-of-2" / "audio_stamps.npy"),
-                                  audio_stamps(entries, rows=mine))
+                                  audio_stamps(entries, rows=Shard(1, 2).members(
+                                      np.array([e.num_samples for e in entries]))))
     outcome = extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)  # resumed: nothing to do
     assert not outcome.finished_before
     extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
@@ -604,8 +611,7 @@ def test_a_part_given_replace_other_extracts_its_changed_audio_again(tmp_path):
     settings = ExtractionSettings(**SETTINGS)
     extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False)
     before = _outputs(out)[0]
-    mine = Shard(1, 2).members(np.array([e.num_samples for e in entries]))
-    first = entries[int(np.flatnonzero(mine)[0])]
+    first = _first_of_part_1(entries)
     _rewrite_in_place(Path(first.path))
     extract_part(_model(), entries, out, settings, Shard(1, 2), progress=False, replace_other=True)
     extract_part(_model(), entries, out, settings, Shard(2, 2), progress=False)
