@@ -439,18 +439,21 @@ def test_an_interval_tsv_giving_one_utterance_two_speakers_is_refused_naming_the
     assert not out.exists()
 
 
-def test_an_interval_tsv_with_the_speaker_column_on_some_lines_only_falls_back_to_the_pattern(tmp_path: Path) -> None:
-    """mut IW4 (a line without a fifth column skipped instead of the column being ignored: the utterances it
-    held had no speaker, and item_rows raised a bare KeyError). The module: the column is the speaker only in a TSV
-    that has one; else the pattern's first group."""
+def test_an_interval_tsv_with_the_speaker_column_on_some_lines_only_is_refused(tmp_path: Path, capsys) -> None:
+    """mut IW4 (a line without a fifth column skipped: the utterances it held had no speaker, and item_rows raised a
+    bare KeyError). Such a file was then read as having no speaker column, which silently replaced the speakers it
+    gives ('spkA') by the names' ('84'); it is refused naming the line, and --speaker-pattern still reads it."""
     from spidr.cli import main
 
     lines = ["utt\tonset\toffset\tphone\tspeaker"]
     for utt, speaker in (("84-1", "\tspkA"), ("91-2", "")):
         for k, phone in enumerate(("SIL", "K", "AE", "T", "SIL")):
             lines.append(f"{utt}\t{k * 0.1:.1f}\t{(k + 1) * 0.1:.1f}\t{phone}{speaker}")
-    out = tmp_path / "x.item"
-    assert main(["items", str(_intervals(tmp_path / "ali.tsv", lines)), "--out", str(out)]) == 0
+    aligned, out = _intervals(tmp_path / "ali.tsv", lines), tmp_path / "x.item"
+    assert main(["items", str(aligned), "--out", str(out)]) == 2
+    assert "ali.tsv: line 7 gives no speaker, but the header names a fifth column 'speaker'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["items", str(aligned), "--out", str(out), "--speaker-pattern", "^([^-]+)"]) == 0
     speakers = {row.split()[0]: row.split()[-1] for row in out.read_text().splitlines()[1:]}
     assert speakers == {"84-1": "84", "91-2": "91"}
 

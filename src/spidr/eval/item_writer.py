@@ -47,7 +47,8 @@ def segments(codes: np.ndarray) -> list[tuple[int, int, int]]:
 def interval_speakers(path: str | Path) -> dict[str, str] | None:
     """``{utterance: speaker}`` from the fifth column of an interval TSV whose header names it ``speaker``
     (``utt_id onset offset phone speaker``, as ``spidr synth-corpus`` writes ``alignments.tsv``), or None for a file
-    without one (another fifth column, a word or a score, is no speaker; another format)."""
+    without one (another fifth column, a word or a score, is no speaker; another format). A line without a speaker
+    under such a header is refused: falling back to the names would silently drop the speakers the file gives."""
     from spidr.eval.unit_quality import holds_frame_labels
     from spidr.eval.units import numbered_lines, open_text
 
@@ -64,8 +65,10 @@ def interval_speakers(path: str | Path) -> dict[str, str] | None:
                 continue
             if not any(fields):
                 continue
-            if len(fields) < 5:
-                return None
+            if len(fields) < 5 or not fields[4]:
+                raise ValueError(f"{path}: line {number} gives no speaker, but the header names a fifth column "
+                                 "'speaker': give every line its speaker, or --speaker-pattern to take it from the "
+                                 "names instead")
             known = speakers.setdefault(fields[0], fields[4])
             if known != fields[4]:
                 raise ValueError(f"{path}: line {number}: utterance {fields[0]!r} is said by {fields[4]!r}, but by "
