@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -278,12 +279,14 @@ def test_a_killed_part_resumes_and_leaves_the_other_parts_alone(manifest, whole,
     _assert_same_outputs(out, whole)
 
 
-def test_restart_starts_one_part_over_or_everything_in_a_finished_folder(manifest, whole, tmp_path):
+def test_restart_starts_one_part_over_or_everything_in_a_finished_folder(manifest, whole, tmp_path, caplog):
     out = tmp_path / "out"
     _part(manifest, out, Shard(1, 3))
     _part(manifest, out, Shard(2, 3))
     first, second = _stamps(out, _names(manifest, Shard(1, 3))), _stamps(out, _names(manifest, Shard(2, 3)))
-    assert _part(manifest, out, Shard(2, 3), restart=True).unfinished == (Shard(3, 3),)
+    with caplog.at_level(logging.WARNING, logger="spidr"):
+        assert _part(manifest, out, Shard(2, 3), restart=True).unfinished == (Shard(3, 3),)
+    assert "starts the whole extraction over" not in caplog.text
     assert _stamps(out, _names(manifest, Shard(1, 3))) == first
     redone = _stamps(out, _names(manifest, Shard(2, 3)))
     assert redone.keys() == second.keys()
@@ -291,7 +294,9 @@ def test_restart_starts_one_part_over_or_everything_in_a_finished_folder(manifes
     _part(manifest, out, Shard(3, 3))
     _assert_same_outputs(out, whole)  # part 2's rows are in once
     # In a finished folder a restart means the extraction: every part starts over.
-    assert _part(manifest, out, Shard(1, 3), restart=True).unfinished == (Shard(2, 3), Shard(3, 3))
+    with caplog.at_level(logging.WARNING, logger="spidr"):
+        assert _part(manifest, out, Shard(1, 3), restart=True).unfinished == (Shard(2, 3), Shard(3, 3))
+    assert "holds a finished extraction: --restart with part 1/3 starts the whole extraction over" in caplog.text
     assert not (out / "metadata.json").exists()
     assert {p.stem for p in out.glob("layer_01/*.npy")} == _names(manifest, Shard(1, 3))
     _part(manifest, out, Shard(3, 3))

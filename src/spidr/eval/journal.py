@@ -242,6 +242,18 @@ def read_journal(path: Path, num_entries: int) -> tuple[JournalState, int, bool]
     return state, good, bool(last) and not last.endswith(b"\n")
 
 
+def _restart_replaces_all(out_dir: Path, shard: Shard) -> bool:
+    """Whether a restart of ``shard`` starts the whole extraction into ``out_dir`` over: without parts, or where the
+    extraction was finished (its parts' unit rows are merged: no part of it can start over alone)."""
+    if shard.is_whole:
+        return True
+    if not (out_dir / "metadata.json").is_file():
+        return False
+    logger.warning("%s holds a finished extraction: --restart with part %s starts the whole extraction over, every "
+                   "part included", out_dir, shard)
+    return True
+
+
 class ExtractionJournal:
     """The state of one output folder, or of one part of it (``spidr.eval.shards``); see the module docstring."""
 
@@ -267,7 +279,7 @@ class ExtractionJournal:
         self.part_dir = self.dir if shard.is_whole else self.dir / shard.folder_name
         self.identity = recorded_identity(identity)
         previous = self._read_state(self.dir / "state.json")
-        replace_all = previous is None or (restart and (shard.is_whole or (out_dir / "metadata.json").is_file()))
+        replace_all = previous is None or (restart and _restart_replaces_all(out_dir, shard))
         if previous is not None and previous != self.identity and not (restart or replace_other):
             raise ValueError(
                 f"{out_dir} holds an extraction with other {identity_differences(previous, self.identity)}; use "
