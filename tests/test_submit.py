@@ -50,6 +50,31 @@ def test_submit_checks_the_manifests_before_submitting(tmp_path, config):
         submit([config_from_dict(config)], options, cluster="debug")
 
 
+def test_submit_refuses_a_manifest_whose_audio_was_moved(tmp_path, config):
+    """A manifest whose audio was moved (or is not mounted where it says) was queued, and the job stopped on its
+    unreadable files after the wait. Up to 64 rows spread over it are looked for; more missing than
+    data.max_bad_fraction is refused, fewer is the job's to skip."""
+    import shutil
+
+    from spidr.train.slurm import SlurmOptions, submit
+
+    options = SlurmOptions(gpus_per_node=1, dump_dir=str(tmp_path / "jobs"))
+    corpus = tmp_path / "corpus"
+    files = sorted(corpus.rglob("*.wav"))
+    files[1].unlink()  # one of 3 missing: 33 % > 5 %
+    with pytest.raises(ValueError, match=r"data\.manifest = .*: 1 of 3 audio files looked for \(spread over its 3 "
+                       r"rows\) do not exist, e\.g\. .*\.wav \(more than data\.max_bad_fraction = 5\.0%\): was the "
+                       r"audio moved\?"):
+        submit([config_from_dict(config)], options, cluster="debug")
+    assert not (tmp_path / "jobs").exists()
+    config["data"] = config["data"] | {"max_bad_fraction": 0.5}  # within what the job may skip
+    shutil.copy(files[0], files[1])
+    files[2].unlink()
+    from spidr.train import slurm
+
+    slurm.check_before_submitting(config_from_dict(config))
+
+
 def test_option_errors_name_the_command_line_option():
     from spidr.train.slurm import SlurmOptions
 

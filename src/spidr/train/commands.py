@@ -36,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit = subparsers.add_parser(
         "submit",
         help="submit pretraining jobs to SLURM through submitit (one task per GPU, requeued on pre-emption)",
-        description="Check every CONFIG (fields, manifests, run.init_ckpt), then submit one SLURM job each. Refuses "
-        "when SLURM (sbatch, srun) is not installed here, unless --local is given.",
+        description="Check every CONFIG (fields, manifests and that 64 of their audio files exist, first batch "
+        "plans, run.init_ckpt), then submit one SLURM job each. Refuses when SLURM (sbatch, srun) is not installed "
+        "here, unless --local is given.",
         formatter_class=formatter,
     )
     submit.add_argument("configs", nargs="+", metavar="CONFIG", help="run config(s); one job each")

@@ -22,9 +22,12 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from spidr.config import Config, config_from_dict, unused_settings
+
+if TYPE_CHECKING:
+    from spidr.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -132,21 +135,41 @@ def check_slurm_available() -> None:
         )
 
 
+AUDIO_SAMPLE = 64  # manifest rows whose audio is looked for before submitting: a stat each, even on millions
+
+
 def check_before_submitting(cfg: Config) -> None:
-    """What a job would otherwise discover only in its log: every manifest must exist and parse, and
-    ``run.init_ckpt`` must exist (the config's fields are already validated by loading it)."""
+    """What a job would otherwise discover only in its log: every manifest must exist and parse, its audio must
+    be where it says (``_check_audio_present``), and ``run.init_ckpt`` must exist (the config's fields are already
+    validated by loading it)."""
     from spidr.data.manifest import read_manifest
 
-    manifests = {f"{section}.manifest": data.manifest for section, data in cfg.data_sections()}
-    for field_name, path in manifests.items():
+    for section, data in cfg.data_sections():
+        field_name, path = f"{section}.manifest", data.manifest
         if not path:
             raise ValueError(f"{field_name} is empty")
         try:
-            read_manifest(path)
+            _check_audio_present(read_manifest(path), data.max_bad_fraction, section)
         except ValueError as error:
             raise ValueError(f"{field_name} = {path!r}: {error}") from None
     if cfg.run.init_ckpt is not None and not Path(cfg.run.init_ckpt).exists():
         raise ValueError(f"run.init_ckpt = {cfg.run.init_ckpt!r} does not exist")
+
+
+def _check_audio_present(manifest: Manifest, max_bad_fraction: float, section: str) -> None:
+    """Refuse a manifest whose audio was moved or is not mounted where the job looks: more than
+    ``max_bad_fraction`` of ``AUDIO_SAMPLE`` rows spread over it name no file (training would stop there too, after
+    a trip through the queue). Only their existence is looked at; unreadable contents are the job's to skip."""
+    import numpy as np
+
+    rows = np.unique(np.linspace(0, len(manifest) - 1, min(AUDIO_SAMPLE, len(manifest))).round().astype(np.int64))
+    missing = [entry.location for entry in (manifest[int(i)] for i in rows)
+               if not Path(entry.archive if entry.in_archive else entry.path).is_file()]
+    if len(missing) > max_bad_fraction * len(rows):
+        raise ValueError(f"{len(missing)} of {len(rows)} audio files looked for (spread over its {len(manifest)} "
+                         f"rows) do not exist, e.g. {missing[0]} (more than {section}.max_bad_fraction = "
+                         f"{max_bad_fraction:.1%}): was the audio moved? Write the manifest again (spidr manifest) "
+                         "or mount the audio where it says")
 
 
 def check_batch_plans(cfg: Config, world_size: int) -> None:
