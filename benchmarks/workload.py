@@ -33,7 +33,9 @@ def librispeech_manifest(count: int, *, root: str = "/data/LibriSpeech/train-960
     """A manifest of ``count`` LibriSpeech-style entries (speaker/chapter/speaker-chapter-utterance.flac paths)."""
     lengths = librispeech_lengths(count, seed=seed)
     speakers = np.arange(count) % LIBRISPEECH_SPEAKERS
-    chapters = (np.arange(count) // LIBRISPEECH_SPEAKERS) % 50 * 1000 + speakers % 997
+    # 48 utterances a chapter folder, as in LibriSpeech (train-clean-100: 28,539 in 585 chapters): each speaker
+    # reads a new chapter every 48 of its utterances
+    chapters = speakers * 100 + np.arange(count) // (LIBRISPEECH_SPEAKERS * 48)
     ids = [f"{s}-{c}-{i % 10_000:04d}" for i, (s, c) in enumerate(zip(speakers.tolist(), chapters.tolist(),
                                                                         strict=True))]
     paths = [f"{root}/{s}/{c}/{fileid}.flac" for s, c, fileid in zip(speakers.tolist(), chapters.tolist(), ids,

@@ -334,3 +334,19 @@ def test_a_stopped_extraction_resumes_with_other_batch_seconds(model, tmp_path, 
         reference = read_units(tmp_path / "reference" / "codebook_units" / f"layer_{layer:02d}.jsonl")
         assert resumed.keys() == reference.keys()
         assert all(np.array_equal(resumed[name], reference[name]) for name in reference)
+
+
+def test_each_files_folder_is_its_absolute_normalised_folder_however_spelt(tmp_path, monkeypatch):
+    """_folders remembers the folder of each path prefix it met (files share folders: 48 a chapter in LibriSpeech);
+    every row must still get what os.path gives it alone, where spellings of one folder differ (``a/../b``, ``./``,
+    ``//``, relative and absolute) or the same prefix ends in a name that normalising removes."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    paths = ["b/x.wav", "a/../b/y.wav", "b/./z.wav", "b//w.wav", "x.wav", "./x2.wav", "/abs/b/v.wav",
+             "/abs/b/../c.wav", "//two/u.wav", "b/..", "b/t.wav", "b/.", "b/s.wav", "../up/r.wav", "b/x.wav"]
+    manifest = Manifest.from_entries([ManifestEntry(f"u{k}", path, 16000) for k, path in enumerate(paths)])
+    folders = folder_extraction._folders(manifest, 0, len(paths), with_files=False)
+    assert folders == [os.path.dirname(os.path.abspath(path)) for path in paths]
+    assert folders[1] == folders[0] == str(tmp_path / "b")
+    assert folders[9] == str(tmp_path.parent)  # ("b/.." is the folder itself, in the one above)

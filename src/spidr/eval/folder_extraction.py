@@ -197,7 +197,7 @@ def _refuse_escaping_ids(ids: Sequence[str], manifest: Manifest, start: int) -> 
     outside the output folder: an absolute path, or a ``..`` part. Such ids wrote features beside the audio (over
     any file of that name) or above OUT, and the extraction said they were done."""
     for offset, fileid in enumerate(ids):
-        if os.path.isabs(fileid) or ".." in fileid.replace("\\", "/").split("/"):
+        if fileid.startswith("/") or (".." in fileid and ".." in fileid.replace("\\", "/").split("/")):
             row = start + offset
             raise ValueError(f"{manifest.source}: utterance {row + 1} ({_paths(manifest, row, row + 1)[0]}) has the "
                              f"file id {fileid!r}, which would write its output outside the output folder; a file "
@@ -211,9 +211,17 @@ def _folders(manifest: Manifest, start: int, stop: int, *, with_files: bool) -> 
     also holds plain files, beside which a member's folder is read below its archive's path (``/d/a.tar/spk``)."""
     index = manifest.archive_index[start:stop] if manifest.archive_index is not None else np.full(stop - start, -1)
     folders = []
+    absolute: dict[str, str] = {}  # a file's path up to its last '/' → its absolute folder (files share folders)
     for path, archive in zip(_paths(manifest, start, stop), index.tolist(), strict=True):
         if archive < 0:
-            folders.append(os.path.dirname(os.path.abspath(path)))
+            cut = path.rfind("/") + 1
+            shared = path[cut:] not in ("", ".", "..")  # (a name that normalising removes is not in that folder)
+            folder = absolute.get(path[:cut]) if shared else None
+            if folder is None:
+                folder = os.path.dirname(os.path.abspath(path))
+                if shared:
+                    absolute[path[:cut]] = folder
+            folders.append(folder)
             continue
         folder = os.path.normpath(os.path.dirname(path.lstrip("/")) or ".")
         folder = "" if folder == "." else folder  # ("./a.wav", of `tar -C dir .`, is at the top)
