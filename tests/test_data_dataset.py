@@ -74,11 +74,14 @@ def test_loader_runs_through_bad_files_and_reports_each_once(
     messy_manifest: Path, caplog: pytest.LogCaptureFixture, padding: bool
 ) -> None:
     cfg = data_config(messy_manifest, enable_padding=padding, max_batch_length=16_000 if not padding else 200_000)
-    loader, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
-    with caplog.at_level(logging.WARNING, logger="spidr.data"):
+    loader, sampler = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    yielded = []
+    with caplog.at_level(logging.INFO, logger="spidr.data"):
         for _ in range(2):  # two epochs: still one report per file
             seen = {}
+            yielded.append(0)
             for batch in loader:
+                yielded[-1] += 1
                 assert len(batch) > 0  # batches emptied by bad files never reach the caller
                 for row, fileid in enumerate(batch.ids):
                     seen[fileid] = int(batch.lengths[row])
@@ -90,7 +93,13 @@ def test_loader_runs_through_bad_files_and_reports_each_once(
     if padding:  # padded rows keep their true length: stereo down-mixed, 44.1 kHz resampled
         assert seen == GOOD
     else:  # two-utterance batches: with seed 0 some hold only bad files, and are skipped without a crash
-        assert any("is empty" in r.getMessage() for r in caplog.records)
+        # one warning for the run (not one per batch and epoch), then a count at the end of each epoch
+        assert sum("is empty" in r.getMessage() for r in caplog.records) == 1
+        counts = [r.getMessage() for r in caplog.records if "of this epoch were empty" in r.getMessage()]
+        assert len(counts) == 2
+        planned = [len(sampler.batches(epoch)) for epoch in (0, 1)]
+        assert [int(message.split()[0]) for message in counts] == [n - k for n, k in zip(planned, yielded,
+                                                                                          strict=True)]
     assert loader.tracker.bad == 2 * len(BAD)
     assert loader.tracker.seen == 2 * (len(BAD) + len(GOOD))
 

@@ -142,6 +142,8 @@ class PretrainingLoader(DataLoader):
         self.tracker = tracker
         self.keep_empty = keep_empty
         self._summarised: int | None = None  # unusable files counted when the last summary was logged
+        self._empty_batches = 0  # in this pass (the first one of the run is a warning; the rest, a count per pass)
+        self._warned_empty = False
         # A batch of the current epoch was yielded, before a resume too: an epoch whose rest after a resume is all
         # unusable is not an epoch with no usable batch.
         self.yielded_in_epoch = False
@@ -182,8 +184,13 @@ class PretrainingLoader(DataLoader):
             self.bucket_sampler.mark_consumed(batch.epoch, batch.position)
             self.tracker.record(num_good=len(batch), skipped=batch.skipped)
             if len(batch) == 0:
-                logger.warning("batch %d of epoch %d is empty (all its utterances were unusable); skipped",
-                               batch.position, batch.epoch)
+                self._empty_batches += 1
+                # (the same unusable files empty batches again every epoch: one warning, then a count per pass)
+                logger.log(logging.DEBUG if self._warned_empty else logging.WARNING,
+                           "batch %d of epoch %d is empty (all its utterances were unusable); skipped%s",
+                           batch.position, batch.epoch, "" if self._warned_empty else
+                           " (the next ones are counted at the end of each epoch)")
+                self._warned_empty = True
                 if self.keep_empty:
                     self.yielded_in_epoch = True  # the pass goes on in step with the other ranks
                     yield None
@@ -196,6 +203,10 @@ class PretrainingLoader(DataLoader):
         """An epoch (or validation pass) ended: judge its bad files, summarise new ones, start the next."""
         self.tracker.end_of_pass(yielded_any=self.yielded_in_epoch)
         self.yielded_in_epoch = False
+        if self._empty_batches:
+            logger.info("%d batch(es) of this %s were empty (all their utterances unusable) and skipped",
+                        self._empty_batches, "validation pass" if self.keep_empty else "epoch")
+            self._empty_batches = 0
         if self._summarised != len(self.tracker.reasons):  # the first epoch, and any that found new bad files
             logger.info("%s", self.tracker.summary())
             self._summarised = len(self.tracker.reasons)
