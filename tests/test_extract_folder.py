@@ -308,7 +308,7 @@ def test_a_stopped_extraction_resumes_with_other_batch_seconds(model, tmp_path, 
     entries = read_manifest(write_corpus(tmp_path / "corpus", num_files=6, seconds=(0.5, 1.0)))
     settings = ExtractionSettings(layers=(1, 3), codebooks=True, batch_seconds=0.3)
     extract_to_directory(model, entries, tmp_path / "reference", settings, progress=False)
-    real, calls = folder_extraction.extract_batch, []
+    real, calls = folder_extraction.extract_padded_batch, []
 
     def stopping(*args, **kwargs):
         calls.append(len(args[1]))
@@ -316,11 +316,11 @@ def test_a_stopped_extraction_resumes_with_other_batch_seconds(model, tmp_path, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(folder_extraction, "extract_batch", stopping)
+    monkeypatch.setattr(folder_extraction, "extract_padded_batch", stopping)
     with pytest.raises(KeyboardInterrupt):
         extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
     assert len(list((tmp_path / "out" / "layer_01").glob("*.npy"))) == 2  # (a file per batch of 0.3 s)
-    monkeypatch.setattr(folder_extraction, "extract_batch", real)
+    monkeypatch.setattr(folder_extraction, "extract_padded_batch", real)
     metadata = extract_to_directory(model, entries, tmp_path / "out", replace(settings, batch_seconds=3.0),
                                     progress=False)
     assert metadata["num_files"] == 6

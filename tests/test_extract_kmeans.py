@@ -83,7 +83,7 @@ def test_a_long_file_stopped_by_a_model_error_leaves_no_partial_feature_file_of_
     sf.write(tmp_path / "x.wav", speech_like(48000, np.random.default_rng(6)), 16000, subtype="FLOAT")
     entries = [ManifestEntry("x", str(tmp_path / "x.wav"), 48000)]
     settings = ExtractionSettings(layers=(1,), max_seconds=2.0, window_seconds=1.0, context_seconds=0.5)
-    run, calls = features.extract_batch, []
+    run, calls = features.extract_padded_batch, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -91,7 +91,7 @@ def test_a_long_file_stopped_by_a_model_error_leaves_no_partial_feature_file_of_
             raise torch.OutOfMemoryError("CUDA out of memory")
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(features, "extract_batch", failing)
+    monkeypatch.setattr(features, "extract_padded_batch", failing)
     out = tmp_path / "out"
     with pytest.raises(torch.OutOfMemoryError):
         extract_to_directory(model, entries, out, settings, progress=False, kmeans=[KMeansUnits(1, _centroids())])
@@ -236,7 +236,7 @@ def _killed_after_first_batch(monkeypatch, extraction) -> None:
     """Run ``extraction()``, stopped by a KeyboardInterrupt as its second batch starts (the first one journaled)."""
     from spidr.eval import folder_extraction
 
-    real, calls = folder_extraction.extract_batch, []
+    real, calls = folder_extraction.extract_padded_batch, []
 
     def dying(*args, **kwargs):
         calls.append(1)
@@ -245,7 +245,7 @@ def _killed_after_first_batch(monkeypatch, extraction) -> None:
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(folder_extraction, "extract_batch", dying)
+        patch.setattr(folder_extraction, "extract_padded_batch", dying)
         with pytest.raises(KeyboardInterrupt):
             extraction()
 

@@ -137,7 +137,7 @@ def _part_script(manifest: Path, out: Path, shard: Shard, *, die_after_batches: 
         from spidr.eval import folder_extraction
         from spidr.eval.shards import Shard
 
-        real, calls = folder_extraction.extract_batch, []
+        real, calls = folder_extraction.extract_padded_batch, []
         def watched(*args, **kwargs):
             calls.append(1)
             if {die_after_batches!r} is not None and len(calls) > {die_after_batches!r}:
@@ -145,7 +145,7 @@ def _part_script(manifest: Path, out: Path, shard: Shard, *, die_after_batches: 
             while {str(go) if go else None!r} is not None and not os.path.exists({str(go)!r}):
                 time.sleep(0.05)
             return real(*args, **kwargs)
-        folder_extraction.extract_batch = watched
+        folder_extraction.extract_padded_batch = watched
         outcome = t._part(t.Path({str(manifest)!r}), t.Path({str(out)!r}), Shard({shard.index}, {shard.count}),
                           restart={restart!r})
         print(json.dumps({{"finished": outcome.metadata is not None, "unfinished": len(outcome.unfinished),
@@ -516,7 +516,7 @@ def test_a_finished_part_is_not_the_last_while_another_is_half_done(manifest, tm
 
     out = tmp_path / "out"
     assert _part(manifest, out, Shard(1, 2)).unfinished == (Shard(2, 2),)
-    real, calls = folder_extraction.extract_batch, []
+    real, calls = folder_extraction.extract_padded_batch, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -525,7 +525,7 @@ def test_a_finished_part_is_not_the_last_while_another_is_half_done(manifest, tm
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(folder_extraction, "extract_batch", failing)
+        patch.setattr(folder_extraction, "extract_padded_batch", failing)
         with pytest.raises(RuntimeError, match="killed"):
             _part(manifest, out, Shard(2, 2))  # one batch of part 2 journaled
     again = _part(manifest, out, Shard(1, 2))

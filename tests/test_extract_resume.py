@@ -57,13 +57,13 @@ def _dying_extraction(manifest: Path, out: Path, *, die_in: str, after: int) -> 
 
         calls = {{"n": 0}}
         if {die_in!r} == "batch":
-            real = folder_extraction.extract_batch
+            real = folder_extraction.extract_padded_batch
             def dying(*args, **kwargs):
                 calls["n"] += 1
                 if calls["n"] > {after}:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return real(*args, **kwargs)
-            folder_extraction.extract_batch = dying
+            folder_extraction.extract_padded_batch = dying
         else:
             real_save = np.save
             def dying_save(handle, values):

@@ -27,6 +27,7 @@ from spidr.eval.features import (
     LongAudio,
     extract_batch,
     extract_long,
+    extract_padded_batch,
     iter_units,
     length_batches,
     num_samples_for_frames,
@@ -547,7 +548,7 @@ def test_a_long_file_cut_short_is_skipped_but_a_model_error_stops_the_run(model,
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(features, "extract_batch", out_of_memory)
+    monkeypatch.setattr(features, "extract_padded_batch", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         extract_to_directory(model, entries[:1], tmp_path / "out2", settings, progress=False)
     with pytest.raises(torch.OutOfMemoryError):
@@ -924,7 +925,7 @@ def test_the_next_batches_are_decoded_while_the_model_runs(model, tmp_path, monk
     later_read, first_forward_saw_it = threading.Event(), []
     from spidr.eval import folder_extraction
 
-    load, run = features.load_model_input, folder_extraction.extract_batch
+    load, run = features.load_model_input, folder_extraction.extract_padded_batch
 
     def loading(entry, conv_layers):
         if entry.fileid != "u0":  # (batches of one file each, the shortest first: u0 is the first batch)
@@ -937,7 +938,7 @@ def test_the_next_batches_are_decoded_while_the_model_runs(model, tmp_path, monk
         return run(*args, **kwargs)
 
     monkeypatch.setattr(features, "load_model_input", loading)
-    monkeypatch.setattr(folder_extraction, "extract_batch", running)
+    monkeypatch.setattr(folder_extraction, "extract_padded_batch", running)
     settings = ExtractionSettings(layers=(1,), batch_seconds=0.5)
     extract_to_directory(model, entries, tmp_path / "out", settings, progress=False)
     assert first_forward_saw_it == [True]
@@ -1091,3 +1092,80 @@ def test_k_means_units_beside_codebook_units_do_not_take_the_codebook_size(tmp_p
                                                           "codebook_layers": [2], "codebook_size": 16}))
     assert recorded_num_units(extraction / "codebook_units" / "layer_02.jsonl") == (16, extraction / "metadata.json")
     assert recorded_num_units(extraction / "kmeans_units" / "layer_02.jsonl") is None
+
+
+def test_extract_batch_of_arrays_in_memory_honours_batch_seconds_and_max_seconds(model):
+    """extract_batch (the README's in-memory API) ran every waveform in one padded forward whatever the settings
+    said: 500 utterances or a 1-hour array in one forward. Batches now hold at most batch_seconds of padded audio and
+    a waveform over max_seconds runs window by window, as spidr extract runs files; the results are those of one
+    padded batch (padding changes nothing) and of extract_long on the same waveform (api30 defect 1)."""
+    waves = [torch.from_numpy(speech_like(seconds, seed)) for seed, seconds in enumerate((1.0, 0.6, 3.0, 0.9, 0.5))]
+    settings = ExtractionSettings(layers=(1, 3), codebooks=True, batch_seconds=2.0, max_seconds=2.5,
+                                  window_seconds=1.0, context_seconds=0.5)
+    forwards: list[tuple[int, ...]] = []
+    hook = model.feature_extractor.register_forward_hook(
+        lambda _m, inputs, _o: forwards.append(tuple(inputs[0].shape)))
+    try:
+        results = extract_batch(model, waves, settings)
+    finally:
+        hook.remove()
+    # (0.5, 0.6) and (0.9, 1.0): padded batches of ≤ 2 s; then the 3 s waveform: 3 windows of 1 s kept + 0.5 s of
+    # context on each side (and one frame's receptive field), each ≤ 2.5 s
+    assert forwards[:2] == [(2, 9600), (2, 16000)]
+    assert [shape[0] for shape in forwards[2:]] == [1, 1, 1]
+    assert all(2.0 * 16000 < shape[-1] <= 2.5 * 16000 for shape in forwards[3:4])
+    one_batch = extract_padded_batch(model, waves[:2] + waves[3:], settings)
+    for got, expected in zip(results[:2] + results[3:], one_batch, strict=True):
+        assert got.keys() == expected.keys()
+        for key in got:
+            np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
+    sinks = {key: np.zeros_like(value) for key, value in results[2].items()}
+    extract_long(model, LongAudio.from_waveform(waves[2]), settings, sinks)
+    for key, values in sinks.items():
+        np.testing.assert_array_equal(results[2][key], values)
+    assert results[2]["layer_01"].shape[0] == num_frames(waves[2].shape[0], model.cfg.extractor_conv_layer_config)
+
+
+def test_extract_batch_runs_a_model_in_training_mode_in_eval_mode_and_gives_it_back():
+    """build_model gives a model in training mode: extract_batch returned features with dropout, different at each
+    call (with codebooks=True it refused). It runs in eval mode now, and the model's modes are restored after."""
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**(TINY | {"encoder_dropout": 0.3})))
+    model.feature_extractor.eval()  # one module's own mode, kept
+    wave = torch.from_numpy(speech_like(0.5, 1))
+    first = extract_batch(model, [wave], ExtractionSettings(layers=(3,), codebooks=True))[0]
+    second = extract_batch(model, [wave], ExtractionSettings(layers=(3,)))[0]
+    np.testing.assert_array_equal(first["layer_03"], second["layer_03"])
+    assert model.training
+    assert not model.feature_extractor.training
+    expected = extract_batch(model.eval(), [wave], ExtractionSettings(layers=(3,)))[0]
+    np.testing.assert_array_equal(first["layer_03"], expected["layer_03"])
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("dtype", "float64", "ExtractionSettings.dtype = 'float64' is invalid: expected 'float32' or 'bfloat16'"),
+    ("dtype", "fp32", "ExtractionSettings.dtype = 'fp32' is invalid"),
+    ("layers", 6, r"ExtractionSettings.layers = 6: expected a tuple of 1-based layer numbers"),
+    ("layers", (1.0,), r"ExtractionSettings.layers = \(1.0,\)"),
+    ("batch_seconds", 0.0, "ExtractionSettings.batch_seconds = 0.0 must be > 0"),
+    ("context_seconds", -1.0, "ExtractionSettings.context_seconds = -1.0 must be >= 0"),
+])
+def test_extraction_settings_refuse_what_they_would_misread(field, value, says):
+    """Any dtype but 'float32' ran in bfloat16 (float64 asked, bf16 given); layers=6 failed deep inside with a
+    TypeError (api30 defect 3)."""
+    with pytest.raises(ValueError, match=says):
+        ExtractionSettings(**({"layers": (1,)} | {field: value}))
+    assert ExtractionSettings(layers=[2, 1]).layers == (2, 1)  # a list is taken as the tuple it means
+
+
+def test_extract_batch_names_a_waveform_it_cannot_run(model):
+    """A (1, S) tensor, a numpy array or a waveform shorter than one frame got torch's own errors, or (0, D)
+    features beside longer ones (api30 defect 9)."""
+    wave = torch.from_numpy(speech_like(0.5, 2))
+    settings = ExtractionSettings(layers=(1,))
+    for given, says in ((wave[None], r"waveforms\[1\] is a Tensor of shape \(1, 8000\): expected a \(S,\) torch"),
+                        (wave.numpy(), r"waveforms\[1\] is a ndarray of shape \(8000,\): expected a \(S,\) torch"),
+                        (wave[:100], r"waveforms\[1\] is shorter than one frame \(100 samples; the front end's "
+                                     r"receptive field is 400\)")):
+        with pytest.raises(ValueError, match=says):
+            extract_batch(model, [wave, given], settings)

@@ -191,8 +191,8 @@ def test_max_seconds_bounds_the_audio_of_every_forward(corpus, tmp_path, monkeyp
         assert fields["window_seconds"] + 2 * fields["context_seconds"] <= bound
     assert window_settings(60.0) == {"max_seconds": 60.0, "window_seconds": 30.0, "context_seconds": 5.0}
     lengths = []
-    real = features_module.extract_batch
-    monkeypatch.setattr(features_module, "extract_batch",
+    real = features_module.extract_padded_batch
+    monkeypatch.setattr(features_module, "extract_padded_batch",
                         lambda model, waves, settings, **options: lengths.extend(w.shape[0] for w in waves) or real(
                             model, waves, settings, **options))
     out = tmp_path / "windowed"

@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,20 @@ class ExtractionSettings:
     window_seconds: float = 30.0  # frames kept from each window
     context_seconds: float = 5.0  # extra audio on each side of a window, dropped from the output
     dtype: str = "float32"  # "bfloat16": the Transformer layers in bf16 (``bfloat16_inference``)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple | list) or not all(
+                isinstance(layer, int) and not isinstance(layer, bool) for layer in self.layers):
+            raise ValueError(f"ExtractionSettings.layers = {self.layers!r}: expected a tuple of 1-based layer "
+                             "numbers, e.g. (6,) or (1, 2, 3)")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.dtype not in ("float32", "bfloat16"):  # (any other name ran in bfloat16)
+            raise ValueError(f"ExtractionSettings.dtype = {self.dtype!r} is invalid: expected 'float32' or 'bfloat16'")
+        for name in ("batch_seconds", "max_seconds", "window_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ExtractionSettings.{name} = {getattr(self, name)!r} must be > 0")
+        if not self.context_seconds >= 0:
+            raise ValueError(f"ExtractionSettings.context_seconds = {self.context_seconds!r} must be >= 0")
 
 
 def window_settings(max_seconds: float) -> dict[str, float]:
@@ -94,28 +108,88 @@ def _precision(model: torch.nn.Module, device: torch.device, dtype: str):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def extract_batch(
     model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *,
     front_end: bool = False, kmeans: Mapping[int, NearestCentroid] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Features of standardised waveforms [(S_i,)], run as a padded batch.
+    """Features of standardised waveforms [(S_i,)] held in memory, any number and any lengths, as ``spidr extract``
+    runs them: padded batches of similar lengths holding at most ``settings.batch_seconds`` of padded audio each,
+    and a waveform longer than ``settings.max_seconds`` window by window (``extract_long``), so that memory stays
+    bounded. The model runs in eval mode (a model in training mode is put back in it after).
 
-    Returns one dict per utterance: ``"layer_LL"`` → (T_i, D) float32 and, with codebooks, ``"units_LL"`` → (T_i,)
-    int64 arg-max of layer LL's head. ``kmeans`` (layer → its centroids) adds ``"kmeans_LL"`` → (T_i,) int64, the
-    nearest centroid of each of that layer's frames, found where the model runs (a layer that is not in
-    ``settings.layers`` never leaves it). T_i = frames of S_i alone, and padding never changes a result: a model whose
-    front end normalises over the padded time axis (``ModelConfig.padding_changes_features``) runs each group of
-    equal-length waveforms as its own unpadded batch. With ``front_end``, also ``"front_end"`` → (T_i, C), the front
+    Returns one dict per utterance, in order: ``"layer_LL"`` → (T_i, D) float32 and, with codebooks, ``"units_LL"``
+    → (T_i,) int64 arg-max of layer LL's head, for each layer with a head (none for a model without heads, such as
+    an exported student: ``spidr evaluate`` then reports features alone). ``kmeans`` (layer → its centroids) adds
+    ``"kmeans_LL"`` → (T_i,) int64, the nearest centroid of each of that layer's frames, found where the model runs
+    (a layer that is not in ``settings.layers`` never leaves it). T_i = frames of S_i alone, and padding never
+    changes a result (see ``extract_padded_batch``). With ``front_end``, also ``"front_end"`` → (T_i, C), the front
     end's output (conv stack or log-mel), and ``"projection"`` → (T_i, D), the Transformer's input (before its
     positional convolution), from the same forward pass.
     """
-    kmeans = kmeans or {}
+    _check_request(model, settings, kmeans or {})
+    conv_layers = model.cfg.extractor_conv_layer_config
+    for row, wave in enumerate(waveforms):
+        if not isinstance(wave, torch.Tensor) or wave.ndim != 1:
+            shape = tuple(wave.shape) if hasattr(wave, "shape") else None
+            raise ValueError(f"waveforms[{row}] is a {type(wave).__name__} of shape {shape}: expected a (S,) torch "
+                             "tensor, one utterance per item (torch.from_numpy converts an array)")
+        if num_frames(wave.shape[0], conv_layers) < 1:
+            raise ValueError(f"waveforms[{row}] is shorter than one frame ({wave.shape[0]} samples; the front end's "
+                             f"receptive field is {num_samples_for_frames(1, conv_layers)})")
+    lengths = np.fromiter((wave.shape[0] for wave in waveforms), dtype=np.int64, count=len(waveforms))
+    is_long = lengths > int(settings.max_seconds * SAMPLE_RATE)
+    short = np.flatnonzero(~is_long)
+    results: list[dict[str, np.ndarray]] = [{} for _ in waveforms]
+    with _eval_mode(model):
+        for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)):
+            rows = short[batch].tolist()
+            padded = extract_padded_batch(model, [waveforms[row] for row in rows], settings, front_end=front_end,
+                                          kmeans=kmeans)
+            for row, result in zip(rows, padded, strict=True):
+                results[row] = result
+        for row in np.flatnonzero(is_long).tolist():
+            sinks = _KeptWindows(lambda _key, values: values)
+            extract_long(model, LongAudio.from_waveform(waveforms[row]), settings, sinks, front_end=front_end,
+                         kmeans=kmeans)
+            results[row] = sinks.arrays()
+    return results
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout), each module's own mode restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _check_request(model: torch.nn.Module, settings: ExtractionSettings,
+                   kmeans: Mapping[int, NearestCentroid]) -> None:
+    """Refuse layers the model lacks, and a request of nothing."""
     bad = [layer for layer in (*settings.layers, *kmeans) if not 1 <= layer <= model.num_layers]
     if not (settings.layers or kmeans or (settings.codebooks and model.num_codebooks)) or bad:
         asked = f"layers {list(settings.layers)}" + (f" and k-means units of {sorted(kmeans)}" if kmeans else "")
         raise ValueError(f"{asked}: expected at least one of the model's layers 1 to {model.num_layers}"
                          f"{f' ({bad} are not)' if bad else ''}, or codebook or k-means units alone")
+
+
+@torch.inference_mode()
+def extract_padded_batch(
+    model: torch.nn.Module, waveforms: Sequence[torch.Tensor], settings: ExtractionSettings, *,
+    front_end: bool = False, kmeans: Mapping[int, NearestCentroid] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """``extract_batch``'s results for standardised waveforms [(S_i,)], each at least one frame long, run as one
+    padded batch whatever its size (the caller plans batches and windows; the model is in eval mode).
+
+    Padding never changes a result: a model whose front end normalises over the padded time axis
+    (``ModelConfig.padding_changes_features``) runs each group of equal-length waveforms as its own unpadded batch.
+    """
+    kmeans = kmeans or {}
+    _check_request(model, settings, kmeans)
     if not waveforms:
         return []
     if model.cfg.padding_changes_features:
@@ -234,6 +308,13 @@ class LongAudio:
             raise AudioError(self.path, "cannot be standardised (its samples' sum of squares overflows)")
         self.std = float(np.sqrt(max(variance, 0.0) + STANDARDIZE_EPS))
 
+    @classmethod
+    def from_waveform(cls, wave: torch.Tensor, name: str = "<waveform in memory>") -> LongAudio:
+        """A standardised waveform (S,) already in memory, read window by window as a file would be."""
+        audio = cls.__new__(cls)
+        audio.path, audio._wave, audio.num_samples = name, wave, wave.shape[0]
+        return audio
+
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Standardised samples [start, stop) as (stop − start,) float32."""
         if self._wave is not None:
@@ -277,7 +358,7 @@ def extract_long(
     context_frames = int(settings.context_seconds * SAMPLE_RATE / hop)
     for keep_start, keep_end, run_start, run_end in windows(total, window_frames, context_frames):
         wave = audio.read(run_start * hop, (run_end - 1) * hop + receptive_field)
-        (result,) = extract_batch(model, [wave], settings, front_end=front_end, kmeans=kmeans)
+        (result,) = extract_padded_batch(model, [wave], settings, front_end=front_end, kmeans=kmeans)
         for key, values in result.items():
             sinks[key][keep_start:keep_end] = values[keep_start - run_start : keep_end - run_start]
 
@@ -396,7 +477,7 @@ def iter_extracted(
     batches = (short[batch] for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)))
     for _, waves, kept, batch_skipped in loaded_batches(model, entries, batches):
         skipped.update(batch_skipped)
-        results = extract_batch(model, waves, settings, front_end=front_end, kmeans=kmeans) if waves else []
+        results = extract_padded_batch(model, waves, settings, front_end=front_end, kmeans=kmeans) if waves else []
         for index, result in zip(kept, results, strict=True):
             yield entries[index], {key: keep(key, values) for key, values in result.items()}
     for index in long.tolist():

@@ -33,8 +33,8 @@ from spidr.eval.features import (
     ExtractionSettings,
     LongAudio,
     NpyAppender,
-    extract_batch,
     extract_long,
+    extract_padded_batch,
     length_batches,
     loaded_batches,
 )
@@ -452,7 +452,7 @@ def extract_part(
                 # are not topped up.
                 **({"unread files sharing ids": outputs.unread_sharing_ids}
                    if outputs.unread_sharing_ids and (settings.codebooks or plan.kmeans) else {}),
-                # Features of such a model changed when it stopped running padded (see extract_batch).
+                # Features of such a model changed when it stopped running padded (see extract_padded_batch).
                 **({"front_end_batching": "unpadded"} if model.cfg.padding_changes_features else {}),
                 # Long archive members ran in one forward before they ran in windows like other long files.
                 **({"long_archive_members": "windowed"} if _in_archive(manifest)[is_long].any() else {}),
@@ -716,7 +716,7 @@ def _extract_short_batch(
     """Run the inputs ``waves`` of entries ``kept`` as one padded batch and save their features; returns their unit
     rows by units file (``spidr.eval.journal.units_file``)."""
     rows: dict[str, list[str]] = {}
-    results = extract_batch(model, waves, plan.saved, kmeans=plan.nearest) if waves else []
+    results = extract_padded_batch(model, waves, plan.saved, kmeans=plan.nearest) if waves else []
     for index, result in zip(kept, results, strict=True):
         name, path = outputs.utterance(index), manifest[index].path
         for key, values in result.items():
