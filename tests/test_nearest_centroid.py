@@ -100,8 +100,12 @@ def test_what_float32_cannot_hold_is_assigned_in_float64_alone():
 def test_non_finite_frames_and_one_centroid_and_no_frames():
     centroids = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
     frames = torch.tensor([[float("nan"), 0.0], [float("inf"), 0.0], [2.9, 0.0]])
+    for nearest in (NearestCentroid(centroids), NearestCentroid(centroids[:1])):  # (no nearest: refused)
+        with pytest.raises(ValueError, match="the first: nan at frame 0, dimension 0"):
+            nearest(frames)
+    frames = frames[2:]
     np.testing.assert_array_equal(NearestCentroid(centroids)(frames), assign_float64(frames, centroids).numpy())
-    np.testing.assert_array_equal(NearestCentroid(centroids[:1])(frames), [0, 0, 0])
+    np.testing.assert_array_equal(NearestCentroid(centroids[:1])(frames), [0])
     assert NearestCentroid(centroids)(torch.zeros(0, 2)).shape == (0,)
     with pytest.raises(ValueError, match="do not match centroids of dimension 2"):
         NearestCentroid(centroids)(torch.zeros(4, 3))
@@ -173,7 +177,8 @@ def test_float64_s_choice_is_followed_where_float64_itself_is_inexact():
         x = (base + 0.01 * torch.randn(dim, generator=g)).float()
         b = 2 * x - a  # exact: x is equidistant from a and b ...
         i = int(torch.randint(dim, (1,), generator=g))
-        b[i] = torch.nextafter(b[i], torch.tensor(float("inf")) * torch.sign(b[i] - x[i]))  # ... until b moves away
+        away = float("inf") if b[i] >= x[i] else float("-inf")  # (a sign of 0 made a NaN centroid: now refused)
+        b[i] = torch.nextafter(b[i], torch.tensor(away))  # ... until b moves away
         c = torch.stack([b, a])
         truth = int(assign_float64(x[None], c)[0])
         float64_wrong += truth != 1
@@ -301,3 +306,24 @@ def test_float64_frames_are_assigned_in_float64_alone():
     far = torch.stack([c[0], c[1]]) + 0.01  # far from any tie: still float64's path
     np.testing.assert_array_equal(nearest(far), [0, 1])
     assert nearest.num_float64 == len(frames) + 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_frames_and_centroids_are_refused_naming_the_first(dtype):
+    """A NaN frame got unit 0 (argmin over NaN distances), and NaN centroids gave every frame unit 0, without a word
+    from the API (the units command refused such features before they got here). Both the float32 path (the NaN
+    frame is among the distrusted ones) and the float64 path name the frame."""
+    centroids = torch.eye(4, dtype=dtype)
+    frames = torch.ones(5, 4, dtype=dtype)
+    frames[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^'f\.npy': features contain non-finite values \(the first: nan at frame "
+                                         r"3, dimension 2\): no centroid is nearest to them$"):
+        assign_units(frames, centroids, name="f.npy")
+    frames[3, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"the first: inf at frame 3, dimension 2"):
+        NearestCentroid(centroids)(frames)
+    with pytest.raises(ValueError, match=r"centroids hold non-finite values \(the first: nan in centroid 1, "
+                                         r"dimension 0\)"):
+        assign_units(torch.ones(2, 4), torch.tensor([[0.0] * 4, [float("nan"), 0, 0, 0]]))
+    frames[3, 2] = 0.5  # all finite again: assigned as float64 would
+    np.testing.assert_array_equal(assign_units(frames, centroids), assign_float64(frames, centroids).numpy())

@@ -281,7 +281,12 @@ def assign_units(
     if frames.ndim == 2 and name is not None and frames.shape[1] != nearest.dim:
         raise ValueError(f"features of {name!r} have dimension {frames.shape[1]}, {centroids_name} "
                          f"{nearest.dim}: centroids of another layer or model?")
-    return nearest(frames, batch_size=batch_size)
+    try:
+        return nearest(frames, batch_size=batch_size)
+    except ValueError as error:
+        if name is None:
+            raise
+        raise ValueError(f"{name!r}: {error}") from None
 
 
 def assign_directory(

@@ -52,6 +52,16 @@ def assign_float64(frames: torch.Tensor, centroids: torch.Tensor, *, batch_size:
     return units
 
 
+def _refuse_non_finite(frames: torch.Tensor, rows: torch.Tensor) -> None:
+    """Raise, naming the first, if ``frames`` (rows ``rows`` (N,) of the caller's) hold a NaN or an infinity: no
+    centroid is nearest to it (argmin would give centroid 0)."""
+    bad = ~torch.isfinite(frames.detach())
+    if bool(bad.any()):
+        row, dim = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"features contain non-finite values (the first: {float(frames[row, dim])} at frame "
+                         f"{int(rows[row])}, dimension {dim}): no centroid is nearest to them")
+
+
 @contextlib.contextmanager
 def ieee_float32_matmul() -> Iterator[None]:
     """Float32 matmuls in IEEE float32 inside the block (no TF32 on CUDA, no bf16 / TF32 in oneDNN on CPU), whatever
@@ -81,6 +91,10 @@ class NearestCentroid:
                              f"{tuple(centroids.shape)}")
         if not centroids.is_floating_point():  # (integer centroids, as float64 took them before)
             centroids = centroids.to(torch.float64)
+        if not bool(torch.isfinite(centroids).all()):  # (every frame's nearest would be centroid 0)
+            row, dim = (int(i) for i in torch.nonzero(~torch.isfinite(centroids))[0])
+            raise ValueError(f"centroids hold non-finite values (the first: {float(centroids[row, dim])} in "
+                             f"centroid {row}, dimension {dim})")
         self.centroids = centroids
         exact = centroids.to(torch.float64)
         self.float32_exact = bool(torch.equal(exact.to(torch.float32).to(torch.float64), exact))
@@ -114,6 +128,7 @@ class NearestCentroid:
                              f"{self.dim}")
         if frames.dtype not in _FAST_DTYPES or not self.float32_exact or self.centroids.shape[0] == 1:
             self.num_float64 += frames.shape[0]
+            _refuse_non_finite(frames, torch.arange(frames.shape[0]))
             return assign_float64(frames, self.centroids).numpy()
         units, trusted = [], []
         # (a caller's autocast, as bf16 extraction runs under, would take the matmul to bf16)
@@ -126,9 +141,11 @@ class NearestCentroid:
             return np.zeros(0, dtype=np.int64)
         chosen = torch.cat(units).cpu()
         distrusted = torch.nonzero(~torch.cat(trusted).cpu()).squeeze(1)
-        if distrusted.numel():
+        if distrusted.numel():  # (non-finite frames are among them: their distances are)
             self.num_float64 += distrusted.numel()
-            chosen[distrusted] = assign_float64(frames[distrusted.to(frames.device)], self.centroids)
+            checked = frames[distrusted.to(frames.device)]
+            _refuse_non_finite(checked, distrusted)
+            chosen[distrusted] = assign_float64(checked, self.centroids)
         return chosen.numpy()
 
     def _float32_choices(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
