@@ -680,3 +680,19 @@ def test_tiny_frames_keep_their_direction_under_the_angular_distance():
     assert got[0, 1].item() == pytest.approx(0.5, abs=1e-6)
     assert got[0, 2].item() == pytest.approx(0.0, abs=1e-3)  # float32 arccos near 1
     assert got[1, 2].item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_abx_of_in_memory_features_keyed_by_path_finds_the_items_by_utterance_id() -> None:
+    """abx() matched exact keys only, while its own error message (and unit_quality, and the CLI) found
+    ``{"spk/f": features}`` from an item file naming ``f``. Hand case: two phones a/b in alternating 2-frame
+    segments, one-hot features: every triplet is decided right (0 %); the shuffled features of another key 'g'
+    would not be taken for 'f' (api30 defect 5)."""
+    rows = [("f", i, i + 1, "ab"[i // 2 % 2], "s") for i in range(0, 16, 2)]
+    one_hot = np.zeros((16, 4), dtype=np.float32)
+    for i in range(0, 16, 2):
+        one_hot[i : i + 2, i // 2 % 2] = 1.0
+    assert abx_error_rate({"f": one_hot}, make_items(rows)) == 0.0
+    assert abx_error_rate({"spk/f": one_hot}, make_items(rows)) == 0.0
+    assert abx_error_rate({"spk/f": one_hot, "other/g": one_hot[::-1].copy()}, make_items(rows)) == 0.0
+    with pytest.raises(ValueError, match="have no features"):
+        abx_error_rate({"spk/g": one_hot}, make_items(rows))

@@ -115,7 +115,8 @@ def abx(
     Args:
         features: ``{#file: (T, D) array or tensor}`` computed on whole utterances at ``frequency`` Hz (a (T,)
             sequence of discrete units counts as (T, 1)). Any mapping works, e.g. a lazy ``FeatureDirectory``; each
-            file is read once.
+            file is read once. Keys may also be paths ending with the item files' #file (``84/121123/84-121123-0000``
+            for ``84-121123-0000``), as ``spidr extract`` names files (``StemKeyed``).
         items: an ``Items`` or the path of an item file.
         speaker, context: the ZeroSpeech condition (table in the module docstring).
         distance: frame distance; ``identical`` for discrete units.
@@ -125,8 +126,12 @@ def abx(
         seed: seed of the subsampling permutations.
         librilight_bug: slice ``[start, end)`` like Libri-light / ZeroSpeech 2021 (drops each item's last frame).
     """
+    from spidr.eval.feature_dir import StemKeyed
+
     if not isinstance(items, Items):
         items = read_items(items)
+    if not isinstance(features, StemKeyed):  # as the CLI: an item's #file finds path-keyed features by their id
+        features = StemKeyed(features)
     if speaker not in ("within", "across"):
         raise ValueError(f"speaker = {speaker!r} is invalid: expected 'within' or 'across'")
     if context not in ("within", "any"):
