@@ -2131,3 +2131,29 @@ def test_two_gloo_ranks_resume_with_their_own_dropout_rng(tmp_path):
     resumed = run()
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def test_train_lm_leaves_the_process_numerics_as_it_found_them(tmp_path) -> None:
+    """A notebook calling train_lm (or spidr.train.loop.train) kept the float32 matmul precision and deterministic
+    mode that training set for the rest of the session (api30 defect 7)."""
+    from spidr.lm.config import lm_config_from_dict
+    from spidr.lm.train import train_lm
+
+    units = tmp_path / "units.jsonl"
+    rng = np.random.default_rng(0)
+    units.write_text("".join(json.dumps({"name": f"u{i}", "units": rng.integers(0, 6, 12).tolist()}) + "\n"
+                             for i in range(20)))
+    cfg = lm_config_from_dict({
+        "run": {"workdir": str(tmp_path / "runs"), "name": "lm", "device": "cpu", "use_deterministic": True},
+        "data": {"train": str(units), "dedup": False, "val_fraction": 0.1},
+        "model": {"arch": "lstm", "dim": 8, "num_layers": 1, "context": 8, "dropout": 0.0},
+        "optimizer": {"warmup_steps": 1, "max_steps": 2, "batch_size": 2, "dtype": "float32"},
+    })
+    before = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
+    torch.set_float32_matmul_precision("high")
+    try:
+        train_lm(cfg)
+        assert (torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()) == ("high", False)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.use_deterministic_algorithms(before[1])

@@ -387,3 +387,31 @@ def test_a_config_json_that_cannot_be_written_whole_keeps_the_earlier_one(tmp_pa
     assert "File too large" in result.stdout, result.stdout + result.stderr
     assert (tmp_path / "config.json").read_text() == earlier
     assert resource  # (the limit is set in the child: this process keeps its own)
+
+
+def test_training_gives_the_process_its_own_numerics_back():
+    """train and train_lm set full-precision matmuls and deterministic algorithms for the run and left them set:
+    a notebook went on with 'highest' precision (and, on CUDA, without TF32) after training (api30 defect 7)."""
+    from spidr.train.runtime import configured_numerics
+
+    before = (torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+        with configured_numerics(torch.device("cpu"), deterministic=True):
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert torch.are_deterministic_algorithms_enabled()
+        assert torch.get_float32_matmul_precision() == "high"
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.raises(RuntimeError, match="stop"), configured_numerics(torch.device("cpu"), deterministic=False):
+            raise RuntimeError("stop")  # (an error inside the run restores them too)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        torch.backends.cudnn.benchmark = before[3]

@@ -57,7 +57,7 @@ from spidr.train.optim import adamw_implementation
 from spidr.train.precision import Precision, resolve_precision
 from spidr.train.runtime import (
     StopFlag,
-    configure_numerics,
+    configured_numerics,
     hold_run_folder,
     load_resumed_weights,
     seed_everything,
@@ -229,7 +229,7 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
                              f"= {denv.world_size} × {o.grad_accum_steps}")
         run_dir = cfg.run.run_dir
         hold_run_folder(run_dir, cleanup, is_main=denv.is_main)
-        configure_numerics(device, deterministic=cfg.run.use_deterministic)
+        cleanup.enter_context(configured_numerics(device, deterministic=cfg.run.use_deterministic))
         data = shared_data(cfg, is_main=denv.is_main)
         if denv.is_main:
             # (what each validation logs as its tokens: the targets of its windows, but the BOS of each utterance)

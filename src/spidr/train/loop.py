@@ -64,7 +64,7 @@ from spidr.train.precision import Precision, resolve_precision
 from spidr.train.runtime import (
     STOP_POLL_STEPS,
     StopFlag,
-    configure_numerics,
+    configured_numerics,
     hold_run_folder,
     load_resumed_weights,
     seed_everything,
@@ -363,7 +363,7 @@ def train(cfg: Config) -> Outcome:
         cleanup.push(lambda error_type, *_: destroy_distributed_after(error_type))
         check_same_config(cfg.to_dict())
         hold_run_folder(cfg.run.run_dir, cleanup, is_main=denv.is_main)
-        configure_numerics(device, deterministic=cfg.run.use_deterministic)
+        cleanup.enter_context(configured_numerics(device, deterministic=cfg.run.use_deterministic))
         if denv.is_main:
             for note in unused_settings(cfg):
                 logger.warning("%s", note)

@@ -43,6 +43,24 @@ def configure_numerics(device: torch.device, *, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+@contextlib.contextmanager
+def configured_numerics(device: torch.device, *, deterministic: bool) -> Iterator[None]:
+    """``configure_numerics`` inside the block; the process's own settings are back after it: a notebook that
+    trains goes on with the precision and determinism it chose."""
+    saved = (torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        configure_numerics(device, deterministic=deterministic)
+        yield
+    finally:
+        precision, deterministic_before, warn_only, cuda_tf32, cudnn_tf32, benchmark = saved
+        torch.set_float32_matmul_precision(precision)
+        torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only)
+        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = cudnn_tf32, benchmark
+
+
 def hold_run_folder(run_dir: Path, cleanup: contextlib.ExitStack, *, is_main: bool) -> None:
     """The main rank holds ``run_dir/.lock`` until ``cleanup`` closes (``spidr.folder_lock``), so that a second run
     of the same config (started twice, or resumed while the first still lives) is refused instead of writing the
