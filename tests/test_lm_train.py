@@ -2136,9 +2136,6 @@ def test_two_gloo_ranks_resume_with_their_own_dropout_rng(tmp_path):
 def test_train_lm_leaves_the_process_numerics_as_it_found_them(tmp_path) -> None:
     """A notebook calling train_lm (or spidr.train.loop.train) kept the float32 matmul precision and deterministic
     mode that training set for the rest of the session (api30 defect 7)."""
-    from spidr.lm.config import lm_config_from_dict
-    from spidr.lm.train import train_lm
-
     units = tmp_path / "units.jsonl"
     rng = np.random.default_rng(0)
     units.write_text("".join(json.dumps({"name": f"u{i}", "units": rng.integers(0, 6, 12).tolist()}) + "\n"
