@@ -2154,3 +2154,14 @@ def test_train_lm_leaves_the_process_numerics_as_it_found_them(tmp_path) -> None
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.use_deterministic_algorithms(before[1])
+
+
+def test_score_sequences_refuses_unit_ids_that_are_not_whole_numbers() -> None:
+    """[1.5, 2.0] was scored as [1, 2] (api30 defect 8); whole floats score as their integers."""
+    vocab = Vocabulary(4)
+    torch.manual_seed(0)
+    model = LstmLM(vocab.size, dim=8, num_layers=1, dropout=0.0, tie_embeddings=False).eval()
+    with pytest.raises(ValueError, match=r"item 'x': unit ids must be whole numbers, found 1\.5"):
+        score_sequences(model, vocab, {"x": np.array([1.5, 2.0])})
+    as_floats = score_sequences(model, vocab, {"x": np.array([1.0, 2.0])})["x"]
+    assert as_floats == score_sequences(model, vocab, {"x": np.array([1, 2])})["x"]

@@ -290,3 +290,21 @@ def test_check_alignment_lengths_applies_the_tolerance_it_is_given() -> None:
     with pytest.raises(ValueError, match=r"but its audio gives 98 .*at most 5 frames"):
         check_alignment_lengths({"u": ["A"] * 105}, {"u": 32000}, **common, tolerance=5,
                                 decoded_samples=lambda name: 16000)
+
+
+def test_unit_ids_that_are_not_whole_numbers_are_refused_naming_the_utterance():
+    """Units [0, 0, 1.7, 1, ...] were cut to [0, 0, 1, 1, ...] for the counts, while the bitrate counted 1.7 → 1 as
+    a change: 49.5 bits/s against 39.6 for the integer units, two metrics of two different sequences. Whole floats
+    (as a float array of ids holds them) stay accepted, and give the integers' metrics (api30 defect 8)."""
+    phones = {"u": ["a", "a", "b", "b", "c", "c", "a", "a"]}
+    with pytest.raises(ValueError, match=r"utterance 'u': unit ids must be whole numbers, found 1\.7"):
+        unit_quality({"u": np.array([0, 0, 1.7, 1, 2, 2, 0, 0])}, phones, num_units=3, unit_rate_hz=50,
+                     alignment_rate_hz=50)
+    with pytest.raises(ValueError, match=r"utterance 'u': unit ids must be whole numbers, found nan"):
+        unit_quality({"u": np.array([0, 0, np.nan, 1, 2, 2, 0, 0])}, phones, num_units=3, unit_rate_hz=50,
+                     alignment_rate_hz=50)
+    integers = np.array([0, 0, 1, 1, 2, 2, 0, 0])
+    expected = unit_quality({"u": integers}, phones, num_units=3, unit_rate_hz=50, alignment_rate_hz=50)
+    assert unit_quality({"u": integers.astype(np.float32)}, phones, num_units=3, unit_rate_hz=50,
+                        alignment_rate_hz=50) == expected
+    assert expected["bitrate"] == pytest.approx(math.log2(3) * 4 / (8 / 50))  # 4 runs in 0.16 s

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from spidr.eval.units import numbered_lines, open_text, read_jsonl_rows
+from spidr.eval.units import numbered_lines, open_text, read_jsonl_rows, unit_ids
 from spidr.input_files import existing_file
 
 logger = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ def count_matrix(
     for name, sequence in units.items():
         if name not in phones:
             continue
-        unit_array = np.asarray(sequence, dtype=np.int64)
+        unit_array = unit_ids(sequence, f"utterance {name!r}")
         if unit_array.ndim != 1:
             raise ValueError(f"utterance {name!r}: expected a 1-D sequence of unit ids, got shape "
                              f"{unit_array.shape} (one-hot or per-codebook units: take one layer's arg-max)")

@@ -143,6 +143,22 @@ def read_units(path: str | Path) -> dict[str, np.ndarray]:
     return units
 
 
+def unit_ids(values: object, what: str) -> np.ndarray:
+    """``values`` (a sequence, array or tensor of unit ids) as int64, refusing ids that are not whole numbers: a
+    float id (1.7, NaN) was cut to an integer silently, so metrics counted a unit the caller never gave. ``what``
+    names the sequence in the message (``utterance 'x'``)."""
+    array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+    if array.dtype.kind in "iub":
+        return array.astype(np.int64, copy=False)
+    if array.dtype.kind == "f":
+        whole = np.isfinite(array) & (array == np.round(array)) if array.size else np.ones(0, dtype=bool)
+        if whole.all():
+            return array.astype(np.int64)
+        raise ValueError(f"{what}: unit ids must be whole numbers, found {array[~whole][0].item()!r} (dtype "
+                         f"{array.dtype})")
+    raise ValueError(f"{what}: expected unit ids (integers), got an array of dtype {array.dtype}")
+
+
 def deduplicate(units: Sequence[int] | np.ndarray) -> np.ndarray:
     """Collapse runs of repeated units: ``[3, 3, 5, 5, 5, 3] → [3, 5, 3]``."""
     array = np.asarray(units)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from spidr.atomic_files import write_atomically
+from spidr.eval.units import unit_ids
 from spidr.in_progress import marked_in_progress
 from spidr.lm.evaluate import TASKS, warn_about_other_folders  # each task lm-eval scores: units, submission
 from spidr.lm.models import token_log_likelihoods
@@ -60,7 +61,7 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
     up to float rounding, which depends on the batch; so equal sequences (a word and a nonword whose units are the
     same) are scored once and share their score, a tie as ZeroSpeech counts it, wherever the batches are cut."""
     device = next(iter(model.state_dict().values())).device
-    arrays = {stem: np.asarray(values, dtype=np.int64) for stem, values in sequences.items()}
+    arrays = {stem: unit_ids(values, f"item {stem!r}") for stem, values in sequences.items()}
     for stem, values in arrays.items():
         if values.ndim != 1:
             raise ValueError(f"item {stem!r}: expected a 1-D sequence of unit ids, got shape {values.shape}")
