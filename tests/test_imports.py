@@ -80,3 +80,14 @@ def test_help_names_a_default_once_and_only_when_it_informs():
     assert "output folder --trust" in text
     assert "(default: False)" not in text
     assert "(default: [])" not in text
+
+
+def test_dir_of_the_package_lists_its_public_names_not_its_imports():
+    """dir(spidr) (a notebook's tab completion) listed Any, TYPE_CHECKING, annotations, importlib and _LAZY_EXPORTS
+    beside the API."""
+    import spidr
+
+    names = dir(spidr)
+    assert set(spidr.__all__) <= set(names)
+    assert {"config"} <= set(names)  # (a subpackage imported by the package itself)
+    assert not {"Any", "TYPE_CHECKING", "annotations", "importlib", "ModuleType", "_LAZY_EXPORTS"} & set(names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from spidr.config import DinoSRConfig, MaskingConfig, SpidRConfig
@@ -37,7 +38,10 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+    """The public names (lazy ones included) and the subpackages imported so far: not this file's own imports."""
+    subpackages = {name for name, value in globals().items()
+                   if isinstance(value, ModuleType) and value.__name__ == f"spidr.{name}"}
+    return sorted(set(__all__) | subpackages)
 
 
 __all__ = [

@@ -353,11 +353,12 @@ def count_matrix(
             raise ValueError(
                 f"utterance {name!r}: {unit_array.size // repeat} units (× {repeat} = {unit_array.size} frames) but "
                 f"{len(labels)} aligned frames; they may differ by at most {MAX_LENGTH_MISMATCH} (check the rates: "
-                "the units' and the alignments', --unit-rate / --alignment-rate)"
+                "the units' and the alignments', unit_rate_hz / alignment_rate_hz, on the command line "
+                "--unit-rate / --alignment-rate)"
             )
         if unit_array.size and (unit_array.min() < 0 or unit_array.max() >= num_units):
             raise ValueError(f"utterance {name!r}: units must lie in [0, {num_units}), found {unit_array.min()}.."
-                             f"{unit_array.max()} (check --num-units)")
+                             f"{unit_array.max()} (check num_units, on the command line --num-units)")
         length = min(len(labels), unit_array.size)
         phone_array = _codes(phones, name, index, length)
         counts += np.bincount(phone_array * num_units + unit_array[:length], minlength=counts.size)
