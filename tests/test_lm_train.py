@@ -1285,6 +1285,13 @@ def test_a_run_refused_for_its_units_files_leaves_no_run_folder(tmp_path, capsys
     assert main(["lm-train", str(config)]) == 2
     assert "num_units" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+    # training data shorter than one window was refused after config.json, tokens/ and step_0.pt were written
+    tokens = sum(len(json.loads(line)["units"]) + 2 for line in (tmp_path / "units.jsonl").read_text().splitlines())
+    config = _config(tmp_path, "short", model={"context": 100_000}, data={"val_fraction": 0.0})
+    assert main(["lm-train", str(config)]) == 2
+    assert (f"units.jsonl: the training data has {tokens} tokens, fewer than one window of model.context + 1 = "
+            "100001") in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_lm_score_reads_items_longer_than_a_gpt_s_context_in_strided_windows(tmp_path):

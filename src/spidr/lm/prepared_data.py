@@ -81,7 +81,11 @@ def prepare_data(cfg: LmConfig) -> LmData:
         # checks the test sets' units against
         "units_origin": units_origin(data.train),
     }
-    return LmData(vocab, token_stream(train_seqs, vocab), token_stream(valid_seqs, vocab), info)
+    train = token_stream(train_seqs, vocab)
+    if cfg.model.arch != "ngram" and train.numel() < cfg.model.context + 1:  # (checked before any file is written)
+        raise ValueError(f"{data.train}: the training data has {train.numel()} tokens, fewer than one window of "
+                         f"model.context + 1 = {cfg.model.context + 1}; lower model.context or add data")
+    return LmData(vocab, train, token_stream(valid_seqs, vocab), info)
 
 
 # The main rank may parse for a long time while the others wait for its answer (≈ 23 min projected for 60k hours
