@@ -1151,3 +1151,19 @@ def test_spidr_items_from_the_corpus_alignments_match_its_own_item_files(corpus:
                           for onset, offset in by_key.get((row[0], *row[3:7]), []))]
         assert len(matched) >= 0.95 * len(ours), [row for row in ours if row not in matched][:5]
         assert 0.95 * len(theirs) <= len(ours) <= len(theirs)
+
+
+def test_espeak_voices_need_fork_or_are_not_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truth: ``spidr.corpus.espeak.synthesize`` runs every utterance in an ``os.fork()`` child; Windows has no
+    ``os.fork``. There an espeak voice must be reported unavailable (``--list-voices``, ``require_available``'s
+    clear error) rather than listed as installed and default and then crash the synthesis with
+    ``AttributeError: module 'os' has no attribute 'fork'``."""
+    from spidr.corpus import espeak, voices
+
+    if espeak.library_path() is None:
+        pytest.skip("libespeak-ng is not installed")
+    voice = voices.parse_voice("espeak_m1")
+    monkeypatch.delattr(os, "fork")  # as on Windows
+    if voices.is_available(voice):
+        output = espeak.synthesize("hello", voice.engine_voice)  # then it must work without fork
+        assert output.audio.size > 0

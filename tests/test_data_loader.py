@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -392,3 +393,27 @@ def test_with_several_ranks_the_loader_leaves_the_bad_file_verdict_to_the_traine
         loader, _ = build(cfg, rank=rank, world_size=2)
         assert loader.tracker.shared
         assert any(batch is not None for batch in loader)  # the pass ends without a verdict of its own
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_data_worker_survives_a_stop_signal_sent_while_it_starts(tmp_path: Path, method: str) -> None:
+    """Truth: a scheduler's SIGTERM or a Ctrl-C goes to the whole process group, and a data worker must leave it to
+    the trainer (README's stop signals; ``ignore_stop_signals``). Under spawn (the macOS and Windows default) and
+    forkserver (Python 3.14's Linux default) a worker imports torch for a second or more before its
+    ``worker_init_fn`` runs; a stop signal then killed it. The signal is sent here right after the workers start, as
+    the process group's signal reaches them; the pass must still yield every batch (6 files of 0.5 s, 1 s batches)."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        sf.write(tmp_path / f"u{i}.wav", 0.1 * rng.standard_normal(8000), 16_000)
+    manifest = write_manifest(scan(tmp_path, progress=False).entries, tmp_path / "m.csv")
+    cfg = DataConfig(manifest=str(manifest), num_workers=1, min_sample_size=2000, max_sample_size=8000,
+                     max_batch_length=16_000, num_buckets=1)
+    loader, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+    loader.multiprocessing_context = method  # the start method of another platform / Python version
+    try:
+        batches = iter(loader)
+        for worker in loader._live._workers:  # still starting: its worker_init_fn has not run yet
+            os.kill(worker.pid, signal.SIGTERM)
+        assert len(list(batches)) == 3
+    finally:
+        loader.close()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -691,3 +692,20 @@ def test_audio_stamps_stat_each_archive_once(tmp_path, monkeypatch):
     assert calls == [str((tmp_path / "set.tar").resolve())]
     expected = real_stat(tmp_path / "set.tar")
     assert stamps.tolist() == [[expected.st_size, expected.st_mtime_ns // 1_000_000_000]] * 3
+
+
+@pytest.mark.parametrize("ids", [("A", "a"), ("x", "X"), (unicodedata.normalize("NFC", "é"),
+                                                          unicodedata.normalize("NFD", "é"))],
+                         ids=["case", "case-other-extension", "nfc-nfd"])
+def test_output_names_that_one_macos_or_windows_file_would_hold_are_refused(ids: tuple[str, str]) -> None:
+    """Truth: APFS/HFS+ (macOS) and NTFS (Windows) are case-insensitive (and the macOS ones normalisation-
+    insensitive): ``layer_01/A.npy`` and ``layer_01/a.npy`` are one file there, so the second utterance's features
+    silently replace the first's, while metadata.json counts both. Two files of one folder that can coexist there
+    (``x.wav`` and ``X.flac``; members ``spk/A.wav`` and ``spk/a.wav`` of a tar made on Linux) gave such names.
+    They must be refused, naming both files, as names equal in every letter are (or be made distinct)."""
+    first, second = ids
+    entries = [ManifestEntry(first, f"/c/spk/{first}.wav", 10), ManifestEntry(second, f"/c/spk/{second}.flac", 10)]
+    with pytest.raises(ValueError, match="one file on a case-insensitive file system") as error:
+        output_stems(entries)
+    assert f"/c/spk/{first}.wav" in str(error.value)
+    assert f"/c/spk/{second}.flac" in str(error.value)

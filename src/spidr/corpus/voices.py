@@ -9,6 +9,7 @@ is that voice resampled by sox-style ``speed <factor>`` (pitch and tempo both sc
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -121,6 +122,8 @@ def is_available(voice: Voice) -> bool:
         case "festival":
             return _festival_has(voice.engine_voice)
         case "espeak":
+            if not hasattr(os, "fork"):  # every utterance is made in a forked child (spidr.corpus.espeak)
+                return False
             from spidr.corpus import espeak  # loads numpy: only when an espeak voice is checked
 
             return voice.engine_voice.partition("+")[2] in espeak.variants()

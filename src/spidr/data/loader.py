@@ -9,9 +9,11 @@ reports unusable files once and skips batches left empty by them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -128,6 +130,29 @@ def ignore_stop_signals(_worker_id: int) -> None:
     taken for part of the stop (``spidr.train.loop``)."""
     for sig in stop_signals():
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # a forked worker inherits the block of _stop_signals_blocked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked(workers: int) -> Iterator[None]:
+    """Start worker processes with the stop signals ignored: a started process inherits ignored signals (through
+    fork, and through spawn's exec), so one signalled before it reaches ``ignore_stop_signals`` (a spawned worker
+    imports torch first, a second or more) is not killed. Here the signals are blocked meanwhile (pending, not
+    lost, on Linux), and their handlers put back before they are unblocked."""
+    if not workers or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = stop_signals()
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if hasattr(signal, "pthread_sigmask") else None
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if previous_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
 class PretrainingLoader(DataLoader):
@@ -165,7 +190,8 @@ class PretrainingLoader(DataLoader):
     def __iter__(self) -> Iterator[Batch | None]:  # type: ignore[override]
         # Start the DataLoader iterator now, not at the first ``next``: callers may fence this call (e.g. with
         # ``torch.random.fork_rng``) and expect any setup to happen inside it.
-        self._live = super().__iter__()
+        with _stop_signals_blocked(self.num_workers):
+            self._live = super().__iter__()
         return self._deliver(self._live)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -242,18 +243,30 @@ def _refuse_escaping_folders(stems: Sequence[str], manifest: Manifest, start: in
 
 
 def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:
-    """Raise, naming both files, if two stems are equal: 64-bit hashes sorted in numpy, candidates then compared as
-    strings."""
-    hashes = np.fromiter((hash(stem) for stem in stems), dtype=np.int64, count=len(stems))
+    """Raise, naming both files, if two stems name one file: equal, or equal but for case or Unicode normalisation,
+    which is one file on macOS (APFS, HFS+) and Windows (NTFS) and on a share of theirs (``A.npy`` would be
+    silently replaced by ``a.npy``). 64-bit hashes sorted in numpy, candidates then compared as strings."""
+    folded = [_file_system_key(stem) for stem in stems]
+    hashes = np.fromiter((hash(key) for key in folded), dtype=np.int64, count=len(folded))
     order = np.argsort(hashes, kind="stable")
     same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
     for k in same.tolist():
         a, b = int(order[k]), int(order[k + 1])
-        if stems[a] == stems[b]:
+        if folded[a] == folded[b]:
             first, second = _paths(manifest, a, a + 1)[0], _paths(manifest, b, b + 1)[0]
-            raise ValueError(f"utterances {a + 1} ({first}) and {b + 1} ({second}) both map to the output file "
-                             f"{stems[a]!r} (one folder, one file id: e.g. the same name with two extensions); give "
-                             "them distinct file ids in a manifest, or leave one out (--ext)")
+            if stems[a] == stems[b]:
+                raise ValueError(f"utterances {a + 1} ({first}) and {b + 1} ({second}) both map to the output file "
+                                 f"{stems[a]!r} (one folder, one file id: e.g. the same name with two extensions); "
+                                 "give them distinct file ids in a manifest, or leave one out (--ext)")
+            raise ValueError(f"utterances {a + 1} ({first}) and {b + 1} ({second}) map to the output files "
+                             f"{stems[a]!r} and {stems[b]!r}, one file on a case-insensitive file system (macOS, "
+                             "Windows) where the second would replace the first; give them file ids that differ in "
+                             "more than case in a manifest, or leave one out (--ext)")
+
+
+def _file_system_key(stem: str) -> str:
+    """What a case- and normalisation-insensitive file system compares names by (near enough: NFC, casefolded)."""
+    return unicodedata.normalize("NFC", stem).casefold() if not stem.isascii() else stem.lower()
 
 
 class _Outputs:
