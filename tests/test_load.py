@@ -568,3 +568,18 @@ def test_a_training_checkpoint_of_a_run_config_naming_no_type_refuses_model_type
     torch.save({"model": source.state_dict(), "config": config, "step": 3}, path)
     with pytest.raises(ValueError, match=r"describes a 'dinosr' model but model_type='spidr' was requested"):
         read_checkpoint(path, model_type="spidr")
+
+
+def test_a_config_given_as_a_dict_is_read_as_its_file_would_be(tmp_path, source) -> None:
+    """load_model(path, config={...}) failed with 'expected str, bytes or os.PathLike object, not dict': a notebook
+    holding a run config (a loaded TOML) or a model section had to write it to a file first."""
+    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pt")
+    run = _run_config(source)
+    _assert_same(load_model(tmp_path / "ckpt.pt", config=run), source)
+    bare = dataclasses.asdict(source.cfg) | {"__class__": "SpidRConfig"}
+    _assert_same(load_model(tmp_path / "ckpt.pt", config=bare), source)
+    with pytest.raises(ValueError, match=r"config = 3: expected a ModelConfig, a dict of model or run settings, or "
+                                         r"the path of a config file"):
+        load_model(tmp_path / "ckpt.pt", config=3)
+    with pytest.raises(ValueError, match=r"the given config dict: .*encoder_num_layerz"):
+        load_model(tmp_path / "ckpt.pt", config=bare | {"encoder_num_layerz": 2})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -58,6 +59,9 @@ from spidr.models.s3prl_export import is_s3prl_export, read_s3prl_export
 from spidr.models.student import Student
 
 logger = logging.getLogger(__name__)
+
+# What a caller may give as a checkpoint's config: an object, a dict of model or run settings, or a config file
+GivenConfig = ModelConfig | Mapping[str, Any] | str | Path
 
 CheckpointFormat = Literal["official", "fairseq", "training", "safetensors", "hf", "s3prl"]
 _METADATA_KEY = "spidr_config"
@@ -200,7 +204,7 @@ def _config_from_data(data: Mapping[str, Any], model_type: str | None, where: st
         raise ValueError(f"{where}: {error}") from error
 
 
-def _explicit_config(config: ModelConfig | str | Path, model_type: str | None, *,
+def _explicit_config(config: GivenConfig, model_type: str | None, *,
                      recorded: ModelType | None = None, where: str = "") -> ModelConfig:
     """The config given with a checkpoint. ``recorded``: the model type the checkpoint ``where`` records itself; a
     config of the other type is refused (the same weights would give another model's codebook units), and a run
@@ -211,18 +215,24 @@ def _explicit_config(config: ModelConfig | str | Path, model_type: str | None, *
         what = f"the given {type(config).__name__}"
         _resolve_type(config.model_type, model_type, what)
         declared: str | None = config.model_type
-    else:
+    elif isinstance(config, Mapping):  # a run or model config as a dict (a notebook's, or a loaded TOML)
+        what, data = "the given config dict", dict(config)
+        declared = _model_type_of(data)
+    elif isinstance(config, str | os.PathLike):
         what, data = str(config), read_config_file(config)
         declared = _model_type_of(data)
+    else:
+        raise ValueError(f"config = {config!r}: expected a ModelConfig, a dict of model or run settings, or the path "
+                         "of a config file")
     if recorded is not None and declared is not None and declared != recorded:
         raise ValueError(f"{what} describes a {declared!r} model but {where} is a {recorded!r} one: give a config "
                          f"of its type (or none: it records its own)")
     if isinstance(config, ModelConfig):
         return config
-    return _config_from_data(data, model_type or recorded, str(config))
+    return _config_from_data(data, model_type or recorded, what)
 
 
-def _official_config(path: Path, config: ModelConfig | str | Path | None, model_type: str | None) -> ModelConfig:
+def _official_config(path: Path, config: GivenConfig | None, model_type: str | None) -> ModelConfig:
     """Config for an official checkpoint: the argument, else ``config.json`` beside it, else the defaults."""
     if config is not None:
         return _explicit_config(config, model_type)
@@ -270,7 +280,7 @@ def _is_safetensors(path: Path) -> bool:
     return kind == "safetensors"
 
 
-def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model_type: str | None, *,
+def _read_safetensors(path: Path, config: GivenConfig | None, model_type: str | None, *,
                       any_type: bool = False) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -305,7 +315,7 @@ def _read_safetensors(path: Path, config: ModelConfig | str | Path | None, model
     return Checkpoint(model_config, state, "safetensors", step, student_only=metadata.get(_STUDENT_ONLY_KEY) == "true")
 
 
-def _read_hf(path: Path, config: ModelConfig | str | Path | None, model_type: str | None, *,
+def _read_hf(path: Path, config: GivenConfig | None, model_type: str | None, *,
              any_type: bool = False) -> Checkpoint:
     model_config, state, step = read_hf_directory(path, model_type=model_type)
     if config is not None:
@@ -315,7 +325,7 @@ def _read_hf(path: Path, config: ModelConfig | str | Path | None, model_type: st
 
 
 def _read_fairseq(
-    path: Path, data: Mapping[str, Any], config: ModelConfig | str | Path | None, model_type: str | None
+    path: Path, data: Mapping[str, Any], config: GivenConfig | None, model_type: str | None
 ) -> Checkpoint:
     if model_type not in (None, "dinosr"):
         raise ValueError(f"{path} is an original fairseq DinoSR checkpoint; model_type={model_type!r} is invalid")
@@ -360,7 +370,7 @@ def read_checkpoint(
     path: str | Path,
     *,
     trust: bool = False,
-    config: ModelConfig | str | Path | None = None,
+    config: GivenConfig | None = None,
     model_type: ModelType | None = None,
     config_of_any_type: bool = False,
 ) -> Checkpoint:
@@ -500,7 +510,7 @@ def load_model(
     path: str | Path,
     *,
     trust: bool = False,
-    config: ModelConfig | str | Path | None = None,
+    config: GivenConfig | None = None,
     model_type: ModelType | None = None,
 ) -> DinoSR | Student:
     """A ready ``SpidR`` or ``DinoSR`` in eval mode, on CPU, from any recognised checkpoint (module docstring); from
@@ -509,7 +519,8 @@ def load_model(
     Args:
         path: ``.pt`` / ``.ckpt`` checkpoint, ``.safetensors`` export, or Hugging Face data2vec-audio directory.
         trust: allow full unpickling for files that need it (original fairseq checkpoints). Only for trusted files.
-        config: model config (object, or a run/model config file) overriding what the file says.
+        config: model config (object, dict of model or run settings, or a run/model config file) overriding what
+            the file says.
         model_type: "spidr" or "dinosr"; required only for an official checkpoint without a config.
     """
     return model_from_checkpoint(
