@@ -583,3 +583,13 @@ def test_a_config_given_as_a_dict_is_read_as_its_file_would_be(tmp_path, source)
         load_model(tmp_path / "ckpt.pt", config=3)
     with pytest.raises(ValueError, match=r"the given config dict: .*encoder_num_layerz"):
         load_model(tmp_path / "ckpt.pt", config=bare | {"encoder_num_layerz": 2})
+
+
+def test_a_dict_with_only_one_of_the_s3prl_keys_is_not_read_as_an_s3prl_export(tmp_path) -> None:
+    """mut S4 (``all`` → ``any`` in is_s3prl_export): a file of another tool that holds a "model_weight" entry but
+    no task_cfg / model_cfg is no s3prl checkpoint; it is refused as no SpidR/DinoSR checkpoint (a ValueError
+    naming the file), not a KeyError traceback from the s3prl reader."""
+    path = tmp_path / "other.pt"
+    torch.save({"model_weight": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    with pytest.raises(ValueError, match=rf"{path} is not a SpidR/DinoSR checkpoint"):
+        read_checkpoint(path)

@@ -667,3 +667,46 @@ def test_a_refused_overwrite_leaves_the_earlier_export_readable(tmp_path, capsys
     assert "extractor_mode = 'group_norm'" in capsys.readouterr().err
     assert not (out / HF_EXPORT_IN_PROGRESS).exists()
     _assert_same_student(load_model(out), model)
+
+
+def test_an_export_into_a_folder_whose_parent_is_missing_is_refused_naming_it(tmp_path) -> None:
+    """mut H4 (the parent check dropped): export_hf creates only the directory itself (docstring: "its parent must
+    exist"); a missing parent is a ValueError naming it, not a FileNotFoundError from mkdir, and nothing is made."""
+    with pytest.raises(ValueError, match=rf"output directory {tmp_path / 'missing'} does not exist"):
+        export_hf(tiny_model("spidr"), tmp_path / "missing" / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field", ["conv_dim", "conv_kernel", "conv_stride"])
+def test_a_conv_list_holding_zero_is_refused_as_not_positive_naming_the_field(tmp_path, field: str) -> None:
+    """mut H7 (``v >= 1`` → ``v >= 0``): 0 channels, taps or stride is no conv layer; the config.json is refused
+    naming the field and what it must hold."""
+    export_hf(tiny_model("spidr"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = [*config[field][:-1], 0]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"config\.json: {field} = \[.*, 0\] is not a list of positive integers"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_foreign_directory_whose_qkv_biases_are_partly_zero_keeps_them(tmp_path) -> None:
+    """mut H15 (``v.any()`` → ``v.all()``): without the "spidr" entry, the q/k/v bias is kept when any of it is
+    non-zero. Here only layer 0's q bias is set (every other q/k/v bias value is 0): a model that drops the
+    biases computes something else from layer 1 on."""
+    model = tiny_model("spidr", encoder_qkv_bias=True).eval()
+    with torch.no_grad():
+        bias = model.student.layers[0].attention.qkv.bias
+        bias.zero_()
+        bias[:32] = torch.linspace(-1.0, 1.0, 32)  # the q part of layer 0 only
+    export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["spidr"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint.config.encoder_qkv_bias
+    assert torch.equal(checkpoint.state_dict["student.layers.0.attention.qkv.bias"], bias.detach())
+    loaded = load_model(tmp_path)
+    wave = waveforms(4000)
+    with torch.no_grad():
+        for a, b in zip(loaded.get_intermediate_outputs(wave), model.get_intermediate_outputs(wave), strict=True):
+            assert torch.equal(a, b)

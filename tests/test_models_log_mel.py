@@ -11,6 +11,7 @@ from scipy.fft import dct
 from spidr.config import SpidRConfig
 from spidr.eval.mfcc import NUM_CEPS, PRE_EMPHASIS, mel_filterbank, mfcc
 from spidr.models import build_model, num_frames, padding_mask_from_lengths
+from spidr.models.commands import _front_end
 from spidr.models.log_mel import LogMelFilterbank, warp_frequencies
 from train_fixtures import speech_like
 
@@ -248,3 +249,17 @@ def test_student_warp_factors_are_drawn_from_both_sides_of_one_in_training_only(
         first, _ = model(waves)
         second, _ = model(waves)
     assert torch.equal(first, second)
+
+
+def test_info_names_a_log_mel_front_end_s_single_conv_layer() -> None:
+    """mut C6 (``convs == 0`` → ``convs <= 1``): a filterbank followed by one conv layer is described with that
+    layer (the docstring's example), and without one as the filterbank alone."""
+    common = {"extractor_type": "log_mel", "encoder_embed_dim": 32, "encoder_num_layers": 2, "encoder_num_heads": 2,
+              "encoder_ff_interm_features": 64, "encoder_pos_conv_groups": 4, "num_codebooks": 2,
+              "codebook_size": 16}
+    one = SpidRConfig(extractor_conv_layer_config=((80, 400, 320), (24, 3, 1)), **common)
+    two = SpidRConfig(extractor_conv_layer_config=((80, 400, 320), (24, 3, 1), (24, 3, 1)), **common)
+    none = SpidRConfig(extractor_conv_layer_config=((80, 400, 320),), **common)
+    assert _front_end(one) == f"80-band log-mel filterbank + 1 conv layer ({one.extractor_mode})"
+    assert _front_end(two) == f"80-band log-mel filterbank + 2 conv layers ({two.extractor_mode})"
+    assert _front_end(none) == "80-band log-mel filterbank"

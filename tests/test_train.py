@@ -32,7 +32,7 @@ from spidr.train import loop
 from spidr.train.checkpoint import Checkpointer, read_int
 from spidr.train.environment import DistributedEnvironment
 from spidr.train.loop import StepOutput, TrainingDivergedError, _account, _Interval, train, train_step
-from spidr.train.metrics import collapsed_codebooks, read_metrics
+from spidr.train.metrics import MetricsLogger, collapsed_codebooks, read_metrics, supersede_records
 from spidr.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from spidr.train.plot import plot_training
 from spidr.train.precision import Precision, cpu_has_native_bf16, resolve_precision
@@ -1495,3 +1495,30 @@ def test_a_folder_in_the_way_of_a_checkpoint_is_named_in_the_error(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{blocker}: is a directory" in err
     assert ".tmp-" not in err
+
+
+def test_a_fresh_run_supersedes_an_old_run_s_step_0_records(tmp_path):
+    """mut M2 (``after_step=-1 if fresh else start_step`` → ``start_step``): a fresh run (start_step 0) logs its
+    own step-0 validation; an earlier run's step-0 record left in metrics.jsonl moves aside with the rest, or the
+    step would have two records of its group."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "group": "dev", "loss": 9.0}\n'
+                                            '{"step": 1, "group": "train", "loss": 8.0}\n')
+    logger = MetricsLogger(tmp_path, enabled=True, start_step=0, max_steps=10, fresh=True)
+    logger.log(0, "dev", {"loss": 1.0})
+    logger.close()
+    assert [(r["step"], r["group"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(0, "dev", 1.0)]
+    superseded = read_metrics(tmp_path / "metrics.superseded.jsonl")
+    assert [(r["step"], r["loss"]) for r in superseded] == [(0, 9.0), (1, 8.0)]
+
+
+def test_a_torn_record_moved_aside_does_not_join_the_next_one_moved(tmp_path):
+    """mut M6 (moved lines appended as read): a torn last line (no newline) moved to metrics.superseded.jsonl ends
+    there with a newline, so the records a later resume moves start lines of their own and stay readable."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "group": "train"}\n{"step": 2, "gro')  # killed mid-write at step 2
+    assert supersede_records(path, after_step=1) == 1
+    path.write_text('{"step": 1, "group": "train"}\n{"step": 2, "group": "train", "loss": 5.0}\n')
+    assert supersede_records(path, after_step=1) == 1
+    lines = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert lines == ['{"step": 2, "gro', '{"step": 2, "group": "train", "loss": 5.0}']
+    assert json.loads(lines[1])["loss"] == 5.0
