@@ -47,8 +47,10 @@ class LmData:
     info: dict[str, Any]  # what the LM was trained on: stored in its checkpoints
 
 
-def prepare_data(cfg: LmConfig) -> LmData:
-    """Read ``data.train`` (and ``data.valid``), split off the validation utterances, encode both streams."""
+def prepare_data(cfg: LmConfig, *, need_window: bool = True) -> LmData:
+    """Read ``data.train`` (and ``data.valid``), split off the validation utterances, encode both streams.
+    ``need_window``: refuse a training stream shorter than one window of ``model.context + 1`` tokens (not an
+    n-gram's), before any file is written; a caller that names every such LM at once checks it itself."""
     from spidr.eval.feature_dir import units_origin
 
     data = cfg.data
@@ -82,7 +84,7 @@ def prepare_data(cfg: LmConfig) -> LmData:
         "units_origin": units_origin(data.train),
     }
     train = token_stream(train_seqs, vocab)
-    if cfg.model.arch != "ngram" and train.numel() < cfg.model.context + 1:  # (checked before any file is written)
+    if need_window and cfg.model.arch != "ngram" and train.numel() < cfg.model.context + 1:
         raise ValueError(f"{data.train}: the training data has {train.numel()} tokens, fewer than one window of "
                          f"model.context + 1 = {cfg.model.context + 1}; lower model.context or add data")
     return LmData(vocab, train, token_stream(valid_seqs, vocab), info)
@@ -139,13 +141,13 @@ def shared_data(cfg: LmConfig, *, is_main: bool = True) -> LmData:
     return prepare_data(cfg)
 
 
-def update_cache(cfg: LmConfig) -> LmData:
+def update_cache(cfg: LmConfig, *, need_window: bool = True) -> LmData:
     """The data of ``cfg``, mapped from ``<run dir>/tokens``, which is written first unless it holds these streams
     already (a damaged one is written again); held in memory when the folder cannot be written."""
-    return _updated_cache(cfg, cache_key(cfg))
+    return _updated_cache(cfg, cache_key(cfg), need_window=need_window)
 
 
-def _updated_cache(cfg: LmConfig, key: dict[str, Any]) -> LmData:
+def _updated_cache(cfg: LmConfig, key: dict[str, Any], *, need_window: bool = True) -> LmData:
     """``update_cache`` with the ``cache_key`` of ``cfg`` already taken (it reads 2 MiB of each units file)."""
     folder = cfg.run.run_dir / CACHE_FOLDER
     if _stored_key(folder) == key:
@@ -154,7 +156,7 @@ def _updated_cache(cfg: LmConfig, key: dict[str, Any]) -> LmData:
         except UNREADABLE as error:
             logger.warning("the LM's token streams in %s cannot be read (%s): reading the units file again", folder,
                            error)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, need_window=need_window)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "key.json").unlink(missing_ok=True)  # stale from here until the streams are all written

@@ -233,7 +233,7 @@ def _check_enough_data(lms: Sequence[tuple[str, LmConfig]]) -> None:
         if cfg.model.arch == "ngram" or (cfg.run.run_dir / "final.pt").is_file():
             continue
         # Read once: the stream kept in the LM's run folder is what its training maps, not parses again.
-        data = update_cache(cfg)
+        data = update_cache(cfg, need_window=False)  # (checked here, for every LM at once)
         tokens = data.train.numel()
         if tokens < cfg.model.context + 1:
             short.append(f"{name}: {tokens}")
