@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -417,3 +420,46 @@ def test_a_data_worker_survives_a_stop_signal_sent_while_it_starts(tmp_path: Pat
         assert len(list(batches)) == 3
     finally:
         loader.close()
+
+
+def test_a_stop_signal_reaching_the_trainer_while_its_workers_start_is_not_lost(tmp_path):
+    """The trainer's stop handler must run for a SIGTERM (SLURM's notice, Ctrl-C) that arrives while the loader
+    starts its workers. HEAD ignores the signals (SIG_IGN) meanwhile and blocks them in the main thread only: the
+    kernel hands a process-directed signal to another thread that does not block it (NCCL's watchdog, a logger's
+    thread), where SIG_IGN discards it. Run in a child: signal dispositions are process-wide."""
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent('''
+        import multiprocessing.process as mpp, os, signal, sys, threading, time
+        from pathlib import Path
+        import numpy as np, soundfile as sf
+        from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
+        from spidr.data.loader import build_dataloader
+        from spidr.data.manifest import scan, write_manifest
+        root = Path(sys.argv[1])
+        rng = np.random.default_rng(0)
+        for i in range(6):
+            sf.write(root / f"u{i}.wav", 0.1 * rng.standard_normal(8000), 16_000)
+        manifest = write_manifest(scan(root, progress=False).entries, root / "m.csv")
+        cfg = DataConfig(manifest=str(manifest), num_workers=1, min_sample_size=2000, max_sample_size=8000,
+                         max_batch_length=16_000, num_buckets=1)
+        loader, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+        loader.multiprocessing_context = "fork"
+        got = []
+        signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+        start = mpp.BaseProcess.start
+        def start_and_signal(self):
+            start(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        mpp.BaseProcess.start = start_and_signal
+        try:
+            count = len(list(loader))
+        finally:
+            loader.close()
+        time.sleep(0.1)
+        print(count, bool(got))
+    '''))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                            check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert result.stdout.split() == ["3", "True"], result.stdout + result.stderr[-600:]

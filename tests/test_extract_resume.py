@@ -709,3 +709,17 @@ def test_output_names_that_one_macos_or_windows_file_would_hold_are_refused(ids:
         output_stems(entries)
     assert f"/c/spk/{first}.wav" in str(error.value)
     assert f"/c/spk/{second}.flac" in str(error.value)
+
+
+@pytest.mark.parametrize("ids", [("masse", "maße"), ("STRASSE", "straße"), ("fi", "ﬁ")])
+def test_output_names_that_are_two_files_on_macos_and_windows_too_are_kept(ids):
+    """Truth: NTFS's upcase table and APFS/HFS+ case-insensitivity map one character to one (Unicode's simple case
+    mappings): 'maße.npy' and 'masse.npy' (German 'measures' / 'mass') are two files there, as on Linux. HEAD's
+    str.casefold (full folding: ß → ss, ﬁ → fi) refuses them as 'one file on a case-insensitive file system'; at
+    e09f221 they were extracted."""
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval.folder_extraction import output_stems
+
+    first, second = ids
+    entries = [ManifestEntry(first, f"/c/spk/{first}.wav", 10), ManifestEntry(second, f"/c/spk/{second}.wav", 10)]
+    assert len(set(output_stems(entries))) == 2

@@ -1147,8 +1147,8 @@ def test_extract_batch_runs_a_model_in_training_mode_in_eval_mode_and_gives_it_b
     ("dtype", "fp32", "ExtractionSettings.dtype = 'fp32' is invalid"),
     ("layers", 6, r"ExtractionSettings.layers = 6: expected a tuple of 1-based layer numbers"),
     ("layers", (1.0,), r"ExtractionSettings.layers = \(1.0,\)"),
-    ("batch_seconds", 0.0, "ExtractionSettings.batch_seconds = 0.0 must be > 0"),
-    ("context_seconds", -1.0, "ExtractionSettings.context_seconds = -1.0 must be >= 0"),
+    ("batch_seconds", 0.0, "ExtractionSettings.batch_seconds = 0.0 must be a finite number > 0"),
+    ("context_seconds", -1.0, "ExtractionSettings.context_seconds = -1.0 must be a finite number >= 0"),
 ])
 def test_extraction_settings_refuse_what_they_would_misread(field, value, says):
     """Any dtype but 'float32' ran in bfloat16 (float64 asked, bf16 given); layers=6 failed deep inside with a
@@ -1169,3 +1169,50 @@ def test_extract_batch_names_a_waveform_it_cannot_run(model):
                                      r"receptive field is 400\)")):
         with pytest.raises(ValueError, match=says):
             extract_batch(model, [wave, given], settings)
+
+
+def test_extraction_settings_take_numpy_integer_layers():
+    """layers=tuple(np.arange(1, 4)) (numpy integers are the 1-based layer numbers they hold) extracted at e09f221;
+    HEAD refuses them as not being 'a tuple of 1-based layer numbers'."""
+    from spidr.eval.features import ExtractionSettings
+
+    settings = ExtractionSettings(layers=tuple(np.arange(1, 4)))
+    assert settings.layers == (1, 2, 3)
+    assert all(type(layer) is int for layer in settings.layers)
+
+
+def test_non_finite_features_met_by_k_means_units_name_the_file_and_the_layer(tmp_path):
+    """A diverged checkpoint (a NaN weight) gave k-means unit 0 everywhere at e09f221; HEAD refuses, but says only
+    'features contain non-finite values (the first: nan at frame 0, dimension 0)': no file, no layer, and the frame
+    counts over the whole padded batch, not within a file. The refusal must name the file and the layer."""
+    import soundfile as sf
+
+    from spidr.config import SpidRConfig
+    from spidr.data.manifest import scan
+    from spidr.eval.features import iter_units
+    from spidr.models.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(SpidRConfig(**TINY)).eval()
+    rng = np.random.default_rng(0)
+    for name, seconds in (("a", 0.5), ("b", 0.6)):
+        sf.write(tmp_path / f"{name}.wav", 0.1 * rng.standard_normal(int(16000 * seconds)), 16000)
+    with torch.no_grad():
+        model.student.layers[1].attention.proj.weight.view(-1)[0] = float("nan")
+    centroids = {2: torch.randn(8, model.cfg.encoder_embed_dim)}
+    with pytest.raises(ValueError, match=r"a\.wav: layer 2's features hold non-finite values \(a NaN or infinite "
+                                         r"weight in the checkpoint\?\): no k-means unit is nearest"):
+        list(iter_units(model, scan(tmp_path, progress=False).entries, layers=[2], centroids=centroids))
+
+
+@pytest.mark.parametrize("field", ["batch_seconds", "max_seconds", "window_seconds", "context_seconds"])
+def test_extraction_settings_name_an_infinite_duration(field):
+    """ExtractionSettings(max_seconds=inf) (never window) or batch_seconds=inf (one batch, as extract_batch ran at
+    e09f221) passes HEAD's checks, then extract_batch fails with a bare 'OverflowError: cannot convert float
+    infinity to integer'. The settings must refuse it naming the field, as the CLI's positive_float does."""
+    import math
+
+    from spidr.eval.features import ExtractionSettings
+
+    with pytest.raises(ValueError, match=rf"ExtractionSettings\.{field} = inf"):
+        ExtractionSettings(layers=(1,), **{field: math.inf})

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -415,3 +416,43 @@ def test_training_gives_the_process_its_own_numerics_back():
         torch.set_float32_matmul_precision(before[0])
         torch.use_deterministic_algorithms(before[1], warn_only=before[2])
         torch.backends.cudnn.benchmark = before[3]
+
+
+@pytest.mark.parametrize("precision", ["medium", "high", "highest"])
+def test_configured_numerics_gives_back_every_matmul_precision_and_can_run_twice(precision):
+    """torch.set_float32_matmul_precision takes 'medium' too; after a training the precision must read as before
+    and a second training must start (HEAD: 'medium' left the process unreadable, RuntimeError)."""
+    result = _run(f"""
+        import torch
+        from spidr.train.runtime import configured_numerics
+        torch.set_float32_matmul_precision({precision!r})
+        for _ in range(2):
+            with configured_numerics(torch.device("cpu"), deterministic=False):
+                assert torch.get_float32_matmul_precision() == "highest"
+            assert torch.get_float32_matmul_precision() == {precision!r}, torch.get_float32_matmul_precision()
+        print("fine")
+    """)
+    assert result.stdout.strip().endswith("fine"), result.stderr[-600:]
+
+
+def test_configured_numerics_starts_after_torchs_per_backend_precision_api_and_restores_it():
+    """torch >= 2.9 recommends torch.backends.<backend>.fp32_precision; a process that set it could train at
+    e09f221 but HEAD's configured_numerics raised torch's RuntimeError before training started."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch without the per-backend fp32_precision API")
+    result = _run("""
+        import torch
+        from spidr.train.runtime import configured_numerics
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        with configured_numerics(torch.device("cpu"), deterministic=False):
+            pass
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32", torch.backends.cuda.matmul.fp32_precision
+        print("fine")
+    """)
+    assert result.stdout.strip().endswith("fine"), result.stderr[-600:]
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python: torch's matmul precision state is process-wide."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                          check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})

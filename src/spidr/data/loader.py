@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -135,7 +136,7 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 @contextlib.contextmanager
-def _stop_signals_blocked(workers: int) -> Iterator[None]:
+def _stop_signals_blocked(workers: int, start_method: str = "spawn") -> Iterator[None]:
     """Start worker processes with the stop signals ignored: a started process inherits ignored signals (through
     fork, and through spawn's exec), so one signalled before it reaches ``ignore_stop_signals`` (a spawned worker
     imports torch first, a second or more) is not killed. Here the signals are blocked meanwhile (pending, not
@@ -145,7 +146,11 @@ def _stop_signals_blocked(workers: int) -> Iterator[None]:
         return
     signals = stop_signals()
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if hasattr(signal, "pthread_sigmask") else None
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    # A forked worker inherits the block (its ignore_stop_signals ignores, then unblocks). Only a worker that execs
+    # (spawn, forkserver: the mask is reset) needs them ignored here, and an ignored signal that the kernel hands to
+    # another thread of this process (NCCL's watchdog, a logger's), one that does not block it, is lost.
+    exec_start = previous_mask is None or start_method != "fork"
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals} if exec_start else {}
     try:
         yield
     finally:
@@ -190,7 +195,9 @@ class PretrainingLoader(DataLoader):
     def __iter__(self) -> Iterator[Batch | None]:  # type: ignore[override]
         # Start the DataLoader iterator now, not at the first ``next``: callers may fence this call (e.g. with
         # ``torch.random.fork_rng``) and expect any setup to happen inside it.
-        with _stop_signals_blocked(self.num_workers):
+        starts = self.num_workers if not (self.persistent_workers and self._iterator is not None) else 0
+        context = self.multiprocessing_context or multiprocessing.get_context()
+        with _stop_signals_blocked(starts, context.get_start_method()):
             self._live = super().__iter__()
         return self._deliver(self._live)
 

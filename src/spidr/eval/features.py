@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,17 +56,33 @@ class ExtractionSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple | list) or not all(
-                isinstance(layer, int) and not isinstance(layer, bool) for layer in self.layers):
+                isinstance(layer, numbers.Integral) and not isinstance(layer, bool | np.bool_)
+                for layer in self.layers):
             raise ValueError(f"ExtractionSettings.layers = {self.layers!r}: expected a tuple of 1-based layer "
                              "numbers, e.g. (6,) or (1, 2, 3)")
-        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))  # (numpy's as Python's)
         if self.dtype not in ("float32", "bfloat16"):  # (any other name ran in bfloat16)
             raise ValueError(f"ExtractionSettings.dtype = {self.dtype!r} is invalid: expected 'float32' or 'bfloat16'")
         for name in ("batch_seconds", "max_seconds", "window_seconds"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ExtractionSettings.{name} = {getattr(self, name)!r} must be > 0")
-        if not self.context_seconds >= 0:
-            raise ValueError(f"ExtractionSettings.context_seconds = {self.context_seconds!r} must be >= 0")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"ExtractionSettings.{name} = {getattr(self, name)!r} must be a finite number > 0")
+        if not 0 <= self.context_seconds < math.inf:
+            raise ValueError(f"ExtractionSettings.context_seconds = {self.context_seconds!r} must be a finite "
+                             "number >= 0")
+
+
+class NonFiniteFeaturesError(ValueError):
+    """A layer's features of waveform ``row`` of a batch hold a NaN or an infinity, so it has no k-means unit (a
+    diverged checkpoint). ``naming(what)`` is the error a caller raises, naming the file or waveform ``what``."""
+
+    DETAIL = "hold non-finite values (a NaN or infinite weight in the checkpoint?): no k-means unit is nearest"
+
+    def __init__(self, row: int, layer: int) -> None:
+        super().__init__(f"waveform {row} of the batch: layer {layer}'s features {self.DETAIL}")
+        self.row, self.layer = row, layer
+
+    def naming(self, what: str) -> ValueError:
+        return ValueError(f"{what}: layer {self.layer}'s features {self.DETAIL}")
 
 
 def window_settings(max_seconds: float) -> dict[str, float]:
@@ -143,14 +160,20 @@ def extract_batch(
     with _eval_mode(model):
         for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)):
             rows = short[batch].tolist()
-            padded = extract_padded_batch(model, [waveforms[row] for row in rows], settings, front_end=front_end,
-                                          kmeans=kmeans)
+            try:
+                padded = extract_padded_batch(model, [waveforms[row] for row in rows], settings,
+                                              front_end=front_end, kmeans=kmeans)
+            except NonFiniteFeaturesError as error:
+                raise error.naming(f"waveforms[{rows[error.row]}]") from None
             for row, result in zip(rows, padded, strict=True):
                 results[row] = result
         for row in np.flatnonzero(is_long).tolist():
             sinks = _KeptWindows(lambda _key, values: values)
-            extract_long(model, LongAudio.from_waveform(waveforms[row]), settings, sinks, front_end=front_end,
-                         kmeans=kmeans)
+            try:
+                extract_long(model, LongAudio.from_waveform(waveforms[row]), settings, sinks, front_end=front_end,
+                             kmeans=kmeans)
+            except NonFiniteFeaturesError as error:
+                raise error.naming(f"waveforms[{row}]") from None
             results[row] = sinks.arrays()
     return results
 
@@ -199,8 +222,11 @@ def extract_padded_batch(
         if len(rows_by_length) > 1:
             results: list[dict[str, np.ndarray]] = [{} for _ in waveforms]
             for rows in rows_by_length.values():
-                group = _extract_padded(model, [waveforms[row] for row in rows], settings, front_end=front_end,
-                                        kmeans=kmeans)
+                try:
+                    group = _extract_padded(model, [waveforms[row] for row in rows], settings, front_end=front_end,
+                                            kmeans=kmeans)
+                except NonFiniteFeaturesError as error:  # (its row in the group, as the batch's)
+                    raise NonFiniteFeaturesError(rows[error.row], error.layer) from None
                 for row, result in zip(rows, group, strict=True):
                     results[row] = result
             return results
@@ -247,7 +273,15 @@ def _extract_padded(
         for layer, nearest in kmeans.items():
             # the frames of every row, padding left out: (Σ T_i, D), as float32 on the host would hold them
             valid = torch.cat([outputs[layer - 1][row, :count] for row, count in enumerate(frames)]).float()
-            for row, units in enumerate(np.split(nearest(valid), np.cumsum(frames)[:-1])):
+            try:
+                assigned = nearest(valid)
+            except ValueError:
+                bad = next((row for row, count in enumerate(frames)
+                            if not bool(torch.isfinite(outputs[layer - 1][row, :count]).all())), None)
+                if bad is None:
+                    raise
+                raise NonFiniteFeaturesError(bad, layer) from None
+            for row, units in enumerate(np.split(assigned, np.cumsum(frames)[:-1])):
                 results[row][f"kmeans_{layer:02d}"] = units
     return results
 
@@ -477,13 +511,18 @@ def iter_extracted(
     batches = (short[batch] for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)))
     for _, waves, kept, batch_skipped in loaded_batches(model, entries, batches):
         skipped.update(batch_skipped)
-        results = extract_padded_batch(model, waves, settings, front_end=front_end, kmeans=kmeans) if waves else []
+        try:
+            results = extract_padded_batch(model, waves, settings, front_end=front_end, kmeans=kmeans) if waves else []
+        except NonFiniteFeaturesError as error:
+            raise error.naming(entries[kept[error.row]].location) from None
         for index, result in zip(kept, results, strict=True):
             yield entries[index], {key: keep(key, values) for key, values in result.items()}
     for index in long.tolist():
         entry, sinks = entries[index], _KeptWindows(keep)
         try:
             extract_long(model, LongAudio(entry), settings, sinks, front_end=front_end, kmeans=kmeans)
+        except NonFiniteFeaturesError as error:
+            raise error.naming(entry.location) from None
         except AudioError as error:
             # LongAudio turns every decoding failure into an AudioError (a FLAC cut short, a corrupt MP3 frame). Any
             # other error, the model's included (an out-of-memory error is a RuntimeError), stops the run rather

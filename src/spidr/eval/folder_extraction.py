@@ -33,6 +33,7 @@ from spidr.eval.feature_dir import utterance_name, utterance_stem
 from spidr.eval.features import (
     ExtractionSettings,
     LongAudio,
+    NonFiniteFeaturesError,
     NpyAppender,
     extract_long,
     extract_padded_batch,
@@ -265,8 +266,22 @@ def _refuse_duplicates(stems: PackedStrings, manifest: Manifest) -> None:
 
 
 def _file_system_key(stem: str) -> str:
-    """What a case- and normalisation-insensitive file system compares names by (near enough: NFC, casefolded)."""
-    return unicodedata.normalize("NFC", stem).casefold() if not stem.isascii() else stem.lower()
+    """What a case- and normalisation-insensitive file system compares names by: NFC, each character mapped to one
+    character (Unicode's simple case mappings: NTFS's upcase table and APFS map one character to one, so 'ß' is
+    not 'ss' there, nor 'ﬁ' 'fi', as str.casefold's full folding would have them)."""
+    if stem.isascii():
+        return stem.lower()
+    normalised = unicodedata.normalize("NFC", stem)
+    folded = normalised.casefold()
+    if len(folded) == len(normalised):  # (no full folding that makes one character several: simple folding)
+        return folded
+    folded = []
+    for char in normalised:
+        upper = char.upper()
+        char = upper if len(upper) == 1 else char
+        lower = char.lower()
+        folded.append(lower if len(lower) == 1 else char)
+    return "".join(folded)
 
 
 class _Outputs:
@@ -729,7 +744,10 @@ def _extract_short_batch(
     """Run the inputs ``waves`` of entries ``kept`` as one padded batch and save their features; returns their unit
     rows by units file (``spidr.eval.journal.units_file``)."""
     rows: dict[str, list[str]] = {}
-    results = extract_padded_batch(model, waves, plan.saved, kmeans=plan.nearest) if waves else []
+    try:
+        results = extract_padded_batch(model, waves, plan.saved, kmeans=plan.nearest) if waves else []
+    except NonFiniteFeaturesError as error:
+        raise error.naming(manifest[kept[error.row]].location) from None
     for index, result in zip(kept, results, strict=True):
         name, path = outputs.utterance(index), manifest[index].path
         for key, values in result.items():
@@ -782,9 +800,11 @@ def _extract_long_file(
     units |= {f"kmeans_{layer:02d}": np.zeros(total, dtype=np.int64) for layer in plan.kmeans}
     try:
         extract_long(model, audio, plan.saved, {**appenders, **units}, kmeans=plan.nearest)
-    except BaseException:
+    except BaseException as error:
         for sink in appenders.values():
             sink.discard()
+        if isinstance(error, NonFiniteFeaturesError):
+            raise error.naming(entry.location) from None
         raise
     name = outputs.utterance(index)
     rows = {_units_file(key): [_unit_row(name, entry.path, values)] for key, values in units.items()}

@@ -43,22 +43,49 @@ def configure_numerics(device: torch.device, *, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+# torch's per-backend matmul/conv precisions (torch >= 2.9: ``torch.backends.<name>.fp32_precision``)
+_FP32_PRECISIONS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv",
+                    "mkldnn.rnn")
+
+
+def _backend(name: str) -> Any:
+    backend: Any = torch.backends
+    for part in filter(None, name.split(".")):
+        backend = getattr(backend, part, None)
+    return backend
+
+
 @contextlib.contextmanager
 def configured_numerics(device: torch.device, *, deterministic: bool) -> Iterator[None]:
     """``configure_numerics`` inside the block; the process's own settings are back after it: a notebook that
     trains goes on with the precision and determinism it chose."""
-    saved = (torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        legacy: tuple[str, bool, bool] | None = (
+            torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32)
+        precisions = {}
+    except RuntimeError:  # (torch refuses to read them once its per-backend API, fp32_precision, was used too)
+        legacy = None
+        precisions = {name: _backend(name).fp32_precision for name in _FP32_PRECISIONS
+                      if hasattr(_backend(name), "fp32_precision")}
+    saved = (legacy, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
     try:
         configure_numerics(device, deterministic=deterministic)
         yield
     finally:
-        precision, deterministic_before, warn_only, cuda_tf32, cudnn_tf32, benchmark = saved
-        torch.set_float32_matmul_precision(precision)
+        legacy, deterministic_before, warn_only, benchmark = saved
+        if legacy is None:
+            for name, value in precisions.items():
+                _backend(name).fp32_precision = value
+        else:
+            precision, cuda_tf32, cudnn_tf32 = legacy
+            torch.set_float32_matmul_precision(precision)
+            if torch.backends.cuda.matmul.allow_tf32 != cuda_tf32:  # (set with the precision: 'medium' reads as
+                torch.backends.cuda.matmul.allow_tf32 = cuda_tf32  # True, and setting it again mixes the APIs)
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
         torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only)
-        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
-        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = cudnn_tf32, benchmark
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def hold_run_folder(run_dir: Path, cleanup: contextlib.ExitStack, *, is_main: bool) -> None:
