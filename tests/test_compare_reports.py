@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +341,30 @@ def test_a_report_of_stressed_alignments_is_not_measured_alike_a_default_one(tmp
     old = dict(kept)  # what the previous spidr wrote: no stress key (it always kept the digits)
     assert settings_differences([("old", old), ("new", removed)])
     assert not settings_differences([("old", old), ("kept", kept)])
+
+
+def test_a_report_rewritten_and_killed_before_its_settings_leaves_no_settings_of_another_report(tmp_path, monkeypatch):
+    """evaluate into a folder that holds the same model's evaluation under other ABX settings (allowed without
+    --overwrite: the features are reused) renames the new report.json, then the settings file: a kill in between
+    left the new scores under the old settings, which compare-reports takes as the report's condition."""
+    from spidr.eval.report import LayerRow, read_report, read_report_settings, write_report
+
+    out = tmp_path / "eval"
+    write_report([LayerRow("m", 1, abx_within=10.0)], out, title="t", settings={"abx": {"distance": "cosine"}})
+    real_replace = os.replace
+
+    def killed_at_the_settings_rename(src, dst, *args, **kwargs):
+        if Path(dst).parent == out and Path(dst).name != "report.json":
+            raise KeyboardInterrupt  # (kill -9 here)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_settings_rename)
+    with contextlib.suppress(KeyboardInterrupt):
+        write_report([LayerRow("m", 1, abx_within=20.0)], out, title="t", settings={"abx": {"distance": "angular"}})
+    monkeypatch.undo()
+    rows = read_report(out) if (out / "report.json").is_file() else None
+    settings = read_report_settings(out)
+    # either the earlier report whole (scores and settings), or no finished report; never new scores, old settings
+    assert rows is None or (rows[0].abx_within, settings) in (
+        (10.0, {"abx": {"distance": "cosine"}}), (20.0, {"abx": {"distance": "angular"}}), (20.0, None))
+    assert rows is not None

@@ -700,3 +700,54 @@ def test_centroids_fitted_on_another_model_s_features_are_refused(tmp_path: Path
     assert cli.main(["kmeans", str(tmp_path / "A" / "layer_02"), "--num-units", "4", "--out", str(centroids)]) == 0
     assert cli.main(["units", str(tmp_path / "B" / "layer_02"), "--centroids", str(centroids), "--out",
                      str(tmp_path / "u.jsonl")]) == 2
+
+
+def _features(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    centres = 10.0 * np.eye(4, 8, dtype=np.float32)
+    for f in range(6):
+        labels = rng.integers(0, 4, 50)
+        path = tmp_path / "features" / f"spk{f % 2}" / f"utt{f}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, centres[labels] + 0.1 * rng.normal(size=(50, 8)).astype(np.float32))
+    return tmp_path / "features"
+
+
+def test_a_units_overwrite_killed_between_its_two_renames_leaves_no_record_of_other_units(tmp_path, monkeypatch):
+    """spidr units --overwrite renames the new record into place, then the new units file: a kill between the two
+    leaves the earlier units under the new record. units_file_bytes was meant to tell, but units of the same k
+    over the same frames have the same byte size, so units_origin (what lm-train records and lm-score checks)
+    names the new centroids for the old units."""
+    from spidr.eval.feature_dir import units_origin
+    from spidr.eval.kmeans import centroids_digest, load_centroids, save_centroids
+
+    features = _features(tmp_path)
+    a = 10.0 * np.eye(4, 8, dtype=np.float32)
+    b = a[[1, 2, 3, 0]]  # the same clusters, other unit ids: another labelling of every frame
+    save_centroids(tmp_path / "a.safetensors", a)
+    save_centroids(tmp_path / "b.safetensors", b)
+    out = tmp_path / "u.jsonl"
+    assert cli.main(["units", str(features), "--centroids", str(tmp_path / "a.safetensors"), "--out", str(out)]) == 0
+    old_units = out.read_bytes()
+
+    real_replace = os.replace
+
+    def killed_at_the_units_rename(src, dst, *args, **kwargs):
+        if Path(dst) == out:
+            raise KeyboardInterrupt  # (kill -9 here: nothing after this runs)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_units_rename)
+    cli.main(["units", str(features), "--centroids", str(tmp_path / "b.safetensors"), "--out", str(out),
+              "--overwrite"])
+    monkeypatch.undo()
+    # --overwrite: the earlier units go before the new record is written (no units file stands under a record of
+    # other centroids); the rerun writes the new ones under their own record
+    if out.exists():
+        assert out.read_bytes() == old_units
+        origin = units_origin(out)
+        assert origin is None or origin["units_source"] == centroids_digest(load_centroids(tmp_path / "a.safetensors"))
+    assert cli.main(["units", str(features), "--centroids", str(tmp_path / "b.safetensors"), "--out", str(out),
+                     "--overwrite"]) == 0
+    assert out.read_bytes() != old_units
+    assert units_origin(out)["units_source"] == centroids_digest(load_centroids(tmp_path / "b.safetensors"))

@@ -3,6 +3,7 @@ layout, the CLI, and the errors."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -919,3 +920,32 @@ def test_an_slm21_style_gold_file_scores_as_the_toolkit(tmp_path: Path) -> None:
     lengths = {row["length"]: (row["n"], row["score"]) for row in summary["details"]["lexical"]["by_length"]}
     assert lengths == {2: (1, pytest.approx(100.0)), 3: (1, pytest.approx(50.0)), 4: (4, pytest.approx(37.5)),
                        5: (2, pytest.approx(62.5)), 6: (2, pytest.approx(75.0))}
+
+
+def test_a_table_cut_short_by_a_kill_is_not_left_under_its_own_name(tmp_path, monkeypatch):
+    """lm-eval --out writes each score_*.csv table straight to its name (path.open("w")), the only output of the
+    project not written through a temporary: a kill while a table is written leaves it empty or cut short under
+    the name the ZeroSpeech toolkit's readers look for (results.json, written last, is absent, but nothing in the
+    table or beside it says so)."""
+
+
+    from spidr.lm import evaluate as evaluate_module
+
+    bench, submission, _ = write_benchmark(tmp_path)
+    out = tmp_path / "scores"
+    real_cell, calls = evaluate_module._cell, []
+
+    def killed_mid_table(value):
+        calls.append(value)
+        if len(calls) == 8:
+            raise KeyboardInterrupt  # (kill -9 in the middle of the first table's rows)
+        return real_cell(value)
+
+    monkeypatch.setattr(evaluate_module, "_cell", killed_mid_table)
+    with contextlib.suppress(KeyboardInterrupt):
+        evaluate_module.evaluate_benchmark(bench, submission, kind="dev", out_dir=out)
+    monkeypatch.undo()
+    reference = tmp_path / "reference"
+    evaluate_module.evaluate_benchmark(bench, submission, kind="dev", out_dir=reference)
+    for table in out.glob("score_*.csv"):
+        assert table.read_text() == (reference / table.name).read_text(), f"{table.name} is cut short"

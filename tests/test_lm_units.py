@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import wave
@@ -1200,3 +1201,35 @@ def test_the_codebook_units_source_tells_a_spidr_from_a_dinosr_of_the_same_weigh
         units = [[None if c is None else c.argmax(-1) for c in m.get_codebooks(waveform)] for m in (spidr, dinosr)]
     assert not torch.equal(units[0][1], units[1][1])  # layer 2's head: other units
     assert codebook_units_source(spidr) != codebook_units_source(dinosr)
+
+
+def test_an_oracle_copy_killed_midway_leaves_no_units_file_that_lm_train_reads(tmp_path, monkeypatch):
+    """lm-units --oracle copies each set's frame labels straight to its final name (shutil.copyfile): a kill -9
+    during the copy of a 400 MB train set left OUT/train.jsonl cut at a page boundary (reproduced: 146,669,568 of
+    400,001,329 bytes). lm-score refuses the folder by its marker, but lm-train does not look for the marker: it
+    fails with 'line N is not valid JSON' (no word of the killed lm-units), or, cut at a line's end, trains on a
+    subset without a word."""
+    from spidr.lm import bench_units
+    from spidr.lm.tokens import read_unit_sequences
+
+    bench = tmp_path / "bench"
+    for name in ("train", "lexical/dev"):
+        (bench / name).mkdir(parents=True)
+        rows = "".join(f'{{"name": "{name}{i}", "phones": ["AA", "B"]}}\n' for i in range(10))
+        (bench / name / "frame_labels_20ms.jsonl").write_text(rows)
+
+    def killed_midway(source, target, *args, **kwargs):  # (kill -9 after the kernel copied the first lines)
+        lines = Path(source).read_text().splitlines(keepends=True)
+        Path(target).write_text("".join(lines[:4]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_units.shutil, "copyfile", killed_midway)
+    out = tmp_path / "oracle"
+    with contextlib.suppress(KeyboardInterrupt):
+        bench_units.write_oracle_units(bench, out)
+    monkeypatch.undo()
+    train = out / "train.jsonl"
+    assert not train.exists()  # (a units file under its final name is whole: nothing of a cut copy is left)
+    assert not list(out.glob("*.partial"))
+    bench_units.write_oracle_units(bench, out)  # the rerun
+    assert len(read_unit_sequences(train, dedup=True).sequences) == 10

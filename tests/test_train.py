@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -1522,3 +1523,34 @@ def test_a_torn_record_moved_aside_does_not_join_the_next_one_moved(tmp_path):
     lines = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
     assert lines == ['{"step": 2, "gro', '{"step": 2, "group": "train", "loss": 5.0}']
     assert json.loads(lines[1])["loss"] == 5.0
+
+
+def test_a_run_killed_between_its_final_save_and_the_purge_purges_on_the_rerun(tmp_path):
+    """final.pt is renamed into place, then the checkpoints beyond run.keep_latest are removed: a kill in between
+    leaves keep_latest + 1 files, and the rerun (which resumes from final.pt and finds nothing to do) never removes
+    them (3 files of a base model's size where the user allowed 2)."""
+
+    from spidr.train import checkpoint as checkpoint_module
+    from spidr.train.loop import train
+    from train_fixtures import tiny_config, write_corpus
+
+    manifest = write_corpus(tmp_path / "corpus", num_files=6)
+    cfg = tiny_config(tmp_path / "runs", manifest, run={"save_interval": 3, "keep_latest": 2},
+                      optimizer={"max_steps": 7, "warmup_steps": 1, "hold_steps": 3, "decay_steps": 3})
+    real_purge = checkpoint_module.Checkpointer._purge
+
+    def killed_before_the_final_purge(self, *, keep):
+        if keep.name == "final.pt":
+            raise KeyboardInterrupt  # (kill -9 just after final.pt was renamed into place)
+        return real_purge(self, keep=keep)
+
+    checkpoint_module.Checkpointer._purge = killed_before_the_final_purge
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        checkpoint_module.Checkpointer._purge = real_purge
+    run_dir = cfg.run.run_dir
+    assert (run_dir / "final.pt").is_file()
+    train(cfg)  # the rerun
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["final.pt", "step_6.pt"]

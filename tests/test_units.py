@@ -215,3 +215,21 @@ def test_rows_are_keyed_by_the_mapped_name_and_a_row_with_units_and_phones_is_re
     path.write_text('{"name": "a", "units": [1], "phones": ["p"]}\n')
     with pytest.raises(ValueError, match="line 1: the row holds both 'units' and 'phones'"):
         list(read_jsonl_rows(path, field=("units", "phones")))
+
+
+def test_a_gzipped_units_file_names_no_temporary_and_is_the_same_bytes_each_time(tmp_path):
+    """write_units gzips into the hidden temporary (.u.jsonl.gz.<hex>.partial) whose name and time go into the gzip
+    header: two writes of the same units differ, and `gunzip -N` restores the file under the temporary's name, which
+    the next spidr command writing into that folder deletes as a killed writer's leftover."""
+    import time
+
+    from spidr.eval.units import write_units
+
+    units = {"a": np.array([1, 2, 3]), "b": np.array([4])}
+    write_units(tmp_path / "u.jsonl.gz", units)
+    first = (tmp_path / "u.jsonl.gz").read_bytes()
+    time.sleep(1.1)
+    write_units(tmp_path / "u.jsonl.gz", units)
+    second = (tmp_path / "u.jsonl.gz").read_bytes()
+    assert b".partial" not in first[:200]
+    assert first == second

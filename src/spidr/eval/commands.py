@@ -215,7 +215,10 @@ def _units(args: argparse.Namespace) -> int:
 
     def write_record(complete: Path, count: int) -> None:  # before the units file is renamed into place
         record.update(num_utterances=count, units_file_bytes=complete.stat().st_size)  # (a units file written
-        write_atomically(record_path, json.dumps(record, indent=2) + "\n")  # over since is not described)
+        # over since is not described). An earlier units file (--overwrite) goes first: killed between the two
+        # renames, it stood under this record, which names other centroids (same size: same k, same frames).
+        out.unlink(missing_ok=True)
+        write_atomically(record_path, json.dumps(record, indent=2) + "\n")
 
     count = write_units(out, units, dedup=args.dedup, before_rename=write_record)
     rate_text = "rate unknown" if record["frame_rate_hz"] is None else f"{record['frame_rate_hz']:g} Hz"

@@ -329,10 +329,11 @@ def write_report(rows: Sequence[LayerRow], out_dir: str | Path, *, title: str, n
     they are kept even when plotting fails (matplotlib missing)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The earlier settings go first: killed between the two renames, the new scores stood under them (the settings
+    # compare-reports reads as the scores' condition); without them they read as of unknown settings.
+    (out_dir / SETTINGS_FILE).unlink(missing_ok=True)
     write_atomically(out_dir / "report.json", json.dumps([asdict(r) for r in rows], indent=1))
-    if settings is None:
-        (out_dir / SETTINGS_FILE).unlink(missing_ok=True)
-    else:
+    if settings is not None:
         write_atomically(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
     plots = plot_report(rows, out_dir)
     for name in {ABX_PLOT, PNMI_PLOT} - {p.name for p in plots}:

@@ -12,7 +12,9 @@ them instead of reading them as if they had it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -169,6 +171,16 @@ def deduplicate(units: Sequence[int] | np.ndarray) -> np.ndarray:
     return array[keep]
 
 
+@contextlib.contextmanager
+def _gzip_text(partial: Path, path: Path) -> Iterator[IO[str]]:
+    """A gzip text file written to ``partial`` whose header names ``path`` and no time: gzip.open would record the
+    temporary's name (which ``gunzip -N`` restores, and a later sweep deletes as a killed writer's) and the time
+    (the same units, other bytes)."""
+    with partial.open("wb") as raw, gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, mtime=0) as packed, \
+            io.TextIOWrapper(packed, encoding="utf-8") as text:
+        yield text
+
+
 def write_units(
     path: str | Path,
     units: Mapping[str, Sequence[int] | np.ndarray] | Iterable[tuple[str, np.ndarray]],
@@ -189,8 +201,7 @@ def write_units(
     items = units.items() if isinstance(units, Mapping) else units
     count = 0
     with replaced_when_done(path) as partial:
-        with (gzip.open(partial, "wt", encoding="utf-8") if path.suffix == ".gz"
-              else partial.open("w", encoding="utf-8")) as handle:
+        with (_gzip_text(partial, path) if path.suffix == ".gz" else partial.open("w", encoding="utf-8")) as handle:
             for name, values in items:
                 array = deduplicate(values) if dedup else np.asarray(values)
                 row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}

@@ -122,7 +122,8 @@ def write_oracle_units(bench_dir: str | Path, out_dir: str | Path) -> dict[str, 
         for name, source in sources.items():
             target = out_dir / f"{name}.jsonl"
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
+            with replaced_when_done(target) as partial:  # (a kill mid-copy left a cut file under the set's name)
+                shutil.copyfile(source, partial)
             written[name] = target
     return written
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spidr.atomic_files import write_atomically
+from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.lm.zerospeech import (
     FREQUENCY_BANDS,
     GoldItem,
@@ -641,7 +641,8 @@ def write_task_tables(result: TaskResult, out_dir: str | Path, *, kind: str) -> 
     out_dir = Path(out_dir)
     paths = []
     path = out_dir / f"score_{result.task}_{kind}_by_pair.csv"
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    # each table under a temporary name, renamed when whole: a kill cut it short under the toolkit's name
+    with replaced_when_done(path) as partial, partial.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         columns = [field.name for field in fields(type(result.by_pair[0]))]
         headers = {"nonwords": "non word", "non_sentence": "non sentence"}  # the toolkit's names
@@ -651,7 +652,7 @@ def write_task_tables(result: TaskResult, out_dir: str | Path, *, kind: str) -> 
     paths.append(path)
     for name, table in result.breakdowns.items():
         path = out_dir / f"score_{result.task}_{kind}_{name}.csv"
-        with path.open("w", newline="", encoding="utf-8") as handle:
+        with replaced_when_done(path) as partial, partial.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow([*table.columns, "n", "score", "std", *BEYOND_TOOLKIT_COLUMNS])
             for row in table.rows:

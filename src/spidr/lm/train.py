@@ -292,6 +292,8 @@ def train_lm(cfg: LmConfig) -> Outcome:  # noqa: PLR0912, PLR0915 -- the whole r
             logger.info("step %d >= optimizer.max_steps = %d: nothing to do", step, o.max_steps)
             if not checkpointer.path_for(None).is_file():  # a run that went on past its final.pt, then back
                 save(step, final=True)
+            elif denv.is_main:
+                checkpointer.purge_after_final()
             return "completed"
 
         sampler = WindowSampler(data.train, cfg.model.context, o.batch_size, cfg.run.seed)

@@ -109,6 +109,12 @@ class Checkpointer:
             os.replace(final, renamed)
         logger.info("the run goes on past step %d: %s is now %s", step, final.name, renamed.name)
 
+    def purge_after_final(self) -> None:
+        """Remove what ``keep_latest`` leaves out beside a ``final.pt`` that is in place: a kill between its rename
+        and the purge that follows left one checkpoint more than allowed, and the rerun has nothing to save."""
+        if (self.run_dir / FINAL_FILE).is_file():
+            self._purge(keep=self.run_dir / FINAL_FILE)
+
     def _purge(self, *, keep: Path) -> None:
         if self.keep_latest < 1:
             return

@@ -428,6 +428,8 @@ def train(cfg: Config) -> Outcome:
             logger.info("step %d >= optimizer.max_steps = %d: nothing to do", run.step, cfg.optimizer.max_steps)
             if not checkpointer.path_for(None).is_file():  # a run that went on past its final.pt, then back
                 save(final=True)
+            elif denv.is_main:
+                checkpointer.purge_after_final()
             return "completed"
         return _steps(run, _wrap(raw_model, cfg, denv, device), loader, stop=stop, precision=precision,
                       device=device, checkpointer=checkpointer, metrics_logger=metrics_logger, save=save,
