@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,7 +13,16 @@ import numpy as np
 import pytest
 
 from spidr.cli import main
-from spidr.eval.report import LayerRow, merge_reports, read_report, settings_differences, write_report
+from spidr.eval.items import Items
+from spidr.eval.report import (
+    AbxSettings,
+    LayerRow,
+    _abx_percent,
+    merge_reports,
+    read_report,
+    settings_differences,
+    write_report,
+)
 
 MFCC = LayerRow("MFCC", None, abx_within=4.0, abx_across=16.0)
 
@@ -368,3 +378,38 @@ def test_a_report_rewritten_and_killed_before_its_settings_leaves_no_settings_of
     assert rows is None or (rows[0].abx_within, settings) in (
         (10.0, {"abx": {"distance": "cosine"}}), (20.0, {"abx": {"distance": "angular"}}), (20.0, None))
     assert rows is not None
+
+
+def _one_frame_items(rows):
+    """(file, frame, phone, speaker) → Items of one 50 Hz frame each, all in one context."""
+    columns = defaultdict(list)
+    for file, frame, phone, speaker in rows:
+        time = f"{(2 * frame + 1) / 100:.2f}"  # the frame's centre
+        for name, value in zip(("#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"),
+                               (file, time, time, phone, "x", "y", speaker), strict=True):
+            columns[name].append(value)
+    return Items.from_columns(columns)
+
+
+def test_a_report_s_abx_scores_are_percentages():
+    # a at (0, 0) and (10, 0), b at (5, 5) and (5, -5): each token is 10 from its own phone's other token and
+    # √50 ≈ 7.1 from both of the other phone's, so every ABX triple is an error: 100 %, not 1.0.
+    features = {"f": np.asarray([[0.0, 0.0], [10.0, 0.0], [5.0, 5.0], [5.0, -5.0]], dtype=np.float32)}
+    items = _one_frame_items([("f", 0, "a", "s"), ("f", 1, "a", "s"), ("f", 2, "b", "s"), ("f", 3, "b", "s")])
+    settings = AbxSettings(distance="euclidean")
+    assert _abx_percent(features, items, "within", settings, distance="euclidean") == 100.0
+    # one speaker: no across-speaker cell to score
+    assert _abx_percent(features, items, "across", settings, distance="euclidean") is None
+
+
+def test_a_differing_setting_is_shown_whole_and_only_a_sha256_by_its_start():
+    # mutant: _setting_text cutting every string to 12 characters. Truth: only a SHA-256 (64 hex digits) is shortened
+    # to its start; an item file's name is shown as it is.
+    from spidr.eval.report import settings_differences
+
+    a = {"item_file": {"name": "dev-clean-triphone.item", "sha256": "a" * 64}, "dtype": "float32"}
+    b = {"item_file": {"name": "test-clean-triphone.item", "sha256": "b" * 64}, "dtype": "bfloat16"}
+    assert settings_differences([("a", a), ("b", b)]) == [
+        "dtype: a float32, b bfloat16",
+        "item_file.name: a dev-clean-triphone.item, b test-clean-triphone.item",
+        f"item_file.sha256: a {'a' * 12}, b {'b' * 12}"]

@@ -22,8 +22,9 @@ from spidr.data.manifest import read_manifest
 from spidr.eval.feature_dir import refuse_unfinished_extraction
 from spidr.eval.features import ExtractionSettings
 from spidr.eval.folder_extraction import extract_part, extract_to_directory
+from spidr.eval.journal import STATE_DIR, JournalState, join_part_units
 from spidr.eval.pipeline_commands import launcher_part
-from spidr.eval.shards import WHOLE, Shard, parse_shard
+from spidr.eval.shards import WHOLE, Shard, every_part, parse_shard
 from spidr.folder_lock import folder_lock
 from spidr.models.loading import export_safetensors
 from test_extract_resume import SETTINGS, _model
@@ -643,3 +644,20 @@ def test_part_k_starts_with_the_k_th_longest_utterance():
     lengths = np.array([10, 30, 20, 40])
     assert part_numbers(lengths, 2).tolist() == [2, 2, 1, 1]
     assert np.flatnonzero(Shard(2, 2).members(lengths)).tolist() == [0, 1]
+
+
+def test_joined_units_hold_each_part_s_rows_cut_at_its_journaled_size(tmp_path):
+    # mutant: _copy_bytes reading whole chunks, past the size. Truth (join_part_units): each part's rows "cut at its
+    # journaled size": rows a part appended after its last journal line (a batch cut short) are not joined.
+    first, second = every_part(2)
+    rows = {first: ['{"a": [1, 2]}\n', '{"cut": [9]}\n'], second: ['{"b": [3]}\n', '{"c": [4, 5]}\n']}
+    states = {}
+    for part, lines in rows.items():
+        path = tmp_path / STATE_DIR / part.folder_name / "codebook_units" / "layer_02.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(lines))
+        journaled = len(lines[0]) if part is first else len("".join(lines))
+        states[part] = JournalState(np.ones(2, dtype=bool), {}, {"layer_02": journaled})
+    join_part_units(tmp_path, states)
+    assert (tmp_path / "codebook_units" / "layer_02.jsonl").read_text() == (
+        '{"a": [1, 2]}\n{"b": [3]}\n{"c": [4, 5]}\n')

@@ -21,7 +21,7 @@ from spidr.data.manifest import (
     scan,
     write_manifest,
 )
-from spidr.eval.feature_dir import StemKeyed, one_layer_directory
+from spidr.eval.feature_dir import FeatureDirectory, StemKeyed, one_layer_directory
 from spidr.eval.features import (
     ExtractionSettings,
     LongAudio,
@@ -1216,3 +1216,19 @@ def test_extraction_settings_name_an_infinite_duration(field):
 
     with pytest.raises(ValueError, match=rf"ExtractionSettings\.{field} = inf"):
         ExtractionSettings(layers=(1,), **{field: math.inf})
+
+
+def test_a_file_named_only_by_its_extension_is_no_feature_file(tmp_path):
+    # mutant: FeatureDirectory taking ".npy" (nothing before the extension) as the features of "" (or of "sub/").
+    # Truth: a feature file's key is its path without the extension; a bare ".npy" names no utterance.
+    np.save(tmp_path / "a.npy", np.zeros((3, 2), dtype=np.float32))
+    np.save(tmp_path / ".npy", np.zeros((3, 2), dtype=np.float32))
+    (tmp_path / "sub").mkdir()
+    np.save(tmp_path / "sub" / ".npy", np.zeros((3, 2), dtype=np.float32))
+    features = FeatureDirectory(tmp_path)
+    assert list(features) == ["a"]
+    assert "" not in features
+    assert "sub/" not in features
+    (tmp_path / "a.npy").unlink()
+    with pytest.raises(ValueError, match=r"has no \.npy or \.pt files"):
+        FeatureDirectory(tmp_path)

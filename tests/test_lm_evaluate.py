@@ -949,3 +949,22 @@ def test_a_table_cut_short_by_a_kill_is_not_left_under_its_own_name(tmp_path, mo
     evaluate_module.evaluate_benchmark(bench, submission, kind="dev", out_dir=reference)
     for table in out.glob("score_*.csv"):
         assert table.read_text() == (reference / table.name).read_text(), f"{table.name} is cut short"
+
+
+def test_two_correct_rows_of_one_pair_and_voice_are_refused_beside_an_incorrect_one():
+    # mutant: only a pair without a correct row refused. Truth (_score_voices): "each (key, voice) needs exactly one
+    # correct row"; with two words and one nonword, which word the pair scores cannot be told.
+    rows = [LexicalItem("1", "1-A-w", "A", 10, "word", "w o r d", 4, correct=True),
+            LexicalItem("1", "1-A-w2", "A", 10, "word", "w o r d", 4, correct=True),
+            LexicalItem("1", "1-A-n0", "A", 10, "wurd", "w u r d", 4, correct=False)]
+    scores = {"1-A-w": 0.0, "1-A-w2": -5.0, "1-A-n0": -1.0}
+    with pytest.raises(ValueError, match=r"pair '1' \(voice 'A'\) has 2 correct and 1 incorrect row\(s\) "
+                                         r"\(1-A-w, 1-A-w2, 1-A-n0\); expected one correct and at least one "
+                                         r"incorrect"):
+        evaluate_lexical(rows, scores)
+    stories = [StoryClozeItem("7", "7-A-c", "A", "t", "story, true end", correct=True),
+               StoryClozeItem("7", "7-A-c2", "A", "t", "story, true end again", correct=True),
+               StoryClozeItem("7", "7-A-i", "A", "t", "story, false end", correct=False)]
+    with pytest.raises(ValueError, match=r"has 2 correct and 1 incorrect row\(s\).*expected one correct and one "
+                                         r"incorrect"):
+        evaluate_storycloze(stories, {"7-A-c": 0.0, "7-A-c2": -2.0, "7-A-i": -1.0})

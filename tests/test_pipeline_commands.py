@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -1291,3 +1292,20 @@ def test_evaluate_does_not_warn_of_the_random_init_baseline_s_collapsed_units(tm
                  str(tmp_path / "manifest.csv"), "--item", str(tmp_path / "test.item"), "--layers", "2",
                  "--baseline", "random-init", "--out", str(tmp_path / "report")]) == 0
     assert checked == ["collapsed layer 2"]
+
+
+def test_a_tar_of_audio_with_an_upper_case_suffix_is_scanned_as_a_tar(tmp_path):
+    # mutant: _entries telling a .tar by its exact suffix. Truth: --manifest takes "a folder or .tar scanned for
+    # exts", and scan reads a .TAR as a .tar: such an archive is scanned, not read as a manifest table.
+    from spidr.eval.pipeline_commands import _entries
+
+    for name in ("a", "b"):
+        sf.write(tmp_path / f"{name}.wav", np.zeros(1600, dtype=np.float32), 16000)
+    archive = tmp_path / "CORPUS.TAR"
+    with tarfile.open(archive, "w") as tar:
+        for name in ("a", "b"):
+            tar.add(tmp_path / f"{name}.wav", arcname=f"spk/{name}.wav")
+    entries, unread = _entries(str(archive))
+    assert sorted(entry.fileid for entry in entries) == ["a", "b"]
+    assert [entry.num_samples for entry in entries] == [1600, 1600]
+    assert list(unread) == []
