@@ -846,25 +846,6 @@ def test_a_set_of_where_the_lms_train_is_refused_by_name(override):
     study.check_lm_settings(study.StudySettings(lm_overrides=(*TINY_LM, "run.log_interval=7")))
 
 
-_TINY_LM = ("optimizer.max_steps=2", "optimizer.batch_size=2", "model.dim=8", "model.num_layers=1",
-            "model.context=16", 'optimizer.dtype="float32"', 'run.device="cpu"')
-_PHONES = ("AA", "B", "D", "IY", "K", "S")
-
-
-def _tiny_bench(bench_dir: Path, utterances: int) -> LmBenchInfo:
-    """A benchmark without audio: ``utterances`` training utterances of 30 frame labels, and info.json."""
-    rng = random.Random(utterances)
-    for folder, count in (("train", utterances), ("lexical/dev", 4)):
-        (bench_dir / folder).mkdir(parents=True, exist_ok=True)
-        rows = [{"name": f"{folder.replace('/', '-')}-{i:03d}", "phones": [rng.choice(_PHONES) for _ in range(30)]}
-                for i in range(count)]
-        (bench_dir / folder / "frame_labels_20ms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    info = {"parameters": bench_parameters(LmBenchSettings(train_utterances=utterances)),
-            "counts": {"train": {"utterances": utterances}}}
-    (bench_dir / INFO_JSON).write_text(json.dumps(info))
-    return LmBenchInfo.load(bench_dir)
-
-
 def test_the_untrained_row_s_range_is_the_lowest_and_highest_seed_whatever_their_order(tmp_path, monkeypatch):
     # mutant: the range taken as the first and last seeds' values. Truth (_untrained_row): "their range over the
     # initialisations": seeds scoring 55, 40, 70, 50, 45 on tsc give 52 in [40, 70].
@@ -882,13 +863,13 @@ def test_training_data_of_exactly_one_context_is_refused_and_one_token_more_is_e
     # window of model.context + 1 tokens".
     from spidr.lm.prepared_data import update_cache
 
-    bench = _tiny_bench(tmp_path / "bench", 1)
+    bench = _bench(tmp_path / "bench", 1)
     units = study._oracle_units(bench, tmp_path / "units")
-    settings = study.StudySettings(lm_overrides=_TINY_LM)
+    settings = study.StudySettings(lm_overrides=TINY_LM)
     tokens = update_cache(study._lm_config("probe", units, tmp_path / "probe", settings)).train.numel()
     assert tokens > 2
     for context, refused in ((tokens, True), (tokens - 1, False)):
-        lm = study.StudySettings(lm_overrides=(*_TINY_LM, f"model.context={context}"))
+        lm = study.StudySettings(lm_overrides=(*TINY_LM, f"model.context={context}"))
         cfg = study._lm_config(f"phone oracle {context}", units, tmp_path / "out", lm)
         if refused:
             with pytest.raises(ValueError, match=rf"model\.context \+ 1 = {tokens + 1} \(phone oracle {context}: "
@@ -904,9 +885,9 @@ def test_an_lm_whose_data_record_names_no_labels_differs_from_one_of_phone_label
     # without labels (labels: None) is not one trained on the phone labels the oracle's folder holds now.
     from spidr.lm.train import lm_checkpoint_summary, train_lm
 
-    bench = _tiny_bench(tmp_path / "bench", 14)
+    bench = _bench(tmp_path / "bench", 14)
     units = study._oracle_units(bench, tmp_path / "units")
-    cfg = study._lm_config("phone oracle", units, tmp_path / "a", study.StudySettings(lm_overrides=_TINY_LM))
+    cfg = study._lm_config("phone oracle", units, tmp_path / "a", study.StudySettings(lm_overrides=TINY_LM))
     assert train_lm(cfg) == "completed"
     state = lm_checkpoint_summary(cfg.run.run_dir / "final.pt")
     assert study.lm_differences(state, cfg) == ([], [])
@@ -923,5 +904,5 @@ def test_a_model_named_as_the_phone_oracle_is_refused_before_anything_is_made(tm
     monkeypatch.setattr(study, "_benchmark", lambda out_dir, settings: pytest.fail("the study began"))
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"same units folder \['oracle'\] twice \(or the phone oracle's\)"):
-        study.run_study([study.StudyModel(name, None, (1,))], out, study.StudySettings(lm_overrides=_TINY_LM))
+        study.run_study([study.StudyModel(name, None, (1,))], out, study.StudySettings(lm_overrides=TINY_LM))
     assert not out.exists()
