@@ -570,7 +570,8 @@ def test_an_oracle_copy_that_fails_midway_leaves_its_folder_marked(tmp_path, mon
     with pytest.raises(OSError, match="disk full"):
         bench_units.write_oracle_units(_two_set_bench(tmp_path), out)
     assert len(copied) == 1
-    assert copied[0].is_file()
+    assert (out / "train.jsonl").is_file()  # (the first set, renamed whole from its temporary)
+    assert not list(out.rglob("*.partial"))
     assert (out / bench_units.IN_PROGRESS).exists()
     with pytest.raises(ValueError, match="is an unfinished spidr lm-units run"):
         bench_units.refuse_unfinished_units(out)
