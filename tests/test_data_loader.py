@@ -463,3 +463,67 @@ def test_a_stop_signal_reaching_the_trainer_while_its_workers_start_is_not_lost(
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
                             check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert result.stdout.split() == ["3", "True"], result.stdout + result.stderr[-600:]
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+def test_a_stop_signal_while_workers_start_reaches_the_trainer_and_spares_the_worker(tmp_path, method, where):
+    """A SIGTERM to the process group while the loader starts its workers must run the trainer's handler (HEAD:
+    under spawn/forkserver the parent ignores it meanwhile, and the thread the kernel hands it to, one that does not
+    block it (here a ThreadPoolExecutor's idle thread, as scan leaves), drops it: the run goes on to max_steps), and
+    must not kill the starting worker (HEAD, loader iterated from another thread: it was killed)."""
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(f'''
+        import multiprocessing.process as mpp, os, signal, sys, threading, time
+        from pathlib import Path
+        import numpy as np, soundfile as sf
+        from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
+        from spidr.data.loader import build_dataloader
+        from spidr.data.manifest import scan, write_manifest
+
+        def main():
+            root = Path(sys.argv[1])
+            rng = np.random.default_rng(0)
+            for i in range(6):
+                sf.write(root / f"u{{i}}.wav", 0.1 * rng.standard_normal(8000), 16_000)
+            manifest = write_manifest(scan(root, progress=False).entries, root / "m.csv")
+            cfg = DataConfig(manifest=str(manifest), num_workers=1, min_sample_size=2000, max_sample_size=8000,
+                             max_batch_length=16_000, num_buckets=1, persistent_workers=False)
+            loader, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+            loader.multiprocessing_context = {method!r}
+            got = []
+            signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+            threading.Thread(target=threading.Event().wait, daemon=True).start()
+            start = mpp.BaseProcess.start
+            def start_and_signal(self):
+                start(self)
+                os.kill(self.pid, signal.SIGTERM)       # the process group's signal reaches the starting worker
+                os.kill(os.getpid(), signal.SIGTERM)    # and the trainer
+                time.sleep(0.1)
+            mpp.BaseProcess.start = start_and_signal
+            counts = []
+            def epochs():
+                for _ in range(2):
+                    try:
+                        counts.append(len(list(loader)))
+                    except RuntimeError as error:
+                        counts.append(str(error)[:80])
+            try:
+                if {where!r} == "main":
+                    epochs()
+                else:
+                    thread = threading.Thread(target=epochs)
+                    thread.start()
+                    thread.join()
+            finally:
+                loader.close()
+            time.sleep(0.3)
+            print(counts, len(got))
+
+        if __name__ == "__main__":
+            main()
+    '''))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+                                                           "OMP_NUM_THREADS": "1"})
+    assert result.stdout.strip() == "[3, 3] 2", result.stdout + result.stderr[-800:]

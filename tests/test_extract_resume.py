@@ -723,3 +723,17 @@ def test_output_names_that_are_two_files_on_macos_and_windows_too_are_kept(ids):
     first, second = ids
     entries = [ManifestEntry(first, f"/c/spk/{first}.wav", 10), ManifestEntry(second, f"/c/spk/{second}.wav", 10)]
     assert len(set(output_stems(entries))) == 2
+
+
+@pytest.mark.parametrize("ids", [("İzmir_ılık", "İzmir_ilik"), ("ıß", "iß"), ("Iß", "ıß")])
+def test_a_dotless_i_is_not_an_i_whatever_else_the_name_holds(ids):
+    """Truth: NTFS's upcase table leaves U+0131 (ı) as it is, and APFS/HFS+ fold it to itself (CaseFolding.txt
+    has no C/S entry for it): 'ılık.npy' and 'ilik.npy' are two files on macOS and Windows, and HEAD keeps them.
+    But a name that also holds a character that full folding expands (İ, ß, ﬁ) takes HEAD's other branch, where
+    'ı'.upper().lower() == 'i', and is refused as 'one file on a case-insensitive file system'."""
+    from spidr.data.manifest import ManifestEntry
+    from spidr.eval.folder_extraction import output_stems
+
+    first, second = ids
+    entries = [ManifestEntry(first, f"/c/spk/{first}.wav", 10), ManifestEntry(second, f"/c/spk/{second}.wav", 10)]
+    assert len(set(output_stems(entries))) == 2

@@ -2172,3 +2172,24 @@ def test_score_sequences_refuses_unit_ids_that_are_not_whole_numbers() -> None:
         score_sequences(model, vocab, {"x": np.array([1.5, 2.0])})
     as_floats = score_sequences(model, vocab, {"x": np.array([1.0, 2.0])})["x"]
     assert as_floats == score_sequences(model, vocab, {"x": np.array([1, 2])})["x"]
+
+
+def test_too_little_data_is_refused_before_any_file_even_with_the_token_cache_lm_study_left(tmp_path, capsys):
+    """lm-study's check (update_cache(need_window=False)) writes every LM's tokens/ before refusing the study. An
+    lm-train of that LM then maps the cache and skips prepare_data's refusal: HEAD writes config.json, step_0.pt
+    and tensorboard/, then fails in WindowSampler without naming the units file; a gpt's step_0.pt then refuses the
+    rerun with a lower model.context ('weights of another shape')."""
+    from spidr.cli import main
+    from spidr.lm.config import load_lm_config
+    from spidr.lm.prepared_data import update_cache
+    from test_lm_train import _config
+
+    model = {"arch": "gpt", "num_heads": 2, "ffn_dim": 64}
+    config = _config(tmp_path, "short", model={"context": 5000, **model}, data={"val_fraction": 0.0})
+    cfg = load_lm_config(config)
+    update_cache(cfg, need_window=False)  # as lm-study's _check_enough_data leaves the LM's run folder
+    assert main(["lm-train", str(config)]) == 2
+    assert "units.jsonl: the training data has" in capsys.readouterr().err
+    assert sorted(path.name for path in cfg.run.run_dir.iterdir()) == ["tokens"]
+    smaller = _config(tmp_path, "short", model={"context": 16, **model}, data={"val_fraction": 0.0})
+    assert main(["lm-train", str(smaller)]) == 0

@@ -456,3 +456,49 @@ def _run(code: str) -> subprocess.CompletedProcess:
     """``code`` in a fresh Python: torch's matmul precision state is process-wide."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
                           check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+
+
+@pytest.mark.parametrize(("setup", "device"), [
+    ("pass", "cpu"),  # HEAD: cuda.matmul and mkldnn.matmul 'none' (inherit) -> 'ieee'
+    ("torch.backends.cuda.matmul.allow_tf32 = True", "cuda"),  # HEAD: mkldnn.matmul 'none' -> 'tf32'
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "cuda"),  # HEAD: cudnn.allow_tf32 then raises
+])
+def test_configured_numerics_gives_back_every_per_backend_precision(setup, device):
+    """Every torch precision setting must read as before after the block, twice, on success and on error. HEAD
+    restores the legacy API only whenever it is readable: set_float32_matmul_precision writes CUDA's and oneDNN's
+    matmul precisions together (the common 'allow_tf32 = True' left CPU matmuls in TF32 after training), and
+    'none' (inherit the root's) came back as 'ieee'; after the per-backend API it left cudnn.allow_tf32 unreadable."""
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("torch without the per-backend fp32_precision API")
+    result = _run(f"""
+        import torch
+        from spidr.train.runtime import configured_numerics
+        NAMES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv",
+                 "mkldnn.rnn")
+        def backend(name):
+            b = torch.backends
+            for part in filter(None, name.split(".")):
+                b = getattr(b, part)
+            return b
+        def read(getter):
+            try:
+                return getter()
+            except RuntimeError:
+                return "unreadable"
+        def snapshot():
+            return ([read(lambda n=n: backend(n).fp32_precision) for n in NAMES]
+                    + [read(torch.get_float32_matmul_precision), read(lambda: torch.backends.cuda.matmul.allow_tf32),
+                       read(lambda: torch.backends.cudnn.allow_tf32)])
+        {setup}
+        before = snapshot()
+        for fail in (False, True):
+            try:
+                with configured_numerics(torch.device({device!r}), deterministic=True):
+                    if fail:
+                        raise KeyError("stop")
+            except KeyError:
+                pass
+            assert snapshot() == before, (fail, before, snapshot())
+        print("fine")
+    """)
+    assert result.stdout.strip().endswith("fine"), result.stderr[-800:]

@@ -14,7 +14,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -137,27 +136,25 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 @contextlib.contextmanager
 def _stop_signals_blocked(workers: int, start_method: str = "spawn") -> Iterator[None]:
-    """Start worker processes with the stop signals ignored: a started process inherits ignored signals (through
-    fork, and through spawn's exec), so one signalled before it reaches ``ignore_stop_signals`` (a spawned worker
-    imports torch first, a second or more) is not killed. Here the signals are blocked meanwhile (pending, not
-    lost, on Linux), and their handlers put back before they are unblocked."""
-    if not workers or threading.current_thread() is not threading.main_thread():
+    """Start worker processes with the stop signals blocked in this thread: a worker inherits the mask (through
+    fork, and through spawn's and forkserver's exec), so one signalled before it reaches ``ignore_stop_signals``
+    (which ignores, then unblocks: a pending signal is dropped) is not killed. This process's handlers stay: a
+    signal pending here is delivered when the mask is put back, or at once to another thread that does not block
+    it (ignoring it here instead lost it there)."""
+    if not workers or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    signals = stop_signals()
-    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if hasattr(signal, "pthread_sigmask") else None
-    # A forked worker inherits the block (its ignore_stop_signals ignores, then unblocks). Only a worker that execs
-    # (spawn, forkserver: the mask is reset) needs them ignored here, and an ignored signal that the kernel hands to
-    # another thread of this process (NCCL's watchdog, a logger's), one that does not block it, is lost.
-    exec_start = previous_mask is None or start_method != "fork"
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals} if exec_start else {}
+    if start_method != "fork":
+        # multiprocessing starts its resource tracker on first use and then *unblocks* SIGINT and SIGTERM in the
+        # calling thread (bpo-33613): start it before blocking.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if previous_mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
 class PretrainingLoader(DataLoader):

@@ -277,10 +277,13 @@ def _file_system_key(stem: str) -> str:
         return folded
     folded = []
     for char in normalised:
-        upper = char.upper()
-        char = upper if len(upper) == 1 else char
-        lower = char.lower()
-        folded.append(lower if len(lower) == 1 else char)
+        simple = char.casefold()
+        if len(simple) != 1:  # (full folding only, as ß → ss: the simple one, if any, is ẞ → ß, ᾈ → ᾀ)
+            upper = char.upper()
+            char = upper if len(upper) == 1 else char
+            lower = char.lower()
+            simple = lower if len(lower) == 1 else char
+        folded.append(simple)
     return "".join(folded)
 
 

@@ -84,10 +84,17 @@ def prepare_data(cfg: LmConfig, *, need_window: bool = True) -> LmData:
         "units_origin": units_origin(data.train),
     }
     train = token_stream(train_seqs, vocab)
-    if need_window and cfg.model.arch != "ngram" and train.numel() < cfg.model.context + 1:
-        raise ValueError(f"{data.train}: the training data has {train.numel()} tokens, fewer than one window of "
-                         f"model.context + 1 = {cfg.model.context + 1}; lower model.context or add data")
+    if need_window:
+        refuse_less_than_a_window(cfg, train)
     return LmData(vocab, train, token_stream(valid_seqs, vocab), info)
+
+
+def refuse_less_than_a_window(cfg: LmConfig, train: torch.Tensor) -> None:
+    """Refuse a training stream shorter than one window of ``model.context + 1`` tokens (not an n-gram's), naming
+    ``data.train``, before any file of the run is written."""
+    if cfg.model.arch != "ngram" and train.numel() < cfg.model.context + 1:
+        raise ValueError(f"{cfg.data.train}: the training data has {train.numel()} tokens, fewer than one window of "
+                         f"model.context + 1 = {cfg.model.context + 1}; lower model.context or add data")
 
 
 # The main rank may parse for a long time while the others wait for its answer (≈ 23 min projected for 60k hours
@@ -152,10 +159,14 @@ def _updated_cache(cfg: LmConfig, key: dict[str, Any], *, need_window: bool = Tr
     folder = cfg.run.run_dir / CACHE_FOLDER
     if _stored_key(folder) == key:
         try:
-            return read_cache(folder)
+            cached = read_cache(folder)
         except UNREADABLE as error:
             logger.warning("the LM's token streams in %s cannot be read (%s): reading the units file again", folder,
                            error)
+        else:  # (the key leaves model.context out: lm-study's check keeps the streams of an LM it refuses)
+            if need_window:
+                refuse_less_than_a_window(cfg, cached.train)
+            return cached
     data = prepare_data(cfg, need_window=need_window)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -59,31 +59,33 @@ def _backend(name: str) -> Any:
 def configured_numerics(device: torch.device, *, deterministic: bool) -> Iterator[None]:
     """``configure_numerics`` inside the block; the process's own settings are back after it: a notebook that
     trains goes on with the precision and determinism it chose."""
-    try:
-        legacy: tuple[str, bool, bool] | None = (
-            torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32)
-        precisions = {}
-    except RuntimeError:  # (torch refuses to read them once its per-backend API, fp32_precision, was used too)
-        legacy = None
-        precisions = {name: _backend(name).fp32_precision for name in _FP32_PRECISIONS
-                      if hasattr(_backend(name), "fp32_precision")}
-    saved = (legacy, torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    def readable(getter: Any) -> Any:
+        try:
+            return getter()
+        except RuntimeError:  # (torch refuses to read a legacy flag that its per-backend API contradicts)
+            return None
+
+    legacy = (readable(torch.get_float32_matmul_precision), readable(lambda: torch.backends.cuda.matmul.allow_tf32),
+              readable(lambda: torch.backends.cudnn.allow_tf32))
+    # Every per-backend value, inherited ones ('none') included: the legacy setters write several of them at once.
+    precisions = {name: _backend(name).fp32_precision for name in _FP32_PRECISIONS
+                  if hasattr(_backend(name), "fp32_precision")}
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
     try:
         configure_numerics(device, deterministic=deterministic)
         yield
     finally:
-        legacy, deterministic_before, warn_only, benchmark = saved
-        if legacy is None:
-            for name, value in precisions.items():
-                _backend(name).fp32_precision = value
-        else:
-            precision, cuda_tf32, cudnn_tf32 = legacy
+        deterministic_before, warn_only, benchmark = saved
+        precision, cuda_tf32, cudnn_tf32 = legacy
+        if precision is not None:
             torch.set_float32_matmul_precision(precision)
-            if torch.backends.cuda.matmul.allow_tf32 != cuda_tf32:  # (set with the precision: 'medium' reads as
-                torch.backends.cuda.matmul.allow_tf32 = cuda_tf32  # True, and setting it again mixes the APIs)
+        if cuda_tf32 is not None and readable(lambda: torch.backends.cuda.matmul.allow_tf32) != cuda_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+        if cudnn_tf32 is not None:
             torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        for name, value in precisions.items():  # (the root first, then each backend, then its operations)
+            _backend(name).fp32_precision = value
         torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
 
