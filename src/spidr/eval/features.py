@@ -154,12 +154,11 @@ def extract_batch(
             raise ValueError(f"waveforms[{row}] is shorter than one frame ({wave.shape[0]} samples; the front end's "
                              f"receptive field is {num_samples_for_frames(1, conv_layers)})")
     lengths = np.fromiter((wave.shape[0] for wave in waveforms), dtype=np.int64, count=len(waveforms))
-    is_long = lengths > int(settings.max_seconds * SAMPLE_RATE)
-    short = np.flatnonzero(~is_long)
+    batches, long = planned_batches(lengths, settings)
     results: list[dict[str, np.ndarray]] = [{} for _ in waveforms]
     with _eval_mode(model):
-        for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)):
-            rows = short[batch].tolist()
+        for batch in batches:
+            rows = batch.tolist()
             try:
                 padded = extract_padded_batch(model, [waveforms[row] for row in rows], settings,
                                               front_end=front_end, kmeans=kmeans)
@@ -167,7 +166,7 @@ def extract_batch(
                 raise error.naming(f"waveforms[{rows[error.row]}]") from None
             for row, result in zip(rows, padded, strict=True):
                 results[row] = result
-        for row in np.flatnonzero(is_long).tolist():
+        for row in long.tolist():
             sinks = _KeptWindows(lambda _key, values: values)
             try:
                 extract_long(model, LongAudio.from_waveform(waveforms[row]), settings, sinks, front_end=front_end,
@@ -424,6 +423,16 @@ def length_batches(entries: Sequence[ManifestEntry] | np.ndarray, batch_samples:
         begin = end
 
 
+def planned_batches(lengths: np.ndarray, settings: ExtractionSettings) -> tuple[Iterator[np.ndarray], np.ndarray]:
+    """How utterances of ``lengths`` (N,) samples run: the indices of the short ones in padded length batches of at
+    most ``settings.batch_seconds`` (``length_batches``), and those longer than ``settings.max_seconds``, which run
+    window by window (``extract_long``)."""
+    is_long = lengths > int(settings.max_seconds * SAMPLE_RATE)
+    short = np.flatnonzero(~is_long)
+    batches = (short[batch] for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)))
+    return batches, np.flatnonzero(is_long)
+
+
 def load_model_input(entry: ManifestEntry, conv_layers: Sequence[ConvLayer]) -> torch.Tensor:
     """The standardised 16 kHz waveform (S,) of ``entry`` for a model with ``conv_layers``; ``AudioError`` for an
     unreadable file and for one shorter than a frame (the model would refuse the whole batch)."""
@@ -505,10 +514,8 @@ def iter_extracted(
     keep = keep or (lambda _key, values: values)
     skipped = skipped if skipped is not None else {}
     lengths = np.fromiter((entry.num_samples for entry in entries), dtype=np.int64, count=len(entries))
-    is_long = lengths > int(settings.max_seconds * SAMPLE_RATE)
-    short, long = np.flatnonzero(~is_long), np.flatnonzero(is_long)
+    batches, long = planned_batches(lengths, settings)
     model.eval()
-    batches = (short[batch] for batch in length_batches(lengths[short], int(settings.batch_seconds * SAMPLE_RATE)))
     for _, waves, kept, batch_skipped in loaded_batches(model, entries, batches):
         skipped.update(batch_skipped)
         try:
