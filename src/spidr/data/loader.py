@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -132,6 +133,22 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # a forked worker inherits the block of _stop_signals_blocked
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
+    _exit_with_the_trainer()
+
+
+def _exit_with_the_trainer() -> None:
+    """End this worker when the process that started it dies. torch's workers watch their parent process, which under
+    forkserver (Python 3.14's Linux default) is the fork server: a trainer killed with SIGKILL left the server and its
+    workers running for ever (each worker holds the server's liveness pipe open, and ignores SIGTERM). multiprocessing
+    gives every child a sentinel of the process that asked for it, whatever the start method."""
+    trainer = multiprocessing.parent_process()
+    if trainer is not None:
+        threading.Thread(target=_exit_after, args=(trainer,), name="spidr-trainer-watch", daemon=True).start()
+
+
+def _exit_after(trainer: multiprocessing.process.BaseProcess) -> None:
+    trainer.join()
+    os._exit(1)
 
 
 @contextlib.contextmanager
@@ -155,6 +172,13 @@ def _stop_signals_blocked(workers: int, start_method: str = "spawn") -> Iterator
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
+def _kill_started_since(running: set[multiprocessing.process.BaseProcess]) -> None:
+    """Kill and reap the child processes started since ``running`` was listed (``multiprocessing.active_children``)."""
+    for child in set(multiprocessing.active_children()) - running:
+        child.kill()
+        child.join()
 
 
 class PretrainingLoader(DataLoader):
@@ -194,8 +218,16 @@ class PretrainingLoader(DataLoader):
         # ``torch.random.fork_rng``) and expect any setup to happen inside it.
         starts = self.num_workers if not (self.persistent_workers and self._iterator is not None) else 0
         context = self.multiprocessing_context or multiprocessing.get_context()
+        running = set(multiprocessing.active_children())
         with _stop_signals_blocked(starts, context.get_start_method()):
-            self._live = super().__iter__()
+            try:
+                self._live = super().__iter__()
+            except BaseException:
+                # A worker that failed to start (EAGAIN under a process limit) leaves the ones started before it
+                # with no iterator to shut them down; they ignore the SIGTERM multiprocessing sends at exit, and
+                # its join then waited for ever. They hold nothing to save: kill them.
+                _kill_started_since(running)
+                raise
         return self._deliver(self._live)
 
     def close(self) -> None:
