@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -58,3 +59,20 @@ def test_the_readme_python_example_runs_and_agrees_with_itself(tmp_path, monkeyp
     assert units.shape == (frames,)
     distances = ((feats[0]["layer_06"][:, None] - namespace["centroids"][None]) ** 2).sum(-1)
     np.testing.assert_array_equal(units, distances.argmin(1))  # each frame's nearest centroid
+    # The unit LM part: trained on the two utterances' units, its scores are log p(BOS u EOS) by one forward pass of
+    # the LSTM over the deduplicated units (20 k-means units: BOS = 20, EOS = 21), and the pair accuracy counts them.
+    lm, scores = namespace["lm"], namespace["scores"]
+    assert (tmp_path / "lms" / "k20" / "final.pt").is_file()
+    assert (lm.info["num_units"], lm.info["dedup"], lm.context) == (20, True, None)
+    for name, frame_units in (("real", units), ("reversed", units[::-1])):
+        kept = frame_units[np.r_[True, frame_units[1:] != frame_units[:-1]]]
+        tokens = torch.tensor([[20, *kept.tolist(), 21]])
+        with torch.no_grad():
+            log_probs = lm.model(tokens[:, :-1]).double().log_softmax(-1)[0]
+        by_hand = float(log_probs[torch.arange(len(kept) + 1), tokens[0, 1:]].sum())
+        assert scores[name].num_tokens == len(kept) + 1
+        assert scores[name].logprob == pytest.approx(by_hand, abs=1e-3)
+        assert scores[name].mean == scores[name].logprob / (len(kept) + 1)
+    real, reversed_ = scores["real"].mean, scores["reversed"].mean
+    assert namespace["pair_accuracy"](scores, [("real", "reversed")]).score == (
+        1.0 if real > reversed_ else 0.5 if real == reversed_ else 0.0)

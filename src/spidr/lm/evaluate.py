@@ -34,10 +34,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -223,6 +225,35 @@ def accuracy(per_id_scores: Sequence[float] | np.ndarray, *, seed: int = 0,
     wins = int(np.count_nonzero(units > 0.5))
     p_value = float(binomtest(wins, decided, 0.5).pvalue) if decided else 1.0
     return Accuracy(score=float(array.mean()), n=int(array.size), ci_low=low, ci_high=high, p_value=p_value)
+
+
+def pair_accuracy(scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]], *, norm: str = "mean", seed: int = 0,
+                  clusters: Sequence[object] | None = None) -> Accuracy:
+    """The accuracy of (correct, incorrect) item pairs from in-memory scores, without gold files: 1 for a pair whose
+    correct item scores higher, ½ for a tie (``pair_score``), with ``accuracy``'s interval and p-value (``clusters``:
+    a label per pair). ``scores``: item → float, or ``score_units``' ``ItemScore`` taken by ``norm`` ("mean", the
+    log-probability per predicted token as lm-score's default; or "sum"). Each pair counts once: the tasks' mean over
+    the voices of one pair id is the caller's to take (``evaluate_lexical`` and the others do it from gold files)."""
+    if norm not in ("mean", "sum"):
+        raise ValueError(f"norm {norm!r} is invalid: expected 'mean' or 'sum'")
+    if not pairs:
+        raise ValueError("no pair to score")
+
+    def value(name: str, index: int) -> float:
+        if name not in scores:
+            raise ValueError(f"pair {index} ({pairs[index][0]!r}, {pairs[index][1]!r}): no score for {name!r}")
+        score = scores[name]
+        if hasattr(score, "logprob"):  # an ItemScore
+            return float(score.mean if norm == "mean" else score.logprob)
+        if not isinstance(score, numbers.Real):
+            raise TypeError(f"the score of {name!r} is {type(score).__name__}, not a number or an ItemScore")
+        return float(score)
+
+    for index, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ValueError(f"pair {index}: expected (correct, incorrect) item names, got {pair!r}")
+    per_pair = [pair_score(value(correct, i), value(incorrect, i)) for i, (correct, incorrect) in enumerate(pairs)]
+    return accuracy(per_pair, seed=seed, clusters=clusters)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:

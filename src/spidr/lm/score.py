@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from spidr.eval.units import unit_ids
 from spidr.in_progress import marked_in_progress
 from spidr.lm.evaluate import TASKS, warn_about_other_folders  # each task lm-eval scores: units, submission
 from spidr.lm.models import token_log_likelihoods
-from spidr.lm.tokens import Vocabulary
+from spidr.lm.tokens import LabelVocabulary, Vocabulary
 from spidr.lm.train import load_lm, read_lm_units
 
 logger = logging.getLogger(__name__)
@@ -51,16 +51,84 @@ class ItemScore:
         return self.logprob / self.num_tokens
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class UnitLM:
+    """A trained unit LM ready to score (``load_unit_lm``): the model in eval mode and what it was trained on."""
+
+    model: nn.Module
+    info: dict[str, Any]  # the checkpoint's ``lm`` record (num_units, dedup, kind, ...) with arch, context and step
+    labels: LabelVocabulary | None  # an LM of frame labels (phones): its labels in id order
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return Vocabulary(self.info["num_units"])
+
+    @property
+    def context(self) -> int | None:
+        """The window a GPT reads (longer items are scored in strided windows); None for LSTM and n-gram LMs."""
+        return self.info["context"] if self.info["arch"] == "gpt" else None
+
+
+def load_unit_lm(path: str | Path, *, device: str | torch.device = "cpu") -> UnitLM:
+    """The unit LM that ``spidr lm-train`` saved at ``path`` (a run's ``final.pt``)."""
+    return UnitLM(*load_lm(path, device=device))
+
+
+def score_units(lm: UnitLM | str | Path, sequences: Mapping[str, object] | Sequence[object], *,
+                batch_tokens: int = 32768, dtype: str = "float32") -> dict[str, ItemScore] | list[ItemScore]:
+    """Score in-memory items as ``spidr lm-score`` scores a units file: ``sequences`` holds each item's units at the
+    frame rate (or its phone labels, for an LM trained on frame labels), deduplicated here when the LM was trained
+    on deduplicated units, and a GPT reads an item longer than its context in strided windows. ``sequences``: name →
+    (n,) units (then a dict by name comes back), or a list of them (then a list in the same order). ``lm``: a
+    ``load_unit_lm`` result or a checkpoint path. Take ``.mean`` (the default ``--norm``) or ``.logprob`` of each
+    score; ``spidr.lm.evaluate.pair_accuracy`` turns them into a pair accuracy."""
+    from spidr.eval.units import deduplicate
+
+    if not isinstance(lm, UnitLM):
+        lm = load_unit_lm(lm)
+    listed = not isinstance(sequences, Mapping)
+    if listed and (isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence)):
+        raise TypeError(f"sequences: expected a mapping of item names to units, or a list of unit sequences, got "
+                        f"{type(sequences).__name__}")
+    named = {str(i): values for i, values in enumerate(sequences)} if listed else dict(sequences)
+    ids = {}
+    for name, values in named.items():
+        where = f"item {int(name) if listed else name!r}"
+        if lm.labels is not None:
+            if isinstance(values, (str, bytes)):
+                raise ValueError(f"{where}: expected a sequence of frame labels (the LM reads phones), got a string")
+            array = lm.labels.ids(list(values), where)
+        else:
+            array = unit_ids(values, where)
+        if array.ndim != 1:
+            raise ValueError(f"{where}: expected a 1-D sequence of units, got shape {array.shape}")
+        ids[name] = deduplicate(array) if lm.info["dedup"] else array
+    scores = score_sequences(lm.model, lm.vocab, ids, context=lm.context, batch_tokens=batch_tokens, dtype=dtype)
+    return [scores[str(i)] for i in range(len(named))] if listed else scores
+
+
 @torch.inference_mode()
 def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str, np.ndarray], *,
                     context: int | None = None, batch_tokens: int = 32768,
                     dtype: str = "float32") -> dict[str, ItemScore]:
     """Score every (n,) unit sequence, given as the LM was trained on them: units in [0, ``vocab.num_units``) and
-    deduplicated when the LM's ``info["dedup"]`` says so (``read_lm_units`` reads a units file that way; a
-    sequence out of range is refused, naming its stem). A padded batch gives the scores of one sequence at a time
-    up to float rounding, which depends on the batch; so equal sequences (a word and a nonword whose units are the
-    same) are scored once and share their score, a tie as ZeroSpeech counts it, wherever the batches are cut."""
+    deduplicated when the LM's ``info["dedup"]`` says so (``read_lm_units`` reads a units file that way, and
+    ``score_units`` in-memory units; a sequence out of range is refused, naming its stem). ``context``: a GPT's
+    (read from the model when not given). A padded batch gives the scores of one sequence at a time up to float
+    rounding, which depends on the batch; so equal sequences (a word and a nonword whose units are the same) are
+    scored once and share their score, a tie as ZeroSpeech counts it, wherever the batches are cut."""
+    if not isinstance(sequences, Mapping):
+        raise TypeError(f"sequences: expected a mapping of item names to unit arrays, got {type(sequences).__name__} "
+                        "(spidr.lm.score.score_units also takes a list)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    if context is None:
+        context = getattr(model, "context", None)
     device = next(iter(model.state_dict().values())).device
+    _refuse_another_vocabulary(model, vocab, device)
     arrays = {stem: unit_ids(values, f"item {stem!r}") for stem, values in sequences.items()}
     for stem, values in arrays.items():
         if values.ndim != 1:
@@ -98,6 +166,15 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
             scores[stem] = ItemScore(total, length - 1)
         i += len(batch)
     return {stem: scores[first_stem[key_of[stem]]] for stem in sequences}
+
+
+def _refuse_another_vocabulary(model: nn.Module, vocab: Vocabulary, device: torch.device) -> None:
+    """A vocabulary of another size puts BOS and EOS on other ids: every score would be wrong, without an error."""
+    size = model(torch.zeros((1, 1), dtype=torch.int64, device=device)).shape[-1]
+    if size != vocab.size:
+        raise ValueError(f"the vocabulary has {vocab.size} tokens ({vocab.num_units} units, BOS, EOS), but the LM "
+                         f"predicts {size}: give Vocabulary(num_units) with the num_units the LM was trained on "
+                         "(its info['num_units']; spidr.lm.score.load_unit_lm reads both)")
 
 
 def layer_folders_hint(folder: str | Path, inside: str = "") -> str:
@@ -167,16 +244,16 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
     if not inputs:
         raise ValueError("no units file to score: expected UNITS_DIR/<task>/<split>.jsonl with task in "
                          f"{', '.join(TASKS)} and split dev or test")
-    model, info, labels = load_lm(checkpoint, device=device)
-    check_units_origin(checkpoint, info, inputs)
-    vocab = Vocabulary(info["num_units"])
-    context = info["context"] if info["arch"] == "gpt" else None
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    lm = load_unit_lm(checkpoint, device=device)
+    check_units_origin(checkpoint, lm.info, inputs)
     # Every units file is read (and checked against the LM) before anything is written: a bad one stops the command
     # with no half-written output.
-    units_of = {key: read_lm_units(path, info, labels) for key, path in sorted(inputs.items())}
+    units_of = {key: read_lm_units(path, lm.info, lm.labels) for key, path in sorted(inputs.items())}
     scored = {}
     for (task, split), path in sorted(inputs.items()):
-        scored[task, split] = score_sequences(model, vocab, units_of[task, split].sequences, context=context,
+        scored[task, split] = score_sequences(lm.model, lm.vocab, units_of[task, split].sequences, context=lm.context,
                                               batch_tokens=batch_tokens, dtype=dtype)
         logger.info("scored %d items of %s/%s (%s)", len(scored[task, split]), task, split, path)
     # Every file's text is made (and checked: a NaN score) before anything is written. An earlier submission's
@@ -202,6 +279,6 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
                 stale = out_dir / task / f"{split}.txt"
                 if (task, split) not in scored and stale.is_file():
                     stale.unlink()
-        write_atomically(out_dir / "meta.json", json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": info,
+        write_atomically(out_dir / "meta.json", json.dumps({"checkpoint": str(checkpoint), "norm": norm, "lm": lm.info,
                                                             "items": counts}, indent=1))
     return counts

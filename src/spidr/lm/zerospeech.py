@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -365,6 +366,10 @@ def check_complete(scores: Mapping[str, float], gold_rows: Iterable[GoldItem], w
 
     The message starts with ``where`` (the submission file) and gives the counts and a few stems of each kind.
     """
+    for stem, value in scores.items():
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{where}: the score of {stem!r} is {type(value).__name__}, not a number: give each item "
+                            "one float (an ItemScore's .mean, lm-score's default norm, or .logprob)")
     expected = {row.filename for row in gold_rows}
     missing = sorted(expected - scores.keys())
     extra = sorted(scores.keys() - expected)
