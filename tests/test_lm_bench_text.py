@@ -997,3 +997,38 @@ def test_candidates_returns_at_most_count_nonwords():
     for count in (1, 7):
         found = candidates(word, random.Random(1), phonotactics=phonotactics, forbidden=set(), count=count)
         assert len(found) == count == len(set(found))
+
+
+def test_nonword_candidates_are_the_draws_of_one_substitution_list_per_draw():
+    """The candidate search builds each position's substitutes once; the benchmark must stay the one its format
+    names, so its draws are checked against the plain search (a fresh list of substitutes per draw, the stress
+    stripped from each candidate), over words with stress digits, 1 and 2 changes, and seeds."""
+    from spidr.corpus import nonwords
+
+    def plain(word, rng, *, phonotactics, forbidden, count=200, max_attempts=4000):
+        num_changes = 1 if len(word) <= 4 else 2
+        unattested = phonotactics.unattested(tuple(strip_stress(p) for p in word))
+        found = {}
+        for _ in range(max_attempts):
+            candidate = list(word)
+            for position in rng.sample(range(len(word)), num_changes):
+                base = strip_stress(word[position])
+                pool = sorted(nonwords.VOWELS if base in nonwords.VOWELS else nonwords.CONSONANTS)
+                candidate[position] = rng.choice([p + word[position][len(base):] for p in pool if p != base])
+            bare = tuple(strip_stress(p) for p in candidate)
+            if any(a == b for a, b in itertools.pairwise(bare)) or phonotactics.unattested(bare) != unattested:
+                continue
+            if bare not in forbidden:
+                found[tuple(candidate)] = None
+                if len(found) >= count:
+                    break
+        return list(found)
+
+    forbidden = frozenset(TRAINING_WORDS)
+    for seed, word in enumerate([("K", "AE1", "T"), ("S", "T", "R", "IY1", "T", "S"), ("AH0", "B", "AW1", "T"),
+                                 ("W", "IH1", "N", "D", "OW0")]):
+        for count in (3, 200):
+            got = candidates(word, random.Random(seed), phonotactics=PHONOTACTICS, forbidden=forbidden, count=count)
+            assert got == plain(word, random.Random(seed), phonotactics=PHONOTACTICS, forbidden=forbidden,
+                                count=count)
+            assert got

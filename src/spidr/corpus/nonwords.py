@@ -121,19 +121,24 @@ def candidates(
     # As many bigrams unseen in training words as the word has (none for a word of the training corpus; an OOV word
     # may have some): a nonword of attested bigrams only beat such a word under every phone model (38 % for the
     # bigram with boundaries on the OOV band).
-    unattested = phonotactics.unattested(tuple(strip_stress(p) for p in word))
+    word_bare = [strip_stress(p) for p in word]
+    unattested = phonotactics.unattested(word_bare)
+    # Each position's substitutes with and without stress, made once (the draws are the same as one list per draw)
+    substitutes = [_substitutes(p) for p in word]
+    substitutes_bare = [[strip_stress(p) for p in options] for options in substitutes]
     found: dict[tuple[str, ...], None] = {}
     for _ in range(max_attempts):
         positions = rng.sample(range(len(word)), num_changes)
-        candidate = list(word)
+        candidate, bare = list(word), list(word_bare)
         for position in positions:
-            candidate[position] = rng.choice(_substitutes(word[position]))
-        bare = tuple(strip_stress(p) for p in candidate)
+            options = substitutes[position]
+            index = rng.choice(range(len(options)))
+            candidate[position], bare[position] = options[index], substitutes_bare[position][index]
         if any(a == b for a, b in itertools.pairwise(bare)):
             continue
         if phonotactics.unattested(bare) != unattested:
             continue
-        if bare in forbidden:
+        if tuple(bare) in forbidden:
             continue
         found[tuple(candidate)] = None
         if len(found) >= count:
