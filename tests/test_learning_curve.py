@@ -252,7 +252,7 @@ def test_tiny_grid_end_to_end(tmp_path):
     config.write_text(TINY_DEMO)
     out = tmp_path / "curve"
     common = ["learning-curve", "--out", str(out), "--config", str(config), "--seeds", "0", "--probe-frames", "2000",
-              "--jobs", "2"]
+              "--jobs", "2", "--test-hours", "0.06"]
     # two corpus sizes at one step count, in two child processes
     assert main([*common, "--hours", "0.01,0.02", "--steps", "4", "--parallel", "2"]) == 0
     points = read_points(out)
@@ -281,6 +281,10 @@ def test_tiny_grid_end_to_end(tmp_path):
                 f"the baselines' probes were trained on {smallest:.2g} h"):
         assert row in text
     assert (out / "curve.png").is_file()
+    test_corpus = json.loads((out / "corpora" / "test" / "info.json").read_text())
+    assert 0.06 <= test_corpus["hours"] < 0.1  # --test-hours reached the test corpus, in the children too
+    assert json.loads((out / "points" / "0.01h-4steps-seed0" / "point.json").read_text())["recipe"]["scoring"][
+        "test_hours"] == 0.06
 
 
 def test_a_finished_point_of_another_recipe_names_what_to_delete(tmp_path):
@@ -854,6 +858,11 @@ def test_non_finite_training_hours_are_refused_before_any_synthesis():
     for value in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"training hours must be"):
             CurveSettings(out_dir=Path("x"), hours=(value,))
+    for value in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match=r"test hours must be finite and > 0"):
+            CurveSettings(out_dir=Path("x"), test_hours=value)
+    with pytest.raises(SystemExit):
+        main(["learning-curve", "--test-hours", "0", "--out", "x"])
 
 
 def test_a_test_manifest_given_with_set_is_refused(tmp_path):

@@ -89,6 +89,8 @@ class CurveSettings:
                                  "value once")
         if not all(math.isfinite(hours) and hours > 0 for hours in self.hours):  # (nan <= 0 is False)
             raise ValueError(f"training hours must be finite and > 0, got {self.hours}")
+        if not (math.isfinite(self.test_hours) and self.test_hours > 0):
+            raise ValueError(f"test hours must be finite and > 0, got {self.test_hours}")
         if any(steps < 1 for steps in self.steps):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.parallel < 1:
@@ -788,6 +790,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override a field of the recipe for every point (repeatable), e.g. run.device=\"cuda\"; "
                         "not what each point sets itself (seed: --seeds; steps: --steps; the schedule's phases, "
                         "stretched from the config file; run.workdir; the manifests)")
+    parser.add_argument("--test-hours", type=cli_types.positive_float, default=0.2,
+                        help="hours of the held-out test corpus every point is scored on (the demo's --test-hours)")
     parser.add_argument("--probe-frames", type=cli_types.non_negative_int, default=PROBE_FRAMES,
                         help="training frames of each layer's phone probe; 0 skips the probe")
     parser.add_argument("--parallel", type=int, default=1,
@@ -801,8 +805,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     settings = CurveSettings(out_dir=Path(args.out), config=_config_path(args), hours=args.hours, steps=args.steps,
-                             seeds=args.seeds, overrides=tuple(args.overrides), probe_frames=args.probe_frames,
-                             parallel=args.parallel, jobs=args.jobs)
+                             seeds=args.seeds, test_hours=args.test_hours, overrides=tuple(args.overrides),
+                             probe_frames=args.probe_frames, parallel=args.parallel, jobs=args.jobs)
     if args.only is not None:
         check_overrides(settings)
         print(run_point(settings, args.only))
@@ -822,7 +826,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     """The arguments a child process needs to rebuild the same settings (``--only`` is added per point)."""
     argv = ["--out", str(Path(args.out).resolve()), "--config", str(_config_path(args).resolve()),
             "--hours", ",".join(f"{h:g}" for h in args.hours), "--steps", ",".join(map(str, args.steps)),
-            "--seeds", ",".join(map(str, args.seeds)), "--probe-frames", str(args.probe_frames),
+            "--seeds", ",".join(map(str, args.seeds)), "--test-hours", repr(args.test_hours),
+            "--probe-frames", str(args.probe_frames),
             "--jobs", str(args.jobs or 1)]
     for override in args.overrides:
         argv += ["--set", override]
