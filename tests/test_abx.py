@@ -696,3 +696,43 @@ def test_abx_of_in_memory_features_keyed_by_path_finds_the_items_by_utterance_id
     assert abx_error_rate({"spk/f": one_hot, "other/g": one_hot[::-1].copy()}, make_items(rows)) == 0.0
     with pytest.raises(ValueError, match="have no features"):
         abx_error_rate({"spk/g": one_hot}, make_items(rows))
+
+
+def _items(rows: list[tuple]) -> Items:
+    """Rows (file, first frame, last frame, phone, speaker) → Items, times the centres of 50 Hz frames."""
+    columns: dict[str, list[str]] = defaultdict(list)
+    for file, first, last, phone, speaker in rows:
+        for name, value in zip(("#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"),
+                               (file, f"{(2 * first + 1) / 100:.2f}", f"{(2 * last + 1) / 100:.2f}", phone, "x", "y",
+                                speaker), strict=True):
+            columns[name].append(value)
+    return Items.from_columns(columns)
+
+
+def test_features_of_two_widths_are_refused_naming_the_file() -> None:
+    """mut D08 (the width check dropped: a one-dimensional file after a two-dimensional one was broadcast into both
+    columns of the frame store, and ABX scored features that no file holds, without a word)."""
+    items = _items([("f", 0, 0, "a", "s"), ("f", 1, 1, "a", "s"), ("g", 0, 0, "b", "s"), ("g", 1, 1, "b", "s")])
+    features = {"f": np.array([[1.0, 0.0], [1.0, 0.1]], dtype=np.float32),
+                "g": np.array([[0.0], [1.0]], dtype=np.float32)}
+    with pytest.raises(ValueError, match=r"features of 'g' have dimension 1, others 2"):
+        abx(features, items, distance="euclidean")
+
+
+def test_one_dimensional_features_are_refused_by_the_cosine_distance_too() -> None:
+    """mut D04 (the one-dimension refusal kept for 'angular' only: 'cosine', the same normalised comparison, put
+    every unit id on one direction and gave ABX at chance without a word)."""
+    units = {"u": np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64)}
+    items = _items([("u", 0, 1, "a", "s"), ("u", 2, 3, "b", "s"), ("u", 4, 5, "a", "s"), ("u", 6, 7, "b", "s")])
+    with pytest.raises(ValueError, match="features of 'u' have one dimension: the 'cosine' distance"):
+        abx(units, items, distance="cosine")
+
+
+def test_finite_features_whose_sum_overflows_are_scored() -> None:
+    """mut D03 (the element-wise check skipped when the cheap sum is not finite: features that are all finite but
+    whose float32 sum overflows, 4 × 2e38 here, crashed with an IndexError looking for a non-finite value). Hand
+    count (euclidean: the first column's differences are exact zeros): d(A, X) = 0 < d(B, X) = 1 for every
+    (A, B, X): error rate 0."""
+    features = {"f": np.array([[2e38, 0.0], [2e38, 0.0], [2e38, 1.0], [2e38, 1.0]], dtype=np.float32)}
+    items = _items([("f", 0, 0, "a", "s"), ("f", 1, 1, "a", "s"), ("f", 2, 2, "b", "s"), ("f", 3, 3, "b", "s")])
+    assert abx(features, items, distance="euclidean", context="any").error_rate == pytest.approx(0.0)

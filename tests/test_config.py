@@ -288,3 +288,45 @@ def test_one_config_trains_dinosr_by_set_with_spidr_s_ema_settings_left_out(capl
     assert caplog.text == ""
     with pytest.raises(ValueError, match=r"\[model\] has unknown key\(s\) ema_timscale"):  # a typo is still one
         load_config(tiny, ["run.model_type=dinosr", "model.ema_timscale=5"])
+
+
+def test_extensions_are_trimmed_and_given_their_dot() -> None:
+    """mut C06 (the parts of --ext not stripped: ' wav' became '. wav', ' .flac' did not start with a dot and became
+    '. .flac', and a scan then found no audio). Spaces after the commas, as people type lists, are not part of an
+    extension; an empty part (a trailing comma) is no extension."""
+    from spidr.cli_types import extensions
+
+    assert extensions(" wav , .flac ,") == (".wav", ".flac")
+    assert extensions(".ogg") == (".ogg",)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"' , ' names no extension"):
+        extensions(" , ")
+
+
+def test_a_device_that_is_neither_cpu_nor_cuda_is_refused_by_name() -> None:
+    """mut C10 (the device-type check loosened or dropped: --device mps or meta was accepted, and the command failed
+    later with a torch error, or ran on a device spidr does not support)."""
+    from spidr.cli_types import device
+
+    for text in ("mps", "meta"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"'{text}': spidr runs on cpu or cuda"):
+            device(text)
+    assert device("cpu") == "cpu"
+
+
+def test_auto_and_cuda_devices_follow_the_gpus_this_machine_has(monkeypatch) -> None:
+    """mut C11 (cuda:N accepted for N == the GPU count: the first GPU is cuda:0) and C12 ("auto" always cpu: on a GPU
+    machine every command ran on the CPU). A machine with 2 GPUs is simulated; on one without, auto is cpu and
+    cuda is refused."""
+    from spidr.cli_types import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device("auto") == "cuda"
+    assert (device("cuda"), device("cuda:0"), device("cuda:1")) == ("cuda", "cuda:0", "cuda:1")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'cuda:2': this machine has 2 GPU\(s\)"):
+        device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert device("auto") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'cuda:0': CUDA is not available on this machine"):
+        device("cuda:0")

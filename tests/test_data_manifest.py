@@ -805,3 +805,44 @@ def test_a_scan_counts_left_out_mp3_and_other_soundfile_formats(tmp_path, caplog
     assert [entry.fileid for entry in result.entries] == ["a"]
     assert ("5 audio file(s) of other extensions left out (1 .aiff, 1 .au, 2 .mp3, 1 .opus): list them with "
             "--ext .wav,.flac,.aiff,.au,.mp3,.opus") in caplog.text
+
+
+def test_the_walk_enters_subfolders_in_sorted_order_and_a_folder_reached_twice_by_its_first_path(tmp_path: Path):
+    """mut F03 (subfolders not sorted, here sorted in reverse: the walk's order, and so which of two paths to one
+    real folder lists its files, followed the file system's order). The docstring's promise: deterministic order,
+    subfolders sorted; a real folder is entered by the first path that reaches it, so 'a' (a link to 'z') lists
+    z's files and 'z' is not entered again."""
+    from spidr.folder_walk import walk_following_links
+
+    root = tmp_path / "root"
+    for name in ("c", "b/y", "b/x", "z"):  # made out of order
+        (root / name).mkdir(parents=True)
+    (root / "z" / "f.wav").write_bytes(b"")
+    (root / "a").symlink_to(root / "z")
+    walked = [(os.path.relpath(folder, root), names) for folder, names in walk_following_links(str(root))]
+    assert walked == [(".", []), ("a", ["f.wav"]), ("b", []), ("b/x", []), ("b/y", []), ("c", [])]
+
+
+def test_a_folder_the_scan_cannot_read_is_named_not_dropped_in_silence(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Defect 1: os.walk (in walk_following_links) skips a folder it cannot list (permission denied) without a word,
+    so spidr manifest wrote a manifest without that folder's audio and exited 0. Reproduced for real as an
+    unprivileged user with a chmod 000 subfolder; here the listing error is simulated (tests run as root, who can
+    read any folder). The folder must be named: as a scan failure, or at least in a warning."""
+    from spidr.data.manifest import scan
+
+    for folder in ("ok", "locked"):
+        (tmp_path / "c" / folder).mkdir(parents=True)
+        sf.write(tmp_path / "c" / folder / f"{folder}-0.wav", np.zeros(1600, dtype=np.float32), 16000)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING):
+        result = scan(tmp_path / "c", progress=False)
+    assert [entry.fileid for entry in result.entries] == ["ok-0"]
+    named = [location for location, _ in result.failures] + [caplog.text]
+    assert any(str(tmp_path / "c" / "locked") in text for text in named), (result.failures, caplog.text)

@@ -91,3 +91,19 @@ def test_dir_of_the_package_lists_its_public_names_not_its_imports():
     assert set(spidr.__all__) <= set(names)
     assert {"config"} <= set(names)  # (a subpackage imported by the package itself)
     assert not {"Any", "TYPE_CHECKING", "annotations", "importlib", "ModuleType", "_LAZY_EXPORTS"} & set(names)
+
+
+def test_a_help_text_that_names_its_default_gets_no_second_one():
+    """mut H02 (the '(default' check dropped: an option whose help already names its default, with a default that
+    is not None, got a second '(default: ...)' that contradicts the first's wording)."""
+    import argparse
+
+    from spidr.help_format import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter)
+    parser.add_argument("--jobs", type=int, default=4, help="reader processes (default: 4, or fewer CPUs)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    text = " ".join(parser.format_help().split())
+    assert "reader processes (default: 4, or fewer CPUs)" in text
+    assert "training steps (default: 300)" in text
+    assert text.count("(default:") == 2

@@ -489,3 +489,51 @@ def test_a_fifth_column_that_is_not_the_speaker_does_not_replace_the_pattern(tmp
     assert _items_of(tmp_path, "word", "utt\tonset\toffset\tphone\tword") == "84"
     assert _items_of(tmp_path, "1.0", None) == "84"
     assert _items_of(tmp_path, "spk7", "utt_id\tonset\toffset\tphone\tspeaker") == "spk7"
+
+
+def _tsv_items(tmp_path: Path, lines: list[str], *options: str):
+    from spidr.cli import main
+
+    (tmp_path / "ali.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "x.item"
+    code = main(["items", str(tmp_path / "ali.tsv"), "--out", str(out), "--overwrite", *options])
+    return code, out
+
+
+def test_a_speaker_header_in_capitals_is_the_speaker_column(tmp_path: Path) -> None:
+    """mut W02 (the header compared case-sensitively: a 'Speaker' column, as spreadsheets capitalise headers, was
+    taken for no speaker column and every item got the name's prefix '84' instead of the file's 'spk7')."""
+    lines = ["Utt\tOnset\tOffset\tPhone\tSpeaker"]
+    for k, phone in enumerate(("SIL", "K", "AE", "T", "SIL")):
+        lines.append(f"84-1-0\t{k * 0.1:.1f}\t{(k + 1) * 0.1:.1f}\t{phone}\tspk7")
+    code, out = _tsv_items(tmp_path, lines)
+    assert code == 0
+    assert [row.split()[-1] for row in out.read_text().splitlines()[1:]] == ["spk7"]
+
+
+def test_an_empty_speaker_cell_is_refused_naming_its_line(tmp_path: Path, capsys) -> None:
+    """mut W03 (an empty fifth cell under a 'speaker' header taken as a speaker: the item rows of an utterance whose
+    cells are all empty ended in a blank column, which abx then reads as a row of six fields). Line 2, the first of
+    the utterance, has the tab but no speaker."""
+    lines = ["utt\tonset\toffset\tphone\tspeaker"]
+    for k, phone in enumerate(("SIL", "K", "AE", "T", "SIL")):
+        lines.append(f"84-1-0\t{k * 0.1:.1f}\t{(k + 1) * 0.1:.1f}\t{phone}\t")
+    code, out = _tsv_items(tmp_path, lines)
+    assert code == 2
+    assert "ali.tsv: line 2 gives no speaker, but the header names a fifth column 'speaker'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_whole_second_times_are_written_without_a_trailing_point(tmp_path: Path) -> None:
+    """mut W07 (the trailing '.' of a whole number of seconds kept: '1.' and '2.' instead of '1' and '2'). Hand
+    count at 100 Hz: SIL [0,50) K [50,100) AE [100,200) T [200,250) SIL [250,260): the only item is AE (K, T),
+    its phone spanning frames 100..200 = 1 s .. 2 s, its triphone 50..250 = 0.5 s .. 2.5 s."""
+    from spidr.cli import main
+
+    phones = ["SIL"] * 50 + ["K"] * 50 + ["AE"] * 100 + ["T"] * 50 + ["SIL"] * 10
+    aligned = tmp_path / "ali.jsonl"
+    aligned.write_text(json.dumps({"name": "s-1", "phones": phones}) + "\n")
+    for kind, row in (("phoneme", "s-1 1 2 AE K T s"), ("triphone", "s-1 0.5 2.5 AE K T s")):
+        out = tmp_path / f"{kind}.item"
+        assert main(["items", str(aligned), "--out", str(out), "--kind", kind]) == 0
+        assert out.read_text().splitlines() == ["#file onset offset #phone prev-phone next-phone speaker", row]

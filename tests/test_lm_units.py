@@ -1234,3 +1234,16 @@ def test_an_oracle_copy_killed_midway_leaves_no_units_file_that_lm_train_reads(t
     assert not list(out.glob("*.partial"))
     bench_units.write_oracle_units(bench, out)  # the rerun
     assert len(read_unit_sequences(train, dedup=True).sequences) == 10
+
+
+@pytest.mark.parametrize("text", ["[1]", '"units"', '{"identity": [1], "done": []}',
+                                  '{"identity": {"format": 1, "audio": {}}, "done": 3}'])
+def test_a_units_record_of_another_json_shape_is_refused_naming_it(tmp_path, text) -> None:
+    """Defect 2: OUT/.lm-units.json holding valid JSON that is not the object lm-units writes (a list, a text, an
+    identity that is no object, done that is no list) crashed lm-units with an AttributeError/TypeError traceback
+    instead of the one-line refusal that invalid JSON gets."""
+    from spidr.lm.bench_units import STATE_FILE, begin_units_folder
+
+    (tmp_path / STATE_FILE).write_text(text)
+    with pytest.raises(ValueError, match=r"\.lm-units\.json is not the JSON lm-units writes"):
+        begin_units_folder(tmp_path, {"format": 1, "audio": {}})

@@ -19,12 +19,17 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _unlisted(error: OSError) -> None:
+    logger.warning("%s cannot be listed (%s): the files in it are left out", printable(str(error.filename)),
+                   error.strerror)
+
+
 def walk_following_links(root: str) -> Iterator[tuple[str, list[str]]]:
     """``(folder, file names)`` of ``root`` and every folder below it, links to folders followed, in a deterministic
     order (subfolders sorted); a real folder reached a second time (a loop, or two links to one folder) is not
     entered again."""
     entered: dict[str, str] = {}  # real folder → the path it was first entered by
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(folder)
         if real in entered:
             subfolders.clear()

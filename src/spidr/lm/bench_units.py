@@ -216,6 +216,10 @@ def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[
     except ValueError as error:
         raise ValueError(f"{state_path} is not the JSON lm-units writes ({error}); delete {out_dir} to start "
                          "again") from None
+    if state is not None and not (isinstance(state, dict) and isinstance(state.get("identity", {}), dict)
+                                  and isinstance(state.get("done", []), list)):
+        raise ValueError(f"{state_path} is not the JSON lm-units writes (an object with an identity object and a "
+                         f"list of the sets done); delete {out_dir} to start again")
     recorded = (state or {}).get("identity") or {}
     done = (state or {}).get("done", [])
     if state is not None and recorded != identity:
