@@ -175,7 +175,9 @@ def _stop_signals_blocked(workers: int, start_method: str = "spawn") -> Iterator
 
 
 def _kill_started_since(running: set[multiprocessing.process.BaseProcess]) -> None:
-    """Kill and reap the child processes started since ``running`` was listed (``multiprocessing.active_children``)."""
+    """Kill and reap the child processes started since ``running`` was listed (``multiprocessing.active_children``:
+    the loader's workers, or a process another thread started in that moment; a started process no longer tells
+    what it runs)."""
     for child in set(multiprocessing.active_children()) - running:
         child.kill()
         child.join()
