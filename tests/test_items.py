@@ -537,3 +537,15 @@ def test_whole_second_times_are_written_without_a_trailing_point(tmp_path: Path)
         out = tmp_path / f"{kind}.item"
         assert main(["items", str(aligned), "--out", str(out), "--kind", kind]) == 0
         assert out.read_text().splitlines() == ["#file onset offset #phone prev-phone next-phone speaker", row]
+
+
+def test_items_refuse_a_phone_label_with_a_space(tmp_path: Path, capsys) -> None:
+    """(tg31) A phone label holding a space was written as two columns, an item file that read_items (abx,
+    evaluate) then refused ("line 2 has 8 fields"); TextGrid labels make such labels likelier. Refused up front,
+    naming the label, with no item file written."""
+    from spidr.cli import main
+
+    (tmp_path / "a.tsv").write_text("u-1\t0\t0.1\tA\nu-1\t0.1\t0.2\tB C\nu-1\t0.2\t0.3\tD\n")
+    assert main(["items", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "a.item")]) == 2
+    assert "phone label 'B C'" in capsys.readouterr().err
+    assert not (tmp_path / "a.item").exists()

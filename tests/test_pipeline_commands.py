@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -1309,3 +1310,31 @@ def test_a_tar_of_audio_with_an_upper_case_suffix_is_scanned_as_a_tar(tmp_path):
     assert sorted(entry.fileid for entry in entries) == ["a", "b"]
     assert [entry.num_samples for entry in entries] == [1600, 1600]
     assert list(unread) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("praatio") is None, reason="praatio (spidr[eval]) is not installed")
+def test_evaluate_reads_a_textgrid_folder_as_the_equivalent_tsv(corpus, tmp_path):
+    """The Montreal Forced Aligner's output (OUT/<speaker>/<utterance>.TextGrid) as --alignments gives the PNMI of
+    the interval TSV of the same intervals, and settings.json records the folder by its TextGrids (a folder's bytes
+    cannot be read: the report would fail after every layer was scored)."""
+    from spidr.eval.textgrid import textgrids_digest
+    from test_textgrid import _long
+
+    folder = tmp_path / "mfa"
+    for speaker in ("s1", "s2"):
+        (folder / speaker).mkdir(parents=True)
+        for k in range(2):
+            phones = [(f"{0.25 * i:.2f}", f"{0.25 * (i + 1):.2f}", phone) for i, phone in enumerate(PHONES)]
+            (folder / speaker / f"{speaker}_{k}.TextGrid").write_text(_long({"words": [("0", "1", "")],
+                                                                               "phones": phones}))
+    common = ["evaluate", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+              str(corpus / "manifest.csv"), "--item", str(corpus / "test.item"), "--alignment-rate", "50",
+              "--layers", "3"]
+    assert main([*common, "--alignments", str(corpus / "align50.tsv"), "--out", str(tmp_path / "tsv")]) == 0
+    assert main([*common, "--alignments", str(folder), "--out", str(tmp_path / "tg")]) == 0
+    quality = [[row["quality"] for row in json.loads((tmp_path / out / "report.json").read_text())]
+               for out in ("tsv", "tg")]
+    assert quality[0] == quality[1]
+    assert any(row and "pnmi" in row for row in quality[1])
+    settings = json.loads((tmp_path / "tg" / "settings.json").read_text())
+    assert settings["alignments"] == {"name": "mfa", "sha256": textgrids_digest(folder)}

@@ -1,8 +1,8 @@
 """Optional dependencies: imported on first use, with the ``pip install`` line that provides them when missing.
 
 ``spidr`` itself needs torch, numpy, scipy, soundfile, soxr, tqdm and safetensors. Everything else lives in an
-extra (pyproject ``[project.optional-dependencies]``): scikit-learn and matplotlib (``eval``), submitit (``slurm``),
-wandb (``wandb``), transformers (``hf``).
+extra (pyproject ``[project.optional-dependencies]``): scikit-learn, matplotlib, editdistance and praatio (TextGrid
+alignments) (``eval``), submitit (``slurm``), wandb (``wandb``), transformers (``hf``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 
 # The frame distances of spidr.eval.abx_frames.DISTANCES (spelled out: the CLI must not import torch).
 ABX_DISTANCES = ("angular", "cosine", "euclidean", "kl_symmetric", "identical")
+# What every command taking phone alignments reads (spidr.eval.unit_quality.read_alignments)
+ALIGNMENTS_HELP = ("alignment .jsonl, .tsv, .txt or .TextGrid file (.gz ok), or a folder of .TextGrid files (the "
+                   "Montreal Forced Aligner's output)")
 
 
 def add_abx_options(parser: argparse.ArgumentParser, *, distance_default: str | None,
@@ -295,18 +298,21 @@ def _register_items(subparsers: argparse._SubParsersAction, formatter: type[argp
         "2021 / Libri-light layout) from frame-level phone alignments: one item per phone whose neighbours and "
         "itself are speech. triphone items span the previous, centre and next phones (score them with --context "
         "within); phoneme items span the centre phone. The speaker of an utterance is the speaker column of an "
-        "interval TSV whose header names one, else the first group of --speaker-pattern in its name.",
+        "interval TSV whose header names one, or the folder holding its TextGrid where ALIGNMENTS is a folder of "
+        "speaker folders (the Montreal Forced Aligner's OUT/<speaker>/<utterance>.TextGrid), else the first group "
+        "of --speaker-pattern in its name.",
         formatter_class=formatter,
     )
-    parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl, .tsv or .txt file (.gz ok)")
+    parser.add_argument("alignments", metavar="ALIGNMENTS", help=ALIGNMENTS_HELP)
     parser.add_argument("--out", required=True, help="item file to write (.item)")
     parser.add_argument("--kind", choices=KINDS, default="triphone", help="what an item spans")
     parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
     parser.add_argument("--speaker-pattern", default=None,
                         help="regular expression whose first group, searched in an utterance's name, is its speaker "
                         "(default: the fifth column of an interval TSV whose header names it speaker, as "
-                        f"synth-corpus's alignments.tsv; else {DEFAULT_SPEAKER_PATTERN!r}, the name up to its "
-                        "first - or _, LibriSpeech's speaker)")
+                        "synth-corpus's alignments.tsv, or the folder holding each TextGrid of a folder of speaker "
+                        f"folders; else {DEFAULT_SPEAKER_PATTERN!r}, the name up to its first - or _, LibriSpeech's "
+                        "speaker)")
     parser.add_argument("--keep-stress", action="store_true",
                         help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they are "
                         "removed, as fairseq's PNMI does)")
@@ -346,12 +352,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "units-quality",
         help="phone purity, cluster purity, PNMI, perplexity, active codewords and bitrate of discrete units",
         description="Compare discrete units with frame-level phone alignments (SpidR JSONL with one label per "
-        "frame, a TSV of utterance<TAB>onset<TAB>offset<TAB>phone intervals in seconds, or Libri-light's text of "
-        "one line of frame labels per utterance; .gz read transparently).",
+        "frame, a TSV of utterance<TAB>onset<TAB>offset<TAB>phone intervals in seconds, Libri-light's text of "
+        "one line of frame labels per utterance, or Praat TextGrids: one .TextGrid file, or a folder of them, the "
+        "Montreal Forced Aligner's output, whose phones tier is read as that TSV, its silences (empty, sil, sp) as "
+        "SIL; .gz read transparently).",
         formatter_class=formatter,
     )
     parser.add_argument("units", metavar="UNITS", help="units .jsonl(.gz) file")
-    parser.add_argument("alignments", metavar="ALIGNMENTS", help="alignment .jsonl, .tsv or .txt file (.gz ok)")
+    parser.add_argument("alignments", metavar="ALIGNMENTS", help=ALIGNMENTS_HELP)
     parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
     parser.add_argument("--keep-stress", action="store_true",
                         help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they "

@@ -11,9 +11,10 @@ files have it (spec evaluation §1.6):
   the context labels.
 
 The speaker of each utterance is the fifth column of an interval TSV whose header names it ``speaker``
-(``spidr synth-corpus``'s ``alignments.tsv``), else the first group of ``speaker_pattern`` in its name
-(LibriSpeech's ``84-121123-0000`` → ``84`` by default). Rows are written in utterance then time order, times in
-seconds (the alignment rate's frames, so at most half a 10 ms frame off the aligner's own times).
+(``spidr synth-corpus``'s ``alignments.tsv``), or the folder holding its TextGrid in a folder of speaker folders (the
+Montreal Forced Aligner's ``OUT/<speaker>/<utterance>.TextGrid``), else the first group of ``speaker_pattern`` in
+its name (LibriSpeech's ``84-121123-0000`` → ``84`` by default). Rows are written in utterance then time order, times
+in seconds (the alignment rate's frames, so at most half a 10 ms frame off the aligner's own times).
 """
 
 from __future__ import annotations
@@ -48,11 +49,15 @@ def interval_speakers(path: str | Path) -> dict[str, str] | None:
     """``{utterance: speaker}`` from the fifth column of an interval TSV whose header names it ``speaker``
     (``utt_id onset offset phone speaker``, as ``spidr synth-corpus`` writes ``alignments.tsv``), or None for a file
     without one (another fifth column, a word or a score, is no speaker; another format). A line without a speaker
-    under such a header is refused: falling back to the names would silently drop the speakers the file gives."""
+    under such a header is refused: falling back to the names would silently drop the speakers the file gives.
+    For TextGrids, the folder holding each (``textgrid.textgrid_speakers``: MFA's speaker folders)."""
+    from spidr.eval.textgrid import holds_textgrids, textgrid_speakers
     from spidr.eval.unit_quality import holds_frame_labels
     from spidr.eval.units import numbered_lines, open_text
 
     path = Path(path)
+    if holds_textgrids(path):
+        return textgrid_speakers(path)
     if not path.name.removesuffix(".gz").endswith((".tsv", ".txt")) or holds_frame_labels(path):
         return None
     speakers: dict[str, str] = {}
@@ -91,6 +96,10 @@ def item_rows(alignments: Alignments, *, alignment_rate_hz: float, kind: str = "
     if pattern.groups < 1:
         raise ValueError(f"--speaker-pattern {speaker_pattern!r} has no group: its first group (…) is the speaker")
     silence = {index for index, phone in enumerate(alignments.phones) if phone in silence_labels}
+    spaced = [phone for phone in alignments.phones if not phone or any(character.isspace() for character in phone)]
+    if spaced:
+        raise ValueError(f"phone label {spaced[0]!r}: an item file's columns are separated by spaces, so phone labels "
+                         "must be non-empty and hold none")
     for name in sorted(alignments):
         if speakers is not None:
             speaker = speakers[name]

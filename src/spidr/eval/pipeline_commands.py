@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from spidr import cli_types
 from spidr.data import AUDIO_EXTENSIONS
-from spidr.eval.commands import add_abx_options
+from spidr.eval.commands import ALIGNMENTS_HELP, add_abx_options
 from spidr.eval.shards import WHOLE, Shard, parse_shard
 from spidr.help_format import HelpFormatter
 from spidr.models.commands import CHECKPOINT_HELP, add_loading_arguments, default_model_name, model_from_args
@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--manifest", required=True, help="manifest (.csv/.tsv/.jsonl) or a folder of audio")
     _add_extensions_argument(evaluate)
     evaluate.add_argument("--item", required=True, help="ABX item file (#file = utterance id)")
-    evaluate.add_argument("--alignments", help="phone alignments for PNMI (SpidR JSONL or TSV intervals, .gz ok)")
+    evaluate.add_argument("--alignments", help=f"phone alignments for PNMI: {ALIGNMENTS_HELP}")
     evaluate.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
     evaluate.add_argument("--keep-stress", action="store_true",
                           help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they "
@@ -122,7 +122,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_arguments(probe)
     probe.add_argument("--manifest", required=True, help="training utterances (.csv/.tsv/.jsonl or a folder)")
     probe.add_argument("--alignments", required=True,
-                       help="phone alignments of the training (and, by default, held-out) utterances")
+                       help="phone alignments of the training (and, by default, held-out) utterances: "
+                       f"{ALIGNMENTS_HELP}")
     probe.add_argument("--test-manifest", help="held-out utterances (default: --test-fraction of --manifest)")
     probe.add_argument("--test-alignments", help="alignments of the held-out utterances (default: --alignments)")
     _add_extensions_argument(probe)

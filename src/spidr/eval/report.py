@@ -312,6 +312,10 @@ def evaluation_settings(*, abx: AbxSettings, item_file: str | Path, entries: Man
     def content(path: str | Path | None) -> dict[str, str] | None:
         if path is None:
             return None
+        if Path(path).is_dir():  # a folder of TextGrid alignments: their names and contents
+            from spidr.eval.textgrid import textgrids_digest
+
+            return {"name": Path(path).name, "sha256": textgrids_digest(path)}
         return {"name": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
     return {"abx": asdict(abx), "item_file": content(item_file),

@@ -20,9 +20,11 @@ alignment file, SIL included, whether or not it occurs in the evaluated utteranc
 Alignments are read from SpidR's JSONL (``{"name": ..., "phones": [one label per frame]}``), from a TSV of
 intervals, one line per phone: ``utterance<TAB>onset<TAB>offset<TAB>phone`` in seconds (an optional header line is
 skipped; columns after the fourth, such as the speaker of ``spidr synth-corpus``'s ``alignments.tsv``, are ignored),
-or from a text file of one line of frame labels per utterance (``utterance 6 6 6 5 5 ...``, Libri-light's
-``converted_aligned_phones.txt``: phone indices at 100 Hz, told apart by numbers only after the name). Intervals
-become frame labels at the alignment rate: frame i takes the phone whose interval holds its centre
+from a text file of one line of frame labels per utterance (``utterance 6 6 6 5 5 ...``, Libri-light's
+``converted_aligned_phones.txt``: phone indices at 100 Hz, told apart by numbers only after the name), or from
+Praat TextGrids, one per utterance (a ``.TextGrid`` file or a folder of them, the Montreal Forced Aligner's output:
+``spidr.eval.textgrid``), each read as the interval TSV of its ``phones`` tier, MFA's silences written ``SIL``.
+Intervals become frame labels at the alignment rate: frame i takes the phone whose interval holds its centre
 ``(i + ½) / rate``; frames that no interval covers raise an error. ``.gz`` files are read transparently. ARPAbet
 stress digits are removed (``AH1`` → ``AH``) as fairseq does, unless asked to keep them.
 """
@@ -158,20 +160,26 @@ def check_alignment_lengths(alignments: Mapping[str, Sequence[Any]], num_samples
 
 
 def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100, keep_stress: bool = False) -> Alignments:
-    """``{utterance: per-frame phone labels}`` from a JSONL, interval-TSV or frame-label text alignment file (see
-    module docstring). ARPAbet stress digits are removed (``AH0``, ``AH1`` → ``AH``), as fairseq's PNMI does
-    (``rm_stress``), unless ``keep_stress``."""
+    """``{utterance: per-frame phone labels}`` from a JSONL, interval-TSV or frame-label text alignment file, or
+    from a TextGrid file or folder of them (see module docstring; ``spidr.eval.textgrid``). ARPAbet stress digits
+    are removed (``AH0``, ``AH1`` → ``AH``), as fairseq's PNMI does (``rm_stress``), unless ``keep_stress``."""
+    from spidr.eval.textgrid import holds_textgrids, read_textgrid_alignments
+
     path = Path(path)
-    existing_file(path, "alignment file")
+    if not holds_textgrids(path):
+        existing_file(path, "alignment file")
     name = path.name.removesuffix(".gz")
-    if name.endswith((".jsonl", ".ndjson", ".json")):
+    if holds_textgrids(path):
+        rows = read_textgrid_alignments(path, alignment_rate_hz)
+    elif name.endswith((".jsonl", ".ndjson", ".json")):
         rows = ((key, [str(p) for p in phones]) for key, _, _, phones in read_jsonl_rows(path, field="phones"))
     elif name.endswith((".tsv", ".txt")):
         rows = (_read_frame_label_lines(path) if holds_frame_labels(path)
                 else _read_interval_alignments(path, alignment_rate_hz))
     else:
-        raise ValueError(f"alignment file {path}: expected a .jsonl (SpidR format), a .tsv of intervals or a .txt "
-                         "of frame labels")
+        raise ValueError(f"alignment file {path}: expected a .jsonl (SpidR format), a .tsv of intervals, a .txt "
+                         "of frame labels, or a Praat .TextGrid (or a folder of them: the Montreal Forced Aligner's "
+                         "output)")
     alignments = Alignments.from_labels(rows)
     if not alignments:
         raise ValueError(f"alignment file {path} has no utterance")
@@ -228,19 +236,9 @@ def _read_frame_label_lines(path: Path) -> Iterator[tuple[str, list[str]]]:
             yield fields[0], fields[1:]
 
 
-def _interval_columns(path: Path, rate: int) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-    """The lines of an interval TSV as typed columns ``utterance``, ``phone`` (indices into the returned utterance
-    and phone names, in order of first appearance), ``onset``, ``offset`` (s, float64), ``first`` and ``reach``
-    (their frame numbers, computed exactly: see ``_read_interval_alignments``)."""
-    columns = {name: array.array(code) for name, code in (("utterance", "i"), ("phone", "i"), ("onset", "d"),
-                                                            ("offset", "d"), ("first", "q"), ("reach", "q"))}
-    utterances: dict[str, int] = {}
-    phones: dict[str, int] = {}
-    half, scale = Decimal("0.5"), Decimal(rate)
-
-    def frame(time: Decimal) -> int:  # the first frame whose centre is at or after ``time``
-        return int((time * scale - half).to_integral_value(rounding=ROUND_CEILING))
-
+def _tsv_interval_rows(path: Path) -> Iterator[tuple[int, str, str, str, str]]:
+    """``(line number, utterance, onset, offset, phone)`` of each line of an interval TSV, its fields as written
+    (tab-separated, else whitespace-separated; columns after the fourth ignored); blank lines are skipped."""
     with open_text(path) as handle:
         for number, line in numbered_lines(handle, path, expected="a TSV of phone intervals"):
             fields = line.split("\t") if "\t" in line else line.split()
@@ -250,37 +248,64 @@ def _interval_columns(path: Path, rate: int) -> tuple[dict[str, np.ndarray], lis
             if len(fields) < 4:
                 raise ValueError(f"{path}: line {number} has {len(fields)} fields; expected utterance, onset, "
                                  "offset, phone (and optionally more columns)")
-            utterance, onset, offset, phone = fields[:4]
-            try:
-                times = Decimal(onset), Decimal(offset)
-            except InvalidOperation:
-                if number == 1:
-                    continue  # a header line
-                raise ValueError(f"{path}: line {number}: {onset!r}, {offset!r} are not times in seconds") from None
-            if not (times[0].is_finite() and times[1].is_finite()) or times[0] < 0:
-                raise ValueError(f"{path}: line {number}: {onset!r}, {offset!r} are not times in seconds (finite, "
-                                 "onset ≥ 0)")
-            if not times[0] < times[1]:
-                raise ValueError(f"{path}: line {number}: onset {onset} is not before offset {offset}")
-            columns["utterance"].append(utterances.setdefault(utterance, len(utterances)))
-            columns["phone"].append(phones.setdefault(phone, len(phones)))
-            columns["onset"].append(float(onset))  # as float(times[0]): correctly rounded
-            columns["offset"].append(float(offset))
-            columns["first"].append(frame(times[0]))
-            columns["reach"].append(frame(times[1]))
+            yield number, fields[0], fields[1], fields[2], fields[3]
+
+
+def _interval_columns(rows: Iterable[tuple[int, str, str, str, str]], rate: int, place: Callable[[int], str], *,
+                      header: bool) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """``rows`` (``(number, utterance, onset, offset, phone)``, the times as written, in seconds) as typed columns
+    ``utterance``, ``phone`` (indices into the returned utterance and phone names, in order of first appearance),
+    ``onset``, ``offset`` (s, float64), ``first`` and ``reach`` (their frame numbers, computed exactly: see
+    ``interval_frames``). ``place(number)`` names a row in an error ("FILE: line 3"); with ``header``, a first row
+    whose times are not numbers is a header line, skipped."""
+    columns = {name: array.array(code) for name, code in (("utterance", "i"), ("phone", "i"), ("onset", "d"),
+                                                            ("offset", "d"), ("first", "q"), ("reach", "q"))}
+    utterances: dict[str, int] = {}
+    phones: dict[str, int] = {}
+    half, scale = Decimal("0.5"), Decimal(rate)
+
+    def frame(time: Decimal) -> int:  # the first frame whose centre is at or after ``time``
+        return int((time * scale - half).to_integral_value(rounding=ROUND_CEILING))
+
+    for number, utterance, onset, offset, phone in rows:
+        try:
+            times = Decimal(onset), Decimal(offset)
+        except InvalidOperation:
+            if header and number == 1:
+                continue  # a header line
+            raise ValueError(f"{place(number)}: {onset!r}, {offset!r} are not times in seconds") from None
+        if not (times[0].is_finite() and times[1].is_finite()) or times[0] < 0:
+            raise ValueError(f"{place(number)}: {onset!r}, {offset!r} are not times in seconds (finite, onset ≥ 0)")
+        if not times[0] < times[1]:
+            raise ValueError(f"{place(number)}: onset {onset} is not before offset {offset}")
+        columns["utterance"].append(utterances.setdefault(utterance, len(utterances)))
+        columns["phone"].append(phones.setdefault(phone, len(phones)))
+        columns["onset"].append(float(onset))  # as float(times[0]): correctly rounded
+        columns["offset"].append(float(offset))
+        columns["first"].append(frame(times[0]))
+        columns["reach"].append(frame(times[1]))
     return {name: np.asarray(column) for name, column in columns.items()}, list(utterances), list(phones)
 
 
 def _read_interval_alignments(path: Path, rate: int) -> Iterator[tuple[str, list[str]]]:
-    """Frame labels of each utterance of an interval TSV. Frame i takes the first interval (sorted) whose offset
-    is past its centre (i + ½)/rate, which must have started by then. With exact (Decimal) times the frames are
-    found per interval, not per frame: interval r reaches the frames i < ceil(offset_r·rate − ½) and starts at
-    frame ceil(onset_r·rate − ½).
+    """Frame labels of each utterance of an interval TSV (``interval_frames``)."""
+    return interval_frames(path, _tsv_interval_rows(path), rate, place=lambda number: f"{path}: line {number}",
+                           header=True)
 
-    Each line is kept as 40 bytes in typed columns (its utterance and phone as indices, its times as floats for the
+
+def interval_frames(path: str | Path, rows: Iterable[tuple[int, str, str, str, str]], rate: int, *,
+                    place: Callable[[int], str], header: bool = False) -> Iterator[tuple[str, list[str]]]:
+    """Frame labels of each utterance of phone intervals ``rows`` (``(number, utterance, onset, offset, phone)``,
+    times as written, in seconds: an interval TSV's lines, a TextGrid's phone tier) read from ``path``, which errors
+    name (``place(number)`` names a row). Frame i takes the first interval (sorted) whose offset is past its centre
+    (i + ½)/rate, which must have started by then. With exact (Decimal) times the frames are found per interval,
+    not per frame: interval r reaches the frames i < ceil(offset_r·rate − ½) and starts at frame
+    ceil(onset_r·rate − ½).
+
+    Each row is kept as 40 bytes in typed columns (its utterance and phone as indices, its times as floats for the
     order and the overlap check, its two frame numbers computed exactly when read): held as Decimal tuples, 1.5M
     lines took 576 MB (now 139 MB), LibriSpeech train-960's about 17 GB."""
-    values, utterances, phone_names = _interval_columns(path, rate)
+    values, utterances, phone_names = _interval_columns(rows, rate, place, header=header)
     if not utterances:
         return
     half, scale = Decimal("0.5"), Decimal(rate)
