@@ -937,3 +937,27 @@ def test_failed_points_end_the_command_with_one_line_and_status_1(tmp_path, monk
     err = capsys.readouterr().err
     assert err == ("spidr learning-curve: error: learning-curve points failed: 1h-20steps-seed0 (exit -9, see "
                    "run.log)\n")
+
+
+@pytest.mark.slow
+def test_a_changed_test_hours_names_every_file_to_delete_at_once(tmp_path) -> None:
+    """Defect 6: after a curve of --test-hours 0.01, --test-hours 0.02 refuses point.json ("delete the file to redo
+    it"), then baselines.json, then corpora/test (another corpus): three runs to learn what to delete. The first
+    refusal names the test corpus too (a fix that remakes the test corpus instead would drop this assertion)."""
+    from spidr.learning_curve import CurvePoint, CurveSettings, recipe, run_curve, synthesise
+
+    if missing := [engine for engine in ENGINES if shutil.which(engine) is None]:
+        pytest.skip(f"speech engines {missing} are not installed")
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_DEMO)
+    before = CurveSettings(out_dir=tmp_path / "curve", config=config, hours=(0.01,), steps=(4,), seeds=(0,),
+                           test_hours=0.01, jobs=1)
+    synthesise(before, None)  # the test corpus of the first run
+    point = CurvePoint(0.01, 4, 0)
+    folder = tmp_path / "curve" / "points" / point.name
+    folder.mkdir(parents=True)
+    (folder / "point.json").write_text(json.dumps({"recipe": recipe(before, point)[0]}))
+    with pytest.raises(ValueError, match=r"test corpus of 0\.01 h, not 0\.02 h \(--test-hours\)") as refused:
+        run_curve(dataclasses.replace(before, test_hours=0.02))
+    assert "corpora/test" in str(refused.value), str(refused.value)
+    assert "point.json" in str(refused.value), str(refused.value)

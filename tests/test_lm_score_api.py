@@ -154,3 +154,62 @@ def test_the_tasks_refuse_item_scores_instead_of_numbers():
 
     with pytest.raises(TypeError, match=r"sub: the score of 'a' is ItemScore, not a number: give each item one float"):
         check_complete({"a": ItemScore(-1.0, 2)}, [], "sub")
+
+
+def _gold():
+    from spidr.lm.zerospeech import LexicalItem
+
+    return [LexicalItem("1", "w1", "v", 5, "cat", "K AE T", 3, True),
+            LexicalItem("1", "n1", "v", 5, "", "K IH T", 3, False)]
+
+
+@pytest.mark.parametrize("make", [torch.tensor, np.array], ids=["torch-0d", "numpy-0d"])
+def test_the_tasks_still_take_scalar_tensors_and_0d_arrays(make) -> None:
+    """Defect 1: check_complete's new numbers.Real test refuses a 0-d torch tensor or numpy array ("the score of
+    'w1' is Tensor, not a number"), which evaluate_lexical scored before 2cd685e (e.g. {name: log_probs.sum()})."""
+    from spidr.lm.evaluate import evaluate_lexical
+
+    result = evaluate_lexical(_gold(), {"w1": make(-1.0), "n1": make(-2.0)})
+    assert result.accuracies["swuggy_all"].score == 1.0
+    with pytest.raises(TypeError, match="the score of 'w1' is str, not a number"):  # ("-1.0" > "-2.0" as text)
+        evaluate_lexical(_gold(), {"w1": "-1.0", "n1": "-2.0"})
+    with pytest.raises(ValueError, match="the score of 'w1' is NaN"):
+        evaluate_lexical(_gold(), {"w1": make(float("nan")), "n1": make(-2.0)})
+
+
+def test_pair_accuracy_refuses_a_nan_score_naming_the_item() -> None:
+    """Defect 2: a NaN score counted as a lost pair (accuracy 0.0, no word); lm-score and read_submission refuse NaN
+    scores by name."""
+    from spidr.lm.evaluate import pair_accuracy
+    from spidr.lm.score import ItemScore
+
+    with pytest.raises(ValueError, match=r"the score of 'w' is NaN"):
+        pair_accuracy({"w": float("nan"), "n": -2.0}, [("w", "n")])
+    with pytest.raises(ValueError, match=r"the score of 'w' is NaN"):
+        pair_accuracy({"w": ItemScore(float("nan"), 3), "n": ItemScore(-2.0, 3)}, [("w", "n")])
+
+
+def test_pair_accuracy_takes_pairs_as_a_numpy_array_or_an_iterator() -> None:
+    """Defect 5: pairs given as an (n, 2) array failed with numpy's "truth value of an array ... is ambiguous", and
+    a generator of pairs with "cannot bootstrap an empty set of values" (consumed by the shape check)."""
+    from spidr.lm.evaluate import pair_accuracy
+
+    scores = {"w": -1.0, "n": -2.0}
+    assert pair_accuracy(scores, np.array([["w", "n"]])).score == 1.0
+    assert pair_accuracy(scores, (pair for pair in [("w", "n")])).score == 1.0
+
+
+def test_score_sequences_does_not_score_with_dropout() -> None:
+    """Defect 3: a model left in train mode was scored with dropout on (random scores, and the new vocabulary probe
+    draws from torch's RNG first, so the numbers also moved): score as eval mode does, or refuse naming .eval()."""
+    from spidr.lm.models import build_lm
+    from spidr.lm.score import score_sequences
+    from spidr.lm.tokens import Vocabulary
+
+    torch.manual_seed(0)
+    model = build_lm("lstm", Vocabulary(5).size, dim=16, num_layers=2, num_heads=2, ffn_dim=32, context=8,
+                     dropout=0.3, activation="gelu", tie_embeddings=True, ngram_order=2, ngram_add_k=0.1)
+    items = {"a": np.array([1, 2, 3, 4])}
+    in_train_mode = score_sequences(model, Vocabulary(5), items)["a"]
+    assert model.training  # the caller's mode is left as it was
+    assert in_train_mode == score_sequences(model.eval(), Vocabulary(5), items)["a"]

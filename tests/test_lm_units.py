@@ -1247,3 +1247,13 @@ def test_a_units_record_of_another_json_shape_is_refused_naming_it(tmp_path, tex
     (tmp_path / STATE_FILE).write_text(text)
     with pytest.raises(ValueError, match=r"\.lm-units\.json is not the JSON lm-units writes"):
         begin_units_folder(tmp_path, {"format": 1, "audio": {}})
+
+
+@pytest.mark.parametrize("done", ['[["dev"]]', '[{"a": 1}]'])
+def test_a_units_record_whose_done_holds_no_names_is_refused(tmp_path, done) -> None:
+    """Defect 4: a 'done' list of lists or objects still crashed lm-units with TypeError: unhashable type."""
+    from spidr.lm.bench_units import STATE_FILE, begin_units_folder
+
+    (tmp_path / STATE_FILE).write_text(f'{{"identity": {{"format": 1, "audio": {{}}}}, "done": {done}}}')
+    with pytest.raises(ValueError, match=r"\.lm-units\.json is not the JSON lm-units writes"):
+        begin_units_folder(tmp_path, {"format": 1, "audio": {}})

@@ -182,6 +182,28 @@ def reusable(path: Path, expected: tuple[dict, dict], *, model_dir: Path | None 
                      f"folder for this recipe, or {redo}")
 
 
+def refuse_another_test_corpus(settings: CurveSettings) -> None:
+    """Refuse, naming every file to delete at once, a curve whose results were scored on a test corpus of another
+    size (``--test-hours``): each point.json, baselines.json and the test corpus would be refused one by one."""
+    scored = [settings.out_dir / "baselines.json", *sorted((settings.out_dir / "points").glob("*/point.json"))]
+    other: dict[Path, object] = {}
+    for path in scored:
+        try:
+            hours = json.loads(path.read_text(encoding="utf-8"))["recipe"]["scoring"]["test_hours"]
+        except (OSError, ValueError, KeyError, TypeError):  # (absent, or not a result: reusable() names it)
+            continue
+        if hours != settings.test_hours:
+            other[path] = hours
+    if other:
+        files = ", ".join(str(path) for path in other)
+        before = ", ".join(sorted({f"{hours:g}" if isinstance(hours, float) else str(hours)
+                                   for hours in other.values()}))
+        raise ValueError(f"{settings.out_dir} was scored on a test corpus of {before} h, not "
+                         f"{settings.test_hours:g} h (--test-hours): use another --out folder, or delete {files} and "
+                         f"{corpus_dir(settings, None)} to score every point again on the new test corpus (the "
+                         "trained models are kept)")
+
+
 # 2. Corpora -------------------------------------------------------------------------------------------------------
 
 
@@ -735,6 +757,7 @@ _OWNED_SETTINGS = {
 def run_curve(settings: CurveSettings, argv: Sequence[str] = ()) -> Path:
     """The whole curve: corpora, points, baselines, summary; returns ``curve.md``."""
     check_overrides(settings)
+    refuse_another_test_corpus(settings)
     todo = points_to_run(settings)  # a point or baseline of another recipe is refused before the synthesis
     reusable(settings.out_dir / "baselines.json", recipe(settings))
     for hours in (None, *settings.hours):  # synthesis uses every CPU: before the points, not beside them

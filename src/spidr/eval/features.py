@@ -18,7 +18,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, decoding, load_audio
 from spidr.data.manifest import Manifest, ManifestEntry
 from spidr.eval.nearest_centroid import NearestCentroid
+from spidr.model_modes import eval_mode
 from spidr.models.frames import hop_length, num_frames, padding_mask_from_lengths
 from spidr.models.inference_precision import bfloat16_inference
 
@@ -156,7 +157,7 @@ def extract_batch(
     lengths = np.fromiter((wave.shape[0] for wave in waveforms), dtype=np.int64, count=len(waveforms))
     batches, long = planned_batches(lengths, settings)
     results: list[dict[str, np.ndarray]] = [{} for _ in waveforms]
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in batches:
             rows = batch.tolist()
             try:
@@ -175,18 +176,6 @@ def extract_batch(
                 raise error.naming(f"waveforms[{row}]") from None
             results[row] = sinks.arrays()
     return results
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """``model`` in eval mode (no dropout), each module's own mode restored after."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def _check_request(model: torch.nn.Module, settings: ExtractionSettings,

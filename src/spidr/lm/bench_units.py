@@ -217,7 +217,8 @@ def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[
         raise ValueError(f"{state_path} is not the JSON lm-units writes ({error}); delete {out_dir} to start "
                          "again") from None
     if state is not None and not (isinstance(state, dict) and isinstance(state.get("identity", {}), dict)
-                                  and isinstance(state.get("done", []), list)):
+                                  and isinstance(state.get("done", []), list)
+                                  and all(isinstance(name, str) for name in state.get("done", []))):
         raise ValueError(f"{state_path} is not the JSON lm-units writes (an object with an identity object and a "
                          f"list of the sets done); delete {out_dir} to start again")
     recorded = (state or {}).get("identity") or {}

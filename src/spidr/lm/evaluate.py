@@ -34,7 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import numbers
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -56,6 +56,7 @@ from spidr.lm.zerospeech import (
     read_storycloze_gold,
     read_submission,
     read_syntactic_gold,
+    score_number,
     storycloze_gold_from_filenames,
 )
 
@@ -236,6 +237,8 @@ def pair_accuracy(scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]], *
     the voices of one pair id is the caller's to take (``evaluate_lexical`` and the others do it from gold files)."""
     if norm not in ("mean", "sum"):
         raise ValueError(f"norm {norm!r} is invalid: expected 'mean' or 'sum'")
+
+    pairs = [tuple(str(name) for name in pair) for pair in pairs]  # (an (n, 2) array or a generator too)
     if not pairs:
         raise ValueError("no pair to score")
 
@@ -244,10 +247,11 @@ def pair_accuracy(scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]], *
             raise ValueError(f"pair {index} ({pairs[index][0]!r}, {pairs[index][1]!r}): no score for {name!r}")
         score = scores[name]
         if hasattr(score, "logprob"):  # an ItemScore
-            return float(score.mean if norm == "mean" else score.logprob)
-        if not isinstance(score, numbers.Real):
-            raise TypeError(f"the score of {name!r} is {type(score).__name__}, not a number or an ItemScore")
-        return float(score)
+            score = score.mean if norm == "mean" else score.logprob
+        number = score_number(score, name)
+        if math.isnan(number):
+            raise ValueError(f"the score of {name!r} is NaN: a pair of it can be neither won nor lost")
+        return number
 
     for index, pair in enumerate(pairs):
         if len(pair) != 2:

@@ -32,6 +32,7 @@ from spidr.lm.evaluate import TASKS, warn_about_other_folders  # each task lm-ev
 from spidr.lm.models import token_log_likelihoods
 from spidr.lm.tokens import LabelVocabulary, Vocabulary
 from spidr.lm.train import load_lm, read_lm_units
+from spidr.model_modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,13 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
     if context is None:
         context = getattr(model, "context", None)
     device = next(iter(model.state_dict().values())).device
+    with eval_mode(model):  # (a model left in training mode scored with dropout: other scores at every call)
+        return _scored(model, vocab, sequences, context=context, batch_tokens=batch_tokens, dtype=dtype,
+                       device=device)
+
+
+def _scored(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str, np.ndarray], *, context: int | None,
+            batch_tokens: int, dtype: str, device: torch.device) -> dict[str, ItemScore]:
     _refuse_another_vocabulary(model, vocab, device)
     arrays = {stem: unit_ids(values, f"item {stem!r}") for stem, values in sequences.items()}
     for stem, values in arrays.items():

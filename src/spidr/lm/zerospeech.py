@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -361,15 +360,27 @@ def submission_text(path: str | Path, scores: Mapping[str, float]) -> str:
     return "".join(lines)
 
 
+def score_number(value: object, stem: str, where: str | Path | None = None) -> float:
+    """An item's score as a float: any real number (a float, an int, a numpy or 0-d torch scalar, a Decimal); an
+    ``ItemScore`` or other object is refused, saying which number to give."""
+    try:
+        if isinstance(value, (str, bytes)):  # (float() reads "1.5"; the tasks would compare the strings)
+            raise TypeError
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        prefix = f"{where}: " if where is not None else ""
+        raise TypeError(f"{prefix}the score of {stem!r} is {type(value).__name__}, not a number: give each item one "
+                        "float (an ItemScore's .mean, lm-score's default norm, or .logprob)") from None
+
+
 def check_complete(scores: Mapping[str, float], gold_rows: Iterable[GoldItem], where: str | Path) -> None:
     """Raise if ``scores`` misses a wav of ``gold_rows`` or scores a stem the gold does not list.
 
     The message starts with ``where`` (the submission file) and gives the counts and a few stems of each kind.
     """
     for stem, value in scores.items():
-        if not isinstance(value, numbers.Real):
-            raise TypeError(f"{where}: the score of {stem!r} is {type(value).__name__}, not a number: give each item "
-                            "one float (an ItemScore's .mean, lm-score's default norm, or .logprob)")
+        if math.isnan(score_number(value, stem, where)):
+            raise ValueError(f"{where}: the score of {stem!r} is NaN")
     expected = {row.filename for row in gold_rows}
     missing = sorted(expected - scores.keys())
     extra = sorted(scores.keys() - expected)
