@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +93,126 @@ def test_only_torchrun_s_workers_are_tied_to_their_parent_and_to_that_parent(mon
     assert tied == []
     assert child_processes.end_with_torchrun({"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}) is True
     assert tied == [os.getppid()]
+
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="fork, PR_SET_PDEATHSIG and /proc are Linux's")
+
+
+def _env(*extra: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, extra), *sys.path]), "OMP_NUM_THREADS": "1"}
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie waits for init to reap it: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _in_group(pgid: int) -> list[int]:
+    """The running processes of process group ``pgid`` (Linux: /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+# A stand-in for the initialised espeak-ng library: 1 s per utterance, so that the caller can be interrupted (or a
+# pool terminated) while the forked child synthesises.
+SLOW_LIBRARY = """
+import time
+from spidr.corpus import espeak
+
+class SlowLibrary:
+    sample_rate = 22050
+    def synthesize(self, text, voice, rate, *, phonemes):
+        time.sleep(1.0)
+        return b"\\0\\0" * 100, [(0, "a")]
+
+def slow_espeak():
+    espeak._library = lambda: SlowLibrary()
+"""
+
+
+@linux_only
+def test_the_espeak_child_never_runs_the_callers_code(tmp_path):
+    """espeak.synthesize forks a child per utterance, which must end with os._exit whatever happens. Its result
+    write was outside its try: when the caller stopped reading (Ctrl-C in the caller, or the caller killed), the
+    BrokenPipeError unwound the caller's stack in the child, which ran the caller's handlers a second time (`spidr
+    synth-corpus --jobs 1` with an espeak voice printed "interrupted" and then "error: Broken pipe" for one Ctrl-C,
+    and after a kill -9 its orphaned child printed the error and removed the folder lock)."""
+    (tmp_path / "slowlib.py").write_text(SLOW_LIBRARY)
+    script = textwrap.dedent("""
+        import os, signal, time
+        from spidr.corpus import espeak
+        import slowlib
+        slowlib.slow_espeak()
+
+        def interrupt(*_):
+            raise KeyboardInterrupt  # what Ctrl-C raises in the caller
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # (timers are not inherited by a forked child)
+        me = os.getpid()
+        try:
+            espeak.synthesize("hello", "en-us")
+        except BaseException as error:
+            print("handled in", "the caller" if os.getpid() == me else "the espeak child", type(error).__name__,
+                  flush=True)
+        time.sleep(1.5)  # the caller lives on a little (its cleanup, the rest of the command)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(tmp_path),
+                            timeout=60, check=False)
+    assert result.stdout.splitlines() == ["handled in the caller KeyboardInterrupt"], result.stdout + result.stderr
+
+
+@linux_only
+def test_a_synthesis_pool_ended_by_an_error_leaves_no_espeak_child_behind(tmp_path):
+    """run_tasks (synth-corpus, synth-lm-bench, lm-study, the demo) with --jobs > 1: a batch that fails (or Ctrl-C
+    to the command alone) terminates the pool while another worker's espeak child synthesises. The worker dies; its
+    child got BrokenPipeError on the result pipe, went on as a pool worker in the worker's loop, and then waited for
+    ever on the pool's task lock, which the terminating parent holds and never releases; it also kept the
+    multiprocessing resource tracker alive. Both ran until killed."""
+    (tmp_path / "slowlib.py").write_text(SLOW_LIBRARY + textwrap.dedent("""
+        def task(kind):
+            if kind == "fail":  # another batch fails (a full disk, say): the pool is terminated
+                time.sleep(0.3)
+                raise ValueError("this batch failed")
+            slow_espeak()
+            return espeak.synthesize("hello", "en-us")
+    """))
+    script = tmp_path / "pool.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from spidr.corpus.synth import run_tasks
+        import slowlib
+
+        if __name__ == "__main__":
+            try:
+                run_tasks(["fail", "espeak"], 2, slowlib.task)  # (results come in order: the failure first)
+            except ValueError as error:
+                print("run_tasks raised:", error, flush=True)
+                time.sleep(2)  # the command handles the error (its handlers run, then it exits)
+    """))
+    log = tmp_path / "output.txt"
+    with log.open("w") as output:  # (a file: a pipe stays open as long as the child that holds it runs)
+        command = subprocess.Popen([sys.executable, str(script)], stdout=output, stderr=subprocess.STDOUT,
+                                   env=_env(tmp_path), start_new_session=True)
+    try:
+        command.wait(timeout=60)
+        assert "run_tasks raised: this batch failed" in log.read_text(), log.read_text()
+        deadline = time.monotonic() + 5
+        while _in_group(command.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _in_group(command.pid)
+        assert not left, f"processes left running after the command ended: {left}"
+    finally:
+        for pid in _in_group(command.pid):  # (only the processes of the group this test started)
+            os.kill(pid, signal.SIGKILL)

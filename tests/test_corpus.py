@@ -11,8 +11,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from spidr.corpus import alignment, engines, espeak, language, outputs, phones, 
 from spidr.corpus.alignment import AlignmentError
 from spidr.corpus.phones import UnmappedPhoneError
 from spidr.corpus.synth import CorpusInfo, OtherCorpusError, synthesize_corpus
+from test_child_processes import _env, _running, linux_only
 
 ARPABET39 = ["AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH", "IH", "IY",
              "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW", "V", "W", "Y",
@@ -1167,3 +1170,47 @@ def test_espeak_voices_need_fork_or_are_not_offered(monkeypatch: pytest.MonkeyPa
     if voices.is_available(voice):
         output = espeak.synthesize("hello", voice.engine_voice)  # then it must work without fork
         assert output.audio.size > 0
+
+
+FAKE_ENGINE = """#!/bin/sh
+echo $$ > "$ENGINE_PID_FILE"
+exec sleep 30
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("engine", ["flite", "festival"])
+def test_a_speech_engine_ends_with_the_process_that_started_it(tmp_path, engine):
+    """flite and festival ran as plain subprocesses: a synthesis worker or command killed (kill -9, or SIGTERM to it
+    alone: `kill PID`, a pool's terminate, the parent-death signal of a pool worker) left the engine running on,
+    measured 3-9 s for a festival batch of 16 utterances. It now gets SIGTERM when its parent dies."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / engine).write_text(FAKE_ENGINE)
+    (bin_dir / engine).chmod(0o755)
+    pid_file = tmp_path / "engine.pid"
+    call = ("engines._flite('slt', request)" if engine == "flite"
+            else "engines._festival_run('kal_diphone', [request])")
+    script = ("from spidr.corpus import engines\nfrom spidr.corpus.engines import Request\n"
+              f"request = Request('u1', 'hello there', 1.0)\n{call}\n")
+    env = {**_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "ENGINE_PID_FILE": str(pid_file)}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    engine_pid = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.is_file() and pid_file.read_text().strip()):
+            assert parent.poll() is None, "the parent ended before its engine started"
+            assert time.monotonic() < deadline, "the engine never started"
+            time.sleep(0.05)
+        engine_pid = int(pid_file.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 3
+        while _running(engine_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(engine_pid), f"{engine} outlived the process that started it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if engine_pid is not None and _running(engine_pid):
+            os.kill(engine_pid, signal.SIGKILL)

@@ -33,6 +33,15 @@ def start_child(command: Sequence[str], *, stdout: Any, env: dict[str, str] | No
                             preexec_fn=functools.partial(_die_with_parent, prctl, os.getpid()))  # noqa: PLW1509
 
 
+def run_child(command: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, **kwargs)`` in a child that gets SIGTERM when this process dies: a speech engine
+    (festival speaks a batch of 16 utterances in one run, seconds) no longer runs on after the synthesis worker or
+    command that started it was killed or stopped by a signal to it alone (``kill PID``, a pool's terminate)."""
+    if sys.platform == "linux":
+        kwargs["preexec_fn"] = functools.partial(_die_with_parent, _prctl(), os.getpid())
+    return subprocess.run(command, **kwargs)  # noqa: PLW1510 (the caller says check=)
+
+
 def end_with_parent(parent: int) -> None:
     """Run first in a worker process (a ``multiprocessing`` pool's initializer, with ``parent = os.getpid()`` of the
     process that makes the pool): the worker gets SIGTERM when its parent dies."""

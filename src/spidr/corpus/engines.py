@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import soundfile as sf
 
+from spidr.child_processes import run_child
 from spidr.corpus import espeak
 from spidr.corpus.phones import ESPEAK_SEPARATOR, PAUSE, arpabet_to_espeak
 from spidr.corpus.voices import Voice
@@ -145,7 +146,7 @@ def _flite(engine_voice: str, request: Request) -> RawUtterance | SynthesisError
         source = ["-t", request.text] if request.pronunciation is None else ["-p", flite_phones(request.pronunciation)]
         command = ["flite", "-voice", engine_voice, "-psdur", "--setf", f"duration_stretch={1 / request.rate:.4f}",
                    *source, "-o", str(wav)]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = run_child(command, capture_output=True, text=True, check=False)
         if result.returncode != 0 or not wav.is_file():
             return SynthesisError(f"flite failed (exit {result.returncode}): {result.stderr.strip()[-300:]}")
         audio, sample_rate = _read_wav(wav)
@@ -229,7 +230,7 @@ def _festival_run(engine_voice: str, requests: list[Request]) -> tuple[list[RawU
         folder = Path(tmp)
         script = folder / "batch.scm"
         script.write_text(_festival_script(engine_voice, requests, folder))
-        result = subprocess.run(["festival", "-b", str(script)], capture_output=True, text=True, check=False)
+        result = run_child(["festival", "-b", str(script)], capture_output=True, text=True, check=False)
         made: list[RawUtterance] = []
         for i in range(len(requests)):
             wav, segs = folder / f"{i}.wav", folder / f"{i}.segs"

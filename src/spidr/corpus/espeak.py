@@ -12,10 +12,12 @@ synthesis uses processes, never threads.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import pickle
+import signal
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -130,6 +132,28 @@ class _Library:
         return b"".join(self.chunks), self.phonemes
 
 
+def _child(library: _Library, pipe_ends: tuple[int, int], text: str, voice: str, *, rate: float,
+           phonemes: bool) -> None:
+    """The forked child's whole life: it ends here with ``os._exit`` whatever happens. An exception that left this
+    function would unwind the caller's stack in the child (a copy of the caller): a pipe whose reader is gone (the
+    caller interrupted, or killed: BrokenPipeError), or a Ctrl-C (KeyboardInterrupt), ran the command's error
+    handling a second time, and in a synthesis pool's worker the child went on as a worker of the pool, waiting for
+    ever on the pool's task lock once the pool was terminated."""
+    read_end, write_end = pipe_ends
+    status = 1
+    try:
+        os.close(read_end)
+        try:
+            result = ("ok", library.synthesize(text, voice, rate, phonemes=phonemes))
+        except Exception as error:  # any failure is reported to the parent
+            result = ("error", f"{type(error).__name__}: {error}")
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(pickle.dumps(result))
+        status = 0
+    finally:
+        os._exit(status)
+
+
 @cache
 def _library() -> _Library:
     return _Library()
@@ -146,17 +170,16 @@ def synthesize(text: str, voice: str, *, rate: float = 1.0, phonemes: bool = Fal
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: synthesise, send the result, and leave without running the parent's cleanup
-        os.close(read_end)
-        try:
-            result = ("ok", library.synthesize(text, voice, rate, phonemes=phonemes))
-        except Exception as error:  # any failure is reported to the parent
-            result = ("error", f"{type(error).__name__}: {error}")
-        with os.fdopen(write_end, "wb") as pipe:
-            pipe.write(pickle.dumps(result))
-        os._exit(0)
+        _child(library, (read_end, write_end), text, voice, rate=rate, phonemes=phonemes)  # (never returns)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        payload = pipe.read()  # read to EOF before waiting, or a large result would block the child
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            payload = pipe.read()  # read to EOF before waiting, or a large result would block the child
+    except BaseException:  # (Ctrl-C): the child goes too, and is reaped
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
     _, status = os.waitpid(pid, 0)
     if not payload or status != 0:
         raise RuntimeError(f"espeak-ng child process for {text!r} exited with status {status}")
