@@ -348,3 +348,94 @@ def test_evaluation_settings_record_a_textgrid_folder_by_content(tmp_path: Path)
     assert recorded() == first
     (folder / "spk9" / "91_7.TextGrid").write_text(_long({"phones": [("0", "0.1", "M")]}))
     assert recorded() != first
+
+
+# --- from the review tgrev31 ---
+MFA_PHONES = [("0", "0.1", ""), ("0.1", "0.2", "AH1"), ("0.2", "0.3", "S"), ("0.3", "0.4", "T"),
+              ("0.4", "0.5", "IY0"),
+          ("0.5", "0.6", "")]
+
+
+def _review_long(tiers: dict[str, list[tuple[str, str, str]]], xmax: str = "0.6") -> str:
+    """A long-format TextGrid as Praat and MFA write it."""
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0 ", f"xmax = {xmax} ",
+             "tiers? <exists> ", f"size = {len(tiers)} ", "item []: "]
+    for number, (name, intervals) in enumerate(tiers.items(), start=1):
+        lines += [f"    item [{number}]:", '        class = "IntervalTier" ', f'        name = "{name}" ',
+                  "        xmin = 0 ", f"        xmax = {xmax} ", f"        intervals: size = {len(intervals)} "]
+        for k, (onset, offset, label) in enumerate(intervals, start=1):
+            lines += [f"        intervals [{k}]:", f"            xmin = {onset} ", f"            xmax = {offset} ",
+                      f'            text = "{label}" ']
+    return "\n".join(lines) + "\n"
+
+
+def test_librispeech_speaker_chapter_folders_give_the_speaker_not_the_chapter(tmp_path: Path) -> None:
+    """MFA mirrors its corpus: LibriSpeech's OUT/84/121123/84-121123-0000.TextGrid. The folder holding the file is
+    the chapter; the item file's speaker must be LibriSpeech's speaker (84), as the same alignments as a TSV give
+    it (default --speaker-pattern), not one 'speaker' per chapter (ABX across-speaker would pair the same voice)."""
+    tsv = ["utterance\tonset\toffset\tphone"]
+    for speaker, chapter in [("84", "121123"), ("84", "121550"), ("174", "50561"), ("174", "84280")]:
+        for k in range(2):
+            name = f"{speaker}-{chapter}-{k:04d}"
+            file = tmp_path / "mfa" / speaker / chapter / f"{name}.TextGrid"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(_review_long({"words": [("0", "0.6", "")], "phones": MFA_PHONES}))
+            tsv += [f"{name}\t{onset}\t{offset}\t{label or 'SIL'}" for onset, offset, label in MFA_PHONES]
+    (tmp_path / "a.tsv").write_text("\n".join(tsv) + "\n")
+    assert main(["items", str(tmp_path / "mfa"), "--out", str(tmp_path / "tg.item")]) == 0
+    assert main(["items", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "tsv.item")]) == 0
+    rows = {kind: [line.split() for line in (tmp_path / f"{kind}.item").read_text().splitlines()[1:]]
+            for kind in ("tg", "tsv")}
+    assert {row[-1] for row in rows["tg"]} == {"84", "174"}
+    # (the same rows as the TSV's, whether the TextGrids are named by stem or by path)
+    assert sorted([row[0].rsplit("/", 1)[-1], *row[1:]] for row in rows["tg"]) == sorted(rows["tsv"])
+
+
+@pytest.mark.parametrize("cut_before", ["intervals [4]:", '0.3\n0.4\n"T"'], ids=["long", "short"])
+def test_a_truncated_textgrid_is_refused_naming_the_file(tmp_path: Path, cut_before: str) -> None:
+    """A TextGrid cut between two intervals (MFA writes in place: a kill or a full disk mid-export) declares 6
+    intervals up to 0.6 s; praatio reads the 3 it finds without complaint. Read silently, the utterance lost half
+    its phones (spidr items wrote fewer items; units-quality blamed the rates)."""
+    if cut_before.startswith("intervals"):
+        text = _review_long({"words": [("0", "0.6", "")], "phones": MFA_PHONES})
+    else:
+        text = ('File type = "ooTextFile"\nObject class = "TextGrid"\n\n0\n0.6\n<exists>\n1\n"IntervalTier"\n'
+                '"phones"\n0\n0.6\n6\n'
+                + "".join(f'{onset}\n{offset}\n"{label}"\n' for onset, offset, label in MFA_PHONES))
+    (tmp_path / "mfa" / "spk").mkdir(parents=True)
+    file = tmp_path / "mfa" / "spk" / "u-1.TextGrid"
+    file.write_text(text[: text.index(cut_before)])
+    with pytest.raises(ValueError, match=r"u-1\.TextGrid"):
+        read_alignments(tmp_path / "mfa")
+
+
+def test_praat_s_old_short_text_header_is_read(tmp_path: Path) -> None:
+    """Praat's short text files as older Praat versions and corpora (CGN) have them: 'File type = "ooTextFile
+    short"' then a bare '"TextGrid"' line. praatio and tgt read them; the header check refused them."""
+    text = ('File type = "ooTextFile short"\n"TextGrid"\n\n0\n0.6\n<exists>\n1\n"IntervalTier"\n"phones"\n0\n0.6\n6\n'
+            + "".join(f'{onset}\n{offset}\n"{label}"\n' for onset, offset, label in MFA_PHONES))
+    (tmp_path / "u-1.TextGrid").write_text(text)
+    frames = list(read_alignments(tmp_path / "u-1.TextGrid")["u-1"])
+    assert frames == ["SIL"] * 10 + ["AH"] * 10 + ["S"] * 10 + ["T"] * 10 + ["IY"] * 10 + ["SIL"] * 10
+
+
+def test_mfa_multi_speaker_tiers_are_named_as_such_in_the_refusal(tmp_path: Path) -> None:
+    """MFA names a multi-speaker file's tiers '<speaker> - phones'. The refusal said the tier is read 'as the
+    Montreal Forced Aligner names it' ('phones'), which is not how MFA named these; it should say that the file
+    holds the phones of several speakers (one utterance per file is read)."""
+    (tmp_path / "conv.TextGrid").write_text(_review_long({"alice - words": [("0", "0.6", "")],
+                                                          "alice - phones": MFA_PHONES,
+                                                   "bob - words": [("0", "0.6", "")], "bob - phones": MFA_PHONES}))
+    with pytest.raises(ValueError, match=r"conv\.TextGrid") as error:
+        read_alignments(tmp_path / "conv.TextGrid")
+    assert "speaker" in str(error.value).split("conv.TextGrid", 1)[1]  # (not in the tmp_path name)
+
+
+def test_macos_appledouble_companions_are_not_read_as_textgrids(tmp_path: Path) -> None:
+    """MFA output copied from a Mac onto a FAT/exFAT drive or a share holds '._x.TextGrid' companions (binary
+    resource forks). They are no utterance: the folder must read as its real TextGrids."""
+    (tmp_path / "mfa" / "spk").mkdir(parents=True)
+    (tmp_path / "mfa" / "spk" / "u-1.TextGrid").write_text(_review_long({"phones": MFA_PHONES}))
+    (tmp_path / "mfa" / "spk" / "._u-1.TextGrid").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(40))
+    names = list(read_alignments(tmp_path / "mfa"))
+    assert [name.rsplit("/", 1)[-1] for name in names] == ["u-1"]

@@ -299,8 +299,9 @@ def _register_items(subparsers: argparse._SubParsersAction, formatter: type[argp
         "itself are speech. triphone items span the previous, centre and next phones (score them with --context "
         "within); phoneme items span the centre phone. The speaker of an utterance is the speaker column of an "
         "interval TSV whose header names one, or the folder holding its TextGrid where ALIGNMENTS is a folder of "
-        "speaker folders (the Montreal Forced Aligner's OUT/<speaker>/<utterance>.TextGrid), else the first group "
-        "of --speaker-pattern in its name.",
+        "speaker folders (the Montreal Forced Aligner's OUT/<speaker>/<utterance>.TextGrid; in LibriSpeech's "
+        "OUT/<speaker>/<chapter>/ layout, the folder above that the name begins with), else the first group of "
+        "--speaker-pattern in its name.",
         formatter_class=formatter,
     )
     parser.add_argument("alignments", metavar="ALIGNMENTS", help=ALIGNMENTS_HELP)

@@ -20,8 +20,12 @@ the suffix in any case). An utterance is named by its file's stem (``84-121123-0
 ``dr1/fcjf0/sa1`` and ``dr1/mdab0/sa1``), each is named by its path below the folder without the suffix, as
 ``spidr extract`` then names them (``feature_dir.utterance_name``): never one file over another. The speaker of each
 utterance (``spidr items``) is the folder that holds its TextGrid, as MFA takes a corpus's speaker folders
-(``OUT/<speaker>/<utterance>.TextGrid``), when every TextGrid of the folder lies in a subfolder; otherwise, and for
-a single file, ``--speaker-pattern`` finds it in the name, as for an interval TSV without a speaker column.
+(``OUT/<speaker>/<utterance>.TextGrid``), or a folder above it that the name begins with (LibriSpeech's
+``OUT/84/121123/84-121123-0000.TextGrid``: speaker 84, not chapter 121123), when every TextGrid of the folder lies
+in a subfolder; otherwise, and for a single file, ``--speaker-pattern`` finds it in the name, as for an interval TSV
+without a speaker column. A file cut short (its phone tier ending before its ``xmax``), a tier of MFA's files of
+several speakers (``<speaker> - phones``) and an older Praat header are told apart; macOS's ``._`` companions are
+not TextGrids.
 
 Praat's two text formats ("long" and "short") are parsed by praatio (``spidr[eval]``), whose raw parse keeps the
 times as written; UTF-8 and Praat's UTF-16 (with its byte order mark) are read. Praat's binary TextGrids are refused.
@@ -37,6 +41,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
 
@@ -49,7 +54,8 @@ PHONE_TIER = "phones"
 MFA_SILENCE = frozenset({"", "sil", "sp"})  # (lower case) MFA's silence labels, read as SILENCE
 SILENCE = "SIL"
 PURPOSE = "reading TextGrid alignments"
-_HEADER = re.compile(r'\s*File type = "ooTextFile(?: short)?"\s*\n\s*Object class = "TextGrid"')
+# (older Praat short text files write the class as a bare "TextGrid" line)
+_HEADER = re.compile(r'\s*File type = "ooTextFile(?: short)?"\s*\n\s*(?:Object class = )?"TextGrid"')
 
 
 def is_textgrid_name(name: str) -> bool:
@@ -86,7 +92,8 @@ def textgrid_files(path: str | Path) -> dict[str, Path]:
         relative = os.path.relpath(folder, path)
         prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
         for name in sorted(names):
-            if not is_textgrid_name(name) or not os.path.isfile(os.path.join(folder, name)):
+            # (._x.TextGrid: macOS's AppleDouble companion of x.TextGrid on a copied drive, not a TextGrid)
+            if name.startswith("._") or not is_textgrid_name(name) or not os.path.isfile(os.path.join(folder, name)):
                 continue
             key = prefix + _stem(name)
             if key in found:
@@ -114,7 +121,17 @@ def textgrid_speakers(path: str | Path) -> dict[str, str] | None:
     if not path.is_dir():
         return None
     files = textgrid_files(path)
-    speakers = {name: file.parent.name for name, file in files.items() if file.parent != path}
+    from spidr.eval.item_writer import DEFAULT_SPEAKER_PATTERN
+
+    speakers = {}
+    for name, file in files.items():
+        if file.parent == path:
+            continue
+        # The folder holding the file, unless a folder above it is the speaker the name begins with: LibriSpeech's
+        # speaker/chapter/utterance layout (84/121123/84-121123-0000), where the holding folder is the chapter.
+        folders = file.relative_to(path).parts[:-1]
+        named = re.search(DEFAULT_SPEAKER_PATTERN, _stem(file.name))
+        speakers[name] = named.group(1) if named and named.group(1) in folders[:-1] else folders[-1]
     if len(speakers) < len(files):
         if speakers:
             logger.warning("%s: %d of %d TextGrids lie at the top of the folder, in no speaker folder: the speakers "
@@ -169,6 +186,10 @@ def tier_intervals(path: str | Path, *, tier: str = PHONE_TIER) -> list[tuple[st
     found = [entry for entry in tiers if entry["name"].strip().lower() == tier.lower()]
     if len(found) != 1:
         names = ", ".join(repr(entry["name"]) for entry in tiers) or "none"
+        if not found and any(entry["name"].strip().lower().endswith(f" - {tier.lower()}") for entry in tiers):
+            raise ValueError(f"{path}: the phones of several speakers (tiers {names}, as MFA names the tiers of a "
+                             "file of several speakers): one utterance of one speaker is read per TextGrid; split "
+                             "the file by speaker")
         what = "no tier" if not found else f"{len(found)} tiers"
         raise ValueError(f"{path}: {what} named {tier!r} (its tiers: {names}); the phone intervals are read from the "
                          f"tier named {tier!r}, as the Montreal Forced Aligner names it")
@@ -178,6 +199,10 @@ def tier_intervals(path: str | Path, *, tier: str = PHONE_TIER) -> list[tuple[st
     intervals = [(str(start), str(end), str(label).strip()) for start, end, label in found[0]["entries"]]
     if not intervals:
         raise ValueError(f"{path}: tier {found[0]['name']!r} has no interval")
+    # A file cut short (a killed export) parses, without its last intervals: its tier ends before its xmax.
+    if Decimal(intervals[-1][1]) < Decimal(repr(found[0]["xmax"])) - Decimal("0.01"):
+        raise ValueError(f"{path}: tier {found[0]['name']!r} ends at {intervals[-1][1]} s, before its xmax of "
+                         f"{found[0]['xmax']!r} s: a file cut short? (MFA's phone tiers end at the file's end)")
     return intervals
 
 
