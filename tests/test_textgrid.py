@@ -103,9 +103,10 @@ item []:
 """
 
 
-def _long(tiers: dict[str, list[tuple[str, str, str]]]) -> str:
-    """Praat's long text format, as Praat writes it (values followed by a space)."""
-    xmax = max(end for intervals in tiers.values() for _, end, _ in intervals)
+def _long(tiers: dict[str, list[tuple[str, str, str]]], xmax: str | None = None) -> str:
+    """Praat's long text format, as Praat and MFA write it (values followed by a space); ``xmax``: the file's and
+    each tier's end (default: the last interval's)."""
+    xmax = xmax or max((end for intervals in tiers.values() for _, end, _ in intervals), key=float)
     lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0 ", f"xmax = {xmax} ",
              "tiers? <exists> ", f"size = {len(tiers)} ", "item []: "]
     for number, (name, intervals) in enumerate(tiers.items(), start=1):
@@ -356,19 +357,6 @@ MFA_PHONES = [("0", "0.1", ""), ("0.1", "0.2", "AH1"), ("0.2", "0.3", "S"), ("0.
           ("0.5", "0.6", "")]
 
 
-def _review_long(tiers: dict[str, list[tuple[str, str, str]]], xmax: str = "0.6") -> str:
-    """A long-format TextGrid as Praat and MFA write it."""
-    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0 ", f"xmax = {xmax} ",
-             "tiers? <exists> ", f"size = {len(tiers)} ", "item []: "]
-    for number, (name, intervals) in enumerate(tiers.items(), start=1):
-        lines += [f"    item [{number}]:", '        class = "IntervalTier" ', f'        name = "{name}" ',
-                  "        xmin = 0 ", f"        xmax = {xmax} ", f"        intervals: size = {len(intervals)} "]
-        for k, (onset, offset, label) in enumerate(intervals, start=1):
-            lines += [f"        intervals [{k}]:", f"            xmin = {onset} ", f"            xmax = {offset} ",
-                      f'            text = "{label}" ']
-    return "\n".join(lines) + "\n"
-
-
 def test_librispeech_speaker_chapter_folders_give_the_speaker_not_the_chapter(tmp_path: Path) -> None:
     """MFA mirrors its corpus: LibriSpeech's OUT/84/121123/84-121123-0000.TextGrid. The folder holding the file is
     the chapter; the item file's speaker must be LibriSpeech's speaker (84), as the same alignments as a TSV give
@@ -379,7 +367,7 @@ def test_librispeech_speaker_chapter_folders_give_the_speaker_not_the_chapter(tm
             name = f"{speaker}-{chapter}-{k:04d}"
             file = tmp_path / "mfa" / speaker / chapter / f"{name}.TextGrid"
             file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(_review_long({"words": [("0", "0.6", "")], "phones": MFA_PHONES}))
+            file.write_text(_long({"words": [("0", "0.6", "")], "phones": MFA_PHONES}))
             tsv += [f"{name}\t{onset}\t{offset}\t{label or 'SIL'}" for onset, offset, label in MFA_PHONES]
     (tmp_path / "a.tsv").write_text("\n".join(tsv) + "\n")
     assert main(["items", str(tmp_path / "mfa"), "--out", str(tmp_path / "tg.item")]) == 0
@@ -397,7 +385,7 @@ def test_a_truncated_textgrid_is_refused_naming_the_file(tmp_path: Path, cut_bef
     intervals up to 0.6 s; praatio reads the 3 it finds without complaint. Read silently, the utterance lost half
     its phones (spidr items wrote fewer items; units-quality blamed the rates)."""
     if cut_before.startswith("intervals"):
-        text = _review_long({"words": [("0", "0.6", "")], "phones": MFA_PHONES})
+        text = _long({"words": [("0", "0.6", "")], "phones": MFA_PHONES})
     else:
         text = ('File type = "ooTextFile"\nObject class = "TextGrid"\n\n0\n0.6\n<exists>\n1\n"IntervalTier"\n'
                 '"phones"\n0\n0.6\n6\n'
@@ -423,7 +411,7 @@ def test_mfa_multi_speaker_tiers_are_named_as_such_in_the_refusal(tmp_path: Path
     """MFA names a multi-speaker file's tiers '<speaker> - phones'. The refusal said the tier is read 'as the
     Montreal Forced Aligner names it' ('phones'), which is not how MFA named these; it should say that the file
     holds the phones of several speakers (one utterance per file is read)."""
-    (tmp_path / "conv.TextGrid").write_text(_review_long({"alice - words": [("0", "0.6", "")],
+    (tmp_path / "conv.TextGrid").write_text(_long({"alice - words": [("0", "0.6", "")],
                                                           "alice - phones": MFA_PHONES,
                                                    "bob - words": [("0", "0.6", "")], "bob - phones": MFA_PHONES}))
     with pytest.raises(ValueError, match=r"conv\.TextGrid") as error:
@@ -435,7 +423,7 @@ def test_macos_appledouble_companions_are_not_read_as_textgrids(tmp_path: Path) 
     """MFA output copied from a Mac onto a FAT/exFAT drive or a share holds '._x.TextGrid' companions (binary
     resource forks). They are no utterance: the folder must read as its real TextGrids."""
     (tmp_path / "mfa" / "spk").mkdir(parents=True)
-    (tmp_path / "mfa" / "spk" / "u-1.TextGrid").write_text(_review_long({"phones": MFA_PHONES}))
+    (tmp_path / "mfa" / "spk" / "u-1.TextGrid").write_text(_long({"phones": MFA_PHONES}))
     (tmp_path / "mfa" / "spk" / "._u-1.TextGrid").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(40))
     names = list(read_alignments(tmp_path / "mfa"))
     assert [name.rsplit("/", 1)[-1] for name in names] == ["u-1"]
