@@ -427,3 +427,17 @@ def test_macos_appledouble_companions_are_not_read_as_textgrids(tmp_path: Path) 
     (tmp_path / "mfa" / "spk" / "._u-1.TextGrid").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(40))
     names = list(read_alignments(tmp_path / "mfa"))
     assert [name.rsplit("/", 1)[-1] for name in names] == ["u-1"]
+
+
+@pytest.mark.parametrize("layout", ["long", "short"])
+def test_a_negative_time_is_refused_naming_its_line(tmp_path: Path, layout: str) -> None:
+    """praatio reads "-0.05" as 0.05 (a misleading "no phone at 0.005 s" followed); refused, naming the line. A label
+    that reads "-1" (quoted) is no time."""
+    phones = [("0", "0.1", "-1"), ("0.1", "0.2", "A")]
+    text = (_long if layout == "long" else _short)({"phones": phones})
+    (tmp_path / "ok.TextGrid").write_text(text)
+    assert list(read_alignments(tmp_path / "ok.TextGrid")) == ["ok"]
+    bad = text.replace("0.1", "-0.1", 1) if layout == "short" else text.replace("xmin = 0.1 ", "xmin = -0.1 ", 1)
+    (tmp_path / "bad.TextGrid").write_text(bad)
+    with pytest.raises(ValueError, match=r"bad\.TextGrid: line \d+ holds a negative time \('.*-0\.1"):
+        read_alignments(tmp_path / "bad.TextGrid")

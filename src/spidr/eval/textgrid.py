@@ -58,6 +58,10 @@ PURPOSE = "reading TextGrid alignments"
 _HEADER = re.compile(r'\s*File type = "ooTextFile(?: short)?"\s*\n\s*(?:Object class = )?"TextGrid"')
 
 
+# A time below 0: "xmin = -0.5" (long format) or a bare "-0.5" line (short format; labels are quoted)
+_NEGATIVE_TIME = re.compile(r"(?m)^[ \t]*(?:x(?:min|max) = )?-[ \t]*\d[^\n]*")
+
+
 def is_textgrid_name(name: str) -> bool:
     """Whether a file name is a TextGrid's (``x.TextGrid``, ``x.textgrid``, ``x.TextGrid.gz``)."""
     name = name.lower().removesuffix(".gz")
@@ -178,6 +182,11 @@ def tier_intervals(path: str | Path, *, tier: str = PHONE_TIER) -> list[tuple[st
     if not _HEADER.match(text):
         raise ValueError(f"{path} is not a Praat TextGrid text file (it begins {text[:40]!r}; expected "
                          "File type = \"ooTextFile\" and Object class = \"TextGrid\")")
+    negative = _NEGATIVE_TIME.search(text)
+    if negative:  # (praatio reads -0.5 as 0.5)
+        line = text.count("\n", 0, negative.start()) + 1
+        raise ValueError(f"{path}: line {line} holds a negative time ({negative.group(0).strip()!r}): expected times "
+                         "in seconds from 0")
     try:
         parsed = textgrid_io.parseTextgridStr(text, includeEmptyIntervals=True)
     except (errors.PraatioException, ValueError, IndexError, KeyError) as error:
