@@ -36,6 +36,7 @@ from spidr.eval.features import (
 )
 from spidr.eval.folder_extraction import extract_to_directory, output_stems
 from spidr.eval.units import read_units
+from spidr.model_modes import eval_mode
 from spidr.models.build import build_model
 from spidr.models.frames import num_frames, padding_mask_from_lengths
 from train_fixtures import EXTRACTION_MODEL as TINY
@@ -1232,3 +1233,19 @@ def test_a_file_named_only_by_its_extension_is_no_feature_file(tmp_path):
     (tmp_path / "a.npy").unlink()
     with pytest.raises(ValueError, match=r"has no \.npy or \.pt files"):
         FeatureDirectory(tmp_path)
+
+
+def test_eval_mode_gives_each_module_its_mode_back_after_an_error() -> None:
+    """A failure inside (a refused input) must not leave a training loop's model in eval mode (no dropout)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Linear(2, 2))
+    model[2].eval()  # one module's own mode, kept
+    seen = []
+
+    def fail() -> None:
+        seen.append([module.training for module in model.modules()])
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"), eval_mode(model):
+        fail()
+    assert seen == [[False, False, False, False]]
+    assert [module.training for module in model.modules()] == [True, True, True, False]

@@ -549,3 +549,16 @@ def test_items_refuse_a_phone_label_with_a_space(tmp_path: Path, capsys) -> None
     assert main(["items", str(tmp_path / "a.tsv"), "--out", str(tmp_path / "a.item")]) == 2
     assert "phone label 'B C'" in capsys.readouterr().err
     assert not (tmp_path / "a.item").exists()
+
+
+@pytest.mark.parametrize("label", ["B\tC", "B\u00a0C", ""], ids=["tab", "nbsp", "empty"])
+def test_items_refuse_a_phone_label_with_any_whitespace_or_none(tmp_path: Path, capsys, label: str) -> None:
+    """read_items splits a line at any whitespace (str.split), so a label holding a tab or a no-break space, or an
+    empty label, would shift the columns: refused up front, naming the label, with no item file written."""
+    from spidr.cli import main
+
+    phones = ["A"] * 3 + [label] * 3 + ["D"] * 3
+    (tmp_path / "a.jsonl").write_text(json.dumps({"name": "u-1", "phones": phones}) + "\n")
+    assert main(["items", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "a.item")]) == 2
+    assert f"phone label {label!r}" in capsys.readouterr().err
+    assert not (tmp_path / "a.item").exists()

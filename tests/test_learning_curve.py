@@ -33,6 +33,7 @@ from spidr.learning_curve import (
     plot_curve,
     read_points,
     recipe,
+    refuse_another_test_corpus,
     reusable,
     stretched_schedule,
     summarise,
@@ -961,3 +962,42 @@ def test_a_changed_test_hours_names_every_file_to_delete_at_once(tmp_path) -> No
         run_curve(dataclasses.replace(before, test_hours=0.02))
     assert "corpora/test" in str(refused.value), str(refused.value)
     assert "point.json" in str(refused.value), str(refused.value)
+
+
+def test_test_hours_reach_the_settings_and_the_parallel_children(tmp_path, monkeypatch) -> None:
+    """--test-hours is the settings' test_hours, and a child of --parallel rebuilds the same value (not the
+    default 0.2: its points would be scored on another test corpus than the parent's)."""
+    from spidr.cli import main
+
+    seen = {}
+
+    def fake_run_curve(settings, argv):
+        seen.update(settings=settings, argv=argv)
+        report = tmp_path / "curve.md"
+        report.write_text("# curve\n")
+        return report
+
+    monkeypatch.setattr(learning_curve, "run_curve", fake_run_curve)
+    assert main(["learning-curve", "--out", str(tmp_path / "c"), "--hours", "0.5", "--steps", "10",
+                 "--test-hours", "0.05", "--parallel", "2"]) == 0
+    assert seen["settings"].test_hours == 0.05
+    parser = argparse.ArgumentParser()
+    learning_curve.register(parser.add_subparsers())
+    child = parser.parse_args(["learning-curve", *seen["argv"], "--only", "0.5:10:0"])
+    assert child.test_hours == 0.05
+
+
+def test_baselines_scored_on_another_test_corpus_are_refused_alone(tmp_path: Path) -> None:
+    """baselines.json is scored on the test corpus too: one of another --test-hours is refused, named, even
+    without any point.json; one of the same hours, or an unreadable one (reusable() names it), is not."""
+    settings = CurveSettings(out_dir=tmp_path, hours=(1.0,), steps=(10,), test_hours=0.02)
+    baselines = tmp_path / "baselines.json"
+    baselines.write_text(json.dumps({"recipe": {"scoring": {"test_hours": 0.02}}}))
+    refuse_another_test_corpus(settings)
+    for unreadable in ("not json", json.dumps({"recipe": {}}), json.dumps([1]), json.dumps({"recipe": None})):
+        baselines.write_text(unreadable)
+        refuse_another_test_corpus(settings)
+    baselines.write_text(json.dumps({"recipe": {"scoring": {"test_hours": 0.01}}}))
+    with pytest.raises(ValueError, match=r"test corpus of 0\.01 h, not 0\.02 h \(--test-hours\)") as refused:
+        refuse_another_test_corpus(settings)
+    assert str(baselines) in str(refused.value)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spidr.cli import main
-from spidr.lm.evaluate import pair_accuracy
+from spidr.lm.evaluate import accuracy, pair_accuracy
 from spidr.lm.models import build_lm
 from spidr.lm.score import (
     ItemScore,
@@ -213,3 +213,101 @@ def test_score_sequences_does_not_score_with_dropout() -> None:
     in_train_mode = score_sequences(model, Vocabulary(5), items)["a"]
     assert model.training  # the caller's mode is left as it was
     assert in_train_mode == score_sequences(model.eval(), Vocabulary(5), items)["a"]
+
+
+def test_pair_accuracy_refuses_no_pairs_and_pairs_not_of_two() -> None:
+    scores = {"w": -1.0, "n": -2.0, "x": -3.0}
+    with pytest.raises(ValueError, match="no pair to score"):
+        pair_accuracy(scores, [])
+    with pytest.raises(ValueError, match=r"pair 1: expected \(correct, incorrect\) item names, got \('w', 'n', 'x'\)"):
+        pair_accuracy(scores, [("w", "n"), ("w", "n", "x")])
+    with pytest.raises(ValueError, match=r"pair 0: expected \(correct, incorrect\) item names, got \('w',\)"):
+        pair_accuracy(scores, [("w",)])
+
+
+def test_pair_accuracy_bootstraps_whole_clusters() -> None:
+    """Invariance: each pair repeated 4 times within its own cluster gives the interval and p-value of the pairs
+    counted once (the clusters are the independent units), where 4 unclustered copies narrow the interval."""
+    scores = {"w1": -1.0, "n1": -2.0, "w2": -3.0, "n2": -2.5, "w3": -1.0, "n3": -1.0, "w4": -0.5, "n4": -4.0,
+              "w5": -2.0, "n5": -1.5, "w6": -1.0, "n6": -3.0}
+    pairs = [(f"w{i}", f"n{i}") for i in range(1, 7)]
+    once = pair_accuracy(scores, pairs, seed=3)
+    repeated = pairs * 4
+    clustered = pair_accuracy(scores, repeated, seed=3, clusters=[i % 6 for i in range(len(repeated))])
+    assert (clustered.score, clustered.n) == (once.score, 24)
+    assert (clustered.ci_low, clustered.ci_high, clustered.p_value) == pytest.approx(
+        (once.ci_low, once.ci_high, once.p_value))
+    unclustered = pair_accuracy(scores, repeated, seed=3)
+    assert unclustered.ci_high - unclustered.ci_low < once.ci_high - once.ci_low
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_pair_accuracy_is_accuracy_of_the_hand_counted_pair_scores(seed: int) -> None:
+    """Truth by hand: per pair 1 (correct higher), 0, ½ (tie); the interval drawn with the seed given."""
+    scores = {"w1": -1.0, "n1": -2.0, "w2": -3.0, "n2": -2.5, "w3": -1.0, "n3": -1.0, "w4": -0.5, "n4": -4.0,
+              "w5": -2.0, "n5": -1.5}
+    result = pair_accuracy(scores, [(f"w{i}", f"n{i}") for i in range(1, 6)], seed=seed)
+    assert result == accuracy([1.0, 0.0, 0.5, 1.0, 0.0], seed=seed)
+
+
+def test_a_score_of_several_numbers_is_refused_naming_the_item() -> None:
+    """A tensor of per-token log-probabilities not summed (float() raises ValueError for a torch tensor of two
+    elements, TypeError for a numpy array) is refused as no number, naming the item, by the tasks and pair_accuracy."""
+    import numpy as np
+    import torch
+
+    from spidr.lm.zerospeech import check_complete
+
+    for value in (torch.tensor([-1.0, -2.0]), np.array([-1.0, -2.0])):
+        name = type(value).__name__
+        with pytest.raises(TypeError, match=rf"sub: the score of 'a' is {name}, not a number"):
+            check_complete({"a": value}, [], "sub")
+        with pytest.raises(TypeError, match=rf"the score of 'w' is {name}, not a number"):
+            pair_accuracy({"w": value, "n": -1.0}, [("w", "n")])
+
+
+def test_a_refused_score_leaves_a_training_model_in_training_mode() -> None:
+    """score_sequences scores in eval mode and gives the caller's mode back, also when it refuses the input."""
+    import numpy as np
+
+    from spidr.lm.models import build_lm
+    from spidr.lm.score import score_sequences
+    from spidr.lm.tokens import Vocabulary
+
+    model = build_lm("lstm", Vocabulary(5).size, dim=16, num_layers=2, num_heads=2, ffn_dim=32, context=8,
+                     dropout=0.3, activation="gelu", tie_embeddings=True, ngram_order=2, ngram_add_k=0.1)
+    assert model.training
+    with pytest.raises(ValueError, match="vocabulary has"):
+        score_sequences(model, Vocabulary(4), {"a": np.array([1, 2])})
+    assert model.training
+    with pytest.raises(ValueError, match="holds unit 7"):
+        score_sequences(model, Vocabulary(5), {"a": np.array([1, 7])})  # (unit 7 out of range)
+    assert all(module.training for module in model.modules())
+
+
+def test_score_units_gives_the_scores_back_under_the_caller_s_keys() -> None:
+    """A dict by name comes back by the same names, whatever their type (int keys stay ints), in the same order."""
+    import numpy as np
+
+    from spidr.lm.models import build_lm
+    from spidr.lm.score import UnitLM, score_sequences, score_units
+    from spidr.lm.tokens import Vocabulary
+
+    torch.manual_seed(0)
+    model = build_lm("lstm", Vocabulary(5).size, dim=16, num_layers=1, num_heads=2, ffn_dim=32, context=8,
+                     dropout=0.0, activation="gelu", tie_embeddings=True, ngram_order=2, ngram_add_k=0.1).eval()
+    lm = UnitLM(model, {"num_units": 5, "dedup": False, "arch": "lstm", "context": 8}, None)
+    scores = score_units(lm, {7: [1, 2, 3], 3: [4, 0]})
+    assert list(scores) == [7, 3]
+    alone = score_sequences(model, Vocabulary(5), {"x": np.array([1, 2, 3])})["x"]
+    assert scores[7].num_tokens == alone.num_tokens == 4
+    assert scores[7].logprob == pytest.approx(alone.logprob, abs=1e-4)  # (the batch changes the float rounding)
+
+
+def test_names_of_any_type_are_scored_and_paired_by_themselves():
+    """(mutnew31) A dict mixing int and str names failed in the batching's sort ('<' not supported between str and
+    int); pair_accuracy looked int names up as strings ("no score for '1'" with the key 1 there)."""
+    vocab, model = Vocabulary(5), _lm("lstm", 5)
+    mixed = score_sequences(model, vocab, {7: np.array([1, 2, 3]), "b": np.array([4, 0])})
+    assert mixed[7] == score_sequences(model, vocab, {"x": np.array([1, 2, 3])})["x"]
+    assert pair_accuracy({1: -1.0, 2: -2.0}, [(1, 2)]).score == 1.0

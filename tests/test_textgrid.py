@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from spidr.cli import main
+from spidr.eval.textgrid import is_textgrid_name, textgrid_files
 from spidr.eval.unit_quality import read_alignments, unit_quality
 
 requires_praatio = pytest.mark.skipif(importlib.util.find_spec("praatio") is None,
@@ -441,3 +442,135 @@ def test_a_negative_time_is_refused_naming_its_line(tmp_path: Path, layout: str)
     (tmp_path / "bad.TextGrid").write_text(bad)
     with pytest.raises(ValueError, match=r"bad\.TextGrid: line \d+ holds a negative time \('.*-0\.1"):
         read_alignments(tmp_path / "bad.TextGrid")
+
+
+_requires_praatio = pytest.mark.skipif(importlib.util.find_spec("praatio") is None,
+                                       reason="praatio (spidr[eval]) is not installed")
+
+
+def _short_textgrid(tier: str, intervals: list[tuple[str, str, str]]) -> str:
+    """Praat's short text format, written by hand (one tier)."""
+    xmax = intervals[-1][1]
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "0", xmax, "<exists>", "1",
+             '"IntervalTier"', f'"{tier}"', "0", xmax, str(len(intervals))]
+    for start, end, text in intervals:
+        lines += [start, end, f'"{text}"']
+    return "\n".join(lines) + "\n"
+
+
+def test_a_file_named_only_by_the_suffix_is_no_textgrid(tmp_path: Path) -> None:
+    """A name with nothing before ``.TextGrid`` (``.TextGrid``, ``.textgrid.gz``) names no utterance."""
+    assert is_textgrid_name("a.TextGrid")
+    assert is_textgrid_name("a.textgrid.gz")
+    assert not is_textgrid_name(".TextGrid")
+    assert not is_textgrid_name(".textgrid.gz")
+    (tmp_path / ".TextGrid").write_text("x")
+    with pytest.raises(ValueError, match=r"holds no \.TextGrid file"):
+        textgrid_files(tmp_path)
+
+
+def test_textgrid_files_are_in_path_order(tmp_path: Path) -> None:
+    """"in path order": by the path's folder names then file name, not os.walk's top-folder-files-first order."""
+    for relative in ("b.TextGrid", "a/x.TextGrid", "a/sub/y.TextGrid", "a/z.TextGrid"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text("x")
+    assert list(textgrid_files(tmp_path)) == ["y", "x", "z", "b"]
+
+
+@_requires_praatio
+def test_a_utf8_textgrid_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """UTF-8 with a BOM (as Windows editors save it) reads as the same file without one."""
+    text = _short_textgrid("phones", [("0", "0.02", "sil"), ("0.02", "0.05", "AH1")])
+    (tmp_path / "plain.TextGrid").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.TextGrid").write_bytes(text.encode("utf-8-sig"))
+    expected = ["SIL", "SIL", "AH", "AH", "AH"]
+    assert list(read_alignments(tmp_path / "plain.TextGrid")["plain"]) == expected
+    assert list(read_alignments(tmp_path / "bom.TextGrid")["bom"]) == expected
+
+
+@_requires_praatio
+@pytest.mark.parametrize("name", ["Phones", "PHONES", " phones "])
+def test_the_phone_tier_is_found_in_any_case(tmp_path: Path, name: str) -> None:
+    """The module docstring: the tier named ``phones`` in any case."""
+    path = tmp_path / "u.TextGrid"
+    path.write_text(_short_textgrid(name, [("0", "0.03", "K"), ("0.03", "0.05", "")]), encoding="utf-8")
+    assert list(read_alignments(path)["u"]) == ["K", "K", "K", "SIL", "SIL"]
+
+
+@_requires_praatio
+def test_two_phone_tiers_are_refused_naming_both(tmp_path: Path) -> None:
+    """Which of two ``phones`` tiers holds the alignment is not guessed."""
+    one = _short_textgrid("phones", [("0", "0.03", "K")]).splitlines()
+    tier = one[7:]  # the tier's lines
+    text = "\n".join([*one[:6], "2", *tier, *tier]) + "\n"
+    path = tmp_path / "two.TextGrid"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"two\.TextGrid: 2 tiers named 'phones'"):
+        read_alignments(path)
+
+
+@_requires_praatio
+def test_a_tier_ending_within_a_frame_of_its_xmax_is_not_cut_short(tmp_path: Path) -> None:
+    """Only a tier ending more than 0.01 s before its xmax is refused as cut short: 5 ms of rounding is read."""
+    text = _short_textgrid("phones", [("0", "0.03", "K"), ("0.03", "0.05", "AE1")]).splitlines()
+    text[4] = text[10] = "0.055"  # the file's and the tier's xmax
+    path = tmp_path / "u.TextGrid"
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    assert read_alignments(path)["u"] == ["K", "K", "K", "AE", "AE"]
+    text[4] = text[10] = "0.07"
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="before its xmax"):
+        read_alignments(path)
+
+
+@_requires_praatio
+@pytest.mark.parametrize("label", ["SP", "Sil", "SIL", "sp"])
+def test_mfa_silences_are_silence_in_any_case(tmp_path: Path, label: str) -> None:
+    path = tmp_path / "u.TextGrid"
+    path.write_text(_short_textgrid("phones", [("0", "0.02", label), ("0.02", "0.05", "T")]), encoding="utf-8")
+    assert read_alignments(path)["u"] == ["SIL", "SIL", "T", "T", "T"]
+
+
+def test_the_digest_of_textgrids_changes_with_a_file_s_name(tmp_path: Path) -> None:
+    """Two folders of the same bytes under other utterance names are other alignments."""
+    from spidr.eval.textgrid import textgrids_digest
+
+    for folder, name in (("one", "a"), ("two", "b"), ("three", "a")):
+        (tmp_path / folder / "spk").mkdir(parents=True)
+        (tmp_path / folder / "spk" / f"{name}.TextGrid").write_text("same bytes")
+    assert textgrids_digest(tmp_path / "one") == textgrids_digest(tmp_path / "three")
+    assert textgrids_digest(tmp_path / "one") != textgrids_digest(tmp_path / "two")
+
+
+@_requires_praatio
+def test_a_phone_tier_without_intervals_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "e.TextGrid"
+    path.write_text('File type = "ooTextFile"\nObject class = "TextGrid"\n\n0\n1\n<exists>\n1\n'
+                    '"IntervalTier"\n"phones"\n0\n1\n0\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"e\.TextGrid: tier 'phones' has no interval"):
+        read_alignments(path)
+
+
+@_requires_praatio
+def test_a_gzip_textgrid_is_read_whatever_the_case_of_its_suffix(tmp_path: Path) -> None:
+    """The module docstring: ``.gz`` read, the suffix in any case (``x.TextGrid.GZ`` from a case-folding copy)."""
+    import gzip
+
+    text = _short_textgrid("phones", [("0", "0.02", "sil"), ("0.02", "0.05", "AH1")])
+    for name in ("a.TextGrid.gz", "b.TEXTGRID.GZ"):
+        (tmp_path / name).write_bytes(gzip.compress(text.encode()))
+        alignments = read_alignments(tmp_path / name)
+        assert {key: list(value) for key, value in alignments.items()} == {name[0]: ["SIL", "SIL", "AH", "AH", "AH"]}
+
+
+def test_the_speaker_of_librispeech_layout_files_sharing_a_stem_is_the_speaker_folder(tmp_path: Path) -> None:
+    """Two chapters' files of one stem are named by their path (``121123/84-121123-0000``); the speaker is still
+    the speaker folder the file's own name begins with (84), not the chapter."""
+    from spidr.eval.textgrid import textgrid_speakers
+
+    for chapter in ("121123", "999"):
+        path = tmp_path / "84" / chapter / "84-121123-0000.TextGrid"
+        path.parent.mkdir(parents=True)
+        path.write_text("x")
+    speakers = textgrid_speakers(tmp_path)
+    assert sorted(speakers.values()) == ["84", "84"], speakers

@@ -308,3 +308,18 @@ def test_unit_ids_that_are_not_whole_numbers_are_refused_naming_the_utterance():
     assert unit_quality({"u": integers.astype(np.float32)}, phones, num_units=3, unit_rate_hz=50,
                         alignment_rate_hz=50) == expected
     assert expected["bitrate"] == pytest.approx(math.log2(3) * 4 / (8 / 50))  # 4 runs in 0.16 s
+
+
+def test_an_interval_of_no_length_is_refused_naming_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.tsv"
+    path.write_text("u\t0\t0.1\tA\nu\t0.1\t0.1\tB\nu\t0.1\t0.2\tC\n")
+    with pytest.raises(ValueError, match=rf"{path}: line 2: onset 0.1 is not before offset 0.1"):
+        read_alignments(path)
+
+
+def test_an_overlap_of_a_nanosecond_is_still_an_overlap(tmp_path: Path) -> None:
+    """Times are compared as written: 0.0999999999 < 0.1 is an overlap, however small."""
+    path = tmp_path / "a.tsv"
+    path.write_text("u\t0\t0.1\tA\nu\t0.0999999999\t0.2\tB\n")
+    with pytest.raises(ValueError, match=r"'B' starts at 0\.0999999999 s, before 'A' ends at 0\.1 s"):
+        read_alignments(path)

@@ -238,7 +238,7 @@ def pair_accuracy(scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]], *
     if norm not in ("mean", "sum"):
         raise ValueError(f"norm {norm!r} is invalid: expected 'mean' or 'sum'")
 
-    pairs = [tuple(str(name) for name in pair) for pair in pairs]  # (an (n, 2) array or a generator too)
+    pairs = [tuple(pair) for pair in pairs]  # (an (n, 2) array or a generator too)
     if not pairs:
         raise ValueError("no pair to score")
 

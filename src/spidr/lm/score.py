@@ -148,9 +148,9 @@ def _scored(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str, np.ndar
     sequences = arrays
     key_of = {stem: values.tobytes() for stem, values in sequences.items()}
     first_stem: dict[bytes, str] = {}  # each distinct sequence → the first stem holding it
-    for stem in sorted(sequences):
+    for stem in sorted(sequences, key=str):  # (names of any type: a dict of ints and strings too)
         first_stem.setdefault(key_of[stem], stem)
-    stems = sorted(first_stem.values(), key=lambda s: (len(sequences[s]), s))
+    stems = sorted(first_stem.values(), key=lambda s: (len(sequences[s]), str(s)))
     scores: dict[str, ItemScore] = {}
     i = 0
     while i < len(stems):
