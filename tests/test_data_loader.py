@@ -26,6 +26,7 @@ from spidr.data.manifest import (
     write_manifest,
 )
 from spidr.data.sampler import BucketBatchSampler
+from test_child_processes import _running
 
 
 @pytest.fixture(scope="module")
@@ -531,6 +532,27 @@ def test_a_stop_signal_while_workers_start_reaches_the_trainer_and_spares_the_wo
     assert result.stdout.strip() == "[3, 3] 2", result.stdout + result.stderr[-800:]
 
 
+# The start of a child script: tiny_loader(root, workers, method) loads 4 files of 0.5 s in batches of 1 s.
+TINY_LOADER = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+    import numpy as np, soundfile as sf
+    from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
+    from spidr.data.loader import build_dataloader
+    from spidr.data.manifest import scan, write_manifest
+
+    def tiny_loader(root, *, workers, method):
+        for i in range(4):
+            sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(8000), 16_000)
+        manifest = write_manifest(scan(root, progress=False).entries, root / "m.csv")
+        cfg = DataConfig(manifest=str(manifest), num_workers=workers, min_sample_size=2000, max_sample_size=8000,
+                         max_batch_length=16_000, num_buckets=1)
+        loader, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
+        loader.multiprocessing_context = method
+        return loader
+''')
+
+
 @pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
 def test_a_worker_that_fails_to_start_leaves_no_started_worker_behind(tmp_path: Path) -> None:
     """Truth: a process that catches the loader's error must be able to exit. Under a process limit the second
@@ -538,21 +560,9 @@ def test_a_worker_that_fails_to_start_leaves_no_started_worker_behind(tmp_path: 
     iterator left to shut it down, and the interpreter's exit waited for it for ever (``spidr train`` printed its
     error and hung). Run in a child that must end within the timeout with no child process left."""
     script = tmp_path / "starter.py"
-    script.write_text(textwrap.dedent('''
-        import errno, multiprocessing, multiprocessing.process as mpp, sys
-        from pathlib import Path
-        import numpy as np, soundfile as sf
-        from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
-        from spidr.data.loader import build_dataloader
-        from spidr.data.manifest import scan, write_manifest
-        root = Path(sys.argv[1])
-        for i in range(4):
-            sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(8000), 16_000)
-        manifest = write_manifest(scan(root, progress=False).entries, root / "m.csv")
-        cfg = DataConfig(manifest=str(manifest), num_workers=2, min_sample_size=2000, max_sample_size=8000,
-                         max_batch_length=16_000, num_buckets=1)
-        loader, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
-        loader.multiprocessing_context = "fork"
+    script.write_text(TINY_LOADER + textwrap.dedent('''
+        import errno, multiprocessing, multiprocessing.process as mpp
+        loader = tiny_loader(Path(sys.argv[1]), workers=2, method="fork")
         start, starts = mpp.BaseProcess.start, []
         def start_unless_second(self):
             starts.append(self)
@@ -573,35 +583,16 @@ def test_a_worker_that_fails_to_start_leaves_no_started_worker_behind(tmp_path: 
     assert result.stdout.split() == ["True", "0", "True"], result.stdout + result.stderr[-600:]
 
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists() or sys.platform != "linux", reason="reads /proc (Linux)")
 def test_data_workers_end_when_the_trainer_is_killed_under_forkserver(tmp_path: Path) -> None:
     """Truth: kill -9 of a trainer must leave nothing running (README: a killed run resumes; a scheduler reclaims the
     node). Under forkserver (Python 3.14's Linux default) a worker's parent is the fork server, so torch's parent
     watch never fired, and the server lived as long as its workers held its liveness pipe: both ran for ever."""
     script = tmp_path / "trainer.py"
-    script.write_text(textwrap.dedent('''
-        import sys, time
-        from pathlib import Path
-        import numpy as np, soundfile as sf
-        from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
-        from spidr.data.loader import build_dataloader
-        from spidr.data.manifest import scan, write_manifest
-        if __name__ == "__main__":
-            root = Path(sys.argv[1])
-            for i in range(4):
-                sf.write(root / f"u{i}.wav", 0.1 * np.random.default_rng(i).standard_normal(8000), 16_000)
-            manifest = write_manifest(scan(root, progress=False).entries, root / "m.csv")
-            cfg = DataConfig(manifest=str(manifest), num_workers=1, min_sample_size=2000, max_sample_size=8000,
-                             max_batch_length=16_000, num_buckets=1)
-            loader, _ = build_dataloader(cfg, MaskingConfig(), conv_layers=DEFAULT_CONV_LAYERS)
-            loader.multiprocessing_context = "forkserver"
+    script.write_text(TINY_LOADER + textwrap.dedent('''
+        import time
+        if __name__ == "__main__":  # (the fork server imports this file)
+            loader = tiny_loader(Path(sys.argv[1]), workers=1, method="forkserver")
             batches = iter(loader)
             next(batches)  # the worker is past its worker_init_fn
             print(*(worker.pid for worker in loader._live._workers), flush=True)

@@ -26,20 +26,22 @@ class ChildProcessesFailedError(RuntimeError):
 def start_child(command: Sequence[str], *, stdout: Any, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``command`` in a child process that gets SIGTERM when this one dies (a trainer then saves a checkpoint and
     stops at the next step)."""
-    if sys.platform != "linux":
-        return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
-    prctl = _prctl()  # looked up here: the child runs only prctl and getppid before its exec
-    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=functools.partial(_die_with_parent, prctl, os.getpid()))  # noqa: PLW1509
+    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env, **_ending_with_this_process())
 
 
 def run_child(command: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
     """``subprocess.run(command, **kwargs)`` in a child that gets SIGTERM when this process dies: a speech engine
     (festival speaks a batch of 16 utterances in one run, seconds) no longer runs on after the synthesis worker or
     command that started it was killed or stopped by a signal to it alone (``kill PID``, a pool's terminate)."""
-    if sys.platform == "linux":
-        kwargs["preexec_fn"] = functools.partial(_die_with_parent, _prctl(), os.getpid())
-    return subprocess.run(command, **kwargs)  # noqa: PLW1510 (the caller says check=)
+    return subprocess.run(command, **kwargs, **_ending_with_this_process())  # noqa: PLW1510 (the caller's check=)
+
+
+def _ending_with_this_process() -> dict[str, Any]:
+    """The ``subprocess`` arguments that give a child SIGTERM when this process dies (Linux; none elsewhere)."""
+    if sys.platform != "linux":
+        return {}
+    prctl = _prctl()  # looked up here: the child runs only prctl and getppid before its exec
+    return {"preexec_fn": functools.partial(_die_with_parent, prctl, os.getpid())}
 
 
 def end_with_parent(parent: int) -> None:

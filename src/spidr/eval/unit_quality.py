@@ -166,10 +166,11 @@ def read_alignments(path: str | Path, *, alignment_rate_hz: int = 100, keep_stre
     from spidr.eval.textgrid import holds_textgrids, read_textgrid_alignments
 
     path = Path(path)
-    if not holds_textgrids(path):
+    textgrids = holds_textgrids(path)
+    if not textgrids:  # (a TextGrid file is checked where the folder's files are listed)
         existing_file(path, "alignment file")
     name = path.name.removesuffix(".gz")
-    if holds_textgrids(path):
+    if textgrids:
         rows = read_textgrid_alignments(path, alignment_rate_hz)
     elif name.endswith((".jsonl", ".ndjson", ".json")):
         rows = ((key, [str(p) for p in phones]) for key, _, _, phones in read_jsonl_rows(path, field="phones"))

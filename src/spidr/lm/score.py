@@ -124,8 +124,7 @@ def score_sequences(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str,
     if not isinstance(sequences, Mapping):
         raise TypeError(f"sequences: expected a mapping of item names to unit arrays, got {type(sequences).__name__} "
                         "(spidr.lm.score.score_units also takes a list)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    _refuse_unknown_dtype(dtype, "dtype")
     if context is None:
         context = getattr(model, "context", None)
     device = next(iter(model.state_dict().values())).device
@@ -174,6 +173,12 @@ def _scored(model: nn.Module, vocab: Vocabulary, sequences: Mapping[str, np.ndar
             scores[stem] = ItemScore(total, length - 1)
         i += len(batch)
     return {stem: scores[first_stem[key_of[stem]]] for stem in sequences}
+
+
+def _refuse_unknown_dtype(dtype: str, option: str) -> None:
+    """Any other string was scored as float32, silently."""
+    if dtype not in DTYPES:
+        raise ValueError(f"{option} {dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
 
 
 def _refuse_another_vocabulary(model: nn.Module, vocab: Vocabulary, device: torch.device) -> None:
@@ -252,8 +257,7 @@ def score_benchmark(checkpoint: str | Path, inputs: Mapping[tuple[str, str], Pat
     if not inputs:
         raise ValueError("no units file to score: expected UNITS_DIR/<task>/<split>.jsonl with task in "
                          f"{', '.join(TASKS)} and split dev or test")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    _refuse_unknown_dtype(dtype, "--dtype")  # (before the LM is loaded)
     lm = load_unit_lm(checkpoint, device=device)
     check_units_origin(checkpoint, lm.info, inputs)
     # Every units file is read (and checked against the LM) before anything is written: a bad one stops the command
