@@ -819,6 +819,41 @@ def test_several_nonwords_are_averaged_within_a_voice_before_the_voices() -> Non
     assert pair.score == pytest.approx(0.75)
 
 
+def test_ids_whose_voices_have_unequal_nonword_counts_are_named_in_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Where the two rules differ (above), the user is told which ids; equal counts (id 2: two nonwords per voice)
+    # give both rules the same number and no warning.
+    rows, scores = _build(_pair("1", "A", -1.0, [-2.0, -0.5]), _pair("1", "B", -1.0, [-2.0]),
+                          _pair("2", "A", -1.0, [-2.0, -0.5]), _pair("2", "B", -1.0, [-2.0, -3.0]),
+                          _pair("10", "A", -1.0, [-2.0]), _pair("10", "B", -1.0, [-2.0, -3.0, -4.0]))
+    with caplog.at_level(logging.WARNING, logger="spidr.lm.evaluate"):
+        evaluate_lexical(rows, scores, where="sub/lexical/dev.txt")
+    assert [r.getMessage() for r in caplog.records if "nonwords" in r.getMessage()] == [
+        "sub/lexical/dev.txt: the voices of 2 pair id(s) ('1', '10') have unequal numbers of nonwords: each voice "
+        "scores the mean over its nonwords, then each id the mean over its voices (BabySLM), where the ZeroSpeech "
+        "2021 toolkit takes the flat mean over all (voice, nonword) comparisons"]
+    caplog.clear()
+    rows, scores = _build(_pair("2", "A", -1.0, [-2.0, -0.5]), _pair("2", "B", -1.0, [-2.0, -3.0]))
+    with caplog.at_level(logging.WARNING, logger="spidr.lm.evaluate"):
+        evaluate_lexical(rows, scores)
+    assert not [r for r in caplog.records if "nonwords" in r.getMessage()]
+
+
+def test_swuggy_invocab_with_an_empty_band_is_the_mean_of_the_others_and_the_empty_bands_are_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The leaderboard's in-vocab, np.average(band score, weights=band n) over the non-oov rows, is NaN where a band
+    # is empty (score NaN, n 0); spidr gives the mean over the words it has (band 1-5: 1 and 0, band 6-20: 1 → 2/3;
+    # the oov word is left out) and names the empty bands.
+    rows, scores = _build(_pair("1", "A", -1.0, [-2.0], frequency=0), _pair("2", "A", -1.0, [-2.0], frequency=3),
+                          _pair("3", "A", -3.0, [-2.0], frequency=3), _pair("4", "A", -1.0, [-2.0], frequency=7))
+    with caplog.at_level(logging.INFO, logger="spidr.lm.evaluate"):
+        result = evaluate_lexical(rows, scores, where="dev.txt")
+    assert result.accuracies["swuggy_invocab"].score == pytest.approx(2 / 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "dev.txt: no word in the frequency band(s) 21-100, >100: swuggy_invocab is the mean over the words of the "
+        "other bands, where the ZeroSpeech leaderboard's formula (band means weighted by their counts) gives NaN"]
+
+
 SLM21_GOLD = """id,filename,voice,frequency,word,phones,length,correct
 1,w1a,Alex,0,brick,b r ih k,4,1
 1,n1a,Alex,,,b l ih k,4,0

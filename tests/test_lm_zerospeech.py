@@ -210,12 +210,28 @@ def test_lines_the_official_validator_refuses_are_read_and_named_once(tmp_path: 
         assert read_submission(path) == {"a": -1.0, "b": -2.0, "c": -3.0, "d": -4.0}
     assert [r.getMessage() for r in caplog.records] == [
         f"{path}: 3 line(s) (2, 3, 4) are not '<stem> <score>' with one space, which the official ZeroSpeech 2021 "
-        "validator refuses (blank lines, tabs, several spaces); read here all the same"]
+        "validator refuses (blank lines, tabs, several spaces, a byte-order mark); read here all the same"]
     caplog.clear()
     write_submission(path, {"a": -1.0, "b": -2.0})  # spidr's own files pass the official check
     with caplog.at_level(logging.WARNING, logger="spidr.lm.zerospeech"):
         read_submission(path)
     assert not caplog.records
+
+
+def test_a_byte_order_mark_is_read_and_named_as_the_official_validator_refuses_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """zerospeech2021's validator opens the file as plain UTF-8: its first stem is '\\ufeffa1w', no wav's, and it
+    refuses the file. spidr reads the stem without the mark and names line 1 once, also when line 1 is refused for
+    another reason too."""
+    path = tmp_path / "dev.txt"
+    for text, lines in ((b"a1w -1\na1n -2\n", "1 line(s) (1)"), (b"a1w\t-1\na1n -2\n\n", "2 line(s) (1, 3)")):
+        path.write_bytes(b"\xef\xbb\xbf" + text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spidr.lm.zerospeech"):
+            assert read_submission(path) == {"a1w": -1.0, "a1n": -2.0}
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{path}: {lines} are not '<stem> <score>' with one space, which the official ZeroSpeech 2021 validator "
+            "refuses (blank lines, tabs, several spaces, a byte-order mark); read here all the same"]
 
 
 def test_empty_or_absent_submission(tmp_path: Path) -> None:

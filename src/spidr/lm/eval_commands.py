@@ -233,8 +233,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sWUGGY / sBLIMP / tSC / sSC accuracies of a ZeroSpeech-2021-style submission",
         description="Score SUBMISSION_DIR/{lexical,syntactic,tsc,ssc}/KIND.txt ('<stem> <score>' lines) against "
         "BENCH_DIR/{lexical,syntactic}/KIND/gold.csv and BENCH_DIR/{tsc,ssc}/KIND/ (gold.csv or "
-        "{n}_{id}_{correct|incorrect}.wav names), exactly as the ZeroSpeech 2021 toolkit: tie = 1/2, mean over "
-        "voices per pair id, then over ids; in-vocab = the frequency bands other than oov. Scores are in percent "
+        "{n}_{id}_{correct|incorrect}.wav names) as the ZeroSpeech 2021 toolkit (exactly, on its released sets): "
+        "tie = 1/2, mean over voices per pair id, then over ids (several nonwords per word: their mean first, as "
+        "BabySLM); in-vocab = the frequency bands other than oov. Scores are in percent "
         "(printed and in results.json; the --out score_*_by_*.csv tables keep the toolkit's fractions), with 95% "
         "bootstrap CIs over pair ids and binomial p-values against chance (also per breakdown row of 5 "
         "pairs or more: frequency band, syntactic type, ...); sBLIMP pairs that share a sentence count as one "

@@ -3,10 +3,14 @@
 The rule (zerospeech2021 ``lexical.py`` / ``syntactic.py``, zerospeech/benchmarks ``_score_invocab``):
 
 1. **Pair score** per (id, voice): 1 if score(correct) > score(incorrect), ½ on a tie, else 0. A lexical (id, voice)
-   with several nonwords (BabySLM) scores the mean over its nonwords. Rows are paired by key, never by file order.
+   with several nonwords (BabySLM) scores the mean over its nonwords; where the voices of an id have unequal numbers
+   of nonwords, the toolkit's flat mean over all (voice, nonword) comparisons differs, and a warning names the ids
+   (sLM21 has one nonword per word). Rows are paired by key, never by file order (the toolkit's sBLIMP pairs the
+   k-th correct row with the k-th incorrect one: the same on the released gold files, whose rows are in order).
 2. **Per pair id:** the mean over voices, keyed by ``id`` (lexical, StoryCloze) or ``(type, subtype, id)`` (sBLIMP).
 3. **Headline:** the mean over pair ids: ``swuggy_all``, ``sblimp``, ``tsc``, ``ssc``. ``swuggy_invocab`` is the
-   count-weighted mean of the frequency bands other than ``oov``, i.e. the mean over ids with frequency ≥ 1.
+   count-weighted mean of the frequency bands other than ``oov``, i.e. the mean over ids with frequency ≥ 1 (the
+   leaderboard's formula gives NaN where a band is empty; a log line names the empty bands).
 4. **Breakdowns** (``n``, mean ``score`` and ``std`` with ddof = 1 over pair ids, as pandas' ``agg``): lexical by
    frequency band and by length, sBLIMP by type and by (type, subtype), StoryCloze by type. Every task also has a
    ``by_voice`` table (the mean of the (id, voice) pair scores per voice), which the toolkit does not have. Beyond
@@ -391,7 +395,10 @@ def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *
     check_complete(scores, gold, where)
     scored = _score_voices(gold, scores, lambda row: (row.id,), several_incorrect=True)
     pairs = []
+    uneven = []  # ids whose voices have unequal numbers of nonwords: the toolkit's flat mean differs there
     for (pair_id,), voices in _group_over_voices(scored).items():
+        if len({len(incorrect) for _, incorrect, _ in voices}) > 1:
+            uneven.append(pair_id)
         words = {(word.word, word.frequency, word.length) for word, _, _ in voices}
         if len(words) != 1:
             raise ValueError(f"pair id {pair_id!r}: the word rows of its voices disagree on (word, frequency, "
@@ -402,6 +409,12 @@ def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *
         score = float(np.mean([value for _, _, value in voices]))
         pairs.append(LexicalPair(pair_id, word, nonwords, frequency, length, score))
     pairs.sort(key=lambda pair: _sort_key(pair.id))
+    if uneven:
+        uneven.sort(key=_sort_key)
+        logger.warning("%s: the voices of %d pair id(s) (%s) have unequal numbers of nonwords: each voice scores the "
+                       "mean over its nonwords, then each id the mean over its voices (BabySLM), where the ZeroSpeech "
+                       "2021 toolkit takes the flat mean over all (voice, nonword) comparisons", where, len(uneven),
+                       ", ".join(map(repr, uneven[:5])) + (" ..." if len(uneven) > 5 else ""))
 
     by_frequency = breakdown(("frequency",), (((band,), pair.score) for pair in pairs
                                               if (band := frequency_band(pair.frequency)) is not None),
@@ -412,6 +425,11 @@ def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *
         # The toolkit's count-weighted mean of the non-oov band means is the mean over these ids (tested); the ids
         # themselves are needed for the CI and the test.
         accuracies["swuggy_invocab"] = accuracy(in_vocab, seed=seed)
+        empty = [row.group[0] for row in by_frequency.rows if row.n == 0 and row.group[0] != "oov"]
+        if empty:
+            logger.info("%s: no word in the frequency band(s) %s: swuggy_invocab is the mean over the words of the "
+                           "other bands, where the ZeroSpeech leaderboard's formula (band means weighted by their "
+                           "counts) gives NaN", where, ", ".join(empty))
     else:
         logger.warning("%s: no word has a known frequency ≥ 1: swuggy_invocab is undefined", where)
     return TaskResult(
@@ -672,7 +690,12 @@ def task_details(result: TaskResult, *, gold: str | Path, submission: str | Path
 def write_task_tables(result: TaskResult, out_dir: str | Path, *, kind: str) -> list[Path]:
     """Write ``score_{task}_{kind}_by_pair.csv`` and one ``score_{task}_{kind}_{breakdown}.csv`` per breakdown, in
     the toolkit's fractions (empty cells where pandas would write NaN); a breakdown's columns are the toolkit's, then
-    ``ci_low``, ``ci_high`` and ``p_value`` (empty under 5 values); returns the paths."""
+    ``ci_low``, ``ci_high`` and ``p_value`` (empty under 5 values); returns the paths.
+
+    The by-pair table holds more than the toolkit's (``word,non word,score`` / ``sentence,non sentence,score``): the
+    pair's id, frequency and length (lexical) or type, subtype and id (sBLIMP), every nonword of a word (joined by
+    ``;``; the toolkit keeps the first), the word's text where the toolkit writes its phones, and scores at full
+    precision where the toolkit rounds every table to 4 decimals."""
     out_dir = Path(out_dir)
     paths = []
     path = out_dir / f"score_{result.task}_{kind}_by_pair.csv"

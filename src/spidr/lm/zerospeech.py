@@ -307,10 +307,15 @@ def read_submission(path: str | Path) -> dict[str, float]:
     scores: dict[str, float] = {}
     lines: dict[str, int] = {}
     unofficial: list[int] = []  # lines the official validator refuses
-    # utf-8-sig: a byte-order mark (an editor's or a spreadsheet's) would become part of the first stem.
+    # utf-8-sig: a byte-order mark (an editor's or a spreadsheet's) would become part of the first stem; the official
+    # validator reads it so, and refuses line 1.
+    with path.open("rb") as handle:
+        byte_order_mark = handle.read(3) == b"\xef\xbb\xbf"
+    if byte_order_mark:
+        unofficial.append(1)
     with utf8_errors_named(path, "the submission file"), path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
-            if len(line.strip().split(" ")) != 2:  # the official check, word for word
+            if len(line.strip().split(" ")) != 2 and number not in unofficial:  # the official check, word for word
                 unofficial.append(number)
             if not line.strip():
                 continue
@@ -333,7 +338,7 @@ def read_submission(path: str | Path) -> dict[str, float]:
     if unofficial:
         shown = ", ".join(str(number) for number in unofficial[:5]) + (" ..." if len(unofficial) > 5 else "")
         logger.warning("%s: %d line(s) (%s) are not '<stem> <score>' with one space, which the official ZeroSpeech "
-                       "2021 validator refuses (blank lines, tabs, several spaces); read here all the same", path,
+                       "2021 validator refuses (blank lines, tabs, several spaces, a byte-order mark); read here all the same", path,
                        len(unofficial), shown)
     return scores
 
