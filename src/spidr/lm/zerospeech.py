@@ -338,8 +338,8 @@ def read_submission(path: str | Path) -> dict[str, float]:
     if unofficial:
         shown = ", ".join(str(number) for number in unofficial[:5]) + (" ..." if len(unofficial) > 5 else "")
         logger.warning("%s: %d line(s) (%s) are not '<stem> <score>' with one space, which the official ZeroSpeech "
-                       "2021 validator refuses (blank lines, tabs, several spaces, a byte-order mark); read here all the same", path,
-                       len(unofficial), shown)
+                       "2021 validator refuses (blank lines, tabs, several spaces, a byte-order mark); read here all "
+                       "the same", path, len(unofficial), shown)
     return scores
 
 
