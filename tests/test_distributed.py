@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spidr.config import MaskingConfig, OptimizerConfig, SpidRConfig, config_from_dict
+from spidr.config import DinoSRConfig, MaskingConfig, OptimizerConfig, SpidRConfig, config_from_dict
 from spidr.data.audio import standardize
 from spidr.data.collate import Batch
 from spidr.data.dataset import AudioDataset, Skipped
@@ -166,17 +166,18 @@ def _rows(batch: Batch, rows: slice) -> Batch:
     return Batch(batch.waveforms[rows], batch.lengths[rows], None, batch.mask[rows], batch.ids[rows])
 
 
-def _run_steps(model, batches_per_step: list[list[Batch]]) -> list[float]:
+def _run_steps(model, batches_per_step: list[list[Batch]], *, outputs: bool = False) -> list:
+    """The loss of each step (``outputs``: each step's StepOutput)."""
     optim_cfg = OptimizerConfig(lr=2e-3, dtype="float32", warmup_steps=0)
     optimizer = build_optimizer(loop.unwrap(model), optim_cfg, device=torch.device("cpu"))
     scheduler = build_scheduler(optimizer, optim_cfg)
-    losses = []
+    results = []
     for step, batches in enumerate(batches_per_step):
         out = loop.train_step(model, batches, optimizer, scheduler, step=step, precision=FP32, scaler=None,
                               max_norm=10.0)
         assert not out.skipped
-        losses.append(out.metrics["loss"])
-    return losses
+        results.append(out if outputs else out.metrics["loss"])
+    return results
 
 
 @contextlib.contextmanager
@@ -231,19 +232,31 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
             assert torch.equal(value, expected[key]), key
 
 
-def test_gradient_accumulation_matches_one_batch():
-    # Codebooks frozen (decay 1): with updates, the second micro-batch would see the first one's codebook move.
-    cfg = _model_config(codebook_decay=1.0)
+@pytest.mark.parametrize("config_class", [SpidRConfig, DinoSRConfig])
+def test_gradient_accumulation_matches_one_batch(config_class):
+    """Micro-batches are ranks in one process: the codebooks move once per step, from the statistics of all of them,
+    each labelled by the step's codebooks (the second one does not see the first one's update), and the logged
+    codebook metrics are those of the step's frames pooled (perplexities of the mean distribution, active codewords
+    of the whole step), not means over micro-batches."""
+    cfg = config_class(**{**TINY_MODEL, **NO_DROPOUT})
     torch.manual_seed(0)
     whole = build_model(cfg)
     torch.manual_seed(0)
     accumulated = build_model(cfg)
     batches = _global_batches()
-    losses_whole = _run_steps(whole, [[b] for b in batches])
-    losses_accumulated = _run_steps(accumulated, [[_rows(b, slice(0, 1)), _rows(b, slice(1, 2))] for b in batches])
-    assert losses_accumulated == pytest.approx(losses_whole, abs=1e-6)
+    start = {key: value.clone() for key, value in whole.state_dict().items() if key.startswith("codebooks.")}
+    outputs_whole = _run_steps(whole, [[b] for b in batches], outputs=True)
+    outputs_accumulated = _run_steps(accumulated, [[_rows(b, slice(0, 1)), _rows(b, slice(1, 2))] for b in batches],
+                                     outputs=True)
+    for one, two in zip(outputs_whole, outputs_accumulated, strict=True):
+        assert two.metrics.keys() == one.metrics.keys()
+        for name, value in one.metrics.items():
+            assert two.metrics[name] == pytest.approx(value, abs=1e-6, rel=1e-5), name
+    assert outputs_whole[-1].metrics["target_ppl"] != pytest.approx(outputs_whole[0].metrics["target_ppl"])
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(accumulated.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
+    for key, value in start.items():  # the codebooks did move
+        assert not torch.equal(whole.state_dict()[key], value), key
 
 
 def test_train_step_clips_the_gradient_norm_to_max_norm():

@@ -329,6 +329,52 @@ def test_dead_codewords_are_reseeded_from_the_batch_when_asked(model_type: str) 
 
 
 @pytest.mark.parametrize("model_type", TYPES)
+def test_pooled_codebook_updates_move_once_from_every_batch_and_restart_at_the_first_batch(model_type: str) -> None:
+    """Inside codebook_updates_pooled, training forwards leave the codebooks as they are (each batch labelled by
+    them) and the exit makes one EMA step from the two batches' counts: 0.9 · 1 + 0.1 · (its frames in both).
+    Dead codewords (none taken by either batch) restart at a frame of the first batch, as at rank 0's."""
+    first, second = waveforms(3000, 3000, seed=1), waveforms(3000, 3000, seed=2)
+    mask_first, mask_second = random_mask(2, num_frames(3000), seed=1), random_mask(2, num_frames(3000), seed=2)
+    total = int(mask_first.sum() + mask_second.sum())
+    model = tiny_model(model_type, codebook_reseed_dead=True,
+                       codebook_dead_threshold=0.95 / (0.9 + 0.1 * total / 16)).train()
+    labels = [torch.cat(pair) for pair in zip(teacher_labels(model, first, mask_first),
+                                                teacher_labels(model, second, mask_second), strict=True)]
+    with torch.no_grad():
+        outputs = model.teacher.get_intermediate_outputs(model.features(first))[-2:]
+        first_targets = [F.instance_norm(y.transpose(1, 2)).transpose(1, 2)[mask_first] for y in outputs]
+    before = [c.codebook.clone() for c in model.codebooks]
+    with model.codebook_updates_pooled():
+        model(first, mask=mask_first)
+        model(second, mask=mask_second)
+        assert all(torch.equal(b, c.codebook) for b, c in zip(before, model.codebooks, strict=True))
+    for codebook, lab, z in zip(model.codebooks, labels, first_targets, strict=True):
+        counts = torch.bincount(lab, minlength=16).float()
+        used = counts > 0
+        assert not used.all()
+        torch.testing.assert_close(codebook.counts[used], 0.9 + 0.1 * counts[used])
+        torch.testing.assert_close(codebook.counts[~used], torch.full((int((~used).sum()),), 1.9))
+        assert torch.cdist(codebook.centroids[~used], z).min(1).values.max().item() < 1e-5
+
+    # An error inside: no update at all, and the model updates its codebooks in each forward again.
+    before = [c.codebook.clone() for c in model.codebooks]
+
+    def failing_step() -> None:
+        with model.codebook_updates_pooled():
+            model(first, mask=mask_first)
+            raise KeyError("a failing micro-batch")
+
+    with pytest.raises(KeyError):
+        failing_step()
+    assert all(torch.equal(b, c.codebook) for b, c in zip(before, model.codebooks, strict=True))
+    model(first, mask=mask_first)
+    assert not all(torch.equal(b, c.codebook) for b, c in zip(before, model.codebooks, strict=True))
+    with model.codebook_updates_pooled(), pytest.raises(RuntimeError, match="already active"), \
+            model.codebook_updates_pooled():
+        pass
+
+
+@pytest.mark.parametrize("model_type", TYPES)
 def test_dead_codewords_are_those_under_the_threshold_times_the_mean_count(model_type: str) -> None:
     """Hand-set counts with a mean far from 1: after the EMA step (unused codewords decaying too), the codewords
     whose count is under threshold × mean count restart at a batch vector with twice that floor as count (at least

@@ -244,7 +244,8 @@ def test_the_trainer_s_step_is_the_official_step(name):
 @requires_shared
 def test_micro_batches_give_the_gradient_of_the_global_per_frame_mean():
     """grad_accum: two micro-batches (one utterance each) report the grad norm of (Σ losses of both) / (N1 + N2),
-    computed by hand on a copy of the model that sees the same two forwards."""
+    computed by hand on a copy of the model that sees the same two forwards, both labelled by the step's codebooks
+    (pooled, as ranks would be)."""
     io = torch.load(REFERENCE / "spidr_small_io.pt", weights_only=True)
     io["mask"][1, :30] = False  # unequal masked counts per micro-batch
     model = _deterministic_training_model("spidr")
@@ -255,7 +256,8 @@ def test_micro_batches_give_the_gradient_of_the_global_per_frame_mean():
     out = train_step(model, halves, optimizer, build_scheduler(optimizer, cfg), step=0,
                      precision=Precision("cpu", None), scaler=None, max_norm=1e9)
     total = sum(b.mask_count for b in halves)
-    loss = sum(by_hand(b.waveforms, mask=b.mask)[0].sum() for b in halves) / total
+    with by_hand.codebook_updates_pooled():
+        loss = sum(by_hand(b.waveforms, mask=b.mask)[0].sum() for b in halves) / total
     loss.backward()
     grads = [p.grad for k, p in by_hand.named_parameters() if p.grad is not None and not k.startswith("teacher")]
     assert out.metrics["grad_norm"] == pytest.approx(torch.linalg.vector_norm(torch.stack(

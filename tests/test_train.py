@@ -1210,14 +1210,15 @@ def _forward(model, batch):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_micro_batches_log_the_global_per_frame_loss_and_the_mean_of_their_metrics(tmp_path, corpus):
-    """Truth (recomputed by hand on a copy that sees the same two training forwards): with two micro-batches the
-    logged loss is (Σ frame losses of both) / (N1 + N2), and the forward's metrics are the mean over the two
-    micro-batches (spec §4.4; StepOutput.metrics)."""
+def test_micro_batches_log_the_global_per_frame_loss_and_the_metrics_of_all_their_frames(tmp_path, corpus):
+    """Truth (recomputed by hand on a copy in eval mode, whose forwards label both micro-batches with the step's
+    codebooks and update nothing, as k ranks would): with two micro-batches the logged loss is (Σ frame losses of
+    both) / (N1 + N2), each perplexity is that of the step's pooled distribution (spec §4.5), a codeword is active
+    when either micro-batch took it, and a codebook's loss is its frame losses' sum over N1 + N2."""
     cfg = tiny_config(tmp_path, corpus, model=NO_DROPOUT)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    by_hand = copy.deepcopy(model)
+    by_hand = copy.deepcopy(model).eval()
     first, second = _batches(cfg, 2)
     optimizer = build_optimizer(model, cfg.optimizer, device=CPU)
     out = train_step(model, [first, second], optimizer, build_scheduler(optimizer, cfg.optimizer), step=0,
@@ -1230,11 +1231,27 @@ def test_micro_batches_log_the_global_per_frame_loss_and_the_mean_of_their_metri
     assert metrics["num_frames"] == frames
     expected_loss = sum(losses.double().sum().item() for losses, _ in results) / frames
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-6)
-    assert metrics["target_ppl"] == pytest.approx(sum(m["target_ppl"].item() for _, m in results) / 2, rel=1e-6)
-    assert metrics["pred_ppl"] == pytest.approx(sum(m["pred_ppl"].item() for _, m in results) / 2, rel=1e-6)
-    for name in ("loss_per_codebook", "active_codewords"):
-        expected = ((results[0][1][name].double() + results[1][1][name].double()) / 2).tolist()
-        assert metrics[name] == pytest.approx(expected, rel=1e-6), name
+    k, v = cfg.model.num_codebooks, cfg.model.codebook_size
+    # the sums each forward reports: K·V codeword counts, K·V predicted probabilities, K loss sums, the frame count
+    sums = [m["metric_sums"].double() for _, m in results]
+    assert [float(s[-1]) for s in sums] == [int(first.mask.sum()), int(second.mask.sum())]
+    counts = sum(s[: k * v].view(k, v) for s in sums)
+    predicted = sum(s[k * v : 2 * k * v].view(k, v) for s in sums)
+    for one, (losses, _) in zip(sums, results, strict=True):  # the loss sums add up to the frames' losses
+        assert float(one[2 * k * v : 2 * k * v + k].sum()) / k == pytest.approx(losses.double().sum().item())
+
+    def perplexity(total: torch.Tensor) -> list[float]:
+        p = total / frames
+        return (2 ** -(p * torch.log2(p + 1e-8)).sum(-1)).tolist()
+
+    assert metrics["target_ppl_per_codebook"] == pytest.approx(perplexity(counts), rel=1e-5)
+    assert metrics["pred_ppl_per_codebook"] == pytest.approx(perplexity(predicted), rel=1e-5)
+    assert metrics["target_ppl"] == pytest.approx(sum(perplexity(counts)) / k, rel=1e-5)
+    assert metrics["active_codewords"] == (counts > 0).sum(-1).tolist()
+    assert metrics["loss_per_codebook"] == pytest.approx(
+        (sum(s[2 * k * v : 2 * k * v + k] for s in sums) / frames).tolist(), rel=1e-5)
+    # the means of the micro-batches' own numbers, which were logged before, are not these
+    assert metrics["target_ppl"] != pytest.approx(sum(m["target_ppl"].item() for _, m in results) / 2, rel=1e-4)
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])

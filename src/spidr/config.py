@@ -409,7 +409,9 @@ class OptimizerConfig:
     scheduler: Literal["tristage", "cosine", "rsqrt", "constant"] = "tristage"
     exclude_from_optimizer: tuple[str, ...] = ("teacher",)
     to_freeze: tuple[str, ...] = ("feature_extractor", "feature_projection")
-    grad_accum_steps: int = 1  # (spidr addition) micro-batches per optimizer step
+    # (spidr addition) micro-batches per optimizer step, which act as that many ranks: one gradient, and one codebook
+    # update from all their frames (each labelled by the step's codebooks), as with the paper's 16 GPUs
+    grad_accum_steps: int = 1
     # (spidr addition) the conv extractor and projection (the to_freeze group) learn at lr × this factor. Adam
     # normalises gradients, so this, not feature_grad_mult, is what slows the front end down.
     feature_encoder_lr_scale: float = 1.0

@@ -5,14 +5,16 @@ waveforms (B, S) → conv extractor + projection → feats (B, T, D)
   ├─ student: feats with masked frames replaced by ``mask_embedding`` → head inputs (one per codebook)
   └─ teacher (EMA copy, no grad): feats → top-K layer outputs, instance-normalised → codebook labels
 loss per masked frame = mean over codebooks of the cross-entropy between head i and codebook i's label.
-The codebooks are updated inside the forward (training mode only); the teacher by ``update_ema`` after the
-optimizer step.
+The codebooks are updated inside the forward (training mode only), or once per optimizer step from the statistics
+of its micro-batches (``codebook_updates_pooled``); the teacher by ``update_ema`` after the optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,8 @@ class DinoSR(nn.Module):
         # next training forward whatever the step (the step that did it was skipped: redo_codebook_init).
         self._codebooks_from_data: bool | None = None
         self._codebooks_loaded = False  # keep_loaded_codebooks: no data initialisation, ever
+        # Inside codebook_updates_pooled: (summed statistics (K, V, 1 + D) or None, the first batch's targets)
+        self._pooled_codebook_stats: list[object] | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward pieces, in data-flow order
@@ -176,8 +180,10 @@ class DinoSR(nn.Module):
         Returns the per-scored-frame loss (N,), the mean over codebooks of the cross-entropy, in row-major
         (batch, frame) order, and detached metrics: ``target_ppl``, ``pred_ppl`` (means over codebooks),
         ``loss_per_codebook``, ``target_ppl_per_codebook``, ``pred_ppl_per_codebook``, ``active_codewords`` (all
-        (K,), global over ranks), and ``num_frames`` (N on this rank, int64).
-        In training mode the codebooks are updated from this batch (after their labels were taken).
+        (K,), global over ranks), ``metric_sums`` (the sums they come from: ``metrics_from_sums``) and
+        ``num_frames`` (N on this rank, int64).
+        In training mode the codebooks are updated from this batch (after their labels were taken), or, inside
+        ``codebook_updates_pooled``, its statistics are pooled for one update at the end.
         """
         # Checked and cast once here too: the teacher's own front end (teacher_feature_encoder = "ema") reads them.
         waveforms = front_end_input(waveforms, self.cfg, dtype=self.feature_projection.projection.weight.dtype)
@@ -242,9 +248,36 @@ class DinoSR(nn.Module):
     # Codebook update and metrics (no gradients)
     # ----------------------------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def codebook_updates_pooled(self) -> Iterator[None]:
+        """Within: each training forward labels its frames with the codebooks as they are and pools its statistics
+        instead of updating them; on leaving (without an error), one EMA step from the pool, summed over ranks.
+        The micro-batches of an optimizer step (gradient accumulation) then move the codebooks as that many ranks
+        do (spec §3.10): once per step, every batch labelled by the step's codebooks. Dead codewords restart at
+        frames of the first batch (as at rank 0's)."""
+        if self._pooled_codebook_stats is not None:
+            raise RuntimeError("codebook_updates_pooled is already active")
+        self._pooled_codebook_stats = [None, None]
+        try:
+            yield
+            stats, targets = self._pooled_codebook_stats
+            if stats is not None:
+                self._apply_codebook_stats(stats, targets)
+        finally:
+            self._pooled_codebook_stats = None
+
+    @torch.compiler.disable
+    def _pool_codebook_stats(self, stats: torch.Tensor, targets: list[torch.Tensor]) -> None:
+        pool = self._pooled_codebook_stats
+        if pool[0] is None:
+            pool[0], pool[1] = stats, targets if self.cfg.codebook_reseed_dead else None
+        else:
+            pool[0] = pool[0] + stats
+
     @torch.no_grad()
     def _update_codebooks(self, targets: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
-        """EMA step of every codebook from this batch's assignments, summed over ranks in one collective."""
+        """EMA step of every codebook from this batch's assignments, summed over ranks in one collective (pooled
+        instead inside ``codebook_updates_pooled``)."""
         if self.cfg.codebook_decay >= 1.0:
             return
         size = self.cfg.codebook_size
@@ -252,6 +285,15 @@ class DinoSR(nn.Module):
             codebook.statistics(z, _one_hot(lab, size))
             for codebook, z, lab in zip(self.codebooks, targets, labels, strict=True)
         ])  # (K, V, 1 + D)
+        if self._pooled_codebook_stats is not None:
+            self._pool_codebook_stats(stats, targets)
+            return
+        self._apply_codebook_stats(stats, targets)
+
+    @torch.no_grad()
+    def _apply_codebook_stats(self, stats: torch.Tensor, targets: list[torch.Tensor] | None) -> None:
+        """The EMA step from statistics (K, V, 1 + D) of this rank, summed over ranks here; ``targets`` (K × (N, D),
+        this rank's frames; needed with ``codebook_reseed_dead`` only) are where dead codewords restart."""
         distributed.all_reduce_sum(stats)
         reseed = self.cfg.codebook_reseed_dead
         for codebook, codebook_stats in zip(self.codebooks, stats, strict=True):
@@ -320,8 +362,9 @@ class DinoSR(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Codebook-usage and prediction perplexities (spec §4.5) and per-codebook losses: in training, global
         frame-weighted means over ranks (one collective); in eval mode, this batch's alone, so that validation (the
-        mean over batches) gives one checkpoint the same numbers on any number of ranks."""
-        size, k = self.cfg.codebook_size, self.num_codebooks
+        mean over batches) gives one checkpoint the same numbers on any number of ranks. ``metric_sums`` holds the
+        sums they are computed from, which the micro-batches of a step add up (``metrics_from_sums``)."""
+        size = self.cfg.codebook_size
         target_sums = torch.stack([_one_hot(lab, size).sum(0).float() for lab in labels])  # (K, V)
         pred_sums = torch.stack([lp.exp().sum(0) for lp in log_probs])  # (K, V)
         num_frames = frame_losses.shape[1]
@@ -333,6 +376,14 @@ class DinoSR(nn.Module):
         ])
         if self.training:
             distributed.all_reduce_sum(packed)
+        return {**self.metrics_from_sums(packed), "metric_sums": packed,
+                "num_frames": torch.tensor(num_frames, dtype=torch.long)}
+
+    def metrics_from_sums(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logged codebook metrics of ``metric_sums`` (K·V codeword counts, K·V prediction sums, K loss sums,
+        the frame count), those of one batch or the sum over a step's micro-batches: each perplexity is that of
+        the frame-weighted mean distribution, and a codeword is active where any frame took it."""
+        size, k = self.cfg.codebook_size, self.num_codebooks
         target_sums, pred_sums = packed[: k * size].view(k, size), packed[k * size : 2 * k * size].view(k, size)
         loss_sums, total = packed[2 * k * size : 2 * k * size + k], packed[-1].clamp(min=1)
         target_ppl, pred_ppl = perplexity(target_sums / total), perplexity(pred_sums / total)
@@ -343,7 +394,6 @@ class DinoSR(nn.Module):
             "target_ppl_per_codebook": target_ppl,
             "pred_ppl_per_codebook": pred_ppl,
             "active_codewords": (target_sums > 0).sum(-1),
-            "num_frames": torch.tensor(num_frames, dtype=torch.long),
         }
 
     # ----------------------------------------------------------------------------------------------------------

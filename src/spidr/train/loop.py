@@ -178,20 +178,26 @@ def train_step(
 
     loss_sum = totals.new_zeros(())
     metric_sums = None
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        # DDP averages gradients only on the final micro-batch; earlier ones accumulate locally.
-        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
-        with sync:
-            with precision.autocast():
-                losses, metrics = model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask,
-                                        mask_count=batch.mask_count)
-            # DDP averages over ranks, so × world makes the gradient that of the global per-frame mean.
-            loss = losses.float().sum() * world / num_frames
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += losses.detach().double().sum()
-        packed = _pack_metrics(metrics)
-        metric_sums = packed if metric_sums is None else metric_sums + packed
+    # Micro-batches move the codebooks once, at the end, as that many ranks would: each is labelled by the step's
+    # codebooks (one micro-batch keeps the forward's own update, the path torch.compile's graph was traced on).
+    pooled = raw.codebook_updates_pooled() if len(batches) > 1 else contextlib.nullcontext()
+    with pooled:
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            # DDP averages gradients only on the final micro-batch; earlier ones accumulate locally.
+            sync = (contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel)
+                    else model.no_sync())
+            with sync:
+                with precision.autocast():
+                    losses, metrics = model(batch.waveforms, mask=batch.mask, padding_mask=batch.padding_mask,
+                                            mask_count=batch.mask_count)
+                # DDP averages over ranks, so × world makes the gradient that of the global per-frame mean.
+                loss = losses.float().sum() * world / num_frames
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += losses.detach().double().sum()
+            # The step's metrics come from the sums of all its frames: a perplexity of means, not a mean of them.
+            sums = metrics["metric_sums"]
+            metric_sums = sums if metric_sums is None else metric_sums + sums
 
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -202,7 +208,8 @@ def train_step(
     # rank (possible with masking.min_masks = 0) has no loss to learn from: skipped too.
     nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)) | (num_frames == 0)
     flags = all_reduce_sum(torch.stack([loss_sum, nonfinite.double(), loss_sum.new_full((), float(stop_requested))]))
-    output = StepOutput(torch.cat([flags, grad_norm.double().reshape(1), totals, metric_sums / len(batches)]),
+    step_metrics = _pack_metrics(raw.metrics_from_sums(metric_sums))
+    output = StepOutput(torch.cat([flags, grad_norm.double().reshape(1), totals, step_metrics]),
                         lr=optimizer.param_groups[0]["lr"], ema_decay=None)
     # The verdict stays on the device, or the host reads it (with the metrics: the step's one read of the device).
     skipped = flags[1] > 0 if skip_on_device else output.skipped
