@@ -302,6 +302,20 @@ def test_extensions_are_trimmed_and_given_their_dot() -> None:
         extensions(" , ")
 
 
+@pytest.mark.parametrize(("text", "part"), [("*.wav", ".*.wav"), (".wav .flac", ".wav .flac"),
+                                            ("audio/*.flac", ".audio/*.flac"), (".wav,.", "."), ("[wf]*", ".[wf]*")])
+def test_an_extension_that_is_a_pattern_or_holds_a_space_is_refused(text: str, part: str) -> None:
+    """'*.wav' (as find or ls take it) became the extension '.*.wav', and the scan then found nothing and suggested
+    --ext .*.wav,... back; '.wav .flac' became one extension."""
+    from spidr.cli_types import extensions
+
+    with pytest.raises(argparse.ArgumentTypeError) as raised:
+        extensions(text)
+    assert str(raised.value) == (f"{text!r}: {part!r} is not a file extension; expected extensions separated by "
+                                 "commas, without patterns or spaces, e.g. .wav,.flac")
+    assert extensions(".tar.wav,.WAV") == (".tar.wav", ".WAV")  # dots and case are an extension's own
+
+
 def test_a_device_that_is_neither_cpu_nor_cuda_is_refused_by_name() -> None:
     """mut C10 (the device-type check loosened or dropped: --device mps or meta was accepted, and the command failed
     later with a torch error, or ran on a device spidr does not support)."""

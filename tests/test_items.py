@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import tracemalloc
 from decimal import Decimal
 from pathlib import Path
 
@@ -562,3 +563,35 @@ def test_items_refuse_a_phone_label_with_any_whitespace_or_none(tmp_path: Path, 
     assert main(["items", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "a.item")]) == 2
     assert f"phone label {label!r}" in capsys.readouterr().err
     assert not (tmp_path / "a.item").exists()
+
+
+def _alignments(tmp_path: Path, utterances: int) -> Path:
+    rng = np.random.default_rng(0)
+    phones = ["AA", "AE", "AH", "B", "D", "EH", "IY", "K", "L", "M", "N", "P", "S", "T"]
+    path = tmp_path / "alignments.tsv"
+    with path.open("w") as handle:
+        handle.write("utterance\tonset\toffset\tphone\n")
+        for i in range(utterances):
+            t = 0
+            for _ in range(200):
+                d = int(rng.integers(3, 15))
+                handle.write(f"{i % 50}-1-{i:05d}\t{t / 100:.2f}\t{(t + d) / 100:.2f}\t{phones[rng.integers(14)]}\n")
+                t += d
+    return path
+
+
+def test_an_item_file_is_written_without_holding_all_its_rows(tmp_path: Path) -> None:
+    """write_item_file makes a list of every row and then one string of the whole file (≈ 150 B per item): ≈ 4.5 GB
+    for LibriSpeech 960 h's ≈ 30M triphone items. Rows can be streamed to the temporary file."""
+    from spidr.eval.item_writer import write_item_file
+    from spidr.eval.unit_quality import read_alignments
+
+    alignments = read_alignments(_alignments(tmp_path, 200))
+    tracemalloc.start()
+    try:
+        count = write_item_file(tmp_path / "t.item", alignments, alignment_rate_hz=100, speaker_pattern="^([0-9]+)-")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count > 30_000
+    assert peak < 20 * count, f"peak {peak / 1e6:.1f} MB of traced memory for {count} items"

@@ -4,6 +4,7 @@ option's name and what was expected, before any work starts."""
 from __future__ import annotations
 
 import argparse
+import re
 import contextlib
 import contextvars
 import os
@@ -69,6 +70,11 @@ def extensions(text: str) -> tuple[str, ...]:
     found = tuple(e if e.startswith(".") else f".{e}" for e in (part.strip() for part in text.split(",")) if e)
     if not found:
         raise argparse.ArgumentTypeError(f"{text!r} names no extension; expected e.g. .wav,.flac")
+    for extension in found:
+        # ('*.wav', as find or ls take it, would otherwise become the extension '.*.wav' and match nothing)
+        if extension == "." or re.search(r"[\s*?\[\]/\\]", extension):
+            raise argparse.ArgumentTypeError(f"{text!r}: {extension!r} is not a file extension; expected extensions "
+                                             "separated by commas, without patterns or spaces, e.g. .wav,.flac")
     return found
 
 

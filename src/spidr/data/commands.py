@@ -21,7 +21,7 @@ def _manifest(args: argparse.Namespace) -> int:
     check_manifest_suffix(out, fairseq=args.fairseq)
     check_new_output(out, overwrite=args.overwrite)
     exts = args.ext
-    result = scan(args.source, exts, progress=not args.no_progress)
+    result = scan(args.source, exts, progress=not args.no_progress, log_failures=False)  # (listed below)
     if not result.entries:
         raise ValueError(f"no readable audio with extension(s) {', '.join(exts)} found in {args.source}")
     write_manifest(result.entries, out, fairseq=args.fairseq)

@@ -365,7 +365,51 @@ def read_member(entry: ManifestEntry) -> bytes:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _header_length(source: str | bytes) -> int:
+class _MemberView(io.RawIOBase):
+    """A read-only, seekable view of an archive member's byte range, read on demand: libsndfile reads a header
+    through it without the member's audio being read (``read_member`` reads it all)."""
+
+    def __init__(self, entry: ManifestEntry) -> None:
+        super().__init__()
+        self._file = open(entry.archive, "rb")  # noqa: SIM115 (closed by close())
+        self._start, self._size, self._position = entry.byte_offset, entry.byte_size, 0
+        self._name = entry.path
+        if self._start + self._size > os.fstat(self._file.fileno()).st_size:
+            self._file.close()
+            raise OSError(f"byte range [{self._start}, {self._start + self._size}) lies beyond the end of "
+                          f"{entry.archive}")
+
+    def __repr__(self) -> str:  # how soundfile names the file in its errors: the member's name
+        return repr(self._name)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._position, 2: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        count = max(0, min(len(buffer), self._size - self._position))
+        self._file.seek(self._start + self._position)
+        data = self._file.read(count)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _header_length(source: str | bytes | io.RawIOBase) -> int:
     info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
     if info.frames <= 0:
         raise ValueError("no audio samples")
@@ -597,7 +641,8 @@ def _scan_tar(archive: Path, exts: tuple[str, ...], *, progress: bool, include_h
             unread.append(ManifestEntry(_stem(printable(name)), printable(name), 0, location))
             continue
         try:
-            num_samples = _header_length(read_member(entry))
+            with _MemberView(entry) as view:
+                num_samples = _header_length(view)
         except _READ_ERRORS as error:
             failures.append((entry.location, _BUFFER_NAME.sub(repr(name), str(error))))
             unread.append(entry)
@@ -636,7 +681,7 @@ def shared_fileids(entries: Manifest) -> dict[str, list[str]]:
 
 
 def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress: bool = True,
-         include_hint: str | None = None) -> ScanResult:
+         include_hint: str | None = None, log_failures: bool = True) -> ScanResult:
     """List the audio files of a directory (recursively, following symbolic links) or of an uncompressed ``.tar``,
     with their length at 16 kHz.
 
@@ -644,6 +689,7 @@ def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress
     UTF-8 are returned in ``failures`` and logged, never fatal; a truncated file with a readable header is kept with
     its header's length. A file id held by several files is logged (all of them are kept). Audio files of other
     extensions are counted in a warning, with ``include_hint``: how to list them (default: ``--ext``).
+    ``log_failures=False``: the unreadable files are counted in the log, not named (the caller lists them).
     """
     source = Path(source)
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in exts)
@@ -653,7 +699,7 @@ def scan(source: str | Path, exts: Sequence[str] = AUDIO_EXTENSIONS, *, progress
         result = _scan_tar(source, exts, progress=progress, include_hint=include_hint)
     else:
         raise ValueError(f"{source} is neither a directory nor an uncompressed .tar file")
-    for location, reason in result.failures:
+    for location, reason in result.failures if log_failures else ():
         logger.warning("unreadable audio %s: %s", location, reason)
     if result.failures:
         logger.warning("%d of %d files could not be read", len(result.failures),

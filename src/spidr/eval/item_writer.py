@@ -130,12 +130,16 @@ def _seconds(frame: int, rate: float) -> str:
 def write_item_file(path: str | Path, alignments: Alignments, **options) -> int:
     """Write ``item_rows(alignments, **options)`` under ``ITEM_HEADER`` to ``path`` (whole or not at all); returns
     the number of items. No item (every phone next to a silence, or one phone per utterance) is an error."""
-    from spidr.atomic_files import write_atomically
+    from spidr.atomic_files import replaced_when_done
 
-    rows = list(item_rows(alignments, **options))
-    if not rows:
-        raise ValueError(f"no item: none of the {len(alignments)} utterances has a speech phone between two speech "
-                         "phones (a silence label on either side, or fewer than three phones)")
-    write_atomically(path, "\n".join([ITEM_HEADER, *rows]) + "\n")
-    return len(rows)
+    count = 0
+    with replaced_when_done(path) as partial, partial.open("w", encoding="utf-8") as handle:
+        handle.write(ITEM_HEADER + "\n")
+        for row in item_rows(alignments, **options):  # streamed: a list of every row took ≈ 150 B an item
+            handle.write(row + "\n")
+            count += 1
+        if not count:  # (raised inside: the temporary file is removed, an earlier file kept)
+            raise ValueError(f"no item: none of the {len(alignments)} utterances has a speech phone between two "
+                             "speech phones (a silence label on either side, or fewer than three phones)")
+    return count
 
