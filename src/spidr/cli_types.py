@@ -4,10 +4,10 @@ option's name and what was expected, before any work starts."""
 from __future__ import annotations
 
 import argparse
-import re
 import contextlib
 import contextvars
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
