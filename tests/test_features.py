@@ -204,6 +204,42 @@ def test_long_audio_standardises_a_file_with_a_dc_offset_like_load_audio(tmp_pat
     assert audio.std == pytest.approx(0.5 / np.sqrt(2), rel=1e-4)  # a whole number of periods: σ = amplitude / √2
 
 
+@pytest.mark.parametrize(("rate", "channels"), [(44100, 2), (22050, 1), (8000, 3)])
+def test_a_long_file_at_another_rate_reads_as_load_audio_resamples_it_whole(tmp_path, rate, channels):
+    """Resampled as a stream, block by block, in both passes: the samples of every window, read forward with overlaps
+    as extract_long reads them or back to an earlier one, are load_audio's (resampled whole, then standardised)."""
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(rate)
+    sf.write(path, (0.2 * rng.standard_normal((rate * 130, channels)) + 0.05).astype(np.float32), rate,
+             subtype="FLOAT")
+    audio, whole = LongAudio(str(path)), load_audio(str(path))
+    assert audio.num_samples == whole.shape[0]
+    for start, stop in ((0, 100_000), (80_000, 1_000_000), (990_000, 2_050_000), (2_000_000, whole.shape[0]),
+                        (5_000, 6_000), (0, whole.shape[0])):
+        torch.testing.assert_close(audio.read(start, stop), whole[start:stop], rtol=0, atol=2e-6)
+
+
+def test_a_long_file_at_another_rate_is_not_held_whole(tmp_path):
+    """A 12-minute 22.05 kHz file was decoded and resampled whole (≥ 2 × its 64 MB of float32 samples at its rate
+    held at once) where a 16 kHz file is read a minute at a time; now both passes stream it."""
+    import tracemalloc
+
+    rate = 22050
+    path = tmp_path / "lecture.wav"
+    samples = rate * 60 * 12
+    sf.write(path, (0.2 * np.random.default_rng(0).standard_normal(samples)).astype(np.float32), rate,
+             subtype="PCM_16")
+    tracemalloc.start()
+    try:
+        audio = LongAudio(str(path))
+        for start in range(0, audio.num_samples, 16000 * 20):  # 20 s windows with 2 s of context, as extract_long
+            audio.read(max(start - 32000, 0), min(start + 16000 * 22, audio.num_samples))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * samples * 4, f"{peak / 1e6:.1f} MB at the peak"
+
+
 def test_extract_to_directory_writes_mirrored_tree_and_metadata(model, tmp_path):
     entries = []
     for speaker in ("a", "b"):

@@ -5,7 +5,7 @@ file window by window (``extract_long``), or every utterance of a collection (``
 Audio is standardised per utterance exactly as in pretraining (spec §3.1). Utterances are batched by length with
 padding and a frame padding mask, so a padded batch gives the same features as one file at a time. Files longer
 than ``max_seconds`` are processed in overlapping windows whose memory is bounded by the window size: the audio is
-read from disk window by window (16 kHz files; others are decoded whole first). The next batches' audio is decoded
+read from disk window by window (files at other rates resampled as a stream; archive members decoded whole). The next batches' audio is decoded
 by background threads while the model runs (``loaded_batches``).
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 
 from spidr.atomic_files import new_held_partial
@@ -294,41 +295,58 @@ def _forward(model: torch.nn.Module, batch: torch.Tensor, padding_mask: torch.Te
 
 
 class LongAudio:
-    """A 16 kHz file read window by window, standardised with statistics of the whole file (two passes). An archive
-    member, or a file at another rate, is decoded whole instead (its samples held, its forwards still windowed).
-    A file that cannot be decoded, at either pass, raises ``AudioError`` as ``load_audio`` does."""
+    """A file read window by window, standardised with statistics of the whole file (two passes). A file at another
+    rate than 16 kHz is resampled as a stream (soxr), block by block, in both passes: the same samples as resampling
+    it whole. An archive member is decoded whole instead (its samples held, its forwards still windowed). A file that
+    cannot be decoded, at either pass, raises ``AudioError`` as ``load_audio`` does."""
 
     def __init__(self, source: str | ManifestEntry) -> None:
         self.path = source.path if isinstance(source, ManifestEntry) else source
         with decoding(self.path):
             info = None if isinstance(source, ManifestEntry) and source.in_archive else sf.info(self.path)
-        if info is None or info.samplerate != SAMPLE_RATE:
-            # Resampling window by window would need a streaming resampler; decode whole instead.
+        if info is None:
             self._wave: torch.Tensor | None = load_audio(source, normalize=True)
             self.num_samples = self._wave.shape[0]
             return
         self._wave = None
+        self._rate = int(info.samplerate)
+        # Another rate: the resampled samples after the last read (a window), where the next read, further on,
+        # continues the stream: [start, start + len(samples)) and the rest of the stream.
+        self._cursor: tuple[int, np.ndarray, Iterator[np.ndarray]] | None = None
         # Counted while decoding, not taken from the header: a file cut short (a partial download of a compressed
         # file) promises more samples than it decodes, and whole-file extraction gives it its decoded length.
         self.num_samples = 0
         total, total_sq = 0.0, 0.0
-        # Read block by block with ``SoundFile.read``, which returns what was decoded: ``sf.blocks`` sizes its
-        # blocks from the header and pads a short read with whatever its buffer held.
-        with decoding(self.path), sf.SoundFile(self.path) as file, np.errstate(over="ignore"):
-            while len(block := file.read(SAMPLE_RATE * 60, dtype="float64", always_2d=True)):
-                mono = block.mean(axis=1)  # an overflow is refused below, by name
-                if not np.isfinite(mono).all():  # as load_audio refuses them: the features would all be NaN
-                    raise AudioError(self.path, "contains NaN or Inf samples")
+        with decoding(self.path), np.errstate(over="ignore"):
+            for mono in self._mono_blocks():  # an overflow is refused below, by name
                 self.num_samples += mono.shape[0]
-                total += float(mono.sum())
-                total_sq += float(np.square(mono).sum())
+                total += float(mono.sum(dtype=np.float64))
+                total_sq += float(np.square(mono, dtype=np.float64).sum())
         if self.num_samples == 0:
-            raise AudioError(self.path, "contains no audio samples")
+            raise AudioError(self.path, "contains no audio samples" + ("" if self._rate == SAMPLE_RATE else
+                                                                       f" at 16 kHz (its rate is {self._rate} Hz)"))
         self.mean = total / self.num_samples
         variance = total_sq / self.num_samples - self.mean * self.mean
         if not math.isfinite(variance):  # a corrupt file decoded to huge values
             raise AudioError(self.path, "cannot be standardised (its samples' sum of squares overflows)")
         self.std = float(np.sqrt(max(variance, 0.0) + STANDARDIZE_EPS))
+
+    def _mono_blocks(self) -> Iterator[np.ndarray]:
+        """The file's mono 16 kHz samples front to back, a minute of the file at a time: float64 at 16 kHz, float32
+        resampled otherwise, as ``load_audio`` resamples (channel means in float32, then soxr)."""
+        resampling = self._rate != SAMPLE_RATE
+        stream = soxr.ResampleStream(self._rate, SAMPLE_RATE, 1, dtype="float32") if resampling else None
+        # Read block by block with ``SoundFile.read``, which returns what was decoded: ``sf.blocks`` sizes its
+        # blocks from the header and pads a short read with whatever its buffer held.
+        with sf.SoundFile(self.path) as file:
+            while len(block := file.read(self._rate * 60, dtype="float32" if resampling else "float64",
+                                         always_2d=True)):
+                mono = block.mean(axis=1, dtype=block.dtype) if block.shape[1] > 1 else block[:, 0]
+                if not np.isfinite(mono).all():  # as load_audio refuses them: the features would all be NaN
+                    raise AudioError(self.path, "contains NaN or Inf samples")
+                yield stream.resample_chunk(mono) if stream is not None else mono
+        if stream is not None:
+            yield stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
 
     @classmethod
     def from_waveform(cls, wave: torch.Tensor, name: str = "<waveform in memory>") -> LongAudio:
@@ -338,15 +356,31 @@ class LongAudio:
         return audio
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        """Standardised samples [start, stop) as (stop − start,) float32."""
+        """Standardised samples [start, stop) as (stop − start,) float32. At another rate than 16 kHz, reads cost
+        the least in increasing order (a window after the last one continues the stream; one before restarts it)."""
         if self._wave is not None:
             return self._wave[start:stop]
         with decoding(self.path):
-            block, _ = sf.read(self.path, start=start, stop=stop, dtype="float64", always_2d=True)
-        if block.shape[0] != stop - start:  # a decoder that seeks differently from how it decodes front to back
-            raise AudioError(self.path, f"samples {start}-{stop} decode to {block.shape[0]} samples, though the "
+            if self._rate == SAMPLE_RATE:
+                block, _ = sf.read(self.path, start=start, stop=stop, dtype="float64", always_2d=True)
+                samples = block.mean(axis=1)
+            else:
+                samples = self._resampled(start, stop)
+        if samples.shape[0] != stop - start:  # a decoder that seeks differently from how it decodes front to back
+            raise AudioError(self.path, f"samples {start}-{stop} decode to {samples.shape[0]} samples, though the "
                              f"whole file decodes to {self.num_samples}")
-        return torch.from_numpy(((block.mean(axis=1) - self.mean) / self.std).astype(np.float32))
+        return torch.from_numpy(((samples - self.mean) / self.std).astype(np.float32))
+
+    def _resampled(self, start: int, stop: int) -> np.ndarray:
+        """Resampled samples [start, stop) (fewer where the stream ends first), from the cursor."""
+        if self._cursor is None or start < self._cursor[0]:
+            self._cursor = (0, np.zeros(0, dtype=np.float32), self._mono_blocks())
+        begin, held, rest = self._cursor
+        while begin + held.shape[0] < stop and (block := next(rest, None)) is not None:
+            dropped = min(max(start - begin, 0), held.shape[0])  # what lies before this read is not read again
+            held, begin = np.concatenate([held[dropped:], block]), begin + dropped
+        self._cursor = (begin, held, rest)
+        return held[start - begin : stop - begin]
 
 
 def windows(total_frames: int, window_frames: int, context_frames: int) -> Iterator[tuple[int, int, int, int]]:
