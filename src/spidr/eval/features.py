@@ -5,8 +5,8 @@ file window by window (``extract_long``), or every utterance of a collection (``
 Audio is standardised per utterance exactly as in pretraining (spec §3.1). Utterances are batched by length with
 padding and a frame padding mask, so a padded batch gives the same features as one file at a time. Files longer
 than ``max_seconds`` are processed in overlapping windows whose memory is bounded by the window size: the audio is
-read from disk window by window (files at other rates resampled as a stream; archive members decoded whole). The next batches' audio is decoded
-by background threads while the model runs (``loaded_batches``).
+read from disk window by window (files at other rates resampled as a stream; archive members decoded whole). The
+next batches' audio is decoded by background threads while the model runs (``loaded_batches``).
 """
 
 from __future__ import annotations
