@@ -243,6 +243,9 @@ def test_a_decoded_length_is_judged_on_both_sides_up_to_the_tolerance(tmp_path: 
     for name in ("quarter", "short161", "long161"):
         assert isinstance(items[name], Skipped), name
         assert items[name].reason.startswith(f"decoded {cases[name]} samples where the manifest says 16000"), name
+    # a shorter decode names a damaged or cut-short file first (its header's length is what spidr manifest records)
+    assert "damaged or cut short" in items["short161"].reason
+    assert "damaged" not in items["long161"].reason
     for name in ("short160", "long160"):
         assert isinstance(items[name], Utterance), name
         assert items[name].waveform.shape == (cases[name],)
@@ -280,3 +283,25 @@ def test_across_ranks_an_ended_epoch_is_judged_before_min_seen_also_after_a_resu
     resumed.load_state_dict(state)
     with pytest.raises(AgreedValueError, match="2 of 3 utterances read by all ranks"):
         resumed.check_across_ranks(torch.device("cpu"))
+
+
+def test_a_damaged_ogg_listed_by_a_fresh_manifest_is_skipped_as_damaged(tmp_path: Path) -> None:
+    """A damaged Ogg Vorbis page: spidr manifest keeps the header's length, the decode is shorter. The reason named a
+    stale manifest and asked for a new one, which says the same: it now names the damage first."""
+    from spidr.data.manifest import scan
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "damaged.ogg"
+    sf.write(path, 0.3 * rng.standard_normal(16000 * 5), 16000, format="OGG", subtype="VORBIS")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 500] = rng.integers(0, 256, 500, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    (entry,) = scan(tmp_path, (".ogg",), progress=False).entries
+    assert entry.num_samples == 80_000  # the header's
+    item = AudioDataset([entry])[0]
+    assert isinstance(item, Skipped)
+    decoded = len(sf.read(path)[0])
+    assert item.reason.startswith(f"decoded {decoded} samples where the manifest says 80000: the file is damaged or "
+                                  "cut short (it decodes shorter than its header says: repair or remove it)")
+

@@ -58,10 +58,15 @@ class AudioDataset(Dataset):
         if abs(waveform.shape[0] - entry.num_samples) > length_tolerance(entry.num_samples):
             # Batches are planned from the manifest's lengths: a file longer than it says would overflow
             # data.max_batch_length (memory), a shorter one would waste it.
+            # (spidr manifest records a header's length: a damaged or cut-short compressed file decodes shorter,
+            # and a new manifest would say the same)
+            damaged = ("the file is damaged or cut short (it decodes shorter than its header says: repair or remove "
+                       "it), or " if waveform.shape[0] < entry.num_samples else "")
             return Skipped(index, entry.location, f"decoded {waveform.shape[0]} samples where the manifest says "
-                                                  f"{entry.num_samples}: the file changed since the manifest was "
-                                                  "written, or the manifest counts samples at the file's own rate, "
-                                                  "not 16 kHz (fairseq's do); write it again with spidr manifest")
+                                                  f"{entry.num_samples}: {damaged}the file changed since the manifest "
+                                                  "was written, or the manifest counts samples at the file's own "
+                                                  "rate, not 16 kHz (fairseq's do; write it again with spidr "
+                                                  "manifest)")
         return Utterance(index, entry.fileid, waveform)
 
 
