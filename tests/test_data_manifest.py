@@ -810,15 +810,19 @@ def test_a_scan_counts_left_out_mp3_and_other_soundfile_formats(tmp_path, caplog
 def test_the_walk_enters_subfolders_in_sorted_order_and_a_folder_reached_twice_by_its_first_path(tmp_path: Path):
     """mut F03 (subfolders not sorted, here sorted in reverse: the walk's order, and so which of two paths to one
     real folder lists its files, followed the file system's order). The docstring's promise: deterministic order,
-    subfolders sorted; a real folder is entered by the first path that reaches it, so 'a' (a link to 'z') lists
-    z's files and 'z' is not entered again."""
+    subfolders sorted; a real folder out of the tree is entered by the first path that reaches it, so 'a' (a link
+    to z) lists z's files and 'd' (another link to z) is not entered again. A link into the tree ('e' to 'c') is
+    not followed: 'c' is entered by its own path."""
     from spidr.folder_walk import walk_following_links
 
     root = tmp_path / "root"
-    for name in ("c", "b/y", "b/x", "z"):  # made out of order
+    for name in ("c", "b/y", "b/x"):  # made out of order
         (root / name).mkdir(parents=True)
-    (root / "z" / "f.wav").write_bytes(b"")
-    (root / "a").symlink_to(root / "z")
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "f.wav").write_bytes(b"")
+    (root / "d").symlink_to(tmp_path / "z")
+    (root / "a").symlink_to(tmp_path / "z")
+    (root / "e").symlink_to(root / "c")
     walked = [(os.path.relpath(folder, root), names) for folder, names in walk_following_links(str(root))]
     assert walked == [(".", []), ("a", ["f.wav"]), ("b", []), ("b/x", []), ("b/y", []), ("c", [])]
 
@@ -894,3 +898,35 @@ def test_the_manifest_command_names_each_unreadable_file_once(tmp_path: Path, ca
     assert "1 unreadable file(s) left out:" in out.out
     assert "1 of 2 files could not be read" in caplog.text
 
+
+
+def test_a_folder_is_named_by_its_own_path_not_by_a_link_to_it_inside_the_tree(tmp_path: Path, caplog) -> None:
+    """``sub/`` and ``linkdir -> sub`` in one collection: the walk kept whichever path sorted first, so sub's files
+    were listed as linkdir/x.wav (and extracted to layer_LL/linkdir/), renamed once the link was removed. A link out
+    of the tree is still followed."""
+    write_tone(tmp_path / "corpus" / "sub" / "x.wav", 3000)
+    write_tone(tmp_path / "outside" / "y.wav", 3000)
+    (tmp_path / "corpus" / "linkdir").symlink_to(tmp_path / "corpus" / "sub")
+    (tmp_path / "corpus" / "a_link").symlink_to(tmp_path / "corpus" / "sub")  # sorts before sub
+    (tmp_path / "corpus" / "more").symlink_to(tmp_path / "outside")
+    with caplog.at_level(logging.INFO, logger="spidr.folder_walk"):
+        result = scan(tmp_path / "corpus", progress=False)
+    assert [Path(e.path).relative_to(tmp_path / "corpus").as_posix() for e in result.entries] == [
+        "more/y.wav", "sub/x.wav"]
+    assert f"not entering {tmp_path / 'corpus' / 'a_link'}: it links to {tmp_path / 'corpus' / 'sub'}, scanned by " \
+           "its own path" in caplog.text
+
+
+def test_a_file_listed_under_two_names_through_a_link_is_named_in_a_warning(tmp_path: Path, caplog) -> None:
+    """take.wav and best.wav -> take.wav: both are listed (a linked file keeps its own name) and the same audio is
+    trained on twice an epoch; the scan says so, naming both. One file in a linked folder is one name."""
+    write_tone(tmp_path / "corpus" / "take.wav", 3000)
+    (tmp_path / "corpus" / "best.wav").symlink_to(tmp_path / "corpus" / "take.wav")
+    write_tone(tmp_path / "elsewhere" / "z.wav", 3000)
+    (tmp_path / "corpus" / "shared").symlink_to(tmp_path / "elsewhere")
+    with caplog.at_level(logging.WARNING, logger="spidr.data.manifest"):
+        result = scan(tmp_path / "corpus", progress=False)
+    assert len(result.entries) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 file(s) are listed under several names through symbolic links (e.g. {tmp_path / 'corpus' / 'best.wav'} "
+        f"and {tmp_path / 'corpus' / 'take.wav'}), each once per name: trained on and extracted as many times"]

@@ -27,7 +27,9 @@ def _unlisted(error: OSError) -> None:
 def walk_following_links(root: str) -> Iterator[tuple[str, list[str]]]:
     """``(folder, file names)`` of ``root`` and every folder below it, links to folders followed, in a deterministic
     order (subfolders sorted); a real folder reached a second time (a loop, or two links to one folder) is not
-    entered again."""
+    entered again. A link to a folder that lies inside ``root`` itself is not followed: that folder is read by its
+    own path, which names its files whether or not the link is kept."""
+    inside = os.path.join(os.path.realpath(root), "")
     entered: dict[str, str] = {}  # real folder → the path it was first entered by
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(folder)
@@ -36,5 +38,11 @@ def walk_following_links(root: str) -> Iterator[tuple[str, list[str]]]:
             logger.info("not entering %s again: it is %s, already scanned", printable(folder), entered[real])
             continue
         entered[real] = printable(folder)
+        for name in list(subfolders):
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and os.path.join(os.path.realpath(path), "").startswith(inside):
+                subfolders.remove(name)
+                logger.info("not entering %s: it links to %s, scanned by its own path", printable(path),
+                            printable(os.path.realpath(path)))
         subfolders.sort()
         yield folder, names

@@ -49,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Scan DIR_OR_TAR (recursively) for audio files and write a manifest whose format follows OUT's "
         "suffix: .csv (fileid,path,num_samples; tar members add archive,byte_offset,byte_size), .jsonl (same "
         "fields) or .tsv (fairseq: root directory, then relative_path<TAB>num_samples). num_samples is the length "
-        "at 16 kHz. Symbolic links (and links inside a tar) are followed, and a linked file is listed under its own "
-        "name. Only headers are "
+        "at 16 kHz. Symbolic links (and links inside a tar) are followed, but not a link to a folder inside DIR (read "
+        "by its own path), and a linked file is listed under its own name. Only headers are "
         "read: files whose header cannot be read, links to nothing and names that are not UTF-8 are listed and left "
         "out (a truncated file with a readable header is kept with its header's length). A file id (file name "
         "without suffix) held by several files is reported; all of them are kept.",

@@ -464,18 +464,31 @@ def _audio_files(root: str, exts: tuple[str, ...], left_out: dict[str, int] | No
     once, so a link back to a parent (a loop) ends the walk there instead of going on forever. ``left_out``
     counts, by extension, the files of another audio format (``OTHER_AUDIO_EXTENSIONS``) that ``exts`` leaves out."""
     files, failures = [], []
+    real_files: dict[str, list[str]] = {}  # a file's real path → the paths it is listed by
     # (deterministic: the same alias of a folder reached twice is kept every time)
     for folder, names in walk_following_links(root):
+        real_folder = None
         for name in names:
             if not _listed(name, exts, left_out):
                 continue
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 files.append(path)
+                if os.path.islink(path):
+                    real = os.path.realpath(path)
+                else:
+                    real_folder = real_folder or os.path.realpath(folder)
+                    real = os.path.join(real_folder, name)
+                real_files.setdefault(real, []).append(path)
             elif os.path.islink(path):
                 failures.append((path, f"symbolic link to {os.readlink(path)!r}, which leads to no file"))
             else:
                 failures.append((path, "not a regular file"))
+    aliases = sorted(sorted(paths) for paths in real_files.values() if len(paths) > 1)
+    if aliases:  # (kept: a linked file keeps its own name; but the same audio then counts once per name)
+        logger.warning("%d file(s) are listed under several names through symbolic links (e.g. %s), each once per "
+                       "name: trained on and extracted as many times", len(aliases),
+                       " and ".join(printable(path) for path in aliases[0][:2]))
     return sorted(files, key=lambda p: p.split(os.sep)), failures
 
 
