@@ -295,6 +295,31 @@ def test_a_validation_set_whose_batches_leave_much_audio_out_is_named(manifest: 
         assert record.getMessage().endswith("a larger max_batch_length score it whole")
 
 
+def test_a_training_set_of_recordings_much_longer_than_the_crops_is_named(manifest: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Each utterance gives an epoch one crop of at most max_sample_size samples (its whole file decoded for it): in
+    unsegmented recordings most of the audio is never trained on. Over half of it beyond the crops is named, with the
+    share counted here from the files' lengths; the same files under longer crops are not."""
+    import logging
+
+    lengths = np.array([sf.info(path).frames for path in sorted(manifest.parent.glob("*.wav"))])
+    beyond = int(np.maximum(lengths - 1000, 0).sum()) / int(lengths.sum())
+    assert beyond > 0.5
+    with caplog.at_level(logging.WARNING, logger="spidr.data.loader"):
+        build(config(manifest, max_sample_size=1000, min_sample_size=500))
+        (record,) = caplog.records
+        assert record.getMessage() == (
+            f"data: {100 * beyond:.0f} % of the audio in {manifest} lies beyond the crops of data.max_sample_size = "
+            f"1000 samples (0.1 s): each utterance gives an epoch one crop, its whole file decoded for it "
+            f"({int((lengths > 4000).sum())} of {lengths.size} files are longer than 0.2 s); cut long recordings into "
+            "utterances (e.g. at pauses) to train on all of them")
+        caplog.clear()
+        build(config(manifest, max_sample_size=12_000))
+        # rank 0 says it for all
+        build(config(manifest, max_sample_size=1000, min_sample_size=500), rank=1, world_size=2)
+        assert not caplog.records
+
+
 def test_the_same_batch_position_gets_new_masks_every_epoch(tmp_path):
     from spidr.data.loader import build_dataloader
     from train_fixtures import tiny_config, write_corpus

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -37,6 +38,23 @@ logger = logging.getLogger(__name__)
 # A validation set whose batches leave out more than this share of its audio is named in a warning (the share
 # scored is logged in any case): the demo's crops score 64 % of its test set, by design; a small set, 8 %.
 UNSCORED_WARNING = 0.5
+
+
+def _warn_of_audio_beyond_the_crops(lengths: np.ndarray, longest: int, data_cfg: DataConfig, section: str) -> None:
+    """Each utterance gives a training batch one crop of at most ``longest`` samples per epoch (official), its whole
+    file decoded and standardised for it: in a corpus of long recordings (unsegmented Libri-light: 16 min on
+    average), most of the audio is then seen in no epoch, and decoding costs many times what is kept. Say so where
+    over half the audio lies beyond the crops."""
+    total = int(lengths.sum())
+    beyond = int(np.maximum(lengths.astype(np.int64) - longest, 0).sum())
+    if total and beyond > UNSCORED_WARNING * total:
+        limit = "max_sample_size" if data_cfg.max_sample_size <= data_cfg.max_batch_length else "max_batch_length"
+        logger.warning("%s: %.0f %% of the audio in %s lies beyond the crops of %s.%s = %d samples (%.1f s): each "
+                       "utterance gives an epoch one crop, its whole file decoded for it (%d of %d files are longer "
+                       "than %.1f s); cut long recordings into utterances (e.g. at pauses) to train on all of them",
+                       section, 100 * beyond / total, data_cfg.manifest, section, limit, longest,
+                       longest / SAMPLE_RATE, int((lengths > 4 * longest).sum()), lengths.size,
+                       4 * longest / SAMPLE_RATE)
 
 
 def _warn_of_unscored_audio(sampler: BucketBatchSampler, total: int, data_cfg: DataConfig, section: str) -> None:
@@ -330,6 +348,8 @@ def build_dataloader(
         raise ValueError(f"{section}.manifest {data_cfg.manifest}: {error}") from None
     if deterministic_crops and rank == 0:
         _warn_of_unscored_audio(sampler, int(entries.num_samples.sum()), data_cfg, section)
+    elif rank == 0:
+        _warn_of_audio_beyond_the_crops(entries.num_samples, longest, data_cfg, section)
     sampler.set_epoch(epoch)
     dataset = AudioDataset(entries, normalize=data_cfg.normalize, min_samples=data_cfg.min_sample_size)
     collator = Collator(masking_cfg, conv_layers, max_sample_size=longest, enable_padding=data_cfg.enable_padding,
