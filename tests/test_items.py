@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spidr.cli import main
 from spidr.eval.items import Items, check_nonempty, check_within, frame_bounds, read_items
 
 HEADER = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
@@ -595,3 +596,24 @@ def test_an_item_file_is_written_without_holding_all_its_rows(tmp_path: Path) ->
         tracemalloc.stop()
     assert count > 30_000
     assert peak < 20 * count, f"peak {peak / 1e6:.1f} MB of traced memory for {count} items"
+
+
+def _code(argv: list[str]) -> int:
+    """spidr's exit status for argv: main's return, or argparse's SystemExit (a refusal at either level)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("rate", ["0", "-1", "-100"])
+def test_items_refuses_a_non_positive_alignment_rate_and_writes_nothing(tmp_path, capsys, rate):
+    """--alignment-rate -1 wrote an item file of negative, inverted onsets/offsets with exit 0; 0 raised
+    ZeroDivisionError."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"name": f"u{i}", "phones": ["SIL"] * 5 + ["AA"] * 8 + ["B"] * 6 + ["IY"] * 7
+                                          + ["SIL"] * 5}) + "\n" for i in range(3)))
+    out = tmp_path / "x.item"
+    assert _code(["items", str(labels), "--out", str(out), "--alignment-rate", rate]) == 2
+    assert "alignment-rate" in capsys.readouterr().err
+    assert not out.exists()

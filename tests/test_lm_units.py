@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from spidr.cli import main
+from spidr.cli import build_parser, main
 from spidr.config import SpidRConfig
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.eval.kmeans import load_centroids
@@ -1257,3 +1257,34 @@ def test_a_units_record_whose_done_holds_no_names_is_refused(tmp_path, done) -> 
     (tmp_path / STATE_FILE).write_text(f'{{"identity": {{"format": 1, "audio": {{}}}}, "done": {done}}}')
     with pytest.raises(ValueError, match=r"\.lm-units\.json is not the JSON lm-units writes"):
         begin_units_folder(tmp_path, {"format": 1, "audio": {}})
+
+
+def _code(argv: list[str]) -> int:
+    """spidr's exit status for argv: main's return, or argparse's SystemExit (a refusal at either level)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("bad", ["-3", "1000000"])
+def test_a_refused_kmeans_leaves_the_folder_free_for_the_corrected_rerun(bench, checkpoint, tmp_path,
+                                                                        capsys, bad):
+    """lm-units recorded its inputs (.lm-units.json, "done": []) before k-means refused K; the corrected rerun was then
+    refused: 'holds units made from other inputs: units (kmeans: -3 → 2); delete it (and the LMs trained on its
+    units)', though nothing had been written."""
+    out = tmp_path / "u"
+    base = ["lm-units", str(bench), str(out), "--checkpoint", str(checkpoint), "--layers", "2"]
+    assert _code([*base, "--kmeans", bad]) == 2
+    capsys.readouterr()
+    assert main([*base, "--kmeans", "2"]) == 0, capsys.readouterr().err
+
+
+def test_kmeans_count_is_checked_when_parsed():
+    """lm-study --kmeans -2 synthesised the whole benchmark (minutes with the defaults) before failing with
+    'data.num_units = -2 must be >= 0', a key the user never set."""
+    for argv in (["lm-units", "b", "o", "--checkpoint", "c.pt", "--kmeans", "-2"],
+                 ["lm-study", "--checkpoint", "c.pt", "--out", "o", "--kmeans", "-2"]):
+        with pytest.raises(SystemExit) as raised:
+            build_parser().parse_args(argv)
+        assert raised.value.code == 2

@@ -1338,3 +1338,40 @@ def test_evaluate_reads_a_textgrid_folder_as_the_equivalent_tsv(corpus, tmp_path
     assert any(row and "pnmi" in row for row in quality[1])
     settings = json.loads((tmp_path / "tg" / "settings.json").read_text())
     assert settings["alignments"] == {"name": "mfa", "sha256": textgrids_digest(folder)}
+
+
+def _code(argv: list[str]) -> int:
+    """spidr's exit status for argv: main's return, or argparse's SystemExit (a refusal at either level)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_probe_refuses_to_replace_an_existing_report_without_overwrite(corpus, tmp_path, capsys):
+    """probe is the only report-writing command with neither --overwrite nor a refusal: a second probe (another model,
+    other settings) into the same --out silently replaced the first one's probe.md/json/png."""
+    out = tmp_path / "probe"
+    common = ["probe", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+              "--alignments", str(corpus / "align50.tsv"), "--alignment-rate", "50", "--test-fraction", "0.25",
+              "--out", str(out)]
+    assert main([*common, "--epochs", "1"]) == 0
+    before = (out / "probe.json").read_bytes()
+    capsys.readouterr()
+    assert main([*common, "--epochs", "2"]) == 2
+    assert capsys.readouterr().err == (f"spidr probe: error: output {out} already exists; pass --overwrite to "
+                                       "replace it\n")
+    assert (out / "probe.json").read_bytes() == before
+    assert main([*common, "--epochs", "2", "--overwrite"]) == 0
+    assert (out / "probe.json").read_bytes() != before
+
+
+@pytest.mark.parametrize("command", ["evaluate", "probe"])
+def test_a_zero_alignment_rate_is_a_usage_error_not_a_traceback(corpus, tmp_path, capsys, command):
+    """--alignment-rate 0 raised ZeroDivisionError (exit 1, traceback), evaluate's after extracting every layer."""
+    args = [command, "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest", str(corpus / "manifest.csv"),
+            "--alignments", str(corpus / "align50.tsv"), "--alignment-rate", "0", "--out", str(tmp_path / "o")]
+    if command == "evaluate":
+        args += ["--item", str(corpus / "test.item")]
+    assert _code(args) == 2
+    assert "alignment-rate" in capsys.readouterr().err

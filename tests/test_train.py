@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from spidr.cli import main as cli_main
-from spidr.config import config_from_dict
+from spidr.config import config_from_dict, load_config
 from spidr.data.loader import build_dataloader
 from spidr.models.build import build_model
 from spidr.train import loop
@@ -992,6 +992,15 @@ def test_command_line_errors_and_help(tmp_path, corpus, capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--help"])
     assert "Resumes automatically" in capsys.readouterr().out
+
+
+def test_a_finished_training_prints_its_final_checkpoint_on_stdout(tmp_path, corpus, capsys):
+    """`spidr train ... > out.txt` left out.txt empty (lm-train prints its final.pt there); the log stays on stderr."""
+    config = write_toml(tiny_config_dict(tmp_path, corpus, optimizer={"max_steps": 2}), tmp_path / "run.toml")
+    assert cli_main(["train", str(config)]) == 0
+    cfg = load_config(config)
+    assert capsys.readouterr().out == f"trained model: {Path(cfg.run.run_dir) / 'final.pt'}\n"
+    assert (Path(cfg.run.run_dir) / "final.pt").is_file()
 
 
 def test_the_data_stream_never_moves_the_global_rng_and_spans_epochs():

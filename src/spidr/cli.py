@@ -79,7 +79,11 @@ def _stdout_reader_gone() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # (--device's check imports torch while the arguments are parsed: seconds)
+        print("spidr: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     configure_logging(verbose=args.verbose)
     end_with_torchrun()
     try:

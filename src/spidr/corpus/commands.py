@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warp", type=_factors, default=[],
                         help="comma-separated speed factors (e.g. 0.9,1.1): adds a warped copy, a new speaker, of "
                         "every selected unwarped voice per factor")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sentences and speaking rates")
+    parser.add_argument("--seed", type=cli_types.non_negative_int, default=0,
+                        help="seed of the sentences and speaking rates")
     parser.add_argument("--same-text-fraction", type=float, default=0.25,
                         help="fraction of each voice's sentences that every voice reads")
     parser.add_argument("--rate-jitter", type=float, default=0.1,
@@ -95,7 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="minimal pairs per syntactic type (a multiple of 4; 0 leaves the task out)")
     bench.add_argument("--tsc-pairs", type=int, default=defaults.tsc_pairs, help="tSC story pairs (0 leaves the "
                        "task out)")
-    bench.add_argument("--seed", type=int, default=defaults.seed, help="seed of everything generated")
+    bench.add_argument("--seed", type=cli_types.non_negative_int, default=defaults.seed,
+                       help="seed of everything generated")
     bench.add_argument("--jobs", type=cli_types.positive_int, default=None,
                        help="worker processes (default: all CPUs); never changes "
                        "the output")

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from spidr.cli_types import add_overwrite_option, check_new_output
+from spidr.cli_types import add_overwrite_option, check_new_output, non_negative_int, positive_float, positive_int
 from spidr.help_format import HelpFormatter
 from spidr.in_progress import marked_in_progress
 
@@ -32,11 +32,17 @@ def add_abx_options(parser: argparse.ArgumentParser, *, distance_default: str | 
                         help="at most this many items per (phone, context, speaker) group; negative disables")
     parser.add_argument("--max-x-across", type=int, default=5,
                         help="at most this many X speakers per A group (across speaker); negative disables")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help=seed_help)
 
 
 def _is_units_file(path: Path) -> bool:
     return path.is_file() and path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
+
+
+def _rate_text(text: str) -> str:
+    """``--frequency``: a positive number, kept as written (the rate text an extraction records is compared)."""
+    positive_float(text)
+    return text.strip()
 
 
 def _rate(given: str | int | None, source: Path, option: str) -> str:
@@ -307,7 +313,7 @@ def _register_items(subparsers: argparse._SubParsersAction, formatter: type[argp
     parser.add_argument("alignments", metavar="ALIGNMENTS", help=ALIGNMENTS_HELP)
     parser.add_argument("--out", required=True, help="item file to write (.item)")
     parser.add_argument("--kind", choices=KINDS, default="triphone", help="what an item spans")
-    parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
+    parser.add_argument("--alignment-rate", type=positive_int, default=100, help="alignment frame rate in Hz")
     parser.add_argument("--speaker-pattern", default=None,
                         help="regular expression whose first group, searched in an utterance's name, is its speaker "
                         "(default: the fifth column of an interval TSV whose header names it speaker, as "
@@ -340,7 +346,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("item_file", metavar="ITEM_FILE", help="item file (.item, .csv or .jsonl)")
     parser.add_argument("--speaker", choices=("within", "across"), default="within", help="speaker condition")
     add_abx_options(parser, distance_default=None)
-    parser.add_argument("--frequency", help="feature rate in Hz (default: the rate recorded by the spidr extract or "
+    parser.add_argument("--frequency", type=_rate_text,
+                        help="feature rate in Hz (default: the rate recorded by the spidr extract or "
                         "spidr units run that wrote FEATURES, else 50)")
     parser.add_argument("--librilight-bug", action="store_true",
                         help="slice items as Libri-light / ZeroSpeech 2021 did, dropping each item's last frame")
@@ -361,7 +368,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("units", metavar="UNITS", help="units .jsonl(.gz) file")
     parser.add_argument("alignments", metavar="ALIGNMENTS", help=ALIGNMENTS_HELP)
-    parser.add_argument("--alignment-rate", type=int, default=100, help="alignment frame rate in Hz")
+    parser.add_argument("--alignment-rate", type=positive_int, default=100, help="alignment frame rate in Hz")
     parser.add_argument("--keep-stress", action="store_true",
                         help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they "
                         "are removed, as fairseq's PNMI does)")
@@ -387,7 +394,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="centroids file to write (.safetensors)")
     parser.add_argument("--max-frames", type=int, default=1_000_000,
                         help="fit on a uniform sample of at most this many frames; 0 or negative uses all")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of k-means")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sample and of k-means")
     add_overwrite_option(parser)
     parser.set_defaults(handler=_kmeans)
 

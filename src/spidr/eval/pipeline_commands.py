@@ -93,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_extensions_argument(evaluate)
     evaluate.add_argument("--item", required=True, help="ABX item file (#file = utterance id)")
     evaluate.add_argument("--alignments", help=f"phone alignments for PNMI: {ALIGNMENTS_HELP}")
-    evaluate.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
+    evaluate.add_argument("--alignment-rate", type=cli_types.positive_int, default=100,
+                          help="frames per second of the alignments")
     evaluate.add_argument("--keep-stress", action="store_true",
                           help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they "
                           "are removed, as fairseq's PNMI does)")
@@ -129,7 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_extensions_argument(probe)
     probe.add_argument("--test-fraction", type=float, default=0.2,
                        help="share of --manifest held out when there is no --test-manifest")
-    probe.add_argument("--alignment-rate", type=int, default=100, help="frames per second of the alignments")
+    probe.add_argument("--alignment-rate", type=cli_types.positive_int, default=100,
+                       help="frames per second of the alignments")
     probe.add_argument("--keep-stress", action="store_true",
                        help="keep ARPAbet stress digits as phones of their own (AH0, AH1; by default they "
                        "are removed, as fairseq's PNMI does)")
@@ -143,7 +145,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--epochs", type=int, default=10, help="passes over the training frames")
     probe.add_argument("--max-train-frames", type=int, default=200_000,
                        help="training utterances are drawn at random until this many frames")
-    probe.add_argument("--seed", type=int, default=0, help="seed of the utterance draw, the probe and random init")
+    probe.add_argument("--seed", type=cli_types.non_negative_int, default=0,
+                       help="seed of the utterance draw, the probe and random init")
+    cli_types.add_overwrite_option(probe)
     probe.set_defaults(handler=run_probe)
 
 
@@ -419,6 +423,7 @@ def run_probe(args: argparse.Namespace) -> int:
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import random_init_model
 
+    cli_types.check_new_output(args.out, overwrite=args.overwrite)  # (a report of hours, maybe of another model)
     if args.hidden < 0 or args.epochs < 1 or args.max_train_frames < 1:
         raise ValueError(f"--hidden {args.hidden}, --epochs {args.epochs}, --max-train-frames "
                          f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")

@@ -204,8 +204,9 @@ def units_folder_identity(model: torch.nn.Module, bench_dir: str | Path, *, laye
 
 def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[str] | None:
     """The sets already finished in ``out_dir`` by a run with this ``identity`` (an empty set: recorded, none
-    finished yet), or None when the folder is begun now (nothing recorded: files from an earlier spidr or a run
-    without a record are written again). A record of other inputs is refused, naming what differs."""
+    finished yet), or None when the folder is begun now (nothing recorded, or nothing finished under the recorded
+    inputs: files from an earlier spidr or a run without a record are written again). A record of other inputs
+    with a finished set is refused, naming what differs."""
     from spidr.eval.journal import identity_differences
 
     state_path = Path(out_dir) / STATE_FILE
@@ -223,6 +224,10 @@ def begin_units_folder(out_dir: str | Path, identity: Mapping[str, Any]) -> set[
                          f"list of the sets done); delete {out_dir} to start again")
     recorded = (state or {}).get("identity") or {}
     done = (state or {}).get("done", [])
+    if state is not None and recorded != identity and not done:
+        # Nothing finished under the recorded inputs (a run refused or stopped before its first set, e.g. by a K
+        # k-means could not fit): the folder is begun again with these, its centroids fitted again.
+        state = None
     if state is not None and recorded != identity:
         same_otherwise = _without_audio(recorded) == _without_audio(identity)
         # The audio of the finished sets decides: a set not written yet is written from its audio as it is now.

@@ -50,14 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--checkpoint", help=f"SpidR / DinoSR model: {CHECKPOINT_HELP}")
     source.add_argument("--oracle", action="store_true", help="gold phone labels instead of a model's units")
     units.add_argument("--layers", default=None, help="1-based layers, e.g. 6 or 3-6 (default: every head's layer)")
-    units.add_argument("--kmeans", type=int, default=0, metavar="K",
+    units.add_argument("--kmeans", type=cli_types.non_negative_int, default=0, metavar="K",
                        help="k-means units with K centroids fitted on the training set (0: codebook units)")
     units.add_argument("--centroids", action="append", default=[], metavar="LAYER=FILE",
                        help="k-means centroids of a layer from 'spidr kmeans' (repeatable); without --layers, "
                        "the layers given here are the layers written")
     units.add_argument("--random-init", action="store_true",
                        help="use the checkpoint's architecture at random initialisation (seeded by --seed)")
-    units.add_argument("--seed", type=int, default=0, help="seed of k-means and of --random-init")
+    units.add_argument("--seed", type=cli_types.non_negative_int, default=0,
+                       help="seed of k-means and of --random-init")
     add_loading_arguments(units)
     units.add_argument("--device", type=cli_types.device, default="auto", help=cli_types.DEVICE_HELP)
     units.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -117,7 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        f"text is an existing path (repeatable): {CHECKPOINT_HELP}")
     study.add_argument("--layers", default=None,
                        help="1-based layers (default: every head's layer; layers without a head need --kmeans)")
-    study.add_argument("--kmeans", type=int, default=0, metavar="K",
+    study.add_argument("--kmeans", type=cli_types.non_negative_int, default=0, metavar="K",
                        help="k-means units with K centroids per layer fitted on the benchmark's training set, for "
                        "any layer (0: codebook units, head layers only)")
     study.add_argument("--random-init", action="store_true",

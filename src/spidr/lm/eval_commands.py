@@ -135,8 +135,10 @@ def _correlated_pairs(args: argparse.Namespace) -> list[tuple[dict, list]]:
     that a wrong column name fails before any plot. A default column list may name columns a table lacks (an older
     points.csv, a benchmark without items for ABX): its unusable pairs are left out with a warning. Columns named by
     the user must all be usable."""
+    from spidr.input_files import existing_file
     from spidr.lm.correlate import correlate, read_table, warn_dropped
 
+    existing_file(args.table, "table")  # (once, not in each pair's reason)
     lenient = args.x is None or args.y is None
     pairs = [(x, y) for y in _columns(args.y or DEFAULT_ACCURACY_COLUMNS, "--y")
              for x in _columns(args.x or DEFAULT_QUALITY_COLUMNS, "--x")]
@@ -262,7 +264,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "with --baseline, one per model)")
     parser.add_argument("--out", default=None, help="also write score_*_by_*.csv tables and results.json here (with "
                         "--baseline: OUT/<model>/, with the model's submission)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--seed", type=cli_types.non_negative_int, default=0, help="seed of the bootstrap")
     parser.set_defaults(handler=_lm_eval)
 
     parser = subparsers.add_parser(
@@ -297,6 +299,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also write the results to this CSV, one row per (x, y) pair (x, y, n, pearson_r, "
                         "pearson_p, pearson_r_ci95_low/high, spearman_rho, spearman_p, spearman_rho_ci95_low/high, "
                         "slope, intercept)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap CIs of r and ρ")
+    parser.add_argument("--seed", type=cli_types.non_negative_int, default=0,
+                        help="seed of the bootstrap CIs of r and ρ")
     cli_types.add_overwrite_option(parser)
     parser.set_defaults(handler=_lm_correlate)

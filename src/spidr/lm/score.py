@@ -210,6 +210,9 @@ def find_unit_files(units_dir: str | Path) -> dict[tuple[str, str], Path]:
     from spidr.lm.bench_units import refuse_unfinished_units
 
     units_dir = Path(units_dir)
+    if not units_dir.is_dir():
+        raise ValueError(f"units folder {units_dir} " + ("is a file" if units_dir.exists() else "does not exist")
+                         + ": expected UNITS_DIR/<task>/<split>.jsonl, as lm-units writes them")
     refuse_unfinished_units(units_dir)
     warn_about_other_folders(units_dir, "units folder")
     found = {}

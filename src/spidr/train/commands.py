@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from spidr.help_format import SET_HELP, HelpFormatter
 from spidr.training_stopped import EXIT_STOPPED
@@ -73,6 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from spidr.config import load_config
+    from spidr.train.checkpoint import FINAL_FILE
+    from spidr.train.environment import detect_environment
     from spidr.train.loop import TrainingDivergedError, train
 
     cfg = load_config(args.config, args.overrides)
@@ -81,6 +84,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDivergedError as error:
         logger.error("%s", error)
         return 1
+    if outcome == "completed" and detect_environment().is_main:  # (the result on stdout, as lm-train)
+        print(f"trained model: {Path(cfg.run.run_dir) / FINAL_FILE}")
     return 0 if outcome == "completed" else EXIT_STOPPED
 
 

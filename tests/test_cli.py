@@ -1,0 +1,89 @@
+"""The command line as a whole: values refused when parsed (naming the option), Ctrl-C while parsing, and errors
+that name the input they are about."""
+
+from __future__ import annotations
+
+import pytest
+
+from spidr.cli import build_parser, main
+
+
+def _refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """argparse's error line for ``argv`` (exit status 2)."""
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(argv)
+    assert raised.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_arguments_are_parsed_is_one_line_and_130(monkeypatch, capsys):
+    """--device's type imports torch and asks for CUDA while argparse runs, before main's try: Ctrl-C in those
+    seconds printed a 40-line KeyboardInterrupt traceback (and python -m spidr died by the signal)."""
+    import torch
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "is_available", interrupted)
+    try:
+        code = main(["extract", "--checkpoint", "c.pt", "--manifest", "m.csv", "--out", "o"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped spidr.cli.main (a traceback for the user)")
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["kmeans", "d", "--out", "o.safetensors"],
+    ["probe", "--checkpoint", "c", "--manifest", "m", "--alignments", "a", "--out", "o"],
+    ["lm-eval", "b", "s"],
+    ["evaluate", "--checkpoint", "c", "--manifest", "m", "--item", "i", "--out", "o"],
+    ["abx", "f", "i"],
+    ["lm-correlate", "t.csv"],
+    ["lm-units", "b", "o", "--oracle"],
+    ["synth-corpus", "o"],
+    ["synth-lm-bench", "o"],
+])
+def test_a_negative_seed_is_refused_naming_seed(argv, capsys):
+    """kmeans/probe said 'expected non-negative integer' (no option named); lm-eval blamed the benchmark:
+    'bench/lexical/dev/gold.csv: expected non-negative integer'; evaluate/abx accepted it."""
+    assert "--seed" in _refusal([*argv, "--seed", "-1"], capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["items", "a.tsv", "--out", "o.item"],
+    ["units-quality", "u.jsonl", "a.tsv"],
+    ["evaluate", "--checkpoint", "c", "--manifest", "m", "--item", "i", "--out", "o"],
+    ["probe", "--checkpoint", "c", "--manifest", "m", "--alignments", "a", "--out", "o"],
+])
+@pytest.mark.parametrize("rate", ["0", "-1"])
+def test_a_non_positive_alignment_rate_is_refused_naming_the_option(argv, rate, capsys):
+    """items --alignment-rate -1 wrote an item file of negative, inverted times (exit 0); 0 raised ZeroDivisionError
+    in items, evaluate (after extracting every layer) and probe."""
+    assert "--alignment-rate" in _refusal([*argv, "--alignment-rate", rate], capsys)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-50", "nan"])
+def test_abx_frequency_is_a_positive_number_named_when_refused(value, capsys):
+    """'--frequency abc' failed later with "could not convert string to float: 'abc'", naming no option."""
+    assert "--frequency" in _refusal(["abx", "f", "i", "--frequency", value], capsys)
+    assert build_parser().parse_args(["abx", "f", "i", "--frequency", " 50 "]).frequency == "50"
+
+
+def test_k_of_lm_units_and_lm_study_is_checked_when_parsed(capsys):
+    """lm-study --kmeans -2 synthesised the whole benchmark (minutes with the defaults) before failing with
+    'data.num_units = -2 must be >= 0', a key the user never set."""
+    for argv in (["lm-units", "b", "o", "--checkpoint", "c.pt", "--kmeans", "-2"],
+                 ["lm-study", "--checkpoint", "c.pt", "--out", "o", "--kmeans", "-2"]):
+        assert "--kmeans" in _refusal(argv, capsys)
+
+
+def test_a_missing_input_is_named_once(tmp_path, capsys):
+    """lm-correlate repeated "(table ... does not exist)" once per default (x, y) pair, twelve times; lm-score named
+    the layout it expected but not the missing units folder."""
+    assert main(["lm-correlate", str(tmp_path / "nope.csv")]) == 2
+    assert capsys.readouterr().err == f"spidr lm-correlate: error: table {tmp_path / 'nope.csv'} does not exist\n"
+    (tmp_path / "lm.pt").write_bytes(b"")
+    assert main(["lm-score", str(tmp_path / "lm.pt"), str(tmp_path / "units"), str(tmp_path / "sub")]) == 2
+    assert capsys.readouterr().err == (f"spidr lm-score: error: units folder {tmp_path / 'units'} does not exist: "
+                                       "expected UNITS_DIR/<task>/<split>.jsonl, as lm-units writes them\n")
