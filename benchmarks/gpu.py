@@ -691,7 +691,10 @@ def run_job_isolated(job: str, argv: list[str], manifest: Path, timeout: float,
         stop_at = time.time() + timeout - max(3.0, 0.1 * timeout)
         command = [sys.executable, __file__, *argv, "--worker", job, "--manifest", str(manifest),
                    "--result", str(result), "--stop-at", f"{stop_at:.3f}"]
-        with log.open("wb") as stderr:
+        with log.open("ab") as stderr:
+            start = stderr.tell()
+            stderr.write(f"===== {job} =====\n".encode())
+            stderr.flush()
             process = subprocess.Popen(command, start_new_session=True, stderr=stderr)
             try:
                 code = process.wait(timeout=timeout)
@@ -700,7 +703,7 @@ def run_job_isolated(job: str, argv: list[str], manifest: Path, timeout: float,
                 process.wait()
                 code = None
         report = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else {"stage": "start-up"}
-        tail = log.read_bytes()[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
+        tail = log.read_bytes()[start:][-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
     sys.stderr.write(tail)  # (as the worker's stderr went before, if shorter)
     report.setdefault("job", job)
     report.setdefault("name", JOBS[job].name)
@@ -782,7 +785,8 @@ def run_all(args: argparse.Namespace, argv: list[str],
             counted = twin_flop_count(job, rows)
             if args.isolate:
                 reuse = ["--counted-gflop", repr(counted)] if counted else []
-                log = Path(f"{args.json.removesuffix('.json')}.{job}.log") if args.json else None
+                # one log for every job: the lent machine brings back at most 8 files from $OUT
+                log = Path(f"{args.json.removesuffix('.json')}.log") if args.json else None
                 rows[job] = run_job_isolated(job, argv + reuse, Path(args.manifest), share, log)
             else:
                 args.stop_at = time.time() + share

@@ -7,8 +7,9 @@
 # Default grid: 4 h and 16 h of training audio × 8,800 and 35,200 steps (4× and 16× the demo), seed 0, the four
 # runs side by side on the one GPU, in runs/curve-gpu (kept between calls while the machine stays warm: a rerun
 # resumes). The whole grid needs more than one device command (at most 10 minutes): the run stops
-# $CURVE_LIMIT_S (default 540) seconds after the script started, and whatever is finished by then (each point's point.json and report.md, and a
-# curve.md / curve.json / curve.png of the finished points) is copied to $OUT when it is set, on any exit. The
+# $CURVE_LIMIT_S (default 540) seconds after the script started, and whatever is finished by then (each point's
+# point.json and report.md, in one points.tar: the machine brings back at most 8 files; and a curve.md / curve.json /
+# curve.png of the finished points) is copied to $OUT when it is set, on any exit. The
 # corpus voices (flite, festival, espeak-ng) must be on that machine: installed, or Debian packages carried in
 # .debs/ (name it in the run's carry). Those are unpacked under /tmp/voices, not into / (the device notes warn that
 # packages unpacked there can break the machine): the programs run from there, festival's data through a link
@@ -73,10 +74,9 @@ copy_out() {  # what is finished, whatever ended the run
     "$python" -c 'import sys; from spidr.learning_curve import write_curve; write_curve(sys.argv[1])' "$work" \
       || echo "$0: no finished point to summarise yet" >&2
   fi
-  for point in "$work"/points/*/; do
-    mkdir -p "$OUT/points/$(basename "$point")"
-    cp "$point"/point.json "$point"/report.md "$OUT/points/$(basename "$point")/" 2>/dev/null || true
-  done
+  # Every point's record in one tar: the lent machine brings back at most 8 files from $OUT.
+  (cd "$work" && find points -mindepth 2 -maxdepth 2 \( -name point.json -o -name report.md \) -print0 \
+    | tar -cf "$OUT/points.tar" --null -T -) || true
   cp "$work"/curve.md "$work"/curve.json "$work"/curve.png "$OUT"/ 2>/dev/null || true
 }
 trap copy_out EXIT

@@ -334,3 +334,71 @@ def test_compiled_jobs_are_not_run_where_inductor_could_not_build_its_kernels(gp
     assert [row["job"] for row in rows] == ["spidr-compile", "loader"]
     assert rows[0]["error"].startswith("not run: inductor needs the interpreter's C headers")
     check_row(rows[1])
+
+
+# The lent machine's run tool brings back at most this many files from $OUT (its limits: "at most 8 files"); the
+# rest are lost.
+OUT_FILE_LIMIT = 8
+
+
+def test_a_default_run_leaves_no_more_files_under_out_than_the_lent_machine_brings_back(gpu, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`bash benchmarks/gpu.sh` with $OUT set writes gpu-benchmark.json, gpu-benchmark.md (tee) and one
+    gpu-benchmark.<job>.log per job: 7 default jobs make 9 files, one more than the run tool returns, so one of
+    them (the JSON, the table or a compile error's log) may not come back from the one GPU attempt."""
+    out = tmp_path / "OUT"
+    out.mkdir()
+
+    def fake_isolated(job, argv, manifest, timeout, log=None):  # what run_job_isolated leaves: its log, a row
+        if log is not None:
+            with Path(log).open("a", encoding="utf-8") as stream:
+                stream.write(f"{job}: stderr\n")
+        return {"job": job, "name": gpu.JOBS[job].name, "error": "not measured (test)"}
+
+    monkeypatch.setattr(gpu, "run_job_isolated", fake_isolated)
+    json_path = out / "gpu-benchmark.json"
+    assert gpu.main(["--smoke", "--isolate", "--corpus-files", "2", "--deadline", "400",
+                     "--json", str(json_path)]) == 0
+    capsys.readouterr()
+    (out / "gpu-benchmark.md").touch()  # gpu.sh's `tee "${json%.json}.md"`
+    files = sorted(path.name for path in out.rglob("*") if path.is_file())
+    assert len(files) <= OUT_FILE_LIMIT, files
+
+
+def test_learning_curve_gpu_sh_brings_back_no_more_files_than_the_lent_machine_returns(tmp_path):
+    """learning_curve_gpu.sh copies point.json and report.md of every finished point and curve.md / curve.json /
+    curve.png to $OUT: the default grid's 4 points make 11 files, and the run tool returns 8."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    for name in ("learning_curve_gpu.sh", "gpu_python.sh"):
+        shutil.copy(BENCHMARKS / name, repo / "benchmarks" / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for voice in ("flite", "festival", "espeak-ng"):  # the voices are "installed"
+        (bin_dir / voice).write_text("#!/bin/sh\n")
+    # A Python that imports everything and whose `spidr learning-curve` finishes the default 4-point grid.
+    (bin_dir / "fakepython").write_text(
+        "#!/bin/bash\n"
+        "if [[ $1 == -c ]]; then exit 0; fi\n"
+        "work=runs/curve-gpu\n"
+        "for p in h4-s8800 h4-s35200 h16-s8800 h16-s35200; do mkdir -p $work/points/$p; "
+        "echo {} > $work/points/$p/point.json; echo r > $work/points/$p/report.md; done\n"
+        "touch $work/curve.md $work/curve.json $work/curve.png\n")
+    for path in bin_dir.iterdir():
+        path.chmod(0o755)
+    out = tmp_path / "OUT"
+    out.mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(bin_dir / "fakepython"), "OUT": str(out)}
+    subprocess.run(["bash", str(repo / "benchmarks" / "learning_curve_gpu.sh")], cwd=repo, env=env, check=True,
+                   capture_output=True, text=True)
+    files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
+    assert len(files) <= OUT_FILE_LIMIT, files
+    import tarfile
+
+    with tarfile.open(out / "points.tar") as tar:  # every finished point's record is in it
+        assert sorted(tar.getnames()) == sorted(f"points/{point}/{name}" for point in
+                                                ("h4-s8800", "h4-s35200", "h16-s8800", "h16-s35200")
+                                                for name in ("point.json", "report.md"))
