@@ -87,3 +87,18 @@ def test_a_missing_input_is_named_once(tmp_path, capsys):
     assert main(["lm-score", str(tmp_path / "lm.pt"), str(tmp_path / "units"), str(tmp_path / "sub")]) == 2
     assert capsys.readouterr().err == (f"spidr lm-score: error: units folder {tmp_path / 'units'} does not exist: "
                                        "expected UNITS_DIR/<task>/<split>.jsonl, as lm-units writes them\n")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--nonwords-per-word", "0"), ("--tsc-pairs", "-1"),
+                                             ("--lexical-words", "-1"), ("--syntactic-pairs", "-4"),
+                                             ("--train-utterances", "0"), ("--train-hours", "nan")])
+def test_benchmark_sizes_are_refused_naming_the_option(flag, value, capsys):
+    """synth-lm-bench and lm-study gave one message for any bad count ("nonwords_per_word must be >= 1,
+    min_word_phones >= 2, tsc_pairs >= 0 and max_lexical_words >= 0"), naming neither the flag nor the value."""
+    from spidr.corpus.lm_bench import LmBenchSettings
+
+    assert flag in _refusal(["synth-lm-bench", "o", flag, value], capsys)
+    if flag not in ("--nonwords-per-word", "--train-hours"):  # (lm-study has no such option)
+        assert flag in _refusal(["lm-study", "--checkpoint", "c", "--out", "o", flag, value], capsys)
+    with pytest.raises(ValueError, match=r"^tsc_pairs \(--tsc-pairs\) = -1 must be >= 0$"):
+        LmBenchSettings(tsc_pairs=-1)

@@ -74,9 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("out", help="output directory (reused as is if it holds a benchmark with the same settings, "
                        "lexicon and engine phone tables)")
     size = bench.add_mutually_exclusive_group()
-    size.add_argument("--train-utterances", type=int, default=None,
+    size.add_argument("--train-utterances", type=cli_types.positive_int, default=None,
                       help=f"LM training utterances (stories and word lists); default {defaults.train_utterances}")
-    size.add_argument("--train-hours", type=float, default=None, help="approximate hours of LM training speech")
+    size.add_argument("--train-hours", type=cli_types.positive_float, default=None,
+                      help="approximate hours of LM training speech")
     bench.add_argument("--train-voices", type=_names, default=",".join(TRAIN_VOICES),
                        help="voices of the training set, comma-separated")
     bench.add_argument("--test-voices", type=_names, default=",".join(TEST_VOICES),
@@ -88,13 +89,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "words learnt vs units that do not carry over to a new voice); none by default")
     bench.add_argument("--splits", type=_names, default=",".join(defaults.splits),
                        help="dev and/or test, comma-separated")
-    bench.add_argument("--nonwords-per-word", type=int, default=defaults.nonwords_per_word,
+    bench.add_argument("--nonwords-per-word", type=cli_types.positive_int, default=defaults.nonwords_per_word,
                        help="nonwords per word (the word's score is the mean over them, as in BabySLM)")
-    bench.add_argument("--lexical-words", type=int, default=defaults.max_lexical_words,
+    bench.add_argument("--lexical-words", type=cli_types.non_negative_int, default=defaults.max_lexical_words,
                        help="only this many vocabulary words (and a quarter as many OOV words); 0: all")
-    bench.add_argument("--syntactic-pairs", type=int, default=defaults.syntactic_pairs_per_type,
+    bench.add_argument("--syntactic-pairs", type=cli_types.non_negative_int, default=defaults.syntactic_pairs_per_type,
                        help="minimal pairs per syntactic type (a multiple of 4; 0 leaves the task out)")
-    bench.add_argument("--tsc-pairs", type=int, default=defaults.tsc_pairs, help="tSC story pairs (0 leaves the "
+    bench.add_argument("--tsc-pairs", type=cli_types.non_negative_int, default=defaults.tsc_pairs,
+                       help="tSC story pairs (0 leaves the "
                        "task out)")
     bench.add_argument("--seed", type=cli_types.non_negative_int, default=defaults.seed,
                        help="seed of everything generated")

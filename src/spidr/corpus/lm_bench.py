@@ -154,10 +154,12 @@ class LmBenchSettings:
             raise ValueError(f"splits {unknown} are invalid: expected dev and/or test")
         # in SPLITS order: "test,dev" and "dev,test" make the same files, and must not refuse each other's folder
         object.__setattr__(self, "splits", tuple(split for split in SPLITS if split in self.splits))
-        if (self.nonwords_per_word < 1 or self.min_word_phones < 2 or self.tsc_pairs < 0
-                or self.max_lexical_words < 0):
-            raise ValueError("nonwords_per_word must be >= 1, min_word_phones >= 2, tsc_pairs >= 0 and "
-                             "max_lexical_words >= 0")
+        for name, value, least in (("nonwords_per_word (--nonwords-per-word)", self.nonwords_per_word, 1),
+                                   ("min_word_phones", self.min_word_phones, 2),
+                                   ("tsc_pairs (--tsc-pairs)", self.tsc_pairs, 0),
+                                   ("max_lexical_words (--lexical-words)", self.max_lexical_words, 0)):
+            if value < least:
+                raise ValueError(f"{name} = {value} must be >= {least}")
         if self.syntactic_pairs_per_type < 0 or self.syntactic_pairs_per_type % PAIRS_PER_BLOCK:
             raise ValueError(f"syntactic_pairs_per_type (--syntactic-pairs) = {self.syntactic_pairs_per_type} must be "
                              f"0 (no syntactic task) or a positive multiple of {PAIRS_PER_BLOCK} (the pairs come in "

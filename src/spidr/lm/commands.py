@@ -124,10 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--random-init", action="store_true",
                        help="add the first checkpoint's architecture at random initialisation (seed 0)")
     study.add_argument("--out", required=True, help="output folder (the benchmark goes in OUT/bench)")
-    study.add_argument("--train-utterances", type=int, default=None, help="LM training utterances of the benchmark")
-    study.add_argument("--syntactic-pairs", type=int, default=None, help="minimal pairs per syntactic type")
-    study.add_argument("--tsc-pairs", type=int, default=None, help="tSC story pairs")
-    study.add_argument("--lexical-words", type=int, default=None,
+    study.add_argument("--train-utterances", type=cli_types.positive_int, default=None,
+                       help="LM training utterances of the benchmark")
+    study.add_argument("--syntactic-pairs", type=cli_types.non_negative_int, default=None,
+                       help="minimal pairs per syntactic type")
+    study.add_argument("--tsc-pairs", type=cli_types.non_negative_int, default=None, help="tSC story pairs")
+    study.add_argument("--lexical-words", type=cli_types.non_negative_int, default=None,
                        help="only this many vocabulary words (and a quarter as many OOV words) in the lexical task")
     study.add_argument("--seen-voices", default=",".join(SEEN_VOICES),
                        help="training voices that also speak the lexical pairs (sWUGGY on voices the LM heard: did "
