@@ -1375,3 +1375,25 @@ def test_a_zero_alignment_rate_is_a_usage_error_not_a_traceback(corpus, tmp_path
         args += ["--item", str(corpus / "test.item")]
     assert _code(args) == 2
     assert "alignment-rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("present", [["notes.txt"], ["probe.json", "probe.png"]],
+                         ids=["other-files", "killed-before-probe.md"])
+def test_probe_refuses_only_a_folder_that_holds_a_report(tmp_path: Path, capsys, present: list[str]) -> None:
+    """README: 'A folder that holds a report already is refused unless --overwrite is given'. check_new_output
+    refuses a folder holding anything: a folder of other files (an evaluate report folder) with no probe report,
+    and the folder a killed probe left (write_probe_report writes probe.json and probe.png before probe.md, and
+    unlinks probe.md first), whose rerun must redo it cleanly. Here the run goes on and fails on the missing
+    checkpoint instead."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in present:
+        (out / name).write_text("x")
+    argv = ["probe", "--checkpoint", str(tmp_path / "missing.pt"), "--manifest", str(tmp_path / "m.csv"),
+            "--alignments", str(tmp_path / "a.tsv"), "--out", str(out)]
+    assert main(argv) == 2
+    assert "missing.pt" in capsys.readouterr().err  # (not "already exists")
+    (out / "probe.md").write_text("# Phone probe of another model\n")
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"spidr probe: error: output {out} already exists; pass --overwrite to "
+                                       "replace it\n")

@@ -29,10 +29,12 @@ def walk_following_links(root: str) -> Iterator[tuple[str, list[str]]]:
     order (subfolders sorted); a real folder reached a second time (a loop, or two links to one folder) is not
     entered again. A link to a folder that lies inside ``root`` itself is not followed: that folder is read by its
     own path, which names its files whether or not the link is kept."""
-    inside = os.path.join(os.path.realpath(root), "")
+    # folder → the real trees it lies in: root's, and the target of every followed link on its way
+    trees: dict[str, tuple[str, ...]] = {root: (os.path.join(os.path.realpath(root), ""),)}
     entered: dict[str, str] = {}  # real folder → the path it was first entered by
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(folder)
+        inside = trees.pop(folder, trees.get(root))
         if real in entered:
             subfolders.clear()
             logger.info("not entering %s again: it is %s, already scanned", printable(folder), entered[real])
@@ -40,9 +42,15 @@ def walk_following_links(root: str) -> Iterator[tuple[str, list[str]]]:
         entered[real] = printable(folder)
         for name in list(subfolders):
             path = os.path.join(folder, name)
-            if os.path.islink(path) and os.path.join(os.path.realpath(path), "").startswith(inside):
+            if not os.path.islink(path):
+                trees[path] = inside
+                continue
+            target = os.path.join(os.path.realpath(path), "")
+            if any(target.startswith(tree) for tree in inside):
                 subfolders.remove(name)
                 logger.info("not entering %s: it links to %s, scanned by its own path", printable(path),
                             printable(os.path.realpath(path)))
+            else:
+                trees[path] = (*inside, target)
         subfolders.sort()
         yield folder, names

@@ -547,7 +547,8 @@ def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...], left_out: di
         # speakers/c.wav), so that links are found wherever a path through a linked folder names them.
         placed = _placed(symlinks, name)
         if member.isfile():
-            held[placed] = (member.offset_data, member.size)
+            # a sparse member (tar --sparse) stores only its non-zero blocks: no byte range holds its file
+            held[placed] = None if member.issparse() else (member.offset_data, member.size)
         elif member.islnk():
             held[placed] = held.get(_placed(symlinks, os.path.normpath(member.linkname)))
         elif member.issym():  # kept as written: "d/../t.wav" climbs from where the link d leads, not from "."
@@ -563,15 +564,23 @@ def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...], left_out: di
             data = held.get(target)
         if data is not None:
             members.append((member.name, *data))
-        elif member.islnk():
-            failures.append((member.name, f"hard link to {member.linkname!r}, which no member before it holds"))
-        elif member.issym():
-            failures.append((member.name, f"symbolic link to {target!r}, which no member of the archive holds"))
         else:
-            failures.append((member.name, "not a regular file"))
+            failures.append((member.name, _why_no_data(member, target if member.issym() else None)))
     failures += [(None, f"the archive is cut short ({why}): only the members before the cut are listed")
                  for why in cut_short]
     return members, failures
+
+
+def _why_no_data(member: tarfile.TarInfo, target: str | None) -> str:
+    """Why an audio member gives no byte range of data (``target``: where a symbolic link leads)."""
+    if member.isfile() and member.issparse():
+        return "a sparse member (tar --sparse), whose bytes are not stored as one range: create the archive without " \
+               "--sparse"
+    if member.islnk():
+        return f"hard link to {member.linkname!r}, which no member before it holds"
+    if member.issym():
+        return f"symbolic link to {target!r}, which no member of the archive holds"
+    return "not a regular file"
 
 
 def _members_before_any_cut(tar: tarfile.TarFile, cut: list[str]) -> Iterator[tarfile.TarInfo]:

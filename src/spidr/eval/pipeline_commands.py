@@ -423,7 +423,9 @@ def run_probe(args: argparse.Namespace) -> int:
     from spidr.eval.unit_quality import read_alignments
     from spidr.models.build import random_init_model
 
-    cli_types.check_new_output(args.out, overwrite=args.overwrite)  # (a report of hours, maybe of another model)
+    # (a report of hours, maybe of another model): probe.md is written last, so a folder without it holds no
+    # report (other files, or what a killed probe left) and is written into
+    cli_types.check_new_output(args.out, overwrite=args.overwrite or not (Path(args.out) / "probe.md").exists())
     if args.hidden < 0 or args.epochs < 1 or args.max_train_frames < 1:
         raise ValueError(f"--hidden {args.hidden}, --epochs {args.epochs}, --max-train-frames "
                          f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")
