@@ -27,8 +27,9 @@ def _unlisted(error: OSError) -> None:
 def walk_following_links(root: str) -> Iterator[tuple[str, list[str]]]:
     """``(folder, file names)`` of ``root`` and every folder below it, links to folders followed, in a deterministic
     order (subfolders sorted); a real folder reached a second time (a loop, or two links to one folder) is not
-    entered again. A link to a folder that lies inside ``root`` itself is not followed: that folder is read by its
-    own path, which names its files whether or not the link is kept."""
+    entered again. A link to a folder that lies inside ``root`` itself, or inside a linked folder it was reached
+    through, is not followed: that folder is read by its own path, which names its files whether or not the link is
+    kept."""
     # folder → the real trees it lies in: root's, and the target of every followed link on its way
     trees: dict[str, tuple[str, ...]] = {root: (os.path.join(os.path.realpath(root), ""),)}
     entered: dict[str, str] = {}  # real folder → the path it was first entered by
