@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -736,3 +737,92 @@ def test_finite_features_whose_sum_overflows_are_scored() -> None:
     features = {"f": np.array([[2e38, 0.0], [2e38, 0.0], [2e38, 1.0], [2e38, 1.0]], dtype=np.float32)}
     items = _items([("f", 0, 0, "a", "s"), ("f", 1, 1, "a", "s"), ("f", 2, 2, "b", "s"), ("f", 3, 3, "b", "s")])
     assert abx(features, items, distance="euclidean", context="any").error_rate == pytest.approx(0.0)
+
+
+PHONES = ("AA", "IY", "UW", "EH")
+
+
+def _corpus(rate: int, *, seconds: float = 4.0, dim: int = 16, seed: int = 0):
+    """Two speakers, two utterances each, one 0.2 s item per phone every 0.25 s up to 0.25 s before the end;
+    features at ``rate`` Hz that encode the phone (plus noise), so ABX is well below chance when read right."""
+    rng = np.random.default_rng(seed)
+    protos = rng.standard_normal((len(PHONES), dim))
+    features, columns = {}, {c: [] for c in ("#file", "onset", "offset", "#phone", "prev-phone", "next-phone",
+                                             "speaker")}
+    for speaker in ("s1", "s2"):
+        for u in range(2):
+            name = f"{speaker}-{u}"
+            frames = int(seconds * rate)
+            feats = 0.3 * rng.standard_normal((frames, dim))
+            k = 0
+            while (k + 1) * 0.25 + 0.25 <= seconds:
+                onset, phone = k * 0.25, PHONES[(k + u) % len(PHONES)]
+                first, last = int(onset * rate), int((onset + 0.2) * rate)
+                feats[first:last] += protos[PHONES.index(phone)]
+                for column, value in zip(columns, (name, f"{onset:.2f}", f"{onset + 0.2:.2f}", phone, "x", "y",
+                                                   speaker), strict=True):
+                    columns[column].append(value)
+                k += 1
+            features[name] = feats.astype(np.float32)
+    return features, Items.from_columns(columns)
+
+
+def test_abx_without_a_frequency_reads_50_hz_and_says_so(caplog):
+    """abx() read features at 50 Hz in silence when frequency was left out (the CLI reads the recorded rate, or warns):
+    100 Hz features then gave another error rate with no word. The default is still 50 Hz, now with a warning."""
+    features, items = _corpus(100)
+    right = abx(features, items, speaker="across", context="any", frequency=100).error_rate
+    with caplog.at_level(logging.WARNING, logger="spidr.eval.abx"):
+        assumed = abx(features, items, speaker="across", context="any").error_rate
+    assert assumed != right
+    assert assumed == abx(features, items, speaker="across", context="any", frequency=50).error_rate
+    assert [r.getMessage() for r in caplog.records] == [
+        "abx: no frequency given: the features are read at 50 Hz (a 100 Hz front end, e.g. configs/tiny.toml's, "
+        "needs frequency=100)"]
+
+
+def test_abx_features_given_as_d_by_t_are_named_as_such():
+    """HuBERT-like features with D > T handed over as (D, T): every item fits in D "frames", so the only error was
+    that the files' "dimensions" (their lengths) differ, with no word of the layout."""
+    features, items = _corpus(50, dim=600)
+    features["s1-1"] = features["s1-1"][:190]  # lengths differ (items end by 3.75 s = frame 187)
+    with pytest.raises(ValueError, match=r"\(given as \(D, T\)\? each array must be \(T, D\), frames first\)"):
+        abx({name: value.T for name, value in features.items()}, items, speaker="across", context="any",
+            frequency=50)
+
+
+def test_abx_overrun_hint_is_judged_on_the_furthest_item_not_the_first():
+    """(D, T) features with small D: the first item past the end overruns by 1-2 frames, so the message blamed the
+    convolutions ("pad the audio"), though later items overrun by 150 frames; the furthest one names the rate and
+    the layout."""
+    features, items = _corpus(50, dim=9)
+    with pytest.raises(ValueError, match="have 9 frames but") as raised:
+        abx({name: value.T for name, value in features.items()}, items, speaker="across", context="any",
+            frequency=50)
+    assert "convolutions" not in str(raised.value)
+    assert "that they are (T, D) and not (D, T)" in str(raised.value)
+    assert "[3.50, 3.70] s) needs frames [175, 185)" in str(raised.value)
+
+
+def test_abx_units_of_strings_are_refused_naming_the_utterance():
+    """Units read from a text file and split (strings): torch's own TypeError came out, naming no utterance."""
+    features, items = _corpus(50)
+    units = {name: np.argmax(value[:, :4], axis=1).astype(str) for name, value in features.items()}
+    with pytest.raises(ValueError, match=r"^features of 's1-0' are of dtype <U\d+: expected numbers"):
+        abx(units, items, speaker="across", context="any", distance="identical", frequency=50)
+
+
+def test_items_of_the_files_that_have_features():
+    """Features of some utterances only: abx refuses the items of the others (naming how to keep the rest), and
+    items.of_files(features) keeps exactly the items of the files given, in order, with their lines."""
+    features, items = _corpus(50)
+    some = {name: value for name, value in features.items() if name != "s2-1"}
+    with pytest.raises(ValueError, match=r"give abx\(\) items.of_files\(features\)"):
+        abx(some, items, speaker="across", context="any", frequency=50)
+    kept = items.of_files(some)
+    assert kept.files == tuple(name for name in items.files if name != "s2-1")
+    assert kept.onsets == tuple(o for name, o in zip(items.files, items.onsets, strict=True) if name != "s2-1")
+    assert kept.labels["#phone"] == tuple(p for name, p in zip(items.files, items.labels["#phone"], strict=True)
+                                          if name != "s2-1")
+    assert items.of_files(features) is items
+    assert abx(some, kept, speaker="across", context="any", frequency=50).error_rate < 0.25

@@ -105,8 +105,9 @@ def test_bound_checks() -> None:
                                          "last frame"):
         check_within(items, np.array([0, 1]), starts, ends, 49)
     # far too few frames (features at 25 Hz scored at 50, or transposed): not a missing last frame
-    with pytest.raises(ValueError, match=r"have 25 frames .*: check the features' frame rate \(--frequency\), "
-                                         r"that they are \(T, D\) and not \(D, T\)"):
+    with pytest.raises(ValueError, match=r"have 25 frames .*: check the features' frame rate \(frequency; "
+                                         r"--frequency on the command line\), that they are \(T, D\) and not "
+                                         r"\(D, T\)"):
         check_within(items, np.array([0, 1]), starts, ends, 25)
     check_within(items, np.array([0, 1]), starts, ends, 50)
     # With the Libri-light slicing the first item (one frame) becomes empty.
@@ -184,7 +185,8 @@ def test_the_dropped_last_frame_hint_is_for_items_one_or_two_frames_past_the_end
     with pytest.raises(ValueError, match=rf"have {num_frames} frames but item 1 .* needs frames \[45, 50\)") as info:
         check_within(items, np.array([0]), starts, ends, num_frames)
     assert ("usually the model drops the last frame" in str(info.value)) is drops_last
-    assert ("check the features' frame rate (--frequency)" in str(info.value)) is not drops_last
+    assert ("check the features' frame rate (frequency; --frequency on the command line)" in str(info.value)) \
+        is not drops_last
 
 
 def test_a_duplicate_column_name_is_refused(tmp_path: Path) -> None:

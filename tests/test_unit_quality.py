@@ -323,3 +323,15 @@ def test_an_overlap_of_a_nanosecond_is_still_an_overlap(tmp_path: Path) -> None:
     path.write_text("u\t0\t0.1\tA\nu\t0.0999999999\t0.2\tB\n")
     with pytest.raises(ValueError, match=r"'B' starts at 0\.0999999999 s, before 'A' ends at 0\.1 s"):
         read_alignments(path)
+
+
+def test_num_units_must_be_a_whole_number():
+    """num_units=8.0 (e.g. read from a JSON config) gave numpy's "expected a sequence of integers ... got '32.0'",
+    naming neither num_units nor the value; a whole float is that integer."""
+    units = {"a": np.array([0, 1, 2, 3] * 5)}
+    phones = {"a": [p for p in ("AA", "IY") for _ in range(20)]}
+    assert unit_quality(units, phones, num_units=8.0) == unit_quality(units, phones, num_units=8)
+    for bad in (8.5, "8", True):
+        with pytest.raises(ValueError, match=rf"^num_units = {bad!r} is invalid: expected an integer ≥ 1$"):
+            unit_quality(units, phones, num_units=bad)
+

@@ -104,7 +104,7 @@ def abx(
     speaker: Speaker = "within",
     context: Context = "within",
     distance: DistanceName = "angular",
-    frequency: int | str | Decimal = 50,
+    frequency: int | str | Decimal | None = None,
     max_size_group: int | None = 10,
     max_x_across: int | None = 5,
     seed: int = 0,
@@ -120,7 +120,9 @@ def abx(
         items: an ``Items`` or the path of an item file.
         speaker, context: the ZeroSpeech condition (table in the module docstring).
         distance: frame distance; ``identical`` for discrete units.
-        frequency: feature rate in Hz (int, or str for a non-integer rate).
+        frequency: feature rate in Hz (int, or str for a non-integer rate); None reads them at 50 Hz (the base
+            models' rate), with a warning: features at another rate misplace every item, and nothing here can tell
+            (``spidr.eval.feature_dir.extraction_frame_rate`` reads the rate an extraction recorded).
         max_size_group: cap on the items of each (phone, BY, speaker) group; None or negative disables it.
         max_x_across: cap on the X speakers per A group (across speaker only); None or negative disables it.
         seed: seed of the subsampling permutations.
@@ -143,6 +145,10 @@ def abx(
 
     if not len(items):
         raise ValueError(f"{items.source} holds no items to score")
+    if frequency is None:  # (as the CLI warns where no rate is recorded)
+        logger.warning("abx: no frequency given: the features are read at 50 Hz (a 100 Hz front end, e.g. "
+                       "configs/tiny.toml's, needs frequency=100)")
+        frequency = 50
     starts, ends = frame_bounds(items, frequency, librilight_bug=librilight_bug)
     store = FrameStore.build(features, items, starts, ends, distance=distance)
     labels = Labels.from_items(items, context=context)

@@ -87,7 +87,8 @@ class FrameStore:
             raise ValueError(
                 f"{len(missing)} of the {len(by_file)} files of {items.source} have no features "
                 f"(first: {missing[:3]}); #file must be a feature file's path relative to the directory without "
-                f"extension, or its stem (the utterance id)"
+                "extension, or its stem (the utterance id); to score only the items of the files that have features, "
+                "give abx() items.of_files(features) (spidr evaluate leaves the others out itself)"
             )
         spans = {name: (int(starts[rows].min()), int(ends[rows].max())) for name, rows in by_file.items()}
         total = sum(max(end - start, 0) for start, end in spans.values())
@@ -106,7 +107,8 @@ class FrameStore:
                 else:
                     frames = torch.empty((total, array.shape[1]), dtype=torch.float32)
             elif array.shape[1] != frames.shape[1]:
-                raise ValueError(f"features of {name!r} have dimension {array.shape[1]}, others {frames.shape[1]}")
+                raise ValueError(f"features of {name!r} have dimension {array.shape[1]}, others {frames.shape[1]} "
+                                 "(given as (D, T)? each array must be (T, D), frames first)")
             start, end = spans[name]
             block = frames[position : position + end - start]
             block.copy_(array[start:end])
@@ -124,7 +126,12 @@ class FrameStore:
 
 
 def _as_frames(value: object, name: str) -> torch.Tensor:
-    tensor = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+    if not isinstance(value, torch.Tensor):
+        array = np.asarray(value)
+        if array.dtype.kind not in "iubf":  # (strings: torch's own error named no utterance)
+            raise ValueError(f"features of {name!r} are of dtype {array.dtype}: expected numbers (unit ids or "
+                             "(T, D) features)")
+    tensor = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(array)
     if tensor.ndim == 1:
         tensor = tensor[:, None]  # a sequence of discrete units
         # Compared as float32, which holds integers exactly only below 2^24: larger ids would merge.

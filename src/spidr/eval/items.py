@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from pathlib import Path
@@ -60,6 +60,21 @@ class Items:
     def where(self, i: int) -> str:
         """Which item ``i`` is: the one on its line of the item file (the header counts), else by its number."""
         return f"the item on line {self.lines[i]}" if self.lines is not None else f"item {i + 1}"
+
+    def of_files(self, available: Container[str]) -> Items:
+        """The items whose #file is in ``available`` (e.g. the features' mapping, when only some utterances have
+        features), in order, each keeping its line; ``self`` when all are."""
+        keep = [i for i, name in enumerate(self.files) if name in available]
+        if len(keep) == len(self):
+            return self
+        return Items(
+            files=tuple(self.files[i] for i in keep),
+            onsets=tuple(self.onsets[i] for i in keep),
+            offsets=tuple(self.offsets[i] for i in keep),
+            labels={name: tuple(values[i] for i in keep) for name, values in self.labels.items()},
+            source=self.source,
+            lines=None if self.lines is None else tuple(self.lines[i] for i in keep),
+        )
 
     @classmethod
     def from_columns(cls, columns: Mapping[str, Sequence[object]], *, source: str = "<items>",
@@ -220,12 +235,12 @@ def check_within(items: Items, rows: np.ndarray, starts: np.ndarray, ends: np.nd
     """Raise ``ValueError`` if an item of ``rows`` (all of one file) runs past that file's ``num_frames`` frames."""
     bad = rows[(starts[rows] < 0) | (ends[rows] > num_frames)]
     if bad.size:
-        i = int(bad[0])
+        i = int(bad[np.argmax(ends[bad])])  # the furthest: the first past the end may be off by a frame alone
         short_by = int(ends[i]) - num_frames
         why = ("usually the model drops the last frame (convolutions without padding) and the item ends with the "
                "file; pad the audio with a little trailing silence or the convolutions" if 0 < short_by <= 2 else
-               "check the features' frame rate (--frequency), that they are (T, D) and not (D, T), and that they "
-               "were computed on this item file's audio")
+               "check the features' frame rate (frequency; --frequency on the command line), that they are (T, D) "
+               "and not (D, T), and that they were computed on this item file's audio")
         raise ValueError(
             f"features of {items.files[i]!r} have {num_frames} frames but {items.where(i)} of {items.source} "
             f"([{items.onsets[i]}, {items.offsets[i]}] s) needs frames [{starts[i]}, {ends[i]}): {why}"

@@ -110,14 +110,7 @@ def _items_for(items: Items, available: Mapping) -> Items:
     missing = sorted({name for i, name in enumerate(items.files) if i not in kept})
     logger.warning("%d of %d ABX items refer to %d files without features (e.g. %s); they are left out",
                    len(items) - len(keep), len(items), len(missing), ", ".join(map(repr, missing[:3])))
-    return Items(
-        files=tuple(items.files[i] for i in keep),
-        onsets=tuple(items.onsets[i] for i in keep),
-        offsets=tuple(items.offsets[i] for i in keep),
-        labels={name: tuple(values[i] for i in keep) for name, values in items.labels.items()},
-        source=items.source,
-        lines=None if items.lines is None else tuple(items.lines[i] for i in keep),
-    )
+    return items.of_files(available)
 
 
 def evaluate_model(

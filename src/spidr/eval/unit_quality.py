@@ -35,6 +35,7 @@ import array
 import itertools
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
@@ -421,8 +422,10 @@ def unit_quality(
         raise ValueError(
             f"alignment rate {alignment_rate_hz} Hz must be a positive multiple of the unit rate {unit_rate_hz} Hz"
         )
-    if num_units < 1:
-        raise ValueError(f"num_units = {num_units} is invalid: expected ≥ 1")
+    if isinstance(num_units, float) and num_units.is_integer():  # (e.g. read from a JSON file)
+        num_units = int(num_units)
+    if isinstance(num_units, bool) or not isinstance(num_units, numbers.Integral) or num_units < 1:
+        raise ValueError(f"num_units = {num_units!r} is invalid: expected an integer ≥ 1")
     phones = _named_as(units, phones, skipped=skipped, root=root)
     used = [name for name in units if name in phones]
     missing = len(units) - len(used)
@@ -449,7 +452,9 @@ def unit_quality(
     if counts.sum() == 0:
         raise ValueError("the units and alignments share no frame")
     metrics = quality_from_counts(counts)
-    num_kept = sum(1 + int(np.count_nonzero(np.diff(np.asarray(units[name])))) for name in used if len(units[name]))
+    # (unit_ids: tensors on a GPU too, as count_matrix takes them)
+    num_kept = sum(1 + int(np.count_nonzero(np.diff(unit_ids(units[name], f"utterance {name!r}"))))
+                   for name in used if len(units[name]))
     num_frames = sum(len(units[name]) for name in used)
     metrics["bitrate"] = math.log2(num_units) * num_kept / (num_frames / unit_rate_hz)
     return metrics
