@@ -402,3 +402,22 @@ def test_learning_curve_gpu_sh_brings_back_no_more_files_than_the_lent_machine_r
         assert sorted(tar.getnames()) == sorted(f"points/{point}/{name}" for point in
                                                 ("h4-s8800", "h4-s35200", "h16-s8800", "h16-s35200")
                                                 for name in ("point.json", "report.md"))
+
+
+def test_isolated_jobs_sharing_one_log_keep_every_job_s_stderr_under_its_header(gpu, tmp_path):
+    """run_all gives every isolated job the same gpu-benchmark.log: each job appends its stderr under
+    '===== <job> =====', so the first job's traceback is still there after the second, and each row's stderr tail
+    is its own job's (not the end of the previous job's)."""
+    log = tmp_path / "gpu-benchmark.log"
+    first = gpu.run_job_isolated("spidr", ["--smoke"], tmp_path / "absent-one.csv", timeout=120, log=log)
+    second = gpu.run_job_isolated("dinosr", ["--smoke"], tmp_path / "absent-two.csv", timeout=120, log=log)
+    text = log.read_text()
+    assert text.startswith("===== spidr =====\n")
+    spidr_part, dinosr_part = text.split("===== dinosr =====\n")
+    assert "absent-one.csv" in spidr_part
+    assert "Traceback" in spidr_part
+    assert "absent-two.csv" in dinosr_part
+    assert "absent-one.csv" not in dinosr_part
+    assert "absent-one.csv" in first["stderr_tail"]
+    assert "absent-two.csv" in second["stderr_tail"]
+    assert "absent-one.csv" not in second["stderr_tail"]

@@ -102,3 +102,15 @@ def test_benchmark_sizes_are_refused_naming_the_option(flag, value, capsys):
         assert flag in _refusal(["lm-study", "--checkpoint", "c", "--out", "o", flag, value], capsys)
     with pytest.raises(ValueError, match=r"^tsc_pairs \(--tsc-pairs\) = -1 must be >= 0$"):
         LmBenchSettings(tsc_pairs=-1)
+
+
+def test_lm_score_given_a_file_as_its_units_folder_says_it_is_a_file(tmp_path, capsys):
+    """UNITS_DIR given as one units file (layer_06/dev.jsonl instead of its folder): named as a file, with the
+    layout expected, before the LM is loaded."""
+    from spidr.cli import main
+
+    (tmp_path / "lm.pt").write_bytes(b"")
+    (tmp_path / "dev.jsonl").write_text('{"id": "a", "units": [1, 2]}\n')
+    assert main(["lm-score", str(tmp_path / "lm.pt"), str(tmp_path / "dev.jsonl"), str(tmp_path / "sub")]) == 2
+    assert capsys.readouterr().err == (f"spidr lm-score: error: units folder {tmp_path / 'dev.jsonl'} is a file: "
+                                       "expected UNITS_DIR/<task>/<split>.jsonl, as lm-units writes them\n")

@@ -344,3 +344,16 @@ def test_auto_and_cuda_devices_follow_the_gpus_this_machine_has(monkeypatch) -> 
     assert device("auto") == "cpu"
     with pytest.raises(argparse.ArgumentTypeError, match=r"'cuda:0': CUDA is not available on this machine"):
         device("cuda:0")
+
+
+@pytest.mark.parametrize(("text", "part"), [(".wa?", ".wa?"), ("[wf]lac", ".[wf]lac"), (".wav,.fla]", ".fla]"),
+                                            ("audio\\x.wav", ".audio\\x.wav")])
+def test_each_pattern_character_alone_makes_an_extension_refused(text, part):
+    """Every character of a shell pattern is refused on its own, not only with a '*' beside it (the existing cases
+    all hold '*' or a space): '.wa?' or '.[wf]lac' would match no file name and the scan would find nothing."""
+    from spidr.cli_types import extensions
+
+    with pytest.raises(argparse.ArgumentTypeError) as raised:
+        extensions(text)
+    assert str(raised.value) == (f"{text!r}: {part!r} is not a file extension; expected extensions separated by "
+                                 "commas, without patterns or spaces, e.g. .wav,.flac")

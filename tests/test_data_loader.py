@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -643,3 +644,21 @@ def test_data_workers_end_when_the_trainer_is_killed_under_forkserver(tmp_path: 
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_short_files_do_not_hide_the_audio_a_long_recording_has_beyond_the_crops(caplog):
+    """Hand-computed: one 100 000-sample recording and 30 files of 1 000 samples, crops of 16 000: 84 000 of the
+    130 000 samples (65 %) lie beyond the crops. A short file has nothing beyond them (0, not 1 000 − 16 000 < 0):
+    summing signed remainders (−450 000 from the short files) would hide the long recording's loss."""
+    from spidr.config import DataConfig
+    from spidr.data.loader import _warn_of_audio_beyond_the_crops
+
+    lengths = np.array([100_000] + [1_000] * 30, dtype=np.int64)
+    cfg = DataConfig(manifest="train.csv", max_sample_size=16_000)
+    with caplog.at_level(logging.WARNING, logger="spidr.data.loader"):
+        _warn_of_audio_beyond_the_crops(lengths, 16_000, cfg, "data")
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "data: 65 % of the audio in train.csv lies beyond the crops of data.max_sample_size = 16000 samples (1.0 s): "
+        "each utterance gives an epoch one crop, its whole file decoded for it (1 of 31 files are longer than 4.0 s); "
+        "cut long recordings into utterances (e.g. at pauses) to train on all of them")

@@ -24,6 +24,7 @@ from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import (
     ManifestBuilder,
     ManifestEntry,
+    _MemberView,
     read_manifest,
     read_member,
     resampled_length,
@@ -990,3 +991,64 @@ def test_a_link_inside_a_linked_in_folder_does_not_rename_its_files(tmp_path: Pa
                                                                                      progress=False).entries]
     assert without == ["linked/spk/u.wav"]
     assert with_link == without
+
+
+def test_a_member_view_holds_exactly_the_member_s_bytes(tmp_path):
+    """The view libsndfile reads a member's header through is a file of the member's bytes and nothing more: read
+    to its end it gives read_member's bytes (not the next members' and the tar's padding), its end is the member's
+    size, and a read from near the end stops there."""
+    archive = tmp_path / "c.tar"
+    datas = {"a.wav": bytes(range(256)) * 3 + b"tail", "b.wav": b"B" * 5000}
+    with tarfile.open(archive, "w") as tar:
+        for name, data in datas.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("a.wav")
+    first = ManifestEntry("a", "a.wav", 0, archive=str(archive), byte_offset=member.offset_data,
+                          byte_size=member.size)
+    with _MemberView(first) as view:
+        assert view.read() == datas["a.wav"] == read_member(first)
+        assert view.seek(0, io.SEEK_END) == len(datas["a.wav"])
+        view.seek(-4, io.SEEK_END)
+        assert view.read(100) == b"tail"
+        assert view.read(100) == b""
+
+
+
+
+
+def _tone(path, num_samples=3000):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.1 * np.sin(np.arange(num_samples) * 0.01)).astype(np.float32), 16000)
+    return path
+
+
+def test_a_file_linked_to_inside_a_folder_linked_in_from_outside_is_named_in_the_alias_warning(tmp_path, caplog):
+    """corpus/shared -> elsewhere (followed: outside the tree) and corpus/best.wav -> elsewhere/z.wav: z.wav is
+    listed as shared/z.wav and as best.wav, the same audio twice an epoch. The real path of shared/z.wav is
+    elsewhere/z.wav (its folder resolved), which is where best.wav leads: one warning naming both."""
+    _tone(tmp_path / "elsewhere" / "z.wav")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "shared").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "corpus" / "best.wav").symlink_to(tmp_path / "elsewhere" / "z.wav")
+    with caplog.at_level(logging.WARNING, logger="spidr.data.manifest"):
+        result = scan(tmp_path / "corpus", progress=False)
+    assert sorted(e.path for e in result.entries) == [str(tmp_path / "corpus" / "best.wav"),
+                                                      str(tmp_path / "corpus" / "shared" / "z.wav")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 file(s) are listed under several names through symbolic links (e.g. {tmp_path / 'corpus' / 'best.wav'} "
+        f"and {tmp_path / 'corpus' / 'shared' / 'z.wav'}), each once per name: trained on and extracted as many "
+        "times"]
+
+
+def test_a_link_to_a_sibling_folder_whose_name_extends_the_root_s_is_followed(tmp_path):
+    """corpus/more -> ../corpus2: corpus2 lies outside corpus though its path begins with corpus's; the in-tree
+    rule compares whole path components, so the link is followed and corpus2's file listed as more/y.wav."""
+    _tone(tmp_path / "corpus" / "sub" / "x.wav")
+    _tone(tmp_path / "corpus2" / "y.wav")
+    (tmp_path / "corpus" / "more").symlink_to(tmp_path / "corpus2")
+    result = scan(tmp_path / "corpus", progress=False)
+    assert [Path(e.path).relative_to(tmp_path / "corpus").as_posix() for e in result.entries] == [
+        "more/y.wav", "sub/x.wav"]

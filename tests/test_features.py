@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from spidr.config import DinoSRConfig, SpidRConfig
-from spidr.data.audio import load_audio
+from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import (
     ManifestEntry,
     read_manifest,
@@ -1285,3 +1285,33 @@ def test_eval_mode_gives_each_module_its_mode_back_after_an_error() -> None:
         fail()
     assert seen == [[False, False, False, False]]
     assert [module.training for module in model.modules()] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("rate", [16000, 22050])
+def test_a_long_file_that_shrinks_between_its_two_passes_is_an_audio_error_naming_it(tmp_path, rate):
+    """The file is replaced by a shorter one after LongAudio counted it (a download or a copy still running): a
+    read past the new end decodes fewer samples than asked. Expected: an AudioError naming the file and both counts
+    (skipped by name), not a shorter window that the model runs on."""
+    path = tmp_path / "growing.wav"
+    rng = np.random.default_rng(0)
+    sf.write(path, (0.1 * rng.standard_normal(rate * 5)).astype(np.float32), rate)
+    audio = LongAudio(str(path))
+    assert audio.num_samples == 80000
+    sf.write(path, (0.1 * rng.standard_normal(rate * 3)).astype(np.float32), rate)
+    with pytest.raises(AudioError, match=r"growing\.wav: samples 40000-80000 decode to 8000 samples, though the "
+                                         r"whole file decodes to 80000"):
+        audio.read(40000, 80000)
+
+
+def test_a_file_too_short_to_give_a_sample_at_16_khz_names_its_rate(tmp_path):
+    """One sample at 44.1 kHz resamples to none at 16 kHz: the message says so, with the file's own rate (the file
+    is not empty, which a bare 'contains no audio samples' would claim); a 16 kHz file without samples has no note."""
+    short, empty = tmp_path / "click.wav", tmp_path / "empty.wav"
+    sf.write(short, np.full(1, 0.1, np.float32), 44100)
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    with pytest.raises(AudioError) as raised:
+        LongAudio(str(short))
+    assert str(raised.value) == f"{short}: contains no audio samples at 16 kHz (its rate is 44100 Hz)"
+    with pytest.raises(AudioError) as raised:
+        LongAudio(str(empty))
+    assert str(raised.value) == f"{empty}: contains no audio samples"

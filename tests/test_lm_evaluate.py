@@ -1003,3 +1003,38 @@ def test_two_correct_rows_of_one_pair_and_voice_are_refused_beside_an_incorrect_
     with pytest.raises(ValueError, match=r"has 2 correct and 1 incorrect row\(s\).*expected one correct and one "
                                          r"incorrect"):
         evaluate_storycloze(stories, {"7-A-c": 0.0, "7-A-c2": -2.0, "7-A-i": -1.0})
+
+
+def test_without_oov_words_only_the_empty_in_vocabulary_bands_are_named(caplog):
+    """No oov word at all (a benchmark of known words only): the oov band is empty too, but it is not part of
+    swuggy_invocab, so the log line names only the empty bands that are (21-100 and >100)."""
+    rows, scores = _build(_pair("2", "A", -1.0, [-2.0], frequency=3), _pair("3", "A", -3.0, [-2.0], frequency=3),
+                          _pair("4", "A", -1.0, [-2.0], frequency=7))
+    with caplog.at_level(logging.INFO, logger="spidr.lm.evaluate"):
+        result = evaluate_lexical(rows, scores, where="dev.txt")
+    assert result.accuracies["swuggy_invocab"].score == pytest.approx(2 / 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "dev.txt: no word in the frequency band(s) 21-100, >100: swuggy_invocab is the mean over the words of the "
+        "other bands, where the ZeroSpeech leaderboard's formula (band means weighted by their counts) gives NaN"]
+
+
+@pytest.mark.parametrize(("count", "shown"), [(5, "'1', '2', '3', '4', '5'"), (6, "'1', '2', '3', '4', '5' ...")])
+def test_the_uneven_ids_are_shown_up_to_five_and_an_ellipsis_only_when_more(caplog, count, shown):
+    pairs = [p for i in range(1, count + 1) for p in (_pair(str(i), "A", -1.0, [-2.0, -0.5]),
+                                                       _pair(str(i), "B", -1.0, [-2.0]))]
+    rows, scores = _build(*pairs)
+    with caplog.at_level(logging.WARNING, logger="spidr.lm.evaluate"):
+        evaluate_lexical(rows, scores, where="dev.txt")
+    (message,) = [r.getMessage() for r in caplog.records if "nonwords" in r.getMessage()]
+    assert message.startswith(f"dev.txt: the voices of {count} pair id(s) ({shown}) have unequal numbers")
+
+
+def test_the_uneven_ids_are_named_in_id_order_whatever_the_gold_file_s_order(caplog):
+    """Gold rows in the order 10, 9: the warning names the ids as the tables list them, by id ('9' before '10')."""
+    rows, scores = _build(_pair("10", "A", -1.0, [-2.0]), _pair("10", "B", -1.0, [-2.0, -3.0]),
+                          _pair("9", "A", -1.0, [-2.0, -0.5]), _pair("9", "B", -1.0, [-2.0]))
+    with caplog.at_level(logging.WARNING, logger="spidr.lm.evaluate"):
+        result = evaluate_lexical(rows, scores, where="dev.txt")
+    assert [pair.id for pair in result.by_pair] == ["9", "10"]
+    (message,) = [r.getMessage() for r in caplog.records if "nonwords" in r.getMessage()]
+    assert message.startswith("dev.txt: the voices of 2 pair id(s) ('9', '10') have unequal numbers")

@@ -1288,3 +1288,17 @@ def test_kmeans_count_is_checked_when_parsed():
         with pytest.raises(SystemExit) as raised:
             build_parser().parse_args(argv)
         assert raised.value.code == 2
+
+
+def test_a_folder_recorded_with_the_same_inputs_and_nothing_finished_is_resumed_not_begun_again(tmp_path):
+    """begin_units_folder: None when the folder is begun now; called again with the same identity before any set is
+    finished (lm-units killed after fitting its k-means centroids) it returns the empty set, "recorded, none
+    finished", so that the run loads the centroids it fitted instead of fitting them again. Only a record of
+    *other* inputs with nothing finished is begun again (None)."""
+    from spidr.lm.bench_units import begin_units_folder
+
+    identity = {"format": 1, "kmeans": 50, "audio": {}}
+    assert begin_units_folder(tmp_path, identity) is None
+    assert begin_units_folder(tmp_path, identity) == set()
+    assert begin_units_folder(tmp_path, {**identity, "kmeans": 20}) is None  # other inputs, nothing finished
+    assert begin_units_folder(tmp_path, {**identity, "kmeans": 20}) == set()

@@ -1045,3 +1045,41 @@ def test_data_init_on_a_rank_0_batch_without_masked_frames_does_not_collapse_the
     model(waveforms(4000, 4000), mask=torch.zeros(2, num_frames(4000), dtype=torch.bool))
     distinct = [len(torch.unique(c.centroids, dim=0)) for c in model.codebooks]
     assert model.codebook_init_due or distinct == [size] * model.num_codebooks, distinct
+
+
+@pytest.mark.parametrize("model_type", ["spidr", "dinosr"])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_codebook_statistics_are_summed_over_ranks_before_the_ema_step(monkeypatch, model_type, pooled):
+    """Simulated 2 identical ranks: the all-reduce of the (K, V, 1 + D) statistics doubles them, so a used
+    codeword's count becomes 0.9 · 1 + 0.1 · (2 × its frames), pooled (once, from both micro-batches) or not.
+    Without the collective every rank would move its codebooks from its own frames only and the ranks' codebooks
+    would drift apart."""
+    from spidr import distributed
+
+    calls = []
+
+    def all_reduce_sum(tensor):
+        if tensor.dim() == 3:  # the codebook statistics (K, V, 1 + D); the metrics are a flat vector
+            calls.append(tuple(tensor.shape))
+            tensor.mul_(2)
+        return tensor
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+    model = tiny_model(model_type).train()
+    batches = [(waveforms(3000, 3000, seed=1), random_mask(2, num_frames(3000), seed=1))]
+    if pooled:
+        batches.append((waveforms(3000, 3000, seed=2), random_mask(2, num_frames(3000), seed=2)))
+    labels = [torch.cat(per_batch) for per_batch in zip(*(teacher_labels(model, w, m) for w, m in batches),
+                                                        strict=True)]
+    if pooled:
+        with model.codebook_updates_pooled():
+            for wave, mask in batches:
+                model(wave, mask=mask)
+    else:
+        model(*batches[0][:1], mask=batches[0][1])
+    assert calls == [(2, 16, 1 + model.cfg.encoder_embed_dim)]  # one collective per optimizer step
+    for codebook, lab in zip(model.codebooks, labels, strict=True):
+        counts = torch.bincount(lab, minlength=16).float()
+        used = counts > 0
+        torch.testing.assert_close(codebook.counts[used], 0.9 + 0.1 * 2 * counts[used])
+        torch.testing.assert_close(codebook.counts[~used], torch.ones(int((~used).sum())))

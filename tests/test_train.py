@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ from spidr.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from spidr.train.plot import plot_training
 from spidr.train.precision import Precision, cpu_has_native_bf16, resolve_precision
 from spidr.train.validate import validate
+from spidr.training_stopped import EXIT_STOPPED
 from train_fixtures import tiny_config, tiny_config_dict, write_corpus, write_toml
 
 FP32 = Precision("cpu", None)
@@ -1580,3 +1582,22 @@ def test_a_run_killed_between_its_final_save_and_the_purge_purges_on_the_rerun(t
     assert (run_dir / "final.pt").is_file()
     train(cfg)  # the rerun
     assert sorted(p.name for p in run_dir.glob("*.pt")) == ["final.pt", "step_6.pt"]
+
+
+@pytest.mark.parametrize("case", [("completed", True, 0, True), ("stopped", True, EXIT_STOPPED, False),
+                                  ("completed", False, 0, False)])
+def test_only_a_completed_training_prints_its_final_checkpoint_and_only_on_the_main_rank(
+        tmp_path, corpus, capsys, monkeypatch, case):
+    """A run stopped by a signal or a time limit has no final.pt to name (its stdout stays empty), and under
+    torchrun only rank 0 prints it: one line for a script reading stdout, not one per GPU."""
+    from spidr.train import environment
+
+    outcome, is_main, code, printed = case
+    config = write_toml(tiny_config_dict(tmp_path, corpus), tmp_path / "run.toml")
+    monkeypatch.setattr(loop, "train", lambda cfg: outcome)
+    monkeypatch.setattr(environment, "detect_environment", lambda: types.SimpleNamespace(is_main=is_main))
+    assert cli_main(["train", str(config)]) == code
+    out = capsys.readouterr().out
+    from spidr.config import load_config
+
+    assert out == (f"trained model: {Path(load_config(config).run.run_dir) / 'final.pt'}\n" if printed else "")
