@@ -167,9 +167,12 @@ def data_config(manifest: str, *, smoke: bool, **changes: Any) -> DataConfig:
 def run_config(job: str, manifest: str, workdir: str, *, smoke: bool, device: torch.device) -> Config:
     """A whole training config for ``job``: what ``train()`` would be given (optimizer defaults: bf16 autocast)."""
     model = model_config(JOBS[job].model, smoke=smoke)
+    # A smoke run on the CPU takes the step the GPU takes by default (the NaN/Inf verdict kept on the device, no host
+    # read between log steps), which "auto" keeps for CUDA.
+    host_sync = "log" if smoke and JOBS[job].host_sync == "auto" else JOBS[job].host_sync
     return Config(
         run=RunConfig(workdir=workdir, wandb_project="gpu-benchmark", wandb_name=job, model_type=model.model_type,
-                      compile=JOBS[job].compile, device=device.type, host_sync=JOBS[job].host_sync),
+                      compile=JOBS[job].compile, device=device.type, host_sync=host_sync),
         data=data_config(manifest, smoke=smoke),
         model=model,
     )

@@ -421,3 +421,19 @@ def test_isolated_jobs_sharing_one_log_keep_every_job_s_stderr_under_its_header(
     assert "absent-one.csv" in first["stderr_tail"]
     assert "absent-two.csv" in second["stderr_tail"]
     assert "absent-one.csv" not in second["stderr_tail"]
+
+
+def test_a_smoke_run_takes_the_gpu_s_default_step_on_the_cpu(gpu, tmp_path):
+    """run.host_sync = "auto" keeps the NaN/Inf verdict on the device only on CUDA: a CPU smoke run took the host-read
+    step, and the path a GPU run takes by default was never run before the one GPU attempt. Smoke runs ask for it
+    ("log"); the job that measures host reads keeps "step"; a real run keeps "auto"."""
+    import torch
+
+    from spidr.train.loop import skips_on_device
+
+    cpu = torch.device("cpu")
+    smoke = gpu.run_config("spidr", "m.csv", str(tmp_path), smoke=True, device=cpu)
+    assert smoke.run.host_sync == "log"
+    assert skips_on_device(smoke.run.host_sync, cpu, scaler=None)
+    assert gpu.run_config("spidr-host-reads", "m.csv", str(tmp_path), smoke=True, device=cpu).run.host_sync == "step"
+    assert gpu.run_config("spidr", "m.csv", str(tmp_path), smoke=False, device=cpu).run.host_sync == "auto"
