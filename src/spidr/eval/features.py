@@ -310,8 +310,8 @@ class LongAudio:
             return
         self._wave = None
         self._rate = int(info.samplerate)
-        # Another rate: the resampled samples after the last read (a window), where the next read, further on,
-        # continues the stream: [start, start + len(samples)) and the rest of the stream.
+        # At another rate: (index of the first sample held, the resampled samples held from the last read on, the
+        # rest of the stream), so that a read further on continues the stream instead of resampling from the start.
         self._cursor: tuple[int, np.ndarray, Iterator[np.ndarray]] | None = None
         # Counted while decoding, not taken from the header: a file cut short (a partial download of a compressed
         # file) promises more samples than it decodes, and whole-file extraction gives it its decoded length.
