@@ -839,13 +839,16 @@ def test_ids_whose_voices_have_unequal_nonword_counts_are_named_in_one_warning(
     assert not [r for r in caplog.records if "nonwords" in r.getMessage()]
 
 
+@pytest.mark.parametrize("oov_word", [True, False])
 def test_swuggy_invocab_with_an_empty_band_is_the_mean_of_the_others_and_the_empty_bands_are_named(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, oov_word: bool) -> None:
     # The leaderboard's in-vocab, np.average(band score, weights=band n) over the non-oov rows, is NaN where a band
     # is empty (score NaN, n 0); spidr gives the mean over the words it has (band 1-5: 1 and 0, band 6-20: 1 → 2/3;
-    # the oov word is left out) and names the empty bands.
-    rows, scores = _build(_pair("1", "A", -1.0, [-2.0], frequency=0), _pair("2", "A", -1.0, [-2.0], frequency=3),
-                          _pair("3", "A", -3.0, [-2.0], frequency=3), _pair("4", "A", -1.0, [-2.0], frequency=7))
+    # the oov word is left out) and names the empty bands. Without an oov word the oov band is empty too, but it is
+    # not part of swuggy_invocab: only the empty in-vocabulary bands are named.
+    pairs = [_pair("2", "A", -1.0, [-2.0], frequency=3), _pair("3", "A", -3.0, [-2.0], frequency=3),
+             _pair("4", "A", -1.0, [-2.0], frequency=7)]
+    rows, scores = _build(*([_pair("1", "A", -1.0, [-2.0], frequency=0)] if oov_word else []), *pairs)
     with caplog.at_level(logging.INFO, logger="spidr.lm.evaluate"):
         result = evaluate_lexical(rows, scores, where="dev.txt")
     assert result.accuracies["swuggy_invocab"].score == pytest.approx(2 / 3)
@@ -1003,19 +1006,6 @@ def test_two_correct_rows_of_one_pair_and_voice_are_refused_beside_an_incorrect_
     with pytest.raises(ValueError, match=r"has 2 correct and 1 incorrect row\(s\).*expected one correct and one "
                                          r"incorrect"):
         evaluate_storycloze(stories, {"7-A-c": 0.0, "7-A-c2": -2.0, "7-A-i": -1.0})
-
-
-def test_without_oov_words_only_the_empty_in_vocabulary_bands_are_named(caplog):
-    """No oov word at all (a benchmark of known words only): the oov band is empty too, but it is not part of
-    swuggy_invocab, so the log line names only the empty bands that are (21-100 and >100)."""
-    rows, scores = _build(_pair("2", "A", -1.0, [-2.0], frequency=3), _pair("3", "A", -3.0, [-2.0], frequency=3),
-                          _pair("4", "A", -1.0, [-2.0], frequency=7))
-    with caplog.at_level(logging.INFO, logger="spidr.lm.evaluate"):
-        result = evaluate_lexical(rows, scores, where="dev.txt")
-    assert result.accuracies["swuggy_invocab"].score == pytest.approx(2 / 3)
-    assert [r.getMessage() for r in caplog.records] == [
-        "dev.txt: no word in the frequency band(s) 21-100, >100: swuggy_invocab is the mean over the words of the "
-        "other bands, where the ZeroSpeech leaderboard's formula (band means weighted by their counts) gives NaN"]
 
 
 @pytest.mark.parametrize(("count", "shown"), [(5, "'1', '2', '3', '4', '5'"), (6, "'1', '2', '3', '4', '5' ...")])

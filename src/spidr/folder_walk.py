@@ -50,7 +50,7 @@ def walk_following_links(root: str) -> Iterator[tuple[str, list[str]]]:
             if any(target.startswith(tree) for tree in inside):
                 subfolders.remove(name)
                 logger.info("not entering %s: it links to %s, scanned by its own path", printable(path),
-                            printable(os.path.realpath(path)))
+                            printable(target.rstrip(os.sep)))
             else:
                 trees[path] = (*inside, target)
         subfolders.sort()

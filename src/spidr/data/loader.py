@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 UNSCORED_WARNING = 0.5
 
 
+def _crop_limit(data_cfg: DataConfig) -> str:
+    """The setting that sets the crop, the smaller of the two limits: raising the other would change nothing."""
+    return "max_sample_size" if data_cfg.max_sample_size <= data_cfg.max_batch_length else "max_batch_length"
+
+
 def _warn_of_audio_beyond_the_crops(lengths: np.ndarray, longest: int, data_cfg: DataConfig, section: str) -> None:
     """Each utterance gives a training batch one crop of at most ``longest`` samples per epoch (official), its whole
     file decoded and standardised for it: in a corpus of long recordings (unsegmented Libri-light: 16 min on
@@ -48,7 +53,7 @@ def _warn_of_audio_beyond_the_crops(lengths: np.ndarray, longest: int, data_cfg:
     total = int(lengths.sum())
     beyond = int(np.maximum(lengths.astype(np.int64) - longest, 0).sum())
     if total and beyond > UNSCORED_WARNING * total:
-        limit = "max_sample_size" if data_cfg.max_sample_size <= data_cfg.max_batch_length else "max_batch_length"
+        limit = _crop_limit(data_cfg)
         logger.warning("%s: %.0f %% of the audio in %s lies beyond the crops of %s.%s = %d samples (%.1f s): each "
                        "utterance gives an epoch one crop, its whole file decoded for it (%d of %d files are longer "
                        "than %.1f s); cut long recordings into utterances (e.g. at pauses) to train on all of them",
@@ -66,8 +71,7 @@ def _warn_of_unscored_audio(sampler: BucketBatchSampler, total: int, data_cfg: D
     scored = sampler.scored_samples()
     logger.info("%s: its batches score %.0f %% of the audio in %s", section, 100 * scored / total, data_cfg.manifest)
     if scored < (1 - UNSCORED_WARNING) * total:
-        # The crop is the smaller of the two limits: name the one that sets it, or raising the other does nothing.
-        limit = "max_sample_size" if data_cfg.max_sample_size <= data_cfg.max_batch_length else "max_batch_length"
+        limit = _crop_limit(data_cfg)
         longest = getattr(data_cfg, limit)
         cropped = "" if data_cfg.enable_padding else "batches are cropped to their shortest utterance and "
         remedy = f"a larger {limit}" if data_cfg.enable_padding else (

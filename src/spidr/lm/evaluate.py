@@ -428,8 +428,8 @@ def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *
         empty = [row.group[0] for row in by_frequency.rows if row.n == 0 and row.group[0] != "oov"]
         if empty:
             logger.info("%s: no word in the frequency band(s) %s: swuggy_invocab is the mean over the words of the "
-                           "other bands, where the ZeroSpeech leaderboard's formula (band means weighted by their "
-                           "counts) gives NaN", where, ", ".join(empty))
+                        "other bands, where the ZeroSpeech leaderboard's formula (band means weighted by their "
+                        "counts) gives NaN", where, ", ".join(empty))
     else:
         logger.warning("%s: no word has a known frequency ≥ 1: swuggy_invocab is undefined", where)
     return TaskResult(

@@ -307,15 +307,13 @@ def read_submission(path: str | Path) -> dict[str, float]:
     scores: dict[str, float] = {}
     lines: dict[str, int] = {}
     unofficial: list[int] = []  # lines the official validator refuses
-    # utf-8-sig: a byte-order mark (an editor's or a spreadsheet's) would become part of the first stem; the official
-    # validator reads it so, and refuses line 1.
-    with path.open("rb") as handle:
-        byte_order_mark = handle.read(3) == b"\xef\xbb\xbf"
-    if byte_order_mark:
-        unofficial.append(1)
-    with utf8_errors_named(path, "the submission file"), path.open(encoding="utf-8-sig") as handle:
+    with utf8_errors_named(path, "the submission file"), path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if len(line.strip().split(" ")) != 2 and number not in unofficial:  # the official check, word for word
+            # A byte-order mark (an editor's or a spreadsheet's) is not part of the first stem here; the official
+            # validator reads it as part of it, and refuses line 1.
+            byte_order_mark = number == 1 and line.startswith("\ufeff")
+            line = line.removeprefix("\ufeff") if byte_order_mark else line
+            if byte_order_mark or len(line.strip().split(" ")) != 2:  # the official check, word for word
                 unofficial.append(number)
             if not line.strip():
                 continue
