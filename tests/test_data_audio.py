@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import tarfile
 from pathlib import Path
 
@@ -304,3 +305,42 @@ def test_waveform_from_samples_never_shares_the_caller_s_memory(shape) -> None:
     expected = wave.clone()
     samples[...] = 7.0
     assert torch.equal(wave, expected)
+
+
+def _sine(num_samples: int, rate: int) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * 440.0 * np.arange(num_samples) / rate)).astype(np.float32)
+
+
+class _BytesPath(os.PathLike):
+    """A ``PathLike[bytes]``, as ``os.scandir(b".")`` gives (``os.DirEntry[bytes]``)."""
+
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+
+    def __fspath__(self) -> bytes:
+        return self.path
+
+
+def test_a_bytes_path_like_is_read_as_the_file_it_names_not_as_encoded_audio(tmp_path: Path) -> None:
+    """load_audio's ``os.PathLike`` admits a PathLike[bytes]: os.fspath gave bytes, which decode took for the
+    encoded audio itself ("cannot be decoded (... Format not recognised)"), and errors named the file b'...'."""
+    path = tmp_path / "a.wav"
+    sf.write(path, _sine(4000, 16_000), 16_000)
+    expected = load_audio(path)
+    assert torch.equal(load_audio(_BytesPath(os.fsencode(path))), expected)
+    entry = next(e for e in os.scandir(os.fsencode(tmp_path)) if e.name == b"a.wav")
+    assert torch.equal(load_audio(entry), expected)
+    with pytest.raises(AudioError, match=r"^" + str(tmp_path / "missing.wav") + ": file does not exist"):
+        load_audio(_BytesPath(os.fsencode(tmp_path / "missing.wav")))
+
+
+def test_a_bytearray_decodes_as_bytes_and_an_error_does_not_quote_its_content(tmp_path: Path) -> None:
+    """``_source_name`` names a bytearray "<bytes>", but ``_read`` passed it to soundfile as a file: it failed with
+    the whole content repr'd into the message (megabytes for a real file)."""
+    path = tmp_path / "a.wav"
+    sf.write(path, _sine(4000, 16_000), 16_000)
+    data = path.read_bytes()
+    assert torch.equal(load_audio(bytearray(data)), load_audio(data))
+    with pytest.raises(AudioError) as caught:
+        load_audio(bytearray(b"\x00" * 100_000))
+    assert len(str(caught.value)) < 1000

@@ -4,6 +4,7 @@ a GPT's strided windows), ``score_sequences`` refuses what it would misread, and
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +314,22 @@ def test_names_of_any_type_are_scored_and_paired_by_themselves():
     assert mixed[7].logprob == pytest.approx(alone.logprob, abs=1e-5)
     assert mixed[7].num_tokens == alone.num_tokens == 4
     assert pair_accuracy({1: -1.0, 2: -2.0}, [(1, 2)]).score == 1.0
+
+
+def test_score_units_return_type_follows_its_input() -> None:
+    """A dict of sequences gives a dict, a list gives a list: overloads say so, or the README's
+    ``score_units(lm, {...})["real"].mean`` and ``pair_accuracy(scores, ...)`` fail a user's type check."""
+    overloads = typing.get_overloads(score_units)
+    returns = {typing.get_type_hints(o)["sequences"]: typing.get_type_hints(o)["return"] for o in overloads}
+    assert dict[str, ItemScore] in returns.values()
+    assert list[ItemScore] in returns.values()
+
+
+def test_pair_accuracy_annotation_admits_the_arrays_and_iterators_it_takes() -> None:
+    """pair_accuracy takes an (n, 2) array or a generator (tested in test_pair_accuracy_takes_pairs_as_a_numpy_array
+    _or_an_iterator); its annotation ``Sequence[tuple[str, str]]`` refused both in a user's type checker."""
+    from collections.abc import Iterable
+
+    hint = typing.get_type_hints(pair_accuracy)["pairs"]
+    assert typing.get_origin(hint) is Iterable
+    assert pair_accuracy({"a": 1.0, "b": 0.0}, (p for p in [("a", "b")])).score == 1.0

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import typing
 
 import numpy as np
 import pytest
@@ -593,3 +594,14 @@ def test_a_dict_with_only_one_of_the_s3prl_keys_is_not_read_as_an_s3prl_export(t
     torch.save({"model_weight": {"w": torch.zeros(2)}, "epoch": 3}, path)
     with pytest.raises(ValueError, match=rf"{path} is not a SpidR/DinoSR checkpoint"):
         read_checkpoint(path)
+
+
+def test_the_released_weight_loaders_return_a_student_from_an_exported_student(tmp_path) -> None:
+    """dinosr_base_original (and spidr_base, dinosr_base_reproduced, all load_model underneath) give the
+    inference-only Student for a Hugging Face directory; their annotation said DinoSR, so a user's type checker
+    passed ``.get_layers_and_codebooks``/``.forward`` on it, an AttributeError at run time."""
+    export_hf(tiny_model("dinosr").eval(), tmp_path / "hf")
+    assert isinstance(dinosr_base_original(tmp_path / "hf"), Student)
+    for loader in (spidr_base, dinosr_base_reproduced, dinosr_base_original):
+        returned = typing.get_type_hints(loader)["return"]
+        assert Student in typing.get_args(returned), f"{loader.__name__} -> {returned}"

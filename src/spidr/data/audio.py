@@ -63,12 +63,13 @@ def decoding(name: str) -> Iterator[None]:
         raise AudioError(name, f"cannot be decoded ({error})") from error
 
 
-def _read(source: str | bytes, name: str) -> tuple[np.ndarray, int]:
+def _read(source: str | bytes | bytearray | BinaryIO, name: str) -> tuple[np.ndarray, int]:
     """(S, C) float32 samples and the sample rate; every decoder failure becomes an ``AudioError``."""
     if isinstance(source, str) and (why := why_not_a_file(source)) is not None:
         raise AudioError(name, f"file {why}" if why == "does not exist" else why)
     try:
-        with decoding(name), sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as audio:
+        encoded = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+        with decoding(name), sf.SoundFile(encoded) as audio:
             if audio.frames >= UNKNOWN_LENGTH:  # read() would allocate for 2**63 frames and fail
                 raise AudioError(name, UNKNOWN_LENGTH_REASON)
             # frames given: without them soundfile refuses the codecs it calls non-seekable (GSM 6.10, G.721, ...)
@@ -83,7 +84,7 @@ def _source_name(source: str | os.PathLike | bytes | BinaryIO) -> str:
     if isinstance(source, bytes | bytearray):
         return "<bytes>"
     if isinstance(source, str | os.PathLike):
-        return os.fspath(source)
+        return os.fsdecode(source)
     return str(getattr(source, "name", source))
 
 
@@ -92,8 +93,8 @@ def decode(source: str | os.PathLike | bytes | BinaryIO, *, name: str | None = N
 
     ``name`` labels errors for byte input. Raises ``AudioError`` for missing, undecodable, empty or non-finite audio.
     """
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
+    if isinstance(source, os.PathLike):  # a PathLike[bytes] (os.scandir(b".")) names a file, not encoded audio
+        source = os.fsdecode(source)
     name = name or _source_name(source)
     samples, rate = _read(source, name)
     return _mono_16k(samples, rate, name)

@@ -232,7 +232,7 @@ def accuracy(per_id_scores: Sequence[float] | np.ndarray, *, seed: int = 0,
     return Accuracy(score=float(array.mean()), n=int(array.size), ci_low=low, ci_high=high, p_value=p_value)
 
 
-def pair_accuracy(scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]], *, norm: str = "mean", seed: int = 0,
+def pair_accuracy(scores: Mapping[str, Any], pairs: Iterable[Sequence[str]], *, norm: str = "mean", seed: int = 0,
                   clusters: Sequence[object] | None = None) -> Accuracy:
     """The accuracy of (correct, incorrect) item pairs from in-memory scores, without gold files: 1 for a pair whose
     correct item scores higher, ½ for a tie (``pair_score``), with ``accuracy``'s interval and p-value (``clusters``:
@@ -242,13 +242,13 @@ def pair_accuracy(scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]], *
     if norm not in ("mean", "sum"):
         raise ValueError(f"norm {norm!r} is invalid: expected 'mean' or 'sum'")
 
-    pairs = [tuple(pair) for pair in pairs]  # (an (n, 2) array or a generator too)
-    if not pairs:
+    listed = [tuple(pair) for pair in pairs]  # (an (n, 2) array or a generator too)
+    if not listed:
         raise ValueError("no pair to score")
 
     def value(name: str, index: int) -> float:
         if name not in scores:
-            raise ValueError(f"pair {index} ({pairs[index][0]!r}, {pairs[index][1]!r}): no score for {name!r}")
+            raise ValueError(f"pair {index} ({listed[index][0]!r}, {listed[index][1]!r}): no score for {name!r}")
         score = scores[name]
         if hasattr(score, "logprob"):  # an ItemScore
             score = score.mean if norm == "mean" else score.logprob
@@ -257,10 +257,10 @@ def pair_accuracy(scores: Mapping[str, Any], pairs: Sequence[tuple[str, str]], *
             raise ValueError(f"the score of {name!r} is NaN: a pair of it can be neither won nor lost")
         return number
 
-    for index, pair in enumerate(pairs):
+    for index, pair in enumerate(listed):
         if len(pair) != 2:
             raise ValueError(f"pair {index}: expected (correct, incorrect) item names, got {pair!r}")
-    per_pair = [pair_score(value(correct, i), value(incorrect, i)) for i, (correct, incorrect) in enumerate(pairs)]
+    per_pair = [pair_score(value(correct, i), value(incorrect, i)) for i, (correct, incorrect) in enumerate(listed)]
     return accuracy(per_pair, seed=seed, clusters=clusters)
 
 

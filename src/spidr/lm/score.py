@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -76,6 +76,14 @@ class UnitLM:
 def load_unit_lm(path: str | Path, *, device: str | torch.device = "cpu") -> UnitLM:
     """The unit LM that ``spidr lm-train`` saved at ``path`` (a run's ``final.pt``)."""
     return UnitLM(*load_lm(path, device=device))
+
+
+@overload
+def score_units(lm: UnitLM | str | Path, sequences: Mapping[str, object], *, batch_tokens: int = ...,
+                dtype: str = ...) -> dict[str, ItemScore]: ...
+@overload
+def score_units(lm: UnitLM | str | Path, sequences: Sequence[object], *, batch_tokens: int = ...,
+                dtype: str = ...) -> list[ItemScore]: ...
 
 
 def score_units(lm: UnitLM | str | Path, sequences: Mapping[str, object] | Sequence[object], *,

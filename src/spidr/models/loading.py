@@ -542,19 +542,19 @@ def export_safetensors(model: DinoSR | Student, path: str | Path) -> None:
         save_safetensors(state, partial, metadata)
 
 
-def spidr_base(path: str | Path) -> DinoSR:
+def spidr_base(path: str | Path) -> DinoSR | Student:
     """Released SpidR base (spec §9.2) from a local copy of
     https://dl.fbaipublicfiles.com/shared/devai/assets/models/spidr_base.pt (CC BY-NC 4.0). Eval mode."""
     return load_model(path, config=SpidRConfig())
 
 
-def dinosr_base_reproduced(path: str | Path) -> DinoSR:
+def dinosr_base_reproduced(path: str | Path) -> DinoSR | Student:
     """DinoSR base as reproduced by the SpidR authors, from a local copy of
     https://dl.fbaipublicfiles.com/shared/devai/assets/models/dinosr_base_reproduced.pt (CC BY-NC 4.0). Eval mode."""
     return load_model(path, config=DinoSRConfig())
 
 
-def dinosr_base_original(path: str | Path, *, trust: bool = False) -> DinoSR:
+def dinosr_base_original(path: str | Path, *, trust: bool = False) -> DinoSR | Student:
     """The original fairseq DinoSR base, from a local copy of
     https://data.csail.mit.edu/placesaudio/dinosr/dinosr.ckpt, converted to our layout (qkv bias included).
     The file pickles its fairseq config, so it loads only with ``trust=True`` (and the ``omegaconf`` package
