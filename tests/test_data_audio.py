@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from spidr.data.audio import AudioError, decode, load_audio, standardize, waveform_from_samples
 from spidr.data.dataset import AudioDataset, Skipped
-from spidr.data.manifest import UNKNOWN_LENGTH_REASON, ManifestEntry
+from spidr.data.manifest import ManifestEntry
+from spidr.data.scanning import UNKNOWN_LENGTH_REASON
 from test_data_manifest import make_tar
 
 
@@ -179,7 +180,7 @@ def test_audio_with_no_sample_left_at_16_khz_is_an_audio_error(tmp_path: Path) -
     sf.write(tmp_path / "one.wav", np.full(1, 0.5, dtype=np.float32), 44_100)
     with pytest.raises(AudioError, match=r"one\.wav: contains no audio samples at 16 kHz \(1 at 44100 Hz\)"):
         decode(tmp_path / "one.wav")
-    from spidr.data.manifest import scan
+    from spidr.data.scanning import scan
 
     assert scan(tmp_path, progress=False).failures == [(str(tmp_path / "one.wav"),
                                                         "no audio samples at 16 kHz (1 at 44100 Hz)")]
@@ -210,7 +211,7 @@ def test_a_header_without_length_or_with_an_impossible_one_is_an_audio_error(tmp
     assert sf.info(path).frames == 2**63 - 1
     with pytest.raises(AudioError, match=r"piped\.flac: its header records no length"):
         load_audio(path)
-    from spidr.data.manifest import scan
+    from spidr.data.scanning import scan
 
     result = scan(tmp_path, progress=False)  # it was listed with 2**63 - 1 samples (and -1.6e11 hours in all)
     assert len(result.entries) == 0

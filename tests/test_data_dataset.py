@@ -288,7 +288,7 @@ def test_across_ranks_an_ended_epoch_is_judged_before_min_seen_also_after_a_resu
 def test_a_damaged_ogg_listed_by_a_fresh_manifest_is_skipped_as_damaged(tmp_path: Path) -> None:
     """A damaged Ogg Vorbis page: spidr manifest keeps the header's length, the decode is shorter. The reason named a
     stale manifest and asked for a new one, which says the same: it now names the damage first."""
-    from spidr.data.manifest import scan
+    from spidr.data.scanning import scan
 
     rng = np.random.default_rng(3)
     path = tmp_path / "damaged.ogg"

@@ -21,12 +21,9 @@ import torch
 from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
 from spidr.data.collate import Batch
 from spidr.data.loader import batch_seed, build_dataloader, usable_workers
-from spidr.data.manifest import (
-    read_manifest,
-    scan,
-    write_manifest,
-)
+from spidr.data.manifest import read_manifest, write_manifest
 from spidr.data.sampler import BucketBatchSampler
+from spidr.data.scanning import scan
 from test_child_processes import _running
 
 
@@ -463,7 +460,8 @@ def test_a_stop_signal_reaching_the_trainer_while_its_workers_start_is_not_lost(
         import numpy as np, soundfile as sf
         from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
         from spidr.data.loader import build_dataloader
-        from spidr.data.manifest import scan, write_manifest
+        from spidr.data.manifest import write_manifest
+        from spidr.data.scanning import scan
         root = Path(sys.argv[1])
         rng = np.random.default_rng(0)
         for i in range(6):
@@ -508,7 +506,8 @@ def test_a_stop_signal_while_workers_start_reaches_the_trainer_and_spares_the_wo
         import numpy as np, soundfile as sf
         from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
         from spidr.data.loader import build_dataloader
-        from spidr.data.manifest import scan, write_manifest
+        from spidr.data.manifest import write_manifest
+        from spidr.data.scanning import scan
 
         def main():
             root = Path(sys.argv[1])
@@ -565,7 +564,8 @@ TINY_LOADER = textwrap.dedent('''
     import numpy as np, soundfile as sf
     from spidr.config import DEFAULT_CONV_LAYERS, DataConfig, MaskingConfig
     from spidr.data.loader import build_dataloader
-    from spidr.data.manifest import scan, write_manifest
+    from spidr.data.manifest import write_manifest
+    from spidr.data.scanning import scan
 
     def tiny_loader(root, *, workers, method):
         for i in range(4):

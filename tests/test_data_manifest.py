@@ -24,14 +24,13 @@ from spidr.data.audio import AudioError, load_audio
 from spidr.data.manifest import (
     ManifestBuilder,
     ManifestEntry,
-    _MemberView,
     read_manifest,
     read_member,
     resampled_length,
-    scan,
     utterances_digest,
     write_manifest,
 )
+from spidr.data.scanning import _MemberView, scan
 
 
 def write_tone(path: Path, num_samples: int, rate: int = 16_000, *, channels: int = 1) -> Path:
@@ -788,7 +787,7 @@ def test_a_tar_scan_names_the_audio_of_other_extensions_it_leaves_out(tmp_path, 
     with tarfile.open(tmp_path / "set.tar", "w") as archive:
         archive.add(tmp_path / "a.wav", "a.wav")
         archive.add(tmp_path / "b.ogg", "b.ogg")
-    with caplog.at_level(logging.WARNING, logger="spidr.data.manifest"):
+    with caplog.at_level(logging.WARNING, logger="spidr.data.scanning"):
         found = scan(tmp_path / "set.tar", progress=False)
     assert len(found.entries) == 1
     assert "1 audio file(s) of other extensions left out (1 .ogg): list them with --ext .wav,.flac,.ogg" in (
@@ -798,7 +797,7 @@ def test_a_tar_scan_names_the_audio_of_other_extensions_it_leaves_out(tmp_path, 
 def test_a_scan_counts_left_out_mp3_and_other_soundfile_formats(tmp_path, caplog) -> None:
     """mut MF8 (.mp3 dropped from OTHER_AUDIO_EXTENSIONS): MP3, Opus, AIFF and AU are audio a default scan leaves
     out; each is counted by extension (the files are not read: their content does not matter)."""
-    from spidr.data.manifest import scan
+    from spidr.data.scanning import scan
 
     sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
     for name in ("b.mp3", "c.MP3", "d.opus", "e.aiff", "f.au", "notes.txt"):
@@ -835,7 +834,7 @@ def test_a_folder_the_scan_cannot_read_is_named_not_dropped_in_silence(tmp_path:
     so spidr manifest wrote a manifest without that folder's audio and exited 0. Reproduced for real as an
     unprivileged user with a chmod 000 subfolder; here the listing error is simulated (tests run as root, who can
     read any folder). The folder must be named: as a scan failure, or at least in a warning."""
-    from spidr.data.manifest import scan
+    from spidr.data.scanning import scan
 
     for folder in ("ok", "locked"):
         (tmp_path / "c" / folder).mkdir(parents=True)
@@ -927,7 +926,7 @@ def test_a_file_listed_under_two_names_through_a_link_is_named_in_a_warning(tmp_
     (tmp_path / "corpus" / "best.wav").symlink_to(tmp_path / "corpus" / "take.wav")
     write_tone(tmp_path / "elsewhere" / "z.wav", 3000)
     (tmp_path / "corpus" / "shared").symlink_to(tmp_path / "elsewhere")
-    with caplog.at_level(logging.WARNING, logger="spidr.data.manifest"):
+    with caplog.at_level(logging.WARNING, logger="spidr.data.scanning"):
         result = scan(tmp_path / "corpus", progress=False)
     assert len(result.entries) == 3
     assert [r.getMessage() for r in caplog.records] == [
@@ -1033,7 +1032,7 @@ def test_a_file_linked_to_inside_a_folder_linked_in_from_outside_is_named_in_the
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "shared").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "corpus" / "best.wav").symlink_to(tmp_path / "elsewhere" / "z.wav")
-    with caplog.at_level(logging.WARNING, logger="spidr.data.manifest"):
+    with caplog.at_level(logging.WARNING, logger="spidr.data.scanning"):
         result = scan(tmp_path / "corpus", progress=False)
     assert sorted(e.path for e in result.entries) == [str(tmp_path / "corpus" / "best.wav"),
                                                       str(tmp_path / "corpus" / "shared" / "z.wav")]

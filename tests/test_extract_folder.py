@@ -15,7 +15,8 @@ import soundfile as sf
 import torch
 
 from spidr.config import DinoSRConfig, SpidRConfig
-from spidr.data.manifest import Manifest, ManifestEntry, read_manifest, scan
+from spidr.data.manifest import Manifest, ManifestEntry, read_manifest
+from spidr.data.scanning import scan
 from spidr.eval import features as features_module
 from spidr.eval import folder_extraction
 from spidr.eval.features import ExtractionSettings, extract_batch, iter_extracted

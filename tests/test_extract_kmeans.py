@@ -364,7 +364,8 @@ def test_a_descriptor_opened_by_a_thread_that_lost_the_race_is_closed(tmp_path, 
     import tarfile
 
     from spidr.data import manifest as manifest_module
-    from spidr.data.manifest import read_member, scan
+    from spidr.data.manifest import read_member
+    from spidr.data.scanning import scan
 
     wav = io.BytesIO()
     sf.write(wav, np.zeros(1600, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")

@@ -22,7 +22,8 @@ import soundfile as sf
 import torch
 
 from spidr.config import SpidRConfig
-from spidr.data.manifest import Manifest, ManifestEntry, read_manifest, scan
+from spidr.data.manifest import Manifest, ManifestEntry, read_manifest
+from spidr.data.scanning import scan
 from spidr.eval import features
 from spidr.eval.features import ExtractionSettings, length_batches
 from spidr.eval.folder_extraction import extract_to_directory, output_stems
@@ -669,7 +670,7 @@ def test_audio_stamps_stat_each_archive_once(tmp_path, monkeypatch):
     import os
     import tarfile
 
-    from spidr.data.manifest import scan
+    from spidr.data.scanning import scan
     from spidr.eval import journal
 
     for name in ("a", "b", "c"):

@@ -15,12 +15,8 @@ import torch
 
 from spidr.config import DinoSRConfig, SpidRConfig
 from spidr.data.audio import AudioError, load_audio
-from spidr.data.manifest import (
-    ManifestEntry,
-    read_manifest,
-    scan,
-    write_manifest,
-)
+from spidr.data.manifest import ManifestEntry, read_manifest, write_manifest
+from spidr.data.scanning import scan
 from spidr.eval.feature_dir import FeatureDirectory, StemKeyed, one_layer_directory
 from spidr.eval.features import (
     ExtractionSettings,
@@ -1225,7 +1221,7 @@ def test_non_finite_features_met_by_k_means_units_name_the_file_and_the_layer(tm
     import soundfile as sf
 
     from spidr.config import SpidRConfig
-    from spidr.data.manifest import scan
+    from spidr.data.scanning import scan
     from spidr.eval.features import iter_units
     from spidr.models.build import build_model
 

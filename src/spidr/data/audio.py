@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from spidr.data import SAMPLE_RATE
-from spidr.data.manifest import UNKNOWN_LENGTH, UNKNOWN_LENGTH_REASON, ManifestEntry, read_member
+from spidr.data.manifest import ManifestEntry, read_member
+from spidr.data.scanning import UNKNOWN_LENGTH, UNKNOWN_LENGTH_REASON
 from spidr.input_files import why_not_a_file
 
 STANDARDIZE_EPS = 1e-5

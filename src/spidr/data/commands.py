@@ -15,7 +15,8 @@ SHOWN_SHARED_IDS = 10  # examples printed of file ids held by several files (a c
 
 def _manifest(args: argparse.Namespace) -> int:
     from spidr.data import SAMPLE_RATE
-    from spidr.data.manifest import check_manifest_suffix, scan, write_manifest
+    from spidr.data.manifest import check_manifest_suffix, write_manifest
+    from spidr.data.scanning import scan
 
     out = Path(args.out)
     check_manifest_suffix(out, fairseq=args.fairseq)

@@ -170,7 +170,8 @@ def _entries(source: str, exts: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[Any, 
     """The utterances of a manifest, or of a folder or .tar scanned for ``exts`` (none found is an error: a run
     on nothing, reported as a success, hid a folder of .ogg files), and the files of such a scan that could not be
     read (``ScanResult.unread``: the files that share their ids are named by path, as if they had been read)."""
-    from spidr.data.manifest import read_manifest, scan
+    from spidr.data.manifest import read_manifest
+    from spidr.data.scanning import scan
 
     path = Path(source)
     if path.is_dir() or path.suffix.lower() == ".tar":

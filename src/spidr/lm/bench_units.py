@@ -85,12 +85,13 @@ class BenchmarkSet:
     folder: Path
     entries: Any  # spidr.data.manifest.Manifest
     unreadable: tuple[tuple[str, str], ...] = ()
-    unread: tuple[Any, ...] = ()  # the unreadable files as entries (spidr.data.manifest.ScanResult.unread)
+    unread: tuple[Any, ...] = ()  # the unreadable files as entries (spidr.data.scanning.ScanResult.unread)
 
 
 def read_set(folder: Path) -> BenchmarkSet:
     """A benchmark set's audio (``BenchmarkSet``); a scan logs each unreadable file once."""
-    from spidr.data.manifest import read_manifest, scan
+    from spidr.data.manifest import read_manifest
+    from spidr.data.scanning import scan
 
     manifest = folder / "manifest.csv"
     if manifest.is_file():
