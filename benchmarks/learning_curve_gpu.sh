@@ -71,7 +71,7 @@ copy_out() {  # what is finished, whatever ended the run
   [[ -n ${OUT:-} && -d $work/points ]] || return 0
   # A finished command wrote the curve itself (flagging points of another recipe); summarise only after a stop.
   if [[ ${status:-1} != 0 || ! -f $work/curve.md ]]; then
-    "$python" -c 'import sys; from spidr.learning_curve import write_curve; write_curve(sys.argv[1])' "$work" \
+    "$python" -c 'import sys; from spidr.learning_curve_summary import write_curve; write_curve(sys.argv[1])' "$work" \
       || echo "$0: no finished point to summarise yet" >&2
   fi
   # Every point's record in one tar: the lent machine brings back at most 8 files from $OUT.

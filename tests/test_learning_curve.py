@@ -19,23 +19,26 @@ from types import SimpleNamespace
 
 import pytest
 
-from spidr import learning_curve
+from spidr import learning_curve, learning_curve_summary
 from spidr.cli import main
 from spidr.learning_curve import (
     CurvePoint,
     CurveSettings,
-    PointSummary,
-    baseline_levels,
     curve_recipe,
-    markdown_table,
-    middle_layers,
     parse_point,
-    plot_curve,
-    read_points,
     recipe,
     refuse_another_test_corpus,
     reusable,
     stretched_schedule,
+)
+from spidr.learning_curve_summary import (
+    PointSummary,
+    baseline_levels,
+    label_log_axis,
+    markdown_table,
+    middle_layers,
+    plot_curve,
+    read_points,
     summarise,
     write_curve,
 )
@@ -539,7 +542,6 @@ def test_a_schedule_whose_rounding_overshoots_takes_it_from_the_decay():
 ])
 def test_log_axis_labels_do_not_touch(hours_seen: list[float]) -> None:
     from spidr.extras import figure
-    from spidr.learning_curve import label_log_axis
 
     fig, ax = figure(figsize=(4.2, 3.5), purpose="the test")  # one of the curve's six panels, about
     ax.plot(hours_seen, range(len(hours_seen)), "o-")
@@ -561,7 +563,7 @@ def test_curve_line_goes_through_the_mean_of_the_seeds_at_each_x(tmp_path, monke
     training-corpus size through the seeds' mean')."""
     pytest.importorskip("matplotlib")
     import spidr.extras
-    from spidr.learning_curve import PointSummary, plot_curve
+    from spidr.learning_curve_summary import PointSummary, plot_curve
 
     made = []
     real = spidr.extras.figure
@@ -598,7 +600,6 @@ def test_audio_seen_counts_every_batch_of_a_step(tmp_path):
 
 def test_log_axis_labels_are_plain_numbers_from_a_thousand_hours_on() -> None:
     from spidr.extras import figure
-    from spidr.learning_curve import label_log_axis
 
     fig, ax = figure(figsize=(4.2, 3.5), purpose="the test")
     ax.plot([20.0, 5000.0], [1, 2], "o-")
@@ -613,7 +614,6 @@ def test_a_range_holding_one_1_2_5_value_is_labelled_at_the_points() -> None:
     """Truth (label_log_axis's rule, by hand): 1.5 to 3.2 h holds one of 1, 2, 5 (2): fewer than two, so the
     labels are the points' own values, 1.7 left out as within 1.15 of 1.5; a 1-2-5 locator gave the single label 2."""
     from spidr.extras import figure
-    from spidr.learning_curve import label_log_axis
 
     fig, ax = figure(figsize=(4.2, 3.5), purpose="the test")
     hours_seen = [1.5, 1.7, 2.5, 3.2]
@@ -629,7 +629,7 @@ def test_a_range_holding_one_1_2_5_value_is_labelled_at_the_points() -> None:
 def test_labels_are_spread_out_from_the_last_one_kept() -> None:
     """Truth (by hand, ratio 1.15): 1.2 kept; 1.25, 1.3 < 1.38 left out; 1.45 kept; 1.6 < 1.45 × 1.15 =
     1.6675 left out (within 1.15 of 1.45, its label would touch 1.45's)."""
-    from spidr.learning_curve import _spread_out
+    from spidr.learning_curve_summary import _spread_out
 
     assert _spread_out([1.2, 1.25, 1.3, 1.45, 1.6]) == [1.2, 1.45]
     assert _spread_out([5.0]) == [5.0]
@@ -638,7 +638,6 @@ def test_labels_are_spread_out_from_the_last_one_kept() -> None:
 def test_a_point_at_zero_hours_leaves_the_log_axis_to_the_others() -> None:
     """A log axis has no 0: a point of 0 h seen must not stop the plot (a division by zero)."""
     from spidr.extras import figure
-    from spidr.learning_curve import label_log_axis
 
     fig, ax = figure(figsize=(4.2, 3.5), purpose="the test")
     label_log_axis(ax, [0.0, 2.0, 20.0])
@@ -806,7 +805,7 @@ def test_the_unit_panels_plot_the_best_head(tmp_path, monkeypatch):
     real = spidr.extras.figure
     monkeypatch.setattr(spidr.extras, "figure", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     point = PointSummary("p", 1.0, 100, 0, 1.0, 5.0, 2, 15.0, 2, None, None, (0.24, 0.26), (34.0, 36.0), None, None)
-    learning_curve.plot_curve([point], None, tmp_path / "curve.png")
+    plot_curve([point], None, tmp_path / "curve.png")
     axes = made[0][1].flat
     assert list(axes[3].get_lines()[0].get_ydata()) == [34.0]
     assert list(axes[4].get_lines()[0].get_ydata()) == [0.26]
@@ -825,8 +824,9 @@ def test_a_point_of_another_recipe_is_left_out_of_the_plot(tmp_path, monkeypatch
         path.write_text(json.dumps({"hours": point.hours, "steps": point.steps, "seed": 0, "audio_hours_seen": 1.0,
                                     "rows": rows, "recipe": recipe(made_by, point)[0]}))
     plotted = []
-    monkeypatch.setattr(learning_curve, "plot_curve", lambda points, baselines, path: plotted.extend(points) or path)
-    learning_curve.write_curve(tmp_path, shared=learning_curve.curve_recipe(settings))
+    monkeypatch.setattr(learning_curve_summary, "plot_curve",
+                        lambda points, baselines, path: plotted.extend(points) or path)
+    write_curve(tmp_path, shared=learning_curve.curve_recipe(settings))
     assert [p.name for p in plotted] == ["4h-8800steps-seed0"]
 
 
