@@ -6,11 +6,14 @@ from collections import Counter
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REFERENCE, requires_shared
 from spidr.config import DEFAULT_CONV_LAYERS, MaskingConfig
 from spidr.data.collate import Collator
 from spidr.data.dataset import Skipped, Utterance
+from spidr.models.frames import num_frames
 
 
 def ramp(index: int, length: int) -> Utterance:
@@ -147,3 +150,36 @@ def test_batch_to_moves_every_tensor_and_frame_lengths_follow(padding: bool) -> 
     tensors = [batch.waveforms, batch.lengths, batch.mask, batch.frame_lengths]
     tensors += [batch.padding_mask, batch.attention_mask] if padding else []
     assert [t.device.type for t in tensors] == ["meta"] * len(tensors)
+
+
+# PASSES: crop or pad, any sizes and cap: each row is one contiguous slice of its waveform at a valid offset, the
+# rest zeros, frame lengths and masks consistent, padding never masked.
+
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(sizes=st.lists(st.integers(400, 6000), min_size=1, max_size=4), padding=st.booleans(),
+       rand_crop=st.booleans(), cap=st.integers(400, 8000), seed=st.integers(0, 2**32 - 1))
+def test_every_row_is_a_slice_of_its_waveform(sizes, padding, rand_crop, cap, seed) -> None:
+    items = [Utterance(i, f"u{i}", torch.arange(n, dtype=torch.float32) + 1) for i, n in enumerate(sizes)]
+    collate = Collator(MaskingConfig(), DEFAULT_CONV_LAYERS, max_sample_size=cap, enable_padding=padding,
+                       rand_crop=rand_crop)
+    batch = collate(items, generator=torch.Generator().manual_seed(seed))
+    target = min(max(sizes) if padding else min(sizes), cap)
+    assert batch.waveforms.shape == (len(sizes), target)
+    for row, size in enumerate(sizes):
+        kept = int(batch.lengths[row])
+        assert kept == min(size, target)
+        wave = batch.waveforms[row]
+        start = int(wave[0]) - 1  # sample s holds s + 1: the first value tells the offset
+        assert 0 <= start <= size - kept
+        assert rand_crop or start == 0
+        assert torch.equal(wave[:kept], torch.arange(start, start + kept, dtype=torch.float32) + 1)
+        assert (wave[kept:] == 0).all()
+    frames = num_frames(batch.lengths, DEFAULT_CONV_LAYERS)
+    assert batch.mask.shape == (len(sizes), num_frames(target, DEFAULT_CONV_LAYERS))
+    assert torch.equal(batch.frame_lengths, frames)
+    assert (batch.padding_mask is None) == bool((frames == batch.num_frames).all())
+    if batch.padding_mask is not None:
+        assert not (batch.mask & batch.padding_mask).any()
+    assert batch.mask_count == int(batch.mask.sum())

@@ -9,6 +9,8 @@ from collections import Counter
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REFERENCE, requires_shared
 from spidr.config import MaskingConfig
@@ -306,3 +308,53 @@ def test_a_span_that_fits_nowhere_leaves_the_shorter_spans_placed() -> None:
         assert len(masked) == 3
         assert masked.tolist() == list(range(int(masked[0]), int(masked[0]) + 3))
         assert 0 <= int(masked[0]) <= 9
+
+
+# PASSES: over every span rule, overlap or not, any lengths: padding never masked, rows equal, a pure function of
+# the generator; without overlap (one row, static spans) every run is one span, min_space apart.
+
+
+
+def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
+    out, start = [], None
+    for i, value in enumerate([*row.tolist(), False]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            out.append((start, i - start))
+            start = None
+    return out
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=5), extra=st.integers(0, 20),
+       prob=st.floats(0, 1), length=st.integers(1, 30),
+       selection=st.sampled_from(["static", "uniform", "normal", "poisson"]), other=st.integers(0, 5),
+       no_overlap=st.booleans(), min_space=st.integers(0, 3), min_masks=st.integers(0, 4),
+       seed=st.integers(0, 2**32 - 1))
+def test_span_masks_never_touch_padding_and_rows_are_equal(  # noqa: PLR0917 (hypothesis passes them by name)
+        lengths, extra, prob, length, selection, other, no_overlap, min_space, min_masks, seed) -> None:
+    cfg = MaskingConfig(mask_prob=prob, mask_length=length, mask_selection=selection,
+                        mask_other=min(other, 2 * length), no_mask_overlap=no_overlap, mask_min_space=min_space,
+                        min_masks=min_masks)
+    padding = torch.arange(max(lengths) + extra)[None, :] >= torch.tensor(lengths)[:, None]
+    mask = span_mask(cfg, padding, generator=torch.Generator().manual_seed(seed))
+    assert mask.shape == padding.shape
+    assert mask.dtype == torch.bool
+    assert not (mask & padding).any()
+    assert (mask.sum(1) == mask.sum(1)[0]).all()
+    assert torch.equal(span_mask(cfg, padding, generator=torch.Generator().manual_seed(seed)), mask)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(frames=st.integers(0, 300), prob=st.floats(0, 1), length=st.integers(1, 20), min_space=st.integers(1, 4),
+       min_masks=st.integers(0, 4), seed=st.integers(0, 2**32 - 1))
+def test_spans_without_overlap_are_whole_and_min_space_apart(  # noqa: PLR0917 (hypothesis passes them by name)
+        frames, prob, length, min_space, min_masks, seed) -> None:
+    mask = compute_mask_indices((1, frames), torch.zeros(1, frames, dtype=torch.bool), mask_prob=prob,
+                                mask_length=length, generator=torch.Generator().manual_seed(seed),
+                                min_masks=min_masks, no_overlap=True, min_space=min_space)
+    runs = _runs(mask[0])
+    assert all(run == length for _, run in runs), runs
+    assert all(b - (a + n) >= min_space for (a, n), (b, _) in itertools.pairwise(runs))
+    assert len(runs) <= max(min_masks, int(prob * frames / length + 1))

@@ -5,15 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import tempfile
 import tracemalloc
 from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spidr.cli import main
+from spidr.eval.item_writer import segments, write_item_file
 from spidr.eval.items import Items, check_nonempty, check_within, frame_bounds, read_items
+from spidr.eval.unit_quality import Alignments
 
 HEADER = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
 ROWS = [
@@ -619,3 +624,41 @@ def test_items_refuses_a_non_positive_alignment_rate_and_writes_nothing(tmp_path
     assert _code(["items", str(labels), "--out", str(out), "--alignment-rate", rate]) == 2
     assert "alignment-rate" in capsys.readouterr().err
     assert not out.exists()
+
+
+# PASSES: spidr items' writer → read_items → frame_bounds gives back each item's frames exactly, at any alignment
+# rate (times are written to 6 decimals), with names holding '#', ',', '.' and non-ASCII letters.
+
+
+
+_PHONES = ["AA", "B", "SIL", "T", "K"]
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(labels=st.dictionaries(st.from_regex(r"[A-Za-z0-9]{1,4}-[A-Za-z0-9#,.é]{1,5}", fullmatch=True),
+                              st.lists(st.sampled_from(_PHONES), max_size=40), min_size=1, max_size=4),
+       kind=st.sampled_from(["triphone", "phoneme"]), rate=st.sampled_from([100, 50, 16000, 30, 7]))
+def test_written_items_read_back_to_their_frames(labels, kind, rate) -> None:
+    alignments = Alignments.from_labels(labels.items())
+    expected = []
+    for name in sorted(labels):
+        runs = segments(alignments.codes[name])
+        for (begin, _, before), (onset, offset, phone), (_, end, after) in zip(runs, runs[1:], runs[2:],
+                                                                               strict=False):
+            names = [alignments.phones[code] for code in (phone, before, after)]
+            if "SIL" not in names:
+                start, stop = (begin, end) if kind == "triphone" else (onset, offset)
+                expected.append((name, start, stop, *names, name.split("-")[0]))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.item"
+        if not expected:
+            with pytest.raises(ValueError, match="no item"):
+                write_item_file(path, alignments, alignment_rate_hz=rate, kind=kind)
+            return
+        assert write_item_file(path, alignments, alignment_rate_hz=rate, kind=kind) == len(expected)
+        items = read_items(path)
+        starts, ends = frame_bounds(items, rate)
+        found = list(zip(items.files, starts.tolist(), ends.tolist(), items.column("#phone"),
+                         items.column("prev-phone"), items.column("next-phone"), items.column("speaker"),
+                         strict=True))
+        assert found == expected

@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spidr.cli import main
 from spidr.lm.config import LmDataSection, lm_config_from_dict, load_lm_config
-from spidr.lm.data import WindowSampler, scored_targets, token_stream
+from spidr.lm.data import WindowSampler, scored_targets, token_stream, validation_windows
 from spidr.lm.models import GptLM, LstmLM
 from spidr.lm.score import find_unit_files, score_benchmark, score_sequences
 from spidr.lm.tokens import LabelVocabulary, Vocabulary, fingerprint, read_unit_sequences
@@ -2193,3 +2195,53 @@ def test_too_little_data_is_refused_before_any_file_even_with_the_token_cache_lm
     assert sorted(path.name for path in cfg.run.run_dir.iterdir()) == ["tokens"]
     smaller = _config(tmp_path, "short", model={"context": 16, **model}, data={"val_fraction": 0.0})
     assert main(["lm-train", str(smaller)]) == 0
+
+
+# PASSES: the stream is every utterance in stem order; W ranks × M micro-batches see exactly the global batch, each
+# window a slice of the stream; validation windows score every target once over all ranks.
+
+
+_SEQUENCES = st.dictionaries(st.text("abcé/", min_size=1, max_size=4), st.lists(st.integers(0, 9), max_size=12),
+                             min_size=1, max_size=6)
+
+
+def _stream(sequences):
+    return token_stream({k: np.asarray(v, dtype=np.int64) for k, v in sequences.items()}, Vocabulary(10))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(sequences=_SEQUENCES, context=st.integers(1, 12),
+       shape=st.sampled_from([(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (3, 2)]), multiple=st.integers(1, 4),
+       seed=st.integers(0, 1000), step=st.integers(0, 10**6), attempt=st.integers(0, 2))
+def test_ranks_and_micro_batches_see_the_global_batch(  # noqa: PLR0917 (hypothesis passes them by name)
+        sequences, context, shape, multiple, seed, step, attempt) -> None:
+    vocab, stream = Vocabulary(10), _stream(sequences)
+    assert stream.tolist() == [t for k in sorted(sequences) for t in (vocab.bos, *sequences[k], vocab.eos)]
+    if stream.numel() < context + 1:
+        return
+    world, micro = shape
+    sampler = WindowSampler(stream, context, world * micro * multiple, seed)
+    whole = sampler.windows(step, attempt=attempt)
+    assert whole.shape == (world * micro * multiple, context + 1)
+    assert whole.dtype == torch.int64
+    flat = stream.long()
+    for row in whole:
+        assert any(torch.equal(flat[i:i + context + 1], row) for i in range(stream.numel() - context))
+    parts = [sampler.windows(step, rank=r, world_size=world, micro=m, num_micro=micro, attempt=attempt)
+             for r in range(world) for m in range(micro)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(sequences=_SEQUENCES, context=st.integers(1, 12), batch=st.integers(1, 5), world=st.integers(1, 3))
+def test_validation_windows_score_every_target_once_over_the_ranks(sequences, context, batch, world) -> None:
+    stream = _stream(sequences)
+    targets = []
+    for rank in range(world):
+        for rows in validation_windows(stream, context, batch, rank=rank, world_size=world):
+            assert rows.shape[1] == context + 1
+            assert rows.shape[0] <= batch
+            targets += [t for t in rows[:, 1:].flatten().tolist() if t >= 0]
+    assert sorted(targets) == sorted(stream.tolist()[1:])
+    bos = Vocabulary(10).bos
+    assert scored_targets(stream, context, bos=bos) == sum(t != bos for t in stream.tolist()[1:])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from conftest import GOLDEN, requires_shared
 from spidr import cli
@@ -335,3 +339,67 @@ def test_num_units_must_be_a_whole_number():
         with pytest.raises(ValueError, match=rf"^num_units = {bad!r} is invalid: expected an integer ≥ 1$"):
             unit_quality(units, phones, num_units=bad)
 
+
+# PASSES: the six metrics equal a brute-force count written here, and are invariant to renaming units and phones.
+
+
+
+
+@st.composite
+def _units_and_phones(draw):
+    num_units, num_phones = draw(st.integers(1, 6)), draw(st.integers(2, 5))
+    phones = [f"p{i}" for i in range(num_phones)]
+    units, labels = {}, {}
+    for u in range(draw(st.integers(1, 4))):
+        length = draw(st.integers(1, 12))
+        units[f"utt{u}"] = draw(st.lists(st.integers(0, num_units - 1), min_size=length, max_size=length))
+        frames = max(0, 2 * length + draw(st.integers(-2, 2)))  # 20 ms units on 10 ms labels, ≤ 2 frames apart
+        labels[f"utt{u}"] = draw(st.lists(st.sampled_from(phones), min_size=frames, max_size=frames))
+    return num_units, units, labels
+
+
+def _brute_force(num_units, units, labels):
+    counts = {}
+    for name, sequence in units.items():
+        doubled = [u for u in sequence for _ in range(2)]  # 20 ms units on 10 ms labels; the longer is cut
+        for unit, phone in zip(doubled, labels[name], strict=False):
+            counts[phone, unit] = counts.get((phone, unit), 0) + 1
+    total = sum(counts.values())
+    if total == 0:  # no frame both labelled and coded: nothing to measure
+        return None, 0.0, 0
+    phones = sorted({p for frames in labels.values() for p in frames})
+    p_phone = {p: sum(c for (q, _), c in counts.items() if q == p) / total for p in phones}
+    p_unit = {u: sum(c for (_, v), c in counts.items() if v == u) / total for u in range(num_units)}
+    information = sum(c / total * math.log(c / total / (p_phone[p] * p_unit[u])) for (p, u), c in counts.items())
+    entropy = -sum(x * math.log(x) for x in p_phone.values() if x > 0)
+    runs = sum(1 + sum(a != b for a, b in itertools.pairwise(s)) for s in units.values() if s)
+    return {
+        "pnmi": information / entropy if entropy > 0 else math.nan,
+        "phone_purity": sum(max(counts.get((p, u), 0) for p in phones) for u in range(num_units)) / total,
+        "cluster_purity": sum(max(counts.get((p, u), 0) for u in range(num_units)) for p in phones) / total,
+        "codebook_perplexity": 2 ** -sum(x * math.log2(x) for x in p_unit.values() if x > 0),
+        "active_codewords": len({u for _, u in counts}),
+        "bitrate": math.log2(num_units) * runs / (sum(len(s) for s in units.values()) / 50),
+    }, entropy, len(phones)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(case=_units_and_phones(), seed=st.integers(0, 2**32 - 1))
+def test_unit_quality_is_the_brute_force_count_and_ignores_names(case, seed) -> None:
+    num_units, units, labels = case
+    expected, entropy, num_phones = _brute_force(num_units, units, labels)
+    assume(expected is not None)
+    assume(entropy > 1e-6)  # a single phone class: PNMI undefined (refused)
+    found = unit_quality(units, labels, num_units=num_units)
+    for metric, value in expected.items():
+        assert math.isclose(found[metric], value, rel_tol=1e-6, abs_tol=1e-6), (metric, found[metric], value)
+    assert -1e-9 <= found["pnmi"] <= 1 + 1e-9
+    assert found["phone_purity"] >= 1 / num_phones - 1e-12
+    rng = random.Random(seed)
+    permutation = rng.sample(range(num_units), num_units)
+    names = sorted({p for frames in labels.values() for p in frames})
+    renamed = dict(zip(names, rng.sample([f"z{i}" for i in range(len(names))], len(names)), strict=True))
+    again = unit_quality({n: [permutation[u] for u in s] for n, s in units.items()},
+                         {n: [renamed[p] for p in frames] for n, frames in labels.items()}, num_units=num_units)
+    for metric, value in found.items():
+        assert math.isclose(again[metric], value, rel_tol=1e-9, abs_tol=1e-12), metric

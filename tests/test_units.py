@@ -5,12 +5,16 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spidr.eval.units import deduplicate, read_units, write_units
+from spidr.lm.tokens import read_unit_sequences
 
 
 def test_round_trip_plain_and_gzip(tmp_path: Path) -> None:
@@ -233,3 +237,42 @@ def test_a_gzipped_units_file_names_no_temporary_and_is_the_same_bytes_each_time
     second = (tmp_path / "u.jsonl.gz").read_bytes()
     assert b".partial" not in first[:200]
     assert first == second
+
+
+# FAILS-NOW: test_write_units_refuses_ids_it_would_change (1.7 was written as 1, -1 written for readers to refuse).
+# PASSES: test_units_round_trip_through_both_readers.
+
+
+
+
+@pytest.mark.parametrize(("units", "named"), [
+    ([1.7, 2.0], "whole numbers, found 1.7"),
+    ([3, -1], "non-negative, found -1"),
+    (np.array([2**63 + 5], dtype=np.uint64), "does not fit in 64 bits"),
+    (np.zeros((2, 3), dtype=np.int64), "1-D"),
+])
+def test_write_units_refuses_ids_it_would_change(tmp_path: Path, units, named) -> None:
+    with pytest.raises(ValueError, match=named):
+        write_units(tmp_path / "u.jsonl", {"utt": units})
+    assert not (tmp_path / "u.jsonl").exists()
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(units=st.dictionaries(st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+                             st.lists(st.integers(0, 2**31 - 1), max_size=20), min_size=1, max_size=5),
+       gz=st.booleans(), dedup=st.booleans())
+def test_units_round_trip_through_both_readers(units, gz, dedup) -> None:
+    """Any utterance names (unicode, spaces, quotes, empty), ids up to 2**31 − 1, gzip or not: read_units gives the
+    frame-rate rows back, read_unit_sequences their runs collapsed, in file order."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / ("u.jsonl.gz" if gz else "u.jsonl")
+        assert write_units(path, units, dedup=dedup) == len(units)
+        if not dedup:
+            back = read_units(path)
+            assert list(back) == list(units)
+            assert all(back[name].tolist() == values for name, values in units.items())
+        sequences = read_unit_sequences(path, dedup=True).sequences
+        assert list(sequences) == list(units)
+        for name, values in units.items():
+            runs = [u for i, u in enumerate(values) if i == 0 or values[i - 1] != u]
+            assert sequences[name].tolist() == runs

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import csv
 import gzip
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 
 def first_non_utf8_line(path: str | Path) -> tuple[int, bytes] | None:
@@ -48,3 +50,21 @@ def utf8_errors_named(path: str | Path, what: str) -> Iterator[None]:
         yield
     except UnicodeDecodeError:
         raise ValueError(not_utf8(path, what)) from None
+
+
+class CsvRows:
+    """``csv.writer(handle, lineterminator="\\n")`` that also quotes a field holding a bare carriage return: minimal
+    quoting quotes only the characters of the line terminator it is given, while the csv reader ends a line at a
+    bare "\\r", so such a field (a file name may hold one) split its row in two when read back."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self._minimal = csv.writer(handle, lineterminator="\n")
+        self._quoted = csv.writer(handle, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+
+    def writerow(self, row: Sequence[object]) -> None:
+        carriage_return = any(isinstance(field, str) and "\r" in field for field in row)
+        (self._quoted if carriage_return else self._minimal).writerow(row)
+
+    def writerows(self, rows: Iterable[Sequence[object]]) -> None:
+        for row in rows:
+            self.writerow(row)

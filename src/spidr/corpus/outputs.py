@@ -80,12 +80,13 @@ def reusable(out_dir: Path, what: str, missing: list[str]) -> bool:
 
 def writable_out_dir(out_dir: str | Path) -> Path:
     """``out_dir`` made absolute, refused where the manifest (CSV, UTF-8) could not name the files under it: a
-    comma, tab or newline would split its rows, and bytes that are not UTF-8 could not be written at all (the
-    synthesis would fail only at its end, after all the audio was made)."""
+    comma, tab or line break (a carriage return too: a CSV reader ends a line there) would split its rows, and bytes
+    that are not UTF-8 could not be written at all (the synthesis would fail only at its end, after all the audio was
+    made)."""
     out_dir = Path(out_dir).resolve()
-    if any(char in str(out_dir) for char in ",\t\n"):
-        raise ValueError(f"output directory {str(out_dir)!r} contains a comma, tab or newline, which the CSV/TSV "
-                         "files cannot hold; choose another path")
+    if any(char in str(out_dir) for char in ",\t\n\r"):
+        raise ValueError(f"output directory {str(out_dir)!r} contains a comma, tab or newline (or a carriage "
+                         "return), which the CSV/TSV files cannot hold; choose another path")
     try:
         str(out_dir).encode("utf-8")
     except UnicodeEncodeError:

@@ -38,7 +38,7 @@ import numpy as np
 from spidr.atomic_files import replaced_when_done
 from spidr.data import SAMPLE_RATE
 from spidr.input_files import existing_file
-from spidr.text_files import utf8_errors_named
+from spidr.text_files import CsvRows, utf8_errors_named
 
 logger = logging.getLogger(__name__)
 
@@ -609,7 +609,7 @@ def fileid_of(path: str) -> str:
 
 def _write_csv(entries: Manifest, handle: IO[str]) -> None:
     archived = entries.archive_index is not None
-    writer = csv.writer(handle, lineterminator="\n")
+    writer = CsvRows(handle)
     writer.writerow(_BASE_COLUMNS + (_ARCHIVE_COLUMNS if archived else ()))
     if not archived:  # rows formatted chunk by chunk; the csv module only for fields that need quoting
         for start in range(0, len(entries), ITER_CHUNK):
@@ -649,6 +649,9 @@ def _write_tsv(entries: Sequence[ManifestEntry], base: str, handle: IO[str], out
     if _TSV_SEPARATORS.search(base):
         raise ValueError(f"{out}: the root directory {base!r} holds a tab or line break, which a .tsv manifest cannot "
                          "hold; write a .csv or .jsonl")
+    if base != base.strip():  # (read_manifest, as fairseq, strips the first line: another folder would be read)
+        raise ValueError(f"{out}: the root directory {base!r} ends with white space, which the first line of a .tsv "
+                         "manifest cannot hold (it is read stripped, as fairseq reads it); write a .csv or .jsonl")
     handle.write(base + "\n")
     for e in entries:
         relative = os.path.relpath(os.path.abspath(e.path), base)
@@ -677,6 +680,33 @@ def check_manifest_suffix(out: Path, *, fairseq: bool = False) -> None:
         raise ValueError(f"output {out} has suffix {out.suffix!r}; expected one of {', '.join(MANIFEST_SUFFIXES)}")
 
 
+def _check_rows(entries: Manifest, out: Path) -> None:
+    """Refuse a row that ``read_manifest`` would refuse (a length out of range, an empty path, an archive range
+    that is none) or read otherwise (an empty file id, read as the path's stem), naming it: written, it failed (or
+    changed) only when read back."""
+    def first(rows: np.ndarray) -> int | None:
+        found = np.flatnonzero(rows)
+        return int(found[0]) if found.size else None
+
+    lengths = entries.num_samples
+    if (row := first((lengths < 0) | (lengths > _MAX_INT_FIELD))) is not None:
+        raise ValueError(f"{out}: row {row + 1} ({entries.paths[row]!r}) has num_samples = {int(lengths[row])}; "
+                         f"expected an integer in [0, {_MAX_INT_FIELD}]")
+    if (row := first(np.diff(entries.paths.offsets) == 0)) is not None:
+        raise ValueError(f"{out}: row {row + 1} (file id {entries.fileids[row]!r}) has an empty path")
+    if (row := first(np.diff(entries.fileids.offsets) == 0)) is not None:
+        raise ValueError(f"{out}: row {row + 1} ({entries.paths[row]!r}) has an empty file id, which a manifest "
+                         f"reads as the file's stem; give it one")
+    if entries.archive_index is not None:
+        archived = entries.archive_index >= 0
+        bad = archived & ((entries.byte_offset < 0) | (entries.byte_size < 1)
+                          | (entries.byte_offset > _MAX_INT_FIELD) | (entries.byte_size > _MAX_INT_FIELD))
+        if (row := first(bad)) is not None:
+            raise ValueError(f"{out}: row {row + 1} ({entries[row].location}) has the byte range offset "
+                             f"{int(entries.byte_offset[row])}, size {int(entries.byte_size[row])}; expected an "
+                             "offset >= 0 and a size >= 1")
+
+
 def write_manifest(
     entries: Iterable[ManifestEntry], out: str | Path, *, fairseq: bool = False, root: str | Path | None = None
 ) -> Path:
@@ -687,9 +717,13 @@ def write_manifest(
     out = Path(out)
     check_manifest_suffix(out, fairseq=fairseq)
     if not isinstance(entries, Manifest):
-        entries = Manifest.from_entries(entries)
+        try:
+            entries = Manifest.from_entries(entries)
+        except UnicodeEncodeError as error:  # (a file name of bytes that are not UTF-8, kept as surrogates)
+            raise ValueError(f"{out}: {error.object!r} is not UTF-8 text, which a manifest cannot hold") from None
     if not len(entries):
         raise ValueError(f"{out}: refusing to write an empty manifest")
+    _check_rows(entries, out)
     tsv = out.suffix == ".tsv"
     base = _tsv_root(entries, root, out) if tsv else ""
     out.parent.mkdir(parents=True, exist_ok=True)

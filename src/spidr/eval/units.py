@@ -171,6 +171,23 @@ def deduplicate(units: Sequence[int] | np.ndarray) -> np.ndarray:
     return array[keep]
 
 
+def _writable_units(name: object, values: Sequence[int] | np.ndarray) -> np.ndarray:
+    """One utterance's units as (T,) int64, refusing what the readers would refuse or read otherwise: a name that is
+    not a string, ids that are not whole numbers (1.7 was written as 1), negative ids (and uint64 ids past int64,
+    which wrapped to negative ones), anything but one sequence."""
+    if not isinstance(name, str):
+        raise ValueError(f"utterance name {name!r} is a {type(name).__name__}, not a string")
+    raw = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+    if raw.dtype.kind == "u" and raw.size and int(raw.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"utterance {name!r}: unit id {int(raw.max())} does not fit in 64 bits")
+    array = unit_ids(raw, f"utterance {name!r}")
+    if array.ndim != 1:
+        raise ValueError(f"utterance {name!r}: expected a 1-D sequence of unit ids, got shape {array.shape}")
+    if array.size and int(array.min()) < 0:
+        raise ValueError(f"utterance {name!r}: unit ids must be non-negative, found {int(array.min())}")
+    return array
+
+
 @contextlib.contextmanager
 def _gzip_text(partial: Path, path: Path) -> Iterator[IO[str]]:
     """A gzip text file written to ``partial`` whose header names ``path`` and no time: gzip.open would record the
@@ -203,8 +220,9 @@ def write_units(
     with replaced_when_done(path) as partial:
         with (_gzip_text(partial, path) if path.suffix == ".gz" else partial.open("w", encoding="utf-8")) as handle:
             for name, values in items:
-                array = deduplicate(values) if dedup else np.asarray(values)
-                row = {"name": name, "units": array.astype(np.int64).tolist(), **({"dedup": True} if dedup else {})}
+                array = _writable_units(name, values)
+                array = deduplicate(array) if dedup else array
+                row = {"name": name, "units": array.tolist(), **({"dedup": True} if dedup else {})}
                 handle.write(json.dumps(row) + "\n")
                 count += 1
         if before_rename is not None:

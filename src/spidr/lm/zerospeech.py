@@ -30,9 +30,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
-from spidr.atomic_files import write_atomically
+from spidr.atomic_files import replaced_when_done, write_atomically
 from spidr.input_files import existing_file
-from spidr.text_files import utf8_errors_named
+from spidr.text_files import CsvRows, utf8_errors_named
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,9 @@ def _non_empty(value: str) -> str:
 
 def is_stem(value: str) -> bool:
     """Whether ``value`` can name an item in ZeroSpeech files: a wav stem, non-empty, without whitespace (a
-    submission line is ``<stem> <score>``)."""
-    return bool(value) and not any(character.isspace() for character in value)
+    submission line is ``<stem> <score>``), not starting with a byte-order mark (the readers take one at the start of
+    a file for the file's, not the first stem's)."""
+    return bool(value) and not any(character.isspace() for character in value) and not value.startswith("\ufeff")
 
 
 def _stem(value: str) -> str:
@@ -216,8 +217,8 @@ def _read_gold(path: str | Path, item_type: type[Item]) -> list[Item]:
 def _write_gold(path: str | Path, items: Iterable[GoldItem], columns: Sequence[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
+    with replaced_when_done(path) as partial, partial.open("w", newline="", encoding="utf-8") as handle:
+        writer = CsvRows(handle)
         writer.writerow(columns)
         for item in items:
             row = []
@@ -225,6 +226,9 @@ def _write_gold(path: str | Path, items: Iterable[GoldItem], columns: Sequence[s
                 value = getattr(item, column)
                 if isinstance(value, bool):
                     value = int(value)
+                if isinstance(value, str) and value != value.strip():  # (read back stripped: "a " and "a" one id)
+                    raise ValueError(f"cannot write {column} = {value!r} of {item.filename!r} to {path}: the gold "
+                                     "file's fields are read stripped of surrounding white space")
                 row.append("" if value is None else value)
             writer.writerow(row)
 
@@ -356,7 +360,8 @@ def submission_text(path: str | Path, scores: Mapping[str, float]) -> str:
     for stem in sorted(scores):
         score = float(scores[stem])  # numpy scalars would otherwise be written as 'np.float64(...)'
         if not is_stem(stem):
-            raise ValueError(f"cannot write stem {stem!r} to {path}: stems must be non-empty, without whitespace")
+            raise ValueError(f"cannot write stem {stem!r} to {path}: stems must be non-empty, without whitespace, "
+                             "not starting with a byte-order mark")
         if math.isnan(score):
             raise ValueError(f"cannot write the NaN score of {stem!r} to {path}")
         lines.append(f"{stem} {score!r}\n")
