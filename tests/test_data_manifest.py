@@ -1144,3 +1144,17 @@ def test_the_numpy_csv_reader_reads_what_the_csv_module_reads(rows, end) -> None
         text = "fileid,path,num_samples" + end + "".join(f"{a},{b},{n}{end}" for a, b, n in rows)
         path.write_bytes(text.encode())
         assert _read_or_refusal(path, numpy_reader=True) == _read_or_refusal(path, numpy_reader=False)
+
+
+def test_a_tar_member_listed_under_two_names_through_a_link_is_named_in_a_warning(tmp_path: Path, caplog) -> None:
+    """README.md:166-167: a linked file 'is named in a warning when the same file is listed under another name
+    too'. In a folder it is; a tar holding d/x.wav and the symbolic link d/y.wav -> x.wav lists both (the same
+    bytes, trained on twice an epoch) without a word."""
+    _tone(tmp_path / "src" / "d" / "x.wav")
+    (tmp_path / "src" / "d" / "y.wav").symlink_to("x.wav")
+    with tarfile.open(tmp_path / "c.tar", "w") as archive:
+        archive.add(tmp_path / "src" / "d", arcname="d")
+    with caplog.at_level(logging.WARNING, logger="spidr.data.scanning"):
+        result = scan(tmp_path / "c.tar", progress=False)
+    assert len(result.entries) == 2  # both kept, as in a folder
+    assert any("several names" in record.getMessage() for record in caplog.records)

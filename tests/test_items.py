@@ -662,3 +662,33 @@ def test_written_items_read_back_to_their_frames(labels, kind, rate) -> None:
                          items.column("prev-phone"), items.column("next-phone"), items.column("speaker"),
                          strict=True))
         assert found == expected
+
+
+@pytest.mark.parametrize("suffix", [".item", ".csv", ".jsonl", ".txt", ".item.gz"])
+def test_items_output_reads_back_under_its_suffix_or_is_refused(tmp_path: Path, suffix: str) -> None:
+    """`spidr items ALIGN --out x.csv` wrote the whitespace .item layout under a .csv name (exit 0), which abx,
+    evaluate and probe then refuse ('missing column(s)'; '.jsonl': 'line 1 is not valid JSON'; '.txt', '.gz':
+    'extension ... is not supported'). Either the file reads back as the item file its name says, or the command
+    refuses the suffix (exit 2) and writes nothing."""
+    phones = ["SIL"] * 3 + ["AA"] * 5 + ["B"] * 5 + ["IY"] * 5 + ["K"] * 5 + ["SIL"] * 3
+    alignments = tmp_path / "a.jsonl"
+    alignments.write_text(json.dumps({"name": "spk-1", "phones": phones}) + "\n")
+    out = tmp_path / f"x{suffix}"
+    code = main(["items", str(alignments), "--out", str(out)])
+    if suffix == ".item":
+        assert code == 0
+        assert len(read_items(out)) == 2  # AA and B in context: the triphones AA-B and B-IY
+    else:
+        assert code == 2
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["u.txt", "u.json", "u.gz"])
+def test_units_output_with_an_extension_its_readers_do_not_know_is_refused_first(tmp_path, capsys, name):
+    """`spidr units --out u.txt` wrote JSON lines under a name that abx, units-quality and lm-train refuse (they
+    know a units file by .jsonl / .jsonl.gz): refused before any feature is read, naming the file."""
+    code = main(["units", str(tmp_path / "features"), "--centroids", str(tmp_path / "c.safetensors"),
+                 "--out", str(tmp_path / name)])
+    assert code == 2
+    assert f"--out {tmp_path / name} must end in .jsonl" in capsys.readouterr().err
+    assert not (tmp_path / name).exists()

@@ -575,12 +575,12 @@ def test_ctrl_c_outside_a_training_is_one_line_and_status_130(tmp_path, monkeypa
     """A KeyboardInterrupt printed a traceback from every command; training itself takes the first Ctrl-C for a
     stop request (tests/test_train.py)."""
     from spidr import cli
-    from spidr.data import manifest
+    from spidr.data import scanning
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(manifest, "scan", interrupted)
+    monkeypatch.setattr(scanning, "scan", interrupted)
     assert cli.main(["manifest", str(tmp_path), str(tmp_path / "m.csv")]) == 130
     assert capsys.readouterr().err == "spidr manifest: interrupted\n"
 

@@ -1,7 +1,8 @@
 """``spidr`` command line: thin subcommands, each parsing arguments and calling one library function.
 
-Each area of the library owns its subcommands in a ``commands.py`` module exposing ``register(subparsers)``;
-heavy imports happen inside the handlers so ``spidr --help`` stays fast.
+Each area of the library registers its subcommands with a ``register(subparsers)`` function (its ``commands.py``
+module, or ``eval.pipeline_commands``, ``lm.eval_commands``, ``demo``, ``learning_curve``); heavy imports
+happen inside the handlers so ``spidr --help`` stays fast.
 """
 
 from __future__ import annotations

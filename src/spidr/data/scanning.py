@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,12 +154,18 @@ def _audio_files(root: str, exts: tuple[str, ...], left_out: dict[str, int] | No
                 failures.append((path, f"symbolic link to {os.readlink(path)!r}, which leads to no file"))
             else:
                 failures.append((path, "not a regular file"))
-    aliases = sorted(sorted(paths) for paths in real_files.values() if len(paths) > 1)
-    if aliases:  # (kept: a linked file keeps its own name; but the same audio then counts once per name)
-        logger.warning("%d file(s) are listed under several names through symbolic links (e.g. %s), each once per "
-                       "name: trained on and extracted as many times", len(aliases),
-                       " and ".join(printable(path) for path in aliases[0][:2]))
+    _warn_of_aliases(real_files.values(), "symbolic links")
     return sorted(files, key=lambda p: p.split(os.sep)), failures
+
+
+def _warn_of_aliases(names_of_each_file: Iterable[list[str]], through: str) -> None:
+    """Name a file listed under several names (kept: a linked file keeps its own name; but the same audio then
+    counts once per name)."""
+    aliases = sorted(sorted(names) for names in names_of_each_file if len(names) > 1)
+    if aliases:
+        logger.warning("%d file(s) are listed under several names through %s (e.g. %s), each once per name: "
+                       "trained on and extracted as many times", len(aliases), through,
+                       " and ".join(printable(name) for name in aliases[0][:2]))
 
 
 def _warn_left_out(source: Path, left_out: Mapping[str, int], exts: tuple[str, ...], include_hint: str | None
@@ -238,6 +244,10 @@ def _tar_audio_members(tar: tarfile.TarFile, exts: tuple[str, ...], left_out: di
             failures.append((member.name, _why_no_data(member, target if member.issym() else None)))
     failures += [(None, f"the archive is cut short ({why}): only the members before the cut are listed")
                  for why in cut_short]
+    names_of_data: dict[tuple[int, int], list[str]] = {}  # the same stored bytes: one file, linked
+    for name, offset, size in members:
+        names_of_data.setdefault((offset, size), []).append(name)
+    _warn_of_aliases(names_of_data.values(), "links in the archive")
     return members, failures
 
 

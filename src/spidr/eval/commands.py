@@ -1,4 +1,5 @@
-"""Subcommands of this area (see ``spidr.cli``): ``abx``, ``units-quality``, ``kmeans``, ``units``."""
+"""Subcommands of this area (see ``spidr.cli``): ``abx``, ``units-quality``, ``kmeans``, ``units``, ``items`` and
+``compare-reports``."""
 
 from __future__ import annotations
 
@@ -35,8 +36,12 @@ def add_abx_options(parser: argparse.ArgumentParser, *, distance_default: str | 
     parser.add_argument("--seed", type=non_negative_int, default=0, help=seed_help)
 
 
+def _names_units_file(path: Path) -> bool:
+    return path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
+
+
 def _is_units_file(path: Path) -> bool:
-    return path.is_file() and path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
+    return path.is_file() and _names_units_file(path)
 
 
 def _rate_text(text: str) -> str:
@@ -198,6 +203,9 @@ def _units(args: argparse.Namespace) -> int:
 
     # Named by utterance id (the file stem, as codebook units, alignments and item files name them) when unique:
     # unique among the files written and those the extraction skipped, as spidr extract --kmeans names them.
+    if not _names_units_file(Path(args.out)):  # (the units' readers know the file by its extension)
+        raise ValueError(f"--out {args.out} must end in .jsonl, or .jsonl.gz to compress: the format spidr units "
+                         "writes")
     skipped, root = skipped_stems(args.features_dir), audio_root(args.features_dir)
     features = StemKeyed(one_layer_directory(args.features_dir), skipped=skipped, root=root)
     centroids = load_centroids(args.centroids)
@@ -285,6 +293,8 @@ def _items(args: argparse.Namespace) -> int:
     from spidr.eval.item_writer import DEFAULT_SPEAKER_PATTERN, interval_speakers, write_item_file
     from spidr.eval.unit_quality import read_alignments
 
+    if Path(args.out).suffix != ".item":  # (abx, evaluate and probe read an item file's format by its extension)
+        raise ValueError(f"--out {args.out} must end in .item, the format spidr items writes")
     out = check_new_output(args.out, overwrite=args.overwrite)
     alignments = read_alignments(args.alignments, alignment_rate_hz=args.alignment_rate, keep_stress=args.keep_stress)
     speakers = interval_speakers(args.alignments) if args.speaker_pattern is None else None

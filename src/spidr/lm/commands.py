@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--centroids; fitted centroids are kept as OUT/layer_LL/centroids.safetensors), or with --oracle "
         "OUT/<set>.jsonl holding the sets' 20 ms phone labels. A model's units resume set by set: OUT/.lm-units.json "
         "records what they are made from and the finished sets; a rerun with the same inputs skips those, one "
-        "with other inputs (weights, layers, dtype, units, the sets' files) is refused. A training file that gives "
+        "with other inputs (weights, layers, dtype, units, the sets' files) is refused once a set is finished (a "
+        "folder where none was finished yet is begun again). A training file that gives "
         "no units (unreadable, or shorter than one frame) is left out with a warning; a test file is an error, since "
         "a submission needs a score for each.",
         formatter_class=FORMATTER,
