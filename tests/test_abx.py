@@ -216,8 +216,18 @@ def random_task(seed: int, *, num_items: int = 60, speakers: int = 3, phones: st
 
 def reference_abx(features: dict[str, np.ndarray], items: Items, *, speaker: str, context: str,
                   distance: str, mirror: bool = True) -> tuple[float, int]:
-    """fastabx's definition written triplet by triplet (no subsampling). ``mirror=False``: X always on the lattice
-    rows, which is not fastabx's rule within speaker (a wrong reference, to show that the rule matters)."""
+    """fastabx's definition written triplet by triplet (no subsampling): the error rate and the number of cells.
+    ``mirror=False``: X always on the lattice rows, which is not fastabx's rule within speaker (a wrong reference,
+    to show that the rule matters)."""
+    by_pair, num_cells = reference_pair_errors(features, items, speaker=speaker, context=context, distance=distance,
+                                               mirror=mirror)
+    return float(np.mean(list(by_pair.values()))), num_cells
+
+
+def reference_pair_errors(features: dict[str, np.ndarray], items: Items, *, speaker: str, context: str,
+                          distance: str, mirror: bool = True) -> tuple[dict[tuple[str, str], float], int]:
+    """``reference_abx``'s (A phone, B phone) → error rate, each pair's mean over contexts then speakers, and the
+    number of cells."""
     starts, ends = frame_bounds(items, RATE)
     seqs = []
     for i in range(len(items)):
@@ -270,7 +280,26 @@ def reference_abx(features: dict[str, np.ndarray], items: Items, *, speaker: str
     by_pair = defaultdict(list)
     for (pa, pb, _), errors in by_speaker.items():
         by_pair[pa, pb].append(np.mean(errors))
-    return float(np.mean([np.mean(v) for v in by_pair.values()])), len(cells)
+    return {pair: float(np.mean(errors)) for pair, errors in by_pair.items()}, len(cells)
+
+
+@pytest.mark.parametrize(("speaker", "context"), [("within", "within"), ("within", "any"), ("across", "within"),
+                                                  ("across", "any")])
+def test_each_phone_pair_s_error_rate_is_the_reference_s_and_their_mean_the_error_rate(speaker, context):
+    """Truth: the reference written triplet by triplet, per (A, B) pair: mean over contexts, then speakers. The pairs
+    are ordered ((A, B) ≠ (B, A): A is the phone of A and X), named by the item file's phones."""
+    for seed in range(2):
+        features, items = random_task(seed, num_items=40, phones="abcd")
+        result = abx(features, items, speaker=speaker, context=context, distance="euclidean", frequency=RATE,
+                     max_size_group=None, max_x_across=None)
+        expected, _ = reference_pair_errors(features, items, speaker=speaker, context=context, distance="euclidean")
+        assert set(result.pair_error_rates) == set(expected)
+        for pair, error in expected.items():
+            assert result.pair_error_rates[pair] == pytest.approx(error, abs=1e-12), pair
+        assert result.num_pairs == len(expected)
+        assert any(a != b and (b, a) in expected and expected[a, b] != pytest.approx(expected[b, a])
+                   for a, b in expected), "the task should tell (A, B) from (B, A)"
+        assert result.error_rate == pytest.approx(np.mean(list(result.pair_error_rates.values())), abs=1e-15)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -434,6 +463,33 @@ def test_a_feature_directory_follows_linked_folders_once(tmp_path: Path) -> None
     directory = FeatureDirectory(tmp_path / "layer")
     assert sorted(directory) == ["spk0/a", "spk9/z"]
     assert tuple(directory["spk9/z"].shape) == (2, 2)
+
+
+def test_command_line_by_pair_gives_every_pair_worst_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--by-pair: the (A, B) pairs' error rates as abx() gives them (tested against the reference above), in percent,
+    worst first; the JSON's by_pair and the table after the sentence hold the same rows."""
+    features, items = random_task(5, num_items=50, phones="abcd")
+    write_feature_tree(tmp_path / "features", features)
+    item_file = tmp_path / "task.item"
+    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
+    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
+                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
+    item_file.write_text("\n".join(lines) + "\n")
+    command = ["abx", str(tmp_path / "features"), str(item_file), "--frequency", "50", "--by-pair"]
+    expected = abx(features, items, frequency=50).pair_error_rates
+    assert cli.main([*command, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["by_pair"]
+    assert {(row["a"], row["b"]): row["abx_error_rate"] for row in rows} == pytest.approx(
+        {pair: 100 * error for pair, error in expected.items()})
+    assert len(rows) == len(expected)
+    errors = [row["abx_error_rate"] for row in rows]
+    assert errors == sorted(errors, reverse=True)
+    assert cli.main(command) == 0
+    table = capsys.readouterr().out.split("A\tB\tABX error rate %\n")[1].splitlines()
+    assert [line.split("\t") for line in table] == [[row["a"], row["b"], f"{row['abx_error_rate']:.3f}"]
+                                                    for row in rows]
+    assert cli.main([*command[:-1], "--json"]) == 0
+    assert "by_pair" not in json.loads(capsys.readouterr().out)
 
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -82,7 +82,10 @@ class AbxResult:
     """Outcome of an ABX evaluation.
 
     ``error_rate`` is a fraction (multiply by 100 for the usual percent); ``num_cells`` and ``num_triplets`` count
-    what was scored after subsampling; ``num_pairs`` is the number of (A phone, B phone) pairs averaged last.
+    what was scored after subsampling; ``num_pairs`` is the number of (A phone, B phone) pairs averaged last, and
+    ``pair_error_rates`` their error rates (fractions, averaged over contexts and speakers as ``error_rate`` is;
+    ``error_rate`` is their mean): which phones the representation confuses. (A, B) and (B, A) are two pairs: A is
+    the phone of A and X.
     """
 
     error_rate: float
@@ -90,6 +93,7 @@ class AbxResult:
     num_triplets: int
     num_pairs: int
     num_items: int
+    pair_error_rates: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
 
 def abx_error_rate(features: Mapping[str, object], items: Items | str | Path, **options: Any) -> float:
@@ -169,15 +173,18 @@ def abx(
             f"{items.source}: no ABX cell for speaker={speaker}, context={context}: every phone needs a second "
             "phone with the same BY labels (and, within speaker, ≥ 2 items; across speaker, another speaker)"
         )
-    error_rate, num_pairs = _collapse(cells, context=context)
+    (a_phone, b_phone), pair_errors = _collapse(cells, context=context)
+    error_rate = float(pair_errors.mean())
     logger.info("ABX %s speaker, %s context, %s: %.3f%% over %d cells, %d triplets", speaker, context, distance,
                 100 * error_rate, cells.score.size, int(cells.size.sum()))
     return AbxResult(
         error_rate=error_rate,
         num_cells=int(cells.score.size),
         num_triplets=int(cells.size.sum()),
-        num_pairs=num_pairs,
+        num_pairs=int(pair_errors.size),
         num_items=len(items),
+        pair_error_rates={(str(labels.phone_names[a]), str(labels.phone_names[b])): float(error)
+                          for a, b, error in zip(a_phone, b_phone, pair_errors, strict=True)},
     )
 
 
@@ -190,16 +197,16 @@ def _cap(value: int | None, name: str) -> int | None:
 
 
 
-def _collapse(cells: Cells, *, context: Context) -> tuple[float, int]:
-    """Mean error over contexts (and X speakers), then speakers, then (A, B) phone pairs (fastabx ``collapse``). With
-    context "any" every cell of an (A, B) pair is averaged at once, A and X speakers alike (one flat mean, not a mean
-    per A speaker first)."""
+def _collapse(cells: Cells, *, context: Context) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """The (A, B) phone pairs' codes and their (P,) mean errors: over contexts (and X speakers), then speakers
+    (fastabx ``collapse``; the error rate is then their mean). With context "any" every cell of an (A, B) pair is
+    averaged at once, A and X speakers alike (one flat mean, not a mean per A speaker first)."""
     if context == "within":
         keys, scores = _group_mean((cells.a_phone, cells.b_phone, cells.speaker), cells.score)
         keys, scores = _group_mean(keys[:2], scores)
     else:
         keys, scores = _group_mean((cells.a_phone, cells.b_phone), cells.score)
-    return float(scores.mean()), int(scores.size)
+    return (keys[0], keys[1]), scores
 
 
 def _group_mean(keys: tuple[np.ndarray, ...], values: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:

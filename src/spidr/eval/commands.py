@@ -101,6 +101,8 @@ def _abx(args: argparse.Namespace) -> int:
         librilight_bug=args.librilight_bug,
     )
     percent = 100.0 * result.error_rate
+    # worst first; ties in phone order
+    pairs = sorted(result.pair_error_rates.items(), key=lambda pair: (-pair[1], pair[0])) if args.by_pair else []
     if args.json:
         print(json.dumps({
             "abx_error_rate": percent,
@@ -112,10 +114,17 @@ def _abx(args: argparse.Namespace) -> int:
             "triplets": result.num_triplets,
             "phone_pairs": result.num_pairs,
             "items": result.num_items,
+            **({"by_pair": [{"a": a, "b": b, "abx_error_rate": 100.0 * error} for (a, b), error in pairs]}
+               if args.by_pair else {}),
         }))
     else:
         print(f"ABX error rate: {percent:.3f}% ({args.speaker} speaker, {args.context} context, {distance}; "
               f"{result.num_cells} cells, {result.num_triplets} triplets)")
+        if args.by_pair:
+            print(f"\n{result.num_pairs} (A, B) phone pairs (A: the phone of A and X), worst first:\n"
+                  "A\tB\tABX error rate %")
+            for (a, b), error in pairs:
+                print(f"{a}\t{b}\t{100.0 * error:.3f}")
     return 0
 
 
@@ -362,6 +371,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--librilight-bug", action="store_true",
                         help="slice items as Libri-light / ZeroSpeech 2021 did, dropping each item's last frame")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
+    parser.add_argument("--by-pair", action="store_true",
+                        help="also give the error rate of each (A, B) phone pair, the pairs the error rate averages, "
+                        "worst first: a table after the sentence, or by_pair in the JSON object")
     parser.set_defaults(handler=_abx)
 
     _register_items(subparsers, formatter)
