@@ -327,6 +327,39 @@ def test_probe_separates_the_two_tones_from_mfcc_and_reports_every_representatio
     assert "| MFCC | mfcc |" in (out / "probe.md").read_text()
 
 
+def test_probe_reads_stored_features_as_the_model_that_made_them(corpus, tmp_path, capsys):
+    """--features NAME=DIR: a spidr extract folder's layers probed without the model give the rows the model's own
+    probe gives for those layers (the same frames, up to the batching of the forward passes; the same counts), at
+    the frame rate the extraction recorded; the options of a --checkpoint model without one are refused."""
+    feats = tmp_path / "feats"
+    assert main(["extract", "--checkpoint", str(corpus / "tiny.safetensors"), "--manifest",
+                 str(corpus / "manifest.csv"), "--layers", "1-3", "--out", str(feats)]) == 0
+    common = ["--manifest", str(corpus / "manifest.csv"), "--alignments", str(corpus / "align50.tsv"),
+              "--alignment-rate", "50", "--test-fraction", "0.25", "--epochs", "20"]
+    assert main(["probe", "--checkpoint", str(corpus / "tiny.safetensors"), *common, "--out",
+                 str(tmp_path / "model")]) == 0
+    assert main(["probe", "--features", f"stored={feats}", *common, "--out", str(tmp_path / "stored")]) == 0
+    model = {row["representation"]: row for row in json.loads((tmp_path / "model" / "probe.json").read_text())}
+    stored = json.loads((tmp_path / "stored" / "probe.json").read_text())
+    assert [(row["model"], row["representation"]) for row in stored] == [
+        ("stored", "layer_01"), ("stored", "layer_02"), ("stored", "layer_03")]
+    for row in stored:
+        expected = model[row["representation"]]
+        assert (row["num_train_frames"], row["num_test_frames"], row["num_test_utterances"]) == (
+            expected["num_train_frames"], expected["num_test_frames"], expected["num_test_utterances"])
+        assert row["frame_accuracy"] == pytest.approx(expected["frame_accuracy"], abs=3.0)
+    capsys.readouterr()
+    out = ["--out", str(tmp_path / "refused")]
+    for extra, message in (([], "give the model to probe (--checkpoint) or stored features"),
+                           (["--features", f"s={feats}", "--layers", "2"], "--layers: options of the --checkpoint"),
+                           (["--features", f"s={feats}", "--frequency", "100"], "--frequency 100 Hz, but"),
+                           (["--features", str(feats)], "expected NAME=DIR"),
+                           (["--features", f"s={tmp_path / 'none'}"], "is not a folder")):
+        assert main(["probe", *common, *out, *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "refused").exists()
+
+
 def test_user_errors_are_one_line_before_any_work(corpus, tmp_path, capsys):
     """A device this machine lacks, a non-positive size, a file where the output folder goes, an audio file given
     as the checkpoint: each is one line naming what is wrong, exit code 2, no traceback."""

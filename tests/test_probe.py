@@ -598,3 +598,52 @@ def test_separate_test_alignments_are_checked_each_against_its_own_utterances(tm
         run_probe(featurizer, "m", train, test, alignments, test_alignments=test_alignments, alignment_rate=100.0,
                   settings=ProbeSettings(epochs=1), sources=("--alignments a.tsv", "--test-alignments b.tsv"))
     assert featurizer.calls == 0
+
+
+def test_stored_features_probe_exactly_as_the_featurizer_that_made_them():
+    """Truth: the same frames in the same order train the same seeded probes. StoredFeaturizer, given the frames a
+    featurizer yields (keyed by file id), scores each representation as that featurizer's own run does, to the
+    last digit; a second stored representation gets its own rows."""
+    from spidr.eval.probe import StoredFeaturizer
+
+    rng = np.random.default_rng(4)
+    features, labels, lengths = _utterances(40, rng)
+    spans = {f"u{i}": span for i, span in enumerate(itertools.pairwise(np.concatenate([[0], np.cumsum(lengths)])))}
+    per_utterance = {name: features[a:b] for name, (a, b) in spans.items()}
+    alignments = Alignments.from_labels((name, [f"p{c}" for c in labels[a:b]]) for name, (a, b) in spans.items())
+    entries = [ManifestEntry(name, f"/corpus/{name}.wav", int(len(values) * 160))
+               for name, values in per_utterance.items()]
+    settings = ProbeSettings(epochs=5, batch_size=128, ctc_epochs=2)
+    made = _PlantedFeaturizer(per_utterance)
+    expected = run_probe(made, "m", entries[:30], entries[30:], alignments, settings=settings)
+    yielded = {entry.fileid: values for entry, values in made(entries)}
+    stored = StoredFeaturizer({key: {name: values[key] for name, values in yielded.items()}
+                               for key in made.representations}, frame_rate=made.frame_rate)
+    assert stored.representations == made.representations
+    assert run_probe(stored, "m", entries[:30], entries[30:], alignments, settings=settings) == expected
+
+
+def test_stored_features_are_found_by_path_where_ids_repeat_and_missing_ones_are_named(tmp_path):
+    """spk1/0001 and spk2/0001 (features named as spidr extract names them, by path below the audio folder): each
+    file reads its own features, found by its path; a file with none, or features that are not (T, D), is an
+    error naming the file and the representation."""
+    from spidr.eval.probe import StoredFeaturizer
+
+    features = {"spk1/0001": np.zeros((4, 2), np.float32), "spk2/0001": np.ones((6, 2), np.float32),
+                "spk2/other": np.full((2, 2), 2.0, np.float32)}
+    entries = [ManifestEntry("0001", "/corpus/spk1/0001.wav", 320 * 4),
+               ManifestEntry("0001", "/corpus/spk2/0001.flac", 320 * 6),
+               ManifestEntry("other", "/corpus/spk2/other.wav", 320 * 2)]
+    stored = StoredFeaturizer({"layer_03": features}, frame_rate=50.0)
+    read = [(entry.location, values["layer_03"]) for entry, values in stored(entries)]
+    assert [(location, values.shape, float(values[0, 0])) for location, values in read] == [
+        ("/corpus/spk1/0001.wav", (4, 2), 0.0), ("/corpus/spk2/0001.flac", (6, 2), 1.0),
+        ("/corpus/spk2/other.wav", (2, 2), 2.0)]
+    missing = ManifestEntry("gone", "/corpus/spk3/gone.wav", 320)
+    with pytest.raises(ValueError, match=r"^layer_03: .* holds no features of /corpus/spk3/gone\.wav"):
+        list(stored([missing]))
+    flat = StoredFeaturizer({"units": {"other": np.zeros(3, np.float32)}}, frame_rate=50.0)
+    with pytest.raises(ValueError, match=r"^units: the features of /corpus/spk2/other\.wav have shape \(3,\)"):
+        list(flat(entries[2:]))
+    with pytest.raises(ValueError, match="frame_rate"):
+        StoredFeaturizer({"r": features}, frame_rate=0.0)

@@ -50,7 +50,7 @@ def _rate_text(text: str) -> str:
     return text.strip()
 
 
-def _rate(given: str | int | None, source: Path, option: str) -> str:
+def frame_rate_option(given: str | int | None, source: Path, option: str) -> str:
     """The frame rate to use for ``source``, as text: the one its extraction's metadata.json records, which
     ``given`` (the option's value) must agree with; ``given`` or 50 Hz when there is no metadata."""
     from spidr.eval.feature_dir import extraction_frame_rate
@@ -87,7 +87,7 @@ def _abx(args: argparse.Namespace) -> int:
         distance = args.distance or "angular"
     else:
         raise ValueError(f"FEATURES {source} is neither a directory of .npy/.pt files nor a units .jsonl file")
-    frequency = _rate(args.frequency, source, "--frequency")
+    frequency = frame_rate_option(args.frequency, source, "--frequency")
     result = abx(
         features,
         args.item_file,
@@ -136,7 +136,7 @@ def _units_quality(args: argparse.Namespace) -> int:
 
     # (first: a mistyped name or a folder was told it lacked a recorded rate and vocabulary size)
     existing_file(args.units, "units file", hint="give one units .jsonl file (e.g. OUT/codebook_units/layer_06.jsonl)")
-    unit_rate = float(_rate(args.unit_rate, Path(args.units), "--unit-rate"))
+    unit_rate = float(frame_rate_option(args.unit_rate, Path(args.units), "--unit-rate"))
     if not unit_rate.is_integer():
         raise ValueError(f"unit rate {unit_rate:g} Hz: units-quality needs an integer rate")
     num_units = args.num_units

@@ -110,17 +110,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     seed_help="seed of the ABX subsampling and of the random-init baseline")
     evaluate.set_defaults(handler=run_evaluate)
 
+    _register_probe(subparsers)
+
+
+def _register_probe(subparsers: argparse._SubParsersAction) -> None:
     probe = subparsers.add_parser(
         "probe",
         help="phone probes per layer: frame accuracy and phone error rate of a classifier on frozen features",
         description="Train a linear (or one-hidden-layer) frame phone classifier on each representation of the model "
         "— the front end's output (conv stack or log-mel), the projection that feeds the Transformer, every layer — "
         "and score it on held-out utterances by frame accuracy, and a linear CTC head on each by phone error rate "
-        "(greedy decoding, silence removed; SUPERB's phone-recognition convention). "
-        "Writes probe.md, probe.json and probe.png.",
+        "(greedy decoding, silence removed; SUPERB's phone-recognition convention). Features made elsewhere "
+        "(another model's, or a spidr extract folder) are probed alike with --features, beside or instead of a "
+        "--checkpoint. Writes probe.md, probe.json and probe.png.",
         formatter_class=FORMATTER,
     )
-    _add_model_arguments(probe)
+    _add_model_arguments(probe, required=False)
+    probe.add_argument("--features", action="append", default=None, metavar="NAME=DIR",
+                       help="probe stored features as the representations of model NAME (repeatable): DIR is one "
+                       "layer's folder of per-utterance (T, D) .npy/.pt files, named as spidr extract names them "
+                       "(by path below the audio folder, or by file id), or a spidr extract folder (each layer_LL "
+                       "folder a representation)")
+    probe.add_argument("--frequency", type=cli_types.positive_float, default=None,
+                       help="frame rate in Hz of --features that record none (spidr extract records it; default "
+                       "50, with a warning)")
     probe.add_argument("--manifest", required=True, help="training utterances (.csv/.tsv/.jsonl or a folder)")
     probe.add_argument("--alignments", required=True,
                        help="phone alignments of the training (and, by default, held-out) utterances: "
@@ -151,8 +164,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.set_defaults(handler=run_probe)
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+def _add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--checkpoint", required=required, help=CHECKPOINT_HELP)
     add_loading_arguments(parser)
     parser.add_argument("--device", type=cli_types.device, default="auto", help=cli_types.DEVICE_HELP)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -189,6 +202,36 @@ def _entries(source: str, exts: Sequence[str] = AUDIO_EXTENSIONS) -> tuple[Any, 
 def _model(args: argparse.Namespace):
     # --device was checked when parsed (cli_types.device refuses cuda where CUDA is not available)
     return model_from_args(args.checkpoint, args).to(args.device)
+
+
+def stored_featurizers(specs: Sequence[str], frequency: float | None) -> dict[str, Any]:
+    """``--features NAME=DIR`` as ``{NAME: StoredFeaturizer}``: DIR one layer's folder of feature files (one
+    representation, named by the folder) or a ``spidr extract`` folder (each ``layer_LL`` folder one), at the rate
+    its extraction records (which ``frequency`` must agree with), else ``frequency``, else 50 Hz with a warning."""
+    from spidr.eval.commands import frame_rate_option
+    from spidr.eval.feature_dir import StemKeyed, audio_root, one_layer_directory, skipped_stems
+    from spidr.eval.probe import StoredFeaturizer
+
+    featurizers: dict[str, Any] = {}
+    for spec in specs:
+        name, _, folder_text = spec.partition("=")
+        name = name.strip()
+        if not name or not folder_text:
+            raise ValueError(f"--features {spec!r}: expected NAME=DIR, e.g. hubert=feats/layer_09")
+        if name in featurizers:
+            raise ValueError(f"--features {spec!r}: the name {name!r} is given twice")
+        folder = Path(folder_text)
+        if not folder.is_dir():
+            raise ValueError(f"--features {spec!r}: {folder} is not a folder")
+        folders = sorted(path for path in folder.glob("layer_[0-9]*") if path.is_dir()) or [folder]
+        rates = {float(frame_rate_option(None if frequency is None else f"{frequency:g}", path, "--frequency"))
+                 for path in folders}
+        if len(rates) > 1:
+            raise ValueError(f"--features {spec!r}: its layers record different frame rates ({sorted(rates)})")
+        featurizers[name] = StoredFeaturizer(
+            {path.name: StemKeyed(one_layer_directory(path), source=path, skipped=skipped_stems(path),
+                                  root=audio_root(path)) for path in folders}, frame_rate=rates.pop())
+    return featurizers
 
 
 def launcher_part(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> tuple[Shard, str]:
@@ -430,7 +473,16 @@ def run_probe(args: argparse.Namespace) -> int:
     if args.hidden < 0 or args.epochs < 1 or args.max_train_frames < 1:
         raise ValueError(f"--hidden {args.hidden}, --epochs {args.epochs}, --max-train-frames "
                          f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")
-    model = _model(args)
+    if args.checkpoint is None:
+        if not args.features:
+            raise ValueError("give the model to probe (--checkpoint) or stored features (--features NAME=DIR)")
+        given = [option for option, value in (("--layers", args.layers), ("--name", args.name),
+                                              ("--baseline random-init", "random-init" in (args.baseline or ())))
+                 if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of the --checkpoint model, which is not given")
+    stored = stored_featurizers(args.features or (), args.frequency)
+    model = _model(args) if args.checkpoint is not None else None
     train_entries, train_unread = _entries(args.manifest, args.ext)
     if args.test_manifest:
         test_entries, test_unread = _entries(args.test_manifest, args.ext)
@@ -448,12 +500,16 @@ def run_probe(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers, model.num_layers) if args.layers else None
     settings = ProbeSettings(hidden=args.hidden, epochs=args.epochs, max_train_frames=args.max_train_frames,
                              seed=args.seed, dtype=args.dtype)
-    name = args.name or default_model_name(args.checkpoint)
+    name = args.name or (default_model_name(args.checkpoint) if model is not None else ", ".join(stored))
     common = {"test_alignments": test_alignments, "alignment_rate": args.alignment_rate, "settings": settings,
               "keys": keys, "unread": (train_unread, test_unread),
               "sources": (f"--alignments {args.alignments}",
                           f"--test-alignments {args.test_alignments}" if args.test_alignments else None)}
-    featurizers = {name: ModelFeaturizer(model, layers=layers, dtype=args.dtype)}
+    featurizers = {name: ModelFeaturizer(model, layers=layers, dtype=args.dtype)} if model is not None else {}
+    for stored_name, featurizer in stored.items():
+        if stored_name in featurizers:
+            raise ValueError(f"--features {stored_name}=...: the name of the --checkpoint model; give another name")
+        featurizers[stored_name] = featurizer
     for baseline in args.baseline or ():
         if baseline == "mfcc":
             featurizers["MFCC"] = MfccFeaturizer()

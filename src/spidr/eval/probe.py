@@ -9,10 +9,11 @@ residual like ``spidr extract``); the same probes run on MFCC and on the model a
 shows where information appears and where it goes.
 
 audio → representations of every utterance (``ModelFeaturizer`` / ``MfccFeaturizer``, one forward pass gives all of
-a model's) → training frames with labels (``collect_training_frames``, bounded by ``max_train_frames``) →
-standardise + fit a frame classifier (``fit_probe``) and a CTC head (``fit_ctc_probe``) per representation → score
-the held-out utterances, streamed (``score_probes``): frame accuracy, and PER = edit distance between the CTC head's
-greedy phone sequence and the reference (run-collapsed frame labels, silence removed) over the reference length.
+a model's; ``StoredFeaturizer`` reads features made elsewhere) → training frames with labels
+(``collect_training_frames``, bounded by ``max_train_frames``) → standardise + fit a frame classifier (``fit_probe``)
+and a CTC head (``fit_ctc_probe``) per representation → score the held-out utterances, streamed (``score_probes``):
+frame accuracy, and PER = edit distance between the CTC head's greedy phone sequence and the reference
+(run-collapsed frame labels, silence removed) over the reference length.
 
 Labels: feature frame t (at ``frame_rate`` Hz) takes the alignment frame that holds its centre, index
 ⌊(t + ½) · alignment_rate / frame_rate⌋; the two sequences may differ by at most 2 alignment frames beyond that
@@ -135,6 +136,49 @@ class MfccFeaturizer:
         for batch in _audio_batches(entries, 60.0):
             for entry, wave in batch:
                 yield entry, {"mfcc": mfcc(wave.numpy()).astype(np.float32)}
+
+
+class StoredFeaturizer:
+    """Representations read instead of computed: features another model or tool made, or ``spidr extract`` wrote.
+    ``representations``: ``{name: {utterance: (T, D) features}}`` at ``frame_rate`` Hz, e.g. a one-layer folder of
+    .npy/.pt files (``spidr.eval.feature_dir.one_layer_directory``, read lazily) or a dict of arrays. An entry is
+    found by its path (without extension) or its file id, as ``StemKeyed`` finds an item's features (LibriSpeech's
+    nested folders, or one flat folder of ids); one found in no representation is an error naming it. Lengths are
+    not checked before the first feature is read (no conv stack tells how many frames a file gives): each
+    utterance's are checked against its alignment as it is labelled, as strictly."""
+
+    conv_layers = None
+
+    def __init__(self, representations: Mapping[str, Mapping[str, object]], *, frame_rate: float) -> None:
+        from spidr.eval.feature_dir import StemKeyed
+
+        if not representations:
+            raise ValueError("no representation to probe: give at least one {name: features}")
+        if not (math.isfinite(frame_rate) and frame_rate > 0):
+            raise ValueError(f"frame_rate = {frame_rate!r}: expected the features' rate in Hz, > 0")
+        self.features = {name: features if isinstance(features, StemKeyed) else StemKeyed(features)
+                         for name, features in representations.items()}
+        self.representations = tuple(self.features)
+        self.frame_rate = float(frame_rate)
+
+    def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
+        """``(entry, {representation: (T, D) float32})`` for every entry, in order."""
+        for entry in entries:
+            yield entry, {name: self._read(features, name, entry) for name, features in self.features.items()}
+
+    @staticmethod
+    def _read(features, representation: str, entry: ManifestEntry) -> np.ndarray:
+        path = entry.path.rsplit(".", 1)[0] if "." in entry.path.rsplit("/", 1)[-1] else entry.path
+        key = features.resolve(path) or features.resolve(entry.fileid)
+        if key is None:
+            raise ValueError(f"{representation}: {features.source} holds no features of {entry.location} (looked up "
+                             f"by its path and by its id {entry.fileid!r})")
+        values = features[key]
+        values = np.asarray(values.float() if isinstance(values, torch.Tensor) else values, dtype=np.float32)
+        if values.ndim != 2:
+            raise ValueError(f"{representation}: the features of {entry.location} have shape {values.shape}; "
+                             "expected (T, D)")
+        return values
 
 
 # --------------------------------------------------------------------------------------------------------------
