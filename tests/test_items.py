@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spidr.cli import main
-from spidr.eval.item_writer import segments, write_item_file
+from spidr.eval.item_writer import items_from_alignments, segments, write_item_file
 from spidr.eval.items import Items, check_nonempty, check_within, frame_bounds, read_items
 from spidr.eval.unit_quality import Alignments
 
@@ -692,3 +692,27 @@ def test_units_output_with_an_extension_its_readers_do_not_know_is_refused_first
     assert code == 2
     assert f"--out {tmp_path / name} must end in .jsonl" in capsys.readouterr().err
     assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("kind", ["triphone", "phoneme"])
+def test_items_made_in_memory_are_the_hand_counted_rows_the_file_holds(tmp_path: Path, kind: str) -> None:
+    """items_from_alignments: the items of the hand-counted rows above (those spidr items writes), without a file;
+    an abx on them scores as on the file; alignments without an item are refused as the writer refuses them."""
+    from spidr.eval.abx import abx
+    from spidr.eval.unit_quality import without_stress
+
+    alignments = without_stress(Alignments.from_labels(ALIGNED.items()))  # (as spidr items reads them)
+    made = items_from_alignments(alignments, alignment_rate_hz=100, kind=kind)
+    rows = TRIPHONE_ROWS if kind == "triphone" else PHONEME_ROWS
+    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
+    expected = Items.from_columns(dict(zip(header, zip(*(row.split() for row in rows), strict=True), strict=True)))
+    assert (made.files, made.onsets, made.offsets, made.labels) == (
+        expected.files, expected.onsets, expected.offsets, expected.labels)
+    write_item_file(tmp_path / "x.item", alignments, alignment_rate_hz=100, kind=kind)
+    rng = np.random.default_rng(0)
+    features = {name: rng.normal(size=(len(phones) // 2 + 1, 3)).astype(np.float32)
+                for name, phones in ALIGNED.items()}
+    options = {"speaker": "within", "context": "any", "frequency": 50, "max_size_group": None}
+    assert abx(features, made, **options).error_rate == abx(features, tmp_path / "x.item", **options).error_rate
+    with pytest.raises(ValueError, match="no item: none of the 1 utterances"):
+        items_from_alignments(Alignments.from_labels([("spk-1", ["SIL", "A", "B", "SIL"])]), alignment_rate_hz=100)

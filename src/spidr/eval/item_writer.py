@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # (the CLI's parser reads this module's constants without numpy)
     import numpy as np
 
+    from spidr.eval.items import Items
     from spidr.eval.unit_quality import Alignments
 
 ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
@@ -127,6 +128,23 @@ def _seconds(frame: int, rate: float) -> str:
     return f"{frame / rate:.6f}".rstrip("0").rstrip(".") if frame else "0"
 
 
+def items_from_alignments(alignments: Alignments, **options) -> Items:
+    """The items that ``write_item_file`` would write (``item_rows(alignments, **options)``), in memory: for ABX
+    on alignments held in Python (``Alignments.from_labels``) without an item file. No item is an error."""
+    from spidr.eval.items import Items
+
+    rows = [row.split(" ") for row in item_rows(alignments, **options)]
+    if not rows:
+        raise ValueError(_no_item(alignments))
+    return Items.from_columns(dict(zip(ITEM_HEADER.split(" "), zip(*rows, strict=True), strict=True)),
+                              source="<items of the alignments>")
+
+
+def _no_item(alignments: Alignments) -> str:
+    return (f"no item: none of the {len(alignments)} utterances has a speech phone between two speech phones (a "
+            "silence label on either side, or fewer than three phones)")
+
+
 def write_item_file(path: str | Path, alignments: Alignments, **options) -> int:
     """Write ``item_rows(alignments, **options)`` under ``ITEM_HEADER`` to ``path`` (whole or not at all); returns
     the number of items. No item (every phone next to a silence, or one phone per utterance) is an error."""
@@ -139,7 +157,6 @@ def write_item_file(path: str | Path, alignments: Alignments, **options) -> int:
             handle.write(row + "\n")
             count += 1
         if not count:  # (raised inside: the temporary file is removed, an earlier file kept)
-            raise ValueError(f"no item: none of the {len(alignments)} utterances has a speech phone between two "
-                             "speech phones (a silence label on either side, or fewer than three phones)")
+            raise ValueError(_no_item(alignments))
     return count
 
