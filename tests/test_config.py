@@ -5,13 +5,21 @@ mutation round (55 mutants over config, loading, key maps and conversion) found 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
 
 from spidr.config import (
     DEFAULT_CONV_LAYERS,
+    OVERRIDE_SECTIONS,
     Config,
     DataConfig,
     DinoSRConfig,
@@ -23,7 +31,9 @@ from spidr.config import (
     load_config,
     unused_settings,
 )
+from spidr.lm.config import load_lm_config
 from spidr.models.schedules import spidr_ema_decay
+from spidr.train.runtime import config_diff, write_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 
@@ -357,3 +367,154 @@ def test_each_pattern_character_alone_makes_an_extension_refused(text, part):
         extensions(text)
     assert str(raised.value) == (f"{text!r}: {part!r} is not a file extension; expected extensions separated by "
                                  "commas, without patterns or spaces, e.g. .wav,.flac")
+
+
+TINY_TOML = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+FIXTURES = [HealthCheck.function_scoped_fixture]  # (tmp_path is only written to, never read across examples)
+
+
+def toml_value(value: object) -> str:
+    """``value`` written as a TOML value (strings escaped, control characters as \\uXXXX)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        escaped = "".join("\\" + c if c in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+                          for c in value)
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def minimal_toml(section: str, settings: dict[str, str]) -> str:
+    """A valid run config (default model) with ``settings`` (key → its TOML value) set in ``[section]``."""
+    sections = {"run": {"workdir": '"w"', "wandb_project": '"p"', "wandb_name": '"n"'},
+                "data": {"manifest": '"m.csv"'}}
+    sections[section] = sections.get(section, {}) | settings
+    return "".join(f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in body.items())
+                   for name, body in sections.items())
+
+
+TEMPORAL = st.one_of(st.dates(), st.times(), st.datetimes())  # what TOML reads from an unquoted 2024-01-01 etc.
+TEXT_FIELDS = [("run", "workdir"), ("run", "wandb_project"), ("run", "wandb_name"), ("run", "init_ckpt"),
+               ("data", "manifest"), ("data", "alignments_path"), ("run", "slurm_validation.time")]
+
+
+# Was a defect: a TOML date or time anywhere in the file raised "TypeError: Object of type date is not JSON
+# serializable" (apply_overrides copied the file through JSON), naming neither the file nor the field; in
+# run.slurm_validation it was accepted, then crashed the trainer's config.json.
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=FIXTURES)
+@given(field=st.sampled_from(TEXT_FIELDS), value=TEMPORAL)
+def test_a_date_or_time_in_a_config_file_is_refused_naming_the_field(tmp_path, field, value) -> None:
+    section, key = field
+    path = tmp_path / "run.toml"
+    stamp = value.isoformat()
+    setting = {"slurm_validation": f"{{time = {stamp}}}"} if key.startswith("slurm") else {key: stamp}
+    path.write_text(minimal_toml(section, setting), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{section}\.{key}") as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+
+
+# Was a defect: the same for the LM config.
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=FIXTURES)
+@given(field=st.sampled_from([("run", "workdir"), ("run", "name"), ("data", "train"), ("data", "valid")]),
+       value=TEMPORAL)
+def test_a_date_or_time_in_an_lm_config_file_is_refused_naming_the_field(tmp_path, field, value) -> None:
+    section, key = field
+    lines = {"run": [], "data": [] if key == "train" else ['train = "u.jsonl"']}
+    lines[section].append(f"{key} = {value.isoformat()}")
+    path = tmp_path / "lm.toml"
+    path.write_text("".join(f"[{name}]\n" + "\n".join(body) + "\n" for name, body in lines.items()), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{section}\.{key}"):
+        load_lm_config(path)
+
+
+# Was a defect: a NaN in run.slurm_validation was saved as NaN in config.json, which differs from itself: every resume
+# then warned that the config had changed.
+def test_a_non_finite_number_in_slurm_validation_is_refused_by_name(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(minimal_toml("run", {"slurm_validation": '{partition = "gpu", mem = nan}'}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"run\.slurm_validation\.mem = nan"):
+        load_config(path)
+
+
+# Was a defect: the table's name went into re.sub as a replacement template, so a backslash in it raised re.error
+# ("bad escape \d") or was replaced by a group ("a\1" gave "validation.anum_buckets.num_buckets").
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=FIXTURES)
+@given(name=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=8))
+@example(name="dev\\d")
+@example(name="a\\1")
+def test_a_validation_table_s_error_names_that_table_whatever_its_name(tmp_path, name) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(minimal_toml(f"validation.{toml_value(name)}", {"manifest": '"v.csv"', "num_buckets": "0"}),
+                    encoding="utf-8")
+    with pytest.raises(ValueError, match="num_buckets = 0") as error:
+        load_config(path)
+    assert f"validation.{name}.num_buckets = 0 must be >= 1" in str(error.value)
+
+
+# Was a defect: --set split its key at every dot and kept TOML's quotes, so validation."dev clean".manifest=... did not
+# reach [validation."dev clean"]: it silently added a second validation set named '"dev clean"' (quotes included).
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=FIXTURES)
+@given(name=st.text(st.sampled_from("ab .-_é"), min_size=1, max_size=6))
+def test_a_set_of_a_quoted_validation_table_overrides_that_table(tmp_path, name) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(minimal_toml(f"validation.{toml_value(name)}", {"manifest": '"v.csv"'}), encoding="utf-8")
+    cfg = load_config(path, [f'validation.{toml_value(name)}.manifest="w.csv"'])
+    assert list(cfg.validation) == [name]
+    assert cfg.validation[name].manifest == "w.csv"
+
+
+text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+any_value = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3000), st.floats(), text,
+    st.lists(st.one_of(st.integers(1, 20), st.floats(0, 1), text), max_size=3),
+    st.lists(st.lists(st.integers(1, 40), min_size=3, max_size=3), min_size=1, max_size=3),
+)
+FIELDS = [(section, f.name) for section in ("run", "data", "optimizer", "masking", "model")
+          for f in dataclasses.fields(OVERRIDE_SECTIONS[section]) if f.name != "slurm_validation"]
+
+
+def _text_or_optional(section: str, key: str) -> tuple[bool, bool]:
+    annotation = typing.get_type_hints(OVERRIDE_SECTIONS[section])[key]
+    options = typing.get_args(annotation) or (annotation,)
+    return str in options, type(None) in options
+
+
+# --set section.key=VALUE (VALUE written as TOML) gives the config that the same value in the file gives, or
+# both refuse it naming the field; an accepted config reads back equal from the run folder's config.json.
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=FIXTURES)
+@given(field=st.sampled_from(FIELDS), value=any_value)
+def test_set_gives_what_the_file_gives_and_config_json_reads_back_equal(tmp_path, field, value) -> None:
+    section, key = field
+    is_text, optional = _text_or_optional(section, key)
+    assume(not (is_text and value is not None and not isinstance(value, str)))  # text fields keep the text as typed
+    assume(value is not None or optional)  # none clears only a field that may be none
+    data = tomllib.loads(TINY_TOML.read_text(encoding="utf-8"))
+    data[section][key] = value
+    try:
+        in_file: object = config_from_dict(data)
+    except ValueError as error:
+        in_file = str(error)
+    try:
+        by_set: object = load_config(TINY_TOML, [f"{section}.{key}={'none' if value is None else toml_value(value)}"])
+    except ValueError as error:
+        by_set = str(error)
+    if isinstance(in_file, str):
+        assert isinstance(by_set, str)
+        assert f"{section}.{key}" in by_set or section in by_set
+        return
+    assert by_set == in_file
+    write_config(in_file.to_dict(), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert config_diff(saved, in_file.to_dict()) == []
+    assert load_config(tmp_path / "run" / "config.json") == in_file

@@ -1217,7 +1217,7 @@ def test_a_speech_engine_ends_with_the_process_that_started_it(tmp_path, engine)
             os.kill(engine_pid, signal.SIGKILL)
 
 
-# FAILS-NOW: a corpus folder whose path holds a carriage return was accepted; its manifest then read back through
+# Was a defect: a corpus folder whose path holds a carriage return was accepted; its manifest then read back through
 # csv.DictReader (outputs.wavs_not_in) as ['/…/q', '5'] "missing" wavs, so the cache was never reused.
 
 

@@ -152,7 +152,7 @@ def test_batch_to_moves_every_tensor_and_frame_lengths_follow(padding: bool) -> 
     assert [t.device.type for t in tensors] == ["meta"] * len(tensors)
 
 
-# PASSES: crop or pad, any sizes and cap: each row is one contiguous slice of its waveform at a valid offset, the
+# crop or pad, any sizes and cap: each row is one contiguous slice of its waveform at a valid offset, the
 # rest zeros, frame lengths and masks consistent, padding never masked.
 
 

@@ -1057,9 +1057,9 @@ def test_a_link_to_a_sibling_folder_whose_name_extends_the_root_s_is_followed(tm
         "more/y.wav", "sub/x.wav"]
 
 
-# FAILS-NOW: test_a_manifest_round_trips_any_file_name ('\r' in a path), test_a_fairseq_root_ending_in_white_space_
+# Was a defect: test_a_manifest_round_trips_any_file_name ('\r' in a path), test_a_fairseq_root_ending_in_white_space_
 # is_refused_when_written, test_rows_that_read_manifest_would_refuse_or_change_are_refused_when_written.
-# PASSES: test_the_numpy_csv_reader_reads_what_the_csv_module_reads.
+# test_the_numpy_csv_reader_reads_what_the_csv_module_reads.
 
 
 

@@ -310,7 +310,7 @@ def test_a_span_that_fits_nowhere_leaves_the_shorter_spans_placed() -> None:
         assert 0 <= int(masked[0]) <= 9
 
 
-# PASSES: over every span rule, overlap or not, any lengths: padding never masked, rows equal, a pure function of
+# over every span rule, overlap or not, any lengths: padding never masked, rows equal, a pure function of
 # the generator; without overlap (one row, static spans) every run is one span, min_space apart.
 
 

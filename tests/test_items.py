@@ -626,7 +626,7 @@ def test_items_refuses_a_non_positive_alignment_rate_and_writes_nothing(tmp_path
     assert not out.exists()
 
 
-# PASSES: spidr items' writer → read_items → frame_bounds gives back each item's frames exactly, at any alignment
+# spidr items' writer → read_items → frame_bounds gives back each item's frames exactly, at any alignment
 # rate (times are written to 6 decimals), with names holding '#', ',', '.' and non-ASCII letters.
 
 

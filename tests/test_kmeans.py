@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from spidr import cli
 from spidr.eval import feature_dir
@@ -115,8 +118,8 @@ def test_assignment_is_the_nearest_centroid() -> None:
     with pytest.raises(ValueError, match="dimension"):
         assign_units(np.zeros((2, 3)), centroids)
     # fit_kmeans gives a float32 numpy array; float64 features and centroids work too (both raised TypeErrors)
-    for given in (centroids.numpy(), centroids.double(), centroids.numpy().astype(np.float64)):
-        np.testing.assert_array_equal(assign_units(frames.astype(np.float64), given), [0, 1, 2, 1])
+    for value in (centroids.numpy(), centroids.double(), centroids.numpy().astype(np.float64)):
+        np.testing.assert_array_equal(assign_units(frames.astype(np.float64), value), [0, 1, 2, 1])
     np.testing.assert_array_equal(fit_kmeans(torch.from_numpy(frames), 2), fit_kmeans(frames, 2))  # tensors too
     with pytest.raises(ValueError, match="frames must be an \\(N, D\\) numpy array, got dict"):
         fit_kmeans({"a": frames}, 2)
@@ -636,7 +639,9 @@ def test_non_finite_centroids_are_refused_on_loading(tmp_path: Path) -> None:
     """NaN centroids would give every frame the NaN centroid's unit (argmin propagates NaN) without a word."""
     bad = np.eye(3, 4, dtype=np.float32)
     bad[1, 2] = np.nan
-    save_centroids(tmp_path / "nan.safetensors", bad)
+    from safetensors.numpy import save_file
+
+    save_file({"centroids": bad}, str(tmp_path / "nan.safetensors"))  # (save_centroids refuses to write them)
     np.save(tmp_path / "inf.npy", np.where(np.isnan(bad), np.inf, bad))
     for name in ("nan.safetensors", "inf.npy"):
         with pytest.raises(ValueError, match=rf"{name}: centroids must be a finite \(K, D\) matrix"):
@@ -751,3 +756,29 @@ def test_a_units_overwrite_killed_between_its_two_renames_leaves_no_record_of_ot
                      "--overwrite"]) == 0
     assert out.read_bytes() != old_units
     assert units_origin(out)["units_source"] == centroids_digest(load_centroids(tmp_path / "b.safetensors"))
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FIXTURES = [HealthCheck.function_scoped_fixture]  # (tmp_path is only written to, never read across examples)
+
+
+# Was a defect: save_centroids wrote centroids that load_centroids refuses (NaN, ±inf, and float64 values past
+# float32's range, which became inf with only a numpy RuntimeWarning) and centroids that no frame can be assigned to
+# (K = 0 or D = 0), which load_centroids accepted; finite centroids round trip exactly (as float32).
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=FIXTURES)
+@given(centroids=hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=0, max_side=4),
+                            elements=st.one_of(st.floats(-10, 10), st.sampled_from([np.nan, np.inf, -np.inf, 1e39,
+                                                                                    -3e38, 3e38]))))
+def test_centroids_round_trip_and_those_no_reader_takes_are_refused_when_written(tmp_path, centroids) -> None:
+    path = tmp_path / "c.safetensors"
+    path.unlink(missing_ok=True)
+    as_float32 = centroids.astype(np.float32) if np.all(np.abs(centroids) <= FLOAT32_MAX) else None
+    if as_float32 is None or centroids.size == 0:
+        with pytest.raises(ValueError, match=r"centroids must be a finite \(K, D\) matrix"):
+            save_centroids(path, centroids)
+        assert not path.exists()
+        return
+    save_centroids(path, centroids)
+    loaded = load_centroids(path)
+    assert loaded.dtype == torch.float32
+    np.testing.assert_array_equal(loaded.numpy(), as_float32)

@@ -18,12 +18,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spidr import learning_curve, learning_curve_summary
 from spidr.cli import main
 from spidr.learning_curve import (
+    _OWNED_SETTINGS,
     CurvePoint,
     CurveSettings,
+    check_overrides,
     curve_recipe,
     parse_point,
     recipe,
@@ -1001,3 +1005,26 @@ def test_baselines_scored_on_another_test_corpus_are_refused_alone(tmp_path: Pat
     with pytest.raises(ValueError, match=r"test corpus of 0\.01 h, not 0\.02 h \(--test-hours\)") as refused:
         refuse_another_test_corpus(settings)
     assert str(baselines) in str(refused.value)
+
+
+DEMO_TOML = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+
+
+def spelt(key: str, spaces: list[str], quoted: list[bool]) -> str:
+    """``key`` with white space around its dots and some parts in TOML quotes: how a config reads it, it is ``key``."""
+    parts = [f'"{part}"' if quote else part for part, quote in zip(key.split("."), quoted, strict=False)]
+    return "".join(part + (spaces[i] + "." + spaces[i] if i < len(parts) - 1 else "") for i, part in enumerate(parts))
+
+
+# Was a defect: the refusal compared the text before '=' with the key, so "run .random_seed=7" (or a quoted part)
+# passed, and as the user's overrides come after each point's own, every point trained with seed 7 (or in one shared
+# run folder, or for the same number of steps), silently.
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(key=st.sampled_from(sorted(_OWNED_SETTINGS)), spaces=st.lists(st.sampled_from(["", " ", "  "]), min_size=2,
+                                                                     max_size=2),
+       quoted=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_a_set_of_a_setting_the_curve_owns_is_refused_however_its_key_is_spelt(key, spaces, quoted) -> None:
+    value = '"x.csv"' if key.endswith(("manifest", "workdir")) else "7"
+    override = f"{spelt(key, spaces, quoted)}={value}"
+    with pytest.raises(ValueError, match=r"--set "):
+        check_overrides(CurveSettings(out_dir=Path("unused"), config=DEMO_TOML, overrides=(override,)))

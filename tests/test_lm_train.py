@@ -2197,7 +2197,7 @@ def test_too_little_data_is_refused_before_any_file_even_with_the_token_cache_lm
     assert main(["lm-train", str(smaller)]) == 0
 
 
-# PASSES: the stream is every utterance in stem order; W ranks × M micro-batches see exactly the global batch, each
+# the stream is every utterance in stem order; W ranks × M micro-batches see exactly the global batch, each
 # window a slice of the stream; validation windows score every target once over all ranks.
 
 

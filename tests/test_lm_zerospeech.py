@@ -295,7 +295,7 @@ def test_an_empty_length_is_refused_naming_its_column(tmp_path):
         read_lexical_gold(path)
 
 
-# FAILS-NOW: test_a_submission_round_trips_every_stem_and_score_bit_for_bit (a stem starting with U+FEFF lost it),
+# Was a defect: test_a_submission_round_trips_every_stem_and_score_bit_for_bit (a stem starting with U+FEFF lost it),
 # test_a_gold_file_round_trips_its_rows (a bare "\r" in a text field; a field with surrounding white space).
 
 

@@ -7,21 +7,26 @@ documented ``Data2VecAudioModel`` module tree. Comparisons of outputs with ``tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spidr import cli
-from spidr.config import SpidRConfig
+from spidr.config import DinoSRConfig, SpidRConfig, num_samples_for_frames
 from spidr.eval.features import ExtractionSettings, extract_batch
-from spidr.models import Student, export_hf, export_safetensors, load_model, read_checkpoint
+from spidr.models import Student, load_model, read_checkpoint
 from spidr.models.build import build_model
-from spidr.models.hf_export import hf_config, is_hf_directory
+from spidr.models.hf_export import export_hf, hf_config, is_hf_directory
 from spidr.models.hf_features import before_residual_features
+from spidr.models.loading import export_safetensors
 from test_models_dinosr import tiny_model, waveforms
 
 TRAINING_ONLY = ("teacher.", "heads.", "codebooks.")
@@ -710,3 +715,65 @@ def test_a_foreign_directory_whose_qkv_biases_are_partly_zero_keeps_them(tmp_pat
     with torch.no_grad():
         for a, b in zip(loaded.get_intermediate_outputs(wave), model.get_intermediate_outputs(wave), strict=True):
             assert torch.equal(a, b)
+
+
+FIXTURES = [HealthCheck.function_scoped_fixture]  # (tmp_path is only written to, never read across examples)
+
+model_settings = st.fixed_dictionaries({
+    "extractor_conv_layer_config": st.lists(st.tuples(st.integers(4, 16), st.integers(2, 10), st.integers(1, 5)),
+                                            min_size=1, max_size=3).map(tuple),
+    "extractor_conv_bias": st.booleans(),
+    "extractor_mode": st.sampled_from(["layer_norm", "group_norm"]),
+    "encoder_num_heads": st.sampled_from([1, 2, 4]),
+    "encoder_num_layers": st.integers(1, 3),
+    "encoder_pos_conv_kernel": st.integers(1, 12),
+    "encoder_pos_conv_depth": st.integers(1, 3),
+    "encoder_pos_conv_groups": st.sampled_from([1, 2, 4]),
+    "encoder_layer_norm_first": st.booleans(),
+    "encoder_qkv_bias": st.booleans(),
+    "teacher_feature_encoder": st.sampled_from(["shared", "ema"]),
+})
+
+
+# for random architectures and weights, a safetensors export loads back as the same config, state and
+# features (bit for bit), and a Hugging Face export (where exportable) as the same config, step and features.
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=FIXTURES)
+@given(spidr=st.booleans(), fields=model_settings, step=st.integers(0, 10**6), seed=st.integers(0, 99),
+       extra=st.integers(0, 700))
+def test_exports_load_back_as_the_same_model(tmp_path, spidr, fields, step, seed, extra) -> None:  # noqa: PLR0917
+    cls = SpidRConfig if spidr else DinoSRConfig
+    cfg = cls(encoder_embed_dim=8, encoder_ff_interm_features=16, num_codebooks=1, codebook_size=4, **fields)
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # (zero-initialised biases would hide a bias left out)
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+        model.current_step.fill_(step)
+    length = num_samples_for_frames(3, cfg.extractor_conv_layer_config) + extra
+    wave = F.layer_norm(torch.randn(2, length, generator=torch.Generator().manual_seed(seed)), (length,))
+    with torch.no_grad():
+        after = model.get_intermediate_outputs(wave, before_residual=False)
+        before = model.get_intermediate_outputs(wave)
+    export_safetensors(model, tmp_path / f"m{seed}-{step}.safetensors")
+    back = load_model(tmp_path / f"m{seed}-{step}.safetensors")
+    assert back.cfg == cfg
+    assert int(back.current_step) == step
+    state, loaded = model.state_dict(), back.state_dict()
+    assert sorted(state) == sorted(loaded)
+    assert all(torch.equal(state[key], loaded[key]) for key in state)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(after, back.get_intermediate_outputs(wave, before_residual=False),
+                                                     strict=True))
+    if cfg.extractor_mode == "group_norm" or cfg.encoder_layer_norm_first:
+        return  # (refused by export_hf, tested elsewhere)
+    folder = tmp_path / f"hf{seed}-{step}"
+    export_hf(model, folder)
+    student = load_model(folder)
+    assert student.cfg == cfg, [f.name for f in dataclasses.fields(cfg)
+                                if getattr(student.cfg, f.name) != getattr(cfg, f.name)]
+    assert int(student.current_step) == step
+    with torch.no_grad():
+        for a, b in zip(after, student.get_intermediate_outputs(wave, before_residual=False), strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        for a, b in zip(before, student.get_intermediate_outputs(wave), strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)

@@ -9,6 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from spidr.config import SpidRConfig
 from spidr.eval.features import ExtractionSettings, extract_batch
@@ -327,3 +330,34 @@ def test_non_finite_frames_and_centroids_are_refused_naming_the_first(dtype):
         assign_units(torch.ones(2, 4), torch.tensor([[0.0] * 4, [float("nan"), 0, 0, 0]]))
     frames[3, 2] = 0.5  # all finite again: assigned as float64 would
     np.testing.assert_array_equal(assign_units(frames, centroids), assign_float64(frames, centroids).numpy())
+
+
+# NearestCentroid makes float64's choice for any frames and centroids, near or far from the origin, tiny or
+# huge, in every float dtype, frames equal to centroids included; and that choice is a nearest centroid by the
+# directly computed distances.
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
+                                                                                   HealthCheck.filter_too_much])
+@given(num_centroids=st.integers(1, 6), dim=st.integers(1, 5), num_frames=st.integers(0, 12), data=st.data(),
+       scale=st.sampled_from([1e-40, 1e-20, 1e-3, 1.0, 1e3, 1e8, 1e17, 1e30]),
+       offset=st.sampled_from([0.0, 1.0, 200.0, 1e6, -3e4]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       on_centroids=st.booleans())
+def test_the_choice_is_float64_s_and_a_nearest_centroid(  # noqa: PLR0917
+        num_centroids, dim, num_frames, data, scale, offset, dtype, on_centroids) -> None:
+    elements = st.floats(-4, 4, width=32)
+    centroids = data.draw(hnp.arrays(np.float64, (num_centroids, dim), elements=elements)) * scale + offset
+    frames = data.draw(hnp.arrays(np.float64, (num_frames, dim), elements=elements)) * scale + offset
+    if on_centroids:
+        count = min(num_frames, num_centroids)
+        frames[:count] = centroids[:count]
+    centroids32 = torch.tensor(centroids, dtype=torch.float32)
+    frames_t = torch.tensor(frames).to(dtype)
+    assume(bool(torch.isfinite(centroids32).all()))
+    assume(bool(torch.isfinite(frames_t).all()))
+    units = NearestCentroid(centroids32)(frames_t)
+    np.testing.assert_array_equal(units, assign_float64(frames_t, centroids32).numpy())
+    if num_frames:
+        x, c = frames_t.double().numpy(), centroids32.double().numpy()
+        distances = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+        chosen = distances[np.arange(num_frames), units]
+        assert np.all(chosen <= distances.min(1) * (1 + 1e-9) + 1e-300)

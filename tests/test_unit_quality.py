@@ -340,7 +340,7 @@ def test_num_units_must_be_a_whole_number():
             unit_quality(units, phones, num_units=bad)
 
 
-# PASSES: the six metrics equal a brute-force count written here, and are invariant to renaming units and phones.
+# the six metrics equal a brute-force count written here, and are invariant to renaming units and phones.
 
 
 

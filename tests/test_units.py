@@ -239,8 +239,8 @@ def test_a_gzipped_units_file_names_no_temporary_and_is_the_same_bytes_each_time
     assert first == second
 
 
-# FAILS-NOW: test_write_units_refuses_ids_it_would_change (1.7 was written as 1, -1 written for readers to refuse).
-# PASSES: test_units_round_trip_through_both_readers.
+# Was a defect: test_write_units_refuses_ids_it_would_change (1.7 was written as 1, -1 written for readers to refuse).
+# test_units_round_trip_through_both_readers.
 
 
 

@@ -7,7 +7,9 @@ and default to the official behaviour.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -108,6 +110,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0912
     if annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (datetime.date, datetime.time)):  # (TOML reads an unquoted 2024-01-01 as a date)
+            raise ValueError(f"{where} = {value.isoformat()} is invalid: expected a string (TOML reads an unquoted "
+                             f"date or time as one: write \"{value.isoformat()}\")")
         raise ValueError(f"{where} = {value!r} is invalid: expected a string")
     raise TypeError(f"no coercion rule for {annotation!r} ({where})")
 
@@ -118,6 +123,24 @@ def check_fields(obj: Any, section: str) -> None:
     for f in dataclasses.fields(obj):
         value = _coerce(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
         object.__setattr__(obj, f.name, value)
+
+
+def _check_json_values(value: Any, where: str) -> None:
+    """Refuse what a run's config.json cannot hold as it is, naming it: a TOML date or time (JSON has none), a NaN or
+    an infinity (a NaN differs from itself, so a resumed run would report the setting as changed)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_values(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json_values(item, f"{where}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} = {value!r} is invalid: expected a finite number")
+    elif isinstance(value, (datetime.date, datetime.time)):
+        raise ValueError(f"{where} = {value.isoformat()} is invalid: a TOML date or time cannot be saved in the "
+                         f"run's config.json; write it as a string (\"{value.isoformat()}\")")
+    elif value is not None and not isinstance(value, (str, int, float)):  # (bool is an int)
+        raise ValueError(f"{where} = {value!r} is invalid: expected a string, number, boolean, list or table")
 
 
 def require(condition: bool, message: str) -> None:  # noqa: FBT001
@@ -151,7 +174,8 @@ def from_mapping(cls: type, data: dict[str, Any], section: str) -> Any:
             raise
         # Only "data.<one of its fields>", not the same text inside a value the user wrote
         names = "|".join(re.escape(f.name) for f in dataclasses.fields(cls))
-        raise ValueError(re.sub(rf"(?<![\w.]){re.escape(home)}\.(?=({names})\b)", f"{section}.", str(error))) from None
+        raise ValueError(re.sub(rf"(?<![\w.]){re.escape(home)}\.(?=({names})\b)", lambda _: f"{section}.",
+                                str(error))) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -529,6 +553,8 @@ class RunConfig:
             object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{section}.{f.name}"))
         if self.slurm_validation is not None and not isinstance(self.slurm_validation, dict):
             raise ValueError(f"{section}.slurm_validation = {self.slurm_validation!r} must be a table")
+        if self.slurm_validation is not None:
+            _check_json_values(self.slurm_validation, f"{section}.slurm_validation")
         for name in ("log_interval", "save_interval", "max_consecutive_nonfinite"):
             require(getattr(self, name) >= 1, f"{section}.{name} = {getattr(self, name)} must be >= 1")
         require_seed(self.random_seed, f"{section}.random_seed")
@@ -674,7 +700,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
-    path = [p.strip() for p in dotted.strip().split(".")]
+    path = _dotted_key(dotted)
     if len(path) < 2 or not all(path):
         raise ValueError(f"override {text!r} must name a section and a key, e.g. optimizer.lr=1e-4")
     try:
@@ -682,6 +708,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     return path, value
+
+
+def override_key(text: str) -> str:
+    """The setting an override ``section.key=value`` sets, as ``apply_overrides`` reads it, written ``section.key``
+    (``"optimizer . max_steps=5"`` and ``'optimizer."max_steps"=5'`` set ``optimizer.max_steps``): for the commands
+    that refuse a --set of a setting they own."""
+    path, _ = parse_override(text)
+    return ".".join(path)
+
+
+def _dotted_key(dotted: str) -> list[str]:
+    """The parts of an override's ``section.key`` as TOML reads a dotted key, so that a quoted part holding a space or
+    a dot (``validation."dev clean".manifest``, the table ``[validation."dev clean"]``) names that table; text that is
+    no TOML key is split at its dots."""
+    try:
+        node: Any = tomllib.loads(f"{dotted.strip()} = 0")
+        path = []
+        while isinstance(node, dict):
+            ((key, node),) = node.items()
+            path.append(key)
+    except (tomllib.TOMLDecodeError, ValueError):
+        return [p.strip() for p in dotted.strip().split(".")]
+    return path
 
 
 def _string_field(annotation: Any) -> bool:
@@ -723,7 +772,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *,
                     sections: Mapping[str, type] | None = None) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``section.key=value`` override applied. ``sections`` (section name →
     its dataclass; ``validation`` → that of each named table) types the values (``typed_override``)."""
-    data = json.loads(json.dumps(data))
+    data = copy.deepcopy(data)  # (not through JSON: a TOML date or time is checked by its field, named)
     for text in overrides:
         path, value = parse_override(text)
         value = typed_override(_field_annotation(sections or {}, path), text.split("=", 1)[1], value)

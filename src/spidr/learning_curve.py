@@ -454,11 +454,11 @@ def curve_recipe(settings: CurveSettings) -> tuple[dict, dict]:
 def check_overrides(settings: CurveSettings) -> None:
     """A bad --set fails now, not after the synthesis; a manifest is refused: each point trains on the synthetic
     corpus of its --hours and is scored on the curve's test corpus."""
-    from spidr.config import load_config
+    from spidr.config import load_config, override_key
 
     load_config(settings.config, settings.overrides)
     for override in settings.overrides:
-        key = override.split("=", 1)[0].strip()
+        key = override_key(override)  # (as the config reads it: "optimizer . max_steps" is optimizer.max_steps)
         if key in _OWNED_SETTINGS:
             raise ValueError(f"--set {override}: {_OWNED_SETTINGS[key]}")
 

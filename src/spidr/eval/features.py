@@ -412,6 +412,10 @@ def extract_long(
     total = num_frames(audio.num_samples, conv_layers)
     window_frames = max(int(settings.window_seconds * SAMPLE_RATE / hop), 1)
     context_frames = int(settings.context_seconds * SAMPLE_RATE / hop)
+    if model.cfg.extractor_type == "log_mel":
+        # A log-mel front end pre-emphasises each sample against the one before it, which a window starting inside
+        # the file does not read: its first frame is not the whole file's, so it is never kept (one frame of context).
+        context_frames = max(context_frames, 1)
     for keep_start, keep_end, run_start, run_end in windows(total, window_frames, context_frames):
         wave = audio.read(run_start * hop, (run_end - 1) * hop + receptive_field)
         (result,) = extract_padded_batch(model, [wave], settings, front_end=front_end, kmeans=kmeans)

@@ -12,6 +12,7 @@ at a time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -147,9 +148,14 @@ def save_centroids(
     under a temporary name renamed to ``path`` once complete (no truncated file; an earlier one stays on failure)."""
     from spidr.safetensors_files import save_safetensors
 
-    tensor = torch.as_tensor(np.asarray(centroids, dtype=np.float32)).contiguous()
-    if tensor.ndim != 2:
-        raise ValueError(f"centroids must be (K, D), got shape {tuple(tensor.shape)}")
+    # (float64 holds every float32, float16 and bfloat16 value exactly; numpy has no bfloat16)
+    values = (centroids.detach().cpu().double().numpy() if isinstance(centroids, torch.Tensor)
+              else np.asarray(centroids))
+    if values.ndim != 2:
+        raise ValueError(f"centroids must be (K, D), got shape {tuple(values.shape)}")
+    with np.errstate(over="ignore"):  # (a float64 value past float32's range becomes inf: refused below, by name)
+        tensor = torch.as_tensor(np.asarray(values, dtype=np.float32)).contiguous()
+    _check_centroids(tensor, f"centroids to write to {path}", original=values)
     with replaced_when_done(path) as partial:
         save_safetensors({CENTROIDS_KEY: tensor}, partial, {k: str(v) for k, v in (metadata or {}).items()})
 
@@ -174,9 +180,25 @@ def load_centroids(path: str | Path) -> torch.Tensor:
         if CENTROIDS_KEY not in tensors:
             raise ValueError(f"{path}: no {CENTROIDS_KEY!r} tensor (found {sorted(tensors)})")
         tensor = tensors[CENTROIDS_KEY]
-    if tensor.ndim != 2 or not bool(torch.isfinite(tensor).all()):
+    if tensor.ndim != 2:
         raise ValueError(f"{path}: centroids must be a finite (K, D) matrix, got shape {tuple(tensor.shape)}")
+    _check_centroids(tensor, str(path))
     return tensor.to(torch.float32)
+
+
+def _check_centroids(tensor: torch.Tensor, where: str, *, original: object = None) -> None:
+    """Refuse (K, D) centroids that no frame can be assigned to: none (K = 0), of no dimension, or holding a NaN or
+    an infinity as float32 (``original``: the values given, named when float32 could not hold one of them)."""
+    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise ValueError(f"{where}: centroids must be a finite (K, D) matrix with K ≥ 1 and D ≥ 1, got shape "
+                         f"{tuple(tensor.shape)}")
+    bad = ~torch.isfinite(tensor.float())
+    if bool(bad.any()):
+        row, dim = (int(i) for i in torch.nonzero(bad)[0])
+        value = np.asarray(original)[row, dim] if original is not None else tensor[row, dim]
+        past_range = " (past float32's range)" if math.isfinite(float(value)) else ""
+        raise ValueError(f"{where}: centroids must be a finite (K, D) matrix, but centroid {row} holds "
+                         f"{float(value)!r} in dimension {dim}{past_range}")
 
 
 def centroids_digest(centroids: torch.Tensor | np.ndarray) -> str:

@@ -100,10 +100,11 @@ def _slug(text: str) -> str:
 def check_lm_settings(settings: StudySettings) -> None:
     """Load the study's LM config with its overrides now, so that a bad ``--set`` fails before any synthesis; a
     ``--set`` of where an LM trains and on what (``LOCATION_FIELDS``, which the study sets per LM) is refused."""
+    from spidr.config import override_key
     from spidr.lm.config import load_lm_config
 
     for override in settings.lm_overrides:
-        key = override.split("=", 1)[0].strip()
+        key = override_key(override)  # (as the config reads it: "run . name" is run.name)
         if key in LOCATION_FIELDS:
             raise ValueError(f"--set {override}: the study sets {key} for each LM (each trains on its own units' "
                              "train.jsonl, in OUT/lms/<name>); leave it out")
