@@ -518,3 +518,14 @@ def test_set_gives_what_the_file_gives_and_config_json_reads_back_equal(tmp_path
     saved = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     assert config_diff(saved, in_file.to_dict()) == []
     assert load_config(tmp_path / "run" / "config.json") == in_file
+
+
+# Was a defect: the hint for an unquoted TOML date (write it quoted) was given for a str field but lost for a
+# str | None one (run.init_ckpt), which said "run.init_ckpt = datetime.date(2024, 1, 1) is invalid: expected
+# str or none".
+def test_a_date_in_an_optional_text_field_keeps_the_quoting_hint(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[run]\nworkdir = "w"\nwandb_project = "p"\nwandb_name = "n"\ninit_ckpt = 2024-01-01\n'
+                    '[data]\nmanifest = "m.csv"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r'run\.init_ckpt = 2024-01-01 is invalid: .*write "2024-01-01"'):
+        load_config(path)

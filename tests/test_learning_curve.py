@@ -1028,3 +1028,14 @@ def test_a_set_of_a_setting_the_curve_owns_is_refused_however_its_key_is_spelt(k
     override = f"{spelt(key, spaces, quoted)}={value}"
     with pytest.raises(ValueError, match=r"--set "):
         check_overrides(CurveSettings(out_dir=Path("unused"), config=DEMO_TOML, overrides=(override,)))
+
+
+# Was a defect: the curve refuses --set validation.test.manifest=... however the key is spelt, but the table that holds
+# it (validation.test={manifest="x.csv"}) was accepted: it replaced the curve's test corpus for every point.
+@pytest.mark.parametrize("override", ['validation.test={manifest="/tmp/other.csv"}',
+                                      "validation.'test'={ manifest = 'x.csv' }"])
+def test_a_table_holding_a_setting_the_curve_owns_is_refused(tmp_path, override):
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    settings = CurveSettings(out_dir=tmp_path / "curve", config=config, overrides=(override,))
+    with pytest.raises(ValueError, match="every point is scored on the curve's test corpus"):
+        check_overrides(settings)

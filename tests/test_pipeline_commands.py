@@ -1430,3 +1430,29 @@ def test_probe_refuses_only_a_folder_that_holds_a_report(tmp_path: Path, capsys,
     assert main(argv) == 2
     assert capsys.readouterr().err == (f"spidr probe: error: output {out} already exists; pass --overwrite to "
                                        "replace it\n")
+
+
+# Was a defect: --features MFCC=DIR --baseline mfcc (or NAME (random init) with --baseline random-init) silently
+# replaced the stored features by the baseline: the report had no row of them and the command exited 0.
+def test_probe_refuses_stored_features_named_as_a_baseline(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    (tmp_path / "feats").mkdir()
+    manifest, alignments = ["fileid,path,num_samples"], ["utterance\tonset\toffset\tphone"]
+    for index in range(4):
+        name = f"s{index % 2}_{index}"
+        sf.write(tmp_path / f"{name}.wav", (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+        np.save(tmp_path / "feats" / f"{name}.npy", rng.normal(size=(49, 3)).astype(np.float32))
+        manifest.append(f"{name},{name}.wav,16000")
+        alignments += [f"{name}\t0.00\t0.50\ta", f"{name}\t0.50\t1.00\tb"]
+    (tmp_path / "manifest.csv").write_text("\n".join(manifest) + "\n")
+    (tmp_path / "align.tsv").write_text("\n".join(alignments) + "\n")
+    command = ["probe", "--features", f"MFCC={tmp_path / 'feats'}", "--baseline", "mfcc", "--frequency", "50",
+               "--manifest", str(tmp_path / "manifest.csv"), "--alignments", str(tmp_path / "align.tsv"),
+               "--alignment-rate", "100", "--test-fraction", "0.5", "--epochs", "1", "--out", str(tmp_path / "out")]
+    code = main(command)
+    if code == 0:  # (the reviewed code: one MFCC row, the stored features' gone)
+        rows = json.loads((tmp_path / "out" / "probe.json").read_text())
+        pytest.fail(f"exit 0 with the rows {[(row['model'], row['representation']) for row in rows]}")
+    assert code == 2
+    assert "--baseline mfcc" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -12,10 +12,12 @@ import torch
 
 from spidr.config import SpidRConfig
 from spidr.data.manifest import ManifestEntry
+from spidr.eval.feature_dir import StemKeyed
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.eval.probe import (
     PhoneProbe,
     ProbeSettings,
+    StoredFeaturizer,
     common_inventory,
     ctc_greedy,
     ctc_targets,
@@ -24,6 +26,7 @@ from spidr.eval.probe import (
     frame_labels,
     phone_sequence,
     run_probe,
+    run_probes,
     split_entries,
 )
 from spidr.eval.unit_quality import Alignments
@@ -647,3 +650,66 @@ def test_stored_features_are_found_by_path_where_ids_repeat_and_missing_ones_are
         list(flat(entries[2:]))
     with pytest.raises(ValueError, match="frame_rate"):
         StoredFeaturizer({"r": features}, frame_rate=0.0)
+
+
+def _stored_task(count: int = 12, frames: int = 20):
+    """``count`` utterances of ``frames`` 50 Hz frames, two phones each, features that tell them apart."""
+    rng = np.random.default_rng(0)
+    features, labels, entries = {}, [], []
+    for index in range(count):
+        name = f"spk{index % 2}/u{index}"
+        phones = ["a"] * (frames // 2) + ["b"] * (frames - frames // 2)
+        values = rng.normal(size=(frames, 3)).astype(np.float32)
+        values[: frames // 2, 0] += 3.0
+        features[name] = values
+        labels.append((f"u{index}", phones))
+        entries.append(ManifestEntry(f"u{index}", f"/corpus/{name}.wav", frames * 320))
+    return features, Alignments.from_labels(labels), entries
+
+
+class _Counted:
+    """A featurizer (as ModelFeaturizer: conv_layers given) that counts the utterances it computes."""
+
+    representations = ("r",)
+    frame_rate = 50.0
+    conv_layers = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+    def __init__(self, features: dict[str, np.ndarray]) -> None:
+        self.features, self.calls = features, 0
+
+    def __call__(self, entries):
+        for entry in entries:
+            self.calls += 1
+            yield entry, {"r": self.features[entry.path.removeprefix("/corpus/").removesuffix(".wav")]}
+
+
+# Was a defect: a file that the extraction skipped (unreadable; spidr extract lists it in metadata.json) made
+# `spidr probe --features` on that folder fail ("holds no features of ..."), where the model's own probe skips the file
+# with a warning.
+def test_stored_features_skip_the_files_their_extraction_skipped(caplog):
+    features, _, entries = _stored_task(4)
+    kept = {name: values for name, values in features.items() if name != "spk1/u3"}
+    stored = StoredFeaturizer({"layer_01": StemKeyed(kept, skipped=["spk1/u3"])}, frame_rate=50.0)
+    with caplog.at_level("WARNING"):
+        read = [entry.fileid for entry, _ in stored(entries)]
+    assert read == ["u0", "u1", "u2"]
+    assert "/corpus/spk1/u3.wav" in caplog.text
+
+
+# Was a defect: stored features were first read as they were labelled, after every representation listed before them
+# (the --checkpoint model's: its features computed, its probes trained) and, for a held-out file, after their own
+# probes were trained; a missing file then lost all of that. Truth: checked before any featurizer runs.
+@pytest.mark.parametrize("broken", ["missing", "another rate"])
+def test_stored_features_are_checked_before_any_representation_is_computed(broken):
+    features, alignments, entries = _stored_task()
+    counted = _Counted(features)
+    bad = dict(features)
+    if broken == "missing":
+        del bad["spk1/u11"]  # a held-out utterance
+    else:
+        bad = {name: np.repeat(values, 2, axis=0) for name, values in bad.items()}  # 100 Hz read at 50 Hz
+    stored = StoredFeaturizer({"layer_01": bad}, frame_rate=50.0)
+    with pytest.raises(ValueError, match="u11" if broken == "missing" else "frames"):
+        run_probes({"model": counted, "stored": stored}, entries[:8], entries[8:], alignments, alignment_rate=50.0,
+                   settings=ProbeSettings(epochs=1, ctc_epochs=1))
+    assert counted.calls == 0

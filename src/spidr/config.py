@@ -71,7 +71,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0912
         for option in typing.get_args(annotation):
             try:
                 return _coerce(value, option, where)
-            except ValueError:
+            except ValueError as error:
+                if isinstance(value, (datetime.date, datetime.time)) and option is str:
+                    raise ValueError(f"{error}, or none" if type(None) in typing.get_args(annotation)
+                                     else str(error)) from None
                 continue
         raise ValueError(f"{where} = {value!r} is invalid: expected {expected}")
     if annotation is type(None):

@@ -459,8 +459,10 @@ def check_overrides(settings: CurveSettings) -> None:
     load_config(settings.config, settings.overrides)
     for override in settings.overrides:
         key = override_key(override)  # (as the config reads it: "optimizer . max_steps" is optimizer.max_steps)
-        if key in _OWNED_SETTINGS:
-            raise ValueError(f"--set {override}: {_OWNED_SETTINGS[key]}")
+        # (a table that holds one: validation.test={manifest="x.csv"} sets validation.test.manifest)
+        owned = [setting for setting in _OWNED_SETTINGS if setting == key or setting.startswith(f"{key}.")]
+        if owned:
+            raise ValueError(f"--set {override}: {_OWNED_SETTINGS[owned[0]]}")
 
 
 # Settings each point sets itself, which a --set would override for every point (it comes after the point's own):

@@ -83,11 +83,15 @@ class FeatureDirectory(Mapping[str, np.ndarray | torch.Tensor]):
 
     def frame_count(self, key: str) -> int:
         """T of one file without reading its data (``.npy`` header; a ``.pt`` is loaded)."""
+        shape = self.shape(key)
+        return int(shape[0]) if shape else 0
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of one file's features without reading its data (``.npy`` header; a ``.pt`` is loaded)."""
         path = self.path(key)
         if path.suffix != ".npy":
-            return int(self[key].shape[0])
-        shape = _load_npy(path, mapped=True).shape  # maps the file: reads the header only
-        return int(shape[0]) if shape else 0
+            return tuple(self[key].shape)
+        return tuple(_load_npy(path, mapped=True).shape)  # maps the file: reads the header only
 
     def read_rows(self, key: str, rows: np.ndarray) -> np.ndarray | torch.Tensor:
         """Frames ``rows`` (R,) of one file, (R, D): from a ``.npy`` only the pages holding them are read (k-means

@@ -506,9 +506,14 @@ def run_probe(args: argparse.Namespace) -> int:
               "sources": (f"--alignments {args.alignments}",
                           f"--test-alignments {args.test_alignments}" if args.test_alignments else None)}
     featurizers = {name: ModelFeaturizer(model, layers=layers, dtype=args.dtype)} if model is not None else {}
+    baselines = {"mfcc": "MFCC", "random-init": f"{name} (random init)"}
+    taken = {baselines[baseline]: f"the --baseline {baseline}" for baseline in args.baseline or ()}
     for stored_name, featurizer in stored.items():
         if stored_name in featurizers:
             raise ValueError(f"--features {stored_name}=...: the name of the --checkpoint model; give another name")
+        if stored_name in taken:
+            raise ValueError(f"--features {stored_name}=...: the name of {taken[stored_name]}, which would replace "
+                             "these features in the report; give another name")
         featurizers[stored_name] = featurizer
     for baseline in args.baseline or ():
         if baseline == "mfcc":

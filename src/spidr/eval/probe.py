@@ -18,7 +18,8 @@ frame accuracy, and PER = edit distance between the CTC head's greedy phone sequ
 Labels: feature frame t (at ``frame_rate`` Hz) takes the alignment frame that holds its centre, index
 ⌊(t + ½) · alignment_rate / frame_rate⌋; the two sequences may differ by at most 2 alignment frames beyond that
 rounding, and the longer one is truncated (as in ``unit_quality``). Every utterance the probes read is checked so
-before the first feature is computed (by its manifest length, and where that disagrees by its decoded audio).
+before the first feature is computed (by its manifest length, and where that disagrees by its decoded audio; stored
+features by their files' frame counts).
 """
 
 from __future__ import annotations
@@ -143,9 +144,9 @@ class StoredFeaturizer:
     ``representations``: ``{name: {utterance: (T, D) features}}`` at ``frame_rate`` Hz, e.g. a one-layer folder of
     .npy/.pt files (``spidr.eval.feature_dir.one_layer_directory``, read lazily) or a dict of arrays. An entry is
     found by its path (without extension) or its file id, as ``StemKeyed`` finds an item's features (LibriSpeech's
-    nested folders, or one flat folder of ids); one found in no representation is an error naming it. Lengths are
-    not checked before the first feature is read (no conv stack tells how many frames a file gives): each
-    utterance's are checked against its alignment as it is labelled, as strictly."""
+    nested folders, or one flat folder of ids); one found in no representation is an error naming it, one the
+    extraction skipped (unreadable audio) is skipped with a warning. Before any work, ``run_probe`` checks every
+    file's frame count (``frame_counts``: a ``.npy`` header) against its alignment, as ``frame_labels`` would."""
 
     conv_layers = None
 
@@ -162,23 +163,59 @@ class StoredFeaturizer:
         self.frame_rate = float(frame_rate)
 
     def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
-        """``(entry, {representation: (T, D) float32})`` for every entry, in order."""
+        """``(entry, {representation: (T, D) float32})`` for every entry, in order, but those that the extraction
+        skipped (unreadable: skipped with a warning, as ``ModelFeaturizer`` skips them)."""
         for entry in entries:
+            if self._skipped(entry):
+                logger.warning("probe: skipping %s: the extraction of its features skipped it", entry.location)
+                continue
             yield entry, {name: self._read(features, name, entry) for name, features in self.features.items()}
 
+    def frame_counts(self, entry: ManifestEntry) -> dict[str, int] | None:
+        """``{representation: T}`` of ``entry`` without reading its features where the folder can tell (a ``.npy``
+        header), or None for a file the extraction skipped; a missing file or features that are not (T, D) are the
+        errors ``__call__`` raises, raised before any work."""
+        if self._skipped(entry):
+            return None
+        counts = {}
+        for name, features in self.features.items():
+            key = self._key(features, name, entry)
+            directory = features.directory
+            if hasattr(directory, "shape"):
+                shape = directory.shape(key)
+            else:
+                values = features[key]
+                shape = tuple(values.shape) if hasattr(values, "shape") else np.shape(values)
+            if len(shape) != 2:
+                raise ValueError(f"{name}: the features of {entry.location} have shape {shape}; expected (T, D)")
+            counts[name] = int(shape[0])
+        return counts
+
+    def _skipped(self, entry: ManifestEntry) -> bool:
+        path = _without_extension(entry.path)
+        return any(features.names_skipped(path) or features.names_skipped(entry.fileid)
+                   for features in self.features.values())
+
     @staticmethod
-    def _read(features, representation: str, entry: ManifestEntry) -> np.ndarray:
-        path = entry.path.rsplit(".", 1)[0] if "." in entry.path.rsplit("/", 1)[-1] else entry.path
-        key = features.resolve(path) or features.resolve(entry.fileid)
+    def _key(features, representation: str, entry: ManifestEntry) -> str:
+        key = features.resolve(_without_extension(entry.path)) or features.resolve(entry.fileid)
         if key is None:
             raise ValueError(f"{representation}: {features.source} holds no features of {entry.location} (looked up "
                              f"by its path and by its id {entry.fileid!r})")
-        values = features[key]
+        return key
+
+    @classmethod
+    def _read(cls, features, representation: str, entry: ManifestEntry) -> np.ndarray:
+        values = features[cls._key(features, representation, entry)]
         values = np.asarray(values.float() if isinstance(values, torch.Tensor) else values, dtype=np.float32)
         if values.ndim != 2:
             raise ValueError(f"{representation}: the features of {entry.location} have shape {values.shape}; "
                              "expected (T, D)")
         return values
+
+
+def _without_extension(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -544,6 +581,28 @@ def run_probe(
     ``unread``: the files that the scans of the training and of the held-out utterances could not read
     (``alignment_keys``). ``sources``: how errors name the alignments of the training and of the held-out
     utterances (None: the same as the training's)."""
+    plan = _plan(featurizer, train_entries, test_entries, alignments, test_alignments=test_alignments,
+                 alignment_rate=alignment_rate, settings=settings, keys=keys, unread=unread, sources=sources)
+    return _probe(featurizer, name, plan, alignment_rate=alignment_rate, settings=settings)
+
+
+@dataclass
+class _Plan:
+    """What ``run_probe`` works on, checked: the training utterances drawn, the alignments and the names."""
+
+    chosen: list[ManifestEntry]
+    alignments: Alignments
+    test_entries: Sequence[ManifestEntry]
+    test_alignments: Alignments
+    train_keys: Mapping[str, str]
+    test_keys: Mapping[str, str]
+
+
+def _plan(featurizer, train_entries: Sequence[ManifestEntry], test_entries: Sequence[ManifestEntry],
+          alignments: Alignments, *, test_alignments: Alignments | None, alignment_rate: float,
+          settings: ProbeSettings, keys: Mapping[str, str] | None,
+          unread: tuple[Sequence[ManifestEntry], Sequence[ManifestEntry]], sources: tuple[str, str | None]) -> _Plan:
+    """``run_probe``'s inputs checked, before any feature is computed (``run_probes``: before any representation's)."""
     one_file = test_alignments is None
     if not one_file:
         alignments, test_alignments = common_inventory(alignments, test_alignments)
@@ -565,6 +624,13 @@ def run_probe(
                    where=f"{train_source} (training utterances)")
     _check_lengths(featurizer, test_entries, test_named, test_keys, alignment_rate,
                    where=f"{test_source or train_source} (held-out utterances)")
+    return _Plan(chosen, alignments, test_entries, test_alignments, train_keys, test_keys)
+
+
+def _probe(featurizer, name: str, plan: _Plan, *, alignment_rate: float, settings: ProbeSettings) -> list[ProbeRow]:
+    """``run_probe``'s work on its checked ``plan``."""
+    chosen, alignments, train_keys = plan.chosen, plan.alignments, plan.train_keys
+    test_entries, test_alignments, test_keys = plan.test_entries, plan.test_alignments, plan.test_keys
     frames = collect_training_frames(featurizer, chosen, alignments, alignment_rate=alignment_rate, keys=train_keys)
     logger.info("%s: probes trained on %d frames of %d utterances", name, len(frames.labels), frames.num_utterances)
     silence = np.asarray([i for i, phone in enumerate(alignments.phones) if phone in settings.silence_labels],
@@ -599,12 +665,33 @@ def _check_lengths(featurizer, entries: Sequence[ManifestEntry], alignments: Ali
 
     conv_layers = getattr(featurizer, "conv_layers", None)
     if conv_layers is None:
+        if hasattr(featurizer, "frame_counts"):  # stored features: each file there, of a length its alignment spans
+            _check_stored_lengths(featurizer, entries, alignments, keys, alignment_rate, where=where)
         return
     named = {keys[entry.location]: entry for entry in entries if keys[entry.location] in alignments.codes}
     check_alignment_lengths(alignments.codes, {name: entry.num_samples for name, entry in named.items()},
                             conv_layers=conv_layers, alignment_rate_hz=alignment_rate, where=where,
                             decoded_samples=lambda name: decoded_length(named[name]),
                             tolerance=label_tolerance(alignment_rate / featurizer.frame_rate))
+
+
+def _check_stored_lengths(featurizer, entries: Sequence[ManifestEntry], alignments: Alignments,
+                          keys: Mapping[str, str], alignment_rate: float, *, where: str) -> None:
+    """``_check_lengths`` for features read rather than computed (``frame_counts``): every file's features are found
+    and are (T, D), and each aligned utterance's T spans its alignment as ``frame_labels`` requires."""
+    ratio = alignment_rate / featurizer.frame_rate
+    for entry in entries:
+        counts = featurizer.frame_counts(entry)
+        name = keys[entry.location]
+        if counts is None or name not in alignments.codes:
+            continue
+        for representation, count in counts.items():
+            if abs(len(alignments.codes[name]) - count * ratio) > label_tolerance(ratio):
+                raise ValueError(
+                    f"{where}: utterance {name!r} has {len(alignments.codes[name])} frames at {alignment_rate:g} "
+                    f"Hz, but its {representation} features' {count} frames at {featurizer.frame_rate:g} Hz span "
+                    f"{count * ratio:g}: features of another rate (--frequency) or another recording, or an "
+                    "alignment of another rate (--alignment-rate)?")
 
 
 def _keys_of(keys: Mapping[str, str], entries: Sequence[ManifestEntry], unread: Sequence[ManifestEntry]
@@ -621,9 +708,16 @@ def _keys_of(keys: Mapping[str, str], entries: Sequence[ManifestEntry], unread: 
 
 def run_probes(featurizers: Mapping[str, object], train_entries: Sequence[ManifestEntry],
                test_entries: Sequence[ManifestEntry], alignments: Alignments, **options) -> list[ProbeRow]:
-    """``run_probe`` for each ``{name: featurizer}`` on the same data and ``options``; the rows in that order."""
+    """``run_probe`` for each ``{name: featurizer}`` on the same data and ``options``; the rows in that order. Every
+    featurizer's inputs are checked before the first one computes a feature."""
+    settings = options.pop("settings", ProbeSettings())
+    alignment_rate = options.pop("alignment_rate", 100.0)
+    defaults = {"test_alignments": None, "keys": None, "unread": ((), ()), "sources": ("the alignments", None)}
+    plans = {name: _plan(featurizer, train_entries, test_entries, alignments, alignment_rate=alignment_rate,
+                         settings=settings, **(defaults | options))
+             for name, featurizer in featurizers.items()}
     return [row for name, featurizer in featurizers.items()
-            for row in run_probe(featurizer, name, train_entries, test_entries, alignments, **options)]
+            for row in _probe(featurizer, name, plans[name], alignment_rate=alignment_rate, settings=settings)]
 
 
 def split_entries(entries: Sequence[ManifestEntry], test_fraction: float, *, seed: int
