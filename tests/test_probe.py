@@ -713,3 +713,25 @@ def test_stored_features_are_checked_before_any_representation_is_computed(broke
         run_probes({"model": counted, "stored": stored}, entries[:8], entries[8:], alignments, alignment_rate=50.0,
                    settings=ProbeSettings(epochs=1, ctc_epochs=1))
     assert counted.calls == 0
+
+
+def test_features_named_by_an_id_two_files_share_are_refused_before_any_work(tmp_path):
+    """A flat folder of features named by id (another tool's) holds one 'sa1' for TIMIT-like spk1/sa1 and spk2/sa1:
+    both files were trained and scored on that one array, each with its own alignment. Refused while the inputs are
+    checked, naming both files (review diff33 #6); features named by path find each its own."""
+    from spidr.eval.probe import StoredFeaturizer
+
+    train, test = _tone_files(tmp_path, ["a1", "a2"]), []
+    for speaker in ("spk1", "spk2"):
+        (tmp_path / speaker).mkdir()
+        test += _tone_files(tmp_path / speaker, ["sa1"])
+    alignments = Alignments.from_labels([(name, ["A", "B"] * 49) for name in ("a1", "a2", "spk1/sa1", "spk2/sa1")])
+    frames = {name: np.zeros((49, 2), np.float32) for name in ("a1", "a2")}
+    by_id = StoredFeaturizer({"r": {**frames, "sa1": np.zeros((49, 2), np.float32)}}, frame_rate=50.0)
+    with pytest.raises(ValueError, match=r"^r: the features 'sa1' of .* are found for both .*spk1/sa1\.wav and "
+                                         r".*spk2/sa1\.wav, which share the id 'sa1'"):
+        run_probe(by_id, "m", train, test, alignments, alignment_rate=100.0, settings=ProbeSettings(epochs=1))
+    by_path = StoredFeaturizer({"r": {**frames, "spk1/sa1": np.zeros((49, 2), np.float32),
+                                      "spk2/sa1": np.ones((49, 2), np.float32)}}, frame_rate=50.0)
+    rows = run_probe(by_path, "m", train, test, alignments, alignment_rate=100.0, settings=ProbeSettings(epochs=1))
+    assert [row.num_test_utterances for row in rows] == [2]

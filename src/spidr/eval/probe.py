@@ -161,6 +161,9 @@ class StoredFeaturizer:
                          for name, features in representations.items()}
         self.representations = tuple(self.features)
         self.frame_rate = float(frame_rate)
+        # (representation, features key) → the file they were found for, by frame_counts: one key found for two
+        # files (features named by an id that two files of the manifest share) would give both the same frames
+        self._served: dict[tuple[str, str], str] = {}
 
     def __call__(self, entries: Sequence[ManifestEntry]) -> Iterator[tuple[ManifestEntry, dict[str, np.ndarray]]]:
         """``(entry, {representation: (T, D) float32})`` for every entry, in order, but those that the extraction
@@ -174,12 +177,18 @@ class StoredFeaturizer:
     def frame_counts(self, entry: ManifestEntry) -> dict[str, int] | None:
         """``{representation: T}`` of ``entry`` without reading its features where the folder can tell (a ``.npy``
         header), or None for a file the extraction skipped; a missing file or features that are not (T, D) are the
-        errors ``__call__`` raises, raised before any work."""
+        errors ``__call__`` raises, raised before any work, and so are features that another file of the probe's
+        found (by an id the two share, where the features are named by id alone)."""
         if self._skipped(entry):
             return None
         counts = {}
         for name, features in self.features.items():
             key = self._key(features, name, entry)
+            served = self._served.setdefault((name, key), entry.location)
+            if served != entry.location:
+                raise ValueError(f"{name}: the features {key!r} of {features.source} are found for both {served} and "
+                                 f"{entry.location}, which share the id {entry.fileid!r}: name the feature files by "
+                                 "their path below the audio folder, as spidr extract does")
             directory = features.directory
             if hasattr(directory, "shape"):
                 shape = directory.shape(key)
