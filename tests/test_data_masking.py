@@ -310,22 +310,8 @@ def test_a_span_that_fits_nowhere_leaves_the_shorter_spans_placed() -> None:
         assert 0 <= int(masked[0]) <= 9
 
 
-# over every span rule, overlap or not, any lengths: padding never masked, rows equal, a pure function of
+# Over every span rule, overlap or not, any lengths: padding never masked, rows equal, a pure function of
 # the generator; without overlap (one row, static spans) every run is one span, min_space apart.
-
-
-
-def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
-    out, start = [], None
-    for i, value in enumerate([*row.tolist(), False]):
-        if value and start is None:
-            start = i
-        elif not value and start is not None:
-            out.append((start, i - start))
-            start = None
-    return out
-
-
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=5), extra=st.integers(0, 20),
        prob=st.floats(0, 1), length=st.integers(1, 30),
@@ -354,7 +340,7 @@ def test_spans_without_overlap_are_whole_and_min_space_apart(  # noqa: PLR0917 (
     mask = compute_mask_indices((1, frames), torch.zeros(1, frames, dtype=torch.bool), mask_prob=prob,
                                 mask_length=length, generator=torch.Generator().manual_seed(seed),
                                 min_masks=min_masks, no_overlap=True, min_space=min_space)
-    runs = _runs(mask[0])
-    assert all(run == length for _, run in runs), runs
-    assert all(b - (a + n) >= min_space for (a, n), (b, _) in itertools.pairwise(runs))
-    assert len(runs) <= max(min_masks, int(prob * frames / length + 1))
+    spans = runs(mask[0])
+    assert all(run == length for _, run in spans), spans
+    assert all(b - (a + n) >= min_space for (a, n), (b, _) in itertools.pairwise(spans))
+    assert len(spans) <= max(min_masks, int(prob * frames / length + 1))
