@@ -24,10 +24,12 @@ features by their files' frame counts).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -195,19 +197,18 @@ class StoredFeaturizer:
             else:
                 values = features[key]
                 shape = tuple(values.shape) if hasattr(values, "shape") else np.shape(values)
-            if len(shape) != 2:
-                raise ValueError(f"{name}: the features of {entry.location} have shape {shape}; expected (T, D)")
+            _require_frames(shape, name, entry)
             counts[name] = int(shape[0])
         return counts
 
     def _skipped(self, entry: ManifestEntry) -> bool:
-        path = _without_extension(entry.path)
+        path = os.path.splitext(entry.path)[0]
         return any(features.names_skipped(path) or features.names_skipped(entry.fileid)
                    for features in self.features.values())
 
     @staticmethod
     def _key(features, representation: str, entry: ManifestEntry) -> str:
-        key = features.resolve(_without_extension(entry.path)) or features.resolve(entry.fileid)
+        key = features.resolve(os.path.splitext(entry.path)[0]) or features.resolve(entry.fileid)
         if key is None:
             raise ValueError(f"{representation}: {features.source} holds no features of {entry.location} (looked up "
                              f"by its path and by its id {entry.fileid!r})")
@@ -217,14 +218,15 @@ class StoredFeaturizer:
     def _read(cls, features, representation: str, entry: ManifestEntry) -> np.ndarray:
         values = features[cls._key(features, representation, entry)]
         values = np.asarray(values.float() if isinstance(values, torch.Tensor) else values, dtype=np.float32)
-        if values.ndim != 2:
-            raise ValueError(f"{representation}: the features of {entry.location} have shape {values.shape}; "
-                             "expected (T, D)")
+        _require_frames(values.shape, representation, entry)
         return values
 
 
-def _without_extension(path: str) -> str:
-    return path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
+def _require_frames(shape: tuple[int, ...], representation: str, entry: ManifestEntry) -> None:
+    """Refuse stored features that are not (T, D), naming the file and the representation."""
+    if len(shape) != 2:
+        raise ValueError(f"{representation}: the features of {entry.location} have shape {tuple(shape)}; expected "
+                         "(T, D)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,6 +240,12 @@ def label_tolerance(ratio: float) -> float:
     return MAX_LENGTH_MISMATCH + max(ratio, 1.0)
 
 
+def spans_alignment(num_codes: int, num_frames: int, ratio: float) -> bool:
+    """Whether ``num_frames`` feature frames may be labelled by an alignment of ``num_codes`` frames (``ratio``:
+    alignment frames per feature frame): their spans differ by at most ``label_tolerance``."""
+    return abs(num_codes - num_frames * ratio) <= label_tolerance(ratio)
+
+
 def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, alignment_rate: float, name: str = ""
                  ) -> np.ndarray:
     """Label codes (T',) of the first T' ≤ ``num_frames`` feature frames: frame t takes alignment frame
@@ -245,7 +253,7 @@ def frame_labels(codes: np.ndarray, num_frames: int, *, frame_rate: float, align
     rounding plus 2 alignment frames."""
     ratio = alignment_rate / frame_rate
     expected = num_frames * ratio
-    if abs(len(codes) - expected) > label_tolerance(ratio):
+    if not spans_alignment(len(codes), num_frames, ratio):
         raise ValueError(
             f"utterance {name!r}: {num_frames} feature frames at {frame_rate:g} Hz span {expected:g} alignment "
             f"frames, but the alignment has {len(codes)} at {alignment_rate:g} Hz (check --alignment-rate)"
@@ -695,7 +703,7 @@ def _check_stored_lengths(featurizer, entries: Sequence[ManifestEntry], alignmen
         if counts is None or name not in alignments.codes:
             continue
         for representation, count in counts.items():
-            if abs(len(alignments.codes[name]) - count * ratio) > label_tolerance(ratio):
+            if not spans_alignment(len(alignments.codes[name]), count, ratio):
                 raise ValueError(
                     f"{where}: utterance {name!r} has {len(alignments.codes[name])} frames at {alignment_rate:g} "
                     f"Hz, but its {representation} features' {count} frames at {featurizer.frame_rate:g} Hz span "
@@ -719,11 +727,11 @@ def run_probes(featurizers: Mapping[str, object], train_entries: Sequence[Manife
                test_entries: Sequence[ManifestEntry], alignments: Alignments, **options) -> list[ProbeRow]:
     """``run_probe`` for each ``{name: featurizer}`` on the same data and ``options``; the rows in that order. Every
     featurizer's inputs are checked before the first one computes a feature."""
-    settings = options.pop("settings", ProbeSettings())
-    alignment_rate = options.pop("alignment_rate", 100.0)
-    defaults = {"test_alignments": None, "keys": None, "unread": ((), ()), "sources": ("the alignments", None)}
-    plans = {name: _plan(featurizer, train_entries, test_entries, alignments, alignment_rate=alignment_rate,
-                         settings=settings, **(defaults | options))
+    # run_probe's keyword defaults, read from its signature (the one place they are written)
+    options = {name: parameter.default for name, parameter in inspect.signature(run_probe).parameters.items()
+               if parameter.kind is inspect.Parameter.KEYWORD_ONLY} | options
+    settings, alignment_rate = options["settings"], options["alignment_rate"]
+    plans = {name: _plan(featurizer, train_entries, test_entries, alignments, **options)
              for name, featurizer in featurizers.items()}
     return [row for name, featurizer in featurizers.items()
             for row in _probe(featurizer, name, plans[name], alignment_rate=alignment_rate, settings=settings)]
