@@ -230,6 +230,19 @@ def reference_pair_errors(features: dict[str, np.ndarray], items: Items, *, spea
                           distance: str, mirror: bool = True) -> tuple[dict[tuple[str, str], float], int]:
     """``reference_abx``'s (A phone, B phone) → error rate, each pair's mean over contexts then speakers, and the
     number of cells."""
+    cells = reference_cells(features, items, speaker=speaker, distance=distance, context=context, mirror=mirror)
+    by_speaker = defaultdict(list)
+    for pa, pb, sa, error in cells:
+        by_speaker[pa, pb, sa if context == "within" else 0].append(error)
+    by_pair = defaultdict(list)
+    for (pa, pb, _), errors in by_speaker.items():
+        by_pair[pa, pb].append(np.mean(errors))
+    return {pair: float(np.mean(errors)) for pair, errors in by_pair.items()}, len(cells)
+
+
+def reference_cells(features: dict[str, np.ndarray], items: Items, *, speaker: str, context: str,
+                    distance: str, mirror: bool = True) -> list[tuple[str, str, str, float]]:
+    """Every cell triplet by triplet: (A phone, B phone, speaker of A, error rate)."""
     starts, ends = frame_bounds(items, RATE)
     seqs = []
     for i in range(len(items)):
@@ -276,13 +289,7 @@ def reference_pair_errors(features: dict[str, np.ndarray], items: Items, *, spea
                 score = [1.0 if d_xa(x, a) < d(x, b) else 0.5 if d_xa(x, a) == d(x, b) else 0.0
                          for x in x_items for a in a_items if a != x for b in b_items]
                 cells.append((pa, pb, sa, 1 - np.mean(score)))
-    by_speaker = defaultdict(list)
-    for pa, pb, sa, error in cells:
-        by_speaker[pa, pb, sa if context == "within" else 0].append(error)
-    by_pair = defaultdict(list)
-    for (pa, pb, _), errors in by_speaker.items():
-        by_pair[pa, pb].append(np.mean(errors))
-    return {pair: float(np.mean(errors)) for pair, errors in by_pair.items()}, len(cells)
+    return cells
 
 
 @pytest.mark.parametrize(("speaker", "context"), [("within", "within"), ("within", "any"), ("across", "within"),
@@ -302,6 +309,38 @@ def test_each_phone_pair_s_error_rate_is_the_reference_s_and_their_mean_the_erro
         assert any(a != b and (b, a) in expected and expected[a, b] != pytest.approx(expected[b, a])
                    for a, b in expected), "the task should tell (A, B) from (B, A)"
         assert result.error_rate == pytest.approx(np.mean(list(result.pair_error_rates.values())), abs=1e-15)
+
+
+@pytest.mark.parametrize(("speaker", "context"), [("within", "within"), ("within", "any"), ("across", "within"),
+                                                  ("across", "any")])
+def test_each_speaker_s_error_rate_is_the_reference_s_on_that_speaker_s_cells(speaker, context):
+    """Truth: the triplet-by-triplet cells of each speaker (of A) alone: per (A, B) pair, the mean of its cells
+    (contexts and X speakers alike), then the mean over the speaker's pairs. Cut down to one speaker's items (within
+    speaker, where cells never mix speakers), ABX's error rate is that speaker's."""
+    for seed in range(2):
+        features, items = random_task(seed, num_items=40, phones="abcd")
+        result = abx(features, items, speaker=speaker, context=context, distance="euclidean", frequency=RATE,
+                     max_size_group=None, max_x_across=None)
+        by_pair = defaultdict(list)
+        for pa, pb, sa, error in reference_cells(features, items, speaker=speaker, context=context,
+                                                 distance="euclidean"):
+            by_pair[sa, pa, pb].append(error)
+        by_speaker = defaultdict(list)
+        for (sa, _, _), errors in by_pair.items():
+            by_speaker[sa].append(np.mean(errors))
+        expected = {sa: float(np.mean(errors)) for sa, errors in by_speaker.items()}
+        assert len(expected) >= 2
+        assert result.speaker_error_rates == pytest.approx(expected, abs=1e-12)
+        if speaker == "within":
+            speakers = items.column("speaker")
+            for name, error in expected.items():
+                rows = [i for i in range(len(items)) if speakers[i] == name]
+                alone = Items.from_columns({"#file": [items.files[i] for i in rows],
+                                            "onset": [items.onsets[i] for i in rows],
+                                            "offset": [items.offsets[i] for i in rows],
+                                            **{c: [items.labels[c][i] for i in rows] for c in items.labels}})
+                assert abx(features, alone, speaker="within", context=context, distance="euclidean", frequency=RATE,
+                           max_size_group=None).error_rate == pytest.approx(error, abs=1e-12), name
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -492,6 +531,37 @@ def test_command_line_by_pair_gives_every_pair_worst_first(tmp_path: Path, capsy
                                                     for row in rows]
     assert cli.main([*command[:-1], "--json"]) == 0
     assert "by_pair" not in json.loads(capsys.readouterr().out)
+
+
+def test_command_line_by_speaker_gives_every_speaker_worst_first(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--by-speaker: abx()'s speaker error rates (tested against the reference above) in percent, worst first, in the
+    JSON's by_speaker and as a table after the sentence (after the pairs' table when both are asked for)."""
+    features, items = random_task(5, num_items=50, phones="abcd")
+    write_feature_tree(tmp_path / "features", features)
+    item_file = tmp_path / "task.item"
+    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
+    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
+                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
+    item_file.write_text("\n".join(lines) + "\n")
+    command = ["abx", str(tmp_path / "features"), str(item_file), "--frequency", "50", "--speaker", "across",
+               "--by-speaker"]
+    expected = abx(features, items, frequency=50, speaker="across").speaker_error_rates
+    assert len(expected) >= 2
+    assert cli.main([*command, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["by_speaker"]
+    assert {row["speaker"]: row["abx_error_rate"] for row in rows} == pytest.approx(
+        {name: 100 * error for name, error in expected.items()})
+    assert len(rows) == len(expected)
+    errors = [row["abx_error_rate"] for row in rows]
+    assert errors == sorted(errors, reverse=True)
+    assert cli.main([*command, "--by-pair"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("A\tB\tABX error rate %") < out.index("speaker\tABX error rate %")
+    table = out.split("speaker\tABX error rate %\n")[1].splitlines()
+    assert [line.split("\t") for line in table] == [[row["speaker"], f"{row['abx_error_rate']:.3f}"] for row in rows]
+    assert cli.main([*command[:-1], "--json"]) == 0
+    assert "by_speaker" not in json.loads(capsys.readouterr().out)
 
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:

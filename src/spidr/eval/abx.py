@@ -86,6 +86,11 @@ class AbxResult:
     ``pair_error_rates`` their error rates (fractions, averaged over contexts and speakers as ``error_rate`` is;
     ``error_rate`` is their mean): which phones the representation confuses. (A, B) and (B, A) are two pairs: A is
     the phone of A and X.
+
+    ``speaker_error_rates`` gives each speaker's error rate on its own cells (within speaker: the speaker of A, B and
+    X; across speaker: that of A and B, X's speakers averaged): the mean over the (A, B) pairs that speaker has cells
+    for of each pair's mean over its cells of that speaker. Which speakers the representation finds hard; their
+    mean is not ``error_rate`` where speakers have cells for different pairs.
     """
 
     error_rate: float
@@ -94,6 +99,7 @@ class AbxResult:
     num_pairs: int
     num_items: int
     pair_error_rates: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    speaker_error_rates: Mapping[str, float] = field(default_factory=dict)
 
 
 def abx_error_rate(features: Mapping[str, object], items: Items | str | Path, **options: Any) -> float:
@@ -174,6 +180,7 @@ def abx(
             "phone with the same BY labels (and, within speaker, ≥ 2 items; across speaker, another speaker)"
         )
     (a_phone, b_phone), pair_errors = _collapse(cells, context=context)
+    speaker, speaker_errors = _by_speaker(cells)
     error_rate = float(pair_errors.mean())
     logger.info("ABX %s speaker, %s context, %s: %.3f%% over %d cells, %d triplets", speaker, context, distance,
                 100 * error_rate, cells.score.size, int(cells.size.sum()))
@@ -185,6 +192,8 @@ def abx(
         num_items=len(items),
         pair_error_rates={(str(labels.phone_names[a]), str(labels.phone_names[b])): float(error)
                           for a, b, error in zip(a_phone, b_phone, pair_errors, strict=True)},
+        speaker_error_rates={str(labels.speaker_names[code]): float(error)
+                             for code, error in zip(speaker, speaker_errors, strict=True)},
     )
 
 
@@ -207,6 +216,14 @@ def _collapse(cells: Cells, *, context: Context) -> tuple[tuple[np.ndarray, np.n
     else:
         keys, scores = _group_mean((cells.a_phone, cells.b_phone), cells.score)
     return (keys[0], keys[1]), scores
+
+
+def _by_speaker(cells: Cells) -> tuple[np.ndarray, np.ndarray]:
+    """The codes of the speakers (of A) with cells and their mean errors: each (A, B) pair's mean over that speaker's
+    cells (contexts and X speakers alike), then the mean over the speaker's pairs."""
+    keys, scores = _group_mean((cells.a_phone, cells.b_phone, cells.speaker), cells.score)
+    (speaker,), scores = _group_mean(keys[2:], scores)
+    return speaker, scores
 
 
 def _group_mean(keys: tuple[np.ndarray, ...], values: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:

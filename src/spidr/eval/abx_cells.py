@@ -20,23 +20,25 @@ MIN_A_LEN = 2  # within-speaker cells need two A items: one of them is X, compar
 
 @dataclass(frozen=True)
 class Labels:
-    """Integer codes of each item's phone, context (0 for context "any") and speaker, with the phone names."""
+    """Integer codes of each item's phone, context (0 for context "any") and speaker, with the phone and speaker
+    names (``phone_names[code]``)."""
 
     phone: np.ndarray
     context: np.ndarray
     speaker: np.ndarray
     phone_names: np.ndarray
+    speaker_names: np.ndarray
 
     @classmethod
     def from_items(cls, items: Items, *, context: Context) -> Labels:
         phone_names, phone = np.unique(np.asarray(items.column(PHONE_COLUMN)), return_inverse=True)
-        _, speaker = np.unique(np.asarray(items.column(SPEAKER_COLUMN)), return_inverse=True)
+        speaker_names, speaker = np.unique(np.asarray(items.column(SPEAKER_COLUMN)), return_inverse=True)
         if context == "within":
             pairs = np.stack([np.asarray(items.column(PREV_COLUMN)), np.asarray(items.column(NEXT_COLUMN))], axis=1)
             _, context_code = np.unique(pairs, axis=0, return_inverse=True)
         else:
             context_code = np.zeros(len(items), dtype=np.int64)
-        return cls(phone.ravel(), context_code.ravel(), speaker.ravel(), phone_names)
+        return cls(phone.ravel(), context_code.ravel(), speaker.ravel(), phone_names, speaker_names)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,8 @@ def _abx(args: argparse.Namespace) -> int:
     percent = 100.0 * result.error_rate
     # worst first; ties in phone order
     pairs = sorted(result.pair_error_rates.items(), key=lambda pair: (-pair[1], pair[0])) if args.by_pair else []
+    speakers = (sorted(result.speaker_error_rates.items(), key=lambda speaker: (-speaker[1], speaker[0]))
+                if args.by_speaker else [])
     if args.json:
         print(json.dumps({
             "abx_error_rate": percent,
@@ -116,6 +118,8 @@ def _abx(args: argparse.Namespace) -> int:
             "items": result.num_items,
             **({"by_pair": [{"a": a, "b": b, "abx_error_rate": 100.0 * error} for (a, b), error in pairs]}
                if args.by_pair else {}),
+            **({"by_speaker": [{"speaker": speaker, "abx_error_rate": 100.0 * error} for speaker, error in speakers]}
+               if args.by_speaker else {}),
         }))
     else:
         print(f"ABX error rate: {percent:.3f}% ({args.speaker} speaker, {args.context} context, {distance}; "
@@ -125,6 +129,10 @@ def _abx(args: argparse.Namespace) -> int:
                   "A\tB\tABX error rate %")
             for (a, b), error in pairs:
                 print(f"{a}\t{b}\t{100.0 * error:.3f}")
+        if args.by_speaker:
+            print(f"\n{len(speakers)} speakers (of A and B), worst first:\nspeaker\tABX error rate %")
+            for speaker, error in speakers:
+                print(f"{speaker}\t{100.0 * error:.3f}")
     return 0
 
 
@@ -374,6 +382,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--by-pair", action="store_true",
                         help="also give the error rate of each (A, B) phone pair, the pairs the error rate averages, "
                         "worst first: a table after the sentence, or by_pair in the JSON object")
+    parser.add_argument("--by-speaker", action="store_true",
+                        help="also give each speaker's error rate on its own cells (across speaker: the speaker of "
+                        "A and B), worst first: a table, or by_speaker in the JSON object")
     parser.set_defaults(handler=_abx)
 
     _register_items(subparsers, formatter)
