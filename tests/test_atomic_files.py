@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
+from spidr import atomic_files
 from spidr.atomic_files import new_partial_path, replaced_when_done, write_atomically
 
 
@@ -404,3 +406,28 @@ def test_a_finished_write_is_renamed_while_its_temporary_is_still_locked(tmp_pat
     atomic_files.write_atomically(tmp_path / "out.txt", "whole")
     assert refused == [True]
     assert (tmp_path / "out.txt").read_text() == "whole"
+
+
+def test_a_failed_write_names_the_user_s_file_not_none_nor_the_temporary(tmp_path, monkeypatch) -> None:
+    """Was a defect (res34): on a full disk 'spidr kmeans: error: File too large' (units, manifest, plot-training
+    alike) named no file; in a read-only folder 'error: /ro/.c.safetensors.4a22dcb3.partial: Read-only file system'
+    named a hidden temporary the user never asked for."""
+    target = tmp_path / "c.safetensors"
+    with pytest.raises(OSError, match="No space left") as caught, replaced_when_done(target):
+        raise OSError(errno.ENOSPC, "No space left on device")  # (as a write's error: no file named)
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(atomic_files.os, "open", read_only)
+    with pytest.raises(OSError, match="Read-only") as caught, replaced_when_done(target):
+        pass
+    assert caught.value.errno == errno.EROFS
+    assert caught.value.filename == str(target)

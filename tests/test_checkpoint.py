@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_python_on_a_full_disk
 from spidr.train.checkpoint import (
     Checkpointer,
     atomic_torch_save,
@@ -171,3 +173,23 @@ def test_keep_latest_never_deletes_the_checkpoint_it_has_just_written(tmp_path):
     assert written.is_file()
     path, _ = checkpointer.load_latest()
     assert path == written
+
+
+def test_a_checkpoint_cut_by_a_full_disk_is_an_os_error_naming_it(tmp_path):
+    """Was a defect (res34): torch's zip writer turned the write's OSError into 'RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos 65472 vs 65360': `spidr train` and `spidr lm-train` printed a traceback
+    and exited 1, the status their help gives a diverged run; where the OSError came through, it named no file."""
+    path = tmp_path / "step_4.pt"
+    result = run_python_on_a_full_disk(50_000, f"""
+        from pathlib import Path
+        import torch
+        from spidr.train.checkpoint import atomic_torch_save
+        try:
+            atomic_torch_save({{"weights": torch.zeros(100_000)}}, Path({str(path)!r}))
+        except OSError as error:
+            print("OSError", error.errno, error.filename)
+        except BaseException as error:
+            print("other", type(error).__name__, error)
+    """)
+    assert result.stdout.strip() == f"OSError {errno.EFBIG} {path}", result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []  # the temporary removed, nothing under the checkpoint's name

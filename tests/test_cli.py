@@ -3,7 +3,11 @@ that name the input they are about."""
 
 from __future__ import annotations
 
+import errno
+
+import numpy as np
 import pytest
+import soundfile as sf
 
 from spidr.cli import build_parser, main
 
@@ -114,3 +118,33 @@ def test_lm_score_given_a_file_as_its_units_folder_says_it_is_a_file(tmp_path, c
     assert main(["lm-score", str(tmp_path / "lm.pt"), str(tmp_path / "dev.jsonl"), str(tmp_path / "sub")]) == 2
     assert capsys.readouterr().err == (f"spidr lm-score: error: units folder {tmp_path / 'dev.jsonl'} is a file: "
                                        "expected UNITS_DIR/<task>/<split>.jsonl, as lm-units writes them\n")
+
+
+def test_an_os_error_wrapped_in_a_runtime_error_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys) -> None:
+    """Was a defect (res34): DataLoader workers past the open-files limit (`ulimit -n`), as torch raises it (a
+    RuntimeError from the EMFILE, raised `from None`): `spidr train` printed a traceback and exited 1, the status of a
+    diverged run. Other RuntimeErrors still raise."""
+    from spidr.data import manifest
+
+    (tmp_path / "audio").mkdir()
+    sf.write(tmp_path / "audio" / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+
+    def workers_out_of_files(*args, **kwargs):
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError:
+            raise RuntimeError("Too many open files. Communication with the workers is no longer possible. Please "
+                               "increase the limit using `ulimit -n` in the shell") from None
+
+    monkeypatch.setattr(manifest, "write_manifest", workers_out_of_files)
+    assert main(["manifest", str(tmp_path / "audio"), str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("spidr manifest: error: Too many open files"), err
+
+    def a_bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(manifest, "write_manifest", a_bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["manifest", str(tmp_path / "audio"), str(tmp_path / "m.csv")])

@@ -1226,3 +1226,20 @@ def test_a_speech_engine_ends_with_the_process_that_started_it(tmp_path, engine)
 def test_an_output_folder_with_a_carriage_return_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="carriage return"):
         writable_out_dir(tmp_path / "a\rb")
+
+
+def test_a_cut_engine_wav_stops_the_synthesis_instead_of_dropping_the_utterance(tmp_path, monkeypatch) -> None:
+    """Was a defect (res34): flite writes its WAV into TMPDIR and exits 0 when that folder is full: the cut file's
+    audio was shorter than its alignment, the utterance was recorded as dropped in info.json ('the last phone ends at
+    2.5600 s, more than 20 ms after the audio'), and a rerun reused the corpus without it for good."""
+
+    def flite_into_a_full_folder(command, **kwargs):
+        wav = Path(command[command.index("-o") + 1])
+        sf.write(wav, np.zeros(16000, dtype=np.float32), 16000, subtype="PCM_16")  # header: 16000 frames
+        with wav.open("r+b") as handle:
+            handle.truncate(44 + 2 * 4000)  # the disk took 4000 of them
+        return subprocess.CompletedProcess(command, 0, stdout="pau:0.1 hh:0.3 ay:1.0", stderr="")
+
+    monkeypatch.setattr(engines, "run_child", flite_into_a_full_folder)
+    with pytest.raises(OSError, match="declares"):
+        engines.synthesize(voices.parse_voice("rms"), [engines.Request("u-00000", "hi", 1.0)])

@@ -21,6 +21,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import run_python_on_a_full_disk
 from spidr.config import SpidRConfig
 from spidr.data.manifest import Manifest, ManifestEntry, read_manifest
 from spidr.data.scanning import scan
@@ -738,3 +739,29 @@ def test_a_dotless_i_is_not_an_i_whatever_else_the_name_holds(ids):
     first, second = ids
     entries = [ManifestEntry(first, f"/c/spk/{first}.wav", 10), ManifestEntry(second, f"/c/spk/{second}.wav", 10)]
     assert len(set(output_stems(entries))) == 2
+
+
+def test_a_feature_file_cut_by_a_full_disk_is_not_published_as_done(manifest, tmp_path):
+    """Was a defect (res34): np.save writes a real file through a C FILE* whose fclose numpy never checks, so the last
+    bytes failing to reach a full disk left OUT/layer_LL/<utt>.npy cut short under its final name, the batch was
+    journaled as done and `spidr extract` said it wrote every file (exit 0); a rerun never rewrote it."""
+    reference = tmp_path / "reference"
+    extract_to_directory(_model(), read_manifest(manifest), reference, ExtractionSettings(**SETTINGS), progress=False)
+    largest = max(path.stat().st_size for path in reference.glob("layer_*/**/*.npy"))
+    out = tmp_path / "full"
+    result = run_python_on_a_full_disk(largest - 16, f"""
+        import sys
+        from spidr.data.manifest import read_manifest
+        from spidr.eval.features import ExtractionSettings
+        from spidr.eval.folder_extraction import extract_to_directory
+        from test_extract_resume import SETTINGS, _model
+        try:
+            extract_to_directory(_model(), read_manifest({str(manifest)!r}), {str(out)!r},
+                                 ExtractionSettings(**SETTINGS), progress=False)
+        except OSError as error:
+            print("OSError", error)
+            sys.exit(3)
+    """)
+    assert result.returncode == 3, result.stdout + result.stderr  # the failed write was told
+    for path in out.glob("layer_*/**/*.npy"):
+        assert np.load(path).shape == np.load(reference / path.relative_to(out)).shape  # published whole

@@ -119,13 +119,21 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
     # Made here first, so that it gets the permissions of any new file in its folder (the umask, or the folder's
     # default ACL); a writer that makes its own file (safetensors: 0600) is set back to them, so that an exported
     # model or centroids file stays readable by the rest of a group on a shared cluster.
-    partial, held = new_held_partial(path)  # (a writer that replaces the file by name loses the lock: only sweeps see)
+    try:
+        partial, held = new_held_partial(path)  # (a writer replacing the file by name loses the lock: only sweeps see)
+    except OSError as error:  # (a read-only file system: named by the user's path, not the hidden temporary's)
+        raise named_error(error, path) from None
     try:
         intended = stat.S_IMODE(os.stat(partial).st_mode)
         try:
             yield partial
             if stat.S_IMODE(os.stat(partial).st_mode) != intended:
                 os.chmod(partial, intended)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            if error.filename is None or error.filename == str(partial):  # (a write's error names no file)
+                raise named_error(error, path) from error
+            raise
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -136,6 +144,27 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
             raise type(error)(error.errno, error.strerror, str(path)) from None
     finally:
         held.close()
+
+
+def named_error(error: OSError, path: str | Path) -> OSError:
+    """``error`` (a failed write: no file named, or a writer's hidden temporary) naming ``path``, the user's file."""
+    return type(error)(error.errno, error.strerror or str(error), str(path))
+
+
+class _CheckedWrites:
+    """A file handle seen by ``np.save`` as a plain writer: numpy writes a real file through a C ``FILE*`` whose
+    ``fclose`` it never checks, so the last buffered bytes failing to reach a full disk (or past a file size limit)
+    left a cut ``.npy`` file and no error. Through ``handle.write`` every failed write raises."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.write, self.flush = handle.write, handle.flush
+
+
+def save_npy(handle: BinaryIO, array: Any) -> None:
+    """``np.save(handle, array)`` that raises on every failed write (``_CheckedWrites``)."""
+    import numpy as np
+
+    np.save(_CheckedWrites(handle), array)
 
 
 def write_atomically(path: str | Path, text: str) -> None:

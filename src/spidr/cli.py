@@ -133,3 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{named}: " if named else ""
         print(f"spidr {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        # A library's wrapping of an OS error (DataLoader workers past `ulimit -n`, raised `from None`): one line
+        # and the status of a refused run, not a traceback and the status of a diverged one (1).
+        if not isinstance(error.__cause__ or error.__context__, OSError):
+            raise
+        print(f"spidr {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -17,6 +17,7 @@ ARPAbet is the alignment step's job.
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -133,7 +134,18 @@ def _labels_from_end_times(end_times: list[tuple[float, str]]) -> list[tuple[flo
 
 
 def _read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """An engine's WAV file, refused (``OSError``: the run stops, nothing is recorded as dropped) where it holds
+    fewer samples than its header declares: the engine's write failed (a full temporary folder), though flite
+    exits 0 then."""
+    import wave
+
     audio, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+    with wave.open(str(path), "rb") as header:
+        declared = header.getnframes()
+    if audio.shape[0] < declared:
+        raise OSError(errno.EIO, f"the speech engine wrote {audio.shape[0]} of the {declared} samples its header "
+                      f"declares: is the temporary folder ({tempfile.gettempdir()}) full? (TMPDIR sets another)",
+                      str(path))
     return audio[:, 0], sample_rate
 
 
@@ -235,6 +247,9 @@ def _festival_run(engine_voice: str, requests: list[Request]) -> tuple[list[RawU
         for i in range(len(requests)):
             wav, segs = folder / f"{i}.wav", folder / f"{i}.segs"
             if not (wav.is_file() and segs.is_file()):
+                if "failed to write" in result.stderr:  # (its temporary folder is full: no fault of the utterance)
+                    raise OSError(errno.EIO, f"festival could not write its output: is the temporary folder "
+                                  f"({tempfile.gettempdir()}) full? (TMPDIR sets another)", str(wav))
                 return made, SynthesisError(f"festival stopped at this utterance and wrote no output for it (exit "
                                             f"{result.returncode}): {result.stderr.strip()[-300:]}")
             audio, sample_rate = _read_wav(wav)

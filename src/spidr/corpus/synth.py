@@ -318,7 +318,8 @@ def _synthesize(out_dir: Path, parameters: dict[str, Any], selected: list[Voice]
         logger.warning("dropped %d of %d utterances (listed in info.json), e.g. %s: %s", len(dropped), len(records),
                        dropped[0].utt_id, dropped[0].reason)
     if not kept:
-        raise RuntimeError(f"every utterance was dropped; first reason: {dropped[0].reason}")
+        raise ValueError(f"{out_dir}: every utterance was dropped, so no corpus was written; "
+                         f"first reason: {dropped[0].reason}")
 
     outputs.write_all(out_dir, kept, selected)
     info = _info(parameters, selected, kept, dropped)

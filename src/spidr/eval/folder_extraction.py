@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from spidr.atomic_files import replaced_when_done, write_atomically
+from spidr.atomic_files import replaced_when_done, save_npy, write_atomically
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError
 from spidr.data.manifest import ITER_CHUNK, Manifest, ManifestEntry, PackedStrings, repeated_strings
@@ -317,7 +317,7 @@ class _Outputs:
     def save(self, key: str, index: int, values: np.ndarray) -> None:
         path = self.path(key, index)
         with replaced_when_done(path) as partial, partial.open("wb") as handle:
-            np.save(handle, values.astype(np.float32, copy=False))
+            save_npy(handle, values.astype(np.float32, copy=False))
 
 
 def _unit_row(name: str, path: str, units: np.ndarray) -> str:

@@ -35,7 +35,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from spidr.atomic_files import replaced_when_done, write_atomically
+from spidr.atomic_files import replaced_when_done, save_npy, write_atomically
 from spidr.data.manifest import ITER_CHUNK, Manifest
 from spidr.eval.shards import WHOLE, Shard, every_part
 from spidr.folder_lock import LOCK_NAME, folder_lock, lock_holder
@@ -341,7 +341,7 @@ class ExtractionJournal:
         recorded = recorded_stamps(self.part_dir)
         if recorded is None or not np.array_equal(recorded, stamps):
             with replaced_when_done(self.part_dir / STAMPS_FILE) as partial, partial.open("wb") as handle:
-                np.save(handle, stamps)
+                save_npy(handle, stamps)
 
     def _refuse_running_parts(self, out_dir: Path) -> None:
         """Raise ``ValueError`` if a process works in this folder (the whole extraction, or one of its parts)."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spidr.atomic_files import replaced_when_done, write_atomically
+from spidr.atomic_files import replaced_when_done, save_npy, write_atomically
 from spidr.distributed import AgreedValueError, RaisedOnEveryRankError
 from spidr.lm.config import LmConfig
 from spidr.lm.data import is_held_out, token_stream
@@ -173,7 +173,7 @@ def _updated_cache(cfg: LmConfig, key: dict[str, Any], *, need_window: bool = Tr
         (folder / "key.json").unlink(missing_ok=True)  # stale from here until the streams are all written
         for name, stream in (("train", data.train), ("valid", data.valid)):
             with replaced_when_done(folder / f"{name}.npy") as partial, partial.open("wb") as handle:
-                np.save(handle, stream.numpy())
+                save_npy(handle, stream.numpy())
         write_atomically(folder / "info.json", json.dumps({"num_units": data.vocab.num_units, "info": data.info}))
         write_atomically(folder / "key.json", json.dumps(key))
     except OSError as error:

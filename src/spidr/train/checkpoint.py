@@ -135,8 +135,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        # A full disk: torch's zip writer turns the OSError of its write into a RuntimeError ("unexpected pos"),
+        # and a write's OSError names no file; either is told as the OSError, naming the checkpoint.
+        failed = error if isinstance(error, OSError) else error.__context__
+        if isinstance(error, (OSError, RuntimeError)) and isinstance(failed, OSError):
+            raise type(failed)(failed.errno, failed.strerror or str(failed), str(path)) from error
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
