@@ -619,6 +619,39 @@ def test_a_store_spilled_to_a_scratch_file_gives_the_same_result(speaker: str, m
     assert len(releases) > 3
 
 
+def test_a_full_scratch_folder_is_an_error_naming_it_before_any_frame_is_written(monkeypatch, tmp_path) -> None:
+    """The scratch file's blocks are reserved when it is made: on a full TMPDIR a page of a sparse file mapped into
+    memory fails when first written, with SIGBUS (the process dies, minutes into a long ABX, with no message)."""
+    import errno
+    import os
+    import tempfile
+
+    from spidr.eval import abx_frames
+
+    features, items = random_task(3, num_items=20, dim=6)
+    in_memory = abx(features, items, max_size_group=None)
+    monkeypatch.setattr(abx_frames, "MAX_RESIDENT_BYTES", 256)  # every store spills
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    reserved = []
+    real_fallocate = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: (reserved.append((offset, size)),
+                                                                        real_fallocate(fd, offset, size))[1])
+    assert abx(features, items, max_size_group=None) == in_memory
+    (offset, size), = reserved
+    assert offset == 0  # the whole file at once
+    assert size > 256
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"No space left on device: ABX needs a \d+\.\d MiB scratch file") as caught:
+        abx(features, items, max_size_group=None)
+    assert caught.value.filename == str(tmp_path)
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_feature_directory_keys_are_packed_and_found_by_bisection(tmp_path: Path) -> None:
     features = {f"spk{s}/sub/utt{u}": np.zeros((3, 2), dtype=np.float32) for s in range(3) for u in range(5)}
     write_feature_tree(tmp_path, features)

@@ -3,8 +3,10 @@ frame distances themselves (definitions in ``spidr.eval.abx``)."""
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
+import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping
@@ -34,7 +36,14 @@ class _ScratchFrames:
     def __init__(self, rows: int, dim: int) -> None:
         size = max(rows * dim * 4, 1)
         with tempfile.TemporaryFile(prefix="spidr-abx-") as handle:
-            handle.truncate(size)
+            try:  # blocks reserved now: a full TMPDIR is an error here, not a SIGBUS when a page is first written
+                os.posix_fallocate(handle.fileno(), 0, size)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise OSError(error.errno, f"{error.strerror}: ABX needs a {size / 2**20:.1f} MiB scratch file "
+                                  f"for the frames of its items (TMPDIR sets another folder)",
+                                  tempfile.gettempdir()) from None
+                handle.truncate(size)  # (a file system without fallocate: blocks found on first write)
             self.map = mmap.mmap(handle.fileno(), size)
         self.tensor = torch.frombuffer(self.map, dtype=torch.float32, count=rows * dim).view(rows, dim)
 
