@@ -1057,3 +1057,14 @@ def test_abx_does_not_depend_on_names_or_the_features_scale(  # noqa: PLR0917
     assert other.num_cells == base.num_cells
     assert other.num_triplets == base.num_triplets
     assert other.error_rate == pytest.approx(base.error_rate, abs=1e-9)
+
+
+def test_the_abx_log_line_names_the_speaker_condition(caplog):
+    """Was a defect (det34): abx() reused the name ``speaker`` for the codes of _by_speaker: the INFO line read
+    'ABX [0 1] speaker, ...'."""
+    rng = np.random.default_rng(0)
+    features = {f"f{s}": rng.normal(size=(40, 3)).astype(np.float32) for s in range(2)}
+    items = make_items([(f"f{s}", 4 * k, 4 * k + 2, "ab"[k % 2], f"s{s}") for s in range(2) for k in range(8)])
+    with caplog.at_level(logging.INFO, logger="spidr.eval.abx"):
+        abx(features, items, speaker="across", context="any", frequency=50)
+    assert "ABX across speaker, any context, angular" in caplog.text

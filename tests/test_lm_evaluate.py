@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import logging
 import math
@@ -1028,3 +1029,49 @@ def test_the_uneven_ids_are_named_in_id_order_whatever_the_gold_file_s_order(cap
     assert [pair.id for pair in result.by_pair] == ["9", "10"]
     (message,) = [r.getMessage() for r in caplog.records if "nonwords" in r.getMessage()]
     assert message.startswith("dev.txt: the voices of 2 pair id(s) ('9', '10') have unequal numbers")
+
+
+def test_every_number_of_lm_eval_is_the_same_for_gold_rows_in_another_order():
+    """Was a defect (det34). A gold file is a set of rows: the by-voice confidence intervals (sWUGGY, tSC) were
+    bootstrapped over the pairs in gold row order, so the same benchmark with its rows sorted otherwise gave other
+    intervals; a pair's mean over voices rounded by their order."""
+    rng = random.Random(0)
+    lexical, scores = [], {}
+    for pair_id, voice in itertools.product(range(12), ("v1", "v2")):
+        stem = f"{pair_id}-{voice}"
+        lexical.append(LexicalItem(str(pair_id), f"{stem}-w", voice, 10, f"w{pair_id}", "w", 4, correct=True))
+        lexical.append(LexicalItem(str(pair_id), f"{stem}-n", voice, 10, f"n{pair_id}", "n", 4, correct=False))
+        scores[f"{stem}-w"], scores[f"{stem}-n"] = rng.randint(-3, 0), rng.randint(-3, 0)
+    cloze = []
+    for pair_id, voice in itertools.product(range(12), ("v1", "v2")):
+        stem = f"s{pair_id}-{voice}"
+        cloze.append(StoryClozeItem(str(pair_id), f"{stem}-c", voice, "tsc", "a b.", correct=True))
+        cloze.append(StoryClozeItem(str(pair_id), f"{stem}-i", voice, "tsc", "a c.", correct=False))
+        scores[f"{stem}-c"], scores[f"{stem}-i"] = rng.randint(-3, 0), rng.randint(-3, 0)
+    lexical_scores = {row.filename: scores[row.filename] for row in lexical}
+    cloze_scores = {row.filename: scores[row.filename] for row in cloze}
+    for evaluate, rows, task_scores in ((evaluate_lexical, lexical, lexical_scores),
+                                        (evaluate_storycloze, cloze, cloze_scores)):
+        expected = evaluate(rows, task_scores)
+        assert any(row.ci_low is not None for row in expected.breakdowns["by_voice"].rows)
+        for seed in range(3):
+            shuffled = rows[:]
+            random.Random(seed).shuffle(shuffled)
+            result = evaluate(shuffled, task_scores)
+            assert result.accuracies == expected.accuracies
+            assert result.by_pair == expected.by_pair
+            assert result.breakdowns == expected.breakdowns, (evaluate.__name__, seed)
+    # One id whose three voices score 1/3, 2/3 and 1/2 (three nonwords each) is a tie, 1/2, in any row order; six ids
+    # won. Averaged in gold row order it was 0.49999999999999994 in some orders, a loss: p = 0.125, not 0.03125.
+    rows, scores = [], {}
+    for pair_id, voice, outcome in [("0", "v1", (1, 0, 0)), ("0", "v2", (1, 1, 0)), ("0", "v3", (1, 0.5, 0)),
+                                    *((str(i), v, (1, 1, 1)) for i in range(1, 7) for v in ("v1", "v2", "v3"))]:
+        rows.append(LexicalItem(pair_id, f"{pair_id}{voice}w", voice, 10, "w", "w", 4, correct=True))
+        scores[f"{pair_id}{voice}w"] = -2.0
+        for k, won in enumerate(outcome):
+            rows.append(LexicalItem(pair_id, f"{pair_id}{voice}n{k}", voice, 10, f"n{k}", "n", 4, correct=False))
+            scores[f"{pair_id}{voice}n{k}"] = {1: -3.0, 0: -1.0, 0.5: -2.0}[won]
+    for voices in itertools.permutations(("v1", "v2", "v3")):
+        result = evaluate_lexical([row for voice in voices for row in rows if row.voice == voice], scores)
+        assert result.by_pair[0].score == 0.5, voices
+        assert result.accuracies["swuggy_all"].p_value == 0.03125, voices

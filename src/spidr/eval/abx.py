@@ -180,7 +180,7 @@ def abx(
             "phone with the same BY labels (and, within speaker, ≥ 2 items; across speaker, another speaker)"
         )
     (a_phone, b_phone), pair_errors = _collapse(cells, context=context)
-    speaker, speaker_errors = _by_speaker(cells)
+    speaker_codes, speaker_errors = _by_speaker(cells)
     error_rate = float(pair_errors.mean())
     logger.info("ABX %s speaker, %s context, %s: %.3f%% over %d cells, %d triplets", speaker, context, distance,
                 100 * error_rate, cells.score.size, int(cells.size.sum()))
@@ -193,7 +193,7 @@ def abx(
         pair_error_rates={(str(labels.phone_names[a]), str(labels.phone_names[b])): float(error)
                           for a, b, error in zip(a_phone, b_phone, pair_errors, strict=True)},
         speaker_error_rates={str(labels.speaker_names[code]): float(error)
-                             for code, error in zip(speaker, speaker_errors, strict=True)},
+                             for code, error in zip(speaker_codes, speaker_errors, strict=True)},
     )
 
 

@@ -355,7 +355,9 @@ def draw_utterances(entries: Sequence[ManifestEntry], alignments: Alignments, *,
     fit in ``max_frames`` feature frames (at least one)."""
     keys = alignment_keys(entries) if keys is None else keys
     alignments = aligned_by_name(alignments, keys)
-    aligned = [entry for entry in entries if keys[entry.location] in alignments]
+    # (in a canonical order: the draw, and the order the frames are trained in, are those of the set of utterances)
+    aligned = sorted((entry for entry in entries if keys[entry.location] in alignments),
+                     key=lambda entry: (entry.location, entry.fileid))
     if not aligned:
         raise ValueError("no training utterance has an alignment (the alignment file names utterances by file id, "
                          "or by path where several files hold one id)")
@@ -745,7 +747,9 @@ def split_entries(entries: Sequence[ManifestEntry], test_fraction: float, *, see
         raise ValueError(f"--test-fraction {test_fraction} is invalid: expected a fraction strictly between 0 and 1")
     if len(entries) < 2:
         raise ValueError(f"{len(entries)} utterance(s): holding some out for the probe needs at least 2")
-    order = np.random.default_rng(seed + 1).permutation(len(entries))
+    # (a canonical order first: one set of utterances listed in another order is held out alike)
+    canonical = sorted(range(len(entries)), key=lambda i: (entries[i].location, entries[i].fileid))
+    order = [canonical[i] for i in np.random.default_rng(seed + 1).permutation(len(entries))]
     held_out = min(max(1, round(test_fraction * len(entries))), len(entries) - 1)
     return [entries[i] for i in sorted(order[held_out:])], [entries[i] for i in sorted(order[:held_out])]
 

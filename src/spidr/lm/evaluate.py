@@ -42,6 +42,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +317,7 @@ def _score_voices(
     pair_key: Callable[[GoldItem], tuple[str, ...]],
     *,
     several_incorrect: bool,
-) -> dict[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]]:
+) -> dict[tuple[str, ...], tuple[GoldItem, list[GoldItem], Fraction]]:
     """``{(*pair_key, voice): (correct row, incorrect rows, pair score)}``; the score is the mean over the incorrect
     rows. Each (key, voice) needs exactly one correct row and one incorrect row (or more with
     ``several_incorrect``)."""
@@ -331,9 +332,17 @@ def _score_voices(
             names = ", ".join(row.filename for row in correct + incorrect)
             raise ValueError(f"pair {_describe(key)} has {len(correct)} correct and {len(incorrect)} incorrect "
                              f"row(s) ({names}); expected {expected}")
-        mean = float(np.mean([pair_score(scores[correct[0].filename], scores[row.filename]) for row in incorrect]))
+        # (exact: a fraction of halves; its float, averaged over voices below, would round by the voices' order)
+        word = scores[correct[0].filename]
+        mean = Fraction(sum(int(2 * pair_score(word, scores[row.filename])) for row in incorrect), 2 * len(incorrect))
         scored[key] = (correct[0], incorrect, mean)
     return scored
+
+
+def _voice_mean(voices: Sequence[tuple[GoldItem, list[GoldItem], Fraction]]) -> float:
+    """The mean pair score over the voices of one pair id, exact, then rounded once: the same in any gold row order,
+    and voices scoring 1/3, 2/3 and 1/2 tie (0.5, not 0.49999999999999994)."""
+    return float(sum((value for _, _, value in voices), Fraction(0)) / len(voices))
 
 
 def _describe(key: tuple[str, ...]) -> str:
@@ -341,9 +350,9 @@ def _describe(key: tuple[str, ...]) -> str:
     return f"{'/'.join(pair)!r} (voice {voice!r})"
 
 
-def _group_over_voices(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]],
-                       ) -> dict[tuple[str, ...], list[tuple[GoldItem, list[GoldItem], float]]]:
-    per_id: dict[tuple[str, ...], list[tuple[GoldItem, list[GoldItem], float]]] = {}
+def _group_over_voices(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], Fraction]],
+                       ) -> dict[tuple[str, ...], list[tuple[GoldItem, list[GoldItem], Fraction]]]:
+    per_id: dict[tuple[str, ...], list[tuple[GoldItem, list[GoldItem], Fraction]]] = {}
     for (*pair, _voice), value in scored.items():
         per_id.setdefault(tuple(pair), []).append(value)
     return per_id
@@ -353,12 +362,12 @@ def _sorted_keys(keys: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return sorted(keys, key=lambda key: tuple(map(_sort_key, key)))
 
 
-def _by_voice(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], float]], seed: int, *,
+def _by_voice(scored: Mapping[tuple[str, ...], tuple[GoldItem, list[GoldItem], Fraction]], seed: int, *,
               cluster_of: Mapping[tuple[str, ...], object] | None = None) -> Breakdown:
     """``cluster_of``: pair key (without the voice) → cluster label, as ``accuracy`` takes them."""
-    clusters = None if cluster_of is None else [cluster_of[tuple(key[:-1])] for key in scored]
-    return breakdown(("voice",), (((key[-1],), value[2]) for key, value in scored.items()), seed=seed,
-                     clusters=clusters)
+    keys = _sorted_keys(scored)  # (the bootstrap draws values by position: not in gold row order)
+    clusters = None if cluster_of is None else [cluster_of[tuple(key[:-1])] for key in keys]
+    return breakdown(("voice",), (((key[-1],), float(scored[key][2])) for key in keys), seed=seed, clusters=clusters)
 
 
 def sentence_clusters(pairs: Iterable[tuple[object, Iterable[str]]]) -> dict[object, int]:
@@ -406,7 +415,7 @@ def evaluate_lexical(gold: Sequence[LexicalItem], scores: Mapping[str, float], *
         word, frequency, length = words.pop()
         # sLM21's nonword rows have an empty word: their phones name them
         nonwords = tuple(sorted({row.word or row.phones for _, incorrect, _ in voices for row in incorrect}))
-        score = float(np.mean([value for _, _, value in voices]))
+        score = _voice_mean(voices)
         pairs.append(LexicalPair(pair_id, word, nonwords, frequency, length, score))
     pairs.sort(key=lambda pair: _sort_key(pair.id))
     if uneven:
@@ -456,7 +465,7 @@ def evaluate_syntactic(gold: Sequence[SyntacticItem], scores: Mapping[str, float
         voices = per_id[key]
         correct, incorrect, _ = voices[0]
         pairs.append(SyntacticPair(syntactic_type, subtype, pair_id, correct.transcription, incorrect[0].transcription,
-                                   float(np.mean([value for _, _, value in voices]))))
+                                   _voice_mean(voices)))
     # Intervals and tests resample clusters of pairs that share sentences: the pairs of one are not independent.
     cluster_of = sentence_clusters(((pair.type, pair.subtype, pair.id), (pair.sentence, pair.non_sentence))
                                    for pair in pairs)
@@ -487,7 +496,7 @@ def evaluate_storycloze(gold: Sequence[StoryClozeItem], scores: Mapping[str, flo
         types = {correct.type for correct, _, _ in voices}
         if len(types) != 1:
             raise ValueError(f"story id {pair_id!r}: its voices disagree on the type: {sorted(types)}")
-        pairs.append(StoryClozePair(pair_id, types.pop(), float(np.mean([value for _, _, value in voices]))))
+        pairs.append(StoryClozePair(pair_id, types.pop(), _voice_mean(voices)))
     pairs.sort(key=lambda pair: _sort_key(pair.id))
     return TaskResult(
         task=task,
