@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spidr import cli
+from spidr.cli import main as cli_main
 from spidr.eval import abx_scoring
 from spidr.eval.abx import AbxResult, abx, abx_error_rate, frame_distances, prepare_frames
 from spidr.eval.abx_cells import Groups, Labels
@@ -1068,3 +1069,24 @@ def test_the_abx_log_line_names_the_speaker_condition(caplog):
     with caplog.at_level(logging.INFO, logger="spidr.eval.abx"):
         abx(features, items, speaker="across", context="any", frequency=50)
     assert "ABX across speaker, any context, angular" in caplog.text
+
+
+def test_command_line_by_pair_header_counts_the_pairs_it_lists(tmp_path, capsys):
+    """mut34 A09 (the header gave the number of cells as the number of pairs). Truth: the table lists every (A, B)
+    pair once, and its header says how many: 3 phones, 6 ordered pairs, of many more cells (two speakers)."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "f").mkdir()
+    lines = ["#file onset offset #phone prev-phone next-phone speaker"]
+    for speaker in ("s1", "s2"):
+        np.save(tmp_path / "f" / f"{speaker}_u.npy", rng.normal(size=(200, 3)).astype(np.float32))
+        for index in range(18):
+            phone = "abc"[index % 3]
+            lines.append(f"{speaker}_u {0.2 * index:.2f} {0.2 * index + 0.1:.2f} {phone} x y {speaker}")
+    (tmp_path / "t.item").write_text("\n".join(lines) + "\n")
+    result = abx({"s1_u": np.load(tmp_path / "f" / "s1_u.npy"), "s2_u": np.load(tmp_path / "f" / "s2_u.npy")},
+                 tmp_path / "t.item", frequency=50)
+    assert result.num_cells != result.num_pairs == 6
+    assert cli_main(["abx", str(tmp_path / "f"), str(tmp_path / "t.item"), "--frequency", "50", "--by-pair"]) == 0
+    head, table = capsys.readouterr().out.split("A\tB\tABX error rate %\n")
+    assert head.rstrip().endswith("6 (A, B) phone pairs (A: the phone of A and X), worst first:")
+    assert len(table.splitlines()) == 6

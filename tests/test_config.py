@@ -29,6 +29,7 @@ from spidr.config import (
     SpidRConfig,
     config_from_dict,
     load_config,
+    parse_override,
     unused_settings,
 )
 from spidr.lm.config import load_lm_config
@@ -528,4 +529,82 @@ def test_a_date_in_an_optional_text_field_keeps_the_quoting_hint(tmp_path):
     path.write_text('[run]\nworkdir = "w"\nwandb_project = "p"\nwandb_name = "n"\ninit_ckpt = 2024-01-01\n'
                     '[data]\nmanifest = "m.csv"\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r'run\.init_ckpt = 2024-01-01 is invalid: .*write "2024-01-01"'):
+        load_config(path)
+
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+if not TINY.is_file():  # (run from /work/review/mut34: the clone's configs)
+    TINY = Path("/work/review/mut34/repo/configs/tiny.toml")
+
+
+@pytest.mark.parametrize("override", ["lr=1", "optimizer=1", "optimizer.=1", ".lr=1", "optimizer..lr=1"])
+def test_an_override_without_a_section_and_a_key_is_refused_as_such(override):
+    """mut34 G03 (a key of one part accepted: 'optimizer=1' replaced the whole [optimizer] table by 1 and crashed,
+    'lr=1' added a top-level key) and G04 (an empty part accepted: 'optimizer.=1' set a key ''). Each refused with
+    the message that says what an override looks like."""
+    with pytest.raises(ValueError, match=r"must name a section and a key, e\.g\. optimizer\.lr=1e-4"):
+        load_config(TINY, [override])
+
+
+def test_spaces_around_the_parts_of_a_key_that_is_no_toml_key_are_not_part_of_its_names(tmp_path):
+    """mut34 G01 (the parts of a key that TOML cannot read, split at its dots, kept their spaces: a table
+    ' dev clean ' was added beside 'dev clean'). Truth (as for a TOML key: spaces around the dots are not part of
+    a name): the override reaches [validation."dev clean"]."""
+    path = tmp_path / "run.toml"
+    path.write_text(TINY.read_text(encoding="utf-8") + '\n[validation."dev clean"]\nmanifest = "v.csv"\n',
+                    encoding="utf-8")
+    assert parse_override("validation . dev clean . manifest = w.csv")[0] == ["validation", "dev clean", "manifest"]
+    cfg = load_config(path, ["validation . dev clean . manifest=w.csv"])
+    assert cfg.validation["dev clean"].manifest == "w.csv"
+    assert [name for name in cfg.validation if name.strip() != name] == []
+
+
+def test_a_text_override_that_is_no_toml_value_loses_the_spaces_around_it():
+    """mut34 G05 (text that TOML cannot read kept the spaces around the '='). Invariance: 'run.wandb_name= my run '
+    names the run as 'run.wandb_name=my run' does, as a value TOML reads ('= 123 ') loses them."""
+    assert load_config(TINY, ["run.wandb_name= my run "]).run.wandb_name == "my run"
+    assert load_config(TINY, ["run.wandb_name=my run"]).run.wandb_name == "my run"
+    assert load_config(TINY, ["run.wandb_name= 123 "]).run.wandb_name == "123"
+
+
+@pytest.mark.parametrize("cleared", ["null", "none", " none ", "NULL", ""])
+def test_every_spelling_of_none_clears_an_optional_path(tmp_path, cleared):
+    """mut34 G11 ('null' not read as none: init_ckpt became a file named 'null') and G16 (' none' with a space after
+    the '=' not read as none). Truth (typed_override's docstring): none, null or nothing clears a field that may be
+    none."""
+    init = tmp_path / "init.pt"
+    init.write_bytes(b"")
+    assert load_config(TINY, [f"run.init_ckpt={init}"]).run.init_ckpt == str(init)
+    assert load_config(TINY, [f"run.init_ckpt={init}", f"run.init_ckpt={cleared}"]).run.init_ckpt is None
+
+
+def _run_toml(slurm_validation: str) -> str:
+    return ('[run]\nworkdir = "w"\nwandb_project = "p"\nwandb_name = "n"\n'
+            f"slurm_validation = {slurm_validation}\n[data]\nmanifest = \"m.csv\"\n")
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ("{mem = inf}", r"run\.slurm_validation\.mem = inf is invalid: expected a finite number"),
+    ("{mem = -inf}", r"run\.slurm_validation\.mem = -inf is invalid: expected a finite number"),
+    ("{gres = [1, nan]}", r"run\.slurm_validation\.gres\[1\] = nan is invalid: expected a finite number"),
+    ("{times = [12:00:00]}", r"run\.slurm_validation\.times\[0\] = 12:00:00 is invalid: a TOML date or time"),
+    ("{time = 12:00:00}", r'run\.slurm_validation\.time = 12:00:00 is invalid: a TOML date or time cannot be '
+                          r'saved in the run\'s config\.json; write it as a string \("12:00:00"\)'),
+])
+def test_what_config_json_cannot_hold_in_slurm_validation_is_refused_naming_it(tmp_path, table, message):
+    """mut34 G07 (an infinity accepted: only NaN refused), G18 (a list's items not checked) and G08 (a TOML date or
+    time refused without the hint to quote it). Truth (_check_json_values' docstring): a NaN or an infinity, a
+    date or a time anywhere in the table is refused naming it, a date or time with how to write it."""
+    path = tmp_path / "run.toml"
+    path.write_text(_run_toml(table), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+def test_a_date_in_an_optional_text_field_says_none_is_also_accepted(tmp_path):
+    """mut34 G09 (', or none' dropped from the message of an optional text field). run.init_ckpt may be none."""
+    path = tmp_path / "run.toml"
+    path.write_text('[run]\nworkdir = "w"\nwandb_project = "p"\nwandb_name = "n"\ninit_ckpt = 2024-01-01\n'
+                    '[data]\nmanifest = "m.csv"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r'run\.init_ckpt = 2024-01-01 is invalid: .*write "2024-01-01"\), or none'):
         load_config(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import json
@@ -35,6 +36,7 @@ from spidr.data.manifest import (
     write_manifest,
 )
 from spidr.data.scanning import _MemberView, scan
+from spidr.text_files import CsvRows
 
 
 def write_tone(path: Path, num_samples: int, rate: int = 16_000, *, channels: int = 1) -> Path:
@@ -1158,3 +1160,17 @@ def test_a_tar_member_listed_under_two_names_through_a_link_is_named_in_a_warnin
         result = scan(tmp_path / "c.tar", progress=False)
     assert len(result.entries) == 2  # both kept, as in a folder
     assert any("several names" in record.getMessage() for record in caplog.records)
+
+
+def test_csv_rows_end_every_line_with_a_newline_alone():
+    """mut34 T05 (a row holding a carriage return written with "\\r\\n": a file of mixed line ends). Truth (the
+    class docstring: csv.writer(lineterminator="\\n") that also quotes a field holding a bare "\\r"): every row ends
+    with "\\n" alone, and the rows read back as written."""
+    rows = [["id", "path", "n"], ["a\rb", "/d/a\rb.wav", 3], ["c", "/d/c.wav", 4]]
+    handle = io.StringIO()
+    CsvRows(handle).writerows(rows)
+    text = handle.getvalue()
+    assert "\r\n" not in text
+    assert text.count("\n") == 3
+    assert text.endswith("4\n")
+    assert list(csv.reader(io.StringIO(text, newline=""))) == [[str(field) for field in row] for row in rows]

@@ -1456,3 +1456,162 @@ def test_probe_refuses_stored_features_named_as_a_baseline(tmp_path, capsys):
     assert code == 2
     assert "--baseline mfcc" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _stored_probe_inputs(tmp_path, *, frames: int = 49, seconds: float = 1.0, rate_hz: float = 50.0):
+    """4 files of ``seconds`` (noise), a flat folder of (``frames``, 3) features named by id (another tool's: no
+    record of their rate), 100 Hz interval alignments (phone a then b) and the manifest; the probe's common
+    arguments."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "feats").mkdir()
+    manifest, alignments = ["fileid,path,num_samples"], ["utterance\tonset\toffset\tphone"]
+    samples = int(16000 * seconds)
+    for index in range(4):
+        name = f"s{index % 2}_{index}"
+        sf.write(tmp_path / f"{name}.wav", (0.1 * rng.standard_normal(samples)).astype(np.float32), 16000)
+        values = rng.normal(size=(frames, 3)).astype(np.float32)
+        values[: frames // 2, 0] += 3.0
+        np.save(tmp_path / "feats" / f"{name}.npy", values)
+        manifest.append(f"{name},{name}.wav,{samples}")
+        alignments += [f"{name}\t0.00\t{seconds / 2:.2f}\ta", f"{name}\t{seconds / 2:.2f}\t{seconds:.2f}\tb"]
+    (tmp_path / "manifest.csv").write_text("\n".join(manifest) + "\n")
+    (tmp_path / "align.tsv").write_text("\n".join(alignments) + "\n")
+    return ["--manifest", str(tmp_path / "manifest.csv"), "--alignments", str(tmp_path / "align.tsv"),
+            "--alignment-rate", "100", "--test-fraction", "0.5", "--epochs", "1"]
+
+
+def test_probe_features_names_are_checked(tmp_path, capsys):
+    """mut34 C01 ('=DIR': a representation named ''), C15 (' =DIR': named ' ') and C02 (a NAME given twice: the
+    second folder silently replaced the first). Each refused naming the option, exit 2, nothing written."""
+    common = _stored_probe_inputs(tmp_path)
+    feats = tmp_path / "feats"
+    out = tmp_path / "out"
+    for features, message in (([f"={feats}"], "expected NAME=DIR"), ([f" ={feats}"], "expected NAME=DIR"),
+                              ([f"a={feats}", f"a={tmp_path}"], "the name 'a' is given twice")):
+        argv = ["probe", *common, "--out", str(out)]
+        for spec in features:
+            argv += ["--features", spec]
+        assert main(argv) == 2, features
+        assert message in capsys.readouterr().err, features
+    assert not out.exists()
+
+
+def test_probe_of_several_stored_features_at_the_default_rate_names_them_all(tmp_path, capsys, caplog):
+    """mut34 C12 (the report titled by the first --features NAME only). Features that record no rate are read at
+    50 Hz with a warning naming --frequency (1 s → 49 frames at 50 Hz: they span the 100 Hz alignments); the
+    report is titled by every NAME, and each NAME has its rows, in the order given."""
+    common = _stored_probe_inputs(tmp_path)
+    feats = tmp_path / "feats"
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        assert main(["probe", "--features", f"b={feats}", "--features", f"a={feats}", *common,
+                     "--out", str(out)]) == 0
+    assert "assuming 50 Hz" in caplog.text
+    assert "--frequency" in caplog.text
+    assert (out / "probe.md").read_text().startswith("# Phone probe of b, a\n")
+    rows = json.loads((out / "probe.json").read_text())
+    assert [(row["model"], row["representation"]) for row in rows] == [("b", "feats"), ("a", "feats")]
+
+
+def test_probe_features_without_a_record_take_frequency_as_given(tmp_path, capsys):
+    """mut34 C05 (--frequency rounded to a whole number of Hz: 62.5 read as 62). Features at 62.5 Hz (a hop of 256
+    samples) that record no rate: 8 s → 500 frames, which span the 800 alignment frames at 100 Hz only at 62.5 Hz
+    (at 62 Hz they span 806.5, past the 2 + 1.6 frames frame_labels allows; at the default 50 Hz, 1000)."""
+    common = _stored_probe_inputs(tmp_path, frames=500, seconds=8.0)
+    feats = tmp_path / "feats"
+    assert main(["probe", "--features", f"m={feats}", "--frequency", "62.5", *common,
+                 "--out", str(tmp_path / "ok")]) == 0
+    rows = json.loads((tmp_path / "ok" / "probe.json").read_text())
+    assert rows[0]["num_train_frames"] == 2 * 500
+    capsys.readouterr()
+    assert main(["probe", "--features", f"m={feats}", *common, "--out", str(tmp_path / "refused")]) == 2
+    assert "(--frequency)" in capsys.readouterr().err
+
+
+def test_probe_refuses_layers_of_one_folder_that_record_different_rates(tmp_path, capsys):
+    """mut34 C06 (one rate taken at random from a set of two). A layer folder's own record is read first; two
+    layers recording 50 and 100 Hz cannot both be probed at one rate: refused naming both rates."""
+    common = _stored_probe_inputs(tmp_path)
+    for layer, rate in (("layer_01", 50), ("layer_02", 100)):
+        (tmp_path / "ext" / layer).mkdir(parents=True)
+        for path in (tmp_path / "feats").glob("*.npy"):
+            (tmp_path / "ext" / layer / path.name).write_bytes(path.read_bytes())
+        (tmp_path / "ext" / layer / "metadata.json").write_text(json.dumps({"frame_rate_hz": rate}))
+    assert main(["probe", "--features", f"m={tmp_path / 'ext'}", *common, "--out", str(tmp_path / "out")]) == 2
+    assert "its layers record different frame rates ([50.0, 100.0])" in capsys.readouterr().err
+
+
+def test_probe_refuses_options_of_a_checkpoint_that_is_not_given(tmp_path, capsys):
+    """mut34 C13 (--name) and C14 (--baseline random-init: a traceback, 'NoneType' object has no attribute 'cfg',
+    after the inputs were read). Refused by name, exit 2, before any work."""
+    common = _stored_probe_inputs(tmp_path)
+    for extra, message in ((["--name", "x"], "--name: options of the --checkpoint model"),
+                           (["--baseline", "random-init"], "--baseline random-init: options of the --checkpoint")):
+        assert main(["probe", "--features", f"m={tmp_path / 'feats'}", *common, *extra,
+                     "--out", str(tmp_path / "out")]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "out").exists()
+
+
+def _tiny_checkpoint(path):
+    from spidr.config import SpidRConfig
+    from spidr.models.build import build_model
+    from spidr.models.loading import export_safetensors
+    from train_fixtures import EXTRACTION_MODEL
+
+    torch.manual_seed(0)
+    export_safetensors(build_model(SpidRConfig(**EXTRACTION_MODEL)).eval(), path)
+    return path
+
+
+def test_probe_refuses_stored_features_named_as_the_model_or_its_random_init(tmp_path, capsys):
+    """mut34 C11 (--features NAME=... with the --checkpoint model's name) and C10 (with the name of its
+    --baseline random-init row, 'NAME (random init)'): each silently replaced the stored features' rows by the
+    model's. Refused by name, exit 2, nothing written."""
+    common = _stored_probe_inputs(tmp_path)
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.safetensors")
+    feats = tmp_path / "feats"
+    for extra, message in ((["--features", f"tiny={feats}"], "the name of the --checkpoint model"),
+                           (["--features", f"tiny (random init)={feats}", "--baseline", "random-init"],
+                            "the name of the --baseline random-init")):
+        assert main(["probe", "--checkpoint", str(checkpoint), *extra, *common, "--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_features_skip_the_files_their_extraction_skipped(tmp_path, capsys, caplog):
+    """mut34 C07 (--features read without the extraction's record of the files it skipped). Truth (the review fix
+    that made StoredFeaturizer skip them): spidr extract skips an unreadable file of the manifest and records it;
+    spidr probe --features on that extraction leaves the file out with a warning (it failed: 'holds no features
+    of ...'), as the model's own probe leaves it out."""
+    common = _stored_probe_inputs(tmp_path)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not a wave file")
+    with (tmp_path / "manifest.csv").open("a") as handle:
+        handle.write("broken,broken.wav,16000\n")
+    with (tmp_path / "align.tsv").open("a") as handle:
+        handle.write("broken\t0.00\t0.50\ta\nbroken\t0.50\t1.00\tb\n")
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.safetensors")
+    assert main(["extract", "--checkpoint", str(checkpoint), "--manifest", str(tmp_path / "manifest.csv"),
+                 "--layers", "1", "--out", str(tmp_path / "ext")]) == 0
+    assert "1 unusable file(s) skipped" in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING):
+        code = main(["probe", "--features", f"m={tmp_path / 'ext'}", *common, "--test-fraction", "0.4",
+                     "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert "broken.wav: the extraction of its features skipped it" in caplog.text
+    rows = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert [row["representation"] for row in rows] == ["layer_01"]
+    assert sum(row["num_test_utterances"] for row in rows) + rows[0]["num_train_frames"] // 49 == 4
+
+
+
+def test_probe_refuses_frequency_without_stored_features(tmp_path, capsys):
+    """Was a defect (mut34): --frequency is the rate of --features that record none; with a --checkpoint alone it
+    was accepted and silently ignored (exit 0: the model's features are at the rate its conv stack gives), where
+    --layers or --name without a --checkpoint are refused: refused by name, exit 2, before any work."""
+    common = _stored_probe_inputs(tmp_path)
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.safetensors")
+    assert main(["probe", "--checkpoint", str(checkpoint), "--frequency", "100", *common,
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--frequency" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

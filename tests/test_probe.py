@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import re
 
 import editdistance
@@ -12,7 +14,7 @@ import torch
 
 from spidr.config import SpidRConfig
 from spidr.data.manifest import ManifestEntry
-from spidr.eval.feature_dir import StemKeyed
+from spidr.eval.feature_dir import StemKeyed, one_layer_directory
 from spidr.eval.features import ExtractionSettings, extract_batch
 from spidr.eval.probe import (
     PhoneProbe,
@@ -760,3 +762,137 @@ def test_the_probe_s_split_draw_and_scores_do_not_depend_on_the_order_of_the_utt
     expected = run_probe(made, "m", entries[:22], entries[22:], alignments, settings=settings)
     order = np.random.default_rng(2).permutation(22)
     assert run_probe(made, "m", [entries[i] for i in order], entries[22:], alignments, settings=settings) == expected
+
+
+FRAME_RATE = 50.0  # of the stored features below
+
+
+def _two_phone_task(count: int = 8, frames: int = 20):
+    """``count`` utterances ``spk{i % 2}/u{i}`` of ``frames`` 50 Hz frames, phones a then b, features telling them
+    apart; manifest entries under /corpus (the stored features are never read from audio)."""
+    rng = np.random.default_rng(0)
+    features, labels, entries = {}, [], []
+    for index in range(count):
+        name = f"spk{index % 2}/u{index}"
+        values = rng.normal(size=(frames, 3)).astype(np.float32)
+        values[: frames // 2, 0] += 3.0
+        features[name] = values
+        labels.append((f"u{index}", ["a"] * (frames // 2) + ["b"] * (frames - frames // 2)))
+        entries.append(ManifestEntry(f"u{index}", f"/corpus/{name}.wav", frames * 320))
+    return features, Alignments.from_labels(labels), entries
+
+
+class _CountedModel:
+    """A featurizer as ModelFeaturizer is (conv_layers given) that counts the utterances it computes."""
+
+    representations = ("r",)
+    frame_rate = FRAME_RATE
+    conv_layers = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+    def __init__(self, features):
+        self.features, self.calls = features, 0
+
+    def __call__(self, entries):
+        for entry in entries:
+            self.calls += 1
+            yield entry, {"r": self.features[entry.path.removeprefix("/corpus/").removesuffix(".wav")]}
+
+
+SETTINGS = ProbeSettings(epochs=1, ctc_epochs=1)
+
+
+def test_stored_featurizer_refuses_no_representation_and_a_rate_that_is_not_a_positive_finite_number():
+    """mut34 P01 (no representation accepted: a probe of nothing) and P03 (frame_rate = inf accepted: every feature
+    frame then spans 0 alignment frames). Both refused at construction, naming what is wrong."""
+    with pytest.raises(ValueError, match="no representation to probe"):
+        StoredFeaturizer({}, frame_rate=50.0)
+    for rate in (math.inf, -math.inf, math.nan, 0.0, -50.0):
+        with pytest.raises(ValueError, match=r"frame_rate = .*expected the features' rate in Hz"):
+            StoredFeaturizer({"r": {"u": np.zeros((2, 2), np.float32)}}, frame_rate=rate)
+
+
+@pytest.mark.parametrize("shape", [(20,), (20, 1, 3)])
+def test_stored_features_that_are_not_t_by_d_are_refused_before_any_representation_is_computed(shape):
+    """mut34 P07 (frame_counts without the (T, D) check: a (T,) file passed the check before any work and failed
+    only when read, after the model's features were computed and its probes trained) and P14 (len(shape) < 2:
+    (T, 1, D) features accepted, failing later in fit_probe without naming the file). Truth (StoredFeaturizer's
+    docstring): refused before any work, naming the representation and the file."""
+    features, alignments, entries = _two_phone_task()
+    counted = _CountedModel(features)
+    bad = dict(features)
+    bad["spk1/u7"] = np.zeros(shape, np.float32)  # a held-out utterance
+    stored = StoredFeaturizer({"layer_01": bad}, frame_rate=50.0)
+    with pytest.raises(ValueError, match=r"^layer_01: the features of /corpus/spk1/u7\.wav have shape .*expected "
+                                         r"\(T, D\)"):
+        run_probes({"model": counted, "stored": stored}, entries[:6], entries[6:], alignments, alignment_rate=50.0,
+                   settings=SETTINGS)
+    assert counted.calls == 0
+
+
+def test_a_file_the_extraction_skipped_is_left_out_of_the_probe_not_an_error(caplog):
+    """mut34 P18 (the stored length check read the frame counts of a skipped file: AttributeError on None) and
+    P24 (frame_counts did not return None for a skipped file: 'holds no features of ...'). Truth (the docstring and
+    ModelFeaturizer's behaviour): run_probe skips the file with a warning; the others are trained and scored, and
+    a skipped held-out file is not counted among the scored utterances."""
+    features, alignments, entries = _two_phone_task()
+    kept = {name: values for name, values in features.items() if name not in ("spk1/u1", "spk1/u7")}
+    stored = StoredFeaturizer({"layer_01": StemKeyed(kept, skipped=["spk1/u1", "spk1/u7"])}, frame_rate=50.0)
+    with caplog.at_level(logging.WARNING):
+        rows = run_probe(stored, "m", entries[:6], entries[6:], alignments, alignment_rate=50.0, settings=SETTINGS)
+    assert [(row.num_test_utterances, row.num_test_frames) for row in rows] == [(1, 20)]
+    assert rows[0].num_train_frames == 5 * 20  # u0, u2, u3, u4, u5 (u1 skipped)
+    assert "/corpus/spk1/u1.wav" in caplog.text
+    assert "/corpus/spk1/u7.wav" in caplog.text
+
+
+def test_a_stored_file_without_an_alignment_is_left_out_with_a_warning_not_a_key_error(caplog):
+    """mut34 P19 (the stored length check looked up the alignment of every file: KeyError for a file that has
+    none). Truth (_labelled): an utterance without an alignment is left out, named in a warning."""
+    features, alignments, entries = _two_phone_task()
+    partial = Alignments(alignments.phones, {name: codes for name, codes in alignments.codes.items()
+                                             if name not in ("u3", "u7")})
+    stored = StoredFeaturizer({"layer_01": features}, frame_rate=50.0)
+    with caplog.at_level(logging.WARNING):
+        rows = run_probe(stored, "m", entries[:6], entries[6:], partial, alignment_rate=50.0, settings=SETTINGS)
+    assert (rows[0].num_train_frames, rows[0].num_test_utterances) == (5 * 20, 1)
+    assert "'u7'" in caplog.text
+
+
+def test_a_skipped_file_is_found_by_its_id_as_well_as_by_its_path():
+    """mut34 P09 (skipped files looked up by path only) and P10 (by id only). Truth (StoredFeaturizer's docstring:
+    an entry is found by its path or its file id; one the extraction skipped is skipped): a manifest whose id is not
+    its file's stem, with features named by id, and a file whose twin (same id, another folder) was skipped, with
+    features named by path, are both skipped, not refused as missing."""
+    by_id = StoredFeaturizer({"r": StemKeyed({"utt1": np.zeros((2, 2), np.float32)}, skipped=["utt2"])},
+                             frame_rate=50.0)
+    entries = [ManifestEntry("utt1", "/corpus/a.wav", 640), ManifestEntry("utt2", "/corpus/b.wav", 640)]
+    assert [entry.fileid for entry, _ in by_id(entries)] == ["utt1"]
+    assert by_id.frame_counts(entries[1]) is None
+    by_path = StoredFeaturizer({"r": StemKeyed({"spk2/0001": np.zeros((2, 2), np.float32)}, skipped=["spk1/0001"])},
+                               frame_rate=50.0)
+    twins = [ManifestEntry("0001", "/corpus/spk1/0001.wav", 640), ManifestEntry("0001", "/corpus/spk2/0001.wav", 640)]
+    assert [entry.location for entry, _ in by_path(twins)] == ["/corpus/spk2/0001.wav"]
+    assert by_path.frame_counts(twins[0]) is None
+
+
+def test_stored_pt_features_in_bfloat16_are_read_as_float32(tmp_path):
+    """mut34 P13 (the tensor read without .float(): numpy cannot convert bfloat16, 'Got unsupported ScalarType
+    BFloat16'). A .pt file of a bf16 tensor (what a bf16 extraction of another tool saves) reads as its float32
+    values."""
+    values = torch.tensor([[1.5, -2.0], [0.25, 3.0]], dtype=torch.bfloat16)
+    torch.save(values, tmp_path / "u.pt")
+    stored = StoredFeaturizer({"r": StemKeyed(one_layer_directory(tmp_path))}, frame_rate=50.0)
+    ((_, read),) = list(stored([ManifestEntry("u", "/corpus/u.wav", 640)]))
+    assert read["r"].dtype == np.float32
+    np.testing.assert_array_equal(read["r"], [[1.5, -2.0], [0.25, 3.0]])
+
+
+def test_frame_labels_give_one_alignment_frame_of_rounding_where_features_are_finer():
+    """mut34 P15 (tolerance 2 + ratio, not 2 + max(ratio, 1)). Truth (module docstring: 'at most 2 alignment frames
+    beyond that rounding'; an alignment's length is a whole number of frames, so the rounding is 1 frame where a
+    feature frame is shorter than one): 50 frames at 50 Hz span 25 alignment frames at 25 Hz; 22 (3 fewer) are
+    accepted, frame t taking alignment frame ⌊(t + ½) / 2⌋, and 21 (4 fewer) refused."""
+    labels = frame_labels(np.arange(22), 50, frame_rate=50.0, alignment_rate=25.0)
+    np.testing.assert_array_equal(labels, (np.arange(44) + 0.5) // 2)
+    with pytest.raises(ValueError, match="alignment-rate"):
+        frame_labels(np.arange(21), 50, frame_rate=50.0, alignment_rate=25.0)

@@ -451,6 +451,21 @@ def _check_before_extracting(model: torch.nn.Module, entries: Sequence[ManifestE
                          f"{rate} Hz (e.g. {rate} or {2 * rate} Hz labels); give --alignments of finer frames")
 
 
+def _check_what_is_probed(args: argparse.Namespace) -> None:
+    """Refuse options of the --checkpoint model without one, and --frequency without --features."""
+    if args.checkpoint is None:
+        if not args.features:
+            raise ValueError("give the model to probe (--checkpoint) or stored features (--features NAME=DIR)")
+        given = [option for option, value in (("--layers", args.layers), ("--name", args.name),
+                                              ("--baseline random-init", "random-init" in (args.baseline or ())))
+                 if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of the --checkpoint model, which is not given")
+    if args.frequency is not None and not args.features:
+        raise ValueError(f"--frequency {args.frequency}: the frame rate of --features that record none, which are not "
+                         "given (a --checkpoint model's rate is its own)")
+
+
 def run_probe(args: argparse.Namespace) -> int:
     from spidr.eval.features import parse_layers
     from spidr.eval.probe import (
@@ -473,14 +488,7 @@ def run_probe(args: argparse.Namespace) -> int:
     if args.hidden < 0 or args.epochs < 1 or args.max_train_frames < 1:
         raise ValueError(f"--hidden {args.hidden}, --epochs {args.epochs}, --max-train-frames "
                          f"{args.max_train_frames}: expected hidden ≥ 0, epochs ≥ 1 and a positive frame budget")
-    if args.checkpoint is None:
-        if not args.features:
-            raise ValueError("give the model to probe (--checkpoint) or stored features (--features NAME=DIR)")
-        given = [option for option, value in (("--layers", args.layers), ("--name", args.name),
-                                              ("--baseline random-init", "random-init" in (args.baseline or ())))
-                 if value]
-        if given:
-            raise ValueError(f"{', '.join(given)}: options of the --checkpoint model, which is not given")
+    _check_what_is_probed(args)
     stored = stored_featurizers(args.features or (), args.frequency)
     model = _model(args) if args.checkpoint is not None else None
     train_entries, train_unread = _entries(args.manifest, args.ext)
