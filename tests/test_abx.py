@@ -217,6 +217,14 @@ def random_task(seed: int, *, num_items: int = 60, speakers: int = 3, phones: st
     return features, make_items(rows)
 
 
+def write_item_file(path: Path, items: Items) -> None:
+    """``items`` as a ZeroSpeech .item file (space-separated, with the context and speaker columns)."""
+    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
+    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
+                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def reference_abx(features: dict[str, np.ndarray], items: Items, *, speaker: str, context: str,
                   distance: str, mirror: bool = True) -> tuple[float, int]:
     """fastabx's definition written triplet by triplet (no subsampling): the error rate and the number of cells.
@@ -513,10 +521,7 @@ def test_command_line_by_pair_gives_every_pair_worst_first(tmp_path: Path, capsy
     features, items = random_task(5, num_items=50, phones="abcd")
     write_feature_tree(tmp_path / "features", features)
     item_file = tmp_path / "task.item"
-    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
-    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
-                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
-    item_file.write_text("\n".join(lines) + "\n")
+    write_item_file(item_file, items)
     command = ["abx", str(tmp_path / "features"), str(item_file), "--frequency", "50", "--by-pair"]
     expected = abx(features, items, frequency=50).pair_error_rates
     assert cli.main([*command, "--json"]) == 0
@@ -541,10 +546,7 @@ def test_command_line_by_speaker_gives_every_speaker_worst_first(tmp_path: Path,
     features, items = random_task(5, num_items=50, phones="abcd")
     write_feature_tree(tmp_path / "features", features)
     item_file = tmp_path / "task.item"
-    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
-    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
-                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
-    item_file.write_text("\n".join(lines) + "\n")
+    write_item_file(item_file, items)
     command = ["abx", str(tmp_path / "features"), str(item_file), "--frequency", "50", "--speaker", "across",
                "--by-speaker"]
     expected = abx(features, items, frequency=50, speaker="across").speaker_error_rates
@@ -569,10 +571,8 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog
     features, items = random_task(5, num_items=50)
     write_feature_tree(tmp_path / "features", features)
     item_file = tmp_path / "task.item"
-    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
-    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
-                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
-    item_file.write_text("\n".join(lines) + "\n")
+    write_item_file(item_file, items)
+    lines = item_file.read_text().splitlines()
     assert cli.main(["abx", str(tmp_path / "features"), str(item_file), "--json", "--max-size-group", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "no frame rate is recorded for" in caplog.text
@@ -726,10 +726,7 @@ def _abx_task(tmp_path):
                      str(rng.choice(["p", "q"])), str(rng.choice(["n", "m"]))))
     items = make_items(rows)
     write_feature_tree(tmp_path / "features", features)
-    header = ["#file", "onset", "offset", "#phone", "prev-phone", "next-phone", "speaker"]
-    lines = [" ".join(header)] + [" ".join([items.files[i], str(items.onsets[i]), str(items.offsets[i]),
-                                           *(items.labels[c][i] for c in header[3:])]) for i in range(len(items))]
-    (tmp_path / "task.item").write_text("\n".join(lines) + "\n")
+    write_item_file((tmp_path / "task.item"), items)
     return features, items
 
 
