@@ -1087,3 +1087,35 @@ def test_command_line_by_pair_header_counts_the_pairs_it_lists(tmp_path, capsys)
     head, table = capsys.readouterr().out.split("A\tB\tABX error rate %\n")
     assert head.rstrip().endswith("6 (A, B) phone pairs (A: the phone of A and X), worst first:")
     assert len(table.splitlines()) == 6
+
+
+def _axis_task(tmp_path: Path) -> tuple[dict[str, np.ndarray], Path]:
+    """6 files of 50 frames at 50 Hz, 9 items each of phones a/b/c whose frames point along their own axis."""
+    rng = np.random.default_rng(0)
+    lines = ["#file onset offset #phone prev-phone next-phone speaker"]
+    features = {}
+    for u in range(6):
+        values = 0.1 * rng.normal(size=(50, 8))
+        for k in range(9):
+            phone = (u + k) % 3
+            values[5 * k + 1 : 5 * k + 5, phone] += 1.0
+            lines.append(f"f{u} {0.1 * k + 0.02:.2f} {0.1 * k + 0.10:.2f} {'abc'[phone]} x y s{u % 2}")
+        features[f"f{u}"] = values.astype(np.float32)
+    (tmp_path / "t.item").write_text("\n".join(lines) + "\n")
+    return features, tmp_path / "t.item"
+
+
+@pytest.mark.parametrize("distance", ["angular", "euclidean"])
+def test_abx_does_not_depend_on_the_scale_of_the_features(tmp_path, distance):
+    """Was a defect (nonfinite34). Features × 2^66 (finite in float32; a power of two, so exact) are the same features
+    to both distances. Their squares overflow float32: angular normalised every frame to 0, every distance ½ (ABX
+    50.000 % exactly instead of ~0 %); euclidean distances became inf and DTW costs tied (43.75 % on the command-line
+    experiment). No error."""
+    from spidr.eval.abx import abx
+
+    features, items = _axis_task(tmp_path)
+    clean = abx(features, items, frequency=50, distance=distance).error_rate
+    scaled = abx({k: v * np.float32(2.0**66) for k, v in features.items()}, items, frequency=50,
+                 distance=distance).error_rate
+    assert clean < 0.1
+    assert scaled == pytest.approx(clean, abs=1e-6)

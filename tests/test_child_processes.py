@@ -50,7 +50,7 @@ def test_pool_workers_end_with_a_killed_parent(tmp_path):
         time.sleep(0.05)
 
 
-linux_only = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="fork, PR_SET_PDEATHSIG and /proc are Linux's")
 
 
 @linux_only
@@ -93,9 +93,6 @@ def test_only_torchrun_s_workers_are_tied_to_their_parent_and_to_that_parent(mon
     assert tied == []
     assert child_processes.end_with_torchrun({"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}) is True
     assert tied == [os.getppid()]
-
-
-linux_only = pytest.mark.skipif(sys.platform != "linux", reason="fork, PR_SET_PDEATHSIG and /proc are Linux's")
 
 
 def _env(*extra: Path) -> dict[str, str]:

@@ -413,3 +413,22 @@ def test_a_differing_setting_is_shown_whole_and_only_a_sha256_by_its_start():
         "dtype: a float32, b bfloat16",
         "item_file.name: a dev-clean-triphone.item, b test-clean-triphone.item",
         f"item_file.sha256: a {'a' * 12}, b {'b' * 12}"]
+
+
+@pytest.mark.parametrize(("text", "value"), [("NaN", "nan"), ("Infinity", "inf"), ("250.0", "250")])
+def test_compare_reports_refuses_a_score_that_is_not_a_finite_percentage(tmp_path, capsys, text, value):
+    """Was a defect (nonfinite34): a NaN ABX in a report.json was shown as '–' (the mark of 'not measured') and written
+    back into the merged report.json as a NaN token (not JSON); inf and 250 % went through as scores."""
+    from spidr.eval.report import LayerRow, write_report
+
+    rows = [LayerRow("final", 1, abx_within=11.0, abx_across=19.0), LayerRow("final", 2, abx_within=12.0,
+                                                                             abx_across=18.0)]
+    write_report(rows, tmp_path / "a", title="a")
+    write_report(rows, tmp_path / "b", title="b")
+    report = tmp_path / "b" / "report.json"
+    report.write_text(report.read_text().replace('"abx_across": 18.0', f'"abx_across": {text}'))
+    assert main(["compare-reports", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 2
+    error = capsys.readouterr().err
+    assert str(report) in error
+    assert "abx_across" in error
+    assert value in error.lower()

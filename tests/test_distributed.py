@@ -608,12 +608,6 @@ def test_run_device_cuda_without_cuda_is_refused_naming_the_setting(monkeypatch)
     assert resolve_device("auto", DistributedEnvironment()) == torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_single_process_creates_no_process_group():
     """Truth (module docstring: "A process group is created only when there is more than one rank"): two
     single-process trainings on one machine must not both bind a rendezvous port."""

@@ -557,3 +557,25 @@ def test_a_killed_run_s_marker_lets_only_its_own_outputs_be_written_again(tmp_pa
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert finished.read_bytes() == before
     assert cli.main(other) == 0  # (the killed run's own output: written again)
+
+
+def test_a_constant_column_is_named_with_its_table(tmp_path, capsys):
+    """Was a defect (nonfinite34): 'spidr lm-correlate: error: y is constant (50): its correlation is undefined' named
+    neither the column nor the table (with --y swuggy_all,sblimp the reader cannot tell which)."""
+    table = tmp_path / "t.csv"
+    table.write_text("model,layer,pnmi,swuggy_all,sblimp\n" +
+                     "".join(f"m,{i},{0.1 * i},{60 + i * i},50\n" for i in range(1, 6)))
+    assert cli.main(["lm-correlate", str(table), "--x", "pnmi", "--y", "swuggy_all,sblimp", "--json"]) == 2
+    error = capsys.readouterr().err
+    assert "sblimp" in error
+    assert str(table) in error
+
+
+def test_correlation_intervals_stay_within_minus_one_and_one(tmp_path, capsys):
+    """Was a defect (nonfinite34): the bootstrap interval of r was [-0.414, 1.0000000000000002]."""
+    table = tmp_path / "t.csv"
+    table.write_text("model,layer,pnmi,swuggy_all\nm,1,0.1,60\nm,2,0.2,62\nm,3,0.3,65\nm,4,0.4,61\nm,5,0.5,70\n")
+    assert cli.main(["lm-correlate", str(table), "--x", "pnmi", "--y", "swuggy_all", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("pearson_r_ci95", "spearman_rho_ci95"):
+        assert all(-1.0 <= bound <= 1.0 for bound in result[key]), result[key]

@@ -2184,7 +2184,6 @@ def test_too_little_data_is_refused_before_any_file_even_with_the_token_cache_lm
     from spidr.cli import main
     from spidr.lm.config import load_lm_config
     from spidr.lm.prepared_data import update_cache
-    from test_lm_train import _config
 
     model = {"arch": "gpt", "num_heads": 2, "ffn_dim": 64}
     config = _config(tmp_path, "short", model={"context": 5000, **model}, data={"val_fraction": 0.0})
@@ -2245,3 +2244,21 @@ def test_validation_windows_score_every_target_once_over_the_ranks(sequences, co
     assert sorted(targets) == sorted(stream.tolist()[1:])
     bos = Vocabulary(10).bos
     assert scored_targets(stream, context, bos=bos) == sum(t != bos for t in stream.tolist()[1:])
+
+
+def test_lm_score_refuses_a_test_item_without_units(tmp_path, capsys):
+    """Was a defect (nonfinite34): an empty 'units' row was scored as log p(EOS | BOS) (-3.6 against -1.7 for its pair)
+    without a word, where lm-units refuses a test file that gives no units ("a submission needs a score for every test
+    file")."""
+    assert main(["lm-train", str(_config(tmp_path, "bigram", model={"arch": "ngram", "ngram_order": 2}))]) == 0
+    units = tmp_path / "units" / "lexical"
+    units.mkdir(parents=True)
+    rows = [{"name": "1-A-w", "units": [1, 2, 3]}, {"name": "1-A-n0", "units": []}]
+    (units / "dev.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code = main(["lm-score", str(tmp_path / "runs" / "bigram" / "final.pt"), str(tmp_path / "units"),
+                 str(tmp_path / "sub"), "--device", "cpu"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "1-A-n0" in error
+    assert "dev.jsonl" in error
+    assert not (tmp_path / "sub" / "lexical" / "dev.txt").exists()

@@ -896,3 +896,26 @@ def test_frame_labels_give_one_alignment_frame_of_rounding_where_features_are_fi
     np.testing.assert_array_equal(labels, (np.arange(44) + 0.5) // 2)
     with pytest.raises(ValueError, match="alignment-rate"):
         frame_labels(np.arange(21), 50, frame_rate=50.0, alignment_rate=25.0)
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_stored_features_holding_a_non_finite_value_are_refused_naming_the_file(poison):
+    """Was a defect (nonfinite34): one NaN in one frame of one stored file trained a NaN probe: every prediction became
+    class 0, and the report gave chance accuracy and PER 100 % without a word (inf was clipped to float16's largest
+    value). Expected: the error kmeans / units / abx give, naming the representation, the file and the frame."""
+    from spidr.eval.probe import ProbeSettings, StoredFeaturizer, run_probe
+    from spidr.eval.unit_quality import Alignments
+
+    rng = np.random.default_rng(0)
+    features, labels, entries = {}, [], []
+    for index in range(8):
+        values = rng.normal(size=(20, 3)).astype(np.float32)
+        values[:10, 0] += 3.0
+        features[f"u{index}"] = values
+        labels.append((f"u{index}", ["a"] * 10 + ["b"] * 10))
+        entries.append(ManifestEntry(f"u{index}", f"/corpus/u{index}.wav", 20 * 320))
+    features["u2"][5, 1] = poison
+    stored = StoredFeaturizer({"layer_01": features}, frame_rate=50.0)
+    with pytest.raises(ValueError, match=r"layer_01.*/corpus/u2\.wav.*(non-finite|nan|inf)"):
+        run_probe(stored, "m", entries[:6], entries[6:], Alignments.from_labels(labels),
+                  alignment_rate=50.0, settings=ProbeSettings(epochs=2, ctc_epochs=1))

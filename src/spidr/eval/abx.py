@@ -47,7 +47,8 @@ Memory stays bounded: features of the referenced spans of each file are stored o
 so overlapping triphones cost nothing), cells are scored in streamed *units* (one BY group, and for ACROSS one
 speaker of it) whose DTWs are batched across units, and no whole-dataset distance matrix is ever built. A frame
 store above ``abx_frames.MAX_RESIDENT_BYTES`` (1 GiB) lives in a memory-mapped scratch file in TMPDIR (its blocks
-reserved when it is made) whose pages are handed back between flushes, so 350k triphone items of 768-dimensional features run in a few GB of RAM.
+reserved when it is made) whose pages are handed back between flushes, so 350k triphone items of 768-dimensional
+features run in a few GB of RAM.
 
 The code follows the data: ``abx_frames`` (features → one frame store, frame distances) → ``abx_cells`` (labels →
 subsampled groups → units of cells) → ``abx_scoring`` (batched DTWs → per-cell counts) → ``_collapse`` here.

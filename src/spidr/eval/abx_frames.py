@@ -170,6 +170,10 @@ def prepare_frames(frames: torch.Tensor, distance: DistanceName, *, name: str = 
                          "'kl_symmetric' distance compares probability vectors (e.g. softmax outputs)")
     if distance in ("angular", "cosine"):
         norms = frames.norm(dim=1, keepdim=True)
+        huge = ~torch.isfinite(norms[:, 0])  # finite frames whose squares overflow: divide by the largest first
+        if bool(huge.any()):
+            frames[huge] /= frames[huge].abs().amax(dim=1, keepdim=True)
+            norms[huge] = frames[huge].norm(dim=1, keepdim=True)
         zero = norms[:, 0] == 0
         frames.div_(norms.masked_fill_(zero[:, None], 1.0))
         frames[zero] = 1.0 / math.sqrt(frames.shape[1])  # fastabx's singularity rule, see the module docstring
@@ -191,7 +195,11 @@ def frame_distances(
         case "angular" | "cosine":
             return torch.mm(x, y.T, out=out).clamp_(-1.0, 1.0).acos_().div_(math.pi)
         case "euclidean":
-            return out.copy_(torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist"))
+            out.copy_(torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist"))
+            if not bool(torch.isfinite(out).all()):  # finite frames whose squared differences overflow float32
+                scale = 2.0 ** math.ceil(math.log2(max(float(x.abs().max()), float(y.abs().max()))))  # (exact)
+                out.copy_(torch.cdist(x / scale, y / scale, compute_mode="donot_use_mm_for_euclid_dist")).mul_(scale)
+            return out
         case "kl_symmetric":
             # ½ Σ (x - y)(log x - log y), expanded into matrix products. Each log row is centred on its mean m to
             # keep float32 precision near 0; that shifts the sum by (m_x - m_y)(s_x - s_y), where s is a row's sum:

@@ -127,6 +127,12 @@ def fit_kmeans(
     if not 1 <= num_units <= frames.shape[0]:
         raise ValueError(f"num_units = {num_units} is invalid: expected 1 ≤ num_units ≤ number of frames "
                          f"({frames.shape[0]}); sample more frames or ask for fewer units")
+    if frames.dtype != np.float64 and frames.size:
+        # sklearn sums squared distances in the frames' dtype: in float32, features near 1e18 overflow k-means++'s
+        # potentials and the inertia (logged as nan) and the fit goes wrong without an error; float64 holds them
+        largest = float(np.abs(frames).max())
+        if 4.0 * frames.shape[0] * frames.shape[1] * largest**2 >= float(np.finfo(np.float32).max):
+            frames = frames.astype(np.float64)
     model = cluster.MiniBatchKMeans(
         n_clusters=num_units,
         init="k-means++",

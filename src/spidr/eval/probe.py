@@ -219,6 +219,10 @@ class StoredFeaturizer:
         values = features[cls._key(features, representation, entry)]
         values = np.asarray(values.float() if isinstance(values, torch.Tensor) else values, dtype=np.float32)
         _require_frames(values.shape, representation, entry)
+        if not np.isfinite(values).all():  # (a NaN trains a NaN probe: every prediction class 0, no error)
+            frame, dim = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
+            raise ValueError(f"{representation}: the features of {entry.location} contain non-finite values (the "
+                             f"first: {values[frame, dim]} at frame {frame}, dimension {dim})")
         return values
 
 

@@ -358,6 +358,18 @@ def read_report(path: str | Path) -> list[LayerRow]:
             rows.append(LayerRow(**record))
         except TypeError as error:
             raise ValueError(f"{file}: row {index} is not a report row ({error})") from error
+        row = rows[-1]
+        scores = {name: getattr(row, name) for name in ("abx_within", "abx_across", "unit_abx_within",
+                                                        "unit_abx_across")}
+        for name, value in [*scores.items(), *(row.quality or {}).items()]:
+            percent = name in scores
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+                    or (percent and not 0.0 <= value <= 100.0)):
+                raise ValueError(f"{file}: row {index} ({row.model}, layer {row.layer}): {name} = {value!r}: expected "
+                                 f"{'an error rate in % (0 to 100)' if percent else 'a finite number'}, or null "
+                                 "where it was not measured")
     return rows
 
 

@@ -43,11 +43,12 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     x = x - x.mean(axis=1, keepdims=True)
     y = y - y.mean(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (x * y).sum(axis=1) / np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+        return np.clip((x * y).sum(axis=1) / np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1)), -1.0, 1.0)
 
 
 def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *,
-              num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> dict[str, object]:
+              num_resamples: int = NUM_RESAMPLES, seed: int = 0, names: tuple[str, str] = ("x", "y")
+              ) -> dict[str, object]:
     """Pearson and Spearman correlation, least-squares line and 95 % bootstrap CIs of Pearson's r and Spearman's ρ.
 
     Returns ``{"n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p", "slope", "intercept",
@@ -67,7 +68,7 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
         raise ValueError(f"a correlation needs at least 3 points, got {x_array.size}")
     if not (np.isfinite(x_array).all() and np.isfinite(y_array).all()):
         raise ValueError("x and y must be finite numbers")
-    for name, array in (("x", x_array), ("y", y_array)):
+    for name, array in zip(names, (x_array, y_array), strict=True):
         if np.ptp(array) == 0:
             raise ValueError(f"{name} is constant ({float(array[0]):g}): its correlation is undefined")
 

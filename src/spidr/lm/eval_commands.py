@@ -147,7 +147,11 @@ def _correlated_pairs(args: argparse.Namespace) -> list[tuple[dict, list]]:
     for x, y in pairs:
         try:
             rows = read_table(args.table, [x, y], label_columns=label_columns, dropped=dropped)
-            result = correlate([row[x] for row in rows], [row[y] for row in rows], seed=args.seed)
+            try:
+                result = correlate([row[x] for row in rows], [row[y] for row in rows], seed=args.seed,
+                                   names=(x, y))
+            except ValueError as error:  # (which table)
+                raise ValueError(f"{args.table}: {error}") from None
         except ValueError as error:
             if not lenient:
                 if dropped:  # (why too few rows were left)

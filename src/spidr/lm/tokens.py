@@ -175,6 +175,9 @@ def read_unit_sequences(path: str | Path, *, dedup: bool, labels: LabelVocabular
                 [found.setdefault(str(v), len(found)) for v in values], dtype=np.int64)
         else:
             array = _unit_array(values, line, stem, where, num_units)
+        if submission_names and not array.size:  # its score would be log p(EOS | BOS), the same for every such item
+            raise ValueError(f"{where}: the test item {stem!r} has no units: nothing to score (a file shorter than "
+                             "one frame gives none; spidr lm-units refuses such test files)")
         sequences[stem] = compact(deduplicate(array) if dedup else array)
     if kind is None:
         raise ValueError(f"units file {path} has no utterance")
