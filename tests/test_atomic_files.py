@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from conftest import run_python_on_a_full_disk
 from spidr import atomic_files
 from spidr.atomic_files import new_partial_path, replaced_when_done, write_atomically
 
@@ -431,3 +432,23 @@ def test_a_failed_write_names_the_user_s_file_not_none_nor_the_temporary(tmp_pat
         pass
     assert caught.value.errno == errno.EROFS
     assert caught.value.filename == str(target)
+
+
+def test_a_copy_cut_by_a_full_disk_names_the_user_s_file_not_the_hidden_temporary(tmp_path) -> None:
+    """Was a defect (diff34): shutil.copyfile's sendfile error carries filename=source and filename2=destination (the
+    hidden partial): the cli prints filename2, so `spidr lm-units --oracle` on a full disk said 'error:
+    OUT/lexical/.test.jsonl.6593cb58.partial: No space left on device' (reproduced on a tmpfs)."""
+    source, target = tmp_path / "source.jsonl", tmp_path / "out" / "test.jsonl"
+    source.write_bytes(b"x" * 100_000)
+    target.parent.mkdir()
+    result = run_python_on_a_full_disk(50_000, f"""
+        import shutil
+        from spidr.atomic_files import replaced_when_done
+        try:
+            with replaced_when_done({str(target)!r}) as partial:
+                shutil.copyfile({str(source)!r}, partial)
+        except OSError as error:
+            print(error.filename2 or error.filename)
+    """)
+    assert result.stdout.strip() == str(target), result.stdout + result.stderr
+    assert list(target.parent.iterdir()) == []

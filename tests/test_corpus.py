@@ -1243,3 +1243,34 @@ def test_a_cut_engine_wav_stops_the_synthesis_instead_of_dropping_the_utterance(
     monkeypatch.setattr(engines, "run_child", flite_into_a_full_folder)
     with pytest.raises(OSError, match="declares"):
         engines.synthesize(voices.parse_voice("rms"), [engines.Request("u-00000", "hi", 1.0)])
+
+
+def test_festival_s_empty_segment_file_in_a_full_temporary_folder_stops_the_synthesis(monkeypatch) -> None:
+    """Was a defect (diff34): festival in a full TMPDIR (reproduced on a 256 KiB tmpfs, kal_diphone) wrote the whole
+    WAV, then a 0-byte .segs file, exited 0 and said nothing on stderr: the utterance got no phones and was dropped for
+    good ('the engine reported no phones' in info.json, exit 0). festival always writes a '#' line first: a .segs
+    without it is a failed write, not a fault of the utterance."""
+
+    def festival_into_a_full_folder(command, **kwargs):
+        folder = Path(command[-1]).parent
+        sf.write(folder / "0.wav", np.zeros(16000, dtype=np.float32), 16000, subtype="PCM_16")  # whole
+        (folder / "0.segs").write_bytes(b"")  # no page left for it
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(engines, "run_child", festival_into_a_full_folder)
+    with pytest.raises(OSError, match="temporary folder"):
+        engines.synthesize(voices.parse_voice("kal_diphone"), [engines.Request("u-00000", "hi there", 1.0)])
+
+
+def test_flite_s_empty_wav_in_a_full_temporary_folder_is_the_same_one_line_refusal(monkeypatch) -> None:
+    """Was a defect (diff34): flite in a TMPDIR with no block left (it filled during the run) exits 0 with a 0-byte
+    WAV: _read_wav's soundfile.LibsndfileError 'Format not recognised' (a RuntimeError) gave a traceback and exit 1,
+    not the 'is the temporary folder full?' refusal that a WAV cut after its header gets."""
+
+    def flite_into_a_full_folder(command, **kwargs):
+        Path(command[command.index("-o") + 1]).write_bytes(b"")
+        return subprocess.CompletedProcess(command, 0, stdout="pau:0.1 hh:0.3 ay:1.0", stderr="")
+
+    monkeypatch.setattr(engines, "run_child", flite_into_a_full_folder)
+    with pytest.raises(OSError, match="temporary folder"):
+        engines.synthesize(voices.parse_voice("rms"), [engines.Request("u-00000", "hi", 1.0)])

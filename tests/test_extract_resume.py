@@ -765,3 +765,25 @@ def test_a_feature_file_cut_by_a_full_disk_is_not_published_as_done(manifest, tm
     assert result.returncode == 3, result.stdout + result.stderr  # the failed write was told
     for path in out.glob("layer_*/**/*.npy"):
         assert np.load(path).shape == np.load(reference / path.relative_to(out)).shape  # published whole
+
+
+def test_a_long_file_s_features_cut_by_a_full_disk_name_the_feature_file(tmp_path) -> None:
+    """Was a defect (diff34): A file longer than max_seconds is written through NpyAppender (not replaced_when_done):
+    on a full disk `spidr extract` said 'error: No space left on device' naming no file, where a short file's error
+    names OUT/layer_LL/<utt>.npy (reproduced on a tmpfs)."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "long.wav", (0.1 * np.random.default_rng(0).normal(size=16000 * 6)).astype(np.float32), 16000)
+    out = tmp_path / "out"
+    result = run_python_on_a_full_disk(30_000, textwrap.dedent(f"""
+        from spidr.data.scanning import scan
+        from spidr.eval.features import ExtractionSettings
+        from spidr.eval.folder_extraction import extract_to_directory
+        from test_extract_resume import SETTINGS, _model
+        try:
+            extract_to_directory(_model(), scan({str(audio)!r}, progress=False).entries, {str(out)!r},
+                                 ExtractionSettings(**{{**SETTINGS, "max_seconds": 2.0}}), progress=False)
+        except OSError as error:
+            print("OSError", error.filename)
+    """))
+    assert result.stdout.strip() == f"OSError {out / 'layer_01' / 'long.npy'}", result.stdout + result.stderr

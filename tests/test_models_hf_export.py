@@ -8,8 +8,10 @@ documented ``Data2VecAudioModel`` module tree. Comparisons of outputs with ``tra
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -777,3 +779,23 @@ def test_exports_load_back_as_the_same_model(tmp_path, spidr, fields, step, seed
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
         for a, b in zip(before, student.get_intermediate_outputs(wave), strict=True):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_a_failed_write_of_the_hf_config_names_the_config_not_the_weights(tmp_path, monkeypatch) -> None:
+    """Was a defect (diff34): export_hf nests three replaced_when_done; an OSError naming no file is renamed by the
+    innermost (the weights): on a tmpfs with room for the weights alone, writing config.json failed with
+    'hf/model.safetensors: No space left on device'."""
+    from spidr.models.hf_export import export_hf
+    from test_models_dinosr import tiny_model
+
+    real_write_text = Path.write_text
+
+    def full_after_the_weights(self, *args, **kwargs):
+        if self.name.startswith(".config.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_after_the_weights)
+    with pytest.raises(OSError, match="No space left") as caught:
+        export_hf(tiny_model("spidr").eval(), tmp_path / "hf")
+    assert caught.value.filename == str(tmp_path / "hf" / "config.json")

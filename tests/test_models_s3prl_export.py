@@ -9,10 +9,13 @@ data2vec loader: a ``torch.save`` dict with ``task_cfg``, ``model_cfg`` and ``mo
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_python_on_a_full_disk
 from spidr.models import export_s3prl, read_checkpoint
 from spidr.models.convert import _parse_conv_layers, fairseq_model_config
 from spidr.models.hf_features import before_residual_features
@@ -227,3 +230,23 @@ def test_two_exports_of_one_model_are_the_same_bytes(tmp_path) -> None:
     export_s3prl(model, tmp_path / "a.pt")
     export_s3prl(model, tmp_path / "b.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_an_s3prl_export_cut_by_a_full_disk_is_an_os_error_naming_it(tmp_path) -> None:
+    """Was a defect (diff34): `spidr export --format s3prl` on a full disk printed 'error: [enforce fail at
+    inline_container.cc:672] . unexpected pos 14976 vs 14928' (torch's zip writer wraps the OSError in a RuntimeError;
+    the new cli branch prints the RuntimeError's text): no file, no 'No space left'. atomic_torch_save unwraps it for
+    checkpoints; this writer (replaced_when_done + torch.save) does not."""
+    path = tmp_path / "model.pt"
+    result = run_python_on_a_full_disk(20_000, f"""
+        from spidr.models import export_s3prl
+        from test_models_dinosr import tiny_model
+        try:
+            export_s3prl(tiny_model("spidr").eval(), {str(path)!r})
+        except OSError as error:
+            print("OSError", error.errno, error.filename)
+        except BaseException as error:
+            print("other", type(error).__name__, error)
+    """)
+    assert result.stdout.strip() == f"OSError {errno.EFBIG} {path}", result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -133,6 +133,9 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
             partial.unlink(missing_ok=True)
             if error.filename is None or error.filename == str(partial):  # (a write's error names no file)
                 raise named_error(error, path) from error
+            if error.filename2 == str(partial):  # (shutil.copyfile: source, then the hidden destination)
+                strerror = error.strerror or str(error)
+                raise type(error)(error.errno, strerror, error.filename, None, str(path)) from error
             raise
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -146,9 +149,31 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
         held.close()
 
 
+@contextmanager
+def naming_errors(path: str | Path) -> Iterator[None]:
+    """An ``OSError`` that names no file, raised in the block, names ``path`` (one of several files written at once:
+    the innermost ``replaced_when_done`` would otherwise name its own)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise named_error(error, path) from error
+        raise
+
+
 def named_error(error: OSError, path: str | Path) -> OSError:
     """``error`` (a failed write: no file named, or a writer's hidden temporary) naming ``path``, the user's file."""
     return type(error)(error.errno, error.strerror or str(error), str(path))
+
+
+def failed_write(error: BaseException, path: str | Path) -> OSError | None:
+    """The ``OSError`` behind ``error`` raised while writing ``path``, naming ``path``; None for any other error.
+    torch's zip writer (``torch.save``) turns the OSError of a write to a full disk into a RuntimeError ("unexpected
+    pos"), which told the user neither the file nor the cause."""
+    failed = error if isinstance(error, OSError) else error.__context__
+    if isinstance(error, OSError | RuntimeError) and isinstance(failed, OSError):
+        return named_error(failed, path)
+    return None
 
 
 class _CheckedWrites:

@@ -133,13 +133,23 @@ def _labels_from_end_times(end_times: list[tuple[float, str]]) -> list[tuple[flo
     return labels
 
 
+WAV_HEADER_BYTES = 44
+
+
 def _read_wav(path: Path) -> tuple[np.ndarray, int]:
     """An engine's WAV file, refused (``OSError``: the run stops, nothing is recorded as dropped) where it holds
     fewer samples than its header declares: the engine's write failed (a full temporary folder), though flite
     exits 0 then."""
     import wave
 
-    audio, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+    try:
+        audio, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+    except sf.LibsndfileError as error:
+        if path.stat().st_size >= WAV_HEADER_BYTES:
+            raise
+        raise OSError(errno.EIO, f"the speech engine wrote {path.stat().st_size} bytes, not even a WAV header: is "
+                      f"the temporary folder ({tempfile.gettempdir()}) full? (TMPDIR sets another)",
+                      str(path)) from error
     with wave.open(str(path), "rb") as header:
         declared = header.getnframes()
     if audio.shape[0] < declared:
@@ -253,6 +263,9 @@ def _festival_run(engine_voice: str, requests: list[Request]) -> tuple[list[RawU
                 return made, SynthesisError(f"festival stopped at this utterance and wrote no output for it (exit "
                                             f"{result.returncode}): {result.stderr.strip()[-300:]}")
             audio, sample_rate = _read_wav(wav)
+            if not segs.read_text().startswith("#"):  # (always its first line: an empty file is a failed write)
+                raise OSError(errno.EIO, f"festival wrote an empty segment file: is the temporary folder "
+                              f"({tempfile.gettempdir()}) full? (TMPDIR sets another)", str(segs))
             end_times = _read_segs(segs)
             if engine_voice in INSERTS_R_AFTER_ER:
                 end_times = _without_inserted_r(end_times)

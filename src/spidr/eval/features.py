@@ -28,7 +28,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from spidr.atomic_files import new_held_partial
+from spidr.atomic_files import naming_errors, new_held_partial
 from spidr.config import ConvLayer, num_samples_for_frames
 from spidr.data import SAMPLE_RATE
 from spidr.data.audio import AudioError, decoding, load_audio
@@ -640,10 +640,11 @@ class NpyAppender:
     def __init__(self, path: Path, rows: int, cols: int) -> None:
         self.path, self.rows, self.written = path, rows, 0
         self.partial, self.file = new_held_partial(path)  # (locked while it lives: other processes' sweeps keep it)
-        np.lib.format.write_array_header_1_0(
-            self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                        "shape": (rows, cols)}
-        )
+        with naming_errors(path):
+            np.lib.format.write_array_header_1_0(
+                self.file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                            "shape": (rows, cols)}
+            )
 
     def __setitem__(self, rows: slice, values: np.ndarray) -> None:
         if rows.start != self.written:
@@ -651,7 +652,8 @@ class NpyAppender:
         if len(values) != rows.stop - rows.start or rows.stop > self.rows:  # the header's shape would be a lie
             raise RuntimeError(f"{self.path}: {len(values)} rows given for rows {rows.start}-{rows.stop} of "
                                f"{self.rows}")
-        self.file.write(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+        with naming_errors(self.path):
+            self.file.write(np.ascontiguousarray(values, dtype=np.float32).tobytes())
         self.written = rows.stop
 
     def close(self) -> None:
@@ -660,7 +662,8 @@ class NpyAppender:
             self.discard()
             raise RuntimeError(f"{self.path}: wrote {self.written} of {self.rows} rows")
         try:
-            self.file.flush()
+            with naming_errors(self.path):
+                self.file.flush()
             os.replace(self.partial, self.path)  # still locked: a sweep cannot take it in between
         finally:
             self.file.close()

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spidr.atomic_files import replaced_when_done
+from spidr.atomic_files import naming_errors, replaced_when_done
 from spidr.config import ModelConfig, ModelType, SpidRConfig, model_config_from_dict
 from spidr.data import SAMPLE_RATE
 from spidr.models.keymap import KeyMap, fuse_qkv, split_qkv
@@ -217,9 +217,12 @@ def export_hf(model: nn.Module, directory: str | Path) -> Path:
         config_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / CONFIG_FILE))
         preprocessor_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / PREPROCESSOR_FILE))
         weights_partial = renamed_in_reverse.enter_context(replaced_when_done(directory / WEIGHTS_FILE))
-        save_safetensors(weights, weights_partial, {"format": "pt"})
-        preprocessor_partial.write_text(json.dumps(preprocessor_config(), indent=2) + "\n", encoding="utf-8")
-        config_partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        with naming_errors(directory / WEIGHTS_FILE):
+            save_safetensors(weights, weights_partial, {"format": "pt"})
+        with naming_errors(directory / PREPROCESSOR_FILE):
+            preprocessor_partial.write_text(json.dumps(preprocessor_config(), indent=2) + "\n", encoding="utf-8")
+        with naming_errors(directory / CONFIG_FILE):
+            config_partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     for pattern in STALE_WEIGHTS:
         for stale in directory.glob(pattern):
             stale.unlink()

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spidr.atomic_files import replaced_when_done
+from spidr.atomic_files import failed_write, replaced_when_done
 from spidr.config import ModelConfig, SpidRConfig, model_config_from_dict
 from spidr.models.keymap import KeyMap, fuse_qkv, split_qkv
 
@@ -142,8 +142,14 @@ def export_s3prl(model: nn.Module, path: str | Path) -> Path:
     }
     # An interrupted --overwrite leaves the earlier export whole. Saved through an open file: torch names the records
     # inside after the file it is given a path to, and the temporary name is random (two exports would differ).
-    with replaced_when_done(path) as partial, partial.open("wb") as handle:
-        torch.save(checkpoint, handle)
+    try:
+        with replaced_when_done(path) as partial, partial.open("wb") as handle:
+            torch.save(checkpoint, handle)
+    except RuntimeError as error:  # (a full disk: told as the OSError, naming the export)
+        failed = failed_write(error, path)
+        if failed is not None:
+            raise failed from error
+        raise
     return path
 
 

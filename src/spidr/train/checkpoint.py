@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from spidr.atomic_files import failed_write
+
 logger = logging.getLogger(__name__)
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -137,11 +139,9 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.replace(temporary, path)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
-        # A full disk: torch's zip writer turns the OSError of its write into a RuntimeError ("unexpected pos"),
-        # and a write's OSError names no file; either is told as the OSError, naming the checkpoint.
-        failed = error if isinstance(error, OSError) else error.__context__
-        if isinstance(error, (OSError, RuntimeError)) and isinstance(failed, OSError):
-            raise type(failed)(failed.errno, failed.strerror or str(failed), str(path)) from error
+        failed = failed_write(error, path)  # (a full disk: told as the OSError, naming the checkpoint)
+        if failed is not None:
+            raise failed from error
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
