@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import math
+import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 
 from spidr import cli
 from spidr.cli import main as cli_main
-from spidr.eval import abx_scoring
+from spidr.eval import abx_frames, abx_scoring
 from spidr.eval.abx import AbxResult, abx, abx_error_rate, frame_distances, prepare_frames
 from spidr.eval.abx_cells import Groups, Labels
 from spidr.eval.dtw import dtw
@@ -606,8 +609,6 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog
 @pytest.mark.parametrize("speaker", ["within", "across"])
 def test_a_store_spilled_to_a_scratch_file_gives_the_same_result(speaker: str, monkeypatch) -> None:
     """Above MAX_RESIDENT_BYTES the frames live in a memory-mapped scratch file, released between flushes."""
-    from spidr.eval import abx_frames, abx_scoring
-
     features, items = random_task(3, num_items=80, dim=6)
     in_memory = abx(features, items, speaker=speaker, max_size_group=None)
     monkeypatch.setattr(abx_frames, "MAX_RESIDENT_BYTES", 256)  # every store spills
@@ -623,12 +624,6 @@ def test_a_store_spilled_to_a_scratch_file_gives_the_same_result(speaker: str, m
 def test_a_full_scratch_folder_is_an_error_naming_it_before_any_frame_is_written(monkeypatch, tmp_path) -> None:
     """The scratch file's blocks are reserved when it is made: on a full TMPDIR a page of a sparse file mapped into
     memory fails when first written, with SIGBUS (the process dies, minutes into a long ABX, with no message)."""
-    import errno
-    import os
-    import tempfile
-
-    from spidr.eval import abx_frames
-
     features, items = random_task(3, num_items=20, dim=6)
     in_memory = abx(features, items, max_size_group=None)
     monkeypatch.setattr(abx_frames, "MAX_RESIDENT_BYTES", 256)  # every store spills
@@ -1119,3 +1114,49 @@ def test_abx_does_not_depend_on_the_scale_of_the_features(tmp_path, distance):
                  distance=distance).error_rate
     assert clean < 0.1
     assert scaled == pytest.approx(clean, abs=1e-6)
+
+
+def test_command_line_by_speaker_header_counts_the_speakers_it_lists(tmp_path, capsys) -> None:
+    """The --by-speaker table's header gives the number of speakers listed (not of pairs), as --by-pair's gives
+    the number of pairs; a speaker with cells is listed once, under its own name."""
+    features, items = random_task(5, num_items=50, phones="abcd")
+    write_feature_tree(tmp_path / "features", features)
+    write_item_file(tmp_path / "task.item", items)
+    expected = abx(features, items, frequency=50, speaker="within").speaker_error_rates
+    assert cli.main(["abx", str(tmp_path / "features"), str(tmp_path / "task.item"), "--frequency", "50",
+                     "--speaker", "within", "--by-speaker"]) == 0
+    out = capsys.readouterr().out
+    header, table = out.split("speaker\tABX error rate %\n")
+    assert header.rstrip("\n").endswith(f"{len(expected)} speakers (of A and B), worst first:")
+    assert sorted(line.split("\t")[0] for line in table.splitlines()) == sorted(expected)
+
+
+@pytest.mark.parametrize("huge_in", ["x", "y"])
+def test_euclidean_frame_distances_whose_squares_overflow_float32_are_the_true_distances(huge_in) -> None:
+    """Frames near 1e20 (finite in float32, their squares not): the euclidean distances are the true ones (3-4-5
+    triangles, by hand), whichever of x and y holds the large values, not inf nor the distances of scaled frames."""
+    small = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    large = torch.tensor([[3e20, 0.0], [0.0, 4e20]])
+    x, y = (large, small) if huge_in == "x" else (small, large)
+    got = frame_distances(x, y, "euclidean")
+    want = torch.tensor([[3e20, 3e20], [4e20, 4e20]])
+    torch.testing.assert_close(got, want if huge_in == "x" else want.T, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(frame_distances(large, large, "euclidean"),
+                               torch.tensor([[0.0, 5e20], [5e20, 0.0]]), rtol=1e-6, atol=1e14)
+
+
+@pytest.mark.parametrize("unsupported", [errno.EOPNOTSUPP, errno.EINVAL])
+def test_a_scratch_folder_without_fallocate_still_gives_the_abx_of_the_frames_in_memory(monkeypatch, tmp_path,
+                                                                                        unsupported) -> None:
+    """A file system that cannot reserve blocks (posix_fallocate: EOPNOTSUPP, or EINVAL on some) is no error: the
+    scratch file is made sparse as before, and ABX is the one of the frames held in memory."""
+    features, items = random_task(3, num_items=20, dim=6)
+    in_memory = abx(features, items, max_size_group=None)
+    monkeypatch.setattr(abx_frames, "MAX_RESIDENT_BYTES", 256)  # every store spills
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def cannot(fd, offset, size):
+        raise OSError(unsupported, os.strerror(unsupported))
+
+    monkeypatch.setattr(os, "posix_fallocate", cannot)
+    assert abx(features, items, max_size_group=None) == in_memory

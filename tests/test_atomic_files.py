@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_python_on_a_full_disk
 from spidr import atomic_files
-from spidr.atomic_files import new_partial_path, replaced_when_done, write_atomically
+from spidr.atomic_files import failed_write, naming_errors, new_partial_path, replaced_when_done, write_atomically
 
 
 def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path):
@@ -452,3 +452,41 @@ def test_a_copy_cut_by_a_full_disk_names_the_user_s_file_not_the_hidden_temporar
     """)
     assert result.stdout.strip() == str(target), result.stdout + result.stderr
     assert list(target.parent.iterdir()) == []
+
+
+def test_an_error_naming_the_hidden_partial_names_the_user_s_file_and_leaves_nothing(tmp_path) -> None:
+    """A writer that opens the partial by name (open(partial, "wb") on a full disk, in a folder made read-only)
+    raises an OSError naming the hidden temporary: the user's file is named instead, the partial is gone."""
+    target = tmp_path / "units.jsonl"
+    with pytest.raises(OSError, match="No space left") as caught, replaced_when_done(target) as partial:
+        raise OSError(errno.ENOSPC, "No space left on device", str(partial))
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == str(target)
+    assert ".partial" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_naming_errors_names_only_errors_that_name_no_file(tmp_path) -> None:
+    """naming_errors names its path on an OSError that names no file, and leaves one that names another file as it
+    is (a missing source file is that file's fault, not the output's)."""
+    output, source = tmp_path / "config.json", tmp_path / "missing.bin"
+    with pytest.raises(OSError, match="No space left") as caught, naming_errors(output):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(output)
+    with pytest.raises(FileNotFoundError) as caught, naming_errors(output):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(source))
+    assert caught.value.filename == str(source)
+
+
+def test_failed_write_is_none_for_an_error_that_is_neither_an_os_nor_a_runtime_error(tmp_path) -> None:
+    """Only an OSError, or torch's RuntimeError around one, is a failed write; any other error raised while an
+    OSError was being handled (a bug in the handler) is not turned into a disk error."""
+    path = tmp_path / "final.pt"
+    disk_error = OSError(errno.ENOSPC, "No space left on device")
+    bug, wrapped = ValueError("a bug while handling it"), RuntimeError("unexpected pos 64 vs 0")
+    bug.__context__ = wrapped.__context__ = disk_error  # (as `raise ... from None` in an except block leaves them)
+    bug.__suppress_context__ = wrapped.__suppress_context__ = True
+    assert failed_write(bug, path) is None
+    failed = failed_write(wrapped, path)
+    assert isinstance(failed, OSError)
+    assert (failed.errno, failed.filename) == (errno.ENOSPC, str(path))

@@ -432,3 +432,27 @@ def test_compare_reports_refuses_a_score_that_is_not_a_finite_percentage(tmp_pat
     assert str(report) in error
     assert "abx_across" in error
     assert value in error.lower()
+
+
+def test_read_report_accepts_a_perfect_score_and_unit_figures_above_100(tmp_path):
+    """0 % is an error rate (a perfect representation), and unit-quality figures are not percentages (a codebook of
+    500 active codewords): both are read back as written."""
+    rows = [LayerRow("final", 1, abx_within=0.0, abx_across=100.0, unit_abx_within=0.0,
+                     quality={"pnmi": 0.4, "active_codewords": 500})]
+    write_report(rows, tmp_path / "a", title="a")
+    assert read_report(tmp_path / "a" / "report.json") == rows
+
+
+@pytest.mark.parametrize(("field", "text"), [("abx_within", "true"), ("pnmi", "NaN"),
+                                            ("active_codewords", "-Infinity")])
+def test_read_report_refuses_a_boolean_score_and_a_non_finite_unit_figure_naming_them(tmp_path, field, text):
+    """A score that is a JSON boolean (true is no error rate, though Python counts it as 1) and a NaN or infinite
+    unit-quality figure are refused naming the file, the row and the field."""
+    rows = [LayerRow("final", 1, abx_within=11.0, abx_across=19.0, quality={"pnmi": 0.4, "active_codewords": 50})]
+    write_report(rows, tmp_path / "a", title="a")
+    report = tmp_path / "a" / "report.json"
+    old = {"abx_within": '"abx_within": 11.0', "pnmi": '"pnmi": 0.4', "active_codewords": '"active_codewords": 50'}
+    assert old[field] in report.read_text()
+    report.write_text(report.read_text().replace(old[field], f'"{field}": {text}'))
+    with pytest.raises(ValueError, match=rf"{report}: row 0 .*{field} = "):
+        read_report(report)

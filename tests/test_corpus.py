@@ -1274,3 +1274,34 @@ def test_flite_s_empty_wav_in_a_full_temporary_folder_is_the_same_one_line_refus
     monkeypatch.setattr(engines, "run_child", flite_into_a_full_folder)
     with pytest.raises(OSError, match="temporary folder"):
         engines.synthesize(voices.parse_voice("rms"), [engines.Request("u-00000", "hi", 1.0)])
+
+
+def test_an_engine_wav_one_sample_short_of_its_header_stops_the_synthesis(monkeypatch) -> None:
+    """The cut-WAV check is exact: a WAV holding even one sample fewer than its header declares is a failed write
+    (the last block did not reach the disk), not a complete utterance."""
+
+    def flite_cut_by_one_sample(command, **kwargs):
+        wav = Path(command[command.index("-o") + 1])
+        sf.write(wav, np.zeros(16000, dtype=np.float32), 16000, subtype="PCM_16")  # header: 16000 frames
+        with wav.open("r+b") as handle:
+            handle.truncate(44 + 2 * 15999)
+        return subprocess.CompletedProcess(command, 0, stdout="pau:0.1 hh:0.3 ay:1.0", stderr="")
+
+    monkeypatch.setattr(engines, "run_child", flite_cut_by_one_sample)
+    with pytest.raises(OSError, match="15999 of the 16000 samples"):
+        engines.synthesize(voices.parse_voice("rms"), [engines.Request("u-00000", "hi", 1.0)])
+
+
+def test_festival_failing_to_write_its_output_stops_the_synthesis_instead_of_dropping_the_utterance(
+        monkeypatch) -> None:
+    """festival that could not write its output ('failed to write' on stderr, no file) stops the run with the
+    'is the temporary folder full?' refusal; the utterance is not recorded as one festival stopped at."""
+
+    def festival_that_cannot_write(command, **kwargs):
+        folder = Path(command[-1]).parent
+        return subprocess.CompletedProcess(command, 0, stdout="",
+                                           stderr=f"SIOD ERROR: failed to write to {folder / '0.wav'}\n")
+
+    monkeypatch.setattr(engines, "run_child", festival_that_cannot_write)
+    with pytest.raises(OSError, match="temporary folder"):
+        engines.synthesize(voices.parse_voice("kal_diphone"), [engines.Request("u-00000", "hi there", 1.0)])

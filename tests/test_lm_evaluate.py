@@ -1075,3 +1075,20 @@ def test_every_number_of_lm_eval_is_the_same_for_gold_rows_in_another_order():
         result = evaluate_lexical([row for voice in voices for row in rows if row.voice == voice], scores)
         assert result.by_pair[0].score == 0.5, voices
         assert result.accuracies["swuggy_all"].p_value == 0.03125, voices
+
+
+def test_a_pair_score_over_voices_with_several_nonwords_is_the_exact_mean_rounded_once():
+    """One id, four voices: the word loses to its nonword (0), beats 2 of its 3 nonwords (2/3) and ties its nonword
+    twice (1/2, 1/2): the pair's score is 5/12 rounded once, float(5) / 12, not the mean of the voices' rounded
+    scores (0.41666666666666663)."""
+    rows, scores = [], {}
+    for voice, word_score, nonword_scores in (("v1", -2.0, [-1.0]), ("v2", -2.0, [-3.0, -1.0, -4.0]),
+                                              ("v3", -2.0, [-2.0]), ("v4", -1.0, [-1.0])):
+        stem = f"1-{voice}"
+        rows.append(LexicalItem("1", f"{stem}-w", voice, 10, "word", "w", 4, correct=True))
+        scores[f"{stem}-w"] = word_score
+        for index, score in enumerate(nonword_scores):
+            rows.append(LexicalItem("1", f"{stem}-n{index}", voice, 10, f"word{index}", "n", 4, correct=False))
+            scores[f"{stem}-n{index}"] = score
+    (pair,) = evaluate_lexical(rows, scores).by_pair
+    assert pair.score == 5 / 12

@@ -283,3 +283,16 @@ def test_the_data_fingerprint_covers_the_utterance_names():
     assert fingerprint({"a": units}) != fingerprint({"b": units})
     assert fingerprint({"a": units}) != fingerprint({"a": units[::-1].copy()})
     assert fingerprint({"a": units}) == fingerprint({"a": units.copy()})
+
+
+def test_only_a_test_item_without_units_is_refused_a_training_row_without_units_is_read(tmp_path):
+    """The refusal of an empty row is for test items (its score would be log p(EOS | BOS) whatever the item): read as
+    training data, the same file gives the empty row as an empty sequence, next to the others."""
+    units = tmp_path / "units.jsonl"
+    units.write_text(json.dumps({"name": "spk/a", "units": [3, 3, 1]}) + "\n"
+                     + json.dumps({"name": "spk/b", "units": []}) + "\n")
+    with pytest.raises(ValueError, match=r"units\.jsonl.*'b' has no units"):
+        read_unit_sequences(units, dedup=True, submission_names=True)
+    read = read_unit_sequences(units, dedup=True)
+    assert read.sequences["spk/a"].tolist() == [3, 1]
+    assert read.sequences["spk/b"].tolist() == []

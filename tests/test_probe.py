@@ -20,9 +20,11 @@ from spidr.eval.probe import (
     PhoneProbe,
     ProbeSettings,
     StoredFeaturizer,
+    alignment_keys,
     common_inventory,
     ctc_greedy,
     ctc_targets,
+    draw_utterances,
     fit_ctc_probe,
     fit_probe,
     frame_labels,
@@ -919,3 +921,20 @@ def test_stored_features_holding_a_non_finite_value_are_refused_naming_the_file(
     with pytest.raises(ValueError, match=r"layer_01.*/corpus/u2\.wav.*(non-finite|nan|inf)"):
         run_probe(stored, "m", entries[:6], entries[6:], Alignments.from_labels(labels),
                   alignment_rate=50.0, settings=ProbeSettings(epochs=2, ctc_epochs=1))
+
+
+def test_the_training_draw_does_not_depend_on_the_order_of_utterances_that_share_a_file_id():
+    """Speakers' folders holding the same file ids (spk0/sa1.wav, spk1/sa1.wav: TIMIT, LibriSpeech-like trees) are
+    one set of utterances in any manifest order: the draw is the same utterances in the same order (its canonical
+    order is by path, not by the ids the files share)."""
+    entries = [ManifestEntry(f"u{i}", f"/corpus/spk{s}/u{i}.wav", 16000 + 160 * (4 * s + i))
+               for s in range(3) for i in range(4)]
+    keys = alignment_keys(entries)
+    alignments = Alignments.from_labels((keys[entry.location], ["a"] * 5) for entry in entries)
+    expected = draw_utterances(entries, alignments, frame_rate=50.0, max_frames=250, seed=0, keys=keys)
+    assert 1 < len(expected) < len(entries)
+    for seed in range(5):
+        order = np.random.default_rng(seed).permutation(len(entries))
+        again = draw_utterances([entries[i] for i in order], alignments, frame_rate=50.0, max_frames=250, seed=0,
+                                keys=keys)
+        assert [entry.location for entry in again] == [entry.location for entry in expected]
