@@ -196,7 +196,7 @@ def frame_distances(
             return torch.mm(x, y.T, out=out).clamp_(-1.0, 1.0).acos_().div_(math.pi)
         case "euclidean":
             out.copy_(torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist"))
-            if not bool(torch.isfinite(out).all()):  # finite frames whose squared differences overflow float32
+            if out.numel() and not math.isfinite(float(out.max())):  # frames whose squared differences overflow
                 scale = 2.0 ** math.ceil(math.log2(max(float(x.abs().max()), float(y.abs().max()))))  # (exact)
                 out.copy_(torch.cdist(x / scale, y / scale, compute_mode="donot_use_mm_for_euclid_dist")).mul_(scale)
             return out

@@ -130,7 +130,7 @@ def fit_kmeans(
     if frames.dtype != np.float64 and frames.size:
         # sklearn sums squared distances in the frames' dtype: in float32, features near 1e18 overflow k-means++'s
         # potentials and the inertia (logged as nan) and the fit goes wrong without an error; float64 holds them
-        largest = float(np.abs(frames).max())
+        largest = max(float(frames.max()), -float(frames.min()))  # (no copy: the sample may take gigabytes)
         if 4.0 * frames.shape[0] * frames.shape[1] * largest**2 >= float(np.finfo(np.float32).max):
             frames = frames.astype(np.float64)
     model = cluster.MiniBatchKMeans(
