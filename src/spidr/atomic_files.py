@@ -126,17 +126,10 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
     try:
         intended = stat.S_IMODE(os.stat(partial).st_mode)
         try:
-            yield partial
-            if stat.S_IMODE(os.stat(partial).st_mode) != intended:
-                os.chmod(partial, intended)
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            if error.filename is None or error.filename == str(partial):  # (a write's error names no file)
-                raise named_error(error, path) from error
-            if error.filename2 == str(partial):  # (shutil.copyfile: source, then the hidden destination)
-                strerror = error.strerror or str(error)
-                raise type(error)(error.errno, strerror, error.filename, None, str(path)) from error
-            raise
+            with naming_errors(path, temporary=partial):
+                yield partial
+                if stat.S_IMODE(os.stat(partial).st_mode) != intended:
+                    os.chmod(partial, intended)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -144,20 +137,24 @@ def replaced_when_done(path: str | Path) -> Iterator[Path]:
             os.replace(partial, path)
         except OSError as error:  # (a folder where the file goes): named by the user's path, the temporary removed
             partial.unlink(missing_ok=True)
-            raise type(error)(error.errno, error.strerror, str(path)) from None
+            raise named_error(error, path) from None
     finally:
         held.close()
 
 
 @contextmanager
-def naming_errors(path: str | Path) -> Iterator[None]:
-    """An ``OSError`` that names no file, raised in the block, names ``path`` (one of several files written at once:
-    the innermost ``replaced_when_done`` would otherwise name its own)."""
+def naming_errors(path: str | Path, *, temporary: Path | None = None) -> Iterator[None]:
+    """An ``OSError`` raised in the block that names no file (a failed write's), or names ``temporary`` (the hidden
+    file written for ``path``), names ``path`` instead: the user's file. For one of several files written at once,
+    the innermost ``replaced_when_done`` would otherwise name its own."""
     try:
         yield
     except OSError as error:
-        if error.filename is None:
+        hidden = None if temporary is None else str(temporary)
+        if error.filename is None or error.filename == hidden:
             raise named_error(error, path) from error
+        if hidden is not None and error.filename2 == hidden:  # (shutil.copyfile: source, then the destination)
+            raise type(error)(error.errno, error.strerror or str(error), error.filename, None, str(path)) from error
         raise
 
 
