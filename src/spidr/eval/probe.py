@@ -359,9 +359,8 @@ def draw_utterances(entries: Sequence[ManifestEntry], alignments: Alignments, *,
     fit in ``max_frames`` feature frames (at least one)."""
     keys = alignment_keys(entries) if keys is None else keys
     alignments = aligned_by_name(alignments, keys)
-    # (in a canonical order: the draw, and the order the frames are trained in, are those of the set of utterances)
-    aligned = sorted((entry for entry in entries if keys[entry.location] in alignments),
-                     key=lambda entry: (entry.location, entry.fileid))
+    # (in path order: the draw, and the order the frames are trained in, are those of the set of utterances)
+    aligned = sorted((entry for entry in entries if keys[entry.location] in alignments), key=_path_order)
     if not aligned:
         raise ValueError("no training utterance has an alignment (the alignment file names utterances by file id, "
                          "or by path where several files hold one id)")
@@ -743,6 +742,11 @@ def run_probes(featurizers: Mapping[str, object], train_entries: Sequence[Manife
             for row in _probe(featurizer, name, plans[name], alignment_rate=alignment_rate, settings=settings)]
 
 
+def _path_order(entry: ManifestEntry) -> tuple[str, str]:
+    """The order in which the probe draws utterances, whatever the order they were listed in."""
+    return entry.location, entry.fileid
+
+
 def split_entries(entries: Sequence[ManifestEntry], test_fraction: float, *, seed: int
                   ) -> tuple[list[ManifestEntry], list[ManifestEntry]]:
     """(training, held-out) utterances: a seeded random ``test_fraction`` of ``entries`` held out, at least one
@@ -751,8 +755,8 @@ def split_entries(entries: Sequence[ManifestEntry], test_fraction: float, *, see
         raise ValueError(f"--test-fraction {test_fraction} is invalid: expected a fraction strictly between 0 and 1")
     if len(entries) < 2:
         raise ValueError(f"{len(entries)} utterance(s): holding some out for the probe needs at least 2")
-    # (a canonical order first: one set of utterances listed in another order is held out alike)
-    canonical = sorted(range(len(entries)), key=lambda i: (entries[i].location, entries[i].fileid))
+    # (path order first: one set of utterances listed in another order is held out alike)
+    canonical = sorted(range(len(entries)), key=lambda i: _path_order(entries[i]))
     order = [canonical[i] for i in np.random.default_rng(seed + 1).permutation(len(entries))]
     held_out = min(max(1, round(test_fraction * len(entries))), len(entries) - 1)
     return [entries[i] for i in sorted(order[held_out:])], [entries[i] for i in sorted(order[:held_out])]
