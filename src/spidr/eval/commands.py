@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from spidr.cli_types import add_overwrite_option, check_new_output, non_negative_int, positive_float, positive_int
 from spidr.help_format import HelpFormatter
@@ -101,10 +103,8 @@ def _abx(args: argparse.Namespace) -> int:
         librilight_bug=args.librilight_bug,
     )
     percent = 100.0 * result.error_rate
-    # worst first; ties in phone order
-    pairs = sorted(result.pair_error_rates.items(), key=lambda pair: (-pair[1], pair[0])) if args.by_pair else []
-    speakers = (sorted(result.speaker_error_rates.items(), key=lambda speaker: (-speaker[1], speaker[0]))
-                if args.by_speaker else [])
+    pairs = _worst_first(result.pair_error_rates) if args.by_pair else []
+    speakers = _worst_first(result.speaker_error_rates) if args.by_speaker else []
     if args.json:
         print(json.dumps({
             "abx_error_rate": percent,
@@ -134,6 +134,11 @@ def _abx(args: argparse.Namespace) -> int:
             for speaker, error in speakers:
                 print(f"{speaker}\t{100.0 * error:.3f}")
     return 0
+
+
+def _worst_first(error_rates: Mapping[Any, float]) -> list[tuple[Any, float]]:
+    """``error_rates``' items, highest error rate first; ties in the order of their keys (phones, speakers)."""
+    return sorted(error_rates.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _units_quality(args: argparse.Namespace) -> int:
