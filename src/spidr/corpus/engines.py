@@ -136,6 +136,13 @@ def _labels_from_end_times(end_times: list[tuple[float, str]]) -> list[tuple[flo
 WAV_HEADER_BYTES = 44
 
 
+def _failed_engine_write(what: str, path: Path) -> OSError:
+    """The error of an engine's output cut short: no fault of the utterance (it stops the run instead of dropping
+    the utterance), most likely a full temporary folder, where the engines write."""
+    return OSError(errno.EIO, f"{what}: is the temporary folder ({tempfile.gettempdir()}) full? (TMPDIR sets "
+                   "another)", str(path))
+
+
 def _read_wav(path: Path) -> tuple[np.ndarray, int]:
     """An engine's WAV file, refused (``OSError``: the run stops, nothing is recorded as dropped) where it holds
     fewer samples than its header declares: the engine's write failed (a full temporary folder), though flite
@@ -147,15 +154,13 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
     except sf.LibsndfileError as error:
         if path.stat().st_size >= WAV_HEADER_BYTES:
             raise
-        raise OSError(errno.EIO, f"the speech engine wrote {path.stat().st_size} bytes, not even a WAV header: is "
-                      f"the temporary folder ({tempfile.gettempdir()}) full? (TMPDIR sets another)",
-                      str(path)) from error
+        raise _failed_engine_write(f"the speech engine wrote {path.stat().st_size} bytes, not even a WAV header",
+                                   path) from error
     with wave.open(str(path), "rb") as header:
         declared = header.getnframes()
     if audio.shape[0] < declared:
-        raise OSError(errno.EIO, f"the speech engine wrote {audio.shape[0]} of the {declared} samples its header "
-                      f"declares: is the temporary folder ({tempfile.gettempdir()}) full? (TMPDIR sets another)",
-                      str(path))
+        raise _failed_engine_write(f"the speech engine wrote {audio.shape[0]} of the {declared} samples its header "
+                                   "declares", path)
     return audio[:, 0], sample_rate
 
 
@@ -258,14 +263,12 @@ def _festival_run(engine_voice: str, requests: list[Request]) -> tuple[list[RawU
             wav, segs = folder / f"{i}.wav", folder / f"{i}.segs"
             if not (wav.is_file() and segs.is_file()):
                 if "failed to write" in result.stderr:  # (its temporary folder is full: no fault of the utterance)
-                    raise OSError(errno.EIO, f"festival could not write its output: is the temporary folder "
-                                  f"({tempfile.gettempdir()}) full? (TMPDIR sets another)", str(wav))
+                    raise _failed_engine_write("festival could not write its output", wav)
                 return made, SynthesisError(f"festival stopped at this utterance and wrote no output for it (exit "
                                             f"{result.returncode}): {result.stderr.strip()[-300:]}")
             audio, sample_rate = _read_wav(wav)
             if not segs.read_text().startswith("#"):  # (always its first line: an empty file is a failed write)
-                raise OSError(errno.EIO, f"festival wrote an empty segment file: is the temporary folder "
-                              f"({tempfile.gettempdir()}) full? (TMPDIR sets another)", str(segs))
+                raise _failed_engine_write("festival wrote an empty segment file", segs)
             end_times = _read_segs(segs)
             if engine_voice in INSERTS_R_AFTER_ER:
                 end_times = _without_inserted_r(end_times)
